@@ -1,0 +1,54 @@
+# The front door: `make run` starts the whole stack on the embedded default, `make test` runs
+# every check. Both call `make setup`, which builds .venv once and again only when a
+# requirements or project file changes.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+PROTO_SRC := $(wildcard protos/influence/v1/*.proto)
+PROTO_OUT := protos/gen
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: help setup protos protos-check run demo test test-fast migrate bench-influence lint clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: $(STAMP) ## create .venv with everything the services and tests need (idempotent)
+
+$(STAMP): requirements/runtime.txt requirements/dev.txt pyproject.toml gpu_core/pyproject.toml protos/pyproject.toml $(wildcard libs/*/pyproject.toml) $(wildcard services/*/pyproject.toml)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements/dev.txt
+	# kronfluence declares torchvision, which it never imports; see requirements/runtime.txt
+	$(PIP) install -q --no-deps kronfluence==1.0.1
+	$(PIP) install -q --no-deps --no-build-isolation $(foreach p,. gpu_core protos libs/service_runtime $(wildcard services/*),-e $(p))
+	touch $@
+
+protos: ## regenerate the Python code for protos/ into protos/gen
+	$(PY) -m grpc_tools.protoc -I protos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) $(PROTO_SRC)
+	touch $(PROTO_OUT)/influence/__init__.py $(PROTO_OUT)/influence/v1/__init__.py
+
+protos-check: setup ## fail when protos/gen is stale
+	$(PY) -m devstack.protos_check
+
+run: setup ## start PostgreSQL and every service on loopback (the embedded default)
+	$(PY) -m devstack run
+
+demo: setup ## submit examples/ through the REST API of a running stack and print the results
+	$(PY) -m devstack demo
+
+migrate: setup ## apply the scheduler's database migrations
+	$(PY) -m scheduler migrate
+
+test: setup protos-check ## every test: unit, service, end to end, browser, manifests
+	bash scripts/test.sh
+
+bench-influence: setup ## influence benchmark: wall time, peak memory, ratios
+	$(PY) -m gpu_core.bench
+
+clean: ## remove the venv, embedded database and caches
+	rm -rf $(VENV) .data .pytest_cache

@@ -1,0 +1,1 @@
+"""Development stack: embedded PostgreSQL and every service on loopback (`make run`, e2e tests)."""

@@ -1,0 +1,89 @@
+"""Prometheus metrics: an interceptor that counts and times every RPC, and the /metrics server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY
+
+RPC_TOTAL = Counter(
+    "grpc_server_handled_total", "RPCs handled", ["service", "method", "code"]
+)
+RPC_SECONDS = Histogram(
+    "grpc_server_handling_seconds", "RPC latency", ["service", "method"]
+)
+
+
+def start_metrics_server(port: int, registry: CollectorRegistry = REGISTRY) -> int:
+    """Serve /metrics on loopback-or-all per ``port``; 0 picks a free port. Returns the port."""
+    server, _thread = start_http_server(port, registry=registry)
+    return int(server.server_port)
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, service_label: str) -> None:
+        self._service = service_label
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        service = self._service
+
+        def record(code: str, started: float) -> None:
+            RPC_TOTAL.labels(service, method, code).inc()
+            RPC_SECONDS.labels(service, method).observe(time.perf_counter() - started)
+
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started = time.perf_counter()
+                try:
+                    response = await inner(request, context)
+                except BaseException:
+                    record(_code_name(context, "UNKNOWN"), started)
+                    raise
+                record(_code_name(context, "OK"), started)
+                return response
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started = time.perf_counter()
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except BaseException:
+                    record(_code_name(context, "UNKNOWN"), started)
+                    raise
+                record(_code_name(context, "OK"), started)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _code_name(context: grpc.aio.ServicerContext, default: str) -> str:
+    code = context.code()
+    if code is None:
+        return default
+    return code.name if isinstance(code, grpc.StatusCode) else str(code)

@@ -1,0 +1,82 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    JOB_STATE_QUEUED: _ClassVar[JobState]
+    JOB_STATE_SUBMITTED: _ClassVar[JobState]
+    JOB_STATE_RUNNING: _ClassVar[JobState]
+    JOB_STATE_COMPLETED: _ClassVar[JobState]
+    JOB_STATE_FAILED: _ClassVar[JobState]
+    JOB_STATE_CANCELLED: _ClassVar[JobState]
+JOB_STATE_UNSPECIFIED: JobState
+JOB_STATE_QUEUED: JobState
+JOB_STATE_SUBMITTED: JobState
+JOB_STATE_RUNNING: JobState
+JOB_STATE_COMPLETED: JobState
+JOB_STATE_FAILED: JobState
+JOB_STATE_CANCELLED: JobState
+
+class Account(_message.Message):
+    __slots__ = ("user_id", "endpoint_id", "hosted")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTED_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    endpoint_id: str
+    hosted: bool
+    def __init__(self, user_id: _Optional[str] = ..., endpoint_id: _Optional[str] = ..., hosted: bool = ...) -> None: ...
+
+class ProgressEvent(_message.Message):
+    __slots__ = ("seq", "type", "stage", "progress", "message", "event_json", "time")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_JSON_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    type: str
+    stage: str
+    progress: float
+    message: str
+    event_json: bytes
+    time: _timestamp_pb2.Timestamp
+    def __init__(self, seq: _Optional[int] = ..., type: _Optional[str] = ..., stage: _Optional[str] = ..., progress: _Optional[float] = ..., message: _Optional[str] = ..., event_json: _Optional[bytes] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Estimate(_message.Message):
+    __slots__ = ("backend", "provider", "gpu", "gpu_memory_gb", "required_memory_gb", "estimated_time_s", "usd_per_second", "estimated_cost_usd", "prices_as_of", "price_source", "notes")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEMORY_GB_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_MEMORY_GB_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    USD_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    PRICES_AS_OF_FIELD_NUMBER: _ClassVar[int]
+    PRICE_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    provider: str
+    gpu: str
+    gpu_memory_gb: float
+    required_memory_gb: float
+    estimated_time_s: float
+    usd_per_second: float
+    estimated_cost_usd: float
+    prices_as_of: str
+    price_source: str
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, backend: _Optional[str] = ..., provider: _Optional[str] = ..., gpu: _Optional[str] = ..., gpu_memory_gb: _Optional[float] = ..., required_memory_gb: _Optional[float] = ..., estimated_time_s: _Optional[float] = ..., usd_per_second: _Optional[float] = ..., estimated_cost_usd: _Optional[float] = ..., prices_as_of: _Optional[str] = ..., price_source: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...

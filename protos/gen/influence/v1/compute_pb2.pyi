@@ -1,0 +1,142 @@
+from influence.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class VerifyCredentialsRequest(_message.Message):
+    __slots__ = ("account", "api_key")
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    account: _common_pb2.Account
+    api_key: str
+    def __init__(self, account: _Optional[_Union[_common_pb2.Account, _Mapping]] = ..., api_key: _Optional[str] = ...) -> None: ...
+
+class VerifyCredentialsResponse(_message.Message):
+    __slots__ = ("valid", "account_id", "balance_usd", "message")
+    VALID_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_USD_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    valid: bool
+    account_id: str
+    balance_usd: float
+    message: str
+    def __init__(self, valid: bool = ..., account_id: _Optional[str] = ..., balance_usd: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+
+class PrepareAccountRequest(_message.Message):
+    __slots__ = ("account", "model_params_b", "quantization")
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PARAMS_B_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    account: _common_pb2.Account
+    model_params_b: float
+    quantization: str
+    def __init__(self, account: _Optional[_Union[_common_pb2.Account, _Mapping]] = ..., model_params_b: _Optional[float] = ..., quantization: _Optional[str] = ...) -> None: ...
+
+class PrepareAccountResponse(_message.Message):
+    __slots__ = ("endpoint_id", "created", "status")
+    ENDPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    endpoint_id: str
+    created: bool
+    status: str
+    def __init__(self, endpoint_id: _Optional[str] = ..., created: bool = ..., status: _Optional[str] = ...) -> None: ...
+
+class SubmitRequest(_message.Message):
+    __slots__ = ("job_id", "account", "spec_json", "estimated_cost_usd", "estimated_time_s")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    account: _common_pb2.Account
+    spec_json: bytes
+    estimated_cost_usd: float
+    estimated_time_s: float
+    def __init__(self, job_id: _Optional[str] = ..., account: _Optional[_Union[_common_pb2.Account, _Mapping]] = ..., spec_json: _Optional[bytes] = ..., estimated_cost_usd: _Optional[float] = ..., estimated_time_s: _Optional[float] = ...) -> None: ...
+
+class SubmitResponse(_message.Message):
+    __slots__ = ("provider_job_id",)
+    PROVIDER_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    provider_job_id: str
+    def __init__(self, provider_job_id: _Optional[str] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ("provider_job_id", "account", "cursor", "job_id")
+    PROVIDER_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    provider_job_id: str
+    account: _common_pb2.Account
+    cursor: str
+    job_id: str
+    def __init__(self, provider_job_id: _Optional[str] = ..., account: _Optional[_Union[_common_pb2.Account, _Mapping]] = ..., cursor: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class GetStatusResponse(_message.Message):
+    __slots__ = ("state", "events", "cursor", "error", "result_ready", "stage_message")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RESULT_READY_FIELD_NUMBER: _ClassVar[int]
+    STAGE_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    state: _common_pb2.JobState
+    events: _containers.RepeatedCompositeFieldContainer[_common_pb2.ProgressEvent]
+    cursor: str
+    error: str
+    result_ready: bool
+    stage_message: str
+    def __init__(self, state: _Optional[_Union[_common_pb2.JobState, str]] = ..., events: _Optional[_Iterable[_Union[_common_pb2.ProgressEvent, _Mapping]]] = ..., cursor: _Optional[str] = ..., error: _Optional[str] = ..., result_ready: bool = ..., stage_message: _Optional[str] = ...) -> None: ...
+
+class GetResultRequest(_message.Message):
+    __slots__ = ("provider_job_id", "account", "job_id")
+    PROVIDER_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    provider_job_id: str
+    account: _common_pb2.Account
+    job_id: str
+    def __init__(self, provider_job_id: _Optional[str] = ..., account: _Optional[_Union[_common_pb2.Account, _Mapping]] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class GetResultResponse(_message.Message):
+    __slots__ = ("result_json",)
+    RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    result_json: bytes
+    def __init__(self, result_json: _Optional[bytes] = ...) -> None: ...
+
+class CancelRequest(_message.Message):
+    __slots__ = ("provider_job_id", "account", "job_id")
+    PROVIDER_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    provider_job_id: str
+    account: _common_pb2.Account
+    job_id: str
+    def __init__(self, provider_job_id: _Optional[str] = ..., account: _Optional[_Union[_common_pb2.Account, _Mapping]] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class CancelResponse(_message.Message):
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: _common_pb2.JobState
+    def __init__(self, state: _Optional[_Union[_common_pb2.JobState, str]] = ...) -> None: ...
+
+class EstimateRequest(_message.Message):
+    __slots__ = ("spec_json", "backend")
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    spec_json: bytes
+    backend: str
+    def __init__(self, spec_json: _Optional[bytes] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class EstimateResponse(_message.Message):
+    __slots__ = ("estimate",)
+    ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    estimate: _common_pb2.Estimate
+    def __init__(self, estimate: _Optional[_Union[_common_pb2.Estimate, _Mapping]] = ...) -> None: ...

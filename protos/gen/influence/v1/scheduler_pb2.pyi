@@ -1,0 +1,185 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from influence.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Job(_message.Message):
+    __slots__ = ("id", "user_id", "compute_backend", "provider", "provider_job_id", "state", "stage", "progress", "stage_message", "latest_metrics_json", "error", "estimated_time_s", "estimated_cost_usd", "model_id", "influence_method", "n_train", "n_eval", "created_at", "updated_at", "finished_at", "last_seq")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    LATEST_METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    INFLUENCE_METHOD_FIELD_NUMBER: _ClassVar[int]
+    N_TRAIN_FIELD_NUMBER: _ClassVar[int]
+    N_EVAL_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    user_id: str
+    compute_backend: str
+    provider: str
+    provider_job_id: str
+    state: _common_pb2.JobState
+    stage: str
+    progress: float
+    stage_message: str
+    latest_metrics_json: bytes
+    error: str
+    estimated_time_s: float
+    estimated_cost_usd: float
+    model_id: str
+    influence_method: str
+    n_train: int
+    n_eval: int
+    created_at: _timestamp_pb2.Timestamp
+    updated_at: _timestamp_pb2.Timestamp
+    finished_at: _timestamp_pb2.Timestamp
+    last_seq: int
+    def __init__(self, id: _Optional[str] = ..., user_id: _Optional[str] = ..., compute_backend: _Optional[str] = ..., provider: _Optional[str] = ..., provider_job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., stage: _Optional[str] = ..., progress: _Optional[float] = ..., stage_message: _Optional[str] = ..., latest_metrics_json: _Optional[bytes] = ..., error: _Optional[str] = ..., estimated_time_s: _Optional[float] = ..., estimated_cost_usd: _Optional[float] = ..., model_id: _Optional[str] = ..., influence_method: _Optional[str] = ..., n_train: _Optional[int] = ..., n_eval: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ...) -> None: ...
+
+class SubmitJobRequest(_message.Message):
+    __slots__ = ("user_id", "spec_json", "idempotency_key")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    spec_json: bytes
+    idempotency_key: str
+    def __init__(self, user_id: _Optional[str] = ..., spec_json: _Optional[bytes] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("user_id", "job_id")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    job_id: str
+    def __init__(self, user_id: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("user_id", "limit")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    limit: int
+    def __init__(self, user_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+
+class WatchJobRequest(_message.Message):
+    __slots__ = ("user_id", "job_id", "after_seq")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    job_id: str
+    after_seq: int
+    def __init__(self, user_id: _Optional[str] = ..., job_id: _Optional[str] = ..., after_seq: _Optional[int] = ...) -> None: ...
+
+class GetJobResultRequest(_message.Message):
+    __slots__ = ("user_id", "job_id")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    job_id: str
+    def __init__(self, user_id: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class GetJobResultResponse(_message.Message):
+    __slots__ = ("result_json",)
+    RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    result_json: bytes
+    def __init__(self, result_json: _Optional[bytes] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("user_id", "job_id")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    job_id: str
+    def __init__(self, user_id: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class ComputeSettings(_message.Message):
+    __slots__ = ("backend", "runpod_endpoint_id", "endpoint_status", "endpoint_error", "hosted_provider")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    RUNPOD_ENDPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_STATUS_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_ERROR_FIELD_NUMBER: _ClassVar[int]
+    HOSTED_PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    runpod_endpoint_id: str
+    endpoint_status: str
+    endpoint_error: str
+    hosted_provider: str
+    def __init__(self, backend: _Optional[str] = ..., runpod_endpoint_id: _Optional[str] = ..., endpoint_status: _Optional[str] = ..., endpoint_error: _Optional[str] = ..., hosted_provider: _Optional[str] = ...) -> None: ...
+
+class GetComputeSettingsRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class SetComputeBackendRequest(_message.Message):
+    __slots__ = ("user_id", "backend")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    backend: str
+    def __init__(self, user_id: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class VerifyProviderKeyRequest(_message.Message):
+    __slots__ = ("user_id", "provider", "api_key")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    provider: str
+    api_key: str
+    def __init__(self, user_id: _Optional[str] = ..., provider: _Optional[str] = ..., api_key: _Optional[str] = ...) -> None: ...
+
+class VerifyProviderKeyResponse(_message.Message):
+    __slots__ = ("valid", "balance_usd", "message")
+    VALID_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_USD_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    valid: bool
+    balance_usd: float
+    message: str
+    def __init__(self, valid: bool = ..., balance_usd: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+
+class EstimateJobRequest(_message.Message):
+    __slots__ = ("user_id", "spec_json")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    spec_json: bytes
+    def __init__(self, user_id: _Optional[str] = ..., spec_json: _Optional[bytes] = ...) -> None: ...
+
+class EstimateJobResponse(_message.Message):
+    __slots__ = ("active_backend", "estimates")
+    ACTIVE_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATES_FIELD_NUMBER: _ClassVar[int]
+    active_backend: str
+    estimates: _containers.RepeatedCompositeFieldContainer[_common_pb2.Estimate]
+    def __init__(self, active_backend: _Optional[str] = ..., estimates: _Optional[_Iterable[_Union[_common_pb2.Estimate, _Mapping]]] = ...) -> None: ...

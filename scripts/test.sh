@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Everything `make test` runs, in order. Fails on the first failing step.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+.venv/bin/python -m pytest "$@"
