@@ -1,0 +1,32 @@
+"""Fixtures shared by every test directory."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def embedded_postgres() -> Iterator["EmbeddedPostgres"]:  # noqa: F821
+    """One real PostgreSQL server for the whole test run (pgserver binaries)."""
+    from devstack.postgres import start_embedded_postgres
+
+    with tempfile.TemporaryDirectory(prefix="pgtest-") as tmp:
+        os.chmod(tmp, 0o755)
+        pg = start_embedded_postgres(Path(tmp) / "pg")
+        yield pg
+        pg.stop()
+
+
+@pytest.fixture
+def database_url(embedded_postgres) -> str:  # noqa: ANN001
+    """A fresh, empty database on the shared server: a DSN asyncpg accepts."""
+    return embedded_postgres.create_database()
