@@ -1,0 +1,103 @@
+"""``local/tiny-llama``: a small random-initialised Llama with a byte-level tokenizer.
+
+It is built deterministically from a seed (no files, no download), saved once to a cache
+directory with ``save_pretrained``, and then loaded through the same ``from_pretrained`` code as
+any hub or local model. Tests and the embedded default run on it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+TINY_MODEL_ID = "local/tiny-llama"
+# Bump when the architecture or tokenizer changes, so old caches are not reused.
+_TINY_VERSION = "v1"
+_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+
+
+def cache_root() -> Path:
+    configured = os.environ.get("GPU_CORE_CACHE_DIR")
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "influence-dashboard"
+
+
+def tiny_model_dir() -> Path:
+    """Directory of the saved tiny model, building it on first use."""
+    target = cache_root() / f"tiny-llama-{_TINY_VERSION}"
+    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=target.parent))
+    try:
+        _build(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            # Another process finished first; its copy is identical (same seed).
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by byte-level BPE."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars), strict=True))
+
+
+def build_tokenizer():  # noqa: ANN201 - transformers type, imported lazily
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = _bytes_to_unicode()
+    vocab = {token: index for index, token in enumerate(_SPECIAL_TOKENS)}
+    for byte in range(256):
+        vocab[byte_chars[byte]] = len(_SPECIAL_TOKENS) + byte
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def _build(directory: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
