@@ -1,0 +1,258 @@
+"""Starts PostgreSQL and every service as separate processes on loopback, and stops them.
+
+`make run` uses the default ports of docs/services.md; the end-to-end tests use free ports and
+a temporary data directory. Secrets that must survive restarts (keyvault's master key, caller
+tokens, the local sign-in key) are generated once into ``<data_dir>/secrets.json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from devstack.postgres import EmbeddedPostgres, start_embedded_postgres
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str            # as in docs/services.md, e.g. "compute-local"
+    module: str          # python -m <module>
+    env_prefix: str      # e.g. COMPUTE_LOCAL
+    grpc_service: str    # readiness name; "" for the HTTP gateway
+
+
+SERVICES = {
+    "keyvault": ServiceSpec("keyvault", "keyvault", "KEYVAULT", "influence.v1.KeyVault"),
+    "compute-local": ServiceSpec(
+        "compute-local", "compute_local", "COMPUTE_LOCAL", "influence.v1.ComputeProvider"
+    ),
+    "compute-runpod": ServiceSpec(
+        "compute-runpod", "compute_runpod", "COMPUTE_RUNPOD", "influence.v1.ComputeProvider"
+    ),
+    "compute-modal": ServiceSpec(
+        "compute-modal", "compute_modal", "COMPUTE_MODAL", "influence.v1.ComputeProvider"
+    ),
+    "scheduler": ServiceSpec("scheduler", "scheduler", "SCHEDULER", "influence.v1.Scheduler"),
+    "gateway": ServiceSpec("gateway", "gateway", "GATEWAY", ""),
+}
+DEFAULT_PORTS = {
+    "gateway": 8080, "scheduler": 50051, "keyvault": 50052, "compute-local": 50053,
+    "compute-runpod": 50054, "compute-modal": 50055,
+}
+DEFAULT_METRICS_PORTS = {
+    "scheduler": 9091, "keyvault": 9092, "compute-local": 9093, "compute-runpod": 9094,
+    "compute-modal": 9095,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def load_or_create_secrets(path: Path) -> dict[str, str]:
+    if path.exists():
+        return json.loads(path.read_text())
+    values = {
+        "RUNPOD_KEY_ENCRYPTION_SECRET": base64.b64encode(secrets.token_bytes(32)).decode(),
+        "GATEWAY_LOCAL_JWT_SECRET": secrets.token_urlsafe(32),
+        "gateway_token": secrets.token_urlsafe(24),
+        "scheduler_token": secrets.token_urlsafe(24),
+        "compute_runpod_token": secrets.token_urlsafe(24),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(values))
+    path.chmod(0o600)
+    return values
+
+
+@dataclass
+class RunningService:
+    spec: ServiceSpec
+    port: int
+    metrics_port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@dataclass
+class Stack:
+    """The whole stack. ``extra_env`` reaches every service (e.g. HOSTED_PROVIDER, RunPod URLs)."""
+
+    data_dir: Path
+    fixed_ports: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
+    services: tuple[str, ...] = ("keyvault", "compute-local", "compute-runpod", "scheduler", "gateway")
+    postgres: EmbeddedPostgres | None = None
+    database_url: str = ""
+    running: dict[str, RunningService] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in SERVICES:
+            self.ports[name] = DEFAULT_PORTS[name] if self.fixed_ports else free_port()
+            if name in DEFAULT_METRICS_PORTS:
+                self.metrics_ports[name] = (
+                    DEFAULT_METRICS_PORTS[name] if self.fixed_ports else free_port()
+                )
+        self.secrets = load_or_create_secrets(self.data_dir / "secrets.json")
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['gateway']}"
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.ports[name]}"
+
+    def start_database(self) -> None:
+        configured = self.extra_env.get("DATABASE_URL") or os.environ.get("DATABASE_URL")
+        if configured:
+            self.database_url = configured
+            return
+        self.postgres = start_embedded_postgres(self.data_dir / "postgres")
+        try:
+            self.postgres.server.psql("CREATE DATABASE influence;")
+        except Exception as exc:  # noqa: BLE001 - pgserver raises a bare error on "already exists"
+            if "already exists" not in str(exc):
+                raise
+        self.database_url = self.postgres.dsn("influence")
+
+    def service_env(self, name: str) -> dict[str, str]:
+        spec = SERVICES[name]
+        s = self.secrets
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "DATABASE_URL": self.database_url,
+            "HOSTED_PROVIDER": "local",
+            "SCHEDULER_ADDR": self.address("scheduler"),
+            "KEYVAULT_ADDR": self.address("keyvault"),
+            "COMPUTE_LOCAL_ADDR": self.address("compute-local"),
+            "COMPUTE_RUNPOD_ADDR": (
+                self.address("compute-runpod") if "compute-runpod" in self.services else ""
+            ),
+            "COMPUTE_MODAL_ADDR": (
+                self.address("compute-modal") if "compute-modal" in self.services else ""
+            ),
+            "RUNPOD_KEY_ENCRYPTION_SECRET": s["RUNPOD_KEY_ENCRYPTION_SECRET"],
+            "KEYVAULT_CALLER_TOKENS": (
+                f"gateway={s['gateway_token']},scheduler={s['scheduler_token']},"
+                f"compute-runpod={s['compute_runpod_token']}"
+            ),
+            "AUTH_MODE": "local",
+            "GATEWAY_LOCAL_JWT_SECRET": s["GATEWAY_LOCAL_JWT_SECRET"],
+            "COMPUTE_LOCAL_WORK_DIR": str(self.data_dir / "compute-local"),
+            f"{spec.env_prefix}_PORT": str(self.ports[name]),
+        }
+        if name in self.metrics_ports:
+            env[f"{spec.env_prefix}_METRICS_PORT"] = str(self.metrics_ports[name])
+        tokens = {"gateway": "gateway_token", "scheduler": "scheduler_token",
+                  "compute-runpod": "compute_runpod_token"}
+        if name in tokens:
+            env["KEYVAULT_TOKEN"] = s[tokens[name]]
+        env.update(self.extra_env)
+        return env
+
+    def start_service(self, name: str, timeout_s: float = 120.0) -> RunningService:
+        spec = SERVICES[name]
+        log_dir = self.data_dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"{name}.log"
+        log_file = log_path.open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", spec.module],
+            cwd=REPO_ROOT,
+            env=self.service_env(name),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log_file.close()
+        service = RunningService(
+            spec, self.ports[name], self.metrics_ports.get(name, 0), process, log_path
+        )
+        self.running[name] = service
+        self._wait_ready(service, timeout_s)
+        return service
+
+    def start(self) -> None:
+        self.start_database()
+        for name in self.services:
+            self.start_service(name)
+
+    def stop_service(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> None:
+        service = self.running.pop(name, None)
+        if service is None or service.process.poll() is not None:
+            return
+        service.process.send_signal(sig)
+        try:
+            service.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            service.process.kill()
+            service.process.wait()
+
+    def stop(self) -> None:
+        for name in reversed(list(self.running)):
+            self.stop_service(name)
+        if self.postgres is not None:
+            self.postgres.stop()
+            self.postgres = None
+
+    def log_text(self, name: str) -> str:
+        path = self.data_dir / "logs" / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def _wait_ready(self, service: RunningService, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if service.process.poll() is not None:
+                raise RuntimeError(
+                    f"{service.spec.name} exited with {service.process.returncode}:\n"
+                    + self.log_text(service.spec.name)[-4000:]
+                )
+            if self._is_ready(service):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(
+            f"{service.spec.name} not ready after {timeout_s:.0f} s:\n"
+            + self.log_text(service.spec.name)[-4000:]
+        )
+
+    @staticmethod
+    def _is_ready(service: RunningService) -> bool:
+        if not service.spec.grpc_service:
+            import httpx
+
+            try:
+                return httpx.get(f"http://{service.address}/healthz", timeout=1.0).status_code == 200
+            except httpx.HTTPError:
+                return False
+        with grpc.insecure_channel(service.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            try:
+                reply = stub.Check(
+                    health_pb2.HealthCheckRequest(service=service.spec.grpc_service), timeout=1.0
+                )
+            except grpc.RpcError:
+                return False
+            return reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -1,0 +1,172 @@
+"""End to end: PostgreSQL and every service as separate processes on loopback, driven through
+the gateway's REST API exactly as the dashboard and `make demo` drive it."""
+
+from __future__ import annotations
+
+import copy
+import json
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from devstack.client import GatewayClient
+from devstack.stack import REPO_ROOT, Stack
+
+pytestmark = pytest.mark.e2e
+
+SAMPLE = json.loads((REPO_ROOT / "examples" / "sample.json").read_text())
+
+
+def small_spec(n_train: int = 12, n_eval: int = 4, epochs: int = 1) -> dict:
+    spec = copy.deepcopy(SAMPLE)
+    spec["training_data"] = spec["training_data"][:n_train]
+    spec["eval_data"] = spec["eval_data"][:n_eval]
+    spec["hyperparams"].update(epochs=epochs, max_seq_len=48, max_new_tokens=4)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    data_dir = tmp_path_factory.mktemp("stack")
+    running = Stack(
+        data_dir=data_dir,
+        extra_env={"SCHEDULER_POLL_INTERVAL_S": "0.2", "COMPUTE_LOCAL_TORCH_THREADS": "1"},
+        services=("keyvault", "compute-local", "scheduler", "gateway"),
+    )
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def alice(stack: Stack) -> GatewayClient:
+    client = GatewayClient(stack.gateway_url)
+    client.sign_in_locally("alice")
+    return client
+
+
+def test_sample_experiment_runs_end_to_end(stack: Stack, alice: GatewayClient) -> None:
+    spec = small_spec()
+    submitted = alice.submit(spec)
+    assert submitted["status"] in {"queued", "submitted", "running"}
+    assert submitted["estimated_time_s"] > 0
+
+    events = list(alice.events(submitted["job_id"]))
+    stages = [e["stage"] for e in events if e.get("type") == "progress"]
+    for stage in ("loading_model", "eval_base", "eval_few_shot", "training", "eval_finetuned", "influence"):
+        assert stage in stages
+    progress = [e["progress"] for e in events if e.get("type") == "progress"]
+    assert progress == sorted(progress), "overall progress must never go backwards"
+    assert events[-1]["type"] == "status" and events[-1]["state"] == "completed"
+
+    job = alice.job(submitted["job_id"])
+    assert job["status"] == "completed"
+    result = alice.results(submitted["job_id"])
+    influence = result["influence"]
+    assert influence["train_ids"] == [t["id"] for t in spec["training_data"]]
+    assert influence["eval_ids"] == [e["id"] for e in spec["eval_data"]]
+    assert len(influence["scores"]) == len(spec["eval_data"])
+    assert all(len(row) == len(spec["training_data"]) for row in influence["scores"])
+    for run in ("base", "few_shot", "finetuned"):
+        assert len(result["eval_results"][run]["examples"]) == len(spec["eval_data"])
+        assert 0.0 <= result["eval_results"][run]["metrics"]["exact_match_rate"] <= 1.0
+
+
+def test_sse_resumes_after_a_given_event(stack: Stack, alice: GatewayClient) -> None:
+    job_id = alice.submit(small_spec(n_train=6, n_eval=2))["job_id"]
+    everything = list(alice.events(job_id))
+    replay = list(alice.events(job_id, after=3))
+    assert replay == everything[3:]
+
+
+def test_another_user_gets_404_on_every_job_route(stack: Stack, alice: GatewayClient) -> None:
+    job_id = alice.submit(small_spec(n_train=6, n_eval=2))["job_id"]
+    bob = GatewayClient(stack.gateway_url)
+    bob.sign_in_locally("bob")
+    for method, path in [
+        ("GET", f"/api/jobs/{job_id}"),
+        ("GET", f"/api/jobs/{job_id}/events"),
+        ("GET", f"/api/jobs/{job_id}/results"),
+        ("POST", f"/api/jobs/{job_id}/cancel"),
+    ]:
+        assert bob.request(method, path).status_code == 404, path
+    assert job_id not in {j["job_id"] for j in bob.request("GET", "/api/jobs").json()["jobs"]}
+    list(alice.events(job_id))
+
+
+def test_same_idempotency_key_concurrently_creates_one_job(stack: Stack, alice: GatewayClient) -> None:
+    spec = small_spec(n_train=6, n_eval=2)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        replies = list(pool.map(lambda _: alice.submit(spec, idempotency_key="same-key"), range(4)))
+    assert len({r["job_id"] for r in replies}) == 1
+    again = alice.submit(spec, idempotency_key="same-key")
+    assert again["job_id"] == replies[0]["job_id"]
+    list(alice.events(again["job_id"]))
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "names"),
+    [
+        (b"{not json", 400, "JSON"),
+        (json.dumps({"training_data": "nope", "eval_data": []}).encode(), 422, "training_data"),
+        (json.dumps({**small_spec(), "influence_method": "magic"}).encode(), 422, "influence_method"),
+        (json.dumps({**small_spec(), "hyperparams": {"epochs": -1}}).encode(), 422, "epochs"),
+    ],
+)
+def test_bad_input_gets_a_clear_4xx(alice: GatewayClient, body: bytes, status: int, names: str) -> None:
+    reply = alice.request("POST", "/api/train", content=body, headers={"Content-Type": "application/json"})
+    assert reply.status_code == status, reply.text
+    assert names in reply.text
+
+
+def test_oversized_body_is_413(alice: GatewayClient) -> None:
+    reply = alice.request(
+        "POST", "/api/train", content=b"x" * (25 * 1024 * 1024),
+        headers={"Content-Type": "application/json"},
+    )
+    assert reply.status_code == 413
+
+
+def test_unknown_backend_is_422(alice: GatewayClient) -> None:
+    reply = alice.request("PUT", "/api/settings/compute", json={"backend": "cloud9"})
+    assert reply.status_code == 422
+    assert "backend" in reply.text
+
+
+def test_scheduler_killed_mid_job_restarts_and_the_job_finishes(
+    stack: Stack, alice: GatewayClient
+) -> None:
+    job_id = alice.submit(small_spec(n_train=26, n_eval=8, epochs=3))["job_id"]
+    training_seen = threading.Event()
+    for event in alice.events(job_id):
+        if event.get("stage") == "training":
+            training_seen.set()
+            break
+    assert training_seen.is_set()
+    stack.stop_service("scheduler", sig=signal.SIGKILL)
+    with pytest.raises(httpx.HTTPStatusError) as down:
+        alice.job(job_id)
+    assert down.value.response.status_code == 503
+    stack.start_service("scheduler")
+
+    events = list(alice.events(job_id))
+    seqs = [e["seq"] for e in events]
+    assert seqs == list(range(1, len(seqs) + 1)), "no event lost or duplicated across the restart"
+    assert events[-1]["state"] == "completed"
+    result = alice.results(job_id)
+    assert len(result["influence"]["scores"]) == 8
+
+
+def test_metrics_show_the_submitted_job(stack: Stack, alice: GatewayClient) -> None:
+    job_id = alice.submit(small_spec(n_train=6, n_eval=2))["job_id"]
+    list(alice.events(job_id))
+    gateway_metrics = httpx.get(f"{stack.gateway_url}/metrics").text
+    assert "/api/train" in gateway_metrics
+    scheduler_metrics = httpx.get(f"http://127.0.0.1:{stack.metrics_ports['scheduler']}/metrics").text
+    assert "SubmitJob" in scheduler_metrics
