@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -67,8 +68,14 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started = time.perf_counter()
                 try:
-                    async for item in inner_stream(request, context):
-                        yield item
+                    produced = inner_stream(request, context)
+                    if inspect.isawaitable(produced):
+                        # Servicers that stream with context.write() (e.g. Health.Watch)
+                        # return a coroutine instead of an async generator.
+                        await produced
+                    else:
+                        async for item in produced:
+                            yield item
                 except BaseException:
                     record(_code_name(context, "UNKNOWN"), started)
                     raise

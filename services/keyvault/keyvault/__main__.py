@@ -1,0 +1,52 @@
+"""``python -m keyvault`` serves; ``python -m keyvault rotate`` re-encrypts every stored key
+under the current master key and prints the counts."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from service_runtime.logs import configure_logging
+
+from keyvault.config import SettingsError, load_settings
+from keyvault.migrations import SchemaTooNew
+from keyvault.rotation import rotate
+from keyvault.server import serve
+from keyvault.store import DatabaseUnavailable
+
+log = logging.getLogger("keyvault")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m keyvault", description=__doc__)
+    parser.add_argument("command", nargs="?", choices=["serve", "rotate"], default="serve")
+    command = parser.parse_args(argv).command
+    configure_logging("keyvault")
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        log.error("refusing to start: %s", exc)
+        return 2
+    configure_logging("keyvault", settings.log_level)
+    try:
+        if command == "rotate":
+            counts = asyncio.run(rotate(settings))
+            sys.stdout.write(
+                f"rotated={counts.rotated} already_current={counts.already_current} "
+                f"unreadable={len(counts.unreadable)}\n"
+            )
+            return 1 if counts.unreadable else 0
+        asyncio.run(serve(settings))
+    except DatabaseUnavailable as exc:
+        log.error("the database (DATABASE_URL) is unreachable", extra={"reason": str(exc)})
+        return 1
+    except SchemaTooNew as exc:
+        log.error("refusing to start: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
