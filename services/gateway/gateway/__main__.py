@@ -1,0 +1,26 @@
+"""``python -m gateway``: serve the REST API on GATEWAY_HOST:GATEWAY_PORT."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from service_runtime.logs import configure_logging
+
+from gateway.config import SettingsError, load_settings
+from gateway.server import serve
+
+
+def main() -> int:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)  # noqa: T201 - logging is not configured without settings
+        return 2
+    configure_logging("gateway", settings.log_level)
+    asyncio.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The gateway's settings, read from environment variables (names in docs/services.md)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from gpu_core.schemas import SpecLimits
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# HS256 keys shorter than the hash output make brute-forcing a token's signature practical.
+MIN_HMAC_SECRET_CHARS = 32
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the environment variable."""
+
+
+class Settings(BaseSettings):
+    """Field names are the environment variables, lower-cased (GATEWAY_PORT -> gateway_port)."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(default=8080, ge=0, le=65535)
+    scheduler_addr: str = "127.0.0.1:50051"
+    keyvault_addr: str = "127.0.0.1:50052"
+    keyvault_token: SecretStr | None = None
+    # Who serves the hosted backend (a shared variable): the model catalog prices it.
+    hosted_provider: Literal["local", "modal", "runpod"] = "local"
+
+    auth_mode: Literal["local", "jwt"] = "local"
+    jwt_secret: SecretStr | None = None
+    jwt_jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    gateway_local_jwt_secret: SecretStr | None = None
+    gateway_local_token_ttl_s: int = Field(default=12 * 3600, ge=60)
+
+    gateway_max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    gateway_max_train_examples: int = Field(default=10_000, ge=1)
+    gateway_max_eval_examples: int = Field(default=1_000, ge=1)
+    gateway_max_text_chars: int = Field(default=20_000, ge=1)
+
+    gateway_rpc_timeout_s: float = Field(default=30.0, gt=0)
+    gateway_sse_heartbeat_s: float = Field(default=15.0, gt=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("scheduler_addr", "keyvault_addr")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"expected host:port, got {value!r}")
+        return value
+
+    @field_validator("jwt_jwks_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError("must be an http(s) URL")
+        return value
+
+    @field_validator("jwt_secret", "gateway_local_jwt_secret")
+    @classmethod
+    def _long_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_HMAC_SECRET_CHARS:
+            raise ValueError(f"must be at least {MIN_HMAC_SECRET_CHARS} characters")
+        return value
+
+    @model_validator(mode="after")
+    def _jwt_mode_complete(self) -> Settings:
+        if self.auth_mode != "jwt":
+            return self
+        if self.jwt_secret is None and self.jwt_jwks_url is None:
+            raise ValueError("AUTH_MODE=jwt needs JWT_SECRET or JWT_JWKS_URL")
+        if not self.jwt_issuer:
+            raise ValueError("AUTH_MODE=jwt needs JWT_ISSUER")
+        if not self.jwt_audience:
+            raise ValueError("AUTH_MODE=jwt needs JWT_AUDIENCE")
+        return self
+
+    @property
+    def spec_limits(self) -> SpecLimits:
+        return SpecLimits(
+            max_train_examples=self.gateway_max_train_examples,
+            max_eval_examples=self.gateway_max_eval_examples,
+            max_text_chars=self.gateway_max_text_chars,
+        )
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment (and ``overrides``); a bad value raises
+    ``SettingsError`` naming the environment variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_input=False, include_url=False):
+            name = ".".join(str(part) for part in error["loc"]).upper()
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{name}: {message}" if name else message)
+        raise SettingsError("invalid gateway settings: " + "; ".join(problems)) from None

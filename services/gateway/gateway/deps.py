@@ -1,0 +1,120 @@
+"""What every route needs: the gateway's state, the authenticated user, error formatting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from gpu_core.schemas import ExperimentSpec, SpecLimits
+from pydantic import ValidationError
+
+from gateway.auth import AuthError, LocalTokenIssuer, TokenVerifier
+from gateway.config import Settings
+from gateway.upstream import ApiError, Upstreams, trace_metadata
+
+
+@dataclass
+class GatewayState:
+    settings: Settings
+    verifier: TokenVerifier
+    local_issuer: LocalTokenIssuer | None
+    upstreams: Upstreams | None = None
+
+    @property
+    def spec_limits(self) -> SpecLimits:
+        return self.settings.spec_limits
+
+
+def gateway_state(request: Request) -> GatewayState:
+    return request.app.state.gateway
+
+
+def upstreams(request: Request) -> Upstreams:
+    state: GatewayState = request.app.state.gateway
+    assert state.upstreams is not None, "the app's lifespan opens the upstream channels"
+    return state.upstreams
+
+
+# Declared for the OpenAPI page (its Authorize button); the header itself is checked below so
+# that every failure gets a specific message.
+_bearer_scheme = HTTPBearer(auto_error=False, description="A JWT from the sign-in provider")
+
+
+async def current_user(
+    request: Request,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)],
+) -> str:
+    state = gateway_state(request)
+    try:
+        return await state.verifier.subject(request.headers.get("authorization"))
+    except AuthError as exc:
+        raise ApiError(401, str(exc)) from None
+
+
+CurrentUser = Annotated[str, Depends(current_user)]
+State = Annotated[GatewayState, Depends(gateway_state)]
+Clients = Annotated[Upstreams, Depends(upstreams)]
+
+
+def trace(request: Request) -> tuple[tuple[str, str], ...]:
+    return trace_metadata(request.headers)
+
+
+Trace = Annotated[tuple[tuple[str, str], ...], Depends(trace)]
+
+
+def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    """``("training_data", 3, "completion")`` -> ``training_data[3].completion``."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += ("." if path else "") + str(part)
+    return path or "body"
+
+
+def validation_problems(errors: list[dict[str, Any]], strip_location: bool) -> list[dict[str, str]]:
+    """One ``{field, message}`` per error; never the input value (it may be a secret)."""
+    problems = []
+    for error in errors:
+        loc = list(error.get("loc", ()))
+        if strip_location and loc and loc[0] in ("body", "query", "path", "header"):
+            loc = loc[1:]
+        message = str(error.get("msg", "is not valid")).removeprefix("Value error, ")
+        problems.append({"field": field_path(loc), "message": message})
+    return problems
+
+
+def json_error(errors: list[dict[str, Any]]) -> ApiError | None:
+    """A 400 for a body that is not JSON at all, else None."""
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            ctx = error.get("ctx") or {}
+            reason = ctx.get("error") or error.get("msg", "")
+            return ApiError(400, f"The request body is not valid JSON: {reason}")
+    return None
+
+
+class SpecInvalid(Exception):
+    """A 422 listing each field of the experiment spec that is wrong."""
+
+    def __init__(self, problems: list[dict[str, str]]) -> None:
+        super().__init__("invalid experiment spec")
+        self.problems = problems
+
+
+async def read_spec(request: Request, limits: SpecLimits) -> bytes:
+    """Validate the body as a gpu_core ExperimentSpec under the operator's limits; answer the
+    normalised JSON (ids filled in) that the scheduler stores."""
+    body = await request.body()
+    if not body.strip():
+        raise ApiError(400, "The request body is empty; send the experiment spec as JSON")
+    try:
+        spec = ExperimentSpec.model_validate_json(body, context={"limits": limits})
+    except ValidationError as exc:
+        errors = exc.errors(include_input=False, include_url=False)
+        raise json_error(errors) or SpecInvalid(validation_problems(errors, False)) from None
+    return spec.model_dump_json().encode()

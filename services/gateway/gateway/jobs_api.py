@@ -1,0 +1,203 @@
+"""Job routes: submit, estimate, list, status, progress (SSE), results, cancel."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from gpu_core.schemas import ExperimentSpec
+from influence.v1 import scheduler_pb2
+
+from gateway.deps import Clients, CurrentUser, State, Trace, read_spec
+from gateway.events import job_event_stream
+from gateway.upstream import ApiError, scheduler_errors
+from gateway.views import TERMINAL_STATUSES, estimate_view, job_status, job_view, submitted_view
+
+router = APIRouter(prefix="/api", tags=["jobs"])
+
+JOB_NOT_FOUND = "Job not found"
+SCHEDULER_DOWN = "The scheduler is unavailable; try again in a moment"
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+
+
+def _spec_body(ref_template: str = "#/components/schemas/{model}") -> dict[str, Any]:
+    schema = ExperimentSpec.model_json_schema(ref_template=ref_template)
+    schema.pop("$defs", None)
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": schema}},
+            "description": "A gpu_core ExperimentSpec",
+        }
+    }
+
+
+def spec_component_schemas() -> dict[str, Any]:
+    """The spec's nested models, for the OpenAPI document's components."""
+    schema = ExperimentSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+    return dict(schema.get("$defs", {}))
+
+
+def _checked_job_id(job_id: str) -> str:
+    # A malformed id cannot name any job: same answer as someone else's job.
+    if not _JOB_ID.fullmatch(job_id):
+        raise ApiError(404, JOB_NOT_FOUND)
+    return job_id
+
+
+@router.post(
+    "/train",
+    status_code=202,
+    openapi_extra=_spec_body(),
+    summary="Submit an experiment",
+    responses={413: {"description": "Body too large"}, 422: {"description": "Invalid spec"}},
+)
+async def submit_job(
+    request: Request,
+    response: Response,
+    user: CurrentUser,
+    state: State,
+    clients: Clients,
+    trace: Trace,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> dict[str, Any]:
+    """Validates the spec under this deployment's limits and hands it to the scheduler. Sending
+    the same ``Idempotency-Key`` again answers the job it created the first time."""
+    if idempotency_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+        raise ApiError(422, "Idempotency-Key must be 1-200 printable ASCII characters without spaces")
+    spec_json = await read_spec(request, state.spec_limits)
+    with scheduler_errors("The scheduler is unavailable; your job was not submitted, try again"):
+        job = await clients.scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(
+                user_id=user, spec_json=spec_json, idempotency_key=idempotency_key or ""
+            ),
+            metadata=trace,
+            timeout=clients.timeout_s,
+        )
+    response.headers["Location"] = f"/api/jobs/{job.id}"
+    return submitted_view(job)
+
+
+@router.post("/estimate", openapi_extra=_spec_body(), summary="Estimate time and cost")
+async def estimate_job(
+    request: Request, user: CurrentUser, state: State, clients: Clients, trace: Trace
+) -> dict[str, Any]:
+    """Time and cost of the experiment on the caller's backend (first) and on the other one."""
+    spec_json = await read_spec(request, state.spec_limits)
+    with scheduler_errors(SCHEDULER_DOWN):
+        answer = await clients.scheduler.EstimateJob(
+            scheduler_pb2.EstimateJobRequest(user_id=user, spec_json=spec_json),
+            metadata=trace,
+            timeout=clients.timeout_s,
+        )
+    return {
+        "active_backend": answer.active_backend,
+        "estimates": [estimate_view(estimate) for estimate in answer.estimates],
+        "notes": list(answer.notes),
+    }
+
+
+@router.get("/jobs", summary="The caller's jobs, newest first")
+async def list_jobs(
+    user: CurrentUser,
+    clients: Clients,
+    trace: Trace,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> dict[str, Any]:
+    with scheduler_errors(SCHEDULER_DOWN):
+        answer = await clients.scheduler.ListJobs(
+            scheduler_pb2.ListJobsRequest(user_id=user, limit=limit),
+            metadata=trace,
+            timeout=clients.timeout_s,
+        )
+    return {"jobs": [job_view(job) for job in answer.jobs]}
+
+
+async def _get_job(clients: Clients, user: str, job_id: str, trace: Trace) -> scheduler_pb2.Job:
+    with scheduler_errors(SCHEDULER_DOWN, not_found=JOB_NOT_FOUND):
+        return await clients.scheduler.GetJob(
+            scheduler_pb2.GetJobRequest(user_id=user, job_id=_checked_job_id(job_id)),
+            metadata=trace,
+            timeout=clients.timeout_s,
+        )
+
+
+@router.get("/jobs/{job_id}", summary="Status, stage, progress and latest metrics of a job")
+async def get_job(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
+    return job_view(await _get_job(clients, user, job_id, trace))
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    summary="Progress as Server-Sent Events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def job_events(
+    job_id: str,
+    user: CurrentUser,
+    state: State,
+    clients: Clients,
+    trace: Trace,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    after: Annotated[int | None, Query(ge=0, description="Resume after this event seq")] = None,
+) -> StreamingResponse:
+    """Every progress event after ``Last-Event-ID`` (or ``?after=``), then ``event: end``."""
+    after_seq = after or 0
+    if last_event_id is not None:
+        if not last_event_id.strip().isdigit():
+            raise ApiError(422, "Last-Event-ID must be the seq number of an event")
+        after_seq = max(after_seq, int(last_event_id))
+    await _get_job(clients, user, job_id, trace)
+    stream = job_event_stream(
+        clients.scheduler,
+        user,
+        job_id,
+        after_seq,
+        state.settings.gateway_sse_heartbeat_s,
+        trace,
+        clients.timeout_s,
+    )
+    return StreamingResponse(
+        stream,
+        media_type="text/event-stream",
+        # Proxies (nginx) must not buffer or the browser sees nothing until the end.
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get(
+    "/jobs/{job_id}/results",
+    summary="The gpu_core result JSON",
+    responses={409: {"description": "The job has not finished"}},
+)
+async def job_results(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> Response:
+    job = await _get_job(clients, user, job_id, trace)
+    status = job_status(job.state)
+    if status != "completed":
+        if status in TERMINAL_STATUSES:
+            detail = f": {job.error}" if job.error else ""
+            raise ApiError(409, f"The job {status} and has no results{detail}")
+        raise ApiError(409, f"The job is {status}; results are ready once it completes")
+    with scheduler_errors(SCHEDULER_DOWN, not_found=JOB_NOT_FOUND):
+        answer = await clients.scheduler.GetJobResult(
+            scheduler_pb2.GetJobResultRequest(user_id=user, job_id=job_id),
+            metadata=trace,
+            timeout=clients.timeout_s,
+        )
+    # As stored: the dashboard reads gpu_core's result schema directly.
+    return Response(content=answer.result_json, media_type="application/json")
+
+
+@router.post("/jobs/{job_id}/cancel", summary="Cancel a job")
+async def cancel_job(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
+    with scheduler_errors(SCHEDULER_DOWN, not_found=JOB_NOT_FOUND):
+        job = await clients.scheduler.CancelJob(
+            scheduler_pb2.CancelJobRequest(user_id=user, job_id=_checked_job_id(job_id)),
+            metadata=trace,
+            timeout=clients.timeout_s,
+        )
+    return job_view(job)

@@ -1,0 +1,29 @@
+"""GET /api/models: the model catalog with each model's recommended GPU and per-backend price,
+from libs/cost_model (the same figures the providers use for estimates)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cost_model
+from fastapi import APIRouter
+
+from gateway.deps import CurrentUser, State
+from gateway.upstream import ApiError
+
+router = APIRouter(prefix="/api", tags=["models"])
+
+
+def model_catalog(hosted_provider: str) -> list[dict[str, Any]]:
+    """Catalog entries as JSON objects: id, name, params_b, default_quantization,
+    context_length, licence, note, recommended_tier_gb, required_memory_gb, fits, and
+    ``prices`` by backend ("hosted", "runpod")."""
+    try:
+        return [info.as_dict() for info in cost_model.catalog(hosted_provider)]
+    except cost_model.PriceTableError as exc:
+        raise ApiError(503, f"The price table cannot be read: {exc}") from None
+
+
+@router.get("/models", summary="Models with GPU recommendation and per-backend prices")
+async def list_models(_user: CurrentUser, state: State) -> dict[str, Any]:
+    return {"models": model_catalog(state.settings.hosted_provider)}

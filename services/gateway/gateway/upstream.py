@@ -1,0 +1,151 @@
+"""gRPC channels to the scheduler and keyvault, and the translation of their status codes into
+HTTP answers with plain messages."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from influence.v1 import keyvault_pb2_grpc, scheduler_pb2_grpc
+from service_runtime.grpc_server import CHANNEL_OPTIONS
+
+from gateway.config import Settings
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_SERVICE = "influence.v1.Scheduler"
+KEYVAULT_SERVICE = "influence.v1.KeyVault"
+_READINESS_TIMEOUT_S = 2.0
+_TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+class ApiError(Exception):
+    """An answer to the client: HTTP status and a plain message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Upstreams:
+    scheduler: scheduler_pb2_grpc.SchedulerStub
+    keyvault: keyvault_pb2_grpc.KeyVaultStub
+    scheduler_channel: grpc.aio.Channel
+    keyvault_channel: grpc.aio.Channel
+    keyvault_metadata: tuple[tuple[str, str], ...]
+    timeout_s: float
+
+    async def close(self) -> None:
+        await asyncio.gather(self.scheduler_channel.close(), self.keyvault_channel.close())
+
+    def keyvault_call_metadata(self, trace: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+        return (*self.keyvault_metadata, *trace)
+
+    async def not_ready(self) -> list[str]:
+        """Names of the dependencies whose readiness check is not SERVING."""
+        checks = {
+            "scheduler": (self.scheduler_channel, SCHEDULER_SERVICE),
+            "keyvault": (self.keyvault_channel, KEYVAULT_SERVICE),
+        }
+        results = await asyncio.gather(
+            *(_is_serving(channel, service) for channel, service in checks.values())
+        )
+        return [name for name, serving in zip(checks, results, strict=True) if not serving]
+
+
+def open_upstreams(settings: Settings) -> Upstreams:
+    """Open the channels (lazily connecting); call from inside the running event loop."""
+    scheduler_channel = grpc.aio.insecure_channel(settings.scheduler_addr, options=CHANNEL_OPTIONS)
+    keyvault_channel = grpc.aio.insecure_channel(settings.keyvault_addr, options=CHANNEL_OPTIONS)
+    token = settings.keyvault_token
+    return Upstreams(
+        scheduler=scheduler_pb2_grpc.SchedulerStub(scheduler_channel),
+        keyvault=keyvault_pb2_grpc.KeyVaultStub(keyvault_channel),
+        scheduler_channel=scheduler_channel,
+        keyvault_channel=keyvault_channel,
+        keyvault_metadata=(("x-caller-token", token.get_secret_value()),) if token else (),
+        timeout_s=settings.gateway_rpc_timeout_s,
+    )
+
+
+async def _is_serving(channel: grpc.aio.Channel, service: str) -> bool:
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        response = await stub.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=_READINESS_TIMEOUT_S
+        )
+    except grpc.aio.AioRpcError:
+        return False
+    return response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def trace_metadata(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """W3C trace context from the incoming request, forwarded as gRPC metadata."""
+    return tuple((name, headers[name]) for name in _TRACE_HEADERS if headers.get(name))
+
+
+_HTTP_STATUS = {
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.INVALID_ARGUMENT: 422,
+    grpc.StatusCode.OUT_OF_RANGE: 422,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    # Only the scheduler answers UNAUTHENTICATED, about a provider key the user gave.
+    grpc.StatusCode.UNAUTHENTICATED: 400,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+@contextmanager
+def scheduler_errors(unavailable: str, not_found: str = "Not found") -> Iterator[None]:
+    """Translate a scheduler RPC failure into an ApiError."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code()
+        status = _HTTP_STATUS.get(code)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            log.warning("scheduler unavailable", extra={"grpc_details": exc.details()})
+            raise ApiError(503, unavailable) from None
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise ApiError(504, "The scheduler did not answer in time; try again") from None
+        if code == grpc.StatusCode.NOT_FOUND:
+            raise ApiError(404, not_found) from None
+        if status is None:
+            log.error("scheduler call failed", extra={"grpc_code": code.name, "grpc_details": exc.details()})
+            raise ApiError(502, "The scheduler failed to answer; try again") from None
+        raise ApiError(status, exc.details() or code.name.replace("_", " ").lower()) from None
+
+
+@contextmanager
+def keyvault_errors(unavailable: str) -> Iterator[None]:
+    """Translate a keyvault RPC failure. NOT_FOUND is left to the caller (it means 'no key')."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code()
+        if code == grpc.StatusCode.NOT_FOUND:
+            raise
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            # The gateway's own credential was refused: an operator problem, not the user's.
+            log.error("keyvault refused the gateway's caller token (check KEYVAULT_TOKEN)")
+            raise ApiError(503, unavailable) from None
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            log.warning("keyvault unavailable", extra={"grpc_code": code.name})
+            raise ApiError(503, unavailable) from None
+        status = _HTTP_STATUS.get(code)
+        if status is None:
+            log.error("keyvault call failed", extra={"grpc_code": code.name})
+            raise ApiError(502, "The key vault failed to answer; try again") from None
+        raise ApiError(status, exc.details() or code.name.replace("_", " ").lower()) from None

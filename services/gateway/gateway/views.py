@@ -1,0 +1,118 @@
+"""JSON shapes the REST API answers with, built from the scheduler's and keyvault's messages."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from influence.v1 import common_pb2, keyvault_pb2, scheduler_pb2
+
+_STATE_PREFIX = "JOB_STATE_"
+TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+
+
+def job_status(state: int) -> str:
+    """``JOB_STATE_RUNNING`` -> ``running``."""
+    return common_pb2.JobState.Name(state).removeprefix(_STATE_PREFIX).lower()
+
+
+def timestamp(value: Timestamp, present: bool) -> str | None:
+    if not present:
+        return None
+    return value.ToDatetime().isoformat() + "Z"
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def job_view(job: scheduler_pb2.Job) -> dict[str, Any]:
+    return {
+        "job_id": job.id,
+        "status": job_status(job.state),
+        "stage": job.stage or None,
+        "progress": job.progress,
+        "stage_message": job.stage_message,
+        # The last progress event's figures: epoch, total_epochs, step, loss, eta_s, ...
+        "metrics": _json_object(job.latest_metrics_json),
+        "error": job.error or None,
+        "backend": job.compute_backend,
+        "provider": job.provider,
+        "model_id": job.model_id,
+        "influence_method": job.influence_method,
+        "n_train": job.n_train,
+        "n_eval": job.n_eval,
+        "estimated_time_s": job.estimated_time_s,
+        "estimated_cost_usd": job.estimated_cost_usd,
+        "last_event_seq": job.last_seq,
+        "created_at": timestamp(job.created_at, job.HasField("created_at")),
+        "updated_at": timestamp(job.updated_at, job.HasField("updated_at")),
+        "finished_at": timestamp(job.finished_at, job.HasField("finished_at")),
+    }
+
+
+def submitted_view(job: scheduler_pb2.Job) -> dict[str, Any]:
+    return {
+        "job_id": job.id,
+        "status": job_status(job.state),
+        "estimated_time_s": job.estimated_time_s,
+        "estimated_cost_usd": job.estimated_cost_usd,
+    }
+
+
+def event_payload(event: common_pb2.ProgressEvent) -> dict[str, Any]:
+    """The full event object as gpu_core yielded it, with the scheduler's typed fields added."""
+    payload = _json_object(event.event_json)
+    payload.setdefault("type", event.type)
+    if event.stage:
+        payload.setdefault("stage", event.stage)
+    payload.setdefault("progress", event.progress)
+    if event.message:
+        payload.setdefault("message", event.message)
+    payload["seq"] = event.seq
+    payload["time"] = timestamp(event.time, event.HasField("time"))
+    return payload
+
+
+def compute_settings_view(settings: scheduler_pb2.ComputeSettings) -> dict[str, Any]:
+    return {
+        "backend": settings.backend,
+        "hosted_provider": settings.hosted_provider,
+        "runpod_endpoint_id": settings.runpod_endpoint_id or None,
+        "endpoint_status": settings.endpoint_status or "none",
+        "endpoint_error": settings.endpoint_error or None,
+    }
+
+
+def key_info_view(info: keyvault_pb2.KeyInfo | None) -> dict[str, Any]:
+    if info is None:
+        return {"has_key": False, "last4": None, "verified_at": None, "updated_at": None}
+    return {
+        "has_key": True,
+        "last4": info.last4,
+        "verified_at": timestamp(info.verified_at, info.HasField("verified_at")),
+        "updated_at": timestamp(info.updated_at, info.HasField("updated_at")),
+    }
+
+
+def estimate_view(estimate: common_pb2.Estimate) -> dict[str, Any]:
+    return {
+        "backend": estimate.backend,
+        "provider": estimate.provider,
+        "gpu": estimate.gpu,
+        "gpu_memory_gb": estimate.gpu_memory_gb,
+        "required_memory_gb": estimate.required_memory_gb,
+        "estimated_time_s": estimate.estimated_time_s,
+        "usd_per_second": estimate.usd_per_second,
+        "estimated_cost_usd": estimate.estimated_cost_usd,
+        "prices_as_of": estimate.prices_as_of,
+        "price_source": estimate.price_source,
+        "notes": list(estimate.notes),
+    }

@@ -1,0 +1,396 @@
+"""Scripted Scheduler and KeyVault servicers on real loopback gRPC servers, and the real gateway
+served by uvicorn on a free loopback port, talking to them."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from gateway.config import Settings, load_settings
+from gateway.server import RunningGateway, start_gateway
+from google.protobuf.timestamp_pb2 import Timestamp
+from influence.v1 import common_pb2, keyvault_pb2, keyvault_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from service_runtime.grpc_server import GrpcService, create_grpc_server
+
+KEYVAULT_TOKEN = "gateway-caller-token-for-tests"
+TERMINAL = {common_pb2.JOB_STATE_COMPLETED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED}
+
+
+def now() -> Timestamp:
+    stamp = Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+@dataclass
+class StoredJob:
+    job: scheduler_pb2.Job
+    spec_json: bytes
+    events: list[common_pb2.ProgressEvent] = field(default_factory=list)
+    result_json: bytes = b""
+
+
+class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
+    """Keeps jobs and profiles in memory, answers another user's job with NOT_FOUND (as the real
+    scheduler must), records what the gateway sent, and lets a test script key verification."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, StoredJob] = {}
+        self.idempotency: dict[tuple[str, str], str] = {}
+        self.backends: dict[str, str] = {}
+        self.submit_requests: list[scheduler_pb2.SubmitJobRequest] = []
+        self.watch_requests: list[scheduler_pb2.WatchJobRequest] = []
+        self.estimate_requests: list[scheduler_pb2.EstimateJobRequest] = []
+        self.verify_requests: list[scheduler_pb2.VerifyProviderKeyRequest] = []
+        self.verify_answer: Callable[[str], Awaitable[scheduler_pb2.VerifyProviderKeyResponse]] | None = None
+        self.metadata_seen: list[dict[str, str]] = []
+        self.active_watchers = 0
+        self.watchers_changed = asyncio.Condition()
+        self._ids = itertools.count(1)
+        self._changed = asyncio.Condition()
+
+    # ---- test helpers -----------------------------------------------------------------------
+
+    def add_job(self, user_id: str, state: int = common_pb2.JOB_STATE_RUNNING) -> str:
+        job_id = f"job-{next(self._ids)}"
+        self.jobs[job_id] = StoredJob(
+            job=scheduler_pb2.Job(
+                id=job_id,
+                user_id=user_id,
+                compute_backend="hosted",
+                provider="local",
+                state=state,
+                created_at=now(),
+                updated_at=now(),
+                model_id="local/tiny-llama",
+            ),
+            spec_json=b"{}",
+        )
+        return job_id
+
+    async def add_event(self, job_id: str, stage: str, progress: float, **extra: Any) -> None:
+        stored = self.jobs[job_id]
+        seq = len(stored.events) + 1
+        body = {"type": "progress", "stage": stage, "progress": progress, **extra}
+        stored.events.append(
+            common_pb2.ProgressEvent(
+                seq=seq,
+                type="progress",
+                stage=stage,
+                progress=progress,
+                message=extra.get("message", ""),
+                event_json=json.dumps(body).encode(),
+                time=now(),
+            )
+        )
+        stored.job.last_seq = seq
+        stored.job.stage = stage
+        stored.job.progress = progress
+        stored.job.latest_metrics_json = json.dumps(extra).encode()
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def finish(self, job_id: str, result: dict[str, Any] | None = None) -> None:
+        stored = self.jobs[job_id]
+        stored.job.state = common_pb2.JOB_STATE_COMPLETED
+        stored.job.finished_at.CopyFrom(now())
+        stored.result_json = json.dumps(result or {}).encode()
+        async with self._changed:
+            self._changed.notify_all()
+
+    def answer_verification(
+        self, answer: grpc.StatusCode | scheduler_pb2.VerifyProviderKeyResponse, details: str = ""
+    ) -> None:
+        """Answer every VerifyProviderKey with ``answer``: a response, or an error status."""
+
+        async def verify(_api_key: str) -> scheduler_pb2.VerifyProviderKeyResponse:
+            if isinstance(answer, grpc.StatusCode):
+                raise _Abort(answer, details)
+            return answer
+
+        self.verify_answer = verify
+
+    # ---- RPCs -----------------------------------------------------------------------------
+
+    def _owned(self, user_id: str, job_id: str, context: grpc.aio.ServicerContext) -> StoredJob:
+        self.metadata_seen.append(dict(context.invocation_metadata() or ()))
+        stored = self.jobs.get(job_id)
+        if stored is None or stored.job.user_id != user_id:
+            raise _Abort(grpc.StatusCode.NOT_FOUND, f"job {job_id} not found")
+        return stored
+
+    async def SubmitJob(self, request, context):  # noqa: N802, ANN001, ANN201
+        self.submit_requests.append(request)
+        self.metadata_seen.append(dict(context.invocation_metadata() or ()))
+        key = (request.user_id, request.idempotency_key)
+        if request.idempotency_key and key in self.idempotency:
+            return self.jobs[self.idempotency[key]].job
+        job_id = self.add_job(request.user_id, common_pb2.JOB_STATE_QUEUED)
+        stored = self.jobs[job_id]
+        stored.spec_json = request.spec_json
+        stored.job.estimated_time_s = 120.0
+        stored.job.estimated_cost_usd = 0.05
+        if request.idempotency_key:
+            self.idempotency[key] = job_id
+        return stored.job
+
+    async def GetJob(self, request, context):  # noqa: N802, ANN001, ANN201
+        return await _answer(context, lambda: self._owned(request.user_id, request.job_id, context).job)
+
+    async def ListJobs(self, request, context):  # noqa: N802, ANN001, ANN201
+        jobs = [s.job for s in self.jobs.values() if s.job.user_id == request.user_id]
+        return scheduler_pb2.ListJobsResponse(jobs=jobs[: request.limit or None])
+
+    async def WatchJob(self, request, context):  # noqa: N802, ANN001, ANN201
+        self.watch_requests.append(request)
+        try:
+            stored = self._owned(request.user_id, request.job_id, context)
+        except _Abort as abort:
+            await context.abort(abort.code, abort.details)
+        sent = request.after_seq
+        self.active_watchers += 1
+        try:
+            while True:
+                for event in stored.events:
+                    if event.seq > sent:
+                        yield event
+                        sent = event.seq
+                if stored.job.state in TERMINAL:
+                    return
+                async with self._changed:
+                    await self._changed.wait_for(
+                        lambda seen=sent: stored.job.last_seq > seen or stored.job.state in TERMINAL
+                    )
+        finally:
+            self.active_watchers -= 1
+            async with self.watchers_changed:
+                self.watchers_changed.notify_all()
+
+    async def GetJobResult(self, request, context):  # noqa: N802, ANN001, ANN201
+        def answer() -> scheduler_pb2.GetJobResultResponse:
+            stored = self._owned(request.user_id, request.job_id, context)
+            if stored.job.state != common_pb2.JOB_STATE_COMPLETED:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "the job has not completed")
+            return scheduler_pb2.GetJobResultResponse(result_json=stored.result_json)
+
+        return await _answer(context, answer)
+
+    async def CancelJob(self, request, context):  # noqa: N802, ANN001, ANN201
+        def answer() -> scheduler_pb2.Job:
+            stored = self._owned(request.user_id, request.job_id, context)
+            stored.job.state = common_pb2.JOB_STATE_CANCELLED
+            return stored.job
+
+        return await _answer(context, answer)
+
+    def _settings(self, user_id: str) -> scheduler_pb2.ComputeSettings:
+        return scheduler_pb2.ComputeSettings(
+            backend=self.backends.get(user_id, "hosted"), endpoint_status="none", hosted_provider="local"
+        )
+
+    async def GetComputeSettings(self, request, context):  # noqa: N802, ANN001, ANN201
+        return self._settings(request.user_id)
+
+    async def SetComputeBackend(self, request, context):  # noqa: N802, ANN001, ANN201
+        if request.backend not in ("hosted", "runpod"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown backend {request.backend!r}")
+        self.backends[request.user_id] = request.backend
+        return self._settings(request.user_id)
+
+    async def VerifyProviderKey(self, request, context):  # noqa: N802, ANN001, ANN201
+        self.verify_requests.append(request)
+        assert self.verify_answer is not None, "the test scripts the verification"
+        try:
+            return await self.verify_answer(request.api_key)
+        except _Abort as abort:
+            await context.abort(abort.code, abort.details)
+
+    async def EstimateJob(self, request, context):  # noqa: N802, ANN001, ANN201
+        self.estimate_requests.append(request)
+        active = self.backends.get(request.user_id, "hosted")
+        other = "runpod" if active == "hosted" else "hosted"
+        return scheduler_pb2.EstimateJobResponse(
+            active_backend=active,
+            estimates=[
+                common_pb2.Estimate(backend=active, provider="local", gpu="host", estimated_time_s=30),
+                common_pb2.Estimate(
+                    backend=other,
+                    provider="runpod",
+                    gpu="AMPERE_80",
+                    gpu_memory_gb=80,
+                    estimated_time_s=90,
+                    usd_per_second=0.00076,
+                    estimated_cost_usd=0.0684,
+                    prices_as_of="2026-08-01",
+                    notes=["includes a cold start"],
+                ),
+            ],
+            notes=["modal is not configured on this deployment"],
+        )
+
+
+class ScriptedKeyVault(keyvault_pb2_grpc.KeyVaultServicer):
+    """Keeps keys in memory and refuses callers without the gateway's token."""
+
+    def __init__(self) -> None:
+        self.keys: dict[tuple[str, str], str] = {}
+        self.store_requests: list[keyvault_pb2.StoreKeyRequest] = []
+
+    async def _check_caller(self, context: grpc.aio.ServicerContext) -> None:
+        if dict(context.invocation_metadata() or ()).get("x-caller-token") != KEYVAULT_TOKEN:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown caller")
+
+    def _info(self, user_id: str, provider: str) -> keyvault_pb2.KeyInfo:
+        return keyvault_pb2.KeyInfo(
+            user_id=user_id,
+            provider=provider,
+            last4=self.keys[(user_id, provider)][-4:],
+            key_version=1,
+            created_at=now(),
+            verified_at=now(),
+            updated_at=now(),
+        )
+
+    async def StoreKey(self, request, context):  # noqa: N802, ANN001, ANN201
+        await self._check_caller(context)
+        self.store_requests.append(request)
+        self.keys[(request.user_id, request.provider)] = request.plaintext
+        return self._info(request.user_id, request.provider)
+
+    async def GetKeyInfo(self, request, context):  # noqa: N802, ANN001, ANN201
+        await self._check_caller(context)
+        if (request.user_id, request.provider) not in self.keys:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no key stored")
+        return self._info(request.user_id, request.provider)
+
+    async def DeleteKey(self, request, context):  # noqa: N802, ANN001, ANN201
+        await self._check_caller(context)
+        deleted = self.keys.pop((request.user_id, request.provider), None) is not None
+        return keyvault_pb2.DeleteKeyResponse(deleted=deleted)
+
+    async def RevealKey(self, request, context):  # noqa: N802, ANN001, ANN201
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "the gateway may not reveal keys")
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+async def _answer(context: grpc.aio.ServicerContext, build: Callable[[], Any]) -> Any:
+    try:
+        return build()
+    except _Abort as abort:
+        await context.abort(abort.code, abort.details)
+
+
+@dataclass
+class Upstream:
+    scheduler: ScriptedScheduler
+    keyvault: ScriptedKeyVault
+    scheduler_service: GrpcService
+    keyvault_service: GrpcService
+
+    @property
+    def scheduler_addr(self) -> str:
+        return f"127.0.0.1:{self.scheduler_service.port}"
+
+    @property
+    def keyvault_addr(self) -> str:
+        return f"127.0.0.1:{self.keyvault_service.port}"
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    scheduler, keyvault = ScriptedScheduler(), ScriptedKeyVault()
+
+    def add_scheduler(server: grpc.aio.Server) -> list[str]:
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(scheduler, server)
+        return ["influence.v1.Scheduler"]
+
+    def add_keyvault(server: grpc.aio.Server) -> list[str]:
+        keyvault_pb2_grpc.add_KeyVaultServicer_to_server(keyvault, server)
+        return ["influence.v1.KeyVault"]
+
+    services = [
+        create_grpc_server("127.0.0.1:0", add_scheduler, "scheduler-test"),
+        create_grpc_server("127.0.0.1:0", add_keyvault, "keyvault-test"),
+    ]
+    for service in services:
+        await service.server.start()
+        await service.set_ready(True)
+    yield Upstream(scheduler, keyvault, *services)
+    for service in services:
+        await service.server.stop(None)
+
+
+@dataclass
+class Gateway:
+    running: RunningGateway
+    client: httpx.AsyncClient
+    settings: Settings
+
+    async def sign_in(self, username: str) -> dict[str, str]:
+        """Local sign-in; answers the Authorization header for that user."""
+        response = await self.client.post("/api/auth/local", json={"username": username})
+        assert response.status_code == 200, response.text
+        return {"Authorization": f"Bearer {response.json()['access_token']}"}
+
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def make_gateway(upstream: Upstream) -> AsyncIterator[GatewayFactory]:
+    """Start a gateway with settings overrides (default: local auth, the scripted upstreams)."""
+    started: list[Gateway] = []
+
+    async def make(**overrides: Any) -> Gateway:
+        values: dict[str, Any] = {
+            "gateway_host": "127.0.0.1",
+            "gateway_port": 0,
+            "scheduler_addr": upstream.scheduler_addr,
+            "keyvault_addr": upstream.keyvault_addr,
+            "keyvault_token": KEYVAULT_TOKEN,
+            "auth_mode": "local",
+            "gateway_rpc_timeout_s": 5.0,
+            **overrides,
+        }
+        settings = load_settings(**values)
+        running = await start_gateway(settings)
+        client = httpx.AsyncClient(base_url=running.url, timeout=10.0)
+        gateway = Gateway(running, client, settings)
+        started.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in started:
+        await gateway.client.aclose()
+        await gateway.running.stop()
+
+
+@pytest.fixture
+async def gateway(make_gateway: GatewayFactory) -> Gateway:
+    return await make_gateway()
+
+
+def tiny_spec(n_train: int = 2, n_eval: int = 1) -> dict[str, Any]:
+    return {
+        "training_data": [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(n_train)],
+        "eval_data": [{"prompt": f"e{i}", "expected": f"x{i}"} for i in range(n_eval)],
+        "hyperparams": {"epochs": 1},
+    }
+
+
+@pytest.fixture
+def make_spec() -> Callable[..., dict[str, Any]]:
+    return tiny_spec

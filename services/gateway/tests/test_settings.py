@@ -1,0 +1,155 @@
+"""Compute settings and the RunPod key: verify -> store -> switch, and the key never shows."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import pytest
+from influence.v1 import scheduler_pb2
+
+API_KEY = "rpa_ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789wxyz"
+NO_FUNDS = "Your RunPod balance is $0; add credits at runpod.io"
+NO_SCOPE = "This RunPod API key lacks a permission the dashboard needs: serverless Read/Write."
+
+
+def accept_with_balance(balance: float):  # noqa: ANN201
+    async def verify(api_key: str) -> scheduler_pb2.VerifyProviderKeyResponse:
+        return scheduler_pb2.VerifyProviderKeyResponse(valid=True, balance_usd=balance)
+
+    return verify
+
+
+def _everything_logged(caplog: pytest.LogCaptureFixture) -> str:
+    return "\n".join(f"{record.getMessage()} {record.__dict__}" for record in caplog.records)
+
+
+async def test_save_key_verifies_stores_and_switches(gateway, upstream, caplog) -> None:  # noqa: ANN001
+    caplog.set_level(logging.DEBUG)
+    headers = await gateway.sign_in("alice")
+    upstream.scheduler.verify_answer = accept_with_balance(12.5)
+    saved = await gateway.client.post("/api/settings/runpod-key", json={"api_key": API_KEY}, headers=headers)
+    responses = [saved]
+    assert saved.status_code == 200, saved.text
+    assert saved.json() == {
+        "last4": "wxyz",
+        "backend": "runpod",
+        "endpoint_status": "none",
+        "balance_usd": 12.5,
+    }
+
+    verify = upstream.scheduler.verify_requests[-1]
+    assert (verify.user_id, verify.provider, verify.api_key) == ("local:alice", "runpod", API_KEY)
+    store = upstream.keyvault.store_requests[-1]
+    assert (store.user_id, store.provider, store.plaintext, store.verified) == (
+        "local:alice",
+        "runpod",
+        API_KEY,
+        True,
+    )
+    assert upstream.scheduler.backends["local:alice"] == "runpod"
+
+    responses.append(await gateway.client.get("/api/settings/runpod-key", headers=headers))
+    info = responses[-1].json()
+    assert info["has_key"] is True and info["last4"] == "wxyz" and info["backend"] == "runpod"
+    assert info["verified_at"] is not None and info["endpoint_status"] == "none"
+
+    responses.append(await gateway.client.delete("/api/settings/runpod-key", headers=headers))
+    assert responses[-1].json()["backend"] == "hosted" and responses[-1].json()["deleted"] is True
+    assert ("local:alice", "runpod") not in upstream.keyvault.keys
+    assert upstream.scheduler.backends["local:alice"] == "hosted"
+    responses.append(await gateway.client.get("/api/settings/runpod-key", headers=headers))
+    assert responses[-1].json()["has_key"] is False
+
+    for response in responses:
+        assert API_KEY not in response.text
+    assert caplog.records, "the gateway logs what it does"
+    assert API_KEY not in _everything_logged(caplog)
+    assert API_KEY[4:20] not in _everything_logged(caplog)
+
+
+@pytest.mark.parametrize(
+    ("scheduler_answer", "status", "message"),
+    [
+        (grpc.StatusCode.UNAUTHENTICATED, 400, "Invalid RunPod API key"),
+        (grpc.StatusCode.PERMISSION_DENIED, 403, "The key lacks the scope api.serverless: read/write"),
+        (
+            scheduler_pb2.VerifyProviderKeyResponse(valid=False, message="Invalid RunPod API key"),
+            400,
+            "Invalid RunPod API key",
+        ),
+        (scheduler_pb2.VerifyProviderKeyResponse(valid=False, message=NO_FUNDS), 402, NO_FUNDS),
+        (scheduler_pb2.VerifyProviderKeyResponse(valid=False, message=NO_SCOPE), 403, NO_SCOPE),
+    ],
+)
+async def test_rejected_key_gets_the_providers_message_and_nothing_is_stored(
+    gateway,
+    upstream,
+    caplog,
+    scheduler_answer,
+    status,
+    message,  # noqa: ANN001
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    headers = await gateway.sign_in("alice")
+    upstream.scheduler.answer_verification(scheduler_answer, message)
+    body = {"api_key": API_KEY}
+    response = await gateway.client.post("/api/settings/runpod-key", json=body, headers=headers)
+    assert response.status_code == status
+    assert response.json() == {"detail": message}
+    assert upstream.keyvault.keys == {}
+    assert "local:alice" not in upstream.scheduler.backends
+    assert API_KEY not in _everything_logged(caplog)
+
+
+async def test_key_is_not_echoed_on_bad_input_or_outages(gateway, upstream, caplog) -> None:  # noqa: ANN001
+    caplog.set_level(logging.DEBUG)
+    headers = await gateway.sign_in("alice")
+    upstream.scheduler.verify_answer = accept_with_balance(5)
+    bad = await gateway.client.post(
+        "/api/settings/runpod-key", json={"api_key": API_KEY + " " + API_KEY}, headers=headers
+    )
+    assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "api_key"
+    extra = await gateway.client.post(
+        "/api/settings/runpod-key", json={"api_key": API_KEY, "apikey": API_KEY}, headers=headers
+    )
+    assert extra.status_code == 422
+
+    await upstream.keyvault_service.server.stop(None)
+    down = await gateway.client.post("/api/settings/runpod-key", json={"api_key": API_KEY}, headers=headers)
+    assert down.status_code == 503
+    assert down.json() == {"detail": "The key vault is unavailable; your key was not saved, try again"}
+    assert "local:alice" not in upstream.scheduler.backends
+    for response in (bad, extra, down):
+        assert API_KEY not in response.text
+    assert API_KEY not in _everything_logged(caplog)
+
+
+async def test_runpod_backend_needs_a_stored_key(gateway, upstream) -> None:  # noqa: ANN001
+    headers = await gateway.sign_in("alice")
+    refused = await gateway.client.put("/api/settings/compute", json={"backend": "runpod"}, headers=headers)
+    assert refused.status_code == 409
+    assert "No RunPod API key is stored" in refused.json()["detail"]
+    assert "local:alice" not in upstream.scheduler.backends
+
+    upstream.keyvault.keys[("local:alice", "runpod")] = API_KEY
+    chosen = await gateway.client.put("/api/settings/compute", json={"backend": "runpod"}, headers=headers)
+    assert chosen.status_code == 200 and chosen.json()["backend"] == "runpod"
+    current = await gateway.client.get("/api/settings/compute", headers=headers)
+    assert current.json() == {
+        "backend": "runpod",
+        "hosted_provider": "local",
+        "runpod_endpoint_id": None,
+        "endpoint_status": "none",
+        "endpoint_error": None,
+    }
+    back = await gateway.client.put("/api/settings/compute", json={"backend": "hosted"}, headers=headers)
+    assert back.json()["backend"] == "hosted"
+
+
+async def test_wrong_keyvault_token_is_an_operator_error_not_the_users(make_gateway, upstream) -> None:  # noqa: ANN001
+    gateway = await make_gateway(keyvault_token="not-the-token-keyvault-knows")
+    headers = await gateway.sign_in("alice")
+    response = await gateway.client.get("/api/settings/runpod-key", headers=headers)
+    assert response.status_code == 503
+    assert "key vault" in response.json()["detail"]

@@ -1,0 +1,31 @@
+"""gRPC status codes from the scheduler become HTTP answers with the scheduler's plain message."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from gateway.upstream import ApiError, scheduler_errors
+
+
+def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "message"),
+    [
+        (grpc.StatusCode.NOT_FOUND, 404, "Job not found"),
+        (grpc.StatusCode.INVALID_ARGUMENT, 422, "the spec names an unknown model"),
+        (grpc.StatusCode.FAILED_PRECONDITION, 409, "Your RunPod balance is $1.00 but the job costs $2.00"),
+        (grpc.StatusCode.UNAUTHENTICATED, 400, "Invalid RunPod API key"),
+        (grpc.StatusCode.PERMISSION_DENIED, 403, "The key lacks a permission"),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "You have 3 jobs running; wait for one to finish"),
+        (grpc.StatusCode.UNAVAILABLE, 503, "The scheduler is unavailable"),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, 504, "The scheduler did not answer in time; try again"),
+        (grpc.StatusCode.INTERNAL, 502, "The scheduler failed to answer; try again"),
+    ],
+)
+def test_status_mapping(code: grpc.StatusCode, status: int, message: str) -> None:
+    with pytest.raises(ApiError) as raised, scheduler_errors("The scheduler is unavailable", "Job not found"):
+        raise rpc_error(code, message if status in (409, 400, 403, 422, 429) else "internal detail")
+    assert (raised.value.status, raised.value.message) == (status, message)
