@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service_runtime.metrics import MetricsInterceptor
+from service_runtime.tracing import TracingClientInterceptor, TracingServerInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ def create_grpc_server(
     """Create (not start) a server on ``address``; ``register`` adds servicers and returns the
     fully qualified names of the services it added. Port 0 picks a free port."""
     server = grpc.aio.server(
-        options=SERVER_OPTIONS, interceptors=[MetricsInterceptor(service_label)]
+        options=SERVER_OPTIONS,
+        interceptors=[MetricsInterceptor(service_label), TracingServerInterceptor(service_label)],
     )
     names = tuple(register(server))
     health_servicer = health.aio.HealthServicer()
@@ -97,3 +99,10 @@ async def run_until_signal(
     await service.stop(grace_s)
     if on_stop is not None:
         await on_stop()
+
+
+def insecure_channel(address: str) -> grpc.aio.Channel:
+    """A channel to a peer service: large-message options and trace-context propagation."""
+    return grpc.aio.insecure_channel(
+        address, options=CHANNEL_OPTIONS, interceptors=[TracingClientInterceptor()]
+    )

@@ -12,6 +12,8 @@ import re
 import sys
 from typing import Any
 
+from service_runtime.tracing import current_trace_id
+
 _SECRET_PATTERNS = [
     re.compile(r"rpa_[A-Za-z0-9]{8,}"),
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}"),
@@ -42,6 +44,9 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
                 entry[key] = value
+        trace_id = current_trace_id()
+        if trace_id:
+            entry["trace_id"] = trace_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return redact(json.dumps(entry, default=str))

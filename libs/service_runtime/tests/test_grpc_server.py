@@ -43,3 +43,43 @@ async def test_graceful_stop_reports_not_serving_before_stopping():
         reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="x.Y"))
     assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
     await svc.server.stop(0)
+
+
+async def test_trace_context_flows_from_caller_through_a_server_to_the_next_hop():
+    """A server forwards the traceparent it received to the service it calls next."""
+    from grpc_health.v1 import health
+
+    from service_runtime.grpc_server import insecure_channel
+
+    seen: list[str] = []
+
+    class Recorder(health.aio.HealthServicer):
+        async def Check(self, request, ctx):  # noqa: N802
+            seen.append(dict(ctx.invocation_metadata()).get("traceparent", ""))
+            return await super().Check(request, ctx)
+
+    downstream = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(Recorder(), downstream)
+    down_port = downstream.add_insecure_port("127.0.0.1:0")
+    await downstream.start()
+
+    class Relay(health.aio.HealthServicer):
+        async def Check(self, request, ctx):  # noqa: N802
+            async with insecure_channel(f"127.0.0.1:{down_port}") as ch:
+                return await health_pb2_grpc.HealthStub(ch).Check(request)
+
+    def register(server):
+        health_pb2_grpc.add_HealthServicer_to_server(Relay(), server)
+        return []
+
+    relay = create_grpc_server("127.0.0.1:0", register, "relay")
+    await relay.server.start()
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    incoming = f"00-{trace_id}-00f067aa0ba902b7-01"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{relay.port}") as ch:
+        await health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(), metadata=(("traceparent", incoming),)
+        )
+    await relay.server.stop(0)
+    await downstream.stop(0)
+    assert len(seen) == 1 and seen[0].split("-")[1] == trace_id
