@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
-def embedded_postgres() -> Iterator["EmbeddedPostgres"]:  # noqa: F821
+def embedded_postgres() -> Iterator[EmbeddedPostgres]:  # noqa: F821
     """One real PostgreSQL server for the whole test run (pgserver binaries)."""
     from devstack.postgres import start_embedded_postgres
 

@@ -25,7 +25,10 @@ def main() -> int:
         fresh = Path(out) / "influence" / "v1"
         expected = sorted(p.name for p in fresh.iterdir() if p.is_file())
         present = sorted(p.name for p in GENERATED.glob("*_pb2*.py*")) if GENERATED.exists() else []
-        stale = [n for n in expected if n not in present or not filecmp.cmp(fresh / n, GENERATED / n, shallow=False)]
+        stale = [
+            n for n in expected
+            if n not in present or not filecmp.cmp(fresh / n, GENERATED / n, shallow=False)
+        ]
         extra = [n for n in present if n not in expected]
     if stale or extra:
         print(f"protos/gen is stale ({', '.join(stale + extra)}): run `make protos`", file=sys.stderr)

@@ -8,8 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
 
 RPC_TOTAL = Counter(
     "grpc_server_handled_total", "RPCs handled", ["service", "method", "code"]

@@ -1,6 +1,7 @@
-import asyncio, grpc
+import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service_runtime.grpc_server import create_grpc_server
+
 
 async def test_health_watch_streams_through_metrics_interceptor():
     svc = create_grpc_server("127.0.0.1:0", lambda server: ["x.Y"], "test")
@@ -48,7 +49,6 @@ async def test_graceful_stop_reports_not_serving_before_stopping():
 async def test_trace_context_flows_from_caller_through_a_server_to_the_next_hop():
     """A server forwards the traceparent it received to the service it calls next."""
     from grpc_health.v1 import health
-
     from service_runtime.grpc_server import insecure_channel
 
     seen: list[str] = []

@@ -1,0 +1,32 @@
+"""Cost model of Influence Dashboard: model catalog, GPU recommendation, time and cost estimates.
+
+Pure Python (pydantic and gpu_core's schemas). The formulas are in ``memory`` (GPU memory and
+tier), ``timing`` (time) and ``estimate`` (cost = time x $/s); docs/cost-model.md explains them.
+"""
+
+from cost_model.estimate import BackendPrice, CostEstimate, ModelInfo, catalog, estimate
+from cost_model.memory import GpuRecommendation, MemoryBreakdown, recommend_gpu
+from cost_model.model_catalog import Architecture, ModelCard, lookup_model, model_cards
+from cost_model.prices import TIERS_GB, GpuOffer, PriceTable, PriceTableError, price_table
+from cost_model.workload import Workload
+
+__all__ = [
+    "TIERS_GB",
+    "Architecture",
+    "BackendPrice",
+    "CostEstimate",
+    "GpuOffer",
+    "GpuRecommendation",
+    "MemoryBreakdown",
+    "ModelCard",
+    "ModelInfo",
+    "PriceTable",
+    "PriceTableError",
+    "Workload",
+    "catalog",
+    "estimate",
+    "lookup_model",
+    "model_cards",
+    "price_table",
+    "recommend_gpu",
+]

@@ -1,0 +1,158 @@
+"""Estimates for one experiment on one provider, and the catalog with recommendations and prices.
+
+cost = estimated time x the recommended GPU's price per second (GPU only: Modal bills CPU and
+memory on top, RunPod bills the idle tail of a worker; both are small next to the GPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from gpu_core.schemas import ExperimentSpec
+
+from cost_model.memory import GpuRecommendation, recommend_gpu
+from cost_model.model_catalog import ModelCard, lookup_model, model_cards
+from cost_model.prices import PROVIDERS, price_table
+from cost_model.timing import COLD_START_RANGE, estimated_time_s
+from cost_model.workload import Workload
+
+BACKENDS: tuple[str, ...] = ("hosted", "runpod")
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """The fields of ``influence.v1.Estimate``."""
+
+    backend: str
+    provider: str
+    gpu: str
+    gpu_memory_gb: float
+    required_memory_gb: float
+    estimated_time_s: float
+    usd_per_second: float
+    estimated_cost_usd: float
+    prices_as_of: str
+    price_source: str
+    notes: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "notes": list(self.notes)}
+
+
+@dataclass(frozen=True)
+class BackendPrice:
+    provider: str
+    gpu: str
+    gpu_memory_gb: float
+    usd_per_second: float
+    usd_per_hour: float
+    prices_as_of: str
+    price_source: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A catalog entry with the GPU it needs (default quantization, default hyperparameters)."""
+
+    id: str
+    name: str
+    params_b: float
+    default_quantization: str
+    context_length: int
+    licence: str
+    note: str
+    recommended_tier_gb: int
+    required_memory_gb: float
+    fits: bool
+    prices: dict[str, BackendPrice] = field(default_factory=dict)  # by backend
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_provider(provider: str, backend: str) -> None:
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+
+
+def _recommend(card: ModelCard, workload: Workload) -> GpuRecommendation:
+    return recommend_gpu(
+        card.params_b, workload.quantization, architecture=card.architecture, workload=workload
+    )
+
+
+def estimate(spec: ExperimentSpec, provider: str, backend: str) -> CostEstimate:
+    """Time and cost of ``spec`` on ``provider``'s GPU for the recommended memory tier."""
+    _check_provider(provider, backend)
+    card = lookup_model(spec.model_id)
+    workload = Workload.from_spec(spec, card)
+    recommendation = _recommend(card, workload)
+    table = price_table(provider)
+    gpu_name, gpu = table.gpu_for_tier(recommendation.tier_gb)
+    time_s = round(estimated_time_s(card, workload, recommendation.breakdown, gpu, provider), 1)
+    notes: list[str] = []
+    if card.note:
+        notes.append(card.note)
+    if not recommendation.fits:
+        notes.append(
+            f"needs about {recommendation.required_memory_gb:.0f} GB, more than the largest GPU "
+            f"({recommendation.tier_gb} GB): use 4-bit quantization, a smaller batch or max_seq_len"
+        )
+    if provider == "local":
+        notes.append("runs on this host: no GPU charge; time assumes CPU speed")
+    else:
+        notes.append(f"includes a cold start ({COLD_START_RANGE[provider]}) and model loading")
+    return CostEstimate(
+        backend=backend,
+        provider=provider,
+        gpu=gpu_name,
+        gpu_memory_gb=gpu.memory_gb,
+        required_memory_gb=round(recommendation.required_memory_gb, 2),
+        estimated_time_s=time_s,
+        usd_per_second=gpu.usd_per_second,
+        estimated_cost_usd=round(time_s * gpu.usd_per_second, 6),
+        prices_as_of=table.as_of,
+        price_source=table.source,
+        notes=tuple(notes),
+    )
+
+
+def catalog(hosted_provider: str = "modal") -> list[ModelInfo]:
+    """Every catalog model with its recommended GPU tier and, per backend, that GPU's price."""
+    _check_provider(hosted_provider, "hosted")
+    providers = {"hosted": hosted_provider, "runpod": "runpod"}
+    tables = {backend: price_table(provider) for backend, provider in providers.items()}
+    infos = []
+    for card in model_cards():
+        recommendation = _recommend(card, Workload(quantization=card.default_quantization))
+        prices = {}
+        for backend, table in tables.items():
+            gpu_name, gpu = table.gpu_for_tier(recommendation.tier_gb)
+            prices[backend] = BackendPrice(
+                provider=providers[backend],
+                gpu=gpu_name,
+                gpu_memory_gb=gpu.memory_gb,
+                usd_per_second=gpu.usd_per_second,
+                usd_per_hour=round(gpu.usd_per_hour, 4),
+                prices_as_of=table.as_of,
+                price_source=table.source,
+            )
+        infos.append(
+            ModelInfo(
+                id=card.id,
+                name=card.name,
+                params_b=card.params_b,
+                default_quantization=card.default_quantization,
+                context_length=card.context_length,
+                licence=card.licence,
+                note=card.note,
+                recommended_tier_gb=recommendation.tier_gb,
+                required_memory_gb=round(recommendation.required_memory_gb, 2),
+                fits=recommendation.fits,
+                prices=prices,
+            )
+        )
+    return infos

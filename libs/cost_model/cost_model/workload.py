@@ -1,0 +1,60 @@
+"""What an experiment asks of the GPU, reduced to the numbers the memory and time formulas use."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from gpu_core.schemas import ExperimentSpec, Hyperparams, InfluenceMethod, Quantization
+
+from cost_model.model_catalog import ModelCard
+
+_DEFAULTS = Hyperparams()
+
+
+@dataclass(frozen=True)
+class Workload:
+    quantization: Quantization = _DEFAULTS.quantization
+    max_seq_len: int = _DEFAULTS.max_seq_len
+    batch_size: int = _DEFAULTS.batch_size
+    lora_r: int = _DEFAULTS.lora_r
+    target_modules: tuple[str, ...] = tuple(_DEFAULTS.target_modules)
+    epochs: int = _DEFAULTS.epochs
+    max_new_tokens: int = _DEFAULTS.max_new_tokens
+    influence_method: InfluenceMethod = "tracin"
+    n_train: int = 100
+    n_eval: int = 20
+    train_tokens: int = 100 * _DEFAULTS.max_seq_len // 2  # summed over the training examples
+    eval_tokens: int = 20 * _DEFAULTS.max_seq_len // 2  # summed over the eval examples (prompt + expected)
+    few_shot_tokens: int = 20 * _DEFAULTS.max_seq_len  # summed over the few-shot prompts
+
+    @classmethod
+    def from_spec(cls, spec: ExperimentSpec, card: ModelCard) -> Workload:
+        """Tokens are ``ceil(chars / chars_per_token)`` per example, capped at max_seq_len."""
+        hp = spec.hyperparams
+
+        def tokens(text: str) -> int:
+            return min(math.ceil(len(text) / card.chars_per_token), hp.max_seq_len)
+
+        train = [tokens(t.prompt + t.completion) for t in spec.training_data]
+        evals = [tokens(e.prompt + e.expected) for e in spec.eval_data]
+        shots = min(spec.few_shot_k, len(train))
+        mean_train = sum(train) / len(train)
+        # A few-shot prompt carries k training examples before the eval prompt; the model's
+        # context caps it.
+        few_shot = [min(t + math.ceil(shots * mean_train), card.context_length) for t in evals]
+        return cls(
+            quantization=hp.quantization,
+            max_seq_len=hp.max_seq_len,
+            batch_size=hp.batch_size,
+            lora_r=hp.lora_r,
+            target_modules=tuple(hp.target_modules),
+            epochs=hp.epochs,
+            max_new_tokens=hp.max_new_tokens,
+            influence_method=spec.influence_method,
+            n_train=len(train),
+            n_eval=len(evals),
+            train_tokens=sum(train),
+            eval_tokens=sum(evals),
+            few_shot_tokens=sum(few_shot),
+        )

@@ -1,0 +1,207 @@
+"""Estimate tests: GPU recommendation, cost = time x price, dated prices, catalog, overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import cost_model
+import pytest
+from cost_model import CostEstimate, PriceTableError, Workload, estimate, lookup_model, recommend_gpu
+from cost_model.memory import USABLE_FRACTION
+from gpu_core.schemas import ExperimentSpec
+
+ESTIMATE_FIELDS = [
+    "backend",
+    "provider",
+    "gpu",
+    "gpu_memory_gb",
+    "required_memory_gb",
+    "estimated_time_s",
+    "usd_per_second",
+    "estimated_cost_usd",
+    "prices_as_of",
+    "price_source",
+    "notes",
+]
+
+
+def make_spec(
+    model_id: str = "google/gemma-3-12b", quantization: str = "4bit", **overrides
+) -> ExperimentSpec:
+    return ExperimentSpec.model_validate(
+        {
+            "model_id": model_id,
+            "training_data": [
+                {"prompt": f"Question {i}: what is {i} plus {i}? ", "completion": f"{2 * i}"}
+                for i in range(200)
+            ],
+            "eval_data": [{"prompt": f"What is {i} plus 1? ", "expected": f"{i + 1}"} for i in range(20)],
+            "hyperparams": {"quantization": quantization},
+            **overrides,
+        }
+    )
+
+
+def test_12b_in_4bit_gets_at_least_24gb_and_fits() -> None:
+    recommendation = recommend_gpu(12, "4bit")
+    assert recommendation.tier_gb >= 24
+    assert recommendation.fits
+    assert recommendation.required_memory_gb <= USABLE_FRACTION * recommendation.tier_gb
+
+
+def test_12b_in_16bit_gets_the_80gb_class() -> None:
+    recommendation = recommend_gpu(12, "none")
+    assert recommendation.tier_gb == 80
+    assert recommendation.fits
+    # 16-bit weights alone are 24 GB: the breakdown must show them.
+    assert recommendation.breakdown.weights_gb == pytest.approx(24, rel=0.01)
+
+
+def test_quantization_and_influence_method_change_the_memory() -> None:
+    gemma = lookup_model("google/gemma-3-12b").architecture
+    sizes = {
+        q: recommend_gpu(12.2, q, architecture=gemma).required_memory_gb for q in ("none", "8bit", "4bit")
+    }
+    assert sizes["none"] > sizes["8bit"] > sizes["4bit"]
+    tracin = recommend_gpu(12.2, "4bit", architecture=gemma, workload=Workload(influence_method="tracin"))
+    ekfac = recommend_gpu(12.2, "4bit", architecture=gemma, workload=Workload(influence_method="kronfluence"))
+    # EK-FAC factors grow with d_in^2 + d_out^2 per LoRA module: gigabytes on a 12B model.
+    assert ekfac.breakdown.influence_gb - tracin.breakdown.influence_gb > 5
+
+
+def test_a_model_too_big_for_every_tier_does_not_fit() -> None:
+    recommendation = recommend_gpu(120, "none")
+    assert recommendation.tier_gb == 141
+    assert not recommendation.fits
+
+
+@pytest.mark.parametrize(
+    ("provider", "backend"), [("modal", "hosted"), ("runpod", "runpod"), ("local", "hosted")]
+)
+def test_cost_is_time_times_price_and_prices_carry_their_date(provider: str, backend: str) -> None:
+    result = estimate(make_spec(), provider, backend)
+    assert result.provider == provider and result.backend == backend
+    assert result.estimated_cost_usd == pytest.approx(
+        result.estimated_time_s * result.usd_per_second, abs=1e-6
+    )
+    assert len(result.prices_as_of) == 10 and result.prices_as_of[4] == "-"
+    assert result.price_source
+    if provider == "local":
+        assert result.estimated_cost_usd == 0
+    else:
+        assert result.usd_per_second > 0 and result.estimated_cost_usd > 0
+        assert result.gpu_memory_gb >= 24 and result.required_memory_gb <= result.gpu_memory_gb
+
+
+def test_same_tier_on_both_backends_mapped_to_each_providers_gpu() -> None:
+    modal = estimate(make_spec(quantization="none"), "modal", "hosted")
+    runpod = estimate(make_spec(quantization="none"), "runpod", "runpod")
+    assert (modal.gpu, runpod.gpu) == ("A100-80GB", "AMPERE_80")
+    assert modal.required_memory_gb == runpod.required_memory_gb
+
+
+def test_estimate_has_exactly_the_proto_fields() -> None:
+    from influence.v1 import common_pb2
+
+    proto_fields = [f.name for f in common_pb2.Estimate.DESCRIPTOR.fields]
+    assert [f.name for f in dataclasses.fields(CostEstimate)] == proto_fields == ESTIMATE_FIELDS
+    payload = estimate(make_spec(), "modal", "hosted").as_dict()
+    common_pb2.Estimate(**payload)  # every value has the proto's type
+    assert isinstance(payload["notes"], list)
+
+
+def test_time_grows_with_epochs_data_and_model_size() -> None:
+    base = estimate(make_spec(), "modal", "hosted").estimated_time_s
+    more_epochs = estimate(
+        make_spec(hyperparams={"quantization": "4bit", "epochs": 9}), "modal", "hosted"
+    ).estimated_time_s
+    smaller = estimate(make_spec("Qwen/Qwen2.5-1.5B", "none"), "modal", "hosted").estimated_time_s
+    assert more_epochs > base > smaller
+    # A cold start is always part of the estimate on a cloud.
+    assert smaller > cost_model.timing.COLD_START_S["modal"]
+
+
+def test_influence_methods_cost_differently_on_the_same_gpu() -> None:
+    def run(method: str) -> CostEstimate:
+        return estimate(make_spec("Qwen/Qwen2.5-0.5B", "none", influence_method=method), "runpod", "runpod")
+
+    datainf, tracin, kronfluence = run("datainf"), run("tracin"), run("kronfluence")
+    assert datainf.gpu == tracin.gpu == kronfluence.gpu
+    # TracIn repeats the gradient pass at each of 3 checkpoints, Kronfluence adds 2 fitting passes.
+    assert tracin.estimated_time_s > kronfluence.estimated_time_s > datainf.estimated_time_s
+
+
+def test_unknown_provider_or_backend_is_named() -> None:
+    with pytest.raises(ValueError, match="unknown provider 'aws'"):
+        estimate(make_spec(), "aws", "hosted")
+    with pytest.raises(ValueError, match="unknown backend 'cloud'"):
+        estimate(make_spec(), "modal", "cloud")
+
+
+def test_aliases_and_unknown_model_ids() -> None:
+    assert lookup_model("google/gemma-3-12b-it").id == "google/gemma-3-12b"
+    assert lookup_model("QWEN/qwen2.5-7b-instruct").params_b == pytest.approx(7.62)
+    sized = lookup_model("acme/super-llm-13B-chat")
+    assert (sized.params_b, sized.known) == (13.0, False)
+    assert "13B read from its id" in sized.note
+    assert lookup_model("acme/tiny-270m").params_b == pytest.approx(0.27)
+    unsized = lookup_model("acme/mystery")
+    assert unsized.params_b == cost_model.model_catalog.UNKNOWN_MODEL_PARAMS_B
+    assert "assumed" in unsized.note
+    result = estimate(make_spec("acme/mystery"), "modal", "hosted")
+    assert any("not in the catalog" in note for note in result.notes)
+
+
+def test_tiny_model_counts_one_token_per_byte() -> None:
+    card = lookup_model("local/tiny-llama")
+    spec = make_spec("local/tiny-llama", "none")
+    workload = Workload.from_spec(spec, card)
+    expected = sum(min(len(t.prompt + t.completion), 256) for t in spec.training_data)
+    assert workload.train_tokens == expected
+
+
+def test_catalog_lists_the_gemma_family_with_recommendations_and_prices() -> None:
+    models = {m.id: m for m in cost_model.catalog()}
+    for size in ("1b", "4b", "12b", "27b"):
+        assert f"google/gemma-3-{size}" in models
+    assert {"Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-14B", "meta-llama/Llama-3.1-8B", "local/tiny-llama"} <= set(
+        models
+    )
+    gemma = models["google/gemma-3-12b"].as_dict()
+    assert gemma["params_b"] == pytest.approx(12.2) and gemma["default_quantization"] == "4bit"
+    assert gemma["recommended_tier_gb"] >= 24 and gemma["fits"]
+    hosted, runpod = gemma["prices"]["hosted"], gemma["prices"]["runpod"]
+    assert hosted["provider"] == "modal" and runpod["provider"] == "runpod"
+    for price in (hosted, runpod):
+        assert price["usd_per_hour"] == pytest.approx(price["usd_per_second"] * 3600)
+        assert price["gpu_memory_gb"] >= gemma["recommended_tier_gb"]
+    json.dumps([m.as_dict() for m in models.values()])
+
+
+def test_operator_overrides_prices_with_a_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    shipped = json.loads(Path(cost_model.prices.price_file("modal")).read_text())
+    shipped["as_of"] = "2027-01-01"
+    shipped["gpus"]["L40S"]["usd_per_second"] = 0.001
+    (tmp_path / "modal.json").write_text(json.dumps(shipped))
+    monkeypatch.setenv("COST_MODEL_PRICES_DIR", str(tmp_path))
+    result = estimate(make_spec(), "modal", "hosted")
+    assert (result.gpu, result.usd_per_second, result.prices_as_of) == ("L40S", 0.001, "2027-01-01")
+    # runpod.json is absent from the directory: the shipped table stays.
+    assert estimate(make_spec(), "runpod", "runpod").prices_as_of == "2026-06-08"
+
+
+def test_a_bad_price_file_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    bad = tmp_path / "runpod.json"
+    shipped = json.loads(Path(cost_model.prices.price_file("runpod")).read_text())
+    shipped["tiers"]["80"] = "AMPERE_48"
+    bad.write_text(json.dumps(shipped))
+    monkeypatch.setenv("COST_MODEL_RUNPOD_PRICES", str(bad))
+    with pytest.raises(
+        PriceTableError, match=r"runpod.json is invalid: .*tiers\[80\] names 'AMPERE_48' with only 48 GB"
+    ):
+        estimate(make_spec(), "runpod", "runpod")
+    monkeypatch.setenv("COST_MODEL_RUNPOD_PRICES", str(tmp_path / "missing.json"))
+    with pytest.raises(PriceTableError, match="not readable"):
+        estimate(make_spec(), "runpod", "runpod")
