@@ -12,7 +12,7 @@ PROTO_SRC := $(wildcard protos/influence/v1/*.proto)
 PROTO_OUT := protos/gen
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help setup protos protos-check run demo test test-fast migrate bench-influence lint clean
+.PHONY: help setup protos protos-check run demo test test-fast migrate bench-influence lint clean modal-deploy
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -25,7 +25,7 @@ $(STAMP): requirements/runtime.txt requirements/dev.txt pyproject.toml gpu_core/
 	$(PIP) install -q -r requirements/dev.txt
 	# kronfluence declares torchvision, which it never imports; see requirements/runtime.txt
 	$(PIP) install -q --no-deps kronfluence==1.0.1
-	$(PIP) install -q --no-deps --no-build-isolation $(foreach p,. gpu_core protos libs/service_runtime $(wildcard services/*),-e $(p))
+	$(PIP) install -q --no-deps --no-build-isolation $(foreach p,. gpu_core protos $(wildcard libs/*) $(wildcard services/*),-e $(p))
 	touch $@
 
 protos: ## regenerate the Python code for protos/ into protos/gen
@@ -49,6 +49,9 @@ test: setup protos-check ## every test: unit, service, end to end, browser, mani
 
 bench-influence: setup ## influence benchmark: wall time, peak memory, ratios
 	$(PY) -m gpu_core.bench
+
+modal-deploy: setup ## deploy the Modal app (needs MODAL_TOKEN_ID/SECRET; MODAL_GPU picks the GPU)
+	$(VENV)/bin/modal deploy services/compute-modal/worker/modal_app.py
 
 clean: ## remove the venv, embedded database and caches
 	rm -rf $(VENV) .data .pytest_cache

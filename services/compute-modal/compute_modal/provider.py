@@ -1,0 +1,263 @@
+"""compute-modal's logic, free of gRPC: submit, status, result, cancel and estimate over a
+``ModalAdapter``, with Modal's outcomes translated into job states and plain-words errors.
+
+Progress Dict keys: ``<job_id>`` is the worker's progress entry (see worker/modal_app.py),
+``<job_id>#call`` the FunctionCall id of a submitted job (a resubmit returns it instead of spawning
+again), ``<job_id>#cancelled`` marks a cancel requested here. Once a finished job's last events
+have been handed out, its entry and cancel mark are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import cost_model
+import modal.exception
+from gpu_core.schemas import ExperimentSpec
+from pydantic import ValidationError
+
+from compute_modal.adapter import ModalAdapter, ModalNotConfigured
+
+log = logging.getLogger(__name__)
+
+WAITING_FOR_GPU = "waiting for a Modal GPU container (cold start usually 20-60 s)"
+_CALL_SUFFIX = "#call"
+_CANCEL_SUFFIX = "#cancelled"
+
+
+class ProviderError(Exception):
+    """An error for the caller; ``code`` is the gRPC status code name."""
+
+    code = "INTERNAL"
+
+
+class InvalidRequest(ProviderError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotConfigured(ProviderError):
+    code = "FAILED_PRECONDITION"
+
+
+class InvalidCredentials(ProviderError):
+    code = "UNAUTHENTICATED"
+
+
+class ResultNotReady(ProviderError):
+    code = "FAILED_PRECONDITION"
+
+
+class ResultGone(ProviderError):
+    code = "NOT_FOUND"
+
+
+class Unreachable(ProviderError):
+    code = "UNAVAILABLE"
+
+
+class State(Enum):
+    SUBMITTED = "submitted"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class ProgressItem:
+    seq: int
+    time: float
+    event: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    state: State
+    events: list[ProgressItem] = field(default_factory=list)
+    cursor: int = 0
+    error: str = ""
+    stage_message: str = ""
+
+    @property
+    def result_ready(self) -> bool:
+        return self.state is State.COMPLETED
+
+
+@dataclass(frozen=True)
+class Verification:
+    valid: bool
+    message: str
+
+
+class ModalProvider:
+    def __init__(self, adapter: ModalAdapter, app_name: str, function_name: str, environment: str) -> None:
+        self._adapter = adapter
+        self._target = f"{app_name}.{function_name} in Modal environment {environment!r}"
+
+    @contextmanager
+    def _modal_errors(self) -> Iterator[None]:
+        """Translate failures of talking to Modal (not of the job) into provider errors."""
+        try:
+            yield
+        except ModalNotConfigured as exc:
+            raise NotConfigured(str(exc)) from None
+        except modal.exception.AuthError:
+            raise InvalidCredentials(
+                "Modal rejected the operator's token (MODAL_TOKEN_ID / MODAL_TOKEN_SECRET)"
+            ) from None
+        except modal.exception.NotFoundError:
+            raise NotConfigured(
+                f"the Modal app is not deployed: {self._target} was not found; run `make modal-deploy`"
+            ) from None
+        except (modal.exception.ConnectionError, ConnectionError) as exc:
+            raise Unreachable(f"Modal cannot be reached: {exc}") from None
+
+    async def check(self) -> None:
+        """Raise a ProviderError unless the token works and the app is deployed."""
+        with self._modal_errors():
+            await self._adapter.check()
+
+    async def verify(self, api_key: str) -> Verification:
+        if api_key:
+            return Verification(
+                False, "the hosted tier runs on the operator's Modal account; it takes no key"
+            )
+        try:
+            await self.check()
+        except (NotConfigured, InvalidCredentials) as exc:
+            return Verification(False, str(exc))
+        return Verification(True, f"Modal is ready: {self._target} is deployed")
+
+    async def submit(self, job_id: str, spec_json: bytes) -> str:
+        if not job_id:
+            raise InvalidRequest("job_id is empty")
+        try:
+            spec = ExperimentSpec.model_validate_json(spec_json)
+        except ValidationError as exc:
+            raise InvalidRequest(f"spec_json is not a valid experiment spec: {exc}") from None
+        with self._modal_errors():
+            existing = await self._adapter.read_progress(job_id + _CALL_SUFFIX)
+            if existing:
+                return str(existing)
+            call_id = await self._adapter.spawn(job_id, spec.model_dump(mode="json"))
+            await self._adapter.write_progress(job_id + _CALL_SUFFIX, call_id)
+        log.info("submitted", extra={"job_id": job_id, "provider_job_id": call_id})
+        return call_id
+
+    async def status(self, call_id: str, job_id: str, cursor: str) -> JobStatus:
+        after = _parse_cursor(cursor)
+        if not call_id or not job_id:
+            raise InvalidRequest("provider_job_id and job_id are both required")
+        with self._modal_errors():
+            # Poll first: once the call has ended, the progress entry read next is complete.
+            state, error = await self._poll(call_id, job_id)
+            entry = await self._adapter.read_progress(job_id) or {}
+            cancelled = await self._adapter.read_progress(job_id + _CANCEL_SUFFIX)
+        if cancelled and state is not State.COMPLETED:
+            state, error = State.CANCELLED, ""
+        items = [
+            ProgressItem(int(item["seq"]), float(item["time"]), dict(item["event"]))
+            for item in entry.get("events", [])
+            if int(item["seq"]) > after
+        ]
+        new_cursor = max(after, int(entry.get("seq", 0)))
+        stage_message = ""
+        if state is State.RUNNING and not entry:
+            state, stage_message = State.SUBMITTED, WAITING_FOR_GPU
+        if state in (State.COMPLETED, State.FAILED, State.CANCELLED):
+            await self._forget(job_id)
+        return JobStatus(state, items, new_cursor, error, stage_message)
+
+    async def _poll(self, call_id: str, job_id: str) -> tuple[State, str]:
+        try:
+            await self._adapter.get(call_id)
+        except TimeoutError:  # the builtin: still queued or running
+            return State.RUNNING, ""
+        except modal.exception.OutputExpiredError:
+            raise ResultGone(_gone(call_id)) from None
+        except (
+            ModalNotConfigured,
+            modal.exception.AuthError,
+            modal.exception.ConnectionError,
+            ConnectionError,
+        ):
+            raise
+        except modal.exception.RemoteError as exc:
+            return State.FAILED, f"Modal terminated the job: {exc}"
+        except Exception as exc:  # noqa: BLE001 - the job's own exception, re-raised by Modal
+            return State.FAILED, _failure(exc)
+        return State.COMPLETED, ""
+
+    async def _forget(self, job_id: str) -> None:
+        with self._modal_errors():
+            await self._adapter.delete_progress(job_id)
+            await self._adapter.delete_progress(job_id + _CANCEL_SUFFIX)
+
+    async def result(self, call_id: str) -> bytes:
+        with self._modal_errors():
+            try:
+                value = await self._adapter.get(call_id)
+            except TimeoutError:
+                raise ResultNotReady("the job is still running; its result is not ready") from None
+            except modal.exception.OutputExpiredError:
+                raise ResultGone(_gone(call_id)) from None
+            except (
+                ModalNotConfigured,
+                modal.exception.AuthError,
+                modal.exception.ConnectionError,
+                ConnectionError,
+            ):
+                raise
+            except modal.exception.RemoteError as exc:
+                raise ResultNotReady(f"the job has no result: Modal terminated it ({exc})") from None
+            except Exception as exc:  # noqa: BLE001 - the job's own exception
+                raise ResultNotReady(f"the job has no result: {_failure(exc)}") from None
+        return json.dumps(value).encode()
+
+    async def cancel(self, call_id: str, job_id: str) -> State:
+        if not call_id:
+            raise InvalidRequest("provider_job_id is empty")
+        with self._modal_errors():
+            if job_id:
+                await self._adapter.write_progress(job_id + _CANCEL_SUFFIX, True)
+            await self._adapter.cancel(call_id)
+        log.info("cancelled", extra={"job_id": job_id, "provider_job_id": call_id})
+        return State.CANCELLED
+
+    def estimate(self, spec_json: bytes, backend: str) -> cost_model.CostEstimate:
+        try:
+            spec = ExperimentSpec.model_validate_json(spec_json)
+            return cost_model.estimate(spec, provider="modal", backend=backend or "hosted")
+        except ValidationError as exc:
+            raise InvalidRequest(f"spec_json is not a valid experiment spec: {exc}") from None
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+
+
+def _parse_cursor(cursor: str) -> int:
+    if not cursor:
+        return 0
+    if not cursor.isdigit():
+        raise InvalidRequest(f"cursor {cursor!r} is not one this service issued")
+    return int(cursor)
+
+
+def _gone(call_id: str) -> str:
+    return (
+        f"Modal no longer has job {call_id}: results are kept 7 days after the job ends "
+        "(or the id is unknown)"
+    )
+
+
+def _failure(exc: BaseException) -> str:
+    if isinstance(exc, modal.exception.FunctionTimeoutError):
+        return "the job ran past the Modal function's time limit"
+    if isinstance(exc, modal.exception.InternalFailure):
+        return f"Modal had an internal failure: {exc}"
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,229 @@
+"""The gRPC face of compute-modal: ``influence.v1.ComputeProvider`` over ``ModalProvider``.
+
+Readiness: SERVING while the last check found the token valid and the app deployed (re-checked
+every COMPUTE_MODAL_HEALTH_INTERVAL_S); the service starts and answers either way, so a missing
+token shows up as a clear error from VerifyCredentials / Submit, not as a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+from collections.abc import AsyncIterator
+from http.server import ThreadingHTTPServer
+
+import grpc
+from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from service_runtime.grpc_server import GrpcService, create_grpc_server
+
+from compute_modal.adapter import ModalAdapter, ModalSdkAdapter
+from compute_modal.config import Settings
+from compute_modal.provider import JobStatus, ModalProvider, ProviderError, State
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "influence.v1.ComputeProvider"
+_STATES = {
+    State.SUBMITTED: common_pb2.JOB_STATE_SUBMITTED,
+    State.RUNNING: common_pb2.JOB_STATE_RUNNING,
+    State.COMPLETED: common_pb2.JOB_STATE_COMPLETED,
+    State.FAILED: common_pb2.JOB_STATE_FAILED,
+    State.CANCELLED: common_pb2.JOB_STATE_CANCELLED,
+}
+
+
+@contextlib.asynccontextmanager
+async def _errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    try:
+        yield
+    except ProviderError as exc:
+        await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+
+
+def _status_to_proto(status: JobStatus) -> compute_pb2.GetStatusResponse:
+    events = []
+    for item in status.events:
+        event = common_pb2.ProgressEvent(
+            type=str(item.event.get("type") or ""),
+            stage=str(item.event.get("stage") or ""),
+            progress=float(item.event.get("progress") or 0.0),
+            message=str(item.event.get("message") or ""),
+            event_json=json.dumps(item.event).encode(),
+        )
+        event.time.FromNanoseconds(int(item.time * 1e9))
+        events.append(event)
+    return compute_pb2.GetStatusResponse(
+        state=_STATES[status.state],
+        events=events,
+        cursor=str(status.cursor),
+        error=status.error,
+        result_ready=status.result_ready,
+        stage_message=status.stage_message,
+    )
+
+
+class ComputeModalServicer(compute_pb2_grpc.ComputeProviderServicer):
+    def __init__(self, provider: ModalProvider) -> None:
+        self._provider = provider
+
+    async def VerifyCredentials(
+        self, request: compute_pb2.VerifyCredentialsRequest, context: grpc.aio.ServicerContext
+    ) -> compute_pb2.VerifyCredentialsResponse:
+        async with _errors(context):
+            result = await self._provider.verify(request.api_key)
+        return compute_pb2.VerifyCredentialsResponse(
+            valid=result.valid,
+            account_id="modal" if result.valid else "",
+            balance_usd=-1.0,
+            message=result.message,
+        )
+
+    async def PrepareAccount(
+        self, request: compute_pb2.PrepareAccountRequest, context: grpc.aio.ServicerContext
+    ) -> compute_pb2.PrepareAccountResponse:
+        async with _errors(context):
+            await self._provider.check()
+        return compute_pb2.PrepareAccountResponse(endpoint_id="", created=False, status="ready")
+
+    async def Submit(
+        self, request: compute_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> compute_pb2.SubmitResponse:
+        async with _errors(context):
+            call_id = await self._provider.submit(request.job_id, request.spec_json)
+        return compute_pb2.SubmitResponse(provider_job_id=call_id)
+
+    async def GetStatus(
+        self, request: compute_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> compute_pb2.GetStatusResponse:
+        async with _errors(context):
+            status = await self._provider.status(request.provider_job_id, request.job_id, request.cursor)
+        return _status_to_proto(status)
+
+    async def GetResult(
+        self, request: compute_pb2.GetResultRequest, context: grpc.aio.ServicerContext
+    ) -> compute_pb2.GetResultResponse:
+        async with _errors(context):
+            result_json = await self._provider.result(request.provider_job_id)
+        return compute_pb2.GetResultResponse(result_json=result_json)
+
+    async def Cancel(
+        self, request: compute_pb2.CancelRequest, context: grpc.aio.ServicerContext
+    ) -> compute_pb2.CancelResponse:
+        async with _errors(context):
+            state = await self._provider.cancel(request.provider_job_id, request.job_id)
+        return compute_pb2.CancelResponse(state=_STATES[state])
+
+    async def Estimate(
+        self, request: compute_pb2.EstimateRequest, context: grpc.aio.ServicerContext
+    ) -> compute_pb2.EstimateResponse:
+        async with _errors(context):
+            figures = self._provider.estimate(request.spec_json, request.backend)
+        return compute_pb2.EstimateResponse(estimate=common_pb2.Estimate(**figures.as_dict()))
+
+
+def build_adapter(settings: Settings) -> ModalAdapter:
+    if settings.COMPUTE_MODAL_BACKEND == "inprocess":
+        from compute_modal.inprocess import InProcessModal
+
+        return InProcessModal()
+    return ModalSdkAdapter(
+        token_id=settings.MODAL_TOKEN_ID,
+        token_secret=settings.MODAL_TOKEN_SECRET,
+        environment=settings.MODAL_ENVIRONMENT,
+        app_name=settings.MODAL_APP_NAME,
+        function_name=settings.MODAL_FUNCTION_NAME,
+        progress_dict=settings.MODAL_PROGRESS_DICT,
+    )
+
+
+class ComputeModalService:
+    """The provider, its gRPC server, readiness checks and metrics endpoint."""
+
+    def __init__(
+        self, settings: Settings, adapter: ModalAdapter | None = None, registry: CollectorRegistry = REGISTRY
+    ) -> None:
+        self.settings = settings
+        self.adapter = adapter or build_adapter(settings)
+        self.provider = ModalProvider(
+            self.adapter, settings.MODAL_APP_NAME, settings.MODAL_FUNCTION_NAME, settings.MODAL_ENVIRONMENT
+        )
+        self._registry = registry
+        self._metrics_server: ThreadingHTTPServer | None = None
+        self.metrics_port: int | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        self.checked = asyncio.Event()
+
+        def register(server: grpc.aio.Server) -> list[str]:
+            compute_pb2_grpc.add_ComputeProviderServicer_to_server(
+                ComputeModalServicer(self.provider), server
+            )
+            return [SERVICE_NAME]
+
+        self.grpc: GrpcService = create_grpc_server(settings.address, register, "compute-modal")
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
+
+    async def _watch_health(self) -> None:
+        while True:
+            try:
+                await self.provider.check()
+                ready = True
+            except ProviderError as exc:
+                log.warning("modal not ready", extra={"reason": str(exc)})
+                ready = False
+            await self.grpc.set_ready(ready)
+            self.checked.set()
+            await asyncio.sleep(self.settings.COMPUTE_MODAL_HEALTH_INTERVAL_S)
+
+    async def start(self) -> None:
+        await self.grpc.server.start()
+        await self.grpc.set_ready(False)
+        if self.settings.COMPUTE_MODAL_METRICS_PORT >= 0:
+            self._metrics_server, _ = start_http_server(
+                self.settings.COMPUTE_MODAL_METRICS_PORT,
+                addr=self.settings.COMPUTE_MODAL_HOST,
+                registry=self._registry,
+            )
+            self.metrics_port = int(self._metrics_server.server_port)
+        self._health_task = asyncio.create_task(self._watch_health(), name="modal-health")
+        log.info("compute-modal serving", extra={"port": self.port, "metrics_port": self.metrics_port})
+
+    async def stop(self) -> None:
+        log.info("compute-modal stopping")
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        await self.grpc.stop(self.settings.SHUTDOWN_GRACE_S)
+        shutdown = getattr(self.adapter, "shutdown", None)
+        if shutdown is not None:
+            await shutdown()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+
+
+async def start_service(
+    settings: Settings, adapter: ModalAdapter | None = None, registry: CollectorRegistry = REGISTRY
+) -> ComputeModalService:
+    """Build and start compute-modal (tests pass port 0 and read ``service.port``)."""
+    service = ComputeModalService(settings, adapter, registry)
+    await service.start()
+    return service
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    service = await start_service(settings)
+    await stop.wait()
+    await service.stop()

@@ -1,0 +1,84 @@
+"""The Modal app module: its function's settings, and its body run locally."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import modal
+import pytest
+from compute_modal.inprocess import WORKER_APP
+
+
+def load_recording(monkeypatch: pytest.MonkeyPatch, name: str) -> tuple[Any, dict[str, Any]]:
+    """Import worker/modal_app.py afresh, recording what it passes to Modal's builders."""
+    seen: dict[str, Any] = {"pip": [], "sources": []}
+    real_function, real_pip, real_source = (
+        modal.App.function,
+        modal.Image.pip_install,
+        modal.Image.add_local_python_source,
+    )
+
+    def function(self: modal.App, **kwargs: Any) -> Any:
+        seen["function"] = kwargs
+        return real_function(self, **kwargs)
+
+    def pip_install(self: modal.Image, *packages: str, **kwargs: Any) -> modal.Image:
+        seen["pip"].append((packages, kwargs))
+        return real_pip(self, *packages, **kwargs)
+
+    def add_local_python_source(self: modal.Image, *modules: str, **kwargs: Any) -> modal.Image:
+        seen["sources"].extend(modules)
+        return real_source(self, *modules, **kwargs)
+
+    monkeypatch.setattr(modal.App, "function", function)
+    monkeypatch.setattr(modal.Image, "pip_install", pip_install)
+    monkeypatch.setattr(modal.Image, "add_local_python_source", add_local_python_source)
+    spec = importlib.util.spec_from_file_location(name, WORKER_APP)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, seen
+
+
+def test_app_function_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MODAL_GPU", raising=False)
+    module, seen = load_recording(monkeypatch, "modal_app_default")
+    assert module.app.name == "influence-dashboard"
+    options = seen["function"]
+    assert options["gpu"] == "A100-80GB"
+    assert options["timeout"] == 7200
+    volume = options["volumes"][module.HF_CACHE_DIR]
+    assert isinstance(volume, modal.Volume) and module.HF_CACHE_DIR.endswith("/.cache/huggingface")
+    assert [type(s) for s in options["secrets"]] == [modal.Secret]
+    # The decorated function carries the same GPU and volume.
+    function_spec = module.run_experiment_job._spec_
+    assert function_spec.gpus == "A100-80GB"
+    assert set(function_spec.volumes) == {module.HF_CACHE_DIR}
+    packages = [p for packages, _ in seen["pip"] for p in packages]
+    assert "torch==2.13.0" in packages and "peft==0.21.2" in packages and "bitsandbytes==0.50.2" in packages
+    assert (("kronfluence==1.0.1",), {"extra_options": "--no-deps"}) in seen["pip"]
+    assert seen["sources"] == ["gpu_core"]
+
+
+def test_gpu_comes_from_the_deploy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODAL_GPU", "H100")
+    module, seen = load_recording(monkeypatch, "modal_app_h100")
+    assert seen["function"]["gpu"] == "H100"
+    assert module.run_experiment_job._spec_.gpus == "H100"
+
+
+def test_progress_writer_keeps_the_last_events_and_a_counter() -> None:
+    from compute_modal.inprocess import load_worker_app
+
+    app = load_worker_app()
+    store: dict[str, Any] = {}
+    writer = app.ProgressWriter(store, "job-1", keep=3)
+    for step in range(5):
+        writer.add({"type": "progress", "step": step})
+    entry = store["job-1"]
+    assert entry["seq"] == 5
+    assert [item["seq"] for item in entry["events"]] == [3, 4, 5]
+    assert [item["event"]["step"] for item in entry["events"]] == [2, 3, 4]
+    writer.finish("failed", "ValueError: boom")
+    assert (store["job-1"]["state"], store["job-1"]["error"]) == ("failed", "ValueError: boom")

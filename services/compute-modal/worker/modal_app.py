@@ -1,0 +1,133 @@
+"""The Modal app that runs experiments on Modal GPUs under the operator's account.
+
+Deploy with ``make modal-deploy`` (``modal deploy services/compute-modal/worker/modal_app.py``);
+``MODAL_GPU`` at deploy time picks the GPU (default ``A100-80GB``). compute-modal spawns
+``run_experiment_job`` by name, keeps the returned ``FunctionCall`` id as the provider job id,
+reads progress from the ``influence-progress`` Dict under the job id, and reads the result with
+``FunctionCall.get``.
+
+Progress entry (``PROGRESS_DICT[job_id]``): ``{"seq": events written so far, "events": the last
+MAX_EVENTS_KEPT events, each {"seq", "time", "event"}, "state": "running" | "completed" |
+"failed" | "cancelled", "error": str}``. The result itself is the function's return value, not
+an event. compute-modal removes the entry once it has read the end of the job; Modal expires an
+entry after 7 days without access.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import MutableMapping
+from typing import Any
+
+import modal
+
+APP_NAME = "influence-dashboard"
+FUNCTION_NAME = "run_experiment_job"
+PROGRESS_DICT = "influence-progress"
+HF_CACHE_VOLUME = "influence-hf-cache"
+HF_SECRET = "huggingface-secret"
+HF_CACHE_DIR = "/root/.cache/huggingface"
+DEFAULT_GPU = "A100-80GB"
+TIMEOUT_S = 7200
+MAX_EVENTS_KEPT = 200
+
+GPU = os.environ.get("MODAL_GPU", DEFAULT_GPU)
+
+# The pinned GPU stack (the versions the dev venv tests with); PyPI's Linux torch wheel bundles
+# CUDA. kronfluence goes in without its dependencies: it declares torchvision, never imports it.
+image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .pip_install(
+        "torch==2.13.0",
+        "transformers==5.24.0",
+        "peft==0.21.2",
+        "accelerate==1.15.0",
+        "bitsandbytes==0.50.2",
+        "safetensors==0.8.0",
+        "tokenizers==0.23.3",
+        "numpy==2.4.6",
+        "scipy==1.17.1",
+        "tqdm==4.70.1",
+        "pydantic==2.14.4",
+        "einconv==0.1.0",
+        "einops==0.8.2",
+        "opt_einsum==3.4.0",
+    )
+    .pip_install("kronfluence==1.0.1", extra_options="--no-deps")
+    .env({"HF_HOME": HF_CACHE_DIR, "GPU_CORE_CACHE_DIR": f"{HF_CACHE_DIR}/influence-dashboard"})
+    .add_local_python_source("gpu_core")
+)
+
+app = modal.App(APP_NAME, image=image)
+hf_cache = modal.Volume.from_name(HF_CACHE_VOLUME, create_if_missing=True)
+progress_store = modal.Dict.from_name(PROGRESS_DICT, create_if_missing=True)
+
+
+class ProgressWriter:
+    """Writes one job's progress entry: a counter plus the last ``keep`` events."""
+
+    def __init__(self, store: MutableMapping[str, Any], job_id: str, keep: int = MAX_EVENTS_KEPT) -> None:
+        self._store = store
+        self._job_id = job_id
+        self._keep = keep
+        self._entry: dict[str, Any] = {"seq": 0, "events": [], "state": "running", "error": ""}
+
+    def add(self, event: dict[str, Any]) -> None:
+        self._entry["seq"] += 1
+        events = self._entry["events"]
+        events.append({"seq": self._entry["seq"], "time": time.time(), "event": event})
+        del events[: -self._keep]
+        self._flush()
+
+    def finish(self, state: str, error: str = "") -> None:
+        self._entry["state"] = state
+        self._entry["error"] = error
+        self._flush()
+
+    def _flush(self) -> None:
+        self._store[self._job_id] = self._entry
+
+
+def run_job(job_id: str, spec: dict[str, Any], store: MutableMapping[str, Any]) -> dict[str, Any]:
+    """The function body: run the experiment, report every event to ``store[job_id]``, return
+    the result. A cancellation (``InputCancellation``, a BaseException) closes the pipeline's
+    generator, which stops the work and frees the GPU, and propagates unchanged."""
+    # gpu_core.pipeline imports torch: imported here so deploying needs no torch locally.
+    from gpu_core.pipeline import run_experiment
+    from gpu_core.schemas import ExperimentSpec
+
+    writer = ProgressWriter(store, job_id)
+    writer.add(
+        {"type": "status", "stage": "loading_model", "progress": 0.0, "message": "GPU container started"}
+    )
+    events = run_experiment(ExperimentSpec.model_validate(spec))
+    try:
+        for event in events:
+            if event.get("type") == "result":
+                writer.finish("completed")
+                return event["result"]
+            writer.add(event)
+        raise RuntimeError("the experiment ended without a result")
+    except modal.exception.InputCancellation:
+        writer.finish("cancelled", "cancelled")
+        raise
+    except Exception as exc:
+        writer.finish("failed", f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        events.close()
+
+
+@app.function(
+    gpu=GPU,
+    timeout=TIMEOUT_S,
+    volumes={HF_CACHE_DIR: hf_cache},
+    secrets=[modal.Secret.from_name(HF_SECRET, required_keys=["HF_TOKEN"])],
+)
+def run_experiment_job(job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return run_job(job_id, spec, progress_store)
+    finally:
+        # Models downloaded by this run stay cached for the next container.
+        hf_cache.commit()
