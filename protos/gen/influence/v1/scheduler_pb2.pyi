@@ -177,9 +177,11 @@ class EstimateJobRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., spec_json: _Optional[bytes] = ...) -> None: ...
 
 class EstimateJobResponse(_message.Message):
-    __slots__ = ("active_backend", "estimates")
+    __slots__ = ("active_backend", "estimates", "notes")
     ACTIVE_BACKEND_FIELD_NUMBER: _ClassVar[int]
     ESTIMATES_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     active_backend: str
     estimates: _containers.RepeatedCompositeFieldContainer[_common_pb2.Estimate]
-    def __init__(self, active_backend: _Optional[str] = ..., estimates: _Optional[_Iterable[_Union[_common_pb2.Estimate, _Mapping]]] = ...) -> None: ...
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, active_backend: _Optional[str] = ..., estimates: _Optional[_Iterable[_Union[_common_pb2.Estimate, _Mapping]]] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -1,0 +1,37 @@
+"""Entry point: ``python -m scheduler`` serves; ``python -m scheduler migrate`` migrates and exits."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from service_runtime.logs import configure_logging
+
+from scheduler.config import SettingsError, load_settings
+from scheduler.db import migrate
+from scheduler.server import serve
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m scheduler")
+    parser.add_argument("command", nargs="?", choices=["serve", "migrate"], default="serve")
+    args = parser.parse_args()
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        configure_logging("scheduler")
+        logging.getLogger("scheduler").error(str(exc))
+        return 2
+    configure_logging("scheduler", settings.log_level)
+    if args.command == "migrate":
+        applied = asyncio.run(migrate(settings.database_url.get_secret_value()))
+        logging.getLogger("scheduler").info("migrations done", extra={"applied": applied})
+        return 0
+    asyncio.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The scheduler's settings, read from environment variables (see docs/services.md)."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ProviderName = Literal["local", "modal", "runpod"]
+_ADDRESS = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}$")
+
+
+class SettingsError(ValueError):
+    """A bad environment variable; the message names it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
+
+    scheduler_host: str = "127.0.0.1"
+    scheduler_port: int = Field(default=50051, ge=0, le=65535)
+    scheduler_metrics_port: int = Field(default=9091, ge=-1, le=65535)
+    database_url: SecretStr
+    hosted_provider: ProviderName = "local"
+    compute_local_addr: str = "127.0.0.1:50053"
+    compute_modal_addr: str = ""
+    compute_runpod_addr: str = ""
+    scheduler_poll_interval_s: float = Field(default=1.0, gt=0, le=60)
+    # Longest wait between retries while a provider or the database is unreachable.
+    scheduler_retry_max_s: float = Field(default=30.0, gt=0, le=600)
+    scheduler_db_check_interval_s: float = Field(default=5.0, gt=0, le=300)
+    scheduler_provider_timeout_s: float = Field(default=60.0, gt=0, le=600)
+    scheduler_shutdown_grace_s: float = Field(default=10.0, ge=0, le=300)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("compute_local_addr", "compute_modal_addr", "compute_runpod_addr")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        value = value.strip()
+        if value and not _ADDRESS.match(value):
+            raise ValueError(f"expected host:port, got {value!r}")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _dsn(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().startswith(("postgres://", "postgresql://")):
+            raise ValueError("expected a postgresql:// DSN")
+        return value
+
+    def provider_address(self, provider: ProviderName) -> str:
+        """The configured address of ``provider``'s compute service ('' when not configured)."""
+        return {
+            "local": self.compute_local_addr,
+            "modal": self.compute_modal_addr,
+            "runpod": self.compute_runpod_addr,
+        }[provider]
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment (plus ``overrides``), turning a validation error
+    into one message that names each bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = str(error["loc"][0]).upper() if error["loc"] else "settings"
+            detail = "is required" if error["type"] == "missing" else error["msg"]
+            problems.append(f"{name}: {detail}")
+        raise SettingsError("invalid scheduler settings: " + "; ".join(problems)) from None

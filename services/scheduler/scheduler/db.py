@@ -1,0 +1,91 @@
+"""The connection pool and the versioned, forward-only schema migrations.
+
+Migrations are the SQL files in ``scheduler/migrations`` named ``NNNN_description.sql``, applied
+in order, each in its own transaction, and recorded in ``schema_migrations``. A session-level
+advisory lock serialises concurrent migrators (several replicas starting at once).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+# Any fixed 64-bit number shared by every scheduler replica: "migrate" in ASCII.
+_MIGRATION_LOCK_ID = 0x6D696772617465
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def load_migrations() -> list[Migration]:
+    migrations = []
+    for entry in resources.files("scheduler.migrations").iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match is None:
+            continue
+        migrations.append(Migration(int(match.group(1)), match.group(2), entry.read_text()))
+    migrations.sort(key=lambda m: m.version)
+    versions = [m.version for m in migrations]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"duplicate migration versions in {versions}")
+    return migrations
+
+
+async def apply_migrations(conn: asyncpg.Connection) -> list[int]:
+    """Apply every migration not yet recorded; returns the versions applied now."""
+    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_ID)
+    try:
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version    integer PRIMARY KEY,
+                   name       text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        done = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+        applied = []
+        for migration in load_migrations():
+            if migration.version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    migration.version,
+                    migration.name,
+                )
+            log.info("migration applied", extra={"version": migration.version, "migration": migration.name})
+            applied.append(migration.version)
+        return applied
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_ID)
+
+
+async def migrate(dsn: str) -> list[int]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await apply_migrations(conn)
+    finally:
+        await conn.close()
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # jsonb columns come and go as Python objects.
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        dsn, min_size=1, max_size=10, init=_init_connection, command_timeout=30, timeout=10
+    )

@@ -1,0 +1,425 @@
+"""Job lifecycle: validate, store, estimate, submit (with retries), follow to the end, cancel.
+
+One runner task per non-terminal job submits it (when the provider has not got it yet) and then
+follows it with GetStatus until a terminal state, storing every event and the result the moment
+it exists. A runner stops only at a terminal state; while a provider or the database is
+unreachable it waits with backoff, so a job is never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from gpu_core.schemas import ExperimentSpec
+from influence.v1 import common_pb2
+from pydantic import ValidationError
+
+from scheduler.config import Settings
+from scheduler.providers import (
+    ProviderError,
+    ProviderNotConfigured,
+    Providers,
+    Route,
+    model_params_b,
+    route_for,
+)
+from scheduler.store import JobRow, JobUpdate, Store
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("hosted", "runpod")
+WAITING_STAGE = "waiting_for_gpu"
+_METRIC_KEYS = ("epoch", "total_epochs", "step", "total_steps", "loss", "learning_rate", "eta_s")
+_WAITING_STATES = (common_pb2.JOB_STATE_QUEUED, common_pb2.JOB_STATE_SUBMITTED)
+
+
+class SpecError(ValueError):
+    """The experiment spec is invalid; the message names the field."""
+
+
+class JobNotFound(LookupError):
+    """No such job for this user (another user's job is not found either)."""
+
+
+def validate_spec(spec_json: bytes) -> dict[str, Any]:
+    """The spec as stored and sent to providers: validated, with example ids filled in."""
+    try:
+        spec = ExperimentSpec.model_validate_json(spec_json)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors()[:5]:
+            where = ".".join(str(part) for part in error["loc"]) or "spec"
+            problems.append(f"{where}: {error['msg']}")
+        raise SpecError("invalid experiment spec: " + "; ".join(problems)) from None
+    return spec.model_dump(mode="json")
+
+
+def event_to_dict(event: common_pb2.ProgressEvent) -> dict[str, Any]:
+    """A provider's event as stored: its full JSON object, with the typed fields filled in."""
+    body: Any = {}
+    if event.event_json:
+        try:
+            body = json.loads(event.event_json)
+        except ValueError:
+            body = {"raw": event.event_json.decode("utf-8", "replace")}
+    if not isinstance(body, dict):
+        body = {"value": body}
+    body.setdefault("type", event.type or "progress")
+    if event.stage:
+        body.setdefault("stage", event.stage)
+    if event.progress:
+        body.setdefault("progress", event.progress)
+    if event.message:
+        body.setdefault("message", event.message)
+    return body
+
+
+def is_terminal_event(event: dict[str, Any]) -> bool:
+    return event.get("type") == "status" and event.get("state") in ("completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Estimates:
+    active_backend: str
+    estimates: list[common_pb2.Estimate]
+    notes: list[str]
+
+
+class JobManager:
+    def __init__(self, settings: Settings, store: Store, providers: Providers) -> None:
+        self._settings = settings
+        self._store = store
+        self._providers = providers
+        self._runners: dict[str, asyncio.Task[None]] = {}
+
+    # ---- submit -------------------------------------------------------------------------
+
+    async def submit(self, user_id: str, spec_json: bytes, idempotency_key: str) -> JobRow:
+        spec = validate_spec(spec_json)
+        profile = await self._store.get_profile(user_id)
+        route = route_for(profile.compute_backend, self._settings)
+        # Raises ProviderNotConfigured before anything is stored: nothing could run the job.
+        self._providers.client(route.provider)
+        job, created = await self._store.insert_job(
+            user_id, route.backend, route.provider, spec, idempotency_key or None
+        )
+        if not created:
+            return job
+        log.info("job stored", extra={"job_id": job.id, "provider": route.provider})
+        try:
+            job = await self._attempt_submit(job)
+        finally:
+            # Whatever happened here, the runner retries (it exits at once on a terminal job).
+            self._start_runner(job.id)
+        return job
+
+    async def _attempt_submit(self, job: JobRow) -> JobRow:
+        """Estimate and submit once. A retryable provider error leaves the job QUEUED with a
+        message; any other error fails it with the provider's plain message."""
+        try:
+            return await self._submit_once(job)
+        except ProviderError as exc:
+            if exc.retryable:
+                log.warning(
+                    "submit deferred", extra={"job_id": job.id, "code": exc.code, "error": exc.message}
+                )
+                message = f"{exc.message}; the scheduler will retry automatically"
+                updated = await self._store.apply(job.id, JobUpdate(stage_message=message))
+            else:
+                updated = await self._store.apply(
+                    job.id, JobUpdate(status="failed", error=exc.message, stage_message=exc.message)
+                )
+        except ProviderNotConfigured as exc:
+            updated = await self._store.apply(
+                job.id, JobUpdate(status="failed", error=str(exc), stage_message=str(exc))
+            )
+        return updated or await self._reload(job.id)
+
+    async def _submit_once(self, job: JobRow) -> JobRow:
+        route = Route(backend=job.compute_backend, provider=job.provider)  # type: ignore[arg-type]
+        client = self._providers.client(route.provider)
+        spec_json = json.dumps(job.spec).encode()
+        estimated_time_s, estimated_cost_usd = job.estimated_time_s, job.estimated_cost_usd
+        if job.submit_attempts == 0 or estimated_time_s == 0:
+            estimate = await client.estimate(spec_json, route.backend)
+            estimated_time_s, estimated_cost_usd = estimate.estimated_time_s, estimate.estimated_cost_usd
+            await self._store.set_estimate(job.id, estimated_time_s, estimated_cost_usd)
+        endpoint_id = ""
+        if route.needs_endpoint:
+            endpoint_id = await self._ensure_endpoint(route, job.user_id, job.spec)
+        account = route.account(job.user_id, endpoint_id)
+        # Counted before the call: a provider that got the job while its answer was lost
+        # deduplicates the resubmission by our job id.
+        await self._store.count_submit_attempt(job.id)
+        provider_job_id = await client.submit(
+            job.id, account, spec_json, estimated_cost_usd, estimated_time_s
+        )
+        await self._store.set_provider_job_id(job.id, provider_job_id)
+        log.info("job submitted", extra={"job_id": job.id, "provider_job_id": provider_job_id})
+        updated = await self._store.apply(
+            job.id,
+            JobUpdate(
+                status="submitted",
+                stage=WAITING_STAGE,
+                stage_message=f"submitted to {route.provider}; waiting for a worker",
+            ),
+        )
+        return updated or await self._reload(job.id)
+
+    async def _ensure_endpoint(self, route: Route, user_id: str, spec: dict[str, Any]) -> str:
+        """The user's RunPod endpoint, created on first use. A per-user advisory lock makes two
+        concurrent first jobs (on any scheduler replica) create one endpoint."""
+        client = self._providers.client("runpod")
+        params_b = model_params_b(spec.get("model_id", ""))
+        quantization = spec.get("hyperparams", {}).get("quantization", "none")
+        lock_key = f"runpod-endpoint:{user_id}"
+        async with self._store.pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", lock_key)
+            try:
+                stored = (await self._store.get_profile(user_id)).runpod_endpoint_id
+                if not stored:
+                    await self._store.set_endpoint(conn, user_id, None, "creating")
+                try:
+                    try:
+                        prepared = await client.prepare_account(
+                            route.account(user_id, stored), params_b, quantization
+                        )
+                    except ProviderError as exc:
+                        if exc.code != "NOT_FOUND" or not stored:
+                            raise
+                        log.info("stored endpoint is gone; creating a new one", extra={"user_id": user_id})
+                        await self._store.set_endpoint(conn, user_id, "", "creating")
+                        prepared = await client.prepare_account(
+                            route.account(user_id, ""), params_b, quantization
+                        )
+                    if prepared.status == "error" or not prepared.endpoint_id:
+                        raise ProviderError(
+                            "runpod",
+                            "FAILED_PRECONDITION",
+                            "the RunPod endpoint could not be prepared on your account",
+                            False,
+                        )
+                except ProviderError as exc:
+                    await self._store.set_endpoint(
+                        conn, user_id, None, "none" if exc.retryable else "error", exc.message
+                    )
+                    raise
+                await self._store.set_endpoint(
+                    conn, user_id, prepared.endpoint_id, prepared.status or "ready"
+                )
+                if prepared.created:
+                    log.info("runpod endpoint created", extra={"user_id": user_id})
+                return prepared.endpoint_id
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", lock_key)
+
+    # ---- following ----------------------------------------------------------------------
+
+    async def resume_all(self) -> int:
+        """Start a runner for every non-terminal job in the table (after a restart)."""
+        job_ids = await self._store.active_job_ids()
+        for job_id in job_ids:
+            self._start_runner(job_id)
+        return len(job_ids)
+
+    def _start_runner(self, job_id: str) -> None:
+        if job_id in self._runners:
+            return
+        task = asyncio.create_task(self._run(job_id), name=f"job-{job_id}")
+        self._runners[job_id] = task
+        task.add_done_callback(lambda _t: self._runners.pop(job_id, None))
+
+    async def _stop_runner(self, job_id: str) -> None:
+        task = self._runners.pop(job_id, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self, job_id: str) -> None:
+        poll = self._settings.scheduler_poll_interval_s
+        delay = poll
+        while True:
+            try:
+                job = await self._store.get_job(job_id)
+                if job is None or job.terminal:
+                    return
+                if not job.provider_job_id:
+                    job = await self._attempt_submit(job)
+                    ok = bool(job.provider_job_id) or job.terminal
+                else:
+                    await self._follow_step(job)
+                    ok = True
+            except ProviderError as exc:
+                log.warning(
+                    "provider call failed; will retry",
+                    extra={"job_id": job_id, "code": exc.code, "error": exc.message},
+                )
+                ok = False
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("database unavailable; will retry", extra={"job_id": job_id, "error": str(exc)})
+                ok = False
+            except Exception:
+                log.exception("job runner error; will retry", extra={"job_id": job_id})
+                ok = False
+            delay = poll if ok else min(max(delay, poll) * 2, self._settings.scheduler_retry_max_s)
+            await asyncio.sleep(delay)
+
+    async def _follow_step(self, job: JobRow) -> None:
+        route = Route(backend=job.compute_backend, provider=job.provider)  # type: ignore[arg-type]
+        client = self._providers.client(route.provider)
+        account = route.account(job.user_id, await self._endpoint_for(route, job.user_id))
+        try:
+            status = await client.get_status(job.id, job.provider_job_id, account, job.provider_cursor)
+        except ProviderError as exc:
+            if exc.code != "NOT_FOUND":
+                raise
+            message = f"the {job.provider} provider no longer knows this job: {exc.message}"
+            await self._store.apply(job.id, JobUpdate(status="failed", error=message, stage_message=message))
+            return
+        events = [event_to_dict(e) for e in status.events if e.type != "result"]
+        update = JobUpdate(events=events, cursor=status.cursor)
+        for event in events:
+            if event.get("type") != "progress":
+                continue
+            if event.get("stage"):
+                update.stage = str(event["stage"])
+            if isinstance(event.get("progress"), int | float):
+                update.progress = float(event["progress"])
+            update.stage_message = str(event.get("message", ""))
+            metrics = {key: event[key] for key in _METRIC_KEYS if event.get(key) is not None}
+            if metrics:
+                update.latest_metrics = metrics
+        if status.state in _WAITING_STATES:
+            update.status = "submitted"
+            update.stage = WAITING_STAGE
+            update.stage_message = status.stage_message or "waiting for a worker"
+        elif status.state == common_pb2.JOB_STATE_RUNNING:
+            update.status = "running"
+            if update.stage_message is None and status.stage_message:
+                update.stage_message = status.stage_message
+        if status.result_ready or status.state == common_pb2.JOB_STATE_COMPLETED:
+            await self._collect_result(job, route, account, update)
+        elif status.state == common_pb2.JOB_STATE_FAILED:
+            error = status.error or f"the {job.provider} provider reported the job as failed"
+            update.status, update.error, update.stage_message = "failed", error, error
+        elif status.state == common_pb2.JOB_STATE_CANCELLED:
+            error = status.error or "cancelled at the provider"
+            update.status, update.error, update.stage_message = "cancelled", error, error
+        unchanged = (
+            not events
+            and status.cursor == job.provider_cursor
+            and update.status in (None, job.status)
+            and update.stage_message in (None, job.stage_message)
+        )
+        if not unchanged:
+            await self._store.apply(job.id, update, expected_cursor=job.provider_cursor)
+
+    async def _collect_result(
+        self, job: JobRow, route: Route, account: common_pb2.Account, update: JobUpdate
+    ) -> None:
+        """Fetch the result and put it into ``update`` so it is stored with the last events."""
+        client = self._providers.client(route.provider)
+        try:
+            result_json = await client.get_result(job.id, job.provider_job_id, account)
+            result = json.loads(result_json)
+        except ProviderError as exc:
+            if exc.retryable:
+                raise
+            message = f"the result could not be collected: {exc.message}"
+            update.status, update.error, update.stage_message = "failed", message, message
+            return
+        except ValueError:
+            message = f"the {job.provider} provider returned a result that is not valid JSON"
+            update.status, update.error, update.stage_message = "failed", message, message
+            return
+        update.status, update.result = "completed", result
+        update.progress, update.stage_message = 1.0, "completed"
+
+    async def _endpoint_for(self, route: Route, user_id: str) -> str:
+        if not route.needs_endpoint:
+            return ""
+        return (await self._store.get_profile(user_id)).runpod_endpoint_id
+
+    async def _reload(self, job_id: str) -> JobRow:
+        job = await self._store.get_job(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    # ---- other operations ---------------------------------------------------------------
+
+    async def cancel(self, user_id: str, job_id: str) -> JobRow:
+        job = await self._store.get_job(job_id, user_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        if job.terminal:
+            return job
+        # Stop the runner first so it cannot submit or complete the job concurrently.
+        await self._stop_runner(job.id)
+        job = await self._reload(job.id)
+        try:
+            if job.provider_job_id or job.submit_attempts:
+                route = Route(backend=job.compute_backend, provider=job.provider)  # type: ignore[arg-type]
+                account = route.account(user_id, await self._endpoint_for(route, user_id))
+                try:
+                    await self._providers.client(route.provider).cancel(job.id, job.provider_job_id, account)
+                except ProviderError as exc:
+                    if exc.code != "NOT_FOUND":
+                        raise
+        except BaseException:
+            if not job.terminal:
+                self._start_runner(job.id)
+            raise
+        updated = await self._store.apply(
+            job.id, JobUpdate(status="cancelled", error="cancelled by the user", stage_message="cancelled")
+        )
+        return updated or await self._reload(job.id)
+
+    async def estimate(self, user_id: str, spec_json: bytes) -> Estimates:
+        spec = validate_spec(spec_json)
+        normalised = json.dumps(spec).encode()
+        active = (await self._store.get_profile(user_id)).compute_backend
+        estimates: list[common_pb2.Estimate] = []
+        notes: list[str] = []
+        for backend in (active, *(b for b in BACKENDS if b != active)):
+            route = route_for(backend, self._settings)
+            if not self._providers.configured(route.provider):
+                notes.append(f"{backend}: the {route.provider} provider is not configured here")
+                continue
+            try:
+                estimate = await self._providers.client(route.provider).estimate(normalised, backend)
+            except ProviderError as exc:
+                notes.append(f"{backend}: no estimate ({exc.message})")
+                continue
+            estimate.backend, estimate.provider = backend, route.provider
+            estimates.append(estimate)
+        return Estimates(active_backend=active, estimates=estimates, notes=notes)
+
+    async def verify_runpod_key(self, user_id: str, api_key: str) -> tuple[bool, float, str]:
+        """(valid, balance in USD, message). The key is passed on and forgotten."""
+        client = self._providers.client("runpod")
+        account = common_pb2.Account(user_id=user_id, hosted=False)
+        try:
+            response = await client.verify_credentials(account, api_key)
+        except ProviderError as exc:
+            if exc.retryable:
+                raise
+            return False, 0.0, _without(exc.message, api_key)
+        return response.valid, response.balance_usd, _without(response.message, api_key)
+
+    async def close(self) -> None:
+        tasks = list(self._runners.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._runners.clear()
+
+
+def _without(message: str, secret: str) -> str:
+    """``message`` with any copy of ``secret`` removed (a provider should never echo a key)."""
+    return message.replace(secret, "[REDACTED]") if secret else message

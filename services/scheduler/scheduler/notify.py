@@ -1,0 +1,100 @@
+"""Wake-ups for WatchJob: one LISTEN connection for the whole process, fanned out in memory.
+
+Store.apply() sends NOTIFY with the job id when it commits new events; every watcher of that
+job is woken and reads the new rows itself. When the listener connection is lost it is
+reopened and every watcher is woken once, so nothing committed meanwhile is missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+
+import asyncpg
+
+from scheduler.store import NOTIFY_CHANNEL
+
+log = logging.getLogger(__name__)
+
+
+class EventHub:
+    def __init__(self, dsn: str, retry_max_s: float) -> None:
+        self._dsn = dsn
+        self._retry_max_s = retry_max_s
+        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._conn: asyncpg.Connection | None = None
+        self._lost = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+
+    def subscribe(self, job_id: str) -> asyncio.Event:
+        """An event set whenever the job has something new; subscribe before reading."""
+        waiter = asyncio.Event()
+        self._waiters[job_id].add(waiter)
+        return waiter
+
+    def unsubscribe(self, job_id: str, waiter: asyncio.Event) -> None:
+        waiters = self._waiters.get(job_id)
+        if waiters is not None:
+            waiters.discard(waiter)
+            if not waiters:
+                del self._waiters[job_id]
+
+    def wake(self, job_id: str) -> None:
+        for waiter in self._waiters.get(job_id, ()):
+            waiter.set()
+
+    def _wake_all(self) -> None:
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.set()
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self.wake(payload)
+
+    def _on_terminate(self, _conn: object) -> None:
+        self._lost.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="event-hub-listener")
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            self._lost.clear()
+            try:
+                conn = await asyncpg.connect(self._dsn, timeout=10)
+                conn.add_termination_listener(self._on_terminate)
+                await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("listener cannot connect", extra={"error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max_s)
+                continue
+            delay = 0.1
+            self._conn = conn
+            self.connected.set()
+            self._wake_all()
+            await self._lost.wait()
+            self.connected.clear()
+            self._conn = None
+            log.warning("listener connection lost; reconnecting")
+            conn.terminate()
+
+    def check(self) -> bool:
+        """False when the listener connection is closed (the health loop asks)."""
+        if self._conn is None or self._conn.is_closed():
+            self._lost.set()
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+        self._wake_all()

@@ -1,0 +1,410 @@
+"""The Scheduler gRPC service and the factory that runs it (usable from tests on port 0).
+
+Start-up never blocks on the database: the server answers at once (readiness NOT_SERVING, RPCs
+UNAVAILABLE) while a background task connects, migrates, opens the LISTEN connection and
+resumes every non-terminal job; then readiness goes SERVING. A health loop flips it back to
+NOT_SERVING whenever the database stops answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from typing import Any, NoReturn, TypeVar
+
+import asyncpg
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from influence.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from service_runtime.grpc_server import GrpcService, create_grpc_server
+from service_runtime.metrics import start_metrics_server
+
+from scheduler.config import Settings
+from scheduler.db import apply_migrations, create_pool
+from scheduler.jobs import BACKENDS, JobManager, JobNotFound, SpecError, is_terminal_event
+from scheduler.metrics import record_job_counts
+from scheduler.notify import EventHub
+from scheduler.providers import ProviderError, ProviderNotConfigured, Providers
+from scheduler.store import JobRow, Store, StoredEvent
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+_STATES = {
+    "queued": common_pb2.JOB_STATE_QUEUED,
+    "submitted": common_pb2.JOB_STATE_SUBMITTED,
+    "running": common_pb2.JOB_STATE_RUNNING,
+    "completed": common_pb2.JOB_STATE_COMPLETED,
+    "failed": common_pb2.JOB_STATE_FAILED,
+    "cancelled": common_pb2.JOB_STATE_CANCELLED,
+}
+_DB_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_DEFAULT_LIST_LIMIT = 50
+_MAX_LIST_LIMIT = 500
+_R = TypeVar("_R")
+
+
+class NotReady(Exception):
+    """The database has not been reached yet."""
+
+
+def _timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def job_to_proto(job: JobRow) -> scheduler_pb2.Job:
+    spec = job.spec
+    return scheduler_pb2.Job(
+        id=job.id,
+        user_id=job.user_id,
+        compute_backend=job.compute_backend,
+        provider=job.provider,
+        provider_job_id=job.provider_job_id,
+        state=_STATES[job.status],
+        stage=job.stage,
+        progress=job.progress,
+        stage_message=job.stage_message,
+        latest_metrics_json=json.dumps(job.latest_metrics).encode(),
+        error=job.error,
+        estimated_time_s=job.estimated_time_s,
+        estimated_cost_usd=job.estimated_cost_usd,
+        model_id=str(spec.get("model_id", "")),
+        influence_method=str(spec.get("influence_method", "")),
+        n_train=len(spec.get("training_data", [])),
+        n_eval=len(spec.get("eval_data", [])),
+        created_at=_timestamp(job.created_at),
+        updated_at=_timestamp(job.updated_at),
+        finished_at=_timestamp(job.finished_at),
+        last_seq=job.last_seq,
+    )
+
+
+def event_to_proto(stored: StoredEvent) -> common_pb2.ProgressEvent:
+    event = stored.event
+    progress = event.get("progress")
+    return common_pb2.ProgressEvent(
+        seq=stored.seq,
+        type=str(event.get("type", "")),
+        stage=str(event.get("stage", "")),
+        progress=float(progress) if isinstance(progress, int | float) else 0.0,
+        message=str(event.get("message") or event.get("error") or ""),
+        event_json=json.dumps(event).encode(),
+        time=_timestamp(stored.created_at),
+    )
+
+
+async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
+    """Turn a known failure into the gRPC status the gateway maps for the researcher."""
+    if isinstance(exc, SpecError):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, JobNotFound):
+        await context.abort(grpc.StatusCode.NOT_FOUND, "job not found")
+    if isinstance(exc, ProviderNotConfigured):
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, ProviderError):
+        code = grpc.StatusCode.UNAVAILABLE if exc.retryable else grpc.StatusCode[exc.code]
+        await context.abort(code, exc.message)
+    if isinstance(exc, (NotReady, *_DB_ERRORS)):
+        log.warning("database unavailable during an RPC", extra={"error": str(exc)})
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE, "the scheduler's database is unreachable; try again shortly"
+        )
+    raise exc
+
+
+def _rpc(
+    method: Callable[[SchedulerServicer, Any, grpc.aio.ServicerContext], Awaitable[_R]],
+) -> Callable[[SchedulerServicer, Any, grpc.aio.ServicerContext], Awaitable[_R]]:
+    @functools.wraps(method)
+    async def wrapper(self: SchedulerServicer, request: Any, context: grpc.aio.ServicerContext) -> _R:
+        if hasattr(request, "user_id") and not request.user_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "user_id is required")
+        try:
+            return await method(self, request, context)
+        except (SpecError, JobNotFound, ProviderNotConfigured, ProviderError, NotReady, *_DB_ERRORS) as exc:
+            await _abort_for(context, exc)
+
+    return wrapper
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, app: SchedulerApp) -> None:
+        self._app = app
+
+    @_rpc
+    async def SubmitJob(self, request: scheduler_pb2.SubmitJobRequest, context: Any) -> scheduler_pb2.Job:
+        jobs, _ = self._app.require()
+        job = await jobs.submit(request.user_id, request.spec_json, request.idempotency_key)
+        return job_to_proto(job)
+
+    @_rpc
+    async def GetJob(self, request: scheduler_pb2.GetJobRequest, context: Any) -> scheduler_pb2.Job:
+        _, store = self._app.require()
+        job = await store.get_job(request.job_id, request.user_id)
+        if job is None:
+            raise JobNotFound(request.job_id)
+        return job_to_proto(job)
+
+    @_rpc
+    async def ListJobs(
+        self, request: scheduler_pb2.ListJobsRequest, context: Any
+    ) -> scheduler_pb2.ListJobsResponse:
+        _, store = self._app.require()
+        if request.limit < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "limit must not be negative")
+        limit = min(request.limit or _DEFAULT_LIST_LIMIT, _MAX_LIST_LIMIT)
+        jobs = await store.list_jobs(request.user_id, limit)
+        return scheduler_pb2.ListJobsResponse(jobs=[job_to_proto(job) for job in jobs])
+
+    async def WatchJob(
+        self, request: scheduler_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.ProgressEvent]:
+        if not request.user_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "user_id is required")
+        try:
+            _, store = self._app.require()
+            job = await store.get_job(request.job_id, request.user_id)
+            if job is None:
+                raise JobNotFound(request.job_id)
+            hub = self._app.hub
+            # Subscribed before the first read, so an event committed in between still wakes us.
+            waiter = hub.subscribe(job.id)
+            try:
+                after_seq = request.after_seq
+                while True:
+                    waiter.clear()
+                    events = await store.events_after(job.id, after_seq)
+                    for stored in events:
+                        yield event_to_proto(stored)
+                        after_seq = stored.seq
+                        if is_terminal_event(stored.event):
+                            return
+                    if events:
+                        continue
+                    current = await store.get_job(job.id)
+                    if current is None or (current.terminal and after_seq >= current.last_seq):
+                        return
+                    await waiter.wait()
+            finally:
+                hub.unsubscribe(job.id, waiter)
+        except (JobNotFound, NotReady, *_DB_ERRORS) as exc:
+            await _abort_for(context, exc)
+
+    @_rpc
+    async def GetJobResult(
+        self, request: scheduler_pb2.GetJobResultRequest, context: Any
+    ) -> scheduler_pb2.GetJobResultResponse:
+        _, store = self._app.require()
+        found = await store.get_result(request.job_id, request.user_id)
+        if found is None:
+            raise JobNotFound(request.job_id)
+        status, result = found
+        if status != "completed" or result is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the job is {status}; its result exists once it has completed",
+            )
+        return scheduler_pb2.GetJobResultResponse(result_json=json.dumps(result).encode())
+
+    @_rpc
+    async def CancelJob(self, request: scheduler_pb2.CancelJobRequest, context: Any) -> scheduler_pb2.Job:
+        jobs, _ = self._app.require()
+        return job_to_proto(await jobs.cancel(request.user_id, request.job_id))
+
+    async def _settings_of(self, user_id: str) -> scheduler_pb2.ComputeSettings:
+        _, store = self._app.require()
+        profile = await store.get_profile(user_id)
+        return scheduler_pb2.ComputeSettings(
+            backend=profile.compute_backend,
+            runpod_endpoint_id=profile.runpod_endpoint_id,
+            endpoint_status=profile.endpoint_status,
+            endpoint_error=profile.endpoint_error,
+            hosted_provider=self._app.settings.hosted_provider,
+        )
+
+    @_rpc
+    async def GetComputeSettings(
+        self, request: scheduler_pb2.GetComputeSettingsRequest, context: Any
+    ) -> scheduler_pb2.ComputeSettings:
+        return await self._settings_of(request.user_id)
+
+    @_rpc
+    async def SetComputeBackend(
+        self, request: scheduler_pb2.SetComputeBackendRequest, context: Any
+    ) -> scheduler_pb2.ComputeSettings:
+        if request.backend not in BACKENDS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"backend must be one of {', '.join(BACKENDS)}, got {request.backend!r}",
+            )
+        _, store = self._app.require()
+        await store.set_backend(request.user_id, request.backend)
+        return await self._settings_of(request.user_id)
+
+    @_rpc
+    async def VerifyProviderKey(
+        self, request: scheduler_pb2.VerifyProviderKeyRequest, context: Any
+    ) -> scheduler_pb2.VerifyProviderKeyResponse:
+        if request.provider != "runpod":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"provider must be 'runpod', got {request.provider!r}"
+            )
+        if not request.api_key:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "api_key is required")
+        jobs, _ = self._app.require()
+        valid, balance, message = await jobs.verify_runpod_key(request.user_id, request.api_key)
+        return scheduler_pb2.VerifyProviderKeyResponse(valid=valid, balance_usd=balance, message=message)
+
+    @_rpc
+    async def EstimateJob(
+        self, request: scheduler_pb2.EstimateJobRequest, context: Any
+    ) -> scheduler_pb2.EstimateJobResponse:
+        jobs, _ = self._app.require()
+        result = await jobs.estimate(request.user_id, request.spec_json)
+        return scheduler_pb2.EstimateJobResponse(
+            active_backend=result.active_backend, estimates=result.estimates, notes=result.notes
+        )
+
+
+class SchedulerApp:
+    """The running scheduler: gRPC server, database pool, listener, job runners, health loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._dsn = settings.database_url.get_secret_value()
+        self.providers = Providers(settings)
+        self.hub = EventHub(self._dsn, settings.scheduler_retry_max_s)
+        self.grpc: GrpcService = create_grpc_server(
+            f"{settings.scheduler_host}:{settings.scheduler_port}", self._register, "scheduler"
+        )
+        self.ready = asyncio.Event()
+        self._pool: asyncpg.Pool | None = None
+        self._store: Store | None = None
+        self._jobs: JobManager | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._serving: bool | None = None
+        self._serving_changed = asyncio.Condition()
+
+    def _register(self, server: grpc.aio.Server) -> list[str]:
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(self), server)
+        return [SERVICE_NAME]
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
+
+    def require(self) -> tuple[JobManager, Store]:
+        if self._jobs is None or self._store is None:
+            raise NotReady()
+        return self._jobs, self._store
+
+    async def start(self) -> None:
+        """Start serving at once; the database work continues in the background."""
+        await self.grpc.server.start()
+        await self._set_serving(False)
+        self._tasks.append(asyncio.create_task(self._bootstrap(), name="scheduler-bootstrap"))
+        log.info("scheduler listening", extra={"port": self.port})
+
+    async def _set_serving(self, serving: bool) -> None:
+        if serving != self._serving:
+            self._serving = serving
+            await self.grpc.set_ready(serving)
+            log.info("readiness changed", extra={"serving": serving})
+            async with self._serving_changed:
+                self._serving_changed.notify_all()
+
+    async def wait_serving(self, serving: bool) -> None:
+        """Return once readiness is ``serving`` (for supervisors and tests)."""
+        async with self._serving_changed:
+            await self._serving_changed.wait_for(lambda: self._serving == serving)
+
+    async def _bootstrap(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                pool = await create_pool(self._dsn)
+                try:
+                    async with pool.acquire() as conn:
+                        await apply_migrations(conn)
+                except BaseException:
+                    await pool.close()
+                    raise
+                break
+            except _DB_ERRORS as exc:
+                log.warning("database not reachable; retrying", extra={"error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.scheduler_retry_max_s)
+        self._pool = pool
+        self._store = Store(pool)
+        self.hub.start()
+        await self.hub.connected.wait()
+        self._jobs = JobManager(self.settings, self._store, self.providers)
+        resumed = await self._jobs.resume_all()
+        log.info("scheduler ready", extra={"resumed_jobs": resumed})
+        await self._set_serving(True)
+        self.ready.set()
+        self._tasks.append(asyncio.create_task(self._health_loop(), name="scheduler-health"))
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.scheduler_db_check_interval_s)
+            await self.check_health()
+
+    async def check_health(self) -> bool:
+        """Ask the database (and the listener), refresh the job gauges, set readiness."""
+        if self._pool is None or self._store is None:
+            return False
+        try:
+            timeout = max(self.settings.scheduler_db_check_interval_s, 1.0)
+            await self._pool.fetchval("SELECT 1", timeout=timeout)
+            record_job_counts(await self._store.count_by_status())
+            healthy = self.hub.check()
+        except _DB_ERRORS as exc:
+            log.warning("database health check failed", extra={"error": str(exc)})
+            healthy = False
+        await self._set_serving(healthy)
+        return healthy
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain RPCs, stop the runners and close every connection. Jobs stay in the table."""
+        await self.grpc.stop(self.settings.scheduler_shutdown_grace_s if grace_s is None else grace_s)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._jobs is not None:
+            await self._jobs.close()
+        await self.hub.close()
+        await self.providers.close()
+        if self._pool is not None:
+            await self._pool.close()
+
+
+async def start_scheduler(settings: Settings) -> SchedulerApp:
+    """Create and start the scheduler (``scheduler_port=0`` picks a free port)."""
+    app = SchedulerApp(settings)
+    await app.start()
+    return app
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then drain and stop."""
+    if settings.scheduler_metrics_port >= 0:
+        port = start_metrics_server(settings.scheduler_metrics_port)
+        log.info("metrics listening", extra={"port": port})
+    app = await start_scheduler(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down", extra={"grace_s": settings.scheduler_shutdown_grace_s})
+    await app.stop()

@@ -1,0 +1,290 @@
+"""Fixtures: a scripted ComputeProvider on loopback and real schedulers on port 0.
+
+The scripted provider is our own contract (influence.v1.ComputeProvider), driven by the test:
+it injects provider behaviour (UNAVAILABLE then recovery, failures with a message, events in
+chunks, a job held at a point until the test releases it, RunPod endpoint creation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from scheduler.config import Settings, load_settings
+from scheduler.server import SchedulerApp, start_scheduler
+
+GOOD_KEY = "rpa_GOODKEY1234567890"
+
+SPEC: dict[str, Any] = {
+    "training_data": [{"prompt": "2+2=", "completion": "4"}, {"prompt": "3+3=", "completion": "6"}],
+    "eval_data": [{"prompt": "1+1=", "expected": "2"}],
+    "hyperparams": {"epochs": 1},
+}
+
+
+def spec_json(**changes: Any) -> bytes:
+    return json.dumps({**SPEC, **changes}).encode()
+
+
+def progress_events(n: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "type": "progress",
+            "stage": "training",
+            "progress": (i + 1) / (n + 1),
+            "message": f"step {i + 1} of {n}",
+            "step": i + 1,
+            "total_steps": n,
+            "loss": 2.0 - i * 0.1,
+            "learning_rate": 2e-4,
+            "eta_s": float(n - i),
+        }
+        for i in range(n)
+    ]
+
+
+@dataclass
+class Plan:
+    """How the scripted provider runs each new job."""
+
+    events: list[dict[str, Any]] = field(default_factory=lambda: progress_events(5))
+    waiting_polls: int = 1  # GetStatus answers SUBMITTED this many times first
+    chunk: int = 2  # events per GetStatus answer
+    hold_at: int | None = None  # emit no more than this many events until ``release`` is set
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    outcome: str = "complete"  # "complete" | "fail"
+    error: str = ""
+
+
+@dataclass
+class ProviderJob:
+    job_id: str
+    provider_job_id: str
+    account: common_pb2.Account
+    plan: Plan
+    polls: int = 0
+    cancelled: bool = False
+
+
+class ScriptedProvider(compute_pb2_grpc.ComputeProviderServicer):
+    def __init__(self) -> None:
+        self.plan = Plan()
+        self.jobs: dict[str, ProviderJob] = {}
+        self.submit_calls: list[str] = []
+        self.cancel_calls: list[str] = []
+        self.fail_next: dict[str, list[tuple[grpc.StatusCode, str]]] = {}
+        self.endpoints: set[str] = set()
+        self.endpoints_created = 0
+        self.verified_keys: list[str] = []
+
+    async def _maybe_fail(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        queue = self.fail_next.get(method)
+        if queue:
+            code, message = queue.pop(0)
+            await context.abort(code, message)
+
+    async def VerifyCredentials(self, request: Any, context: Any) -> compute_pb2.VerifyCredentialsResponse:
+        await self._maybe_fail("VerifyCredentials", context)
+        self.verified_keys.append(request.api_key)
+        if request.api_key != GOOD_KEY:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "Invalid RunPod API key")
+        return compute_pb2.VerifyCredentialsResponse(
+            valid=True, account_id="acct-1", balance_usd=25.0, message="key verified"
+        )
+
+    async def PrepareAccount(self, request: Any, context: Any) -> compute_pb2.PrepareAccountResponse:
+        await self._maybe_fail("PrepareAccount", context)
+        endpoint_id = request.account.endpoint_id
+        if endpoint_id:
+            if endpoint_id not in self.endpoints:
+                await context.abort(grpc.StatusCode.NOT_FOUND, "endpoint not found")
+            return compute_pb2.PrepareAccountResponse(endpoint_id=endpoint_id, status="ready")
+        # Creating an endpoint takes a round trip to RunPod: long enough for a race to show.
+        await asyncio.sleep(0.05)
+        self.endpoints_created += 1
+        new_id = f"ep-{self.endpoints_created}"
+        self.endpoints.add(new_id)
+        return compute_pb2.PrepareAccountResponse(endpoint_id=new_id, created=True, status="ready")
+
+    async def Submit(self, request: Any, context: Any) -> compute_pb2.SubmitResponse:
+        await self._maybe_fail("Submit", context)
+        existing = self.jobs.get(request.job_id)
+        if existing is not None:
+            return compute_pb2.SubmitResponse(provider_job_id=existing.provider_job_id)
+        self.submit_calls.append(request.job_id)
+        job = ProviderJob(request.job_id, f"p-{request.job_id}", request.account, self.plan)
+        self.jobs[request.job_id] = job
+        return compute_pb2.SubmitResponse(provider_job_id=job.provider_job_id)
+
+    async def GetStatus(self, request: Any, context: Any) -> compute_pb2.GetStatusResponse:
+        await self._maybe_fail("GetStatus", context)
+        job = self.jobs.get(request.job_id)
+        if job is None or job.provider_job_id != request.provider_job_id:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown job")
+        if job.cancelled:
+            return compute_pb2.GetStatusResponse(state=common_pb2.JOB_STATE_CANCELLED, cursor=request.cursor)
+        job.polls += 1
+        plan = job.plan
+        if job.polls <= plan.waiting_polls:
+            return compute_pb2.GetStatusResponse(
+                state=common_pb2.JOB_STATE_SUBMITTED,
+                cursor=request.cursor,
+                stage_message="waiting for a GPU worker (cold start can take 30-120 s)",
+            )
+        start = int(request.cursor or 0)
+        limit = len(plan.events)
+        if plan.hold_at is not None and not plan.release.is_set():
+            limit = min(limit, plan.hold_at)
+        end = min(start + plan.chunk, limit)
+        events = [
+            common_pb2.ProgressEvent(
+                type=e["type"],
+                stage=e["stage"],
+                progress=e["progress"],
+                message=e["message"],
+                event_json=json.dumps(e).encode(),
+            )
+            for e in plan.events[start:end]
+        ]
+        response = compute_pb2.GetStatusResponse(
+            state=common_pb2.JOB_STATE_RUNNING, events=events, cursor=str(end)
+        )
+        if end == len(plan.events):
+            if plan.outcome == "fail":
+                response.state = common_pb2.JOB_STATE_FAILED
+                response.error = plan.error
+            else:
+                response.result_ready = True
+        return response
+
+    async def GetResult(self, request: Any, context: Any) -> compute_pb2.GetResultResponse:
+        await self._maybe_fail("GetResult", context)
+        return compute_pb2.GetResultResponse(
+            result_json=json.dumps(
+                {"job_id": request.job_id, "influence": {"scores": [[0.5, -0.25]]}}
+            ).encode()
+        )
+
+    async def Cancel(self, request: Any, context: Any) -> compute_pb2.CancelResponse:
+        await self._maybe_fail("Cancel", context)
+        self.cancel_calls.append(request.job_id)
+        job = self.jobs.get(request.job_id)
+        if job is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown job")
+        job.cancelled = True
+        return compute_pb2.CancelResponse(state=common_pb2.JOB_STATE_CANCELLED)
+
+    async def Estimate(self, request: Any, context: Any) -> compute_pb2.EstimateResponse:
+        await self._maybe_fail("Estimate", context)
+        cost = 0.5 if request.backend == "runpod" else 0.0
+        return compute_pb2.EstimateResponse(
+            estimate=common_pb2.Estimate(
+                backend=request.backend, gpu="AMPERE_80", estimated_time_s=12.0, estimated_cost_usd=cost
+            )
+        )
+
+
+@dataclass
+class ProviderHandle:
+    servicer: ScriptedProvider
+    address: str
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[ProviderHandle]:
+    servicer = ScriptedProvider()
+    server = grpc.aio.server()
+    compute_pb2_grpc.add_ComputeProviderServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield ProviderHandle(servicer, f"127.0.0.1:{port}")
+    await server.stop(0)
+
+
+def scheduler_settings(database_url: str, provider_address: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "scheduler_port": 0,
+        "scheduler_metrics_port": -1,
+        "hosted_provider": "local",
+        "compute_local_addr": provider_address,
+        "compute_runpod_addr": provider_address,
+        "scheduler_poll_interval_s": 0.02,
+        "scheduler_retry_max_s": 0.2,
+        "scheduler_db_check_interval_s": 0.1,
+        "scheduler_provider_timeout_s": 5.0,
+        "scheduler_shutdown_grace_s": 0.5,
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+@dataclass
+class RunningScheduler:
+    app: SchedulerApp
+    channel: grpc.aio.Channel
+    stub: scheduler_pb2_grpc.SchedulerStub
+
+    async def stop(self) -> None:
+        await self.channel.close()
+        await self.app.stop(0)
+
+
+StartScheduler = Callable[..., Awaitable[RunningScheduler]]
+
+
+@pytest.fixture
+async def start(database_url: str, provider: ProviderHandle) -> AsyncIterator[StartScheduler]:
+    """Start a scheduler on the test database (settings overridable) and wait until it is ready."""
+    running: list[RunningScheduler] = []
+
+    async def _start(wait_ready: bool = True, **overrides: Any) -> RunningScheduler:
+        dsn = overrides.pop("database_url", database_url)
+        settings = scheduler_settings(dsn, provider.address, **overrides)
+        app = await start_scheduler(settings)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+        handle = RunningScheduler(app, channel, scheduler_pb2_grpc.SchedulerStub(channel))
+        running.append(handle)
+        if wait_ready:
+            await asyncio.wait_for(app.ready.wait(), 20)
+        return handle
+
+    yield _start
+    for handle in running:
+        await handle.stop()
+
+
+@pytest.fixture
+async def scheduler(start: StartScheduler) -> RunningScheduler:
+    return await start()
+
+
+async def watch_all(
+    stub: scheduler_pb2_grpc.SchedulerStub, user_id: str, job_id: str, after_seq: int = 0
+) -> list[common_pb2.ProgressEvent]:
+    """Every event from after_seq to the end of the stream."""
+    request = scheduler_pb2.WatchJobRequest(user_id=user_id, job_id=job_id, after_seq=after_seq)
+    return [event async for event in stub.WatchJob(request, timeout=20)]
+
+
+@dataclass(frozen=True)
+class Helpers:
+    """Test helpers, handed out as a fixture (test modules cannot import conftest)."""
+
+    good_key: str = GOOD_KEY
+    spec_json: Callable[..., bytes] = spec_json
+    progress_events: Callable[[int], list[dict[str, Any]]] = progress_events
+    watch_all: Callable[..., Awaitable[list[common_pb2.ProgressEvent]]] = watch_all
+    settings: Callable[..., Settings] = scheduler_settings
+    plan: type[Plan] = Plan
+
+
+@pytest.fixture
+def h() -> Helpers:
+    return Helpers()

@@ -1,0 +1,256 @@
+"""Migrations, settings, readiness, compute settings, key verification and estimates."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from urllib.parse import parse_qs, urlparse
+
+import asyncpg
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from influence.v1 import scheduler_pb2
+from prometheus_client import REGISTRY
+from scheduler.config import SettingsError, load_settings
+from scheduler.db import apply_migrations, load_migrations
+
+pytestmark = pytest.mark.timeout(60)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_migrations_are_versioned_and_idempotent(database_url):
+    versions = [m.version for m in load_migrations()]
+    assert versions == sorted(versions) and versions[0] == 1
+    conns = [await asyncpg.connect(database_url) for _ in range(3)]
+    try:
+        applied = await asyncio.gather(*(apply_migrations(conn) for conn in conns))
+        assert sorted(applied, key=len) == [[], [], versions]
+        assert await apply_migrations(conns[0]) == []
+        recorded = await conns[0].fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+        assert [row["version"] for row in recorded] == versions
+        tables = {
+            row["tablename"]
+            for row in await conns[0].fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        }
+        assert {"profiles", "jobs", "job_events", "schema_migrations"} <= tables
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conns[0].execute("INSERT INTO profiles (user_id, compute_backend) VALUES ('u', 'gpu')")
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
+def test_bad_settings_name_the_variable(monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", "postgresql://localhost/db")
+    monkeypatch.setenv("HOSTED_PROVIDER", "azure")
+    monkeypatch.setenv("SCHEDULER_POLL_INTERVAL_S", "-1")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert "HOSTED_PROVIDER" in str(caught.value)
+    assert "SCHEDULER_POLL_INTERVAL_S" in str(caught.value)
+    monkeypatch.delenv("DATABASE_URL")
+    monkeypatch.delenv("HOSTED_PROVIDER")
+    monkeypatch.delenv("SCHEDULER_POLL_INTERVAL_S")
+    with pytest.raises(SettingsError, match="DATABASE_URL: is required"):
+        load_settings()
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u:hunter2@localhost/db")
+    monkeypatch.setenv("COMPUTE_RUNPOD_ADDR", "not an address")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert "COMPUTE_RUNPOD_ADDR" in str(caught.value) and "hunter2" not in str(caught.value)
+
+
+async def _health(port: int) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        response = await stub.Check(health_pb2.HealthCheckRequest(service="influence.v1.Scheduler"))
+        return response.status
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_not_serving_while_database_is_unreachable(start):
+    running = await start(
+        wait_ready=False, database_url=f"postgresql://postgres@127.0.0.1:{_closed_port()}/nothing"
+    )
+    assert await _health(running.app.port) == NOT_SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await running.stub.GetComputeSettings(scheduler_pb2.GetComputeSettingsRequest(user_id="alice"))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+class _DatabaseProxy:
+    """A TCP front for the embedded PostgreSQL's Unix socket that the test can cut and restore."""
+
+    def __init__(self, socket_path: str) -> None:
+        self._socket_path = socket_path
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_unix_connection(self._socket_path)
+        self._writers.update((client_w, server_w))
+        await asyncio.gather(self._pipe(client_r, server_w), self._pipe(server_r, client_w))
+
+    async def open(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+        await self._server.wait_closed()
+
+
+@pytest.fixture
+async def db_proxy(database_url) -> AsyncIterator[tuple[_DatabaseProxy, str]]:
+    parsed = urlparse(database_url)
+    socket_dir = parse_qs(parsed.query)["host"][0]
+    proxy = _DatabaseProxy(os.path.join(socket_dir, ".s.PGSQL.5432"))
+    await proxy.open()
+    yield proxy, f"postgresql://postgres@127.0.0.1:{proxy.port}{parsed.path}"
+    await proxy.cut()
+
+
+async def test_readiness_follows_the_database(start, db_proxy, h):
+    proxy, dsn = db_proxy
+    running = await start(database_url=dsn)
+    assert await _health(running.app.port) == SERVING
+
+    await proxy.cut()
+    await asyncio.wait_for(running.app.wait_serving(False), 20)
+    assert await _health(running.app.port) == NOT_SERVING
+
+    await proxy.open()
+    await asyncio.wait_for(running.app.wait_serving(True), 20)
+    assert await _health(running.app.port) == SERVING
+    job = await running.stub.SubmitJob(
+        scheduler_pb2.SubmitJobRequest(user_id="alice", spec_json=h.spec_json())
+    )
+    events = await h.watch_all(running.stub, "alice", job.id)
+    assert events[-1].type == "status" and b"completed" in events[-1].event_json
+
+
+async def test_compute_settings(scheduler):
+    stub = scheduler.stub
+    settings = await stub.GetComputeSettings(scheduler_pb2.GetComputeSettingsRequest(user_id="alice"))
+    assert (settings.backend, settings.endpoint_status, settings.hosted_provider) == (
+        "hosted",
+        "none",
+        "local",
+    )
+    settings = await stub.SetComputeBackend(
+        scheduler_pb2.SetComputeBackendRequest(user_id="alice", backend="runpod")
+    )
+    assert settings.backend == "runpod"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.SetComputeBackend(scheduler_pb2.SetComputeBackendRequest(user_id="alice", backend="gpu"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'gpu'" in caught.value.details()
+    again = await stub.GetComputeSettings(scheduler_pb2.GetComputeSettingsRequest(user_id="alice"))
+    assert again.backend == "runpod"
+
+
+async def test_verify_provider_key_forwards_and_never_stores(scheduler, provider, h, database_url):
+    stub = scheduler.stub
+    good = await stub.VerifyProviderKey(
+        scheduler_pb2.VerifyProviderKeyRequest(user_id="alice", provider="runpod", api_key=h.good_key)
+    )
+    assert good.valid and good.balance_usd == 25.0
+    bad_key = "rpa_WRONGKEY99999999"
+    bad = await stub.VerifyProviderKey(
+        scheduler_pb2.VerifyProviderKeyRequest(user_id="alice", provider="runpod", api_key=bad_key)
+    )
+    assert not bad.valid and bad.message == "Invalid RunPod API key"
+    assert provider.servicer.verified_keys == [h.good_key, bad_key]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.VerifyProviderKey(
+            scheduler_pb2.VerifyProviderKeyRequest(user_id="alice", provider="modal", api_key=h.good_key)
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        dump = str(await conn.fetch("SELECT * FROM profiles")) + str(await conn.fetch("SELECT * FROM jobs"))
+    finally:
+        await conn.close()
+    assert h.good_key not in dump and bad_key not in dump
+
+
+async def test_estimates_active_backend_first(scheduler, h):
+    stub = scheduler.stub
+    await stub.SetComputeBackend(scheduler_pb2.SetComputeBackendRequest(user_id="alice", backend="runpod"))
+    response = await stub.EstimateJob(
+        scheduler_pb2.EstimateJobRequest(user_id="alice", spec_json=h.spec_json())
+    )
+    assert response.active_backend == "runpod"
+    assert [(e.backend, e.provider) for e in response.estimates] == [
+        ("runpod", "runpod"),
+        ("hosted", "local"),
+    ]
+    assert response.estimates[0].estimated_cost_usd == 0.5
+    assert list(response.notes) == []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.EstimateJob(
+            scheduler_pb2.EstimateJobRequest(user_id="alice", spec_json=h.spec_json(eval_data="x"))
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "eval_data" in caught.value.details()
+
+
+async def test_metrics_count_jobs_and_provider_errors(scheduler, provider, h):
+    def errors() -> float:
+        return (
+            REGISTRY.get_sample_value(
+                "scheduler_provider_errors_total", {"provider": "local", "code": "UNAVAILABLE"}
+            )
+            or 0.0
+        )
+
+    before = errors()
+    provider.servicer.fail_next = {"GetStatus": [(grpc.StatusCode.UNAVAILABLE, "down")]}
+    job = await scheduler.stub.SubmitJob(
+        scheduler_pb2.SubmitJobRequest(user_id="alice", spec_json=h.spec_json())
+    )
+    await h.watch_all(scheduler.stub, "alice", job.id)
+    assert await scheduler.app.check_health()
+    assert REGISTRY.get_sample_value("scheduler_jobs", {"state": "completed"}) == 1
+    assert REGISTRY.get_sample_value("scheduler_queue_depth") == 0
+    assert errors() == before + 1
+
+
+def test_migrate_command(database_url):
+    env = {**os.environ, "DATABASE_URL": database_url}
+    command = [sys.executable, "-m", "scheduler", "migrate"]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert '"applied": [1]' in first.stderr
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 0 and '"applied": []' in second.stderr
+    bad = subprocess.run(
+        command, env={**env, "SCHEDULER_PORT": "http"}, capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2 and "SCHEDULER_PORT" in bad.stderr
