@@ -1,0 +1,286 @@
+"""A small RunPod HTTP client: REST v2 (endpoints), the job API and GraphQL (account, balance).
+
+Every call takes the API key as an argument (one client serves every user) and sends it only in
+the Authorization header. Messages raised from here never include headers or the key.
+
+Retries: a 429 is retried with exponential backoff plus jitter, waiting at least Retry-After (a
+rejected request was not accepted, so this is safe even for /run); 5xx and read errors only for
+idempotent calls; a connection that could not be opened (nothing was sent) for every call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import random
+import time
+from typing import Any
+
+import httpx
+
+from compute_runpod.config import Settings
+from compute_runpod.errors import Code, ProviderError
+from compute_runpod.metrics import RUNPOD_API_CALLS
+
+log = logging.getLogger(__name__)
+
+MYSELF_QUERY = "query { myself { id clientBalance } }"
+
+_SCOPE_NEEDED = {
+    "graphql": "read access to the account (GraphQL), used to check the key and the balance",
+    "serverless": "Read/Write access to serverless endpoints, used to create and manage the "
+    "dashboard's endpoint",
+    "job": "access to run jobs on the dashboard's serverless endpoint",
+}
+
+
+class RunPodClient:
+    def __init__(self, settings: Settings, http: httpx.AsyncClient | None = None) -> None:
+        self._settings = settings
+        self._http = http or httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.RUNPOD_HTTP_TIMEOUT_S, connect=10.0)
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ---- account -----------------------------------------------------------------------
+
+    async def myself(self, key: str) -> dict[str, Any] | None:
+        """``{"id", "clientBalance"}`` of the key's account, or None when RunPod knows no user."""
+        response = await self._request(
+            "graphql", "POST", self._settings.RUNPOD_GRAPHQL_URL, key,
+            json={"query": MYSELF_QUERY}, idempotent=True,
+        )
+        body = _json(response)
+        if response.status_code != 200:
+            raise _unexpected("checking the account", response)
+        data = body.get("data") if isinstance(body, dict) else None
+        myself = data.get("myself") if isinstance(data, dict) else None
+        if myself is None and isinstance(body, dict) and body.get("errors") and data is None:
+            message = "; ".join(str(e.get("message", e)) for e in body["errors"])
+            raise ProviderError(Code.UNAVAILABLE, f"RunPod could not read the account: {message}")
+        return myself if isinstance(myself, dict) else None
+
+    # ---- endpoints (REST v2) -----------------------------------------------------------
+
+    async def list_endpoints(self, key: str) -> list[dict[str, Any]]:
+        response = await self._request(
+            "serverless.list", "GET", f"{self._settings.RUNPOD_REST_BASE_URL}/serverless", key,
+            idempotent=True,
+        )
+        if response.status_code != 200:
+            raise _unexpected("listing your serverless endpoints", response)
+        body = _json(response)
+        endpoints = body.get("endpoints", []) if isinstance(body, dict) else body
+        return [e for e in endpoints or [] if isinstance(e, dict)]
+
+    async def get_endpoint(self, key: str, endpoint_id: str) -> dict[str, Any] | None:
+        response = await self._request(
+            "serverless.get", "GET",
+            f"{self._settings.RUNPOD_REST_BASE_URL}/serverless/{endpoint_id}", key,
+            idempotent=True,
+        )
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise _unexpected("reading the serverless endpoint", response)
+        return _json(response)
+
+    async def create_endpoint(self, key: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = await self._request(
+            "serverless.create", "POST", f"{self._settings.RUNPOD_REST_BASE_URL}/serverless", key,
+            json=body, idempotent=False,
+        )
+        if response.status_code not in (200, 201):
+            raise _unexpected("creating the serverless endpoint", response)
+        created = _json(response)
+        if not isinstance(created, dict) or not created.get("id"):
+            raise ProviderError(Code.UNAVAILABLE, "RunPod created the endpoint but returned no id")
+        return created
+
+    async def endpoint_workers(self, key: str, endpoint_id: str) -> dict[str, Any]:
+        """The workers summary: running, idle, initializing, throttled, unhealthy, total."""
+        response = await self._request(
+            "serverless.workers", "GET",
+            f"{self._settings.RUNPOD_REST_BASE_URL}/serverless/{endpoint_id}/workers", key,
+            idempotent=True,
+        )
+        if response.status_code != 200:
+            raise _unexpected("reading the endpoint's workers", response)
+        body = _json(response)
+        summary = body.get("summary") if isinstance(body, dict) else None
+        return summary if isinstance(summary, dict) else {}
+
+    # ---- jobs --------------------------------------------------------------------------
+
+    async def run(self, key: str, endpoint_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+        response = await self._request(
+            "job.run", "POST", f"{self._settings.RUNPOD_JOB_BASE_URL}/{endpoint_id}/run", key,
+            json=payload, idempotent=False,
+        )
+        if response.status_code == 404:
+            raise ProviderError(
+                Code.FAILED_PRECONDITION,
+                "RunPod does not know the endpoint this job was sent to; prepare the account "
+                "again to recreate it",
+            )
+        if response.status_code != 200:
+            raise _unexpected("submitting the job", response)
+        body = _json(response)
+        if not isinstance(body, dict) or not body.get("id"):
+            raise ProviderError(Code.UNAVAILABLE, "RunPod accepted the job but returned no job id")
+        return body
+
+    async def status(self, key: str, endpoint_id: str, job_id: str) -> dict[str, Any] | None:
+        return await self._job_get("job.status", f"{endpoint_id}/status/{job_id}", key)
+
+    async def stream(
+        self, key: str, endpoint_id: str, job_id: str, wait_ms: int
+    ) -> dict[str, Any] | None:
+        return await self._job_get(
+            "job.stream", f"{endpoint_id}/stream/{job_id}", key, params={"wait": wait_ms},
+            timeout=self._settings.RUNPOD_HTTP_TIMEOUT_S + wait_ms / 1000,
+        )
+
+    async def cancel(self, key: str, endpoint_id: str, job_id: str) -> dict[str, Any] | None:
+        response = await self._request(
+            "job.cancel", "POST",
+            f"{self._settings.RUNPOD_JOB_BASE_URL}/{endpoint_id}/cancel/{job_id}", key,
+            idempotent=True,
+        )
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise _unexpected("cancelling the job", response)
+        return _json(response)
+
+    async def _job_get(
+        self, route: str, path: str, key: str, params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any] | None:
+        response = await self._request(
+            route, "GET", f"{self._settings.RUNPOD_JOB_BASE_URL}/{path}", key,
+            params=params, idempotent=True, timeout=timeout,
+        )
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise _unexpected("reading the job", response)
+        body = _json(response)
+        return body if isinstance(body, dict) else None
+
+    # ---- transport ---------------------------------------------------------------------
+
+    async def _request(
+        self, route: str, method: str, url: str, key: str, *, idempotent: bool,
+        json: Any = None, params: dict[str, Any] | None = None, timeout: float | None = None,
+    ) -> httpx.Response:
+        settings = self._settings
+        headers = {"Authorization": f"Bearer {key}", "Accept": "application/json"}
+        for attempt in range(1, settings.RUNPOD_MAX_ATTEMPTS + 1):
+            last = attempt == settings.RUNPOD_MAX_ATTEMPTS
+            try:
+                response = await self._http.request(
+                    method, url, headers=headers, json=json, params=params,
+                    timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+                )
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                # The connection never opened, so RunPod cannot have received the request.
+                RUNPOD_API_CALLS.labels(route, "connect_error").inc()
+                if last:
+                    raise ProviderError(
+                        Code.UNAVAILABLE,
+                        f"Cannot reach RunPod ({httpx.URL(url).host}): {type(exc).__name__}",
+                    ) from None
+                await asyncio.sleep(self._backoff(attempt))
+                continue
+            except httpx.TransportError as exc:
+                RUNPOD_API_CALLS.labels(route, "transport_error").inc()
+                if idempotent and not last:
+                    await asyncio.sleep(self._backoff(attempt))
+                    continue
+                detail = (
+                    " RunPod may or may not have received it; it was not sent again."
+                    if not idempotent else ""
+                )
+                raise ProviderError(
+                    Code.UNAVAILABLE,
+                    f"RunPod did not answer ({type(exc).__name__}).{detail}",
+                ) from None
+            RUNPOD_API_CALLS.labels(route, str(response.status_code)).inc()
+            status = response.status_code
+            if status == 429:
+                wait = max(self._backoff(attempt), _retry_after_s(response))
+                if last or wait > settings.RUNPOD_RETRY_MAX_WAIT_S:
+                    raise ProviderError(
+                        Code.RESOURCE_EXHAUSTED,
+                        f"RunPod is rate limiting requests (HTTP 429 after {attempt} attempts); "
+                        "try again in a minute",
+                    )
+                log.info("runpod rate limited", extra={"route": route, "wait_s": round(wait, 2)})
+                await asyncio.sleep(wait)
+                continue
+            if status >= 500:
+                if idempotent and not last:
+                    await asyncio.sleep(self._backoff(attempt))
+                    continue
+                detail = (
+                    " RunPod may or may not have accepted it; it was not sent again."
+                    if not idempotent else ""
+                )
+                raise ProviderError(
+                    Code.UNAVAILABLE, f"RunPod answered with a server error (HTTP {status}).{detail}"
+                )
+            if status == 401:
+                raise ProviderError(Code.UNAUTHENTICATED, "Invalid RunPod API key")
+            if status == 403:
+                needed = _SCOPE_NEEDED[route.split(".", 1)[0]]
+                raise ProviderError(
+                    Code.PERMISSION_DENIED,
+                    f"This RunPod API key lacks a permission the dashboard needs: {needed}. "
+                    "Create a key with 'All' access, or a restricted key with GraphQL read and "
+                    "serverless Read/Write.",
+                )
+            return response
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with full jitter."""
+        ceiling = self._settings.RUNPOD_RETRY_BASE_S * (2 ** (attempt - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+def _retry_after_s(response: httpx.Response) -> float:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return 0.0
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return max(0.0, moment.timestamp() - time.time())
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _unexpected(action: str, response: httpx.Response) -> ProviderError:
+    body = _json(response)
+    detail = ""
+    if isinstance(body, dict):
+        detail = str(body.get("detail") or body.get("error") or body.get("message") or "")
+    code = Code.INVALID_ARGUMENT if response.status_code in (400, 422) else Code.UNAVAILABLE
+    suffix = f": {detail[:300]}" if detail else ""
+    return ProviderError(
+        code, f"RunPod refused {action} (HTTP {response.status_code}){suffix}"
+    )

@@ -1,0 +1,24 @@
+"""The one seam to the shared cost model (libs/cost_model): estimates and GPU pool choice."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cost_model
+from gpu_core.schemas import ExperimentSpec
+
+
+def estimate(spec: ExperimentSpec, backend: str) -> dict[str, Any]:
+    """The fields of influence.v1.Estimate for ``spec`` on RunPod."""
+    return cost_model.estimate(spec, provider="runpod", backend=backend).as_dict()
+
+
+def estimated_cost_usd(spec: ExperimentSpec) -> float:
+    return float(cost_model.estimate(spec, provider="runpod", backend="runpod").estimated_cost_usd)
+
+
+def gpu_pools(model_params_b: float, quantization: str) -> list[str]:
+    """RunPod pool ids for a model of ``model_params_b`` billion parameters."""
+    recommendation = cost_model.recommend_gpu(model_params_b, quantization or "none")
+    pool, _offer = cost_model.price_table("runpod").gpu_for_tier(recommendation.tier_gb)
+    return [pool]

@@ -1,0 +1,391 @@
+"""compute-runpod's behaviour, free of gRPC: verify keys, prepare the endpoint, submit, follow,
+fetch results and cancel, on the user's own RunPod account or the operator's (hosted tier).
+
+The key is fetched per call (``reveal_key``) and lives only in that call's local variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpu_core.schemas import ExperimentSpec
+from pydantic import ValidationError
+
+from compute_runpod import costs
+from compute_runpod.client import RunPodClient
+from compute_runpod.config import Settings
+from compute_runpod.errors import Code, ProviderError
+from compute_runpod.results import error_text, final_result, is_result_chunk
+
+log = logging.getLogger(__name__)
+
+WAITING_FOR_GPU = "waiting for a GPU worker (cold start can take 30-120 s)"
+NO_GPU = "No GPU available right now: wait, or pick another GPU type"
+RESULT_EXPIRED = (
+    "RunPod no longer has this job's result: RunPod keeps results for 30 minutes after a job "
+    "finishes, and this one is gone"
+)
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
+_REMEMBERED_JOBS = 10_000
+
+RevealKey = Callable[[str], Awaitable[str]]
+
+
+@dataclass(frozen=True)
+class AccountRef:
+    user_id: str
+    endpoint_id: str = ""
+    hosted: bool = False
+
+
+@dataclass(frozen=True)
+class Verification:
+    account_id: str
+    balance_usd: float
+    message: str
+
+
+@dataclass(frozen=True)
+class Prepared:
+    endpoint_id: str
+    created: bool
+    status: str
+
+
+@dataclass
+class StatusReport:
+    state: str  # a JobState name without the prefix: SUBMITTED, RUNNING, COMPLETED, ...
+    events: list[dict[str, Any]]
+    cursor: str
+    error: str = ""
+    result_ready: bool = False
+    stage_message: str = ""
+
+
+@dataclass
+class _Followed:
+    """Chunks of one job received from /stream (which drains) and not lost on the next poll.
+    ``chunks[i]`` is the job's chunk number ``base + i``."""
+
+    base: int
+    first_seen: float
+    chunks: list[Any] = field(default_factory=list)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class RunPodProvider:
+    def __init__(self, settings: Settings, client: RunPodClient, reveal_key: RevealKey) -> None:
+        self._settings = settings
+        self._client = client
+        self._reveal_key = reveal_key
+        self._followed: dict[str, _Followed] = {}
+        self._failures: OrderedDict[str, str] = OrderedDict()
+        self._submitted: OrderedDict[str, str] = OrderedDict()
+        self._submit_locks: dict[str, asyncio.Lock] = {}
+        self._account_locks: dict[str, asyncio.Lock] = {}
+
+    # ---- keys ----------------------------------------------------------------------------
+
+    async def _key(self, account: AccountRef) -> str:
+        if account.hosted:
+            key = self._settings.RUNPOD_API_KEY.get_secret_value()
+            if not key:
+                raise ProviderError(
+                    Code.FAILED_PRECONDITION,
+                    "The hosted RunPod tier is not configured (RUNPOD_API_KEY is empty)",
+                )
+            return key
+        if not account.user_id:
+            raise ProviderError(Code.INVALID_ARGUMENT, "account.user_id is required")
+        return await self._reveal_key(account.user_id)
+
+    def _endpoint(self, account: AccountRef) -> str:
+        endpoint = (
+            self._settings.RUNPOD_HOSTED_ENDPOINT_ID if account.hosted else account.endpoint_id
+        )
+        if not endpoint:
+            raise ProviderError(
+                Code.FAILED_PRECONDITION,
+                "The hosted RunPod tier has no endpoint (RUNPOD_HOSTED_ENDPOINT_ID is empty)"
+                if account.hosted
+                else "No RunPod endpoint is set up for this account yet; prepare the account first",
+            )
+        return endpoint
+
+    # ---- credentials ---------------------------------------------------------------------
+
+    async def verify(self, account: AccountRef, api_key: str = "") -> Verification:
+        key = api_key or await self._key(account)
+        balance, account_id = await self._balance(key)
+        if balance <= 0:
+            raise ProviderError(
+                Code.FAILED_PRECONDITION, "Your RunPod balance is $0; add credits at runpod.io"
+            )
+        message = f"RunPod key is valid; balance ${balance:,.2f}"
+        if balance < self._settings.RUNPOD_LOW_BALANCE_USD:
+            message += " (low: add credits at runpod.io before long runs)"
+        return Verification(account_id=account_id, balance_usd=balance, message=message)
+
+    async def _balance(self, key: str) -> tuple[float, str]:
+        myself = await self._client.myself(key)
+        if myself is None:
+            raise ProviderError(Code.UNAUTHENTICATED, "Invalid RunPod API key")
+        try:
+            balance = float(myself.get("clientBalance") or 0.0)
+        except (TypeError, ValueError):
+            balance = 0.0
+        return balance, str(myself.get("id") or "")
+
+    # ---- endpoint ------------------------------------------------------------------------
+
+    async def prepare(
+        self, account: AccountRef, model_params_b: float = 0.0, quantization: str = ""
+    ) -> Prepared:
+        key = await self._key(account)
+        if account.hosted:
+            endpoint = self._endpoint(account)
+            if await self._client.get_endpoint(key, endpoint) is None:
+                raise ProviderError(
+                    Code.FAILED_PRECONDITION,
+                    "The hosted RunPod endpoint (RUNPOD_HOSTED_ENDPOINT_ID) does not exist",
+                )
+            return Prepared(endpoint_id=endpoint, created=False, status="ready")
+        # One user's concurrent first jobs must create one endpoint, not one each.
+        lock = self._account_locks.setdefault(account.user_id, asyncio.Lock())
+        async with lock:
+            if account.endpoint_id and await self._client.get_endpoint(key, account.endpoint_id):
+                return Prepared(endpoint_id=account.endpoint_id, created=False, status="ready")
+            existing = await self._find_own_endpoint(key)
+            if existing:
+                return Prepared(endpoint_id=existing, created=False, status="ready")
+            created = await self._client.create_endpoint(
+                key, self._endpoint_body(model_params_b, quantization)
+            )
+            log.info("runpod endpoint created", extra={"endpoint_id": created["id"]})
+            return Prepared(endpoint_id=str(created["id"]), created=True, status="ready")
+
+    async def _find_own_endpoint(self, key: str) -> str:
+        """An endpoint this dashboard created earlier (e.g. before its id reached the profile)."""
+        name, template = self._settings.RUNPOD_ENDPOINT_NAME, self._settings.RUNPOD_TEMPLATE_ID
+        for endpoint in await self._client.list_endpoints(key):
+            if endpoint.get("name") == name and endpoint.get("templateId") in (None, template):
+                return str(endpoint.get("id") or "")
+        return ""
+
+    def _endpoint_body(self, model_params_b: float, quantization: str) -> dict[str, Any]:
+        settings = self._settings
+        if not settings.RUNPOD_TEMPLATE_ID:
+            raise ProviderError(
+                Code.FAILED_PRECONDITION,
+                "RunPod is not set up on this server (RUNPOD_TEMPLATE_ID is empty)",
+            )
+        pools = (
+            costs.gpu_pools(model_params_b, quantization)
+            if model_params_b > 0
+            else list(settings.RUNPOD_DEFAULT_GPU_POOLS)
+        )
+        return {
+            "name": settings.RUNPOD_ENDPOINT_NAME,
+            "type": "QUEUE",
+            "templateId": settings.RUNPOD_TEMPLATE_ID,
+            "gpu": {"pools": pools, "count": 1},
+            "workers": {"min": 0, "max": settings.RUNPOD_WORKERS_MAX,
+                        "idleTimeout": settings.RUNPOD_IDLE_TIMEOUT_S},
+            "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4},
+            "timeout": settings.RUNPOD_EXECUTION_TIMEOUT_S * 1000,
+            "flashboot": "FLASHBOOT",
+        }
+
+    # ---- jobs ----------------------------------------------------------------------------
+
+    async def submit(
+        self, job_id: str, account: AccountRef, spec_json: bytes, estimated_cost_usd: float = 0.0
+    ) -> str:
+        spec = parse_spec(spec_json)
+        endpoint = self._endpoint(account)
+        lock = self._submit_locks.setdefault(job_id, asyncio.Lock()) if job_id else asyncio.Lock()
+        async with lock:
+            if job_id and job_id in self._submitted:
+                return self._submitted[job_id]
+            key = await self._key(account)
+            if not account.hosted:
+                await self._check_balance(key, spec, estimated_cost_usd)
+            settings = self._settings
+            payload = {
+                "input": spec.model_dump(mode="json"),
+                "policy": {
+                    "executionTimeout": settings.RUNPOD_EXECUTION_TIMEOUT_S * 1000,
+                    "ttl": settings.RUNPOD_JOB_TTL_S * 1000,
+                },
+            }
+            accepted = await self._client.run(key, endpoint, payload)
+            provider_job_id = str(accepted["id"])
+            if job_id:
+                _remember(self._submitted, job_id, provider_job_id)
+            self._submit_locks.pop(job_id, None)
+            log.info("runpod job submitted", extra={"job_id": job_id, "runpod_job_id": provider_job_id})
+            return provider_job_id
+
+    async def _check_balance(self, key: str, spec: ExperimentSpec, estimated_cost_usd: float) -> None:
+        estimate = estimated_cost_usd if estimated_cost_usd > 0 else costs.estimated_cost_usd(spec)
+        balance, _ = await self._balance(key)
+        if balance <= 0:
+            raise ProviderError(
+                Code.FAILED_PRECONDITION, "Your RunPod balance is $0; add credits at runpod.io"
+            )
+        if balance < estimate:
+            raise ProviderError(
+                Code.FAILED_PRECONDITION,
+                f"Your RunPod balance is ${balance:,.2f} but this job is estimated to cost "
+                f"${estimate:,.2f}; add credits at runpod.io. Nothing was submitted.",
+            )
+
+    async def status(self, account: AccountRef, provider_job_id: str, cursor: str) -> StatusReport:
+        delivered = parse_cursor(cursor)
+        if provider_job_id in self._failures:
+            return StatusReport("FAILED", [], str(delivered), error=self._failures[provider_job_id])
+        endpoint = self._endpoint(account)
+        key = await self._key(account)
+        followed = self._followed.setdefault(
+            provider_job_id, _Followed(base=delivered, first_seen=time.monotonic())
+        )
+        async with followed.lock:
+            report = await self._poll(key, endpoint, provider_job_id, followed, delivered)
+        if report.state in {"COMPLETED", "FAILED", "CANCELLED"}:
+            self._followed.pop(provider_job_id, None)
+        return report
+
+    async def _poll(
+        self, key: str, endpoint: str, job: str, followed: _Followed, delivered: int
+    ) -> StatusReport:
+        stream = await self._client.stream(key, endpoint, job, self._settings.RUNPOD_STREAM_WAIT_MS)
+        if stream is not None:
+            followed.chunks.extend(
+                chunk.get("output") for chunk in stream.get("stream") or [] if isinstance(chunk, dict)
+            )
+        status = await self._client.status(key, endpoint, job)
+        if status is None:
+            raise ProviderError(Code.NOT_FOUND, RESULT_EXPIRED)
+        state = str(status.get("status", ""))
+        if state == "COMPLETED" and isinstance(status.get("output"), list):
+            # The aggregate output (every yield) is authoritative: it fills any gap in the stream.
+            followed.base, followed.chunks = 0, list(status["output"])
+        start = max(delivered - followed.base, 0)
+        new_chunks = followed.chunks[start:]
+        events = [event for chunk in new_chunks if (event := _event(chunk)) is not None]
+        cursor = str(followed.base + len(followed.chunks)) if new_chunks else str(delivered)
+
+        if state == "IN_QUEUE":
+            queued_s = max(float(status.get("delayTime") or 0) / 1000,
+                           time.monotonic() - followed.first_seen)
+            if queued_s > self._settings.RUNPOD_QUEUE_TIMEOUT_S:
+                reason = await self._stuck_reason(key, endpoint)
+                if reason:
+                    await self._client.cancel(key, endpoint, job)
+                    _remember(self._failures, job, reason)
+                    return StatusReport("FAILED", events, cursor, error=reason)
+            return StatusReport("SUBMITTED", events, cursor, stage_message=WAITING_FOR_GPU)
+        if state == "IN_PROGRESS":
+            return StatusReport("RUNNING", events, cursor)
+        if state == "COMPLETED":
+            chunks = followed.chunks if followed.base == 0 else []
+            try:
+                final_result(chunks)
+            except ProviderError as exc:
+                return StatusReport("FAILED", events, cursor, error=exc.message)
+            return StatusReport("COMPLETED", events, cursor, result_ready=True)
+        if state == "FAILED":
+            return StatusReport("FAILED", events, cursor, error=error_text(status.get("error")))
+        if state == "TIMED_OUT":
+            return StatusReport("FAILED", events, cursor, error=self._timeout_message())
+        if state == "CANCELLED":
+            return StatusReport("CANCELLED", events, cursor)
+        return StatusReport("RUNNING", events, cursor)
+
+    async def _stuck_reason(self, key: str, endpoint: str) -> str:
+        """Why a job stays queued, when RunPod itself will never say so; "" = keep waiting."""
+        summary = await self._client.endpoint_workers(key, endpoint)
+        counts = {name: int(summary.get(name) or 0) for name in
+                  ("running", "idle", "initializing", "throttled", "unhealthy", "total")}
+        if counts["unhealthy"] and not (counts["running"] or counts["idle"]):
+            return (
+                "RunPod's workers for this endpoint keep failing to start (unhealthy); "
+                "the job was cancelled"
+            )
+        if counts["throttled"] or counts["total"] == 0:
+            return NO_GPU
+        return ""
+
+    def _timeout_message(self) -> str:
+        limit = self._settings.RUNPOD_EXECUTION_TIMEOUT_S
+        return (
+            f"The job exceeded the execution timeout ({limit} s) and RunPod stopped it "
+            "(or it expired before a worker picked it up); use fewer examples or epochs"
+        )
+
+    async def result(self, account: AccountRef, provider_job_id: str) -> bytes:
+        endpoint = self._endpoint(account)
+        key = await self._key(account)
+        status = await self._client.status(key, endpoint, provider_job_id)
+        if status is None:
+            raise ProviderError(Code.NOT_FOUND, RESULT_EXPIRED)
+        state = status.get("status")
+        if state != "COMPLETED":
+            raise ProviderError(
+                Code.FAILED_PRECONDITION, f"The result is not ready (RunPod says {state})"
+            )
+        output = status.get("output")
+        return final_result(output if isinstance(output, list) else [])
+
+    async def cancel(self, account: AccountRef, provider_job_id: str) -> str:
+        endpoint = self._endpoint(account)
+        key = await self._key(account)
+        answer = await self._client.cancel(key, endpoint, provider_job_id)
+        if answer is None:
+            raise ProviderError(Code.NOT_FOUND, "RunPod does not know this job (it may have expired)")
+        self._followed.pop(provider_job_id, None)
+        state = str(answer.get("status", "CANCELLED"))
+        return {"COMPLETED": "COMPLETED", "FAILED": "FAILED", "TIMED_OUT": "FAILED"}.get(
+            state, "CANCELLED"
+        )
+
+    def estimate(self, spec_json: bytes, backend: str) -> dict[str, Any]:
+        return costs.estimate(parse_spec(spec_json), backend or "runpod")
+
+
+def parse_spec(spec_json: bytes) -> ExperimentSpec:
+    try:
+        return ExperimentSpec.model_validate_json(spec_json)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ProviderError(Code.INVALID_ARGUMENT, f"Invalid experiment spec: {problems}") from None
+
+
+def parse_cursor(cursor: str) -> int:
+    if not cursor:
+        return 0
+    if not cursor.isdigit():
+        raise ProviderError(Code.INVALID_ARGUMENT, f"cursor {cursor!r} was not issued by compute-runpod")
+    return int(cursor)
+
+
+def _event(chunk: Any) -> dict[str, Any] | None:
+    """A chunk the researcher should see as an event (results and errors travel elsewhere)."""
+    if not isinstance(chunk, dict) or is_result_chunk(chunk) or "error" in chunk:
+        return None
+    return chunk
+
+
+def _remember(table: OrderedDict[str, str], key: str, value: str) -> None:
+    table[key] = value
+    while len(table) > _REMEMBERED_JOBS:
+        table.popitem(last=False)
+

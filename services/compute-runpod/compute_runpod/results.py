@@ -1,0 +1,85 @@
+"""The worker's stream chunks turned back into events and one verified result.
+
+The worker yields progress dicts, then the result as its last chunk(s): ``{"type": "result",
+"result": {...}}`` when small, else numbered ``{"type": "result_part", "index", "total",
+"sha256", "data"}`` slices of the result's JSON text (RunPod caps a stream chunk at 1 MB).
+A result is only ever handed on whole: a missing part or a checksum mismatch is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from compute_runpod.errors import Code, ProviderError
+
+RESULT_TYPES = ("result", "result_part")
+
+
+def is_result_chunk(chunk: Any) -> bool:
+    return isinstance(chunk, dict) and chunk.get("type") in RESULT_TYPES
+
+
+def assemble_result(chunks: list[Any]) -> bytes | None:
+    """The result JSON (UTF-8) from the chunks seen so far; None while no result chunk has
+    arrived or parts are still missing. Raises when what arrived cannot be a whole result."""
+    whole = [c for c in chunks if isinstance(c, dict) and c.get("type") == "result"]
+    if whole:
+        return json.dumps(whole[-1].get("result"), separators=(",", ":")).encode()
+    parts = [c for c in chunks if isinstance(c, dict) and c.get("type") == "result_part"]
+    if not parts:
+        return None
+    total = parts[0].get("total")
+    checksum = parts[0].get("sha256")
+    if not isinstance(total, int) or total < 1 or not isinstance(checksum, str):
+        raise ProviderError(Code.INTERNAL, "The worker sent a malformed result part")
+    by_index: dict[int, str] = {}
+    for part in parts:
+        index, data = part.get("index"), part.get("data")
+        if part.get("total") != total or part.get("sha256") != checksum:
+            raise ProviderError(Code.INTERNAL, "The worker sent result parts of two different results")
+        if not isinstance(index, int) or not 0 <= index < total or not isinstance(data, str):
+            raise ProviderError(Code.INTERNAL, "The worker sent a malformed result part")
+        by_index[index] = data
+    if len(by_index) < total:
+        return None
+    text = "".join(by_index[i] for i in range(total)).encode()
+    if hashlib.sha256(text).hexdigest() != checksum:
+        raise ProviderError(
+            Code.INTERNAL,
+            "The result arrived corrupted (checksum mismatch after reassembling "
+            f"{total} parts); it was not stored",
+        )
+    return text
+
+
+def final_result(chunks: list[Any]) -> bytes:
+    """The result of a COMPLETED job: every chunk it yielded must be here."""
+    result = assemble_result(chunks)
+    if result is None:
+        has_parts = any(is_result_chunk(c) for c in chunks)
+        raise ProviderError(
+            Code.INTERNAL,
+            "The job finished but parts of its result are missing; it was not stored"
+            if has_parts
+            else "The job finished without a result (RunPod returned no output)",
+        )
+    return result
+
+
+def error_text(error: Any) -> str:
+    """RunPod's ``error`` field in plain words: a yielded ``{"error": "msg"}`` arrives as
+    ``msg``; a raised exception as a JSON string with ``error_type`` and ``error_message``."""
+    if isinstance(error, str):
+        try:
+            parsed = json.loads(error)
+        except ValueError:
+            return error
+        error = parsed
+    if isinstance(error, dict):
+        message = error.get("error_message") or error.get("message") or error.get("error")
+        kind = error.get("error_type")
+        if message:
+            return f"{kind}: {message}" if kind else str(message)
+    return str(error) if error else "The worker failed without saying why"

@@ -1,0 +1,105 @@
+"""compute-runpod on port 0, a real keyvault on the real PostgreSQL, and the fake RunPod
+(devstack/fake_runpod.py), which runs the real worker handler and gpu_core on the tiny model."""
+
+from __future__ import annotations
+
+import base64
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from compute_runpod.config import Settings
+from compute_runpod.server import start_server
+from influence.v1 import compute_pb2_grpc, keyvault_pb2_grpc
+from keyvault.config import Settings as KeyVaultSettings
+from keyvault.server import KeyVaultServer, start_keyvault
+
+from devstack.fake_runpod import FakeRunPod
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from runpod_testkit import (  # noqa: E402
+    GATEWAY_TOKEN,
+    RUNPOD_CALLER_TOKEN,
+    TEMPLATE_ID,
+    Stack,
+    new_key,
+)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeRunPod]:
+    async with FakeRunPod(template_ids={TEMPLATE_ID}, stream_wait_s=1.0) as fake_runpod:
+        yield fake_runpod
+
+
+@pytest.fixture
+async def keyvault_server(database_url: str) -> AsyncIterator[KeyVaultServer]:
+    server = await start_keyvault(KeyVaultSettings(
+        database_url=database_url,
+        runpod_key_encryption_secret=base64.b64encode(os.urandom(32)).decode(),
+        keyvault_caller_tokens=f"gateway={GATEWAY_TOKEN},compute-runpod={RUNPOD_CALLER_TOKEN}",
+        keyvault_host="127.0.0.1", keyvault_port=0, keyvault_metrics_port=-1,
+    ))
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+def make_settings(fake: FakeRunPod, keyvault_server: KeyVaultServer) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "COMPUTE_RUNPOD_PORT": 0, "COMPUTE_RUNPOD_METRICS_PORT": -1,
+            "KEYVAULT_ADDR": f"127.0.0.1:{keyvault_server.port}",
+            "KEYVAULT_TOKEN": RUNPOD_CALLER_TOKEN,
+            "RUNPOD_REST_BASE_URL": f"{fake.url}/v2", "RUNPOD_JOB_BASE_URL": f"{fake.url}/v2",
+            "RUNPOD_GRAPHQL_URL": f"{fake.url}/graphql", "RUNPOD_TEMPLATE_ID": TEMPLATE_ID,
+            "RUNPOD_RETRY_BASE_S": 0.05, "RUNPOD_MAX_ATTEMPTS": 4, "RUNPOD_HTTP_TIMEOUT_S": 10,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def service_overrides() -> dict[str, Any]:
+    """Settings a test module or test changes (override this fixture)."""
+    return {}
+
+
+@pytest.fixture
+async def stack(
+    fake: FakeRunPod, keyvault_server: KeyVaultServer, make_settings: Callable[..., Settings],
+    service_overrides: dict[str, Any],
+) -> AsyncIterator[Stack]:
+    user_key, hosted_key = new_key(), new_key()
+    fake.add_key(user_key, balance=50.0)
+    fake.add_key(hosted_key, balance=1000.0)
+    async with httpx.AsyncClient() as http:
+        created = await http.post(
+            f"{fake.url}/v2/serverless", headers={"Authorization": f"Bearer {hosted_key}"},
+            json={"name": "hosted", "type": "QUEUE", "templateId": TEMPLATE_ID,
+                  "gpu": {"pools": ["AMPERE_80"]}, "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4}},
+        )
+    hosted_endpoint = created.json()["id"]
+    fake.requests.clear()
+    settings = make_settings(
+        RUNPOD_API_KEY=hosted_key, RUNPOD_HOSTED_ENDPOINT_ID=hosted_endpoint, **service_overrides
+    )
+    server = await start_server(settings)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    kv_channel = grpc.aio.insecure_channel(f"127.0.0.1:{keyvault_server.port}")
+    yield Stack(
+        fake=fake, stub=compute_pb2_grpc.ComputeProviderStub(channel), channel=channel,
+        server=server, keyvault=keyvault_pb2_grpc.KeyVaultStub(kv_channel),
+        user_key=user_key, hosted_key=hosted_key, hosted_endpoint=hosted_endpoint,
+    )
+    await channel.close()
+    await kv_channel.close()
+    await server.stop()

@@ -1,0 +1,70 @@
+"""The worker's result chunking and the service's reassembly, against each other."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from types import ModuleType
+
+import pytest
+from compute_runpod.errors import ProviderError
+from compute_runpod.results import assemble_result, error_text, final_result
+
+from devstack.fake_runpod import WORKER_HANDLER
+
+
+@pytest.fixture(scope="module")
+def worker() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("runpod_worker_under_test", WORKER_HANDLER)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+RESULT = {"text": 'quotes " and \\ backslashes \u00e9', "scores": [[0.125] * 50] * 20}
+
+
+def test_small_result_is_one_chunk(worker: ModuleType) -> None:
+    chunks = list(worker.result_chunks(RESULT, 1_000_000))
+    assert chunks == [{"type": "result", "result": RESULT}]
+    assert json.loads(assemble_result(chunks)) == RESULT
+
+
+def test_large_result_goes_in_parts_that_fit_and_reassemble(worker: ModuleType) -> None:
+    chunks = list(worker.result_chunks(RESULT, 300))
+    assert len(chunks) > 5
+    assert all(len(json.dumps(c["data"])) <= 300 for c in chunks)
+    assert [c["index"] for c in chunks] == list(range(len(chunks)))
+    assert json.loads(final_result(list(reversed(chunks)))) == RESULT
+
+
+def test_missing_part_is_never_a_truncated_result(worker: ModuleType) -> None:
+    chunks = list(worker.result_chunks(RESULT, 300))
+    assert assemble_result(chunks[:-1]) is None
+    with pytest.raises(ProviderError, match="parts of its result are missing"):
+        final_result(chunks[:-1])
+
+
+def test_checksum_mismatch_is_an_error(worker: ModuleType) -> None:
+    chunks = list(worker.result_chunks(RESULT, 300))
+    chunks[1] = {**chunks[1], "data": chunks[1]["data"][:-1] + "X"}
+    with pytest.raises(ProviderError, match="checksum mismatch"):
+        final_result(chunks)
+
+
+def test_no_result_at_all_is_an_error() -> None:
+    with pytest.raises(ProviderError, match="without a result"):
+        final_result([{"type": "progress", "stage": "training", "progress": 0.5}])
+
+
+def test_invalid_spec_is_yielded_as_error_naming_the_field(worker: ModuleType) -> None:
+    outputs = list(worker.handler({"id": "j", "input": {"training_data": [], "eval_data": []}}))
+    assert len(outputs) == 1 and "training_data" in outputs[0]["error"]
+
+
+def test_runpod_error_forms_in_plain_words() -> None:
+    assert error_text("Invalid experiment spec: x") == "Invalid experiment spec: x"
+    raised = json.dumps({"error_type": "ValueError", "error_message": "boom", "error_traceback": "..."})
+    assert error_text(raised) == "ValueError: boom"
+    assert error_text(None) == "The worker failed without saying why"

@@ -1,0 +1,334 @@
+"""compute-runpod over gRPC against the fake RunPod, with keys from the real keyvault."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import grpc
+import pytest
+from compute_runpod.provider import NO_GPU, WAITING_FOR_GPU
+from gpu_core.schemas import ExperimentResult
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from influence.v1 import common_pb2, compute_pb2
+from prometheus_client import REGISTRY
+from runpod_testkit import SMALL_SPEC, Stack, new_key, spec_bytes
+
+HOSTED = common_pb2.Account(user_id="operator-tier-user", hosted=True)
+
+
+def user(user_id: str = "u1", endpoint_id: str = "") -> common_pb2.Account:
+    return common_pb2.Account(user_id=user_id, endpoint_id=endpoint_id, hosted=False)
+
+
+async def rpc_error(call) -> grpc.aio.AioRpcError:  # noqa: ANN001
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value
+
+
+# ---- credentials ---------------------------------------------------------------------------
+
+
+async def test_verify_key_being_saved(stack: Stack) -> None:
+    answer = await stack.stub.VerifyCredentials(
+        compute_pb2.VerifyCredentialsRequest(account=user(), api_key=stack.user_key)
+    )
+    assert answer.valid and answer.balance_usd == 50.0 and answer.account_id
+    assert stack.user_key not in answer.message
+    myself = stack.fake.calls("graphql")
+    assert [c.headers["authorization"] for c in myself] == [f"Bearer {stack.user_key}"]
+
+
+async def test_verify_stored_key_from_keyvault(stack: Stack) -> None:
+    await stack.store_key("u-stored", stack.user_key)
+    answer = await stack.stub.VerifyCredentials(
+        compute_pb2.VerifyCredentialsRequest(account=user("u-stored"))
+    )
+    assert answer.valid and answer.balance_usd == 50.0
+
+
+async def test_verify_without_stored_key_says_so(stack: Stack) -> None:
+    error = await rpc_error(stack.stub.VerifyCredentials(
+        compute_pb2.VerifyCredentialsRequest(account=user("nobody"))
+    ))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "No RunPod API key is saved" in error.details()
+
+
+async def test_verify_invalid_key(stack: Stack) -> None:
+    bad = new_key()
+    error = await rpc_error(stack.stub.VerifyCredentials(
+        compute_pb2.VerifyCredentialsRequest(account=user(), api_key=bad)
+    ))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error.details() == "Invalid RunPod API key"
+    assert stack.fake.calls("graphql")[0].status == 401
+
+
+async def test_verify_key_lacking_scope(stack: Stack) -> None:
+    restricted = new_key()
+    stack.fake.add_key(restricted, balance=20.0, scope="restricted")
+    error = await rpc_error(stack.stub.VerifyCredentials(
+        compute_pb2.VerifyCredentialsRequest(account=user(), api_key=restricted)
+    ))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "GraphQL" in error.details() and "serverless Read/Write" in error.details()
+    assert restricted not in error.details()
+
+
+async def test_verify_zero_balance(stack: Stack) -> None:
+    broke = new_key()
+    stack.fake.add_key(broke, balance=0.0)
+    error = await rpc_error(stack.stub.VerifyCredentials(
+        compute_pb2.VerifyCredentialsRequest(account=user(), api_key=broke)
+    ))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.details() == "Your RunPod balance is $0; add credits at runpod.io"
+
+
+# ---- the endpoint --------------------------------------------------------------------------
+
+
+async def test_endpoint_created_once_then_reused(stack: Stack) -> None:
+    await stack.store_key("u-ep", stack.user_key)
+    request = compute_pb2.PrepareAccountRequest(account=user("u-ep"))
+    first, second = await asyncio.gather(
+        stack.stub.PrepareAccount(request), stack.stub.PrepareAccount(request)
+    )
+    assert first.endpoint_id == second.endpoint_id
+    assert sorted([first.created, second.created]) == [False, True]
+    creates = stack.fake.calls("serverless.create")
+    assert len(creates) == 1
+    (endpoint,) = [e for e in stack.fake.endpoints() if e["id"] == first.endpoint_id]
+    assert endpoint["name"] == "influence-dashboard" and endpoint["type"] == "QUEUE"
+    assert endpoint["templateId"] == "influence-template"
+    assert endpoint["gpu"]["pools"] == ["AMPERE_80"]
+    assert endpoint["workers"] == {"min": 0, "max": 1, "idleTimeout": 300}
+    assert endpoint["scaling"]["type"] == "QUEUE_DELAY"
+    assert endpoint["timeout"] == 7_200_000 and endpoint["flashboot"] == "FLASHBOOT"
+
+    again = await stack.stub.PrepareAccount(compute_pb2.PrepareAccountRequest(
+        account=user("u-ep", first.endpoint_id)
+    ))
+    assert (again.endpoint_id, again.created, again.status) == (first.endpoint_id, False, "ready")
+    assert len(stack.fake.calls("serverless.create")) == 1
+
+
+async def test_endpoint_recreated_after_deletion(stack: Stack) -> None:
+    await stack.store_key("u-del", stack.user_key)
+    first = await stack.stub.PrepareAccount(compute_pb2.PrepareAccountRequest(account=user("u-del")))
+    stack.fake.delete_endpoint(first.endpoint_id)
+    second = await stack.stub.PrepareAccount(compute_pb2.PrepareAccountRequest(
+        account=user("u-del", first.endpoint_id)
+    ))
+    assert second.created and second.endpoint_id != first.endpoint_id
+    assert [c.status for c in stack.fake.calls("serverless.get")] == [404]
+
+
+async def test_large_model_gets_a_larger_pool(stack: Stack) -> None:
+    await stack.store_key("u-big", stack.user_key)
+    answer = await stack.stub.PrepareAccount(compute_pb2.PrepareAccountRequest(
+        account=user("u-big"), model_params_b=70.0, quantization="none"
+    ))
+    (endpoint,) = [e for e in stack.fake.endpoints() if e["id"] == answer.endpoint_id]
+    assert endpoint["gpu"]["pools"] != ["AMPERE_16"]
+    assert endpoint["gpu"]["pools"][0] in {"AMPERE_80", "ADA_80_PRO", "HOPPER_141", "BLACKWELL_180"}
+
+
+# ---- jobs ----------------------------------------------------------------------------------
+
+
+async def test_job_on_users_account_streams_progress_and_result(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    await stack.store_key("u-job", stack.user_key)
+    prepared = await stack.stub.PrepareAccount(compute_pb2.PrepareAccountRequest(account=user("u-job")))
+    account = user("u-job", prepared.endpoint_id)
+    # No GPU at first: the researcher is told the job waits for a worker.
+    stack.fake.set_throttled(True)
+    submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
+        job_id="job-1", account=account, spec_json=spec_bytes(), estimated_cost_usd=0.5,
+    ))
+    queued = await stack.stub.GetStatus(compute_pb2.GetStatusRequest(
+        provider_job_id=submitted.provider_job_id, account=account,
+    ))
+    assert queued.state == common_pb2.JOB_STATE_SUBMITTED
+    assert queued.stage_message == WAITING_FOR_GPU
+    stack.fake.set_throttled(False)
+
+    final, events, _ = await stack.wait_terminal(submitted.provider_job_id, account)
+    assert final.state == common_pb2.JOB_STATE_COMPLETED and final.result_ready, final.error
+    stages = [e.stage for e in events]
+    assert stages[0] == "loading_model" and "training" in stages and "influence" in stages
+    progress = [e.progress for e in events]
+    assert progress == sorted(progress) and progress[-1] > 0.9
+    assert all(json.loads(e.event_json)["type"] == "progress" for e in events)
+
+    result = await stack.stub.GetResult(compute_pb2.GetResultRequest(
+        provider_job_id=submitted.provider_job_id, account=account,
+    ))
+    parsed = ExperimentResult.model_validate_json(result.result_json)
+    assert parsed.influence.train_ids == ["t1", "t2", "t3", "t4"]
+
+    (run_call,) = stack.fake.calls("job.run")
+    assert run_call.status == 200
+    job = stack.fake.job(submitted.provider_job_id)
+    assert job is not None and job.input["training_data"][0]["prompt"] == (
+        SMALL_SPEC["training_data"][0]["prompt"]
+    )
+    assert job.execution_timeout_s == 7200
+
+    # A resubmission of the same scheduler job is not sent to RunPod again.
+    again = await stack.stub.Submit(compute_pb2.SubmitRequest(
+        job_id="job-1", account=account, spec_json=spec_bytes(), estimated_cost_usd=0.5,
+    ))
+    assert again.provider_job_id == submitted.provider_job_id
+    assert len(stack.fake.calls("job.run")) == 1
+
+    # RunPod keeps results for a limited time; afterwards the error says so.
+    stack.fake.retention_s = 0.0
+    error = await rpc_error(stack.stub.GetResult(compute_pb2.GetResultRequest(
+        provider_job_id=submitted.provider_job_id, account=account,
+    )))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "30 minutes" in error.details()
+
+    logged = "\n".join(r.getMessage() + json.dumps(r.__dict__, default=str) for r in caplog.records)
+    assert stack.user_key not in logged and "runpod job submitted" in logged
+
+
+@pytest.fixture
+def service_overrides(request: pytest.FixtureRequest) -> dict[str, object]:
+    return getattr(request, "param", {})
+
+
+@pytest.mark.parametrize("service_overrides", [{"RUNPOD_QUEUE_TIMEOUT_S": 0.2}], indirect=True)
+async def test_no_gpu_gives_plain_message_and_cancels(stack: Stack) -> None:
+    stack.fake.set_throttled(True)
+    submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
+        job_id="job-nogpu", account=HOSTED, spec_json=spec_bytes(),
+    ))
+    final, _, _ = await stack.wait_terminal(submitted.provider_job_id, HOSTED, limit_s=30)
+    assert final.state == common_pb2.JOB_STATE_FAILED
+    assert final.error == NO_GPU
+    assert stack.fake.calls("serverless.workers")
+    assert stack.fake.job(submitted.provider_job_id).status == "CANCELLED"
+
+
+async def test_execution_timeout_gives_plain_message(stack: Stack) -> None:
+    stack.fake.execution_timeout_s = 0.0
+    submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
+        job_id="job-timeout", account=HOSTED, spec_json=spec_bytes(),
+    ))
+    final, _, _ = await stack.wait_terminal(submitted.provider_job_id, HOSTED, limit_s=120)
+    assert final.state == common_pb2.JOB_STATE_FAILED
+    assert final.error.startswith("The job exceeded the execution timeout (7200 s)")
+
+
+async def test_low_balance_is_refused_and_nothing_submitted(stack: Stack) -> None:
+    poor = new_key()
+    stack.fake.add_key(poor, balance=0.25)
+    await stack.store_key("u-poor", poor)
+    prepared = await stack.stub.PrepareAccount(compute_pb2.PrepareAccountRequest(account=user("u-poor")))
+    error = await rpc_error(stack.stub.Submit(compute_pb2.SubmitRequest(
+        job_id="job-poor", account=user("u-poor", prepared.endpoint_id), spec_json=spec_bytes(),
+        estimated_cost_usd=1.5,
+    )))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "$0.25" in error.details() and "$1.50" in error.details()
+    assert stack.fake.calls("job.run") == []
+
+
+async def test_rate_limit_storm_then_one_submission_and_cancel(stack: Stack) -> None:
+    stack.fake.fail_next("job.run", 429, times=2, retry_after=0.3)
+    started = time.monotonic()
+    submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
+        job_id="job-429", account=HOSTED, spec_json=spec_bytes(),
+    ))
+    assert time.monotonic() - started >= 0.6  # Retry-After honoured twice
+    assert [c.status for c in stack.fake.calls("job.run")] == [429, 429, 200]
+    assert stack.fake.job(submitted.provider_job_id) is not None
+
+    cancelled = await stack.stub.Cancel(compute_pb2.CancelRequest(
+        provider_job_id=submitted.provider_job_id, account=HOSTED,
+    ))
+    assert cancelled.state == common_pb2.JOB_STATE_CANCELLED
+    assert stack.fake.job(submitted.provider_job_id).status == "CANCELLED"
+    status = await stack.stub.GetStatus(compute_pb2.GetStatusRequest(
+        provider_job_id=submitted.provider_job_id, account=HOSTED,
+    ))
+    assert status.state == common_pb2.JOB_STATE_CANCELLED
+
+
+async def test_rate_limit_that_does_not_end_is_resource_exhausted(stack: Stack) -> None:
+    stack.fake.fail_next("job.run", 429, times=10, retry_after=0)
+    error = await rpc_error(stack.stub.Submit(compute_pb2.SubmitRequest(
+        job_id="job-429x", account=HOSTED, spec_json=spec_bytes(),
+    )))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(stack.fake.calls("job.run")) == 4  # RUNPOD_MAX_ATTEMPTS
+    assert stack.fake.calls("job.run", method="POST")[-1].status == 429
+
+
+async def test_server_errors_retried_only_where_safe(stack: Stack) -> None:
+    stack.fake.fail_next("job.run", 502)
+    error = await rpc_error(stack.stub.Submit(compute_pb2.SubmitRequest(
+        job_id="job-502", account=HOSTED, spec_json=spec_bytes(),
+    )))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "not sent again" in error.details()
+    assert len(stack.fake.calls("job.run")) == 1  # /run is never repeated after a 5xx
+
+    stack.fake.fail_next("graphql", 503, times=2)
+    answer = await stack.stub.VerifyCredentials(
+        compute_pb2.VerifyCredentialsRequest(account=user(), api_key=stack.user_key)
+    )
+    assert answer.valid
+    assert [c.status for c in stack.fake.calls("graphql")] == [503, 503, 200]
+
+
+async def test_result_larger_than_a_stream_chunk_arrives_whole(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INFLUENCE_RESULT_CHUNK_BYTES", "600")
+    stack.fake.max_chunk_bytes = 1024
+    submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
+        job_id="job-big", account=HOSTED, spec_json=spec_bytes(),
+    ))
+    final, events, _ = await stack.wait_terminal(submitted.provider_job_id, HOSTED)
+    assert final.state == common_pb2.JOB_STATE_COMPLETED and final.result_ready, final.error
+    assert events
+    output = stack.fake.job(submitted.provider_job_id).output
+    parts = [c for c in output if isinstance(c, dict) and c.get("type") == "result_part"]
+    assert len(parts) > 1 and all(len(json.dumps(p)) <= 1024 for p in parts)
+    result = await stack.stub.GetResult(compute_pb2.GetResultRequest(
+        provider_job_id=submitted.provider_job_id, account=HOSTED,
+    ))
+    assert result.result_json == "".join(p["data"] for p in parts).encode()
+    ExperimentResult.model_validate_json(result.result_json)
+
+
+async def test_invalid_spec_names_the_field(stack: Stack) -> None:
+    error = await rpc_error(stack.stub.Submit(compute_pb2.SubmitRequest(
+        job_id="job-bad", account=HOSTED, spec_json=spec_bytes(training_data=[]),
+    )))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "training_data" in error.details()
+    assert stack.fake.calls("job.run") == []
+
+
+async def test_estimate_and_health_and_metrics(stack: Stack) -> None:
+    answer = await stack.stub.Estimate(compute_pb2.EstimateRequest(spec_json=spec_bytes(), backend="runpod"))
+    assert answer.estimate.provider == "runpod" and answer.estimate.estimated_cost_usd >= 0
+    health = health_pb2_grpc.HealthStub(stack.channel)
+    check = await health.Check(health_pb2.HealthCheckRequest(service="influence.v1.ComputeProvider"))
+    assert check.status == health_pb2.HealthCheckResponse.SERVING
+    await stack.stub.VerifyCredentials(
+        compute_pb2.VerifyCredentialsRequest(account=user(), api_key=stack.user_key)
+    )
+    calls = REGISTRY.get_sample_value("runpod_api_requests_total", {"route": "graphql", "status": "200"})
+    assert calls is not None and calls >= 1
