@@ -256,3 +256,55 @@ class Stack:
             except grpc.RpcError:
                 return False
             return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@dataclass
+class FakeRunPodProcess:
+    """``python -m devstack.fake_runpod`` as a separate process, controlled over ``/_fake/``."""
+
+    process: subprocess.Popen[str]
+    url: str
+
+    @classmethod
+    def start(cls, extra_env: dict[str, str] | None = None, timeout_s: float = 30.0) -> FakeRunPodProcess:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "devstack.fake_runpod"],
+            cwd=REPO_ROOT, env={**os.environ, **(extra_env or {})},
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        assert process.stdout is not None
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if line.startswith("FAKE_RUNPOD_URL="):
+                return cls(process, line.strip().split("=", 1)[1])
+            if not line and process.poll() is not None:
+                break
+        process.kill()
+        raise RuntimeError("the fake RunPod did not start")
+
+    def settings_env(self, template_id: str = "influence-template") -> dict[str, str]:
+        return {
+            "RUNPOD_REST_BASE_URL": f"{self.url}/v2",
+            "RUNPOD_JOB_BASE_URL": f"{self.url}/v2",
+            "RUNPOD_GRAPHQL_URL": f"{self.url}/graphql",
+            "RUNPOD_TEMPLATE_ID": template_id,
+        }
+
+    def control(self, method: str, path: str, **body: object) -> object:
+        import httpx
+
+        reply = httpx.request(method, f"{self.url}/_fake/{path}", json=body or None, timeout=10)
+        reply.raise_for_status()
+        return reply.json() if reply.content else None
+
+    def requests(self, route: str | None = None) -> list[dict[str, object]]:
+        recorded = self.control("GET", "requests")["requests"]  # type: ignore[index]
+        return [r for r in recorded if route is None or r["route"] == route]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()

@@ -7,6 +7,7 @@ import copy
 import json
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -153,6 +154,16 @@ def test_scheduler_killed_mid_job_restarts_and_the_job_finishes(
         alice.job(job_id)
     assert down.value.response.status_code == 503
     stack.start_service("scheduler")
+    # Like the browser's EventSource, retry while the gateway reconnects to the new scheduler.
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            alice.job(job_id)
+            break
+        except httpx.HTTPStatusError as error:
+            if error.response.status_code != 503 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
     events = list(alice.events(job_id))
     seqs = [e["seq"] for e in events]

@@ -27,7 +27,13 @@ SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
-CHANNEL_OPTIONS = SERVER_OPTIONS
+# Reconnect quickly after a peer restarts (the default backoff grows to two minutes).
+CHANNEL_OPTIONS = [
+    *SERVER_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
 
 
 @dataclass

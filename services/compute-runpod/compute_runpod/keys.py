@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 from influence.v1 import keyvault_pb2, keyvault_pb2_grpc
-from service_runtime.grpc_server import CHANNEL_OPTIONS
+from service_runtime.grpc_server import insecure_channel
 
 from compute_runpod.errors import Code, ProviderError
 
@@ -13,7 +13,7 @@ PROVIDER = "runpod"
 
 class KeyVaultKeys:
     def __init__(self, address: str, caller_token: str, timeout_s: float = 10.0) -> None:
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = insecure_channel(address)
         self._stub = keyvault_pb2_grpc.KeyVaultStub(self._channel)
         self._metadata = (("x-caller-token", caller_token),)
         self._timeout_s = timeout_s

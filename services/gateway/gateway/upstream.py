@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from influence.v1 import keyvault_pb2_grpc, scheduler_pb2_grpc
-from service_runtime.grpc_server import CHANNEL_OPTIONS
+from service_runtime.grpc_server import insecure_channel
 
 from gateway.config import Settings
 
@@ -62,8 +62,8 @@ class Upstreams:
 
 def open_upstreams(settings: Settings) -> Upstreams:
     """Open the channels (lazily connecting); call from inside the running event loop."""
-    scheduler_channel = grpc.aio.insecure_channel(settings.scheduler_addr, options=CHANNEL_OPTIONS)
-    keyvault_channel = grpc.aio.insecure_channel(settings.keyvault_addr, options=CHANNEL_OPTIONS)
+    scheduler_channel = insecure_channel(settings.scheduler_addr)
+    keyvault_channel = insecure_channel(settings.keyvault_addr)
     token = settings.keyvault_token
     return Upstreams(
         scheduler=scheduler_pb2_grpc.SchedulerStub(scheduler_channel),

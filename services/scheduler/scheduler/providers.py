@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import grpc
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from prometheus_client import Counter
-from service_runtime.grpc_server import CHANNEL_OPTIONS
+from service_runtime.grpc_server import insecure_channel
 
 from scheduler.config import ProviderName, Settings
 
@@ -178,7 +178,7 @@ class Providers:
             raise ProviderNotConfigured(
                 f"the {provider} compute provider is not configured on this deployment ({variable} is empty)"
             )
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        channel = insecure_channel(address)
         self._channels.append(channel)
         client = ProviderClient(provider, channel, self._settings.scheduler_provider_timeout_s)
         self._clients[provider] = client

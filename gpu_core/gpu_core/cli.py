@@ -1,0 +1,105 @@
+"""``python -m gpu_core run SPEC.json --out RESULT.json [--artifacts DIR]``.
+
+Shows a progress bar on stderr, writes the result JSON, and with ``--artifacts`` saves the final
+LoRA adapter and TracIn's per-epoch checkpoints. Exit status: 0 done, 2 bad spec or arguments,
+1 the experiment failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from gpu_core.schemas import ExperimentSpec
+
+EXIT_BAD_SPEC = 2
+EXIT_FAILED = 1
+BAR_STEPS = 1000
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m gpu_core", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run one experiment: fine-tune, evaluate, score influence")
+    run.add_argument("spec", type=Path, help="experiment spec JSON")
+    run.add_argument("--out", type=Path, required=True, help="where to write the result JSON")
+    run.add_argument("--artifacts", type=Path, default=None, help="directory for the adapter and checkpoints")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def read_spec(path: Path) -> ExperimentSpec:
+    """The validated spec; raises ValueError with a message naming the file, field and rule."""
+    try:
+        raw = json.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read spec {path}: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"spec {path} is not valid JSON: {exc}") from exc
+    try:
+        return ExperimentSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = "\n".join(
+            f"  {'.'.join(str(part) for part in error['loc']) or '(spec)'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise ValueError(f"invalid spec {path}:\n{problems}") from exc
+
+
+def run_command(args: argparse.Namespace) -> int:
+    try:
+        spec = read_spec(args.spec)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)  # noqa: T201 - the CLI's error output
+        return EXIT_BAD_SPEC
+
+    from transformers.utils import logging as transformers_logging
+
+    from gpu_core.models import ModelLoadError
+
+    transformers_logging.disable_progress_bar()
+    try:
+        result = _run_with_bar(spec, args)
+    except ModelLoadError as exc:
+        print(exc, file=sys.stderr)  # noqa: T201
+        return EXIT_FAILED
+    if result is None:
+        print("the experiment ended without a result", file=sys.stderr)  # noqa: T201
+        return EXIT_FAILED
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _run_with_bar(spec: ExperimentSpec, args: argparse.Namespace) -> dict | None:
+    from tqdm import tqdm
+
+    from gpu_core.pipeline import run_experiment
+
+    result = None
+    bar_format = "{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}"
+    with tqdm(total=BAR_STEPS, file=sys.stderr, disable=args.quiet, bar_format=bar_format) as bar:
+        for event in run_experiment(spec, args.artifacts):
+            if event["type"] == "result":
+                result = event["result"]
+                continue
+            bar.set_description(event["stage"])
+            bar.set_postfix_str(_postfix(event), refresh=False)
+            bar.update(round(event["progress"] * BAR_STEPS) - bar.n)
+    return result
+
+
+def _postfix(event: dict) -> str:
+    if event.get("loss") is not None:
+        return f"epoch {event['epoch']}/{event['total_epochs']} loss {event['loss']:.4f}"
+    return event.get("message", "")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args)

@@ -1,0 +1,278 @@
+"""One experiment as a generator of progress events ending in a result. Workers only wrap this.
+
+``run_experiment(spec)`` yields ``ProgressEvent(...).model_dump()`` dicts for the stages
+loading_model, eval_base, eval_few_shot, training, eval_finetuned, influence (``progress`` is
+overall and never decreases), then ``{"type": "result", "result": ExperimentResult(...)}``.
+
+The work runs in one worker thread that hands events to the generator through a queue, so
+progress reported from inside long calls (a training step, an influence batch) reaches the
+consumer while the work goes on. Closing the generator (or any exception thrown into it, e.g.
+Modal's input cancellation) sets a cancel flag that the worker checks at every progress report;
+the generator then waits for the worker to stop and free the model before it returns, and the
+exception propagates unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpu_core.data import encode_pair
+from gpu_core.environment import describe_environment
+from gpu_core.evaluation import evaluate, few_shot_prefix
+from gpu_core.influence import AdapterCheckpoint, build_influence_result, compute_influence
+from gpu_core.models import free_memory, load_model
+from gpu_core.schemas import (
+    STAGES,
+    EvalResults,
+    ExperimentResult,
+    ExperimentSpec,
+    ProgressEvent,
+    ResultEvent,
+    TrainingSummary,
+)
+from gpu_core.training import TrainingStep, attach_lora, train_lora
+
+# Share of the overall progress bar per stage (rough relative cost on the tiny model).
+STAGE_WEIGHTS: dict[str, float] = {
+    "loading_model": 0.05,
+    "eval_base": 0.10,
+    "eval_few_shot": 0.10,
+    "training": 0.40,
+    "eval_finetuned": 0.10,
+    "influence": 0.25,
+}
+_STAGE_START: dict[str, float] = {
+    stage: sum(STAGE_WEIGHTS[s] for s in STAGES[: STAGES.index(stage)]) for stage in STAGES
+}
+WORKER_THREAD_NAME = "gpu_core-experiment"
+
+
+class ExperimentCancelled(Exception):
+    """Raised inside the worker when the consumer closed the generator."""
+
+
+def run_experiment(
+    spec: ExperimentSpec, artifacts_dir: Path | None = None
+) -> Generator[dict[str, Any], None, None]:
+    """Run ``spec``; see the module docstring for the events. Raises what the work raised."""
+    handoff: queue.Queue[tuple[str, Any]] = queue.Queue()
+    cancel = threading.Event()
+    worker = threading.Thread(
+        target=_work,
+        args=(spec, artifacts_dir, handoff, cancel),
+        name=WORKER_THREAD_NAME,
+        daemon=True,
+    )
+    worker.start()
+    try:
+        while True:
+            kind, payload = handoff.get()
+            if kind == "event":
+                yield payload
+            elif kind == "error":
+                raise payload
+            else:
+                return
+    finally:
+        cancel.set()
+        worker.join()
+
+
+def run_experiment_to_result(spec: ExperimentSpec, artifacts_dir: Path | None = None) -> ExperimentResult:
+    """Run to completion and return the result (progress events are dropped)."""
+    for event in run_experiment(spec, artifacts_dir):
+        if event["type"] == "result":
+            return ExperimentResult.model_validate(event["result"])
+    raise RuntimeError("the experiment ended without a result")
+
+
+def _work(
+    spec: ExperimentSpec,
+    artifacts_dir: Path | None,
+    handoff: queue.Queue[tuple[str, Any]],
+    cancel: threading.Event,
+) -> None:
+    try:
+        result = _Experiment(spec, artifacts_dir, handoff, cancel).run()
+        handoff.put(("event", ResultEvent(result=result).model_dump()))
+        handoff.put(("done", None))
+    except ExperimentCancelled:
+        pass
+    except BaseException as exc:  # noqa: BLE001 - handed to the consumer's thread and re-raised there
+        # The frames hold the model; clear them so memory is freed before the consumer sees it.
+        traceback.clear_frames(exc.__traceback__)
+        handoff.put(("error", exc))
+    finally:
+        free_memory()
+
+
+class _Experiment:
+    def __init__(
+        self,
+        spec: ExperimentSpec,
+        artifacts_dir: Path | None,
+        handoff: queue.Queue[tuple[str, Any]],
+        cancel: threading.Event,
+    ) -> None:
+        self.spec = spec
+        self.artifacts_dir = artifacts_dir
+        self.handoff = handoff
+        self.cancel = cancel
+        self.overall = 0.0
+        self.timings: dict[str, float] = {}
+
+    def report(self, stage: str, stage_progress: float, message: str = "", **fields: Any) -> None:
+        if self.cancel.is_set():
+            raise ExperimentCancelled
+        stage_progress = min(max(stage_progress, 0.0), 1.0)
+        self.overall = max(self.overall, _STAGE_START[stage] + STAGE_WEIGHTS[stage] * stage_progress)
+        event = ProgressEvent(
+            stage=stage,  # type: ignore[arg-type]
+            progress=min(self.overall, 1.0),
+            stage_progress=stage_progress,
+            message=message,
+            **fields,
+        )
+        self.handoff.put(("event", event.model_dump()))
+
+    def stage_reporter(self, stage: str, message: str) -> Callable[[float], None]:
+        return lambda fraction: self.report(stage, fraction, message)
+
+    def timed(self, stage: str, started: float) -> None:
+        self.timings[stage] = time.monotonic() - started
+
+    def run(self) -> ExperimentResult:
+        from transformers import set_seed
+
+        spec, hp = self.spec, self.spec.hyperparams
+        run_started = time.monotonic()
+        set_seed(hp.seed)
+
+        started = time.monotonic()
+        self.report("loading_model", 0.0, f"loading {spec.model_id}")
+        loaded = load_model(spec.model_id, hp.quantization)
+        model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
+        self.report("loading_model", 1.0, f"loaded {spec.model_id} on {device}")
+        self.timed("loading_model", started)
+
+        def run_eval(stage: str, eval_model: Any, prefix: str, message: str) -> Any:
+            started = time.monotonic()
+            self.report(stage, 0.0, message)
+            outcome = evaluate(
+                eval_model,
+                tokenizer,
+                spec.eval_data,
+                device,
+                hp.max_seq_len,
+                hp.max_new_tokens,
+                hp.batch_size,
+                prompt_prefix=prefix,
+                on_progress=self.stage_reporter(stage, message),
+            )
+            self.timed(stage, started)
+            return outcome
+
+        base = run_eval("eval_base", model, "", "evaluating the base model")
+        prefix = few_shot_prefix(spec.training_data, spec.few_shot_k, hp.seed)
+        few_shot = run_eval(
+            "eval_few_shot", model, prefix, f"evaluating the base model with {spec.few_shot_k} demonstrations"
+        )
+
+        started = time.monotonic()
+        self.report("training", 0.0, "attaching LoRA adapters")
+        torch.manual_seed(hp.seed)
+        model = attach_lora(model, hp, quantized=hp.quantization != "none")
+        train_pairs = [
+            encode_pair(tokenizer, example.prompt, example.completion, hp.max_seq_len)
+            for example in spec.training_data
+        ]
+
+        def on_step(step: TrainingStep) -> None:
+            self.report(
+                "training",
+                step.step / step.total_steps,
+                f"epoch {step.epoch}/{step.total_epochs}, step {step.step}/{step.total_steps}",
+                epoch=step.epoch,
+                total_epochs=step.total_epochs,
+                step=step.step,
+                total_steps=step.total_steps,
+                loss=step.loss,
+                learning_rate=step.learning_rate,
+                eta_s=step.eta_s,
+            )
+
+        training = train_lora(model, train_pairs, hp, tokenizer.pad_token_id, device, on_step)
+        self.timed("training", started)
+
+        finetuned = run_eval("eval_finetuned", model, "", "evaluating the fine-tuned model")
+
+        if self.artifacts_dir is not None:
+            save_artifacts(self.artifacts_dir, model, training.checkpoints)
+
+        started = time.monotonic()
+        message = f"scoring training examples with {spec.influence_method}"
+        self.report("influence", 0.0, message)
+        query_pairs = [
+            encode_pair(tokenizer, example.prompt, example.expected, hp.max_seq_len)
+            for example in spec.eval_data
+        ]
+        with tempfile.TemporaryDirectory(prefix="gpu_core-influence-") as work_dir:
+            scores = compute_influence(
+                spec.influence_method,
+                model,
+                tokenizer,
+                train_pairs,
+                query_pairs,
+                training.checkpoints,
+                spec.influence,
+                hp.batch_size,
+                Path(work_dir),
+                progress=self.stage_reporter("influence", message),
+            )
+        influence = build_influence_result(
+            spec.influence_method,
+            scores,
+            [example.id for example in spec.training_data],
+            [example.id for example in spec.eval_data],
+            spec.influence.top_k,
+        )
+        self.report("influence", 1.0, "done")
+        self.timed("influence", started)
+        self.timings["total"] = time.monotonic() - run_started
+
+        return ExperimentResult(
+            eval_results=EvalResults(base=base, few_shot=few_shot, finetuned=finetuned),
+            influence=influence,
+            training=TrainingSummary(loss_curve=training.loss_curve),
+            timings=self.timings,
+            environment=describe_environment(device, loaded.dtype, hp.quantization),
+        )
+
+
+def save_artifacts(directory: Path, model: Any, checkpoints: list[AdapterCheckpoint]) -> None:
+    """``adapter/`` (peft ``save_pretrained``, loadable with ``PeftModel.from_pretrained``) and
+    ``checkpoints/epoch-N.safetensors`` with ``checkpoints/checkpoints.json`` listing each
+    file's epoch and the learning rate TracIn weights it by."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory / "adapter")
+    checkpoint_dir = directory / "checkpoints"
+    checkpoint_dir.mkdir(exist_ok=True)
+    index = []
+    for checkpoint in checkpoints:
+        name = f"epoch-{checkpoint.epoch}.safetensors"
+        tensors = {key: value.detach().cpu().contiguous() for key, value in checkpoint.state.items()}
+        save_file(tensors, str(checkpoint_dir / name))
+        index.append({"epoch": checkpoint.epoch, "learning_rate": checkpoint.learning_rate, "file": name})
+    (checkpoint_dir / "checkpoints.json").write_text(json.dumps({"checkpoints": index}, indent=2))

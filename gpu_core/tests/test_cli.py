@@ -1,0 +1,80 @@
+"""``python -m gpu_core run`` end to end, and its answer to a bad spec."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from gpu_core.cli import EXIT_BAD_SPEC, main
+
+
+@pytest.mark.slow
+def test_run_writes_the_result_and_reusable_artifacts(copy_task: dict[str, Any], tmp_path: Path) -> None:
+    spec = dict(copy_task, training_data=copy_task["training_data"][:32])
+    spec["eval_data"] = copy_task["eval_data"][:8]
+    spec["hyperparams"] = dict(spec["hyperparams"], epochs=3)
+    spec_path, out, artifacts = tmp_path / "spec.json", tmp_path / "out" / "result.json", tmp_path / "art"
+    spec_path.write_text(json.dumps(spec))
+    done = subprocess.run(
+        [sys.executable, "-m", "gpu_core", "run", str(spec_path), "--out", str(out)]
+        + ["--artifacts", str(artifacts)],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "GPU_CORE_DEVICE": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "influence" in done.stderr and "100%" in done.stderr  # the progress bar
+    result = json.loads(out.read_text())
+    assert set(result) == {"eval_results", "influence", "training", "timings", "environment"}
+    assert set(result["eval_results"]) == {"base", "few_shot", "finetuned"}
+    assert len(result["influence"]["scores"]) == 8
+
+    # Each checkpoint's learning rate is the mean rate of its epoch's steps.
+    index = json.loads((artifacts / "checkpoints" / "checkpoints.json").read_text())["checkpoints"]
+    assert [entry["epoch"] for entry in index] == [1, 2, 3]
+    curve = result["training"]["loss_curve"]
+    for entry in index:
+        rates = [p["learning_rate"] for p in curve if entry["epoch"] - 1 < p["epoch"] <= entry["epoch"]]
+        assert entry["learning_rate"] == pytest.approx(sum(rates) / len(rates))
+        assert (artifacts / "checkpoints" / entry["file"]).is_file()
+
+    # The saved adapter reproduces the fine-tuned model's losses.
+    from gpu_core.data import encode_pair
+    from gpu_core.evaluation import target_losses
+    from gpu_core.models import load_model
+    from peft import PeftModel
+
+    loaded = load_model("local/tiny-llama", device=torch.device("cpu"))
+    model = PeftModel.from_pretrained(loaded.model, artifacts / "adapter")
+    model.eval()
+    pairs = [encode_pair(loaded.tokenizer, e["prompt"], e["expected"], 32) for e in spec["eval_data"]]
+    losses = target_losses(model, pairs, loaded.tokenizer.pad_token_id, torch.device("cpu"))
+    expected = [example["loss"] for example in result["eval_results"]["finetuned"]["examples"]]
+    assert losses == pytest.approx(expected, rel=1e-5)
+
+
+def test_bad_spec_exits_2_naming_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps({
+        "training_data": [{"prompt": "a", "completion": "b"}],
+        "eval_data": [{"prompt": "a", "expected": "b"}],
+        "hyperparams": {"epochs": -2},
+    }))
+    assert main(["run", str(spec_path), "--out", str(tmp_path / "r.json")]) == EXIT_BAD_SPEC
+    error = capsys.readouterr().err
+    assert "hyperparams.epochs" in error and "greater than or equal to 1" in error
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_unreadable_spec_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text("{not json")
+    assert main(["run", str(spec_path), "--out", str(tmp_path / "r.json")]) == EXIT_BAD_SPEC
+    assert "is not valid JSON" in capsys.readouterr().err

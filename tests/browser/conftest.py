@@ -1,0 +1,168 @@
+"""The dashboard in Debian's chromium (driven by Playwright, never a downloaded browser) against
+the whole stack on loopback, with the test fake of RunPod standing in for the cloud."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from devstack.stack import REPO_ROOT, Stack, free_port
+
+CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--headless=new", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+SCREENSHOTS = REPO_ROOT / "artifacts" / "screenshots"
+GOOD_RUNPOD_KEY = "rpa_browsertest_GOOD_key_7Q2x"
+BROKE_RUNPOD_KEY = "rpa_browsertest_NO_FUNDS_k9Z1"
+TEMPLATE_ID = "influence-template"
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> Path:
+    # Installs Debian's chromium if it is missing (once per session; no-op when present).
+    subprocess.run([str(REPO_ROOT / "scripts" / "ensure_chromium.sh")], check=True)
+    return CHROMIUM
+
+
+@pytest.fixture(scope="session")
+def fake_runpod_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The fake RunPod as its own process: one funded key, one key with no balance."""
+    log_path = tmp_path_factory.mktemp("fake-runpod") / "fake_runpod.log"
+    port = free_port()
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "devstack.fake_runpod", "--port", str(port),
+             "--key", f"{GOOD_RUNPOD_KEY}=25", "--key", f"{BROKE_RUNPOD_KEY}=0",
+             "--template-id", TEMPLATE_ID],
+            cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            start_new_session=True,
+        )
+    try:
+        assert process.stdout is not None
+        # The fake prints its URL once it is listening.
+        first_line = process.stdout.readline().decode().strip()
+        if not first_line.startswith("FAKE_RUNPOD_URL="):
+            process.kill()
+            raise RuntimeError(f"the fake RunPod did not start:\n{log_path.read_text()[-3000:]}")
+        yield first_line.partition("=")[2]
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, fake_runpod_url: str) -> Iterator[Stack]:
+    running = Stack(
+        data_dir=tmp_path_factory.mktemp("browser-stack"),
+        extra_env={
+            "SCHEDULER_POLL_INTERVAL_S": "0.2",
+            "COMPUTE_LOCAL_TORCH_THREADS": "1",
+            "RUNPOD_REST_BASE_URL": f"{fake_runpod_url}/v2",
+            "RUNPOD_JOB_BASE_URL": f"{fake_runpod_url}/v2",
+            "RUNPOD_GRAPHQL_URL": f"{fake_runpod_url}/graphql",
+            "RUNPOD_TEMPLATE_ID": TEMPLATE_ID,
+            "RUNPOD_STREAM_WAIT_MS": "1000",
+        },
+        services=("keyvault", "compute-local", "compute-runpod", "scheduler", "gateway"),
+    )
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="session")
+def browser(chromium_path: Path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=str(chromium_path), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+class ExternalRequests:
+    """Every request the page made to a host other than the gateway."""
+
+    def __init__(self, gateway_url: str) -> None:
+        self.gateway_netloc = urlsplit(gateway_url).netloc
+        self.seen: list[str] = []
+
+    def check(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme in ("data", "blob", "about"):
+            return
+        if parts.netloc != self.gateway_netloc:
+            self.seen.append(url)
+
+
+@pytest.fixture
+def external_requests(stack: Stack) -> ExternalRequests:
+    return ExternalRequests(stack.gateway_url)
+
+
+@pytest.fixture
+def page(browser, stack: Stack, external_requests: ExternalRequests, request: pytest.FixtureRequest):
+    """A fresh browser context per test; any request off the gateway is aborted and recorded,
+    and fails the test at teardown."""
+    context = browser.new_context(
+        base_url=stack.gateway_url, viewport={"width": 1280, "height": 900}, accept_downloads=True
+    )
+
+    def guard(route) -> None:
+        url = route.request.url
+        external_requests.check(url)
+        if url in external_requests.seen:
+            route.abort()
+        else:
+            route.continue_()
+
+    context.route("**/*", guard)
+    opened = context.new_page()
+    console_errors: list[str] = []
+    opened.on("pageerror", lambda exc: console_errors.append(str(exc)))
+    try:
+        yield opened
+    finally:
+        context.close()
+    assert not external_requests.seen, f"requests left the gateway: {external_requests.seen}"
+    assert not console_errors, f"uncaught errors in the page: {console_errors}"
+
+
+class Screenshots:
+    def __init__(self, page, test_name: str) -> None:
+        self.page = page
+        self.prefix = test_name
+        self.count = 0
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+
+    def take(self, name: str) -> Path:
+        self.count += 1
+        path = SCREENSHOTS / f"{self.prefix}-{self.count:02d}-{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+@pytest.fixture
+def shots(page, request: pytest.FixtureRequest) -> Screenshots:
+    return Screenshots(page, request.node.name.removeprefix("test_"))

@@ -1,0 +1,217 @@
+"""Bring your own RunPod key, end to end through the gateway, against the fake RunPod (which runs
+the real worker handler and so the real gpu_core pipeline on the tiny model).
+
+Every key used here is collected; the last test scans every log line the services wrote, every
+response body the gateway sent and every database row for any of them in plain text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+
+import asyncpg
+import pytest
+
+from devstack.client import GatewayClient
+from devstack.stack import FakeRunPodProcess, Stack
+
+from .test_stack import small_spec
+
+pytestmark = pytest.mark.e2e
+
+USED_KEYS: list[str] = []
+RESPONSE_BODIES: list[str] = []
+
+
+class RecordingClient(GatewayClient):
+    """Keeps every response body, for the plaintext-key scan."""
+
+    def request(self, method, path, **kwargs):  # noqa: ANN001, ANN201
+        reply = super().request(method, path, **kwargs)
+        RESPONSE_BODIES.append(reply.text)
+        return reply
+
+
+def new_key() -> str:
+    key = f"rpa_{secrets.token_hex(16).upper()}"
+    USED_KEYS.append(key)
+    return key
+
+
+@pytest.fixture(scope="module")
+def fake() -> FakeRunPodProcess:
+    # Small result parts so every result crosses several stream chunks and is reassembled.
+    process = FakeRunPodProcess.start(extra_env={"INFLUENCE_RESULT_CHUNK_BYTES": "4096"})
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, fake: FakeRunPodProcess):
+    running = Stack(
+        data_dir=tmp_path_factory.mktemp("byok"),
+        extra_env={
+            **fake.settings_env(),
+            "SCHEDULER_POLL_INTERVAL_S": "0.2",
+            "RUNPOD_QUEUE_TIMEOUT_S": "3",
+            "RUNPOD_RETRY_BASE_S": "0.05",
+            "RUNPOD_RETRY_MAX_WAIT_S": "0.5",
+            "RUNPOD_STREAM_WAIT_MS": "1000",
+        },
+        services=("keyvault", "compute-local", "compute-runpod", "scheduler", "gateway"),
+    )
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+
+
+def researcher(stack: Stack, name: str) -> RecordingClient:
+    client = RecordingClient(stack.gateway_url)
+    client.sign_in_locally(name)
+    return client
+
+
+def save_key(client: GatewayClient, key: str):  # noqa: ANN201
+    return client.request("POST", "/api/settings/runpod-key", json={"api_key": key})
+
+
+def finish(client: GatewayClient, job_id: str) -> dict:
+    events = list(client.events(job_id))
+    return events[-1]
+
+
+def test_invalid_key_is_refused_in_plain_words(stack: Stack) -> None:
+    client = researcher(stack, "ivan")
+    reply = save_key(client, new_key())
+    assert reply.status_code == 400
+    assert "Invalid RunPod API key" in reply.json()["detail"]
+    assert client.request("GET", "/api/settings/compute").json()["backend"] == "hosted"
+
+
+def test_zero_balance_key_is_refused(stack: Stack, fake: FakeRunPodProcess) -> None:
+    client = researcher(stack, "zoe")
+    key = new_key()
+    fake.control("POST", "keys", key=key, balance=0.0)
+    reply = save_key(client, key)
+    assert reply.status_code == 402
+    assert "balance" in reply.json()["detail"].lower()
+
+
+def test_good_key_first_jobs_create_one_endpoint_and_results_arrive_whole(
+    stack: Stack, fake: FakeRunPodProcess
+) -> None:
+    client = researcher(stack, "grace")
+    key = new_key()
+    fake.control("POST", "keys", key=key, balance=50.0)
+    reply = save_key(client, key)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["last4"] == key[-4:] and body["backend"] == "runpod"
+    creates_before = len(fake.requests("serverless.create"))
+
+    spec = small_spec(n_train=8, n_eval=3)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        jobs = list(pool.map(lambda _: client.submit(spec), range(2)))
+    for job in jobs:
+        assert finish(client, job["job_id"])["state"] == "completed"
+        result = client.results(job["job_id"])
+        assert len(result["influence"]["scores"]) == 3
+        assert client.job(job["job_id"])["provider"] == "runpod"
+    assert len(fake.requests("serverless.create")) - creates_before == 1
+    settings = client.request("GET", "/api/settings/runpod-key").json()
+    assert settings["endpoint_status"] == "ready" and settings["last4"] == key[-4:]
+
+    removed = client.request("DELETE", "/api/settings/runpod-key")
+    assert removed.status_code == 200
+    assert client.request("GET", "/api/settings/compute").json()["backend"] == "hosted"
+    assert client.request("GET", "/api/settings/runpod-key").json()["has_key"] is False
+
+
+def _runpod_user(stack: Stack, fake: FakeRunPodProcess, name: str, balance: float) -> GatewayClient:
+    client = researcher(stack, name)
+    key = new_key()
+    fake.control("POST", "keys", key=key, balance=balance)
+    assert save_key(client, key).status_code == 200
+    return client
+
+
+def test_low_balance_is_refused_before_anything_is_submitted(
+    stack: Stack, fake: FakeRunPodProcess
+) -> None:
+    client = _runpod_user(stack, fake, "lowe", balance=0.000001)
+    runs_before = len(fake.requests("job.run"))
+    job = client.submit(small_spec(n_train=8, n_eval=3))
+    last = finish(client, job["job_id"])
+    assert last["state"] == "failed"
+    assert "balance" in last["error"].lower()
+    assert len(fake.requests("job.run")) == runs_before
+
+
+def test_no_gpu_says_so_in_plain_words(stack: Stack, fake: FakeRunPodProcess) -> None:
+    client = _runpod_user(stack, fake, "nadia", balance=50.0)
+    fake.control("POST", "mode", throttled=True)
+    try:
+        job = client.submit(small_spec(n_train=6, n_eval=2))
+        last = finish(client, job["job_id"])
+    finally:
+        fake.control("POST", "mode", throttled=False)
+    assert last["state"] == "failed"
+    assert "No GPU available right now" in last["error"]
+
+
+def test_execution_timeout_says_so(stack: Stack, fake: FakeRunPodProcess) -> None:
+    client = _runpod_user(stack, fake, "tim", balance=50.0)
+    fake.control("POST", "mode", execution_timeout_s=0.5)
+    try:
+        job = client.submit(small_spec(n_train=26, n_eval=8, epochs=3))
+        last = finish(client, job["job_id"])
+    finally:
+        fake.control("POST", "mode", execution_timeout_s=None)
+    assert last["state"] == "failed"
+    assert "timeout" in last["error"].lower()
+
+
+def test_429_storm_and_5xx_lose_nothing_and_submit_once(stack: Stack, fake: FakeRunPodProcess) -> None:
+    client = _runpod_user(stack, fake, "rita", balance=50.0)
+    first = client.submit(small_spec(n_train=6, n_eval=2))  # creates the endpoint
+    assert finish(client, first["job_id"])["state"] == "completed"
+    runs_before = len([r for r in fake.requests("job.run") if r["status"] == 200])
+    fake.control("POST", "faults", route="job.run", status=429, times=3, retry_after=0)
+    fake.control("POST", "faults", route="job.status", status=503, times=2)
+    job = client.submit(small_spec(n_train=6, n_eval=2))
+    assert finish(client, job["job_id"])["state"] == "completed"
+    accepted = [r for r in fake.requests("job.run") if r["status"] == 200]
+    assert len(accepted) - runs_before == 1, "a retried /run must not submit the job twice"
+    assert len(client.results(job["job_id"])["influence"]["scores"]) == 2
+
+
+def test_no_plaintext_key_in_logs_responses_or_tables(stack: Stack) -> None:
+    assert USED_KEYS, "the tests above must have used keys"
+    logs = "\n".join(stack.log_text(name) for name in stack.running)
+    responses = "\n".join(RESPONSE_BODIES)
+
+    async def dump_tables() -> str:
+        connection = await asyncpg.connect(stack.database_url)
+        try:
+            tables = await connection.fetch(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+            )
+            rows = []
+            assert await connection.fetchval("SELECT count(*) FROM credentials") > 0
+            for table in tables:
+                for row in await connection.fetch(f'SELECT * FROM "{table["table_name"]}"'):
+                    rows.append(json.dumps({k: repr(v) for k, v in dict(row).items()}))
+            return "\n".join(rows)
+        finally:
+            await connection.close()
+
+    tables = asyncio.run(dump_tables())
+    for key in USED_KEYS:
+        for where, text in (("logs", logs), ("responses", responses), ("tables", tables)):
+            assert key not in text, f"plaintext key found in {where}"
+            assert key[4:] not in text, f"key body found in {where}"
