@@ -12,7 +12,7 @@ PROTO_SRC := $(wildcard protos/influence/v1/*.proto)
 PROTO_OUT := protos/gen
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help setup protos protos-check run demo test test-fast migrate bench-influence lint clean modal-deploy
+.PHONY: help setup protos protos-check run demo test test-fast migrate bench-influence lint clean modal-deploy k8s-validate lint-docker images
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -55,3 +55,18 @@ modal-deploy: setup ## deploy the Modal app (needs MODAL_TOKEN_ID/SECRET; MODAL_
 
 clean: ## remove the venv, embedded database and caches
 	rm -rf $(VENV) .data .pytest_cache
+
+k8s-validate: setup ## render every deploy/k8s overlay and validate it offline (kubernetes-validate --strict)
+	bash scripts/k8s_validate.sh
+
+lint-docker: setup ## hadolint every Dockerfile (fails above info)
+	bash scripts/lint_docker.sh
+
+IMAGE_SERVICES := gateway scheduler keyvault compute-local compute-runpod compute-modal
+IMAGE_TAG ?= dev
+IMAGE_PREFIX ?= influence-
+images: ## build every service image with docker (IMAGE_PREFIX, IMAGE_TAG; e.g. IMAGE_PREFIX=ghcr.io/org/repo/influence-)
+	set -e; for service in $(IMAGE_SERVICES); do \
+	  docker build -f services/$$service/Dockerfile -t $(IMAGE_PREFIX)$$service:$(IMAGE_TAG) . ; \
+	done
+	docker build -f services/compute-runpod/worker/Dockerfile -t $(IMAGE_PREFIX)worker:$(IMAGE_TAG) .
