@@ -7,4 +7,6 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # Manifests and Dockerfiles first: seconds, and no cluster or Docker engine needed.
 bash scripts/k8s_validate.sh
 bash scripts/lint_docker.sh
+# The browser tests drive Debian's chromium; a fresh machine gets it from apt.
+bash scripts/ensure_chromium.sh
 .venv/bin/python -m pytest "$@"

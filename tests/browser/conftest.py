@@ -8,21 +8,20 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
 from devstack.stack import REPO_ROOT, Stack, free_port
 
-CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--headless=new", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]
-SCREENSHOTS = REPO_ROOT / "artifacts" / "screenshots"
-GOOD_RUNPOD_KEY = "rpa_browsertest_GOOD_key_7Q2x"
-BROKE_RUNPOD_KEY = "rpa_browsertest_NO_FUNDS_k9Z1"
-TEMPLATE_ID = "influence-template"
+from .support import (
+    BROKE_RUNPOD_KEY,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    GOOD_RUNPOD_KEY,
+    TEMPLATE_ID,
+    ExternalRequests,
+    Screenshots,
+)
 
 
 @pytest.fixture(scope="session")
@@ -101,28 +100,13 @@ def browser(chromium_path: Path):
             launched.close()
 
 
-class ExternalRequests:
-    """Every request the page made to a host other than the gateway."""
-
-    def __init__(self, gateway_url: str) -> None:
-        self.gateway_netloc = urlsplit(gateway_url).netloc
-        self.seen: list[str] = []
-
-    def check(self, url: str) -> None:
-        parts = urlsplit(url)
-        if parts.scheme in ("data", "blob", "about"):
-            return
-        if parts.netloc != self.gateway_netloc:
-            self.seen.append(url)
-
-
 @pytest.fixture
 def external_requests(stack: Stack) -> ExternalRequests:
     return ExternalRequests(stack.gateway_url)
 
 
 @pytest.fixture
-def page(browser, stack: Stack, external_requests: ExternalRequests, request: pytest.FixtureRequest):
+def page(browser, stack: Stack, external_requests: ExternalRequests):
     """A fresh browser context per test; any request off the gateway is aborted and recorded,
     and fails the test at teardown."""
     context = browser.new_context(
@@ -130,9 +114,7 @@ def page(browser, stack: Stack, external_requests: ExternalRequests, request: py
     )
 
     def guard(route) -> None:
-        url = route.request.url
-        external_requests.check(url)
-        if url in external_requests.seen:
+        if external_requests.is_external(route.request.url):
             route.abort()
         else:
             route.continue_()
@@ -147,20 +129,6 @@ def page(browser, stack: Stack, external_requests: ExternalRequests, request: py
         context.close()
     assert not external_requests.seen, f"requests left the gateway: {external_requests.seen}"
     assert not console_errors, f"uncaught errors in the page: {console_errors}"
-
-
-class Screenshots:
-    def __init__(self, page, test_name: str) -> None:
-        self.page = page
-        self.prefix = test_name
-        self.count = 0
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-
-    def take(self, name: str) -> Path:
-        self.count += 1
-        path = SCREENSHOTS / f"{self.prefix}-{self.count:02d}-{name}.png"
-        self.page.screenshot(path=str(path), full_page=True)
-        return path
 
 
 @pytest.fixture

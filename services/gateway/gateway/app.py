@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import plotly
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -26,6 +27,7 @@ from gateway.upstream import ApiError, Upstreams, open_upstreams
 log = logging.getLogger(__name__)
 
 DASHBOARD_DIR = Path(__file__).parent / "dashboard"
+PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -176,6 +178,12 @@ def _install_dashboard(app: FastAPI, dashboard_dir: Path) -> None:
             {"detail": "The dashboard is not installed; the API is documented at /docs"},
             status_code=404,
         )
+
+    # Served from the installed plotly package rather than a 4.8 MB copy in the repository;
+    # registered before the /static mount so the mount does not shadow it.
+    @app.get("/static/vendor/plotly.min.js", include_in_schema=False)
+    async def plotly_js() -> Response:
+        return FileResponse(PLOTLY_JS, media_type="text/javascript")
 
     if static_dir.is_dir():
         app.mount("/static", StaticFiles(directory=static_dir), name="static")

@@ -1,0 +1,224 @@
+// The job page: live progress over SSE (resumed from the last seen event after a reload),
+// loss curve, ETA, cancel, errors in plain words, and the results once the job completes.
+
+import { api, jobEvents } from "../api.js";
+import { announce, BACKEND_NAMES, dateTime, duration, el, loadPlotly, usd } from "../ui.js";
+import { renderResults } from "./results.js";
+
+const TERMINAL = new Set(["completed", "failed", "cancelled"]);
+const RECONNECT_MS = 3000;
+const STAGES = {
+  waiting_for_gpu: "Waiting for a GPU worker (a cold start can take 30-120 s)",
+  queued: "Queued for a free device",
+  starting: "Starting the worker",
+  loading_model: "Loading the model",
+  eval_base: "Evaluating the base model",
+  eval_few_shot: "Evaluating the base model with few-shot examples",
+  training: "Fine-tuning (LoRA)",
+  eval_finetuned: "Evaluating the fine-tuned model",
+  influence: "Scoring the influence of each training example",
+};
+const STATUS_STAGES = {
+  queued: "Waiting for a GPU worker",
+  submitted: "Waiting for a GPU worker (a cold start can take 30-120 s)",
+  completed: "Done",
+  failed: "Failed",
+  cancelled: "Cancelled",
+};
+// RunPod's and the scheduler's messages, sorted into the cases a researcher can act on.
+const ERROR_KINDS = [
+  { test: /no gpu|throttled|capacity|unhealthy/i, title: "No GPU was available",
+    hint: "RunPod had no GPU of the requested type for this job. Try again later, or use the hosted backend (Settings → Compute)." },
+  { test: /time ?out|timed out|exceeded|expired/i, title: "The job ran out of time",
+    hint: "It ran past the execution limit. Use fewer examples, fewer epochs or a shorter max sequence length." },
+  { test: /balance|funds|credit/i, title: "Your RunPod account has no balance",
+    hint: "Add credits at runpod.io, then start the experiment again." },
+  { test: /invalid.*key|api key|unauthori[sz]ed|permission|forbidden/i, title: "Your RunPod API key was refused",
+    hint: "Check or replace the key in Settings → Compute." },
+];
+
+export function explainError(message) {
+  const kind = ERROR_KINDS.find((k) => k.test.test(message || ""));
+  return kind ? { title: kind.title, hint: kind.hint } : { title: "The experiment failed", hint: "" };
+}
+
+function cacheKey(jobId) {
+  return `influence.progress.${jobId}`;
+}
+
+function emptyProgress() {
+  return { lastSeq: 0, progress: 0, stage: "", message: "", epoch: null, totalEpochs: null,
+    etaS: null, startedAt: null, loss: [] };
+}
+
+export async function renderJob(view, jobId) {
+  let job = await api("GET", `/api/jobs/${encodeURIComponent(jobId)}`);
+  const cached = JSON.parse(sessionStorage.getItem(cacheKey(jobId)) || "null");
+  const state = cached || emptyProgress();
+  const abort = new AbortController();
+  let retryTimer = null;
+
+  const statusBadge = el("span", { class: "badge", id: "job-status" });
+  const bar = el("progress", { id: "job-progress", max: 100, value: 0 });
+  const percent = el("span", { id: "job-percent", class: "num" });
+  const stage = el("p", { id: "job-stage", class: "stage" });
+  const epoch = el("span", { id: "job-epoch" });
+  const eta = el("span", { id: "job-eta" });
+  const errorBox = el("div", { id: "job-error", role: "alert" });
+  const cancel = el("button", { type: "button", id: "cancel-job", class: "danger" }, "Cancel experiment");
+  const chart = el("div", { id: "loss-chart", class: "chart", role: "img", "aria-label": "Training loss by step" });
+  const resultsHost = el("div", { id: "results" });
+
+  view.append(
+    el("h1", {}, `Experiment ${jobId.slice(0, 8)}`),
+    el("section", { class: "card", "aria-labelledby": "progress-heading" },
+      el("h2", { id: "progress-heading" }, "Progress"),
+      el("dl", { class: "facts" },
+        el("dt", {}, "Status"), el("dd", {}, statusBadge),
+        el("dt", {}, "Backend"), el("dd", {}, `${BACKEND_NAMES[job.backend] || job.backend} (${job.provider})`),
+        el("dt", {}, "Model"), el("dd", {}, job.model_id),
+        el("dt", {}, "Influence method"), el("dd", {}, job.influence_method),
+        el("dt", {}, "Examples"), el("dd", {}, `${job.n_train} training, ${job.n_eval} eval`),
+        el("dt", {}, "Estimate"), el("dd", {}, `${duration(job.estimated_time_s)}, ${usd(job.estimated_cost_usd)}`),
+        el("dt", {}, "Created"), el("dd", {}, dateTime(job.created_at))),
+      el("label", { for: "job-progress" }, "Overall progress"),
+      el("div", { class: "progress-row" }, bar, percent),
+      stage,
+      el("p", { class: "help" }, epoch, " ", eta),
+      errorBox,
+      el("div", { class: "actions" }, cancel)),
+    el("section", { class: "card" }, el("h2", {}, "Training loss"), chart),
+    resultsHost);
+
+  function save() {
+    sessionStorage.setItem(cacheKey(jobId), JSON.stringify(state));
+  }
+
+  async function drawLoss(points) {
+    if (!points.length) {
+      chart.replaceChildren(el("p", { class: "help" }, "The loss curve appears once training starts."));
+      return;
+    }
+    const Plotly = await loadPlotly();
+    if (!chart.isConnected) return;
+    if (!chart.querySelector(".plot-container")) chart.replaceChildren();
+    Plotly.react(chart, [{ x: points.map((p) => p.step), y: points.map((p) => p.loss), mode: "lines+markers", name: "loss" }], {
+      margin: { t: 10, r: 10, b: 40, l: 50 }, height: 260,
+      xaxis: { title: { text: "step" } }, yaxis: { title: { text: "loss" } },
+    }, { displaylogo: false, responsive: true });
+  }
+
+  function show() {
+    const terminal = TERMINAL.has(job.status);
+    statusBadge.textContent = job.status;
+    statusBadge.className = `badge status-${job.status}`;
+    const value = job.status === "completed" ? 100 : Math.round(Math.max(state.progress, job.progress || 0) * 100);
+    bar.value = value;
+    bar.setAttribute("aria-valuetext", `${value}%`);
+    percent.textContent = `${value}%`;
+    const stageName = terminal ? STATUS_STAGES[job.status] : (STAGES[state.stage] || STATUS_STAGES[job.status] || state.stage);
+    stage.textContent = stageName + (!terminal && state.message ? ` — ${state.message}` : "");
+    const metrics = job.metrics || {};
+    const e = state.epoch ?? metrics.epoch;
+    const total = state.totalEpochs ?? metrics.total_epochs;
+    epoch.textContent = e && total ? `Epoch ${e} / ${total}.` : "";
+    eta.textContent = terminal ? "" : etaText();
+    cancel.hidden = terminal;
+    if (job.status === "failed") {
+      const { title, hint } = explainError(job.error);
+      errorBox.replaceChildren(el("h3", {}, title), el("p", {}, job.error || "No reason was given."),
+        hint ? el("p", {}, hint) : null);
+      errorBox.className = "error-box";
+    }
+  }
+
+  function etaText() {
+    if (state.stage === "training" && state.etaS !== null && state.etaS !== undefined) {
+      return `About ${duration(state.etaS)} left in training.`;
+    }
+    if (state.startedAt && state.progress > 0.05) {
+      const elapsed = (Date.now() - Date.parse(state.startedAt)) / 1000;
+      return `About ${duration((elapsed * (1 - state.progress)) / state.progress)} left.`;
+    }
+    return job.estimated_time_s ? `Estimated total: ${duration(job.estimated_time_s)}.` : "";
+  }
+
+  function apply(event) {
+    state.lastSeq = Math.max(state.lastSeq, event.seq || 0);
+    if (event.type === "status" && event.state) job.status = event.state;
+    if (event.stage) state.stage = event.stage;
+    if (event.message) state.message = event.message;
+    if (event.type === "progress") {
+      state.progress = Math.max(state.progress, event.progress || 0);
+      state.startedAt = state.startedAt || event.time;
+      if (event.epoch !== null && event.epoch !== undefined) state.epoch = event.epoch;
+      if (event.total_epochs) state.totalEpochs = event.total_epochs;
+      state.etaS = event.eta_s ?? null;
+      if (event.loss !== null && event.loss !== undefined && event.step !== null) {
+        state.loss.push({ step: event.step, loss: event.loss });
+        drawLoss(state.loss);
+      }
+    }
+  }
+
+  async function finish() {
+    sessionStorage.removeItem(cacheKey(jobId));
+    job = await api("GET", `/api/jobs/${encodeURIComponent(jobId)}`);
+    show();
+    if (job.status === "completed") {
+      announce("The experiment completed");
+      const result = await api("GET", `/api/jobs/${encodeURIComponent(jobId)}/results`);
+      if (!view.isConnected || abort.signal.aborted) return;
+      await drawLoss(result.training.loss_curve.map((p) => ({ step: p.step, loss: p.loss })));
+      await renderResults(resultsHost, jobId, result);
+    } else {
+      announce(`The experiment ${job.status}`, job.status === "failed" ? "error" : "info");
+    }
+  }
+
+  async function follow() {
+    try {
+      for await (const message of jobEvents(jobId, state.lastSeq, abort.signal)) {
+        if (message.event === "end") {
+          await finish();
+          return;
+        }
+        if (message.event === "error") throw new Error(message.data.message);
+        apply(message.data);
+        save();
+        show();
+      }
+      throw new Error("The progress stream closed early");
+    } catch (error) {
+      if (abort.signal.aborted) return;
+      // Resume after the last event seen: nothing is replayed twice.
+      announce(`${error.message}; reconnecting…`, "error");
+      retryTimer = setTimeout(follow, RECONNECT_MS);
+    }
+  }
+
+  cancel.addEventListener("click", async () => {
+    cancel.disabled = true;
+    try {
+      job = await api("POST", `/api/jobs/${encodeURIComponent(jobId)}/cancel`);
+      announce("Cancel requested");
+      show();
+    } catch (error) {
+      announce(`Could not cancel: ${error.message}`, "error");
+    } finally {
+      cancel.disabled = false;
+    }
+  });
+
+  show();
+  if (TERMINAL.has(job.status)) {
+    await finish();
+  } else {
+    drawLoss(state.loss);
+    follow();
+  }
+  return () => {
+    abort.abort();
+    clearTimeout(retryTimer);
+  };
+}

@@ -1,0 +1,238 @@
+// New experiment: model picker with per-backend prices, data upload with validation in the page,
+// hyperparameters, influence method, a live cost estimate, submit.
+
+import { api } from "../api.js";
+import { KINDS, parseExamples, withIds } from "../datafile.js";
+import { rememberSpec } from "../specstore.js";
+import { announce, BACKEND_NAMES, duration, el, usd } from "../ui.js";
+
+const ESTIMATE_DELAY_MS = 400;
+
+// Defaults of gpu_core's Hyperparams / ExperimentSpec.
+const HYPERPARAMS = [
+  { name: "epochs", label: "Epochs", value: 3, min: 1, max: 100, step: 1 },
+  { name: "learning_rate", label: "Learning rate", value: 0.0002, min: 0, max: 1, step: "any" },
+  { name: "batch_size", label: "Batch size", value: 8, min: 1, max: 512, step: 1 },
+  { name: "lora_r", label: "LoRA rank (r)", value: 8, min: 1, max: 256, step: 1 },
+  { name: "lora_alpha", label: "LoRA alpha", value: 16, min: 0, step: "any" },
+  { name: "max_seq_len", label: "Max sequence length (tokens)", value: 256, min: 8, max: 8192, step: 1 },
+  { name: "max_new_tokens", label: "Max new tokens per answer", value: 32, min: 1, max: 1024, step: 1 },
+  { name: "seed", label: "Random seed", value: 0, min: 0, step: 1 },
+];
+const SPEC_NUMBERS = [
+  { name: "few_shot_k", label: "Few-shot demonstrations", value: 3, min: 0, max: 32, step: 1 },
+  { name: "top_k", label: "Top influential examples to keep", value: 10, min: 1, max: 1000, step: 1 },
+];
+const METHODS = [
+  { value: "tracin", label: "TracIn",
+    cost: "Cheapest: one gradient dot product per training/eval pair at each epoch's checkpoint." },
+  { value: "datainf", label: "DataInf",
+    cost: "About one extra gradient pass: a closed-form inverse-Hessian approximation per LoRA layer." },
+  { value: "kronfluence", label: "Kronfluence (EK-FAC)",
+    cost: "Most accurate and most expensive: fits EK-FAC factors first (about 3x TracIn's compute and more memory)." },
+];
+const EXAMPLE_FILES = [
+  ["train.jsonl", "Training examples (JSONL)"], ["train.csv", "Training examples (CSV)"],
+  ["eval.jsonl", "Eval examples (JSONL)"], ["eval.csv", "Eval examples (CSV)"],
+];
+
+function numberField(field) {
+  const id = `hp-${field.name}`;
+  return el("div", { class: "field" },
+    el("label", { for: id }, field.label),
+    el("input", {
+      id, name: field.name, type: "number", value: field.value, min: field.min, max: field.max,
+      step: field.step, required: true, inputmode: field.step === 1 ? "numeric" : "decimal",
+    }));
+}
+
+function priceCell(price, active) {
+  if (!price) return el("td", { class: active ? "" : "inactive" }, "not offered");
+  const rate = price.usd_per_hour === 0
+    ? "no GPU charge"
+    : `${usd(price.usd_per_hour, 3)}/h · ${usd(price.usd_per_second, 5)}/s`;
+  return el("td", { class: active ? "" : "inactive" }, `${price.gpu} · ${rate}`);
+}
+
+function modelPicker(models, activeBackend) {
+  const select = el("select", { id: "model", name: "model_id", "aria-describedby": "model-table-caption" },
+    models.map((m) => el("option", { value: m.id, disabled: !m.fits }, `${m.name} (${m.id})${m.fits ? "" : " — too large"}`)));
+  const other = activeBackend === "runpod" ? "hosted" : "runpod";
+  const rows = models.map((m) => el("tr", { "data-model": m.id },
+    el("th", { scope: "row" }, m.name),
+    el("td", {}, `${m.recommended_tier_gb} GB GPU (needs ~${m.required_memory_gb} GB)`),
+    priceCell(m.prices[activeBackend], true),
+    priceCell(m.prices[other], false)));
+  const table = el("table", { class: "data compact", id: "model-prices" },
+    el("caption", { id: "model-table-caption" },
+      `GPU recommendation and prices. Active backend: ${BACKEND_NAMES[activeBackend]}; the other is greyed.`),
+    el("thead", {}, el("tr", {},
+      el("th", { scope: "col" }, "Model"), el("th", { scope: "col" }, "Recommended GPU"),
+      el("th", { scope: "col" }, `${BACKEND_NAMES[activeBackend]} (active)`),
+      el("th", { scope: "col", class: "inactive" }, BACKEND_NAMES[other]))),
+    el("tbody", {}, rows));
+  const highlight = () => {
+    for (const row of table.tBodies[0].rows) row.classList.toggle("selected", row.dataset.model === select.value);
+  };
+  select.addEventListener("change", highlight);
+  highlight();
+  return { select, table };
+}
+
+function fileField(kind, onParsed) {
+  const id = `file-${kind}`;
+  const errorsId = `${id}-errors`;
+  const input = el("input", { id, name: id, type: "file", accept: ".jsonl,.csv,.json,text/csv,application/json",
+    "aria-describedby": `${id}-help ${errorsId}` });
+  const summary = el("p", { class: "help", id: `${id}-summary` });
+  const errors = el("ul", { class: "errors", id: errorsId, role: "alert" });
+  input.addEventListener("change", async () => {
+    errors.replaceChildren();
+    summary.textContent = "";
+    const file = input.files[0];
+    if (!file) return onParsed(null);
+    const { examples, errors: problems } = parseExamples(kind, file.name, await file.text());
+    if (problems.length) {
+      errors.append(...problems.map((p) => el("li", {}, `${file.name}: ${p}`)));
+      onParsed(null);
+      return;
+    }
+    summary.textContent = `${file.name}: ${examples.length} ${KINDS[kind].label} examples, all valid.`;
+    onParsed(examples);
+  });
+  const answer = KINDS[kind].answer;
+  return el("div", { class: "field" },
+    el("label", { for: id }, `${kind === "train" ? "Training" : "Eval"} data (JSONL or CSV)`),
+    input,
+    el("p", { class: "help", id: `${id}-help` },
+      `One example per line with "prompt" and "${answer}" (and optionally "id"); a CSV needs a header row with the same names.`),
+    summary, errors);
+}
+
+function estimateView(answer) {
+  const rows = answer.estimates.map((e) => {
+    const active = e.backend === answer.active_backend;
+    return el("tr", { class: active ? "" : "inactive" },
+      el("th", { scope: "row" }, `${BACKEND_NAMES[e.backend] || e.backend}${active ? " (active)" : ""}`),
+      el("td", {}, `${e.gpu} (${e.gpu_memory_gb} GB)`),
+      el("td", { class: "num" }, duration(e.estimated_time_s)),
+      el("td", { class: "num" }, `${usd(e.usd_per_second, 5)}/s`),
+      el("td", { class: "num" }, usd(e.estimated_cost_usd)));
+  });
+  const notes = [...answer.notes, ...answer.estimates.filter((e) => e.backend === answer.active_backend).flatMap((e) => e.notes)];
+  return [
+    el("table", { class: "data compact", id: "estimate-table" },
+      el("thead", {}, el("tr", {}, ...["Backend", "GPU", "Time", "Price", "Total"].map((h) => el("th", { scope: "col" }, h)))),
+      el("tbody", {}, rows)),
+    notes.length ? el("ul", { class: "help" }, notes.map((n) => el("li", {}, n))) : null,
+  ];
+}
+
+export async function renderNewExperiment(view) {
+  const [{ models }, compute] = await Promise.all([api("GET", "/api/models"), api("GET", "/api/settings/compute")]);
+  const data = { train: null, eval: null };
+  let idempotencyKey = crypto.randomUUID();
+  let estimateTimer = null;
+  let estimateAbort = null;
+
+  const { select: modelSelect, table: modelTable } = modelPicker(models, compute.backend);
+  const methodName = "influence_method";
+  const methods = el("fieldset", {},
+    el("legend", {}, "Influence method"),
+    METHODS.map((m, index) => el("div", { class: "radio" },
+      el("input", { type: "radio", id: `method-${m.value}`, name: methodName, value: m.value, checked: index === 0,
+        "aria-describedby": `method-${m.value}-cost` }),
+      el("label", { for: `method-${m.value}` }, m.label),
+      el("span", { class: "help", id: `method-${m.value}-cost` }, ` — ${m.cost}`))));
+  const estimate = el("div", { id: "estimate", "aria-live": "polite" },
+    el("p", { class: "help" }, "Upload training and eval data to see the time and cost."));
+  const submit = el("button", { type: "submit", id: "submit-experiment", disabled: true }, "Start experiment");
+  const form = el("form", { id: "new-experiment", novalidate: true },
+    el("section", { class: "card" }, el("h2", {}, "Model"),
+      el("label", { for: "model" }, "Model"), modelSelect, modelTable),
+    el("section", { class: "card" }, el("h2", {}, "Data"),
+      el("p", {}, "Example files: ",
+        EXAMPLE_FILES.map(([file, label], i) => [i ? " · " : "", el("a", { href: `/static/examples/${file}`, download: file }, label)])),
+      fileField("train", (examples) => { data.train = examples; changed(); }),
+      fileField("eval", (examples) => { data.eval = examples; changed(); })),
+    el("section", { class: "card" }, el("h2", {}, "Hyperparameters"),
+      el("div", { class: "grid" }, HYPERPARAMS.map(numberField), SPEC_NUMBERS.map(numberField))),
+    el("section", { class: "card" }, el("h2", {}, "Influence"), methods),
+    el("section", { class: "card" }, el("h2", {}, "Cost estimate"), estimate),
+    el("div", { class: "actions" }, submit));
+
+  function number(name) {
+    return Number(form.elements[name].value);
+  }
+
+  function spec() {
+    const hyperparams = Object.fromEntries(HYPERPARAMS.map((h) => [h.name, number(h.name)]));
+    return {
+      model_id: modelSelect.value,
+      training_data: withIds(data.train, "t"),
+      eval_data: withIds(data.eval, "e"),
+      hyperparams,
+      few_shot_k: number("few_shot_k"),
+      influence_method: form.elements[methodName].value,
+      influence: { top_k: number("top_k") },
+    };
+  }
+
+  function fieldProblems() {
+    return [...form.querySelectorAll("input[type=number]")]
+      .filter((input) => !input.checkValidity())
+      .map((input) => `${form.querySelector(`label[for="${input.id}"]`).textContent}: ${input.validationMessage}`);
+  }
+
+  async function refreshEstimate() {
+    if (estimateAbort) estimateAbort.abort();
+    estimateAbort = new AbortController();
+    try {
+      const answer = await api("POST", "/api/estimate", { body: spec(), signal: estimateAbort.signal });
+      estimate.replaceChildren(...estimateView(answer));
+    } catch (error) {
+      if (error.name === "AbortError") return;
+      estimate.replaceChildren(el("p", { class: "error" }, `No estimate: ${error.message}`));
+    }
+  }
+
+  function changed() {
+    const ready = data.train && data.eval;
+    const problems = fieldProblems();
+    submit.disabled = !ready || problems.length > 0;
+    clearTimeout(estimateTimer);
+    if (!ready) return;
+    if (problems.length) {
+      estimate.replaceChildren(el("p", { class: "error" }, problems.join("; ")));
+      return;
+    }
+    estimate.replaceChildren(el("p", { class: "help" }, "Estimating…"));
+    estimateTimer = setTimeout(refreshEstimate, ESTIMATE_DELAY_MS);
+  }
+
+  form.addEventListener("input", (event) => { if (event.target.type !== "file") changed(); });
+  form.addEventListener("change", (event) => { if (event.target.type === "radio" || event.target === modelSelect) changed(); });
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const problems = fieldProblems();
+    if (problems.length) return announce(problems.join("; "), "error");
+    submit.disabled = true;
+    const body = spec();
+    try {
+      const answer = await api("POST", "/api/train", { body, headers: { "Idempotency-Key": idempotencyKey } });
+      idempotencyKey = crypto.randomUUID();
+      rememberSpec(answer.job_id, body);
+      announce("Experiment submitted");
+      window.location.hash = `#/jobs/${encodeURIComponent(answer.job_id)}`;
+    } catch (error) {
+      submit.disabled = false;
+      announce(`Not submitted: ${error.message}`, "error");
+    }
+  });
+
+  view.append(el("h1", {}, "New experiment"), form);
+  return () => {
+    clearTimeout(estimateTimer);
+    if (estimateAbort) estimateAbort.abort();
+  };
+}

@@ -1,0 +1,207 @@
+// Settings -> Compute: hosted vs bring-your-own RunPod key, key save & verify (only the last 4
+// characters are ever shown back), endpoint status, cost per experiment, key removal.
+
+import { api, ApiError } from "../api.js";
+import { announce, BACKEND_NAMES, dateTime, duration, el, usd } from "../ui.js";
+
+const REFRESH_WHILE_CREATING_MS = 3000;
+
+function keyErrorText(error) {
+  if (!(error instanceof ApiError)) return error.message;
+  if (error.status === 400) return `Invalid API key: ${error.message}. Check that you copied the whole key.`;
+  if (error.status === 402) return `Key has no funds: ${error.message}`;
+  if (error.status === 403) return `The key lacks a permission: ${error.message}. Create a key with full access.`;
+  return error.message;
+}
+
+function statusStep(id, label, state, detail) {
+  const marks = { done: "✓", pending: "○", error: "✗", working: "…" };
+  return el("li", { id, class: `step ${state}`, "data-state": state },
+    el("span", { class: "mark", "aria-hidden": "true" }, marks[state]),
+    el("span", { class: "visually-hidden" }, `${state}: `),
+    el("strong", {}, label), detail ? el("span", { class: "help" }, ` — ${detail}`) : null);
+}
+
+export async function renderSettings(view) {
+  let info = await api("GET", "/api/settings/runpod-key");
+  let refreshTimer = null;
+
+  const hostedRadio = el("input", { type: "radio", id: "backend-hosted", name: "backend", value: "hosted",
+    "aria-describedby": "backend-hosted-help" });
+  const runpodRadio = el("input", { type: "radio", id: "backend-runpod", name: "backend", value: "runpod",
+    "aria-describedby": "backend-runpod-help" });
+  const keyInput = el("input", { id: "runpod-key", name: "runpod-key", type: "password", autocomplete: "off",
+    spellcheck: "false", autocapitalize: "off", "aria-describedby": "key-notice key-help" });
+  const showToggle = el("button", { type: "button", id: "toggle-key", "aria-pressed": "false", "aria-controls": "runpod-key" }, "Show");
+  const saveButton = el("button", { type: "submit", id: "save-key" }, "Save & Verify");
+  const keyMessage = el("div", { id: "key-message", "aria-live": "polite" });
+  const savedKey = el("p", { id: "saved-key" });
+  const steps = el("ol", { id: "runpod-status", class: "steps", "aria-label": "RunPod status" });
+  const removeButton = el("button", { type: "button", id: "remove-key", class: "danger" }, "Remove API key");
+  const costs = el("div", { id: "cost-per-experiment", "aria-live": "polite" }, el("p", { class: "help" }, "Estimating…"));
+
+  const keyForm = el("form", { id: "runpod-key-form", autocomplete: "off" },
+    el("label", { for: "runpod-key" }, "RunPod API key"),
+    el("div", { class: "inline" }, keyInput, showToggle, saveButton),
+    el("p", { id: "key-help", class: "help" }, "We check the key with RunPod (valid key, funds) before storing it encrypted."),
+    keyMessage);
+
+  const runpodPanel = el("div", { id: "runpod-panel", class: "panel" },
+    el("p", { id: "key-notice", class: "notice" },
+      el("strong", {}, "Your RunPod API key gives full access to your RunPod account. "),
+      "The dashboard uses it only to create one serverless endpoint on your account and to submit your experiments to it; nothing else. It is stored encrypted and never shown again in full."),
+    el("div", { class: "signup" },
+      el("h3", {}, "No RunPod account yet?"),
+      el("ol", {},
+        el("li", {}, "Sign up at ", el("a", { href: "https://runpod.io", target: "_blank", rel: "noopener noreferrer" }, "runpod.io"), " and add credits under Billing."),
+        el("li", {}, "Open Settings → API Keys → Create API Key, with full access (the key must create an endpoint)."),
+        el("li", {}, "Copy the key, paste it below and press “Save & Verify”."))),
+    keyForm,
+    savedKey,
+    steps,
+    el("div", { class: "actions" }, removeButton));
+
+  view.append(
+    el("h1", {}, "Settings"),
+    el("section", { class: "card", "aria-labelledby": "compute-heading" },
+      el("h2", { id: "compute-heading" }, "Compute"),
+      el("fieldset", {},
+        el("legend", {}, "Where your experiments run"),
+        el("div", { class: "radio" }, hostedRadio, el("label", { for: "backend-hosted" }, "Hosted (free tier)"),
+          el("span", { id: "backend-hosted-help", class: "help" }, " — GPUs run by this dashboard's operator; nothing to set up.")),
+        el("div", { class: "radio" }, runpodRadio, el("label", { for: "backend-runpod" }, "Bring your own GPU (RunPod)"),
+          el("span", { id: "backend-runpod-help", class: "help" }, " — runs on your RunPod account, billed per second by RunPod."))),
+      runpodPanel),
+    el("section", { class: "card", "aria-labelledby": "cost-heading" },
+      el("h2", { id: "cost-heading" }, "Estimated cost per experiment"),
+      costs));
+
+  function show() {
+    const runpodChosen = runpodRadio.checked;
+    runpodPanel.hidden = !runpodChosen;
+    removeButton.hidden = !info.has_key;
+    savedKey.textContent = info.has_key
+      ? `Saved key ending in ${info.last4}${info.verified_at ? `, verified ${dateTime(info.verified_at)}` : ""}.`
+      : "No key saved.";
+    const endpointState = info.endpoint_status;
+    const endpointStep = info.runpod_endpoint_id
+      ? statusStep("step-endpoint", "Endpoint created", "done", info.runpod_endpoint_id)
+      : endpointState === "creating"
+        ? statusStep("step-endpoint", "Endpoint created", "working", "creating it on your account")
+        : statusStep("step-endpoint", "Endpoint created", "pending", "created on your first experiment");
+    const readyStep = endpointState === "ready"
+      ? statusStep("step-ready", "Ready to use", "done", "experiments run on your RunPod account")
+      : endpointState === "error"
+        ? statusStep("step-ready", "Ready to use", "error", info.endpoint_error || "the endpoint could not be set up")
+        : statusStep("step-ready", "Ready to use", "pending", "");
+    steps.replaceChildren(
+      statusStep("step-key", "Key saved", info.has_key ? "done" : "pending", info.has_key ? `ending in ${info.last4}` : ""),
+      endpointStep, readyStep);
+    clearTimeout(refreshTimer);
+    if (endpointState === "creating") refreshTimer = setTimeout(reload, REFRESH_WHILE_CREATING_MS);
+  }
+
+  async function reload() {
+    info = await api("GET", "/api/settings/runpod-key");
+    hostedRadio.checked = info.backend !== "runpod";
+    runpodRadio.checked = info.backend === "runpod" || (runpodRadio.checked && !info.has_key);
+    show();
+  }
+
+  async function chooseBackend(backend) {
+    if (backend === "runpod" && !info.has_key) {
+      show();
+      keyInput.focus();
+      announce("Save a RunPod API key to switch to your own GPU");
+      return;
+    }
+    try {
+      await api("PUT", "/api/settings/compute", { body: { backend } });
+      announce(`Experiments now run on: ${BACKEND_NAMES[backend]}`);
+      await reload();
+      await loadCosts();
+    } catch (error) {
+      announce(`Not changed: ${error.message}`, "error");
+      await reload();
+    }
+  }
+
+  hostedRadio.addEventListener("change", () => chooseBackend("hosted"));
+  runpodRadio.addEventListener("change", () => chooseBackend("runpod"));
+
+  showToggle.addEventListener("click", () => {
+    const showing = keyInput.type === "text";
+    keyInput.type = showing ? "password" : "text";
+    showToggle.textContent = showing ? "Show" : "Hide";
+    showToggle.setAttribute("aria-pressed", String(!showing));
+  });
+
+  keyForm.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const apiKey = keyInput.value.trim();
+    if (!apiKey) {
+      keyMessage.replaceChildren(el("p", { class: "error" }, "Paste your RunPod API key first."));
+      return;
+    }
+    // The full key leaves the page at once, whatever the outcome.
+    keyInput.value = "";
+    keyInput.type = "password";
+    showToggle.textContent = "Show";
+    showToggle.setAttribute("aria-pressed", "false");
+    saveButton.disabled = true;
+    keyMessage.replaceChildren(el("p", { class: "help" }, "Checking the key with RunPod…"));
+    try {
+      const saved = await api("POST", "/api/settings/runpod-key", { body: { api_key: apiKey } });
+      await reload();
+      keyMessage.replaceChildren(el("p", { class: "ok", id: "key-saved" },
+        `Key saved: ending in ${saved.last4}. Experiments now run on your RunPod account` +
+        (saved.balance_usd ? ` (balance ${usd(saved.balance_usd, 2)}).` : ".")));
+      announce(`RunPod key ending in ${saved.last4} saved`);
+      await loadCosts();
+    } catch (error) {
+      keyMessage.replaceChildren(el("p", { class: "error", id: "key-error", role: "alert" }, keyErrorText(error)));
+    } finally {
+      saveButton.disabled = false;
+    }
+  });
+
+  removeButton.addEventListener("click", async () => {
+    if (!window.confirm("Remove your RunPod API key and go back to the hosted backend?")) return;
+    try {
+      await api("DELETE", "/api/settings/runpod-key");
+      runpodRadio.checked = false;
+      await reload();
+      keyMessage.replaceChildren();
+      announce("RunPod key removed; experiments run on the hosted backend");
+      await loadCosts();
+    } catch (error) {
+      announce(`Not removed: ${error.message}`, "error");
+    }
+  });
+
+  async function loadCosts() {
+    try {
+      const sample = await (await fetch("/static/examples/sample.json")).json();
+      const answer = await api("POST", "/api/estimate", { body: sample });
+      costs.replaceChildren(
+        el("p", { class: "help" }, `For the sample experiment (${sample.training_data.length} training and ${sample.eval_data.length} eval examples, ${sample.hyperparams.epochs} epochs on ${sample.model_id}):`),
+        el("table", { class: "data compact", id: "cost-table" },
+          el("thead", {}, el("tr", {}, ...["Backend", "GPU", "Time", "Price", "Per experiment"].map((h) => el("th", { scope: "col" }, h)))),
+          el("tbody", {}, answer.estimates.map((e) => el("tr", { class: e.backend === answer.active_backend ? "" : "inactive" },
+            el("th", { scope: "row" }, `${BACKEND_NAMES[e.backend] || e.backend}${e.backend === answer.active_backend ? " (active)" : ""}`),
+            el("td", {}, e.gpu), el("td", { class: "num" }, duration(e.estimated_time_s)),
+            el("td", { class: "num" }, `${usd(e.usd_per_second, 5)}/s`),
+            el("td", { class: "num" }, usd(e.estimated_cost_usd)))))),
+        el("p", { class: "help" }, "RunPod bills per second of GPU time, cold start included; prices as of ",
+          answer.estimates.map((e) => `${e.prices_as_of} (${e.backend})`).join(", "), "."));
+    } catch (error) {
+      costs.replaceChildren(el("p", { class: "error" }, `No estimate: ${error.message}`));
+    }
+  }
+
+  hostedRadio.checked = info.backend !== "runpod";
+  runpodRadio.checked = info.backend === "runpod";
+  show();
+  loadCosts();
+  return () => clearTimeout(refreshTimer);
+}

@@ -1,0 +1,83 @@
+// Small DOM and formatting helpers shared by the pages.
+
+// el("p", {class: "x", onclick: fn}, "text", child, ...): text children are never parsed as HTML.
+export function el(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) {
+    if (value === null || value === undefined || value === false) continue;
+    if (name.startsWith("on") && typeof value === "function") {
+      node.addEventListener(name.slice(2), value);
+    } else if (name === "class") {
+      node.className = value;
+    } else if (value === true) {
+      node.setAttribute(name, "");
+    } else {
+      node.setAttribute(name, String(value));
+    }
+  }
+  for (const child of children.flat(Infinity)) {
+    if (child === null || child === undefined || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+let nextId = 0;
+export function uid(prefix) {
+  nextId += 1;
+  return `${prefix}-${nextId}`;
+}
+
+// Screen readers hear this region (aria-live="polite" in index.html).
+export function announce(text, kind = "info") {
+  const region = document.getElementById("status");
+  region.textContent = text;
+  region.dataset.kind = kind;
+}
+
+export function usd(value, digits = 4) {
+  if (value === null || value === undefined || Number.isNaN(value)) return "—";
+  if (value === 0) return "$0 (free)";
+  if (value < 0.0001) return `$${value.toExponential(2)}`;
+  return `$${value.toFixed(digits)}`;
+}
+
+export function duration(seconds) {
+  if (seconds === null || seconds === undefined || Number.isNaN(seconds)) return "—";
+  const s = Math.max(0, Math.round(seconds));
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+  return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+}
+
+export function dateTime(iso) {
+  if (!iso) return "—";
+  const when = new Date(iso);
+  return Number.isNaN(when.getTime()) ? iso : when.toLocaleString();
+}
+
+export function download(filename, text, type) {
+  const url = URL.createObjectURL(new Blob([text], { type }));
+  const link = el("a", { href: url, download: filename });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+}
+
+let plotlyLoading = null;
+// Plotly (4.8 MB) loads only on the pages that draw charts; the gateway serves it locally.
+export function loadPlotly() {
+  if (window.Plotly) return Promise.resolve(window.Plotly);
+  if (!plotlyLoading) {
+    plotlyLoading = new Promise((resolve, reject) => {
+      const script = el("script", { src: "/static/vendor/plotly.min.js" });
+      script.addEventListener("load", () => resolve(window.Plotly));
+      script.addEventListener("error", () => reject(new Error("The chart library failed to load")));
+      document.head.append(script);
+    });
+  }
+  return plotlyLoading;
+}
+
+export const BACKEND_NAMES = { hosted: "Hosted (free tier)", runpod: "Your RunPod account" };
