@@ -3,15 +3,13 @@ the whole stack on loopback, with the test fake of RunPod standing in for the cl
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from devstack.stack import REPO_ROOT, Stack, free_port
+from devstack.stack import REPO_ROOT, FakeRunPodProcess, Stack
 
 from .support import (
     BROKE_RUNPOD_KEY,
@@ -31,50 +29,26 @@ def chromium_path() -> Path:
     return CHROMIUM
 
 
-@pytest.fixture(scope="session")
-def fake_runpod_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@pytest.fixture(scope="module")
+def fake_runpod() -> Iterator[FakeRunPodProcess]:
     """The fake RunPod as its own process: one funded key, one key with no balance."""
-    log_path = tmp_path_factory.mktemp("fake-runpod") / "fake_runpod.log"
-    port = free_port()
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "devstack.fake_runpod", "--port", str(port),
-             "--key", f"{GOOD_RUNPOD_KEY}=25", "--key", f"{BROKE_RUNPOD_KEY}=0",
-             "--template-id", TEMPLATE_ID],
-            cwd=REPO_ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            stdout=subprocess.PIPE,
-            stderr=log_file,
-            start_new_session=True,
-        )
-    try:
-        assert process.stdout is not None
-        # The fake prints its URL once it is listening.
-        first_line = process.stdout.readline().decode().strip()
-        if not first_line.startswith("FAKE_RUNPOD_URL="):
-            process.kill()
-            raise RuntimeError(f"the fake RunPod did not start:\n{log_path.read_text()[-3000:]}")
-        yield first_line.partition("=")[2]
-    finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    process = FakeRunPodProcess.start()
+    process.control("POST", "keys", key=GOOD_RUNPOD_KEY, balance=25.0)
+    process.control("POST", "keys", key=BROKE_RUNPOD_KEY, balance=0.0)
+    yield process
+    process.stop()
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory, fake_runpod_url: str) -> Iterator[Stack]:
+# Module scope: the stack and the browser (whose sync API runs an event loop in this thread) are
+# gone before the next module's asyncio tests start.
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, fake_runpod: FakeRunPodProcess) -> Iterator[Stack]:
     running = Stack(
         data_dir=tmp_path_factory.mktemp("browser-stack"),
         extra_env={
             "SCHEDULER_POLL_INTERVAL_S": "0.2",
             "COMPUTE_LOCAL_TORCH_THREADS": "1",
-            "RUNPOD_REST_BASE_URL": f"{fake_runpod_url}/v2",
-            "RUNPOD_JOB_BASE_URL": f"{fake_runpod_url}/v2",
-            "RUNPOD_GRAPHQL_URL": f"{fake_runpod_url}/graphql",
-            "RUNPOD_TEMPLATE_ID": TEMPLATE_ID,
+            **fake_runpod.settings_env(TEMPLATE_ID),
             "RUNPOD_STREAM_WAIT_MS": "1000",
         },
         services=("keyvault", "compute-local", "compute-runpod", "scheduler", "gateway"),
@@ -86,7 +60,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, fake_runpod_url: str) -> Ite
         running.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(chromium_path: Path):
     from playwright.sync_api import sync_playwright
 

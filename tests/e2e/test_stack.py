@@ -67,6 +67,8 @@ def test_sample_experiment_runs_end_to_end(stack: Stack, alice: GatewayClient) -
 
     job = alice.job(submitted["job_id"])
     assert job["status"] == "completed"
+    stored_spec = alice.request("GET", f"/api/jobs/{submitted['job_id']}/spec").json()
+    assert [t["prompt"] for t in stored_spec["training_data"]] == [t["prompt"] for t in spec["training_data"]]
     result = alice.results(submitted["job_id"])
     influence = result["influence"]
     assert influence["train_ids"] == [t["id"] for t in spec["training_data"]]
@@ -93,6 +95,7 @@ def test_another_user_gets_404_on_every_job_route(stack: Stack, alice: GatewayCl
         ("GET", f"/api/jobs/{job_id}"),
         ("GET", f"/api/jobs/{job_id}/events"),
         ("GET", f"/api/jobs/{job_id}/results"),
+        ("GET", f"/api/jobs/{job_id}/spec"),
         ("POST", f"/api/jobs/{job_id}/cancel"),
     ]:
         assert bob.request(method, path).status_code == 404, path

@@ -192,6 +192,18 @@ async def job_results(job_id: str, user: CurrentUser, clients: Clients, trace: T
     return Response(content=answer.result_json, media_type="application/json")
 
 
+@router.get("/jobs/{job_id}/spec", summary="The job's experiment spec, with every example's id")
+async def job_spec(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> Response:
+    job_id = _checked_job_id(job_id)
+    with scheduler_errors(SCHEDULER_DOWN, not_found=JOB_NOT_FOUND):
+        answer = await clients.scheduler.GetJobSpec(
+            scheduler_pb2.GetJobSpecRequest(user_id=user, job_id=job_id),
+            metadata=trace,
+            timeout=clients.timeout_s,
+        )
+    return Response(content=answer.spec_json, media_type="application/json")
+
+
 @router.post("/jobs/{job_id}/cancel", summary="Cancel a job")
 async def cancel_job(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
     with scheduler_errors(SCHEDULER_DOWN, not_found=JOB_NOT_FOUND):

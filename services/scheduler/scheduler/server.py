@@ -216,6 +216,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.GetJobResultResponse(result_json=json.dumps(result).encode())
 
     @_rpc
+    async def GetJobSpec(
+        self, request: scheduler_pb2.GetJobSpecRequest, context: Any
+    ) -> scheduler_pb2.GetJobSpecResponse:
+        _, store = self._app.require()
+        spec = await store.get_spec(request.job_id, request.user_id)
+        if spec is None:
+            raise JobNotFound(request.job_id)
+        return scheduler_pb2.GetJobSpecResponse(spec_json=json.dumps(spec).encode())
+
+    @_rpc
     async def CancelJob(self, request: scheduler_pb2.CancelJobRequest, context: Any) -> scheduler_pb2.Job:
         jobs, _ = self._app.require()
         return job_to_proto(await jobs.cancel(request.user_id, request.job_id))

@@ -224,6 +224,15 @@ class Store:
         )
         return (row["status"], row["result"]) if row is not None else None
 
+    async def get_spec(self, job_id: str, user_id: str) -> Any | None:
+        """The stored spec of the user's job, or None when it is not theirs."""
+        parsed = parse_job_id(job_id)
+        if parsed is None:
+            return None
+        return await self.pool.fetchval(
+            "SELECT spec FROM jobs WHERE id = $1 AND user_id = $2", parsed, user_id
+        )
+
     async def set_estimate(self, job_id: str, time_s: float, cost_usd: float) -> None:
         await self.pool.execute(
             """UPDATE jobs SET estimated_time_s = $2, estimated_cost_usd = $3, updated_at = now()

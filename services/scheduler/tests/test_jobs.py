@@ -48,6 +48,8 @@ async def test_submit_follows_events_and_stores_result(scheduler, provider, h, d
     result = await stub.GetJobResult(scheduler_pb2.GetJobResultRequest(user_id="alice", job_id=job.id))
     assert json.loads(result.result_json)["job_id"] == job.id
     assert provider.servicer.submit_calls == [job.id]
+    stored_spec = await stub.GetJobSpec(scheduler_pb2.GetJobSpecRequest(user_id="alice", job_id=job.id))
+    assert json.loads(stored_spec.spec_json)["training_data"][0]["id"]
 
     conn = await asyncpg.connect(database_url)
     try:
@@ -96,6 +98,7 @@ async def test_another_users_job_is_not_found_everywhere(scheduler, provider, h)
     calls = [
         stub.GetJob(scheduler_pb2.GetJobRequest(user_id="bob", job_id=job.id)),
         stub.GetJobResult(scheduler_pb2.GetJobResultRequest(user_id="bob", job_id=job.id)),
+        stub.GetJobSpec(scheduler_pb2.GetJobSpecRequest(user_id="bob", job_id=job.id)),
         stub.CancelJob(scheduler_pb2.CancelJobRequest(user_id="bob", job_id=job.id)),
         h.watch_all(stub, "bob", job.id),
         stub.GetJob(scheduler_pb2.GetJobRequest(user_id="bob", job_id="not-a-uuid")),

@@ -112,6 +112,20 @@ class GetJobResultResponse(_message.Message):
     result_json: bytes
     def __init__(self, result_json: _Optional[bytes] = ...) -> None: ...
 
+class GetJobSpecRequest(_message.Message):
+    __slots__ = ("user_id", "job_id")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    job_id: str
+    def __init__(self, user_id: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class GetJobSpecResponse(_message.Message):
+    __slots__ = ("spec_json",)
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    spec_json: bytes
+    def __init__(self, spec_json: _Optional[bytes] = ...) -> None: ...
+
 class CancelJobRequest(_message.Message):
     __slots__ = ("user_id", "job_id")
     USER_ID_FIELD_NUMBER: _ClassVar[int]

@@ -60,6 +60,11 @@ class SchedulerStub(object):
                 request_serializer=influence_dot_v1_dot_scheduler__pb2.GetJobResultRequest.SerializeToString,
                 response_deserializer=influence_dot_v1_dot_scheduler__pb2.GetJobResultResponse.FromString,
                 _registered_method=True)
+        self.GetJobSpec = channel.unary_unary(
+                '/influence.v1.Scheduler/GetJobSpec',
+                request_serializer=influence_dot_v1_dot_scheduler__pb2.GetJobSpecRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_scheduler__pb2.GetJobSpecResponse.FromString,
+                _registered_method=True)
         self.CancelJob = channel.unary_unary(
                 '/influence.v1.Scheduler/CancelJob',
                 request_serializer=influence_dot_v1_dot_scheduler__pb2.CancelJobRequest.SerializeToString,
@@ -117,6 +122,13 @@ class SchedulerServicer(object):
 
     def GetJobResult(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJobSpec(self, request, context):
+        """The validated spec as stored (examples with their ids), so results can show the texts.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -180,6 +192,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.GetJobResult,
                     request_deserializer=influence_dot_v1_dot_scheduler__pb2.GetJobResultRequest.FromString,
                     response_serializer=influence_dot_v1_dot_scheduler__pb2.GetJobResultResponse.SerializeToString,
+            ),
+            'GetJobSpec': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobSpec,
+                    request_deserializer=influence_dot_v1_dot_scheduler__pb2.GetJobSpecRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_scheduler__pb2.GetJobSpecResponse.SerializeToString,
             ),
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
@@ -342,6 +359,33 @@ class Scheduler(object):
             '/influence.v1.Scheduler/GetJobResult',
             influence_dot_v1_dot_scheduler__pb2.GetJobResultRequest.SerializeToString,
             influence_dot_v1_dot_scheduler__pb2.GetJobResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobSpec(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.Scheduler/GetJobSpec',
+            influence_dot_v1_dot_scheduler__pb2.GetJobSpecRequest.SerializeToString,
+            influence_dot_v1_dot_scheduler__pb2.GetJobSpecResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,6 @@
 
 import { api } from "../api.js";
 import { KINDS, parseExamples, withIds } from "../datafile.js";
-import { rememberSpec } from "../specstore.js";
 import { announce, BACKEND_NAMES, duration, el, usd } from "../ui.js";
 
 const ESTIMATE_DELAY_MS = 400;
@@ -221,7 +220,6 @@ export async function renderNewExperiment(view) {
     try {
       const answer = await api("POST", "/api/train", { body, headers: { "Idempotency-Key": idempotencyKey } });
       idempotencyKey = crypto.randomUUID();
-      rememberSpec(answer.job_id, body);
       announce("Experiment submitted");
       window.location.hash = `#/jobs/${encodeURIComponent(answer.job_id)}`;
     } catch (error) {

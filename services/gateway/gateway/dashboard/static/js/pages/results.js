@@ -1,7 +1,7 @@
 // Results: the three evaluations side by side, the influence heatmap (eval x train), the top
 // helpful and harmful training examples per eval example, and JSON / CSV downloads.
 
-import { specTexts } from "../specstore.js";
+import { specTexts } from "../spectexts.js";
 import { download, el, loadPlotly } from "../ui.js";
 
 const RUNS = [["base", "Base model"], ["few_shot", "Few-shot"], ["finetuned", "Fine-tuned"]];
@@ -112,7 +112,7 @@ function topExamples(influence, texts) {
 }
 
 export async function renderResults(host, jobId, result) {
-  const texts = specTexts(jobId);
+  const texts = await specTexts(jobId);
   const influence = result.influence;
   const heatmap = el("div", { id: "heatmap", class: "chart", role: "img",
     "aria-label": `Influence of each of ${influence.train_ids.length} training examples on each of ${influence.eval_ids.length} eval examples` });
@@ -125,7 +125,7 @@ export async function renderResults(host, jobId, result) {
     el("section", { class: "card", "aria-labelledby": "influence-heading" },
       el("h2", { id: "influence-heading" }, `Influence (${influence.method})`),
       el("p", { class: "help" }, "Blue: the training example helped this eval answer (up-weighting it lowers the eval loss); red: it hurt. Hover a cell for both texts and the score."),
-      texts ? null : el("p", { class: "help" }, "This browser did not submit the experiment, so examples show by id only."),
+      texts ? null : el("p", { class: "help" }, "The experiment's texts could not be read, so examples show by id only."),
       heatmap,
       el("h3", {}, "Top training examples per eval example"),
       topExamples(influence, texts)),
