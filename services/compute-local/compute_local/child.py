@@ -1,0 +1,115 @@
+"""The child process that runs one experiment: ``python -m compute_local.child --job-dir DIR``.
+
+It reads ``DIR/spec.json``, iterates ``gpu_core.pipeline.run_experiment`` and writes every event
+as one JSON line to its stdout, which the service reads through a pipe. Everything else the
+process prints (logs, library chatter, tracebacks) goes to stderr, so the event stream stays
+clean: stdout is moved to a private descriptor and fd 1 is pointed at stderr before gpu_core is
+imported. A failure ends the stream with ``{"type": "error", "message": "..."}``.
+
+SIGTERM closes the generator (gpu_core frees its memory) and exits with 143. The child also
+asks Linux to send it SIGTERM when the service dies, so no orphan keeps a device busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+from service_runtime.logs import configure_logging
+
+from compute_local.spec import parse_spec
+
+log = logging.getLogger("compute_local.child")
+
+EXIT_CANCELLED = 128 + signal.SIGTERM
+_PR_SET_PDEATHSIG = 1
+
+
+class _Terminated(Exception):
+    """Raised in the main thread by the SIGTERM handler."""
+
+
+def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+    raise _Terminated
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    # The parent may have died before prctl took effect.
+    if os.getppid() != parent_pid:
+        raise _Terminated
+
+
+def _take_stdout() -> IO[str]:
+    events_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(events_fd, "w", encoding="utf-8")
+
+
+def _emit(stream: IO[str], event: dict[str, Any]) -> None:
+    stream.write(json.dumps(event) + "\n")
+    stream.flush()
+
+
+def _plain_message(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text if text else f"the experiment failed ({type(exc).__name__})"
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run(job_dir: Path, threads: int, events: IO[str]) -> int:
+    _set_threads(threads)
+    from gpu_core.pipeline import run_experiment
+
+    spec = parse_spec((job_dir / "spec.json").read_bytes())
+    artifacts = job_dir / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    experiment = run_experiment(spec, artifacts)
+    try:
+        for event in experiment:
+            _emit(events, event)
+    finally:
+        experiment.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m compute_local.child")
+    parser.add_argument("--job-dir", type=Path, required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    args = parser.parse_args(argv)
+
+    events = _take_stdout()
+    configure_logging("compute-local-child", os.environ.get("LOG_LEVEL", "INFO"))
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        _die_with_parent(args.parent_pid)
+        return run(args.job_dir, args.threads, events)
+    except _Terminated:
+        log.info("terminated; experiment closed")
+        return EXIT_CANCELLED
+    except Exception as exc:
+        log.exception("experiment failed")
+        _emit(events, {"type": "error", "message": _plain_message(exc)})
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The gRPC face of compute-local: ``influence.v1.ComputeProvider`` over the LocalRunner."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+import grpc
+from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from service_runtime.grpc_server import GrpcService, create_grpc_server
+
+from compute_local.config import Settings
+from compute_local.estimate import estimate
+from compute_local.jobs import JobState, JobStore, StoredEvent
+from compute_local.metrics import RunnerCollector
+from compute_local.runner import (
+    InvalidCursor,
+    JobNotFound,
+    LocalRunner,
+    NotAccepting,
+    ResultNotReady,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "influence.v1.ComputeProvider"
+_MAX_JOB_ID_CHARS = 256
+_STATES = {
+    JobState.SUBMITTED: common_pb2.JOB_STATE_SUBMITTED,
+    JobState.RUNNING: common_pb2.JOB_STATE_RUNNING,
+    JobState.COMPLETED: common_pb2.JOB_STATE_COMPLETED,
+    JobState.FAILED: common_pb2.JOB_STATE_FAILED,
+    JobState.CANCELLED: common_pb2.JOB_STATE_CANCELLED,
+}
+
+
+def _event_to_proto(stored: StoredEvent) -> common_pb2.ProgressEvent:
+    event = stored.event
+    message = common_pb2.ProgressEvent(
+        type=str(event.get("type") or ""),
+        stage=str(event.get("stage") or ""),
+        progress=float(event.get("progress") or 0.0),
+        message=str(event.get("message") or ""),
+        event_json=json.dumps(event).encode(),
+    )
+    message.time.FromNanoseconds(int(stored.time * 1e9))
+    return message
+
+
+class ComputeLocalServicer(compute_pb2_grpc.ComputeProviderServicer):
+    def __init__(self, runner: LocalRunner) -> None:
+        self._runner = runner
+
+    async def VerifyCredentials(
+        self, request: compute_pb2.VerifyCredentialsRequest, context: grpc.aio.ServicerContext
+    ) -> compute_pb2.VerifyCredentialsResponse:
+        return compute_pb2.VerifyCredentialsResponse(
+            valid=True, account_id="local", balance_usd=-1.0,
+            message="compute-local runs on this host and needs no credentials",
+        )
+
+    async def PrepareAccount(
+        self, request: compute_pb2.PrepareAccountRequest, context: grpc.aio.ServicerContext
+    ) -> compute_pb2.PrepareAccountResponse:
+        return compute_pb2.PrepareAccountResponse(endpoint_id="", created=False, status="ready")
+
+    async def Submit(
+        self, request: compute_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> compute_pb2.SubmitResponse:
+        if len(request.job_id) > _MAX_JOB_ID_CHARS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"job_id is longer than {_MAX_JOB_ID_CHARS} characters"
+            )
+        try:
+            provider_job_id = self._runner.submit(request.job_id, request.spec_json)
+        except NotAccepting as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except OSError as exc:
+            log.exception("cannot store a submitted job", extra={"job_id": request.job_id})
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"compute-local cannot store the job: {exc.strerror or exc}"
+            )
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return compute_pb2.SubmitResponse(provider_job_id=provider_job_id)
+
+    async def GetStatus(
+        self, request: compute_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> compute_pb2.GetStatusResponse:
+        try:
+            status = self._runner.status(request.provider_job_id, request.job_id, request.cursor)
+        except JobNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except InvalidCursor as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return compute_pb2.GetStatusResponse(
+            state=_STATES[status.state],
+            events=[_event_to_proto(event) for event in status.events],
+            cursor=str(status.cursor),
+            error=status.error,
+            result_ready=status.result_ready,
+            stage_message=status.stage_message,
+        )
+
+    async def GetResult(
+        self, request: compute_pb2.GetResultRequest, context: grpc.aio.ServicerContext
+    ) -> compute_pb2.GetResultResponse:
+        try:
+            result_json = self._runner.result(request.provider_job_id, request.job_id)
+        except JobNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except ResultNotReady as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return compute_pb2.GetResultResponse(result_json=result_json)
+
+    async def Cancel(
+        self, request: compute_pb2.CancelRequest, context: grpc.aio.ServicerContext
+    ) -> compute_pb2.CancelResponse:
+        try:
+            state = await self._runner.cancel(request.provider_job_id, request.job_id)
+        except JobNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        return compute_pb2.CancelResponse(state=_STATES[state])
+
+    async def Estimate(
+        self, request: compute_pb2.EstimateRequest, context: grpc.aio.ServicerContext
+    ) -> compute_pb2.EstimateResponse:
+        try:
+            figures = estimate(request.spec_json, request.backend or "hosted")
+        except ValueError as exc:  # an invalid spec or backend
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return compute_pb2.EstimateResponse(estimate=figures)
+
+
+class ComputeLocalService:
+    """The runner, its gRPC server and its metrics endpoint, started and stopped together."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry = REGISTRY) -> None:
+        self.settings = settings
+        self.runner = LocalRunner(
+            store=JobStore(Path(settings.work_dir)),
+            devices=settings.devices,
+            child_threads=settings.child_threads,
+            cancel_grace_s=settings.cancel_grace_s,
+            retention_s=settings.result_retention_s,
+            log_level=settings.log_level,
+        )
+        self._registry = registry
+        self._collector = RunnerCollector(self.runner)
+        self._metrics_server: ThreadingHTTPServer | None = None
+        self.metrics_port: int | None = None
+        self._stopped = False
+
+        def register(server: grpc.aio.Server) -> list[str]:
+            compute_pb2_grpc.add_ComputeProviderServicer_to_server(ComputeLocalServicer(self.runner), server)
+            return [SERVICE_NAME]
+
+        self.grpc: GrpcService = create_grpc_server(settings.address, register, "compute-local")
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
+
+    async def start(self) -> None:
+        """Serve; readiness turns SERVING once the stored jobs are loaded and the queue runs."""
+        await self.grpc.server.start()
+        await self.grpc.set_ready(False)
+        await self.runner.start()
+        self._registry.register(self._collector)
+        if self.settings.metrics_port >= 0:
+            self._metrics_server, _ = start_http_server(
+                self.settings.metrics_port, addr=self.settings.host, registry=self._registry
+            )
+            self.metrics_port = int(self._metrics_server.server_port)
+        await self.grpc.set_ready(True)
+        log.info("compute-local serving", extra={"port": self.port, "metrics_port": self.metrics_port})
+
+    async def stop(self) -> None:
+        """Refuse new work, drain in-flight RPCs, then end the running children (their jobs
+        become FAILED "compute-local stopped"; queued jobs stay queued on disk)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        log.info("compute-local stopping")
+        self.runner.stop_accepting()
+        await self.grpc.stop(self.settings.shutdown_grace_s)
+        await self.runner.shutdown()
+        self._registry.unregister(self._collector)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+
+
+async def start_service(settings: Settings, registry: CollectorRegistry = REGISTRY) -> ComputeLocalService:
+    """Build and start compute-local (tests pass port 0 and read ``service.port``)."""
+    service = ComputeLocalService(settings, registry)
+    await service.start()
+    return service
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    service = await start_service(settings)
+    await stop.wait()
+    await service.stop()
