@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy.stats import spearmanr
-
 from gpu_core.data import IGNORE_INDEX, EncodedPair, collate
-from gpu_core.influence import AdapterCheckpoint, compute_influence
+from gpu_core.influence import AdapterCheckpoint, build_influence_result, compute_influence
 from gpu_core.influence.ekfac import kronfluence_scores
 from gpu_core.influence.gradients import load_lora_state, lora_grad_enabled, lora_layers, lora_state
 from gpu_core.influence.toy import ToySetup, build_toy_setup
 from gpu_core.schemas import InfluenceOptions
+from scipy.stats import spearmanr
 
 torch.set_num_threads(1)
 
@@ -64,8 +63,16 @@ def test_tracin_equals_per_example_backward(toy: ToySetup, tmp_path: Path) -> No
 
     fractions: list[float] = []
     scores = compute_influence(
-        "tracin", toy.model, toy.tokenizer, toy.train, toy.queries, toy.checkpoints,
-        InfluenceOptions(), batch_size=5, work_dir=tmp_path, progress=fractions.append,
+        "tracin",
+        toy.model,
+        toy.tokenizer,
+        toy.train,
+        toy.queries,
+        toy.checkpoints,
+        InfluenceOptions(),
+        batch_size=5,
+        work_dir=tmp_path,
+        progress=fractions.append,
     )
     assert scores.shape == (5, 12)
     assert relative_error(scores, expected) < 1e-5
@@ -89,7 +96,9 @@ def reference_datainf(train_grads, query_grads, damping: float | None) -> torch.
         for q, query in enumerate(query_grads):
             hvp = torch.zeros_like(query[layer])
             for train in train_grads:
-                coefficient = torch.sum(query[layer] * train[layer]) / (lambda_const + torch.sum(train[layer] ** 2))
+                coefficient = torch.sum(query[layer] * train[layer]) / (
+                    lambda_const + torch.sum(train[layer] ** 2)
+                )
                 hvp += (query[layer] - coefficient * train[layer]) / (n_train * lambda_const)
             for i, train in enumerate(train_grads):
                 influence[q, i] += -torch.sum(hvp * train[layer])
@@ -103,8 +112,15 @@ def test_datainf_equals_reference_loop(toy: ToySetup, tmp_path: Path, damping: f
     harmful_positive = reference_datainf(train_grads, query_grads, damping)
 
     scores = compute_influence(
-        "datainf", toy.model, toy.tokenizer, toy.train, toy.queries, toy.checkpoints,
-        InfluenceOptions(damping=damping), batch_size=5, work_dir=tmp_path,
+        "datainf",
+        toy.model,
+        toy.tokenizer,
+        toy.train,
+        toy.queries,
+        toy.checkpoints,
+        InfluenceOptions(damping=damping),
+        batch_size=5,
+        work_dir=tmp_path,
     )
     assert relative_error(scores, -harmful_positive) < 1e-5
     assert list(tmp_path.iterdir()) == []  # gradient chunks removed
@@ -114,8 +130,15 @@ def test_kronfluence_identity_equals_gradient_dot(toy: ToySetup, tmp_path: Path)
     train_grads = flat(explicit_gradients(toy.model, toy.tokenizer, toy.train))
     query_grads = flat(explicit_gradients(toy.model, toy.tokenizer, toy.queries))
     scores = kronfluence_scores(
-        toy.model, toy.tokenizer.pad_token_id, toy.train, toy.queries, None, 5, tmp_path,
-        lambda _fraction: None, strategy="identity",
+        toy.model,
+        toy.tokenizer.pad_token_id,
+        toy.train,
+        toy.queries,
+        None,
+        5,
+        tmp_path,
+        lambda _fraction: None,
+        strategy="identity",
     )
     assert relative_error(scores * len(toy.train), query_grads @ train_grads.T) < 1e-6
     assert list(tmp_path.iterdir()) == []  # fresh output directory, removed afterwards
@@ -124,12 +147,26 @@ def test_kronfluence_identity_equals_gradient_dot(toy: ToySetup, tmp_path: Path)
 def test_tracin_one_checkpoint_equals_kronfluence_identity(toy: ToySetup, tmp_path: Path) -> None:
     final = AdapterCheckpoint(lora_state(lora_layers(toy.model)), learning_rate=1.0, epoch=2)
     tracin = compute_influence(
-        "tracin", toy.model, toy.tokenizer, toy.train, toy.queries, [final],
-        InfluenceOptions(), batch_size=4, work_dir=tmp_path,
+        "tracin",
+        toy.model,
+        toy.tokenizer,
+        toy.train,
+        toy.queries,
+        [final],
+        InfluenceOptions(),
+        batch_size=4,
+        work_dir=tmp_path,
     )
     identity = kronfluence_scores(
-        toy.model, toy.tokenizer.pad_token_id, toy.train, toy.queries, None, 4, tmp_path,
-        lambda _fraction: None, strategy="identity",
+        toy.model,
+        toy.tokenizer.pad_token_id,
+        toy.train,
+        toy.queries,
+        None,
+        4,
+        tmp_path,
+        lambda _fraction: None,
+        strategy="identity",
     )
     assert relative_error(tracin, identity * len(toy.train)) < 1e-6
 
@@ -141,8 +178,15 @@ def test_planted_duplicates_rank_top_one(tmp_path: Path) -> None:
     rates = {}
     for method in ("tracin", "datainf", "kronfluence"):
         scores = compute_influence(
-            method, setup.model, setup.tokenizer, setup.train, setup.queries, setup.checkpoints,
-            InfluenceOptions(), batch_size=16, work_dir=tmp_path,
+            method,
+            setup.model,
+            setup.tokenizer,
+            setup.train,
+            setup.queries,
+            setup.checkpoints,
+            InfluenceOptions(),
+            batch_size=16,
+            work_dir=tmp_path,
         )
         rates[method] = float((scores.argmax(dim=1) == duplicates).double().mean())
     print(f"\nplanted duplicates, top-1 helpful rate: {rates}")
@@ -177,15 +221,26 @@ def test_kronfluence_tracks_the_exact_damped_fisher(tmp_path: Path) -> None:
 
     options = InfluenceOptions()
     correlations = {
-        method: spearman(compute_influence(
-            method, setup.model, setup.tokenizer, setup.train, setup.queries, final, options, 64, tmp_path
-        ))
+        method: spearman(
+            compute_influence(
+                method, setup.model, setup.tokenizer, setup.train, setup.queries, final, options, 64, tmp_path
+            )
+        )
         for method in ("tracin", "datainf", "kronfluence")
     }
-    correlations["kronfluence (empirical Fisher)"] = spearman(kronfluence_scores(
-        setup.model, pad, setup.train, setup.queries, None, 64, tmp_path, lambda _f: None,
-        use_empirical_fisher=True,
-    ))
+    correlations["kronfluence (empirical Fisher)"] = spearman(
+        kronfluence_scores(
+            setup.model,
+            pad,
+            setup.train,
+            setup.queries,
+            None,
+            64,
+            tmp_path,
+            lambda _f: None,
+            use_empirical_fisher=True,
+        )
+    )
     print(f"\nmean per-query Spearman vs exact damped empirical-Fisher influence: {correlations}")
     assert correlations["kronfluence (empirical Fisher)"] >= 0.85
 
@@ -199,10 +254,19 @@ def test_two_runs_give_identical_scores(method: str, tmp_path: Path) -> None:
     runs = []
     for _ in range(2):
         setup = build_toy_setup(16, 4, epochs=2, steps_per_epoch=2)
-        runs.append(compute_influence(
-            method, setup.model, setup.tokenizer, setup.train, setup.queries, setup.checkpoints,
-            InfluenceOptions(), batch_size=8, work_dir=tmp_path,
-        ))
+        runs.append(
+            compute_influence(
+                method,
+                setup.model,
+                setup.tokenizer,
+                setup.train,
+                setup.queries,
+                setup.checkpoints,
+                InfluenceOptions(),
+                batch_size=8,
+                work_dir=tmp_path,
+            )
+        )
     assert torch.equal(runs[0], runs[1])
     assert bool(runs[0].abs().sum() > 0)
 
@@ -210,14 +274,46 @@ def test_two_runs_give_identical_scores(method: str, tmp_path: Path) -> None:
 def test_unknown_method_is_named(toy: ToySetup, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown influence method 'lissa'"):
         compute_influence(
-            "lissa", toy.model, toy.tokenizer, toy.train, toy.queries, toy.checkpoints,
-            InfluenceOptions(), batch_size=4, work_dir=tmp_path,
+            "lissa",
+            toy.model,
+            toy.tokenizer,
+            toy.train,
+            toy.queries,
+            toy.checkpoints,
+            InfluenceOptions(),
+            batch_size=4,
+            work_dir=tmp_path,
         )
 
 
 def test_tracin_needs_a_checkpoint(toy: ToySetup, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least one adapter checkpoint"):
         compute_influence(
-            "tracin", toy.model, toy.tokenizer, toy.train, toy.queries, [],
-            InfluenceOptions(), batch_size=4, work_dir=tmp_path,
+            "tracin",
+            toy.model,
+            toy.tokenizer,
+            toy.train,
+            toy.queries,
+            [],
+            InfluenceOptions(),
+            batch_size=4,
+            work_dir=tmp_path,
         )
+
+
+def test_build_influence_result_ranks_helpful_and_harmful() -> None:
+    scores = torch.tensor([[0.5, -1.0, 0.0, 2.0], [-0.1, -0.2, -0.3, -0.4]])
+    result = build_influence_result("datainf", scores, ["a", "b", "c", "d"], ["e1", "e2"], top_k=2)
+    assert result.scores == scores.double().tolist()
+    first, second = result.top_k["e1"], result.top_k["e2"]
+    assert [(s.id, s.score) for s in first.helpful] == [("d", 2.0), ("a", 0.5)]
+    assert [s.id for s in first.harmful] == ["b"]  # a zero score is neither helpful nor harmful
+    assert second.helpful == []
+    assert [s.id for s in second.harmful] == ["d", "c"]
+
+
+def test_build_influence_result_rejects_a_mismatched_matrix() -> None:
+    with pytest.raises(ValueError, match=r"shape \(2, 3\); expected \(n_eval, n_train\) = \(2, 4\)"):
+        build_influence_result("tracin", torch.zeros(2, 3), ["a", "b", "c", "d"], ["e1", "e2"], top_k=1)
+    with pytest.raises(ValueError, match="kronfluence influence scores contain NaN"):
+        build_influence_result("kronfluence", [[float("nan")]], ["a"], ["e1"], top_k=1)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
@@ -18,10 +20,30 @@ RPC_SECONDS = Histogram(
 )
 
 
-def start_metrics_server(port: int, registry: CollectorRegistry = REGISTRY) -> int:
-    """Serve /metrics on loopback-or-all per ``port``; 0 picks a free port. Returns the port."""
-    server, _thread = start_http_server(port, registry=registry)
-    return int(server.server_port)
+@dataclass
+class MetricsServer:
+    """/metrics over HTTP in a background thread."""
+
+    server: WSGIServer
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_port)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def start_metrics_server(
+    host: str, port: int, registry: CollectorRegistry = REGISTRY
+) -> MetricsServer | None:
+    """Serve /metrics on ``host:port`` (the service's own bind host); 0 picks a free port,
+    a negative port disables metrics."""
+    if port < 0:
+        return None
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(server)
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):

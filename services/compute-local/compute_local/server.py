@@ -6,13 +6,13 @@ import asyncio
 import json
 import logging
 import signal
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
-from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry
 from service_runtime.grpc_server import GrpcService, create_grpc_server
+from service_runtime.metrics import MetricsServer, start_metrics_server
 
 from compute_local.config import Settings
 from compute_local.estimate import estimate
@@ -152,7 +152,7 @@ class ComputeLocalService:
         )
         self._registry = registry
         self._collector = RunnerCollector(self.runner)
-        self._metrics_server: ThreadingHTTPServer | None = None
+        self._metrics_server: MetricsServer | None = None
         self.metrics_port: int | None = None
         self._stopped = False
 
@@ -172,11 +172,11 @@ class ComputeLocalService:
         await self.grpc.set_ready(False)
         await self.runner.start()
         self._registry.register(self._collector)
-        if self.settings.metrics_port >= 0:
-            self._metrics_server, _ = start_http_server(
-                self.settings.metrics_port, addr=self.settings.host, registry=self._registry
-            )
-            self.metrics_port = int(self._metrics_server.server_port)
+        self._metrics_server = start_metrics_server(
+            self.settings.host, self.settings.metrics_port, self._registry
+        )
+        if self._metrics_server is not None:
+            self.metrics_port = self._metrics_server.port
         await self.grpc.set_ready(True)
         log.info("compute-local serving", extra={"port": self.port, "metrics_port": self.metrics_port})
 
@@ -192,8 +192,7 @@ class ComputeLocalService:
         await self.runner.shutdown()
         self._registry.unregister(self._collector)
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+            self._metrics_server.stop()
 
 
 async def start_service(settings: Settings, registry: CollectorRegistry = REGISTRY) -> ComputeLocalService:

@@ -13,12 +13,12 @@ import json
 import logging
 import signal
 from collections.abc import AsyncIterator
-from http.server import ThreadingHTTPServer
 
 import grpc
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
-from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry
 from service_runtime.grpc_server import GrpcService, create_grpc_server
+from service_runtime.metrics import MetricsServer, start_metrics_server
 
 from compute_modal.adapter import ModalAdapter, ModalSdkAdapter
 from compute_modal.config import Settings
@@ -152,7 +152,7 @@ class ComputeModalService:
             self.adapter, settings.MODAL_APP_NAME, settings.MODAL_FUNCTION_NAME, settings.MODAL_ENVIRONMENT
         )
         self._registry = registry
-        self._metrics_server: ThreadingHTTPServer | None = None
+        self._metrics_server: MetricsServer | None = None
         self.metrics_port: int | None = None
         self._health_task: asyncio.Task[None] | None = None
         self.checked = asyncio.Event()
@@ -184,13 +184,11 @@ class ComputeModalService:
     async def start(self) -> None:
         await self.grpc.server.start()
         await self.grpc.set_ready(False)
-        if self.settings.COMPUTE_MODAL_METRICS_PORT >= 0:
-            self._metrics_server, _ = start_http_server(
-                self.settings.COMPUTE_MODAL_METRICS_PORT,
-                addr=self.settings.COMPUTE_MODAL_HOST,
-                registry=self._registry,
-            )
-            self.metrics_port = int(self._metrics_server.server_port)
+        self._metrics_server = start_metrics_server(
+            self.settings.COMPUTE_MODAL_HOST, self.settings.COMPUTE_MODAL_METRICS_PORT, self._registry
+        )
+        if self._metrics_server is not None:
+            self.metrics_port = self._metrics_server.port
         self._health_task = asyncio.create_task(self._watch_health(), name="modal-health")
         log.info("compute-modal serving", extra={"port": self.port, "metrics_port": self.metrics_port})
 
@@ -205,8 +203,7 @@ class ComputeModalService:
         if shutdown is not None:
             await shutdown()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+            self._metrics_server.stop()
 
 
 async def start_service(

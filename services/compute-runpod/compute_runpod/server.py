@@ -156,9 +156,8 @@ def build_server(settings: Settings) -> tuple[GrpcService, RunPodClient, KeyVaul
 
 
 def start_metrics(settings: Settings) -> int | None:
-    if settings.COMPUTE_RUNPOD_METRICS_PORT < 0:
-        return None
-    return start_metrics_server(settings.COMPUTE_RUNPOD_METRICS_PORT)
+    metrics = start_metrics_server(settings.COMPUTE_RUNPOD_HOST, settings.COMPUTE_RUNPOD_METRICS_PORT)
+    return metrics.port if metrics is not None else None
 
 
 async def start_server(settings: Settings) -> RunningServer:

@@ -262,9 +262,9 @@ async def start_keyvault(settings: Settings) -> KeyVaultServer:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT: metrics, gRPC server, readiness; then drain and close."""
-    if settings.keyvault_metrics_port >= 0:
-        metrics_port = start_metrics_server(settings.keyvault_metrics_port)
-        log.info("metrics served", extra={"metrics_port": metrics_port})
+    metrics = start_metrics_server(settings.keyvault_host, settings.keyvault_metrics_port)
+    if metrics is not None:
+        log.info("metrics served", extra={"metrics_port": metrics.port})
     keyvault = await create_keyvault(settings)
     await run_until_signal(
         keyvault.service,

@@ -407,9 +407,9 @@ async def start_scheduler(settings: Settings) -> SchedulerApp:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then drain and stop."""
-    if settings.scheduler_metrics_port >= 0:
-        port = start_metrics_server(settings.scheduler_metrics_port)
-        log.info("metrics listening", extra={"port": port})
+    metrics = start_metrics_server(settings.scheduler_host, settings.scheduler_metrics_port)
+    if metrics is not None:
+        log.info("metrics listening", extra={"port": metrics.port})
     app = await start_scheduler(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,0 +1,88 @@
+"""Training-data influence of each training example on each eval example, on the LoRA weight
+matrices of a peft model: TracIn (TracInCP), DataInf and Kronfluence (EK-FAC).
+
+One sign convention: positive = helpful (up-weighting the training example lowers the eval
+example's loss). One loss for train and query gradients: the summed next-token cross-entropy
+over the example's completion tokens. Per-example gradients come from one batched
+forward+backward pass per batch (see ``gradients``). Details: docs/influence.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpu_core.data import EncodedPair
+from gpu_core.influence.result import build_influence_result
+from gpu_core.schemas import InfluenceOptions
+
+METHODS = ("tracin", "datainf", "kronfluence")
+
+__all__ = ["METHODS", "AdapterCheckpoint", "build_influence_result", "compute_influence"]
+
+
+@dataclass
+class AdapterCheckpoint:
+    """LoRA parameters at one point of training (TracIn weighs it by its learning rate)."""
+
+    state: dict[str, torch.Tensor]  # by model.named_parameters() name, detached clones
+    learning_rate: float
+    epoch: int
+
+
+def compute_influence(
+    method: str,
+    model: Any,
+    tokenizer: Any,
+    train: Sequence[EncodedPair],
+    queries: Sequence[EncodedPair],
+    checkpoints: Sequence[AdapterCheckpoint],
+    options: InfluenceOptions,
+    batch_size: int,
+    work_dir: Path,
+    progress: Callable[[float], None] | None = None,
+) -> torch.Tensor:
+    """``[n_queries, n_train]`` float64 scores, positive = helpful.
+
+    ``model``: a peft model with the final adapter loaded. TracIn loads each checkpoint's LoRA
+    state in turn and restores the final state afterwards; DataInf and Kronfluence use the
+    model's current (final) state. ``options.damping`` overrides DataInf's lambda_l and
+    Kronfluence's damping factor (TracIn has none). ``work_dir`` holds temporary files (DataInf's
+    gradient chunks, kronfluence's factors), removed before returning."""
+    if method not in METHODS:
+        raise ValueError(f"unknown influence method {method!r}; expected one of {', '.join(METHODS)}")
+    if not train or not queries:
+        raise ValueError("influence needs at least one training and one eval example")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    report = progress or (lambda _fraction: None)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    try:
+        if method == "tracin":
+            from gpu_core.influence.tracin import tracin_scores
+
+            if not checkpoints:
+                raise ValueError("TracIn needs at least one adapter checkpoint")
+            weighted = [(c.state, c.learning_rate) for c in checkpoints]
+            return tracin_scores(model, pad_token_id, train, queries, weighted, batch_size, report)
+        if method == "datainf":
+            from gpu_core.influence.datainf import datainf_scores
+
+            return datainf_scores(
+                model, pad_token_id, train, queries, options.damping, batch_size, work_dir, report
+            )
+        from gpu_core.influence.ekfac import kronfluence_scores
+
+        return kronfluence_scores(
+            model, pad_token_id, train, queries, options.damping, batch_size, work_dir, report
+        )
+    finally:
+        model.train(was_training)

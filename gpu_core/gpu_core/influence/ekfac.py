@@ -1,0 +1,172 @@
+"""Kronfluence (EK-FAC influence functions) on the LoRA weight matrices, through the
+``kronfluence`` package.
+
+Scale and sign: kronfluence's ``g_query^T (F + damping)^-1 g_train`` with the query loss as the
+measurement is positive for helpful examples (up-weighting the training example lowers the query
+loss); it is the derivative w.r.t. the weight of the example in the *mean* training loss, so we
+divide it by ``n_train`` (kronfluence's FAQ): the first-order change of the query loss from one
+more copy of the example. The Fisher is kronfluence's default true Fisher (labels sampled from
+the model, seeded for reproducibility).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import shutil
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from kronfluence import Analyzer, Task, prepare_model
+from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.utils.dataset import DataLoaderKwargs
+from torch import nn
+from torch.utils.data import Dataset
+
+from gpu_core.data import IGNORE_INDEX, EncodedPair, collate
+from gpu_core.influence.gradients import lora_layers, model_device, summed_completion_loss
+
+# Fixed so that kronfluence's sampled Fisher labels, and so the scores, are reproducible.
+SAMPLING_SEED = 0
+
+
+class LoraLanguageModelingTask(Task):
+    """Summed completion-token loss for training and as the query measurement; tracks only the
+    LoRA matrices."""
+
+    def __init__(self, tracked_modules: Sequence[str]) -> None:
+        super().__init__()
+        self._tracked_modules = list(tracked_modules)
+
+    def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"]
+        if sample:
+            # True Fisher: draw every labelled token from the model's own prediction for it.
+            with torch.no_grad():
+                probabilities = torch.softmax(logits[:, :-1].detach().float(), dim=-1)
+                drawn = torch.multinomial(probabilities.reshape(-1, probabilities.shape[-1]), 1)
+                drawn = drawn.reshape(labels.shape[0], -1)
+            targets = torch.where(labels[:, 1:] == IGNORE_INDEX, labels[:, 1:], drawn)
+            labels = torch.cat([labels[:, :1], targets], dim=1)
+        return summed_completion_loss(logits, labels)
+
+    def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        return self.compute_train_loss(batch, model, sample=False)
+
+    def get_influence_tracked_modules(self) -> list[str]:
+        return self._tracked_modules
+
+    def get_attention_mask(self, batch: Any) -> torch.Tensor:
+        return batch["attention_mask"]
+
+
+class PairDataset(Dataset):
+    def __init__(self, pairs: Sequence[EncodedPair]) -> None:
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> EncodedPair:
+        return self.pairs[index]
+
+
+def dtype_arguments(dtype: torch.dtype) -> tuple[dict[str, torch.dtype], dict[str, torch.dtype]]:
+    """kronfluence's working dtypes for a model in ``dtype`` (its float32 defaults, or float64
+    throughout for a float64 model)."""
+    if dtype != torch.float64:
+        return {}, {}
+    factor = {
+        name: torch.float64
+        for name in (
+            "activation_covariance_dtype",
+            "gradient_covariance_dtype",
+            "per_sample_gradient_dtype",
+            "lambda_dtype",
+        )
+    }
+    score = {
+        name: torch.float64
+        for name in (
+            "per_sample_gradient_dtype",
+            "precondition_dtype",
+            "score_dtype",
+            "query_gradient_svd_dtype",
+        )
+    }
+    return factor, score
+
+
+def kronfluence_scores(
+    model: nn.Module,
+    pad_token_id: int,
+    train: Sequence[EncodedPair],
+    queries: Sequence[EncodedPair],
+    damping: float | None,
+    batch_size: int,
+    work_dir: Path,
+    progress: Callable[[float], None],
+    strategy: str = "ekfac",
+    use_empirical_fisher: bool = False,
+) -> torch.Tensor:
+    """``[n_queries, n_train]`` float64, positive = helpful, divided by ``n_train``.
+
+    ``damping`` is kronfluence's ``damping_factor``; None = its heuristic, 0.1 x the mean
+    eigenvalue per module."""
+    tracked = [layer.module_name for layer in lora_layers(model)]
+    task = LoraLanguageModelingTask(tracked)
+    dtype = next(model.parameters()).dtype
+    factor_dtypes, score_dtypes = dtype_arguments(dtype)
+    # prepare_model freezes every parameter and swaps in tracked modules: work on a copy.
+    prepared = prepare_model(copy.deepcopy(model), task)
+    output_dir = work_dir / f"kronfluence-{uuid.uuid4().hex}"
+    try:
+        analyzer = Analyzer(
+            analysis_name="lora",
+            model=prepared,
+            task=task,
+            cpu=model_device(model).type == "cpu",
+            log_level=logging.WARNING,
+            disable_tqdm=True,
+            output_dir=str(output_dir),
+        )
+        analyzer.set_dataloader_kwargs(
+            DataLoaderKwargs(collate_fn=functools.partial(collate, pad_token_id=pad_token_id))
+        )
+        train_dataset, query_dataset = PairDataset(train), PairDataset(queries)
+        with warnings.catch_warnings():
+            # kronfluence 1.0.1 builds a deprecated torch.cuda.amp.GradScaler on every call.
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*GradScaler.*")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(SAMPLING_SEED)
+                analyzer.fit_all_factors(
+                    factors_name=strategy,
+                    dataset=train_dataset,
+                    per_device_batch_size=batch_size,
+                    factor_args=FactorArguments(
+                        strategy=strategy, use_empirical_fisher=use_empirical_fisher, **factor_dtypes
+                    ),
+                    overwrite_output_dir=True,
+                )
+            progress(0.5)
+            analyzer.compute_pairwise_scores(
+                scores_name="pairwise",
+                factors_name=strategy,
+                query_dataset=query_dataset,
+                train_dataset=train_dataset,
+                per_device_query_batch_size=batch_size,
+                per_device_train_batch_size=batch_size,
+                score_args=ScoreArguments(damping_factor=damping, **score_dtypes),
+                overwrite_output_dir=True,
+            )
+        scores = analyzer.load_pairwise_scores("pairwise")["all_modules"]
+        progress(1.0)
+        return scores.to(torch.float64) / len(train)
+    finally:
+        shutil.rmtree(output_dir, ignore_errors=True)
