@@ -4,6 +4,7 @@ the gateway's REST API exactly as the dashboard and `make demo` drive it."""
 from __future__ import annotations
 
 import copy
+import http.client
 import json
 import signal
 import threading
@@ -128,12 +129,19 @@ def test_bad_input_gets_a_clear_4xx(alice: GatewayClient, body: bytes, status: i
     assert names in reply.text
 
 
-def test_oversized_body_is_413(alice: GatewayClient) -> None:
-    reply = alice.request(
-        "POST", "/api/train", content=b"x" * (25 * 1024 * 1024),
-        headers={"Content-Type": "application/json"},
-    )
-    assert reply.status_code == 413
+def test_oversized_body_is_413_before_it_is_read(stack: Stack, alice: GatewayClient) -> None:
+    # Only the headers go out: the gateway must answer from Content-Length alone, without
+    # waiting for (or buffering) 25 MB.
+    connection = http.client.HTTPConnection("127.0.0.1", stack.ports["gateway"], timeout=10)
+    connection.putrequest("POST", "/api/train")
+    for name, value in {**alice.headers, "Content-Type": "application/json",
+                        "Content-Length": str(25 * 1024 * 1024)}.items():
+        connection.putheader(name, value)
+    connection.endheaders()
+    reply = connection.getresponse()
+    assert reply.status == 413
+    assert "limit" in reply.read().decode().lower()
+    connection.close()
 
 
 def test_unknown_backend_is_422(alice: GatewayClient) -> None:
