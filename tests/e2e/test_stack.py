@@ -184,10 +184,34 @@ def test_scheduler_killed_mid_job_restarts_and_the_job_finishes(
     assert len(result["influence"]["scores"]) == 8
 
 
-def test_metrics_show_the_submitted_job(stack: Stack, alice: GatewayClient) -> None:
+def test_every_service_exports_metrics_showing_the_job(stack: Stack, alice: GatewayClient) -> None:
     job_id = alice.submit(small_spec(n_train=6, n_eval=2))["job_id"]
     list(alice.events(job_id))
     gateway_metrics = httpx.get(f"{stack.gateway_url}/metrics").text
-    assert "/api/train" in gateway_metrics
-    scheduler_metrics = httpx.get(f"http://127.0.0.1:{stack.metrics_ports['scheduler']}/metrics").text
-    assert "SubmitJob" in scheduler_metrics
+    assert 'route="/api/train"' in gateway_metrics
+    metrics = {
+        name: httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        for name, port in stack.metrics_ports.items()
+        if name in stack.running
+    }
+    assert set(metrics) == {"keyvault", "compute-local", "scheduler"}
+    assert 'method="SubmitJob"' in metrics["scheduler"]
+    assert 'scheduler_jobs{state="completed"}' in metrics["scheduler"]
+    assert 'method="Submit"' in metrics["compute-local"]
+    assert 'compute_local_jobs_finished_total{state="completed"}' in metrics["compute-local"]
+    assert "grpc_server_handled_total" in metrics["keyvault"]
+
+
+def test_trace_context_follows_a_request_from_gateway_to_compute(
+    stack: Stack, alice: GatewayClient
+) -> None:
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    reply = alice.request(
+        "POST", "/api/train", json=small_spec(n_train=6, n_eval=2),
+        headers={"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"},
+    )
+    job_id = reply.json()["job_id"]
+    list(alice.events(job_id))
+    for service in ("scheduler", "compute-local"):
+        lines = [json.loads(line) for line in stack.log_text(service).splitlines() if job_id in line]
+        assert any(line.get("trace_id") == trace_id for line in lines), service

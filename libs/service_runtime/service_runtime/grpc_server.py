@@ -81,6 +81,15 @@ def create_grpc_server(
     return GrpcService(server=server, port=port, health=health_servicer, service_names=names)
 
 
+async def termination_requested() -> None:
+    """Return once the process gets SIGTERM (Kubernetes) or SIGINT (Ctrl-C)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 async def run_until_signal(
     service: GrpcService,
     grace_s: float,
@@ -89,10 +98,6 @@ async def run_until_signal(
 ) -> None:
     """Start the server, run ``on_start`` (which marks the service ready once its dependencies
     are up; with no ``on_start`` it is ready at once), and on SIGTERM/SIGINT drain and stop."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await service.server.start()
     await service.set_ready(False)
     if on_start is None:
@@ -100,7 +105,7 @@ async def run_until_signal(
     else:
         await on_start()
     log.info("serving", extra={"port": service.port})
-    await stop.wait()
+    await termination_requested()
     log.info("shutting down", extra={"grace_s": grace_s})
     await service.stop(grace_s)
     if on_stop is not None:

@@ -12,7 +12,7 @@ import re
 import sys
 from typing import Any
 
-from service_runtime.tracing import current_trace_id
+from service_runtime.tracing import configure_tracing, current_trace_id
 
 _SECRET_PATTERNS = [
     re.compile(r"rpa_[A-Za-z0-9]{8,}"),
@@ -53,8 +53,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(service: str, level: str = "INFO") -> None:
+    """JSON logs on stderr, and trace export when OTEL_EXPORTER_OTLP_ENDPOINT is set."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    configure_tracing(service)

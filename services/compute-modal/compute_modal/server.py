@@ -11,13 +11,12 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 from collections.abc import AsyncIterator
 
 import grpc
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from prometheus_client import REGISTRY, CollectorRegistry
-from service_runtime.grpc_server import GrpcService, create_grpc_server
+from service_runtime.grpc_server import GrpcService, create_grpc_server, termination_requested
 from service_runtime.metrics import MetricsServer, start_metrics_server
 
 from compute_modal.adapter import ModalAdapter, ModalSdkAdapter
@@ -217,10 +216,6 @@ async def start_service(
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     service = await start_service(settings)
-    await stop.wait()
+    await termination_requested()
     await service.stop()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ SCHEDULER_SERVICE = "influence.v1.Scheduler"
 KEYVAULT_SERVICE = "influence.v1.KeyVault"
 _READINESS_TIMEOUT_S = 2.0
 _TRACE_HEADERS = ("traceparent", "tracestate")
+_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 class ApiError(Exception):
@@ -87,8 +90,11 @@ async def _is_serving(channel: grpc.aio.Channel, service: str) -> bool:
 
 
 def trace_metadata(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
-    """W3C trace context from the incoming request, forwarded as gRPC metadata."""
-    return tuple((name, headers[name]) for name in _TRACE_HEADERS if headers.get(name))
+    """W3C trace context from the incoming request, forwarded as gRPC metadata; a request
+    without one starts a new trace here, so one id follows it through scheduler and compute."""
+    if _TRACEPARENT.fullmatch(headers.get("traceparent", "")):
+        return tuple((name, headers[name]) for name in _TRACE_HEADERS if headers.get(name))
+    return (("traceparent", f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"),)
 
 
 _HTTP_STATUS = {

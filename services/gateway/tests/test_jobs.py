@@ -63,6 +63,10 @@ async def test_trace_context_is_forwarded(gateway, upstream, make_spec) -> None:
     assert (await gateway.client.post("/api/train", json=make_spec(), headers=headers)).status_code == 202
     assert upstream.scheduler.metadata_seen[-1]["traceparent"] == traceparent
 
+    await gateway.client.post("/api/train", json=make_spec(), headers=await gateway.sign_in("alice"))
+    started = upstream.scheduler.metadata_seen[-1]["traceparent"]
+    assert started.startswith("00-") and started.split("-")[1] != traceparent.split("-")[1]
+
 
 async def test_job_status_and_list(gateway, upstream) -> None:  # noqa: ANN001
     headers = await gateway.sign_in("alice")

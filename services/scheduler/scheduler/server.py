@@ -12,7 +12,6 @@ import asyncio
 import functools
 import json
 import logging
-import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any, NoReturn, TypeVar
@@ -21,7 +20,7 @@ import asyncpg
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from influence.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from service_runtime.grpc_server import GrpcService, create_grpc_server
+from service_runtime.grpc_server import GrpcService, create_grpc_server, termination_requested
 from service_runtime.metrics import start_metrics_server
 
 from scheduler.config import Settings
@@ -411,10 +410,6 @@ async def serve(settings: Settings) -> None:
     if metrics is not None:
         log.info("metrics listening", extra={"port": metrics.port})
     app = await start_scheduler(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await termination_requested()
     log.info("shutting down", extra={"grace_s": settings.scheduler_shutdown_grace_s})
     await app.stop()
