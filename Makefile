@@ -12,7 +12,7 @@ PROTO_SRC := $(wildcard protos/influence/v1/*.proto)
 PROTO_OUT := protos/gen
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help setup protos protos-check run demo test test-fast migrate bench-influence lint clean modal-deploy k8s-validate lint-docker images
+.PHONY: help setup protos protos-check run demo test lint migrate bench-influence clean modal-deploy k8s-validate lint-docker images
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -44,8 +44,11 @@ demo: setup ## submit examples/ through the REST API of a running stack and prin
 migrate: setup ## apply the scheduler's database migrations
 	$(PY) -m scheduler migrate
 
-test: setup protos-check ## every test: unit, service, end to end, browser, manifests
+test: setup protos-check ## every test: lint, manifests, Dockerfiles, unit, service, end to end, browser
 	bash scripts/test.sh
+
+lint: setup ## ruff over every Python file
+	$(VENV)/bin/ruff check .
 
 bench-influence: setup ## influence benchmark: wall time, peak memory, ratios
 	$(PY) -m gpu_core.bench
