@@ -11,6 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import httpx
 import pytest
 
@@ -215,3 +216,24 @@ def test_trace_context_follows_a_request_from_gateway_to_compute(
     for service in ("scheduler", "compute-local"):
         lines = [json.loads(line) for line in stack.log_text(service).splitlines() if job_id in line]
         assert any(line.get("trace_id") == trace_id for line in lines), service
+
+
+def test_every_grpc_service_answers_health_and_reflection(stack: Stack) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    for name, service in stack.running.items():
+        readiness = service.spec.grpc_service
+        if not readiness:
+            continue
+        with grpc.insecure_channel(service.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for checked in ("", readiness):
+                reply = health.Check(health_pb2.HealthCheckRequest(service=checked), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING, (name, checked)
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            answers = reflection.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+            )
+            listed = {s.name for s in next(answers).list_services_response.service}
+        assert {readiness, "grpc.health.v1.Health"} <= listed, (name, listed)
