@@ -237,3 +237,20 @@ def test_every_grpc_service_answers_health_and_reflection(stack: Stack) -> None:
             )
             listed = {s.name for s in next(answers).list_services_response.service}
         assert {readiness, "grpc.health.v1.Health"} <= listed, (name, listed)
+
+
+def test_cancel_stops_the_running_experiment(stack: Stack, alice: GatewayClient) -> None:
+    job_id = alice.submit(small_spec(n_train=26, n_eval=8, epochs=50))["job_id"]
+    for event in alice.events(job_id):
+        if event.get("stage") == "training":
+            break
+    reply = alice.request("POST", f"/api/jobs/{job_id}/cancel")
+    assert reply.status_code == 200, reply.text
+
+    last = list(alice.events(job_id))[-1]
+    assert last["state"] == "cancelled"
+    assert alice.job(job_id)["status"] == "cancelled"
+    assert alice.request("GET", f"/api/jobs/{job_id}/results").status_code == 409
+    metrics = httpx.get(f"http://127.0.0.1:{stack.metrics_ports['compute-local']}/metrics").text
+    assert 'compute_local_jobs_finished_total{state="cancelled"}' in metrics
+    assert "compute_local_running_jobs 0.0" in metrics
