@@ -17,9 +17,15 @@ from devstack.stack import REPO_ROOT, Stack
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     extra_env = {}
+    services = ["keyvault", "compute-local", "compute-runpod", "scheduler", "gateway"]
     if os.environ.get("HOSTED_PROVIDER"):
         extra_env["HOSTED_PROVIDER"] = os.environ["HOSTED_PROVIDER"]
-    stack = Stack(data_dir=Path(args.data_dir).resolve(), fixed_ports=True, extra_env=extra_env)
+    if extra_env.get("HOSTED_PROVIDER") == "modal" or os.environ.get("MODAL_TOKEN_ID"):
+        services.insert(3, "compute-modal")
+    stack = Stack(
+        data_dir=Path(args.data_dir).resolve(), fixed_ports=True, extra_env=extra_env,
+        services=tuple(services),
+    )
     gateway_port = os.environ.get("GATEWAY_PORT")
     if gateway_port:
         stack.ports["gateway"] = int(gateway_port)
