@@ -35,6 +35,7 @@ from torch import nn
 
 from gpu_core.data import IGNORE_INDEX, EncodedPair, collate
 from gpu_core.influence import compute_influence
+from gpu_core.influence.datainf import datainf_scores
 from gpu_core.influence.gradients import (
     collate_to,
     load_lora_state,
@@ -107,25 +108,38 @@ def tracin_loop(setup: ToySetup, _batch_size: int, _work_dir: Path) -> torch.Ten
 
 
 def datainf_loop(setup: ToySetup, _batch_size: int, _work_dir: Path) -> torch.Tensor:
-    """The reference (ykwon0407/DataInf ``IFEngineGeneration``): batch-1 gradients, then per query
-    and per layer a Python loop over training examples; sign flipped to positive = helpful."""
+    """The reference (ykwon0407/DataInf ``IFEngineGeneration.compute_hvp_proposed`` +
+    ``compute_IF``) statement for statement, on batch-1 gradients: per query and per layer the
+    layer's lambda (recomputed there, as the reference does) and a Python loop over training
+    examples; then per training example, query and layer one dot product. Scores go into a
+    tensor instead of the reference's dict and pandas DataFrame (cheaper); sign flipped to
+    positive = helpful."""
     train = _loop_gradients(setup, setup.train)
     queries = _loop_gradients(setup, setup.queries)
-    n_train, n_layers = len(train), len(train[0])
-    lambdas = [
-        float(sum(torch.mean(g[layer] ** 2) for g in train)) / n_train / 10 for layer in range(n_layers)
-    ]
-    scores = torch.zeros(len(queries), n_train, dtype=torch.float64)
-    for q, query in enumerate(queries):
-        for layer in range(n_layers):
-            hvp = torch.zeros_like(query[layer])
-            for grad in train:
-                coefficient = torch.sum(query[layer] * grad[layer]) / (
-                    lambdas[layer] + torch.sum(grad[layer] ** 2)
-                )
-                hvp += (query[layer] - coefficient * grad[layer]) / (n_train * lambdas[layer])
+    n_train = len(train)
+    hvps = []
+    for query in queries:
+        per_layer = []
+        for layer, query_layer in enumerate(query):
+            mean_squares = torch.zeros(n_train)
             for i, grad in enumerate(train):
-                scores[q, i] += float(torch.sum(hvp * grad[layer]))
+                tmp_grad = grad[layer]
+                mean_squares[i] = torch.mean(tmp_grad**2)
+            lambda_const = torch.mean(mean_squares) / 10
+            hvp = torch.zeros(query_layer.shape)
+            for grad in train:
+                tmp_grad = grad[layer]
+                coefficient = torch.sum(query_layer * tmp_grad) / (lambda_const + torch.sum(tmp_grad**2))
+                hvp += (query_layer - coefficient * tmp_grad) / (n_train * lambda_const)
+            per_layer.append(hvp)
+        hvps.append(per_layer)
+    scores = torch.zeros(len(queries), n_train, dtype=torch.float64)
+    for i, grad in enumerate(train):
+        for q, hvp in enumerate(hvps):
+            value = 0
+            for layer, layer_hvp in enumerate(hvp):
+                value += torch.sum(layer_hvp * grad[layer])
+            scores[q, i] = value
     return scores
 
 
@@ -147,6 +161,22 @@ def _ours(method: str) -> Case:
         )
 
     return run
+
+
+def datainf_spilled(setup: ToySetup, batch_size: int, work_dir: Path) -> torch.Tensor:
+    """Ours with no memory for training gradients beyond one batch: every batch is written to
+    ``work_dir`` and read back (the path taken beyond the memory budget)."""
+    return datainf_scores(
+        setup.model,
+        setup.tokenizer.pad_token_id,
+        setup.train,
+        setup.queries,
+        None,
+        batch_size,
+        work_dir,
+        lambda _fraction: None,
+        gradient_memory_bytes=0,
+    )
 
 
 # --- captum TracInCP -----------------------------------------------------------------------------
@@ -260,6 +290,7 @@ CASES: dict[str, Case] = {
     "datainf_floor": datainf_floor,
     "datainf_loop": datainf_loop,
     "datainf_ours": _ours("datainf"),
+    "datainf_spilled": datainf_spilled,
     "kronfluence_raw": kronfluence_raw,
     "kronfluence_ours": _ours("kronfluence"),
 }
@@ -397,6 +428,7 @@ def _report(results: dict[str, dict[str, Any]], scores: dict[str, torch.Tensor])
         ("tracin_ours", "tracin_captum"),
         ("tracin_ours", "tracin_loop"),
         ("datainf_ours", "datainf_loop"),
+        ("datainf_spilled", "datainf_loop"),
         ("kronfluence_raw", "kronfluence_ours"),
     ]:
         if ours in results and other in results:
@@ -407,6 +439,7 @@ def _report(results: dict[str, dict[str, Any]], scores: dict[str, torch.Tensor])
         ("tracin_loop", "tracin_ours"),
         ("tracin_loop", "tracin_captum"),
         ("datainf_loop", "datainf_ours"),
+        ("datainf_loop", "datainf_spilled"),
         ("kronfluence_raw", "kronfluence_ours"),
     ]:
         if reference in scores and variant in scores:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from gpu_core.data import IGNORE_INDEX, EncodedPair, collate
 from gpu_core.influence import AdapterCheckpoint, build_influence_result, compute_influence
+from gpu_core.influence.datainf import datainf_scores
 from gpu_core.influence.ekfac import kronfluence_scores
 from gpu_core.influence.gradients import load_lora_state, lora_grad_enabled, lora_layers, lora_state
 from gpu_core.influence.toy import ToySetup, build_toy_setup
@@ -124,6 +125,25 @@ def test_datainf_equals_reference_loop(toy: ToySetup, tmp_path: Path, damping: f
     )
     assert relative_error(scores, -harmful_positive) < 1e-5
     assert list(tmp_path.iterdir()) == []  # gradient chunks removed
+
+
+@pytest.mark.parametrize("memory_bytes", [0, 4096])
+def test_datainf_spilling_gradients_to_disk_gives_the_same_scores(
+    toy: ToySetup, tmp_path: Path, memory_bytes: int
+) -> None:
+    """A memory budget smaller than the gradients: blocks go through work_dir and back."""
+    train_grads = explicit_gradients(toy.model, toy.tokenizer, toy.train)
+    query_grads = explicit_gradients(toy.model, toy.tokenizer, toy.queries)
+    expected = -reference_datainf(train_grads, query_grads, None)
+    fractions: list[float] = []
+    scores = datainf_scores(
+        toy.model, toy.tokenizer.pad_token_id, toy.train, toy.queries, None,
+        batch_size=3, work_dir=tmp_path, progress=fractions.append,
+        gradient_memory_bytes=memory_bytes,
+    )
+    assert relative_error(scores, expected) < 1e-5
+    assert list(tmp_path.iterdir()) == []
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
 
 
 def test_kronfluence_identity_equals_gradient_dot(toy: ToySetup, tmp_path: Path) -> None:

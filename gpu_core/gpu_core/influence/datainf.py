@@ -1,4 +1,4 @@
-"""DataInf (Kwon et al., ICLR 2024), vectorised and streamed.
+"""DataInf (Kwon et al., ICLR 2024), vectorised, in memory up to a budget, spilled beyond it.
 
 Per LoRA weight matrix l (lora_A and lora_B separately) with train gradients ``G [n, d_l]`` and
 query gradients ``Q [m, d_l]``, the reference's Sherman-Morrison average
@@ -11,15 +11,18 @@ The reference stores ``-sum_l hvp_l . g_il`` (positive = harmful); we return ``+
 (positive = helpful), same magnitude and scale (no 1/n beyond the formula's).
 
 The training gradients are computed once (one batched forward+backward pass over the training
-set), written chunk by chunk to ``work_dir``, and streamed from there twice: once for ``c G``,
-once for the scores. Memory: the query gradients and their ``c G`` accumulator plus one chunk.
+set) into blocks of up to ``gradient_memory_bytes``. lambda needs the whole set before ``c`` can
+be formed, and the scores need the finished ``c G``, so the blocks are used twice. When the
+whole set fits one block (the usual case for LoRA) it stays in memory and each product is one
+large matmul per layer; beyond the budget, every full block but the last is written to
+``work_dir`` and read back in each pass, so memory stays at one block plus the query side.
 """
 
 from __future__ import annotations
 
 import shutil
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -35,23 +38,50 @@ from gpu_core.influence.gradients import (
 
 # The reference's lambda rule: (1 / lambda_const_param) x mean squared entry, lambda_const_param=10.
 REFERENCE_DAMPING_SCALE = 0.1
+# Training gradients held in memory (on the model's device) at once; beyond it they spill to disk.
+DEFAULT_GRADIENT_MEMORY_BYTES = 1 << 30
 
 
-class _GradientChunks:
-    """Training-gradient chunks on disk under ``directory``, read back in order."""
+class _GradientBlocks:
+    """Training-gradient blocks ``0 .. count-1``, one held in memory at a time: a block is
+    written to ``directory`` (created on the first spill) only when another one takes its
+    place, so a single block never touches the disk and the last one is read back once less."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, count: int) -> None:
         self.directory = directory
-        self.directory.mkdir(parents=True)
-        self.count = 0
+        self.count = count
+        self.held_index = -1
+        self.held: torch.Tensor | None = None
+        self.on_disk: set[int] = set()
 
-    def append(self, grads: torch.Tensor) -> None:
-        torch.save(grads, self.directory / f"chunk-{self.count:06d}.pt")
-        self.count += 1
+    def _path(self, index: int) -> Path:
+        return self.directory / f"block-{index:06d}.pt"
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for index in range(self.count):
-            yield torch.load(self.directory / f"chunk-{index:06d}.pt", weights_only=True)
+    def release(self) -> None:
+        """Drops the block in memory, writing it out first unless it is on disk already."""
+        if self.held is not None and self.held_index not in self.on_disk:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            torch.save(self.held, self._path(self.held_index))
+            self.on_disk.add(self.held_index)
+        self.held = None
+
+    def store(self, index: int, block: torch.Tensor) -> None:
+        self.release()
+        self.held_index, self.held = index, block
+
+    def get(self, index: int) -> torch.Tensor:
+        if index != self.held_index or self.held is None:
+            self.release()
+            self.held = torch.load(self._path(index), weights_only=True)
+            self.held_index = index
+        return self.held
+
+
+def block_rows(gradient_memory_bytes: int, row_bytes: int, batch_size: int, n_train: int) -> int:
+    """Examples per block: as many as the budget holds, a whole number of batches (so a batch
+    never straddles two blocks), at least one batch."""
+    rows = max(batch_size, gradient_memory_bytes // row_bytes // batch_size * batch_size)
+    return min(rows, n_train)
 
 
 def datainf_scores(
@@ -63,20 +93,28 @@ def datainf_scores(
     batch_size: int,
     work_dir: Path,
     progress: Callable[[float], None],
+    gradient_memory_bytes: int = DEFAULT_GRADIENT_MEMORY_BYTES,
 ) -> torch.Tensor:
-    """``[n_queries, n_train]`` float64, positive = helpful; ``damping`` overrides every lambda_l."""
+    """``[n_queries, n_train]`` float64, positive = helpful; ``damping`` overrides every lambda_l.
+
+    ``gradient_memory_bytes``: training gradients kept in memory at once (0: one batch)."""
+    if gradient_memory_bytes < 0:
+        raise ValueError(f"gradient_memory_bytes must be >= 0, got {gradient_memory_bytes}")
     layers = lora_layers(model)
     slices = layer_slices(layers)
-    n_train = len(train)
-    n_batches = -(-len(queries) // batch_size) + 3 * -(-n_train // batch_size)
+    n_train, n_queries = len(train), len(queries)
+    width = slices[-1].stop
+    row_bytes = width * layers[0].module.weight.element_size()
+    rows = block_rows(gradient_memory_bytes, row_bytes, batch_size, n_train)
+    blocks = _GradientBlocks(work_dir / f"datainf-{uuid.uuid4().hex}", -(-n_train // rows))
+    n_steps = -(-n_queries // batch_size) + -(-n_train // batch_size) + 2 * blocks.count
     done = 0
 
     def advance() -> None:
         nonlocal done
         done += 1
-        progress(done / n_batches)
+        progress(done / n_steps)
 
-    chunks = _GradientChunks(work_dir / f"datainf-{uuid.uuid4().hex}")
     try:
         with lora_grad_enabled(layers):
             query_parts = []
@@ -85,17 +123,21 @@ def datainf_scores(
                 advance()
             query_grads = torch.cat(query_parts)
             del query_parts
-            # |g_il|^2 per example and layer: [n_train, n_layers], O(n) and reused by pass 1.
-            squared_norms_parts = []
-            for _, grads in batched_gradients(model, layers, train, pad_token_id, batch_size):
-                grads = grads.detach()
-                squares = grads.square()
-                norms = torch.stack([squares[:, s].sum(dim=1) for s in slices], dim=1)
-                squared_norms_parts.append(norms.to(device="cpu", dtype=torch.float64))
-                chunks.append(grads)
+            # |g_il|^2 per example and layer: [n_train, n_layers], O(n), reused by pass 1.
+            squared_norms = torch.empty(n_train, len(layers), dtype=torch.float64)
+            for start, grads in batched_gradients(model, layers, train, pad_token_id, batch_size):
+                index, offset = divmod(start, rows)
+                if offset == 0:  # a new block: the previous one leaves memory first
+                    blocks.release()
+                    block = grads.new_empty(min(rows, n_train - start), width)
+                count = grads.shape[0]
+                block[offset : offset + count] = grads.detach()
+                squares = grads.detach().square()
+                for layer_index, s in enumerate(slices):
+                    squared_norms[start : start + count, layer_index] = squares[:, s].sum(dim=1).cpu()
+                if offset + count == block.shape[0]:
+                    blocks.store(index, block)
                 advance()
-            squared_norms = torch.cat(squared_norms_parts)
-            del squared_norms_parts
         if damping is not None:
             lambdas = torch.full((len(layers),), float(damping), dtype=torch.float64)
         else:
@@ -105,31 +147,38 @@ def datainf_scores(
             raise ValueError("DataInf damping is zero: a LoRA layer has all-zero training gradients")
 
         # Matrix products in the gradients' dtype (float32 for a float32 model: half the time
-        # of float64); lambdas and scores in float64.
-        # Pass 1: sum_i c_qi g_i per layer, all layers in one [m, d] accumulator.
-        correction = torch.zeros_like(query_grads)
-        start = 0
-        for grads in chunks:
-            denominators = lambdas + squared_norms[start : start + grads.shape[0]]
-            denominators = denominators.to(device=grads.device, dtype=grads.dtype)
-            start += grads.shape[0]
-            for index, s in enumerate(slices):
-                layer_grads = grads[:, s]
-                coefficients = (query_grads[:, s] @ layer_grads.T) / denominators[:, index]
-                correction[:, s] += coefficients @ layer_grads
+        # of float64, and each dot product is over one layer's few hundred entries); lambdas,
+        # norms and scores in float64. Pass 1 (last block first: it is the one in memory):
+        # sum_i c_qi g_i per layer.
+        corrections = [query_grads.new_zeros(n_queries, s.stop - s.start) for s in slices]
+        for index in reversed(range(blocks.count)):
+            block = blocks.get(index)
+            first = index * rows
+            denominators = (lambdas + squared_norms[first : first + block.shape[0]]).to(block)
+            for layer_index, s in enumerate(slices):
+                layer_block = block[:, s]
+                coefficients = (query_grads[:, s] @ layer_block.T).div_(denominators[:, layer_index])
+                corrections[layer_index].addmm_(coefficients, layer_block)
+            del block, layer_block  # only ``blocks`` holds it: one block in memory
             advance()
-        preconditioned = query_grads - correction / n_train
-        for index, s in enumerate(slices):
-            preconditioned[:, s] /= float(lambdas[index])
-        del correction, query_grads
+        preconditioned = torch.cat(
+            [
+                (query_grads[:, s] - correction / n_train) / float(lambdas[layer_index])
+                for layer_index, (s, correction) in enumerate(zip(slices, corrections, strict=True))
+            ],
+            dim=1,
+        )
+        del corrections, query_grads
 
-        # Pass 2: the scores, one matmul per chunk over all layers.
-        scores = torch.empty(len(queries), n_train, dtype=torch.float64)
-        start = 0
-        for grads in chunks:
-            scores[:, start : start + grads.shape[0]] = (preconditioned @ grads.T).cpu()
-            start += grads.shape[0]
+        # Pass 2 (first block first: pass 1 ended on it): the scores, one matmul per block
+        # over all layers.
+        scores = torch.empty(n_queries, n_train, dtype=torch.float64)
+        for index in range(blocks.count):
+            block = blocks.get(index)
+            first = index * rows
+            scores[:, first : first + block.shape[0]] = (preconditioned @ block.T).cpu()
+            del block
             advance()
         return scores
     finally:
-        shutil.rmtree(chunks.directory, ignore_errors=True)
+        shutil.rmtree(blocks.directory, ignore_errors=True)
