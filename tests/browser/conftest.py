@@ -39,10 +39,20 @@ def fake_runpod() -> Iterator[FakeRunPodProcess]:
     process.stop()
 
 
+@pytest.fixture(scope="module")
+def stack_overrides() -> dict[str, str]:
+    """Extra service settings for one test module's stack (a module overrides this fixture)."""
+    return {}
+
+
 # Module scope: the stack and the browser (whose sync API runs an event loop in this thread) are
 # gone before the next module's asyncio tests start.
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, fake_runpod: FakeRunPodProcess) -> Iterator[Stack]:
+def stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    fake_runpod: FakeRunPodProcess,
+    stack_overrides: dict[str, str],
+) -> Iterator[Stack]:
     running = Stack(
         data_dir=tmp_path_factory.mktemp("browser-stack"),
         extra_env={
@@ -50,6 +60,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, fake_runpod: FakeRunPodProce
             "COMPUTE_LOCAL_TORCH_THREADS": "1",
             **fake_runpod.settings_env(TEMPLATE_ID),
             "RUNPOD_STREAM_WAIT_MS": "1000",
+            **stack_overrides,
         },
         services=("keyvault", "compute-local", "compute-runpod", "scheduler", "gateway"),
     )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from devstack.client import GatewayClient
 from devstack.stack import REPO_ROOT
 
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
@@ -49,3 +51,28 @@ class Screenshots:
         path = SCREENSHOTS / f"{self.prefix}-{self.count:02d}-{name}.png"
         self.page.screenshot(path=str(path), full_page=True)
         return path
+
+
+def sign_in(page, username: str) -> None:
+    """The local sign-in, ending on the experiments list."""
+    page.goto("/")
+    page.get_by_label("Username").fill(username)
+    page.get_by_role("button", name="Sign in", exact=True).click()
+    page.get_by_role("heading", name="Experiments", exact=True).wait_for()
+
+
+def page_api_client(page, gateway_url: str) -> GatewayClient:
+    """The REST client signed in as the page's user (the token the page keeps)."""
+    client = GatewayClient(gateway_url)
+    client.token = page.evaluate("sessionStorage.getItem('influence.token')")
+    assert client.token
+    return client
+
+
+def sample_spec(n_train: int, n_eval: int, epochs: int) -> dict:
+    """examples/sample.json cut down to a quick experiment on the tiny model."""
+    spec = json.loads((REPO_ROOT / "examples" / "sample.json").read_text())
+    spec["training_data"] = spec["training_data"][:n_train]
+    spec["eval_data"] = spec["eval_data"][:n_eval]
+    spec["hyperparams"].update(epochs=epochs, max_seq_len=48, max_new_tokens=4)
+    return spec

@@ -31,7 +31,7 @@ const ERROR_KINDS = [
     hint: "RunPod had no GPU of the requested type for this job. Try again later, or use the hosted backend (Settings → Compute)." },
   { test: /time ?out|timed out|exceeded|expired/i, title: "The job ran out of time",
     hint: "It ran past the execution limit. Use fewer examples, fewer epochs or a shorter max sequence length." },
-  { test: /balance|funds|credit/i, title: "Your RunPod account has no balance",
+  { test: /balance|funds|credit/i, title: "Your RunPod balance is too low",
     hint: "Add credits at runpod.io, then start the experiment again." },
   { test: /invalid.*key|api key|unauthori[sz]ed|permission|forbidden/i, title: "Your RunPod API key was refused",
     hint: "Check or replace the key in Settings → Compute." },
@@ -57,6 +57,7 @@ export async function renderJob(view, jobId) {
   const state = cached || emptyProgress();
   const abort = new AbortController();
   let retryTimer = null;
+  let lossFrame = 0;
 
   const statusBadge = el("span", { class: "badge", id: "job-status" });
   const bar = el("progress", { id: "job-progress", max: 100, value: 0 });
@@ -96,7 +97,9 @@ export async function renderJob(view, jobId) {
 
   async function drawLoss(points) {
     if (!points.length) {
-      chart.replaceChildren(el("p", { class: "help" }, "The loss curve appears once training starts."));
+      chart.replaceChildren(el("p", { class: "help" }, TERMINAL.has(job.status)
+        ? "No training loss to show for this experiment."
+        : "The loss curve appears once training starts."));
       return;
     }
     const Plotly = await loadPlotly();
@@ -106,6 +109,15 @@ export async function renderJob(view, jobId) {
       margin: { t: 10, r: 10, b: 40, l: 50 }, height: 260,
       xaxis: { title: { text: "step" } }, yaxis: { title: { text: "loss" } },
     }, { displaylogo: false, responsive: true });
+  }
+
+  // At most one chart redraw per frame, however many loss points a burst of events brings.
+  function redrawLossSoon() {
+    if (lossFrame) return;
+    lossFrame = requestAnimationFrame(() => {
+      lossFrame = 0;
+      drawLoss(state.loss);
+    });
   }
 
   function show() {
@@ -156,7 +168,7 @@ export async function renderJob(view, jobId) {
       state.etaS = event.eta_s ?? null;
       if (event.loss !== null && event.loss !== undefined && event.step !== null) {
         state.loss.push({ step: event.step, loss: event.loss });
-        drawLoss(state.loss);
+        redrawLossSoon();
       }
     }
   }
@@ -172,6 +184,7 @@ export async function renderJob(view, jobId) {
       await drawLoss(result.training.loss_curve.map((p) => ({ step: p.step, loss: p.loss })));
       await renderResults(resultsHost, jobId, result);
     } else {
+      drawLoss(state.loss);
       announce(`The experiment ${job.status}`, job.status === "failed" ? "error" : "info");
     }
   }
@@ -201,7 +214,8 @@ export async function renderJob(view, jobId) {
     cancel.disabled = true;
     try {
       job = await api("POST", `/api/jobs/${encodeURIComponent(jobId)}/cancel`);
-      announce("Cancel requested");
+      // The stream's end may already have announced the outcome; say the same, never older news.
+      announce(TERMINAL.has(job.status) ? `The experiment ${job.status}` : "Cancel requested");
       show();
     } catch (error) {
       announce(`Could not cancel: ${error.message}`, "error");
@@ -211,14 +225,16 @@ export async function renderJob(view, jobId) {
   });
 
   show();
+  // A completed job draws its loss curve from the results instead.
+  if (job.status !== "completed") drawLoss(state.loss);
   if (TERMINAL.has(job.status)) {
     await finish();
   } else {
-    drawLoss(state.loss);
     follow();
   }
   return () => {
     abort.abort();
     clearTimeout(retryTimer);
+    cancelAnimationFrame(lossFrame);
   };
 }
