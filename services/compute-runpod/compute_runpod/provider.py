@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,15 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 _REMEMBERED_JOBS = 10_000
 
 RevealKey = Callable[[str], Awaitable[str]]
+
+
+def usd(amount: float) -> str:
+    """Dollars: cents from $1 up, two significant digits below (a tiny job costs fractions of a
+    cent, and "$0.00 vs $0.01" would hide the comparison the researcher needs)."""
+    if amount == 0 or abs(amount) >= 1:
+        return f"${amount:,.2f}"
+    decimals = max(2, 1 - math.floor(math.log10(abs(amount))))
+    return f"${amount:.{decimals}f}"
 
 
 @dataclass(frozen=True)
@@ -127,7 +137,7 @@ class RunPodProvider:
             raise ProviderError(
                 Code.FAILED_PRECONDITION, "Your RunPod balance is $0; add credits at runpod.io"
             )
-        message = f"RunPod key is valid; balance ${balance:,.2f}"
+        message = f"RunPod key is valid; balance {usd(balance)}"
         if balance < self._settings.RUNPOD_LOW_BALANCE_USD:
             message += " (low: add credits at runpod.io before long runs)"
         return Verification(account_id=account_id, balance_usd=balance, message=message)
@@ -242,8 +252,8 @@ class RunPodProvider:
         if balance < estimate:
             raise ProviderError(
                 Code.FAILED_PRECONDITION,
-                f"Your RunPod balance is ${balance:,.2f} but this job is estimated to cost "
-                f"${estimate:,.2f}; add credits at runpod.io. Nothing was submitted.",
+                f"Your RunPod balance is {usd(balance)} but this job is estimated to cost "
+                f"{usd(estimate)}; add credits at runpod.io. Nothing was submitted.",
             )
 
     async def status(self, account: AccountRef, provider_job_id: str, cursor: str) -> StatusReport:

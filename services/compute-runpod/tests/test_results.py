@@ -68,3 +68,13 @@ def test_runpod_error_forms_in_plain_words() -> None:
     raised = json.dumps({"error_type": "ValueError", "error_message": "boom", "error_traceback": "..."})
     assert error_text(raised) == "ValueError: boom"
     assert error_text(None) == "The worker failed without saying why"
+
+
+def test_money_in_messages_keeps_the_digits_that_matter() -> None:
+    from compute_runpod.provider import usd
+
+    assert usd(0.002) == "$0.0020"
+    assert usd(0.0136) == "$0.014"
+    assert usd(0.5) == "$0.50"
+    assert usd(1234.5) == "$1,234.50"
+    assert usd(0) == "$0.00"
