@@ -11,31 +11,23 @@ from pathlib import Path
 
 import pytest
 
-from devstack.client import GatewayClient
 from devstack.stack import REPO_ROOT, Stack
 
-from .support import BROKE_RUNPOD_KEY, GOOD_RUNPOD_KEY, ExternalRequests, Screenshots
+from .support import (
+    BROKE_RUNPOD_KEY,
+    GOOD_RUNPOD_KEY,
+    ExternalRequests,
+    Screenshots,
+    page_api_client,
+    sample_spec,
+    sign_in,
+)
 
 pytestmark = pytest.mark.browser
 
 EXAMPLES = REPO_ROOT / "examples"
 DASHBOARD_EXAMPLES = REPO_ROOT / "services" / "gateway" / "gateway" / "dashboard" / "static" / "examples"
 JOB_TIMEOUT_MS = 120_000
-
-
-def sign_in(page, username: str) -> None:
-    page.goto("/")
-    page.get_by_label("Username").fill(username)
-    page.get_by_role("button", name="Sign in", exact=True).click()
-    page.get_by_role("heading", name="Experiments", exact=True).wait_for()
-
-
-def api_client(page, stack: Stack) -> GatewayClient:
-    """The REST client signed in as the page's user (the token the page keeps)."""
-    client = GatewayClient(stack.gateway_url)
-    client.token = page.evaluate("sessionStorage.getItem('influence.token')")
-    assert client.token
-    return client
 
 
 def wait_until_finished(page) -> None:
@@ -45,14 +37,6 @@ def wait_until_finished(page) -> None:
         ".includes(document.querySelector('#job-status')?.textContent)",
         timeout=JOB_TIMEOUT_MS,
     )
-
-
-def small_spec(n_train: int = 6, n_eval: int = 2) -> dict:
-    spec = json.loads((EXAMPLES / "sample.json").read_text())
-    spec["training_data"] = spec["training_data"][:n_train]
-    spec["eval_data"] = spec["eval_data"][:n_eval]
-    spec["hyperparams"].update(epochs=1, max_seq_len=48, max_new_tokens=4)
-    return spec
 
 
 def test_experiment_from_upload_to_results_and_csv(page, stack: Stack, shots: Screenshots) -> None:
@@ -126,7 +110,7 @@ def test_experiment_from_upload_to_results_and_csv(page, stack: Stack, shots: Sc
         page.get_by_role("button", name="Download CSV (influence scores)").click()
     csv_text = Path(download_info.value.path()).read_text()
     rows = list(csv.DictReader(io.StringIO(csv_text)))
-    result = api_client(page, stack).results(job_id)
+    result = page_api_client(page, stack.gateway_url).results(job_id)
     influence = result["influence"]
     assert len(rows) == len(influence["eval_ids"]) * len(influence["train_ids"]) == 8 * 26
     first = rows[0]
@@ -149,8 +133,8 @@ def test_experiment_from_upload_to_results_and_csv(page, stack: Stack, shots: Sc
 
 def test_a_reload_resumes_progress_after_the_last_event(page, stack: Stack, shots: Screenshots) -> None:
     sign_in(page, "reloader")
-    client = api_client(page, stack)
-    spec = small_spec()
+    client = page_api_client(page, stack.gateway_url)
+    spec = sample_spec(n_train=6, n_eval=2, epochs=1)
     job_id = client.submit(spec)["job_id"]
     page.goto(f"/#/jobs/{job_id}")
     page.locator("#job-progress").wait_for()
@@ -243,8 +227,8 @@ def test_bring_your_own_runpod_key(page, stack: Stack, shots: Screenshots) -> No
     shots.take("settings-key-saved")
 
     # The endpoint is created on the first experiment; then the status reads ready.
-    client = api_client(page, stack)
-    job_id = client.submit(small_spec(n_train=4, n_eval=2))["job_id"]
+    client = page_api_client(page, stack.gateway_url)
+    job_id = client.submit(sample_spec(n_train=4, n_eval=2, epochs=1))["job_id"]
     assert client.job(job_id)["backend"] == "runpod"
     page.goto(f"/#/jobs/{job_id}")
     wait_until_finished(page)
@@ -289,7 +273,8 @@ def test_keyboard_only_sign_in(page, shots: Screenshots) -> None:
 
 def test_every_field_has_a_label(page, stack: Stack, shots: Screenshots) -> None:
     sign_in(page, "labels")
-    job_id = api_client(page, stack).submit(small_spec(n_train=3, n_eval=1))["job_id"]
+    client = page_api_client(page, stack.gateway_url)
+    job_id = client.submit(sample_spec(n_train=3, n_eval=1, epochs=1))["job_id"]
     for route in ("#/new", "#/settings", f"#/jobs/{job_id}"):
         page.goto(f"/{route}")
         page.locator("main h1").wait_for()
