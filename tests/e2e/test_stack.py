@@ -240,7 +240,7 @@ def test_every_grpc_service_answers_health_and_reflection(stack: Stack) -> None:
 
 
 def test_cancel_stops_the_running_experiment(stack: Stack, alice: GatewayClient) -> None:
-    job_id = alice.submit(small_spec(n_train=26, n_eval=8, epochs=50))["job_id"]
+    job_id = alice.submit(small_spec(n_train=26, n_eval=8, epochs=100))["job_id"]
     for event in alice.events(job_id):
         if event.get("stage") == "training":
             break
