@@ -13,9 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from gpu_core.schemas import ExperimentSpec
+from gpu_core.schemas import ExperimentSpec, SpecError, parse_spec
 
 EXIT_BAD_SPEC = 2
 EXIT_FAILED = 1
@@ -42,12 +40,9 @@ def read_spec(path: Path) -> ExperimentSpec:
     except json.JSONDecodeError as exc:
         raise ValueError(f"spec {path} is not valid JSON: {exc}") from exc
     try:
-        return ExperimentSpec.model_validate(raw)
-    except ValidationError as exc:
-        problems = "\n".join(
-            f"  {'.'.join(str(part) for part in error['loc']) or '(spec)'}: {error['msg']}"
-            for error in exc.errors()
-        )
+        return parse_spec(raw)
+    except SpecError as exc:
+        problems = "\n".join(f"  {problem}" for problem in exc.problems)
         raise ValueError(f"invalid spec {path}:\n{problems}") from exc
 
 

@@ -13,6 +13,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -38,6 +39,9 @@ class SpecLimits(BaseModel):
 
 
 DEFAULT_LIMITS = SpecLimits()
+# For the services behind the gateway: the operator sets the size limits there, and a provider
+# must not refuse a spec the gateway accepted under raised limits.
+NO_SIZE_LIMITS = SpecLimits(max_train_examples=2**31, max_eval_examples=2**31, max_text_chars=2**31)
 
 
 def _limits(info: ValidationInfo) -> SpecLimits:
@@ -147,6 +151,30 @@ def _fill_ids(examples: list[Any], prefix: str, field: str) -> None:
                 candidate = f"{prefix}{index + 1}-{n}"
             example.id = candidate
             seen[candidate] = index
+
+
+class SpecError(ValueError):
+    """An invalid experiment spec; ``problems`` name each field and the rule it broke."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid experiment spec: " + "; ".join(problems))
+
+
+def parse_spec(raw: str | bytes | dict[str, Any], limits: SpecLimits = DEFAULT_LIMITS) -> ExperimentSpec:
+    """Validate a spec given as JSON text or an object; raises :class:`SpecError`."""
+    try:
+        if isinstance(raw, (str, bytes)):
+            return ExperimentSpec.model_validate_json(raw, context={"limits": limits})
+        return ExperimentSpec.model_validate(raw, context={"limits": limits})
+    except ValidationError as exc:
+        raise SpecError(
+            [
+                f"{'.'.join(str(part) for part in error['loc']) or 'spec'}: "
+                + str(error["msg"]).removeprefix("Value error, ")
+                for error in exc.errors()
+            ]
+        ) from None
 
 
 # ---- events -------------------------------------------------------------------------------

@@ -96,3 +96,21 @@ def test_unknown_field_is_named() -> None:
     raw = minimal()
     raw["hyperparams"] = {"learning_rat": 0.1}
     assert "hyperparams.learning_rat" in rejection(raw)
+
+
+def test_parse_spec_names_every_problem_and_services_can_lift_size_limits() -> None:
+    from gpu_core.schemas import NO_SIZE_LIMITS, SpecError, parse_spec
+
+    long_text = "x" * 25_000
+    raw = {
+        "training_data": [{"prompt": long_text, "completion": "y"}],
+        "eval_data": [{"prompt": "p", "expected": "e"}],
+    }
+    with pytest.raises(SpecError) as refused:
+        parse_spec(raw)
+    assert refused.value.problems == [
+        "training_data.0.prompt: text is 25000 characters; the limit is 20000"
+    ]
+    assert parse_spec(raw, NO_SIZE_LIMITS).training_data[0].id == "t1"
+    with pytest.raises(SpecError, match="hyperparams.epochs"):
+        parse_spec(b'{"training_data": [], "eval_data": [], "hyperparams": {"epochs": 0}}')

@@ -25,7 +25,7 @@ from typing import IO, Any
 
 from service_runtime.logs import configure_logging
 
-from compute_local.spec import parse_spec
+from compute_local.spec import read_spec
 
 log = logging.getLogger("compute_local.child")
 
@@ -77,7 +77,7 @@ def run(job_dir: Path, threads: int, events: IO[str]) -> int:
     _set_threads(threads)
     from gpu_core.pipeline import run_experiment
 
-    spec = parse_spec((job_dir / "spec.json").read_bytes())
+    spec = read_spec((job_dir / "spec.json").read_bytes())
     artifacts = job_dir / "artifacts"
     artifacts.mkdir(exist_ok=True)
     experiment = run_experiment(spec, artifacts)

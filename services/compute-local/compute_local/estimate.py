@@ -5,12 +5,12 @@ from __future__ import annotations
 import cost_model
 from influence.v1 import common_pb2
 
-from compute_local.spec import parse_spec
+from compute_local.spec import read_spec
 
 _ESTIMATE_FIELDS = frozenset(common_pb2.Estimate.DESCRIPTOR.fields_by_name)
 
 
 def estimate(spec_json: bytes, backend: str) -> common_pb2.Estimate:
-    spec = parse_spec(spec_json)
+    spec = read_spec(spec_json)
     figures = cost_model.estimate(spec, provider="local", backend=backend).as_dict()
     return common_pb2.Estimate(**{k: v for k, v in figures.items() if k in _ESTIMATE_FIELDS})

@@ -29,7 +29,7 @@ from typing import Any
 
 from compute_local.child import EXIT_CANCELLED
 from compute_local.jobs import JobRecord, JobState, JobStore, StoredEvent, new_provider_job_id
-from compute_local.spec import parse_spec
+from compute_local.spec import read_spec
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class LocalRunner:
             return existing
         if not self._accepting:
             raise NotAccepting("compute-local is not accepting jobs (it is stopping)")
-        parse_spec(spec_json)
+        read_spec(spec_json)
         record = JobRecord(
             provider_job_id=new_provider_job_id(),
             job_id=job_id,

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpu_core.schemas import ExperimentSpec
-from pydantic import ValidationError
 
 from compute_runpod import costs
 from compute_runpod.client import RunPodClient
 from compute_runpod.config import Settings
 from compute_runpod.errors import Code, ProviderError
 from compute_runpod.results import error_text, final_result, is_result_chunk
+from gpu_core import schemas
 
 log = logging.getLogger(__name__)
 
@@ -370,12 +370,11 @@ class RunPodProvider:
 
 
 def parse_spec(spec_json: bytes) -> ExperimentSpec:
+    # Size limits are the gateway's to enforce; a provider only checks the spec is well formed.
     try:
-        return ExperimentSpec.model_validate_json(spec_json)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}" for err in exc.errors()
-        )
+        return schemas.parse_spec(spec_json, schemas.NO_SIZE_LIMITS)
+    except schemas.SpecError as exc:
+        problems = "; ".join(exc.problems)
         raise ProviderError(Code.INVALID_ARGUMENT, f"Invalid experiment spec: {problems}") from None
 
 
