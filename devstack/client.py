@@ -78,7 +78,7 @@ def summarise_result(result: dict[str, Any]) -> str:
     )
     for eval_id in influence["eval_ids"]:
         top = influence["top_k"][eval_id]
-        helpful = ", ".join(f"{s['id']} ({s['score']:+.3g})" for s in top["helpful"][:3])
-        harmful = ", ".join(f"{s['id']} ({s['score']:+.3g})" for s in top["harmful"][:2])
+        helpful = ", ".join(f"{s['id']} ({s['score']:+.3g})" for s in top["helpful"][:3]) or "none"
+        harmful = ", ".join(f"{s['id']} ({s['score']:+.3g})" for s in top["harmful"][:2]) or "none"
         lines.append(f"  {eval_id:<12} helped by {helpful}; hurt by {harmful}")
     return "\n".join(lines)
