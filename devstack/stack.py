@@ -200,6 +200,17 @@ class Stack:
         for name in self.services:
             self.start_service(name)
 
+    def __enter__(self) -> Stack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
     def stop_service(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> None:
         service = self.running.pop(name, None)
         if service is None or service.process.poll() is not None:

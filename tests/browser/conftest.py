@@ -53,7 +53,7 @@ def stack(
     fake_runpod: FakeRunPodProcess,
     stack_overrides: dict[str, str],
 ) -> Iterator[Stack]:
-    running = Stack(
+    with Stack(
         data_dir=tmp_path_factory.mktemp("browser-stack"),
         extra_env={
             "SCHEDULER_POLL_INTERVAL_S": "0.2",
@@ -63,12 +63,8 @@ def stack(
             **stack_overrides,
         },
         services=("keyvault", "compute-local", "compute-runpod", "scheduler", "gateway"),
-    )
-    try:
-        running.start()
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")

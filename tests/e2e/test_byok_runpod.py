@@ -51,7 +51,7 @@ def fake() -> FakeRunPodProcess:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, fake: FakeRunPodProcess):
-    running = Stack(
+    with Stack(
         data_dir=tmp_path_factory.mktemp("byok"),
         extra_env={
             **fake.settings_env(),
@@ -62,12 +62,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, fake: FakeRunPodProcess):
             "RUNPOD_STREAM_WAIT_MS": "1000",
         },
         services=("keyvault", "compute-local", "compute-runpod", "scheduler", "gateway"),
-    )
-    try:
-        running.start()
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def researcher(stack: Stack, name: str) -> RecordingClient:

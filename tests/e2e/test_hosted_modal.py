@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def modal_stack(tmp_path_factory: pytest.TempPathFactory):
-    stack = Stack(
+    with Stack(
         data_dir=tmp_path_factory.mktemp("modal-stack"),
         extra_env={
             "HOSTED_PROVIDER": "modal",
@@ -23,12 +23,8 @@ def modal_stack(tmp_path_factory: pytest.TempPathFactory):
             "SCHEDULER_POLL_INTERVAL_S": "0.2",
         },
         services=("keyvault", "compute-modal", "scheduler", "gateway"),
-    )
-    try:
-        stack.start()
+    ) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def test_hosted_job_runs_on_modal(modal_stack: Stack) -> None:

@@ -34,16 +34,12 @@ def small_spec(n_train: int = 12, n_eval: int = 4, epochs: int = 1) -> dict:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory):
     data_dir = tmp_path_factory.mktemp("stack")
-    running = Stack(
+    with Stack(
         data_dir=data_dir,
         extra_env={"SCHEDULER_POLL_INTERVAL_S": "0.2", "COMPUTE_LOCAL_TORCH_THREADS": "1"},
         services=("keyvault", "compute-local", "scheduler", "gateway"),
-    )
-    try:
-        running.start()
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture
