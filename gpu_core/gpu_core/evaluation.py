@@ -1,63 +1,51 @@
 """Evaluation: greedy generation, exact match and the loss of the expected answer.
 
 Per eval example: the generated output (greedy, at most ``max_new_tokens``, stopping at eos),
-exact match of the stripped output against the stripped ``expected``, and the mean per-token
-cross-entropy of ``expected`` + eos given ``bos + prompt`` (the same tokenisation as training,
-:func:`gpu_core.data.encode_pair`). Generation is batched with left padding; the loss uses the
+exact match of the stripped output against the stripped expected answer, and the mean per-token
+cross-entropy of the answer given everything before it, both from the same rendering as training
+(:class:`gpu_core.data.Encoder`: under a chat template, generation continues the templated
+conversation after the generation prompt). Few-shot demonstrations are earlier turns (chat) or
+text before the prompt (raw). Generation is batched with left padding; the loss uses the
 right-padded batches of :func:`gpu_core.data.collate`.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from gpu_core.data import IGNORE_INDEX, EncodedPair, batches, collate, encode_pair
-from gpu_core.schemas import EvalExample, EvalMetrics, EvalRun, ExampleOutcome, TrainingExample
-
-
-def few_shot_prefix(training_data: Sequence[TrainingExample], k: int, seed: int) -> str:
-    """``k`` training examples (chosen by ``seed``) as ``prompt+completion`` blocks, one per line,
-    ending with a newline so the eval prompt starts its own block; empty when ``k`` is 0."""
-    if k <= 0 or not training_data:
-        return ""
-    chosen = random.Random(seed).sample(range(len(training_data)), min(k, len(training_data)))
-    return "".join(
-        f"{training_data[i].prompt}{training_data[i].completion}\n" for i in sorted(chosen)
-    )
+from gpu_core.data import IGNORE_INDEX, EncodedPair, Encoder, Turns, batches, collate
+from gpu_core.schemas import EvalExample, EvalMetrics, EvalRun, ExampleOutcome
 
 
 def evaluate(
     model: Any,
-    tokenizer: Any,
+    encoder: Encoder,
     examples: Sequence[EvalExample],
     device: torch.device,
-    max_seq_len: int,
     max_new_tokens: int,
     batch_size: int,
-    prompt_prefix: str = "",
+    demonstrations: Sequence[Turns] = (),
     on_progress: Callable[[float], None] | None = None,
 ) -> EvalRun:
-    """Evaluate ``model`` on ``examples``, each prompt preceded by ``prompt_prefix``."""
+    """Evaluate ``model`` on ``examples``, each preceded by ``demonstrations``."""
     model.eval()
+    tokenizer = encoder.tokenizer
     outcomes: list[ExampleOutcome] = []
     for chunk in batches(examples, batch_size):
-        prompts = [prompt_prefix + example.prompt for example in chunk]
-        outputs = generate(model, tokenizer, prompts, device, max_seq_len, max_new_tokens)
-        pairs = [
-            encode_pair(tokenizer, prompt, example.expected, max_seq_len)
-            for prompt, example in zip(prompts, chunk, strict=True)
-        ]
+        conversations = [encoder.eval_turns(example.turns, demonstrations) for example in chunk]
+        prompts = [encoder.generation_prompt(turns, max_new_tokens) for turns in conversations]
+        outputs = generate(model, tokenizer, prompts, device, max_new_tokens)
+        pairs = [encoder.encode(turns, last_only=True) for turns in conversations]
         losses = target_losses(model, pairs, tokenizer.pad_token_id, device)
         for example, output, loss in zip(chunk, outputs, losses, strict=True):
             outcomes.append(
                 ExampleOutcome(
                     id=example.id or "",
                     output=output,
-                    exact_match=output.strip() == example.expected.strip(),
+                    exact_match=output.strip() == example.answer.strip(),
                     loss=loss,
                 )
             )
@@ -92,18 +80,13 @@ def target_losses(
 def generate(
     model: Any,
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[Sequence[int]],
     device: torch.device,
-    max_seq_len: int,
     max_new_tokens: int,
 ) -> list[str]:
-    """Greedy continuations of ``bos + prompt`` (left-padded batch), decoded without specials."""
-    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    # Keep the most recent prompt tokens so prompt + answer fit in max_seq_len.
-    budget = max(max_seq_len - max_new_tokens - len(prefix), 1)
-    encoded = [
-        prefix + tokenizer(prompt, add_special_tokens=False)["input_ids"][-budget:] for prompt in prompts
-    ]
+    """Greedy continuations of token-id prompts (left-padded batch), decoded without specials."""
+    encoded = [list(ids) for ids in prompts]
+    stop = stop_token_ids(model, tokenizer)
     length = max(len(ids) for ids in encoded)
     pad_id = tokenizer.pad_token_id
     input_ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
@@ -117,13 +100,23 @@ def generate(
         max_new_tokens=max_new_tokens,
         do_sample=False,
         num_beams=1,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop,
         pad_token_id=pad_id,
     )
     new_tokens = generated[:, length:].tolist()
     outputs = []
     for tokens in new_tokens:
-        if tokenizer.eos_token_id in tokens:
-            tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+        ends = [tokens.index(token) for token in stop if token in tokens]
+        if ends:
+            tokens = tokens[: min(ends)]
         outputs.append(tokenizer.decode(tokens, skip_special_tokens=True))
     return outputs
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """eos and the model's own end-of-turn tokens (its generation config lists them, e.g. Llama
+    3's <|eot_id|>), so an answer ends where the chat template ends a turn."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    ids = [tokenizer.eos_token_id, *configured]
+    return list(dict.fromkeys(token for token in ids if token is not None))

@@ -26,13 +26,14 @@ from typing import Any
 
 import torch
 
-from gpu_core.data import encode_pair
+from gpu_core.data import Encoder, chat_template_sha256, few_shot_demonstrations, resolve_template
 from gpu_core.environment import describe_environment
-from gpu_core.evaluation import evaluate, few_shot_prefix
+from gpu_core.evaluation import evaluate
 from gpu_core.influence import AdapterCheckpoint, build_influence_result, compute_influence
 from gpu_core.models import free_memory, load_model
 from gpu_core.schemas import (
     STAGES,
+    DataSummary,
     EvalResults,
     ExperimentResult,
     ExperimentSpec,
@@ -165,37 +166,48 @@ class _Experiment:
         self.report("loading_model", 1.0, f"loaded {spec.model_id} on {device}")
         self.timed("loading_model", started)
 
-        def run_eval(stage: str, eval_model: Any, prefix: str, message: str) -> Any:
+        conversational = any(
+            example.is_conversation for example in (*spec.training_data, *spec.eval_data)
+        )
+        template = resolve_template(spec.template, tokenizer, conversational, spec.model_id)
+        encoder = Encoder(tokenizer, template, hp.max_seq_len)
+        data = DataSummary(
+            training_format=spec.data_format.training or "prompt_completion",
+            eval_format=spec.data_format.eval or "prompt_completion",
+            template=template,
+            chat_template_sha256=chat_template_sha256(tokenizer) if template == "chat" else None,
+        )
+
+        def run_eval(stage: str, eval_model: Any, demonstrations: Any, message: str) -> Any:
             started = time.monotonic()
             self.report(stage, 0.0, message)
             outcome = evaluate(
                 eval_model,
-                tokenizer,
+                encoder,
                 spec.eval_data,
                 device,
-                hp.max_seq_len,
                 hp.max_new_tokens,
                 hp.batch_size,
-                prompt_prefix=prefix,
+                demonstrations=demonstrations,
                 on_progress=self.stage_reporter(stage, message),
             )
             self.timed(stage, started)
             return outcome
 
-        base = run_eval("eval_base", model, "", "evaluating the base model")
-        prefix = few_shot_prefix(spec.training_data, spec.few_shot_k, hp.seed)
+        base = run_eval("eval_base", model, (), "evaluating the base model")
+        demonstrations = few_shot_demonstrations(spec.training_data, spec.few_shot_k, hp.seed)
         few_shot = run_eval(
-            "eval_few_shot", model, prefix, f"evaluating the base model with {spec.few_shot_k} demonstrations"
+            "eval_few_shot",
+            model,
+            demonstrations,
+            f"evaluating the base model with {spec.few_shot_k} demonstrations",
         )
 
         started = time.monotonic()
         self.report("training", 0.0, "attaching LoRA adapters")
         torch.manual_seed(hp.seed)
         model = attach_lora(model, hp, quantized=hp.quantization != "none")
-        train_pairs = [
-            encode_pair(tokenizer, example.prompt, example.completion, hp.max_seq_len)
-            for example in spec.training_data
-        ]
+        train_pairs = [encoder.train_pair(example) for example in spec.training_data]
 
         def on_step(step: TrainingStep) -> None:
             self.report(
@@ -214,7 +226,7 @@ class _Experiment:
         training = train_lora(model, train_pairs, hp, tokenizer.pad_token_id, device, on_step)
         self.timed("training", started)
 
-        finetuned = run_eval("eval_finetuned", model, "", "evaluating the fine-tuned model")
+        finetuned = run_eval("eval_finetuned", model, (), "evaluating the fine-tuned model")
 
         if self.artifacts_dir is not None:
             save_artifacts(self.artifacts_dir, model, training.checkpoints)
@@ -222,10 +234,8 @@ class _Experiment:
         started = time.monotonic()
         message = f"scoring training examples with {spec.influence_method}"
         self.report("influence", 0.0, message)
-        query_pairs = [
-            encode_pair(tokenizer, example.prompt, example.expected, hp.max_seq_len)
-            for example in spec.eval_data
-        ]
+        # The same masked loss as evaluation: the expected answer given the conversation before it.
+        query_pairs = [encoder.encode(example.turns, last_only=True) for example in spec.eval_data]
         with tempfile.TemporaryDirectory(prefix="gpu_core-influence-") as work_dir:
             scores = compute_influence(
                 spec.influence_method,
@@ -256,6 +266,7 @@ class _Experiment:
             training=TrainingSummary(loss_curve=training.loss_curve),
             timings=self.timings,
             environment=describe_environment(device, loaded.dtype, hp.quantization),
+            data=data,
         )
 
 

@@ -7,19 +7,27 @@ Limits on sizes are configurable: pass ``context={"limits": SpecLimits(...)}`` t
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    SerializerFunctionWrapHandler,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
 InfluenceMethod = Literal["tracin", "datainf", "kronfluence"]
+Role = Literal["system", "user", "assistant"]
+# The shape of the file the examples came from: alpaca rows arrive as messages.
+DataFormat = Literal["prompt_completion", "messages", "alpaca"]
+# auto: the model's chat template when its tokenizer has one and the data holds conversations.
+Template = Literal["auto", "chat", "raw"]
+ResolvedTemplate = Literal["chat", "raw"]
 Quantization = Literal["none", "8bit", "4bit"]
 Stage = Literal[
     "loading_model", "eval_base", "eval_few_shot", "training", "eval_finetuned", "influence"
@@ -61,20 +69,125 @@ def _check_text(value: str, info: ValidationInfo) -> str:
     return value
 
 
-class TrainingExample(_Strict):
+class Message(_Strict):
+    """One turn of an OpenAI-style conversation."""
+
+    role: Role
+    content: str
+
+    _check_content = field_validator("content")(_check_text)
+
+
+def _check_conversation(messages: list[Message], answer_last: bool) -> None:
+    """System only first, at least one non-empty assistant turn (and, for eval, one at the end)."""
+    for index, message in enumerate(messages):
+        if message.role == "system" and index > 0:
+            raise ValueError(f"messages[{index}].role: system is allowed only as the first turn")
+    assistant = [i for i, m in enumerate(messages) if m.role == "assistant"]
+    if not assistant:
+        raise ValueError("messages: the conversation has no assistant turn (the answer to learn)")
+    if answer_last and assistant[-1] != len(messages) - 1:
+        raise ValueError(
+            f"messages: the last turn is {messages[-1].role!r}; an eval conversation ends with "
+            "the assistant turn that is the expected answer"
+        )
+    for i in assistant:
+        if not messages[i].content:
+            raise ValueError(f"messages[{i}].content: an assistant turn is empty")
+
+
+class _Example(_Strict):
+    """Either ``prompt`` + answer text or ``messages``; ``turns`` is the one view the pipeline uses."""
+
     id: str | None = Field(default=None, min_length=1, max_length=128)
-    prompt: str
-    completion: str = Field(min_length=1)
+    prompt: str | None = None
+    messages: list[Message] | None = Field(default=None, min_length=1)
 
-    _check_prompt = field_validator("prompt", "completion")(_check_text)
+    _check_prompt = field_validator("prompt")(_check_text)
+    _answer_field: ClassVar[str]
+
+    def _answer_text(self) -> str | None:
+        return getattr(self, self._answer_field)
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> _Example:
+        answer = self._answer_text()
+        if self.messages is not None:
+            if self.prompt is not None or answer is not None:
+                raise ValueError(f"give either messages or prompt and {self._answer_field}, not both")
+            _check_conversation(self.messages, answer_last=self._answer_field == "expected")
+            return self
+        missing = [name for name, value in (("prompt", self.prompt), (self._answer_field, answer)) if value is None]
+        if missing:
+            raise ValueError(
+                f"needs prompt and {self._answer_field} (or messages); {' and '.join(missing)} missing"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_other_shape(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Today's prompt/answer examples serialise as before: no "messages": null.
+        shape = ("messages",) if self.messages is not None else ("prompt", self._answer_field)
+        return {k: v for k, v in handler(self).items() if k in ("id", *shape)}
+
+    @property
+    def is_conversation(self) -> bool:
+        return self.messages is not None
+
+    @property
+    def turns(self) -> list[tuple[str, str]]:
+        """(role, content) turns; a prompt/answer pair is one user turn and one assistant turn."""
+        if self.messages is not None:
+            return [(m.role, m.content) for m in self.messages]
+        return [("user", self.prompt or ""), ("assistant", self._answer_text() or "")]
+
+    @property
+    def text(self) -> str:
+        """Every turn's text, concatenated (for size estimates)."""
+        return "".join(content for _, content in self.turns)
 
 
-class EvalExample(_Strict):
-    id: str | None = Field(default=None, min_length=1, max_length=128)
-    prompt: str
-    expected: str = Field(min_length=1)
+class TrainingExample(_Example):
+    completion: str | None = Field(default=None, min_length=1)
 
-    _check_prompt = field_validator("prompt", "expected")(_check_text)
+    _answer_field: ClassVar[str] = "completion"
+    _check_completion = field_validator("completion")(_check_text)
+
+
+class EvalExample(_Example):
+    """With ``messages``, the final (assistant) turn is the expected answer."""
+
+    expected: str | None = Field(default=None, min_length=1)
+
+    _answer_field: ClassVar[str] = "expected"
+    _check_expected = field_validator("expected")(_check_text)
+
+    @property
+    def answer(self) -> str:
+        return self.turns[-1][1]
+
+
+class DataFormats(_Strict):
+    """The file format each list came from; filled from the examples' shape when not given."""
+
+    training: DataFormat | None = None
+    eval: DataFormat | None = None
+
+
+def _list_format(examples: list[_Example], given: DataFormat | None, field: str) -> DataFormat:
+    first = examples[0].is_conversation
+    for index, example in enumerate(examples):
+        if example.is_conversation != first:
+            shapes = ("prompt/answer", "messages")
+            raise ValueError(
+                f"{field}[{index}]: is {shapes[example.is_conversation]} but {field}[0] is "
+                f"{shapes[first]}; one list holds one format"
+            )
+    if given is None:
+        return "messages" if first else "prompt_completion"
+    if (given != "prompt_completion") != first:
+        raise ValueError(f"data_format: {given!r} does not match the shape of {field}")
+    return given
 
 
 class Hyperparams(_Strict):
@@ -104,6 +217,8 @@ class ExperimentSpec(_Strict):
     few_shot_k: int = Field(default=3, ge=0, le=32)
     influence_method: InfluenceMethod = "tracin"
     influence: InfluenceOptions = Field(default_factory=InfluenceOptions)
+    template: Template = "auto"
+    data_format: DataFormats = Field(default_factory=DataFormats)
 
     @field_validator("training_data")
     @classmethod
@@ -129,6 +244,10 @@ class ExperimentSpec(_Strict):
     def _assign_ids(self) -> ExperimentSpec:
         _fill_ids(self.training_data, "t", "training_data")
         _fill_ids(self.eval_data, "e", "eval_data")
+        self.data_format = DataFormats(
+            training=_list_format(self.training_data, self.data_format.training, "training_data"),
+            eval=_list_format(self.eval_data, self.data_format.eval, "eval_data"),
+        )
         return self
 
 
@@ -257,12 +376,23 @@ class TrainingSummary(BaseModel):
     loss_curve: list[LossPoint]
 
 
+class DataSummary(BaseModel):
+    """How the examples were read and rendered, so a run can be reproduced."""
+
+    training_format: DataFormat
+    eval_format: DataFormat
+    template: ResolvedTemplate
+    chat_template_sha256: str | None = None
+
+
 class ExperimentResult(BaseModel):
     eval_results: EvalResults
     influence: InfluenceResult
     training: TrainingSummary
     timings: dict[str, float]
     environment: dict[str, Any]
+    # Absent in results written before formats and templates existed.
+    data: DataSummary | None = None
 
 
 class ResultEvent(BaseModel):

@@ -14,8 +14,15 @@ from pathlib import Path
 
 TINY_MODEL_ID = "local/tiny-llama"
 # Bump when the architecture, initialisation or tokenizer changes, so old caches are not reused.
-_TINY_VERSION = "v2"
+_TINY_VERSION = "v3"
 _SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+# A Zephyr-style template (as TinyLlama Chat's): each turn ends with eos, so generation from the
+# assistant's generation prompt stops where a turn ends.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 # With tied embeddings the logits are bounded by |final hidden| x |embedding row|; at the default
 # init (std 0.02) no adapter can make a token much likelier than the rest, so the embeddings get
 # a larger scale and LoRA can learn small tasks in a few steps.
@@ -77,9 +84,11 @@ def build_tokenizer():  # noqa: ANN201 - transformers type, imported lazily
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def _build(directory: Path) -> None:

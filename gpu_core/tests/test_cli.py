@@ -32,7 +32,12 @@ def test_run_writes_the_result_and_reusable_artifacts(copy_task: dict[str, Any],
     assert done.returncode == 0, done.stderr
     assert "influence" in done.stderr and "100%" in done.stderr  # the progress bar
     result = json.loads(out.read_text())
-    assert set(result) == {"eval_results", "influence", "training", "timings", "environment"}
+    assert set(result) == {"eval_results", "influence", "training", "timings", "environment", "data"}
+    # prompt/completion data stays raw under template auto, as before templates existed
+    assert result["data"] == {
+        "training_format": "prompt_completion", "eval_format": "prompt_completion",
+        "template": "raw", "chat_template_sha256": None,
+    }
     assert set(result["eval_results"]) == {"base", "few_shot", "finetuned"}
     assert len(result["influence"]["scores"]) == 8
 
