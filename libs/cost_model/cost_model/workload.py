@@ -36,8 +36,8 @@ class Workload:
         def tokens(text: str) -> int:
             return min(math.ceil(len(text) / card.chars_per_token), hp.max_seq_len)
 
-        train = [tokens(t.prompt + t.completion) for t in spec.training_data]
-        evals = [tokens(e.prompt + e.expected) for e in spec.eval_data]
+        train = [tokens(t.text) for t in spec.training_data]
+        evals = [tokens(e.text) for e in spec.eval_data]
         shots = min(spec.few_shot_k, len(train))
         mean_train = sum(train) / len(train)
         # A few-shot prompt carries k training examples before the eval prompt; the model's

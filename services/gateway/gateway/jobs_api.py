@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from gpu_core.schemas import ExperimentSpec
+from gpu_core.datareport import data_report
+from gpu_core.schemas import ExperimentSpec, parse_spec
 from influence.v1 import scheduler_pb2
 
 from gateway.deps import Clients, CurrentUser, State, Trace, read_spec
@@ -85,8 +87,11 @@ async def submit_job(
 async def estimate_job(
     request: Request, user: CurrentUser, state: State, clients: Clients, trace: Trace
 ) -> dict[str, Any]:
-    """Time and cost of the experiment on the caller's backend (first) and on the other one."""
+    """Time and cost of the experiment on the caller's backend (first) and on the other one, and
+    ``data_report``: token lengths with the model's tokenizer, truncation at max_seq_len,
+    duplicates and eval examples that copy a training example (gpu_core.datareport)."""
     spec_json = await read_spec(request, state.spec_limits)
+    report = await asyncio.to_thread(data_report, parse_spec(spec_json, state.spec_limits))
     with scheduler_errors(SCHEDULER_DOWN):
         answer = await clients.scheduler.EstimateJob(
             scheduler_pb2.EstimateJobRequest(user_id=user, spec_json=spec_json),
@@ -97,6 +102,7 @@ async def estimate_job(
         "active_backend": answer.active_backend,
         "estimates": [estimate_view(estimate) for estimate in answer.estimates],
         "notes": list(answer.notes),
+        "data_report": report,
     }
 
 

@@ -1,0 +1,268 @@
+"""Data files (JSONL, CSV, Parquet, saved datasets; prompt/completion, messages, Alpaca), chat
+templates in the encoding, and the pre-submit data report, on the tiny model's tokenizer."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from gpu_core.data import IGNORE_INDEX, Encoder, TemplateError, resolve_template
+from gpu_core.datareport import data_report
+from gpu_core.formats import DataFileError, parse_file, read_examples, read_path
+from gpu_core.schemas import SpecError, TrainingExample, parse_spec
+from gpu_core.tiny import build_tokenizer
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+SYSTEM = {"role": "system", "content": "Be brief."}
+MULTI_TURN = [
+    SYSTEM,
+    {"role": "user", "content": "Color of apple?"},
+    {"role": "assistant", "content": "red"},
+    {"role": "user", "content": "And lime?"},
+    {"role": "assistant", "content": "green"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():  # noqa: ANN201
+    return build_tokenizer()
+
+
+def jsonl(*rows: object) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def chat_ids(tokenizer, messages, **kwargs) -> list[int]:  # noqa: ANN001
+    answer = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+    return list(answer["input_ids"] if hasattr(answer, "keys") else answer)
+
+
+# ---- chat template encoding -------------------------------------------------------------------
+
+
+def test_templated_chat_ids_equal_apply_chat_template(tokenizer) -> None:
+    pair = Encoder(tokenizer, "chat", 1024).encode([(m["role"], m["content"]) for m in MULTI_TURN])
+    assert pair.input_ids == chat_ids(tokenizer, MULTI_TURN)
+    assert tokenizer.decode(pair.input_ids).startswith("<s><|system|>\nBe brief.</s>\n<|user|>\n")
+
+
+def test_loss_mask_covers_exactly_the_assistant_tokens_of_every_turn(tokenizer) -> None:
+    turns = [(m["role"], m["content"]) for m in MULTI_TURN]
+    pair = Encoder(tokenizer, "chat", 1024).encode(turns)
+    # Independently: each assistant turn is what the conversation through it adds to the
+    # conversation before it with the generation prompt, in tokens.
+    expected = set()
+    for index, message in enumerate(MULTI_TURN):
+        if message["role"] == "assistant":
+            before = len(chat_ids(tokenizer, MULTI_TURN[:index], add_generation_prompt=True))
+            expected |= set(range(before, len(chat_ids(tokenizer, MULTI_TURN[: index + 1]))))
+    labelled = {i for i, label in enumerate(pair.labels) if label != IGNORE_INDEX}
+    assert labelled == expected
+    assert all(pair.labels[i] == pair.input_ids[i] for i in labelled)
+    assert tokenizer.decode([pair.input_ids[i] for i in sorted(labelled)]) == "red</s>\ngreen</s>\n"
+    # Eval and influence queries: only the last assistant turn, the expected answer.
+    last = Encoder(tokenizer, "chat", 1024).encode(turns, last_only=True)
+    assert tokenizer.decode([t for t in last.labels if t != IGNORE_INDEX]) == "green</s>\n"
+
+
+def test_eval_generates_from_the_templated_prompt_and_few_shot_become_earlier_turns(tokenizer) -> None:
+    encoder = Encoder(tokenizer, "chat", 1024)
+    demo = [("system", "ignored"), ("user", "Color of lime?"), ("assistant", "green")]
+    turns = encoder.eval_turns([("system", "Be brief."), ("user", "Color of apple?"), ("assistant", "red")], [demo])
+    assert turns == [("system", "Be brief."), ("user", "Color of lime?"), ("assistant", "green"),
+                     ("user", "Color of apple?"), ("assistant", "red")]
+    prompt = encoder.generation_prompt(turns, max_new_tokens=8)
+    messages = [{"role": r, "content": c} for r, c in turns[:-1]]
+    assert prompt == chat_ids(tokenizer, messages, add_generation_prompt=True)
+    assert tokenizer.decode(prompt).endswith("<|user|>\nColor of apple?</s>\n<|assistant|>\n")
+
+
+def test_raw_keeps_todays_encoding_for_prompt_and_completion(tokenizer) -> None:
+    pair = Encoder(tokenizer, "raw", 256).encode([("user", "ab"), ("assistant", "c")])
+    ids = tokenizer("abc", add_special_tokens=False)["input_ids"]
+    assert pair.input_ids == [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+    assert pair.labels == [IGNORE_INDEX] * 3 + [ids[-1], tokenizer.eos_token_id]
+    # too long: prompt tokens go from the left first
+    short = Encoder(tokenizer, "raw", 4).encode([("user", "abcdef"), ("assistant", "g")])
+    assert tokenizer.decode(short.input_ids, skip_special_tokens=True) == "fg"
+
+
+def test_template_resolution(tokenizer) -> None:
+    assert resolve_template("auto", tokenizer, True, "m") == "chat"
+    assert resolve_template("auto", tokenizer, False, "m") == "raw"
+    assert resolve_template("raw", tokenizer, True, "m") == "raw"
+    bare = build_tokenizer()
+    bare.chat_template = None
+    assert resolve_template("auto", bare, True, "m") == "raw"
+    with pytest.raises(TemplateError, match="'m' has no chat template"):
+        resolve_template("chat", bare, True, "m")
+
+
+# ---- files and formats ------------------------------------------------------------------------
+
+
+def test_alpaca_and_messages_files_convert_to_the_same_training_pairs(tokenizer) -> None:
+    alpaca = jsonl(
+        {"id": "a", "instruction": "Add the numbers.", "input": "2 3", "output": "5", "system": "Be brief."},
+        {"id": "b", "instruction": "Say hi.", "output": "hi"},
+    )
+    messages = jsonl(
+        {"id": "a", "messages": [SYSTEM, {"role": "user", "content": "Add the numbers.\n2 3"},
+                                 {"role": "assistant", "content": "5"}]},
+        {"id": "b", "messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]},
+    )
+    from_alpaca, from_messages = parse_file("train", "a.jsonl", alpaca), parse_file("train", "m.jsonl", messages)
+    assert (from_alpaca.format, from_messages.format) == ("alpaca", "messages")
+    assert not from_alpaca.problems and not from_messages.problems
+    for template in ("chat", "raw"):
+        encoder = Encoder(tokenizer, template, 256)
+        pairs = [
+            [encoder.train_pair(TrainingExample.model_validate(e)) for e in parsed.examples]
+            for parsed in (from_alpaca, from_messages)
+        ]
+        assert pairs[0] == pairs[1]
+
+
+def test_the_same_examples_from_jsonl_csv_parquet_and_a_saved_dataset(tmp_path: Path) -> None:
+    rows = [{"id": "x1", "prompt": "Color of apple?", "completion": " red"},
+            {"id": "x2", "prompt": 'Say "hi",\nplease', "completion": "hi"}]
+    csv_text = 'id,prompt,completion\nx1,Color of apple?, red\nx2,"Say ""hi"",\nplease",hi\n'
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    # The layout Dataset.save_to_disk writes: state.json naming Arrow stream files.
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    table = pa.Table.from_pylist(rows)
+    with pa.OSFile(str(saved / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    (saved / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    (saved / "dataset_info.json").write_text("{}")
+    read = [
+        parse_file("train", "t.jsonl", jsonl(*rows)),
+        parse_file("train", "t.csv", csv_text.encode()),
+        parse_file("train", "t.parquet", buffer.getvalue()),
+        read_path("train", saved),
+    ]
+    for parsed in read:
+        assert parsed.problems == [] and parsed.format == "prompt_completion"
+        assert parsed.examples == rows
+
+
+def test_bad_files_name_the_line_and_the_field() -> None:
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    parsed = parse_file("train", "bad.jsonl", jsonl(
+        good,
+        {"messages": [{"role": "tool", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [SYSTEM, {"role": "user", "content": "q"}]},
+        {"prompt": "q", "completion": "a"},
+        {"instruction": "q", "output": "a"},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "extra": 1},
+    ))
+    assert [str(p) for p in parsed.problems] == [
+        "line 2: field \"messages[0].role\": Input should be 'system', 'user' or 'assistant'",
+        'line 3: field "messages": the conversation has no assistant turn (the answer to learn)',
+        "line 4: is prompt / completion but line 1 is chat messages; a file holds one format",
+        "line 5: is Alpaca (instruction / input / output) but line 1 is chat messages; a file holds one format",
+        'line 6: unknown field "extra" for the chat messages format (allowed: id, messages)',
+    ]
+    csv_parsed = parse_file("eval", "bad.csv", b'prompt,expected\n"multi\nline",\nq,a,b\n')
+    assert [str(p) for p in csv_parsed.problems] == [
+        'line 2: field "expected": String should have at least 1 character',
+        "line 4: has 3 fields; the header has 2",
+    ]
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([{"instruction": "q", "output": "a"}, {"instruction": "q", "output": ""}]), buffer)
+    assert [str(p) for p in parse_file("train", "x.parquet", buffer.getvalue()).problems] == [
+        'row 2: field "output": an assistant turn is empty'
+    ]
+    eval_parsed = parse_file("eval", "e.jsonl", jsonl({"messages": [*good["messages"], {"role": "user", "content": "more"}]}))
+    assert [str(p) for p in eval_parsed.problems] == [
+        "line 1: field \"messages\": the last turn is 'user'; an eval conversation ends with the "
+        "assistant turn that is the expected answer"
+    ]
+
+
+def test_read_examples_raises_with_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(jsonl({"prompt": "q"}))
+    with pytest.raises(DataFileError, match=r't.jsonl: line 1: field "completion" is missing'):
+        read_examples("train", path)
+    fmt, examples = read_examples("eval", EXAMPLES / "chat_eval.jsonl")
+    assert fmt == "messages" and len(examples) == 8
+
+
+# ---- the spec ---------------------------------------------------------------------------------
+
+
+def test_spec_carries_messages_template_and_format_and_todays_specs_are_unchanged() -> None:
+    spec = parse_spec({
+        "training_data": [{"messages": MULTI_TURN}],
+        "eval_data": [{"messages": MULTI_TURN[:3]}],
+        "template": "chat",
+        "data_format": {"training": "alpaca"},
+    })
+    assert spec.data_format.training == "alpaca" and spec.data_format.eval == "messages"
+    assert spec.eval_data[0].answer == "red"
+    old = {"training_data": [{"prompt": "p", "completion": "c"}], "eval_data": [{"prompt": "p", "expected": "e"}]}
+    dumped = parse_spec(old).model_dump()
+    assert dumped["training_data"] == [{"id": "t1", "prompt": "p", "completion": "c"}]
+    assert dumped["template"] == "auto" and dumped["data_format"]["training"] == "prompt_completion"
+    with pytest.raises(SpecError, match=r"training_data.0: give either messages or prompt and completion"):
+        parse_spec({**old, "training_data": [{"prompt": "p", "completion": "c", "messages": MULTI_TURN}]})
+    with pytest.raises(SpecError, match=r"data_format: 'messages' does not match the shape of training_data"):
+        parse_spec({**old, "data_format": {"training": "messages"}})
+
+
+# ---- the data report --------------------------------------------------------------------------
+
+
+def test_data_report_names_truncated_duplicate_and_copied_examples() -> None:
+    long = "x" * 120
+    spec = parse_spec({
+        "training_data": [
+            {"id": "short", "messages": MULTI_TURN[:3]},
+            {"id": "long", "messages": [{"role": "user", "content": long}, {"role": "assistant", "content": "y"}]},
+            {"id": "again", "messages": MULTI_TURN[:3]},
+        ],
+        "eval_data": [{"id": "copy", "messages": MULTI_TURN[:3]}],
+        "hyperparams": {"max_seq_len": 96},
+    })
+    report = data_report(spec)
+    tokens = report["tokens"]
+    assert tokens["available"] and tokens["template"] == "chat"
+    encoder = Encoder(build_tokenizer(), "chat", 96)
+    lengths = [encoder.length(e.turns) for e in spec.training_data]
+    assert lengths[1] > 96 >= max(lengths[0], lengths[2])
+    assert tokens["training"]["max"] == lengths[1] and tokens["training"]["truncated"] == 1
+    assert tokens["training"]["truncated_examples"] == [{"id": "long", "tokens": lengths[1]}]
+    assert report["duplicates"]["training"] == [["short", "again"]]
+    assert report["eval_copies_training"] == [{"eval_id": "copy", "training_id": "short"}]
+    assert any("will be truncated: long" in note for note in report["notes"])
+
+    hub = data_report(parse_spec({**spec.model_dump(), "model_id": "meta-llama/Llama-3.2-1B-Instruct"}))
+    assert not hub["tokens"]["available"]
+    assert "Token counts are unavailable" in hub["tokens"]["reason"] and hub["duplicates"]["training"]
+
+
+def test_parser_and_report_run_without_torch() -> None:
+    """The gateway image carries no torch: the parser and the report must not import it."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from pathlib import Path\n"
+        "from gpu_core.formats import read_examples\n"
+        "from gpu_core.datareport import data_report\n"
+        "from gpu_core.schemas import parse_spec\n"
+        f"_, train = read_examples('train', Path({str(EXAMPLES / 'chat_train.jsonl')!r}))\n"
+        f"_, evals = read_examples('eval', Path({str(EXAMPLES / 'chat_eval.jsonl')!r}))\n"
+        "report = data_report(parse_spec({'training_data': train, 'eval_data': evals}))\n"
+        "print(report['tokens']['template'], report['tokens']['training']['n'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["chat", "27"]
