@@ -52,7 +52,9 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def resolve_template(template: Template, tokenizer: Any, conversational: bool, model_id: str) -> ResolvedTemplate:
+def resolve_template(
+    template: Template, tokenizer: Any, conversational: bool, model_id: str
+) -> ResolvedTemplate:
     """``chat`` or ``raw``; ``auto`` is chat when the tokenizer has a template and the data holds
     conversations (messages or alpaca files)."""
     if template == "chat":
@@ -86,7 +88,9 @@ def _fit(prefix: list[int], ids: list[int], labels: list[int], max_seq_len: int)
 
 def encode_pair(tokenizer: Any, prompt: str, target: str, max_seq_len: int) -> EncodedPair:
     """Raw ``bos + prompt + target + eos``, the target labelled; see :func:`_fit` for truncation."""
-    return Encoder(tokenizer, "raw", max_seq_len).encode([("user", prompt), ("assistant", target)], last_only=True)
+    return Encoder(tokenizer, "raw", max_seq_len).encode(
+        [("user", prompt), ("assistant", target)], last_only=True
+    )
 
 
 @dataclass(frozen=True)

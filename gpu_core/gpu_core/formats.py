@@ -130,7 +130,9 @@ def _csv_rows(text: str, problems: list[Problem]) -> list[tuple[str, Any]]:
             if len(values) != len(header):
                 problems.append(Problem(where, f"has {len(values)} fields; the header has {len(header)}"))
                 continue
-            rows.append((where, {k: v for k, v in zip(header, values, strict=True) if not (k == "id" and v == "")}))
+            rows.append(
+                (where, {k: v for k, v in zip(header, values, strict=True) if not (k == "id" and v == "")})
+            )
     except csv.Error as exc:
         problems.append(Problem(f"line {start}", f"not valid CSV ({exc})"))
     return rows
@@ -218,12 +220,17 @@ def _example(
 ) -> tuple[dict[str, Any] | None, list[Problem]]:
     required, optional = _fields_of(kind)[fmt]
     problems = [
-        Problem("", f'unknown field "{name}" for the {FORMAT_LABELS[fmt]} format '
-                f"(allowed: {', '.join(sorted(required | optional))})")
+        Problem(
+            "",
+            f'unknown field "{name}" for the {FORMAT_LABELS[fmt]} format '
+            f"(allowed: {', '.join(sorted(required | optional))})",
+        )
         for name in row
         if name not in required | optional
     ]
-    problems += [Problem("", f'field "{name}" is missing') for name in sorted(required) if row.get(name) is None]
+    problems += [
+        Problem("", f'field "{name}" is missing') for name in sorted(required) if row.get(name) is None
+    ]
     if problems:
         return None, problems
     sources: list[str] = []
@@ -271,16 +278,22 @@ def examples_from_rows(
         if fmt is None:
             answer = ANSWER_FIELD[kind]
             parsed.problems.append(
-                Problem(where, f'no "prompt"/"{answer}", "messages" or "instruction"/"output" fields '
-                        f"(found: {', '.join(row) or 'none'})")
+                Problem(
+                    where,
+                    f'no "prompt"/"{answer}", "messages" or "instruction"/"output" fields '
+                    f"(found: {', '.join(row) or 'none'})",
+                )
             )
             continue
         if parsed.format is None:
             parsed.format, first_at = fmt, where
         elif fmt != parsed.format:
             parsed.problems.append(
-                Problem(where, f"is {FORMAT_LABELS[fmt]} but {first_at} is {FORMAT_LABELS[parsed.format]}; "
-                        "a file holds one format")
+                Problem(
+                    where,
+                    f"is {FORMAT_LABELS[fmt]} but {first_at} is {FORMAT_LABELS[parsed.format]}; "
+                    "a file holds one format",
+                )
             )
             continue
         example, row_problems = _example(kind, fmt, row, limits)
@@ -318,7 +331,9 @@ def parse_file(kind: Kind, filename: str, data: bytes, limits: SpecLimits = DEFA
         try:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
-            return ParsedFile(format=None, problems=[Problem("file", f"is not UTF-8 text (byte {exc.start})")])
+            return ParsedFile(
+                format=None, problems=[Problem("file", f"is not UTF-8 text (byte {exc.start})")]
+            )
         rows = _csv_rows(text, problems) if filename.lower().endswith(".csv") else _jsonl_rows(text, problems)
     return examples_from_rows(kind, rows, problems, limits)
 
@@ -331,7 +346,9 @@ def read_path(kind: Kind, path: Path, limits: SpecLimits = DEFAULT_LIMITS) -> Pa
     return parse_file(kind, path.name, path.read_bytes(), limits)
 
 
-def read_examples(kind: Kind, path: Path, limits: SpecLimits = DEFAULT_LIMITS) -> tuple[DataFormat, list[dict[str, Any]]]:
+def read_examples(
+    kind: Kind, path: Path, limits: SpecLimits = DEFAULT_LIMITS
+) -> tuple[DataFormat, list[dict[str, Any]]]:
     """Like :func:`read_path`, raising :class:`DataFileError` (at most ``MAX_PROBLEMS``) when invalid."""
     parsed = read_path(kind, path, limits)
     if parsed.problems or parsed.format is None:

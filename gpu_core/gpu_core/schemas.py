@@ -13,8 +13,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     SerializerFunctionWrapHandler,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_serializer,
@@ -117,7 +117,8 @@ class _Example(_Strict):
                 raise ValueError(f"give either messages or prompt and {self._answer_field}, not both")
             _check_conversation(self.messages, answer_last=self._answer_field == "expected")
             return self
-        missing = [name for name, value in (("prompt", self.prompt), (self._answer_field, answer)) if value is None]
+        given = (("prompt", self.prompt), (self._answer_field, answer))
+        missing = [name for name, value in given if value is None]
         if missing:
             raise ValueError(
                 f"needs prompt and {self._answer_field} (or messages); {' and '.join(missing)} missing"

@@ -24,14 +24,16 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 def chat_spec(method: str, **fields: Any) -> Any:
     train = [json.loads(line) for line in (EXAMPLES / "chat_train.jsonl").read_text().splitlines()]
     evals = [json.loads(line) for line in (EXAMPLES / "chat_eval.jsonl").read_text().splitlines()]
-    return parse_spec({
-        "training_data": train[:3] + train[-1:],  # the last one has two assistant turns
-        "eval_data": evals[:2],
-        "hyperparams": {"epochs": 1, "batch_size": 2, "max_seq_len": 96, "max_new_tokens": 4},
-        "few_shot_k": 2,
-        "influence_method": method,
-        **fields,
-    })
+    return parse_spec(
+        {
+            "training_data": train[:3] + train[-1:],  # the last one has two assistant turns
+            "eval_data": evals[:2],
+            "hyperparams": {"epochs": 1, "batch_size": 2, "max_seq_len": 96, "max_new_tokens": 4},
+            "few_shot_k": 2,
+            "influence_method": method,
+            **fields,
+        }
+    )
 
 
 def test_evaluation_and_few_shot_generate_from_the_templated_conversation() -> None:

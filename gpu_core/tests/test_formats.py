@@ -74,9 +74,16 @@ def test_loss_mask_covers_exactly_the_assistant_tokens_of_every_turn(tokenizer) 
 def test_eval_generates_from_the_templated_prompt_and_few_shot_become_earlier_turns(tokenizer) -> None:
     encoder = Encoder(tokenizer, "chat", 1024)
     demo = [("system", "ignored"), ("user", "Color of lime?"), ("assistant", "green")]
-    turns = encoder.eval_turns([("system", "Be brief."), ("user", "Color of apple?"), ("assistant", "red")], [demo])
-    assert turns == [("system", "Be brief."), ("user", "Color of lime?"), ("assistant", "green"),
-                     ("user", "Color of apple?"), ("assistant", "red")]
+    turns = encoder.eval_turns(
+        [("system", "Be brief."), ("user", "Color of apple?"), ("assistant", "red")], [demo]
+    )
+    assert turns == [
+        ("system", "Be brief."),
+        ("user", "Color of lime?"),
+        ("assistant", "green"),
+        ("user", "Color of apple?"),
+        ("assistant", "red"),
+    ]
     prompt = encoder.generation_prompt(turns, max_new_tokens=8)
     messages = [{"role": r, "content": c} for r, c in turns[:-1]]
     assert prompt == chat_ids(tokenizer, messages, add_generation_prompt=True)
@@ -113,11 +120,23 @@ def test_alpaca_and_messages_files_convert_to_the_same_training_pairs(tokenizer)
         {"id": "b", "instruction": "Say hi.", "output": "hi"},
     )
     messages = jsonl(
-        {"id": "a", "messages": [SYSTEM, {"role": "user", "content": "Add the numbers.\n2 3"},
-                                 {"role": "assistant", "content": "5"}]},
-        {"id": "b", "messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]},
+        {
+            "id": "a",
+            "messages": [
+                SYSTEM,
+                {"role": "user", "content": "Add the numbers.\n2 3"},
+                {"role": "assistant", "content": "5"},
+            ],
+        },
+        {
+            "id": "b",
+            "messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}],
+        },
     )
-    from_alpaca, from_messages = parse_file("train", "a.jsonl", alpaca), parse_file("train", "m.jsonl", messages)
+    from_alpaca, from_messages = (
+        parse_file("train", "a.jsonl", alpaca),
+        parse_file("train", "m.jsonl", messages),
+    )
     assert (from_alpaca.format, from_messages.format) == ("alpaca", "messages")
     assert not from_alpaca.problems and not from_messages.problems
     for template in ("chat", "raw"):
@@ -130,8 +149,10 @@ def test_alpaca_and_messages_files_convert_to_the_same_training_pairs(tokenizer)
 
 
 def test_the_same_examples_from_jsonl_csv_parquet_and_a_saved_dataset(tmp_path: Path) -> None:
-    rows = [{"id": "x1", "prompt": "Color of apple?", "completion": " red"},
-            {"id": "x2", "prompt": 'Say "hi",\nplease', "completion": "hi"}]
+    rows = [
+        {"id": "x1", "prompt": "Color of apple?", "completion": " red"},
+        {"id": "x2", "prompt": 'Say "hi",\nplease', "completion": "hi"},
+    ]
     csv_text = 'id,prompt,completion\nx1,Color of apple?, red\nx2,"Say ""hi"",\nplease",hi\n'
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows), buffer)
@@ -139,9 +160,14 @@ def test_the_same_examples_from_jsonl_csv_parquet_and_a_saved_dataset(tmp_path: 
     saved = tmp_path / "saved"
     saved.mkdir()
     table = pa.Table.from_pylist(rows)
-    with pa.OSFile(str(saved / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+    with (
+        pa.OSFile(str(saved / "data-00000-of-00001.arrow"), "wb") as sink,
+        pa.ipc.new_stream(sink, table.schema) as w,
+    ):
         w.write_table(table)
-    (saved / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    (saved / "state.json").write_text(
+        json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]})
+    )
     (saved / "dataset_info.json").write_text("{}")
     read = [
         parse_file("train", "t.jsonl", jsonl(*rows)),
@@ -156,19 +182,27 @@ def test_the_same_examples_from_jsonl_csv_parquet_and_a_saved_dataset(tmp_path: 
 
 def test_bad_files_name_the_line_and_the_field() -> None:
     good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
-    parsed = parse_file("train", "bad.jsonl", jsonl(
-        good,
-        {"messages": [{"role": "tool", "content": "q"}, {"role": "assistant", "content": "a"}]},
-        {"messages": [SYSTEM, {"role": "user", "content": "q"}]},
-        {"prompt": "q", "completion": "a"},
-        {"instruction": "q", "output": "a"},
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "extra": 1},
-    ))
+    parsed = parse_file(
+        "train",
+        "bad.jsonl",
+        jsonl(
+            good,
+            {"messages": [{"role": "tool", "content": "q"}, {"role": "assistant", "content": "a"}]},
+            {"messages": [SYSTEM, {"role": "user", "content": "q"}]},
+            {"prompt": "q", "completion": "a"},
+            {"instruction": "q", "output": "a"},
+            {
+                "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                "extra": 1,
+            },
+        ),
+    )
     assert [str(p) for p in parsed.problems] == [
         "line 2: field \"messages[0].role\": Input should be 'system', 'user' or 'assistant'",
         'line 3: field "messages": the conversation has no assistant turn (the answer to learn)',
         "line 4: is prompt / completion but line 1 is chat messages; a file holds one format",
-        "line 5: is Alpaca (instruction / input / output) but line 1 is chat messages; a file holds one format",
+        "line 5: is Alpaca (instruction / input / output) but line 1 is chat messages; "
+        "a file holds one format",
         'line 6: unknown field "extra" for the chat messages format (allowed: id, messages)',
     ]
     csv_parsed = parse_file("eval", "bad.csv", b'prompt,expected\n"multi\nline",\nq,a,b\n')
@@ -177,11 +211,16 @@ def test_bad_files_name_the_line_and_the_field() -> None:
         "line 4: has 3 fields; the header has 2",
     ]
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist([{"instruction": "q", "output": "a"}, {"instruction": "q", "output": ""}]), buffer)
+    pq.write_table(
+        pa.Table.from_pylist([{"instruction": "q", "output": "a"}, {"instruction": "q", "output": ""}]),
+        buffer,
+    )
     assert [str(p) for p in parse_file("train", "x.parquet", buffer.getvalue()).problems] == [
         'row 2: field "output": an assistant turn is empty'
     ]
-    eval_parsed = parse_file("eval", "e.jsonl", jsonl({"messages": [*good["messages"], {"role": "user", "content": "more"}]}))
+    eval_parsed = parse_file(
+        "eval", "e.jsonl", jsonl({"messages": [*good["messages"], {"role": "user", "content": "more"}]})
+    )
     assert [str(p) for p in eval_parsed.problems] == [
         "line 1: field \"messages\": the last turn is 'user'; an eval conversation ends with the "
         "assistant turn that is the expected answer"
@@ -201,15 +240,20 @@ def test_read_examples_raises_with_the_path(tmp_path: Path) -> None:
 
 
 def test_spec_carries_messages_template_and_format_and_todays_specs_are_unchanged() -> None:
-    spec = parse_spec({
-        "training_data": [{"messages": MULTI_TURN}],
-        "eval_data": [{"messages": MULTI_TURN[:3]}],
-        "template": "chat",
-        "data_format": {"training": "alpaca"},
-    })
+    spec = parse_spec(
+        {
+            "training_data": [{"messages": MULTI_TURN}],
+            "eval_data": [{"messages": MULTI_TURN[:3]}],
+            "template": "chat",
+            "data_format": {"training": "alpaca"},
+        }
+    )
     assert spec.data_format.training == "alpaca" and spec.data_format.eval == "messages"
     assert spec.eval_data[0].answer == "red"
-    old = {"training_data": [{"prompt": "p", "completion": "c"}], "eval_data": [{"prompt": "p", "expected": "e"}]}
+    old = {
+        "training_data": [{"prompt": "p", "completion": "c"}],
+        "eval_data": [{"prompt": "p", "expected": "e"}],
+    }
     dumped = parse_spec(old).model_dump()
     assert dumped["training_data"] == [{"id": "t1", "prompt": "p", "completion": "c"}]
     assert dumped["template"] == "auto" and dumped["data_format"]["training"] == "prompt_completion"
@@ -224,15 +268,20 @@ def test_spec_carries_messages_template_and_format_and_todays_specs_are_unchange
 
 def test_data_report_names_truncated_duplicate_and_copied_examples() -> None:
     long = "x" * 120
-    spec = parse_spec({
-        "training_data": [
-            {"id": "short", "messages": MULTI_TURN[:3]},
-            {"id": "long", "messages": [{"role": "user", "content": long}, {"role": "assistant", "content": "y"}]},
-            {"id": "again", "messages": MULTI_TURN[:3]},
-        ],
-        "eval_data": [{"id": "copy", "messages": MULTI_TURN[:3]}],
-        "hyperparams": {"max_seq_len": 96},
-    })
+    spec = parse_spec(
+        {
+            "training_data": [
+                {"id": "short", "messages": MULTI_TURN[:3]},
+                {
+                    "id": "long",
+                    "messages": [{"role": "user", "content": long}, {"role": "assistant", "content": "y"}],
+                },
+                {"id": "again", "messages": MULTI_TURN[:3]},
+            ],
+            "eval_data": [{"id": "copy", "messages": MULTI_TURN[:3]}],
+            "hyperparams": {"max_seq_len": 96},
+        }
+    )
     report = data_report(spec)
     tokens = report["tokens"]
     assert tokens["available"] and tokens["template"] == "chat"

@@ -32,7 +32,9 @@ async def parse_data_file(
     _user: CurrentUser,
     state: State,
     kind: Annotated[Literal["train", "eval"], Query(description="training or eval examples")],
-    filename: Annotated[str, Query(min_length=1, max_length=255, description="decides CSV / Parquet / JSONL")],
+    filename: Annotated[
+        str, Query(min_length=1, max_length=255, description="decides CSV / Parquet / JSONL")
+    ],
 ) -> dict[str, Any]:
     """The detected format (prompt_completion, messages or alpaca) and the examples as the
     spec's ``training_data`` / ``eval_data`` want them."""
@@ -43,7 +45,9 @@ async def parse_data_file(
     if parsed.problems:
         shown = [{"field": p.where, "message": p.message} for p in parsed.problems[:MAX_PROBLEMS]]
         if len(parsed.problems) > MAX_PROBLEMS:
-            shown.append({"field": "file", "message": f"and {len(parsed.problems) - MAX_PROBLEMS} more problems"})
+            shown.append(
+                {"field": "file", "message": f"and {len(parsed.problems) - MAX_PROBLEMS} more problems"}
+            )
         raise SpecInvalid(shown)
     assert parsed.format is not None
     return {
