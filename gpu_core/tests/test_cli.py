@@ -83,3 +83,35 @@ def test_unreadable_spec_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[s
     spec_path.write_text("{not json")
     assert main(["run", str(spec_path), "--out", str(tmp_path / "r.json")]) == EXIT_BAD_SPEC
     assert "is not valid JSON" in capsys.readouterr().err
+
+
+def test_data_files_and_a_saved_dataset_replace_the_specs_data(tmp_path: Path) -> None:
+    import pyarrow as pa
+    from gpu_core.cli import read_spec
+
+    # A saved Hugging Face dataset (the layout Dataset.save_to_disk writes) of Alpaca rows.
+    saved = tmp_path / "alpaca"
+    saved.mkdir()
+    table = pa.Table.from_pylist([{"instruction": "Color of lime?", "input": "", "output": "green"}])
+    with pa.OSFile(str(saved / "data-00000-of-00001.arrow"), "wb") as sink:
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    state = {"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}
+    (saved / "state.json").write_text(json.dumps(state))
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps({"template": "chat", "hyperparams": {"epochs": 1}}))
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    spec = read_spec(spec_path, saved, examples / "chat_eval.jsonl")
+    assert spec.data_format.training == "alpaca" and spec.data_format.eval == "messages"
+    assert spec.training_data[0].turns == [("user", "Color of lime?"), ("assistant", "green")]
+    assert len(spec.eval_data) == 8 and spec.template == "chat"
+
+
+def test_a_bad_data_file_exits_2_naming_the_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec_path, data = tmp_path / "spec.json", tmp_path / "train.jsonl"
+    spec_path.write_text(json.dumps({"eval_data": [{"prompt": "a", "expected": "b"}]}))
+    data.write_text('{"messages": [{"role": "user", "content": "q"}]}\n')
+    args = ["run", str(spec_path), "--out", str(tmp_path / "r.json"), "--train", str(data)]
+    assert main(args) == EXIT_BAD_SPEC
+    error = capsys.readouterr().err
+    assert 'train.jsonl: line 1: field "messages": the conversation has no assistant turn' in error
