@@ -251,7 +251,13 @@ def _example(
         for error in exc.errors(include_input=False, include_url=False):
             message = str(error["msg"]).removeprefix("Value error, ")
             loc = tuple(error["loc"])
-            if loc:
+            if (
+                loc
+                and error["type"] == "string_too_short"
+                and (error.get("ctx") or {}).get("min_length") == 1
+            ):
+                problems.append(Problem("", f'field "{_field_name(loc, sources)}" is empty'))
+            elif loc:
                 problems.append(Problem("", f'field "{_field_name(loc, sources)}": {message}'))
             else:  # the example's own checks name the field first: "messages[2].role: ..."
                 name, _, rest = message.partition(": ")
@@ -298,15 +304,15 @@ def examples_from_rows(
             continue
         example, row_problems = _example(kind, fmt, row, limits)
         parsed.problems += [Problem(where, p.message) for p in row_problems]
-        if example is None:
-            continue
-        if "id" in example:
-            if example["id"] in ids:
-                parsed.problems.append(
-                    Problem(where, f'field "id" repeats "{example["id"]}" (first on {ids[example["id"]]})')
-                )
-            ids.setdefault(example["id"], where)
-        parsed.examples.append(example)
+        row_id = row.get("id")
+        if row_id is not None and str(row_id) in ids:
+            parsed.problems.append(
+                Problem(where, f'field "id" repeats "{row_id}" (first on {ids[str(row_id)]})')
+            )
+        elif row_id is not None:
+            ids[str(row_id)] = where
+        if example is not None:
+            parsed.examples.append(example)
     if not rows and not parsed.problems:
         label = "training" if kind == "train" else "eval"
         parsed.problems.append(Problem("file", f"has no {label} examples"))

@@ -207,7 +207,7 @@ def test_bad_files_name_the_line_and_the_field() -> None:
     ]
     csv_parsed = parse_file("eval", "bad.csv", b'prompt,expected\n"multi\nline",\nq,a,b\n')
     assert [str(p) for p in csv_parsed.problems] == [
-        'line 2: field "expected": String should have at least 1 character',
+        'line 2: field "expected" is empty',
         "line 4: has 3 fields; the header has 2",
     ]
     buffer = io.BytesIO()
