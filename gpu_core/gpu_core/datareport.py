@@ -1,6 +1,7 @@
 """What the researcher should know about the data before submitting, without torch.
 
-Token lengths with the model's own tokenizer and the rendering the run will use
+A preview of the first training example as the model will see it (the trained tokens marked),
+token lengths with the model's own tokenizer and the rendering the run will use
 (:class:`gpu_core.data.Encoder`, so the counts are the pipeline's), how many examples exceed
 ``max_seq_len`` and which, exact duplicate examples, and eval examples that copy a training
 example. The gateway computes this for ``POST /api/estimate``: it carries ``tokenizers`` and
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gpu_core.data import Encoder, TemplateError, resolve_template
+from gpu_core.data import IGNORE_INDEX, Encoder, TemplateError, resolve_template
 from gpu_core.schemas import TINY_MODEL_ID, ExperimentSpec
 
 MAX_NAMED = 50  # ids listed per finding; the counts are always complete
@@ -102,10 +103,26 @@ def _token_report(spec: ExperimentSpec) -> dict[str, Any]:
     return {
         "available": True,
         "template": template,
+        "preview": _preview(encoder, spec.training_data[0]),
         "max_seq_len": max_seq_len,
         "training": _distribution(train, [e.id for e in spec.training_data], max_seq_len),
         "eval": _distribution(evals, [e.id for e in spec.eval_data], max_seq_len),
     }
+
+
+def _preview(encoder: Encoder, example: Any) -> dict[str, Any]:
+    """The first training example as the model sees it: runs of text, each marked whether the
+    loss trains on it (the assistant's tokens)."""
+    prefix, ids, labels = encoder.full(example.turns)
+    runs: list[dict[str, Any]] = []
+    for token, label in zip(prefix + ids, [IGNORE_INDEX] * len(prefix) + labels, strict=True):
+        trained = label != IGNORE_INDEX
+        if runs and runs[-1]["trained"] == trained:
+            runs[-1]["ids"].append(token)
+        else:
+            runs.append({"trained": trained, "ids": [token]})
+    decode = encoder.tokenizer.decode
+    return {"id": example.id, "runs": [{"text": decode(r["ids"]), "trained": r["trained"]} for r in runs]}
 
 
 def data_report(spec: ExperimentSpec) -> dict[str, Any]:

@@ -49,7 +49,11 @@ async function errorFrom(response) {
 
 export async function api(method, path, { body, headers = {}, signal } = {}) {
   const init = { method, headers: authHeaders(headers), signal };
-  if (body !== undefined) {
+  if (body instanceof Blob) {
+    // A file as it is (the data parse route reads its bytes).
+    init.headers["Content-Type"] = "application/octet-stream";
+    init.body = body;
+  } else if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
   }

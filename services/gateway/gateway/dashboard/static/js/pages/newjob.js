@@ -2,7 +2,7 @@
 // hyperparameters, influence method, a live cost estimate, submit.
 
 import { api } from "../api.js";
-import { KINDS, parseExamples, withIds } from "../datafile.js";
+import { KINDS, readDataFile, withIds } from "../datafile.js";
 import { announce, BACKEND_NAMES, duration, el, usd } from "../ui.js";
 
 const ESTIMATE_DELAY_MS = 400;
@@ -81,7 +81,8 @@ function modelPicker(models, activeBackend) {
 function fileField(kind, onParsed) {
   const id = `file-${kind}`;
   const errorsId = `${id}-errors`;
-  const input = el("input", { id, name: id, type: "file", accept: ".jsonl,.csv,.json,text/csv,application/json",
+  const input = el("input", { id, name: id, type: "file",
+    accept: ".jsonl,.csv,.json,.parquet,text/csv,application/json",
     "aria-describedby": `${id}-help ${errorsId}` });
   const summary = el("p", { class: "help", id: `${id}-summary` });
   const errors = el("ul", { class: "errors", id: errorsId, role: "alert" });
@@ -90,22 +91,80 @@ function fileField(kind, onParsed) {
     summary.textContent = "";
     const file = input.files[0];
     if (!file) return onParsed(null);
-    const { examples, errors: problems } = parseExamples(kind, file.name, await file.text());
+    summary.textContent = `Reading ${file.name}…`;
+    const { examples, format, formatLabel, errors: problems } = await readDataFile(kind, file);
     if (problems.length) {
+      summary.textContent = "";
       errors.append(...problems.map((p) => el("li", {}, `${file.name}: ${p}`)));
       onParsed(null);
       return;
     }
-    summary.textContent = `${file.name}: ${examples.length} ${KINDS[kind].label} examples, all valid.`;
-    onParsed(examples);
+    summary.replaceChildren(`${file.name}: ${examples.length} ${KINDS[kind].label} examples, all valid. `,
+      el("span", { id: `${id}-format`, "data-format": format }, `Format: ${formatLabel}.`));
+    onParsed(examples, format);
   });
   const answer = KINDS[kind].answer;
   return el("div", { class: "field" },
     el("label", { for: id }, `${kind === "train" ? "Training" : "Eval"} data (JSONL or CSV)`),
     input,
     el("p", { class: "help", id: `${id}-help` },
-      `One example per line with "prompt" and "${answer}" (and optionally "id"); a CSV needs a header row with the same names.`),
+      `JSONL, CSV (with a header row) or Parquet; one example per row, with "prompt" and "${answer}", `
+      + `or chat "messages" (roles system, user, assistant${kind === "eval" ? "; the last assistant turn is the expected answer" : ""}), `
+      + `or Alpaca "instruction", "input", "output"; optionally "id".`),
     summary, errors);
+}
+
+const TEMPLATES = [
+  { value: "auto", label: "Automatic: the model's chat template for chat-shaped data, else raw text" },
+  { value: "chat", label: "The model's chat template (the loss trains on the assistant's turns)" },
+  { value: "raw", label: "Raw text: prompt followed by the answer" },
+];
+
+// The spec's `template` (gpu_core resolves auto when the model loads; the data check says how).
+function templateField() {
+  return el("div", { class: "field" },
+    el("label", { for: "template" }, "Prompt template"),
+    el("select", { id: "template", name: "template", "aria-describedby": "template-help" },
+      TEMPLATES.map((t) => el("option", { value: t.value }, t.label))),
+    el("p", { class: "help", id: "template-help" },
+      "With a chat template, prompts are the templated conversation, few-shot demonstrations become earlier turns, and training and influence use the assistant's tokens only."));
+}
+
+function lengthRow(label, stats, maxSeqLen) {
+  return el("tr", {},
+    el("th", { scope: "row" }, label),
+    ...["min", "median", "p95", "max"].map((key) => el("td", { class: "num" }, String(Math.round(stats[key])))),
+    el("td", { class: "num" }, stats.truncated ? `${stats.truncated} of ${stats.n} over ${maxSeqLen}` : "none"));
+}
+
+// POST /api/estimate's data_report: template preview, token lengths, truncation, duplicates, copies.
+function dataReportView(report) {
+  const tokens = report.tokens;
+  const parts = [];
+  if (tokens.available) {
+    const templateNames = { chat: "the model's chat template", raw: "raw text" };
+    parts.push(el("p", { id: "data-template" }, `Rendered with ${templateNames[tokens.template]}.`));
+    parts.push(el("table", { class: "data compact", id: "length-table" },
+      el("caption", {}, "Tokens per example (with the model's tokenizer)"),
+      el("thead", {}, el("tr", {}, ...["", "Min", "Median", "95th pct", "Max", "Truncated"].map((h) => el("th", { scope: "col" }, h)))),
+      el("tbody", {}, lengthRow("Training", tokens.training, tokens.max_seq_len), lengthRow("Eval", tokens.eval, tokens.max_seq_len))));
+    const truncated = [...tokens.training.truncated_examples, ...tokens.eval.truncated_examples];
+    if (truncated.length) {
+      parts.push(el("p", { id: "truncated-examples", class: "error" },
+        `Truncated at max_seq_len ${tokens.max_seq_len}: `,
+        truncated.map((e, i) => [i ? ", " : "", el("code", {}, e.id), ` (${e.tokens} tokens)`])));
+    }
+    parts.push(el("details", { id: "data-preview" },
+      el("summary", {}, `Preview of ${tokens.preview.id} as the model sees it (trained tokens highlighted)`),
+      el("pre", {}, tokens.preview.runs.map((run) => (run.trained ? el("mark", {}, run.text) : run.text)))));
+  } else {
+    parts.push(el("p", { class: "help", id: "tokens-unavailable" }, tokens.reason));
+  }
+  const findings = report.notes.filter((note) => !note.includes("will be truncated") && note !== tokens.reason);
+  parts.push(findings.length
+    ? el("ul", { class: "help", id: "data-findings" }, findings.map((note) => el("li", {}, note)))
+    : el("p", { class: "help", id: "data-findings" }, "No duplicate examples, and no eval example copies a training example."));
+  return parts;
 }
 
 function estimateView(answer) {
@@ -130,6 +189,7 @@ function estimateView(answer) {
 export async function renderNewExperiment(view) {
   const [{ models }, compute] = await Promise.all([api("GET", "/api/models"), api("GET", "/api/settings/compute")]);
   const data = { train: null, eval: null };
+  const formats = { train: null, eval: null };
   let idempotencyKey = crypto.randomUUID();
   let estimateTimer = null;
   let estimateAbort = null;
@@ -143,6 +203,8 @@ export async function renderNewExperiment(view) {
         "aria-describedby": `method-${m.value}-cost` }),
       el("label", { for: `method-${m.value}` }, m.label),
       el("span", { class: "help", id: `method-${m.value}-cost` }, ` — ${m.cost}`))));
+  const dataReport = el("div", { id: "data-report", "aria-live": "polite" },
+    el("p", { class: "help" }, "Upload training and eval data to see token lengths, truncation and duplicates."));
   const estimate = el("div", { id: "estimate", "aria-live": "polite" },
     el("p", { class: "help" }, "Upload training and eval data to see the time and cost."));
   const submit = el("button", { type: "submit", id: "submit-experiment", disabled: true }, "Start experiment");
@@ -152,8 +214,10 @@ export async function renderNewExperiment(view) {
     el("section", { class: "card" }, el("h2", {}, "Data"),
       el("p", {}, "Example files: ",
         EXAMPLE_FILES.map(([file, label], i) => [i ? " · " : "", el("a", { href: `/static/examples/${file}`, download: file }, label)])),
-      fileField("train", (examples) => { data.train = examples; changed(); }),
-      fileField("eval", (examples) => { data.eval = examples; changed(); })),
+      fileField("train", (examples, format) => { data.train = examples; formats.train = format; changed(); }),
+      fileField("eval", (examples, format) => { data.eval = examples; formats.eval = format; changed(); }),
+      templateField()),
+    el("section", { class: "card" }, el("h2", {}, "Data check"), dataReport),
     el("section", { class: "card" }, el("h2", {}, "Hyperparameters"),
       el("div", { class: "grid" }, HYPERPARAMS.map(numberField), SPEC_NUMBERS.map(numberField))),
     el("section", { class: "card" }, el("h2", {}, "Influence"), methods),
@@ -174,6 +238,8 @@ export async function renderNewExperiment(view) {
       few_shot_k: number("few_shot_k"),
       influence_method: form.elements[methodName].value,
       influence: { top_k: number("top_k") },
+      template: form.elements.template.value,
+      data_format: { training: formats.train, eval: formats.eval },
     };
   }
 
@@ -189,9 +255,11 @@ export async function renderNewExperiment(view) {
     try {
       const answer = await api("POST", "/api/estimate", { body: spec(), signal: estimateAbort.signal });
       estimate.replaceChildren(...estimateView(answer));
+      dataReport.replaceChildren(...dataReportView(answer.data_report));
     } catch (error) {
       if (error.name === "AbortError") return;
       estimate.replaceChildren(el("p", { class: "error" }, `No estimate: ${error.message}`));
+      dataReport.replaceChildren(el("p", { class: "error" }, `No data check: ${error.message}`));
     }
   }
 
@@ -210,7 +278,9 @@ export async function renderNewExperiment(view) {
   }
 
   form.addEventListener("input", (event) => { if (event.target.type !== "file") changed(); });
-  form.addEventListener("change", (event) => { if (event.target.type === "radio" || event.target === modelSelect) changed(); });
+  form.addEventListener("change", (event) => {
+    if (event.target.type === "radio" || event.target === modelSelect || event.target.name === "template") changed();
+  });
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const problems = fieldProblems();
