@@ -114,8 +114,19 @@ class Encoder:
 
     def length(self, turns: Turns) -> int:
         """Tokens of the whole example before truncation."""
-        prefix, ids, _ = self.full(turns)
-        return len(prefix) + len(ids)
+        return self.lengths([turns])[0]
+
+    def lengths(self, examples: Sequence[Turns]) -> list[int]:
+        """:meth:`length` of many examples; under a chat template one batched tokenizer call
+        over the rendered texts (the labels are not needed to count)."""
+        if self.template == "chat":
+            texts = [self._render(turns, False) for turns in examples]
+            return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        counts = []
+        for turns in examples:
+            prefix, ids, _ = self.full(turns)
+            counts.append(len(prefix) + len(ids))
+        return counts
 
     def encode(self, turns: Turns, last_only: bool = False) -> EncodedPair:
         """Every assistant turn labelled (training), or only the last one (eval, queries)."""

@@ -13,6 +13,8 @@ token part says why it is unavailable; the rest of the report needs no tokenizer
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +24,8 @@ from gpu_core.data import IGNORE_INDEX, Encoder, TemplateError, resolve_template
 from gpu_core.schemas import TINY_MODEL_ID, ExperimentSpec
 
 MAX_NAMED = 50  # ids listed per finding; the counts are always complete
+_LENGTHS_KEPT = 8
+_LENGTHS: dict[tuple[str, str, str], list[int]] = {}  # oldest first
 
 
 class TokenizerUnavailable(Exception):
@@ -83,6 +87,18 @@ def _copies(spec: ExperimentSpec) -> list[dict[str, str]]:
     ]
 
 
+def _lengths(encoder: Encoder, model_id: str, examples: list[list[tuple[str, str]]]) -> list[int]:
+    """Token counts, remembered for the last few data sets: the page asks for an estimate on
+    every hyperparameter change, and the counts depend only on the model, template and data."""
+    digest = hashlib.sha256(json.dumps(examples).encode()).hexdigest()
+    key = (model_id, encoder.template, digest)
+    if key not in _LENGTHS:
+        if len(_LENGTHS) >= _LENGTHS_KEPT:
+            _LENGTHS.pop(next(iter(_LENGTHS)))
+        _LENGTHS[key] = encoder.lengths(examples)
+    return _LENGTHS[key]
+
+
 def _token_report(spec: ExperimentSpec) -> dict[str, Any]:
     try:
         tokenizer = load_tokenizer(spec.model_id)
@@ -96,8 +112,8 @@ def _token_report(spec: ExperimentSpec) -> dict[str, Any]:
     max_seq_len = spec.hyperparams.max_seq_len
     encoder = Encoder(tokenizer, template, max_seq_len)
     try:
-        train = [encoder.length(e.turns) for e in spec.training_data]
-        evals = [encoder.length(e.turns) for e in spec.eval_data]
+        train = _lengths(encoder, spec.model_id, [e.turns for e in spec.training_data])
+        evals = _lengths(encoder, spec.model_id, [e.turns for e in spec.eval_data])
     except TemplateError as exc:
         return {"available": False, "reason": str(exc), "template_error": str(exc)}
     return {

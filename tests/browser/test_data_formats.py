@@ -82,3 +82,9 @@ def test_bad_chat_file_names_line_and_field(page, stack: Stack, tmp_path, shots:
     assert "line 4: is Alpaca (instruction / input / output) but line 1 is chat messages" in text
     assert page.get_by_role("button", name="Start experiment").is_disabled()
     shots.take("chat-upload-errors")
+
+
+def test_dashboard_chat_examples_match_the_repository_samples() -> None:
+    dashboard = REPO_ROOT / "services" / "gateway" / "gateway" / "dashboard" / "static" / "examples"
+    for name in ("chat_train.jsonl", "chat_eval.jsonl"):
+        assert (dashboard / name).read_text() == (EXAMPLES / name).read_text(), name

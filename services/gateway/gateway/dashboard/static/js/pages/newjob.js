@@ -33,6 +33,7 @@ const METHODS = [
 const EXAMPLE_FILES = [
   ["train.jsonl", "Training examples (JSONL)"], ["train.csv", "Training examples (CSV)"],
   ["eval.jsonl", "Eval examples (JSONL)"], ["eval.csv", "Eval examples (CSV)"],
+  ["chat_train.jsonl", "Training examples (chat messages)"], ["chat_eval.jsonl", "Eval examples (chat messages)"],
 ];
 
 function numberField(field) {
