@@ -142,7 +142,19 @@ def _table_rows(table: Any) -> list[tuple[str, Any]]:
     return [(f"row {i + 1}", row) for i, row in enumerate(table.to_pylist())]
 
 
+def _pyarrow(problems: list[Problem], what: str) -> bool:
+    """pyarrow is the ``data`` extra (the gateway has it; a GPU worker need not)."""
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        problems.append(Problem("file", f"reading {what} needs pyarrow: pip install 'gpu-core[data]'"))
+        return False
+    return True
+
+
 def _parquet_rows(data: bytes, problems: list[Problem]) -> list[tuple[str, Any]]:
+    if not _pyarrow(problems, "Parquet"):
+        return []
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -155,6 +167,8 @@ def _parquet_rows(data: bytes, problems: list[Problem]) -> list[tuple[str, Any]]
 
 def _dataset_dir_rows(directory: Path, problems: list[Problem]) -> list[tuple[str, Any]]:
     """A ``save_to_disk`` directory of one Dataset: its Arrow stream files in ``state.json`` order."""
+    if not _pyarrow(problems, "a saved dataset"):
+        return []
     import pyarrow as pa
 
     if (directory / "dataset_dict.json").is_file():

@@ -325,3 +325,18 @@ def test_parser_and_report_run_without_torch() -> None:
     assert first.split() == ["chat", "27"]
     # transformers imports without torch: the hub tokenizer is missing from the cache, not unloadable
     assert "is not on this server" in hub and "ImportError" not in hub, hub
+
+
+def test_without_pyarrow_parquet_says_which_extra_to_install() -> None:
+    code = (
+        "import sys; sys.modules['pyarrow'] = None\n"
+        "from gpu_core.formats import parse_file\n"
+        "print(parse_file('train', 't.parquet', b'PAR1....').problems[0])\n"
+        'print(len(parse_file(\'train\', \'t.jsonl\', b\'{"prompt": "q", "completion": "a"}\').examples))\n'
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "file: reading Parquet needs pyarrow: pip install 'gpu-core[data]'",
+        "1",
+    ]
