@@ -90,7 +90,10 @@ def test_gateway_image_carries_no_torch() -> None:
     text = (REPO / "services/gateway/Dockerfile").read_text()
     instructions = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
     assert not [line for line in instructions if "torch" in line]
-    assert installed_dirs(text)["gpu_core"] == set()
+    # The data extra (data files, tokenizers, chat templates) and nothing that brings torch.
+    assert installed_dirs(text)["gpu_core"] == {"data"}
+    extras = tomllib.loads((REPO / "gpu_core/pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert not [requirement for requirement in extras["data"] if "torch" in requirement]
 
 
 def test_compute_local_image_runs_gpu_core_on_cpu_torch_by_default() -> None:
