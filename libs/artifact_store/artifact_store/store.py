@@ -1,0 +1,259 @@
+"""The artifact store: put from a stream of chunks, get as a stream, stat, list, delete (one key or
+a prefix), presigned PUT/GET URLs. One implementation over obstore for both backends:
+
+- a local directory (the embedded default, ``.data/artifacts``), obstore's LocalStore;
+- any S3-compatible bucket (``s3://bucket/prefix``: S3, R2, GCS's S3 API, MinIO), obstore's S3Store.
+
+Why obstore and not fsspec: measured in docs/artifacts.md (benchmarks/store_library_choice.py),
+obstore streams a 256 MiB object from S3 8x faster with a third of the memory, signs PUT URLs
+itself (s3fs signs only GETs), and needs no aiobotocore, whose botocore pin conflicts with the
+boto3 that the runpod SDK requires.
+
+A put is atomic: the object becomes visible only once every chunk arrived and its checksum matched
+(LocalStore writes a staged file and renames it; S3 completes a multipart upload). A put that fails
+mid-stream, or whose sha256 is not the expected one, raises and leaves nothing listed.
+
+Keys are per job: ``jobs/{job_id}/{name}``, ``name`` a relative POSIX path (``scores.npy``,
+``adapter/adapter_config.json``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import obstore
+from obstore.exceptions import BaseError, NotFoundError
+from obstore.store import LocalStore, S3Store
+
+from artifact_store.config import StoreSettings
+
+# Bytes per chunk when reading and when streaming between services (well under gRPC's 4 MiB).
+CHUNK_BYTES = 1024 * 1024
+# Upload part size: S3 refuses parts under 5 MiB (all but the last).
+_PART_BYTES = 8 * 1024 * 1024
+# Parts in flight per upload: bounds a put's memory to about _PART_BYTES x this.
+_UPLOAD_CONCURRENCY = 4
+_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+=@-]{0,199}$")
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_MAX_NAME_CHARS = 512
+
+
+class StoreError(Exception):
+    """The artifact store failed; the message says so in plain words (never a credential)."""
+
+
+class ArtifactNotFound(StoreError):
+    """No object under that key."""
+
+
+class InvalidArtifactName(ValueError):
+    """An artifact name that is not a safe relative POSIX path."""
+
+
+class ChecksumMismatch(StoreError):
+    """The streamed bytes did not have the expected sha256 or size; nothing was stored."""
+
+
+class PresignNotSupported(StoreError):
+    """The local filesystem store cannot mint presigned URLs."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    bytes: int
+    last_modified: datetime
+
+
+@dataclass(frozen=True)
+class PutResult:
+    key: str
+    bytes: int
+    sha256: str
+
+
+def check_artifact_name(name: str) -> str:
+    """``name`` when it is a relative POSIX path of safe segments, else InvalidArtifactName."""
+    if not name or len(name) > _MAX_NAME_CHARS:
+        raise InvalidArtifactName(f"artifact name must be 1-{_MAX_NAME_CHARS} characters")
+    for segment in name.split("/"):
+        if not _SEGMENT.fullmatch(segment):
+            raise InvalidArtifactName(
+                f"artifact name {name!r} is not a relative path of segments of letters, digits and ._+=@-"
+            )
+    return name
+
+
+def job_prefix(job_id: str) -> str:
+    if not _JOB_ID.fullmatch(job_id):
+        raise InvalidArtifactName(f"job id {job_id!r} cannot name a store prefix")
+    return f"jobs/{job_id}/"
+
+
+def job_key(job_id: str, name: str) -> str:
+    return job_prefix(job_id) + check_artifact_name(name)
+
+
+# obstore raises its own errors, and builtin ones for some (FileNotFoundError for a missing object).
+_ERRORS = (BaseError, OSError)
+_NOT_FOUND = (NotFoundError, FileNotFoundError)
+
+
+def _failed(action: str, key: str, exc: Exception) -> StoreError:
+    if isinstance(exc, ChecksumMismatch):
+        return exc
+    if isinstance(exc, _NOT_FOUND):
+        return ArtifactNotFound(f"no artifact {key!r} in the artifact store")
+    # obstore's messages name the operation and path; requests carry credentials only in headers.
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StoreError(f"the artifact store failed to {action} {key!r}: {detail}")
+
+
+class ArtifactStore:
+    """Async operations on one store. ``kind`` is "local" or "s3"."""
+
+    def __init__(
+        self, store: LocalStore | S3Store, kind: Literal["local", "s3"], presign_expiry_s: int
+    ) -> None:
+        self._store = store
+        self.kind = kind
+        self._presign_expiry = timedelta(seconds=presign_expiry_s)
+
+    @property
+    def supports_presign(self) -> bool:
+        return self.kind == "s3"
+
+    async def put(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        expected_sha256: str | None = None,
+        expected_bytes: int | None = None,
+    ) -> PutResult:
+        """Store the chunks under ``key``, hashing them as they pass. With ``expected_*`` set,
+        a mismatch aborts the upload before it is committed."""
+        digest = hashlib.sha256()
+        size = 0
+
+        async def hashed() -> AsyncIterator[bytes]:
+            nonlocal size
+            async for chunk in chunks:
+                digest.update(chunk)
+                size += len(chunk)
+                yield chunk
+            # Raised inside the upload, so obstore aborts it and nothing becomes visible.
+            if expected_bytes is not None and size != expected_bytes:
+                raise ChecksumMismatch(f"{key!r} arrived with {size} bytes, expected {expected_bytes}")
+            if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
+                raise ChecksumMismatch(
+                    f"{key!r} arrived with sha256 {digest.hexdigest()}, expected {expected_sha256}"
+                )
+
+        try:
+            await obstore.put_async(
+                self._store,
+                key,
+                hashed(),
+                chunk_size=_PART_BYTES,
+                max_concurrency=_UPLOAD_CONCURRENCY,
+                use_multipart=True,
+            )
+        except _ERRORS as exc:
+            raise _failed("store", key, exc) from None
+        return PutResult(key=key, bytes=size, sha256=digest.hexdigest())
+
+    async def get(self, key: str, chunk_bytes: int = CHUNK_BYTES) -> AsyncIterator[bytes]:
+        """The object's bytes in chunks of about ``chunk_bytes``; ArtifactNotFound before the
+        first chunk when it does not exist."""
+        try:
+            result = await obstore.get_async(self._store, key)
+        except _ERRORS as exc:
+            raise _failed("read", key, exc) from None
+        return self._chunks(key, result.stream(min_chunk_size=chunk_bytes))
+
+    @staticmethod
+    async def _chunks(key: str, stream: Any) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in stream:
+                yield bytes(chunk)
+        except _ERRORS as exc:
+            raise _failed("read", key, exc) from None
+
+    async def stat(self, key: str) -> ObjectInfo:
+        try:
+            meta = await obstore.head_async(self._store, key)
+        except _ERRORS as exc:
+            raise _failed("find", key, exc) from None
+        return _info(meta)
+
+    async def list(self, prefix: str) -> list[ObjectInfo]:
+        """Every object whose key starts with ``prefix`` (a folder-like prefix ending in "/")."""
+        found: list[ObjectInfo] = []
+        try:
+            async for batch in obstore.list(self._store, prefix.rstrip("/") or None):
+                found.extend(_info(meta) for meta in batch)
+        except _ERRORS as exc:
+            raise _failed("list", prefix, exc) from None
+        found.sort(key=lambda info: info.key)
+        return found
+
+    async def delete(self, key: str) -> None:
+        """Remove ``key``; a missing key is not an error."""
+        try:
+            await obstore.delete_async(self._store, key)
+        except _NOT_FOUND:
+            return
+        except _ERRORS as exc:
+            raise _failed("delete", key, exc) from None
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """Remove every object under ``prefix``; returns how many there were."""
+        keys = [info.key for info in await self.list(prefix)]
+        if keys:
+            try:
+                await obstore.delete_async(self._store, keys)
+            except _NOT_FOUND:
+                pass
+            except _ERRORS as exc:
+                raise _failed("delete", prefix, exc) from None
+        return len(keys)
+
+    async def presigned_url(
+        self, method: Literal["GET", "PUT"], key: str, expires_s: int | None = None
+    ) -> str:
+        """A URL that lets its holder GET or PUT exactly ``key`` until it expires."""
+        if not isinstance(self._store, S3Store):
+            raise PresignNotSupported("the local artifact store cannot mint presigned URLs")
+        expires = timedelta(seconds=expires_s) if expires_s else self._presign_expiry
+        try:
+            return await obstore.sign_async(self._store, method, key, expires)
+        except _ERRORS as exc:
+            raise _failed("sign a URL for", key, exc) from None
+
+
+def _info(meta: Any) -> ObjectInfo:
+    modified = meta.get("last_modified") or datetime.fromtimestamp(0, UTC)
+    return ObjectInfo(key=str(meta["path"]), bytes=int(meta["size"]), last_modified=modified)
+
+
+def open_store(settings: StoreSettings) -> ArtifactStore:
+    """The store ``settings.url`` names; a relative directory is taken from the working directory."""
+    if settings.is_s3:
+        options: dict[str, Any] = {"region": settings.region}
+        if settings.endpoint_url:
+            options["endpoint"] = settings.endpoint_url
+        if settings.access_key_id.get_secret_value():
+            options["access_key_id"] = settings.access_key_id.get_secret_value()
+            options["secret_access_key"] = settings.secret_access_key.get_secret_value()
+        client_options = {"allow_http": True} if settings.endpoint_url.startswith("http://") else None
+        store = S3Store.from_url(settings.url, client_options=client_options, **options)
+        return ArtifactStore(store, "s3", settings.presign_expiry_s)
+    root = Path(settings.url.removeprefix("file://")).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return ArtifactStore(LocalStore(root), "local", settings.presign_expiry_s)
