@@ -1,8 +1,12 @@
 """One experiment as a generator of progress events ending in a result. Workers only wrap this.
 
-``run_experiment(spec)`` yields ``ProgressEvent(...).model_dump()`` dicts for the stages
-loading_model, eval_base, eval_few_shot, training, eval_finetuned, influence (``progress`` is
-overall and never decreases), then ``{"type": "result", "result": ExperimentResult(...)}``.
+``run_experiment(spec, artifacts_dir)`` yields ``ProgressEvent(...).model_dump()`` dicts for the
+stages loading_model, eval_base, eval_few_shot, training, eval_finetuned, influence (``progress``
+is overall and never decreases), then ``{"type": "result", "result": ExperimentResult(...)}``.
+
+With ``artifacts_dir`` the run writes its files there: ``adapter/`` (peft), ``checkpoints/``
+(TracIn's per-epoch adapters), ``scores.npy`` (the whole matrix, float32), and the result's
+``artifacts`` lists every file under the directory with its size and sha256.
 
 The work runs in one worker thread that hands events to the generator through a queue, so
 progress reported from inside long calls (a training step, an influence batch) reaches the
@@ -26,10 +30,12 @@ from typing import Any
 
 import torch
 
+from gpu_core.artifacts import collect_artifacts, write_scores
 from gpu_core.data import Encoder, chat_template_sha256, few_shot_demonstrations, resolve_template
 from gpu_core.environment import describe_environment
 from gpu_core.evaluation import evaluate
 from gpu_core.influence import AdapterCheckpoint, build_influence_result, compute_influence
+from gpu_core.influence.result import as_score_matrix
 from gpu_core.models import free_memory, load_model
 from gpu_core.schemas import (
     STAGES,
@@ -249,15 +255,22 @@ class _Experiment:
                 Path(work_dir),
                 progress=self.stage_reporter("influence", message),
             )
+        train_ids = [example.id for example in spec.training_data]
+        eval_ids = [example.id for example in spec.eval_data]
+        matrix = as_score_matrix(scores, len(eval_ids), len(train_ids), spec.influence_method)
+        del scores
         influence = build_influence_result(
-            spec.influence_method,
-            scores,
-            [example.id for example in spec.training_data],
-            [example.id for example in spec.eval_data],
-            spec.influence.top_k,
+            spec.influence_method, matrix, train_ids, eval_ids, spec.influence.top_k
         )
         self.report("influence", 1.0, "done")
         self.timed("influence", started)
+
+        artifacts = []
+        if self.artifacts_dir is not None:
+            started = time.monotonic()
+            write_scores(self.artifacts_dir, matrix)
+            artifacts = collect_artifacts(self.artifacts_dir)
+            self.timed("artifacts", started)
         self.timings["total"] = time.monotonic() - run_started
 
         return ExperimentResult(
@@ -267,6 +280,7 @@ class _Experiment:
             timings=self.timings,
             environment=describe_environment(device, loaded.dtype, hp.quantization),
             data=data,
+            artifacts=artifacts,
         )
 
 

@@ -355,15 +355,28 @@ class TopInfluences(BaseModel):
     harmful: list[ScoredExample]
 
 
+class Heatmap(BaseModel):
+    """The submatrix of the (at most 50) eval rows and (at most 200) training columns with the
+    largest absolute scores, rows and columns in input order: what the results page draws."""
+
+    eval_ids: list[str]
+    train_ids: list[str]
+    scores: list[list[float]]
+
+
 class InfluenceResult(BaseModel):
     """``scores[i][j]``: influence of training example ``train_ids[j]`` on eval example
-    ``eval_ids[i]``; positive = helpful (up-weighting it lowers the eval loss)."""
+    ``eval_ids[i]``; positive = helpful (up-weighting it lowers the eval loss).
+
+    ``scores`` is inline only for small matrices (n_eval x n_train at most 20,000); the whole
+    matrix is always the ``scores.npy`` artifact when the run had an artifacts directory."""
 
     method: InfluenceMethod
     train_ids: list[str]
     eval_ids: list[str]
-    scores: list[list[float]]
+    scores: list[list[float]] | None = None
     top_k: dict[str, TopInfluences]
+    heatmap: Heatmap | None = None
 
 
 class LossPoint(BaseModel):
@@ -386,6 +399,15 @@ class DataSummary(BaseModel):
     chat_template_sha256: str | None = None
 
 
+class ArtifactEntry(BaseModel):
+    """One file of the run: ``name`` is its POSIX path under the artifacts directory."""
+
+    name: str
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    media_type: str
+
+
 class ExperimentResult(BaseModel):
     eval_results: EvalResults
     influence: InfluenceResult
@@ -394,6 +416,8 @@ class ExperimentResult(BaseModel):
     environment: dict[str, Any]
     # Absent in results written before formats and templates existed.
     data: DataSummary | None = None
+    # Every file under the artifacts directory (empty when the run had none).
+    artifacts: list[ArtifactEntry] = Field(default_factory=list)
 
 
 class ResultEvent(BaseModel):

@@ -32,7 +32,8 @@ def test_run_writes_the_result_and_reusable_artifacts(copy_task: dict[str, Any],
     assert done.returncode == 0, done.stderr
     assert "influence" in done.stderr and "100%" in done.stderr  # the progress bar
     result = json.loads(out.read_text())
-    assert set(result) == {"eval_results", "influence", "training", "timings", "environment", "data"}
+    assert set(result) == {"eval_results", "influence", "training", "timings", "environment", "data",
+                           "artifacts"}
     # prompt/completion data stays raw under template auto, as before templates existed
     assert result["data"] == {
         "training_format": "prompt_completion", "eval_format": "prompt_completion",
@@ -40,6 +41,25 @@ def test_run_writes_the_result_and_reusable_artifacts(copy_task: dict[str, Any],
     }
     assert set(result["eval_results"]) == {"base", "few_shot", "finetuned"}
     assert len(result["influence"]["scores"]) == 8
+
+    # Contract v2: scores.npy is the matrix (float32), and the manifest lists every file exactly.
+    import hashlib
+
+    import numpy as np
+
+    matrix = np.load(artifacts / "scores.npy")
+    assert matrix.dtype == np.float32 and matrix.shape == (8, 32) and matrix.flags.c_contiguous
+    assert np.allclose(matrix, np.array(result["influence"]["scores"], dtype=np.float32))
+    files = sorted(p.relative_to(artifacts).as_posix() for p in artifacts.rglob("*") if p.is_file())
+    manifest = {entry["name"]: entry for entry in result["artifacts"]}
+    assert sorted(manifest) == files
+    assert {"scores.npy", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= set(files)
+    for name, entry in manifest.items():
+        data = (artifacts / name).read_bytes()
+        assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
+    assert manifest["scores.npy"]["media_type"] == "application/x-npy"
+    heatmap = result["influence"]["heatmap"]
+    assert len(heatmap["eval_ids"]) == 8 and len(heatmap["train_ids"]) == 32
 
     # Each checkpoint's learning rate is the mean rate of its epoch's steps.
     index = json.loads((artifacts / "checkpoints" / "checkpoints.json").read_text())["checkpoints"]

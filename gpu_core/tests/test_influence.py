@@ -332,6 +332,52 @@ def test_build_influence_result_ranks_helpful_and_harmful() -> None:
     assert [s.id for s in second.harmful] == ["d", "c"]
 
 
+def _reference_top(row: list[float], ids: list[str], k: int) -> tuple[list[str], list[str]]:
+    """The ranking rule written the slow, obvious way."""
+    helpful = sorted(range(len(row)), key=lambda j: (-row[j], j))[:k]
+    harmful = sorted(range(len(row)), key=lambda j: (row[j], j))[:k]
+    return [ids[j] for j in helpful if row[j] > 0], [ids[j] for j in harmful if row[j] < 0]
+
+
+def test_top_k_matches_the_reference_with_ties() -> None:
+    generator = torch.Generator().manual_seed(0)
+    # Few distinct values: many ties, including at the k-th place.
+    scores = torch.randint(-3, 4, (30, 40), generator=generator).double()
+    train_ids, eval_ids = [f"t{j}" for j in range(40)], [f"e{i}" for i in range(30)]
+    result = build_influence_result("tracin", scores, train_ids, eval_ids, top_k=7)
+    for i, eval_id in enumerate(eval_ids):
+        helpful, harmful = _reference_top(scores[i].tolist(), train_ids, 7)
+        assert [s.id for s in result.top_k[eval_id].helpful] == helpful
+        assert [s.id for s in result.top_k[eval_id].harmful] == harmful
+
+
+def test_a_large_matrix_leaves_the_json_but_keeps_heatmap_and_top_k() -> None:
+    import numpy as np
+    from gpu_core.influence.result import HEATMAP_MAX_EVAL, HEATMAP_MAX_TRAIN, INLINE_SCORES_MAX_CELLS
+
+    rng = np.random.default_rng(0)
+    n_eval, n_train = 120, 400
+    assert n_eval * n_train > INLINE_SCORES_MAX_CELLS
+    scores = rng.normal(size=(n_eval, n_train)) * 0.01
+    scores[7, 123], scores[99, 5] = 50.0, -80.0  # the two largest magnitudes
+    train_ids, eval_ids = [f"t{j}" for j in range(n_train)], [f"e{i}" for i in range(n_eval)]
+    result = build_influence_result("tracin", scores, train_ids, eval_ids, top_k=3)
+    assert result.scores is None
+    heatmap = result.heatmap
+    assert len(heatmap.eval_ids) == HEATMAP_MAX_EVAL and len(heatmap.train_ids) == HEATMAP_MAX_TRAIN
+    assert heatmap.eval_ids == sorted(heatmap.eval_ids, key=lambda e: int(e[1:]))  # input order
+    assert {"e7", "e99"} <= set(heatmap.eval_ids) and {"t123", "t5"} <= set(heatmap.train_ids)
+    row, col = heatmap.eval_ids.index("e99"), heatmap.train_ids.index("t5")
+    assert heatmap.scores[row][col] == -80.0
+    # Every kept row's largest magnitude is at least every dropped row's.
+    row_max = np.abs(scores).max(axis=1)
+    kept = [int(e[1:]) for e in heatmap.eval_ids]
+    assert row_max[kept].min() >= np.delete(row_max, kept).max()
+    assert result.top_k["e7"].helpful[0].id == "t123" and result.top_k["e99"].harmful[0].id == "t5"
+    small = build_influence_result("tracin", scores[:10, :20], train_ids[:20], eval_ids[:10], top_k=3)
+    assert small.scores == scores[:10, :20].tolist() and len(small.heatmap.train_ids) == 20
+
+
 def test_build_influence_result_rejects_a_mismatched_matrix() -> None:
     with pytest.raises(ValueError, match=r"shape \(2, 3\); expected \(n_eval, n_train\) = \(2, 4\)"):
         build_influence_result("tracin", torch.zeros(2, 3), ["a", "b", "c", "d"], ["e1", "e2"], top_k=1)
