@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from compute_local.child import EXIT_CANCELLED
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 
 STOPPED_MESSAGE = "compute-local stopped"
 MAX_EVENTS_PER_STATUS = 1000
-# A result line holds the whole influence matrix; the pipe reader must accept it in one line.
+# A result line carries evaluations, top-k and the heatmap (the matrix itself is scores.npy); the
+# pipe reader accepts a generous line so an old or unusual result is never cut.
 _MAX_LINE_BYTES = 1 << 30
 _MAX_RETENTION_SWEEP_S = 3600.0
 
@@ -53,6 +55,10 @@ class ResultNotReady(RuntimeError):
 
 
 class NotAccepting(RuntimeError):
+    pass
+
+
+class ArtifactNotFound(LookupError):
     pass
 
 
@@ -205,6 +211,19 @@ class LocalRunner:
             return self._store.read_result(job.record.provider_job_id)
         except FileNotFoundError:
             raise JobNotFound("the result of this job is no longer stored") from None
+
+    def artifact_path(self, provider_job_id: str, job_id: str, name: str) -> Path:
+        """The file of a completed job's artifact ``name`` (a path under its artifacts folder)."""
+        job = self._find(provider_job_id, job_id)
+        if job.record.state is not JobState.COMPLETED:
+            raise ResultNotReady(f"the job has no artifacts (it is {job.record.state.value.lower()})")
+        root = self._store.artifacts_dir(job.record.provider_job_id).resolve()
+        path = (root / name).resolve()
+        if not name or path == root or not path.is_relative_to(root):
+            raise ArtifactNotFound(f"{name!r} is not an artifact name")
+        if not path.is_file():
+            raise ArtifactNotFound(f"no artifact {name!r} for this job on compute-local")
+        return path
 
     async def cancel(self, provider_job_id: str, job_id: str) -> JobState:
         """Cancel a job: a queued one leaves the queue, a running one's child is ended (SIGTERM,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -17,6 +19,7 @@ from compute_local.estimate import estimate
 from compute_local.jobs import JobState, JobStore, StoredEvent
 from compute_local.metrics import RunnerCollector
 from compute_local.runner import (
+    ArtifactNotFound,
     InvalidCursor,
     JobNotFound,
     LocalRunner,
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "influence.v1.ComputeProvider"
 _MAX_JOB_ID_CHARS = 256
+ARTIFACT_CHUNK_BYTES = 1024 * 1024
 _STATES = {
     JobState.SUBMITTED: common_pb2.JOB_STATE_SUBMITTED,
     JobState.RUNNING: common_pb2.JOB_STATE_RUNNING,
@@ -124,6 +128,20 @@ class ComputeLocalServicer(compute_pb2_grpc.ComputeProviderServicer):
         except JobNotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         return compute_pb2.CancelResponse(state=_STATES[state])
+
+    async def FetchArtifact(
+        self, request: compute_pb2.FetchArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.ArtifactChunk]:
+        try:
+            path = self._runner.artifact_path(request.provider_job_id, request.job_id, request.name)
+        except (JobNotFound, ArtifactNotFound) as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except ResultNotReady as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        # One chunk in memory at a time; the read runs off the event loop.
+        with open(path, "rb") as handle:
+            while chunk := await asyncio.to_thread(handle.read, ARTIFACT_CHUNK_BYTES):
+                yield common_pb2.ArtifactChunk(data=chunk)
 
     async def Estimate(
         self, request: compute_pb2.EstimateRequest, context: grpc.aio.ServicerContext

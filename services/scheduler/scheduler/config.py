@@ -33,6 +33,15 @@ class Settings(BaseSettings):
     scheduler_db_check_interval_s: float = Field(default=5.0, gt=0, le=300)
     scheduler_provider_timeout_s: float = Field(default=60.0, gt=0, le=600)
     scheduler_shutdown_grace_s: float = Field(default=10.0, ge=0, le=300)
+    # How long a provider may keep failing to hand over a ready result before the job fails.
+    scheduler_result_deadline_s: float = Field(default=600.0, gt=0, le=86400)
+    # Tries per artifact when moving it into the store, and the deadline of one transfer.
+    scheduler_artifact_attempts: int = Field(default=3, ge=1, le=10)
+    scheduler_artifact_timeout_s: float = Field(default=1800.0, gt=0, le=86400)
+    # Artifacts of jobs finished longer ago are deleted (the job and its small result stay);
+    # 0 keeps them forever. The sweep runs every scheduler_retention_sweep_s.
+    artifact_retention_days: float = Field(default=30.0, ge=0, le=36500)
+    scheduler_retention_sweep_s: float = Field(default=3600.0, gt=0, le=86400)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     @field_validator("log_level", mode="before")

@@ -11,14 +11,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+from artifact_store import job_prefix
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
 from influence.v1 import common_pb2
 
 from gpu_core import schemas
+from scheduler.artifacts import ArtifactMover, ArtifactTransferError, parse_manifest
 from scheduler.config import Settings
 from scheduler.providers import (
     ProviderError,
@@ -88,11 +92,16 @@ class Estimates:
 
 
 class JobManager:
-    def __init__(self, settings: Settings, store: Store, providers: Providers) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, providers: Providers, artifacts: ArtifactMover
+    ) -> None:
         self._settings = settings
         self._store = store
         self._providers = providers
+        self.artifacts = artifacts
         self._runners: dict[str, asyncio.Task[None]] = {}
+        # When each job's result first failed to arrive (monotonic): collection is bounded in time.
+        self._result_failing_since: dict[str, float] = {}
 
     # ---- submit -------------------------------------------------------------------------
 
@@ -319,23 +328,40 @@ class JobManager:
     async def _collect_result(
         self, job: JobRow, route: Route, account: common_pb2.Account, update: JobUpdate
     ) -> None:
-        """Fetch the result and put it into ``update`` so it is stored with the last events."""
+        """Fetch the result, move its artifacts into the store, and put both into ``update`` so
+        they are stored with the last events. A provider that keeps failing to hand over a ready
+        result fails the job after scheduler_result_deadline_s."""
         client = self._providers.client(route.provider)
         try:
             result_json = await client.get_result(job.id, job.provider_job_id, account)
             result = json.loads(result_json)
         except ProviderError as exc:
-            if exc.retryable:
+            if exc.retryable and not self._result_deadline_passed(job.id):
                 raise
-            message = f"the result could not be collected: {exc.message}"
+            self._result_failing_since.pop(job.id, None)
+            message = f"the result could not be collected from the {job.provider} provider: {exc.message}"
             update.status, update.error, update.stage_message = "failed", message, message
             return
         except ValueError:
             message = f"the {job.provider} provider returned a result that is not valid JSON"
             update.status, update.error, update.stage_message = "failed", message, message
             return
-        update.status, update.result = "completed", result
+        self._result_failing_since.pop(job.id, None)
+        try:
+            manifest = parse_manifest(result.get("artifacts", []) if isinstance(result, dict) else [])
+            if manifest:
+                await self.artifacts.collect(job.id, job.provider_job_id, client, account, manifest)
+        except ArtifactTransferError as exc:
+            message = f"the job's files could not be stored: {exc}"
+            update.status, update.error, update.stage_message = "failed", message, message
+            return
+        update.status, update.result, update.artifacts = "completed", result, manifest
         update.progress, update.stage_message = 1.0, "completed"
+
+    def _result_deadline_passed(self, job_id: str) -> bool:
+        now = time.monotonic()
+        since = self._result_failing_since.setdefault(job_id, now)
+        return now - since >= self._settings.scheduler_result_deadline_s
 
     async def _endpoint_for(self, route: Route, user_id: str) -> str:
         if not route.needs_endpoint:
@@ -376,6 +402,37 @@ class JobManager:
             job.id, JobUpdate(status="cancelled", error="cancelled by the user", stage_message="cancelled")
         )
         return updated or await self._reload(job.id)
+
+    async def delete(self, user_id: str, job_id: str) -> int:
+        """Cancel the job if it is still running, then remove its artifacts and the job itself;
+        returns how many artifacts were removed. A store failure leaves the job in place."""
+        job = await self._store.get_job(job_id, user_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        if not job.terminal:
+            await self.cancel(user_id, job_id)
+        await self._stop_runner(job.id)
+        removed = await self.artifacts.store.delete_prefix(job_prefix(job.id))
+        await self._store.delete_job(job.id)
+        log.info("job deleted", extra={"job_id": job.id, "artifacts": removed})
+        return removed
+
+    async def sweep_expired_artifacts(self, now: datetime | None = None) -> int:
+        """Delete the artifacts of jobs finished more than artifact_retention_days ago; returns
+        how many jobs lost theirs. The jobs and their small results stay."""
+        days = self._settings.artifact_retention_days
+        if days <= 0:
+            return 0
+        cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
+        swept = 0
+        while job_ids := await self._store.jobs_with_artifacts_finished_before(cutoff):
+            for job_id in job_ids:
+                await self.artifacts.store.delete_prefix(job_prefix(job_id))
+                await self._store.clear_artifacts(job_id)
+                swept += 1
+        if swept:
+            log.info("expired artifacts removed", extra={"jobs": swept, "retention_days": days})
+        return swept
 
     async def estimate(self, user_id: str, spec_json: bytes) -> Estimates:
         spec = validate_spec(spec_json)

@@ -7,7 +7,7 @@ gRPC errors become ``ProviderError`` here, so the job logic needs no gRPC import
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -30,6 +30,7 @@ _RETRYABLE = {
     grpc.StatusCode.ABORTED,
 }
 _T = TypeVar("_T")
+_TOO_LARGE = re.compile(r"larger than max|message too large|exceeds.*(size|limit)", re.IGNORECASE)
 
 
 class ProviderError(Exception):
@@ -85,12 +86,17 @@ class ProviderClient:
         try:
             return await method(request, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            PROVIDER_ERRORS.labels(self.name, code.name).inc()
-            message = exc.details() or f"the {self.name} compute provider answered {code.name}"
-            if code == grpc.StatusCode.UNAVAILABLE:
-                message = f"the {self.name} compute provider is unreachable: {message}"
-            raise ProviderError(self.name, code.name, message, code in _RETRYABLE) from None
+            raise self._error(exc) from None
+
+    def _error(self, exc: grpc.aio.AioRpcError) -> ProviderError:
+        code = exc.code()
+        PROVIDER_ERRORS.labels(self.name, code.name).inc()
+        message = exc.details() or f"the {self.name} compute provider answered {code.name}"
+        if code == grpc.StatusCode.UNAVAILABLE:
+            message = f"the {self.name} compute provider is unreachable: {message}"
+        # A message over gRPC's size limit fails the same way every time: never retry it.
+        retryable = code in _RETRYABLE and not _TOO_LARGE.search(message)
+        return ProviderError(self.name, code.name, message, retryable)
 
     async def verify_credentials(
         self, account: common_pb2.Account, api_key: str
@@ -152,6 +158,24 @@ class ProviderClient:
             compute_pb2.GetResultRequest(provider_job_id=provider_job_id, account=account, job_id=job_id),
         )
         return response.result_json
+
+    async def fetch_artifact(
+        self,
+        job_id: str,
+        provider_job_id: str,
+        account: common_pb2.Account,
+        name: str,
+        timeout_s: float,
+    ) -> AsyncIterator[bytes]:
+        """The artifact's bytes chunk by chunk, as the provider streams them."""
+        request = compute_pb2.FetchArtifactRequest(
+            provider_job_id=provider_job_id, account=account, job_id=job_id, name=name
+        )
+        try:
+            async for chunk in self._stub.FetchArtifact(request, timeout=timeout_s):
+                yield chunk.data
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
 
     async def cancel(self, job_id: str, provider_job_id: str, account: common_pb2.Account) -> None:
         await self._call(

@@ -18,11 +18,13 @@ from typing import Any, NoReturn, TypeVar
 
 import asyncpg
 import grpc
+from artifact_store import ArtifactStore, StoreError, StoreSettings, job_key, load_store_settings, open_store
 from google.protobuf.timestamp_pb2 import Timestamp
 from influence.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from service_runtime.grpc_server import GrpcService, create_grpc_server, termination_requested
 from service_runtime.metrics import start_metrics_server
 
+from scheduler.artifacts import ArtifactMover
 from scheduler.config import Settings
 from scheduler.db import apply_migrations, create_pool
 from scheduler.jobs import BACKENDS, JobManager, JobNotFound, SpecError, is_terminal_event
@@ -50,6 +52,10 @@ _R = TypeVar("_R")
 
 class NotReady(Exception):
     """The database has not been reached yet."""
+
+
+class ArtifactMissing(LookupError):
+    """The job has no artifact of that name."""
 
 
 def _timestamp(value: datetime | None) -> Timestamp | None:
@@ -107,6 +113,11 @@ async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception) -> NoRet
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, JobNotFound):
         await context.abort(grpc.StatusCode.NOT_FOUND, "job not found")
+    if isinstance(exc, ArtifactMissing):
+        await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+    if isinstance(exc, StoreError):
+        log.error("artifact store failed during an RPC", extra={"error": str(exc)})
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
     if isinstance(exc, ProviderNotConfigured):
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     if isinstance(exc, ProviderError):
@@ -129,10 +140,22 @@ def _rpc(
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "user_id is required")
         try:
             return await method(self, request, context)
-        except (SpecError, JobNotFound, ProviderNotConfigured, ProviderError, NotReady, *_DB_ERRORS) as exc:
+        except _KNOWN_ERRORS as exc:
             await _abort_for(context, exc)
 
     return wrapper
+
+
+_KNOWN_ERRORS = (
+    SpecError, JobNotFound, ArtifactMissing, StoreError, ProviderNotConfigured, ProviderError, NotReady,
+    *_DB_ERRORS,
+)
+
+
+def _artifact_proto(entry: dict[str, Any]) -> common_pb2.Artifact:
+    return common_pb2.Artifact(
+        name=entry["name"], bytes=entry["bytes"], sha256=entry["sha256"], media_type=entry["media_type"]
+    )
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -229,6 +252,58 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         jobs, _ = self._app.require()
         return job_to_proto(await jobs.cancel(request.user_id, request.job_id))
 
+    @_rpc
+    async def DeleteJob(
+        self, request: scheduler_pb2.DeleteJobRequest, context: Any
+    ) -> scheduler_pb2.DeleteJobResponse:
+        jobs, _ = self._app.require()
+        removed = await jobs.delete(request.user_id, request.job_id)
+        return scheduler_pb2.DeleteJobResponse(deleted_artifacts=removed)
+
+    @_rpc
+    async def ListJobArtifacts(
+        self, request: scheduler_pb2.ListJobArtifactsRequest, context: Any
+    ) -> scheduler_pb2.ListJobArtifactsResponse:
+        _, store = self._app.require()
+        job = await store.get_job(request.job_id, request.user_id)
+        if job is None:
+            raise JobNotFound(request.job_id)
+        return scheduler_pb2.ListJobArtifactsResponse(artifacts=[_artifact_proto(e) for e in job.artifacts])
+
+    async def _artifact_of(self, request: scheduler_pb2.JobArtifactRequest) -> tuple[JobRow, dict[str, Any]]:
+        _, store = self._app.require()
+        job = await store.get_job(request.job_id, request.user_id)
+        if job is None:
+            raise JobNotFound(request.job_id)
+        for entry in job.artifacts:
+            if entry["name"] == request.name:
+                return job, entry
+        raise ArtifactMissing(f"the job has no artifact {request.name!r}")
+
+    @_rpc
+    async def OpenJobArtifact(
+        self, request: scheduler_pb2.JobArtifactRequest, context: Any
+    ) -> scheduler_pb2.OpenJobArtifactResponse:
+        job, entry = await self._artifact_of(request)
+        artifacts = self._app.artifact_store
+        url = ""
+        if artifacts.supports_presign:
+            url = await artifacts.presigned_url("GET", job_key(job.id, entry["name"]))
+        return scheduler_pb2.OpenJobArtifactResponse(artifact=_artifact_proto(entry), download_url=url)
+
+    async def ReadJobArtifact(
+        self, request: scheduler_pb2.JobArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.ArtifactChunk]:
+        if not request.user_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "user_id is required")
+        try:
+            job, entry = await self._artifact_of(request)
+            chunks = await self._app.artifact_store.get(job_key(job.id, entry["name"]))
+            async for chunk in chunks:
+                yield common_pb2.ArtifactChunk(data=chunk)
+        except _KNOWN_ERRORS as exc:
+            await _abort_for(context, exc)
+
     async def _settings_of(self, user_id: str) -> scheduler_pb2.ComputeSettings:
         _, store = self._app.require()
         profile = await store.get_profile(user_id)
@@ -287,10 +362,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 class SchedulerApp:
     """The running scheduler: gRPC server, database pool, listener, job runners, health loop."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, store_settings: StoreSettings | None = None) -> None:
         self.settings = settings
         self._dsn = settings.database_url.get_secret_value()
         self.providers = Providers(settings)
+        self.artifact_store_settings = store_settings or load_store_settings()
+        self.artifact_store: ArtifactStore = open_store(self.artifact_store_settings)
         self.hub = EventHub(self._dsn, settings.scheduler_retry_max_s)
         self.grpc: GrpcService = create_grpc_server(
             f"{settings.scheduler_host}:{settings.scheduler_port}", self._register, "scheduler"
@@ -356,12 +433,29 @@ class SchedulerApp:
         self._store = Store(pool)
         self.hub.start()
         await self.hub.connected.wait()
-        self._jobs = JobManager(self.settings, self._store, self.providers)
+        mover = ArtifactMover(
+            self.artifact_store,
+            self.settings.scheduler_artifact_attempts,
+            self.settings.scheduler_artifact_timeout_s,
+        )
+        self._jobs = JobManager(self.settings, self._store, self.providers, mover)
         resumed = await self._jobs.resume_all()
-        log.info("scheduler ready", extra={"resumed_jobs": resumed})
+        log.info(
+            "scheduler ready", extra={"resumed_jobs": resumed, "artifact_store": self.artifact_store.kind}
+        )
         await self._set_serving(True)
         self.ready.set()
         self._tasks.append(asyncio.create_task(self._health_loop(), name="scheduler-health"))
+        self._tasks.append(asyncio.create_task(self._retention_loop(), name="scheduler-retention"))
+
+    async def _retention_loop(self) -> None:
+        while True:
+            if self._jobs is not None:
+                try:
+                    await self._jobs.sweep_expired_artifacts()
+                except (StoreError, *_DB_ERRORS) as exc:
+                    log.warning("artifact retention sweep failed; will retry", extra={"error": str(exc)})
+            await asyncio.sleep(self.settings.scheduler_retention_sweep_s)
 
     async def _health_loop(self) -> None:
         while True:
@@ -397,9 +491,10 @@ class SchedulerApp:
             await self._pool.close()
 
 
-async def start_scheduler(settings: Settings) -> SchedulerApp:
-    """Create and start the scheduler (``scheduler_port=0`` picks a free port)."""
-    app = SchedulerApp(settings)
+async def start_scheduler(settings: Settings, store_settings: StoreSettings | None = None) -> SchedulerApp:
+    """Create and start the scheduler (``scheduler_port=0`` picks a free port); the artifact store
+    comes from ARTIFACT_STORE_* unless ``store_settings`` is given."""
+    app = SchedulerApp(settings, store_settings)
     await app.start()
     return app
 

@@ -51,6 +51,7 @@ class JobRow:
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    artifacts: list[dict[str, Any]]
 
     @property
     def terminal(self) -> bool:
@@ -78,12 +79,13 @@ class JobUpdate:
     latest_metrics: dict[str, Any] | None = None
     result: Any = None
     error: str | None = None
+    artifacts: list[dict[str, Any]] | None = None
 
 
 _JOB_COLUMNS = """id::text AS id, user_id, compute_backend, provider,
     coalesce(provider_job_id, '') AS provider_job_id, status, stage, progress, stage_message,
     latest_metrics, spec, error, estimated_time_s, estimated_cost_usd, provider_cursor, last_seq,
-    submit_attempts, created_at, updated_at, finished_at"""
+    submit_attempts, created_at, updated_at, finished_at, artifacts"""
 
 
 def _job(row: asyncpg.Record) -> JobRow:
@@ -304,6 +306,7 @@ class Store:
                        latest_metrics = coalesce($7, latest_metrics),
                        result = coalesce($8, result),
                        error = coalesce($9, error),
+                       artifacts = coalesce($12, artifacts),
                        last_seq = $10,
                        finished_at = CASE WHEN $3 = ANY($11::text[]) THEN now() ELSE finished_at END,
                        updated_at = now()
@@ -320,10 +323,33 @@ class Store:
                 update.error,
                 seq,
                 list(TERMINAL_STATES),
+                update.artifacts,
             )
             if events:
                 await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, job_id)
             return _job(row)
+
+    async def delete_job(self, job_id: str) -> bool:
+        """Remove the job row (its events go with it); False when it was already gone."""
+        deleted = await self.pool.fetchval(
+            "DELETE FROM jobs WHERE id = $1 RETURNING id", uuid.UUID(job_id)
+        )
+        return deleted is not None
+
+    async def jobs_with_artifacts_finished_before(self, cutoff: datetime, limit: int = 100) -> list[str]:
+        rows = await self.pool.fetch(
+            """SELECT id::text AS id FROM jobs
+               WHERE artifacts <> '[]'::jsonb AND finished_at < $1
+               ORDER BY finished_at LIMIT $2""",
+            cutoff,
+            limit,
+        )
+        return [row["id"] for row in rows]
+
+    async def clear_artifacts(self, job_id: str) -> None:
+        await self.pool.execute(
+            "UPDATE jobs SET artifacts = '[]'::jsonb, updated_at = now() WHERE id = $1", uuid.UUID(job_id)
+        )
 
     async def events_after(self, job_id: str, after_seq: int, limit: int = 500) -> list[StoredEvent]:
         rows = await self.pool.fetch(

@@ -8,13 +8,16 @@ chunks, a job held at a point until the test releases it, RunPod endpoint creati
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from artifact_store import StoreSettings
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from scheduler.config import Settings, load_settings
 from scheduler.server import SchedulerApp, start_scheduler
@@ -60,6 +63,12 @@ class Plan:
     release: asyncio.Event = field(default_factory=asyncio.Event)
     outcome: str = "complete"  # "complete" | "fail"
     error: str = ""
+    # Files the job "wrote": listed in the result's manifest and served by FetchArtifact.
+    artifacts: dict[str, bytes] = field(default_factory=dict)
+    # FetchArtifact sends this many chunks and then fails, once per entry (then streams whole).
+    fetch_breaks: list[int] = field(default_factory=list)
+    # Bytes FetchArtifact sends instead of the listed ones (a corrupted transfer).
+    corrupt: bool = False
 
 
 @dataclass
@@ -82,6 +91,8 @@ class ScriptedProvider(compute_pb2_grpc.ComputeProviderServicer):
         self.endpoints: set[str] = set()
         self.endpoints_created = 0
         self.verified_keys: list[str] = []
+        self.result_calls = 0
+        self.fetch_calls: list[str] = []
 
     async def _maybe_fail(self, method: str, context: grpc.aio.ServicerContext) -> None:
         queue = self.fail_next.get(method)
@@ -165,11 +176,31 @@ class ScriptedProvider(compute_pb2_grpc.ComputeProviderServicer):
 
     async def GetResult(self, request: Any, context: Any) -> compute_pb2.GetResultResponse:
         await self._maybe_fail("GetResult", context)
-        return compute_pb2.GetResultResponse(
-            result_json=json.dumps(
-                {"job_id": request.job_id, "influence": {"scores": [[0.5, -0.25]]}}
-            ).encode()
-        )
+        self.result_calls += 1
+        result: dict[str, Any] = {"job_id": request.job_id, "influence": {"scores": [[0.5, -0.25]]}}
+        job = self.jobs.get(request.job_id)
+        if job is not None and job.plan.artifacts:
+            result["artifacts"] = [
+                {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                 "media_type": "application/octet-stream"}
+                for name, data in job.plan.artifacts.items()
+            ]
+        return compute_pb2.GetResultResponse(result_json=json.dumps(result).encode())
+
+    async def FetchArtifact(self, request: Any, context: Any) -> AsyncIterator[common_pb2.ArtifactChunk]:
+        await self._maybe_fail("FetchArtifact", context)
+        self.fetch_calls.append(request.name)
+        job = self.jobs.get(request.job_id)
+        if job is None or request.name not in job.plan.artifacts:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such artifact")
+        data = job.plan.artifacts[request.name]
+        if job.plan.corrupt:
+            data = bytes(reversed(data))
+        breaks_after = job.plan.fetch_breaks.pop(0) if job.plan.fetch_breaks else None
+        for index, start in enumerate(range(0, len(data), 64 * 1024)):
+            if breaks_after is not None and index == breaks_after:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "worker connection reset mid-transfer")
+            yield common_pb2.ArtifactChunk(data=data[start : start + 64 * 1024])
 
     async def Cancel(self, request: Any, context: Any) -> compute_pb2.CancelResponse:
         await self._maybe_fail("Cancel", context)
@@ -240,14 +271,16 @@ StartScheduler = Callable[..., Awaitable[RunningScheduler]]
 
 
 @pytest.fixture
-async def start(database_url: str, provider: ProviderHandle) -> AsyncIterator[StartScheduler]:
-    """Start a scheduler on the test database (settings overridable) and wait until it is ready."""
+async def start(database_url: str, provider: ProviderHandle, tmp_path: Path) -> AsyncIterator[StartScheduler]:
+    """Start a scheduler on the test database (settings overridable) and wait until it is ready;
+    its artifact store is a directory under tmp_path."""
     running: list[RunningScheduler] = []
 
     async def _start(wait_ready: bool = True, **overrides: Any) -> RunningScheduler:
         dsn = overrides.pop("database_url", database_url)
+        store = overrides.pop("store_settings", StoreSettings(url=str(tmp_path / "artifacts")))
         settings = scheduler_settings(dsn, provider.address, **overrides)
-        app = await start_scheduler(settings)
+        app = await start_scheduler(settings, store)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
         handle = RunningScheduler(app, channel, scheduler_pb2_grpc.SchedulerStub(channel))
         running.append(handle)

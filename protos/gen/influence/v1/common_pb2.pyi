@@ -80,3 +80,21 @@ class Estimate(_message.Message):
     price_source: str
     notes: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, backend: _Optional[str] = ..., provider: _Optional[str] = ..., gpu: _Optional[str] = ..., gpu_memory_gb: _Optional[float] = ..., required_memory_gb: _Optional[float] = ..., estimated_time_s: _Optional[float] = ..., usd_per_second: _Optional[float] = ..., estimated_cost_usd: _Optional[float] = ..., prices_as_of: _Optional[str] = ..., price_source: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Artifact(_message.Message):
+    __slots__ = ("name", "bytes", "sha256", "media_type")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    bytes: int
+    sha256: str
+    media_type: str
+    def __init__(self, name: _Optional[str] = ..., bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., media_type: _Optional[str] = ...) -> None: ...
+
+class ArtifactChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...

@@ -140,3 +140,15 @@ class EstimateResponse(_message.Message):
     ESTIMATE_FIELD_NUMBER: _ClassVar[int]
     estimate: _common_pb2.Estimate
     def __init__(self, estimate: _Optional[_Union[_common_pb2.Estimate, _Mapping]] = ...) -> None: ...
+
+class FetchArtifactRequest(_message.Message):
+    __slots__ = ("provider_job_id", "account", "job_id", "name")
+    PROVIDER_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    provider_job_id: str
+    account: _common_pb2.Account
+    job_id: str
+    name: str
+    def __init__(self, provider_job_id: _Optional[str] = ..., account: _Optional[_Union[_common_pb2.Account, _Mapping]] = ..., job_id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from influence.v1 import common_pb2 as influence_dot_v1_dot_common__pb2
 from influence.v1 import compute_pb2 as influence_dot_v1_dot_compute__pb2
 
 GRPC_GENERATED_VERSION = '1.80.0'
@@ -69,6 +70,11 @@ class ComputeProviderStub(object):
                 request_serializer=influence_dot_v1_dot_compute__pb2.EstimateRequest.SerializeToString,
                 response_deserializer=influence_dot_v1_dot_compute__pb2.EstimateResponse.FromString,
                 _registered_method=True)
+        self.FetchArtifact = channel.unary_stream(
+                '/influence.v1.ComputeProvider/FetchArtifact',
+                request_serializer=influence_dot_v1_dot_compute__pb2.FetchArtifactRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_common__pb2.ArtifactChunk.FromString,
+                _registered_method=True)
 
 
 class ComputeProviderServicer(object):
@@ -116,6 +122,14 @@ class ComputeProviderServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchArtifact(self, request, context):
+        """The bytes of one artifact the job's result lists, in chunks. Providers whose workers upload
+        artifacts themselves (presigned URLs) answer UNIMPLEMENTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ComputeProviderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +167,11 @@ def add_ComputeProviderServicer_to_server(servicer, server):
                     servicer.Estimate,
                     request_deserializer=influence_dot_v1_dot_compute__pb2.EstimateRequest.FromString,
                     response_serializer=influence_dot_v1_dot_compute__pb2.EstimateResponse.SerializeToString,
+            ),
+            'FetchArtifact': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchArtifact,
+                    request_deserializer=influence_dot_v1_dot_compute__pb2.FetchArtifactRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_common__pb2.ArtifactChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +363,33 @@ class ComputeProvider(object):
             '/influence.v1.ComputeProvider/Estimate',
             influence_dot_v1_dot_compute__pb2.EstimateRequest.SerializeToString,
             influence_dot_v1_dot_compute__pb2.EstimateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/influence.v1.ComputeProvider/FetchArtifact',
+            influence_dot_v1_dot_compute__pb2.FetchArtifactRequest.SerializeToString,
+            influence_dot_v1_dot_common__pb2.ArtifactChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -199,3 +199,49 @@ class EstimateJobResponse(_message.Message):
     estimates: _containers.RepeatedCompositeFieldContainer[_common_pb2.Estimate]
     notes: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, active_backend: _Optional[str] = ..., estimates: _Optional[_Iterable[_Union[_common_pb2.Estimate, _Mapping]]] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeleteJobRequest(_message.Message):
+    __slots__ = ("user_id", "job_id")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    job_id: str
+    def __init__(self, user_id: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class DeleteJobResponse(_message.Message):
+    __slots__ = ("deleted_artifacts",)
+    DELETED_ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    deleted_artifacts: int
+    def __init__(self, deleted_artifacts: _Optional[int] = ...) -> None: ...
+
+class ListJobArtifactsRequest(_message.Message):
+    __slots__ = ("user_id", "job_id")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    job_id: str
+    def __init__(self, user_id: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class ListJobArtifactsResponse(_message.Message):
+    __slots__ = ("artifacts",)
+    ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    artifacts: _containers.RepeatedCompositeFieldContainer[_common_pb2.Artifact]
+    def __init__(self, artifacts: _Optional[_Iterable[_Union[_common_pb2.Artifact, _Mapping]]] = ...) -> None: ...
+
+class JobArtifactRequest(_message.Message):
+    __slots__ = ("user_id", "job_id", "name")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    job_id: str
+    name: str
+    def __init__(self, user_id: _Optional[str] = ..., job_id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class OpenJobArtifactResponse(_message.Message):
+    __slots__ = ("artifact", "download_url")
+    ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOAD_URL_FIELD_NUMBER: _ClassVar[int]
+    artifact: _common_pb2.Artifact
+    download_url: str
+    def __init__(self, artifact: _Optional[_Union[_common_pb2.Artifact, _Mapping]] = ..., download_url: _Optional[str] = ...) -> None: ...

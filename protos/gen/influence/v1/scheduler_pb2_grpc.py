@@ -70,6 +70,26 @@ class SchedulerStub(object):
                 request_serializer=influence_dot_v1_dot_scheduler__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=influence_dot_v1_dot_scheduler__pb2.Job.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/influence.v1.Scheduler/DeleteJob',
+                request_serializer=influence_dot_v1_dot_scheduler__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_scheduler__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
+        self.ListJobArtifacts = channel.unary_unary(
+                '/influence.v1.Scheduler/ListJobArtifacts',
+                request_serializer=influence_dot_v1_dot_scheduler__pb2.ListJobArtifactsRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_scheduler__pb2.ListJobArtifactsResponse.FromString,
+                _registered_method=True)
+        self.OpenJobArtifact = channel.unary_unary(
+                '/influence.v1.Scheduler/OpenJobArtifact',
+                request_serializer=influence_dot_v1_dot_scheduler__pb2.JobArtifactRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_scheduler__pb2.OpenJobArtifactResponse.FromString,
+                _registered_method=True)
+        self.ReadJobArtifact = channel.unary_stream(
+                '/influence.v1.Scheduler/ReadJobArtifact',
+                request_serializer=influence_dot_v1_dot_scheduler__pb2.JobArtifactRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_common__pb2.ArtifactChunk.FromString,
+                _registered_method=True)
         self.GetComputeSettings = channel.unary_unary(
                 '/influence.v1.Scheduler/GetComputeSettings',
                 request_serializer=influence_dot_v1_dot_scheduler__pb2.GetComputeSettingsRequest.SerializeToString,
@@ -139,6 +159,34 @@ class SchedulerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteJob(self, request, context):
+        """Cancels the job if it is still running, then removes it, its events and its artifacts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobArtifacts(self, request, context):
+        """The files of a completed job (score matrix, adapter, checkpoints).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenJobArtifact(self, request, context):
+        """One artifact's facts, and a presigned GET URL where the store can mint one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadJobArtifact(self, request, context):
+        """One artifact's bytes in chunks (the local store, or when no URL is wanted).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetComputeSettings(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -202,6 +250,26 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=influence_dot_v1_dot_scheduler__pb2.CancelJobRequest.FromString,
                     response_serializer=influence_dot_v1_dot_scheduler__pb2.Job.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=influence_dot_v1_dot_scheduler__pb2.DeleteJobRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_scheduler__pb2.DeleteJobResponse.SerializeToString,
+            ),
+            'ListJobArtifacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobArtifacts,
+                    request_deserializer=influence_dot_v1_dot_scheduler__pb2.ListJobArtifactsRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_scheduler__pb2.ListJobArtifactsResponse.SerializeToString,
+            ),
+            'OpenJobArtifact': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenJobArtifact,
+                    request_deserializer=influence_dot_v1_dot_scheduler__pb2.JobArtifactRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_scheduler__pb2.OpenJobArtifactResponse.SerializeToString,
+            ),
+            'ReadJobArtifact': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadJobArtifact,
+                    request_deserializer=influence_dot_v1_dot_scheduler__pb2.JobArtifactRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_common__pb2.ArtifactChunk.SerializeToString,
             ),
             'GetComputeSettings': grpc.unary_unary_rpc_method_handler(
                     servicer.GetComputeSettings,
@@ -413,6 +481,114 @@ class Scheduler(object):
             '/influence.v1.Scheduler/CancelJob',
             influence_dot_v1_dot_scheduler__pb2.CancelJobRequest.SerializeToString,
             influence_dot_v1_dot_scheduler__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.Scheduler/DeleteJob',
+            influence_dot_v1_dot_scheduler__pb2.DeleteJobRequest.SerializeToString,
+            influence_dot_v1_dot_scheduler__pb2.DeleteJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobArtifacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.Scheduler/ListJobArtifacts',
+            influence_dot_v1_dot_scheduler__pb2.ListJobArtifactsRequest.SerializeToString,
+            influence_dot_v1_dot_scheduler__pb2.ListJobArtifactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenJobArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.Scheduler/OpenJobArtifact',
+            influence_dot_v1_dot_scheduler__pb2.JobArtifactRequest.SerializeToString,
+            influence_dot_v1_dot_scheduler__pb2.OpenJobArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadJobArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/influence.v1.Scheduler/ReadJobArtifact',
+            influence_dot_v1_dot_scheduler__pb2.JobArtifactRequest.SerializeToString,
+            influence_dot_v1_dot_common__pb2.ArtifactChunk.FromString,
             options,
             channel_credentials,
             insecure,
