@@ -162,6 +162,7 @@ class Stack:
             "AUTH_MODE": "local",
             "GATEWAY_LOCAL_JWT_SECRET": s["GATEWAY_LOCAL_JWT_SECRET"],
             "COMPUTE_LOCAL_WORK_DIR": str(self.data_dir / "compute-local"),
+            "ARTIFACT_STORE_URL": os.environ.get("ARTIFACT_STORE_URL") or str(self.data_dir / "artifacts"),
             f"{spec.env_prefix}_PORT": str(self.ports[name]),
         }
         if name in self.metrics_ports:

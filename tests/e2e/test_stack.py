@@ -250,3 +250,64 @@ def test_cancel_stops_the_running_experiment(stack: Stack, alice: GatewayClient)
     metrics = httpx.get(f"http://127.0.0.1:{stack.metrics_ports['compute-local']}/metrics").text
     assert 'compute_local_jobs_finished_total{state="cancelled"}' in metrics
     assert "compute_local_running_jobs 0.0" in metrics
+
+
+def test_artifacts_download_whole_reload_and_are_owner_only(
+    stack: Stack, alice: GatewayClient, tmp_path
+) -> None:
+    """scores.npy and the adapter come back through the gateway byte for byte; the adapter loads
+    onto the base model and reproduces the fine-tuned eval losses; DELETE removes everything."""
+    import numpy as np
+    import torch
+    from gpu_core.data import encode_pair
+    from gpu_core.evaluation import target_losses
+    from gpu_core.models import load_model
+    from peft import PeftModel
+
+    spec = small_spec(n_train=8, n_eval=3)
+    job_id = alice.submit(spec)["job_id"]
+    assert list(alice.events(job_id))[-1]["state"] == "completed"
+    listed = alice.request("GET", f"/api/jobs/{job_id}/artifacts").json()["artifacts"]
+    by_name = {a["name"]: a for a in listed}
+    assert {"scores.npy", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+            "checkpoints/checkpoints.json"} <= set(by_name)
+    results = alice.request("GET", f"/api/jobs/{job_id}/results")
+    assert {a["name"] for a in results.json()["artifacts"]} == set(by_name)
+
+    for name in by_name:
+        reply = alice.request("GET", f"/api/jobs/{job_id}/artifacts/{name}")
+        assert reply.status_code == 200, (name, reply.text)
+        assert len(reply.content) == by_name[name]["bytes"]
+        assert reply.headers["x-content-sha256"] == by_name[name]["sha256"]
+        target = tmp_path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(reply.content)
+    (child_scores,) = (stack.data_dir / "compute-local" / "jobs").glob("*/artifacts/scores.npy")
+    downloaded = np.load(tmp_path / "scores.npy")
+    assert downloaded.dtype == np.float32 and np.array_equal(downloaded, np.load(child_scores))
+    assert np.allclose(downloaded, np.array(results.json()["influence"]["scores"], dtype=np.float32))
+
+    loaded = load_model("local/tiny-llama", device=torch.device("cpu"))
+    model = PeftModel.from_pretrained(loaded.model, tmp_path / "adapter")
+    model.eval()
+    max_len = spec["hyperparams"]["max_seq_len"]
+    pairs = [encode_pair(loaded.tokenizer, e["prompt"], e["expected"], max_len) for e in spec["eval_data"]]
+    losses = target_losses(model, pairs, loaded.tokenizer.pad_token_id, torch.device("cpu"))
+    expected = [e["loss"] for e in results.json()["eval_results"]["finetuned"]["examples"]]
+    assert losses == pytest.approx(expected, rel=1e-4)
+
+    bob = GatewayClient(stack.gateway_url)
+    bob.sign_in_locally("bob")
+    for method, path in [
+        ("GET", f"/api/jobs/{job_id}/artifacts"),
+        ("GET", f"/api/jobs/{job_id}/artifacts/scores.npy"),
+        ("GET", f"/api/jobs/{job_id}/artifacts/adapter/adapter_config.json"),
+        ("DELETE", f"/api/jobs/{job_id}"),
+    ]:
+        assert bob.request(method, path).status_code == 404, path
+    assert alice.request("GET", f"/api/jobs/{job_id}/artifacts/no-such.npy").status_code == 404
+
+    deleted = alice.request("DELETE", f"/api/jobs/{job_id}")
+    assert deleted.status_code == 200 and deleted.json()["deleted_artifacts"] == len(by_name)
+    assert alice.request("GET", f"/api/jobs/{job_id}").status_code == 404
+    assert not list((stack.data_dir / "artifacts").glob(f"jobs/{job_id}/**/*.*"))

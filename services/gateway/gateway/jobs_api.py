@@ -1,4 +1,4 @@
-"""Job routes: submit, estimate, list, status, progress (SSE), results, cancel."""
+"""Job routes: submit, estimate, list, status, progress (SSE), results, cancel, delete, artifacts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import RedirectResponse, StreamingResponse
 from gpu_core.datareport import data_report
 from gpu_core.schemas import ExperimentSpec, parse_spec
 from influence.v1 import scheduler_pb2
@@ -20,6 +20,7 @@ from gateway.views import TERMINAL_STATUSES, estimate_view, job_status, job_view
 router = APIRouter(prefix="/api", tags=["jobs"])
 
 JOB_NOT_FOUND = "Job not found"
+ARTIFACT_NOT_FOUND = "Job or artifact not found"
 SCHEDULER_DOWN = "The scheduler is unavailable; try again in a moment"
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
@@ -219,3 +220,72 @@ async def cancel_job(job_id: str, user: CurrentUser, clients: Clients, trace: Tr
             timeout=clients.timeout_s,
         )
     return job_view(job)
+
+
+@router.delete("/jobs/{job_id}", summary="Delete a job (cancelled first if running) and its artifacts")
+async def delete_job(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
+    with scheduler_errors(SCHEDULER_DOWN, not_found=JOB_NOT_FOUND):
+        answer = await clients.scheduler.DeleteJob(
+            scheduler_pb2.DeleteJobRequest(user_id=user, job_id=_checked_job_id(job_id)),
+            metadata=trace,
+            timeout=clients.timeout_s,
+        )
+    return {"id": job_id, "deleted": True, "deleted_artifacts": answer.deleted_artifacts}
+
+
+def _artifact_view(artifact: Any) -> dict[str, Any]:
+    return {
+        "name": artifact.name,
+        "bytes": artifact.bytes,
+        "sha256": artifact.sha256,
+        "media_type": artifact.media_type,
+    }
+
+
+@router.get("/jobs/{job_id}/artifacts", summary="The files of a job: score matrix, adapter, checkpoints")
+async def list_artifacts(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
+    with scheduler_errors(SCHEDULER_DOWN, not_found=JOB_NOT_FOUND):
+        answer = await clients.scheduler.ListJobArtifacts(
+            scheduler_pb2.ListJobArtifactsRequest(user_id=user, job_id=_checked_job_id(job_id)),
+            metadata=trace,
+            timeout=clients.timeout_s,
+        )
+    return {"artifacts": [_artifact_view(artifact) for artifact in answer.artifacts]}
+
+
+@router.get(
+    "/jobs/{job_id}/artifacts/{name:path}",
+    summary="Download one artifact (streamed, or a redirect to a short-lived URL of the store)",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, 307: {"description": "Presigned URL"}},
+)
+async def download_artifact(
+    job_id: str, name: str, user: CurrentUser, clients: Clients, trace: Trace
+) -> Response:
+    request = scheduler_pb2.JobArtifactRequest(user_id=user, job_id=_checked_job_id(job_id), name=name)
+    with scheduler_errors(SCHEDULER_DOWN, not_found=ARTIFACT_NOT_FOUND):
+        opened = await clients.scheduler.OpenJobArtifact(request, metadata=trace, timeout=clients.timeout_s)
+    if opened.download_url:
+        return RedirectResponse(opened.download_url, status_code=307)
+    artifact = opened.artifact
+    # No deadline on the stream itself: a large file takes as long as the client reads.
+    call = clients.scheduler.ReadJobArtifact(request, metadata=trace)
+
+    async def body() -> Any:
+        try:
+            async for chunk in call:
+                yield chunk.data
+        finally:
+            call.cancel()
+
+    filename = artifact.name.rsplit("/", 1)[-1]
+    return StreamingResponse(
+        body(),
+        media_type=artifact.media_type or "application/octet-stream",
+        headers={
+            "Content-Length": str(artifact.bytes),
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "X-Content-SHA256": artifact.sha256,
+            "Cache-Control": "private, no-store",
+        },
+    )

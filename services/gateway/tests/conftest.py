@@ -4,6 +4,7 @@ served by uvicorn on a free loopback port, talking to them."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,6 +36,9 @@ class StoredJob:
     spec_json: bytes
     events: list[common_pb2.ProgressEvent] = field(default_factory=list)
     result_json: bytes = b""
+    # name -> bytes; served by ReadJobArtifact, or by ``download_url`` when it is set
+    artifacts: dict[str, bytes] = field(default_factory=dict)
+    download_url: str = ""
 
 
 class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
@@ -189,6 +193,53 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
             return stored.job
 
         return await _answer(context, answer)
+
+    async def DeleteJob(self, request, context):  # noqa: N802, ANN001, ANN201
+        def answer() -> scheduler_pb2.DeleteJobResponse:
+            stored = self._owned(request.user_id, request.job_id, context)
+            del self.jobs[request.job_id]
+            return scheduler_pb2.DeleteJobResponse(deleted_artifacts=len(stored.artifacts))
+
+        return await _answer(context, answer)
+
+    @staticmethod
+    def _artifact(name: str, data: bytes) -> common_pb2.Artifact:
+        return common_pb2.Artifact(
+            name=name, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+            media_type="application/x-npy" if name.endswith(".npy") else "application/json",
+        )
+
+    async def ListJobArtifacts(self, request, context):  # noqa: N802, ANN001, ANN201
+        def answer() -> scheduler_pb2.ListJobArtifactsResponse:
+            stored = self._owned(request.user_id, request.job_id, context)
+            return scheduler_pb2.ListJobArtifactsResponse(
+                artifacts=[self._artifact(name, data) for name, data in stored.artifacts.items()]
+            )
+
+        return await _answer(context, answer)
+
+    def _owned_artifact(self, request, context) -> tuple[StoredJob, bytes]:  # noqa: ANN001
+        stored = self._owned(request.user_id, request.job_id, context)
+        if request.name not in stored.artifacts:
+            raise _Abort(grpc.StatusCode.NOT_FOUND, "no such artifact")
+        return stored, stored.artifacts[request.name]
+
+    async def OpenJobArtifact(self, request, context):  # noqa: N802, ANN001, ANN201
+        def answer() -> scheduler_pb2.OpenJobArtifactResponse:
+            stored, data = self._owned_artifact(request, context)
+            return scheduler_pb2.OpenJobArtifactResponse(
+                artifact=self._artifact(request.name, data), download_url=stored.download_url
+            )
+
+        return await _answer(context, answer)
+
+    async def ReadJobArtifact(self, request, context):  # noqa: N802, ANN001, ANN201
+        try:
+            _, data = self._owned_artifact(request, context)
+        except _Abort as abort:
+            await context.abort(abort.code, abort.details)
+        for start in range(0, len(data), 1000):
+            yield common_pb2.ArtifactChunk(data=data[start : start + 1000])
 
     def _settings(self, user_id: str) -> scheduler_pb2.ComputeSettings:
         return scheduler_pb2.ComputeSettings(

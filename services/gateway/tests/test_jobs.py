@@ -220,3 +220,51 @@ async def test_events_stream_ends_when_client_disconnects(gateway, upstream) -> 
 async def _until_no_watchers(upstream: Any) -> None:
     async with upstream.scheduler.watchers_changed:
         await upstream.scheduler.watchers_changed.wait_for(lambda: upstream.scheduler.active_watchers == 0)
+
+
+async def test_artifacts_are_listed_streamed_or_redirected_for_the_owner_only(gateway, upstream) -> None:  # noqa: ANN001, E501
+    import hashlib
+
+    alice = await gateway.sign_in("alice")
+    bob = await gateway.sign_in("bob")
+    job_id = upstream.scheduler.add_job("local:alice")
+    scores = bytes(range(256)) * 20
+    upstream.scheduler.jobs[job_id].artifacts = {"scores.npy": scores, "adapter/adapter_config.json": b"{}"}
+
+    listed = await gateway.client.get(f"/api/jobs/{job_id}/artifacts", headers=alice)
+    assert listed.status_code == 200
+    assert listed.json()["artifacts"][0] == {
+        "name": "scores.npy", "bytes": len(scores), "sha256": hashlib.sha256(scores).hexdigest(),
+        "media_type": "application/x-npy",
+    }
+    download = await gateway.client.get(f"/api/jobs/{job_id}/artifacts/scores.npy", headers=alice)
+    assert download.status_code == 200 and download.content == scores
+    assert download.headers["content-length"] == str(len(scores))
+    assert download.headers["content-disposition"] == 'attachment; filename="scores.npy"'
+    config_path = f"/api/jobs/{job_id}/artifacts/adapter/adapter_config.json"
+    nested = await gateway.client.get(config_path, headers=alice)
+    assert nested.status_code == 200 and nested.content == b"{}"
+
+    upstream.scheduler.jobs[job_id].download_url = "https://bucket.example/jobs/x/scores.npy?X-Amz-Signature=s"
+    redirect = await gateway.client.get(
+        f"/api/jobs/{job_id}/artifacts/scores.npy", headers=alice, follow_redirects=False
+    )
+    assert redirect.status_code == 307
+    assert redirect.headers["location"] == upstream.scheduler.jobs[job_id].download_url
+
+    for method, path in [
+        ("GET", f"/api/jobs/{job_id}/artifacts"),
+        ("GET", f"/api/jobs/{job_id}/artifacts/scores.npy"),
+        ("GET", f"/api/jobs/{job_id}/artifacts/adapter/adapter_config.json"),
+        ("DELETE", f"/api/jobs/{job_id}"),
+    ]:
+        response = await gateway.client.request(method, path, headers=bob)
+        assert response.status_code == 404, path
+        assert "scores" not in response.text
+    missing = await gateway.client.get(f"/api/jobs/{job_id}/artifacts/other.npy", headers=alice)
+    assert missing.status_code == 404 and missing.json()["detail"] == "Job or artifact not found"
+
+    deleted = await gateway.client.delete(f"/api/jobs/{job_id}", headers=alice)
+    assert deleted.status_code == 200
+    assert deleted.json() == {"id": job_id, "deleted": True, "deleted_artifacts": 2}
+    assert (await gateway.client.get(f"/api/jobs/{job_id}", headers=alice)).status_code == 404
