@@ -37,6 +37,9 @@ class GpuOffer(BaseModel):
     usd_per_second: float = Field(ge=0)
     peak_tflops: float = Field(gt=0)
     memory_bandwidth_gbs: float = Field(gt=0)
+    # Fixed cost of one model pass (a batch's forward, backward or decode step) beyond its FLOPs:
+    # kernel launches and Python; what dominates small models. Measured in docs/gpu_core.md.
+    pass_latency_s: float = Field(default=0.005, ge=0)
 
     @property
     def usd_per_hour(self) -> float:

@@ -15,7 +15,13 @@ time = cold start + model load + (train + eval + influence FLOPs) / effective th
 - effective throughput = peak 16-bit tensor TFLOPS x MODEL_FLOPS_UTILISATION x the
   quantization's speed factor (bitsandbytes dequantizes on every matmul);
 - model load = 16-bit weight bytes / LOAD_BYTES_PER_S (Hugging Face cache on a volume);
-- cold start per provider: COLD_START_S (RunPod 30-120 s, Modal 20-60 s; midpoints).
+- cold start per provider: COLD_START_S (RunPod 30-120 s, Modal 20-60 s; midpoints);
+- per-pass latency: every model pass (one batch's forward, backward or decode step) costs the
+  GPU's ``pass_latency_s`` on top of its FLOPs, counted per stage from the number of examples:
+  three eval runs of ceil(n_eval / batch) x (1 + max_new_tokens) passes, training of
+  epochs x ceil(n_train / batch) x 3 (forward, backward, optimizer), influence of 3 passes per
+  gradient batch over train + eval (TracIn at each epoch's checkpoint, DataInf once, Kronfluence
+  two fitting passes over train plus one scoring pass). On the tiny model this term is the time.
 """
 
 from __future__ import annotations
@@ -46,6 +52,20 @@ def influence_flops(params: float, workload: Workload) -> float:
     return 2 * 6 * params * workload.train_tokens + gradient_pass
 
 
+def model_passes(workload: Workload) -> int:
+    """Model passes of the whole pipeline, stage by stage (see the module docstring)."""
+    train_batches = math.ceil(workload.n_train / workload.batch_size)
+    eval_batches = math.ceil(workload.n_eval / workload.batch_size)
+    evaluation = EVAL_RUNS * eval_batches * (1 + workload.max_new_tokens)
+    training = workload.epochs * train_batches * 3
+    gradient_batches = train_batches + eval_batches
+    if workload.influence_method == "tracin":
+        gradient_batches *= workload.epochs
+    elif workload.influence_method != "datainf":
+        gradient_batches += 2 * train_batches
+    return evaluation + training + 3 * gradient_batches
+
+
 def estimated_time_s(
     card: ModelCard, workload: Workload, memory: MemoryBreakdown, gpu: GpuOffer, provider: str
 ) -> float:
@@ -57,4 +77,8 @@ def estimated_time_s(
     decode_steps = EVAL_RUNS * math.ceil(workload.n_eval / workload.batch_size) * workload.max_new_tokens
     step_s = memory.weights_gb * 1e9 / (gpu.memory_bandwidth_gbs * 1e9 * BANDWIDTH_UTILISATION)
     load_s = params * 2 / LOAD_BYTES_PER_S
-    return COLD_START_S[provider] + load_s + flops / throughput + decode_steps * step_s + PIPELINE_OVERHEAD_S
+    passes_s = model_passes(workload) * gpu.pass_latency_s
+    return (
+        COLD_START_S[provider] + load_s + flops / throughput + decode_steps * step_s + passes_s
+        + PIPELINE_OVERHEAD_S
+    )

@@ -205,3 +205,25 @@ def test_a_bad_price_file_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("COST_MODEL_RUNPOD_PRICES", str(tmp_path / "missing.json"))
     with pytest.raises(PriceTableError, match="not readable"):
         estimate(make_spec(), "runpod", "runpod")
+
+
+def test_time_grows_with_the_examples_of_every_stage() -> None:
+    """The tiny model on this host: the number of examples, not FLOPs, sets the time."""
+    from gpu_core.schemas import parse_spec
+
+    def spec(n_train: int, n_eval: int, **hyperparams: object) -> dict:
+        return {
+            "training_data": [{"prompt": f"{i} =", "completion": f" {i}"} for i in range(n_train)],
+            "eval_data": [{"prompt": f"{i} =", "expected": f" {i}"} for i in range(n_eval)],
+            "hyperparams": {"epochs": 1, "max_new_tokens": 1, **hyperparams},
+            "few_shot_k": 0,
+        }
+
+    def seconds(n_train: int, n_eval: int, **hyperparams: object) -> float:
+        return estimate(parse_spec(spec(n_train, n_eval, **hyperparams)), "local", "hosted").estimated_time_s
+
+    small = seconds(100, 10)
+    assert seconds(10_000, 10) > small + 60  # training and influence per training example
+    assert seconds(100, 1_000) > small + 10  # three eval runs and influence per eval example
+    assert seconds(100, 1_000, max_new_tokens=32) > seconds(100, 1_000) + 30  # generation steps
+    assert seconds(100, 10, epochs=5) > small + 1  # TracIn's checkpoints and every epoch
