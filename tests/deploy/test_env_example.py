@@ -21,6 +21,7 @@ CONFIG_MODULES = [
     "compute_local.config",
     "compute_runpod.config",
     "compute_modal.config",
+    "artifact_store.config",
 ]
 # Read by the dev overlay's PostgreSQL image, not by a service.
 POSTGRES_IMAGE_VARIABLES = {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"}
@@ -45,7 +46,12 @@ def env_names(settings: type[BaseSettings]) -> set[str]:
 
 
 def service_variables() -> dict[str, set[str]]:
-    return {m: env_names(importlib.import_module(m).Settings) for m in CONFIG_MODULES}
+    return {m: env_names(_settings_class(importlib.import_module(m))) for m in CONFIG_MODULES}
+
+
+def _settings_class(module: Any) -> type[BaseSettings]:
+    # A library's settings class is named for it (artifact_store.config.StoreSettings).
+    return getattr(module, "Settings", None) or module.StoreSettings
 
 
 def documented(path: Path) -> set[str]:

@@ -284,6 +284,7 @@ EXPECTED_EGRESS = {
         ("pod:compute-modal", 50055),
         ("pod:keyvault", 50052),
         ("any", POSTGRES_PORT),
+        ("internet", 443),  # the S3-compatible artifact store
     },
     "keyvault": {("any", POSTGRES_PORT)},
     "compute-local": set(),
@@ -318,14 +319,17 @@ def test_network_policies_allow_exactly_the_intended_traffic(overlay: list[Resou
     assert allowed(policies, labels, "egress") == EXPECTED_EGRESS[name] | DNS
 
 
-def test_only_the_cloud_providers_reach_the_internet(overlay: list[Resource]) -> None:
+def test_only_the_cloud_providers_and_the_artifact_store_client_reach_the_internet(
+    overlay: list[Resource],
+) -> None:
     policies = of_kind(overlay, "NetworkPolicy")
     reach = {
         name
         for name, template in workloads(overlay)
         if any(peer == "internet" for peer, _ in allowed(policies, template["metadata"]["labels"], "egress"))
     }
-    assert reach == {"compute-runpod", "compute-modal"}
+    # The scheduler reaches the S3-compatible artifact store over HTTPS.
+    assert reach == {"compute-runpod", "compute-modal", "scheduler"}
 
 
 def test_egress_ports_match_the_peer_services(overlay: list[Resource]) -> None:

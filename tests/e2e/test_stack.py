@@ -282,7 +282,11 @@ def test_artifacts_download_whole_reload_and_are_owner_only(
         target = tmp_path / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(reply.content)
-    (child_scores,) = (stack.data_dir / "compute-local" / "jobs").glob("*/artifacts/scores.npy")
+    (child_scores,) = [
+        record.parent / "artifacts" / "scores.npy"
+        for record in (stack.data_dir / "compute-local" / "jobs").glob("*/job.json")
+        if json.loads(record.read_text())["job_id"] == job_id
+    ]
     downloaded = np.load(tmp_path / "scores.npy")
     assert downloaded.dtype == np.float32 and np.array_equal(downloaded, np.load(child_scores))
     assert np.allclose(downloaded, np.array(results.json()["influence"]["scores"], dtype=np.float32))
