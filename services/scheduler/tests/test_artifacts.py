@@ -185,3 +185,25 @@ async def test_a_result_over_the_message_limit_fails_at_once(scheduler, provider
     ]
     done = await _finish(scheduler, h)
     assert done.state == common_pb2.JOB_STATE_FAILED and "larger than max" in done.error
+
+
+async def test_with_an_s3_store_downloads_are_presigned_urls_that_work(start, provider, h):
+    import httpx
+
+    from devstack.s3_server import s3_test_server
+
+    with s3_test_server() as server:
+        running = await start(store_settings=server.store_settings(prefix="sched"))
+        provider.servicer.plan = h.plan(artifacts=dict(FILES))
+        done = await _finish(running, h)
+        assert done.state == common_pb2.JOB_STATE_COMPLETED, done.error
+        opened = await running.stub.OpenJobArtifact(
+            scheduler_pb2.JobArtifactRequest(user_id="alice", job_id=done.id, name="scores.npy")
+        )
+        assert opened.download_url.startswith(server.endpoint_url)
+        async with httpx.AsyncClient() as client:
+            answer = await client.get(opened.download_url)
+        assert answer.status_code == 200 and answer.content == FILES["scores.npy"]
+        assert await _read(running.stub, "alice", done.id, "scores.npy") == FILES["scores.npy"]
+        await running.stub.DeleteJob(scheduler_pb2.DeleteJobRequest(user_id="alice", job_id=done.id))
+        assert await running.app.artifact_store.list(f"jobs/{done.id}/") == []
