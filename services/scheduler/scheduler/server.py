@@ -170,11 +170,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     @_rpc
     async def GetJob(self, request: scheduler_pb2.GetJobRequest, context: Any) -> scheduler_pb2.Job:
-        _, store = self._app.require()
-        job = await store.get_job(request.job_id, request.user_id)
-        if job is None:
-            raise JobNotFound(request.job_id)
-        return job_to_proto(job)
+        return job_to_proto(await self._owned_job(request))
 
     @_rpc
     async def ListJobs(
@@ -264,17 +260,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def ListJobArtifacts(
         self, request: scheduler_pb2.ListJobArtifactsRequest, context: Any
     ) -> scheduler_pb2.ListJobArtifactsResponse:
-        _, store = self._app.require()
-        job = await store.get_job(request.job_id, request.user_id)
-        if job is None:
-            raise JobNotFound(request.job_id)
+        job = await self._owned_job(request)
         return scheduler_pb2.ListJobArtifactsResponse(artifacts=[_artifact_proto(e) for e in job.artifacts])
 
-    async def _artifact_of(self, request: scheduler_pb2.JobArtifactRequest) -> tuple[JobRow, dict[str, Any]]:
+    async def _owned_job(self, request: Any) -> JobRow:
+        """The request's job when it belongs to the request's user (else JobNotFound)."""
         _, store = self._app.require()
         job = await store.get_job(request.job_id, request.user_id)
         if job is None:
             raise JobNotFound(request.job_id)
+        return job
+
+    async def _artifact_of(self, request: scheduler_pb2.JobArtifactRequest) -> tuple[JobRow, dict[str, Any]]:
+        job = await self._owned_job(request)
         for entry in job.artifacts:
             if entry["name"] == request.name:
                 return job, entry
