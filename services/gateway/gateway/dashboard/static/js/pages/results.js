@@ -138,5 +138,7 @@ export async function renderResults(host, jobId, result) {
         el("button", { type: "button", id: "download-csv",
           onclick: () => download(`influence-${short}.csv`, influenceCsv(result, texts), "text/csv") },
         "Download CSV (influence scores)"))));
-  await drawHeatmap(heatmap, influence, texts);
+  // Result contract v2: the heatmap submatrix (largest magnitudes); the whole matrix is inline
+  // only for small results (older results have no heatmap).
+  await drawHeatmap(heatmap, influence.heatmap || influence, texts);
 }
