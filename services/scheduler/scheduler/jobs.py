@@ -238,7 +238,11 @@ class JobManager:
             return
         task = asyncio.create_task(self._run(job_id), name=f"job-{job_id}")
         self._runners[job_id] = task
-        task.add_done_callback(lambda _t: self._runners.pop(job_id, None))
+        task.add_done_callback(lambda _t: self._forget(job_id))
+
+    def _forget(self, job_id: str) -> None:
+        self._runners.pop(job_id, None)
+        self._result_failing_since.pop(job_id, None)
 
     async def _stop_runner(self, job_id: str) -> None:
         task = self._runners.pop(job_id, None)
