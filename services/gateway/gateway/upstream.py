@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 SCHEDULER_SERVICE = "influence.v1.Scheduler"
 KEYVAULT_SERVICE = "influence.v1.KeyVault"
 _READINESS_TIMEOUT_S = 2.0
+# How the scheduler's UNAVAILABLE answers begin when its artifact store, not it, failed.
+STORE_FAILURE_PREFIX = "the artifact store"
 _TRACE_HEADERS = ("traceparent", "tracestate")
 _TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
@@ -122,7 +124,12 @@ def scheduler_errors(unavailable: str, not_found: str = "Not found") -> Iterator
         code = exc.code()
         status = _HTTP_STATUS.get(code)
         if code == grpc.StatusCode.UNAVAILABLE:
-            log.warning("scheduler unavailable", extra={"grpc_details": exc.details()})
+            details = exc.details() or ""
+            if details.startswith(STORE_FAILURE_PREFIX):
+                # The scheduler is up; its artifact store is not: say which one failed.
+                log.warning("artifact store unavailable", extra={"grpc_details": details})
+                raise ApiError(503, f"{details[0].upper()}{details[1:]}; try again in a moment") from None
+            log.warning("scheduler unavailable", extra={"grpc_details": details})
             raise ApiError(503, unavailable) from None
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             raise ApiError(504, "The scheduler did not answer in time; try again") from None

@@ -55,6 +55,8 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
         self.verify_requests: list[scheduler_pb2.VerifyProviderKeyRequest] = []
         self.verify_answer: Callable[[str], Awaitable[scheduler_pb2.VerifyProviderKeyResponse]] | None = None
         self.metadata_seen: list[dict[str, str]] = []
+        # Set: artifact reads answer UNAVAILABLE with this message (the store is down).
+        self.store_failure = ""
         self.active_watchers = 0
         self.watchers_changed = asyncio.Condition()
         self._ids = itertools.count(1)
@@ -220,6 +222,8 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
 
     def _owned_artifact(self, request, context) -> tuple[StoredJob, bytes]:  # noqa: ANN001
         stored = self._owned(request.user_id, request.job_id, context)
+        if self.store_failure:
+            raise _Abort(grpc.StatusCode.UNAVAILABLE, self.store_failure)
         if request.name not in stored.artifacts:
             raise _Abort(grpc.StatusCode.NOT_FOUND, "no such artifact")
         return stored, stored.artifacts[request.name]

@@ -268,3 +268,14 @@ async def test_artifacts_are_listed_streamed_or_redirected_for_the_owner_only(ga
     assert deleted.status_code == 200
     assert deleted.json() == {"id": job_id, "deleted": True, "deleted_artifacts": 2}
     assert (await gateway.client.get(f"/api/jobs/{job_id}", headers=alice)).status_code == 404
+
+
+async def test_a_store_outage_is_a_503_that_names_the_artifact_store(gateway, upstream) -> None:  # noqa: ANN001
+    alice = await gateway.sign_in("alice")
+    job_id = upstream.scheduler.add_job("local:alice")
+    upstream.scheduler.jobs[job_id].artifacts = {"scores.npy": b"x"}
+    failure = "the artifact store failed to read 'jobs/x/scores.npy': connection refused"
+    upstream.scheduler.store_failure = failure
+    response = await gateway.client.get(f"/api/jobs/{job_id}/artifacts/scores.npy", headers=alice)
+    assert response.status_code == 503
+    assert response.json()["detail"].startswith("The artifact store failed to read")

@@ -354,6 +354,10 @@ class JobManager:
         try:
             manifest = parse_manifest(result.get("artifacts", []) if isinstance(result, dict) else [])
             if manifest:
+                megabytes = sum(entry["bytes"] for entry in manifest) / 1e6
+                await self._store.apply(job.id, JobUpdate(
+                    stage_message=f"storing the job's {len(manifest)} files ({megabytes:.1f} MB)"
+                ))
                 await self.artifacts.collect(job.id, job.provider_job_id, client, account, manifest)
         except ArtifactTransferError as exc:
             message = f"the job's files could not be stored: {exc}"

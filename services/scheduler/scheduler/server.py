@@ -18,7 +18,15 @@ from typing import Any, NoReturn, TypeVar
 
 import asyncpg
 import grpc
-from artifact_store import ArtifactStore, StoreError, StoreSettings, job_key, load_store_settings, open_store
+from artifact_store import (
+    ArtifactNotFound,
+    ArtifactStore,
+    StoreError,
+    StoreSettings,
+    job_key,
+    load_store_settings,
+    open_store,
+)
 from google.protobuf.timestamp_pb2 import Timestamp
 from influence.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from service_runtime.grpc_server import GrpcService, create_grpc_server, termination_requested
@@ -115,6 +123,8 @@ async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception) -> NoRet
         await context.abort(grpc.StatusCode.NOT_FOUND, "job not found")
     if isinstance(exc, ArtifactMissing):
         await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+    if isinstance(exc, ArtifactNotFound):
+        await context.abort(grpc.StatusCode.NOT_FOUND, "the artifact is no longer in the artifact store")
     if isinstance(exc, StoreError):
         log.error("artifact store failed during an RPC", extra={"error": str(exc)})
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
