@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gpu_core.formats import read_examples
-from gpu_core.schemas import ExperimentSpec, SpecError, parse_spec
+from gpu_core.schemas import DEFAULT_LIMITS, NO_SIZE_LIMITS, ExperimentSpec, SpecError, SpecLimits, parse_spec
 
 EXIT_BAD_SPEC = 2
 EXIT_FAILED = 1
@@ -38,10 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"{what} examples: a JSONL/CSV/Parquet file or a save_to_disk dataset directory",
         )
+    run.add_argument(
+        "--no-size-limits",
+        action="store_true",
+        help="accept more examples than the gateway's default limits (a local run at scale)",
+    )
     return parser
 
 
-def read_spec(path: Path, train: Path | None = None, evals: Path | None = None) -> ExperimentSpec:
+def read_spec(
+    path: Path, train: Path | None = None, evals: Path | None = None, limits: SpecLimits = DEFAULT_LIMITS
+) -> ExperimentSpec:
     """The validated spec, its data replaced by ``train`` / ``evals`` when given; raises
     ValueError with a message naming the file, line or field and rule."""
     try:
@@ -59,7 +66,7 @@ def read_spec(path: Path, train: Path | None = None, evals: Path | None = None) 
         formats = raw.get("data_format") if isinstance(raw.get("data_format"), dict) else {}
         raw["data_format"] = {**formats, "training" if kind == "train" else "eval": data_format}
     try:
-        return parse_spec(raw)
+        return parse_spec(raw, limits)
     except SpecError as exc:
         problems = "\n".join(f"  {problem}" for problem in exc.problems)
         raise ValueError(f"invalid spec {path}:\n{problems}") from exc
@@ -67,7 +74,8 @@ def read_spec(path: Path, train: Path | None = None, evals: Path | None = None) 
 
 def run_command(args: argparse.Namespace) -> int:
     try:
-        spec = read_spec(args.spec, args.train, args.eval)
+        limits = NO_SIZE_LIMITS if args.no_size_limits else DEFAULT_LIMITS
+        spec = read_spec(args.spec, args.train, args.eval, limits)
     except ValueError as exc:
         print(exc, file=sys.stderr)  # noqa: T201 - the CLI's error output
         return EXIT_BAD_SPEC

@@ -35,6 +35,7 @@ from gpu_core.data import Encoder, chat_template_sha256, few_shot_demonstrations
 from gpu_core.environment import describe_environment
 from gpu_core.evaluation import evaluate
 from gpu_core.influence import AdapterCheckpoint, build_influence_result, compute_influence
+from gpu_core.influence.index import INDEX_DIR_NAME
 from gpu_core.influence.result import as_score_matrix
 from gpu_core.models import free_memory, load_model
 from gpu_core.schemas import (
@@ -243,6 +244,8 @@ class _Experiment:
         # The same masked loss as evaluation: the expected answer given the conversation before it.
         query_pairs = [encoder.encode(example.turns, last_only=True) for example in spec.eval_data]
         with tempfile.TemporaryDirectory(prefix="gpu_core-influence-") as work_dir:
+            # A projected gradient index is a job artifact when there is an artifacts dir.
+            index_root = self.artifacts_dir if self.artifacts_dir is not None else Path(work_dir)
             scores = compute_influence(
                 spec.influence_method,
                 model,
@@ -254,6 +257,8 @@ class _Experiment:
                 hp.batch_size,
                 Path(work_dir),
                 progress=self.stage_reporter("influence", message),
+                train_ids=[example.id for example in spec.training_data],
+                index_dir=index_root / INDEX_DIR_NAME,
             )
         train_ids = [example.id for example in spec.training_data]
         eval_ids = [example.id for example in spec.eval_data]
@@ -287,7 +292,8 @@ class _Experiment:
 def save_artifacts(directory: Path, model: Any, checkpoints: list[AdapterCheckpoint]) -> None:
     """``adapter/`` (peft ``save_pretrained``, loadable with ``PeftModel.from_pretrained``) and
     ``checkpoints/epoch-N.safetensors`` with ``checkpoints/checkpoints.json`` listing each
-    file's epoch and the learning rate TracIn weights it by."""
+    file's epoch and the learning rate TracIn weights it by, and with the optimizer's second
+    moments (TrackStar's), ``checkpoints/epoch-N.second-moment.safetensors``."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -299,5 +305,11 @@ def save_artifacts(directory: Path, model: Any, checkpoints: list[AdapterCheckpo
         name = f"epoch-{checkpoint.epoch}.safetensors"
         tensors = {key: value.detach().cpu().contiguous() for key, value in checkpoint.state.items()}
         save_file(tensors, str(checkpoint_dir / name))
-        index.append({"epoch": checkpoint.epoch, "learning_rate": checkpoint.learning_rate, "file": name})
+        entry = {"epoch": checkpoint.epoch, "learning_rate": checkpoint.learning_rate, "file": name}
+        if checkpoint.second_moment:
+            moment_name = f"epoch-{checkpoint.epoch}.second-moment.safetensors"
+            moments = {k: v.detach().cpu().contiguous() for k, v in checkpoint.second_moment.items()}
+            save_file(moments, str(checkpoint_dir / moment_name))
+            entry["second_moment_file"] = moment_name
+        index.append(entry)
     (checkpoint_dir / "checkpoints.json").write_text(json.dumps({"checkpoints": index}, indent=2))

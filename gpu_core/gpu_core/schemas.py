@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-InfluenceMethod = Literal["tracin", "datainf", "kronfluence"]
+InfluenceMethod = Literal["tracin", "datainf", "kronfluence", "trackstar"]
 Role = Literal["system", "user", "assistant"]
 # The shape of the file the examples came from: alpaca rows arrive as messages.
 DataFormat = Literal["prompt_completion", "messages", "alpaca"]
@@ -208,6 +208,10 @@ class Hyperparams(_Strict):
 class InfluenceOptions(_Strict):
     top_k: int = Field(default=10, ge=1, le=1000)
     damping: float | None = Field(default=None, gt=0)
+    # Per-example LoRA gradients projected to this many dimensions into an on-disk gradient
+    # index (TracIn; TrackStar always projects, 4,096 when unset). None: exact TracIn.
+    projection_dim: int | None = Field(default=None, ge=16, le=65_536)
+    projection_seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
 
 class ExperimentSpec(_Strict):

@@ -10,7 +10,8 @@ rate, so no step is wasted), gradient norm clipped at 1.0.
 
 TracIn checkpoints: the trainable parameters at the end of each epoch, weighted by the **mean
 learning rate over that epoch's steps** (as LESS does), since TracInCP approximates the sum over
-all steps of lr_t * <grad train, grad eval> by one checkpoint per epoch.
+all steps of lr_t * <grad train, grad eval> by one checkpoint per epoch. Each checkpoint also
+keeps AdamW's bias-corrected second moment of every trainable parameter, for TrackStar.
 """
 
 from __future__ import annotations
@@ -78,6 +79,18 @@ def trainable_state(model: Any) -> dict[str, torch.Tensor]:
         for name, parameter in model.named_parameters()
         if parameter.requires_grad
     }
+
+
+def adam_second_moments(model: Any, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """``exp_avg_sq / (1 - beta2^step)`` per trainable parameter name, as Adam's update uses it."""
+    beta2 = optimizer.param_groups[0]["betas"][1]
+    moments = {}
+    for name, parameter in model.named_parameters():
+        state = optimizer.state.get(parameter, {})
+        if parameter.requires_grad and "exp_avg_sq" in state:
+            step = float(state["step"])
+            moments[name] = state["exp_avg_sq"].detach().clone() / (1 - beta2**step)
+    return moments
 
 
 def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
@@ -163,6 +176,7 @@ def train_lora(
                     state=trainable_state(model),
                     learning_rate=sum(epoch_lrs) / len(epoch_lrs),
                     epoch=epoch,
+                    second_moment=adam_second_moments(model, optimizer),
                 )
             )
     finally:

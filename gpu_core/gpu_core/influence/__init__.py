@@ -1,5 +1,7 @@
 """Training-data influence of each training example on each eval example, on the LoRA weight
-matrices of a peft model: TracIn (TracInCP), DataInf and Kronfluence (EK-FAC).
+matrices of a peft model: TracIn (TracInCP), DataInf, Kronfluence (EK-FAC) and TrackStar.
+TracIn with ``projection_dim`` and TrackStar score from a projected gradient index on disk
+(``projected``, ``index``).
 
 One sign convention: positive = helpful (up-weighting the training example lowers the eval
 example's loss). One loss for train and query gradients: the summed next-token cross-entropy
@@ -20,7 +22,7 @@ from gpu_core.data import EncodedPair
 from gpu_core.influence.result import build_influence_result
 from gpu_core.schemas import InfluenceOptions
 
-METHODS = ("tracin", "datainf", "kronfluence")
+METHODS = ("tracin", "datainf", "kronfluence", "trackstar")
 
 __all__ = ["METHODS", "AdapterCheckpoint", "build_influence_result", "compute_influence"]
 
@@ -32,6 +34,9 @@ class AdapterCheckpoint:
     state: dict[str, torch.Tensor]  # by model.named_parameters() name, detached clones
     learning_rate: float
     epoch: int
+    # Adam's bias-corrected second moment (exp_avg_sq / (1 - beta2^step)) per parameter, same
+    # keys; TrackStar divides gradients by its square root. None when training kept none.
+    second_moment: dict[str, torch.Tensor] | None = None
 
 
 def compute_influence(
@@ -45,6 +50,8 @@ def compute_influence(
     batch_size: int,
     work_dir: Path,
     progress: Callable[[float], None] | None = None,
+    train_ids: Sequence[str] | None = None,
+    index_dir: Path | None = None,
 ) -> torch.Tensor:
     """``[n_queries, n_train]`` float64 scores, positive = helpful.
 
@@ -52,7 +59,11 @@ def compute_influence(
     state in turn and restores the final state afterwards; DataInf and Kronfluence use the
     model's current (final) state. ``options.damping`` overrides DataInf's lambda_l and
     Kronfluence's damping factor (TracIn has none). ``work_dir`` holds temporary files (DataInf's
-    gradient chunks, kronfluence's factors), removed before returning."""
+    gradient chunks, kronfluence's factors), removed before returning.
+
+    TrackStar, and TracIn with ``options.projection_dim``, write a gradient index to
+    ``index_dir`` (default ``work_dir / "gradient_index"``), kept after returning, its rows named
+    by ``train_ids`` (default the positions)."""
     if method not in METHODS:
         raise ValueError(f"unknown influence method {method!r}; expected one of {', '.join(METHODS)}")
     if not train or not queries:
@@ -66,6 +77,17 @@ def compute_influence(
     was_training = model.training
     model.eval()
     try:
+        if method == "trackstar" or (method == "tracin" and options.projection_dim is not None):
+            from gpu_core.influence.index import INDEX_DIR_NAME
+            from gpu_core.influence.projected import projected_scores
+
+            ids = list(train_ids) if train_ids is not None else [str(i) for i in range(len(train))]
+            if len(ids) != len(train):
+                raise ValueError(f"{len(ids)} train_ids for {len(train)} training examples")
+            return projected_scores(
+                method, model, pad_token_id, train, ids, queries, checkpoints, options.projection_dim,
+                options.projection_seed, batch_size, Path(index_dir or work_dir / INDEX_DIR_NAME), report,
+            )
         if method == "tracin":
             from gpu_core.influence.tracin import tracin_scores
 

@@ -16,6 +16,7 @@ from gpu_core.data import EncodedPair, collate, encode_pair
 from gpu_core.influence import AdapterCheckpoint
 from gpu_core.influence.gradients import lora_layers, lora_state, summed_completion_loss
 from gpu_core.tiny import tiny_model_dir
+from gpu_core.training import adam_second_moments
 
 
 @dataclass
@@ -116,6 +117,11 @@ def _train(
             schedule.step()
         # TracIn weighs a checkpoint by the learning rate used in the epoch that produced it.
         checkpoints.append(
-            AdapterCheckpoint(lora_state(layers), learning_rate * (1 - epoch / epochs), epoch + 1)
+            AdapterCheckpoint(
+                lora_state(layers),
+                learning_rate * (1 - epoch / epochs),
+                epoch + 1,
+                second_moment=adam_second_moments(model, optimizer),
+            )
         )
     return checkpoints

@@ -1,0 +1,291 @@
+"""Influence from a projected gradient index: TracIn with ``projection_dim`` and TrackStar.
+
+Per training example and checkpoint the index holds ``k``-dimensional rows (``index.py``):
+
+- **TracIn** (projected TracInCP): ``P g_c(z)``, scored ``sum_c lr_c <P g_c(eval), P g_c(z)>``,
+  an unbiased estimate of TracIn's ``sum_c lr_c <g_c(eval), g_c(z)>``.
+- **TrackStar** (Chang et al. 2024, arXiv 2410.17413): on the final checkpoint,
+  ``G(z) = P (g(z) / (sqrt(v) + eps))`` with ``v`` the training's own Adam second moment of each
+  LoRA weight (bias-corrected, kept by ``training.train_lora`` per checkpoint) and ``eps`` Adam's
+  1e-8 outside the square root (bergson's ``AdamNormalizer``), then unit-normalised:
+  ``score = <G(eval)/|G(eval)|, G(z)/|G(z)|>``, a cosine in [-1, 1], positive = helpful. Both
+  sides get the same correction and normalisation (the paper's G for train and eval examples).
+  The paper's task-specific Hessian term ``R^-1/2`` is not applied (see docs/influence.md).
+
+Building streams the training set in batches (one forward+backward per batch and checkpoint,
+rows appended to the index); scoring streams the index in blocks against the eval rows held in
+memory (``n_eval x k`` per checkpoint), so memory is flat in ``n_train`` apart from what the
+caller keeps of the scores: a running exact top-k (:class:`RunningTopK`) and, when asked, the
+full matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gpu_core.data import EncodedPair
+from gpu_core.influence.gradients import (
+    LoraLayer,
+    batched_gradients,
+    load_lora_state,
+    lora_grad_enabled,
+    lora_layers,
+    lora_state,
+)
+from gpu_core.influence.index import GradientIndex, GradientIndexWriter, fingerprint
+from gpu_core.influence.projection import PROJECTION_KIND, CountSketchProjection
+
+# TrackStar needs a projection; without influence.projection_dim it uses this many dimensions.
+DEFAULT_TRACKSTAR_DIM = 4096
+ADAM_EPSILON = 1e-8
+# Index rows scored at once: 8,192 x n_eval float64 scores per block.
+SCORE_BLOCK_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """One checkpoint of the index: LoRA state, score weight and the gradient transform."""
+
+    epoch: int
+    state: dict[str, torch.Tensor]
+    weight: float
+    # sqrt(v) + eps per concatenated LoRA entry (TrackStar), or None (TracIn).
+    denominators: torch.Tensor | None
+
+
+def second_moment_denominators(
+    layers: Sequence[LoraLayer], second_moment: dict[str, torch.Tensor] | None, device: torch.device
+) -> torch.Tensor:
+    """``sqrt(v) + eps`` flattened in ``layers`` order; raises when the optimizer state is missing."""
+    if not second_moment:
+        raise ValueError(
+            "trackstar needs the training's Adam second moments (exp_avg_sq) in the final checkpoint; "
+            "this adapter checkpoint has none"
+        )
+    missing = [layer.param_name for layer in layers if layer.param_name not in second_moment]
+    if missing:
+        raise ValueError(f"trackstar: the checkpoint's second moments lack {', '.join(missing[:3])}")
+    flat = torch.cat(
+        [second_moment[layer.param_name].detach().flatten().to(device, torch.float32) for layer in layers]
+    )
+    return flat.clamp_min(0).sqrt().add(ADAM_EPSILON)
+
+
+class _Transform:
+    def __init__(self, projection: CountSketchProjection, plan: CheckpointPlan, unit_norm: bool) -> None:
+        self.projection = projection
+        self.plan = plan
+        self.unit_norm = unit_norm
+
+    def __call__(self, gradients: torch.Tensor) -> torch.Tensor:
+        gradients = gradients.detach().to(torch.float32)
+        if self.plan.denominators is not None:
+            gradients = gradients / self.plan.denominators
+        rows = self.projection.project(gradients)
+        if self.unit_norm:
+            rows = rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(1e-30)
+        return rows
+
+
+def plan_checkpoints(
+    method: str, layers: Sequence[LoraLayer], checkpoints: Sequence[Any], device: torch.device
+) -> list[CheckpointPlan]:
+    """TracIn: every checkpoint, weighted by its learning rate. TrackStar: the final one, weight 1."""
+    if not checkpoints:
+        raise ValueError(f"{method} needs at least one adapter checkpoint")
+    if method == "tracin":
+        return [CheckpointPlan(c.epoch, c.state, c.learning_rate, None) for c in checkpoints]
+    final = checkpoints[-1]
+    denominators = second_moment_denominators(layers, getattr(final, "second_moment", None), device)
+    return [CheckpointPlan(final.epoch, final.state, 1.0, denominators)]
+
+
+def build_gradient_index(
+    model: nn.Module,
+    pad_token_id: int,
+    train: Sequence[EncodedPair],
+    train_ids: Sequence[str],
+    plans: Sequence[CheckpointPlan],
+    method: str,
+    dim: int,
+    seed: int,
+    batch_size: int,
+    directory: Path,
+    progress: Callable[[int], None],
+) -> GradientIndex:
+    """Streams ``train`` once per plan into an index at ``directory``; ``progress(batches)`` after
+    every batch. Leaves the model's LoRA state as it found it."""
+    layers = lora_layers(model)
+    final_state = lora_state(layers)
+    device = next(model.parameters()).device
+    projection = CountSketchProjection([layer.numel for layer in layers], dim, seed, device)
+    writer = GradientIndexWriter(
+        directory,
+        method=method,
+        ids=train_ids,
+        dim=dim,
+        projection={
+            "kind": PROJECTION_KIND,
+            "seed": seed,
+            "input_dim": projection.input_dim,
+            "layers": [
+                {"name": layer.param_name, "shape": list(layer.module.weight.shape)} for layer in layers
+            ],
+        },
+        model_fingerprint=fingerprint(model, [layer.param_name for layer in layers], final_state),
+        extra={
+            "preprocessing": (
+                "adam second moment (sqrt(v) + 1e-8), projection, unit norm"
+                if method == "trackstar"
+                else "projection"
+            ),
+            "loss": "summed next-token cross-entropy over completion tokens",
+        },
+    )
+    done = 0
+    try:
+        with lora_grad_enabled(layers):
+            for plan in plans:
+                load_lora_state(layers, plan.state)
+                transform = _Transform(projection, plan, unit_norm=method == "trackstar")
+                writer.begin_checkpoint(plan.epoch, plan.weight)
+                for _, gradients in batched_gradients(model, layers, train, pad_token_id, batch_size):
+                    writer.append(transform(gradients))
+                    done += 1
+                    progress(done)
+                writer.end_checkpoint()
+        return writer.finish()
+    finally:
+        writer.close()
+        load_lora_state(layers, final_state)
+
+
+def query_rows(
+    model: nn.Module,
+    pad_token_id: int,
+    queries: Sequence[EncodedPair],
+    plans: Sequence[CheckpointPlan],
+    method: str,
+    index: GradientIndex,
+    batch_size: int,
+    progress: Callable[[int], None],
+) -> list[torch.Tensor]:
+    """Per plan ``[n_eval, dim]`` float32 eval rows, transformed as the index rows were."""
+    layers = lora_layers(model)
+    final_state = lora_state(layers)
+    spec = index.manifest["projection"]
+    device = next(model.parameters()).device
+    projection = CountSketchProjection([layer.numel for layer in layers], index.dim, spec["seed"], device)
+    rows, done = [], 0
+    try:
+        with lora_grad_enabled(layers):
+            for plan in plans:
+                load_lora_state(layers, plan.state)
+                transform = _Transform(projection, plan, unit_norm=method == "trackstar")
+                parts = []
+                for _, gradients in batched_gradients(model, layers, queries, pad_token_id, batch_size):
+                    parts.append(transform(gradients).cpu())
+                    done += 1
+                    progress(done)
+                rows.append(torch.cat(parts))
+    finally:
+        load_lora_state(layers, final_state)
+    return rows
+
+
+def score_blocks(
+    index: GradientIndex, eval_rows: Sequence[torch.Tensor], block_rows: int = SCORE_BLOCK_ROWS
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first training row, float64 [n_eval, rows])``: ``sum_c weight_c <eval_c, index_c>``
+    over the index in blocks of ``block_rows``; memory is one block per checkpoint."""
+    if len(eval_rows) != len(index.checkpoints):
+        raise ValueError(f"{len(eval_rows)} sets of eval rows for {len(index.checkpoints)} index checkpoints")
+    streams = [index.blocks(c, block_rows) for c in range(len(index.checkpoints))]
+    for parts in zip(*streams, strict=True):
+        start = parts[0][0]
+        scores = None
+        for checkpoint, rows, (_, block) in zip(index.checkpoints, eval_rows, parts, strict=True):
+            contribution = (rows @ block.T).to(torch.float64) * checkpoint.weight
+            scores = contribution if scores is None else scores + contribution
+        yield start, scores
+
+
+class RunningTopK:
+    """Exact per-eval-row top-k largest and smallest scores over streamed column blocks, ties
+    broken by training order (as ``build_influence_result``)."""
+
+    def __init__(self, n_eval: int, k: int) -> None:
+        self.k = k
+        self.top_values = torch.empty(n_eval, 0, dtype=torch.float64)
+        self.top_indices = torch.empty(n_eval, 0, dtype=torch.int64)
+        self.bottom_values = torch.empty(n_eval, 0, dtype=torch.float64)
+        self.bottom_indices = torch.empty(n_eval, 0, dtype=torch.int64)
+
+    def update(self, start: int, scores: torch.Tensor) -> None:
+        columns = torch.arange(start, start + scores.shape[1]).expand(scores.shape[0], -1)
+        self.top_values, self.top_indices = self._merge(
+            self.top_values, self.top_indices, scores, columns, True
+        )
+        self.bottom_values, self.bottom_indices = self._merge(
+            self.bottom_values, self.bottom_indices, scores, columns, False
+        )
+
+    def _merge(
+        self,
+        values: torch.Tensor,
+        indices: torch.Tensor,
+        scores: torch.Tensor,
+        columns: torch.Tensor,
+        largest: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Kept entries precede the block in training order, so a stable sort keeps ties in order.
+        all_values = torch.cat([values, scores], dim=1)
+        all_indices = torch.cat([indices, columns], dim=1)
+        order = torch.sort(all_values, dim=1, descending=largest, stable=True).indices[:, : self.k]
+        return all_values.gather(1, order), all_indices.gather(1, order)
+
+
+def projected_scores(
+    method: str,
+    model: nn.Module,
+    pad_token_id: int,
+    train: Sequence[EncodedPair],
+    train_ids: Sequence[str],
+    queries: Sequence[EncodedPair],
+    checkpoints: Sequence[Any],
+    projection_dim: int | None,
+    seed: int,
+    batch_size: int,
+    index_dir: Path,
+    progress: Callable[[float], None],
+) -> torch.Tensor:
+    """Builds the index at ``index_dir`` (kept), scores the eval examples against it block by
+    block, returns ``[n_eval, n_train]`` float64."""
+    layers = lora_layers(model)
+    device = next(model.parameters()).device
+    plans = plan_checkpoints(method, layers, checkpoints, device)
+    dim = projection_dim or DEFAULT_TRACKSTAR_DIM
+    train_batches = -(-len(train) // batch_size) * len(plans)
+    query_batches = -(-len(queries) // batch_size) * len(plans)
+    score_steps = -(-len(train) // SCORE_BLOCK_ROWS) + 1
+    total = train_batches + query_batches + score_steps
+    index = build_gradient_index(
+        model, pad_token_id, train, train_ids, plans, method, dim, seed, batch_size, index_dir,
+        lambda done: progress(done / total),
+    )
+    eval_rows = query_rows(
+        model, pad_token_id, queries, plans, method, index, batch_size,
+        lambda done: progress((train_batches + done) / total),
+    )
+    scores = torch.empty(len(queries), len(train), dtype=torch.float64)
+    for step, (start, block) in enumerate(score_blocks(index, eval_rows), start=1):
+        scores[:, start : start + block.shape[1]] = block
+        progress((train_batches + query_batches + step) / total)
+    progress(1.0)
+    return scores
