@@ -162,10 +162,12 @@ class GradientIndexWriter:
         self.manifest["checkpoints"].append(self._checkpoint)
         self._checkpoint = None
 
-    def finish(self) -> GradientIndex:
+    def finish(self, **fields: Any) -> GradientIndex:
+        """Writes the manifest (with ``fields`` added, e.g. build times) and opens the index."""
         if self._checkpoint is not None:
             raise RuntimeError("the last checkpoint is not finished")
-        (self.directory / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
+        self.manifest.update(fields)
+        (self.directory / MANIFEST).write_text(json.dumps(self.manifest, indent=1))
         return GradientIndex.open(self.directory)
 
     def close(self) -> None:

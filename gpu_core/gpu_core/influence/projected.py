@@ -21,6 +21,7 @@ full matrix.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,7 @@ def build_gradient_index(
         },
     )
     done = 0
+    started, started_cpu = time.monotonic(), time.process_time()
     try:
         with lora_grad_enabled(layers):
             for plan in plans:
@@ -160,7 +162,11 @@ def build_gradient_index(
                     done += 1
                     progress(done)
                 writer.end_checkpoint()
-        return writer.finish()
+        return writer.finish(
+            build_wall_s=time.monotonic() - started,
+            build_cpu_s=time.process_time() - started_cpu,
+            build_batch_size=batch_size,
+        )
     finally:
         writer.close()
         load_lora_state(layers, final_state)

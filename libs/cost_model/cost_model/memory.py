@@ -14,6 +14,10 @@ required = overhead + weights + LoRA state + activations + influence extra, wher
   example's LoRA gradient; DataInf holds the eval gradients and a chunk of DATAINF_CHUNK training
   gradients; Kronfluence holds EK-FAC factors, (in^2 + out^2) for each of a LoRA module's two
   factors (A: in -> r, B: r -> out), twice (covariances and eigenvectors), plus the eval gradients;
+  with a projected gradient index (TrackStar; TracIn with projection_dim) the index is on disk,
+  so the GPU holds the LoRA checkpoints it uses, the CountSketch (PROJECTION_BYTES_PER_PARAM: a
+  column index, a sign and a row pointer share per LoRA parameter), TrackStar's second moments,
+  one batch of gradients and the projected eval rows (n_eval x k per checkpoint);
 - overhead: CUDA context, cuBLAS workspace and kernels, OVERHEAD_GB.
 
 A tier fits when required <= USABLE_FRACTION x its memory (the rest absorbs allocator
@@ -40,6 +44,7 @@ ATTENTION_SCORE_BYTES = 5
 LOGIT_BYTES_PER_ENTRY = 10
 GRADIENT_BYTES_PER_PARAM = 4
 DATAINF_CHUNK = 256
+PROJECTION_BYTES_PER_PARAM = 12
 OVERHEAD_GB = 1.5
 USABLE_FRACTION = 0.9
 
@@ -94,7 +99,16 @@ def memory_breakdown(params_b: float, arch: Architecture, workload: Workload) ->
 
     gradient = n_lora * GRADIENT_BYTES_PER_PARAM
     eval_gradients = workload.n_eval * gradient
-    if workload.influence_method == "tracin":
+    if workload.index_dim is not None:
+        checkpoints = workload.index_checkpoints
+        influence = (
+            checkpoints * gradient
+            + n_lora * PROJECTION_BYTES_PER_PARAM
+            + (gradient if workload.influence_method == "trackstar" else 0)  # sqrt(v) + eps
+            + workload.batch_size * gradient
+            + checkpoints * workload.n_eval * workload.index_dim * GRADIENT_BYTES_PER_PARAM
+        )
+    elif workload.influence_method == "tracin":
         influence = workload.epochs * gradient + eval_gradients + gradient
     elif workload.influence_method == "datainf":
         influence = eval_gradients + min(workload.n_train, DATAINF_CHUNK) * gradient

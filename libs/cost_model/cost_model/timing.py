@@ -11,7 +11,9 @@ time = cold start + model load + (train + eval + influence FLOPs) / effective th
 - influence: per-example gradients cost 6 x N x tokens; TracIn takes them over train + eval at
   each of its `epochs` checkpoints; DataInf once; Kronfluence fits covariances and eigenvalue
   corrections (two passes over train) and then computes pairwise scores (one gradient pass over
-  train + eval); eigendecompositions are negligible next to these passes;
+  train + eval); eigendecompositions are negligible next to these passes; TrackStar takes them
+  once (final checkpoint); a projected index (TrackStar, TracIn with projection_dim) adds the
+  scoring, 2 x n_eval x n_train x k per index checkpoint;
 - effective throughput = peak 16-bit tensor TFLOPS x MODEL_FLOPS_UTILISATION x the
   quantization's speed factor (bitsandbytes dequantizes on every matmul);
 - model load = 16-bit weight bytes / LOAD_BYTES_PER_S (Hugging Face cache on a volume);
@@ -20,8 +22,8 @@ time = cold start + model load + (train + eval + influence FLOPs) / effective th
   GPU's ``pass_latency_s`` on top of its FLOPs, counted per stage from the number of examples:
   three eval runs of ceil(n_eval / batch) x (1 + max_new_tokens) passes, training of
   epochs x ceil(n_train / batch) x 3 (forward, backward, optimizer), influence of 3 passes per
-  gradient batch over train + eval (TracIn at each epoch's checkpoint, DataInf once, Kronfluence
-  two fitting passes over train plus one scoring pass). On the tiny model this term is the time.
+  gradient batch over train + eval (TracIn at each epoch's checkpoint, DataInf and TrackStar once,
+  Kronfluence two fitting passes over train plus one scoring pass). On the tiny model this term is the time.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ EVAL_RUNS = 3
 
 def influence_flops(params: float, workload: Workload) -> float:
     gradient_pass = 6 * params * (workload.train_tokens + workload.eval_tokens)
+    if workload.index_dim is not None:
+        scoring = 2 * workload.n_eval * workload.n_train * workload.index_dim
+        return workload.index_checkpoints * (gradient_pass + scoring)
     if workload.influence_method == "tracin":
         return workload.epochs * gradient_pass
     if workload.influence_method == "datainf":
@@ -59,7 +64,9 @@ def model_passes(workload: Workload) -> int:
     evaluation = EVAL_RUNS * eval_batches * (1 + workload.max_new_tokens)
     training = workload.epochs * train_batches * 3
     gradient_batches = train_batches + eval_batches
-    if workload.influence_method == "tracin":
+    if workload.index_dim is not None:  # TrackStar's final checkpoint, projected TracIn's epochs
+        gradient_batches *= workload.index_checkpoints
+    elif workload.influence_method == "tracin":
         gradient_batches *= workload.epochs
     elif workload.influence_method != "datainf":
         gradient_batches += 2 * train_batches

@@ -10,6 +10,8 @@ from gpu_core.schemas import ExperimentSpec, Hyperparams, InfluenceMethod, Quant
 from cost_model.model_catalog import ModelCard
 
 _DEFAULTS = Hyperparams()
+# gpu_core.influence.projected.DEFAULT_TRACKSTAR_DIM (not imported: that module needs torch).
+TRACKSTAR_DEFAULT_DIM = 4096
 
 
 @dataclass(frozen=True)
@@ -22,11 +24,25 @@ class Workload:
     epochs: int = _DEFAULTS.epochs
     max_new_tokens: int = _DEFAULTS.max_new_tokens
     influence_method: InfluenceMethod = "tracin"
+    # influence.projection_dim; TrackStar projects to TRACKSTAR_DEFAULT_DIM when it is None.
+    projection_dim: int | None = None
     n_train: int = 100
     n_eval: int = 20
     train_tokens: int = 100 * _DEFAULTS.max_seq_len // 2  # summed over the training examples
     eval_tokens: int = 20 * _DEFAULTS.max_seq_len // 2  # summed over the eval examples (prompt + expected)
     few_shot_tokens: int = 20 * _DEFAULTS.max_seq_len  # summed over the few-shot prompts
+
+    @property
+    def index_dim(self) -> int | None:
+        """Dimensions of the projected gradient index, or None when the method builds none."""
+        if self.influence_method == "trackstar":
+            return self.projection_dim or TRACKSTAR_DEFAULT_DIM
+        return self.projection_dim if self.influence_method == "tracin" else None
+
+    @property
+    def index_checkpoints(self) -> int:
+        """Checkpoints in the index: TracIn's every epoch, TrackStar's final one."""
+        return self.epochs if self.influence_method == "tracin" else 1
 
     @classmethod
     def from_spec(cls, spec: ExperimentSpec, card: ModelCard) -> Workload:
@@ -52,6 +68,7 @@ class Workload:
             epochs=hp.epochs,
             max_new_tokens=hp.max_new_tokens,
             influence_method=spec.influence_method,
+            projection_dim=spec.influence.projection_dim,
             n_train=len(train),
             n_eval=len(evals),
             train_tokens=sum(train),

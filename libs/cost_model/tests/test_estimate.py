@@ -227,3 +227,38 @@ def test_time_grows_with_the_examples_of_every_stage() -> None:
     assert seconds(100, 1_000) > small + 10  # three eval runs and influence per eval example
     assert seconds(100, 1_000, max_new_tokens=32) > seconds(100, 1_000) + 30  # generation steps
     assert seconds(100, 10, epochs=5) > small + 1  # TracIn's checkpoints and every epoch
+
+
+def test_trackstar_and_projection_are_costed() -> None:
+    def run(method: str, **influence) -> CostEstimate:
+        spec = make_spec("Qwen/Qwen2.5-0.5B", "none", influence_method=method)
+        spec.influence = spec.influence.model_copy(update=influence)
+        return estimate(spec, "runpod", "runpod")
+
+    tracin, trackstar, datainf = run("tracin"), run("trackstar"), run("datainf")
+    # TrackStar: one gradient pass (the final checkpoint) plus the scoring, not TracIn's three.
+    assert datainf.estimated_time_s <= trackstar.estimated_time_s < tracin.estimated_time_s
+    workload = Workload(influence_method="trackstar", n_train=100_000, n_eval=1000)
+    scoring = 2 * 1000 * 100_000 * 4096
+    datainf_workload = dataclasses.replace(workload, influence_method="datainf")
+    gradient_pass = cost_model.timing.influence_flops(1e9, datainf_workload)
+    assert cost_model.timing.influence_flops(1e9, workload) == pytest.approx(gradient_pass + scoring)
+    projected = dataclasses.replace(workload, influence_method="tracin", projection_dim=1024)
+    assert cost_model.timing.influence_flops(1e9, projected) == pytest.approx(
+        workload.epochs * (gradient_pass + 2 * 1000 * 100_000 * 1024)
+    )
+
+
+def test_projection_keeps_influence_memory_flat_in_eval_size() -> None:
+    arch = lookup_model("google/gemma-3-12b").architecture
+
+    def influence_gb(n_eval: int, projection_dim: int | None, method: str = "tracin") -> float:
+        workload = Workload(
+            influence_method=method, projection_dim=projection_dim, n_eval=n_eval, n_train=100_000
+        )
+        return recommend_gpu(12.2, "4bit", architecture=arch, workload=workload).breakdown.influence_gb
+
+    # Exact TracIn caches a full LoRA gradient per eval example; projected rows are k floats.
+    assert influence_gb(1000, None) > 10 * influence_gb(1000, 4096)
+    assert influence_gb(1000, 4096) - influence_gb(10, 4096) < 0.1
+    assert influence_gb(1000, None, "trackstar") == influence_gb(1000, 4096, "trackstar")

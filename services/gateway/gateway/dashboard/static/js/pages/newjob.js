@@ -29,7 +29,12 @@ const METHODS = [
     cost: "About one extra gradient pass: a closed-form inverse-Hessian approximation per LoRA layer." },
   { value: "kronfluence", label: "Kronfluence (EK-FAC)",
     cost: "Most accurate and most expensive: fits EK-FAC factors first (about 3x TracIn's compute and more memory)." },
+  { value: "trackstar", label: "TrackStar",
+    cost: "For large training sets: each example's gradient, rescaled by the optimizer's statistics and compressed, scored by cosine similarity; one gradient pass." },
 ];
+// influence.projection_dim: optional; empty keeps exact TracIn (TrackStar then uses 4,096).
+const PROJECTION_DIM = { name: "projection_dim", label: "Projection dimensions (optional)", min: 16, max: 65536, step: 1,
+  help: "Compress each training example's gradient to this many numbers, saved as a reusable index: memory stays flat with 100,000 examples; scores become close approximations. Empty: exact." };
 const EXAMPLE_FILES = [
   ["train.jsonl", "Training examples (JSONL)"], ["train.csv", "Training examples (CSV)"],
   ["eval.jsonl", "Eval examples (JSONL)"], ["eval.csv", "Eval examples (CSV)"],
@@ -44,6 +49,15 @@ function numberField(field) {
       id, name: field.name, type: "number", value: field.value, min: field.min, max: field.max,
       step: field.step, required: true, inputmode: field.step === 1 ? "numeric" : "decimal",
     }));
+}
+
+function projectionField() {
+  const id = `influence-${PROJECTION_DIM.name}`;
+  return el("div", { class: "field" },
+    el("label", { for: id }, PROJECTION_DIM.label),
+    el("input", { id, name: PROJECTION_DIM.name, type: "number", min: PROJECTION_DIM.min, max: PROJECTION_DIM.max,
+      step: PROJECTION_DIM.step, inputmode: "numeric", placeholder: "exact", "aria-describedby": `${id}-help` }),
+    el("span", { class: "help", id: `${id}-help` }, PROJECTION_DIM.help));
 }
 
 function priceCell(price, active) {
@@ -221,7 +235,7 @@ export async function renderNewExperiment(view) {
     el("section", { class: "card" }, el("h2", {}, "Data check"), dataReport),
     el("section", { class: "card" }, el("h2", {}, "Hyperparameters"),
       el("div", { class: "grid" }, HYPERPARAMS.map(numberField), SPEC_NUMBERS.map(numberField))),
-    el("section", { class: "card" }, el("h2", {}, "Influence"), methods),
+    el("section", { class: "card" }, el("h2", {}, "Influence"), methods, projectionField()),
     el("section", { class: "card" }, el("h2", {}, "Cost estimate"), estimate),
     el("div", { class: "actions" }, submit));
 
@@ -238,7 +252,10 @@ export async function renderNewExperiment(view) {
       hyperparams,
       few_shot_k: number("few_shot_k"),
       influence_method: form.elements[methodName].value,
-      influence: { top_k: number("top_k") },
+      influence: {
+        top_k: number("top_k"),
+        ...(form.elements[PROJECTION_DIM.name].value ? { projection_dim: number(PROJECTION_DIM.name) } : {}),
+      },
       template: form.elements.template.value,
       data_format: { training: formats.train, eval: formats.eval },
     };
