@@ -196,7 +196,7 @@ def test_planted_duplicates_rank_top_one(tmp_path: Path) -> None:
     setup = build_toy_setup(n_train, n_queries, duplicate_queries=True)
     duplicates = torch.tensor([i * n_train // n_queries for i in range(n_queries)])
     rates = {}
-    for method in ("tracin", "datainf", "kronfluence"):
+    for method in ("tracin", "datainf", "kronfluence", "trackstar"):
         scores = compute_influence(
             method,
             setup.model,
@@ -211,6 +211,7 @@ def test_planted_duplicates_rank_top_one(tmp_path: Path) -> None:
         rates[method] = float((scores.argmax(dim=1) == duplicates).double().mean())
     print(f"\nplanted duplicates, top-1 helpful rate: {rates}")
     assert rates["kronfluence"] >= 0.95
+    assert rates["trackstar"] >= 0.95
 
 
 def test_kronfluence_tracks_the_exact_damped_fisher(tmp_path: Path) -> None:

@@ -132,7 +132,11 @@ def per_example_gradients(
     handles = [layer.module.register_forward_hook(capture(i)) for i, layer in enumerate(layers)]
     try:
         with torch.enable_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            # No KV cache: nothing is generated, and a cache per batch is garbage in reference
+            # cycles that accumulates until the collector runs.
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).logits
             loss = summed_completion_loss(logits, batch["labels"])
     finally:
         for handle in handles:

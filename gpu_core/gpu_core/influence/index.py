@@ -112,7 +112,8 @@ class GradientIndexWriter:
             "checkpoints": [],
             **(extra or {}),
         }
-        (self.directory / IDS_FILE).write_text(json.dumps(list(ids)))
+        with (self.directory / IDS_FILE).open("w") as handle:
+            json.dump(ids if isinstance(ids, list) else list(ids), handle)  # written chunk by chunk
         self._checkpoint: dict[str, Any] | None = None
         self._written = 0
         self._rows: BinaryIO | None = None
