@@ -12,7 +12,7 @@ PROTO_SRC := $(wildcard protos/influence/v1/*.proto)
 PROTO_OUT := protos/gen
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help setup protos protos-check run demo test lint migrate bench-influence bench-artifacts clean modal-deploy k8s-validate lint-docker images
+.PHONY: help setup protos protos-check run demo test lint migrate bench-influence bench-artifacts bench-scale gpu-check clean modal-deploy k8s-validate lint-docker images
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -56,6 +56,12 @@ bench-influence: setup ## influence benchmark: wall time, peak memory, ratios
 bench-artifacts: setup ## 10,000 x 1,000 TracIn through the stack: scores.npy download, results size, time moving artifacts, estimate; 1 GiB artifact memory
 	$(PY) -m benchmarks.artifacts
 	$(PY) -m benchmarks.artifact_memory
+
+bench-scale: setup ## influence at scale: 10k-100k train with a projected index, projected vs exact TracIn, LDS
+	$(PY) benchmarks/bench_scale.py
+
+gpu-check: setup ## one prepared run on a CUDA GPU (1B-sized model, bf16 and 4-bit, every method); refuses without CUDA
+	$(PY) benchmarks/gpu_check.py
 
 modal-deploy: setup ## deploy the Modal app (needs MODAL_TOKEN_ID/SECRET; MODAL_GPU picks the GPU)
 	$(VENV)/bin/modal deploy services/compute-modal/worker/modal_app.py

@@ -236,3 +236,17 @@ def test_pipeline_writes_the_index_and_second_moments_as_artifacts(
 
     moments = load_file(str(artifacts / "checkpoints" / "epoch-2.second-moment.safetensors"))
     assert moments and all(bool((value >= 0).all()) and bool((value > 0).any()) for value in moments.values())
+
+
+def test_gpu_check_refuses_clearly_without_cuda() -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+    completed = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True, text=True, check=False, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert completed.returncode == 2, completed.stderr
+    assert "gpu-check needs a CUDA GPU" in completed.stderr and "nothing was run" in completed.stderr
+    assert completed.stdout == ""
