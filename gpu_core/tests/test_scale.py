@@ -250,3 +250,33 @@ def test_gpu_check_refuses_clearly_without_cuda() -> None:
     assert completed.returncode == 2, completed.stderr
     assert "gpu-check needs a CUDA GPU" in completed.stderr and "nothing was run" in completed.stderr
     assert completed.stdout == ""
+
+
+def test_scores_file_written_block_by_block_equals_the_matrix(tmp_path: Path) -> None:
+    from gpu_core.influence.projected import ScoresFileWriter
+
+    matrix = torch.randn(5, 23, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    writer = ScoresFileWriter(tmp_path / "scores.npy", 5, 23)
+    for start in (14, 0, 7):  # any order: each block lands at its columns
+        writer.write(start, matrix[:, start : start + 7 if start < 14 else 23])
+    writer.close()
+    stored = np.load(tmp_path / "scores.npy")
+    assert stored.dtype == np.float32 and stored.shape == (5, 23)
+    assert np.array_equal(stored, matrix.numpy().astype(np.float32))
+
+
+def test_streamed_top_k_and_scores_file_without_the_full_matrix(toy: ToySetup, tmp_path: Path) -> None:
+    from gpu_core.influence.projected import projected_scores
+
+    common = (
+        "trackstar", toy.model, toy.tokenizer.pad_token_id, toy.train, [str(i) for i in range(96)],
+        toy.queries, toy.checkpoints, 512, 0, 32,
+    )
+    full = projected_scores(*common, tmp_path / "a", lambda _f: None).full
+    streamed = projected_scores(
+        *common, tmp_path / "b", lambda _f: None, keep_full=False, top_k=4, scores_file=tmp_path / "s.npy"
+    )
+    assert streamed.full is None
+    expected_top = torch.sort(full, dim=1, descending=True, stable=True).indices[:, :4]
+    assert torch.equal(streamed.top.top_indices, expected_top)
+    assert np.allclose(np.load(tmp_path / "s.npy"), full.numpy(), atol=1e-6)

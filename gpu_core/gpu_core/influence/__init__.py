@@ -87,7 +87,7 @@ def compute_influence(
             return projected_scores(
                 method, model, pad_token_id, train, ids, queries, checkpoints, options.projection_dim,
                 options.projection_seed, batch_size, Path(index_dir or work_dir / INDEX_DIR_NAME), report,
-            )
+            ).full
         if method == "tracin":
             from gpu_core.influence.tracin import tracin_scores
 

@@ -176,8 +176,8 @@ class GradientIndexWriter:
         self._close_shard()
 
     def _open_shard(self, shard: dict[str, Any]) -> None:
-        self._rows = _open_npy(self.directory / shard["file"], "<f2", (shard["rows"], self.dim))
-        self._norms = _open_npy(self.directory / Shard(**shard).norms_file, "<f4", (shard["rows"],))
+        self._rows = open_npy(self.directory / shard["file"], "<f2", (shard["rows"], self.dim))
+        self._norms = open_npy(self.directory / Shard(**shard).norms_file, "<f4", (shard["rows"],))
 
     def _close_shard(self) -> None:
         for handle in (self._rows, self._norms):
@@ -186,8 +186,9 @@ class GradientIndexWriter:
         self._rows = self._norms = None
 
 
-def _open_npy(path: Path, descr: str, shape: tuple[int, ...]) -> BinaryIO:
-    handle = path.open("wb")
+def open_npy(path: Path, descr: str, shape: tuple[int, ...], mode: str = "wb") -> BinaryIO:
+    """A ``.npy`` file of ``shape`` opened for writing its data, the header already written."""
+    handle = path.open(mode)
     np.lib.format.write_array_header_1_0(handle, {"descr": descr, "fortran_order": False, "shape": shape})
     return handle
 

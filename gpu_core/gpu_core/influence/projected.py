@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,7 +40,7 @@ from gpu_core.influence.gradients import (
     lora_layers,
     lora_state,
 )
-from gpu_core.influence.index import GradientIndex, GradientIndexWriter, fingerprint
+from gpu_core.influence.index import GradientIndex, GradientIndexWriter, fingerprint, open_npy
 from gpu_core.influence.projection import PROJECTION_KIND, CountSketchProjection
 
 # TrackStar needs a projection; without influence.projection_dim it uses this many dimensions.
@@ -257,6 +258,34 @@ class RunningTopK:
         return all_values.gather(1, order), all_indices.gather(1, order)
 
 
+class ScoresFileWriter:
+    """``[n_eval, n_train]`` scores as a row-major ``.npy`` file, written column block by column
+    block as :func:`score_blocks` yields them (one seek + write per eval row and block), so the
+    whole matrix is never in memory."""
+
+    def __init__(self, path: Path, n_eval: int, n_train: int, dtype: str = "<f4") -> None:
+        self.n_eval, self.n_train = n_eval, n_train
+        self.dtype = np.dtype(dtype)
+        self._handle = open_npy(Path(path), self.dtype.str, (n_eval, n_train))
+        self._data_start = self._handle.tell()
+        self._handle.truncate(self._data_start + n_eval * n_train * self.dtype.itemsize)
+
+    def write(self, start: int, block: torch.Tensor) -> None:
+        values = block.detach().cpu().numpy().astype(self.dtype, copy=False)
+        for row in range(self.n_eval):
+            self._handle.seek(self._data_start + (row * self.n_train + start) * self.dtype.itemsize)
+            self._handle.write(values[row].tobytes())
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+@dataclass
+class ProjectedScores:
+    full: torch.Tensor | None  # [n_eval, n_train] float64, when kept
+    top: RunningTopK | None  # exact top-k per eval example, when asked
+
+
 def projected_scores(
     method: str,
     model: nn.Module,
@@ -270,9 +299,15 @@ def projected_scores(
     batch_size: int,
     index_dir: Path,
     progress: Callable[[float], None],
-) -> torch.Tensor:
-    """Builds the index at ``index_dir`` (kept), scores the eval examples against it block by
-    block, returns ``[n_eval, n_train]`` float64."""
+    *,
+    keep_full: bool = True,
+    top_k: int | None = None,
+    scores_file: Path | None = None,
+) -> ProjectedScores:
+    """Builds the index at ``index_dir`` (kept), then scores the eval examples against it block
+    by block into what is asked for: the full ``[n_eval, n_train]`` matrix (``keep_full``), a
+    running exact top-``top_k`` per eval example, a ``scores_file`` (.npy, float32) written
+    block by block. Without the full matrix, memory is flat in ``n_train``."""
     layers = lora_layers(model)
     device = next(model.parameters()).device
     plans = plan_checkpoints(method, layers, checkpoints, device)
@@ -289,9 +324,20 @@ def projected_scores(
         model, pad_token_id, queries, plans, method, index, batch_size,
         lambda done: progress((train_batches + done) / total),
     )
-    scores = torch.empty(len(queries), len(train), dtype=torch.float64)
-    for step, (start, block) in enumerate(score_blocks(index, eval_rows), start=1):
-        scores[:, start : start + block.shape[1]] = block
-        progress((train_batches + query_batches + step) / total)
+    full = torch.empty(len(queries), len(train), dtype=torch.float64) if keep_full else None
+    top = RunningTopK(len(queries), top_k) if top_k is not None else None
+    writer = ScoresFileWriter(scores_file, len(queries), len(train)) if scores_file is not None else None
+    try:
+        for step, (start, block) in enumerate(score_blocks(index, eval_rows), start=1):
+            if full is not None:
+                full[:, start : start + block.shape[1]] = block
+            if top is not None:
+                top.update(start, block)
+            if writer is not None:
+                writer.write(start, block)
+            progress((train_batches + query_batches + step) / total)
+    finally:
+        if writer is not None:
+            writer.close()
     progress(1.0)
-    return scores
+    return ProjectedScores(full=full, top=top)
