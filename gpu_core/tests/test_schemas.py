@@ -64,7 +64,19 @@ def test_unknown_method() -> None:
     raw = minimal()
     raw["influence_method"] = "shapley"
     message = rejection(raw)
-    assert "influence_method" in message and "'tracin', 'datainf' or 'kronfluence'" in message
+    assert "influence_method" in message and "'tracin', 'datainf', 'kronfluence' or 'trackstar'" in message
+
+
+def test_trackstar_and_projection_dim() -> None:
+    raw = minimal()
+    raw["influence_method"] = "trackstar"
+    raw["influence"] = {"projection_dim": 4096, "projection_seed": 3}
+    spec = ExperimentSpec.model_validate(raw)
+    assert spec.influence_method == "trackstar" and spec.influence.projection_dim == 4096
+    assert ExperimentSpec.model_validate(minimal()).influence.projection_dim is None
+    raw["influence"] = {"projection_dim": 8}
+    message = rejection(raw)
+    assert "influence.projection_dim" in message and "greater than or equal to 16" in message
 
 
 def test_text_longer_than_the_limit() -> None:
