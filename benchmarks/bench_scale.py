@@ -191,7 +191,7 @@ def _eval_losses(model, tokenizer, queries) -> torch.Tensor:
     return torch.tensor(losses, dtype=torch.float64)
 
 
-def run_lds(n_subsets: int, work: Path) -> dict:
+def run_lds(n_subsets: int, epochs: int, learning_rate: float, work: Path) -> dict:
     from gpu_core.data import encode_pair
     from gpu_core.influence import compute_influence
     from gpu_core.schemas import Hyperparams, InfluenceOptions
@@ -203,7 +203,9 @@ def run_lds(n_subsets: int, work: Path) -> dict:
     pairs = cipher_pairs(LDS_TRAIN + LDS_EVAL, seed=7)
     train = [encode_pair(tokenizer, p, c, 32) for p, c in pairs[:LDS_TRAIN]]
     queries = [encode_pair(tokenizer, p, c, 32) for p, c in pairs[LDS_TRAIN:]]
-    hyperparams = Hyperparams(epochs=6, batch_size=16, learning_rate=0.004, max_seq_len=32, seed=0)
+    hyperparams = Hyperparams(
+        epochs=epochs, batch_size=16, learning_rate=learning_rate, max_seq_len=32, seed=0
+    )
 
     started = time.monotonic()
     model, checkpoints = _fine_tune(base_dir, train, hyperparams, tokenizer)
@@ -260,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--method", default="trackstar", choices=["trackstar", "tracin"])
     parser.add_argument("--projection-dim", type=int, default=4096)
     parser.add_argument("--subsets", type=int, default=40, help="LDS retrainings (default 40)")
+    parser.add_argument("--lds-epochs", type=int, default=6, help="LDS fine-tuning epochs (default 6)")
+    parser.add_argument("--lds-lr", type=float, default=0.004, help="LDS learning rate (default 0.004)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -269,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "accuracy" in parts:
             figures["accuracy"] = run_accuracy(2000, 100, (1024, 4096), Path(work))
         if "lds" in parts:
-            figures["lds"] = run_lds(args.subsets, Path(work))
+            figures["lds"] = run_lds(args.subsets, args.lds_epochs, args.lds_lr, Path(work))
         if "scale" in parts:
             sizes = [int(s) for s in args.sizes.split(",")]
             figures["scale"] = run_scale(sizes, args.method, args.projection_dim, Path(work))
