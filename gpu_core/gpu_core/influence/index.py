@@ -230,9 +230,6 @@ class GradientIndex:
                 names += [shard.file, shard.norms_file]
         return [self.directory / name for name in names]
 
-    def nbytes(self) -> int:
-        return sum(path.stat().st_size for path in self.files())
-
     def blocks(self, checkpoint: int, block_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
         """``(start row, float32 [rows, dim])``, rows at their stored norms, ``block_rows`` at a
         time (fewer at a shard's end). One shard is mapped at a time."""

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 import torch
 
 PROJECTION_KIND = "countsketch"
-DEFAULT_PROJECTION_SEED = 0
 # Separates the generator streams of consecutive LoRA matrices of one seed.
 _LAYER_STREAM_STRIDE = 1_000_003
 
