@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from gpu_core.artifacts import collect_artifacts, write_scores
+from gpu_core.artifacts import SCORES_NAME, collect_artifacts, write_scores
 from gpu_core.data import Encoder, chat_template_sha256, few_shot_demonstrations, resolve_template
 from gpu_core.environment import describe_environment
 from gpu_core.evaluation import evaluate
@@ -246,6 +246,10 @@ class _Experiment:
         with tempfile.TemporaryDirectory(prefix="gpu_core-influence-") as work_dir:
             # A projected gradient index is a job artifact when there is an artifacts dir.
             index_root = self.artifacts_dir if self.artifacts_dir is not None else Path(work_dir)
+            # Methods scoring from the index write scores.npy block by block as they score.
+            scores_file = self.artifacts_dir / SCORES_NAME if self.artifacts_dir is not None else None
+            if scores_file is not None:
+                scores_file.unlink(missing_ok=True)  # so an existing file is this run's
             scores = compute_influence(
                 spec.influence_method,
                 model,
@@ -259,6 +263,7 @@ class _Experiment:
                 progress=self.stage_reporter("influence", message),
                 train_ids=[example.id for example in spec.training_data],
                 index_dir=index_root / INDEX_DIR_NAME,
+                scores_file=scores_file,
             )
         train_ids = [example.id for example in spec.training_data]
         eval_ids = [example.id for example in spec.eval_data]
@@ -273,7 +278,8 @@ class _Experiment:
         artifacts = []
         if self.artifacts_dir is not None:
             started = time.monotonic()
-            write_scores(self.artifacts_dir, matrix)
+            if not (self.artifacts_dir / SCORES_NAME).exists():
+                write_scores(self.artifacts_dir, matrix)
             artifacts = collect_artifacts(self.artifacts_dir)
             self.timed("artifacts", started)
         self.timings["total"] = time.monotonic() - run_started

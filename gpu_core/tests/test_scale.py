@@ -226,6 +226,11 @@ def test_pipeline_writes_the_index_and_second_moments_as_artifacts(
     assert len(result.influence.scores) == 6 and len(result.influence.scores[0]) == 24
     index = GradientIndex.open(artifacts / "gradient_index")
     assert index.ids() == [example.id for example in spec.training_data]
+    # scores.npy, written block by block while scoring, is the result's matrix in float32.
+    stored = np.load(artifacts / "scores.npy")
+    assert stored.dtype == np.float32 and stored.shape == (6, 24)
+    assert np.allclose(stored, np.asarray(result.influence.scores), rtol=1e-6, atol=1e-7)
+    assert "scores.npy" in {artifact.name for artifact in result.artifacts}
     assert index.dim == 512 and index.n_examples == 24
     listing = json.loads((artifacts / "checkpoints" / "checkpoints.json").read_text())["checkpoints"]
     assert [entry["second_moment_file"] for entry in listing] == [

@@ -52,6 +52,7 @@ def compute_influence(
     progress: Callable[[float], None] | None = None,
     train_ids: Sequence[str] | None = None,
     index_dir: Path | None = None,
+    scores_file: Path | None = None,
 ) -> torch.Tensor:
     """``[n_queries, n_train]`` float64 scores, positive = helpful.
 
@@ -63,7 +64,8 @@ def compute_influence(
 
     TrackStar, and TracIn with ``options.projection_dim``, write a gradient index to
     ``index_dir`` (default ``work_dir / "gradient_index"``), kept after returning, its rows named
-    by ``train_ids`` (default the positions)."""
+    by ``train_ids`` (default the positions), and with ``scores_file`` also write the scores
+    there as float32 ``.npy``, block by block while scoring (the other methods ignore it)."""
     if method not in METHODS:
         raise ValueError(f"unknown influence method {method!r}; expected one of {', '.join(METHODS)}")
     if not train or not queries:
@@ -87,6 +89,7 @@ def compute_influence(
             return projected_scores(
                 method, model, pad_token_id, train, ids, queries, checkpoints, options.projection_dim,
                 options.projection_seed, batch_size, Path(index_dir or work_dir / INDEX_DIR_NAME), report,
+                scores_file=scores_file,
             ).full
         if method == "tracin":
             from gpu_core.influence.tracin import tracin_scores
