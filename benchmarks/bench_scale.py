@@ -102,7 +102,7 @@ def run_scale(sizes: Sequence[int], method: str, projection_dim: int, work: Path
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-        # The result JSON holds the dense scores (hundreds of MB at 100k); the figures are taken.
+        # The figures are taken; the spec and result JSON are large at 100k.
         for path in (case / "result.json", spec_path):
             path.unlink()
     print(f"\n{method}, projection_dim {projection_dim}, x {SCALE_EVAL} eval, batch 32, 1 epoch:")
