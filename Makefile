@@ -12,7 +12,7 @@ PROTO_SRC := $(wildcard protos/influence/v1/*.proto)
 PROTO_OUT := protos/gen
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help setup protos protos-check run demo test lint migrate bench-influence bench-artifacts clean modal-deploy k8s-validate lint-docker images
+.PHONY: help setup protos protos-check run demo test lint migrate bench-influence bench-artifacts bench-cancel clean modal-deploy k8s-validate lint-docker images
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -56,6 +56,9 @@ bench-influence: setup ## influence benchmark: wall time, peak memory, ratios
 bench-artifacts: setup ## 10,000 x 1,000 TracIn through the stack: scores.npy download, results size, time moving artifacts, estimate; 1 GiB artifact memory
 	$(PY) -m benchmarks.artifacts
 	$(PY) -m benchmarks.artifact_memory
+
+bench-cancel: setup ## cancel latency per stage and influence method on the tiny model (target < 5 s)
+	$(PY) -m gpu_core.bench_cancel
 
 modal-deploy: setup ## deploy the Modal app (needs MODAL_TOKEN_ID/SECRET; MODAL_GPU picks the GPU)
 	$(VENV)/bin/modal deploy services/compute-modal/worker/modal_app.py
