@@ -227,3 +227,14 @@ def test_time_grows_with_the_examples_of_every_stage() -> None:
     assert seconds(100, 1_000) > small + 10  # three eval runs and influence per eval example
     assert seconds(100, 1_000, max_new_tokens=32) > seconds(100, 1_000) + 30  # generation steps
     assert seconds(100, 10, epochs=5) > small + 1  # TracIn's checkpoints and every epoch
+
+
+def test_every_fitting_gpu_cheapest_first() -> None:
+    from cost_model import price_table
+
+    table = price_table("runpod")
+    names = [name for name, _ in table.gpus_for_tier(48)]
+    assert names[0] == "AMPERE_48" and "AMPERE_24" not in names and "HOPPER_141" in names
+    prices = [offer.usd_per_second for _, offer in table.gpus_for_tier(48)]
+    assert prices == sorted(prices)
+    assert [name for name, _ in table.gpus_for_tier(141)] == ["HOPPER_141", "BLACKWELL_180"]
