@@ -57,8 +57,9 @@ bench-artifacts: setup ## 10,000 x 1,000 TracIn through the stack: scores.npy do
 	$(PY) -m benchmarks.artifacts
 	$(PY) -m benchmarks.artifact_memory
 
-bench-cancel: setup ## cancel latency per stage and influence method on the tiny model (target < 5 s)
+bench-cancel: setup ## cancel latency per stage and method on the tiny model, in gpu_core and through the RunPod SDK loop (target < 5 s)
 	$(PY) -m gpu_core.bench_cancel
+	$(PY) -m devstack.bench_runpod_cancel
 
 modal-deploy: setup ## deploy the Modal app (needs MODAL_TOKEN_ID/SECRET; MODAL_GPU picks the GPU, MODAL_HF_SECRET names an HF token secret)
 	$(VENV)/bin/modal deploy services/compute-modal/worker/modal_app.py
