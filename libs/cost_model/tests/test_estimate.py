@@ -262,3 +262,14 @@ def test_projection_keeps_influence_memory_flat_in_eval_size() -> None:
     assert influence_gb(1000, None) > 10 * influence_gb(1000, 4096)
     assert influence_gb(1000, 4096) - influence_gb(10, 4096) < 0.1
     assert influence_gb(1000, None, "trackstar") == influence_gb(1000, 4096, "trackstar")
+
+
+def test_every_fitting_gpu_cheapest_first() -> None:
+    from cost_model import price_table
+
+    table = price_table("runpod")
+    names = [name for name, _ in table.gpus_for_tier(48)]
+    assert names[0] == "AMPERE_48" and "AMPERE_24" not in names and "HOPPER_141" in names
+    prices = [offer.usd_per_second for _, offer in table.gpus_for_tier(48)]
+    assert prices == sorted(prices)
+    assert [name for name, _ in table.gpus_for_tier(141)] == ["HOPPER_141", "BLACKWELL_180"]

@@ -21,7 +21,7 @@ from compute_runpod import costs
 from compute_runpod.client import RunPodClient
 from compute_runpod.config import Settings
 from compute_runpod.errors import Code, ProviderError
-from compute_runpod.results import error_text, final_result, is_result_chunk
+from compute_runpod.results import NO_OUTPUT, error_text, final_result, is_result_chunk
 from gpu_core import schemas
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ RESULT_EXPIRED = (
     "finishes, and this one is gone"
 )
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
+# In the endpoint's env: the template it was created from or last moved to.
+TEMPLATE_MARKER = "INFLUENCE_TEMPLATE_ID"
 _REMEMBERED_JOBS = 10_000
 
 RevealKey = Callable[[str], Awaitable[str]]
@@ -131,25 +133,46 @@ class RunPodProvider:
     # ---- credentials ---------------------------------------------------------------------
 
     async def verify(self, account: AccountRef, api_key: str = "") -> Verification:
+        """Validity through REST v2 (listing the serverless endpoints: 401 invalid, 403 lacking
+        scope), then the balance through GraphQL while RunPod still answers it (it is deprecated
+        and retires in 2027; REST v2 has no balance). A valid key whose balance cannot be read
+        is accepted with a note saying so: spend stays bounded by the execution timeout."""
         key = api_key or await self._key(account)
-        balance, account_id = await self._balance(key)
-        if balance <= 0:
+        await self._client.list_endpoints(key)
+        balance = await self._read_balance(key)
+        if isinstance(balance, str):
+            return Verification(account_id="", balance_usd=-1.0, message=self._balance_unread(balance))
+        amount, account_id = balance
+        if amount <= 0:
             raise ProviderError(
                 Code.FAILED_PRECONDITION, "Your RunPod balance is $0; add credits at runpod.io"
             )
-        message = f"RunPod key is valid; balance {usd(balance)}"
-        if balance < self._settings.RUNPOD_LOW_BALANCE_USD:
+        message = f"RunPod key is valid; balance {usd(amount)}"
+        if amount < self._settings.RUNPOD_LOW_BALANCE_USD:
             message += " (low: add credits at runpod.io before long runs)"
-        return Verification(account_id=account_id, balance_usd=balance, message=message)
+        return Verification(account_id=account_id, balance_usd=amount, message=message)
 
-    async def _balance(self, key: str) -> tuple[float, str]:
-        myself = await self._client.myself(key)
+    def _balance_unread(self, why: str) -> str:
+        limit_h = self._settings.RUNPOD_EXECUTION_TIMEOUT_S / 3600
+        return (
+            f"RunPod key is valid, but its balance could not be read ({why}), so the dashboard "
+            "cannot check it before your jobs: keep an eye on it at runpod.io. RunPod stops "
+            f"every job at the execution timeout ({limit_h:g} h), which bounds what one job "
+            "can spend."
+        )
+
+    async def _read_balance(self, key: str) -> tuple[float, str] | str:
+        """(balance, account id), or why it could not be read."""
+        try:
+            myself = await self._client.myself(key)
+        except ProviderError as exc:
+            return f"RunPod's account API (GraphQL) did not answer: {exc.message}"
         if myself is None:
-            raise ProviderError(Code.UNAUTHENTICATED, "Invalid RunPod API key")
+            return "RunPod's account API (GraphQL) returned no account for this key"
         try:
             balance = float(myself.get("clientBalance") or 0.0)
         except (TypeError, ValueError):
-            balance = 0.0
+            return "RunPod's account API (GraphQL) returned a balance that is not a number"
         return balance, str(myself.get("id") or "")
 
     # ---- endpoint ------------------------------------------------------------------------
@@ -169,24 +192,53 @@ class RunPodProvider:
         # One user's concurrent first jobs must create one endpoint, not one each.
         lock = self._account_locks.setdefault(account.user_id, asyncio.Lock())
         async with lock:
-            if account.endpoint_id and await self._client.get_endpoint(key, account.endpoint_id):
-                return Prepared(endpoint_id=account.endpoint_id, created=False, status="ready")
-            existing = await self._find_own_endpoint(key)
-            if existing:
-                return Prepared(endpoint_id=existing, created=False, status="ready")
+            existing = None
+            if account.endpoint_id:
+                existing = await self._client.get_endpoint(key, account.endpoint_id)
+            if existing is None:
+                existing = await self._find_own_endpoint(key)
+            if existing is not None:
+                await self._roll_out_template(key, existing, model_params_b, quantization)
+                return Prepared(endpoint_id=str(existing["id"]), created=False, status="ready")
             created = await self._client.create_endpoint(
                 key, self._endpoint_body(model_params_b, quantization)
             )
             log.info("runpod endpoint created", extra={"endpoint_id": created["id"]})
             return Prepared(endpoint_id=str(created["id"]), created=True, status="ready")
 
-    async def _find_own_endpoint(self, key: str) -> str:
+    async def _find_own_endpoint(self, key: str) -> dict[str, Any] | None:
         """An endpoint this dashboard created earlier (e.g. before its id reached the profile)."""
-        name, template = self._settings.RUNPOD_ENDPOINT_NAME, self._settings.RUNPOD_TEMPLATE_ID
         for endpoint in await self._client.list_endpoints(key):
-            if endpoint.get("name") == name and endpoint.get("templateId") in (None, template):
-                return str(endpoint.get("id") or "")
-        return ""
+            if endpoint.get("name") == self._settings.RUNPOD_ENDPOINT_NAME and endpoint.get("id"):
+                return endpoint
+        return None
+
+    async def _roll_out_template(
+        self, key: str, endpoint: dict[str, Any], model_params_b: float, quantization: str
+    ) -> None:
+        """RunPod resolves a template only when an endpoint is created, and its Endpoint object
+        does not say which one: the endpoint carries our own marker in its env. When
+        RUNPOD_TEMPLATE_ID has changed, the new template's container settings are PATCHed onto
+        the endpoint (same id, so jobs in flight keep their endpoint; RunPod rolls the release
+        out as workers cycle), with the pools of today's cost model."""
+        template_id = self._settings.RUNPOD_TEMPLATE_ID
+        env = endpoint.get("env") if isinstance(endpoint.get("env"), dict) else {}
+        if not template_id or env.get(TEMPLATE_MARKER) == template_id:
+            return
+        template = await self._client.get_template(key, template_id)
+        update: dict[str, Any] = {
+            field: template[field] for field in ("image", "args", "disk", "ports") if field in template
+        }
+        update["env"] = {**(template.get("env") or {}), TEMPLATE_MARKER: template_id}
+        update["gpu"] = {"pools": self._pools(model_params_b, quantization), "count": 1}
+        await self._client.update_endpoint(key, str(endpoint["id"]), update)
+        log.info("runpod endpoint moved to a new template",
+                 extra={"endpoint_id": endpoint["id"], "template_id": template_id})
+
+    def _pools(self, model_params_b: float, quantization: str) -> list[str]:
+        if model_params_b > 0:
+            return costs.gpu_pools(model_params_b, quantization)
+        return list(self._settings.RUNPOD_DEFAULT_GPU_POOLS)
 
     def _endpoint_body(self, model_params_b: float, quantization: str) -> dict[str, Any]:
         settings = self._settings
@@ -195,16 +247,12 @@ class RunPodProvider:
                 Code.FAILED_PRECONDITION,
                 "RunPod is not set up on this server (RUNPOD_TEMPLATE_ID is empty)",
             )
-        pools = (
-            costs.gpu_pools(model_params_b, quantization)
-            if model_params_b > 0
-            else list(settings.RUNPOD_DEFAULT_GPU_POOLS)
-        )
         return {
             "name": settings.RUNPOD_ENDPOINT_NAME,
             "type": "QUEUE",
             "templateId": settings.RUNPOD_TEMPLATE_ID,
-            "gpu": {"pools": pools, "count": 1},
+            "env": {TEMPLATE_MARKER: settings.RUNPOD_TEMPLATE_ID},
+            "gpu": {"pools": self._pools(model_params_b, quantization), "count": 1},
             "workers": {"min": 0, "max": settings.RUNPOD_WORKERS_MAX,
                         "idleTimeout": settings.RUNPOD_IDLE_TIMEOUT_S},
             "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4},
@@ -244,7 +292,13 @@ class RunPodProvider:
 
     async def _check_balance(self, key: str, spec: ExperimentSpec, estimated_cost_usd: float) -> None:
         estimate = estimated_cost_usd if estimated_cost_usd > 0 else costs.estimated_cost_usd(spec)
-        balance, _ = await self._balance(key)
+        read = await self._read_balance(key)
+        if isinstance(read, str):
+            # The key was valid when saved; the execution timeout still bounds the job's spend.
+            log.info("runpod balance unknown; submitting without the balance check",
+                     extra={"reason": read})
+            return
+        balance, _ = read
         if balance <= 0:
             raise ProviderError(
                 Code.FAILED_PRECONDITION, "Your RunPod balance is $0; add credits at runpod.io"
@@ -304,6 +358,9 @@ class RunPodProvider:
         if state == "IN_PROGRESS":
             return StatusReport("RUNNING", events, cursor)
         if state == "COMPLETED":
+            if not isinstance(status.get("output"), list):
+                # The worker aggregates every yield: no output means its final upload failed.
+                return StatusReport("FAILED", events, cursor, error=NO_OUTPUT)
             chunks = followed.chunks if followed.base == 0 else []
             try:
                 final_result(chunks)

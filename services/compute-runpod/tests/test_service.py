@@ -6,15 +6,27 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 
+import cost_model
 import grpc
 import pytest
+from compute_runpod.config import Settings
 from compute_runpod.provider import NO_GPU, WAITING_FOR_GPU
+from compute_runpod.server import start_server
 from gpu_core.schemas import ExperimentResult
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from influence.v1 import common_pb2, compute_pb2
+from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from prometheus_client import REGISTRY
 from runpod_testkit import SMALL_SPEC, Stack, new_key, spec_bytes
+
+PRICES = cost_model.price_table("runpod")
+
+
+def new_key_with(stack: Stack, balance: float) -> str:
+    key = new_key()
+    stack.fake.add_key(key, balance=balance)
+    return key
 
 HOSTED = common_pb2.Account(user_id="operator-tier-user", hosted=True)
 
@@ -65,7 +77,36 @@ async def test_verify_invalid_key(stack: Stack) -> None:
     ))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert error.details() == "Invalid RunPod API key"
-    assert stack.fake.calls("graphql")[0].status == 401
+    assert stack.fake.calls("serverless.list")[0].status == 401  # REST v2 decides validity
+    assert stack.fake.calls("graphql") == []
+
+
+async def test_key_valid_while_graphql_is_gone_is_accepted_with_a_balance_note(stack: Stack) -> None:
+    stack.fake.graphql_enabled = False  # RunPod retires GraphQL in early 2027
+    answer = await stack.stub.VerifyCredentials(
+        compute_pb2.VerifyCredentialsRequest(account=user(), api_key=stack.user_key)
+    )
+    assert answer.valid and answer.balance_usd < 0
+    assert "balance could not be read" in answer.message and "HTTP 410" in answer.message
+    assert "execution timeout (2 h)" in answer.message
+    assert [c.status for c in stack.fake.calls("serverless.list")] == [200]
+    stack.fake.set_throttled(True)  # what is checked is the submission: no worker needs to start
+    # Submitting skips the balance check it cannot make; the execution timeout still applies.
+    submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
+        job_id="job-nographql", account=HOSTED, spec_json=spec_bytes(),
+    ))
+    assert stack.fake.job(submitted.provider_job_id).execution_timeout_s == 7200
+    poor = new_key()
+    stack.fake.add_key(poor, balance=0.25)
+    await stack.store_key("u-unknown-balance", poor)
+    prepared = await stack.stub.PrepareAccount(
+        compute_pb2.PrepareAccountRequest(account=user("u-unknown-balance"))
+    )
+    await stack.stub.Submit(compute_pb2.SubmitRequest(
+        job_id="job-nographql-byok", account=user("u-unknown-balance", prepared.endpoint_id),
+        spec_json=spec_bytes(), estimated_cost_usd=1.5,
+    ))
+    assert len([c for c in stack.fake.calls("job.run") if c.status == 200]) == 2
 
 
 async def test_verify_key_lacking_scope(stack: Stack) -> None:
@@ -128,14 +169,45 @@ async def test_endpoint_recreated_after_deletion(stack: Stack) -> None:
     assert [c.status for c in stack.fake.calls("serverless.get")] == [404]
 
 
-async def test_large_model_gets_a_larger_pool(stack: Stack) -> None:
+async def test_every_fitting_pool_cheapest_first(stack: Stack) -> None:
     await stack.store_key("u-big", stack.user_key)
     answer = await stack.stub.PrepareAccount(compute_pb2.PrepareAccountRequest(
         account=user("u-big"), model_params_b=70.0, quantization="none"
     ))
     (endpoint,) = [e for e in stack.fake.endpoints() if e["id"] == answer.endpoint_id]
-    assert endpoint["gpu"]["pools"] != ["AMPERE_16"]
-    assert endpoint["gpu"]["pools"][0] in {"AMPERE_80", "ADA_80_PRO", "HOPPER_141", "BLACKWELL_180"}
+    assert endpoint["gpu"]["pools"] == ["HOPPER_141", "BLACKWELL_180"]
+    await stack.store_key("u-small", new_key_with(stack, 50.0))
+    small = await stack.stub.PrepareAccount(compute_pb2.PrepareAccountRequest(
+        account=user("u-small"), model_params_b=7.0, quantization="none"
+    ))
+    (endpoint,) = [e for e in stack.fake.endpoints() if e["id"] == small.endpoint_id]
+    pools = endpoint["gpu"]["pools"]
+    assert len(pools) > 2 and "AMPERE_16" not in pools
+    prices = [PRICES.gpus[pool].usd_per_second for pool in pools]
+    assert prices == sorted(prices)
+
+
+async def test_a_new_template_reaches_the_existing_endpoint(
+    stack: Stack, make_settings: Callable[..., Settings]
+) -> None:
+    await stack.store_key("u-tpl", stack.user_key)
+    first = await stack.stub.PrepareAccount(compute_pb2.PrepareAccountRequest(account=user("u-tpl")))
+    stack.fake.add_template("influence-template-v2", image="influence/worker:2.0", env={"A": "1"})
+    upgraded = await start_server(make_settings(RUNPOD_TEMPLATE_ID="influence-template-v2"))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{upgraded.port}") as channel:
+            stub = compute_pb2_grpc.ComputeProviderStub(channel)
+            request = compute_pb2.PrepareAccountRequest(account=user("u-tpl", first.endpoint_id))
+            again = await stub.PrepareAccount(request)
+            assert (again.endpoint_id, again.created) == (first.endpoint_id, False)
+            (endpoint,) = [e for e in stack.fake.endpoints() if e["id"] == first.endpoint_id]
+            assert endpoint["image"] == "influence/worker:2.0"
+            assert endpoint["env"] == {"A": "1", "INFLUENCE_TEMPLATE_ID": "influence-template-v2"}
+            await stub.PrepareAccount(request)  # already on it: nothing more to change
+    finally:
+        await upgraded.stop()
+    assert [c.status for c in stack.fake.calls("serverless.update")] == [200]
+    assert len(stack.fake.calls("serverless.create")) == 1
 
 
 # ---- jobs ----------------------------------------------------------------------------------
@@ -244,6 +316,7 @@ async def test_low_balance_is_refused_and_nothing_submitted(stack: Stack) -> Non
 
 
 async def test_rate_limit_storm_then_one_submission_and_cancel(stack: Stack) -> None:
+    stack.fake.set_throttled(True)  # cancelled while queued: no worker needs to start
     stack.fake.fail_next("job.run", 429, times=2, retry_after=0.3)
     started = time.monotonic()
     submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
@@ -262,6 +335,32 @@ async def test_rate_limit_storm_then_one_submission_and_cancel(stack: Stack) -> 
         provider_job_id=submitted.provider_job_id, account=HOSTED,
     ))
     assert status.state == common_pb2.JOB_STATE_CANCELLED
+
+
+async def test_cancel_stops_the_gpu_work_mid_training(stack: Stack) -> None:
+    """/cancel -> the SDK's stop channel -> the handler is cancelled between yields -> gpu_core
+    stops at its next batch; the SDK logs "Job stopped." only after the handler has returned,
+    which it does once the experiment thread has ended."""
+    submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
+        job_id="job-stop", account=HOSTED,
+        spec_json=spec_bytes(hyperparams={**SMALL_SPEC["hyperparams"], "epochs": 100}),
+    ))
+    job_id, cursor = submitted.provider_job_id, ""
+    async with asyncio.timeout(180):
+        while True:
+            answer = await stack.stub.GetStatus(compute_pb2.GetStatusRequest(
+                provider_job_id=job_id, account=HOSTED, cursor=cursor,
+            ))
+            cursor = answer.cursor
+            if any(e.stage == "training" and json.loads(e.event_json).get("step") for e in answer.events):
+                break
+    await stack.stub.Cancel(compute_pb2.CancelRequest(provider_job_id=job_id, account=HOSTED))
+    async with asyncio.timeout(60):
+        while "Job stopped." not in stack.fake.worker_log(stack.hosted_endpoint):
+            await asyncio.sleep(0.2)
+    assert [c.status for c in stack.fake.calls("worker.stop") if c.status == 200] == [200]
+    assert stack.fake.calls("worker.done") == []  # nothing posted for a stopped job
+    assert stack.fake.job(job_id).status == "CANCELLED"
 
 
 async def test_rate_limit_that_does_not_end_is_resource_exhausted(stack: Stack) -> None:
@@ -310,6 +409,21 @@ async def test_result_larger_than_a_stream_chunk_arrives_whole(
     ))
     assert result.result_json == "".join(p["data"] for p in parts).encode()
     ExperimentResult.model_validate_json(result.result_json)
+
+
+async def test_output_runpod_could_not_upload_is_a_plain_error(stack: Stack) -> None:
+    """A worker that does not know the limit: RunPod refuses its final upload and shows the job
+    COMPLETED without output (runpod-python #309); the researcher is told the result was lost."""
+    stack.fake.max_payload_bytes = 3_000
+    stack.fake.worker_env["INFLUENCE_OUTPUT_LIMIT_BYTES"] = str(10**9)
+    submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
+        job_id="job-lost", account=HOSTED, spec_json=spec_bytes(),
+    ))
+    final, _, _ = await stack.wait_terminal(submitted.provider_job_id, HOSTED)
+    assert final.state == common_pb2.JOB_STATE_FAILED
+    assert final.error.startswith("The job finished but RunPod returned no output")
+    assert stack.fake.job(submitted.provider_job_id).status == "COMPLETED"
+    assert {c.status for c in stack.fake.calls("worker.done")} == {400}
 
 
 async def test_invalid_spec_names_the_field(stack: Stack) -> None:
