@@ -69,6 +69,20 @@ export async function api(method, path, { body, headers = {}, signal } = {}) {
   return response.json();
 }
 
+// A file from the API (e.g. a job artifact) as a Blob: fetch() because a plain link cannot send
+// the Authorization header.
+export async function apiBlob(path, { signal } = {}) {
+  let response;
+  try {
+    response = await fetch(path, { headers: authHeaders(), signal });
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    throw new ApiError(0, "Cannot reach the server; check your connection and try again");
+  }
+  if (!response.ok) throw await errorFrom(response);
+  return response.blob();
+}
+
 // Server-Sent Events over fetch(), because EventSource cannot send an Authorization header.
 // Yields {event, id, data} for each message after `afterSeq`; returns when the stream closes.
 export async function* jobEvents(jobId, afterSeq, signal) {

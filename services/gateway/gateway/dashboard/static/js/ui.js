@@ -56,13 +56,15 @@ export function dateTime(iso) {
   return Number.isNaN(when.getTime()) ? iso : when.toLocaleString();
 }
 
-export function download(filename, text, type) {
-  const url = URL.createObjectURL(new Blob([text], { type }));
+// Saves ``content`` (text or a Blob) as a file through a temporary link.
+export function download(filename, content, type) {
+  const blob = content instanceof Blob ? content : new Blob([content], { type });
+  const url = URL.createObjectURL(blob);
   const link = el("a", { href: url, download: filename });
   document.body.append(link);
   link.click();
   link.remove();
-  setTimeout(() => URL.revokeObjectURL(url), 1000);
+  setTimeout(() => URL.revokeObjectURL(url), 10_000);
 }
 
 let plotlyLoading = null;
@@ -78,6 +80,18 @@ export function loadPlotly() {
     });
   }
   return plotlyLoading;
+}
+
+export function bytes(count) {
+  if (count === null || count === undefined || Number.isNaN(count)) return "—";
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  let value = count;
+  let unit = 0;
+  while (value >= 1000 && unit < units.length - 1) {
+    value /= 1000;
+    unit += 1;
+  }
+  return unit === 0 ? `${value} B` : `${value.toFixed(value < 10 ? 2 : 1)} ${units[unit]}`;
 }
 
 export const BACKEND_NAMES = { hosted: "Hosted (free tier)", runpod: "Your RunPod account" };
