@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     # How long one GetStatus call may hold RunPod's /stream long poll (RunPod's minimum is 1 s).
     RUNPOD_STREAM_WAIT_MS: int = Field(default=1000, ge=1000, le=300_000)
 
+    # Without an artifact store reachable from RunPod (the embedded default), a job's files come
+    # back base64 inside its output, which RunPod caps at 10 MB: files above this are refused.
+    RUNPOD_INLINE_ARTIFACTS_MAX_BYTES: int = Field(default=5_000_000, ge=0, le=6_000_000)
+
     RUNPOD_HTTP_TIMEOUT_S: float = Field(default=30.0, gt=0)
     RUNPOD_MAX_ATTEMPTS: int = Field(default=5, ge=1, le=20)
     RUNPOD_RETRY_BASE_S: float = Field(default=0.5, ge=0)

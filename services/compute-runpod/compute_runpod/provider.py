@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,14 @@ from compute_runpod import costs
 from compute_runpod.client import RunPodClient
 from compute_runpod.config import Settings
 from compute_runpod.errors import Code, ProviderError
-from compute_runpod.results import NO_OUTPUT, error_text, final_result, is_result_chunk
+from compute_runpod.results import (
+    NO_OUTPUT,
+    artifact_data,
+    error_text,
+    final_result,
+    is_artifact_chunk,
+    is_result_chunk,
+)
 from gpu_core import schemas
 
 log = logging.getLogger(__name__)
@@ -263,9 +270,18 @@ class RunPodProvider:
     # ---- jobs ----------------------------------------------------------------------------
 
     async def submit(
-        self, job_id: str, account: AccountRef, spec_json: bytes, estimated_cost_usd: float = 0.0
+        self,
+        job_id: str,
+        account: AccountRef,
+        spec_json: bytes,
+        estimated_cost_usd: float = 0.0,
+        upload_urls: dict[str, str] | None = None,
     ) -> str:
+        """``upload_urls``: the scheduler's presigned PUT URL per artifact name; without them the
+        files come back inline, and a job whose score matrix alone exceeds that ceiling is
+        refused here, before anything is paid for."""
         spec = parse_spec(spec_json)
+        transport = self._artifact_transport(spec, upload_urls or {})
         endpoint = self._endpoint(account)
         lock = self._submit_locks.setdefault(job_id, asyncio.Lock()) if job_id else asyncio.Lock()
         async with lock:
@@ -276,7 +292,7 @@ class RunPodProvider:
                 await self._check_balance(key, spec, estimated_cost_usd)
             settings = self._settings
             payload = {
-                "input": spec.model_dump(mode="json"),
+                "input": {**spec.model_dump(mode="json"), "artifact_transport": transport},
                 "policy": {
                     "executionTimeout": settings.RUNPOD_EXECUTION_TIMEOUT_S * 1000,
                     "ttl": settings.RUNPOD_JOB_TTL_S * 1000,
@@ -289,6 +305,24 @@ class RunPodProvider:
             self._submit_locks.pop(job_id, None)
             log.info("runpod job submitted", extra={"job_id": job_id, "runpod_job_id": provider_job_id})
             return provider_job_id
+
+    def _artifact_transport(self, spec: ExperimentSpec, upload_urls: dict[str, str]) -> dict[str, Any]:
+        """What the worker does with the run's files (see worker/handler.py)."""
+        if upload_urls:
+            return {"mode": "presigned", "urls": upload_urls}
+        ceiling = self._settings.RUNPOD_INLINE_ARTIFACTS_MAX_BYTES
+        matrix_bytes = scores_npy_bytes(len(spec.eval_data), len(spec.training_data))
+        if matrix_bytes > ceiling:
+            raise ProviderError(
+                Code.FAILED_PRECONDITION,
+                f"This job's score matrix alone ({len(spec.eval_data)} eval x "
+                f"{len(spec.training_data)} training examples, {matrix_bytes / 1e6:.1f} MB) is over "
+                f"the {ceiling / 1e6:.1f} MB that can come back through RunPod's job API, and this "
+                "dashboard's artifact store is not reachable from RunPod (its operator must set "
+                "ARTIFACT_STORE_URL to an S3-compatible bucket). Use fewer examples. Nothing was "
+                "submitted.",
+            )
+        return {"mode": "inline", "max_bytes": ceiling}
 
     async def _check_balance(self, key: str, spec: ExperimentSpec, estimated_cost_usd: float) -> None:
         estimate = estimated_cost_usd if estimated_cost_usd > 0 else costs.estimated_cost_usd(spec)
@@ -410,6 +444,21 @@ class RunPodProvider:
         output = status.get("output")
         return final_result(output if isinstance(output, list) else [])
 
+    async def artifact(self, account: AccountRef, provider_job_id: str, name: str) -> Iterator[bytes]:
+        """The bytes of file ``name`` of a COMPLETED job whose files came back inline, from
+        RunPod's output (kept 30 minutes), part by part."""
+        endpoint = self._endpoint(account)
+        key = await self._key(account)
+        status = await self._client.status(key, endpoint, provider_job_id)
+        if status is None:
+            raise ProviderError(Code.NOT_FOUND, RESULT_EXPIRED)
+        if status.get("status") != "COMPLETED":
+            raise ProviderError(
+                Code.FAILED_PRECONDITION, f"The job has no files yet (RunPod says {status.get('status')})"
+            )
+        output = status.get("output")
+        return artifact_data(output if isinstance(output, list) else [], name)
+
     async def cancel(self, account: AccountRef, provider_job_id: str) -> str:
         endpoint = self._endpoint(account)
         key = await self._key(account)
@@ -435,6 +484,11 @@ def parse_spec(spec_json: bytes) -> ExperimentSpec:
         raise ProviderError(Code.INVALID_ARGUMENT, f"Invalid experiment spec: {problems}") from None
 
 
+def scores_npy_bytes(n_eval: int, n_train: int) -> int:
+    """The size of scores.npy: float32 [n_eval, n_train] after numpy's 128-byte header."""
+    return 128 + 4 * n_eval * n_train
+
+
 def parse_cursor(cursor: str) -> int:
     if not cursor:
         return 0
@@ -445,7 +499,7 @@ def parse_cursor(cursor: str) -> int:
 
 def _event(chunk: Any) -> dict[str, Any] | None:
     """A chunk the researcher should see as an event (results and errors travel elsewhere)."""
-    if not isinstance(chunk, dict) or is_result_chunk(chunk) or "error" in chunk:
+    if not isinstance(chunk, dict) or is_result_chunk(chunk) or is_artifact_chunk(chunk) or "error" in chunk:
         return None
     return chunk
 

@@ -4,12 +4,16 @@ The worker yields progress dicts, then the result as its last chunk(s): ``{"type
 "result": {...}}`` when small, else numbered ``{"type": "result_part", "index", "total",
 "sha256", "data"}`` slices of the result's JSON text (RunPod caps a stream chunk at 1 MB).
 A result is only ever handed on whole: a missing part or a checksum mismatch is an error.
+Without an artifact store reachable from RunPod the run's files come before the result as
+base64 ``{"type": "artifact_part", "name", "index", "total", "sha256", "data"}`` chunks.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from compute_runpod.errors import Code, ProviderError
@@ -95,3 +99,37 @@ def error_text(error: Any) -> str:
         if message:
             return f"{kind}: {message}" if kind else str(message)
     return str(error) if error else "The worker failed without saying why"
+
+
+# ---- files that came back inline (no artifact store reachable from RunPod) ---------------------
+
+ARTIFACT_PART = "artifact_part"
+
+
+def is_artifact_chunk(chunk: Any) -> bool:
+    return isinstance(chunk, dict) and chunk.get("type") == ARTIFACT_PART
+
+
+def artifact_data(chunks: list[Any], name: str) -> Iterator[bytes]:
+    """The bytes of the worker's file ``name`` from its ``artifact_part`` chunks (base64, numbered),
+    part by part. Raises before the first part when parts are missing or malformed; the
+    receiver checks the sha256 against the manifest."""
+    parts = [c for c in chunks if is_artifact_chunk(c) and c.get("name") == name]
+    if not parts:
+        raise ProviderError(
+            Code.NOT_FOUND,
+            f"RunPod's output for this job has no file {name!r} (it was uploaded to the artifact "
+            "store directly, or the output has expired)",
+        )
+    total = parts[0].get("total")
+    by_index: dict[int, str] = {}
+    for part in parts:
+        index, data = part.get("index"), part.get("data")
+        if part.get("total") != total or not isinstance(index, int) or not isinstance(data, str):
+            raise ProviderError(Code.INTERNAL, f"The worker sent a malformed part of {name!r}")
+        by_index[index] = data
+    if not isinstance(total, int) or sorted(by_index) != list(range(total)):
+        raise ProviderError(
+            Code.INTERNAL, f"Parts of the file {name!r} are missing from RunPod's output; it was not stored"
+        )
+    return (base64.b64decode(by_index[index]) for index in range(total))

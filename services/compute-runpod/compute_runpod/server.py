@@ -88,6 +88,7 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
             lambda: self._provider.submit(
                 request.job_id, _account(request.account), request.spec_json,
                 request.estimated_cost_usd,
+                {upload.name: upload.url for upload in request.artifact_uploads},
             ),
         )
         return compute_pb2.SubmitResponse(provider_job_id=provider_job_id)
@@ -110,6 +111,21 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
             context, lambda: self._provider.result(_account(request.account), request.provider_job_id)
         )
         return compute_pb2.GetResultResponse(result_json=result)
+
+    async def FetchArtifact(self, request, context):  # noqa: N802, ANN001, ANN201
+        parts = await self._call(
+            context,
+            lambda: self._provider.artifact(
+                _account(request.account), request.provider_job_id, request.name
+            ),
+        )
+        try:
+            for data in parts:
+                # Parts are at most ARTIFACT_PART_BYTES (384 KiB): one message each.
+                yield common_pb2.ArtifactChunk(data=data)
+        except ProviderError as exc:
+            PROVIDER_ERRORS.labels(exc.code.value).inc()
+            await context.abort(getattr(grpc.StatusCode, exc.code.value), redact(exc.message))
 
     async def Cancel(self, request, context):  # noqa: N802, ANN001, ANN201
         state = await self._call(

@@ -15,26 +15,38 @@ message>"}``, which the SDK posts as the job's error; anything else raises, and 
 The handler is an async generator so the SDK's event loop stays free while gpu_core works in its
 own thread: the SDK's stop signal (a cancel, or the execution timeout) then cancels the handler
 at once, and the handler asks gpu_core to stop, which it does within one batch.
+
+The run's files (scores.npy, the adapter, checkpoints) travel as the job input's
+``artifact_transport`` says (see ``deliver_artifacts``): ``{"mode": "presigned", "urls": {name:
+url}}`` uploads each file with a streamed PUT before the result is yielded, so the result carries
+only the manifest; ``{"mode": "inline", "max_bytes": N}`` (the dashboard's store is not reachable
+from RunPod) yields each file as base64 ``artifact_part`` chunks, refused in plain words above N.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import runpod
 from gpu_core.pipeline import ExperimentCancelled, run_experiment
-from gpu_core.schemas import NO_SIZE_LIMITS, ExperimentSpec, SpecError, parse_spec
+from gpu_core.schemas import NO_SIZE_LIMITS, ArtifactEntry, ExperimentSpec, SpecError, parse_spec
+from gpu_core.uploads import ArtifactUploadError, upload_artifacts
 
 # Well under RunPod's 1 MB per stream chunk, leaving room for the envelope.
 DEFAULT_RESULT_CHUNK_BYTES = 512 * 1024
 # RunPod's /run output limit is 10 MB; keep a margin for the job-done envelope.
 DEFAULT_OUTPUT_LIMIT_BYTES = 9_500_000
+# Raw bytes per inline artifact part: base64 makes 512 KiB of it, under RunPod's 1 MB chunk.
+ARTIFACT_PART_BYTES = 384 * 1024
 
 
 def result_chunk_bytes() -> int:
@@ -75,12 +87,62 @@ def too_large_message(result_bytes: int, output_bytes: int, limit: int) -> str:
     )
 
 
+class ArtifactDeliveryError(Exception):
+    """The run's files cannot reach the dashboard; the message is for the researcher."""
+
+
+def inline_too_large_message(total_bytes: int, limit: int) -> str:
+    return (
+        f"The job's files (score matrix, adapter, checkpoints) are {total_bytes / 1e6:.1f} MB, over "
+        f"the {limit / 1e6:.1f} MB that can come back through RunPod's job API. The dashboard's "
+        "artifact store is not reachable from RunPod: its operator must set ARTIFACT_STORE_URL to "
+        "an S3-compatible bucket (INSTRUCTIONS.md), or score fewer examples."
+    )
+
+
+def artifact_parts(directory: Path, entry: ArtifactEntry) -> Iterator[dict[str, Any]]:
+    """One file as numbered base64 ``artifact_part`` chunks, read a part at a time."""
+    total = max(1, -(-entry.bytes // ARTIFACT_PART_BYTES))
+    with open(directory / entry.name, "rb") as handle:
+        for index in range(total):
+            data = handle.read(ARTIFACT_PART_BYTES)
+            yield {"type": "artifact_part", "name": entry.name, "index": index, "total": total,
+                   "sha256": entry.sha256, "data": base64.b64encode(data).decode("ascii")}
+
+
+async def deliver_artifacts(
+    result: dict[str, Any], directory: Path, transport: Any
+) -> list[dict[str, Any]]:
+    """Send the run's files the way ``transport`` says; returns the chunks to yield before the
+    result (inline parts), or [] when the files went to presigned URLs (or there are none)."""
+    manifest = [ArtifactEntry.model_validate(entry) for entry in result.get("artifacts") or []]
+    if not manifest:
+        return []
+    mode = transport.get("mode") if isinstance(transport, dict) else None
+    if mode == "presigned" and isinstance(transport.get("urls"), dict):
+        try:
+            await asyncio.to_thread(upload_artifacts, directory, manifest, transport["urls"])
+        except ArtifactUploadError as exc:
+            raise ArtifactDeliveryError(f"The job's files could not be uploaded: {exc}") from None
+        return []
+    if mode == "inline" and isinstance(transport.get("max_bytes"), int):
+        total = sum(entry.bytes for entry in manifest)
+        if total > transport["max_bytes"]:
+            raise ArtifactDeliveryError(inline_too_large_message(total, transport["max_bytes"]))
+        return [part for entry in manifest for part in artifact_parts(directory, entry)]
+    raise ArtifactDeliveryError(
+        "The job input says nothing usable about where the job's files go (artifact_transport); "
+        "the dashboard and this worker image do not match"
+    )
+
+
 class ExperimentThread:
     """gpu_core's generator in its own thread, its events handed to the event loop."""
 
-    def __init__(self, spec: ExperimentSpec) -> None:
+    def __init__(self, spec: ExperimentSpec, artifacts_dir: Path | None = None) -> None:
         self.stop = threading.Event()
         self._spec = spec
+        self._artifacts_dir = artifacts_dir
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._thread = threading.Thread(target=self._run, name="experiment", daemon=True)
@@ -91,7 +153,7 @@ class ExperimentThread:
 
     def _run(self) -> None:
         try:
-            for event in run_experiment(self._spec, should_stop=self.stop.is_set):
+            for event in run_experiment(self._spec, self._artifacts_dir, should_stop=self.stop.is_set):
                 self._put(("event", event))
             self._put(("end", None))
         except ExperimentCancelled:
@@ -112,32 +174,40 @@ class ExperimentThread:
 
 
 async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    job_input = dict(job.get("input") or {})
+    transport = job_input.pop("artifact_transport", None)
     try:
         # Size limits were enforced by the dashboard's gateway; the worker checks the shape.
-        spec = parse_spec(job.get("input") or {}, NO_SIZE_LIMITS)
+        spec = parse_spec(job_input, NO_SIZE_LIMITS)
     except SpecError as exc:
         yield {"error": f"Invalid experiment spec: {'; '.join(exc.problems)}"}
         return
-    experiment = ExperimentThread(spec)
-    output_bytes = 2  # the aggregate's "[]"
-    try:
-        while (event := await experiment.next()) is not None:
-            if event.get("type") != "result":
-                output_bytes += len(json.dumps(event)) + 2
-                yield event
-                continue
-            chunks = list(result_chunks(event["result"], result_chunk_bytes()))
-            result_bytes = sum(len(json.dumps(c)) + 2 for c in chunks)
-            if output_bytes + result_bytes > output_limit_bytes():
-                yield {"error": too_large_message(
-                    result_bytes, output_bytes + result_bytes, output_limit_bytes()
-                )}
-                return
-            for chunk in chunks:
-                yield chunk
-    finally:
-        # Reached on the SDK's stop signal too (the task is cancelled at the await above).
-        await experiment.close()
+    with tempfile.TemporaryDirectory(prefix="influence-artifacts-") as artifacts_dir:
+        experiment = ExperimentThread(spec, Path(artifacts_dir) if transport is not None else None)
+        output_bytes = 2  # the aggregate's "[]"
+        try:
+            while (event := await experiment.next()) is not None:
+                if event.get("type") != "result":
+                    output_bytes += len(json.dumps(event)) + 2
+                    yield event
+                    continue
+                try:
+                    chunks = await deliver_artifacts(event["result"], Path(artifacts_dir), transport)
+                except ArtifactDeliveryError as exc:
+                    yield {"error": str(exc)}
+                    return
+                chunks += result_chunks(event["result"], result_chunk_bytes())
+                result_bytes = sum(len(json.dumps(c)) + 2 for c in chunks)
+                if output_bytes + result_bytes > output_limit_bytes():
+                    yield {"error": too_large_message(
+                        result_bytes, output_bytes + result_bytes, output_limit_bytes()
+                    )}
+                    return
+                for chunk in chunks:
+                    yield chunk
+        finally:
+            # Reached on the SDK's stop signal too (the task is cancelled at the await above).
+            await experiment.close()
 
 
 if __name__ == "__main__":

@@ -48,18 +48,28 @@ class PrepareAccountResponse(_message.Message):
     def __init__(self, endpoint_id: _Optional[str] = ..., created: bool = ..., status: _Optional[str] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("job_id", "account", "spec_json", "estimated_cost_usd", "estimated_time_s")
+    __slots__ = ("job_id", "account", "spec_json", "estimated_cost_usd", "estimated_time_s", "artifact_uploads")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_COST_USD_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_UPLOADS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     account: _common_pb2.Account
     spec_json: bytes
     estimated_cost_usd: float
     estimated_time_s: float
-    def __init__(self, job_id: _Optional[str] = ..., account: _Optional[_Union[_common_pb2.Account, _Mapping]] = ..., spec_json: _Optional[bytes] = ..., estimated_cost_usd: _Optional[float] = ..., estimated_time_s: _Optional[float] = ...) -> None: ...
+    artifact_uploads: _containers.RepeatedCompositeFieldContainer[ArtifactUpload]
+    def __init__(self, job_id: _Optional[str] = ..., account: _Optional[_Union[_common_pb2.Account, _Mapping]] = ..., spec_json: _Optional[bytes] = ..., estimated_cost_usd: _Optional[float] = ..., estimated_time_s: _Optional[float] = ..., artifact_uploads: _Optional[_Iterable[_Union[ArtifactUpload, _Mapping]]] = ...) -> None: ...
+
+class ArtifactUpload(_message.Message):
+    __slots__ = ("name", "url")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    url: str
+    def __init__(self, name: _Optional[str] = ..., url: _Optional[str] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
     __slots__ = ("provider_job_id",)

@@ -1,0 +1,99 @@
+"""A run's files sent to presigned PUT URLs, for workers far from the artifact store (RunPod,
+Modal). The scheduler mints one URL per name that ``planned_artifact_names`` says the run may
+write (the store's credentials never leave the scheduler); the worker streams each file of the
+result's manifest to its URL and returns only the manifest, which the scheduler checks against
+the store (sha256) before the job is completed.
+
+Plain HTTP (the standard library's ``http.client``): no cloud SDK, one block of the file in
+memory at a time.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from gpu_core.artifacts import SCORES_NAME
+from gpu_core.schemas import ArtifactEntry, ExperimentSpec
+
+ADAPTER_FILES = ("adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors")
+CHECKPOINT_INDEX = "checkpoints/checkpoints.json"
+UPLOAD_ATTEMPTS = 4
+_RETRY_BASE_S = 1.0
+_TIMEOUT_S = 300.0
+_BLOCK_BYTES = 1024 * 1024
+
+
+class ArtifactUploadError(RuntimeError):
+    """A file could not be uploaded; the message names it and says why (never the URL: it is a
+    credential for that object until it expires)."""
+
+
+def planned_artifact_names(spec: ExperimentSpec) -> list[str]:
+    """Every name ``run_experiment(spec, artifacts_dir)`` may write (pipeline.save_artifacts and
+    write_scores): the adapter, one checkpoint per epoch and its index, the score matrix. A run
+    may write fewer; a file not listed here cannot be uploaded, and tests check the two agree."""
+    epochs = range(1, spec.hyperparams.epochs + 1)
+    checkpoints = [f"checkpoints/epoch-{epoch}.safetensors" for epoch in epochs]
+    return [*ADAPTER_FILES, CHECKPOINT_INDEX, *checkpoints, SCORES_NAME]
+
+
+def upload_artifacts(
+    directory: Path, manifest: Sequence[ArtifactEntry], urls: Mapping[str, str]
+) -> None:
+    """PUT every manifest file under ``directory`` to ``urls[name]``, streamed. Retries
+    connection failures and 5xx answers with backoff; raises ArtifactUploadError otherwise."""
+    missing = [entry.name for entry in manifest if entry.name not in urls]
+    if missing:
+        raise ArtifactUploadError(
+            f"the run wrote {', '.join(missing)} but the job has no upload URL for "
+            f"{'it' if len(missing) == 1 else 'them'} (planned_artifact_names is out of date)"
+        )
+    for entry in manifest:
+        _upload_one(directory / entry.name, entry, urls[entry.name])
+
+
+def _upload_one(path: Path, entry: ArtifactEntry, url: str) -> None:
+    problem = ""
+    for attempt in range(UPLOAD_ATTEMPTS):
+        if attempt:
+            time.sleep(_RETRY_BASE_S * 2 ** (attempt - 1))
+        try:
+            status, body = _put(path, entry.bytes, url)
+        except OSError as exc:
+            problem = f"the artifact store could not be reached ({type(exc).__name__}: {exc})"
+            continue
+        if 200 <= status < 300:
+            return
+        problem = f"the artifact store answered HTTP {status}" + (f": {body}" if body else "")
+        if status < 500 and status != 429:
+            if status == 403:
+                problem += " (the upload URL may have expired)"
+            break
+    raise ArtifactUploadError(f"uploading {entry.name} ({entry.bytes} bytes) failed: {problem}")
+
+
+def _put(path: Path, size: int, url: str) -> tuple[int, str]:
+    parts = urlsplit(url)
+    connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = connection_type(parts.netloc, timeout=_TIMEOUT_S, blocksize=_BLOCK_BYTES)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    try:
+        with open(path, "rb") as handle:
+            # A file body with Content-Length is sent block by block, never read whole.
+            connection.request("PUT", target, body=handle, headers={"Content-Length": str(size)})
+        response = connection.getresponse()
+        return response.status, _error_text(response.read(4000).decode("utf-8", "replace"))
+    finally:
+        connection.close()
+
+
+def _error_text(body: str) -> str:
+    """S3's error document (``<Error><Code>..</Code><Message>..</Message>``) as "Code: Message"."""
+    found = {tag: re.search(f"<{tag}>(.*?)</{tag}>", body, re.S) for tag in ("Code", "Message")}
+    text = ": ".join(match.group(1).strip() for match in found.values() if match)
+    return (text or body.strip())[:300]

@@ -1,0 +1,33 @@
+"""The names a worker gets upload URLs for cover every file the pipeline writes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gpu_core.pipeline import run_experiment_to_result
+from gpu_core.uploads import ArtifactUploadError, planned_artifact_names, upload_artifacts
+
+
+@pytest.mark.parametrize("method", ["tracin", "datainf", "kronfluence"])
+def test_planned_names_cover_every_file_the_run_writes(
+    method: str, make_spec: Callable[..., Any], tmp_path: Path
+) -> None:
+    spec = make_spec(n_train=8, n_eval=3, method=method, epochs=2)
+    result = run_experiment_to_result(spec, tmp_path)
+    written = {entry.name for entry in result.artifacts}
+    assert "scores.npy" in written and "adapter/adapter_model.safetensors" in written
+    assert written <= set(planned_artifact_names(spec)), written - set(planned_artifact_names(spec))
+
+
+def test_a_file_without_an_upload_url_is_refused_before_anything_is_sent(
+    make_spec: Callable[..., Any], tmp_path: Path
+) -> None:
+    from gpu_core.schemas import ArtifactEntry
+
+    (tmp_path / "extra.bin").write_bytes(b"x")
+    manifest = [ArtifactEntry(name="extra.bin", bytes=1, sha256="0" * 64, media_type="text/plain")]
+    with pytest.raises(ArtifactUploadError, match="extra.bin but the job has no upload URL"):
+        upload_artifacts(tmp_path, manifest, {"scores.npy": "http://127.0.0.1:9/never"})
