@@ -91,10 +91,14 @@ class ArtifactDeliveryError(Exception):
     """The run's files cannot reach the dashboard; the message is for the researcher."""
 
 
+def size_text(count: int) -> str:
+    return f"{count / 1e6:.1f} MB" if count >= 100_000 else f"{count / 1e3:.1f} kB"
+
+
 def inline_too_large_message(total_bytes: int, limit: int) -> str:
     return (
-        f"The job's files (score matrix, adapter, checkpoints) are {total_bytes / 1e6:.1f} MB, over "
-        f"the {limit / 1e6:.1f} MB that can come back through RunPod's job API. The dashboard's "
+        f"The job's files (score matrix, adapter, checkpoints) are {size_text(total_bytes)}, over "
+        f"the {size_text(limit)} that can come back through RunPod's job API. The dashboard's "
         "artifact store is not reachable from RunPod: its operator must set ARTIFACT_STORE_URL to "
         "an S3-compatible bucket (INSTRUCTIONS.md), or score fewer examples."
     )
