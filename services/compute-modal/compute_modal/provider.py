@@ -134,7 +134,9 @@ class ModalProvider:
             return Verification(False, str(exc))
         return Verification(True, f"Modal is ready: {self._target} is deployed")
 
-    async def submit(self, job_id: str, spec_json: bytes) -> str:
+    async def submit(self, job_id: str, spec_json: bytes, upload_urls: dict[str, str] | None = None) -> str:
+        """``upload_urls``: the scheduler's presigned PUT URL per artifact name; the function
+        uploads the run's files there (worker/modal_app.py). None: the run keeps no files."""
         if not job_id:
             raise InvalidRequest("job_id is empty")
         try:
@@ -145,7 +147,10 @@ class ModalProvider:
             existing = await self._adapter.read_progress(job_id + _CALL_SUFFIX)
             if existing:
                 return str(existing)
-            call_id = await self._adapter.spawn(job_id, spec.model_dump(mode="json"))
+            arguments = spec.model_dump(mode="json")
+            if upload_urls:
+                arguments["artifact_transport"] = {"mode": "presigned", "urls": upload_urls}
+            call_id = await self._adapter.spawn(job_id, arguments)
             await self._adapter.write_progress(job_id + _CALL_SUFFIX, call_id)
         log.info("submitted", extra={"job_id": job_id, "provider_job_id": call_id})
         return call_id

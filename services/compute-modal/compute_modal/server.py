@@ -92,7 +92,10 @@ class ComputeModalServicer(compute_pb2_grpc.ComputeProviderServicer):
         self, request: compute_pb2.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> compute_pb2.SubmitResponse:
         async with _errors(context):
-            call_id = await self._provider.submit(request.job_id, request.spec_json)
+            call_id = await self._provider.submit(
+                request.job_id, request.spec_json,
+                {upload.name: upload.url for upload in request.artifact_uploads},
+            )
         return compute_pb2.SubmitResponse(provider_job_id=call_id)
 
     async def GetStatus(

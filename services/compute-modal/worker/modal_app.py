@@ -6,7 +6,9 @@ it needs no secret. At deploy time ``MODAL_GPU`` picks the GPU (default ``A100-8
 by default: a secret that does not exist would fail the deploy). compute-modal spawns
 ``run_experiment_job`` by name, keeps the returned ``FunctionCall`` id as the provider job id,
 reads progress from the ``influence-progress`` Dict under the job id, and reads the outcome with
-``FunctionCall.get``.
+``FunctionCall.get``. The run's files (scores.npy, the adapter, checkpoints) go straight into the
+dashboard's artifact store through the presigned PUT URLs the scheduler minted (in the spec's
+``artifact_transport``); the result carries only their manifest.
 
 Outcome (the function's return value): ``{"result": <ExperimentResult>}`` or ``{"error": "<plain
 message>"}``. A failure is returned as a message, not raised: Modal would pickle the exception,
@@ -23,8 +25,11 @@ without access.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Any
 
 import modal
@@ -102,23 +107,40 @@ class ProgressWriter:
         self._store[self._job_id] = self._entry
 
 
+def upload_urls(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The spec without its ``artifact_transport`` entry, and the presigned PUT URL per artifact
+    name that compute-modal put there (none: the dashboard's store is not reachable from Modal,
+    and the run keeps no files)."""
+    spec = dict(spec)
+    transport = spec.pop("artifact_transport", None)
+    urls = transport.get("urls") if isinstance(transport, dict) else None
+    return spec, urls if isinstance(urls, dict) else {}
+
+
 def run_job(job_id: str, spec: dict[str, Any], store: MutableMapping[str, Any]) -> dict[str, Any]:
-    """The function body: run the experiment, report every event to ``store[job_id]``, return
-    the outcome (see the module docstring). A cancellation (``InputCancellation``, a
-    BaseException raised in this thread) closes the pipeline's generator, which stops the work
-    within one batch and frees the GPU, and propagates unchanged."""
+    """The function body: run the experiment, report every event to ``store[job_id]``, upload
+    the run's files to their presigned URLs, return the outcome (see the module docstring). A
+    cancellation (``InputCancellation``, a BaseException raised in this thread) closes the
+    pipeline's generator, which stops the work within one batch and frees the GPU, and
+    propagates unchanged."""
     # gpu_core.pipeline imports torch: imported here so deploying needs no torch locally.
     from gpu_core.pipeline import run_experiment
-    from gpu_core.schemas import ExperimentSpec
+    from gpu_core.schemas import ExperimentResult, ExperimentSpec
+    from gpu_core.uploads import upload_artifacts
 
+    spec, urls = upload_urls(spec)
     writer = ProgressWriter(store, job_id)
     writer.add(
         {"type": "status", "stage": "loading_model", "progress": 0.0, "message": "GPU container started"}
     )
-    events = run_experiment(ExperimentSpec.model_validate(spec))
+    artifacts = Path(tempfile.mkdtemp(prefix="influence-artifacts-")) if urls else None
+    events = run_experiment(ExperimentSpec.model_validate(spec), artifacts)
     try:
         for event in events:
             if event.get("type") == "result":
+                if artifacts is not None:
+                    manifest = ExperimentResult.model_validate(event["result"]).artifacts
+                    upload_artifacts(artifacts, manifest, urls)
                 writer.finish("completed")
                 return {"result": event["result"]}
             writer.add(event)
@@ -130,6 +152,8 @@ def run_job(job_id: str, spec: dict[str, Any], store: MutableMapping[str, Any]) 
         message = f"{type(exc).__name__}: {exc}"
     finally:
         events.close()
+        if artifacts is not None:
+            shutil.rmtree(artifacts, ignore_errors=True)
     writer.finish("failed", message)
     return {"error": message}
 

@@ -33,6 +33,7 @@ from scheduler.providers import (
     route_for,
 )
 from scheduler.store import JobRow, JobUpdate, Store
+from scheduler.uploads import presigned_uploads, remove_uploads, uploads_directly, verify_uploads
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,13 @@ class JobManager:
         # Counted before the call: a provider that got the job while its answer was lost
         # deduplicates the resubmission by our job id.
         await self._store.count_submit_attempt(job.id)
+        uploads = []
+        if uploads_directly(route.provider, self.artifacts.store):
+            uploads = await presigned_uploads(
+                self.artifacts.store, job.id, job.spec, self._settings.scheduler_upload_url_ttl_s
+            )
         provider_job_id = await client.submit(
-            job.id, account, spec_json, estimated_cost_usd, estimated_time_s
+            job.id, account, spec_json, estimated_cost_usd, estimated_time_s, uploads
         )
         await self._store.set_provider_job_id(job.id, provider_job_id)
         log.info("job submitted", extra={"job_id": job.id, "provider_job_id": provider_job_id})
@@ -317,6 +323,8 @@ class JobManager:
         elif status.state == common_pb2.JOB_STATE_FAILED:
             error = status.error or f"the {job.provider} provider reported the job as failed"
             update.status, update.error, update.stage_message = "failed", error, error
+            if uploads_directly(route.provider, self.artifacts.store):
+                await remove_uploads(self.artifacts.store, job.id)
         elif status.state == common_pb2.JOB_STATE_CANCELLED:
             error = status.error or "cancelled at the provider"
             update.status, update.error, update.stage_message = "cancelled", error, error
@@ -358,6 +366,10 @@ class JobManager:
                 await self._store.apply(job.id, JobUpdate(
                     stage_message=f"storing the job's {len(manifest)} files ({megabytes:.1f} MB)"
                 ))
+            if manifest and uploads_directly(route.provider, self.artifacts.store):
+                # The worker put the files into the store itself: check them there.
+                await verify_uploads(self.artifacts.store, job.id, manifest)
+            elif manifest:
                 await self.artifacts.collect(job.id, job.provider_job_id, client, account, manifest)
         except ArtifactTransferError as exc:
             message = f"the job's files could not be stored: {exc}"

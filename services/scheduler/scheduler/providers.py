@@ -129,6 +129,7 @@ class ProviderClient:
         spec_json: bytes,
         estimated_cost_usd: float,
         estimated_time_s: float,
+        artifact_uploads: list[compute_pb2.ArtifactUpload] | None = None,
     ) -> str:
         response = await self._call(
             self._stub.Submit,
@@ -138,6 +139,7 @@ class ProviderClient:
                 spec_json=spec_json,
                 estimated_cost_usd=estimated_cost_usd,
                 estimated_time_s=estimated_time_s,
+                artifact_uploads=artifact_uploads or [],
             ),
         )
         return response.provider_job_id

@@ -1,0 +1,98 @@
+"""Direct uploads: workers far from us (RunPod, Modal) put a job's files straight into the artifact
+store through presigned PUT URLs that the scheduler mints, and the scheduler checks them there.
+
+The store's credentials stay in the scheduler: a worker only ever holds one PUT URL per artifact
+name its run may write (``gpu_core.uploads.planned_artifact_names``), each for one key under
+``jobs/{job_id}/`` and valid for ``scheduler_upload_url_ttl_s``. Before the job is COMPLETED
+every file of the result's manifest is read back from the store in chunks and its size and
+sha256 compared; anything else found under the job's prefix (an upload whose job then failed,
+a file the manifest does not list) is removed, so the store lists exactly what was verified.
+
+Where the store cannot mint URLs (the local filesystem, the embedded default) nothing is minted
+and the files come back through the provider (``ComputeProvider.FetchArtifact``), as for
+compute-local; each provider bounds what it can carry that way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+from artifact_store import ArtifactStore, StoreError, job_key, job_prefix
+from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
+from gpu_core.uploads import planned_artifact_names
+from influence.v1 import compute_pb2
+
+from scheduler.artifacts import ArtifactTransferError
+
+log = logging.getLogger(__name__)
+
+# Providers whose workers run outside this deployment's network and can upload directly.
+DIRECT_UPLOAD_PROVIDERS = frozenset({"runpod", "modal"})
+
+
+def uploads_directly(provider: str, store: ArtifactStore) -> bool:
+    return provider in DIRECT_UPLOAD_PROVIDERS and store.supports_presign
+
+
+async def presigned_uploads(
+    store: ArtifactStore, job_id: str, spec: dict[str, Any], expires_s: int
+) -> list[compute_pb2.ArtifactUpload]:
+    """One presigned PUT URL per artifact name the job's run may write."""
+    names = planned_artifact_names(parse_spec(spec, NO_SIZE_LIMITS))
+    return [
+        compute_pb2.ArtifactUpload(
+            name=name, url=await store.presigned_url("PUT", job_key(job_id, name), expires_s)
+        )
+        for name in names
+    ]
+
+
+async def verify_uploads(store: ArtifactStore, job_id: str, manifest: list[dict[str, Any]]) -> None:
+    """Check every manifest file in the store (size, then sha256 over a chunked read) and remove
+    what the manifest does not list. Raises ArtifactTransferError, having removed everything
+    under the job's prefix, when a file is missing or differs."""
+    try:
+        for entry in manifest:
+            await _verify_one(store, job_id, entry)
+        listed = {job_key(job_id, entry["name"]) for entry in manifest}
+        for info in await store.list(job_prefix(job_id)):
+            if info.key not in listed:
+                log.warning("removing an unlisted upload", extra={"job_id": job_id, "key": info.key})
+                await store.delete(info.key)
+    except StoreError as exc:
+        await remove_uploads(store, job_id)
+        raise ArtifactTransferError(f"the artifact store could not be checked: {exc}") from None
+    except ArtifactTransferError:
+        await remove_uploads(store, job_id)
+        raise
+
+
+async def _verify_one(store: ArtifactStore, job_id: str, entry: dict[str, Any]) -> None:
+    name, key = entry["name"], job_key(job_id, entry["name"])
+    try:
+        info = await store.stat(key)
+    except StoreError:
+        raise ArtifactTransferError(
+            f"artifact {name!r} is listed in the worker's result but was never uploaded to the store"
+        ) from None
+    if info.bytes != entry["bytes"]:
+        raise ArtifactTransferError(
+            f"artifact {name!r} in the store has {info.bytes} bytes, the worker reported {entry['bytes']}"
+        )
+    digest = hashlib.sha256()
+    async for chunk in await store.get(key):
+        digest.update(chunk)
+    if digest.hexdigest() != entry["sha256"]:
+        raise ArtifactTransferError(
+            f"artifact {name!r} in the store does not match the worker's sha256 (corrupted upload)"
+        )
+
+
+async def remove_uploads(store: ArtifactStore, job_id: str) -> None:
+    """Remove whatever the worker uploaded for a job that will not complete (best effort)."""
+    try:
+        await store.delete_prefix(job_prefix(job_id))
+    except StoreError as exc:
+        log.error("could not remove a job's uploads", extra={"job_id": job_id, "error": str(exc)})

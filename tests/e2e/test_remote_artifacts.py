@@ -1,0 +1,160 @@
+"""A job's files from workers far from the dashboard, end to end through the gateway, with the
+artifact store on the S3 test server (moto on loopback):
+
+- RunPod: the fake RunPod runs the real worker under the runpod SDK's production loop and enforces
+  RunPod's payload limits (10 MB for a job's input and output). A TracIn job of 10,000 training x
+  1,000 eval examples (the gateway's maximums) writes a 40 MB score matrix that no RunPod answer
+  could carry; the worker uploads it to the scheduler's presigned PUT URL, RunPod carries only the
+  manifest, and the scheduler checks every sha256 in the store before the job is COMPLETED.
+- Modal: the in-process adapter runs the Modal app's function body, which uploads the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+from devstack.client import GatewayClient
+from devstack.s3_server import S3TestServer, s3_test_server
+from devstack.stack import FakeRunPodProcess, Stack
+
+from .test_stack import small_spec
+
+pytestmark = pytest.mark.e2e
+
+RUNPOD_KEY = "rpa_REMOTEARTIFACTS0123456789ABCDEF"
+N_TRAIN, N_EVAL = 10_000, 1_000
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[S3TestServer]:
+    with s3_test_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeRunPodProcess]:
+    process = FakeRunPodProcess.start()
+    process.control("POST", "keys", key=RUNPOD_KEY, balance=500.0)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, fake: FakeRunPodProcess, s3_server: S3TestServer
+) -> Iterator[Stack]:
+    with Stack(
+        data_dir=tmp_path_factory.mktemp("remote-artifacts"),
+        extra_env={
+            **fake.settings_env(),
+            **s3_server.store_env(prefix="remote"),
+            "HOSTED_PROVIDER": "modal",
+            "COMPUTE_MODAL_BACKEND": "inprocess",
+            "SCHEDULER_POLL_INTERVAL_S": "0.2",
+            "RUNPOD_STREAM_WAIT_MS": "1000",
+        },
+        services=("keyvault", "compute-runpod", "compute-modal", "scheduler", "gateway"),
+    ) as running:
+        yield running
+
+
+def large_spec() -> dict:
+    """1 epoch, one new token, no few-shot: the issue's 10,000 x 1,000 job, cheap per example."""
+    colours = ["red", "blue", "green", "white", "black"]
+    things = ["apple", "sky", "grass", "snow", "coal"]
+    return {
+        "training_data": [
+            {"id": f"t{i}", "prompt": f"Colour of {things[i % 5]} {i}?", "completion": colours[i % 5]}
+            for i in range(N_TRAIN)
+        ],
+        "eval_data": [
+            {"id": f"e{i}", "prompt": f"Colour of {things[i % 5]}?", "expected": colours[i % 5]}
+            for i in range(N_EVAL)
+        ],
+        "few_shot_k": 0,
+        "influence_method": "tracin",
+        "hyperparams": {"epochs": 1, "max_seq_len": 16, "max_new_tokens": 1, "batch_size": 64},
+    }
+
+
+def store_object(s3_server: S3TestServer, key: str) -> bytes:
+    import boto3
+
+    from devstack.s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
+
+    client = boto3.client(
+        "s3", endpoint_url=s3_server.endpoint_url, region_name=REGION,
+        aws_access_key_id=ACCESS_KEY_ID, aws_secret_access_key=SECRET_ACCESS_KEY,
+    )
+    return client.get_object(Bucket=s3_server.bucket, Key=f"remote/{key}")["Body"].read()
+
+
+def download(client: GatewayClient, job_id: str, name: str) -> bytes:
+    """The gateway's artifact route: a 307 to a presigned GET of the S3 store, followed."""
+    reply = client.request("GET", f"/api/jobs/{job_id}/artifacts/{name}")
+    assert reply.status_code == 307, reply.text
+    fetched = httpx.get(reply.headers["location"], timeout=60)
+    assert fetched.status_code == 200
+    return fetched.content
+
+
+def test_runpod_10000_x_1000_job_uploads_its_files_to_presigned_urls(
+    stack: Stack, fake: FakeRunPodProcess, s3_server: S3TestServer
+) -> None:
+    client = GatewayClient(stack.gateway_url, timeout_s=120)
+    client.sign_in_locally("rosa")
+    assert client.request("POST", "/api/settings/runpod-key", json={"api_key": RUNPOD_KEY}).status_code == 200
+    job_id = client.submit(large_spec())["job_id"]
+    last = list(client.events(job_id))[-1]
+    assert last["state"] == "completed", last
+
+    results = client.request("GET", f"/api/jobs/{job_id}/results")
+    assert len(results.content) < 5_000_000
+    result = results.json()
+    assert result["influence"].get("scores") is None and result["influence"]["heatmap"]
+    artifacts = client.request("GET", f"/api/jobs/{job_id}/artifacts").json()["artifacts"]
+    listed = {a["name"]: a for a in artifacts}
+    assert listed["scores.npy"]["bytes"] == 128 + 4 * N_TRAIN * N_EVAL
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= set(listed)
+
+    # The worker's upload is what the store holds and what the researcher downloads, byte for byte.
+    scores = download(client, job_id, "scores.npy")
+    assert hashlib.sha256(scores).hexdigest() == listed["scores.npy"]["sha256"]
+    assert scores == store_object(s3_server, f"jobs/{job_id}/scores.npy")
+    matrix = np.load(io.BytesIO(scores))
+    assert matrix.shape == (N_EVAL, N_TRAIN) and matrix.dtype == np.float32
+    heatmap = result["influence"]["heatmap"]
+    row = [f"e{i}" for i in range(N_EVAL)].index(heatmap["eval_ids"][0])
+    col = [f"t{j}" for j in range(N_TRAIN)].index(heatmap["train_ids"][0])
+    assert heatmap["scores"][0][0] == pytest.approx(float(matrix[row, col]), rel=1e-5)
+    adapter = download(client, job_id, "adapter/adapter_config.json")
+    assert json.loads(adapter)["r"] > 0
+
+    # RunPod carried the URLs in, and only progress and the small result out (its limit is 10 MB).
+    (run,) = [r for r in fake.requests("job.run") if r["status"] == 200][-1:]
+    assert int(run["headers"]["content-length"]) < 10_000_000
+    done = [r for r in fake.requests("worker.done") if r["status"] == 200]
+    assert done and int(done[-1]["headers"]["content-length"]) < 10_000_000 < len(scores)
+
+
+def test_modal_job_uploads_its_files_to_presigned_urls(stack: Stack, s3_server: S3TestServer) -> None:
+    client = GatewayClient(stack.gateway_url)
+    client.sign_in_locally("mona")
+    job_id = client.submit(small_spec(n_train=8, n_eval=3))["job_id"]
+    assert list(client.events(job_id))[-1]["state"] == "completed"
+    assert client.job(job_id)["provider"] == "modal"
+    listed = client.request("GET", f"/api/jobs/{job_id}/artifacts").json()["artifacts"]
+    assert {"scores.npy", "adapter/adapter_model.safetensors"} <= {a["name"] for a in listed}
+    for artifact in listed:
+        data = store_object(s3_server, f"jobs/{job_id}/{artifact['name']}")
+        assert hashlib.sha256(data).hexdigest() == artifact["sha256"], artifact["name"]
+    scores = np.load(io.BytesIO(download(client, job_id, "scores.npy")))
+    result = client.results(job_id)
+    assert np.allclose(scores, np.array(result["influence"]["scores"], dtype=np.float32))
