@@ -30,3 +30,20 @@ def embedded_postgres() -> Iterator[EmbeddedPostgres]:  # noqa: F821
 def database_url(embedded_postgres) -> str:  # noqa: ANN001
     """A fresh, empty database on the shared server: a DSN asyncpg accepts."""
     return embedded_postgres.create_database()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3TestServer]:  # noqa: F821
+    """The S3 test server (moto on loopback) for the whole test run, one bucket."""
+    from devstack.s3_server import s3_test_server
+
+    with s3_test_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_store(s3_server) -> ArtifactStore:  # noqa: ANN001, F821
+    """An artifact store under a fresh prefix of the S3 test server's bucket."""
+    from artifact_store import open_store
+
+    return open_store(s3_server.store_settings(prefix=f"t-{os.urandom(4).hex()}"))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.specs import tracin_spec
 from devstack.stack import Stack
 
 from .support import Screenshots, page_api_client, sign_in
@@ -27,22 +28,10 @@ RENDER_TIMEOUT_MS = 60_000
 
 
 def large_spec() -> dict:
-    colours = ["red", "blue", "green", "white", "black"]
-    things = ["apple", "sky", "grass", "snow", "coal"]
-    return {
-        "training_data": [
-            {"id": f"t{i}", "prompt": f"Colour of {things[i % 5]} {i}?", "completion": colours[i % 5]}
-            for i in range(N_TRAIN)
-        ],
-        "eval_data": [
-            {"id": f"e{i}", "prompt": f"Colour of {things[i % 5]}?", "expected": colours[i % 5]}
-            for i in range(N_EVAL)
-        ],
-        "few_shot_k": 0,
-        "influence_method": "tracin",
-        "hyperparams": {"epochs": 1, "max_seq_len": 16, "max_new_tokens": 1, "batch_size": 64},
-        "influence": {"top_k": 5},
-    }
+    """The issue's job (TracIn, 1 epoch, one new token, no few-shot), in batches of 64."""
+    spec = tracin_spec(N_TRAIN, N_EVAL)
+    spec["hyperparams"]["batch_size"] = 64
+    return spec
 
 
 def test_results_page_of_a_10000_x_1000_job(page, stack: Stack, shots: Screenshots) -> None:
@@ -77,7 +66,8 @@ def test_results_page_of_a_10000_x_1000_job(page, stack: Stack, shots: Screensho
     top = result["influence"]["top_k"][first_id]
     assert first.locator("ol.helpful li").count() == len(top["helpful"])
     assert top["helpful"][0]["id"] in first.locator("ol.helpful li").first.inner_text()
-    assert "Colour of" in first.locator("h4").inner_text()
+    prompts = {e["id"]: e["prompt"] for e in large_spec()["eval_data"]}
+    assert prompts[first_id] in first.locator("h4").inner_text()
     page.locator("#top-more").click()
     assert page.locator("#top-examples article").count() == 50
     page.get_by_label("Find an eval example").fill("e999")

@@ -20,8 +20,9 @@ import httpx
 import numpy as np
 import pytest
 
+from benchmarks.specs import tracin_spec
 from devstack.client import GatewayClient
-from devstack.s3_server import S3TestServer, s3_test_server
+from devstack.s3_server import S3TestServer
 from devstack.stack import FakeRunPodProcess, Stack
 
 from .test_stack import small_spec
@@ -30,12 +31,6 @@ pytestmark = pytest.mark.e2e
 
 RUNPOD_KEY = "rpa_REMOTEARTIFACTS0123456789ABCDEF"
 N_TRAIN, N_EVAL = 10_000, 1_000
-
-
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[S3TestServer]:
-    with s3_test_server() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -66,22 +61,10 @@ def stack(
 
 
 def large_spec() -> dict:
-    """1 epoch, one new token, no few-shot: the issue's 10,000 x 1,000 job, cheap per example."""
-    colours = ["red", "blue", "green", "white", "black"]
-    things = ["apple", "sky", "grass", "snow", "coal"]
-    return {
-        "training_data": [
-            {"id": f"t{i}", "prompt": f"Colour of {things[i % 5]} {i}?", "completion": colours[i % 5]}
-            for i in range(N_TRAIN)
-        ],
-        "eval_data": [
-            {"id": f"e{i}", "prompt": f"Colour of {things[i % 5]}?", "expected": colours[i % 5]}
-            for i in range(N_EVAL)
-        ],
-        "few_shot_k": 0,
-        "influence_method": "tracin",
-        "hyperparams": {"epochs": 1, "max_seq_len": 16, "max_new_tokens": 1, "batch_size": 64},
-    }
+    """The issue's job (TracIn, 1 epoch, one new token, no few-shot), in batches of 64."""
+    spec = tracin_spec(N_TRAIN, N_EVAL)
+    spec["hyperparams"]["batch_size"] = 64
+    return spec
 
 
 def store_object(s3_server: S3TestServer, key: str) -> bytes:

@@ -6,31 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Iterator
 
 import grpc
 import pytest
-from artifact_store import ArtifactStore, job_key, open_store
+from artifact_store import ArtifactStore, job_key
 from gpu_core.schemas import ExperimentResult, parse_spec
 from gpu_core.uploads import planned_artifact_names
 from influence.v1 import common_pb2, compute_pb2
 from runpod_testkit import Stack, spec_bytes
 
-from devstack.s3_server import S3TestServer, s3_test_server
+from devstack.s3_server import S3TestServer
 
 HOSTED = common_pb2.Account(user_id="operator-tier-user", hosted=True)
-
-
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[S3TestServer]:
-    with s3_test_server() as server:
-        yield server
-
-
-@pytest.fixture
-def store(s3_server: S3TestServer) -> ArtifactStore:
-    return open_store(s3_server.store_settings(prefix=f"t-{os.urandom(4).hex()}"))
 
 
 @pytest.fixture
@@ -38,11 +25,11 @@ def service_overrides(request: pytest.FixtureRequest) -> dict[str, object]:
     return getattr(request, "param", {})
 
 
-async def upload_urls(store: ArtifactStore, job_id: str) -> list[compute_pb2.ArtifactUpload]:
+async def upload_urls(s3_store: ArtifactStore, job_id: str) -> list[compute_pb2.ArtifactUpload]:
     """What the scheduler sends: one presigned PUT per name the run may write."""
     names = planned_artifact_names(parse_spec(spec_bytes()))
     return [
-        compute_pb2.ArtifactUpload(name=name, url=await store.presigned_url("PUT", job_key(job_id, name)))
+        compute_pb2.ArtifactUpload(name=name, url=await s3_store.presigned_url("PUT", job_key(job_id, name)))
         for name in names
     ]
 
@@ -56,9 +43,9 @@ async def run(stack: Stack, job_id: str, uploads: list[compute_pb2.ArtifactUploa
 
 
 async def test_worker_uploads_files_to_presigned_urls_and_returns_only_the_manifest(
-    stack: Stack, store: ArtifactStore
+    stack: Stack, s3_store: ArtifactStore
 ) -> None:
-    provider_job_id, final = await run(stack, "job-s3", await upload_urls(store, "job-s3"))
+    provider_job_id, final = await run(stack, "job-s3", await upload_urls(s3_store, "job-s3"))
     assert final.state == common_pb2.JOB_STATE_COMPLETED, final.error
     result = ExperimentResult.model_validate_json((await stack.stub.GetResult(
         compute_pb2.GetResultRequest(provider_job_id=provider_job_id, account=HOSTED)
@@ -67,7 +54,7 @@ async def test_worker_uploads_files_to_presigned_urls_and_returns_only_the_manif
     assert {"scores.npy", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= names
     for entry in result.artifacts:
         digest, size = hashlib.sha256(), 0
-        async for chunk in await store.get(job_key("job-s3", entry.name)):
+        async for chunk in await s3_store.get(job_key("job-s3", entry.name)):
             digest.update(chunk)
             size += len(chunk)
         assert (size, digest.hexdigest()) == (entry.bytes, entry.sha256), entry.name
@@ -85,9 +72,9 @@ async def test_worker_uploads_files_to_presigned_urls_and_returns_only_the_manif
 
 
 async def test_a_refused_upload_fails_the_job_naming_the_file(
-    stack: Stack, store: ArtifactStore, s3_server: S3TestServer
+    stack: Stack, s3_store: ArtifactStore, s3_server: S3TestServer
 ) -> None:
-    uploads = await upload_urls(store, "job-bad-url")
+    uploads = await upload_urls(s3_store, "job-bad-url")
     for upload in uploads:
         # The bucket is gone (or misnamed) by the time the worker uploads: S3 refuses the PUT.
         assert f"/{s3_server.bucket}/" in upload.url
@@ -96,7 +83,7 @@ async def test_a_refused_upload_fails_the_job_naming_the_file(
     assert final.state == common_pb2.JOB_STATE_FAILED
     assert "could not be uploaded: uploading adapter/README.md" in final.error, final.error
     assert "HTTP 404: NoSuchBucket" in final.error and "X-Amz-Signature" not in final.error
-    assert await store.list("jobs/job-bad-url/") == []
+    assert await s3_store.list("jobs/job-bad-url/") == []
 
 
 async def test_without_a_reachable_store_files_come_back_inline_whole(stack: Stack) -> None:

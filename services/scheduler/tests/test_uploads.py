@@ -4,8 +4,7 @@ what a worker uploaded before a job may complete."""
 from __future__ import annotations
 
 import hashlib
-import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -13,24 +12,11 @@ from artifact_store import ArtifactStore, job_key, load_store_settings, open_sto
 from scheduler.artifacts import ArtifactTransferError
 from scheduler.uploads import presigned_uploads, uploads_directly, verify_uploads
 
-from devstack.s3_server import S3TestServer, s3_test_server
-
 SPEC = {
     "training_data": [{"prompt": "a", "completion": "b"}],
     "eval_data": [{"prompt": "a", "expected": "b"}],
     "hyperparams": {"epochs": 2},
 }
-
-
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[S3TestServer]:
-    with s3_test_server() as server:
-        yield server
-
-
-@pytest.fixture
-def store(s3_server: S3TestServer) -> ArtifactStore:
-    return open_store(s3_server.store_settings(prefix=f"t-{os.urandom(4).hex()}"))
 
 
 async def chunks(data: bytes) -> AsyncIterator[bytes]:
@@ -42,29 +28,31 @@ def entry(name: str, data: bytes) -> dict:
             "media_type": "application/octet-stream"}
 
 
-def test_only_remote_providers_with_a_signing_store_upload_directly(store: ArtifactStore, tmp_path) -> None:
+def test_only_remote_providers_with_a_signing_store_upload_directly(
+    s3_store: ArtifactStore, tmp_path
+) -> None:
     local = open_store(load_store_settings(url=str(tmp_path)))
-    assert uploads_directly("runpod", store) and uploads_directly("modal", store)
-    assert not uploads_directly("local", store)
+    assert uploads_directly("runpod", s3_store) and uploads_directly("modal", s3_store)
+    assert not uploads_directly("local", s3_store)
     assert not uploads_directly("runpod", local)
 
 
-async def test_urls_are_minted_for_the_planned_names_of_that_job_only(store: ArtifactStore) -> None:
-    uploads = await presigned_uploads(store, "job-a", SPEC, expires_s=600)
+async def test_urls_are_minted_for_the_planned_names_of_that_job_only(s3_store: ArtifactStore) -> None:
+    uploads = await presigned_uploads(s3_store, "job-a", SPEC, expires_s=600)
     names = [u.name for u in uploads]
     assert "scores.npy" in names and "checkpoints/epoch-2.safetensors" in names
     assert all("/jobs/job-a/" in u.url and "X-Amz-Expires=600" in u.url for u in uploads)
     (scores,) = [u for u in uploads if u.name == "scores.npy"]
     async with httpx.AsyncClient() as http:
         assert (await http.put(scores.url, content=b"matrix")).status_code == 200
-    assert (await store.stat(job_key("job-a", "scores.npy"))).bytes == 6
+    assert (await s3_store.stat(job_key("job-a", "scores.npy"))).bytes == 6
 
 
-async def test_verified_uploads_stay_and_unlisted_ones_are_removed(store: ArtifactStore) -> None:
-    await store.put(job_key("job-b", "scores.npy"), chunks(b"matrix"))
-    await store.put(job_key("job-b", "checkpoints/epoch-1.safetensors"), chunks(b"left over"))
-    await verify_uploads(store, "job-b", [entry("scores.npy", b"matrix")])
-    assert [i.key.rsplit("/", 1)[-1] for i in await store.list("jobs/job-b/")] == ["scores.npy"]
+async def test_verified_uploads_stay_and_unlisted_ones_are_removed(s3_store: ArtifactStore) -> None:
+    await s3_store.put(job_key("job-b", "scores.npy"), chunks(b"matrix"))
+    await s3_store.put(job_key("job-b", "checkpoints/epoch-1.safetensors"), chunks(b"left over"))
+    await verify_uploads(s3_store, "job-b", [entry("scores.npy", b"matrix")])
+    assert [i.key.rsplit("/", 1)[-1] for i in await s3_store.list("jobs/job-b/")] == ["scores.npy"]
 
 
 @pytest.mark.parametrize(
@@ -76,12 +64,12 @@ async def test_verified_uploads_stay_and_unlisted_ones_are_removed(store: Artifa
     ],
 )
 async def test_a_missing_or_differing_upload_fails_and_leaves_nothing(
-    store: ArtifactStore, uploaded: bytes | None, reported: bytes, problem: str
+    s3_store: ArtifactStore, uploaded: bytes | None, reported: bytes, problem: str
 ) -> None:
-    await store.put(job_key("job-c", "adapter/adapter_config.json"), chunks(b"{}"))
+    await s3_store.put(job_key("job-c", "adapter/adapter_config.json"), chunks(b"{}"))
     if uploaded is not None:
-        await store.put(job_key("job-c", "scores.npy"), chunks(uploaded))
+        await s3_store.put(job_key("job-c", "scores.npy"), chunks(uploaded))
     manifest = [entry("adapter/adapter_config.json", b"{}"), entry("scores.npy", reported)]
     with pytest.raises(ArtifactTransferError, match=problem):
-        await verify_uploads(store, "job-c", manifest)
-    assert await store.list("jobs/job-c/") == []
+        await verify_uploads(s3_store, "job-c", manifest)
+    assert await s3_store.list("jobs/job-c/") == []
