@@ -34,12 +34,35 @@ class ArtifactUploadError(RuntimeError):
 
 
 def planned_artifact_names(spec: ExperimentSpec) -> list[str]:
-    """Every name ``run_experiment(spec, artifacts_dir)`` may write (pipeline.save_artifacts and
-    write_scores): the adapter, one checkpoint per epoch and its index, the score matrix. A run
+    """Every name ``run_experiment(spec, artifacts_dir)`` may write (pipeline.save_artifacts,
+    the gradient index, the scores): the adapter, one checkpoint (and its second moments) per
+    epoch and their index, the projected gradient index when the method builds one, the score
+    matrix. A run
     may write fewer; a file not listed here cannot be uploaded, and tests check the two agree."""
     epochs = range(1, spec.hyperparams.epochs + 1)
-    checkpoints = [f"checkpoints/epoch-{epoch}.safetensors" for epoch in epochs]
-    return [*ADAPTER_FILES, CHECKPOINT_INDEX, *checkpoints, SCORES_NAME]
+    checkpoints = [
+        f"checkpoints/epoch-{epoch}{kind}.safetensors" for epoch in epochs for kind in ("", ".second-moment")
+    ]
+    return [*ADAPTER_FILES, CHECKPOINT_INDEX, *checkpoints, *_index_names(spec), SCORES_NAME]
+
+
+def _index_names(spec: ExperimentSpec) -> list[str]:
+    """The projected gradient index (influence/index.py): TrackStar, or TracIn with a projection;
+    one set of shards per checkpoint (one per epoch)."""
+    projection_dim = spec.influence.projection_dim
+    if spec.influence_method != "trackstar" and projection_dim is None:
+        return []
+    from gpu_core.influence.index import IDS_FILE, INDEX_DIR_NAME, MANIFEST, shard_rows_for
+    from gpu_core.influence.projected import DEFAULT_TRACKSTAR_DIM
+
+    rows = shard_rows_for(projection_dim or DEFAULT_TRACKSTAR_DIM)
+    shards = -(-len(spec.training_data) // rows)
+    names = [f"{INDEX_DIR_NAME}/{MANIFEST}", f"{INDEX_DIR_NAME}/{IDS_FILE}"]
+    for checkpoint in range(spec.hyperparams.epochs):
+        for shard in range(shards):
+            stem = f"{INDEX_DIR_NAME}/ckpt-{checkpoint}-shard-{shard:05d}"
+            names += [f"{stem}.npy", f"{stem}.norms.npy"]
+    return names
 
 
 def upload_artifacts(

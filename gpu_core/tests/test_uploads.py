@@ -11,11 +11,15 @@ from gpu_core.pipeline import run_experiment_to_result
 from gpu_core.uploads import ArtifactUploadError, planned_artifact_names, upload_artifacts
 
 
-@pytest.mark.parametrize("method", ["tracin", "datainf", "kronfluence"])
+@pytest.mark.parametrize(
+    ("method", "projection_dim"),
+    [("tracin", None), ("datainf", None), ("kronfluence", None), ("trackstar", None), ("tracin", 32)],
+)
 def test_planned_names_cover_every_file_the_run_writes(
-    method: str, make_spec: Callable[..., Any], tmp_path: Path
+    method: str, projection_dim: int | None, make_spec: Callable[..., Any], tmp_path: Path
 ) -> None:
     spec = make_spec(n_train=8, n_eval=3, method=method, epochs=2)
+    spec.influence.projection_dim = projection_dim
     result = run_experiment_to_result(spec, tmp_path)
     written = {entry.name for entry in result.artifacts}
     assert "scores.npy" in written and "adapter/adapter_model.safetensors" in written
