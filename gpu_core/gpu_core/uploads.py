@@ -17,9 +17,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from gpu_core.artifacts import SCORES_NAME
 from gpu_core.schemas import ArtifactEntry, ExperimentSpec
 
+# The scheduler plans names with gpu_core's base install (no numpy, no torch), so the names that
+# gpu_core.artifacts and gpu_core.influence.index/projected define are repeated here; a test
+# checks they agree.
+SCORES_NAME = "scores.npy"
+INDEX_DIR_NAME, INDEX_MANIFEST, INDEX_IDS_FILE = "gradient_index", "manifest.json", "ids.json"
+INDEX_SHARD_BYTES = 64 << 20
+DEFAULT_TRACKSTAR_DIM = 4096
 ADAPTER_FILES = ("adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors")
 CHECKPOINT_INDEX = "checkpoints/checkpoints.json"
 UPLOAD_ATTEMPTS = 4
@@ -52,12 +58,9 @@ def _index_names(spec: ExperimentSpec) -> list[str]:
     projection_dim = spec.influence.projection_dim
     if spec.influence_method != "trackstar" and projection_dim is None:
         return []
-    from gpu_core.influence.index import IDS_FILE, INDEX_DIR_NAME, MANIFEST, shard_rows_for
-    from gpu_core.influence.projected import DEFAULT_TRACKSTAR_DIM
-
-    rows = shard_rows_for(projection_dim or DEFAULT_TRACKSTAR_DIM)
+    rows = max(1, INDEX_SHARD_BYTES // (2 * (projection_dim or DEFAULT_TRACKSTAR_DIM)))
     shards = -(-len(spec.training_data) // rows)
-    names = [f"{INDEX_DIR_NAME}/{MANIFEST}", f"{INDEX_DIR_NAME}/{IDS_FILE}"]
+    names = [f"{INDEX_DIR_NAME}/{INDEX_MANIFEST}", f"{INDEX_DIR_NAME}/{INDEX_IDS_FILE}"]
     for checkpoint in range(spec.hyperparams.epochs):
         for shard in range(shards):
             stem = f"{INDEX_DIR_NAME}/ckpt-{checkpoint}-shard-{shard:05d}"

@@ -35,3 +35,23 @@ def test_a_file_without_an_upload_url_is_refused_before_anything_is_sent(
     manifest = [ArtifactEntry(name="extra.bin", bytes=1, sha256="0" * 64, media_type="text/plain")]
     with pytest.raises(ArtifactUploadError, match="extra.bin but the job has no upload URL"):
         upload_artifacts(tmp_path, manifest, {"scores.npy": "http://127.0.0.1:9/never"})
+
+
+def test_the_names_repeated_for_the_scheduler_match_gpu_core_and_need_no_numpy() -> None:
+    import subprocess
+    import sys
+
+    from gpu_core.influence import index, projected
+
+    from gpu_core import artifacts, uploads
+
+    assert uploads.SCORES_NAME == artifacts.SCORES_NAME
+    assert (uploads.INDEX_DIR_NAME, uploads.INDEX_MANIFEST, uploads.INDEX_IDS_FILE) == (
+        index.INDEX_DIR_NAME, index.MANIFEST, index.IDS_FILE,
+    )
+    assert uploads.DEFAULT_TRACKSTAR_DIM == projected.DEFAULT_TRACKSTAR_DIM
+    for dim in (16, 4096, 65_536):
+        assert max(1, uploads.INDEX_SHARD_BYTES // (2 * dim)) == index.shard_rows_for(dim)
+    # The scheduler's image has gpu_core without extras.
+    probe = "import sys, gpu_core.uploads; assert not {'numpy', 'torch'} & set(sys.modules)"
+    subprocess.run([sys.executable, "-c", probe], check=True)
