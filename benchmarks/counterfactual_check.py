@@ -11,31 +11,9 @@ from collections.abc import Sequence
 
 import numpy as np
 from gpu_core.counterfactual import run_counterfactual
-from gpu_core.influence.toy import random_pairs
 from gpu_core.pipeline import run_experiment_to_result
-from gpu_core.schemas import CounterfactualRequest, ExperimentSpec, parse_spec
-
-
-def planted_duplicate_spec(method: str, n_train: int, n_eval: int, epochs: int, seed: int) -> ExperimentSpec:
-    train = [
-        {"id": f"t{i}", "prompt": prompt, "completion": completion}
-        for i, (prompt, completion) in enumerate(random_pairs(n_train, seed=seed))
-    ]
-    evals = [
-        {"id": f"e{i}", "prompt": train[j]["prompt"], "expected": train[j]["completion"]}
-        for i, j in enumerate(i * n_train // n_eval for i in range(n_eval))
-    ]
-    return parse_spec(
-        {
-            "training_data": train,
-            "eval_data": evals,
-            "few_shot_k": 0,
-            "influence_method": method,
-            "hyperparams": {"epochs": epochs, "learning_rate": 0.01, "batch_size": 8, "max_seq_len": 32,
-                            "max_new_tokens": 6, "seed": seed},
-            "influence": {"top_k": 3},
-        }
-    )
+from gpu_core.planted import duplicate_of, planted_duplicate_spec
+from gpu_core.schemas import CounterfactualRequest, parse_spec
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,10 +33,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for method in args.methods.split(","):
         rates, top1, lds, changes, control_changes, seconds = [], [], [], [], [], 0.0
         for seed in (int(s) for s in args.seeds.split(",")):
-            spec = planted_duplicate_spec(method, args.n_train, args.n_eval, args.epochs, seed)
+            spec = parse_spec(planted_duplicate_spec(method, args.n_train, args.n_eval, args.epochs, seed))
             started = time.monotonic()
             result = run_experiment_to_result(spec)
-            duplicates = [f"t{i * args.n_train // args.n_eval}" for i in range(args.n_eval)]
+            duplicates = [f"t{duplicate_of(i, args.n_train, args.n_eval)}" for i in range(args.n_eval)]
             top1.append(np.mean([
                 bool(result.influence.top_k[f"e{i}"].helpful)
                 and result.influence.top_k[f"e{i}"].helpful[0].id == duplicate

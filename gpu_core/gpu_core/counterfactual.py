@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,9 @@ import torch
 
 from gpu_core.data import encode_pair
 from gpu_core.evaluation import evaluate
+from gpu_core.jobs import CounterfactualError, counterfactual_eval_ids
 from gpu_core.models import LoadedModel, load_model
+from gpu_core.pipeline import ExperimentCancelled, run_in_worker
 from gpu_core.schemas import (
     CounterfactualOutcome,
     CounterfactualRequest,
@@ -41,15 +43,12 @@ from gpu_core.schemas import (
     ExperimentResult,
     ExperimentSpec,
     LdsReport,
+    ProgressEvent,
 )
 from gpu_core.training import TrainingStep, attach_lora, train_lora
 
 # (stage fraction in 0..1, message); the caller may raise from it to cancel.
 Report = Callable[[float, str], None]
-
-
-class CounterfactualError(ValueError):
-    """The request does not fit the experiment; the message names the field."""
 
 
 def retrain_and_evaluate(
@@ -151,7 +150,7 @@ def run_counterfactual(
 
     started = time.monotonic()
     scores = _full_scores(result, scores)
-    eval_ids = _checked_eval_ids(request, spec, result)
+    eval_ids = counterfactual_eval_ids(request, spec, result)
     if request.lds_subsets and scores is None:
         raise CounterfactualError("lds_subsets: LDS needs the experiment's full score matrix (scores.npy)")
     removed = removal_set(request, spec, result, eval_ids, scores)
@@ -222,6 +221,32 @@ def run_counterfactual(
     )
 
 
+def run_counterfactual_job(
+    spec: ExperimentSpec,
+    result: ExperimentResult,
+    request: CounterfactualRequest,
+    scores: np.ndarray | None = None,
+) -> Generator[dict[str, Any], None, None]:
+    """:func:`run_counterfactual` as a job: progress events (stage ``counterfactual``), then
+    ``{"type": "result", "result": CounterfactualResult}``, with the pipeline's worker thread and
+    cancellation (closing the generator stops the work at the next training step)."""
+
+    def work(handoff: Any, cancel: Any) -> CounterfactualResult:
+        def report(fraction: float, message: str) -> None:
+            if cancel.is_set():
+                raise ExperimentCancelled
+            fraction = min(max(fraction, 0.0), 1.0)
+            event = ProgressEvent(
+                stage="counterfactual", progress=fraction, stage_progress=fraction, message=message
+            )
+            handoff.put(("event", event.model_dump()))
+
+        report(0.0, f"loading {spec.model_id}; {request.retrainings()} retrainings to run")
+        return run_counterfactual(spec, result, request, scores, report)
+
+    return run_in_worker(work)
+
+
 def _full_scores(result: ExperimentResult, scores: np.ndarray | None) -> np.ndarray | None:
     influence = result.influence
     inline = getattr(influence, "scores", None)
@@ -233,22 +258,6 @@ def _full_scores(result: ExperimentResult, scores: np.ndarray | None) -> np.ndar
             f"(n_eval, n_train) = {(len(influence.eval_ids), len(influence.train_ids))}"
         )
     return scores
-
-
-def _checked_eval_ids(
-    request: CounterfactualRequest, spec: ExperimentSpec, result: ExperimentResult
-) -> list[str]:
-    spec_ids = [example.id or "" for example in spec.training_data]
-    if spec_ids != result.influence.train_ids:
-        raise CounterfactualError(
-            "result: its training ids are not the spec's; pass the experiment's own spec"
-        )
-    known = result.influence.eval_ids
-    eval_ids = list(dict.fromkeys(request.eval_ids)) if request.eval_ids else list(known)
-    unknown = [eval_id for eval_id in eval_ids if eval_id not in set(known)]
-    if unknown:
-        raise CounterfactualError(f"eval_ids: not in this experiment: {', '.join(map(repr, unknown[:5]))}")
-    return eval_ids
 
 
 def _outcomes(

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 
 from gpu_core.artifacts import SCORES_NAME, collect_artifacts, write_scores
 from gpu_core.data import Encoder, chat_template_sha256, few_shot_demonstrations, resolve_template
@@ -45,7 +46,6 @@ from gpu_core.schemas import (
     ExperimentResult,
     ExperimentSpec,
     ProgressEvent,
-    ResultEvent,
     TrainingSummary,
 )
 from gpu_core.training import TrainingStep, attach_lora, train_lora
@@ -73,11 +73,22 @@ def run_experiment(
     spec: ExperimentSpec, artifacts_dir: Path | None = None
 ) -> Generator[dict[str, Any], None, None]:
     """Run ``spec``; see the module docstring for the events. Raises what the work raised."""
+    return run_in_worker(lambda handoff, cancel: _Experiment(spec, artifacts_dir, handoff, cancel).run())
+
+
+# The work of one job: puts ("event", dict) progress into the queue, checks the cancel flag at
+# every report (raising ExperimentCancelled), and returns the job's result.
+Work = Callable[["queue.Queue[tuple[str, Any]]", threading.Event], BaseModel]
+
+
+def run_in_worker(work: Work) -> Generator[dict[str, Any], None, None]:
+    """Run ``work`` in the worker thread: its events, then ``{"type": "result", "result": ...}``.
+    Every job kind (an experiment, a counterfactual check) runs through this."""
     handoff: queue.Queue[tuple[str, Any]] = queue.Queue()
     cancel = threading.Event()
     worker = threading.Thread(
         target=_work,
-        args=(spec, artifacts_dir, handoff, cancel),
+        args=(work, handoff, cancel),
         name=WORKER_THREAD_NAME,
         daemon=True,
     )
@@ -104,15 +115,10 @@ def run_experiment_to_result(spec: ExperimentSpec, artifacts_dir: Path | None = 
     raise RuntimeError("the experiment ended without a result")
 
 
-def _work(
-    spec: ExperimentSpec,
-    artifacts_dir: Path | None,
-    handoff: queue.Queue[tuple[str, Any]],
-    cancel: threading.Event,
-) -> None:
+def _work(work: Work, handoff: queue.Queue[tuple[str, Any]], cancel: threading.Event) -> None:
     try:
-        result = _Experiment(spec, artifacts_dir, handoff, cancel).run()
-        handoff.put(("event", ResultEvent(result=result).model_dump()))
+        result = work(handoff, cancel)
+        handoff.put(("event", {"type": "result", "result": result.model_dump()}))
         handoff.put(("done", None))
     except ExperimentCancelled:
         pass

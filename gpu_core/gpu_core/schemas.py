@@ -30,7 +30,8 @@ Template = Literal["auto", "chat", "raw"]
 ResolvedTemplate = Literal["chat", "raw"]
 Quantization = Literal["none", "8bit", "4bit"]
 Stage = Literal[
-    "loading_model", "eval_base", "eval_few_shot", "training", "eval_finetuned", "influence"
+    "loading_model", "eval_base", "eval_few_shot", "training", "eval_finetuned", "influence",
+    "counterfactual",  # the one stage of a counterfactual check (gpu_core.counterfactual)
 ]
 STAGES: tuple[str, ...] = (
     "loading_model", "eval_base", "eval_few_shot", "training", "eval_finetuned", "influence"

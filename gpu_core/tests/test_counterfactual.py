@@ -20,45 +20,19 @@ from gpu_core.counterfactual import (
     run_counterfactual,
     spearman,
 )
-from gpu_core.influence.toy import random_pairs
 from gpu_core.models import load_model
 from gpu_core.pipeline import run_experiment_to_result
 from gpu_core.schemas import CounterfactualRequest, ExperimentResult, ExperimentSpec, parse_spec
 
+from gpu_core import planted
+
 N_TRAIN, N_EVAL = 32, 8
 # Eval example i copies training example DUPLICATE_OF[i].
-DUPLICATE_OF = [i * N_TRAIN // N_EVAL for i in range(N_EVAL)]
+DUPLICATE_OF = [planted.duplicate_of(i, N_TRAIN, N_EVAL) for i in range(N_EVAL)]
 
 
 def planted_duplicate_spec(method: str, n_train: int = N_TRAIN, n_eval: int = N_EVAL) -> ExperimentSpec:
-    """Random letter strings the tiny model memorises in 40 epochs; each eval example is an exact
-    copy of one training example."""
-    train = [
-        {"id": f"t{i}", "prompt": prompt, "completion": completion}
-        for i, (prompt, completion) in enumerate(random_pairs(n_train, seed=0))
-    ]
-    duplicates = [i * n_train // n_eval for i in range(n_eval)]
-    evals = [
-        {"id": f"e{i}", "prompt": train[j]["prompt"], "expected": train[j]["completion"]}
-        for i, j in enumerate(duplicates)
-    ]
-    return parse_spec(
-        {
-            "training_data": train,
-            "eval_data": evals,
-            "few_shot_k": 0,
-            "influence_method": method,
-            "hyperparams": {
-                "epochs": 40,
-                "learning_rate": 0.01,
-                "batch_size": 8,
-                "max_seq_len": 32,
-                "max_new_tokens": 6,
-                "seed": 0,
-            },
-            "influence": {"top_k": 3},
-        }
-    )
+    return parse_spec(planted.planted_duplicate_spec(method, n_train, n_eval))
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +139,52 @@ def test_spearman_matches_scipy_with_ties() -> None:
     a, b = rng.integers(0, 5, 40).astype(float), rng.normal(size=40)
     assert spearman(a, b) == pytest.approx(float(spearmanr(a, b).statistic), abs=1e-12)
     assert spearman(np.ones(5), np.arange(5.0)) == 0.0
+
+
+@pytest.mark.slow
+def test_the_job_streams_progress_then_the_result_and_stops_when_closed(
+    experiment: tuple[ExperimentSpec, ExperimentResult],
+) -> None:
+    import threading
+
+    from gpu_core.jobs import COUNTERFACTUAL, make_payload, parse_payload, run_job
+    from gpu_core.pipeline import WORKER_THREAD_NAME
+
+    spec, result = experiment
+    payload = make_payload(
+        COUNTERFACTUAL, spec.model_dump(mode="json"), {"eval_ids": ["e1"], "k": 1, "controls": 1},
+        result.model_dump(mode="json"),
+    )
+    events = list(run_job(parse_payload(json.loads(json.dumps(payload)))))
+    *progress, last = events
+    assert progress and {event["stage"] for event in progress} == {"counterfactual"}
+    assert [e["progress"] for e in progress] == sorted(e["progress"] for e in progress)
+    assert last["type"] == "result" and last["result"]["removed_ids"] == ["t4"]
+    assert [example["id"] for example in last["result"]["examples"]] == ["e1"]
+
+    # Closing the generator mid-retraining stops the worker thread before close() returns.
+    running = run_job(parse_payload(payload))
+    seen = [next(running) for _ in range(3)]
+    assert all(event["type"] == "progress" for event in seen)
+    running.close()
+    assert not any(thread.name == WORKER_THREAD_NAME for thread in threading.enumerate())
+
+
+def test_job_payloads_name_what_is_wrong(experiment: tuple[ExperimentSpec, ExperimentResult]) -> None:
+    from gpu_core.jobs import COUNTERFACTUAL, EXPERIMENT, JobInputError, make_payload, parse_payload
+
+    spec, result = experiment
+    spec_json, result_json = spec.model_dump(mode="json"), result.model_dump(mode="json")
+    # An experiment's payload is the bare spec, as workers have always received it.
+    assert make_payload(EXPERIMENT, spec_json, None, None) is spec_json
+    assert parse_payload(spec_json).kind.name == EXPERIMENT
+    with pytest.raises(JobInputError, match="kind: unknown job kind 'retrain'"):
+        parse_payload({"kind": "retrain", "spec": spec_json})
+    with pytest.raises(JobInputError, match="parent_result: a counterfactual job needs"):
+        parse_payload(make_payload(COUNTERFACTUAL, spec_json, {"k": 1}, None))
+    with pytest.raises(JobInputError, match="^k: Input should be less than or equal to 1000"):
+        parse_payload(make_payload(COUNTERFACTUAL, spec_json, {"k": 5000}, result_json))
+    with pytest.raises(JobInputError, match="remove: Input should be 'helpful' or 'harmful'"):
+        parse_payload(make_payload(COUNTERFACTUAL, spec_json, {"remove": "both"}, result_json))
+    with pytest.raises(JobInputError, match="eval_ids: not in this experiment"):
+        parse_payload(make_payload(COUNTERFACTUAL, spec_json, {"eval_ids": ["x"]}, result_json))

@@ -90,18 +90,17 @@ class ProgressWriter:
 
 
 def run_job(job_id: str, spec: dict[str, Any], store: MutableMapping[str, Any]) -> dict[str, Any]:
-    """The function body: run the experiment, report every event to ``store[job_id]``, return
-    the result. A cancellation (``InputCancellation``, a BaseException) closes the pipeline's
-    generator, which stops the work and frees the GPU, and propagates unchanged."""
-    # gpu_core.pipeline imports torch: imported here so deploying needs no torch locally.
-    from gpu_core.pipeline import run_experiment
-    from gpu_core.schemas import ExperimentSpec
+    """The function body: run the job, report every event to ``store[job_id]``, return the
+    result. ``spec`` is the gpu_core.jobs payload: an experiment's spec, or a later job of one
+    (e.g. a counterfactual check) that ``job_events`` dispatches on its kind. A cancellation
+    (``InputCancellation``, a BaseException) closes the pipeline's generator, which stops the
+    work and frees the GPU, and propagates unchanged."""
 
     writer = ProgressWriter(store, job_id)
     writer.add(
         {"type": "status", "stage": "loading_model", "progress": 0.0, "message": "GPU container started"}
     )
-    events = run_experiment(ExperimentSpec.model_validate(spec))
+    events = job_events(spec)
     try:
         for event in events:
             if event.get("type") == "result":
@@ -117,6 +116,14 @@ def run_job(job_id: str, spec: dict[str, Any], store: MutableMapping[str, Any]) 
         raise
     finally:
         events.close()
+
+
+def job_events(payload: dict[str, Any]) -> Any:
+    """The job's gpu_core generator, by its kind (gpu_core.jobs)."""
+    # gpu_core.pipeline imports torch: imported here so deploying needs no torch locally.
+    from gpu_core.jobs import parse_payload, run_job
+
+    return run_job(parse_payload(payload))
 
 
 @app.function(

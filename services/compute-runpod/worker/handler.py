@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import runpod
-from gpu_core.pipeline import run_experiment
-from gpu_core.schemas import NO_SIZE_LIMITS, SpecError, parse_spec
+from gpu_core.jobs import JobInputError, parse_payload, run_job
+from gpu_core.schemas import SpecError
 
 # Well under RunPod's 1 MB per stream chunk, leaving room for the envelope.
 DEFAULT_RESULT_CHUNK_BYTES = 512 * 1024
@@ -51,13 +51,17 @@ def result_chunks(result: dict[str, Any], chunk_bytes: int) -> Iterator[dict[str
 
 def handler(job: dict[str, Any]) -> Iterator[dict[str, Any]]:
     try:
-        # Size limits were enforced by the dashboard's gateway; the worker checks the shape.
-        spec = parse_spec(job.get("input") or {}, NO_SIZE_LIMITS)
+        # An experiment's spec, or a later job of one by its kind (gpu_core.jobs, e.g. a
+        # counterfactual check). Size limits were enforced by the dashboard's gateway.
+        parsed = parse_payload(job.get("input") or {})
     except SpecError as exc:
         yield {"error": f"Invalid experiment spec: {'; '.join(exc.problems)}"}
         return
+    except JobInputError as exc:
+        yield {"error": f"Invalid job input: {exc}"}
+        return
     try:
-        for event in run_experiment(spec):
+        for event in run_job(parsed):
             if event.get("type") == "result":
                 yield from result_chunks(event["result"], result_chunk_bytes())
             else:
