@@ -3,6 +3,7 @@
 
 import { specTexts } from "../spectexts.js";
 import { download, el, loadPlotly } from "../ui.js";
+import { trackSelection, verifySection } from "./verify.js";
 
 const RUNS = [["base", "Base model"], ["few_shot", "Few-shot"], ["finetuned", "Fine-tuned"]];
 
@@ -138,6 +139,8 @@ export async function renderResults(host, jobId, result) {
         el("button", { type: "button", id: "download-csv",
           onclick: () => download(`influence-${short}.csv`, influenceCsv(result, texts), "text/csv") },
         "Download CSV (influence scores)"))));
+  host.append(verifySection(jobId, result,
+    { describe: (id) => describe(texts, "eval", id), selection: trackSelection(host) }));
   // Result contract v2: the heatmap submatrix (largest magnitudes); the whole matrix is inline
   // only for small results (older results have no heatmap).
   await drawHeatmap(heatmap, influence.heatmap || influence, texts);
