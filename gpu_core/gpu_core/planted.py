@@ -47,3 +47,42 @@ def planted_duplicate_spec(
         },
         "influence": {"top_k": 3},
     }
+
+
+def stand_in_result(spec: dict[str, Any], method: str = "tracin") -> dict[str, Any]:
+    """An ExperimentResult (JSON) for ``spec`` that ranks each eval example's planted duplicate
+    first, as a correct method would, without running the experiment: lets tests of the
+    services and workers run a counterfactual check (which retrains from scratch) quickly. Its
+    fine-tuned losses and answers are placeholders."""
+    train_ids = [example["id"] for example in spec["training_data"]]
+    eval_ids = [example["id"] for example in spec["eval_data"]]
+    n_train, n_eval = len(train_ids), len(eval_ids)
+    scores = [
+        [1.0 if j == duplicate_of(i, n_train, n_eval) else -0.1 for j in range(n_train)]
+        for i in range(n_eval)
+    ]
+    top_k = {
+        eval_id: {
+            "helpful": [{"id": train_ids[duplicate_of(i, n_train, n_eval)], "score": 1.0}],
+            "harmful": [
+                {"id": train_ids[j], "score": -0.1}
+                for j in range(n_train)
+                if j != duplicate_of(i, n_train, n_eval)
+            ][:1],
+        }
+        for i, eval_id in enumerate(eval_ids)
+    }
+    run = {
+        "metrics": {"exact_match_rate": 0.0, "mean_loss": 1.0, "n": n_eval},
+        "examples": [
+            {"id": eval_id, "output": "", "exact_match": False, "loss": 1.0} for eval_id in eval_ids
+        ],
+    }
+    return {
+        "eval_results": {"base": run, "few_shot": run, "finetuned": run},
+        "influence": {"method": method, "train_ids": train_ids, "eval_ids": eval_ids, "scores": scores,
+                      "top_k": top_k},
+        "training": {"loss_curve": []},
+        "timings": {},
+        "environment": {},
+    }

@@ -100,8 +100,10 @@ def run_job(job_id: str, spec: dict[str, Any], store: MutableMapping[str, Any]) 
     writer.add(
         {"type": "status", "stage": "loading_model", "progress": 0.0, "message": "GPU container started"}
     )
-    events = job_events(spec)
+    events = None
     try:
+        # Inside the try: a payload that does not fit is the job's error, not a silent "running".
+        events = job_events(spec)
         for event in events:
             if event.get("type") == "result":
                 writer.finish("completed")
@@ -115,7 +117,8 @@ def run_job(job_id: str, spec: dict[str, Any], store: MutableMapping[str, Any]) 
         writer.finish("failed", f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        events.close()
+        if events is not None:
+            events.close()
 
 
 def job_events(payload: dict[str, Any]) -> Any:
