@@ -29,11 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpu_core.data import encode_pair
 from gpu_core.evaluation import evaluate
 from gpu_core.jobs import CounterfactualError, counterfactual_eval_ids
 from gpu_core.models import LoadedModel, load_model
-from gpu_core.pipeline import ExperimentCancelled, run_in_worker
+from gpu_core.pipeline import ExperimentCancelled, experiment_encoder, run_in_worker
 from gpu_core.schemas import (
     CounterfactualOutcome,
     CounterfactualRequest,
@@ -64,23 +63,13 @@ def retrain_and_evaluate(
     kept = [example for example in spec.training_data if example.id not in exclude]
     if not kept:
         raise CounterfactualError("k: removing these examples leaves no training data")
+    encoder = experiment_encoder(spec, loaded.tokenizer)
     torch.manual_seed(hp.seed)
     model = attach_lora(loaded.model, hp, quantized=hp.quantization != "none")
     try:
-        pairs = [
-            encode_pair(loaded.tokenizer, example.prompt, example.completion, hp.max_seq_len)
-            for example in kept
-        ]
+        pairs = [encoder.train_pair(example) for example in kept]
         train_lora(model, pairs, hp, loaded.tokenizer.pad_token_id, loaded.device, on_step)
-        return evaluate(
-            model,
-            loaded.tokenizer,
-            eval_examples,
-            loaded.device,
-            hp.max_seq_len,
-            hp.max_new_tokens,
-            hp.batch_size,
-        )
+        return evaluate(model, encoder, eval_examples, loaded.device, hp.max_new_tokens, hp.batch_size)
     finally:
         # peft injected the LoRA layers into the base model in place: take them out again.
         loaded.model = model.unload()

@@ -107,6 +107,13 @@ def run_in_worker(work: Work) -> Generator[dict[str, Any], None, None]:
         worker.join()
 
 
+def experiment_encoder(spec: ExperimentSpec, tokenizer: Any) -> Encoder:
+    """The template and encoding of ``spec``'s examples (retrainings of it use the same)."""
+    conversational = any(example.is_conversation for example in (*spec.training_data, *spec.eval_data))
+    template = resolve_template(spec.template, tokenizer, conversational, spec.model_id)
+    return Encoder(tokenizer, template, spec.hyperparams.max_seq_len)
+
+
 def run_experiment_to_result(spec: ExperimentSpec, artifacts_dir: Path | None = None) -> ExperimentResult:
     """Run to completion and return the result (progress events are dropped)."""
     for event in run_experiment(spec, artifacts_dir):
@@ -179,11 +186,8 @@ class _Experiment:
         self.report("loading_model", 1.0, f"loaded {spec.model_id} on {device}")
         self.timed("loading_model", started)
 
-        conversational = any(
-            example.is_conversation for example in (*spec.training_data, *spec.eval_data)
-        )
-        template = resolve_template(spec.template, tokenizer, conversational, spec.model_id)
-        encoder = Encoder(tokenizer, template, hp.max_seq_len)
+        encoder = experiment_encoder(spec, tokenizer)
+        template = encoder.template
         data = DataSummary(
             training_format=spec.data_format.training or "prompt_completion",
             eval_format=spec.data_format.eval or "prompt_completion",
