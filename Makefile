@@ -12,7 +12,7 @@ PROTO_SRC := $(wildcard protos/influence/v1/*.proto)
 PROTO_OUT := protos/gen
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help setup protos protos-check run demo test lint migrate bench-influence bench-artifacts bench-scale gpu-check clean modal-deploy k8s-validate lint-docker images bench-counterfactual
+.PHONY: help setup protos protos-check run demo test lint migrate bench-influence bench-artifacts bench-scale gpu-check clean modal-deploy k8s-validate lint-docker images bench-counterfactual bench-cancel
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -65,6 +65,9 @@ gpu-check: setup ## one prepared run on a CUDA GPU (1B-sized model, bf16 and 4-b
 
 bench-counterfactual: setup ## retrain without each method's top-1 on planted duplicates; LDS
 	$(PY) benchmarks/counterfactual_check.py
+
+bench-cancel: setup ## cancel latency per stage and influence method on the tiny model (target < 5 s)
+	$(PY) -m gpu_core.bench_cancel
 
 modal-deploy: setup ## deploy the Modal app (needs MODAL_TOKEN_ID/SECRET; MODAL_GPU picks the GPU)
 	$(VENV)/bin/modal deploy services/compute-modal/worker/modal_app.py

@@ -11,9 +11,15 @@ With ``artifacts_dir`` the run writes its files there: ``adapter/`` (peft), ``ch
 The work runs in one worker thread that hands events to the generator through a queue, so
 progress reported from inside long calls (a training step, an influence batch) reaches the
 consumer while the work goes on. Closing the generator (or any exception thrown into it, e.g.
-Modal's input cancellation) sets a cancel flag that the worker checks at every progress report;
-the generator then waits for the worker to stop and free the model before it returns, and the
-exception propagates unchanged.
+Modal's input cancellation) sets a cancel flag; the generator then waits for the worker to stop
+and free the model before it returns, and the exception propagates unchanged. ``should_stop``
+(e.g. a platform's stop signal seen by another thread) stops the work the same way, and the
+generator then raises :class:`ExperimentCancelled`.
+
+The worker checks the flag and ``should_stop`` at every progress report and before every forward
+pass of the model (a hook on the loaded model, so it also holds inside library code such as
+kronfluence's factor fitting, and in every stage and method without each loop having to call
+it): a stop takes effect within one batch.
 """
 
 from __future__ import annotations
@@ -66,14 +72,21 @@ WORKER_THREAD_NAME = "gpu_core-experiment"
 
 
 class ExperimentCancelled(Exception):
-    """Raised inside the worker when the consumer closed the generator."""
+    """The work stopped because it was cancelled (raised in the worker at the next check, and
+    out of the generator when ``should_stop`` asked for it)."""
+
+
+StopCheck = Callable[[], bool]
 
 
 def run_experiment(
-    spec: ExperimentSpec, artifacts_dir: Path | None = None
+    spec: ExperimentSpec, artifacts_dir: Path | None = None, should_stop: StopCheck | None = None
 ) -> Generator[dict[str, Any], None, None]:
-    """Run ``spec``; see the module docstring for the events. Raises what the work raised."""
-    return run_in_worker(lambda handoff, cancel: _Experiment(spec, artifacts_dir, handoff, cancel).run())
+    """Run ``spec``; see the module docstring for the events. Raises what the work raised, or
+    :class:`ExperimentCancelled` once ``should_stop()`` returned True and the work has stopped."""
+    return run_in_worker(
+        lambda handoff, cancel: _Experiment(spec, artifacts_dir, handoff, cancel, should_stop).run()
+    )
 
 
 # The work of one job: puts ("event", dict) progress into the queue, checks the cancel flag at
@@ -100,6 +113,8 @@ def run_in_worker(work: Work) -> Generator[dict[str, Any], None, None]:
                 yield payload
             elif kind == "error":
                 raise payload
+            elif kind == "cancelled":
+                raise ExperimentCancelled("the experiment was stopped before it finished")
             else:
                 return
     finally:
@@ -128,7 +143,7 @@ def _work(work: Work, handoff: queue.Queue[tuple[str, Any]], cancel: threading.E
         handoff.put(("event", {"type": "result", "result": result.model_dump()}))
         handoff.put(("done", None))
     except ExperimentCancelled:
-        pass
+        handoff.put(("cancelled", None))
     except BaseException as exc:  # noqa: BLE001 - handed to the consumer's thread and re-raised there
         # The frames hold the model; clear them so memory is freed before the consumer sees it.
         traceback.clear_frames(exc.__traceback__)
@@ -144,17 +159,23 @@ class _Experiment:
         artifacts_dir: Path | None,
         handoff: queue.Queue[tuple[str, Any]],
         cancel: threading.Event,
+        should_stop: StopCheck | None = None,
     ) -> None:
         self.spec = spec
         self.artifacts_dir = artifacts_dir
         self.handoff = handoff
         self.cancel = cancel
+        self.should_stop = should_stop
         self.overall = 0.0
         self.timings: dict[str, float] = {}
 
-    def report(self, stage: str, stage_progress: float, message: str = "", **fields: Any) -> None:
-        if self.cancel.is_set():
+    def check_cancelled(self) -> None:
+        if self.cancel.is_set() or (self.should_stop is not None and self.should_stop()):
+            self.cancel.set()
             raise ExperimentCancelled
+
+    def report(self, stage: str, stage_progress: float, message: str = "", **fields: Any) -> None:
+        self.check_cancelled()
         stage_progress = min(max(stage_progress, 0.0), 1.0)
         self.overall = max(self.overall, _STAGE_START[stage] + STAGE_WEIGHTS[stage] * stage_progress)
         event = ProgressEvent(
@@ -183,6 +204,10 @@ class _Experiment:
         self.report("loading_model", 0.0, f"loading {spec.model_id}")
         loaded = load_model(spec.model_id, hp.quantization)
         model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
+        # Every forward pass checks for a stop (the model is this run's own, dropped at its end).
+        # A plain function, not a bound method: kronfluence deep-copies the model, hooks included.
+        check = self.check_cancelled
+        model.register_forward_pre_hook(lambda _module, _args: check())
         self.report("loading_model", 1.0, f"loaded {spec.model_id} on {device}")
         self.timed("loading_model", started)
 

@@ -133,3 +133,36 @@ def test_a_failure_in_the_work_reaches_the_consumer(make_spec: Callable[..., Any
         run_experiment_to_result(spec)
     assert not _worker_alive()
     assert _live_models() == 0
+
+
+def test_should_stop_stops_inside_library_code_within_a_batch(make_spec: Callable[..., Any]) -> None:
+    """kronfluence fits its factors in one opaque call (progress 0.5 comes after it): a stop
+    requested as the stage starts ends the work inside that call, at its next forward pass."""
+    from gpu_core.pipeline import ExperimentCancelled
+
+    stop = threading.Event()
+    seen: list[tuple[str, float]] = []
+    spec = make_spec(n_train=16, n_eval=4, epochs=1, method="kronfluence")
+    with pytest.raises(ExperimentCancelled):
+        for event in run_experiment(spec, should_stop=stop.is_set):
+            seen.append((event["stage"], event["stage_progress"]))
+            if event["stage"] == "influence":
+                stop.set()
+    assert seen[-1] == ("influence", 0.0)
+    assert not _worker_alive()
+    assert _live_models() == 0
+
+
+def test_should_stop_mid_training_stops_before_the_next_step(make_spec: Callable[..., Any]) -> None:
+    from gpu_core.pipeline import ExperimentCancelled
+
+    stop = threading.Event()
+    steps: list[int] = []
+    with pytest.raises(ExperimentCancelled):
+        for event in run_experiment(make_spec(epochs=100), should_stop=stop.is_set):
+            if event.get("step"):
+                steps.append(event["step"])
+                stop.set()
+    # The consumer may see one step reported while it set the flag, never more.
+    assert steps[0] == 1 and len(steps) <= 2
+    assert not _worker_alive()
