@@ -1,22 +1,36 @@
 """A fake RunPod for tests and the local stack, written from shared/reference/runpod.md.
 
-One HTTP server plays all three RunPod hosts (point every base URL at it):
-  REST v2 (``/v2/serverless``...), the job API (``/v2/{endpoint}/run|status|stream|cancel``) and
-  GraphQL (``/graphql``, ``myself`` only).
-What it keeps from the real platform: Bearer auth (401 unknown key; 403 for a restricted key on
-GraphQL and endpoint management), API-create defaults, ``IN_QUEUE -> IN_PROGRESS -> COMPLETED``,
-``/stream`` draining (each poll returns only new chunks, long-polling briefly when empty), chunks
-over 1 MB split into string pieces, results kept ``retention_s`` after completion then 404,
-``policy.ttl`` and ``policy.executionTimeout`` (``TIMED_OUT``), one worker per endpoint.
-Jobs run the REAL worker handler (services/compute-runpod/worker/handler.py) in a thread,
-iterating its generator the way the SDK does: each yield is a stream chunk ``{"output": x}``, a
-yielded ``{"error": msg}`` or a raise makes the job FAILED (the error goes to /status only), the
-aggregate output is the list of yields and the generator's return value is ignored.
+One HTTP server plays every RunPod host (point every base URL at it): REST v2
+(``/v2/serverless``...), the job API (``/v2/{endpoint}/run|status|stream|cancel|health``),
+GraphQL (``/graphql``, ``myself`` only) and the worker-side routes that the runpod SDK's
+production worker loop calls (``/job-take``, ``/job-stream``, ``/job-done``, ``/job-stop``,
+``/ping``).
+
+The worker is the real one: the first job of an endpoint starts
+services/compute-runpod/worker/handler.py as a subprocess (a cold start) with the
+``RUNPOD_WEBHOOK_*`` variables pointing here, so ``runpod.serverless.start`` runs its own job
+loop, iterates the handler, posts each yield, the final output (aggregate or not), errors in the
+SDK's own shapes, and honours stop signals exactly as on RunPod. The worker stays up for the
+endpoint's next jobs (as a warm worker does) until the endpoint is deleted or the fake stops.
+The ``/run``, ``/stream``, ``/status`` and ``/cancel`` answers are built from what the SDK
+posted.
+
+What the fake keeps from RunPod's servers: Bearer auth (401 unknown key; 403 for a restricted key
+on GraphQL and endpoint management), API-create defaults, the Endpoint object without
+``templateId``, queueing (``IN_QUEUE`` until a worker takes the job), ``/stream`` draining (each
+poll returns only new chunks, long-polling briefly when empty) with chunks over 1 MB split,
+results kept ``retention_s`` after completion then 404, ``policy.ttl`` and
+``policy.executionTimeout`` (``TIMED_OUT``, and the worker is told to stop the job), cancel
+(``CANCELLED``; a running job gets a stop signal), the job API's rate limits per key, endpoint
+and route (429), the payload limits (``/run`` input and a job's final output at 10 MB: a larger
+job-done upload is refused with 400 and the job shows ``COMPLETED`` without output, as
+runpod-python #309 reports), no GPU (``throttled``: no worker starts or takes a job, jobs stay
+``IN_QUEUE``, the workers summary says throttled).
 
 Injectable faults (``fail_next``): any status (401/403/429 with Retry-After/5xx) for the next N
-calls of a route; ``throttled`` (no GPU: jobs stay IN_QUEUE, workers summary throttled);
-``execution_timeout_s`` (jobs run past it end TIMED_OUT); per-key balance. Every request is
-recorded (method, path, query, headers, status) in ``requests``.
+calls of a route; ``graphql_enabled = False`` (GraphQL retired: 410); ``execution_timeout_s``
+(forced); per-key balance. Every request is recorded (method, path, query, headers, status) in
+``requests``.
 
 In-process: ``async with FakeRunPod(keys={"rpa_...": 25.0}) as fake: fake.url``.
 As a process: ``python -m devstack.fake_runpod --key rpa_x=25``; it prints ``FAKE_RUNPOD_URL=...``
@@ -27,18 +41,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
-import queue
+import os
+import secrets
 import signal
 import socket
+import subprocess
 import sys
-import threading
+import tempfile
 import time
-import traceback
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,15 +65,21 @@ from fastapi.responses import JSONResponse, Response
 WORKER_HANDLER = (
     Path(__file__).resolve().parents[1] / "services" / "compute-runpod" / "worker" / "handler.py"
 )
-MAX_CHUNK_BYTES = 1024 * 1024
+MAX_CHUNK_BYTES = 1024 * 1024  # /stream: one chunk
+MAX_RUN_PAYLOAD_BYTES = 10 * 1000 * 1000  # /run: the input, and the job's final output
 DEFAULT_RETENTION_S = 30 * 60
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
+# Job-API limits per user per endpoint (send-requests.mdx): requests per window of seconds.
+JOB_RATE_LIMITS: dict[str, tuple[int, float]] = {
+    "job.run": (1000, 10.0), "job.status": (2000, 10.0), "job.stream": (2000, 10.0),
+    "job.cancel": (100, 10.0),
+}
 ROUTES = (
     "graphql", "serverless.list", "serverless.create", "serverless.get", "serverless.delete",
     "serverless.workers", "job.run", "job.status", "job.stream", "job.cancel", "job.health",
+    "worker.take", "worker.stream", "worker.done", "worker.stop", "worker.ping",
 )
-
-Handler = Callable[[dict[str, Any]], Iterator[Any]]
+WORKER_GPU = "NVIDIA A100 80GB PCIe"
 
 
 @dataclass
@@ -98,18 +118,33 @@ class FakeJob:
     submitted_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     finished_at: float | None = None
+    worker_id: str = ""
     pending: list[Any] = field(default_factory=list)  # chunks not yet drained by /stream
-    output: list[Any] | None = None
+    output: Any = None
     error: str | None = None
-    cancel_requested: bool = False
+    progress: Any = None  # the last progress_update while IN_PROGRESS
+
+
+@dataclass
+class FakeWorker:
+    """One worker: the real handler under the SDK's loop, in its own process group."""
+
+    id: str
+    endpoint_id: str
+    secret: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    took_first_job: bool = False
+    last_ping: float | None = None
+    to_stop: set[str] = field(default_factory=set)
 
 
 @dataclass
 class _Endpoint:
     config: dict[str, Any]
     owner: str
-    queue: queue.Queue[str] = field(default_factory=queue.Queue)
-    worker: threading.Thread | None = None
+    queue: deque[str] = field(default_factory=deque)
+    worker: FakeWorker | None = None
     deleted: bool = False
 
 
@@ -126,32 +161,40 @@ class FakeRunPod:
         retention_s: float = DEFAULT_RETENTION_S,
         stream_wait_s: float = 10.0,
         max_chunk_bytes: int = MAX_CHUNK_BYTES,
+        max_payload_bytes: int = MAX_RUN_PAYLOAD_BYTES,
         template_ids: set[str] | None = None,
         handler_path: Path = WORKER_HANDLER,
+        worker_env: dict[str, str] | None = None,
+        worker_poll_s: float = 5.0,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
-        self._lock = threading.RLock()
         self.accounts: dict[str, FakeAccount] = {}
         for key, balance in (keys or {}).items():
             self.add_key(key, balance)
         self.retention_s = retention_s
         self.stream_wait_s = stream_wait_s
         self.max_chunk_bytes = max_chunk_bytes
+        self.max_payload_bytes = max_payload_bytes
         self.template_ids = template_ids if template_ids is not None else {"influence-template"}
         self.throttled = False
+        self.graphql_enabled = True
         self.execution_timeout_s: float | None = None
         self.requests: list[RecordedRequest] = []
+        self.worker_env = dict(worker_env or {})
+        self.worker_poll_s = worker_poll_s
         self._handler_path = handler_path
-        self._handler: Handler | None = None
         self._host, self._port = host, port
         self._faults: dict[str, deque[_Fault]] = {}
+        self._calls: dict[tuple[str, str, str], deque[float]] = {}
         self._endpoints: dict[str, _Endpoint] = {}
+        self._workers: dict[str, FakeWorker] = {}
         self._jobs: dict[str, FakeJob] = {}
-        self._wake = threading.Condition(self._lock)
+        self._log_dir = Path(tempfile.mkdtemp(prefix="fake-runpod-workers-"))
         self._stopping = False
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
+        self._monitor: asyncio.Task[None] | None = None
         self.port = 0
         self.app = self._build_app()
 
@@ -170,11 +213,10 @@ class FakeRunPod:
         }
 
     def add_key(self, key: str, balance: float = 100.0, scope: str = "all") -> FakeAccount:
-        with self._lock:
-            account = self.accounts.get(key) or FakeAccount(key=key)
-            account.balance, account.scope = balance, scope
-            self.accounts[key] = account
-            return account
+        account = self.accounts.get(key) or FakeAccount(key=key)
+        account.balance, account.scope = balance, scope
+        self.accounts[key] = account
+        return account
 
     def fail_next(
         self, route: str, status: int, times: int = 1, retry_after: float | None = None
@@ -182,33 +224,37 @@ class FakeRunPod:
         """Answer the next ``times`` calls of ``route`` (one of ``ROUTES``) with ``status``."""
         if route not in ROUTES:
             raise ValueError(f"unknown route {route!r}; expected one of {', '.join(ROUTES)}")
-        with self._lock:
-            self._faults.setdefault(route, deque()).append(_Fault(status, times, retry_after))
+        self._faults.setdefault(route, deque()).append(_Fault(status, times, retry_after))
 
     def set_throttled(self, throttled: bool) -> None:
-        with self._lock:
-            self.throttled = throttled
-            self._wake.notify_all()
+        self.throttled = throttled
 
     def calls(self, route: str | None = None, method: str | None = None) -> list[RecordedRequest]:
-        with self._lock:
-            return [
-                r for r in self.requests
-                if (route is None or r.route == route) and (method is None or r.method == method)
-            ]
+        return [
+            r for r in self.requests
+            if (route is None or r.route == route) and (method is None or r.method == method)
+        ]
 
     def endpoints(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return [dict(e.config) for e in self._endpoints.values() if not e.deleted]
+        """Every live endpoint as stored, ``templateId`` included (the API hides it)."""
+        return [dict(e.config) for e in self._endpoints.values() if not e.deleted]
 
     def delete_endpoint(self, endpoint_id: str) -> None:
         """What a user deleting the endpoint in RunPod's console does."""
-        with self._lock:
-            self._delete(endpoint_id)
+        self._delete(endpoint_id)
 
     def job(self, job_id: str) -> FakeJob | None:
-        with self._lock:
-            return self._jobs.get(job_id)
+        return self._jobs.get(job_id)
+
+    def workers(self) -> list[FakeWorker]:
+        return list(self._workers.values())
+
+    def worker_log(self, endpoint_id: str) -> str:
+        """Everything the endpoint's workers printed (the SDK's log lines), for diagnosis."""
+        return "\n".join(
+            w.log_path.read_text(errors="replace") for w in self._workers.values()
+            if w.endpoint_id == endpoint_id and w.log_path.exists()
+        )
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -224,19 +270,19 @@ class FakeRunPod:
             if self._task.done():
                 self._task.result()
             await asyncio.sleep(0.01)
+        self._monitor = asyncio.create_task(self._watch())
         return self
 
     async def stop(self) -> None:
-        with self._lock:
-            self._stopping = True
-            for job in self._jobs.values():
-                job.cancel_requested = True
-            self._wake.notify_all()
+        self._stopping = True
+        for worker in list(self._workers.values()):
+            _kill(worker)
+        if self._monitor is not None:
+            self._monitor.cancel()
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
             await self._task
-        workers = [e.worker for e in self._endpoints.values() if e.worker is not None]
-        await asyncio.to_thread(lambda: [w.join(timeout=60) for w in workers])
+        await asyncio.to_thread(lambda: [w.process.wait() for w in self._workers.values()])
 
     async def __aenter__(self) -> FakeRunPod:
         return await self.start()
@@ -244,80 +290,71 @@ class FakeRunPod:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    # ---- the worker ----------------------------------------------------------------------
+    # ---- the platform: workers, timeouts -------------------------------------------------
 
-    def _load_handler(self) -> Handler:
-        if self._handler is None:
-            spec = importlib.util.spec_from_file_location("influence_runpod_worker", self._handler_path)
-            if spec is None or spec.loader is None:
-                raise RuntimeError(f"cannot load the worker handler {self._handler_path}")
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            self._handler = module.handler
-        return self._handler
-
-    def _ensure_worker(self, endpoint: _Endpoint) -> None:
-        if endpoint.worker is None:
-            endpoint.worker = threading.Thread(
-                target=self._work, args=(endpoint,), name=f"fake-runpod-{endpoint.config['id']}",
-                daemon=True,
+    def _start_worker(self, endpoint: _Endpoint) -> None:
+        """A cold start: the worker image's command, with the webhook URLs of this fake."""
+        worker_id = f"w{uuid.uuid4().hex[:12]}"
+        secret = secrets.token_hex(16)
+        base, query = self.url, f"gpu={WORKER_GPU.replace(' ', '+')}"
+        env = {
+            **os.environ,
+            **self.worker_env,
+            **{str(k): str(v) for k, v in (endpoint.config.get("env") or {}).items()},
+            "PYTHONUNBUFFERED": "1",
+            "RUNPOD_POD_ID": worker_id,
+            "RUNPOD_ENDPOINT_ID": endpoint.config["id"],
+            "RUNPOD_AI_API_KEY": secret,
+            "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
+            "RUNPOD_WEBHOOK_GET_JOB": f"{base}/job-take/$ID?{query}",
+            "RUNPOD_WEBHOOK_POST_STREAM": f"{base}/job-stream/$RUNPOD_POD_ID/$ID?{query}",
+            "RUNPOD_WEBHOOK_POST_OUTPUT": f"{base}/job-done/$RUNPOD_POD_ID/$ID?{query}",
+            "RUNPOD_WEBHOOK_PING": f"{base}/ping/$RUNPOD_POD_ID?{query}",
+        }
+        log_path = self._log_dir / f"{worker_id}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, str(self._handler_path)], cwd=self._handler_path.parent,
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
-            endpoint.worker.start()
+        worker = FakeWorker(worker_id, endpoint.config["id"], secret, process, log_path)
+        self._workers[worker_id] = worker
+        endpoint.worker = worker
 
-    def _work(self, endpoint: _Endpoint) -> None:
-        while True:
-            with self._lock:
-                while not self._stopping and not endpoint.deleted and (
-                    self.throttled or endpoint.queue.empty()
-                ):
-                    self._wake.wait()
-                if self._stopping or endpoint.deleted:
-                    return
-                job = self._jobs.get(endpoint.queue.get_nowait())
-                if job is None or job.status != "IN_QUEUE":
-                    continue
-                job.status, job.started_at = "IN_PROGRESS", time.monotonic()
-            self._run(job)
+    async def _watch(self) -> None:
+        """What RunPod does on its own: scale up, time out, notice crashed workers."""
+        while not self._stopping:
+            now = time.monotonic()
+            for job in list(self._jobs.values()):
+                if job.status == "IN_PROGRESS" and now - (job.started_at or now) > self._timeout_for(job):
+                    self._finish(job, "TIMED_OUT")
+                    self._stop_on_worker(job)
+            for endpoint in self._endpoints.values():
+                worker = endpoint.worker
+                if worker is not None and worker.process.poll() is not None:
+                    self._worker_died(endpoint, worker)
+                if endpoint.worker is None and endpoint.queue and not self.throttled and not endpoint.deleted:
+                    self._start_worker(endpoint)
+            await asyncio.sleep(0.1)
 
-    def _run(self, job: FakeJob) -> None:
-        aggregate: list[Any] = []
-        try:
-            generator = self._load_handler()({"id": job.id, "input": job.input})
-            try:
-                for output in generator:
-                    with self._lock:
-                        if job.cancel_requested or job.status != "IN_PROGRESS":
-                            return
-                        if time.monotonic() - (job.started_at or 0) > self._timeout_for(job):
-                            self._finish(job, "TIMED_OUT")
-                            return
-                        if isinstance(output, dict) and "error" in output:
-                            self._finish(job, "FAILED", error=str(output["error"]))
-                            return
-                        aggregate.append(output)
-                        job.pending.extend(self._split(output))
-            finally:
-                generator.close()
-        except Exception as exc:  # noqa: BLE001 - the SDK reports a raising handler as FAILED
-            error = json.dumps({
-                "error_type": f"<class '{type(exc).__name__}'>", "error_message": str(exc),
-                "error_traceback": traceback.format_exc(), "hostname": "fake-runpod",
-                "worker_id": f"worker-{job.endpoint_id}", "runpod_version": "fake",
-            })
-            with self._lock:
-                self._finish(job, "FAILED", error=error)
-            return
-        with self._lock:
-            if job.status == "IN_PROGRESS":
-                self._finish(job, "COMPLETED", output=aggregate)
+    def _worker_died(self, endpoint: _Endpoint, worker: FakeWorker) -> None:
+        endpoint.worker = None
+        for job in self._jobs.values():
+            if job.worker_id == worker.id and job.status == "IN_PROGRESS":
+                self._finish(job, "FAILED", error=f"worker exited with code {worker.process.returncode}")
+
+    def _stop_on_worker(self, job: FakeJob) -> None:
+        worker = self._workers.get(job.worker_id)
+        if worker is not None:
+            worker.to_stop.add(job.id)
 
     def _timeout_for(self, job: FakeJob) -> float:
         forced = self.execution_timeout_s
         return min(job.execution_timeout_s, forced) if forced is not None else job.execution_timeout_s
 
-    def _finish(self, job: FakeJob, status: str, *, error: str | None = None,
-                output: list[Any] | None = None) -> None:
+    def _finish(self, job: FakeJob, status: str, *, error: str | None = None, output: Any = None) -> None:
         job.status, job.finished_at, job.error, job.output = status, time.monotonic(), error, output
+        job.progress = None
 
     def _split(self, output: Any) -> list[Any]:
         """RunPod caps a stream chunk at 1 MB and splits larger outputs into pieces."""
@@ -326,6 +363,17 @@ class FakeRunPod:
             return [output]
         step = self.max_chunk_bytes // 4  # characters: up to 4 UTF-8 bytes each
         return [text[i:i + step] for i in range(0, len(text), step)]
+
+    def _delete(self, endpoint_id: str) -> None:
+        endpoint = self._endpoints.get(endpoint_id)
+        if endpoint is None:
+            return
+        endpoint.deleted = True
+        for job in self._jobs.values():
+            if job.endpoint_id == endpoint_id and job.status not in TERMINAL:
+                self._finish(job, "CANCELLED")
+        if endpoint.worker is not None:
+            _kill(endpoint.worker)
 
     # ---- HTTP ----------------------------------------------------------------------------
 
@@ -339,8 +387,7 @@ class FakeRunPod:
                 headers=dict(request.headers),
             )
             if not request.url.path.startswith("/_fake/"):
-                with self._lock:
-                    self.requests.append(entry)
+                self.requests.append(entry)
             request.state.record = entry
             response = await call_next(request)
             entry.status = response.status_code
@@ -350,9 +397,22 @@ class FakeRunPod:
         async def refused(_request: Request, exc: _Refused) -> Response:
             return exc.response
 
+        self._graphql_routes(app)
+        self._management_routes(app)
+        self._job_routes(app)
+        self._worker_routes(app)
+        self._control_routes(app)
+        return app
+
+    def _graphql_routes(self, app: FastAPI) -> None:
         @app.post("/graphql")
         async def graphql(request: Request) -> Response:
             account = self._gate(request, "graphql", anonymous_ok=True)
+            if not self.graphql_enabled:
+                return JSONResponse(
+                    {"errors": [{"message": "the GraphQL API has been retired; use REST v2"}]},
+                    status_code=410,
+                )
             body = await _json_body(request)
             query = str(body.get("query", "")) if isinstance(body, dict) else ""
             if "myself" not in query:
@@ -364,12 +424,14 @@ class FakeRunPod:
                 "currentSpendPerHr": 0.0, "spendLimit": 80,
             }}})
 
+    def _management_routes(self, app: FastAPI) -> None:
+        """REST v2 serverless endpoints."""
+
         @app.get("/v2/serverless")
         async def list_endpoints(request: Request) -> Response:
             account = self._gate(request, "serverless.list", manage=True)
-            with self._lock:
-                own = [dict(e.config) for e in self._endpoints.values()
-                       if e.owner == account.key and not e.deleted]
+            own = [_public(e.config) for e in self._endpoints.values()
+                   if e.owner == account.key and not e.deleted]
             return JSONResponse({"endpoints": own})
 
         @app.post("/v2/serverless")
@@ -392,43 +454,53 @@ class FakeRunPod:
                     )
                 },
             }
-            with self._lock:
-                self._endpoints[endpoint_id] = _Endpoint(config=config, owner=account.key)
-            return JSONResponse(config, status_code=201)
+            self._endpoints[endpoint_id] = _Endpoint(config=config, owner=account.key)
+            return JSONResponse(_public(config), status_code=201)
 
         @app.get("/v2/serverless/{endpoint_id}")
         async def get_endpoint(request: Request, endpoint_id: str) -> Response:
             account = self._gate(request, "serverless.get", manage=True)
-            endpoint = self._own_endpoint(account, endpoint_id)
-            return JSONResponse(dict(endpoint.config))
+            return JSONResponse(_public(self._own_endpoint(account, endpoint_id).config))
 
         @app.delete("/v2/serverless/{endpoint_id}")
         async def delete_endpoint(request: Request, endpoint_id: str) -> Response:
             account = self._gate(request, "serverless.delete", manage=True)
             self._own_endpoint(account, endpoint_id)
-            with self._lock:
-                self._delete(endpoint_id)
+            self._delete(endpoint_id)
             return Response(status_code=204)
 
         @app.get("/v2/serverless/{endpoint_id}/workers")
         async def workers(request: Request, endpoint_id: str) -> Response:
             account = self._gate(request, "serverless.workers", manage=True)
             endpoint = self._own_endpoint(account, endpoint_id)
-            with self._lock:
-                jobs = [j for j in self._jobs.values() if j.endpoint_id == endpoint_id]
-                queued = any(j.status == "IN_QUEUE" for j in jobs)
-                running = sum(j.status == "IN_PROGRESS" for j in jobs)
-                throttled = 1 if self.throttled and queued else 0
-                idle = 1 if endpoint.worker is not None and not running and not throttled else 0
-            summary = {"running": running, "idle": idle, "initializing": 0,
-                       "throttled": throttled, "unhealthy": 0}
+            worker = endpoint.worker
+            running = sum(
+                j.status == "IN_PROGRESS" for j in self._jobs.values() if j.endpoint_id == endpoint_id
+            )
+            summary = {
+                "running": min(running, 1),
+                "idle": int(worker is not None and worker.took_first_job and not running),
+                "initializing": int(worker is not None and not worker.took_first_job),
+                "throttled": int(self.throttled and bool(endpoint.queue)),
+                "unhealthy": 0,
+            }
             summary["total"] = sum(summary.values())
-            return JSONResponse({"workers": [], "summary": summary, "endpointVersion": 1})
+            listed = [{"id": worker.id, "status": "RUNNING" if running else "IDLE"}] if worker else []
+            return JSONResponse({"workers": listed, "summary": summary, "endpointVersion": 1})
+
+    def _job_routes(self, app: FastAPI) -> None:
+        """The job API (api.runpod.ai/v2/{endpoint}/...)."""
 
         @app.post("/v2/{endpoint_id}/run")
         async def run(request: Request, endpoint_id: str) -> Response:
-            account = self._gate(request, "job.run")
+            account = self._gate(request, "job.run", endpoint_id=endpoint_id)
             endpoint = self._own_endpoint(account, endpoint_id, job_api=True)
+            raw = await request.body()
+            if len(raw) > self.max_payload_bytes:
+                return JSONResponse(
+                    {"error": f"request body of {len(raw)} bytes exceeds the /run limit of "
+                              f"{self.max_payload_bytes} bytes"}, status_code=400,
+                )
             body = await _json_body(request)
             if not isinstance(body, dict) or "input" not in body:
                 return JSONResponse({"error": "input is required"}, status_code=400)
@@ -440,69 +512,126 @@ class FakeRunPod:
                 execution_timeout_s=float(timeout_ms) / 1000,
                 expires_at=time.monotonic() + float(ttl_ms) / 1000,
             )
-            with self._lock:
-                self._jobs[job.id] = job
-                endpoint.queue.put(job.id)
-                self._ensure_worker(endpoint)
-                self._wake.notify_all()
+            self._jobs[job.id] = job
+            endpoint.queue.append(job.id)
             return JSONResponse({"id": job.id, "status": "IN_QUEUE"})
 
         @app.get("/v2/{endpoint_id}/status/{job_id}")
         async def status(request: Request, endpoint_id: str, job_id: str) -> Response:
-            account = self._gate(request, "job.status")
+            account = self._gate(request, "job.status", endpoint_id=endpoint_id)
             self._own_endpoint(account, endpoint_id, job_api=True)
-            with self._lock:
-                job = self._live_job(endpoint_id, job_id)
-                return JSONResponse(self._status_body(job))
+            return JSONResponse(self._status_body(self._live_job(endpoint_id, job_id)))
 
         @app.get("/v2/{endpoint_id}/stream/{job_id}")
         async def stream(request: Request, endpoint_id: str, job_id: str) -> Response:
-            account = self._gate(request, "job.stream")
+            account = self._gate(request, "job.stream", endpoint_id=endpoint_id)
             self._own_endpoint(account, endpoint_id, job_api=True)
             wait_s = self.stream_wait_s
             if "wait" in request.query_params:
                 wait_s = min(max(int(request.query_params["wait"]), 1000), 300000) / 1000
             deadline = time.monotonic() + wait_s
             while True:
-                with self._lock:
-                    job = self._live_job(endpoint_id, job_id)
-                    if job.pending or job.status in TERMINAL or time.monotonic() >= deadline:
-                        chunks, job.pending = job.pending, []
-                        return JSONResponse({
-                            "status": job.status, "stream": [{"output": c} for c in chunks]
-                        })
+                job = self._live_job(endpoint_id, job_id)
+                if job.pending or job.status in TERMINAL or time.monotonic() >= deadline:
+                    chunks, job.pending = job.pending, []
+                    return JSONResponse({
+                        "status": job.status, "stream": [{"output": c} for c in chunks]
+                    })
                 await asyncio.sleep(0.05)
 
         @app.post("/v2/{endpoint_id}/cancel/{job_id}")
         async def cancel(request: Request, endpoint_id: str, job_id: str) -> Response:
-            account = self._gate(request, "job.cancel")
-            self._own_endpoint(account, endpoint_id, job_api=True)
-            with self._lock:
-                job = self._live_job(endpoint_id, job_id)
-                if job.status not in TERMINAL:
-                    job.cancel_requested = True
-                    self._finish(job, "CANCELLED")
-                return JSONResponse({"id": job.id, "status": job.status})
+            account = self._gate(request, "job.cancel", endpoint_id=endpoint_id)
+            endpoint = self._own_endpoint(account, endpoint_id, job_api=True)
+            job = self._live_job(endpoint_id, job_id)
+            if job.status == "IN_QUEUE" and job.id in endpoint.queue:
+                endpoint.queue.remove(job.id)
+            if job.status == "IN_PROGRESS":
+                self._stop_on_worker(job)
+            if job.status not in TERMINAL:
+                self._finish(job, "CANCELLED")
+            return JSONResponse({"id": job.id, "status": job.status})
 
         @app.get("/v2/{endpoint_id}/health")
         async def health(request: Request, endpoint_id: str) -> Response:
             account = self._gate(request, "job.health")
-            self._own_endpoint(account, endpoint_id, job_api=True)
-            with self._lock:
-                jobs = [j for j in self._jobs.values() if j.endpoint_id == endpoint_id]
-                counts = {s: sum(j.status == s for j in jobs) for s in
-                          ("COMPLETED", "FAILED", "IN_PROGRESS", "IN_QUEUE")}
+            endpoint = self._own_endpoint(account, endpoint_id, job_api=True)
+            jobs = [j for j in self._jobs.values() if j.endpoint_id == endpoint_id]
+            counts = {s: sum(j.status == s for j in jobs) for s in
+                      ("COMPLETED", "FAILED", "IN_PROGRESS", "IN_QUEUE")}
             return JSONResponse({
                 "jobs": {"completed": counts["COMPLETED"], "failed": counts["FAILED"],
                          "inProgress": counts["IN_PROGRESS"], "inQueue": counts["IN_QUEUE"],
                          "retried": 0},
-                "workers": {"idle": 0, "running": counts["IN_PROGRESS"]},
+                "workers": {"idle": int(endpoint.worker is not None and not counts["IN_PROGRESS"]),
+                            "running": min(counts["IN_PROGRESS"], 1)},
             })
 
-        self._add_control_routes(app)
-        return app
+    def _worker_routes(self, app: FastAPI) -> None:
+        """What the SDK's worker loop calls (URLs from the RUNPOD_WEBHOOK_* variables)."""
 
-    def _add_control_routes(self, app: FastAPI) -> None:
+        @app.get("/job-take/{worker_id}")
+        async def take(request: Request, worker_id: str) -> Response:
+            worker = self._worker(request, "worker.take", worker_id)
+            endpoint = self._endpoints[worker.endpoint_id]
+            deadline = time.monotonic() + self.worker_poll_s
+            while not self._stopping and not endpoint.deleted and time.monotonic() < deadline:
+                job = self._next_job(endpoint) if not self.throttled else None
+                if job is not None:
+                    job.status, job.started_at, job.worker_id = "IN_PROGRESS", time.monotonic(), worker.id
+                    worker.took_first_job = True
+                    return JSONResponse({"id": job.id, "input": job.input})
+                await asyncio.sleep(0.05)
+            return Response(status_code=204)
+
+        @app.post("/job-stream/{worker_id}/{job_id}")
+        async def stream(request: Request, worker_id: str, job_id: str) -> Response:
+            self._worker(request, "worker.stream", worker_id)
+            # The SDK labels the body form-urlencoded; it is JSON.
+            body = json.loads(await request.body() or b"null")
+            job = self._jobs.get(job_id)
+            if job is not None and job.status == "IN_PROGRESS" and isinstance(body, dict):
+                job.pending.extend(self._split(body.get("output")))
+            return JSONResponse({})
+
+        @app.post("/job-done/{worker_id}/{job_id}")
+        async def done(request: Request, worker_id: str, job_id: str) -> Response:
+            self._worker(request, "worker.done", worker_id)
+            raw = await request.body()
+            job = self._jobs.get(job_id)
+            if len(raw) > self.max_payload_bytes:
+                # The upload fails and the client sees COMPLETED without output (#309).
+                if job is not None and job.status == "IN_PROGRESS":
+                    self._finish(job, "COMPLETED")
+                return JSONResponse({"error": "payload too large"}, status_code=400)
+            body = json.loads(raw or b"null")
+            if job is None or job.status != "IN_PROGRESS" or not isinstance(body, dict):
+                return JSONResponse({})
+            if body.get("status") == "IN_PROGRESS":  # runpod.serverless.progress_update
+                job.progress = body.get("output")
+            elif body.get("error"):
+                self._finish(job, "FAILED", error=str(body["error"]))
+            else:
+                self._finish(job, "COMPLETED", output=body.get("output"))
+            return JSONResponse({})
+
+        @app.get("/job-stop/{worker_id}")
+        async def stop(request: Request, worker_id: str) -> Response:
+            worker = self._worker(request, "worker.stop", worker_id)
+            deadline = time.monotonic() + self.worker_poll_s
+            while not self._stopping and time.monotonic() < deadline:
+                if worker.to_stop:
+                    jobs, worker.to_stop = sorted(worker.to_stop), set()
+                    return JSONResponse({"jobsToStop": jobs})
+                await asyncio.sleep(0.05)
+            return Response(status_code=204)
+
+        @app.get("/ping/{worker_id}")
+        async def ping(request: Request, worker_id: str) -> Response:
+            self._worker(request, "worker.ping", worker_id).last_ping = time.monotonic()
+            return JSONResponse({})
+
+    def _control_routes(self, app: FastAPI) -> None:
         """The controls of a fake running as its own process (tests in other processes)."""
 
         @app.post("/_fake/keys")
@@ -528,15 +657,23 @@ class FakeRunPod:
                 self.execution_timeout_s = body["execution_timeout_s"]
             if "retention_s" in body:
                 self.retention_s = float(body["retention_s"])
+            if "graphql" in body:
+                self.graphql_enabled = bool(body["graphql"])
+            if "max_payload_bytes" in body:
+                self.max_payload_bytes = int(body["max_payload_bytes"])
             return JSONResponse({"throttled": self.throttled,
                                  "execution_timeout_s": self.execution_timeout_s,
-                                 "retention_s": self.retention_s})
+                                 "retention_s": self.retention_s,
+                                 "graphql": self.graphql_enabled,
+                                 "max_payload_bytes": self.max_payload_bytes})
 
         @app.get("/_fake/requests")
         async def requests() -> Response:
-            with self._lock:
-                recorded = [r.__dict__ for r in self.requests]
-            return JSONResponse({"requests": recorded})
+            return JSONResponse({"requests": [r.__dict__ for r in self.requests]})
+
+        @app.get("/_fake/endpoints")
+        async def endpoints() -> Response:
+            return JSONResponse({"endpoints": self.endpoints()})
 
         @app.delete("/_fake/endpoints/{endpoint_id}")
         async def console_delete(endpoint_id: str) -> Response:
@@ -546,21 +683,13 @@ class FakeRunPod:
     # ---- request checks ------------------------------------------------------------------
 
     def _gate(
-        self, request: Request, route: str, *, manage: bool = False, anonymous_ok: bool = False
+        self, request: Request, route: str, *, manage: bool = False, anonymous_ok: bool = False,
+        endpoint_id: str = "",
     ) -> FakeAccount:
-        """Record the route, answer an injected fault, check the key (and its scope)."""
+        """Record the route, answer an injected fault, check the key (and its scope) and the
+        job API's rate limit."""
         request.state.record.route = route
-        with self._lock:
-            faults = self._faults.get(route)
-            if faults:
-                fault = faults[0]
-                fault.remaining -= 1
-                if fault.remaining <= 0:
-                    faults.popleft()
-                headers = {}
-                if fault.retry_after is not None:
-                    headers["Retry-After"] = f"{fault.retry_after:g}"
-                raise _Refused(_problem(fault.status, "injected fault", headers))
+        self._injected_fault(route)
         header = request.headers.get("authorization", "")
         key = header[7:].strip() if header.lower().startswith("bearer ") else ""
         if not key and route == "graphql":
@@ -572,16 +701,55 @@ class FakeRunPod:
             raise _Refused(_problem(401, "missing bearer token" if not key else "invalid api key"))
         if account.scope == "restricted" and (manage or route == "graphql"):
             raise _Refused(_problem(403, "this API key does not have access to this resource"))
+        if route in JOB_RATE_LIMITS:
+            limit, window_s = JOB_RATE_LIMITS[route]
+            recent = self._calls.setdefault((key, endpoint_id, route), deque())
+            now = time.monotonic()
+            while recent and now - recent[0] > window_s:
+                recent.popleft()
+            if len(recent) >= limit:
+                raise _Refused(JSONResponse({"error": "rate limit exceeded"}, status_code=429))
+            recent.append(now)
         return account
 
+    def _injected_fault(self, route: str) -> None:
+        faults = self._faults.get(route)
+        if not faults:
+            return
+        fault = faults[0]
+        fault.remaining -= 1
+        if fault.remaining <= 0:
+            faults.popleft()
+        headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
+        raise _Refused(_problem(fault.status, "injected fault", headers))
+
+    def _worker(self, request: Request, route: str, worker_id: str) -> FakeWorker:
+        """The worker calling, known by its id and the key RunPod gave it (RUNPOD_AI_API_KEY)."""
+        request.state.record.route = route
+        self._injected_fault(route)
+        worker = self._workers.get(worker_id)
+        if worker is None or request.headers.get("authorization") != worker.secret:
+            raise _Refused(JSONResponse({"error": "unknown worker"}, status_code=401))
+        return worker
+
+    def _next_job(self, endpoint: _Endpoint) -> FakeJob | None:
+        while endpoint.queue:
+            job = self._jobs.get(endpoint.queue.popleft())
+            if job is None or job.status != "IN_QUEUE":
+                continue
+            if time.monotonic() > job.expires_at:
+                del self._jobs[job.id]
+                continue
+            return job
+        return None
+
     def _own_endpoint(self, account: FakeAccount, endpoint_id: str, job_api: bool = False) -> _Endpoint:
-        with self._lock:
-            endpoint = self._endpoints.get(endpoint_id)
-            if endpoint is None or endpoint.deleted or endpoint.owner != account.key:
-                if job_api:
-                    raise _Refused(JSONResponse({"error": "endpoint not found"}, status_code=404))
-                raise _Refused(_problem(404, f"endpoint {endpoint_id} not found"))
-            return endpoint
+        endpoint = self._endpoints.get(endpoint_id)
+        if endpoint is None or endpoint.deleted or endpoint.owner != account.key:
+            if job_api:
+                raise _Refused(JSONResponse({"error": "endpoint not found"}, status_code=404))
+            raise _Refused(_problem(404, f"endpoint {endpoint_id} not found"))
+        return endpoint
 
     def _live_job(self, endpoint_id: str, job_id: str) -> FakeJob:
         """The job, unless it is unknown, expired (ttl) or past result retention: then 404."""
@@ -589,7 +757,7 @@ class FakeRunPod:
         now = time.monotonic()
         if job is not None and job.endpoint_id == endpoint_id:
             if job.status not in TERMINAL and now > job.expires_at:
-                job.cancel_requested = True
+                self._stop_on_worker(job)
                 del self._jobs[job_id]
             elif job.finished_at is not None and now - job.finished_at > self.retention_s:
                 del self._jobs[job_id]
@@ -606,7 +774,9 @@ class FakeRunPod:
         }
         if job.started_at is not None:
             body["executionTime"] = int(((job.finished_at or now) - job.started_at) * 1000)
-            body["workerId"] = f"worker-{job.endpoint_id}"
+            body["workerId"] = job.worker_id
+        if job.status == "IN_PROGRESS" and job.progress is not None:
+            body["output"] = job.progress
         if job.status == "COMPLETED" and job.output is not None:
             body["output"] = job.output
         if job.error is not None:
@@ -629,16 +799,20 @@ class FakeRunPod:
             return _problem(404, f"template {body['templateId']} not found")
         return None
 
-    def _delete(self, endpoint_id: str) -> None:
-        endpoint = self._endpoints.get(endpoint_id)
-        if endpoint is None:
-            return
-        endpoint.deleted = True
-        for job in self._jobs.values():
-            if job.endpoint_id == endpoint_id and job.status not in TERMINAL:
-                job.cancel_requested = True
-                self._finish(job, "CANCELLED")
-        self._wake.notify_all()
+
+def _public(config: dict[str, Any]) -> dict[str, Any]:
+    """The Endpoint object as REST v2 returns it: the template is resolved at create time and
+    not part of it."""
+    return {k: v for k, v in config.items() if k != "templateId"}
+
+
+def _kill(worker: FakeWorker) -> None:
+    """RunPod terminating a worker: the whole process group (the SDK forks a heartbeat)."""
+    if worker.process.poll() is None:
+        try:
+            os.killpg(worker.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _problem(status: int, detail: str, headers: dict[str, str] | None = None,

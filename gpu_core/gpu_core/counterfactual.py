@@ -215,6 +215,7 @@ def run_counterfactual_job(
     result: ExperimentResult,
     request: CounterfactualRequest,
     scores: np.ndarray | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Generator[dict[str, Any], None, None]:
     """:func:`run_counterfactual` as a job: progress events (stage ``counterfactual``), then
     ``{"type": "result", "result": CounterfactualResult}``, with the pipeline's worker thread and
@@ -222,7 +223,8 @@ def run_counterfactual_job(
 
     def work(handoff: Any, cancel: Any) -> CounterfactualResult:
         def report(fraction: float, message: str) -> None:
-            if cancel.is_set():
+            if cancel.is_set() or (should_stop is not None and should_stop()):
+                cancel.set()
                 raise ExperimentCancelled
             fraction = min(max(fraction, 0.0), 1.0)
             event = ProgressEvent(

@@ -45,6 +45,8 @@ class CounterfactualError(JobInputError):
 
 
 Events = Generator[dict[str, Any], None, None]
+# A platform's stop signal (RunPod's cancel, seen by another thread); checked within a batch.
+StopCheck = Callable[[], bool]
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class JobKind:
     request_model: type[BaseModel] | None  # None: the kind takes no request (an experiment)
     # Checks the request against the parent's spec and result; raises JobInputError.
     check: Callable[[Any, ExperimentSpec, ExperimentResult], None] | None
-    run: Callable[[ExperimentSpec, Any, ExperimentResult | None, Path | None], Events]
+    run: Callable[[ExperimentSpec, Any, ExperimentResult | None, Path | None, StopCheck | None], Events]
 
     @property
     def needs_parent(self) -> bool:
@@ -99,19 +101,29 @@ def check_counterfactual(
         raise CounterfactualError(f"k: must be less than the {len(spec.training_data)} training examples")
 
 
-def _run_experiment(spec: ExperimentSpec, _request: Any, _parent: Any, artifacts_dir: Path | None) -> Events:
+def _run_experiment(
+    spec: ExperimentSpec,
+    _request: Any,
+    _parent: Any,
+    artifacts_dir: Path | None,
+    should_stop: StopCheck | None,
+) -> Events:
     from gpu_core.pipeline import run_experiment
 
-    return run_experiment(spec, artifacts_dir)
+    return run_experiment(spec, artifacts_dir, should_stop)
 
 
 def _run_counterfactual(
-    spec: ExperimentSpec, request: Any, parent: ExperimentResult | None, _artifacts_dir: Path | None
+    spec: ExperimentSpec,
+    request: Any,
+    parent: ExperimentResult | None,
+    _artifacts_dir: Path | None,
+    should_stop: StopCheck | None,
 ) -> Events:
     from gpu_core.counterfactual import run_counterfactual_job
 
     assert parent is not None  # checked by parse_payload
-    return run_counterfactual_job(spec, parent, request)
+    return run_counterfactual_job(spec, parent, request, should_stop=should_stop)
 
 
 JOB_KINDS: dict[str, JobKind] = {
@@ -188,9 +200,12 @@ def parse_payload(payload: dict[str, Any]) -> JobInput:
     return JobInput(kind, spec, request, parent)
 
 
-def run_job(job: JobInput, artifacts_dir: Path | None = None) -> Events:
-    """The job's events, ending in its result event (what every worker iterates)."""
-    return job.kind.run(job.spec, job.request, job.parent_result, artifacts_dir)
+def run_job(
+    job: JobInput, artifacts_dir: Path | None = None, should_stop: StopCheck | None = None
+) -> Events:
+    """The job's events, ending in its result event (what every worker iterates). Once
+    ``should_stop()`` is true the work stops within a batch and ``ExperimentCancelled`` is raised."""
+    return job.kind.run(job.spec, job.request, job.parent_result, artifacts_dir, should_stop)
 
 
 __all__ = [

@@ -15,6 +15,13 @@ from typing import Any
 from compute_runpod.errors import Code, ProviderError
 
 RESULT_TYPES = ("result", "result_part")
+GENERATOR_ERROR_PREFIX = "handler: "
+GENERATOR_TRACEBACK_MARK = " \ntraceback:"
+NO_OUTPUT = (
+    "The job finished but RunPod returned no output: RunPod drops a job's output above its "
+    "payload limit (10 MB), so the result was lost; run fewer examples, or configure an "
+    "artifact store on the dashboard's server so results travel as files"
+)
 
 
 def is_result_chunk(chunk: Any) -> bool:
@@ -63,14 +70,19 @@ def final_result(chunks: list[Any]) -> bytes:
             Code.INTERNAL,
             "The job finished but parts of its result are missing; it was not stored"
             if has_parts
-            else "The job finished without a result (RunPod returned no output)",
+            else NO_OUTPUT,
         )
     return result
 
 
 def error_text(error: Any) -> str:
-    """RunPod's ``error`` field in plain words: a yielded ``{"error": "msg"}`` arrives as
-    ``msg``; a raised exception as a JSON string with ``error_type`` and ``error_message``."""
+    """RunPod's ``error`` field in plain words, never the traceback. A yielded ``{"error":
+    "msg"}`` arrives as ``msg``; a generator handler that raised as ``"handler: <message>
+    \ntraceback: ..."`` (the SDK's run_job_generator); a plain handler that raised as a JSON
+    string with ``error_type`` and ``error_message``."""
+    if isinstance(error, str) and error.startswith(GENERATOR_ERROR_PREFIX):
+        message = error[len(GENERATOR_ERROR_PREFIX):].split(GENERATOR_TRACEBACK_MARK, 1)[0].strip()
+        return f"The experiment failed on the RunPod worker: {message or 'no message'}"
     if isinstance(error, str):
         try:
             parsed = json.loads(error)

@@ -1,4 +1,6 @@
-"""The fake RunPod itself keeps RunPod's documented behaviour (shared/reference/runpod.md)."""
+"""The fake RunPod keeps RunPod's documented behaviour (shared/reference/runpod.md), with the
+worker under the runpod SDK's own production loop (small handler scripts here, the real worker in
+test_service.py)."""
 
 from __future__ import annotations
 
@@ -23,10 +25,28 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+def sdk_worker(tmp_path: Path, body: str, aggregate: bool = True) -> Path:
+    """A handler script started the way the worker image starts ours."""
+    path = tmp_path / "handler.py"
+    path.write_text(
+        "import asyncio, runpod\n"
+        f"{body}\n"
+        f"runpod.serverless.start({{'handler': handler, 'return_aggregate_stream': {aggregate}}})\n"
+    )
+    return path
+
+
+async def _submit(http: httpx.AsyncClient, fake: FakeRunPod, job_input: object) -> tuple[str, str]:
+    endpoint = (await http.post(f"{fake.url}/v2/serverless", json=ENDPOINT_BODY)).json()["id"]
+    job = (await http.post(f"{fake.url}/v2/{endpoint}/run", json={"input": job_input})).json()
+    assert job["status"] == "IN_QUEUE"
+    return endpoint, job["id"]
+
+
 async def _finish(http: httpx.AsyncClient, fake: FakeRunPod, endpoint: str, job: str) -> dict:
     """Poll /stream (as a client would) until the job is terminal; the status and all chunks."""
     chunks: list = []
-    async with asyncio.timeout(60):
+    async with asyncio.timeout(120):
         while True:
             answer = (await http.get(f"{fake.url}/v2/{endpoint}/stream/{job}?wait=1000")).json()
             chunks.extend(c["output"] for c in answer["stream"])
@@ -43,6 +63,9 @@ async def test_auth_and_endpoint_management(http: httpx.AsyncClient) -> None:
         assert bad.status_code == 401 and bad.headers["content-type"] == "application/problem+json"
         me = await http.post(f"{fake.url}/graphql", json={"query": "query { myself { id clientBalance } }"})
         assert me.json()["data"]["myself"]["clientBalance"] == 12.5
+        fake.graphql_enabled = False
+        retired = await http.post(f"{fake.url}/graphql", json={"query": "query { myself { id } }"})
+        assert retired.status_code == 410
 
         without_gpu = {k: v for k, v in ENDPOINT_BODY.items() if k != "gpu"}
         neither = await http.post(f"{fake.url}/v2/serverless", json=without_gpu)
@@ -57,6 +80,7 @@ async def test_auth_and_endpoint_management(http: httpx.AsyncClient) -> None:
         # API-create defaults differ from the console's: 5 min timeout, FlashBoot off, 3 workers.
         assert (body["timeout"], body["flashboot"], body["workers"]["max"]) == (300000, "OFF", 3)
         assert body["requestUrls"]["run"] == f"{fake.url}/v2/{body['id']}/run"
+        assert "templateId" not in body  # the Endpoint object does not carry it
         deleted = await http.delete(f"{fake.url}/v2/serverless/{body['id']}")
         assert deleted.status_code == 204
         assert (await http.get(f"{fake.url}/v2/serverless/{body['id']}")).status_code == 404
@@ -68,31 +92,17 @@ async def test_auth_and_endpoint_management(http: httpx.AsyncClient) -> None:
         assert [r.status for r in fake.calls("serverless.list")] == [401, 429, 200]
 
 
-async def test_yielded_error_fails_the_job_and_stays_out_of_the_stream(http: httpx.AsyncClient) -> None:
-    async with FakeRunPod({KEY: 10}) as fake:
-        endpoint = (await http.post(f"{fake.url}/v2/serverless", json=ENDPOINT_BODY)).json()["id"]
-        job = (await http.post(f"{fake.url}/v2/{endpoint}/run", json={"input": {"eval_data": []}})).json()
-        assert job["status"] == "IN_QUEUE"
-        finished = await _finish(http, fake, endpoint, job["id"])
-        assert finished == {"status": "FAILED", "chunks": []}
-        status = (await http.get(f"{fake.url}/v2/{endpoint}/status/{job['id']}")).json()
-        assert "training_data" in status["error"] and "output" not in status
-
-        fake.retention_s = 0.0  # results are kept for a limited time, then 404
-        assert (await http.get(f"{fake.url}/v2/{endpoint}/status/{job['id']}")).status_code == 404
-
-
-async def test_stream_drains_and_large_chunks_are_split(http: httpx.AsyncClient, tmp_path: Path) -> None:
-    handler = tmp_path / "handler.py"
-    handler.write_text(
+async def test_yields_stream_drain_split_and_aggregate_without_the_return_value(
+    http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    handler = sdk_worker(tmp_path, (
         "def handler(job):\n"
         "    yield {'step': 1}\n"
         "    yield {'blob': 'x' * 3000}\n"
-        "    return 'ignored'\n"
-    )
+        "    return 'never delivered'\n"
+    ))
     async with FakeRunPod({KEY: 10}, handler_path=handler, max_chunk_bytes=1024) as fake:
-        endpoint = (await http.post(f"{fake.url}/v2/serverless", json=ENDPOINT_BODY)).json()["id"]
-        job = (await http.post(f"{fake.url}/v2/{endpoint}/run", json={"input": {}})).json()["id"]
+        endpoint, job = await _submit(http, fake, {})
         finished = await _finish(http, fake, endpoint, job)
         assert finished["status"] == "COMPLETED"
         first, *pieces = finished["chunks"]
@@ -101,4 +111,88 @@ async def test_stream_drains_and_large_chunks_are_split(http: httpx.AsyncClient,
         again = (await http.get(f"{fake.url}/v2/{endpoint}/stream/{job}")).json()
         assert again["stream"] == []  # drained
         status = (await http.get(f"{fake.url}/v2/{endpoint}/status/{job}")).json()
-        assert status["output"] == [{"step": 1}, {"blob": "x" * 3000}]  # return value ignored
+        assert status["output"] == [{"step": 1}, {"blob": "x" * 3000}]
+        # What the SDK called, in its own URL shapes.
+        (take, *_) = [c for c in fake.calls("worker.take") if c.status == 200]
+        assert "job_in_progress=0" in take.query and "gpu=" in take.query
+        streamed = fake.calls("worker.stream")
+        assert len(streamed) == 2 and all("isStream=false" in c.query for c in streamed)
+        (done,) = fake.calls("worker.done")
+        assert done.path == f"/job-done/{fake.workers()[0].id}/{job}" and "isStream=true" in done.query
+
+        fake.retention_s = 0.0  # results are kept for a limited time, then 404
+        assert (await http.get(f"{fake.url}/v2/{endpoint}/status/{job}")).status_code == 404
+
+
+async def test_aggregate_off_leaves_the_results_only_in_the_stream(
+    http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    handler = sdk_worker(tmp_path, "def handler(job):\n    yield {'step': 1}\n", aggregate=False)
+    async with FakeRunPod({KEY: 10}, handler_path=handler) as fake:
+        endpoint, job = await _submit(http, fake, {})
+        assert (await _finish(http, fake, endpoint, job))["chunks"] == [{"step": 1}]
+        assert (await http.get(f"{fake.url}/v2/{endpoint}/status/{job}")).json()["output"] == []
+
+
+async def test_generator_errors_in_the_sdks_shapes(http: httpx.AsyncClient, tmp_path: Path) -> None:
+    handler = sdk_worker(tmp_path, (
+        "def handler(job):\n"
+        "    yield {'step': 1}\n"
+        "    if job['input'].get('yield_error'):\n"
+        "        yield {'error': 'plain words'}\n"
+        "    raise ValueError('boom')\n"
+    ))
+    async with FakeRunPod({KEY: 10}, handler_path=handler) as fake:
+        endpoint, raised = await _submit(http, fake, {})
+        assert (await _finish(http, fake, endpoint, raised)) == {"status": "FAILED", "chunks": [{"step": 1}]}
+        error = (await http.get(f"{fake.url}/v2/{endpoint}/status/{raised}")).json()["error"]
+        assert error.startswith("handler: boom \ntraceback: Traceback (most recent call last)")
+        assert "ValueError: boom" in error
+
+        run = await http.post(f"{fake.url}/v2/{endpoint}/run", json={"input": {"yield_error": 1}})
+        yielded = run.json()
+        finished = await _finish(http, fake, endpoint, yielded["id"])
+        assert finished == {"status": "FAILED", "chunks": [{"step": 1}]}  # the error is not streamed
+        status = (await http.get(f"{fake.url}/v2/{endpoint}/status/{yielded['id']}")).json()
+        assert status["error"] == "plain words" and "output" not in status
+        assert len(fake.workers()) == 1  # one warm worker took both jobs
+
+
+async def test_output_over_the_payload_limit_completes_without_output(
+    http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    handler = sdk_worker(tmp_path, "def handler(job):\n    yield 'x' * 5000\n")
+    async with FakeRunPod({KEY: 10}, handler_path=handler, max_payload_bytes=4096) as fake:
+        endpoint, job = await _submit(http, fake, {})
+        assert (await _finish(http, fake, endpoint, job))["status"] == "COMPLETED"
+        status = (await http.get(f"{fake.url}/v2/{endpoint}/status/{job}")).json()
+        assert "output" not in status  # runpod-python #309: the upload failed, only logged
+        assert {c.status for c in fake.calls("worker.done")} == {400}
+        assert "Failed to return job results" in fake.worker_log(endpoint)
+
+
+async def test_cancel_reaches_a_running_handler_through_the_stop_channel(
+    http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    marker = tmp_path / "stopped"
+    handler = sdk_worker(tmp_path, (
+        "async def handler(job):\n"
+        "    yield {'step': 1}\n"
+        "    try:\n"
+        "        await asyncio.sleep(600)\n"
+        "    except asyncio.CancelledError:\n"
+        f"        open({str(marker)!r}, 'w').write('stopped')\n"
+        "        raise\n"
+    ))
+    async with FakeRunPod({KEY: 10}, handler_path=handler, worker_poll_s=1.0) as fake:
+        endpoint, job = await _submit(http, fake, {})
+        async with asyncio.timeout(60):
+            while not fake.calls("worker.stream"):
+                await asyncio.sleep(0.1)
+        cancelled = (await http.post(f"{fake.url}/v2/{endpoint}/cancel/{job}")).json()
+        assert cancelled == {"id": job, "status": "CANCELLED"}
+        async with asyncio.timeout(30):
+            while not marker.exists():
+                await asyncio.sleep(0.1)
+        assert fake.calls("worker.done") == []  # a stopped job posts nothing
+        assert (await http.get(f"{fake.url}/v2/{endpoint}/status/{job}")).json()["status"] == "CANCELLED"

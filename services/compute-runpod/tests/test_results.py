@@ -54,12 +54,12 @@ def test_checksum_mismatch_is_an_error(worker: ModuleType) -> None:
 
 
 def test_no_result_at_all_is_an_error() -> None:
-    with pytest.raises(ProviderError, match="without a result"):
+    with pytest.raises(ProviderError, match="RunPod returned no output.*payload limit"):
         final_result([{"type": "progress", "stage": "training", "progress": 0.5}])
 
 
-def test_invalid_spec_is_yielded_as_error_naming_the_field(worker: ModuleType) -> None:
-    outputs = list(worker.handler({"id": "j", "input": {"training_data": [], "eval_data": []}}))
+async def test_invalid_spec_is_yielded_as_error_naming_the_field(worker: ModuleType) -> None:
+    outputs = [o async for o in worker.handler({"id": "j", "input": {"training_data": [], "eval_data": []}})]
     assert len(outputs) == 1 and "training_data" in outputs[0]["error"]
 
 
@@ -67,6 +67,8 @@ def test_runpod_error_forms_in_plain_words() -> None:
     assert error_text("Invalid experiment spec: x") == "Invalid experiment spec: x"
     raised = json.dumps({"error_type": "ValueError", "error_message": "boom", "error_traceback": "..."})
     assert error_text(raised) == "ValueError: boom"
+    generator = 'handler: CUDA out of memory \ntraceback: Traceback (most recent call last):\n  File "x"'
+    assert error_text(generator) == "The experiment failed on the RunPod worker: CUDA out of memory"
     assert error_text(None) == "The worker failed without saying why"
 
 

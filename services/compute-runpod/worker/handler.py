@@ -1,31 +1,50 @@
-"""RunPod Serverless worker: runs one experiment per job with gpu_core and streams it.
+"""RunPod Serverless worker: runs one job per request with gpu_core (an experiment, or a later job
+of one such as a counterfactual check; gpu_core.jobs) and streams it.
 
 Every progress event is yielded as one stream chunk. The result comes last: whole as
 ``{"type": "result", "result": {...}}`` when its JSON fits in one safe chunk, else as numbered
 ``{"type": "result_part", "index", "total", "sha256", "data"}`` slices of that JSON text, because
-RunPod caps a stream chunk at 1 MB. (A generator's ``return`` value is ignored by RunPod, so
-nothing is returned.) Failures are yielded as ``{"error": "<plain message>"}``, which RunPod turns
-into a FAILED job with that error.
+RunPod caps a stream chunk at 1 MB. (A generator's ``return`` value is never delivered, so
+nothing is returned.) ``return_aggregate_stream`` is on, so every yield goes up again in the
+job's final output, which RunPod caps at 10 MB for ``/run``: a result that would not fit is
+refused here with a plain error rather than lost in a failed upload.
+
+Expected failures (an invalid spec, a result too large) are yielded as ``{"error": "<plain
+message>"}``, which the SDK posts as the job's error; anything else raises, and the SDK reports
+``"handler: <message> \\ntraceback: ..."``.
+
+The handler is an async generator so the SDK's event loop stays free while gpu_core works in its
+own thread: the SDK's stop signal (a cancel, or the execution timeout) then cancels the handler
+at once, and the handler asks gpu_core to stop, which it does within one batch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import runpod
-from gpu_core.jobs import JobInputError, parse_payload, run_job
+from gpu_core.jobs import JobInput, JobInputError, parse_payload, run_job
+from gpu_core.pipeline import ExperimentCancelled
 from gpu_core.schemas import SpecError
 
 # Well under RunPod's 1 MB per stream chunk, leaving room for the envelope.
 DEFAULT_RESULT_CHUNK_BYTES = 512 * 1024
+# RunPod's /run output limit is 10 MB; keep a margin for the job-done envelope.
+DEFAULT_OUTPUT_LIMIT_BYTES = 9_500_000
 
 
 def result_chunk_bytes() -> int:
     return int(os.environ.get("INFLUENCE_RESULT_CHUNK_BYTES", DEFAULT_RESULT_CHUNK_BYTES))
+
+
+def output_limit_bytes() -> int:
+    return int(os.environ.get("INFLUENCE_OUTPUT_LIMIT_BYTES", DEFAULT_OUTPUT_LIMIT_BYTES))
 
 
 def result_chunks(result: dict[str, Any], chunk_bytes: int) -> Iterator[dict[str, Any]]:
@@ -49,7 +68,52 @@ def result_chunks(result: dict[str, Any], chunk_bytes: int) -> Iterator[dict[str
                "sha256": checksum, "data": data}
 
 
-def handler(job: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def too_large_message(result_bytes: int, output_bytes: int, limit: int) -> str:
+    return (
+        f"The result is {result_bytes / 1e6:.1f} MB; with the progress events the job's output "
+        f"would be {output_bytes / 1e6:.1f} MB, over RunPod's limit for a job's output "
+        f"({limit / 1e6:.1f} MB here). Nothing was stored: configure an artifact store on the "
+        "dashboard's server so large results travel as files, or score fewer examples."
+    )
+
+
+class ExperimentThread:
+    """gpu_core's generator in its own thread, its events handed to the event loop."""
+
+    def __init__(self, job: JobInput) -> None:
+        self.stop = threading.Event()
+        self._job = job
+        self._loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._thread = threading.Thread(target=self._run, name="experiment", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: tuple[str, Any]) -> None:
+        self._loop.call_soon_threadsafe(self._events.put_nowait, item)
+
+    def _run(self) -> None:
+        try:
+            for event in run_job(self._job, should_stop=self.stop.is_set):
+                self._put(("event", event))
+            self._put(("end", None))
+        except ExperimentCancelled:
+            self._put(("end", None))
+        except Exception as exc:  # noqa: BLE001 - re-raised in the handler, where the SDK reports it
+            self._put(("error", exc))
+
+    async def next(self) -> dict[str, Any] | None:
+        kind, payload = await self._events.get()
+        if kind == "error":
+            raise payload
+        return payload if kind == "event" else None
+
+    async def close(self) -> None:
+        """Stop the work (within one batch) and wait until the GPU is free for the next job."""
+        self.stop.set()
+        await asyncio.to_thread(self._thread.join)
+
+
+async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     try:
         # An experiment's spec, or a later job of one by its kind (gpu_core.jobs, e.g. a
         # counterfactual check). Size limits were enforced by the dashboard's gateway.
@@ -60,14 +124,26 @@ def handler(job: dict[str, Any]) -> Iterator[dict[str, Any]]:
     except JobInputError as exc:
         yield {"error": f"Invalid job input: {exc}"}
         return
+    experiment = ExperimentThread(parsed)
+    output_bytes = 2  # the aggregate's "[]"
     try:
-        for event in run_job(parsed):
-            if event.get("type") == "result":
-                yield from result_chunks(event["result"], result_chunk_bytes())
-            else:
+        while (event := await experiment.next()) is not None:
+            if event.get("type") != "result":
+                output_bytes += len(json.dumps(event)) + 2
                 yield event
-    except Exception as exc:  # noqa: BLE001 - reported to the researcher as the job's error
-        yield {"error": f"The experiment failed: {type(exc).__name__}: {exc}"}
+                continue
+            chunks = list(result_chunks(event["result"], result_chunk_bytes()))
+            result_bytes = sum(len(json.dumps(c)) + 2 for c in chunks)
+            if output_bytes + result_bytes > output_limit_bytes():
+                yield {"error": too_large_message(
+                    result_bytes, output_bytes + result_bytes, output_limit_bytes()
+                )}
+                return
+            for chunk in chunks:
+                yield chunk
+    finally:
+        # Reached on the SDK's stop signal too (the task is cancelled at the await above).
+        await experiment.close()
 
 
 if __name__ == "__main__":
