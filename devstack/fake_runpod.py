@@ -299,6 +299,8 @@ class FakeRunPod:
         base, query = self.url, f"gpu={WORKER_GPU.replace(' ', '+')}"
         env = {
             **os.environ,
+            # The output limit as the worker image knows it (RunPod's, or this fake's lowered one).
+            "INFLUENCE_OUTPUT_LIMIT_BYTES": str(int(self.max_payload_bytes * 0.95)),
             **self.worker_env,
             **{str(k): str(v) for k, v in (endpoint.config.get("env") or {}).items()},
             "PYTHONUNBUFFERED": "1",

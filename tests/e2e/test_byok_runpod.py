@@ -128,6 +128,25 @@ def test_good_key_first_jobs_create_one_endpoint_and_results_arrive_whole(
     assert client.request("GET", "/api/settings/runpod-key").json()["has_key"] is False
 
 
+def test_valid_key_is_saved_with_a_note_when_graphql_is_gone(
+    stack: Stack, fake: FakeRunPodProcess
+) -> None:
+    client = researcher(stack, "gus")
+    key = new_key()
+    fake.control("POST", "keys", key=key, balance=50.0)
+    fake.control("POST", "mode", graphql=False)
+    try:
+        reply = save_key(client, key)
+    finally:
+        fake.control("POST", "mode", graphql=True)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["backend"] == "runpod" and body["balance_usd"] is None
+    assert "balance could not be read" in body["message"]
+    assert "execution timeout" in body["message"]
+    assert client.request("GET", "/api/settings/runpod-key").json()["has_key"] is True
+
+
 def _runpod_user(stack: Stack, fake: FakeRunPodProcess, name: str, balance: float) -> GatewayClient:
     client = researcher(stack, name)
     key = new_key()
@@ -184,6 +203,35 @@ def test_429_storm_and_5xx_lose_nothing_and_submit_once(stack: Stack, fake: Fake
     accepted = [r for r in fake.requests("job.run") if r["status"] == 200]
     assert len(accepted) - runs_before == 1, "a retried /run must not submit the job twice"
     assert len(client.results(job["job_id"])["influence"]["scores"]) == 2
+
+
+def test_a_failure_on_the_worker_reads_in_plain_words(stack: Stack, fake: FakeRunPodProcess) -> None:
+    """gpu_core raises on the worker; the SDK reports ``handler: <message> \ntraceback: ...``;
+    the researcher reads the message, never the traceback."""
+    client = _runpod_user(stack, fake, "fay", balance=50.0)
+    spec = small_spec(n_train=6, n_eval=2)
+    spec["hyperparams"]["target_modules"] = ["no_such_proj"]
+    last = finish(client, client.submit(spec)["job_id"])
+    assert last["state"] == "failed"
+    assert last["error"].startswith("The experiment failed on the RunPod worker: ")
+    assert "no_such_proj" in last["error"]
+    assert "Traceback" not in last["error"] and "handler:" not in last["error"]
+
+
+def test_a_result_over_runpods_payload_limit_is_a_plain_error(
+    stack: Stack, fake: FakeRunPodProcess
+) -> None:
+    """No artifact store is configured here, so a result that RunPod could not carry is refused
+    with a message that says so (the limit is lowered so that a small job's result exceeds it)."""
+    fake.control("POST", "mode", max_payload_bytes=12_000)
+    try:
+        client = _runpod_user(stack, fake, "pat", balance=50.0)  # a new endpoint: a new worker
+        last = finish(client, client.submit(small_spec(n_train=24, n_eval=8))["job_id"])
+    finally:
+        fake.control("POST", "mode", max_payload_bytes=10_000_000)
+    assert last["state"] == "failed"
+    assert "over RunPod's limit for a job's output" in last["error"]
+    assert "artifact store" in last["error"]
 
 
 def test_no_plaintext_key_in_logs_responses_or_tables(stack: Stack) -> None:

@@ -23,7 +23,7 @@ from compute_runpod import costs
 from compute_runpod.client import RunPodClient
 from compute_runpod.config import Settings
 from compute_runpod.errors import Code, ProviderError
-from compute_runpod.results import error_text, final_result, is_result_chunk
+from compute_runpod.results import NO_OUTPUT, error_text, final_result, is_result_chunk
 from gpu_core import schemas
 
 log = logging.getLogger(__name__)
@@ -133,25 +133,46 @@ class RunPodProvider:
     # ---- credentials ---------------------------------------------------------------------
 
     async def verify(self, account: AccountRef, api_key: str = "") -> Verification:
+        """Validity through REST v2 (listing the serverless endpoints: 401 invalid, 403 lacking
+        scope), then the balance through GraphQL while RunPod still answers it (it is deprecated
+        and retires in 2027; REST v2 has no balance). A valid key whose balance cannot be read
+        is accepted with a note saying so: spend stays bounded by the execution timeout."""
         key = api_key or await self._key(account)
-        balance, account_id = await self._balance(key)
-        if balance <= 0:
+        await self._client.list_endpoints(key)
+        balance = await self._read_balance(key)
+        if isinstance(balance, str):
+            return Verification(account_id="", balance_usd=-1.0, message=self._balance_unread(balance))
+        amount, account_id = balance
+        if amount <= 0:
             raise ProviderError(
                 Code.FAILED_PRECONDITION, "Your RunPod balance is $0; add credits at runpod.io"
             )
-        message = f"RunPod key is valid; balance {usd(balance)}"
-        if balance < self._settings.RUNPOD_LOW_BALANCE_USD:
+        message = f"RunPod key is valid; balance {usd(amount)}"
+        if amount < self._settings.RUNPOD_LOW_BALANCE_USD:
             message += " (low: add credits at runpod.io before long runs)"
-        return Verification(account_id=account_id, balance_usd=balance, message=message)
+        return Verification(account_id=account_id, balance_usd=amount, message=message)
 
-    async def _balance(self, key: str) -> tuple[float, str]:
-        myself = await self._client.myself(key)
+    def _balance_unread(self, why: str) -> str:
+        limit_h = self._settings.RUNPOD_EXECUTION_TIMEOUT_S / 3600
+        return (
+            f"RunPod key is valid, but its balance could not be read ({why}), so the dashboard "
+            "cannot check it before your jobs: keep an eye on it at runpod.io. RunPod stops "
+            f"every job at the execution timeout ({limit_h:g} h), which bounds what one job "
+            "can spend."
+        )
+
+    async def _read_balance(self, key: str) -> tuple[float, str] | str:
+        """(balance, account id), or why it could not be read."""
+        try:
+            myself = await self._client.myself(key)
+        except ProviderError as exc:
+            return f"RunPod's account API (GraphQL) did not answer: {exc.message}"
         if myself is None:
-            raise ProviderError(Code.UNAUTHENTICATED, "Invalid RunPod API key")
+            return "RunPod's account API (GraphQL) returned no account for this key"
         try:
             balance = float(myself.get("clientBalance") or 0.0)
         except (TypeError, ValueError):
-            balance = 0.0
+            return "RunPod's account API (GraphQL) returned a balance that is not a number"
         return balance, str(myself.get("id") or "")
 
     # ---- endpoint ------------------------------------------------------------------------
@@ -256,7 +277,13 @@ class RunPodProvider:
 
     async def _check_balance(self, key: str, spec: ExperimentSpec, estimated_cost_usd: float) -> None:
         estimate = estimated_cost_usd if estimated_cost_usd > 0 else costs.estimated_cost_usd(spec)
-        balance, _ = await self._balance(key)
+        read = await self._read_balance(key)
+        if isinstance(read, str):
+            # The key was valid when saved; the execution timeout still bounds the job's spend.
+            log.info("runpod balance unknown; submitting without the balance check",
+                     extra={"reason": read})
+            return
+        balance, _ = read
         if balance <= 0:
             raise ProviderError(
                 Code.FAILED_PRECONDITION, "Your RunPod balance is $0; add credits at runpod.io"
@@ -316,6 +343,9 @@ class RunPodProvider:
         if state == "IN_PROGRESS":
             return StatusReport("RUNNING", events, cursor)
         if state == "COMPLETED":
+            if not isinstance(status.get("output"), list):
+                # The worker aggregates every yield: no output means its final upload failed.
+                return StatusReport("FAILED", events, cursor, error=NO_OUTPUT)
             chunks = followed.chunks if followed.base == 0 else []
             try:
                 final_result(chunks)

@@ -65,7 +65,35 @@ async def test_verify_invalid_key(stack: Stack) -> None:
     ))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert error.details() == "Invalid RunPod API key"
-    assert stack.fake.calls("graphql")[0].status == 401
+    assert stack.fake.calls("serverless.list")[0].status == 401  # REST v2 decides validity
+    assert stack.fake.calls("graphql") == []
+
+
+async def test_key_valid_while_graphql_is_gone_is_accepted_with_a_balance_note(stack: Stack) -> None:
+    stack.fake.graphql_enabled = False  # RunPod retires GraphQL in early 2027
+    answer = await stack.stub.VerifyCredentials(
+        compute_pb2.VerifyCredentialsRequest(account=user(), api_key=stack.user_key)
+    )
+    assert answer.valid and answer.balance_usd < 0
+    assert "balance could not be read" in answer.message and "HTTP 410" in answer.message
+    assert "execution timeout (2 h)" in answer.message
+    assert [c.status for c in stack.fake.calls("serverless.list")] == [200]
+    # Submitting skips the balance check it cannot make; the execution timeout still applies.
+    submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
+        job_id="job-nographql", account=HOSTED, spec_json=spec_bytes(),
+    ))
+    assert stack.fake.job(submitted.provider_job_id).execution_timeout_s == 7200
+    poor = new_key()
+    stack.fake.add_key(poor, balance=0.25)
+    await stack.store_key("u-unknown-balance", poor)
+    prepared = await stack.stub.PrepareAccount(
+        compute_pb2.PrepareAccountRequest(account=user("u-unknown-balance"))
+    )
+    await stack.stub.Submit(compute_pb2.SubmitRequest(
+        job_id="job-nographql-byok", account=user("u-unknown-balance", prepared.endpoint_id),
+        spec_json=spec_bytes(), estimated_cost_usd=1.5,
+    ))
+    assert len([c for c in stack.fake.calls("job.run") if c.status == 200]) == 2
 
 
 async def test_verify_key_lacking_scope(stack: Stack) -> None:
@@ -310,6 +338,21 @@ async def test_result_larger_than_a_stream_chunk_arrives_whole(
     ))
     assert result.result_json == "".join(p["data"] for p in parts).encode()
     ExperimentResult.model_validate_json(result.result_json)
+
+
+async def test_output_runpod_could_not_upload_is_a_plain_error(stack: Stack) -> None:
+    """A worker that does not know the limit: RunPod refuses its final upload and shows the job
+    COMPLETED without output (runpod-python #309); the researcher is told the result was lost."""
+    stack.fake.max_payload_bytes = 3_000
+    stack.fake.worker_env["INFLUENCE_OUTPUT_LIMIT_BYTES"] = str(10**9)
+    submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
+        job_id="job-lost", account=HOSTED, spec_json=spec_bytes(),
+    ))
+    final, _, _ = await stack.wait_terminal(submitted.provider_job_id, HOSTED)
+    assert final.state == common_pb2.JOB_STATE_FAILED
+    assert final.error.startswith("The job finished but RunPod returned no output")
+    assert stack.fake.job(submitted.provider_job_id).status == "COMPLETED"
+    assert {c.status for c in stack.fake.calls("worker.done")} == {400}
 
 
 async def test_invalid_spec_names_the_field(stack: Stack) -> None:

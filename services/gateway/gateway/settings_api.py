@@ -133,7 +133,9 @@ async def save_runpod_key(
         "last4": info.last4,
         "backend": settings.backend,
         "endpoint_status": settings.endpoint_status or "none",
-        "balance_usd": verdict.balance_usd,
+        # Negative: RunPod could not tell the balance; the message says so and what still holds.
+        "balance_usd": verdict.balance_usd if verdict.balance_usd >= 0 else None,
+        "message": verdict.message,
     }
 
 

@@ -36,6 +36,7 @@ async def test_save_key_verifies_stores_and_switches(gateway, upstream, caplog) 
         "backend": "runpod",
         "endpoint_status": "none",
         "balance_usd": 12.5,
+        "message": "",
     }
 
     verify = upstream.scheduler.verify_requests[-1]

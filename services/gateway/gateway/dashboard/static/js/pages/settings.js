@@ -156,6 +156,10 @@ export async function renderSettings(view) {
       keyMessage.replaceChildren(el("p", { class: "ok", id: "key-saved" },
         `Key saved: ending in ${saved.last4}. Experiments now run on your RunPod account` +
         (saved.balance_usd ? ` (balance ${usd(saved.balance_usd, 2)}).` : ".")));
+      if (saved.balance_usd === null && saved.message) {
+        // RunPod could not tell the balance (its GraphQL API): say so, and what still bounds spend.
+        keyMessage.append(el("p", { class: "help", id: "key-balance-note" }, saved.message));
+      }
       announce(`RunPod key ending in ${saved.last4} saved`);
       await loadCosts();
     } catch (error) {
