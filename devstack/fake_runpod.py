@@ -17,7 +17,8 @@ posted.
 
 What the fake keeps from RunPod's servers: Bearer auth (401 unknown key; 403 for a restricted key
 on GraphQL and endpoint management), API-create defaults, the Endpoint object without
-``templateId``, queueing (``IN_QUEUE`` until a worker takes the job), ``/stream`` draining (each
+``templateId``, PATCH as a partial update whose container changes (image, env, args) roll out as
+workers cycle, templates (``GET /v2/templates/{id}``), queueing (``IN_QUEUE`` until a worker takes the job), ``/stream`` draining (each
 poll returns only new chunks, long-polling briefly when empty) with chunks over 1 MB split,
 results kept ``retention_s`` after completion then 404, ``policy.ttl`` and
 ``policy.executionTimeout`` (``TIMED_OUT``, and the worker is told to stop the job), cancel
@@ -76,7 +77,8 @@ JOB_RATE_LIMITS: dict[str, tuple[int, float]] = {
 }
 ROUTES = (
     "graphql", "serverless.list", "serverless.create", "serverless.get", "serverless.delete",
-    "serverless.workers", "job.run", "job.status", "job.stream", "job.cancel", "job.health",
+    "serverless.workers", "serverless.update", "templates.get",
+    "job.run", "job.status", "job.stream", "job.cancel", "job.health",
     "worker.take", "worker.stream", "worker.done", "worker.stop", "worker.ping",
 )
 WORKER_GPU = "NVIDIA A100 80GB PCIe"
@@ -134,6 +136,7 @@ class FakeWorker:
     secret: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    release: int = 0  # the endpoint's container release it runs
     took_first_job: bool = False
     last_ping: float | None = None
     to_stop: set[str] = field(default_factory=set)
@@ -145,6 +148,7 @@ class _Endpoint:
     owner: str
     queue: deque[str] = field(default_factory=deque)
     worker: FakeWorker | None = None
+    release: int = 0  # bumped by a PATCH that changes the container (image, env, args)
     deleted: bool = False
 
 
@@ -176,7 +180,9 @@ class FakeRunPod:
         self.stream_wait_s = stream_wait_s
         self.max_chunk_bytes = max_chunk_bytes
         self.max_payload_bytes = max_payload_bytes
-        self.template_ids = template_ids if template_ids is not None else {"influence-template"}
+        self.templates: dict[str, dict[str, Any]] = {}
+        for template_id in template_ids if template_ids is not None else {"influence-template"}:
+            self.add_template(template_id)
         self.throttled = False
         self.graphql_enabled = True
         self.execution_timeout_s: float | None = None
@@ -217,6 +223,13 @@ class FakeRunPod:
         account.balance, account.scope = balance, scope
         self.accounts[key] = account
         return account
+
+    def add_template(self, template_id: str, image: str = "", env: dict[str, str] | None = None) -> None:
+        """A serverless template of the account (every one runs this fake's worker handler)."""
+        self.templates[template_id] = {
+            "id": template_id, "name": template_id, "serverless": True,
+            "image": image or f"influence/worker:{template_id}", "env": dict(env or {}), "disk": 20,
+        }
 
     def fail_next(
         self, route: str, status: int, times: int = 1, retry_after: float | None = None
@@ -319,7 +332,7 @@ class FakeRunPod:
                 [sys.executable, str(self._handler_path)], cwd=self._handler_path.parent,
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        worker = FakeWorker(worker_id, endpoint.config["id"], secret, process, log_path)
+        worker = FakeWorker(worker_id, endpoint.config["id"], secret, process, log_path, endpoint.release)
         self._workers[worker_id] = worker
         endpoint.worker = worker
 
@@ -335,6 +348,10 @@ class FakeRunPod:
                 worker = endpoint.worker
                 if worker is not None and worker.process.poll() is not None:
                     self._worker_died(endpoint, worker)
+                elif worker is not None and worker.release < endpoint.release and not any(
+                    j.worker_id == worker.id and j.status == "IN_PROGRESS" for j in self._jobs.values()
+                ):
+                    _kill(worker)  # the new release rolls out as workers cycle
                 if endpoint.worker is None and endpoint.queue and not self.throttled and not endpoint.deleted:
                     self._start_worker(endpoint)
             await asyncio.sleep(0.1)
@@ -463,6 +480,29 @@ class FakeRunPod:
         async def get_endpoint(request: Request, endpoint_id: str) -> Response:
             account = self._gate(request, "serverless.get", manage=True)
             return JSONResponse(_public(self._own_endpoint(account, endpoint_id).config))
+
+        @app.patch("/v2/serverless/{endpoint_id}")
+        async def update_endpoint(request: Request, endpoint_id: str) -> Response:
+            account = self._gate(request, "serverless.update", manage=True)
+            endpoint = self._own_endpoint(account, endpoint_id)
+            body = await _json_body(request)
+            fixed = {"id", "createdAt", "requestUrls", "templateId", "type"}
+            if not isinstance(body, dict) or fixed & set(body):
+                return _problem(422, f"a PATCH may not change {', '.join(sorted(fixed))}")
+            if "gpu" in body and not (body["gpu"] or {}).get("pools"):
+                return _problem(422, "gpu.pools must list at least one pool")
+            if any(body.get(k) != endpoint.config.get(k) for k in ("image", "env", "args") if k in body):
+                endpoint.release += 1
+            endpoint.config.update(body)  # nested objects are replaced whole
+            return JSONResponse(_public(endpoint.config))
+
+        @app.get("/v2/templates/{template_id}")
+        async def get_template(request: Request, template_id: str) -> Response:
+            self._gate(request, "templates.get", manage=True)
+            template = self.templates.get(template_id)
+            if template is None:
+                return _problem(404, f"template {template_id} not found")
+            return JSONResponse(template)
 
         @app.delete("/v2/serverless/{endpoint_id}")
         async def delete_endpoint(request: Request, endpoint_id: str) -> Response:
@@ -669,6 +709,12 @@ class FakeRunPod:
                                  "graphql": self.graphql_enabled,
                                  "max_payload_bytes": self.max_payload_bytes})
 
+        @app.post("/_fake/templates")
+        async def add_template(request: Request) -> Response:
+            body = await _json_body(request)
+            self.add_template(str(body["id"]), str(body.get("image", "")), body.get("env"))
+            return JSONResponse(self.templates[str(body["id"])])
+
         @app.get("/_fake/requests")
         async def requests() -> Response:
             return JSONResponse({"requests": [r.__dict__ for r in self.requests]})
@@ -797,7 +843,7 @@ class FakeRunPod:
             errors.append("gpu.pools must list at least one pool")
         if errors:
             return _problem(422, "the request does not match the schema", errors=errors)
-        if "templateId" in body and body["templateId"] not in self.template_ids:
+        if "templateId" in body and body["templateId"] not in self.templates:
             return _problem(404, f"template {body['templateId']} not found")
         return None
 

@@ -69,6 +69,11 @@ class PriceTable(BaseModel):
             raise ValueError(f"tiers must map exactly {list(TIERS_GB)} (or set default_gpu)")
         return self
 
+    def gpus_for_tier(self, tier_gb: int) -> list[tuple[str, GpuOffer]]:
+        """Every GPU with at least ``tier_gb`` of memory, cheapest first (ties: less memory)."""
+        fitting = [(name, offer) for name, offer in self.gpus.items() if offer.memory_gb >= tier_gb]
+        return sorted(fitting, key=lambda item: (item[1].usd_per_second, item[1].memory_gb, item[0]))
+
     def gpu_for_tier(self, tier_gb: int) -> tuple[str, GpuOffer]:
         name = self.tiers.get(tier_gb, self.default_gpu)
         if name is None:

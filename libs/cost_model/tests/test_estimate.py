@@ -281,3 +281,14 @@ def test_a_counterfactual_check_costs_its_retrainings_on_the_experiments_gpu() -
     assert "3 retrainings (1 without the top-k, 2 random controls, 0 LDS subsets)" in three.notes[0]
     # No influence pass: one retraining costs less than the whole experiment.
     assert one.estimated_time_s < experiment.estimated_time_s
+
+
+def test_every_fitting_gpu_cheapest_first() -> None:
+    from cost_model import price_table
+
+    table = price_table("runpod")
+    names = [name for name, _ in table.gpus_for_tier(48)]
+    assert names[0] == "AMPERE_48" and "AMPERE_24" not in names and "HOPPER_141" in names
+    prices = [offer.usd_per_second for _, offer in table.gpus_for_tier(48)]
+    assert prices == sorted(prices)
+    assert [name for name, _ in table.gpus_for_tier(141)] == ["HOPPER_141", "BLACKWELL_180"]

@@ -31,6 +31,8 @@ _SCOPE_NEEDED = {
     "graphql": "read access to the account (GraphQL), used to check the key and the balance",
     "serverless": "Read/Write access to serverless endpoints, used to create and manage the "
     "dashboard's endpoint",
+    "templates": "read access to templates, used to roll the dashboard's worker template out to "
+    "its endpoint",
     "job": "access to run jobs on the dashboard's serverless endpoint",
 }
 
@@ -99,6 +101,27 @@ class RunPodClient:
         if not isinstance(created, dict) or not created.get("id"):
             raise ProviderError(Code.UNAVAILABLE, "RunPod created the endpoint but returned no id")
         return created
+
+    async def update_endpoint(self, key: str, endpoint_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """PATCH: a partial update; container changes roll out as a release as workers cycle."""
+        response = await self._request(
+            "serverless.update", "PATCH",
+            f"{self._settings.RUNPOD_REST_BASE_URL}/serverless/{endpoint_id}", key,
+            json=body, idempotent=True,
+        )
+        if response.status_code != 200:
+            raise _unexpected("updating the serverless endpoint", response)
+        return _json(response)
+
+    async def get_template(self, key: str, template_id: str) -> dict[str, Any]:
+        response = await self._request(
+            "templates.get", "GET",
+            f"{self._settings.RUNPOD_REST_BASE_URL}/templates/{template_id}", key, idempotent=True,
+        )
+        if response.status_code != 200:
+            raise _unexpected(f"reading the worker template {template_id}", response)
+        body = _json(response)
+        return body if isinstance(body, dict) else {}
 
     async def endpoint_workers(self, key: str, endpoint_id: str) -> dict[str, Any]:
         """The workers summary: running, idle, initializing, throttled, unhealthy, total."""

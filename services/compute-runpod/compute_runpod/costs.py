@@ -18,7 +18,7 @@ def estimated_cost_usd(spec: ExperimentSpec) -> float:
 
 
 def gpu_pools(model_params_b: float, quantization: str) -> list[str]:
-    """RunPod pool ids for a model of ``model_params_b`` billion parameters."""
+    """Every RunPod pool that fits a model of ``model_params_b`` billion parameters, cheapest
+    first: RunPod asks for every pool the endpoint accepts (fewer jobs left waiting for a GPU)."""
     recommendation = cost_model.recommend_gpu(model_params_b, quantization or "none")
-    pool, _offer = cost_model.price_table("runpod").gpu_for_tier(recommendation.tier_gb)
-    return [pool]
+    return [pool for pool, _ in cost_model.price_table("runpod").gpus_for_tier(recommendation.tier_gb)]

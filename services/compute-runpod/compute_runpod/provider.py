@@ -35,6 +35,8 @@ RESULT_EXPIRED = (
     "finishes, and this one is gone"
 )
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
+# In the endpoint's env: the template it was created from or last moved to.
+TEMPLATE_MARKER = "INFLUENCE_TEMPLATE_ID"
 _REMEMBERED_JOBS = 10_000
 
 RevealKey = Callable[[str], Awaitable[str]]
@@ -192,24 +194,53 @@ class RunPodProvider:
         # One user's concurrent first jobs must create one endpoint, not one each.
         lock = self._account_locks.setdefault(account.user_id, asyncio.Lock())
         async with lock:
-            if account.endpoint_id and await self._client.get_endpoint(key, account.endpoint_id):
-                return Prepared(endpoint_id=account.endpoint_id, created=False, status="ready")
-            existing = await self._find_own_endpoint(key)
-            if existing:
-                return Prepared(endpoint_id=existing, created=False, status="ready")
+            existing = None
+            if account.endpoint_id:
+                existing = await self._client.get_endpoint(key, account.endpoint_id)
+            if existing is None:
+                existing = await self._find_own_endpoint(key)
+            if existing is not None:
+                await self._roll_out_template(key, existing, model_params_b, quantization)
+                return Prepared(endpoint_id=str(existing["id"]), created=False, status="ready")
             created = await self._client.create_endpoint(
                 key, self._endpoint_body(model_params_b, quantization)
             )
             log.info("runpod endpoint created", extra={"endpoint_id": created["id"]})
             return Prepared(endpoint_id=str(created["id"]), created=True, status="ready")
 
-    async def _find_own_endpoint(self, key: str) -> str:
+    async def _find_own_endpoint(self, key: str) -> dict[str, Any] | None:
         """An endpoint this dashboard created earlier (e.g. before its id reached the profile)."""
-        name, template = self._settings.RUNPOD_ENDPOINT_NAME, self._settings.RUNPOD_TEMPLATE_ID
         for endpoint in await self._client.list_endpoints(key):
-            if endpoint.get("name") == name and endpoint.get("templateId") in (None, template):
-                return str(endpoint.get("id") or "")
-        return ""
+            if endpoint.get("name") == self._settings.RUNPOD_ENDPOINT_NAME and endpoint.get("id"):
+                return endpoint
+        return None
+
+    async def _roll_out_template(
+        self, key: str, endpoint: dict[str, Any], model_params_b: float, quantization: str
+    ) -> None:
+        """RunPod resolves a template only when an endpoint is created, and its Endpoint object
+        does not say which one: the endpoint carries our own marker in its env. When
+        RUNPOD_TEMPLATE_ID has changed, the new template's container settings are PATCHed onto
+        the endpoint (same id, so jobs in flight keep their endpoint; RunPod rolls the release
+        out as workers cycle), with the pools of today's cost model."""
+        template_id = self._settings.RUNPOD_TEMPLATE_ID
+        env = endpoint.get("env") if isinstance(endpoint.get("env"), dict) else {}
+        if not template_id or env.get(TEMPLATE_MARKER) == template_id:
+            return
+        template = await self._client.get_template(key, template_id)
+        update: dict[str, Any] = {
+            field: template[field] for field in ("image", "args", "disk", "ports") if field in template
+        }
+        update["env"] = {**(template.get("env") or {}), TEMPLATE_MARKER: template_id}
+        update["gpu"] = {"pools": self._pools(model_params_b, quantization), "count": 1}
+        await self._client.update_endpoint(key, str(endpoint["id"]), update)
+        log.info("runpod endpoint moved to a new template",
+                 extra={"endpoint_id": endpoint["id"], "template_id": template_id})
+
+    def _pools(self, model_params_b: float, quantization: str) -> list[str]:
+        if model_params_b > 0:
+            return costs.gpu_pools(model_params_b, quantization)
+        return list(self._settings.RUNPOD_DEFAULT_GPU_POOLS)
 
     def _endpoint_body(self, model_params_b: float, quantization: str) -> dict[str, Any]:
         settings = self._settings
@@ -218,16 +249,12 @@ class RunPodProvider:
                 Code.FAILED_PRECONDITION,
                 "RunPod is not set up on this server (RUNPOD_TEMPLATE_ID is empty)",
             )
-        pools = (
-            costs.gpu_pools(model_params_b, quantization)
-            if model_params_b > 0
-            else list(settings.RUNPOD_DEFAULT_GPU_POOLS)
-        )
         return {
             "name": settings.RUNPOD_ENDPOINT_NAME,
             "type": "QUEUE",
             "templateId": settings.RUNPOD_TEMPLATE_ID,
-            "gpu": {"pools": pools, "count": 1},
+            "env": {TEMPLATE_MARKER: settings.RUNPOD_TEMPLATE_ID},
+            "gpu": {"pools": self._pools(model_params_b, quantization), "count": 1},
             "workers": {"min": 0, "max": settings.RUNPOD_WORKERS_MAX,
                         "idleTimeout": settings.RUNPOD_IDLE_TIMEOUT_S},
             "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4},

@@ -6,15 +6,27 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 
+import cost_model
 import grpc
 import pytest
+from compute_runpod.config import Settings
 from compute_runpod.provider import NO_GPU, WAITING_FOR_GPU
+from compute_runpod.server import start_server
 from gpu_core.schemas import ExperimentResult
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from influence.v1 import common_pb2, compute_pb2
+from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from prometheus_client import REGISTRY
 from runpod_testkit import SMALL_SPEC, Stack, new_key, spec_bytes
+
+PRICES = cost_model.price_table("runpod")
+
+
+def new_key_with(stack: Stack, balance: float) -> str:
+    key = new_key()
+    stack.fake.add_key(key, balance=balance)
+    return key
 
 HOSTED = common_pb2.Account(user_id="operator-tier-user", hosted=True)
 
@@ -156,14 +168,45 @@ async def test_endpoint_recreated_after_deletion(stack: Stack) -> None:
     assert [c.status for c in stack.fake.calls("serverless.get")] == [404]
 
 
-async def test_large_model_gets_a_larger_pool(stack: Stack) -> None:
+async def test_every_fitting_pool_cheapest_first(stack: Stack) -> None:
     await stack.store_key("u-big", stack.user_key)
     answer = await stack.stub.PrepareAccount(compute_pb2.PrepareAccountRequest(
         account=user("u-big"), model_params_b=70.0, quantization="none"
     ))
     (endpoint,) = [e for e in stack.fake.endpoints() if e["id"] == answer.endpoint_id]
-    assert endpoint["gpu"]["pools"] != ["AMPERE_16"]
-    assert endpoint["gpu"]["pools"][0] in {"AMPERE_80", "ADA_80_PRO", "HOPPER_141", "BLACKWELL_180"}
+    assert endpoint["gpu"]["pools"] == ["HOPPER_141", "BLACKWELL_180"]
+    await stack.store_key("u-small", new_key_with(stack, 50.0))
+    small = await stack.stub.PrepareAccount(compute_pb2.PrepareAccountRequest(
+        account=user("u-small"), model_params_b=7.0, quantization="none"
+    ))
+    (endpoint,) = [e for e in stack.fake.endpoints() if e["id"] == small.endpoint_id]
+    pools = endpoint["gpu"]["pools"]
+    assert len(pools) > 2 and "AMPERE_16" not in pools
+    prices = [PRICES.gpus[pool].usd_per_second for pool in pools]
+    assert prices == sorted(prices)
+
+
+async def test_a_new_template_reaches_the_existing_endpoint(
+    stack: Stack, make_settings: Callable[..., Settings]
+) -> None:
+    await stack.store_key("u-tpl", stack.user_key)
+    first = await stack.stub.PrepareAccount(compute_pb2.PrepareAccountRequest(account=user("u-tpl")))
+    stack.fake.add_template("influence-template-v2", image="influence/worker:2.0", env={"A": "1"})
+    upgraded = await start_server(make_settings(RUNPOD_TEMPLATE_ID="influence-template-v2"))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{upgraded.port}") as channel:
+            stub = compute_pb2_grpc.ComputeProviderStub(channel)
+            request = compute_pb2.PrepareAccountRequest(account=user("u-tpl", first.endpoint_id))
+            again = await stub.PrepareAccount(request)
+            assert (again.endpoint_id, again.created) == (first.endpoint_id, False)
+            (endpoint,) = [e for e in stack.fake.endpoints() if e["id"] == first.endpoint_id]
+            assert endpoint["image"] == "influence/worker:2.0"
+            assert endpoint["env"] == {"A": "1", "INFLUENCE_TEMPLATE_ID": "influence-template-v2"}
+            await stub.PrepareAccount(request)  # already on it: nothing more to change
+    finally:
+        await upgraded.stop()
+    assert [c.status for c in stack.fake.calls("serverless.update")] == [200]
+    assert len(stack.fake.calls("serverless.create")) == 1
 
 
 # ---- jobs ----------------------------------------------------------------------------------
