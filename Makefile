@@ -69,7 +69,7 @@ bench-counterfactual: setup ## retrain without each method's top-1 on planted du
 bench-cancel: setup ## cancel latency per stage and influence method on the tiny model (target < 5 s)
 	$(PY) -m gpu_core.bench_cancel
 
-modal-deploy: setup ## deploy the Modal app (needs MODAL_TOKEN_ID/SECRET; MODAL_GPU picks the GPU)
+modal-deploy: setup ## deploy the Modal app (needs MODAL_TOKEN_ID/SECRET; MODAL_GPU picks the GPU, MODAL_HF_SECRET names an HF token secret)
 	$(VENV)/bin/modal deploy services/compute-modal/worker/modal_app.py
 
 clean: ## remove the venv, embedded database and caches

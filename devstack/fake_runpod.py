@@ -18,8 +18,9 @@ posted.
 What the fake keeps from RunPod's servers: Bearer auth (401 unknown key; 403 for a restricted key
 on GraphQL and endpoint management), API-create defaults, the Endpoint object without
 ``templateId``, PATCH as a partial update whose container changes (image, env, args) roll out as
-workers cycle, templates (``GET /v2/templates/{id}``), queueing (``IN_QUEUE`` until a worker takes the job), ``/stream`` draining (each
-poll returns only new chunks, long-polling briefly when empty) with chunks over 1 MB split,
+workers cycle, templates (``GET /v2/templates/{id}``), queueing (``IN_QUEUE`` until a worker
+takes the job), ``/stream`` draining (each poll returns only new chunks, long-polling briefly
+when empty) with chunks over 1 MB split,
 results kept ``retention_s`` after completion then 404, ``policy.ttl`` and
 ``policy.executionTimeout`` (``TIMED_OUT``, and the worker is told to stop the job), cancel
 (``CANCELLED``; a running job gets a stop signal), the job API's rate limits per key, endpoint

@@ -59,6 +59,9 @@ class ModalSdkAdapter:
         self._function_name = function_name
         self._progress_dict = progress_dict
         self._client: modal.Client | None = None
+        # Each new handle hydrates with its own lookup: one of each per process.
+        self._function_handle: modal.Function | None = None
+        self._dict_handle: modal.Dict | None = None
 
     def _get_client(self) -> modal.Client:
         if self._client is None:
@@ -74,20 +77,24 @@ class ModalSdkAdapter:
         return self._client
 
     def _function(self) -> modal.Function:
-        return modal.Function.from_name(
-            self._app_name,
-            self._function_name,
-            environment_name=self._environment,
-            client=self._get_client(),
-        )
+        if self._function_handle is None:
+            self._function_handle = modal.Function.from_name(
+                self._app_name,
+                self._function_name,
+                environment_name=self._environment,
+                client=self._get_client(),
+            )
+        return self._function_handle
 
     def _dict(self) -> modal.Dict:
-        return modal.Dict.from_name(
-            self._progress_dict,
-            environment_name=self._environment,
-            create_if_missing=True,
-            client=self._get_client(),
-        )
+        if self._dict_handle is None:
+            self._dict_handle = modal.Dict.from_name(
+                self._progress_dict,
+                environment_name=self._environment,
+                create_if_missing=True,
+                client=self._get_client(),
+            )
+        return self._dict_handle
 
     async def check(self) -> None:
         await self._function().hydrate.aio()

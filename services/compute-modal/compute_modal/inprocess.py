@@ -6,7 +6,8 @@ It reproduces what compute-modal relies on (shared/reference/modal.md): ``spawn`
 ``fc-`` id at once; ``get`` raises the builtin ``TimeoutError`` while the call is queued or
 running, returns the (serialised and restored) value when done, re-raises the function's own
 exception (``ExecutionError`` if it cannot be serialised), raises ``OutputExpiredError`` for an
-unknown id or ``result_retention_s`` after completion, and ``RemoteError`` after ``cancel``.
+unknown id, ``result_retention_s`` after completion, or a call cancelled before it started (no
+outputs and no unfinished inputs), and ``RemoteError`` after ``cancel`` of a running call.
 Cancelling a running call raises ``InputCancellation`` (a BaseException) inside the body
 asynchronously, as Modal's SIGUSR1 handler does in a container.
 """
@@ -47,6 +48,10 @@ def load_worker_app() -> ModuleType:
         sys.modules[_MODULE_NAME] = module
         spec.loader.exec_module(module)
     return module
+
+
+class _CancelledBeforeStart(Exception):
+    pass
 
 
 @dataclass
@@ -107,7 +112,7 @@ class InProcessModal:
                 self._gate.wait()
             with self._lock:
                 if call.cancelled:
-                    raise modal.exception.InputCancellation()
+                    raise _CancelledBeforeStart
                 call.in_body = True
             value = self._body(*arguments, self.progress)
             output: tuple[str, Any] = ("ok", value)
@@ -115,6 +120,8 @@ class InProcessModal:
                 # From here on cancel() injects nothing; drop an injection not yet delivered.
                 call.in_body = False
                 _set_async_exception(threading.get_ident(), None)
+        except _CancelledBeforeStart:
+            output = ("expired", None)
         except modal.exception.InputCancellation:
             output = ("error", modal.exception.RemoteError("Function call was cancelled"))
         except BaseException as exc:  # noqa: BLE001 - a container reports every failure as output
@@ -140,6 +147,8 @@ class InProcessModal:
         if self._clock() - call.finished_at > self._retention_s:
             raise modal.exception.OutputExpiredError(f"the output of {call_id} has expired")
         kind, value = pickle.loads(call.output)
+        if kind == "expired":
+            raise modal.exception.OutputExpiredError(f"{call_id} has no outputs and no unfinished inputs")
         if kind == "error":
             raise value
         return value

@@ -168,10 +168,10 @@ class ModalProvider:
         if not call_id or not job_id:
             raise InvalidRequest("provider_job_id and job_id are both required")
         with self._modal_errors():
-            # Poll first: once the call has ended, the progress entry read next is complete.
-            state, error = await self._poll(call_id, job_id)
+            cancelled = bool(await self._adapter.read_progress(job_id + _CANCEL_SUFFIX))
+            # Poll before reading progress: once the call has ended, the entry read next is complete.
+            state, error = await self._poll(call_id, cancelled)
             entry = await self._adapter.read_progress(job_id) or {}
-            cancelled = await self._adapter.read_progress(job_id + _CANCEL_SUFFIX)
         if cancelled and state is not State.COMPLETED:
             state, error = State.CANCELLED, ""
         items = [
@@ -187,12 +187,14 @@ class ModalProvider:
             await self._forget(job_id)
         return JobStatus(state, items, new_cursor, error, stage_message)
 
-    async def _poll(self, call_id: str, job_id: str) -> tuple[State, str]:
+    async def _poll(self, call_id: str, cancelled: bool) -> tuple[State, str]:
         try:
-            await self._adapter.get(call_id)
+            outcome = await self._adapter.get(call_id)
         except TimeoutError:  # the builtin: still queued or running
             return State.RUNNING, ""
         except modal.exception.OutputExpiredError:
+            if cancelled:  # cancelled before it started: no output and no unfinished input
+                return State.CANCELLED, ""
             raise ResultGone(_gone(call_id)) from None
         except (
             ModalNotConfigured,
@@ -203,8 +205,10 @@ class ModalProvider:
             raise
         except modal.exception.RemoteError as exc:
             return State.FAILED, f"Modal terminated the job: {exc}"
-        except Exception as exc:  # noqa: BLE001 - the job's own exception, re-raised by Modal
+        except Exception as exc:  # noqa: BLE001 - an exception re-raised by Modal
             return State.FAILED, _failure(exc)
+        if _outcome_error(outcome):
+            return State.FAILED, _outcome_error(outcome)
         return State.COMPLETED, ""
 
     async def _forget(self, job_id: str) -> None:
@@ -229,9 +233,13 @@ class ModalProvider:
                 raise
             except modal.exception.RemoteError as exc:
                 raise ResultNotReady(f"the job has no result: Modal terminated it ({exc})") from None
-            except Exception as exc:  # noqa: BLE001 - the job's own exception
+            except Exception as exc:  # noqa: BLE001 - an exception re-raised by Modal
                 raise ResultNotReady(f"the job has no result: {_failure(exc)}") from None
-        return json.dumps(value).encode()
+        if _outcome_error(value):
+            raise ResultNotReady(f"the job has no result: {_outcome_error(value)}")
+        if not isinstance(value, dict) or not isinstance(value.get("result"), dict):
+            raise ResultNotReady("the Modal function returned no result (is the deployed app current?)")
+        return json.dumps(value["result"]).encode()
 
     async def cancel(self, call_id: str, job_id: str) -> State:
         if not call_id:
@@ -261,6 +269,13 @@ def _parse_cursor(cursor: str) -> int:
     if not cursor.isdigit():
         raise InvalidRequest(f"cursor {cursor!r} is not one this service issued")
     return int(cursor)
+
+
+def _outcome_error(outcome: Any) -> str:
+    """The plain message of a failed run (worker/modal_app.py returns failures, not raises)."""
+    if isinstance(outcome, dict) and isinstance(outcome.get("error"), str):
+        return outcome["error"] or "the experiment failed without a message"
+    return ""
 
 
 def _gone(call_id: str) -> str:

@@ -50,7 +50,7 @@ def test_app_function_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert options["timeout"] == 7200
     volume = options["volumes"][module.HF_CACHE_DIR]
     assert isinstance(volume, modal.Volume) and module.HF_CACHE_DIR.endswith("/.cache/huggingface")
-    assert [type(s) for s in options["secrets"]] == [modal.Secret]
+    assert options["secrets"] == []  # deploys on a fresh workspace: no secret to create first
     # The decorated function carries the same GPU and volume.
     function_spec = module.run_experiment_job._spec_
     assert function_spec.gpus == "A100-80GB"
@@ -59,6 +59,34 @@ def test_app_function_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "torch==2.13.0" in packages and "peft==0.21.2" in packages and "bitsandbytes==0.50.2" in packages
     assert (("kronfluence==1.0.1",), {"extra_options": "--no-deps"}) in seen["pip"]
     assert seen["sources"] == ["gpu_core"]
+
+
+def test_app_loads_and_would_deploy_with_no_secrets_defined(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the real modal package and no credentials: no function of the app needs a secret,
+    and importing it looks none up (``modal deploy`` resolves every named secret)."""
+    monkeypatch.delenv("MODAL_HF_SECRET", raising=False)
+    for name in ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    looked_up: list[str] = []
+    real_from_name = modal.Secret.from_name
+
+    def from_name(name: str, *args: Any, **kwargs: Any) -> modal.Secret:
+        looked_up.append(name)
+        return real_from_name(name, *args, **kwargs)
+
+    monkeypatch.setattr(modal.Secret, "from_name", from_name)
+    module, _ = load_recording(monkeypatch, "modal_app_no_secrets")
+    functions = [v for v in vars(module).values() if isinstance(v, modal.Function)]
+    assert functions and all(f._spec_.secrets == [] for f in functions)
+    assert looked_up == []
+
+
+def test_hf_token_secret_only_when_the_operator_names_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODAL_HF_SECRET", "my-hf-token")
+    module, seen = load_recording(monkeypatch, "modal_app_hf_secret")
+    (secret,) = seen["function"]["secrets"]
+    assert isinstance(secret, modal.Secret) and len(module.run_experiment_job._spec_.secrets) == 1
+    assert "my-hf-token" in repr(secret)
 
 
 def test_gpu_comes_from_the_deploy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -86,7 +114,7 @@ def test_progress_writer_keeps_the_last_events_and_a_counter() -> None:
 
 def test_the_function_body_runs_a_counterfactual_check_by_its_kind() -> None:
     from compute_modal.inprocess import load_worker_app
-    from gpu_core.jobs import COUNTERFACTUAL, JobInputError, make_payload
+    from gpu_core.jobs import COUNTERFACTUAL, make_payload
     from gpu_core.planted import planted_duplicate_spec, stand_in_result
     from gpu_core.schemas import parse_spec
 
@@ -94,12 +122,43 @@ def test_the_function_body_runs_a_counterfactual_check_by_its_kind() -> None:
     spec = parse_spec(planted_duplicate_spec("tracin", 6, 2, epochs=2)).model_dump(mode="json")
     payload = make_payload(COUNTERFACTUAL, spec, {"k": 1, "controls": 1}, stand_in_result(spec))
     store: dict[str, Any] = {}
-    result = app.run_job("job-cf", payload, store)
+    result = app.run_job("job-cf", payload, store)["result"]
     assert result["removed_ids"] == ["t0", "t3"] and len(result["control_removed_ids"]) == 1
     entry = store["job-cf"]
     assert entry["state"] == "completed"
     assert {item["event"].get("stage") for item in entry["events"][1:]} == {"counterfactual"}
 
-    with pytest.raises(JobInputError, match="k: Input should be greater than or equal to 1"):
-        app.run_job("job-bad", {**payload, "request": {"k": 0}}, store)
+    # A request that does not fit is the job's plain error (a return value, not a raise).
+    outcome = app.run_job("job-bad", {**payload, "request": {"k": 0}}, store)
+    assert "k: Input should be greater than or equal to 1" in outcome["error"]
     assert store["job-bad"]["state"] == "failed" and "k: Input" in store["job-bad"]["error"]
+
+
+def test_a_rerun_in_a_new_container_continues_the_counter() -> None:
+    """Modal reruns a preempted input: the new container's events come after the old ones."""
+    from compute_modal.inprocess import load_worker_app
+
+    app = load_worker_app()
+    store: dict[str, Any] = {}
+    first = app.ProgressWriter(store, "job-1")
+    for step in range(3):
+        first.add({"type": "progress", "step": step})
+    rerun = app.ProgressWriter(store, "job-1")
+    rerun.add({"type": "status", "message": "GPU container started"})
+    assert store["job-1"]["seq"] == 4
+    assert [item["seq"] for item in store["job-1"]["events"]] == [1, 2, 3, 4]
+
+
+def test_sdk_handles_are_built_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every new Function/Dict handle hydrates with its own lookup RPC: build each once."""
+    from compute_modal.adapter import ModalSdkAdapter
+    from pydantic import SecretStr
+
+    built: list[str] = []
+    monkeypatch.setattr(modal.Function, "from_name", lambda *a, **k: built.append("function") or object())
+    monkeypatch.setattr(modal.Dict, "from_name", lambda *a, **k: built.append("dict") or object())
+    adapter = ModalSdkAdapter(SecretStr("ak-x"), SecretStr("as-x"), "main", "app", "fn", "progress")
+    adapter._client = object()  # type: ignore[assignment] - no connection in this test
+    assert adapter._function() is adapter._function()
+    assert adapter._dict() is adapter._dict()
+    assert built == ["function", "dict"]

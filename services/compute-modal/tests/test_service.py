@@ -121,6 +121,9 @@ async def test_remote_failure_then_expired_result(harness: Any, make_spec: Spec)
     failed = await status(harness, call_id, "job-fail")
     assert failed.state == common_pb2.JOB_STATE_FAILED
     assert "QuantizationUnavailableError" in failed.error and "4bit" in failed.error
+    # It crossed as plain words: compute-modal has no torch to rebuild a pickled exception with.
+    outcome = await harness.adapter.get(call_id)
+    assert set(outcome) == {"error"} and outcome["error"] == failed.error
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await harness.stub.GetResult(compute_pb2.GetResultRequest(provider_job_id=call_id))
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION

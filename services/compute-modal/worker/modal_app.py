@@ -1,16 +1,23 @@
 """The Modal app that runs experiments on Modal GPUs under the operator's account.
 
 Deploy with ``make modal-deploy`` (``modal deploy services/compute-modal/worker/modal_app.py``);
-``MODAL_GPU`` at deploy time picks the GPU (default ``A100-80GB``). compute-modal spawns
+it needs no secret. At deploy time ``MODAL_GPU`` picks the GPU (default ``A100-80GB``) and
+``MODAL_HF_SECRET`` names a Modal secret holding ``HF_TOKEN`` for gated Hugging Face models (none
+by default: a secret that does not exist would fail the deploy). compute-modal spawns
 ``run_experiment_job`` by name, keeps the returned ``FunctionCall`` id as the provider job id,
-reads progress from the ``influence-progress`` Dict under the job id, and reads the result with
+reads progress from the ``influence-progress`` Dict under the job id, and reads the outcome with
 ``FunctionCall.get``.
+
+Outcome (the function's return value): ``{"result": <ExperimentResult>}`` or ``{"error": "<plain
+message>"}``. A failure is returned as a message, not raised: Modal would pickle the exception,
+and classes from torch or transformers cannot be rebuilt in compute-modal, which has neither.
 
 Progress entry (``PROGRESS_DICT[job_id]``): ``{"seq": events written so far, "events": the last
 MAX_EVENTS_KEPT events, each {"seq", "time", "event"}, "state": "running" | "completed" |
-"failed" | "cancelled", "error": str}``. The result itself is the function's return value, not
-an event. compute-modal removes the entry once it has read the end of the job; Modal expires an
-entry after 7 days without access.
+"failed" | "cancelled", "error": str}``. When Modal reruns the input (after a preemption) the new
+container continues the counter, so the rerun's events follow the first run's. compute-modal
+removes the entry once it has read the end of the job; Modal expires an entry after 7 days
+without access.
 """
 
 from __future__ import annotations
@@ -26,13 +33,13 @@ APP_NAME = "influence-dashboard"
 FUNCTION_NAME = "run_experiment_job"
 PROGRESS_DICT = "influence-progress"
 HF_CACHE_VOLUME = "influence-hf-cache"
-HF_SECRET = "huggingface-secret"
 HF_CACHE_DIR = "/root/.cache/huggingface"
 DEFAULT_GPU = "A100-80GB"
 TIMEOUT_S = 7200
 MAX_EVENTS_KEPT = 200
 
 GPU = os.environ.get("MODAL_GPU", DEFAULT_GPU)
+HF_SECRET = os.environ.get("MODAL_HF_SECRET", "")
 
 # The pinned GPU stack (the versions the dev venv tests with); PyPI's Linux torch wheel bundles
 # CUDA. kronfluence goes in without its dependencies: it declares torchvision, never imports it.
@@ -71,7 +78,13 @@ class ProgressWriter:
         self._store = store
         self._job_id = job_id
         self._keep = keep
-        self._entry: dict[str, Any] = {"seq": 0, "events": [], "state": "running", "error": ""}
+        earlier = store.get(job_id)  # a rerun of the same input continues the counter
+        self._entry: dict[str, Any] = {
+            "seq": int(earlier["seq"]) if isinstance(earlier, dict) else 0,
+            "events": list(earlier["events"]) if isinstance(earlier, dict) else [],
+            "state": "running",
+            "error": "",
+        }
 
     def add(self, event: dict[str, Any]) -> None:
         self._entry["seq"] += 1
@@ -91,10 +104,11 @@ class ProgressWriter:
 
 def run_job(job_id: str, spec: dict[str, Any], store: MutableMapping[str, Any]) -> dict[str, Any]:
     """The function body: run the job, report every event to ``store[job_id]``, return the
-    result. ``spec`` is the gpu_core.jobs payload: an experiment's spec, or a later job of one
-    (e.g. a counterfactual check) that ``job_events`` dispatches on its kind. A cancellation
-    (``InputCancellation``, a BaseException) closes the pipeline's generator, which stops the
-    work and frees the GPU, and propagates unchanged."""
+    outcome (see the module docstring). ``spec`` is the gpu_core.jobs payload: an experiment's
+    spec, or a later job of one (e.g. a counterfactual check) that ``job_events`` dispatches on
+    its kind. A cancellation (``InputCancellation``, a BaseException raised in this thread) closes
+    the pipeline's generator, which stops the work within one batch and frees the GPU, and
+    propagates unchanged."""
 
     writer = ProgressWriter(store, job_id)
     writer.add(
@@ -107,18 +121,19 @@ def run_job(job_id: str, spec: dict[str, Any], store: MutableMapping[str, Any]) 
         for event in events:
             if event.get("type") == "result":
                 writer.finish("completed")
-                return event["result"]
+                return {"result": event["result"]}
             writer.add(event)
-        raise RuntimeError("the experiment ended without a result")
+        message = "the experiment ended without a result"
     except modal.exception.InputCancellation:
         writer.finish("cancelled", "cancelled")
         raise
-    except Exception as exc:
-        writer.finish("failed", f"{type(exc).__name__}: {exc}")
-        raise
+    except Exception as exc:  # noqa: BLE001 - returned as plain words, not as a pickled exception
+        message = f"{type(exc).__name__}: {exc}"
     finally:
         if events is not None:
             events.close()
+    writer.finish("failed", message)
+    return {"error": message}
 
 
 def job_events(payload: dict[str, Any]) -> Any:
@@ -133,7 +148,7 @@ def job_events(payload: dict[str, Any]) -> Any:
     gpu=GPU,
     timeout=TIMEOUT_S,
     volumes={HF_CACHE_DIR: hf_cache},
-    secrets=[modal.Secret.from_name(HF_SECRET, required_keys=["HF_TOKEN"])],
+    secrets=[modal.Secret.from_name(HF_SECRET, required_keys=["HF_TOKEN"])] if HF_SECRET else [],
 )
 def run_experiment_job(job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
     try:
