@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from devstack.client import GatewayClient, summarise_result
-from devstack.stack import REPO_ROOT, Stack
+from devstack.stack import REPO_ROOT, SimulatedRunPod, Stack
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,6 +22,9 @@ def run(args: argparse.Namespace) -> int:
         extra_env["HOSTED_PROVIDER"] = os.environ["HOSTED_PROVIDER"]
     if extra_env.get("HOSTED_PROVIDER") == "modal" or os.environ.get("MODAL_TOKEN_ID"):
         services.insert(3, "compute-modal")
+    simulated = SimulatedRunPod.start() if os.environ.get("DEVSTACK_FAKE_RUNPOD") == "1" else None
+    if simulated is not None:
+        extra_env.update(simulated.stack_env())
     stack = Stack(
         data_dir=Path(args.data_dir).resolve(), fixed_ports=True, extra_env=extra_env,
         services=tuple(services),
@@ -48,6 +51,12 @@ def run(args: argparse.Namespace) -> int:
             f"  stop with Ctrl-C\n",
             flush=True,
         )
+        if simulated is not None:
+            print(
+                f"  RunPod is SIMULATED (DEVSTACK_FAKE_RUNPOD=1, fake at {simulated.fake.url}):\n"
+                f"  Settings -> Compute -> Bring your own GPU, test key: {simulated.test_key}\n",
+                flush=True,
+            )
         while not stop:
             for name, service in stack.running.items():
                 if service.process.poll() is not None:
@@ -57,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         stack.stop()
+        if simulated is not None:
+            simulated.stop()
 
 
 def demo(args: argparse.Namespace) -> int:

@@ -271,6 +271,28 @@ class Stack:
 
 
 @dataclass
+class SimulatedRunPod:
+    """``DEVSTACK_FAKE_RUNPOD=1 make run``: the fake RunPod beside the stack with one funded test
+    key, so "Bring your own GPU" can be tried end to end without a RunPod account."""
+
+    fake: FakeRunPodProcess
+    test_key: str
+
+    @classmethod
+    def start(cls, balance_usd: float = 25.0) -> SimulatedRunPod:
+        fake = FakeRunPodProcess.start()
+        test_key = f"rpa_SIMULATED_{secrets.token_hex(12).upper()}"
+        fake.control("POST", "keys", key=test_key, balance=balance_usd)
+        return cls(fake, test_key)
+
+    def stack_env(self) -> dict[str, str]:
+        return {**self.fake.settings_env(), "GATEWAY_RUNPOD_SIMULATED": "true"}
+
+    def stop(self) -> None:
+        self.fake.stop()
+
+
+@dataclass
 class FakeRunPodProcess:
     """``python -m devstack.fake_runpod`` as a separate process, controlled over ``/_fake/``."""
 

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
 
     gateway_rpc_timeout_s: float = Field(default=30.0, gt=0)
     gateway_sse_heartbeat_s: float = Field(default=15.0, gt=0)
+    # The RunPod behind compute-runpod is devstack's fake (DEVSTACK_FAKE_RUNPOD=1 make run).
+    gateway_runpod_simulated: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("log_level", mode="before")

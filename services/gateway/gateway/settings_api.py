@@ -14,7 +14,7 @@ from fastapi import APIRouter
 from influence.v1 import keyvault_pb2, scheduler_pb2
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from gateway.deps import Clients, CurrentUser, Trace
+from gateway.deps import Clients, CurrentUser, State, Trace
 from gateway.upstream import ApiError, Upstreams, keyvault_errors, scheduler_errors
 from gateway.views import compute_settings_view, key_info_view
 
@@ -151,10 +151,15 @@ def _rejection_status(message: str) -> int:
 
 
 @router.get("/runpod-key", summary="Whether a RunPod key is stored, and the endpoint's state")
-async def get_runpod_key(user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
+async def get_runpod_key(
+    user: CurrentUser, clients: Clients, trace: Trace, state: State
+) -> dict[str, Any]:
     settings = await _compute_settings(clients, user, trace)
     info = await _stored_key(clients, user, trace)
-    return {**compute_settings_view(settings), **key_info_view(info)}
+    return {
+        **compute_settings_view(settings), **key_info_view(info),
+        "runpod_simulated": state.settings.gateway_runpod_simulated,
+    }
 
 
 @router.delete("/runpod-key", summary="Remove the RunPod key and return to the hosted backend")

@@ -47,6 +47,10 @@ export async function renderSettings(view) {
     keyMessage);
 
   const runpodPanel = el("div", { id: "runpod-panel", class: "panel" },
+    info.runpod_simulated ? el("p", { id: "runpod-simulated", class: "notice", role: "note" },
+      el("strong", {}, "This RunPod is simulated. "),
+      "The dashboard talks to devstack's fake RunPod (DEVSTACK_FAKE_RUNPOD=1): no real GPU, no real money; " +
+      "jobs run on this machine under RunPod's own worker code. Use the test key that make run printed.") : null,
     el("p", { id: "key-notice", class: "notice" },
       el("strong", {}, "Your RunPod API key gives full access to your RunPod account. "),
       "The dashboard uses it only to create one serverless endpoint on your account and to submit your experiments to it; nothing else. It is stored encrypted and never shown again in full."),
