@@ -66,8 +66,9 @@ gpu-check: setup ## one prepared run on a CUDA GPU (1B-sized model, bf16 and 4-b
 bench-counterfactual: setup ## retrain without each method's top-1 on planted duplicates; LDS
 	$(PY) benchmarks/counterfactual_check.py
 
-bench-cancel: setup ## cancel latency per stage and influence method on the tiny model (target < 5 s)
+bench-cancel: setup ## cancel latency per stage and method on the tiny model, in gpu_core and through the RunPod SDK loop (target < 5 s)
 	$(PY) -m gpu_core.bench_cancel
+	$(PY) -m devstack.bench_runpod_cancel
 
 modal-deploy: setup ## deploy the Modal app (needs MODAL_TOKEN_ID/SECRET; MODAL_GPU picks the GPU, MODAL_HF_SECRET names an HF token secret)
 	$(VENV)/bin/modal deploy services/compute-modal/worker/modal_app.py

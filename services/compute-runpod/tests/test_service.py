@@ -335,6 +335,32 @@ async def test_rate_limit_storm_then_one_submission_and_cancel(stack: Stack) -> 
     assert status.state == common_pb2.JOB_STATE_CANCELLED
 
 
+async def test_cancel_stops_the_gpu_work_mid_training(stack: Stack) -> None:
+    """/cancel -> the SDK's stop channel -> the handler is cancelled between yields -> gpu_core
+    stops at its next batch; the SDK logs "Job stopped." only after the handler has returned,
+    which it does once the experiment thread has ended."""
+    submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
+        job_id="job-stop", account=HOSTED,
+        spec_json=spec_bytes(hyperparams={**SMALL_SPEC["hyperparams"], "epochs": 100}),
+    ))
+    job_id, cursor = submitted.provider_job_id, ""
+    async with asyncio.timeout(180):
+        while True:
+            answer = await stack.stub.GetStatus(compute_pb2.GetStatusRequest(
+                provider_job_id=job_id, account=HOSTED, cursor=cursor,
+            ))
+            cursor = answer.cursor
+            if any(e.stage == "training" and json.loads(e.event_json).get("step") for e in answer.events):
+                break
+    await stack.stub.Cancel(compute_pb2.CancelRequest(provider_job_id=job_id, account=HOSTED))
+    async with asyncio.timeout(60):
+        while "Job stopped." not in stack.fake.worker_log(stack.hosted_endpoint):
+            await asyncio.sleep(0.2)
+    assert [c.status for c in stack.fake.calls("worker.stop") if c.status == 200] == [200]
+    assert stack.fake.calls("worker.done") == []  # nothing posted for a stopped job
+    assert stack.fake.job(job_id).status == "CANCELLED"
+
+
 async def test_rate_limit_that_does_not_end_is_resource_exhausted(stack: Stack) -> None:
     stack.fake.fail_next("job.run", 429, times=10, retry_after=0)
     error = await rpc_error(stack.stub.Submit(compute_pb2.SubmitRequest(
