@@ -10,8 +10,8 @@ import pytest
 
 from devstack.stack import SimulatedRunPod, Stack
 
-from .support import Screenshots, page_api_client, sample_spec, sign_in
-from .test_dashboard import wait_until_finished
+from .support import Screenshots, sign_in
+from .test_dashboard import runpod_job_completes
 
 pytestmark = pytest.mark.browser
 
@@ -55,12 +55,7 @@ def test_byok_end_to_end_on_the_simulated_runpod(
     assert "balance $25.00" in page.locator("#key-saved").inner_text()
     assert simulated.test_key not in page.content()
 
-    client = page_api_client(page, stack.gateway_url)
-    job_id = client.submit(sample_spec(n_train=4, n_eval=2, epochs=1))["job_id"]
-    assert client.job(job_id)["backend"] == "runpod"
-    page.goto(f"/#/jobs/{job_id}")
-    wait_until_finished(page)
-    assert page.locator("#job-status").inner_text() == "completed"
+    runpod_job_completes(page, stack.gateway_url)
     shots.take("simulated-runpod-job-completed")
     # It ran on the fake's worker, under the runpod SDK's own loop.
     takes = [r for r in simulated.fake.requests("worker.take") if r["status"] == 200]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from devstack.client import GatewayClient
 from devstack.stack import REPO_ROOT, Stack
 
 from .support import (
@@ -37,6 +38,17 @@ def wait_until_finished(page) -> None:
         ".includes(document.querySelector('#job-status')?.textContent)",
         timeout=JOB_TIMEOUT_MS,
     )
+
+
+def runpod_job_completes(page, gateway_url: str) -> GatewayClient:
+    """A small experiment of the signed-in user runs on RunPod and its page shows it completed."""
+    client = page_api_client(page, gateway_url)
+    job_id = client.submit(sample_spec(n_train=4, n_eval=2, epochs=1))["job_id"]
+    assert client.job(job_id)["backend"] == "runpod"
+    page.goto(f"/#/jobs/{job_id}")
+    wait_until_finished(page)
+    assert page.locator("#job-status").inner_text() == "completed"
+    return client
 
 
 def test_experiment_from_upload_to_results_and_csv(page, stack: Stack, shots: Screenshots) -> None:
@@ -227,12 +239,7 @@ def test_bring_your_own_runpod_key(page, stack: Stack, shots: Screenshots) -> No
     shots.take("settings-key-saved")
 
     # The endpoint is created on the first experiment; then the status reads ready.
-    client = page_api_client(page, stack.gateway_url)
-    job_id = client.submit(sample_spec(n_train=4, n_eval=2, epochs=1))["job_id"]
-    assert client.job(job_id)["backend"] == "runpod"
-    page.goto(f"/#/jobs/{job_id}")
-    wait_until_finished(page)
-    assert page.locator("#job-status").inner_text() == "completed"
+    client = runpod_job_completes(page, stack.gateway_url)
     shots.take("runpod-job-completed")
     page.get_by_role("link", name="Settings").click()
     page.locator('#step-ready[data-state="done"]').wait_for()

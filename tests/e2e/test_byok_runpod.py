@@ -72,6 +72,12 @@ def researcher(stack: Stack, name: str) -> RecordingClient:
     return client
 
 
+def funded_key(fake: FakeRunPodProcess, balance: float) -> str:
+    key = new_key()
+    fake.control("POST", "keys", key=key, balance=balance)
+    return key
+
+
 def save_key(client: GatewayClient, key: str):  # noqa: ANN201
     return client.request("POST", "/api/settings/runpod-key", json={"api_key": key})
 
@@ -102,8 +108,7 @@ def test_good_key_first_jobs_create_one_endpoint_and_results_arrive_whole(
     stack: Stack, fake: FakeRunPodProcess
 ) -> None:
     client = researcher(stack, "grace")
-    key = new_key()
-    fake.control("POST", "keys", key=key, balance=50.0)
+    key = funded_key(fake, 50.0)
     reply = save_key(client, key)
     assert reply.status_code == 200, reply.text
     body = reply.json()
@@ -132,8 +137,7 @@ def test_valid_key_is_saved_with_a_note_when_graphql_is_gone(
     stack: Stack, fake: FakeRunPodProcess
 ) -> None:
     client = researcher(stack, "gus")
-    key = new_key()
-    fake.control("POST", "keys", key=key, balance=50.0)
+    key = funded_key(fake, 50.0)
     fake.control("POST", "mode", graphql=False)
     try:
         reply = save_key(client, key)
@@ -149,9 +153,7 @@ def test_valid_key_is_saved_with_a_note_when_graphql_is_gone(
 
 def _runpod_user(stack: Stack, fake: FakeRunPodProcess, name: str, balance: float) -> GatewayClient:
     client = researcher(stack, name)
-    key = new_key()
-    fake.control("POST", "keys", key=key, balance=balance)
-    assert save_key(client, key).status_code == 200
+    assert save_key(client, funded_key(fake, balance)).status_code == 200
     return client
 
 
