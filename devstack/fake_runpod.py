@@ -332,6 +332,7 @@ class FakeRunPod:
             process = subprocess.Popen(
                 [sys.executable, str(self._handler_path)], cwd=self._handler_path.parent,
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         worker = FakeWorker(worker_id, endpoint.config["id"], secret, process, log_path, endpoint.release)
         self._workers[worker_id] = worker
@@ -853,6 +854,16 @@ def _public(config: dict[str, Any]) -> dict[str, Any]:
     """The Endpoint object as REST v2 returns it: the template is resolved at create time and
     not part of it."""
     return {k: v for k, v in config.items() if k != "templateId"}
+
+
+def _die_with_parent() -> None:
+    """In the worker before exec: killed when the fake's process dies, however it dies (the SDK's
+    loop would otherwise retry a vanished server forever)."""
+    if sys.platform == "linux":
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _kill(worker: FakeWorker) -> None:
