@@ -83,6 +83,16 @@ ROUTES = (
     "worker.take", "worker.stream", "worker.done", "worker.stop", "worker.ping",
 )
 WORKER_GPU = "NVIDIA A100 80GB PCIe"
+# Runs the handler script as the worker image does (``python handler.py``), first asking Linux to
+# kill it when the fake's process dies however it dies: the SDK's loop would otherwise retry a
+# vanished server forever. (Not a preexec_fn: forking with threads running is not safe.)
+_WORKER_LAUNCHER = (
+    "import ctypes, runpy, signal, sys\n"
+    "if sys.platform == 'linux':\n"
+    "    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
 
 
 @dataclass
@@ -330,9 +340,9 @@ class FakeRunPod:
         log_path = self._log_dir / f"{worker_id}.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                [sys.executable, str(self._handler_path)], cwd=self._handler_path.parent,
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_die_with_parent,
+                [sys.executable, "-c", _WORKER_LAUNCHER, str(self._handler_path)],
+                cwd=self._handler_path.parent, env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         worker = FakeWorker(worker_id, endpoint.config["id"], secret, process, log_path, endpoint.release)
         self._workers[worker_id] = worker
@@ -854,16 +864,6 @@ def _public(config: dict[str, Any]) -> dict[str, Any]:
     """The Endpoint object as REST v2 returns it: the template is resolved at create time and
     not part of it."""
     return {k: v for k, v in config.items() if k != "templateId"}
-
-
-def _die_with_parent() -> None:
-    """In the worker before exec: killed when the fake's process dies, however it dies (the SDK's
-    loop would otherwise retry a vanished server forever)."""
-    if sys.platform == "linux":
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _kill(worker: FakeWorker) -> None:
