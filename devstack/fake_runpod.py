@@ -84,12 +84,15 @@ ROUTES = (
 )
 WORKER_GPU = "NVIDIA A100 80GB PCIe"
 # Runs the handler script as the worker image does (``python handler.py``), first asking Linux to
-# kill it when the fake's process dies however it dies: the SDK's loop would otherwise retry a
-# vanished server forever. (Not a preexec_fn: forking with threads running is not safe.)
+# kill it when the fake's process dies however it dies, and its forks (the SDK's heartbeat) when
+# it dies: the SDK's loops would otherwise retry a vanished server forever. (Not a preexec_fn:
+# forking with threads running is not safe.)
 _WORKER_LAUNCHER = (
-    "import ctypes, runpy, signal, sys\n"
+    "import ctypes, os, runpy, signal, sys\n"
     "if sys.platform == 'linux':\n"
-    "    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+    "    def die_with_parent(): ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+    "    die_with_parent()\n"
+    "    os.register_at_fork(after_in_child=die_with_parent)\n"
     "sys.argv = sys.argv[1:]\n"
     "runpy.run_path(sys.argv[0], run_name='__main__')\n"
 )
