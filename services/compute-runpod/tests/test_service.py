@@ -90,6 +90,7 @@ async def test_key_valid_while_graphql_is_gone_is_accepted_with_a_balance_note(s
     assert "balance could not be read" in answer.message and "HTTP 410" in answer.message
     assert "execution timeout (2 h)" in answer.message
     assert [c.status for c in stack.fake.calls("serverless.list")] == [200]
+    stack.fake.set_throttled(True)  # what is checked is the submission: no worker needs to start
     # Submitting skips the balance check it cannot make; the execution timeout still applies.
     submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
         job_id="job-nographql", account=HOSTED, spec_json=spec_bytes(),
@@ -315,6 +316,7 @@ async def test_low_balance_is_refused_and_nothing_submitted(stack: Stack) -> Non
 
 
 async def test_rate_limit_storm_then_one_submission_and_cancel(stack: Stack) -> None:
+    stack.fake.set_throttled(True)  # cancelled while queued: no worker needs to start
     stack.fake.fail_next("job.run", 429, times=2, retry_after=0.3)
     started = time.monotonic()
     submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
