@@ -46,6 +46,7 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -310,6 +311,7 @@ class FakeRunPod:
             self._server.should_exit = True
             await self._task
         await asyncio.to_thread(lambda: [w.process.wait() for w in self._workers.values()])
+        shutil.rmtree(self._log_dir, ignore_errors=True)
 
     async def __aenter__(self) -> FakeRunPod:
         return await self.start()
