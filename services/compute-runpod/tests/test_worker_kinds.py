@@ -24,13 +24,18 @@ def worker() -> ModuleType:
     return module
 
 
+async def handle(worker: ModuleType, job: dict) -> list[dict]:
+    """Every chunk the (async generator) handler yields for ``job``, as the SDK collects them."""
+    return [chunk async for chunk in worker.handler(job)]
+
+
 def check_payload(request: dict) -> dict:
     spec = parse_spec(planted_duplicate_spec("tracin", 6, 2, epochs=2)).model_dump(mode="json")
     return make_payload(COUNTERFACTUAL, spec, request, stand_in_result(spec))
 
 
-def test_a_counterfactual_payload_streams_progress_then_its_result(worker: ModuleType) -> None:
-    chunks = list(worker.handler({"id": "job-1", "input": check_payload({"k": 1, "controls": 1})}))
+async def test_a_counterfactual_payload_streams_progress_then_its_result(worker: ModuleType) -> None:
+    chunks = await handle(worker, {"id": "job-1", "input": check_payload({"k": 1, "controls": 1})})
     *progress, last = chunks
     assert progress and {chunk["stage"] for chunk in progress} == {"counterfactual"}
     assert last["type"] == "result"
@@ -47,8 +52,8 @@ def test_a_counterfactual_payload_streams_progress_then_its_result(worker: Modul
         ({**check_payload({}), "spec": {"training_data": []}}, "Invalid experiment spec: "),
     ],
 )
-def test_a_payload_that_does_not_fit_is_the_jobs_error(
+async def test_a_payload_that_does_not_fit_is_the_jobs_error(
     worker: ModuleType, payload: dict, message: str
 ) -> None:
-    chunks = list(worker.handler({"id": "job-2", "input": payload}))
+    chunks = await handle(worker, {"id": "job-2", "input": payload})
     assert len(chunks) == 1 and chunks[0]["error"].startswith(message), chunks
