@@ -12,7 +12,7 @@ PROTO_SRC := $(wildcard protos/influence/v1/*.proto)
 PROTO_OUT := protos/gen
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help setup protos protos-check run demo test lint migrate bench-influence bench-artifacts bench-scale gpu-check bench-cancel clean modal-deploy k8s-validate lint-docker images
+.PHONY: help setup protos protos-check run demo test lint migrate bench-influence bench-artifacts bench-scale gpu-check clean modal-deploy k8s-validate lint-docker images bench-counterfactual bench-cancel
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -62,6 +62,9 @@ bench-scale: setup ## influence at scale: 10k-100k train with a projected index,
 
 gpu-check: setup ## one prepared run on a CUDA GPU (1B-sized model, bf16 and 4-bit, every method); refuses without CUDA
 	$(PY) benchmarks/gpu_check.py
+
+bench-counterfactual: setup ## retrain without each method's top-1 on planted duplicates; LDS
+	$(PY) benchmarks/counterfactual_check.py
 
 bench-cancel: setup ## cancel latency per stage and method on the tiny model, in gpu_core and through the RunPod SDK loop (target < 5 s)
 	$(PY) -m gpu_core.bench_cancel

@@ -1,10 +1,13 @@
-"""``python -m gpu_core run SPEC.json --out RESULT.json [--artifacts DIR] [--train DATA] [--eval DATA]``.
+"""``python -m gpu_core run SPEC.json --out RESULT.json [--artifacts DIR] [--train DATA] [--eval DATA]`` and
+``python -m gpu_core counterfactual SPEC.json RESULT.json --out CHECK.json [options]``.
 
-Shows a progress bar on stderr, writes the result JSON, and with ``--artifacts`` saves the final
-LoRA adapter and TracIn's per-epoch checkpoints. ``--train`` / ``--eval`` replace the spec's
-``training_data`` / ``eval_data`` with a data file (JSONL, CSV, Parquet) or a saved Hugging Face
-dataset directory, in any format gpu_core.formats reads. Exit status: 0 done, 2 bad spec, data
-or arguments, 1 the experiment failed.
+``run`` shows a progress bar on stderr, writes the result JSON, and with ``--artifacts`` saves
+the final LoRA adapter and TracIn's per-epoch checkpoints. ``--train`` / ``--eval`` replace the
+spec's ``training_data`` / ``eval_data`` with a data file (JSONL, CSV, Parquet) or a saved Hugging
+Face dataset directory, in any format gpu_core.formats reads. ``counterfactual`` retrains the
+experiment without its top-k examples (and random controls, and optionally LDS subsets) and
+writes the check's result. Exit status: 0 done, 2 bad spec, data, result or arguments, 1 it
+failed.
 """
 
 from __future__ import annotations
@@ -43,6 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept more examples than the gateway's default limits (a local run at scale)",
     )
+
+    check = commands.add_parser(
+        "counterfactual", help="retrain without the top-k examples; compare with random removals"
+    )
+    check.add_argument("spec", type=Path, help="the experiment's spec JSON")
+    check.add_argument("result", type=Path, help="the experiment's result JSON")
+    check.add_argument("--out", type=Path, required=True, help="where to write the check's result JSON")
+    check.add_argument("--scores", type=Path, default=None, help="its scores.npy (LDS; k past top-k)")
+    check.add_argument("--eval-ids", default=None, help="comma-separated eval ids (default: all)")
+    check.add_argument("--k", type=int, default=10, help="training examples to remove per eval example")
+    check.add_argument("--remove", choices=["helpful", "harmful"], default="helpful")
+    check.add_argument("--controls", type=int, default=2, help="retrainings without k random examples")
+    check.add_argument("--lds-subsets", type=int, default=0, help="subset retrainings for LDS (0: none)")
+    check.add_argument("--lds-fraction", type=float, default=0.5, help="training share per LDS subset")
+    check.add_argument("--seed", type=int, default=0, help="seed of the random controls and subsets")
+    check.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -122,6 +141,60 @@ def _postfix(event: dict) -> str:
     return event.get("message", "")
 
 
+def counterfactual_command(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from gpu_core.schemas import CounterfactualRequest, ExperimentResult
+
+    try:
+        spec = read_spec(args.spec)
+        result = ExperimentResult.model_validate_json(args.result.read_text())
+        request = CounterfactualRequest(
+            eval_ids=args.eval_ids.split(",") if args.eval_ids else None,
+            k=args.k,
+            remove=args.remove,
+            controls=args.controls,
+            lds_subsets=args.lds_subsets,
+            lds_fraction=args.lds_fraction,
+            seed=args.seed,
+        )
+    except OSError as exc:
+        print(f"cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)  # noqa: T201
+        return EXIT_BAD_SPEC
+    except (ValueError, ValidationError) as exc:
+        print(exc, file=sys.stderr)  # noqa: T201
+        return EXIT_BAD_SPEC
+
+    from tqdm import tqdm
+    from transformers.utils import logging as transformers_logging
+
+    from gpu_core.counterfactual import CounterfactualError, load_scores, run_counterfactual
+    from gpu_core.models import ModelLoadError
+
+    transformers_logging.disable_progress_bar()
+    bar_format = "{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}"
+    with tqdm(total=BAR_STEPS, file=sys.stderr, disable=args.quiet, bar_format=bar_format) as bar:
+
+        def report(fraction: float, message: str) -> None:
+            bar.set_description(message)
+            bar.update(round(fraction * BAR_STEPS) - bar.n)
+
+        try:
+            scores = load_scores(args.scores) if args.scores is not None else None
+            check = run_counterfactual(spec, result, request, scores, report)
+        except (CounterfactualError, OSError) as exc:
+            print(exc, file=sys.stderr)  # noqa: T201
+            return EXIT_BAD_SPEC
+        except ModelLoadError as exc:
+            print(exc, file=sys.stderr)  # noqa: T201
+            return EXIT_FAILED
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(check.model_dump_json(indent=2))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "counterfactual":
+        return counterfactual_command(args)
     return run_command(args)

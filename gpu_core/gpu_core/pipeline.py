@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 
 from gpu_core.artifacts import SCORES_NAME, collect_artifacts, write_scores
 from gpu_core.data import Encoder, chat_template_sha256, few_shot_demonstrations, resolve_template
@@ -51,7 +52,6 @@ from gpu_core.schemas import (
     ExperimentResult,
     ExperimentSpec,
     ProgressEvent,
-    ResultEvent,
     TrainingSummary,
 )
 from gpu_core.training import TrainingStep, attach_lora, train_lora
@@ -84,11 +84,24 @@ def run_experiment(
 ) -> Generator[dict[str, Any], None, None]:
     """Run ``spec``; see the module docstring for the events. Raises what the work raised, or
     :class:`ExperimentCancelled` once ``should_stop()`` returned True and the work has stopped."""
+    return run_in_worker(
+        lambda handoff, cancel: _Experiment(spec, artifacts_dir, handoff, cancel, should_stop).run()
+    )
+
+
+# The work of one job: puts ("event", dict) progress into the queue, checks the cancel flag at
+# every report (raising ExperimentCancelled), and returns the job's result.
+Work = Callable[["queue.Queue[tuple[str, Any]]", threading.Event], BaseModel]
+
+
+def run_in_worker(work: Work) -> Generator[dict[str, Any], None, None]:
+    """Run ``work`` in the worker thread: its events, then ``{"type": "result", "result": ...}``.
+    Every job kind (an experiment, a counterfactual check) runs through this."""
     handoff: queue.Queue[tuple[str, Any]] = queue.Queue()
     cancel = threading.Event()
     worker = threading.Thread(
         target=_work,
-        args=(spec, artifacts_dir, handoff, cancel, should_stop),
+        args=(work, handoff, cancel),
         name=WORKER_THREAD_NAME,
         daemon=True,
     )
@@ -109,6 +122,13 @@ def run_experiment(
         worker.join()
 
 
+def experiment_encoder(spec: ExperimentSpec, tokenizer: Any) -> Encoder:
+    """The template and encoding of ``spec``'s examples (retrainings of it use the same)."""
+    conversational = any(example.is_conversation for example in (*spec.training_data, *spec.eval_data))
+    template = resolve_template(spec.template, tokenizer, conversational, spec.model_id)
+    return Encoder(tokenizer, template, spec.hyperparams.max_seq_len)
+
+
 def run_experiment_to_result(spec: ExperimentSpec, artifacts_dir: Path | None = None) -> ExperimentResult:
     """Run to completion and return the result (progress events are dropped)."""
     for event in run_experiment(spec, artifacts_dir):
@@ -117,16 +137,10 @@ def run_experiment_to_result(spec: ExperimentSpec, artifacts_dir: Path | None = 
     raise RuntimeError("the experiment ended without a result")
 
 
-def _work(
-    spec: ExperimentSpec,
-    artifacts_dir: Path | None,
-    handoff: queue.Queue[tuple[str, Any]],
-    cancel: threading.Event,
-    should_stop: StopCheck | None,
-) -> None:
+def _work(work: Work, handoff: queue.Queue[tuple[str, Any]], cancel: threading.Event) -> None:
     try:
-        result = _Experiment(spec, artifacts_dir, handoff, cancel, should_stop).run()
-        handoff.put(("event", ResultEvent(result=result).model_dump()))
+        result = work(handoff, cancel)
+        handoff.put(("event", {"type": "result", "result": result.model_dump()}))
         handoff.put(("done", None))
     except ExperimentCancelled:
         handoff.put(("cancelled", None))
@@ -197,11 +211,8 @@ class _Experiment:
         self.report("loading_model", 1.0, f"loaded {spec.model_id} on {device}")
         self.timed("loading_model", started)
 
-        conversational = any(
-            example.is_conversation for example in (*spec.training_data, *spec.eval_data)
-        )
-        template = resolve_template(spec.template, tokenizer, conversational, spec.model_id)
-        encoder = Encoder(tokenizer, template, hp.max_seq_len)
+        encoder = experiment_encoder(spec, tokenizer)
+        template = encoder.template
         data = DataSummary(
             training_format=spec.data_format.training or "prompt_completion",
             eval_format=spec.data_format.eval or "prompt_completion",

@@ -30,7 +30,8 @@ Template = Literal["auto", "chat", "raw"]
 ResolvedTemplate = Literal["chat", "raw"]
 Quantization = Literal["none", "8bit", "4bit"]
 Stage = Literal[
-    "loading_model", "eval_base", "eval_few_shot", "training", "eval_finetuned", "influence"
+    "loading_model", "eval_base", "eval_few_shot", "training", "eval_finetuned", "influence",
+    "counterfactual",  # the one stage of a counterfactual check (gpu_core.counterfactual)
 ]
 STAGES: tuple[str, ...] = (
     "loading_model", "eval_base", "eval_few_shot", "training", "eval_finetuned", "influence"
@@ -427,3 +428,61 @@ class ExperimentResult(BaseModel):
 class ResultEvent(BaseModel):
     type: Literal["result"] = "result"
     result: ExperimentResult
+
+
+# ---- counterfactual check ------------------------------------------------------------------
+
+
+class CounterfactualRequest(_Strict):
+    """Retrain without the ``k`` training examples the experiment ranked most ``remove`` for the
+    given eval examples (the union over ``eval_ids``), plus ``controls`` retrainings without as
+    many random examples, and optionally ``lds_subsets`` retrainings on random subsets of
+    ``lds_fraction`` of the training set (the linear datamodeling score)."""
+
+    eval_ids: list[str] | None = Field(default=None, min_length=1, max_length=1000)
+    k: int = Field(default=10, ge=1, le=1000)
+    remove: Literal["helpful", "harmful"] = "helpful"
+    controls: int = Field(default=2, ge=0, le=16)
+    lds_subsets: int = Field(default=0, ge=0, le=64)
+    lds_fraction: float = Field(default=0.5, gt=0, lt=1)
+    seed: int = Field(default=0, ge=0)
+
+    def retrainings(self) -> int:
+        """How many fine-tunings the check costs (what an estimate multiplies)."""
+        return 1 + self.controls + self.lds_subsets
+
+
+class CounterfactualOutcome(BaseModel):
+    """One eval example: its loss and answer in the experiment, without the removed examples,
+    and without each control's random examples. ``*_change`` = loss after minus original."""
+
+    id: str
+    original_loss: float
+    without_top_k_loss: float
+    without_random_k_losses: list[float]
+    original_output: str
+    without_top_k_output: str
+    top_k_loss_change: float
+    random_loss_changes: list[float]
+    # Removing the top-k moved the loss further (up for helpful, down for harmful) than every
+    # control did; None without controls.
+    beats_controls: bool | None
+
+
+class LdsReport(BaseModel):
+    subsets: int
+    fraction: float
+    per_eval: dict[str, float]
+    mean: float
+
+
+class CounterfactualResult(BaseModel):
+    method: InfluenceMethod
+    remove: Literal["helpful", "harmful"]
+    k: int
+    removed_ids: list[str]
+    control_removed_ids: list[list[str]]
+    examples: list[CounterfactualOutcome]
+    beats_controls_rate: float | None
+    lds: LdsReport | None
+    timings: dict[str, float]

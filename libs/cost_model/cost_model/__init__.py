@@ -4,7 +4,7 @@ Pure Python (pydantic and gpu_core's schemas). The formulas are in ``memory`` (G
 tier), ``timing`` (time) and ``estimate`` (cost = time x $/s); docs/cost-model.md explains them.
 """
 
-from cost_model.estimate import BackendPrice, CostEstimate, ModelInfo, catalog, estimate
+from cost_model.estimate import BackendPrice, CostEstimate, ModelInfo, catalog, estimate, estimate_job
 from cost_model.memory import GpuRecommendation, MemoryBreakdown, recommend_gpu
 from cost_model.model_catalog import Architecture, ModelCard, lookup_model, model_cards
 from cost_model.prices import TIERS_GB, GpuOffer, PriceTable, PriceTableError, price_table
@@ -25,6 +25,7 @@ __all__ = [
     "Workload",
     "catalog",
     "estimate",
+    "estimate_job",
     "lookup_model",
     "model_cards",
     "price_table",

@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from gpu_core.schemas import ExperimentSpec
+from gpu_core.schemas import CounterfactualRequest, ExperimentSpec
 
 from cost_model.memory import GpuRecommendation, recommend_gpu
 from cost_model.model_catalog import ModelCard, lookup_model, model_cards
 from cost_model.prices import PROVIDERS, price_table
-from cost_model.timing import COLD_START_RANGE, estimated_time_s
+from cost_model.timing import COLD_START_RANGE, counterfactual_time_s, estimated_time_s
 from cost_model.workload import Workload
 
 BACKENDS: tuple[str, ...] = ("hosted", "runpod")
@@ -84,16 +84,35 @@ def _recommend(card: ModelCard, workload: Workload) -> GpuRecommendation:
     )
 
 
-def estimate(spec: ExperimentSpec, provider: str, backend: str) -> CostEstimate:
-    """Time and cost of ``spec`` on ``provider``'s GPU for the recommended memory tier."""
+def estimate(
+    spec: ExperimentSpec,
+    provider: str,
+    backend: str,
+    counterfactual: CounterfactualRequest | None = None,
+) -> CostEstimate:
+    """Time and cost of ``spec`` on ``provider``'s GPU for the recommended memory tier; with
+    ``counterfactual``, of that check on the experiment ``spec`` (its retrainings instead)."""
     _check_provider(provider, backend)
     card = lookup_model(spec.model_id)
     workload = Workload.from_spec(spec, card)
     recommendation = _recommend(card, workload)
     table = price_table(provider)
     gpu_name, gpu = table.gpu_for_tier(recommendation.tier_gb)
-    time_s = round(estimated_time_s(card, workload, recommendation.breakdown, gpu, provider), 1)
     notes: list[str] = []
+    if counterfactual is None:
+        seconds = estimated_time_s(card, workload, recommendation.breakdown, gpu, provider)
+    else:
+        retrainings = counterfactual.retrainings()
+        n_checked = len(counterfactual.eval_ids or spec.eval_data)
+        seconds = counterfactual_time_s(
+            card, workload, recommendation.breakdown, gpu, provider, retrainings, n_checked
+        )
+        notes.append(
+            f"{retrainings} retrainings (1 without the top-k, {counterfactual.controls} random "
+            f"controls, {counterfactual.lds_subsets} LDS subsets), each evaluated on {n_checked} "
+            "eval examples"
+        )
+    time_s = round(seconds, 1)
     if card.note:
         notes.append(card.note)
     if not recommendation.fits:
@@ -118,6 +137,18 @@ def estimate(spec: ExperimentSpec, provider: str, backend: str) -> CostEstimate:
         price_source=table.source,
         notes=tuple(notes),
     )
+
+
+def estimate_job(
+    spec: ExperimentSpec, provider: str, backend: str, kind: str = "", request_json: bytes = b""
+) -> CostEstimate:
+    """What a provider's Estimate answers: an experiment, or a later job of the experiment
+    ``spec`` of ``kind`` (gpu_core.jobs) with its request. Raises ValueError naming the field."""
+    from gpu_core.jobs import COUNTERFACTUAL, job_kind, parse_request
+
+    later = job_kind(kind)
+    check = parse_request(later, request_json) if later.name == COUNTERFACTUAL else None
+    return estimate(spec, provider, backend, counterfactual=check)
 
 
 def catalog(hosted_provider: str = "modal") -> list[ModelInfo]:

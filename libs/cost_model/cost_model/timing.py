@@ -24,6 +24,9 @@ time = cold start + model load + (train + eval + influence FLOPs) / effective th
   epochs x ceil(n_train / batch) x 3 (forward, backward, optimizer), influence of 3 passes per
   gradient batch over train + eval (TracIn at each epoch's checkpoint, DataInf and TrackStar once,
   Kronfluence two fitting passes over train plus one scoring pass). On the tiny model this term is the time.
+
+A counterfactual check (gpu_core.counterfactual) is ``retrainings`` x (the training + one
+evaluation of the checked eval examples, with their passes), after one cold start and model load.
 """
 
 from __future__ import annotations
@@ -89,3 +92,26 @@ def estimated_time_s(
         COLD_START_S[provider] + load_s + flops / throughput + decode_steps * step_s + passes_s
         + PIPELINE_OVERHEAD_S
     )
+
+
+def counterfactual_time_s(
+    card: ModelCard,
+    workload: Workload,
+    memory: MemoryBreakdown,
+    gpu: GpuOffer,
+    provider: str,
+    retrainings: int,
+    n_checked: int,
+) -> float:
+    params = card.params_b * 1e9
+    train = 6 * params * workload.train_tokens * workload.epochs
+    checked_tokens = workload.eval_tokens * n_checked / max(workload.n_eval, 1)
+    throughput = gpu.peak_tflops * 1e12 * MODEL_FLOPS_UTILISATION * QUANTIZATION_SPEED[workload.quantization]
+    step_s = memory.weights_gb * 1e9 / (gpu.memory_bandwidth_gbs * 1e9 * BANDWIDTH_UTILISATION)
+    decode_s = math.ceil(n_checked / workload.batch_size) * workload.max_new_tokens * step_s
+    training_passes = workload.epochs * math.ceil(workload.n_train / workload.batch_size) * 3
+    eval_passes = math.ceil(n_checked / workload.batch_size) * (1 + workload.max_new_tokens)
+    passes_s = (training_passes + eval_passes) * gpu.pass_latency_s
+    per_retraining = (train + 2 * params * checked_tokens) / throughput + decode_s + passes_s
+    load_s = params * 2 / LOAD_BYTES_PER_S
+    return COLD_START_S[provider] + load_s + retrainings * per_retraining + PIPELINE_OVERHEAD_S

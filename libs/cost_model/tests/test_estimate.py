@@ -264,6 +264,25 @@ def test_projection_keeps_influence_memory_flat_in_eval_size() -> None:
     assert influence_gb(1000, None, "trackstar") == influence_gb(1000, 4096, "trackstar")
 
 
+def test_a_counterfactual_check_costs_its_retrainings_on_the_experiments_gpu() -> None:
+    from gpu_core.schemas import CounterfactualRequest
+
+    spec = make_spec()
+    experiment = estimate(spec, "runpod", "runpod")
+    one = estimate(spec, "runpod", "runpod", CounterfactualRequest(controls=0, eval_ids=["a"]))
+    three = estimate(spec, "runpod", "runpod", CounterfactualRequest(controls=2, eval_ids=["a"]))
+    with_lds = estimate(spec, "runpod", "runpod", CounterfactualRequest(controls=2, lds_subsets=4))
+    assert one.gpu == three.gpu == experiment.gpu
+    # Each retraining adds the same training time; one cold start and model load in all.
+    per_retraining = (three.estimated_time_s - one.estimated_time_s) / 2
+    assert per_retraining > 0 and one.estimated_time_s > per_retraining
+    assert with_lds.estimated_time_s > three.estimated_time_s + 3 * per_retraining
+    assert three.estimated_cost_usd == pytest.approx(three.estimated_time_s * three.usd_per_second, rel=1e-6)
+    assert "3 retrainings (1 without the top-k, 2 random controls, 0 LDS subsets)" in three.notes[0]
+    # No influence pass: one retraining costs less than the whole experiment.
+    assert one.estimated_time_s < experiment.estimated_time_s
+
+
 def test_every_fitting_gpu_cheapest_first() -> None:
     from cost_model import price_table
 

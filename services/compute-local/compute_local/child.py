@@ -1,6 +1,8 @@
 """The child process that runs one experiment: ``python -m compute_local.child --job-dir DIR``.
 
-It reads ``DIR/spec.json``, iterates ``gpu_core.pipeline.run_experiment`` and writes every event
+It reads ``DIR/spec.json`` (and, for a later job such as a counterfactual check, the kind in
+``DIR/job.json`` with ``request.json`` and ``parent_result.json``), iterates
+``gpu_core.jobs.run_job`` (an experiment is ``gpu_core.pipeline.run_experiment``) and writes every event
 as one JSON line to its stdout, which the service reads through a pipe. Everything else the
 process prints (logs, library chatter, tracebacks) goes to stderr, so the event stream stays
 clean: stdout is moved to a private descriptor and fd 1 is pointed at stderr before gpu_core is
@@ -75,12 +77,18 @@ def _set_threads(threads: int) -> None:
 
 def run(job_dir: Path, threads: int, events: IO[str]) -> int:
     _set_threads(threads)
-    from gpu_core.pipeline import run_experiment
+    from gpu_core.jobs import make_payload, parse_payload, run_job
 
-    spec = read_spec((job_dir / "spec.json").read_bytes())
+    read_spec((job_dir / "spec.json").read_bytes())
+    kind = json.loads((job_dir / "job.json").read_text()).get("kind", "experiment")
+    spec = json.loads((job_dir / "spec.json").read_bytes())
+    request = parent = None
+    if (job_dir / "request.json").is_file():
+        request = json.loads((job_dir / "request.json").read_bytes())
+        parent = json.loads((job_dir / "parent_result.json").read_bytes())
     artifacts = job_dir / "artifacts"
     artifacts.mkdir(exist_ok=True)
-    experiment = run_experiment(spec, artifacts)
+    experiment = run_job(parse_payload(make_payload(kind, spec, request, parent)), artifacts)
     try:
         for event in experiment:
             _emit(events, event)

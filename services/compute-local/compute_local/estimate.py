@@ -10,7 +10,10 @@ from compute_local.spec import read_spec
 _ESTIMATE_FIELDS = frozenset(common_pb2.Estimate.DESCRIPTOR.fields_by_name)
 
 
-def estimate(spec_json: bytes, backend: str) -> common_pb2.Estimate:
+def estimate(
+    spec_json: bytes, backend: str, kind: str = "", request_json: bytes = b""
+) -> common_pb2.Estimate:
+    """``kind``: a later job (gpu_core.jobs) on the experiment ``spec_json``, e.g. a check."""
     spec = read_spec(spec_json)
-    figures = cost_model.estimate(spec, provider="local", backend=backend).as_dict()
+    figures = cost_model.estimate_job(spec, "local", backend, kind, request_json).as_dict()
     return common_pb2.Estimate(**{k: v for k, v in figures.items() if k in _ESTIMATE_FIELDS})

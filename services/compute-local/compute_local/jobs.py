@@ -2,6 +2,8 @@
 
 - ``job.json``     the record (state, device, error, times), replaced atomically on every change
 - ``spec.json``    the ExperimentSpec as submitted (the child reads it)
+- ``request.json``, ``parent_result.json``  for a later job of an experiment (``kind`` in the
+                   record, e.g. a counterfactual check): its request and the experiment's result
 - ``events.jsonl`` one ``{"time": ..., "event": {...}}`` line per event, appended as they arrive
 - ``result.json``  the ExperimentResult, written atomically once the child sends it
 - ``worker.log``   the child's stderr (its logs), never mixed with the events
@@ -54,6 +56,7 @@ class JobRecord:
     finished_at: float | None = None
     error: str = ""
     pid: int | None = None
+    kind: str = "experiment"  # gpu_core.jobs kind
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -103,10 +106,13 @@ class JobStore:
     def artifacts_dir(self, provider_job_id: str) -> Path:
         return self.job_dir(provider_job_id) / "artifacts"
 
-    def create(self, record: JobRecord, spec_json: bytes) -> None:
+    def create(self, record: JobRecord, spec_json: bytes, files: dict[str, bytes] | None = None) -> None:
+        """``files``: more inputs of the job by name (request.json, parent_result.json)."""
         directory = self.job_dir(record.provider_job_id)
         directory.mkdir(parents=True)
         _write_atomically(directory / "spec.json", spec_json)
+        for name, data in (files or {}).items():
+            _write_atomically(directory / name, data)
         # job.json last: a folder without it is an interrupted create, skipped on load.
         self.save(record)
 

@@ -28,9 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpu_core.jobs import job_kind
+
 from compute_local.child import EXIT_CANCELLED
 from compute_local.jobs import JobRecord, JobState, JobStore, StoredEvent, new_provider_job_id
-from compute_local.spec import read_spec
+from compute_local.spec import later_job_files, read_spec
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +159,13 @@ class LocalRunner:
 
     # ---- the ComputeProvider operations -----------------------------------------------------
 
-    def submit(self, job_id: str, spec_json: bytes) -> str:
-        """Queue a job and return its provider job id; the same job_id again returns the same one."""
+    def submit(
+        self, job_id: str, spec_json: bytes, kind: str = "", request_json: bytes = b"",
+        parent_result_json: bytes = b"",
+    ) -> str:
+        """Queue a job and return its provider job id; the same job_id again returns the same one.
+        ``kind`` (gpu_core.jobs): an experiment, or a later job with its request and the
+        experiment's result."""
         if not job_id:
             raise ValueError("job_id is required")
         existing = self._by_job_id.get(job_id)
@@ -167,13 +174,15 @@ class LocalRunner:
         if not self._accepting:
             raise NotAccepting("compute-local is not accepting jobs (it is stopping)")
         read_spec(spec_json)
+        files = later_job_files(kind, spec_json, request_json, parent_result_json)
         record = JobRecord(
             provider_job_id=new_provider_job_id(),
             job_id=job_id,
             state=JobState.SUBMITTED,
             created_at=time.time(),
+            kind=job_kind(kind).name,
         )
-        self._store.create(record, spec_json)
+        self._store.create(record, spec_json, files)
         job = Job(record, [])
         self._jobs[record.provider_job_id] = job
         self._by_job_id[job_id] = record.provider_job_id

@@ -79,7 +79,13 @@ class ComputeLocalServicer(compute_pb2_grpc.ComputeProviderServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, f"job_id is longer than {_MAX_JOB_ID_CHARS} characters"
             )
         try:
-            provider_job_id = self._runner.submit(request.job_id, request.spec_json)
+            provider_job_id = self._runner.submit(
+                request.job_id,
+                request.spec_json,
+                request.kind,
+                request.request_json,
+                request.parent_result_json,
+            )
         except NotAccepting as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except OSError as exc:
@@ -147,7 +153,9 @@ class ComputeLocalServicer(compute_pb2_grpc.ComputeProviderServicer):
         self, request: compute_pb2.EstimateRequest, context: grpc.aio.ServicerContext
     ) -> compute_pb2.EstimateResponse:
         try:
-            figures = estimate(request.spec_json, request.backend or "hosted")
+            figures = estimate(
+                request.spec_json, request.backend or "hosted", request.kind, request.request_json
+            )
         except ValueError as exc:  # an invalid spec or backend
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return compute_pb2.EstimateResponse(estimate=figures)

@@ -19,7 +19,8 @@ from typing import Any
 
 import cost_model
 import modal.exception
-from gpu_core.schemas import ExperimentSpec
+from gpu_core.jobs import EXPERIMENT, JobInputError, make_payload, parse_payload
+from gpu_core.schemas import ExperimentSpec, SpecError
 from pydantic import ValidationError
 
 from compute_modal.adapter import ModalAdapter, ModalNotConfigured
@@ -134,23 +135,39 @@ class ModalProvider:
             return Verification(False, str(exc))
         return Verification(True, f"Modal is ready: {self._target} is deployed")
 
-    async def submit(self, job_id: str, spec_json: bytes, upload_urls: dict[str, str] | None = None) -> str:
-        """``upload_urls``: the scheduler's presigned PUT URL per artifact name; the function
-        uploads the run's files there (worker/modal_app.py). None: the run keeps no files."""
+    async def submit(
+        self,
+        job_id: str,
+        spec_json: bytes,
+        kind: str = "",
+        request_json: bytes = b"",
+        parent_result_json: bytes = b"",
+        upload_urls: dict[str, str] | None = None,
+    ) -> str:
+        """``kind``: a later job of the experiment ``spec_json`` (gpu_core.jobs), e.g. a
+        counterfactual check; the function receives the gpu_core.jobs payload. ``upload_urls``:
+        the scheduler's presigned PUT URL per artifact name of an experiment; the function uploads
+        the run's files there (worker/modal_app.py). None: the run keeps no files."""
         if not job_id:
             raise InvalidRequest("job_id is empty")
         try:
             spec = ExperimentSpec.model_validate_json(spec_json)
         except ValidationError as exc:
             raise InvalidRequest(f"spec_json is not a valid experiment spec: {exc}") from None
+        try:
+            request = json.loads(request_json) if request_json else None
+            parent = json.loads(parent_result_json) if parent_result_json else None
+            payload = make_payload(kind, spec.model_dump(mode="json"), request, parent)
+            parse_payload(payload)
+        except (JobInputError, SpecError, ValueError) as exc:
+            raise InvalidRequest(f"invalid job input: {exc}") from None
         with self._modal_errors():
             existing = await self._adapter.read_progress(job_id + _CALL_SUFFIX)
             if existing:
                 return str(existing)
-            arguments = spec.model_dump(mode="json")
-            if upload_urls:
-                arguments["artifact_transport"] = {"mode": "presigned", "urls": upload_urls}
-            call_id = await self._adapter.spawn(job_id, arguments)
+            if upload_urls and kind in ("", EXPERIMENT):
+                payload["artifact_transport"] = {"mode": "presigned", "urls": upload_urls}
+            call_id = await self._adapter.spawn(job_id, payload)
             await self._adapter.write_progress(job_id + _CALL_SUFFIX, call_id)
         log.info("submitted", extra={"job_id": job_id, "provider_job_id": call_id})
         return call_id
@@ -243,10 +260,12 @@ class ModalProvider:
         log.info("cancelled", extra={"job_id": job_id, "provider_job_id": call_id})
         return State.CANCELLED
 
-    def estimate(self, spec_json: bytes, backend: str) -> cost_model.CostEstimate:
+    def estimate(
+        self, spec_json: bytes, backend: str, kind: str = "", request_json: bytes = b""
+    ) -> cost_model.CostEstimate:
         try:
             spec = ExperimentSpec.model_validate_json(spec_json)
-            return cost_model.estimate(spec, provider="modal", backend=backend or "hosted")
+            return cost_model.estimate_job(spec, "modal", backend or "hosted", kind, request_json)
         except ValidationError as exc:
             raise InvalidRequest(f"spec_json is not a valid experiment spec: {exc}") from None
         except ValueError as exc:

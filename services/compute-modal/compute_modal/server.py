@@ -93,7 +93,11 @@ class ComputeModalServicer(compute_pb2_grpc.ComputeProviderServicer):
     ) -> compute_pb2.SubmitResponse:
         async with _errors(context):
             call_id = await self._provider.submit(
-                request.job_id, request.spec_json,
+                request.job_id,
+                request.spec_json,
+                request.kind,
+                request.request_json,
+                request.parent_result_json,
                 {upload.name: upload.url for upload in request.artifact_uploads},
             )
         return compute_pb2.SubmitResponse(provider_job_id=call_id)
@@ -123,7 +127,9 @@ class ComputeModalServicer(compute_pb2_grpc.ComputeProviderServicer):
         self, request: compute_pb2.EstimateRequest, context: grpc.aio.ServicerContext
     ) -> compute_pb2.EstimateResponse:
         async with _errors(context):
-            figures = self._provider.estimate(request.spec_json, request.backend)
+            figures = self._provider.estimate(
+                request.spec_json, request.backend, request.kind, request.request_json
+            )
         return compute_pb2.EstimateResponse(estimate=common_pb2.Estimate(**figures.as_dict()))
 
 

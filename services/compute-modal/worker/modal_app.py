@@ -118,14 +118,15 @@ def upload_urls(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def run_job(job_id: str, spec: dict[str, Any], store: MutableMapping[str, Any]) -> dict[str, Any]:
-    """The function body: run the experiment, report every event to ``store[job_id]``, upload
-    the run's files to their presigned URLs, return the outcome (see the module docstring). A
-    cancellation (``InputCancellation``, a BaseException raised in this thread) closes the
-    pipeline's generator, which stops the work within one batch and frees the GPU, and
-    propagates unchanged."""
-    # gpu_core.pipeline imports torch: imported here so deploying needs no torch locally.
-    from gpu_core.pipeline import run_experiment
-    from gpu_core.schemas import ExperimentResult, ExperimentSpec
+    """The function body: run the job, report every event to ``store[job_id]``, upload an
+    experiment's files to their presigned URLs, return the outcome (see the module docstring).
+    ``spec`` is the gpu_core.jobs payload: an experiment's spec, or a later job of one (e.g. a
+    counterfactual check) that ``job_events`` dispatches on its kind. A cancellation
+    (``InputCancellation``, a BaseException raised in this thread) closes the pipeline's
+    generator, which stops the work within one batch and frees the GPU, and propagates
+    unchanged."""
+    # gpu_core imports torch: imported here so deploying needs no torch locally.
+    from gpu_core.schemas import ExperimentResult
     from gpu_core.uploads import upload_artifacts
 
     spec, urls = upload_urls(spec)
@@ -134,8 +135,10 @@ def run_job(job_id: str, spec: dict[str, Any], store: MutableMapping[str, Any]) 
         {"type": "status", "stage": "loading_model", "progress": 0.0, "message": "GPU container started"}
     )
     artifacts = Path(tempfile.mkdtemp(prefix="influence-artifacts-")) if urls else None
-    events = run_experiment(ExperimentSpec.model_validate(spec), artifacts)
+    events = None
     try:
+        # Inside the try: a payload that does not fit is the job's error, not a silent "running".
+        events = job_events(spec, artifacts)
         for event in events:
             if event.get("type") == "result":
                 if artifacts is not None:
@@ -151,11 +154,20 @@ def run_job(job_id: str, spec: dict[str, Any], store: MutableMapping[str, Any]) 
     except Exception as exc:  # noqa: BLE001 - returned as plain words, not as a pickled exception
         message = f"{type(exc).__name__}: {exc}"
     finally:
-        events.close()
+        if events is not None:
+            events.close()
         if artifacts is not None:
             shutil.rmtree(artifacts, ignore_errors=True)
     writer.finish("failed", message)
     return {"error": message}
+
+
+def job_events(payload: dict[str, Any], artifacts_dir: Path | None = None) -> Any:
+    """The job's gpu_core generator, by its kind (gpu_core.jobs)."""
+    # gpu_core.pipeline imports torch: imported here so deploying needs no torch locally.
+    from gpu_core.jobs import parse_payload, run_job
+
+    return run_job(parse_payload(payload), artifacts_dir)
 
 
 @app.function(

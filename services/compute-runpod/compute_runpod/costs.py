@@ -8,9 +8,9 @@ import cost_model
 from gpu_core.schemas import ExperimentSpec
 
 
-def estimate(spec: ExperimentSpec, backend: str) -> dict[str, Any]:
-    """The fields of influence.v1.Estimate for ``spec`` on RunPod."""
-    return cost_model.estimate(spec, provider="runpod", backend=backend).as_dict()
+def estimate(spec: ExperimentSpec, backend: str, kind: str = "", request_json: bytes = b"") -> dict[str, Any]:
+    """The fields of influence.v1.Estimate for ``spec`` (or a later job of ``kind`` on it) on RunPod."""
+    return cost_model.estimate_job(spec, "runpod", backend, kind, request_json).as_dict()
 
 
 def estimated_cost_usd(spec: ExperimentSpec) -> float:

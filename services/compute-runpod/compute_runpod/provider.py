@@ -7,6 +7,7 @@ The key is fetched per call (``reveal_key``) and lives only in that call's local
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -15,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpu_core.jobs import EXPERIMENT, JobInputError, make_payload, parse_payload
 from gpu_core.schemas import ExperimentSpec
 
 from compute_runpod import costs
@@ -275,13 +277,20 @@ class RunPodProvider:
         account: AccountRef,
         spec_json: bytes,
         estimated_cost_usd: float = 0.0,
+        kind: str = "",
+        request_json: bytes = b"",
+        parent_result_json: bytes = b"",
         upload_urls: dict[str, str] | None = None,
     ) -> str:
-        """``upload_urls``: the scheduler's presigned PUT URL per artifact name; without them the
-        files come back inline, and a job whose score matrix alone exceeds that ceiling is
-        refused here, before anything is paid for."""
+        """``kind``: a later job of the experiment ``spec_json`` (gpu_core.jobs), e.g. a
+        counterfactual check with its request and the experiment's result. ``upload_urls``: the
+        scheduler's presigned PUT URL per artifact name of an experiment; without them its files
+        come back inline, and a job whose score matrix alone exceeds that ceiling is refused
+        here, before anything is paid for."""
         spec = parse_spec(spec_json)
-        transport = self._artifact_transport(spec, upload_urls or {})
+        job_input = worker_input(spec, kind, request_json, parent_result_json)
+        if kind in ("", EXPERIMENT):
+            job_input["artifact_transport"] = self._artifact_transport(spec, upload_urls or {})
         endpoint = self._endpoint(account)
         lock = self._submit_locks.setdefault(job_id, asyncio.Lock()) if job_id else asyncio.Lock()
         async with lock:
@@ -292,7 +301,7 @@ class RunPodProvider:
                 await self._check_balance(key, spec, estimated_cost_usd)
             settings = self._settings
             payload = {
-                "input": {**spec.model_dump(mode="json"), "artifact_transport": transport},
+                "input": job_input,
                 "policy": {
                     "executionTimeout": settings.RUNPOD_EXECUTION_TIMEOUT_S * 1000,
                     "ttl": settings.RUNPOD_JOB_TTL_S * 1000,
@@ -471,8 +480,13 @@ class RunPodProvider:
             state, "CANCELLED"
         )
 
-    def estimate(self, spec_json: bytes, backend: str) -> dict[str, Any]:
-        return costs.estimate(parse_spec(spec_json), backend or "runpod")
+    def estimate(
+        self, spec_json: bytes, backend: str, kind: str = "", request_json: bytes = b""
+    ) -> dict[str, Any]:
+        try:
+            return costs.estimate(parse_spec(spec_json), backend or "runpod", kind, request_json)
+        except JobInputError as exc:
+            raise ProviderError(Code.INVALID_ARGUMENT, str(exc)) from None
 
 
 def parse_spec(spec_json: bytes) -> ExperimentSpec:
@@ -487,6 +501,20 @@ def parse_spec(spec_json: bytes) -> ExperimentSpec:
 def scores_npy_bytes(n_eval: int, n_train: int) -> int:
     """The size of scores.npy: float32 [n_eval, n_train] after numpy's 128-byte header."""
     return 128 + 4 * n_eval * n_train
+
+
+def worker_input(
+    spec: ExperimentSpec, kind: str, request_json: bytes, parent_result_json: bytes
+) -> dict[str, Any]:
+    """The job's RunPod input (gpu_core.jobs payload), checked the way the worker reads it."""
+    try:
+        request = json.loads(request_json) if request_json else None
+        parent = json.loads(parent_result_json) if parent_result_json else None
+        payload = make_payload(kind, spec.model_dump(mode="json"), request, parent)
+        parse_payload(payload)
+    except (JobInputError, schemas.SpecError, ValueError) as exc:
+        raise ProviderError(Code.INVALID_ARGUMENT, f"Invalid job input: {exc}") from None
+    return payload
 
 
 def parse_cursor(cursor: str) -> int:

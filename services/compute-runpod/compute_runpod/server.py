@@ -87,7 +87,8 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
             context,
             lambda: self._provider.submit(
                 request.job_id, _account(request.account), request.spec_json,
-                request.estimated_cost_usd,
+                request.estimated_cost_usd, request.kind, request.request_json,
+                request.parent_result_json,
                 {upload.name: upload.url for upload in request.artifact_uploads},
             ),
         )
@@ -135,7 +136,9 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
 
     async def Estimate(self, request, context):  # noqa: N802, ANN001, ANN201
         async def work() -> dict[str, Any]:
-            return self._provider.estimate(request.spec_json, request.backend)
+            return self._provider.estimate(
+                request.spec_json, request.backend, request.kind, request.request_json
+            )
 
         fields = await self._call(context, work)
         return compute_pb2.EstimateResponse(estimate=common_pb2.Estimate(**fields))

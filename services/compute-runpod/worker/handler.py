@@ -1,4 +1,5 @@
-"""RunPod Serverless worker: runs one experiment per job with gpu_core and streams it.
+"""RunPod Serverless worker: runs one job per request with gpu_core (an experiment, or a later job
+of one such as a counterfactual check; gpu_core.jobs) and streams it.
 
 Every progress event is yielded as one stream chunk. The result comes last: whole as
 ``{"type": "result", "result": {...}}`` when its JSON fits in one safe chunk, else as numbered
@@ -37,8 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import runpod
-from gpu_core.pipeline import ExperimentCancelled, run_experiment
-from gpu_core.schemas import NO_SIZE_LIMITS, ArtifactEntry, ExperimentSpec, SpecError, parse_spec
+from gpu_core.jobs import JobInput, JobInputError, parse_payload, run_job
+from gpu_core.pipeline import ExperimentCancelled
+from gpu_core.schemas import ArtifactEntry, SpecError
 from gpu_core.uploads import ArtifactUploadError, upload_artifacts
 
 # Well under RunPod's 1 MB per stream chunk, leaving room for the envelope.
@@ -143,9 +145,9 @@ async def deliver_artifacts(
 class ExperimentThread:
     """gpu_core's generator in its own thread, its events handed to the event loop."""
 
-    def __init__(self, spec: ExperimentSpec, artifacts_dir: Path | None = None) -> None:
+    def __init__(self, job: JobInput, artifacts_dir: Path | None = None) -> None:
         self.stop = threading.Event()
-        self._spec = spec
+        self._job = job
         self._artifacts_dir = artifacts_dir
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -157,7 +159,7 @@ class ExperimentThread:
 
     def _run(self) -> None:
         try:
-            for event in run_experiment(self._spec, self._artifacts_dir, should_stop=self.stop.is_set):
+            for event in run_job(self._job, self._artifacts_dir, should_stop=self.stop.is_set):
                 self._put(("event", event))
             self._put(("end", None))
         except ExperimentCancelled:
@@ -181,13 +183,17 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     job_input = dict(job.get("input") or {})
     transport = job_input.pop("artifact_transport", None)
     try:
-        # Size limits were enforced by the dashboard's gateway; the worker checks the shape.
-        spec = parse_spec(job_input, NO_SIZE_LIMITS)
+        # An experiment's spec, or a later job of one by its kind (gpu_core.jobs, e.g. a
+        # counterfactual check). Size limits were enforced by the dashboard's gateway.
+        parsed = parse_payload(job_input)
     except SpecError as exc:
         yield {"error": f"Invalid experiment spec: {'; '.join(exc.problems)}"}
         return
+    except JobInputError as exc:
+        yield {"error": f"Invalid job input: {exc}"}
+        return
     with tempfile.TemporaryDirectory(prefix="influence-artifacts-") as artifacts_dir:
-        experiment = ExperimentThread(spec, Path(artifacts_dir) if transport is not None else None)
+        experiment = ExperimentThread(parsed, Path(artifacts_dir) if transport is not None else None)
         output_bytes = 2  # the aggregate's "[]"
         try:
             while (event := await experiment.next()) is not None:

@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway import data_api, jobs_api, models_api, settings_api
+from gateway import counterfactual_api, data_api, jobs_api, models_api, settings_api
 from gateway.auth import USERNAME_PATTERN, LocalTokenIssuer, TokenVerifier, local_secret
 from gateway.config import Settings
 from gateway.deps import GatewayState, SpecInvalid, json_error, validation_problems
@@ -99,6 +99,7 @@ def create_app(
     app.include_router(settings_api.router)
     app.include_router(models_api.router)
     app.include_router(data_api.router)
+    app.include_router(counterfactual_api.router)
     _install_dashboard(app, dashboard_dir)
     _install_openapi(app)
     # Outermost first: metrics see every answer, the size limit runs before any parsing.

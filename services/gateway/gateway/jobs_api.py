@@ -51,6 +51,11 @@ def _checked_job_id(job_id: str) -> str:
     return job_id
 
 
+def checked_idempotency_key(key: str | None) -> None:
+    if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise ApiError(422, "Idempotency-Key must be 1-200 printable ASCII characters without spaces")
+
+
 @router.post(
     "/train",
     status_code=202,
@@ -69,8 +74,7 @@ async def submit_job(
 ) -> dict[str, Any]:
     """Validates the spec under this deployment's limits and hands it to the scheduler. Sending
     the same ``Idempotency-Key`` again answers the job it created the first time."""
-    if idempotency_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
-        raise ApiError(422, "Idempotency-Key must be 1-200 printable ASCII characters without spaces")
+    checked_idempotency_key(idempotency_key)
     spec_json = await read_spec(request, state.spec_limits)
     with scheduler_errors("The scheduler is unavailable; your job was not submitted, try again"):
         job = await clients.scheduler.SubmitJob(

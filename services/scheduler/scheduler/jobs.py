@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 from artifact_store import job_prefix
+from gpu_core.jobs import EXPERIMENT, JobInputError, job_kind, parse_request, parse_result
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
 from influence.v1 import common_pb2
 
@@ -25,6 +26,7 @@ from gpu_core import schemas
 from scheduler.artifacts import ArtifactMover, ArtifactTransferError, parse_manifest
 from scheduler.config import Settings
 from scheduler.providers import (
+    LaterJob,
     ProviderError,
     ProviderNotConfigured,
     Providers,
@@ -49,6 +51,10 @@ class SpecError(ValueError):
 
 class JobNotFound(LookupError):
     """No such job for this user (another user's job is not found either)."""
+
+
+class ParentNotCompleted(Exception):
+    """A later job (e.g. a counterfactual check) asked for an experiment that has not completed."""
 
 
 def validate_spec(spec_json: bytes) -> dict[str, Any]:
@@ -106,14 +112,38 @@ class JobManager:
 
     # ---- submit -------------------------------------------------------------------------
 
-    async def submit(self, user_id: str, spec_json: bytes, idempotency_key: str) -> JobRow:
-        spec = validate_spec(spec_json)
-        profile = await self._store.get_profile(user_id)
-        route = route_for(profile.compute_backend, self._settings)
+    async def submit(
+        self,
+        user_id: str,
+        spec_json: bytes,
+        idempotency_key: str,
+        kind: str = "",
+        parent_job_id: str = "",
+        request_json: bytes = b"",
+    ) -> JobRow:
+        """Store and submit an experiment (``spec_json``), or a later job of ``kind`` on the
+        user's completed experiment ``parent_job_id``, which runs on that experiment's backend
+        with its stored spec."""
+        parent, request = None, None
+        if job_kind(kind).needs_parent:
+            parent, request = await self._later_job(user_id, kind, parent_job_id, request_json)
+            spec = parent.spec
+            route = Route(backend=parent.compute_backend, provider=parent.provider)  # type: ignore[arg-type]
+        else:
+            spec = validate_spec(spec_json)
+            profile = await self._store.get_profile(user_id)
+            route = route_for(profile.compute_backend, self._settings)
         # Raises ProviderNotConfigured before anything is stored: nothing could run the job.
         self._providers.client(route.provider)
         job, created = await self._store.insert_job(
-            user_id, route.backend, route.provider, spec, idempotency_key or None
+            user_id,
+            route.backend,
+            route.provider,
+            spec,
+            idempotency_key or None,
+            job_kind(kind).name,
+            parent.id if parent is not None else None,
+            request,
         )
         if not created:
             return job
@@ -124,6 +154,41 @@ class JobManager:
             # Whatever happened here, the runner retries (it exits at once on a terminal job).
             self._start_runner(job.id)
         return job
+
+    async def _later_job(
+        self, user_id: str, kind: str, parent_job_id: str, request_json: bytes
+    ) -> tuple[JobRow, dict[str, Any]]:
+        """The parent experiment and the request, checked against it (JobInputError names the
+        field; another user's experiment is not found)."""
+        later_kind = job_kind(kind)
+        if not parent_job_id:
+            raise JobInputError(f"parent_job_id: a {later_kind.name} job needs the experiment it builds on")
+        parent = await self._store.get_job(parent_job_id, user_id)
+        if parent is None:
+            raise JobNotFound(parent_job_id)
+        if parent.kind != EXPERIMENT:
+            raise JobInputError(f"parent_job_id: that job is a {parent.kind} job, not an experiment")
+        found = await self._store.get_result(parent.id, user_id)
+        if parent.status != "completed" or found is None or found[1] is None:
+            raise ParentNotCompleted(
+                f"the experiment is {parent.status}; a {later_kind.name} job needs a completed experiment"
+            )
+        request = parse_request(later_kind, request_json)
+        if later_kind.check is not None:
+            later_kind.check(request, parse_spec(parent.spec, NO_SIZE_LIMITS), parse_result(found[1]))
+        return parent, request.model_dump(mode="json")
+
+    async def _later_payload(self, job: JobRow) -> LaterJob | None:
+        """For a later job, its request and its experiment's result as a provider receives them."""
+        if job.kind == EXPERIMENT:
+            return None
+        found = await self._store.get_result(job.parent_job_id, job.user_id)
+        parent_result = found[1] if found is not None else None
+        return LaterJob(
+            kind=job.kind,
+            request_json=json.dumps(job.request or {}).encode(),
+            parent_result_json=json.dumps(parent_result).encode(),
+        )
 
     async def _attempt_submit(self, job: JobRow) -> JobRow:
         """Estimate and submit once. A retryable provider error leaves the job QUEUED with a
@@ -151,9 +216,15 @@ class JobManager:
         route = Route(backend=job.compute_backend, provider=job.provider)  # type: ignore[arg-type]
         client = self._providers.client(route.provider)
         spec_json = json.dumps(job.spec).encode()
+        later = await self._later_payload(job)
         estimated_time_s, estimated_cost_usd = job.estimated_time_s, job.estimated_cost_usd
         if job.submit_attempts == 0 or estimated_time_s == 0:
-            estimate = await client.estimate(spec_json, route.backend)
+            estimate = await client.estimate(
+                spec_json,
+                route.backend,
+                later.kind if later else "",
+                later.request_json if later else b"",
+            )
             estimated_time_s, estimated_cost_usd = estimate.estimated_time_s, estimate.estimated_cost_usd
             await self._store.set_estimate(job.id, estimated_time_s, estimated_cost_usd)
         endpoint_id = ""
@@ -164,12 +235,13 @@ class JobManager:
         # deduplicates the resubmission by our job id.
         await self._store.count_submit_attempt(job.id)
         uploads = []
-        if uploads_directly(route.provider, self.artifacts.store):
+        # Only experiments write files; a later job of one (a counterfactual check) returns JSON.
+        if later is None and uploads_directly(route.provider, self.artifacts.store):
             uploads = await presigned_uploads(
                 self.artifacts.store, job.id, job.spec, self._settings.scheduler_upload_url_ttl_s
             )
         provider_job_id = await client.submit(
-            job.id, account, spec_json, estimated_cost_usd, estimated_time_s, uploads
+            job.id, account, spec_json, estimated_cost_usd, estimated_time_s, later, uploads
         )
         await self._store.set_provider_job_id(job.id, provider_job_id)
         log.info("job submitted", extra={"job_id": job.id, "provider_job_id": provider_job_id})
@@ -454,7 +526,16 @@ class JobManager:
             log.info("expired artifacts removed", extra={"jobs": swept, "retention_days": days})
         return swept
 
-    async def estimate(self, user_id: str, spec_json: bytes) -> Estimates:
+    async def estimate(
+        self,
+        user_id: str,
+        spec_json: bytes,
+        kind: str = "",
+        parent_job_id: str = "",
+        request_json: bytes = b"",
+    ) -> Estimates:
+        if job_kind(kind).needs_parent:
+            return await self._estimate_later(user_id, kind, parent_job_id, request_json)
         spec = validate_spec(spec_json)
         normalised = json.dumps(spec).encode()
         active = (await self._store.get_profile(user_id)).compute_backend
@@ -473,6 +554,25 @@ class JobManager:
             estimate.backend, estimate.provider = backend, route.provider
             estimates.append(estimate)
         return Estimates(active_backend=active, estimates=estimates, notes=notes)
+
+    async def _estimate_later(
+        self, user_id: str, kind: str, parent_job_id: str, request_json: bytes
+    ) -> Estimates:
+        """A later job runs on its experiment's backend: that one estimate (or a note)."""
+        parent, request = await self._later_job(user_id, kind, parent_job_id, request_json)
+        backend, provider = parent.compute_backend, parent.provider
+        try:
+            client = self._providers.client(provider)  # type: ignore[arg-type]
+            estimate = await client.estimate(
+                json.dumps(parent.spec).encode(), backend, job_kind(kind).name, json.dumps(request).encode()
+            )
+        except ProviderNotConfigured as exc:
+            return Estimates(active_backend=backend, estimates=[], notes=[f"{backend}: {exc}"])
+        except ProviderError as exc:
+            note = f"{backend}: no estimate ({exc.message})"
+            return Estimates(active_backend=backend, estimates=[], notes=[note])
+        estimate.backend, estimate.provider = backend, provider
+        return Estimates(active_backend=backend, estimates=[estimate], notes=[])
 
     async def verify_runpod_key(self, user_id: str, api_key: str) -> tuple[bool, float, str]:
         """(valid, balance in USD, message). The key is passed on and forgotten."""

@@ -74,6 +74,22 @@ def route_for(backend: str, settings: Settings) -> Route:
     return Route(backend=backend, provider=provider)
 
 
+@dataclass(frozen=True)
+class LaterJob:
+    """What a provider needs for a job that builds on an experiment (gpu_core.jobs)."""
+
+    kind: str
+    request_json: bytes
+    parent_result_json: bytes
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "request_json": self.request_json,
+            "parent_result_json": self.parent_result_json,
+        }
+
+
 class ProviderClient:
     """One provider's stub with per-call deadlines and error translation."""
 
@@ -116,9 +132,14 @@ class ProviderClient:
             ),
         )
 
-    async def estimate(self, spec_json: bytes, backend: str) -> common_pb2.Estimate:
+    async def estimate(
+        self, spec_json: bytes, backend: str, kind: str = "", request_json: bytes = b""
+    ) -> common_pb2.Estimate:
         response = await self._call(
-            self._stub.Estimate, compute_pb2.EstimateRequest(spec_json=spec_json, backend=backend)
+            self._stub.Estimate,
+            compute_pb2.EstimateRequest(
+                spec_json=spec_json, backend=backend, kind=kind, request_json=request_json
+            ),
         )
         return response.estimate
 
@@ -129,6 +150,7 @@ class ProviderClient:
         spec_json: bytes,
         estimated_cost_usd: float,
         estimated_time_s: float,
+        later: LaterJob | None = None,
         artifact_uploads: list[compute_pb2.ArtifactUpload] | None = None,
     ) -> str:
         response = await self._call(
@@ -139,6 +161,7 @@ class ProviderClient:
                 spec_json=spec_json,
                 estimated_cost_usd=estimated_cost_usd,
                 estimated_time_s=estimated_time_s,
+                **(later.fields() if later is not None else {}),
                 artifact_uploads=artifact_uploads or [],
             ),
         )

@@ -28,6 +28,7 @@ from artifact_store import (
     open_store,
 )
 from google.protobuf.timestamp_pb2 import Timestamp
+from gpu_core.jobs import JobInputError
 from influence.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from service_runtime.grpc_server import GrpcService, create_grpc_server, termination_requested
 from service_runtime.metrics import start_metrics_server
@@ -35,7 +36,14 @@ from service_runtime.metrics import start_metrics_server
 from scheduler.artifacts import ArtifactMover
 from scheduler.config import Settings
 from scheduler.db import apply_migrations, create_pool
-from scheduler.jobs import BACKENDS, JobManager, JobNotFound, SpecError, is_terminal_event
+from scheduler.jobs import (
+    BACKENDS,
+    JobManager,
+    JobNotFound,
+    ParentNotCompleted,
+    SpecError,
+    is_terminal_event,
+)
 from scheduler.metrics import record_job_counts
 from scheduler.notify import EventHub
 from scheduler.providers import ProviderError, ProviderNotConfigured, Providers
@@ -98,6 +106,9 @@ def job_to_proto(job: JobRow) -> scheduler_pb2.Job:
         updated_at=_timestamp(job.updated_at),
         finished_at=_timestamp(job.finished_at),
         last_seq=job.last_seq,
+        kind=job.kind,
+        parent_job_id=job.parent_job_id,
+        request_json=json.dumps(job.request).encode() if job.request is not None else b"",
     )
 
 
@@ -117,8 +128,10 @@ def event_to_proto(stored: StoredEvent) -> common_pb2.ProgressEvent:
 
 async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
     """Turn a known failure into the gRPC status the gateway maps for the researcher."""
-    if isinstance(exc, SpecError):
+    if isinstance(exc, (SpecError, JobInputError)):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, ParentNotCompleted):
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     if isinstance(exc, JobNotFound):
         await context.abort(grpc.StatusCode.NOT_FOUND, "job not found")
     if isinstance(exc, ArtifactMissing):
@@ -158,7 +171,7 @@ def _rpc(
 
 _KNOWN_ERRORS = (
     SpecError, JobNotFound, ArtifactMissing, StoreError, ProviderNotConfigured, ProviderError, NotReady,
-    *_DB_ERRORS,
+    JobInputError, ParentNotCompleted, *_DB_ERRORS,
 )
 
 
@@ -175,7 +188,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     @_rpc
     async def SubmitJob(self, request: scheduler_pb2.SubmitJobRequest, context: Any) -> scheduler_pb2.Job:
         jobs, _ = self._app.require()
-        job = await jobs.submit(request.user_id, request.spec_json, request.idempotency_key)
+        job = await jobs.submit(
+            request.user_id,
+            request.spec_json,
+            request.idempotency_key,
+            request.kind,
+            request.parent_job_id,
+            request.request_json,
+        )
         return job_to_proto(job)
 
     @_rpc
@@ -190,7 +210,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if request.limit < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "limit must not be negative")
         limit = min(request.limit or _DEFAULT_LIST_LIMIT, _MAX_LIST_LIMIT)
-        jobs = await store.list_jobs(request.user_id, limit)
+        jobs = await store.list_jobs(request.user_id, limit, request.parent_job_id, request.kind)
         return scheduler_pb2.ListJobsResponse(jobs=[job_to_proto(job) for job in jobs])
 
     async def WatchJob(
@@ -361,7 +381,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.EstimateJobRequest, context: Any
     ) -> scheduler_pb2.EstimateJobResponse:
         jobs, _ = self._app.require()
-        result = await jobs.estimate(request.user_id, request.spec_json)
+        result = await jobs.estimate(
+            request.user_id, request.spec_json, request.kind, request.parent_job_id, request.request_json
+        )
         return scheduler_pb2.EstimateJobResponse(
             active_backend=result.active_backend, estimates=result.estimates, notes=result.notes
         )

@@ -52,6 +52,9 @@ class JobRow:
     updated_at: datetime
     finished_at: datetime | None
     artifacts: list[dict[str, Any]]
+    kind: str = "experiment"
+    parent_job_id: str = ""  # the experiment a later job builds on
+    request: Any = None  # the kind's request (gpu_core.jobs); None for an experiment
 
     @property
     def terminal(self) -> bool:
@@ -85,7 +88,8 @@ class JobUpdate:
 _JOB_COLUMNS = """id::text AS id, user_id, compute_backend, provider,
     coalesce(provider_job_id, '') AS provider_job_id, status, stage, progress, stage_message,
     latest_metrics, spec, error, estimated_time_s, estimated_cost_usd, provider_cursor, last_seq,
-    submit_attempts, created_at, updated_at, finished_at, artifacts"""
+    submit_attempts, created_at, updated_at, finished_at, artifacts, kind,
+    coalesce(parent_job_id::text, '') AS parent_job_id, request"""
 
 
 def _job(row: asyncpg.Record) -> JobRow:
@@ -164,12 +168,16 @@ class Store:
         provider: str,
         spec: dict[str, Any],
         idempotency_key: str | None,
+        kind: str = "experiment",
+        parent_job_id: str | None = None,
+        request: dict[str, Any] | None = None,
     ) -> tuple[JobRow, bool]:
         """Store a new job, or return the existing one with the same (user, idempotency key).
         The second value says whether this call created it."""
         row = await self.pool.fetchrow(
-            f"""INSERT INTO jobs (id, user_id, compute_backend, provider, spec, idempotency_key)
-                VALUES ($1, $2, $3, $4, $5, $6)
+            f"""INSERT INTO jobs (id, user_id, compute_backend, provider, spec, idempotency_key,
+                                  kind, parent_job_id, request)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                 ON CONFLICT (user_id, idempotency_key) DO NOTHING
                 RETURNING {_JOB_COLUMNS}""",
             uuid.uuid4(),
@@ -178,6 +186,9 @@ class Store:
             provider,
             spec,
             idempotency_key,
+            kind,
+            uuid.UUID(parent_job_id) if parent_job_id else None,
+            request,
         )
         if row is not None:
             return _job(row), True
@@ -200,12 +211,22 @@ class Store:
         )
         return _job(row) if row is not None else None
 
-    async def list_jobs(self, user_id: str, limit: int) -> list[JobRow]:
+    async def list_jobs(
+        self, user_id: str, limit: int, parent_job_id: str = "", kind: str = ""
+    ) -> list[JobRow]:
+        """The user's experiments, or with ``parent_job_id`` that experiment's later jobs (of
+        ``kind`` when given), newest first."""
+        parent = parse_job_id(parent_job_id) if parent_job_id else None
+        if parent_job_id and parent is None:
+            return []
         rows = await self.pool.fetch(
             f"""SELECT {_JOB_COLUMNS} FROM jobs WHERE user_id = $1
+                  AND parent_job_id IS NOT DISTINCT FROM $3 AND ($4 = '' OR kind = $4)
                 ORDER BY created_at DESC, id LIMIT $2""",
             user_id,
             limit,
+            parent,
+            kind,
         )
         return [_job(row) for row in rows]
 

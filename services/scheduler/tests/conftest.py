@@ -86,6 +86,8 @@ class ScriptedProvider(compute_pb2_grpc.ComputeProviderServicer):
         self.plan = Plan()
         self.jobs: dict[str, ProviderJob] = {}
         self.submit_calls: list[str] = []
+        self.submit_requests: list[compute_pb2.SubmitRequest] = []
+        self.estimate_requests: list[compute_pb2.EstimateRequest] = []
         self.cancel_calls: list[str] = []
         self.fail_next: dict[str, list[tuple[grpc.StatusCode, str]]] = {}
         self.endpoints: set[str] = set()
@@ -129,6 +131,7 @@ class ScriptedProvider(compute_pb2_grpc.ComputeProviderServicer):
         if existing is not None:
             return compute_pb2.SubmitResponse(provider_job_id=existing.provider_job_id)
         self.submit_calls.append(request.job_id)
+        self.submit_requests.append(request)
         job = ProviderJob(request.job_id, f"p-{request.job_id}", request.account, self.plan)
         self.jobs[request.job_id] = job
         return compute_pb2.SubmitResponse(provider_job_id=job.provider_job_id)
@@ -213,6 +216,7 @@ class ScriptedProvider(compute_pb2_grpc.ComputeProviderServicer):
 
     async def Estimate(self, request: Any, context: Any) -> compute_pb2.EstimateResponse:
         await self._maybe_fail("Estimate", context)
+        self.estimate_requests.append(request)
         cost = 0.5 if request.backend == "runpod" else 0.0
         return compute_pb2.EstimateResponse(
             estimate=common_pb2.Estimate(

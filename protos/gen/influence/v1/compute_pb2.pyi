@@ -48,20 +48,26 @@ class PrepareAccountResponse(_message.Message):
     def __init__(self, endpoint_id: _Optional[str] = ..., created: bool = ..., status: _Optional[str] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("job_id", "account", "spec_json", "estimated_cost_usd", "estimated_time_s", "artifact_uploads")
+    __slots__ = ("job_id", "account", "spec_json", "estimated_cost_usd", "estimated_time_s", "kind", "request_json", "parent_result_json", "artifact_uploads")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_COST_USD_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    PARENT_RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_UPLOADS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     account: _common_pb2.Account
     spec_json: bytes
     estimated_cost_usd: float
     estimated_time_s: float
+    kind: str
+    request_json: bytes
+    parent_result_json: bytes
     artifact_uploads: _containers.RepeatedCompositeFieldContainer[ArtifactUpload]
-    def __init__(self, job_id: _Optional[str] = ..., account: _Optional[_Union[_common_pb2.Account, _Mapping]] = ..., spec_json: _Optional[bytes] = ..., estimated_cost_usd: _Optional[float] = ..., estimated_time_s: _Optional[float] = ..., artifact_uploads: _Optional[_Iterable[_Union[ArtifactUpload, _Mapping]]] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., account: _Optional[_Union[_common_pb2.Account, _Mapping]] = ..., spec_json: _Optional[bytes] = ..., estimated_cost_usd: _Optional[float] = ..., estimated_time_s: _Optional[float] = ..., kind: _Optional[str] = ..., request_json: _Optional[bytes] = ..., parent_result_json: _Optional[bytes] = ..., artifact_uploads: _Optional[_Iterable[_Union[ArtifactUpload, _Mapping]]] = ...) -> None: ...
 
 class ArtifactUpload(_message.Message):
     __slots__ = ("name", "url")
@@ -138,12 +144,16 @@ class CancelResponse(_message.Message):
     def __init__(self, state: _Optional[_Union[_common_pb2.JobState, str]] = ...) -> None: ...
 
 class EstimateRequest(_message.Message):
-    __slots__ = ("spec_json", "backend")
+    __slots__ = ("spec_json", "backend", "kind", "request_json")
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_JSON_FIELD_NUMBER: _ClassVar[int]
     spec_json: bytes
     backend: str
-    def __init__(self, spec_json: _Optional[bytes] = ..., backend: _Optional[str] = ...) -> None: ...
+    kind: str
+    request_json: bytes
+    def __init__(self, spec_json: _Optional[bytes] = ..., backend: _Optional[str] = ..., kind: _Optional[str] = ..., request_json: _Optional[bytes] = ...) -> None: ...
 
 class EstimateResponse(_message.Message):
     __slots__ = ("estimate",)

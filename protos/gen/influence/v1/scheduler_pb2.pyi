@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Job(_message.Message):
-    __slots__ = ("id", "user_id", "compute_backend", "provider", "provider_job_id", "state", "stage", "progress", "stage_message", "latest_metrics_json", "error", "estimated_time_s", "estimated_cost_usd", "model_id", "influence_method", "n_train", "n_eval", "created_at", "updated_at", "finished_at", "last_seq")
+    __slots__ = ("id", "user_id", "compute_backend", "provider", "provider_job_id", "state", "stage", "progress", "stage_message", "latest_metrics_json", "error", "estimated_time_s", "estimated_cost_usd", "model_id", "influence_method", "n_train", "n_eval", "created_at", "updated_at", "finished_at", "last_seq", "kind", "parent_job_id", "request_json")
     ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,9 @@ class Job(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PARENT_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_JSON_FIELD_NUMBER: _ClassVar[int]
     id: str
     user_id: str
     compute_backend: str
@@ -54,17 +57,26 @@ class Job(_message.Message):
     updated_at: _timestamp_pb2.Timestamp
     finished_at: _timestamp_pb2.Timestamp
     last_seq: int
-    def __init__(self, id: _Optional[str] = ..., user_id: _Optional[str] = ..., compute_backend: _Optional[str] = ..., provider: _Optional[str] = ..., provider_job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., stage: _Optional[str] = ..., progress: _Optional[float] = ..., stage_message: _Optional[str] = ..., latest_metrics_json: _Optional[bytes] = ..., error: _Optional[str] = ..., estimated_time_s: _Optional[float] = ..., estimated_cost_usd: _Optional[float] = ..., model_id: _Optional[str] = ..., influence_method: _Optional[str] = ..., n_train: _Optional[int] = ..., n_eval: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ...) -> None: ...
+    kind: str
+    parent_job_id: str
+    request_json: bytes
+    def __init__(self, id: _Optional[str] = ..., user_id: _Optional[str] = ..., compute_backend: _Optional[str] = ..., provider: _Optional[str] = ..., provider_job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., stage: _Optional[str] = ..., progress: _Optional[float] = ..., stage_message: _Optional[str] = ..., latest_metrics_json: _Optional[bytes] = ..., error: _Optional[str] = ..., estimated_time_s: _Optional[float] = ..., estimated_cost_usd: _Optional[float] = ..., model_id: _Optional[str] = ..., influence_method: _Optional[str] = ..., n_train: _Optional[int] = ..., n_eval: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., kind: _Optional[str] = ..., parent_job_id: _Optional[str] = ..., request_json: _Optional[bytes] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("user_id", "spec_json", "idempotency_key")
+    __slots__ = ("user_id", "spec_json", "idempotency_key", "kind", "parent_job_id", "request_json")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PARENT_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_JSON_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     spec_json: bytes
     idempotency_key: str
-    def __init__(self, user_id: _Optional[str] = ..., spec_json: _Optional[bytes] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    kind: str
+    parent_job_id: str
+    request_json: bytes
+    def __init__(self, user_id: _Optional[str] = ..., spec_json: _Optional[bytes] = ..., idempotency_key: _Optional[str] = ..., kind: _Optional[str] = ..., parent_job_id: _Optional[str] = ..., request_json: _Optional[bytes] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("user_id", "job_id")
@@ -75,12 +87,16 @@ class GetJobRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ("user_id", "limit")
+    __slots__ = ("user_id", "limit", "parent_job_id", "kind")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PARENT_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     limit: int
-    def __init__(self, user_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+    parent_job_id: str
+    kind: str
+    def __init__(self, user_id: _Optional[str] = ..., limit: _Optional[int] = ..., parent_job_id: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
     __slots__ = ("jobs",)
@@ -183,12 +199,18 @@ class VerifyProviderKeyResponse(_message.Message):
     def __init__(self, valid: bool = ..., balance_usd: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
 
 class EstimateJobRequest(_message.Message):
-    __slots__ = ("user_id", "spec_json")
+    __slots__ = ("user_id", "spec_json", "kind", "parent_job_id", "request_json")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PARENT_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_JSON_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     spec_json: bytes
-    def __init__(self, user_id: _Optional[str] = ..., spec_json: _Optional[bytes] = ...) -> None: ...
+    kind: str
+    parent_job_id: str
+    request_json: bytes
+    def __init__(self, user_id: _Optional[str] = ..., spec_json: _Optional[bytes] = ..., kind: _Optional[str] = ..., parent_job_id: _Optional[str] = ..., request_json: _Optional[bytes] = ...) -> None: ...
 
 class EstimateJobResponse(_message.Message):
     __slots__ = ("active_backend", "estimates", "notes")

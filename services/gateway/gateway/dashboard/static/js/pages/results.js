@@ -10,6 +10,7 @@
 import { api, apiBlob } from "../api.js";
 import { specTexts } from "../spectexts.js";
 import { announce, bytes, download, el, loadPlotly } from "../ui.js";
+import { trackSelection, verifySection } from "./verify.js";
 
 const RUNS = [["base", "Base model"], ["few_shot", "Few-shot"], ["finetuned", "Fine-tuned"]];
 // The heatmap's largest shape, the same bound the pipeline uses for `influence.heatmap`.
@@ -323,5 +324,7 @@ export async function renderResults(host, jobId, result) {
       el("h2", { id: "download-heading" }, "Download"),
       downloads,
       await artifactsTable(jobId, result)));
+  host.append(verifySection(jobId, result,
+    { describe: (id) => describe(texts, "eval", id), selection: trackSelection(host) }));
   if (view) await drawHeatmap(heatmap, view, texts);
 }

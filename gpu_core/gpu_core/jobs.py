@@ -1,0 +1,227 @@
+"""Job kinds: what a worker runs for a job, and the one payload every worker receives.
+
+A job is an ``experiment`` (the whole pipeline on a spec) or a later job of an experiment that
+builds on its stored spec and result: ``counterfactual`` (retrain without its top-k examples).
+Each kind is one :class:`JobKind` in :data:`JOB_KINDS`: how to read its request, how to check
+that request against the parent experiment (so a bad request is refused before anything runs),
+and how to run it as a generator of progress events ending in ``{"type": "result", ...}``.
+Adding a kind is adding an entry here; services pass ``kind`` and the JSON through untouched.
+
+Payload (RunPod's job input, Modal's argument, compute-local's job folder): an experiment is the
+bare spec object, as before; any other kind is ``{"kind", "spec", "request", "parent_result"}``.
+
+This module imports no torch: the scheduler and the providers use it to validate; only
+:func:`run_job` imports the pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from gpu_core.schemas import (
+    NO_SIZE_LIMITS,
+    CounterfactualRequest,
+    ExperimentResult,
+    ExperimentSpec,
+    SpecError,
+    parse_spec,
+)
+
+EXPERIMENT = "experiment"
+COUNTERFACTUAL = "counterfactual"
+
+
+class JobInputError(ValueError):
+    """A job's kind, request or parent does not fit; the message names the field."""
+
+
+class CounterfactualError(JobInputError):
+    """The counterfactual request does not fit the experiment; the message names the field."""
+
+
+Events = Generator[dict[str, Any], None, None]
+# A platform's stop signal (RunPod's cancel, seen by another thread); checked within a batch.
+StopCheck = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str
+    request_model: type[BaseModel] | None  # None: the kind takes no request (an experiment)
+    # Checks the request against the parent's spec and result; raises JobInputError.
+    check: Callable[[Any, ExperimentSpec, ExperimentResult], None] | None
+    run: Callable[[ExperimentSpec, Any, ExperimentResult | None, Path | None, StopCheck | None], Events]
+
+    @property
+    def needs_parent(self) -> bool:
+        return self.request_model is not None
+
+
+def counterfactual_eval_ids(
+    request: CounterfactualRequest, spec: ExperimentSpec, result: ExperimentResult
+) -> list[str]:
+    """The eval ids the check covers (all of the experiment's by default), checked to be its own."""
+    spec_ids = [example.id or "" for example in spec.training_data]
+    if spec_ids != result.influence.train_ids:
+        raise CounterfactualError(
+            "result: its training ids are not the spec's; pass the experiment's own spec"
+        )
+    known = result.influence.eval_ids
+    eval_ids = list(dict.fromkeys(request.eval_ids)) if request.eval_ids else list(known)
+    unknown = [eval_id for eval_id in eval_ids if eval_id not in set(known)]
+    if unknown:
+        raise CounterfactualError(f"eval_ids: not in this experiment: {', '.join(map(repr, unknown[:5]))}")
+    return eval_ids
+
+
+def has_full_scores(result: ExperimentResult) -> bool:
+    return bool(getattr(result.influence, "scores", None))
+
+
+def check_counterfactual(
+    request: CounterfactualRequest, spec: ExperimentSpec, result: ExperimentResult
+) -> None:
+    counterfactual_eval_ids(request, spec, result)
+    full = has_full_scores(result)
+    if request.k > spec.influence.top_k and not full:
+        raise CounterfactualError(
+            f"k: {request.k} is more than the {spec.influence.top_k} examples per eval example "
+            "the experiment kept; choose a smaller k"
+        )
+    if request.lds_subsets and not full:
+        raise CounterfactualError(
+            "lds_subsets: LDS needs the experiment's full score matrix, which this result does not hold"
+        )
+    if request.k >= len(spec.training_data):
+        raise CounterfactualError(f"k: must be less than the {len(spec.training_data)} training examples")
+
+
+def _run_experiment(
+    spec: ExperimentSpec,
+    _request: Any,
+    _parent: Any,
+    artifacts_dir: Path | None,
+    should_stop: StopCheck | None,
+) -> Events:
+    from gpu_core.pipeline import run_experiment
+
+    return run_experiment(spec, artifacts_dir, should_stop)
+
+
+def _run_counterfactual(
+    spec: ExperimentSpec,
+    request: Any,
+    parent: ExperimentResult | None,
+    _artifacts_dir: Path | None,
+    should_stop: StopCheck | None,
+) -> Events:
+    from gpu_core.counterfactual import run_counterfactual_job
+
+    assert parent is not None  # checked by parse_payload
+    return run_counterfactual_job(spec, parent, request, should_stop=should_stop)
+
+
+JOB_KINDS: dict[str, JobKind] = {
+    EXPERIMENT: JobKind(EXPERIMENT, None, None, _run_experiment),
+    COUNTERFACTUAL: JobKind(COUNTERFACTUAL, CounterfactualRequest, check_counterfactual, _run_counterfactual),
+}
+
+
+def job_kind(name: str) -> JobKind:
+    """The kind called ``name`` ("" is an experiment)."""
+    kind = JOB_KINDS.get(name or EXPERIMENT)
+    if kind is None:
+        raise JobInputError(f"kind: unknown job kind {name!r}; expected one of {', '.join(JOB_KINDS)}")
+    return kind
+
+
+def parse_request(kind: JobKind, raw: str | bytes | dict[str, Any] | None) -> Any:
+    """The kind's request model from JSON or an object; None for a kind without one."""
+    if kind.request_model is None:
+        return None
+    try:
+        if isinstance(raw, (str, bytes)):
+            return kind.request_model.model_validate_json(raw or b"{}")
+        return kind.request_model.model_validate(raw or {})
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(part) for part in error['loc']) or 'request'}: {error['msg']}"
+            for error in exc.errors()
+        ]
+        raise JobInputError("; ".join(problems)) from None
+
+
+def parse_result(raw: str | bytes | dict[str, Any]) -> ExperimentResult:
+    try:
+        if isinstance(raw, (str, bytes)):
+            return ExperimentResult.model_validate_json(raw)
+        return ExperimentResult.model_validate(raw)
+    except ValidationError as exc:
+        problems = exc.error_count()
+        raise JobInputError(f"parent_result: not an experiment result ({problems} problems)") from None
+
+
+@dataclass(frozen=True)
+class JobInput:
+    kind: JobKind
+    spec: ExperimentSpec
+    request: Any
+    parent_result: ExperimentResult | None
+
+
+def make_payload(
+    kind: str, spec: dict[str, Any], request: dict[str, Any] | None, parent_result: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What a worker receives for a job (see the module docstring)."""
+    if job_kind(kind).name == EXPERIMENT:
+        return spec
+    return {"kind": kind, "spec": spec, "request": request or {}, "parent_result": parent_result}
+
+
+def parse_payload(payload: dict[str, Any]) -> JobInput:
+    """A worker's payload, validated; raises :class:`SpecError` (the spec) or JobInputError."""
+    if "kind" not in payload:
+        return JobInput(job_kind(EXPERIMENT), parse_spec(payload, NO_SIZE_LIMITS), None, None)
+    kind = job_kind(str(payload.get("kind")))
+    spec = parse_spec(payload.get("spec") or {}, NO_SIZE_LIMITS)
+    request = parse_request(kind, payload.get("request"))
+    parent = None
+    if kind.needs_parent:
+        if not payload.get("parent_result"):
+            raise JobInputError(f"parent_result: a {kind.name} job needs its experiment's result")
+        parent = parse_result(payload["parent_result"])
+        if kind.check is not None:
+            kind.check(request, spec, parent)
+    return JobInput(kind, spec, request, parent)
+
+
+def run_job(
+    job: JobInput, artifacts_dir: Path | None = None, should_stop: StopCheck | None = None
+) -> Events:
+    """The job's events, ending in its result event (what every worker iterates). Once
+    ``should_stop()`` is true the work stops within a batch and ``ExperimentCancelled`` is raised."""
+    return job.kind.run(job.spec, job.request, job.parent_result, artifacts_dir, should_stop)
+
+
+__all__ = [
+    "COUNTERFACTUAL",
+    "EXPERIMENT",
+    "JOB_KINDS",
+    "CounterfactualError",
+    "JobInput",
+    "JobInputError",
+    "JobKind",
+    "SpecError",
+    "check_counterfactual",
+    "job_kind",
+    "make_payload",
+    "parse_payload",
+    "parse_request",
+    "parse_result",
+    "run_job",
+]

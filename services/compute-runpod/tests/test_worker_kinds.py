@@ -1,0 +1,59 @@
+"""The RunPod worker's handler on a later job of an experiment (a counterfactual check): it
+dispatches on the payload's kind, runs the real gpu_core check on the tiny model, and refuses a
+payload that does not fit with the field named."""
+
+from __future__ import annotations
+
+import importlib.util
+from types import ModuleType
+
+import pytest
+from gpu_core.jobs import COUNTERFACTUAL, make_payload
+from gpu_core.planted import planted_duplicate_spec, stand_in_result
+from gpu_core.schemas import parse_spec
+
+from devstack.fake_runpod import WORKER_HANDLER
+
+
+@pytest.fixture(scope="module")
+def worker() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("runpod_worker_kinds", WORKER_HANDLER)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def handle(worker: ModuleType, job: dict) -> list[dict]:
+    """Every chunk the (async generator) handler yields for ``job``, as the SDK collects them."""
+    return [chunk async for chunk in worker.handler(job)]
+
+
+def check_payload(request: dict) -> dict:
+    spec = parse_spec(planted_duplicate_spec("tracin", 6, 2, epochs=2)).model_dump(mode="json")
+    return make_payload(COUNTERFACTUAL, spec, request, stand_in_result(spec))
+
+
+async def test_a_counterfactual_payload_streams_progress_then_its_result(worker: ModuleType) -> None:
+    chunks = await handle(worker, {"id": "job-1", "input": check_payload({"k": 1, "controls": 1})})
+    *progress, last = chunks
+    assert progress and {chunk["stage"] for chunk in progress} == {"counterfactual"}
+    assert last["type"] == "result"
+    assert last["result"]["removed_ids"] == ["t0", "t3"]  # each eval example's planted duplicate
+    assert len(last["result"]["control_removed_ids"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (check_payload({"k": 0}), "Invalid job input: k: Input should be greater than or equal to 1"),
+        ({**check_payload({}), "parent_result": None}, "Invalid job input: parent_result: a counterfactual"),
+        ({**check_payload({}), "kind": "retrain"}, "Invalid job input: kind: unknown job kind 'retrain'"),
+        ({**check_payload({}), "spec": {"training_data": []}}, "Invalid experiment spec: "),
+    ],
+)
+async def test_a_payload_that_does_not_fit_is_the_jobs_error(
+    worker: ModuleType, payload: dict, message: str
+) -> None:
+    chunks = await handle(worker, {"id": "job-2", "input": payload})
+    assert len(chunks) == 1 and chunks[0]["error"].startswith(message), chunks

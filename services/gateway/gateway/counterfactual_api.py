@@ -1,0 +1,158 @@
+"""Counterfactual checks of an experiment (gpu_core.counterfactual): estimate, submit, list, read.
+
+A check is a job of kind ``counterfactual`` whose parent is the experiment: it runs on that
+experiment's backend with its stored spec and result, streams progress at
+``/api/jobs/{check_id}/events`` and is cancelled at ``/api/jobs/{check_id}/cancel`` like any
+job. Every route answers 404 for an experiment (or check) that is not the caller's.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Response
+from gpu_core.jobs import COUNTERFACTUAL
+from gpu_core.schemas import CounterfactualRequest
+from influence.v1 import scheduler_pb2
+
+from gateway.deps import Clients, CurrentUser, Trace
+from gateway.jobs_api import (
+    JOB_NOT_FOUND,
+    SCHEDULER_DOWN,
+    _checked_job_id,
+    _get_job,
+    checked_idempotency_key,
+)
+from gateway.upstream import ApiError, scheduler_errors
+from gateway.views import estimate_view, job_status, job_view
+
+router = APIRouter(prefix="/api/jobs/{job_id}/counterfactual", tags=["counterfactual"])
+
+CHECK_NOT_FOUND = "Counterfactual check not found"
+
+
+def _request_json(body: CounterfactualRequest) -> bytes:
+    return body.model_dump_json().encode()
+
+
+def check_view(job: scheduler_pb2.Job) -> dict[str, Any]:
+    return {
+        **job_view(job),
+        "counterfactual_job_id": job.id,
+        "parent_job_id": job.parent_job_id,
+        "request": json.loads(job.request_json) if job.request_json else None,
+    }
+
+
+@router.post(
+    "/estimate",
+    summary="Time and cost of a counterfactual check before submitting it",
+    responses={404: {"description": "No such experiment"}, 409: {"description": "Not completed"}},
+)
+async def estimate_check(
+    job_id: str, body: CounterfactualRequest, user: CurrentUser, clients: Clients, trace: Trace
+) -> dict[str, Any]:
+    """On the experiment's own backend: ``1 + controls + lds_subsets`` retrainings, each
+    evaluated on the chosen eval examples."""
+    with scheduler_errors(SCHEDULER_DOWN, not_found=JOB_NOT_FOUND):
+        answer = await clients.scheduler.EstimateJob(
+            scheduler_pb2.EstimateJobRequest(
+                user_id=user,
+                kind=COUNTERFACTUAL,
+                parent_job_id=_checked_job_id(job_id),
+                request_json=_request_json(body),
+            ),
+            metadata=trace,
+            timeout=clients.timeout_s,
+        )
+    return {
+        "backend": answer.active_backend,
+        "retrainings": body.retrainings(),
+        "estimates": [estimate_view(estimate) for estimate in answer.estimates],
+        "notes": list(answer.notes),
+    }
+
+
+@router.post(
+    "",
+    status_code=202,
+    summary="Start a counterfactual check: retrain without the top-k, and random controls",
+    responses={
+        404: {"description": "No such experiment"},
+        409: {"description": "The experiment has not completed"},
+        422: {"description": "A field of the request does not fit the experiment"},
+    },
+)
+async def submit_check(
+    job_id: str,
+    body: CounterfactualRequest,
+    response: Response,
+    user: CurrentUser,
+    clients: Clients,
+    trace: Trace,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> dict[str, Any]:
+    """Sending the same ``Idempotency-Key`` again answers the check it created the first time."""
+    checked_idempotency_key(idempotency_key)
+    with scheduler_errors(
+        "The scheduler is unavailable; the check was not submitted, try again", not_found=JOB_NOT_FOUND
+    ):
+        job = await clients.scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(
+                user_id=user,
+                idempotency_key=idempotency_key or "",
+                kind=COUNTERFACTUAL,
+                parent_job_id=_checked_job_id(job_id),
+                request_json=_request_json(body),
+            ),
+            metadata=trace,
+            timeout=clients.timeout_s,
+        )
+    response.headers["Location"] = f"/api/jobs/{job_id}/counterfactual/{job.id}"
+    return {
+        "counterfactual_job_id": job.id,
+        "status": job_status(job.state),
+        "estimated_time_s": job.estimated_time_s,
+        "estimated_cost_usd": job.estimated_cost_usd,
+    }
+
+
+@router.get("", summary="The experiment's counterfactual checks, newest first")
+async def list_checks(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
+    await _get_job(clients, user, job_id, trace)
+    with scheduler_errors(SCHEDULER_DOWN, not_found=JOB_NOT_FOUND):
+        answer = await clients.scheduler.ListJobs(
+            scheduler_pb2.ListJobsRequest(user_id=user, parent_job_id=job_id, kind=COUNTERFACTUAL),
+            metadata=trace,
+            timeout=clients.timeout_s,
+        )
+    return {"counterfactual_jobs": [check_view(job) for job in answer.jobs]}
+
+
+@router.get(
+    "/{cf_job_id}",
+    summary="A counterfactual check's status and, once it completed, its result",
+    responses={404: {"description": "No such check of this experiment"}},
+)
+async def get_check(
+    job_id: str, cf_job_id: str, user: CurrentUser, clients: Clients, trace: Trace
+) -> dict[str, Any]:
+    with scheduler_errors(SCHEDULER_DOWN, not_found=CHECK_NOT_FOUND):
+        job = await clients.scheduler.GetJob(
+            scheduler_pb2.GetJobRequest(user_id=user, job_id=_checked_job_id(cf_job_id)),
+            metadata=trace,
+            timeout=clients.timeout_s,
+        )
+    if job.kind != COUNTERFACTUAL or job.parent_job_id != job_id:
+        raise ApiError(404, CHECK_NOT_FOUND)
+    view = {**check_view(job), "result": None}
+    if view["status"] == "completed":
+        with scheduler_errors(SCHEDULER_DOWN, not_found=CHECK_NOT_FOUND):
+            answer = await clients.scheduler.GetJobResult(
+                scheduler_pb2.GetJobResultRequest(user_id=user, job_id=job.id),
+                metadata=trace,
+                timeout=clients.timeout_s,
+            )
+        view["result"] = json.loads(answer.result_json)
+    return view

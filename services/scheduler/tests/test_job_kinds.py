@@ -1,0 +1,140 @@
+"""Later jobs of an experiment (a counterfactual check) through the real scheduler, real
+PostgreSQL and the scripted provider: routed to the experiment's backend with its stored spec and
+result, refused (with the field named) until they fit, and listed under their experiment."""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+import grpc
+import pytest
+from gpu_core.planted import stand_in_result
+from influence.v1 import scheduler_pb2
+
+pytestmark = pytest.mark.timeout(60)
+
+CHECK = {"k": 1, "controls": 2}
+
+
+async def completed_experiment(scheduler, h, database_url) -> tuple[str, dict, dict]:
+    stub = scheduler.stub
+    job = await stub.SubmitJob(scheduler_pb2.SubmitJobRequest(user_id="alice", spec_json=h.spec_json()))
+    await h.watch_all(stub, "alice", job.id)
+    spec = json.loads(
+        (await stub.GetJobSpec(scheduler_pb2.GetJobSpecRequest(user_id="alice", job_id=job.id))).spec_json
+    )
+    result = stand_in_result(spec)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "UPDATE jobs SET result = $1::jsonb WHERE id = $2::uuid", json.dumps(result), job.id
+        )
+    finally:
+        await conn.close()
+    return job.id, spec, result
+
+
+def check_request(
+    parent: str, user: str = "alice", key: str = "", **request
+) -> scheduler_pb2.SubmitJobRequest:
+    return scheduler_pb2.SubmitJobRequest(
+        user_id=user,
+        kind="counterfactual",
+        parent_job_id=parent,
+        request_json=json.dumps(request or CHECK).encode(),
+        idempotency_key=key,
+    )
+
+
+async def test_a_check_runs_on_the_experiments_backend_with_its_spec_and_result(
+    scheduler, provider, h, database_url
+):
+    stub = scheduler.stub
+    parent, spec, result = await completed_experiment(scheduler, h, database_url)
+    # The profile's backend changes afterwards: the check still goes where the experiment ran.
+    await stub.SetComputeBackend(scheduler_pb2.SetComputeBackendRequest(user_id="alice", backend="runpod"))
+
+    estimate = await stub.EstimateJob(
+        scheduler_pb2.EstimateJobRequest(
+            user_id="alice",
+            kind="counterfactual",
+            parent_job_id=parent,
+            request_json=json.dumps(CHECK).encode(),
+        )
+    )
+    assert estimate.active_backend == "hosted" and [e.backend for e in estimate.estimates] == ["hosted"]
+    asked = provider.servicer.estimate_requests[-1]
+    assert asked.kind == "counterfactual" and json.loads(asked.request_json)["controls"] == 2
+    assert json.loads(asked.spec_json) == spec
+
+    check = await stub.SubmitJob(check_request(parent, key="k1"))
+    again = await stub.SubmitJob(check_request(parent, key="k1"))
+    assert again.id == check.id
+    assert check.kind == "counterfactual" and check.parent_job_id == parent
+    assert check.compute_backend == "hosted" and check.provider == "local"
+    assert json.loads(check.request_json) == {
+        "eval_ids": None,
+        "k": 1,
+        "remove": "helpful",
+        "controls": 2,
+        "lds_subsets": 0,
+        "lds_fraction": 0.5,
+        "seed": 0,
+    }
+    sent = provider.servicer.submit_requests[-1]
+    assert sent.job_id == check.id and sent.kind == "counterfactual"
+    assert json.loads(sent.spec_json) == spec
+    assert json.loads(sent.parent_result_json) == result
+    assert json.loads(sent.request_json)["k"] == 1
+
+    events = await h.watch_all(stub, "alice", check.id)
+    assert json.loads(events[-1].event_json)["state"] == "completed"
+    listed = await stub.ListJobs(scheduler_pb2.ListJobsRequest(user_id="alice", parent_job_id=parent))
+    assert [job.id for job in listed.jobs] == [check.id]
+    experiments = await stub.ListJobs(scheduler_pb2.ListJobsRequest(user_id="alice"))
+    assert [job.id for job in experiments.jobs] == [parent]
+    # A check of a check is not a thing.
+    with pytest.raises(grpc.aio.AioRpcError) as nested:
+        await stub.SubmitJob(check_request(check.id))
+    assert nested.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "parent_job_id: that job is a counterfactual job" in nested.value.details()
+
+
+async def test_checks_that_do_not_fit_are_refused_before_anything_is_stored(
+    scheduler, provider, h, database_url
+):
+    stub = scheduler.stub
+    provider.servicer.plan = h.plan(hold_at=1)
+    running = await stub.SubmitJob(scheduler_pb2.SubmitJobRequest(user_id="alice", spec_json=h.spec_json()))
+    with pytest.raises(grpc.aio.AioRpcError) as not_done:
+        await stub.SubmitJob(check_request(running.id))
+    assert not_done.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "needs a completed experiment" in not_done.value.details()
+    provider.servicer.plan.release.set()
+    await h.watch_all(stub, "alice", running.id)
+    provider.servicer.plan = h.plan()
+
+    parent, _spec, _result = await completed_experiment(scheduler, h, database_url)
+    cases = [
+        (check_request(parent, user="bob"), grpc.StatusCode.NOT_FOUND, "job not found"),
+        (check_request("not-a-job"), grpc.StatusCode.NOT_FOUND, "job not found"),
+        (check_request(parent, k=0), grpc.StatusCode.INVALID_ARGUMENT, "k: Input should be greater"),
+        (check_request(parent, eval_ids=["nope"]), grpc.StatusCode.INVALID_ARGUMENT, "eval_ids: not in"),
+        (check_request(parent, k=2), grpc.StatusCode.INVALID_ARGUMENT, "k: must be less than the 2"),
+        (check_request(parent, typo=1), grpc.StatusCode.INVALID_ARGUMENT, "typo: Extra inputs"),
+        (check_request(""), grpc.StatusCode.INVALID_ARGUMENT, "parent_job_id: a counterfactual job needs"),
+    ]
+    for request, code, message in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.SubmitJob(request)
+        assert refused.value.code() == code, request
+        assert message in refused.value.details()
+    unknown = scheduler_pb2.SubmitJobRequest(user_id="alice", kind="retrain", parent_job_id=parent)
+    with pytest.raises(grpc.aio.AioRpcError) as bad_kind:
+        await stub.SubmitJob(unknown)
+    assert "kind: unknown job kind 'retrain'" in bad_kind.value.details()
+    listed = await stub.ListJobs(scheduler_pb2.ListJobsRequest(user_id="alice", parent_job_id=parent))
+    assert list(listed.jobs) == []
+    assert len(provider.servicer.submit_requests) == 2  # the two experiments only
+    assert all(r.kind == "" for r in provider.servicer.submit_requests)
