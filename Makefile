@@ -19,13 +19,13 @@ help: ## list the targets
 
 setup: $(STAMP) ## create .venv with everything the services and tests need (idempotent)
 
-$(STAMP): requirements/runtime.txt requirements/dev.txt pyproject.toml gpu_core/pyproject.toml protos/pyproject.toml $(wildcard libs/*/pyproject.toml) $(wildcard services/*/pyproject.toml)
+$(STAMP): requirements/runtime.txt requirements/dev.txt pyproject.toml gpu_core/pyproject.toml protos/pyproject.toml $(wildcard libs/*/pyproject.toml) $(wildcard clients/*/pyproject.toml) $(wildcard services/*/pyproject.toml)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements/dev.txt
 	# kronfluence declares torchvision, which it never imports; see requirements/runtime.txt
 	$(PIP) install -q --no-deps kronfluence==1.0.1
-	$(PIP) install -q --no-deps --no-build-isolation $(foreach p,. gpu_core protos $(wildcard libs/*) $(wildcard services/*),-e $(p))
+	$(PIP) install -q --no-deps --no-build-isolation $(foreach p,. gpu_core protos $(wildcard libs/*) $(wildcard clients/*) $(wildcard services/*),-e $(p))
 	touch $@
 
 protos: ## regenerate the Python code for protos/ into protos/gen

@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from influence_client.models import AccessToken, Health, JobEvent, Readiness, StreamEnd
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,6 +23,7 @@ from gateway.auth import USERNAME_PATTERN, LocalTokenIssuer, TokenVerifier, loca
 from gateway.config import Settings
 from gateway.deps import GatewayState, SpecInvalid, json_error, validation_problems
 from gateway.middleware import BodySizeLimit, RequestMetrics
+from gateway.responses import ERRORS, error
 from gateway.upstream import ApiError, Upstreams, open_upstreams
 
 log = logging.getLogger(__name__)
@@ -128,7 +130,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _install_system_routes(app: FastAPI, state: GatewayState, registry: CollectorRegistry) -> None:
-    @app.get("/healthz", tags=["system"], summary="The process is alive")
+    @app.get("/healthz", tags=["system"], summary="The process is alive", response_model=Health)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
@@ -136,7 +138,10 @@ def _install_system_routes(app: FastAPI, state: GatewayState, registry: Collecto
         "/readyz",
         tags=["system"],
         summary="Scheduler and keyvault are serving",
-        responses={503: {"description": "A dependency is not ready"}},
+        responses={
+            200: {"model": Readiness, "description": "Every dependency is serving"},
+            503: {"model": Readiness, "description": "A dependency is not ready"},
+        },
     )
     async def readyz() -> JSONResponse:
         not_ready = await state.upstreams.not_ready() if state.upstreams else ["scheduler", "keyvault"]
@@ -157,7 +162,13 @@ def _install_system_routes(app: FastAPI, state: GatewayState, registry: Collecto
 
 
 def _install_local_sign_in(app: FastAPI, state: GatewayState) -> None:
-    @app.post("/api/auth/local", tags=["auth"], summary="Sign in locally (AUTH_MODE=local only)")
+    @app.post(
+        "/api/auth/local",
+        tags=["auth"],
+        summary="Sign in locally (AUTH_MODE=local only)",
+        response_model=AccessToken,
+        responses={422: ERRORS[422], "default": error("Any other error")},
+    )
     async def local_sign_in(body: LocalSignIn) -> dict[str, Any]:
         """No password: for a stack on one machine. The token's subject is ``local:<username>``."""
         assert state.local_issuer is not None
@@ -204,6 +215,9 @@ def _install_openapi(app: FastAPI) -> None:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name, model in jobs_api.spec_component_schemas().items():
             components.setdefault(name, model)
+        # The event stream's data objects, referenced by /api/jobs/{job_id}/events.
+        for model in (JobEvent, StreamEnd):
+            components.setdefault(model.__name__, model.model_json_schema())
         app.openapi_schema = schema
         return schema
 

@@ -9,15 +9,17 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from gpu_core.datareport import data_report
-from gpu_core.schemas import ExperimentSpec, parse_spec
+from gpu_core.schemas import ExperimentResult, ExperimentSpec, parse_spec
 from influence.v1 import scheduler_pb2
+from influence_client.models import EstimateAnswer, Job, JobList, SubmittedJob
 
 from gateway.deps import Clients, CurrentUser, State, Trace, read_spec
 from gateway.events import job_event_stream
+from gateway.responses import ERRORS, error
 from gateway.upstream import ApiError, scheduler_errors
 from gateway.views import TERMINAL_STATUSES, estimate_view, job_status, job_view, submitted_view
 
-router = APIRouter(prefix="/api", tags=["jobs"])
+router = APIRouter(prefix="/api", tags=["jobs"], responses=ERRORS)
 
 JOB_NOT_FOUND = "Job not found"
 ARTIFACT_NOT_FOUND = "Job or artifact not found"
@@ -61,7 +63,8 @@ def checked_idempotency_key(key: str | None) -> None:
     status_code=202,
     openapi_extra=_spec_body(),
     summary="Submit an experiment",
-    responses={413: {"description": "Body too large"}, 422: {"description": "Invalid spec"}},
+    response_model=SubmittedJob,
+    responses={413: error("Body too large"), 422: error("Invalid spec: one {field, message} per problem")},
 )
 async def submit_job(
     request: Request,
@@ -88,7 +91,9 @@ async def submit_job(
     return submitted_view(job)
 
 
-@router.post("/estimate", openapi_extra=_spec_body(), summary="Estimate time and cost")
+@router.post(
+    "/estimate", openapi_extra=_spec_body(), summary="Estimate time and cost", response_model=EstimateAnswer
+)
 async def estimate_job(
     request: Request, user: CurrentUser, state: State, clients: Clients, trace: Trace
 ) -> dict[str, Any]:
@@ -111,7 +116,7 @@ async def estimate_job(
     }
 
 
-@router.get("/jobs", summary="The caller's jobs, newest first")
+@router.get("/jobs", summary="The caller's jobs, newest first", response_model=JobList)
 async def list_jobs(
     user: CurrentUser,
     clients: Clients,
@@ -136,7 +141,12 @@ async def _get_job(clients: Clients, user: str, job_id: str, trace: Trace) -> sc
         )
 
 
-@router.get("/jobs/{job_id}", summary="Status, stage, progress and latest metrics of a job")
+@router.get(
+    "/jobs/{job_id}",
+    summary="Status, stage, progress and latest metrics of a job",
+    response_model=Job,
+    responses={404: error("No such job for this user")},
+)
 async def get_job(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
     return job_view(await _get_job(clients, user, job_id, trace))
 
@@ -145,7 +155,13 @@ async def get_job(job_id: str, user: CurrentUser, clients: Clients, trace: Trace
     "/jobs/{job_id}/events",
     summary="Progress as Server-Sent Events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={
+        200: {
+            "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/JobEvent"}}},
+            "description": "``id: <seq>`` and ``data: <JobEvent>`` per event, then ``event: end``",
+        },
+        404: error("No such job for this user"),
+    },
 )
 async def job_events(
     job_id: str,
@@ -183,7 +199,11 @@ async def job_events(
 @router.get(
     "/jobs/{job_id}/results",
     summary="The gpu_core result JSON",
-    responses={409: {"description": "The job has not finished"}},
+    responses={
+        200: {"model": ExperimentResult, "description": "gpu_core's ExperimentResult, as stored"},
+        404: error("No such job for this user"),
+        409: error("The job has not finished"),
+    },
 )
 async def job_results(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> Response:
     job = await _get_job(clients, user, job_id, trace)
@@ -203,7 +223,14 @@ async def job_results(job_id: str, user: CurrentUser, clients: Clients, trace: T
     return Response(content=answer.result_json, media_type="application/json")
 
 
-@router.get("/jobs/{job_id}/spec", summary="The job's experiment spec, with every example's id")
+@router.get(
+    "/jobs/{job_id}/spec",
+    summary="The job's experiment spec, with every example's id",
+    responses={
+        200: {"model": ExperimentSpec, "description": "The spec as stored"},
+        404: error("No such job for this user"),
+    },
+)
 async def job_spec(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> Response:
     job_id = _checked_job_id(job_id)
     with scheduler_errors(SCHEDULER_DOWN, not_found=JOB_NOT_FOUND):
@@ -215,7 +242,12 @@ async def job_spec(job_id: str, user: CurrentUser, clients: Clients, trace: Trac
     return Response(content=answer.spec_json, media_type="application/json")
 
 
-@router.post("/jobs/{job_id}/cancel", summary="Cancel a job")
+@router.post(
+    "/jobs/{job_id}/cancel",
+    summary="Cancel a job",
+    response_model=Job,
+    responses={404: error("No such job for this user")},
+)
 async def cancel_job(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
     with scheduler_errors(SCHEDULER_DOWN, not_found=JOB_NOT_FOUND):
         job = await clients.scheduler.CancelJob(

@@ -7,11 +7,13 @@ from typing import Any
 
 import cost_model
 from fastapi import APIRouter
+from influence_client.models import ModelList
 
 from gateway.deps import CurrentUser, State
+from gateway.responses import ERRORS, error
 from gateway.upstream import ApiError
 
-router = APIRouter(prefix="/api", tags=["models"])
+router = APIRouter(prefix="/api", tags=["models"], responses=ERRORS)
 
 
 def model_catalog(hosted_provider: str) -> list[dict[str, Any]]:
@@ -24,6 +26,11 @@ def model_catalog(hosted_provider: str) -> list[dict[str, Any]]:
         raise ApiError(503, f"The price table cannot be read: {exc}") from None
 
 
-@router.get("/models", summary="Models with GPU recommendation and per-backend prices")
+@router.get(
+    "/models",
+    summary="Models with GPU recommendation and per-backend prices",
+    response_model=ModelList,
+    responses={503: error("The price table cannot be read")},
+)
 async def list_models(_user: CurrentUser, state: State) -> dict[str, Any]:
     return {"models": model_catalog(state.settings.hosted_provider)}

@@ -12,14 +12,16 @@ from typing import Annotated, Any, Literal
 import grpc
 from fastapi import APIRouter
 from influence.v1 import keyvault_pb2, scheduler_pb2
+from influence_client.models import ComputeSettings, RunpodKeyDeleted, RunpodKeySaved, RunpodKeyStatus
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from gateway.deps import Clients, CurrentUser, State, Trace
+from gateway.responses import ERRORS, error
 from gateway.upstream import ApiError, Upstreams, keyvault_errors, scheduler_errors
 from gateway.views import compute_settings_view, key_info_view
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/api/settings", tags=["settings"])
+router = APIRouter(prefix="/api/settings", tags=["settings"], responses=ERRORS)
 
 RUNPOD = "runpod"
 SCHEDULER_DOWN = "The scheduler is unavailable; your settings were not changed, try again"
@@ -82,7 +84,7 @@ async def _stored_key(clients: Upstreams, user: str, trace: Trace) -> keyvault_p
         raise
 
 
-@router.get("/compute", summary="The caller's compute backend")
+@router.get("/compute", summary="The caller's compute backend", response_model=ComputeSettings)
 async def get_compute(user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
     return compute_settings_view(await _compute_settings(clients, user, trace))
 
@@ -90,7 +92,8 @@ async def get_compute(user: CurrentUser, clients: Clients, trace: Trace) -> dict
 @router.put(
     "/compute",
     summary="Choose the compute backend",
-    responses={409: {"description": "runpod chosen with no stored key"}},
+    response_model=ComputeSettings,
+    responses={409: error("runpod chosen with no stored key")},
 )
 async def put_compute(
     choice: ComputeBackendChoice, user: CurrentUser, clients: Clients, trace: Trace
@@ -103,10 +106,11 @@ async def put_compute(
 @router.post(
     "/runpod-key",
     summary="Verify, encrypt and store a RunPod API key; switch to runpod",
+    response_model=RunpodKeySaved,
     responses={
-        400: {"description": "RunPod rejected the key"},
-        402: {"description": "The RunPod account has no funds"},
-        403: {"description": "The key lacks a needed permission"},
+        400: error("RunPod rejected the key"),
+        402: error("The RunPod account has no funds"),
+        403: error("The key lacks a needed permission"),
     },
 )
 async def save_runpod_key(
@@ -150,7 +154,11 @@ def _rejection_status(message: str) -> int:
     return 400
 
 
-@router.get("/runpod-key", summary="Whether a RunPod key is stored, and the endpoint's state")
+@router.get(
+    "/runpod-key",
+    summary="Whether a RunPod key is stored, and the endpoint's state",
+    response_model=RunpodKeyStatus,
+)
 async def get_runpod_key(
     user: CurrentUser, clients: Clients, trace: Trace, state: State
 ) -> dict[str, Any]:
@@ -162,7 +170,11 @@ async def get_runpod_key(
     }
 
 
-@router.delete("/runpod-key", summary="Remove the RunPod key and return to the hosted backend")
+@router.delete(
+    "/runpod-key",
+    summary="Remove the RunPod key and return to the hosted backend",
+    response_model=RunpodKeyDeleted,
+)
 async def delete_runpod_key(user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
     # Back to hosted first, so no job is routed to runpod in the moment the key is gone.
     settings = await _set_backend(clients, user, "hosted", trace)

@@ -1,0 +1,239 @@
+"""The JSON shapes of the Influence Dashboard REST API.
+
+This module is the single definition: the gateway declares these as its response models (so
+/openapi.json describes every answer) and the client parses answers with them. It imports only
+pydantic, so the gateway pulls in nothing of the client and the client nothing of the gateway.
+
+Every model accepts fields it does not know (``extra="allow"``): a newer gateway may add fields
+without breaking an older client, and the gateway never drops a field a view adds.
+
+The experiment spec and result are gpu_core's contract (``gpu_core.schemas``); the client sends
+and returns them as plain JSON objects rather than keeping a second copy of that schema.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ApiModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# ---- errors -------------------------------------------------------------------------------
+
+
+class FieldProblem(ApiModel):
+    field: str = Field(description="Where the problem is, e.g. training_data[3].completion")
+    message: str = Field(description="What is wrong with it")
+
+
+class ErrorResponse(ApiModel):
+    """Every 4xx and 5xx answer. ``detail`` is a sentence naming what failed, or, for an
+    invalid body or spec (422), one ``{field, message}`` per problem."""
+
+    detail: str | list[FieldProblem]
+
+
+# ---- system and auth ----------------------------------------------------------------------
+
+
+class Health(ApiModel):
+    status: str = Field(description='"ok"')
+
+
+class Readiness(ApiModel):
+    status: str = Field(description='"ready" or "not ready"')
+    not_ready: list[str] = Field(description="Dependencies that are not serving")
+    detail: str | None = None
+
+
+class AccessToken(ApiModel):
+    access_token: str
+    token_type: str = Field(description='"bearer"')
+    expires_in: int = Field(description="Seconds until the token expires")
+
+
+# ---- jobs ---------------------------------------------------------------------------------
+
+
+class Job(ApiModel):
+    job_id: str
+    status: str = Field(description="queued, submitted, running, completed, failed or cancelled")
+    stage: str | None = Field(description="The pipeline stage running now, e.g. training")
+    progress: float = Field(description="Overall progress, 0..1")
+    stage_message: str
+    metrics: dict[str, Any] = Field(
+        description="The last progress event's figures: epoch, total_epochs, step, loss, eta_s, ..."
+    )
+    error: str | None
+    backend: str
+    provider: str
+    model_id: str
+    influence_method: str
+    n_train: int
+    n_eval: int
+    estimated_time_s: float
+    estimated_cost_usd: float
+    last_event_seq: int
+    created_at: str | None = Field(description="ISO 8601, UTC")
+    updated_at: str | None = Field(description="ISO 8601, UTC")
+    finished_at: str | None = Field(description="ISO 8601, UTC")
+
+
+class SubmittedJob(ApiModel):
+    job_id: str
+    status: str
+    estimated_time_s: float
+    estimated_cost_usd: float
+
+
+class JobList(ApiModel):
+    jobs: list[Job] = Field(description="Newest first")
+
+
+class JobEvent(ApiModel):
+    """The ``data`` of one Server-Sent Event of /api/jobs/{id}/events (its ``id`` is ``seq``).
+    Progress events carry the pipeline's figures (epoch, total_epochs, step, loss, eta_s, ...);
+    the last event of a job is ``{"type": "status", "state": "completed" | "failed" | ...}``."""
+
+    type: str = Field(description='"progress", "status", ...')
+    seq: int
+    stage: str | None = None
+    progress: float | None = None
+    message: str | None = None
+    state: str | None = Field(default=None, description="On status events: the job's new status")
+    time: str | None = None
+
+
+class StreamEnd(ApiModel):
+    """The ``data`` of the final ``event: end`` of the event stream."""
+
+    job_id: str
+    status: str | None
+    error: str | None = None
+
+
+class BackendEstimate(ApiModel):
+    backend: str
+    provider: str
+    gpu: str
+    gpu_memory_gb: float
+    required_memory_gb: float
+    estimated_time_s: float
+    usd_per_second: float
+    estimated_cost_usd: float
+    prices_as_of: str
+    price_source: str
+    notes: list[str]
+
+
+class EstimateAnswer(ApiModel):
+    active_backend: str = Field(description="The caller's backend; its estimate comes first")
+    estimates: list[BackendEstimate]
+    notes: list[str]
+
+
+class Artifact(ApiModel):
+    name: str = Field(description="POSIX path under the job's artifacts, e.g. adapter/adapter_config.json")
+    bytes: int
+    sha256: str
+    media_type: str
+
+
+class ArtifactList(ApiModel):
+    artifacts: list[Artifact]
+
+
+# ---- models -------------------------------------------------------------------------------
+
+
+class BackendPrice(ApiModel):
+    provider: str
+    gpu: str
+    gpu_memory_gb: float
+    usd_per_second: float
+    usd_per_hour: float
+    prices_as_of: str
+    price_source: str
+
+
+class ModelInfo(ApiModel):
+    id: str
+    name: str
+    params_b: float
+    default_quantization: str
+    context_length: int
+    licence: str
+    note: str
+    recommended_tier_gb: int
+    required_memory_gb: float
+    fits: bool
+    prices: dict[str, BackendPrice] = Field(description='By backend: "hosted", "runpod"')
+    presets: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Hyperparams (gpu_core) this model learns with; the dashboard fills them in",
+    )
+
+
+class ModelList(ApiModel):
+    models: list[ModelInfo]
+
+
+# ---- settings -----------------------------------------------------------------------------
+
+
+class ComputeSettings(ApiModel):
+    backend: str = Field(description='"hosted" or "runpod"')
+    hosted_provider: str
+    runpod_endpoint_id: str | None
+    endpoint_status: str
+    endpoint_error: str | None
+
+
+class RunpodKeySaved(ApiModel):
+    last4: str
+    backend: str
+    endpoint_status: str
+    balance_usd: float
+
+
+class RunpodKeyStatus(ComputeSettings):
+    has_key: bool
+    last4: str | None
+    verified_at: str | None
+    updated_at: str | None
+
+
+class RunpodKeyDeleted(ComputeSettings):
+    has_key: bool
+    deleted: bool
+
+
+# ---- gateway configuration ----------------------------------------------------------------
+
+
+class SpecLimitsInfo(ApiModel):
+    max_train_examples: int
+    max_eval_examples: int
+    max_text_chars: int = Field(description="Per prompt, completion or expected answer")
+    max_body_bytes: int
+
+
+class InfluenceMethodInfo(ApiModel):
+    value: str = Field(description="The spec's influence_method")
+    label: str
+    description: str
+
+
+class GatewayConfig(ApiModel):
+    """What a client needs to build a valid spec for this deployment."""
+
+    auth_mode: str = Field(description='"local" (POST /api/auth/local) or "jwt"')
+    limits: SpecLimitsInfo
+    influence_methods: list[InfluenceMethodInfo]
+    spec_schema: dict[str, Any] = Field(
+        description="JSON Schema of the experiment spec (gpu_core ExperimentSpec): defaults and bounds"
+    )
