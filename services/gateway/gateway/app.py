@@ -18,7 +18,7 @@ from influence_client.models import AccessToken, Health, JobEvent, Readiness, St
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway import counterfactual_api, data_api, jobs_api, models_api, settings_api
+from gateway import config_api, counterfactual_api, data_api, jobs_api, models_api, settings_api
 from gateway.auth import USERNAME_PATTERN, LocalTokenIssuer, TokenVerifier, local_secret
 from gateway.config import Settings
 from gateway.deps import GatewayState, SpecInvalid, json_error, validation_problems
@@ -102,6 +102,7 @@ def create_app(
     app.include_router(models_api.router)
     app.include_router(data_api.router)
     app.include_router(counterfactual_api.router)
+    app.include_router(config_api.router)
     _install_dashboard(app, dashboard_dir)
     _install_openapi(app)
     # Outermost first: metrics see every answer, the size limit runs before any parsing.

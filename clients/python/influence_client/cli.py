@@ -1,0 +1,288 @@
+"""``influence``: the command line of the Influence Dashboard API.
+
+    influence login                      # local sign-in; the token is kept per API URL
+    influence submit examples/sample.json --follow
+    influence results JOB --format csv -o scores.csv
+
+``--api`` or $INFLUENCE_API picks the gateway (default: the local stack on 127.0.0.1:8080).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+from influence_client import models
+from influence_client.client import TOKEN_ENV, Client, InfluenceError, default_api
+from influence_client.results import EVAL_COLUMNS, INFLUENCE_COLUMNS, eval_rows, influence_rows, write_csv
+
+BAR_WIDTH = 24
+# Without a terminal (a log, CI) a line is printed at each stage and every this much progress.
+LOG_STEP = 0.05
+
+
+def credentials_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "influence" / "credentials.json"
+
+
+def _stored_tokens() -> dict[str, str]:
+    path = credentials_path()
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def store_token(api: str, token: str) -> Path:
+    path = credentials_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokens = {**_stored_tokens(), api: token}
+    # Created private before the token is written into it.
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_text(json.dumps(tokens, indent=1))
+    return path
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class ProgressBar:
+    """One line per update: stage, overall progress, epoch, loss and ETA. On a terminal the line
+    is redrawn in place; elsewhere a line is written at each stage and every 5 %."""
+
+    def __init__(self, out: IO[str], interactive: bool) -> None:
+        self.out = out
+        self.interactive = interactive
+        self.started = time.monotonic()
+        self.last_stage: str | None = None
+        self.last_logged = -1.0
+        self.width = 0
+
+    def line(self, event: models.JobEvent) -> str:
+        extra = event.model_extra or {}
+        progress = event.progress or 0.0
+        filled = round(progress * BAR_WIDTH)
+        parts = [f"{event.stage or event.type:<14}", f"[{'#' * filled}{'-' * (BAR_WIDTH - filled)}]",
+                 f"{progress * 100:3.0f}%"]
+        if extra.get("epoch") is not None and extra.get("total_epochs"):
+            parts.append(f"epoch {extra['epoch']}/{extra['total_epochs']}")
+        if extra.get("loss") is not None:
+            parts.append(f"loss {extra['loss']:.4f}")
+        eta = self._eta(progress)
+        if eta is not None:
+            parts.append(f"ETA {_duration(eta)}")
+        return "  ".join(parts)
+
+    def _eta(self, progress: float) -> float | None:
+        """Remaining time of the whole job at the rate seen so far."""
+        if progress <= 0.01 or progress >= 1:
+            return None
+        elapsed = time.monotonic() - self.started
+        return elapsed / progress * (1 - progress)
+
+    def update(self, event: models.JobEvent) -> None:
+        if event.type != "progress":
+            return
+        text = self.line(event)
+        if self.interactive:
+            self.out.write("\r" + text.ljust(self.width))
+            self.width = len(text)
+        else:
+            progress = event.progress or 0.0
+            if event.stage == self.last_stage and progress - self.last_logged < LOG_STEP:
+                return
+            self.out.write(text + "\n")
+            self.last_logged = progress
+        self.last_stage = event.stage
+        self.out.flush()
+
+    def finish(self, job: models.Job) -> None:
+        if self.interactive and self.width:
+            self.out.write("\n")
+        took = _duration(time.monotonic() - self.started)
+        error = f": {job.error}" if job.error else ""
+        self.out.write(f"job {job.job_id} {job.status} after {took}{error}\n")
+        self.out.flush()
+
+
+def _print_json(value: Any) -> None:
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(mode="json")
+    print(json.dumps(value, indent=2))
+
+
+def _client(args: argparse.Namespace) -> Client:
+    token = os.environ.get(TOKEN_ENV) or _stored_tokens().get(args.api)
+    return Client(args.api, token=token)
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    with Client(args.api, token="") as client:
+        if args.token:
+            client.token = args.token
+            client.jobs(limit=1)  # checks the token before keeping it
+            token = args.token
+        else:
+            token = client.sign_in(args.username or getpass.getuser()).access_token
+    path = store_token(args.api, token)
+    print(f"signed in to {args.api}; token kept in {path}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        submitted = client.submit(args.spec, idempotency_key=args.idempotency_key)
+        print(f"submitted job {submitted.job_id} ({submitted.status}; estimated "
+              f"{_duration(submitted.estimated_time_s)}, ${submitted.estimated_cost_usd:.4f})", flush=True)
+        if not args.follow:
+            return 0
+        bar = ProgressBar(sys.stderr, sys.stderr.isatty())
+        job = client.wait(submitted.job_id, on_event=bar.update)
+        bar.finish(job)
+        return 0 if job.status == "completed" else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.job(args.job)
+    if args.json:
+        _print_json(job)
+        return 0
+    metrics = job.metrics
+    detail = [f"{job.progress * 100:.0f}%"]
+    if job.stage:
+        detail.append(f"stage {job.stage}")
+    if metrics.get("epoch") is not None:
+        detail.append(f"epoch {metrics['epoch']}/{metrics.get('total_epochs', '?')}")
+    if metrics.get("loss") is not None:
+        detail.append(f"loss {metrics['loss']:.4f}")
+    print(f"{job.job_id}  {job.status}  " + "  ".join(detail))
+    if job.error:
+        print(f"error: {job.error}")
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.results(args.job)
+    out: IO[str] = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        if args.format == "json":
+            out.write(json.dumps(result, indent=2) + "\n")
+        elif args.table == "evals":
+            write_csv(eval_rows(result), EVAL_COLUMNS, out)
+        else:
+            write_csv(influence_rows(result), INFLUENCE_COLUMNS, out)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def cmd_artifacts(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        artifacts = client.artifacts(args.job)
+        for artifact in artifacts:
+            print(f"{artifact.bytes:>12}  {artifact.sha256[:12]}  {artifact.media_type:<28} {artifact.name}")
+        if args.download:
+            for artifact in artifacts:
+                path = client.download_artifact(args.job, artifact, args.download)
+                print(f"downloaded {path}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.cancel(args.job)
+    print(f"{job.job_id}  {job.status}")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        jobs = client.jobs(limit=args.limit)
+    if not jobs:
+        print("no jobs yet: influence submit SPEC")
+    for job in jobs:
+        print(f"{job.job_id:<28} {job.status:<10} {job.progress * 100:4.0f}%  {job.model_id:<24} "
+              f"{job.influence_method:<12} {job.created_at or ''}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="influence", description="The Influence Dashboard API from a shell.")
+    root.add_argument("--api", default=default_api(),
+                      help="gateway URL (default: $INFLUENCE_API or the local stack, %(default)s)")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    login = commands.add_parser("login", help="sign in and keep the token for this API URL")
+    login.add_argument("--username", help="local sign-in name (default: your login name)")
+    login.add_argument("--token", help="keep this bearer token (a JWT from your sign-in provider)")
+    login.set_defaults(run=cmd_login)
+
+    submit = commands.add_parser("submit", help="submit an experiment spec (a JSON file)")
+    submit.add_argument("spec", type=Path)
+    submit.add_argument("--follow", action="store_true", help="show progress until the job ends")
+    submit.add_argument("--idempotency-key", help="resubmitting with the same key answers the same job")
+    submit.set_defaults(run=cmd_submit)
+
+    status = commands.add_parser("status", help="a job's status, stage and latest figures")
+    status.add_argument("job")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(run=cmd_status)
+
+    results = commands.add_parser("results", help="a finished job's results")
+    results.add_argument("job")
+    results.add_argument("--format", choices=("json", "csv"), default="json")
+    results.add_argument("--table", choices=("influence", "evals"), default="influence",
+                         help="CSV: influence scores (eval_id, train_id, score) or eval answers")
+    results.add_argument("-o", "--output", help="write to this file instead of stdout")
+    results.set_defaults(run=cmd_results)
+
+    artifacts = commands.add_parser("artifacts", help="list a job's files (adapter, scores)")
+    artifacts.add_argument("job")
+    artifacts.add_argument("--download", metavar="DIR", help="download every file into DIR (sha256 checked)")
+    artifacts.set_defaults(run=cmd_artifacts)
+
+    cancel = commands.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("job")
+    cancel.set_defaults(run=cmd_cancel)
+
+    jobs = commands.add_parser("jobs", help="your jobs, newest first")
+    jobs.add_argument("--limit", type=int, default=20)
+    jobs.set_defaults(run=cmd_jobs)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    args.api = args.api.rstrip("/")
+    try:
+        return args.run(args)
+    except InfluenceError as exc:
+        hint = "; sign in with: influence login" if exc.status == 401 else ""
+        print(f"influence: {exc}{hint}", file=sys.stderr)
+        return 1
+    except httpx.TransportError as exc:
+        print(f"influence: cannot reach the gateway at {args.api}: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"influence: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,574 @@
+"""Sync and async clients of the Influence Dashboard REST API.
+
+Each call is described once (``_Call``: method, path, body, how to read the answer) and run by
+either client, so the two cannot drift. The experiment spec and result travel as JSON objects
+(gpu_core's schema); everything else is parsed into ``influence_client.models``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel
+
+from influence_client import models
+
+DEFAULT_API = "http://127.0.0.1:8080"
+API_ENV = "INFLUENCE_API"
+TOKEN_ENV = "INFLUENCE_TOKEN"
+TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+# A dropped event stream is resumed from the last seq this many times in a row before giving up.
+MAX_STREAM_RECONNECTS = 5
+RECONNECT_DELAY_S = 1.0
+_CHUNK_BYTES = 1 << 20
+
+T = TypeVar("T")
+
+
+class InfluenceError(Exception):
+    """An error answer of the gateway: its status and ``detail`` (a sentence, or one
+    :class:`~influence_client.models.FieldProblem` per problem of an invalid spec)."""
+
+    def __init__(self, status: int, detail: str | list[models.FieldProblem], method: str, path: str) -> None:
+        self.status = status
+        self.detail = detail
+        if isinstance(detail, list):
+            text = "; ".join(f"{problem.field}: {problem.message}" for problem in detail)
+        else:
+            text = detail
+        super().__init__(f"{method} {path} answered {status}: {text}")
+
+
+def default_api() -> str:
+    return os.environ.get(API_ENV) or DEFAULT_API
+
+
+def load_spec(spec: dict[str, Any] | str | os.PathLike[str]) -> dict[str, Any]:
+    """A spec given as an object, or as the path of a JSON file."""
+    if isinstance(spec, dict):
+        return spec
+    return json.loads(Path(spec).read_text(encoding="utf-8"))
+
+
+def _error(reply: httpx.Response) -> InfluenceError:
+    try:
+        detail = models.ErrorResponse.model_validate(reply.json()).detail
+    except ValueError:
+        detail = reply.text.strip() or reply.reason_phrase
+    return InfluenceError(reply.status_code, detail, reply.request.method, reply.request.url.path)
+
+
+def _model(model: type[BaseModel]) -> Callable[[httpx.Response], Any]:
+    return lambda reply: model.model_validate(reply.json())
+
+
+def _json(reply: httpx.Response) -> dict[str, Any]:
+    return reply.json()
+
+
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    method: str
+    path: str
+    read: Callable[[httpx.Response], T]
+    json: Any = None
+    params: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    authenticated: bool = True
+
+
+def _job_path(job_id: str, tail: str = "") -> str:
+    return f"/api/jobs/{quote(job_id, safe='')}{tail}"
+
+
+def _artifact_path(job_id: str, name: str) -> str:
+    return _job_path(job_id, "/artifacts/" + quote(_safe_artifact_name(name), safe="/"))
+
+
+def _safe_artifact_name(name: str) -> str:
+    """An artifact name as a relative POSIX path that stays inside the download directory."""
+    path = PurePosixPath(name)
+    if not name or path.is_absolute() or ".." in path.parts or "\\" in name:
+        raise ValueError(f"artifact name {name!r} is not a relative path inside the job's artifacts")
+    return str(path)
+
+
+class _Calls:
+    """Every call of the API, described once."""
+
+    @staticmethod
+    def sign_in(username: str) -> _Call[models.AccessToken]:
+        return _Call("POST", "/api/auth/local", _model(models.AccessToken), json={"username": username},
+                     authenticated=False)
+
+    @staticmethod
+    def config() -> _Call[models.GatewayConfig]:
+        return _Call("GET", "/api/config", _model(models.GatewayConfig), authenticated=False)
+
+    @staticmethod
+    def models() -> _Call[list[models.ModelInfo]]:
+        return _Call("GET", "/api/models", lambda r: models.ModelList.model_validate(r.json()).models)
+
+    @staticmethod
+    def submit(spec: dict[str, Any], idempotency_key: str | None) -> _Call[models.SubmittedJob]:
+        return _Call("POST", "/api/train", _model(models.SubmittedJob), json=spec,
+                     headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex})
+
+    @staticmethod
+    def estimate(spec: dict[str, Any]) -> _Call[models.EstimateAnswer]:
+        return _Call("POST", "/api/estimate", _model(models.EstimateAnswer), json=spec)
+
+    @staticmethod
+    def jobs(limit: int) -> _Call[list[models.Job]]:
+        return _Call("GET", "/api/jobs", lambda r: models.JobList.model_validate(r.json()).jobs,
+                     params={"limit": limit})
+
+    @staticmethod
+    def job(job_id: str) -> _Call[models.Job]:
+        return _Call("GET", _job_path(job_id), _model(models.Job))
+
+    @staticmethod
+    def results(job_id: str) -> _Call[dict[str, Any]]:
+        return _Call("GET", _job_path(job_id, "/results"), _json)
+
+    @staticmethod
+    def spec(job_id: str) -> _Call[dict[str, Any]]:
+        return _Call("GET", _job_path(job_id, "/spec"), _json)
+
+    @staticmethod
+    def artifacts(job_id: str) -> _Call[list[models.Artifact]]:
+        return _Call("GET", _job_path(job_id, "/artifacts"),
+                     lambda r: models.ArtifactList.model_validate(r.json()).artifacts)
+
+    @staticmethod
+    def cancel(job_id: str) -> _Call[models.Job]:
+        return _Call("POST", _job_path(job_id, "/cancel"), _model(models.Job))
+
+    @staticmethod
+    def compute_settings() -> _Call[models.ComputeSettings]:
+        return _Call("GET", "/api/settings/compute", _model(models.ComputeSettings))
+
+    @staticmethod
+    def set_backend(backend: str) -> _Call[models.ComputeSettings]:
+        return _Call("PUT", "/api/settings/compute", _model(models.ComputeSettings),
+                     json={"backend": backend})
+
+    @staticmethod
+    def runpod_key() -> _Call[models.RunpodKeyStatus]:
+        return _Call("GET", "/api/settings/runpod-key", _model(models.RunpodKeyStatus))
+
+    @staticmethod
+    def save_runpod_key(api_key: str) -> _Call[models.RunpodKeySaved]:
+        return _Call("POST", "/api/settings/runpod-key", _model(models.RunpodKeySaved),
+                     json={"api_key": api_key})
+
+    @staticmethod
+    def delete_runpod_key() -> _Call[models.RunpodKeyDeleted]:
+        return _Call("DELETE", "/api/settings/runpod-key", _model(models.RunpodKeyDeleted))
+
+
+class SseParser:
+    """Server-Sent Events, line by line: ``feed`` answers ``(event, data)`` at each blank line
+    that ends an event with data; comments (heartbeats) and ``retry:`` lines give nothing."""
+
+    def __init__(self) -> None:
+        self.event = "message"
+        self.data: list[str] = []
+
+    def feed(self, line: str) -> tuple[str, dict[str, Any]] | None:
+        if line == "":
+            event, data = self.event, self.data
+            self.event, self.data = "message", []
+            return (event, json.loads("\n".join(data))) if data else None
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            self.event = value
+        elif name == "data":
+            self.data.append(value)
+        return None
+
+
+class _Stream:
+    """What following one job's events needs on both clients: the resume point, the request
+    and what each parsed event means."""
+
+    def __init__(self, job_id: str, after: int) -> None:
+        self.job_id = job_id
+        self.last_seq = after
+        self.ended = False
+        self.failures = 0
+
+    def request_args(self) -> dict[str, Any]:
+        return {"params": {"after": self.last_seq}, "headers": {"Last-Event-ID": str(self.last_seq)}}
+
+    def take(self, event: str, data: dict[str, Any]) -> models.JobEvent | None:
+        """The event to yield, if any; marks the stream ended on ``end``."""
+        if event == "end":
+            self.ended = True
+            return None
+        if event == "error":
+            # The gateway lost the scheduler; reconnecting resumes after last_seq.
+            raise httpx.RemoteProtocolError(data.get("message", "the event stream broke"))
+        parsed = models.JobEvent.model_validate(data)
+        self.last_seq = max(self.last_seq, parsed.seq)
+        self.failures = 0
+        return parsed
+
+    def broke(self, exc: Exception) -> None:
+        self.failures += 1
+        if self.failures > MAX_STREAM_RECONNECTS:
+            raise exc
+
+
+_STREAM_ERRORS = (httpx.TransportError,)
+
+
+class _Base:
+    def __init__(self, api: str | None, token: str | None, timeout_s: float, follow_timeout_s: float) -> None:
+        self.api = (api or default_api()).rstrip("/")
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV)
+        self.timeout_s = timeout_s
+        self.follow_timeout = httpx.Timeout(follow_timeout_s, connect=10.0)
+
+    def _headers(self, call_headers: dict[str, str], authenticated: bool = True) -> dict[str, str]:
+        headers = dict(call_headers)
+        if authenticated and self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
+
+class Client(_Base):
+    """The synchronous client. ``api`` defaults to $INFLUENCE_API or the local stack, ``token``
+    to $INFLUENCE_TOKEN; :meth:`sign_in` gets one from a stack in local sign-in mode.
+
+    ``follow_timeout_s`` bounds the wait for the next event (the gateway sends a heartbeat
+    every 15 s by default), not the whole run."""
+
+    def __init__(
+        self,
+        api: str | None = None,
+        token: str | None = None,
+        timeout_s: float = 30.0,
+        follow_timeout_s: float = 120.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(api, token, timeout_s, follow_timeout_s)
+        self.http = httpx.Client(base_url=self.api, timeout=timeout_s, transport=transport)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _run(self, call: _Call[T]) -> T:
+        reply = self.http.request(
+            call.method, call.path, json=call.json, params=call.params,
+            headers=self._headers(call.headers, call.authenticated),
+        )
+        if reply.is_error:
+            raise _error(reply)
+        return call.read(reply)
+
+    def sign_in(self, username: str) -> models.AccessToken:
+        """Local sign-in (AUTH_MODE=local): no password; the token is kept for later calls."""
+        token = self._run(_Calls.sign_in(username))
+        self.token = token.access_token
+        return token
+
+    def config(self) -> models.GatewayConfig:
+        return self._run(_Calls.config())
+
+    def models(self) -> list[models.ModelInfo]:
+        return self._run(_Calls.models())
+
+    def submit(
+        self, spec: dict[str, Any] | str | os.PathLike[str], idempotency_key: str | None = None
+    ) -> models.SubmittedJob:
+        """Submit an experiment (an object or a JSON file). The same ``idempotency_key`` again
+        answers the job it created the first time; without one each call makes a new job."""
+        return self._run(_Calls.submit(load_spec(spec), idempotency_key))
+
+    def estimate(self, spec: dict[str, Any] | str | os.PathLike[str]) -> models.EstimateAnswer:
+        return self._run(_Calls.estimate(load_spec(spec)))
+
+    def jobs(self, limit: int = 50) -> list[models.Job]:
+        return self._run(_Calls.jobs(limit))
+
+    def job(self, job_id: str) -> models.Job:
+        return self._run(_Calls.job(job_id))
+
+    def results(self, job_id: str) -> dict[str, Any]:
+        """gpu_core's result JSON: eval_results, influence, training, timings, environment."""
+        return self._run(_Calls.results(job_id))
+
+    def spec(self, job_id: str) -> dict[str, Any]:
+        return self._run(_Calls.spec(job_id))
+
+    def cancel(self, job_id: str) -> models.Job:
+        return self._run(_Calls.cancel(job_id))
+
+    def artifacts(self, job_id: str) -> list[models.Artifact]:
+        return self._run(_Calls.artifacts(job_id))
+
+    def download_artifact(
+        self, job_id: str, artifact: models.Artifact, directory: str | os.PathLike[str]
+    ) -> Path:
+        """Stream one artifact to ``directory/<name>``; its size and sha256 are checked."""
+        target = Path(directory) / _safe_artifact_name(artifact.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path = _artifact_path(job_id, artifact.name)
+        with _ArtifactFile(target, artifact) as sink, self.http.stream(
+            "GET", path, headers=self._headers({}), timeout=self.follow_timeout
+        ) as reply:
+            if reply.is_error:
+                reply.read()
+                raise _error(reply)
+            for chunk in reply.iter_bytes(_CHUNK_BYTES):
+                sink.write(chunk)
+        return target
+
+    def download_artifacts(self, job_id: str, directory: str | os.PathLike[str]) -> list[Path]:
+        return [self.download_artifact(job_id, artifact, directory) for artifact in self.artifacts(job_id)]
+
+    def events(self, job_id: str, after: int = 0) -> Iterator[models.JobEvent]:
+        """Progress events after seq ``after`` until the job ends; a dropped connection is
+        resumed from the last event seen (Last-Event-ID), so no event is lost or repeated."""
+        stream = _Stream(job_id, after)
+        while not stream.ended:
+            try:
+                with self.http.stream(
+                    "GET", _job_path(job_id, "/events"), timeout=self.follow_timeout,
+                    params=stream.request_args()["params"],
+                    headers=self._headers(stream.request_args()["headers"]),
+                ) as reply:
+                    if reply.is_error:
+                        reply.read()
+                        raise _error(reply)
+                    parser = SseParser()
+                    for line in reply.iter_lines():
+                        parsed = parser.feed(line)
+                        if parsed is None:
+                            continue
+                        event = stream.take(*parsed)
+                        if event is not None:
+                            yield event
+                        if stream.ended:
+                            return
+                # The connection closed without an end event: resume.
+                stream.broke(httpx.RemoteProtocolError("the event stream closed before the job ended"))
+            except _STREAM_ERRORS as exc:
+                stream.broke(exc)
+            time.sleep(RECONNECT_DELAY_S * stream.failures)
+
+    def wait(self, job_id: str, on_event: Callable[[models.JobEvent], None] | None = None) -> models.Job:
+        """Follow the job's events to its end and answer its final status."""
+        for event in self.events(job_id):
+            if on_event is not None:
+                on_event(event)
+        return self.job(job_id)
+
+    def compute_settings(self) -> models.ComputeSettings:
+        return self._run(_Calls.compute_settings())
+
+    def set_backend(self, backend: str) -> models.ComputeSettings:
+        return self._run(_Calls.set_backend(backend))
+
+    def runpod_key(self) -> models.RunpodKeyStatus:
+        return self._run(_Calls.runpod_key())
+
+    def save_runpod_key(self, api_key: str) -> models.RunpodKeySaved:
+        return self._run(_Calls.save_runpod_key(api_key))
+
+    def delete_runpod_key(self) -> models.RunpodKeyDeleted:
+        return self._run(_Calls.delete_runpod_key())
+
+
+class AsyncClient(_Base):
+    """The asyncio client: the same calls as :class:`Client`, awaited."""
+
+    def __init__(
+        self,
+        api: str | None = None,
+        token: str | None = None,
+        timeout_s: float = 30.0,
+        follow_timeout_s: float = 120.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(api, token, timeout_s, follow_timeout_s)
+        self.http = httpx.AsyncClient(base_url=self.api, timeout=timeout_s, transport=transport)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def _run(self, call: _Call[T]) -> T:
+        reply = await self.http.request(
+            call.method, call.path, json=call.json, params=call.params,
+            headers=self._headers(call.headers, call.authenticated),
+        )
+        if reply.is_error:
+            raise _error(reply)
+        return call.read(reply)
+
+    async def sign_in(self, username: str) -> models.AccessToken:
+        token = await self._run(_Calls.sign_in(username))
+        self.token = token.access_token
+        return token
+
+    async def config(self) -> models.GatewayConfig:
+        return await self._run(_Calls.config())
+
+    async def models(self) -> list[models.ModelInfo]:
+        return await self._run(_Calls.models())
+
+    async def submit(
+        self, spec: dict[str, Any] | str | os.PathLike[str], idempotency_key: str | None = None
+    ) -> models.SubmittedJob:
+        return await self._run(_Calls.submit(load_spec(spec), idempotency_key))
+
+    async def estimate(self, spec: dict[str, Any] | str | os.PathLike[str]) -> models.EstimateAnswer:
+        return await self._run(_Calls.estimate(load_spec(spec)))
+
+    async def jobs(self, limit: int = 50) -> list[models.Job]:
+        return await self._run(_Calls.jobs(limit))
+
+    async def job(self, job_id: str) -> models.Job:
+        return await self._run(_Calls.job(job_id))
+
+    async def results(self, job_id: str) -> dict[str, Any]:
+        return await self._run(_Calls.results(job_id))
+
+    async def spec(self, job_id: str) -> dict[str, Any]:
+        return await self._run(_Calls.spec(job_id))
+
+    async def cancel(self, job_id: str) -> models.Job:
+        return await self._run(_Calls.cancel(job_id))
+
+    async def artifacts(self, job_id: str) -> list[models.Artifact]:
+        return await self._run(_Calls.artifacts(job_id))
+
+    async def download_artifact(
+        self, job_id: str, artifact: models.Artifact, directory: str | os.PathLike[str]
+    ) -> Path:
+        target = Path(directory) / _safe_artifact_name(artifact.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path = _artifact_path(job_id, artifact.name)
+        with _ArtifactFile(target, artifact) as sink:
+            async with self.http.stream(
+                "GET", path, headers=self._headers({}), timeout=self.follow_timeout
+            ) as reply:
+                if reply.is_error:
+                    await reply.aread()
+                    raise _error(reply)
+                async for chunk in reply.aiter_bytes(_CHUNK_BYTES):
+                    sink.write(chunk)
+        return target
+
+    async def download_artifacts(self, job_id: str, directory: str | os.PathLike[str]) -> list[Path]:
+        return [await self.download_artifact(job_id, a, directory) for a in await self.artifacts(job_id)]
+
+    async def events(self, job_id: str, after: int = 0) -> AsyncIterator[models.JobEvent]:
+        stream = _Stream(job_id, after)
+        while not stream.ended:
+            try:
+                async with self.http.stream(
+                    "GET", _job_path(job_id, "/events"), timeout=self.follow_timeout,
+                    params=stream.request_args()["params"],
+                    headers=self._headers(stream.request_args()["headers"]),
+                ) as reply:
+                    if reply.is_error:
+                        await reply.aread()
+                        raise _error(reply)
+                    parser = SseParser()
+                    async for line in reply.aiter_lines():
+                        parsed = parser.feed(line)
+                        if parsed is None:
+                            continue
+                        event = stream.take(*parsed)
+                        if event is not None:
+                            yield event
+                        if stream.ended:
+                            return
+                stream.broke(httpx.RemoteProtocolError("the event stream closed before the job ended"))
+            except _STREAM_ERRORS as exc:
+                stream.broke(exc)
+            await asyncio.sleep(RECONNECT_DELAY_S * stream.failures)
+
+    async def wait(
+        self, job_id: str, on_event: Callable[[models.JobEvent], None] | None = None
+    ) -> models.Job:
+        async for event in self.events(job_id):
+            if on_event is not None:
+                on_event(event)
+        return await self.job(job_id)
+
+    async def compute_settings(self) -> models.ComputeSettings:
+        return await self._run(_Calls.compute_settings())
+
+    async def set_backend(self, backend: str) -> models.ComputeSettings:
+        return await self._run(_Calls.set_backend(backend))
+
+    async def runpod_key(self) -> models.RunpodKeyStatus:
+        return await self._run(_Calls.runpod_key())
+
+    async def save_runpod_key(self, api_key: str) -> models.RunpodKeySaved:
+        return await self._run(_Calls.save_runpod_key(api_key))
+
+    async def delete_runpod_key(self) -> models.RunpodKeyDeleted:
+        return await self._run(_Calls.delete_runpod_key())
+
+
+class _ArtifactFile:
+    """Writes a download to ``<target>.part``, checks its size and sha256 against the listing,
+    then renames it into place; a failed or wrong download leaves no file behind."""
+
+    def __init__(self, target: Path, artifact: models.Artifact) -> None:
+        self.target = target
+        self.artifact = artifact
+        self.partial = target.with_name(target.name + ".part")
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def __enter__(self) -> _ArtifactFile:
+        self.file = self.partial.open("wb")
+        return self
+
+    def write(self, chunk: bytes) -> None:
+        self.file.write(chunk)
+        self.digest.update(chunk)
+        self.size += len(chunk)
+
+    def __exit__(self, exc_type: object, *_rest: object) -> None:
+        self.file.close()
+        if exc_type is not None:
+            self.partial.unlink(missing_ok=True)
+            return
+        if self.size != self.artifact.bytes or self.digest.hexdigest() != self.artifact.sha256:
+            self.partial.unlink(missing_ok=True)
+            raise ValueError(
+                f"artifact {self.artifact.name}: got {self.size} bytes with sha256 "
+                f"{self.digest.hexdigest()}; the listing says {self.artifact.bytes} bytes, "
+                f"sha256 {self.artifact.sha256}"
+            )
+        self.partial.replace(self.target)
