@@ -66,6 +66,7 @@ class ModelInfo:
     required_memory_gb: float
     fits: bool
     prices: dict[str, BackendPrice] = field(default_factory=dict)  # by backend
+    presets: dict[str, Any] = field(default_factory=dict)  # gpu_core Hyperparams fields
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,6 +185,7 @@ def catalog(hosted_provider: str = "modal") -> list[ModelInfo]:
                 required_memory_gb=round(recommendation.required_memory_gb, 2),
                 fits=recommendation.fits,
                 prices=prices,
+                presets=card.preset_hyperparams().model_dump(),
             )
         )
     return infos

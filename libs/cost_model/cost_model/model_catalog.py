@@ -13,9 +13,10 @@ import json
 import re
 from functools import cache
 from importlib import resources
+from typing import Any
 
-from gpu_core.schemas import Quantization
-from pydantic import BaseModel, ConfigDict, Field
+from gpu_core.schemas import Hyperparams, Quantization
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 UNKNOWN_MODEL_PARAMS_B = 7.0
 _SIZE_IN_ID = re.compile(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)\s*([bm])(?![a-z])", re.IGNORECASE)
@@ -76,6 +77,18 @@ class ModelCard(BaseModel):
     chars_per_token: float = Field(default=4.0, gt=0)
     note: str = ""
     known: bool = True
+    # Hyperparams this model learns with, over gpu_core's defaults (which suit pretrained models
+    # of 0.3B and up); the dashboard fills them in when the model is chosen.
+    presets: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _presets_are_hyperparams(self) -> ModelCard:
+        self.preset_hyperparams()
+        return self
+
+    def preset_hyperparams(self) -> Hyperparams:
+        """The presets as a full, validated gpu_core ``Hyperparams`` in the default quantization."""
+        return Hyperparams.model_validate({"quantization": self.default_quantization, **self.presets})
 
 
 class _CatalogFile(BaseModel):
