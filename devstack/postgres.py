@@ -35,6 +35,20 @@ class EmbeddedPostgres:
         self.server.psql(f"CREATE DATABASE {name};")
         return self.dsn(name)
 
+    def ensure_database(self, name: str) -> str:
+        """Create ``name`` unless it exists (a second `make run` finds it); return its DSN.
+
+        psql reports a failed statement on stderr and still exits 0, so "CREATE DATABASE" of an
+        existing database would print an ERROR line: the statement runs only when it is absent.
+        """
+        if not re.fullmatch(r"[a-z0-9_]+", name):
+            raise ValueError(f"bad database name {name!r}")
+        self.server.psql(
+            f"SELECT 'CREATE DATABASE {name}' "
+            f"WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '{name}')\\gexec\n"
+        )
+        return self.dsn(name)
+
     def stop(self) -> None:
         self.server.cleanup()
 

@@ -130,12 +130,7 @@ class Stack:
             self.database_url = configured
             return
         self.postgres = start_embedded_postgres(self.data_dir / "postgres")
-        try:
-            self.postgres.server.psql("CREATE DATABASE influence;")
-        except Exception as exc:  # noqa: BLE001 - pgserver raises a bare error on "already exists"
-            if "already exists" not in str(exc):
-                raise
-        self.database_url = self.postgres.dsn("influence")
+        self.database_url = self.postgres.ensure_database("influence")
 
     def service_env(self, name: str) -> dict[str, str]:
         spec = SERVICES[name]
