@@ -32,6 +32,11 @@ METHOD_NOTES: dict[str, tuple[str, str]] = {
         "Most accurate and most expensive: fits EK-FAC factors first "
         "(about 3x TracIn's compute and more memory).",
     ),
+    "trackstar": (
+        "TrackStar",
+        "For large training sets: each example's gradient, rescaled by the optimizer's statistics and "
+        "compressed, scored by cosine similarity; one gradient pass.",
+    ),
 }
 
 

@@ -3,35 +3,14 @@
 
 import { api } from "../api.js";
 import { KINDS, readDataFile, withIds } from "../datafile.js";
+import {
+  applyPresets, hyperparamSpecs, sampleButton, schemaNumberField, specNumberSpecs, targetModules,
+  targetModulesField,
+} from "../specform.js";
 import { announce, BACKEND_NAMES, duration, el, usd } from "../ui.js";
 
 const ESTIMATE_DELAY_MS = 400;
 
-// Defaults of gpu_core's Hyperparams / ExperimentSpec.
-const HYPERPARAMS = [
-  { name: "epochs", label: "Epochs", value: 3, min: 1, max: 100, step: 1 },
-  { name: "learning_rate", label: "Learning rate", value: 0.0002, min: 0, max: 1, step: "any" },
-  { name: "batch_size", label: "Batch size", value: 8, min: 1, max: 512, step: 1 },
-  { name: "lora_r", label: "LoRA rank (r)", value: 8, min: 1, max: 256, step: 1 },
-  { name: "lora_alpha", label: "LoRA alpha", value: 16, min: 0, step: "any" },
-  { name: "max_seq_len", label: "Max sequence length (tokens)", value: 256, min: 8, max: 8192, step: 1 },
-  { name: "max_new_tokens", label: "Max new tokens per answer", value: 32, min: 1, max: 1024, step: 1 },
-  { name: "seed", label: "Random seed", value: 0, min: 0, step: 1 },
-];
-const SPEC_NUMBERS = [
-  { name: "few_shot_k", label: "Few-shot demonstrations", value: 3, min: 0, max: 32, step: 1 },
-  { name: "top_k", label: "Top influential examples to keep", value: 10, min: 1, max: 1000, step: 1 },
-];
-const METHODS = [
-  { value: "tracin", label: "TracIn",
-    cost: "Cheapest: one gradient dot product per training/eval pair at each epoch's checkpoint." },
-  { value: "datainf", label: "DataInf",
-    cost: "About one extra gradient pass: a closed-form inverse-Hessian approximation per LoRA layer." },
-  { value: "kronfluence", label: "Kronfluence (EK-FAC)",
-    cost: "Most accurate and most expensive: fits EK-FAC factors first (about 3x TracIn's compute and more memory)." },
-  { value: "trackstar", label: "TrackStar",
-    cost: "For large training sets: each example's gradient, rescaled by the optimizer's statistics and compressed, scored by cosine similarity; one gradient pass." },
-];
 // influence.projection_dim: optional; empty keeps exact TracIn (TrackStar then uses 4,096).
 const PROJECTION_DIM = { name: "projection_dim", label: "Projection dimensions (optional)", min: 16, max: 65536, step: 1,
   help: "Compress each training example's gradient to this many numbers, saved as a reusable index: memory stays flat with 100,000 examples; scores become close approximations. Empty: exact." };
@@ -40,16 +19,6 @@ const EXAMPLE_FILES = [
   ["eval.jsonl", "Eval examples (JSONL)"], ["eval.csv", "Eval examples (CSV)"],
   ["chat_train.jsonl", "Training examples (chat messages)"], ["chat_eval.jsonl", "Eval examples (chat messages)"],
 ];
-
-function numberField(field) {
-  const id = `hp-${field.name}`;
-  return el("div", { class: "field" },
-    el("label", { for: id }, field.label),
-    el("input", {
-      id, name: field.name, type: "number", value: field.value, min: field.min, max: field.max,
-      step: field.step, required: true, inputmode: field.step === 1 ? "numeric" : "decimal",
-    }));
-}
 
 function projectionField() {
   const id = `influence-${PROJECTION_DIM.name}`;
@@ -202,8 +171,12 @@ function estimateView(answer) {
 }
 
 export async function renderNewExperiment(view) {
-  const [{ models }, compute] = await Promise.all([api("GET", "/api/models"), api("GET", "/api/settings/compute")]);
+  const [{ models }, compute, config] = await Promise.all([
+    api("GET", "/api/models"), api("GET", "/api/settings/compute"), api("GET", "/api/config")]);
+  const schema = config.spec_schema;
+  const hyperparamFields = hyperparamSpecs(schema);
   const data = { train: null, eval: null };
+  let presetExtras = {};
   const formats = { train: null, eval: null };
   let idempotencyKey = crypto.randomUUID();
   let estimateTimer = null;
@@ -213,11 +186,12 @@ export async function renderNewExperiment(view) {
   const methodName = "influence_method";
   const methods = el("fieldset", {},
     el("legend", {}, "Influence method"),
-    METHODS.map((m, index) => el("div", { class: "radio" },
-      el("input", { type: "radio", id: `method-${m.value}`, name: methodName, value: m.value, checked: index === 0,
+    config.influence_methods.map((m) => el("div", { class: "radio" },
+      el("input", { type: "radio", id: `method-${m.value}`, name: methodName, value: m.value,
+        checked: m.value === schema.properties.influence_method.default,
         "aria-describedby": `method-${m.value}-cost` }),
       el("label", { for: `method-${m.value}` }, m.label),
-      el("span", { class: "help", id: `method-${m.value}-cost` }, ` — ${m.cost}`))));
+      m.description ? el("span", { class: "help", id: `method-${m.value}-cost` }, ` — ${m.description}`) : null)));
   const dataReport = el("div", { id: "data-report", "aria-live": "polite" },
     el("p", { class: "help" }, "Upload training and eval data to see token lengths, truncation and duplicates."));
   const estimate = el("div", { id: "estimate", "aria-live": "polite" },
@@ -227,6 +201,7 @@ export async function renderNewExperiment(view) {
     el("section", { class: "card" }, el("h2", {}, "Model"),
       el("label", { for: "model" }, "Model"), modelSelect, modelTable),
     el("section", { class: "card" }, el("h2", {}, "Data"),
+      sampleButton(loadSample),
       el("p", {}, "Example files: ",
         EXAMPLE_FILES.map(([file, label], i) => [i ? " · " : "", el("a", { href: `/static/examples/${file}`, download: file }, label)])),
       fileField("train", (examples, format) => { data.train = examples; formats.train = format; changed(); }),
@@ -234,7 +209,9 @@ export async function renderNewExperiment(view) {
       templateField()),
     el("section", { class: "card" }, el("h2", {}, "Data check"), dataReport),
     el("section", { class: "card" }, el("h2", {}, "Hyperparameters"),
-      el("div", { class: "grid" }, HYPERPARAMS.map(numberField), SPEC_NUMBERS.map(numberField))),
+      el("p", { class: "help", id: "presets-help" }, "Choosing a model fills in the hyperparameters it learns with."),
+      el("div", { class: "grid" }, hyperparamFields.map(schemaNumberField), specNumberSpecs(schema).map(schemaNumberField),
+        targetModulesField(schema))),
     el("section", { class: "card" }, el("h2", {}, "Influence"), methods, projectionField()),
     el("section", { class: "card" }, el("h2", {}, "Cost estimate"), estimate),
     el("div", { class: "actions" }, submit));
@@ -244,7 +221,11 @@ export async function renderNewExperiment(view) {
   }
 
   function spec() {
-    const hyperparams = Object.fromEntries(HYPERPARAMS.map((h) => [h.name, number(h.name)]));
+    const hyperparams = {
+      ...presetExtras,
+      ...Object.fromEntries(hyperparamFields.map((h) => [h.name, number(h.name)])),
+      target_modules: targetModules(form),
+    };
     return {
       model_id: modelSelect.value,
       training_data: withIds(data.train, "t"),
@@ -262,7 +243,7 @@ export async function renderNewExperiment(view) {
   }
 
   function fieldProblems() {
-    return [...form.querySelectorAll("input[type=number]")]
+    return [...form.querySelectorAll("input[type=number], #hp-target_modules")]
       .filter((input) => !input.checkValidity())
       .map((input) => `${form.querySelector(`label[for="${input.id}"]`).textContent}: ${input.validationMessage}`);
   }
@@ -294,6 +275,33 @@ export async function renderNewExperiment(view) {
     estimate.replaceChildren(el("p", { class: "help" }, "Estimating…"));
     estimateTimer = setTimeout(refreshEstimate, ESTIMATE_DELAY_MS);
   }
+
+  function useModelPresets() {
+    const model = models.find((m) => m.id === modelSelect.value);
+    presetExtras = applyPresets(form, model ? model.presets : {});
+  }
+
+  function loadSample(sample) {
+    if (models.some((m) => m.id === sample.model_id)) modelSelect.value = sample.model_id;
+    modelSelect.dispatchEvent(new Event("change"));
+    presetExtras = { ...presetExtras, ...applyPresets(form, sample.hyperparams) };
+    form.elements.few_shot_k.value = sample.few_shot_k;
+    form.elements.top_k.value = sample.influence.top_k;
+    const method = form.querySelector(`input[name="${methodName}"][value="${sample.influence_method}"]`);
+    if (method) method.checked = true;
+    for (const kind of ["train", "eval"]) {
+      data[kind] = kind === "train" ? sample.training_data : sample.eval_data;
+      formats[kind] = null; // the gateway reads the shape of the examples
+      document.getElementById(`file-${kind}-summary`).textContent =
+        `Sample experiment: ${data[kind].length} ${KINDS[kind].label} examples.`;
+      document.getElementById(`file-${kind}-errors`).replaceChildren();
+    }
+    announce("Loaded the sample experiment");
+    changed();
+  }
+
+  modelSelect.addEventListener("change", useModelPresets);
+  useModelPresets();
 
   form.addEventListener("input", (event) => { if (event.target.type !== "file") changed(); });
   form.addEventListener("change", (event) => {
