@@ -18,6 +18,7 @@ import torch
 
 from gpu_core.data import IGNORE_INDEX, EncodedPair, Encoder, Turns, batches, collate
 from gpu_core.schemas import EvalExample, EvalMetrics, EvalRun, ExampleOutcome
+from gpu_core.tiny import _bytes_to_unicode
 
 
 def evaluate(
@@ -109,7 +110,7 @@ def generate(
         ends = [tokens.index(token) for token in stop if token in tokens]
         if ends:
             tokens = tokens[: min(ends)]
-        outputs.append(tokenizer.decode(tokens, skip_special_tokens=True))
+        outputs.append(decode_answer(tokenizer, tokens))
     return outputs
 
 
@@ -120,3 +121,25 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     configured = configured if isinstance(configured, list) else [configured]
     ids = [tokenizer.eos_token_id, *configured]
     return list(dict.fromkeys(token for token in ids if token is not None))
+
+
+def decode_answer(tokenizer: Any, tokens: list[int]) -> str:
+    """Generated tokens as text. Bytes that are not valid UTF-8 (a byte-level model can stop in
+    the middle of a character or invent byte sequences) read as ``\\xNN`` escapes rather than
+    as replacement characters, so an answer always shows what the model produced."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    if "\ufffd" not in text:
+        return text
+    raw = _byte_level_bytes(tokenizer, tokens)
+    return text if raw is None else raw.decode("utf-8", errors="backslashreplace")
+
+
+def _byte_level_bytes(tokenizer: Any, tokens: list[int]) -> bytes | None:
+    """The bytes behind byte-level BPE tokens (GPT-2's byte alphabet: the tiny model, Llama 3,
+    Qwen); None for a tokenizer whose tokens are not spelled in that alphabet."""
+    byte_of = {char: byte for byte, char in _bytes_to_unicode().items()}
+    special = set(tokenizer.all_special_ids)
+    spelled = "".join(tokenizer.convert_ids_to_tokens([token for token in tokens if token not in special]))
+    if not all(char in byte_of for char in spelled):
+        return None
+    return bytes(byte_of[char] for char in spelled)
