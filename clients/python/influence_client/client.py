@@ -40,9 +40,18 @@ class InfluenceError(Exception):
     """An error answer of the gateway: its status and ``detail`` (a sentence, or one
     :class:`~influence_client.models.FieldProblem` per problem of an invalid spec)."""
 
-    def __init__(self, status: int, detail: str | list[models.FieldProblem], method: str, path: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        detail: str | list[models.FieldProblem],
+        method: str,
+        path: str,
+        retry_after_s: float | None = None,
+    ) -> None:
         self.status = status
         self.detail = detail
+        # From Retry-After (a 429 over a usage limit, a 503 while a service restarts).
+        self.retry_after_s = retry_after_s
         if isinstance(detail, list):
             text = "; ".join(f"{problem.field}: {problem.message}" for problem in detail)
         else:
@@ -66,7 +75,11 @@ def _error(reply: httpx.Response) -> InfluenceError:
         detail = models.ErrorResponse.model_validate(reply.json()).detail
     except ValueError:
         detail = reply.text.strip() or reply.reason_phrase
-    return InfluenceError(reply.status_code, detail, reply.request.method, reply.request.url.path)
+    retry_after = reply.headers.get("retry-after", "")
+    return InfluenceError(
+        reply.status_code, detail, reply.request.method, reply.request.url.path,
+        float(retry_after) if retry_after.strip().isdigit() else None,
+    )
 
 
 def _model(model: type[BaseModel]) -> Callable[[httpx.Response], Any]:
@@ -102,6 +115,12 @@ def _safe_artifact_name(name: str) -> str:
     if not name or path.is_absolute() or ".." in path.parts or "\\" in name:
         raise ValueError(f"artifact name {name!r} is not a relative path inside the job's artifacts")
     return str(path)
+
+
+def _store_redirect(reply: httpx.Response) -> tuple[str, dict[str, str]]:
+    """The gateway may answer a download with a short-lived URL of the artifact store: it is
+    signed by itself, and the bearer token must not travel to another host."""
+    return reply.headers["location"], {}
 
 
 class _Calls:
@@ -332,16 +351,23 @@ class Client(_Base):
         """Stream one artifact to ``directory/<name>``; its size and sha256 are checked."""
         target = Path(directory) / _safe_artifact_name(artifact.name)
         target.parent.mkdir(parents=True, exist_ok=True)
-        path = _artifact_path(job_id, artifact.name)
-        with _ArtifactFile(target, artifact) as sink, self.http.stream(
-            "GET", path, headers=self._headers({}), timeout=self.follow_timeout
-        ) as reply:
-            if reply.is_error:
-                reply.read()
-                raise _error(reply)
-            for chunk in reply.iter_bytes(_CHUNK_BYTES):
+        with _ArtifactFile(target, artifact) as sink:
+            for chunk in self._artifact_chunks(job_id, artifact.name):
                 sink.write(chunk)
         return target
+
+    def _artifact_chunks(self, job_id: str, name: str) -> Iterator[bytes]:
+        url, headers = _artifact_path(job_id, name), self._headers({})
+        while True:
+            with self.http.stream("GET", url, headers=headers, timeout=self.follow_timeout) as reply:
+                if reply.is_redirect and headers:
+                    url, headers = _store_redirect(reply)
+                    continue
+                if reply.is_error or reply.is_redirect:
+                    reply.read()
+                    raise _error(reply)
+                yield from reply.iter_bytes(_CHUNK_BYTES)
+                return
 
     def download_artifacts(self, job_id: str, directory: str | os.PathLike[str]) -> list[Path]:
         return [self.download_artifact(job_id, artifact, directory) for artifact in self.artifacts(job_id)]
@@ -473,17 +499,24 @@ class AsyncClient(_Base):
     ) -> Path:
         target = Path(directory) / _safe_artifact_name(artifact.name)
         target.parent.mkdir(parents=True, exist_ok=True)
-        path = _artifact_path(job_id, artifact.name)
         with _ArtifactFile(target, artifact) as sink:
-            async with self.http.stream(
-                "GET", path, headers=self._headers({}), timeout=self.follow_timeout
-            ) as reply:
-                if reply.is_error:
+            async for chunk in self._artifact_chunks(job_id, artifact.name):
+                sink.write(chunk)
+        return target
+
+    async def _artifact_chunks(self, job_id: str, name: str) -> AsyncIterator[bytes]:
+        url, headers = _artifact_path(job_id, name), self._headers({})
+        while True:
+            async with self.http.stream("GET", url, headers=headers, timeout=self.follow_timeout) as reply:
+                if reply.is_redirect and headers:
+                    url, headers = _store_redirect(reply)
+                    continue
+                if reply.is_error or reply.is_redirect:
                     await reply.aread()
                     raise _error(reply)
                 async for chunk in reply.aiter_bytes(_CHUNK_BYTES):
-                    sink.write(chunk)
-        return target
+                    yield chunk
+                return
 
     async def download_artifacts(self, job_id: str, directory: str | os.PathLike[str]) -> list[Path]:
         return [await self.download_artifact(job_id, a, directory) for a in await self.artifacts(job_id)]
