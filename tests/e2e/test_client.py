@@ -4,7 +4,6 @@ on loopback: the CLI as a separate process, the sync and async clients in this o
 from __future__ import annotations
 
 import asyncio
-import copy
 import csv
 import io
 import json
@@ -18,6 +17,8 @@ from influence_client import AsyncClient, Client, InfluenceError, eval_rows, inf
 
 from devstack.stack import REPO_ROOT, Stack
 
+from ..browser.support import sample_spec
+
 pytestmark = pytest.mark.e2e
 
 SAMPLE = json.loads((REPO_ROOT / "examples" / "sample.json").read_text())
@@ -26,11 +27,7 @@ STAGES = ("loading_model", "eval_base", "eval_few_shot", "training", "eval_finet
 
 
 def small_spec(n_train: int = 8, n_eval: int = 3, epochs: int = 2) -> dict:
-    spec = copy.deepcopy(SAMPLE)
-    spec["training_data"] = spec["training_data"][:n_train]
-    spec["eval_data"] = spec["eval_data"][:n_eval]
-    spec["hyperparams"].update(epochs=epochs, max_seq_len=48, max_new_tokens=4)
-    return spec
+    return sample_spec(n_train, n_eval, epochs)
 
 
 @pytest.fixture(scope="module")

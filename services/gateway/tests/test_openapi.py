@@ -94,7 +94,7 @@ def test_the_event_stream_documents_its_event_objects() -> None:
     assert "StreamEnd" in document["components"]["schemas"]
 
 
-async def test_answers_match_their_documented_models(gateway, upstream) -> None:  # noqa: ANN001
+async def test_answers_match_their_documented_models(gateway, upstream, make_spec) -> None:  # noqa: ANN001
     """The views build what the models declare: each answer parses as its model, field for field."""
     headers = await gateway.sign_in("alice")
     job_id = upstream.scheduler.add_job("local:alice")
@@ -110,6 +110,14 @@ async def test_answers_match_their_documented_models(gateway, upstream) -> None:
         parsed = model.model_validate(answer)
         assert parsed.model_extra == {}, f"{model.__name__} misses fields the gateway sends"
         assert set(answer) == set(model.model_fields), model.__name__
+    # The catalog's entries, field for field: the model copies cost_model's ModelInfo.
+    catalog = (await gateway.client.get("/api/models", headers=headers)).json()["models"]
+    assert set(catalog[0]) == set(models.ModelInfo.model_fields)
+    assert set(catalog[0]["prices"]["hosted"]) == set(models.BackendPrice.model_fields)
+    estimate = (await gateway.client.post("/api/estimate", json=make_spec(), headers=headers)).json()
+    assert set(estimate["estimates"][0]) == set(models.BackendEstimate.model_fields)
+    submitted = (await gateway.client.post("/api/train", json=make_spec(), headers=headers)).json()
+    assert set(submitted) == set(models.SubmittedJob.model_fields)
     missing = await gateway.client.get("/api/jobs/nope", headers=headers)
     assert missing.status_code == 404
     assert models.ErrorResponse.model_validate(missing.json()).detail == "Job not found"
