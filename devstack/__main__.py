@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
             f"  dashboard and API: {stack.gateway_url}/   (OpenAPI: {stack.gateway_url}/docs)\n"
             f"  sign in locally with any user name; the hosted backend runs on this machine\n"
             f"  try it: make demo   (submits examples/sample.json and prints the results)\n"
+            f"  or the CLI: .venv/bin/influence login; "
+            f".venv/bin/influence submit examples/sample.json --follow\n"
             f"  stop with Ctrl-C\n",
             flush=True,
         )
