@@ -130,10 +130,37 @@ class BackendEstimate(ApiModel):
     notes: list[str]
 
 
+class DataReport(ApiModel):
+    """The data check of an estimate (gpu_core.datareport): formats, template, token lengths with
+    the model's tokenizer and truncation at max_seq_len, duplicates, eval copies of training."""
+
+    training_format: str | None
+    eval_format: str | None
+    template: str
+    tokens: dict[str, Any] = Field(
+        description="available; then template, preview, max_seq_len and per-list lengths "
+        "(n, min, median, p95, max, mean, truncated, truncated_examples), else reason"
+    )
+    duplicates: dict[str, list[list[str]]] = Field(description="Ids of identical examples, per list")
+    eval_copies_training: list[dict[str, str]] = Field(description="{eval_id, training_id} pairs")
+    eval_copies_count: int
+    notes: list[str] = Field(description="The findings, one sentence each")
+
+
 class EstimateAnswer(ApiModel):
     active_backend: str = Field(description="The caller's backend; its estimate comes first")
     estimates: list[BackendEstimate]
     notes: list[str]
+    data_report: DataReport
+
+
+class ParsedDataFile(ApiModel):
+    """A training or eval file read by gpu_core's parser (POST /api/data/parse)."""
+
+    format: str = Field(description="prompt_completion, messages or alpaca")
+    format_label: str
+    count: int
+    examples: list[dict[str, Any]] = Field(description="As the spec's training_data / eval_data want them")
 
 
 class Artifact(ApiModel):

@@ -8,11 +8,13 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from gpu_core.formats import FORMAT_LABELS, MAX_PROBLEMS, parse_file
+from influence_client.models import ParsedDataFile
 
 from gateway.deps import CurrentUser, SpecInvalid, State
+from gateway.responses import ERRORS, error
 from gateway.upstream import ApiError
 
-router = APIRouter(prefix="/api", tags=["data"])
+router = APIRouter(prefix="/api", tags=["data"], responses=ERRORS)
 
 
 @router.post(
@@ -25,7 +27,8 @@ router = APIRouter(prefix="/api", tags=["data"])
             "description": "The file's bytes: JSONL, JSON array, CSV or Parquet",
         }
     },
-    responses={422: {"description": "The file has problems; each names its line or row and field"}},
+    response_model=ParsedDataFile,
+    responses={422: error("The file has problems; each names its line or row and field")},
 )
 async def parse_data_file(
     request: Request,

@@ -116,6 +116,13 @@ async def test_answers_match_their_documented_models(gateway, upstream, make_spe
     assert set(catalog[0]["prices"]["hosted"]) == set(models.BackendPrice.model_fields)
     estimate = (await gateway.client.post("/api/estimate", json=make_spec(), headers=headers)).json()
     assert set(estimate["estimates"][0]) == set(models.BackendEstimate.model_fields)
+    assert set(estimate) == set(models.EstimateAnswer.model_fields)
+    assert set(estimate["data_report"]) == set(models.DataReport.model_fields)
+    parsed = await gateway.client.post(
+        "/api/data/parse", params={"kind": "train", "filename": "t.jsonl"},
+        content=b'{"prompt": "a", "completion": "b"}\n', headers=headers,
+    )
+    assert set(parsed.json()) == set(models.ParsedDataFile.model_fields), parsed.text
     submitted = (await gateway.client.post("/api/train", json=make_spec(), headers=headers)).json()
     assert set(submitted) == set(models.SubmittedJob.model_fields)
     missing = await gateway.client.get("/api/jobs/nope", headers=headers)
