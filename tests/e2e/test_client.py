@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import hashlib
 import io
 import json
 import os
@@ -101,6 +102,16 @@ def test_cli_submit_follow_results_status_and_jobs(
         (r["run"], r["eval_id"], r["output"]) for r in eval_rows(api_result)
     ]
 
+    download = tmp_path / "artifacts"
+    listing = influence(cli_env, "artifacts", job_id, "--download", str(download)).stdout
+    listed = {artifact.name: artifact for artifact in client.artifacts(job_id)}
+    assert {"scores.npy", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= set(listed)
+    for name, artifact in listed.items():
+        assert name in listing
+        fetched = (download / name).read_bytes()
+        assert len(fetched) == artifact.bytes and hashlib.sha256(fetched).hexdigest() == artifact.sha256
+    assert not list(download.rglob("*.part"))
+
     status = influence(cli_env, "status", job_id).stdout
     assert status.startswith(f"{job_id}  completed  100%")
     assert json.loads(influence(cli_env, "status", job_id, "--json").stdout)["status"] == "completed"
@@ -129,7 +140,7 @@ def test_cli_cancel_stops_a_running_job(stack: Stack, cli_env: dict[str, str], t
     assert client.wait(job_id).status == "cancelled"
 
 
-def test_python_client_submit_idempotent_follow_with_resume_and_results(stack: Stack) -> None:
+def test_python_client_submit_idempotent_follow_with_resume_and_results(stack: Stack, tmp_path: Path) -> None:
     with Client(stack.gateway_url) as client:
         client.sign_in("erin")
         config = client.config()
@@ -161,6 +172,14 @@ def test_python_client_submit_idempotent_follow_with_resume_and_results(stack: S
         assert result["influence"]["train_ids"] == [t["id"] for t in spec["training_data"]]
         assert client.spec(first.job_id)["hyperparams"]["epochs"] == 2
         assert first.job_id in [listed.job_id for listed in client.jobs()]
+
+        saved = client.download_artifacts(first.job_id, tmp_path)
+        assert (tmp_path / "scores.npy") in saved
+        deleted = client.delete(first.job_id)
+        assert deleted.deleted and deleted.deleted_artifacts == len(saved)
+        with pytest.raises(InfluenceError) as gone:
+            client.job(first.job_id)
+        assert gone.value.status == 404
 
         with pytest.raises(InfluenceError) as refused:
             client.submit({**spec, "hyperparams": {"learning_rate": 0}})

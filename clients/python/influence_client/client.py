@@ -175,6 +175,10 @@ class _Calls:
         return _Call("POST", _job_path(job_id, "/cancel"), _model(models.Job))
 
     @staticmethod
+    def delete(job_id: str) -> _Call[models.JobDeleted]:
+        return _Call("DELETE", _job_path(job_id), _model(models.JobDeleted))
+
+    @staticmethod
     def compute_settings() -> _Call[models.ComputeSettings]:
         return _Call("GET", "/api/settings/compute", _model(models.ComputeSettings))
 
@@ -342,6 +346,10 @@ class Client(_Base):
     def cancel(self, job_id: str) -> models.Job:
         return self._run(_Calls.cancel(job_id))
 
+    def delete(self, job_id: str) -> models.JobDeleted:
+        """Delete the job (cancelled first if running) and its artifacts."""
+        return self._run(_Calls.delete(job_id))
+
     def artifacts(self, job_id: str) -> list[models.Artifact]:
         return self._run(_Calls.artifacts(job_id))
 
@@ -490,6 +498,9 @@ class AsyncClient(_Base):
 
     async def cancel(self, job_id: str) -> models.Job:
         return await self._run(_Calls.cancel(job_id))
+
+    async def delete(self, job_id: str) -> models.JobDeleted:
+        return await self._run(_Calls.delete(job_id))
 
     async def artifacts(self, job_id: str) -> list[models.Artifact]:
         return await self._run(_Calls.artifacts(job_id))

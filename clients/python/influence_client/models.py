@@ -174,6 +174,12 @@ class ArtifactList(ApiModel):
     artifacts: list[Artifact]
 
 
+class JobDeleted(ApiModel):
+    id: str
+    deleted: bool
+    deleted_artifacts: int = Field(description="Files removed from the artifact store")
+
+
 # ---- models -------------------------------------------------------------------------------
 
 

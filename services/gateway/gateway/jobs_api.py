@@ -11,7 +11,7 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 from gpu_core.datareport import data_report
 from gpu_core.schemas import ExperimentResult, ExperimentSpec, parse_spec
 from influence.v1 import scheduler_pb2
-from influence_client.models import EstimateAnswer, Job, JobList, SubmittedJob
+from influence_client.models import ArtifactList, EstimateAnswer, Job, JobDeleted, JobList, SubmittedJob
 
 from gateway.deps import Clients, CurrentUser, State, Trace, read_spec
 from gateway.events import job_event_stream
@@ -258,7 +258,12 @@ async def cancel_job(job_id: str, user: CurrentUser, clients: Clients, trace: Tr
     return job_view(job)
 
 
-@router.delete("/jobs/{job_id}", summary="Delete a job (cancelled first if running) and its artifacts")
+@router.delete(
+    "/jobs/{job_id}",
+    summary="Delete a job (cancelled first if running) and its artifacts",
+    response_model=JobDeleted,
+    responses={404: error("No such job for this user")},
+)
 async def delete_job(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
     with scheduler_errors(SCHEDULER_DOWN, not_found=JOB_NOT_FOUND):
         answer = await clients.scheduler.DeleteJob(
@@ -278,7 +283,12 @@ def _artifact_view(artifact: Any) -> dict[str, Any]:
     }
 
 
-@router.get("/jobs/{job_id}/artifacts", summary="The files of a job: score matrix, adapter, checkpoints")
+@router.get(
+    "/jobs/{job_id}/artifacts",
+    summary="The files of a job: score matrix, adapter, checkpoints",
+    response_model=ArtifactList,
+    responses={404: error("No such job for this user")},
+)
 async def list_artifacts(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
     with scheduler_errors(SCHEDULER_DOWN, not_found=JOB_NOT_FOUND):
         answer = await clients.scheduler.ListJobArtifacts(
@@ -293,7 +303,11 @@ async def list_artifacts(job_id: str, user: CurrentUser, clients: Clients, trace
     "/jobs/{job_id}/artifacts/{name:path}",
     summary="Download one artifact (streamed, or a redirect to a short-lived URL of the store)",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, 307: {"description": "Presigned URL"}},
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        307: {"description": "Presigned URL"},
+        404: error("No such job or artifact for this user"),
+    },
 )
 async def download_artifact(
     job_id: str, name: str, user: CurrentUser, clients: Clients, trace: Trace

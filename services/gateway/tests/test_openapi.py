@@ -68,7 +68,8 @@ def test_every_error_response_is_the_error_shape() -> None:
     document = _document()
     wrong = []
     for path, method, status, response in _operations(document):
-        if status.startswith("2") or (path, method, status) in NON_ERROR_SHAPES:
+        # 2xx answers are checked above; a 3xx redirect has no body.
+        if status[0] in "23" or (path, method, status) in NON_ERROR_SHAPES:
             continue
         schema = response.get("content", {}).get("application/json", {}).get("schema", {})
         if schema.get("$ref") != ERROR_REF:
