@@ -267,6 +267,8 @@ export async function renderNewExperiment(view) {
     const problems = fieldProblems();
     submit.disabled = !ready || problems.length > 0;
     clearTimeout(estimateTimer);
+    // An estimate still on its way is for the form as it was: it must not overwrite this state.
+    if (estimateAbort) estimateAbort.abort();
     if (!ready) return;
     if (problems.length) {
       estimate.replaceChildren(el("p", { class: "error" }, problems.join("; ")));
