@@ -179,6 +179,28 @@ class _Calls:
         return _Call("DELETE", _job_path(job_id), _model(models.JobDeleted))
 
     @staticmethod
+    def counterfactual_estimate(job_id: str, request: dict[str, Any]) -> _Call[models.CounterfactualEstimate]:
+        return _Call("POST", _job_path(job_id, "/counterfactual/estimate"),
+                     _model(models.CounterfactualEstimate), json=request)
+
+    @staticmethod
+    def submit_counterfactual(
+        job_id: str, request: dict[str, Any], idempotency_key: str | None
+    ) -> _Call[models.CounterfactualSubmitted]:
+        return _Call("POST", _job_path(job_id, "/counterfactual"), _model(models.CounterfactualSubmitted),
+                     json=request, headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex})
+
+    @staticmethod
+    def counterfactuals(job_id: str) -> _Call[list[models.CounterfactualCheck]]:
+        return _Call("GET", _job_path(job_id, "/counterfactual"),
+                     lambda r: models.CounterfactualList.model_validate(r.json()).counterfactual_jobs)
+
+    @staticmethod
+    def counterfactual(job_id: str, check_id: str) -> _Call[models.CounterfactualCheck]:
+        return _Call("GET", _job_path(job_id, f"/counterfactual/{quote(check_id, safe='')}"),
+                     _model(models.CounterfactualCheck))
+
+    @staticmethod
     def compute_settings() -> _Call[models.ComputeSettings]:
         return _Call("GET", "/api/settings/compute", _model(models.ComputeSettings))
 
@@ -417,6 +439,22 @@ class Client(_Base):
                 on_event(event)
         return self.job(job_id)
 
+    def counterfactual_estimate(self, job_id: str, request: dict[str, Any]) -> models.CounterfactualEstimate:
+        """Time and cost of a counterfactual check (gpu_core CounterfactualRequest) of a job."""
+        return self._run(_Calls.counterfactual_estimate(job_id, request))
+
+    def submit_counterfactual(
+        self, job_id: str, request: dict[str, Any], idempotency_key: str | None = None
+    ) -> models.CounterfactualSubmitted:
+        """Retrain without the top-k and random controls; follow it with events(check id)."""
+        return self._run(_Calls.submit_counterfactual(job_id, request, idempotency_key))
+
+    def counterfactuals(self, job_id: str) -> list[models.CounterfactualCheck]:
+        return self._run(_Calls.counterfactuals(job_id))
+
+    def counterfactual(self, job_id: str, check_id: str) -> models.CounterfactualCheck:
+        return self._run(_Calls.counterfactual(job_id, check_id))
+
     def compute_settings(self) -> models.ComputeSettings:
         return self._run(_Calls.compute_settings())
 
@@ -566,6 +604,22 @@ class AsyncClient(_Base):
             if on_event is not None:
                 on_event(event)
         return await self.job(job_id)
+
+    async def counterfactual_estimate(
+        self, job_id: str, request: dict[str, Any]
+    ) -> models.CounterfactualEstimate:
+        return await self._run(_Calls.counterfactual_estimate(job_id, request))
+
+    async def submit_counterfactual(
+        self, job_id: str, request: dict[str, Any], idempotency_key: str | None = None
+    ) -> models.CounterfactualSubmitted:
+        return await self._run(_Calls.submit_counterfactual(job_id, request, idempotency_key))
+
+    async def counterfactuals(self, job_id: str) -> list[models.CounterfactualCheck]:
+        return await self._run(_Calls.counterfactuals(job_id))
+
+    async def counterfactual(self, job_id: str, check_id: str) -> models.CounterfactualCheck:
+        return await self._run(_Calls.counterfactual(job_id, check_id))
 
     async def compute_settings(self) -> models.ComputeSettings:
         return await self._run(_Calls.compute_settings())

@@ -180,6 +180,37 @@ class JobDeleted(ApiModel):
     deleted_artifacts: int = Field(description="Files removed from the artifact store")
 
 
+# ---- counterfactual checks ----------------------------------------------------------------
+
+
+class CounterfactualEstimate(ApiModel):
+    backend: str = Field(description="The experiment's backend, where the check runs")
+    retrainings: int = Field(description="1 + controls + lds_subsets fine-tunings")
+    estimates: list[BackendEstimate]
+    notes: list[str]
+
+
+class CounterfactualSubmitted(ApiModel):
+    counterfactual_job_id: str
+    status: str
+    estimated_time_s: float
+    estimated_cost_usd: float
+
+
+class CounterfactualCheck(Job):
+    """A check's job status, its request (gpu_core CounterfactualRequest) and, once it
+    completed, its result (only on GET .../counterfactual/{id})."""
+
+    counterfactual_job_id: str
+    parent_job_id: str
+    request: dict[str, Any] | None
+    result: dict[str, Any] | None = None
+
+
+class CounterfactualList(ApiModel):
+    counterfactual_jobs: list[CounterfactualCheck] = Field(description="Newest first")
+
+
 # ---- models -------------------------------------------------------------------------------
 
 

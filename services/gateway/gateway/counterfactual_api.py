@@ -15,6 +15,12 @@ from fastapi import APIRouter, Header, Response
 from gpu_core.jobs import COUNTERFACTUAL
 from gpu_core.schemas import CounterfactualRequest
 from influence.v1 import scheduler_pb2
+from influence_client.models import (
+    CounterfactualCheck,
+    CounterfactualEstimate,
+    CounterfactualList,
+    CounterfactualSubmitted,
+)
 
 from gateway.deps import Clients, CurrentUser, Trace
 from gateway.jobs_api import (
@@ -24,10 +30,11 @@ from gateway.jobs_api import (
     _get_job,
     checked_idempotency_key,
 )
+from gateway.responses import ERRORS, error
 from gateway.upstream import ApiError, scheduler_errors
 from gateway.views import estimate_view, job_status, job_view
 
-router = APIRouter(prefix="/api/jobs/{job_id}/counterfactual", tags=["counterfactual"])
+router = APIRouter(prefix="/api/jobs/{job_id}/counterfactual", tags=["counterfactual"], responses=ERRORS)
 
 CHECK_NOT_FOUND = "Counterfactual check not found"
 
@@ -48,7 +55,8 @@ def check_view(job: scheduler_pb2.Job) -> dict[str, Any]:
 @router.post(
     "/estimate",
     summary="Time and cost of a counterfactual check before submitting it",
-    responses={404: {"description": "No such experiment"}, 409: {"description": "Not completed"}},
+    response_model=CounterfactualEstimate,
+    responses={404: error("No such experiment"), 409: error("Not completed")},
 )
 async def estimate_check(
     job_id: str, body: CounterfactualRequest, user: CurrentUser, clients: Clients, trace: Trace
@@ -78,10 +86,11 @@ async def estimate_check(
     "",
     status_code=202,
     summary="Start a counterfactual check: retrain without the top-k, and random controls",
+    response_model=CounterfactualSubmitted,
     responses={
-        404: {"description": "No such experiment"},
-        409: {"description": "The experiment has not completed"},
-        422: {"description": "A field of the request does not fit the experiment"},
+        404: error("No such experiment"),
+        409: error("The experiment has not completed"),
+        422: error("A field of the request does not fit the experiment"),
     },
 )
 async def submit_check(
@@ -118,7 +127,12 @@ async def submit_check(
     }
 
 
-@router.get("", summary="The experiment's counterfactual checks, newest first")
+@router.get(
+    "",
+    summary="The experiment's counterfactual checks, newest first",
+    response_model=CounterfactualList,
+    responses={404: error("No such experiment")},
+)
 async def list_checks(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
     await _get_job(clients, user, job_id, trace)
     with scheduler_errors(SCHEDULER_DOWN, not_found=JOB_NOT_FOUND):
@@ -133,7 +147,8 @@ async def list_checks(job_id: str, user: CurrentUser, clients: Clients, trace: T
 @router.get(
     "/{cf_job_id}",
     summary="A counterfactual check's status and, once it completed, its result",
-    responses={404: {"description": "No such check of this experiment"}},
+    response_model=CounterfactualCheck,
+    responses={404: error("No such check of this experiment")},
 )
 async def get_check(
     job_id: str, cf_job_id: str, user: CurrentUser, clients: Clients, trace: Trace
