@@ -261,7 +261,8 @@ class RunpodKeySaved(ApiModel):
     last4: str
     backend: str
     endpoint_status: str
-    balance_usd: float
+    balance_usd: float | None = Field(description="None when RunPod could not say the balance")
+    message: str = Field(description="A note from the key check, e.g. why the balance is unknown")
 
 
 class RunpodKeyStatus(ComputeSettings):
@@ -269,6 +270,7 @@ class RunpodKeyStatus(ComputeSettings):
     last4: str | None
     verified_at: str | None
     updated_at: str | None
+    runpod_simulated: bool = Field(description="The RunPod is the test fake (GATEWAY_RUNPOD_SIMULATED)")
 
 
 class RunpodKeyDeleted(ComputeSettings):
