@@ -72,6 +72,8 @@ def test_the_page_takes_limits_and_bounds_from_the_gateway(page, stack: Stack, t
 
     # gpu_core: learning_rate > 0 (exclusive), epochs <= 100.
     page.get_by_role("button", name="Load the sample experiment").click()
+    # The sample is fetched, then fills the form: edit only after it has landed.
+    page.locator("#file-train-summary", has_text="Sample experiment").wait_for()
     page.get_by_label("Learning rate").fill("0")
     page.locator("#estimate", has_text="Learning rate: Must be greater than 0").wait_for()
     assert page.get_by_role("button", name="Start experiment").is_disabled()
