@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -98,6 +99,42 @@ def json_error(errors: list[dict[str, Any]]) -> ApiError | None:
     return None
 
 
+def text_problems(value: Any, loc: tuple[Any, ...] = ()) -> list[dict[str, str]]:
+    """One problem per string in ``value`` (a parsed JSON body) that protobuf cannot carry:
+    UTF-8 cannot encode a lone surrogate (``"\\ud800"``), so no service behind the gateway could
+    receive it. Checked here once, before anything is sent on."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            position = exc.start
+            code = f"U+{ord(value[position]):04X}"
+            return [
+                {
+                    "field": field_path(loc),
+                    "message": f"contains a lone surrogate ({code} at character {position}), "
+                    "which is not valid Unicode text",
+                }
+            ]
+        return []
+    problems: list[dict[str, str]] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            problems += text_problems(key, loc) + text_problems(item, (*loc, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            problems += text_problems(item, (*loc, index))
+    return problems
+
+
+def require_text(value: str) -> str:
+    """For pydantic validators of string fields: refuse text protobuf cannot carry."""
+    problems = text_problems(value)
+    if problems:
+        raise ValueError(problems[0]["message"])
+    return value
+
+
 class SpecInvalid(Exception):
     """A 422 listing each field of the experiment spec that is wrong."""
 
@@ -116,5 +153,19 @@ async def read_spec(request: Request, limits: SpecLimits) -> bytes:
         spec = ExperimentSpec.model_validate_json(body, context={"limits": limits})
     except ValidationError as exc:
         errors = exc.errors(include_input=False, include_url=False)
+        if any(e.get("type") == "json_invalid" for e in errors):
+            # pydantic's JSON parser refuses a lone surrogate as invalid JSON without saying
+            # where; Python's accepts it, so it finds the field.
+            problems = _surrogate_problems(body)
+            if problems:
+                raise SpecInvalid(problems) from None
         raise json_error(errors) or SpecInvalid(validation_problems(errors, False)) from None
     return spec.model_dump_json().encode()
+
+
+def _surrogate_problems(body: bytes) -> list[dict[str, str]]:
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return []
+    return text_problems(parsed)

@@ -24,6 +24,8 @@ router = APIRouter(prefix="/api", tags=["jobs"], responses=ERRORS)
 JOB_NOT_FOUND = "Job not found"
 ARTIFACT_NOT_FOUND = "Job or artifact not found"
 SCHEDULER_DOWN = "The scheduler is unavailable; try again in a moment"
+# Event seqs are int64 in the scheduler's contract (and bigint in its table).
+MAX_SEQ = 2**63 - 1
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
 
@@ -170,14 +172,17 @@ async def job_events(
     clients: Clients,
     trace: Trace,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    after: Annotated[int | None, Query(ge=0, description="Resume after this event seq")] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_SEQ, description="Resume after this event seq")
+    ] = None,
 ) -> StreamingResponse:
     """Every progress event after ``Last-Event-ID`` (or ``?after=``), then ``event: end``."""
     after_seq = after or 0
     if last_event_id is not None:
-        if not last_event_id.strip().isdigit():
-            raise ApiError(422, "Last-Event-ID must be the seq number of an event")
-        after_seq = max(after_seq, int(last_event_id))
+        text = last_event_id.strip()
+        if not (text.isascii() and text.isdigit()) or int(text) > MAX_SEQ:
+            raise ApiError(422, f"Last-Event-ID must be the seq number of an event (0 to {MAX_SEQ})")
+        after_seq = max(after_seq, int(text))
     await _get_job(clients, user, job_id, trace)
     stream = job_event_stream(
         clients.scheduler,

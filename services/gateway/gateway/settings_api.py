@@ -15,7 +15,7 @@ from influence.v1 import keyvault_pb2, scheduler_pb2
 from influence_client.models import ComputeSettings, RunpodKeyDeleted, RunpodKeySaved, RunpodKeyStatus
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from gateway.deps import Clients, CurrentUser, State, Trace
+from gateway.deps import Clients, CurrentUser, State, Trace, require_text
 from gateway.responses import ERRORS, error
 from gateway.upstream import ApiError, Upstreams, keyvault_errors, scheduler_errors
 from gateway.views import compute_settings_view, key_info_view
@@ -42,7 +42,7 @@ class RunpodKeyRequest(BaseModel):
     @field_validator("api_key")
     @classmethod
     def _plausible(cls, value: SecretStr) -> SecretStr:
-        text = value.get_secret_value().strip()
+        text = require_text(value.get_secret_value()).strip()
         if not text:
             raise ValueError("is empty; paste your RunPod API key")
         if len(text) > 512 or any(ch.isspace() for ch in text):

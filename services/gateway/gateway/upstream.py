@@ -25,6 +25,8 @@ KEYVAULT_SERVICE = "influence.v1.KeyVault"
 _READINESS_TIMEOUT_S = 2.0
 # How the scheduler's UNAVAILABLE answers begin when its artifact store, not it, failed.
 STORE_FAILURE_PREFIX = "the artifact store"
+# Set by the scheduler on an UNAVAILABLE answer caused by a component behind it.
+FAILED_COMPONENT_KEY = "x-failed-component"
 _TRACE_HEADERS = ("traceparent", "tracestate")
 _TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
@@ -115,6 +117,19 @@ _HTTP_STATUS = {
 }
 
 
+def _failed_component(exc: grpc.aio.AioRpcError) -> str:
+    """The component the scheduler named as failed (trailing metadata), or ''."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == FAILED_COMPONENT_KEY:
+            return str(value)
+    return ""
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return (text[:1].upper() + text[1:]) if text else text
+
+
 @contextmanager
 def scheduler_errors(unavailable: str, not_found: str = "Not found") -> Iterator[None]:
     """Translate a scheduler RPC failure into an ApiError."""
@@ -124,6 +139,11 @@ def scheduler_errors(unavailable: str, not_found: str = "Not found") -> Iterator
         code = exc.code()
         status = _HTTP_STATUS.get(code)
         if code == grpc.StatusCode.UNAVAILABLE:
+            component = _failed_component(exc)
+            if component:
+                # The scheduler answered: a component behind it failed, and its message says which.
+                log.warning("upstream component unavailable", extra={"component": component})
+                raise ApiError(503, _sentence(exc.details() or f"{component} is unavailable")) from None
             details = exc.details() or ""
             if details.startswith(STORE_FAILURE_PREFIX):
                 # The scheduler is up; its artifact store is not: say which one failed.

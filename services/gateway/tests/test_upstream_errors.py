@@ -29,3 +29,33 @@ def test_status_mapping(code: grpc.StatusCode, status: int, message: str) -> Non
     with pytest.raises(ApiError) as raised, scheduler_errors("The scheduler is unavailable", "Job not found"):
         raise rpc_error(code, message if status in (409, 400, 403, 422, 429) else "internal detail")
     assert (raised.value.status, raised.value.message) == (status, message)
+
+
+@pytest.mark.parametrize(
+    ("component", "details", "message"),
+    [
+        (
+            "compute-runpod",
+            "Cannot reach RunPod (api.runpod.io): ConnectError",
+            "Cannot reach RunPod (api.runpod.io): ConnectError",
+        ),
+        (
+            "scheduler-database",
+            "the scheduler's database is unreachable; try again shortly",
+            "The scheduler's database is unreachable; try again shortly",
+        ),
+    ],
+)
+def test_unavailable_behind_the_scheduler_names_that_component(
+    component: str, details: str, message: str
+) -> None:
+    error = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(("x-failed-component", component)),
+        details=details,
+    )
+    with pytest.raises(ApiError) as raised, scheduler_errors("The scheduler is unavailable"):
+        raise error
+    assert (raised.value.status, raised.value.message) == (503, message)
+    assert "scheduler is unavailable" not in raised.value.message

@@ -114,3 +114,44 @@ async def test_bad_idempotency_key_is_422(gateway, make_spec) -> None:  # noqa: 
     headers = {**await gateway.sign_in("alice"), "Idempotency-Key": "has spaces"}
     response = await gateway.client.post("/api/train", json=make_spec(), headers=headers)
     assert response.status_code == 422 and "Idempotency-Key" in response.json()["detail"]
+
+
+async def test_text_protobuf_cannot_carry_is_422_naming_the_field(gateway, upstream, make_spec) -> None:  # noqa: ANN001
+    headers = {**await gateway.sign_in("alice"), "Content-Type": "application/json"}
+    body = json.dumps(make_spec()).replace('"q1"', '"q\\ud800"').encode()
+    for route in ("/api/train", "/api/estimate"):
+        response = await gateway.client.post(route, content=body, headers=headers)
+        assert response.status_code == 422, response.text
+        [problem] = response.json()["detail"]
+        assert problem["field"] == "training_data[1].prompt"
+        assert "lone surrogate (U+D800" in problem["message"]
+    model = json.dumps({**make_spec(), "model_id": "m"}).replace('"m"', '"\\udc00x"').encode()
+    response = await gateway.client.post("/api/train", content=model, headers=headers)
+    assert response.json()["detail"][0]["field"] == "model_id"
+    key = await gateway.client.post(
+        "/api/settings/runpod-key", content=b'{"api_key": "rpa_\\ud83dKEY"}', headers=headers
+    )
+    assert key.status_code == 422
+    assert key.json()["detail"][0]["field"] == "api_key"
+    assert "lone surrogate" in key.json()["detail"][0]["message"]
+    assert upstream.scheduler.submit_requests == [] and upstream.scheduler.verify_requests == []
+    assert upstream.scheduler.estimate_requests == []
+
+
+async def test_integer_query_parameters_are_bounded(gateway, upstream) -> None:  # noqa: ANN001
+    headers = await gateway.sign_in("alice")
+    job_id = upstream.scheduler.add_job("local:alice")
+    huge = await gateway.client.get(
+        f"/api/jobs/{job_id}/events", params={"after": "2376703007378839699456"}, headers=headers
+    )
+    assert huge.status_code == 422
+    assert huge.json()["detail"][0]["field"] == "after"
+    resumed = await gateway.client.get(
+        f"/api/jobs/{job_id}/events", headers={**headers, "Last-Event-ID": "9" * 30}
+    )
+    assert resumed.status_code == 422 and "Last-Event-ID" in resumed.json()["detail"]
+    superscript = await gateway.client.get(
+        f"/api/jobs/{job_id}/events", headers={**headers, "Last-Event-ID": "\u00b2".encode("latin-1")}
+    )
+    assert superscript.status_code == 422
+    assert upstream.scheduler.watch_requests == []

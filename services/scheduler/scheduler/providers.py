@@ -95,6 +95,7 @@ class ProviderClient:
 
     def __init__(self, name: str, channel: grpc.aio.Channel, timeout_s: float) -> None:
         self.name = name
+        self._channel = channel
         self._stub = compute_pb2_grpc.ComputeProviderStub(channel)
         self._timeout_s = timeout_s
 
@@ -108,11 +109,16 @@ class ProviderClient:
         code = exc.code()
         PROVIDER_ERRORS.labels(self.name, code.name).inc()
         message = exc.details() or f"the {self.name} compute provider answered {code.name}"
-        if code == grpc.StatusCode.UNAVAILABLE:
-            message = f"the {self.name} compute provider is unreachable: {message}"
+        if code == grpc.StatusCode.UNAVAILABLE and not self._connected():
+            message = f"the compute-{self.name} service could not be reached: {message}"
         # A message over gRPC's size limit fails the same way every time: never retry it.
         retryable = code in _RETRYABLE and not _TOO_LARGE.search(message)
         return ProviderError(self.name, code.name, message, retryable)
+
+    def _connected(self) -> bool:
+        """Whether the channel to the compute service is up: then an UNAVAILABLE came from the
+        service itself (its cloud is unreachable) and its message already says which."""
+        return self._channel.get_state() == grpc.ChannelConnectivity.READY
 
     async def verify_credentials(
         self, account: common_pb2.Account, api_key: str

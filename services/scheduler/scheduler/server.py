@@ -61,6 +61,9 @@ _STATES = {
     "cancelled": common_pb2.JOB_STATE_CANCELLED,
 }
 _DB_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# Trailing metadata naming the component behind an UNAVAILABLE answer when it is not the
+# scheduler itself (a compute provider, the database).
+FAILED_COMPONENT_KEY = "x-failed-component"
 _DEFAULT_LIST_LIMIT = 50
 _MAX_LIST_LIMIT = 500
 _R = TypeVar("_R")
@@ -145,11 +148,16 @@ async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception) -> NoRet
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     if isinstance(exc, ProviderError):
         code = grpc.StatusCode.UNAVAILABLE if exc.retryable else grpc.StatusCode[exc.code]
-        await context.abort(code, exc.message)
+        # The scheduler is up: the gateway names the component that failed, not the scheduler.
+        await context.abort(
+            code, exc.message, trailing_metadata=((FAILED_COMPONENT_KEY, f"compute-{exc.provider}"),)
+        )
     if isinstance(exc, (NotReady, *_DB_ERRORS)):
         log.warning("database unavailable during an RPC", extra={"error": str(exc)})
         await context.abort(
-            grpc.StatusCode.UNAVAILABLE, "the scheduler's database is unreachable; try again shortly"
+            grpc.StatusCode.UNAVAILABLE,
+            "the scheduler's database is unreachable; try again shortly",
+            trailing_metadata=((FAILED_COMPONENT_KEY, "scheduler-database"),),
         )
     raise exc
 

@@ -258,3 +258,32 @@ def test_migrate_command(database_url):
         command, env={**env, "SCHEDULER_PORT": "http"}, capture_output=True, text=True, timeout=60
     )
     assert bad.returncode == 2 and "SCHEDULER_PORT" in bad.stderr
+
+
+async def test_an_unreachable_cloud_is_named_not_the_scheduler(start, provider, h):
+    """compute-runpod is up but RunPod is not: the answer carries compute-runpod's own message
+    and names the failed component in trailing metadata; a compute service that cannot be
+    reached at all is named as such."""
+    scheduler = await start()
+    cloud_down = "Cannot reach RunPod (api.runpod.io): ConnectError"
+    provider.servicer.fail_next = {"VerifyCredentials": [(grpc.StatusCode.UNAVAILABLE, cloud_down)]}
+    request = scheduler_pb2.VerifyProviderKeyRequest(user_id="alice", provider="runpod", api_key=h.good_key)
+    # A first call opens the channel, so the scripted failure arrives on a connected one.
+    await scheduler.stub.EstimateJob(
+        scheduler_pb2.EstimateJobRequest(user_id="alice", spec_json=h.spec_json())
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await scheduler.stub.VerifyProviderKey(request)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.details() == cloud_down
+    assert ("x-failed-component", "compute-runpod") in tuple(caught.value.trailing_metadata())
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    unreachable = await start(compute_runpod_addr=f"127.0.0.1:{closed_port}")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await unreachable.stub.VerifyProviderKey(request)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.details().startswith("the compute-runpod service could not be reached")
+    assert ("x-failed-component", "compute-runpod") in tuple(caught.value.trailing_metadata())
