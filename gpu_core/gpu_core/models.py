@@ -106,6 +106,10 @@ def load_model(
     bnb_config = quantization_config(quantization, device, dtype)
     source, local = resolve_source(model_id)
     common: dict[str, Any] = {"local_files_only": True} if local else {}
+    if not local and "@" in source:
+        # A hub id pinned to a branch, tag or commit: "org/name@revision".
+        source, revision = source.split("@", 1)
+        common["revision"] = revision
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
         model_kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "eager", **common}

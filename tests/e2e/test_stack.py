@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import http.client
 import json
+import shutil
 import signal
 import threading
 import time
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import httpx
 import pytest
+from gpu_core.tiny import tiny_model_dir
 
 from devstack.client import GatewayClient
 from devstack.stack import REPO_ROOT, Stack
@@ -36,7 +38,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     data_dir = tmp_path_factory.mktemp("stack")
     with Stack(
         data_dir=data_dir,
-        extra_env={"SCHEDULER_POLL_INTERVAL_S": "0.2", "COMPUTE_LOCAL_TORCH_THREADS": "1"},
+        extra_env={
+            "SCHEDULER_POLL_INTERVAL_S": "0.2",
+            "COMPUTE_LOCAL_TORCH_THREADS": "1",
+            "ALLOWED_MODEL_DIRS": str(data_dir / "models"),
+        },
         services=("keyvault", "compute-local", "scheduler", "gateway"),
     ) as running:
         yield running
@@ -315,3 +321,19 @@ def test_artifacts_download_whole_reload_and_are_owner_only(
     assert deleted.status_code == 200 and deleted.json()["deleted_artifacts"] == len(by_name)
     assert alice.request("GET", f"/api/jobs/{job_id}").status_code == 404
     assert not list((stack.data_dir / "artifacts").glob(f"jobs/{job_id}/**/*.*"))
+
+def test_model_directories_only_under_allowed_roots(stack: Stack, alice: GatewayClient, tmp_path) -> None:
+    listed = stack.data_dir / "models" / "tiny-copy"
+    unlisted = tmp_path / "tiny-copy"
+    for target in (listed, unlisted):
+        shutil.copytree(tiny_model_dir(), target)
+    for model_id in ("/etc", "../x", str(unlisted)):
+        reply = alice.request("POST", "/api/train", json={**small_spec(), "model_id": model_id})
+        assert reply.status_code == 422, reply.text
+        detail = reply.json()["detail"]
+        assert f"model_id {model_id!r}" in detail and "ALLOWED_MODEL_DIRS" in detail
+        assert str(stack.data_dir / "models") in detail
+    job_id = alice.submit({**small_spec(n_train=4, n_eval=2), "model_id": str(listed)})["job_id"]
+    events = list(alice.events(job_id))
+    assert events[-1] == {**events[-1], "type": "status", "state": "completed"}, events[-1]
+    assert any(str(listed) in (e.get("message") or "") for e in events if e.get("stage") == "loading_model")

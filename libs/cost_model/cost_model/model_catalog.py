@@ -146,7 +146,8 @@ def parse_size_b(model_id: str) -> float | None:
 
 def lookup_model(model_id: str) -> ModelCard:
     """The catalog card for ``model_id`` (or one of its aliases), else an estimated card."""
-    card = _index().get(model_id.strip().lower())
+    # A pinned revision ("org/name@v1") is the same model.
+    card = _index().get(model_id.strip().split("@", 1)[0].lower())
     if card is not None:
         return card
     size = parse_size_b(model_id)

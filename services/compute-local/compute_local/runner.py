@@ -432,16 +432,19 @@ class LocalRunner:
 
     async def _run_child(self, job: Job, device: str) -> None:
         pid = job.record.provider_job_id
+        job_dir = self._store.job_dir(pid).resolve()
         with open(self._store.log_path(pid), "ab") as worker_log:
             job.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "compute_local.child",
-                "--job-dir", str(self._store.job_dir(pid)),
+                "--job-dir", str(job_dir),
                 "--parent-pid", str(os.getpid()),
                 "--threads", str(self._child_threads),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=worker_log,
                 env=self._child_environment(device),
+                # Its own folder: a relative model id ("org/name") never names a directory here.
+                cwd=str(job_dir),
                 start_new_session=True,  # its own process group: a cancel ends all of it
                 limit=_MAX_LINE_BYTES,
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 import re
 from typing import Literal
 
@@ -47,6 +48,8 @@ class Settings(BaseSettings):
     artifact_retention_days: float = Field(default=30.0, ge=0, le=36500)
     scheduler_retention_sweep_s: float = Field(default=3600.0, gt=0, le=86400)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    # Comma-separated absolute directories under which hosted jobs may name a local model.
+    allowed_model_dirs: str = ""
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -60,6 +63,19 @@ class Settings(BaseSettings):
         if value and not _ADDRESS.match(value):
             raise ValueError(f"expected host:port, got {value!r}")
         return value
+
+    @field_validator("allowed_model_dirs")
+    @classmethod
+    def _model_dirs(cls, value: str) -> str:
+        roots = [root.strip() for root in value.split(",") if root.strip()]
+        for root in roots:
+            if not root.startswith("/") or posixpath.normpath(root) != root.rstrip("/") or root == "/":
+                raise ValueError(f"expected absolute, normalised directories other than /, got {root!r}")
+        return ",".join(root.rstrip("/") for root in roots)
+
+    @property
+    def model_dir_roots(self) -> tuple[str, ...]:
+        return tuple(root for root in self.allowed_model_dirs.split(",") if root)
 
     @field_validator("database_url")
     @classmethod

@@ -25,6 +25,7 @@ from influence.v1 import common_pb2
 from gpu_core import schemas
 from scheduler.artifacts import ArtifactMover, ArtifactTransferError, parse_manifest
 from scheduler.config import Settings
+from scheduler.model_ids import ModelNotAllowed, check_model_id
 from scheduler.providers import (
     LaterJob,
     ProviderError,
@@ -133,6 +134,10 @@ class JobManager:
             spec = validate_spec(spec_json)
             profile = await self._store.get_profile(user_id)
             route = route_for(profile.compute_backend, self._settings)
+            try:
+                check_model_id(spec["model_id"], route.hosted, self._settings.model_dir_roots)
+            except ModelNotAllowed as exc:
+                raise SpecError(str(exc)) from None
         # Raises ProviderNotConfigured before anything is stored: nothing could run the job.
         self._providers.client(route.provider)
         job, created = await self._store.insert_job(
