@@ -18,7 +18,7 @@ from influence_client.models import AccessToken, Health, JobEvent, Readiness, St
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway import config_api, counterfactual_api, data_api, jobs_api, models_api, settings_api
+from gateway import config_api, counterfactual_api, data_api, jobs_api, models_api, settings_api, usage_api
 from gateway.auth import USERNAME_PATTERN, LocalTokenIssuer, TokenVerifier, local_secret
 from gateway.config import Settings
 from gateway.deps import GatewayState, SpecInvalid, json_error, validation_problems
@@ -103,6 +103,7 @@ def create_app(
     app.include_router(data_api.router)
     app.include_router(counterfactual_api.router)
     app.include_router(config_api.router)
+    app.include_router(usage_api.router)
     _install_dashboard(app, dashboard_dir)
     _install_openapi(app)
     # Outermost first: metrics see every answer, the size limit runs before any parsing.
@@ -114,8 +115,10 @@ def create_app(
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        return JSONResponse(
+            {"detail": exc.message}, status_code=exc.status, headers={**headers, **exc.headers}
+        )
 
     @app.exception_handler(SpecInvalid)
     async def spec_invalid(_request: Request, exc: SpecInvalid) -> JSONResponse:

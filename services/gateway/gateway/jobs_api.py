@@ -66,7 +66,11 @@ def checked_idempotency_key(key: str | None) -> None:
     openapi_extra=_spec_body(),
     summary="Submit an experiment",
     response_model=SubmittedJob,
-    responses={413: error("Body too large"), 422: error("Invalid spec: one {field, message} per problem")},
+    responses={
+        413: error("Body too large"),
+        422: error("Invalid spec (one {field, message} per problem), or over the hosted per-job ceiling"),
+        429: error("Over a usage limit; Retry-After says when to try again"),
+    },
 )
 async def submit_job(
     request: Request,

@@ -27,6 +27,8 @@ _READINESS_TIMEOUT_S = 2.0
 STORE_FAILURE_PREFIX = "the artifact store"
 # Set by the scheduler on an UNAVAILABLE answer caused by a component behind it.
 FAILED_COMPONENT_KEY = "x-failed-component"
+# Set by the scheduler on a RESOURCE_EXHAUSTED refusal: seconds until a retry can succeed.
+RETRY_AFTER_KEY = "retry-after-s"
 _TRACE_HEADERS = ("traceparent", "tracestate")
 _TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
@@ -34,10 +36,11 @@ _TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 class ApiError(Exception):
     """An answer to the client: HTTP status and a plain message."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
 
 
 @dataclass
@@ -117,12 +120,16 @@ _HTTP_STATUS = {
 }
 
 
-def _failed_component(exc: grpc.aio.AioRpcError) -> str:
-    """The component the scheduler named as failed (trailing metadata), or ''."""
+def _trailing(exc: grpc.aio.AioRpcError, name: str) -> str:
     for key, value in exc.trailing_metadata() or ():
-        if key == FAILED_COMPONENT_KEY:
+        if key == name:
             return str(value)
     return ""
+
+
+def _failed_component(exc: grpc.aio.AioRpcError) -> str:
+    """The component the scheduler named as failed (trailing metadata), or ''."""
+    return _trailing(exc, FAILED_COMPONENT_KEY)
 
 
 def _sentence(text: str) -> str:
@@ -155,6 +162,10 @@ def scheduler_errors(unavailable: str, not_found: str = "Not found") -> Iterator
             raise ApiError(504, "The scheduler did not answer in time; try again") from None
         if code == grpc.StatusCode.NOT_FOUND:
             raise ApiError(404, not_found) from None
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            retry_after = _trailing(exc, RETRY_AFTER_KEY)
+            headers = {"Retry-After": retry_after} if retry_after.isdigit() else None
+            raise ApiError(429, exc.details() or "a usage limit was reached", headers) from None
         if status is None:
             log.error("scheduler call failed", extra={"grpc_code": code.name, "grpc_details": exc.details()})
             raise ApiError(502, "The scheduler failed to answer; try again") from None

@@ -59,3 +59,17 @@ def test_unavailable_behind_the_scheduler_names_that_component(
         raise error
     assert (raised.value.status, raised.value.message) == (503, message)
     assert "scheduler is unavailable" not in raised.value.message
+
+
+def test_resource_exhausted_is_429_with_retry_after() -> None:
+    error = grpc.aio.AioRpcError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(("retry-after-s", "42")),
+        details="You have 3 active (queued or running) jobs on the hosted backend; the limit is 3",
+    )
+    with pytest.raises(ApiError) as raised, scheduler_errors("The scheduler is unavailable"):
+        raise error
+    assert raised.value.status == 429
+    assert raised.value.message.startswith("You have 3 active")
+    assert raised.value.headers == {"Retry-After": "42"}

@@ -48,6 +48,13 @@ class Settings(BaseSettings):
     artifact_retention_days: float = Field(default=30.0, ge=0, le=36500)
     scheduler_retention_sweep_s: float = Field(default=3600.0, gt=0, le=86400)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    # Admission limits per user (0 = no limit); only the active-jobs cap applies to BYOK jobs.
+    hosted_max_active_jobs: int = Field(default=3, ge=0)
+    byok_max_active_jobs: int = Field(default=10, ge=0)
+    hosted_max_submissions_per_hour: int = Field(default=20, ge=0)
+    hosted_gpu_seconds_per_month: float = Field(default=36_000.0, ge=0)
+    hosted_max_job_time_s: float = Field(default=7_200.0, ge=0)
+    hosted_max_job_cost_usd: float = Field(default=10.0, ge=0)
     # Comma-separated absolute directories under which hosted jobs may name a local model.
     allowed_model_dirs: str = ""
 

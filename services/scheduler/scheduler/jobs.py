@@ -17,12 +17,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import cost_model
 from artifact_store import job_prefix
 from gpu_core.jobs import EXPERIMENT, JobInputError, job_kind, parse_request, parse_result
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
 from influence.v1 import common_pb2
 
 from gpu_core import schemas
+from scheduler.admission import Usage, check_ceiling, check_quota, current_usage
 from scheduler.artifacts import ArtifactMover, ArtifactTransferError, parse_manifest
 from scheduler.config import Settings
 from scheduler.model_ids import ModelNotAllowed, check_model_id
@@ -58,14 +60,28 @@ class ParentNotCompleted(Exception):
     """A later job (e.g. a counterfactual check) asked for an experiment that has not completed."""
 
 
-def validate_spec(spec_json: bytes) -> dict[str, Any]:
-    """The spec as stored and sent to providers: validated (size limits are the gateway's), with
-    example ids filled in."""
+def parse_job_spec(spec_json: bytes) -> schemas.ExperimentSpec:
+    """The spec, validated (size limits are the gateway's), with example ids filled in."""
     try:
-        spec = parse_spec(spec_json, NO_SIZE_LIMITS)
+        return parse_spec(spec_json, NO_SIZE_LIMITS)
     except schemas.SpecError as exc:
         raise SpecError("invalid experiment spec: " + "; ".join(exc.problems[:5])) from None
-    return spec.model_dump(mode="json")
+
+
+def validate_spec(spec_json: bytes) -> dict[str, Any]:
+    """The spec as stored and sent to providers."""
+    return parse_job_spec(spec_json).model_dump(mode="json")
+
+
+def admission_estimate(spec: schemas.ExperimentSpec, route: Route) -> tuple[float, float]:
+    """(time s, USD) from the shared cost model, the figures the providers estimate with; the
+    provider's own estimate replaces it when the job is submitted."""
+    try:
+        figures = cost_model.estimate(spec, provider=route.provider, backend=route.backend)
+    except cost_model.PriceTableError as exc:
+        log.warning("no estimate for admission", extra={"provider": route.provider, "error": str(exc)})
+        return 0.0, 0.0
+    return figures.estimated_time_s, figures.estimated_cost_usd
 
 
 def event_to_dict(event: common_pb2.ProgressEvent) -> dict[str, Any]:
@@ -140,15 +156,25 @@ class JobManager:
                 raise SpecError(str(exc)) from None
         # Raises ProviderNotConfigured before anything is stored: nothing could run the job.
         self._providers.client(route.provider)
+        # A later job is estimated as its experiment (a lower bound for a retraining check).
+        estimate = admission_estimate(parse_job_spec(json.dumps(spec).encode()), route)
+
+        async def admit(conn: asyncpg.Connection) -> None:
+            usage = await current_usage(conn, self._settings, user_id, route.backend)
+            check_ceiling(usage, *estimate)
+            check_quota(usage, estimate[0])
+
         job, created = await self._store.insert_job(
             user_id,
             route.backend,
             route.provider,
             spec,
             idempotency_key or None,
-            job_kind(kind).name,
-            parent.id if parent is not None else None,
-            request,
+            admit=admit,
+            estimate=estimate,
+            kind=job_kind(kind).name,
+            parent_job_id=parent.id if parent is not None else None,
+            request=request,
         )
         if not created:
             return job
@@ -578,6 +604,12 @@ class JobManager:
             return Estimates(active_backend=backend, estimates=[], notes=[note])
         estimate.backend, estimate.provider = backend, provider
         return Estimates(active_backend=backend, estimates=[estimate], notes=[])
+
+    async def usage(self, user_id: str) -> Usage:
+        """The user's usage against the limits of their current backend."""
+        backend = (await self._store.get_profile(user_id)).compute_backend
+        async with self._store.pool.acquire() as conn:
+            return await current_usage(conn, self._settings, user_id, backend)
 
     async def verify_runpod_key(self, user_id: str, api_key: str) -> tuple[bool, float, str]:
         """(valid, balance in USD, message). The key is passed on and forgotten."""

@@ -33,6 +33,7 @@ from influence.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from service_runtime.grpc_server import GrpcService, create_grpc_server, termination_requested
 from service_runtime.metrics import start_metrics_server
 
+from scheduler.admission import AdmissionRefused, JobTooLarge, Usage
 from scheduler.artifacts import ArtifactMover
 from scheduler.config import Settings
 from scheduler.db import apply_migrations, create_pool
@@ -64,6 +65,8 @@ _DB_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.Inte
 # Trailing metadata naming the component behind an UNAVAILABLE answer when it is not the
 # scheduler itself (a compute provider, the database).
 FAILED_COMPONENT_KEY = "x-failed-component"
+# Trailing metadata of a RESOURCE_EXHAUSTED refusal: seconds until a retry can succeed.
+RETRY_AFTER_KEY = "retry-after-s"
 _DEFAULT_LIST_LIMIT = 50
 _MAX_LIST_LIMIT = 500
 _R = TypeVar("_R")
@@ -131,10 +134,16 @@ def event_to_proto(stored: StoredEvent) -> common_pb2.ProgressEvent:
 
 async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
     """Turn a known failure into the gRPC status the gateway maps for the researcher."""
-    if isinstance(exc, (SpecError, JobInputError)):
+    if isinstance(exc, (SpecError, JobInputError, JobTooLarge)):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, ParentNotCompleted):
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, AdmissionRefused):
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            exc.message,
+            trailing_metadata=((RETRY_AFTER_KEY, str(exc.retry_after_s)),),
+        )
     if isinstance(exc, JobNotFound):
         await context.abort(grpc.StatusCode.NOT_FOUND, "job not found")
     if isinstance(exc, ArtifactMissing):
@@ -179,7 +188,7 @@ def _rpc(
 
 _KNOWN_ERRORS = (
     SpecError, JobNotFound, ArtifactMissing, StoreError, ProviderNotConfigured, ProviderError, NotReady,
-    JobInputError, ParentNotCompleted, *_DB_ERRORS,
+    JobInputError, ParentNotCompleted, JobTooLarge, AdmissionRefused, *_DB_ERRORS,
 )
 
 
@@ -395,6 +404,29 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.EstimateJobResponse(
             active_backend=result.active_backend, estimates=result.estimates, notes=result.notes
         )
+
+    @_rpc
+    async def GetUsage(self, request: scheduler_pb2.GetUsageRequest, context: Any) -> scheduler_pb2.Usage:
+        jobs, _ = self._app.require()
+        return usage_to_proto(await jobs.usage(request.user_id))
+
+
+def usage_to_proto(usage: Usage) -> scheduler_pb2.Usage:
+    return scheduler_pb2.Usage(
+        backend=usage.backend,
+        limits=[
+            scheduler_pb2.UsageLimit(
+                name=entry.name,
+                used=entry.used,
+                limit=entry.limit,
+                description=entry.description,
+                resets_at=_timestamp(entry.resets_at),
+            )
+            for entry in usage.limits
+        ],
+        max_job_time_s=usage.max_job_time_s,
+        max_job_cost_usd=usage.max_job_cost_usd,
+    )
 
 
 class SchedulerApp:

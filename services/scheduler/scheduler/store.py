@@ -8,6 +8,7 @@ nor duplicate an event.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -18,6 +19,8 @@ NOTIFY_CHANNEL = "scheduler_job_events"
 ACTIVE_STATES = ("queued", "submitted", "running")
 TERMINAL_STATES = ("completed", "failed", "cancelled")
 ALL_STATES = ACTIVE_STATES + TERMINAL_STATES
+# An admission check run inside the insert's transaction; it raises to refuse the job.
+Admit = Callable[[asyncpg.Connection], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -168,36 +171,46 @@ class Store:
         provider: str,
         spec: dict[str, Any],
         idempotency_key: str | None,
+        admit: Admit | None = None,
+        estimate: tuple[float, float] = (0.0, 0.0),
         kind: str = "experiment",
         parent_job_id: str | None = None,
         request: dict[str, Any] | None = None,
     ) -> tuple[JobRow, bool]:
         """Store a new job, or return the existing one with the same (user, idempotency key).
-        The second value says whether this call created it."""
-        row = await self.pool.fetchrow(
-            f"""INSERT INTO jobs (id, user_id, compute_backend, provider, spec, idempotency_key,
-                                  kind, parent_job_id, request)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-                ON CONFLICT (user_id, idempotency_key) DO NOTHING
-                RETURNING {_JOB_COLUMNS}""",
-            uuid.uuid4(),
-            user_id,
-            compute_backend,
-            provider,
-            spec,
-            idempotency_key,
-            kind,
-            uuid.UUID(parent_job_id) if parent_job_id else None,
-            request,
-        )
-        if row is not None:
+        The second value says whether this call created it. ``admit`` runs first, in the same
+        transaction and under a per-user lock (so concurrent submissions on any replica are
+        counted one after the other); it raises to refuse the job. ``estimate`` is (time s, USD)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"admit:{user_id}")
+            if idempotency_key is not None:
+                existing = await conn.fetchrow(
+                    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE user_id = $1 AND idempotency_key = $2",
+                    user_id,
+                    idempotency_key,
+                )
+                if existing is not None:
+                    return _job(existing), False
+            if admit is not None:
+                await admit(conn)
+            row = await conn.fetchrow(
+                f"""INSERT INTO jobs (id, user_id, compute_backend, provider, spec, idempotency_key,
+                                      estimated_time_s, estimated_cost_usd, kind, parent_job_id,
+                                      request)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                    RETURNING {_JOB_COLUMNS}""",
+                uuid.uuid4(),
+                user_id,
+                compute_backend,
+                provider,
+                spec,
+                idempotency_key,
+                *estimate,
+                kind,
+                uuid.UUID(parent_job_id) if parent_job_id else None,
+                request,
+            )
             return _job(row), True
-        existing = await self.pool.fetchrow(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE user_id = $1 AND idempotency_key = $2",
-            user_id,
-            idempotency_key,
-        )
-        return _job(existing), False
 
     async def get_job(self, job_id: str, user_id: str | None = None) -> JobRow | None:
         """The job, or None when it does not exist or belongs to another user."""
@@ -330,6 +343,8 @@ class Store:
                        artifacts = coalesce($12, artifacts),
                        last_seq = $10,
                        finished_at = CASE WHEN $3 = ANY($11::text[]) THEN now() ELSE finished_at END,
+                       started_at = CASE WHEN $3 = 'running' AND started_at IS NULL THEN now()
+                                         ELSE started_at END,
                        updated_at = now()
                     WHERE id = $1
                     RETURNING {_JOB_COLUMNS}""",

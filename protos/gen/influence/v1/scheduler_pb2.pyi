@@ -267,3 +267,35 @@ class OpenJobArtifactResponse(_message.Message):
     artifact: _common_pb2.Artifact
     download_url: str
     def __init__(self, artifact: _Optional[_Union[_common_pb2.Artifact, _Mapping]] = ..., download_url: _Optional[str] = ...) -> None: ...
+
+class GetUsageRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class UsageLimit(_message.Message):
+    __slots__ = ("name", "used", "limit", "description", "resets_at")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    RESETS_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    used: float
+    limit: float
+    description: str
+    resets_at: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., used: _Optional[float] = ..., limit: _Optional[float] = ..., description: _Optional[str] = ..., resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("backend", "limits", "max_job_time_s", "max_job_cost_usd")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    MAX_JOB_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_JOB_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    limits: _containers.RepeatedCompositeFieldContainer[UsageLimit]
+    max_job_time_s: float
+    max_job_cost_usd: float
+    def __init__(self, backend: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[UsageLimit, _Mapping]]] = ..., max_job_time_s: _Optional[float] = ..., max_job_cost_usd: _Optional[float] = ...) -> None: ...

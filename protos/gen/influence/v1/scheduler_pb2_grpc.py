@@ -110,6 +110,11 @@ class SchedulerStub(object):
                 request_serializer=influence_dot_v1_dot_scheduler__pb2.EstimateJobRequest.SerializeToString,
                 response_deserializer=influence_dot_v1_dot_scheduler__pb2.EstimateJobResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/influence.v1.Scheduler/GetUsage',
+                request_serializer=influence_dot_v1_dot_scheduler__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_scheduler__pb2.Usage.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer(object):
@@ -213,6 +218,14 @@ class SchedulerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """The caller's usage against the admission limits of their backend. A submission over a limit
+        is RESOURCE_EXHAUSTED with trailing metadata "retry-after-s".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -290,6 +303,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.EstimateJob,
                     request_deserializer=influence_dot_v1_dot_scheduler__pb2.EstimateJobRequest.FromString,
                     response_serializer=influence_dot_v1_dot_scheduler__pb2.EstimateJobResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=influence_dot_v1_dot_scheduler__pb2.GetUsageRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_scheduler__pb2.Usage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -697,6 +715,33 @@ class Scheduler(object):
             '/influence.v1.Scheduler/EstimateJob',
             influence_dot_v1_dot_scheduler__pb2.EstimateJobRequest.SerializeToString,
             influence_dot_v1_dot_scheduler__pb2.EstimateJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.Scheduler/GetUsage',
+            influence_dot_v1_dot_scheduler__pb2.GetUsageRequest.SerializeToString,
+            influence_dot_v1_dot_scheduler__pb2.Usage.FromString,
             options,
             channel_credentials,
             insecure,
