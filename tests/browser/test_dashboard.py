@@ -326,3 +326,23 @@ def test_dashboard_example_files_match_the_repository_samples() -> None:
         jsonl = [json.loads(line) for line in (EXAMPLES / f"{kind}.jsonl").read_text().splitlines() if line]
         rows = list(csv.DictReader(io.StringIO((DASHBOARD_EXAMPLES / f"{kind}.csv").read_text())))
         assert rows == [{"id": r["id"], "prompt": r["prompt"], answer: r[answer]} for r in jsonl]
+
+
+def test_experiments_page_shows_usage_against_the_limits(page, stack: Stack, shots: Screenshots) -> None:
+    sign_in(page, "usage-reader")
+    client = page_api_client(page, stack.gateway_url)
+    job_id = client.submit(sample_spec(n_train=2, n_eval=1, epochs=1))["job_id"]
+    list(client.events(job_id))
+    page.reload()
+    page.locator("#usage").wait_for()
+    shots.take("experiments-with-usage")
+    assert page.locator("#usage-heading").inner_text() == "Your usage (Hosted (free tier))"
+
+    def limit(name: str) -> str:
+        return page.locator(f'#usage [data-limit="{name}"]').inner_text()
+
+    assert limit("active_jobs") == "active (queued or running) jobs on the hosted backend: 0 of 3"
+    assert limit("submissions_per_hour") == "hosted submissions in the last hour: 1 of 20"
+    used = limit("gpu_seconds_per_month")
+    assert used.startswith("hosted GPU-seconds this month: ") and used.endswith(" of 36,000"), used
+    assert client.request("GET", "/api/usage").json()["limits"][2]["used"] > 0

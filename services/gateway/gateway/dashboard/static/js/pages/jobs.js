@@ -2,12 +2,14 @@
 
 import { api } from "../api.js";
 import { BACKEND_NAMES, dateTime, el, usd } from "../ui.js";
+import { renderUsage } from "./usage.js";
 
 export async function renderJobs(view) {
   view.append(
     el("h1", {}, "Experiments"),
     el("p", {}, el("a", { href: "#/new", class: "button" }, "New experiment")),
   );
+  await renderUsage(view);
   const { jobs } = await api("GET", "/api/jobs?limit=200");
   if (!jobs.length) {
     view.append(el("p", { class: "empty" }, "No experiments yet. Start one with “New experiment”."));
