@@ -337,3 +337,37 @@ def test_model_directories_only_under_allowed_roots(stack: Stack, alice: Gateway
     events = list(alice.events(job_id))
     assert events[-1] == {**events[-1], "type": "status", "state": "completed"}, events[-1]
     assert any(str(listed) in (e.get("message") or "") for e in events if e.get("stage") == "loading_model")
+
+
+def test_flood_is_refused_past_the_cap_and_another_user_starts_next(stack: Stack) -> None:
+    flooder, other = GatewayClient(stack.gateway_url), GatewayClient(stack.gateway_url)
+    flooder.sign_in_locally("flooder")
+    other.sign_in_locally("other")
+    spec = small_spec(n_train=4, n_eval=2)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        replies = list(pool.map(lambda _: flooder.request("POST", "/api/train", json=spec), range(50)))
+    accepted = [r.json()["job_id"] for r in replies if r.status_code == 202]
+    refused = [r for r in replies if r.status_code != 202]
+    assert len(accepted) == 3 and len(refused) == 47
+    for reply in refused:
+        assert reply.status_code == 429
+        assert int(reply.headers["Retry-After"]) >= 5
+        assert reply.json()["detail"] == (
+            "You have 3 active (queued or running) jobs on the hosted backend; the limit is 3 per "
+            "user. Wait for one to finish or cancel one."
+        )
+    usage = flooder.request("GET", "/api/usage").json()
+    assert usage["limits"][0] == {**usage["limits"][0], "name": "active_jobs", "used": 3, "limit": 3}
+
+    mine = other.submit(spec)["job_id"]
+    deadline = time.monotonic() + 300
+    while other.job(mine)["status"] in ("queued", "submitted"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    # The flooder's backlog (all but the job that held the device) is still waiting when the
+    # other user's first job starts.
+    waiting = [j for j in accepted if flooder.job(j)["status"] in ("queued", "submitted")]
+    assert len(waiting) >= 2, [flooder.job(j)["status"] for j in accepted]
+    for job_id in accepted:
+        flooder.request("POST", f"/api/jobs/{job_id}/cancel")
+    assert list(other.events(mine))[-1]["state"] == "completed"

@@ -57,6 +57,8 @@ class JobRecord:
     error: str = ""
     pid: int | None = None
     kind: str = "experiment"  # gpu_core.jobs kind
+    # Whose job it is: the queue takes turns between users (records from before: "").
+    user_id: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -1,4 +1,5 @@
-"""The job queue and the child processes: one job at a time per device, FIFO across devices.
+"""The job queue and the child processes: one job at a time per device; the queue takes turns
+between users (round robin), so one user's backlog never delays another user's first job.
 
 A job is SUBMITTED while it waits, RUNNING from the moment a device is assigned, COMPLETED as
 soon as the child's result line has been stored, FAILED with the child's message (or with the way
@@ -106,6 +107,9 @@ class LocalRunner:
         self._jobs: dict[str, Job] = {}
         self._by_job_id: dict[str, str] = {}
         self._queue: list[Job] = []
+        # Round robin: when each user last had a job started (a counter, not a clock).
+        self._last_start: dict[str, int] = {}
+        self._starts = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._retention_task: asyncio.Task[None] | None = None
         self._accepting = False
@@ -161,7 +165,7 @@ class LocalRunner:
 
     def submit(
         self, job_id: str, spec_json: bytes, kind: str = "", request_json: bytes = b"",
-        parent_result_json: bytes = b"",
+        parent_result_json: bytes = b"", user_id: str = "",
     ) -> str:
         """Queue a job and return its provider job id; the same job_id again returns the same one.
         ``kind`` (gpu_core.jobs): an experiment, or a later job with its request and the
@@ -181,6 +185,7 @@ class LocalRunner:
             state=JobState.SUBMITTED,
             created_at=time.time(),
             kind=job_kind(kind).name,
+            user_id=user_id,
         )
         self._store.create(record, spec_json, files)
         job = Job(record, [])
@@ -312,7 +317,7 @@ class LocalRunner:
     def _stage_message(self, job: Job) -> str:
         record = job.record
         if record.state is JobState.SUBMITTED:
-            position = self._queue.index(job) + 1
+            position = self._start_order().index(job) + 1
             return (
                 f"queued: position {position} of {len(self._queue)}, "
                 f"waiting for a free device ({', '.join(self._devices)})"
@@ -366,9 +371,27 @@ class LocalRunner:
         )
         self._notify()
 
+    def _start_order(self) -> list[Job]:
+        """The queue in the order its jobs will start: round robin across users. A user's n-th
+        queued job waits behind every other user's jobs of an earlier round (running jobs count
+        as rounds taken); within a round, the user who started a job longest ago goes first."""
+        running: Counter[str] = Counter(
+            job.record.user_id for job in self._jobs.values() if job.record.state is JobState.RUNNING
+        )
+        seen: Counter[str] = Counter()
+        keyed = []
+        for position, job in enumerate(self._queue):
+            user = job.record.user_id
+            keyed.append(((running[user] + seen[user], self._last_start.get(user, -1), position), job))
+            seen[user] += 1
+        return [job for _key, job in sorted(keyed, key=lambda item: item[0])]
+
     def _dispatch(self) -> None:
         while self._accepting and self._queue and self._free_devices:
-            job = self._queue.pop(0)
+            job = self._start_order()[0]
+            self._queue.remove(job)
+            self._starts += 1
+            self._last_start[job.record.user_id] = self._starts
             device = self._free_devices.pop(0)
             # RUNNING from here on, so no status call sees a job that is neither queued nor running.
             self._mark_running(job, device)

@@ -85,6 +85,7 @@ class ComputeLocalServicer(compute_pb2_grpc.ComputeProviderServicer):
                 request.kind,
                 request.request_json,
                 request.parent_result_json,
+                user_id=request.account.user_id,
             )
         except NotAccepting as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

@@ -324,3 +324,44 @@ async def test_shutdown_fails_the_running_job_and_keeps_the_queued_one(
     final, events = await follow(restarted, stub, waiting)
     assert final.state == common_pb2.JOB_STATE_FAILED and "local/no-such-model" in final.error
     assert "starting" in [e.stage for e in events]
+
+
+@pytest.mark.slow
+async def test_queue_takes_turns_between_users(
+    start_compute_local: ServiceFactory, connect: Callable[..., compute_pb2_grpc.ComputeProviderStub]
+) -> None:
+    """One device: alice's backlog does not delay bob's first job, which starts next."""
+    service = await start_compute_local()
+    stub = connect(service)
+
+    async def submit(job_id: str, user: str, spec_json: bytes) -> str:
+        request = compute_pb2.SubmitRequest(
+            job_id=job_id, spec_json=spec_json, account=common_pb2.Account(user_id=user, hosted=True)
+        )
+        return (await stub.Submit(request)).provider_job_id
+
+    async def position(provider_job_id: str) -> str:
+        status = await stub.GetStatus(compute_pb2.GetStatusRequest(provider_job_id=provider_job_id))
+        return status.stage_message.split(",")[0]
+
+    running = await submit("a-1", "alice", long_spec())
+    alice_backlog = [await submit(f"a-{n}", "alice", tiny_spec()) for n in range(2, 5)]
+    bob_first = await submit("b-1", "bob", tiny_spec())
+    carol_first = await submit("c-1", "carol", tiny_spec())
+    assert service.runner.status(running, "", "").state is JobState.RUNNING
+    assert [await position(p) for p in (bob_first, carol_first, *alice_backlog)] == [
+        "queued: position 1 of 5",
+        "queued: position 2 of 5",
+        "queued: position 3 of 5",
+        "queued: position 4 of 5",
+        "queued: position 5 of 5",
+    ]
+    # The running job ends: bob's job starts, ahead of alice's three older ones.
+    await stub.Cancel(compute_pb2.CancelRequest(provider_job_id=running))
+    def state(provider_job_id: str) -> JobState:
+        return service.runner.status(provider_job_id, "", "").state
+
+    await wait_until(service, lambda: state(bob_first) is not JobState.SUBMITTED)
+    assert all(state(p) is JobState.SUBMITTED for p in alice_backlog)
+    for provider_job_id in (bob_first, carol_first, *alice_backlog):
+        await stub.Cancel(compute_pb2.CancelRequest(provider_job_id=provider_job_id))
