@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
         extra_env.update(simulated.stack_env())
     stack = Stack(
         data_dir=Path(args.data_dir).resolve(), fixed_ports=True, extra_env=extra_env,
-        services=tuple(services),
+        services=tuple(services), scheduler_replicas=int(os.environ.get("SCHEDULER_REPLICAS", "1")),
     )
     gateway_port = os.environ.get("GATEWAY_PORT")
     if gateway_port:

@@ -27,6 +27,11 @@ from devstack.postgres import EmbeddedPostgres, start_embedded_postgres
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def _service_of(name: str) -> str:
+    """ "scheduler-2" (a replica) -> "scheduler"."""
+    return "scheduler" if name.startswith("scheduler-") else name
+
+
 @dataclass(frozen=True)
 class ServiceSpec:
     name: str            # as in docs/services.md, e.g. "compute-local"
@@ -102,6 +107,8 @@ class Stack:
     fixed_ports: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
     services: tuple[str, ...] = ("keyvault", "compute-local", "compute-runpod", "scheduler", "gateway")
+    # Scheduler processes sharing the jobs table: "scheduler", then "scheduler-2", ...
+    scheduler_replicas: int = 1
     postgres: EmbeddedPostgres | None = None
     database_url: str = ""
     running: dict[str, RunningService] = field(default_factory=dict)
@@ -115,7 +122,22 @@ class Stack:
                 self.metrics_ports[name] = (
                     DEFAULT_METRICS_PORTS[name] if self.fixed_ports else free_port()
                 )
+        for replica in self.scheduler_names[1:]:
+            offset = 10 * (int(replica.rsplit("-", 1)[1]) - 1)
+            self.ports[replica] = DEFAULT_PORTS["scheduler"] + offset if self.fixed_ports else free_port()
+            self.metrics_ports[replica] = (
+                DEFAULT_METRICS_PORTS["scheduler"] + offset if self.fixed_ports else free_port()
+            )
         self.secrets = load_or_create_secrets(self.data_dir / "secrets.json")
+
+    @property
+    def scheduler_names(self) -> list[str]:
+        return ["scheduler", *(f"scheduler-{n}" for n in range(2, self.scheduler_replicas + 1))]
+
+    @property
+    def scheduler_target(self) -> str:
+        """What the gateway dials: one address, or every replica's (it balances round robin)."""
+        return ",".join(self.address(name) for name in self.scheduler_names)
 
     @property
     def gateway_url(self) -> str:
@@ -133,14 +155,14 @@ class Stack:
         self.database_url = self.postgres.ensure_database("influence")
 
     def service_env(self, name: str) -> dict[str, str]:
-        spec = SERVICES[name]
+        spec = SERVICES[_service_of(name)]
         s = self.secrets
         env = {
             **os.environ,
             "PYTHONUNBUFFERED": "1",
             "DATABASE_URL": self.database_url,
             "HOSTED_PROVIDER": "local",
-            "SCHEDULER_ADDR": self.address("scheduler"),
+            "SCHEDULER_ADDR": self.scheduler_target,
             "KEYVAULT_ADDR": self.address("keyvault"),
             "COMPUTE_LOCAL_ADDR": self.address("compute-local"),
             "COMPUTE_RUNPOD_ADDR": (
@@ -164,13 +186,16 @@ class Stack:
             env[f"{spec.env_prefix}_METRICS_PORT"] = str(self.metrics_ports[name])
         tokens = {"gateway": "gateway_token", "scheduler": "scheduler_token",
                   "compute-runpod": "compute_runpod_token"}
-        if name in tokens:
-            env["KEYVAULT_TOKEN"] = s[tokens[name]]
+        if spec.name in tokens:
+            env["KEYVAULT_TOKEN"] = s[tokens[spec.name]]
+        if spec.name == "scheduler":
+            # Stable per replica, so a restarted replica reclaims its own jobs at once.
+            env["SCHEDULER_REPLICA_ID"] = name
         env.update(self.extra_env)
         return env
 
     def start_service(self, name: str, timeout_s: float = 120.0) -> RunningService:
-        spec = SERVICES[name]
+        spec = SERVICES[_service_of(name)]
         log_dir = self.data_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"{name}.log"
@@ -194,7 +219,8 @@ class Stack:
     def start(self) -> None:
         self.start_database()
         for name in self.services:
-            self.start_service(name)
+            for instance in self.scheduler_names if name == "scheduler" else [name]:
+                self.start_service(instance)
 
     def __enter__(self) -> Stack:
         try:

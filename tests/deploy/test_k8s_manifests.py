@@ -203,6 +203,15 @@ def test_prod_runs_more_replicas_behind_a_tls_ingress(rendered: dict[str, list[R
     prod_hpa = named(prod, "HorizontalPodAutoscaler", "gateway")["spec"]
     assert prod_hpa["minReplicas"] > named(dev, "HorizontalPodAutoscaler", "gateway")["spec"]["minReplicas"]
     assert named(prod, "Deployment", "keyvault")["spec"]["replicas"] >= 2
+    scheduler = named(prod, "Deployment", "scheduler")
+    assert scheduler["spec"]["replicas"] == 2
+    (container,) = scheduler["spec"]["template"]["spec"]["containers"]
+    replica_id = next(e for e in container["env"] if e["name"] == "SCHEDULER_REPLICA_ID")
+    assert replica_id["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    budget = named(prod, "PodDisruptionBudget", "scheduler")["spec"]
+    assert budget["maxUnavailable"] == 1
+    pod_labels = scheduler["spec"]["template"]["metadata"]["labels"]
+    assert budget["selector"]["matchLabels"].items() <= pod_labels.items()
     ingress = named(prod, "Ingress", "gateway")["spec"]
     hosts = {host for tls in ingress["tls"] for host in tls["hosts"]}
     assert {rule["host"] for rule in ingress["rules"]} <= hosts

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -112,8 +113,8 @@ async def run_until_signal(
         await on_stop()
 
 
-def insecure_channel(address: str) -> grpc.aio.Channel:
+def insecure_channel(address: str, extra_options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
     """A channel to a peer service: large-message options and trace-context propagation."""
     return grpc.aio.insecure_channel(
-        address, options=CHANNEL_OPTIONS, interceptors=[TracingClientInterceptor()]
+        address, options=[*CHANNEL_OPTIONS, *extra_options], interceptors=[TracingClientInterceptor()]
     )

@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import Literal
 
 from gpu_core.schemas import SpecLimits
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # HS256 keys shorter than the hash output make brute-forcing a token's signature practical.
@@ -55,10 +62,13 @@ class Settings(BaseSettings):
 
     @field_validator("scheduler_addr", "keyvault_addr")
     @classmethod
-    def _host_port(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"expected host:port, got {value!r}")
+    def _host_port(cls, value: str, info: ValidationInfo) -> str:
+        # Scheduler replicas may be listed one by one: ip:port,ip:port.
+        addresses = value.split(",") if info.field_name == "scheduler_addr" else [value]
+        for address in addresses:
+            host, sep, port = address.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"expected host:port, got {address!r}")
         return value
 
     @field_validator("jwt_jwks_url")

@@ -70,9 +70,17 @@ class Upstreams:
         return [name for name, serving in zip(checks, results, strict=True) if not serving]
 
 
+def scheduler_target(address: str) -> str:
+    """SCHEDULER_ADDR as a gRPC target: one host:port (a DNS name resolving to every replica is
+    balanced round robin), or a comma-separated list of ip:port, one per replica."""
+    return f"ipv4:{address}" if "," in address else address
+
+
 def open_upstreams(settings: Settings) -> Upstreams:
     """Open the channels (lazily connecting); call from inside the running event loop."""
-    scheduler_channel = insecure_channel(settings.scheduler_addr)
+    scheduler_channel = insecure_channel(
+        scheduler_target(settings.scheduler_addr), [("grpc.lb_policy_name", "round_robin")]
+    )
     keyvault_channel = insecure_channel(settings.keyvault_addr)
     token = settings.keyvault_token
     return Upstreams(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
+import socket
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -47,6 +49,13 @@ class Settings(BaseSettings):
     # 0 keeps them forever. The sweep runs every scheduler_retention_sweep_s.
     artifact_retention_days: float = Field(default=30.0, ge=0, le=36500)
     scheduler_retention_sweep_s: float = Field(default=3600.0, gt=0, le=86400)
+    # Replicas: each follows the jobs it holds a lease on, renewed every third of the lease; a
+    # dead replica's jobs are taken over once its leases expire. The id names this replica in
+    # the jobs table (a stable one, e.g. the pod name, reclaims its own jobs at once on restart).
+    scheduler_replica_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", min_length=1, max_length=200
+    )
+    scheduler_lease_s: float = Field(default=15.0, ge=0.3, le=600)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     # Admission limits per user (0 = no limit); only the active-jobs cap applies to BYOK jobs.
     hosted_max_active_jobs: int = Field(default=3, ge=0)

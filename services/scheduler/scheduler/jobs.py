@@ -4,6 +4,13 @@ One runner task per non-terminal job submits it (when the provider has not got i
 follows it with GetStatus until a terminal state, storing every event and the result the moment
 it exists. A runner stops only at a terminal state; while a provider or the database is
 unreachable it waits with backoff, so a job is never lost.
+
+With several replicas, a replica runs only the runners of jobs it holds a lease on (a row-level
+claim in the jobs table, renewed by a heartbeat). When a replica dies its leases expire and
+another claims the jobs. A takeover may resubmit a job whose submit was in flight: the attempt
+is counted before the call and every provider deduplicates a submit by our job id, so the
+provider runs it once; events stay gapless because each follow step stores its events only if
+the provider cursor it started from is still the stored one.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from scheduler.providers import (
     model_params_b,
     route_for,
 )
-from scheduler.store import JobRow, JobUpdate, Store
+from scheduler.store import JobRow, JobUpdate, Lease, Store
 from scheduler.uploads import presigned_uploads, remove_uploads, uploads_directly, verify_uploads
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,8 @@ BACKENDS = ("hosted", "runpod")
 WAITING_STAGE = "waiting_for_gpu"
 _METRIC_KEYS = ("epoch", "total_epochs", "step", "total_steps", "loss", "learning_rate", "eta_s")
 _WAITING_STATES = (common_pb2.JOB_STATE_QUEUED, common_pb2.JOB_STATE_SUBMITTED)
+# Jobs one lease-loop turn claims at most (the rest on the next turn).
+_CLAIM_BATCH = 100
 
 
 class SpecError(ValueError):
@@ -126,6 +135,8 @@ class JobManager:
         self._runners: dict[str, asyncio.Task[None]] = {}
         # When each job's result first failed to arrive (monotonic): collection is bounded in time.
         self._result_failing_since: dict[str, float] = {}
+        self._lease = Lease(settings.scheduler_replica_id, settings.scheduler_lease_s)
+        self._lease_task: asyncio.Task[None] | None = None
 
     # ---- submit -------------------------------------------------------------------------
 
@@ -175,6 +186,7 @@ class JobManager:
             kind=job_kind(kind).name,
             parent_job_id=parent.id if parent is not None else None,
             request=request,
+            lease=self._lease,
         )
         if not created:
             return job
@@ -284,7 +296,13 @@ class JobManager:
                 stage_message=f"submitted to {route.provider}; waiting for a worker",
             ),
         )
-        return updated or await self._reload(job.id)
+        if updated is None:
+            current = await self._reload(job.id)
+            if current.status == "cancelled":
+                # Cancelled (on another replica) while this submit was in flight.
+                await client.cancel(job.id, provider_job_id, account)
+            return current
+        return updated
 
     async def _ensure_endpoint(self, route: Route, user_id: str, spec: dict[str, Any]) -> str:
         """The user's RunPod endpoint, created on first use. A per-user advisory lock makes two
@@ -336,11 +354,34 @@ class JobManager:
     # ---- following ----------------------------------------------------------------------
 
     async def resume_all(self) -> int:
-        """Start a runner for every non-terminal job in the table (after a restart)."""
-        job_ids = await self._store.active_job_ids()
+        """Claim the active jobs no live replica follows and start their runners; from then on a
+        lease loop renews this replica's leases and claims jobs whose replica died."""
+        claimed = await self._claim()
+        if self._lease_task is None:
+            self._lease_task = asyncio.create_task(self._lease_loop(), name="scheduler-leases")
+        return claimed
+
+    async def _claim(self) -> int:
+        job_ids = await self._store.claim_jobs(self._lease, _CLAIM_BATCH)
         for job_id in job_ids:
+            if job_id not in self._runners:
+                log.info("job claimed", extra={"job_id": job_id, "replica": self._lease.owner})
             self._start_runner(job_id)
         return len(job_ids)
+
+    async def _lease_loop(self) -> None:
+        interval = self._lease.seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                held = await self._store.renew_leases(self._lease, list(self._runners))
+                for job_id in [j for j in self._runners if j not in held]:
+                    # Another replica took it over (this one stalled past its lease): stop.
+                    log.warning("lease lost; no longer following", extra={"job_id": job_id})
+                    await self._stop_runner(job_id)
+                await self._claim()
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("leases not renewed; database unavailable", extra={"error": str(exc)})
 
     def _start_runner(self, job_id: str) -> None:
         if job_id in self._runners:
@@ -624,11 +665,20 @@ class JobManager:
         return response.valid, response.balance_usd, _without(response.message, api_key)
 
     async def close(self) -> None:
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+            await asyncio.gather(self._lease_task, return_exceptions=True)
+            self._lease_task = None
         tasks = list(self._runners.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._runners.clear()
+        try:
+            # Another replica takes these jobs over now rather than when the leases expire.
+            await self._store.release_leases(self._lease.owner)
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("leases not released; they expire instead", extra={"error": str(exc)})
 
 
 def _without(message: str, secret: str) -> str:

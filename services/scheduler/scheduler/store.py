@@ -65,6 +65,14 @@ class JobRow:
 
 
 @dataclass(frozen=True)
+class Lease:
+    """A replica's claim on the jobs it follows: its id and how long a claim lasts unrenewed."""
+
+    owner: str
+    seconds: float
+
+
+@dataclass(frozen=True)
 class StoredEvent:
     seq: int
     event: dict[str, Any]
@@ -176,11 +184,13 @@ class Store:
         kind: str = "experiment",
         parent_job_id: str | None = None,
         request: dict[str, Any] | None = None,
+        lease: Lease | None = None,
     ) -> tuple[JobRow, bool]:
         """Store a new job, or return the existing one with the same (user, idempotency key).
         The second value says whether this call created it. ``admit`` runs first, in the same
         transaction and under a per-user lock (so concurrent submissions on any replica are
-        counted one after the other); it raises to refuse the job. ``estimate`` is (time s, USD)."""
+        counted one after the other); it raises to refuse the job. ``estimate`` is (time s, USD);
+        ``lease`` makes the caller's replica the job's follower from the start."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"admit:{user_id}")
             if idempotency_key is not None:
@@ -196,8 +206,10 @@ class Store:
             row = await conn.fetchrow(
                 f"""INSERT INTO jobs (id, user_id, compute_backend, provider, spec, idempotency_key,
                                       estimated_time_s, estimated_cost_usd, kind, parent_job_id,
-                                      request)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                                      request, lease_owner, lease_expires_at)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+                            CASE WHEN $12::text IS NULL THEN NULL
+                                 ELSE now() + make_interval(secs => $13) END)
                     RETURNING {_JOB_COLUMNS}""",
                 uuid.uuid4(),
                 user_id,
@@ -209,6 +221,8 @@ class Store:
                 kind,
                 uuid.UUID(parent_job_id) if parent_job_id else None,
                 request,
+                lease.owner if lease else None,
+                lease.seconds if lease else 0.0,
             )
             return _job(row), True
 
@@ -243,12 +257,47 @@ class Store:
         )
         return [_job(row) for row in rows]
 
-    async def active_job_ids(self) -> list[str]:
+    # ---- leases (several scheduler replicas) ------------------------------------------------
+
+    async def claim_jobs(self, lease: Lease, limit: int) -> list[str]:
+        """Take the lease of up to ``limit`` active jobs that no live replica follows (no lease,
+        an expired one, or one this replica held before a restart)."""
         rows = await self.pool.fetch(
-            "SELECT id::text AS id FROM jobs WHERE status = ANY($1::text[]) ORDER BY created_at",
+            """UPDATE jobs SET lease_owner = $1, lease_expires_at = now() + make_interval(secs => $2)
+               WHERE id IN (
+                   SELECT id FROM jobs
+                   WHERE status = ANY($3::text[])
+                     AND (lease_expires_at IS NULL OR lease_expires_at < now() OR lease_owner = $1)
+                   ORDER BY lease_expires_at NULLS FIRST, created_at
+                   FOR UPDATE SKIP LOCKED
+                   LIMIT $4)
+               RETURNING id::text AS id""",
+            lease.owner,
+            lease.seconds,
             list(ACTIVE_STATES),
+            limit,
         )
         return [row["id"] for row in rows]
+
+    async def renew_leases(self, lease: Lease, job_ids: list[str]) -> set[str]:
+        """Extend this replica's leases on ``job_ids``; answers the ids it still holds."""
+        if not job_ids:
+            return set()
+        rows = await self.pool.fetch(
+            """UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $2)
+               WHERE id = ANY($3::uuid[]) AND lease_owner = $1
+               RETURNING id::text AS id""",
+            lease.owner,
+            lease.seconds,
+            [uuid.UUID(job_id) for job_id in job_ids],
+        )
+        return {row["id"] for row in rows}
+
+    async def release_leases(self, owner: str) -> None:
+        """Give up every lease of ``owner`` (a clean shutdown), so another replica takes over at once."""
+        await self.pool.execute(
+            "UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL WHERE lease_owner = $1", owner
+        )
 
     async def get_result(self, job_id: str, user_id: str) -> tuple[str, Any] | None:
         """(status, result) of the user's job, or None when it is not theirs."""
