@@ -12,7 +12,7 @@ PROTO_SRC := $(wildcard protos/influence/v1/*.proto)
 PROTO_OUT := protos/gen
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help setup protos protos-check run demo test lint migrate bench-influence bench-artifacts bench-scale gpu-check bench-fuzz clean modal-deploy k8s-validate lint-docker images bench-counterfactual bench-cancel
+.PHONY: help setup protos protos-check run demo test lint migrate bench-influence bench-artifacts bench-scale gpu-check bench-fuzz bench-load clean modal-deploy k8s-validate lint-docker images bench-counterfactual bench-cancel
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -69,6 +69,9 @@ bench-counterfactual: setup ## retrain without each method's top-1 on planted du
 bench-cancel: setup ## cancel latency per stage and method on the tiny model, in gpu_core and through the RunPod SDK loop (target < 5 s)
 	$(PY) -m gpu_core.bench_cancel
 	$(PY) -m devstack.bench_runpod_cancel
+
+bench-load: setup ## 1,000 jobs from 50 users, two scheduler replicas, compute-local + fake RunPod: latency, CPU, calls
+	$(PY) -m devstack.load_bench
 
 bench-fuzz: setup ## schema fuzzing of the OpenAPI against a fresh stack (FUZZ_CASES=5000): server errors
 	$(PY) -m devstack.fuzz_api --cases $(or $(FUZZ_CASES),5000)

@@ -1,0 +1,218 @@
+"""Load benchmark (`make bench-load`): many jobs from many users through the gateway, against
+two scheduler replicas, compute-local (hosted) and the fake RunPod (BYOK), on one machine.
+
+Half the users are hosted (compute-local, one device: one job runs, the rest wait in its queue),
+half bring a RunPod key (the fake RunPod runs with no GPU free, so jobs wait IN_QUEUE and no
+worker runs): every job is submitted, stored, routed and followed, the cheap way. The admission
+limits are lifted (operator settings) so that all jobs are accepted. Figures: submit latency,
+time from submit to the job's first stored event, scheduler CPU, PostgreSQL connections, and
+provider calls per second (RunPod's job-API limits: /run 1000 and /status, /stream 2000 per 10 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+from devstack.client import GatewayClient
+from devstack.stack import REPO_ROOT, FakeRunPodProcess, Stack
+
+RUNPOD_KEY = "rpa_loadbench_KEY_0123456789"
+RUNPOD_LIMITS_PER_10S = {"job.run": 1000, "job.status": 2000, "job.stream": 2000, "job.cancel": 100}
+_METRIC_LINE = re.compile(r'^runpod_api_requests_total\{route="([^"]+)",status="([^"]+)"\} ([0-9.e+]+)$')
+
+
+def tiny_spec(user: int, n: int) -> dict:
+    return {
+        "training_data": [{"prompt": f"u{user} q{n} {i}", "completion": f"a{i}"} for i in range(2)],
+        "eval_data": [{"prompt": "e", "expected": "x"}],
+        "hyperparams": {"epochs": 1, "max_seq_len": 16, "max_new_tokens": 2},
+        "few_shot_k": 0,
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def runpod_calls(stack: Stack) -> Counter[str]:
+    text = httpx.get(f"http://127.0.0.1:{stack.metrics_ports['compute-runpod']}/metrics", timeout=10).text
+    calls: Counter[str] = Counter()
+    for line in text.splitlines():
+        match = _METRIC_LINE.match(line)
+        if match:
+            calls[match.group(1)] += int(float(match.group(3)))
+    return calls
+
+
+class Sampler(threading.Thread):
+    """Every second: PostgreSQL connections and compute-runpod's RunPod calls so far."""
+
+    def __init__(self, stack: Stack) -> None:
+        super().__init__(daemon=True)
+        self.stack = stack
+        self.connections: list[int] = []
+        self.calls: list[tuple[float, Counter[str]]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        async def connections() -> int:
+            conn = await asyncpg.connect(self.stack.database_url)
+            try:
+                return int(
+                    await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = 'influence'")
+                )
+            finally:
+                await conn.close()
+
+        while not self.stop.is_set():
+            self.connections.append(asyncio.run(connections()) - 1)  # not this probe's own
+            self.calls.append((time.monotonic(), runpod_calls(self.stack)))
+            self.stop.wait(1.0)
+
+    def peak_per_10s(self, route: str) -> int:
+        peak = 0
+        for i, (start, before) in enumerate(self.calls):
+            for end, after in self.calls[i:]:
+                if end - start > 10.0:
+                    break
+                peak = max(peak, after[route] - before[route])
+        return peak
+
+
+def first_event_delays(database_url: str) -> list[float]:
+    async def query() -> list[float]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            rows = await conn.fetch(
+                """SELECT extract(epoch FROM min(e.created_at) - j.created_at)::float8 AS delay
+                   FROM jobs j JOIN job_events e ON e.job_id = j.id GROUP BY j.id, j.created_at"""
+            )
+            return [row["delay"] for row in rows]
+        finally:
+            await conn.close()
+
+    return asyncio.run(query())
+
+
+def run(users: int, jobs_per_user: int, follow_s: float, workers: int) -> dict[str, float | str]:
+    fake = FakeRunPodProcess.start()
+    try:
+        fake.control("POST", "keys", key=RUNPOD_KEY, balance=1_000_000.0)
+        fake.control("POST", "mode", throttled=True)
+        with tempfile.TemporaryDirectory(prefix="load-") as data_dir, Stack(
+            data_dir=Path(data_dir),
+            extra_env={
+                **fake.settings_env(),
+                "HOSTED_MAX_ACTIVE_JOBS": "0",
+                "BYOK_MAX_ACTIVE_JOBS": "0",
+                "HOSTED_MAX_SUBMISSIONS_PER_HOUR": "0",
+                "HOSTED_GPU_SECONDS_PER_MONTH": "0",
+                "RUNPOD_QUEUE_TIMEOUT_S": "3600",
+                "COMPUTE_LOCAL_TORCH_THREADS": "1",
+                "LOG_LEVEL": "WARNING",
+            },
+            scheduler_replicas=2,
+        ) as stack:
+            clients = []
+            for user in range(users):
+                client = GatewayClient(stack.gateway_url, timeout_s=120)
+                client.sign_in_locally(f"load-{user}")
+                if user % 2:
+                    reply = client.request("POST", "/api/settings/runpod-key", json={"api_key": RUNPOD_KEY})
+                    reply.raise_for_status()
+                clients.append(client)
+            schedulers = [stack.running[name].process.pid for name in stack.scheduler_names]
+            cpu_before = sum(cpu_seconds(pid) for pid in schedulers)
+            sampler = Sampler(stack)
+            sampler.start()
+            started = time.monotonic()
+
+            def submit(index: int) -> float:
+                user, n = index % users, index // users
+                began = time.perf_counter()
+                reply = clients[user].request("POST", "/api/train", json=tiny_spec(user, n))
+                elapsed = time.perf_counter() - began
+                if reply.status_code != 202:
+                    raise RuntimeError(f"submit {index}: {reply.status_code} {reply.text[:200]}")
+                return elapsed
+
+            total = users * jobs_per_user
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                latencies = list(pool.map(submit, range(total)))
+            submitted_s = time.monotonic() - started
+            time.sleep(follow_s)  # every job followed: status polls at the providers
+            window_s = time.monotonic() - started
+            sampler.stop.set()
+            sampler.join()
+            cpu = sum(cpu_seconds(pid) for pid in schedulers) - cpu_before
+            delays = first_event_delays(stack.database_url)
+            calls = sampler.calls[-1][1] - sampler.calls[0][1]
+            local = httpx.get(
+                f"http://127.0.0.1:{stack.metrics_ports['compute-local']}/metrics", timeout=10
+            ).text
+    finally:
+        fake.stop()
+    local_calls = sum(
+        float(line.rsplit(" ", 1)[1]) for line in local.splitlines()
+        # Every ComputeProvider RPC the schedulers made (health checks are not counted).
+        if line.startswith("grpc_server_handled_total{") and "Health" not in line
+        and "Reflection" not in line
+    )
+    figures: dict[str, float | str] = {
+        "jobs": total,
+        "users": users,
+        "submit_wall_s": round(submitted_s, 1),
+        "submit_p50_ms": round(statistics.median(latencies) * 1000, 1),
+        "submit_p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
+        "jobs_with_events": len(delays),
+        "first_event_p50_ms": round(statistics.median(delays) * 1000, 1),
+        "first_event_p99_ms": round(percentile(delays, 0.99) * 1000, 1),
+        "scheduler_cpu_s": round(cpu, 1),
+        "scheduler_cpu_pct_of_one_core": round(100 * cpu / window_s, 1),
+        "db_connections_max": max(sampler.connections),
+        "compute_local_rpcs_per_s": round(local_calls / window_s, 1),
+        "window_s": round(window_s, 1),
+    }
+    for route, limit in RUNPOD_LIMITS_PER_10S.items():
+        figures[f"runpod_{route}_per_s"] = round(calls[route] / window_s, 1)
+        peak = sampler.peak_per_10s(route)
+        figures[f"runpod_{route}_peak_per_10s"] = f"{peak} (limit {limit})"
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m devstack.load_bench")
+    parser.add_argument("--users", type=int, default=50)
+    parser.add_argument("--jobs-per-user", type=int, default=20)
+    parser.add_argument("--follow-s", type=float, default=30.0)
+    parser.add_argument("--workers", type=int, default=16)
+    args = parser.parse_args()
+    os.chdir(REPO_ROOT)
+    figures = run(args.users, args.jobs_per_user, args.follow_s, args.workers)
+    for name, value in figures.items():
+        print(f"{name:34} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
