@@ -172,9 +172,8 @@ async def test_a_result_that_never_arrives_fails_the_job_in_bounded_time(start, 
     started = asyncio.get_running_loop().time()
     done = await _finish(running, h)
     assert done.state == common_pb2.JOB_STATE_FAILED
-    assert done.error == "the result could not be collected from the local provider: " + (
-        "the local compute provider is unreachable: worker gone"
-    )
+    # The provider answered (the channel is up), so its own message is the reason.
+    assert done.error == "the result could not be collected from the local provider: worker gone"
     assert asyncio.get_running_loop().time() - started < 10
     assert provider.servicer.result_calls == 0
 
