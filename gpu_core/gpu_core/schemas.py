@@ -63,9 +63,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
 
 
-def _check_text(value: str, info: ValidationInfo) -> str:
+def _check_text(value: str | None, info: ValidationInfo) -> str | None:
     limit = _limits(info).max_text_chars
-    if len(value) > limit:
+    # None: an optional text left out (a chat example has no prompt).
+    if value is not None and len(value) > limit:
         raise ValueError(f"text is {len(value)} characters; the limit is {limit}")
     return value
 

@@ -126,3 +126,15 @@ def test_parse_spec_names_every_problem_and_services_can_lift_size_limits() -> N
     assert parse_spec(raw, NO_SIZE_LIMITS).training_data[0].id == "t1"
     with pytest.raises(SpecError, match="hyperparams.epochs"):
         parse_spec(b'{"training_data": [], "eval_data": [], "hyperparams": {"epochs": 0}}')
+
+
+def test_null_texts_are_validation_errors_not_crashes() -> None:
+    import pydantic
+    from gpu_core.schemas import ExperimentSpec
+
+    body = (
+        b'{"training_data": [{"prompt": null, "messages": null, "completion": null, "id": null}, {}],'
+        b' "eval_data": [{"expected": null}]}'
+    )
+    with pytest.raises(pydantic.ValidationError):
+        ExperimentSpec.model_validate_json(body)
