@@ -303,3 +303,24 @@ class GatewayConfig(ApiModel):
     spec_schema: dict[str, Any] = Field(
         description="JSON Schema of the experiment spec (gpu_core ExperimentSpec): defaults and bounds"
     )
+
+
+# ---- usage --------------------------------------------------------------------------------
+
+
+class UsageLimit(ApiModel):
+    name: str = Field(description="e.g. active_jobs, submissions_per_hour, gpu_seconds_per_month")
+    description: str
+    used: float
+    limit: float | None = Field(description="null: no limit on this deployment")
+    resets_at: str | None = Field(default=None, description="ISO time the window resets, if it does")
+
+
+class Usage(ApiModel):
+    """The caller's usage against the admission limits of their backend; a submission over one
+    is a 429 with Retry-After."""
+
+    backend: str
+    limits: list[UsageLimit]
+    max_job_time_s: float | None = Field(description="Per-job ceiling on the estimated time (hosted)")
+    max_job_cost_usd: float | None = Field(description="Per-job ceiling on the estimated cost (hosted)")

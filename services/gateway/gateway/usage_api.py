@@ -7,11 +7,13 @@ from typing import Any
 
 from fastapi import APIRouter
 from influence.v1 import scheduler_pb2
+from influence_client.models import Usage
 
 from gateway.deps import Clients, CurrentUser, Trace
+from gateway.responses import ERRORS
 from gateway.upstream import scheduler_errors
 
-router = APIRouter(prefix="/api", tags=["usage"])
+router = APIRouter(prefix="/api", tags=["usage"], responses=ERRORS)
 
 
 def usage_view(usage: scheduler_pb2.Usage) -> dict[str, Any]:
@@ -35,7 +37,9 @@ def usage_view(usage: scheduler_pb2.Usage) -> dict[str, Any]:
     }
 
 
-@router.get("/usage", summary="The caller's usage against the limits of their backend")
+@router.get(
+    "/usage", summary="The caller's usage against the limits of their backend", response_model=Usage
+)
 async def get_usage(user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
     with scheduler_errors("The scheduler is unavailable; try again in a moment"):
         usage = await clients.scheduler.GetUsage(
