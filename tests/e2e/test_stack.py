@@ -199,6 +199,13 @@ def test_every_service_exports_metrics_showing_the_job(stack: Stack, alice: Gate
     }
     assert set(metrics) == {"keyvault", "compute-local", "scheduler"}
     assert 'method="SubmitJob"' in metrics["scheduler"]
+    # The job gauges are refreshed with the database health check (every
+    # SCHEDULER_DB_CHECK_INTERVAL_S, 5 s): wait up to three refreshes for the finished job.
+    scheduler_metrics_url = f"http://127.0.0.1:{stack.metrics_ports['scheduler']}/metrics"
+    deadline = time.monotonic() + 15
+    while 'scheduler_jobs{state="completed"}' not in metrics["scheduler"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+        metrics["scheduler"] = httpx.get(scheduler_metrics_url).text
     assert 'scheduler_jobs{state="completed"}' in metrics["scheduler"]
     assert 'method="Submit"' in metrics["compute-local"]
     assert 'compute_local_jobs_finished_total{state="completed"}' in metrics["compute-local"]
