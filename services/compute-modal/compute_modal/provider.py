@@ -20,8 +20,7 @@ from typing import Any
 import cost_model
 import modal.exception
 from gpu_core.jobs import EXPERIMENT, JobInputError, make_payload, parse_payload
-from gpu_core.schemas import ExperimentSpec, SpecError
-from pydantic import ValidationError
+from gpu_core.schemas import NO_SIZE_LIMITS, ExperimentSpec, SpecError, parse_spec
 
 from compute_modal.adapter import ModalAdapter, ModalNotConfigured
 
@@ -150,10 +149,7 @@ class ModalProvider:
         the run's files there (worker/modal_app.py). None: the run keeps no files."""
         if not job_id:
             raise InvalidRequest("job_id is empty")
-        try:
-            spec = ExperimentSpec.model_validate_json(spec_json)
-        except ValidationError as exc:
-            raise InvalidRequest(f"spec_json is not a valid experiment spec: {exc}") from None
+        spec = _read_spec(spec_json)
         try:
             request = json.loads(request_json) if request_json else None
             parent = json.loads(parent_result_json) if parent_result_json else None
@@ -263,13 +259,20 @@ class ModalProvider:
     def estimate(
         self, spec_json: bytes, backend: str, kind: str = "", request_json: bytes = b""
     ) -> cost_model.CostEstimate:
+        spec = _read_spec(spec_json)
         try:
-            spec = ExperimentSpec.model_validate_json(spec_json)
             return cost_model.estimate_job(spec, "modal", backend or "hosted", kind, request_json)
-        except ValidationError as exc:
-            raise InvalidRequest(f"spec_json is not a valid experiment spec: {exc}") from None
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
+
+
+def _read_spec(spec_json: bytes) -> ExperimentSpec:
+    # Size limits are the gateway's to enforce; a provider only checks the spec is well formed.
+    # SpecError names each field and rule, never the input's values.
+    try:
+        return parse_spec(spec_json, NO_SIZE_LIMITS)
+    except SpecError as exc:
+        raise InvalidRequest(f"spec_json is not a valid experiment spec: {'; '.join(exc.problems)}") from None
 
 
 def _parse_cursor(cursor: str) -> int:

@@ -12,10 +12,10 @@ import grpc
 import modal.exception
 import pytest
 from compute_modal.config import SettingsError, load_settings
-from compute_modal.inprocess import RESULT_RETENTION_S, InProcessModal
+from compute_modal.inprocess import RESULT_RETENTION_S, InProcessModal, load_worker_app
 from compute_modal.provider import WAITING_FOR_GPU
 from compute_modal.server import SERVICE_NAME, start_service
-from gpu_core.schemas import STAGES, ExperimentResult
+from gpu_core.schemas import DEFAULT_LIMITS, STAGES, ExperimentResult
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from influence.v1 import common_pb2, compute_pb2
 from prometheus_client import CollectorRegistry
@@ -147,6 +147,39 @@ async def test_bad_requests_are_named(harness: Any) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await status(harness, "fc-x", "j", cursor="abc")
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cursor" in error.value.details()
+
+
+async def test_specs_over_the_default_size_limits_are_accepted(harness: Any, make_spec: Spec) -> None:
+    # The gateway enforces the operator's (possibly raised) size limits; a provider refuses none.
+    spec = make_spec()
+    spec["training_data"][0]["prompt"] = "x" * (DEFAULT_LIMITS.max_text_chars + 1)
+    estimate = await harness.stub.Estimate(
+        compute_pb2.EstimateRequest(spec_json=json.dumps(spec).encode(), backend="hosted")
+    )
+    assert estimate.estimate.provider == "modal"
+    harness.gate.clear()  # accepted and queued; the body never runs
+    call_id = (await harness.stub.Submit(submit_request("job-large", spec))).provider_job_id
+    assert call_id.startswith("fc-")
+    await harness.stub.Cancel(compute_pb2.CancelRequest(provider_job_id=call_id, job_id="job-large"))
+    harness.gate.set()
+    assert await harness.adapter.wait(call_id, timeout=30)
+    # The worker reads the payload the same way (the job is not started here).
+    load_worker_app().job_events(spec).close()
+
+
+async def test_an_invalid_spec_is_named_without_echoing_its_values(harness: Any, make_spec: Spec) -> None:
+    spec = make_spec(epochs="sk-live-do-not-echo")
+    spec_json = json.dumps(spec).encode()
+    for call in (
+        harness.stub.Submit(compute_pb2.SubmitRequest(job_id="j", spec_json=spec_json)),
+        harness.stub.Estimate(compute_pb2.EstimateRequest(spec_json=spec_json, backend="hosted")),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await call
+        details = error.value.details()
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "hyperparams.epochs" in details
+        assert "sk-live-do-not-echo" not in details and "input_value" not in details
 
 
 async def test_estimate_uses_modal_prices(harness: Any, make_spec: Spec) -> None:
