@@ -6,7 +6,7 @@ tier), ``timing`` (time) and ``estimate`` (cost = time x $/s); docs/cost-model.m
 
 from cost_model.estimate import BackendPrice, CostEstimate, ModelInfo, catalog, estimate, estimate_job
 from cost_model.memory import GpuRecommendation, MemoryBreakdown, recommend_gpu
-from cost_model.model_catalog import Architecture, ModelCard, lookup_model, model_cards
+from cost_model.model_catalog import Architecture, ModelCard, lookup_model, model_cards, sized_model
 from cost_model.prices import TIERS_GB, GpuOffer, PriceTable, PriceTableError, price_table
 from cost_model.workload import Workload
 
@@ -30,4 +30,5 @@ __all__ = [
     "model_cards",
     "price_table",
     "recommend_gpu",
+    "sized_model",
 ]

@@ -144,6 +144,13 @@ def parse_size_b(model_id: str) -> float | None:
     return value if value > 0 else None
 
 
+def sized_model(model_id: str) -> ModelCard | None:
+    """The card of ``model_id`` when its size is known (the catalog has it, or its id names a
+    size); None when only the ``UNKNOWN_MODEL_PARAMS_B`` assumption is left."""
+    card = lookup_model(model_id)
+    return card if card.known or parse_size_b(model_id) is not None else None
+
+
 def lookup_model(model_id: str) -> ModelCard:
     """The catalog card for ``model_id`` (or one of its aliases), else an estimated card."""
     # A pinned revision ("org/name@v1") is the same model.

@@ -17,8 +17,18 @@ def estimated_cost_usd(spec: ExperimentSpec) -> float:
     return float(cost_model.estimate(spec, provider="runpod", backend="runpod").estimated_cost_usd)
 
 
-def gpu_pools(model_params_b: float, quantization: str) -> list[str]:
-    """Every RunPod pool that fits a model of ``model_params_b`` billion parameters, cheapest
-    first: RunPod asks for every pool the endpoint accepts (fewer jobs left waiting for a GPU)."""
-    recommendation = cost_model.recommend_gpu(model_params_b, quantization or "none")
+def gpu_pools(model_params_b: float, quantization: str, model_id: str = "") -> list[str]:
+    """Every RunPod pool that fits the model, cheapest first: RunPod asks for every pool the
+    endpoint accepts (fewer jobs left waiting for a GPU). A model the catalog knows (or whose id
+    names its size) is sized by its card, as the estimate is; else by ``model_params_b``
+    billion parameters; none when neither is known (the caller's default pools apply)."""
+    card = cost_model.sized_model(model_id) if model_id else None
+    if card is not None:
+        recommendation = cost_model.recommend_gpu(
+            card.params_b, quantization or "none", architecture=card.architecture
+        )
+    elif model_params_b > 0:
+        recommendation = cost_model.recommend_gpu(model_params_b, quantization or "none")
+    else:
+        return []
     return [pool for pool, _ in cost_model.price_table("runpod").gpus_for_tier(recommendation.tier_gb)]

@@ -187,7 +187,7 @@ class RunPodProvider:
     # ---- endpoint ------------------------------------------------------------------------
 
     async def prepare(
-        self, account: AccountRef, model_params_b: float = 0.0, quantization: str = ""
+        self, account: AccountRef, model_params_b: float = 0.0, quantization: str = "", model_id: str = ""
     ) -> Prepared:
         key = await self._key(account)
         if account.hosted:
@@ -207,10 +207,10 @@ class RunPodProvider:
             if existing is None:
                 existing = await self._find_own_endpoint(key)
             if existing is not None:
-                await self._roll_out_template(key, existing, model_params_b, quantization)
+                await self._roll_out_template(key, existing, model_params_b, quantization, model_id)
                 return Prepared(endpoint_id=str(existing["id"]), created=False, status="ready")
             created = await self._client.create_endpoint(
-                key, self._endpoint_body(model_params_b, quantization)
+                key, self._endpoint_body(model_params_b, quantization, model_id)
             )
             log.info("runpod endpoint created", extra={"endpoint_id": created["id"]})
             return Prepared(endpoint_id=str(created["id"]), created=True, status="ready")
@@ -223,7 +223,7 @@ class RunPodProvider:
         return None
 
     async def _roll_out_template(
-        self, key: str, endpoint: dict[str, Any], model_params_b: float, quantization: str
+        self, key: str, endpoint: dict[str, Any], model_params_b: float, quantization: str, model_id: str
     ) -> None:
         """RunPod resolves a template only when an endpoint is created, and its Endpoint object
         does not say which one: the endpoint carries our own marker in its env. When
@@ -239,17 +239,16 @@ class RunPodProvider:
             field: template[field] for field in ("image", "args", "disk", "ports") if field in template
         }
         update["env"] = {**(template.get("env") or {}), TEMPLATE_MARKER: template_id}
-        update["gpu"] = {"pools": self._pools(model_params_b, quantization), "count": 1}
+        update["gpu"] = {"pools": self._pools(model_params_b, quantization, model_id), "count": 1}
         await self._client.update_endpoint(key, str(endpoint["id"]), update)
         log.info("runpod endpoint moved to a new template",
                  extra={"endpoint_id": endpoint["id"], "template_id": template_id})
 
-    def _pools(self, model_params_b: float, quantization: str) -> list[str]:
-        if model_params_b > 0:
-            return costs.gpu_pools(model_params_b, quantization)
-        return list(self._settings.RUNPOD_DEFAULT_GPU_POOLS)
+    def _pools(self, model_params_b: float, quantization: str, model_id: str) -> list[str]:
+        pools = costs.gpu_pools(model_params_b, quantization, model_id)
+        return pools or list(self._settings.RUNPOD_DEFAULT_GPU_POOLS)
 
-    def _endpoint_body(self, model_params_b: float, quantization: str) -> dict[str, Any]:
+    def _endpoint_body(self, model_params_b: float, quantization: str, model_id: str) -> dict[str, Any]:
         settings = self._settings
         if not settings.RUNPOD_TEMPLATE_ID:
             raise ProviderError(
@@ -261,7 +260,7 @@ class RunPodProvider:
             "type": "QUEUE",
             "templateId": settings.RUNPOD_TEMPLATE_ID,
             "env": {TEMPLATE_MARKER: settings.RUNPOD_TEMPLATE_ID},
-            "gpu": {"pools": self._pools(model_params_b, quantization), "count": 1},
+            "gpu": {"pools": self._pools(model_params_b, quantization, model_id), "count": 1},
             "workers": {"min": 0, "max": settings.RUNPOD_WORKERS_MAX,
                         "idleTimeout": settings.RUNPOD_IDLE_TIMEOUT_S},
             "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4},

@@ -75,7 +75,8 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
         prepared = await self._call(
             context,
             lambda: self._provider.prepare(
-                _account(request.account), request.model_params_b, request.quantization
+                _account(request.account), request.model_params_b, request.quantization,
+                request.model_id,
             ),
         )
         return compute_pb2.PrepareAccountResponse(

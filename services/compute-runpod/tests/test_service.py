@@ -187,6 +187,25 @@ async def test_every_fitting_pool_cheapest_first(stack: Stack) -> None:
     assert prices == sorted(prices)
 
 
+async def test_the_endpoint_pools_start_at_the_gpu_the_estimate_priced(stack: Stack) -> None:
+    # The scheduler sends the spec's model id; every catalog model (in its default quantization)
+    # is routed to pools that start at the very GPU class its estimate priced.
+    for index, card in enumerate(cost_model.model_cards()):
+        user_id = f"u-model-{index}"
+        await stack.store_key(user_id, new_key_with(stack, 50.0))
+        answer = await stack.stub.PrepareAccount(compute_pb2.PrepareAccountRequest(
+            account=user(user_id), model_id=card.id, quantization=card.default_quantization
+        ))
+        (endpoint,) = [e for e in stack.fake.endpoints() if e["id"] == answer.endpoint_id]
+        pools = endpoint["gpu"]["pools"]
+        spec = spec_bytes(model_id=card.id, hyperparams={"quantization": card.default_quantization})
+        estimate = (
+            await stack.stub.Estimate(compute_pb2.EstimateRequest(spec_json=spec, backend="runpod"))
+        ).estimate
+        assert estimate.gpu in pools, card.id
+        assert min(PRICES.gpus[pool].memory_gb for pool in pools) == estimate.gpu_memory_gb, card.id
+
+
 async def test_a_new_template_reaches_the_existing_endpoint(
     stack: Stack, make_settings: Callable[..., Settings]
 ) -> None:

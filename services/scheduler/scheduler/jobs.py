@@ -41,7 +41,6 @@ from scheduler.providers import (
     ProviderNotConfigured,
     Providers,
     Route,
-    model_params_b,
     route_for,
 )
 from scheduler.store import JobRow, JobUpdate, Lease, Store
@@ -308,7 +307,7 @@ class JobManager:
         """The user's RunPod endpoint, created on first use. A per-user advisory lock makes two
         concurrent first jobs (on any scheduler replica) create one endpoint."""
         client = self._providers.client("runpod")
-        params_b = model_params_b(spec.get("model_id", ""))
+        model_id = spec.get("model_id", "")
         quantization = spec.get("hyperparams", {}).get("quantization", "none")
         lock_key = f"runpod-endpoint:{user_id}"
         async with self._store.pool.acquire() as conn:
@@ -320,7 +319,7 @@ class JobManager:
                 try:
                     try:
                         prepared = await client.prepare_account(
-                            route.account(user_id, stored), params_b, quantization
+                            route.account(user_id, stored), model_id, quantization
                         )
                     except ProviderError as exc:
                         if exc.code != "NOT_FOUND" or not stored:
@@ -328,7 +327,7 @@ class JobManager:
                         log.info("stored endpoint is gone; creating a new one", extra={"user_id": user_id})
                         await self._store.set_endpoint(conn, user_id, "", "creating")
                         prepared = await client.prepare_account(
-                            route.account(user_id, ""), params_b, quantization
+                            route.account(user_id, ""), model_id, quantization
                         )
                     if prepared.status == "error" or not prepared.endpoint_id:
                         raise ProviderError(

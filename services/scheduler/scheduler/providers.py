@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import cost_model
 import grpc
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from prometheus_client import Counter
@@ -129,12 +130,15 @@ class ProviderClient:
         )
 
     async def prepare_account(
-        self, account: common_pb2.Account, model_params_b: float, quantization: str
+        self, account: common_pb2.Account, model_id: str, quantization: str
     ) -> compute_pb2.PrepareAccountResponse:
         return await self._call(
             self._stub.PrepareAccount,
             compute_pb2.PrepareAccountRequest(
-                account=account, model_params_b=model_params_b, quantization=quantization
+                account=account,
+                model_id=model_id,
+                model_params_b=model_params_b(model_id),
+                quantization=quantization,
             ),
         )
 
@@ -249,11 +253,9 @@ class Providers:
         self._clients.clear()
 
 
-_PARAMS_IN_NAME = re.compile(r"(?<![0-9.])(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])")
-
-
 def model_params_b(model_id: str) -> float:
-    """Parameter count in billions as model names state it ("Llama-3.1-8B" -> 8.0); 0 when the
-    name does not say (the provider then picks its default GPU pool)."""
-    match = _PARAMS_IN_NAME.search(model_id.rsplit("/", 1)[-1])
-    return float(match.group(1)) if match else 0.0
+    """Parameter count in billions from the cost model's catalog (the size the estimate prices),
+    else as the id states it ("Foo-13B", "bar-270m"); 0 when neither says (the provider then
+    picks its default GPU pool)."""
+    card = cost_model.sized_model(model_id)
+    return card.params_b if card is not None else 0.0

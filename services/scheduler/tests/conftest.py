@@ -92,6 +92,7 @@ class ScriptedProvider(compute_pb2_grpc.ComputeProviderServicer):
         self.fail_next: dict[str, list[tuple[grpc.StatusCode, str]]] = {}
         self.endpoints: set[str] = set()
         self.endpoints_created = 0
+        self.prepare_requests: list[compute_pb2.PrepareAccountRequest] = []
         self.verified_keys: list[str] = []
         self.result_calls = 0
         self.fetch_calls: list[str] = []
@@ -113,6 +114,7 @@ class ScriptedProvider(compute_pb2_grpc.ComputeProviderServicer):
 
     async def PrepareAccount(self, request: Any, context: Any) -> compute_pb2.PrepareAccountResponse:
         await self._maybe_fail("PrepareAccount", context)
+        self.prepare_requests.append(request)
         endpoint_id = request.account.endpoint_id
         if endpoint_id:
             if endpoint_id not in self.endpoints:

@@ -6,8 +6,10 @@ import asyncio
 import json
 
 import asyncpg
+import cost_model
 import grpc
 import pytest
+from gpu_core.schemas import TINY_MODEL_ID
 from influence.v1 import common_pb2, scheduler_pb2
 
 pytestmark = pytest.mark.timeout(60)
@@ -229,6 +231,10 @@ async def test_runpod_endpoint_created_once_for_concurrent_first_jobs(scheduler,
         )
     )
     assert provider.servicer.endpoints_created == 1
+    # The pool is chosen by the spec's model: its id, and its size from the cost model's catalog.
+    prepared = provider.servicer.prepare_requests[-1]
+    assert prepared.model_id == TINY_MODEL_ID  # the spec's default
+    assert prepared.model_params_b == cost_model.lookup_model(TINY_MODEL_ID).params_b > 0
     settings = await stub.GetComputeSettings(scheduler_pb2.GetComputeSettingsRequest(user_id="carol"))
     assert (settings.runpod_endpoint_id, settings.endpoint_status) == ("ep-1", "ready")
     for job in jobs:
