@@ -51,7 +51,7 @@ lint: setup ## ruff over every Python file
 	$(VENV)/bin/ruff check .
 
 bench-influence: setup ## influence benchmark: wall time, peak memory, ratios
-	$(PY) -m gpu_core.bench
+	$(PY) -m benchmarks.bench_influence
 
 bench-artifacts: setup ## 10,000 x 1,000 TracIn through the stack: scores.npy download, results size, time moving artifacts, estimate; 1 GiB artifact memory
 	$(PY) -m benchmarks.artifacts
@@ -67,7 +67,7 @@ bench-counterfactual: setup ## retrain without each method's top-1 on planted du
 	$(PY) benchmarks/counterfactual_check.py
 
 bench-cancel: setup ## cancel latency per stage and method on the tiny model, in gpu_core and through the RunPod SDK loop (target < 5 s)
-	$(PY) -m gpu_core.bench_cancel
+	$(PY) -m benchmarks.bench_cancel
 	$(PY) -m devstack.bench_runpod_cancel
 
 bench-load: setup ## 1,000 jobs from 50 users, two scheduler replicas, compute-local + fake RunPod: latency, CPU, calls

@@ -132,8 +132,9 @@ def mean_spearman(scores: torch.Tensor, reference: torch.Tensor) -> float:
 
 def run_accuracy(n_train: int, n_eval: int, dims: Sequence[int], work: Path) -> dict:
     from gpu_core.influence import compute_influence
-    from gpu_core.influence.toy import build_toy_setup
     from gpu_core.schemas import InfluenceOptions
+
+    from benchmarks.toy import build_toy_setup
 
     setup = build_toy_setup(n_train, n_eval)
 

@@ -24,7 +24,7 @@ from gpu_core.models import load_model
 from gpu_core.pipeline import run_experiment_to_result
 from gpu_core.schemas import CounterfactualRequest, ExperimentResult, ExperimentSpec, parse_spec
 
-from gpu_core import planted
+from benchmarks import planted
 
 N_TRAIN, N_EVAL = 32, 8
 # Eval example i copies training example DUPLICATE_OF[i].

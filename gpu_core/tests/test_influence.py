@@ -16,9 +16,10 @@ from gpu_core.influence import AdapterCheckpoint, build_influence_result, comput
 from gpu_core.influence.datainf import datainf_scores
 from gpu_core.influence.ekfac import kronfluence_scores
 from gpu_core.influence.gradients import load_lora_state, lora_grad_enabled, lora_layers, lora_state
-from gpu_core.influence.toy import ToySetup, build_toy_setup
 from gpu_core.schemas import InfluenceOptions
 from scipy.stats import spearmanr
+
+from benchmarks.toy import ToySetup, build_toy_setup
 
 torch.set_num_threads(1)
 

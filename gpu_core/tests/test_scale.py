@@ -28,9 +28,10 @@ from gpu_core.influence.projected import (
     score_blocks,
 )
 from gpu_core.influence.projection import CountSketchProjection
-from gpu_core.influence.toy import ToySetup, build_toy_setup
 from gpu_core.schemas import InfluenceOptions
 from scipy.stats import spearmanr
+
+from benchmarks.toy import ToySetup, build_toy_setup
 
 torch.set_num_threads(1)
 

@@ -115,8 +115,9 @@ def test_progress_writer_keeps_the_last_events_and_a_counter() -> None:
 def test_the_function_body_runs_a_counterfactual_check_by_its_kind() -> None:
     from compute_modal.inprocess import load_worker_app
     from gpu_core.jobs import COUNTERFACTUAL, make_payload
-    from gpu_core.planted import planted_duplicate_spec, stand_in_result
     from gpu_core.schemas import parse_spec
+
+    from benchmarks.planted import planted_duplicate_spec, stand_in_result
 
     app = load_worker_app()
     spec = parse_spec(planted_duplicate_spec("tracin", 6, 2, epochs=2)).model_dump(mode="json")

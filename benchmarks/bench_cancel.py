@@ -1,7 +1,7 @@
 """Cancel latency per stage on the tiny model: how long the work keeps running after a stop.
 
-    python -m gpu_core.bench_cancel            # make bench-cancel
-    python -m gpu_core.bench_cancel --n-train 128 --n-eval 32 --batch-size 8
+    python -m benchmarks.bench_cancel            # make bench-cancel
+    python -m benchmarks.bench_cancel --n-train 128 --n-eval 32 --batch-size 8
 
 For each stage (and each influence method) an experiment starts with a ``should_stop`` check;
 when the first event of that stage arrives the stop is requested, and the latency is the time
@@ -71,7 +71,7 @@ def cancel_latency(spec: ExperimentSpec, stage: str) -> tuple[float, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpu_core.bench_cancel")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_cancel")
     parser.add_argument("--n-train", type=int, default=64)
     parser.add_argument("--n-eval", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)

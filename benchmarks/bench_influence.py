@@ -2,8 +2,8 @@
 DataInf and Kronfluence against their gradient floors and against the usual alternatives, on
 one toy LoRA model, data set and checkpoint list.
 
-    python -m gpu_core.bench                       # the toy: 128 train x 32 eval
-    python -m gpu_core.bench --train 2048 --eval 256
+    python -m benchmarks.bench_influence                      # the toy: 128 train x 32 eval
+    python -m benchmarks.bench_influence --train 2048 --eval 256
 
 Every case runs in its own child process that rebuilds the same deterministic setup (tiny Llama,
 LoRA r=8 on q/v, 3 epoch checkpoints, float32), warms up with one forward+backward, then is
@@ -31,8 +31,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from gpu_core.data import IGNORE_INDEX, EncodedPair, collate
 from gpu_core.influence import compute_influence
 from gpu_core.influence.datainf import datainf_scores
@@ -43,8 +41,10 @@ from gpu_core.influence.gradients import (
     lora_state,
     summed_completion_loss,
 )
-from gpu_core.influence.toy import ToySetup, build_toy_setup
 from gpu_core.schemas import InfluenceOptions
+from torch import nn
+
+from benchmarks.toy import ToySetup, build_toy_setup
 
 Case = Callable[[ToySetup, int, Path], torch.Tensor | None]
 _NO_REPEAT_S = 60.0
@@ -247,11 +247,10 @@ def kronfluence_raw(setup: ToySetup, batch_size: int, work_dir: Path) -> torch.T
     import functools
     import logging
 
+    from gpu_core.influence.ekfac import SAMPLING_SEED, LoraLanguageModelingTask, PairDataset
     from kronfluence import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.utils.dataset import DataLoaderKwargs
-
-    from gpu_core.influence.ekfac import SAMPLING_SEED, LoraLanguageModelingTask, PairDataset
 
     task = LoraLanguageModelingTask([layer.module_name for layer in lora_layers(setup.model)])
     model = prepare_model(setup.model, task)
@@ -378,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             command = [
                 sys.executable,
                 "-m",
-                "gpu_core.bench",
+                "benchmarks.bench_influence",
                 "--child",
                 name,
                 "--train",

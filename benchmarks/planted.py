@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpu_core.influence.toy import random_pairs
+from benchmarks.toy import random_pairs
 
 
 def duplicate_of(eval_index: int, n_train: int, n_eval: int) -> int:
