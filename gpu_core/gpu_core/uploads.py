@@ -17,15 +17,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from gpu_core.influence_methods import DEFAULT_TRACKSTAR_DIM as DEFAULT_TRACKSTAR_DIM  # re-exported
+from gpu_core.influence_methods import influence_method
 from gpu_core.schemas import ArtifactEntry, ExperimentSpec
 
 # The scheduler plans names with gpu_core's base install (no numpy, no torch), so the names that
-# gpu_core.artifacts and gpu_core.influence.index/projected define are repeated here; a test
-# checks they agree.
+# gpu_core.artifacts and gpu_core.influence.index define are repeated here; a test checks they
+# agree.
 SCORES_NAME = "scores.npy"
 INDEX_DIR_NAME, INDEX_MANIFEST, INDEX_IDS_FILE = "gradient_index", "manifest.json", "ids.json"
 INDEX_SHARD_BYTES = 64 << 20
-DEFAULT_TRACKSTAR_DIM = 4096
 ADAPTER_FILES = ("adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors")
 CHECKPOINT_INDEX = "checkpoints/checkpoints.json"
 UPLOAD_ATTEMPTS = 4
@@ -55,10 +56,10 @@ def planned_artifact_names(spec: ExperimentSpec) -> list[str]:
 def _index_names(spec: ExperimentSpec) -> list[str]:
     """The projected gradient index (influence/index.py): TrackStar, or TracIn with a projection;
     one set of shards per checkpoint (one per epoch)."""
-    projection_dim = spec.influence.projection_dim
-    if spec.influence_method != "trackstar" and projection_dim is None:
+    dim = influence_method(spec.influence_method).index_dim(spec.influence.projection_dim)
+    if dim is None:
         return []
-    rows = max(1, INDEX_SHARD_BYTES // (2 * (projection_dim or DEFAULT_TRACKSTAR_DIM)))
+    rows = max(1, INDEX_SHARD_BYTES // (2 * dim))
     shards = -(-len(spec.training_data) // rows)
     names = [f"{INDEX_DIR_NAME}/{INDEX_MANIFEST}", f"{INDEX_DIR_NAME}/{INDEX_IDS_FILE}"]
     for checkpoint in range(spec.hyperparams.epochs):

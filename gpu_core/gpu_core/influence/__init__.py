@@ -1,7 +1,7 @@
 """Training-data influence of each training example on each eval example, on the LoRA weight
 matrices of a peft model: TracIn (TracInCP), DataInf, Kronfluence (EK-FAC) and TrackStar.
 TracIn with ``projection_dim`` and TrackStar score from a projected gradient index on disk
-(``projected``, ``index``).
+(``projected``, ``index``). Each method is one entry of ``gpu_core.influence_methods``.
 
 One sign convention: positive = helpful (up-weighting the training example lowers the eval
 example's loss). One loss for train and query gradients: the summed next-token cross-entropy
@@ -20,9 +20,10 @@ import torch
 
 from gpu_core.data import EncodedPair
 from gpu_core.influence.result import build_influence_result
+from gpu_core.influence_methods import INFLUENCE_METHODS, ScoringRun, influence_method
 from gpu_core.schemas import InfluenceOptions
 
-METHODS = ("tracin", "datainf", "kronfluence", "trackstar")
+METHODS = tuple(INFLUENCE_METHODS)
 
 __all__ = ["METHODS", "AdapterCheckpoint", "build_influence_result", "compute_influence"]
 
@@ -66,48 +67,32 @@ def compute_influence(
     ``index_dir`` (default ``work_dir / "gradient_index"``), kept after returning, its rows named
     by ``train_ids`` (default the positions), and with ``scores_file`` also write the scores
     there as float32 ``.npy``, block by block while scoring (the other methods ignore it)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown influence method {method!r}; expected one of {', '.join(METHODS)}")
+    entry = influence_method(method)
     if not train or not queries:
         raise ValueError("influence needs at least one training and one eval example")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    report = progress or (lambda _fraction: None)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
     try:
-        if method == "trackstar" or (method == "tracin" and options.projection_dim is not None):
-            from gpu_core.influence.index import INDEX_DIR_NAME
-            from gpu_core.influence.projected import projected_scores
-
-            ids = list(train_ids) if train_ids is not None else [str(i) for i in range(len(train))]
-            if len(ids) != len(train):
-                raise ValueError(f"{len(ids)} train_ids for {len(train)} training examples")
-            return projected_scores(
-                method, model, pad_token_id, train, ids, queries, checkpoints, options.projection_dim,
-                options.projection_seed, batch_size, Path(index_dir or work_dir / INDEX_DIR_NAME), report,
+        return entry.score(
+            ScoringRun(
+                model=model,
+                pad_token_id=pad_token_id,
+                train=train,
+                queries=queries,
+                checkpoints=checkpoints,
+                options=options,
+                batch_size=batch_size,
+                work_dir=work_dir,
+                progress=progress or (lambda _fraction: None),
+                train_ids=train_ids,
+                index_dir=index_dir,
                 scores_file=scores_file,
-            ).full
-        if method == "tracin":
-            from gpu_core.influence.tracin import tracin_scores
-
-            if not checkpoints:
-                raise ValueError("TracIn needs at least one adapter checkpoint")
-            weighted = [(c.state, c.learning_rate) for c in checkpoints]
-            return tracin_scores(model, pad_token_id, train, queries, weighted, batch_size, report)
-        if method == "datainf":
-            from gpu_core.influence.datainf import datainf_scores
-
-            return datainf_scores(
-                model, pad_token_id, train, queries, options.damping, batch_size, work_dir, report
             )
-        from gpu_core.influence.ekfac import kronfluence_scores
-
-        return kronfluence_scores(
-            model, pad_token_id, train, queries, options.damping, batch_size, work_dir, report
         )
     finally:
         model.train(was_training)

@@ -42,9 +42,8 @@ from gpu_core.influence.gradients import (
 )
 from gpu_core.influence.index import GradientIndex, GradientIndexWriter, fingerprint, open_npy
 from gpu_core.influence.projection import PROJECTION_KIND, CountSketchProjection
+from gpu_core.influence_methods import DEFAULT_TRACKSTAR_DIM, influence_method
 
-# TrackStar needs a projection; without influence.projection_dim it uses this many dimensions.
-DEFAULT_TRACKSTAR_DIM = 4096
 ADAM_EPSILON = 1e-8
 # Index rows scored at once: 8,192 x n_eval float64 scores per block.
 SCORE_BLOCK_ROWS = 8192
@@ -101,10 +100,15 @@ def plan_checkpoints(
     """TracIn: every checkpoint, weighted by its learning rate. TrackStar: the final one, weight 1."""
     if not checkpoints:
         raise ValueError(f"{method} needs at least one adapter checkpoint")
-    if method == "tracin":
+    entry = influence_method(method)
+    if entry.checkpoints == "every":
         return [CheckpointPlan(c.epoch, c.state, c.learning_rate, None) for c in checkpoints]
     final = checkpoints[-1]
-    denominators = second_moment_denominators(layers, getattr(final, "second_moment", None), device)
+    denominators = (
+        second_moment_denominators(layers, getattr(final, "second_moment", None), device)
+        if entry.adam_normalised
+        else None
+    )
     return [CheckpointPlan(final.epoch, final.state, 1.0, denominators)]
 
 
@@ -144,7 +148,7 @@ def build_gradient_index(
         extra={
             "preprocessing": (
                 "adam second moment (sqrt(v) + 1e-8), projection, unit norm"
-                if method == "trackstar"
+                if influence_method(method).adam_normalised
                 else "projection"
             ),
             "loss": "summed next-token cross-entropy over completion tokens",
@@ -156,7 +160,7 @@ def build_gradient_index(
         with lora_grad_enabled(layers):
             for plan in plans:
                 load_lora_state(layers, plan.state)
-                transform = _Transform(projection, plan, unit_norm=method == "trackstar")
+                transform = _Transform(projection, plan, unit_norm=influence_method(method).adam_normalised)
                 writer.begin_checkpoint(plan.epoch, plan.weight)
                 for _, gradients in batched_gradients(model, layers, train, pad_token_id, batch_size):
                     writer.append(transform(gradients))
@@ -194,7 +198,7 @@ def query_rows(
         with lora_grad_enabled(layers):
             for plan in plans:
                 load_lora_state(layers, plan.state)
-                transform = _Transform(projection, plan, unit_norm=method == "trackstar")
+                transform = _Transform(projection, plan, unit_norm=influence_method(method).adam_normalised)
                 parts = []
                 for _, gradients in batched_gradients(model, layers, queries, pad_token_id, batch_size):
                     parts.append(transform(gradients).cpu())

@@ -104,7 +104,7 @@ def memory_breakdown(params_b: float, arch: Architecture, workload: Workload) ->
         influence = (
             checkpoints * gradient
             + n_lora * PROJECTION_BYTES_PER_PARAM
-            + (gradient if workload.influence_method == "trackstar" else 0)  # sqrt(v) + eps
+            + (gradient if workload.method.adam_normalised else 0)  # sqrt(v) + eps
             + workload.batch_size * gradient
             + checkpoints * workload.n_eval * workload.index_dim * GRADIENT_BYTES_PER_PARAM
         )

@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from gpu_core.influence_methods import InfluenceMethodEntry, influence_method
 from gpu_core.schemas import ExperimentSpec, Hyperparams, InfluenceMethod, Quantization
 
 from cost_model.model_catalog import ModelCard
 
 _DEFAULTS = Hyperparams()
-# gpu_core.influence.projected.DEFAULT_TRACKSTAR_DIM (not imported: that module needs torch).
-TRACKSTAR_DEFAULT_DIM = 4096
 
 
 @dataclass(frozen=True)
@@ -24,7 +23,7 @@ class Workload:
     epochs: int = _DEFAULTS.epochs
     max_new_tokens: int = _DEFAULTS.max_new_tokens
     influence_method: InfluenceMethod = "tracin"
-    # influence.projection_dim; TrackStar projects to TRACKSTAR_DEFAULT_DIM when it is None.
+    # influence.projection_dim; TrackStar projects to its default dimensions when it is None.
     projection_dim: int | None = None
     n_train: int = 100
     n_eval: int = 20
@@ -33,16 +32,18 @@ class Workload:
     few_shot_tokens: int = 20 * _DEFAULTS.max_seq_len  # summed over the few-shot prompts
 
     @property
+    def method(self) -> InfluenceMethodEntry:
+        return influence_method(self.influence_method)
+
+    @property
     def index_dim(self) -> int | None:
         """Dimensions of the projected gradient index, or None when the method builds none."""
-        if self.influence_method == "trackstar":
-            return self.projection_dim or TRACKSTAR_DEFAULT_DIM
-        return self.projection_dim if self.influence_method == "tracin" else None
+        return self.method.index_dim(self.projection_dim)
 
     @property
     def index_checkpoints(self) -> int:
         """Checkpoints in the index: TracIn's every epoch, TrackStar's final one."""
-        return self.epochs if self.influence_method == "tracin" else 1
+        return self.method.checkpoints_scored(self.epochs)
 
     @classmethod
     def from_spec(cls, spec: ExperimentSpec, card: ModelCard) -> Workload:
