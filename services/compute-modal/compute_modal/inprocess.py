@@ -2,7 +2,7 @@
 (``worker/modal_app.py: run_job``, the real gpu_core pipeline) in a thread of this process, with a
 plain dict as the progress Dict.
 
-It reproduces what compute-modal relies on (shared/reference/modal.md): ``spawn`` returns an
+It reproduces what compute-modal relies on (https://modal.com/docs/guide/job-queue): ``spawn`` returns an
 ``fc-`` id at once; ``get`` raises the builtin ``TimeoutError`` while the call is queued or
 running, returns the (serialised and restored) value when done, re-raises the function's own
 exception (``ExecutionError`` if it cannot be serialised), raises ``OutputExpiredError`` for an

@@ -1,4 +1,4 @@
-"""The fake RunPod keeps RunPod's documented behaviour (shared/reference/runpod.md), with the
+"""The fake RunPod keeps RunPod's documented behaviour (https://docs.runpod.io), with the
 worker under the runpod SDK's own production loop (small handler scripts here, the real worker in
 test_service.py)."""
 

@@ -1,5 +1,6 @@
-"""The worker under the runpod SDK's own local API (a smoke test: that server is not faithful to
-RunPod, see shared/reference/runpod.md §5.4; the fake RunPod covers the real behaviour)."""
+"""The worker under the runpod SDK's own local API (a smoke test: that server, runpod-python's
+serverless/modules/rp_fastapi.py, is not faithful to RunPod; the fake RunPod covers the real
+behaviour)."""
 
 from __future__ import annotations
 
