@@ -29,9 +29,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from gpu_core.influence_methods import INFLUENCE_METHODS  # torch-free
+
 EXIT_NO_CUDA = 2
 REAL_MODEL = "meta-llama/Llama-3.2-1B"
-METHODS = ("tracin", "datainf", "kronfluence", "trackstar")
 BUDGET_S = 8 * 60
 
 
@@ -155,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             quantizations.append("4bit")
         for quantization in quantizations:
-            for method in METHODS:
+            for method in INFLUENCE_METHODS:
                 name = f"{method}-{'bf16' if quantization == 'none' else quantization}"
                 rows.append(run_case(name, spec_for(model_id, 256, 32, method, quantization), work))
         index_spec = spec_for(model_id, args.index_train, 100, "trackstar", "none", projection_dim=4096)

@@ -1,5 +1,5 @@
 """compute-runpod on port 0, a real keyvault on the real PostgreSQL, and the fake RunPod
-(devstack/fake_runpod.py), which runs the real worker handler and gpu_core on the tiny model."""
+(devstack/fake_runpod/), which runs the real worker handler and gpu_core on the tiny model."""
 
 from __future__ import annotations
 
