@@ -7,8 +7,8 @@ import grpc
 import pytest
 from influence.v1 import scheduler_pb2
 from scheduler.config import Settings
-from service_runtime.settings import SettingsError
 from scheduler.model_ids import ModelNotAllowed, check_model_id
+from service_runtime.settings import SettingsError
 
 ROOTS = ("/srv/models", "/data/weights")
 

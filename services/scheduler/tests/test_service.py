@@ -19,8 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from influence.v1 import scheduler_pb2
 from prometheus_client import REGISTRY
 from scheduler.config import Settings
-from service_runtime.settings import SettingsError
 from scheduler.db import apply_migrations, load_migrations
+from service_runtime.settings import SettingsError
 
 pytestmark = pytest.mark.timeout(60)
 
