@@ -55,7 +55,7 @@ def _event_to_proto(stored: StoredEvent) -> common_pb2.ProgressEvent:
     return message
 
 
-class ComputeLocalServerr(compute_pb2_grpc.ComputeProviderServicer):
+class ComputeLocalServicer(compute_pb2_grpc.ComputeProviderServicer):
     def __init__(self, runner: LocalRunner) -> None:
         self._runner = runner
 
@@ -183,7 +183,7 @@ class ComputeLocalServer:
         self._stopped = False
 
         def register(server: grpc.aio.Server) -> list[str]:
-            compute_pb2_grpc.add_ComputeProviderServicer_to_server(ComputeLocalServerr(self.runner), server)
+            compute_pb2_grpc.add_ComputeProviderServicer_to_server(ComputeLocalServicer(self.runner), server)
             return [SERVICE_NAME]
 
         self.grpc: GrpcService = create_grpc_server(settings.address, register, "compute-local")

@@ -65,7 +65,7 @@ def _status_to_proto(status: JobStatus) -> compute_pb2.GetStatusResponse:
     )
 
 
-class ComputeModalServerr(compute_pb2_grpc.ComputeProviderServicer):
+class ComputeModalServicer(compute_pb2_grpc.ComputeProviderServicer):
     def __init__(self, provider: ModalProvider) -> None:
         self._provider = provider
 
@@ -165,7 +165,7 @@ class ComputeModalServer:
 
         def register(server: grpc.aio.Server) -> list[str]:
             compute_pb2_grpc.add_ComputeProviderServicer_to_server(
-                ComputeModalServerr(self.provider), server
+                ComputeModalServicer(self.provider), server
             )
             return [SERVICE_NAME]
 
