@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
+from service_runtime.settings import ServiceSettings
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_MODULES = [
@@ -65,6 +66,23 @@ def test_settings_expose_their_variables() -> None:
     assert "COMPUTE_LOCAL_DEVICES" in variables["compute_local.config"]
     assert "LOG_LEVEL" in variables["compute_local.config"]
     assert "RUNPOD_KEY_ENCRYPTION_SECRET" in variables["keyvault.config"]
+
+
+SERVICE_CONFIG_MODULES = [module for module in CONFIG_MODULES if not module.startswith("artifact_store")]
+
+
+def test_every_service_builds_its_settings_on_the_shared_base() -> None:
+    classes = [importlib.import_module(module).Settings for module in SERVICE_CONFIG_MODULES]
+    for settings in classes:
+        assert issubclass(settings, ServiceSettings), settings
+        config = settings.model_config
+        assert not config.get("case_sensitive") and not config.get("env_prefix"), settings
+        assert config.get("hide_input_in_errors") is True, settings
+        # One convention: each field is its environment variable, lower-cased.
+        assert all(name == name.lower() for name in settings.model_fields), settings
+        assert "log_level" in settings.model_fields, settings
+    names = {settings.service_name for settings in classes}
+    assert len(names) == len(classes) and ServiceSettings.service_name not in names
 
 
 @pytest.mark.parametrize("module", CONFIG_MODULES)

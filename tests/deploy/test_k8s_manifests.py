@@ -30,10 +30,10 @@ POSTGRES_PORT = 5432
 SHUTDOWN_GRACE_S = {
     "scheduler": SchedulerSettings.model_fields["scheduler_shutdown_grace_s"].default,
     "keyvault": KeyvaultSettings.model_fields["keyvault_shutdown_grace_s"].default,
-    "compute-local": ComputeLocalSettings.model_fields["shutdown_grace_s"].default
-    + ComputeLocalSettings.model_fields["cancel_grace_s"].default,
-    "compute-runpod": ComputeRunpodSettings.model_fields["SHUTDOWN_GRACE_S"].default,
-    "compute-modal": ComputeModalSettings.model_fields["SHUTDOWN_GRACE_S"].default,
+    "compute-local": ComputeLocalSettings.model_fields["compute_local_shutdown_grace_s"].default
+    + ComputeLocalSettings.model_fields["compute_local_cancel_grace_s"].default,
+    "compute-runpod": ComputeRunpodSettings.model_fields["shutdown_grace_s"].default,
+    "compute-modal": ComputeModalSettings.model_fields["shutdown_grace_s"].default,
 }
 PRIVATE_RANGES = {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"}
 

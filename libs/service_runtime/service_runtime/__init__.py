@@ -1,1 +1,1 @@
-"""Shared runtime of the gRPC services: server factory, health, graceful shutdown, logs, metrics."""
+"""Shared runtime of the services: settings base, server factory, health, lifecycle, logs, metrics."""

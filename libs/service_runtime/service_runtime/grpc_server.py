@@ -1,4 +1,4 @@
-"""Builds and runs a grpc.aio server the same way for every service.
+"""Builds a grpc.aio server the same way for every service.
 
 Each server gets the standard health service, server reflection, Prometheus RPC metrics and
 raised message-size limits (results travel as JSON bytes). Readiness is a health entry named
@@ -7,10 +7,7 @@ after each business service: NOT_SERVING until the service says its dependencies
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import signal
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +17,6 @@ from grpc_reflection.v1alpha import reflection
 
 from service_runtime.metrics import MetricsInterceptor
 from service_runtime.tracing import TracingClientInterceptor, TracingServerInterceptor
-
-log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVER_OPTIONS = [
@@ -80,37 +75,6 @@ def create_grpc_server(
     if port == 0:
         raise OSError(f"cannot bind gRPC server to {address}")
     return GrpcService(server=server, port=port, health=health_servicer, service_names=names)
-
-
-async def termination_requested() -> None:
-    """Return once the process gets SIGTERM (Kubernetes) or SIGINT (Ctrl-C)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-
-async def run_until_signal(
-    service: GrpcService,
-    grace_s: float,
-    on_start: Callable[[], Awaitable[None]] | None = None,
-    on_stop: Callable[[], Awaitable[None]] | None = None,
-) -> None:
-    """Start the server, run ``on_start`` (which marks the service ready once its dependencies
-    are up; with no ``on_start`` it is ready at once), and on SIGTERM/SIGINT drain and stop."""
-    await service.server.start()
-    await service.set_ready(False)
-    if on_start is None:
-        await service.set_ready(True)
-    else:
-        await on_start()
-    log.info("serving", extra={"port": service.port})
-    await termination_requested()
-    log.info("shutting down", extra={"grace_s": grace_s})
-    await service.stop(grace_s)
-    if on_stop is not None:
-        await on_stop()
 
 
 def insecure_channel(address: str, extra_options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:

@@ -11,7 +11,8 @@ from pathlib import Path
 import grpc
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from prometheus_client import REGISTRY, CollectorRegistry
-from service_runtime.grpc_server import GrpcService, create_grpc_server, termination_requested
+from service_runtime.grpc_server import GrpcService, create_grpc_server
+from service_runtime.lifecycle import run_service
 from service_runtime.metrics import MetricsServer, start_metrics_server
 
 from compute_local.config import Settings
@@ -162,17 +163,17 @@ class ComputeLocalServicer(compute_pb2_grpc.ComputeProviderServicer):
         return compute_pb2.EstimateResponse(estimate=figures)
 
 
-class ComputeLocalService:
+class ComputeLocalServer:
     """The runner, its gRPC server and its metrics endpoint, started and stopped together."""
 
     def __init__(self, settings: Settings, registry: CollectorRegistry = REGISTRY) -> None:
         self.settings = settings
         self.runner = LocalRunner(
-            store=JobStore(Path(settings.work_dir)),
-            devices=settings.devices,
+            store=JobStore(Path(settings.compute_local_work_dir)),
+            devices=settings.compute_local_devices,
             child_threads=settings.child_threads,
-            cancel_grace_s=settings.cancel_grace_s,
-            retention_s=settings.result_retention_s,
+            cancel_grace_s=settings.compute_local_cancel_grace_s,
+            retention_s=settings.compute_local_result_retention_s,
             log_level=settings.log_level,
         )
         self._registry = registry
@@ -198,14 +199,14 @@ class ComputeLocalService:
         await self.runner.start()
         self._registry.register(self._collector)
         self._metrics_server = start_metrics_server(
-            self.settings.host, self.settings.metrics_port, self._registry
+            self.settings.compute_local_host, self.settings.compute_local_metrics_port, self._registry
         )
         if self._metrics_server is not None:
             self.metrics_port = self._metrics_server.port
         await self.grpc.set_ready(True)
         log.info("compute-local serving", extra={"port": self.port, "metrics_port": self.metrics_port})
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float | None = None) -> None:
         """Refuse new work, drain in-flight RPCs, then end the running children (their jobs
         become FAILED "compute-local stopped"; queued jobs stay queued on disk)."""
         if self._stopped:
@@ -213,22 +214,20 @@ class ComputeLocalService:
         self._stopped = True
         log.info("compute-local stopping")
         self.runner.stop_accepting()
-        await self.grpc.stop(self.settings.shutdown_grace_s)
+        await self.grpc.stop(self.settings.compute_local_shutdown_grace_s if grace_s is None else grace_s)
         await self.runner.shutdown()
         self._registry.unregister(self._collector)
         if self._metrics_server is not None:
             self._metrics_server.stop()
 
 
-async def start_service(settings: Settings, registry: CollectorRegistry = REGISTRY) -> ComputeLocalService:
+async def start_service(settings: Settings, registry: CollectorRegistry = REGISTRY) -> ComputeLocalServer:
     """Build and start compute-local (tests pass port 0 and read ``service.port``)."""
-    service = ComputeLocalService(settings, registry)
+    service = ComputeLocalServer(settings, registry)
     await service.start()
     return service
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    service = await start_service(settings)
-    await termination_requested()
-    await service.stop()
+    """Run until SIGTERM or SIGINT, then shut down gracefully (service_runtime.lifecycle)."""
+    await run_service(ComputeLocalServer(settings), "compute-local")

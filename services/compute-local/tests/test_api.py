@@ -10,11 +10,12 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from compute_local.config import SettingsError, load_settings
-from compute_local.server import SERVICE_NAME, ComputeLocalService, start_service
+from compute_local.config import Settings
+from compute_local.server import SERVICE_NAME, ComputeLocalServer, start_service
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from influence.v1 import compute_pb2, compute_pb2_grpc
 from prometheus_client import CollectorRegistry
+from service_runtime.settings import SettingsError
 
 SPEC = json.dumps(
     {
@@ -25,9 +26,13 @@ SPEC = json.dumps(
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[ComputeLocalService]:
-    settings = load_settings(
-        {}, port=0, metrics_port=0, work_dir=tmp_path / "work", devices="cpu,cuda:0", torch_threads=1
+async def service(tmp_path: Path) -> AsyncIterator[ComputeLocalServer]:
+    settings = Settings.load(
+        compute_local_port=0,
+        compute_local_metrics_port=0,
+        compute_local_work_dir=tmp_path / "work",
+        compute_local_devices="cpu,cuda:0",
+        compute_local_torch_threads=1,
     )
     running = await start_service(settings, registry=CollectorRegistry())
     yield running
@@ -35,7 +40,7 @@ async def service(tmp_path: Path) -> AsyncIterator[ComputeLocalService]:
 
 
 @pytest.fixture
-async def channel(service: ComputeLocalService) -> AsyncIterator[grpc.aio.Channel]:
+async def channel(service: ComputeLocalServer) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as opened:
         yield opened
 
@@ -100,7 +105,7 @@ async def test_unknown_job_is_not_found(stub: compute_pb2_grpc.ComputeProviderSt
         assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_metrics_endpoint_reports_the_queue(service: ComputeLocalService) -> None:
+async def test_metrics_endpoint_reports_the_queue(service: ComputeLocalServer) -> None:
     assert service.metrics_port
     async with httpx.AsyncClient() as client:
         response = await client.get(f"http://127.0.0.1:{service.metrics_port}/metrics")
@@ -129,16 +134,28 @@ async def test_metrics_endpoint_reports_the_queue(service: ComputeLocalService) 
         ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL"),
     ],
 )
-def test_a_bad_setting_names_its_variable(env: dict[str, str], named: str) -> None:
+def test_a_bad_setting_names_its_variable(
+    env: dict[str, str], named: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     with pytest.raises(SettingsError, match=named):
-        load_settings(env)
+        Settings.load()
 
 
-def test_settings_defaults_and_parsing() -> None:
-    defaults = load_settings({})
-    assert (defaults.address, defaults.metrics_port, defaults.devices) == ("127.0.0.1:50053", 9093, ("cpu",))
-    assert defaults.work_dir == Path(".data/compute-local")
-    assert defaults.result_retention_s == 7 * 24 * 3600
+def test_settings_defaults_and_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = Settings.load()
+    assert (defaults.address, defaults.compute_local_metrics_port, defaults.compute_local_devices) == (
+        "127.0.0.1:50053",
+        9093,
+        ("cpu",),
+    )
+    assert defaults.compute_local_work_dir == Path(".data/compute-local")
+    assert defaults.compute_local_result_retention_s == 7 * 24 * 3600
     assert defaults.child_threads >= 1
-    parsed = load_settings({"COMPUTE_LOCAL_DEVICES": "cuda:0, cuda:1", "COMPUTE_LOCAL_TORCH_THREADS": "3"})
-    assert parsed.devices == ("cuda:0", "cuda:1") and parsed.child_threads == 3
+    monkeypatch.setenv("COMPUTE_LOCAL_DEVICES", "cuda:0, cuda:1")
+    monkeypatch.setenv("COMPUTE_LOCAL_TORCH_THREADS", "3")
+    monkeypatch.setenv("COMPUTE_LOCAL_WORK_DIR", "")  # empty means unset
+    parsed = Settings.load()
+    assert parsed.compute_local_devices == ("cuda:0", "cuda:1")
+    assert parsed.child_threads == 3 and parsed.compute_local_work_dir == Path(".data/compute-local")

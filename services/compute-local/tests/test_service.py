@@ -12,9 +12,9 @@ from typing import Any
 
 import grpc
 import pytest
-from compute_local.config import load_settings
+from compute_local.config import Settings
 from compute_local.jobs import JobState
-from compute_local.server import ComputeLocalService, start_service
+from compute_local.server import ComputeLocalServer, start_service
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from prometheus_client import CollectorRegistry
 
@@ -51,26 +51,26 @@ def long_spec() -> bytes:
     return tiny_spec(hyperparams={"epochs": 100, "batch_size": 1})
 
 
-ServiceFactory = Callable[..., Awaitable[ComputeLocalService]]
+ServiceFactory = Callable[..., Awaitable[ComputeLocalServer]]
 
 
 @pytest.fixture
 async def start_compute_local(tmp_path: Path) -> AsyncIterator[ServiceFactory]:
     """Start compute-local (work dir under tmp_path unless given); every started one is stopped."""
-    started: list[ComputeLocalService] = []
+    started: list[ComputeLocalServer] = []
 
-    async def start(**overrides: Any) -> ComputeLocalService:
+    async def start(**overrides: Any) -> ComputeLocalServer:
         values: dict[str, Any] = {
-            "host": "127.0.0.1",
-            "port": 0,
-            "metrics_port": -1,
-            "torch_threads": 1,
-            "work_dir": tmp_path / "work",
-            "cancel_grace_s": 10.0,
-            "shutdown_grace_s": 1.0,
+            "compute_local_host": "127.0.0.1",
+            "compute_local_port": 0,
+            "compute_local_metrics_port": -1,
+            "compute_local_torch_threads": 1,
+            "compute_local_work_dir": tmp_path / "work",
+            "compute_local_cancel_grace_s": 10.0,
+            "compute_local_shutdown_grace_s": 1.0,
         }
         values.update(overrides)
-        service = await start_service(load_settings({}, **values), registry=CollectorRegistry())
+        service = await start_service(Settings.load(**values), registry=CollectorRegistry())
         started.append(service)
         return service
 
@@ -80,10 +80,10 @@ async def start_compute_local(tmp_path: Path) -> AsyncIterator[ServiceFactory]:
 
 
 @pytest.fixture
-async def connect() -> AsyncIterator[Callable[[ComputeLocalService], compute_pb2_grpc.ComputeProviderStub]]:
+async def connect() -> AsyncIterator[Callable[[ComputeLocalServer], compute_pb2_grpc.ComputeProviderStub]]:
     channels: list[grpc.aio.Channel] = []
 
-    def make(service: ComputeLocalService) -> compute_pb2_grpc.ComputeProviderStub:
+    def make(service: ComputeLocalServer) -> compute_pb2_grpc.ComputeProviderStub:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
         channels.append(channel)
         return compute_pb2_grpc.ComputeProviderStub(channel)
@@ -93,11 +93,11 @@ async def connect() -> AsyncIterator[Callable[[ComputeLocalService], compute_pb2
         await channel.close()
 
 
-async def wait_until(service: ComputeLocalService, predicate: Callable[[], bool]) -> None:
+async def wait_until(service: ComputeLocalServer, predicate: Callable[[], bool]) -> None:
     await asyncio.wait_for(service.runner.wait_for(predicate), WAIT_LIMIT_S)
 
 
-def has_event(service: ComputeLocalService, provider_job_id: str, event_type: str) -> Callable[[], bool]:
+def has_event(service: ComputeLocalServer, provider_job_id: str, event_type: str) -> Callable[[], bool]:
     def check() -> bool:
         status = service.runner.status(provider_job_id, "", "")
         return any(stored.event.get("type") == event_type for stored in status.events)
@@ -105,12 +105,12 @@ def has_event(service: ComputeLocalService, provider_job_id: str, event_type: st
     return check
 
 
-def is_terminal(service: ComputeLocalService, provider_job_id: str) -> Callable[[], bool]:
+def is_terminal(service: ComputeLocalServer, provider_job_id: str) -> Callable[[], bool]:
     return lambda: service.runner.status(provider_job_id, "", "").state.terminal
 
 
 async def follow(
-    service: ComputeLocalService,
+    service: ComputeLocalServer,
     stub: compute_pb2_grpc.ComputeProviderStub,
     provider_job_id: str,
 ) -> tuple[compute_pb2.GetStatusResponse, list[common_pb2.ProgressEvent]]:
@@ -225,7 +225,7 @@ async def test_experiment_runs_to_a_result_that_survives_a_restart(
     assert service.runner.finished_counts == {JobState.COMPLETED: 1}
 
     await service.stop()
-    restarted = await start_compute_local(work_dir=service.settings.work_dir)
+    restarted = await start_compute_local(compute_local_work_dir=service.settings.compute_local_work_dir)
     stub = connect(restarted)
     after = await stub.GetStatus(compute_pb2.GetStatusRequest(provider_job_id=provider_job_id))
     assert after.state == common_pb2.JOB_STATE_COMPLETED and after.result_ready
@@ -315,7 +315,7 @@ async def test_shutdown_fails_the_running_job_and_keeps_the_queued_one(
     assert service.runner.status(running, "", "").error == "compute-local stopped"
     assert service.runner.status(waiting, "", "").state is JobState.SUBMITTED
 
-    restarted = await start_compute_local(work_dir=service.settings.work_dir)
+    restarted = await start_compute_local(compute_local_work_dir=service.settings.compute_local_work_dir)
     stub = connect(restarted)
     stopped = await stub.GetStatus(compute_pb2.GetStatusRequest(provider_job_id=running))
     assert stopped.state == common_pb2.JOB_STATE_FAILED

@@ -7,17 +7,13 @@ import sys
 
 from service_runtime.logs import configure_logging
 
-from compute_modal.config import SettingsError, load_settings
+from compute_modal.config import Settings
 from compute_modal.server import serve
 
 
 def main() -> int:
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        sys.stderr.write(f"compute-modal: refusing to start: {exc}\n")
-        return 2
-    configure_logging("compute-modal", settings.LOG_LEVEL)
+    settings = Settings.load_or_exit()
+    configure_logging("compute-modal", settings.log_level)
     asyncio.run(serve(settings))
     return 0
 

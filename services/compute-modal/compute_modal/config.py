@@ -4,44 +4,34 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import SettingsConfigDict
+from service_runtime.settings import ServiceSettings
 
 
-class SettingsError(ValueError):
-    """A setting has a bad value; the message names the environment variable."""
+class Settings(ServiceSettings):
+    model_config = SettingsConfigDict(frozen=True)
+    service_name = "compute-modal"
 
-
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=True, extra="ignore", frozen=True)
-
-    COMPUTE_MODAL_HOST: str = "127.0.0.1"
-    COMPUTE_MODAL_PORT: int = Field(default=50055, ge=0, le=65535)
+    compute_modal_host: str = "127.0.0.1"
+    compute_modal_port: int = Field(default=50055, ge=0, le=65535)
     # 0 picks a free port, -1 disables the metrics endpoint.
-    COMPUTE_MODAL_METRICS_PORT: int = Field(default=9095, ge=-1, le=65535)
-    LOG_LEVEL: str = "INFO"
-    SHUTDOWN_GRACE_S: float = Field(default=10.0, ge=0)
+    compute_modal_metrics_port: int = Field(default=9095, ge=-1, le=65535)
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
 
     # The operator's Modal account. Missing tokens are reported by VerifyCredentials and Submit.
-    MODAL_TOKEN_ID: SecretStr = SecretStr("")
-    MODAL_TOKEN_SECRET: SecretStr = SecretStr("")
-    MODAL_ENVIRONMENT: str = "main"
-    MODAL_APP_NAME: str = "influence-dashboard"
-    MODAL_FUNCTION_NAME: str = "run_experiment_job"
-    MODAL_PROGRESS_DICT: str = "influence-progress"
+    modal_token_id: SecretStr = SecretStr("")
+    modal_token_secret: SecretStr = SecretStr("")
+    modal_environment: str = "main"
+    modal_app_name: str = "influence-dashboard"
+    modal_function_name: str = "run_experiment_job"
+    modal_progress_dict: str = "influence-progress"
     # "inprocess" runs the Modal app's function body in this process (tests, offline demos).
-    COMPUTE_MODAL_BACKEND: Literal["modal", "inprocess"] = "modal"
+    compute_modal_backend: Literal["modal", "inprocess"] = "modal"
     # How often readiness re-checks that Modal answers and the app is deployed.
-    COMPUTE_MODAL_HEALTH_INTERVAL_S: float = Field(default=60.0, gt=0)
+    compute_modal_health_interval_s: float = Field(default=60.0, gt=0)
 
-    @field_validator("LOG_LEVEL")
-    @classmethod
-    def _level(cls, value: str) -> str:
-        if value.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
-            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
-        return value.upper()
-
-    @field_validator("MODAL_FUNCTION_NAME")
+    @field_validator("modal_function_name")
     @classmethod
     def _function_name(cls, value: str) -> str:
         if not value or "." in value:
@@ -50,17 +40,4 @@ class Settings(BaseSettings):
 
     @property
     def address(self) -> str:
-        return f"{self.COMPUTE_MODAL_HOST}:{self.COMPUTE_MODAL_PORT}"
-
-
-def load_settings(**overrides: object) -> Settings:
-    """Settings from the environment plus ``overrides``; a bad value raises SettingsError naming
-    the variable."""
-    try:
-        return Settings(**overrides)
-    except ValidationError as exc:
-        problems = [
-            f"{'.'.join(str(p) for p in error['loc'])}: {str(error['msg']).removeprefix('Value error, ')}"
-            for error in exc.errors()
-        ]
-        raise SettingsError("; ".join(problems)) from None
+        return f"{self.compute_modal_host}:{self.compute_modal_port}"

@@ -7,7 +7,6 @@ token shows up as a clear error from VerifyCredentials / Submit, not as a crash.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -16,7 +15,8 @@ from collections.abc import AsyncIterator
 import grpc
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from prometheus_client import REGISTRY, CollectorRegistry
-from service_runtime.grpc_server import GrpcService, create_grpc_server, termination_requested
+from service_runtime.grpc_server import GrpcService, create_grpc_server
+from service_runtime.lifecycle import Readiness, run_service
 from service_runtime.metrics import MetricsServer, start_metrics_server
 
 from compute_modal.adapter import ModalAdapter, ModalSdkAdapter
@@ -134,21 +134,21 @@ class ComputeModalServicer(compute_pb2_grpc.ComputeProviderServicer):
 
 
 def build_adapter(settings: Settings) -> ModalAdapter:
-    if settings.COMPUTE_MODAL_BACKEND == "inprocess":
+    if settings.compute_modal_backend == "inprocess":
         from compute_modal.inprocess import InProcessModal
 
         return InProcessModal()
     return ModalSdkAdapter(
-        token_id=settings.MODAL_TOKEN_ID,
-        token_secret=settings.MODAL_TOKEN_SECRET,
-        environment=settings.MODAL_ENVIRONMENT,
-        app_name=settings.MODAL_APP_NAME,
-        function_name=settings.MODAL_FUNCTION_NAME,
-        progress_dict=settings.MODAL_PROGRESS_DICT,
+        token_id=settings.modal_token_id,
+        token_secret=settings.modal_token_secret,
+        environment=settings.modal_environment,
+        app_name=settings.modal_app_name,
+        function_name=settings.modal_function_name,
+        progress_dict=settings.modal_progress_dict,
     )
 
 
-class ComputeModalService:
+class ComputeModalServer:
     """The provider, its gRPC server, readiness checks and metrics endpoint."""
 
     def __init__(
@@ -157,13 +157,11 @@ class ComputeModalService:
         self.settings = settings
         self.adapter = adapter or build_adapter(settings)
         self.provider = ModalProvider(
-            self.adapter, settings.MODAL_APP_NAME, settings.MODAL_FUNCTION_NAME, settings.MODAL_ENVIRONMENT
+            self.adapter, settings.modal_app_name, settings.modal_function_name, settings.modal_environment
         )
         self._registry = registry
         self._metrics_server: MetricsServer | None = None
         self.metrics_port: int | None = None
-        self._health_task: asyncio.Task[None] | None = None
-        self.checked = asyncio.Event()
 
         def register(server: grpc.aio.Server) -> list[str]:
             compute_pb2_grpc.add_ComputeProviderServicer_to_server(
@@ -172,41 +170,36 @@ class ComputeModalService:
             return [SERVICE_NAME]
 
         self.grpc: GrpcService = create_grpc_server(settings.address, register, "compute-modal")
+        self.readiness = Readiness(
+            "compute-modal", self._modal_ready, settings.compute_modal_health_interval_s
+        )
+        self.readiness.attach(self.grpc)
 
     @property
     def port(self) -> int:
         return self.grpc.port
 
-    async def _watch_health(self) -> None:
-        while True:
-            try:
-                await self.provider.check()
-                ready = True
-            except ProviderError as exc:
-                log.warning("modal not ready", extra={"reason": str(exc)})
-                ready = False
-            await self.grpc.set_ready(ready)
-            self.checked.set()
-            await asyncio.sleep(self.settings.COMPUTE_MODAL_HEALTH_INTERVAL_S)
+    async def _modal_ready(self) -> bool:
+        """Modal answers and the app is deployed (a ProviderError says why not)."""
+        await self.provider.check()
+        return True
 
     async def start(self) -> None:
         await self.grpc.server.start()
         await self.grpc.set_ready(False)
         self._metrics_server = start_metrics_server(
-            self.settings.COMPUTE_MODAL_HOST, self.settings.COMPUTE_MODAL_METRICS_PORT, self._registry
+            self.settings.compute_modal_host, self.settings.compute_modal_metrics_port, self._registry
         )
         if self._metrics_server is not None:
             self.metrics_port = self._metrics_server.port
-        self._health_task = asyncio.create_task(self._watch_health(), name="modal-health")
+        # Checking Modal may take a while: the server answers meanwhile, NOT_SERVING.
+        await self.readiness.start(wait_first=False)
         log.info("compute-modal serving", extra={"port": self.port, "metrics_port": self.metrics_port})
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float | None = None) -> None:
         log.info("compute-modal stopping")
-        if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
-        await self.grpc.stop(self.settings.SHUTDOWN_GRACE_S)
+        await self.readiness.stop()
+        await self.grpc.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
         shutdown = getattr(self.adapter, "shutdown", None)
         if shutdown is not None:
             await shutdown()
@@ -216,15 +209,13 @@ class ComputeModalService:
 
 async def start_service(
     settings: Settings, adapter: ModalAdapter | None = None, registry: CollectorRegistry = REGISTRY
-) -> ComputeModalService:
+) -> ComputeModalServer:
     """Build and start compute-modal (tests pass port 0 and read ``service.port``)."""
-    service = ComputeModalService(settings, adapter, registry)
+    service = ComputeModalServer(settings, adapter, registry)
     await service.start()
     return service
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    service = await start_service(settings)
-    await termination_requested()
-    await service.stop()
+    """Run until SIGTERM or SIGINT, then shut down gracefully (service_runtime.lifecycle)."""
+    await run_service(ComputeModalServer(settings), "compute-modal")

@@ -9,9 +9,9 @@ from typing import Any
 
 import grpc
 import pytest
-from compute_modal.config import load_settings
+from compute_modal.config import Settings
 from compute_modal.inprocess import InProcessModal, load_worker_app
-from compute_modal.server import ComputeModalService, start_service
+from compute_modal.server import ComputeModalServer, start_service
 from influence.v1 import compute_pb2_grpc
 from prometheus_client import CollectorRegistry
 
@@ -69,7 +69,7 @@ class NotifyingStore(MutableMapping[str, Any]):
 
 @dataclass
 class Harness:
-    service: ComputeModalService
+    service: ComputeModalServer
     adapter: InProcessModal
     stub: compute_pb2_grpc.ComputeProviderStub
     clock: Clock
@@ -94,8 +94,8 @@ async def harness(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Harness]:
     clock, gate = Clock(), threading.Event()
     gate.set()
     adapter = InProcessModal(body, gate=gate, clock=clock)
-    settings = load_settings(
-        COMPUTE_MODAL_PORT=0, COMPUTE_MODAL_METRICS_PORT=-1, COMPUTE_MODAL_BACKEND="inprocess"
+    settings = Settings.load(
+        compute_modal_port=0, compute_modal_metrics_port=-1, compute_modal_backend="inprocess"
     )
     service = await start_service(settings, adapter, registry=CollectorRegistry())
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")

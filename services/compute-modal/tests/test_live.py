@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 from compute_modal.adapter import ModalSdkAdapter
-from compute_modal.config import load_settings
+from compute_modal.config import Settings
 from compute_modal.provider import ModalProvider, State
 from gpu_core.schemas import ExperimentResult
 from pydantic import SecretStr
@@ -25,17 +25,17 @@ pytestmark = [
 
 
 async def test_tiny_experiment_on_modal(make_spec) -> None:  # noqa: ANN001 - fixture
-    settings = load_settings()
+    settings = Settings.load()
     adapter = ModalSdkAdapter(
         SecretStr(os.environ["MODAL_TOKEN_ID"]),
-        settings.MODAL_TOKEN_SECRET,
-        settings.MODAL_ENVIRONMENT,
-        settings.MODAL_APP_NAME,
-        settings.MODAL_FUNCTION_NAME,
-        settings.MODAL_PROGRESS_DICT,
+        settings.modal_token_secret,
+        settings.modal_environment,
+        settings.modal_app_name,
+        settings.modal_function_name,
+        settings.modal_progress_dict,
     )
     provider = ModalProvider(
-        adapter, settings.MODAL_APP_NAME, settings.MODAL_FUNCTION_NAME, settings.MODAL_ENVIRONMENT
+        adapter, settings.modal_app_name, settings.modal_function_name, settings.modal_environment
     )
     assert (await provider.verify("")).valid
     job_id = f"live-{uuid.uuid4().hex[:8]}"

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import modal.exception
 import pytest
-from compute_modal.config import SettingsError, load_settings
+from compute_modal.config import Settings
 from compute_modal.inprocess import RESULT_RETENTION_S, InProcessModal, load_worker_app
 from compute_modal.provider import WAITING_FOR_GPU
 from compute_modal.server import SERVICE_NAME, start_service
@@ -19,6 +19,7 @@ from gpu_core.schemas import DEFAULT_LIMITS, STAGES, ExperimentResult
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from influence.v1 import common_pb2, compute_pb2
 from prometheus_client import CollectorRegistry
+from service_runtime.settings import SettingsError
 
 pytestmark = pytest.mark.timeout(120)
 Spec = Callable[..., dict[str, Any]]
@@ -197,7 +198,7 @@ async def test_estimate_uses_modal_prices(harness: Any, make_spec: Spec) -> None
 
 
 async def test_ready_and_verified_with_a_deployed_app(harness: Any) -> None:
-    await asyncio.wait_for(harness.service.checked.wait(), 10)
+    await asyncio.wait_for(harness.service.readiness.checked.wait(), 10)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{harness.service.port}")
     health = await health_pb2_grpc.HealthStub(channel).Check(
         health_pb2.HealthCheckRequest(service=SERVICE_NAME)
@@ -213,7 +214,7 @@ async def test_missing_token_is_a_clear_error_not_a_crash(
 ) -> None:
     monkeypatch.delenv("MODAL_TOKEN_ID", raising=False)
     monkeypatch.delenv("MODAL_TOKEN_SECRET", raising=False)
-    settings = load_settings(COMPUTE_MODAL_PORT=0, COMPUTE_MODAL_METRICS_PORT=-1)
+    settings = Settings.load(compute_modal_port=0, compute_modal_metrics_port=-1)
     service = await start_service(settings, registry=CollectorRegistry())
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
     try:
@@ -226,7 +227,7 @@ async def test_missing_token_is_a_clear_error_not_a_crash(
             await stub.Submit(submit_request("job-1", make_spec()))
         assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "MODAL_TOKEN_ID and MODAL_TOKEN_SECRET" in error.value.details()
-        await asyncio.wait_for(service.checked.wait(), 10)
+        await asyncio.wait_for(service.readiness.checked.wait(), 10)
         health = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=SERVICE_NAME)
         )
@@ -237,7 +238,7 @@ async def test_missing_token_is_a_clear_error_not_a_crash(
 
 
 async def test_undeployed_app_is_a_clear_error(make_spec: Spec) -> None:
-    settings = load_settings(COMPUTE_MODAL_PORT=0, COMPUTE_MODAL_METRICS_PORT=-1)
+    settings = Settings.load(compute_modal_port=0, compute_modal_metrics_port=-1)
     service = await start_service(settings, InProcessModal(deployed=False), registry=CollectorRegistry())
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
     try:
@@ -258,14 +259,14 @@ async def test_undeployed_app_is_a_clear_error(make_spec: Spec) -> None:
 def test_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COMPUTE_MODAL_PORT", "99999")
     with pytest.raises(SettingsError, match="COMPUTE_MODAL_PORT"):
-        load_settings()
+        Settings.load()
     monkeypatch.delenv("COMPUTE_MODAL_PORT")
     monkeypatch.setenv("COMPUTE_MODAL_BACKEND", "cloud")
     with pytest.raises(SettingsError, match="COMPUTE_MODAL_BACKEND"):
-        load_settings()
+        Settings.load()
 
 
 def test_token_is_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-supersecretvalue")
-    settings = load_settings()
+    settings = Settings.load()
     assert "supersecret" not in repr(settings) and "supersecret" not in str(settings.model_dump())

@@ -41,7 +41,7 @@ class RunPodClient:
     def __init__(self, settings: Settings, http: httpx.AsyncClient | None = None) -> None:
         self._settings = settings
         self._http = http or httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.RUNPOD_HTTP_TIMEOUT_S, connect=10.0)
+            timeout=httpx.Timeout(settings.runpod_http_timeout_s, connect=10.0)
         )
 
     async def aclose(self) -> None:
@@ -52,7 +52,7 @@ class RunPodClient:
     async def myself(self, key: str) -> dict[str, Any] | None:
         """``{"id", "clientBalance"}`` of the key's account, or None when RunPod knows no user."""
         response = await self._request(
-            "graphql", "POST", self._settings.RUNPOD_GRAPHQL_URL, key,
+            "graphql", "POST", self._settings.runpod_graphql_url, key,
             json={"query": MYSELF_QUERY}, idempotent=True,
         )
         body = _json(response)
@@ -69,7 +69,7 @@ class RunPodClient:
 
     async def list_endpoints(self, key: str) -> list[dict[str, Any]]:
         response = await self._request(
-            "serverless.list", "GET", f"{self._settings.RUNPOD_REST_BASE_URL}/serverless", key,
+            "serverless.list", "GET", f"{self._settings.runpod_rest_base_url}/serverless", key,
             idempotent=True,
         )
         if response.status_code != 200:
@@ -81,7 +81,7 @@ class RunPodClient:
     async def get_endpoint(self, key: str, endpoint_id: str) -> dict[str, Any] | None:
         response = await self._request(
             "serverless.get", "GET",
-            f"{self._settings.RUNPOD_REST_BASE_URL}/serverless/{endpoint_id}", key,
+            f"{self._settings.runpod_rest_base_url}/serverless/{endpoint_id}", key,
             idempotent=True,
         )
         if response.status_code == 404:
@@ -92,7 +92,7 @@ class RunPodClient:
 
     async def create_endpoint(self, key: str, body: dict[str, Any]) -> dict[str, Any]:
         response = await self._request(
-            "serverless.create", "POST", f"{self._settings.RUNPOD_REST_BASE_URL}/serverless", key,
+            "serverless.create", "POST", f"{self._settings.runpod_rest_base_url}/serverless", key,
             json=body, idempotent=False,
         )
         if response.status_code not in (200, 201):
@@ -106,7 +106,7 @@ class RunPodClient:
         """PATCH: a partial update; container changes roll out as a release as workers cycle."""
         response = await self._request(
             "serverless.update", "PATCH",
-            f"{self._settings.RUNPOD_REST_BASE_URL}/serverless/{endpoint_id}", key,
+            f"{self._settings.runpod_rest_base_url}/serverless/{endpoint_id}", key,
             json=body, idempotent=True,
         )
         if response.status_code != 200:
@@ -116,7 +116,7 @@ class RunPodClient:
     async def get_template(self, key: str, template_id: str) -> dict[str, Any]:
         response = await self._request(
             "templates.get", "GET",
-            f"{self._settings.RUNPOD_REST_BASE_URL}/templates/{template_id}", key, idempotent=True,
+            f"{self._settings.runpod_rest_base_url}/templates/{template_id}", key, idempotent=True,
         )
         if response.status_code != 200:
             raise _unexpected(f"reading the worker template {template_id}", response)
@@ -127,7 +127,7 @@ class RunPodClient:
         """The workers summary: running, idle, initializing, throttled, unhealthy, total."""
         response = await self._request(
             "serverless.workers", "GET",
-            f"{self._settings.RUNPOD_REST_BASE_URL}/serverless/{endpoint_id}/workers", key,
+            f"{self._settings.runpod_rest_base_url}/serverless/{endpoint_id}/workers", key,
             idempotent=True,
         )
         if response.status_code != 200:
@@ -140,7 +140,7 @@ class RunPodClient:
 
     async def run(self, key: str, endpoint_id: str, payload: dict[str, Any]) -> dict[str, Any]:
         response = await self._request(
-            "job.run", "POST", f"{self._settings.RUNPOD_JOB_BASE_URL}/{endpoint_id}/run", key,
+            "job.run", "POST", f"{self._settings.runpod_job_base_url}/{endpoint_id}/run", key,
             json=payload, idempotent=False,
         )
         if response.status_code == 404:
@@ -164,13 +164,13 @@ class RunPodClient:
     ) -> dict[str, Any] | None:
         return await self._job_get(
             "job.stream", f"{endpoint_id}/stream/{job_id}", key, params={"wait": wait_ms},
-            timeout=self._settings.RUNPOD_HTTP_TIMEOUT_S + wait_ms / 1000,
+            timeout=self._settings.runpod_http_timeout_s + wait_ms / 1000,
         )
 
     async def cancel(self, key: str, endpoint_id: str, job_id: str) -> dict[str, Any] | None:
         response = await self._request(
             "job.cancel", "POST",
-            f"{self._settings.RUNPOD_JOB_BASE_URL}/{endpoint_id}/cancel/{job_id}", key,
+            f"{self._settings.runpod_job_base_url}/{endpoint_id}/cancel/{job_id}", key,
             idempotent=True,
         )
         if response.status_code == 404:
@@ -184,7 +184,7 @@ class RunPodClient:
         timeout: float | None = None,
     ) -> dict[str, Any] | None:
         response = await self._request(
-            route, "GET", f"{self._settings.RUNPOD_JOB_BASE_URL}/{path}", key,
+            route, "GET", f"{self._settings.runpod_job_base_url}/{path}", key,
             params=params, idempotent=True, timeout=timeout,
         )
         if response.status_code == 404:
@@ -202,8 +202,8 @@ class RunPodClient:
     ) -> httpx.Response:
         settings = self._settings
         headers = {"Authorization": f"Bearer {key}", "Accept": "application/json"}
-        for attempt in range(1, settings.RUNPOD_MAX_ATTEMPTS + 1):
-            last = attempt == settings.RUNPOD_MAX_ATTEMPTS
+        for attempt in range(1, settings.runpod_max_attempts + 1):
+            last = attempt == settings.runpod_max_attempts
             try:
                 response = await self._http.request(
                     method, url, headers=headers, json=json, params=params,
@@ -236,7 +236,7 @@ class RunPodClient:
             status = response.status_code
             if status == 429:
                 wait = max(self._backoff(attempt), _retry_after_s(response))
-                if last or wait > settings.RUNPOD_RETRY_MAX_WAIT_S:
+                if last or wait > settings.runpod_retry_max_wait_s:
                     raise ProviderError(
                         Code.RESOURCE_EXHAUSTED,
                         f"RunPod is rate limiting requests (HTTP 429 after {attempt} attempts); "
@@ -271,7 +271,7 @@ class RunPodClient:
 
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with full jitter."""
-        ceiling = self._settings.RUNPOD_RETRY_BASE_S * (2 ** (attempt - 1))
+        ceiling = self._settings.runpod_retry_base_s * (2 ** (attempt - 1))
         return random.uniform(ceiling / 2, ceiling)
 
 

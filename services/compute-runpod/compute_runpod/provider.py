@@ -7,6 +7,7 @@ The key is fetched per call (``reveal_key``) and lives only in that call's local
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from compute_runpod import costs
 from compute_runpod.client import RunPodClient
 from compute_runpod.config import Settings
 from compute_runpod.errors import Code, ProviderError
+from compute_runpod.locks import KeyedLocks
 from compute_runpod.results import (
     NO_OUTPUT,
     artifact_data,
@@ -108,14 +110,14 @@ class RunPodProvider:
         self._followed: dict[str, _Followed] = {}
         self._failures: OrderedDict[str, str] = OrderedDict()
         self._submitted: OrderedDict[str, str] = OrderedDict()
-        self._submit_locks: dict[str, asyncio.Lock] = {}
-        self._account_locks: dict[str, asyncio.Lock] = {}
+        self._submit_locks = KeyedLocks()
+        self._account_locks = KeyedLocks()
 
     # ---- keys ----------------------------------------------------------------------------
 
     async def _key(self, account: AccountRef) -> str:
         if account.hosted:
-            key = self._settings.RUNPOD_API_KEY.get_secret_value()
+            key = self._settings.runpod_api_key.get_secret_value()
             if not key:
                 raise ProviderError(
                     Code.FAILED_PRECONDITION,
@@ -128,7 +130,7 @@ class RunPodProvider:
 
     def _endpoint(self, account: AccountRef) -> str:
         endpoint = (
-            self._settings.RUNPOD_HOSTED_ENDPOINT_ID if account.hosted else account.endpoint_id
+            self._settings.runpod_hosted_endpoint_id if account.hosted else account.endpoint_id
         )
         if not endpoint:
             raise ProviderError(
@@ -157,12 +159,12 @@ class RunPodProvider:
                 Code.FAILED_PRECONDITION, "Your RunPod balance is $0; add credits at runpod.io"
             )
         message = f"RunPod key is valid; balance {usd(amount)}"
-        if amount < self._settings.RUNPOD_LOW_BALANCE_USD:
+        if amount < self._settings.runpod_low_balance_usd:
             message += " (low: add credits at runpod.io before long runs)"
         return Verification(account_id=account_id, balance_usd=amount, message=message)
 
     def _balance_unread(self, why: str) -> str:
-        limit_h = self._settings.RUNPOD_EXECUTION_TIMEOUT_S / 3600
+        limit_h = self._settings.runpod_execution_timeout_s / 3600
         return (
             f"RunPod key is valid, but its balance could not be read ({why}), so the dashboard "
             "cannot check it before your jobs: keep an eye on it at runpod.io. RunPod stops "
@@ -199,8 +201,7 @@ class RunPodProvider:
                 )
             return Prepared(endpoint_id=endpoint, created=False, status="ready")
         # One user's concurrent first jobs must create one endpoint, not one each.
-        lock = self._account_locks.setdefault(account.user_id, asyncio.Lock())
-        async with lock:
+        async with self._account_locks.hold(account.user_id):
             existing = None
             if account.endpoint_id:
                 existing = await self._client.get_endpoint(key, account.endpoint_id)
@@ -218,7 +219,7 @@ class RunPodProvider:
     async def _find_own_endpoint(self, key: str) -> dict[str, Any] | None:
         """An endpoint this dashboard created earlier (e.g. before its id reached the profile)."""
         for endpoint in await self._client.list_endpoints(key):
-            if endpoint.get("name") == self._settings.RUNPOD_ENDPOINT_NAME and endpoint.get("id"):
+            if endpoint.get("name") == self._settings.runpod_endpoint_name and endpoint.get("id"):
                 return endpoint
         return None
 
@@ -230,7 +231,7 @@ class RunPodProvider:
         RUNPOD_TEMPLATE_ID has changed, the new template's container settings are PATCHed onto
         the endpoint (same id, so jobs in flight keep their endpoint; RunPod rolls the release
         out as workers cycle), with the pools of today's cost model."""
-        template_id = self._settings.RUNPOD_TEMPLATE_ID
+        template_id = self._settings.runpod_template_id
         env = endpoint.get("env") if isinstance(endpoint.get("env"), dict) else {}
         if not template_id or env.get(TEMPLATE_MARKER) == template_id:
             return
@@ -246,25 +247,25 @@ class RunPodProvider:
 
     def _pools(self, model_params_b: float, quantization: str, model_id: str) -> list[str]:
         pools = costs.gpu_pools(model_params_b, quantization, model_id)
-        return pools or list(self._settings.RUNPOD_DEFAULT_GPU_POOLS)
+        return pools or list(self._settings.runpod_default_gpu_pools)
 
     def _endpoint_body(self, model_params_b: float, quantization: str, model_id: str) -> dict[str, Any]:
         settings = self._settings
-        if not settings.RUNPOD_TEMPLATE_ID:
+        if not settings.runpod_template_id:
             raise ProviderError(
                 Code.FAILED_PRECONDITION,
                 "RunPod is not set up on this server (RUNPOD_TEMPLATE_ID is empty)",
             )
         return {
-            "name": settings.RUNPOD_ENDPOINT_NAME,
+            "name": settings.runpod_endpoint_name,
             "type": "QUEUE",
-            "templateId": settings.RUNPOD_TEMPLATE_ID,
-            "env": {TEMPLATE_MARKER: settings.RUNPOD_TEMPLATE_ID},
+            "templateId": settings.runpod_template_id,
+            "env": {TEMPLATE_MARKER: settings.runpod_template_id},
             "gpu": {"pools": self._pools(model_params_b, quantization, model_id), "count": 1},
-            "workers": {"min": 0, "max": settings.RUNPOD_WORKERS_MAX,
-                        "idleTimeout": settings.RUNPOD_IDLE_TIMEOUT_S},
+            "workers": {"min": 0, "max": settings.runpod_workers_max,
+                        "idleTimeout": settings.runpod_idle_timeout_s},
             "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4},
-            "timeout": settings.RUNPOD_EXECUTION_TIMEOUT_S * 1000,
+            "timeout": settings.runpod_execution_timeout_s * 1000,
             "flashboot": "FLASHBOOT",
         }
 
@@ -291,8 +292,7 @@ class RunPodProvider:
         if kind in ("", EXPERIMENT):
             job_input["artifact_transport"] = self._artifact_transport(spec, upload_urls or {})
         endpoint = self._endpoint(account)
-        lock = self._submit_locks.setdefault(job_id, asyncio.Lock()) if job_id else asyncio.Lock()
-        async with lock:
+        async with self._submit_locks.hold(job_id) if job_id else contextlib.nullcontext():
             if job_id and job_id in self._submitted:
                 return self._submitted[job_id]
             key = await self._key(account)
@@ -302,15 +302,14 @@ class RunPodProvider:
             payload = {
                 "input": job_input,
                 "policy": {
-                    "executionTimeout": settings.RUNPOD_EXECUTION_TIMEOUT_S * 1000,
-                    "ttl": settings.RUNPOD_JOB_TTL_S * 1000,
+                    "executionTimeout": settings.runpod_execution_timeout_s * 1000,
+                    "ttl": settings.runpod_job_ttl_s * 1000,
                 },
             }
             accepted = await self._client.run(key, endpoint, payload)
             provider_job_id = str(accepted["id"])
             if job_id:
                 _remember(self._submitted, job_id, provider_job_id)
-            self._submit_locks.pop(job_id, None)
             log.info("runpod job submitted", extra={"job_id": job_id, "runpod_job_id": provider_job_id})
             return provider_job_id
 
@@ -318,7 +317,7 @@ class RunPodProvider:
         """What the worker does with the run's files (see worker/handler.py)."""
         if upload_urls:
             return {"mode": "presigned", "urls": upload_urls}
-        ceiling = self._settings.RUNPOD_INLINE_ARTIFACTS_MAX_BYTES
+        ceiling = self._settings.runpod_inline_artifacts_max_bytes
         matrix_bytes = scores_npy_bytes(len(spec.eval_data), len(spec.training_data))
         if matrix_bytes > ceiling:
             raise ProviderError(
@@ -370,7 +369,7 @@ class RunPodProvider:
     async def _poll(
         self, key: str, endpoint: str, job: str, followed: _Followed, delivered: int
     ) -> StatusReport:
-        stream = await self._client.stream(key, endpoint, job, self._settings.RUNPOD_STREAM_WAIT_MS)
+        stream = await self._client.stream(key, endpoint, job, self._settings.runpod_stream_wait_ms)
         if stream is not None:
             followed.chunks.extend(
                 chunk.get("output") for chunk in stream.get("stream") or [] if isinstance(chunk, dict)
@@ -390,7 +389,7 @@ class RunPodProvider:
         if state == "IN_QUEUE":
             queued_s = max(float(status.get("delayTime") or 0) / 1000,
                            time.monotonic() - followed.first_seen)
-            if queued_s > self._settings.RUNPOD_QUEUE_TIMEOUT_S:
+            if queued_s > self._settings.runpod_queue_timeout_s:
                 reason = await self._stuck_reason(key, endpoint)
                 if reason:
                     await self._client.cancel(key, endpoint, job)
@@ -432,7 +431,7 @@ class RunPodProvider:
         return ""
 
     def _timeout_message(self) -> str:
-        limit = self._settings.RUNPOD_EXECUTION_TIMEOUT_S
+        limit = self._settings.runpod_execution_timeout_s
         return (
             f"The job exceeded the execution timeout ({limit} s) and RunPod stopped it "
             "(or it expired before a worker picked it up); use fewer examples or epochs"

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from service_runtime.grpc_server import GrpcService, create_grpc_server
+from service_runtime.lifecycle import run_service
 from service_runtime.logs import redact
-from service_runtime.metrics import start_metrics_server
+from service_runtime.metrics import MetricsServer, start_metrics_server
 
 from compute_runpod.client import RunPodClient
 from compute_runpod.config import Settings
@@ -145,47 +145,56 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
         return compute_pb2.EstimateResponse(estimate=common_pb2.Estimate(**fields))
 
 
-@dataclass
-class RunningServer:
-    grpc: GrpcService
-    metrics_port: int | None
-    client: RunPodClient
-    keys: KeyVaultKeys
+class ComputeRunPodServer:
+    """compute-runpod's gRPC server with its RunPod client, keyvault channel and metrics endpoint.
+    Ready as soon as it serves: it holds no long-lived connection (RunPod and keyvault are
+    reached per call)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.client = RunPodClient(settings)
+        self.keys = KeyVaultKeys(settings.keyvault_addr, settings.keyvault_token.get_secret_value())
+        provider = RunPodProvider(settings, self.client, self.keys.reveal)
+
+        def register(server: grpc.aio.Server) -> list[str]:
+            compute_pb2_grpc.add_ComputeProviderServicer_to_server(ComputeRunPodServicer(provider), server)
+            return [SERVICE_NAME]
+
+        address = f"{settings.compute_runpod_host}:{settings.compute_runpod_port}"
+        self.grpc: GrpcService = create_grpc_server(address, register, "compute-runpod")
+        self.metrics_server: MetricsServer | None = None
 
     @property
     def port(self) -> int:
         return self.grpc.port
 
-    async def stop(self, grace_s: float = 0.0) -> None:
-        await self.grpc.stop(grace_s)
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_server.port if self.metrics_server is not None else None
+
+    async def start(self) -> None:
+        await self.grpc.server.start()
+        await self.grpc.set_ready(True)
+        self.metrics_server = start_metrics_server(
+            self.settings.compute_runpod_host, self.settings.compute_runpod_metrics_port
+        )
+        log.info("compute-runpod serving", extra={"port": self.port, "metrics_port": self.metrics_port})
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        await self.grpc.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
         await self.client.aclose()
         await self.keys.close()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
 
 
-def build_server(settings: Settings) -> tuple[GrpcService, RunPodClient, KeyVaultKeys]:
-    client = RunPodClient(settings)
-    keys = KeyVaultKeys(settings.KEYVAULT_ADDR, settings.KEYVAULT_TOKEN.get_secret_value())
-    provider = RunPodProvider(settings, client, keys.reveal)
-
-    def register(server: grpc.aio.Server) -> list[str]:
-        compute_pb2_grpc.add_ComputeProviderServicer_to_server(ComputeRunPodServicer(provider), server)
-        return [SERVICE_NAME]
-
-    address = f"{settings.COMPUTE_RUNPOD_HOST}:{settings.COMPUTE_RUNPOD_PORT}"
-    return create_grpc_server(address, register, "compute-runpod"), client, keys
+async def start_server(settings: Settings) -> ComputeRunPodServer:
+    """Start compute-runpod (port 0 picks a free port: see ``.port``), ready at once."""
+    server = ComputeRunPodServer(settings)
+    await server.start()
+    return server
 
 
-def start_metrics(settings: Settings) -> int | None:
-    metrics = start_metrics_server(settings.COMPUTE_RUNPOD_HOST, settings.COMPUTE_RUNPOD_METRICS_PORT)
-    return metrics.port if metrics is not None else None
-
-
-async def start_server(settings: Settings) -> RunningServer:
-    """Start compute-runpod (port 0 picks a free port) and mark it ready: it depends on no
-    long-lived connection (RunPod and keyvault are reached per call)."""
-    service, client, keys = build_server(settings)
-    await service.server.start()
-    await service.set_ready(True)
-    metrics_port = start_metrics(settings)
-    log.info("compute-runpod serving", extra={"port": service.port, "metrics_port": metrics_port})
-    return RunningServer(grpc=service, metrics_port=metrics_port, client=client, keys=keys)
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then drain and close (service_runtime.lifecycle)."""
+    await run_service(ComputeRunPodServer(settings), "compute-runpod")

@@ -54,12 +54,12 @@ async def keyvault_server(database_url: str) -> AsyncIterator[KeyVaultServer]:
 def make_settings(fake: FakeRunPod, keyvault_server: KeyVaultServer) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
-            "COMPUTE_RUNPOD_PORT": 0, "COMPUTE_RUNPOD_METRICS_PORT": -1,
-            "KEYVAULT_ADDR": f"127.0.0.1:{keyvault_server.port}",
-            "KEYVAULT_TOKEN": RUNPOD_CALLER_TOKEN,
-            "RUNPOD_REST_BASE_URL": f"{fake.url}/v2", "RUNPOD_JOB_BASE_URL": f"{fake.url}/v2",
-            "RUNPOD_GRAPHQL_URL": f"{fake.url}/graphql", "RUNPOD_TEMPLATE_ID": TEMPLATE_ID,
-            "RUNPOD_RETRY_BASE_S": 0.05, "RUNPOD_MAX_ATTEMPTS": 4, "RUNPOD_HTTP_TIMEOUT_S": 10,
+            "compute_runpod_port": 0, "compute_runpod_metrics_port": -1,
+            "keyvault_addr": f"127.0.0.1:{keyvault_server.port}",
+            "keyvault_token": RUNPOD_CALLER_TOKEN,
+            "runpod_rest_base_url": f"{fake.url}/v2", "runpod_job_base_url": f"{fake.url}/v2",
+            "runpod_graphql_url": f"{fake.url}/graphql", "runpod_template_id": TEMPLATE_ID,
+            "runpod_retry_base_s": 0.05, "runpod_max_attempts": 4, "runpod_http_timeout_s": 10,
         }
         values.update(overrides)
         return Settings(**values)
@@ -90,7 +90,7 @@ async def stack(
     hosted_endpoint = created.json()["id"]
     fake.requests.clear()
     settings = make_settings(
-        RUNPOD_API_KEY=hosted_key, RUNPOD_HOSTED_ENDPOINT_ID=hosted_endpoint, **service_overrides
+        runpod_api_key=hosted_key, runpod_hosted_endpoint_id=hosted_endpoint, **service_overrides
     )
     server = await start_server(settings)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")

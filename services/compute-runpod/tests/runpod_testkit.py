@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from compute_runpod.server import RunningServer
+from compute_runpod.server import ComputeRunPodServer
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc, keyvault_pb2, keyvault_pb2_grpc
 
 from devstack.fake_runpod import FakeRunPod
@@ -46,7 +46,7 @@ class Stack:
     fake: FakeRunPod
     stub: compute_pb2_grpc.ComputeProviderStub
     channel: grpc.aio.Channel
-    server: RunningServer
+    server: ComputeRunPodServer
     keyvault: keyvault_pb2_grpc.KeyVaultStub
     user_key: str
     hosted_key: str

@@ -105,7 +105,7 @@ async def test_without_a_reachable_store_files_come_back_inline_whole(stack: Sta
         assert hashlib.sha256(data).hexdigest() == entry["sha256"], entry["name"]
 
 
-@pytest.mark.parametrize("service_overrides", [{"RUNPOD_INLINE_ARTIFACTS_MAX_BYTES": 100}], indirect=True)
+@pytest.mark.parametrize("service_overrides", [{"runpod_inline_artifacts_max_bytes": 100}], indirect=True)
 async def test_a_matrix_over_the_inline_ceiling_is_refused_before_submitting(stack: Stack) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stack.stub.Submit(compute_pb2.SubmitRequest(
@@ -117,7 +117,7 @@ async def test_a_matrix_over_the_inline_ceiling_is_refused_before_submitting(sta
     assert stack.fake.calls("job.run") == []
 
 
-@pytest.mark.parametrize("service_overrides", [{"RUNPOD_INLINE_ARTIFACTS_MAX_BYTES": 2000}], indirect=True)
+@pytest.mark.parametrize("service_overrides", [{"runpod_inline_artifacts_max_bytes": 2000}], indirect=True)
 async def test_files_over_the_inline_ceiling_fail_the_job_in_plain_words(stack: Stack) -> None:
     # The matrix (2 x 4 floats) fits; the adapter and checkpoints written at the end do not.
     _, final = await run(stack, "job-adapter-too-big")

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 from compute_runpod.config import Settings
-from pydantic import ValidationError
+from service_runtime.settings import SettingsError
 
 
 def test_defaults_follow_docs() -> None:
     settings = Settings()
-    assert (settings.COMPUTE_RUNPOD_PORT, settings.COMPUTE_RUNPOD_METRICS_PORT) == (50054, 9094)
-    assert settings.RUNPOD_REST_BASE_URL == "https://api.runpod.io/v2"
-    assert settings.RUNPOD_JOB_BASE_URL == "https://api.runpod.ai/v2"
-    assert settings.RUNPOD_GRAPHQL_URL == "https://api.runpod.io/graphql"
-    assert settings.RUNPOD_EXECUTION_TIMEOUT_S == 7200
-    assert "secret" not in repr(Settings(RUNPOD_API_KEY="secret"))
+    assert (settings.compute_runpod_port, settings.compute_runpod_metrics_port) == (50054, 9094)
+    assert settings.runpod_rest_base_url == "https://api.runpod.io/v2"
+    assert settings.runpod_job_base_url == "https://api.runpod.ai/v2"
+    assert settings.runpod_graphql_url == "https://api.runpod.io/graphql"
+    assert settings.runpod_execution_timeout_s == 7200
+    assert "secret" not in repr(Settings(runpod_api_key="secret"))
 
 
 @pytest.mark.parametrize(("variable", "value"), [
@@ -27,11 +27,11 @@ def test_bad_value_names_the_variable(
     monkeypatch: pytest.MonkeyPatch, variable: str, value: str
 ) -> None:
     monkeypatch.setenv(variable, value)
-    with pytest.raises(ValidationError, match=variable):
-        Settings()
+    with pytest.raises(SettingsError, match=variable):
+        Settings.load()
 
 
 def test_ttl_must_cover_the_execution_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNPOD_JOB_TTL_S", "60")
-    with pytest.raises(ValidationError, match="RUNPOD_JOB_TTL_S"):
-        Settings()
+    with pytest.raises(SettingsError, match="RUNPOD_JOB_TTL_S"):
+        Settings.load()

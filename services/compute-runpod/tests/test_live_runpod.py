@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 
 
 async def test_real_key_verifies_and_endpoints_list() -> None:
-    settings = Settings(RUNPOD_API_KEY=LIVE_KEY)
+    settings = Settings(runpod_api_key=LIVE_KEY)
     client = RunPodClient(settings)
 
     async def no_stored_keys(user_id: str) -> str:

@@ -212,7 +212,7 @@ async def test_a_new_template_reaches_the_existing_endpoint(
     await stack.store_key("u-tpl", stack.user_key)
     first = await stack.stub.PrepareAccount(compute_pb2.PrepareAccountRequest(account=user("u-tpl")))
     stack.fake.add_template("influence-template-v2", image="influence/worker:2.0", env={"A": "1"})
-    upgraded = await start_server(make_settings(RUNPOD_TEMPLATE_ID="influence-template-v2"))
+    upgraded = await start_server(make_settings(runpod_template_id="influence-template-v2"))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{upgraded.port}") as channel:
             stub = compute_pb2_grpc.ComputeProviderStub(channel)
@@ -297,7 +297,7 @@ def service_overrides(request: pytest.FixtureRequest) -> dict[str, object]:
     return getattr(request, "param", {})
 
 
-@pytest.mark.parametrize("service_overrides", [{"RUNPOD_QUEUE_TIMEOUT_S": 0.2}], indirect=True)
+@pytest.mark.parametrize("service_overrides", [{"runpod_queue_timeout_s": 0.2}], indirect=True)
 async def test_no_gpu_gives_plain_message_and_cancels(stack: Stack) -> None:
     stack.fake.set_throttled(True)
     submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(

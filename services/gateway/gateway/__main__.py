@@ -7,16 +7,12 @@ import sys
 
 from service_runtime.logs import configure_logging
 
-from gateway.config import SettingsError, load_settings
+from gateway.config import Settings
 from gateway.server import serve
 
 
 def main() -> int:
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        print(exc, file=sys.stderr)  # noqa: T201 - logging is not configured without settings
-        return 2
+    settings = Settings.load_or_exit()
     configure_logging("gateway", settings.log_level)
     asyncio.run(serve(settings))
     return 0

@@ -5,28 +5,15 @@ from __future__ import annotations
 from typing import Literal
 
 from gpu_core.schemas import SpecLimits
-from pydantic import (
-    Field,
-    SecretStr,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from service_runtime.settings import ServiceSettings, host_port
 
 # HS256 keys shorter than the hash output make brute-forcing a token's signature practical.
 MIN_HMAC_SECRET_CHARS = 32
 
 
-class SettingsError(ValueError):
-    """A setting has a bad value; the message names the environment variable."""
-
-
-class Settings(BaseSettings):
-    """Field names are the environment variables, lower-cased (GATEWAY_PORT -> gateway_port)."""
-
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+class Settings(ServiceSettings):
+    service_name = "gateway"
 
     gateway_host: str = "127.0.0.1"
     gateway_port: int = Field(default=8080, ge=0, le=65535)
@@ -53,12 +40,6 @@ class Settings(BaseSettings):
     gateway_sse_heartbeat_s: float = Field(default=15.0, gt=0)
     # The RunPod behind compute-runpod is devstack's fake (DEVSTACK_FAKE_RUNPOD=1 make run).
     gateway_runpod_simulated: bool = False
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper_level(cls, value: object) -> object:
-        return value.upper() if isinstance(value, str) else value
 
     @field_validator("scheduler_addr", "keyvault_addr")
     @classmethod
@@ -66,9 +47,7 @@ class Settings(BaseSettings):
         # Scheduler replicas may be listed one by one: ip:port,ip:port.
         addresses = value.split(",") if info.field_name == "scheduler_addr" else [value]
         for address in addresses:
-            host, sep, port = address.rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise ValueError(f"expected host:port, got {address!r}")
+            host_port(address)
         return value
 
     @field_validator("jwt_jwks_url")
@@ -104,17 +83,3 @@ class Settings(BaseSettings):
             max_eval_examples=self.gateway_max_eval_examples,
             max_text_chars=self.gateway_max_text_chars,
         )
-
-
-def load_settings(**overrides: object) -> Settings:
-    """Build settings from the environment (and ``overrides``); a bad value raises
-    ``SettingsError`` naming the environment variable."""
-    try:
-        return Settings(**overrides)  # type: ignore[arg-type]
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors(include_input=False, include_url=False):
-            name = ".".join(str(part) for part in error["loc"]).upper()
-            message = error["msg"].removeprefix("Value error, ")
-            problems.append(f"{name}: {message}" if name else message)
-        raise SettingsError("invalid gateway settings: " + "; ".join(problems)) from None

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import uvicorn
+from service_runtime.lifecycle import run_service
 
 from gateway.app import create_app
 from gateway.config import Settings
@@ -18,19 +20,51 @@ SHUTDOWN_GRACE_S = 10
 _BACKLOG = 2048
 
 
-@dataclass
-class RunningGateway:
-    server: uvicorn.Server
-    task: asyncio.Task[None]
-    port: int
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handlers: run_service handles SIGTERM/SIGINT for every
+    service and then stops this server like any other."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class GatewayServer:
+    """The gateway's HTTP server (uvicorn in the running loop) on a socket bound at ``start``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.server = _Uvicorn(
+            uvicorn.Config(
+                create_app(settings),
+                log_config=None,  # keep the process's JSON logging
+                access_log=False,  # RequestMetrics counts requests; no per-request log lines
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                lifespan="on",
+            )
+        )
+        self.port = 0
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def stop(self) -> None:
+    async def start(self) -> None:
+        """Bind ``GATEWAY_HOST``:``GATEWAY_PORT`` (0 picks a free port) and serve. The socket is
+        bound before this returns, so clients may connect at once: their connections wait in
+        the listen backlog until the app has started."""
+        sock = _bound_socket(self.settings.gateway_host, self.settings.gateway_port)
+        self.port = sock.getsockname()[1]
+        self._task = asyncio.create_task(self.server.serve(sockets=[sock]), name="gateway-http")
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting, let open requests finish (up to the grace), close."""
+        if grace_s is not None:
+            self.server.config.timeout_graceful_shutdown = grace_s
         self.server.should_exit = True
-        await self.task
+        if self._task is not None:
+            await self._task
 
 
 def _bound_socket(host: str, port: int) -> socket.socket:
@@ -46,30 +80,13 @@ def _bound_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn_server(settings: Settings) -> uvicorn.Server:
-    config = uvicorn.Config(
-        create_app(settings),
-        log_config=None,  # keep the process's JSON logging
-        access_log=False,  # RequestMetrics counts requests; no per-request log lines
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-        lifespan="on",
-    )
-    return uvicorn.Server(config)
-
-
-async def start_gateway(settings: Settings) -> RunningGateway:
-    """Serve in the running loop on ``GATEWAY_HOST``:``GATEWAY_PORT`` (0 picks a free port).
-    The socket is bound before this returns, so clients may connect at once: their
-    connections wait in the listen backlog until the app has started."""
-    sock = _bound_socket(settings.gateway_host, settings.gateway_port)
-    port = sock.getsockname()[1]
-    server = _uvicorn_server(settings)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    return RunningGateway(server=server, task=task, port=port)
+async def start_gateway(settings: Settings) -> GatewayServer:
+    """Serve in the running loop (tests pass port 0 and read ``.port`` / ``.url``)."""
+    server = GatewayServer(settings)
+    await server.start()
+    return server
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM/SIGINT (uvicorn handles the signals and drains open requests)."""
-    sock = _bound_socket(settings.gateway_host, settings.gateway_port)
-    log.info("listening", extra={"host": settings.gateway_host, "port": sock.getsockname()[1]})
-    await _uvicorn_server(settings).serve(sockets=[sock])
+    """Run until SIGTERM/SIGINT, then drain open requests and stop (service_runtime.lifecycle)."""
+    await run_service(GatewayServer(settings), "gateway")

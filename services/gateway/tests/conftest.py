@@ -14,8 +14,8 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from gateway.config import Settings, load_settings
-from gateway.server import RunningGateway, start_gateway
+from gateway.config import Settings
+from gateway.server import GatewayServer, start_gateway
 from google.protobuf.timestamp_pb2 import Timestamp
 from influence.v1 import common_pb2, keyvault_pb2, keyvault_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from service_runtime.grpc_server import GrpcService, create_grpc_server
@@ -390,7 +390,7 @@ async def upstream() -> AsyncIterator[Upstream]:
 
 @dataclass
 class Gateway:
-    running: RunningGateway
+    running: GatewayServer
     client: httpx.AsyncClient
     settings: Settings
 
@@ -420,7 +420,7 @@ async def make_gateway(upstream: Upstream) -> AsyncIterator[GatewayFactory]:
             "gateway_rpc_timeout_s": 5.0,
             **overrides,
         }
-        settings = load_settings(**values)
+        settings = Settings.load(**values)
         running = await start_gateway(settings)
         client = httpx.AsyncClient(base_url=running.url, timeout=10.0)
         gateway = Gateway(running, client, settings)

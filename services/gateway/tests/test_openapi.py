@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.app import create_app
-from gateway.config import load_settings
+from gateway.config import Settings
 from influence_client import models
 
 ERROR_REF = "#/components/schemas/ErrorResponse"
@@ -15,7 +15,7 @@ NON_ERROR_SHAPES = {("/readyz", "get", "503")}
 
 
 def _document() -> dict[str, Any]:
-    return create_app(load_settings(auth_mode="local")).openapi()
+    return create_app(Settings.load(auth_mode="local")).openapi()
 
 
 def _resolve(document: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:

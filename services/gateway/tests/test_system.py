@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 from gateway.app import create_app
-from gateway.config import SettingsError, load_settings
+from gateway.config import Settings
+from service_runtime.settings import SettingsError
 
 
 def closed_port_addr() -> str:
@@ -96,7 +97,7 @@ async def test_estimate_passes_the_spec_and_returns_both_backends(gateway, upstr
 
 
 async def test_dashboard_files_when_present_and_a_message_when_not(tmp_path: Path) -> None:
-    settings = load_settings(auth_mode="local")
+    settings = Settings.load(auth_mode="local")
     missing = create_app(settings, dashboard_dir=tmp_path / "absent")
     async with httpx.AsyncClient(transport=httpx.ASGITransport(missing), base_url="http://t") as client:
         response = await client.get("/")
@@ -125,7 +126,7 @@ def test_bad_settings_name_the_variable() -> None:
     }
     for variable, values in cases.items():
         with pytest.raises(SettingsError, match=variable):
-            load_settings(**values)
+            Settings.load(**values)
 
 
 def test_entry_point_refuses_a_bad_value() -> None:

@@ -10,7 +10,7 @@ import sys
 
 from service_runtime.logs import configure_logging
 
-from keyvault.config import SettingsError, load_settings
+from keyvault.config import Settings
 from keyvault.migrations import SchemaTooNew
 from keyvault.rotation import rotate
 from keyvault.server import serve
@@ -23,12 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m keyvault", description=__doc__)
     parser.add_argument("command", nargs="?", choices=["serve", "rotate"], default="serve")
     command = parser.parse_args(argv).command
-    configure_logging("keyvault")
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        log.error("refusing to start: %s", exc)
-        return 2
+    settings = Settings.load_or_exit()
     configure_logging("keyvault", settings.log_level)
     try:
         if command == "rotate":

@@ -1,8 +1,8 @@
 """keyvault settings, read from environment variables (see docs/services.md).
 
-A bad value refuses to start with a message naming the variable. Secret values never appear
-in those messages: inputs are hidden from validation errors and every check words its own
-message without the value.
+A bad value refuses to start with a message naming the variable (service_runtime.settings).
+Secret values never appear in those messages: inputs are hidden from validation errors and
+every check words its own message without the value.
 """
 
 from __future__ import annotations
@@ -10,19 +10,15 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from typing import Self
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from service_runtime.settings import ServiceSettings, SettingsError
 
 from keyvault.auth import CallerTokens, parse_caller_tokens
 from keyvault.crypto import MASTER_KEY_BYTES, Keyring, MasterKey
 
 SECRET_HINT = "32 random bytes, base64 (e.g. `openssl rand -base64 32`)"
-_LOG_LEVELS = {"CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"}
-
-
-class SettingsError(ValueError):
-    """A setting is missing or invalid; the message names the environment variable."""
 
 
 def decode_master_key(encoded: str, what: str) -> bytes:
@@ -38,22 +34,21 @@ def decode_master_key(encoded: str, what: str) -> bytes:
     return raw
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(hide_input_in_errors=True, extra="ignore")
+class Settings(ServiceSettings):
+    service_name = "keyvault"
 
     keyvault_host: str = "127.0.0.1"
     keyvault_port: int = Field(50052, ge=0, le=65535)
     # 0 picks a free port, -1 disables the metrics server.
     keyvault_metrics_port: int = Field(9092, ge=-1, le=65535)
     database_url: SecretStr
-    runpod_key_encryption_secret: SecretStr
+    runpod_key_encryption_secret: SecretStr = Field(description=SECRET_HINT)
     # Comma-separated base64 master keys that encrypted rows before the current one.
     runpod_key_encryption_old_secrets: SecretStr = SecretStr("")
     keyvault_caller_tokens: SecretStr
     # How often readiness re-checks the database.
     keyvault_readiness_interval_s: float = Field(5.0, gt=0, le=300)
     keyvault_shutdown_grace_s: float = Field(5.0, ge=0, le=300)
-    log_level: str = "INFO"
 
     @field_validator("database_url")
     @classmethod
@@ -83,12 +78,10 @@ class Settings(BaseSettings):
         parse_caller_tokens(value.get_secret_value())
         return value
 
-    @field_validator("log_level")
-    @classmethod
-    def _check_log_level(cls, value: str) -> str:
-        if value.upper() not in _LOG_LEVELS:
-            raise ValueError(f"must be one of {', '.join(sorted(_LOG_LEVELS))}")
-        return value.upper()
+    @model_validator(mode="after")
+    def _check_keyring(self) -> Self:
+        self.keyring()  # a clash between master keys refuses to start as well
+        return self
 
     @property
     def address(self) -> str:
@@ -109,31 +102,6 @@ class Settings(BaseSettings):
 
     def caller_tokens(self) -> CallerTokens:
         return parse_caller_tokens(self.keyvault_caller_tokens.get_secret_value())
-
-
-def load_settings(**overrides: object) -> Settings:
-    """Build the settings from the environment (``overrides`` win), or raise SettingsError
-    whose message names every bad variable and none of the values."""
-    try:
-        settings = Settings(**overrides)  # type: ignore[arg-type]
-    except ValidationError as exc:
-        raise SettingsError(_describe(exc)) from None
-    settings.keyring()  # a clash between master keys refuses to start as well
-    return settings
-
-
-def _describe(exc: ValidationError) -> str:
-    problems = []
-    for error in exc.errors(include_input=False, include_url=False, include_context=False):
-        variable = str(error["loc"][0]).upper() if error["loc"] else "settings"
-        if error["type"] == "missing":
-            message = "is required but not set"
-            if variable.startswith("RUNPOD_KEY_ENCRYPTION"):
-                message += f"; expected {SECRET_HINT}"
-        else:
-            message = error["msg"].removeprefix("Value error, ")
-        problems.append(f"{variable}: {message}")
-    return "invalid keyvault settings: " + "; ".join(problems)
 
 
 def _split(entries: str) -> list[str]:

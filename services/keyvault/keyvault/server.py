@@ -21,8 +21,9 @@ import asyncpg
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from influence.v1 import keyvault_pb2, keyvault_pb2_grpc
-from service_runtime.grpc_server import GrpcService, create_grpc_server, run_until_signal
-from service_runtime.metrics import start_metrics_server
+from service_runtime.grpc_server import GrpcService, create_grpc_server
+from service_runtime.lifecycle import Readiness, run_service
+from service_runtime.metrics import MetricsServer, start_metrics_server
 
 from keyvault import metrics
 from keyvault.auth import CALLER_TOKEN_METADATA, CallerTokens, may_reveal
@@ -38,59 +39,8 @@ POOL_CLOSE_TIMEOUT_S = 5.0
 T = TypeVar("T")
 
 
-class ReadinessMonitor:
-    """Keeps the readiness entry in step with the database."""
-
-    def __init__(self, store: CredentialStore, interval_s: float) -> None:
-        self._store = store
-        self._service: GrpcService | None = None
-        self._interval_s = interval_s
-        self._ready: bool | None = None
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def attach(self, service: GrpcService) -> None:
-        """The server whose readiness entry this monitor drives (built after the servicer)."""
-        self._service = service
-
-    async def check(self) -> bool:
-        try:
-            await self._store.ping()
-        except Exception as exc:  # any failure to answer SELECT 1 means not ready
-            await self.set(False, reason=str(exc) or type(exc).__name__)
-            return False
-        await self.set(True)
-        return True
-
-    async def set(self, ready: bool, reason: str = "") -> None:
-        if ready != self._ready:
-            if ready:
-                log.info("database reachable: ready")
-            else:
-                log.warning("database unreachable: not ready", extra={"reason": reason})
-        self._ready = ready
-        if self._service is not None:
-            await self._service.set_ready(ready)
-
-    async def start(self) -> None:
-        await self.check()
-        self._task = asyncio.create_task(self._run(), name="keyvault-readiness")
-
-    async def stop(self) -> None:
-        self._stop.set()
-        if self._task is not None:
-            await self._task
-
-    async def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._stop.wait(), timeout=self._interval_s)
-            except TimeoutError:
-                await self.check()
-
-
 class KeyVaultServicer(keyvault_pb2_grpc.KeyVaultServicer):
-    def __init__(self, vault: KeyVault, callers: CallerTokens, readiness: ReadinessMonitor) -> None:
+    def __init__(self, vault: KeyVault, callers: CallerTokens, readiness: Readiness) -> None:
         self._vault = vault
         self._callers = callers
         self._readiness = readiness
@@ -197,27 +147,37 @@ def _timestamp(moment: datetime) -> Timestamp:
 
 @dataclass
 class KeyVaultServer:
-    """A keyvault gRPC server with its database pool and readiness monitor."""
+    """A keyvault gRPC server with its database pool, readiness loop and metrics endpoint."""
 
-    service: GrpcService
-    readiness: ReadinessMonitor
+    settings: Settings
+    grpc: GrpcService
+    readiness: Readiness
     pool: asyncpg.Pool
+    metrics_server: MetricsServer | None = None
 
     @property
     def port(self) -> int:
-        return self.service.port
+        return self.grpc.port
 
-    async def close(self) -> None:
-        """Stop the monitor and release the database (the gRPC server is stopped already)."""
+    async def start(self) -> None:
+        """Serve, check the database once (readiness), then keep checking in the background."""
+        await self.grpc.server.start()
+        await self.grpc.set_ready(False)
+        self.metrics_server = start_metrics_server(
+            self.settings.keyvault_host, self.settings.keyvault_metrics_port
+        )
+        await self.readiness.start()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain RPCs, stop the readiness loop and the metrics endpoint, release the database."""
+        await self.grpc.stop(self.settings.keyvault_shutdown_grace_s if grace_s is None else grace_s)
         await self.readiness.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         try:
             await asyncio.wait_for(self.pool.close(), POOL_CLOSE_TIMEOUT_S)
         except TimeoutError:
             self.pool.terminate()
-
-    async def stop(self, grace_s: float = 0.0) -> None:
-        await self.service.stop(grace_s)
-        await self.close()
 
 
 async def create_keyvault(settings: Settings) -> KeyVaultServer:
@@ -227,7 +187,12 @@ async def create_keyvault(settings: Settings) -> KeyVaultServer:
     pool = await open_database(settings.database_url.get_secret_value())
     store = CredentialStore(pool)
     vault = KeyVault(keyring, store)
-    readiness = ReadinessMonitor(store, settings.keyvault_readiness_interval_s)
+
+    async def database_answers() -> bool:
+        await store.ping()  # raises when the database does not answer SELECT 1
+        return True
+
+    readiness = Readiness("keyvault", database_answers, settings.keyvault_readiness_interval_s)
     servicer = KeyVaultServicer(vault, callers, readiness)
 
     def register(server: grpc.aio.Server) -> list[str]:
@@ -244,7 +209,7 @@ async def create_keyvault(settings: Settings) -> KeyVaultServer:
         "keyvault configured",
         extra={"key_version": keyring.current.version, "callers": sorted(callers.tokens)},
     )
-    return KeyVaultServer(service=service, readiness=readiness, pool=pool)
+    return KeyVaultServer(settings=settings, grpc=service, readiness=readiness, pool=pool)
 
 
 async def start_keyvault(settings: Settings) -> KeyVaultServer:
@@ -252,23 +217,13 @@ async def start_keyvault(settings: Settings) -> KeyVaultServer:
     tests and embedding. ``settings.keyvault_port`` 0 picks a free port: see ``.port``."""
     keyvault = await create_keyvault(settings)
     try:
-        await keyvault.service.server.start()
-        await keyvault.readiness.start()
+        await keyvault.start()
     except BaseException:
-        await keyvault.stop()
+        await keyvault.stop(0)
         raise
     return keyvault
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM/SIGINT: metrics, gRPC server, readiness; then drain and close."""
-    metrics = start_metrics_server(settings.keyvault_host, settings.keyvault_metrics_port)
-    if metrics is not None:
-        log.info("metrics served", extra={"metrics_port": metrics.port})
-    keyvault = await create_keyvault(settings)
-    await run_until_signal(
-        keyvault.service,
-        settings.keyvault_shutdown_grace_s,
-        on_start=keyvault.readiness.start,
-        on_stop=keyvault.close,
-    )
+    """Run until SIGTERM/SIGINT, then drain and close (service_runtime.lifecycle)."""
+    await run_service(await create_keyvault(settings), "keyvault")

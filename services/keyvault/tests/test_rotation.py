@@ -174,7 +174,9 @@ def test_rotate_command_refuses_a_bad_secret_naming_the_variable(
     monkeypatch.setenv("KEYVAULT_CALLER_TOKENS", caller_tokens)
     monkeypatch.setenv("RUNPOD_KEY_ENCRYPTION_SECRET", "dG9vLXNob3J0")  # base64 of "too-short"
     monkeypatch.delenv("RUNPOD_KEY_ENCRYPTION_OLD_SECRETS", raising=False)
-    assert main(["rotate"]) == 2
+    with pytest.raises(SystemExit) as exited:
+        main(["rotate"])
+    assert exited.value.code == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "RUNPOD_KEY_ENCRYPTION_SECRET" in captured.err

@@ -7,8 +7,9 @@ import os
 
 import pytest
 from keyvault.auth import parse_caller_tokens
-from keyvault.config import SettingsError, load_settings
+from keyvault.config import Settings
 from keyvault.crypto import Keyring, MasterKey, UndecryptableKey, UnknownKeyVersion
+from service_runtime.settings import SettingsError
 
 GOOD_ENV = {
     "DATABASE_URL": "postgresql://postgres@localhost/keyvault",
@@ -28,7 +29,7 @@ def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 def test_good_settings_load_with_documented_defaults(env: pytest.MonkeyPatch, master_key: str) -> None:
     env.setenv("RUNPOD_KEY_ENCRYPTION_SECRET", master_key)
-    settings = load_settings()
+    settings = Settings.load()
     assert settings.address == "127.0.0.1:50052"
     assert settings.keyvault_metrics_port == 9092
     assert set(settings.caller_tokens().tokens) == {"gateway", "compute-runpod"}
@@ -37,7 +38,7 @@ def test_good_settings_load_with_documented_defaults(env: pytest.MonkeyPatch, ma
 
 def test_missing_secret_is_refused_naming_the_variable(env: pytest.MonkeyPatch) -> None:
     with pytest.raises(SettingsError, match="RUNPOD_KEY_ENCRYPTION_SECRET: is required"):
-        load_settings()
+        Settings.load()
 
 
 @pytest.mark.parametrize(
@@ -52,7 +53,7 @@ def test_missing_secret_is_refused_naming_the_variable(env: pytest.MonkeyPatch) 
 def test_bad_secret_is_refused_without_echoing_it(env: pytest.MonkeyPatch, value: str, problem: str) -> None:
     env.setenv("RUNPOD_KEY_ENCRYPTION_SECRET", value)
     with pytest.raises(SettingsError) as refused:
-        load_settings()
+        Settings.load()
     message = str(refused.value)
     assert "RUNPOD_KEY_ENCRYPTION_SECRET" in message
     assert problem in message
@@ -68,7 +69,7 @@ def test_bad_old_secret_is_refused_naming_its_position(env: pytest.MonkeyPatch, 
     with pytest.raises(
         SettingsError, match="RUNPOD_KEY_ENCRYPTION_OLD_SECRETS: entry 2 decodes to 31"
     ) as refused:
-        load_settings()
+        Settings.load()
     assert short not in str(refused.value)
 
 
@@ -88,7 +89,7 @@ def test_bad_caller_tokens_are_refused(
     env.setenv("RUNPOD_KEY_ENCRYPTION_SECRET", master_key)
     env.setenv("KEYVAULT_CALLER_TOKENS", tokens)
     with pytest.raises(SettingsError, match="KEYVAULT_CALLER_TOKENS") as refused:
-        load_settings()
+        Settings.load()
     assert problem in str(refused.value)
     assert "x" * 20 not in str(refused.value)
 

@@ -9,7 +9,7 @@ import sys
 
 from service_runtime.logs import configure_logging
 
-from scheduler.config import SettingsError, load_settings
+from scheduler.config import Settings
 from scheduler.db import migrate
 from scheduler.server import serve
 
@@ -18,12 +18,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m scheduler")
     parser.add_argument("command", nargs="?", choices=["serve", "migrate"], default="serve")
     args = parser.parse_args()
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        configure_logging("scheduler")
-        logging.getLogger("scheduler").error(str(exc))
-        return 2
+    settings = Settings.load_or_exit()
     configure_logging("scheduler", settings.log_level)
     if args.command == "migrate":
         applied = asyncio.run(migrate(settings.database_url.get_secret_value()))

@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import os
 import posixpath
-import re
 import socket
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from service_runtime.settings import ServiceSettings, host_port
 
 ProviderName = Literal["local", "modal", "runpod"]
-_ADDRESS = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}$")
 
 
-class SettingsError(ValueError):
-    """A bad environment variable; the message names it."""
-
-
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
+class Settings(ServiceSettings):
+    service_name = "scheduler"
 
     scheduler_host: str = "127.0.0.1"
     scheduler_port: int = Field(default=50051, ge=0, le=65535)
@@ -56,7 +50,6 @@ class Settings(BaseSettings):
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", min_length=1, max_length=200
     )
     scheduler_lease_s: float = Field(default=15.0, ge=0.3, le=600)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     # Admission limits per user (0 = no limit); only the active-jobs cap applies to BYOK jobs.
     hosted_max_active_jobs: int = Field(default=3, ge=0)
     byok_max_active_jobs: int = Field(default=10, ge=0)
@@ -67,18 +60,10 @@ class Settings(BaseSettings):
     # Comma-separated absolute directories under which hosted jobs may name a local model.
     allowed_model_dirs: str = ""
 
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper_level(cls, value: object) -> object:
-        return value.upper() if isinstance(value, str) else value
-
     @field_validator("compute_local_addr", "compute_modal_addr", "compute_runpod_addr")
     @classmethod
     def _address(cls, value: str) -> str:
-        value = value.strip()
-        if value and not _ADDRESS.match(value):
-            raise ValueError(f"expected host:port, got {value!r}")
-        return value
+        return host_port(value) if value.strip() else ""
 
     @field_validator("allowed_model_dirs")
     @classmethod
@@ -107,17 +92,3 @@ class Settings(BaseSettings):
             "modal": self.compute_modal_addr,
             "runpod": self.compute_runpod_addr,
         }[provider]
-
-
-def load_settings(**overrides: object) -> Settings:
-    """Build settings from the environment (plus ``overrides``), turning a validation error
-    into one message that names each bad variable."""
-    try:
-        return Settings(**overrides)  # type: ignore[arg-type]
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            name = str(error["loc"][0]).upper() if error["loc"] else "settings"
-            detail = "is required" if error["type"] == "missing" else error["msg"]
-            problems.append(f"{name}: {detail}")
-        raise SettingsError("invalid scheduler settings: " + "; ".join(problems)) from None

@@ -30,8 +30,9 @@ from artifact_store import (
 from google.protobuf.timestamp_pb2 import Timestamp
 from gpu_core.jobs import JobInputError
 from influence.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from service_runtime.grpc_server import GrpcService, create_grpc_server, termination_requested
-from service_runtime.metrics import start_metrics_server
+from service_runtime.grpc_server import GrpcService, create_grpc_server
+from service_runtime.lifecycle import Readiness, run_service
+from service_runtime.metrics import MetricsServer, start_metrics_server
 
 from scheduler.admission import AdmissionRefused, JobTooLarge, Usage
 from scheduler.artifacts import ArtifactMover
@@ -199,7 +200,7 @@ def _artifact_proto(entry: dict[str, Any]) -> common_pb2.Artifact:
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, app: SchedulerApp) -> None:
+    def __init__(self, app: SchedulerServer) -> None:
         self._app = app
 
     @_rpc
@@ -429,8 +430,8 @@ def usage_to_proto(usage: Usage) -> scheduler_pb2.Usage:
     )
 
 
-class SchedulerApp:
-    """The running scheduler: gRPC server, database pool, listener, job runners, health loop."""
+class SchedulerServer:
+    """The running scheduler: gRPC server, database pool, listener, job runners, readiness."""
 
     def __init__(self, settings: Settings, store_settings: StoreSettings | None = None) -> None:
         self.settings = settings
@@ -442,13 +443,14 @@ class SchedulerApp:
         self.grpc: GrpcService = create_grpc_server(
             f"{settings.scheduler_host}:{settings.scheduler_port}", self._register, "scheduler"
         )
+        self.readiness = Readiness("scheduler", self._dependencies_up, settings.scheduler_db_check_interval_s)
+        self.readiness.attach(self.grpc)
         self.ready = asyncio.Event()
+        self.metrics_server: MetricsServer | None = None
         self._pool: asyncpg.Pool | None = None
         self._store: Store | None = None
         self._jobs: JobManager | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._serving: bool | None = None
-        self._serving_changed = asyncio.Condition()
 
     def _register(self, server: grpc.aio.Server) -> list[str]:
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(self), server)
@@ -466,22 +468,16 @@ class SchedulerApp:
     async def start(self) -> None:
         """Start serving at once; the database work continues in the background."""
         await self.grpc.server.start()
-        await self._set_serving(False)
+        await self.readiness.set(False, reason="connecting to the database")
+        self.metrics_server = start_metrics_server(
+            self.settings.scheduler_host, self.settings.scheduler_metrics_port
+        )
         self._tasks.append(asyncio.create_task(self._bootstrap(), name="scheduler-bootstrap"))
         log.info("scheduler listening", extra={"port": self.port})
 
-    async def _set_serving(self, serving: bool) -> None:
-        if serving != self._serving:
-            self._serving = serving
-            await self.grpc.set_ready(serving)
-            log.info("readiness changed", extra={"serving": serving})
-            async with self._serving_changed:
-                self._serving_changed.notify_all()
-
     async def wait_serving(self, serving: bool) -> None:
         """Return once readiness is ``serving`` (for supervisors and tests)."""
-        async with self._serving_changed:
-            await self._serving_changed.wait_for(lambda: self._serving == serving)
+        await self.readiness.wait_for(serving)
 
     async def _bootstrap(self) -> None:
         delay = 0.1
@@ -513,9 +509,8 @@ class SchedulerApp:
         log.info(
             "scheduler ready", extra={"resumed_jobs": resumed, "artifact_store": self.artifact_store.kind}
         )
-        await self._set_serving(True)
+        await self.readiness.start()  # checks at once (SERVING), then every db check interval
         self.ready.set()
-        self._tasks.append(asyncio.create_task(self._health_loop(), name="scheduler-health"))
         self._tasks.append(asyncio.create_task(self._retention_loop(), name="scheduler-retention"))
 
     async def _retention_loop(self) -> None:
@@ -527,25 +522,21 @@ class SchedulerApp:
                     log.warning("artifact retention sweep failed; will retry", extra={"error": str(exc)})
             await asyncio.sleep(self.settings.scheduler_retention_sweep_s)
 
-    async def _health_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.scheduler_db_check_interval_s)
-            await self.check_health()
-
     async def check_health(self) -> bool:
         """Ask the database (and the listener), refresh the job gauges, set readiness."""
+        return await self.readiness.refresh()
+
+    async def _dependencies_up(self) -> bool:
         if self._pool is None or self._store is None:
             return False
         try:
             timeout = max(self.settings.scheduler_db_check_interval_s, 1.0)
             await self._pool.fetchval("SELECT 1", timeout=timeout)
             record_job_counts(await self._store.count_by_status())
-            healthy = self.hub.check()
+            return self.hub.check()
         except _DB_ERRORS as exc:
             log.warning("database health check failed", extra={"error": str(exc)})
-            healthy = False
-        await self._set_serving(healthy)
-        return healthy
+            return False
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain RPCs, stop the runners and close every connection. Jobs stay in the table."""
@@ -553,28 +544,25 @@ class SchedulerApp:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.readiness.stop()
         if self._jobs is not None:
             await self._jobs.close()
         await self.hub.close()
         await self.providers.close()
         if self._pool is not None:
             await self._pool.close()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
 
 
-async def start_scheduler(settings: Settings, store_settings: StoreSettings | None = None) -> SchedulerApp:
+async def start_scheduler(settings: Settings, store_settings: StoreSettings | None = None) -> SchedulerServer:
     """Create and start the scheduler (``scheduler_port=0`` picks a free port); the artifact store
     comes from ARTIFACT_STORE_* unless ``store_settings`` is given."""
-    app = SchedulerApp(settings, store_settings)
-    await app.start()
-    return app
+    server = SchedulerServer(settings, store_settings)
+    await server.start()
+    return server
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM/SIGINT, then drain and stop."""
-    metrics = start_metrics_server(settings.scheduler_host, settings.scheduler_metrics_port)
-    if metrics is not None:
-        log.info("metrics listening", extra={"port": metrics.port})
-    app = await start_scheduler(settings)
-    await termination_requested()
-    log.info("shutting down", extra={"grace_s": settings.scheduler_shutdown_grace_s})
-    await app.stop()
+    """Run until SIGTERM/SIGINT, then drain and stop (service_runtime.lifecycle)."""
+    await run_service(SchedulerServer(settings), "scheduler")

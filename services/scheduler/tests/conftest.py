@@ -19,8 +19,8 @@ import grpc
 import pytest
 from artifact_store import StoreSettings
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from scheduler.config import Settings, load_settings
-from scheduler.server import SchedulerApp, start_scheduler
+from scheduler.config import Settings
+from scheduler.server import SchedulerServer, start_scheduler
 
 GOOD_KEY = "rpa_GOODKEY1234567890"
 
@@ -260,12 +260,12 @@ def scheduler_settings(database_url: str, provider_address: str, **overrides: An
         "scheduler_lease_s": 1.0,
     }
     values.update(overrides)
-    return load_settings(**values)
+    return Settings.load(**values)
 
 
 @dataclass
 class RunningScheduler:
-    app: SchedulerApp
+    app: SchedulerServer
     channel: grpc.aio.Channel
     stub: scheduler_pb2_grpc.SchedulerStub
 

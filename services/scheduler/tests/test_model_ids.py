@@ -6,8 +6,9 @@ from __future__ import annotations
 import grpc
 import pytest
 from influence.v1 import scheduler_pb2
-from scheduler.config import SettingsError, load_settings
+from scheduler.config import Settings
 from scheduler.model_ids import ModelNotAllowed, check_model_id
+from service_runtime.settings import SettingsError
 
 ROOTS = ("/srv/models", "/data/weights")
 
@@ -74,11 +75,11 @@ def test_no_roots_listed_says_so() -> None:
 
 
 def test_allowed_model_dirs_setting_is_checked() -> None:
-    settings = load_settings(database_url="postgresql://x/y", allowed_model_dirs=" /srv/models/ ,/data ")
+    settings = Settings.load(database_url="postgresql://x/y", allowed_model_dirs=" /srv/models/ ,/data ")
     assert settings.model_dir_roots == ("/srv/models", "/data")
     for bad in ("relative/dir", "/srv/../etc", "/"):
         with pytest.raises(SettingsError) as caught:
-            load_settings(database_url="postgresql://x/y", allowed_model_dirs=bad)
+            Settings.load(database_url="postgresql://x/y", allowed_model_dirs=bad)
         assert "ALLOWED_MODEL_DIRS" in str(caught.value)
 
 

@@ -18,8 +18,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from influence.v1 import scheduler_pb2
 from prometheus_client import REGISTRY
-from scheduler.config import SettingsError, load_settings
+from scheduler.config import Settings
 from scheduler.db import apply_migrations, load_migrations
+from service_runtime.settings import SettingsError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -54,18 +55,18 @@ def test_bad_settings_name_the_variable(monkeypatch):
     monkeypatch.setenv("HOSTED_PROVIDER", "azure")
     monkeypatch.setenv("SCHEDULER_POLL_INTERVAL_S", "-1")
     with pytest.raises(SettingsError) as caught:
-        load_settings()
+        Settings.load()
     assert "HOSTED_PROVIDER" in str(caught.value)
     assert "SCHEDULER_POLL_INTERVAL_S" in str(caught.value)
     monkeypatch.delenv("DATABASE_URL")
     monkeypatch.delenv("HOSTED_PROVIDER")
     monkeypatch.delenv("SCHEDULER_POLL_INTERVAL_S")
     with pytest.raises(SettingsError, match="DATABASE_URL: is required"):
-        load_settings()
+        Settings.load()
     monkeypatch.setenv("DATABASE_URL", "postgresql://u:hunter2@localhost/db")
     monkeypatch.setenv("COMPUTE_RUNPOD_ADDR", "not an address")
     with pytest.raises(SettingsError) as caught:
-        load_settings()
+        Settings.load()
     assert "COMPUTE_RUNPOD_ADDR" in str(caught.value) and "hunter2" not in str(caught.value)
 
 
