@@ -298,7 +298,6 @@ class QuerySession:
         loaded.model.register_forward_pre_hook(lambda _module, _args: stop.check())
         self._loaded = loaded
         self._encoder = experiment_encoder(spec, loaded.tokenizer)
-        self._train_pairs = [self._encoder.train_pair(example) for example in spec.training_data]
         timings["loading_model"] = time.monotonic() - started
 
         started = time.monotonic()
@@ -329,16 +328,23 @@ class QuerySession:
                 self._index = self._build_index(phase(0.5, 0.8, "building the gradient index"))
             timings["gradient_index"] = time.monotonic() - started
 
+    def _training_pairs(self) -> list[EncodedPair]:
+        """The training set encoded as the pipeline encoded it (not needed to score an index)."""
+        if self._train_pairs is None:
+            assert self._encoder is not None
+            self._train_pairs = [self._encoder.train_pair(example) for example in self.spec.training_data]
+        return self._train_pairs
+
     def _retrain(self, progress: Callable[[float], None]) -> None:
         from gpu_core.training import attach_lora, train_lora
 
-        assert self._loaded is not None and self._train_pairs is not None
+        assert self._loaded is not None
         hp = self.spec.hyperparams
         torch.manual_seed(hp.seed)
         model = attach_lora(self._loaded.model, hp, quantized=hp.quantization != "none")
         outcome = train_lora(
             model,
-            self._train_pairs,
+            self._training_pairs(),
             hp,
             self._loaded.tokenizer.pad_token_id,
             self._loaded.device,
@@ -378,16 +384,17 @@ class QuerySession:
     def _build_index(self, progress: Callable[[float], None]) -> GradientIndex:
         from gpu_core.influence.projected import build_gradient_index, plan_checkpoints
 
-        assert self._loaded is not None and self._train_pairs is not None
+        assert self._loaded is not None
+        train_pairs = self._training_pairs()
         layers = lora_layers(self._model)
         plans = plan_checkpoints(self.method, layers, self._checkpoints, self._loaded.device)
         batch_size = self.spec.hyperparams.batch_size
-        total = -(-len(self._train_pairs) // batch_size) * len(plans)
+        total = -(-len(train_pairs) // batch_size) * len(plans)
         self._work_dir = tempfile.TemporaryDirectory(prefix="gpu_core-query-")
         return build_gradient_index(
             self._model,
             self._pad_token_id(),
-            self._train_pairs,
+            train_pairs,
             self.train_ids,
             plans,
             self.method,
@@ -479,7 +486,7 @@ class QuerySession:
 
     def _scores(self, pairs: Sequence[EncodedPair], progress: Callable[[float], None]) -> Any:
         """``[n_queries, n_train]`` scores, positive = helpful, by the experiment's method."""
-        assert self._loaded is not None and self._train_pairs is not None
+        assert self._loaded is not None
         hp, options = self.spec.hyperparams, self.spec.influence
         pad = self._pad_token_id()
         if self._index is not None:
@@ -510,7 +517,7 @@ class QuerySession:
                 self.method,
                 self._model,
                 self._loaded.tokenizer,
-                self._train_pairs,
+                self._training_pairs(),
                 pairs,
                 self._checkpoints,
                 options,
