@@ -246,3 +246,24 @@ def test_a_parent_of_another_spec_or_a_span_past_the_answer_is_refused(
             answer(session, too_far)
     finally:
         session.close()
+
+
+@pytest.mark.parametrize("template", ["raw", "chat"])
+def test_span_tokens_are_the_spans_characters_under_either_template(template: str) -> None:
+    from gpu_core.data import Encoder
+    from gpu_core.models import load_model
+    from gpu_core.query import span_pair
+
+    tokenizer = load_model("local/tiny-llama", device=torch.device("cpu")).tokenizer
+    encoder = Encoder(tokenizer, template, 128)
+    target = "the capital is Paris"
+    pair = span_pair(encoder, "Where is it?", target, (15, 20), "queries[0].span")
+    kept = [token for token, label in zip(pair.input_ids, pair.labels, strict=True) if label != IGNORE_INDEX]
+    assert tokenizer.decode(kept) == "Paris"
+    whole = span_pair(encoder, "Where is it?", target, None, "queries[0].span")
+    labelled = [
+        token for token, label in zip(whole.input_ids, whole.labels, strict=True) if label != IGNORE_INDEX
+    ]
+    assert tokenizer.decode(labelled, skip_special_tokens=True).strip() == target
+    with pytest.raises(JobInputError, match=r"^queries\[0\]\.span: ends at 21 but the answer has 20"):
+        span_pair(encoder, "Where is it?", target, (0, 21), "queries[0].span")
