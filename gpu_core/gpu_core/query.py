@@ -286,11 +286,11 @@ class QuerySession:
         phase: Callable[[float, float, str], Callable[[float], None]],
         timings: dict[str, float],
     ) -> None:
-        from transformers import set_seed
-
         spec, hp = self.spec, self.spec.hyperparams
         started = time.monotonic()
         report(0.0, f"loading {spec.model_id}")
+        from transformers import set_seed
+
         set_seed(hp.seed)
         loaded = load_model(spec.model_id, hp.quantization, self.device)
         stop = self._stop
