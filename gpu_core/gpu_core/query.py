@@ -275,7 +275,7 @@ class QuerySession:
                         self._reset()
                         raise
                 result = self._score(request, report, phase, timings)
-                timings["total"] = time.monotonic() - started
+                result.timings["total"] = time.monotonic() - started
                 return result
             finally:
                 self._stop.cancel = self._stop.should_stop = None

@@ -154,6 +154,7 @@ def test_warm_answers_equal_cold_ones_and_a_stop_leaves_the_session_usable(
     finally:
         session.close()
     assert "loading_model" in cold.timings and "loading_model" not in warm.timings
+    assert cold.timings["total"] >= cold.timings["loading_model"] + cold.timings["scoring"]
     assert [o.model_dump() for o in warm.results] == [o.model_dump() for o in cold.results]
 
 
