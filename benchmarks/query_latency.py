@@ -64,14 +64,14 @@ def child(parent_dir: Path, warm: int, started: float) -> None:
     result = ExperimentResult.model_validate_json((parent_dir / "result.json").read_text())
     parsed = time.time() - started - imported
     session = QuerySession(parse_spec(raw), result, parent_dir / "artifacts", device=torch.device("cpu"))
-    seconds = []
+    seconds, answers = [], []
     for attempt in range(warm + 1):
         copied = raw["training_data"][(attempt * 7) % len(raw["training_data"])]
         request = QueryRequest.model_validate({"queries": [{"prompt": copied["prompt"]}], "top_k": 10})
         began = time.time()
         for event in session.answer(request):
             if event["type"] == "result":
-                answered = event["result"]
+                answers.append(event["result"])
         seconds.append(time.time() - (started if attempt == 0 else began))
     print(  # noqa: T201 - read by the parent process
         json.dumps(
@@ -80,8 +80,8 @@ def child(parent_dir: Path, warm: int, started: float) -> None:
                 "parse_s": parsed,
                 "cold_s": seconds[0],
                 "warm_s": seconds[1:],
-                "source": answered["source"],
-                "first_timings": answered["timings"],
+                "source": answers[0]["source"],
+                "first_timings": answers[0]["timings"],
                 "resident_mib": session.resident_bytes() / 2**20,
             }
         )
