@@ -40,8 +40,9 @@ CASES: dict[str, tuple[str, int | None]] = {
 def build_parent(case: str, n_train: int, directory: Path) -> tuple[dict[str, Any], dict[str, Any], float]:
     """The parent experiment's spec, result and build seconds, its artifacts in ``directory``."""
     from gpu_core.pipeline import run_experiment
-    from gpu_core.planted import planted_duplicate_spec
     from gpu_core.schemas import parse_spec
+
+    from benchmarks.planted import planted_duplicate_spec
 
     method, projection_dim = CASES[case]
     raw = planted_duplicate_spec(method, n_train, 4, epochs=1)

@@ -54,13 +54,13 @@ from gpu_core.evaluation import generate, target_losses
 from gpu_core.influence import AdapterCheckpoint, build_influence_result
 from gpu_core.influence.gradients import lora_layers, lora_state
 from gpu_core.influence.index import INDEX_DIR_NAME, MANIFEST, GradientIndex, fingerprint
+from gpu_core.influence_methods import InfluenceMethodEntry, influence_method
 from gpu_core.jobs import Events, JobInputError, StopCheck
 from gpu_core.models import LoadedModel, free_memory, load_model
 from gpu_core.pipeline import ExperimentCancelled, experiment_encoder, run_in_worker
 from gpu_core.schemas import (
     ExperimentResult,
     ExperimentSpec,
-    InfluenceOptions,
     ProgressEvent,
     QueryItem,
     QueryOutcome,
@@ -71,13 +71,12 @@ from gpu_core.schemas import (
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINTS_INDEX = "checkpoints.json"
-# Methods whose scores need every checkpoint (TracIn's states, TrackStar's second moments).
-_CHECKPOINT_METHODS = ("tracin", "trackstar")
 
 
-def uses_index(method: str, options: InfluenceOptions) -> bool:
-    """Whether ``method`` scores from a projected gradient index (as the pipeline decides)."""
-    return method == "trackstar" or (method == "tracin" and options.projection_dim is not None)
+def needs_stored_checkpoints(method: InfluenceMethodEntry) -> bool:
+    """Whether ``method`` scores with the saved checkpoints (TracIn's every epoch, TrackStar's
+    Adam second moments), not just the final adapter."""
+    return method.checkpoints == "every" or method.adam_normalised
 
 
 def needed_parent_artifacts(result: ExperimentResult) -> list[str]:
@@ -85,8 +84,10 @@ def needed_parent_artifacts(result: ExperimentResult) -> list[str]:
     the checkpoints where its method uses them, the gradient index when it has one (never
     ``scores.npy``). Whatever is missing is recomputed."""
     prefixes = [f"{ADAPTER_DIR}/"]
-    if result.influence.method in _CHECKPOINT_METHODS:
+    method = influence_method(result.influence.method)
+    if needs_stored_checkpoints(method):
         prefixes.append(f"{CHECKPOINTS_DIR}/")
+    if method.gradient_index != "never":
         prefixes.append(f"{INDEX_DIR_NAME}/")
     return [entry.name for entry in result.artifacts if entry.name.startswith(tuple(prefixes))]
 
@@ -304,7 +305,7 @@ class QuerySession:
         directory = self.parent_artifacts_dir
         adapter_dir = directory / ADAPTER_DIR if directory is not None else None
         checkpoints = load_checkpoints(directory / CHECKPOINTS_DIR) if directory is not None else None
-        needs_checkpoints = self.method in _CHECKPOINT_METHODS
+        needs_checkpoints = needs_stored_checkpoints(influence_method(self.method))
         stored = adapter_dir is not None and (adapter_dir / "adapter_config.json").is_file()
         if stored and (checkpoints or not needs_checkpoints):
             from peft import PeftModel
@@ -319,7 +320,7 @@ class QuerySession:
         self._model.eval()
         timings["adapter"] = time.monotonic() - started
 
-        if uses_index(self.method, spec.influence):
+        if influence_method(self.method).builds_index(spec.influence.projection_dim):
             started = time.monotonic()
             self._index = self._stored_index()
             if self._index is not None:
@@ -353,9 +354,10 @@ class QuerySession:
         self._model, self._checkpoints = model, outcome.checkpoints
 
     def _index_dim(self) -> int:
-        from gpu_core.influence.projected import DEFAULT_TRACKSTAR_DIM
-
-        return self.spec.influence.projection_dim or DEFAULT_TRACKSTAR_DIM
+        """The index's dimensions (only asked for a method that builds one)."""
+        dim = influence_method(self.method).index_dim(self.spec.influence.projection_dim)
+        assert dim is not None
+        return dim
 
     def _stored_index(self) -> GradientIndex | None:
         """The parent's index when it is whole and was built for this adapter and settings."""

@@ -22,7 +22,7 @@ from gpu_core.pipeline import ExperimentCancelled, experiment_encoder, run_exper
 from gpu_core.query import QuerySession, needed_parent_artifacts
 from gpu_core.schemas import ExperimentResult, ExperimentSpec, QueryRequest, QueryResult, parse_spec
 
-from gpu_core import planted
+from benchmarks import planted
 
 N_TRAIN, N_EVAL = 24, 4
 METHODS = ("tracin", "datainf", "kronfluence", "trackstar")
