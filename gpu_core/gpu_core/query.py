@@ -52,7 +52,13 @@ import torch
 from gpu_core.data import IGNORE_INDEX, EncodedPair, Encoder
 from gpu_core.evaluation import generate, target_losses
 from gpu_core.influence import AdapterCheckpoint, build_influence_result
-from gpu_core.influence.gradients import lora_layers, lora_state
+from gpu_core.influence.gradients import (
+    batched_gradients,
+    load_lora_state,
+    lora_grad_enabled,
+    lora_layers,
+    lora_state,
+)
 from gpu_core.influence.index import INDEX_DIR_NAME, MANIFEST, GradientIndex, fingerprint
 from gpu_core.influence_methods import InfluenceMethodEntry, influence_method
 from gpu_core.jobs import Events, JobInputError, StopCheck
@@ -71,6 +77,9 @@ from gpu_core.schemas import (
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINTS_INDEX = "checkpoints.json"
+# Exact TracIn keeps every checkpoint's training gradients between answers up to this many bytes
+# (beyond it each answer recomputes them, as the pipeline does).
+TRAIN_GRADIENT_CACHE_BYTES = 1 << 30
 
 
 def needs_stored_checkpoints(method: InfluenceMethodEntry) -> bool:
@@ -217,6 +226,8 @@ class QuerySession:
         self._checkpoints: list[AdapterCheckpoint] = []
         self._train_pairs: list[EncodedPair] | None = None
         self._index: GradientIndex | None = None
+        # Exact TracIn: per checkpoint [n_train, d] training gradients, kept between answers.
+        self._train_gradients: list[torch.Tensor] | None = None
         self._work_dir: tempfile.TemporaryDirectory[str] | None = None
         self.source: str | None = None  # "index", "recomputed" or "retrained" once prepared
 
@@ -235,13 +246,16 @@ class QuerySession:
         free_memory()
 
     def resident_bytes(self) -> int:
-        """Bytes of tensors the session keeps between answers (model, adapter, checkpoints)."""
+        """Bytes of tensors the session keeps between answers (model, adapter, checkpoints,
+        exact TracIn's cached training gradients)."""
         total = 0
         if self._model is not None:
             total += sum(p.numel() * p.element_size() for p in self._model.parameters())
         for checkpoint in self._checkpoints:
             for tensors in (checkpoint.state, checkpoint.second_moment or {}):
                 total += sum(t.numel() * t.element_size() for t in tensors.values())
+        for gradients in self._train_gradients or []:
+            total += gradients.numel() * gradients.element_size()
         return total
 
     # ---- the work, in the worker thread ------------------------------------------------------
@@ -512,6 +526,8 @@ class QuerySession:
                 scores[:, start : start + block.shape[1]] = block
                 progress(0.5 + 0.5 * (start + block.shape[1]) / self._index.n_examples)
             return scores
+        if self.method == "tracin" and self._cache_tracin_gradients(progress):
+            return self._tracin_from_cache(pairs, progress)
         from gpu_core.influence import compute_influence
 
         with tempfile.TemporaryDirectory(prefix="gpu_core-query-") as work_dir:
@@ -529,9 +545,69 @@ class QuerySession:
                 train_ids=self.train_ids,
             )
 
+    def _cache_tracin_gradients(self, progress: Callable[[float], None]) -> bool:
+        """Computes exact TracIn's training gradients at every checkpoint once, when they fit
+        :data:`TRAIN_GRADIENT_CACHE_BYTES`; False when they do not."""
+        if self._train_gradients is not None:
+            return True
+        layers = lora_layers(self._model)
+        width = sum(layer.numel for layer in layers)
+        train = self._training_pairs()
+        itemsize = layers[0].module.weight.element_size()
+        if len(self._checkpoints) * len(train) * width * itemsize > TRAIN_GRADIENT_CACHE_BYTES:
+            return False
+        hp, final_state = self.spec.hyperparams, lora_state(layers)
+        cached = []
+        try:
+            with lora_grad_enabled(layers):
+                for index, checkpoint in enumerate(self._checkpoints):
+                    load_lora_state(layers, checkpoint.state)
+                    parts = [
+                        gradients.detach()
+                        for _, gradients in batched_gradients(
+                            self._model, layers, train, self._pad_token_id(), hp.batch_size
+                        )
+                    ]
+                    cached.append(torch.cat(parts))
+                    progress(0.8 * (index + 1) / len(self._checkpoints))
+        finally:
+            load_lora_state(layers, final_state)
+        self._train_gradients = cached
+        return True
+
+    def _tracin_from_cache(self, pairs: Sequence[EncodedPair], progress: Callable[[float], None]) -> Any:
+        """TracInCP ``sum_c lr_c <g_c(query), g_c(train)>`` against the cached training side."""
+        assert self._train_gradients is not None
+        layers = lora_layers(self._model)
+        final_state = lora_state(layers)
+        scores = torch.zeros(len(pairs), self._train_gradients[0].shape[0], dtype=torch.float64)
+        try:
+            with lora_grad_enabled(layers):
+                for checkpoint, train_gradients in zip(self._checkpoints, self._train_gradients, strict=True):
+                    load_lora_state(layers, checkpoint.state)
+                    query_gradients = torch.cat(
+                        [
+                            gradients
+                            for _, gradients in batched_gradients(
+                                self._model,
+                                layers,
+                                pairs,
+                                self._pad_token_id(),
+                                self.spec.hyperparams.batch_size,
+                            )
+                        ]
+                    )
+                    block = (query_gradients @ train_gradients.T).to(device="cpu", dtype=torch.float64)
+                    scores += checkpoint.learning_rate * block
+        finally:
+            load_lora_state(layers, final_state)
+        progress(1.0)
+        return scores
+
     def _reset(self) -> None:
         self._model = self._loaded = self._encoder = self._index = self._train_pairs = None
         self._checkpoints = []
+        self._train_gradients = None
         self.source = None
         if self._work_dir is not None:
             self._work_dir.cleanup()

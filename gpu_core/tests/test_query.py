@@ -268,3 +268,29 @@ def test_span_tokens_are_the_spans_characters_under_either_template(template: st
     assert tokenizer.decode(labelled, skip_special_tokens=True).strip() == target
     with pytest.raises(JobInputError, match=r"^queries\[0\]\.span: ends at 21 but the answer has 20"):
         span_pair(encoder, "Where is it?", target, (0, 21), "queries[0].span")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_an_eval_example_asked_again_scores_as_in_the_experiment(
+    experiments: dict[str, Experiment], method: str
+) -> None:
+    raw, spec, result, directory = experiments[method]
+    evals = raw["eval_data"]
+    request = QueryRequest.model_validate(
+        {"queries": [{"prompt": e["prompt"], "expected": e["expected"]} for e in evals], "top_k": N_TRAIN}
+    )
+    session = QuerySession(spec, result, directory, device=torch.device("cpu"))
+    try:
+        answered = answer(session, request)
+    finally:
+        session.close()
+    assert result.influence.scores is not None
+    for row, outcome in zip(result.influence.scores, answered.results, strict=True):
+        scores = score_vector(outcome)
+        # The experiment stored float64 scores; the query's are the same computation.
+        assert [scores.get(f"t{j}", 0.0) for j in range(N_TRAIN)] == pytest.approx(row, rel=1e-4, abs=1e-6)
+    finetuned = {o.id: o for o in result.eval_results.finetuned.examples}
+    assert [o.loss for o in answered.results] == pytest.approx(
+        [finetuned[e["id"]].loss for e in evals], rel=1e-5
+    )
+    assert [o.output for o in answered.results] == [finetuned[e["id"]].output for e in evals]
