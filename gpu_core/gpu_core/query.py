@@ -60,7 +60,7 @@ from gpu_core.influence.gradients import (
     lora_state,
 )
 from gpu_core.influence.index import INDEX_DIR_NAME, MANIFEST, GradientIndex, fingerprint
-from gpu_core.influence_methods import InfluenceMethodEntry, influence_method
+from gpu_core.influence_methods import influence_method
 from gpu_core.jobs import Events, JobInputError, StopCheck
 from gpu_core.models import LoadedModel, free_memory, load_model
 from gpu_core.pipeline import ExperimentCancelled, experiment_encoder, run_in_worker
@@ -73,6 +73,11 @@ from gpu_core.schemas import (
     QueryRequest,
     QueryResult,
 )
+from gpu_core.uploads import needed_parent_artifacts, needs_stored_checkpoints
+
+# The scheduler mints download URLs with gpu_core's base install (no torch), so the list of files
+# a query reads lives in gpu_core.uploads; re-exported here.
+__all__ = ["QuerySession", "needed_parent_artifacts", "run_query_job"]
 
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
@@ -80,25 +85,6 @@ CHECKPOINTS_INDEX = "checkpoints.json"
 # Exact TracIn keeps every checkpoint's training gradients between answers up to this many bytes
 # (beyond it each answer recomputes them, as the pipeline does).
 TRAIN_GRADIENT_CACHE_BYTES = 1 << 30
-
-
-def needs_stored_checkpoints(method: InfluenceMethodEntry) -> bool:
-    """Whether ``method`` scores with the saved checkpoints (TracIn's every epoch, TrackStar's
-    Adam second moments), not just the final adapter."""
-    return method.checkpoints == "every" or method.adam_normalised
-
-
-def needed_parent_artifacts(result: ExperimentResult) -> list[str]:
-    """The names in the parent's ``artifacts`` manifest that a query of it reads: the adapter,
-    the checkpoints where its method uses them, the gradient index when it has one (never
-    ``scores.npy``). Whatever is missing is recomputed."""
-    prefixes = [f"{ADAPTER_DIR}/"]
-    method = influence_method(result.influence.method)
-    if needs_stored_checkpoints(method):
-        prefixes.append(f"{CHECKPOINTS_DIR}/")
-    if method.gradient_index != "never":
-        prefixes.append(f"{INDEX_DIR_NAME}/")
-    return [entry.name for entry in result.artifacts if entry.name.startswith(tuple(prefixes))]
 
 
 def load_checkpoints(directory: Path) -> list[AdapterCheckpoint] | None:

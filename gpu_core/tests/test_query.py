@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +186,12 @@ def test_the_index_a_recomputed_index_and_a_retrained_adapter_agree(
 
 
 def test_needed_artifacts_are_the_methods_own(experiments: dict[str, Experiment]) -> None:
+    # The scheduler names them with the base install: no torch behind the import.
+    probe = "import sys; from gpu_core.uploads import needed_parent_artifacts; print('torch' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip()
+        == "False"
+    )
     for method in METHODS:
         names = needed_parent_artifacts(experiments[method][2])
         assert "adapter/adapter_model.safetensors" in names and "scores.npy" not in names
