@@ -26,9 +26,10 @@ first answer) and kept for the next ones, so a warm query skips it:
 - the training side of the scores: the stored ``gradient_index/`` (TrackStar, projected TracIn)
   when it was built from this very adapter (its fingerprint matches), else one built in the
   session's own work directory from the adapter. Exact TracIn, DataInf and Kronfluence have no
-  index: they recompute their training side from the adapter and checkpoints on each answer
-  through the pipeline's own per-method functions (``gpu_core.influence``), so their scores are
-  the experiment's.
+  index: exact TracIn computes every checkpoint's training gradients once and keeps them (up to
+  :data:`TRAIN_GRADIENT_CACHE_BYTES`); DataInf and Kronfluence recompute their training side on
+  each answer through the pipeline's own path (``compute_influence``). Either way the scores are
+  the experiment's (tested: an eval example asked again scores as in the experiment).
 
 :meth:`QuerySession.answer` runs in the pipeline's worker thread (``run_in_worker``): progress
 events (stage ``query``), then ``{"type": "result", "result": QueryResult}``. A stop
