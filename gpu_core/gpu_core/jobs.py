@@ -1,14 +1,18 @@
 """Job kinds: what a worker runs for a job, and the one payload every worker receives.
 
 A job is an ``experiment`` (the whole pipeline on a spec) or a later job of an experiment that
-builds on its stored spec and result: ``counterfactual`` (retrain without its top-k examples).
+builds on its stored spec and result: ``counterfactual`` (retrain without its top-k examples),
+``query`` (follow-up attribution queries to its fine-tuned model, see gpu_core.query).
 Each kind is one :class:`JobKind` in :data:`JOB_KINDS`: how to read its request, how to check
 that request against the parent experiment (so a bad request is refused before anything runs),
 and how to run it as a generator of progress events ending in ``{"type": "result", ...}``.
 Adding a kind is adding an entry here; services pass ``kind`` and the JSON through untouched.
 
 Payload (RunPod's job input, Modal's argument, compute-local's job folder): an experiment is the
-bare spec object, as before; any other kind is ``{"kind", "spec", "request", "parent_result"}``.
+bare spec object, as before; any other kind is ``{"kind", "spec", "request", "parent_result"}``,
+plus ``"parent_artifacts": [{"name", "url", "sha256", "bytes"}]`` when the worker must download
+the parent's files (a query: :func:`gpu_core.query.needed_parent_artifacts` names them). Workers
+put them under their manifest names in one directory, ``parent_artifacts_dir`` of :func:`run_job`.
 
 This module imports no torch: the scheduler and the providers use it to validate; only
 :func:`run_job` imports the pipeline.
@@ -28,12 +32,14 @@ from gpu_core.schemas import (
     CounterfactualRequest,
     ExperimentResult,
     ExperimentSpec,
+    QueryRequest,
     SpecError,
     parse_spec,
 )
 
 EXPERIMENT = "experiment"
 COUNTERFACTUAL = "counterfactual"
+QUERY = "query"
 
 
 class JobInputError(ValueError):
@@ -55,7 +61,10 @@ class JobKind:
     request_model: type[BaseModel] | None  # None: the kind takes no request (an experiment)
     # Checks the request against the parent's spec and result; raises JobInputError.
     check: Callable[[Any, ExperimentSpec, ExperimentResult], None] | None
-    run: Callable[[ExperimentSpec, Any, ExperimentResult | None, Path | None, StopCheck | None], Events]
+    # (spec, request, parent result, artifacts dir, stop check, parent artifacts dir) -> events
+    run: Callable[
+        [ExperimentSpec, Any, ExperimentResult | None, Path | None, StopCheck | None, Path | None], Events
+    ]
 
     @property
     def needs_parent(self) -> bool:
@@ -101,12 +110,27 @@ def check_counterfactual(
         raise CounterfactualError(f"k: must be less than the {len(spec.training_data)} training examples")
 
 
+def check_query(request: QueryRequest, spec: ExperimentSpec, result: ExperimentResult) -> None:
+    """The parent is this spec's finished experiment with influence scores of its method."""
+    spec_ids = [example.id or "" for example in spec.training_data]
+    if spec_ids != result.influence.train_ids:
+        raise JobInputError(
+            "parent_result: its training ids are not the spec's; pass the experiment's own spec"
+        )
+    if result.influence.method != spec.influence_method:
+        raise JobInputError(
+            f"parent_result: its influence method {result.influence.method!r} is not the spec's "
+            f"{spec.influence_method!r}"
+        )
+
+
 def _run_experiment(
     spec: ExperimentSpec,
     _request: Any,
     _parent: Any,
     artifacts_dir: Path | None,
     should_stop: StopCheck | None,
+    _parent_artifacts_dir: Path | None,
 ) -> Events:
     from gpu_core.pipeline import run_experiment
 
@@ -119,6 +143,7 @@ def _run_counterfactual(
     parent: ExperimentResult | None,
     _artifacts_dir: Path | None,
     should_stop: StopCheck | None,
+    _parent_artifacts_dir: Path | None,
 ) -> Events:
     from gpu_core.counterfactual import run_counterfactual_job
 
@@ -126,9 +151,24 @@ def _run_counterfactual(
     return run_counterfactual_job(spec, parent, request, should_stop=should_stop)
 
 
+def _run_query(
+    spec: ExperimentSpec,
+    request: Any,
+    parent: ExperimentResult | None,
+    _artifacts_dir: Path | None,
+    should_stop: StopCheck | None,
+    parent_artifacts_dir: Path | None,
+) -> Events:
+    from gpu_core.query import run_query_job
+
+    assert parent is not None  # checked by parse_payload
+    return run_query_job(spec, parent, request, parent_artifacts_dir, should_stop)
+
+
 JOB_KINDS: dict[str, JobKind] = {
     EXPERIMENT: JobKind(EXPERIMENT, None, None, _run_experiment),
     COUNTERFACTUAL: JobKind(COUNTERFACTUAL, CounterfactualRequest, check_counterfactual, _run_counterfactual),
+    QUERY: JobKind(QUERY, QueryRequest, check_query, _run_query),
 }
 
 
@@ -150,7 +190,8 @@ def parse_request(kind: JobKind, raw: str | bytes | dict[str, Any] | None) -> An
         return kind.request_model.model_validate(raw or {})
     except ValidationError as exc:
         problems = [
-            f"{'.'.join(str(part) for part in error['loc']) or 'request'}: {error['msg']}"
+            f"{'.'.join(str(part) for part in error['loc']) or 'request'}: "
+            + str(error["msg"]).removeprefix("Value error, ")
             for error in exc.errors()
         ]
         raise JobInputError("; ".join(problems)) from None
@@ -201,23 +242,32 @@ def parse_payload(payload: dict[str, Any]) -> JobInput:
 
 
 def run_job(
-    job: JobInput, artifacts_dir: Path | None = None, should_stop: StopCheck | None = None
+    job: JobInput,
+    artifacts_dir: Path | None = None,
+    should_stop: StopCheck | None = None,
+    parent_artifacts_dir: Path | None = None,
 ) -> Events:
     """The job's events, ending in its result event (what every worker iterates). Once
-    ``should_stop()`` is true the work stops within a batch and ``ExperimentCancelled`` is raised."""
-    return job.kind.run(job.spec, job.request, job.parent_result, artifacts_dir, should_stop)
+    ``should_stop()`` is true the work stops within a batch and ``ExperimentCancelled`` is raised.
+    ``parent_artifacts_dir``: the parent's artifacts under their manifest names (a query reads
+    its adapter, checkpoints and gradient index there; missing files are recomputed)."""
+    return job.kind.run(
+        job.spec, job.request, job.parent_result, artifacts_dir, should_stop, parent_artifacts_dir
+    )
 
 
 __all__ = [
     "COUNTERFACTUAL",
     "EXPERIMENT",
     "JOB_KINDS",
+    "QUERY",
     "CounterfactualError",
     "JobInput",
     "JobInputError",
     "JobKind",
     "SpecError",
     "check_counterfactual",
+    "check_query",
     "job_kind",
     "make_payload",
     "parse_payload",

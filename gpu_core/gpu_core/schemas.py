@@ -32,6 +32,7 @@ Quantization = Literal["none", "8bit", "4bit"]
 Stage = Literal[
     "loading_model", "eval_base", "eval_few_shot", "training", "eval_finetuned", "influence",
     "counterfactual",  # the one stage of a counterfactual check (gpu_core.counterfactual)
+    "query",  # the one stage of a follow-up query (gpu_core.query)
 ]
 STAGES: tuple[str, ...] = (
     "loading_model", "eval_base", "eval_few_shot", "training", "eval_finetuned", "influence"
@@ -486,4 +487,77 @@ class CounterfactualResult(BaseModel):
     examples: list[CounterfactualOutcome]
     beats_controls_rate: float | None
     lds: LdsReport | None
+    timings: dict[str, float]
+
+
+# ---- follow-up queries ---------------------------------------------------------------------
+
+MAX_QUERIES = 32
+MAX_QUERY_TEXT_CHARS = 8_000
+MAX_QUERY_TOP_K = 100
+
+
+class QueryItem(_Strict):
+    """One question to the fine-tuned model: ``prompt``, the answer to attribute (``expected``,
+    or the model's own greedy answer when absent) and optionally ``span``, character offsets
+    ``[start, end)`` into that answer that restrict the attributed loss to their tokens."""
+
+    id: str | None = Field(default=None, min_length=1, max_length=128)
+    prompt: str = Field(min_length=1, max_length=MAX_QUERY_TEXT_CHARS)
+    expected: str | None = Field(default=None, min_length=1, max_length=MAX_QUERY_TEXT_CHARS)
+    span: tuple[int, int] | None = None
+
+    @field_validator("span")
+    @classmethod
+    def _ordered_span(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None:
+            start, end = value
+            if start < 0 or end <= start:
+                raise ValueError(f"[{start}, {end}] is not a span: needs 0 <= start < end")
+        return value
+
+    @model_validator(mode="after")
+    def _span_in_expected(self) -> QueryItem:
+        if self.span is not None and self.expected is not None and self.span[1] > len(self.expected):
+            raise ValueError(
+                f"span: ends at {self.span[1]} but expected has {len(self.expected)} characters"
+            )
+        return self
+
+
+class QueryRequest(_Strict):
+    """Follow-up attribution queries to a finished experiment (gpu_core.query)."""
+
+    queries: list[QueryItem] = Field(min_length=1, max_length=MAX_QUERIES)
+    top_k: int = Field(default=10, ge=1, le=MAX_QUERY_TOP_K)
+
+    @model_validator(mode="after")
+    def _assign_ids(self) -> QueryRequest:
+        _fill_ids(self.queries, "q", "queries")
+        return self
+
+
+class QueryOutcome(BaseModel):
+    """One answered query: the model's greedy ``output``, the ``target`` whose loss was
+    attributed (``expected`` or ``output``), the ``span`` of it that counted (None: all of it)
+    and its mean per-token ``loss``; the training examples that most lowered (``helpful``) or
+    raised (``harmful``) that loss, by id, as the experiment's method scores them."""
+
+    id: str
+    prompt: str
+    output: str
+    target: str
+    span: tuple[int, int] | None
+    span_tokens: int
+    loss: float
+    helpful: list[ScoredExample]
+    harmful: list[ScoredExample]
+
+
+class QueryResult(BaseModel):
+    results: list[QueryOutcome]
+    method: InfluenceMethod
+    # Where the training side came from: the stored gradient index, recomputed from the stored
+    # adapter and checkpoints, or from an adapter retrained with the experiment's seed.
+    source: Literal["index", "recomputed", "retrained"]
     timings: dict[str, float]

@@ -18,8 +18,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from gpu_core.influence_methods import DEFAULT_TRACKSTAR_DIM as DEFAULT_TRACKSTAR_DIM  # re-exported
-from gpu_core.influence_methods import influence_method
-from gpu_core.schemas import ArtifactEntry, ExperimentSpec
+from gpu_core.influence_methods import InfluenceMethodEntry, influence_method
+from gpu_core.schemas import ArtifactEntry, ExperimentResult, ExperimentSpec
 
 # The scheduler plans names with gpu_core's base install (no numpy, no torch), so the names that
 # gpu_core.artifacts and gpu_core.influence.index define are repeated here; a test checks they
@@ -38,6 +38,26 @@ _BLOCK_BYTES = 1024 * 1024
 class ArtifactUploadError(RuntimeError):
     """A file could not be uploaded; the message names it and says why (never the URL: it is a
     credential for that object until it expires)."""
+
+
+def needs_stored_checkpoints(method: InfluenceMethodEntry) -> bool:
+    """Whether ``method`` scores with the saved checkpoints (TracIn's every epoch, TrackStar's
+    Adam second moments), not just the final adapter."""
+    return method.checkpoints == "every" or method.adam_normalised
+
+
+def needed_parent_artifacts(result: ExperimentResult) -> list[str]:
+    """The names in the parent's ``artifacts`` manifest that a follow-up query of it reads
+    (gpu_core.query): the adapter, and the checkpoints and gradient index where its method uses
+    them (never ``scores.npy``). Whatever is missing is recomputed. Here, not in gpu_core.query,
+    because the scheduler mints the download URLs with the base install (no torch)."""
+    method = influence_method(result.influence.method)
+    prefixes = ["adapter/"]
+    if needs_stored_checkpoints(method):
+        prefixes.append("checkpoints/")
+    if method.gradient_index != "never":
+        prefixes.append(f"{INDEX_DIR_NAME}/")
+    return [entry.name for entry in result.artifacts if entry.name.startswith(tuple(prefixes))]
 
 
 def planned_artifact_names(spec: ExperimentSpec) -> list[str]:

@@ -6,15 +6,16 @@ memory on top, RunPod bills the idle tail of a worker; both are small next to th
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from gpu_core.schemas import CounterfactualRequest, ExperimentSpec
+from gpu_core.schemas import CounterfactualRequest, ExperimentSpec, QueryRequest
 
 from cost_model.memory import GpuRecommendation, recommend_gpu
 from cost_model.model_catalog import ModelCard, lookup_model, model_cards
 from cost_model.prices import PROVIDERS, price_table
-from cost_model.timing import COLD_START_RANGE, counterfactual_time_s, estimated_time_s
+from cost_model.timing import COLD_START_RANGE, counterfactual_time_s, estimated_time_s, query_time_s
 from cost_model.workload import Workload
 
 BACKENDS: tuple[str, ...] = ("hosted", "runpod")
@@ -90,9 +91,11 @@ def estimate(
     provider: str,
     backend: str,
     counterfactual: CounterfactualRequest | None = None,
+    query: QueryRequest | None = None,
 ) -> CostEstimate:
     """Time and cost of ``spec`` on ``provider``'s GPU for the recommended memory tier; with
-    ``counterfactual``, of that check on the experiment ``spec`` (its retrainings instead)."""
+    ``counterfactual``, of that check on the experiment ``spec`` (its retrainings instead); with
+    ``query``, of those follow-up queries to it."""
     _check_provider(provider, backend)
     card = lookup_model(spec.model_id)
     workload = Workload.from_spec(spec, card)
@@ -100,7 +103,27 @@ def estimate(
     table = price_table(provider)
     gpu_name, gpu = table.gpu_for_tier(recommendation.tier_gb)
     notes: list[str] = []
-    if counterfactual is None:
+    if query is not None:
+        hp = spec.hyperparams
+
+        def tokens(text: str) -> int:
+            return min(math.ceil(len(text) / card.chars_per_token), hp.max_seq_len)
+
+        # Without ``expected`` the target is the model's answer: up to max_new_tokens.
+        query_tokens = sum(
+            tokens(item.prompt + (item.expected or ""))
+            + (hp.max_new_tokens if item.expected is None else 0)
+            for item in query.queries
+        )
+        seconds = query_time_s(
+            card, workload, recommendation.breakdown, gpu, provider, len(query.queries), query_tokens
+        )
+        source = "its gradient index" if workload.index_dim is not None else "recomputed training gradients"
+        notes.append(
+            f"{len(query.queries)} queries scored against {workload.n_train} training examples "
+            f"with {spec.influence_method} from {source}; assumes the stored adapter"
+        )
+    elif counterfactual is None:
         seconds = estimated_time_s(card, workload, recommendation.breakdown, gpu, provider)
     else:
         retrainings = counterfactual.retrainings()
@@ -145,11 +168,12 @@ def estimate_job(
 ) -> CostEstimate:
     """What a provider's Estimate answers: an experiment, or a later job of the experiment
     ``spec`` of ``kind`` (gpu_core.jobs) with its request. Raises ValueError naming the field."""
-    from gpu_core.jobs import COUNTERFACTUAL, job_kind, parse_request
+    from gpu_core.jobs import COUNTERFACTUAL, QUERY, job_kind, parse_request
 
     later = job_kind(kind)
     check = parse_request(later, request_json) if later.name == COUNTERFACTUAL else None
-    return estimate(spec, provider, backend, counterfactual=check)
+    query = parse_request(later, request_json) if later.name == QUERY else None
+    return estimate(spec, provider, backend, counterfactual=check, query=query)
 
 
 def catalog(hosted_provider: str = "modal") -> list[ModelInfo]:

@@ -27,11 +27,20 @@ time = cold start + model load + (train + eval + influence FLOPs) / effective th
 
 A counterfactual check (gpu_core.counterfactual) is ``retrainings`` x (the training + one
 evaluation of the checked eval examples, with their passes), after one cold start and model load.
+
+A follow-up query job (gpu_core.query) is one cold start and model load, greedy generation of
+each query's answer, the query gradients (a forward and backward over the query tokens at each
+scored checkpoint) and the training side: scoring the stored projected index
+(2 x n_queries x n_train x k per index checkpoint), or for the methods without one the
+experiment's influence pass over the training set again (TracIn at each epoch's checkpoint,
+DataInf once, Kronfluence's two fitting passes plus one). It assumes the stored adapter is
+there (a missing one is retrained, which adds the experiment's training time).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from cost_model.memory import MemoryBreakdown
 from cost_model.model_catalog import ModelCard
@@ -115,3 +124,41 @@ def counterfactual_time_s(
     per_retraining = (train + 2 * params * checked_tokens) / throughput + decode_s + passes_s
     load_s = params * 2 / LOAD_BYTES_PER_S
     return COLD_START_S[provider] + load_s + retrainings * per_retraining + PIPELINE_OVERHEAD_S
+
+
+def query_time_s(
+    card: ModelCard,
+    workload: Workload,
+    memory: MemoryBreakdown,
+    gpu: GpuOffer,
+    provider: str,
+    n_queries: int,
+    query_tokens: int,
+) -> float:
+    """Seconds of a query job of ``n_queries`` queries, ``query_tokens`` summed over them."""
+    params = card.params_b * 1e9
+    throughput = gpu.peak_tflops * 1e12 * MODEL_FLOPS_UTILISATION * QUANTIZATION_SPEED[workload.quantization]
+    step_s = memory.weights_gb * 1e9 / (gpu.memory_bandwidth_gbs * 1e9 * BANDWIDTH_UTILISATION)
+    query_batches = math.ceil(n_queries / workload.batch_size)
+    train_batches = math.ceil(workload.n_train / workload.batch_size)
+    generation_s = query_batches * workload.max_new_tokens * step_s
+    query_pass = 6 * params * query_tokens
+    if workload.index_dim is not None:
+        checkpoints = workload.index_checkpoints
+        flops = checkpoints * (query_pass + 2 * n_queries * workload.n_train * workload.index_dim)
+        gradient_batches = checkpoints * query_batches
+    else:
+        # The experiment's influence pass with the queries in place of its eval examples.
+        flops = influence_flops(params, replace(workload, n_eval=n_queries, eval_tokens=query_tokens))
+        gradient_batches = train_batches + query_batches
+        if workload.influence_method == "tracin":
+            gradient_batches *= workload.epochs
+        elif workload.influence_method == "kronfluence":
+            gradient_batches += 2 * train_batches
+    # Generation (a prompt pass and a decode step per new token) and the loss forward per batch.
+    passes = query_batches * (2 + workload.max_new_tokens) + 3 * gradient_batches
+    load_s = params * 2 / LOAD_BYTES_PER_S
+    return (
+        COLD_START_S[provider] + load_s + 2 * params * query_tokens / throughput + flops / throughput
+        + generation_s + passes * gpu.pass_latency_s + PIPELINE_OVERHEAD_S
+    )

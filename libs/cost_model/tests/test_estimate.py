@@ -297,3 +297,32 @@ def test_a_pinned_revision_is_the_same_catalog_model() -> None:
 
     assert lookup_model("Qwen/Qwen2.5-0.5B@main") == lookup_model("Qwen/Qwen2.5-0.5B")
     assert lookup_model("Qwen/Qwen2.5-0.5B@main").known
+
+
+def test_a_query_job_costs_far_less_than_the_experiment_and_grows_with_its_queries() -> None:
+    from cost_model import estimate_job
+    from gpu_core.jobs import JobInputError
+
+    def queries(n: int, expected: bool = True) -> bytes:
+        items = [
+            {"prompt": f"What is {i} plus 2? ", **({"expected": f"{i + 2}"} if expected else {})}
+            for i in range(n)
+        ]
+        return json.dumps({"queries": items}).encode()
+
+    for method, source in (("tracin", "recomputed training gradients"), ("trackstar", "its gradient index")):
+        spec = make_spec(influence_method=method)
+        experiment = estimate(spec, "runpod", "runpod")
+        one = estimate_job(spec, "runpod", "runpod", "query", queries(1))
+        many = estimate_job(spec, "runpod", "runpod", "query", queries(32))
+        assert one.gpu == many.gpu == experiment.gpu
+        assert one.estimated_time_s < many.estimated_time_s < experiment.estimated_time_s
+        assert f"1 queries scored against 200 training examples with {method} from {source}" in one.notes[0]
+    spec = make_spec(influence_method="trackstar")
+    # Without expected answers the targets are generated: more tokens, more time.
+    assert (
+        estimate_job(spec, "runpod", "runpod", "query", queries(32, expected=False)).estimated_time_s
+        > estimate_job(spec, "runpod", "runpod", "query", queries(32)).estimated_time_s
+    )
+    with pytest.raises(JobInputError, match="^queries: List should have at least 1 item"):
+        estimate_job(spec, "runpod", "runpod", "query", b'{"queries": []}')
