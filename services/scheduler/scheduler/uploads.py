@@ -13,7 +13,7 @@ and the files come back through the provider (``ComputeProvider.FetchArtifact``)
 compute-local; each provider bounds what it can carry that way.
 
 Downloads go the other way for a later job that reads its experiment's files (a follow-up query):
-one presigned GET URL per file ``gpu_core.query.needed_parent_artifacts`` names, for those the
+one presigned GET URL per file ``gpu_core.uploads.needed_parent_artifacts`` names, for those the
 experiment's verified manifest still lists (the retention sweep empties it), each with the
 manifest's size and sha256 so the worker can check what it got. Every provider gets them when the
 store can sign: compute-local reads its own folder of the experiment first and uses them only
@@ -28,9 +28,8 @@ from typing import Any
 
 from artifact_store import ArtifactStore, StoreError, job_key, job_prefix
 from gpu_core.jobs import QUERY, parse_result
-from gpu_core.query import needed_parent_artifacts
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
-from gpu_core.uploads import planned_artifact_names
+from gpu_core.uploads import needed_parent_artifacts, planned_artifact_names
 from influence.v1 import compute_pb2
 
 from scheduler.artifacts import ArtifactTransferError
