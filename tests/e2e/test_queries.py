@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 # TrackStar builds a gradient index the queries read; at this size it ranks a copied prompt's
 # training example first.
-N_TRAIN, N_EVAL, EPOCHS = 16, 2, 30
+N_TRAIN, N_EVAL, EPOCHS = 16, 2, 60
 COPIED = 11
 
 
@@ -50,7 +50,7 @@ def experiment(alice: GatewayClient, spec: dict) -> str:
 
 def ask(alice: GatewayClient, experiment: str, body: dict, key: str | None = None) -> dict:
     """Submit, follow the progress stream to the end, and read the query back."""
-    headers = {"Idempotency-Key": key} if key else None
+    headers = {"Idempotency-Key": key} if key else {}
     submitted = alice.request("POST", f"/api/jobs/{experiment}/queries", json=body, headers=headers)
     assert submitted.status_code == 202, submitted.text
     query_id = submitted.json()["query_job_id"]
@@ -143,7 +143,7 @@ def test_bad_requests_name_the_field(alice: GatewayClient, experiment: str, body
 
 
 def test_a_query_needs_a_completed_experiment(alice: GatewayClient) -> None:
-    running = alice.submit(planted_duplicate_spec("trackstar", 16, 2, 60))["job_id"]
+    running = alice.submit(planted_duplicate_spec("trackstar", 16, 2, 100))["job_id"]
     reply = alice.request("POST", f"/api/jobs/{running}/queries", json={"queries": [{"prompt": "a"}]})
     assert reply.status_code == 409, reply.text
     assert "a query job needs a completed experiment" in reply.json()["detail"]
