@@ -99,7 +99,8 @@ def test_a_copied_prompt_ranks_its_training_example_first_and_a_span_query_works
     assert [q["query_job_id"] for q in listed] == [spanned["query_job_id"], query["query_job_id"]]
     assert all(q["status"] == "completed" and q["request"] for q in listed)
     # A query is not an experiment: the jobs list shows experiments only.
-    assert query["query_job_id"] not in {j["job_id"] for j in alice.request("GET", "/api/jobs").json()["jobs"]}
+    experiments = alice.request("GET", "/api/jobs").json()["jobs"]
+    assert query["query_job_id"] not in {job["job_id"] for job in experiments}
 
 
 def test_another_user_gets_404_on_every_query_route(
