@@ -106,7 +106,7 @@ export function askSection(jobId) {
       const asked = q.request?.queries?.[0] || {};
       const span = asked.span ? ` [${asked.span[0]}–${asked.span[1]}]` : "";
       return el("li", { "data-query-job-id": q.query_job_id },
-        el("button", { type: "button", class: "link-button", disabled: q.status !== "completed",
+        el("button", { type: "button", class: "ask-open", disabled: q.status !== "completed",
           onclick: async () => show(await api("GET", queriesUrl(jobId, `/${encodeURIComponent(q.query_job_id)}`))) },
         `${asked.prompt || q.query_job_id}${span}`),
         el("span", { class: "help" }, ` ${q.status}, ${dateTime(q.created_at)}`));
