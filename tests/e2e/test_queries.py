@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 from gpu_core.planted import planted_duplicate_spec
+from influence_client import cli
 
 from devstack.client import GatewayClient
 from devstack.stack import Stack
@@ -149,3 +150,17 @@ def test_a_query_needs_a_completed_experiment(alice: GatewayClient) -> None:
     assert reply.status_code == 409, reply.text
     assert "a query job needs a completed experiment" in reply.json()["detail"]
     alice.request("POST", f"/api/jobs/{running}/cancel")
+
+
+def test_influence_ask_prints_the_answer_and_the_training_texts(
+    stack: Stack, alice: GatewayClient, experiment: str, spec: dict,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("INFLUENCE_TOKEN", alice.token)
+    copied = spec["training_data"][COPIED]
+    code = cli.main(["--api", stack.gateway_url, "ask", experiment, copied["prompt"], "--top-k", "2"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    helpful = printed.split("helpful:\n", 1)[1].splitlines()[0]
+    assert f"t{COPIED}  {copied['prompt']!r} -> {copied['completion']!r}" in helpful
+    assert f"prompt: {copied['prompt']}" in printed and "harmful:" in printed
