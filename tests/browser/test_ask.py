@@ -7,8 +7,8 @@ artifacts/screenshots/."""
 from __future__ import annotations
 
 import pytest
-from gpu_core.planted import planted_duplicate_spec
 
+from benchmarks.planted import planted_duplicate_spec
 from devstack.stack import Stack
 
 from .support import Screenshots, page_api_client, sign_in

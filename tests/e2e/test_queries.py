@@ -6,9 +6,9 @@ training texts in the answer, idempotency, ownership and errors."""
 from __future__ import annotations
 
 import pytest
-from gpu_core.planted import planted_duplicate_spec
 from influence_client import cli
 
+from benchmarks.planted import planted_duplicate_spec
 from devstack.client import GatewayClient
 from devstack.stack import Stack
 

@@ -7,8 +7,9 @@ an experiment pays for loading. compute-local writes one line per job to its std
 and reads the job's events from its stdout as it reads a child's (compute_local.child), each job
 ending with ``{"type": "done"}`` after its result, its error or ``{"type": "cancelled"}``.
 
-``{"cancel": DIR}`` on stdin cancels that job if it is the one being answered (gpu_core stops
-within a batch) and keeps the session; naming the job makes a late cancel harmless to the next.
+``{"cancel": DIR}`` on stdin cancels that job, whether it is being answered (gpu_core stops
+within a batch) or still waiting, and keeps the session; naming the job keeps a cancel from
+touching the next one.
 SIGTERM, or the end of stdin (compute-local retiring an idle worker), ends the process.
 
 The experiment's files come from ``--parent-dir`` (compute-local's own folder of the experiment)
@@ -55,22 +56,16 @@ class QueryWorker:
     def __init__(self, parent_dir: Path | None) -> None:
         self._parent_dir = parent_dir
         self._session: Any = None
-        self._lock = threading.Lock()
-        self._current: Path | None = None
-        self._cancelled = threading.Event()
+        # Jobs cancelled before or while they are answered (the reader thread adds to it).
+        self._cancelled: set[Path] = set()
 
     def cancel(self, job_dir: Path) -> None:
-        with self._lock:
-            if job_dir == self._current:
-                self._cancelled.set()
+        self._cancelled.add(job_dir)
 
     def answer(self, job_dir: Path, events: IO[str]) -> None:
         from gpu_core.jobs import make_payload, parse_payload
         from gpu_core.pipeline import ExperimentCancelled
 
-        with self._lock:
-            self._current = job_dir
-            self._cancelled.clear()
         try:
             job = parse_payload(make_payload(
                 "query",
@@ -80,7 +75,7 @@ class QueryWorker:
             ))
             if self._session is None:
                 self._session = self._open_session(job, job_dir, events)
-            stream = self._session.answer(job.request, self._cancelled.is_set)
+            stream = self._session.answer(job.request, lambda: job_dir in self._cancelled)
             try:
                 for event in stream:
                     emit(events, event)
@@ -91,8 +86,7 @@ class QueryWorker:
         except Exception as exc:
             log.exception("query failed", extra={"job_dir": str(job_dir)})
             emit(events, {"type": "error", "message": plain_message(exc)})
-        with self._lock:
-            self._current = None
+        self._cancelled.discard(job_dir)
         emit(events, DONE)
 
     def _open_session(self, job: Any, job_dir: Path, events: IO[str]) -> Any:

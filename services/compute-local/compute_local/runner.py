@@ -277,8 +277,8 @@ class LocalRunner:
             self._dispatch()
         elif state is JobState.RUNNING:
             job.stop_reason = JobState.CANCELLED
-            if job.worker is not None:
-                await self._cancel_query(job, job.worker)
+            if job.record.kind == QUERY:
+                await self._cancel_query(job)
             else:
                 await self._terminate(job)
         return job.record.state
@@ -535,6 +535,8 @@ class LocalRunner:
         record.pid = worker.process.pid
         self._store.save(record)
         try:
+            if job.stop_reason is not None:  # cancelled or stopped while the worker was found
+                return
             async for event in worker.answer(job_dir):
                 if event.get("type") != "cancelled":
                     await self._handle_event(job, event)
@@ -543,6 +545,10 @@ class LocalRunner:
         finally:
             job.worker = None
             await self.warm.release(worker)
+            self._finish_query(job)
+
+    def _finish_query(self, job: Job) -> None:
+        record = job.record
         if not record.state.terminal:
             if job.stop_reason is None and not job.child_error:
                 job.child_error = "the query worker answered without a result"
@@ -556,16 +562,19 @@ class LocalRunner:
         folder = self._store.artifacts_dir(parent.record.provider_job_id).resolve()
         return folder if folder.is_dir() else None
 
-    async def _cancel_query(self, job: Job, worker: WarmQueryWorker) -> None:
+    async def _cancel_query(self, job: Job) -> None:
         """Ask the warm worker to stop the query (it keeps its session); one that does not
-        within the grace period is retired, and the next query starts cold."""
-        await worker.cancel(self._store.job_dir(job.record.provider_job_id).resolve())
+        within the grace period is retired, and the next query starts cold. A query whose
+        worker is still being found is never sent to it (``_run_query`` checks)."""
+        if job.worker is not None:
+            await job.worker.cancel(self._store.job_dir(job.record.provider_job_id).resolve())
         try:
             await asyncio.wait_for(job.done.wait(), self._cancel_grace_s)
         except TimeoutError:
             log.warning("query worker ignored the cancel; retiring it",
                         extra={"provider_job_id": job.record.provider_job_id})
-            await self.warm.discard(worker)
+            if job.worker is not None:
+                await self.warm.discard(job.worker)
             await job.done.wait()
 
     async def _handle_line(self, job: Job, line: bytes) -> None:
