@@ -9,6 +9,8 @@ answer, the progress stream followed in between, as the dashboard does. Cold: th
 an experiment (the warm worker starts: Python, torch, model, adapter and index load); warm: the
 median of the next ones. Issue 12's targets: cold under 10 s with a 10,000-example index, warm
 under 3 s. The scheduler's poll interval bounds how soon it sees a finished query: it is printed.
+Also printed: the resident memory (VmRSS) of the experiment's warm worker after its queries, what
+compute-local keeps per warm worker (docs/services.md).
 """
 
 from __future__ import annotations
@@ -43,6 +45,22 @@ def ask(client: GatewayClient, job_id: str, prompt: str) -> tuple[float, dict[st
     return seconds, query["result"]
 
 
+def query_worker_rss_mib(compute_local_pid: int) -> dict[int, float]:
+    """Resident memory of compute-local's warm query workers (its child processes), by pid."""
+    found = {}
+    children = Path(f"/proc/{compute_local_pid}/task/{compute_local_pid}/children").read_text().split()
+    for pid in map(int, children):
+        try:
+            if b"compute_local.query_worker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        rss_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+        found[pid] = rss_kib / 1024
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.query_stack_latency")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000])
@@ -58,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                    services=("keyvault", "compute-local", "scheduler", "gateway")) as stack:
             client = GatewayClient(stack.gateway_url)
             client.sign_in_locally("bench")
+            seen_workers: set[int] = set()
             for n_train in args.sizes:
                 spec = planted_duplicate_spec("trackstar", n_train, 4, epochs=1)
                 started = time.monotonic()
@@ -70,17 +89,23 @@ def main(argv: list[str] | None = None) -> int:
                 cold_s, first = ask(client, job_id, prompts[0])
                 warm_s = [ask(client, job_id, prompt)[0] for prompt in prompts[1:]]
                 warm_median = statistics.median(warm_s) if warm_s else float("nan")
+                workers = query_worker_rss_mib(stack.running["compute-local"].process.pid)
+                new_pids = set(workers) - seen_workers
+                seen_workers |= set(workers)
+                rss = max((workers[pid] for pid in new_pids), default=float("nan"))
                 rows.append((n_train, built_s, cold_s, warm_median, min(warm_s, default=float("nan")),
-                             first["source"]))
+                             rss, first["source"]))
                 if cold_s >= COLD_TARGET_S:
                     failures.append(f"{n_train}: cold {cold_s:.2f} s >= {COLD_TARGET_S} s")
                 if warm_s and warm_median >= WARM_TARGET_S:
                     failures.append(f"{n_train}: warm {warm_median:.2f} s >= {WARM_TARGET_S} s")
     print(f"query-to-answer through the stack (compute-local, tiny model, TrackStar index; "
           f"scheduler poll {args.poll_interval_s} s)")
-    print(f"{'train':>7} {'parent s':>9} {'cold s':>7} {'warm s (median)':>16} {'warm s (min)':>13}  source")
-    for n_train, built_s, cold_s, warm_median, warm_min, source in rows:
-        print(f"{n_train:>7} {built_s:>9.1f} {cold_s:>7.2f} {warm_median:>16.2f} {warm_min:>13.2f}  {source}")
+    print(f"{'train':>7} {'parent s':>9} {'cold s':>7} {'warm s (median)':>16} {'warm s (min)':>13} "
+          f"{'worker RSS MiB':>15}  source")
+    for n_train, built_s, cold_s, warm_median, warm_min, rss, source in rows:
+        print(f"{n_train:>7} {built_s:>9.1f} {cold_s:>7.2f} {warm_median:>16.2f} {warm_min:>13.2f} "
+              f"{rss:>15.0f}  {source}")
     for failure in failures:
         print(f"FAIL {failure}")
     return 1 if failures else 0
