@@ -88,11 +88,14 @@ def validate_spec(spec_json: bytes) -> dict[str, Any]:
     return parse_job_spec(spec_json).model_dump(mode="json")
 
 
-def admission_estimate(spec: schemas.ExperimentSpec, route: Route) -> tuple[float, float]:
-    """(time s, USD) from the shared cost model, the figures the providers estimate with; the
-    provider's own estimate replaces it when the job is submitted."""
+def admission_estimate(
+    spec: schemas.ExperimentSpec, route: Route, kind: str = "", request_json: bytes = b""
+) -> tuple[float, float]:
+    """(time s, USD) from the shared cost model, the figures the providers estimate with (a later
+    job of ``kind`` as that kind: a query costs far less than its experiment); the provider's own
+    estimate replaces it when the job is submitted."""
     try:
-        figures = cost_model.estimate(spec, provider=route.provider, backend=route.backend)
+        figures = cost_model.estimate_job(spec, route.provider, route.backend, kind, request_json)
     except cost_model.PriceTableError as exc:
         log.warning("no estimate for admission", extra={"provider": route.provider, "error": str(exc)})
         return 0.0, 0.0
@@ -173,8 +176,10 @@ class JobManager:
                 raise SpecError(str(exc)) from None
         # Raises ProviderNotConfigured before anything is stored: nothing could run the job.
         self._providers.client(route.provider)
-        # A later job is estimated as its experiment (a lower bound for a retraining check).
-        estimate = admission_estimate(parse_job_spec(json.dumps(spec).encode()), route)
+        estimate = admission_estimate(
+            parse_job_spec(json.dumps(spec).encode()), route, kind,
+            json.dumps(request).encode() if request is not None else b"",
+        )
 
         async def admit(conn: asyncpg.Connection) -> None:
             usage = await current_usage(conn, self._settings, user_id, route.backend)
