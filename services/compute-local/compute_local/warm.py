@@ -119,24 +119,28 @@ class WarmQueryPool:
         self, parent_job_id: str, device: str, parent_dir: Path | None, env: dict[str, str]
     ) -> WarmQueryWorker:
         """The experiment's warm worker on ``device``, started when there is none (retiring the
-        longest-idle other worker when the pool is full)."""
+        longest-idle other worker when the pool is full). While the experiment's worker is busy
+        (a query of it on another device) or the pool holds only busy workers, the new worker
+        answers this one query and is retired: the pool never holds more than ``size``."""
         worker = self.find(parent_job_id)
-        if worker is not None and worker.device == device and not worker.busy:
-            return worker
-        if worker is not None:
+        if worker is not None and not worker.busy:
+            if worker.device == device:
+                return worker
             await self._retire(worker)
         idle = sorted((w for w in self._workers.values() if not w.busy), key=lambda w: w.idle_since)
-        while idle and len(self._workers) >= max(self.size, 1):
+        while idle and len(self._workers) >= self.size:
             await self._retire(idle.pop(0))
         worker = await self._start(parent_job_id, device, parent_dir, env)
-        self._workers[parent_job_id] = worker
-        if self._reaper is None and self.size > 0:
-            self._reaper = asyncio.create_task(self._reap_periodically())
+        if len(self._workers) < self.size and parent_job_id not in self._workers:
+            self._workers[parent_job_id] = worker
+            if self._reaper is None:
+                self._reaper = asyncio.create_task(self._reap_periodically())
         return worker
 
     async def release(self, worker: WarmQueryWorker) -> None:
-        """After a query: keep the worker warm, or retire it (pool of size 0, or it died)."""
-        if self.size == 0 or not worker.alive:
+        """After a query: keep the pool's worker warm; retire one the pool does not hold (or
+        that died)."""
+        if self._workers.get(worker.parent_job_id) is not worker or not worker.alive:
             await self._retire(worker)
 
     async def discard(self, worker: WarmQueryWorker) -> None:
