@@ -10,7 +10,6 @@ caller's.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Response
@@ -20,10 +19,11 @@ from influence.v1 import scheduler_pb2
 from influence_client.models import QueryJob, QueryList, QuerySubmitted
 
 from gateway.deps import Clients, CurrentUser, Trace
-from gateway.jobs_api import JOB_NOT_FOUND, SCHEDULER_DOWN, _checked_job_id, _get_job, checked_idempotency_key
+from gateway.jobs_api import SCHEDULER_DOWN, checked_idempotency_key
+from gateway.later_jobs import get_later_job, later_job_view, list_later_jobs, submit_later_job
 from gateway.responses import ERRORS, error
-from gateway.upstream import ApiError, scheduler_errors
-from gateway.views import job_status, job_view
+from gateway.upstream import scheduler_errors
+from gateway.views import job_status
 
 router = APIRouter(prefix="/api/jobs/{job_id}/queries", tags=["queries"], responses=ERRORS)
 
@@ -31,12 +31,7 @@ QUERY_NOT_FOUND = "Query not found"
 
 
 def query_view(job: scheduler_pb2.Job) -> dict[str, Any]:
-    return {
-        **job_view(job),
-        "query_job_id": job.id,
-        "parent_job_id": job.parent_job_id,
-        "request": json.loads(job.request_json) if job.request_json else None,
-    }
+    return later_job_view(job, "query_job_id")
 
 
 def example_text(example: TrainingExample) -> dict[str, str]:
@@ -84,20 +79,10 @@ async def submit_query(
     (character offsets into that answer) restricts the attributed loss to those tokens. Sending
     the same ``Idempotency-Key`` again answers the query job it created the first time."""
     checked_idempotency_key(idempotency_key)
-    with scheduler_errors(
-        "The scheduler is unavailable; the query was not submitted, try again", not_found=JOB_NOT_FOUND
-    ):
-        job = await clients.scheduler.SubmitJob(
-            scheduler_pb2.SubmitJobRequest(
-                user_id=user,
-                idempotency_key=idempotency_key or "",
-                kind=QUERY,
-                parent_job_id=_checked_job_id(job_id),
-                request_json=body.model_dump_json(exclude_none=True).encode(),
-            ),
-            metadata=trace,
-            timeout=clients.timeout_s,
-        )
+    job = await submit_later_job(
+        clients, user, trace, job_id, QUERY, body.model_dump_json(exclude_none=True).encode(),
+        idempotency_key, "The scheduler is unavailable; the query was not submitted, try again",
+    )
     response.headers["Location"] = f"/api/jobs/{job_id}/queries/{job.id}"
     return {
         "query_job_id": job.id,
@@ -114,14 +99,8 @@ async def submit_query(
     responses={404: error("No such experiment")},
 )
 async def list_queries(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
-    await _get_job(clients, user, job_id, trace)
-    with scheduler_errors(SCHEDULER_DOWN, not_found=JOB_NOT_FOUND):
-        answer = await clients.scheduler.ListJobs(
-            scheduler_pb2.ListJobsRequest(user_id=user, parent_job_id=job_id, kind=QUERY),
-            metadata=trace,
-            timeout=clients.timeout_s,
-        )
-    return {"queries": [query_view(job) for job in answer.jobs]}
+    jobs = await list_later_jobs(clients, user, trace, job_id, QUERY)
+    return {"queries": [query_view(job) for job in jobs]}
 
 
 @router.get(
@@ -133,27 +112,15 @@ async def list_queries(job_id: str, user: CurrentUser, clients: Clients, trace: 
 async def get_query(
     job_id: str, query_job_id: str, user: CurrentUser, clients: Clients, trace: Trace
 ) -> dict[str, Any]:
-    with scheduler_errors(SCHEDULER_DOWN, not_found=QUERY_NOT_FOUND):
-        job = await clients.scheduler.GetJob(
-            scheduler_pb2.GetJobRequest(user_id=user, job_id=_checked_job_id(query_job_id)),
-            metadata=trace,
-            timeout=clients.timeout_s,
-        )
-    if job.kind != QUERY or job.parent_job_id != job_id:
-        raise ApiError(404, QUERY_NOT_FOUND)
+    job, result = await get_later_job(clients, user, trace, job_id, query_job_id, QUERY, QUERY_NOT_FOUND)
     view = {**query_view(job), "result": None}
-    if view["status"] == "completed":
+    if result is not None:
         with scheduler_errors(SCHEDULER_DOWN, not_found=QUERY_NOT_FOUND):
-            answer = await clients.scheduler.GetJobResult(
-                scheduler_pb2.GetJobResultRequest(user_id=user, job_id=job.id),
-                metadata=trace,
-                timeout=clients.timeout_s,
-            )
             # The query's stored spec is its experiment's.
             spec = await clients.scheduler.GetJobSpec(
                 scheduler_pb2.GetJobSpecRequest(user_id=user, job_id=job.id),
                 metadata=trace,
                 timeout=clients.timeout_s,
             )
-        view["result"] = with_texts(json.loads(answer.result_json), spec.spec_json)
+        view["result"] = with_texts(result, spec.spec_json)
     return view
