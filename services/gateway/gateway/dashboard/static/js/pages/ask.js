@@ -4,10 +4,9 @@
 // just those characters (a span: character offsets into the answer). Each query is a job with
 // progress over SSE, like experiments; the experiment's earlier queries are listed below.
 
-import { api, jobEvents } from "../api.js";
+import { api, followProgress } from "../api.js";
 import { announce, dateTime, el } from "../ui.js";
 
-const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 const TOP_K = 5;
 const KEY_STEPS = { ArrowLeft: -1, ArrowRight: 1, Home: -Infinity, End: Infinity };
 
@@ -116,16 +115,7 @@ export function askSection(jobId) {
   async function follow(queryId) {
     progressBox.hidden = false;
     bar.value = 0;
-    for await (const message of jobEvents(queryId, 0)) {
-      const event = message.data;
-      if (event.type === "progress") {
-        bar.value = Math.round((event.progress || 0) * 100);
-        stage.textContent = event.message || "";
-      } else if (event.type === "status" && event.message) {
-        stage.textContent = event.message;
-      }
-      if (message.event === "end" || (event.type === "status" && TERMINAL.has(event.state))) break;
-    }
+    await followProgress(queryId, bar, stage);
     const query = await api("GET", queriesUrl(jobId, `/${encodeURIComponent(queryId)}`));
     if (query.status !== "completed") {
       showError(`The query ${query.status}${query.error ? `: ${query.error}` : ""}`);
