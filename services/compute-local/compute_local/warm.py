@@ -41,6 +41,9 @@ class WarmQueryWorker:
         self.busy = False
         self.idle_since = time.monotonic()
         self.answered = 0
+        # False from sending a job until its "done" line: a worker left mid-answer (its reader
+        # stopped early) still has that job's lines to come and must not answer another.
+        self.in_sync = True
 
     @property
     def alive(self) -> bool:
@@ -50,6 +53,7 @@ class WarmQueryWorker:
         """The events of one query, up to (not including) the worker's ``done`` line."""
         assert self.process.stdin is not None and self.process.stdout is not None
         self.busy = True
+        self.in_sync = False
         try:
             await self._send({"job_dir": str(job_dir)})
             async for line in self.process.stdout:
@@ -63,6 +67,7 @@ class WarmQueryWorker:
                     continue
                 if event.get("type") == "done":
                     self.answered += 1
+                    self.in_sync = True
                     return
                 yield event
             returncode = await self.process.wait()
@@ -138,9 +143,9 @@ class WarmQueryPool:
         return worker
 
     async def release(self, worker: WarmQueryWorker) -> None:
-        """After a query: keep the pool's worker warm; retire one the pool does not hold (or
-        that died)."""
-        if self._workers.get(worker.parent_job_id) is not worker or not worker.alive:
+        """After a query: keep the pool's worker warm; retire one the pool does not hold, that
+        died, or that was left mid-answer."""
+        if self._workers.get(worker.parent_job_id) is not worker or not worker.alive or not worker.in_sync:
             await self._retire(worker)
 
     async def discard(self, worker: WarmQueryWorker) -> None:
