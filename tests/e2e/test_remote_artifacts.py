@@ -150,7 +150,7 @@ def test_a_query_downloads_the_experiments_files_from_presigned_gets(
     """A follow-up query on RunPod (the SDK loop) and on Modal (the function body): the worker
     downloads the experiment's adapter and gradient index from presigned GETs of the S3 store
     (sha256 checked) and answers from that index."""
-    from gpu_core.planted import planted_duplicate_spec
+    from benchmarks.planted import planted_duplicate_spec
 
     client = GatewayClient(stack.gateway_url)
     client.sign_in_locally(f"quinn-{backend}")
