@@ -12,7 +12,7 @@ PROTO_SRC := $(wildcard protos/influence/v1/*.proto)
 PROTO_OUT := protos/gen
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help setup protos protos-check run demo test lint migrate bench-influence bench-artifacts bench-scale gpu-check bench-fuzz bench-load clean modal-deploy k8s-validate lint-docker images bench-counterfactual bench-cancel bench-query
+.PHONY: help setup protos protos-check run demo test lint migrate bench-influence bench-artifacts bench-scale gpu-check bench-fuzz bench-load clean modal-deploy k8s-validate lint-docker images bench-counterfactual bench-cancel bench-query bench-query-stack
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -68,6 +68,9 @@ bench-counterfactual: setup ## retrain without each method's top-1 on planted du
 
 bench-query: setup ## follow-up query latency, cold (fresh process) and warm, for 1k and 10k indexes on the tiny model (targets < 10 s, < 3 s)
 	$(PY) -m benchmarks.query_latency
+
+bench-query-stack: setup ## follow-up query-to-answer latency through the stack (compute-local warm worker), cold and warm, 1k and 10k indexes
+	$(PY) -m benchmarks.query_stack_latency
 
 bench-cancel: setup ## cancel latency per stage and method on the tiny model, in gpu_core and through the RunPod SDK loop (target < 5 s)
 	$(PY) -m benchmarks.bench_cancel

@@ -1,6 +1,9 @@
 """A run's files sent to presigned PUT URLs, for workers far from the artifact store (RunPod,
-Modal). The scheduler mints one URL per name that ``planned_artifact_names`` says the run may
-write (the store's credentials never leave the scheduler); the worker streams each file of the
+Modal), and an experiment's files fetched from presigned GET URLs by a later job of it (a
+follow-up query, ``download_artifacts``).
+
+The scheduler mints one URL per name that ``planned_artifact_names`` says the run may write
+(the store's credentials never leave the scheduler); the worker streams each file of the
 result's manifest to its URL and returns only the manifest, which the scheduler checks against
 the store (sha256) before the job is completed.
 
@@ -10,11 +13,15 @@ memory at a time.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
+import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from gpu_core.influence_methods import DEFAULT_TRACKSTAR_DIM as DEFAULT_TRACKSTAR_DIM  # re-exported
@@ -33,6 +40,16 @@ UPLOAD_ATTEMPTS = 4
 _RETRY_BASE_S = 1.0
 _TIMEOUT_S = 300.0
 _BLOCK_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ParentArtifact:
+    """One file of the parent experiment a later job downloads (the payload's ``parent_artifacts``)."""
+
+    name: str
+    url: str
+    sha256: str
+    bytes: int
 
 
 class ArtifactUploadError(RuntimeError):
@@ -144,3 +161,105 @@ def _error_text(body: str) -> str:
     found = {tag: re.search(f"<{tag}>(.*?)</{tag}>", body, re.S) for tag in ("Code", "Message")}
     text = ": ".join(match.group(1).strip() for match in found.values() if match)
     return (text or body.strip())[:300]
+
+
+class ArtifactDownloadError(RuntimeError):
+    """A parent artifact could not be downloaded; the message names it and says why (never the URL)."""
+
+
+def parse_parent_artifacts(raw: object) -> list[ParentArtifact]:
+    """The payload's ``parent_artifacts`` list; raises ArtifactDownloadError naming a bad entry."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ArtifactDownloadError("parent_artifacts: not a list")
+    found = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise ArtifactDownloadError(f"parent_artifacts.{index}: not an object")
+        try:
+            entry = ParentArtifact(
+                str(item["name"]), str(item["url"]), str(item["sha256"]), int(item["bytes"])
+            )
+        except (KeyError, TypeError, ValueError):
+            raise ArtifactDownloadError(
+                f"parent_artifacts.{index}: needs name, url, sha256 and bytes"
+            ) from None
+        if not _safe_name(entry.name):
+            raise ArtifactDownloadError(f"parent_artifacts.{index}: {entry.name!r} is not an artifact name")
+        found.append(entry)
+    return found
+
+
+def _safe_name(name: str) -> bool:
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and all(part not in ("", ".", "..") for part in parts)
+
+
+def download_event(entries: Sequence[ParentArtifact]) -> dict[str, Any]:
+    """The progress event a worker sends before it downloads ``entries``."""
+    megabytes = sum(entry.bytes for entry in entries) / 1e6
+    return {"type": "progress", "stage": "loading_model", "progress": 0.0,
+            "message": f"downloading the experiment's {len(entries)} files ({megabytes:.1f} MB)"}
+
+
+def download_artifacts(entries: Iterable[ParentArtifact], directory: Path) -> list[str]:
+    """GET every entry into ``directory/<name>``, streamed to disk a block at a time, its size and
+    sha256 checked before the file takes its name (a bad download never looks like a good one).
+    A file that is gone from the store (404) or unreadable is skipped: the job recomputes what it
+    needed it for. Returns the names downloaded; raises ArtifactDownloadError only when a file
+    arrives different from its manifest entry (the store holds something else)."""
+    downloaded = []
+    for entry in entries:
+        if _download_one(entry, directory / entry.name):
+            downloaded.append(entry.name)
+    return downloaded
+
+
+def _download_one(entry: ParentArtifact, path: Path) -> bool:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    for attempt in range(UPLOAD_ATTEMPTS):
+        if attempt:
+            time.sleep(_RETRY_BASE_S * 2 ** (attempt - 1))
+        try:
+            status, digest, size = _get_to(partial, entry.url)
+        except OSError:
+            continue
+        if status in (404, 403) or (400 <= status < 500 and status != 429):
+            break  # gone or expired: retrying cannot help
+        if not 200 <= status < 300:
+            continue
+        if size != entry.bytes or digest != entry.sha256:
+            partial.unlink(missing_ok=True)
+            raise ArtifactDownloadError(
+                f"parent artifact {entry.name} arrived with {size} bytes and sha256 {digest[:12]}..., "
+                f"its manifest says {entry.bytes} bytes and {entry.sha256[:12]}..."
+            )
+        os.replace(partial, path)
+        return True
+    partial.unlink(missing_ok=True)
+    return False
+
+
+def _get_to(path: Path, url: str) -> tuple[int, str, int]:
+    """(HTTP status, sha256, bytes) of a GET whose body was written to ``path``."""
+    parts = urlsplit(url)
+    connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = connection_type(parts.netloc, timeout=_TIMEOUT_S)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    digest, size = hashlib.sha256(), 0
+    try:
+        connection.request("GET", target)
+        response = connection.getresponse()
+        if not 200 <= response.status < 300:
+            response.read(4000)
+            return response.status, "", 0
+        with open(path, "wb") as handle:
+            while block := response.read(_BLOCK_BYTES):
+                digest.update(block)
+                size += len(block)
+                handle.write(block)
+        return response.status, digest.hexdigest(), size
+    finally:
+        connection.close()

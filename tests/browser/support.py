@@ -46,6 +46,11 @@ class Screenshots:
         self.count = 0
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
 
+    def path(self, name: str) -> Path:
+        """The next numbered path, for a screenshot of one element."""
+        self.count += 1
+        return SCREENSHOTS / f"{self.prefix}-{self.count:02d}-{name}.png"
+
     def take(self, name: str) -> Path:
         self.count += 1
         path = SCREENSHOTS / f"{self.prefix}-{self.count:02d}-{name}.png"

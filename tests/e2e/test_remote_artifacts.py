@@ -141,3 +141,37 @@ def test_modal_job_uploads_its_files_to_presigned_urls(stack: Stack, s3_server: 
     scores = np.load(io.BytesIO(download(client, job_id, "scores.npy")))
     result = client.results(job_id)
     assert np.allclose(scores, np.array(result["influence"]["scores"], dtype=np.float32))
+
+
+@pytest.mark.parametrize("backend", ["runpod", "modal"])
+def test_a_query_downloads_the_experiments_files_from_presigned_gets(
+    stack: Stack, fake: FakeRunPodProcess, backend: str
+) -> None:
+    """A follow-up query on RunPod (the SDK loop) and on Modal (the function body): the worker
+    downloads the experiment's adapter and gradient index from presigned GETs of the S3 store
+    (sha256 checked) and answers from that index."""
+    from benchmarks.planted import planted_duplicate_spec
+
+    client = GatewayClient(stack.gateway_url)
+    client.sign_in_locally(f"quinn-{backend}")
+    if backend == "runpod":
+        saved = client.request("POST", "/api/settings/runpod-key", json={"api_key": RUNPOD_KEY})
+        assert saved.status_code == 200, saved.text
+    spec = planted_duplicate_spec("trackstar", 16, 2, 60)
+    job_id = client.submit(spec)["job_id"]
+    assert list(client.events(job_id))[-1]["state"] == "completed"
+    assert client.job(job_id)["provider"] == backend
+    copied = spec["training_data"][11]
+    reply = client.request("POST", f"/api/jobs/{job_id}/queries",
+                           json={"queries": [{"prompt": copied["prompt"]}], "top_k": 2})
+    assert reply.status_code == 202, reply.text
+    query_id = reply.json()["query_job_id"]
+    events = list(client.events(query_id))
+    assert events[-1]["state"] == "completed", events[-3:]
+    assert any("downloading the experiment's" in str(e.get("message")) for e in events)
+    query = client.request("GET", f"/api/jobs/{job_id}/queries/{query_id}").json()
+    assert query["provider"] == backend
+    result = query["result"]
+    assert result["source"] == "index"
+    assert result["results"][0]["helpful"][0]["id"] == "t11"
+    assert result["results"][0]["helpful"][0]["text"]["answer"] == copied["completion"]

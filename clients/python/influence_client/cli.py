@@ -3,6 +3,7 @@
     influence login                      # local sign-in; the token is kept per API URL
     influence submit examples/sample.json --follow
     influence results JOB --format csv -o scores.csv
+    influence ask JOB "a new prompt" --span 0 5   # which training examples drove the answer
 
 ``--api`` or $INFLUENCE_API picks the gateway (default: the local stack on 127.0.0.1:8080).
 """
@@ -222,6 +223,42 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_answer(answer: models.QueryAnswer) -> None:
+    span = f" [{answer.span[0]}:{answer.span[1]}]" if answer.span else ""
+    print(f"prompt: {answer.prompt}\nanswer: {answer.output}")
+    if answer.target != answer.output:
+        print(f"attributed: {answer.target}")
+    print(f"loss{span} over {answer.span_tokens} tokens: {answer.loss:.4f}")
+    for title, examples in (("helpful", answer.helpful), ("harmful", answer.harmful)):
+        print(f"{title}:")
+        for example in examples:
+            text = f"  {example.text.prompt!r} -> {example.text.answer!r}" if example.text else ""
+            print(f"  {example.score:+.4e}  {example.id}{text}")
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    item: dict[str, Any] = {"prompt": args.prompt}
+    if args.expected is not None:
+        item["expected"] = args.expected
+    if args.span is not None:
+        item["span"] = args.span
+    with _client(args) as client:
+        submitted = client.submit_query(args.job, {"queries": [item], "top_k": args.top_k},
+                                        idempotency_key=args.idempotency_key)
+        bar = ProgressBar(sys.stderr, sys.stderr.isatty())
+        job = client.wait(submitted.query_job_id, on_event=bar.update)
+        bar.finish(job)
+        query = client.query(args.job, submitted.query_job_id)
+    if query.result is None:
+        return 1
+    if args.json:
+        _print_json(query)
+        return 0
+    for answer in query.result.results:
+        print_answer(answer)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="influence", description="The Influence Dashboard API from a shell.")
     root.add_argument("--api", default=default_api(),
@@ -260,6 +297,18 @@ def parser() -> argparse.ArgumentParser:
     cancel = commands.add_parser("cancel", help="cancel a job")
     cancel.add_argument("job")
     cancel.set_defaults(run=cmd_cancel)
+
+    ask = commands.add_parser("ask", help="ask a finished experiment's fine-tuned model; show the "
+                              "training examples that drove its answer")
+    ask.add_argument("job", help="the experiment")
+    ask.add_argument("prompt")
+    ask.add_argument("--expected", help="attribute this answer instead of the model's own")
+    ask.add_argument("--span", type=int, nargs=2, metavar=("START", "END"),
+                     help="attribute only these characters of the answer")
+    ask.add_argument("--top-k", type=int, default=5)
+    ask.add_argument("--idempotency-key", help="asking again with the same key answers the same query")
+    ask.add_argument("--json", action="store_true")
+    ask.set_defaults(run=cmd_ask)
 
     jobs = commands.add_parser("jobs", help="your jobs, newest first")
     jobs.add_argument("--limit", type=int, default=20)

@@ -201,6 +201,23 @@ class _Calls:
                      _model(models.CounterfactualCheck))
 
     @staticmethod
+    def submit_query(
+        job_id: str, request: dict[str, Any], idempotency_key: str | None
+    ) -> _Call[models.QuerySubmitted]:
+        return _Call("POST", _job_path(job_id, "/queries"), _model(models.QuerySubmitted),
+                     json=request, headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex})
+
+    @staticmethod
+    def queries(job_id: str) -> _Call[list[models.QueryJob]]:
+        return _Call("GET", _job_path(job_id, "/queries"),
+                     lambda r: models.QueryList.model_validate(r.json()).queries)
+
+    @staticmethod
+    def query(job_id: str, query_job_id: str) -> _Call[models.QueryJob]:
+        return _Call("GET", _job_path(job_id, f"/queries/{quote(query_job_id, safe='')}"),
+                     _model(models.QueryJob))
+
+    @staticmethod
     def compute_settings() -> _Call[models.ComputeSettings]:
         return _Call("GET", "/api/settings/compute", _model(models.ComputeSettings))
 
@@ -455,6 +472,19 @@ class Client(_Base):
     def counterfactual(self, job_id: str, check_id: str) -> models.CounterfactualCheck:
         return self._run(_Calls.counterfactual(job_id, check_id))
 
+    def submit_query(
+        self, job_id: str, request: dict[str, Any], idempotency_key: str | None = None
+    ) -> models.QuerySubmitted:
+        """Ask the experiment's fine-tuned model (gpu_core QueryRequest); follow it with
+        events(query job id), read it with query()."""
+        return self._run(_Calls.submit_query(job_id, request, idempotency_key))
+
+    def queries(self, job_id: str) -> list[models.QueryJob]:
+        return self._run(_Calls.queries(job_id))
+
+    def query(self, job_id: str, query_job_id: str) -> models.QueryJob:
+        return self._run(_Calls.query(job_id, query_job_id))
+
     def compute_settings(self) -> models.ComputeSettings:
         return self._run(_Calls.compute_settings())
 
@@ -620,6 +650,17 @@ class AsyncClient(_Base):
 
     async def counterfactual(self, job_id: str, check_id: str) -> models.CounterfactualCheck:
         return await self._run(_Calls.counterfactual(job_id, check_id))
+
+    async def submit_query(
+        self, job_id: str, request: dict[str, Any], idempotency_key: str | None = None
+    ) -> models.QuerySubmitted:
+        return await self._run(_Calls.submit_query(job_id, request, idempotency_key))
+
+    async def queries(self, job_id: str) -> list[models.QueryJob]:
+        return await self._run(_Calls.queries(job_id))
+
+    async def query(self, job_id: str, query_job_id: str) -> models.QueryJob:
+        return await self._run(_Calls.query(job_id, query_job_id))
 
     async def compute_settings(self) -> models.ComputeSettings:
         return await self._run(_Calls.compute_settings())

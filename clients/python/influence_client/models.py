@@ -211,6 +211,65 @@ class CounterfactualList(ApiModel):
     counterfactual_jobs: list[CounterfactualCheck] = Field(description="Newest first")
 
 
+# ---- follow-up queries --------------------------------------------------------------------
+
+
+class QuerySubmitted(ApiModel):
+    query_job_id: str
+    status: str
+    estimated_time_s: float
+    estimated_cost_usd: float
+
+
+class ExampleText(ApiModel):
+    """A training example as the dashboard shows it: the turns before its last answer (joined by
+    " / ") and that answer."""
+
+    prompt: str
+    answer: str
+
+
+class QueryExample(ApiModel):
+    id: str = Field(description="The training example's id in the experiment's spec")
+    score: float = Field(description="Its influence on the query's loss, by the experiment's method")
+    text: ExampleText | None = Field(description="Its texts, from the experiment's spec")
+
+
+class QueryAnswer(ApiModel):
+    """One answered query (gpu_core QueryOutcome) with the texts of its training examples."""
+
+    id: str
+    prompt: str
+    output: str = Field(description="The fine-tuned model's greedy answer")
+    target: str = Field(description="The attributed text: expected, or output when none was given")
+    span: list[int] | None = Field(description="[start, end) character offsets into target that counted")
+    span_tokens: int
+    loss: float = Field(description="Mean per-token loss of target (of its span) given the prompt")
+    helpful: list[QueryExample] = Field(description="Training examples that most lowered the loss")
+    harmful: list[QueryExample] = Field(description="Training examples that most raised the loss")
+
+
+class QueryResults(ApiModel):
+    results: list[QueryAnswer]
+    method: str
+    source: str = Field(description="index, recomputed or retrained: where the training side came from")
+    timings: dict[str, float]
+
+
+class QueryJob(Job):
+    """A query job's status, its request (gpu_core QueryRequest) and, once it completed, its
+    answers with the training examples' texts (only on GET .../queries/{id})."""
+
+    query_job_id: str
+    parent_job_id: str
+    request: dict[str, Any] | None
+    result: QueryResults | None = None
+
+
+class QueryList(ApiModel):
+    queries: list[QueryJob] = Field(description="Newest first")
+
+
 # ---- models -------------------------------------------------------------------------------
 
 

@@ -35,48 +35,48 @@ EXIT_CANCELLED = 128 + signal.SIGTERM
 _PR_SET_PDEATHSIG = 1
 
 
-class _Terminated(Exception):
+class Terminated(Exception):
     """Raised in the main thread by the SIGTERM handler."""
 
 
-def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
-    raise _Terminated
+def on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+    raise Terminated
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     # The parent may have died before prctl took effect.
     if os.getppid() != parent_pid:
-        raise _Terminated
+        raise Terminated
 
 
-def _take_stdout() -> IO[str]:
+def take_stdout() -> IO[str]:
     events_fd = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     return os.fdopen(events_fd, "w", encoding="utf-8")
 
 
-def _emit(stream: IO[str], event: dict[str, Any]) -> None:
+def emit(stream: IO[str], event: dict[str, Any]) -> None:
     stream.write(json.dumps(event) + "\n")
     stream.flush()
 
 
-def _plain_message(exc: BaseException) -> str:
+def plain_message(exc: BaseException) -> str:
     text = str(exc).strip()
     return text if text else f"the experiment failed ({type(exc).__name__})"
 
 
-def _set_threads(threads: int) -> None:
+def set_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
 
 
 def run(job_dir: Path, threads: int, events: IO[str]) -> int:
-    _set_threads(threads)
+    set_threads(threads)
     from gpu_core.jobs import make_payload, parse_payload, run_job
 
     read_spec((job_dir / "spec.json").read_bytes())
@@ -91,7 +91,7 @@ def run(job_dir: Path, threads: int, events: IO[str]) -> int:
     experiment = run_job(parse_payload(make_payload(kind, spec, request, parent)), artifacts)
     try:
         for event in experiment:
-            _emit(events, event)
+            emit(events, event)
     finally:
         experiment.close()
     return 0
@@ -104,18 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, required=True)
     args = parser.parse_args(argv)
 
-    events = _take_stdout()
+    events = take_stdout()
     configure_logging("compute-local-child", os.environ.get("LOG_LEVEL", "INFO"))
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        _die_with_parent(args.parent_pid)
+        die_with_parent(args.parent_pid)
         return run(args.job_dir, args.threads, events)
-    except _Terminated:
+    except Terminated:
         log.info("terminated; experiment closed")
         return EXIT_CANCELLED
     except Exception as exc:
         log.exception("experiment failed")
-        _emit(events, {"type": "error", "message": _plain_message(exc)})
+        emit(events, {"type": "error", "message": plain_message(exc)})
         return 1
 
 

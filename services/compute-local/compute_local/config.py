@@ -31,6 +31,11 @@ class Settings(ServiceSettings):
     compute_local_result_retention_s: float = Field(default=7 * 24 * 3600, gt=0)
     # How long a child gets between SIGTERM and SIGKILL (cancel and shutdown).
     compute_local_cancel_grace_s: float = Field(default=10.0, gt=0, le=600)
+    # Follow-up queries: at most this many warm workers, one per experiment, each keeping its
+    # fine-tuned model and gradient index in memory (docs/services.md); 0 starts one per query.
+    compute_local_warm_query_workers: int = Field(default=2, ge=0, le=64)
+    # A warm worker without a query for this long is retired and its memory freed.
+    compute_local_warm_query_idle_s: float = Field(default=300.0, gt=0, le=86400)
     # How long in-flight RPCs get to finish on SIGTERM.
     compute_local_shutdown_grace_s: float = Field(default=5.0, ge=0, le=600)
 

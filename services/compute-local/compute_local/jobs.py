@@ -4,6 +4,7 @@
 - ``spec.json``    the ExperimentSpec as submitted (the child reads it)
 - ``request.json``, ``parent_result.json``  for a later job of an experiment (``kind`` in the
                    record, e.g. a counterfactual check): its request and the experiment's result
+- ``parent.json``  for a follow-up query: its experiment's job id and presigned GETs of its files
 - ``events.jsonl`` one ``{"time": ..., "event": {...}}`` line per event, appended as they arrive
 - ``result.json``  the ExperimentResult, written atomically once the child sends it
 - ``worker.log``   the child's stderr (its logs), never mixed with the events
@@ -59,6 +60,8 @@ class JobRecord:
     kind: str = "experiment"  # gpu_core.jobs kind
     # Whose job it is: the queue takes turns between users (records from before: "").
     user_id: str = ""
+    # A follow-up query's experiment (the scheduler's job id), whose folder holds its files.
+    parent_job_id: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -107,6 +110,10 @@ class JobStore:
 
     def artifacts_dir(self, provider_job_id: str) -> Path:
         return self.job_dir(provider_job_id) / "artifacts"
+
+    def query_workers_log_path(self) -> Path:
+        """Where the warm query workers' stderr goes (they outlive any one job's folder)."""
+        return self._root.parent / "query-workers" / "worker.log"
 
     def create(self, record: JobRecord, spec_json: bytes, files: dict[str, bytes] | None = None) -> None:
         """``files``: more inputs of the job by name (request.json, parent_result.json)."""

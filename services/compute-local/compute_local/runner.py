@@ -11,6 +11,12 @@ and silently running it again later would spend the device twice, so shutdown en
 children and their jobs become FAILED "compute-local stopped" (the scheduler reports it and the
 researcher can resubmit). Jobs still waiting in the queue are untouched and run after the next
 start.
+
+A follow-up query (kind ``query``) runs in its experiment's warm worker (compute_local.warm), which
+keeps the fine-tuned model and gradient index loaded between queries. It reads the experiment's
+files from this service's own folder of the experiment (the very files the scheduler verified into
+the artifact store, so nothing is copied), or, once retention has removed that folder, from the
+presigned GETs the scheduler sent, or recomputes them.
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpu_core.jobs import job_kind
+from gpu_core.jobs import QUERY, job_kind
 
 from compute_local.child import EXIT_CANCELLED
 from compute_local.jobs import JobRecord, JobState, JobStore, StoredEvent, new_provider_job_id
+from compute_local.query_worker import PARENT_FILE
 from compute_local.spec import later_job_files, read_spec
+from compute_local.warm import WarmQueryPool, WarmQueryWorker, WorkerGone
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +83,8 @@ class Job:
     # Why the service is ending the child: CANCELLED (Cancel) or FAILED (shutdown).
     stop_reason: JobState | None = None
     child_error: str = ""
+    # The warm worker answering this query while it runs.
+    worker: WarmQueryWorker | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,8 @@ class LocalRunner:
         cancel_grace_s: float,
         retention_s: float,
         log_level: str = "INFO",
+        warm_query_workers: int = 2,
+        warm_query_idle_s: float = 300.0,
     ) -> None:
         self._store = store
         self._devices = devices
@@ -115,6 +127,10 @@ class LocalRunner:
         self._accepting = False
         self._changed = asyncio.Event()
         self.finished_counts: Counter[JobState] = Counter()
+        self.warm = WarmQueryPool(
+            warm_query_workers, warm_query_idle_s, child_threads, cancel_grace_s,
+            store.query_workers_log_path(),
+        )
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -155,21 +171,27 @@ class LocalRunner:
         running = [job for job in self._jobs.values() if job.record.state is JobState.RUNNING]
         for job in running:
             job.stop_reason = JobState.FAILED
-        await asyncio.gather(*(self._terminate(job) for job in running))
+        await asyncio.gather(*(
+            self.warm.discard(job.worker) if job.worker is not None else self._terminate(job)
+            for job in running
+        ))
         # Children that already sent their result may still be exiting.
         lingering = [job for job in self._jobs.values() if job.process is not None]
         await asyncio.gather(*(self._terminate(job) for job in lingering))
+        await self.warm.close()
         log.info("compute-local runner stopped", extra={"stopped_jobs": len(running)})
 
     # ---- the ComputeProvider operations -----------------------------------------------------
 
     def submit(
         self, job_id: str, spec_json: bytes, kind: str = "", request_json: bytes = b"",
-        parent_result_json: bytes = b"", user_id: str = "",
+        parent_result_json: bytes = b"", user_id: str = "", parent_job_id: str = "",
+        parent_artifacts: list[dict[str, Any]] | None = None,
     ) -> str:
         """Queue a job and return its provider job id; the same job_id again returns the same one.
         ``kind`` (gpu_core.jobs): an experiment, or a later job with its request and the
-        experiment's result."""
+        experiment's result; a query also names its experiment (``parent_job_id``, whose folder
+        here holds its files) and may carry presigned GETs of those files for when it does not."""
         if not job_id:
             raise ValueError("job_id is required")
         existing = self._by_job_id.get(job_id)
@@ -179,6 +201,10 @@ class LocalRunner:
             raise NotAccepting("compute-local is not accepting jobs (it is stopping)")
         read_spec(spec_json)
         files = later_job_files(kind, spec_json, request_json, parent_result_json)
+        if job_kind(kind).name == QUERY:
+            files[PARENT_FILE] = json.dumps(
+                {"parent_job_id": parent_job_id, "parent_artifacts": parent_artifacts or []}
+            ).encode()
         record = JobRecord(
             provider_job_id=new_provider_job_id(),
             job_id=job_id,
@@ -186,6 +212,7 @@ class LocalRunner:
             created_at=time.time(),
             kind=job_kind(kind).name,
             user_id=user_id,
+            parent_job_id=parent_job_id,
         )
         self._store.create(record, spec_json, files)
         job = Job(record, [])
@@ -250,7 +277,10 @@ class LocalRunner:
             self._dispatch()
         elif state is JobState.RUNNING:
             job.stop_reason = JobState.CANCELLED
-            await self._terminate(job)
+            if job.record.kind == QUERY:
+                await self._cancel_query(job)
+            else:
+                await self._terminate(job)
         return job.record.state
 
     # ---- facts for health, metrics and tests -----------------------------------------------
@@ -392,7 +422,8 @@ class LocalRunner:
             self._queue.remove(job)
             self._starts += 1
             self._last_start[job.record.user_id] = self._starts
-            device = self._free_devices.pop(0)
+            device = self._device_for(job)
+            self._free_devices.remove(device)
             # RUNNING from here on, so no status call sees a job that is neither queued nor running.
             self._mark_running(job, device)
             task = asyncio.create_task(self._run(job, device))
@@ -400,6 +431,13 @@ class LocalRunner:
             task.add_done_callback(self._tasks.discard)
         if self._queue:
             self._notify()  # queue positions moved
+
+    def _device_for(self, job: Job) -> str:
+        """A free device: for a query, its experiment's warm worker's device when that is free."""
+        warm = self.warm.find(job.record.parent_job_id) if job.record.kind == QUERY else None
+        if warm is not None and warm.device in self._free_devices:
+            return warm.device
+        return self._free_devices[0]
 
     def _child_environment(self, device: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -430,10 +468,12 @@ class LocalRunner:
         record = job.record
         pid = record.provider_job_id
         try:
-            if job.stop_reason is None:
-                await self._run_child(job, device)
-            else:  # cancelled or stopped before the child was started
+            if job.stop_reason is not None:  # cancelled or stopped before the child was started
                 self._finish_after_exit(job, EXIT_CANCELLED)
+            elif job.record.kind == QUERY:
+                await self._run_query(job, device)
+            else:
+                await self._run_child(job, device)
         except asyncio.CancelledError:
             # The event loop is going away without a shutdown(): take the child with it.
             self.stop_accepting()
@@ -483,9 +523,61 @@ class LocalRunner:
         returncode = await process.wait()
         self._finish_after_exit(job, returncode)
 
+    async def _run_query(self, job: Job, device: str) -> None:
+        """Answer the query in its experiment's warm worker (started here when there is none)."""
+        record = job.record
+        job_dir = self._store.job_dir(record.provider_job_id).resolve()
+        worker = await self.warm.get(
+            record.parent_job_id, device, self._parent_artifacts_dir(record.parent_job_id),
+            self._child_environment(device),
+        )
+        job.worker = worker
+        record.pid = worker.process.pid
+        self._store.save(record)
+        try:
+            if job.stop_reason is not None:  # cancelled or stopped while the worker was found
+                return
+            async for event in worker.answer(job_dir):
+                if event.get("type") != "cancelled":
+                    await self._handle_event(job, event)
+        except WorkerGone as exc:
+            job.child_error = job.child_error or str(exc)
+        finally:
+            job.worker = None
+            await self.warm.release(worker)
+            self._finish_query(job)
+
+    def _finish_query(self, job: Job) -> None:
+        record = job.record
+        if not record.state.terminal:
+            if job.stop_reason is None and not job.child_error:
+                job.child_error = "the query worker answered without a result"
+            self._finish_after_exit(job, 0)
+
+    def _parent_artifacts_dir(self, parent_job_id: str) -> Path | None:
+        """This service's folder of the completed experiment's files, while it keeps it."""
+        parent = self._jobs.get(self._by_job_id.get(parent_job_id, ""))
+        if parent is None or parent.record.state is not JobState.COMPLETED:
+            return None
+        folder = self._store.artifacts_dir(parent.record.provider_job_id).resolve()
+        return folder if folder.is_dir() else None
+
+    async def _cancel_query(self, job: Job) -> None:
+        """Ask the warm worker to stop the query (it keeps its session); one that does not
+        within the grace period is retired, and the next query starts cold. A query whose
+        worker is still being found is never sent to it (``_run_query`` checks)."""
+        if job.worker is not None:
+            await job.worker.cancel(self._store.job_dir(job.record.provider_job_id).resolve())
+        try:
+            await asyncio.wait_for(job.done.wait(), self._cancel_grace_s)
+        except TimeoutError:
+            log.warning("query worker ignored the cancel; retiring it",
+                        extra={"provider_job_id": job.record.provider_job_id})
+            if job.worker is not None:
+                await self.warm.discard(job.worker)
+            await job.done.wait()
+
     async def _handle_line(self, job: Job, line: bytes) -> None:
-        if job.record.state.terminal or job.stop_reason is not None:
-            return
         try:
             event = json.loads(line)
         except json.JSONDecodeError:
@@ -494,15 +586,20 @@ class LocalRunner:
                 extra={"provider_job_id": job.record.provider_job_id},
             )
             return
-        if not isinstance(event, dict):
+        if isinstance(event, dict):
+            await self._handle_event(job, event)
+
+    async def _handle_event(self, job: Job, event: dict[str, Any]) -> None:
+        if job.record.state.terminal or job.stop_reason is not None:
             return
         kind = event.get("type")
         if kind == "result":
             result_json = json.dumps(event.get("result")).encode()
             await asyncio.to_thread(self._store.write_result, job.record.provider_job_id, result_json)
             self._finish(job, JobState.COMPLETED, "")
+            what = "query answered" if job.record.kind == QUERY else "experiment finished"
             self._add_event(job, {"type": "result", "stage": "finished", "progress": 1.0,
-                                  "message": "experiment finished; result ready"})
+                                  "message": f"{what}; result ready"})
         elif kind == "error":
             job.child_error = str(event.get("message") or "the experiment failed")
             self._add_event(job, {"type": "error", "message": job.child_error})

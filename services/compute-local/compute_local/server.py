@@ -87,6 +87,11 @@ class ComputeLocalServicer(compute_pb2_grpc.ComputeProviderServicer):
                 request.request_json,
                 request.parent_result_json,
                 user_id=request.account.user_id,
+                parent_job_id=request.parent_job_id,
+                parent_artifacts=[
+                    {"name": a.name, "url": a.url, "sha256": a.sha256, "bytes": a.bytes}
+                    for a in request.parent_artifacts
+                ],
             )
         except NotAccepting as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
@@ -175,6 +180,8 @@ class ComputeLocalServer:
             cancel_grace_s=settings.compute_local_cancel_grace_s,
             retention_s=settings.compute_local_result_retention_s,
             log_level=settings.log_level,
+            warm_query_workers=settings.compute_local_warm_query_workers,
+            warm_query_idle_s=settings.compute_local_warm_query_idle_s,
         )
         self._registry = registry
         self._collector = RunnerCollector(self.runner)

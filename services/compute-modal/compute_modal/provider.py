@@ -142,11 +142,13 @@ class ModalProvider:
         request_json: bytes = b"",
         parent_result_json: bytes = b"",
         upload_urls: dict[str, str] | None = None,
+        parent_artifacts: list[dict[str, Any]] | None = None,
     ) -> str:
         """``kind``: a later job of the experiment ``spec_json`` (gpu_core.jobs), e.g. a
         counterfactual check; the function receives the gpu_core.jobs payload. ``upload_urls``:
         the scheduler's presigned PUT URL per artifact name of an experiment; the function uploads
-        the run's files there (worker/modal_app.py). None: the run keeps no files."""
+        the run's files there (worker/modal_app.py). None: the run keeps no files.
+        ``parent_artifacts``: presigned GETs of the experiment's files a follow-up query reads."""
         if not job_id:
             raise InvalidRequest("job_id is empty")
         spec = _read_spec(spec_json)
@@ -163,6 +165,8 @@ class ModalProvider:
                 return str(existing)
             if upload_urls and kind in ("", EXPERIMENT):
                 payload["artifact_transport"] = {"mode": "presigned", "urls": upload_urls}
+            if parent_artifacts:
+                payload["parent_artifacts"] = parent_artifacts
             call_id = await self._adapter.spawn(job_id, payload)
             await self._adapter.write_progress(job_id + _CALL_SUFFIX, call_id)
         log.info("submitted", extra={"job_id": job_id, "provider_job_id": call_id})

@@ -99,6 +99,10 @@ class ComputeModalServicer(compute_pb2_grpc.ComputeProviderServicer):
                 request.request_json,
                 request.parent_result_json,
                 {upload.name: upload.url for upload in request.artifact_uploads},
+                [
+                    {"name": a.name, "url": a.url, "sha256": a.sha256, "bytes": a.bytes}
+                    for a in request.parent_artifacts
+                ],
             )
         return compute_pb2.SubmitResponse(provider_job_id=call_id)
 

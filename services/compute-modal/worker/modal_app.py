@@ -8,7 +8,9 @@ by default: a secret that does not exist would fail the deploy). compute-modal s
 reads progress from the ``influence-progress`` Dict under the job id, and reads the outcome with
 ``FunctionCall.get``. The run's files (scores.npy, the adapter, checkpoints) go straight into the
 dashboard's artifact store through the presigned PUT URLs the scheduler minted (in the spec's
-``artifact_transport``); the result carries only their manifest.
+``artifact_transport``); the result carries only their manifest. A follow-up query's payload
+carries ``parent_artifacts``, presigned GETs of the experiment's files, downloaded (size and
+sha256 checked) into a temporary folder the query reads.
 
 Outcome (the function's return value): ``{"result": <ExperimentResult>}`` or ``{"error": "<plain
 message>"}``. A failure is returned as a message, not raised: Modal would pickle the exception,
@@ -127,7 +129,12 @@ def run_job(job_id: str, spec: dict[str, Any], store: MutableMapping[str, Any]) 
     unchanged."""
     # gpu_core imports torch: imported here so deploying needs no torch locally.
     from gpu_core.schemas import ExperimentResult
-    from gpu_core.uploads import upload_artifacts
+    from gpu_core.uploads import (
+        download_artifacts,
+        download_event,
+        parse_parent_artifacts,
+        upload_artifacts,
+    )
 
     spec, urls = upload_urls(spec)
     writer = ProgressWriter(store, job_id)
@@ -135,10 +142,17 @@ def run_job(job_id: str, spec: dict[str, Any], store: MutableMapping[str, Any]) 
         {"type": "status", "stage": "loading_model", "progress": 0.0, "message": "GPU container started"}
     )
     artifacts = Path(tempfile.mkdtemp(prefix="influence-artifacts-")) if urls else None
+    # A later job (a follow-up query) reads the experiment's files from here; what is missing it
+    # recomputes.
+    parent_dir = Path(tempfile.mkdtemp(prefix="influence-parent-")) if "kind" in spec else None
     events = None
     try:
         # Inside the try: a payload that does not fit is the job's error, not a silent "running".
-        events = job_events(spec, artifacts)
+        downloads = parse_parent_artifacts(spec.pop("parent_artifacts", None))
+        if downloads and parent_dir is not None:
+            writer.add(download_event(downloads))
+            download_artifacts(downloads, parent_dir)
+        events = job_events(spec, artifacts, parent_dir)
         for event in events:
             if event.get("type") == "result":
                 if artifacts is not None:
@@ -156,18 +170,21 @@ def run_job(job_id: str, spec: dict[str, Any], store: MutableMapping[str, Any]) 
     finally:
         if events is not None:
             events.close()
-        if artifacts is not None:
-            shutil.rmtree(artifacts, ignore_errors=True)
+        for folder in (artifacts, parent_dir):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
     writer.finish("failed", message)
     return {"error": message}
 
 
-def job_events(payload: dict[str, Any], artifacts_dir: Path | None = None) -> Any:
+def job_events(
+    payload: dict[str, Any], artifacts_dir: Path | None = None, parent_artifacts_dir: Path | None = None
+) -> Any:
     """The job's gpu_core generator, by its kind (gpu_core.jobs)."""
     # gpu_core.pipeline imports torch: imported here so deploying needs no torch locally.
     from gpu_core.jobs import parse_payload, run_job
 
-    return run_job(parse_payload(payload), artifacts_dir)
+    return run_job(parse_payload(payload), artifacts_dir, parent_artifacts_dir=parent_artifacts_dir)
 
 
 @app.function(

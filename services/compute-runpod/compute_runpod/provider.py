@@ -281,14 +281,18 @@ class RunPodProvider:
         request_json: bytes = b"",
         parent_result_json: bytes = b"",
         upload_urls: dict[str, str] | None = None,
+        parent_artifacts: list[dict[str, Any]] | None = None,
     ) -> str:
         """``kind``: a later job of the experiment ``spec_json`` (gpu_core.jobs), e.g. a
         counterfactual check with its request and the experiment's result. ``upload_urls``: the
         scheduler's presigned PUT URL per artifact name of an experiment; without them its files
         come back inline, and a job whose score matrix alone exceeds that ceiling is refused
-        here, before anything is paid for."""
+        here, before anything is paid for. ``parent_artifacts``: presigned GETs of the
+        experiment's files a follow-up query reads (the worker downloads them)."""
         spec = parse_spec(spec_json)
         job_input = worker_input(spec, kind, request_json, parent_result_json)
+        if parent_artifacts:
+            job_input["parent_artifacts"] = parent_artifacts
         if kind in ("", EXPERIMENT):
             job_input["artifact_transport"] = self._artifact_transport(spec, upload_urls or {})
         endpoint = self._endpoint(account)

@@ -22,6 +22,10 @@ The run's files (scores.npy, the adapter, checkpoints) travel as the job input's
 url}}`` uploads each file with a streamed PUT before the result is yielded, so the result carries
 only the manifest; ``{"mode": "inline", "max_bytes": N}`` (the dashboard's store is not reachable
 from RunPod) yields each file as base64 ``artifact_part`` chunks, refused in plain words above N.
+
+A follow-up query (kind ``query``) carries ``parent_artifacts``: presigned GETs of the
+experiment's adapter and gradient index, downloaded (size and sha256 checked) into a temporary
+folder that ``run_job`` reads as ``parent_artifacts_dir``; a file that is gone is recomputed.
 """
 
 from __future__ import annotations
@@ -41,7 +45,15 @@ import runpod
 from gpu_core.jobs import JobInput, JobInputError, parse_payload, run_job
 from gpu_core.pipeline import ExperimentCancelled
 from gpu_core.schemas import ArtifactEntry, SpecError
-from gpu_core.uploads import ArtifactUploadError, upload_artifacts
+from gpu_core.uploads import (
+    ArtifactDownloadError,
+    ArtifactUploadError,
+    ParentArtifact,
+    download_artifacts,
+    download_event,
+    parse_parent_artifacts,
+    upload_artifacts,
+)
 
 # Well under RunPod's 1 MB per stream chunk, leaving room for the envelope.
 DEFAULT_RESULT_CHUNK_BYTES = 512 * 1024
@@ -145,10 +157,18 @@ async def deliver_artifacts(
 class ExperimentThread:
     """gpu_core's generator in its own thread, its events handed to the event loop."""
 
-    def __init__(self, job: JobInput, artifacts_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        job: JobInput,
+        artifacts_dir: Path | None = None,
+        parent_artifacts: list[ParentArtifact] | None = None,
+        parent_dir: Path | None = None,
+    ) -> None:
         self.stop = threading.Event()
         self._job = job
         self._artifacts_dir = artifacts_dir
+        self._parent_artifacts = parent_artifacts or []
+        self._parent_dir = parent_dir
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._thread = threading.Thread(target=self._run, name="experiment", daemon=True)
@@ -159,10 +179,19 @@ class ExperimentThread:
 
     def _run(self) -> None:
         try:
-            for event in run_job(self._job, self._artifacts_dir, should_stop=self.stop.is_set):
+            if self._parent_artifacts and self._parent_dir is not None:
+                self._put(("event", download_event(self._parent_artifacts)))
+                download_artifacts(self._parent_artifacts, self._parent_dir)
+            for event in run_job(
+                self._job, self._artifacts_dir, should_stop=self.stop.is_set,
+                parent_artifacts_dir=self._parent_dir,
+            ):
                 self._put(("event", event))
             self._put(("end", None))
         except ExperimentCancelled:
+            self._put(("end", None))
+        except ArtifactDownloadError as exc:
+            self._put(("event", {"error": f"The experiment's files could not be downloaded: {exc}"}))
             self._put(("end", None))
         except Exception as exc:  # noqa: BLE001 - re-raised in the handler, where the SDK reports it
             self._put(("error", exc))
@@ -184,16 +213,27 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     transport = job_input.pop("artifact_transport", None)
     try:
         # An experiment's spec, or a later job of one by its kind (gpu_core.jobs, e.g. a
-        # counterfactual check). Size limits were enforced by the dashboard's gateway.
+        # counterfactual check, or a follow-up query with presigned GETs of the experiment's
+        # files). Size limits were enforced by the dashboard's gateway.
+        parent_artifacts = parse_parent_artifacts(job_input.pop("parent_artifacts", None))
         parsed = parse_payload(job_input)
     except SpecError as exc:
         yield {"error": f"Invalid experiment spec: {'; '.join(exc.problems)}"}
         return
-    except JobInputError as exc:
+    except (JobInputError, ArtifactDownloadError) as exc:
         yield {"error": f"Invalid job input: {exc}"}
         return
-    with tempfile.TemporaryDirectory(prefix="influence-artifacts-") as artifacts_dir:
-        experiment = ExperimentThread(parsed, Path(artifacts_dir) if transport is not None else None)
+    with (
+        tempfile.TemporaryDirectory(prefix="influence-artifacts-") as artifacts_dir,
+        tempfile.TemporaryDirectory(prefix="influence-parent-") as parent_dir,
+    ):
+        experiment = ExperimentThread(
+            parsed,
+            Path(artifacts_dir) if transport is not None else None,
+            parent_artifacts,
+            # A later job reads the experiment's files from here; whatever is missing it recomputes.
+            Path(parent_dir) if parsed.kind.needs_parent else None,
+        )
         output_bytes = 2  # the aggregate's "[]"
         try:
             while (event := await experiment.next()) is not None:

@@ -18,7 +18,16 @@ from influence_client.models import AccessToken, Health, JobEvent, Readiness, St
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway import config_api, counterfactual_api, data_api, jobs_api, models_api, settings_api, usage_api
+from gateway import (
+    config_api,
+    counterfactual_api,
+    data_api,
+    jobs_api,
+    models_api,
+    queries_api,
+    settings_api,
+    usage_api,
+)
 from gateway.auth import USERNAME_PATTERN, LocalTokenIssuer, TokenVerifier, local_secret
 from gateway.config import Settings
 from gateway.deps import GatewayState, SpecInvalid, json_error, validation_problems
@@ -102,6 +111,7 @@ def create_app(
     app.include_router(models_api.router)
     app.include_router(data_api.router)
     app.include_router(counterfactual_api.router)
+    app.include_router(queries_api.router)
     app.include_router(config_api.router)
     app.include_router(usage_api.router)
     _install_dashboard(app, dashboard_dir)

@@ -8,7 +8,6 @@ job. Every route answers 404 for an experiment (or check) that is not the caller
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Response
@@ -23,16 +22,11 @@ from influence_client.models import (
 )
 
 from gateway.deps import Clients, CurrentUser, Trace
-from gateway.jobs_api import (
-    JOB_NOT_FOUND,
-    SCHEDULER_DOWN,
-    _checked_job_id,
-    _get_job,
-    checked_idempotency_key,
-)
+from gateway.jobs_api import JOB_NOT_FOUND, SCHEDULER_DOWN, _checked_job_id, checked_idempotency_key
+from gateway.later_jobs import get_later_job, later_job_view, list_later_jobs, submit_later_job
 from gateway.responses import ERRORS, error
-from gateway.upstream import ApiError, scheduler_errors
-from gateway.views import estimate_view, job_status, job_view
+from gateway.upstream import scheduler_errors
+from gateway.views import estimate_view, job_status
 
 router = APIRouter(prefix="/api/jobs/{job_id}/counterfactual", tags=["counterfactual"], responses=ERRORS)
 
@@ -44,12 +38,7 @@ def _request_json(body: CounterfactualRequest) -> bytes:
 
 
 def check_view(job: scheduler_pb2.Job) -> dict[str, Any]:
-    return {
-        **job_view(job),
-        "counterfactual_job_id": job.id,
-        "parent_job_id": job.parent_job_id,
-        "request": json.loads(job.request_json) if job.request_json else None,
-    }
+    return later_job_view(job, "counterfactual_job_id")
 
 
 @router.post(
@@ -104,20 +93,10 @@ async def submit_check(
 ) -> dict[str, Any]:
     """Sending the same ``Idempotency-Key`` again answers the check it created the first time."""
     checked_idempotency_key(idempotency_key)
-    with scheduler_errors(
-        "The scheduler is unavailable; the check was not submitted, try again", not_found=JOB_NOT_FOUND
-    ):
-        job = await clients.scheduler.SubmitJob(
-            scheduler_pb2.SubmitJobRequest(
-                user_id=user,
-                idempotency_key=idempotency_key or "",
-                kind=COUNTERFACTUAL,
-                parent_job_id=_checked_job_id(job_id),
-                request_json=_request_json(body),
-            ),
-            metadata=trace,
-            timeout=clients.timeout_s,
-        )
+    job = await submit_later_job(
+        clients, user, trace, job_id, COUNTERFACTUAL, _request_json(body), idempotency_key,
+        "The scheduler is unavailable; the check was not submitted, try again",
+    )
     response.headers["Location"] = f"/api/jobs/{job_id}/counterfactual/{job.id}"
     return {
         "counterfactual_job_id": job.id,
@@ -134,14 +113,8 @@ async def submit_check(
     responses={404: error("No such experiment")},
 )
 async def list_checks(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
-    await _get_job(clients, user, job_id, trace)
-    with scheduler_errors(SCHEDULER_DOWN, not_found=JOB_NOT_FOUND):
-        answer = await clients.scheduler.ListJobs(
-            scheduler_pb2.ListJobsRequest(user_id=user, parent_job_id=job_id, kind=COUNTERFACTUAL),
-            metadata=trace,
-            timeout=clients.timeout_s,
-        )
-    return {"counterfactual_jobs": [check_view(job) for job in answer.jobs]}
+    jobs = await list_later_jobs(clients, user, trace, job_id, COUNTERFACTUAL)
+    return {"counterfactual_jobs": [check_view(job) for job in jobs]}
 
 
 @router.get(
@@ -153,21 +126,7 @@ async def list_checks(job_id: str, user: CurrentUser, clients: Clients, trace: T
 async def get_check(
     job_id: str, cf_job_id: str, user: CurrentUser, clients: Clients, trace: Trace
 ) -> dict[str, Any]:
-    with scheduler_errors(SCHEDULER_DOWN, not_found=CHECK_NOT_FOUND):
-        job = await clients.scheduler.GetJob(
-            scheduler_pb2.GetJobRequest(user_id=user, job_id=_checked_job_id(cf_job_id)),
-            metadata=trace,
-            timeout=clients.timeout_s,
-        )
-    if job.kind != COUNTERFACTUAL or job.parent_job_id != job_id:
-        raise ApiError(404, CHECK_NOT_FOUND)
-    view = {**check_view(job), "result": None}
-    if view["status"] == "completed":
-        with scheduler_errors(SCHEDULER_DOWN, not_found=CHECK_NOT_FOUND):
-            answer = await clients.scheduler.GetJobResult(
-                scheduler_pb2.GetJobResultRequest(user_id=user, job_id=job.id),
-                metadata=trace,
-                timeout=clients.timeout_s,
-            )
-        view["result"] = json.loads(answer.result_json)
-    return view
+    job, result = await get_later_job(
+        clients, user, trace, job_id, cf_job_id, COUNTERFACTUAL, CHECK_NOT_FOUND
+    )
+    return {**check_view(job), "result": result}

@@ -28,7 +28,7 @@ import cost_model
 from artifact_store import job_prefix
 from gpu_core.jobs import EXPERIMENT, JobInputError, job_kind, parse_request, parse_result
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
-from influence.v1 import common_pb2
+from influence.v1 import common_pb2, compute_pb2
 
 from gpu_core import schemas
 from scheduler.admission import Usage, check_ceiling, check_quota, current_usage
@@ -44,7 +44,14 @@ from scheduler.providers import (
     route_for,
 )
 from scheduler.store import JobRow, JobUpdate, Lease, Store
-from scheduler.uploads import presigned_uploads, remove_uploads, uploads_directly, verify_uploads
+from scheduler.uploads import (
+    presigned_parent_downloads,
+    presigned_uploads,
+    reads_parent_artifacts,
+    remove_uploads,
+    uploads_directly,
+    verify_uploads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +88,14 @@ def validate_spec(spec_json: bytes) -> dict[str, Any]:
     return parse_job_spec(spec_json).model_dump(mode="json")
 
 
-def admission_estimate(spec: schemas.ExperimentSpec, route: Route) -> tuple[float, float]:
-    """(time s, USD) from the shared cost model, the figures the providers estimate with; the
-    provider's own estimate replaces it when the job is submitted."""
+def admission_estimate(
+    spec: schemas.ExperimentSpec, route: Route, kind: str = "", request_json: bytes = b""
+) -> tuple[float, float]:
+    """(time s, USD) from the shared cost model, the figures the providers estimate with (a later
+    job of ``kind`` as that kind: a query costs far less than its experiment); the provider's own
+    estimate replaces it when the job is submitted."""
     try:
-        figures = cost_model.estimate(spec, provider=route.provider, backend=route.backend)
+        figures = cost_model.estimate_job(spec, route.provider, route.backend, kind, request_json)
     except cost_model.PriceTableError as exc:
         log.warning("no estimate for admission", extra={"provider": route.provider, "error": str(exc)})
         return 0.0, 0.0
@@ -166,8 +176,10 @@ class JobManager:
                 raise SpecError(str(exc)) from None
         # Raises ProviderNotConfigured before anything is stored: nothing could run the job.
         self._providers.client(route.provider)
-        # A later job is estimated as its experiment (a lower bound for a retraining check).
-        estimate = admission_estimate(parse_job_spec(json.dumps(spec).encode()), route)
+        estimate = admission_estimate(
+            parse_job_spec(json.dumps(spec).encode()), route, kind,
+            json.dumps(request).encode() if request is not None else b"",
+        )
 
         async def admit(conn: asyncpg.Connection) -> None:
             usage = await current_usage(conn, self._settings, user_id, route.backend)
@@ -226,10 +238,22 @@ class JobManager:
             return None
         found = await self._store.get_result(job.parent_job_id, job.user_id)
         parent_result = found[1] if found is not None else None
+        downloads: list[compute_pb2.ParentArtifact] = []
+        if reads_parent_artifacts(job.kind):
+            parent = await self._store.get_job(job.parent_job_id, job.user_id)
+            downloads = await presigned_parent_downloads(
+                self.artifacts.store,
+                job.parent_job_id,
+                parent.artifacts if parent is not None else [],
+                parent_result,
+                self._settings.scheduler_upload_url_ttl_s,
+            )
         return LaterJob(
             kind=job.kind,
             request_json=json.dumps(job.request or {}).encode(),
             parent_result_json=json.dumps(parent_result).encode(),
+            parent_job_id=job.parent_job_id,
+            parent_artifacts=tuple(downloads),
         )
 
     async def _attempt_submit(self, job: JobRow) -> JobRow:

@@ -82,12 +82,17 @@ class LaterJob:
     kind: str
     request_json: bytes
     parent_result_json: bytes
+    parent_job_id: str = ""
+    # Presigned GETs of the experiment's files the job reads (a follow-up query); see uploads.py.
+    parent_artifacts: tuple[compute_pb2.ParentArtifact, ...] = ()
 
     def fields(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
             "request_json": self.request_json,
             "parent_result_json": self.parent_result_json,
+            "parent_job_id": self.parent_job_id,
+            "parent_artifacts": list(self.parent_artifacts),
         }
 
 

@@ -11,6 +11,13 @@ a file the manifest does not list) is removed, so the store lists exactly what w
 Where the store cannot mint URLs (the local filesystem, the embedded default) nothing is minted
 and the files come back through the provider (``ComputeProvider.FetchArtifact``), as for
 compute-local; each provider bounds what it can carry that way.
+
+Downloads go the other way for a later job that reads its experiment's files (a follow-up query):
+one presigned GET URL per file ``gpu_core.uploads.needed_parent_artifacts`` names, for those the
+experiment's verified manifest still lists (the retention sweep empties it), each with the
+manifest's size and sha256 so the worker can check what it got. Every provider gets them when the
+store can sign: compute-local reads its own folder of the experiment first and uses them only
+when that folder has gone. A file with no URL is recomputed by the worker.
 """
 
 from __future__ import annotations
@@ -20,8 +27,9 @@ import logging
 from typing import Any
 
 from artifact_store import ArtifactStore, StoreError, job_key, job_prefix
+from gpu_core.jobs import QUERY, parse_result
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
-from gpu_core.uploads import planned_artifact_names
+from gpu_core.uploads import needed_parent_artifacts, planned_artifact_names
 from influence.v1 import compute_pb2
 
 from scheduler.artifacts import ArtifactTransferError
@@ -46,6 +54,34 @@ async def presigned_uploads(
             name=name, url=await store.presigned_url("PUT", job_key(job_id, name), expires_s)
         )
         for name in names
+    ]
+
+
+def reads_parent_artifacts(kind: str) -> bool:
+    return kind == QUERY
+
+
+async def presigned_parent_downloads(
+    store: ArtifactStore,
+    parent_job_id: str,
+    stored_manifest: list[dict[str, Any]],
+    parent_result: Any,
+    expires_s: int,
+) -> list[compute_pb2.ParentArtifact]:
+    """One presigned GET URL per experiment file the later job needs and the store still holds;
+    none where the store cannot sign (the worker then reads compute-local's folder or recomputes)."""
+    if not store.supports_presign or not parent_result:
+        return []
+    stored = {entry["name"]: entry for entry in stored_manifest}
+    needed = [name for name in needed_parent_artifacts(parse_result(parent_result)) if name in stored]
+    return [
+        compute_pb2.ParentArtifact(
+            name=name,
+            url=await store.presigned_url("GET", job_key(parent_job_id, name), expires_s),
+            sha256=stored[name]["sha256"],
+            bytes=stored[name]["bytes"],
+        )
+        for name in needed
     ]
 
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from artifact_store import ArtifactStore, job_key, load_store_settings, open_store
 from scheduler.artifacts import ArtifactTransferError
-from scheduler.uploads import presigned_uploads, uploads_directly, verify_uploads
+from scheduler.uploads import presigned_parent_downloads, presigned_uploads, uploads_directly, verify_uploads
 
 SPEC = {
     "training_data": [{"prompt": "a", "completion": "b"}],
@@ -73,3 +73,59 @@ async def test_a_missing_or_differing_upload_fails_and_leaves_nothing(
     with pytest.raises(ArtifactTransferError, match=problem):
         await verify_uploads(s3_store, "job-c", manifest)
     assert await s3_store.list("jobs/job-c/") == []
+
+
+def parent_result(method: str, manifest: list[dict]) -> dict:
+    """The parts of an experiment's result the download planning reads."""
+    from benchmarks.planted import planted_duplicate_spec, stand_in_result
+
+    result = stand_in_result(planted_duplicate_spec(method, 4, 1, 1), method)
+    return {**result, "artifacts": manifest}
+
+
+async def test_a_query_gets_get_urls_for_the_files_it_reads_and_the_worker_checks_them(
+    s3_store: ArtifactStore, tmp_path
+) -> None:
+    from gpu_core.uploads import ArtifactDownloadError, ParentArtifact, download_artifacts
+
+    files = {
+        "adapter/adapter_config.json": b'{"r": 8}',
+        "adapter/adapter_model.safetensors": b"weights",
+        "gradient_index/manifest.json": b"{}",
+        "checkpoints/epoch-1.safetensors": b"state",
+        "scores.npy": b"matrix",
+    }
+    for name, data in files.items():
+        await s3_store.put(job_key("parent", name), chunks(data))
+    stored = [entry(name, data) for name, data in files.items()]
+    # The verified manifest no longer lists the checkpoint (as after a partial sweep): no URL.
+    listed = [e for e in stored if not e["name"].startswith("checkpoints/")]
+    result = parent_result("trackstar", stored)
+    downloads = await presigned_parent_downloads(s3_store, "parent", listed, result, expires_s=600)
+    assert [d.name for d in downloads] == [
+        "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "gradient_index/manifest.json"
+    ]
+    assert all("/jobs/parent/" in d.url and "X-Amz-Expires=600" in d.url for d in downloads)
+    # DataInf has no index: the adapter only.
+    datainf = await presigned_parent_downloads(
+        s3_store, "parent", stored, parent_result("datainf", stored), expires_s=600
+    )
+    assert [d.name for d in datainf] == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"]
+
+    # The worker's side: streamed to disk under the manifest names, size and sha256 checked.
+    entries = [ParentArtifact(d.name, d.url, d.sha256, d.bytes) for d in downloads]
+    await s3_store.delete(job_key("parent", "gradient_index/manifest.json"))  # gone: recomputed
+    got = download_artifacts(entries, tmp_path / "parent")
+    assert got == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"]
+    assert (tmp_path / "parent" / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert not (tmp_path / "parent" / "gradient_index" / "manifest.json").exists()
+    await s3_store.put(job_key("parent", "adapter/adapter_model.safetensors"), chunks(b"other!!"))
+    with pytest.raises(ArtifactDownloadError, match="adapter/adapter_model.safetensors arrived with 7 bytes"):
+        download_artifacts(entries[1:2], tmp_path / "again")
+    assert list((tmp_path / "again").rglob("*.safetensors*")) == []
+
+
+async def test_a_store_that_cannot_sign_mints_no_get_urls(tmp_path) -> None:
+    local = open_store(load_store_settings(url=str(tmp_path)))
+    stored = [entry("adapter/adapter_config.json", b"{}")]
+    assert await presigned_parent_downloads(local, "p", stored, parent_result("tracin", stored), 60) == []

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from influence.v1 import common_pb2 as influence_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ainfluence/v1/compute.proto\x12\x0cinfluence.v1\x1a\x19influence/v1/common.proto\"S\n\x18VerifyCredentialsRequest\x12&\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x15.influence.v1.Account\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"d\n\x19VerifyCredentialsResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0b\x62\x61lance_usd\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x7f\n\x15PrepareAccountRequest\x12&\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x15.influence.v1.Account\x12\x16\n\x0emodel_params_b\x18\x02 \x01(\x01\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\"N\n\x16PrepareAccountResponse\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x0e\n\x06status\x18\x03 \x01(\t\"\x88\x02\n\rSubmitRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x15.influence.v1.Account\x12\x11\n\tspec_json\x18\x03 \x01(\x0c\x12\x1a\n\x12\x65stimated_cost_usd\x18\x04 \x01(\x01\x12\x18\n\x10\x65stimated_time_s\x18\x05 \x01(\x01\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\x14\n\x0crequest_json\x18\x07 \x01(\x0c\x12\x1a\n\x12parent_result_json\x18\x08 \x01(\x0c\x12\x36\n\x10\x61rtifact_uploads\x18\t \x03(\x0b\x32\x1c.influence.v1.ArtifactUpload\"+\n\x0e\x41rtifactUpload\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\")\n\x0eSubmitResponse\x12\x17\n\x0fprovider_job_id\x18\x01 \x01(\t\"s\n\x10GetStatusRequest\x12\x17\n\x0fprovider_job_id\x18\x01 \x01(\t\x12&\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x15.influence.v1.Account\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\x12\x0e\n\x06job_id\x18\x04 \x01(\t\"\xb3\x01\n\x11GetStatusResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.influence.v1.JobState\x12+\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1b.influence.v1.ProgressEvent\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x14\n\x0cresult_ready\x18\x05 \x01(\x08\x12\x15\n\rstage_message\x18\x06 \x01(\t\"c\n\x10GetResultRequest\x12\x17\n\x0fprovider_job_id\x18\x01 \x01(\t\x12&\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x15.influence.v1.Account\x12\x0e\n\x06job_id\x18\x03 \x01(\t\"(\n\x11GetResultResponse\x12\x13\n\x0bresult_json\x18\x01 \x01(\x0c\"`\n\rCancelRequest\x12\x17\n\x0fprovider_job_id\x18\x01 \x01(\t\x12&\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x15.influence.v1.Account\x12\x0e\n\x06job_id\x18\x03 \x01(\t\"7\n\x0e\x43\x61ncelResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.influence.v1.JobState\"Y\n\x0f\x45stimateRequest\x12\x11\n\tspec_json\x18\x01 \x01(\x0c\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0crequest_json\x18\x04 \x01(\x0c\"<\n\x10\x45stimateResponse\x12(\n\x08\x65stimate\x18\x01 \x01(\x0b\x32\x16.influence.v1.Estimate\"u\n\x14\x46\x65tchArtifactRequest\x12\x17\n\x0fprovider_job_id\x18\x01 \x01(\t\x12&\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x15.influence.v1.Account\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t2\x99\x05\n\x0f\x43omputeProvider\x12\x64\n\x11VerifyCredentials\x12&.influence.v1.VerifyCredentialsRequest\x1a\'.influence.v1.VerifyCredentialsResponse\x12[\n\x0ePrepareAccount\x12#.influence.v1.PrepareAccountRequest\x1a$.influence.v1.PrepareAccountResponse\x12\x43\n\x06Submit\x12\x1b.influence.v1.SubmitRequest\x1a\x1c.influence.v1.SubmitResponse\x12L\n\tGetStatus\x12\x1e.influence.v1.GetStatusRequest\x1a\x1f.influence.v1.GetStatusResponse\x12L\n\tGetResult\x12\x1e.influence.v1.GetResultRequest\x1a\x1f.influence.v1.GetResultResponse\x12\x43\n\x06\x43\x61ncel\x12\x1b.influence.v1.CancelRequest\x1a\x1c.influence.v1.CancelResponse\x12I\n\x08\x45stimate\x12\x1d.influence.v1.EstimateRequest\x1a\x1e.influence.v1.EstimateResponse\x12R\n\rFetchArtifact\x12\".influence.v1.FetchArtifactRequest\x1a\x1b.influence.v1.ArtifactChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ainfluence/v1/compute.proto\x12\x0cinfluence.v1\x1a\x19influence/v1/common.proto\"S\n\x18VerifyCredentialsRequest\x12&\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x15.influence.v1.Account\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"d\n\x19VerifyCredentialsResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0b\x62\x61lance_usd\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x7f\n\x15PrepareAccountRequest\x12&\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x15.influence.v1.Account\x12\x16\n\x0emodel_params_b\x18\x02 \x01(\x01\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\"N\n\x16PrepareAccountResponse\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x0e\n\x06status\x18\x03 \x01(\t\"\xd7\x02\n\rSubmitRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x15.influence.v1.Account\x12\x11\n\tspec_json\x18\x03 \x01(\x0c\x12\x1a\n\x12\x65stimated_cost_usd\x18\x04 \x01(\x01\x12\x18\n\x10\x65stimated_time_s\x18\x05 \x01(\x01\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\x14\n\x0crequest_json\x18\x07 \x01(\x0c\x12\x1a\n\x12parent_result_json\x18\x08 \x01(\x0c\x12\x36\n\x10\x61rtifact_uploads\x18\t \x03(\x0b\x32\x1c.influence.v1.ArtifactUpload\x12\x15\n\rparent_job_id\x18\n \x01(\t\x12\x36\n\x10parent_artifacts\x18\x0b \x03(\x0b\x32\x1c.influence.v1.ParentArtifact\"J\n\x0eParentArtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\"+\n\x0e\x41rtifactUpload\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\")\n\x0eSubmitResponse\x12\x17\n\x0fprovider_job_id\x18\x01 \x01(\t\"s\n\x10GetStatusRequest\x12\x17\n\x0fprovider_job_id\x18\x01 \x01(\t\x12&\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x15.influence.v1.Account\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\x12\x0e\n\x06job_id\x18\x04 \x01(\t\"\xb3\x01\n\x11GetStatusResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.influence.v1.JobState\x12+\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1b.influence.v1.ProgressEvent\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x14\n\x0cresult_ready\x18\x05 \x01(\x08\x12\x15\n\rstage_message\x18\x06 \x01(\t\"c\n\x10GetResultRequest\x12\x17\n\x0fprovider_job_id\x18\x01 \x01(\t\x12&\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x15.influence.v1.Account\x12\x0e\n\x06job_id\x18\x03 \x01(\t\"(\n\x11GetResultResponse\x12\x13\n\x0bresult_json\x18\x01 \x01(\x0c\"`\n\rCancelRequest\x12\x17\n\x0fprovider_job_id\x18\x01 \x01(\t\x12&\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x15.influence.v1.Account\x12\x0e\n\x06job_id\x18\x03 \x01(\t\"7\n\x0e\x43\x61ncelResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.influence.v1.JobState\"Y\n\x0f\x45stimateRequest\x12\x11\n\tspec_json\x18\x01 \x01(\x0c\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0crequest_json\x18\x04 \x01(\x0c\"<\n\x10\x45stimateResponse\x12(\n\x08\x65stimate\x18\x01 \x01(\x0b\x32\x16.influence.v1.Estimate\"u\n\x14\x46\x65tchArtifactRequest\x12\x17\n\x0fprovider_job_id\x18\x01 \x01(\t\x12&\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x15.influence.v1.Account\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t2\x99\x05\n\x0f\x43omputeProvider\x12\x64\n\x11VerifyCredentials\x12&.influence.v1.VerifyCredentialsRequest\x1a\'.influence.v1.VerifyCredentialsResponse\x12[\n\x0ePrepareAccount\x12#.influence.v1.PrepareAccountRequest\x1a$.influence.v1.PrepareAccountResponse\x12\x43\n\x06Submit\x12\x1b.influence.v1.SubmitRequest\x1a\x1c.influence.v1.SubmitResponse\x12L\n\tGetStatus\x12\x1e.influence.v1.GetStatusRequest\x1a\x1f.influence.v1.GetStatusResponse\x12L\n\tGetResult\x12\x1e.influence.v1.GetResultRequest\x1a\x1f.influence.v1.GetResultResponse\x12\x43\n\x06\x43\x61ncel\x12\x1b.influence.v1.CancelRequest\x1a\x1c.influence.v1.CancelResponse\x12I\n\x08\x45stimate\x12\x1d.influence.v1.EstimateRequest\x1a\x1e.influence.v1.EstimateResponse\x12R\n\rFetchArtifact\x12\".influence.v1.FetchArtifactRequest\x1a\x1b.influence.v1.ArtifactChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,29 +41,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREPAREACCOUNTRESPONSE']._serialized_start=387
   _globals['_PREPAREACCOUNTRESPONSE']._serialized_end=465
   _globals['_SUBMITREQUEST']._serialized_start=468
-  _globals['_SUBMITREQUEST']._serialized_end=732
-  _globals['_ARTIFACTUPLOAD']._serialized_start=734
-  _globals['_ARTIFACTUPLOAD']._serialized_end=777
-  _globals['_SUBMITRESPONSE']._serialized_start=779
-  _globals['_SUBMITRESPONSE']._serialized_end=820
-  _globals['_GETSTATUSREQUEST']._serialized_start=822
-  _globals['_GETSTATUSREQUEST']._serialized_end=937
-  _globals['_GETSTATUSRESPONSE']._serialized_start=940
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1119
-  _globals['_GETRESULTREQUEST']._serialized_start=1121
-  _globals['_GETRESULTREQUEST']._serialized_end=1220
-  _globals['_GETRESULTRESPONSE']._serialized_start=1222
-  _globals['_GETRESULTRESPONSE']._serialized_end=1262
-  _globals['_CANCELREQUEST']._serialized_start=1264
-  _globals['_CANCELREQUEST']._serialized_end=1360
-  _globals['_CANCELRESPONSE']._serialized_start=1362
-  _globals['_CANCELRESPONSE']._serialized_end=1417
-  _globals['_ESTIMATEREQUEST']._serialized_start=1419
-  _globals['_ESTIMATEREQUEST']._serialized_end=1508
-  _globals['_ESTIMATERESPONSE']._serialized_start=1510
-  _globals['_ESTIMATERESPONSE']._serialized_end=1570
-  _globals['_FETCHARTIFACTREQUEST']._serialized_start=1572
-  _globals['_FETCHARTIFACTREQUEST']._serialized_end=1689
-  _globals['_COMPUTEPROVIDER']._serialized_start=1692
-  _globals['_COMPUTEPROVIDER']._serialized_end=2357
+  _globals['_SUBMITREQUEST']._serialized_end=811
+  _globals['_PARENTARTIFACT']._serialized_start=813
+  _globals['_PARENTARTIFACT']._serialized_end=887
+  _globals['_ARTIFACTUPLOAD']._serialized_start=889
+  _globals['_ARTIFACTUPLOAD']._serialized_end=932
+  _globals['_SUBMITRESPONSE']._serialized_start=934
+  _globals['_SUBMITRESPONSE']._serialized_end=975
+  _globals['_GETSTATUSREQUEST']._serialized_start=977
+  _globals['_GETSTATUSREQUEST']._serialized_end=1092
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1095
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1274
+  _globals['_GETRESULTREQUEST']._serialized_start=1276
+  _globals['_GETRESULTREQUEST']._serialized_end=1375
+  _globals['_GETRESULTRESPONSE']._serialized_start=1377
+  _globals['_GETRESULTRESPONSE']._serialized_end=1417
+  _globals['_CANCELREQUEST']._serialized_start=1419
+  _globals['_CANCELREQUEST']._serialized_end=1515
+  _globals['_CANCELRESPONSE']._serialized_start=1517
+  _globals['_CANCELRESPONSE']._serialized_end=1572
+  _globals['_ESTIMATEREQUEST']._serialized_start=1574
+  _globals['_ESTIMATEREQUEST']._serialized_end=1663
+  _globals['_ESTIMATERESPONSE']._serialized_start=1665
+  _globals['_ESTIMATERESPONSE']._serialized_end=1725
+  _globals['_FETCHARTIFACTREQUEST']._serialized_start=1727
+  _globals['_FETCHARTIFACTREQUEST']._serialized_end=1844
+  _globals['_COMPUTEPROVIDER']._serialized_start=1847
+  _globals['_COMPUTEPROVIDER']._serialized_end=2512
 # @@protoc_insertion_point(module_scope)

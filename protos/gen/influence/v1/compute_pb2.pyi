@@ -50,7 +50,7 @@ class PrepareAccountResponse(_message.Message):
     def __init__(self, endpoint_id: _Optional[str] = ..., created: bool = ..., status: _Optional[str] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("job_id", "account", "spec_json", "estimated_cost_usd", "estimated_time_s", "kind", "request_json", "parent_result_json", "artifact_uploads")
+    __slots__ = ("job_id", "account", "spec_json", "estimated_cost_usd", "estimated_time_s", "kind", "request_json", "parent_result_json", "artifact_uploads", "parent_job_id", "parent_artifacts")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,8 @@ class SubmitRequest(_message.Message):
     REQUEST_JSON_FIELD_NUMBER: _ClassVar[int]
     PARENT_RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_UPLOADS_FIELD_NUMBER: _ClassVar[int]
+    PARENT_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     account: _common_pb2.Account
     spec_json: bytes
@@ -69,7 +71,21 @@ class SubmitRequest(_message.Message):
     request_json: bytes
     parent_result_json: bytes
     artifact_uploads: _containers.RepeatedCompositeFieldContainer[ArtifactUpload]
-    def __init__(self, job_id: _Optional[str] = ..., account: _Optional[_Union[_common_pb2.Account, _Mapping]] = ..., spec_json: _Optional[bytes] = ..., estimated_cost_usd: _Optional[float] = ..., estimated_time_s: _Optional[float] = ..., kind: _Optional[str] = ..., request_json: _Optional[bytes] = ..., parent_result_json: _Optional[bytes] = ..., artifact_uploads: _Optional[_Iterable[_Union[ArtifactUpload, _Mapping]]] = ...) -> None: ...
+    parent_job_id: str
+    parent_artifacts: _containers.RepeatedCompositeFieldContainer[ParentArtifact]
+    def __init__(self, job_id: _Optional[str] = ..., account: _Optional[_Union[_common_pb2.Account, _Mapping]] = ..., spec_json: _Optional[bytes] = ..., estimated_cost_usd: _Optional[float] = ..., estimated_time_s: _Optional[float] = ..., kind: _Optional[str] = ..., request_json: _Optional[bytes] = ..., parent_result_json: _Optional[bytes] = ..., artifact_uploads: _Optional[_Iterable[_Union[ArtifactUpload, _Mapping]]] = ..., parent_job_id: _Optional[str] = ..., parent_artifacts: _Optional[_Iterable[_Union[ParentArtifact, _Mapping]]] = ...) -> None: ...
+
+class ParentArtifact(_message.Message):
+    __slots__ = ("name", "url", "sha256", "bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    url: str
+    sha256: str
+    bytes: int
+    def __init__(self, name: _Optional[str] = ..., url: _Optional[str] = ..., sha256: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class ArtifactUpload(_message.Message):
     __slots__ = ("name", "url")

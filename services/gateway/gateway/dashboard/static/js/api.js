@@ -117,3 +117,20 @@ export async function* jobEvents(jobId, afterSeq, signal) {
     }
   }
 }
+
+const TERMINAL_STATES = new Set(["completed", "failed", "cancelled"]);
+
+// Follows a later job (a check, a query) from its first event to its end, showing each progress
+// or status message in `bar` (a <progress>, 0-100) and `stage` (its text).
+export async function followProgress(jobId, bar, stage) {
+  for await (const message of jobEvents(jobId, 0)) {
+    const event = message.data;
+    if (event.type === "progress") {
+      bar.value = Math.round((event.progress || 0) * 100);
+      stage.textContent = event.message || "";
+    } else if (event.type === "status" && event.message) {
+      stage.textContent = event.message;
+    }
+    if (message.event === "end" || (event.type === "status" && TERMINAL_STATES.has(event.state))) return;
+  }
+}

@@ -10,6 +10,7 @@
 import { api, apiBlob } from "../api.js";
 import { specTexts } from "../spectexts.js";
 import { announce, bytes, download, el, loadPlotly } from "../ui.js";
+import { askSection } from "./ask.js";
 import { trackSelection, verifySection } from "./verify.js";
 
 const RUNS = [["base", "Base model"], ["few_shot", "Few-shot"], ["finetuned", "Fine-tuned"]];
@@ -326,5 +327,6 @@ export async function renderResults(host, jobId, result) {
       await artifactsTable(jobId, result)));
   host.append(verifySection(jobId, result,
     { describe: (id) => describe(texts, "eval", id), selection: trackSelection(host) }));
+  host.append(askSection(jobId));
   if (view) await drawHeatmap(heatmap, view, texts);
 }

@@ -3,10 +3,9 @@
 // chart each eval example's loss change and show its answer before and after. The estimate is
 // shown before anything is submitted. The check is a job: progress over SSE, like experiments.
 
-import { api, jobEvents } from "../api.js";
+import { api, followProgress } from "../api.js";
 import { announce, duration, el, loadPlotly, usd } from "../ui.js";
 
-const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 const ESTIMATE_DELAY_MS = 250;
 
 function field(label, input, help) {
@@ -175,16 +174,7 @@ export function verifySection(jobId, result, { describe = () => "", selection = 
 
   async function follow(checkId) {
     progressBox.hidden = false;
-    for await (const message of jobEvents(checkId, 0)) {
-      const event = message.data;
-      if (event.type === "progress") {
-        bar.value = Math.round((event.progress || 0) * 100);
-        stage.textContent = event.message || "";
-      } else if (event.type === "status" && event.message) {
-        stage.textContent = event.message;
-      }
-      if (message.event === "end" || (event.type === "status" && TERMINAL.has(event.state))) break;
-    }
+    await followProgress(checkId, bar, stage);
     const check = await api("GET", checkUrl(jobId, `/${encodeURIComponent(checkId)}`));
     if (check.status !== "completed") {
       showError(`The check ${check.status}${check.error ? `: ${check.error}` : ""}`);
