@@ -58,11 +58,10 @@ from gpu_core.data import IGNORE_INDEX, EncodedPair, Encoder
 from gpu_core.evaluation import generate, target_losses
 from gpu_core.influence import AdapterCheckpoint, build_influence_result
 from gpu_core.influence.gradients import (
-    batched_gradients,
     load_lora_state,
-    lora_grad_enabled,
     lora_layers,
     lora_state,
+    stacked_gradients,
 )
 from gpu_core.influence.index import INDEX_DIR_NAME, MANIFEST, GradientIndex, fingerprint
 from gpu_core.influence_methods import influence_method
@@ -571,17 +570,11 @@ class QuerySession:
         hp, final_state = self.spec.hyperparams, lora_state(layers)
         cached = []
         try:
-            with lora_grad_enabled(layers):
-                for index, checkpoint in enumerate(self._checkpoints):
-                    load_lora_state(layers, checkpoint.state)
-                    parts = [
-                        gradients.detach()
-                        for _, gradients in batched_gradients(
-                            self._model, layers, train, self._pad_token_id(), hp.batch_size
-                        )
-                    ]
-                    cached.append(torch.cat(parts))
-                    progress(0.8 * (index + 1) / len(self._checkpoints))
+            for index, checkpoint in enumerate(self._checkpoints):
+                load_lora_state(layers, checkpoint.state)
+                pad = self._pad_token_id()
+                cached.append(stacked_gradients(self._model, layers, train, pad, hp.batch_size))
+                progress(0.8 * (index + 1) / len(self._checkpoints))
         finally:
             load_lora_state(layers, final_state)
         self._train_gradients = cached
@@ -624,23 +617,13 @@ class QuerySession:
         final_state = lora_state(layers)
         scores = torch.zeros(len(pairs), self._train_gradients[0].shape[0], dtype=torch.float64)
         try:
-            with lora_grad_enabled(layers):
-                for checkpoint, train_gradients in zip(self._checkpoints, self._train_gradients, strict=True):
-                    load_lora_state(layers, checkpoint.state)
-                    query_gradients = torch.cat(
-                        [
-                            gradients
-                            for _, gradients in batched_gradients(
-                                self._model,
-                                layers,
-                                pairs,
-                                self._pad_token_id(),
-                                self.spec.hyperparams.batch_size,
-                            )
-                        ]
-                    )
-                    block = (query_gradients @ train_gradients.T).to(device="cpu", dtype=torch.float64)
-                    scores += checkpoint.learning_rate * block
+            for checkpoint, train_gradients in zip(self._checkpoints, self._train_gradients, strict=True):
+                load_lora_state(layers, checkpoint.state)
+                query_gradients = stacked_gradients(
+                    self._model, layers, pairs, self._pad_token_id(), self.spec.hyperparams.batch_size
+                )
+                block = (query_gradients @ train_gradients.T).to(device="cpu", dtype=torch.float64)
+                scores += checkpoint.learning_rate * block
         finally:
             load_lora_state(layers, final_state)
         progress(1.0)
