@@ -9,8 +9,8 @@ no ``expected``: the greedy answer is the target) ``--warm`` + 1 times. Cold = f
 child to its first answer; warm = the median of the later answers. Issue 12's targets on the
 embedded default: cold under 10 s with a 10,000-example index, warm under 3 s. ``--parents DIR``
 keeps the built parents there and reuses them on the next run (building is most of the time).
-The exact methods (no index: ``--cases tracin-exact,datainf,kronfluence``) recompute their
-training side on every answer.
+The exact methods (no index: ``--cases tracin-exact,datainf,kronfluence``) compute their
+training side on the first answer and keep it in the session (up to 1 GiB of gradients).
 """
 
 from __future__ import annotations

@@ -26,10 +26,14 @@ first answer) and kept for the next ones, so a warm query skips it:
 - the training side of the scores: the stored ``gradient_index/`` (TrackStar, projected TracIn)
   when it was built from this very adapter (its fingerprint matches), else one built in the
   session's own work directory from the adapter. Exact TracIn, DataInf and Kronfluence have no
-  index: exact TracIn computes every checkpoint's training gradients once and keeps them (up to
-  :data:`TRAIN_GRADIENT_CACHE_BYTES`); DataInf and Kronfluence recompute their training side on
-  each answer through the pipeline's own path (``compute_influence``). Either way the scores are
-  the experiment's (tested: an eval example asked again scores as in the experiment).
+  index: exact TracIn computes every checkpoint's training gradients once and keeps them;
+  DataInf keeps the training gradients with their squared norms and lambdas
+  (``DataInfTrainSide``), Kronfluence its fitted, prepared EK-FAC factors with the training
+  gradients (``KronfluenceTrainSide``), so a warm answer takes only the query gradients and one
+  product. Each cache holds up to :data:`TRAIN_GRADIENT_CACHE_BYTES` of gradients; beyond it each
+  answer recomputes the training side through the pipeline's own path (``compute_influence``).
+  Either way the scores are the experiment's (tested: an eval example asked again scores as in
+  the experiment, and a cached answer as the uncached path).
 
 :meth:`QuerySession.answer` runs in the pipeline's worker thread (``run_in_worker``): progress
 events (stage ``query``), then ``{"type": "result", "result": QueryResult}``. A stop
@@ -45,7 +49,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -54,11 +58,10 @@ from gpu_core.data import IGNORE_INDEX, EncodedPair, Encoder
 from gpu_core.evaluation import generate, target_losses
 from gpu_core.influence import AdapterCheckpoint, build_influence_result
 from gpu_core.influence.gradients import (
-    batched_gradients,
     load_lora_state,
-    lora_grad_enabled,
     lora_layers,
     lora_state,
+    stacked_gradients,
 )
 from gpu_core.influence.index import INDEX_DIR_NAME, MANIFEST, GradientIndex, fingerprint
 from gpu_core.influence_methods import influence_method
@@ -83,9 +86,21 @@ __all__ = ["QuerySession", "needed_parent_artifacts", "run_query_job"]
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINTS_INDEX = "checkpoints.json"
-# Exact TracIn keeps every checkpoint's training gradients between answers up to this many bytes
-# (beyond it each answer recomputes them, as the pipeline does).
+# Exact TracIn, DataInf and Kronfluence keep their training gradients between answers up to this
+# many bytes (beyond it each answer recomputes them, as the pipeline does).
 TRAIN_GRADIENT_CACHE_BYTES = 1 << 30
+
+
+class TrainSide(Protocol):
+    """A method's training side kept between answers (``influence.datainf.DataInfTrainSide``,
+    ``influence.ekfac.KronfluenceTrainSide``)."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def scores(
+        self, model: Any, pad_token_id: int, queries: Sequence[EncodedPair], batch_size: int
+    ) -> torch.Tensor: ...
 
 
 def load_checkpoints(directory: Path) -> list[AdapterCheckpoint] | None:
@@ -215,6 +230,8 @@ class QuerySession:
         self._index: GradientIndex | None = None
         # Exact TracIn: per checkpoint [n_train, d] training gradients, kept between answers.
         self._train_gradients: list[torch.Tensor] | None = None
+        # DataInf, Kronfluence: the training side of the scores, kept between answers.
+        self._train_side: TrainSide | None = None
         self._work_dir: tempfile.TemporaryDirectory[str] | None = None
         self.source: str | None = None  # "index", "recomputed" or "retrained" once prepared
 
@@ -233,8 +250,8 @@ class QuerySession:
         free_memory()
 
     def resident_bytes(self) -> int:
-        """Bytes of tensors the session keeps between answers (model, adapter, checkpoints,
-        exact TracIn's cached training gradients)."""
+        """Bytes of tensors the session keeps between answers (model, adapter, checkpoints, the
+        cached training side: exact TracIn's gradients, DataInf's or Kronfluence's)."""
         total = 0
         if self._model is not None:
             total += sum(p.numel() * p.element_size() for p in self._model.parameters())
@@ -243,6 +260,8 @@ class QuerySession:
                 total += sum(t.numel() * t.element_size() for t in tensors.values())
         for gradients in self._train_gradients or []:
             total += gradients.numel() * gradients.element_size()
+        if self._train_side is not None:
+            total += self._train_side.nbytes
         return total
 
     # ---- the work, in the worker thread ------------------------------------------------------
@@ -515,6 +534,11 @@ class QuerySession:
             return scores
         if self.method == "tracin" and self._cache_tracin_gradients(progress):
             return self._tracin_from_cache(pairs, progress)
+        if self.method in ("datainf", "kronfluence") and self._cache_train_side(progress):
+            assert self._train_side is not None
+            scores = self._train_side.scores(self._model, pad, pairs, hp.batch_size)
+            progress(1.0)
+            return scores
         from gpu_core.influence import compute_influence
 
         with tempfile.TemporaryDirectory(prefix="gpu_core-query-") as work_dir:
@@ -546,20 +570,44 @@ class QuerySession:
         hp, final_state = self.spec.hyperparams, lora_state(layers)
         cached = []
         try:
-            with lora_grad_enabled(layers):
-                for index, checkpoint in enumerate(self._checkpoints):
-                    load_lora_state(layers, checkpoint.state)
-                    parts = [
-                        gradients.detach()
-                        for _, gradients in batched_gradients(
-                            self._model, layers, train, self._pad_token_id(), hp.batch_size
-                        )
-                    ]
-                    cached.append(torch.cat(parts))
-                    progress(0.8 * (index + 1) / len(self._checkpoints))
+            for index, checkpoint in enumerate(self._checkpoints):
+                load_lora_state(layers, checkpoint.state)
+                pad = self._pad_token_id()
+                cached.append(stacked_gradients(self._model, layers, train, pad, hp.batch_size))
+                progress(0.8 * (index + 1) / len(self._checkpoints))
         finally:
             load_lora_state(layers, final_state)
         self._train_gradients = cached
+        return True
+
+    def _cache_train_side(self, progress: Callable[[float], None]) -> bool:
+        """Computes DataInf's or Kronfluence's training side once, when its gradients fit
+        :data:`TRAIN_GRADIENT_CACHE_BYTES`; False when they do not."""
+        if self._train_side is not None:
+            return True
+        layers = lora_layers(self._model)
+        train = self._training_pairs()
+        itemsize = layers[0].module.weight.element_size()
+        if len(train) * sum(layer.numel for layer in layers) * itemsize > TRAIN_GRADIENT_CACHE_BYTES:
+            return False
+        hp, damping = self.spec.hyperparams, self.spec.influence.damping
+
+        def building(fraction: float) -> None:
+            progress(0.8 * fraction)  # the last 20% is the product with the queries
+
+        if self.method == "datainf":
+            from gpu_core.influence.datainf import datainf_train_side
+
+            self._train_side = datainf_train_side(
+                self._model, self._pad_token_id(), train, damping, hp.batch_size, building
+            )
+        else:
+            from gpu_core.influence.ekfac import kronfluence_train_side
+
+            with tempfile.TemporaryDirectory(prefix="gpu_core-query-") as work_dir:
+                self._train_side = kronfluence_train_side(
+                    self._model, self._pad_token_id(), train, damping, hp.batch_size, Path(work_dir), building
+                )
         return True
 
     def _tracin_from_cache(self, pairs: Sequence[EncodedPair], progress: Callable[[float], None]) -> Any:
@@ -569,23 +617,13 @@ class QuerySession:
         final_state = lora_state(layers)
         scores = torch.zeros(len(pairs), self._train_gradients[0].shape[0], dtype=torch.float64)
         try:
-            with lora_grad_enabled(layers):
-                for checkpoint, train_gradients in zip(self._checkpoints, self._train_gradients, strict=True):
-                    load_lora_state(layers, checkpoint.state)
-                    query_gradients = torch.cat(
-                        [
-                            gradients
-                            for _, gradients in batched_gradients(
-                                self._model,
-                                layers,
-                                pairs,
-                                self._pad_token_id(),
-                                self.spec.hyperparams.batch_size,
-                            )
-                        ]
-                    )
-                    block = (query_gradients @ train_gradients.T).to(device="cpu", dtype=torch.float64)
-                    scores += checkpoint.learning_rate * block
+            for checkpoint, train_gradients in zip(self._checkpoints, self._train_gradients, strict=True):
+                load_lora_state(layers, checkpoint.state)
+                query_gradients = stacked_gradients(
+                    self._model, layers, pairs, self._pad_token_id(), self.spec.hyperparams.batch_size
+                )
+                block = (query_gradients @ train_gradients.T).to(device="cpu", dtype=torch.float64)
+                scores += checkpoint.learning_rate * block
         finally:
             load_lora_state(layers, final_state)
         progress(1.0)
@@ -595,6 +633,7 @@ class QuerySession:
         self._model = self._loaded = self._encoder = self._index = self._train_pairs = None
         self._checkpoints = []
         self._train_gradients = None
+        self._train_side = None
         self.source = None
         if self._work_dir is not None:
             self._work_dir.cleanup()

@@ -302,3 +302,32 @@ def test_an_eval_example_asked_again_scores_as_in_the_experiment(
         [finetuned[e["id"]].loss for e in evals], rel=1e-5
     )
     assert [o.output for o in answered.results] == [finetuned[e["id"]].output for e in evals]
+
+
+@pytest.mark.parametrize("method", ("datainf", "kronfluence"))
+def test_a_cached_training_side_scores_as_the_uncached_path(
+    experiments: dict[str, Experiment], method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw, spec, result, directory = experiments[method]
+    request = duplicate_queries(raw, top_k=N_TRAIN)
+    answers, resident = {}, {}
+    for name, budget in (("cached", 1 << 30), ("uncached", 0)):
+        # A budget of 0 bytes: the training side never fits, every answer recomputes it.
+        monkeypatch.setattr("gpu_core.query.TRAIN_GRADIENT_CACHE_BYTES", budget)
+        session = QuerySession(spec, result, directory, device=torch.device("cpu"))
+        try:
+            cold = answer(session, request)
+            answers[name] = answer(session, request)
+            resident[name] = session.resident_bytes()
+            assert session._train_side is None if name == "uncached" else session._train_side is not None
+        finally:
+            session.close()
+        assert [o.model_dump() for o in answers[name].results] == [o.model_dump() for o in cold.results]
+    # The cache holds at least the training gradients: n_train x the LoRA width, float32.
+    assert resident["cached"] - resident["uncached"] >= N_TRAIN * 4
+    for cached, uncached in zip(answers["cached"].results, answers["uncached"].results, strict=True):
+        a, b = score_vector(cached), score_vector(uncached)
+        assert sorted(a) == sorted(b)
+        ids, scale = sorted(b), max(abs(v) for v in b.values())
+        assert [a[i] for i in ids] == pytest.approx([b[i] for i in ids], rel=1e-5, abs=1e-6 * scale)
+        assert cached.helpful[0].id == uncached.helpful[0].id

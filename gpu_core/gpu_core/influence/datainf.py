@@ -23,6 +23,7 @@ from __future__ import annotations
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,10 +31,12 @@ from torch import nn
 
 from gpu_core.data import EncodedPair
 from gpu_core.influence.gradients import (
+    LoraLayer,
     batched_gradients,
     layer_slices,
     lora_grad_enabled,
     lora_layers,
+    stacked_gradients,
 )
 
 # The reference's lambda rule: (1 / lambda_const_param) x mean squared entry, lambda_const_param=10.
@@ -84,6 +87,65 @@ def block_rows(gradient_memory_bytes: int, row_bytes: int, batch_size: int, n_tr
     return min(rows, n_train)
 
 
+def layer_squared_norms(gradients: torch.Tensor, slices: Sequence[slice]) -> torch.Tensor:
+    """``|g_il|^2`` per example and layer of a ``[batch, width]`` block: ``[batch, n_layers]``
+    float64, on the CPU."""
+    squares = gradients.square()
+    norms = torch.empty(gradients.shape[0], len(slices), dtype=torch.float64)
+    for layer_index, s in enumerate(slices):
+        norms[:, layer_index] = squares[:, s].sum(dim=1).cpu()
+    return norms
+
+
+def datainf_lambdas(
+    squared_norms: torch.Tensor, layers: Sequence[LoraLayer], damping: float | None
+) -> torch.Tensor:
+    """lambda_l per layer (float64): ``damping`` for every layer, else the reference's rule over
+    the training set's ``[n_train, n_layers]`` squared norms."""
+    if damping is not None:
+        lambdas = torch.full((len(layers),), float(damping), dtype=torch.float64)
+    else:
+        sizes = torch.tensor([layer.numel for layer in layers], dtype=torch.float64)
+        lambdas = REFERENCE_DAMPING_SCALE * squared_norms.sum(dim=0) / (squared_norms.shape[0] * sizes)
+    if bool((lambdas <= 0).any()):
+        raise ValueError("DataInf damping is zero: a LoRA layer has all-zero training gradients")
+    return lambdas
+
+
+def add_corrections(
+    corrections: Sequence[torch.Tensor],
+    query_grads: torch.Tensor,
+    block: torch.Tensor,
+    lambdas: torch.Tensor,
+    squared_norms: torch.Tensor,
+    slices: Sequence[slice],
+) -> None:
+    """Pass 1 over one block of training gradients (its rows' ``squared_norms``): adds
+    ``sum_i c_qi g_il`` to each layer's ``corrections[l]``, in the gradients' dtype."""
+    denominators = (lambdas + squared_norms).to(block)
+    for layer_index, s in enumerate(slices):
+        layer_block = block[:, s]
+        coefficients = (query_grads[:, s] @ layer_block.T).div_(denominators[:, layer_index])
+        corrections[layer_index].addmm_(coefficients, layer_block)
+
+
+def precondition(
+    query_grads: torch.Tensor,
+    corrections: Sequence[torch.Tensor],
+    lambdas: torch.Tensor,
+    n_train: int,
+    slices: Sequence[slice],
+) -> torch.Tensor:
+    """``H^-1 Q`` per layer, concatenated: ``(Q_l - corrections_l / n) / lambda_l``."""
+    return torch.cat(
+        [
+            (query_grads[:, s] - correction / n_train) / float(lambdas[layer_index])
+            for layer_index, (s, correction) in enumerate(zip(slices, corrections, strict=True))
+        ],
+        dim=1,
+    )
+
+
 def datainf_scores(
     model: nn.Module,
     pad_token_id: int,
@@ -132,19 +194,11 @@ def datainf_scores(
                     block = grads.new_empty(min(rows, n_train - start), width)
                 count = grads.shape[0]
                 block[offset : offset + count] = grads.detach()
-                squares = grads.detach().square()
-                for layer_index, s in enumerate(slices):
-                    squared_norms[start : start + count, layer_index] = squares[:, s].sum(dim=1).cpu()
+                squared_norms[start : start + count] = layer_squared_norms(grads.detach(), slices)
                 if offset + count == block.shape[0]:
                     blocks.store(index, block)
                 advance()
-        if damping is not None:
-            lambdas = torch.full((len(layers),), float(damping), dtype=torch.float64)
-        else:
-            sizes = torch.tensor([layer.numel for layer in layers], dtype=torch.float64)
-            lambdas = REFERENCE_DAMPING_SCALE * squared_norms.sum(dim=0) / (n_train * sizes)
-        if bool((lambdas <= 0).any()):
-            raise ValueError("DataInf damping is zero: a LoRA layer has all-zero training gradients")
+        lambdas = datainf_lambdas(squared_norms, layers, damping)
 
         # Matrix products in the gradients' dtype (float32 for a float32 model: half the time
         # of float64, and each dot product is over one layer's few hundred entries); lambdas,
@@ -154,20 +208,11 @@ def datainf_scores(
         for index in reversed(range(blocks.count)):
             block = blocks.get(index)
             first = index * rows
-            denominators = (lambdas + squared_norms[first : first + block.shape[0]]).to(block)
-            for layer_index, s in enumerate(slices):
-                layer_block = block[:, s]
-                coefficients = (query_grads[:, s] @ layer_block.T).div_(denominators[:, layer_index])
-                corrections[layer_index].addmm_(coefficients, layer_block)
-            del block, layer_block  # only ``blocks`` holds it: one block in memory
+            norms = squared_norms[first : first + block.shape[0]]
+            add_corrections(corrections, query_grads, block, lambdas, norms, slices)
+            del block  # only ``blocks`` holds it: one block in memory
             advance()
-        preconditioned = torch.cat(
-            [
-                (query_grads[:, s] - correction / n_train) / float(lambdas[layer_index])
-                for layer_index, (s, correction) in enumerate(zip(slices, corrections, strict=True))
-            ],
-            dim=1,
-        )
+        preconditioned = precondition(query_grads, corrections, lambdas, n_train, slices)
         del corrections, query_grads
 
         # Pass 2 (first block first: pass 1 ended on it): the scores, one matmul per block
@@ -182,3 +227,55 @@ def datainf_scores(
         return scores
     finally:
         shutil.rmtree(blocks.directory, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class DataInfTrainSide:
+    """The training side of DataInf's scores, kept in memory so that repeated queries only need
+    their own gradients (``gpu_core.query`` keeps one per warm session): the training gradients
+    in one block, their per-layer squared norms and the lambdas."""
+
+    gradients: torch.Tensor  # [n_train, width], the model's device and dtype
+    squared_norms: torch.Tensor  # [n_train, n_layers] float64
+    lambdas: torch.Tensor  # [n_layers] float64
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gradients, self.squared_norms, self.lambdas))
+
+    def scores(
+        self, model: nn.Module, pad_token_id: int, queries: Sequence[EncodedPair], batch_size: int
+    ) -> torch.Tensor:
+        """``[n_queries, n_train]`` float64, as :func:`datainf_scores` gives them when the
+        training gradients fit one block."""
+        layers = lora_layers(model)
+        slices = layer_slices(layers)
+        query_grads = stacked_gradients(model, layers, queries, pad_token_id, batch_size)
+        corrections = [query_grads.new_zeros(len(queries), s.stop - s.start) for s in slices]
+        add_corrections(corrections, query_grads, self.gradients, self.lambdas, self.squared_norms, slices)
+        preconditioned = precondition(query_grads, corrections, self.lambdas, self.gradients.shape[0], slices)
+        return (preconditioned @ self.gradients.T).cpu().to(torch.float64)
+
+
+def datainf_train_side(
+    model: nn.Module,
+    pad_token_id: int,
+    train: Sequence[EncodedPair],
+    damping: float | None,
+    batch_size: int,
+    progress: Callable[[float], None],
+) -> DataInfTrainSide:
+    """One pass over the training set: its gradients in memory (``len(train) x width`` in the
+    model's dtype; the caller bounds it), their squared norms and lambda_l as
+    :func:`datainf_scores` computes them."""
+    layers = lora_layers(model)
+    slices = layer_slices(layers)
+    gradients = stacked_gradients(model, layers, train, pad_token_id, batch_size, progress)
+    # Batch by batch, as datainf_scores sums them.
+    squared_norms = torch.cat(
+        [
+            layer_squared_norms(gradients[start : start + batch_size], slices)
+            for start in range(0, len(train), batch_size)
+        ]
+    )
+    return DataInfTrainSide(gradients, squared_norms, datainf_lambdas(squared_norms, layers, damping))

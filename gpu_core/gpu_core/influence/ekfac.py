@@ -11,25 +11,34 @@ the model, seeded for reproducibility).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
 import shutil
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from kronfluence import Analyzer, Task, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.factor.config import FactorConfig
 from kronfluence.utils.dataset import DataLoaderKwargs
 from torch import nn
 from torch.utils.data import Dataset
 
 from gpu_core.data import IGNORE_INDEX, EncodedPair, collate
-from gpu_core.influence.gradients import lora_layers, model_device, summed_completion_loss
+from gpu_core.influence.gradients import (
+    layer_slices,
+    lora_layers,
+    model_device,
+    stacked_gradients,
+    summed_completion_loss,
+)
 
 # Fixed so that kronfluence's sampled Fisher labels, and so the scores, are reproducible.
 SAMPLING_SEED = 0
@@ -103,26 +112,33 @@ def dtype_arguments(dtype: torch.dtype) -> tuple[dict[str, torch.dtype], dict[st
     return factor, score
 
 
-def kronfluence_scores(
+@contextlib.contextmanager
+def _quiet_kronfluence() -> Iterator[None]:
+    with warnings.catch_warnings():
+        # kronfluence 1.0.1 builds a deprecated torch.cuda.amp.GradScaler on every call.
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*GradScaler.*")
+        yield
+
+
+def _score_arguments(damping: float | None, dtype: torch.dtype) -> ScoreArguments:
+    return ScoreArguments(damping_factor=damping, **dtype_arguments(dtype)[1])
+
+
+@contextlib.contextmanager
+def _fitted_analyzer(
     model: nn.Module,
     pad_token_id: int,
     train: Sequence[EncodedPair],
-    queries: Sequence[EncodedPair],
-    damping: float | None,
     batch_size: int,
     work_dir: Path,
-    progress: Callable[[float], None],
-    strategy: str = "ekfac",
-    use_empirical_fisher: bool = False,
-) -> torch.Tensor:
-    """``[n_queries, n_train]`` float64, positive = helpful, divided by ``n_train``.
-
-    ``damping`` is kronfluence's ``damping_factor``; None = its heuristic, 0.1 x the mean
-    eigenvalue per module."""
+    strategy: str,
+    use_empirical_fisher: bool,
+) -> Iterator[Analyzer]:
+    """A kronfluence Analyzer on a prepared copy of ``model`` with its factors fitted on
+    ``train`` (the sampled Fisher labels seeded); its files are removed on leaving."""
     tracked = [layer.module_name for layer in lora_layers(model)]
     task = LoraLanguageModelingTask(tracked)
-    dtype = next(model.parameters()).dtype
-    factor_dtypes, score_dtypes = dtype_arguments(dtype)
+    factor_dtypes, _ = dtype_arguments(next(model.parameters()).dtype)
     # prepare_model freezes every parameter and swaps in tracked modules: work on a copy.
     prepared = prepare_model(copy.deepcopy(model), task)
     output_dir = work_dir / f"kronfluence-{uuid.uuid4().hex}"
@@ -139,34 +155,126 @@ def kronfluence_scores(
         analyzer.set_dataloader_kwargs(
             DataLoaderKwargs(collate_fn=functools.partial(collate, pad_token_id=pad_token_id))
         )
-        train_dataset, query_dataset = PairDataset(train), PairDataset(queries)
-        with warnings.catch_warnings():
-            # kronfluence 1.0.1 builds a deprecated torch.cuda.amp.GradScaler on every call.
-            warnings.filterwarnings("ignore", category=FutureWarning, message=".*GradScaler.*")
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(SAMPLING_SEED)
-                analyzer.fit_all_factors(
-                    factors_name=strategy,
-                    dataset=train_dataset,
-                    per_device_batch_size=batch_size,
-                    factor_args=FactorArguments(
-                        strategy=strategy, use_empirical_fisher=use_empirical_fisher, **factor_dtypes
-                    ),
-                    overwrite_output_dir=True,
-                )
-            progress(0.5)
+        with _quiet_kronfluence(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(SAMPLING_SEED)
+            analyzer.fit_all_factors(
+                factors_name=strategy,
+                dataset=PairDataset(train),
+                per_device_batch_size=batch_size,
+                factor_args=FactorArguments(
+                    strategy=strategy, use_empirical_fisher=use_empirical_fisher, **factor_dtypes
+                ),
+                overwrite_output_dir=True,
+            )
+        yield analyzer
+    finally:
+        shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def kronfluence_scores(
+    model: nn.Module,
+    pad_token_id: int,
+    train: Sequence[EncodedPair],
+    queries: Sequence[EncodedPair],
+    damping: float | None,
+    batch_size: int,
+    work_dir: Path,
+    progress: Callable[[float], None],
+    strategy: str = "ekfac",
+    use_empirical_fisher: bool = False,
+) -> torch.Tensor:
+    """``[n_queries, n_train]`` float64, positive = helpful, divided by ``n_train``.
+
+    ``damping`` is kronfluence's ``damping_factor``; None = its heuristic, 0.1 x the mean
+    eigenvalue per module."""
+    dtype = next(model.parameters()).dtype
+    with _fitted_analyzer(
+        model, pad_token_id, train, batch_size, work_dir, strategy, use_empirical_fisher
+    ) as analyzer:
+        progress(0.5)
+        with _quiet_kronfluence():
             analyzer.compute_pairwise_scores(
                 scores_name="pairwise",
                 factors_name=strategy,
-                query_dataset=query_dataset,
-                train_dataset=train_dataset,
+                query_dataset=PairDataset(queries),
+                train_dataset=PairDataset(train),
                 per_device_query_batch_size=batch_size,
                 per_device_train_batch_size=batch_size,
-                score_args=ScoreArguments(damping_factor=damping, **score_dtypes),
+                score_args=_score_arguments(damping, dtype),
                 overwrite_output_dir=True,
             )
         scores = analyzer.load_pairwise_scores("pairwise")["all_modules"]
         progress(1.0)
         return scores.to(torch.float64) / len(train)
-    finally:
-        shutil.rmtree(output_dir, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class KronfluenceTrainSide:
+    """The training side of Kronfluence's scores, kept in memory so that repeated queries only
+    need their own gradients (``gpu_core.query`` keeps one per warm session): per LoRA matrix
+    kronfluence's prepared preconditioner (eigenbases and damped inverse corrected eigenvalues,
+    through its own ``FactorConfig.prepare``), and the per-example training gradients."""
+
+    gradients: torch.Tensor  # [n_train, width], the model's device and dtype
+    preconditioners: list[dict[str, Any]]  # per layer: kronfluence's prepared module storage
+    strategy: str
+    score_args: ScoreArguments
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.gradients] + [
+            t for storage in self.preconditioners for t in storage.values() if isinstance(t, torch.Tensor)
+        ]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def scores(
+        self, model: nn.Module, pad_token_id: int, queries: Sequence[EncodedPair], batch_size: int
+    ) -> torch.Tensor:
+        """``[n_queries, n_train]`` float64, divided by ``n_train``: kronfluence's pairwise score
+        ``(P g_query) . g_train`` with each query gradient preconditioned by kronfluence's own
+        ``precondition_gradient``, as :func:`kronfluence_scores` computes them."""
+        layers = lora_layers(model)
+        config = FactorConfig.CONFIGS[self.strategy]
+        args = self.score_args
+        query_grads = stacked_gradients(model, layers, queries, pad_token_id, batch_size)
+        preconditioned = []
+        for layer, s, storage in zip(layers, layer_slices(layers), self.preconditioners, strict=True):
+            # [n_queries, out, in], as kronfluence shapes a per-sample gradient.
+            shaped = query_grads[:, s].to(args.precondition_dtype).reshape(-1, *layer.module.weight.shape)
+            gradient = config.precondition_gradient(gradient=shaped, storage=storage)
+            preconditioned.append(gradient.flatten(start_dim=1).to(args.score_dtype))
+        scores = torch.cat(preconditioned, dim=1) @ self.gradients.to(args.score_dtype).T
+        return scores.cpu().to(torch.float64) / self.gradients.shape[0]
+
+
+def kronfluence_train_side(
+    model: nn.Module,
+    pad_token_id: int,
+    train: Sequence[EncodedPair],
+    damping: float | None,
+    batch_size: int,
+    work_dir: Path,
+    progress: Callable[[float], None],
+    strategy: str = "ekfac",
+    use_empirical_fisher: bool = False,
+) -> KronfluenceTrainSide:
+    """Fits the factors as :func:`kronfluence_scores` does, prepares them for scoring, and
+    takes the per-example training gradients (``len(train) x width`` in the model's dtype; the
+    caller bounds it) in one more pass."""
+    layers = lora_layers(model)
+    score_args = _score_arguments(damping, next(model.parameters()).dtype)
+    with _fitted_analyzer(
+        model, pad_token_id, train, batch_size, work_dir, strategy, use_empirical_fisher
+    ) as analyzer:
+        factors = analyzer.load_all_factors(strategy)
+    progress(0.5)
+    config, device = FactorConfig.CONFIGS[strategy], model_device(model)
+    preconditioners = []
+    for layer in layers:
+        storage = {name: by_module[layer.module_name] for name, by_module in factors.items()}
+        config.prepare(storage=storage, score_args=score_args, device=device)
+        preconditioners.append(storage)
+    gradients = stacked_gradients(
+        model, layers, train, pad_token_id, batch_size, lambda fraction: progress(0.5 + 0.5 * fraction)
+    )
+    return KronfluenceTrainSide(gradients, preconditioners, strategy, score_args)

@@ -12,7 +12,7 @@ and an einsum per layer forms the per-example gradients, as kronfluence's hooks 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,3 +166,26 @@ def batched_gradients(
     for start in range(0, len(pairs), batch_size):
         batch = collate_to(pairs[start : start + batch_size], pad_token_id, device)
         yield start, per_example_gradients(model, layers, batch)
+
+
+def stacked_gradients(
+    model: nn.Module,
+    layers: Sequence[LoraLayer],
+    pairs: Sequence[EncodedPair],
+    pad_token_id: int,
+    batch_size: int,
+    progress: Callable[[float], None] | None = None,
+) -> torch.Tensor:
+    """``[len(pairs), width]``: every example's per-example gradients in one tensor (the
+    model's device and dtype), batch by batch; ``progress`` gets the fraction done."""
+    stacked: torch.Tensor | None = None
+    with lora_grad_enabled(layers):
+        for start, grads in batched_gradients(model, layers, pairs, pad_token_id, batch_size):
+            if stacked is None:
+                stacked = grads.new_empty(len(pairs), grads.shape[1])
+            stacked[start : start + grads.shape[0]] = grads.detach()
+            if progress is not None:
+                progress((start + grads.shape[0]) / len(pairs))
+    if stacked is None:
+        raise ValueError("no examples to take gradients of")
+    return stacked
