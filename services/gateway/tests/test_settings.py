@@ -6,11 +6,17 @@ import logging
 
 import grpc
 import pytest
-from influence.v1 import scheduler_pb2
+from influence.v1 import common_pb2, scheduler_pb2
 
 API_KEY = "rpa_ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789wxyz"
 NO_FUNDS = "Your RunPod balance is $0; add credits at runpod.io"
 NO_SCOPE = "This RunPod API key lacks a permission the dashboard needs: serverless Read/Write."
+UNREACHABLE = "Cannot reach RunPod (api.runpod.io): ConnectError"
+WORDY = "Invalid key: no balance, credit, funds or permission could be checked"
+
+
+def refusal(failure: int, message: str) -> scheduler_pb2.VerifyProviderKeyResponse:
+    return scheduler_pb2.VerifyProviderKeyResponse(valid=False, failure=failure, message=message)
 
 
 def accept_with_balance(balance: float):  # noqa: ANN201
@@ -74,13 +80,14 @@ async def test_save_key_verifies_stores_and_switches(gateway, upstream, caplog) 
     [
         (grpc.StatusCode.UNAUTHENTICATED, 400, "Invalid RunPod API key"),
         (grpc.StatusCode.PERMISSION_DENIED, 403, "The key lacks the scope api.serverless: read/write"),
-        (
-            scheduler_pb2.VerifyProviderKeyResponse(valid=False, message="Invalid RunPod API key"),
-            400,
-            "Invalid RunPod API key",
-        ),
-        (scheduler_pb2.VerifyProviderKeyResponse(valid=False, message=NO_FUNDS), 402, NO_FUNDS),
-        (scheduler_pb2.VerifyProviderKeyResponse(valid=False, message=NO_SCOPE), 403, NO_SCOPE),
+        (refusal(common_pb2.KEY_FAILURE_INVALID, "Invalid RunPod API key"), 400, "Invalid RunPod API key"),
+        (refusal(common_pb2.KEY_FAILURE_NO_FUNDS, NO_FUNDS), 402, NO_FUNDS),
+        (refusal(common_pb2.KEY_FAILURE_NO_PERMISSION, NO_SCOPE), 403, NO_SCOPE),
+        (refusal(common_pb2.KEY_FAILURE_UNREACHABLE, UNREACHABLE), 503, UNREACHABLE),
+        # The reason decides, never the words: these mention a balance and a permission.
+        (refusal(common_pb2.KEY_FAILURE_INVALID, WORDY), 400, WORDY),
+        (refusal(common_pb2.KEY_FAILURE_UNSPECIFIED, WORDY), 400, WORDY),
+        (refusal(common_pb2.KEY_FAILURE_NO_FUNDS, ""), 402, "RunPod rejected the key"),
     ],
 )
 async def test_rejected_key_gets_the_providers_message_and_nothing_is_stored(
