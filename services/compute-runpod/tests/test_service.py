@@ -72,7 +72,8 @@ async def test_verify_without_stored_key_says_so(stack: Stack) -> None:
 
 
 async def verify(stack: Stack, key: str) -> compute_pb2.VerifyCredentialsResponse:
-    return await stack.stub.VerifyCredentials(compute_pb2.VerifyCredentialsRequest(account=user(), api_key=key))
+    request = compute_pb2.VerifyCredentialsRequest(account=user(), api_key=key)
+    return await stack.stub.VerifyCredentials(request)
 
 
 def assert_refused(answer: compute_pb2.VerifyCredentialsResponse, failure: int) -> None:

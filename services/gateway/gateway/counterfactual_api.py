@@ -28,6 +28,7 @@ from gateway.responses import ERRORS, error
 from gateway.upstream import scheduler_errors
 from gateway.views import estimate_view, job_status
 
+# Routes declared like jobs_api's (see the note there on their shared shape).
 router = APIRouter(prefix="/api/jobs/{job_id}/counterfactual", tags=["counterfactual"], responses=ERRORS)
 
 CHECK_NOT_FOUND = "Counterfactual check not found"

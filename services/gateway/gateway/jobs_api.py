@@ -20,6 +20,9 @@ from gateway.responses import ERRORS, error
 from gateway.upstream import ApiError
 from gateway.views import estimate_view, job_view, submitted_view
 
+# Each route is a declaration (path, summary, response model, errors) and one or two calls of
+# the typed SchedulerClient, which holds what calls share (trace, deadline, error mapping); the
+# declarations alike in shape are the API's surface, not logic to share (`duplicates` pairs them).
 router = APIRouter(prefix="/api", tags=["jobs"], responses=ERRORS)
 
 JOB_NOT_FOUND = "Job not found"

@@ -20,6 +20,7 @@ from gateway.upstream import ApiError
 from gateway.views import compute_settings_view, key_info_view
 
 log = logging.getLogger(__name__)
+# Routes declared like jobs_api's (see the note there on their shared shape).
 router = APIRouter(prefix="/api/settings", tags=["settings"], responses=ERRORS)
 
 RUNPOD = "runpod"

@@ -161,3 +161,19 @@ async def test_wrong_keyvault_token_is_an_operator_error_not_the_users(make_gate
     response = await gateway.client.get("/api/settings/runpod-key", headers=headers)
     assert response.status_code == 503
     assert "key vault" in response.json()["detail"]
+
+
+async def test_one_request_carries_one_trace_to_scheduler_and_keyvault(gateway, upstream) -> None:  # noqa: ANN001
+    headers = await gateway.sign_in("alice")
+    upstream.scheduler.verify_answer = accept_with_balance(3.0)
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    for extra in ({"traceparent": traceparent}, {}):
+        saved = await gateway.client.post(
+            "/api/settings/runpod-key", json={"api_key": API_KEY}, headers={**headers, **extra}
+        )
+        assert saved.status_code == 200, saved.text
+        verified = upstream.scheduler.metadata_seen[-1]["traceparent"]
+        stored = upstream.keyvault.metadata_seen[-1]
+        # A request without a trace starts one; both services see the same one either way.
+        assert stored["traceparent"] == verified == extra.get("traceparent", verified)
+        assert stored["x-caller-token"] and "x-caller-token" not in upstream.scheduler.metadata_seen[-1]

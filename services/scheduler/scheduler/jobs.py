@@ -660,8 +660,9 @@ class JobManager:
         try:
             verdict = await client.verify_credentials(account, api_key)
         except ProviderError as exc:
-            exc.message = _without(exc.message, api_key)
-            raise
+            raise ProviderError(
+                exc.provider, exc.code, _without(exc.message, api_key), exc.retryable
+            ) from None
         verdict.message = _without(verdict.message, api_key)
         return verdict
 
