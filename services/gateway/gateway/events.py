@@ -89,7 +89,7 @@ async def job_event_stream(
 
 async def _final_status(scheduler: SchedulerClient, user_id: str, job_id: str) -> dict[str, Any]:
     try:
-        job = await scheduler.get_job(scheduler_pb2.GetJobRequest(user_id=user_id, job_id=job_id), "")
-    except ApiError:
+        job = await scheduler.get_job(scheduler_pb2.GetJobRequest(user_id=user_id, job_id=job_id))
+    except ApiError:  # the stream has ended either way: the status is unknown
         return {"job_id": job_id, "status": None}
     return {"job_id": job_id, "status": state_name(job.state), "error": job.error or None}

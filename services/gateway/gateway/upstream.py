@@ -11,7 +11,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -245,7 +245,9 @@ class SchedulerClient:
     ) -> scheduler_pb2.EstimateJobResponse:
         return await self._call(self._stub.EstimateJob, request, not_found=not_found)
 
-    async def get_job(self, request: scheduler_pb2.GetJobRequest, not_found: str) -> scheduler_pb2.Job:
+    async def get_job(
+        self, request: scheduler_pb2.GetJobRequest, not_found: str = NOT_FOUND
+    ) -> scheduler_pb2.Job:
         return await self._call(self._stub.GetJob, request, not_found=not_found)
 
     async def list_jobs(
@@ -283,11 +285,11 @@ class SchedulerClient:
     ) -> scheduler_pb2.OpenJobArtifactResponse:
         return await self._call(self._stub.OpenJobArtifact, request, not_found=not_found)
 
-    def read_artifact(self, request: scheduler_pb2.JobArtifactRequest) -> Any:
+    def read_artifact(self, request: scheduler_pb2.JobArtifactRequest) -> grpc.aio.UnaryStreamCall:
         """The artifact's chunks as a gRPC stream call (iterate it; cancel it when done)."""
         return self._stub.ReadJobArtifact(request, metadata=self._trace)
 
-    def watch_job(self, request: scheduler_pb2.WatchJobRequest) -> Any:
+    def watch_job(self, request: scheduler_pb2.WatchJobRequest) -> grpc.aio.UnaryStreamCall:
         """The job's events as a gRPC stream call (iterate it; cancel it when done)."""
         return self._stub.WatchJob(request, metadata=self._trace)
 
