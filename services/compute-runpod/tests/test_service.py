@@ -155,7 +155,7 @@ async def test_verify_when_runpod_cannot_be_reached_at_all(
         sock.bind(("127.0.0.1", 0))
         closed = sock.getsockname()[1]
     server = await start_server(make_settings(
-        RUNPOD_REST_BASE_URL=f"http://127.0.0.1:{closed}/v2", RUNPOD_MAX_ATTEMPTS=1,
+        runpod_rest_base_url=f"http://127.0.0.1:{closed}/v2", runpod_max_attempts=1,
     ))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
