@@ -104,6 +104,29 @@ def test_zero_balance_key_is_refused(stack: Stack, fake: FakeRunPodProcess) -> N
     assert "balance" in reply.json()["detail"].lower()
 
 
+def test_key_lacking_a_scope_is_refused_as_forbidden(stack: Stack, fake: FakeRunPodProcess) -> None:
+    client = researcher(stack, "rhea")
+    key = new_key()
+    fake.control("POST", "keys", key=key, balance=20.0, scope="restricted")
+    reply = save_key(client, key)
+    assert reply.status_code == 403
+    assert "serverless Read/Write" in reply.json()["detail"]
+    assert client.request("GET", "/api/settings/runpod-key").json()["has_key"] is False
+
+
+def test_key_check_while_runpod_is_down_is_a_503_naming_runpod(stack: Stack, fake: FakeRunPodProcess) -> None:
+    client = researcher(stack, "ursula")
+    key = funded_key(fake, 50.0)
+    # Every attempt compute-runpod makes (RUNPOD_MAX_ATTEMPTS, 5 by default) meets a 503.
+    fake.control("POST", "faults", route="serverless.list", status=503, times=5)
+    reply = save_key(client, key)
+    assert reply.status_code == 503
+    assert "RunPod answered with a server error (HTTP 503)" in reply.json()["detail"]
+    assert client.request("GET", "/api/settings/runpod-key").json()["has_key"] is False
+    # RunPod back: the same key is saved.
+    assert save_key(client, key).status_code == 200
+
+
 def test_good_key_first_jobs_create_one_endpoint_and_results_arrive_whole(
     stack: Stack, fake: FakeRunPodProcess
 ) -> None:

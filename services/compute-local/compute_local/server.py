@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,12 +11,13 @@ import grpc
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from prometheus_client import REGISTRY, CollectorRegistry
 from service_runtime.grpc_server import GrpcService, create_grpc_server
+from service_runtime.jobs import event_message, job_state
 from service_runtime.lifecycle import run_service
 from service_runtime.metrics import MetricsServer, start_metrics_server
 
 from compute_local.config import Settings
 from compute_local.estimate import estimate
-from compute_local.jobs import JobState, JobStore, StoredEvent
+from compute_local.jobs import JobStore
 from compute_local.metrics import RunnerCollector
 from compute_local.runner import (
     ArtifactNotFound,
@@ -33,28 +33,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "influence.v1.ComputeProvider"
 _MAX_JOB_ID_CHARS = 256
 ARTIFACT_CHUNK_BYTES = 1024 * 1024
-_STATES = {
-    JobState.SUBMITTED: common_pb2.JOB_STATE_SUBMITTED,
-    JobState.RUNNING: common_pb2.JOB_STATE_RUNNING,
-    JobState.COMPLETED: common_pb2.JOB_STATE_COMPLETED,
-    JobState.FAILED: common_pb2.JOB_STATE_FAILED,
-    JobState.CANCELLED: common_pb2.JOB_STATE_CANCELLED,
-}
-
-
-def _event_to_proto(stored: StoredEvent) -> common_pb2.ProgressEvent:
-    event = stored.event
-    message = common_pb2.ProgressEvent(
-        type=str(event.get("type") or ""),
-        stage=str(event.get("stage") or ""),
-        progress=float(event.get("progress") or 0.0),
-        message=str(event.get("message") or ""),
-        event_json=json.dumps(event).encode(),
-    )
-    message.time.FromNanoseconds(int(stored.time * 1e9))
-    return message
-
-
 class ComputeLocalServicer(compute_pb2_grpc.ComputeProviderServicer):
     def __init__(self, runner: LocalRunner) -> None:
         self._runner = runner
@@ -114,8 +92,8 @@ class ComputeLocalServicer(compute_pb2_grpc.ComputeProviderServicer):
         except InvalidCursor as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return compute_pb2.GetStatusResponse(
-            state=_STATES[status.state],
-            events=[_event_to_proto(event) for event in status.events],
+            state=job_state(status.state),
+            events=[event_message(event.event, event.time) for event in status.events],
             cursor=str(status.cursor),
             error=status.error,
             result_ready=status.result_ready,
@@ -140,7 +118,7 @@ class ComputeLocalServicer(compute_pb2_grpc.ComputeProviderServicer):
             state = await self._runner.cancel(request.provider_job_id, request.job_id)
         except JobNotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        return compute_pb2.CancelResponse(state=_STATES[state])
+        return compute_pb2.CancelResponse(state=job_state(state))
 
     async def FetchArtifact(
         self, request: compute_pb2.FetchArtifactRequest, context: grpc.aio.ServicerContext

@@ -8,7 +8,6 @@ token shows up as a clear error from VerifyCredentials / Submit, not as a crash.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -16,25 +15,17 @@ import grpc
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from prometheus_client import REGISTRY, CollectorRegistry
 from service_runtime.grpc_server import GrpcService, create_grpc_server
+from service_runtime.jobs import event_message, job_state
 from service_runtime.lifecycle import Readiness, run_service
 from service_runtime.metrics import MetricsServer, start_metrics_server
 
 from compute_modal.adapter import ModalAdapter, ModalSdkAdapter
 from compute_modal.config import Settings
-from compute_modal.provider import JobStatus, ModalProvider, ProviderError, State
+from compute_modal.provider import JobStatus, ModalProvider, ProviderError
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "influence.v1.ComputeProvider"
-_STATES = {
-    State.SUBMITTED: common_pb2.JOB_STATE_SUBMITTED,
-    State.RUNNING: common_pb2.JOB_STATE_RUNNING,
-    State.COMPLETED: common_pb2.JOB_STATE_COMPLETED,
-    State.FAILED: common_pb2.JOB_STATE_FAILED,
-    State.CANCELLED: common_pb2.JOB_STATE_CANCELLED,
-}
-
-
 @contextlib.asynccontextmanager
 async def _errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
     try:
@@ -44,20 +35,9 @@ async def _errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
 
 
 def _status_to_proto(status: JobStatus) -> compute_pb2.GetStatusResponse:
-    events = []
-    for item in status.events:
-        event = common_pb2.ProgressEvent(
-            type=str(item.event.get("type") or ""),
-            stage=str(item.event.get("stage") or ""),
-            progress=float(item.event.get("progress") or 0.0),
-            message=str(item.event.get("message") or ""),
-            event_json=json.dumps(item.event).encode(),
-        )
-        event.time.FromNanoseconds(int(item.time * 1e9))
-        events.append(event)
     return compute_pb2.GetStatusResponse(
-        state=_STATES[status.state],
-        events=events,
+        state=job_state(status.state.value),
+        events=[event_message(item.event, item.time) for item in status.events],
         cursor=str(status.cursor),
         error=status.error,
         result_ready=status.result_ready,
@@ -79,6 +59,9 @@ class ComputeModalServicer(compute_pb2_grpc.ComputeProviderServicer):
             account_id="modal" if result.valid else "",
             balance_usd=-1.0,
             message=result.message,
+            # Modal runs on the operator's token only: every refusal is of that token (or of a key
+            # the hosted tier does not take).
+            failure=common_pb2.KEY_FAILURE_UNSPECIFIED if result.valid else common_pb2.KEY_FAILURE_INVALID,
         )
 
     async def PrepareAccount(
@@ -125,7 +108,7 @@ class ComputeModalServicer(compute_pb2_grpc.ComputeProviderServicer):
     ) -> compute_pb2.CancelResponse:
         async with _errors(context):
             state = await self._provider.cancel(request.provider_job_id, request.job_id)
-        return compute_pb2.CancelResponse(state=_STATES[state])
+        return compute_pb2.CancelResponse(state=job_state(state.value))
 
     async def Estimate(
         self, request: compute_pb2.EstimateRequest, context: grpc.aio.ServicerContext

@@ -16,6 +16,15 @@ class Code(str, Enum):
     INTERNAL = "INTERNAL"
 
 
+class KeyFailure(str, Enum):
+    """Why RunPod refused a key: common.proto's KeyFailure without its prefix."""
+
+    INVALID = "INVALID"
+    NO_FUNDS = "NO_FUNDS"
+    NO_PERMISSION = "NO_PERMISSION"
+    UNREACHABLE = "UNREACHABLE"
+
+
 class ProviderError(Exception):
     """A failure with a plain message; it never contains an API key or request headers."""
 

@@ -23,7 +23,7 @@ from gpu_core.schemas import ExperimentSpec
 from compute_runpod import costs
 from compute_runpod.client import RunPodClient
 from compute_runpod.config import Settings
-from compute_runpod.errors import Code, ProviderError
+from compute_runpod.errors import Code, KeyFailure, ProviderError
 from compute_runpod.locks import KeyedLocks
 from compute_runpod.results import (
     NO_OUTPUT,
@@ -72,6 +72,23 @@ class Verification:
     account_id: str
     balance_usd: float
     message: str
+    failure: KeyFailure | None = None  # set: the key was refused, and this is why
+
+    @property
+    def valid(self) -> bool:
+        return self.failure is None
+
+
+# What RunPod's answer to a key check means for the key; other errors are failures of the call.
+_KEY_FAILURES = {
+    Code.UNAUTHENTICATED: KeyFailure.INVALID,
+    Code.PERMISSION_DENIED: KeyFailure.NO_PERMISSION,
+    Code.UNAVAILABLE: KeyFailure.UNREACHABLE,
+}
+
+
+def _refused(failure: KeyFailure, message: str) -> Verification:
+    return Verification(account_id="", balance_usd=0.0, message=message, failure=failure)
 
 
 @dataclass(frozen=True)
@@ -147,17 +164,22 @@ class RunPodProvider:
         """Validity through REST v2 (listing the serverless endpoints: 401 invalid, 403 lacking
         scope), then the balance through GraphQL while RunPod still answers it (it is deprecated
         and retires in 2027; REST v2 has no balance). A valid key whose balance cannot be read
-        is accepted with a note saying so: spend stays bounded by the execution timeout."""
+        is accepted with a note saying so: spend stays bounded by the execution timeout. A refused
+        key is an answer (its failure says why), not an error; the stored key's absence is one."""
         key = api_key or await self._key(account)
-        await self._client.list_endpoints(key)
+        try:
+            await self._client.list_endpoints(key)
+        except ProviderError as exc:
+            failure = _KEY_FAILURES.get(exc.code)
+            if failure is None:
+                raise
+            return _refused(failure, exc.message)
         balance = await self._read_balance(key)
         if isinstance(balance, str):
             return Verification(account_id="", balance_usd=-1.0, message=self._balance_unread(balance))
         amount, account_id = balance
         if amount <= 0:
-            raise ProviderError(
-                Code.FAILED_PRECONDITION, "Your RunPod balance is $0; add credits at runpod.io"
-            )
+            return _refused(KeyFailure.NO_FUNDS, "Your RunPod balance is $0; add credits at runpod.io")
         message = f"RunPod key is valid; balance {usd(amount)}"
         if amount < self._settings.runpod_low_balance_usd:
             message += " (low: add credits at runpod.io before long runs)"

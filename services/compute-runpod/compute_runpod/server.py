@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from service_runtime.grpc_server import GrpcService, create_grpc_server
+from service_runtime.jobs import event_message, job_state
 from service_runtime.lifecycle import run_service
 from service_runtime.logs import redact
 from service_runtime.metrics import MetricsServer, start_metrics_server
@@ -32,24 +32,6 @@ def _account(message: common_pb2.Account) -> AccountRef:
     return AccountRef(user_id=message.user_id, endpoint_id=message.endpoint_id, hosted=message.hosted)
 
 
-def _state(name: str) -> common_pb2.JobState:
-    return common_pb2.JobState.Value(f"JOB_STATE_{name}")
-
-
-def _event(event: dict[str, Any]) -> common_pb2.ProgressEvent:
-    time = Timestamp()
-    time.GetCurrentTime()
-    progress = event.get("progress")
-    return common_pb2.ProgressEvent(
-        type=str(event.get("type") or "progress"),
-        stage=str(event.get("stage") or ""),
-        progress=float(progress) if isinstance(progress, int | float) else 0.0,
-        message=str(event.get("message") or ""),
-        event_json=json.dumps(event).encode(),
-        time=time,
-    )
-
-
 class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
     def __init__(self, provider: RunPodProvider) -> None:
         self._provider = provider
@@ -66,9 +48,15 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
         verification = await self._call(
             context, lambda: self._provider.verify(_account(request.account), request.api_key)
         )
+        failure = verification.failure
         return compute_pb2.VerifyCredentialsResponse(
-            valid=True, account_id=verification.account_id,
-            balance_usd=verification.balance_usd, message=verification.message,
+            valid=verification.valid, account_id=verification.account_id,
+            balance_usd=verification.balance_usd, message=redact(verification.message),
+            failure=(
+                common_pb2.KeyFailure.Value(f"KEY_FAILURE_{failure.value}")
+                if failure
+                else common_pb2.KEY_FAILURE_UNSPECIFIED
+            ),
         )
 
     async def PrepareAccount(self, request, context):  # noqa: N802, ANN001, ANN201
@@ -106,8 +94,10 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
                 _account(request.account), request.provider_job_id, request.cursor
             ),
         )
+        # RunPod's stream gives no event times: an event is dated when compute-runpod read it.
+        received = time.time()
         return compute_pb2.GetStatusResponse(
-            state=_state(report.state), events=[_event(e) for e in report.events],
+            state=job_state(report.state), events=[event_message(e, received) for e in report.events],
             cursor=report.cursor, error=report.error, result_ready=report.result_ready,
             stage_message=report.stage_message,
         )
@@ -137,7 +127,7 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
         state = await self._call(
             context, lambda: self._provider.cancel(_account(request.account), request.provider_job_id)
         )
-        return compute_pb2.CancelResponse(state=_state(state))
+        return compute_pb2.CancelResponse(state=job_state(state))
 
     async def Estimate(self, request, context):  # noqa: N802, ANN001, ANN201
         async def work() -> dict[str, Any]:

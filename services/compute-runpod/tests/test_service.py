@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable
 
@@ -70,13 +71,23 @@ async def test_verify_without_stored_key_says_so(stack: Stack) -> None:
     assert "No RunPod API key is saved" in error.details()
 
 
+async def verify(stack: Stack, key: str) -> compute_pb2.VerifyCredentialsResponse:
+    request = compute_pb2.VerifyCredentialsRequest(account=user(), api_key=key)
+    return await stack.stub.VerifyCredentials(request)
+
+
+def assert_refused(answer: compute_pb2.VerifyCredentialsResponse, failure: int) -> None:
+    """A refused key is an answer, not an error: valid=false, the reason typed, no balance."""
+    assert not answer.valid
+    assert answer.failure == failure
+    assert (answer.account_id, answer.balance_usd) == ("", 0.0)
+
+
 async def test_verify_invalid_key(stack: Stack) -> None:
     bad = new_key()
-    error = await rpc_error(stack.stub.VerifyCredentials(
-        compute_pb2.VerifyCredentialsRequest(account=user(), api_key=bad)
-    ))
-    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert error.details() == "Invalid RunPod API key"
+    answer = await verify(stack, bad)
+    assert_refused(answer, common_pb2.KEY_FAILURE_INVALID)
+    assert answer.message == "Invalid RunPod API key"
     assert stack.fake.calls("serverless.list")[0].status == 401  # REST v2 decides validity
     assert stack.fake.calls("graphql") == []
 
@@ -112,22 +123,49 @@ async def test_key_valid_while_graphql_is_gone_is_accepted_with_a_balance_note(s
 async def test_verify_key_lacking_scope(stack: Stack) -> None:
     restricted = new_key()
     stack.fake.add_key(restricted, balance=20.0, scope="restricted")
-    error = await rpc_error(stack.stub.VerifyCredentials(
-        compute_pb2.VerifyCredentialsRequest(account=user(), api_key=restricted)
-    ))
-    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "GraphQL" in error.details() and "serverless Read/Write" in error.details()
-    assert restricted not in error.details()
+    answer = await verify(stack, restricted)
+    assert_refused(answer, common_pb2.KEY_FAILURE_NO_PERMISSION)
+    assert "GraphQL" in answer.message and "serverless Read/Write" in answer.message
+    assert restricted not in answer.message
 
 
 async def test_verify_zero_balance(stack: Stack) -> None:
     broke = new_key()
     stack.fake.add_key(broke, balance=0.0)
-    error = await rpc_error(stack.stub.VerifyCredentials(
-        compute_pb2.VerifyCredentialsRequest(account=user(), api_key=broke)
+    answer = await verify(stack, broke)
+    assert_refused(answer, common_pb2.KEY_FAILURE_NO_FUNDS)
+    assert answer.message == "Your RunPod balance is $0; add credits at runpod.io"
+
+
+async def test_verify_while_runpod_fails_says_it_could_not_be_reached(stack: Stack) -> None:
+    stack.fake.fail_next("serverless.list", 503, times=4)  # every attempt (RUNPOD_MAX_ATTEMPTS)
+    answer = await verify(stack, stack.user_key)
+    assert_refused(answer, common_pb2.KEY_FAILURE_UNREACHABLE)
+    assert "RunPod answered with a server error (HTTP 503)" in answer.message
+    assert [c.status for c in stack.fake.calls("serverless.list")] == [503] * 4
+    assert stack.user_key not in answer.message
+    # RunPod back: the same key is valid.
+    assert (await verify(stack, stack.user_key)).valid
+
+
+async def test_verify_when_runpod_cannot_be_reached_at_all(
+    stack: Stack, make_settings: Callable[..., Settings]
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    server = await start_server(make_settings(
+        runpod_rest_base_url=f"http://127.0.0.1:{closed}/v2", runpod_max_attempts=1,
     ))
-    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert error.details() == "Your RunPod balance is $0; add credits at runpod.io"
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            answer = await compute_pb2_grpc.ComputeProviderStub(channel).VerifyCredentials(
+                compute_pb2.VerifyCredentialsRequest(account=user(), api_key=stack.user_key)
+            )
+    finally:
+        await server.stop()
+    assert_refused(answer, common_pb2.KEY_FAILURE_UNREACHABLE)
+    assert "RunPod" in answer.message and stack.user_key not in answer.message
 
 
 # ---- the endpoint --------------------------------------------------------------------------

@@ -104,8 +104,8 @@ def create_app(
     registry = CollectorRegistry()
     _install_error_handlers(app)
     _install_system_routes(app, state, registry)
-    if settings.auth_mode == "local":
-        _install_local_sign_in(app, state)
+    if state.local_issuer is not None:  # AUTH_MODE=local
+        _install_local_sign_in(app, state.local_issuer, settings.gateway_local_token_ttl_s)
     app.include_router(jobs_api.router)
     app.include_router(settings_api.router)
     app.include_router(models_api.router)
@@ -175,7 +175,7 @@ def _install_system_routes(app: FastAPI, state: GatewayState, registry: Collecto
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def _install_local_sign_in(app: FastAPI, state: GatewayState) -> None:
+def _install_local_sign_in(app: FastAPI, issuer: LocalTokenIssuer, ttl_s: int) -> None:
     @app.post(
         "/api/auth/local",
         tags=["auth"],
@@ -185,12 +185,7 @@ def _install_local_sign_in(app: FastAPI, state: GatewayState) -> None:
     )
     async def local_sign_in(body: LocalSignIn) -> dict[str, Any]:
         """No password: for a stack on one machine. The token's subject is ``local:<username>``."""
-        assert state.local_issuer is not None
-        return {
-            "access_token": state.local_issuer.issue(body.username),
-            "token_type": "bearer",
-            "expires_in": state.settings.gateway_local_token_ttl_s,
-        }
+        return {"access_token": issuer.issue(body.username), "token_type": "bearer", "expires_in": ttl_s}
 
 
 def _install_dashboard(app: FastAPI, dashboard_dir: Path) -> None:

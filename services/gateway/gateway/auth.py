@@ -33,6 +33,13 @@ class _HmacKey:
     audience: str
 
 
+@dataclass(frozen=True)
+class _JwksKeys:
+    client: jwt.PyJWKClient
+    issuer: str
+    audience: str
+
+
 class TokenVerifier:
     """Checks signature, expiry, issuer and audience; answers the subject."""
 
@@ -45,12 +52,14 @@ class TokenVerifier:
                 _HmacKey(settings.jwt_secret.get_secret_value(), settings.jwt_issuer, settings.jwt_audience)
             )
         self._jwks = (
-            jwt.PyJWKClient(settings.jwt_jwks_url, cache_keys=True, timeout=10)
-            if settings.jwt_jwks_url
+            _JwksKeys(
+                jwt.PyJWKClient(settings.jwt_jwks_url, cache_keys=True, timeout=10),
+                settings.jwt_issuer,
+                settings.jwt_audience,
+            )
+            if settings.jwt_jwks_url and settings.jwt_issuer and settings.jwt_audience
             else None
         )
-        self._issuer = settings.jwt_issuer
-        self._audience = settings.jwt_audience
 
     async def subject(self, authorization: str | None) -> str:
         token = _bearer_token(authorization)
@@ -62,7 +71,7 @@ class TokenVerifier:
         if algorithm == "HS256" and self._hmac_keys:
             claims = self._decode_hmac(token)
         elif algorithm in _JWKS_ALGORITHMS and self._jwks is not None:
-            claims = await self._decode_jwks(token, algorithm)
+            claims = await _decode_jwks(self._jwks, token, algorithm)
         else:
             raise AuthError(f"Tokens signed with {algorithm!r} are not accepted here")
         subject = claims.get("sub")
@@ -79,17 +88,18 @@ class TokenVerifier:
                 last_error = exc
         raise AuthError(_describe(last_error or jwt.InvalidSignatureError()))
 
-    async def _decode_jwks(self, token: str, algorithm: str) -> dict[str, Any]:
-        assert self._jwks is not None and self._issuer and self._audience
-        try:
-            # PyJWKClient fetches over blocking urllib; keep the event loop free.
-            signing_key = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)
-        except jwt.PyJWKClientError as exc:
-            raise AuthError(f"The token's signing key could not be found: {exc}") from None
-        try:
-            return _decode(token, signing_key.key, [algorithm], self._issuer, self._audience)
-        except jwt.InvalidTokenError as exc:
-            raise AuthError(_describe(exc)) from None
+
+
+async def _decode_jwks(jwks: _JwksKeys, token: str, algorithm: str) -> dict[str, Any]:
+    try:
+        # PyJWKClient fetches over blocking urllib; keep the event loop free.
+        signing_key = await asyncio.to_thread(jwks.client.get_signing_key_from_jwt, token)
+    except jwt.PyJWKClientError as exc:
+        raise AuthError(f"The token's signing key could not be found: {exc}") from None
+    try:
+        return _decode(token, signing_key.key, [algorithm], jwks.issuer, jwks.audience)
+    except jwt.InvalidTokenError as exc:
+        raise AuthError(_describe(exc)) from None
 
 
 def _decode(token: str, key: Any, algorithms: list[str], issuer: str, audience: str) -> dict[str, Any]:

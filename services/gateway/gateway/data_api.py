@@ -45,14 +45,14 @@ async def parse_data_file(
     if not body.strip():
         raise ApiError(400, f"{filename} is empty")
     parsed = await asyncio.to_thread(parse_file, kind, filename, body, state.spec_limits)
-    if parsed.problems:
+    # No format means no example was read; gpu_core then says why in a problem.
+    if parsed.problems or parsed.format is None:
         shown = [{"field": p.where, "message": p.message} for p in parsed.problems[:MAX_PROBLEMS]]
         if len(parsed.problems) > MAX_PROBLEMS:
             shown.append(
                 {"field": "file", "message": f"and {len(parsed.problems) - MAX_PROBLEMS} more problems"}
             )
         raise SpecInvalid(shown)
-    assert parsed.format is not None
     return {
         "format": parsed.format,
         "format_label": FORMAT_LABELS[parsed.format],

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from gateway.auth import AuthError, LocalTokenIssuer, TokenVerifier
 from gateway.config import Settings
-from gateway.upstream import ApiError, Upstreams, trace_metadata
+from gateway.upstream import ApiError, KeyVaultClient, Metadata, SchedulerClient, Upstreams, trace_metadata
 
 
 @dataclass
@@ -34,7 +34,11 @@ def gateway_state(request: Request) -> GatewayState:
 
 def upstreams(request: Request) -> Upstreams:
     state: GatewayState = request.app.state.gateway
-    assert state.upstreams is not None, "the app's lifespan opens the upstream channels"
+    if state.upstreams is None:
+        # Only between the app's creation and its lifespan opening the channels (or after close).
+        raise ApiError(
+            503, "The gateway is not connected to the scheduler and key vault yet; try again in a moment"
+        )
     return state.upstreams
 
 
@@ -54,16 +58,27 @@ async def current_user(
         raise ApiError(401, str(exc)) from None
 
 
-CurrentUser = Annotated[str, Depends(current_user)]
-State = Annotated[GatewayState, Depends(gateway_state)]
-Clients = Annotated[Upstreams, Depends(upstreams)]
-
-
-def trace(request: Request) -> tuple[tuple[str, str], ...]:
+def trace(request: Request) -> Metadata:
     return trace_metadata(request.headers)
 
 
-Trace = Annotated[tuple[tuple[str, str], ...], Depends(trace)]
+# FastAPI runs a dependency once per request, so both clients carry the same (possibly new) trace.
+Trace = Annotated[Metadata, Depends(trace)]
+Clients = Annotated[Upstreams, Depends(upstreams)]
+
+
+def scheduler_client(clients: Clients, trace: Trace) -> SchedulerClient:
+    return clients.scheduler_client(trace)
+
+
+def keyvault_client(clients: Clients, trace: Trace) -> KeyVaultClient:
+    return clients.keyvault_client(trace)
+
+
+CurrentUser = Annotated[str, Depends(current_user)]
+State = Annotated[GatewayState, Depends(gateway_state)]
+Scheduler = Annotated[SchedulerClient, Depends(scheduler_client)]
+KeyVault = Annotated[KeyVaultClient, Depends(keyvault_client)]
 
 
 def field_path(loc: tuple[Any, ...] | list[Any]) -> str:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from influence.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from influence.v1 import common_pb2, scheduler_pb2
+from service_runtime.jobs import state_name
 
-from gateway.views import event_payload, job_status
+from gateway.upstream import ApiError, SchedulerClient
+from gateway.views import event_payload
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +38,12 @@ def sse_message(data: dict[str, Any], event: str | None = None, event_id: int | 
 
 
 async def job_event_stream(
-    scheduler: scheduler_pb2_grpc.SchedulerStub,
-    user_id: str,
-    job_id: str,
-    after_seq: int,
-    heartbeat_s: float,
-    metadata: Sequence[tuple[str, str]],
-    rpc_timeout_s: float,
+    scheduler: SchedulerClient, user_id: str, job_id: str, after_seq: int, heartbeat_s: float
 ) -> AsyncIterator[bytes]:
-    queue: asyncio.Queue[tuple[str, common_pb2.ProgressEvent | grpc.aio.AioRpcError | None]] = asyncio.Queue()
-    call = scheduler.WatchJob(
-        scheduler_pb2.WatchJobRequest(user_id=user_id, job_id=job_id, after_seq=after_seq),
-        metadata=tuple(metadata),
+    # An event, the stream's end (None) or the error that broke it.
+    queue: asyncio.Queue[common_pb2.ProgressEvent | grpc.aio.AioRpcError | None] = asyncio.Queue()
+    call = scheduler.watch_job(
+        scheduler_pb2.WatchJobRequest(user_id=user_id, job_id=job_id, after_seq=after_seq)
     )
 
     async def pump() -> None:
@@ -55,31 +51,26 @@ async def job_event_stream(
         # a read on the gRPC stream.
         try:
             async for event in call:
-                await queue.put(("event", event))
-            await queue.put(("end", None))
+                await queue.put(event)
+            await queue.put(None)
         except grpc.aio.AioRpcError as exc:
-            await queue.put(("error", exc))
+            await queue.put(exc)
 
     pump_task = asyncio.create_task(pump())
     try:
         yield f"retry: {RECONNECT_DELAY_MS}\n\n".encode()
         while True:
             try:
-                kind, item = await asyncio.wait_for(queue.get(), heartbeat_s)
+                item = await asyncio.wait_for(queue.get(), heartbeat_s)
             except TimeoutError:
                 yield HEARTBEAT
                 continue
-            if kind == "event":
-                assert isinstance(item, common_pb2.ProgressEvent)
+            if isinstance(item, common_pb2.ProgressEvent):
                 yield sse_message(event_payload(item), event_id=item.seq)
-            elif kind == "end":
-                yield sse_message(
-                    await _final_status(scheduler, user_id, job_id, metadata, rpc_timeout_s),
-                    event="end",
-                )
+            elif item is None:
+                yield sse_message(await _final_status(scheduler, user_id, job_id), event="end")
                 return
             else:
-                assert isinstance(item, grpc.aio.AioRpcError)
                 log.warning(
                     "job event stream broke",
                     extra={"job_id": job_id, "grpc_code": item.code().name},
@@ -96,19 +87,9 @@ async def job_event_stream(
         call.cancel()
 
 
-async def _final_status(
-    scheduler: scheduler_pb2_grpc.SchedulerStub,
-    user_id: str,
-    job_id: str,
-    metadata: Sequence[tuple[str, str]],
-    timeout_s: float,
-) -> dict[str, Any]:
+async def _final_status(scheduler: SchedulerClient, user_id: str, job_id: str) -> dict[str, Any]:
     try:
-        job = await scheduler.GetJob(
-            scheduler_pb2.GetJobRequest(user_id=user_id, job_id=job_id),
-            metadata=tuple(metadata),
-            timeout=timeout_s,
-        )
-    except grpc.aio.AioRpcError:
+        job = await scheduler.get_job(scheduler_pb2.GetJobRequest(user_id=user_id, job_id=job_id))
+    except ApiError:  # the stream has ended either way: the status is unknown
         return {"job_id": job_id, "status": None}
-    return {"job_id": job_id, "status": job_status(job.state), "error": job.error or None}
+    return {"job_id": job_id, "status": state_name(job.state), "error": job.error or None}

@@ -12,18 +12,21 @@ from gpu_core.datareport import data_report
 from gpu_core.schemas import ExperimentResult, ExperimentSpec, parse_spec
 from influence.v1 import scheduler_pb2
 from influence_client.models import ArtifactList, EstimateAnswer, Job, JobDeleted, JobList, SubmittedJob
+from service_runtime.jobs import TERMINAL_STATES, state_name
 
-from gateway.deps import Clients, CurrentUser, State, Trace, read_spec
+from gateway.deps import CurrentUser, Scheduler, State, read_spec
 from gateway.events import job_event_stream
 from gateway.responses import ERRORS, error
-from gateway.upstream import ApiError, scheduler_errors
-from gateway.views import TERMINAL_STATUSES, estimate_view, job_status, job_view, submitted_view
+from gateway.upstream import ApiError
+from gateway.views import estimate_view, job_view, submitted_view
 
+# Each route is a declaration (path, summary, response model, errors) and one or two calls of
+# the typed SchedulerClient, which holds what calls share (trace, deadline, error mapping); the
+# declarations alike in shape are the API's surface, not logic to share (`duplicates` pairs them).
 router = APIRouter(prefix="/api", tags=["jobs"], responses=ERRORS)
 
 JOB_NOT_FOUND = "Job not found"
 ARTIFACT_NOT_FOUND = "Job or artifact not found"
-SCHEDULER_DOWN = "The scheduler is unavailable; try again in a moment"
 # Event seqs are int64 in the scheduler's contract (and bigint in its table).
 MAX_SEQ = 2**63 - 1
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -77,22 +80,19 @@ async def submit_job(
     response: Response,
     user: CurrentUser,
     state: State,
-    clients: Clients,
-    trace: Trace,
+    scheduler: Scheduler,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> dict[str, Any]:
     """Validates the spec under this deployment's limits and hands it to the scheduler. Sending
     the same ``Idempotency-Key`` again answers the job it created the first time."""
     checked_idempotency_key(idempotency_key)
     spec_json = await read_spec(request, state.spec_limits)
-    with scheduler_errors("The scheduler is unavailable; your job was not submitted, try again"):
-        job = await clients.scheduler.SubmitJob(
-            scheduler_pb2.SubmitJobRequest(
-                user_id=user, spec_json=spec_json, idempotency_key=idempotency_key or ""
-            ),
-            metadata=trace,
-            timeout=clients.timeout_s,
-        )
+    request_message = scheduler_pb2.SubmitJobRequest(
+        user_id=user, spec_json=spec_json, idempotency_key=idempotency_key or ""
+    )
+    job = await scheduler.submit_job(
+        request_message, "The scheduler is unavailable; your job was not submitted, try again"
+    )
     response.headers["Location"] = f"/api/jobs/{job.id}"
     return submitted_view(job)
 
@@ -101,19 +101,14 @@ async def submit_job(
     "/estimate", openapi_extra=_spec_body(), summary="Estimate time and cost", response_model=EstimateAnswer
 )
 async def estimate_job(
-    request: Request, user: CurrentUser, state: State, clients: Clients, trace: Trace
+    request: Request, user: CurrentUser, state: State, scheduler: Scheduler
 ) -> dict[str, Any]:
     """Time and cost of the experiment on the caller's backend (first) and on the other one, and
     ``data_report``: token lengths with the model's tokenizer, truncation at max_seq_len,
     duplicates and eval examples that copy a training example (gpu_core.datareport)."""
     spec_json = await read_spec(request, state.spec_limits)
     report = await asyncio.to_thread(data_report, parse_spec(spec_json, state.spec_limits))
-    with scheduler_errors(SCHEDULER_DOWN):
-        answer = await clients.scheduler.EstimateJob(
-            scheduler_pb2.EstimateJobRequest(user_id=user, spec_json=spec_json),
-            metadata=trace,
-            timeout=clients.timeout_s,
-        )
+    answer = await scheduler.estimate_job(scheduler_pb2.EstimateJobRequest(user_id=user, spec_json=spec_json))
     return {
         "active_backend": answer.active_backend,
         "estimates": [estimate_view(estimate) for estimate in answer.estimates],
@@ -125,26 +120,16 @@ async def estimate_job(
 @router.get("/jobs", summary="The caller's jobs, newest first", response_model=JobList)
 async def list_jobs(
     user: CurrentUser,
-    clients: Clients,
-    trace: Trace,
+    scheduler: Scheduler,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> dict[str, Any]:
-    with scheduler_errors(SCHEDULER_DOWN):
-        answer = await clients.scheduler.ListJobs(
-            scheduler_pb2.ListJobsRequest(user_id=user, limit=limit),
-            metadata=trace,
-            timeout=clients.timeout_s,
-        )
+    answer = await scheduler.list_jobs(scheduler_pb2.ListJobsRequest(user_id=user, limit=limit))
     return {"jobs": [job_view(job) for job in answer.jobs]}
 
 
-async def _get_job(clients: Clients, user: str, job_id: str, trace: Trace) -> scheduler_pb2.Job:
-    with scheduler_errors(SCHEDULER_DOWN, not_found=JOB_NOT_FOUND):
-        return await clients.scheduler.GetJob(
-            scheduler_pb2.GetJobRequest(user_id=user, job_id=_checked_job_id(job_id)),
-            metadata=trace,
-            timeout=clients.timeout_s,
-        )
+async def _get_job(scheduler: Scheduler, user: str, job_id: str) -> scheduler_pb2.Job:
+    request = scheduler_pb2.GetJobRequest(user_id=user, job_id=_checked_job_id(job_id))
+    return await scheduler.get_job(request, JOB_NOT_FOUND)
 
 
 @router.get(
@@ -153,8 +138,8 @@ async def _get_job(clients: Clients, user: str, job_id: str, trace: Trace) -> sc
     response_model=Job,
     responses={404: error("No such job for this user")},
 )
-async def get_job(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
-    return job_view(await _get_job(clients, user, job_id, trace))
+async def get_job(job_id: str, user: CurrentUser, scheduler: Scheduler) -> dict[str, Any]:
+    return job_view(await _get_job(scheduler, user, job_id))
 
 
 @router.get(
@@ -173,8 +158,7 @@ async def job_events(
     job_id: str,
     user: CurrentUser,
     state: State,
-    clients: Clients,
-    trace: Trace,
+    scheduler: Scheduler,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     after: Annotated[
         int | None, Query(ge=0, le=MAX_SEQ, description="Resume after this event seq")
@@ -187,16 +171,8 @@ async def job_events(
         if not (text.isascii() and text.isdigit()) or int(text) > MAX_SEQ:
             raise ApiError(422, f"Last-Event-ID must be the seq number of an event (0 to {MAX_SEQ})")
         after_seq = max(after_seq, int(text))
-    await _get_job(clients, user, job_id, trace)
-    stream = job_event_stream(
-        clients.scheduler,
-        user,
-        job_id,
-        after_seq,
-        state.settings.gateway_sse_heartbeat_s,
-        trace,
-        clients.timeout_s,
-    )
+    await _get_job(scheduler, user, job_id)
+    stream = job_event_stream(scheduler, user, job_id, after_seq, state.settings.gateway_sse_heartbeat_s)
     return StreamingResponse(
         stream,
         media_type="text/event-stream",
@@ -214,22 +190,19 @@ async def job_events(
         409: error("The job has not finished"),
     },
 )
-async def job_results(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> Response:
-    job = await _get_job(clients, user, job_id, trace)
-    status = job_status(job.state)
+async def job_results(job_id: str, user: CurrentUser, scheduler: Scheduler) -> Response:
+    job = await _get_job(scheduler, user, job_id)
+    status = state_name(job.state)
     if status != "completed":
-        if status in TERMINAL_STATUSES:
+        if status in TERMINAL_STATES:
             detail = f": {job.error}" if job.error else ""
             raise ApiError(409, f"The job {status} and has no results{detail}")
         raise ApiError(409, f"The job is {status}; results are ready once it completes")
-    with scheduler_errors(SCHEDULER_DOWN, not_found=JOB_NOT_FOUND):
-        answer = await clients.scheduler.GetJobResult(
-            scheduler_pb2.GetJobResultRequest(user_id=user, job_id=job_id),
-            metadata=trace,
-            timeout=clients.timeout_s,
-        )
+    result_json = await scheduler.job_result(
+        scheduler_pb2.GetJobResultRequest(user_id=user, job_id=job_id), JOB_NOT_FOUND
+    )
     # As stored: the dashboard reads gpu_core's result schema directly.
-    return Response(content=answer.result_json, media_type="application/json")
+    return Response(content=result_json, media_type="application/json")
 
 
 @router.get(
@@ -240,15 +213,9 @@ async def job_results(job_id: str, user: CurrentUser, clients: Clients, trace: T
         404: error("No such job for this user"),
     },
 )
-async def job_spec(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> Response:
-    job_id = _checked_job_id(job_id)
-    with scheduler_errors(SCHEDULER_DOWN, not_found=JOB_NOT_FOUND):
-        answer = await clients.scheduler.GetJobSpec(
-            scheduler_pb2.GetJobSpecRequest(user_id=user, job_id=job_id),
-            metadata=trace,
-            timeout=clients.timeout_s,
-        )
-    return Response(content=answer.spec_json, media_type="application/json")
+async def job_spec(job_id: str, user: CurrentUser, scheduler: Scheduler) -> Response:
+    request = scheduler_pb2.GetJobSpecRequest(user_id=user, job_id=_checked_job_id(job_id))
+    return Response(content=await scheduler.job_spec(request, JOB_NOT_FOUND), media_type="application/json")
 
 
 @router.post(
@@ -257,14 +224,9 @@ async def job_spec(job_id: str, user: CurrentUser, clients: Clients, trace: Trac
     response_model=Job,
     responses={404: error("No such job for this user")},
 )
-async def cancel_job(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
-    with scheduler_errors(SCHEDULER_DOWN, not_found=JOB_NOT_FOUND):
-        job = await clients.scheduler.CancelJob(
-            scheduler_pb2.CancelJobRequest(user_id=user, job_id=_checked_job_id(job_id)),
-            metadata=trace,
-            timeout=clients.timeout_s,
-        )
-    return job_view(job)
+async def cancel_job(job_id: str, user: CurrentUser, scheduler: Scheduler) -> dict[str, Any]:
+    request = scheduler_pb2.CancelJobRequest(user_id=user, job_id=_checked_job_id(job_id))
+    return job_view(await scheduler.cancel_job(request, JOB_NOT_FOUND))
 
 
 @router.delete(
@@ -273,13 +235,9 @@ async def cancel_job(job_id: str, user: CurrentUser, clients: Clients, trace: Tr
     response_model=JobDeleted,
     responses={404: error("No such job for this user")},
 )
-async def delete_job(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
-    with scheduler_errors(SCHEDULER_DOWN, not_found=JOB_NOT_FOUND):
-        answer = await clients.scheduler.DeleteJob(
-            scheduler_pb2.DeleteJobRequest(user_id=user, job_id=_checked_job_id(job_id)),
-            metadata=trace,
-            timeout=clients.timeout_s,
-        )
+async def delete_job(job_id: str, user: CurrentUser, scheduler: Scheduler) -> dict[str, Any]:
+    request = scheduler_pb2.DeleteJobRequest(user_id=user, job_id=_checked_job_id(job_id))
+    answer = await scheduler.delete_job(request, JOB_NOT_FOUND)
     return {"id": job_id, "deleted": True, "deleted_artifacts": answer.deleted_artifacts}
 
 
@@ -298,13 +256,9 @@ def _artifact_view(artifact: Any) -> dict[str, Any]:
     response_model=ArtifactList,
     responses={404: error("No such job for this user")},
 )
-async def list_artifacts(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
-    with scheduler_errors(SCHEDULER_DOWN, not_found=JOB_NOT_FOUND):
-        answer = await clients.scheduler.ListJobArtifacts(
-            scheduler_pb2.ListJobArtifactsRequest(user_id=user, job_id=_checked_job_id(job_id)),
-            metadata=trace,
-            timeout=clients.timeout_s,
-        )
+async def list_artifacts(job_id: str, user: CurrentUser, scheduler: Scheduler) -> dict[str, Any]:
+    request = scheduler_pb2.ListJobArtifactsRequest(user_id=user, job_id=_checked_job_id(job_id))
+    answer = await scheduler.list_artifacts(request, JOB_NOT_FOUND)
     return {"artifacts": [_artifact_view(artifact) for artifact in answer.artifacts]}
 
 
@@ -319,16 +273,14 @@ async def list_artifacts(job_id: str, user: CurrentUser, clients: Clients, trace
     },
 )
 async def download_artifact(
-    job_id: str, name: str, user: CurrentUser, clients: Clients, trace: Trace
+    job_id: str, name: str, user: CurrentUser, scheduler: Scheduler
 ) -> Response:
     request = scheduler_pb2.JobArtifactRequest(user_id=user, job_id=_checked_job_id(job_id), name=name)
-    with scheduler_errors(SCHEDULER_DOWN, not_found=ARTIFACT_NOT_FOUND):
-        opened = await clients.scheduler.OpenJobArtifact(request, metadata=trace, timeout=clients.timeout_s)
+    opened = await scheduler.open_artifact(request, ARTIFACT_NOT_FOUND)
     if opened.download_url:
         return RedirectResponse(opened.download_url, status_code=307)
     artifact = opened.artifact
-    # No deadline on the stream itself: a large file takes as long as the client reads.
-    call = clients.scheduler.ReadJobArtifact(request, metadata=trace)
+    call = scheduler.read_artifact(request)
 
     async def body() -> Any:
         try:

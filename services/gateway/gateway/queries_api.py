@@ -17,14 +17,14 @@ from gpu_core.jobs import QUERY
 from gpu_core.schemas import NO_SIZE_LIMITS, QueryRequest, TrainingExample, parse_spec
 from influence.v1 import scheduler_pb2
 from influence_client.models import QueryJob, QueryList, QuerySubmitted
+from service_runtime.jobs import state_name
 
-from gateway.deps import Clients, CurrentUser, Trace
-from gateway.jobs_api import SCHEDULER_DOWN, checked_idempotency_key
+from gateway.deps import CurrentUser, Scheduler
+from gateway.jobs_api import checked_idempotency_key
 from gateway.later_jobs import get_later_job, later_job_view, list_later_jobs, submit_later_job
 from gateway.responses import ERRORS, error
-from gateway.upstream import scheduler_errors
-from gateway.views import job_status
 
+# Routes declared like jobs_api's (see the note there on their shared shape).
 router = APIRouter(prefix="/api/jobs/{job_id}/queries", tags=["queries"], responses=ERRORS)
 
 QUERY_NOT_FOUND = "Query not found"
@@ -71,8 +71,7 @@ async def submit_query(
     body: QueryRequest,
     response: Response,
     user: CurrentUser,
-    clients: Clients,
-    trace: Trace,
+    scheduler: Scheduler,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> dict[str, Any]:
     """Without ``expected`` a query attributes the model's own greedy answer; ``span``
@@ -80,13 +79,13 @@ async def submit_query(
     the same ``Idempotency-Key`` again answers the query job it created the first time."""
     checked_idempotency_key(idempotency_key)
     job = await submit_later_job(
-        clients, user, trace, job_id, QUERY, body.model_dump_json(exclude_none=True).encode(),
+        scheduler, user, job_id, QUERY, body.model_dump_json(exclude_none=True).encode(),
         idempotency_key, "The scheduler is unavailable; the query was not submitted, try again",
     )
     response.headers["Location"] = f"/api/jobs/{job_id}/queries/{job.id}"
     return {
         "query_job_id": job.id,
-        "status": job_status(job.state),
+        "status": state_name(job.state),
         "estimated_time_s": job.estimated_time_s,
         "estimated_cost_usd": job.estimated_cost_usd,
     }
@@ -98,8 +97,8 @@ async def submit_query(
     response_model=QueryList,
     responses={404: error("No such experiment")},
 )
-async def list_queries(job_id: str, user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
-    jobs = await list_later_jobs(clients, user, trace, job_id, QUERY)
+async def list_queries(job_id: str, user: CurrentUser, scheduler: Scheduler) -> dict[str, Any]:
+    jobs = await list_later_jobs(scheduler, user, job_id, QUERY)
     return {"queries": [query_view(job) for job in jobs]}
 
 
@@ -110,17 +109,14 @@ async def list_queries(job_id: str, user: CurrentUser, clients: Clients, trace: 
     responses={404: error("No such query of this experiment")},
 )
 async def get_query(
-    job_id: str, query_job_id: str, user: CurrentUser, clients: Clients, trace: Trace
+    job_id: str, query_job_id: str, user: CurrentUser, scheduler: Scheduler
 ) -> dict[str, Any]:
-    job, result = await get_later_job(clients, user, trace, job_id, query_job_id, QUERY, QUERY_NOT_FOUND)
+    job, result = await get_later_job(scheduler, user, job_id, query_job_id, QUERY, QUERY_NOT_FOUND)
     view = {**query_view(job), "result": None}
     if result is not None:
-        with scheduler_errors(SCHEDULER_DOWN, not_found=QUERY_NOT_FOUND):
-            # The query's stored spec is its experiment's.
-            spec = await clients.scheduler.GetJobSpec(
-                scheduler_pb2.GetJobSpecRequest(user_id=user, job_id=job.id),
-                metadata=trace,
-                timeout=clients.timeout_s,
-            )
-        view["result"] = with_texts(result, spec.spec_json)
+        # The query's stored spec is its experiment's.
+        spec_json = await scheduler.job_spec(
+            scheduler_pb2.GetJobSpecRequest(user_id=user, job_id=job.id), QUERY_NOT_FOUND
+        )
+        view["result"] = with_texts(result, spec_json)
     return view

@@ -9,25 +9,31 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal
 
-import grpc
 from fastapi import APIRouter
-from influence.v1 import keyvault_pb2, scheduler_pb2
+from influence.v1 import common_pb2, keyvault_pb2, scheduler_pb2
 from influence_client.models import ComputeSettings, RunpodKeyDeleted, RunpodKeySaved, RunpodKeyStatus
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from gateway.deps import Clients, CurrentUser, State, Trace, require_text
+from gateway.deps import CurrentUser, KeyVault, Scheduler, State, require_text
 from gateway.responses import ERRORS, error
-from gateway.upstream import ApiError, Upstreams, keyvault_errors, scheduler_errors
+from gateway.upstream import ApiError
 from gateway.views import compute_settings_view, key_info_view
 
 log = logging.getLogger(__name__)
+# Routes declared like jobs_api's (see the note there on their shared shape).
 router = APIRouter(prefix="/api/settings", tags=["settings"], responses=ERRORS)
 
 RUNPOD = "runpod"
-SCHEDULER_DOWN = "The scheduler is unavailable; your settings were not changed, try again"
-KEYVAULT_DOWN = "The key vault is unavailable; try again in a moment"
+SETTINGS_NOT_CHANGED = "The scheduler is unavailable; your settings were not changed, try again"
 NO_RUNPOD_KEY = "No RunPod API key is stored: add one (POST /api/settings/runpod-key) before choosing runpod"
-_FUNDS_WORDS = ("balance", "credit", "fund")
+# The one mapping of why RunPod refused a key to an HTTP answer; a refusal without a reason is
+# the key's (400).
+_REFUSAL_STATUS = {
+    common_pb2.KEY_FAILURE_INVALID: 400,
+    common_pb2.KEY_FAILURE_NO_FUNDS: 402,
+    common_pb2.KEY_FAILURE_NO_PERMISSION: 403,
+    common_pb2.KEY_FAILURE_UNREACHABLE: 503,
+}
 
 
 class ComputeBackendChoice(BaseModel):
@@ -50,43 +56,13 @@ class RunpodKeyRequest(BaseModel):
         return SecretStr(text)
 
 
-async def _compute_settings(clients: Upstreams, user: str, trace: Trace) -> scheduler_pb2.ComputeSettings:
-    with scheduler_errors("The scheduler is unavailable; try again in a moment"):
-        return await clients.scheduler.GetComputeSettings(
-            scheduler_pb2.GetComputeSettingsRequest(user_id=user),
-            metadata=trace,
-            timeout=clients.timeout_s,
-        )
-
-
-async def _set_backend(
-    clients: Upstreams, user: str, backend: str, trace: Trace
-) -> scheduler_pb2.ComputeSettings:
-    with scheduler_errors(SCHEDULER_DOWN):
-        return await clients.scheduler.SetComputeBackend(
-            scheduler_pb2.SetComputeBackendRequest(user_id=user, backend=backend),
-            metadata=trace,
-            timeout=clients.timeout_s,
-        )
-
-
-async def _stored_key(clients: Upstreams, user: str, trace: Trace) -> keyvault_pb2.KeyInfo | None:
-    try:
-        with keyvault_errors(KEYVAULT_DOWN):
-            return await clients.keyvault.GetKeyInfo(
-                keyvault_pb2.KeyRef(user_id=user, provider=RUNPOD),
-                metadata=clients.keyvault_call_metadata(trace),
-                timeout=clients.timeout_s,
-            )
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() == grpc.StatusCode.NOT_FOUND:
-            return None
-        raise
+def _runpod_key(user: str) -> keyvault_pb2.KeyRef:
+    return keyvault_pb2.KeyRef(user_id=user, provider=RUNPOD)
 
 
 @router.get("/compute", summary="The caller's compute backend", response_model=ComputeSettings)
-async def get_compute(user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
-    return compute_settings_view(await _compute_settings(clients, user, trace))
+async def get_compute(user: CurrentUser, scheduler: Scheduler) -> dict[str, Any]:
+    return compute_settings_view(await scheduler.compute_settings(user))
 
 
 @router.put(
@@ -96,11 +72,11 @@ async def get_compute(user: CurrentUser, clients: Clients, trace: Trace) -> dict
     responses={409: error("runpod chosen with no stored key")},
 )
 async def put_compute(
-    choice: ComputeBackendChoice, user: CurrentUser, clients: Clients, trace: Trace
+    choice: ComputeBackendChoice, user: CurrentUser, scheduler: Scheduler, keyvault: KeyVault
 ) -> dict[str, Any]:
-    if choice.backend == RUNPOD and await _stored_key(clients, user, trace) is None:
+    if choice.backend == RUNPOD and await keyvault.key_info(_runpod_key(user)) is None:
         raise ApiError(409, NO_RUNPOD_KEY)
-    return compute_settings_view(await _set_backend(clients, user, choice.backend, trace))
+    return compute_settings_view(await scheduler.set_backend(user, choice.backend, SETTINGS_NOT_CHANGED))
 
 
 @router.post(
@@ -111,27 +87,25 @@ async def put_compute(
         400: error("RunPod rejected the key"),
         402: error("The RunPod account has no funds"),
         403: error("The key lacks a needed permission"),
+        503: error("RunPod (or a service behind the gateway) could not be reached"),
     },
 )
 async def save_runpod_key(
-    body: RunpodKeyRequest, user: CurrentUser, clients: Clients, trace: Trace
+    body: RunpodKeyRequest, user: CurrentUser, scheduler: Scheduler, keyvault: KeyVault
 ) -> dict[str, Any]:
     api_key = body.api_key.get_secret_value()
-    with scheduler_errors("The scheduler is unavailable; your key was not saved, try again"):
-        verdict = await clients.scheduler.VerifyProviderKey(
-            scheduler_pb2.VerifyProviderKeyRequest(user_id=user, provider=RUNPOD, api_key=api_key),
-            metadata=trace,
-            timeout=clients.timeout_s,
-        )
+    verdict = await scheduler.verify_provider_key(
+        scheduler_pb2.VerifyProviderKeyRequest(user_id=user, provider=RUNPOD, api_key=api_key),
+        "The scheduler is unavailable; your key was not saved, try again",
+    )
     if not verdict.valid:
-        raise ApiError(_rejection_status(verdict.message), verdict.message or "RunPod rejected the key")
-    with keyvault_errors("The key vault is unavailable; your key was not saved, try again"):
-        info = await clients.keyvault.StoreKey(
-            keyvault_pb2.StoreKeyRequest(user_id=user, provider=RUNPOD, plaintext=api_key, verified=True),
-            metadata=clients.keyvault_call_metadata(trace),
-            timeout=clients.timeout_s,
-        )
-    settings = await _set_backend(clients, user, RUNPOD, trace)
+        status = _REFUSAL_STATUS.get(verdict.failure, 400)
+        raise ApiError(status, verdict.message or "RunPod rejected the key")
+    info = await keyvault.store_key(
+        keyvault_pb2.StoreKeyRequest(user_id=user, provider=RUNPOD, plaintext=api_key, verified=True),
+        "The key vault is unavailable; your key was not saved, try again",
+    )
+    settings = await scheduler.set_backend(user, RUNPOD, SETTINGS_NOT_CHANGED)
     log.info("runpod key saved", extra={"user_id": user, "last4": info.last4})
     return {
         "last4": info.last4,
@@ -143,27 +117,16 @@ async def save_runpod_key(
     }
 
 
-def _rejection_status(message: str) -> int:
-    """The scheduler answers a refused key with valid=false and RunPod's plain message: 402 when
-    the account cannot pay, 403 when the key lacks a permission, else 400 (key refused)."""
-    lowered = message.lower()
-    if any(word in lowered for word in _FUNDS_WORDS):
-        return 402
-    if "permission" in lowered:
-        return 403
-    return 400
-
-
 @router.get(
     "/runpod-key",
     summary="Whether a RunPod key is stored, and the endpoint's state",
     response_model=RunpodKeyStatus,
 )
 async def get_runpod_key(
-    user: CurrentUser, clients: Clients, trace: Trace, state: State
+    user: CurrentUser, scheduler: Scheduler, keyvault: KeyVault, state: State
 ) -> dict[str, Any]:
-    settings = await _compute_settings(clients, user, trace)
-    info = await _stored_key(clients, user, trace)
+    settings = await scheduler.compute_settings(user)
+    info = await keyvault.key_info(_runpod_key(user))
     return {
         **compute_settings_view(settings), **key_info_view(info),
         "runpod_simulated": state.settings.gateway_runpod_simulated,
@@ -175,19 +138,10 @@ async def get_runpod_key(
     summary="Remove the RunPod key and return to the hosted backend",
     response_model=RunpodKeyDeleted,
 )
-async def delete_runpod_key(user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
+async def delete_runpod_key(user: CurrentUser, scheduler: Scheduler, keyvault: KeyVault) -> dict[str, Any]:
     # Back to hosted first, so no job is routed to runpod in the moment the key is gone.
-    settings = await _set_backend(clients, user, "hosted", trace)
-    try:
-        with keyvault_errors("The key vault is unavailable; your key was not removed, try again"):
-            answer = await clients.keyvault.DeleteKey(
-                keyvault_pb2.KeyRef(user_id=user, provider=RUNPOD),
-                metadata=clients.keyvault_call_metadata(trace),
-                timeout=clients.timeout_s,
-            )
-        deleted = answer.deleted
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() != grpc.StatusCode.NOT_FOUND:
-            raise
-        deleted = False
+    settings = await scheduler.set_backend(user, "hosted", SETTINGS_NOT_CHANGED)
+    deleted = await keyvault.delete_key(
+        _runpod_key(user), "The key vault is unavailable; your key was not removed, try again"
+    )
     return {**compute_settings_view(settings), "has_key": False, "deleted": deleted}

@@ -1,5 +1,6 @@
-"""gRPC channels to the scheduler and keyvault, and the translation of their status codes into
-HTTP answers with plain messages."""
+"""gRPC channels to the scheduler and keyvault, the typed clients every route calls them through
+(one place for trace metadata, deadlines and error mapping), and the translation of their status
+codes into HTTP answers with plain messages."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import asyncio
 import logging
 import re
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from influence.v1 import keyvault_pb2_grpc, scheduler_pb2_grpc
+from influence.v1 import keyvault_pb2, keyvault_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from service_runtime.grpc_server import insecure_channel
 
 from gateway.config import Settings
@@ -31,6 +34,11 @@ FAILED_COMPONENT_KEY = "x-failed-component"
 RETRY_AFTER_KEY = "retry-after-s"
 _TRACE_HEADERS = ("traceparent", "tracestate")
 _TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+SCHEDULER_DOWN = "The scheduler is unavailable; try again in a moment"
+KEYVAULT_DOWN = "The key vault is unavailable; try again in a moment"
+NOT_FOUND = "Not found"
+Metadata = tuple[tuple[str, str], ...]
+_T = TypeVar("_T")
 
 
 class ApiError(Exception):
@@ -49,14 +57,17 @@ class Upstreams:
     keyvault: keyvault_pb2_grpc.KeyVaultStub
     scheduler_channel: grpc.aio.Channel
     keyvault_channel: grpc.aio.Channel
-    keyvault_metadata: tuple[tuple[str, str], ...]
+    keyvault_metadata: Metadata
     timeout_s: float
 
     async def close(self) -> None:
         await asyncio.gather(self.scheduler_channel.close(), self.keyvault_channel.close())
 
-    def keyvault_call_metadata(self, trace: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
-        return (*self.keyvault_metadata, *trace)
+    def scheduler_client(self, trace: Metadata) -> SchedulerClient:
+        return SchedulerClient(self.scheduler, trace, self.timeout_s)
+
+    def keyvault_client(self, trace: Metadata) -> KeyVaultClient:
+        return KeyVaultClient(self.keyvault, (*self.keyvault_metadata, *trace), self.timeout_s)
 
     async def not_ready(self) -> list[str]:
         """Names of the dependencies whose readiness check is not SERVING."""
@@ -104,7 +115,7 @@ async def _is_serving(channel: grpc.aio.Channel, service: str) -> bool:
     return response.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def trace_metadata(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+def trace_metadata(headers: Mapping[str, str]) -> Metadata:
     """W3C trace context from the incoming request, forwarded as gRPC metadata; a request
     without one starts a new trace here, so one id follows it through scheduler and compute."""
     if _TRACEPARENT.fullmatch(headers.get("traceparent", "")):
@@ -146,7 +157,7 @@ def _sentence(text: str) -> str:
 
 
 @contextmanager
-def scheduler_errors(unavailable: str, not_found: str = "Not found") -> Iterator[None]:
+def scheduler_errors(unavailable: str, not_found: str = NOT_FOUND) -> Iterator[None]:
     """Translate a scheduler RPC failure into an ApiError."""
     try:
         yield
@@ -201,3 +212,141 @@ def keyvault_errors(unavailable: str) -> Iterator[None]:
             log.error("keyvault call failed", extra={"grpc_code": code.name})
             raise ApiError(502, "The key vault failed to answer; try again") from None
         raise ApiError(status, exc.details() or code.name.replace("_", " ").lower()) from None
+
+
+class SchedulerClient:
+    """The scheduler as one request's routes call it: every call carries the request's trace
+    context and the gateway's deadline, and a failure becomes an ApiError (scheduler_errors)
+    worded by ``unavailable`` and ``not_found`` for the route. Streams have no deadline: a
+    job's events and a large artifact take as long as they take."""
+
+    def __init__(self, stub: scheduler_pb2_grpc.SchedulerStub, trace: Metadata, timeout_s: float) -> None:
+        self._stub = stub
+        self._trace = trace
+        self._timeout_s = timeout_s
+
+    async def _call(
+        self,
+        rpc: Callable[..., Awaitable[_T]],
+        request: Message,
+        unavailable: str = SCHEDULER_DOWN,
+        not_found: str = NOT_FOUND,
+    ) -> _T:
+        with scheduler_errors(unavailable, not_found):
+            return await rpc(request, metadata=self._trace, timeout=self._timeout_s)
+
+    async def submit_job(
+        self, request: scheduler_pb2.SubmitJobRequest, unavailable: str, not_found: str = NOT_FOUND
+    ) -> scheduler_pb2.Job:
+        return await self._call(self._stub.SubmitJob, request, unavailable, not_found)
+
+    async def estimate_job(
+        self, request: scheduler_pb2.EstimateJobRequest, not_found: str = NOT_FOUND
+    ) -> scheduler_pb2.EstimateJobResponse:
+        return await self._call(self._stub.EstimateJob, request, not_found=not_found)
+
+    async def get_job(
+        self, request: scheduler_pb2.GetJobRequest, not_found: str = NOT_FOUND
+    ) -> scheduler_pb2.Job:
+        return await self._call(self._stub.GetJob, request, not_found=not_found)
+
+    async def list_jobs(
+        self, request: scheduler_pb2.ListJobsRequest, not_found: str = NOT_FOUND
+    ) -> scheduler_pb2.ListJobsResponse:
+        return await self._call(self._stub.ListJobs, request, not_found=not_found)
+
+    async def job_result(self, request: scheduler_pb2.GetJobResultRequest, not_found: str) -> bytes:
+        answer: scheduler_pb2.GetJobResultResponse = await self._call(
+            self._stub.GetJobResult, request, not_found=not_found
+        )
+        return answer.result_json
+
+    async def job_spec(self, request: scheduler_pb2.GetJobSpecRequest, not_found: str) -> bytes:
+        answer: scheduler_pb2.GetJobSpecResponse = await self._call(
+            self._stub.GetJobSpec, request, not_found=not_found
+        )
+        return answer.spec_json
+
+    async def cancel_job(self, request: scheduler_pb2.CancelJobRequest, not_found: str) -> scheduler_pb2.Job:
+        return await self._call(self._stub.CancelJob, request, not_found=not_found)
+
+    async def delete_job(
+        self, request: scheduler_pb2.DeleteJobRequest, not_found: str
+    ) -> scheduler_pb2.DeleteJobResponse:
+        return await self._call(self._stub.DeleteJob, request, not_found=not_found)
+
+    async def list_artifacts(
+        self, request: scheduler_pb2.ListJobArtifactsRequest, not_found: str
+    ) -> scheduler_pb2.ListJobArtifactsResponse:
+        return await self._call(self._stub.ListJobArtifacts, request, not_found=not_found)
+
+    async def open_artifact(
+        self, request: scheduler_pb2.JobArtifactRequest, not_found: str
+    ) -> scheduler_pb2.OpenJobArtifactResponse:
+        return await self._call(self._stub.OpenJobArtifact, request, not_found=not_found)
+
+    def read_artifact(self, request: scheduler_pb2.JobArtifactRequest) -> grpc.aio.UnaryStreamCall:
+        """The artifact's chunks as a gRPC stream call (iterate it; cancel it when done)."""
+        return self._stub.ReadJobArtifact(request, metadata=self._trace)
+
+    def watch_job(self, request: scheduler_pb2.WatchJobRequest) -> grpc.aio.UnaryStreamCall:
+        """The job's events as a gRPC stream call (iterate it; cancel it when done)."""
+        return self._stub.WatchJob(request, metadata=self._trace)
+
+    async def compute_settings(self, user_id: str) -> scheduler_pb2.ComputeSettings:
+        request = scheduler_pb2.GetComputeSettingsRequest(user_id=user_id)
+        return await self._call(self._stub.GetComputeSettings, request)
+
+    async def set_backend(
+        self, user_id: str, backend: str, unavailable: str
+    ) -> scheduler_pb2.ComputeSettings:
+        request = scheduler_pb2.SetComputeBackendRequest(user_id=user_id, backend=backend)
+        return await self._call(self._stub.SetComputeBackend, request, unavailable)
+
+    async def verify_provider_key(
+        self, request: scheduler_pb2.VerifyProviderKeyRequest, unavailable: str
+    ) -> scheduler_pb2.VerifyProviderKeyResponse:
+        return await self._call(self._stub.VerifyProviderKey, request, unavailable)
+
+    async def usage(self, user_id: str) -> scheduler_pb2.Usage:
+        return await self._call(self._stub.GetUsage, scheduler_pb2.GetUsageRequest(user_id=user_id))
+
+
+class KeyVaultClient:
+    """Keyvault as one request's routes call it: the gateway's caller token and the request's
+    trace context on every call, the deadline, and failures as ApiErrors (keyvault_errors).
+    A key that is not stored is an answer here (None, False), not an error."""
+
+    def __init__(self, stub: keyvault_pb2_grpc.KeyVaultStub, metadata: Metadata, timeout_s: float) -> None:
+        self._stub = stub
+        self._metadata = metadata
+        self._timeout_s = timeout_s
+
+    async def _call(self, rpc: Callable[..., Awaitable[_T]], request: Message, unavailable: str) -> _T:
+        with keyvault_errors(unavailable):
+            return await rpc(request, metadata=self._metadata, timeout=self._timeout_s)
+
+    async def key_info(
+        self, ref: keyvault_pb2.KeyRef, unavailable: str = KEYVAULT_DOWN
+    ) -> keyvault_pb2.KeyInfo | None:
+        try:
+            return await self._call(self._stub.GetKeyInfo, ref, unavailable)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+
+    async def store_key(
+        self, request: keyvault_pb2.StoreKeyRequest, unavailable: str
+    ) -> keyvault_pb2.KeyInfo:
+        return await self._call(self._stub.StoreKey, request, unavailable)
+
+    async def delete_key(self, ref: keyvault_pb2.KeyRef, unavailable: str) -> bool:
+        """Whether a key was there to delete."""
+        try:
+            answer: keyvault_pb2.DeleteKeyResponse = await self._call(self._stub.DeleteKey, ref, unavailable)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise
+        return answer.deleted

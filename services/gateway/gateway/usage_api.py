@@ -8,10 +8,10 @@ from typing import Any
 from fastapi import APIRouter
 from influence.v1 import scheduler_pb2
 from influence_client.models import Usage
+from service_runtime.jobs import timestamp_text
 
-from gateway.deps import Clients, CurrentUser, Trace
+from gateway.deps import CurrentUser, Scheduler
 from gateway.responses import ERRORS
-from gateway.upstream import scheduler_errors
 
 router = APIRouter(prefix="/api", tags=["usage"], responses=ERRORS)
 
@@ -26,9 +26,7 @@ def usage_view(usage: scheduler_pb2.Usage) -> dict[str, Any]:
                 "used": entry.used,
                 # null: no limit on this deployment
                 "limit": entry.limit or None,
-                "resets_at": (
-                    entry.resets_at.ToDatetime().isoformat() + "Z" if entry.HasField("resets_at") else None
-                ),
+                "resets_at": timestamp_text(entry, "resets_at"),
             }
             for entry in usage.limits
         ],
@@ -40,9 +38,5 @@ def usage_view(usage: scheduler_pb2.Usage) -> dict[str, Any]:
 @router.get(
     "/usage", summary="The caller's usage against the limits of their backend", response_model=Usage
 )
-async def get_usage(user: CurrentUser, clients: Clients, trace: Trace) -> dict[str, Any]:
-    with scheduler_errors("The scheduler is unavailable; try again in a moment"):
-        usage = await clients.scheduler.GetUsage(
-            scheduler_pb2.GetUsageRequest(user_id=user), metadata=trace, timeout=clients.timeout_s
-        )
-    return usage_view(usage)
+async def get_usage(user: CurrentUser, scheduler: Scheduler) -> dict[str, Any]:
+    return usage_view(await scheduler.usage(user))

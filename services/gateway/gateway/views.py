@@ -5,22 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from influence.v1 import common_pb2, keyvault_pb2, scheduler_pb2
-
-_STATE_PREFIX = "JOB_STATE_"
-TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
-
-
-def job_status(state: int) -> str:
-    """``JOB_STATE_RUNNING`` -> ``running``."""
-    return common_pb2.JobState.Name(state).removeprefix(_STATE_PREFIX).lower()
-
-
-def timestamp(value: Timestamp, present: bool) -> str | None:
-    if not present:
-        return None
-    return value.ToDatetime().isoformat() + "Z"
+from service_runtime.jobs import event_dict, state_name, timestamp_text
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:
@@ -36,7 +22,7 @@ def _json_object(raw: bytes) -> dict[str, Any]:
 def job_view(job: scheduler_pb2.Job) -> dict[str, Any]:
     return {
         "job_id": job.id,
-        "status": job_status(job.state),
+        "status": state_name(job.state),
         "stage": job.stage or None,
         "progress": job.progress,
         "stage_message": job.stage_message,
@@ -52,33 +38,24 @@ def job_view(job: scheduler_pb2.Job) -> dict[str, Any]:
         "estimated_time_s": job.estimated_time_s,
         "estimated_cost_usd": job.estimated_cost_usd,
         "last_event_seq": job.last_seq,
-        "created_at": timestamp(job.created_at, job.HasField("created_at")),
-        "updated_at": timestamp(job.updated_at, job.HasField("updated_at")),
-        "finished_at": timestamp(job.finished_at, job.HasField("finished_at")),
+        "created_at": timestamp_text(job, "created_at"),
+        "updated_at": timestamp_text(job, "updated_at"),
+        "finished_at": timestamp_text(job, "finished_at"),
     }
 
 
 def submitted_view(job: scheduler_pb2.Job) -> dict[str, Any]:
     return {
         "job_id": job.id,
-        "status": job_status(job.state),
+        "status": state_name(job.state),
         "estimated_time_s": job.estimated_time_s,
         "estimated_cost_usd": job.estimated_cost_usd,
     }
 
 
 def event_payload(event: common_pb2.ProgressEvent) -> dict[str, Any]:
-    """The full event object as gpu_core yielded it, with the scheduler's typed fields added."""
-    payload = _json_object(event.event_json)
-    payload.setdefault("type", event.type)
-    if event.stage:
-        payload.setdefault("stage", event.stage)
-    payload.setdefault("progress", event.progress)
-    if event.message:
-        payload.setdefault("message", event.message)
-    payload["seq"] = event.seq
-    payload["time"] = timestamp(event.time, event.HasField("time"))
-    return payload
+    """The full event object as gpu_core yielded it, with the scheduler's seq and time."""
+    return {**event_dict(event), "seq": event.seq, "time": timestamp_text(event, "time")}
 
 
 def compute_settings_view(settings: scheduler_pb2.ComputeSettings) -> dict[str, Any]:
@@ -97,8 +74,8 @@ def key_info_view(info: keyvault_pb2.KeyInfo | None) -> dict[str, Any]:
     return {
         "has_key": True,
         "last4": info.last4,
-        "verified_at": timestamp(info.verified_at, info.HasField("verified_at")),
-        "updated_at": timestamp(info.updated_at, info.HasField("updated_at")),
+        "verified_at": timestamp_text(info, "verified_at"),
+        "updated_at": timestamp_text(info, "updated_at"),
     }
 
 

@@ -261,6 +261,7 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
 
     async def VerifyProviderKey(self, request, context):  # noqa: N802, ANN001, ANN201
         self.verify_requests.append(request)
+        self.metadata_seen.append(dict(context.invocation_metadata() or ()))
         assert self.verify_answer is not None, "the test scripts the verification"
         try:
             return await self.verify_answer(request.api_key)
@@ -297,9 +298,11 @@ class ScriptedKeyVault(keyvault_pb2_grpc.KeyVaultServicer):
     def __init__(self) -> None:
         self.keys: dict[tuple[str, str], str] = {}
         self.store_requests: list[keyvault_pb2.StoreKeyRequest] = []
+        self.metadata_seen: list[dict[str, str]] = []
 
     async def _check_caller(self, context: grpc.aio.ServicerContext) -> None:
-        if dict(context.invocation_metadata() or ()).get("x-caller-token") != KEYVAULT_TOKEN:
+        self.metadata_seen.append(dict(context.invocation_metadata() or ()))
+        if self.metadata_seen[-1].get("x-caller-token") != KEYVAULT_TOKEN:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown caller")
 
     def _info(self, user_id: str, provider: str) -> keyvault_pb2.KeyInfo:

@@ -6,11 +6,17 @@ import logging
 
 import grpc
 import pytest
-from influence.v1 import scheduler_pb2
+from influence.v1 import common_pb2, scheduler_pb2
 
 API_KEY = "rpa_ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789wxyz"
 NO_FUNDS = "Your RunPod balance is $0; add credits at runpod.io"
 NO_SCOPE = "This RunPod API key lacks a permission the dashboard needs: serverless Read/Write."
+UNREACHABLE = "Cannot reach RunPod (api.runpod.io): ConnectError"
+WORDY = "Invalid key: no balance, credit, funds or permission could be checked"
+
+
+def refusal(failure: int, message: str) -> scheduler_pb2.VerifyProviderKeyResponse:
+    return scheduler_pb2.VerifyProviderKeyResponse(valid=False, failure=failure, message=message)
 
 
 def accept_with_balance(balance: float):  # noqa: ANN201
@@ -74,13 +80,14 @@ async def test_save_key_verifies_stores_and_switches(gateway, upstream, caplog) 
     [
         (grpc.StatusCode.UNAUTHENTICATED, 400, "Invalid RunPod API key"),
         (grpc.StatusCode.PERMISSION_DENIED, 403, "The key lacks the scope api.serverless: read/write"),
-        (
-            scheduler_pb2.VerifyProviderKeyResponse(valid=False, message="Invalid RunPod API key"),
-            400,
-            "Invalid RunPod API key",
-        ),
-        (scheduler_pb2.VerifyProviderKeyResponse(valid=False, message=NO_FUNDS), 402, NO_FUNDS),
-        (scheduler_pb2.VerifyProviderKeyResponse(valid=False, message=NO_SCOPE), 403, NO_SCOPE),
+        (refusal(common_pb2.KEY_FAILURE_INVALID, "Invalid RunPod API key"), 400, "Invalid RunPod API key"),
+        (refusal(common_pb2.KEY_FAILURE_NO_FUNDS, NO_FUNDS), 402, NO_FUNDS),
+        (refusal(common_pb2.KEY_FAILURE_NO_PERMISSION, NO_SCOPE), 403, NO_SCOPE),
+        (refusal(common_pb2.KEY_FAILURE_UNREACHABLE, UNREACHABLE), 503, UNREACHABLE),
+        # The reason decides, never the words: these mention a balance and a permission.
+        (refusal(common_pb2.KEY_FAILURE_INVALID, WORDY), 400, WORDY),
+        (refusal(common_pb2.KEY_FAILURE_UNSPECIFIED, WORDY), 400, WORDY),
+        (refusal(common_pb2.KEY_FAILURE_NO_FUNDS, ""), 402, "RunPod rejected the key"),
     ],
 )
 async def test_rejected_key_gets_the_providers_message_and_nothing_is_stored(
@@ -154,3 +161,19 @@ async def test_wrong_keyvault_token_is_an_operator_error_not_the_users(make_gate
     response = await gateway.client.get("/api/settings/runpod-key", headers=headers)
     assert response.status_code == 503
     assert "key vault" in response.json()["detail"]
+
+
+async def test_one_request_carries_one_trace_to_scheduler_and_keyvault(gateway, upstream) -> None:  # noqa: ANN001
+    headers = await gateway.sign_in("alice")
+    upstream.scheduler.verify_answer = accept_with_balance(3.0)
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    for extra in ({"traceparent": traceparent}, {}):
+        saved = await gateway.client.post(
+            "/api/settings/runpod-key", json={"api_key": API_KEY}, headers={**headers, **extra}
+        )
+        assert saved.status_code == 200, saved.text
+        verified = upstream.scheduler.metadata_seen[-1]["traceparent"]
+        stored = upstream.keyvault.metadata_seen[-1]
+        # A request without a trace starts one; both services see the same one either way.
+        assert stored["traceparent"] == verified == extra.get("traceparent", verified)
+        assert stored["x-caller-token"] and "x-caller-token" not in upstream.scheduler.metadata_seen[-1]

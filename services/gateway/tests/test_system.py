@@ -136,3 +136,16 @@ def test_entry_point_refuses_a_bad_value() -> None:
     )
     assert done.returncode == 2
     assert "GATEWAY_MAX_BODY_BYTES" in done.stderr
+
+
+async def test_a_request_before_the_channels_open_is_a_503_not_a_crash() -> None:
+    """Without its lifespan (ASGITransport runs none) the app has no upstream channels: a route
+    that needs them answers 503 saying so, where it once failed an assert (a 500)."""
+    app = create_app(Settings.load(auth_mode="local"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as client:
+        token = (await client.post("/api/auth/local", json={"username": "early"})).json()["access_token"]
+        answer = await client.get("/api/jobs", headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 503
+    assert answer.json() == {
+        "detail": "The gateway is not connected to the scheduler and key vault yet; try again in a moment"
+    }

@@ -14,14 +14,13 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TypeVar
 
 import asyncpg
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from influence.v1 import keyvault_pb2, keyvault_pb2_grpc
 from service_runtime.grpc_server import GrpcService, create_grpc_server
+from service_runtime.jobs import timestamp
 from service_runtime.lifecycle import Readiness, run_service
 from service_runtime.metrics import MetricsServer, start_metrics_server
 
@@ -126,23 +125,15 @@ class KeyVaultServicer(keyvault_pb2_grpc.KeyVaultServicer):
 
 
 def key_info_message(info: CredentialInfo) -> keyvault_pb2.KeyInfo:
-    message = keyvault_pb2.KeyInfo(
+    return keyvault_pb2.KeyInfo(
         user_id=info.user_id,
         provider=info.provider,
         last4=info.last4,
         key_version=info.key_version,
-        created_at=_timestamp(info.created_at),
-        updated_at=_timestamp(info.updated_at),
+        created_at=timestamp(info.created_at),
+        updated_at=timestamp(info.updated_at),
+        verified_at=timestamp(info.verified_at),
     )
-    if info.verified_at is not None:
-        message.verified_at.CopyFrom(_timestamp(info.verified_at))
-    return message
-
-
-def _timestamp(moment: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
 
 
 @dataclass

@@ -29,6 +29,7 @@ from artifact_store import job_prefix
 from gpu_core.jobs import EXPERIMENT, JobInputError, job_kind, parse_request, parse_result
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
 from influence.v1 import common_pb2, compute_pb2
+from service_runtime.jobs import event_dict
 
 from gpu_core import schemas
 from scheduler.admission import Usage, check_ceiling, check_quota, current_usage
@@ -100,30 +101,6 @@ def admission_estimate(
         log.warning("no estimate for admission", extra={"provider": route.provider, "error": str(exc)})
         return 0.0, 0.0
     return figures.estimated_time_s, figures.estimated_cost_usd
-
-
-def event_to_dict(event: common_pb2.ProgressEvent) -> dict[str, Any]:
-    """A provider's event as stored: its full JSON object, with the typed fields filled in."""
-    body: Any = {}
-    if event.event_json:
-        try:
-            body = json.loads(event.event_json)
-        except ValueError:
-            body = {"raw": event.event_json.decode("utf-8", "replace")}
-    if not isinstance(body, dict):
-        body = {"value": body}
-    body.setdefault("type", event.type or "progress")
-    if event.stage:
-        body.setdefault("stage", event.stage)
-    if event.progress:
-        body.setdefault("progress", event.progress)
-    if event.message:
-        body.setdefault("message", event.message)
-    return body
-
-
-def is_terminal_event(event: dict[str, Any]) -> bool:
-    return event.get("type") == "status" and event.get("state") in ("completed", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -464,7 +441,7 @@ class JobManager:
             message = f"the {job.provider} provider no longer knows this job: {exc.message}"
             await self._store.apply(job.id, JobUpdate(status="failed", error=message, stage_message=message))
             return
-        events = [event_to_dict(e) for e in status.events if e.type != "result"]
+        events = [event_dict(e) for e in status.events if e.type != "result"]
         update = JobUpdate(events=events, cursor=status.cursor)
         for event in events:
             if event.get("type") != "progress":
@@ -675,17 +652,19 @@ class JobManager:
         async with self._store.pool.acquire() as conn:
             return await current_usage(conn, self._settings, user_id, backend)
 
-    async def verify_runpod_key(self, user_id: str, api_key: str) -> tuple[bool, float, str]:
-        """(valid, balance in USD, message). The key is passed on and forgotten."""
+    async def verify_runpod_key(self, user_id: str, api_key: str) -> compute_pb2.VerifyCredentialsResponse:
+        """compute-runpod's verdict on the key (a refusal with its failure), passed on as it is
+        but for any copy of the key in its words. The key is passed on and forgotten."""
         client = self._providers.client("runpod")
         account = common_pb2.Account(user_id=user_id, hosted=False)
         try:
-            response = await client.verify_credentials(account, api_key)
+            verdict = await client.verify_credentials(account, api_key)
         except ProviderError as exc:
-            if exc.retryable:
-                raise
-            return False, 0.0, _without(exc.message, api_key)
-        return response.valid, response.balance_usd, _without(response.message, api_key)
+            raise ProviderError(
+                exc.provider, exc.code, _without(exc.message, api_key), exc.retryable
+            ) from None
+        verdict.message = _without(verdict.message, api_key)
+        return verdict
 
     async def close(self) -> None:
         if self._lease_task is not None:

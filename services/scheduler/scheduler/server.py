@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
 import asyncpg
@@ -27,10 +26,10 @@ from artifact_store import (
     load_store_settings,
     open_store,
 )
-from google.protobuf.timestamp_pb2 import Timestamp
 from gpu_core.jobs import JobInputError
 from influence.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from service_runtime.grpc_server import GrpcService, create_grpc_server
+from service_runtime.jobs import event_message, is_terminal_event, job_state, timestamp
 from service_runtime.lifecycle import Readiness, run_service
 from service_runtime.metrics import MetricsServer, start_metrics_server
 
@@ -44,7 +43,6 @@ from scheduler.jobs import (
     JobNotFound,
     ParentNotCompleted,
     SpecError,
-    is_terminal_event,
 )
 from scheduler.metrics import record_job_counts
 from scheduler.notify import EventHub
@@ -54,14 +52,6 @@ from scheduler.store import JobRow, Store, StoredEvent
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
-_STATES = {
-    "queued": common_pb2.JOB_STATE_QUEUED,
-    "submitted": common_pb2.JOB_STATE_SUBMITTED,
-    "running": common_pb2.JOB_STATE_RUNNING,
-    "completed": common_pb2.JOB_STATE_COMPLETED,
-    "failed": common_pb2.JOB_STATE_FAILED,
-    "cancelled": common_pb2.JOB_STATE_CANCELLED,
-}
 _DB_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 # Trailing metadata naming the component behind an UNAVAILABLE answer when it is not the
 # scheduler itself (a compute provider, the database).
@@ -81,14 +71,6 @@ class ArtifactMissing(LookupError):
     """The job has no artifact of that name."""
 
 
-def _timestamp(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
 def job_to_proto(job: JobRow) -> scheduler_pb2.Job:
     spec = job.spec
     return scheduler_pb2.Job(
@@ -97,7 +79,7 @@ def job_to_proto(job: JobRow) -> scheduler_pb2.Job:
         compute_backend=job.compute_backend,
         provider=job.provider,
         provider_job_id=job.provider_job_id,
-        state=_STATES[job.status],
+        state=job_state(job.status),
         stage=job.stage,
         progress=job.progress,
         stage_message=job.stage_message,
@@ -109,9 +91,9 @@ def job_to_proto(job: JobRow) -> scheduler_pb2.Job:
         influence_method=str(spec.get("influence_method", "")),
         n_train=len(spec.get("training_data", [])),
         n_eval=len(spec.get("eval_data", [])),
-        created_at=_timestamp(job.created_at),
-        updated_at=_timestamp(job.updated_at),
-        finished_at=_timestamp(job.finished_at),
+        created_at=timestamp(job.created_at),
+        updated_at=timestamp(job.updated_at),
+        finished_at=timestamp(job.finished_at),
         last_seq=job.last_seq,
         kind=job.kind,
         parent_job_id=job.parent_job_id,
@@ -120,17 +102,7 @@ def job_to_proto(job: JobRow) -> scheduler_pb2.Job:
 
 
 def event_to_proto(stored: StoredEvent) -> common_pb2.ProgressEvent:
-    event = stored.event
-    progress = event.get("progress")
-    return common_pb2.ProgressEvent(
-        seq=stored.seq,
-        type=str(event.get("type", "")),
-        stage=str(event.get("stage", "")),
-        progress=float(progress) if isinstance(progress, int | float) else 0.0,
-        message=str(event.get("message") or event.get("error") or ""),
-        event_json=json.dumps(event).encode(),
-        time=_timestamp(stored.created_at),
-    )
+    return event_message(stored.event, stored.created_at, stored.seq)
 
 
 async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
@@ -391,8 +363,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if not request.api_key:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "api_key is required")
         jobs, _ = self._app.require()
-        valid, balance, message = await jobs.verify_runpod_key(request.user_id, request.api_key)
-        return scheduler_pb2.VerifyProviderKeyResponse(valid=valid, balance_usd=balance, message=message)
+        verdict = await jobs.verify_runpod_key(request.user_id, request.api_key)
+        return scheduler_pb2.VerifyProviderKeyResponse(
+            valid=verdict.valid, balance_usd=verdict.balance_usd, message=verdict.message,
+            failure=verdict.failure,
+        )
 
     @_rpc
     async def EstimateJob(
@@ -421,7 +396,7 @@ def usage_to_proto(usage: Usage) -> scheduler_pb2.Usage:
                 used=entry.used,
                 limit=entry.limit,
                 description=entry.description,
-                resets_at=_timestamp(entry.resets_at),
+                resets_at=timestamp(entry.resets_at),
             )
             for entry in usage.limits
         ],

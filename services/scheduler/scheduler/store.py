@@ -14,10 +14,9 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+from service_runtime.jobs import ACTIVE_STATES, TERMINAL_STATES
 
 NOTIFY_CHANNEL = "scheduler_job_events"
-ACTIVE_STATES = ("queued", "submitted", "running")
-TERMINAL_STATES = ("completed", "failed", "cancelled")
 ALL_STATES = ACTIVE_STATES + TERMINAL_STATES
 # An admission check run inside the insert's transaction; it raises to refuse the job.
 Admit = Callable[[asyncpg.Connection], Awaitable[None]]

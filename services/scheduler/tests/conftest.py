@@ -94,6 +94,8 @@ class ScriptedProvider(compute_pb2_grpc.ComputeProviderServicer):
         self.endpoints_created = 0
         self.prepare_requests: list[compute_pb2.PrepareAccountRequest] = []
         self.verified_keys: list[str] = []
+        # key -> the refusal VerifyCredentials answers for it (default: invalid)
+        self.refusals: dict[str, compute_pb2.VerifyCredentialsResponse] = {}
         self.result_calls = 0
         self.fetch_calls: list[str] = []
 
@@ -107,7 +109,10 @@ class ScriptedProvider(compute_pb2_grpc.ComputeProviderServicer):
         await self._maybe_fail("VerifyCredentials", context)
         self.verified_keys.append(request.api_key)
         if request.api_key != GOOD_KEY:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "Invalid RunPod API key")
+            # As compute-runpod answers a refused key: a verdict with its reason, not an error.
+            return self.refusals.get(request.api_key) or compute_pb2.VerifyCredentialsResponse(
+                valid=False, failure=common_pb2.KEY_FAILURE_INVALID, message="Invalid RunPod API key"
+            )
         return compute_pb2.VerifyCredentialsResponse(
             valid=True, account_id="acct-1", balance_usd=25.0, message="key verified"
         )

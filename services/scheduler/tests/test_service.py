@@ -16,7 +16,7 @@ import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from influence.v1 import scheduler_pb2
+from influence.v1 import common_pb2, compute_pb2, scheduler_pb2
 from prometheus_client import REGISTRY
 from scheduler.config import Settings
 from scheduler.db import apply_migrations, load_migrations
@@ -187,6 +187,7 @@ async def test_verify_provider_key_forwards_and_never_stores(scheduler, provider
         scheduler_pb2.VerifyProviderKeyRequest(user_id="alice", provider="runpod", api_key=bad_key)
     )
     assert not bad.valid and bad.message == "Invalid RunPod API key"
+    assert bad.failure == common_pb2.KEY_FAILURE_INVALID
     assert provider.servicer.verified_keys == [h.good_key, bad_key]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.VerifyProviderKey(
@@ -259,6 +260,27 @@ def test_migrate_command(database_url):
         command, env={**env, "SCHEDULER_PORT": "http"}, capture_output=True, text=True, timeout=60
     )
     assert bad.returncode == 2 and "SCHEDULER_PORT" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        common_pb2.KEY_FAILURE_INVALID,
+        common_pb2.KEY_FAILURE_NO_FUNDS,
+        common_pb2.KEY_FAILURE_NO_PERMISSION,
+        common_pb2.KEY_FAILURE_UNREACHABLE,
+    ],
+)
+async def test_key_refusal_reason_is_passed_on_unchanged_and_key_scrubbed(scheduler, provider, failure):
+    key = "rpa_REFUSED0123456789"
+    provider.servicer.refusals[key] = compute_pb2.VerifyCredentialsResponse(
+        valid=False, failure=failure, message=f"refused: RunPod echoed {key}"
+    )
+    verdict = await scheduler.stub.VerifyProviderKey(
+        scheduler_pb2.VerifyProviderKeyRequest(user_id="alice", provider="runpod", api_key=key)
+    )
+    assert (verdict.valid, verdict.failure) == (False, failure)
+    assert verdict.message == "refused: RunPod echoed [REDACTED]"
 
 
 async def test_an_unreachable_cloud_is_named_not_the_scheduler(start, provider, h):

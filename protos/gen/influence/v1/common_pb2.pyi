@@ -19,6 +19,14 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_COMPLETED: _ClassVar[JobState]
     JOB_STATE_FAILED: _ClassVar[JobState]
     JOB_STATE_CANCELLED: _ClassVar[JobState]
+
+class KeyFailure(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KEY_FAILURE_UNSPECIFIED: _ClassVar[KeyFailure]
+    KEY_FAILURE_INVALID: _ClassVar[KeyFailure]
+    KEY_FAILURE_NO_FUNDS: _ClassVar[KeyFailure]
+    KEY_FAILURE_NO_PERMISSION: _ClassVar[KeyFailure]
+    KEY_FAILURE_UNREACHABLE: _ClassVar[KeyFailure]
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_SUBMITTED: JobState
@@ -26,6 +34,11 @@ JOB_STATE_RUNNING: JobState
 JOB_STATE_COMPLETED: JobState
 JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
+KEY_FAILURE_UNSPECIFIED: KeyFailure
+KEY_FAILURE_INVALID: KeyFailure
+KEY_FAILURE_NO_FUNDS: KeyFailure
+KEY_FAILURE_NO_PERMISSION: KeyFailure
+KEY_FAILURE_UNREACHABLE: KeyFailure
 
 class Account(_message.Message):
     __slots__ = ("user_id", "endpoint_id", "hosted")

@@ -16,16 +16,18 @@ class VerifyCredentialsRequest(_message.Message):
     def __init__(self, account: _Optional[_Union[_common_pb2.Account, _Mapping]] = ..., api_key: _Optional[str] = ...) -> None: ...
 
 class VerifyCredentialsResponse(_message.Message):
-    __slots__ = ("valid", "account_id", "balance_usd", "message")
+    __slots__ = ("valid", "account_id", "balance_usd", "message", "failure")
     VALID_FIELD_NUMBER: _ClassVar[int]
     ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
     BALANCE_USD_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     valid: bool
     account_id: str
     balance_usd: float
     message: str
-    def __init__(self, valid: bool = ..., account_id: _Optional[str] = ..., balance_usd: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+    failure: _common_pb2.KeyFailure
+    def __init__(self, valid: bool = ..., account_id: _Optional[str] = ..., balance_usd: _Optional[float] = ..., message: _Optional[str] = ..., failure: _Optional[_Union[_common_pb2.KeyFailure, str]] = ...) -> None: ...
 
 class PrepareAccountRequest(_message.Message):
     __slots__ = ("account", "model_params_b", "quantization", "model_id")

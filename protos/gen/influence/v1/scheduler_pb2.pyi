@@ -189,14 +189,16 @@ class VerifyProviderKeyRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., provider: _Optional[str] = ..., api_key: _Optional[str] = ...) -> None: ...
 
 class VerifyProviderKeyResponse(_message.Message):
-    __slots__ = ("valid", "balance_usd", "message")
+    __slots__ = ("valid", "balance_usd", "message", "failure")
     VALID_FIELD_NUMBER: _ClassVar[int]
     BALANCE_USD_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     valid: bool
     balance_usd: float
     message: str
-    def __init__(self, valid: bool = ..., balance_usd: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+    failure: _common_pb2.KeyFailure
+    def __init__(self, valid: bool = ..., balance_usd: _Optional[float] = ..., message: _Optional[str] = ..., failure: _Optional[_Union[_common_pb2.KeyFailure, str]] = ...) -> None: ...
 
 class EstimateJobRequest(_message.Message):
     __slots__ = ("user_id", "spec_json", "kind", "parent_job_id", "request_json")
