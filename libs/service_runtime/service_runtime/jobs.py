@@ -84,6 +84,18 @@ def _fraction(value: Any) -> float:
     return float(value)
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinity (a diverged loss) replaced by None: strict JSON, which a
+    browser's ``JSON.parse`` and PostgreSQL's jsonb accept, where Python's ``json`` writes ``NaN``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def event_message(
     event: Mapping[str, Any], time: datetime | float | None, seq: int = 0
 ) -> common_pb2.ProgressEvent:
@@ -96,7 +108,7 @@ def event_message(
         progress=_fraction(event.get("progress")),
         # An error event says what went wrong under "error": those are its plain words.
         message=_text(event.get("message")) or _text(event.get("error")),
-        event_json=json.dumps(dict(event)).encode(),
+        event_json=json.dumps(json_safe(dict(event)), allow_nan=False).encode(),
         time=timestamp(time),
     )
 
@@ -110,6 +122,8 @@ def event_dict(message: common_pb2.ProgressEvent) -> dict[str, Any]:
             body = json.loads(message.event_json)
         except ValueError:
             body = {"raw": message.event_json.decode("utf-8", "replace")}
+    # Events stored before json_safe may hold NaN, which json.loads reads and JSON.parse refuses.
+    body = json_safe(body)
     if not isinstance(body, dict):
         body = {"value": body}
     body.setdefault("type", message.type or DEFAULT_EVENT_TYPE)

@@ -164,3 +164,16 @@ def test_an_event_without_progress_does_not_claim_zero() -> None:
 )
 def test_a_body_that_is_not_an_object_is_kept_not_dropped(raw: bytes, expected: dict) -> None:
     assert event_dict(common_pb2.ProgressEvent(event_json=raw)) == expected
+
+
+def test_a_diverged_loss_travels_as_null_strict_json_both_ways() -> None:
+    event = {"type": "progress", "stage": "training", "progress": 0.5, "loss": float("nan"),
+             "history": [1.0, float("inf"), {"grad_norm": float("-inf")}]}
+    message = event_message(event, MOMENT)
+    stored = json.loads(message.event_json, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert stored["loss"] is None and stored["history"] == [1.0, None, {"grad_norm": None}]
+    # An event stored before the fix, with Python's NaN token, reads back as strict JSON too.
+    old = common_pb2.ProgressEvent(type="progress", event_json=b'{"loss": NaN, "step": 3}')
+    body = event_dict(old)
+    assert body["loss"] is None and body["step"] == 3
+    json.dumps(body, allow_nan=False)
