@@ -254,7 +254,9 @@ class RunPodProvider:
         the endpoint (same id, so jobs in flight keep their endpoint; RunPod rolls the release
         out as workers cycle), with the pools of today's cost model."""
         template_id = self._settings.runpod_template_id
-        env = endpoint.get("env") if isinstance(endpoint.get("env"), dict) else {}
+        env = endpoint.get("env")
+        if not isinstance(env, dict):
+            env = {}
         if not template_id or env.get(TEMPLATE_MARKER) == template_id:
             return
         template = await self._client.get_template(key, template_id)

@@ -107,7 +107,8 @@ def open_upstreams(settings: Settings) -> Upstreams:
 async def _is_serving(channel: grpc.aio.Channel, service: str) -> bool:
     stub = health_pb2_grpc.HealthStub(channel)
     try:
-        response = await stub.Check(
+        # types-grpcio-health-checking's HealthStub declares none of the methods it has
+        response = await stub.Check(  # type: ignore[attr-defined]
             health_pb2.HealthCheckRequest(service=service), timeout=_READINESS_TIMEOUT_S
         )
     except grpc.aio.AioRpcError:

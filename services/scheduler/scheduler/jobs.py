@@ -35,6 +35,7 @@ from gpu_core import schemas
 from scheduler.admission import Usage, check_ceiling, check_quota, current_usage
 from scheduler.artifacts import ArtifactMover, ArtifactTransferError, parse_manifest
 from scheduler.config import Settings
+from scheduler.db import DbConnection
 from scheduler.model_ids import ModelNotAllowed, check_model_id
 from scheduler.providers import (
     LaterJob,
@@ -158,7 +159,7 @@ class JobManager:
             json.dumps(request).encode() if request is not None else b"",
         )
 
-        async def admit(conn: asyncpg.Connection) -> None:
+        async def admit(conn: DbConnection) -> None:
             usage = await current_usage(conn, self._settings, user_id, route.backend)
             check_ceiling(usage, *estimate)
             check_quota(usage, estimate[0])

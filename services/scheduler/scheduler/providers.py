@@ -7,7 +7,7 @@ gRPC errors become ``ProviderError`` here, so the job logic needs no gRPC import
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -206,7 +206,7 @@ class ProviderClient:
         account: common_pb2.Account,
         name: str,
         timeout_s: float,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """The artifact's bytes chunk by chunk, as the provider streams them."""
         request = compute_pb2.FetchArtifactRequest(
             provider_job_id=provider_job_id, account=account, job_id=job_id, name=name
