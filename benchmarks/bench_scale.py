@@ -166,10 +166,10 @@ def _fine_tune(base_dir: Path, pairs, hyperparams, tokenizer):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager")
+    base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager")
     torch.manual_seed(hyperparams.seed)
     model = get_peft_model(
-        model,
+        base,
         LoraConfig(
             r=hyperparams.lora_r, lora_alpha=hyperparams.lora_alpha, lora_dropout=0.0,
             target_modules=list(hyperparams.target_modules), task_type="CAUSAL_LM",

@@ -109,7 +109,8 @@ def tiny_hooked(setup, pairs, batch_size=50):
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
             batch = collate_to(chunk, setup.tokenizer.pad_token_id, torch.device("cpu"))
-            captured_in, captured_out = {}, {}
+            captured_in: dict[int, torch.Tensor] = {}
+            captured_out: dict[int, torch.Tensor] = {}
             handles = []
             for i, layer in enumerate(layers):
                 def hook(_m, args, output, i=i, ins=captured_in, outs=captured_out):

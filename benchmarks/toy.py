@@ -45,7 +45,8 @@ def load_tiny(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     directory = tiny_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
-    return model.to(dtype), tokenizer
+    # transformers' @wraps(nn.Module.to) on PreTrainedModel.to hides its bound self from mypy
+    return model.to(dtype), tokenizer  # type: ignore[arg-type]
 
 
 def build_toy_setup(

@@ -296,12 +296,12 @@ class _Experiment:
                 hp.batch_size,
                 Path(work_dir),
                 progress=self.stage_reporter("influence", message),
-                train_ids=[example.id for example in spec.training_data],
+                train_ids=[example.assigned_id for example in spec.training_data],
                 index_dir=index_root / INDEX_DIR_NAME,
                 scores_file=scores_file,
             )
-        train_ids = [example.id for example in spec.training_data]
-        eval_ids = [example.id for example in spec.eval_data]
+        train_ids = [example.assigned_id for example in spec.training_data]
+        eval_ids = [example.assigned_id for example in spec.eval_data]
         matrix = as_score_matrix(scores, len(eval_ids), len(train_ids), spec.influence_method)
         del scores
         influence = build_influence_result(

@@ -113,6 +113,6 @@ def _build(directory: Path) -> None:
         torch.manual_seed(1234)
         model = LlamaForCausalLM(config)
         with torch.no_grad():
-            model.get_input_embeddings().weight.normal_(0.0, _EMBEDDING_STD)
+            model.model.embed_tokens.weight.normal_(0.0, _EMBEDDING_STD)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
