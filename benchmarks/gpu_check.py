@@ -36,7 +36,7 @@ REAL_MODEL = "meta-llama/Llama-3.2-1B"
 BUDGET_S = 8 * 60
 
 
-def llama_1b_config(vocab_size: int, pad: int, bos: int, eos: int):  # noqa: ANN201 - transformers type
+def llama_1b_config(vocab_size: int, pad: int, bos: int, eos: int):
     from transformers import LlamaConfig
 
     return LlamaConfig(

@@ -96,7 +96,7 @@ def run_command(args: argparse.Namespace) -> int:
         limits = NO_SIZE_LIMITS if args.no_size_limits else DEFAULT_LIMITS
         spec = read_spec(args.spec, args.train, args.eval, limits)
     except ValueError as exc:
-        print(exc, file=sys.stderr)  # noqa: T201 - the CLI's error output
+        print(exc, file=sys.stderr)  # the CLI's error output
         return EXIT_BAD_SPEC
 
     from transformers.utils import logging as transformers_logging
@@ -107,10 +107,10 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         result = _run_with_bar(spec, args)
     except ModelLoadError as exc:
-        print(exc, file=sys.stderr)  # noqa: T201
+        print(exc, file=sys.stderr)
         return EXIT_FAILED
     if result is None:
-        print("the experiment ended without a result", file=sys.stderr)  # noqa: T201
+        print("the experiment ended without a result", file=sys.stderr)
         return EXIT_FAILED
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
@@ -159,10 +159,10 @@ def counterfactual_command(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     except OSError as exc:
-        print(f"cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)  # noqa: T201
+        print(f"cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
         return EXIT_BAD_SPEC
     except (ValueError, ValidationError) as exc:
-        print(exc, file=sys.stderr)  # noqa: T201
+        print(exc, file=sys.stderr)
         return EXIT_BAD_SPEC
 
     from tqdm import tqdm
@@ -183,10 +183,10 @@ def counterfactual_command(args: argparse.Namespace) -> int:
             scores = load_scores(args.scores) if args.scores is not None else None
             check = run_counterfactual(spec, result, request, scores, report)
         except (CounterfactualError, OSError) as exc:
-            print(exc, file=sys.stderr)  # noqa: T201
+            print(exc, file=sys.stderr)
             return EXIT_BAD_SPEC
         except ModelLoadError as exc:
-            print(exc, file=sys.stderr)  # noqa: T201
+            print(exc, file=sys.stderr)
             return EXIT_FAILED
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(check.model_dump_json(indent=2))

@@ -144,7 +144,7 @@ def _work(work: Work, handoff: queue.Queue[tuple[str, Any]], cancel: threading.E
         handoff.put(("done", None))
     except ExperimentCancelled:
         handoff.put(("cancelled", None))
-    except BaseException as exc:  # noqa: BLE001 - handed to the consumer's thread and re-raised there
+    except BaseException as exc:  # handed to the consumer's thread and re-raised there
         # The frames hold the model; clear them so memory is freed before the consumer sees it.
         traceback.clear_frames(exc.__traceback__)
         handoff.put(("error", exc))

@@ -30,7 +30,7 @@ MULTI_TURN = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer():  # noqa: ANN201
+def tokenizer():
     return build_tokenizer()
 
 
@@ -38,7 +38,7 @@ def jsonl(*rows: object) -> bytes:
     return "".join(json.dumps(row) + "\n" for row in rows).encode()
 
 
-def chat_ids(tokenizer, messages, **kwargs) -> list[int]:  # noqa: ANN001
+def chat_ids(tokenizer, messages, **kwargs) -> list[int]:
     answer = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
     return list(answer["input_ids"] if hasattr(answer, "keys") else answer)
 

@@ -122,9 +122,9 @@ class TracingClientInterceptor(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
-    async def intercept_unary_unary(self, continuation, client_call_details, request):  # noqa: ANN001, ANN201
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
         return await continuation(self._with_trace(client_call_details), request)
 
-    async def intercept_unary_stream(self, continuation, client_call_details, request):  # noqa: ANN001, ANN201
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
         return await continuation(self._with_trace(client_call_details), request)
 

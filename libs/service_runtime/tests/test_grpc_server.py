@@ -54,7 +54,7 @@ async def test_trace_context_flows_from_caller_through_a_server_to_the_next_hop(
     seen: list[str] = []
 
     class Recorder(health.aio.HealthServicer):
-        async def Check(self, request, ctx):  # noqa: N802
+        async def Check(self, request, ctx):
             seen.append(dict(ctx.invocation_metadata()).get("traceparent", ""))
             return await super().Check(request, ctx)
 
@@ -64,7 +64,7 @@ async def test_trace_context_flows_from_caller_through_a_server_to_the_next_hop(
     await downstream.start()
 
     class Relay(health.aio.HealthServicer):
-        async def Check(self, request, ctx):  # noqa: N802
+        async def Check(self, request, ctx):
             async with insecure_channel(f"127.0.0.1:{down_port}") as ch:
                 return await health_pb2_grpc.HealthStub(ch).Check(request)
 

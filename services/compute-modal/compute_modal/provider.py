@@ -214,7 +214,7 @@ class ModalProvider:
             raise
         except modal.exception.RemoteError as exc:
             return State.FAILED, f"Modal terminated the job: {exc}"
-        except Exception as exc:  # noqa: BLE001 - an exception re-raised by Modal
+        except Exception as exc:  # an exception re-raised by Modal
             return State.FAILED, _failure(exc)
         if _outcome_error(outcome):
             return State.FAILED, _outcome_error(outcome)
@@ -242,7 +242,7 @@ class ModalProvider:
                 raise
             except modal.exception.RemoteError as exc:
                 raise ResultNotReady(f"the job has no result: Modal terminated it ({exc})") from None
-            except Exception as exc:  # noqa: BLE001 - an exception re-raised by Modal
+            except Exception as exc:  # an exception re-raised by Modal
                 raise ResultNotReady(f"the job has no result: {_failure(exc)}") from None
         if _outcome_error(value):
             raise ResultNotReady(f"the job has no result: {_outcome_error(value)}")

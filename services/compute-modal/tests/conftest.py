@@ -60,7 +60,7 @@ class NotifyingStore(MutableMapping[str, Any]):
     def __delitem__(self, key: str) -> None:
         del self.inner[key]
 
-    def __iter__(self):  # noqa: ANN204 - MutableMapping protocol
+    def __iter__(self):
         return iter(self.inner)
 
     def __len__(self) -> int:

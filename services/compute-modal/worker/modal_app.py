@@ -172,7 +172,7 @@ def run_job(job_id: str, spec: dict[str, Any], store: ProgressStore) -> dict[str
     except modal.exception.InputCancellation:
         writer.finish("cancelled", "cancelled")
         raise
-    except Exception as exc:  # noqa: BLE001 - returned as plain words, not as a pickled exception
+    except Exception as exc:  # returned as plain words, not as a pickled exception
         message = f"{type(exc).__name__}: {exc}"
     finally:
         if events is not None:

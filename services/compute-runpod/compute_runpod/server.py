@@ -44,7 +44,7 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
             await context.abort(getattr(grpc.StatusCode, exc.code.value), redact(exc.message))
         raise AssertionError("unreachable: abort raises")
 
-    async def VerifyCredentials(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def VerifyCredentials(self, request, context):
         verification = await self._call(
             context, lambda: self._provider.verify(_account(request.account), request.api_key)
         )
@@ -59,7 +59,7 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
             ),
         )
 
-    async def PrepareAccount(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def PrepareAccount(self, request, context):
         prepared = await self._call(
             context,
             lambda: self._provider.prepare(
@@ -71,7 +71,7 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
             endpoint_id=prepared.endpoint_id, created=prepared.created, status=prepared.status
         )
 
-    async def Submit(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def Submit(self, request, context):
         provider_job_id = await self._call(
             context,
             lambda: self._provider.submit(
@@ -87,7 +87,7 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
         )
         return compute_pb2.SubmitResponse(provider_job_id=provider_job_id)
 
-    async def GetStatus(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def GetStatus(self, request, context):
         report = await self._call(
             context,
             lambda: self._provider.status(
@@ -102,13 +102,13 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
             stage_message=report.stage_message,
         )
 
-    async def GetResult(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def GetResult(self, request, context):
         result = await self._call(
             context, lambda: self._provider.result(_account(request.account), request.provider_job_id)
         )
         return compute_pb2.GetResultResponse(result_json=result)
 
-    async def FetchArtifact(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def FetchArtifact(self, request, context):
         parts = await self._call(
             context,
             lambda: self._provider.artifact(
@@ -123,13 +123,13 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
             PROVIDER_ERRORS.labels(exc.code.value).inc()
             await context.abort(getattr(grpc.StatusCode, exc.code.value), redact(exc.message))
 
-    async def Cancel(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def Cancel(self, request, context):
         state = await self._call(
             context, lambda: self._provider.cancel(_account(request.account), request.provider_job_id)
         )
         return compute_pb2.CancelResponse(state=job_state(state))
 
-    async def Estimate(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def Estimate(self, request, context):
         async def work() -> dict[str, Any]:
             return self._provider.estimate(
                 request.spec_json, request.backend, request.kind, request.request_json

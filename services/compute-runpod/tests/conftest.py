@@ -23,7 +23,7 @@ from devstack.fake_runpod import FakeRunPod
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from runpod_testkit import (  # noqa: E402
+from runpod_testkit import (
     GATEWAY_TOKEN,
     RUNPOD_CALLER_TOKEN,
     TEMPLATE_ID,

@@ -34,7 +34,7 @@ async def upload_urls(s3_store: ArtifactStore, job_id: str) -> list[compute_pb2.
     ]
 
 
-async def run(stack: Stack, job_id: str, uploads: list[compute_pb2.ArtifactUpload] = ()):  # noqa: ANN201
+async def run(stack: Stack, job_id: str, uploads: list[compute_pb2.ArtifactUpload] = ()):
     submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
         job_id=job_id, account=HOSTED, spec_json=spec_bytes(), artifact_uploads=uploads,
     ))

@@ -36,7 +36,7 @@ def user(user_id: str = "u1", endpoint_id: str = "") -> common_pb2.Account:
     return common_pb2.Account(user_id=user_id, endpoint_id=endpoint_id, hosted=False)
 
 
-async def rpc_error(call) -> grpc.aio.AioRpcError:  # noqa: ANN001
+async def rpc_error(call) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
     return caught.value

@@ -265,7 +265,7 @@ async def test_readiness_follows_the_database(
     stub: keyvault_pb2_grpc.KeyVaultStub,
     gateway: Metadata,
     database_url: str,
-    embedded_postgres,  # noqa: ANN001
+    embedded_postgres,
     api_key: str,
 ) -> None:
     health = health_pb2_grpc.HealthStub(channel)
