@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import grpc
-from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 from devstack.stack import Stack, free_port
+from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 SIZE = 1 << 30
 CHUNK = 1 << 20

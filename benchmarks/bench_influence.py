@@ -31,6 +31,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.toy import ToySetup, build_toy_setup
 from gpu_core.data import IGNORE_INDEX, EncodedPair, collate
 from gpu_core.influence import compute_influence
 from gpu_core.influence.datainf import datainf_scores
@@ -42,9 +45,6 @@ from gpu_core.influence.gradients import (
     summed_completion_loss,
 )
 from gpu_core.schemas import InfluenceOptions
-from torch import nn
-
-from benchmarks.toy import ToySetup, build_toy_setup
 
 Case = Callable[[ToySetup, int, Path], torch.Tensor | None]
 _NO_REPEAT_S = 60.0
@@ -251,10 +251,11 @@ def kronfluence_raw(setup: ToySetup, batch_size: int, work_dir: Path) -> torch.T
     import functools
     import logging
 
-    from gpu_core.influence.ekfac import SAMPLING_SEED, LoraLanguageModelingTask, PairDataset
     from kronfluence import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.utils.dataset import DataLoaderKwargs
+
+    from gpu_core.influence.ekfac import SAMPLING_SEED, LoraLanguageModelingTask, PairDataset
 
     task = LoraLanguageModelingTask([layer.module_name for layer in lora_layers(setup.model)])
     model = prepare_model(setup.model, task)

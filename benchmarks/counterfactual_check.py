@@ -10,11 +10,11 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+
+from benchmarks.planted import duplicate_of, planted_duplicate_spec
 from gpu_core.counterfactual import run_counterfactual
 from gpu_core.pipeline import run_experiment_to_result
 from gpu_core.schemas import CounterfactualRequest, parse_spec
-
-from benchmarks.planted import duplicate_of, planted_duplicate_spec
 
 
 def main(argv: Sequence[str] | None = None) -> int:

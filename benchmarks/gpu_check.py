@@ -57,8 +57,9 @@ def prepare_model(directory: Path) -> tuple[str, str]:
     except ImportError:
         pass
     import torch
-    from gpu_core.tiny import build_tokenizer
     from transformers import LlamaForCausalLM
+
+    from gpu_core.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     config = llama_1b_config(128256, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
@@ -99,6 +100,7 @@ def spec_for(model_id: str, n_train: int, n_eval: int, method: str, quantization
 
 def run_case(name: str, raw_spec: dict, work: Path) -> dict:
     import torch
+
     from gpu_core.pipeline import run_experiment_to_result
     from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
 

@@ -39,10 +39,9 @@ CASES: dict[str, tuple[str, int | None]] = {
 
 def build_parent(case: str, n_train: int, directory: Path) -> tuple[dict[str, Any], dict[str, Any], float]:
     """The parent experiment's spec, result and build seconds, its artifacts in ``directory``."""
+    from benchmarks.planted import planted_duplicate_spec
     from gpu_core.pipeline import run_experiment
     from gpu_core.schemas import parse_spec
-
-    from benchmarks.planted import planted_duplicate_spec
 
     method, projection_dim = CASES[case]
     raw = planted_duplicate_spec(method, n_train, 4, epochs=1)
@@ -57,6 +56,7 @@ def build_parent(case: str, n_train: int, directory: Path) -> tuple[dict[str, An
 def child(parent_dir: Path, warm: int, started: float) -> None:
     """Runs in the fresh process: one session, ``warm + 1`` answers, figures as JSON."""
     import torch
+
     from gpu_core.query import QuerySession
     from gpu_core.schemas import ExperimentResult, QueryRequest, parse_spec
 

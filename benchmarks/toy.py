@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from gpu_core.data import EncodedPair, collate, encode_pair
 from gpu_core.influence import AdapterCheckpoint
 from gpu_core.influence.gradients import lora_layers, lora_state, summed_completion_loss

@@ -19,7 +19,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gpu_core.formats import read_examples
-from gpu_core.schemas import DEFAULT_LIMITS, NO_SIZE_LIMITS, ExperimentSpec, SpecError, SpecLimits, parse_spec
+from gpu_core.schemas import (
+    DEFAULT_LIMITS,
+    NO_SIZE_LIMITS,
+    CounterfactualRequest,
+    ExperimentResult,
+    ExperimentSpec,
+    SpecError,
+    SpecLimits,
+    parse_spec,
+)
 
 EXIT_BAD_SPEC = 2
 EXIT_FAILED = 1
@@ -143,8 +152,6 @@ def _postfix(event: dict) -> str:
 
 def counterfactual_command(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
-
-    from gpu_core.schemas import CounterfactualRequest, ExperimentResult
 
     try:
         spec = read_spec(args.spec)

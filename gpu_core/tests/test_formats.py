@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from gpu_core.data import IGNORE_INDEX, Encoder, TemplateError, resolve_template
 from gpu_core.datareport import data_report
 from gpu_core.formats import DataFileError, parse_file, read_examples, read_path

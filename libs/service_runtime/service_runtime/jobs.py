@@ -19,6 +19,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
+
 from influence.v1 import common_pb2
 
 # Every state's name as the scheduler stores it and the REST API shows it, in lifecycle order.

@@ -1,5 +1,6 @@
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from service_runtime.grpc_server import create_grpc_server
 
 
@@ -49,6 +50,7 @@ async def test_graceful_stop_reports_not_serving_before_stopping():
 async def test_trace_context_flows_from_caller_through_a_server_to_the_next_hop():
     """A server forwards the traceparent it received to the service it calls next."""
     from grpc_health.v1 import health
+
     from service_runtime.grpc_server import insecure_channel
 
     seen: list[str] = []

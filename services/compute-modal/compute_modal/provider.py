@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-import cost_model
 import modal.exception
+
+import cost_model
+from compute_modal.adapter import ModalAdapter, ModalNotConfigured
 from gpu_core.jobs import EXPERIMENT, JobInputError, make_payload, parse_payload
 from gpu_core.schemas import NO_SIZE_LIMITS, ExperimentSpec, SpecError, parse_spec
-
-from compute_modal.adapter import ModalAdapter, ModalNotConfigured
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpu_core.jobs import EXPERIMENT, JobInputError, make_payload, parse_payload
-from gpu_core.schemas import ExperimentSpec
-
 from compute_runpod import costs
 from compute_runpod.client import RunPodClient
 from compute_runpod.config import Settings
@@ -34,6 +31,8 @@ from compute_runpod.results import (
     is_result_chunk,
 )
 from gpu_core import schemas
+from gpu_core.jobs import EXPERIMENT, JobInputError, make_payload, parse_payload
+from gpu_core.schemas import ExperimentSpec
 
 log = logging.getLogger(__name__)
 

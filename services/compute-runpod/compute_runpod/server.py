@@ -8,12 +8,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
-from service_runtime.grpc_server import GrpcService, create_grpc_server
-from service_runtime.jobs import event_message, job_state
-from service_runtime.lifecycle import run_service
-from service_runtime.logs import redact
-from service_runtime.metrics import MetricsServer, start_metrics_server
 
 from compute_runpod.client import RunPodClient
 from compute_runpod.config import Settings
@@ -21,6 +15,12 @@ from compute_runpod.errors import ProviderError
 from compute_runpod.keys import KeyVaultKeys
 from compute_runpod.metrics import PROVIDER_ERRORS
 from compute_runpod.provider import AccountRef, RunPodProvider
+from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
+from service_runtime.grpc_server import GrpcService, create_grpc_server
+from service_runtime.jobs import event_message, job_state
+from service_runtime.lifecycle import run_service
+from service_runtime.logs import redact
+from service_runtime.metrics import MetricsServer, start_metrics_server
 
 log = logging.getLogger(__name__)
 

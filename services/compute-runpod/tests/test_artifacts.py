@@ -9,13 +9,13 @@ import json
 
 import grpc
 import pytest
+from runpod_testkit import Stack, spec_bytes
+
 from artifact_store import ArtifactStore, job_key
+from devstack.s3_server import S3TestServer
 from gpu_core.schemas import ExperimentResult, parse_spec
 from gpu_core.uploads import planned_artifact_names
 from influence.v1 import common_pb2, compute_pb2
-from runpod_testkit import Stack, spec_bytes
-
-from devstack.s3_server import S3TestServer
 
 HOSTED = common_pb2.Account(user_id="operator-tier-user", hosted=True)
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import runpod
+
 from gpu_core.jobs import JobInput, JobInputError, parse_payload, run_job
 from gpu_core.pipeline import ExperimentCancelled
 from gpu_core.schemas import ArtifactEntry, SpecError

@@ -9,12 +9,12 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from gpu_core.schemas import ExperimentSpec, SpecLimits
 from pydantic import ValidationError
 
 from gateway.auth import AuthError, LocalTokenIssuer, TokenVerifier
 from gateway.config import Settings
 from gateway.upstream import ApiError, KeyVaultClient, Metadata, SchedulerClient, Upstreams, trace_metadata
+from gpu_core.schemas import ExperimentSpec, SpecLimits
 
 
 @dataclass

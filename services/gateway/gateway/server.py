@@ -9,10 +9,10 @@ import socket
 from collections.abc import Iterator
 
 import uvicorn
-from service_runtime.lifecycle import run_service
 
 from gateway.app import create_app
 from gateway.config import Settings
+from service_runtime.lifecycle import run_service
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from influence.v1 import keyvault_pb2, keyvault_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from service_runtime.grpc_server import insecure_channel
 
 from gateway.config import Settings
+from influence.v1 import keyvault_pb2, keyvault_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from service_runtime.grpc_server import insecure_channel
 
 log = logging.getLogger(__name__)
 

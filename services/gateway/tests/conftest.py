@@ -14,9 +14,10 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from gateway.config import Settings
 from gateway.server import GatewayServer, start_gateway
-from google.protobuf.timestamp_pb2 import Timestamp
 from influence.v1 import common_pb2, keyvault_pb2, keyvault_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from service_runtime.grpc_server import GrpcService, create_grpc_server
 

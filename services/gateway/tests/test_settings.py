@@ -6,6 +6,7 @@ import logging
 
 import grpc
 import pytest
+
 from influence.v1 import common_pb2, scheduler_pb2
 
 API_KEY = "rpa_ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789wxyz"

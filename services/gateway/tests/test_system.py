@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from gateway.app import create_app
 from gateway.config import Settings
 from service_runtime.settings import SettingsError

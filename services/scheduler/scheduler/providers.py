@@ -11,13 +11,13 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import cost_model
 import grpc
-from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from prometheus_client import Counter
-from service_runtime.grpc_server import insecure_channel
 
+import cost_model
+from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from scheduler.config import ProviderName, Settings
+from service_runtime.grpc_server import insecure_channel
 
 PROVIDER_ERRORS = Counter(
     "scheduler_provider_errors_total", "Errors answered by compute providers", ["provider", "code"]

@@ -14,9 +14,9 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-from service_runtime.jobs import ACTIVE_STATES, TERMINAL_STATES
 
 from scheduler.db import DbConnection, returned_row
+from service_runtime.jobs import ACTIVE_STATES, TERMINAL_STATES
 
 NOTIFY_CHANNEL = "scheduler_job_events"
 ALL_STATES = ACTIVE_STATES + TERMINAL_STATES

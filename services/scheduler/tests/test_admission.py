@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 import pytest
+
 from influence.v1 import common_pb2, scheduler_pb2
 
 pytestmark = pytest.mark.timeout(60)
