@@ -44,7 +44,7 @@ demo: setup ## submit examples/ through the REST API of a running stack and prin
 migrate: setup ## apply the scheduler's database migrations
 	$(PY) -m scheduler migrate
 
-test: setup protos-check ## every test: lint, manifests, Dockerfiles, unit, service, end to end, browser
+test: setup protos-check ## every test: lint, type check, manifests, Dockerfiles, unit, service, end to end, browser
 	bash scripts/test.sh
 
 lint: setup ## ruff over every Python file
