@@ -15,7 +15,6 @@ import asyncio
 import time
 
 import httpx
-from gpu_core.bench_cancel import TARGET_S, bench_spec
 
 from benchmarks.bench_cancel import TARGET_S, bench_spec
 from devstack.fake_runpod import FakeRunPod

@@ -5,7 +5,6 @@ and the answers before and after. Screenshots go to artifacts/screenshots/."""
 from __future__ import annotations
 
 import pytest
-from gpu_core.planted import duplicate_of, planted_duplicate_spec
 
 from benchmarks.planted import duplicate_of, planted_duplicate_spec
 from devstack.stack import Stack

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import pytest
-from gpu_core.planted import duplicate_of, planted_duplicate_spec
 
 from benchmarks.planted import duplicate_of, planted_duplicate_spec
 from devstack.client import GatewayClient

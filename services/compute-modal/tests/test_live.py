@@ -25,7 +25,7 @@ pytestmark = [
 ]
 
 
-async def test_tiny_experiment_on_modal(make_spec) -> None:  # noqa: ANN001 - fixture
+async def test_tiny_experiment_on_modal(make_spec) -> None:
     settings = Settings.load()
     adapter = ModalSdkAdapter(
         SecretStr(os.environ["MODAL_TOKEN_ID"]),
