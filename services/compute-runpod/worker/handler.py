@@ -194,7 +194,7 @@ class ExperimentThread:
         except ArtifactDownloadError as exc:
             self._put(("event", {"error": f"The experiment's files could not be downloaded: {exc}"}))
             self._put(("end", None))
-        except Exception as exc:  # noqa: BLE001 - re-raised in the handler, where the SDK reports it
+        except Exception as exc:  # re-raised in the handler, where the SDK reports it
             self._put(("error", exc))
 
     async def next(self) -> dict[str, Any] | None:
