@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -53,7 +53,8 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
             valid=verification.valid, account_id=verification.account_id,
             balance_usd=verification.balance_usd, message=redact(verification.message),
             failure=(
-                common_pb2.KeyFailure.Value(f"KEY_FAILURE_{failure.value}")
+                # protoc's stubs type Value() as a plain int
+                cast(common_pb2.KeyFailure, common_pb2.KeyFailure.Value(f"KEY_FAILURE_{failure.value}"))
                 if failure
                 else common_pb2.KEY_FAILURE_UNSPECIFIED
             ),

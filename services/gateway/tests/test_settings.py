@@ -164,7 +164,7 @@ async def test_wrong_keyvault_token_is_an_operator_error_not_the_users(make_gate
     assert "key vault" in response.json()["detail"]
 
 
-async def test_one_request_carries_one_trace_to_scheduler_and_keyvault(gateway, upstream) -> None:  # noqa: ANN001
+async def test_one_request_carries_one_trace_to_scheduler_and_keyvault(gateway, upstream) -> None:
     headers = await gateway.sign_in("alice")
     upstream.scheduler.verify_answer = accept_with_balance(3.0)
     traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
