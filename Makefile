@@ -12,7 +12,7 @@ PROTO_SRC := $(wildcard protos/influence/v1/*.proto)
 PROTO_OUT := protos/gen
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help setup protos protos-check run demo test lint migrate bench-influence bench-artifacts bench-scale gpu-check bench-fuzz bench-load clean modal-deploy k8s-validate lint-docker images bench-counterfactual bench-cancel bench-query bench-query-stack
+.PHONY: help setup protos protos-check run demo test lint typecheck migrate bench-influence bench-artifacts bench-scale gpu-check bench-fuzz bench-load clean modal-deploy k8s-validate lint-docker images bench-counterfactual bench-cancel bench-query bench-query-stack
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -44,11 +44,14 @@ demo: setup ## submit examples/ through the REST API of a running stack and prin
 migrate: setup ## apply the scheduler's database migrations
 	$(PY) -m scheduler migrate
 
-test: setup protos-check ## every test: lint, manifests, Dockerfiles, unit, service, end to end, browser
+test: setup protos-check ## every test: lint, type check, manifests, Dockerfiles, unit, service, end to end, browser
 	bash scripts/test.sh
 
 lint: setup ## ruff over every Python file
 	$(VENV)/bin/ruff check .
+
+typecheck: setup ## mypy over all non-test code ([tool.mypy] in pyproject.toml; cache in .mypy_cache)
+	$(VENV)/bin/mypy
 
 bench-influence: setup ## influence benchmark: wall time, peak memory, ratios
 	$(PY) -m benchmarks.bench_influence

@@ -27,7 +27,7 @@ def embedded_postgres() -> Iterator[EmbeddedPostgres]:  # noqa: F821
 
 
 @pytest.fixture
-def database_url(embedded_postgres) -> str:  # noqa: ANN001
+def database_url(embedded_postgres) -> str:
     """A fresh, empty database on the shared server: a DSN asyncpg accepts."""
     return embedded_postgres.create_database()
 
@@ -42,7 +42,7 @@ def s3_server() -> Iterator[S3TestServer]:  # noqa: F821
 
 
 @pytest.fixture
-def s3_store(s3_server) -> ArtifactStore:  # noqa: ANN001, F821
+def s3_store(s3_server) -> ArtifactStore:  # noqa: F821
     """An artifact store under a fresh prefix of the S3 test server's bucket."""
     from artifact_store import open_store
 

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import grpc
-from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 from devstack.stack import Stack, free_port
+from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 SIZE = 1 << 30
 CHUNK = 1 << 20
@@ -49,24 +49,24 @@ class OneBigArtifact(compute_pb2_grpc.ComputeProviderServicer):
     def __init__(self, path: Path, sha256: str) -> None:
         self.path, self.sha256 = path, sha256
 
-    async def Estimate(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def Estimate(self, request, context):
         return compute_pb2.EstimateResponse(estimate=common_pb2.Estimate(estimated_time_s=1.0))
 
-    async def Submit(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def Submit(self, request, context):
         return compute_pb2.SubmitResponse(provider_job_id=f"big-{request.job_id}")
 
-    async def GetStatus(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def GetStatus(self, request, context):
         return compute_pb2.GetStatusResponse(
             state=common_pb2.JOB_STATE_COMPLETED, result_ready=True, cursor="0"
         )
 
-    async def GetResult(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def GetResult(self, request, context):
         manifest = [
             {"name": "big.bin", "bytes": SIZE, "sha256": self.sha256, "media_type": "application/x-bin"}
         ]
         return compute_pb2.GetResultResponse(result_json=json.dumps({"artifacts": manifest}).encode())
 
-    async def FetchArtifact(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def FetchArtifact(self, request, context):
         with open(self.path, "rb") as handle:
             while chunk := handle.read(CHUNK):
                 yield common_pb2.ArtifactChunk(data=chunk)

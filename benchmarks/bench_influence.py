@@ -31,6 +31,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.toy import ToySetup, build_toy_setup
 from gpu_core.data import IGNORE_INDEX, EncodedPair, collate
 from gpu_core.influence import compute_influence
 from gpu_core.influence.datainf import datainf_scores
@@ -42,9 +45,6 @@ from gpu_core.influence.gradients import (
     summed_completion_loss,
 )
 from gpu_core.schemas import InfluenceOptions
-from torch import nn
-
-from benchmarks.toy import ToySetup, build_toy_setup
 
 Case = Callable[[ToySetup, int, Path], torch.Tensor | None]
 _NO_REPEAT_S = 60.0
@@ -135,9 +135,9 @@ def datainf_loop(setup: ToySetup, _batch_size: int, _work_dir: Path) -> torch.Te
         hvps.append(per_layer)
     scores = torch.zeros(len(queries), n_train, dtype=torch.float64)
     for i, grad in enumerate(train):
-        for q, hvp in enumerate(hvps):
-            value = 0
-            for layer, layer_hvp in enumerate(hvp):
+        for q, query_hvp in enumerate(hvps):
+            value = torch.tensor(0.0)
+            for layer, layer_hvp in enumerate(query_hvp):
                 value += torch.sum(layer_hvp * grad[layer])
             scores[q, i] = value
     return scores
@@ -226,7 +226,8 @@ def tracin_captum(setup: ToySetup, batch_size: int, work_dir: Path) -> torch.Ten
 
     tracin = TracInCP(
         wrapped,
-        DataLoader(setup.train, batch_size=batch_size, collate_fn=as_tuple),
+        # a list is a map-style dataset to DataLoader, though torch's stubs ask for a Dataset
+        DataLoader(setup.train, batch_size=batch_size, collate_fn=as_tuple),  # type: ignore[arg-type]
         checkpoints=paths,
         checkpoints_load_func=load,
         layers=[f"model.{layer.module_name}" for layer in layers],
@@ -234,7 +235,10 @@ def tracin_captum(setup: ToySetup, batch_size: int, work_dir: Path) -> torch.Ten
         batch_size=batch_size,
         sample_wise_grads_per_batch=True,
     )
-    scores = tracin.influence(DataLoader(setup.queries, batch_size=batch_size, collate_fn=as_tuple))
+    queries: DataLoader[EncodedPair] = DataLoader(
+        setup.queries, batch_size=batch_size, collate_fn=as_tuple  # type: ignore[arg-type]
+    )
+    scores = tracin.influence(queries)
     return scores.to(torch.float64)
 
 
@@ -247,10 +251,11 @@ def kronfluence_raw(setup: ToySetup, batch_size: int, work_dir: Path) -> torch.T
     import functools
     import logging
 
-    from gpu_core.influence.ekfac import SAMPLING_SEED, LoraLanguageModelingTask, PairDataset
     from kronfluence import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.utils.dataset import DataLoaderKwargs
+
+    from gpu_core.influence.ekfac import SAMPLING_SEED, LoraLanguageModelingTask, PairDataset
 
     task = LoraLanguageModelingTask([layer.module_name for layer in lora_layers(setup.model)])
     model = prepare_model(setup.model, task)
@@ -299,7 +304,10 @@ CASES: dict[str, Case] = {
 
 
 def _status_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+    found = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    if found is None:
+        raise RuntimeError(f"/proc/self/status has no {field}")
+    return int(found.group(1))
 
 
 def run_case(name: str, n_train: int, n_eval: int, batch_size: int, repeat: int, out: Path) -> dict[str, Any]:

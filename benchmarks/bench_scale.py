@@ -131,10 +131,9 @@ def mean_spearman(scores: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def run_accuracy(n_train: int, n_eval: int, dims: Sequence[int], work: Path) -> dict:
+    from benchmarks.toy import build_toy_setup
     from gpu_core.influence import compute_influence
     from gpu_core.schemas import InfluenceOptions
-
-    from benchmarks.toy import build_toy_setup
 
     setup = build_toy_setup(n_train, n_eval)
 
@@ -162,14 +161,15 @@ LDS_TRAIN, LDS_EVAL = 256, 32
 
 
 def _fine_tune(base_dir: Path, pairs, hyperparams, tokenizer):
-    from gpu_core.training import train_lora
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager")
+    from gpu_core.training import train_lora
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager")
     torch.manual_seed(hyperparams.seed)
     model = get_peft_model(
-        model,
+        base,
         LoraConfig(
             r=hyperparams.lora_r, lora_alpha=hyperparams.lora_alpha, lora_dropout=0.0,
             target_modules=list(hyperparams.target_modules), task_type="CAUSAL_LM",
@@ -193,11 +193,12 @@ def _eval_losses(model, tokenizer, queries) -> torch.Tensor:
 
 
 def run_lds(n_subsets: int, epochs: int, learning_rate: float, work: Path) -> dict:
+    from transformers import AutoTokenizer
+
     from gpu_core.data import encode_pair
     from gpu_core.influence import compute_influence
     from gpu_core.schemas import Hyperparams, InfluenceOptions
     from gpu_core.tiny import tiny_model_dir
-    from transformers import AutoTokenizer
 
     base_dir = tiny_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)

@@ -10,11 +10,11 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+
+from benchmarks.planted import duplicate_of, planted_duplicate_spec
 from gpu_core.counterfactual import run_counterfactual
 from gpu_core.pipeline import run_experiment_to_result
 from gpu_core.schemas import CounterfactualRequest, parse_spec
-
-from benchmarks.planted import duplicate_of, planted_duplicate_spec
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lds-subsets", type=int, default=8)
     parser.add_argument("--seeds", default="0,1")
     args = parser.parse_args(argv)
-    print(  # noqa: T201 - the benchmark's report
+    print(  # the benchmark's report
         f"planted duplicates {args.n_train} train x {args.n_eval} eval, {args.epochs} epochs, k=1, "
         f"{args.controls} controls, LDS on {args.lds_subsets} half-subsets; seeds {args.seeds}"
     )
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             control_changes += [c for o in check.examples for c in o.random_loss_changes]
             if check.lds is not None:
                 lds.append(check.lds.mean)
-        print(  # noqa: T201
+        print(
             f"{method:12s} top-1 = duplicate {np.mean(top1):.3f}  beats controls {np.mean(rates):.3f}  "
             f"loss change top-1 removed {np.mean(changes):+.3f} vs random {np.mean(control_changes):+.3f}  "
             f"LDS {np.mean(lds) if lds else float('nan'):.3f}  ({seconds:.0f} s)"

@@ -36,13 +36,14 @@ REAL_MODEL = "meta-llama/Llama-3.2-1B"
 BUDGET_S = 8 * 60
 
 
-def llama_1b_config(vocab_size: int, pad: int, bos: int, eos: int):  # noqa: ANN201 - transformers type
+def llama_1b_config(vocab_size: int, pad: int, bos: int, eos: int):
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
         num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-        rope_theta=500000.0, tie_word_embeddings=True, pad_token_id=pad, bos_token_id=bos, eos_token_id=eos,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=True,
+        pad_token_id=pad, bos_token_id=bos, eos_token_id=eos,
     )
 
 
@@ -56,14 +57,16 @@ def prepare_model(directory: Path) -> tuple[str, str]:
     except ImportError:
         pass
     import torch
-    from gpu_core.tiny import build_tokenizer
     from transformers import LlamaForCausalLM
+
+    from gpu_core.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     config = llama_1b_config(128256, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        # transformers' @wraps(nn.Module.to) on PreTrainedModel.to hides its bound self from mypy
+        model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     params = sum(p.numel() for p in model.parameters()) / 1e9
@@ -97,6 +100,7 @@ def spec_for(model_id: str, n_train: int, n_eval: int, method: str, quantization
 
 def run_case(name: str, raw_spec: dict, work: Path) -> dict:
     import torch
+
     from gpu_core.pipeline import run_experiment_to_result
     from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
 

@@ -23,11 +23,11 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
-from gpu_core.influence.gradients import collate_to, lora_grad_enabled, lora_layers, summed_completion_loss
-from gpu_core.influence.projection import CountSketchProjection
 from scipy.stats import spearmanr
 
 from benchmarks.toy import build_toy_setup
+from gpu_core.influence.gradients import collate_to, lora_grad_enabled, lora_layers, summed_completion_loss
+from gpu_core.influence.projection import CountSketchProjection
 
 BATCH, TOKENS, K = 8, 128, 4096
 # (d_in, d_out) of lora_A and lora_B of q_proj and v_proj in one Llama-3.2-1B layer, r = 8.
@@ -109,7 +109,8 @@ def tiny_hooked(setup, pairs, batch_size=50):
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
             batch = collate_to(chunk, setup.tokenizer.pad_token_id, torch.device("cpu"))
-            captured_in, captured_out = {}, {}
+            captured_in: dict[int, torch.Tensor] = {}
+            captured_out: dict[int, torch.Tensor] = {}
             handles = []
             for i, layer in enumerate(layers):
                 def hook(_m, args, output, i=i, ins=captured_in, outs=captured_out):

@@ -39,10 +39,9 @@ CASES: dict[str, tuple[str, int | None]] = {
 
 def build_parent(case: str, n_train: int, directory: Path) -> tuple[dict[str, Any], dict[str, Any], float]:
     """The parent experiment's spec, result and build seconds, its artifacts in ``directory``."""
+    from benchmarks.planted import planted_duplicate_spec
     from gpu_core.pipeline import run_experiment
     from gpu_core.schemas import parse_spec
-
-    from benchmarks.planted import planted_duplicate_spec
 
     method, projection_dim = CASES[case]
     raw = planted_duplicate_spec(method, n_train, 4, epochs=1)
@@ -57,6 +56,7 @@ def build_parent(case: str, n_train: int, directory: Path) -> tuple[dict[str, An
 def child(parent_dir: Path, warm: int, started: float) -> None:
     """Runs in the fresh process: one session, ``warm + 1`` answers, figures as JSON."""
     import torch
+
     from gpu_core.query import QuerySession
     from gpu_core.schemas import ExperimentResult, QueryRequest, parse_spec
 
@@ -74,7 +74,7 @@ def child(parent_dir: Path, warm: int, started: float) -> None:
             if event["type"] == "result":
                 answers.append(event["result"])
         seconds.append(time.time() - (started if attempt == 0 else began))
-    print(  # noqa: T201 - read by the parent process
+    print(  # read by the parent process
         json.dumps(
             {
                 "imports_s": imported,
@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     import torch
 
-    print(  # noqa: T201 - the benchmark's report
+    print(  # the benchmark's report
         f"query latency on local/tiny-llama, CPU, torch threads {torch.get_num_threads()}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; one query per answer, "
         f"greedy target, top 10; warm = median of {args.warm}"
@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     built = f"built in {build_s:.0f} s"
                 figures = measure(parent_dir, args.warm)
             first = figures["first_timings"]
-            print(  # noqa: T201
+            print(
                 f"{n_train:>6} train  {case:16s} cold {figures['cold_s']:6.2f} s "
                 f"(imports {figures['imports_s']:.2f}, parent JSON {figures['parse_s']:.2f}, "
                 f"first answer {first['total']:.2f}: model {first['loading_model']:.2f}, "

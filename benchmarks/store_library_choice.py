@@ -61,6 +61,7 @@ def case(library: str, backend: str, root: str, endpoint: str) -> dict:
     sampler = _RssSampler()
     if library == "obstore":
 
+        store: LocalStore | S3Store
         if backend == "local":
             store = LocalStore(root, mkdir=True)
         else:
@@ -111,7 +112,7 @@ def main() -> None:
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
-    endpoint = f"http://127.0.0.1:{server._server.server_port}"
+    endpoint = f"http://127.0.0.1:{server.get_host_and_port()[1]}"
     import boto3
 
     boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="k", aws_secret_access_key="s",

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from gpu_core.data import EncodedPair, collate, encode_pair
 from gpu_core.influence import AdapterCheckpoint
 from gpu_core.influence.gradients import lora_layers, lora_state, summed_completion_loss
@@ -45,7 +46,8 @@ def load_tiny(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     directory = tiny_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
-    return model.to(dtype), tokenizer
+    # transformers' @wraps(nn.Module.to) on PreTrainedModel.to hides its bound self from mypy
+    return model.to(dtype), tokenizer  # type: ignore[arg-type]
 
 
 def build_toy_setup(

@@ -22,6 +22,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+from schemathesis.core.result import Err
 
 from devstack.client import GatewayClient
 from devstack.stack import Stack
@@ -58,7 +59,11 @@ def _is_finding(status: int) -> bool:
 def fuzz(base_url: str, headers: dict[str, str], cases: int, seed: int = 0) -> FuzzReport:
     """At least ``cases`` generated requests, spread over every operation and both modes."""
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
-    operations = [result.ok() for result in schema.get_all_operations()]
+    operations = []
+    for result in schema.get_all_operations():
+        if isinstance(result, Err):
+            raise RuntimeError(f"schemathesis cannot read an operation of the OpenAPI: {result.err()}")
+        operations.append(result.ok())
     report = FuzzReport()
     started = time.monotonic()
     session = requests.Session()

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from artifact_store import StoreSettings
 from pydantic import SecretStr
 
+from artifact_store import StoreSettings
 from devstack.stack import free_port
 
 ACCESS_KEY_ID = "test-access-key"

@@ -283,7 +283,8 @@ class Stack:
         with grpc.insecure_channel(service.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             try:
-                reply = stub.Check(
+                # types-grpcio-health-checking's HealthStub declares none of the methods it has
+                reply = stub.Check(  # type: ignore[attr-defined]
                     health_pb2.HealthCheckRequest(service=service.spec.grpc_service), timeout=1.0
                 )
             except grpc.RpcError:

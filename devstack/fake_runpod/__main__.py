@@ -19,7 +19,7 @@ async def _serve(args: argparse.Namespace) -> None:
     fake = FakeRunPod(keys, retention_s=args.retention_s, host=args.host, port=args.port,
                       template_ids={args.template_id})
     async with fake:
-        print(f"FAKE_RUNPOD_URL={fake.url}", flush=True)  # noqa: T201 - the parent reads it
+        print(f"FAKE_RUNPOD_URL={fake.url}", flush=True)  # the parent reads it
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

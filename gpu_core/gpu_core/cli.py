@@ -19,7 +19,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gpu_core.formats import read_examples
-from gpu_core.schemas import DEFAULT_LIMITS, NO_SIZE_LIMITS, ExperimentSpec, SpecError, SpecLimits, parse_spec
+from gpu_core.schemas import (
+    DEFAULT_LIMITS,
+    NO_SIZE_LIMITS,
+    CounterfactualRequest,
+    ExperimentResult,
+    ExperimentSpec,
+    SpecError,
+    SpecLimits,
+    parse_spec,
+)
 
 EXIT_BAD_SPEC = 2
 EXIT_FAILED = 1
@@ -96,7 +105,7 @@ def run_command(args: argparse.Namespace) -> int:
         limits = NO_SIZE_LIMITS if args.no_size_limits else DEFAULT_LIMITS
         spec = read_spec(args.spec, args.train, args.eval, limits)
     except ValueError as exc:
-        print(exc, file=sys.stderr)  # noqa: T201 - the CLI's error output
+        print(exc, file=sys.stderr)  # the CLI's error output
         return EXIT_BAD_SPEC
 
     from transformers.utils import logging as transformers_logging
@@ -107,10 +116,10 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         result = _run_with_bar(spec, args)
     except ModelLoadError as exc:
-        print(exc, file=sys.stderr)  # noqa: T201
+        print(exc, file=sys.stderr)
         return EXIT_FAILED
     if result is None:
-        print("the experiment ended without a result", file=sys.stderr)  # noqa: T201
+        print("the experiment ended without a result", file=sys.stderr)
         return EXIT_FAILED
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
@@ -144,8 +153,6 @@ def _postfix(event: dict) -> str:
 def counterfactual_command(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from gpu_core.schemas import CounterfactualRequest, ExperimentResult
-
     try:
         spec = read_spec(args.spec)
         result = ExperimentResult.model_validate_json(args.result.read_text())
@@ -159,10 +166,10 @@ def counterfactual_command(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     except OSError as exc:
-        print(f"cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)  # noqa: T201
+        print(f"cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
         return EXIT_BAD_SPEC
     except (ValueError, ValidationError) as exc:
-        print(exc, file=sys.stderr)  # noqa: T201
+        print(exc, file=sys.stderr)
         return EXIT_BAD_SPEC
 
     from tqdm import tqdm
@@ -183,10 +190,10 @@ def counterfactual_command(args: argparse.Namespace) -> int:
             scores = load_scores(args.scores) if args.scores is not None else None
             check = run_counterfactual(spec, result, request, scores, report)
         except (CounterfactualError, OSError) as exc:
-            print(exc, file=sys.stderr)  # noqa: T201
+            print(exc, file=sys.stderr)
             return EXIT_BAD_SPEC
         except ModelLoadError as exc:
-            print(exc, file=sys.stderr)  # noqa: T201
+            print(exc, file=sys.stderr)
             return EXIT_FAILED
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(check.model_dump_json(indent=2))

@@ -77,11 +77,11 @@ def _duplicates(examples: Sequence[Any]) -> list[list[str]]:
 
 
 def _copies(spec: ExperimentSpec) -> list[dict[str, str]]:
-    training = {}
+    training: dict[tuple[tuple[str, str], ...], str] = {}
     for example in spec.training_data:
-        training.setdefault(tuple(example.turns), example.id)
+        training.setdefault(tuple(example.turns), example.assigned_id)
     return [
-        {"eval_id": example.id, "training_id": training[tuple(example.turns)]}
+        {"eval_id": example.assigned_id, "training_id": training[tuple(example.turns)]}
         for example in spec.eval_data
         if tuple(example.turns) in training
     ]
@@ -121,8 +121,8 @@ def _token_report(spec: ExperimentSpec) -> dict[str, Any]:
         "template": template,
         "preview": _preview(encoder, spec.training_data[0]),
         "max_seq_len": max_seq_len,
-        "training": _distribution(train, [e.id for e in spec.training_data], max_seq_len),
-        "eval": _distribution(evals, [e.id for e in spec.eval_data], max_seq_len),
+        "training": _distribution(train, [e.assigned_id for e in spec.training_data], max_seq_len),
+        "eval": _distribution(evals, [e.assigned_id for e in spec.eval_data], max_seq_len),
     }
 
 
@@ -145,7 +145,7 @@ def data_report(spec: ExperimentSpec) -> dict[str, Any]:
     """The report as a JSON object; see the module docstring."""
     tokens = _token_report(spec)
     copies = _copies(spec)
-    report = {
+    report: dict[str, Any] = {
         "training_format": spec.data_format.training,
         "eval_format": spec.data_format.eval,
         "template": spec.template,

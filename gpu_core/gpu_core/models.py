@@ -121,7 +121,8 @@ def load_model(
         where = "local directory" if local else "hub id (not a local directory)"
         raise ModelLoadError(f"cannot load model {model_id!r} as a {where}: {exc}") from exc
     if bnb_config is None:
-        model.to(device)
+        # transformers' @wraps(nn.Module.to) on PreTrainedModel.to hides its bound self from mypy
+        model.to(device)  # type: ignore[arg-type]
     _ensure_pad_token(tokenizer, model, model_id)
     model.eval()
     return LoadedModel(model, tokenizer, device, dtype, quantization, source)

@@ -144,7 +144,7 @@ def _work(work: Work, handoff: queue.Queue[tuple[str, Any]], cancel: threading.E
         handoff.put(("done", None))
     except ExperimentCancelled:
         handoff.put(("cancelled", None))
-    except BaseException as exc:  # noqa: BLE001 - handed to the consumer's thread and re-raised there
+    except BaseException as exc:  # handed to the consumer's thread and re-raised there
         # The frames hold the model; clear them so memory is freed before the consumer sees it.
         traceback.clear_frames(exc.__traceback__)
         handoff.put(("error", exc))
@@ -296,12 +296,12 @@ class _Experiment:
                 hp.batch_size,
                 Path(work_dir),
                 progress=self.stage_reporter("influence", message),
-                train_ids=[example.id for example in spec.training_data],
+                train_ids=[example.assigned_id for example in spec.training_data],
                 index_dir=index_root / INDEX_DIR_NAME,
                 scores_file=scores_file,
             )
-        train_ids = [example.id for example in spec.training_data]
-        eval_ids = [example.id for example in spec.eval_data]
+        train_ids = [example.assigned_id for example in spec.training_data]
+        eval_ids = [example.assigned_id for example in spec.eval_data]
         matrix = as_score_matrix(scores, len(eval_ids), len(train_ids), spec.influence_method)
         del scores
         influence = build_influence_result(

@@ -7,6 +7,7 @@ Limits on sizes are configurable: pass ``context={"limits": SpecLimits(...)}`` t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 from pydantic import (
@@ -112,6 +113,13 @@ class _Example(_Strict):
     def _answer_text(self) -> str | None:
         return getattr(self, self._answer_field)
 
+    @property
+    def assigned_id(self) -> str:
+        """``id``, which ExperimentSpec gives every example that has none."""
+        if self.id is None:
+            raise ValueError("the example has no id: it was not validated inside an ExperimentSpec")
+        return self.id
+
     @model_validator(mode="after")
     def _one_shape(self) -> _Example:
         answer = self._answer_text()
@@ -178,7 +186,7 @@ class DataFormats(_Strict):
     eval: DataFormat | None = None
 
 
-def _list_format(examples: list[_Example], given: DataFormat | None, field: str) -> DataFormat:
+def _list_format(examples: Sequence[_Example], given: DataFormat | None, field: str) -> DataFormat:
     first = examples[0].is_conversation
     for index, example in enumerate(examples):
         if example.is_conversation != first:

@@ -73,7 +73,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars), strict=True))
 
 
-def build_tokenizer():  # noqa: ANN201 - transformers type, imported lazily
+def build_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -113,6 +113,6 @@ def _build(directory: Path) -> None:
         torch.manual_seed(1234)
         model = LlamaForCausalLM(config)
         with torch.no_grad():
-            model.get_input_embeddings().weight.normal_(0.0, _EMBEDDING_STD)
+            model.model.embed_tokens.weight.normal_(0.0, _EMBEDDING_STD)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)

@@ -59,7 +59,7 @@ def attach_lora(model: Any, hyperparams: Hyperparams, quantized: bool = False) -
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(
         r=hyperparams.lora_r,
-        lora_alpha=hyperparams.lora_alpha,
+        lora_alpha=hyperparams.lora_alpha,  # type: ignore[arg-type]  # peft says int, scales by alpha / r
         lora_dropout=hyperparams.lora_dropout,
         target_modules=list(hyperparams.target_modules),
         bias="none",
@@ -140,7 +140,7 @@ def train_lora(
             for start in range(0, len(order), batch_size):
                 batch = collate([train_pairs[i] for i in order[start : start + batch_size]], pad_token_id)
                 batch = {key: value.to(device) for key, value in batch.items()}
-                learning_rate = scheduler.get_last_lr()[0]
+                learning_rate = float(scheduler.get_last_lr()[0])
                 loss = model(**batch).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from gpu_core.data import Encoder, few_shot_demonstrations
 from gpu_core.evaluation import evaluate
 from gpu_core.influence import METHODS

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from gpu_core.cli import EXIT_BAD_SPEC, main
 
 
@@ -71,10 +72,11 @@ def test_run_writes_the_result_and_reusable_artifacts(copy_task: dict[str, Any],
         assert (artifacts / "checkpoints" / entry["file"]).is_file()
 
     # The saved adapter reproduces the fine-tuned model's losses.
+    from peft import PeftModel
+
     from gpu_core.data import encode_pair
     from gpu_core.evaluation import target_losses
     from gpu_core.models import load_model
-    from peft import PeftModel
 
     loaded = load_model("local/tiny-llama", device=torch.device("cpu"))
     model = PeftModel.from_pretrained(loaded.model, artifacts / "adapter")
@@ -107,6 +109,7 @@ def test_unreadable_spec_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_data_files_and_a_saved_dataset_replace_the_specs_data(tmp_path: Path) -> None:
     import pyarrow as pa
+
     from gpu_core.cli import read_spec
 
     # A saved Hugging Face dataset (the layout Dataset.save_to_disk writes) of Alpaca rows.

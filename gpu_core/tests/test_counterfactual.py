@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
+from benchmarks import planted
 from gpu_core.counterfactual import (
     CounterfactualError,
     retrain_and_evaluate,
@@ -23,8 +25,6 @@ from gpu_core.counterfactual import (
 from gpu_core.models import load_model
 from gpu_core.pipeline import run_experiment_to_result
 from gpu_core.schemas import CounterfactualRequest, ExperimentResult, ExperimentSpec, parse_spec
-
-from benchmarks import planted
 
 N_TRAIN, N_EVAL = 32, 8
 # Eval example i copies training example DUPLICATE_OF[i].

@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from gpu_core.data import IGNORE_INDEX, Encoder, TemplateError, resolve_template
 from gpu_core.datareport import data_report
 from gpu_core.formats import DataFileError, parse_file, read_examples, read_path
@@ -30,7 +31,7 @@ MULTI_TURN = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer():  # noqa: ANN201
+def tokenizer():
     return build_tokenizer()
 
 
@@ -38,7 +39,7 @@ def jsonl(*rows: object) -> bytes:
     return "".join(json.dumps(row) + "\n" for row in rows).encode()
 
 
-def chat_ids(tokenizer, messages, **kwargs) -> list[int]:  # noqa: ANN001
+def chat_ids(tokenizer, messages, **kwargs) -> list[int]:
     answer = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
     return list(answer["input_ids"] if hasattr(answer, "keys") else answer)
 

@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.stats import spearmanr
+
+from benchmarks.toy import ToySetup, build_toy_setup
 from gpu_core.data import IGNORE_INDEX, EncodedPair, collate
 from gpu_core.influence import AdapterCheckpoint, build_influence_result, compute_influence
 from gpu_core.influence.datainf import datainf_scores
 from gpu_core.influence.ekfac import kronfluence_scores
 from gpu_core.influence.gradients import load_lora_state, lora_grad_enabled, lora_layers, lora_state
 from gpu_core.schemas import InfluenceOptions
-from scipy.stats import spearmanr
-
-from benchmarks.toy import ToySetup, build_toy_setup
 
 torch.set_num_threads(1)
 
@@ -355,6 +355,7 @@ def test_top_k_matches_the_reference_with_ties() -> None:
 
 def test_a_large_matrix_leaves_the_json_but_keeps_heatmap_and_top_k() -> None:
     import numpy as np
+
     from gpu_core.influence.result import HEATMAP_MAX_EVAL, HEATMAP_MAX_TRAIN, INLINE_SCORES_MAX_CELLS
 
     rng = np.random.default_rng(0)

@@ -8,6 +8,7 @@ import sys
 from typing import get_args
 
 import pytest
+
 from gpu_core.influence_methods import DEFAULT_TRACKSTAR_DIM, INFLUENCE_METHODS, influence_method
 from gpu_core.schemas import InfluenceMethod
 

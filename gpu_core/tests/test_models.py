@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+
 from gpu_core.models import (
     DEVICE_ENV,
     ModelLoadError,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from gpu_core.pipeline import WORKER_THREAD_NAME, run_experiment, run_experiment_to_result
 from gpu_core.schemas import STAGES, ExperimentResult
 

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
+from benchmarks import planted
 from gpu_core.counterfactual import spearman
 from gpu_core.data import IGNORE_INDEX, EncodedPair
 from gpu_core.evaluation import target_losses
@@ -23,8 +25,6 @@ from gpu_core.jobs import QUERY, JobInputError, make_payload, parse_payload, run
 from gpu_core.pipeline import ExperimentCancelled, experiment_encoder, run_experiment
 from gpu_core.query import QuerySession, needed_parent_artifacts
 from gpu_core.schemas import ExperimentResult, ExperimentSpec, QueryRequest, QueryResult, parse_spec
-
-from benchmarks import planted
 
 N_TRAIN, N_EVAL = 24, 4
 METHODS = ("tracin", "datainf", "kronfluence", "trackstar")

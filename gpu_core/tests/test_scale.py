@@ -18,6 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from scipy.stats import spearmanr
+
+from benchmarks.toy import ToySetup, build_toy_setup
 from gpu_core.influence import compute_influence
 from gpu_core.influence.gradients import lora_layers, lora_state
 from gpu_core.influence.index import GradientIndex, GradientIndexWriter
@@ -29,9 +32,6 @@ from gpu_core.influence.projected import (
 )
 from gpu_core.influence.projection import CountSketchProjection
 from gpu_core.schemas import InfluenceOptions
-from scipy.stats import spearmanr
-
-from benchmarks.toy import ToySetup, build_toy_setup
 
 torch.set_num_threads(1)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from gpu_core.schemas import ExperimentSpec, SpecLimits
 from pydantic import ValidationError
+
+from gpu_core.schemas import ExperimentSpec, SpecLimits
 
 
 def minimal() -> dict[str, Any]:
@@ -130,6 +131,7 @@ def test_parse_spec_names_every_problem_and_services_can_lift_size_limits() -> N
 
 def test_null_texts_are_validation_errors_not_crashes() -> None:
     import pydantic
+
     from gpu_core.schemas import ExperimentSpec
 
     body = (

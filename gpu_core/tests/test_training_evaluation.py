@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from gpu_core.data import Encoder, few_shot_demonstrations
 from gpu_core.schemas import TrainingExample
 from gpu_core.tiny import build_tokenizer

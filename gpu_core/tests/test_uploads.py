@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from gpu_core.pipeline import run_experiment_to_result
 from gpu_core.uploads import ArtifactUploadError, planned_artifact_names, upload_artifacts
 
@@ -41,9 +42,8 @@ def test_the_names_repeated_for_the_scheduler_match_gpu_core_and_need_no_numpy()
     import subprocess
     import sys
 
-    from gpu_core.influence import index, projected
-
     from gpu_core import artifacts, uploads
+    from gpu_core.influence import index, projected
 
     assert uploads.SCORES_NAME == artifacts.SCORES_NAME
     assert (uploads.INDEX_DIR_NAME, uploads.INDEX_MANIFEST, uploads.INDEX_IDS_FILE) == (

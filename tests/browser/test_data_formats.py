@@ -63,7 +63,7 @@ def test_chat_upload_shows_format_and_length_report_then_runs(page, stack: Stack
     assert spec["template"] == "auto" and spec["data_format"] == {"training": "messages", "eval": "messages"}
 
 
-def test_bad_chat_file_names_line_and_field(page, stack: Stack, tmp_path, shots: Screenshots) -> None:  # noqa: ANN001
+def test_bad_chat_file_names_line_and_field(page, stack: Stack, tmp_path, shots: Screenshots) -> None:
     sign_in(page, "chat-careless")
     page.goto("/#/new")
     bad = tmp_path / "chat.jsonl"

@@ -50,7 +50,7 @@ def test_results_page_of_a_10000_x_1000_job(page, stack: Stack, shots: Screensho
     page.locator("#heatmap .main-svg").first.wait_for(timeout=RENDER_TIMEOUT_MS)
     page.locator("#top-examples article").first.wait_for()
     render_s = time.monotonic() - started
-    print(f"results page of {N_EVAL} x {N_TRAIN}: heatmap and top examples in {render_s:.1f} s")  # noqa: T201
+    print(f"results page of {N_EVAL} x {N_TRAIN}: heatmap and top examples in {render_s:.1f} s")
     subset = page.locator("#heatmap-subset").inner_text()
     assert "50 eval × 200 training examples" in subset and "1,000 × 10,000" in subset, subset
     # The heatmap draws the pipeline's submatrix, and its first cell is that score.

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+
 from service_runtime.settings import EXIT_BAD_SETTINGS
 
 ENTRY_POINTS = {

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
+
 from service_runtime.settings import ServiceSettings
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,6 +7,7 @@ import base64
 from typing import Any
 
 import pytest
+
 from compute_local.config import Settings as ComputeLocalSettings
 from compute_modal.config import Settings as ComputeModalSettings
 from compute_runpod.config import Settings as ComputeRunpodSettings

@@ -29,7 +29,7 @@ RESPONSE_BODIES: list[str] = []
 class RecordingClient(GatewayClient):
     """Keeps every response body, for the plaintext-key scan."""
 
-    def request(self, method, path, **kwargs):  # noqa: ANN001, ANN201
+    def request(self, method, path, **kwargs):
         reply = super().request(method, path, **kwargs)
         RESPONSE_BODIES.append(reply.text)
         return reply
@@ -78,7 +78,7 @@ def funded_key(fake: FakeRunPodProcess, balance: float) -> str:
     return key
 
 
-def save_key(client: GatewayClient, key: str):  # noqa: ANN201
+def save_key(client: GatewayClient, key: str):
     return client.request("POST", "/api/settings/runpod-key", json={"api_key": key})
 
 

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from influence_client import AsyncClient, Client, InfluenceError, eval_rows, influence_rows
 
 from devstack.stack import REPO_ROOT, Stack
+from influence_client import AsyncClient, Client, InfluenceError, eval_rows, influence_rows
 
 from ..browser.support import sample_spec
 

@@ -6,11 +6,11 @@ training texts in the answer, idempotency, ownership and errors."""
 from __future__ import annotations
 
 import pytest
-from influence_client import cli
 
 from benchmarks.planted import planted_duplicate_spec
 from devstack.client import GatewayClient
 from devstack.stack import Stack
+from influence_client import cli
 
 pytestmark = pytest.mark.e2e
 

@@ -15,10 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import httpx
 import pytest
-from gpu_core.tiny import tiny_model_dir
 
 from devstack.client import GatewayClient
 from devstack.stack import REPO_ROOT, Stack
+from gpu_core.tiny import tiny_model_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -272,10 +272,11 @@ def test_artifacts_download_whole_reload_and_are_owner_only(
     onto the base model and reproduces the fine-tuned eval losses; DELETE removes everything."""
     import numpy as np
     import torch
+    from peft import PeftModel
+
     from gpu_core.data import encode_pair
     from gpu_core.evaluation import target_losses
     from gpu_core.models import load_model
-    from peft import PeftModel
 
     spec = small_spec(n_train=8, n_eval=3)
     job_id = alice.submit(spec)["job_id"]

@@ -136,7 +136,7 @@ class _Calls:
         return _Call("GET", "/api/config", _model(models.GatewayConfig), authenticated=False)
 
     @staticmethod
-    def models() -> _Call[list[models.ModelInfo]]:
+    def model_list() -> _Call[list[models.ModelInfo]]:
         return _Call("GET", "/api/models", lambda r: models.ModelList.model_validate(r.json()).models)
 
     @staticmethod
@@ -356,9 +356,6 @@ class Client(_Base):
     def config(self) -> models.GatewayConfig:
         return self._run(_Calls.config())
 
-    def models(self) -> list[models.ModelInfo]:
-        return self._run(_Calls.models())
-
     def submit(
         self, spec: dict[str, Any] | str | os.PathLike[str], idempotency_key: str | None = None
     ) -> models.SubmittedJob:
@@ -500,6 +497,10 @@ class Client(_Base):
     def delete_runpod_key(self) -> models.RunpodKeyDeleted:
         return self._run(_Calls.delete_runpod_key())
 
+    # last in the class: below it, ``models`` in an annotation would name this method, not the module
+    def models(self) -> list[models.ModelInfo]:
+        return self._run(_Calls.model_list())
+
 
 class AsyncClient(_Base):
     """The asyncio client: the same calls as :class:`Client`, awaited."""
@@ -540,9 +541,6 @@ class AsyncClient(_Base):
 
     async def config(self) -> models.GatewayConfig:
         return await self._run(_Calls.config())
-
-    async def models(self) -> list[models.ModelInfo]:
-        return await self._run(_Calls.models())
 
     async def submit(
         self, spec: dict[str, Any] | str | os.PathLike[str], idempotency_key: str | None = None
@@ -676,6 +674,10 @@ class AsyncClient(_Base):
 
     async def delete_runpod_key(self) -> models.RunpodKeyDeleted:
         return await self._run(_Calls.delete_runpod_key())
+
+    # last in the class: below it, ``models`` in an annotation would name this method, not the module
+    async def models(self) -> list[models.ModelInfo]:
+        return await self._run(_Calls.model_list())
 
 
 class _ArtifactFile:

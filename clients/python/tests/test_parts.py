@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 
 import pytest
+
 from influence_client import models
 from influence_client.cli import ProgressBar
 from influence_client.client import SseParser, _safe_artifact_name

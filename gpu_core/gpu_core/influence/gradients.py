@@ -120,7 +120,7 @@ def per_example_gradients(
     inputs: dict[int, torch.Tensor] = {}
     outputs: dict[int, torch.Tensor] = {}
 
-    def capture(index: int):  # noqa: ANN202 - hook factory
+    def capture(index: int):
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if index in outputs:
                 raise RuntimeError(f"{layers[index].module_name} ran twice in one forward pass")

@@ -149,6 +149,8 @@ class GradientIndexWriter:
             shard = self._checkpoint["shards"][self._written // self.shard_rows]
             if self._written == shard["start"]:
                 self._open_shard(shard)
+            if self._rows is None or self._norms is None:
+                raise RuntimeError(f"no shard is open at row {self._written}")
             take = min(len(unit_np) - offset, shard["start"] + shard["rows"] - self._written)
             self._rows.write(unit_np[offset : offset + take].tobytes())
             self._norms.write(norms_np[offset : offset + take].astype("<f4").tobytes())
@@ -186,9 +188,9 @@ class GradientIndexWriter:
         self._rows = self._norms = None
 
 
-def open_npy(path: Path, descr: str, shape: tuple[int, ...], mode: str = "wb") -> BinaryIO:
+def open_npy(path: Path, descr: str, shape: tuple[int, ...]) -> BinaryIO:
     """A ``.npy`` file of ``shape`` opened for writing its data, the header already written."""
-    handle = path.open(mode)
+    handle = path.open("wb")
     np.lib.format.write_array_header_1_0(handle, {"descr": descr, "fortran_order": False, "shape": shape})
     return handle
 

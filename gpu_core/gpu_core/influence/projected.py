@@ -220,10 +220,12 @@ def score_blocks(
     streams = [index.blocks(c, block_rows) for c in range(len(index.checkpoints))]
     for parts in zip(*streams, strict=True):
         start = parts[0][0]
-        scores = None
+        scores: torch.Tensor | None = None
         for checkpoint, rows, (_, block) in zip(index.checkpoints, eval_rows, parts, strict=True):
             contribution = (rows @ block.T).to(torch.float64) * checkpoint.weight
             scores = contribution if scores is None else scores + contribution
+        if scores is None:  # a block exists only where a checkpoint does
+            raise ValueError("the gradient index has no checkpoints")
         yield start, scores
 
 

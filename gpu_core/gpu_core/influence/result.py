@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from gpu_core.schemas import Heatmap, InfluenceResult, ScoredExample, TopInfluences
+from gpu_core.schemas import Heatmap, InfluenceMethod, InfluenceResult, ScoredExample, TopInfluences
 
 # n_eval x n_train at or under this travel inline in the result JSON as ``scores`` (about 0.4 MB of
 # JSON at the limit, measured in docs/gpu_core.md); above it only scores.npy holds the matrix.
@@ -37,7 +37,7 @@ def as_score_matrix(scores: Any, n_eval: int, n_train: int, method: str) -> np.n
 
 
 def build_influence_result(
-    method: str, scores: Any, train_ids: list[str], eval_ids: list[str], top_k: int
+    method: InfluenceMethod, scores: Any, train_ids: list[str], eval_ids: list[str], top_k: int
 ) -> InfluenceResult:
     """``scores[i][j]``: influence of ``train_ids[j]`` on ``eval_ids[i]``, positive = helpful.
 

@@ -25,13 +25,16 @@ from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import obstore
 from obstore.exceptions import BaseError, NotFoundError
 from obstore.store import LocalStore, S3Store
 
 from artifact_store.config import StoreSettings
+
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig  # declared in obstore's stubs only
 
 # Bytes per chunk when reading and when streaming between services (well under gRPC's 4 MiB).
 CHUNK_BYTES = 1024 * 1024
@@ -251,7 +254,9 @@ def open_store(settings: StoreSettings) -> ArtifactStore:
         if settings.access_key_id.get_secret_value():
             options["access_key_id"] = settings.access_key_id.get_secret_value()
             options["secret_access_key"] = settings.secret_access_key.get_secret_value()
-        client_options = {"allow_http": True} if settings.endpoint_url.startswith("http://") else None
+        client_options: ClientConfig | None = (
+            {"allow_http": True} if settings.endpoint_url.startswith("http://") else None
+        )
         store = S3Store.from_url(settings.url, client_options=client_options, **options)
         return ArtifactStore(store, "s3", settings.presign_expiry_s)
     root = Path(settings.url.removeprefix("file://")).expanduser().resolve()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from artifact_store import (
     ArtifactNotFound,
     ArtifactStore,
@@ -21,7 +22,6 @@ from artifact_store import (
     load_store_settings,
     open_store,
 )
-
 from devstack.s3_server import S3TestServer, s3_test_server
 
 

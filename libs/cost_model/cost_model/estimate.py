@@ -10,13 +10,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from gpu_core.schemas import CounterfactualRequest, ExperimentSpec, QueryRequest
-
 from cost_model.memory import GpuRecommendation, recommend_gpu
 from cost_model.model_catalog import ModelCard, lookup_model, model_cards
 from cost_model.prices import PROVIDERS, price_table
 from cost_model.timing import COLD_START_RANGE, counterfactual_time_s, estimated_time_s, query_time_s
 from cost_model.workload import Workload
+from gpu_core.schemas import CounterfactualRequest, ExperimentSpec, QueryRequest
 
 BACKENDS: tuple[str, ...] = ("hosted", "runpod")
 

@@ -29,11 +29,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from gpu_core.schemas import Quantization
-
 from cost_model.model_catalog import Architecture, architecture_for
 from cost_model.prices import TIERS_GB
 from cost_model.workload import Workload
+from gpu_core.schemas import Quantization
 
 GB = 1e9
 BYTES_PER_PARAM: dict[str, float] = {"none": 2.0, "8bit": 1.06, "4bit": 0.52}

@@ -15,8 +15,9 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from gpu_core.schemas import Hyperparams, Quantization
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gpu_core.schemas import Hyperparams, Quantization
 
 UNKNOWN_MODEL_PARAMS_B = 7.0
 _SIZE_IN_ID = re.compile(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)\s*([bm])(?![a-z])", re.IGNORECASE)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from cost_model.model_catalog import ModelCard
 from gpu_core.influence_methods import InfluenceMethodEntry, influence_method
 from gpu_core.schemas import ExperimentSpec, Hyperparams, InfluenceMethod, Quantization
-
-from cost_model.model_catalog import ModelCard
 
 _DEFAULTS = Hyperparams()
 

@@ -6,8 +6,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-import cost_model
 import pytest
+
+import cost_model
 from cost_model import CostEstimate, PriceTableError, Workload, estimate, lookup_model, recommend_gpu
 from cost_model.memory import USABLE_FRACTION
 from gpu_core.schemas import ExperimentSpec

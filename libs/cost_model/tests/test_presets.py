@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
+
 from cost_model import catalog, lookup_model, model_cards
 from cost_model.model_catalog import ModelCard
 from gpu_core.schemas import Hyperparams
-from pydantic import ValidationError
 
 SAMPLE = Path(__file__).resolve().parents[3] / "examples" / "sample.json"
 

@@ -15,10 +15,11 @@ import json
 import math
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
+
 from influence.v1 import common_pb2
 
 # Every state's name as the scheduler stores it and the REST API shows it, in lifecycle order.
@@ -30,11 +31,12 @@ _STATE_PREFIX = "JOB_STATE_"
 _UNSPECIFIED = "unspecified"
 
 
-def job_state(name: str) -> int:
+def job_state(name: str) -> common_pb2.JobState:
     """``"running"`` (or ``"RUNNING"``, as some providers name it) -> ``JOB_STATE_RUNNING``."""
     if name.lower() != _UNSPECIFIED:
         try:
-            return common_pb2.JobState.Value(_STATE_PREFIX + name.upper())
+            # protoc's stubs type Value() as a plain int
+            return cast(common_pb2.JobState, common_pb2.JobState.Value(_STATE_PREFIX + name.upper()))
         except ValueError:
             pass
     raise ValueError(f"{name!r} is not a job state")

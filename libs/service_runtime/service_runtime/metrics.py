@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from wsgiref.simple_server import WSGIServer
 
 import grpc
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
+
+# what grpc.aio really keeps in an RpcMethodHandler (its stubs describe the sync server's):
+# a coroutine function, and for a stream an async generator or a coroutine that writes itself
+AioUnary = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+AioUnaryStream = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any] | Awaitable[None]]
 
 RPC_TOTAL = Counter(
     "grpc_server_handled_total", "RPCs handled", ["service", "method", "code"]
@@ -52,9 +57,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -66,7 +71,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             RPC_SECONDS.labels(service, method).observe(time.perf_counter() - started)
 
         if handler.unary_unary is not None:
-            inner = handler.unary_unary
+            # grpc.aio keeps coroutine functions in the handler's fields, typed for the sync server
+            inner = cast(AioUnary, handler.unary_unary)
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started = time.perf_counter()
@@ -84,7 +90,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
+            inner_stream = cast(AioUnaryStream, handler.unary_stream)
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started = time.perf_counter()

@@ -12,11 +12,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any
+from contextvars import Token
+from typing import Any, cast
 
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+
+from service_runtime.metrics import AioUnary
 
 log = logging.getLogger(__name__)
 _TRACE_KEYS = ("traceparent", "tracestate")
@@ -57,9 +61,9 @@ class TracingServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -71,19 +75,20 @@ class TracingServerInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         tracer = self._tracer
 
-        def enter() -> tuple[object, Any]:
+        def enter() -> tuple[tuple[Token[Context], Token[Context]], trace.Span]:
             token = otel_context.attach(propagate.extract(carrier))
             span = tracer.start_span(method, kind=trace.SpanKind.SERVER)
             span_token = otel_context.attach(trace.set_span_in_context(span))
             return (token, span_token), span
 
-        def leave(tokens: tuple[object, Any], span: Any) -> None:
+        def leave(tokens: tuple[Token[Context], Token[Context]], span: trace.Span) -> None:
             span.end()
             otel_context.detach(tokens[1])
             otel_context.detach(tokens[0])
 
         if handler.unary_unary is not None:
-            inner = handler.unary_unary
+            # grpc.aio keeps coroutine functions in the handler's fields, typed for the sync server
+            inner = cast(AioUnary, handler.unary_unary)
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 tokens, span = enter()
@@ -117,9 +122,9 @@ class TracingClientInterceptor(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
-    async def intercept_unary_unary(self, continuation, client_call_details, request):  # noqa: ANN001, ANN201
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
         return await continuation(self._with_trace(client_call_details), request)
 
-    async def intercept_unary_stream(self, continuation, client_call_details, request):  # noqa: ANN001, ANN201
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
         return await continuation(self._with_trace(client_call_details), request)
 

@@ -1,5 +1,6 @@
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from service_runtime.grpc_server import create_grpc_server
 
 
@@ -49,12 +50,13 @@ async def test_graceful_stop_reports_not_serving_before_stopping():
 async def test_trace_context_flows_from_caller_through_a_server_to_the_next_hop():
     """A server forwards the traceparent it received to the service it calls next."""
     from grpc_health.v1 import health
+
     from service_runtime.grpc_server import insecure_channel
 
     seen: list[str] = []
 
     class Recorder(health.aio.HealthServicer):
-        async def Check(self, request, ctx):  # noqa: N802
+        async def Check(self, request, ctx):
             seen.append(dict(ctx.invocation_metadata()).get("traceparent", ""))
             return await super().Check(request, ctx)
 
@@ -64,7 +66,7 @@ async def test_trace_context_flows_from_caller_through_a_server_to_the_next_hop(
     await downstream.start()
 
     class Relay(health.aio.HealthServicer):
-        async def Check(self, request, ctx):  # noqa: N802
+        async def Check(self, request, ctx):
             async with insecure_channel(f"127.0.0.1:{down_port}") as ch:
                 return await health_pb2_grpc.HealthStub(ch).Check(request)
 

@@ -8,6 +8,7 @@ import json
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+
 from influence.v1 import common_pb2, scheduler_pb2
 from service_runtime.jobs import (
     ACTIVE_STATES,

@@ -11,6 +11,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from service_runtime.grpc_server import create_grpc_server
 from service_runtime.lifecycle import Readiness, run_service
 

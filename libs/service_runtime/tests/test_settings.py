@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 from pydantic import Field, SecretStr
+
 from service_runtime.settings import EXIT_BAD_SETTINGS, ServiceSettings, SettingsError
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from service_runtime.logs import configure_logging
-
 from compute_local.config import Settings
 from compute_local.server import serve
+from service_runtime.logs import configure_logging
 
 
 def main() -> int:

@@ -25,9 +25,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from service_runtime.logs import configure_logging
-
 from compute_local.spec import read_spec
+from service_runtime.logs import configure_logging
 
 log = logging.getLogger("compute_local.child")
 

@@ -9,6 +9,7 @@ from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
+
 from service_runtime.settings import ServiceSettings
 
 _DEVICE_PATTERN = re.compile(r"cpu|cuda:\d+")

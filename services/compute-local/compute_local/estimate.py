@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import cost_model
-from influence.v1 import common_pb2
-
 from compute_local.spec import read_spec
+from influence.v1 import common_pb2
 
 _ESTIMATE_FIELDS = frozenset(common_pb2.Estimate.DESCRIPTOR.fields_by_name)
 

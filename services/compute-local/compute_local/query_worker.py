@@ -30,8 +30,6 @@ import threading
 from pathlib import Path
 from typing import IO, Any
 
-from service_runtime.logs import configure_logging
-
 from compute_local.child import (
     EXIT_CANCELLED,
     Terminated,
@@ -42,6 +40,7 @@ from compute_local.child import (
     set_threads,
     take_stdout,
 )
+from service_runtime.logs import configure_logging
 
 log = logging.getLogger("compute_local.query_worker")
 

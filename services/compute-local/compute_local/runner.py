@@ -35,13 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpu_core.jobs import QUERY, job_kind
-
 from compute_local.child import EXIT_CANCELLED
 from compute_local.jobs import JobRecord, JobState, JobStore, StoredEvent, new_provider_job_id
 from compute_local.query_worker import PARENT_FILE
 from compute_local.spec import later_job_files, read_spec
 from compute_local.warm import WarmQueryPool, WarmQueryWorker, WorkerGone
+from gpu_core.jobs import QUERY, job_kind
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from prometheus_client import REGISTRY, CollectorRegistry
-from service_runtime.grpc_server import GrpcService, create_grpc_server
-from service_runtime.jobs import event_message, job_state
-from service_runtime.lifecycle import run_service
-from service_runtime.metrics import MetricsServer, start_metrics_server
 
 from compute_local.config import Settings
 from compute_local.estimate import estimate
@@ -27,6 +22,11 @@ from compute_local.runner import (
     NotAccepting,
     ResultNotReady,
 )
+from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
+from service_runtime.grpc_server import GrpcService, create_grpc_server
+from service_runtime.jobs import event_message, job_state
+from service_runtime.lifecycle import run_service
+from service_runtime.metrics import MetricsServer, start_metrics_server
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,11 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
+
 from compute_local.config import Settings
 from compute_local.server import ComputeLocalServer, start_service
 from influence.v1 import compute_pb2_grpc
-from prometheus_client import CollectorRegistry
 
 ServiceFactory = Callable[..., Awaitable[ComputeLocalServer]]
 

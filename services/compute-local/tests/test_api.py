@@ -10,11 +10,12 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
+
 from compute_local.config import Settings
 from compute_local.server import SERVICE_NAME, ComputeLocalServer, start_service
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from influence.v1 import compute_pb2, compute_pb2_grpc
-from prometheus_client import CollectorRegistry
 from service_runtime.settings import SettingsError
 
 SPEC = json.dumps(

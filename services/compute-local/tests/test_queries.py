@@ -11,10 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from compute_local.jobs import JobState
-from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 
 from benchmarks.planted import planted_duplicate_spec
+from compute_local.jobs import JobState
+from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 
 from .conftest import ServiceFactory
 from .test_service import follow

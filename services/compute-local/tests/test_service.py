@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from compute_local.jobs import JobState
 from compute_local.server import ComputeLocalServer
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from compute_local.jobs import JobRecord, JobState, JobStore, StoredEvent
 from compute_local.runner import STOPPED_MESSAGE, JobNotFound, LocalRunner, ResultNotReady
 

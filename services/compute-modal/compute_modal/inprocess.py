@@ -124,13 +124,13 @@ class InProcessModal:
             output = ("expired", None)
         except modal.exception.InputCancellation:
             output = ("error", modal.exception.RemoteError("Function call was cancelled"))
-        except BaseException as exc:  # noqa: BLE001 - a container reports every failure as output
+        except BaseException as exc:  # a container reports every failure as output
             output = ("error", exc)
         with self._lock:
             call.in_body = False
         try:
             payload = pickle.dumps(output)
-        except Exception as exc:  # noqa: BLE001 - what Modal does with an unserialisable output
+        except Exception as exc:  # what Modal does with an unserialisable output
             payload = pickle.dumps(("error", modal.exception.ExecutionError(f"could not serialise: {exc}")))
         with self._lock:
             call.output = payload

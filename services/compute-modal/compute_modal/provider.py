@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-import cost_model
 import modal.exception
+
+import cost_model
+from compute_modal.adapter import ModalAdapter, ModalNotConfigured
 from gpu_core.jobs import EXPERIMENT, JobInputError, make_payload, parse_payload
 from gpu_core.schemas import NO_SIZE_LIMITS, ExperimentSpec, SpecError, parse_spec
-
-from compute_modal.adapter import ModalAdapter, ModalNotConfigured
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class ModalProvider:
             raise
         except modal.exception.RemoteError as exc:
             return State.FAILED, f"Modal terminated the job: {exc}"
-        except Exception as exc:  # noqa: BLE001 - an exception re-raised by Modal
+        except Exception as exc:  # an exception re-raised by Modal
             return State.FAILED, _failure(exc)
         if _outcome_error(outcome):
             return State.FAILED, _outcome_error(outcome)
@@ -242,7 +242,7 @@ class ModalProvider:
                 raise
             except modal.exception.RemoteError as exc:
                 raise ResultNotReady(f"the job has no result: Modal terminated it ({exc})") from None
-            except Exception as exc:  # noqa: BLE001 - an exception re-raised by Modal
+            except Exception as exc:  # an exception re-raised by Modal
                 raise ResultNotReady(f"the job has no result: {_failure(exc)}") from None
         if _outcome_error(value):
             raise ResultNotReady(f"the job has no result: {_outcome_error(value)}")

@@ -12,16 +12,16 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from prometheus_client import REGISTRY, CollectorRegistry
-from service_runtime.grpc_server import GrpcService, create_grpc_server
-from service_runtime.jobs import event_message, job_state
-from service_runtime.lifecycle import Readiness, run_service
-from service_runtime.metrics import MetricsServer, start_metrics_server
 
 from compute_modal.adapter import ModalAdapter, ModalSdkAdapter
 from compute_modal.config import Settings
 from compute_modal.provider import JobStatus, ModalProvider, ProviderError
+from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
+from service_runtime.grpc_server import GrpcService, create_grpc_server
+from service_runtime.jobs import event_message, job_state
+from service_runtime.lifecycle import Readiness, run_service
+from service_runtime.metrics import MetricsServer, start_metrics_server
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,12 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
+
 from compute_modal.config import Settings
 from compute_modal.inprocess import InProcessModal, load_worker_app
 from compute_modal.server import ComputeModalServer, start_service
 from influence.v1 import compute_pb2_grpc
-from prometheus_client import CollectorRegistry
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ class NotifyingStore(MutableMapping[str, Any]):
     def __delitem__(self, key: str) -> None:
         del self.inner[key]
 
-    def __iter__(self):  # noqa: ANN204 - MutableMapping protocol
+    def __iter__(self):
         return iter(self.inner)
 
     def __len__(self) -> int:

@@ -7,6 +7,7 @@ from typing import Any
 
 import modal
 import pytest
+
 from compute_modal.inprocess import WORKER_APP
 
 
@@ -113,11 +114,10 @@ def test_progress_writer_keeps_the_last_events_and_a_counter() -> None:
 
 
 def test_the_function_body_runs_a_counterfactual_check_by_its_kind() -> None:
+    from benchmarks.planted import planted_duplicate_spec, stand_in_result
     from compute_modal.inprocess import load_worker_app
     from gpu_core.jobs import COUNTERFACTUAL, make_payload
     from gpu_core.schemas import parse_spec
-
-    from benchmarks.planted import planted_duplicate_spec, stand_in_result
 
     app = load_worker_app()
     spec = parse_spec(planted_duplicate_spec("tracin", 6, 2, epochs=2)).model_dump(mode="json")
@@ -152,8 +152,9 @@ def test_a_rerun_in_a_new_container_continues_the_counter() -> None:
 
 def test_sdk_handles_are_built_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every new Function/Dict handle hydrates with its own lookup RPC: build each once."""
-    from compute_modal.adapter import ModalSdkAdapter
     from pydantic import SecretStr
+
+    from compute_modal.adapter import ModalSdkAdapter
 
     built: list[str] = []
     monkeypatch.setattr(modal.Function, "from_name", lambda *a, **k: built.append("function") or object())

@@ -9,11 +9,12 @@ import os
 import uuid
 
 import pytest
+from pydantic import SecretStr
+
 from compute_modal.adapter import ModalSdkAdapter
 from compute_modal.config import Settings
 from compute_modal.provider import ModalProvider, State
 from gpu_core.schemas import ExperimentResult
-from pydantic import SecretStr
 
 pytestmark = [
     pytest.mark.skipif(
@@ -24,7 +25,7 @@ pytestmark = [
 ]
 
 
-async def test_tiny_experiment_on_modal(make_spec) -> None:  # noqa: ANN001 - fixture
+async def test_tiny_experiment_on_modal(make_spec) -> None:
     settings = Settings.load()
     adapter = ModalSdkAdapter(
         SecretStr(os.environ["MODAL_TOKEN_ID"]),

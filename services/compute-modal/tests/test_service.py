@@ -11,14 +11,15 @@ from typing import Any
 import grpc
 import modal.exception
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
+
 from compute_modal.config import Settings
 from compute_modal.inprocess import RESULT_RETENTION_S, InProcessModal, load_worker_app
 from compute_modal.provider import WAITING_FOR_GPU
 from compute_modal.server import SERVICE_NAME, start_service
 from gpu_core.schemas import DEFAULT_LIMITS, STAGES, ExperimentResult
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from influence.v1 import common_pb2, compute_pb2
-from prometheus_client import CollectorRegistry
 from service_runtime.settings import SettingsError
 
 pytestmark = pytest.mark.timeout(120)

@@ -30,9 +30,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import modal
 
@@ -78,10 +77,18 @@ hf_cache = modal.Volume.from_name(HF_CACHE_VOLUME, create_if_missing=True)
 progress_store = modal.Dict.from_name(PROGRESS_DICT, create_if_missing=True)
 
 
+class ProgressStore(Protocol):
+    """What a job needs of its progress store: a modal.Dict (not a MutableMapping), or a dict."""
+
+    def get(self, key: str, default: Any = None, /) -> Any: ...
+
+    def __setitem__(self, key: str, value: Any, /) -> None: ...
+
+
 class ProgressWriter:
     """Writes one job's progress entry: a counter plus the last ``keep`` events."""
 
-    def __init__(self, store: MutableMapping[str, Any], job_id: str, keep: int = MAX_EVENTS_KEPT) -> None:
+    def __init__(self, store: ProgressStore, job_id: str, keep: int = MAX_EVENTS_KEPT) -> None:
         self._store = store
         self._job_id = job_id
         self._keep = keep
@@ -119,7 +126,7 @@ def upload_urls(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     return spec, urls if isinstance(urls, dict) else {}
 
 
-def run_job(job_id: str, spec: dict[str, Any], store: MutableMapping[str, Any]) -> dict[str, Any]:
+def run_job(job_id: str, spec: dict[str, Any], store: ProgressStore) -> dict[str, Any]:
     """The function body: run the job, report every event to ``store[job_id]``, upload an
     experiment's files to their presigned URLs, return the outcome (see the module docstring).
     ``spec`` is the gpu_core.jobs payload: an experiment's spec, or a later job of one (e.g. a
@@ -165,7 +172,7 @@ def run_job(job_id: str, spec: dict[str, Any], store: MutableMapping[str, Any]) 
     except modal.exception.InputCancellation:
         writer.finish("cancelled", "cancelled")
         raise
-    except Exception as exc:  # noqa: BLE001 - returned as plain words, not as a pickled exception
+    except Exception as exc:  # returned as plain words, not as a pickled exception
         message = f"{type(exc).__name__}: {exc}"
     finally:
         if events is not None:

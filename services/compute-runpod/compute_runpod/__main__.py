@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from service_runtime.logs import configure_logging
-
 from compute_runpod.config import Settings
 from compute_runpod.server import serve
+from service_runtime.logs import configure_logging
 
 
 def main() -> int:

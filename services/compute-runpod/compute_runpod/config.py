@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pydantic import Field, SecretStr, field_validator, model_validator
+
 from service_runtime.settings import ServiceSettings, host_port
 
 

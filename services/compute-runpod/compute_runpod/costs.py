@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import cost_model
-from gpu_core.schemas import ExperimentSpec
+from gpu_core.schemas import ExperimentSpec, Quantization
 
 
 def estimate(spec: ExperimentSpec, backend: str, kind: str = "", request_json: bytes = b"") -> dict[str, Any]:
@@ -22,13 +22,13 @@ def gpu_pools(model_params_b: float, quantization: str, model_id: str = "") -> l
     endpoint accepts (fewer jobs left waiting for a GPU). A model the catalog knows (or whose id
     names its size) is sized by its card, as the estimate is; else by ``model_params_b``
     billion parameters; none when neither is known (the caller's default pools apply)."""
+    # the request's text, from the scheduler's validated spec; recommend_gpu refuses any other value
+    quantized = cast(Quantization, quantization or "none")
     card = cost_model.sized_model(model_id) if model_id else None
     if card is not None:
-        recommendation = cost_model.recommend_gpu(
-            card.params_b, quantization or "none", architecture=card.architecture
-        )
+        recommendation = cost_model.recommend_gpu(card.params_b, quantized, architecture=card.architecture)
     elif model_params_b > 0:
-        recommendation = cost_model.recommend_gpu(model_params_b, quantization or "none")
+        recommendation = cost_model.recommend_gpu(model_params_b, quantized)
     else:
         return []
     return [pool for pool, _ in cost_model.price_table("runpod").gpus_for_tier(recommendation.tier_gb)]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import grpc
-from influence.v1 import keyvault_pb2, keyvault_pb2_grpc
-from service_runtime.grpc_server import insecure_channel
 
 from compute_runpod.errors import Code, ProviderError
+from influence.v1 import keyvault_pb2, keyvault_pb2_grpc
+from service_runtime.grpc_server import insecure_channel
 
 PROVIDER = "runpod"
 

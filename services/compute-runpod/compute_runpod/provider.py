@@ -17,9 +17,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpu_core.jobs import EXPERIMENT, JobInputError, make_payload, parse_payload
-from gpu_core.schemas import ExperimentSpec
-
 from compute_runpod import costs
 from compute_runpod.client import RunPodClient
 from compute_runpod.config import Settings
@@ -34,6 +31,8 @@ from compute_runpod.results import (
     is_result_chunk,
 )
 from gpu_core import schemas
+from gpu_core.jobs import EXPERIMENT, JobInputError, make_payload, parse_payload
+from gpu_core.schemas import ExperimentSpec
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +253,9 @@ class RunPodProvider:
         the endpoint (same id, so jobs in flight keep their endpoint; RunPod rolls the release
         out as workers cycle), with the pools of today's cost model."""
         template_id = self._settings.runpod_template_id
-        env = endpoint.get("env") if isinstance(endpoint.get("env"), dict) else {}
+        env = endpoint.get("env")
+        if not isinstance(env, dict):
+            env = {}
         if not template_id or env.get(TEMPLATE_MARKER) == template_id:
             return
         template = await self._client.get_template(key, template_id)

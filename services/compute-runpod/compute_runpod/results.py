@@ -94,10 +94,10 @@ def error_text(error: Any) -> str:
             return error
         error = parsed
     if isinstance(error, dict):
-        message = error.get("error_message") or error.get("message") or error.get("error")
+        detail = error.get("error_message") or error.get("message") or error.get("error")
         kind = error.get("error_type")
-        if message:
-            return f"{kind}: {message}" if kind else str(message)
+        if detail:
+            return f"{kind}: {detail}" if kind else str(detail)
     return str(error) if error else "The worker failed without saying why"
 
 

@@ -5,15 +5,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
-from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
-from service_runtime.grpc_server import GrpcService, create_grpc_server
-from service_runtime.jobs import event_message, job_state
-from service_runtime.lifecycle import run_service
-from service_runtime.logs import redact
-from service_runtime.metrics import MetricsServer, start_metrics_server
 
 from compute_runpod.client import RunPodClient
 from compute_runpod.config import Settings
@@ -21,6 +15,12 @@ from compute_runpod.errors import ProviderError
 from compute_runpod.keys import KeyVaultKeys
 from compute_runpod.metrics import PROVIDER_ERRORS
 from compute_runpod.provider import AccountRef, RunPodProvider
+from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
+from service_runtime.grpc_server import GrpcService, create_grpc_server
+from service_runtime.jobs import event_message, job_state
+from service_runtime.lifecycle import run_service
+from service_runtime.logs import redact
+from service_runtime.metrics import MetricsServer, start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
             await context.abort(getattr(grpc.StatusCode, exc.code.value), redact(exc.message))
         raise AssertionError("unreachable: abort raises")
 
-    async def VerifyCredentials(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def VerifyCredentials(self, request, context):
         verification = await self._call(
             context, lambda: self._provider.verify(_account(request.account), request.api_key)
         )
@@ -53,13 +53,14 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
             valid=verification.valid, account_id=verification.account_id,
             balance_usd=verification.balance_usd, message=redact(verification.message),
             failure=(
-                common_pb2.KeyFailure.Value(f"KEY_FAILURE_{failure.value}")
+                # protoc's stubs type Value() as a plain int
+                cast(common_pb2.KeyFailure, common_pb2.KeyFailure.Value(f"KEY_FAILURE_{failure.value}"))
                 if failure
                 else common_pb2.KEY_FAILURE_UNSPECIFIED
             ),
         )
 
-    async def PrepareAccount(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def PrepareAccount(self, request, context):
         prepared = await self._call(
             context,
             lambda: self._provider.prepare(
@@ -71,7 +72,7 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
             endpoint_id=prepared.endpoint_id, created=prepared.created, status=prepared.status
         )
 
-    async def Submit(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def Submit(self, request, context):
         provider_job_id = await self._call(
             context,
             lambda: self._provider.submit(
@@ -87,7 +88,7 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
         )
         return compute_pb2.SubmitResponse(provider_job_id=provider_job_id)
 
-    async def GetStatus(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def GetStatus(self, request, context):
         report = await self._call(
             context,
             lambda: self._provider.status(
@@ -102,13 +103,13 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
             stage_message=report.stage_message,
         )
 
-    async def GetResult(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def GetResult(self, request, context):
         result = await self._call(
             context, lambda: self._provider.result(_account(request.account), request.provider_job_id)
         )
         return compute_pb2.GetResultResponse(result_json=result)
 
-    async def FetchArtifact(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def FetchArtifact(self, request, context):
         parts = await self._call(
             context,
             lambda: self._provider.artifact(
@@ -123,13 +124,13 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
             PROVIDER_ERRORS.labels(exc.code.value).inc()
             await context.abort(getattr(grpc.StatusCode, exc.code.value), redact(exc.message))
 
-    async def Cancel(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def Cancel(self, request, context):
         state = await self._call(
             context, lambda: self._provider.cancel(_account(request.account), request.provider_job_id)
         )
         return compute_pb2.CancelResponse(state=job_state(state))
 
-    async def Estimate(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def Estimate(self, request, context):
         async def work() -> dict[str, Any]:
             return self._provider.estimate(
                 request.spec_json, request.backend, request.kind, request.request_json

@@ -13,17 +13,17 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+
 from compute_runpod.config import Settings
 from compute_runpod.server import start_server
+from devstack.fake_runpod import FakeRunPod
 from influence.v1 import compute_pb2_grpc, keyvault_pb2_grpc
 from keyvault.config import Settings as KeyVaultSettings
 from keyvault.server import KeyVaultServer, start_keyvault
 
-from devstack.fake_runpod import FakeRunPod
-
 sys.path.insert(0, str(Path(__file__).parent))
 
-from runpod_testkit import (  # noqa: E402
+from runpod_testkit import (
     GATEWAY_TOKEN,
     RUNPOD_CALLER_TOKEN,
     TEMPLATE_ID,

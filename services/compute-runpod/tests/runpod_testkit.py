@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from compute_runpod.server import ComputeRunPodServer
-from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc, keyvault_pb2, keyvault_pb2_grpc
 
+from compute_runpod.server import ComputeRunPodServer
 from devstack.fake_runpod import FakeRunPod
+from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc, keyvault_pb2, keyvault_pb2_grpc
 
 TEMPLATE_ID = "influence-template"
 GATEWAY_TOKEN = "gateway-" + secrets.token_hex(16)

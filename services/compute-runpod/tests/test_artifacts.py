@@ -9,13 +9,13 @@ import json
 
 import grpc
 import pytest
+from runpod_testkit import Stack, spec_bytes
+
 from artifact_store import ArtifactStore, job_key
+from devstack.s3_server import S3TestServer
 from gpu_core.schemas import ExperimentResult, parse_spec
 from gpu_core.uploads import planned_artifact_names
 from influence.v1 import common_pb2, compute_pb2
-from runpod_testkit import Stack, spec_bytes
-
-from devstack.s3_server import S3TestServer
 
 HOSTED = common_pb2.Account(user_id="operator-tier-user", hosted=True)
 
@@ -34,7 +34,7 @@ async def upload_urls(s3_store: ArtifactStore, job_id: str) -> list[compute_pb2.
     ]
 
 
-async def run(stack: Stack, job_id: str, uploads: list[compute_pb2.ArtifactUpload] = ()):  # noqa: ANN201
+async def run(stack: Stack, job_id: str, uploads: list[compute_pb2.ArtifactUpload] = ()):
     submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
         job_id=job_id, account=HOSTED, spec_json=spec_bytes(), artifact_uploads=uploads,
     ))

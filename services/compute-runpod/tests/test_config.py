@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from compute_runpod.config import Settings
 from service_runtime.settings import SettingsError
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from compute_runpod.client import RunPodClient
 from compute_runpod.config import Settings
 from compute_runpod.provider import AccountRef, RunPodProvider

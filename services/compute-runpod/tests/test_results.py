@@ -7,9 +7,9 @@ import json
 from types import ModuleType
 
 import pytest
+
 from compute_runpod.errors import ProviderError
 from compute_runpod.results import assemble_result, error_text, final_result
-
 from devstack.fake_runpod import WORKER_HANDLER
 
 

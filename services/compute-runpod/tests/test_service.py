@@ -9,17 +9,18 @@ import socket
 import time
 from collections.abc import Callable
 
-import cost_model
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
+from runpod_testkit import SMALL_SPEC, Stack, new_key, spec_bytes
+
+import cost_model
 from compute_runpod.config import Settings
 from compute_runpod.provider import NO_GPU, WAITING_FOR_GPU
 from compute_runpod.server import start_server
 from gpu_core.schemas import ExperimentResult
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
-from prometheus_client import REGISTRY
-from runpod_testkit import SMALL_SPEC, Stack, new_key, spec_bytes
 
 PRICES = cost_model.price_table("runpod")
 
@@ -36,7 +37,7 @@ def user(user_id: str = "u1", endpoint_id: str = "") -> common_pb2.Account:
     return common_pb2.Account(user_id=user_id, endpoint_id=endpoint_id, hosted=False)
 
 
-async def rpc_error(call) -> grpc.aio.AioRpcError:  # noqa: ANN001
+async def rpc_error(call) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
     return caught.value

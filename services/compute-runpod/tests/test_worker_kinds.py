@@ -8,11 +8,11 @@ import importlib.util
 from types import ModuleType
 
 import pytest
-from gpu_core.jobs import COUNTERFACTUAL, make_payload
-from gpu_core.schemas import parse_spec
 
 from benchmarks.planted import planted_duplicate_spec, stand_in_result
 from devstack.fake_runpod import WORKER_HANDLER
+from gpu_core.jobs import COUNTERFACTUAL, make_payload
+from gpu_core.schemas import parse_spec
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import runpod
+
 from gpu_core.jobs import JobInput, JobInputError, parse_payload, run_job
 from gpu_core.pipeline import ExperimentCancelled
 from gpu_core.schemas import ArtifactEntry, SpecError
@@ -193,7 +194,7 @@ class ExperimentThread:
         except ArtifactDownloadError as exc:
             self._put(("event", {"error": f"The experiment's files could not be downloaded: {exc}"}))
             self._put(("end", None))
-        except Exception as exc:  # noqa: BLE001 - re-raised in the handler, where the SDK reports it
+        except Exception as exc:  # re-raised in the handler, where the SDK reports it
             self._put(("error", exc))
 
     async def next(self) -> dict[str, Any] | None:

@@ -14,7 +14,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from influence_client.models import AccessToken, Health, JobEvent, Readiness, StreamEnd
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,6 +33,7 @@ from gateway.deps import GatewayState, SpecInvalid, json_error, validation_probl
 from gateway.middleware import BodySizeLimit, RequestMetrics
 from gateway.responses import ERRORS, error
 from gateway.upstream import ApiError, Upstreams, open_upstreams
+from influence_client.models import AccessToken, Health, JobEvent, Readiness, StreamEnd
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from gpu_core.schemas import SpecLimits
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+
+from gpu_core.schemas import SpecLimits
 from service_runtime.settings import ServiceSettings, host_port
 
 # HS256 keys shorter than the hash output make brute-forcing a token's signature practical.

@@ -4,15 +4,14 @@ scripts read them instead of copying them."""
 
 from __future__ import annotations
 
-import typing
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import APIRouter
-from gpu_core.schemas import ExperimentSpec, InfluenceMethod
-from influence_client.models import GatewayConfig
 
 from gateway.deps import State
 from gateway.responses import error
+from gpu_core.schemas import ExperimentSpec, InfluenceMethod
+from influence_client.models import GatewayConfig
 
 router = APIRouter(prefix="/api", tags=["system"], responses={"default": error("Any error")})
 
@@ -42,7 +41,7 @@ METHOD_NOTES: dict[str, tuple[str, str]] = {
 
 def influence_methods() -> list[dict[str, str]]:
     methods = []
-    for value in typing.get_args(InfluenceMethod):
+    for value in get_args(InfluenceMethod):
         label, description = METHOD_NOTES.get(value, (value, ""))
         methods.append({"value": value, "label": label, "description": description})
     return methods

@@ -11,6 +11,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Response
+
+from gateway.deps import CurrentUser, Scheduler
+from gateway.jobs_api import JOB_NOT_FOUND, _checked_job_id, checked_idempotency_key
+from gateway.later_jobs import get_later_job, later_job_view, list_later_jobs, submit_later_job
+from gateway.responses import ERRORS, error
+from gateway.views import estimate_view
 from gpu_core.jobs import COUNTERFACTUAL
 from gpu_core.schemas import CounterfactualRequest
 from influence.v1 import scheduler_pb2
@@ -21,12 +27,6 @@ from influence_client.models import (
     CounterfactualSubmitted,
 )
 from service_runtime.jobs import state_name
-
-from gateway.deps import CurrentUser, Scheduler
-from gateway.jobs_api import JOB_NOT_FOUND, _checked_job_id, checked_idempotency_key
-from gateway.later_jobs import get_later_job, later_job_view, list_later_jobs, submit_later_job
-from gateway.responses import ERRORS, error
-from gateway.views import estimate_view
 
 # Routes declared like jobs_api's (see the note there on their shared shape).
 router = APIRouter(prefix="/api/jobs/{job_id}/counterfactual", tags=["counterfactual"], responses=ERRORS)

@@ -7,12 +7,12 @@ import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from gpu_core.formats import FORMAT_LABELS, MAX_PROBLEMS, parse_file
-from influence_client.models import ParsedDataFile
 
 from gateway.deps import CurrentUser, SpecInvalid, State
 from gateway.responses import ERRORS, error
 from gateway.upstream import ApiError
+from gpu_core.formats import FORMAT_LABELS, MAX_PROBLEMS, parse_file
+from influence_client.models import ParsedDataFile
 
 router = APIRouter(prefix="/api", tags=["data"], responses=ERRORS)
 

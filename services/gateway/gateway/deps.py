@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from gpu_core.schemas import ExperimentSpec, SpecLimits
 from pydantic import ValidationError
 
 from gateway.auth import AuthError, LocalTokenIssuer, TokenVerifier
 from gateway.config import Settings
 from gateway.upstream import ApiError, KeyVaultClient, Metadata, SchedulerClient, Upstreams, trace_metadata
+from gpu_core.schemas import ExperimentSpec, SpecLimits
 
 
 @dataclass
@@ -92,7 +93,7 @@ def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
     return path or "body"
 
 
-def validation_problems(errors: list[dict[str, Any]], strip_location: bool) -> list[dict[str, str]]:
+def validation_problems(errors: Sequence[Mapping[str, Any]], strip_location: bool) -> list[dict[str, str]]:
     """One ``{field, message}`` per error; never the input value (it may be a secret)."""
     problems = []
     for error in errors:
@@ -104,7 +105,7 @@ def validation_problems(errors: list[dict[str, Any]], strip_location: bool) -> l
     return problems
 
 
-def json_error(errors: list[dict[str, Any]]) -> ApiError | None:
+def json_error(errors: Sequence[Mapping[str, Any]]) -> ApiError | None:
     """A 400 for a body that is not JSON at all, else None."""
     for error in errors:
         if error.get("type") == "json_invalid":

@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from influence.v1 import common_pb2, scheduler_pb2
-from service_runtime.jobs import state_name
 
 from gateway.upstream import ApiError, SchedulerClient
 from gateway.views import event_payload
+from influence.v1 import common_pb2, scheduler_pb2
+from service_runtime.jobs import state_name
 
 log = logging.getLogger(__name__)
 

@@ -8,17 +8,17 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
-from gpu_core.datareport import data_report
-from gpu_core.schemas import ExperimentResult, ExperimentSpec, parse_spec
-from influence.v1 import scheduler_pb2
-from influence_client.models import ArtifactList, EstimateAnswer, Job, JobDeleted, JobList, SubmittedJob
-from service_runtime.jobs import TERMINAL_STATES, state_name
 
 from gateway.deps import CurrentUser, Scheduler, State, read_spec
 from gateway.events import job_event_stream
 from gateway.responses import ERRORS, error
 from gateway.upstream import ApiError
 from gateway.views import estimate_view, job_view, submitted_view
+from gpu_core.datareport import data_report
+from gpu_core.schemas import ExperimentResult, ExperimentSpec, parse_spec
+from influence.v1 import scheduler_pb2
+from influence_client.models import ArtifactList, EstimateAnswer, Job, JobDeleted, JobList, SubmittedJob
+from service_runtime.jobs import TERMINAL_STATES, state_name
 
 # Each route is a declaration (path, summary, response model, errors) and one or two calls of
 # the typed SchedulerClient, which holds what calls share (trace, deadline, error mapping); the

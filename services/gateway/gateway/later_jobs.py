@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from influence.v1 import scheduler_pb2
-
 from gateway.jobs_api import JOB_NOT_FOUND, _checked_job_id, _get_job
 from gateway.upstream import ApiError, SchedulerClient
 from gateway.views import job_view
+from influence.v1 import scheduler_pb2
 
 
 def later_job_view(job: scheduler_pb2.Job, id_field: str) -> dict[str, Any]:

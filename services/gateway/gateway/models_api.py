@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import cost_model
 from fastapi import APIRouter
-from influence_client.models import ModelList
 
+import cost_model
 from gateway.deps import CurrentUser, State
 from gateway.responses import ERRORS, error
 from gateway.upstream import ApiError
+from influence_client.models import ModelList
 
 router = APIRouter(prefix="/api", tags=["models"], responses=ERRORS)
 

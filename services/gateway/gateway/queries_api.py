@@ -13,16 +13,16 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Response
-from gpu_core.jobs import QUERY
-from gpu_core.schemas import NO_SIZE_LIMITS, QueryRequest, TrainingExample, parse_spec
-from influence.v1 import scheduler_pb2
-from influence_client.models import QueryJob, QueryList, QuerySubmitted
-from service_runtime.jobs import state_name
 
 from gateway.deps import CurrentUser, Scheduler
 from gateway.jobs_api import checked_idempotency_key
 from gateway.later_jobs import get_later_job, later_job_view, list_later_jobs, submit_later_job
 from gateway.responses import ERRORS, error
+from gpu_core.jobs import QUERY
+from gpu_core.schemas import NO_SIZE_LIMITS, QueryRequest, TrainingExample, parse_spec
+from influence.v1 import scheduler_pb2
+from influence_client.models import QueryJob, QueryList, QuerySubmitted
+from service_runtime.jobs import state_name
 
 # Routes declared like jobs_api's (see the note there on their shared shape).
 router = APIRouter(prefix="/api/jobs/{job_id}/queries", tags=["queries"], responses=ERRORS)

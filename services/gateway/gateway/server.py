@@ -9,10 +9,10 @@ import socket
 from collections.abc import Iterator
 
 import uvicorn
-from service_runtime.lifecycle import run_service
 
 from gateway.app import create_app
 from gateway.config import Settings
+from service_runtime.lifecycle import run_service
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ class GatewayServer:
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting, let open requests finish (up to the grace), close."""
         if grace_s is not None:
-            self.server.config.timeout_graceful_shutdown = grace_s
+            # uvicorn annotates an int but only waits on it: a fraction of a second is kept
+            self.server.config.timeout_graceful_shutdown = grace_s  # type: ignore[assignment]
         self.server.should_exit = True
         if self._task is not None:
             await self._task

@@ -10,14 +10,14 @@ import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter
-from influence.v1 import common_pb2, keyvault_pb2, scheduler_pb2
-from influence_client.models import ComputeSettings, RunpodKeyDeleted, RunpodKeySaved, RunpodKeyStatus
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from gateway.deps import CurrentUser, KeyVault, Scheduler, State, require_text
 from gateway.responses import ERRORS, error
 from gateway.upstream import ApiError
 from gateway.views import compute_settings_view, key_info_view
+from influence.v1 import common_pb2, keyvault_pb2, scheduler_pb2
+from influence_client.models import ComputeSettings, RunpodKeyDeleted, RunpodKeySaved, RunpodKeyStatus
 
 log = logging.getLogger(__name__)
 # Routes declared like jobs_api's (see the note there on their shared shape).

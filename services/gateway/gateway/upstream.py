@@ -16,10 +16,10 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from influence.v1 import keyvault_pb2, keyvault_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from service_runtime.grpc_server import insecure_channel
 
 from gateway.config import Settings
+from influence.v1 import keyvault_pb2, keyvault_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from service_runtime.grpc_server import insecure_channel
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,8 @@ def open_upstreams(settings: Settings) -> Upstreams:
 async def _is_serving(channel: grpc.aio.Channel, service: str) -> bool:
     stub = health_pb2_grpc.HealthStub(channel)
     try:
-        response = await stub.Check(
+        # types-grpcio-health-checking's HealthStub declares none of the methods it has
+        response = await stub.Check(  # type: ignore[attr-defined]
             health_pb2.HealthCheckRequest(service=service), timeout=_READINESS_TIMEOUT_S
         )
     except grpc.aio.AioRpcError:

@@ -6,12 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from influence.v1 import scheduler_pb2
-from influence_client.models import Usage
-from service_runtime.jobs import timestamp_text
 
 from gateway.deps import CurrentUser, Scheduler
 from gateway.responses import ERRORS
+from influence.v1 import scheduler_pb2
+from influence_client.models import Usage
+from service_runtime.jobs import timestamp_text
 
 router = APIRouter(prefix="/api", tags=["usage"], responses=ERRORS)
 

@@ -14,9 +14,10 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from gateway.config import Settings
 from gateway.server import GatewayServer, start_gateway
-from google.protobuf.timestamp_pb2 import Timestamp
 from influence.v1 import common_pb2, keyvault_pb2, keyvault_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from service_runtime.grpc_server import GrpcService, create_grpc_server
 
@@ -132,7 +133,7 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
             raise _Abort(grpc.StatusCode.NOT_FOUND, f"job {job_id} not found")
         return stored
 
-    async def SubmitJob(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def SubmitJob(self, request, context):
         self.submit_requests.append(request)
         self.metadata_seen.append(dict(context.invocation_metadata() or ()))
         key = (request.user_id, request.idempotency_key)
@@ -147,14 +148,14 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
             self.idempotency[key] = job_id
         return stored.job
 
-    async def GetJob(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def GetJob(self, request, context):
         return await _answer(context, lambda: self._owned(request.user_id, request.job_id, context).job)
 
-    async def ListJobs(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def ListJobs(self, request, context):
         jobs = [s.job for s in self.jobs.values() if s.job.user_id == request.user_id]
         return scheduler_pb2.ListJobsResponse(jobs=jobs[: request.limit or None])
 
-    async def WatchJob(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def WatchJob(self, request, context):
         self.watch_requests.append(request)
         try:
             stored = self._owned(request.user_id, request.job_id, context)
@@ -179,7 +180,7 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
             async with self.watchers_changed:
                 self.watchers_changed.notify_all()
 
-    async def GetJobResult(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def GetJobResult(self, request, context):
         def answer() -> scheduler_pb2.GetJobResultResponse:
             stored = self._owned(request.user_id, request.job_id, context)
             if stored.job.state != common_pb2.JOB_STATE_COMPLETED:
@@ -188,7 +189,7 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
 
         return await _answer(context, answer)
 
-    async def CancelJob(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def CancelJob(self, request, context):
         def answer() -> scheduler_pb2.Job:
             stored = self._owned(request.user_id, request.job_id, context)
             stored.job.state = common_pb2.JOB_STATE_CANCELLED
@@ -196,7 +197,7 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
 
         return await _answer(context, answer)
 
-    async def DeleteJob(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def DeleteJob(self, request, context):
         def answer() -> scheduler_pb2.DeleteJobResponse:
             stored = self._owned(request.user_id, request.job_id, context)
             del self.jobs[request.job_id]
@@ -211,7 +212,7 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
             media_type="application/x-npy" if name.endswith(".npy") else "application/json",
         )
 
-    async def ListJobArtifacts(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def ListJobArtifacts(self, request, context):
         def answer() -> scheduler_pb2.ListJobArtifactsResponse:
             stored = self._owned(request.user_id, request.job_id, context)
             return scheduler_pb2.ListJobArtifactsResponse(
@@ -220,7 +221,7 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
 
         return await _answer(context, answer)
 
-    def _owned_artifact(self, request, context) -> tuple[StoredJob, bytes]:  # noqa: ANN001
+    def _owned_artifact(self, request, context) -> tuple[StoredJob, bytes]:
         stored = self._owned(request.user_id, request.job_id, context)
         if self.store_failure:
             raise _Abort(grpc.StatusCode.UNAVAILABLE, self.store_failure)
@@ -228,7 +229,7 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
             raise _Abort(grpc.StatusCode.NOT_FOUND, "no such artifact")
         return stored, stored.artifacts[request.name]
 
-    async def OpenJobArtifact(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def OpenJobArtifact(self, request, context):
         def answer() -> scheduler_pb2.OpenJobArtifactResponse:
             stored, data = self._owned_artifact(request, context)
             return scheduler_pb2.OpenJobArtifactResponse(
@@ -237,7 +238,7 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
 
         return await _answer(context, answer)
 
-    async def ReadJobArtifact(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def ReadJobArtifact(self, request, context):
         try:
             _, data = self._owned_artifact(request, context)
         except _Abort as abort:
@@ -250,16 +251,16 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
             backend=self.backends.get(user_id, "hosted"), endpoint_status="none", hosted_provider="local"
         )
 
-    async def GetComputeSettings(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def GetComputeSettings(self, request, context):
         return self._settings(request.user_id)
 
-    async def SetComputeBackend(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def SetComputeBackend(self, request, context):
         if request.backend not in ("hosted", "runpod"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown backend {request.backend!r}")
         self.backends[request.user_id] = request.backend
         return self._settings(request.user_id)
 
-    async def VerifyProviderKey(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def VerifyProviderKey(self, request, context):
         self.verify_requests.append(request)
         self.metadata_seen.append(dict(context.invocation_metadata() or ()))
         assert self.verify_answer is not None, "the test scripts the verification"
@@ -268,7 +269,7 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
         except _Abort as abort:
             await context.abort(abort.code, abort.details)
 
-    async def EstimateJob(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def EstimateJob(self, request, context):
         self.estimate_requests.append(request)
         active = self.backends.get(request.user_id, "hosted")
         other = "runpod" if active == "hosted" else "hosted"
@@ -316,24 +317,24 @@ class ScriptedKeyVault(keyvault_pb2_grpc.KeyVaultServicer):
             updated_at=now(),
         )
 
-    async def StoreKey(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def StoreKey(self, request, context):
         await self._check_caller(context)
         self.store_requests.append(request)
         self.keys[(request.user_id, request.provider)] = request.plaintext
         return self._info(request.user_id, request.provider)
 
-    async def GetKeyInfo(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def GetKeyInfo(self, request, context):
         await self._check_caller(context)
         if (request.user_id, request.provider) not in self.keys:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no key stored")
         return self._info(request.user_id, request.provider)
 
-    async def DeleteKey(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def DeleteKey(self, request, context):
         await self._check_caller(context)
         deleted = self.keys.pop((request.user_id, request.provider), None) is not None
         return keyvault_pb2.DeleteKeyResponse(deleted=deleted)
 
-    async def RevealKey(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def RevealKey(self, request, context):
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, "the gateway may not reveal keys")
 
 

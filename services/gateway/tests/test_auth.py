@@ -29,21 +29,21 @@ def bearer(value: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {value}"}
 
 
-async def test_missing_token_is_401_with_a_message(gateway) -> None:  # noqa: ANN001
+async def test_missing_token_is_401_with_a_message(gateway) -> None:
     response = await gateway.client.get("/api/jobs")
     assert response.status_code == 401
     assert "Authorization: Bearer" in response.json()["detail"]
     assert response.headers["www-authenticate"] == "Bearer"
 
 
-async def test_non_bearer_scheme_and_garbage_token_are_401(gateway) -> None:  # noqa: ANN001
+async def test_non_bearer_scheme_and_garbage_token_are_401(gateway) -> None:
     basic = await gateway.client.get("/api/jobs", headers={"Authorization": "Basic dTpw"})
     assert basic.status_code == 401 and "Bearer <token>" in basic.json()["detail"]
     garbage = await gateway.client.get("/api/jobs", headers=bearer("not-a-jwt"))
     assert garbage.status_code == 401 and "well-formed" in garbage.json()["detail"]
 
 
-async def test_hs256_shared_secret(make_gateway) -> None:  # noqa: ANN001
+async def test_hs256_shared_secret(make_gateway) -> None:
     gateway = await make_gateway(auth_mode="jwt", jwt_secret=SECRET, jwt_issuer=ISSUER, jwt_audience=AUDIENCE)
     good = await gateway.client.get("/api/jobs", headers=bearer(token()))
     assert good.status_code == 200, good.text
@@ -60,7 +60,7 @@ async def test_hs256_shared_secret(make_gateway) -> None:  # noqa: ANN001
         assert reason.rstrip("d") in response.json()["detail"].lower(), response.json()
 
 
-async def test_jwt_mode_has_no_local_sign_in(make_gateway) -> None:  # noqa: ANN001
+async def test_jwt_mode_has_no_local_sign_in(make_gateway) -> None:
     gateway = await make_gateway(auth_mode="jwt", jwt_secret=SECRET, jwt_issuer=ISSUER, jwt_audience=AUDIENCE)
     response = await gateway.client.post("/api/auth/local", json={"username": "alice"})
     assert response.status_code == 404
@@ -77,7 +77,7 @@ def jwks_server() -> Iterator[tuple[str, rsa.RSAPrivateKey]]:
     document = json.dumps({"keys": [{**jwk, "kid": "test-key", "use": "sig", "alg": "RS256"}]}).encode()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(document)))
@@ -96,7 +96,7 @@ def jwks_server() -> Iterator[tuple[str, rsa.RSAPrivateKey]]:
     thread.join()
 
 
-async def test_rs256_from_jwks(make_gateway, jwks_server) -> None:  # noqa: ANN001
+async def test_rs256_from_jwks(make_gateway, jwks_server) -> None:
     url, private_key = jwks_server
     gateway = await make_gateway(auth_mode="jwt", jwt_jwks_url=url, jwt_issuer=ISSUER, jwt_audience=AUDIENCE)
     good = token(key=private_key, algorithm="RS256", headers={"kid": "test-key"})
@@ -118,7 +118,7 @@ async def test_rs256_from_jwks(make_gateway, jwks_server) -> None:  # noqa: ANN0
     assert (await gateway.client.get("/api/jobs", headers=bearer(token()))).status_code == 401
 
 
-async def test_local_sign_in_gives_a_working_token(gateway, upstream) -> None:  # noqa: ANN001
+async def test_local_sign_in_gives_a_working_token(gateway, upstream) -> None:
     response = await gateway.client.post("/api/auth/local", json={"username": "alice"})
     assert response.status_code == 200
     body = response.json()
@@ -138,7 +138,7 @@ async def test_local_sign_in_gives_a_working_token(gateway, upstream) -> None:  
     assert upstream.scheduler.submit_requests[-1].user_id == "local:alice"
 
 
-async def test_local_sign_in_rejects_a_bad_username(gateway) -> None:  # noqa: ANN001
+async def test_local_sign_in_rejects_a_bad_username(gateway) -> None:
     response = await gateway.client.post("/api/auth/local", json={"username": "no spaces please"})
     assert response.status_code == 422
     assert response.json()["detail"][0]["field"] == "username"

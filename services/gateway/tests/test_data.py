@@ -8,7 +8,7 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 
-async def test_a_chat_file_is_read_into_spec_examples(gateway) -> None:  # noqa: ANN001
+async def test_a_chat_file_is_read_into_spec_examples(gateway) -> None:
     headers = await gateway.sign_in("alice")
     answer = await gateway.client.post(
         "/api/data/parse",
@@ -31,7 +31,7 @@ async def test_a_chat_file_is_read_into_spec_examples(gateway) -> None:  # noqa:
     ]
 
 
-async def test_a_bad_file_is_a_422_naming_line_and_field(gateway) -> None:  # noqa: ANN001
+async def test_a_bad_file_is_a_422_naming_line_and_field(gateway) -> None:
     headers = await gateway.sign_in("alice")
     rows = [
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
@@ -69,7 +69,7 @@ async def test_a_bad_file_is_a_422_naming_line_and_field(gateway) -> None:  # no
     assert unsigned.status_code == 401
 
 
-async def test_the_estimate_carries_the_data_report(gateway) -> None:  # noqa: ANN001
+async def test_the_estimate_carries_the_data_report(gateway) -> None:
     headers = await gateway.sign_in("alice")
     train = [json.loads(line) for line in (EXAMPLES / "chat_train.jsonl").read_text().splitlines()]
     evals = [json.loads(line) for line in (EXAMPLES / "chat_eval.jsonl").read_text().splitlines()]

@@ -27,7 +27,7 @@ def parse_sse(text: str) -> list[dict[str, str]]:
     return messages
 
 
-async def test_submit_passes_the_validated_spec_and_idempotency_key(gateway, upstream, make_spec) -> None:  # noqa: ANN001, E501
+async def test_submit_passes_the_validated_spec_and_idempotency_key(gateway, upstream, make_spec) -> None:
     headers = await gateway.sign_in("alice")
     first = await gateway.client.post(
         "/api/train", json=make_spec(), headers={**headers, "Idempotency-Key": "try-1"}
@@ -57,7 +57,7 @@ async def test_submit_passes_the_validated_spec_and_idempotency_key(gateway, ups
     assert upstream.scheduler.submit_requests[-1].idempotency_key == ""
 
 
-async def test_trace_context_is_forwarded(gateway, upstream, make_spec) -> None:  # noqa: ANN001
+async def test_trace_context_is_forwarded(gateway, upstream, make_spec) -> None:
     traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     headers = {**await gateway.sign_in("alice"), "traceparent": traceparent}
     assert (await gateway.client.post("/api/train", json=make_spec(), headers=headers)).status_code == 202
@@ -68,7 +68,7 @@ async def test_trace_context_is_forwarded(gateway, upstream, make_spec) -> None:
     assert started.startswith("00-") and started.split("-")[1] != traceparent.split("-")[1]
 
 
-async def test_job_status_and_list(gateway, upstream) -> None:  # noqa: ANN001
+async def test_job_status_and_list(gateway, upstream) -> None:
     headers = await gateway.sign_in("alice")
     job_id = upstream.scheduler.add_job("local:alice")
     await upstream.scheduler.add_event(
@@ -102,7 +102,7 @@ async def test_job_status_and_list(gateway, upstream) -> None:  # noqa: ANN001
     assert [entry["job_id"] for entry in listed] == [job_id]
 
 
-async def test_results_are_409_until_completed_then_returned_as_is(gateway, upstream) -> None:  # noqa: ANN001
+async def test_results_are_409_until_completed_then_returned_as_is(gateway, upstream) -> None:
     headers = await gateway.sign_in("alice")
     job_id = upstream.scheduler.add_job("local:alice")
     early = await gateway.client.get(f"/api/jobs/{job_id}/results", headers=headers)
@@ -117,7 +117,7 @@ async def test_results_are_409_until_completed_then_returned_as_is(gateway, upst
     assert done.json() == result
 
 
-async def test_cancel(gateway, upstream) -> None:  # noqa: ANN001
+async def test_cancel(gateway, upstream) -> None:
     headers = await gateway.sign_in("alice")
     job_id = upstream.scheduler.add_job("local:alice")
     response = await gateway.client.post(f"/api/jobs/{job_id}/cancel", headers=headers)
@@ -125,7 +125,7 @@ async def test_cancel(gateway, upstream) -> None:  # noqa: ANN001
     assert upstream.scheduler.jobs[job_id].job.state == common_pb2.JOB_STATE_CANCELLED
 
 
-async def test_another_users_job_is_404_on_every_route(gateway, upstream) -> None:  # noqa: ANN001
+async def test_another_users_job_is_404_on_every_route(gateway, upstream) -> None:
     alice = await gateway.sign_in("alice")
     bob = await gateway.sign_in("bob")
     job_id = upstream.scheduler.add_job("local:alice")
@@ -154,7 +154,7 @@ async def _job_with_events(upstream: Any, user: str, count: int) -> str:
     return job_id
 
 
-async def test_events_stream_every_event_then_end(gateway, upstream) -> None:  # noqa: ANN001
+async def test_events_stream_every_event_then_end(gateway, upstream) -> None:
     headers = await gateway.sign_in("alice")
     job_id = await _job_with_events(upstream, "local:alice", 3)
     response = await gateway.client.get(f"/api/jobs/{job_id}/events", headers=headers)
@@ -170,7 +170,7 @@ async def test_events_stream_every_event_then_end(gateway, upstream) -> None:  #
     assert json.loads(messages[-1]["data"]) == {"job_id": job_id, "status": "completed", "error": None}
 
 
-async def test_events_resume_after_last_event_id_or_after_query(gateway, upstream) -> None:  # noqa: ANN001
+async def test_events_resume_after_last_event_id_or_after_query(gateway, upstream) -> None:
     headers = await gateway.sign_in("alice")
     job_id = await _job_with_events(upstream, "local:alice", 5)
     resumed = await gateway.client.get(
@@ -186,7 +186,7 @@ async def test_events_resume_after_last_event_id_or_after_query(gateway, upstrea
     assert bad.status_code == 422
 
 
-async def test_events_send_heartbeats_while_idle_and_follow_new_events(make_gateway, upstream) -> None:  # noqa: ANN001, E501
+async def test_events_send_heartbeats_while_idle_and_follow_new_events(make_gateway, upstream) -> None:
     gateway = await make_gateway(gateway_sse_heartbeat_s=0.05)
     headers = await gateway.sign_in("alice")
     job_id = upstream.scheduler.add_job("local:alice")
@@ -204,7 +204,7 @@ async def test_events_send_heartbeats_while_idle_and_follow_new_events(make_gate
     assert messages[-1]["event"] == "end"
 
 
-async def test_events_stream_ends_when_client_disconnects(gateway, upstream) -> None:  # noqa: ANN001
+async def test_events_stream_ends_when_client_disconnects(gateway, upstream) -> None:
     headers = await gateway.sign_in("alice")
     job_id = upstream.scheduler.add_job("local:alice")
     await upstream.scheduler.add_event(job_id, "loading_model", 0.01)
@@ -222,7 +222,7 @@ async def _until_no_watchers(upstream: Any) -> None:
         await upstream.scheduler.watchers_changed.wait_for(lambda: upstream.scheduler.active_watchers == 0)
 
 
-async def test_artifacts_are_listed_streamed_or_redirected_for_the_owner_only(gateway, upstream) -> None:  # noqa: ANN001, E501
+async def test_artifacts_are_listed_streamed_or_redirected_for_the_owner_only(gateway, upstream) -> None:
     import hashlib
 
     alice = await gateway.sign_in("alice")
@@ -270,7 +270,7 @@ async def test_artifacts_are_listed_streamed_or_redirected_for_the_owner_only(ga
     assert (await gateway.client.get(f"/api/jobs/{job_id}", headers=alice)).status_code == 404
 
 
-async def test_a_store_outage_is_a_503_that_names_the_artifact_store(gateway, upstream) -> None:  # noqa: ANN001
+async def test_a_store_outage_is_a_503_that_names_the_artifact_store(gateway, upstream) -> None:
     alice = await gateway.sign_in("alice")
     job_id = upstream.scheduler.add_job("local:alice")
     upstream.scheduler.jobs[job_id].artifacts = {"scores.npy": b"x"}

@@ -35,7 +35,7 @@ def _named_fields(document: dict[str, Any], schema: dict[str, Any]) -> bool:
     return bool(_resolve(document, schema).get("properties"))
 
 
-def _operations(document: dict[str, Any]):  # noqa: ANN202 - a generator of tuples
+def _operations(document: dict[str, Any]):
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
             for status, response in operation["responses"].items():
@@ -95,7 +95,7 @@ def test_the_event_stream_documents_its_event_objects() -> None:
     assert "StreamEnd" in document["components"]["schemas"]
 
 
-async def test_answers_match_their_documented_models(gateway, upstream, make_spec) -> None:  # noqa: ANN001
+async def test_answers_match_their_documented_models(gateway, upstream, make_spec) -> None:
     """The views build what the models declare: each answer parses as its model, field for field."""
     headers = await gateway.sign_in("alice")
     job_id = upstream.scheduler.add_job("local:alice")

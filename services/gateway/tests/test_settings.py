@@ -6,6 +6,7 @@ import logging
 
 import grpc
 import pytest
+
 from influence.v1 import common_pb2, scheduler_pb2
 
 API_KEY = "rpa_ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789wxyz"
@@ -19,7 +20,7 @@ def refusal(failure: int, message: str) -> scheduler_pb2.VerifyProviderKeyRespon
     return scheduler_pb2.VerifyProviderKeyResponse(valid=False, failure=failure, message=message)
 
 
-def accept_with_balance(balance: float):  # noqa: ANN201
+def accept_with_balance(balance: float):
     async def verify(api_key: str) -> scheduler_pb2.VerifyProviderKeyResponse:
         return scheduler_pb2.VerifyProviderKeyResponse(valid=True, balance_usd=balance)
 
@@ -30,7 +31,7 @@ def _everything_logged(caplog: pytest.LogCaptureFixture) -> str:
     return "\n".join(f"{record.getMessage()} {record.__dict__}" for record in caplog.records)
 
 
-async def test_save_key_verifies_stores_and_switches(gateway, upstream, caplog) -> None:  # noqa: ANN001
+async def test_save_key_verifies_stores_and_switches(gateway, upstream, caplog) -> None:
     caplog.set_level(logging.DEBUG)
     headers = await gateway.sign_in("alice")
     upstream.scheduler.verify_answer = accept_with_balance(12.5)
@@ -96,7 +97,7 @@ async def test_rejected_key_gets_the_providers_message_and_nothing_is_stored(
     caplog,
     scheduler_answer,
     status,
-    message,  # noqa: ANN001
+    message,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     headers = await gateway.sign_in("alice")
@@ -110,7 +111,7 @@ async def test_rejected_key_gets_the_providers_message_and_nothing_is_stored(
     assert API_KEY not in _everything_logged(caplog)
 
 
-async def test_key_is_not_echoed_on_bad_input_or_outages(gateway, upstream, caplog) -> None:  # noqa: ANN001
+async def test_key_is_not_echoed_on_bad_input_or_outages(gateway, upstream, caplog) -> None:
     caplog.set_level(logging.DEBUG)
     headers = await gateway.sign_in("alice")
     upstream.scheduler.verify_answer = accept_with_balance(5)
@@ -133,7 +134,7 @@ async def test_key_is_not_echoed_on_bad_input_or_outages(gateway, upstream, capl
     assert API_KEY not in _everything_logged(caplog)
 
 
-async def test_runpod_backend_needs_a_stored_key(gateway, upstream) -> None:  # noqa: ANN001
+async def test_runpod_backend_needs_a_stored_key(gateway, upstream) -> None:
     headers = await gateway.sign_in("alice")
     refused = await gateway.client.put("/api/settings/compute", json={"backend": "runpod"}, headers=headers)
     assert refused.status_code == 409
@@ -155,7 +156,7 @@ async def test_runpod_backend_needs_a_stored_key(gateway, upstream) -> None:  # 
     assert back.json()["backend"] == "hosted"
 
 
-async def test_wrong_keyvault_token_is_an_operator_error_not_the_users(make_gateway, upstream) -> None:  # noqa: ANN001
+async def test_wrong_keyvault_token_is_an_operator_error_not_the_users(make_gateway, upstream) -> None:
     gateway = await make_gateway(keyvault_token="not-the-token-keyvault-knows")
     headers = await gateway.sign_in("alice")
     response = await gateway.client.get("/api/settings/runpod-key", headers=headers)
@@ -163,7 +164,7 @@ async def test_wrong_keyvault_token_is_an_operator_error_not_the_users(make_gate
     assert "key vault" in response.json()["detail"]
 
 
-async def test_one_request_carries_one_trace_to_scheduler_and_keyvault(gateway, upstream) -> None:  # noqa: ANN001
+async def test_one_request_carries_one_trace_to_scheduler_and_keyvault(gateway, upstream) -> None:
     headers = await gateway.sign_in("alice")
     upstream.scheduler.verify_answer = accept_with_balance(3.0)
     traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

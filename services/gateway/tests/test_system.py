@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from gateway.app import create_app
 from gateway.config import Settings
 from service_runtime.settings import SettingsError
@@ -22,7 +23,7 @@ def closed_port_addr() -> str:
         return f"127.0.0.1:{sock.getsockname()[1]}"
 
 
-async def test_healthz_and_readyz(gateway, upstream) -> None:  # noqa: ANN001
+async def test_healthz_and_readyz(gateway, upstream) -> None:
     assert (await gateway.client.get("/healthz")).json() == {"status": "ok"}
     ready = await gateway.client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
@@ -34,7 +35,7 @@ async def test_healthz_and_readyz(gateway, upstream) -> None:  # noqa: ANN001
     assert "keyvault" in not_ready.json()["detail"]
 
 
-async def test_scheduler_down_is_503_with_a_plain_message(make_gateway, make_spec) -> None:  # noqa: ANN001
+async def test_scheduler_down_is_503_with_a_plain_message(make_gateway, make_spec) -> None:
     gateway = await make_gateway(scheduler_addr=closed_port_addr())
     headers = await gateway.sign_in("alice")
     response = await gateway.client.post("/api/train", json=make_spec(), headers=headers)
@@ -49,7 +50,7 @@ async def test_scheduler_down_is_503_with_a_plain_message(make_gateway, make_spe
     assert ready.status_code == 503 and ready.json()["not_ready"] == ["scheduler"]
 
 
-async def test_metrics_count_requests_by_route_template(gateway, upstream) -> None:  # noqa: ANN001
+async def test_metrics_count_requests_by_route_template(gateway, upstream) -> None:
     headers = await gateway.sign_in("alice")
     job_id = upstream.scheduler.add_job("local:alice")
     await gateway.client.get(f"/api/jobs/{job_id}", headers=headers)
@@ -61,7 +62,7 @@ async def test_metrics_count_requests_by_route_template(gateway, upstream) -> No
     assert job_id not in text
 
 
-async def test_openapi_documents_the_routes_and_the_spec(gateway) -> None:  # noqa: ANN001
+async def test_openapi_documents_the_routes_and_the_spec(gateway) -> None:
     assert (await gateway.client.get("/docs")).status_code == 200
     document = (await gateway.client.get("/openapi.json")).json()
     for path in ("/api/train", "/api/jobs/{job_id}/events", "/api/settings/runpod-key", "/api/models"):
@@ -71,7 +72,7 @@ async def test_openapi_documents_the_routes_and_the_spec(gateway) -> None:  # no
     assert "TrainingExample" in document["components"]["schemas"]
 
 
-async def test_models_catalog(gateway) -> None:  # noqa: ANN001
+async def test_models_catalog(gateway) -> None:
     assert (await gateway.client.get("/api/models")).status_code == 401
     headers = await gateway.sign_in("alice")
     models = (await gateway.client.get("/api/models", headers=headers)).json()["models"]
@@ -83,7 +84,7 @@ async def test_models_catalog(gateway) -> None:  # noqa: ANN001
     assert any(model["params_b"] >= 12 for model in models)
 
 
-async def test_estimate_passes_the_spec_and_returns_both_backends(gateway, upstream, make_spec) -> None:  # noqa: ANN001, E501
+async def test_estimate_passes_the_spec_and_returns_both_backends(gateway, upstream, make_spec) -> None:
     headers = await gateway.sign_in("alice")
     response = await gateway.client.post("/api/estimate", json=make_spec(), headers=headers)
     assert response.status_code == 200

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+
 from gateway.upstream import ApiError, scheduler_errors
 
 

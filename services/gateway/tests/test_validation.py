@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 
-async def test_malformed_json_is_400_with_a_plain_message(gateway, upstream) -> None:  # noqa: ANN001
+async def test_malformed_json_is_400_with_a_plain_message(gateway, upstream) -> None:
     headers = {**await gateway.sign_in("alice"), "Content-Type": "application/json"}
     response = await gateway.client.post("/api/train", content=b'{"training_data": [', headers=headers)
     assert response.status_code == 400
@@ -17,7 +17,7 @@ async def test_malformed_json_is_400_with_a_plain_message(gateway, upstream) -> 
     assert upstream.scheduler.submit_requests == []
 
 
-async def test_wrong_types_name_the_field(gateway, upstream, make_spec) -> None:  # noqa: ANN001
+async def test_wrong_types_name_the_field(gateway, upstream, make_spec) -> None:
     headers = await gateway.sign_in("alice")
     spec = make_spec(n_train=4)
     spec["training_data"][3]["completion"] = ""
@@ -31,7 +31,7 @@ async def test_wrong_types_name_the_field(gateway, upstream, make_spec) -> None:
     assert upstream.scheduler.submit_requests == []
 
 
-async def test_unknown_fields_and_whole_body_errors(gateway, make_spec) -> None:  # noqa: ANN001
+async def test_unknown_fields_and_whole_body_errors(gateway, make_spec) -> None:
     headers = await gateway.sign_in("alice")
     spec = {**make_spec(), "backend": "runpod"}
     response = await gateway.client.post("/api/train", json=spec, headers=headers)
@@ -43,7 +43,7 @@ async def test_unknown_fields_and_whole_body_errors(gateway, make_spec) -> None:
     assert not_object.json()["detail"][0]["field"] == "body"
 
 
-async def test_limits_from_settings(make_gateway, make_spec) -> None:  # noqa: ANN001
+async def test_limits_from_settings(make_gateway, make_spec) -> None:
     gateway = await make_gateway(
         gateway_max_train_examples=3, gateway_max_eval_examples=2, gateway_max_text_chars=10
     )
@@ -61,7 +61,7 @@ async def test_limits_from_settings(make_gateway, make_spec) -> None:  # noqa: A
     ]
 
 
-async def test_oversized_body_is_413_before_parsing(make_gateway, upstream, make_spec) -> None:  # noqa: ANN001
+async def test_oversized_body_is_413_before_parsing(make_gateway, upstream, make_spec) -> None:
     gateway = await make_gateway(gateway_max_body_bytes=2048)
     headers = await gateway.sign_in("alice")
     spec = make_spec()
@@ -70,7 +70,7 @@ async def test_oversized_body_is_413_before_parsing(make_gateway, upstream, make
     assert response.status_code == 413
     assert "2048 bytes" in response.json()["detail"]
 
-    async def chunks():  # noqa: ANN202 - no Content-Length: the limit applies while streaming
+    async def chunks():  # no Content-Length: the limit applies while streaming
         body = json.dumps(spec).encode()
         for start in range(0, len(body), 512):
             yield body[start : start + 512]
@@ -83,7 +83,7 @@ async def test_oversized_body_is_413_before_parsing(make_gateway, upstream, make
     # Also on a route whose body FastAPI parses into a model.
     key_body = json.dumps({"api_key": "k" * 4000}).encode()
 
-    async def key_chunks():  # noqa: ANN202
+    async def key_chunks():
         yield key_body[:1500]
         yield key_body[1500:]
 
@@ -99,7 +99,7 @@ async def test_oversized_body_is_413_before_parsing(make_gateway, upstream, make
     assert (await gateway.client.post("/api/train", json=make_spec(), headers=headers)).status_code == 202
 
 
-async def test_unknown_backend_is_422_naming_the_field(gateway, upstream) -> None:  # noqa: ANN001
+async def test_unknown_backend_is_422_naming_the_field(gateway, upstream) -> None:
     headers = await gateway.sign_in("alice")
     response = await gateway.client.put("/api/settings/compute", json={"backend": "aws"}, headers=headers)
     assert response.status_code == 422
@@ -110,13 +110,13 @@ async def test_unknown_backend_is_422_naming_the_field(gateway, upstream) -> Non
     assert upstream.scheduler.backends == {}
 
 
-async def test_bad_idempotency_key_is_422(gateway, make_spec) -> None:  # noqa: ANN001
+async def test_bad_idempotency_key_is_422(gateway, make_spec) -> None:
     headers = {**await gateway.sign_in("alice"), "Idempotency-Key": "has spaces"}
     response = await gateway.client.post("/api/train", json=make_spec(), headers=headers)
     assert response.status_code == 422 and "Idempotency-Key" in response.json()["detail"]
 
 
-async def test_text_protobuf_cannot_carry_is_422_naming_the_field(gateway, upstream, make_spec) -> None:  # noqa: ANN001
+async def test_text_protobuf_cannot_carry_is_422_naming_the_field(gateway, upstream, make_spec) -> None:
     headers = {**await gateway.sign_in("alice"), "Content-Type": "application/json"}
     body = json.dumps(make_spec()).replace('"q1"', '"q\\ud800"').encode()
     for route in ("/api/train", "/api/estimate"):
@@ -138,7 +138,7 @@ async def test_text_protobuf_cannot_carry_is_422_naming_the_field(gateway, upstr
     assert upstream.scheduler.estimate_requests == []
 
 
-async def test_integer_query_parameters_are_bounded(gateway, upstream) -> None:  # noqa: ANN001
+async def test_integer_query_parameters_are_bounded(gateway, upstream) -> None:
     headers = await gateway.sign_in("alice")
     job_id = upstream.scheduler.add_job("local:alice")
     huge = await gateway.client.get(

@@ -8,13 +8,12 @@ import asyncio
 import logging
 import sys
 
-from service_runtime.logs import configure_logging
-
 from keyvault.config import Settings
 from keyvault.migrations import SchemaTooNew
 from keyvault.rotation import rotate
 from keyvault.server import serve
 from keyvault.store import DatabaseUnavailable
+from service_runtime.logs import configure_logging
 
 log = logging.getLogger("keyvault")
 

@@ -43,7 +43,7 @@ class SchemaTooNew(RuntimeError):
     pass
 
 
-async def apply_migrations(conn: asyncpg.Connection) -> list[int]:
+async def apply_migrations(conn: asyncpg.pool.PoolConnectionProxy) -> list[int]:
     """Apply every migration not yet recorded; return the versions applied now."""
     applied_now: list[int] = []
     async with conn.transaction():

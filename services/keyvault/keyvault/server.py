@@ -18,18 +18,18 @@ from typing import TypeVar
 
 import asyncpg
 import grpc
-from influence.v1 import keyvault_pb2, keyvault_pb2_grpc
-from service_runtime.grpc_server import GrpcService, create_grpc_server
-from service_runtime.jobs import timestamp
-from service_runtime.lifecycle import Readiness, run_service
-from service_runtime.metrics import MetricsServer, start_metrics_server
 
+from influence.v1 import keyvault_pb2, keyvault_pb2_grpc
 from keyvault import metrics
 from keyvault.auth import CALLER_TOKEN_METADATA, CallerTokens, may_reveal
 from keyvault.config import Settings
 from keyvault.crypto import UnknownKeyVersion
 from keyvault.store import CredentialInfo, CredentialStore, DatabaseUnavailable, open_database
 from keyvault.vault import InvalidKeyRequest, KeyNotFound, KeyUnreadable, KeyVault
+from service_runtime.grpc_server import GrpcService, create_grpc_server
+from service_runtime.jobs import timestamp
+from service_runtime.lifecycle import Readiness, run_service
+from service_runtime.metrics import MetricsServer, start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class KeyVaultServicer(keyvault_pb2_grpc.KeyVaultServicer):
         self._callers = callers
         self._readiness = readiness
 
-    async def StoreKey(  # noqa: N802 (gRPC method name)
+    async def StoreKey(
         self, request: keyvault_pb2.StoreKeyRequest, context: grpc.aio.ServicerContext
     ) -> keyvault_pb2.KeyInfo:
         await self._authenticate(context, "StoreKey")
@@ -55,21 +55,21 @@ class KeyVaultServicer(keyvault_pb2_grpc.KeyVaultServicer):
         metrics.KEYS_STORED.labels(info.provider).inc()
         return key_info_message(info)
 
-    async def GetKeyInfo(  # noqa: N802
+    async def GetKeyInfo(
         self, request: keyvault_pb2.KeyRef, context: grpc.aio.ServicerContext
     ) -> keyvault_pb2.KeyInfo:
         await self._authenticate(context, "GetKeyInfo")
         info = await self._call(context, self._vault.key_info(request.user_id, request.provider))
         return key_info_message(info)
 
-    async def DeleteKey(  # noqa: N802
+    async def DeleteKey(
         self, request: keyvault_pb2.KeyRef, context: grpc.aio.ServicerContext
     ) -> keyvault_pb2.DeleteKeyResponse:
         await self._authenticate(context, "DeleteKey")
         deleted = await self._call(context, self._vault.delete_key(request.user_id, request.provider))
         return keyvault_pb2.DeleteKeyResponse(deleted=deleted)
 
-    async def RevealKey(  # noqa: N802
+    async def RevealKey(
         self, request: keyvault_pb2.KeyRef, context: grpc.aio.ServicerContext
     ) -> keyvault_pb2.RevealKeyResponse:
         caller = await self._authenticate(context, "RevealKey")

@@ -68,7 +68,7 @@ class CredentialStore:
         self._pool = pool
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+    async def _connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
         try:
             async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
                 yield conn
@@ -109,6 +109,8 @@ class CredentialStore:
                 last4,
                 verified,
             )
+        if row is None:
+            raise RuntimeError("the credential upsert returned no row")
         return CredentialInfo(**dict(row))
 
     async def info(self, user_id: str, provider: str) -> CredentialInfo | None:

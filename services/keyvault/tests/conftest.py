@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
+
 from influence.v1 import keyvault_pb2_grpc
 from keyvault.config import Settings
 from keyvault.server import KeyVaultServer, start_keyvault

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 import asyncpg
 import grpc
 import pytest
+
 from influence.v1 import keyvault_pb2, keyvault_pb2_grpc
 from keyvault.__main__ import main
 from keyvault.config import Settings

@@ -10,9 +10,10 @@ import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
+
 from influence.v1 import keyvault_pb2, keyvault_pb2_grpc
 from keyvault.server import SERVICE_NAME, KeyVaultServer
-from prometheus_client import REGISTRY
 from service_runtime.logs import JsonFormatter
 
 Metadata = tuple[tuple[str, str], ...]
@@ -265,7 +266,7 @@ async def test_readiness_follows_the_database(
     stub: keyvault_pb2_grpc.KeyVaultStub,
     gateway: Metadata,
     database_url: str,
-    embedded_postgres,  # noqa: ANN001
+    embedded_postgres,
     api_key: str,
 ) -> None:
     health = health_pb2_grpc.HealthStub(channel)

@@ -6,6 +6,7 @@ import base64
 import os
 
 import pytest
+
 from keyvault.auth import parse_caller_tokens
 from keyvault.config import Settings
 from keyvault.crypto import Keyring, MasterKey, UndecryptableKey, UnknownKeyVersion

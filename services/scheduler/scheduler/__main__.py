@@ -7,11 +7,10 @@ import asyncio
 import logging
 import sys
 
-from service_runtime.logs import configure_logging
-
 from scheduler.config import Settings
 from scheduler.db import migrate
 from scheduler.server import serve
+from service_runtime.logs import configure_logging
 
 
 def main() -> int:

@@ -16,9 +16,8 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
-
 from scheduler.config import Settings
+from scheduler.db import DbConnection, returned_row
 
 ACTIVE_JOBS = "active_jobs"
 SUBMISSIONS_PER_HOUR = "submissions_per_hour"
@@ -77,20 +76,20 @@ def _number(value: float) -> str:
 
 
 async def current_usage(
-    conn: asyncpg.Connection, settings: Settings, user_id: str, backend: str
+    conn: DbConnection, settings: Settings, user_id: str, backend: str
 ) -> Usage:
     """The user's usage of every limit that applies to ``backend``."""
     now = datetime.now(UTC)
     hosted = backend == "hosted"
     active_limit = settings.hosted_max_active_jobs if hosted else settings.byok_max_active_jobs
-    active = await conn.fetchrow(
+    active = returned_row(await conn.fetchrow(
         """SELECT count(*) AS n,
                   min(created_at + make_interval(secs => greatest(estimated_time_s, 0))) AS first_done
            FROM jobs WHERE user_id = $1 AND compute_backend = $2
                 AND status IN ('queued', 'submitted', 'running')""",
         user_id,
         backend,
-    )
+    ))
     limits = [
         LimitUsage(
             ACTIVE_JOBS,
@@ -101,12 +100,12 @@ async def current_usage(
         )
     ]
     if hosted:
-        hour = await conn.fetchrow(
+        hour = returned_row(await conn.fetchrow(
             """SELECT count(*) AS n, min(created_at) AS oldest FROM jobs
                WHERE user_id = $1 AND compute_backend = 'hosted'
                  AND created_at > now() - interval '1 hour'""",
             user_id,
-        )
+        ))
         limits.append(
             LimitUsage(
                 SUBMISSIONS_PER_HOUR,

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import Counter, Histogram
+
 from artifact_store import (
     ArtifactStore,
     InvalidArtifactName,
@@ -26,8 +28,6 @@ from artifact_store import (
     job_prefix,
 )
 from influence.v1 import common_pb2
-from prometheus_client import Counter, Histogram
-
 from scheduler.providers import ProviderClient, ProviderError
 
 log = logging.getLogger(__name__)

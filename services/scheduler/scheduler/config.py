@@ -8,6 +8,7 @@ import socket
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
+
 from service_runtime.settings import ServiceSettings, host_port
 
 ProviderName = Literal["local", "modal", "runpod"]

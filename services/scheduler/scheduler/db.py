@@ -17,6 +17,16 @@ import asyncpg
 
 log = logging.getLogger(__name__)
 
+# what a statement runs on: a connection of its own (`migrate`) or one the pool lends
+DbConnection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+
+def returned_row(row: asyncpg.Record | None) -> asyncpg.Record:
+    """The row of a statement that always returns one (an aggregate, or RETURNING after an upsert)."""
+    if row is None:
+        raise RuntimeError("the statement returned no row")
+    return row
+
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # Any fixed 64-bit number shared by every scheduler replica: "migrate" in ASCII.
 _MIGRATION_LOCK_ID = 0x6D696772617465
@@ -43,7 +53,7 @@ def load_migrations() -> list[Migration]:
     return migrations
 
 
-async def apply_migrations(conn: asyncpg.Connection) -> list[int]:
+async def apply_migrations(conn: DbConnection) -> list[int]:
     """Apply every migration not yet recorded; returns the versions applied now."""
     await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_ID)
     try:

@@ -24,17 +24,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+
 import cost_model
 from artifact_store import job_prefix
+from gpu_core import schemas
 from gpu_core.jobs import EXPERIMENT, JobInputError, job_kind, parse_request, parse_result
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
 from influence.v1 import common_pb2, compute_pb2
-from service_runtime.jobs import event_dict
-
-from gpu_core import schemas
 from scheduler.admission import Usage, check_ceiling, check_quota, current_usage
 from scheduler.artifacts import ArtifactMover, ArtifactTransferError, parse_manifest
 from scheduler.config import Settings
+from scheduler.db import DbConnection
 from scheduler.model_ids import ModelNotAllowed, check_model_id
 from scheduler.providers import (
     LaterJob,
@@ -53,6 +53,7 @@ from scheduler.uploads import (
     uploads_directly,
     verify_uploads,
 )
+from service_runtime.jobs import event_dict
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class JobManager:
             json.dumps(request).encode() if request is not None else b"",
         )
 
-        async def admit(conn: asyncpg.Connection) -> None:
+        async def admit(conn: DbConnection) -> None:
             usage = await current_usage(conn, self._settings, user_id, route.backend)
             check_ceiling(usage, *estimate)
             check_quota(usage, estimate[0])

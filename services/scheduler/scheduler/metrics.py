@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from prometheus_client import Gauge
-from service_runtime.jobs import ACTIVE_STATES
 
 from scheduler.providers import PROVIDER_ERRORS
+from service_runtime.jobs import ACTIVE_STATES
 
 JOBS_BY_STATE = Gauge("scheduler_jobs", "Jobs in the table, by state", ["state"])
 QUEUE_DEPTH = Gauge("scheduler_queue_depth", "Jobs not yet in a terminal state")

@@ -50,8 +50,9 @@ class EventHub:
             for waiter in waiters:
                 waiter.set()
 
-    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        self.wake(payload)
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        # asyncpg hands over the NOTIFY payload as text: the job id
+        self.wake(str(payload))
 
     def _on_terminate(self, _conn: object) -> None:
         self._lost.set()

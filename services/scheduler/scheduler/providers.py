@@ -7,17 +7,17 @@ gRPC errors become ``ProviderError`` here, so the job logic needs no gRPC import
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import cost_model
 import grpc
-from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from prometheus_client import Counter
-from service_runtime.grpc_server import insecure_channel
 
+import cost_model
+from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from scheduler.config import ProviderName, Settings
+from service_runtime.grpc_server import insecure_channel
 
 PROVIDER_ERRORS = Counter(
     "scheduler_provider_errors_total", "Errors answered by compute providers", ["provider", "code"]
@@ -206,7 +206,7 @@ class ProviderClient:
         account: common_pb2.Account,
         name: str,
         timeout_s: float,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """The artifact's bytes chunk by chunk, as the provider streams them."""
         request = compute_pb2.FetchArtifactRequest(
             provider_job_id=provider_job_id, account=account, job_id=job_id, name=name

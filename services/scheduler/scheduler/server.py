@@ -17,6 +17,7 @@ from typing import Any, NoReturn, TypeVar
 
 import asyncpg
 import grpc
+
 from artifact_store import (
     ArtifactNotFound,
     ArtifactStore,
@@ -28,11 +29,6 @@ from artifact_store import (
 )
 from gpu_core.jobs import JobInputError
 from influence.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from service_runtime.grpc_server import GrpcService, create_grpc_server
-from service_runtime.jobs import event_message, is_terminal_event, job_state, timestamp
-from service_runtime.lifecycle import Readiness, run_service
-from service_runtime.metrics import MetricsServer, start_metrics_server
-
 from scheduler.admission import AdmissionRefused, JobTooLarge, Usage
 from scheduler.artifacts import ArtifactMover
 from scheduler.config import Settings
@@ -48,6 +44,10 @@ from scheduler.metrics import record_job_counts
 from scheduler.notify import EventHub
 from scheduler.providers import ProviderError, ProviderNotConfigured, Providers
 from scheduler.store import JobRow, Store, StoredEvent
+from service_runtime.grpc_server import GrpcService, create_grpc_server
+from service_runtime.jobs import event_message, is_terminal_event, job_state, timestamp
+from service_runtime.lifecycle import Readiness, run_service
+from service_runtime.metrics import MetricsServer, start_metrics_server
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,14 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+
+from scheduler.db import DbConnection, returned_row
 from service_runtime.jobs import ACTIVE_STATES, TERMINAL_STATES
 
 NOTIFY_CHANNEL = "scheduler_job_events"
 ALL_STATES = ACTIVE_STATES + TERMINAL_STATES
 # An admission check run inside the insert's transaction; it raises to refuse the job.
-Admit = Callable[[asyncpg.Connection], Awaitable[None]]
+Admit = Callable[[DbConnection], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,7 @@ class Store:
                RETURNING *""",
             user_id,
         )
-        return _profile(row)
+        return _profile(returned_row(row))
 
     async def set_backend(self, user_id: str, backend: str) -> Profile:
         row = await self.pool.fetchrow(
@@ -148,11 +150,11 @@ class Store:
             user_id,
             backend,
         )
-        return _profile(row)
+        return _profile(returned_row(row))
 
     async def set_endpoint(
         self,
-        conn: asyncpg.Connection,
+        conn: DbConnection,
         user_id: str,
         endpoint_id: str | None,
         status: str,
@@ -223,7 +225,7 @@ class Store:
                 lease.owner if lease else None,
                 lease.seconds if lease else 0.0,
             )
-            return _job(row), True
+            return _job(returned_row(row)), True
 
     async def get_job(self, job_id: str, user_id: str | None = None) -> JobRow | None:
         """The job, or None when it does not exist or belongs to another user."""
@@ -411,7 +413,7 @@ class Store:
             )
             if events:
                 await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, job_id)
-            return _job(row)
+            return _job(returned_row(row))
 
     async def delete_job(self, job_id: str) -> bool:
         """Remove the job row (its events go with it); False when it was already gone."""

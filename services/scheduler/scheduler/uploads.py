@@ -31,7 +31,6 @@ from gpu_core.jobs import QUERY, parse_result
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
 from gpu_core.uploads import needed_parent_artifacts, planned_artifact_names
 from influence.v1 import compute_pb2
-
 from scheduler.artifacts import ArtifactTransferError
 
 log = logging.getLogger(__name__)

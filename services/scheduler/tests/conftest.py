@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from artifact_store import StoreSettings
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from scheduler.config import Settings

@@ -6,16 +6,17 @@ import asyncio
 
 import grpc
 import pytest
+
 from influence.v1 import common_pb2, scheduler_pb2
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def submit(stub, user: str, spec: bytes, key: str = ""):  # noqa: ANN001, ANN201
+def submit(stub, user: str, spec: bytes, key: str = ""):
     return stub.SubmitJob(scheduler_pb2.SubmitJobRequest(user_id=user, spec_json=spec, idempotency_key=key))
 
 
-async def refusal(call) -> grpc.aio.AioRpcError:  # noqa: ANN001
+async def refusal(call) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
     return caught.value

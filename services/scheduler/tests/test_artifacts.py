@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
+
 from artifact_store import ArtifactStore, StoreError, open_store
 from artifact_store.store import PutResult
 from influence.v1 import common_pb2, scheduler_pb2

@@ -9,9 +9,9 @@ import json
 import asyncpg
 import grpc
 import pytest
-from influence.v1 import scheduler_pb2
 
 from benchmarks.planted import stand_in_result
+from influence.v1 import scheduler_pb2
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -6,9 +6,10 @@ import asyncio
 import json
 
 import asyncpg
-import cost_model
 import grpc
 import pytest
+
+import cost_model
 from gpu_core.schemas import TINY_MODEL_ID
 from influence.v1 import common_pb2, scheduler_pb2
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+
 from influence.v1 import scheduler_pb2
 from scheduler.config import Settings
 from scheduler.model_ids import ModelNotAllowed, check_model_id

@@ -10,6 +10,7 @@ import uuid
 
 import asyncpg
 import pytest
+
 from influence.v1 import scheduler_pb2
 from scheduler.db import create_pool
 from scheduler.store import Lease, Store

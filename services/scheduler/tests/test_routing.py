@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from cost_model import ModelCard, model_cards
 from scheduler.providers import model_params_b
 

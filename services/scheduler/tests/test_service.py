@@ -16,8 +16,9 @@ import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from influence.v1 import common_pb2, compute_pb2, scheduler_pb2
 from prometheus_client import REGISTRY
+
+from influence.v1 import common_pb2, compute_pb2, scheduler_pb2
 from scheduler.config import Settings
 from scheduler.db import apply_migrations, load_migrations
 from service_runtime.settings import SettingsError

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+
 from artifact_store import ArtifactStore, job_key, load_store_settings, open_store
 from scheduler.artifacts import ArtifactTransferError
 from scheduler.uploads import presigned_parent_downloads, presigned_uploads, uploads_directly, verify_uploads
