@@ -47,8 +47,9 @@ migrate: setup ## apply the scheduler's database migrations
 test: setup protos-check ## every test: lint, type check, manifests, Dockerfiles, unit, service, end to end, browser
 	bash scripts/test.sh
 
-lint: setup ## ruff over every Python file
+lint: setup ## ruff lint and format check over every Python file (`ruff format .` fixes the layout)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 typecheck: setup ## mypy over all non-test code ([tool.mypy] in pyproject.toml; cache in .mypy_cache)
 	$(VENV)/bin/mypy

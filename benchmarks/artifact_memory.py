@@ -107,8 +107,11 @@ async def main() -> int:
         port = free_port()
         provider.add_insecure_port(f"127.0.0.1:{port}")
         await provider.start()
-        env = {"COMPUTE_LOCAL_ADDR": f"127.0.0.1:{port}", "SCHEDULER_POLL_INTERVAL_S": "0.2",
-               "ARTIFACT_STORE_URL": str(root / "store")}
+        env = {
+            "COMPUTE_LOCAL_ADDR": f"127.0.0.1:{port}",
+            "SCHEDULER_POLL_INTERVAL_S": "0.2",
+            "ARTIFACT_STORE_URL": str(root / "store"),
+        }
         try:
             with Stack(data_dir=root / "stack", extra_env=env, services=("scheduler",)) as stack:
                 pid = stack.running["scheduler"].process.pid
@@ -116,16 +119,19 @@ async def main() -> int:
                 stub = scheduler_pb2_grpc.SchedulerStub(channel)
                 sampler = RssSampler(pid)
                 started = time.monotonic()
-                job = await stub.SubmitJob(scheduler_pb2.SubmitJobRequest(
-                    user_id="bench", spec_json=json.dumps(SPEC).encode()))
+                job = await stub.SubmitJob(
+                    scheduler_pb2.SubmitJobRequest(user_id="bench", spec_json=json.dumps(SPEC).encode())
+                )
                 finished = (common_pb2.JOB_STATE_COMPLETED, common_pb2.JOB_STATE_FAILED)
                 get = scheduler_pb2.GetJobRequest(user_id="bench", job_id=job.id)
                 while (done := await stub.GetJob(get)).state not in finished:
                     await asyncio.sleep(0.2)
                 moved_s = time.monotonic() - started
                 base_mb, peak_mb, growth_mb = sampler.stop()
-                print(f"store 1 GiB: {done.error or 'completed'} in {moved_s:.1f} s; scheduler RSS "
-                      f"{base_mb:.0f} MB before, {peak_mb:.0f} MB peak, growth {growth_mb:.1f} MB")
+                print(
+                    f"store 1 GiB: {done.error or 'completed'} in {moved_s:.1f} s; scheduler RSS "
+                    f"{base_mb:.0f} MB before, {peak_mb:.0f} MB peak, growth {growth_mb:.1f} MB"
+                )
                 if done.state != common_pb2.JOB_STATE_COMPLETED:
                     return 1
                 sampler = RssSampler(pid)
@@ -138,9 +144,11 @@ async def main() -> int:
                 read_s = time.monotonic() - started
                 base_mb, peak_mb, read_growth_mb = sampler.stop()
                 intact = total == SIZE and digest.hexdigest() == sha256
-                print(f"read 1 GiB back: {'intact' if intact else 'CORRUPT'} in {read_s:.1f} s; "
-                      f"scheduler RSS {base_mb:.0f} MB before, {peak_mb:.0f} MB peak, "
-                      f"growth {read_growth_mb:.1f} MB")
+                print(
+                    f"read 1 GiB back: {'intact' if intact else 'CORRUPT'} in {read_s:.1f} s; "
+                    f"scheduler RSS {base_mb:.0f} MB before, {peak_mb:.0f} MB peak, "
+                    f"growth {read_growth_mb:.1f} MB"
+                )
                 await channel.close()
         finally:
             await provider.stop(0)

@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-artifacts-") as tmp:
         data_dir = Path(tmp)
         env = {"SCHEDULER_POLL_INTERVAL_S": "0.2", "ARTIFACT_STORE_URL": str(data_dir / "artifacts")}
-        with Stack(data_dir=data_dir, extra_env=env,
-                   services=("keyvault", "compute-local", "scheduler", "gateway")) as stack:
+        with Stack(
+            data_dir=data_dir, extra_env=env, services=("keyvault", "compute-local", "scheduler", "gateway")
+        ) as stack:
             client = GatewayClient(stack.gateway_url)
             client.sign_in_locally("bench")
             spec = tracin_spec(args.train, args.eval)
@@ -55,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
             events = list(client.events(job_id, timeout_s=3600))
             wall_s = time.monotonic() - started
             job = client.job(job_id)
-            print(f"job {args.train} train x {args.eval} eval TracIn: {job['status']} in {wall_s:.1f} s"
-                  + (f" ({job.get('error')})" if job["status"] != "completed" else ""))
+            print(
+                f"job {args.train} train x {args.eval} eval TracIn: {job['status']} in {wall_s:.1f} s"
+                + (f" ({job.get('error')})" if job["status"] != "completed" else "")
+            )
             if job["status"] != "completed" or events[-1].get("state") != "completed":
                 return 1
 
@@ -69,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
 
             download = data_dir / "downloaded-scores.npy"
             download_started = time.monotonic()
-            with client.http.stream("GET", f"/api/jobs/{job_id}/artifacts/scores.npy",
-                                    headers=client.headers, timeout=600) as reply:
+            with client.http.stream(
+                "GET", f"/api/jobs/{job_id}/artifacts/scores.npy", headers=client.headers, timeout=600
+            ) as reply:
                 reply.raise_for_status()
                 with open(download, "wb") as handle:
                     for chunk in reply.iter_bytes(1 << 20):
@@ -79,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             (child_file,) = (data_dir / "compute-local" / "jobs").glob("*/artifacts/scores.npy")
             downloaded, child = np.load(download), np.load(child_file)
             equal = downloaded.shape == (args.eval, args.train) and np.array_equal(downloaded, child)
-            print(f"scores.npy: {download.stat().st_size / 1e6:.1f} MB downloaded in {download_s:.2f} s, "
-                  f"shape {downloaded.shape} {downloaded.dtype}, equals the child's matrix: {equal}")
+            print(
+                f"scores.npy: {download.stat().st_size / 1e6:.1f} MB downloaded in {download_s:.2f} s, "
+                f"shape {downloaded.shape} {downloaded.dtype}, equals the child's matrix: {equal}"
+            )
             if not equal:
                 failures.append("downloaded scores.npy differs from the child's")
 
@@ -89,18 +95,23 @@ def main(argv: list[str] | None = None) -> int:
             moving_s = writing_s + transfer_s
             total_bytes = sum(a["bytes"] for a in result["artifacts"])
             share = moving_s / wall_s
-            print(f"artifacts: {len(result['artifacts'])} files, {total_bytes / 1e6:.1f} MB; moving took "
-                  f"{moving_s:.2f} s ({writing_s:.2f} s writing + hashing in the child, {transfer_s:.2f} s "
-                  f"into the store) = {share:.1%} of the wall time (target <= 10%)")
+            print(
+                f"artifacts: {len(result['artifacts'])} files, {total_bytes / 1e6:.1f} MB; moving took "
+                f"{moving_s:.2f} s ({writing_s:.2f} s writing + hashing in the child, {transfer_s:.2f} s "
+                f"into the store) = {share:.1%} of the wall time (target <= 10%)"
+            )
             if share > 0.10:
                 failures.append("moving artifacts took more than 10% of the wall time")
 
             estimate_s = submitted["estimated_time_s"]
             ratio = max(estimate_s / wall_s, wall_s / estimate_s)
-            print(f"estimate {estimate_s:.1f} s vs measured {wall_s:.1f} s: "
-                  f"off by {ratio:.2f}x (target <= 3x)")
-            print("pipeline stages: " + ", ".join(
-                f"{stage} {seconds:.1f} s" for stage, seconds in result["timings"].items()))
+            print(
+                f"estimate {estimate_s:.1f} s vs measured {wall_s:.1f} s: off by {ratio:.2f}x (target <= 3x)"
+            )
+            print(
+                "pipeline stages: "
+                + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in result["timings"].items())
+            )
             if ratio > 3:
                 failures.append("estimate more than 3x off")
     for failure in failures:

@@ -43,15 +43,16 @@ def bench_spec(n_train: int, n_eval: int, batch_size: int, method: str) -> Exper
 
     train = [{"prompt": f"{w}>", "completion": w} for w in (word() for _ in range(n_train))]
     evals = [{"prompt": f"{w}>", "expected": w} for w in (word() for _ in range(n_eval))]
-    return ExperimentSpec.model_validate({
-        "model_id": "local/tiny-llama",
-        "training_data": train,
-        "eval_data": evals,
-        "influence_method": method,
-        "few_shot_k": 2,
-        "hyperparams": {"epochs": 3, "batch_size": batch_size, "max_seq_len": 32,
-                        "max_new_tokens": 6},
-    })
+    return ExperimentSpec.model_validate(
+        {
+            "model_id": "local/tiny-llama",
+            "training_data": train,
+            "eval_data": evals,
+            "influence_method": method,
+            "few_shot_k": 2,
+            "hyperparams": {"epochs": 3, "batch_size": batch_size, "max_seq_len": 32, "max_new_tokens": 6},
+        }
+    )
 
 
 def cancel_latency(spec: ExperimentSpec, stage: str) -> tuple[float, str]:
@@ -76,14 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-eval", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
-    print(f"cancel latency, tiny model, {args.n_train} train x {args.n_eval} eval, "
-          f"batch {args.batch_size} (target < {TARGET_S:.0f} s)")
+    print(
+        f"cancel latency, tiny model, {args.n_train} train x {args.n_eval} eval, "
+        f"batch {args.batch_size} (target < {TARGET_S:.0f} s)"
+    )
     print(f"{'stage':<16} {'method':<12} {'latency_s':>9}  stopped at")
     worst = 0.0
     for stage, method in CASES:
-        latency, at = cancel_latency(
-            bench_spec(args.n_train, args.n_eval, args.batch_size, method), stage
-        )
+        latency, at = cancel_latency(bench_spec(args.n_train, args.n_eval, args.batch_size, method), stage)
         worst = max(worst, latency)
         print(f"{stage:<16} {method:<12} {latency:>9.3f}  {at}", flush=True)
     print(f"worst: {worst:.3f} s ({'within' if worst < TARGET_S else 'OVER'} the {TARGET_S:.0f} s target)")

@@ -236,7 +236,9 @@ def tracin_captum(setup: ToySetup, batch_size: int, work_dir: Path) -> torch.Ten
         sample_wise_grads_per_batch=True,
     )
     queries: DataLoader[EncodedPair] = DataLoader(
-        setup.queries, batch_size=batch_size, collate_fn=as_tuple  # type: ignore[arg-type]
+        setup.queries,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        collate_fn=as_tuple,
     )
     scores = tracin.influence(queries)
     return scores.to(torch.float64)

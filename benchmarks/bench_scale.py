@@ -76,8 +76,20 @@ def run_scale(sizes: Sequence[int], method: str, projection_dim: int, work: Path
         spec_path.write_text(json.dumps(scale_spec(n_train, method, projection_dim)))
         artifacts = case / "artifacts"
         command = [
-            "/usr/bin/time", "-f", "%e %U %S %M", sys.executable, "-m", "gpu_core", "run", str(spec_path),
-            "--out", str(case / "result.json"), "--artifacts", str(artifacts), "--quiet", "--no-size-limits",
+            "/usr/bin/time",
+            "-f",
+            "%e %U %S %M",
+            sys.executable,
+            "-m",
+            "gpu_core",
+            "run",
+            str(spec_path),
+            "--out",
+            str(case / "result.json"),
+            "--artifacts",
+            str(artifacts),
+            "--quiet",
+            "--no-size-limits",
         ]
         print("$ " + " ".join(command[4:]), flush=True)
         completed = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -139,8 +151,15 @@ def run_accuracy(n_train: int, n_eval: int, dims: Sequence[int], work: Path) -> 
 
     def scores(options: InfluenceOptions) -> torch.Tensor:
         return compute_influence(
-            "tracin", setup.model, setup.tokenizer, setup.train, setup.queries, setup.checkpoints,
-            options, 64, work,
+            "tracin",
+            setup.model,
+            setup.tokenizer,
+            setup.train,
+            setup.queries,
+            setup.checkpoints,
+            options,
+            64,
+            work,
         )
 
     exact = scores(InfluenceOptions())
@@ -171,8 +190,11 @@ def _fine_tune(base_dir: Path, pairs, hyperparams, tokenizer):
     model = get_peft_model(
         base,
         LoraConfig(
-            r=hyperparams.lora_r, lora_alpha=hyperparams.lora_alpha, lora_dropout=0.0,
-            target_modules=list(hyperparams.target_modules), task_type="CAUSAL_LM",
+            r=hyperparams.lora_r,
+            lora_alpha=hyperparams.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=list(hyperparams.target_modules),
+            task_type="CAUSAL_LM",
         ),
     )
     outcome = train_lora(model, pairs, hyperparams, tokenizer.pad_token_id, torch.device("cpu"))

@@ -38,11 +38,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             started = time.monotonic()
             result = run_experiment_to_result(spec)
             duplicates = [f"t{duplicate_of(i, args.n_train, args.n_eval)}" for i in range(args.n_eval)]
-            top1.append(np.mean([
-                bool(result.influence.top_k[f"e{i}"].helpful)
-                and result.influence.top_k[f"e{i}"].helpful[0].id == duplicate
-                for i, duplicate in enumerate(duplicates)
-            ]))
+            top1.append(
+                np.mean(
+                    [
+                        bool(result.influence.top_k[f"e{i}"].helpful)
+                        and result.influence.top_k[f"e{i}"].helpful[0].id == duplicate
+                        for i, duplicate in enumerate(duplicates)
+                    ]
+                )
+            )
             request = CounterfactualRequest(
                 k=1, controls=args.controls, lds_subsets=args.lds_subsets, seed=seed
             )

@@ -40,10 +40,19 @@ def llama_1b_config(vocab_size: int, pad: int, bos: int, eos: int):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=True,
-        pad_token_id=pad, bos_token_id=bos, eos_token_id=eos,
+        vocab_size=vocab_size,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        tie_word_embeddings=True,
+        pad_token_id=pad,
+        bos_token_id=bos,
+        eos_token_id=eos,
     )
 
 
@@ -77,8 +86,10 @@ def prepare_model(directory: Path) -> tuple[str, str]:
 
 def examples(count: int, seed: int) -> list[tuple[str, str]]:
     rng = random.Random(seed)
-    words = [" ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 8))) for _ in range(6))
-             for _ in range(count)]
+    words = [
+        " ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 8))) for _ in range(6))
+        for _ in range(count)
+    ]
     return [(f"Repeat: {w}\nAnswer:", f" {w}") for w in words]
 
 
@@ -89,7 +100,11 @@ def spec_for(model_id: str, n_train: int, n_eval: int, method: str, quantization
         "training_data": [{"prompt": p, "completion": c} for p, c in pairs[:n_train]],
         "eval_data": [{"prompt": p, "expected": c} for p, c in pairs[n_train:]],
         "hyperparams": {
-            "epochs": 1, "batch_size": 16, "learning_rate": 2e-4, "max_seq_len": 128, "max_new_tokens": 4,
+            "epochs": 1,
+            "batch_size": 16,
+            "learning_rate": 2e-4,
+            "max_seq_len": 128,
+            "max_new_tokens": 4,
             "quantization": quantization,
         },
         "few_shot_k": 0,

@@ -80,8 +80,13 @@ def stand_in_result(spec: dict[str, Any], method: str = "tracin") -> dict[str, A
     }
     return {
         "eval_results": {"base": run, "few_shot": run, "finetuned": run},
-        "influence": {"method": method, "train_ids": train_ids, "eval_ids": eval_ids, "scores": scores,
-                      "top_k": top_k},
+        "influence": {
+            "method": method,
+            "train_ids": train_ids,
+            "eval_ids": eval_ids,
+            "scores": scores,
+            "top_k": top_k,
+        },
         "training": {"loss_curve": []},
         "timings": {},
         "environment": {},

@@ -113,9 +113,11 @@ def tiny_hooked(setup, pairs, batch_size=50):
             captured_out: dict[int, torch.Tensor] = {}
             handles = []
             for i, layer in enumerate(layers):
+
                 def hook(_m, args, output, i=i, ins=captured_in, outs=captured_out):
                     ins[i] = args[0].detach()
                     outs[i] = output
+
                 handles.append(layer.module.register_forward_hook(hook))
             logits = setup.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = summed_completion_loss(logits, batch["labels"])

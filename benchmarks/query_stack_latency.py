@@ -33,8 +33,9 @@ COLD_TARGET_S, WARM_TARGET_S = 10.0, 3.0
 def ask(client: GatewayClient, job_id: str, prompt: str) -> tuple[float, dict[str, Any]]:
     """Seconds from submitting the query to reading its answer, and the answer."""
     started = time.monotonic()
-    reply = client.request("POST", f"/api/jobs/{job_id}/queries",
-                           json={"queries": [{"prompt": prompt}], "top_k": 10})
+    reply = client.request(
+        "POST", f"/api/jobs/{job_id}/queries", json={"queries": [{"prompt": prompt}], "top_k": 10}
+    )
     reply.raise_for_status()
     query_id = reply.json()["query_job_id"]
     events = list(client.events(query_id, timeout_s=600))
@@ -65,15 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.query_stack_latency")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000])
     parser.add_argument("--warm", type=int, default=3, help="warm queries after the cold one")
-    parser.add_argument("--poll-interval-s", type=float, default=1.0,
-                        help="SCHEDULER_POLL_INTERVAL_S (its default is 1 s)")
+    parser.add_argument(
+        "--poll-interval-s", type=float, default=1.0, help="SCHEDULER_POLL_INTERVAL_S (its default is 1 s)"
+    )
     args = parser.parse_args(argv)
     failures = []
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-query-stack-") as tmp:
         env = {"SCHEDULER_POLL_INTERVAL_S": str(args.poll_interval_s)}
-        with Stack(data_dir=Path(tmp), extra_env=env,
-                   services=("keyvault", "compute-local", "scheduler", "gateway")) as stack:
+        with Stack(
+            data_dir=Path(tmp), extra_env=env, services=("keyvault", "compute-local", "scheduler", "gateway")
+        ) as stack:
             client = GatewayClient(stack.gateway_url)
             client.sign_in_locally("bench")
             seen_workers: set[int] = set()
@@ -93,19 +96,34 @@ def main(argv: list[str] | None = None) -> int:
                 new_pids = set(workers) - seen_workers
                 seen_workers |= set(workers)
                 rss = max((workers[pid] for pid in new_pids), default=float("nan"))
-                rows.append((n_train, built_s, cold_s, warm_median, min(warm_s, default=float("nan")),
-                             rss, first["source"]))
+                rows.append(
+                    (
+                        n_train,
+                        built_s,
+                        cold_s,
+                        warm_median,
+                        min(warm_s, default=float("nan")),
+                        rss,
+                        first["source"],
+                    )
+                )
                 if cold_s >= COLD_TARGET_S:
                     failures.append(f"{n_train}: cold {cold_s:.2f} s >= {COLD_TARGET_S} s")
                 if warm_s and warm_median >= WARM_TARGET_S:
                     failures.append(f"{n_train}: warm {warm_median:.2f} s >= {WARM_TARGET_S} s")
-    print(f"query-to-answer through the stack (compute-local, tiny model, TrackStar index; "
-          f"scheduler poll {args.poll_interval_s} s)")
-    print(f"{'train':>7} {'parent s':>9} {'cold s':>7} {'warm s (median)':>16} {'warm s (min)':>13} "
-          f"{'worker RSS MiB':>15}  source")
+    print(
+        f"query-to-answer through the stack (compute-local, tiny model, TrackStar index; "
+        f"scheduler poll {args.poll_interval_s} s)"
+    )
+    print(
+        f"{'train':>7} {'parent s':>9} {'cold s':>7} {'warm s (median)':>16} {'warm s (min)':>13} "
+        f"{'worker RSS MiB':>15}  source"
+    )
     for n_train, built_s, cold_s, warm_median, warm_min, rss, source in rows:
-        print(f"{n_train:>7} {built_s:>9.1f} {cold_s:>7.2f} {warm_median:>16.2f} {warm_min:>13.2f} "
-              f"{rss:>15.0f}  {source}")
+        print(
+            f"{n_train:>7} {built_s:>9.1f} {cold_s:>7.2f} {warm_median:>16.2f} {warm_min:>13.2f} "
+            f"{rss:>15.0f}  {source}"
+        )
     for failure in failures:
         print(f"FAIL {failure}")
     return 1 if failures else 0

@@ -60,14 +60,17 @@ def case(library: str, backend: str, root: str, endpoint: str) -> dict:
         import fsspec
     sampler = _RssSampler()
     if library == "obstore":
-
         store: LocalStore | S3Store
         if backend == "local":
             store = LocalStore(root, mkdir=True)
         else:
             store = S3Store(
-                "bench", endpoint=endpoint, access_key_id="k", secret_access_key="s",
-                region="us-east-1", client_options={"allow_http": True},
+                "bench",
+                endpoint=endpoint,
+                access_key_id="k",
+                secret_access_key="s",
+                region="us-east-1",
+                client_options={"allow_http": True},
             )
         started = time.perf_counter()
         obstore.put(store, "jobs/x/blob", _chunks(), chunk_size=CHUNK)
@@ -99,8 +102,12 @@ def case(library: str, backend: str, root: str, endpoint: str) -> dict:
         presign_put = False
     assert total == SIZE, total
     return {
-        "library": library, "backend": backend, "put_s": round(put_s, 2), "get_s": round(get_s, 2),
-        "peak_rss_growth_mb": round(sampler.growth_mb(), 1), "presigned_put_in_library": presign_put,
+        "library": library,
+        "backend": backend,
+        "put_s": round(put_s, 2),
+        "get_s": round(get_s, 2),
+        "peak_rss_growth_mb": round(sampler.growth_mb(), 1),
+        "presigned_put_in_library": presign_put,
     }
 
 
@@ -115,15 +122,18 @@ def main() -> None:
     endpoint = f"http://127.0.0.1:{server.get_host_and_port()[1]}"
     import boto3
 
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="k", aws_secret_access_key="s",
-                 region_name="us-east-1").create_bucket(Bucket="bench")
+    boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id="k", aws_secret_access_key="s", region_name="us-east-1"
+    ).create_bucket(Bucket="bench")
     try:
         for backend in ("local", "s3"):
             for library in ("obstore", "fsspec"):
                 with tempfile.TemporaryDirectory() as root:
                     out = subprocess.run(
                         [sys.executable, __file__, library, backend, root, endpoint],
-                        check=True, capture_output=True, text=True,
+                        check=True,
+                        capture_output=True,
+                        text=True,
                     ).stdout
                     print(out.strip(), flush=True)
     finally:

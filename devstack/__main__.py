@@ -26,8 +26,11 @@ def run(args: argparse.Namespace) -> int:
     if simulated is not None:
         extra_env.update(simulated.stack_env())
     stack = Stack(
-        data_dir=Path(args.data_dir).resolve(), fixed_ports=True, extra_env=extra_env,
-        services=tuple(services), scheduler_replicas=int(os.environ.get("SCHEDULER_REPLICAS", "1")),
+        data_dir=Path(args.data_dir).resolve(),
+        fixed_ports=True,
+        extra_env=extra_env,
+        services=tuple(services),
+        scheduler_replicas=int(os.environ.get("SCHEDULER_REPLICAS", "1")),
     )
     gateway_port = os.environ.get("GATEWAY_PORT")
     if gateway_port:
@@ -102,9 +105,7 @@ def main() -> int:
     run_parser = commands.add_parser("run", help="start the whole stack on loopback")
     run_parser.add_argument("--data-dir", default=str(REPO_ROOT / ".data"))
     demo_parser = commands.add_parser("demo", help="submit the sample experiment")
-    demo_parser.add_argument(
-        "--url", default=f"http://127.0.0.1:{os.environ.get('GATEWAY_PORT', '8080')}"
-    )
+    demo_parser.add_argument("--url", default=f"http://127.0.0.1:{os.environ.get('GATEWAY_PORT', '8080')}")
     demo_parser.add_argument("--spec", default=str(REPO_ROOT / "examples" / "sample.json"))
     args = parser.parse_args()
     return run(args) if args.command == "run" else demo(args)

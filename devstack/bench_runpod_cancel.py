@@ -20,12 +20,18 @@ from benchmarks.bench_cancel import TARGET_S, bench_spec
 from devstack.fake_runpod import FakeRunPod
 
 KEY = "bench-key"
-CASES = (("eval_base", "tracin"), ("training", "tracin"), ("influence", "tracin"),
-         ("influence", "datainf"), ("influence", "kronfluence"))
+CASES = (
+    ("eval_base", "tracin"),
+    ("training", "tracin"),
+    ("influence", "tracin"),
+    ("influence", "datainf"),
+    ("influence", "kronfluence"),
+)
 
 
-async def cancel_latency(http: httpx.AsyncClient, fake: FakeRunPod, endpoint: str,
-                         stage: str, method: str) -> float:
+async def cancel_latency(
+    http: httpx.AsyncClient, fake: FakeRunPod, endpoint: str, stage: str, method: str
+) -> float:
     spec = bench_spec(64, 16, 8, method).model_dump(mode="json")
     job = (await http.post(f"{fake.url}/v2/{endpoint}/run", json={"input": spec})).json()["id"]
     async with asyncio.timeout(600):
@@ -42,13 +48,22 @@ async def cancel_latency(http: httpx.AsyncClient, fake: FakeRunPod, endpoint: st
 
 
 async def main() -> int:
-    async with FakeRunPod({KEY: 100.0}, worker_poll_s=5.0) as fake, httpx.AsyncClient(
-        headers={"Authorization": f"Bearer {KEY}"}, timeout=60
-    ) as http:
-        endpoint = (await http.post(f"{fake.url}/v2/serverless", json={
-            "name": "bench", "type": "QUEUE", "templateId": "influence-template",
-            "gpu": {"pools": ["AMPERE_16"]}, "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4},
-        })).json()["id"]
+    async with (
+        FakeRunPod({KEY: 100.0}, worker_poll_s=5.0) as fake,
+        httpx.AsyncClient(headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as http,
+    ):
+        endpoint = (
+            await http.post(
+                f"{fake.url}/v2/serverless",
+                json={
+                    "name": "bench",
+                    "type": "QUEUE",
+                    "templateId": "influence-template",
+                    "gpu": {"pools": ["AMPERE_16"]},
+                    "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4},
+                },
+            )
+        ).json()["id"]
         print(f"cancel latency through the runpod SDK's worker loop (target < {TARGET_S:.0f} s)")
         print(f"{'stage':<16} {'method':<12} {'latency_s':>9}")
         worst = 0.0

@@ -48,8 +48,11 @@ class GatewayClient:
     def events(self, job_id: str, after: int = 0, timeout_s: float = 900.0) -> Iterator[dict[str, Any]]:
         """Server-Sent Events until the stream's end event."""
         with self.http.stream(
-            "GET", f"/api/jobs/{job_id}/events", params={"after": after},
-            headers=self.headers, timeout=httpx.Timeout(timeout_s, connect=10.0),
+            "GET",
+            f"/api/jobs/{job_id}/events",
+            params={"after": after},
+            headers=self.headers,
+            timeout=httpx.Timeout(timeout_s, connect=10.0),
         ) as reply:
             reply.raise_for_status()
             event_name, data = "message", []

@@ -130,11 +130,14 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="fuzz-") as data_dir, Stack(
-        data_dir=Path(data_dir),
-        extra_env=FUZZ_STACK_ENV,
-        services=("keyvault", "compute-local", "scheduler", "gateway"),
-    ) as stack:
+    with (
+        tempfile.TemporaryDirectory(prefix="fuzz-") as data_dir,
+        Stack(
+            data_dir=Path(data_dir),
+            extra_env=FUZZ_STACK_ENV,
+            services=("keyvault", "compute-local", "scheduler", "gateway"),
+        ) as stack,
+    ):
         client = GatewayClient(stack.gateway_url)
         client.sign_in_locally("fuzzer")
         report = fuzz(stack.gateway_url, client.headers, args.cases, args.seed)

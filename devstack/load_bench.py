@@ -119,20 +119,23 @@ def run(users: int, jobs_per_user: int, follow_s: float, workers: int) -> dict[s
     try:
         fake.control("POST", "keys", key=RUNPOD_KEY, balance=1_000_000.0)
         fake.control("POST", "mode", throttled=True)
-        with tempfile.TemporaryDirectory(prefix="load-") as data_dir, Stack(
-            data_dir=Path(data_dir),
-            extra_env={
-                **fake.settings_env(),
-                "HOSTED_MAX_ACTIVE_JOBS": "0",
-                "BYOK_MAX_ACTIVE_JOBS": "0",
-                "HOSTED_MAX_SUBMISSIONS_PER_HOUR": "0",
-                "HOSTED_GPU_SECONDS_PER_MONTH": "0",
-                "RUNPOD_QUEUE_TIMEOUT_S": "3600",
-                "COMPUTE_LOCAL_TORCH_THREADS": "1",
-                "LOG_LEVEL": "WARNING",
-            },
-            scheduler_replicas=2,
-        ) as stack:
+        with (
+            tempfile.TemporaryDirectory(prefix="load-") as data_dir,
+            Stack(
+                data_dir=Path(data_dir),
+                extra_env={
+                    **fake.settings_env(),
+                    "HOSTED_MAX_ACTIVE_JOBS": "0",
+                    "BYOK_MAX_ACTIVE_JOBS": "0",
+                    "HOSTED_MAX_SUBMISSIONS_PER_HOUR": "0",
+                    "HOSTED_GPU_SECONDS_PER_MONTH": "0",
+                    "RUNPOD_QUEUE_TIMEOUT_S": "3600",
+                    "COMPUTE_LOCAL_TORCH_THREADS": "1",
+                    "LOG_LEVEL": "WARNING",
+                },
+                scheduler_replicas=2,
+            ) as stack,
+        ):
             clients = []
             for user in range(users):
                 client = GatewayClient(stack.gateway_url, timeout_s=120)
@@ -175,10 +178,10 @@ def run(users: int, jobs_per_user: int, follow_s: float, workers: int) -> dict[s
     finally:
         fake.stop()
     local_calls = sum(
-        float(line.rsplit(" ", 1)[1]) for line in local.splitlines()
+        float(line.rsplit(" ", 1)[1])
+        for line in local.splitlines()
         # Every ComputeProvider RPC the schedulers made (health checks are not counted).
-        if line.startswith("grpc_server_handled_total{") and "Health" not in line
-        and "Reflection" not in line
+        if line.startswith("grpc_server_handled_total{") and "Health" not in line and "Reflection" not in line
     )
     figures: dict[str, float | str] = {
         "jobs": total,

@@ -17,8 +17,15 @@ GENERATED = SOURCES / "gen" / "influence" / "v1"
 def main() -> int:
     protos = sorted(str(p.relative_to(SOURCES)) for p in (SOURCES / "influence" / "v1").glob("*.proto"))
     with tempfile.TemporaryDirectory() as out:
-        args = ["protoc", f"-I{SOURCES}", f"-I{Path(protoc.__file__).parent / '_proto'}",
-                f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}", *protos]
+        args = [
+            "protoc",
+            f"-I{SOURCES}",
+            f"-I{Path(protoc.__file__).parent / '_proto'}",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
+            *protos,
+        ]
         if protoc.main(args) != 0:
             print("protoc failed", file=sys.stderr)
             return 1
@@ -26,7 +33,8 @@ def main() -> int:
         expected = sorted(p.name for p in fresh.iterdir() if p.is_file())
         present = sorted(p.name for p in GENERATED.glob("*_pb2*.py*")) if GENERATED.exists() else []
         stale = [
-            n for n in expected
+            n
+            for n in expected
             if n not in present or not filecmp.cmp(fresh / n, GENERATED / n, shallow=False)
         ]
         extra = [n for n in present if n not in expected]

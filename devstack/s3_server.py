@@ -27,8 +27,11 @@ class S3TestServer:
     def store_settings(self, prefix: str = "artifacts") -> StoreSettings:
         """Settings of an artifact store under ``prefix`` in this server's bucket."""
         return StoreSettings(
-            url=f"s3://{self.bucket}/{prefix}", endpoint_url=self.endpoint_url, region=REGION,
-            access_key_id=SecretStr(ACCESS_KEY_ID), secret_access_key=SecretStr(SECRET_ACCESS_KEY),
+            url=f"s3://{self.bucket}/{prefix}",
+            endpoint_url=self.endpoint_url,
+            region=REGION,
+            access_key_id=SecretStr(ACCESS_KEY_ID),
+            secret_access_key=SecretStr(SECRET_ACCESS_KEY),
         )
 
     def store_env(self, prefix: str = "artifacts") -> dict[str, str]:
@@ -54,8 +57,11 @@ def s3_test_server(bucket: str = "influence-artifacts") -> Iterator[S3TestServer
     endpoint = f"http://127.0.0.1:{port}"
     try:
         boto3.client(
-            "s3", endpoint_url=endpoint, region_name=REGION,
-            aws_access_key_id=ACCESS_KEY_ID, aws_secret_access_key=SECRET_ACCESS_KEY,
+            "s3",
+            endpoint_url=endpoint,
+            region_name=REGION,
+            aws_access_key_id=ACCESS_KEY_ID,
+            aws_secret_access_key=SECRET_ACCESS_KEY,
         ).create_bucket(Bucket=bucket)
         yield S3TestServer(endpoint_url=endpoint, bucket=bucket)
     finally:

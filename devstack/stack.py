@@ -34,10 +34,10 @@ def _service_of(name: str) -> str:
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    name: str            # as in docs/services.md, e.g. "compute-local"
-    module: str          # python -m <module>
-    env_prefix: str      # e.g. COMPUTE_LOCAL
-    grpc_service: str    # readiness name; "" for the HTTP gateway
+    name: str  # as in docs/services.md, e.g. "compute-local"
+    module: str  # python -m <module>
+    env_prefix: str  # e.g. COMPUTE_LOCAL
+    grpc_service: str  # readiness name; "" for the HTTP gateway
 
 
 SERVICES = {
@@ -55,11 +55,18 @@ SERVICES = {
     "gateway": ServiceSpec("gateway", "gateway", "GATEWAY", ""),
 }
 DEFAULT_PORTS = {
-    "gateway": 8080, "scheduler": 50051, "keyvault": 50052, "compute-local": 50053,
-    "compute-runpod": 50054, "compute-modal": 50055,
+    "gateway": 8080,
+    "scheduler": 50051,
+    "keyvault": 50052,
+    "compute-local": 50053,
+    "compute-runpod": 50054,
+    "compute-modal": 50055,
 }
 DEFAULT_METRICS_PORTS = {
-    "scheduler": 9091, "keyvault": 9092, "compute-local": 9093, "compute-runpod": 9094,
+    "scheduler": 9091,
+    "keyvault": 9092,
+    "compute-local": 9093,
+    "compute-runpod": 9094,
     "compute-modal": 9095,
 }
 
@@ -119,9 +126,7 @@ class Stack:
         for name in SERVICES:
             self.ports[name] = DEFAULT_PORTS[name] if self.fixed_ports else free_port()
             if name in DEFAULT_METRICS_PORTS:
-                self.metrics_ports[name] = (
-                    DEFAULT_METRICS_PORTS[name] if self.fixed_ports else free_port()
-                )
+                self.metrics_ports[name] = DEFAULT_METRICS_PORTS[name] if self.fixed_ports else free_port()
         for replica in self.scheduler_names[1:]:
             offset = 10 * (int(replica.rsplit("-", 1)[1]) - 1)
             self.ports[replica] = DEFAULT_PORTS["scheduler"] + offset if self.fixed_ports else free_port()
@@ -168,9 +173,7 @@ class Stack:
             "COMPUTE_RUNPOD_ADDR": (
                 self.address("compute-runpod") if "compute-runpod" in self.services else ""
             ),
-            "COMPUTE_MODAL_ADDR": (
-                self.address("compute-modal") if "compute-modal" in self.services else ""
-            ),
+            "COMPUTE_MODAL_ADDR": (self.address("compute-modal") if "compute-modal" in self.services else ""),
             "RUNPOD_KEY_ENCRYPTION_SECRET": s["RUNPOD_KEY_ENCRYPTION_SECRET"],
             "KEYVAULT_CALLER_TOKENS": (
                 f"gateway={s['gateway_token']},scheduler={s['scheduler_token']},"
@@ -184,8 +187,11 @@ class Stack:
         }
         if name in self.metrics_ports:
             env[f"{spec.env_prefix}_METRICS_PORT"] = str(self.metrics_ports[name])
-        tokens = {"gateway": "gateway_token", "scheduler": "scheduler_token",
-                  "compute-runpod": "compute_runpod_token"}
+        tokens = {
+            "gateway": "gateway_token",
+            "scheduler": "scheduler_token",
+            "compute-runpod": "compute_runpod_token",
+        }
         if spec.name in tokens:
             env["KEYVAULT_TOKEN"] = s[tokens[spec.name]]
         if spec.name == "scheduler":
@@ -209,9 +215,7 @@ class Stack:
             start_new_session=True,
         )
         log_file.close()
-        service = RunningService(
-            spec, self.ports[name], self.metrics_ports.get(name, 0), process, log_path
-        )
+        service = RunningService(spec, self.ports[name], self.metrics_ports.get(name, 0), process, log_path)
         self.running[name] = service
         self._wait_ready(service, timeout_s)
         return service
@@ -325,8 +329,11 @@ class FakeRunPodProcess:
     def start(cls, extra_env: dict[str, str] | None = None, timeout_s: float = 30.0) -> FakeRunPodProcess:
         process = subprocess.Popen(
             [sys.executable, "-m", "devstack.fake_runpod"],
-            cwd=REPO_ROOT, env={**os.environ, **(extra_env or {})},
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            cwd=REPO_ROOT,
+            env={**os.environ, **(extra_env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
         deadline = time.monotonic() + timeout_s
         assert process.stdout is not None

@@ -16,8 +16,9 @@ async def _serve(args: argparse.Namespace) -> None:
     for item in args.key:
         key, _, balance = item.partition("=")
         keys[key] = float(balance) if balance else 100.0
-    fake = FakeRunPod(keys, retention_s=args.retention_s, host=args.host, port=args.port,
-                      template_ids={args.template_id})
+    fake = FakeRunPod(
+        keys, retention_s=args.retention_s, host=args.host, port=args.port, template_ids={args.template_id}
+    )
     async with fake:
         print(f"FAKE_RUNPOD_URL={fake.url}", flush=True)  # the parent reads it
         stop = asyncio.Event()

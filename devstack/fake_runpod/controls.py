@@ -13,57 +13,64 @@ from devstack.fake_runpod.state import json_body
 if TYPE_CHECKING:
     from devstack.fake_runpod.fake import FakeRunPod
 
+
 def add_control_routes(app: FastAPI, fake: FakeRunPod) -> None:
-        """The controls of a fake running as its own process (tests in other processes)."""
+    """The controls of a fake running as its own process (tests in other processes)."""
 
-        @app.post("/_fake/keys")
-        async def add_key(request: Request) -> Response:
-            body = await json_body(request)
-            account = fake.add_key(str(body["key"]), float(body.get("balance", 100.0)),
-                                   str(body.get("scope", "all")))
-            return JSONResponse({"account_id": account.account_id})
+    @app.post("/_fake/keys")
+    async def add_key(request: Request) -> Response:
+        body = await json_body(request)
+        account = fake.add_key(
+            str(body["key"]), float(body.get("balance", 100.0)), str(body.get("scope", "all"))
+        )
+        return JSONResponse({"account_id": account.account_id})
 
-        @app.post("/_fake/faults")
-        async def fault(request: Request) -> Response:
-            body = await json_body(request)
-            fake.fail_next(str(body["route"]), int(body["status"]), int(body.get("times", 1)),
-                           body.get("retry_after"))
-            return JSONResponse({"ok": True})
+    @app.post("/_fake/faults")
+    async def fault(request: Request) -> Response:
+        body = await json_body(request)
+        fake.fail_next(
+            str(body["route"]), int(body["status"]), int(body.get("times", 1)), body.get("retry_after")
+        )
+        return JSONResponse({"ok": True})
 
-        @app.post("/_fake/mode")
-        async def mode(request: Request) -> Response:
-            body = await json_body(request)
-            if "throttled" in body:
-                fake.set_throttled(bool(body["throttled"]))
-            if "execution_timeout_s" in body:
-                fake.execution_timeout_s = body["execution_timeout_s"]
-            if "retention_s" in body:
-                fake.retention_s = float(body["retention_s"])
-            if "graphql" in body:
-                fake.graphql_enabled = bool(body["graphql"])
-            if "max_payload_bytes" in body:
-                fake.max_payload_bytes = int(body["max_payload_bytes"])
-            return JSONResponse({"throttled": fake.throttled,
-                                 "execution_timeout_s": fake.execution_timeout_s,
-                                 "retention_s": fake.retention_s,
-                                 "graphql": fake.graphql_enabled,
-                                 "max_payload_bytes": fake.max_payload_bytes})
+    @app.post("/_fake/mode")
+    async def mode(request: Request) -> Response:
+        body = await json_body(request)
+        if "throttled" in body:
+            fake.set_throttled(bool(body["throttled"]))
+        if "execution_timeout_s" in body:
+            fake.execution_timeout_s = body["execution_timeout_s"]
+        if "retention_s" in body:
+            fake.retention_s = float(body["retention_s"])
+        if "graphql" in body:
+            fake.graphql_enabled = bool(body["graphql"])
+        if "max_payload_bytes" in body:
+            fake.max_payload_bytes = int(body["max_payload_bytes"])
+        return JSONResponse(
+            {
+                "throttled": fake.throttled,
+                "execution_timeout_s": fake.execution_timeout_s,
+                "retention_s": fake.retention_s,
+                "graphql": fake.graphql_enabled,
+                "max_payload_bytes": fake.max_payload_bytes,
+            }
+        )
 
-        @app.post("/_fake/templates")
-        async def add_template(request: Request) -> Response:
-            body = await json_body(request)
-            fake.add_template(str(body["id"]), str(body.get("image", "")), body.get("env"))
-            return JSONResponse(fake.templates[str(body["id"])])
+    @app.post("/_fake/templates")
+    async def add_template(request: Request) -> Response:
+        body = await json_body(request)
+        fake.add_template(str(body["id"]), str(body.get("image", "")), body.get("env"))
+        return JSONResponse(fake.templates[str(body["id"])])
 
-        @app.get("/_fake/requests")
-        async def requests() -> Response:
-            return JSONResponse({"requests": [r.__dict__ for r in fake.requests]})
+    @app.get("/_fake/requests")
+    async def requests() -> Response:
+        return JSONResponse({"requests": [r.__dict__ for r in fake.requests]})
 
-        @app.get("/_fake/endpoints")
-        async def endpoints() -> Response:
-            return JSONResponse({"endpoints": fake.endpoints()})
+    @app.get("/_fake/endpoints")
+    async def endpoints() -> Response:
+        return JSONResponse({"endpoints": fake.endpoints()})
 
-        @app.delete("/_fake/endpoints/{endpoint_id}")
-        async def console_delete(endpoint_id: str) -> Response:
-            fake.delete_endpoint(endpoint_id)
-            return Response(status_code=204)
+    @app.delete("/_fake/endpoints/{endpoint_id}")
+    async def console_delete(endpoint_id: str) -> Response:
+        fake.delete_endpoint(endpoint_id)
+        return Response(status_code=204)

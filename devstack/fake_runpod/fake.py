@@ -112,13 +112,15 @@ class FakeRunPod:
     def add_template(self, template_id: str, image: str = "", env: dict[str, str] | None = None) -> None:
         """A serverless template of the account (every one runs this fake's worker handler)."""
         self.templates[template_id] = {
-            "id": template_id, "name": template_id, "serverless": True,
-            "image": image or f"influence/worker:{template_id}", "env": dict(env or {}), "disk": 20,
+            "id": template_id,
+            "name": template_id,
+            "serverless": True,
+            "image": image or f"influence/worker:{template_id}",
+            "env": dict(env or {}),
+            "disk": 20,
         }
 
-    def fail_next(
-        self, route: str, status: int, times: int = 1, retry_after: float | None = None
-    ) -> None:
+    def fail_next(self, route: str, status: int, times: int = 1, retry_after: float | None = None) -> None:
         """Answer the next ``times`` calls of ``route`` (one of ``ROUTES``) with ``status``."""
         if route not in ROUTES:
             raise ValueError(f"unknown route {route!r}; expected one of {', '.join(ROUTES)}")
@@ -129,7 +131,8 @@ class FakeRunPod:
 
     def calls(self, route: str | None = None, method: str | None = None) -> list[RecordedRequest]:
         return [
-            r for r in self.requests
+            r
+            for r in self.requests
             if (route is None or r.route == route) and (method is None or r.method == method)
         ]
 
@@ -158,7 +161,8 @@ class FakeRunPod:
     def worker_log(self, endpoint_id: str) -> str:
         """Everything the endpoint's workers printed (the SDK's log lines), for diagnosis."""
         return "\n".join(
-            w.log_path.read_text(errors="replace") for w in self.workers_by_id.values()
+            w.log_path.read_text(errors="replace")
+            for w in self.workers_by_id.values()
             if w.endpoint_id == endpoint_id and w.log_path.exists()
         )
 
@@ -201,8 +205,12 @@ class FakeRunPod:
 
     def _start_worker(self, endpoint: EndpointState) -> None:
         worker = launch_worker(
-            endpoint, self.url, self._handler_path, self._log_dir,
-            int(self.max_payload_bytes * 0.95), self.worker_env,
+            endpoint,
+            self.url,
+            self._handler_path,
+            self._log_dir,
+            int(self.max_payload_bytes * 0.95),
+            self.worker_env,
         )
         self.workers_by_id[worker.id] = worker
         endpoint.worker = worker
@@ -219,8 +227,13 @@ class FakeRunPod:
                 worker = endpoint.worker
                 if worker is not None and worker.process.poll() is not None:
                     self._worker_died(endpoint, worker)
-                elif worker is not None and worker.release < endpoint.release and not any(
-                    j.worker_id == worker.id and j.status == "IN_PROGRESS" for j in self.jobs_by_id.values()
+                elif (
+                    worker is not None
+                    and worker.release < endpoint.release
+                    and not any(
+                        j.worker_id == worker.id and j.status == "IN_PROGRESS"
+                        for j in self.jobs_by_id.values()
+                    )
                 ):
                     kill_worker(worker)  # the new release rolls out as workers cycle
                 if endpoint.worker is None and endpoint.queue and not self.throttled and not endpoint.deleted:
@@ -252,7 +265,7 @@ class FakeRunPod:
         if len(text.encode()) <= self.max_chunk_bytes:
             return [output]
         step = self.max_chunk_bytes // 4  # characters: up to 4 UTF-8 bytes each
-        return [text[i:i + step] for i in range(0, len(text), step)]
+        return [text[i : i + step] for i in range(0, len(text), step)]
 
     # ---- HTTP ----------------------------------------------------------------------------
 
@@ -262,7 +275,9 @@ class FakeRunPod:
         @app.middleware("http")
         async def record(request: Request, call_next: Callable[..., Any]) -> Response:
             entry = RecordedRequest(
-                method=request.method, path=request.url.path, query=request.url.query,
+                method=request.method,
+                path=request.url.path,
+                query=request.url.query,
                 headers=dict(request.headers),
             )
             if not request.url.path.startswith("/_fake/"):
@@ -286,7 +301,12 @@ class FakeRunPod:
     # ---- request checks ------------------------------------------------------------------
 
     def gate(
-        self, request: Request, route: str, *, manage: bool = False, anonymous_ok: bool = False,
+        self,
+        request: Request,
+        route: str,
+        *,
+        manage: bool = False,
+        anonymous_ok: bool = False,
         endpoint_id: str = "",
     ) -> FakeAccount:
         """Record the route, answer an injected fault, check the key (and its scope) and the

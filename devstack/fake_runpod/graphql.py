@@ -12,6 +12,7 @@ from devstack.fake_runpod.state import json_body
 if TYPE_CHECKING:
     from devstack.fake_runpod.fake import FakeRunPod
 
+
 def add_graphql_routes(app: FastAPI, fake: FakeRunPod) -> None:
     @app.post("/graphql")
     async def graphql(request: Request) -> Response:
@@ -27,7 +28,15 @@ def add_graphql_routes(app: FastAPI, fake: FakeRunPod) -> None:
             return JSONResponse({"errors": [{"message": "the fake supports only myself"}]})
         if account is None:
             return JSONResponse({"data": {"myself": None}})
-        return JSONResponse({"data": {"myself": {
-            "id": account.account_id, "clientBalance": account.balance,
-            "currentSpendPerHr": 0.0, "spendLimit": 80,
-        }}})
+        return JSONResponse(
+            {
+                "data": {
+                    "myself": {
+                        "id": account.account_id,
+                        "clientBalance": account.balance,
+                        "currentSpendPerHr": 0.0,
+                        "spendLimit": 80,
+                    }
+                }
+            }
+        )

@@ -15,6 +15,7 @@ from devstack.fake_runpod.state import TERMINAL, FakeJob, json_body
 if TYPE_CHECKING:
     from devstack.fake_runpod.fake import FakeRunPod
 
+
 def add_job_routes(app: FastAPI, fake: FakeRunPod) -> None:
     """The job API (api.runpod.ai/v2/{endpoint}/...)."""
 
@@ -25,8 +26,11 @@ def add_job_routes(app: FastAPI, fake: FakeRunPod) -> None:
         raw = await request.body()
         if len(raw) > fake.max_payload_bytes:
             return JSONResponse(
-                {"error": f"request body of {len(raw)} bytes exceeds the /run limit of "
-                          f"{fake.max_payload_bytes} bytes"}, status_code=400,
+                {
+                    "error": f"request body of {len(raw)} bytes exceeds the /run limit of "
+                    f"{fake.max_payload_bytes} bytes"
+                },
+                status_code=400,
             )
         body = await json_body(request)
         if not isinstance(body, dict) or "input" not in body:
@@ -35,7 +39,9 @@ def add_job_routes(app: FastAPI, fake: FakeRunPod) -> None:
         timeout_ms = policy.get("executionTimeout") or endpoint.config.get("timeout") or 600000
         ttl_ms = policy.get("ttl") or 24 * 3600 * 1000
         job = FakeJob(
-            id=f"{uuid.uuid4()}-u1", endpoint_id=endpoint_id, input=body["input"],
+            id=f"{uuid.uuid4()}-u1",
+            endpoint_id=endpoint_id,
+            input=body["input"],
             execution_timeout_s=float(timeout_ms) / 1000,
             expires_at=time.monotonic() + float(ttl_ms) / 1000,
         )
@@ -61,9 +67,7 @@ def add_job_routes(app: FastAPI, fake: FakeRunPod) -> None:
             job = fake.live_job(endpoint_id, job_id)
             if job.pending or job.status in TERMINAL or time.monotonic() >= deadline:
                 chunks, job.pending = job.pending, []
-                return JSONResponse({
-                    "status": job.status, "stream": [{"output": c} for c in chunks]
-                })
+                return JSONResponse({"status": job.status, "stream": [{"output": c} for c in chunks]})
             await asyncio.sleep(0.05)
 
     @app.post("/v2/{endpoint_id}/cancel/{job_id}")
@@ -84,22 +88,32 @@ def add_job_routes(app: FastAPI, fake: FakeRunPod) -> None:
         account = fake.gate(request, "job.health")
         endpoint = fake.own_endpoint(account, endpoint_id, job_api=True)
         jobs = [j for j in fake.jobs_by_id.values() if j.endpoint_id == endpoint_id]
-        counts = {s: sum(j.status == s for j in jobs) for s in
-                  ("COMPLETED", "FAILED", "IN_PROGRESS", "IN_QUEUE")}
-        return JSONResponse({
-            "jobs": {"completed": counts["COMPLETED"], "failed": counts["FAILED"],
-                     "inProgress": counts["IN_PROGRESS"], "inQueue": counts["IN_QUEUE"],
-                     "retried": 0},
-            "workers": {"idle": int(endpoint.worker is not None and not counts["IN_PROGRESS"]),
-                        "running": min(counts["IN_PROGRESS"], 1)},
-        })
+        counts = {
+            s: sum(j.status == s for j in jobs) for s in ("COMPLETED", "FAILED", "IN_PROGRESS", "IN_QUEUE")
+        }
+        return JSONResponse(
+            {
+                "jobs": {
+                    "completed": counts["COMPLETED"],
+                    "failed": counts["FAILED"],
+                    "inProgress": counts["IN_PROGRESS"],
+                    "inQueue": counts["IN_QUEUE"],
+                    "retried": 0,
+                },
+                "workers": {
+                    "idle": int(endpoint.worker is not None and not counts["IN_PROGRESS"]),
+                    "running": min(counts["IN_PROGRESS"], 1),
+                },
+            }
+        )
 
 
 def status_body(job: FakeJob) -> dict[str, Any]:
     now = time.monotonic()
     started = job.started_at or now
     body: dict[str, Any] = {
-        "id": job.id, "status": job.status,
+        "id": job.id,
+        "status": job.status,
         "delayTime": int((started - job.submitted_at) * 1000),
     }
     if job.started_at is not None:

@@ -14,14 +14,18 @@ from devstack.fake_runpod.state import EndpointState, json_body, problem, public
 if TYPE_CHECKING:
     from devstack.fake_runpod.fake import FakeRunPod
 
+
 def add_management_routes(app: FastAPI, fake: FakeRunPod) -> None:
     """REST v2 serverless endpoints."""
 
     @app.get("/v2/serverless")
     async def list_endpoints(request: Request) -> Response:
         account = fake.gate(request, "serverless.list", manage=True)
-        own = [public_endpoint(e.config) for e in fake.endpoint_states.values()
-               if e.owner == account.key and not e.deleted]
+        own = [
+            public_endpoint(e.config)
+            for e in fake.endpoint_states.values()
+            if e.owner == account.key and not e.deleted
+        ]
         return JSONResponse({"endpoints": own})
 
     @app.post("/v2/serverless")
@@ -33,14 +37,23 @@ def add_management_routes(app: FastAPI, fake: FakeRunPod) -> None:
             return problem
         endpoint_id = uuid.uuid4().hex[:14]
         config = {
-            "workers": {"min": 0, "max": 3, "idleTimeout": 10}, "timeout": 300000,
-            "flashboot": "OFF", **body,
-            "id": endpoint_id, "createdAt": datetime.now(UTC).isoformat(),
+            "workers": {"min": 0, "max": 3, "idleTimeout": 10},
+            "timeout": 300000,
+            "flashboot": "OFF",
+            **body,
+            "id": endpoint_id,
+            "createdAt": datetime.now(UTC).isoformat(),
             "requestUrls": {
-                name: f"{fake.url}/v2/{endpoint_id}/{path}" for name, path in (
-                    ("run", "run"), ("runSync", "runsync"), ("status", "status"),
-                    ("stream", "stream"), ("cancel", "cancel"), ("retry", "retry"),
-                    ("purgeQueue", "purge-queue"), ("health", "health"),
+                name: f"{fake.url}/v2/{endpoint_id}/{path}"
+                for name, path in (
+                    ("run", "run"),
+                    ("runSync", "runsync"),
+                    ("status", "status"),
+                    ("stream", "stream"),
+                    ("cancel", "cancel"),
+                    ("retry", "retry"),
+                    ("purgeQueue", "purge-queue"),
+                    ("health", "health"),
                 )
             },
         }

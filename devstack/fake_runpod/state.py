@@ -21,15 +21,32 @@ DEFAULT_RETENTION_S = 30 * 60
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 # Job-API limits per user per endpoint (send-requests.mdx): requests per window of seconds.
 JOB_RATE_LIMITS: dict[str, tuple[int, float]] = {
-    "job.run": (1000, 10.0), "job.status": (2000, 10.0), "job.stream": (2000, 10.0),
+    "job.run": (1000, 10.0),
+    "job.status": (2000, 10.0),
+    "job.stream": (2000, 10.0),
     "job.cancel": (100, 10.0),
 }
 ROUTES = (
-    "graphql", "serverless.list", "serverless.create", "serverless.get", "serverless.delete",
-    "serverless.workers", "serverless.update", "templates.get",
-    "job.run", "job.status", "job.stream", "job.cancel", "job.health",
-    "worker.take", "worker.stream", "worker.done", "worker.stop", "worker.ping",
+    "graphql",
+    "serverless.list",
+    "serverless.create",
+    "serverless.get",
+    "serverless.delete",
+    "serverless.workers",
+    "serverless.update",
+    "templates.get",
+    "job.run",
+    "job.status",
+    "job.stream",
+    "job.cancel",
+    "job.health",
+    "worker.take",
+    "worker.stream",
+    "worker.done",
+    "worker.stop",
+    "worker.ping",
 )
+
 
 @dataclass
 class FakeAccount:
@@ -110,15 +127,21 @@ def public_endpoint(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != "templateId"}
 
 
-def problem(status: int, detail: str, headers: dict[str, str] | None = None,
-             errors: list[str] | None = None) -> JSONResponse:
-    titles = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-              422: "Unprocessable Entity", 429: "Too Many Requests"}
+def problem(
+    status: int, detail: str, headers: dict[str, str] | None = None, errors: list[str] | None = None
+) -> JSONResponse:
+    titles = {
+        400: "Bad Request",
+        401: "Unauthorized",
+        403: "Forbidden",
+        404: "Not Found",
+        422: "Unprocessable Entity",
+        429: "Too Many Requests",
+    }
     body: dict[str, Any] = {"title": titles.get(status, "Error"), "status": status, "detail": detail}
     if errors:
         body["errors"] = errors
-    return JSONResponse(body, status_code=status, headers=headers,
-                        media_type="application/problem+json")
+    return JSONResponse(body, status_code=status, headers=headers, media_type="application/problem+json")
 
 
 async def json_body(request: Request) -> Any:

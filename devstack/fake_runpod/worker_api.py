@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 if TYPE_CHECKING:
     from devstack.fake_runpod.fake import FakeRunPod
 
+
 def add_worker_routes(app: FastAPI, fake: FakeRunPod) -> None:
     """What the SDK's worker loop calls (URLs from the RUNPOD_WEBHOOK_* variables)."""
 

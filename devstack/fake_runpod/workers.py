@@ -14,9 +14,7 @@ from pathlib import Path
 
 from devstack.fake_runpod.state import EndpointState, FakeWorker
 
-WORKER_HANDLER = (
-    Path(__file__).resolve().parents[2] / "services" / "compute-runpod" / "worker" / "handler.py"
-)
+WORKER_HANDLER = Path(__file__).resolve().parents[2] / "services" / "compute-runpod" / "worker" / "handler.py"
 WORKER_GPU = "NVIDIA A100 80GB PCIe"
 # Runs the handler script as the worker image does (``python handler.py``), first asking Linux to
 # kill it when the fake's process dies however it dies, and its forks (the SDK's heartbeat) when
@@ -65,7 +63,10 @@ def launch_worker(
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-c", _WORKER_LAUNCHER, str(handler_path)],
-            cwd=handler_path.parent, env=env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=handler_path.parent,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     return FakeWorker(worker_id, endpoint.config["id"], secret, process, log_path, endpoint.release)

@@ -76,9 +76,19 @@ def _projected(run: ScoringRun, method: str) -> Any:
     if len(ids) != len(run.train):
         raise ValueError(f"{len(ids)} train_ids for {len(run.train)} training examples")
     return projected_scores(
-        method, run.model, run.pad_token_id, run.train, ids, run.queries, run.checkpoints,
-        run.options.projection_dim, run.options.projection_seed, run.batch_size,
-        Path(run.index_dir or run.work_dir / INDEX_DIR_NAME), run.progress, scores_file=run.scores_file,
+        method,
+        run.model,
+        run.pad_token_id,
+        run.train,
+        ids,
+        run.queries,
+        run.checkpoints,
+        run.options.projection_dim,
+        run.options.projection_seed,
+        run.batch_size,
+        Path(run.index_dir or run.work_dir / INDEX_DIR_NAME),
+        run.progress,
+        scores_file=run.scores_file,
     ).full
 
 
@@ -99,8 +109,14 @@ def _datainf(run: ScoringRun) -> Any:
     from gpu_core.influence.datainf import datainf_scores
 
     return datainf_scores(
-        run.model, run.pad_token_id, run.train, run.queries, run.options.damping, run.batch_size,
-        run.work_dir, run.progress,
+        run.model,
+        run.pad_token_id,
+        run.train,
+        run.queries,
+        run.options.damping,
+        run.batch_size,
+        run.work_dir,
+        run.progress,
     )
 
 
@@ -108,8 +124,14 @@ def _kronfluence(run: ScoringRun) -> Any:
     from gpu_core.influence.ekfac import kronfluence_scores
 
     return kronfluence_scores(
-        run.model, run.pad_token_id, run.train, run.queries, run.options.damping, run.batch_size,
-        run.work_dir, run.progress,
+        run.model,
+        run.pad_token_id,
+        run.train,
+        run.queries,
+        run.options.damping,
+        run.batch_size,
+        run.work_dir,
+        run.progress,
     )
 
 
@@ -143,7 +165,5 @@ def influence_method(name: str) -> InfluenceMethodEntry:
     """The entry of method ``name``; ValueError naming the known ones otherwise."""
     entry = INFLUENCE_METHODS.get(name)
     if entry is None:
-        raise ValueError(
-            f"unknown influence method {name!r}; expected one of {', '.join(INFLUENCE_METHODS)}"
-        )
+        raise ValueError(f"unknown influence method {name!r}; expected one of {', '.join(INFLUENCE_METHODS)}")
     return entry

@@ -31,12 +31,22 @@ Template = Literal["auto", "chat", "raw"]
 ResolvedTemplate = Literal["chat", "raw"]
 Quantization = Literal["none", "8bit", "4bit"]
 Stage = Literal[
-    "loading_model", "eval_base", "eval_few_shot", "training", "eval_finetuned", "influence",
+    "loading_model",
+    "eval_base",
+    "eval_few_shot",
+    "training",
+    "eval_finetuned",
+    "influence",
     "counterfactual",  # the one stage of a counterfactual check (gpu_core.counterfactual)
     "query",  # the one stage of a follow-up query (gpu_core.query)
 ]
 STAGES: tuple[str, ...] = (
-    "loading_model", "eval_base", "eval_few_shot", "training", "eval_finetuned", "influence"
+    "loading_model",
+    "eval_base",
+    "eval_few_shot",
+    "training",
+    "eval_finetuned",
+    "influence",
 )
 TINY_MODEL_ID = "local/tiny-llama"
 
@@ -274,8 +284,7 @@ def _fill_ids(examples: list[Any], prefix: str, field: str) -> None:
         if example.id is not None:
             if example.id in seen:
                 raise ValueError(
-                    f"{field}[{index}].id: duplicate id {example.id!r} "
-                    f"(also at {field}[{seen[example.id]}])"
+                    f"{field}[{index}].id: duplicate id {example.id!r} (also at {field}[{seen[example.id]}])"
                 )
             seen[example.id] = index
     for index, example in enumerate(examples):
@@ -527,9 +536,7 @@ class QueryItem(_Strict):
     @model_validator(mode="after")
     def _span_in_expected(self) -> QueryItem:
         if self.span is not None and self.expected is not None and self.span[1] > len(self.expected):
-            raise ValueError(
-                f"span: ends at {self.span[1]} but expected has {len(self.expected)} characters"
-            )
+            raise ValueError(f"span: ends at {self.span[1]} but expected has {len(self.expected)} characters")
         return self
 
 

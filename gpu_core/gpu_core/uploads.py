@@ -106,9 +106,7 @@ def _index_names(spec: ExperimentSpec) -> list[str]:
     return names
 
 
-def upload_artifacts(
-    directory: Path, manifest: Sequence[ArtifactEntry], urls: Mapping[str, str]
-) -> None:
+def upload_artifacts(directory: Path, manifest: Sequence[ArtifactEntry], urls: Mapping[str, str]) -> None:
     """PUT every manifest file under ``directory`` to ``urls[name]``, streamed. Retries
     connection failures and 5xx answers with backoff; raises ArtifactUploadError otherwise."""
     missing = [entry.name for entry in manifest if entry.name not in urls]
@@ -199,8 +197,12 @@ def _safe_name(name: str) -> bool:
 def download_event(entries: Sequence[ParentArtifact]) -> dict[str, Any]:
     """The progress event a worker sends before it downloads ``entries``."""
     megabytes = sum(entry.bytes for entry in entries) / 1e6
-    return {"type": "progress", "stage": "loading_model", "progress": 0.0,
-            "message": f"downloading the experiment's {len(entries)} files ({megabytes:.1f} MB)"}
+    return {
+        "type": "progress",
+        "stage": "loading_model",
+        "progress": 0.0,
+        "message": f"downloading the experiment's {len(entries)} files ({megabytes:.1f} MB)",
+    }
 
 
 def download_artifacts(entries: Iterable[ParentArtifact], directory: Path) -> list[str]:

@@ -33,12 +33,21 @@ def test_run_writes_the_result_and_reusable_artifacts(copy_task: dict[str, Any],
     assert done.returncode == 0, done.stderr
     assert "influence" in done.stderr and "100%" in done.stderr  # the progress bar
     result = json.loads(out.read_text())
-    assert set(result) == {"eval_results", "influence", "training", "timings", "environment", "data",
-                           "artifacts"}
+    assert set(result) == {
+        "eval_results",
+        "influence",
+        "training",
+        "timings",
+        "environment",
+        "data",
+        "artifacts",
+    }
     # prompt/completion data stays raw under template auto, as before templates existed
     assert result["data"] == {
-        "training_format": "prompt_completion", "eval_format": "prompt_completion",
-        "template": "raw", "chat_template_sha256": None,
+        "training_format": "prompt_completion",
+        "eval_format": "prompt_completion",
+        "template": "raw",
+        "chat_template_sha256": None,
     }
     assert set(result["eval_results"]) == {"base", "few_shot", "finetuned"}
     assert len(result["influence"]["scores"]) == 8
@@ -89,11 +98,15 @@ def test_run_writes_the_result_and_reusable_artifacts(copy_task: dict[str, Any],
 
 def test_bad_spec_exits_2_naming_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec_path = tmp_path / "spec.json"
-    spec_path.write_text(json.dumps({
-        "training_data": [{"prompt": "a", "completion": "b"}],
-        "eval_data": [{"prompt": "a", "expected": "b"}],
-        "hyperparams": {"epochs": -2},
-    }))
+    spec_path.write_text(
+        json.dumps(
+            {
+                "training_data": [{"prompt": "a", "completion": "b"}],
+                "eval_data": [{"prompt": "a", "expected": "b"}],
+                "hyperparams": {"epochs": -2},
+            }
+        )
+    )
     assert main(["run", str(spec_path), "--out", str(tmp_path / "r.json")]) == EXIT_BAD_SPEC
     error = capsys.readouterr().err
     assert "hyperparams.epochs" in error and "greater than or equal to 1" in error

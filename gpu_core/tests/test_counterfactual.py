@@ -152,7 +152,9 @@ def test_the_job_streams_progress_then_the_result_and_stops_when_closed(
 
     spec, result = experiment
     payload = make_payload(
-        COUNTERFACTUAL, spec.model_dump(mode="json"), {"eval_ids": ["e1"], "k": 1, "controls": 1},
+        COUNTERFACTUAL,
+        spec.model_dump(mode="json"),
+        {"eval_ids": ["e1"], "k": 1, "controls": 1},
         result.model_dump(mode="json"),
     )
     events = list(run_job(parse_payload(json.loads(json.dumps(payload)))))

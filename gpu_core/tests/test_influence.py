@@ -138,8 +138,14 @@ def test_datainf_spilling_gradients_to_disk_gives_the_same_scores(
     expected = -reference_datainf(train_grads, query_grads, None)
     fractions: list[float] = []
     scores = datainf_scores(
-        toy.model, toy.tokenizer.pad_token_id, toy.train, toy.queries, None,
-        batch_size=3, work_dir=tmp_path, progress=fractions.append,
+        toy.model,
+        toy.tokenizer.pad_token_id,
+        toy.train,
+        toy.queries,
+        None,
+        batch_size=3,
+        work_dir=tmp_path,
+        progress=fractions.append,
         gradient_memory_bytes=memory_bytes,
     )
     assert relative_error(scores, expected) < 1e-5

@@ -82,12 +82,26 @@ def test_projected_inner_products_approximate_exact_ones() -> None:
 
 def test_projected_tracin_ranks_like_exact_tracin(toy: ToySetup, tmp_path: Path) -> None:
     exact = compute_influence(
-        "tracin", toy.model, toy.tokenizer, toy.train, toy.queries, toy.checkpoints,
-        InfluenceOptions(), 32, tmp_path,
+        "tracin",
+        toy.model,
+        toy.tokenizer,
+        toy.train,
+        toy.queries,
+        toy.checkpoints,
+        InfluenceOptions(),
+        32,
+        tmp_path,
     )
     projected = compute_influence(
-        "tracin", toy.model, toy.tokenizer, toy.train, toy.queries, toy.checkpoints,
-        InfluenceOptions(projection_dim=2048), 32, tmp_path,
+        "tracin",
+        toy.model,
+        toy.tokenizer,
+        toy.train,
+        toy.queries,
+        toy.checkpoints,
+        InfluenceOptions(projection_dim=2048),
+        32,
+        tmp_path,
     )
     correlations = [spearmanr(projected[i], exact[i]).statistic for i in range(len(exact))]
     assert sum(correlations) / len(correlations) >= 0.95
@@ -100,8 +114,16 @@ def test_projected_tracin_ranks_like_exact_tracin(toy: ToySetup, tmp_path: Path)
 def test_index_files_manifest_and_rows(toy: ToySetup, tmp_path: Path) -> None:
     ids = [f"train-{i}" for i in range(len(toy.train))]
     scores = compute_influence(
-        "trackstar", toy.model, toy.tokenizer, toy.train, toy.queries, toy.checkpoints,
-        InfluenceOptions(projection_dim=256, projection_seed=7), 32, tmp_path, train_ids=ids,
+        "trackstar",
+        toy.model,
+        toy.tokenizer,
+        toy.train,
+        toy.queries,
+        toy.checkpoints,
+        InfluenceOptions(projection_dim=256, projection_seed=7),
+        32,
+        tmp_path,
+        train_ids=ids,
         index_dir=tmp_path / "index",
     )
     index = GradientIndex.open(tmp_path / "index")
@@ -130,8 +152,17 @@ def test_block_scores_and_running_top_k_match_the_full_matrix(toy: ToySetup, tmp
     layers = lora_layers(toy.model)
     plans = plan_checkpoints("tracin", layers, toy.checkpoints, torch.device("cpu"))
     index = build_gradient_index(
-        toy.model, toy.tokenizer.pad_token_id, toy.train, [str(i) for i in range(96)], plans, "tracin",
-        512, 0, 32, tmp_path / "index", lambda _done: None,
+        toy.model,
+        toy.tokenizer.pad_token_id,
+        toy.train,
+        [str(i) for i in range(96)],
+        plans,
+        "tracin",
+        512,
+        0,
+        32,
+        tmp_path / "index",
+        lambda _done: None,
     )
     eval_rows = [torch.randn(8, 512, generator=torch.Generator().manual_seed(c)) for c in range(3)]
     full = torch.cat([block for _, block in score_blocks(index, eval_rows, block_rows=1000)], dim=1)
@@ -167,8 +198,15 @@ def test_trackstar_needs_the_optimizer_second_moments(toy: ToySetup, tmp_path: P
     bare = [AdapterCheckpoint(lora_state(lora_layers(toy.model)), learning_rate=1.0, epoch=1)]
     with pytest.raises(ValueError, match="trackstar needs the training's Adam second moments"):
         compute_influence(
-            "trackstar", toy.model, toy.tokenizer, toy.train, toy.queries, bare,
-            InfluenceOptions(), 32, tmp_path,
+            "trackstar",
+            toy.model,
+            toy.tokenizer,
+            toy.train,
+            toy.queries,
+            bare,
+            InfluenceOptions(),
+            32,
+            tmp_path,
         )
 
 
@@ -198,8 +236,17 @@ def test_index_build_memory_is_flat_in_n_train(method: str, tmp_path: Path) -> N
         rss_before = _rss_kib()
         tracemalloc.start()
         build_gradient_index(
-            setup.model, setup.tokenizer.pad_token_id, setup.train[:n], [f"t{i}" for i in range(n)], plans,
-            method, 4096, 0, 32, tmp_path / f"index-{n}", lambda _done: None,
+            setup.model,
+            setup.tokenizer.pad_token_id,
+            setup.train[:n],
+            [f"t{i}" for i in range(n)],
+            plans,
+            method,
+            4096,
+            0,
+            32,
+            tmp_path / f"index-{n}",
+            lambda _done: None,
         )
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
@@ -251,7 +298,10 @@ def test_gpu_check_refuses_clearly_without_cuda() -> None:
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
     completed = subprocess.run(
         [sys.executable, str(script)],
-        capture_output=True, text=True, check=False, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert completed.returncode == 2, completed.stderr
     assert "gpu-check needs a CUDA GPU" in completed.stderr and "nothing was run" in completed.stderr
@@ -275,8 +325,16 @@ def test_streamed_top_k_and_scores_file_without_the_full_matrix(toy: ToySetup, t
     from gpu_core.influence.projected import projected_scores
 
     common = (
-        "trackstar", toy.model, toy.tokenizer.pad_token_id, toy.train, [str(i) for i in range(96)],
-        toy.queries, toy.checkpoints, 512, 0, 32,
+        "trackstar",
+        toy.model,
+        toy.tokenizer.pad_token_id,
+        toy.train,
+        [str(i) for i in range(96)],
+        toy.queries,
+        toy.checkpoints,
+        512,
+        0,
+        32,
     )
     full = projected_scores(*common, tmp_path / "a", lambda _f: None).full
     streamed = projected_scores(

@@ -94,10 +94,13 @@ def test_negative_epochs() -> None:
     assert "hyperparams.epochs" in message and "greater than or equal to 1" in message
 
 
-@pytest.mark.parametrize(("field", "limits"), [
-    ("training_data", SpecLimits(max_train_examples=1)),
-    ("eval_data", SpecLimits(max_eval_examples=1)),
-])
+@pytest.mark.parametrize(
+    ("field", "limits"),
+    [
+        ("training_data", SpecLimits(max_train_examples=1)),
+        ("eval_data", SpecLimits(max_eval_examples=1)),
+    ],
+)
 def test_more_than_the_maximum_examples(field: str, limits: SpecLimits) -> None:
     raw = minimal()
     raw["eval_data"].append({"prompt": "b>", "expected": "b"})
@@ -121,9 +124,7 @@ def test_parse_spec_names_every_problem_and_services_can_lift_size_limits() -> N
     }
     with pytest.raises(SpecError) as refused:
         parse_spec(raw)
-    assert refused.value.problems == [
-        "training_data.0.prompt: text is 25000 characters; the limit is 20000"
-    ]
+    assert refused.value.problems == ["training_data.0.prompt: text is 25000 characters; the limit is 20000"]
     assert parse_spec(raw, NO_SIZE_LIMITS).training_data[0].id == "t1"
     with pytest.raises(SpecError, match="hyperparams.epochs"):
         parse_spec(b'{"training_data": [], "eval_data": [], "hyperparams": {"epochs": 0}}')

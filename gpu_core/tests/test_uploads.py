@@ -47,7 +47,9 @@ def test_the_names_repeated_for_the_scheduler_match_gpu_core_and_need_no_numpy()
 
     assert uploads.SCORES_NAME == artifacts.SCORES_NAME
     assert (uploads.INDEX_DIR_NAME, uploads.INDEX_MANIFEST, uploads.INDEX_IDS_FILE) == (
-        index.INDEX_DIR_NAME, index.MANIFEST, index.IDS_FILE,
+        index.INDEX_DIR_NAME,
+        index.MANIFEST,
+        index.IDS_FILE,
     )
     assert uploads.DEFAULT_TRACKSTAR_DIM == projected.DEFAULT_TRACKSTAR_DIM
     for dim in (16, 4096, 65_536):

@@ -55,9 +55,7 @@ def test_ask_shows_the_answer_its_training_texts_and_a_selected_span(
     box.press("Home")
     for _ in range(end):
         box.press("Shift+ArrowRight")
-    assert page.locator("#ask-selection").inner_text() == (
-        f"Selected “{answer[:end]}” (characters 0–{end})."
-    )
+    assert page.locator("#ask-selection").inner_text() == (f"Selected “{answer[:end]}” (characters 0–{end}).")
     page.locator("#ask").screenshot(path=str(shots.path("keyboard-selection")))
     page.get_by_role("button", name="Attribute the selection").click()
     page.locator("#ask-counted", has_text=f"characters 0–{end}").wait_for(timeout=JOB_TIMEOUT_MS)

@@ -26,7 +26,10 @@ PINNED_BASE = re.compile(r"^python:3\.11\.\d+-slim-bookworm$")
 def workspace_packages() -> dict[str, Path]:
     """Distribution name -> directory of every package in this repository."""
     dirs = [
-        REPO / "protos", REPO / "gpu_core", *REPO.glob("libs/*"), *REPO.glob("clients/*"),
+        REPO / "protos",
+        REPO / "gpu_core",
+        *REPO.glob("libs/*"),
+        *REPO.glob("clients/*"),
         *REPO.glob("services/*"),
     ]
     packages = {}

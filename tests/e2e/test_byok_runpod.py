@@ -156,9 +156,7 @@ def test_good_key_first_jobs_create_one_endpoint_and_results_arrive_whole(
     assert client.request("GET", "/api/settings/runpod-key").json()["has_key"] is False
 
 
-def test_valid_key_is_saved_with_a_note_when_graphql_is_gone(
-    stack: Stack, fake: FakeRunPodProcess
-) -> None:
+def test_valid_key_is_saved_with_a_note_when_graphql_is_gone(stack: Stack, fake: FakeRunPodProcess) -> None:
     client = researcher(stack, "gus")
     key = funded_key(fake, 50.0)
     fake.control("POST", "mode", graphql=False)
@@ -180,9 +178,7 @@ def _runpod_user(stack: Stack, fake: FakeRunPodProcess, name: str, balance: floa
     return client
 
 
-def test_low_balance_is_refused_before_anything_is_submitted(
-    stack: Stack, fake: FakeRunPodProcess
-) -> None:
+def test_low_balance_is_refused_before_anything_is_submitted(stack: Stack, fake: FakeRunPodProcess) -> None:
     client = _runpod_user(stack, fake, "lowe", balance=0.000001)
     runs_before = len(fake.requests("job.run"))
     job = client.submit(small_spec(n_train=8, n_eval=3))
@@ -243,9 +239,7 @@ def test_a_failure_on_the_worker_reads_in_plain_words(stack: Stack, fake: FakeRu
     assert "Traceback" not in last["error"] and "handler:" not in last["error"]
 
 
-def test_a_result_over_runpods_payload_limit_is_a_plain_error(
-    stack: Stack, fake: FakeRunPodProcess
-) -> None:
+def test_a_result_over_runpods_payload_limit_is_a_plain_error(stack: Stack, fake: FakeRunPodProcess) -> None:
     """No artifact store is configured here, so a result that RunPod could not carry is refused
     with a message that says so (the limit is lowered so that a small job's result exceeds it)."""
     fake.control("POST", "mode", max_payload_bytes=12_000)

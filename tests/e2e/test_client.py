@@ -44,8 +44,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def cli_env(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The CLI's environment: the stack's gateway in INFLUENCE_API, its own config directory."""
-    env = {**os.environ, "INFLUENCE_API": stack.gateway_url,
-           "XDG_CONFIG_HOME": str(tmp_path_factory.mktemp("cli-config"))}
+    env = {
+        **os.environ,
+        "INFLUENCE_API": stack.gateway_url,
+        "XDG_CONFIG_HOME": str(tmp_path_factory.mktemp("cli-config")),
+    }
     env.pop("INFLUENCE_TOKEN", None)
     return env
 

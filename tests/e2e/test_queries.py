@@ -84,8 +84,9 @@ def test_a_copied_prompt_ranks_its_training_example_first_and_a_span_query_works
     assert len(answer["helpful"]) == 3 and all(e["text"] for e in answer["helpful"] + answer["harmful"])
     assert all(e["score"] < 0 for e in answer["harmful"])
 
-    again = alice.request("POST", f"/api/jobs/{experiment}/queries", json=body,
-                          headers={"Idempotency-Key": "ask-1"})
+    again = alice.request(
+        "POST", f"/api/jobs/{experiment}/queries", json=body, headers={"Idempotency-Key": "ask-1"}
+    )
     assert again.json()["query_job_id"] == query["query_job_id"]
 
     # A span over the first characters of that answer: the loss counts only their tokens.
@@ -153,8 +154,12 @@ def test_a_query_needs_a_completed_experiment(alice: GatewayClient) -> None:
 
 
 def test_influence_ask_prints_the_answer_and_the_training_texts(
-    stack: Stack, alice: GatewayClient, experiment: str, spec: dict,
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    stack: Stack,
+    alice: GatewayClient,
+    experiment: str,
+    spec: dict,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("INFLUENCE_TOKEN", alice.token)
     copied = spec["training_data"][COPIED]

@@ -73,8 +73,11 @@ def store_object(s3_server: S3TestServer, key: str) -> bytes:
     from devstack.s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
 
     client = boto3.client(
-        "s3", endpoint_url=s3_server.endpoint_url, region_name=REGION,
-        aws_access_key_id=ACCESS_KEY_ID, aws_secret_access_key=SECRET_ACCESS_KEY,
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        region_name=REGION,
+        aws_access_key_id=ACCESS_KEY_ID,
+        aws_secret_access_key=SECRET_ACCESS_KEY,
     )
     return client.get_object(Bucket=s3_server.bucket, Key=f"remote/{key}")["Body"].read()
 
@@ -162,8 +165,9 @@ def test_a_query_downloads_the_experiments_files_from_presigned_gets(
     assert list(client.events(job_id))[-1]["state"] == "completed"
     assert client.job(job_id)["provider"] == backend
     copied = spec["training_data"][11]
-    reply = client.request("POST", f"/api/jobs/{job_id}/queries",
-                           json={"queries": [{"prompt": copied["prompt"]}], "top_k": 2})
+    reply = client.request(
+        "POST", f"/api/jobs/{job_id}/queries", json={"queries": [{"prompt": copied["prompt"]}], "top_k": 2}
+    )
     assert reply.status_code == 202, reply.text
     query_id = reply.json()["query_job_id"]
     events = list(client.events(query_id))

@@ -137,8 +137,11 @@ def test_oversized_body_is_413_before_it_is_read(stack: Stack, alice: GatewayCli
     # waiting for (or buffering) 25 MB.
     connection = http.client.HTTPConnection("127.0.0.1", stack.ports["gateway"], timeout=10)
     connection.putrequest("POST", "/api/train")
-    for name, value in {**alice.headers, "Content-Type": "application/json",
-                        "Content-Length": str(25 * 1024 * 1024)}.items():
+    for name, value in {
+        **alice.headers,
+        "Content-Type": "application/json",
+        "Content-Length": str(25 * 1024 * 1024),
+    }.items():
         connection.putheader(name, value)
     connection.endheaders()
     reply = connection.getresponse()
@@ -153,9 +156,7 @@ def test_unknown_backend_is_422(alice: GatewayClient) -> None:
     assert "backend" in reply.text
 
 
-def test_scheduler_killed_mid_job_restarts_and_the_job_finishes(
-    stack: Stack, alice: GatewayClient
-) -> None:
+def test_scheduler_killed_mid_job_restarts_and_the_job_finishes(stack: Stack, alice: GatewayClient) -> None:
     job_id = alice.submit(small_spec(n_train=26, n_eval=8, epochs=3))["job_id"]
     training_seen = threading.Event()
     for event in alice.events(job_id):
@@ -212,12 +213,12 @@ def test_every_service_exports_metrics_showing_the_job(stack: Stack, alice: Gate
     assert "grpc_server_handled_total" in metrics["keyvault"]
 
 
-def test_trace_context_follows_a_request_from_gateway_to_compute(
-    stack: Stack, alice: GatewayClient
-) -> None:
+def test_trace_context_follows_a_request_from_gateway_to_compute(stack: Stack, alice: GatewayClient) -> None:
     trace_id = "0af7651916cd43dd8448eb211c80319c"
     reply = alice.request(
-        "POST", "/api/train", json=small_spec(n_train=6, n_eval=2),
+        "POST",
+        "/api/train",
+        json=small_spec(n_train=6, n_eval=2),
         headers={"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"},
     )
     job_id = reply.json()["job_id"]
@@ -283,8 +284,12 @@ def test_artifacts_download_whole_reload_and_are_owner_only(
     assert list(alice.events(job_id))[-1]["state"] == "completed"
     listed = alice.request("GET", f"/api/jobs/{job_id}/artifacts").json()["artifacts"]
     by_name = {a["name"]: a for a in listed}
-    assert {"scores.npy", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
-            "checkpoints/checkpoints.json"} <= set(by_name)
+    assert {
+        "scores.npy",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "checkpoints/checkpoints.json",
+    } <= set(by_name)
     results = alice.request("GET", f"/api/jobs/{job_id}/results")
     assert {a["name"] for a in results.json()["artifacts"]} == set(by_name)
 
@@ -329,6 +334,7 @@ def test_artifacts_download_whole_reload_and_are_owner_only(
     assert deleted.status_code == 200 and deleted.json()["deleted_artifacts"] == len(by_name)
     assert alice.request("GET", f"/api/jobs/{job_id}").status_code == 404
     assert not list((stack.data_dir / "artifacts").glob(f"jobs/{job_id}/**/*.*"))
+
 
 def test_model_directories_only_under_allowed_roots(stack: Stack, alice: GatewayClient, tmp_path) -> None:
     listed = stack.data_dir / "models" / "tiny-copy"

@@ -1,8 +1,8 @@
 """Python client of the Influence Dashboard REST API, and the ``influence`` command.
 
-    from influence_client import Client
-    client = Client(); client.sign_in("me")
-    job = client.submit("examples/sample.json"); client.wait(job.job_id)
+from influence_client import Client
+client = Client(); client.sign_in("me")
+job = client.submit("examples/sample.json"); client.wait(job.job_id)
 """
 
 from influence_client.client import (

@@ -76,8 +76,11 @@ class ProgressBar:
         extra = event.model_extra or {}
         progress = event.progress or 0.0
         filled = round(progress * BAR_WIDTH)
-        parts = [f"{event.stage or event.type:<14}", f"[{'#' * filled}{'-' * (BAR_WIDTH - filled)}]",
-                 f"{progress * 100:3.0f}%"]
+        parts = [
+            f"{event.stage or event.type:<14}",
+            f"[{'#' * filled}{'-' * (BAR_WIDTH - filled)}]",
+            f"{progress * 100:3.0f}%",
+        ]
         if extra.get("epoch") is not None and extra.get("total_epochs"):
             parts.append(f"epoch {extra['epoch']}/{extra['total_epochs']}")
         if extra.get("loss") is not None:
@@ -146,8 +149,11 @@ def cmd_login(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     with _client(args) as client:
         submitted = client.submit(args.spec, idempotency_key=args.idempotency_key)
-        print(f"submitted job {submitted.job_id} ({submitted.status}; estimated "
-              f"{_duration(submitted.estimated_time_s)}, ${submitted.estimated_cost_usd:.4f})", flush=True)
+        print(
+            f"submitted job {submitted.job_id} ({submitted.status}; estimated "
+            f"{_duration(submitted.estimated_time_s)}, ${submitted.estimated_cost_usd:.4f})",
+            flush=True,
+        )
         if not args.follow:
             return 0
         bar = ProgressBar(sys.stderr, sys.stderr.isatty())
@@ -218,8 +224,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if not jobs:
         print("no jobs yet: influence submit SPEC")
     for job in jobs:
-        print(f"{job.job_id:<28} {job.status:<10} {job.progress * 100:4.0f}%  {job.model_id:<24} "
-              f"{job.influence_method:<12} {job.created_at or ''}")
+        print(
+            f"{job.job_id:<28} {job.status:<10} {job.progress * 100:4.0f}%  {job.model_id:<24} "
+            f"{job.influence_method:<12} {job.created_at or ''}"
+        )
     return 0
 
 
@@ -243,8 +251,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if args.span is not None:
         item["span"] = args.span
     with _client(args) as client:
-        submitted = client.submit_query(args.job, {"queries": [item], "top_k": args.top_k},
-                                        idempotency_key=args.idempotency_key)
+        submitted = client.submit_query(
+            args.job, {"queries": [item], "top_k": args.top_k}, idempotency_key=args.idempotency_key
+        )
         bar = ProgressBar(sys.stderr, sys.stderr.isatty())
         job = client.wait(submitted.query_job_id, on_event=bar.update)
         bar.finish(job)
@@ -261,8 +270,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="influence", description="The Influence Dashboard API from a shell.")
-    root.add_argument("--api", default=default_api(),
-                      help="gateway URL (default: $INFLUENCE_API or the local stack, %(default)s)")
+    root.add_argument(
+        "--api",
+        default=default_api(),
+        help="gateway URL (default: $INFLUENCE_API or the local stack, %(default)s)",
+    )
     commands = root.add_subparsers(dest="command", required=True)
 
     login = commands.add_parser("login", help="sign in and keep the token for this API URL")
@@ -284,8 +296,12 @@ def parser() -> argparse.ArgumentParser:
     results = commands.add_parser("results", help="a finished job's results")
     results.add_argument("job")
     results.add_argument("--format", choices=("json", "csv"), default="json")
-    results.add_argument("--table", choices=("influence", "evals"), default="influence",
-                         help="CSV: influence scores (eval_id, train_id, score) or eval answers")
+    results.add_argument(
+        "--table",
+        choices=("influence", "evals"),
+        default="influence",
+        help="CSV: influence scores (eval_id, train_id, score) or eval answers",
+    )
     results.add_argument("-o", "--output", help="write to this file instead of stdout")
     results.set_defaults(run=cmd_results)
 
@@ -298,13 +314,20 @@ def parser() -> argparse.ArgumentParser:
     cancel.add_argument("job")
     cancel.set_defaults(run=cmd_cancel)
 
-    ask = commands.add_parser("ask", help="ask a finished experiment's fine-tuned model; show the "
-                              "training examples that drove its answer")
+    ask = commands.add_parser(
+        "ask",
+        help="ask a finished experiment's fine-tuned model; show the training examples that drove its answer",
+    )
     ask.add_argument("job", help="the experiment")
     ask.add_argument("prompt")
     ask.add_argument("--expected", help="attribute this answer instead of the model's own")
-    ask.add_argument("--span", type=int, nargs=2, metavar=("START", "END"),
-                     help="attribute only these characters of the answer")
+    ask.add_argument(
+        "--span",
+        type=int,
+        nargs=2,
+        metavar=("START", "END"),
+        help="attribute only these characters of the answer",
+    )
     ask.add_argument("--top-k", type=int, default=5)
     ask.add_argument("--idempotency-key", help="asking again with the same key answers the same query")
     ask.add_argument("--json", action="store_true")

@@ -77,7 +77,10 @@ def _error(reply: httpx.Response) -> InfluenceError:
         detail = reply.text.strip() or reply.reason_phrase
     retry_after = reply.headers.get("retry-after", "")
     return InfluenceError(
-        reply.status_code, detail, reply.request.method, reply.request.url.path,
+        reply.status_code,
+        detail,
+        reply.request.method,
+        reply.request.url.path,
         float(retry_after) if retry_after.strip().isdigit() else None,
     )
 
@@ -128,8 +131,13 @@ class _Calls:
 
     @staticmethod
     def sign_in(username: str) -> _Call[models.AccessToken]:
-        return _Call("POST", "/api/auth/local", _model(models.AccessToken), json={"username": username},
-                     authenticated=False)
+        return _Call(
+            "POST",
+            "/api/auth/local",
+            _model(models.AccessToken),
+            json={"username": username},
+            authenticated=False,
+        )
 
     @staticmethod
     def config() -> _Call[models.GatewayConfig]:
@@ -141,8 +149,13 @@ class _Calls:
 
     @staticmethod
     def submit(spec: dict[str, Any], idempotency_key: str | None) -> _Call[models.SubmittedJob]:
-        return _Call("POST", "/api/train", _model(models.SubmittedJob), json=spec,
-                     headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex})
+        return _Call(
+            "POST",
+            "/api/train",
+            _model(models.SubmittedJob),
+            json=spec,
+            headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex},
+        )
 
     @staticmethod
     def estimate(spec: dict[str, Any]) -> _Call[models.EstimateAnswer]:
@@ -150,8 +163,12 @@ class _Calls:
 
     @staticmethod
     def jobs(limit: int) -> _Call[list[models.Job]]:
-        return _Call("GET", "/api/jobs", lambda r: models.JobList.model_validate(r.json()).jobs,
-                     params={"limit": limit})
+        return _Call(
+            "GET",
+            "/api/jobs",
+            lambda r: models.JobList.model_validate(r.json()).jobs,
+            params={"limit": limit},
+        )
 
     @staticmethod
     def job(job_id: str) -> _Call[models.Job]:
@@ -167,8 +184,11 @@ class _Calls:
 
     @staticmethod
     def artifacts(job_id: str) -> _Call[list[models.Artifact]]:
-        return _Call("GET", _job_path(job_id, "/artifacts"),
-                     lambda r: models.ArtifactList.model_validate(r.json()).artifacts)
+        return _Call(
+            "GET",
+            _job_path(job_id, "/artifacts"),
+            lambda r: models.ArtifactList.model_validate(r.json()).artifacts,
+        )
 
     @staticmethod
     def cancel(job_id: str) -> _Call[models.Job]:
@@ -180,42 +200,64 @@ class _Calls:
 
     @staticmethod
     def counterfactual_estimate(job_id: str, request: dict[str, Any]) -> _Call[models.CounterfactualEstimate]:
-        return _Call("POST", _job_path(job_id, "/counterfactual/estimate"),
-                     _model(models.CounterfactualEstimate), json=request)
+        return _Call(
+            "POST",
+            _job_path(job_id, "/counterfactual/estimate"),
+            _model(models.CounterfactualEstimate),
+            json=request,
+        )
 
     @staticmethod
     def submit_counterfactual(
         job_id: str, request: dict[str, Any], idempotency_key: str | None
     ) -> _Call[models.CounterfactualSubmitted]:
-        return _Call("POST", _job_path(job_id, "/counterfactual"), _model(models.CounterfactualSubmitted),
-                     json=request, headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex})
+        return _Call(
+            "POST",
+            _job_path(job_id, "/counterfactual"),
+            _model(models.CounterfactualSubmitted),
+            json=request,
+            headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex},
+        )
 
     @staticmethod
     def counterfactuals(job_id: str) -> _Call[list[models.CounterfactualCheck]]:
-        return _Call("GET", _job_path(job_id, "/counterfactual"),
-                     lambda r: models.CounterfactualList.model_validate(r.json()).counterfactual_jobs)
+        return _Call(
+            "GET",
+            _job_path(job_id, "/counterfactual"),
+            lambda r: models.CounterfactualList.model_validate(r.json()).counterfactual_jobs,
+        )
 
     @staticmethod
     def counterfactual(job_id: str, check_id: str) -> _Call[models.CounterfactualCheck]:
-        return _Call("GET", _job_path(job_id, f"/counterfactual/{quote(check_id, safe='')}"),
-                     _model(models.CounterfactualCheck))
+        return _Call(
+            "GET",
+            _job_path(job_id, f"/counterfactual/{quote(check_id, safe='')}"),
+            _model(models.CounterfactualCheck),
+        )
 
     @staticmethod
     def submit_query(
         job_id: str, request: dict[str, Any], idempotency_key: str | None
     ) -> _Call[models.QuerySubmitted]:
-        return _Call("POST", _job_path(job_id, "/queries"), _model(models.QuerySubmitted),
-                     json=request, headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex})
+        return _Call(
+            "POST",
+            _job_path(job_id, "/queries"),
+            _model(models.QuerySubmitted),
+            json=request,
+            headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex},
+        )
 
     @staticmethod
     def queries(job_id: str) -> _Call[list[models.QueryJob]]:
-        return _Call("GET", _job_path(job_id, "/queries"),
-                     lambda r: models.QueryList.model_validate(r.json()).queries)
+        return _Call(
+            "GET", _job_path(job_id, "/queries"), lambda r: models.QueryList.model_validate(r.json()).queries
+        )
 
     @staticmethod
     def query(job_id: str, query_job_id: str) -> _Call[models.QueryJob]:
-        return _Call("GET", _job_path(job_id, f"/queries/{quote(query_job_id, safe='')}"),
-                     _model(models.QueryJob))
+        return _Call(
+            "GET", _job_path(job_id, f"/queries/{quote(query_job_id, safe='')}"), _model(models.QueryJob)
+        )
 
     @staticmethod
     def compute_settings() -> _Call[models.ComputeSettings]:
@@ -223,8 +265,9 @@ class _Calls:
 
     @staticmethod
     def set_backend(backend: str) -> _Call[models.ComputeSettings]:
-        return _Call("PUT", "/api/settings/compute", _model(models.ComputeSettings),
-                     json={"backend": backend})
+        return _Call(
+            "PUT", "/api/settings/compute", _model(models.ComputeSettings), json={"backend": backend}
+        )
 
     @staticmethod
     def runpod_key() -> _Call[models.RunpodKeyStatus]:
@@ -232,8 +275,9 @@ class _Calls:
 
     @staticmethod
     def save_runpod_key(api_key: str) -> _Call[models.RunpodKeySaved]:
-        return _Call("POST", "/api/settings/runpod-key", _model(models.RunpodKeySaved),
-                     json={"api_key": api_key})
+        return _Call(
+            "POST", "/api/settings/runpod-key", _model(models.RunpodKeySaved), json={"api_key": api_key}
+        )
 
     @staticmethod
     def delete_runpod_key() -> _Call[models.RunpodKeyDeleted]:
@@ -340,7 +384,10 @@ class Client(_Base):
 
     def _run(self, call: _Call[T]) -> T:
         reply = self.http.request(
-            call.method, call.path, json=call.json, params=call.params,
+            call.method,
+            call.path,
+            json=call.json,
+            params=call.params,
             headers=self._headers(call.headers, call.authenticated),
         )
         if reply.is_error:
@@ -423,7 +470,9 @@ class Client(_Base):
         while not stream.ended:
             try:
                 with self.http.stream(
-                    "GET", _job_path(job_id, "/events"), timeout=self.follow_timeout,
+                    "GET",
+                    _job_path(job_id, "/events"),
+                    timeout=self.follow_timeout,
                     params=stream.request_args()["params"],
                     headers=self._headers(stream.request_args()["headers"]),
                 ) as reply:
@@ -527,7 +576,10 @@ class AsyncClient(_Base):
 
     async def _run(self, call: _Call[T]) -> T:
         reply = await self.http.request(
-            call.method, call.path, json=call.json, params=call.params,
+            call.method,
+            call.path,
+            json=call.json,
+            params=call.params,
             headers=self._headers(call.headers, call.authenticated),
         )
         if reply.is_error:
@@ -603,7 +655,9 @@ class AsyncClient(_Base):
         while not stream.ended:
             try:
                 async with self.http.stream(
-                    "GET", _job_path(job_id, "/events"), timeout=self.follow_timeout,
+                    "GET",
+                    _job_path(job_id, "/events"),
+                    timeout=self.follow_timeout,
                     params=stream.request_args()["params"],
                     headers=self._headers(stream.request_args()["headers"]),
                 ) as reply:

@@ -24,8 +24,13 @@ def influence_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 def eval_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (evaluation run, eval example): the model's answer, exact match and loss."""
     return [
-        {"run": run, "eval_id": example["id"], "output": example["output"],
-         "exact_match": example["exact_match"], "loss": example["loss"]}
+        {
+            "run": run,
+            "eval_id": example["id"],
+            "output": example["output"],
+            "exact_match": example["exact_match"],
+            "loss": example["loss"],
+        }
         for run in EVAL_RUNS
         for example in result["eval_results"][run]["examples"]
     ]

@@ -14,11 +14,23 @@ from influence_client.client import SseParser, _safe_artifact_name
 
 def test_sse_parser_yields_data_events_and_skips_comments() -> None:
     parser = SseParser()
-    lines = ["retry: 3000", "", ": heartbeat", "", "id: 4", 'data: {"type":"progress","seq":4}', "",
-             "event: end", 'data: {"job_id":"j","status":"completed"}', ""]
+    lines = [
+        "retry: 3000",
+        "",
+        ": heartbeat",
+        "",
+        "id: 4",
+        'data: {"type":"progress","seq":4}',
+        "",
+        "event: end",
+        'data: {"job_id":"j","status":"completed"}',
+        "",
+    ]
     parsed = [event for event in map(parser.feed, lines) if event is not None]
-    assert parsed == [("message", {"type": "progress", "seq": 4}),
-                      ("end", {"job_id": "j", "status": "completed"})]
+    assert parsed == [
+        ("message", {"type": "progress", "seq": 4}),
+        ("end", {"job_id": "j", "status": "completed"}),
+    ]
 
 
 @pytest.mark.parametrize("name", ["../secrets", "/etc/passwd", "adapter/../../x", "", "a\\b"])
@@ -36,8 +48,15 @@ def test_progress_line_shows_stage_epoch_loss_and_eta() -> None:
     bar = ProgressBar(out, interactive=False)
     bar.started -= 30  # 30 s in at 50 %: 30 s to go
     event = models.JobEvent.model_validate(
-        {"type": "progress", "seq": 9, "stage": "training", "progress": 0.5,
-         "epoch": 3, "total_epochs": 10, "loss": 1.23456}
+        {
+            "type": "progress",
+            "seq": 9,
+            "stage": "training",
+            "progress": 0.5,
+            "epoch": 3,
+            "total_epochs": 10,
+            "loss": 1.23456,
+        }
     )
     bar.update(event)
     line = out.getvalue()

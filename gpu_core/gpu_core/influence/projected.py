@@ -323,11 +323,26 @@ def projected_scores(
     score_steps = -(-len(train) // SCORE_BLOCK_ROWS) + 1
     total = train_batches + query_batches + score_steps
     index = build_gradient_index(
-        model, pad_token_id, train, train_ids, plans, method, dim, seed, batch_size, index_dir,
+        model,
+        pad_token_id,
+        train,
+        train_ids,
+        plans,
+        method,
+        dim,
+        seed,
+        batch_size,
+        index_dir,
         lambda done: progress(done / total),
     )
     eval_rows = query_rows(
-        model, pad_token_id, queries, plans, method, index, batch_size,
+        model,
+        pad_token_id,
+        queries,
+        plans,
+        method,
+        index,
+        batch_size,
         lambda done: progress((train_batches + done) / total),
     )
     full = torch.empty(len(queries), len(train), dtype=torch.float64) if keep_full else None

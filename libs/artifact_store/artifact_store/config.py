@@ -28,7 +28,9 @@ class StoreSettings(BaseSettings):
         if not value:
             raise ValueError("is empty; use a directory or s3://bucket/prefix")
         if "://" in value and not value.startswith(("s3://", "file://")):
-            raise ValueError(f"{value.split('://')[0]}:// is not supported; use a directory or s3://bucket/prefix")
+            raise ValueError(
+                f"{value.split('://')[0]}:// is not supported; use a directory or s3://bucket/prefix"
+            )
         if value.startswith("s3://") and not value.removeprefix("s3://").strip("/"):
             raise ValueError("s3:// needs a bucket: s3://bucket/prefix")
         return value

@@ -118,8 +118,10 @@ async def test_local_store_has_no_presigned_urls(tmp_path: Path) -> None:
 async def test_missing_bucket_fails_with_a_plain_message(s3_server: S3TestServer) -> None:
     store = open_store(
         load_store_settings(
-            url="s3://no-such-bucket/x", endpoint_url=s3_server.endpoint_url,
-            access_key_id="a", secret_access_key="wrong-secret-value",
+            url="s3://no-such-bucket/x",
+            endpoint_url=s3_server.endpoint_url,
+            access_key_id="a",
+            secret_access_key="wrong-secret-value",
         )
     )
     with pytest.raises(StoreError) as failure:

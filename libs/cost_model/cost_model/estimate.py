@@ -110,8 +110,7 @@ def estimate(
 
         # Without ``expected`` the target is the model's answer: up to max_new_tokens.
         query_tokens = sum(
-            tokens(item.prompt + (item.expected or ""))
-            + (hp.max_new_tokens if item.expected is None else 0)
+            tokens(item.prompt + (item.expected or "")) + (hp.max_new_tokens if item.expected is None else 0)
             for item in query.queries
         )
         seconds = query_time_s(

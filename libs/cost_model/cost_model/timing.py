@@ -98,7 +98,11 @@ def estimated_time_s(
     load_s = params * 2 / LOAD_BYTES_PER_S
     passes_s = model_passes(workload) * gpu.pass_latency_s
     return (
-        COLD_START_S[provider] + load_s + flops / throughput + decode_steps * step_s + passes_s
+        COLD_START_S[provider]
+        + load_s
+        + flops / throughput
+        + decode_steps * step_s
+        + passes_s
         + PIPELINE_OVERHEAD_S
     )
 
@@ -159,6 +163,11 @@ def query_time_s(
     passes = query_batches * (2 + workload.max_new_tokens) + 3 * gradient_batches
     load_s = params * 2 / LOAD_BYTES_PER_S
     return (
-        COLD_START_S[provider] + load_s + 2 * params * query_tokens / throughput + flops / throughput
-        + generation_s + passes * gpu.pass_latency_s + PIPELINE_OVERHEAD_S
+        COLD_START_S[provider]
+        + load_s
+        + 2 * params * query_tokens / throughput
+        + flops / throughput
+        + generation_s
+        + passes * gpu.pass_latency_s
+        + PIPELINE_OVERHEAD_S
     )

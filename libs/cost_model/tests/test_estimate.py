@@ -293,6 +293,8 @@ def test_every_fitting_gpu_cheapest_first() -> None:
     prices = [offer.usd_per_second for _, offer in table.gpus_for_tier(48)]
     assert prices == sorted(prices)
     assert [name for name, _ in table.gpus_for_tier(141)] == ["HOPPER_141", "BLACKWELL_180"]
+
+
 def test_a_pinned_revision_is_the_same_catalog_model() -> None:
     from cost_model import lookup_model
 

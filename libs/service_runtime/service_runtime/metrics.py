@@ -17,12 +17,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, s
 AioUnary = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 AioUnaryStream = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any] | Awaitable[None]]
 
-RPC_TOTAL = Counter(
-    "grpc_server_handled_total", "RPCs handled", ["service", "method", "code"]
-)
-RPC_SECONDS = Histogram(
-    "grpc_server_handling_seconds", "RPC latency", ["service", "method"]
-)
+RPC_TOTAL = Counter("grpc_server_handled_total", "RPCs handled", ["service", "method", "code"])
+RPC_SECONDS = Histogram("grpc_server_handling_seconds", "RPC latency", ["service", "method"])
 
 
 @dataclass

@@ -105,9 +105,7 @@ class TracingServerInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-class TracingClientInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
-):
+class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
     @staticmethod
     def _with_trace(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         extra = outgoing_metadata()
@@ -127,4 +125,3 @@ class TracingClientInterceptor(
 
     async def intercept_unary_stream(self, continuation, client_call_details, request):
         return await continuation(self._with_trace(client_call_details), request)
-

@@ -168,8 +168,13 @@ def test_a_body_that_is_not_an_object_is_kept_not_dropped(raw: bytes, expected: 
 
 
 def test_a_diverged_loss_travels_as_null_strict_json_both_ways() -> None:
-    event = {"type": "progress", "stage": "training", "progress": 0.5, "loss": float("nan"),
-             "history": [1.0, float("inf"), {"grad_norm": float("-inf")}]}
+    event = {
+        "type": "progress",
+        "stage": "training",
+        "progress": 0.5,
+        "loss": float("nan"),
+        "history": [1.0, float("inf"), {"grad_norm": float("-inf")}],
+    }
     message = event_message(event, MOMENT)
     stored = json.loads(message.event_json, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
     assert stored["loss"] is None and stored["history"] == [1.0, None, {"grad_norm": None}]

@@ -126,9 +126,7 @@ class JobStore:
         self.save(record)
 
     def save(self, record: JobRecord) -> None:
-        _write_atomically(
-            self.job_dir(record.provider_job_id) / "job.json", record.to_json().encode()
-        )
+        _write_atomically(self.job_dir(record.provider_job_id) / "job.json", record.to_json().encode())
 
     def append_event(self, provider_job_id: str, event: StoredEvent) -> None:
         line = json.dumps({"time": event.time, "event": event.event}) + "\n"

@@ -66,12 +66,14 @@ class QueryWorker:
         from gpu_core.pipeline import ExperimentCancelled
 
         try:
-            job = parse_payload(make_payload(
-                "query",
-                json.loads((job_dir / "spec.json").read_bytes()),
-                json.loads((job_dir / "request.json").read_bytes()),
-                json.loads((job_dir / "parent_result.json").read_bytes()),
-            ))
+            job = parse_payload(
+                make_payload(
+                    "query",
+                    json.loads((job_dir / "spec.json").read_bytes()),
+                    json.loads((job_dir / "request.json").read_bytes()),
+                    json.loads((job_dir / "parent_result.json").read_bytes()),
+                )
+            )
             if self._session is None:
                 self._session = self._open_session(job, job_dir, events)
             stream = self._session.answer(job.request, lambda: job_dir in self._cancelled)

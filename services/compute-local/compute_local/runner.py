@@ -127,7 +127,10 @@ class LocalRunner:
         self._changed = asyncio.Event()
         self.finished_counts: Counter[JobState] = Counter()
         self.warm = WarmQueryPool(
-            warm_query_workers, warm_query_idle_s, child_threads, cancel_grace_s,
+            warm_query_workers,
+            warm_query_idle_s,
+            child_threads,
+            cancel_grace_s,
             store.query_workers_log_path(),
         )
 
@@ -170,10 +173,12 @@ class LocalRunner:
         running = [job for job in self._jobs.values() if job.record.state is JobState.RUNNING]
         for job in running:
             job.stop_reason = JobState.FAILED
-        await asyncio.gather(*(
-            self.warm.discard(job.worker) if job.worker is not None else self._terminate(job)
-            for job in running
-        ))
+        await asyncio.gather(
+            *(
+                self.warm.discard(job.worker) if job.worker is not None else self._terminate(job)
+                for job in running
+            )
+        )
         # Children that already sent their result may still be exiting.
         lingering = [job for job in self._jobs.values() if job.process is not None]
         await asyncio.gather(*(self._terminate(job) for job in lingering))
@@ -183,8 +188,14 @@ class LocalRunner:
     # ---- the ComputeProvider operations -----------------------------------------------------
 
     def submit(
-        self, job_id: str, spec_json: bytes, kind: str = "", request_json: bytes = b"",
-        parent_result_json: bytes = b"", user_id: str = "", parent_job_id: str = "",
+        self,
+        job_id: str,
+        spec_json: bytes,
+        kind: str = "",
+        request_json: bytes = b"",
+        parent_result_json: bytes = b"",
+        user_id: str = "",
+        parent_job_id: str = "",
         parent_artifacts: list[dict[str, Any]] | None = None,
     ) -> str:
         """Queue a job and return its provider job id; the same job_id again returns the same one.
@@ -220,8 +231,12 @@ class LocalRunner:
         self._queue.append(job)
         self._add_event(
             job,
-            {"type": "status", "stage": "queued", "progress": 0.0,
-             "message": f"queued for a free device ({', '.join(self._devices)})"},
+            {
+                "type": "status",
+                "stage": "queued",
+                "progress": 0.0,
+                "message": f"queued for a free device ({', '.join(self._devices)})",
+            },
         )
         log.info("job queued", extra={"job_id": job_id, "provider_job_id": record.provider_job_id})
         self._dispatch()
@@ -309,8 +324,10 @@ class LocalRunner:
     def remove_expired(self, now: float) -> list[str]:
         """Delete the jobs that finished more than the retention period before ``now``."""
         expired = [
-            job for job in self._jobs.values()
-            if job.record.state.terminal and job.process is None
+            job
+            for job in self._jobs.values()
+            if job.record.state.terminal
+            and job.process is None
             and (job.record.finished_at or 0.0) + self._retention_s < now
         ]
         for job in expired:
@@ -387,8 +404,13 @@ class LocalRunner:
         self.finished_counts[state] += 1
         if state is JobState.CANCELLED:
             self._add_event(
-                job, {"type": "status", "stage": "cancelled",
-                      "progress": self._last_progress(job), "message": "cancelled"},
+                job,
+                {
+                    "type": "status",
+                    "stage": "cancelled",
+                    "progress": self._last_progress(job),
+                    "message": "cancelled",
+                },
             )
         elif state is JobState.FAILED and error != job.child_error:
             self._add_event(job, {"type": "error", "message": error})
@@ -459,8 +481,8 @@ class LocalRunner:
         record.started_at = time.time()
         self._store.save(record)
         self._add_event(
-            job, {"type": "status", "stage": "starting", "progress": 0.0,
-                  "message": f"starting on {device}"},
+            job,
+            {"type": "status", "stage": "starting", "progress": 0.0, "message": f"starting on {device}"},
         )
 
     async def _run(self, job: Job, device: str) -> None:
@@ -497,10 +519,15 @@ class LocalRunner:
         job_dir = self._store.job_dir(pid).resolve()
         with open(self._store.log_path(pid), "ab") as worker_log:
             job.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "compute_local.child",
-                "--job-dir", str(job_dir),
-                "--parent-pid", str(os.getpid()),
-                "--threads", str(self._child_threads),
+                sys.executable,
+                "-m",
+                "compute_local.child",
+                "--job-dir",
+                str(job_dir),
+                "--parent-pid",
+                str(os.getpid()),
+                "--threads",
+                str(self._child_threads),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=worker_log,
@@ -527,7 +554,9 @@ class LocalRunner:
         record = job.record
         job_dir = self._store.job_dir(record.provider_job_id).resolve()
         worker = await self.warm.get(
-            record.parent_job_id, device, self._parent_artifacts_dir(record.parent_job_id),
+            record.parent_job_id,
+            device,
+            self._parent_artifacts_dir(record.parent_job_id),
             self._child_environment(device),
         )
         job.worker = worker
@@ -570,8 +599,10 @@ class LocalRunner:
         try:
             await asyncio.wait_for(job.done.wait(), self._cancel_grace_s)
         except TimeoutError:
-            log.warning("query worker ignored the cancel; retiring it",
-                        extra={"provider_job_id": job.record.provider_job_id})
+            log.warning(
+                "query worker ignored the cancel; retiring it",
+                extra={"provider_job_id": job.record.provider_job_id},
+            )
             if job.worker is not None:
                 await self.warm.discard(job.worker)
             await job.done.wait()
@@ -597,8 +628,10 @@ class LocalRunner:
             await asyncio.to_thread(self._store.write_result, job.record.provider_job_id, result_json)
             self._finish(job, JobState.COMPLETED, "")
             what = "query answered" if job.record.kind == QUERY else "experiment finished"
-            self._add_event(job, {"type": "result", "stage": "finished", "progress": 1.0,
-                                  "message": f"{what}; result ready"})
+            self._add_event(
+                job,
+                {"type": "result", "stage": "finished", "progress": 1.0, "message": f"{what}; result ready"},
+            )
         elif kind == "error":
             job.child_error = str(event.get("message") or "the experiment failed")
             self._add_event(job, {"type": "error", "message": job.child_error})

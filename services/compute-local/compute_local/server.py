@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "influence.v1.ComputeProvider"
 _MAX_JOB_ID_CHARS = 256
 ARTIFACT_CHUNK_BYTES = 1024 * 1024
+
+
 class ComputeLocalServicer(compute_pb2_grpc.ComputeProviderServicer):
     def __init__(self, runner: LocalRunner) -> None:
         self._runner = runner
@@ -41,7 +43,9 @@ class ComputeLocalServicer(compute_pb2_grpc.ComputeProviderServicer):
         self, request: compute_pb2.VerifyCredentialsRequest, context: grpc.aio.ServicerContext
     ) -> compute_pb2.VerifyCredentialsResponse:
         return compute_pb2.VerifyCredentialsResponse(
-            valid=True, account_id="local", balance_usd=-1.0,
+            valid=True,
+            account_id="local",
+            balance_usd=-1.0,
             message="compute-local runs on this host and needs no credentials",
         )
 

@@ -60,8 +60,9 @@ class WarmQueryWorker:
                 try:
                     event = json.loads(line)
                 except json.JSONDecodeError:
-                    log.warning("ignoring a line that is not JSON",
-                                extra={"parent_job_id": self.parent_job_id})
+                    log.warning(
+                        "ignoring a line that is not JSON", extra={"parent_job_id": self.parent_job_id}
+                    )
                     continue
                 if not isinstance(event, dict):
                     continue
@@ -101,9 +102,7 @@ class WarmQueryWorker:
 
 
 class WarmQueryPool:
-    def __init__(
-        self, size: int, idle_s: float, child_threads: int, grace_s: float, log_path: Path
-    ) -> None:
+    def __init__(self, size: int, idle_s: float, child_threads: int, grace_s: float, log_path: Path) -> None:
         self.size = size
         self.idle_s = idle_s
         self._child_threads = child_threads
@@ -179,8 +178,13 @@ class WarmQueryPool:
         self, parent_job_id: str, device: str, parent_dir: Path | None, env: dict[str, str]
     ) -> WarmQueryWorker:
         command = [
-            sys.executable, "-m", "compute_local.query_worker",
-            "--parent-pid", str(os.getpid()), "--threads", str(self._child_threads),
+            sys.executable,
+            "-m",
+            "compute_local.query_worker",
+            "--parent-pid",
+            str(os.getpid()),
+            "--threads",
+            str(self._child_threads),
         ]
         if parent_dir is not None:
             command += ["--parent-dir", str(parent_dir)]

@@ -38,13 +38,24 @@ async def run_experiment(
 
 
 async def ask(
-    stub: compute_pb2_grpc.ComputeProviderStub, service: Any, job_id: str, parent: str,
-    spec: dict[str, Any], result_json: bytes, request: bytes,
+    stub: compute_pb2_grpc.ComputeProviderStub,
+    service: Any,
+    job_id: str,
+    parent: str,
+    spec: dict[str, Any],
+    result_json: bytes,
+    request: bytes,
 ) -> tuple[str, compute_pb2.GetStatusResponse, list[dict[str, Any]]]:
-    submitted = await stub.Submit(compute_pb2.SubmitRequest(
-        job_id=job_id, spec_json=json.dumps(spec).encode(), kind="query", request_json=request,
-        parent_result_json=result_json, parent_job_id=parent,
-    ))
+    submitted = await stub.Submit(
+        compute_pb2.SubmitRequest(
+            job_id=job_id,
+            spec_json=json.dumps(spec).encode(),
+            kind="query",
+            request_json=request,
+            parent_result_json=result_json,
+            parent_job_id=parent,
+        )
+    )
     final, events = await follow(service, stub, submitted.provider_job_id)
     return submitted.provider_job_id, final, [json.loads(e.event_json) for e in events]
 
@@ -74,10 +85,16 @@ async def test_queries_share_one_warm_worker_that_a_cancel_keeps_and_idleness_re
     pid = worker.process.pid
 
     # A cancel stops the query in the worker and keeps the worker (and its session).
-    submitted = await stub.Submit(compute_pb2.SubmitRequest(
-        job_id="q-2", spec_json=json.dumps(spec).encode(), kind="query",
-        request_json=query_request(prompt), parent_result_json=result_json, parent_job_id="exp-1",
-    ))
+    submitted = await stub.Submit(
+        compute_pb2.SubmitRequest(
+            job_id="q-2",
+            spec_json=json.dumps(spec).encode(),
+            kind="query",
+            request_json=query_request(prompt),
+            parent_result_json=result_json,
+            parent_job_id="exp-1",
+        )
+    )
     await stub.Cancel(compute_pb2.CancelRequest(provider_job_id=submitted.provider_job_id))
     assert service.runner.status(submitted.provider_job_id, "", "").state is JobState.CANCELLED
     (kept,) = service.runner.warm.workers
@@ -85,8 +102,9 @@ async def test_queries_share_one_warm_worker_that_a_cancel_keeps_and_idleness_re
 
     # The next query is answered by that same process, with the same ranking.
     span = [0, 1]
-    third, final, _ = await ask(stub, service, "q-3", "exp-1", spec, result_json,
-                                query_request(prompt, span=span))
+    third, final, _ = await ask(
+        stub, service, "q-3", "exp-1", spec, result_json, query_request(prompt, span=span)
+    )
     assert final.state == COMPLETED, final.error
     assert service.runner.warm.workers[0].process.pid == pid
     spanned = answer(service, third)["results"][0]

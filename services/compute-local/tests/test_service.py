@@ -34,9 +34,7 @@ def tiny_spec(**overrides: Any) -> bytes:
         "training_data": [
             {"id": f"t{i}", "prompt": f"{i} + {i} =", "completion": f" {2 * i}"} for i in range(8)
         ],
-        "eval_data": [
-            {"id": f"e{i}", "prompt": f"{i} + {i} =", "expected": f" {2 * i}"} for i in range(4)
-        ],
+        "eval_data": [{"id": f"e{i}", "prompt": f"{i} + {i} =", "expected": f" {2 * i}"} for i in range(4)],
         "hyperparams": {"epochs": 1, "max_seq_len": 64, "batch_size": 4, "max_new_tokens": 4},
         "few_shot_k": 2,
     }
@@ -128,7 +126,12 @@ async def test_experiment_runs_to_a_result_that_survives_a_restart(
     progress = [e.progress for e in progress_events]
     assert progress == sorted(progress) and progress[-1] > progress[0]
     assert {e.stage for e in progress_events} == {
-        "loading_model", "eval_base", "eval_few_shot", "training", "eval_finetuned", "influence"
+        "loading_model",
+        "eval_base",
+        "eval_few_shot",
+        "training",
+        "eval_finetuned",
+        "influence",
     }
     assert [e.stage for e in events[:2]] == ["queued", "starting"]
     assert events[-1].type == "result"
@@ -316,6 +319,7 @@ async def test_queue_takes_turns_between_users(
     ]
     # The running job ends: bob's job starts, ahead of alice's three older ones.
     await stub.Cancel(compute_pb2.CancelRequest(provider_job_id=running))
+
     def state(provider_job_id: str) -> JobState:
         return service.runner.status(provider_job_id, "", "").state
 

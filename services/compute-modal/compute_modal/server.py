@@ -26,6 +26,8 @@ from service_runtime.metrics import MetricsServer, start_metrics_server
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "influence.v1.ComputeProvider"
+
+
 @contextlib.asynccontextmanager
 async def _errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
     try:

@@ -31,8 +31,7 @@ _SCOPE_NEEDED = {
     "graphql": "read access to the account (GraphQL), used to check the key and the balance",
     "serverless": "Read/Write access to serverless endpoints, used to create and manage the "
     "dashboard's endpoint",
-    "templates": "read access to templates, used to roll the dashboard's worker template out to "
-    "its endpoint",
+    "templates": "read access to templates, used to roll the dashboard's worker template out to its endpoint",
     "job": "access to run jobs on the dashboard's serverless endpoint",
 }
 
@@ -52,8 +51,12 @@ class RunPodClient:
     async def myself(self, key: str) -> dict[str, Any] | None:
         """``{"id", "clientBalance"}`` of the key's account, or None when RunPod knows no user."""
         response = await self._request(
-            "graphql", "POST", self._settings.runpod_graphql_url, key,
-            json={"query": MYSELF_QUERY}, idempotent=True,
+            "graphql",
+            "POST",
+            self._settings.runpod_graphql_url,
+            key,
+            json={"query": MYSELF_QUERY},
+            idempotent=True,
         )
         body = _json(response)
         if response.status_code != 200:
@@ -69,7 +72,10 @@ class RunPodClient:
 
     async def list_endpoints(self, key: str) -> list[dict[str, Any]]:
         response = await self._request(
-            "serverless.list", "GET", f"{self._settings.runpod_rest_base_url}/serverless", key,
+            "serverless.list",
+            "GET",
+            f"{self._settings.runpod_rest_base_url}/serverless",
+            key,
             idempotent=True,
         )
         if response.status_code != 200:
@@ -80,8 +86,10 @@ class RunPodClient:
 
     async def get_endpoint(self, key: str, endpoint_id: str) -> dict[str, Any] | None:
         response = await self._request(
-            "serverless.get", "GET",
-            f"{self._settings.runpod_rest_base_url}/serverless/{endpoint_id}", key,
+            "serverless.get",
+            "GET",
+            f"{self._settings.runpod_rest_base_url}/serverless/{endpoint_id}",
+            key,
             idempotent=True,
         )
         if response.status_code == 404:
@@ -92,8 +100,12 @@ class RunPodClient:
 
     async def create_endpoint(self, key: str, body: dict[str, Any]) -> dict[str, Any]:
         response = await self._request(
-            "serverless.create", "POST", f"{self._settings.runpod_rest_base_url}/serverless", key,
-            json=body, idempotent=False,
+            "serverless.create",
+            "POST",
+            f"{self._settings.runpod_rest_base_url}/serverless",
+            key,
+            json=body,
+            idempotent=False,
         )
         if response.status_code not in (200, 201):
             raise _unexpected("creating the serverless endpoint", response)
@@ -105,9 +117,12 @@ class RunPodClient:
     async def update_endpoint(self, key: str, endpoint_id: str, body: dict[str, Any]) -> dict[str, Any]:
         """PATCH: a partial update; container changes roll out as a release as workers cycle."""
         response = await self._request(
-            "serverless.update", "PATCH",
-            f"{self._settings.runpod_rest_base_url}/serverless/{endpoint_id}", key,
-            json=body, idempotent=True,
+            "serverless.update",
+            "PATCH",
+            f"{self._settings.runpod_rest_base_url}/serverless/{endpoint_id}",
+            key,
+            json=body,
+            idempotent=True,
         )
         if response.status_code != 200:
             raise _unexpected("updating the serverless endpoint", response)
@@ -115,8 +130,11 @@ class RunPodClient:
 
     async def get_template(self, key: str, template_id: str) -> dict[str, Any]:
         response = await self._request(
-            "templates.get", "GET",
-            f"{self._settings.runpod_rest_base_url}/templates/{template_id}", key, idempotent=True,
+            "templates.get",
+            "GET",
+            f"{self._settings.runpod_rest_base_url}/templates/{template_id}",
+            key,
+            idempotent=True,
         )
         if response.status_code != 200:
             raise _unexpected(f"reading the worker template {template_id}", response)
@@ -126,8 +144,10 @@ class RunPodClient:
     async def endpoint_workers(self, key: str, endpoint_id: str) -> dict[str, Any]:
         """The workers summary: running, idle, initializing, throttled, unhealthy, total."""
         response = await self._request(
-            "serverless.workers", "GET",
-            f"{self._settings.runpod_rest_base_url}/serverless/{endpoint_id}/workers", key,
+            "serverless.workers",
+            "GET",
+            f"{self._settings.runpod_rest_base_url}/serverless/{endpoint_id}/workers",
+            key,
             idempotent=True,
         )
         if response.status_code != 200:
@@ -140,8 +160,12 @@ class RunPodClient:
 
     async def run(self, key: str, endpoint_id: str, payload: dict[str, Any]) -> dict[str, Any]:
         response = await self._request(
-            "job.run", "POST", f"{self._settings.runpod_job_base_url}/{endpoint_id}/run", key,
-            json=payload, idempotent=False,
+            "job.run",
+            "POST",
+            f"{self._settings.runpod_job_base_url}/{endpoint_id}/run",
+            key,
+            json=payload,
+            idempotent=False,
         )
         if response.status_code == 404:
             raise ProviderError(
@@ -159,18 +183,21 @@ class RunPodClient:
     async def status(self, key: str, endpoint_id: str, job_id: str) -> dict[str, Any] | None:
         return await self._job_get("job.status", f"{endpoint_id}/status/{job_id}", key)
 
-    async def stream(
-        self, key: str, endpoint_id: str, job_id: str, wait_ms: int
-    ) -> dict[str, Any] | None:
+    async def stream(self, key: str, endpoint_id: str, job_id: str, wait_ms: int) -> dict[str, Any] | None:
         return await self._job_get(
-            "job.stream", f"{endpoint_id}/stream/{job_id}", key, params={"wait": wait_ms},
+            "job.stream",
+            f"{endpoint_id}/stream/{job_id}",
+            key,
+            params={"wait": wait_ms},
             timeout=self._settings.runpod_http_timeout_s + wait_ms / 1000,
         )
 
     async def cancel(self, key: str, endpoint_id: str, job_id: str) -> dict[str, Any] | None:
         response = await self._request(
-            "job.cancel", "POST",
-            f"{self._settings.runpod_job_base_url}/{endpoint_id}/cancel/{job_id}", key,
+            "job.cancel",
+            "POST",
+            f"{self._settings.runpod_job_base_url}/{endpoint_id}/cancel/{job_id}",
+            key,
             idempotent=True,
         )
         if response.status_code == 404:
@@ -180,12 +207,21 @@ class RunPodClient:
         return _json(response)
 
     async def _job_get(
-        self, route: str, path: str, key: str, params: dict[str, Any] | None = None,
+        self,
+        route: str,
+        path: str,
+        key: str,
+        params: dict[str, Any] | None = None,
         timeout: float | None = None,
     ) -> dict[str, Any] | None:
         response = await self._request(
-            route, "GET", f"{self._settings.runpod_job_base_url}/{path}", key,
-            params=params, idempotent=True, timeout=timeout,
+            route,
+            "GET",
+            f"{self._settings.runpod_job_base_url}/{path}",
+            key,
+            params=params,
+            idempotent=True,
+            timeout=timeout,
         )
         if response.status_code == 404:
             return None
@@ -197,8 +233,16 @@ class RunPodClient:
     # ---- transport ---------------------------------------------------------------------
 
     async def _request(
-        self, route: str, method: str, url: str, key: str, *, idempotent: bool,
-        json: Any = None, params: dict[str, Any] | None = None, timeout: float | None = None,
+        self,
+        route: str,
+        method: str,
+        url: str,
+        key: str,
+        *,
+        idempotent: bool,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
     ) -> httpx.Response:
         settings = self._settings
         headers = {"Authorization": f"Bearer {key}", "Accept": "application/json"}
@@ -206,7 +250,11 @@ class RunPodClient:
             last = attempt == settings.runpod_max_attempts
             try:
                 response = await self._http.request(
-                    method, url, headers=headers, json=json, params=params,
+                    method,
+                    url,
+                    headers=headers,
+                    json=json,
+                    params=params,
                     timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
                 )
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -226,7 +274,8 @@ class RunPodClient:
                     continue
                 detail = (
                     " RunPod may or may not have received it; it was not sent again."
-                    if not idempotent else ""
+                    if not idempotent
+                    else ""
                 )
                 raise ProviderError(
                     Code.UNAVAILABLE,
@@ -251,7 +300,8 @@ class RunPodClient:
                     continue
                 detail = (
                     " RunPod may or may not have accepted it; it was not sent again."
-                    if not idempotent else ""
+                    if not idempotent
+                    else ""
                 )
                 raise ProviderError(
                     Code.UNAVAILABLE, f"RunPod answered with a server error (HTTP {status}).{detail}"
@@ -304,6 +354,4 @@ def _unexpected(action: str, response: httpx.Response) -> ProviderError:
         detail = str(body.get("detail") or body.get("error") or body.get("message") or "")
     code = Code.INVALID_ARGUMENT if response.status_code in (400, 422) else Code.UNAVAILABLE
     suffix = f": {detail[:300]}" if detail else ""
-    return ProviderError(
-        code, f"RunPod refused {action} (HTTP {response.status_code}){suffix}"
-    )
+    return ProviderError(code, f"RunPod refused {action} (HTTP {response.status_code}){suffix}")

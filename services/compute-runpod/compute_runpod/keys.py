@@ -22,7 +22,8 @@ class KeyVaultKeys:
         try:
             answer = await self._stub.RevealKey(
                 keyvault_pb2.KeyRef(user_id=user_id, provider=PROVIDER),
-                metadata=self._metadata, timeout=self._timeout_s,
+                metadata=self._metadata,
+                timeout=self._timeout_s,
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:

@@ -145,9 +145,7 @@ class RunPodProvider:
         return await self._reveal_key(account.user_id)
 
     def _endpoint(self, account: AccountRef) -> str:
-        endpoint = (
-            self._settings.runpod_hosted_endpoint_id if account.hosted else account.endpoint_id
-        )
+        endpoint = self._settings.runpod_hosted_endpoint_id if account.hosted else account.endpoint_id
         if not endpoint:
             raise ProviderError(
                 Code.FAILED_PRECONDITION,
@@ -265,8 +263,10 @@ class RunPodProvider:
         update["env"] = {**(template.get("env") or {}), TEMPLATE_MARKER: template_id}
         update["gpu"] = {"pools": self._pools(model_params_b, quantization, model_id), "count": 1}
         await self._client.update_endpoint(key, str(endpoint["id"]), update)
-        log.info("runpod endpoint moved to a new template",
-                 extra={"endpoint_id": endpoint["id"], "template_id": template_id})
+        log.info(
+            "runpod endpoint moved to a new template",
+            extra={"endpoint_id": endpoint["id"], "template_id": template_id},
+        )
 
     def _pools(self, model_params_b: float, quantization: str, model_id: str) -> list[str]:
         pools = costs.gpu_pools(model_params_b, quantization, model_id)
@@ -285,8 +285,11 @@ class RunPodProvider:
             "templateId": settings.runpod_template_id,
             "env": {TEMPLATE_MARKER: settings.runpod_template_id},
             "gpu": {"pools": self._pools(model_params_b, quantization, model_id), "count": 1},
-            "workers": {"min": 0, "max": settings.runpod_workers_max,
-                        "idleTimeout": settings.runpod_idle_timeout_s},
+            "workers": {
+                "min": 0,
+                "max": settings.runpod_workers_max,
+                "idleTimeout": settings.runpod_idle_timeout_s,
+            },
             "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4},
             "timeout": settings.runpod_execution_timeout_s * 1000,
             "flashboot": "FLASHBOOT",
@@ -363,8 +366,7 @@ class RunPodProvider:
         read = await self._read_balance(key)
         if isinstance(read, str):
             # The key was valid when saved; the execution timeout still bounds the job's spend.
-            log.info("runpod balance unknown; submitting without the balance check",
-                     extra={"reason": read})
+            log.info("runpod balance unknown; submitting without the balance check", extra={"reason": read})
             return
         balance, _ = read
         if balance <= 0:
@@ -414,8 +416,7 @@ class RunPodProvider:
         cursor = str(followed.base + len(followed.chunks)) if new_chunks else str(delivered)
 
         if state == "IN_QUEUE":
-            queued_s = max(float(status.get("delayTime") or 0) / 1000,
-                           time.monotonic() - followed.first_seen)
+            queued_s = max(float(status.get("delayTime") or 0) / 1000, time.monotonic() - followed.first_seen)
             if queued_s > self._settings.runpod_queue_timeout_s:
                 reason = await self._stuck_reason(key, endpoint)
                 if reason:
@@ -446,12 +447,13 @@ class RunPodProvider:
     async def _stuck_reason(self, key: str, endpoint: str) -> str:
         """Why a job stays queued, when RunPod itself will never say so; "" = keep waiting."""
         summary = await self._client.endpoint_workers(key, endpoint)
-        counts = {name: int(summary.get(name) or 0) for name in
-                  ("running", "idle", "initializing", "throttled", "unhealthy", "total")}
+        counts = {
+            name: int(summary.get(name) or 0)
+            for name in ("running", "idle", "initializing", "throttled", "unhealthy", "total")
+        }
         if counts["unhealthy"] and not (counts["running"] or counts["idle"]):
             return (
-                "RunPod's workers for this endpoint keep failing to start (unhealthy); "
-                "the job was cancelled"
+                "RunPod's workers for this endpoint keep failing to start (unhealthy); the job was cancelled"
             )
         if counts["throttled"] or counts["total"] == 0:
             return NO_GPU
@@ -472,9 +474,7 @@ class RunPodProvider:
             raise ProviderError(Code.NOT_FOUND, RESULT_EXPIRED)
         state = status.get("status")
         if state != "COMPLETED":
-            raise ProviderError(
-                Code.FAILED_PRECONDITION, f"The result is not ready (RunPod says {state})"
-            )
+            raise ProviderError(Code.FAILED_PRECONDITION, f"The result is not ready (RunPod says {state})")
         output = status.get("output")
         return final_result(output if isinstance(output, list) else [])
 
@@ -501,9 +501,7 @@ class RunPodProvider:
             raise ProviderError(Code.NOT_FOUND, "RunPod does not know this job (it may have expired)")
         self._followed.pop(provider_job_id, None)
         state = str(answer.get("status", "CANCELLED"))
-        return {"COMPLETED": "COMPLETED", "FAILED": "FAILED", "TIMED_OUT": "FAILED"}.get(
-            state, "CANCELLED"
-        )
+        return {"COMPLETED": "COMPLETED", "FAILED": "FAILED", "TIMED_OUT": "FAILED"}.get(state, "CANCELLED")
 
     def estimate(
         self, spec_json: bytes, backend: str, kind: str = "", request_json: bytes = b""
@@ -561,4 +559,3 @@ def _remember(table: OrderedDict[str, str], key: str, value: str) -> None:
     table[key] = value
     while len(table) > _REMEMBERED_JOBS:
         table.popitem(last=False)
-

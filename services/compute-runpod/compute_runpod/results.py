@@ -85,7 +85,7 @@ def error_text(error: Any) -> str:
     \ntraceback: ..."`` (the SDK's run_job_generator); a plain handler that raised as a JSON
     string with ``error_type`` and ``error_message``."""
     if isinstance(error, str) and error.startswith(GENERATOR_ERROR_PREFIX):
-        message = error[len(GENERATOR_ERROR_PREFIX):].split(GENERATOR_TRACEBACK_MARK, 1)[0].strip()
+        message = error[len(GENERATOR_ERROR_PREFIX) :].split(GENERATOR_TRACEBACK_MARK, 1)[0].strip()
         return f"The experiment failed on the RunPod worker: {message or 'no message'}"
     if isinstance(error, str):
         try:

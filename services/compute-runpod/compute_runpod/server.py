@@ -50,8 +50,10 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
         )
         failure = verification.failure
         return compute_pb2.VerifyCredentialsResponse(
-            valid=verification.valid, account_id=verification.account_id,
-            balance_usd=verification.balance_usd, message=redact(verification.message),
+            valid=verification.valid,
+            account_id=verification.account_id,
+            balance_usd=verification.balance_usd,
+            message=redact(verification.message),
             failure=(
                 # protoc's stubs type Value() as a plain int
                 cast(common_pb2.KeyFailure, common_pb2.KeyFailure.Value(f"KEY_FAILURE_{failure.value}"))
@@ -64,7 +66,9 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
         prepared = await self._call(
             context,
             lambda: self._provider.prepare(
-                _account(request.account), request.model_params_b, request.quantization,
+                _account(request.account),
+                request.model_params_b,
+                request.quantization,
                 request.model_id,
             ),
         )
@@ -76,8 +80,12 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
         provider_job_id = await self._call(
             context,
             lambda: self._provider.submit(
-                request.job_id, _account(request.account), request.spec_json,
-                request.estimated_cost_usd, request.kind, request.request_json,
+                request.job_id,
+                _account(request.account),
+                request.spec_json,
+                request.estimated_cost_usd,
+                request.kind,
+                request.request_json,
                 request.parent_result_json,
                 {upload.name: upload.url for upload in request.artifact_uploads},
                 [
@@ -91,15 +99,16 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
     async def GetStatus(self, request, context):
         report = await self._call(
             context,
-            lambda: self._provider.status(
-                _account(request.account), request.provider_job_id, request.cursor
-            ),
+            lambda: self._provider.status(_account(request.account), request.provider_job_id, request.cursor),
         )
         # RunPod's stream gives no event times: an event is dated when compute-runpod read it.
         received = time.time()
         return compute_pb2.GetStatusResponse(
-            state=job_state(report.state), events=[event_message(e, received) for e in report.events],
-            cursor=report.cursor, error=report.error, result_ready=report.result_ready,
+            state=job_state(report.state),
+            events=[event_message(e, received) for e in report.events],
+            cursor=report.cursor,
+            error=report.error,
+            result_ready=report.result_ready,
             stage_message=report.stage_message,
         )
 
@@ -112,9 +121,7 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
     async def FetchArtifact(self, request, context):
         parts = await self._call(
             context,
-            lambda: self._provider.artifact(
-                _account(request.account), request.provider_job_id, request.name
-            ),
+            lambda: self._provider.artifact(_account(request.account), request.provider_job_id, request.name),
         )
         try:
             for data in parts:

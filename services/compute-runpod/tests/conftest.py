@@ -40,12 +40,16 @@ async def fake() -> AsyncIterator[FakeRunPod]:
 
 @pytest.fixture
 async def keyvault_server(database_url: str) -> AsyncIterator[KeyVaultServer]:
-    server = await start_keyvault(KeyVaultSettings(
-        database_url=database_url,
-        runpod_key_encryption_secret=base64.b64encode(os.urandom(32)).decode(),
-        keyvault_caller_tokens=f"gateway={GATEWAY_TOKEN},compute-runpod={RUNPOD_CALLER_TOKEN}",
-        keyvault_host="127.0.0.1", keyvault_port=0, keyvault_metrics_port=-1,
-    ))
+    server = await start_keyvault(
+        KeyVaultSettings(
+            database_url=database_url,
+            runpod_key_encryption_secret=base64.b64encode(os.urandom(32)).decode(),
+            keyvault_caller_tokens=f"gateway={GATEWAY_TOKEN},compute-runpod={RUNPOD_CALLER_TOKEN}",
+            keyvault_host="127.0.0.1",
+            keyvault_port=0,
+            keyvault_metrics_port=-1,
+        )
+    )
     yield server
     await server.stop()
 
@@ -54,12 +58,17 @@ async def keyvault_server(database_url: str) -> AsyncIterator[KeyVaultServer]:
 def make_settings(fake: FakeRunPod, keyvault_server: KeyVaultServer) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
-            "compute_runpod_port": 0, "compute_runpod_metrics_port": -1,
+            "compute_runpod_port": 0,
+            "compute_runpod_metrics_port": -1,
             "keyvault_addr": f"127.0.0.1:{keyvault_server.port}",
             "keyvault_token": RUNPOD_CALLER_TOKEN,
-            "runpod_rest_base_url": f"{fake.url}/v2", "runpod_job_base_url": f"{fake.url}/v2",
-            "runpod_graphql_url": f"{fake.url}/graphql", "runpod_template_id": TEMPLATE_ID,
-            "runpod_retry_base_s": 0.05, "runpod_max_attempts": 4, "runpod_http_timeout_s": 10,
+            "runpod_rest_base_url": f"{fake.url}/v2",
+            "runpod_job_base_url": f"{fake.url}/v2",
+            "runpod_graphql_url": f"{fake.url}/graphql",
+            "runpod_template_id": TEMPLATE_ID,
+            "runpod_retry_base_s": 0.05,
+            "runpod_max_attempts": 4,
+            "runpod_http_timeout_s": 10,
         }
         values.update(overrides)
         return Settings(**values)
@@ -75,7 +84,9 @@ def service_overrides() -> dict[str, Any]:
 
 @pytest.fixture
 async def stack(
-    fake: FakeRunPod, keyvault_server: KeyVaultServer, make_settings: Callable[..., Settings],
+    fake: FakeRunPod,
+    keyvault_server: KeyVaultServer,
+    make_settings: Callable[..., Settings],
     service_overrides: dict[str, Any],
 ) -> AsyncIterator[Stack]:
     user_key, hosted_key = new_key(), new_key()
@@ -83,9 +94,15 @@ async def stack(
     fake.add_key(hosted_key, balance=1000.0)
     async with httpx.AsyncClient() as http:
         created = await http.post(
-            f"{fake.url}/v2/serverless", headers={"Authorization": f"Bearer {hosted_key}"},
-            json={"name": "hosted", "type": "QUEUE", "templateId": TEMPLATE_ID,
-                  "gpu": {"pools": ["AMPERE_80"]}, "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4}},
+            f"{fake.url}/v2/serverless",
+            headers={"Authorization": f"Bearer {hosted_key}"},
+            json={
+                "name": "hosted",
+                "type": "QUEUE",
+                "templateId": TEMPLATE_ID,
+                "gpu": {"pools": ["AMPERE_80"]},
+                "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4},
+            },
         )
     hosted_endpoint = created.json()["id"]
     fake.requests.clear()
@@ -96,9 +113,14 @@ async def stack(
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     kv_channel = grpc.aio.insecure_channel(f"127.0.0.1:{keyvault_server.port}")
     yield Stack(
-        fake=fake, stub=compute_pb2_grpc.ComputeProviderStub(channel), channel=channel,
-        server=server, keyvault=keyvault_pb2_grpc.KeyVaultStub(kv_channel),
-        user_key=user_key, hosted_key=hosted_key, hosted_endpoint=hosted_endpoint,
+        fake=fake,
+        stub=compute_pb2_grpc.ComputeProviderStub(channel),
+        channel=channel,
+        server=server,
+        keyvault=keyvault_pb2_grpc.KeyVaultStub(kv_channel),
+        user_key=user_key,
+        hosted_key=hosted_key,
+        hosted_endpoint=hosted_endpoint,
     )
     await channel.close()
     await kv_channel.close()

@@ -66,14 +66,19 @@ class Stack:
         cursor, events, stage_messages = "", [], []
         async with asyncio.timeout(limit_s):
             while True:
-                answer = await self.stub.GetStatus(compute_pb2.GetStatusRequest(
-                    provider_job_id=provider_job_id, account=account, cursor=cursor,
-                ))
+                answer = await self.stub.GetStatus(
+                    compute_pb2.GetStatusRequest(
+                        provider_job_id=provider_job_id,
+                        account=account,
+                        cursor=cursor,
+                    )
+                )
                 events.extend(answer.events)
                 stage_messages.append(answer.stage_message)
                 cursor = answer.cursor
-                if answer.state in (common_pb2.JOB_STATE_COMPLETED, common_pb2.JOB_STATE_FAILED,
-                                    common_pb2.JOB_STATE_CANCELLED):
+                if answer.state in (
+                    common_pb2.JOB_STATE_COMPLETED,
+                    common_pb2.JOB_STATE_FAILED,
+                    common_pb2.JOB_STATE_CANCELLED,
+                ):
                     return answer, events, stage_messages
-
-

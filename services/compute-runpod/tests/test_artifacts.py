@@ -35,9 +35,14 @@ async def upload_urls(s3_store: ArtifactStore, job_id: str) -> list[compute_pb2.
 
 
 async def run(stack: Stack, job_id: str, uploads: list[compute_pb2.ArtifactUpload] = ()):
-    submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
-        job_id=job_id, account=HOSTED, spec_json=spec_bytes(), artifact_uploads=uploads,
-    ))
+    submitted = await stack.stub.Submit(
+        compute_pb2.SubmitRequest(
+            job_id=job_id,
+            account=HOSTED,
+            spec_json=spec_bytes(),
+            artifact_uploads=uploads,
+        )
+    )
     final, _, _ = await stack.wait_terminal(submitted.provider_job_id, HOSTED)
     return submitted.provider_job_id, final
 
@@ -47,9 +52,13 @@ async def test_worker_uploads_files_to_presigned_urls_and_returns_only_the_manif
 ) -> None:
     provider_job_id, final = await run(stack, "job-s3", await upload_urls(s3_store, "job-s3"))
     assert final.state == common_pb2.JOB_STATE_COMPLETED, final.error
-    result = ExperimentResult.model_validate_json((await stack.stub.GetResult(
-        compute_pb2.GetResultRequest(provider_job_id=provider_job_id, account=HOSTED)
-    )).result_json)
+    result = ExperimentResult.model_validate_json(
+        (
+            await stack.stub.GetResult(
+                compute_pb2.GetResultRequest(provider_job_id=provider_job_id, account=HOSTED)
+            )
+        ).result_json
+    )
     names = {entry.name for entry in result.artifacts}
     assert {"scores.npy", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= names
     for entry in result.artifacts:
@@ -64,9 +73,13 @@ async def test_worker_uploads_files_to_presigned_urls_and_returns_only_the_manif
     assert job.input["artifact_transport"]["mode"] == "presigned"
     assert not [c for c in job.output if isinstance(c, dict) and c.get("type") == "artifact_part"]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async for _chunk in stack.stub.FetchArtifact(compute_pb2.FetchArtifactRequest(
-            provider_job_id=provider_job_id, account=HOSTED, name="scores.npy",
-        )):
+        async for _chunk in stack.stub.FetchArtifact(
+            compute_pb2.FetchArtifactRequest(
+                provider_job_id=provider_job_id,
+                account=HOSTED,
+                name="scores.npy",
+            )
+        ):
             pass
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
@@ -89,17 +102,26 @@ async def test_a_refused_upload_fails_the_job_naming_the_file(
 async def test_without_a_reachable_store_files_come_back_inline_whole(stack: Stack) -> None:
     provider_job_id, final = await run(stack, "job-inline")
     assert final.state == common_pb2.JOB_STATE_COMPLETED, final.error
-    result = json.loads((await stack.stub.GetResult(
-        compute_pb2.GetResultRequest(provider_job_id=provider_job_id, account=HOSTED)
-    )).result_json)
+    result = json.loads(
+        (
+            await stack.stub.GetResult(
+                compute_pb2.GetResultRequest(provider_job_id=provider_job_id, account=HOSTED)
+            )
+        ).result_json
+    )
     assert stack.fake.job(provider_job_id).input["artifact_transport"] == {
-        "mode": "inline", "max_bytes": 5_000_000,
+        "mode": "inline",
+        "max_bytes": 5_000_000,
     }
     for entry in result["artifacts"]:
         data = b""
-        async for chunk in stack.stub.FetchArtifact(compute_pb2.FetchArtifactRequest(
-            provider_job_id=provider_job_id, account=HOSTED, name=entry["name"],
-        )):
+        async for chunk in stack.stub.FetchArtifact(
+            compute_pb2.FetchArtifactRequest(
+                provider_job_id=provider_job_id,
+                account=HOSTED,
+                name=entry["name"],
+            )
+        ):
             assert len(chunk.data) <= 384 * 1024
             data += chunk.data
         assert hashlib.sha256(data).hexdigest() == entry["sha256"], entry["name"]
@@ -108,9 +130,13 @@ async def test_without_a_reachable_store_files_come_back_inline_whole(stack: Sta
 @pytest.mark.parametrize("service_overrides", [{"runpod_inline_artifacts_max_bytes": 100}], indirect=True)
 async def test_a_matrix_over_the_inline_ceiling_is_refused_before_submitting(stack: Stack) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stack.stub.Submit(compute_pb2.SubmitRequest(
-            job_id="job-too-big", account=HOSTED, spec_json=spec_bytes(),
-        ))
+        await stack.stub.Submit(
+            compute_pb2.SubmitRequest(
+                job_id="job-too-big",
+                account=HOSTED,
+                spec_json=spec_bytes(),
+            )
+        )
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     details = caught.value.details()
     assert "ARTIFACT_STORE_URL" in details and "Nothing was submitted" in details

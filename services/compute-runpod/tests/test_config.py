@@ -18,15 +18,16 @@ def test_defaults_follow_docs() -> None:
     assert "secret" not in repr(Settings(runpod_api_key="secret"))
 
 
-@pytest.mark.parametrize(("variable", "value"), [
-    ("RUNPOD_JOB_BASE_URL", "api.runpod.ai/v2"),
-    ("COMPUTE_RUNPOD_PORT", "70000"),
-    ("KEYVAULT_ADDR", "nohostport"),
-    ("RUNPOD_QUEUE_TIMEOUT_S", "0"),
-])
-def test_bad_value_names_the_variable(
-    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
-) -> None:
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("RUNPOD_JOB_BASE_URL", "api.runpod.ai/v2"),
+        ("COMPUTE_RUNPOD_PORT", "70000"),
+        ("KEYVAULT_ADDR", "nohostport"),
+        ("RUNPOD_QUEUE_TIMEOUT_S", "0"),
+    ],
+)
+def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
     monkeypatch.setenv(variable, value)
     with pytest.raises(SettingsError, match=variable):
         Settings.load()

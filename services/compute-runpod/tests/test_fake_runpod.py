@@ -15,8 +15,13 @@ import pytest
 from devstack.fake_runpod import FakeRunPod
 
 KEY = "fake-test-key-0123456789"
-ENDPOINT_BODY = {"name": "e", "type": "QUEUE", "templateId": "influence-template",
-                 "gpu": {"pools": ["AMPERE_80"]}, "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4}}
+ENDPOINT_BODY = {
+    "name": "e",
+    "type": "QUEUE",
+    "templateId": "influence-template",
+    "gpu": {"pools": ["AMPERE_80"]},
+    "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4},
+}
 
 
 @pytest.fixture
@@ -70,9 +75,7 @@ async def test_auth_and_endpoint_management(http: httpx.AsyncClient) -> None:
         without_gpu = {k: v for k, v in ENDPOINT_BODY.items() if k != "gpu"}
         neither = await http.post(f"{fake.url}/v2/serverless", json=without_gpu)
         assert neither.status_code == 400
-        unknown = await http.post(
-            f"{fake.url}/v2/serverless", json={**ENDPOINT_BODY, "templateId": "x"}
-        )
+        unknown = await http.post(f"{fake.url}/v2/serverless", json={**ENDPOINT_BODY, "templateId": "x"})
         assert unknown.status_code == 404
         created = await http.post(f"{fake.url}/v2/serverless", json=ENDPOINT_BODY)
         assert created.status_code == 201
@@ -95,12 +98,15 @@ async def test_auth_and_endpoint_management(http: httpx.AsyncClient) -> None:
 async def test_yields_stream_drain_split_and_aggregate_without_the_return_value(
     http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    handler = sdk_worker(tmp_path, (
-        "def handler(job):\n"
-        "    yield {'step': 1}\n"
-        "    yield {'blob': 'x' * 3000}\n"
-        "    return 'never delivered'\n"
-    ))
+    handler = sdk_worker(
+        tmp_path,
+        (
+            "def handler(job):\n"
+            "    yield {'step': 1}\n"
+            "    yield {'blob': 'x' * 3000}\n"
+            "    return 'never delivered'\n"
+        ),
+    )
     async with FakeRunPod({KEY: 10}, handler_path=handler, max_chunk_bytes=1024) as fake:
         endpoint, job = await _submit(http, fake, {})
         finished = await _finish(http, fake, endpoint, job)
@@ -135,13 +141,16 @@ async def test_aggregate_off_leaves_the_results_only_in_the_stream(
 
 
 async def test_generator_errors_in_the_sdks_shapes(http: httpx.AsyncClient, tmp_path: Path) -> None:
-    handler = sdk_worker(tmp_path, (
-        "def handler(job):\n"
-        "    yield {'step': 1}\n"
-        "    if job['input'].get('yield_error'):\n"
-        "        yield {'error': 'plain words'}\n"
-        "    raise ValueError('boom')\n"
-    ))
+    handler = sdk_worker(
+        tmp_path,
+        (
+            "def handler(job):\n"
+            "    yield {'step': 1}\n"
+            "    if job['input'].get('yield_error'):\n"
+            "        yield {'error': 'plain words'}\n"
+            "    raise ValueError('boom')\n"
+        ),
+    )
     async with FakeRunPod({KEY: 10}, handler_path=handler) as fake:
         endpoint, raised = await _submit(http, fake, {})
         assert (await _finish(http, fake, endpoint, raised)) == {"status": "FAILED", "chunks": [{"step": 1}]}
@@ -175,15 +184,18 @@ async def test_cancel_reaches_a_running_handler_through_the_stop_channel(
     http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
     marker = tmp_path / "stopped"
-    handler = sdk_worker(tmp_path, (
-        "async def handler(job):\n"
-        "    yield {'step': 1}\n"
-        "    try:\n"
-        "        await asyncio.sleep(600)\n"
-        "    except asyncio.CancelledError:\n"
-        f"        open({str(marker)!r}, 'w').write('stopped')\n"
-        "        raise\n"
-    ))
+    handler = sdk_worker(
+        tmp_path,
+        (
+            "async def handler(job):\n"
+            "    yield {'step': 1}\n"
+            "    try:\n"
+            "        await asyncio.sleep(600)\n"
+            "    except asyncio.CancelledError:\n"
+            f"        open({str(marker)!r}, 'w').write('stopped')\n"
+            "        raise\n"
+        ),
+    )
     async with FakeRunPod({KEY: 10}, handler_path=handler, worker_poll_s=1.0) as fake:
         endpoint, job = await _submit(http, fake, {})
         async with asyncio.timeout(60):

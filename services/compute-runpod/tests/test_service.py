@@ -30,6 +30,7 @@ def new_key_with(stack: Stack, balance: float) -> str:
     stack.fake.add_key(key, balance=balance)
     return key
 
+
 HOSTED = common_pb2.Account(user_id="operator-tier-user", hosted=True)
 
 
@@ -65,9 +66,9 @@ async def test_verify_stored_key_from_keyvault(stack: Stack) -> None:
 
 
 async def test_verify_without_stored_key_says_so(stack: Stack) -> None:
-    error = await rpc_error(stack.stub.VerifyCredentials(
-        compute_pb2.VerifyCredentialsRequest(account=user("nobody"))
-    ))
+    error = await rpc_error(
+        stack.stub.VerifyCredentials(compute_pb2.VerifyCredentialsRequest(account=user("nobody")))
+    )
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "No RunPod API key is saved" in error.details()
 
@@ -104,9 +105,13 @@ async def test_key_valid_while_graphql_is_gone_is_accepted_with_a_balance_note(s
     assert [c.status for c in stack.fake.calls("serverless.list")] == [200]
     stack.fake.set_throttled(True)  # what is checked is the submission: no worker needs to start
     # Submitting skips the balance check it cannot make; the execution timeout still applies.
-    submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
-        job_id="job-nographql", account=HOSTED, spec_json=spec_bytes(),
-    ))
+    submitted = await stack.stub.Submit(
+        compute_pb2.SubmitRequest(
+            job_id="job-nographql",
+            account=HOSTED,
+            spec_json=spec_bytes(),
+        )
+    )
     assert stack.fake.job(submitted.provider_job_id).execution_timeout_s == 7200
     poor = new_key()
     stack.fake.add_key(poor, balance=0.25)
@@ -114,10 +119,14 @@ async def test_key_valid_while_graphql_is_gone_is_accepted_with_a_balance_note(s
     prepared = await stack.stub.PrepareAccount(
         compute_pb2.PrepareAccountRequest(account=user("u-unknown-balance"))
     )
-    await stack.stub.Submit(compute_pb2.SubmitRequest(
-        job_id="job-nographql-byok", account=user("u-unknown-balance", prepared.endpoint_id),
-        spec_json=spec_bytes(), estimated_cost_usd=1.5,
-    ))
+    await stack.stub.Submit(
+        compute_pb2.SubmitRequest(
+            job_id="job-nographql-byok",
+            account=user("u-unknown-balance", prepared.endpoint_id),
+            spec_json=spec_bytes(),
+            estimated_cost_usd=1.5,
+        )
+    )
     assert len([c for c in stack.fake.calls("job.run") if c.status == 200]) == 2
 
 
@@ -155,9 +164,12 @@ async def test_verify_when_runpod_cannot_be_reached_at_all(
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed = sock.getsockname()[1]
-    server = await start_server(make_settings(
-        runpod_rest_base_url=f"http://127.0.0.1:{closed}/v2", runpod_max_attempts=1,
-    ))
+    server = await start_server(
+        make_settings(
+            runpod_rest_base_url=f"http://127.0.0.1:{closed}/v2",
+            runpod_max_attempts=1,
+        )
+    )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             answer = await compute_pb2_grpc.ComputeProviderStub(channel).VerifyCredentials(
@@ -190,9 +202,9 @@ async def test_endpoint_created_once_then_reused(stack: Stack) -> None:
     assert endpoint["scaling"]["type"] == "QUEUE_DELAY"
     assert endpoint["timeout"] == 7_200_000 and endpoint["flashboot"] == "FLASHBOOT"
 
-    again = await stack.stub.PrepareAccount(compute_pb2.PrepareAccountRequest(
-        account=user("u-ep", first.endpoint_id)
-    ))
+    again = await stack.stub.PrepareAccount(
+        compute_pb2.PrepareAccountRequest(account=user("u-ep", first.endpoint_id))
+    )
     assert (again.endpoint_id, again.created, again.status) == (first.endpoint_id, False, "ready")
     assert len(stack.fake.calls("serverless.create")) == 1
 
@@ -201,24 +213,24 @@ async def test_endpoint_recreated_after_deletion(stack: Stack) -> None:
     await stack.store_key("u-del", stack.user_key)
     first = await stack.stub.PrepareAccount(compute_pb2.PrepareAccountRequest(account=user("u-del")))
     stack.fake.delete_endpoint(first.endpoint_id)
-    second = await stack.stub.PrepareAccount(compute_pb2.PrepareAccountRequest(
-        account=user("u-del", first.endpoint_id)
-    ))
+    second = await stack.stub.PrepareAccount(
+        compute_pb2.PrepareAccountRequest(account=user("u-del", first.endpoint_id))
+    )
     assert second.created and second.endpoint_id != first.endpoint_id
     assert [c.status for c in stack.fake.calls("serverless.get")] == [404]
 
 
 async def test_every_fitting_pool_cheapest_first(stack: Stack) -> None:
     await stack.store_key("u-big", stack.user_key)
-    answer = await stack.stub.PrepareAccount(compute_pb2.PrepareAccountRequest(
-        account=user("u-big"), model_params_b=70.0, quantization="none"
-    ))
+    answer = await stack.stub.PrepareAccount(
+        compute_pb2.PrepareAccountRequest(account=user("u-big"), model_params_b=70.0, quantization="none")
+    )
     (endpoint,) = [e for e in stack.fake.endpoints() if e["id"] == answer.endpoint_id]
     assert endpoint["gpu"]["pools"] == ["HOPPER_141", "BLACKWELL_180"]
     await stack.store_key("u-small", new_key_with(stack, 50.0))
-    small = await stack.stub.PrepareAccount(compute_pb2.PrepareAccountRequest(
-        account=user("u-small"), model_params_b=7.0, quantization="none"
-    ))
+    small = await stack.stub.PrepareAccount(
+        compute_pb2.PrepareAccountRequest(account=user("u-small"), model_params_b=7.0, quantization="none")
+    )
     (endpoint,) = [e for e in stack.fake.endpoints() if e["id"] == small.endpoint_id]
     pools = endpoint["gpu"]["pools"]
     assert len(pools) > 2 and "AMPERE_16" not in pools
@@ -232,9 +244,11 @@ async def test_the_endpoint_pools_start_at_the_gpu_the_estimate_priced(stack: St
     for index, card in enumerate(cost_model.model_cards()):
         user_id = f"u-model-{index}"
         await stack.store_key(user_id, new_key_with(stack, 50.0))
-        answer = await stack.stub.PrepareAccount(compute_pb2.PrepareAccountRequest(
-            account=user(user_id), model_id=card.id, quantization=card.default_quantization
-        ))
+        answer = await stack.stub.PrepareAccount(
+            compute_pb2.PrepareAccountRequest(
+                account=user(user_id), model_id=card.id, quantization=card.default_quantization
+            )
+        )
         (endpoint,) = [e for e in stack.fake.endpoints() if e["id"] == answer.endpoint_id]
         pools = endpoint["gpu"]["pools"]
         spec = spec_bytes(model_id=card.id, hyperparams={"quantization": card.default_quantization})
@@ -280,12 +294,20 @@ async def test_job_on_users_account_streams_progress_and_result(
     account = user("u-job", prepared.endpoint_id)
     # No GPU at first: the researcher is told the job waits for a worker.
     stack.fake.set_throttled(True)
-    submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
-        job_id="job-1", account=account, spec_json=spec_bytes(), estimated_cost_usd=0.5,
-    ))
-    queued = await stack.stub.GetStatus(compute_pb2.GetStatusRequest(
-        provider_job_id=submitted.provider_job_id, account=account,
-    ))
+    submitted = await stack.stub.Submit(
+        compute_pb2.SubmitRequest(
+            job_id="job-1",
+            account=account,
+            spec_json=spec_bytes(),
+            estimated_cost_usd=0.5,
+        )
+    )
+    queued = await stack.stub.GetStatus(
+        compute_pb2.GetStatusRequest(
+            provider_job_id=submitted.provider_job_id,
+            account=account,
+        )
+    )
     assert queued.state == common_pb2.JOB_STATE_SUBMITTED
     assert queued.stage_message == WAITING_FOR_GPU
     stack.fake.set_throttled(False)
@@ -298,32 +320,46 @@ async def test_job_on_users_account_streams_progress_and_result(
     assert progress == sorted(progress) and progress[-1] > 0.9
     assert all(json.loads(e.event_json)["type"] == "progress" for e in events)
 
-    result = await stack.stub.GetResult(compute_pb2.GetResultRequest(
-        provider_job_id=submitted.provider_job_id, account=account,
-    ))
+    result = await stack.stub.GetResult(
+        compute_pb2.GetResultRequest(
+            provider_job_id=submitted.provider_job_id,
+            account=account,
+        )
+    )
     parsed = ExperimentResult.model_validate_json(result.result_json)
     assert parsed.influence.train_ids == ["t1", "t2", "t3", "t4"]
 
     (run_call,) = stack.fake.calls("job.run")
     assert run_call.status == 200
     job = stack.fake.job(submitted.provider_job_id)
-    assert job is not None and job.input["training_data"][0]["prompt"] == (
-        SMALL_SPEC["training_data"][0]["prompt"]
+    assert (
+        job is not None
+        and job.input["training_data"][0]["prompt"] == (SMALL_SPEC["training_data"][0]["prompt"])
     )
     assert job.execution_timeout_s == 7200
 
     # A resubmission of the same scheduler job is not sent to RunPod again.
-    again = await stack.stub.Submit(compute_pb2.SubmitRequest(
-        job_id="job-1", account=account, spec_json=spec_bytes(), estimated_cost_usd=0.5,
-    ))
+    again = await stack.stub.Submit(
+        compute_pb2.SubmitRequest(
+            job_id="job-1",
+            account=account,
+            spec_json=spec_bytes(),
+            estimated_cost_usd=0.5,
+        )
+    )
     assert again.provider_job_id == submitted.provider_job_id
     assert len(stack.fake.calls("job.run")) == 1
 
     # RunPod keeps results for a limited time; afterwards the error says so.
     stack.fake.retention_s = 0.0
-    error = await rpc_error(stack.stub.GetResult(compute_pb2.GetResultRequest(
-        provider_job_id=submitted.provider_job_id, account=account,
-    )))
+    error = await rpc_error(
+        stack.stub.GetResult(
+            compute_pb2.GetResultRequest(
+                provider_job_id=submitted.provider_job_id,
+                account=account,
+            )
+        )
+    )
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert "30 minutes" in error.details()
 
@@ -339,9 +375,13 @@ def service_overrides(request: pytest.FixtureRequest) -> dict[str, object]:
 @pytest.mark.parametrize("service_overrides", [{"runpod_queue_timeout_s": 0.2}], indirect=True)
 async def test_no_gpu_gives_plain_message_and_cancels(stack: Stack) -> None:
     stack.fake.set_throttled(True)
-    submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
-        job_id="job-nogpu", account=HOSTED, spec_json=spec_bytes(),
-    ))
+    submitted = await stack.stub.Submit(
+        compute_pb2.SubmitRequest(
+            job_id="job-nogpu",
+            account=HOSTED,
+            spec_json=spec_bytes(),
+        )
+    )
     final, _, _ = await stack.wait_terminal(submitted.provider_job_id, HOSTED, limit_s=30)
     assert final.state == common_pb2.JOB_STATE_FAILED
     assert final.error == NO_GPU
@@ -351,9 +391,13 @@ async def test_no_gpu_gives_plain_message_and_cancels(stack: Stack) -> None:
 
 async def test_execution_timeout_gives_plain_message(stack: Stack) -> None:
     stack.fake.execution_timeout_s = 0.0
-    submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
-        job_id="job-timeout", account=HOSTED, spec_json=spec_bytes(),
-    ))
+    submitted = await stack.stub.Submit(
+        compute_pb2.SubmitRequest(
+            job_id="job-timeout",
+            account=HOSTED,
+            spec_json=spec_bytes(),
+        )
+    )
     final, _, _ = await stack.wait_terminal(submitted.provider_job_id, HOSTED, limit_s=120)
     assert final.state == common_pb2.JOB_STATE_FAILED
     assert final.error.startswith("The job exceeded the execution timeout (7200 s)")
@@ -364,10 +408,16 @@ async def test_low_balance_is_refused_and_nothing_submitted(stack: Stack) -> Non
     stack.fake.add_key(poor, balance=0.25)
     await stack.store_key("u-poor", poor)
     prepared = await stack.stub.PrepareAccount(compute_pb2.PrepareAccountRequest(account=user("u-poor")))
-    error = await rpc_error(stack.stub.Submit(compute_pb2.SubmitRequest(
-        job_id="job-poor", account=user("u-poor", prepared.endpoint_id), spec_json=spec_bytes(),
-        estimated_cost_usd=1.5,
-    )))
+    error = await rpc_error(
+        stack.stub.Submit(
+            compute_pb2.SubmitRequest(
+                job_id="job-poor",
+                account=user("u-poor", prepared.endpoint_id),
+                spec_json=spec_bytes(),
+                estimated_cost_usd=1.5,
+            )
+        )
+    )
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "$0.25" in error.details() and "$1.50" in error.details()
     assert stack.fake.calls("job.run") == []
@@ -377,21 +427,31 @@ async def test_rate_limit_storm_then_one_submission_and_cancel(stack: Stack) -> 
     stack.fake.set_throttled(True)  # cancelled while queued: no worker needs to start
     stack.fake.fail_next("job.run", 429, times=2, retry_after=0.3)
     started = time.monotonic()
-    submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
-        job_id="job-429", account=HOSTED, spec_json=spec_bytes(),
-    ))
+    submitted = await stack.stub.Submit(
+        compute_pb2.SubmitRequest(
+            job_id="job-429",
+            account=HOSTED,
+            spec_json=spec_bytes(),
+        )
+    )
     assert time.monotonic() - started >= 0.6  # Retry-After honoured twice
     assert [c.status for c in stack.fake.calls("job.run")] == [429, 429, 200]
     assert stack.fake.job(submitted.provider_job_id) is not None
 
-    cancelled = await stack.stub.Cancel(compute_pb2.CancelRequest(
-        provider_job_id=submitted.provider_job_id, account=HOSTED,
-    ))
+    cancelled = await stack.stub.Cancel(
+        compute_pb2.CancelRequest(
+            provider_job_id=submitted.provider_job_id,
+            account=HOSTED,
+        )
+    )
     assert cancelled.state == common_pb2.JOB_STATE_CANCELLED
     assert stack.fake.job(submitted.provider_job_id).status == "CANCELLED"
-    status = await stack.stub.GetStatus(compute_pb2.GetStatusRequest(
-        provider_job_id=submitted.provider_job_id, account=HOSTED,
-    ))
+    status = await stack.stub.GetStatus(
+        compute_pb2.GetStatusRequest(
+            provider_job_id=submitted.provider_job_id,
+            account=HOSTED,
+        )
+    )
     assert status.state == common_pb2.JOB_STATE_CANCELLED
 
 
@@ -399,16 +459,23 @@ async def test_cancel_stops_the_gpu_work_mid_training(stack: Stack) -> None:
     """/cancel -> the SDK's stop channel -> the handler is cancelled between yields -> gpu_core
     stops at its next batch; the SDK logs "Job stopped." only after the handler has returned,
     which it does once the experiment thread has ended."""
-    submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
-        job_id="job-stop", account=HOSTED,
-        spec_json=spec_bytes(hyperparams={**SMALL_SPEC["hyperparams"], "epochs": 100}),
-    ))
+    submitted = await stack.stub.Submit(
+        compute_pb2.SubmitRequest(
+            job_id="job-stop",
+            account=HOSTED,
+            spec_json=spec_bytes(hyperparams={**SMALL_SPEC["hyperparams"], "epochs": 100}),
+        )
+    )
     job_id, cursor = submitted.provider_job_id, ""
     async with asyncio.timeout(180):
         while True:
-            answer = await stack.stub.GetStatus(compute_pb2.GetStatusRequest(
-                provider_job_id=job_id, account=HOSTED, cursor=cursor,
-            ))
+            answer = await stack.stub.GetStatus(
+                compute_pb2.GetStatusRequest(
+                    provider_job_id=job_id,
+                    account=HOSTED,
+                    cursor=cursor,
+                )
+            )
             cursor = answer.cursor
             if any(e.stage == "training" and json.loads(e.event_json).get("step") for e in answer.events):
                 break
@@ -423,9 +490,15 @@ async def test_cancel_stops_the_gpu_work_mid_training(stack: Stack) -> None:
 
 async def test_rate_limit_that_does_not_end_is_resource_exhausted(stack: Stack) -> None:
     stack.fake.fail_next("job.run", 429, times=10, retry_after=0)
-    error = await rpc_error(stack.stub.Submit(compute_pb2.SubmitRequest(
-        job_id="job-429x", account=HOSTED, spec_json=spec_bytes(),
-    )))
+    error = await rpc_error(
+        stack.stub.Submit(
+            compute_pb2.SubmitRequest(
+                job_id="job-429x",
+                account=HOSTED,
+                spec_json=spec_bytes(),
+            )
+        )
+    )
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert len(stack.fake.calls("job.run")) == 4  # RUNPOD_MAX_ATTEMPTS
     assert stack.fake.calls("job.run", method="POST")[-1].status == 429
@@ -433,9 +506,15 @@ async def test_rate_limit_that_does_not_end_is_resource_exhausted(stack: Stack) 
 
 async def test_server_errors_retried_only_where_safe(stack: Stack) -> None:
     stack.fake.fail_next("job.run", 502)
-    error = await rpc_error(stack.stub.Submit(compute_pb2.SubmitRequest(
-        job_id="job-502", account=HOSTED, spec_json=spec_bytes(),
-    )))
+    error = await rpc_error(
+        stack.stub.Submit(
+            compute_pb2.SubmitRequest(
+                job_id="job-502",
+                account=HOSTED,
+                spec_json=spec_bytes(),
+            )
+        )
+    )
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert "not sent again" in error.details()
     assert len(stack.fake.calls("job.run")) == 1  # /run is never repeated after a 5xx
@@ -453,18 +532,25 @@ async def test_result_larger_than_a_stream_chunk_arrives_whole(
 ) -> None:
     monkeypatch.setenv("INFLUENCE_RESULT_CHUNK_BYTES", "600")
     stack.fake.max_chunk_bytes = 1024
-    submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
-        job_id="job-big", account=HOSTED, spec_json=spec_bytes(),
-    ))
+    submitted = await stack.stub.Submit(
+        compute_pb2.SubmitRequest(
+            job_id="job-big",
+            account=HOSTED,
+            spec_json=spec_bytes(),
+        )
+    )
     final, events, _ = await stack.wait_terminal(submitted.provider_job_id, HOSTED)
     assert final.state == common_pb2.JOB_STATE_COMPLETED and final.result_ready, final.error
     assert events
     output = stack.fake.job(submitted.provider_job_id).output
     parts = [c for c in output if isinstance(c, dict) and c.get("type") == "result_part"]
     assert len(parts) > 1 and all(len(json.dumps(p)) <= 1024 for p in parts)
-    result = await stack.stub.GetResult(compute_pb2.GetResultRequest(
-        provider_job_id=submitted.provider_job_id, account=HOSTED,
-    ))
+    result = await stack.stub.GetResult(
+        compute_pb2.GetResultRequest(
+            provider_job_id=submitted.provider_job_id,
+            account=HOSTED,
+        )
+    )
     assert result.result_json == "".join(p["data"] for p in parts).encode()
     ExperimentResult.model_validate_json(result.result_json)
 
@@ -474,9 +560,13 @@ async def test_output_runpod_could_not_upload_is_a_plain_error(stack: Stack) -> 
     COMPLETED without output (runpod-python #309); the researcher is told the result was lost."""
     stack.fake.max_payload_bytes = 3_000
     stack.fake.worker_env["INFLUENCE_OUTPUT_LIMIT_BYTES"] = str(10**9)
-    submitted = await stack.stub.Submit(compute_pb2.SubmitRequest(
-        job_id="job-lost", account=HOSTED, spec_json=spec_bytes(),
-    ))
+    submitted = await stack.stub.Submit(
+        compute_pb2.SubmitRequest(
+            job_id="job-lost",
+            account=HOSTED,
+            spec_json=spec_bytes(),
+        )
+    )
     final, _, _ = await stack.wait_terminal(submitted.provider_job_id, HOSTED)
     assert final.state == common_pb2.JOB_STATE_FAILED
     assert final.error.startswith("The job finished but RunPod returned no output")
@@ -485,9 +575,15 @@ async def test_output_runpod_could_not_upload_is_a_plain_error(stack: Stack) -> 
 
 
 async def test_invalid_spec_names_the_field(stack: Stack) -> None:
-    error = await rpc_error(stack.stub.Submit(compute_pb2.SubmitRequest(
-        job_id="job-bad", account=HOSTED, spec_json=spec_bytes(training_data=[]),
-    )))
+    error = await rpc_error(
+        stack.stub.Submit(
+            compute_pb2.SubmitRequest(
+                job_id="job-bad",
+                account=HOSTED,
+                spec_json=spec_bytes(training_data=[]),
+            )
+        )
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "training_data" in error.details()
     assert stack.fake.calls("job.run") == []

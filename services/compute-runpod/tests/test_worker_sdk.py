@@ -43,10 +43,21 @@ def test_runsync_with_test_input_streams_progress_then_result() -> None:
     worker_dir = WORKER_HANDLER.parent
     port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, str(WORKER_HANDLER), "--rp_serve_api", "--rp_api_host", "127.0.0.1",
-         "--rp_api_port", str(port), "--rp_log_level", "ERROR"],
-        cwd=worker_dir, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            str(WORKER_HANDLER),
+            "--rp_serve_api",
+            "--rp_api_host",
+            "127.0.0.1",
+            "--rp_api_port",
+            str(port),
+            "--rp_log_level",
+            "ERROR",
+        ],
+        cwd=worker_dir,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         _wait_for_port(process, port)

@@ -86,11 +86,10 @@ def result_chunks(result: dict[str, Any], chunk_bytes: int) -> Iterator[dict[str
         while len(json.dumps(piece)) > chunk_bytes:
             piece = piece[: max(1, len(piece) * chunk_bytes // len(json.dumps(piece)) - 8)]
         slices.append(piece)
-        rest = rest[len(piece):]
+        rest = rest[len(piece) :]
     checksum = hashlib.sha256(text.encode()).hexdigest()
     for index, data in enumerate(slices):
-        yield {"type": "result_part", "index": index, "total": len(slices),
-               "sha256": checksum, "data": data}
+        yield {"type": "result_part", "index": index, "total": len(slices), "sha256": checksum, "data": data}
 
 
 def too_large_message(result_bytes: int, output_bytes: int, limit: int) -> str:
@@ -125,13 +124,17 @@ def artifact_parts(directory: Path, entry: ArtifactEntry) -> Iterator[dict[str, 
     with open(directory / entry.name, "rb") as handle:
         for index in range(total):
             data = handle.read(ARTIFACT_PART_BYTES)
-            yield {"type": "artifact_part", "name": entry.name, "index": index, "total": total,
-                   "sha256": entry.sha256, "data": base64.b64encode(data).decode("ascii")}
+            yield {
+                "type": "artifact_part",
+                "name": entry.name,
+                "index": index,
+                "total": total,
+                "sha256": entry.sha256,
+                "data": base64.b64encode(data).decode("ascii"),
+            }
 
 
-async def deliver_artifacts(
-    result: dict[str, Any], directory: Path, transport: Any
-) -> list[dict[str, Any]]:
+async def deliver_artifacts(result: dict[str, Any], directory: Path, transport: Any) -> list[dict[str, Any]]:
     """Send the run's files the way ``transport`` says; returns the chunks to yield before the
     result (inline parts), or [] when the files went to presigned URLs (or there are none)."""
     manifest = [ArtifactEntry.model_validate(entry) for entry in result.get("artifacts") or []]
@@ -184,7 +187,9 @@ class ExperimentThread:
                 self._put(("event", download_event(self._parent_artifacts)))
                 download_artifacts(self._parent_artifacts, self._parent_dir)
             for event in run_job(
-                self._job, self._artifacts_dir, should_stop=self.stop.is_set,
+                self._job,
+                self._artifacts_dir,
+                should_stop=self.stop.is_set,
                 parent_artifacts_dir=self._parent_dir,
             ):
                 self._put(("event", event))
@@ -250,9 +255,11 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
                 chunks += result_chunks(event["result"], result_chunk_bytes())
                 result_bytes = sum(len(json.dumps(c)) + 2 for c in chunks)
                 if output_bytes + result_bytes > output_limit_bytes():
-                    yield {"error": too_large_message(
-                        result_bytes, output_bytes + result_bytes, output_limit_bytes()
-                    )}
+                    yield {
+                        "error": too_large_message(
+                            result_bytes, output_bytes + result_bytes, output_limit_bytes()
+                        )
+                    }
                     return
                 for chunk in chunks:
                     yield chunk

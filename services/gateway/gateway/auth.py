@@ -89,7 +89,6 @@ class TokenVerifier:
         raise AuthError(_describe(last_error or jwt.InvalidSignatureError()))
 
 
-
 async def _decode_jwks(jwks: _JwksKeys, token: str, algorithm: str) -> dict[str, Any]:
     try:
         # PyJWKClient fetches over blocking urllib; keep the event loop free.

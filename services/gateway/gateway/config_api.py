@@ -47,8 +47,11 @@ def influence_methods() -> list[dict[str, str]]:
     return methods
 
 
-@router.get("/config", summary="Limits, spec schema and influence methods of this deployment",
-            response_model=GatewayConfig)
+@router.get(
+    "/config",
+    summary="Limits, spec schema and influence methods of this deployment",
+    response_model=GatewayConfig,
+)
 async def gateway_config(state: State) -> dict[str, Any]:
     """No sign-in needed: nothing here is private."""
     settings = state.settings

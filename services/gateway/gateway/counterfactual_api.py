@@ -90,7 +90,12 @@ async def submit_check(
     """Sending the same ``Idempotency-Key`` again answers the check it created the first time."""
     checked_idempotency_key(idempotency_key)
     job = await submit_later_job(
-        scheduler, user, job_id, COUNTERFACTUAL, _request_json(body), idempotency_key,
+        scheduler,
+        user,
+        job_id,
+        COUNTERFACTUAL,
+        _request_json(body),
+        idempotency_key,
         "The scheduler is unavailable; the check was not submitted, try again",
     )
     response.headers["Location"] = f"/api/jobs/{job_id}/counterfactual/{job.id}"
@@ -119,8 +124,6 @@ async def list_checks(job_id: str, user: CurrentUser, scheduler: Scheduler) -> d
     response_model=CounterfactualCheck,
     responses={404: error("No such check of this experiment")},
 )
-async def get_check(
-    job_id: str, cf_job_id: str, user: CurrentUser, scheduler: Scheduler
-) -> dict[str, Any]:
+async def get_check(job_id: str, cf_job_id: str, user: CurrentUser, scheduler: Scheduler) -> dict[str, Any]:
     job, result = await get_later_job(scheduler, user, job_id, cf_job_id, COUNTERFACTUAL, CHECK_NOT_FOUND)
     return {**check_view(job), "result": result}

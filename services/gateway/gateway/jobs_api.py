@@ -160,9 +160,7 @@ async def job_events(
     state: State,
     scheduler: Scheduler,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    after: Annotated[
-        int | None, Query(ge=0, le=MAX_SEQ, description="Resume after this event seq")
-    ] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_SEQ, description="Resume after this event seq")] = None,
 ) -> StreamingResponse:
     """Every progress event after ``Last-Event-ID`` (or ``?after=``), then ``event: end``."""
     after_seq = after or 0
@@ -272,9 +270,7 @@ async def list_artifacts(job_id: str, user: CurrentUser, scheduler: Scheduler) -
         404: error("No such job or artifact for this user"),
     },
 )
-async def download_artifact(
-    job_id: str, name: str, user: CurrentUser, scheduler: Scheduler
-) -> Response:
+async def download_artifact(job_id: str, name: str, user: CurrentUser, scheduler: Scheduler) -> Response:
     request = scheduler_pb2.JobArtifactRequest(user_id=user, job_id=_checked_job_id(job_id), name=name)
     opened = await scheduler.open_artifact(request, ARTIFACT_NOT_FOUND)
     if opened.download_url:

@@ -46,8 +46,7 @@ def example_text(example: TrainingExample) -> dict[str, str]:
 def with_texts(result: dict[str, Any], spec_json: bytes) -> dict[str, Any]:
     """The query result with each helpful and harmful training example's texts from the spec."""
     texts = {
-        example.id: example_text(example)
-        for example in parse_spec(spec_json, NO_SIZE_LIMITS).training_data
+        example.id: example_text(example) for example in parse_spec(spec_json, NO_SIZE_LIMITS).training_data
     }
     for answer in result.get("results", []):
         for side in ("helpful", "harmful"):
@@ -79,8 +78,13 @@ async def submit_query(
     the same ``Idempotency-Key`` again answers the query job it created the first time."""
     checked_idempotency_key(idempotency_key)
     job = await submit_later_job(
-        scheduler, user, job_id, QUERY, body.model_dump_json(exclude_none=True).encode(),
-        idempotency_key, "The scheduler is unavailable; the query was not submitted, try again",
+        scheduler,
+        user,
+        job_id,
+        QUERY,
+        body.model_dump_json(exclude_none=True).encode(),
+        idempotency_key,
+        "The scheduler is unavailable; the query was not submitted, try again",
     )
     response.headers["Location"] = f"/api/jobs/{job_id}/queries/{job.id}"
     return {

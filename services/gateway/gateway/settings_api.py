@@ -128,7 +128,8 @@ async def get_runpod_key(
     settings = await scheduler.compute_settings(user)
     info = await keyvault.key_info(_runpod_key(user))
     return {
-        **compute_settings_view(settings), **key_info_view(info),
+        **compute_settings_view(settings),
+        **key_info_view(info),
         "runpod_simulated": state.settings.gateway_runpod_simulated,
     }
 

@@ -35,8 +35,6 @@ def usage_view(usage: scheduler_pb2.Usage) -> dict[str, Any]:
     }
 
 
-@router.get(
-    "/usage", summary="The caller's usage against the limits of their backend", response_model=Usage
-)
+@router.get("/usage", summary="The caller's usage against the limits of their backend", response_model=Usage)
 async def get_usage(user: CurrentUser, scheduler: Scheduler) -> dict[str, Any]:
     return usage_view(await scheduler.usage(user))

@@ -208,7 +208,9 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
     @staticmethod
     def _artifact(name: str, data: bytes) -> common_pb2.Artifact:
         return common_pb2.Artifact(
-            name=name, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+            name=name,
+            bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
             media_type="application/x-npy" if name.endswith(".npy") else "application/json",
         )
 

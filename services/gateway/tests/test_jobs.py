@@ -234,7 +234,9 @@ async def test_artifacts_are_listed_streamed_or_redirected_for_the_owner_only(ga
     listed = await gateway.client.get(f"/api/jobs/{job_id}/artifacts", headers=alice)
     assert listed.status_code == 200
     assert listed.json()["artifacts"][0] == {
-        "name": "scores.npy", "bytes": len(scores), "sha256": hashlib.sha256(scores).hexdigest(),
+        "name": "scores.npy",
+        "bytes": len(scores),
+        "sha256": hashlib.sha256(scores).hexdigest(),
         "media_type": "application/x-npy",
     }
     download = await gateway.client.get(f"/api/jobs/{job_id}/artifacts/scores.npy", headers=alice)
@@ -245,7 +247,9 @@ async def test_artifacts_are_listed_streamed_or_redirected_for_the_owner_only(ga
     nested = await gateway.client.get(config_path, headers=alice)
     assert nested.status_code == 200 and nested.content == b"{}"
 
-    upstream.scheduler.jobs[job_id].download_url = "https://bucket.example/jobs/x/scores.npy?X-Amz-Signature=s"
+    upstream.scheduler.jobs[
+        job_id
+    ].download_url = "https://bucket.example/jobs/x/scores.npy?X-Amz-Signature=s"
     redirect = await gateway.client.get(
         f"/api/jobs/{job_id}/artifacts/scores.npy", headers=alice, follow_redirects=False
     )

@@ -120,8 +120,10 @@ async def test_answers_match_their_documented_models(gateway, upstream, make_spe
     assert set(estimate) == set(models.EstimateAnswer.model_fields)
     assert set(estimate["data_report"]) == set(models.DataReport.model_fields)
     parsed = await gateway.client.post(
-        "/api/data/parse", params={"kind": "train", "filename": "t.jsonl"},
-        content=b'{"prompt": "a", "completion": "b"}\n', headers=headers,
+        "/api/data/parse",
+        params={"kind": "train", "filename": "t.jsonl"},
+        content=b'{"prompt": "a", "completion": "b"}\n',
+        headers=headers,
     )
     assert set(parsed.json()) == set(models.ParsedDataFile.model_fields), parsed.text
     submitted = (await gateway.client.post("/api/train", json=make_spec(), headers=headers)).json()

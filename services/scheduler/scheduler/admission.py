@@ -75,21 +75,21 @@ def _number(value: float) -> str:
     return f"{value:,.0f}" if value == int(value) else f"{value:,.1f}"
 
 
-async def current_usage(
-    conn: DbConnection, settings: Settings, user_id: str, backend: str
-) -> Usage:
+async def current_usage(conn: DbConnection, settings: Settings, user_id: str, backend: str) -> Usage:
     """The user's usage of every limit that applies to ``backend``."""
     now = datetime.now(UTC)
     hosted = backend == "hosted"
     active_limit = settings.hosted_max_active_jobs if hosted else settings.byok_max_active_jobs
-    active = returned_row(await conn.fetchrow(
-        """SELECT count(*) AS n,
+    active = returned_row(
+        await conn.fetchrow(
+            """SELECT count(*) AS n,
                   min(created_at + make_interval(secs => greatest(estimated_time_s, 0))) AS first_done
            FROM jobs WHERE user_id = $1 AND compute_backend = $2
                 AND status IN ('queued', 'submitted', 'running')""",
-        user_id,
-        backend,
-    ))
+            user_id,
+            backend,
+        )
+    )
     limits = [
         LimitUsage(
             ACTIVE_JOBS,
@@ -100,12 +100,14 @@ async def current_usage(
         )
     ]
     if hosted:
-        hour = returned_row(await conn.fetchrow(
-            """SELECT count(*) AS n, min(created_at) AS oldest FROM jobs
+        hour = returned_row(
+            await conn.fetchrow(
+                """SELECT count(*) AS n, min(created_at) AS oldest FROM jobs
                WHERE user_id = $1 AND compute_backend = 'hosted'
                  AND created_at > now() - interval '1 hour'""",
-            user_id,
-        ))
+                user_id,
+            )
+        )
         limits.append(
             LimitUsage(
                 SUBMISSIONS_PER_HOUR,

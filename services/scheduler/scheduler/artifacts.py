@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_BYTES = Counter("scheduler_artifact_bytes_total", "Artifact bytes moved into the store")
 ARTIFACT_SECONDS = Histogram(
-    "scheduler_artifact_transfer_seconds", "Time to move one job's artifacts into the store",
+    "scheduler_artifact_transfer_seconds",
+    "Time to move one job's artifacts into the store",
     buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 1800),
 )
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -112,8 +113,12 @@ class ArtifactMover:
         ARTIFACT_SECONDS.observe(seconds)
         log.info(
             "artifacts stored",
-            extra={"job_id": job_id, "count": len(manifest), "bytes": sum(e["bytes"] for e in manifest),
-                   "seconds": round(seconds, 3)},
+            extra={
+                "job_id": job_id,
+                "count": len(manifest),
+                "bytes": sum(e["bytes"] for e in manifest),
+                "seconds": round(seconds, 3),
+            },
         )
         return Transfer(artifacts=manifest, seconds=seconds)
 
@@ -130,8 +135,10 @@ class ArtifactMover:
             chunks = client.fetch_artifact(job_id, provider_job_id, account, name, self._timeout_s)
             try:
                 stored = await self.store.put(
-                    job_key(job_id, name), chunks,
-                    expected_sha256=entry["sha256"], expected_bytes=entry["bytes"],
+                    job_key(job_id, name),
+                    chunks,
+                    expected_sha256=entry["sha256"],
+                    expected_bytes=entry["bytes"],
                 )
                 ARTIFACT_BYTES.inc(stored.bytes)
                 return

@@ -27,6 +27,7 @@ def returned_row(row: asyncpg.Record | None) -> asyncpg.Record:
         raise RuntimeError("the statement returned no row")
     return row
 
+
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # Any fixed 64-bit number shared by every scheduler replica: "migrate" in ASCII.
 _MIGRATION_LOCK_ID = 0x6D696772617465

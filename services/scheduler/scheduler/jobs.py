@@ -155,7 +155,9 @@ class JobManager:
         # Raises ProviderNotConfigured before anything is stored: nothing could run the job.
         self._providers.client(route.provider)
         estimate = admission_estimate(
-            parse_job_spec(json.dumps(spec).encode()), route, kind,
+            parse_job_spec(json.dumps(spec).encode()),
+            route,
+            kind,
             json.dumps(request).encode() if request is not None else b"",
         )
 
@@ -508,9 +510,10 @@ class JobManager:
             manifest = parse_manifest(result.get("artifacts", []) if isinstance(result, dict) else [])
             if manifest:
                 megabytes = sum(entry["bytes"] for entry in manifest) / 1e6
-                await self._store.apply(job.id, JobUpdate(
-                    stage_message=f"storing the job's {len(manifest)} files ({megabytes:.1f} MB)"
-                ))
+                await self._store.apply(
+                    job.id,
+                    JobUpdate(stage_message=f"storing the job's {len(manifest)} files ({megabytes:.1f} MB)"),
+                )
             if manifest and uploads_directly(route.provider, self.artifacts.store):
                 # The worker put the files into the store itself: check them there.
                 await verify_uploads(self.artifacts.store, job.id, manifest)

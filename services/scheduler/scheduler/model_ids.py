@@ -35,8 +35,7 @@ def _catalog_ids() -> set[str]:
 
 def _rule(hosted: bool, roots: Sequence[str]) -> str:
     allowed = (
-        f"{TINY_MODEL_ID}, a catalog model (GET /api/models) "
-        "or a hub id (org/name, optionally @revision)"
+        f"{TINY_MODEL_ID}, a catalog model (GET /api/models) or a hub id (org/name, optionally @revision)"
     )
     if not hosted:
         return allowed

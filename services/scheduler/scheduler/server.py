@@ -160,8 +160,18 @@ def _rpc(
 
 
 _KNOWN_ERRORS = (
-    SpecError, JobNotFound, ArtifactMissing, StoreError, ProviderNotConfigured, ProviderError, NotReady,
-    JobInputError, ParentNotCompleted, JobTooLarge, AdmissionRefused, *_DB_ERRORS,
+    SpecError,
+    JobNotFound,
+    ArtifactMissing,
+    StoreError,
+    ProviderNotConfigured,
+    ProviderError,
+    NotReady,
+    JobInputError,
+    ParentNotCompleted,
+    JobTooLarge,
+    AdmissionRefused,
+    *_DB_ERRORS,
 )
 
 
@@ -365,7 +375,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         jobs, _ = self._app.require()
         verdict = await jobs.verify_runpod_key(request.user_id, request.api_key)
         return scheduler_pb2.VerifyProviderKeyResponse(
-            valid=verdict.valid, balance_usd=verdict.balance_usd, message=verdict.message,
+            valid=verdict.valid,
+            balance_usd=verdict.balance_usd,
+            message=verdict.message,
             failure=verdict.failure,
         )
 

@@ -417,9 +417,7 @@ class Store:
 
     async def delete_job(self, job_id: str) -> bool:
         """Remove the job row (its events go with it); False when it was already gone."""
-        deleted = await self.pool.fetchval(
-            "DELETE FROM jobs WHERE id = $1 RETURNING id", uuid.UUID(job_id)
-        )
+        deleted = await self.pool.fetchval("DELETE FROM jobs WHERE id = $1 RETURNING id", uuid.UUID(job_id))
         return deleted is not None
 
     async def jobs_with_artifacts_finished_before(self, cutoff: datetime, limit: int = 100) -> list[str]:

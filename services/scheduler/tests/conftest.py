@@ -192,8 +192,12 @@ class ScriptedProvider(compute_pb2_grpc.ComputeProviderServicer):
         job = self.jobs.get(request.job_id)
         if job is not None and job.plan.artifacts:
             result["artifacts"] = [
-                {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                 "media_type": "application/octet-stream"}
+                {
+                    "name": name,
+                    "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "media_type": "application/octet-stream",
+                }
                 for name, data in job.plan.artifacts.items()
             ]
         return compute_pb2.GetResultResponse(result_json=json.dumps(result).encode())

@@ -53,9 +53,9 @@ async def test_active_jobs_cap_is_atomic_and_named(start, provider, h) -> None:
     assert cancelled.state == common_pb2.JOB_STATE_CANCELLED
     assert (await submit(scheduler.stub, "alice", h.spec_json(), key="k1")).id
     again = await submit(scheduler.stub, "alice", h.spec_json(), key="k1")
-    assert again.id and limits(
-        await scheduler.stub.GetUsage(scheduler_pb2.GetUsageRequest(user_id="alice"))
-    )["active_jobs"] == (3.0, 3.0)
+    assert again.id and limits(await scheduler.stub.GetUsage(scheduler_pb2.GetUsageRequest(user_id="alice")))[
+        "active_jobs"
+    ] == (3.0, 3.0)
     provider.servicer.plan.release.set()
 
 

@@ -25,8 +25,12 @@ async def chunks(data: bytes) -> AsyncIterator[bytes]:
 
 
 def entry(name: str, data: bytes) -> dict:
-    return {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-            "media_type": "application/octet-stream"}
+    return {
+        "name": name,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "media_type": "application/octet-stream",
+    }
 
 
 def test_only_remote_providers_with_a_signing_store_upload_directly(
@@ -104,7 +108,9 @@ async def test_a_query_gets_get_urls_for_the_files_it_reads_and_the_worker_check
     result = parent_result("trackstar", stored)
     downloads = await presigned_parent_downloads(s3_store, "parent", listed, result, expires_s=600)
     assert [d.name for d in downloads] == [
-        "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "gradient_index/manifest.json"
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "gradient_index/manifest.json",
     ]
     assert all("/jobs/parent/" in d.url and "X-Amz-Expires=600" in d.url for d in downloads)
     # DataInf has no index: the adapter only.
