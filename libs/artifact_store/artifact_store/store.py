@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -208,24 +208,24 @@ class ArtifactStore:
 
     async def delete(self, key: str) -> None:
         """Remove ``key``; a missing key is not an error."""
-        try:
-            await obstore.delete_async(self._store, key)
-        except _NOT_FOUND:
-            return
-        except _ERRORS as exc:
-            raise _failed("delete", key, exc) from None
+        await self._delete(key, key)
 
     async def delete_prefix(self, prefix: str) -> int:
         """Remove every object under ``prefix``; returns how many there were."""
         keys = [info.key for info in await self.list(prefix)]
         if keys:
-            try:
-                await obstore.delete_async(self._store, keys)
-            except _NOT_FOUND:
-                pass
-            except _ERRORS as exc:
-                raise _failed("delete", prefix, exc) from None
+            await self._delete(keys, prefix)
         return len(keys)
+
+    async def _delete(self, keys: str | Sequence[str], what: str) -> None:
+        """Delete ``keys`` (one or many); a missing one is not an error, any other failure is
+        raised naming ``what`` (the key, or the prefix the keys were listed under)."""
+        try:
+            await obstore.delete_async(self._store, keys)
+        except _NOT_FOUND:
+            return
+        except _ERRORS as exc:
+            raise _failed("delete", what, exc) from None
 
     async def presigned_url(
         self, method: Literal["GET", "PUT"], key: str, expires_s: int | None = None

@@ -47,9 +47,9 @@ def start_metrics_server(
     return MetricsServer(server)
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, service_label: str) -> None:
-        self._service = service_label
+class HandlerWrappingInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that awaits the next handler and, when there is one, returns
+    ``wrap(handler, details)``; the metrics and tracing interceptors share this step."""
 
     async def intercept_service(
         self,
@@ -59,6 +59,21 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
+        return self.wrap(handler, handler_call_details)
+
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        raise NotImplementedError
+
+
+class MetricsInterceptor(HandlerWrappingInterceptor):
+    def __init__(self, service_label: str) -> None:
+        self._service = service_label
+
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         method = handler_call_details.method.rsplit("/", 1)[-1]
         service = self._service
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Callable
 from contextvars import Token
 from typing import Any, cast
 
@@ -20,7 +19,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 
-from service_runtime.metrics import AioUnary
+from service_runtime.metrics import AioUnary, HandlerWrappingInterceptor
 
 log = logging.getLogger(__name__)
 _TRACE_KEYS = ("traceparent", "tracestate")
@@ -53,20 +52,15 @@ def outgoing_metadata() -> list[tuple[str, str]]:
     return [(key, value) for key, value in carrier.items() if key in _TRACE_KEYS]
 
 
-class TracingServerInterceptor(grpc.aio.ServerInterceptor):
+class TracingServerInterceptor(HandlerWrappingInterceptor):
     """Runs each RPC inside the caller's trace context, in a server span named after the method."""
 
     def __init__(self, service_label: str) -> None:
         self._tracer = trace.get_tracer(service_label)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         carrier = {
             key: value
             for key, value in (handler_call_details.invocation_metadata or ())

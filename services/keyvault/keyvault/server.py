@@ -55,6 +55,8 @@ class KeyVaultServicer(keyvault_pb2_grpc.KeyVaultServicer):
         metrics.KEYS_STORED.labels(info.provider).inc()
         return key_info_message(info)
 
+    # Same shape as StoreKey/DeleteKey: each RPC authenticates under its own name, calls its own
+    # vault method and builds its own response; grpc reads each method's signature.
     async def GetKeyInfo(
         self, request: keyvault_pb2.KeyRef, context: grpc.aio.ServicerContext
     ) -> keyvault_pb2.KeyInfo:

@@ -22,6 +22,8 @@ ACQUIRE_TIMEOUT_S = 5.0
 COMMAND_TIMEOUT_S = 10.0
 
 
+# Same shape as gateway/auth.py's AuthError and key dataclasses: an exception and frozen
+# record types, each the domain of its own service; only the class layout is alike.
 class DatabaseUnavailable(Exception):
     """The database cannot be reached or refused the connection."""
 

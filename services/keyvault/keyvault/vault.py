@@ -80,6 +80,8 @@ class KeyVault:
         )
         return info
 
+    # key_info and reveal_key share their first lines (validate, fetch, KeyNotFound when absent)
+    # but read different store rows and return different types; a helper would save two lines.
     async def key_info(self, user_id: str, provider: str) -> CredentialInfo:
         validate_ref(user_id, provider)
         info = await self._store.info(user_id, provider)

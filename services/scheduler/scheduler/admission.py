@@ -25,6 +25,8 @@ GPU_SECONDS_PER_MONTH = "gpu_seconds_per_month"
 _MIN_RETRY_AFTER_S = 5
 
 
+# Same shape as providers.py's ProviderError, ProviderNotConfigured and Route: exceptions that
+# keep their own fields for the gRPC status mapping, then a frozen record; the fields differ.
 class AdmissionRefused(Exception):
     """Over a quota: RESOURCE_EXHAUSTED (HTTP 429) with Retry-After."""
 
@@ -170,6 +172,8 @@ def check_ceiling(usage: Usage, estimated_time_s: float, estimated_cost_usd: flo
 def check_quota(usage: Usage, estimated_time_s: float) -> None:
     """Raise AdmissionRefused when one more job of ``estimated_time_s`` is over a quota."""
     now = datetime.now(UTC)
+    # The three checks share a shape, not logic: each quota has its own test (the monthly one
+    # adds the estimate) and its own wording; a table of lambdas would read worse.
     active = usage.limit(ACTIVE_JOBS)
     if active is not None and active.exceeded:
         raise AdmissionRefused(

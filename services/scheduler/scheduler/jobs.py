@@ -602,6 +602,8 @@ class JobManager:
             log.info("expired artifacts removed", extra={"jobs": swept, "retention_days": days})
         return swept
 
+    # Same parameters as submit (less idempotency_key): the estimate is asked for the job that
+    # submit would receive; each signature is spelled out for its callers and mypy.
     async def estimate(
         self,
         user_id: str,
@@ -670,6 +672,8 @@ class JobManager:
         verdict.message = _without(verdict.message, api_key)
         return verdict
 
+    # Same shape as notify.EventHub.close: stopping a background task is cancel, gather, forget;
+    # the rest of each close (runners here, the listener connection there) differs.
     async def close(self) -> None:
         if self._lease_task is not None:
             self._lease_task.cancel()

@@ -247,6 +247,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         except (JobNotFound, NotReady, *_DB_ERRORS) as exc:
             await _abort_for(context, exc)
 
+    # Same shape as GetJobSpec and the other owned-job reads: each RPC reads through its own
+    # store call and builds its own response message; a shared wrapper would hide the
+    # request/response types that grpc and mypy read.
     @_rpc
     async def GetJobResult(
         self, request: scheduler_pb2.GetJobResultRequest, context: Any
@@ -470,6 +473,9 @@ class SchedulerServer:
         delay = 0.1
         while True:
             try:
+                # Same steps as keyvault/store.py's open_database (migrate, close the pool on
+                # failure), but each service has its own schema and migrations module, and
+                # service_runtime does not depend on asyncpg.
                 pool = await create_pool(self._dsn)
                 try:
                     async with pool.acquire() as conn:
