@@ -96,6 +96,8 @@ def run(job_dir: Path, threads: int, events: IO[str]) -> int:
     return 0
 
 
+# Same start-up shape as query_worker.main: each child process declares its own flags, logger
+# name and run loop; only the argparse/signal calls line up.
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m compute_local.child")
     parser.add_argument("--job-dir", type=Path, required=True)

@@ -596,13 +596,7 @@ class LocalRunner:
         worker is still being found is never sent to it (``_run_query`` checks)."""
         if job.worker is not None:
             await job.worker.cancel(self._store.job_dir(job.record.provider_job_id).resolve())
-        try:
-            await asyncio.wait_for(job.done.wait(), self._cancel_grace_s)
-        except TimeoutError:
-            log.warning(
-                "query worker ignored the cancel; retiring it",
-                extra={"provider_job_id": job.record.provider_job_id},
-            )
+        if not await self._ended_within_grace(job, "query worker ignored the cancel; retiring it"):
             if job.worker is not None:
                 await self.warm.discard(job.worker)
             await job.done.wait()
@@ -656,16 +650,20 @@ class LocalRunner:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.process.pid, signum)
 
-    async def _terminate(self, job: Job) -> None:
-        """SIGTERM the child's process group, SIGKILL it after the grace period, wait until gone."""
-        self._signal(job, signal.SIGTERM)
+    async def _ended_within_grace(self, job: Job, warning: str) -> bool:
+        """Wait up to the cancel grace period for ``job`` to end; False (logged as ``warning``)
+        when it is still running."""
         try:
             await asyncio.wait_for(job.done.wait(), self._cancel_grace_s)
         except TimeoutError:
-            log.warning(
-                "child ignored SIGTERM; killing it",
-                extra={"provider_job_id": job.record.provider_job_id},
-            )
+            log.warning(warning, extra={"provider_job_id": job.record.provider_job_id})
+            return False
+        return True
+
+    async def _terminate(self, job: Job) -> None:
+        """SIGTERM the child's process group, SIGKILL it after the grace period, wait until gone."""
+        self._signal(job, signal.SIGTERM)
+        if not await self._ended_within_grace(job, "child ignored SIGTERM; killing it"):
             self._signal(job, signal.SIGKILL)
             await job.done.wait()
 

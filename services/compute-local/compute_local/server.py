@@ -35,6 +35,8 @@ _MAX_JOB_ID_CHARS = 256
 ARTIFACT_CHUNK_BYTES = 1024 * 1024
 
 
+# Same shape as compute-modal's servicer: both implement the ComputeProvider RPCs by name over
+# their own backend (a runner here, a provider there); only the signatures line up.
 class ComputeLocalServicer(compute_pb2_grpc.ComputeProviderServicer):
     def __init__(self, runner: LocalRunner) -> None:
         self._runner = runner
@@ -104,6 +106,7 @@ class ComputeLocalServicer(compute_pb2_grpc.ComputeProviderServicer):
             stage_message=status.stage_message,
         )
 
+    # Same try/abort shape as GetStatus: each RPC maps its own runner errors to its own status codes.
     async def GetResult(
         self, request: compute_pb2.GetResultRequest, context: grpc.aio.ServicerContext
     ) -> compute_pb2.GetResultResponse:
@@ -181,6 +184,7 @@ class ComputeLocalServer:
     def port(self) -> int:
         return self.grpc.port
 
+    # Same opening as keyvault's start (serve, not ready yet); what makes each ready differs.
     async def start(self) -> None:
         """Serve; readiness turns SERVING once the stored jobs are loaded and the queue runs."""
         await self.grpc.server.start()

@@ -17,6 +17,8 @@ from influence.v1 import compute_pb2_grpc
 ServiceFactory = Callable[..., Awaitable[ComputeLocalServer]]
 
 
+# Same factory-fixture shape as the gateway's make_gateway: each fills its own service's
+# settings and stops what it started; the two test suites share no conftest.
 @pytest.fixture
 async def start_compute_local(tmp_path: Path) -> AsyncIterator[ServiceFactory]:
     """Start compute-local (work dir under tmp_path unless given); every started one is stopped."""

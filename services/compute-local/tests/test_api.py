@@ -40,6 +40,8 @@ async def service(tmp_path: Path) -> AsyncIterator[ComputeLocalServer]:
     await running.stop()
 
 
+# Same shape as keyvault's conftest channel/stub fixtures: each binds its own server type and
+# stub class; no test package is shared between the two services.
 @pytest.fixture
 async def channel(service: ComputeLocalServer) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as opened:

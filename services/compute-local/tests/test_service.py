@@ -106,6 +106,8 @@ def _event_dicts(events: list[common_pb2.ProgressEvent]) -> list[dict[str, Any]]
     return [json.loads(event.event_json) for event in events]
 
 
+# Each slow test opens the same way (start, connect, build a SubmitRequest); the specs and
+# assertions that follow differ, so the three lines stay in every test rather than a fixture.
 @pytest.mark.slow
 async def test_experiment_runs_to_a_result_that_survives_a_restart(
     start_compute_local: ServiceFactory, connect: Callable[..., compute_pb2_grpc.ComputeProviderStub]

@@ -31,6 +31,8 @@ _CALL_SUFFIX = "#call"
 _CANCEL_SUFFIX = "#cancelled"
 
 
+# Same shape class after class: each error names its own gRPC status code; a table or factory
+# would hide the names the servicer and the tests catch by.
 class ProviderError(Exception):
     """An error for the caller; ``code`` is the gRPC status code name."""
 
@@ -134,6 +136,8 @@ class ModalProvider:
             return Verification(False, str(exc))
         return Verification(True, f"Modal is ready: {self._target} is deployed")
 
+    # Same parameter list as compute-local's LocalRunner.submit and compute-runpod's provider: each
+    # takes the SubmitRequest fields it uses, in proto order; the backends differ past the list.
     async def submit(
         self,
         job_id: str,

@@ -76,6 +76,8 @@ class ComputeModalServicer(compute_pb2_grpc.ComputeProviderServicer):
     async def Submit(
         self, request: compute_pb2.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> compute_pb2.SubmitResponse:
+        # Same unpacking of artifact_uploads/parent_artifacts as compute-runpod's Submit; each
+        # service's servicer stays on its own (no lib holds servicer code), around its own call.
         async with _errors(context):
             call_id = await self._provider.submit(
                 request.job_id,

@@ -238,6 +238,8 @@ async def test_missing_token_is_a_clear_error_not_a_crash(
         await service.stop()
 
 
+# Same start/connect/close frame as the missing-token test above: each checks a different
+# failure's messages and status, which are the point of the test, so they stay inline.
 async def test_undeployed_app_is_a_clear_error(make_spec: Spec) -> None:
     settings = Settings.load(compute_modal_port=0, compute_modal_metrics_port=-1)
     service = await start_service(settings, InProcessModal(deployed=False), registry=CollectorRegistry())
