@@ -13,7 +13,7 @@ from service_runtime.settings import ServiceSettings
 S = TypeVar("S", bound=ServiceSettings)
 
 
-def run_service(settings_type: type[S], serve: Callable[[S], Coroutine[Any, Any, None]]) -> int:
+def run_main(settings_type: type[S], serve: Callable[[S], Coroutine[Any, Any, None]]) -> int:
     """Load ``settings_type`` (a bad setting exits with EXIT_BAD_SETTINGS), log as its
     ``service_name`` at its ``log_level``, run ``serve`` to completion; returns 0."""
     settings = settings_type.load_or_exit()

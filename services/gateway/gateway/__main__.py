@@ -6,11 +6,11 @@ import sys
 
 from gateway.config import Settings
 from gateway.server import serve
-from service_runtime.entrypoint import run_service
+from service_runtime.entrypoint import run_main
 
 
 def main() -> int:
-    return run_service(Settings, serve)
+    return run_main(Settings, serve)
 
 
 if __name__ == "__main__":

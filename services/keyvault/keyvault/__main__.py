@@ -18,7 +18,7 @@ from service_runtime.logs import configure_logging
 log = logging.getLogger("keyvault")
 
 
-# Not service_runtime.entrypoint.run_service: keyvault has a rotate subcommand and maps a
+# Not service_runtime.entrypoint.run_main: keyvault has a rotate subcommand and maps a
 # down database or a too-new schema to exit 1, which the plain serve-only shape does not.
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m keyvault", description=__doc__)

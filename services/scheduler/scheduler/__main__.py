@@ -13,7 +13,7 @@ from scheduler.server import serve
 from service_runtime.logs import configure_logging
 
 
-# Not service_runtime.entrypoint.run_service: the migrate subcommand needs the settings
+# Not service_runtime.entrypoint.run_main: the migrate subcommand needs the settings
 # before choosing what to run, which the plain serve-only shape does not offer.
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m scheduler")
