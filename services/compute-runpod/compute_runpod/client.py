@@ -92,11 +92,7 @@ class RunPodClient:
             key,
             idempotent=True,
         )
-        if response.status_code == 404:
-            return None
-        if response.status_code != 200:
-            raise _unexpected("reading the serverless endpoint", response)
-        return _json(response)
+        return _found(response, "reading the serverless endpoint")
 
     async def create_endpoint(self, key: str, body: dict[str, Any]) -> dict[str, Any]:
         response = await self._request(
@@ -200,11 +196,7 @@ class RunPodClient:
             key,
             idempotent=True,
         )
-        if response.status_code == 404:
-            return None
-        if response.status_code != 200:
-            raise _unexpected("cancelling the job", response)
-        return _json(response)
+        return _found(response, "cancelling the job")
 
     async def _job_get(
         self,
@@ -223,11 +215,7 @@ class RunPodClient:
             idempotent=True,
             timeout=timeout,
         )
-        if response.status_code == 404:
-            return None
-        if response.status_code != 200:
-            raise _unexpected("reading the job", response)
-        body = _json(response)
+        body = _found(response, "reading the job")
         return body if isinstance(body, dict) else None
 
     # ---- transport ---------------------------------------------------------------------
@@ -345,6 +333,15 @@ def _json(response: httpx.Response) -> Any:
         return response.json()
     except ValueError:
         return None
+
+
+def _found(response: httpx.Response, action: str) -> Any:
+    """The JSON body of a 200, None for a 404 (RunPod knows no such thing), else the refusal."""
+    if response.status_code == 404:
+        return None
+    if response.status_code != 200:
+        raise _unexpected(action, response)
+    return _json(response)
 
 
 def _unexpected(action: str, response: httpx.Response) -> ProviderError:
