@@ -71,13 +71,7 @@ class RunPodClient:
     # ---- endpoints (REST v2) -----------------------------------------------------------
 
     async def list_endpoints(self, key: str) -> list[dict[str, Any]]:
-        response = await self._request(
-            "serverless.list",
-            "GET",
-            f"{self._settings.runpod_rest_base_url}/serverless",
-            key,
-            idempotent=True,
-        )
+        response = await self._rest_get("serverless.list", "/serverless", key)
         if response.status_code != 200:
             raise _unexpected("listing your serverless endpoints", response)
         body = _json(response)
@@ -85,13 +79,7 @@ class RunPodClient:
         return [e for e in endpoints or [] if isinstance(e, dict)]
 
     async def get_endpoint(self, key: str, endpoint_id: str) -> dict[str, Any] | None:
-        response = await self._request(
-            "serverless.get",
-            "GET",
-            f"{self._settings.runpod_rest_base_url}/serverless/{endpoint_id}",
-            key,
-            idempotent=True,
-        )
+        response = await self._rest_get("serverless.get", f"/serverless/{endpoint_id}", key)
         return _found(response, "reading the serverless endpoint")
 
     async def create_endpoint(self, key: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -125,13 +113,7 @@ class RunPodClient:
         return _json(response)
 
     async def get_template(self, key: str, template_id: str) -> dict[str, Any]:
-        response = await self._request(
-            "templates.get",
-            "GET",
-            f"{self._settings.runpod_rest_base_url}/templates/{template_id}",
-            key,
-            idempotent=True,
-        )
+        response = await self._rest_get("templates.get", f"/templates/{template_id}", key)
         if response.status_code != 200:
             raise _unexpected(f"reading the worker template {template_id}", response)
         body = _json(response)
@@ -139,13 +121,7 @@ class RunPodClient:
 
     async def endpoint_workers(self, key: str, endpoint_id: str) -> dict[str, Any]:
         """The workers summary: running, idle, initializing, throttled, unhealthy, total."""
-        response = await self._request(
-            "serverless.workers",
-            "GET",
-            f"{self._settings.runpod_rest_base_url}/serverless/{endpoint_id}/workers",
-            key,
-            idempotent=True,
-        )
+        response = await self._rest_get("serverless.workers", f"/serverless/{endpoint_id}/workers", key)
         if response.status_code != 200:
             raise _unexpected("reading the endpoint's workers", response)
         body = _json(response)
@@ -219,6 +195,12 @@ class RunPodClient:
         return body if isinstance(body, dict) else None
 
     # ---- transport ---------------------------------------------------------------------
+
+    async def _rest_get(self, route: str, path: str, key: str) -> httpx.Response:
+        """A GET of the REST API (safe to repeat): ``path`` under the REST base URL."""
+        return await self._request(
+            route, "GET", f"{self._settings.runpod_rest_base_url}{path}", key, idempotent=True
+        )
 
     async def _request(
         self,

@@ -294,14 +294,13 @@ async def test_job_on_users_account_streams_progress_and_result(
     account = user("u-job", prepared.endpoint_id)
     # No GPU at first: the researcher is told the job waits for a worker.
     stack.fake.set_throttled(True)
-    submitted = await stack.stub.Submit(
-        compute_pb2.SubmitRequest(
-            job_id="job-1",
-            account=account,
-            spec_json=spec_bytes(),
-            estimated_cost_usd=0.5,
-        )
+    submit = compute_pb2.SubmitRequest(
+        job_id="job-1",
+        account=account,
+        spec_json=spec_bytes(),
+        estimated_cost_usd=0.5,
     )
+    submitted = await stack.stub.Submit(submit)
     queued = await stack.stub.GetStatus(
         compute_pb2.GetStatusRequest(
             provider_job_id=submitted.provider_job_id,
@@ -339,14 +338,7 @@ async def test_job_on_users_account_streams_progress_and_result(
     assert job.execution_timeout_s == 7200
 
     # A resubmission of the same scheduler job is not sent to RunPod again.
-    again = await stack.stub.Submit(
-        compute_pb2.SubmitRequest(
-            job_id="job-1",
-            account=account,
-            spec_json=spec_bytes(),
-            estimated_cost_usd=0.5,
-        )
-    )
+    again = await stack.stub.Submit(submit)
     assert again.provider_job_id == submitted.provider_job_id
     assert len(stack.fake.calls("job.run")) == 1
 
