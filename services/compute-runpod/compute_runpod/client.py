@@ -72,9 +72,7 @@ class RunPodClient:
 
     async def list_endpoints(self, key: str) -> list[dict[str, Any]]:
         response = await self._rest_get("serverless.list", "/serverless", key)
-        if response.status_code != 200:
-            raise _unexpected("listing your serverless endpoints", response)
-        body = _json(response)
+        body = _ok(response, "listing your serverless endpoints")
         endpoints = body.get("endpoints", []) if isinstance(body, dict) else body
         return [e for e in endpoints or [] if isinstance(e, dict)]
 
@@ -108,23 +106,17 @@ class RunPodClient:
             json=body,
             idempotent=True,
         )
-        if response.status_code != 200:
-            raise _unexpected("updating the serverless endpoint", response)
-        return _json(response)
+        return _ok(response, "updating the serverless endpoint")
 
     async def get_template(self, key: str, template_id: str) -> dict[str, Any]:
         response = await self._rest_get("templates.get", f"/templates/{template_id}", key)
-        if response.status_code != 200:
-            raise _unexpected(f"reading the worker template {template_id}", response)
-        body = _json(response)
+        body = _ok(response, f"reading the worker template {template_id}")
         return body if isinstance(body, dict) else {}
 
     async def endpoint_workers(self, key: str, endpoint_id: str) -> dict[str, Any]:
         """The workers summary: running, idle, initializing, throttled, unhealthy, total."""
         response = await self._rest_get("serverless.workers", f"/serverless/{endpoint_id}/workers", key)
-        if response.status_code != 200:
-            raise _unexpected("reading the endpoint's workers", response)
-        body = _json(response)
+        body = _ok(response, "reading the endpoint's workers")
         summary = body.get("summary") if isinstance(body, dict) else None
         return summary if isinstance(summary, dict) else {}
 
@@ -145,9 +137,7 @@ class RunPodClient:
                 "RunPod does not know the endpoint this job was sent to; prepare the account "
                 "again to recreate it",
             )
-        if response.status_code != 200:
-            raise _unexpected("submitting the job", response)
-        body = _json(response)
+        body = _ok(response, "submitting the job")
         if not isinstance(body, dict) or not body.get("id"):
             raise ProviderError(Code.UNAVAILABLE, "RunPod accepted the job but returned no job id")
         return body
@@ -321,6 +311,11 @@ def _found(response: httpx.Response, action: str) -> Any:
     """The JSON body of a 200, None for a 404 (RunPod knows no such thing), else the refusal."""
     if response.status_code == 404:
         return None
+    return _ok(response, action)
+
+
+def _ok(response: httpx.Response, action: str) -> Any:
+    """The JSON body of a 200, else the refusal of ``action``."""
     if response.status_code != 200:
         raise _unexpected(action, response)
     return _json(response)
