@@ -71,23 +71,18 @@ class RunPodClient:
     # ---- endpoints (REST v2) -----------------------------------------------------------
 
     async def list_endpoints(self, key: str) -> list[dict[str, Any]]:
-        response = await self._rest_get("serverless.list", "/serverless", key)
+        response = await self._rest("serverless.list", "/serverless", key)
         body = _ok(response, "listing your serverless endpoints")
         endpoints = body.get("endpoints", []) if isinstance(body, dict) else body
         return [e for e in endpoints or [] if isinstance(e, dict)]
 
     async def get_endpoint(self, key: str, endpoint_id: str) -> dict[str, Any] | None:
-        response = await self._rest_get("serverless.get", f"/serverless/{endpoint_id}", key)
+        response = await self._rest("serverless.get", f"/serverless/{endpoint_id}", key)
         return _found(response, "reading the serverless endpoint")
 
     async def create_endpoint(self, key: str, body: dict[str, Any]) -> dict[str, Any]:
-        response = await self._request(
-            "serverless.create",
-            "POST",
-            f"{self._settings.runpod_rest_base_url}/serverless",
-            key,
-            json=body,
-            idempotent=False,
+        response = await self._rest(
+            "serverless.create", "/serverless", key, method="POST", json=body, idempotent=False
         )
         if response.status_code not in (200, 201):
             raise _unexpected("creating the serverless endpoint", response)
@@ -98,24 +93,19 @@ class RunPodClient:
 
     async def update_endpoint(self, key: str, endpoint_id: str, body: dict[str, Any]) -> dict[str, Any]:
         """PATCH: a partial update; container changes roll out as a release as workers cycle."""
-        response = await self._request(
-            "serverless.update",
-            "PATCH",
-            f"{self._settings.runpod_rest_base_url}/serverless/{endpoint_id}",
-            key,
-            json=body,
-            idempotent=True,
+        response = await self._rest(
+            "serverless.update", f"/serverless/{endpoint_id}", key, method="PATCH", json=body
         )
         return _ok(response, "updating the serverless endpoint")
 
     async def get_template(self, key: str, template_id: str) -> dict[str, Any]:
-        response = await self._rest_get("templates.get", f"/templates/{template_id}", key)
+        response = await self._rest("templates.get", f"/templates/{template_id}", key)
         body = _ok(response, f"reading the worker template {template_id}")
         return body if isinstance(body, dict) else {}
 
     async def endpoint_workers(self, key: str, endpoint_id: str) -> dict[str, Any]:
         """The workers summary: running, idle, initializing, throttled, unhealthy, total."""
-        response = await self._rest_get("serverless.workers", f"/serverless/{endpoint_id}/workers", key)
+        response = await self._rest("serverless.workers", f"/serverless/{endpoint_id}/workers", key)
         body = _ok(response, "reading the endpoint's workers")
         summary = body.get("summary") if isinstance(body, dict) else None
         return summary if isinstance(summary, dict) else {}
@@ -186,10 +176,23 @@ class RunPodClient:
 
     # ---- transport ---------------------------------------------------------------------
 
-    async def _rest_get(self, route: str, path: str, key: str) -> httpx.Response:
-        """A GET of the REST API (safe to repeat): ``path`` under the REST base URL."""
+    async def _rest(
+        self,
+        route: str,
+        path: str,
+        key: str,
+        method: str = "GET",
+        json: dict[str, Any] | None = None,
+        idempotent: bool = True,
+    ) -> httpx.Response:
+        """A call of the REST API: ``path`` under the REST base URL."""
         return await self._request(
-            route, "GET", f"{self._settings.runpod_rest_base_url}{path}", key, idempotent=True
+            route,
+            method,
+            f"{self._settings.runpod_rest_base_url}{path}",
+            key,
+            json=json,
+            idempotent=idempotent,
         )
 
     async def _request(
