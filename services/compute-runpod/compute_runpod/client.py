@@ -235,11 +235,7 @@ class RunPodClient:
                 if idempotent and not last:
                     await asyncio.sleep(self._backoff(attempt))
                     continue
-                detail = (
-                    " RunPod may or may not have received it; it was not sent again."
-                    if not idempotent
-                    else ""
-                )
+                detail = _not_sent_again(idempotent, "received")
                 raise ProviderError(
                     Code.UNAVAILABLE,
                     f"RunPod did not answer ({type(exc).__name__}).{detail}",
@@ -261,11 +257,7 @@ class RunPodClient:
                 if idempotent and not last:
                     await asyncio.sleep(self._backoff(attempt))
                     continue
-                detail = (
-                    " RunPod may or may not have accepted it; it was not sent again."
-                    if not idempotent
-                    else ""
-                )
+                detail = _not_sent_again(idempotent, "accepted")
                 raise ProviderError(
                     Code.UNAVAILABLE, f"RunPod answered with a server error (HTTP {status}).{detail}"
                 )
@@ -301,6 +293,11 @@ def _retry_after_s(response: httpx.Response) -> float:
     except (TypeError, ValueError):
         return 0.0
     return max(0.0, moment.timestamp() - time.time())
+
+
+def _not_sent_again(idempotent: bool, verb: str) -> str:
+    """What an error adds when a call that is not safe to repeat failed after it left."""
+    return "" if idempotent else f" RunPod may or may not have {verb} it; it was not sent again."
 
 
 def _json(response: httpx.Response) -> Any:
