@@ -71,41 +71,18 @@ class RunPodClient:
     # ---- endpoints (REST v2) -----------------------------------------------------------
 
     async def list_endpoints(self, key: str) -> list[dict[str, Any]]:
-        response = await self._request(
-            "serverless.list",
-            "GET",
-            f"{self._settings.runpod_rest_base_url}/serverless",
-            key,
-            idempotent=True,
-        )
-        if response.status_code != 200:
-            raise _unexpected("listing your serverless endpoints", response)
-        body = _json(response)
+        response = await self._rest("serverless.list", "/serverless", key)
+        body = _ok(response, "listing your serverless endpoints")
         endpoints = body.get("endpoints", []) if isinstance(body, dict) else body
         return [e for e in endpoints or [] if isinstance(e, dict)]
 
     async def get_endpoint(self, key: str, endpoint_id: str) -> dict[str, Any] | None:
-        response = await self._request(
-            "serverless.get",
-            "GET",
-            f"{self._settings.runpod_rest_base_url}/serverless/{endpoint_id}",
-            key,
-            idempotent=True,
-        )
-        if response.status_code == 404:
-            return None
-        if response.status_code != 200:
-            raise _unexpected("reading the serverless endpoint", response)
-        return _json(response)
+        response = await self._rest("serverless.get", f"/serverless/{endpoint_id}", key)
+        return _found(response, "reading the serverless endpoint")
 
     async def create_endpoint(self, key: str, body: dict[str, Any]) -> dict[str, Any]:
-        response = await self._request(
-            "serverless.create",
-            "POST",
-            f"{self._settings.runpod_rest_base_url}/serverless",
-            key,
-            json=body,
-            idempotent=False,
+        response = await self._rest(
+            "serverless.create", "/serverless", key, method="POST", json=body, idempotent=False
         )
         if response.status_code not in (200, 201):
             raise _unexpected("creating the serverless endpoint", response)
@@ -116,43 +93,20 @@ class RunPodClient:
 
     async def update_endpoint(self, key: str, endpoint_id: str, body: dict[str, Any]) -> dict[str, Any]:
         """PATCH: a partial update; container changes roll out as a release as workers cycle."""
-        response = await self._request(
-            "serverless.update",
-            "PATCH",
-            f"{self._settings.runpod_rest_base_url}/serverless/{endpoint_id}",
-            key,
-            json=body,
-            idempotent=True,
+        response = await self._rest(
+            "serverless.update", f"/serverless/{endpoint_id}", key, method="PATCH", json=body
         )
-        if response.status_code != 200:
-            raise _unexpected("updating the serverless endpoint", response)
-        return _json(response)
+        return _ok(response, "updating the serverless endpoint")
 
     async def get_template(self, key: str, template_id: str) -> dict[str, Any]:
-        response = await self._request(
-            "templates.get",
-            "GET",
-            f"{self._settings.runpod_rest_base_url}/templates/{template_id}",
-            key,
-            idempotent=True,
-        )
-        if response.status_code != 200:
-            raise _unexpected(f"reading the worker template {template_id}", response)
-        body = _json(response)
+        response = await self._rest("templates.get", f"/templates/{template_id}", key)
+        body = _ok(response, f"reading the worker template {template_id}")
         return body if isinstance(body, dict) else {}
 
     async def endpoint_workers(self, key: str, endpoint_id: str) -> dict[str, Any]:
         """The workers summary: running, idle, initializing, throttled, unhealthy, total."""
-        response = await self._request(
-            "serverless.workers",
-            "GET",
-            f"{self._settings.runpod_rest_base_url}/serverless/{endpoint_id}/workers",
-            key,
-            idempotent=True,
-        )
-        if response.status_code != 200:
-            raise _unexpected("reading the endpoint's workers", response)
-        body = _json(response)
+        response = await self._rest("serverless.workers", f"/serverless/{endpoint_id}/workers", key)
+        body = _ok(response, "reading the endpoint's workers")
         summary = body.get("summary") if isinstance(body, dict) else None
         return summary if isinstance(summary, dict) else {}
 
@@ -173,9 +127,7 @@ class RunPodClient:
                 "RunPod does not know the endpoint this job was sent to; prepare the account "
                 "again to recreate it",
             )
-        if response.status_code != 200:
-            raise _unexpected("submitting the job", response)
-        body = _json(response)
+        body = _ok(response, "submitting the job")
         if not isinstance(body, dict) or not body.get("id"):
             raise ProviderError(Code.UNAVAILABLE, "RunPod accepted the job but returned no job id")
         return body
@@ -200,11 +152,7 @@ class RunPodClient:
             key,
             idempotent=True,
         )
-        if response.status_code == 404:
-            return None
-        if response.status_code != 200:
-            raise _unexpected("cancelling the job", response)
-        return _json(response)
+        return _found(response, "cancelling the job")
 
     async def _job_get(
         self,
@@ -223,14 +171,29 @@ class RunPodClient:
             idempotent=True,
             timeout=timeout,
         )
-        if response.status_code == 404:
-            return None
-        if response.status_code != 200:
-            raise _unexpected("reading the job", response)
-        body = _json(response)
+        body = _found(response, "reading the job")
         return body if isinstance(body, dict) else None
 
     # ---- transport ---------------------------------------------------------------------
+
+    async def _rest(
+        self,
+        route: str,
+        path: str,
+        key: str,
+        method: str = "GET",
+        json: dict[str, Any] | None = None,
+        idempotent: bool = True,
+    ) -> httpx.Response:
+        """A call of the REST API: ``path`` under the REST base URL."""
+        return await self._request(
+            route,
+            method,
+            f"{self._settings.runpod_rest_base_url}{path}",
+            key,
+            json=json,
+            idempotent=idempotent,
+        )
 
     async def _request(
         self,
@@ -272,11 +235,7 @@ class RunPodClient:
                 if idempotent and not last:
                     await asyncio.sleep(self._backoff(attempt))
                     continue
-                detail = (
-                    " RunPod may or may not have received it; it was not sent again."
-                    if not idempotent
-                    else ""
-                )
+                detail = _not_sent_again(idempotent, "received")
                 raise ProviderError(
                     Code.UNAVAILABLE,
                     f"RunPod did not answer ({type(exc).__name__}).{detail}",
@@ -298,11 +257,7 @@ class RunPodClient:
                 if idempotent and not last:
                     await asyncio.sleep(self._backoff(attempt))
                     continue
-                detail = (
-                    " RunPod may or may not have accepted it; it was not sent again."
-                    if not idempotent
-                    else ""
-                )
+                detail = _not_sent_again(idempotent, "accepted")
                 raise ProviderError(
                     Code.UNAVAILABLE, f"RunPod answered with a server error (HTTP {status}).{detail}"
                 )
@@ -340,11 +295,30 @@ def _retry_after_s(response: httpx.Response) -> float:
     return max(0.0, moment.timestamp() - time.time())
 
 
+def _not_sent_again(idempotent: bool, verb: str) -> str:
+    """What an error adds when a call that is not safe to repeat failed after it left."""
+    return "" if idempotent else f" RunPod may or may not have {verb} it; it was not sent again."
+
+
 def _json(response: httpx.Response) -> Any:
     try:
         return response.json()
     except ValueError:
         return None
+
+
+def _found(response: httpx.Response, action: str) -> Any:
+    """The JSON body of a 200, None for a 404 (RunPod knows no such thing), else the refusal."""
+    if response.status_code == 404:
+        return None
+    return _ok(response, action)
+
+
+def _ok(response: httpx.Response, action: str) -> Any:
+    """The JSON body of a 200, else the refusal of ``action``."""
+    if response.status_code != 200:
+        raise _unexpected(action, response)
+    return _json(response)
 
 
 def _unexpected(action: str, response: httpx.Response) -> ProviderError:

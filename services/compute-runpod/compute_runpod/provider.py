@@ -297,6 +297,8 @@ class RunPodProvider:
 
     # ---- jobs ----------------------------------------------------------------------------
 
+    # Same shape as compute-modal's submit: the parameter list mirrors compute.proto's
+    # SubmitRequest, which each provider takes in its own service.
     async def submit(
         self,
         job_id: str,

@@ -77,6 +77,8 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
         )
 
     async def Submit(self, request, context):
+        # Same shape as compute-modal's Submit: each provider forwards the SubmitRequest's fields
+        # into its own provider.submit; sharing it would couple two services' servers.
         provider_job_id = await self._call(
             context,
             lambda: self._provider.submit(
@@ -190,6 +192,8 @@ class ComputeRunPodServer:
             self.metrics_server.stop()
 
 
+# Same shape as the gateway's start_gateway/serve: each service's entry points name its own server
+# class and service name around service_runtime.lifecycle, which already holds the shared logic.
 async def start_server(settings: Settings) -> ComputeRunPodServer:
     """Start compute-runpod (port 0 picks a free port: see ``.port``), ready at once."""
     server = ComputeRunPodServer(settings)

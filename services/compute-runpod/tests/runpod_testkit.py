@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import secrets
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import grpc
 
 from compute_runpod.server import ComputeRunPodServer
-from devstack.fake_runpod import FakeRunPod
+from devstack.fake_runpod import WORKER_HANDLER, FakeRunPod
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc, keyvault_pb2, keyvault_pb2_grpc
 
 TEMPLATE_ID = "influence-template"
@@ -36,6 +38,15 @@ def spec_bytes(**changes: Any) -> bytes:
     return json.dumps({**SMALL_SPEC, **changes}).encode()
 
 
+def load_worker_handler(module_name: str) -> ModuleType:
+    """The RunPod worker's handler module, loaded from its file as ``module_name``."""
+    spec = importlib.util.spec_from_file_location(module_name, WORKER_HANDLER)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def new_key() -> str:
     # Not shaped like "rpa_...": the log redaction must not be what hides a leak.
     return "key" + secrets.token_hex(20)
@@ -58,6 +69,14 @@ class Stack:
             metadata=(("x-caller-token", GATEWAY_TOKEN),),
         )
 
+    async def get_status(
+        self, provider_job_id: str, account: common_pb2.Account, cursor: str
+    ) -> compute_pb2.GetStatusResponse:
+        """One GetStatus from ``cursor``."""
+        return await self.stub.GetStatus(
+            compute_pb2.GetStatusRequest(provider_job_id=provider_job_id, account=account, cursor=cursor)
+        )
+
     async def wait_terminal(
         self, provider_job_id: str, account: common_pb2.Account, limit_s: float = 240
     ) -> tuple[compute_pb2.GetStatusResponse, list[common_pb2.ProgressEvent], list[str]]:
@@ -66,13 +85,7 @@ class Stack:
         cursor, events, stage_messages = "", [], []
         async with asyncio.timeout(limit_s):
             while True:
-                answer = await self.stub.GetStatus(
-                    compute_pb2.GetStatusRequest(
-                        provider_job_id=provider_job_id,
-                        account=account,
-                        cursor=cursor,
-                    )
-                )
+                answer = await self.get_status(provider_job_id, account, cursor)
                 events.extend(answer.events)
                 stage_messages.append(answer.stage_message)
                 cursor = answer.cursor

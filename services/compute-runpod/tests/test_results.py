@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from types import ModuleType
 
 import pytest
+from runpod_testkit import load_worker_handler
 
 from compute_runpod.errors import ProviderError
 from compute_runpod.results import assemble_result, error_text, final_result
-from devstack.fake_runpod import WORKER_HANDLER
 
 
 @pytest.fixture(scope="module")
 def worker() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("runpod_worker_under_test", WORKER_HANDLER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_worker_handler("runpod_worker_under_test")
 
 
 RESULT = {"text": 'quotes " and \\ backslashes \u00e9', "scores": [[0.125] * 50] * 20}

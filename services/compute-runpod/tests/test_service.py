@@ -8,6 +8,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -32,6 +33,11 @@ def new_key_with(stack: Stack, balance: float) -> str:
 
 
 HOSTED = common_pb2.Account(user_id="operator-tier-user", hosted=True)
+
+
+def hosted_submit(job_id: str, **spec_changes: Any) -> compute_pb2.SubmitRequest:
+    """A Submit of the small spec (with ``spec_changes``) on the operator's hosted account."""
+    return compute_pb2.SubmitRequest(job_id=job_id, account=HOSTED, spec_json=spec_bytes(**spec_changes))
 
 
 def user(user_id: str = "u1", endpoint_id: str = "") -> common_pb2.Account:
@@ -105,13 +111,7 @@ async def test_key_valid_while_graphql_is_gone_is_accepted_with_a_balance_note(s
     assert [c.status for c in stack.fake.calls("serverless.list")] == [200]
     stack.fake.set_throttled(True)  # what is checked is the submission: no worker needs to start
     # Submitting skips the balance check it cannot make; the execution timeout still applies.
-    submitted = await stack.stub.Submit(
-        compute_pb2.SubmitRequest(
-            job_id="job-nographql",
-            account=HOSTED,
-            spec_json=spec_bytes(),
-        )
-    )
+    submitted = await stack.stub.Submit(hosted_submit("job-nographql"))
     assert stack.fake.job(submitted.provider_job_id).execution_timeout_s == 7200
     poor = new_key()
     stack.fake.add_key(poor, balance=0.25)
@@ -294,14 +294,13 @@ async def test_job_on_users_account_streams_progress_and_result(
     account = user("u-job", prepared.endpoint_id)
     # No GPU at first: the researcher is told the job waits for a worker.
     stack.fake.set_throttled(True)
-    submitted = await stack.stub.Submit(
-        compute_pb2.SubmitRequest(
-            job_id="job-1",
-            account=account,
-            spec_json=spec_bytes(),
-            estimated_cost_usd=0.5,
-        )
+    submit = compute_pb2.SubmitRequest(
+        job_id="job-1",
+        account=account,
+        spec_json=spec_bytes(),
+        estimated_cost_usd=0.5,
     )
+    submitted = await stack.stub.Submit(submit)
     queued = await stack.stub.GetStatus(
         compute_pb2.GetStatusRequest(
             provider_job_id=submitted.provider_job_id,
@@ -339,14 +338,7 @@ async def test_job_on_users_account_streams_progress_and_result(
     assert job.execution_timeout_s == 7200
 
     # A resubmission of the same scheduler job is not sent to RunPod again.
-    again = await stack.stub.Submit(
-        compute_pb2.SubmitRequest(
-            job_id="job-1",
-            account=account,
-            spec_json=spec_bytes(),
-            estimated_cost_usd=0.5,
-        )
-    )
+    again = await stack.stub.Submit(submit)
     assert again.provider_job_id == submitted.provider_job_id
     assert len(stack.fake.calls("job.run")) == 1
 
@@ -375,13 +367,7 @@ def service_overrides(request: pytest.FixtureRequest) -> dict[str, object]:
 @pytest.mark.parametrize("service_overrides", [{"runpod_queue_timeout_s": 0.2}], indirect=True)
 async def test_no_gpu_gives_plain_message_and_cancels(stack: Stack) -> None:
     stack.fake.set_throttled(True)
-    submitted = await stack.stub.Submit(
-        compute_pb2.SubmitRequest(
-            job_id="job-nogpu",
-            account=HOSTED,
-            spec_json=spec_bytes(),
-        )
-    )
+    submitted = await stack.stub.Submit(hosted_submit("job-nogpu"))
     final, _, _ = await stack.wait_terminal(submitted.provider_job_id, HOSTED, limit_s=30)
     assert final.state == common_pb2.JOB_STATE_FAILED
     assert final.error == NO_GPU
@@ -391,13 +377,7 @@ async def test_no_gpu_gives_plain_message_and_cancels(stack: Stack) -> None:
 
 async def test_execution_timeout_gives_plain_message(stack: Stack) -> None:
     stack.fake.execution_timeout_s = 0.0
-    submitted = await stack.stub.Submit(
-        compute_pb2.SubmitRequest(
-            job_id="job-timeout",
-            account=HOSTED,
-            spec_json=spec_bytes(),
-        )
-    )
+    submitted = await stack.stub.Submit(hosted_submit("job-timeout"))
     final, _, _ = await stack.wait_terminal(submitted.provider_job_id, HOSTED, limit_s=120)
     assert final.state == common_pb2.JOB_STATE_FAILED
     assert final.error.startswith("The job exceeded the execution timeout (7200 s)")
@@ -427,13 +407,7 @@ async def test_rate_limit_storm_then_one_submission_and_cancel(stack: Stack) -> 
     stack.fake.set_throttled(True)  # cancelled while queued: no worker needs to start
     stack.fake.fail_next("job.run", 429, times=2, retry_after=0.3)
     started = time.monotonic()
-    submitted = await stack.stub.Submit(
-        compute_pb2.SubmitRequest(
-            job_id="job-429",
-            account=HOSTED,
-            spec_json=spec_bytes(),
-        )
-    )
+    submitted = await stack.stub.Submit(hosted_submit("job-429"))
     assert time.monotonic() - started >= 0.6  # Retry-After honoured twice
     assert [c.status for c in stack.fake.calls("job.run")] == [429, 429, 200]
     assert stack.fake.job(submitted.provider_job_id) is not None
@@ -460,22 +434,12 @@ async def test_cancel_stops_the_gpu_work_mid_training(stack: Stack) -> None:
     stops at its next batch; the SDK logs "Job stopped." only after the handler has returned,
     which it does once the experiment thread has ended."""
     submitted = await stack.stub.Submit(
-        compute_pb2.SubmitRequest(
-            job_id="job-stop",
-            account=HOSTED,
-            spec_json=spec_bytes(hyperparams={**SMALL_SPEC["hyperparams"], "epochs": 100}),
-        )
+        hosted_submit("job-stop", hyperparams={**SMALL_SPEC["hyperparams"], "epochs": 100})
     )
     job_id, cursor = submitted.provider_job_id, ""
     async with asyncio.timeout(180):
         while True:
-            answer = await stack.stub.GetStatus(
-                compute_pb2.GetStatusRequest(
-                    provider_job_id=job_id,
-                    account=HOSTED,
-                    cursor=cursor,
-                )
-            )
+            answer = await stack.get_status(job_id, HOSTED, cursor)
             cursor = answer.cursor
             if any(e.stage == "training" and json.loads(e.event_json).get("step") for e in answer.events):
                 break
@@ -490,15 +454,7 @@ async def test_cancel_stops_the_gpu_work_mid_training(stack: Stack) -> None:
 
 async def test_rate_limit_that_does_not_end_is_resource_exhausted(stack: Stack) -> None:
     stack.fake.fail_next("job.run", 429, times=10, retry_after=0)
-    error = await rpc_error(
-        stack.stub.Submit(
-            compute_pb2.SubmitRequest(
-                job_id="job-429x",
-                account=HOSTED,
-                spec_json=spec_bytes(),
-            )
-        )
-    )
+    error = await rpc_error(stack.stub.Submit(hosted_submit("job-429x")))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert len(stack.fake.calls("job.run")) == 4  # RUNPOD_MAX_ATTEMPTS
     assert stack.fake.calls("job.run", method="POST")[-1].status == 429
@@ -506,15 +462,7 @@ async def test_rate_limit_that_does_not_end_is_resource_exhausted(stack: Stack) 
 
 async def test_server_errors_retried_only_where_safe(stack: Stack) -> None:
     stack.fake.fail_next("job.run", 502)
-    error = await rpc_error(
-        stack.stub.Submit(
-            compute_pb2.SubmitRequest(
-                job_id="job-502",
-                account=HOSTED,
-                spec_json=spec_bytes(),
-            )
-        )
-    )
+    error = await rpc_error(stack.stub.Submit(hosted_submit("job-502")))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert "not sent again" in error.details()
     assert len(stack.fake.calls("job.run")) == 1  # /run is never repeated after a 5xx
@@ -532,13 +480,7 @@ async def test_result_larger_than_a_stream_chunk_arrives_whole(
 ) -> None:
     monkeypatch.setenv("INFLUENCE_RESULT_CHUNK_BYTES", "600")
     stack.fake.max_chunk_bytes = 1024
-    submitted = await stack.stub.Submit(
-        compute_pb2.SubmitRequest(
-            job_id="job-big",
-            account=HOSTED,
-            spec_json=spec_bytes(),
-        )
-    )
+    submitted = await stack.stub.Submit(hosted_submit("job-big"))
     final, events, _ = await stack.wait_terminal(submitted.provider_job_id, HOSTED)
     assert final.state == common_pb2.JOB_STATE_COMPLETED and final.result_ready, final.error
     assert events
@@ -560,13 +502,7 @@ async def test_output_runpod_could_not_upload_is_a_plain_error(stack: Stack) -> 
     COMPLETED without output (runpod-python #309); the researcher is told the result was lost."""
     stack.fake.max_payload_bytes = 3_000
     stack.fake.worker_env["INFLUENCE_OUTPUT_LIMIT_BYTES"] = str(10**9)
-    submitted = await stack.stub.Submit(
-        compute_pb2.SubmitRequest(
-            job_id="job-lost",
-            account=HOSTED,
-            spec_json=spec_bytes(),
-        )
-    )
+    submitted = await stack.stub.Submit(hosted_submit("job-lost"))
     final, _, _ = await stack.wait_terminal(submitted.provider_job_id, HOSTED)
     assert final.state == common_pb2.JOB_STATE_FAILED
     assert final.error.startswith("The job finished but RunPod returned no output")
@@ -575,15 +511,7 @@ async def test_output_runpod_could_not_upload_is_a_plain_error(stack: Stack) -> 
 
 
 async def test_invalid_spec_names_the_field(stack: Stack) -> None:
-    error = await rpc_error(
-        stack.stub.Submit(
-            compute_pb2.SubmitRequest(
-                job_id="job-bad",
-                account=HOSTED,
-                spec_json=spec_bytes(training_data=[]),
-            )
-        )
-    )
+    error = await rpc_error(stack.stub.Submit(hosted_submit("job-bad", training_data=[])))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "training_data" in error.details()
     assert stack.fake.calls("job.run") == []

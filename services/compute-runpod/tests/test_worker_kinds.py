@@ -4,24 +4,19 @@ payload that does not fit with the field named."""
 
 from __future__ import annotations
 
-import importlib.util
 from types import ModuleType
 
 import pytest
+from runpod_testkit import load_worker_handler
 
 from benchmarks.planted import planted_duplicate_spec, stand_in_result
-from devstack.fake_runpod import WORKER_HANDLER
 from gpu_core.jobs import COUNTERFACTUAL, make_payload
 from gpu_core.schemas import parse_spec
 
 
 @pytest.fixture(scope="module")
 def worker() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("runpod_worker_kinds", WORKER_HANDLER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_worker_handler("runpod_worker_kinds")
 
 
 async def handle(worker: ModuleType, job: dict) -> list[dict]:

@@ -13,10 +13,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Response
 
 from gateway.deps import CurrentUser, Scheduler
-from gateway.jobs_api import JOB_NOT_FOUND, _checked_job_id, checked_idempotency_key
+from gateway.jobs_api import JOB_NOT_FOUND, _checked_job_id
 from gateway.later_jobs import get_later_job, later_job_view, list_later_jobs, submit_later_job
 from gateway.responses import ERRORS, error
-from gateway.views import estimate_view
+from gateway.views import estimate_view, submitted_view
 from gpu_core.jobs import COUNTERFACTUAL
 from gpu_core.schemas import CounterfactualRequest
 from influence.v1 import scheduler_pb2
@@ -26,7 +26,6 @@ from influence_client.models import (
     CounterfactualList,
     CounterfactualSubmitted,
 )
-from service_runtime.jobs import state_name
 
 # Routes declared like jobs_api's (see the note there on their shared shape).
 router = APIRouter(prefix="/api/jobs/{job_id}/counterfactual", tags=["counterfactual"], responses=ERRORS)
@@ -88,7 +87,6 @@ async def submit_check(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> dict[str, Any]:
     """Sending the same ``Idempotency-Key`` again answers the check it created the first time."""
-    checked_idempotency_key(idempotency_key)
     job = await submit_later_job(
         scheduler,
         user,
@@ -99,12 +97,7 @@ async def submit_check(
         "The scheduler is unavailable; the check was not submitted, try again",
     )
     response.headers["Location"] = f"/api/jobs/{job_id}/counterfactual/{job.id}"
-    return {
-        "counterfactual_job_id": job.id,
-        "status": state_name(job.state),
-        "estimated_time_s": job.estimated_time_s,
-        "estimated_cost_usd": job.estimated_cost_usd,
-    }
+    return submitted_view(job, "counterfactual_job_id")
 
 
 @router.get(

@@ -22,7 +22,10 @@ from service_runtime.jobs import TERMINAL_STATES, state_name
 
 # Each route is a declaration (path, summary, response model, errors) and one or two calls of
 # the typed SchedulerClient, which holds what calls share (trace, deadline, error mapping); the
-# declarations alike in shape are the API's surface, not logic to share (`duplicates` pairs them).
+# later-job routes share later_jobs, the views share views. The declarations alike in shape, here
+# and in counterfactual_api, queries_api and settings_api (`duplicates` pairs them), stay: each
+# route declares its own path, models and parameters, and a shared wrapper would hide the
+# signature FastAPI reads.
 router = APIRouter(prefix="/api", tags=["jobs"], responses=ERRORS)
 
 JOB_NOT_FOUND = "Job not found"

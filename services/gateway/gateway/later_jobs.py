@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gateway.jobs_api import JOB_NOT_FOUND, _checked_job_id, _get_job
+from gateway.jobs_api import JOB_NOT_FOUND, _checked_job_id, _get_job, checked_idempotency_key
 from gateway.upstream import ApiError, SchedulerClient
 from gateway.views import job_view
 from influence.v1 import scheduler_pb2
@@ -32,6 +32,9 @@ async def submit_later_job(
     idempotency_key: str | None,
     unavailable: str,
 ) -> scheduler_pb2.Job:
+    """Submit the experiment's later job of ``kind``; a resent ``idempotency_key`` answers the
+    job it created the first time (422 for a malformed key, before anything is sent)."""
+    checked_idempotency_key(idempotency_key)
     request = scheduler_pb2.SubmitJobRequest(
         user_id=user,
         idempotency_key=idempotency_key or "",

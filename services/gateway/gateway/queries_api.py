@@ -15,14 +15,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Response
 
 from gateway.deps import CurrentUser, Scheduler
-from gateway.jobs_api import checked_idempotency_key
 from gateway.later_jobs import get_later_job, later_job_view, list_later_jobs, submit_later_job
 from gateway.responses import ERRORS, error
+from gateway.views import submitted_view
 from gpu_core.jobs import QUERY
 from gpu_core.schemas import NO_SIZE_LIMITS, QueryRequest, TrainingExample, parse_spec
 from influence.v1 import scheduler_pb2
 from influence_client.models import QueryJob, QueryList, QuerySubmitted
-from service_runtime.jobs import state_name
 
 # Routes declared like jobs_api's (see the note there on their shared shape).
 router = APIRouter(prefix="/api/jobs/{job_id}/queries", tags=["queries"], responses=ERRORS)
@@ -76,7 +75,6 @@ async def submit_query(
     """Without ``expected`` a query attributes the model's own greedy answer; ``span``
     (character offsets into that answer) restricts the attributed loss to those tokens. Sending
     the same ``Idempotency-Key`` again answers the query job it created the first time."""
-    checked_idempotency_key(idempotency_key)
     job = await submit_later_job(
         scheduler,
         user,
@@ -87,12 +85,7 @@ async def submit_query(
         "The scheduler is unavailable; the query was not submitted, try again",
     )
     response.headers["Location"] = f"/api/jobs/{job_id}/queries/{job.id}"
-    return {
-        "query_job_id": job.id,
-        "status": state_name(job.state),
-        "estimated_time_s": job.estimated_time_s,
-        "estimated_cost_usd": job.estimated_cost_usd,
-    }
+    return submitted_view(job, "query_job_id")
 
 
 @router.get(

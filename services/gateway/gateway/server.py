@@ -81,6 +81,8 @@ def _bound_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+# Same shape as compute-runpod's start_server/serve: each service's entry points name its own server
+# class and service name around service_runtime.lifecycle, which already holds the shared logic.
 async def start_gateway(settings: Settings) -> GatewayServer:
     """Serve in the running loop (tests pass port 0 and read ``.port`` / ``.url``)."""
     server = GatewayServer(settings)

@@ -44,9 +44,10 @@ def job_view(job: scheduler_pb2.Job) -> dict[str, Any]:
     }
 
 
-def submitted_view(job: scheduler_pb2.Job) -> dict[str, Any]:
+def submitted_view(job: scheduler_pb2.Job, id_field: str = "job_id") -> dict[str, Any]:
+    """A submitted job's id (as ``id_field``: a later job names its kind's), status and estimates."""
     return {
-        "job_id": job.id,
+        id_field: job.id,
         "status": state_name(job.state),
         "estimated_time_s": job.estimated_time_s,
         "estimated_cost_usd": job.estimated_cost_usd,
