@@ -7,12 +7,17 @@ loss); it is the derivative w.r.t. the weight of the example in the *mean* train
 divide it by ``n_train`` (kronfluence's FAQ): the first-order change of the query loss from one
 more copy of the example. The Fisher is kronfluence's default true Fisher (labels sampled from
 the model, seeded for reproducibility).
+
+Memory: kronfluence works on the live model. ``prepare_model`` freezes every parameter and swaps
+each tracked LoRA matrix for a ``TrackedModule`` that wraps the very same ``nn.Linear``;
+:func:`tracked_in_place` undoes both on leaving (the original modules put back, every
+``requires_grad`` and train/eval flag as it was), so no copy of the frozen base weights is made
+and later stages see the model exactly as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import logging
 import shutil
@@ -27,6 +32,7 @@ import torch
 from kronfluence import Analyzer, Task, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.factor.config import FactorConfig
+from kronfluence.module.tracked_module import TrackedModule
 from kronfluence.utils.dataset import DataLoaderKwargs
 from torch import nn
 from torch.utils.data import Dataset
@@ -125,6 +131,30 @@ def _score_arguments(damping: float | None, dtype: torch.dtype) -> ScoreArgument
 
 
 @contextlib.contextmanager
+def tracked_in_place(model: nn.Module, task: Task) -> Iterator[nn.Module]:
+    """``model`` prepared by kronfluence's ``prepare_model`` (tracked modules wrapped, every
+    parameter frozen, eval mode), restored exactly on leaving, also after an error (kronfluence
+    also clears the gradients it leaves in ``.grad``; they are put back too)."""
+    requires_grad = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    buffer_requires_grad = [(b, b.requires_grad) for b in model.buffers()]
+    training = [(m, m.training) for m in model.modules()]
+    try:
+        yield prepare_model(model, task)
+    finally:
+        wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, TrackedModule)]
+        for name, tracked in wrapped:
+            parent_name, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attribute, tracked.original_module)
+        for parameter, flag, grad in requires_grad:
+            parameter.requires_grad_(flag)
+            parameter.grad = grad
+        for buffer, flag in buffer_requires_grad:
+            buffer.requires_grad = flag
+        for module, flag in training:
+            module.training = flag
+
+
+@contextlib.contextmanager
 def _fitted_analyzer(
     model: nn.Module,
     pad_token_id: int,
@@ -134,15 +164,16 @@ def _fitted_analyzer(
     strategy: str,
     use_empirical_fisher: bool,
 ) -> Iterator[Analyzer]:
-    """A kronfluence Analyzer on a prepared copy of ``model`` with its factors fitted on
-    ``train`` (the sampled Fisher labels seeded); its files are removed on leaving."""
+    """A kronfluence Analyzer on ``model`` (prepared in place) with its factors fitted on
+    ``train`` (the sampled Fisher labels seeded); on leaving its files are removed and the
+    model restored."""
     tracked = [layer.module_name for layer in lora_layers(model)]
     task = LoraLanguageModelingTask(tracked)
     factor_dtypes, _ = dtype_arguments(next(model.parameters()).dtype)
-    # prepare_model freezes every parameter and swaps in tracked modules: work on a copy.
-    prepared = prepare_model(copy.deepcopy(model), task)
     output_dir = work_dir / f"kronfluence-{uuid.uuid4().hex}"
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, output_dir, ignore_errors=True)
+        prepared = stack.enter_context(tracked_in_place(model, task))
         analyzer = Analyzer(
             analysis_name="lora",
             model=prepared,
@@ -167,8 +198,6 @@ def _fitted_analyzer(
                 overwrite_output_dir=True,
             )
         yield analyzer
-    finally:
-        shutil.rmtree(output_dir, ignore_errors=True)
 
 
 def kronfluence_scores(
