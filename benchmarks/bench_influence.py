@@ -163,9 +163,9 @@ def _ours(method: str) -> Case:
     return run
 
 
-def datainf_spilled(setup: ToySetup, batch_size: int, work_dir: Path) -> torch.Tensor:
-    """Ours with no memory for training gradients beyond one batch: every batch is written to
-    ``work_dir`` and read back (the path taken beyond the memory budget)."""
+def datainf_recomputed(setup: ToySetup, batch_size: int, _work_dir: Path) -> torch.Tensor:
+    """Ours with no memory for training gradients beyond one batch: each pass recomputes them
+    batch by batch (the path taken beyond the memory budget)."""
     return datainf_scores(
         setup.model,
         setup.tokenizer.pad_token_id,
@@ -173,7 +173,6 @@ def datainf_spilled(setup: ToySetup, batch_size: int, work_dir: Path) -> torch.T
         setup.queries,
         None,
         batch_size,
-        work_dir,
         lambda _fraction: None,
         gradient_memory_bytes=0,
     )
@@ -296,7 +295,7 @@ CASES: dict[str, Case] = {
     "datainf_floor": datainf_floor,
     "datainf_loop": datainf_loop,
     "datainf_ours": _ours("datainf"),
-    "datainf_spilled": datainf_spilled,
+    "datainf_recomputed": datainf_recomputed,
     "kronfluence_raw": kronfluence_raw,
     "kronfluence_ours": _ours("kronfluence"),
 }
@@ -437,7 +436,7 @@ def _report(results: dict[str, dict[str, Any]], scores: dict[str, torch.Tensor])
         ("tracin_ours", "tracin_captum"),
         ("tracin_ours", "tracin_loop"),
         ("datainf_ours", "datainf_loop"),
-        ("datainf_spilled", "datainf_loop"),
+        ("datainf_recomputed", "datainf_loop"),
         ("kronfluence_raw", "kronfluence_ours"),
     ]:
         if ours in results and other in results:
@@ -448,7 +447,7 @@ def _report(results: dict[str, dict[str, Any]], scores: dict[str, torch.Tensor])
         ("tracin_loop", "tracin_ours"),
         ("tracin_loop", "tracin_captum"),
         ("datainf_loop", "datainf_ours"),
-        ("datainf_loop", "datainf_spilled"),
+        ("datainf_loop", "datainf_recomputed"),
         ("kronfluence_raw", "kronfluence_ours"),
     ]:
         if reference in scores and variant in scores:

@@ -115,7 +115,6 @@ def _datainf(run: ScoringRun) -> Any:
         run.queries,
         run.options.damping,
         run.batch_size,
-        run.work_dir,
         run.progress,
     )
 

@@ -4,6 +4,7 @@ DataInf recomputing gradients instead of spilling them to disk."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from benchmarks.toy import ToySetup, build_toy_setup
+from gpu_core.influence.datainf import datainf_scores
 from gpu_core.influence.ekfac import LoraLanguageModelingTask, kronfluence_scores
 
 torch.set_num_threads(1)
@@ -82,3 +84,28 @@ def test_kronfluence_restores_the_model_after_an_error(toy: ToySetup, tmp_path: 
     assert after["modules"] == before["modules"]
     assert [p[:3] for p in after["parameters"]] == [p[:3] for p in before["parameters"]]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_datainf_with_a_tiny_memory_budget_writes_nothing_to_disk(
+    toy: ToySetup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond the budget the gradients are recomputed, never spilled: no file appears in the
+    working directory or the temp directory, torch.save is never called, and the scores are the
+    unbudgeted ones."""
+    pad = toy.tokenizer.pad_token_id
+    unbudgeted = datainf_scores(toy.model, pad, toy.train, toy.queries, None, 3, lambda _f: None)
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    monkeypatch.chdir(watched)
+    monkeypatch.setattr(tempfile, "tempdir", str(watched))
+    monkeypatch.setenv("TMPDIR", str(watched))
+
+    def no_save(*_args: Any, **_kwargs: Any) -> None:
+        raise AssertionError("DataInf wrote a tensor to disk")
+
+    monkeypatch.setattr(torch, "save", no_save)
+    budgeted = datainf_scores(
+        toy.model, pad, toy.train, toy.queries, None, 3, lambda _f: None, gradient_memory_bytes=1
+    )
+    assert list(watched.iterdir()) == []
+    assert float((budgeted - unbudgeted).abs().max() / unbudgeted.abs().max()) < 1e-5

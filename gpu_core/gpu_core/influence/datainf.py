@@ -10,21 +10,20 @@ and the scores ``sum_l (H^-1 Q)_l G_l^T``. The damping follows the reference:
 The reference stores ``-sum_l hvp_l . g_il`` (positive = harmful); we return ``+sum_l``
 (positive = helpful), same magnitude and scale (no 1/n beyond the formula's).
 
-The training gradients are computed once (one batched forward+backward pass over the training
-set) into blocks of up to ``gradient_memory_bytes``. lambda needs the whole set before ``c`` can
-be formed, and the scores need the finished ``c G``, so the blocks are used twice. When the
-whole set fits one block (the usual case for LoRA) it stays in memory and each product is one
-large matmul per layer; beyond the budget, every full block but the last is written to
-``work_dir`` and read back in each pass, so memory stays at one block plus the query side.
+The training gradients are needed three times: for lambda (which needs the whole set before
+``c`` can be formed), for ``c G`` (pass 1), and for the scores (pass 2, which needs the finished
+``c G``). When they fit ``gradient_memory_bytes`` (the usual case for LoRA) they are computed once
+and kept in memory, and each product is one large matmul per layer. Beyond the budget nothing is
+kept and nothing is written to disk: each pass recomputes them batch by batch (one
+forward+backward pass over the training set per use; lambda's pass is skipped when ``damping``
+is given), so memory is one batch of gradients plus the query side, whatever the number of
+training examples.
 """
 
 from __future__ import annotations
 
-import shutil
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -41,50 +40,8 @@ from gpu_core.influence.gradients import (
 
 # The reference's lambda rule: (1 / lambda_const_param) x mean squared entry, lambda_const_param=10.
 REFERENCE_DAMPING_SCALE = 0.1
-# Training gradients held in memory (on the model's device) at once; beyond it they spill to disk.
+# Training gradients kept in memory (on the model's device); beyond it they are recomputed per pass.
 DEFAULT_GRADIENT_MEMORY_BYTES = 1 << 30
-
-
-class _GradientBlocks:
-    """Training-gradient blocks ``0 .. count-1``, one held in memory at a time: a block is
-    written to ``directory`` (created on the first spill) only when another one takes its
-    place, so a single block never touches the disk and the last one is read back once less."""
-
-    def __init__(self, directory: Path, count: int) -> None:
-        self.directory = directory
-        self.count = count
-        self.held_index = -1
-        self.held: torch.Tensor | None = None
-        self.on_disk: set[int] = set()
-
-    def _path(self, index: int) -> Path:
-        return self.directory / f"block-{index:06d}.pt"
-
-    def release(self) -> None:
-        """Drops the block in memory, writing it out first unless it is on disk already."""
-        if self.held is not None and self.held_index not in self.on_disk:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            torch.save(self.held, self._path(self.held_index))
-            self.on_disk.add(self.held_index)
-        self.held = None
-
-    def store(self, index: int, block: torch.Tensor) -> None:
-        self.release()
-        self.held_index, self.held = index, block
-
-    def get(self, index: int) -> torch.Tensor:
-        if index != self.held_index or self.held is None:
-            self.release()
-            self.held = torch.load(self._path(index), weights_only=True)
-            self.held_index = index
-        return self.held
-
-
-def block_rows(gradient_memory_bytes: int, row_bytes: int, batch_size: int, n_train: int) -> int:
-    """Examples per block: as many as the budget holds, a whole number of batches (so a batch
-    never straddles two blocks), at least one batch."""
-    rows = max(batch_size, gradient_memory_bytes // row_bytes // batch_size * batch_size)
-    return min(rows, n_train)
 
 
 def layer_squared_norms(gradients: torch.Tensor, slices: Sequence[slice]) -> torch.Tensor:
@@ -153,23 +110,22 @@ def datainf_scores(
     queries: Sequence[EncodedPair],
     damping: float | None,
     batch_size: int,
-    work_dir: Path,
     progress: Callable[[float], None],
     gradient_memory_bytes: int = DEFAULT_GRADIENT_MEMORY_BYTES,
 ) -> torch.Tensor:
     """``[n_queries, n_train]`` float64, positive = helpful; ``damping`` overrides every lambda_l.
 
-    ``gradient_memory_bytes``: training gradients kept in memory at once (0: one batch)."""
+    ``gradient_memory_bytes``: the most training-gradient bytes kept in memory; a training set
+    whose gradients exceed it is recomputed batch by batch in each pass instead."""
     if gradient_memory_bytes < 0:
         raise ValueError(f"gradient_memory_bytes must be >= 0, got {gradient_memory_bytes}")
     layers = lora_layers(model)
     slices = layer_slices(layers)
     n_train, n_queries = len(train), len(queries)
     width = slices[-1].stop
-    row_bytes = width * layers[0].module.weight.element_size()
-    rows = block_rows(gradient_memory_bytes, row_bytes, batch_size, n_train)
-    blocks = _GradientBlocks(work_dir / f"datainf-{uuid.uuid4().hex}", -(-n_train // rows))
-    n_steps = -(-n_queries // batch_size) + -(-n_train // batch_size) + 2 * blocks.count
+    kept = n_train * width * layers[0].module.weight.element_size() <= gradient_memory_bytes
+    train_passes = 1 if kept else (2 if damping is not None else 3)
+    n_steps = -(-n_queries // batch_size) + train_passes * -(-n_train // batch_size)
     done = 0
 
     def advance() -> None:
@@ -177,63 +133,62 @@ def datainf_scores(
         done += 1
         progress(done / n_steps)
 
-    try:
+    def train_gradients() -> Iterator[tuple[int, torch.Tensor]]:
+        """One pass over the training set: ``(first row, [batch, width] gradients)``."""
         with lora_grad_enabled(layers):
-            query_parts = []
-            for _, grads in batched_gradients(model, layers, queries, pad_token_id, batch_size):
-                query_parts.append(grads.detach())
-                advance()
-            query_grads = torch.cat(query_parts)
-            del query_parts
-            # |g_il|^2 per example and layer: [n_train, n_layers], O(n), reused by pass 1.
-            squared_norms = torch.empty(n_train, len(layers), dtype=torch.float64)
             for start, grads in batched_gradients(model, layers, train, pad_token_id, batch_size):
-                index, offset = divmod(start, rows)
-                if offset == 0:  # a new block: the previous one leaves memory first
-                    blocks.release()
-                    block = grads.new_empty(min(rows, n_train - start), width)
-                count = grads.shape[0]
-                block[offset : offset + count] = grads.detach()
-                squared_norms[start : start + count] = layer_squared_norms(grads.detach(), slices)
-                if offset + count == block.shape[0]:
-                    blocks.store(index, block)
+                yield start, grads.detach()
                 advance()
+
+    with lora_grad_enabled(layers):
+        query_parts = []
+        for _, grads in batched_gradients(model, layers, queries, pad_token_id, batch_size):
+            query_parts.append(grads.detach())
+            advance()
+    query_grads = torch.cat(query_parts)
+    del query_parts
+    # Matrix products in the gradients' dtype (float32 for a float32 model: half the time of
+    # float64, and each dot product is over one layer's few hundred entries); lambdas, norms and
+    # scores in float64.
+    corrections = [query_grads.new_zeros(n_queries, s.stop - s.start) for s in slices]
+    scores = torch.empty(n_queries, n_train, dtype=torch.float64)
+    if kept:
+        gradients = query_grads.new_empty(n_train, width)
+        # |g_il|^2 per example and layer: [n_train, n_layers], O(n).
+        squared_norms = torch.empty(n_train, len(layers), dtype=torch.float64)
+        for start, grads in train_gradients():
+            gradients[start : start + grads.shape[0]] = grads
+            squared_norms[start : start + grads.shape[0]] = layer_squared_norms(grads, slices)
         lambdas = datainf_lambdas(squared_norms, layers, damping)
-
-        # Matrix products in the gradients' dtype (float32 for a float32 model: half the time
-        # of float64, and each dot product is over one layer's few hundred entries); lambdas,
-        # norms and scores in float64. Pass 1 (last block first: it is the one in memory):
-        # sum_i c_qi g_i per layer.
-        corrections = [query_grads.new_zeros(n_queries, s.stop - s.start) for s in slices]
-        for index in reversed(range(blocks.count)):
-            block = blocks.get(index)
-            first = index * rows
-            norms = squared_norms[first : first + block.shape[0]]
-            add_corrections(corrections, query_grads, block, lambdas, norms, slices)
-            del block  # only ``blocks`` holds it: one block in memory
-            advance()
+        add_corrections(corrections, query_grads, gradients, lambdas, squared_norms, slices)
         preconditioned = precondition(query_grads, corrections, lambdas, n_train, slices)
-        del corrections, query_grads
-
-        # Pass 2 (first block first: pass 1 ended on it): the scores, one matmul per block
-        # over all layers.
-        scores = torch.empty(n_queries, n_train, dtype=torch.float64)
-        for index in range(blocks.count):
-            block = blocks.get(index)
-            first = index * rows
-            scores[:, first : first + block.shape[0]] = (preconditioned @ block.T).cpu()
-            del block
-            advance()
+        scores[:] = (preconditioned @ gradients.T).cpu()
         return scores
-    finally:
-        shutil.rmtree(blocks.directory, ignore_errors=True)
+
+    if damping is None:
+        squared_norms = torch.empty(n_train, len(layers), dtype=torch.float64)
+        for start, grads in train_gradients():
+            squared_norms[start : start + grads.shape[0]] = layer_squared_norms(grads, slices)
+        lambdas = datainf_lambdas(squared_norms, layers, damping)
+    else:
+        lambdas = datainf_lambdas(torch.empty(0, len(layers), dtype=torch.float64), layers, damping)
+    # Pass 1: sum_i c_qi g_i per layer.
+    for _start, grads in train_gradients():
+        norms = layer_squared_norms(grads, slices)
+        add_corrections(corrections, query_grads, grads, lambdas, norms, slices)
+    preconditioned = precondition(query_grads, corrections, lambdas, n_train, slices)
+    del corrections, query_grads
+    # Pass 2: the scores, one matmul per batch over all layers.
+    for start, grads in train_gradients():
+        scores[:, start : start + grads.shape[0]] = (preconditioned @ grads.T).cpu()
+    return scores
 
 
 @dataclass(frozen=True)
 class DataInfTrainSide:
     """The training side of DataInf's scores, kept in memory so that repeated queries only need
     their own gradients (``gpu_core.query`` keeps one per warm session): the training gradients
-    in one block, their per-layer squared norms and the lambdas."""
+    in memory, their per-layer squared norms and the lambdas."""
 
     gradients: torch.Tensor  # [n_train, width], the model's device and dtype
     squared_norms: torch.Tensor  # [n_train, n_layers] float64
@@ -247,7 +202,7 @@ class DataInfTrainSide:
         self, model: nn.Module, pad_token_id: int, queries: Sequence[EncodedPair], batch_size: int
     ) -> torch.Tensor:
         """``[n_queries, n_train]`` float64, as :func:`datainf_scores` gives them when the
-        training gradients fit one block."""
+        training gradients are kept in memory."""
         layers = lora_layers(model)
         slices = layer_slices(layers)
         query_grads = stacked_gradients(model, layers, queries, pad_token_id, batch_size)
