@@ -12,7 +12,7 @@ PROTO_SRC := $(wildcard protos/influence/v1/*.proto)
 PROTO_OUT := protos/gen
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help setup protos protos-check run demo test lint typecheck migrate bench-influence bench-artifacts bench-scale gpu-check bench-fuzz bench-load clean modal-deploy k8s-validate lint-docker images bench-counterfactual bench-cancel bench-query bench-query-stack
+.PHONY: help setup protos protos-check run demo test lint typecheck migrate bench-influence bench-artifacts bench-scale gpu-check bench-fuzz bench-load clean modal-deploy k8s-validate lint-docker images bench-counterfactual bench-cancel bench-query bench-query-stack bench-influence-memory
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -57,6 +57,9 @@ typecheck: setup ## mypy over all non-test code ([tool.mypy] in pyproject.toml; 
 bench-influence: setup ## influence benchmark: wall time, peak memory, ratios
 	$(PY) -m benchmarks.bench_influence
 
+bench-influence-memory: setup ## peak RSS of Kronfluence on a ~50M-parameter model vs the model's size (target < 10%), live vs deep copy
+	$(PY) -m benchmarks.influence_memory
+
 bench-artifacts: setup ## 10,000 x 1,000 TracIn through the stack: scores.npy download, results size, time moving artifacts, estimate; 1 GiB artifact memory
 	$(PY) -m benchmarks.artifacts
 	$(PY) -m benchmarks.artifact_memory
@@ -78,7 +81,7 @@ bench-query-stack: setup ## follow-up query-to-answer latency through the stack 
 
 bench-cancel: setup ## cancel latency per stage and method on the tiny model, in gpu_core and through the RunPod SDK loop (target < 5 s)
 	$(PY) -m benchmarks.bench_cancel
-	$(PY) -m devstack.bench_runpod_cancel
+	$(PY) -m benchmarks.bench_runpod_cancel
 
 bench-load: setup ## 1,000 jobs from 50 users, two scheduler replicas, compute-local + fake RunPod: latency, CPU, calls
 	$(PY) -m devstack.load_bench

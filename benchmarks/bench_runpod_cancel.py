@@ -2,7 +2,7 @@
 signal the runpod SDK's worker loop long-polls for, the worker handler cancelled, gpu_core
 stopped at its next batch (``make bench-cancel``, after gpu_core's own per-stage figures).
 
-    python -m devstack.bench_runpod_cancel
+    python -m benchmarks.bench_runpod_cancel
 
 The fake RunPod runs the real worker under the SDK's loop (one warm worker for every case). The
 latency is from the ``/cancel`` answer to the SDK's "Job stopped." log line, which it writes once
