@@ -454,11 +454,12 @@ class LocalRunner:
             self._notify()  # queue positions moved
 
     def _device_for(self, job: Job) -> str:
-        """A free device: for a query, its experiment's warm worker's device when that is free."""
+        """A free device: for a query, its experiment's warm worker's device when that is free;
+        otherwise the first free device with the fewest warm workers (the fewest to evict)."""
         warm = self.warm.find(job.record.parent_job_id) if job.record.kind == QUERY else None
         if warm is not None and warm.device in self._free_devices:
             return warm.device
-        return self._free_devices[0]
+        return min(self._free_devices, key=lambda device: len(self.warm.on_device(device)))
 
     def _child_environment(self, device: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -494,6 +495,7 @@ class LocalRunner:
             elif job.record.kind == QUERY:
                 await self._run_query(job, device)
             else:
+                await self._evict_warm_workers(job, device)
                 await self._run_child(job, device)
         except asyncio.CancelledError:
             # The event loop is going away without a shutdown(): take the child with it.
@@ -513,6 +515,20 @@ class LocalRunner:
             self._free_devices.append(device)
             self._notify()
             self._dispatch()
+
+    async def _evict_warm_workers(self, job: Job, device: str) -> None:
+        """The experiment needs the device's memory: its idle warm query workers leave first."""
+        evicted = await self.warm.evict(device)
+        if evicted:
+            self._add_event(
+                job,
+                {
+                    "type": "status",
+                    "stage": "starting",
+                    "progress": 0.0,
+                    "message": f"retired {evicted} idle query worker(s) on {device} to free its memory",
+                },
+            )
 
     async def _run_child(self, job: Job, device: str) -> None:
         pid = job.record.provider_job_id

@@ -1,8 +1,14 @@
 """Warm workers for follow-up queries: at most ``size`` processes (compute_local.query_worker),
 one per experiment, each keeping that experiment's QuerySession between queries and retired
-after ``idle_s`` without one. A worker holds memory, not a device: a query takes its device's
-slot in the queue only while it is answered. With ``size`` 0 every query gets a fresh worker
-that is retired as soon as it has answered.
+after ``idle_s`` without one. With ``size`` 0 every query gets a fresh worker that is retired
+as soon as it has answered.
+
+A worker is a tenant of its device: a query takes the device's slot in the queue while it is
+answered, and between queries the worker still holds the model in that device's memory. So an
+experiment that is given a device first retires the idle workers there (:meth:`evict`), and
+the runner gives an experiment the free device with the fewest of them. A busy worker is never
+evicted: it is answering a query that holds the device's slot, so no experiment can be given
+that device meanwhile.
 
 Memory (docs/services.md): a worker holds the base model, the experiment's LoRA adapter and its
 gradient index, the same as the experiment held while scoring; the bound and the idle timeout
@@ -114,6 +120,17 @@ class WarmQueryPool:
     @property
     def workers(self) -> list[WarmQueryWorker]:
         return list(self._workers.values())
+
+    def on_device(self, device: str) -> list[WarmQueryWorker]:
+        """The pool's workers that hold memory on ``device``."""
+        return [w for w in self._workers.values() if w.device == device]
+
+    async def evict(self, device: str) -> int:
+        """Retire the idle workers on ``device`` (never a busy one); how many were retired."""
+        idle = [w for w in self.on_device(device) if not w.busy]
+        for worker in idle:
+            await self._retire(worker)
+        return len(idle)
 
     def find(self, parent_job_id: str) -> WarmQueryWorker | None:
         worker = self._workers.get(parent_job_id)
