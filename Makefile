@@ -12,7 +12,7 @@ PROTO_SRC := $(wildcard protos/influence/v1/*.proto)
 PROTO_OUT := protos/gen
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help setup protos protos-check run demo test lint typecheck migrate bench-influence bench-artifacts bench-scale gpu-check bench-fuzz bench-load clean modal-deploy k8s-validate lint-docker images bench-counterfactual bench-cancel bench-query bench-query-stack bench-influence-memory
+.PHONY: help setup protos protos-check run demo test lint typecheck migrate bench-influence bench-artifacts bench-scale gpu-check bench-fuzz bench-load clean modal-deploy k8s-validate lint-docker images bench-counterfactual bench-cancel bench-query bench-query-stack bench-influence-memory gpu-check-wheels
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -67,8 +67,23 @@ bench-artifacts: setup ## 10,000 x 1,000 TracIn through the stack: scores.npy do
 bench-scale: setup ## influence at scale: 10k-100k train with a projected index, projected vs exact TracIn, LDS
 	$(PY) benchmarks/bench_scale.py
 
-gpu-check: setup ## one prepared run on a CUDA GPU (1B-sized model, bf16 and 4-bit, every method); refuses without CUDA
-	$(PY) benchmarks/gpu_check.py
+gpu-check: setup ## one prepared run on a CUDA GPU (1B-shaped model, 4-bit first, every method; JSON of figures); refuses without CUDA
+	$(PY) -m benchmarks.gpu_check
+
+# The GPU machine has no internet: the wheels it lacks are downloaded here, for its Python
+# (GPU_CHECK_PYTHON) on x86-64 Linux, and carried there (scripts/gpu_check_device.sh).
+GPU_CHECK_WHEELS ?= .gpu-check-wheels
+GPU_CHECK_PYTHON ?= 3.11
+GPU_CHECK_PLATFORMS := $(foreach p,manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_24_x86_64 manylinux_2_28_x86_64,--platform $(p))
+gpu-check-wheels: setup ## download pydantic, kronfluence and bitsandbytes wheels for the offline GPU machine into $(GPU_CHECK_WHEELS)
+	rm -rf $(GPU_CHECK_WHEELS)
+	$(PIP) download -q --dest $(GPU_CHECK_WHEELS) --only-binary=:all: --python-version $(GPU_CHECK_PYTHON) $(GPU_CHECK_PLATFORMS) \
+		$$(grep -E '^pydantic==' requirements/runtime.txt)
+	# --no-deps: einconv would pull a CPU torch, kronfluence torchvision, bitsandbytes torch
+	$(PIP) download -q --dest $(GPU_CHECK_WHEELS) --no-deps --only-binary=:all: --python-version $(GPU_CHECK_PYTHON) $(GPU_CHECK_PLATFORMS) \
+		kronfluence==1.0.1 $$(grep -E '^(einconv|einops|opt_einsum)==' requirements/runtime.txt) \
+		$$(grep -E '^bitsandbytes==' services/compute-runpod/worker/requirements.txt)
+	du -sh $(GPU_CHECK_WHEELS)
 
 bench-counterfactual: setup ## retrain without each method's top-1 on planted duplicates; LDS
 	$(PY) benchmarks/counterfactual_check.py

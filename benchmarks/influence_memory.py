@@ -121,7 +121,9 @@ def measure(mode: str, targets: Sequence[str], n_train: int, n_queries: int, seq
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--targets", default="v_proj", help="LoRA target modules, comma separated")
     parser.add_argument("--n-train", type=int, default=12)
     parser.add_argument("--n-queries", type=int, default=4)
@@ -154,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"kronfluence's factors (covariances + eigenvectors): {live['factor_mib']:.1f} MiB")
     share = live["rss_growth_mib"] / live["model_mib"]
     met = share < TARGET_FRACTION
-    print(f"target: live growth < {TARGET_FRACTION:.0%} of the model: {share:.1%}, {'met' if met else 'MISSED'}")
+    verdict = "met" if met else "MISSED"
+    print(f"target: live growth < {TARGET_FRACTION:.0%} of the model: {share:.1%}, {verdict}")
     return 0 if met else 1
 
 
