@@ -83,6 +83,7 @@ async def test_a_check_runs_on_the_experiments_backend_with_its_spec_and_result(
         "lds_fraction": 0.5,
         "seed": 0,
     }
+    await h.until_submitted(provider.servicer, check.id)
     sent = provider.servicer.submit_requests[-1]
     assert sent.job_id == check.id and sent.kind == "counterfactual"
     assert json.loads(sent.spec_json) == spec
