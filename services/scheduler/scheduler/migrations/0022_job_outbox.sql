@@ -6,6 +6,10 @@ ALTER TABLE jobs ADD COLUMN submit_token uuid;
 -- The RunPod endpoint a job was submitted on: it is followed and cancelled there, not on the
 -- profile's current endpoint.
 ALTER TABLE jobs ADD COLUMN endpoint_id text NOT NULL DEFAULT '';
+-- Jobs submitted before this column existed ran on their user's endpoint of the time.
+UPDATE jobs SET endpoint_id = coalesce(p.runpod_endpoint_id, '')
+    FROM profiles p
+    WHERE p.user_id = jobs.user_id AND jobs.provider = 'runpod' AND jobs.compute_backend = 'runpod';
 -- Hot reads (lists, owned-job RPCs, the follower) never load the spec (up to 20 MiB): what they
 -- show of it is kept in columns.
 ALTER TABLE jobs ADD COLUMN model_id text NOT NULL DEFAULT '';
