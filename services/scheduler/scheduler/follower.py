@@ -27,6 +27,7 @@ from scheduler.providers import ProviderError, Providers, Route
 from scheduler.store import JobRow, JobUpdate, Lease, Store
 from scheduler.uploads import remove_uploads, uploads_directly, verify_uploads
 from service_runtime.jobs import event_dict
+from service_runtime.tracing import continued_trace
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,8 @@ class Follower:
         interval = followed.interval
         try:
             async with limit:
-                changed, terminal = await self._follow_step(job, followed)
+                with continued_trace(job.trace_context):
+                    changed, terminal = await self._follow_step(job, followed)
             followed.refusals = 0
             if terminal:
                 self.drop(job.id)

@@ -34,6 +34,7 @@ from scheduler.follower import DB_ERRORS, Follower
 from scheduler.model_ids import ModelNotAllowed, check_model_id
 from scheduler.providers import ProviderError, ProviderNotConfigured, Providers, Route, route_for
 from scheduler.store import JobRow, JobUpdate, Lease, Store
+from service_runtime.tracing import trace_carrier
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,7 @@ class JobManager:
             kind=job_kind(kind).name,
             parent_job_id=parent.id if parent is not None else None,
             request=request,
+            trace_context=trace_carrier(),
         )
         if created:
             log.info("job queued", extra={"job_id": job.id, "provider": route.provider})
