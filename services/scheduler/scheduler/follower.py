@@ -179,7 +179,9 @@ class Follower:
             log.warning(
                 "could not fail a refused job; will retry", extra={"job_id": job.id, "error": str(db_exc)}
             )
-            self._jobs[job.id].due = time.monotonic() + self._settings.scheduler_retry_max_s
+            followed = self._jobs.get(job.id)
+            if followed is not None:
+                followed.due = time.monotonic() + self._settings.scheduler_retry_max_s
 
     async def _follow_step(self, job: JobRow, followed: _Followed) -> tuple[bool, bool]:
         """One poll: (whether anything changed, whether the job is now terminal)."""
