@@ -122,9 +122,11 @@ class JobManager:
         if job_kind(kind).needs_parent:
             parent, request = await self._later_job(user_id, kind, parent_job_id, request_json)
             spec = await self._spec_of(parent.id, user_id)
+            parsed = parse_job_spec(json.dumps(spec).encode())
             route = Route(backend=parent.compute_backend, provider=parent.provider)  # type: ignore[arg-type]
         else:
-            spec = validate_spec(spec_json)
+            parsed = parse_job_spec(spec_json)  # parsed once: stored as it dumps, estimated as it is
+            spec = parsed.model_dump(mode="json")
             profile = await self._store.get_profile(user_id)
             route = route_for(profile.compute_backend, self._settings)
             try:
@@ -134,7 +136,7 @@ class JobManager:
         # Raises ProviderNotConfigured before anything is stored: nothing could run the job.
         self._providers.client(route.provider)
         estimate = admission_estimate(
-            parse_job_spec(json.dumps(spec).encode()),
+            parsed,
             route,
             kind,
             json.dumps(request).encode() if request is not None else b"",
