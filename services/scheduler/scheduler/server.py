@@ -551,7 +551,7 @@ class SchedulerServer:
             return False
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain RPCs, stop the dispatcher and the pollers and close every connection. Jobs stay in the table."""
+        """Drain RPCs, stop the dispatcher and the pollers, close every connection. Jobs stay."""
         await self.grpc.stop(self.settings.scheduler_shutdown_grace_s if grace_s is None else grace_s)
         for task in self._tasks:
             task.cancel()
