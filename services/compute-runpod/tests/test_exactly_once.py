@@ -131,12 +131,26 @@ async def test_a_second_delivery_of_the_same_job_does_no_gpu_work(
     assert stack.fake.accepted_runs == [first, second]
 
 
-async def test_the_result_is_collected_from_the_store_after_runpod_forgot_it(
-    stack: Stack, s3_store: ArtifactStore
+async def test_a_job_that_waited_uploads_its_result_outlives_runpod_and_a_503_deletes_nothing(
+    stack: Stack, s3_server: S3TestServer, s3_store: ArtifactStore
 ) -> None:
-    plan = await upload_plan(s3_store, "job-late")
+    """One job, three outages: it waits in RunPod's queue (the scheduler's default URL life
+    outlives RunPod's whole ttl, so it still uploads); RunPod forgets it before the scheduler
+    asks (its result is collected from the store); the store answers 503 for 10 s while its
+    files are verified (nothing is deleted, it completes)."""
+    from compute_runpod.config import Settings as RunPodSettings
+    from scheduler.config import Settings as SchedulerSettings
+
+    life_s = SchedulerSettings.model_fields["scheduler_upload_url_ttl_s"].default
+    assert life_s > RunPodSettings.model_fields["runpod_job_ttl_s"].default
+    stack.fake.set_throttled(True)  # no GPU: the job waits in the queue
+    plan = await upload_plan(s3_store, "job-late", life_s=life_s)
     provider_job_id = (await stack.stub.Submit(submit_request("job-late", plan))).provider_job_id
-    result = await completed_result(stack, provider_job_id)
+    await asyncio.sleep(3)
+    stack.fake.set_throttled(False)
+    final, _, _ = await stack.wait_terminal(provider_job_id, HOSTED)
+    assert final.state == common_pb2.JOB_STATE_COMPLETED, final.error
+
     stack.fake.retention_s = 0.5  # RunPod's 30 minutes, shortened: the scheduler was away longer
     await asyncio.sleep(1.0)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -146,10 +160,20 @@ async def test_the_result_is_collected_from_the_store_after_runpod_forgot_it(
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     stored = await fetch_stored_result(s3_store, "job-late")
     assert stored is not None
-    assert ExperimentResult.model_validate_json(stored) == result
-    await assert_files_verified(s3_store, "job-late", result)
-    assert stack.fake.accepted_runs == [provider_job_id]
+    result = ExperimentResult.model_validate_json(stored)
+    assert {"scores.npy", "adapter/adapter_model.safetensors"} <= {e.name for e in result.artifacts}
     assert await fetch_stored_result(s3_store, "job-never-ran") is None
+
+    before = {info.key for info in await s3_store.list(job_prefix("job-late"))}
+    assert s3_server.faults is not None
+    refused = s3_server.faults.refused
+    s3_server.outage(10)
+    started = time.monotonic()
+    await assert_files_verified(s3_store, "job-late", result)
+    assert time.monotonic() - started >= 9  # it waited the outage out
+    assert s3_server.faults.refused > refused
+    assert {info.key for info in await s3_store.list(job_prefix("job-late"))} == before
+    assert stack.fake.accepted_runs == [provider_job_id]
 
 
 async def test_a_job_whose_upload_urls_lapse_in_the_queue_is_dropped_unrun(
@@ -177,41 +201,4 @@ async def test_a_job_whose_upload_urls_lapse_in_the_queue_is_dropped_unrun(
     assert not [c for c in stack.fake.calls() if c.route.startswith("worker.") and provider_job_id in c.path]
     assert await read_worker_claim(s3_store, "job-queued") is None
     assert [info.key for info in await s3_store.list(job_prefix("job-queued"))] == []
-    assert stack.fake.accepted_runs == [provider_job_id]
-
-
-async def test_a_job_waiting_in_the_queue_uploads_with_the_default_url_life(
-    stack: Stack, s3_store: ArtifactStore
-) -> None:
-    """The scheduler's default URL life covers RunPod's whole ttl (queue and run), so a job that
-    waited still uploads; the job's ttl is RUNPOD_JOB_TTL_S, not cut by the URLs."""
-    from compute_runpod.config import Settings as RunPodSettings
-    from scheduler.config import Settings as SchedulerSettings
-
-    life_s = SchedulerSettings.model_fields["scheduler_upload_url_ttl_s"].default
-    assert life_s > RunPodSettings.model_fields["runpod_job_ttl_s"].default
-    stack.fake.set_throttled(True)
-    plan = await upload_plan(s3_store, "job-waits", life_s=life_s)
-    provider_job_id = (await stack.stub.Submit(submit_request("job-waits", plan))).provider_job_id
-    await asyncio.sleep(3)
-    stack.fake.set_throttled(False)
-    result = await completed_result(stack, provider_job_id)
-    await assert_files_verified(s3_store, "job-waits", result)
-
-
-async def test_a_store_answering_503_for_10_s_during_verification_deletes_nothing(
-    stack: Stack, s3_server: S3TestServer, s3_store: ArtifactStore
-) -> None:
-    plan = await upload_plan(s3_store, "job-503")
-    provider_job_id = (await stack.stub.Submit(submit_request("job-503", plan))).provider_job_id
-    result = await completed_result(stack, provider_job_id)
-    before = {info.key for info in await s3_store.list(job_prefix("job-503"))}
-    assert s3_server.faults is not None
-    refused = s3_server.faults.refused
-    s3_server.outage(10)
-    started = time.monotonic()
-    await assert_files_verified(s3_store, "job-503", result)
-    assert time.monotonic() - started >= 9  # it waited the outage out
-    assert s3_server.faults.refused > refused
-    assert {info.key for info in await s3_store.list(job_prefix("job-503"))} == before
     assert stack.fake.accepted_runs == [provider_job_id]
