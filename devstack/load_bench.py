@@ -7,6 +7,12 @@ worker runs): every job is submitted, stored, routed and followed, the cheap way
 limits are lifted (operator settings) so that all jobs are accepted. Figures: submit latency,
 time from submit to the job's first stored event, scheduler CPU, PostgreSQL connections, and
 provider calls per second (RunPod's job-API limits: /run 1000 and /status, /stream 2000 per 10 s).
+
+The money figures (issue 22): 5xx answers (must be 0), submit p99 (must be < 500 ms: submit only
+inserts), accepted /run calls at the fake RunPod against BYOK jobs submitted (exactly one each),
+database connections per scheduler replica (at most 10), and every accepted job terminal: after
+the follow window the jobs still waiting (no GPU in the fake, one device for compute-local) are
+cancelled through the API, and the bench waits until each one has ended.
 """
 
 from __future__ import annotations
@@ -71,21 +77,28 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.stack = stack
         self.connections: list[int] = []
+        self.per_replica: Counter[str] = Counter()  # the most connections each replica held
         self.calls: list[tuple[float, Counter[str]]] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
-        async def connections() -> int:
+        async def connections() -> tuple[int, dict[str, int]]:
             conn = await asyncpg.connect(self.stack.database_url)
             try:
-                return int(
-                    await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = 'influence'")
+                rows = await conn.fetch(
+                    """SELECT application_name AS name, count(*) AS n FROM pg_stat_activity
+                       WHERE datname = 'influence' GROUP BY application_name"""
                 )
             finally:
                 await conn.close()
+            replicas = {r["name"]: int(r["n"]) for r in rows if r["name"].startswith("scheduler:")}
+            return sum(int(r["n"]) for r in rows), replicas
 
         while not self.stop.is_set():
-            self.connections.append(asyncio.run(connections()) - 1)  # not this probe's own
+            total, replicas = asyncio.run(connections())
+            self.connections.append(total - 1)  # not this probe's own
+            for name, n in replicas.items():
+                self.per_replica[name] = max(self.per_replica[name], n)
             self.calls.append((time.monotonic(), runpod_calls(self.stack)))
             self.stop.wait(1.0)
 
@@ -112,6 +125,49 @@ def first_event_delays(database_url: str) -> list[float]:
             await conn.close()
 
     return asyncio.run(query())
+
+
+def job_outcomes(database_url: str) -> dict[str, int]:
+    """Jobs by state, and the BYOK jobs that reached RunPod (with how many distinct RunPod ids)."""
+
+    async def query() -> dict[str, int]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            states = {
+                r["status"]: r["n"]
+                for r in await conn.fetch("SELECT status, count(*) AS n FROM jobs GROUP BY 1")
+            }
+            byok = """FROM jobs WHERE provider = 'runpod' AND provider_job_id IS NOT NULL"""
+            return {
+                **states,
+                "byok_submitted": await conn.fetchval(f"SELECT count(*) {byok}"),
+                "byok_distinct_runpod_ids": await conn.fetchval(
+                    f"SELECT count(DISTINCT provider_job_id) {byok}"
+                ),
+            }
+        finally:
+            await conn.close()
+
+    return asyncio.run(query())
+
+
+def end_every_job(clients: list[GatewayClient], accepted: list[tuple[int, str]], deadline_s: float) -> int:
+    """Cancel every accepted job that has not ended; wait until all have. Returns how many are
+    still not terminal at the deadline."""
+    terminal = {"completed", "failed", "cancelled"}
+    for user, job_id in accepted:
+        clients[user].request("POST", f"/api/jobs/{job_id}/cancel")
+    ends_at = time.monotonic() + deadline_s
+    pending = list(accepted)
+    while pending and time.monotonic() < ends_at:
+        pending = [
+            (user, job_id)
+            for user, job_id in pending
+            if clients[user].request("GET", f"/api/jobs/{job_id}").json().get("status") not in terminal
+        ]
+        if pending:
+            time.sleep(1.0)
+    return len(pending)
 
 
 def run(users: int, jobs_per_user: int, follow_s: float, workers: int) -> dict[str, float | str]:
@@ -151,13 +207,16 @@ def run(users: int, jobs_per_user: int, follow_s: float, workers: int) -> dict[s
             started = time.monotonic()
 
             answers: Counter[int] = Counter()
+            accepted: list[tuple[int, str]] = []
 
             def submit(index: int) -> float:
                 user, n = index % users, index // users
                 began = time.perf_counter()
                 reply = clients[user].request("POST", "/api/train", json=tiny_spec(user, n))
                 answers[reply.status_code] += 1
-                if reply.status_code != 202:
+                if reply.status_code == 202:
+                    accepted.append((user, reply.json()["job_id"]))
+                else:
                     print(f"submit {index}: {reply.status_code} {reply.text[:200]}", file=sys.stderr)
                 return time.perf_counter() - began
 
@@ -167,8 +226,12 @@ def run(users: int, jobs_per_user: int, follow_s: float, workers: int) -> dict[s
             submitted_s = time.monotonic() - started
             time.sleep(follow_s)  # every job followed: status polls at the providers
             window_s = time.monotonic() - started
+            before_end = job_outcomes(stack.database_url)
+            not_ended = end_every_job(clients, accepted, deadline_s=120)
             sampler.stop.set()
             sampler.join()
+            outcomes = job_outcomes(stack.database_url)
+            runs_accepted = sum(1 for r in fake.requests("job.run") if r["status"] == 200)
             cpu = sum(cpu_seconds(pid) for pid in schedulers) - cpu_before
             delays = first_event_delays(stack.database_url)
             calls = sampler.calls[-1][1] - sampler.calls[0][1]
@@ -187,6 +250,21 @@ def run(users: int, jobs_per_user: int, follow_s: float, workers: int) -> dict[s
         "jobs": total,
         "users": users,
         "submit_answers": ", ".join(f"{status}: {n}" for status, n in sorted(answers.items())),
+        "submit_5xx": sum(n for status, n in answers.items() if status >= 500),
+        "accepted_jobs": len(accepted),
+        "terminal_by_themselves": sum(
+            before_end.get(state, 0) for state in ("completed", "failed", "cancelled")
+        ),
+        "terminal_after_cancel_rest": f"{len(accepted) - not_ended} of {len(accepted)}",
+        "jobs_by_state": ", ".join(
+            f"{state}: {n}" for state, n in sorted(outcomes.items()) if not state.startswith("byok")
+        ),
+        "byok_jobs_submitted_to_runpod": outcomes["byok_submitted"],
+        "byok_distinct_runpod_job_ids": outcomes["byok_distinct_runpod_ids"],
+        "runpod_run_accepted": runs_accepted,
+        "db_connections_max_per_replica": ", ".join(
+            f"{name}: {n}" for name, n in sorted(sampler.per_replica.items())
+        ),
         "submit_wall_s": round(submitted_s, 1),
         "submit_p50_ms": round(statistics.median(latencies) * 1000, 1),
         "submit_p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
@@ -208,8 +286,8 @@ def run(users: int, jobs_per_user: int, follow_s: float, workers: int) -> dict[s
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m devstack.load_bench")
-    parser.add_argument("--users", type=int, default=50)
-    parser.add_argument("--jobs-per-user", type=int, default=20)
+    parser.add_argument("--users", type=int, default=int(os.environ.get("LOAD_USERS", "50")))
+    parser.add_argument("--jobs-per-user", type=int, default=int(os.environ.get("LOAD_JOBS_PER_USER", "20")))
     parser.add_argument("--follow-s", type=float, default=30.0)
     parser.add_argument("--workers", type=int, default=16)
     args = parser.parse_args()

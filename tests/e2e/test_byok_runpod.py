@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import asyncpg
@@ -278,3 +279,29 @@ def test_no_plaintext_key_in_logs_responses_or_tables(stack: Stack) -> None:
         for where, text in (("logs", logs), ("responses", responses), ("tables", tables)):
             assert key not in text, f"plaintext key found in {where}"
             assert key[4:] not in text, f"key body found in {where}"
+
+
+def test_removing_the_key_while_a_job_runs_strands_nothing(stack: Stack, fake: FakeRunPodProcess) -> None:
+    """RunPod would go on running (and billing) a job whose key is gone: the removal is refused
+    with the job named, or cancels it at RunPod first (with the key) when asked to."""
+    client = _runpod_user(stack, fake, "kim", balance=50.0)
+    fake.control("POST", "mode", throttled=True)  # the job waits in RunPod's queue
+    try:
+        job = client.submit(small_spec(n_train=6, n_eval=2))
+        deadline = time.monotonic() + 20
+        while client.job(job["job_id"])["status"] != "submitted":
+            assert time.monotonic() < deadline, client.job(job["job_id"])
+            time.sleep(0.1)
+        refused = client.request("DELETE", "/api/settings/runpod-key")
+        assert refused.status_code == 409
+        assert job["job_id"] in refused.json()["detail"]
+        assert client.request("GET", "/api/settings/runpod-key").json()["has_key"] is True
+        cancels_before = len(fake.requests("job.cancel"))
+        removed = client.request("DELETE", "/api/settings/runpod-key?cancel_jobs=true")
+        assert removed.status_code == 200, removed.text
+    finally:
+        fake.control("POST", "mode", throttled=False)
+    assert len(fake.requests("job.cancel")) - cancels_before == 1
+    assert client.job(job["job_id"])["status"] == "cancelled"
+    assert finish(client, job["job_id"])["state"] == "cancelled"
+    assert client.request("GET", "/api/settings/runpod-key").json()["has_key"] is False

@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from gateway.deps import CurrentUser, KeyVault, Scheduler, State, require_text
 from gateway.responses import ERRORS, error
-from gateway.upstream import ApiError
+from gateway.upstream import NOT_FOUND, ApiError
 from gateway.views import compute_settings_view, key_info_view
 from influence.v1 import common_pb2, keyvault_pb2, scheduler_pb2
 from influence_client.models import ComputeSettings, RunpodKeyDeleted, RunpodKeySaved, RunpodKeyStatus
@@ -25,6 +25,7 @@ router = APIRouter(prefix="/api/settings", tags=["settings"], responses=ERRORS)
 
 RUNPOD = "runpod"
 SETTINGS_NOT_CHANGED = "The scheduler is unavailable; your settings were not changed, try again"
+KEY_NOT_REMOVED = "The scheduler is unavailable; your key was not removed, try again"
 NO_RUNPOD_KEY = "No RunPod API key is stored: add one (POST /api/settings/runpod-key) before choosing runpod"
 # The one mapping of why RunPod refused a key to an HTTP answer; a refusal without a reason is
 # the key's (400).
@@ -138,11 +139,35 @@ async def get_runpod_key(
     "/runpod-key",
     summary="Remove the RunPod key and return to the hosted backend",
     response_model=RunpodKeyDeleted,
+    responses={409: error("Jobs still run on the RunPod account; name them, or pass cancel_jobs=true")},
 )
-async def delete_runpod_key(user: CurrentUser, scheduler: Scheduler, keyvault: KeyVault) -> dict[str, Any]:
+async def delete_runpod_key(
+    user: CurrentUser,
+    scheduler: Scheduler,
+    keyvault: KeyVault,
+    cancel_jobs: Annotated[
+        bool, Query(description="Cancel the jobs still running on RunPod first (with this key)")
+    ] = False,
+) -> dict[str, Any]:
     # Back to hosted first, so no job is routed to runpod in the moment the key is gone.
     settings = await scheduler.set_backend(user, "hosted", SETTINGS_NOT_CHANGED)
+    # Without the key no one could follow or cancel a job that RunPod goes on running and billing.
+    active = await scheduler.active_jobs(user, RUNPOD, KEY_NOT_REMOVED)
+    if active and not cancel_jobs:
+        await scheduler.set_backend(user, RUNPOD, KEY_NOT_REMOVED)
+        names = ", ".join(job.id for job in active[:10]) + (" and more" if len(active) > 10 else "")
+        raise ApiError(
+            409,
+            f"{len(active)} job(s) still run on your RunPod account with this key ({names}); wait for "
+            "them to finish or cancel them, or remove the key with ?cancel_jobs=true to cancel them "
+            "first. The key was not removed.",
+        )
+    for job in active:
+        await scheduler.cancel_job(
+            scheduler_pb2.CancelJobRequest(user_id=user, job_id=job.id), not_found=NOT_FOUND
+        )
     deleted = await keyvault.delete_key(
         _runpod_key(user), "The key vault is unavailable; your key was not removed, try again"
     )
+    log.info("runpod key removed", extra={"user_id": user, "cancelled_jobs": len(active)})
     return {**compute_settings_view(settings), "has_key": False, "deleted": deleted}

@@ -256,6 +256,14 @@ class SchedulerClient:
     ) -> scheduler_pb2.ListJobsResponse:
         return await self._call(self._stub.ListJobs, request, not_found=not_found)
 
+    async def active_jobs(self, user_id: str, backend: str, unavailable: str) -> list[scheduler_pb2.Job]:
+        answer: scheduler_pb2.ListJobsResponse = await self._call(
+            self._stub.ListActiveJobs,
+            scheduler_pb2.ListActiveJobsRequest(user_id=user_id, backend=backend),
+            unavailable=unavailable,
+        )
+        return list(answer.jobs)
+
     async def job_result(self, request: scheduler_pb2.GetJobResultRequest, not_found: str) -> bytes:
         answer: scheduler_pb2.GetJobResultResponse = await self._call(
             self._stub.GetJobResult, request, not_found=not_found

@@ -197,6 +197,25 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
 
         return await _answer(context, answer)
 
+    async def ListActiveJobs(self, request, context):
+        def answer() -> scheduler_pb2.ListJobsResponse:
+            active = (
+                common_pb2.JOB_STATE_QUEUED,
+                common_pb2.JOB_STATE_SUBMITTED,
+                common_pb2.JOB_STATE_RUNNING,
+            )
+            return scheduler_pb2.ListJobsResponse(
+                jobs=[
+                    stored.job
+                    for stored in self.jobs.values()
+                    if stored.job.user_id == request.user_id
+                    and stored.job.compute_backend == request.backend
+                    and stored.job.state in active
+                ]
+            )
+
+        return await _answer(context, answer)
+
     async def DeleteJob(self, request, context):
         def answer() -> scheduler_pb2.DeleteJobResponse:
             stored = self._owned(request.user_id, request.job_id, context)

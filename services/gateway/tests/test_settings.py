@@ -76,6 +76,34 @@ async def test_save_key_verifies_stores_and_switches(gateway, upstream, caplog) 
     assert API_KEY[4:20] not in _everything_logged(caplog)
 
 
+async def test_removing_the_key_with_runpod_jobs_active_is_409_or_cancels_them_first(
+    gateway, upstream
+) -> None:
+    headers = await gateway.sign_in("rita")
+    upstream.scheduler.verify_answer = accept_with_balance(5.0)
+    saved = await gateway.client.post("/api/settings/runpod-key", json={"api_key": API_KEY}, headers=headers)
+    assert saved.status_code == 200, saved.text
+    running = upstream.scheduler.add_job("local:rita")
+    upstream.scheduler.jobs[running].job.compute_backend = "runpod"
+    hosted = upstream.scheduler.add_job("local:rita")  # a hosted job does not need the key
+
+    refused = await gateway.client.delete("/api/settings/runpod-key", headers=headers)
+    assert refused.status_code == 409
+    assert running in refused.json()["detail"] and hosted not in refused.json()["detail"]
+    assert "cancel_jobs=true" in refused.json()["detail"]
+    # Nothing changed: the key is kept and the backend is still runpod.
+    assert ("local:rita", "runpod") in upstream.keyvault.keys
+    assert upstream.scheduler.backends["local:rita"] == "runpod"
+    assert upstream.scheduler.jobs[running].job.state == common_pb2.JOB_STATE_RUNNING
+
+    removed = await gateway.client.delete("/api/settings/runpod-key?cancel_jobs=true", headers=headers)
+    assert removed.status_code == 200, removed.text
+    assert removed.json()["deleted"] is True and removed.json()["backend"] == "hosted"
+    assert upstream.scheduler.jobs[running].job.state == common_pb2.JOB_STATE_CANCELLED
+    assert upstream.scheduler.jobs[hosted].job.state == common_pb2.JOB_STATE_RUNNING
+    assert ("local:rita", "runpod") not in upstream.keyvault.keys
+
+
 @pytest.mark.parametrize(
     ("scheduler_answer", "status", "message"),
     [

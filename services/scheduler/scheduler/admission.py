@@ -5,9 +5,10 @@ submissions per rolling hour, GPU-seconds per calendar month (UTC; a job counts 
 while active and the time it ran once finished) and a per-job ceiling on the estimated time and
 cost. BYOK jobs are the researcher's own money: only their active-jobs cap applies.
 
-The counts come from the jobs table inside the transaction that inserts the job, under a per-user
-advisory lock, so two concurrent submissions (on any scheduler replica) cannot both take the
-last free place. A limit of 0 is no limit.
+Active jobs are counted from the jobs table, submissions and GPU-seconds from the append-only
+usage ledger (ledger.py: deleting a job refunds nothing), inside the transaction that inserts the
+job, under a per-user advisory lock, so two concurrent submissions (on any scheduler replica)
+cannot both take the last free place. A limit of 0 is no limit.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from scheduler import ledger
 from scheduler.config import Settings
 from scheduler.db import DbConnection, returned_row
 
@@ -102,34 +104,17 @@ async def current_usage(conn: DbConnection, settings: Settings, user_id: str, ba
         )
     ]
     if hosted:
-        hour = returned_row(
-            await conn.fetchrow(
-                """SELECT count(*) AS n, min(created_at) AS oldest FROM jobs
-               WHERE user_id = $1 AND compute_backend = 'hosted'
-                 AND created_at > now() - interval '1 hour'""",
-                user_id,
-            )
-        )
+        submissions, oldest = await ledger.submissions_since(conn, user_id, backend, now - timedelta(hours=1))
         limits.append(
             LimitUsage(
                 SUBMISSIONS_PER_HOUR,
                 "hosted submissions in the last hour",
-                float(hour["n"]),
+                float(submissions),
                 float(settings.hosted_max_submissions_per_hour),
-                hour["oldest"] + timedelta(hours=1) if hour["oldest"] else None,
+                oldest + timedelta(hours=1) if oldest else None,
             )
         )
-        gpu_seconds = await conn.fetchval(
-            """SELECT coalesce(sum(CASE
-                   WHEN finished_at IS NOT NULL
-                       THEN coalesce(extract(epoch FROM finished_at - started_at), 0)
-                   WHEN started_at IS NOT NULL
-                       THEN greatest(estimated_time_s, extract(epoch FROM now() - started_at))
-                   ELSE estimated_time_s END), 0)::float8
-               FROM jobs WHERE user_id = $1 AND compute_backend = 'hosted' AND created_at >= $2""",
-            user_id,
-            month_start(now),
-        )
+        gpu_seconds = await ledger.gpu_seconds_since(conn, user_id, backend, month_start(now))
         limits.append(
             LimitUsage(
                 GPU_SECONDS_PER_MONTH,

@@ -25,7 +25,20 @@ class Settings(ServiceSettings):
     compute_local_addr: str = "127.0.0.1:50053"
     compute_modal_addr: str = ""
     compute_runpod_addr: str = ""
+    # Polls of a job come this often right after its submit and while it makes progress, then
+    # slow down (x1.5 each unchanged poll) to scheduler_poll_max_interval_s while it waits.
     scheduler_poll_interval_s: float = Field(default=1.0, gt=0, le=60)
+    scheduler_poll_max_interval_s: float = Field(default=10.0, gt=0, le=600)
+    # Status calls in flight per provider, and how many refusals in a row (an answer that is
+    # not retryable: a removed key, a missing endpoint) fail a job with the provider's words.
+    scheduler_poll_concurrency: int = Field(default=16, ge=1, le=1000)
+    scheduler_poll_max_failures: int = Field(default=5, ge=1, le=1000)
+    # Submits in flight per provider on one replica (the dispatcher's bound).
+    scheduler_dispatch_concurrency: int = Field(default=8, ge=1, le=1000)
+    # Database connections of one replica's pool (the LISTEN connection is one more), and how
+    # long a statement waits for a free one before it fails (readiness then goes NOT_SERVING).
+    scheduler_db_pool_size: int = Field(default=8, ge=2, le=100)
+    scheduler_db_acquire_timeout_s: float = Field(default=5.0, gt=0, le=300)
     # Longest wait between retries while a provider or the database is unreachable.
     scheduler_retry_max_s: float = Field(default=30.0, gt=0, le=600)
     scheduler_db_check_interval_s: float = Field(default=5.0, gt=0, le=300)
@@ -37,9 +50,9 @@ class Settings(ServiceSettings):
     scheduler_artifact_attempts: int = Field(default=3, ge=1, le=10)
     scheduler_artifact_timeout_s: float = Field(default=1800.0, gt=0, le=86400)
     # Lifetime of the presigned PUT URLs a RunPod or Modal worker uploads a job's files with: they
-    # are used at the end of the run, so this covers the queue wait plus the longest run
-    # (RUNPOD_QUEUE_TIMEOUT_S + RUNPOD_EXECUTION_TIMEOUT_S, Modal's function timeout).
-    scheduler_upload_url_ttl_s: int = Field(default=3 * 3600, ge=60, le=7 * 24 * 3600)
+    # are used at the end of the run, so this outlives RunPod's whole ttl (RUNPOD_JOB_TTL_S, 24 h:
+    # queue wait and run together; compute-runpod keeps the ttl within it) and Modal's timeout.
+    scheduler_upload_url_ttl_s: int = Field(default=25 * 3600, ge=60, le=7 * 24 * 3600)
     # Artifacts of jobs finished longer ago are deleted (the job and its small result stay);
     # 0 keeps them forever. The sweep runs every scheduler_retention_sweep_s.
     artifact_retention_days: float = Field(default=30.0, ge=0, le=36500)

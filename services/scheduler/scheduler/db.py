@@ -96,7 +96,14 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
-async def create_pool(dsn: str) -> asyncpg.Pool:
+async def create_pool(dsn: str, max_size: int = 8, application_name: str = "scheduler") -> asyncpg.Pool:
+    """The replica's pool; ``application_name`` names the replica in pg_stat_activity."""
     return await asyncpg.create_pool(
-        dsn, min_size=1, max_size=10, init=_init_connection, command_timeout=30, timeout=10
+        dsn,
+        min_size=1,
+        max_size=max_size,
+        init=_init_connection,
+        command_timeout=30,
+        timeout=10,
+        server_settings={"application_name": application_name},
     )

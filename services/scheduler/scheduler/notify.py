@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 
 
 class EventHub:
-    def __init__(self, dsn: str, retry_max_s: float) -> None:
+    def __init__(self, dsn: str, retry_max_s: float, application_name: str = "scheduler") -> None:
         self._dsn = dsn
+        self._application_name = application_name
         self._retry_max_s = retry_max_s
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._conn: asyncpg.Connection | None = None
@@ -65,7 +66,9 @@ class EventHub:
         while True:
             self._lost.clear()
             try:
-                conn = await asyncpg.connect(self._dsn, timeout=10)
+                conn = await asyncpg.connect(
+                    self._dsn, timeout=10, server_settings={"application_name": self._application_name}
+                )
                 conn.add_termination_listener(self._on_terminate)
                 await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:

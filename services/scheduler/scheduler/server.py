@@ -72,7 +72,6 @@ class ArtifactMissing(LookupError):
 
 
 def job_to_proto(job: JobRow) -> scheduler_pb2.Job:
-    spec = job.spec
     return scheduler_pb2.Job(
         id=job.id,
         user_id=job.user_id,
@@ -87,10 +86,10 @@ def job_to_proto(job: JobRow) -> scheduler_pb2.Job:
         error=job.error,
         estimated_time_s=job.estimated_time_s,
         estimated_cost_usd=job.estimated_cost_usd,
-        model_id=str(spec.get("model_id", "")),
-        influence_method=str(spec.get("influence_method", "")),
-        n_train=len(spec.get("training_data", [])),
-        n_eval=len(spec.get("eval_data", [])),
+        model_id=job.model_id,
+        influence_method=job.influence_method,
+        n_train=job.n_train,
+        n_eval=job.n_eval,
         created_at=timestamp(job.created_at),
         updated_at=timestamp(job.updated_at),
         finished_at=timestamp(job.finished_at),
@@ -401,6 +400,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         jobs, _ = self._app.require()
         return usage_to_proto(await jobs.usage(request.user_id))
 
+    @_rpc
+    async def ListActiveJobs(
+        self, request: scheduler_pb2.ListActiveJobsRequest, context: Any
+    ) -> scheduler_pb2.ListJobsResponse:
+        if request.backend not in BACKENDS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"backend must be one of {', '.join(BACKENDS)}, got {request.backend!r}",
+            )
+        jobs, _ = self._app.require()
+        active = await jobs.active_jobs(request.user_id, request.backend)
+        return scheduler_pb2.ListJobsResponse(jobs=[job_to_proto(job) for job in active])
+
 
 def usage_to_proto(usage: Usage) -> scheduler_pb2.Usage:
     return scheduler_pb2.Usage(
@@ -421,7 +433,7 @@ def usage_to_proto(usage: Usage) -> scheduler_pb2.Usage:
 
 
 class SchedulerServer:
-    """The running scheduler: gRPC server, database pool, listener, job runners, readiness."""
+    """The running scheduler: gRPC server, database pool, listener, dispatcher and pollers, readiness."""
 
     def __init__(self, settings: Settings, store_settings: StoreSettings | None = None) -> None:
         self.settings = settings
@@ -429,7 +441,9 @@ class SchedulerServer:
         self.providers = Providers(settings)
         self.artifact_store_settings = store_settings or load_store_settings()
         self.artifact_store: ArtifactStore = open_store(self.artifact_store_settings)
-        self.hub = EventHub(self._dsn, settings.scheduler_retry_max_s)
+        # Every connection of this replica carries its name (pg_stat_activity.application_name).
+        self.db_application_name = f"scheduler:{settings.scheduler_replica_id}"[:63]
+        self.hub = EventHub(self._dsn, settings.scheduler_retry_max_s, self.db_application_name)
         self.grpc: GrpcService = create_grpc_server(
             f"{settings.scheduler_host}:{settings.scheduler_port}", self._register, "scheduler"
         )
@@ -476,7 +490,9 @@ class SchedulerServer:
                 # Same steps as keyvault/store.py's open_database (migrate, close the pool on
                 # failure), but each service has its own schema and migrations module, and
                 # service_runtime does not depend on asyncpg.
-                pool = await create_pool(self._dsn)
+                pool = await create_pool(
+                    self._dsn, self.settings.scheduler_db_pool_size, self.db_application_name
+                )
                 try:
                     async with pool.acquire() as conn:
                         await apply_migrations(conn)
@@ -489,7 +505,7 @@ class SchedulerServer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.scheduler_retry_max_s)
         self._pool = pool
-        self._store = Store(pool)
+        self._store = Store(pool, self.settings.scheduler_db_acquire_timeout_s)
         self.hub.start()
         await self.hub.connected.wait()
         mover = ArtifactMover(
@@ -524,7 +540,10 @@ class SchedulerServer:
             return False
         try:
             timeout = max(self.settings.scheduler_db_check_interval_s, 1.0)
-            await self._pool.fetchval("SELECT 1", timeout=timeout)
+            # Through the pool with the statements' acquire timeout: a starved pool (every
+            # connection busy for that long) is NOT_SERVING, like a database that is down.
+            async with self._store.connection() as conn:
+                await conn.fetchval("SELECT 1", timeout=timeout)
             record_job_counts(await self._store.count_by_status())
             return self.hub.check()
         except _DB_ERRORS as exc:
@@ -532,7 +551,7 @@ class SchedulerServer:
             return False
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain RPCs, stop the runners and close every connection. Jobs stay in the table."""
+        """Drain RPCs, stop the dispatcher and the pollers, close every connection. Jobs stay."""
         await self.grpc.stop(self.settings.scheduler_shutdown_grace_s if grace_s is None else grace_s)
         for task in self._tasks:
             task.cancel()

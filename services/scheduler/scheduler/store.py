@@ -1,4 +1,10 @@
-"""PostgreSQL access for profiles, jobs and job events. Every statement lives here.
+"""PostgreSQL access for profiles, jobs and job events. Every statement lives here (the usage
+ledger's in ledger.py).
+
+Every connection is borrowed for one short statement or transaction, with an acquire timeout, and
+never held across a call to a provider. Writes the dispatcher and the follower make are fenced by
+the lease: they change a row only while this replica's lease on it is live (owner and expiry in
+the WHERE clause), so a replica that stalled past its lease cannot overwrite its successor.
 
 Event sequence numbers are assigned in the same transaction that stores the provider cursor
 they came from, with the job row locked, so a restart or a second follower can neither skip
@@ -8,13 +14,15 @@ nor duplicate an event.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
+from scheduler import ledger
 from scheduler.db import DbConnection, returned_row
 from service_runtime.jobs import ACTIVE_STATES, TERMINAL_STATES
 
@@ -45,7 +53,6 @@ class JobRow:
     progress: float
     stage_message: str
     latest_metrics: dict[str, Any]
-    spec: dict[str, Any]
     error: str
     estimated_time_s: float
     estimated_cost_usd: float
@@ -59,6 +66,14 @@ class JobRow:
     kind: str = "experiment"
     parent_job_id: str = ""  # the experiment a later job builds on
     request: Any = None  # the kind's request (gpu_core.jobs); None for an experiment
+    # What lists show of the spec, kept in columns so that no hot read loads the spec itself.
+    model_id: str = ""
+    influence_method: str = ""
+    n_train: int = 0
+    n_eval: int = 0
+    endpoint_id: str = ""  # the RunPod endpoint the job was submitted on ('' elsewhere)
+    submitting: bool = False  # a submit token is stored: the provider may already have the job
+    trace_context: dict[str, str] = field(default_factory=dict)  # the submitting request's
 
     @property
     def terminal(self) -> bool:
@@ -95,17 +110,45 @@ class JobUpdate:
     result: Any = None
     error: str | None = None
     artifacts: list[dict[str, Any]] | None = None
+    provider_job_id: str | None = None
+    endpoint_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A job this replica just took the lease of: the dispatcher's when no provider has it yet."""
+
+    id: str
+    provider: str
+    submitted: bool
+
+
+@dataclass(frozen=True)
+class SubmitWork:
+    """What the dispatcher sends: the job, its spec (the one read of it) and the submit token."""
+
+    job: JobRow
+    spec: dict[str, Any]
+    token: uuid.UUID
+    reconciling: bool  # a token was already stored: an earlier attempt's outcome is unknown
 
 
 _JOB_COLUMNS = """id::text AS id, user_id, compute_backend, provider,
     coalesce(provider_job_id, '') AS provider_job_id, status, stage, progress, stage_message,
-    latest_metrics, spec, error, estimated_time_s, estimated_cost_usd, provider_cursor, last_seq,
+    latest_metrics, error, estimated_time_s, estimated_cost_usd, provider_cursor, last_seq,
     submit_attempts, created_at, updated_at, finished_at, artifacts, kind,
-    coalesce(parent_job_id::text, '') AS parent_job_id, request"""
+    coalesce(parent_job_id::text, '') AS parent_job_id, request, model_id, influence_method,
+    n_train, n_eval, endpoint_id, submit_token IS NOT NULL AS submitting, trace_context"""
+# The lease fence of a dispatcher or follower write ($1 = owner).
+_HELD = "lease_owner = $1 AND lease_expires_at > now()"
 
 
 def _job(row: asyncpg.Record) -> JobRow:
     return JobRow(**dict(row))
+
+
+def _job_from(fields: dict[str, Any]) -> JobRow:
+    return JobRow(**fields)
 
 
 def _profile(row: asyncpg.Record) -> Profile:
@@ -125,24 +168,55 @@ def parse_job_id(job_id: str) -> uuid.UUID | None:
         return None
 
 
+def _list_length(spec: dict[str, Any], name: str) -> int:
+    value = spec.get(name)
+    return len(value) if isinstance(value, list) else 0
+
+
 class Store:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout_s: float = 10.0) -> None:
         self.pool = pool
+        self._acquire_timeout_s = acquire_timeout_s
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[DbConnection]:
+        """A pooled connection for one short statement or transaction; TimeoutError when the pool
+        stays exhausted for the acquire timeout (never a wait without end)."""
+        async with self.pool.acquire(timeout=self._acquire_timeout_s) as conn:
+            yield conn
+
+    async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        async with self.connection() as conn:
+            return list(await conn.fetch(query, *args))
+
+    async def _fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        async with self.connection() as conn:
+            return await conn.fetchrow(query, *args)
+
+    async def _fetchval(self, query: str, *args: Any) -> Any:
+        async with self.connection() as conn:
+            return await conn.fetchval(query, *args)
+
+    async def _execute(self, query: str, *args: Any) -> str:
+        async with self.connection() as conn:
+            return str(await conn.execute(query, *args))
 
     # ---- profiles -----------------------------------------------------------------------
 
     async def get_profile(self, user_id: str) -> Profile:
-        """The user's profile, created with the defaults on first use."""
-        row = await self.pool.fetchrow(
-            """INSERT INTO profiles (user_id) VALUES ($1)
-               ON CONFLICT (user_id) DO UPDATE SET user_id = excluded.user_id
-               RETURNING *""",
-            user_id,
-        )
+        """The user's profile, created with the defaults on first use (read-only once it exists)."""
+        row = await self._fetchrow("SELECT * FROM profiles WHERE user_id = $1", user_id)
+        if row is None:
+            row = await self._fetchrow(
+                """INSERT INTO profiles (user_id) VALUES ($1)
+                   ON CONFLICT (user_id) DO UPDATE SET user_id = excluded.user_id
+                   RETURNING *""",
+                user_id,
+            )
         return _profile(returned_row(row))
 
     async def set_backend(self, user_id: str, backend: str) -> Profile:
-        row = await self.pool.fetchrow(
+        row = await self._fetchrow(
             """INSERT INTO profiles (user_id, compute_backend) VALUES ($1, $2)
                ON CONFLICT (user_id) DO UPDATE
                SET compute_backend = excluded.compute_backend, updated_at = now()
@@ -152,16 +226,24 @@ class Store:
         )
         return _profile(returned_row(row))
 
-    async def set_endpoint(
-        self,
-        conn: DbConnection,
-        user_id: str,
-        endpoint_id: str | None,
-        status: str,
-        error: str = "",
-    ) -> None:
+    async def claim_endpoint_creation(self, user_id: str, stale_after_s: float) -> bool:
+        """Whether this caller may create the user's RunPod endpoint: the profile has none and no
+        other creation started less than ``stale_after_s`` ago (a row claim, not a held lock)."""
+        await self.get_profile(user_id)
+        claimed = await self._fetchval(
+            """UPDATE profiles SET endpoint_status = 'creating', endpoint_error = '', updated_at = now()
+               WHERE user_id = $1 AND coalesce(runpod_endpoint_id, '') = ''
+                 AND (endpoint_status <> 'creating'
+                      OR updated_at < now() - make_interval(secs => $2))
+               RETURNING true""",
+            user_id,
+            stale_after_s,
+        )
+        return bool(claimed)
+
+    async def set_endpoint(self, user_id: str, endpoint_id: str | None, status: str, error: str = "") -> None:
         """Store the endpoint state; ``endpoint_id=None`` keeps the stored id."""
-        await conn.execute(
+        await self._execute(
             """UPDATE profiles SET runpod_endpoint_id = coalesce($2, runpod_endpoint_id),
                    endpoint_status = $3, endpoint_error = $4, updated_at = now()
                WHERE user_id = $1""",
@@ -185,14 +267,15 @@ class Store:
         kind: str = "experiment",
         parent_job_id: str | None = None,
         request: dict[str, Any] | None = None,
-        lease: Lease | None = None,
+        trace_context: dict[str, str] | None = None,
     ) -> tuple[JobRow, bool]:
-        """Store a new job, or return the existing one with the same (user, idempotency key).
-        The second value says whether this call created it. ``admit`` runs first, in the same
-        transaction and under a per-user lock (so concurrent submissions on any replica are
-        counted one after the other); it raises to refuse the job. ``estimate`` is (time s, USD);
-        ``lease`` makes the caller's replica the job's follower from the start."""
-        async with self.pool.acquire() as conn, conn.transaction():
+        """Store a new queued job (the outbox: a dispatcher submits it), or return the existing
+        one with the same (user, idempotency key). The second value says whether this call
+        created it. ``admit`` runs first, in the same transaction and under a per-user lock (so
+        concurrent submissions on any replica are counted one after the other); it raises to
+        refuse the job. The job's ``admitted`` usage entry is written in the same transaction.
+        ``estimate`` is (time s, USD)."""
+        async with self.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"admit:{user_id}")
             if idempotency_key is not None:
                 existing = await conn.fetchrow(
@@ -204,15 +287,15 @@ class Store:
                     return _job(existing), False
             if admit is not None:
                 await admit(conn)
+            job_id = uuid.uuid4()
             row = await conn.fetchrow(
                 f"""INSERT INTO jobs (id, user_id, compute_backend, provider, spec, idempotency_key,
                                       estimated_time_s, estimated_cost_usd, kind, parent_job_id,
-                                      request, lease_owner, lease_expires_at)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
-                            CASE WHEN $12::text IS NULL THEN NULL
-                                 ELSE now() + make_interval(secs => $13) END)
+                                      request, model_id, influence_method, n_train, n_eval,
+                                      trace_context)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
                     RETURNING {_JOB_COLUMNS}""",
-                uuid.uuid4(),
+                job_id,
                 user_id,
                 compute_backend,
                 provider,
@@ -222,9 +305,13 @@ class Store:
                 kind,
                 uuid.UUID(parent_job_id) if parent_job_id else None,
                 request,
-                lease.owner if lease else None,
-                lease.seconds if lease else 0.0,
+                str(spec.get("model_id", "")),
+                str(spec.get("influence_method", "")),
+                _list_length(spec, "training_data"),
+                _list_length(spec, "eval_data"),
+                trace_context or {},
             )
+            await ledger.record_admission(conn, job_id, user_id, compute_backend, estimate[0])
             return _job(returned_row(row)), True
 
     async def get_job(self, job_id: str, user_id: str | None = None) -> JobRow | None:
@@ -232,12 +319,20 @@ class Store:
         parsed = parse_job_id(job_id)
         if parsed is None:
             return None
-        row = await self.pool.fetchrow(
+        row = await self._fetchrow(
             f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1 AND ($2::text IS NULL OR user_id = $2)",
             parsed,
             user_id,
         )
         return _job(row) if row is not None else None
+
+    async def get_jobs(self, job_ids: list[str]) -> list[JobRow]:
+        """The jobs of ``job_ids`` that still exist (one statement for a follower's batch)."""
+        rows = await self._fetch(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ANY($1::uuid[])",
+            [uuid.UUID(job_id) for job_id in job_ids],
+        )
+        return [_job(row) for row in rows]
 
     async def list_jobs(
         self, user_id: str, limit: int, parent_job_id: str = "", kind: str = ""
@@ -247,7 +342,7 @@ class Store:
         parent = parse_job_id(parent_job_id) if parent_job_id else None
         if parent_job_id and parent is None:
             return []
-        rows = await self.pool.fetch(
+        rows = await self._fetch(
             f"""SELECT {_JOB_COLUMNS} FROM jobs WHERE user_id = $1
                   AND parent_job_id IS NOT DISTINCT FROM $3 AND ($4 = '' OR kind = $4)
                 ORDER BY created_at DESC, id LIMIT $2""",
@@ -258,35 +353,55 @@ class Store:
         )
         return [_job(row) for row in rows]
 
+    async def active_jobs(self, user_id: str, backend: str = "", parent_job_id: str = "") -> list[JobRow]:
+        """The user's non-terminal jobs (on ``backend``, or the later jobs of ``parent_job_id``)."""
+        parent = parse_job_id(parent_job_id) if parent_job_id else None
+        rows = await self._fetch(
+            f"""SELECT {_JOB_COLUMNS} FROM jobs
+                WHERE user_id = $1 AND status = ANY($2::text[])
+                  AND ($3 = '' OR compute_backend = $3)
+                  AND ($4::uuid IS NULL OR parent_job_id = $4)
+                ORDER BY created_at""",
+            user_id,
+            list(ACTIVE_STATES),
+            backend,
+            parent,
+        )
+        return [_job(row) for row in rows]
+
     # ---- leases (several scheduler replicas) ------------------------------------------------
 
-    async def claim_jobs(self, lease: Lease, limit: int) -> list[str]:
-        """Take the lease of up to ``limit`` active jobs that no live replica follows (no lease,
-        an expired one, or one this replica held before a restart)."""
-        rows = await self.pool.fetch(
+    async def claim_jobs(self, lease: Lease, limit: int, submitted: bool | None = None) -> list[Claimed]:
+        """Take the lease of up to ``limit`` active jobs that no live replica holds (no lease or an
+        expired one, this replica's own included: it may have stalled past it). ``submitted``
+        picks jobs a provider has (True) or not yet (False); None takes both."""
+        rows = await self._fetch(
             """UPDATE jobs SET lease_owner = $1, lease_expires_at = now() + make_interval(secs => $2)
                WHERE id IN (
                    SELECT id FROM jobs
                    WHERE status = ANY($3::text[])
-                     AND (lease_expires_at IS NULL OR lease_expires_at < now() OR lease_owner = $1)
+                     AND (lease_expires_at IS NULL OR lease_expires_at < now())
+                     AND ($5::boolean IS NULL OR (provider_job_id IS NOT NULL) = $5)
                    ORDER BY lease_expires_at NULLS FIRST, created_at
                    FOR UPDATE SKIP LOCKED
                    LIMIT $4)
-               RETURNING id::text AS id""",
+               RETURNING id::text AS id, provider, provider_job_id IS NOT NULL AS submitted""",
             lease.owner,
             lease.seconds,
             list(ACTIVE_STATES),
             limit,
+            submitted,
         )
-        return [row["id"] for row in rows]
+        return [Claimed(row["id"], row["provider"], row["submitted"]) for row in rows]
 
     async def renew_leases(self, lease: Lease, job_ids: list[str]) -> set[str]:
-        """Extend this replica's leases on ``job_ids``; answers the ids it still holds."""
+        """Extend this replica's live leases on ``job_ids``; answers the ids it still holds (an
+        expired lease is not renewed: another replica may have acted on the job already)."""
         if not job_ids:
             return set()
-        rows = await self.pool.fetch(
-            """UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $2)
-               WHERE id = ANY($3::uuid[]) AND lease_owner = $1
+        rows = await self._fetch(
+            f"""UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $2)
+               WHERE id = ANY($3::uuid[]) AND {_HELD}
                RETURNING id::text AS id""",
             lease.owner,
             lease.seconds,
@@ -296,8 +411,39 @@ class Store:
 
     async def release_leases(self, owner: str) -> None:
         """Give up every lease of ``owner`` (a clean shutdown), so another replica takes over at once."""
-        await self.pool.execute(
+        await self._execute(
             "UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL WHERE lease_owner = $1", owner
+        )
+
+    async def begin_submit(self, job_id: str, lease: Lease) -> SubmitWork | None:
+        """Write the submit token (the durable "submitting" state) and count the attempt before
+        the provider call, under the lease; returns the job with its spec, or None when the lease
+        is gone or the job no longer waits to be submitted. An existing token is kept: the
+        earlier attempt's outcome is unknown, so this one reconciles it under the same job id."""
+        async with self.connection() as conn:
+            row = await conn.fetchrow(
+                f"""UPDATE jobs SET submit_token = coalesce(submit_token, $3),
+                       submit_attempts = submit_attempts + 1, updated_at = now()
+                    WHERE id = $2 AND {_HELD} AND status = 'queued' AND provider_job_id IS NULL
+                    RETURNING {_JOB_COLUMNS}, spec, submit_token, submit_token <> $3 AS reconciling""",
+                lease.owner,
+                uuid.UUID(job_id),
+                uuid.uuid4(),
+            )
+        if row is None:
+            return None
+        fields = dict(row)
+        spec, token, reconciling = fields.pop("spec"), fields.pop("submit_token"), fields.pop("reconciling")
+        return SubmitWork(_job_from(fields), spec, token, reconciling)
+
+    async def clear_submit(self, job_id: str, lease: Lease, token: uuid.UUID) -> None:
+        """Forget the submit token after an attempt that certainly never reached the provider."""
+        await self._execute(
+            f"""UPDATE jobs SET submit_token = NULL
+                WHERE id = $2 AND {_HELD} AND submit_token = $3 AND provider_job_id IS NULL""",
+            lease.owner,
+            uuid.UUID(job_id),
+            token,
         )
 
     async def get_result(self, job_id: str, user_id: str) -> tuple[str, Any] | None:
@@ -305,60 +451,59 @@ class Store:
         parsed = parse_job_id(job_id)
         if parsed is None:
             return None
-        row = await self.pool.fetchrow(
+        row = await self._fetchrow(
             "SELECT status, result FROM jobs WHERE id = $1 AND user_id = $2", parsed, user_id
         )
         return (row["status"], row["result"]) if row is not None else None
 
-    async def get_spec(self, job_id: str, user_id: str) -> Any | None:
-        """The stored spec of the user's job, or None when it is not theirs."""
+    async def get_spec(self, job_id: str, user_id: str | None = None) -> Any | None:
+        """The stored spec of the (user's) job, or None when there is none."""
         parsed = parse_job_id(job_id)
         if parsed is None:
             return None
-        return await self.pool.fetchval(
-            "SELECT spec FROM jobs WHERE id = $1 AND user_id = $2", parsed, user_id
+        return await self._fetchval(
+            "SELECT spec FROM jobs WHERE id = $1 AND ($2::text IS NULL OR user_id = $2)", parsed, user_id
         )
 
-    async def set_estimate(self, job_id: str, time_s: float, cost_usd: float) -> None:
-        await self.pool.execute(
-            """UPDATE jobs SET estimated_time_s = $2, estimated_cost_usd = $3, updated_at = now()
-               WHERE id = $1""",
+    async def set_estimate(self, job_id: str, lease: Lease, time_s: float, cost_usd: float) -> None:
+        await self._execute(
+            f"""UPDATE jobs SET estimated_time_s = $3, estimated_cost_usd = $4, updated_at = now()
+               WHERE id = $2 AND {_HELD}""",
+            lease.owner,
             uuid.UUID(job_id),
             time_s,
             cost_usd,
         )
 
-    async def count_submit_attempt(self, job_id: str) -> None:
-        await self.pool.execute(
-            "UPDATE jobs SET submit_attempts = submit_attempts + 1 WHERE id = $1", uuid.UUID(job_id)
-        )
-
-    async def set_provider_job_id(self, job_id: str, provider_job_id: str) -> None:
-        """Persist the provider's id the moment it exists, so no path submits the job again."""
-        await self.pool.execute(
-            """UPDATE jobs SET provider_job_id = $2,
-                   runpod_job_id = CASE WHEN provider = 'runpod' THEN $2 ELSE runpod_job_id END,
-                   updated_at = now()
-               WHERE id = $1""",
-            uuid.UUID(job_id),
-            provider_job_id,
-        )
-
     async def apply(
-        self, job_id: str, update: JobUpdate, expected_cursor: str | None = None
+        self,
+        job_id: str,
+        update: JobUpdate,
+        expected_cursor: str | None = None,
+        lease: Lease | None = None,
+        submit_token: uuid.UUID | None = None,
     ) -> JobRow | None:
         """Apply ``update`` atomically: append its events with the next sequence numbers, store
-        the cursor and fields, and notify watchers. Returns None (and changes nothing) when the
-        job is already terminal or its cursor is no longer ``expected_cursor``."""
+        the cursor and fields, settle the usage ledger on a terminal status, and notify watchers.
+        Returns None (and changes nothing) when the job is already terminal, its cursor is no
+        longer ``expected_cursor``, ``lease`` is not held live on it, or its submit token is no
+        longer ``submit_token``. A user's cancel passes no lease: it wins over any replica."""
         job_uuid = uuid.UUID(job_id)
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.connection() as conn, conn.transaction():
             current = await conn.fetchrow(
-                "SELECT status, provider_cursor, last_seq FROM jobs WHERE id = $1 FOR UPDATE",
+                """SELECT status, provider_cursor, last_seq, submit_token,
+                          lease_owner IS NOT DISTINCT FROM $2 AND lease_expires_at > now() AS held
+                   FROM jobs WHERE id = $1 FOR UPDATE""",
                 job_uuid,
+                lease.owner if lease is not None else None,
             )
             if current is None or current["status"] in TERMINAL_STATES:
                 return None
             if expected_cursor is not None and current["provider_cursor"] != expected_cursor:
+                return None
+            if lease is not None and not current["held"]:
+                return None
+            if submit_token is not None and current["submit_token"] != submit_token:
                 return None
             events = list(update.events)
             if update.status is not None and update.status != current["status"]:
@@ -391,6 +536,10 @@ class Store:
                        result = coalesce($8, result),
                        error = coalesce($9, error),
                        artifacts = coalesce($12, artifacts),
+                       provider_job_id = coalesce($13, provider_job_id),
+                       runpod_job_id = CASE WHEN provider = 'runpod' THEN coalesce($13, runpod_job_id)
+                                            ELSE runpod_job_id END,
+                       endpoint_id = coalesce($14, endpoint_id),
                        last_seq = $10,
                        finished_at = CASE WHEN $3 = ANY($11::text[]) THEN now() ELSE finished_at END,
                        started_at = CASE WHEN $3 = 'running' AND started_at IS NULL THEN now()
@@ -410,18 +559,23 @@ class Store:
                 seq,
                 list(TERMINAL_STATES),
                 update.artifacts,
+                update.provider_job_id,
+                update.endpoint_id,
             )
+            if update.status in TERMINAL_STATES:
+                await ledger.record_settlement(conn, job_uuid)
             if events:
                 await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, job_id)
             return _job(returned_row(row))
 
     async def delete_job(self, job_id: str) -> bool:
-        """Remove the job row (its events go with it); False when it was already gone."""
-        deleted = await self.pool.fetchval("DELETE FROM jobs WHERE id = $1 RETURNING id", uuid.UUID(job_id))
+        """Remove the job row (its events and later jobs go with it; its usage entries stay);
+        False when it was already gone."""
+        deleted = await self._fetchval("DELETE FROM jobs WHERE id = $1 RETURNING id", uuid.UUID(job_id))
         return deleted is not None
 
     async def jobs_with_artifacts_finished_before(self, cutoff: datetime, limit: int = 100) -> list[str]:
-        rows = await self.pool.fetch(
+        rows = await self._fetch(
             """SELECT id::text AS id FROM jobs
                WHERE artifacts <> '[]'::jsonb AND finished_at < $1
                ORDER BY finished_at LIMIT $2""",
@@ -431,12 +585,12 @@ class Store:
         return [row["id"] for row in rows]
 
     async def clear_artifacts(self, job_id: str) -> None:
-        await self.pool.execute(
+        await self._execute(
             "UPDATE jobs SET artifacts = '[]'::jsonb, updated_at = now() WHERE id = $1", uuid.UUID(job_id)
         )
 
     async def events_after(self, job_id: str, after_seq: int, limit: int = 500) -> list[StoredEvent]:
-        rows = await self.pool.fetch(
+        rows = await self._fetch(
             """SELECT seq, event, created_at FROM job_events
                WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3""",
             uuid.UUID(job_id),
@@ -446,7 +600,7 @@ class Store:
         return [StoredEvent(row["seq"], row["event"], row["created_at"]) for row in rows]
 
     async def count_by_status(self) -> dict[str, int]:
-        rows = await self.pool.fetch("SELECT status, count(*) AS n FROM jobs GROUP BY status")
+        rows = await self._fetch("SELECT status, count(*) AS n FROM jobs GROUP BY status")
         counts = {state: 0 for state in ALL_STATES}
         counts.update({row["status"]: row["n"] for row in rows})
         return counts

@@ -99,8 +99,13 @@ class ScriptedProvider(compute_pb2_grpc.ComputeProviderServicer):
         self.refusals: dict[str, compute_pb2.VerifyCredentialsResponse] = {}
         self.result_calls = 0
         self.fetch_calls: list[str] = []
+        # While set and not yet released, Estimate, PrepareAccount and Submit wait on it (a
+        # provider that does not answer).
+        self.gate: asyncio.Event | None = None
 
     async def _maybe_fail(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        if self.gate is not None and method in ("Estimate", "PrepareAccount", "Submit"):
+            await self.gate.wait()
         queue = self.fail_next.get(method)
         if queue:
             code, message = queue.pop(0)
@@ -263,6 +268,7 @@ def scheduler_settings(database_url: str, provider_address: str, **overrides: An
         "compute_local_addr": provider_address,
         "compute_runpod_addr": provider_address,
         "scheduler_poll_interval_s": 0.02,
+        "scheduler_poll_max_interval_s": 0.2,
         "scheduler_retry_max_s": 0.2,
         "scheduler_db_check_interval_s": 0.1,
         "scheduler_provider_timeout_s": 5.0,
@@ -323,6 +329,16 @@ async def watch_all(
     return [event async for event in stub.WatchJob(request, timeout=20)]
 
 
+async def until_submitted(servicer: ScriptedProvider, job_id: str, timeout_s: float = 10) -> ProviderJob:
+    """The provider's job for ``job_id`` once a dispatcher has submitted it (submit only stores
+    a job; the dispatcher sends it right after)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while job_id not in servicer.jobs:
+        assert asyncio.get_running_loop().time() < deadline, f"job {job_id} was never submitted"
+        await asyncio.sleep(0.02)
+    return servicer.jobs[job_id]
+
+
 @dataclass(frozen=True)
 class Helpers:
     """Test helpers, handed out as a fixture (test modules cannot import conftest)."""
@@ -331,6 +347,7 @@ class Helpers:
     spec_json: Callable[..., bytes] = spec_json
     progress_events: Callable[[int], list[dict[str, Any]]] = progress_events
     watch_all: Callable[..., Awaitable[list[common_pb2.ProgressEvent]]] = watch_all
+    until_submitted: Callable[..., Awaitable[ProviderJob]] = until_submitted
     settings: Callable[..., Settings] = scheduler_settings
     plan: type[Plan] = Plan
 

@@ -92,9 +92,14 @@ async def test_gpu_seconds_count_the_actual_time_once_finished(start, h, databas
     await h.watch_all(scheduler.stub, "alice", job.id)
     conn = await asyncpg.connect(database_url)
     try:
-        # As if it had run for 100 s.
+        # The ledger settled the job with the time it ran (well under 10 s here) ...
+        ran = await conn.fetchval(
+            "SELECT gpu_seconds FROM usage_ledger WHERE job_id = $1::uuid AND entry = 'settled'", job.id
+        )
+        assert 0 < ran < 10
+        # ... as if it had run for 100 s.
         await conn.execute(
-            "UPDATE jobs SET started_at = finished_at - interval '100 seconds' WHERE id = $1::uuid", job.id
+            "UPDATE usage_ledger SET gpu_seconds = 100 WHERE job_id = $1::uuid AND entry = 'settled'", job.id
         )
     finally:
         await conn.close()

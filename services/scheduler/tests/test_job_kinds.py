@@ -83,6 +83,7 @@ async def test_a_check_runs_on_the_experiments_backend_with_its_spec_and_result(
         "lds_fraction": 0.5,
         "seed": 0,
     }
+    await h.until_submitted(provider.servicer, check.id)
     sent = provider.servicer.submit_requests[-1]
     assert sent.job_id == check.id and sent.kind == "counterfactual"
     assert json.loads(sent.spec_json) == spec
@@ -139,3 +140,19 @@ async def test_checks_that_do_not_fit_are_refused_before_anything_is_stored(
     assert list(listed.jobs) == []
     assert len(provider.servicer.submit_requests) == 2  # the two experiments only
     assert all(r.kind == "" for r in provider.servicer.submit_requests)
+
+
+async def test_deleting_an_experiment_cancels_its_running_checks_at_the_provider_first(
+    scheduler, provider, h, database_url
+):
+    stub = scheduler.stub
+    parent, _, _ = await completed_experiment(scheduler, h, database_url)
+    provider.servicer.plan = h.plan(hold_at=1)  # the check runs and waits
+    check = await stub.SubmitJob(check_request(parent))
+    await h.until_submitted(provider.servicer, check.id)
+    await stub.DeleteJob(scheduler_pb2.DeleteJobRequest(user_id="alice", job_id=parent))
+    assert provider.servicer.cancel_calls == [check.id]
+    assert provider.servicer.jobs[check.id].cancelled
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetJob(scheduler_pb2.GetJobRequest(user_id="alice", job_id=check.id))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND

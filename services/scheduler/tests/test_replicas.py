@@ -28,13 +28,17 @@ async def test_concurrent_claims_never_take_the_same_job(scheduler, database_url
             [(job_id,) for job_id in ids],
         )
         store = Store(pool)
-        first, second = await asyncio.gather(
+        claims = await asyncio.gather(
             store.claim_jobs(Lease("replica-a", 30), 25), store.claim_jobs(Lease("replica-b", 30), 25)
         )
+        first, second = ([job.id for job in claimed] for claimed in claims)
         assert not set(first) & set(second)
         assert {str(job_id) for job_id in ids} <= set(first) | set(second)
-        # A live lease is not claimable by another replica; its own replica may renew it.
-        assert set(await store.claim_jobs(Lease("replica-c", 30), 100)).isdisjoint(map(str, ids))
+        # A live lease is not claimable by another replica, nor again by its own (that would start
+        # a second dispatcher for a job whose submit is in flight); its own replica renews it.
+        for replica in ("replica-c", "replica-a"):
+            again = await store.claim_jobs(Lease(replica, 30), 100)
+            assert {job.id for job in again}.isdisjoint(map(str, ids))
         assert await store.renew_leases(Lease("replica-a", 30), first) == set(first)
         assert await store.renew_leases(Lease("replica-b", 30), first) == set()
     finally:
@@ -46,14 +50,15 @@ async def test_takeover_in_the_submit_window_submits_once(start, provider, h, da
     provider.servicer.plan = h.plan(hold_at=2)
     first = await start(scheduler_replica_id="replica-a")
     job = await first.stub.SubmitJob(scheduler_pb2.SubmitJobRequest(user_id="alice", spec_json=h.spec_json()))
-    assert provider.servicer.submit_calls == [job.id]
+    await h.until_submitted(provider.servicer, job.id)
     second = await start(scheduler_replica_id="replica-b")
     conn = await asyncpg.connect(database_url)
     try:
         # As if replica-a had died after the provider took the job but before its id was
-        # stored: the attempt is counted, the provider job id is not, the lease has run out.
+        # stored: the submit token is written, the provider job id is not, the lease has run out.
         await conn.execute(
-            """UPDATE jobs SET provider_job_id = NULL, status = 'queued', lease_owner = 'replica-dead',
+            """UPDATE jobs SET provider_job_id = NULL, status = 'queued', submit_token = gen_random_uuid(),
+                   lease_owner = 'replica-dead',
                    lease_expires_at = now() WHERE id = $1::uuid""",
             job.id,
         )
@@ -73,7 +78,7 @@ async def test_takeover_in_the_submit_window_submits_once(start, provider, h, da
     seqs = [event.seq for event in events]
     assert seqs == list(range(1, len(seqs) + 1))
     assert json.loads(events[-1].event_json)["state"] == "completed"
-    # Resubmitted under the same job id: the provider ran it once.
+    # Reconciled under the same job id: the provider ran it once.
     assert provider.servicer.submit_calls == [job.id]
 
 

@@ -157,6 +157,42 @@ async def test_readiness_follows_the_database(start, db_proxy, h):
     assert events[-1].type == "status" and b"completed" in events[-1].event_json
 
 
+async def test_readiness_is_not_serving_while_the_pool_is_starved(start):
+    running = await start(scheduler_db_pool_size=2, scheduler_db_acquire_timeout_s=0.3)
+    _, store = running.app.require()
+    async with contextlib.AsyncExitStack() as held:
+        for _ in range(2):  # every connection of the pool busy (a stuck statement each)
+            await held.enter_async_context(store.connection())
+        await asyncio.wait_for(running.app.wait_serving(False), 10)
+        assert await _health(running.app.port) == NOT_SERVING
+    await asyncio.wait_for(running.app.wait_serving(True), 10)
+    assert await _health(running.app.port) == SERVING
+
+
+async def test_jobs_running_through_a_database_restart_still_complete(start, provider, db_proxy, h):
+    """Every connection dropped while jobs run (as a PostgreSQL restart does), the database away
+    for a second: the dispatcher and the poller wait and go on; nothing is lost or duplicated."""
+    proxy, dsn = db_proxy
+    provider.servicer.plan = h.plan(events=h.progress_events(6), hold_at=2)
+    running = await start(database_url=dsn)
+    jobs = [
+        await running.stub.SubmitJob(scheduler_pb2.SubmitJobRequest(user_id=f"r{i}", spec_json=h.spec_json()))
+        for i in range(3)
+    ]
+    for job in jobs:
+        await h.until_submitted(provider.servicer, job.id)
+    await proxy.cut()
+    provider.servicer.plan.release.set()  # the jobs go on at the provider meanwhile
+    await asyncio.sleep(1.0)
+    await proxy.open()
+    for job in jobs:
+        events = await asyncio.wait_for(h.watch_all(running.stub, job.user_id, job.id), 30)
+        assert [event.seq for event in events] == list(range(1, len(events) + 1))
+        assert [e.message for e in events if e.type == "progress"] == [f"step {i} of 6" for i in range(1, 7)]
+        assert json.loads(events[-1].event_json)["state"] == "completed"
+    assert sorted(provider.servicer.submit_calls) == sorted(job.id for job in jobs)
+
+
 async def test_compute_settings(scheduler):
     stub = scheduler.stub
     settings = await stub.GetComputeSettings(scheduler_pb2.GetComputeSettingsRequest(user_id="alice"))

@@ -301,3 +301,11 @@ class Usage(_message.Message):
     max_job_time_s: float
     max_job_cost_usd: float
     def __init__(self, backend: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[UsageLimit, _Mapping]]] = ..., max_job_time_s: _Optional[float] = ..., max_job_cost_usd: _Optional[float] = ...) -> None: ...
+
+class ListActiveJobsRequest(_message.Message):
+    __slots__ = ("user_id", "backend")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    backend: str
+    def __init__(self, user_id: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...

@@ -115,6 +115,11 @@ class SchedulerStub(object):
                 request_serializer=influence_dot_v1_dot_scheduler__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=influence_dot_v1_dot_scheduler__pb2.Usage.FromString,
                 _registered_method=True)
+        self.ListActiveJobs = channel.unary_unary(
+                '/influence.v1.Scheduler/ListActiveJobs',
+                request_serializer=influence_dot_v1_dot_scheduler__pb2.ListActiveJobsRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_scheduler__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer(object):
@@ -226,6 +231,14 @@ class SchedulerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListActiveJobs(self, request, context):
+        """The caller's jobs on a backend that have not ended (every kind, oldest first): what removing
+        that backend's key would leave running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -308,6 +321,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=influence_dot_v1_dot_scheduler__pb2.GetUsageRequest.FromString,
                     response_serializer=influence_dot_v1_dot_scheduler__pb2.Usage.SerializeToString,
+            ),
+            'ListActiveJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListActiveJobs,
+                    request_deserializer=influence_dot_v1_dot_scheduler__pb2.ListActiveJobsRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_scheduler__pb2.ListJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -742,6 +760,33 @@ class Scheduler(object):
             '/influence.v1.Scheduler/GetUsage',
             influence_dot_v1_dot_scheduler__pb2.GetUsageRequest.SerializeToString,
             influence_dot_v1_dot_scheduler__pb2.Usage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListActiveJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.Scheduler/ListActiveJobs',
+            influence_dot_v1_dot_scheduler__pb2.ListActiveJobsRequest.SerializeToString,
+            influence_dot_v1_dot_scheduler__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

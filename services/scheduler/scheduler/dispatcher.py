@@ -1,0 +1,299 @@
+"""The dispatcher: submits each queued job to its provider exactly once.
+
+Submitting a job (jobs.py) only inserts it; the replica that claims it (``FOR UPDATE SKIP
+LOCKED``) dispatches it here, with at most ``scheduler_dispatch_concurrency`` submits in flight
+per provider. Every step borrows a connection for one short statement and gives it back before
+any network call: read, release, call, reacquire, write.
+
+Exactly one provider job per job: before the call the submit token is stored under the lease (the
+durable "submitting" state). A job found submitting (this replica's earlier attempt failed
+ambiguously, or another replica died mid-call) is reconciled by sending the same SubmitRequest
+again: its job_id is the idempotency key every provider deduplicates on (compute-runpod by job
+id, the workers by a claim on it), so the provider answers the job it already has. The answer is
+stored only while the lease is still held and the token unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+from artifact_store import StoreError
+from gpu_core.jobs import EXPERIMENT
+from influence.v1 import compute_pb2
+from scheduler.artifacts import ArtifactMover
+from scheduler.config import Settings
+from scheduler.follower import DB_ERRORS, WAITING_STAGE, Follower
+from scheduler.providers import LaterJob, ProviderError, ProviderNotConfigured, Providers, Route
+from scheduler.store import JobRow, JobUpdate, Lease, Store, SubmitWork
+from scheduler.uploads import (
+    presigned_parent_downloads,
+    presigned_uploads,
+    reads_parent_artifacts,
+    uploads_directly,
+)
+from service_runtime.tracing import continued_trace
+
+log = logging.getLogger(__name__)
+
+
+class Endpoints:
+    """The user's RunPod serverless endpoint, created on first use. No connection or lock is held
+    across PrepareAccount: the creation is claimed on the profile row (so replicas create one
+    endpoint), and waiters re-read the profile."""
+
+    def __init__(self, settings: Settings, store: Store, providers: Providers) -> None:
+        self._settings = settings
+        self._store = store
+        self._providers = providers
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def ensure(self, route: Route, user_id: str, spec: dict[str, Any]) -> str:
+        client = self._providers.client("runpod")
+        model_id = str(spec.get("model_id", ""))
+        quantization = str(spec.get("hyperparams", {}).get("quantization", "none"))
+        claim_s = 2 * self._settings.scheduler_provider_timeout_s
+        deadline = time.monotonic() + claim_s
+        async with self._locks[user_id]:
+            while True:
+                stored = (await self._store.get_profile(user_id)).runpod_endpoint_id
+                if stored:
+                    try:
+                        prepared = await client.prepare_account(
+                            route.account(user_id, stored), model_id, quantization
+                        )
+                    except ProviderError as exc:
+                        if exc.code != "NOT_FOUND":
+                            raise
+                        log.info("stored endpoint is gone; creating a new one", extra={"user_id": user_id})
+                        await self._store.set_endpoint(user_id, "", "none")
+                        continue
+                elif await self._store.claim_endpoint_creation(user_id, claim_s):
+                    try:
+                        prepared = await client.prepare_account(
+                            route.account(user_id, ""), model_id, quantization
+                        )
+                    except ProviderError as exc:
+                        await self._store.set_endpoint(
+                            user_id, None, "none" if exc.retryable else "error", exc.message
+                        )
+                        raise
+                else:
+                    if time.monotonic() > deadline:
+                        raise ProviderError(
+                            "runpod", "UNAVAILABLE", "your RunPod endpoint is still being created", True
+                        )
+                    await asyncio.sleep(0.2)
+                    continue
+                if prepared.status == "error" or not prepared.endpoint_id:
+                    message = "the RunPod endpoint could not be prepared on your account"
+                    await self._store.set_endpoint(user_id, None, "error", message)
+                    raise ProviderError("runpod", "FAILED_PRECONDITION", message, False)
+                await self._store.set_endpoint(user_id, prepared.endpoint_id, prepared.status or "ready")
+                if prepared.created:
+                    log.info("runpod endpoint created", extra={"user_id": user_id})
+                return prepared.endpoint_id
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        providers: Providers,
+        artifacts: ArtifactMover,
+        lease: Lease,
+        follower: Follower,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._providers = providers
+        self._artifacts = artifacts
+        self._lease = lease
+        self._follower = follower
+        self._endpoints = Endpoints(settings, store, providers)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._slots: defaultdict[str, asyncio.Semaphore] = defaultdict(
+            lambda: asyncio.Semaphore(settings.scheduler_dispatch_concurrency)
+        )
+
+    @property
+    def held(self) -> set[str]:
+        return set(self._tasks)
+
+    def free(self) -> int:
+        """How many more queued jobs this replica should claim: twice its submit slots, so a
+        replica never hoards the queue while another idles."""
+        return max(0, 2 * self._settings.scheduler_dispatch_concurrency - len(self._tasks))
+
+    def dispatch(self, job_id: str, provider: str) -> None:
+        if job_id in self._tasks:
+            return
+        task = asyncio.create_task(self._run(job_id, provider), name=f"dispatch-{job_id}")
+        self._tasks[job_id] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(job_id, None))
+
+    async def close(self) -> None:
+        # A submit cut off here stays "submitting": whoever claims the job next reconciles it.
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def _run(self, job_id: str, provider: str) -> None:
+        delay = self._settings.scheduler_poll_interval_s
+        while True:
+            async with self._slots[provider]:
+                done = await self._attempt(job_id)
+            if done:
+                return
+            # Waits outside the slot: a provider that is down does not block the others' submits.
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._settings.scheduler_retry_max_s)
+
+    async def _attempt(self, job_id: str) -> bool:
+        """One submit attempt; False when it should be tried again."""
+        try:
+            work = await self._store.begin_submit(job_id, self._lease)
+        except DB_ERRORS as exc:
+            log.warning("database unavailable; submit deferred", extra={"job_id": job_id, "error": str(exc)})
+            return False
+        if work is None:
+            return True  # cancelled, already submitted, or the lease went to another replica
+        job = work.job
+        if work.reconciling:
+            log.warning(
+                "reconciling a submit whose outcome is unknown, under the same job id",
+                extra={"job_id": job.id, "provider": job.provider, "attempt": job.submit_attempts},
+            )
+        try:
+            with continued_trace(job.trace_context):
+                provider_job_id, endpoint_id = await self._send(work)
+        except ProviderNotConfigured as exc:
+            return await self._fail(job, str(exc))
+        except ProviderError as exc:
+            if not exc.retryable:
+                return await self._fail(job, exc.message)
+            log.warning("submit deferred", extra={"job_id": job.id, "code": exc.code, "error": exc.message})
+            await self._note(job, f"{exc.message}; the scheduler will retry automatically")
+            return False
+        except (StoreError, *DB_ERRORS) as exc:
+            log.warning("submit deferred", extra={"job_id": job.id, "error": str(exc)})
+            return False
+        try:
+            updated = await self._store.apply(
+                job.id,
+                JobUpdate(
+                    status="submitted",
+                    stage=WAITING_STAGE,
+                    stage_message=f"submitted to {job.provider}; waiting for a worker",
+                    provider_job_id=provider_job_id,
+                    endpoint_id=endpoint_id,
+                ),
+                lease=self._lease,
+                submit_token=work.token,
+            )
+        except DB_ERRORS as exc:
+            # The provider has the job; the next attempt reconciles it under the same job id.
+            log.warning("submitted job not recorded yet", extra={"job_id": job.id, "error": str(exc)})
+            return False
+        if updated is None:
+            await self._after_lost_write(job, provider_job_id, endpoint_id)
+            return True
+        log.info("job submitted", extra={"job_id": job.id, "provider_job_id": provider_job_id})
+        self._follower.follow(job.id, job.provider)
+        return True
+
+    async def _send(self, work: SubmitWork) -> tuple[str, str]:
+        """Everything the provider needs, then Submit; no connection is held during any call."""
+        job, spec = work.job, work.spec
+        route = Route(backend=job.compute_backend, provider=job.provider)  # type: ignore[arg-type]
+        client = self._providers.client(route.provider)
+        spec_json = json.dumps(spec).encode()
+        later = await self._later_payload(job)
+        estimated_time_s, estimated_cost_usd = job.estimated_time_s, job.estimated_cost_usd
+        if job.submit_attempts == 1 or estimated_time_s == 0:
+            estimate = await client.estimate(
+                spec_json, route.backend, later.kind if later else "", later.request_json if later else b""
+            )
+            estimated_time_s, estimated_cost_usd = estimate.estimated_time_s, estimate.estimated_cost_usd
+            await self._store.set_estimate(job.id, self._lease, estimated_time_s, estimated_cost_usd)
+        endpoint_id = await self._endpoints.ensure(route, job.user_id, spec) if route.needs_endpoint else ""
+        uploads: list[compute_pb2.ArtifactUpload] = []
+        # Only experiments write files; a later job of one (a counterfactual check) returns JSON.
+        if later is None and uploads_directly(route.provider, self._artifacts.store):
+            uploads = await presigned_uploads(
+                self._artifacts.store, job.id, spec, self._settings.scheduler_upload_url_ttl_s
+            )
+        provider_job_id = await client.submit(
+            job.id,
+            route.account(job.user_id, endpoint_id),
+            spec_json,
+            estimated_cost_usd,
+            estimated_time_s,
+            later,
+            uploads,
+        )
+        return provider_job_id, endpoint_id
+
+    async def _later_payload(self, job: JobRow) -> LaterJob | None:
+        """For a later job, its request and its experiment's result as a provider receives them."""
+        if job.kind == EXPERIMENT:
+            return None
+        found = await self._store.get_result(job.parent_job_id, job.user_id)
+        parent_result = found[1] if found is not None else None
+        downloads: list[compute_pb2.ParentArtifact] = []
+        if reads_parent_artifacts(job.kind):
+            parent = await self._store.get_job(job.parent_job_id, job.user_id)
+            downloads = await presigned_parent_downloads(
+                self._artifacts.store,
+                job.parent_job_id,
+                parent.artifacts if parent is not None else [],
+                parent_result,
+                self._settings.scheduler_upload_url_ttl_s,
+            )
+        return LaterJob(
+            kind=job.kind,
+            request_json=json.dumps(job.request or {}).encode(),
+            parent_result_json=json.dumps(parent_result).encode(),
+            parent_job_id=job.parent_job_id,
+            parent_artifacts=tuple(downloads),
+        )
+
+    async def _after_lost_write(self, job: JobRow, provider_job_id: str, endpoint_id: str) -> None:
+        """The provider took the job but the row would not take its id: cancelled meanwhile (then
+        cancel it at the provider too), or the lease was lost (the new holder reconciles it)."""
+        current = await self._store.get_job(job.id)
+        if current is None or current.status == "cancelled":
+            route = Route(backend=job.compute_backend, provider=job.provider)  # type: ignore[arg-type]
+            try:
+                await self._providers.client(route.provider).cancel(
+                    job.id, provider_job_id, route.account(job.user_id, endpoint_id)
+                )
+            except ProviderError as exc:
+                log.warning(
+                    "could not cancel a job submitted while it was cancelled",
+                    extra={"job_id": job.id, "code": exc.code, "error": exc.message},
+                )
+
+    async def _fail(self, job: JobRow, message: str) -> bool:
+        """Fail the job with the provider's words; False when the database did not take it."""
+        try:
+            await self._store.apply(
+                job.id, JobUpdate(status="failed", error=message, stage_message=message), lease=self._lease
+            )
+        except DB_ERRORS as exc:
+            log.warning("could not fail the job yet", extra={"job_id": job.id, "error": str(exc)})
+            return False
+        return True
+
+    async def _note(self, job: JobRow, message: str) -> None:
+        try:
+            await self._store.apply(job.id, JobUpdate(stage_message=message), lease=self._lease)
+        except DB_ERRORS:
+            pass  # only a message; the attempt is retried either way
