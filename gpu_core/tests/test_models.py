@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from gpu_core.models import (
+from gpu_core.runtime import (
     DEVICE_ENV,
     ModelLoadError,
     QuantizationUnavailableError,
@@ -55,7 +55,7 @@ def test_cuda_override_without_cuda_names_the_variable(monkeypatch: pytest.Monke
 def test_unknown_model_id_names_it_without_network() -> None:
     """Offline (as on a worker without hub access) an unknown id fails at once, naming the id."""
     code = (
-        "from gpu_core.models import load_model, ModelLoadError\n"
+        "from gpu_core.runtime import load_model, ModelLoadError\n"
         "try:\n    load_model('nobody-here/no-such-model')\n"
         "except ModelLoadError as exc:\n    print(exc)\n"
     )
