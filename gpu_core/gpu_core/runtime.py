@@ -449,12 +449,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError)
 
 
-class MicroBatchSize:
-    """The micro-batch of one influence pass: starts at the configured batch size and halves,
-    for the rest of the pass, whenever a micro-batch runs out of GPU memory."""
+# Where a model remembers the micro-batch its influence passes last fitted (the same GPU).
+_MICRO_BATCH_ATTRIBUTE = "_gpu_core_micro_batch"
 
-    def __init__(self, batch_size: int) -> None:
-        self.size = batch_size
+
+class MicroBatchSize:
+    """The micro-batch of an influence pass over ``model``: the configured batch size, or the
+    smaller one an earlier pass on this model fell back to; halved whenever a micro-batch runs
+    out of GPU memory, and remembered on the model for the passes after it."""
+
+    def __init__(self, model: Any, batch_size: int) -> None:
+        self.model = model
+        self.size = min(batch_size, getattr(model, _MICRO_BATCH_ATTRIBUTE, batch_size))
 
     def run(
         self, items: Sequence[Any], work: Callable[[Sequence[Any]], torch.Tensor]
@@ -478,6 +484,7 @@ class MicroBatchSize:
                 # Outside the except block, so the failed pass's frames (and tensors) are gone.
                 free_memory()
                 self.size = max(1, len(chunk) // 2)
+                setattr(self.model, _MICRO_BATCH_ATTRIBUTE, self.size)
                 continue
             yield start, result
             start += len(chunk)

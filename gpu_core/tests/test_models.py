@@ -20,13 +20,13 @@ from gpu_core.runtime import (
 from gpu_core.tiny import tiny_model_dir
 
 
-def test_tiny_model_loads_with_right_padding_and_eager_attention() -> None:
+def test_tiny_model_loads_with_right_padding_and_sdpa_attention() -> None:
     loaded = load_model("local/tiny-llama", device=torch.device("cpu"))
     assert loaded.source == str(tiny_model_dir())
     assert loaded.tokenizer.pad_token_id is not None
     assert loaded.tokenizer.padding_side == "right"
     assert loaded.model.config.pad_token_id == loaded.tokenizer.pad_token_id
-    assert loaded.model.config._attn_implementation == "eager"
+    assert loaded.model.config._attn_implementation == "sdpa"
     assert not loaded.model.training
     assert next(loaded.model.parameters()).device.type == "cpu"
 

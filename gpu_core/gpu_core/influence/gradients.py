@@ -183,9 +183,10 @@ def batched_gradients(
     batch_size: int,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yields ``(start index, per-example gradients)`` micro-batch by micro-batch, in order; a
-    micro-batch that runs out of GPU memory is halved (for the rest of the pass) and retried."""
+    micro-batch that runs out of GPU memory is halved (for this and later passes on ``model``)
+    and retried."""
     device = model_device(model)
-    micro = MicroBatchSize(batch_size)
+    micro = MicroBatchSize(model, batch_size)
     yield from micro.run(
         pairs, lambda chunk: per_example_gradients(model, layers, collate_to(chunk, pad_token_id, device))
     )
@@ -202,7 +203,7 @@ def sorted_gradients(
     (:func:`gpu_core.runtime.length_sorted_batches`, so little padding); callers put each row
     back at its index. Out-of-memory halving as :func:`batched_gradients`."""
     device = model_device(model)
-    micro = MicroBatchSize(batch_size)
+    micro = MicroBatchSize(model, batch_size)
     for indices in length_sorted_batches([len(pair.input_ids) for pair in pairs], batch_size):
 
         def work(chunk: Sequence[int]) -> torch.Tensor:

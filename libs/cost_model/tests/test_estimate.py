@@ -52,12 +52,35 @@ def test_12b_in_4bit_gets_at_least_24gb_and_fits() -> None:
     assert recommendation.required_memory_gb <= USABLE_FRACTION * recommendation.tier_gb
 
 
-def test_12b_in_16bit_gets_the_80gb_class() -> None:
+def test_12b_in_16bit_gets_the_48gb_class_and_long_sequences_more() -> None:
     recommendation = recommend_gpu(12, "none")
-    assert recommendation.tier_gb == 80
+    assert recommendation.tier_gb == 48
     assert recommendation.fits
     # 16-bit weights alone are 24 GB: the breakdown must show them.
     assert recommendation.breakdown.weights_gb == pytest.approx(24, rel=0.01)
+    # Activations and labelled-position logits grow with the sequence: 2,048 tokens need 80 GB.
+    long = recommend_gpu(12, "none", workload=Workload(max_seq_len=2048))
+    assert long.tier_gb == 80 and long.breakdown.activations_gb > 7 * recommendation.breakdown.activations_gb
+
+
+def test_the_runtime_configuration_is_what_is_priced() -> None:
+    """sdpa unless the architecture needs eager attention; checkpointed training and influence
+    passes that halve their micro-batch, so one example's pass is what must fit."""
+    from cost_model.memory import activation_bytes
+
+    gemma = lookup_model("google/gemma-3-12b").architecture
+    workload = Workload(max_seq_len=2048, batch_size=8)
+    sdpa = activation_bytes(gemma, workload)
+    eager = activation_bytes(gemma.model_copy(update={"eager_attention": True}), workload)
+    scores = 5 * 8 * gemma.num_heads * 2048**2 * gemma.num_layers
+    assert eager - sdpa == pytest.approx(scores, rel=1e-9)
+    layers, d, tokens = gemma.num_layers, gemma.hidden_size, 8 * 2048
+    logits = 10 * tokens * gemma.vocab_size
+    checkpointed_training = layers * 2 * tokens * d + 34 * tokens * d
+    one_influence_example = layers * 34 * 2048 * d
+    assert sdpa - logits == pytest.approx(max(checkpointed_training, one_influence_example), rel=1e-9)
+    # Without checkpointing and micro-batch halving the batch's activations would be 8 x larger.
+    assert sdpa - logits <= layers * 34 * tokens * d / 4
 
 
 def test_quantization_and_influence_method_change_the_memory() -> None:
