@@ -253,7 +253,8 @@ def test_an_influence_pass_out_of_memory_halves_its_batch_and_completes(
             halved = scores(tmp_path / "halved")
         # 8 fails, 4 fails, then every pass (each checkpoint, queries and training) runs at 2.
         assert seen[:3] == [8, 4, 2] and set(seen[3:]) == {2}
-        assert float((halved - expected).abs().max() / expected.abs().max()) < 1e-10
+        # Float64 gradients; the index's float16 rows round batch-size-dependent last bits.
+        assert float((halved - expected).abs().max() / expected.abs().max()) < 1e-6
     finally:
         del toy.model._gpu_core_micro_batch  # the fixture's model is shared
 

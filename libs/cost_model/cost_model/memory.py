@@ -13,8 +13,8 @@ required = overhead + weights + LoRA state + activations + influence extra, wher
   (34 x tokens x hidden, Korthikanti et al. 2022). Influence passes run without checkpointing
   but halve their micro-batch until it fits, so one example's pass must fit (34 x seq x hidden
   per layer). The larger of the two, plus the logits of the labelled positions: 10 x tokens x
-  vocab (16-bit logits, fp32 copy and gradient; every token counted as labelled, an upper
-  bound). Only an architecture that needs eager attention (``Architecture.eager_attention``)
+  labelled fraction x vocab (16-bit logits, fp32 copy and gradient; the fraction is the
+  answers' share of the training text, 1 without a spec). Only an architecture that needs eager attention (``Architecture.eager_attention``)
   adds 5 x batch x heads x seq^2 per layer for the attention scores;
 - influence extra (fp32): TracIn keeps one LoRA checkpoint per epoch and caches every eval
   example's LoRA gradient; DataInf holds the eval gradients and a chunk of DATAINF_CHUNK training
@@ -100,7 +100,8 @@ def activation_bytes(arch: Architecture, workload: Workload) -> float:
         + attention_scores(batch)
     )
     one_influence_example = layers * (ACTIVATION_BYTES_PER_HIDDEN * seq * d + attention_scores(1))
-    return max(training, one_influence_example) + LOGIT_BYTES_PER_ENTRY * tokens * arch.vocab_size
+    labelled = tokens * workload.labelled_fraction
+    return max(training, one_influence_example) + LOGIT_BYTES_PER_ENTRY * labelled * arch.vocab_size
 
 
 def memory_breakdown(params_b: float, arch: Architecture, workload: Workload) -> MemoryBreakdown:
