@@ -351,11 +351,18 @@ def gradient_checkpointing(model: Any, enabled: bool) -> Iterator[None]:
     if not enabled or not getattr(model, "supports_gradient_checkpointing", True):
         yield
         return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    # transformers 5 renamed gradient checkpointing to activation checkpointing.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        disable = model.activation_checkpointing_disable
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        disable = model.gradient_checkpointing_disable
     try:
         yield
     finally:
-        model.gradient_checkpointing_disable()
+        disable()
 
 
 # ---- forward passes --------------------------------------------------------------------------

@@ -371,14 +371,19 @@ def test_per_example_gradients_are_exact_under_gradient_checkpointing(toy: Any) 
 
     layers = lora_layers(toy.model)
     batch = collate_to(toy.train[:6], toy.tokenizer.pad_token_id, torch.device("cpu"))
+    runs: list[str] = []
+    counter = layers[0].module.register_forward_hook(lambda *_: runs.append("forward"))
     with lora_grad_enabled(layers):
         plain = per_example_gradients(toy.model, layers, batch)
+        assert len(runs) == 1
         toy.model.train()  # checkpointing recomputes only in training mode (LoRA dropout is 0)
         try:
             with gradient_checkpointing(toy.model, True):
                 checkpointed = per_example_gradients(toy.model, layers, batch)
         finally:
             toy.model.eval()
+            counter.remove()
+    assert len(runs) == 3  # the checkpointed pass ran the layer twice: forward, then recomputed
     assert float((checkpointed - plain).abs().max() / plain.abs().max()) < 1e-12
 
 
