@@ -14,8 +14,9 @@ required = overhead + weights + LoRA state + activations + influence extra, wher
   but halve their micro-batch until it fits, so one example's pass must fit (34 x seq x hidden
   per layer). The larger of the two, plus the logits of the labelled positions: 10 x tokens x
   labelled fraction x vocab (16-bit logits, fp32 copy and gradient; the fraction is the
-  answers' share of the training text, 1 without a spec). Only an architecture that needs eager attention (``Architecture.eager_attention``)
-  adds 5 x batch x heads x seq^2 per layer for the attention scores;
+  answers' share of the training text, 1 without a spec). Only an architecture that needs
+  eager attention (``Architecture.eager_attention``) adds 5 x batch x heads x seq^2 per layer
+  for the attention scores;
 - influence extra (fp32): TracIn keeps one LoRA checkpoint per epoch and caches every eval
   example's LoRA gradient; DataInf holds the eval gradients and a chunk of DATAINF_CHUNK training
   gradients; Kronfluence holds EK-FAC factors, (in^2 + out^2) for each of a LoRA module's two
