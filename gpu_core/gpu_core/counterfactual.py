@@ -31,7 +31,13 @@ import torch
 
 from gpu_core.evaluation import evaluate
 from gpu_core.jobs import CounterfactualError, counterfactual_eval_ids
-from gpu_core.pipeline import ExperimentCancelled, expected_memory_gb, experiment_encoder, run_in_worker
+from gpu_core.pipeline import (
+    ExperimentCancelled,
+    ProgressThrottle,
+    expected_memory_gb,
+    experiment_encoder,
+    run_in_worker,
+)
 from gpu_core.runtime import LoadedModel, attach_lora, load_model, stage_memory
 from gpu_core.schemas import (
     CounterfactualOutcome,
@@ -231,11 +237,15 @@ def run_counterfactual_job(
     cancellation (closing the generator stops the work at the next training step)."""
 
     def work(handoff: Any, cancel: Any) -> CounterfactualResult:
+        throttle = ProgressThrottle()
+
         def report(fraction: float, message: str) -> None:
             if cancel.is_set() or (should_stop is not None and should_stop()):
                 cancel.set()
                 raise ExperimentCancelled
             fraction = min(max(fraction, 0.0), 1.0)
+            if not throttle.admits("counterfactual", fraction):
+                return
             event = ProgressEvent(
                 stage="counterfactual", progress=fraction, stage_progress=fraction, message=message
             )

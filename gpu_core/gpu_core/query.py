@@ -67,7 +67,7 @@ from gpu_core.influence.gradients import (
 from gpu_core.influence.index import INDEX_DIR_NAME, MANIFEST, GradientIndex, fingerprint
 from gpu_core.influence_methods import influence_method
 from gpu_core.jobs import Events, JobInputError, StopCheck
-from gpu_core.pipeline import ExperimentCancelled, experiment_encoder, run_in_worker
+from gpu_core.pipeline import ExperimentCancelled, ProgressThrottle, experiment_encoder, run_in_worker
 from gpu_core.runtime import LoadedModel, attach_lora, free_memory, load_adapter, load_model
 from gpu_core.schemas import (
     ExperimentResult,
@@ -268,12 +268,15 @@ class QuerySession:
     ) -> QueryResult:
         started = time.monotonic()
         progress = [0.0]
+        throttle = ProgressThrottle()
 
         def report(fraction: float, message: str) -> None:
             if cancel.is_set() or (should_stop is not None and should_stop()):
                 cancel.set()
                 raise ExperimentCancelled
             progress[0] = max(progress[0], min(max(fraction, 0.0), 1.0))
+            if not throttle.admits("query", progress[0]):
+                return
             event = ProgressEvent(
                 stage="query", progress=progress[0], stage_progress=progress[0], message=message
             )
