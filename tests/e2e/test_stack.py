@@ -191,7 +191,8 @@ def test_scheduler_killed_mid_job_restarts_and_the_job_finishes(stack: Stack, al
 def test_every_service_exports_metrics_showing_the_job(stack: Stack, alice: GatewayClient) -> None:
     job_id = alice.submit(small_spec(n_train=6, n_eval=2))["job_id"]
     list(alice.events(job_id))
-    gateway_metrics = httpx.get(f"{stack.gateway_url}/metrics").text
+    gateway_metrics = httpx.get(f"http://127.0.0.1:{stack.metrics_ports['gateway']}/metrics").text
+    assert httpx.get(f"{stack.gateway_url}/metrics").status_code == 404  # not on the public app
     assert 'route="/api/train"' in gateway_metrics
     metrics = {
         name: httpx.get(f"http://127.0.0.1:{port}/metrics").text

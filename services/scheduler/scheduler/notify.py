@@ -3,6 +3,11 @@
 Store.apply() sends NOTIFY with the job id when it commits new events; every watcher of that
 job is woken and reads the new rows itself. When the listener connection is lost it is
 reopened and every watcher is woken once, so nothing committed meanwhile is missed.
+
+A connection left half-open by a database failover still looks open (``is_closed()`` is
+False) and delivers nothing: the listener pings it every ``keepalive_s`` with a timeout and
+reopens it when the ping fails. Every watcher is also woken every ``keepalive_s``, so a
+notification lost anyway delays a stream by that much, never stalls it.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ log = logging.getLogger(__name__)
 
 
 class EventHub:
-    def __init__(self, dsn: str, retry_max_s: float) -> None:
+    def __init__(self, dsn: str, retry_max_s: float, keepalive_s: float = 15.0) -> None:
         self._dsn = dsn
         self._retry_max_s = retry_max_s
+        self._keepalive_s = keepalive_s
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._conn: asyncpg.Connection | None = None
         self._lost = asyncio.Event()
@@ -77,11 +83,26 @@ class EventHub:
             self._conn = conn
             self.connected.set()
             self._wake_all()
-            await self._lost.wait()
+            await self._keep_alive(conn)
             self.connected.clear()
             self._conn = None
             log.warning("listener connection lost; reconnecting")
             conn.terminate()
+
+    async def _keep_alive(self, conn: asyncpg.Connection) -> None:
+        """Until the connection is lost: ping it, and wake every watcher, every keepalive_s."""
+        while True:
+            try:
+                await asyncio.wait_for(self._lost.wait(), self._keepalive_s)
+                return
+            except TimeoutError:
+                pass
+            self._wake_all()
+            try:
+                await conn.fetchval("SELECT 1", timeout=self._keepalive_s)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("listener connection does not answer", extra={"error": str(exc)})
+                return
 
     def check(self) -> bool:
         """False when the listener connection is closed (the health loop asks)."""

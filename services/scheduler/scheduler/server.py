@@ -12,6 +12,8 @@ import asyncio
 import functools
 import json
 import logging
+import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
@@ -44,6 +46,7 @@ from scheduler.metrics import record_job_counts
 from scheduler.notify import EventHub
 from scheduler.providers import ProviderError, ProviderNotConfigured, Providers
 from scheduler.store import JobRow, Store, StoredEvent
+from service_runtime.callers import caller_tokens_of
 from service_runtime.grpc_server import GrpcService, create_grpc_server
 from service_runtime.jobs import event_message, is_terminal_event, job_state, timestamp
 from service_runtime.lifecycle import Readiness, run_service
@@ -60,6 +63,8 @@ FAILED_COMPONENT_KEY = "x-failed-component"
 RETRY_AFTER_KEY = "retry-after-s"
 _DEFAULT_LIST_LIMIT = 50
 _MAX_LIST_LIMIT = 500
+# The job gauges (jobs per status) are refreshed at most this often by the health check.
+_JOB_GAUGES_INTERVAL_S = 60.0
 _R = TypeVar("_R")
 
 
@@ -431,13 +436,17 @@ class SchedulerServer:
         self.artifact_store: ArtifactStore = open_store(self.artifact_store_settings)
         self.hub = EventHub(self._dsn, settings.scheduler_retry_max_s)
         self.grpc: GrpcService = create_grpc_server(
-            f"{settings.scheduler_host}:{settings.scheduler_port}", self._register, "scheduler"
+            f"{settings.scheduler_host}:{settings.scheduler_port}",
+            self._register,
+            "scheduler",
+            caller_tokens_of(settings.scheduler_caller_tokens),
         )
         self.readiness = Readiness("scheduler", self._dependencies_up, settings.scheduler_db_check_interval_s)
         self.readiness.attach(self.grpc)
         self.ready = asyncio.Event()
         self.metrics_server: MetricsServer | None = None
         self._pool: asyncpg.Pool | None = None
+        self._jobs_counted_at = -math.inf
         self._store: Store | None = None
         self._jobs: JobManager | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -525,7 +534,10 @@ class SchedulerServer:
         try:
             timeout = max(self.settings.scheduler_db_check_interval_s, 1.0)
             await self._pool.fetchval("SELECT 1", timeout=timeout)
-            record_job_counts(await self._store.count_by_status())
+            # Counting every job row is not cheap on a big table: the gauges need not follow each check.
+            if time.monotonic() - self._jobs_counted_at >= _JOB_GAUGES_INTERVAL_S:
+                record_job_counts(await self._store.count_by_status())
+                self._jobs_counted_at = time.monotonic()
             return self.hub.check()
         except _DB_ERRORS as exc:
             log.warning("database health check failed", extra={"error": str(exc)})
