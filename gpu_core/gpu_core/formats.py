@@ -192,7 +192,7 @@ def _csv_rows(text: str, problems: list[Problem], budget: ReadBudget, max_rows: 
     except csv.Error as exc:
         problems.append(Problem("line 1", f"not valid CSV ({exc})"))
         return []
-    rows = []
+    rows: list[tuple[str, Any]] = []
     start = reader.line_num + 1
     try:
         for values in reader:
@@ -236,7 +236,8 @@ def _decoded_bytes(column: Any) -> int:
     import pyarrow.compute as pc
 
     if isinstance(column, pa.DictionaryArray):
-        lengths = pc.binary_length(column.dictionary).take(column.indices)
+        dictionary: Any = column.dictionary  # strings or bytes: BYTE_ARRAY columns only
+        lengths = pc.binary_length(dictionary).take(column.indices)
         return int(pc.sum(lengths).as_py() or 0) + column.indices.nbytes
     if isinstance(column, pa.ListArray | pa.LargeListArray):
         return _decoded_bytes(column.flatten()) + column.offsets.nbytes

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from pydantic import SecretStr
+
+from service_runtime.metrics import HandlerWrappingInterceptor
 
 CALLER_TOKEN_METADATA = "x-caller-token"
 MIN_TOKEN_CHARS = 16
@@ -76,32 +77,28 @@ def parse_caller_tokens(spec: str) -> CallerTokens:
 def presented_token(metadata: Any) -> str | bytes | None:
     for key, value in metadata or ():
         if key == CALLER_TOKEN_METADATA:
-            return value  # type: ignore[no-any-return]
+            return cast(str | bytes, value)
     return None
 
 
-class CallerCheck(grpc.aio.ServerInterceptor):
+class CallerCheck(HandlerWrappingInterceptor):
     """Refuses (UNAUTHENTICATED) every call whose ``x-caller-token`` is not a listed caller's."""
 
     def __init__(self, callers: CallerTokens, service_label: str) -> None:
         self._callers = callers
-        self._service_label = service_label
+        self._message = (
+            f"{service_label} accepts only its listed callers: "
+            f"send your caller token in the {CALLER_TOKEN_METADATA!r} metadata"
+        )
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
-        handler_call_details: grpc.HandlerCallDetails,
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(_OPEN_SERVICES):
+        if handler_call_details.method.startswith(_OPEN_SERVICES):
             return handler
         if self._callers.identify(presented_token(handler_call_details.invocation_metadata)) is not None:
             return handler
-        message = (
-            f"{self._service_label} accepts only its listed callers: "
-            f"send your caller token in the {CALLER_TOKEN_METADATA!r} metadata"
-        )
+        message = self._message
 
         async def refuse(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
