@@ -189,6 +189,8 @@ def _artifact_proto(entry: dict[str, Any]) -> common_pb2.Artifact:
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, app: SchedulerServer) -> None:
         self._app = app
+        # Open WatchJob streams per user: each holds a listener subscription and reads per wake-up.
+        self._watches: dict[str, int] = {}
 
     @_rpc
     async def SubmitJob(self, request: scheduler_pb2.SubmitJobRequest, context: Any) -> scheduler_pb2.Job:
@@ -223,6 +225,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     ) -> AsyncIterator[common_pb2.ProgressEvent]:
         if not request.user_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "user_id is required")
+        limit = self._app.settings.scheduler_max_watches_per_user
+        open_now = self._watches.get(request.user_id, 0)
+        if open_now >= limit:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"You have {open_now} progress streams open; the limit is {limit} per user "
+                "(SCHEDULER_MAX_WATCHES_PER_USER)",
+            )
+        self._watches[request.user_id] = open_now + 1
         try:
             _, store = self._app.require()
             job = await store.get_job(request.job_id, request.user_id)
@@ -251,6 +262,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 hub.unsubscribe(job.id, waiter)
         except (JobNotFound, NotReady, *_DB_ERRORS) as exc:
             await _abort_for(context, exc)
+        finally:
+            left = self._watches[request.user_id] - 1
+            if left:
+                self._watches[request.user_id] = left
+            else:
+                del self._watches[request.user_id]
 
     # Same shape as GetJobSpec and the other owned-job reads: each RPC reads through its own
     # store call and builds its own response message; a shared wrapper would hide the
