@@ -38,6 +38,8 @@ class Settings(ServiceSettings):
     scheduler_db_check_interval_s: float = Field(default=5.0, gt=0, le=300)
     # WatchJob streams one user may hold open on one replica (the gateways' streams together).
     scheduler_max_watches_per_user: int = Field(default=100, ge=1)
+    # The job gauges count every job row: refreshed by the health check at most this often.
+    scheduler_job_gauges_interval_s: float = Field(default=60.0, ge=0)
     scheduler_provider_timeout_s: float = Field(default=60.0, gt=0, le=600)
     scheduler_shutdown_grace_s: float = Field(default=10.0, ge=0, le=300)
     # How long a provider may keep failing to hand over a ready result before the job fails.

@@ -63,8 +63,6 @@ FAILED_COMPONENT_KEY = "x-failed-component"
 RETRY_AFTER_KEY = "retry-after-s"
 _DEFAULT_LIST_LIMIT = 50
 _MAX_LIST_LIMIT = 500
-# The job gauges (jobs per status) are refreshed at most this often by the health check.
-_JOB_GAUGES_INTERVAL_S = 60.0
 _R = TypeVar("_R")
 
 
@@ -552,7 +550,7 @@ class SchedulerServer:
             timeout = max(self.settings.scheduler_db_check_interval_s, 1.0)
             await self._pool.fetchval("SELECT 1", timeout=timeout)
             # Counting every job row is not cheap on a big table: the gauges need not follow each check.
-            if time.monotonic() - self._jobs_counted_at >= _JOB_GAUGES_INTERVAL_S:
+            if time.monotonic() - self._jobs_counted_at >= self.settings.scheduler_job_gauges_interval_s:
                 record_job_counts(await self._store.count_by_status())
                 self._jobs_counted_at = time.monotonic()
             return self.hub.check()
