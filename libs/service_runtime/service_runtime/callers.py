@@ -3,7 +3,7 @@
 A service lists the callers it accepts as ``name=token,name=token`` (keyvault in
 KEYVAULT_CALLER_TOKENS, the scheduler in SCHEDULER_CALLER_TOKENS, the compute services in
 COMPUTE_CALLER_TOKENS); each caller sends its own token with every call
-(:class:`CallerTokenInterceptor` on its channel). :class:`CallerCheck` answers a missing or
+(:func:`caller_token_interceptors` on its channel). :class:`CallerCheck` answers a missing or
 unknown token UNAUTHENTICATED before the servicer runs; the health and reflection services stay
 open for probes. Tokens are compared in constant time against every configured token, so timing
 reveals neither which token nor how much of it matched.
@@ -117,24 +117,34 @@ class CallerCheck(HandlerWrappingInterceptor):
         return grpc.unary_unary_rpc_method_handler(refuse, deserialize, serialize)
 
 
-class CallerTokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    """Sends this caller's token with every call on the channel."""
+def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    metadata.add(CALLER_TOKEN_METADATA, token)
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
 
+
+class _UnaryToken(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, token: str) -> None:
         self._token = token
 
-    def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()))
-        metadata.add(CALLER_TOKEN_METADATA, self._token)
-        return grpc.aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-        )
-
     async def intercept_unary_unary(self, continuation, client_call_details, request):
-        return await continuation(self._with_token(client_call_details), request)
+        return await continuation(_with_token(client_call_details, self._token), request)
+
+
+class _StreamToken(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
 
     async def intercept_unary_stream(self, continuation, client_call_details, request):
-        return await continuation(self._with_token(client_call_details), request)
+        return await continuation(_with_token(client_call_details, self._token), request)
+
+
+def caller_token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """Send this caller's token with every call on a channel. One object per kind of call:
+    grpc.aio files an interceptor under the first kind it implements only."""
+    return [_UnaryToken(token), _StreamToken(token)]
 
 
 def checked_caller_tokens(value: SecretStr | None) -> SecretStr | None:

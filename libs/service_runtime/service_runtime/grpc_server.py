@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service_runtime.callers import CallerCheck, CallerTokenInterceptor, CallerTokens
+from service_runtime.callers import CallerCheck, CallerTokens, caller_token_interceptors
 from service_runtime.metrics import MetricsInterceptor
 from service_runtime.tracing import TracingClientInterceptor, TracingServerInterceptor
 
@@ -86,7 +86,7 @@ def insecure_channel(
     ``caller_token``, every call carries it (the peer's caller check)."""
     interceptors: list[grpc.aio.ClientInterceptor] = [TracingClientInterceptor()]
     if caller_token:
-        interceptors.append(CallerTokenInterceptor(caller_token))
+        interceptors += caller_token_interceptors(caller_token)
     return grpc.aio.insecure_channel(
         address, options=[*CHANNEL_OPTIONS, *extra_options], interceptors=interceptors
     )

@@ -38,8 +38,12 @@ async def test_a_call_without_the_caller_token_is_unauthenticated(start_compute_
         stub = compute_pb2_grpc.ComputeProviderStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as unknown:
             await stub.GetStatus(status)
-        # Past the check: the servicer itself answers about the job.
+        # Past the check: the servicer itself answers about the job, on streams too.
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError) as streamed_unknown:
+            async for _chunk in stub.FetchArtifact(fetch):
+                pass
+        assert streamed_unknown.value.code() != grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_without_caller_tokens_any_caller_is_served(start_compute_local) -> None:

@@ -243,8 +243,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             try:
                 after_seq = request.after_seq
                 while True:
+                    # Read before clearing: a read another watcher began since then answers us too.
+                    seen = hub.wakeups(job.id)
                     waiter.clear()
-                    events = await store.events_after(job.id, after_seq)
+                    events = await hub.shared(
+                        job.id,
+                        ("events", after_seq),
+                        seen,
+                        functools.partial(store.events_after, job.id, after_seq),
+                    )
                     for stored in events:
                         yield event_to_proto(stored)
                         after_seq = stored.seq
@@ -252,7 +259,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                             return
                     if events:
                         continue
-                    current = await store.get_job(job.id)
+                    current = await hub.shared(job.id, "job", seen, functools.partial(store.get_job, job.id))
                     if current is None or (current.terminal and after_seq >= current.last_seq):
                         return
                     await waiter.wait()
