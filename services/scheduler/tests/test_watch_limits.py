@@ -61,3 +61,41 @@ async def test_only_listed_callers_reach_the_scheduler(start) -> None:
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     async with insecure_channel(address, caller_token=GATEWAY_TOKEN) as channel:
         assert list((await scheduler_pb2_grpc.SchedulerStub(channel).ListJobs(request)).jobs) == []
+
+
+async def test_watchers_of_one_job_share_their_reads(start, provider, h) -> None:
+    scheduler = await start()
+    plan = h.plan(events=h.progress_events(6), hold_at=1, chunk=1)
+    provider.servicer.plan = plan
+    stub = scheduler.stub
+    job = await stub.SubmitJob(scheduler_pb2.SubmitJobRequest(user_id="alice", spec_json=h.spec_json()))
+    watchers = 40
+    streams = [
+        stub.WatchJob(scheduler_pb2.WatchJobRequest(user_id="alice", job_id=job.id)) for _ in range(watchers)
+    ]
+    for stream in streams:
+        assert (await stream.read()).seq == 1
+
+    # A spy on the real store: every read still goes to PostgreSQL, and is counted.
+    store = scheduler.app._store
+    reads = 0
+    events_after = store.events_after
+
+    async def counted(*args: object, **kwargs: object) -> object:
+        nonlocal reads
+        reads += 1
+        return await events_after(*args, **kwargs)
+
+    store.events_after = counted
+    plan.release.set()
+    seqs = []
+    for stream in streams:
+        got = []
+        while (event := await stream.read()) is not grpc.aio.EOF:
+            got.append(event.seq)
+        seqs.append(got)
+    assert all(got == seqs[0] for got in seqs) and seqs[0][0] == 2
+    # Each wake-up is read once for every watcher (one per seq reached, and the empty read
+    # before waiting), not once per watcher.
+    print(f"{reads} reads of the job's events for {watchers} watchers")
+    assert reads < watchers, f"{reads} reads of the job's events for {watchers} watchers"
