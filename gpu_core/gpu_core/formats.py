@@ -334,11 +334,11 @@ def _dataset_dir_rows(
 # ---- rows into spec examples ----------------------------------------------------------------
 
 
-def _as_messages(value: Any) -> Any:
+def _as_messages(value: Any, budget: ReadBudget) -> Any:
     """CSV and Parquet cells may hold the conversation as JSON text."""
     if isinstance(value, str):
         try:
-            return _loads(value, DEFAULT_BUDGET, 'field "messages"')
+            return _loads(value, budget, 'field "messages"')
         except json.JSONDecodeError:
             return value
     return value
@@ -370,7 +370,7 @@ def _field_name(loc: tuple[Any, ...], sources: list[str]) -> str:
 
 
 def _example(
-    kind: Kind, fmt: DataFormat, row: dict[str, Any], limits: SpecLimits
+    kind: Kind, fmt: DataFormat, row: dict[str, Any], limits: SpecLimits, budget: ReadBudget
 ) -> tuple[dict[str, Any] | None, list[Problem]]:
     required, optional = _fields_of(kind)[fmt]
     problems = [
@@ -394,7 +394,7 @@ def _example(
             return None, problems
     elif fmt == "messages":
         try:
-            example = {"messages": _as_messages(row["messages"])}
+            example = {"messages": _as_messages(row["messages"], budget)}
         except _OverBudget as exc:
             return None, [Problem("", str(exc))]
     else:
@@ -427,7 +427,11 @@ def _example(
 
 
 def examples_from_rows(
-    kind: Kind, rows: list[tuple[str, Any]], problems: list[Problem], limits: SpecLimits
+    kind: Kind,
+    rows: list[tuple[str, Any]],
+    problems: list[Problem],
+    limits: SpecLimits,
+    budget: ReadBudget = DEFAULT_BUDGET,
 ) -> ParsedFile:
     parsed = ParsedFile(format=None, problems=problems)
     first_at = ""
@@ -459,7 +463,7 @@ def examples_from_rows(
                 )
             )
             continue
-        example, row_problems = _example(kind, fmt, row, limits)
+        example, row_problems = _example(kind, fmt, row, limits, budget)
         parsed.problems += [Problem(where, p.message) for p in row_problems]
         row_id = row.get("id")
         if row_id is not None and str(row_id) in ids:
@@ -512,7 +516,7 @@ def parse_file(
         return ParsedFile(
             format=None, problems=[Problem("file", str(exc))], over_budget=not isinstance(exc, _TooDeep)
         )
-    return examples_from_rows(kind, rows, problems, limits)
+    return examples_from_rows(kind, rows, problems, limits, budget)
 
 
 def _max_rows(kind: Kind, limits: SpecLimits) -> int:
@@ -529,7 +533,7 @@ def read_path(
             rows = _dataset_dir_rows(path, problems, budget, _max_rows(kind, limits))
         except _OverBudget as exc:
             return ParsedFile(format=None, problems=[Problem("file", str(exc))], over_budget=True)
-        return examples_from_rows(kind, rows, problems, limits)
+        return examples_from_rows(kind, rows, problems, limits, budget)
     size = path.stat().st_size
     if size > budget.max_decoded_bytes:
         message = f"is {_mib(size)}; the limit is {_mib(budget.max_decoded_bytes)}"

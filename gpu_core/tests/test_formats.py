@@ -399,6 +399,8 @@ def test_deep_json_is_a_problem_not_a_recursion_error() -> None:
     assert [str(p) for p in csv_parsed.problems] == [
         'line 2: field "messages" is nested more than 64 deep; the limit is 64'
     ]
+    shallow = parse_file("train", "m.csv", f"messages\n{cell}\n".encode(), budget=ReadBudget(max_depth=8))
+    assert shallow.problems[0].message == 'field "messages" is nested more than 8 deep; the limit is 8'
 
 
 def test_rows_past_the_example_limit_are_not_read() -> None:
