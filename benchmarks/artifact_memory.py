@@ -25,6 +25,7 @@ import grpc
 
 from devstack.stack import Stack, free_port
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from service_runtime.grpc_server import insecure_channel
 
 SIZE = 1 << 30
 CHUNK = 1 << 20
@@ -115,7 +116,10 @@ async def main() -> int:
         try:
             with Stack(data_dir=root / "stack", extra_env=env, services=("scheduler",)) as stack:
                 pid = stack.running["scheduler"].process.pid
-                channel = grpc.aio.insecure_channel(stack.address("scheduler"))
+                # The scheduler checks its callers: this one calls as the gateway.
+                channel = insecure_channel(
+                    stack.address("scheduler"), caller_token=stack.secrets["gateway_scheduler_token"]
+                )
                 stub = scheduler_pb2_grpc.SchedulerStub(channel)
                 sampler = RssSampler(pid)
                 started = time.monotonic()

@@ -4,11 +4,18 @@ A server error (any 5xx: every service is up) or a request without an answer is 
 
 `make bench-fuzz` runs it long against a fresh stack (FUZZ_CASES, default 5,000) and prints the
 figures; tests/e2e/test_fuzz.py runs a few hundred cases in `make test`.
+
+The schema says only "binary" for an uploaded data file, so :func:`fuzz_data_files` sends
+``POST /api/data/parse`` hostile files of its own: Parquet bombs (millions of rows, repeated
+long strings), deeply nested and bracket-heavy JSON, bad encodings, broken CSV quoting and
+garbage behind a Parquet magic number. Any 5xx, or an answer slower than the timeout, is a finding.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import math
 import sys
 import tempfile
@@ -20,6 +27,7 @@ from pathlib import Path
 import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.core.result import Err
@@ -125,9 +133,109 @@ def _run(
     call()
 
 
+def _parquet(columns: dict[str, list[str]]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(columns), buffer, compression="zstd", use_dictionary=True)
+    return buffer.getvalue()
+
+
+@st.composite
+def hostile_files(draw: st.DrawFn) -> tuple[str, bytes]:
+    """(filename, bytes) of a data file built to hurt a parser."""
+    kind = draw(
+        st.sampled_from(
+            ["rows-bomb", "string-bomb", "deep-json", "brackets", "encoding", "csv", "par1", "jsonl", "bytes"]
+        )
+    )
+    if kind == "rows-bomb":
+        rows = draw(st.integers(10_001, 3_000_000))
+        return "rows.parquet", _parquet({"prompt": ["q"] * rows, "completion": ["a"] * rows})
+    if kind == "string-bomb":
+        text = "x" * draw(st.integers(100_000, 2_000_000))
+        count = draw(st.integers(1, 60))
+        return "strings.parquet", _parquet({"prompt": [text] * count, "completion": [text] * count})
+    if kind == "deep-json":
+        depth = draw(st.integers(10, 300_000))
+        opener, closer = draw(st.sampled_from([("[", "]"), ('{"a":', "}"), ('[{"messages":', "}]")]))
+        closed = draw(st.booleans())
+        body = opener * depth + "1" + (closer * depth if closed else "")
+        return draw(st.sampled_from(["deep.json", "deep.jsonl", "deep.csv"])), body.encode()
+    if kind == "brackets":
+        text = draw(st.text(alphabet='[]{}",:\\ \n0a', max_size=5000))
+        return draw(st.sampled_from(["b.json", "b.jsonl"])), text.encode()
+    if kind == "encoding":
+        row = json.dumps({"prompt": draw(st.text(max_size=50)), "completion": "a"}, ensure_ascii=False)
+        encoding = draw(st.sampled_from(["utf-16", "utf-32", "latin-1", "cp1252", "utf-8"]))
+        data = row.encode(encoding, errors="replace") + draw(st.binary(max_size=20))
+        return draw(st.sampled_from(["e.jsonl", "e.csv"])), data
+    if kind == "csv":
+        text = draw(st.text(alphabet='"\r\n,ab\x00', max_size=3000))
+        return "c.csv", ("prompt,completion\n" + text).encode()
+    if kind == "par1":
+        return draw(st.sampled_from(["p.parquet", "p.jsonl"])), b"PAR1" + draw(
+            st.binary(max_size=2000)
+        ) + b"PAR1"
+    if kind == "jsonl":
+        value = draw(
+            st.recursive(
+                st.none() | st.booleans() | st.integers() | st.text(),
+                lambda c: st.lists(c) | st.dictionaries(st.text(), c),
+                max_leaves=50,
+            )
+        )
+        return "j.jsonl", (json.dumps(value) + "\n").encode()
+    return draw(st.sampled_from(["x.jsonl", "x.csv", "x.parquet", "x"])), draw(
+        st.binary(min_size=1, max_size=4000)
+    )
+
+
+def fuzz_data_files(base_url: str, headers: dict[str, str], cases: int, seed: int = 0) -> FuzzReport:
+    """``cases`` hostile files to ``POST /api/data/parse``."""
+    report = FuzzReport()
+    started = time.monotonic()
+    session = requests.Session()
+
+    @settings(
+        max_examples=cases,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(file=hostile_files(), kind=st.sampled_from(["train", "eval"]))
+    def call(file: tuple[str, bytes], kind: str) -> None:
+        name, data = file
+        report.cases += 1
+        label = f"POST /api/data/parse ({name}, {len(data)} bytes)"
+        try:
+            response = session.post(
+                f"{base_url}/api/data/parse",
+                params={"kind": kind, "filename": name},
+                data=data,
+                headers=headers,
+                timeout=_REQUEST_TIMEOUT_S,
+            )
+        except requests.RequestException as exc:
+            report.by_status[0] += 1
+            report.findings.append(f"{label}: no answer ({type(exc).__name__})")
+            return
+        report.by_status[response.status_code] += 1
+        if _is_finding(response.status_code):
+            report.findings.append(f"{label}: {response.status_code} {response.text[:200]!r}")
+
+    call._hypothesis_internal_use_seed = seed  # type: ignore[attr-defined]
+    call()
+    report.seconds = time.monotonic() - started
+    return report
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m devstack.fuzz_api")
     parser.add_argument("--cases", type=int, default=5000)
+    parser.add_argument("--data-cases", type=int, help="hostile data files (default: a tenth of --cases)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     with (
@@ -141,10 +249,13 @@ def main() -> int:
         client = GatewayClient(stack.gateway_url)
         client.sign_in_locally("fuzzer")
         report = fuzz(stack.gateway_url, client.headers, args.cases, args.seed)
+        data_cases = args.data_cases if args.data_cases is not None else max(1, args.cases // 10)
+        data_report = fuzz_data_files(stack.gateway_url, client.headers, data_cases, args.seed)
     print(f"fuzz: {report.summary()}")
-    for finding in report.findings[:50]:
+    print(f"fuzz data files: {data_report.summary()}")
+    for finding in (report.findings + data_report.findings)[:50]:
         print(f"  {finding}")
-    return 1 if report.findings else 0
+    return 1 if report.findings or data_report.findings else 0
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ DEFAULT_PORTS = {
     "compute-modal": 50055,
 }
 DEFAULT_METRICS_PORTS = {
+    "gateway": 9090,
     "scheduler": 9091,
     "keyvault": 9092,
     "compute-local": 9093,
@@ -78,18 +79,24 @@ def free_port() -> int:
 
 
 def load_or_create_secrets(path: Path) -> dict[str, str]:
-    if path.exists():
-        return json.loads(path.read_text())
-    values = {
-        "RUNPOD_KEY_ENCRYPTION_SECRET": base64.b64encode(secrets.token_bytes(32)).decode(),
-        "GATEWAY_LOCAL_JWT_SECRET": secrets.token_urlsafe(32),
-        "gateway_token": secrets.token_urlsafe(24),
-        "scheduler_token": secrets.token_urlsafe(24),
-        "compute_runpod_token": secrets.token_urlsafe(24),
+    """The stack's secrets, kept across runs; any a newer stack needs are added to the file."""
+    values: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    wanted = {
+        "RUNPOD_KEY_ENCRYPTION_SECRET": lambda: base64.b64encode(secrets.token_bytes(32)).decode(),
+        "GATEWAY_LOCAL_JWT_SECRET": lambda: secrets.token_urlsafe(32),
+        "gateway_token": lambda: secrets.token_urlsafe(24),
+        "scheduler_token": lambda: secrets.token_urlsafe(24),
+        "compute_runpod_token": lambda: secrets.token_urlsafe(24),
+        # The gateway's token to the scheduler, the scheduler's to the compute services.
+        "gateway_scheduler_token": lambda: secrets.token_urlsafe(24),
+        "scheduler_compute_token": lambda: secrets.token_urlsafe(24),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(values))
-    path.chmod(0o600)
+    missing = {name: make() for name, make in wanted.items() if name not in values}
+    if missing:
+        values |= missing
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
+        path.chmod(0o600)
     return values
 
 
@@ -179,6 +186,11 @@ class Stack:
                 f"gateway={s['gateway_token']},scheduler={s['scheduler_token']},"
                 f"compute-runpod={s['compute_runpod_token']}"
             ),
+            # Every gRPC service but the gateway checks its callers (service_runtime.callers).
+            "SCHEDULER_CALLER_TOKENS": f"gateway={s['gateway_scheduler_token']}",
+            "SCHEDULER_TOKEN": s["gateway_scheduler_token"],
+            "COMPUTE_CALLER_TOKENS": f"scheduler={s['scheduler_compute_token']}",
+            "COMPUTE_TOKEN": s["scheduler_compute_token"],
             "AUTH_MODE": "local",
             "GATEWAY_LOCAL_JWT_SECRET": s["GATEWAY_LOCAL_JWT_SECRET"],
             "COMPUTE_LOCAL_WORK_DIR": str(self.data_dir / "compute-local"),

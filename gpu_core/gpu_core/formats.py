@@ -16,6 +16,14 @@ row's fields:
 Every row may carry an ``id``. Each problem names the line (JSONL, CSV) or row (Parquet,
 datasets) and the field; every example is checked by the spec's own models
 (:mod:`gpu_core.schemas`), so a file that passes here passes ``parse_spec``.
+
+Every file is read within a :class:`ReadBudget`, because a small upload can expand far past
+its size (a Parquet of two million rows fits in 13 KB; a dictionary-encoded column repeats one
+1 MB string from 700 bytes; a JSON text can nest 200,000 deep). Parquet metadata (rows,
+columns, uncompressed size) is checked before any row is read, rows are read in small batches
+whose decoded size is counted, JSON is scanned for its depth and value count before it is
+parsed, and reading stops at the first row past the example limit. Over the budget the file
+is refused with one problem naming the limit.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import csv
 import io
 import json
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +50,29 @@ FORMAT_LABELS: dict[str, str] = {
 }
 MAX_PROBLEMS = 20
 _PARQUET_MAGIC = b"PAR1"
+# Rows per Parquet / Arrow batch: small, so one batch of oversized cells stays within the budget.
+_BATCH_ROWS = 16
+
+
+@dataclass(frozen=True)
+class ReadBudget:
+    """What reading one file may cost, beyond the example limits of :class:`SpecLimits`."""
+
+    max_decoded_bytes: int = 32 * 1024 * 1024  # the file's size, and its rows once decoded
+    max_depth: int = 64  # JSON nesting (a chat example needs 4)
+    max_json_values: int = 2_000_000  # containers and separators, before a JSON text is parsed
+    max_columns: int = 32  # the formats use at most 5
+
+
+DEFAULT_BUDGET = ReadBudget()
+
+
+class _OverBudget(Exception):
+    """Reading stopped: the file is over a limit, which the message names."""
+
+
+class _TooDeep(_OverBudget):
+    """JSON nested past the budget's depth: a malformed file rather than a too large one."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +91,8 @@ class ParsedFile:
     format: DataFormat | None
     examples: list[dict[str, Any]] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    # Too large to read: over the ReadBudget or the example count (its one problem says which).
+    over_budget: bool = False
 
 
 class DataFileError(ValueError):
@@ -91,18 +125,55 @@ def detect_format(row: dict[str, Any]) -> DataFormat | None:
 # ---- rows from each kind of file ------------------------------------------------------------
 
 
-def _jsonl_rows(text: str, problems: list[Problem]) -> list[tuple[str, Any]]:
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_STRUCTURE = re.compile(r"[^\[\]{},:]+")
+_DEPTH_STEP = str.maketrans({"[": "\x01", "{": "\x01", "]": "\x02", "}": "\x02"})
+
+
+def _check_json(text: str, budget: ReadBudget, what: str) -> None:
+    """Depth and value count of a JSON text, by a linear scan outside its strings, so that
+    ``json.loads`` never recurses past ``max_depth`` nor builds more than ``max_json_values``."""
+    structure = _STRUCTURE.sub("", _JSON_STRING.sub("", text))
+    if len(structure) > budget.max_json_values:
+        limit = f"{budget.max_json_values:,}"
+        raise _OverBudget(f"{what} has more than {limit} JSON values; the limit is {limit}")
+    brackets = structure.replace(",", "").replace(":", "")
+    if len(brackets) <= budget.max_depth:
+        return
+    depth = 0
+    # Only texts with many brackets get here; the loop runs over brackets alone.
+    for step in brackets.translate(_DEPTH_STEP):
+        depth = depth + 1 if step == "\x01" else max(depth - 1, 0)
+        if depth > budget.max_depth:
+            raise _TooDeep(
+                f"{what} is nested more than {budget.max_depth} deep; the limit is {budget.max_depth}"
+            )
+
+
+def _loads(text: str, budget: ReadBudget, what: str) -> Any:
+    _check_json(text, budget, what)
+    return json.loads(text)
+
+
+def _jsonl_rows(
+    text: str, problems: list[Problem], budget: ReadBudget, max_rows: int
+) -> list[tuple[str, Any]]:
+    _check_json(text, budget, "the file")
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as exc:
             problems.append(Problem(f"line {exc.lineno}", f"not valid JSON ({exc.msg})"))
             return []
+        if isinstance(items, list) and len(items) > max_rows:
+            raise _OverBudget(f"has {len(items):,} examples; the limit is {max_rows:,}")
         return [(f"item {i + 1}", item) for i, item in enumerate(items)]
-    rows = []
+    rows: list[tuple[str, Any]] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
+        if len(rows) == max_rows:
+            raise _OverBudget(f"has more than {max_rows:,} examples; the limit is {max_rows:,}")
         try:
             rows.append((f"line {number}", json.loads(raw)))
         except json.JSONDecodeError as exc:
@@ -110,16 +181,18 @@ def _jsonl_rows(text: str, problems: list[Problem]) -> list[tuple[str, Any]]:
     return rows
 
 
-def _csv_rows(text: str, problems: list[Problem]) -> list[tuple[str, Any]]:
+def _csv_rows(text: str, problems: list[Problem], budget: ReadBudget, max_rows: int) -> list[tuple[str, Any]]:
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = [name.strip() for name in next(reader)]
+        if len(header) > budget.max_columns:
+            raise _OverBudget(f"has {len(header):,} columns; the limit is {budget.max_columns}")
     except StopIteration:
         return []
     except csv.Error as exc:
         problems.append(Problem("line 1", f"not valid CSV ({exc})"))
         return []
-    rows = []
+    rows: list[tuple[str, Any]] = []
     start = reader.line_num + 1
     try:
         for values in reader:
@@ -127,6 +200,8 @@ def _csv_rows(text: str, problems: list[Problem]) -> list[tuple[str, Any]]:
             start = reader.line_num + 1
             if not values or (len(values) == 1 and not values[0].strip()):
                 continue
+            if len(rows) == max_rows:
+                raise _OverBudget(f"has more than {max_rows:,} examples; the limit is {max_rows:,}")
             if len(values) != len(header):
                 problems.append(Problem(where, f"has {len(values)} fields; the header has {len(header)}"))
                 continue
@@ -138,8 +213,46 @@ def _csv_rows(text: str, problems: list[Problem]) -> list[tuple[str, Any]]:
     return rows
 
 
-def _table_rows(table: Any) -> list[tuple[str, Any]]:
-    return [(f"row {i + 1}", row) for i, row in enumerate(table.to_pylist())]
+def _batch_rows(batches: Iterable[Any], budget: ReadBudget, max_rows: int) -> list[tuple[str, Any]]:
+    """Rows of Arrow record batches, counting rows and decoded bytes before each batch becomes
+    Python objects."""
+    rows: list[tuple[str, Any]] = []
+    decoded = 0
+    for batch in batches:
+        if len(rows) + batch.num_rows > max_rows:
+            raise _OverBudget(f"has more than {max_rows:,} examples; the limit is {max_rows:,}")
+        decoded += sum(_decoded_bytes(column) for column in batch.columns)
+        if decoded > budget.max_decoded_bytes:
+            limit = _mib(budget.max_decoded_bytes)
+            raise _OverBudget(f"decodes to more than {limit}; the limit is {limit}")
+        rows += [(f"row {len(rows) + i + 1}", row) for i, row in enumerate(batch.to_pylist())]
+    return rows
+
+
+def _decoded_bytes(column: Any) -> int:
+    """A column's size once every value is written out: a dictionary repeats its values, in
+    nested lists and structs (a conversation's turns) too."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(column, pa.DictionaryArray):
+        dictionary: Any = column.dictionary  # strings or bytes: BYTE_ARRAY columns only
+        lengths = pc.binary_length(dictionary).take(column.indices)
+        return int(pc.sum(lengths).as_py() or 0) + column.indices.nbytes
+    if isinstance(column, pa.ListArray | pa.LargeListArray):
+        return _decoded_bytes(column.flatten()) + column.offsets.nbytes
+    if isinstance(column, pa.StructArray):
+        return sum(_decoded_bytes(field) for field in column.flatten())
+    return int(column.nbytes)
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):g} MiB"
+
+
+def _check_columns(schema: Any, budget: ReadBudget) -> None:
+    if len(schema.names) > budget.max_columns:
+        raise _OverBudget(f"has {len(schema.names):,} columns; the limit is {budget.max_columns}")
 
 
 def _pyarrow(problems: list[Problem], what: str) -> bool:
@@ -152,20 +265,42 @@ def _pyarrow(problems: list[Problem], what: str) -> bool:
     return True
 
 
-def _parquet_rows(data: bytes, problems: list[Problem]) -> list[tuple[str, Any]]:
+def _parquet_rows(
+    data: bytes, problems: list[Problem], budget: ReadBudget, max_rows: int
+) -> list[tuple[str, Any]]:
     if not _pyarrow(problems, "Parquet"):
         return []
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        return _table_rows(pq.read_table(pa.BufferReader(data)))
+        # Text columns stay dictionary-encoded while read: a repeated value is decoded once, and
+        # _decoded_bytes counts what writing out every row would cost before it happens.
+        schema = pq.read_schema(pa.BufferReader(data))
+        text_columns = [
+            f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+        ]
+        parquet = pq.ParquetFile(pa.BufferReader(data), read_dictionary=text_columns)
+        metadata = parquet.metadata
+        # The footer's figures, before any page is decompressed.
+        if metadata.num_rows > max_rows:
+            raise _OverBudget(f"has {metadata.num_rows:,} rows; the limit is {max_rows:,} examples")
+        _check_columns(parquet.schema_arrow, budget)
+        uncompressed = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+        if uncompressed > budget.max_decoded_bytes:
+            raise _OverBudget(
+                f"is {_mib(uncompressed)} uncompressed; the limit is {_mib(budget.max_decoded_bytes)}"
+            )
+        # Dictionary pages repeat a value without storing it again: the decoded batches count.
+        return _batch_rows(parquet.iter_batches(batch_size=_BATCH_ROWS), budget, max_rows)
     except (pa.ArrowException, OSError) as exc:
         problems.append(Problem("file", f"not a readable Parquet file ({exc})"))
         return []
 
 
-def _dataset_dir_rows(directory: Path, problems: list[Problem]) -> list[tuple[str, Any]]:
+def _dataset_dir_rows(
+    directory: Path, problems: list[Problem], budget: ReadBudget, max_rows: int
+) -> list[tuple[str, Any]]:
     """A ``save_to_disk`` directory of one Dataset: its Arrow stream files in ``state.json`` order."""
     if not _pyarrow(problems, "a saved dataset"):
         return []
@@ -182,23 +317,28 @@ def _dataset_dir_rows(directory: Path, problems: list[Problem]) -> list[tuple[st
         problems.append(Problem("file", f"{directory} is not a saved Hugging Face dataset (no state.json)"))
         return []
     files = [entry["filename"] for entry in json.loads(state_file.read_text()).get("_data_files", [])]
-    tables = []
-    for name in files:
-        with pa.memory_map(str(directory / name)) as source:
-            tables.append(pa.ipc.open_stream(source).read_all())
-    if not tables:
-        return []
-    return _table_rows(pa.concat_tables(tables))
+    size = sum((directory / name).stat().st_size for name in files)
+    if size > budget.max_decoded_bytes:
+        raise _OverBudget(f"is {_mib(size)}; the limit is {_mib(budget.max_decoded_bytes)}")
+
+    def batches() -> Iterator[Any]:
+        for name in files:
+            with pa.memory_map(str(directory / name)) as source:
+                stream = pa.ipc.open_stream(source)
+                _check_columns(stream.schema, budget)
+                yield from stream
+
+    return _batch_rows(batches(), budget, max_rows)
 
 
 # ---- rows into spec examples ----------------------------------------------------------------
 
 
-def _as_messages(value: Any) -> Any:
+def _as_messages(value: Any, budget: ReadBudget) -> Any:
     """CSV and Parquet cells may hold the conversation as JSON text."""
     if isinstance(value, str):
         try:
-            return json.loads(value)
+            return _loads(value, budget, 'field "messages"')
         except json.JSONDecodeError:
             return value
     return value
@@ -230,7 +370,7 @@ def _field_name(loc: tuple[Any, ...], sources: list[str]) -> str:
 
 
 def _example(
-    kind: Kind, fmt: DataFormat, row: dict[str, Any], limits: SpecLimits
+    kind: Kind, fmt: DataFormat, row: dict[str, Any], limits: SpecLimits, budget: ReadBudget
 ) -> tuple[dict[str, Any] | None, list[Problem]]:
     required, optional = _fields_of(kind)[fmt]
     problems = [
@@ -253,7 +393,10 @@ def _example(
         if example is None:
             return None, problems
     elif fmt == "messages":
-        example = {"messages": _as_messages(row["messages"])}
+        try:
+            example = {"messages": _as_messages(row["messages"], budget)}
+        except _OverBudget as exc:
+            return None, [Problem("", str(exc))]
     else:
         example = {"prompt": row["prompt"], ANSWER_FIELD[kind]: row[ANSWER_FIELD[kind]]}
     if row.get("id") is not None:
@@ -284,7 +427,11 @@ def _example(
 
 
 def examples_from_rows(
-    kind: Kind, rows: list[tuple[str, Any]], problems: list[Problem], limits: SpecLimits
+    kind: Kind,
+    rows: list[tuple[str, Any]],
+    problems: list[Problem],
+    limits: SpecLimits,
+    budget: ReadBudget = DEFAULT_BUDGET,
 ) -> ParsedFile:
     parsed = ParsedFile(format=None, problems=problems)
     first_at = ""
@@ -316,7 +463,7 @@ def examples_from_rows(
                 )
             )
             continue
-        example, row_problems = _example(kind, fmt, row, limits)
+        example, row_problems = _example(kind, fmt, row, limits, budget)
         parsed.problems += [Problem(where, p.message) for p in row_problems]
         row_id = row.get("id")
         if row_id is not None and str(row_id) in ids:
@@ -330,9 +477,6 @@ def examples_from_rows(
     if not rows and not parsed.problems:
         label = "training" if kind == "train" else "eval"
         parsed.problems.append(Problem("file", f"has no {label} examples"))
-    limit = limits.max_train_examples if kind == "train" else limits.max_eval_examples
-    if len(rows) > limit:
-        parsed.problems.append(Problem("file", f"has {len(rows)} examples; the limit is {limit}"))
     parsed.problems.sort(key=_position)
     return parsed
 
@@ -342,28 +486,59 @@ def _position(problem: Problem) -> int:
     return int(match.group()) if match else 0
 
 
-def parse_file(kind: Kind, filename: str, data: bytes, limits: SpecLimits = DEFAULT_LIMITS) -> ParsedFile:
+def parse_file(
+    kind: Kind,
+    filename: str,
+    data: bytes,
+    limits: SpecLimits = DEFAULT_LIMITS,
+    budget: ReadBudget = DEFAULT_BUDGET,
+) -> ParsedFile:
     """Read an uploaded file; the type comes from the name (``.csv``, ``.parquet``, else JSONL)."""
     problems: list[Problem] = []
-    if filename.lower().endswith(".parquet") or data[:4] == _PARQUET_MAGIC:
-        rows = _parquet_rows(data, problems)
-    else:
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            return ParsedFile(
-                format=None, problems=[Problem("file", f"is not UTF-8 text (byte {exc.start})")]
-            )
-        rows = _csv_rows(text, problems) if filename.lower().endswith(".csv") else _jsonl_rows(text, problems)
-    return examples_from_rows(kind, rows, problems, limits)
+    max_rows = _max_rows(kind, limits)
+    try:
+        if len(data) > budget.max_decoded_bytes:
+            raise _OverBudget(f"is {_mib(len(data))}; the limit is {_mib(budget.max_decoded_bytes)}")
+        if filename.lower().endswith(".parquet") or data[:4] == _PARQUET_MAGIC:
+            rows = _parquet_rows(data, problems, budget, max_rows)
+        else:
+            try:
+                text = data.decode("utf-8-sig")
+            except UnicodeDecodeError as exc:
+                return ParsedFile(
+                    format=None, problems=[Problem("file", f"is not UTF-8 text (byte {exc.start})")]
+                )
+            if filename.lower().endswith(".csv"):
+                rows = _csv_rows(text, problems, budget, max_rows)
+            else:
+                rows = _jsonl_rows(text, problems, budget, max_rows)
+    except _OverBudget as exc:
+        return ParsedFile(
+            format=None, problems=[Problem("file", str(exc))], over_budget=not isinstance(exc, _TooDeep)
+        )
+    return examples_from_rows(kind, rows, problems, limits, budget)
 
 
-def read_path(kind: Kind, path: Path, limits: SpecLimits = DEFAULT_LIMITS) -> ParsedFile:
+def _max_rows(kind: Kind, limits: SpecLimits) -> int:
+    return limits.max_train_examples if kind == "train" else limits.max_eval_examples
+
+
+def read_path(
+    kind: Kind, path: Path, limits: SpecLimits = DEFAULT_LIMITS, budget: ReadBudget = DEFAULT_BUDGET
+) -> ParsedFile:
     """A file, or a ``save_to_disk`` dataset directory (the CLI)."""
     if path.is_dir():
         problems: list[Problem] = []
-        return examples_from_rows(kind, _dataset_dir_rows(path, problems), problems, limits)
-    return parse_file(kind, path.name, path.read_bytes(), limits)
+        try:
+            rows = _dataset_dir_rows(path, problems, budget, _max_rows(kind, limits))
+        except _OverBudget as exc:
+            return ParsedFile(format=None, problems=[Problem("file", str(exc))], over_budget=True)
+        return examples_from_rows(kind, rows, problems, limits, budget)
+    size = path.stat().st_size
+    if size > budget.max_decoded_bytes:
+        message = f"is {_mib(size)}; the limit is {_mib(budget.max_decoded_bytes)}"
+        return ParsedFile(format=None, problems=[Problem("file", message)], over_budget=True)
+    return parse_file(kind, path.name, path.read_bytes(), limits, budget)
 
 
 def read_examples(

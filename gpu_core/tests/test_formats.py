@@ -15,8 +15,8 @@ import pytest
 
 from gpu_core.data import IGNORE_INDEX, Encoder, TemplateError, resolve_template
 from gpu_core.datareport import data_report
-from gpu_core.formats import DataFileError, parse_file, read_examples, read_path
-from gpu_core.schemas import SpecError, TrainingExample, parse_spec
+from gpu_core.formats import DataFileError, ReadBudget, parse_file, read_examples, read_path
+from gpu_core.schemas import SpecError, SpecLimits, TrainingExample, parse_spec
 from gpu_core.tiny import build_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -341,3 +341,95 @@ def test_without_pyarrow_parquet_says_which_extra_to_install() -> None:
         "file: reading Parquet needs pyarrow: pip install 'gpu-core[data]'",
         "1",
     ]
+
+
+# ---- the read budget: files that expand far past their size -----------------------------------
+
+
+def _parquet(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd", use_dictionary=True)
+    return buffer.getvalue()
+
+
+def test_a_parquet_of_too_many_rows_is_refused_from_its_metadata() -> None:
+    data = _parquet(pa.table({"prompt": ["q"] * 200_000, "completion": ["a"] * 200_000}))
+    parsed = parse_file("train", "rows.parquet", data)
+    assert parsed.over_budget and parsed.examples == []
+    assert [str(p) for p in parsed.problems] == ["file: has 200,000 rows; the limit is 10,000 examples"]
+
+
+def test_repeated_long_strings_are_refused_by_their_decoded_size() -> None:
+    # Dictionary encoding stores the one 100 KB string once: the file is small, its rows are not.
+    text = "x" * 100_000
+    data = _parquet(pa.table({"prompt": [text] * 40, "completion": [text] * 40}))
+    assert len(data) < 2_000
+    parsed = parse_file("train", "s.parquet", data, budget=ReadBudget(max_decoded_bytes=2 * 1024 * 1024))
+    assert parsed.over_budget
+    assert [str(p) for p in parsed.problems] == ["file: decodes to more than 2 MiB; the limit is 2 MiB"]
+    # Within the budget the same file is read (and its texts refused by the example limits).
+    within = parse_file("train", "s.parquet", data, budget=ReadBudget(max_decoded_bytes=64 * 1024 * 1024))
+    assert not within.over_budget and "text is 100000 characters" in str(within.problems[0])
+
+
+def test_too_many_columns_are_refused_before_reading() -> None:
+    data = _parquet(pa.table({f"c{i}": ["v"] for i in range(40)}))
+    assert [str(p) for p in parse_file("train", "c.parquet", data).problems] == [
+        "file: has 40 columns; the limit is 32"
+    ]
+    header = ",".join(f"c{i}" for i in range(40)).encode()
+    assert (
+        parse_file("train", "c.csv", header + b"\n").problems[0].message == "has 40 columns; the limit is 32"
+    )
+
+
+def test_deep_json_is_a_problem_not_a_recursion_error() -> None:
+    deep = "[" * 200_000 + "]" * 200_000
+    parsed = parse_file("train", "deep.json", deep.encode())
+    assert not parsed.over_budget
+    assert [str(p) for p in parsed.problems] == [
+        "file: the file is nested more than 64 deep; the limit is 64"
+    ]
+    # Brackets inside strings are text, not nesting.
+    brackets = "[" * 1000
+    assert parse_file("train", "s.jsonl", jsonl({"prompt": brackets, "completion": "a"})).problems == []
+    # A conversation given as JSON text in a CSV cell is scanned the same way.
+    cell = '"' + ("[" * 5000).replace('"', '""') + '"'
+    csv_parsed = parse_file("train", "m.csv", f"messages\n{cell}\n".encode())
+    assert [str(p) for p in csv_parsed.problems] == [
+        'line 2: field "messages" is nested more than 64 deep; the limit is 64'
+    ]
+    shallow = parse_file("train", "m.csv", f"messages\n{cell}\n".encode(), budget=ReadBudget(max_depth=8))
+    assert shallow.problems[0].message == 'field "messages" is nested more than 8 deep; the limit is 8'
+
+
+def test_rows_past_the_example_limit_are_not_read() -> None:
+    limits = SpecLimits(max_train_examples=3)
+    rows = [{"prompt": f"q{i}", "completion": "a"} for i in range(5)]
+    csv_text = "prompt,completion\n" + "".join(f"q{i},a\n" for i in range(5))
+    for name, data in [
+        ("t.jsonl", jsonl(*rows)),
+        ("t.json", json.dumps(rows).encode()),
+        ("t.csv", csv_text.encode()),
+    ]:
+        parsed = parse_file("train", name, data, limits)
+        assert parsed.over_budget, name
+        assert "the limit is 3" in parsed.problems[0].message, name
+    many_values = json.dumps([[0] * 10 for _ in range(100)]).encode()
+    parsed = parse_file("train", "v.json", many_values, budget=ReadBudget(max_json_values=500))
+    assert parsed.problems[0].message == "the file has more than 500 JSON values; the limit is 500"
+
+
+def test_a_saved_dataset_is_read_within_the_budget(tmp_path: Path) -> None:
+    table = pa.table({"prompt": [f"q{i}" for i in range(50)], "completion": ["a"] * 50})
+    with pa.OSFile(str(tmp_path / "data-00000-of-00001.arrow"), "wb") as sink:
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=10)
+    (tmp_path / "state.json").write_text(
+        json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]})
+    )
+    assert len(read_path("train", tmp_path).examples) == 50
+    over = read_path("train", tmp_path, SpecLimits(max_train_examples=20))
+    assert over.over_budget and over.problems[0].message == "has more than 20 examples; the limit is 20"
+    small = read_path("train", tmp_path, budget=ReadBudget(max_decoded_bytes=100))
+    assert small.over_budget and "the limit is" in small.problems[0].message

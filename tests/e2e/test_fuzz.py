@@ -7,12 +7,13 @@ from __future__ import annotations
 import pytest
 
 from devstack.client import GatewayClient
-from devstack.fuzz_api import FUZZ_STACK_ENV, fuzz
+from devstack.fuzz_api import FUZZ_STACK_ENV, fuzz, fuzz_data_files
 from devstack.stack import Stack
 
 pytestmark = pytest.mark.e2e
 
 CASES = 300
+DATA_CASES = 60
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +35,14 @@ def test_generated_requests_get_no_server_error(stack: Stack) -> None:
     assert report.findings == [], "\n".join(report.findings[:20])
     # Both the happy and the refusing paths were reached.
     assert report.by_status[200] > 0 and report.by_status[422] > 0
+
+
+def test_hostile_data_files_get_no_server_error(stack: Stack) -> None:
+    client = GatewayClient(stack.gateway_url)
+    client.sign_in_locally("fuzzer")
+    report = fuzz_data_files(stack.gateway_url, client.headers, DATA_CASES, seed=14)
+    print(f"fuzz data files: {report.summary()}")
+    assert report.cases == DATA_CASES
+    assert report.findings == [], "\n".join(report.findings[:20])
+    # Bombs are refused as too large, malformed files as problems.
+    assert report.by_status[413] > 0 and report.by_status[422] > 0

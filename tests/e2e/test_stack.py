@@ -40,6 +40,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         data_dir=data_dir,
         extra_env={
             "SCHEDULER_POLL_INTERVAL_S": "0.2",
+            "SCHEDULER_JOB_GAUGES_INTERVAL_S": "5",
             "COMPUTE_LOCAL_TORCH_THREADS": "1",
             "ALLOWED_MODEL_DIRS": str(data_dir / "models"),
         },
@@ -191,17 +192,19 @@ def test_scheduler_killed_mid_job_restarts_and_the_job_finishes(stack: Stack, al
 def test_every_service_exports_metrics_showing_the_job(stack: Stack, alice: GatewayClient) -> None:
     job_id = alice.submit(small_spec(n_train=6, n_eval=2))["job_id"]
     list(alice.events(job_id))
-    gateway_metrics = httpx.get(f"{stack.gateway_url}/metrics").text
+    gateway_metrics = httpx.get(f"http://127.0.0.1:{stack.metrics_ports['gateway']}/metrics").text
+    assert httpx.get(f"{stack.gateway_url}/metrics").status_code == 404  # not on the public app
     assert 'route="/api/train"' in gateway_metrics
     metrics = {
         name: httpx.get(f"http://127.0.0.1:{port}/metrics").text
         for name, port in stack.metrics_ports.items()
         if name in stack.running
     }
-    assert set(metrics) == {"keyvault", "compute-local", "scheduler"}
+    assert set(metrics) == {"gateway", "keyvault", "compute-local", "scheduler"}
     assert 'method="SubmitJob"' in metrics["scheduler"]
     # The job gauges are refreshed with the database health check (every
-    # SCHEDULER_DB_CHECK_INTERVAL_S, 5 s): wait up to three refreshes for the finished job.
+    # SCHEDULER_DB_CHECK_INTERVAL_S, 5 s, at most every SCHEDULER_JOB_GAUGES_INTERVAL_S, here
+    # 5 s): wait up to three refreshes for the finished job.
     scheduler_metrics_url = f"http://127.0.0.1:{stack.metrics_ports['scheduler']}/metrics"
     deadline = time.monotonic() + 15
     while 'scheduler_jobs{state="completed"}' not in metrics["scheduler"] and time.monotonic() < deadline:

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service_runtime.callers import CallerCheck, CallerTokens, caller_token_interceptors
 from service_runtime.metrics import MetricsInterceptor
 from service_runtime.tracing import TracingClientInterceptor, TracingServerInterceptor
 
@@ -56,13 +57,18 @@ def create_grpc_server(
     address: str,
     register: Callable[[grpc.aio.Server], Iterable[str]],
     service_label: str,
+    callers: CallerTokens | None = None,
 ) -> GrpcService:
     """Create (not start) a server on ``address``; ``register`` adds servicers and returns the
-    fully qualified names of the services it added. Port 0 picks a free port."""
-    server = grpc.aio.server(
-        options=SERVER_OPTIONS,
-        interceptors=[MetricsInterceptor(service_label), TracingServerInterceptor(service_label)],
-    )
+    fully qualified names of the services it added. Port 0 picks a free port. With ``callers``,
+    every call but health and reflection must carry a listed caller's token."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        MetricsInterceptor(service_label),
+        TracingServerInterceptor(service_label),
+    ]
+    if callers is not None:
+        interceptors.append(CallerCheck(callers, service_label))
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     names = tuple(register(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -73,8 +79,14 @@ def create_grpc_server(
     return GrpcService(server=server, port=port, health=health_servicer, service_names=names)
 
 
-def insecure_channel(address: str, extra_options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
-    """A channel to a peer service: large-message options and trace-context propagation."""
+def insecure_channel(
+    address: str, extra_options: Sequence[tuple[str, Any]] = (), caller_token: str | None = None
+) -> grpc.aio.Channel:
+    """A channel to a peer service: large-message options and trace-context propagation; with
+    ``caller_token``, every call carries it (the peer's caller check)."""
+    interceptors: list[grpc.aio.ClientInterceptor] = [TracingClientInterceptor()]
+    if caller_token:
+        interceptors += caller_token_interceptors(caller_token)
     return grpc.aio.insecure_channel(
-        address, options=[*CHANNEL_OPTIONS, *extra_options], interceptors=[TracingClientInterceptor()]
+        address, options=[*CHANNEL_OPTIONS, *extra_options], interceptors=interceptors
     )

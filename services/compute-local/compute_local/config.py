@@ -7,9 +7,10 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from service_runtime.callers import checked_caller_tokens
 from service_runtime.settings import ServiceSettings
 
 _DEVICE_PATTERN = re.compile(r"cpu|cuda:\d+")
@@ -24,6 +25,10 @@ class Settings(ServiceSettings):
     compute_local_port: int = Field(default=50053, ge=0, le=65535)
     # 0 picks a free port, -1 disables the metrics endpoint.
     compute_local_metrics_port: int = Field(default=9093, ge=-1, le=65535)
+    # Who may call this service (name=token,...: the scheduler's COMPUTE_TOKEN); unset: anyone.
+    compute_caller_tokens: SecretStr | None = None
+
+    _check_callers = field_validator("compute_caller_tokens")(checked_caller_tokens)
     # One slot per device: a job runs alone on its device, later jobs wait in FIFO order.
     compute_local_devices: Annotated[tuple[str, ...], NoDecode] = ("cpu",)
     # Threads a child may use for torch/OpenMP; unset means every core of this host.

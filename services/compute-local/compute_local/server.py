@@ -23,6 +23,7 @@ from compute_local.runner import (
     ResultNotReady,
 )
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
+from service_runtime.callers import caller_tokens_of
 from service_runtime.grpc_server import GrpcService, create_grpc_server
 from service_runtime.jobs import event_message, job_state
 from service_runtime.lifecycle import run_service
@@ -178,7 +179,9 @@ class ComputeLocalServer:
             compute_pb2_grpc.add_ComputeProviderServicer_to_server(ComputeLocalServicer(self.runner), server)
             return [SERVICE_NAME]
 
-        self.grpc: GrpcService = create_grpc_server(settings.address, register, "compute-local")
+        self.grpc: GrpcService = create_grpc_server(
+            settings.address, register, "compute-local", caller_tokens_of(settings.compute_caller_tokens)
+        )
 
     @property
     def port(self) -> int:

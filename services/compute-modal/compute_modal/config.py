@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from service_runtime.callers import checked_caller_tokens
 from service_runtime.settings import ServiceSettings
 
 
@@ -18,6 +19,10 @@ class Settings(ServiceSettings):
     compute_modal_port: int = Field(default=50055, ge=0, le=65535)
     # 0 picks a free port, -1 disables the metrics endpoint.
     compute_modal_metrics_port: int = Field(default=9095, ge=-1, le=65535)
+    # Who may call this service (name=token,...: the scheduler's COMPUTE_TOKEN); unset: anyone.
+    compute_caller_tokens: SecretStr | None = None
+
+    _check_callers = field_validator("compute_caller_tokens")(checked_caller_tokens)
     shutdown_grace_s: float = Field(default=10.0, ge=0)
 
     # The operator's Modal account. Missing tokens are reported by VerifyCredentials and Submit.

@@ -18,6 +18,7 @@ from compute_modal.adapter import ModalAdapter, ModalSdkAdapter
 from compute_modal.config import Settings
 from compute_modal.provider import JobStatus, ModalProvider, ProviderError
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
+from service_runtime.callers import caller_tokens_of
 from service_runtime.grpc_server import GrpcService, create_grpc_server
 from service_runtime.jobs import event_message, job_state
 from service_runtime.lifecycle import Readiness, run_service
@@ -160,7 +161,9 @@ class ComputeModalServer:
             )
             return [SERVICE_NAME]
 
-        self.grpc: GrpcService = create_grpc_server(settings.address, register, "compute-modal")
+        self.grpc: GrpcService = create_grpc_server(
+            settings.address, register, "compute-modal", caller_tokens_of(settings.compute_caller_tokens)
+        )
         self.readiness = Readiness(
             "compute-modal", self._modal_ready, settings.compute_modal_health_interval_s
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from service_runtime.callers import checked_caller_tokens
 from service_runtime.settings import ServiceSettings, host_port
 
 
@@ -13,6 +14,10 @@ class Settings(ServiceSettings):
     compute_runpod_host: str = "127.0.0.1"
     compute_runpod_port: int = Field(default=50054, ge=0, le=65535)
     compute_runpod_metrics_port: int = Field(default=9094, ge=-1, le=65535)
+    # Who may call this service (name=token,...: the scheduler's COMPUTE_TOKEN); unset: anyone.
+    compute_caller_tokens: SecretStr | None = None
+
+    _check_callers = field_validator("compute_caller_tokens")(checked_caller_tokens)
     shutdown_grace_s: float = Field(default=10.0, ge=0)
 
     keyvault_addr: str = "127.0.0.1:50052"

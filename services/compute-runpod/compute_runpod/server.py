@@ -16,6 +16,7 @@ from compute_runpod.keys import KeyVaultKeys
 from compute_runpod.metrics import PROVIDER_ERRORS
 from compute_runpod.provider import AccountRef, RunPodProvider
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
+from service_runtime.callers import caller_tokens_of
 from service_runtime.grpc_server import GrpcService, create_grpc_server
 from service_runtime.jobs import event_message, job_state
 from service_runtime.lifecycle import run_service
@@ -165,7 +166,9 @@ class ComputeRunPodServer:
             return [SERVICE_NAME]
 
         address = f"{settings.compute_runpod_host}:{settings.compute_runpod_port}"
-        self.grpc: GrpcService = create_grpc_server(address, register, "compute-runpod")
+        self.grpc: GrpcService = create_grpc_server(
+            address, register, "compute-runpod", caller_tokens_of(settings.compute_caller_tokens)
+        )
         self.metrics_server: MetricsServer | None = None
 
     @property

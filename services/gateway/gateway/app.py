@@ -1,4 +1,5 @@
-"""The FastAPI application: routes, auth, limits, error answers, health, metrics, dashboard."""
+"""The FastAPI application: routes, auth, limits, error answers, health, dashboard (its metrics
+registry is served on the internal metrics port by gateway.server)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway import (
@@ -28,7 +29,7 @@ from gateway import (
     usage_api,
 )
 from gateway.auth import USERNAME_PATTERN, LocalTokenIssuer, TokenVerifier, local_secret
-from gateway.config import Settings
+from gateway.config import LOOPBACK_HOSTS, Settings
 from gateway.deps import GatewayState, SpecInvalid, json_error, validation_problems
 from gateway.middleware import BodySizeLimit, RequestMetrics
 from gateway.responses import ERRORS, error
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 
 DASHBOARD_DIR = Path(__file__).parent / "dashboard"
 PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
-_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 class LocalSignIn(BaseModel):
@@ -72,10 +72,10 @@ def create_app(
         if upstreams is not None:
             yield
             return
-        if settings.auth_mode == "local" and settings.gateway_host not in _LOOPBACK_HOSTS:
+        if settings.auth_mode == "local" and settings.gateway_host not in LOOPBACK_HOSTS:
             log.warning(
-                "AUTH_MODE=local lets anyone sign in as any username; use AUTH_MODE=jwt "
-                "when GATEWAY_HOST is reachable from other machines"
+                "AUTH_MODE=local lets anyone sign in as any username "
+                "(GATEWAY_ALLOW_INSECURE_LOCAL_SIGN_IN is set); use AUTH_MODE=jwt for other networks"
             )
         # Channels belong to the serving event loop, so they are opened here, not earlier.
         state.upstreams = open_upstreams(settings)
@@ -101,9 +101,11 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.gateway = state
+    # Served on GATEWAY_METRICS_PORT by GatewayServer, not by this (public) app.
     registry = CollectorRegistry()
+    app.state.metrics_registry = registry
     _install_error_handlers(app)
-    _install_system_routes(app, state, registry)
+    _install_system_routes(app, state)
     if state.local_issuer is not None:  # AUTH_MODE=local
         _install_local_sign_in(app, state.local_issuer, settings.gateway_local_token_ttl_s)
     app.include_router(jobs_api.router)
@@ -143,7 +145,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": validation_problems(errors, True)}, status_code=422)
 
 
-def _install_system_routes(app: FastAPI, state: GatewayState, registry: CollectorRegistry) -> None:
+def _install_system_routes(app: FastAPI, state: GatewayState) -> None:
     @app.get("/healthz", tags=["system"], summary="The process is alive", response_model=Health)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -169,10 +171,6 @@ def _install_system_routes(app: FastAPI, state: GatewayState, registry: Collecto
                 status_code=503,
             )
         return JSONResponse({"status": "ready", "not_ready": []})
-
-    @app.get("/metrics", tags=["system"], include_in_schema=False)
-    async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def _install_local_sign_in(app: FastAPI, issuer: LocalTokenIssuer, ttl_s: int) -> None:

@@ -9,6 +9,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 
@@ -24,6 +25,10 @@ _CLOCK_LEEWAY_S = 30
 
 class AuthError(Exception):
     """The request is not authenticated; the message says why, in plain words."""
+
+
+class IdentityProviderUnavailable(Exception):
+    """The identity provider's keys (JWT_JWKS_URL) could not be fetched: not the caller's fault."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,11 @@ async def _decode_jwks(jwks: _JwksKeys, token: str, algorithm: str) -> dict[str,
     try:
         # PyJWKClient fetches over blocking urllib; keep the event loop free.
         signing_key = await asyncio.to_thread(jwks.client.get_signing_key_from_jwt, token)
+    except jwt.PyJWKClientConnectionError:
+        host = urlsplit(jwks.client.uri).netloc
+        raise IdentityProviderUnavailable(
+            f"The identity provider ({host}) did not answer for its signing keys; try again in a moment"
+        ) from None
     except jwt.PyJWKClientError as exc:
         raise AuthError(f"The token's signing key could not be found: {exc}") from None
     try:

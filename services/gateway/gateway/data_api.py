@@ -28,7 +28,12 @@ router = APIRouter(prefix="/api", tags=["data"], responses=ERRORS)
         }
     },
     response_model=ParsedDataFile,
-    responses={422: error("The file has problems; each names its line or row and field")},
+    responses={
+        413: error(
+            "The file is over a read limit (rows, decoded size, columns, JSON nesting); the answer names it"
+        ),
+        422: error("The file has problems; each names its line or row and field"),
+    },
 )
 async def parse_data_file(
     request: Request,
@@ -44,7 +49,12 @@ async def parse_data_file(
     body = await request.body()
     if not body.strip():
         raise ApiError(400, f"{filename} is empty")
-    parsed = await asyncio.to_thread(parse_file, kind, filename, body, state.spec_limits)
+    async with state.file_reads:
+        parsed = await asyncio.to_thread(
+            parse_file, kind, filename, body, state.spec_limits, state.settings.read_budget
+        )
+    if parsed.over_budget:
+        raise ApiError(413, f"{filename} {parsed.problems[0].message}")
     # No format means no example was read; gpu_core then says why in a problem.
     if parsed.problems or parsed.format is None:
         shown = [{"field": p.where, "message": p.message} for p in parsed.problems[:MAX_PROBLEMS]]

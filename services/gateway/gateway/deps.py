@@ -2,19 +2,60 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 
-from gateway.auth import AuthError, LocalTokenIssuer, TokenVerifier
+from gateway.auth import AuthError, IdentityProviderUnavailable, LocalTokenIssuer, TokenVerifier
 from gateway.config import Settings
 from gateway.upstream import ApiError, KeyVaultClient, Metadata, SchedulerClient, Upstreams, trace_metadata
 from gpu_core.schemas import ExperimentSpec, SpecLimits
+
+
+class StreamSlots:
+    """Open event streams per user, at most ``per_user`` each: a stream holds the scheduler's
+    WatchJob call and a connection, so one user's thousand streams would starve everyone."""
+
+    def __init__(self, per_user: int) -> None:
+        self.per_user = per_user
+        self._open: dict[str, int] = {}
+
+    def take(self, user: str) -> StreamSlot:
+        count = self._open.get(user, 0)
+        if count >= self.per_user:
+            raise ApiError(
+                429,
+                f"You have {count} progress streams open; the limit is {self.per_user} per user "
+                "(GATEWAY_MAX_STREAMS_PER_USER): close one first",
+            )
+        self._open[user] = count + 1
+        return StreamSlot(self, user)
+
+    def _give_back(self, user: str) -> None:
+        left = self._open[user] - 1
+        if left:
+            self._open[user] = left
+        else:
+            del self._open[user]
+
+
+class StreamSlot:
+    def __init__(self, slots: StreamSlots, user: str) -> None:
+        self._slots = slots
+        self._user = user
+        self._held = True
+
+    def release(self) -> None:
+        """Idempotent: both the stream's end and the response's end call it."""
+        if self._held:
+            self._held = False
+            self._slots._give_back(self._user)
 
 
 @dataclass
@@ -23,6 +64,12 @@ class GatewayState:
     verifier: TokenVerifier
     local_issuer: LocalTokenIssuer | None
     upstreams: Upstreams | None = None
+    # Uploaded files read at once: each may decode up to the read budget, so memory stays bounded.
+    file_reads: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+    streams: StreamSlots = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.streams = StreamSlots(self.settings.gateway_max_streams_per_user)
 
     @property
     def spec_limits(self) -> SpecLimits:
@@ -57,6 +104,8 @@ async def current_user(
         return await state.verifier.subject(request.headers.get("authorization"))
     except AuthError as exc:
         raise ApiError(401, str(exc)) from None
+    except IdentityProviderUnavailable as exc:
+        raise ApiError(503, str(exc)) from None
 
 
 def trace(request: Request) -> Metadata:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
-from gateway.deps import CurrentUser, Scheduler, State, read_spec
+from gateway.deps import CurrentUser, Scheduler, State, StreamSlot, read_spec
 from gateway.events import job_event_stream
 from gateway.responses import ERRORS, error
 from gateway.upstream import ApiError
@@ -155,6 +157,7 @@ async def get_job(job_id: str, user: CurrentUser, scheduler: Scheduler) -> dict[
             "description": "``id: <seq>`` and ``data: <JobEvent>`` per event, then ``event: end``",
         },
         404: error("No such job for this user"),
+        429: error("The user has as many progress streams open as the gateway allows"),
     },
 )
 async def job_events(
@@ -172,14 +175,29 @@ async def job_events(
         if not (text.isascii() and text.isdigit()) or int(text) > MAX_SEQ:
             raise ApiError(422, f"Last-Event-ID must be the seq number of an event (0 to {MAX_SEQ})")
         after_seq = max(after_seq, int(text))
-    await _get_job(scheduler, user, job_id)
+    slot = state.streams.take(user)
+    try:
+        await _get_job(scheduler, user, job_id)
+    except BaseException:
+        slot.release()
+        raise
     stream = job_event_stream(scheduler, user, job_id, after_seq, state.settings.gateway_sse_heartbeat_s)
     return StreamingResponse(
-        stream,
+        _released_at_end(stream, slot),
         media_type="text/event-stream",
         # Proxies (nginx) must not buffer or the browser sees nothing until the end.
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        # A response that never started its body still gives the slot back.
+        background=BackgroundTask(slot.release),
     )
+
+
+async def _released_at_end(stream: AsyncIterator[bytes], slot: StreamSlot) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in stream:
+            yield chunk
+    finally:
+        slot.release()
 
 
 @router.get(

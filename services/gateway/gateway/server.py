@@ -13,6 +13,7 @@ import uvicorn
 from gateway.app import create_app
 from gateway.config import Settings
 from service_runtime.lifecycle import run_service
+from service_runtime.metrics import MetricsServer, start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,12 @@ class GatewayServer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        app = create_app(settings)
+        self.metrics_registry = app.state.metrics_registry
+        self.metrics_server: MetricsServer | None = None
         self.server = _Uvicorn(
             uvicorn.Config(
-                create_app(settings),
+                app,
                 log_config=None,  # keep the process's JSON logging
                 access_log=False,  # RequestMetrics counts requests; no per-request log lines
                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
@@ -56,6 +60,9 @@ class GatewayServer:
         the listen backlog until the app has started."""
         sock = _bound_socket(self.settings.gateway_host, self.settings.gateway_port)
         self.port = sock.getsockname()[1]
+        self.metrics_server = start_metrics_server(
+            self.settings.gateway_host, self.settings.gateway_metrics_port, self.metrics_registry
+        )
         self._task = asyncio.create_task(self.server.serve(sockets=[sock]), name="gateway-http")
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -66,6 +73,9 @@ class GatewayServer:
         self.server.should_exit = True
         if self._task is not None:
             await self._task
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
 
 
 def _bound_socket(host: str, port: int) -> socket.socket:

@@ -52,8 +52,13 @@ class RunpodKeyRequest(BaseModel):
         text = require_text(value.get_secret_value()).strip()
         if not text:
             raise ValueError("is empty; paste your RunPod API key")
-        if len(text) > 512 or any(ch.isspace() for ch in text):
-            raise ValueError("does not look like a RunPod API key (no spaces, at most 512 characters)")
+        # The key travels in an HTTP header to RunPod: printable ASCII only (the fuzzer's
+        # non-ASCII keys failed there, a 502 from the scheduler, instead of being refused here).
+        if len(text) > 512 or not all("!" <= ch <= "~" for ch in text):
+            raise ValueError(
+                "does not look like a RunPod API key (printable ASCII letters, digits and symbols, "
+                "no spaces, at most 512 characters)"
+            )
         return SecretStr(text)
 
 

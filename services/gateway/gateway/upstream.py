@@ -89,8 +89,11 @@ def scheduler_target(address: str) -> str:
 
 def open_upstreams(settings: Settings) -> Upstreams:
     """Open the channels (lazily connecting); call from inside the running event loop."""
+    scheduler_token = settings.scheduler_token
     scheduler_channel = insecure_channel(
-        scheduler_target(settings.scheduler_addr), [("grpc.lb_policy_name", "round_robin")]
+        scheduler_target(settings.scheduler_addr),
+        [("grpc.lb_policy_name", "round_robin")],
+        caller_token=scheduler_token.get_secret_value() if scheduler_token else None,
     )
     keyvault_channel = insecure_channel(settings.keyvault_addr)
     token = settings.keyvault_token

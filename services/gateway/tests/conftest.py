@@ -438,6 +438,7 @@ async def make_gateway(upstream: Upstream) -> AsyncIterator[GatewayFactory]:
         values: dict[str, Any] = {
             "gateway_host": "127.0.0.1",
             "gateway_port": 0,
+            "gateway_metrics_port": 0,
             "scheduler_addr": upstream.scheduler_addr,
             "keyvault_addr": upstream.keyvault_addr,
             "keyvault_token": KEYVAULT_TOKEN,

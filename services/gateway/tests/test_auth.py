@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -12,6 +16,9 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+
+from gateway.config import Settings
+from service_runtime.settings import SettingsError
 
 ISSUER = "https://auth.example.test/auth/v1"
 AUDIENCE = "authenticated"
@@ -142,3 +149,49 @@ async def test_local_sign_in_rejects_a_bad_username(gateway) -> None:
     response = await gateway.client.post("/api/auth/local", json={"username": "no spaces please"})
     assert response.status_code == 422
     assert response.json()["detail"][0]["field"] == "username"
+
+
+async def test_an_unreachable_identity_provider_is_a_503_naming_it(make_gateway) -> None:
+    # A port nothing listens on: the JWKS fetch fails, which is not the caller's fault.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/.well-known/jwks.json"
+    gateway = await make_gateway(auth_mode="jwt", jwt_jwks_url=url, jwt_issuer=ISSUER, jwt_audience=AUDIENCE)
+    private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    signed = token(key=private_key, algorithm="RS256", headers={"kid": "test-key"})
+    response = await gateway.client.get("/api/jobs", headers=bearer(signed))
+    assert response.status_code == 503
+    assert f"identity provider (127.0.0.1:{port})" in response.json()["detail"]
+
+
+def _start_gateway_process(**env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "AUTH_MODE", "JWT_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway"],
+        env={**base, "GATEWAY_PORT": "0", "LOG_LEVEL": "INFO", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_local_sign_in_on_a_public_address_refuses_to_start() -> None:
+    done = _start_gateway_process(GATEWAY_HOST="0.0.0.0", AUTH_MODE="local")
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    record = json.loads(line)
+    assert record["level"].lower() == "error"
+    assert (
+        "AUTH_MODE=local" in record["message"] and "GATEWAY_ALLOW_INSECURE_LOCAL_SIGN_IN" in record["message"]
+    )
+
+
+def test_local_sign_in_on_loopback_or_with_the_insecure_flag_is_allowed() -> None:
+    assert Settings.load(gateway_host="127.0.0.1", auth_mode="local").auth_mode == "local"
+    flagged = Settings.load(
+        gateway_host="0.0.0.0", auth_mode="local", gateway_allow_insecure_local_sign_in=True
+    )
+    assert flagged.gateway_host == "0.0.0.0"
+    with pytest.raises(SettingsError, match="GATEWAY_ALLOW_INSECURE_LOCAL_SIGN_IN"):
+        Settings.load(gateway_host="0.0.0.0", auth_mode="local")

@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
@@ -95,3 +108,90 @@ async def test_the_estimate_carries_the_data_report(gateway) -> None:
     assert hub.status_code == 200
     assert hub.json()["data_report"]["tokens"]["available"] is False
     assert "Token counts are unavailable" in hub.json()["data_report"]["tokens"]["reason"]
+
+
+# ---- hostile files against a gateway process: its memory is what is measured -----------------
+
+
+def _parquet(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd", use_dictionary=True)
+    return buffer.getvalue()
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), in MB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def gateway_process() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``python -m gateway`` on a free loopback port (local sign-in; nothing behind it is called)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "AUTH_MODE", "JWT_"))}
+    env |= {"GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(port), "AUTH_MODE": "local"}
+    process = subprocess.Popen([sys.executable, "-m", "gateway"], env=env, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, "the gateway did not start"
+            time.sleep(0.1)
+        yield process, url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_parquet_bombs_are_refused_quickly_within_bounded_memory(gateway_process) -> None:
+    process, url = gateway_process
+    with httpx.Client(base_url=url, timeout=30) as client:
+        token = client.post("/api/auth/local", json={"username": "mallory"}).json()["access_token"]
+        headers = {"Authorization": f"Bearer {token}"}
+
+        def parse(name: str, data: bytes) -> tuple[httpx.Response, float]:
+            started = time.monotonic()
+            answer = client.post(
+                "/api/data/parse", params={"kind": "train", "filename": name}, content=data, headers=headers
+            )
+            return answer, time.monotonic() - started
+
+        # A good Parquet first: pyarrow's import and pools are not what is measured.
+        good = _parquet(pa.table({"prompt": ["q"] * 100, "completion": ["a"] * 100}))
+        assert parse("good.parquet", good)[0].status_code == 200
+        baseline = _peak_rss_mb(process.pid)
+
+        many_rows = _parquet(pa.table({"prompt": ["q"] * 2_000_000, "completion": ["a"] * 2_000_000}))
+        one_mb = "x" * 1_000_000
+        long_strings = _parquet(pa.table({"prompt": [one_mb] * 50, "completion": [one_mb] * 50}))
+        assert len(many_rows) < 20_000 and len(long_strings) < 2_000
+        for name, data, limit in [
+            ("rows.parquet", many_rows, "has 2,000,000 rows; the limit is 10,000 examples"),
+            ("strings.parquet", long_strings, "decodes to more than 32 MiB; the limit is 32 MiB"),
+        ]:
+            answer, seconds = parse(name, data)
+            assert answer.status_code == 413, answer.text
+            assert answer.json()["detail"] == f"{name} {limit}"
+            assert seconds < 5, f"{name} took {seconds:.1f} s"
+            print(f"{name}: {len(data)} bytes, {answer.status_code} in {seconds:.2f} s")
+        growth = _peak_rss_mb(process.pid) - baseline
+        print(f"gateway peak memory growth: {growth:.0f} MB")
+        assert growth < 100, f"the gateway's peak memory grew by {growth:.0f} MB"
+
+        deep = ("[" * 200_000 + "]" * 200_000).encode()
+        answer, _ = parse("deep.json", deep)
+        assert answer.status_code == 422
+        assert answer.json()["detail"] == [
+            {"field": "file", "message": "the file is nested more than 64 deep; the limit is 64"}
+        ]
+        # Still serving.
+        assert client.get("/healthz").status_code == 200
+        assert parse("good.parquet", good)[0].status_code == 200

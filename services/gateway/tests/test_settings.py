@@ -206,3 +206,17 @@ async def test_one_request_carries_one_trace_to_scheduler_and_keyvault(gateway, 
         # A request without a trace starts one; both services see the same one either way.
         assert stored["traceparent"] == verified == extra.get("traceparent", verified)
         assert stored["x-caller-token"] and "x-caller-token" not in upstream.scheduler.metadata_seen[-1]
+
+
+async def test_a_key_that_cannot_travel_in_a_header_is_a_422_not_a_502(gateway, upstream) -> None:
+    """The fuzz finding: a generated key with a non-ASCII character reached compute-runpod,
+    whose HTTP client could not put it in RunPod's Authorization header (UnicodeEncodeError),
+    and the answer was a 502 from the scheduler. Such keys are refused here, before any call."""
+    headers = await gateway.sign_in("alice")
+    for key in ("rpa_\u00e9t\u00e9", "rpa_\u2028abc", "rpa_a\x00b", "rpa_\x7fabc", "rpa_\u00a0abc"):
+        answer = await gateway.client.post("/api/settings/runpod-key", json={"api_key": key}, headers=headers)
+        assert answer.status_code == 422, (repr(key), answer.text)
+        (problem,) = answer.json()["detail"]
+        assert problem["field"] == "api_key" and "printable ASCII" in problem["message"]
+        assert key not in answer.text
+    assert upstream.scheduler.verify_requests == []

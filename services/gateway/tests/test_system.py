@@ -55,7 +55,11 @@ async def test_metrics_count_requests_by_route_template(gateway, upstream) -> No
     job_id = upstream.scheduler.add_job("local:alice")
     await gateway.client.get(f"/api/jobs/{job_id}", headers=headers)
     await gateway.client.get("/api/jobs/someone-elses", headers=headers)
-    text = (await gateway.client.get("/metrics")).text
+    # /metrics is on the internal metrics port only, not on the public app.
+    assert (await gateway.client.get("/metrics")).status_code == 404
+    metrics_port = gateway.running.metrics_server.port
+    async with httpx.AsyncClient() as internal:
+        text = (await internal.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
     assert 'http_requests_total{method="GET",route="/api/jobs/{job_id}",status="200"} 1.0' in text
     assert 'http_requests_total{method="GET",route="/api/jobs/{job_id}",status="404"} 1.0' in text
     assert 'http_request_duration_seconds_count{method="GET",route="/api/jobs/{job_id}"} 2.0' in text

@@ -14,8 +14,8 @@ from typing import Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from keyvault.auth import CallerTokens, parse_caller_tokens
 from keyvault.crypto import MASTER_KEY_BYTES, Keyring, MasterKey
+from service_runtime.callers import CallerTokens, parse_caller_tokens
 from service_runtime.settings import ServiceSettings, SettingsError
 
 SECRET_HINT = "32 random bytes, base64 (e.g. `openssl rand -base64 32`)"

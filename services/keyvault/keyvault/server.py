@@ -21,11 +21,12 @@ import grpc
 
 from influence.v1 import keyvault_pb2, keyvault_pb2_grpc
 from keyvault import metrics
-from keyvault.auth import CALLER_TOKEN_METADATA, CallerTokens, may_reveal
+from keyvault.auth import may_reveal
 from keyvault.config import Settings
 from keyvault.crypto import UnknownKeyVersion
 from keyvault.store import CredentialInfo, CredentialStore, DatabaseUnavailable, open_database
 from keyvault.vault import InvalidKeyRequest, KeyNotFound, KeyUnreadable, KeyVault
+from service_runtime.callers import CALLER_TOKEN_METADATA, CallerTokens
 from service_runtime.grpc_server import GrpcService, create_grpc_server
 from service_runtime.jobs import timestamp
 from service_runtime.lifecycle import Readiness, run_service

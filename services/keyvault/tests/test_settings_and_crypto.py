@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from keyvault.auth import parse_caller_tokens
 from keyvault.config import Settings
 from keyvault.crypto import Keyring, MasterKey, UndecryptableKey, UnknownKeyVersion
+from service_runtime.callers import parse_caller_tokens
 from service_runtime.settings import SettingsError
 
 GOOD_ENV = {

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 
+from service_runtime.callers import checked_caller_tokens
 from service_runtime.settings import ServiceSettings, host_port
 
 ProviderName = Literal["local", "modal", "runpod"]
@@ -20,6 +21,12 @@ class Settings(ServiceSettings):
     scheduler_host: str = "127.0.0.1"
     scheduler_port: int = Field(default=50051, ge=0, le=65535)
     scheduler_metrics_port: int = Field(default=9091, ge=-1, le=65535)
+    # Who may call the scheduler (name=token,...: the gateway's SCHEDULER_TOKEN); unset: anyone.
+    scheduler_caller_tokens: SecretStr | None = None
+    # Sent to the compute services (their COMPUTE_CALLER_TOKENS lists it as "scheduler").
+    compute_token: SecretStr | None = None
+
+    _check_callers = field_validator("scheduler_caller_tokens")(checked_caller_tokens)
     database_url: SecretStr
     hosted_provider: ProviderName = "local"
     compute_local_addr: str = "127.0.0.1:50053"
@@ -42,6 +49,10 @@ class Settings(ServiceSettings):
     # Longest wait between retries while a provider or the database is unreachable.
     scheduler_retry_max_s: float = Field(default=30.0, gt=0, le=600)
     scheduler_db_check_interval_s: float = Field(default=5.0, gt=0, le=300)
+    # WatchJob streams one user may hold open on one replica (the gateways' streams together).
+    scheduler_max_watches_per_user: int = Field(default=100, ge=1)
+    # The job gauges count every job row: refreshed by the health check at most this often.
+    scheduler_job_gauges_interval_s: float = Field(default=60.0, ge=0)
     scheduler_provider_timeout_s: float = Field(default=60.0, gt=0, le=600)
     scheduler_shutdown_grace_s: float = Field(default=10.0, ge=0, le=300)
     # How long a provider may keep failing to hand over a ready result before the job fails.

@@ -242,7 +242,8 @@ class Providers:
             raise ProviderNotConfigured(
                 f"the {provider} compute provider is not configured on this deployment ({variable} is empty)"
             )
-        channel = insecure_channel(address)
+        token = self._settings.compute_token
+        channel = insecure_channel(address, caller_token=token.get_secret_value() if token else None)
         self._channels.append(channel)
         client = ProviderClient(provider, channel, self._settings.scheduler_provider_timeout_s)
         self._clients[provider] = client

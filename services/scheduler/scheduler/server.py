@@ -12,6 +12,8 @@ import asyncio
 import functools
 import json
 import logging
+import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
@@ -44,6 +46,7 @@ from scheduler.metrics import record_job_counts
 from scheduler.notify import EventHub
 from scheduler.providers import ProviderError, ProviderNotConfigured, Providers
 from scheduler.store import JobRow, Store, StoredEvent
+from service_runtime.callers import caller_tokens_of
 from service_runtime.grpc_server import GrpcService, create_grpc_server
 from service_runtime.jobs import event_message, is_terminal_event, job_state, timestamp
 from service_runtime.lifecycle import Readiness, run_service
@@ -183,6 +186,8 @@ def _artifact_proto(entry: dict[str, Any]) -> common_pb2.Artifact:
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, app: SchedulerServer) -> None:
         self._app = app
+        # Open WatchJob streams per user: each holds a listener subscription and reads per wake-up.
+        self._watches: dict[str, int] = {}
 
     @_rpc
     async def SubmitJob(self, request: scheduler_pb2.SubmitJobRequest, context: Any) -> scheduler_pb2.Job:
@@ -217,6 +222,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     ) -> AsyncIterator[common_pb2.ProgressEvent]:
         if not request.user_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "user_id is required")
+        limit = self._app.settings.scheduler_max_watches_per_user
+        open_now = self._watches.get(request.user_id, 0)
+        if open_now >= limit:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"You have {open_now} progress streams open; the limit is {limit} per user "
+                "(SCHEDULER_MAX_WATCHES_PER_USER)",
+            )
+        self._watches[request.user_id] = open_now + 1
         try:
             _, store = self._app.require()
             job = await store.get_job(request.job_id, request.user_id)
@@ -228,8 +242,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             try:
                 after_seq = request.after_seq
                 while True:
+                    # Read before clearing: a read another watcher began since then answers us too.
+                    seen = hub.wakeups(job.id)
                     waiter.clear()
-                    events = await store.events_after(job.id, after_seq)
+                    events = await hub.shared(
+                        job.id,
+                        ("events", after_seq),
+                        seen,
+                        functools.partial(store.events_after, job.id, after_seq),
+                    )
                     for stored in events:
                         yield event_to_proto(stored)
                         after_seq = stored.seq
@@ -237,7 +258,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                             return
                     if events:
                         continue
-                    current = await store.get_job(job.id)
+                    current = await hub.shared(job.id, "job", seen, functools.partial(store.get_job, job.id))
                     if current is None or (current.terminal and after_seq >= current.last_seq):
                         return
                     await waiter.wait()
@@ -245,6 +266,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 hub.unsubscribe(job.id, waiter)
         except (JobNotFound, NotReady, *_DB_ERRORS) as exc:
             await _abort_for(context, exc)
+        finally:
+            left = self._watches[request.user_id] - 1
+            if left:
+                self._watches[request.user_id] = left
+            else:
+                del self._watches[request.user_id]
 
     # Same shape as GetJobSpec and the other owned-job reads: each RPC reads through its own
     # store call and builds its own response message; a shared wrapper would hide the
@@ -445,13 +472,17 @@ class SchedulerServer:
         self.db_application_name = f"scheduler:{settings.scheduler_replica_id}"[:63]
         self.hub = EventHub(self._dsn, settings.scheduler_retry_max_s, self.db_application_name)
         self.grpc: GrpcService = create_grpc_server(
-            f"{settings.scheduler_host}:{settings.scheduler_port}", self._register, "scheduler"
+            f"{settings.scheduler_host}:{settings.scheduler_port}",
+            self._register,
+            "scheduler",
+            caller_tokens_of(settings.scheduler_caller_tokens),
         )
         self.readiness = Readiness("scheduler", self._dependencies_up, settings.scheduler_db_check_interval_s)
         self.readiness.attach(self.grpc)
         self.ready = asyncio.Event()
         self.metrics_server: MetricsServer | None = None
         self._pool: asyncpg.Pool | None = None
+        self._jobs_counted_at = -math.inf
         self._store: Store | None = None
         self._jobs: JobManager | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -544,7 +575,10 @@ class SchedulerServer:
             # connection busy for that long) is NOT_SERVING, like a database that is down.
             async with self._store.connection() as conn:
                 await conn.fetchval("SELECT 1", timeout=timeout)
-            record_job_counts(await self._store.count_by_status())
+            # Counting every job row is not cheap on a big table: the gauges need not follow each check.
+            if time.monotonic() - self._jobs_counted_at >= self.settings.scheduler_job_gauges_interval_s:
+                record_job_counts(await self._store.count_by_status())
+                self._jobs_counted_at = time.monotonic()
             return self.hub.check()
         except _DB_ERRORS as exc:
             log.warning("database health check failed", extra={"error": str(exc)})

@@ -271,6 +271,7 @@ def scheduler_settings(database_url: str, provider_address: str, **overrides: An
         "scheduler_poll_max_interval_s": 0.2,
         "scheduler_retry_max_s": 0.2,
         "scheduler_db_check_interval_s": 0.1,
+        "scheduler_job_gauges_interval_s": 0,
         "scheduler_provider_timeout_s": 5.0,
         "scheduler_shutdown_grace_s": 0.5,
         "scheduler_lease_s": 1.0,
