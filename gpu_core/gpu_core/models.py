@@ -17,6 +17,7 @@ import torch
 
 from gpu_core.schemas import TINY_MODEL_ID, Quantization
 from gpu_core.tiny import tiny_model_dir
+from gpu_core.tiny_chat import TINY_CHAT_MODEL_ID, tiny_chat_model_dir
 
 DEVICE_ENV = "GPU_CORE_DEVICE"
 
@@ -61,6 +62,8 @@ def resolve_source(model_id: str) -> tuple[str, bool]:
     """(path or hub id, whether it is a local directory)."""
     if model_id == TINY_MODEL_ID:
         return str(tiny_model_dir()), True
+    if model_id == TINY_CHAT_MODEL_ID:
+        return str(tiny_chat_model_dir()), True
     path = Path(model_id).expanduser()
     if path.is_dir():
         return str(path), True

@@ -6,16 +6,16 @@ import { announce, el } from "./ui.js";
 export function labelsSection(job, onSaved) {
   const name = el("input", { type: "text", id: "label-name", value: job.name || "", maxlength: 200 });
   const tags = el("input", { type: "text", id: "label-tags", value: job.tags.join(", "), placeholder: "lr-sweep, baseline" });
-  const note = el("textarea", { id: "label-note", maxlength: 4000 }, job.note || "");
+  const note = el("input", { type: "text", id: "label-note", value: job.note || "", maxlength: 4000 });
   const problems = el("ul", { class: "errors", id: "label-errors" });
   const form = el("form", { class: "card labels", id: "labels-form", "aria-labelledby": "labels-heading" },
-    el("h2", { id: "labels-heading" }, "Name, tags and note"),
-    el("div", { class: "grid" },
+    el("h2", { id: "labels-heading", class: "visually-hidden" }, "Name, tags and note"),
+    el("div", { class: "filters" },
       el("div", { class: "field" }, el("label", { for: "label-name" }, "Name"), name),
-      el("div", { class: "field" }, el("label", { for: "label-tags" }, "Tags (comma-separated)"), tags)),
-    el("div", { class: "field" }, el("label", { for: "label-note" }, "Note"), note),
-    problems,
-    el("button", { type: "submit", id: "save-labels" }, "Save"));
+      el("div", { class: "field" }, el("label", { for: "label-tags" }, "Tags (comma-separated)"), tags),
+      el("div", { class: "field note" }, el("label", { for: "label-note" }, "Note"), note),
+      el("div", { class: "field" }, el("span", {}, "\u00a0"), el("button", { type: "submit", id: "save-labels" }, "Save"))),
+    problems);
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     problems.replaceChildren();

@@ -274,7 +274,7 @@ async function artifactsTable(jobId, result) {
   const sorted = [...artifacts].sort((a, b) => rank(a.name) - rank(b.name) || a.name.localeCompare(b.name));
   const grouped = sorted.filter((artifact) => artifact.name.startsWith(GROUPED_PREFIX));
   const row = (artifact) => {
-    const button = el("button", { type: "button", "data-artifact": artifact.name }, `Download ${artifact.name}`);
+    const button = el("button", { type: "button", "data-artifact": artifact.name, "aria-label": `Download ${artifact.name}` }, "Download");
     button.addEventListener("click", () => downloadArtifact(button, jobId, artifact));
     return el("tr", {},
       el("td", {}, el("code", {}, artifact.name)),
