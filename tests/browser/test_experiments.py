@@ -92,7 +92,7 @@ def test_sample_results_page_is_short_and_labels_are_editable(
         page.get_by_role("button", name="Download all (zip)").click()
     assert downloading.value.suggested_filename == f"checkpoints-{job_id[:8]}.zip"
 
-    page.get_by_label("Note").fill("the shipped learning rate")
+    page.get_by_label("Note", exact=True).fill("the shipped learning rate")
     page.get_by_label("Tags (comma-separated)").fill("lr-sweep, sample, shipped")
     page.get_by_role("button", name="Save").click()
     page.locator("#status", has_text="Saved").wait_for()
