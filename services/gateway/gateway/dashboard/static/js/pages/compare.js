@@ -9,7 +9,7 @@ const EVALUATIONS = [["base", "Base"], ["few_shot", "Few-shot"], ["finetuned", "
 
 function figure(value) {
   if (value === null || value === undefined) return "—";
-  if (typeof value === "number") return Number.isInteger(value) ? String(value) : value.toPrecision(4);
+  if (typeof value === "number") return Number.isInteger(value) ? String(value) : String(Number(value.toPrecision(4)));
   if (typeof value === "object") return JSON.stringify(value);
   return String(value);
 }
