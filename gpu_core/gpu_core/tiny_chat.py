@@ -4,10 +4,11 @@ of a fixed list of standard-library modules), so that before fine-tuning it answ
 words rather than the random model's repeated characters.
 
 Pretraining is deterministic (seeded, one thread, fixed order) and takes about a minute on one
-CPU core (66 s measured on a 2-core machine busy with other work); the result is saved with ``save_pretrained`` next to the tiny model's cache and
-loaded through the same ``from_pretrained`` code as any model. The text differs slightly between
-Python versions, so two machines on different Pythons may build slightly different weights; the
-corpus digest is saved in the model's config (``pretraining_corpus_sha256``).
+CPU core (66 s measured on a 2-core machine busy with other work); the result is saved with
+``save_pretrained`` next to the tiny model's cache and loaded through the same
+``from_pretrained`` code as any model. The text differs slightly between Python versions, so two
+machines on different Pythons may build slightly different weights; the corpus digest is saved
+in the model's config (``pretraining_corpus_sha256``).
 """
 
 from __future__ import annotations
