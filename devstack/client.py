@@ -74,6 +74,17 @@ def summarise_result(result: dict[str, Any]) -> str:
     for name in ("base", "few_shot", "finetuned"):
         metrics = result["eval_results"][name]["metrics"]
         lines.append(f"  {name:<17} {metrics['exact_match_rate']:>10.2f}   {metrics['mean_loss']:>9.3f}")
+    lines.append("\nanswers (base | few-shot | fine-tuned; * exact match)")
+    by_run = {
+        name: {example["id"]: example for example in result["eval_results"][name]["examples"]}
+        for name in ("base", "few_shot", "finetuned")
+    }
+    for eval_id in by_run["finetuned"]:
+        answers = [by_run[name].get(eval_id) for name in ("base", "few_shot", "finetuned")]
+        cells = [
+            f"{(a['output'] if a else '-')!r:<18}{'*' if a and a['exact_match'] else ' '}" for a in answers
+        ]
+        lines.append(f"  {eval_id:<12} " + " | ".join(cells))
     influence = result["influence"]
     lines.append(
         f"\ninfluence ({influence['method']}): {len(influence['eval_ids'])} eval x "

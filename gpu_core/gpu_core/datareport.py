@@ -22,6 +22,7 @@ from typing import Any
 
 from gpu_core.data import IGNORE_INDEX, Encoder, TemplateError, resolve_template
 from gpu_core.schemas import TINY_MODEL_ID, ExperimentSpec
+from gpu_core.tiny_chat import TINY_CHAT_MODEL_ID
 
 MAX_NAMED = 50  # ids listed per finding; the counts are always complete
 _LENGTHS_KEPT = 8
@@ -34,8 +35,9 @@ class TokenizerUnavailable(Exception):
 
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(model_id: str) -> Any:
-    """The built-in tiny tokenizer, or a hub model's tokenizer from the local cache only."""
-    if model_id == TINY_MODEL_ID:
+    """The built-in tiny tokenizer (both built-in models share it), or a hub model's tokenizer
+    from the local cache only."""
+    if model_id in (TINY_MODEL_ID, TINY_CHAT_MODEL_ID):
         from gpu_core.tiny import build_tokenizer
 
         return build_tokenizer()

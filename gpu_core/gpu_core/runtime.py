@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from gpu_core.schemas import TINY_MODEL_ID, Hyperparams, Quantization
 from gpu_core.tiny import tiny_model_dir
+from gpu_core.tiny_chat import TINY_CHAT_MODEL_ID, tiny_chat_model_dir
 
 DEVICE_ENV = "GPU_CORE_DEVICE"
 ATTENTION_ENV = "GPU_CORE_ATTENTION"
@@ -158,6 +159,8 @@ def resolve_source(model_id: str) -> tuple[str, bool]:
     """(path or hub id, whether it is a local directory)."""
     if model_id == TINY_MODEL_ID:
         return str(tiny_model_dir()), True
+    if model_id == TINY_CHAT_MODEL_ID:
+        return str(tiny_chat_model_dir()), True
     path = Path(model_id).expanduser()
     if path.is_dir():
         return str(path), True

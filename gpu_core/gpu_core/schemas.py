@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    StringConstraints,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -249,7 +250,38 @@ class InfluenceOptions(_Strict):
     projection_seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
 
+MAX_TAGS = 16
+# A tag is one word a list can be filtered by: no spaces or commas (the CLI and the list's
+# ?tag= take one tag; a comma separates tags where several are typed at once).
+ExperimentName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+ExperimentTag = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=40, pattern=r"^[^\s,]+$")
+]
+ExperimentNote = Annotated[str, StringConstraints(max_length=4000)]
+
+
+def _distinct_tags(tags: list[str] | None) -> list[str] | None:
+    """The tags in their order, each once."""
+    return list(dict.fromkeys(tags)) if tags is not None else None
+
+
+class ExperimentLabels(_Strict):
+    """What a researcher calls an experiment: labels only, no effect on the run. Given at submit
+    (the spec's ``name``, ``tags``, ``note``) and changed later with ``PATCH /api/jobs/{id}``,
+    where a field left out keeps its value."""
+
+    name: ExperimentName | None = None
+    tags: list[ExperimentTag] | None = Field(default=None, max_length=MAX_TAGS)
+    note: ExperimentNote | None = None
+
+    _tags_once = field_validator("tags")(_distinct_tags)
+
+
 class ExperimentSpec(_Strict):
+    # Labels (see ExperimentLabels): the pipeline ignores them.
+    name: ExperimentName | None = None
+    tags: list[ExperimentTag] = Field(default_factory=list, max_length=MAX_TAGS)
+    note: ExperimentNote | None = None
     model_id: str = Field(default=TINY_MODEL_ID, min_length=1, max_length=256)
     training_data: list[TrainingExample]
     eval_data: list[EvalExample]
@@ -259,6 +291,8 @@ class ExperimentSpec(_Strict):
     influence: InfluenceOptions = Field(default_factory=InfluenceOptions)
     template: Template = "auto"
     data_format: DataFormats = Field(default_factory=DataFormats)
+
+    _tags_once = field_validator("tags")(_distinct_tags)
 
     @field_validator("training_data")
     @classmethod
@@ -326,13 +360,23 @@ def parse_spec(raw: str | bytes | dict[str, Any], limits: SpecLimits = DEFAULT_L
             return ExperimentSpec.model_validate_json(raw, context={"limits": limits})
         return ExperimentSpec.model_validate(raw, context={"limits": limits})
     except ValidationError as exc:
-        raise SpecError(
-            [
-                f"{'.'.join(str(part) for part in error['loc']) or 'spec'}: "
-                + str(error["msg"]).removeprefix("Value error, ")
-                for error in exc.errors()
-            ]
-        ) from None
+        raise SpecError(_problems(exc)) from None
+
+
+def parse_labels(raw: dict[str, Any]) -> ExperimentLabels:
+    """Validate changed labels (only the keys given); raises :class:`SpecError`."""
+    try:
+        return ExperimentLabels.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(_problems(exc)) from None
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    return [
+        f"{'.'.join(str(part) for part in error['loc']) or 'spec'}: "
+        + str(error["msg"]).removeprefix("Value error, ")
+        for error in exc.errors()
+    ]
 
 
 # ---- events -------------------------------------------------------------------------------

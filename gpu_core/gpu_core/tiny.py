@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 TINY_MODEL_ID = "local/tiny-llama"
 # Bump when the architecture, initialisation or tokenizer changes, so old caches are not reused.
@@ -91,12 +92,11 @@ def build_tokenizer():
     return tokenizer
 
 
-def _build(directory: Path) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_config(tokenizer: Any) -> Any:
+    """The tiny Llama's ``LlamaConfig`` (``local/tiny-chat`` shares it)."""
+    from transformers import LlamaConfig
 
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -109,6 +109,14 @@ def _build(directory: Path) -> None:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+
+
+def _build(directory: Path) -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = tiny_config(tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1234)
         model = LlamaForCausalLM(config)

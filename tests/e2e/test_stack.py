@@ -27,6 +27,7 @@ SAMPLE = json.loads((REPO_ROOT / "examples" / "sample.json").read_text())
 
 def small_spec(n_train: int = 12, n_eval: int = 4, epochs: int = 1) -> dict:
     spec = copy.deepcopy(SAMPLE)
+    spec["model_id"] = "local/tiny-llama"  # the figures below are calibrated on it
     spec["training_data"] = spec["training_data"][:n_train]
     spec["eval_data"] = spec["eval_data"][:n_eval]
     spec["hyperparams"].update(epochs=epochs, max_seq_len=48, max_new_tokens=4)

@@ -218,15 +218,84 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _outcome(job: models.Job) -> str:
+    """Fine-tuned exact match and loss against the base model's, once the experiment is done."""
+    base, tuned = job.outcome.get("base"), job.outcome.get("finetuned")
+    if not (base and tuned):
+        return "-"
+    return (
+        f"EM {tuned['exact_match_rate'] * 100:.0f}% (base {base['exact_match_rate'] * 100:.0f}%) "
+        f"loss {tuned['mean_loss']:.3f} (base {base['mean_loss']:.3f})"
+    )
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        jobs = client.jobs(limit=args.limit)
+        jobs = client.jobs(
+            limit=args.limit, tag=args.tag, model=args.model, method=args.method, status=args.status
+        )
     if not jobs:
-        print("no jobs yet: influence submit SPEC")
+        filtered = any((args.tag, args.model, args.method, args.status))
+        print("no job matches" if filtered else "no jobs yet: influence submit SPEC")
     for job in jobs:
+        took = _duration(job.run_time_s) if job.run_time_s is not None else "-"
+        tags = ",".join(job.tags) or "-"
         print(
-            f"{job.job_id:<28} {job.status:<10} {job.progress * 100:4.0f}%  {job.model_id:<24} "
-            f"{job.influence_method:<12} {job.created_at or ''}"
+            f"{job.job_id:<36} {(job.name or '-')[:24]:<24} {tags[:20]:<20} {job.status:<10} "
+            f"{job.model_id:<18} {job.influence_method:<11} {took:>8}  {_outcome(job)}"
+        )
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    labels: dict[str, Any] = {}
+    if args.name is not None:
+        labels["name"] = args.name or None
+    if args.tags is not None:
+        labels["tags"] = [tag for tag in args.tags.split(",") if tag]
+    if args.note is not None:
+        labels["note"] = args.note or None
+    if not labels:
+        raise ValueError("give --name, --tags or --note")
+    with _client(args) as client:
+        job = client.update_labels(args.job, **labels)
+    print(f"{job.job_id}  {job.name or '-'}  tags: {','.join(job.tags) or '-'}")
+    return 0
+
+
+def _figure(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        comparison = client.compare(*args.jobs)
+    if args.json:
+        _print_json(comparison)
+        return 0
+    names = [run.name or run.job_id[:8] for run in comparison.runs]
+    width = max(12, *(len(name) for name in names))
+    header = "".join(f"{name[:width]:>{width + 2}}" for name in names)
+    print(f"{'config (only what differs)':<34}{header}")
+    if not comparison.config_diff:
+        print("  (the specs are the same)")
+    for field, values in comparison.config_diff.items():
+        print(f"  {field[:32]:<32}" + "".join(f"{_figure(v)[:width]:>{width + 2}}" for v in values))
+    print(f"{'metrics':<34}{header}")
+    for evaluation, per_run in comparison.metrics.items():
+        for metric in ("exact_match_rate", "mean_loss"):
+            cells = [_figure(m[metric]) if m else "-" for m in per_run]
+            print(f"  {evaluation + ' ' + metric:<32}" + "".join(f"{c:>{width + 2}}" for c in cells))
+    agreement = comparison.influence_agreement
+    if not agreement["available"]:
+        print(f"influence agreement: not available ({agreement['reason']})")
+    for pair in agreement["pairs"]:
+        a, b = (names[comparison.ids.index(run)] for run in pair["runs"])
+        print(
+            f"influence agreement {a} vs {b}: top-k overlap {_figure(pair['mean_top_k_overlap'])}, "
+            f"net influence Spearman {_figure(pair['net_influence_spearman'])}"
         )
     return 0
 
@@ -333,9 +402,25 @@ def parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true")
     ask.set_defaults(run=cmd_ask)
 
-    jobs = commands.add_parser("jobs", help="your jobs, newest first")
+    jobs = commands.add_parser("jobs", help="your experiments, newest first, with name, tags and outcome")
     jobs.add_argument("--limit", type=int, default=20)
+    jobs.add_argument("--tag", help="only experiments with this tag")
+    jobs.add_argument("--model", help="only experiments of this model_id")
+    jobs.add_argument("--method", help="only this influence method")
+    jobs.add_argument("--status", help="only jobs in this status (queued ... cancelled)")
     jobs.set_defaults(run=cmd_jobs)
+
+    label = commands.add_parser("label", help="rename, retag or annotate an experiment")
+    label.add_argument("job")
+    label.add_argument("--name", help="the new name ('' clears it)")
+    label.add_argument("--tags", help="comma-separated tags, replacing the current ones ('' clears them)")
+    label.add_argument("--note", help="the new note ('' clears it)")
+    label.set_defaults(run=cmd_label)
+
+    compare = commands.add_parser("compare", help="2 to 4 experiments side by side: config diff and metrics")
+    compare.add_argument("jobs", nargs="+", metavar="JOB")
+    compare.add_argument("--json", action="store_true", help="the whole comparison as JSON")
+    compare.set_defaults(run=cmd_compare)
     return root
 
 

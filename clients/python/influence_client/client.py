@@ -162,13 +162,22 @@ class _Calls:
         return _Call("POST", "/api/estimate", _model(models.EstimateAnswer), json=spec)
 
     @staticmethod
-    def jobs(limit: int) -> _Call[list[models.Job]]:
+    def jobs(limit: int, filters: dict[str, str | None]) -> _Call[list[models.Job]]:
+        given = {name: value for name, value in filters.items() if value}
         return _Call(
             "GET",
             "/api/jobs",
             lambda r: models.JobList.model_validate(r.json()).jobs,
-            params={"limit": limit},
+            params={"limit": limit, **given},
         )
+
+    @staticmethod
+    def update_labels(job_id: str, labels: dict[str, Any]) -> _Call[models.Job]:
+        return _Call("PATCH", _job_path(job_id), _model(models.Job), json=labels)
+
+    @staticmethod
+    def compare(job_ids: list[str]) -> _Call[models.Comparison]:
+        return _Call("GET", "/api/compare", _model(models.Comparison), params={"ids": ",".join(job_ids)})
 
     @staticmethod
     def job(job_id: str) -> _Call[models.Job]:
@@ -413,8 +422,25 @@ class Client(_Base):
     def estimate(self, spec: dict[str, Any] | str | os.PathLike[str]) -> models.EstimateAnswer:
         return self._run(_Calls.estimate(load_spec(spec)))
 
-    def jobs(self, limit: int = 50) -> list[models.Job]:
-        return self._run(_Calls.jobs(limit))
+    def jobs(
+        self,
+        limit: int = 50,
+        tag: str | None = None,
+        model: str | None = None,
+        method: str | None = None,
+        status: str | None = None,
+    ) -> list[models.Job]:
+        """Experiments, newest first; each filter given narrows the list."""
+        filters = {"tag": tag, "model": model, "method": method, "status": status}
+        return self._run(_Calls.jobs(limit, filters))
+
+    def update_labels(self, job_id: str, **labels: Any) -> models.Job:
+        """Change an experiment's ``name``, ``tags`` or ``note`` (None clears one)."""
+        return self._run(_Calls.update_labels(job_id, labels))
+
+    def compare(self, *job_ids: str) -> models.Comparison:
+        """2 to 4 experiments side by side (config diff, metrics, loss curves, answers, agreement)."""
+        return self._run(_Calls.compare(list(job_ids)))
 
     def job(self, job_id: str) -> models.Job:
         return self._run(_Calls.job(job_id))
@@ -602,8 +628,22 @@ class AsyncClient(_Base):
     async def estimate(self, spec: dict[str, Any] | str | os.PathLike[str]) -> models.EstimateAnswer:
         return await self._run(_Calls.estimate(load_spec(spec)))
 
-    async def jobs(self, limit: int = 50) -> list[models.Job]:
-        return await self._run(_Calls.jobs(limit))
+    async def jobs(
+        self,
+        limit: int = 50,
+        tag: str | None = None,
+        model: str | None = None,
+        method: str | None = None,
+        status: str | None = None,
+    ) -> list[models.Job]:
+        filters = {"tag": tag, "model": model, "method": method, "status": status}
+        return await self._run(_Calls.jobs(limit, filters))
+
+    async def update_labels(self, job_id: str, **labels: Any) -> models.Job:
+        return await self._run(_Calls.update_labels(job_id, labels))
+
+    async def compare(self, *job_ids: str) -> models.Comparison:
+        return await self._run(_Calls.compare(list(job_ids)))
 
     async def job(self, job_id: str) -> models.Job:
         return await self._run(_Calls.job(job_id))

@@ -81,6 +81,39 @@ class Job(ApiModel):
     created_at: str | None = Field(description="ISO 8601, UTC")
     updated_at: str | None = Field(description="ISO 8601, UTC")
     finished_at: str | None = Field(description="ISO 8601, UTC")
+    name: str | None = Field(default=None, description="The experiment's name (spec.name)")
+    tags: list[str] = Field(default_factory=list, description="The experiment's tags (spec.tags)")
+    note: str | None = Field(default=None, description="The experiment's note (spec.note)")
+    started_at: str | None = Field(default=None, description="When it started running; ISO 8601, UTC")
+    run_time_s: float | None = Field(default=None, description="Seconds from running to finished")
+    outcome: dict[str, Any] = Field(
+        default_factory=dict,
+        description="A completed experiment's evaluations: {base, few_shot, finetuned}, each "
+        "{exact_match_rate, mean_loss, n}; empty before",
+    )
+
+
+class Comparison(ApiModel):
+    """``GET /api/compare``: 2 to 4 experiments, every list in the order of ``ids``."""
+
+    ids: list[str]
+    runs: list[Job]
+    config_diff: dict[str, list[Any]] = Field(
+        description="Each spec field (dotted path) whose value differs, with its value per run; "
+        "a data list shows as its size and a digest"
+    )
+    metrics: dict[str, list[dict[str, Any] | None]] = Field(
+        description="base, few_shot, finetuned: {exact_match_rate, mean_loss, n} per run (null: no result)"
+    )
+    loss_curves: list[list[dict[str, Any]]] = Field(description="{step, loss} points per run")
+    examples: list[dict[str, Any]] = Field(
+        description="Per eval example: id, prompt, expected and answers (per run: base, few_shot, "
+        "finetuned, each {output, exact_match, loss}; null where the run has no result)"
+    )
+    influence_agreement: dict[str, Any] = Field(
+        description="available, reason, and per pair of runs: top_k_overlap per eval example, "
+        "mean_top_k_overlap and net_influence_spearman"
+    )
 
 
 class SubmittedJob(ApiModel):

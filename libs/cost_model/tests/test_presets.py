@@ -21,6 +21,9 @@ def test_tiny_model_presets_are_the_sample_experiments_hyperparameters() -> None
     preset = lookup_model("local/tiny-llama").preset_hyperparams()
     assert preset.model_dump() == Hyperparams.model_validate(sample).model_dump()
     assert preset.epochs == 100 and preset.learning_rate == 0.004
+    # The sample runs on the pretrained tiny model, whose presets are the same.
+    assert json.loads(SAMPLE.read_text())["model_id"] == "local/tiny-chat"
+    assert lookup_model("local/tiny-chat").preset_hyperparams() == preset
 
 
 def test_every_catalog_model_has_full_presets_in_its_default_quantization() -> None:

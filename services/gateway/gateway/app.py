@@ -22,6 +22,7 @@ from gateway import (
     config_api,
     counterfactual_api,
     data_api,
+    experiments_api,
     jobs_api,
     models_api,
     queries_api,
@@ -109,6 +110,7 @@ def create_app(
     if state.local_issuer is not None:  # AUTH_MODE=local
         _install_local_sign_in(app, state.local_issuer, settings.gateway_local_token_ttl_s)
     app.include_router(jobs_api.router)
+    app.include_router(experiments_api.router)
     app.include_router(settings_api.router)
     app.include_router(models_api.router)
     app.include_router(data_api.router)

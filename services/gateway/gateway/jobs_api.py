@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
@@ -17,7 +17,7 @@ from gateway.responses import ERRORS, error
 from gateway.upstream import ApiError
 from gateway.views import estimate_view, job_view, submitted_view
 from gpu_core.datareport import data_report
-from gpu_core.schemas import ExperimentResult, ExperimentSpec, parse_spec
+from gpu_core.schemas import ExperimentResult, ExperimentSpec, InfluenceMethod, parse_spec
 from influence.v1 import scheduler_pb2
 from influence_client.models import ArtifactList, EstimateAnswer, Job, JobDeleted, JobList, SubmittedJob
 from service_runtime.jobs import TERMINAL_STATES, state_name
@@ -36,6 +36,7 @@ ARTIFACT_NOT_FOUND = "Job or artifact not found"
 MAX_SEQ = 2**63 - 1
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+JobStatus = Literal["queued", "submitted", "running", "completed", "failed", "cancelled"]
 
 
 def _spec_body(ref_template: str = "#/components/schemas/{model}") -> dict[str, Any]:
@@ -127,8 +128,16 @@ async def list_jobs(
     user: CurrentUser,
     scheduler: Scheduler,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    tag: Annotated[str, Query(max_length=40, description="Only experiments with this tag")] = "",
+    model: Annotated[str, Query(max_length=256, description="Only experiments of this model_id")] = "",
+    method: Annotated[InfluenceMethod | None, Query(description="Only this influence method")] = None,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this status")] = None,
 ) -> dict[str, Any]:
-    answer = await scheduler.list_jobs(scheduler_pb2.ListJobsRequest(user_id=user, limit=limit))
+    """Experiments with their name, tags, outcome and run time; the filters combine."""
+    request = scheduler_pb2.ListJobsRequest(
+        user_id=user, limit=limit, tag=tag, model_id=model, influence_method=method or "", status=status or ""
+    )
+    answer = await scheduler.list_jobs(request)
     return {"jobs": [job_view(job) for job in answer.jobs]}
 
 

@@ -267,6 +267,11 @@ class SchedulerClient:
         )
         return list(answer.jobs)
 
+    async def update_job_labels(
+        self, request: scheduler_pb2.UpdateJobLabelsRequest, not_found: str
+    ) -> scheduler_pb2.Job:
+        return await self._call(self._stub.UpdateJobLabels, request, not_found=not_found)
+
     async def job_result(self, request: scheduler_pb2.GetJobResultRequest, not_found: str) -> bytes:
         answer: scheduler_pb2.GetJobResultResponse = await self._call(
             self._stub.GetJobResult, request, not_found=not_found

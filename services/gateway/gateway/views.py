@@ -41,7 +41,22 @@ def job_view(job: scheduler_pb2.Job) -> dict[str, Any]:
         "created_at": timestamp_text(job, "created_at"),
         "updated_at": timestamp_text(job, "updated_at"),
         "finished_at": timestamp_text(job, "finished_at"),
+        "name": job.name or None,
+        "tags": list(job.tags),
+        "note": job.note or None,
+        "started_at": timestamp_text(job, "started_at"),
+        "run_time_s": _run_time_s(job),
+        # Each evaluation's {exact_match_rate, mean_loss, n} once the experiment has completed.
+        "outcome": _json_object(job.outcome_json),
     }
+
+
+def _run_time_s(job: scheduler_pb2.Job) -> float | None:
+    """Seconds from running to finished, when the job has done both."""
+    if not (job.HasField("started_at") and job.HasField("finished_at")):
+        return None
+    delta = job.finished_at.ToDatetime() - job.started_at.ToDatetime()
+    return max(delta.total_seconds(), 0.0)
 
 
 def submitted_view(job: scheduler_pb2.Job, id_field: str = "job_id") -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """Which ``model_id`` a job may name on each backend.
 
-Always: ``local/tiny-llama`` (built in code), a catalog model (libs/cost_model), or a hub id
-``org/name`` with an optional ``@revision``. On the hosted backend a local directory is allowed
-only under a root the operator lists in ``ALLOWED_MODEL_DIRS``: the worker runs on the operator's
-machines, and a path elsewhere (``/etc``, ``../x``) would read whatever is there. On BYOK
-(the researcher's own RunPod account) there is no operator directory to name.
+Always: ``local/tiny-llama`` or ``local/tiny-chat`` (built in code), a catalog model
+(libs/cost_model), or a hub id ``org/name`` with an optional ``@revision``. On the hosted backend
+a local directory is allowed only under a root the operator lists in ``ALLOWED_MODEL_DIRS``: the
+worker runs on the operator's machines, and a path elsewhere (``/etc``, ``../x``) would read
+whatever is there. On BYOK (the researcher's own RunPod account) there is no operator directory
+to name.
 
 The check is lexical (absolute, normalised, no ``.``/``..`` segments, under a root): the
 scheduler need not share a filesystem with the worker.
@@ -18,11 +19,16 @@ from collections.abc import Sequence
 
 from cost_model.model_catalog import model_cards
 from gpu_core.schemas import TINY_MODEL_ID
+from gpu_core.tiny_chat import TINY_CHAT_MODEL_ID
 
 # Hugging Face repo names: letters, digits, '-', '_', '.', starting and ending with a letter or
 # digit, at most 96 characters per part; a revision is a branch, tag or commit.
 _PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 HUB_ID = re.compile(rf"^{_PART}/{_PART}(?:@[A-Za-z0-9][A-Za-z0-9._/-]{{0,199}})?$")
+
+
+# Built in code (gpu_core.tiny, gpu_core.tiny_chat): no download, allowed on every backend.
+BUILTIN_MODEL_IDS = (TINY_MODEL_ID, TINY_CHAT_MODEL_ID)
 
 
 class ModelNotAllowed(ValueError):
@@ -35,7 +41,8 @@ def _catalog_ids() -> set[str]:
 
 def _rule(hosted: bool, roots: Sequence[str]) -> str:
     allowed = (
-        f"{TINY_MODEL_ID}, a catalog model (GET /api/models) or a hub id (org/name, optionally @revision)"
+        f"{', '.join(BUILTIN_MODEL_IDS)}, a catalog model (GET /api/models) or a hub id (org/name, "
+        "optionally @revision)"
     )
     if not hosted:
         return allowed
@@ -50,7 +57,7 @@ def _under(path: str, roots: Sequence[str]) -> bool:
 
 def check_model_id(model_id: str, hosted: bool, roots: Sequence[str]) -> None:
     """Raise ModelNotAllowed unless ``model_id`` may run on this backend."""
-    if model_id == TINY_MODEL_ID or model_id.lower() in _catalog_ids():
+    if model_id in BUILTIN_MODEL_IDS or model_id.lower() in _catalog_ids():
         return
     if model_id.startswith(("/", "~", ".")) or "\\" in model_id:
         segments = model_id.split("/")
@@ -69,7 +76,7 @@ def check_model_id(model_id: str, hosted: bool, roots: Sequence[str]) -> None:
         )
     if model_id.startswith("local/"):
         raise ModelNotAllowed(
-            f"model_id {model_id!r}: the only built-in local model is {TINY_MODEL_ID}; "
+            f"model_id {model_id!r}: the built-in local models are {', '.join(BUILTIN_MODEL_IDS)}; "
             f"use {_rule(hosted, roots)}"
         )
     if HUB_ID.match(model_id) and ".." not in model_id:

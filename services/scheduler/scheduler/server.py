@@ -30,11 +30,14 @@ from artifact_store import (
     open_store,
 )
 from gpu_core.jobs import JobInputError
+from gpu_core.schemas import SpecError as LabelsInvalid
+from gpu_core.schemas import parse_labels
 from influence.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler.admission import AdmissionRefused, JobTooLarge, Usage
 from scheduler.artifacts import ArtifactMover
 from scheduler.config import Settings
 from scheduler.db import apply_migrations, create_pool
+from scheduler.experiments import ExperimentCatalog, JobFacts, ListFilters
 from scheduler.jobs import (
     BACKENDS,
     JobManager,
@@ -74,8 +77,8 @@ class ArtifactMissing(LookupError):
     """The job has no artifact of that name."""
 
 
-def job_to_proto(job: JobRow) -> scheduler_pb2.Job:
-    return scheduler_pb2.Job(
+def job_to_proto(job: JobRow, facts: JobFacts | None = None) -> scheduler_pb2.Job:
+    message = scheduler_pb2.Job(
         id=job.id,
         user_id=job.user_id,
         compute_backend=job.compute_backend,
@@ -100,7 +103,17 @@ def job_to_proto(job: JobRow) -> scheduler_pb2.Job:
         kind=job.kind,
         parent_job_id=job.parent_job_id,
         request_json=json.dumps(job.request).encode() if job.request is not None else b"",
+        name=job.name,
+        tags=job.tags,
+        note=job.note,
     )
+    if facts is not None:
+        started = timestamp(facts.started_at)
+        if started is not None:
+            message.started_at.CopyFrom(started)
+        if facts.outcome:
+            message.outcome_json = json.dumps(facts.outcome).encode()
+    return message
 
 
 def event_to_proto(stored: StoredEvent) -> common_pb2.ProgressEvent:
@@ -204,7 +217,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     @_rpc
     async def GetJob(self, request: scheduler_pb2.GetJobRequest, context: Any) -> scheduler_pb2.Job:
-        return job_to_proto(await self._owned_job(request))
+        return (await self._with_facts([await self._owned_job(request)]))[0]
+
+    async def _with_facts(self, jobs: list[JobRow]) -> list[scheduler_pb2.Job]:
+        _, store = self._app.require()
+        facts = await ExperimentCatalog(store.pool).facts([job.id for job in jobs])
+        return [job_to_proto(job, facts.get(job.id)) for job in jobs]
 
     @_rpc
     async def ListJobs(
@@ -214,8 +232,42 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if request.limit < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "limit must not be negative")
         limit = min(request.limit or _DEFAULT_LIST_LIMIT, _MAX_LIST_LIMIT)
-        jobs = await store.list_jobs(request.user_id, limit, request.parent_job_id, request.kind)
-        return scheduler_pb2.ListJobsResponse(jobs=[job_to_proto(job) for job in jobs])
+        if request.parent_job_id:
+            jobs = await store.list_jobs(request.user_id, limit, request.parent_job_id, request.kind)
+        else:
+            filters = ListFilters(
+                tag=request.tag,
+                model_id=request.model_id,
+                influence_method=request.influence_method,
+                status=request.status,
+            )
+            jobs = await ExperimentCatalog(store.pool).experiments(request.user_id, limit, filters)
+        return scheduler_pb2.ListJobsResponse(jobs=await self._with_facts(jobs))
+
+    @_rpc
+    async def UpdateJobLabels(
+        self, request: scheduler_pb2.UpdateJobLabelsRequest, context: Any
+    ) -> scheduler_pb2.Job:
+        _, store = self._app.require()
+        labels: dict[str, Any] = {}
+        if request.HasField("name"):
+            labels["name"] = request.name or None
+        if request.HasField("note"):
+            labels["note"] = request.note or None
+        if request.set_tags:
+            labels["tags"] = list(request.tags)
+        try:
+            checked = parse_labels(labels)
+        except LabelsInvalid as exc:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "invalid labels: " + "; ".join(exc.problems)
+            )
+        job = await ExperimentCatalog(store.pool).update_labels(
+            request.user_id, request.job_id, checked.model_dump(include=set(labels))
+        )
+        if job is None:
+            raise JobNotFound(request.job_id)
+        return (await self._with_facts([job]))[0]
 
     async def WatchJob(
         self, request: scheduler_pb2.WatchJobRequest, context: grpc.aio.ServicerContext

@@ -74,6 +74,10 @@ class JobRow:
     endpoint_id: str = ""  # the RunPod endpoint the job was submitted on ('' elsewhere)
     submitting: bool = False  # a submit token is stored: the provider may already have the job
     trace_context: dict[str, str] = field(default_factory=dict)  # the submitting request's
+    # An experiment's labels (spec keys name, tags, note), in columns for the same reason.
+    name: str = ""
+    tags: list[str] = field(default_factory=list)
+    note: str = ""
 
     @property
     def terminal(self) -> bool:
@@ -138,7 +142,8 @@ _JOB_COLUMNS = """id::text AS id, user_id, compute_backend, provider,
     latest_metrics, error, estimated_time_s, estimated_cost_usd, provider_cursor, last_seq,
     submit_attempts, created_at, updated_at, finished_at, artifacts, kind,
     coalesce(parent_job_id::text, '') AS parent_job_id, request, model_id, influence_method,
-    n_train, n_eval, endpoint_id, submit_token IS NOT NULL AS submitting, trace_context"""
+    n_train, n_eval, endpoint_id, submit_token IS NOT NULL AS submitting, trace_context, name, tags,
+    note"""
 # The lease fence of a dispatcher or follower write ($1 = owner).
 _HELD = "lease_owner = $1 AND lease_expires_at > now()"
 
@@ -292,8 +297,9 @@ class Store:
                 f"""INSERT INTO jobs (id, user_id, compute_backend, provider, spec, idempotency_key,
                                       estimated_time_s, estimated_cost_usd, kind, parent_job_id,
                                       request, model_id, influence_method, n_train, n_eval,
-                                      trace_context)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+                                      trace_context, name, tags, note)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                            $17, $18, $19)
                     RETURNING {_JOB_COLUMNS}""",
                 job_id,
                 user_id,
@@ -310,6 +316,9 @@ class Store:
                 _list_length(spec, "training_data"),
                 _list_length(spec, "eval_data"),
                 trace_context or {},
+                str(spec.get("name") or ""),
+                [str(tag) for tag in spec.get("tags") or []],
+                str(spec.get("note") or ""),
             )
             await ledger.record_admission(conn, job_id, user_id, compute_backend, estimate[0])
             return _job(returned_row(row)), True

@@ -18,6 +18,7 @@ ROOTS = ("/srv/models", "/data/weights")
     "model_id",
     [
         "local/tiny-llama",
+        "local/tiny-chat",
         "Qwen/Qwen2.5-0.5B",
         "qwen/qwen2.5-0.5b-instruct",
         "someone/their-model_v2.1",
@@ -40,7 +41,7 @@ def test_allowed_on_hosted(model_id: str) -> None:
         ("~/model", "local directory"),
         ("/srv/models/../../etc", "local directory"),
         ("/srv/modelsX/evil", "local directory"),
-        ("local/other", "the only built-in local model is local/tiny-llama"),
+        ("local/other", "the built-in local models are local/tiny-llama, local/tiny-chat"),
         ("org/..", "not a model this deployment runs"),
         ("org/name/extra", "not a model this deployment runs"),
         ("just-a-name", "not a model this deployment runs"),

@@ -90,6 +90,11 @@ class SchedulerStub(object):
                 request_serializer=influence_dot_v1_dot_scheduler__pb2.JobArtifactRequest.SerializeToString,
                 response_deserializer=influence_dot_v1_dot_common__pb2.ArtifactChunk.FromString,
                 _registered_method=True)
+        self.UpdateJobLabels = channel.unary_unary(
+                '/influence.v1.Scheduler/UpdateJobLabels',
+                request_serializer=influence_dot_v1_dot_scheduler__pb2.UpdateJobLabelsRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_scheduler__pb2.Job.FromString,
+                _registered_method=True)
         self.GetComputeSettings = channel.unary_unary(
                 '/influence.v1.Scheduler/GetComputeSettings',
                 request_serializer=influence_dot_v1_dot_scheduler__pb2.GetComputeSettingsRequest.SerializeToString,
@@ -197,6 +202,13 @@ class SchedulerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateJobLabels(self, request, context):
+        """Rename, retag or annotate an experiment (the name, tags and note fields of its stored spec).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetComputeSettings(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -296,6 +308,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.ReadJobArtifact,
                     request_deserializer=influence_dot_v1_dot_scheduler__pb2.JobArtifactRequest.FromString,
                     response_serializer=influence_dot_v1_dot_common__pb2.ArtifactChunk.SerializeToString,
+            ),
+            'UpdateJobLabels': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateJobLabels,
+                    request_deserializer=influence_dot_v1_dot_scheduler__pb2.UpdateJobLabelsRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_scheduler__pb2.Job.SerializeToString,
             ),
             'GetComputeSettings': grpc.unary_unary_rpc_method_handler(
                     servicer.GetComputeSettings,
@@ -625,6 +642,33 @@ class Scheduler(object):
             '/influence.v1.Scheduler/ReadJobArtifact',
             influence_dot_v1_dot_scheduler__pb2.JobArtifactRequest.SerializeToString,
             influence_dot_v1_dot_common__pb2.ArtifactChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateJobLabels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.Scheduler/UpdateJobLabels',
+            influence_dot_v1_dot_scheduler__pb2.UpdateJobLabelsRequest.SerializeToString,
+            influence_dot_v1_dot_scheduler__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,5 @@
-// The hash router: #/signin, #/jobs, #/new, #/jobs/<id>, #/settings.
+// The hash router: #/signin, #/jobs (filters after "?"), #/new, #/jobs/<id>, #/compare/<id>,<id>,
+// #/settings.
 
 import { setToken, token } from "./api.js";
 import { announce } from "./ui.js";
@@ -6,6 +7,7 @@ import { renderSignIn } from "./pages/signin.js";
 import { renderJobs } from "./pages/jobs.js";
 import { renderNewExperiment } from "./pages/newjob.js";
 import { renderJob } from "./pages/job.js";
+import { renderCompare } from "./pages/compare.js";
 import { renderSettings } from "./pages/settings.js";
 
 const main = document.getElementById("main");
@@ -13,9 +15,9 @@ const nav = document.getElementById("nav");
 let leaving = null;
 
 function route() {
-  const hash = window.location.hash.replace(/^#\/?/, "");
+  const [hash, query = ""] = window.location.hash.replace(/^#\/?/, "").split("?");
   const [page, ...rest] = hash.split("/");
-  return { page: page || "jobs", rest: rest.map(decodeURIComponent) };
+  return { page: page || "jobs", rest: rest.map(decodeURIComponent), query: new URLSearchParams(query) };
 }
 
 let renders = 0;
@@ -26,7 +28,7 @@ async function render() {
   leaving = null;
   renders += 1;
   const thisRender = renders;
-  const { page, rest } = route();
+  const { page, rest, query } = route();
   const signedIn = Boolean(token());
   nav.hidden = !signedIn;
   if (!signedIn && page !== "signin") {
@@ -43,7 +45,8 @@ async function render() {
   announce("");
   const pages = {
     signin: () => renderSignIn(view),
-    jobs: () => (rest[0] ? renderJob(view, rest[0]) : renderJobs(view)),
+    jobs: () => (rest[0] ? renderJob(view, rest[0]) : renderJobs(view, query)),
+    compare: () => renderCompare(view, (rest[0] || "").split(",").filter(Boolean)),
     new: () => renderNewExperiment(view),
     settings: () => renderSettings(view),
   };

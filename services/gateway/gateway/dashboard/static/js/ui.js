@@ -82,6 +82,20 @@ export function loadPlotly() {
   return plotlyLoading;
 }
 
+// Training loss by step into `host`, one line per series ({name, points: [{step, loss}]}): one
+// run's curve on its job page, several overlaid on the compare page.
+export async function plotLossCurves(host, series) {
+  const Plotly = await loadPlotly();
+  if (!host.isConnected) return;
+  if (!host.querySelector(".plot-container")) host.replaceChildren();
+  Plotly.react(host, series.map(({ name, points }) => ({
+    x: points.map((p) => p.step), y: points.map((p) => p.loss), mode: "lines+markers", name,
+  })), {
+    margin: { t: 10, r: 10, b: 40, l: 50 }, height: 260, showlegend: series.length > 1,
+    xaxis: { title: { text: "step" } }, yaxis: { title: { text: "loss" } },
+  }, { displaylogo: false, responsive: true });
+}
+
 export function bytes(count) {
   if (count === null || count === undefined || Number.isNaN(count)) return "—";
   const units = ["B", "KB", "MB", "GB", "TB"];

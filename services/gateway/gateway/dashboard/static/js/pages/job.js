@@ -2,7 +2,8 @@
 // loss curve, ETA, cancel, errors in plain words, and the results once the job completes.
 
 import { api, jobEvents } from "../api.js";
-import { announce, BACKEND_NAMES, dateTime, duration, el, loadPlotly, usd } from "../ui.js";
+import { labelsSection } from "../labels.js";
+import { announce, BACKEND_NAMES, dateTime, duration, el, plotLossCurves, usd } from "../ui.js";
 import { renderResults } from "./results.js";
 
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
@@ -70,8 +71,9 @@ export async function renderJob(view, jobId) {
   const chart = el("div", { id: "loss-chart", class: "chart", role: "img", "aria-label": "Training loss by step" });
   const resultsHost = el("div", { id: "results" });
 
+  const heading = el("h1", {}, job.name || `Experiment ${jobId.slice(0, 8)}`);
   view.append(
-    el("h1", {}, `Experiment ${jobId.slice(0, 8)}`),
+    heading,
     el("section", { class: "card", "aria-labelledby": "progress-heading" },
       el("h2", { id: "progress-heading" }, "Progress"),
       el("dl", { class: "facts" },
@@ -88,6 +90,7 @@ export async function renderJob(view, jobId) {
       el("p", { class: "help" }, epoch, " ", eta),
       errorBox,
       el("div", { class: "actions" }, cancel)),
+    labelsSection(job, (saved) => { heading.textContent = saved.name || `Experiment ${jobId.slice(0, 8)}`; }),
     el("section", { class: "card" }, el("h2", {}, "Training loss"), chart),
     resultsHost);
 
@@ -102,13 +105,7 @@ export async function renderJob(view, jobId) {
         : "The loss curve appears once training starts."));
       return;
     }
-    const Plotly = await loadPlotly();
-    if (!chart.isConnected) return;
-    if (!chart.querySelector(".plot-container")) chart.replaceChildren();
-    Plotly.react(chart, [{ x: points.map((p) => p.step), y: points.map((p) => p.loss), mode: "lines+markers", name: "loss" }], {
-      margin: { t: 10, r: 10, b: 40, l: 50 }, height: 260,
-      xaxis: { title: { text: "step" } }, yaxis: { title: { text: "loss" } },
-    }, { displaylogo: false, responsive: true });
+    await plotLossCurves(chart, [{ name: "loss", points }]);
   }
 
   // At most one chart redraw per frame, however many loss points a burst of events brings.

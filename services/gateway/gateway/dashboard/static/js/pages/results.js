@@ -272,19 +272,59 @@ async function artifactsTable(jobId, result) {
   if (!artifacts.length) return [note, el("p", { class: "help", id: "no-artifacts" }, "This experiment kept no files.")];
   const rank = (name) => (name === "scores.npy" ? 0 : name.startsWith("adapter/") ? 1 : 2);
   const sorted = [...artifacts].sort((a, b) => rank(a.name) - rank(b.name) || a.name.localeCompare(b.name));
+  const grouped = sorted.filter((artifact) => artifact.name.startsWith(GROUPED_PREFIX));
+  const row = (artifact) => {
+    const button = el("button", { type: "button", "data-artifact": artifact.name, "aria-label": `Download ${artifact.name}` }, "Download");
+    button.addEventListener("click", () => downloadArtifact(button, jobId, artifact));
+    return el("tr", {},
+      el("td", {}, el("code", {}, artifact.name)),
+      el("td", {}, ARTIFACT_LABELS[artifact.name] || ""),
+      el("td", { class: "num" }, bytes(artifact.bytes)),
+      el("td", {}, el("code", { title: artifact.sha256 }, (artifact.sha256 || "").slice(0, 12))),
+      el("td", {}, button));
+  };
   return [note, el("table", { class: "data", id: "artifacts-table" },
     el("caption", {}, "Files"),
     el("thead", {}, el("tr", {}, ["File", "What", "Size", "SHA-256", ""].map((h) => el("th", { scope: "col" }, h)))),
-    el("tbody", {}, sorted.map((artifact) => {
-      const button = el("button", { type: "button", "data-artifact": artifact.name }, `Download ${artifact.name}`);
-      button.addEventListener("click", () => downloadArtifact(button, jobId, artifact));
-      return el("tr", {},
-        el("td", {}, el("code", {}, artifact.name)),
-        el("td", {}, ARTIFACT_LABELS[artifact.name] || ""),
-        el("td", { class: "num" }, bytes(artifact.bytes)),
-        el("td", {}, el("code", { title: artifact.sha256 }, (artifact.sha256 || "").slice(0, 12))),
-        el("td", {}, button));
-    })))];
+    el("tbody", {},
+      sorted.filter((artifact) => !artifact.name.startsWith(GROUPED_PREFIX)).map(row),
+      grouped.length ? groupRow(jobId, grouped, row) : null))];
+}
+
+// Checkpoints and optimizer statistics (one file per epoch and kind, hundreds for a long run):
+// one row that opens to list them, with one archive download of them all.
+const GROUPED_PREFIX = "checkpoints/";
+
+function groupRow(jobId, grouped, row) {
+  const total = grouped.reduce((sum, artifact) => sum + artifact.bytes, 0);
+  const moments = grouped.filter((artifact) => artifact.name.includes("second-moment")).length;
+  const archive = el("button", { type: "button", id: "download-checkpoints" }, "Download all (zip)");
+  archive.addEventListener("click", async () => {
+    archive.disabled = true;
+    announce(`Downloading ${grouped.length} files (${bytes(total)}) as one archive…`);
+    try {
+      const path = `/api/jobs/${encodeURIComponent(jobId)}/artifacts.zip?prefix=${encodeURIComponent(GROUPED_PREFIX)}`;
+      download(`checkpoints-${jobId.slice(0, 8)}.zip`, await apiBlob(path), "application/zip");
+      announce("Downloaded the checkpoints archive");
+    } catch (error) {
+      announce(`Could not download the checkpoints: ${error.message}`, "error");
+    } finally {
+      archive.disabled = false;
+    }
+  });
+  const inner = el("table", { class: "data", id: "checkpoint-files" }, el("tbody", {}));
+  const details = el("details", { class: "artifact-group", id: "checkpoints-group" },
+    el("summary", {}, `Show the ${grouped.length} files`), inner);
+  // The rows are built the first time the group opens: most visits never open it.
+  details.addEventListener("toggle", () => {
+    if (details.open && !inner.tBodies[0].rows.length) inner.tBodies[0].append(...grouped.map(row));
+  });
+  return el("tr", { id: "checkpoints-row" },
+    el("td", {}, el("code", {}, GROUPED_PREFIX), details),
+    el("td", {}, `Training checkpoints per epoch (TracIn's states)${moments ? ` and the optimizer's second moments (${moments} files)` : ""}`),
+    el("td", { class: "num" }, bytes(total)),
+    el("td", {}, `${grouped.length} files`),
+    el("td", {}, archive));
 }
 
 export async function renderResults(host, jobId, result) {

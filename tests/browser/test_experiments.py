@@ -1,0 +1,124 @@
+"""Two runs of the sample at different learning rates, as a researcher keeps and compares them:
+the list with names, tags and outcomes (and a tag filter), the sample's results page with its
+checkpoints folded into one row (under 5,000 pixels tall), the labels edited on the job page, and
+the compare page with both loss curves overlaid."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from devstack.stack import REPO_ROOT, Stack
+
+from .support import Screenshots, page_api_client, sign_in
+
+pytestmark = pytest.mark.browser
+
+SAMPLE = json.loads((REPO_ROOT / "examples" / "sample.json").read_text())
+MAX_RESULTS_HEIGHT_PX = 5_000
+
+
+@pytest.fixture(scope="module")
+def sample_runs(stack: Stack, browser) -> dict[str, str]:
+    """The sample as it ships (lr 0.004) and at lr 0.001, both finished, for user "rita"."""
+    from influence_client import Client
+
+    client = Client(stack.gateway_url)
+    client.sign_in("rita")
+    slow = json.loads(json.dumps(SAMPLE))
+    slow["hyperparams"]["learning_rate"] = 0.001
+    ids = {
+        "sample": client.submit({**SAMPLE, "name": "sample lr 0.004", "tags": ["lr-sweep", "sample"]}).job_id,
+        "slow": client.submit(
+            {**slow, "name": "sample lr 0.001", "tags": ["lr-sweep"], "note": "a quarter of the rate"}
+        ).job_id,
+    }
+    for job_id in ids.values():
+        assert client.wait(job_id).status == "completed"
+    return ids
+
+
+def test_list_shows_names_tags_and_outcomes_and_filters_by_tag(
+    page, stack: Stack, sample_runs: dict[str, str], shots: Screenshots
+) -> None:
+    sign_in(page, "rita")
+    table = page.locator("#jobs-table")
+    table.wait_for()
+    row = page.locator(f'#jobs-table tr[data-job-id="{sample_runs["sample"]}"]')
+    assert "sample lr 0.004" in row.inner_text()
+    assert row.locator("a.tag").all_inner_texts() == ["lr-sweep", "sample"]
+    results = page_api_client(page, stack.gateway_url).results(sample_runs["sample"])["eval_results"]
+    tuned, base = results["finetuned"]["metrics"], results["base"]["metrics"]
+    outcome = row.locator("td.outcome").inner_text()
+    assert f"EM {tuned['exact_match_rate'] * 100:.0f}%" in outcome
+    assert f"loss {tuned['mean_loss']:.3f}" in outcome and f"base {base['mean_loss']:.3f}" in outcome
+    assert "a quarter of the rate" in page.locator(f'tr[data-job-id="{sample_runs["slow"]}"]').inner_text()
+    shots.take("list-with-names-tags-outcomes")
+
+    row.locator("a.tag", has_text="sample").click()
+    page.wait_for_url("**/#/jobs?tag=sample")
+    page.locator("#jobs-table").wait_for()
+    assert page.locator("#jobs-table tbody tr").count() == 1
+    assert page.get_by_label("Tag").input_value() == "sample"
+    page.get_by_label("Tag").fill("no-such-tag")
+    page.get_by_role("button", name="Filter").click()
+    page.locator(".empty", has_text="No experiment matches").wait_for()
+
+
+def test_sample_results_page_is_short_and_labels_are_editable(
+    page, stack: Stack, sample_runs: dict[str, str], shots: Screenshots
+) -> None:
+    sign_in(page, "rita")
+    job_id = sample_runs["sample"]
+    page.goto(f"/#/jobs/{job_id}")
+    page.locator("#artifacts-table").wait_for(timeout=60_000)
+    page.locator("#heatmap .plot-container").wait_for()
+    group = page.locator("#checkpoints-row")
+    # The sample trains 100 epochs: a checkpoint and second moments per epoch, in one row.
+    api = page_api_client(page, stack.gateway_url)
+    listed = api.request("GET", f"/api/jobs/{job_id}/artifacts").json()["artifacts"]
+    checkpoints = [artifact for artifact in listed if artifact["name"].startswith("checkpoints/")]
+    assert len(checkpoints) > 2 * SAMPLE["hyperparams"]["epochs"]
+    assert f"{len(checkpoints)} files" in group.inner_text()
+    assert page.locator("#artifacts-table > tbody > tr").count() < 10
+    height = page.evaluate("document.documentElement.scrollHeight")
+    shots.take("sample-results")
+    assert height < MAX_RESULTS_HEIGHT_PX, f"the results page is {height} px tall"
+
+    group.locator("summary").click()
+    assert page.locator("#checkpoint-files tr").count() == len(checkpoints)
+    with page.expect_download() as downloading:
+        page.get_by_role("button", name="Download all (zip)").click()
+    assert downloading.value.suggested_filename == f"checkpoints-{job_id[:8]}.zip"
+
+    page.get_by_label("Note", exact=True).fill("the shipped learning rate")
+    page.get_by_label("Tags (comma-separated)").fill("lr-sweep, sample, shipped")
+    page.get_by_role("button", name="Save").click()
+    page.locator("#status", has_text="Saved").wait_for()
+    job = api.job(job_id)
+    assert (job["note"], job["tags"]) == ("the shipped learning rate", ["lr-sweep", "sample", "shipped"])
+    page.get_by_label("Tags (comma-separated)").fill("two words")
+    page.get_by_role("button", name="Save").click()
+    page.locator("#label-errors li", has_text="tags").wait_for()
+
+
+def test_compare_page_of_two_learning_rates(
+    page, stack: Stack, sample_runs: dict[str, str], shots: Screenshots
+) -> None:
+    sign_in(page, "rita")
+    for job_id in sample_runs.values():
+        page.locator(f'tr[data-job-id="{job_id}"] input.pick').check()
+    page.get_by_role("button", name="Compare selected (2)").click()
+    page.wait_for_url("**/#/compare/*")
+    page.locator("#compare-loss .plot-container").wait_for()
+    # Both loss curves on one chart, one per run.
+    assert page.locator("#compare-loss .scatterlayer .trace").count() == 2
+    diff = page.locator("#config-diff tbody tr")
+    assert diff.count() == 1 and "hyperparams.learning_rate" in diff.inner_text()
+    header = page.locator("#config-diff thead").inner_text()
+    assert "sample lr 0.004" in header and "sample lr 0.001" in header
+    assert page.locator("#compare-metrics tbody tr").count() == 6
+    assert page.locator("#compare-answers tbody tr").count() == len(SAMPLE["eval_data"])
+    assert "vs" in page.locator("#agreement").inner_text()
+    shots.take("compare-two-learning-rates")
