@@ -1,13 +1,21 @@
 """An S3-protocol server on loopback for tests and benchmarks: moto's standalone server (the
-same HTTP API, SigV4 checks and presigned URLs as S3), started in a thread on a free port with
-one bucket. Stands in for the cloud object store as the RunPod fake stands in for RunPod."""
+same HTTP API, SigV4 checks, presigned URLs and conditional writes as S3), started in a thread on
+a free port with one bucket. Stands in for the cloud object store as the RunPod fake stands in
+for RunPod.
+
+Fault injection: ``server.outage(seconds)`` makes every request answer 503 SlowDown (S3's
+"reduce your request rate", which clients retry) until that many seconds have passed, as a
+store that is briefly unavailable does."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -19,10 +27,49 @@ SECRET_ACCESS_KEY = "test-secret-key-not-for-production"
 REGION = "us-east-1"
 
 
+_SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+
+
+class Outage:
+    """A WSGI wrapper that answers 503 while an outage lasts; counts the requests it refused."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
+        self._app = app
+        self._lock = threading.Lock()
+        self._until = 0.0
+        self.refused = 0
+
+    def start(self, seconds: float) -> None:
+        with self._lock:
+            self._until = time.monotonic() + seconds
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        with self._lock:
+            down = time.monotonic() < self._until
+            self.refused += down
+        if not down:
+            return self._app(environ, start_response)
+        start_response(
+            "503 Slow Down",
+            [("Content-Type", "application/xml"), ("Content-Length", str(len(_SLOW_DOWN)))],
+        )
+        return [_SLOW_DOWN]
+
+
 @dataclass(frozen=True)
 class S3TestServer:
     endpoint_url: str
     bucket: str
+    faults: Outage | None = field(default=None, compare=False)
+
+    def outage(self, seconds: float) -> None:
+        """Answer every request with 503 for the next ``seconds``."""
+        if self.faults is None:
+            raise RuntimeError("this S3 test server was started without fault injection")
+        self.faults.start(seconds)
 
     def store_settings(self, prefix: str = "artifacts") -> StoreSettings:
         """Settings of an artifact store under ``prefix`` in this server's bucket."""
@@ -48,11 +95,29 @@ class S3TestServer:
 @contextmanager
 def s3_test_server(bucket: str = "influence-artifacts") -> Iterator[S3TestServer]:
     import boto3
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
     from moto.server import ThreadedMotoServer
+    from werkzeug.serving import make_server
+
+    faults = Outage(DomainDispatcherApplication(create_backend_app))
+
+    class FaultyMotoServer(ThreadedMotoServer):
+        """moto's threaded server, its WSGI app behind the outage switch."""
+
+        def _server_entry(self) -> None:
+            self._server = make_server(
+                self._ip_address, self._port, faults, True, request_handler=MotoRequestHandler
+            )
+            self._server_ready_event.set()
+            self._server.serve_forever()
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = FaultyMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     try:
@@ -63,6 +128,6 @@ def s3_test_server(bucket: str = "influence-artifacts") -> Iterator[S3TestServer
             aws_access_key_id=ACCESS_KEY_ID,
             aws_secret_access_key=SECRET_ACCESS_KEY,
         ).create_bucket(Bucket=bucket)
-        yield S3TestServer(endpoint_url=endpoint, bucket=bucket)
+        yield S3TestServer(endpoint_url=endpoint, bucket=bucket, faults=faults)
     finally:
         server.stop()

@@ -32,12 +32,16 @@ runpod-python #309 reports), no GPU (``throttled``: no worker starts or takes a 
 
 Injectable faults (``fail_next``): any status (401/403/429 with Retry-After/5xx) for the next N
 calls of a route; ``graphql_enabled = False`` (GraphQL retired: 410); ``execution_timeout_s``
-(forced); per-key balance. Every request is recorded (method, path, query, headers, status) in
-``requests``.
+(forced); per-key balance; ``fail_after_accept``: ``/run`` creates the job (it queues and runs)
+and then answers a 5xx, or holds its answer past the client's timeout; ``retention_s`` shortened
+to seconds (results forgotten, as RunPod forgets them after 30 minutes). Every request is
+recorded (method, path, query, headers, status) in ``requests``; every job ``/run`` created, in
+``accepted_runs``.
 
 In-process: ``async with FakeRunPod(keys={"rpa_...": 25.0}) as fake: fake.url``.
 As a process: ``python -m devstack.fake_runpod --key rpa_x=25``; it prints ``FAKE_RUNPOD_URL=...``
-and offers the same controls over HTTP under ``/_fake/`` (keys, faults, mode, requests).
+and offers the same controls over HTTP under ``/_fake/`` (keys, faults with ``after_accept``,
+``status`` and ``hang_s``, mode with ``retention_s``, requests, jobs: ``accepted_runs``).
 """
 
 from devstack.fake_runpod.fake import FakeRunPod

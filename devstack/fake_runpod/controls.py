@@ -28,6 +28,11 @@ def add_control_routes(app: FastAPI, fake: FakeRunPod) -> None:
     @app.post("/_fake/faults")
     async def fault(request: Request) -> Response:
         body = await json_body(request)
+        if body.get("after_accept"):
+            fake.fail_after_accept(
+                int(body.get("status", 0)), float(body.get("hang_s", 0.0)), int(body.get("times", 1))
+            )
+            return JSONResponse({"ok": True})
         fake.fail_next(
             str(body["route"]), int(body["status"]), int(body.get("times", 1)), body.get("retry_after")
         )
@@ -61,6 +66,15 @@ def add_control_routes(app: FastAPI, fake: FakeRunPod) -> None:
         body = await json_body(request)
         fake.add_template(str(body["id"]), str(body.get("image", "")), body.get("env"))
         return JSONResponse(fake.templates[str(body["id"])])
+
+    @app.get("/_fake/jobs")
+    async def jobs() -> Response:
+        return JSONResponse(
+            {
+                "accepted_runs": fake.accepted_runs,
+                "jobs": {job_id: job.status for job_id, job in fake.jobs_by_id.items()},
+            }
+        )
 
     @app.get("/_fake/requests")
     async def requests() -> Response:

@@ -29,6 +29,7 @@ from devstack.fake_runpod.state import (
     MAX_RUN_PAYLOAD_BYTES,
     ROUTES,
     TERMINAL,
+    AcceptedFault,
     EndpointState,
     FakeAccount,
     FakeJob,
@@ -77,6 +78,9 @@ class FakeRunPod:
         self._handler_path = handler_path
         self._host, self._port = host, port
         self._faults: dict[str, deque[Fault]] = {}
+        self._accepted_faults: deque[AcceptedFault] = deque()
+        # Every job /run created, in order, whatever its answer was (tests count paid jobs here).
+        self.accepted_runs: list[str] = []
         self._calls: dict[tuple[str, str, str], deque[float]] = {}
         self.endpoint_states: dict[str, EndpointState] = {}
         self.workers_by_id: dict[str, FakeWorker] = {}
@@ -125,6 +129,22 @@ class FakeRunPod:
         if route not in ROUTES:
             raise ValueError(f"unknown route {route!r}; expected one of {', '.join(ROUTES)}")
         self._faults.setdefault(route, deque()).append(Fault(status, times, retry_after))
+
+    def fail_after_accept(self, status: int = 0, hang_s: float = 0.0, times: int = 1) -> None:
+        """The next ``times`` calls of ``/run`` create the job (it is queued and runs) and then
+        answer ``status`` (a 5xx), or hold the answer ``hang_s`` seconds first (past the client's
+        timeout): the answer of an accepted job lost on the way, as RunPod's edge can lose it."""
+        self._accepted_faults.append(AcceptedFault(status, hang_s, times))
+
+    def accepted_fault(self) -> AcceptedFault | None:
+        """The fault for the /run being answered now, if one is armed (one use of it)."""
+        if not self._accepted_faults:
+            return None
+        fault = self._accepted_faults[0]
+        fault.remaining -= 1
+        if fault.remaining <= 0:
+            self._accepted_faults.popleft()
+        return fault
 
     def set_throttled(self, throttled: bool) -> None:
         self.throttled = throttled

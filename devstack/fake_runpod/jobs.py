@@ -47,6 +47,14 @@ def add_job_routes(app: FastAPI, fake: FakeRunPod) -> None:
         )
         fake.jobs_by_id[job.id] = job
         endpoint.queue.append(job.id)
+        fake.accepted_runs.append(job.id)
+        fault = fake.accepted_fault()
+        if fault is not None and fault.hang_s:
+            await asyncio.sleep(fault.hang_s)
+        if fault is not None and fault.status:
+            return JSONResponse(
+                {"error": "injected fault after the job was accepted"}, status_code=fault.status
+            )
         return JSONResponse({"id": job.id, "status": "IN_QUEUE"})
 
     @app.get("/v2/{endpoint_id}/status/{job_id}")

@@ -74,6 +74,15 @@ class Fault:
 
 
 @dataclass
+class AcceptedFault:
+    """A /run that creates its job, then answers ``status`` or holds its answer ``hang_s``."""
+
+    status: int
+    hang_s: float
+    remaining: int
+
+
+@dataclass
 class FakeJob:
     id: str
     endpoint_id: str

@@ -7,6 +7,18 @@ The scheduler mints one URL per name that ``planned_artifact_names`` says the ru
 result's manifest to its URL and returns only the manifest, which the scheduler checks against
 the store (sha256) before the job is completed.
 
+Two more objects under the job's prefix are the worker's own records, each with its own PUT URL
+in the same plan (``WORKER_RECORD_NAMES``, never in a manifest):
+
+- ``_worker/claim.json``, created before any GPU work with ``If-None-Match: *`` (S3's conditional
+  create): the first delivery of a job creates it; any later delivery of the same job id (a
+  second ``/run`` after an ambiguous answer, a Modal respawn) gets HTTP 412 and exits without GPU
+  work (``claim_job``, ``DUPLICATE_DELIVERY``). Its body names the provider job that holds it, so
+  the scheduler can find that job when it never learnt its id.
+- ``_worker/result.json``, the result JSON written beside the files when the run ends
+  (``store_result``), so the scheduler can collect a result after the provider forgot it (RunPod
+  keeps one 30 minutes).
+
 Plain HTTP (the standard library's ``http.client``): no cloud SDK, one block of the file in
 memory at a time.
 """
@@ -15,14 +27,16 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from gpu_core.influence_methods import DEFAULT_TRACKSTAR_DIM as DEFAULT_TRACKSTAR_DIM  # re-exported
 from gpu_core.influence_methods import InfluenceMethodEntry, influence_method
@@ -36,6 +50,11 @@ INDEX_DIR_NAME, INDEX_MANIFEST, INDEX_IDS_FILE = "gradient_index", "manifest.jso
 INDEX_SHARD_BYTES = 64 << 20
 ADAPTER_FILES = ("adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors")
 CHECKPOINT_INDEX = "checkpoints/checkpoints.json"
+CLAIM_NAME = "_worker/claim.json"
+RESULT_NAME = "_worker/result.json"
+WORKER_RECORD_NAMES = (CLAIM_NAME, RESULT_NAME)
+# How a duplicate delivery's error begins (workers write it; providers and tests recognise it).
+DUPLICATE_DELIVERY = "Duplicate delivery"
 UPLOAD_ATTEMPTS = 4
 _RETRY_BASE_S = 1.0
 _TIMEOUT_S = 300.0
@@ -148,6 +167,87 @@ def _put(path: Path, size: int, url: str) -> tuple[int, str]:
         with open(path, "rb") as handle:
             # A file body with Content-Length is sent block by block, never read whole.
             connection.request("PUT", target, body=handle, headers={"Content-Length": str(size)})
+        response = connection.getresponse()
+        return response.status, _error_text(response.read(4000).decode("utf-8", "replace"))
+    finally:
+        connection.close()
+
+
+def claim_job(url: str, claim: Mapping[str, Any]) -> bool:
+    """Create the job's claim object at ``url`` only if it does not exist (``If-None-Match: *``).
+    True: this delivery holds the claim and may run. False: another delivery created it first
+    (HTTP 412). Retries connection failures, 5xx and 409 (S3's answer to two conditional writes
+    racing); raises ArtifactUploadError when the store cannot be reached or refuses otherwise.
+    A 412 after an attempt whose answer was lost counts as ours: that attempt created it."""
+    body = json.dumps(dict(claim), separators=(",", ":")).encode()
+    outcome_unknown = False
+    problem = ""
+    for attempt in range(UPLOAD_ATTEMPTS):
+        if attempt:
+            time.sleep(_RETRY_BASE_S * 2 ** (attempt - 1))
+        try:
+            status, text = _put_bytes(url, body, {"If-None-Match": "*", "Content-Type": "application/json"})
+        except OSError as exc:
+            outcome_unknown = True
+            problem = f"the artifact store could not be reached ({type(exc).__name__}: {exc})"
+            continue
+        if 200 <= status < 300:
+            return True
+        if status == 412:
+            return outcome_unknown
+        problem = f"the artifact store answered HTTP {status}" + (f": {text}" if text else "")
+        if status < 500 and status not in (409, 429):
+            break
+    raise ArtifactUploadError(f"claiming the job failed: {problem}")
+
+
+def duplicate_delivery_message(job_id: str) -> str:
+    """The error a duplicate delivery ends with (it ran nothing)."""
+    return (
+        f"{DUPLICATE_DELIVERY} of job {job_id}: an earlier delivery of the same job already claimed "
+        "it in the artifact store, so this one did no GPU work. The earlier delivery's result is "
+        f"written to the store as jobs/{job_id}/{RESULT_NAME} when it finishes."
+    )
+
+
+def store_result(url: str, result: Mapping[str, Any]) -> None:
+    """PUT the result JSON to ``url`` (retried like a file); raises ArtifactUploadError."""
+    body = json.dumps(dict(result), separators=(",", ":")).encode()
+    problem = ""
+    for attempt in range(UPLOAD_ATTEMPTS):
+        if attempt:
+            time.sleep(_RETRY_BASE_S * 2 ** (attempt - 1))
+        try:
+            status, text = _put_bytes(url, body, {"Content-Type": "application/json"})
+        except OSError as exc:
+            problem = f"the artifact store could not be reached ({type(exc).__name__}: {exc})"
+            continue
+        if 200 <= status < 300:
+            return
+        problem = f"the artifact store answered HTTP {status}" + (f": {text}" if text else "")
+        if status < 500 and status != 429:
+            break
+    raise ArtifactUploadError(f"storing the result ({len(body)} bytes) failed: {problem}")
+
+
+def presigned_expiry(url: str) -> float | None:
+    """When a SigV4 presigned URL stops working (Unix time, from its ``X-Amz-Date`` and
+    ``X-Amz-Expires``); None for a URL that does not say."""
+    query = parse_qs(urlsplit(url).query)
+    try:
+        signed = datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        return signed.timestamp() + int(query["X-Amz-Expires"][0])
+    except (KeyError, IndexError, ValueError):
+        return None
+
+
+def _put_bytes(url: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, str]:
+    parts = urlsplit(url)
+    connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = connection_type(parts.netloc, timeout=_TIMEOUT_S)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    try:
+        connection.request("PUT", target, body=body, headers={**headers, "Content-Length": str(len(body))})
         response = connection.getresponse()
         return response.status, _error_text(response.read(4000).decode("utf-8", "replace"))
     finally:

@@ -37,6 +37,9 @@ class ModalAdapter(Protocol):
 
     async def write_progress(self, key: str, value: Any) -> None: ...
 
+    async def put_progress_if_absent(self, key: str, value: Any) -> bool:
+        """Write ``value`` under ``key`` unless the key exists (atomic); True when written."""
+
     async def delete_progress(self, key: str) -> None: ...
 
 
@@ -116,6 +119,9 @@ class ModalSdkAdapter:
 
     async def write_progress(self, key: str, value: Any) -> None:
         await self._dict().put.aio(key, value)
+
+    async def put_progress_if_absent(self, key: str, value: Any) -> bool:
+        return bool(await self._dict().put.aio(key, value, skip_if_exists=True))
 
     async def delete_progress(self, key: str) -> None:
         try:

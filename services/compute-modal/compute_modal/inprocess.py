@@ -22,7 +22,7 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -34,7 +34,23 @@ WORKER_APP = Path(__file__).resolve().parents[1] / "worker" / "modal_app.py"
 _MODULE_NAME = "influence_modal_app"
 RESULT_RETENTION_S = 7 * 24 * 3600
 
-Body = Callable[[str, dict[str, Any], MutableMapping[str, Any]], dict[str, Any]]
+Body = Callable[[str, dict[str, Any], "InProcessDict", str], dict[str, Any]]
+
+
+class InProcessDict(dict[str, Any]):
+    """The progress Dict: a dict with modal.Dict's ``put``, whose ``skip_if_exists`` is atomic
+    (one lock), as Modal's server-side put-if-absent is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def put(self, key: str, value: Any, *, skip_if_exists: bool = False) -> bool:
+        with self._lock:
+            if skip_if_exists and key in self:
+                return False
+            self[key] = value
+            return True
 
 
 def load_worker_app() -> ModuleType:
@@ -85,7 +101,7 @@ class InProcessModal:
         self._clock = clock
         self._lock = threading.Lock()
         self._calls: dict[str, _Call] = {}
-        self.progress: dict[str, Any] = {}
+        self.progress = InProcessDict()
 
     async def check(self) -> None:
         if not self._deployed:
@@ -99,14 +115,14 @@ class InProcessModal:
         # Arguments travel serialised, as they do to a container.
         arguments = pickle.loads(pickle.dumps((job_id, spec)))
         call.thread = threading.Thread(
-            target=self._run, args=(call, arguments), name=f"modal-{call_id}", daemon=True
+            target=self._run, args=(call, call_id, arguments), name=f"modal-{call_id}", daemon=True
         )
         with self._lock:
             self._calls[call_id] = call
         call.thread.start()
         return call_id
 
-    def _run(self, call: _Call, arguments: tuple[str, dict[str, Any]]) -> None:
+    def _run(self, call: _Call, call_id: str, arguments: tuple[str, dict[str, Any]]) -> None:
         try:
             if self._gate is not None:
                 self._gate.wait()
@@ -114,7 +130,7 @@ class InProcessModal:
                 if call.cancelled:
                     raise _CancelledBeforeStart
                 call.in_body = True
-            value = self._body(*arguments, self.progress)
+            value = self._body(*arguments, self.progress, call_id)
             output: tuple[str, Any] = ("ok", value)
             with self._lock:
                 # From here on cancel() injects nothing; drop an injection not yet delivered.
@@ -167,6 +183,9 @@ class InProcessModal:
 
     async def write_progress(self, key: str, value: Any) -> None:
         self.progress[key] = value
+
+    async def put_progress_if_absent(self, key: str, value: Any) -> bool:
+        return self.progress.put(key, pickle.loads(pickle.dumps(value)), skip_if_exists=True)
 
     async def delete_progress(self, key: str) -> None:
         self.progress.pop(key, None)

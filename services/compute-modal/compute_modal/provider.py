@@ -3,7 +3,16 @@
 
 Progress Dict keys: ``<job_id>`` is the worker's progress entry (see worker/modal_app.py),
 ``<job_id>#call`` the FunctionCall id of a submitted job (a resubmit returns it instead of spawning
-again), ``<job_id>#cancelled`` marks a cancel requested here. Once a finished job's last events
+again), ``<job_id>#cancelled`` marks a cancel requested here, ``<job_id>#claim`` the call that
+runs the job (written by the function before any GPU work).
+
+Submit is idempotent on the job id without a lock of ours: ``#call`` is first taken with Modal's
+put-if-absent (``put(..., skip_if_exists=True)``) holding a "spawning" mark, and only the submit
+that took it spawns. Another submit of the same job finds the call id (and returns it), or the
+mark: it then adopts the call that claimed the job, answers UNAVAILABLE while the spawn may still
+be in flight, and spawns again only once the mark is older than ``SPAWN_STALE_S`` with no call
+claiming the job; should the first spawn have happened after all, its function finds the claim
+taken and returns a "Duplicate delivery" error without GPU work. Once a finished job's last events
 have been handed out, its entry and cancel mark are removed.
 """
 
@@ -11,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +38,10 @@ log = logging.getLogger(__name__)
 
 WAITING_FOR_GPU = "waiting for a Modal GPU container (cold start usually 20-60 s)"
 _CALL_SUFFIX = "#call"
+_CLAIM_SUFFIX = "#claim"  # worker/modal_app.py CLAIM_SUFFIX
+_SPAWNING = "spawning since "
+# A "spawning" mark older than this, with no call claiming the job, is a submit that died.
+SPAWN_STALE_S = 600.0
 _CANCEL_SUFFIX = "#cancelled"
 
 
@@ -164,9 +178,9 @@ class ModalProvider:
         except (JobInputError, SpecError, ValueError) as exc:
             raise InvalidRequest(f"invalid job input: {exc}") from None
         with self._modal_errors():
-            existing = await self._adapter.read_progress(job_id + _CALL_SUFFIX)
+            existing = await self._take_spawn(job_id)
             if existing:
-                return str(existing)
+                return existing
             if upload_urls and kind in ("", EXPERIMENT):
                 payload["artifact_transport"] = {"mode": "presigned", "urls": upload_urls}
             if parent_artifacts:
@@ -175,6 +189,28 @@ class ModalProvider:
             await self._adapter.write_progress(job_id + _CALL_SUFFIX, call_id)
         log.info("submitted", extra={"job_id": job_id, "provider_job_id": call_id})
         return call_id
+
+    async def _take_spawn(self, job_id: str) -> str:
+        """Take the right to spawn ``job_id`` (returns ""), or the FunctionCall id that a
+        submit before this one started."""
+        key = job_id + _CALL_SUFFIX
+        if await self._adapter.put_progress_if_absent(key, f"{_SPAWNING}{time.time()}"):
+            return ""
+        existing = str(await self._adapter.read_progress(key) or "")
+        if not existing.startswith(_SPAWNING):
+            return existing
+        claimed = await self._adapter.read_progress(job_id + _CLAIM_SUFFIX)
+        if claimed:
+            await self._adapter.write_progress(key, str(claimed))
+            return str(claimed)
+        since = float(existing.removeprefix(_SPAWNING) or 0)
+        if time.time() - since < SPAWN_STALE_S:
+            raise Unreachable(
+                f"job {job_id} is being submitted to Modal by another request; its call id is not "
+                "known yet, so it was not spawned again"
+            )
+        await self._adapter.write_progress(key, f"{_SPAWNING}{time.time()}")
+        return ""
 
     async def status(self, call_id: str, job_id: str, cursor: str) -> JobStatus:
         after = _parse_cursor(cursor)

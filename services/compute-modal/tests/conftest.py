@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from compute_modal.config import Settings
-from compute_modal.inprocess import InProcessModal, load_worker_app
+from compute_modal.inprocess import InProcessDict, InProcessModal, load_worker_app
 from compute_modal.server import ComputeModalServer, start_service
 from influence.v1 import compute_pb2_grpc
 
@@ -46,9 +46,12 @@ class Clock:
 class NotifyingStore(MutableMapping[str, Any]):
     """The progress dict as the body sees it; sets ``training`` once a training event lands."""
 
-    def __init__(self, inner: dict[str, Any]) -> None:
+    def __init__(self, inner: InProcessDict) -> None:
         self.inner = inner
         self.training = threading.Event()
+
+    def put(self, key: str, value: Any, *, skip_if_exists: bool = False) -> bool:
+        return self.inner.put(key, value, skip_if_exists=skip_if_exists)
 
     def __setitem__(self, key: str, value: Any) -> None:
         self.inner[key] = value
@@ -86,11 +89,11 @@ async def harness(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Harness]:
     views: list[NotifyingStore] = []
     body_started = threading.Event()
 
-    def body(job_id: str, spec: dict[str, Any], store: MutableMapping[str, Any]) -> dict[str, Any]:
-        view = NotifyingStore(store)  # type: ignore[arg-type]
+    def body(job_id: str, spec: dict[str, Any], store: InProcessDict, call_id: str) -> dict[str, Any]:
+        view = NotifyingStore(store)
         views.append(view)
         body_started.set()
-        return run_job(job_id, spec, view)
+        return run_job(job_id, spec, view, call_id)
 
     clock, gate = Clock(), threading.Event()
     gate.set()

@@ -115,22 +115,22 @@ def test_progress_writer_keeps_the_last_events_and_a_counter() -> None:
 
 def test_the_function_body_runs_a_counterfactual_check_by_its_kind() -> None:
     from benchmarks.planted import planted_duplicate_spec, stand_in_result
-    from compute_modal.inprocess import load_worker_app
+    from compute_modal.inprocess import InProcessDict, load_worker_app
     from gpu_core.jobs import COUNTERFACTUAL, make_payload
     from gpu_core.schemas import parse_spec
 
     app = load_worker_app()
     spec = parse_spec(planted_duplicate_spec("tracin", 6, 2, epochs=2)).model_dump(mode="json")
     payload = make_payload(COUNTERFACTUAL, spec, {"k": 1, "controls": 1}, stand_in_result(spec))
-    store: dict[str, Any] = {}
-    result = app.run_job("job-cf", payload, store)["result"]
+    store = InProcessDict()
+    result = app.run_job("job-cf", payload, store, "fc-1")["result"]
     assert result["removed_ids"] == ["t0", "t3"] and len(result["control_removed_ids"]) == 1
     entry = store["job-cf"]
     assert entry["state"] == "completed"
     assert {item["event"].get("stage") for item in entry["events"][1:]} == {"counterfactual"}
 
     # A request that does not fit is the job's plain error (a return value, not a raise).
-    outcome = app.run_job("job-bad", {**payload, "request": {"k": 0}}, store)
+    outcome = app.run_job("job-bad", {**payload, "request": {"k": 0}}, store, "fc-2")
     assert "k: Input should be greater than or equal to 1" in outcome["error"]
     assert store["job-bad"]["state"] == "failed" and "k: Input" in store["job-bad"]["error"]
 

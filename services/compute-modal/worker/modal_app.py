@@ -12,6 +12,13 @@ dashboard's artifact store through the presigned PUT URLs the scheduler minted (
 carries ``parent_artifacts``, presigned GETs of the experiment's files, downloaded (size and
 sha256 checked) into a temporary folder the query reads.
 
+Exactly once on our job id: before any GPU work the body claims the job in the progress Dict
+(``<job_id>#claim``, ``put(..., skip_if_exists=True)``, Modal's put-if-absent) with its own
+FunctionCall id. A rerun of the same input (after a preemption) finds its own id and goes on; a
+second call for the same job id (a duplicate spawn) finds another call's id and returns a plain
+"Duplicate delivery" error without GPU work. When the transport carries the result record's URL
+(gpu_core.uploads ``RESULT_NAME``) the result JSON is also written to the artifact store.
+
 Outcome (the function's return value): ``{"result": <ExperimentResult>}`` or ``{"error": "<plain
 message>"}``. A failure is returned as a message, not raised: Modal would pickle the exception,
 and classes from torch or transformers cannot be rebuilt in compute-modal, which has neither.
@@ -26,6 +33,7 @@ without access.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -35,6 +43,7 @@ from typing import Any, Protocol
 
 import modal
 
+log = logging.getLogger(__name__)
 APP_NAME = "influence-dashboard"
 FUNCTION_NAME = "run_experiment_job"
 PROGRESS_DICT = "influence-progress"
@@ -77,12 +86,25 @@ hf_cache = modal.Volume.from_name(HF_CACHE_VOLUME, create_if_missing=True)
 progress_store = modal.Dict.from_name(PROGRESS_DICT, create_if_missing=True)
 
 
+CLAIM_SUFFIX = "#claim"
+
+
 class ProgressStore(Protocol):
-    """What a job needs of its progress store: a modal.Dict (not a MutableMapping), or a dict."""
+    """What a job needs of its progress store: a modal.Dict (not a MutableMapping), or the
+    in-process stand-in (compute_modal.inprocess.InProcessDict)."""
 
     def get(self, key: str, default: Any = None, /) -> Any: ...
 
+    def put(self, key: str, value: Any, *, skip_if_exists: bool = False) -> bool: ...
+
     def __setitem__(self, key: str, value: Any, /) -> None: ...
+
+
+def claim_job(store: ProgressStore, job_id: str, call_id: str) -> bool:
+    """Whether this call may run job ``job_id``: it claimed it first, or it is a rerun of the
+    call that did (Modal reruns a preempted input under the same FunctionCall id)."""
+    key = job_id + CLAIM_SUFFIX
+    return store.put(key, call_id, skip_if_exists=True) or store.get(key) == call_id
 
 
 class ProgressWriter:
@@ -126,7 +148,7 @@ def upload_urls(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     return spec, urls if isinstance(urls, dict) else {}
 
 
-def run_job(job_id: str, spec: dict[str, Any], store: ProgressStore) -> dict[str, Any]:
+def run_job(job_id: str, spec: dict[str, Any], store: ProgressStore, call_id: str) -> dict[str, Any]:
     """The function body: run the job, report every event to ``store[job_id]``, upload an
     experiment's files to their presigned URLs, return the outcome (see the module docstring).
     ``spec`` is the gpu_core.jobs payload: an experiment's spec, or a later job of one (e.g. a
@@ -137,12 +159,19 @@ def run_job(job_id: str, spec: dict[str, Any], store: ProgressStore) -> dict[str
     # gpu_core imports torch: imported here so deploying needs no torch locally.
     from gpu_core.schemas import ExperimentResult
     from gpu_core.uploads import (
+        RESULT_NAME,
+        ArtifactUploadError,
         download_artifacts,
         download_event,
+        duplicate_delivery_message,
         parse_parent_artifacts,
+        store_result,
         upload_artifacts,
     )
 
+    if not claim_job(store, job_id, call_id):
+        # Not the job's progress entry: that belongs to the call that holds the claim.
+        return {"error": duplicate_delivery_message(job_id)}
     spec, urls = upload_urls(spec)
     writer = ProgressWriter(store, job_id)
     writer.add(
@@ -165,6 +194,11 @@ def run_job(job_id: str, spec: dict[str, Any], store: ProgressStore) -> dict[str
                 if artifacts is not None:
                     manifest = ExperimentResult.model_validate(event["result"]).artifacts
                     upload_artifacts(artifacts, manifest, urls)
+                if RESULT_NAME in urls:
+                    try:
+                        store_result(urls[RESULT_NAME], event["result"])
+                    except ArtifactUploadError as exc:  # the result still returns through Modal
+                        log.warning("the result was not written to the artifact store: %s", exc)
                 writer.finish("completed")
                 return {"result": event["result"]}
             writer.add(event)
@@ -202,7 +236,7 @@ def job_events(
 )
 def run_experiment_job(job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
     try:
-        return run_job(job_id, spec, progress_store)
+        return run_job(job_id, spec, progress_store, modal.current_function_call_id() or "")
     finally:
         # Models downloaded by this run stay cached for the next container.
         hf_cache.commit()

@@ -120,6 +120,9 @@ class RunPodClient:
             key,
             json=payload,
             idempotent=False,
+            # A /run that left and got no clear answer may have created a job: never UNAVAILABLE
+            # (which the scheduler retries), so that it is reconciled, not sent again.
+            unsure=Code.UNKNOWN,
         )
         if response.status_code == 404:
             raise ProviderError(
@@ -206,7 +209,9 @@ class RunPodClient:
         json: Any = None,
         params: dict[str, Any] | None = None,
         timeout: float | None = None,
+        unsure: Code = Code.UNAVAILABLE,
     ) -> httpx.Response:
+        """``unsure``: the code of a failure after a call that is not idempotent had left."""
         settings = self._settings
         headers = {"Authorization": f"Bearer {key}", "Accept": "application/json"}
         for attempt in range(1, settings.runpod_max_attempts + 1):
@@ -237,7 +242,7 @@ class RunPodClient:
                     continue
                 detail = _not_sent_again(idempotent, "received")
                 raise ProviderError(
-                    Code.UNAVAILABLE,
+                    Code.UNAVAILABLE if idempotent else unsure,
                     f"RunPod did not answer ({type(exc).__name__}).{detail}",
                 ) from None
             RUNPOD_API_CALLS.labels(route, str(response.status_code)).inc()
@@ -259,7 +264,8 @@ class RunPodClient:
                     continue
                 detail = _not_sent_again(idempotent, "accepted")
                 raise ProviderError(
-                    Code.UNAVAILABLE, f"RunPod answered with a server error (HTTP {status}).{detail}"
+                    Code.UNAVAILABLE if idempotent else unsure,
+                    f"RunPod answered with a server error (HTTP {status}).{detail}",
                 )
             if status == 401:
                 raise ProviderError(Code.UNAUTHENTICATED, "Invalid RunPod API key")

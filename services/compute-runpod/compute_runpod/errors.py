@@ -13,6 +13,8 @@ class Code(str, Enum):
     NOT_FOUND = "NOT_FOUND"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     UNAVAILABLE = "UNAVAILABLE"
+    # The call may or may not have taken effect (a /run whose answer was lost): reconcile it.
+    UNKNOWN = "UNKNOWN"
     INTERNAL = "INTERNAL"
 
 

@@ -33,19 +33,23 @@ from compute_runpod.results import (
 from gpu_core import schemas
 from gpu_core.jobs import EXPERIMENT, JobInputError, make_payload, parse_payload
 from gpu_core.schemas import ExperimentSpec
+from gpu_core.uploads import presigned_expiry
 
 log = logging.getLogger(__name__)
 
 WAITING_FOR_GPU = "waiting for a GPU worker (cold start can take 30-120 s)"
 NO_GPU = "No GPU available right now: wait, or pick another GPU type"
 RESULT_EXPIRED = (
-    "RunPod no longer has this job's result: RunPod keeps results for 30 minutes after a job "
-    "finishes, and this one is gone"
+    "RunPod no longer has this job: RunPod keeps a result for 30 minutes after a job finishes, "
+    "and drops a job still queued when its ttl ends (kept within its upload URLs' life); the "
+    "worker's copy of a result, if it finished, is in the artifact store"
 )
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 # In the endpoint's env: the template it was created from or last moved to.
 TEMPLATE_MARKER = "INFLUENCE_TEMPLATE_ID"
 _REMEMBERED_JOBS = 10_000
+# The smallest ttl sent (RUNPOD_JOB_TTL_S's floor): less cannot both wait for a worker and run.
+_MIN_JOB_TTL_S = 10
 
 RevealKey = Callable[[str], Awaitable[str]]
 
@@ -322,7 +326,8 @@ class RunPodProvider:
         if parent_artifacts:
             job_input["parent_artifacts"] = parent_artifacts
         if kind in ("", EXPERIMENT):
-            job_input["artifact_transport"] = self._artifact_transport(spec, upload_urls or {})
+            job_input["artifact_transport"] = self._artifact_transport(job_id, spec, upload_urls or {})
+        ttl_s = self._job_ttl_s(upload_urls or {})
         endpoint = self._endpoint(account)
         async with self._submit_locks.hold(job_id) if job_id else contextlib.nullcontext():
             if job_id and job_id in self._submitted:
@@ -335,7 +340,7 @@ class RunPodProvider:
                 "input": job_input,
                 "policy": {
                     "executionTimeout": settings.runpod_execution_timeout_s * 1000,
-                    "ttl": settings.runpod_job_ttl_s * 1000,
+                    "ttl": ttl_s * 1000,
                 },
             }
             accepted = await self._client.run(key, endpoint, payload)
@@ -345,10 +350,31 @@ class RunPodProvider:
             log.info("runpod job submitted", extra={"job_id": job_id, "runpod_job_id": provider_job_id})
             return provider_job_id
 
-    def _artifact_transport(self, spec: ExperimentSpec, upload_urls: dict[str, str]) -> dict[str, Any]:
-        """What the worker does with the run's files (see worker/handler.py)."""
+    def _job_ttl_s(self, upload_urls: dict[str, str]) -> int:
+        """The job's RunPod ttl (queue wait and run together): RUNPOD_JOB_TTL_S, kept within
+        the life left to its upload URLs, so that RunPod drops a job from its queue (unrun,
+        unpaid) rather than run it to an end whose files and result can no longer be stored."""
+        ttl_s = self._settings.runpod_job_ttl_s
+        expiries = [presigned_expiry(url) for url in upload_urls.values()]
+        known = [expiry for expiry in expiries if expiry is not None]
+        if not known:
+            return ttl_s
+        left_s = int(min(known) - time.time())
+        if left_s < _MIN_JOB_TTL_S:
+            raise ProviderError(
+                Code.FAILED_PRECONDITION,
+                f"The job's upload URLs expire in {max(left_s, 0)} s, too soon to run it; the "
+                "scheduler mints them (SCHEDULER_UPLOAD_URL_TTL_S). Nothing was submitted.",
+            )
+        return min(ttl_s, left_s)
+
+    def _artifact_transport(
+        self, job_id: str, spec: ExperimentSpec, upload_urls: dict[str, str]
+    ) -> dict[str, Any]:
+        """What the worker does with the run's files (see worker/handler.py); with presigned
+        URLs, also our job id, which the worker's claim object records."""
         if upload_urls:
-            return {"mode": "presigned", "urls": upload_urls}
+            return {"mode": "presigned", "urls": upload_urls, "job_id": job_id}
         ceiling = self._settings.runpod_inline_artifacts_max_bytes
         matrix_bytes = scores_npy_bytes(len(spec.eval_data), len(spec.training_data))
         if matrix_bytes > ceiling:

@@ -23,6 +23,13 @@ url}}`` uploads each file with a streamed PUT before the result is yielded, so t
 only the manifest; ``{"mode": "inline", "max_bytes": N}`` (the dashboard's store is not reachable
 from RunPod) yields each file as base64 ``artifact_part`` chunks, refused in plain words above N.
 
+Exactly once on our job id: with presigned URLs the transport also carries the PUT URLs of the
+worker's records (gpu_core.uploads ``CLAIM_NAME``, ``RESULT_NAME``) and our ``job_id``. Before
+any GPU work the handler creates the claim object conditionally; a second delivery of the same
+job (a resent ``/run``) finds it and ends at once with a plain "Duplicate delivery" error. When
+the run ends its result JSON is also written to the store, where the scheduler collects it after
+RunPod has forgotten the job (30 minutes after it ends).
+
 A follow-up query (kind ``query``) carries ``parent_artifacts``: presigned GETs of the
 experiment's adapter and gradient index, downloaded (size and sha256 checked) into a temporary
 folder that ``run_job`` reads as ``parent_artifacts_dir``; a file that is gone is recomputed.
@@ -34,9 +41,11 @@ import asyncio
 import base64
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,15 +56,21 @@ from gpu_core.jobs import JobInput, JobInputError, parse_payload, run_job
 from gpu_core.pipeline import ExperimentCancelled
 from gpu_core.schemas import ArtifactEntry, SpecError
 from gpu_core.uploads import (
+    CLAIM_NAME,
+    RESULT_NAME,
     ArtifactDownloadError,
     ArtifactUploadError,
     ParentArtifact,
+    claim_job,
     download_artifacts,
     download_event,
+    duplicate_delivery_message,
     parse_parent_artifacts,
+    store_result,
     upload_artifacts,
 )
 
+log = logging.getLogger(__name__)
 # Well under RunPod's 1 MB per stream chunk, leaving room for the envelope.
 DEFAULT_RESULT_CHUNK_BYTES = 512 * 1024
 # RunPod's /run output limit is 10 MB; keep a margin for the job-done envelope.
@@ -158,6 +173,46 @@ async def deliver_artifacts(result: dict[str, Any], directory: Path, transport: 
     )
 
 
+def record_url(transport: Any, name: str) -> str | None:
+    """The presigned PUT URL of one of the worker's records, when the transport carries one."""
+    urls = transport.get("urls") if isinstance(transport, dict) else None
+    url = urls.get(name) if isinstance(urls, dict) else None
+    return url if isinstance(url, str) and url else None
+
+
+async def claim(job: dict[str, Any], transport: Any) -> str | None:
+    """Claim the job in the artifact store before any GPU work; the error to end with when this
+    delivery must not run (a duplicate, or a store that cannot be reached), else None."""
+    url = record_url(transport, CLAIM_NAME)
+    if url is None:
+        return None  # no store reachable from here: RunPod's own delivery is all there is
+    job_id = str(transport.get("job_id") or "")
+    body = {
+        "job_id": job_id,
+        "provider": "runpod",
+        "provider_job_id": str(job.get("id") or ""),
+        "worker_id": os.environ.get("RUNPOD_POD_ID", ""),
+        "claimed_at": time.time(),
+    }
+    try:
+        claimed = await asyncio.to_thread(claim_job, url, body)
+    except ArtifactUploadError as exc:
+        return f"The job was not run: the artifact store, where its files go, failed ({exc})"
+    return None if claimed else duplicate_delivery_message(job_id)
+
+
+async def keep_result(result: dict[str, Any], transport: Any) -> None:
+    """Write the result JSON to the store beside the files (best effort: the result still
+    travels through RunPod's output, so a store that is down only loses the second copy)."""
+    url = record_url(transport, RESULT_NAME)
+    if url is None:
+        return
+    try:
+        await asyncio.to_thread(store_result, url, result)
+    except ArtifactUploadError as exc:
+        log.warning("the result was not written to the artifact store: %s", exc)
+
+
 class ExperimentThread:
     """gpu_core's generator in its own thread, its events handed to the event loop."""
 
@@ -229,6 +284,9 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     except (JobInputError, ArtifactDownloadError) as exc:
         yield {"error": f"Invalid job input: {exc}"}
         return
+    if (refusal := await claim(job, transport)) is not None:
+        yield {"error": refusal}
+        return
     with (
         tempfile.TemporaryDirectory(prefix="influence-artifacts-") as artifacts_dir,
         tempfile.TemporaryDirectory(prefix="influence-parent-") as parent_dir,
@@ -252,6 +310,7 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
                 except ArtifactDeliveryError as exc:
                     yield {"error": str(exc)}
                     return
+                await keep_result(event["result"], transport)
                 chunks += result_chunks(event["result"], result_chunk_bytes())
                 result_bytes = sum(len(json.dumps(c)) + 2 for c in chunks)
                 if output_bytes + result_bytes > output_limit_bytes():

@@ -5,11 +5,16 @@ chunk by chunk from the provider (ComputeProvider.FetchArtifact) into the store,
 and committed only when its size and sha256 match the manifest. A transfer that fails is retried
 a bounded number of times; when it still fails, everything already stored for the job is removed
 and the job fails with a plain message, so a failed job never lists partial files.
+
+Workers far from us also leave two records in the store (gpu_core.uploads): their claim on the
+job (``read_worker_claim``) and the result JSON (``fetch_stored_result``), which outlive the
+provider's own retention.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -20,6 +25,7 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 
 from artifact_store import (
+    ArtifactNotFound,
     ArtifactStore,
     InvalidArtifactName,
     StoreError,
@@ -27,6 +33,7 @@ from artifact_store import (
     job_key,
     job_prefix,
 )
+from gpu_core.uploads import CLAIM_NAME, RESULT_NAME
 from influence.v1 import common_pb2
 from scheduler.providers import ProviderClient, ProviderError
 
@@ -44,6 +51,58 @@ _RETRY_DELAY_S = 0.5
 
 class ArtifactTransferError(Exception):
     """The artifacts could not be moved; the message is for the researcher."""
+
+
+class StoreUnavailable(ArtifactTransferError):
+    """The store failed without a definite answer until a deadline; nothing was deleted, so the
+    check can be tried again later."""
+
+
+@dataclass(frozen=True)
+class WorkerClaim:
+    """The claim a RunPod or Modal worker created before any GPU work (gpu_core.uploads
+    ``claim_job``): which provider job is running our job."""
+
+    job_id: str
+    provider: str
+    provider_job_id: str
+    claimed_at: float
+
+
+async def read_worker_claim(store: ArtifactStore, job_id: str) -> WorkerClaim | None:
+    """The worker's claim on ``job_id``, None when no delivery has started it (yet). This is how
+    an ambiguous submit is reconciled: RunPod cannot look a job up by our id, but the worker that
+    took it wrote its RunPod job id here. Raises StoreError when the store fails."""
+    body = await _read_record(store, job_id, CLAIM_NAME)
+    if body is None:
+        return None
+    try:
+        data = json.loads(body)
+        return WorkerClaim(
+            job_id=str(data["job_id"]),
+            provider=str(data.get("provider", "")),
+            provider_job_id=str(data["provider_job_id"]),
+            claimed_at=float(data.get("claimed_at", 0.0)),
+        )
+    except (ValueError, KeyError, TypeError):
+        raise StoreError(f"the worker's claim on job {job_id} in the artifact store is malformed") from None
+
+
+async def fetch_stored_result(store: ArtifactStore, job_id: str) -> bytes | None:
+    """The result JSON (UTF-8, the bytes ComputeProvider.GetResult answers) that the worker wrote
+    to the store beside the job's files, or None when there is none (the run has not ended, it
+    failed, or the store was unreachable from the worker). For a job whose provider has forgotten
+    it (RunPod keeps a result 30 minutes): the follower calls this before failing the job.
+    Raises StoreError when the store fails without a definite answer (try again later)."""
+    return await _read_record(store, job_id, RESULT_NAME)
+
+
+async def _read_record(store: ArtifactStore, job_id: str, name: str) -> bytes | None:
+    try:
+        chunks = [chunk async for chunk in await store.get(job_key(job_id, name))]
+    except ArtifactNotFound:
+        return None
+    return b"".join(chunks)
 
 
 @dataclass(frozen=True)

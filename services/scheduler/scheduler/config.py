@@ -50,9 +50,9 @@ class Settings(ServiceSettings):
     scheduler_artifact_attempts: int = Field(default=3, ge=1, le=10)
     scheduler_artifact_timeout_s: float = Field(default=1800.0, gt=0, le=86400)
     # Lifetime of the presigned PUT URLs a RunPod or Modal worker uploads a job's files with: they
-    # are used at the end of the run, so this covers the queue wait plus the longest run
-    # (RUNPOD_QUEUE_TIMEOUT_S + RUNPOD_EXECUTION_TIMEOUT_S, Modal's function timeout).
-    scheduler_upload_url_ttl_s: int = Field(default=3 * 3600, ge=60, le=7 * 24 * 3600)
+    # are used at the end of the run, so this outlives RunPod's whole ttl (RUNPOD_JOB_TTL_S, 24 h:
+    # queue wait and run together; compute-runpod keeps the ttl within it) and Modal's timeout.
+    scheduler_upload_url_ttl_s: int = Field(default=25 * 3600, ge=60, le=7 * 24 * 3600)
     # Artifacts of jobs finished longer ago are deleted (the job and its small result stay);
     # 0 keeps them forever. The sweep runs every scheduler_retention_sweep_s.
     artifact_retention_days: float = Field(default=30.0, ge=0, le=36500)

@@ -6,7 +6,15 @@ name its run may write (``gpu_core.uploads.planned_artifact_names``), each for o
 ``jobs/{job_id}/`` and valid for ``scheduler_upload_url_ttl_s``. Before the job is COMPLETED
 every file of the result's manifest is read back from the store in chunks and its size and
 sha256 compared; anything else found under the job's prefix (an upload whose job then failed,
-a file the manifest does not list) is removed, so the store lists exactly what was verified.
+a file the manifest does not list) is removed, so the store lists exactly what was verified and
+the worker's two records (``_worker/claim.json``, ``_worker/result.json``, see gpu_core.uploads;
+scheduler.artifacts reads them). A store that fails without a definite answer is retried until a
+deadline and never makes a job's files look missing.
+
+The URLs live ``scheduler_upload_url_ttl_s`` (default 25 h), longer than RunPod keeps a job in
+all (RUNPOD_JOB_TTL_S, 24 h: queue wait and run together), and compute-runpod caps each job's
+ttl to the life its URLs have left: a job that waited in RunPod's queue still uploads, and one
+that could not is dropped by RunPod unrun rather than run to a 403.
 
 Where the store cannot mint URLs (the local filesystem, the embedded default) nothing is minted
 and the files come back through the provider (``ComputeProvider.FetchArtifact``), as for
@@ -22,18 +30,26 @@ when that folder has gone. A file with no URL is recomputed by the worker.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from artifact_store import ArtifactStore, StoreError, job_key, job_prefix
+from artifact_store import ArtifactNotFound, ArtifactStore, StoreError, job_key, job_prefix
 from gpu_core.jobs import QUERY, parse_result
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
-from gpu_core.uploads import needed_parent_artifacts, planned_artifact_names
+from gpu_core.uploads import WORKER_RECORD_NAMES, needed_parent_artifacts, planned_artifact_names
 from influence.v1 import compute_pb2
-from scheduler.artifacts import ArtifactTransferError
+from scheduler.artifacts import ArtifactTransferError, StoreUnavailable
 
 log = logging.getLogger(__name__)
+
+# How long verify_uploads keeps retrying a store that fails without a definite answer.
+VERIFY_DEADLINE_S = 300.0
+_VERIFY_FIRST_DELAY_S = 0.5
+_VERIFY_MAX_DELAY_S = 15.0
 
 # Providers whose workers run outside this deployment's network and can upload directly.
 DIRECT_UPLOAD_PROVIDERS = frozenset({"runpod", "modal"})
@@ -46,8 +62,9 @@ def uploads_directly(provider: str, store: ArtifactStore) -> bool:
 async def presigned_uploads(
     store: ArtifactStore, job_id: str, spec: dict[str, Any], expires_s: int
 ) -> list[compute_pb2.ArtifactUpload]:
-    """One presigned PUT URL per artifact name the job's run may write."""
-    names = planned_artifact_names(parse_spec(spec, NO_SIZE_LIMITS))
+    """One presigned PUT URL per artifact name the job's run may write, and one for each of
+    the worker's records (its claim on the job, its result JSON: gpu_core.uploads)."""
+    names = [*planned_artifact_names(parse_spec(spec, NO_SIZE_LIMITS)), *WORKER_RECORD_NAMES]
     return [
         compute_pb2.ArtifactUpload(
             name=name, url=await store.presigned_url("PUT", job_key(job_id, name), expires_s)
@@ -84,31 +101,59 @@ async def presigned_parent_downloads(
     ]
 
 
-async def verify_uploads(store: ArtifactStore, job_id: str, manifest: list[dict[str, Any]]) -> None:
+async def verify_uploads(
+    store: ArtifactStore,
+    job_id: str,
+    manifest: list[dict[str, Any]],
+    deadline_s: float = VERIFY_DEADLINE_S,
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+) -> None:
     """Check every manifest file in the store (size, then sha256 over a chunked read) and remove
-    what the manifest does not list. Raises ArtifactTransferError, having removed everything
-    under the job's prefix, when a file is missing or differs."""
-    try:
-        for entry in manifest:
-            await _verify_one(store, job_id, entry)
-        listed = {job_key(job_id, entry["name"]) for entry in manifest}
-        for info in await store.list(job_prefix(job_id)):
-            if info.key not in listed:
-                log.warning("removing an unlisted upload", extra={"job_id": job_id, "key": info.key})
-                await store.delete(info.key)
-    except StoreError as exc:
-        await remove_uploads(store, job_id)
-        raise ArtifactTransferError(f"the artifact store could not be checked: {exc}") from None
-    except ArtifactTransferError:
-        await remove_uploads(store, job_id)
-        raise
+    what the manifest does not list (the worker's records under ``_worker/`` stay). Only a
+    definite answer counts against the worker: a file the store says is not there (404), or
+    one that differs, raises ArtifactTransferError having removed everything under the job's
+    prefix. Any other store failure (a 5xx, a timeout) is retried with backoff until
+    ``deadline_s`` and then raises StoreUnavailable, with every file left in place."""
+    started = time.monotonic()
+    delay = _VERIFY_FIRST_DELAY_S
+    while True:
+        try:
+            await _verify_all(store, job_id, manifest)
+            return
+        except ArtifactTransferError:
+            await remove_uploads(store, job_id)
+            raise
+        except StoreError as exc:
+            waited = time.monotonic() - started
+            if waited + delay > deadline_s:
+                raise StoreUnavailable(
+                    f"the artifact store could not be checked for {round(waited)} s ({exc}); the "
+                    "job's files were left in place"
+                ) from None
+            log.warning(
+                "artifact store failed while verifying uploads; retrying",
+                extra={"job_id": job_id, "error": str(exc), "retry_in_s": delay},
+            )
+            await sleep(delay)
+            delay = min(delay * 2, _VERIFY_MAX_DELAY_S)
+
+
+async def _verify_all(store: ArtifactStore, job_id: str, manifest: list[dict[str, Any]]) -> None:
+    for entry in manifest:
+        await _verify_one(store, job_id, entry)
+    listed = {job_key(job_id, entry["name"]) for entry in manifest}
+    records = {job_key(job_id, name) for name in WORKER_RECORD_NAMES}
+    for info in await store.list(job_prefix(job_id)):
+        if info.key not in listed and info.key not in records:
+            log.warning("removing an unlisted upload", extra={"job_id": job_id, "key": info.key})
+            await store.delete(info.key)
 
 
 async def _verify_one(store: ArtifactStore, job_id: str, entry: dict[str, Any]) -> None:
     name, key = entry["name"], job_key(job_id, entry["name"])
     try:
         info = await store.stat(key)
-    except StoreError:
+    except ArtifactNotFound:
         raise ArtifactTransferError(
             f"artifact {name!r} is listed in the worker's result but was never uploaded to the store"
         ) from None

@@ -3,14 +3,21 @@ what a worker uploaded before a job may complete."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
-from artifact_store import ArtifactStore, job_key, load_store_settings, open_store
-from scheduler.artifacts import ArtifactTransferError
+from artifact_store import ArtifactStore, StoreError, job_key, load_store_settings, open_store
+from gpu_core.uploads import CLAIM_NAME, RESULT_NAME, WORKER_RECORD_NAMES, claim_job, store_result
+from scheduler.artifacts import (
+    ArtifactTransferError,
+    StoreUnavailable,
+    fetch_stored_result,
+    read_worker_claim,
+)
 from scheduler.uploads import presigned_parent_downloads, presigned_uploads, uploads_directly, verify_uploads
 
 SPEC = {
@@ -78,6 +85,78 @@ async def test_a_missing_or_differing_upload_fails_and_leaves_nothing(
     with pytest.raises(ArtifactTransferError, match=problem):
         await verify_uploads(s3_store, "job-c", manifest)
     assert await s3_store.list("jobs/job-c/") == []
+
+
+async def test_the_plan_carries_the_worker_records_and_verification_keeps_them(
+    s3_store: ArtifactStore,
+) -> None:
+    uploads = {u.name: u.url for u in await presigned_uploads(s3_store, "job-w", SPEC, expires_s=600)}
+    assert set(WORKER_RECORD_NAMES) <= set(uploads)
+    claim = {"job_id": "job-w", "provider": "runpod", "provider_job_id": "rp-1", "claimed_at": 1.0}
+    # The conditional create: the first claim wins, a second delivery's gets 412 from the store.
+    assert claim_job(uploads[CLAIM_NAME], claim)
+    assert not claim_job(uploads[CLAIM_NAME], {**claim, "provider_job_id": "rp-2"})
+    store_result(uploads[RESULT_NAME], {"artifacts": [], "note": "paid for"})
+    await s3_store.put(job_key("job-w", "scores.npy"), chunks(b"matrix"))
+    await verify_uploads(s3_store, "job-w", [entry("scores.npy", b"matrix")])
+    found = await read_worker_claim(s3_store, "job-w")
+    assert found is not None and found.provider_job_id == "rp-1"
+    assert await fetch_stored_result(s3_store, "job-w") == b'{"artifacts":[],"note":"paid for"}'
+    assert await read_worker_claim(s3_store, "job-none") is None
+
+
+class FlakyStore:
+    """The store as verify_uploads sees it, failing without a definite answer ``failures`` times
+    (what a 503 or a timeout becomes once obstore's own retries give up)."""
+
+    def __init__(self, inner: ArtifactStore, failures: int) -> None:
+        self._inner = inner
+        self.failures = failures
+        self.deleted: list[str] = []
+
+    def _maybe_fail(self, key: str) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StoreError(f"the artifact store failed to find {key!r}: HTTP 503 Slow Down")
+
+    async def stat(self, key: str):
+        self._maybe_fail(key)
+        return await self._inner.stat(key)
+
+    async def get(self, key: str):
+        return await self._inner.get(key)
+
+    async def list(self, prefix: str):
+        return await self._inner.list(prefix)
+
+    async def delete(self, key: str) -> None:
+        self.deleted.append(key)
+        await self._inner.delete(key)
+
+    async def delete_prefix(self, prefix: str) -> int:
+        self.deleted.append(prefix)
+        return await self._inner.delete_prefix(prefix)
+
+
+async def test_a_store_error_is_retried_and_never_deletes_files(s3_store: ArtifactStore) -> None:
+    await s3_store.put(job_key("job-f", "scores.npy"), chunks(b"matrix"))
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    flaky = FlakyStore(s3_store, failures=3)
+    await verify_uploads(flaky, "job-f", [entry("scores.npy", b"matrix")], sleep=sleep)
+    assert slept == [0.5, 1.0, 2.0] and flaky.deleted == []
+
+    # Past the deadline: StoreUnavailable, and still nothing deleted.
+    flaky = FlakyStore(s3_store, failures=1000)
+    with pytest.raises(StoreUnavailable, match="left in place"):
+        await verify_uploads(
+            flaky, "job-f", [entry("scores.npy", b"matrix")], deadline_s=0.3, sleep=asyncio.sleep
+        )
+    assert flaky.deleted == []
+    assert [i.key.rsplit("/", 1)[-1] for i in await s3_store.list("jobs/job-f/")] == ["scores.npy"]
 
 
 def parent_result(method: str, manifest: list[dict]) -> dict:
