@@ -89,7 +89,7 @@ bench-list-memory: setup ## ListJobs of 500 jobs with 10 MiB specs: scheduler RS
 bench-fuzz: setup ## schema fuzzing of the OpenAPI against a fresh stack (FUZZ_CASES=5000): server errors
 	$(PY) -m devstack.fuzz_api --cases $(or $(FUZZ_CASES),5000)
 
-modal-deploy: setup ## deploy the Modal app (needs MODAL_TOKEN_ID/SECRET; MODAL_GPU picks the GPU, MODAL_HF_SECRET names an HF token secret)
+modal-deploy: setup ## deploy the Modal app (needs MODAL_TOKEN_ID/SECRET; reads MODAL_APP_NAME, MODAL_FUNCTION_NAME, MODAL_PROGRESS_DICT, MODAL_GPU, MODAL_HF_SECRET)
 	$(VENV)/bin/modal deploy services/compute-modal/worker/modal_app.py
 
 clean: ## remove the venv, embedded database and caches

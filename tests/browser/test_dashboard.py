@@ -211,6 +211,9 @@ def test_bring_your_own_runpod_key(page, stack: Stack, shots: Screenshots) -> No
     page.get_by_label("Bring your own GPU (RunPod)").check()
     notice = page.locator("#key-notice").inner_text()
     assert "full access" in notice and "one serverless endpoint" in notice
+    assert page.locator("#key-uses li").count() >= 10  # every RunPod call, one per line
+    key_page = page.get_by_role("link", name="RunPod's API keys page")
+    assert key_page.get_attribute("href") == "https://console.runpod.io/user/credentials"
     assert page.get_by_role("link", name="runpod.io").get_attribute("href") == "https://runpod.io"
     key_field = page.get_by_label("RunPod API key")
     assert key_field.get_attribute("type") == "password"

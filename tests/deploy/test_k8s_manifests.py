@@ -199,6 +199,20 @@ def test_prod_keeps_no_secret_values_and_pins_images(rendered: dict[str, list[Re
     assert config["AUTH_MODE"] == "jwt" and config["JWT_ISSUER"] and config["JWT_AUDIENCE"]
 
 
+def test_modal_is_the_hosted_default_of_prod(rendered: dict[str, list[Resource]]) -> None:
+    """The original document keeps Modal the hosted default; prod routes the hosted backend there,
+    and compute-modal, which serves it, gets the operator's Modal token from its Secret."""
+    config = of_kind(rendered["prod"], "ConfigMap")[0]["data"]
+    assert config["HOSTED_PROVIDER"] == "modal"
+    (container,) = named(rendered["prod"], "Deployment", "compute-modal")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    secrets = {
+        source["secretRef"]["name"] for source in container.get("envFrom", []) if "secretRef" in source
+    }
+    assert "compute-modal-secrets" in secrets
+
+
 def test_prod_runs_more_replicas_behind_a_tls_ingress(rendered: dict[str, list[Resource]]) -> None:
     prod, dev = rendered["prod"], rendered["dev"]
     prod_hpa = named(prod, "HorizontalPodAutoscaler", "gateway")["spec"]

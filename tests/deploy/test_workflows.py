@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,8 @@ def test_worker_is_published_on_pushes_to_main_touching_gpu_core_or_the_worker()
     assert (REPO / build["file"]).is_file()
     assert build["push"] is True
     assert set(build["tags"].strip().split("\n")) == {
-        "ghcr.io/${{ github.repository }}/influence-worker:latest",
-        "ghcr.io/${{ github.repository }}/influence-worker:${{ github.sha }}",
+        "${{ steps.image.outputs.path }}/influence-worker:latest",
+        "${{ steps.image.outputs.path }}/influence-worker:${{ github.sha }}",
     }
     login = next(s for s in steps(workflow) if s.get("uses", "").startswith("docker/login-action@"))
     assert login["with"]["registry"] == "ghcr.io"
@@ -72,8 +73,8 @@ def test_every_service_image_is_published() -> None:
     assert build["file"] == "services/${{ matrix.service }}/Dockerfile"
     assert build["context"] == "."
     tags = build["tags"].split("\n")
-    assert "ghcr.io/${{ github.repository }}/influence-${{ matrix.service }}:latest" in tags
-    assert "ghcr.io/${{ github.repository }}/influence-${{ matrix.service }}:${{ github.sha }}" in tags
+    assert "${{ steps.image.outputs.path }}/influence-${{ matrix.service }}:latest" in tags
+    assert "${{ steps.image.outputs.path }}/influence-${{ matrix.service }}:${{ github.sha }}" in tags
 
 
 def test_service_images_rebuild_when_anything_they_copy_changes() -> None:
@@ -100,3 +101,36 @@ def test_ci_runs_make_test_on_pushes_and_pull_requests() -> None:
     on = triggers(workflow)
     assert "pull_request" in on and on["push"]["branches"] == ["main"]
     assert any(step.get("run", "").strip() == "make test" for step in steps(workflow))
+
+
+@pytest.mark.parametrize("name", ["publish-worker.yml", "publish-services.yml"])
+def test_images_are_pushed_to_a_lower_case_path(name: str, tmp_path: Path) -> None:
+    """GHCR refuses upper-case repository paths, and github.repository keeps the owner's case
+    (e.g. My-Org/Influence): every tag goes through the step that lower-cases it."""
+    workflow = load(name)
+    (image_step,) = [s for s in steps(workflow) if s.get("id") == "image"]
+    output = tmp_path / "github_output"
+    subprocess.run(
+        ["bash", "-c", image_step["run"]],
+        env={"GITHUB_REPOSITORY": "My-Org/Influence-Dashboard", "GITHUB_OUTPUT": str(output)},
+        check=True,
+    )
+    assert output.read_text() == "path=ghcr.io/my-org/influence-dashboard\n"
+    tags = build_step(workflow)["tags"]
+    assert "github.repository" not in tags
+    assert all("steps.image.outputs.path" in tag for tag in tags.strip().split("\n"))
+
+
+def test_the_worker_image_has_one_name_everywhere() -> None:
+    """The workflow publishes influence-worker; the Dockerfile, INSTRUCTIONS.md and `make images`
+    name the same image."""
+    tags = build_step(load("publish-worker.yml"))["tags"]
+    assert set(re.findall(r"/(influence-[\w-]+):", tags)) == {"influence-worker"}
+    dockerfile = (REPO / "services/compute-runpod/worker/Dockerfile").read_text()
+    instructions = (REPO / "INSTRUCTIONS.md").read_text()
+    makefile = (REPO / "Makefile").read_text()
+    for text in (dockerfile, instructions):
+        named = set(re.findall(r"ghcr\.io/<owner>/<repo>/(influence-[\w-]+)", text))
+        assert "influence-worker" in named
+        assert not {n for n in named if "worker" in n} - {"influence-worker"}
+    assert "$(IMAGE_PREFIX)worker:$(IMAGE_TAG)" in makefile

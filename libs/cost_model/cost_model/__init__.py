@@ -7,7 +7,7 @@ tier), ``timing`` (time) and ``estimate`` (cost = time x $/s); docs/cost-model.m
 from cost_model.estimate import BackendPrice, CostEstimate, ModelInfo, catalog, estimate, estimate_job
 from cost_model.memory import GpuRecommendation, MemoryBreakdown, recommend_gpu
 from cost_model.model_catalog import Architecture, ModelCard, lookup_model, model_cards, sized_model
-from cost_model.prices import TIERS_GB, GpuOffer, PriceTable, PriceTableError, price_table
+from cost_model.prices import TIERS_GB, GpuOffer, PriceTable, PriceTableError, job_gpu, price_table
 from cost_model.workload import Workload
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "catalog",
     "estimate",
     "estimate_job",
+    "job_gpu",
     "lookup_model",
     "model_cards",
     "price_table",

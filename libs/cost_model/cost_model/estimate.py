@@ -10,9 +10,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cost_model.memory import GpuRecommendation, recommend_gpu
+from cost_model.memory import USABLE_FRACTION, GpuRecommendation, recommend_gpu
 from cost_model.model_catalog import ModelCard, lookup_model, model_cards
-from cost_model.prices import PROVIDERS, price_table
+from cost_model.prices import MODAL_GPU_ENV, PROVIDERS, job_gpu, price_table
 from cost_model.timing import COLD_START_RANGE, counterfactual_time_s, estimated_time_s, query_time_s
 from cost_model.workload import Workload
 from gpu_core.schemas import CounterfactualRequest, ExperimentSpec, QueryRequest
@@ -100,7 +100,7 @@ def estimate(
     workload = Workload.from_spec(spec, card)
     recommendation = _recommend(card, workload)
     table = price_table(provider)
-    gpu_name, gpu = table.gpu_for_tier(recommendation.tier_gb)
+    gpu_name, gpu = job_gpu(provider, recommendation.tier_gb)
     notes: list[str] = []
     if query is not None:
         hp = spec.hyperparams
@@ -137,6 +137,12 @@ def estimate(
     time_s = round(seconds, 1)
     if card.note:
         notes.append(card.note)
+    needs_gb = recommendation.required_memory_gb / USABLE_FRACTION
+    if provider == "modal" and recommendation.fits and gpu.memory_gb < needs_gb:
+        notes.append(
+            f"runs on {gpu_name} ({gpu.memory_gb:g} GB), the operator's {MODAL_GPU_ENV}, while it needs "
+            f"about {recommendation.required_memory_gb:.0f} GB: it may run out of GPU memory"
+        )
     if not recommendation.fits:
         notes.append(
             f"needs about {recommendation.required_memory_gb:.0f} GB, more than the largest GPU "
@@ -184,7 +190,7 @@ def catalog(hosted_provider: str = "modal") -> list[ModelInfo]:
         recommendation = _recommend(card, Workload(quantization=card.default_quantization))
         prices = {}
         for backend, table in tables.items():
-            gpu_name, gpu = table.gpu_for_tier(recommendation.tier_gb)
+            gpu_name, gpu = job_gpu(providers[backend], recommendation.tier_gb)
             prices[backend] = BackendPrice(
                 provider=providers[backend],
                 gpu=gpu_name,

@@ -23,6 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 PROVIDERS: tuple[str, ...] = ("local", "modal", "runpod")
 TIERS_GB: tuple[int, ...] = (16, 24, 48, 80, 141)
 PRICES_DIR_ENV = "COST_MODEL_PRICES_DIR"
+# The operator's override of the GPU every Modal job runs on (and is priced at); unset, each job
+# runs on its memory tier's GPU (worker/modal_app.py, compute-modal's submit).
+MODAL_GPU_ENV = "MODAL_GPU"
 
 
 class PriceTableError(ValueError):
@@ -125,3 +128,18 @@ def price_table(provider: str) -> PriceTable:
         raise PriceTableError(f"price table {path} is for {table.provider!r}, expected {provider!r}")
     _cache[path] = _Cached(mtime, table)
     return table
+
+
+def job_gpu(provider: str, tier_gb: int) -> tuple[str, GpuOffer]:
+    """The GPU a job needing the ``tier_gb`` memory tier runs on at ``provider``, and its offer:
+    the price table's GPU for the tier, or on Modal the operator's ``MODAL_GPU`` when set."""
+    table = price_table(provider)
+    override = os.environ.get(MODAL_GPU_ENV, "").strip() if provider == "modal" else ""
+    if not override:
+        return table.gpu_for_tier(tier_gb)
+    if override not in table.gpus:
+        raise PriceTableError(
+            f"{MODAL_GPU_ENV}={override!r} is not a GPU of the modal price table "
+            f"(one of {', '.join(table.gpus)})"
+        )
+    return override, table.gpus[override]

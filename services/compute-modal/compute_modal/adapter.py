@@ -24,8 +24,9 @@ class ModalAdapter(Protocol):
     async def check(self) -> None:
         """Raise unless the credentials work and the app's function is deployed."""
 
-    async def spawn(self, job_id: str, spec: dict[str, Any]) -> str:
-        """Start the function; returns the FunctionCall id (``fc-...``)."""
+    async def spawn(self, job_id: str, spec: dict[str, Any], gpu: str) -> str:
+        """Start the function on a ``gpu`` (a Modal GPU type such as ``L4``); returns the
+        FunctionCall id (``fc-...``)."""
 
     async def get(self, call_id: str) -> dict[str, Any]:
         """Poll once (``get(timeout=0)``); see the module docstring for what it raises."""
@@ -64,6 +65,7 @@ class ModalSdkAdapter:
         self._client: modal.Client | None = None
         # Each new handle hydrates with its own lookup: one of each per process.
         self._function_handle: modal.Function | None = None
+        self._function_on_gpu: dict[str, modal.Function] = {}
         self._dict_handle: modal.Dict | None = None
 
     def _get_client(self) -> modal.Client:
@@ -102,8 +104,12 @@ class ModalSdkAdapter:
     async def check(self) -> None:
         await self._function().hydrate.aio()
 
-    async def spawn(self, job_id: str, spec: dict[str, Any]) -> str:
-        call = await self._function().spawn.aio(job_id, spec)
+    async def spawn(self, job_id: str, spec: dict[str, Any], gpu: str) -> str:
+        # with_options gives the deployed function a container pool per GPU type.
+        function = self._function_on_gpu.get(gpu)
+        if function is None:
+            function = self._function_on_gpu[gpu] = self._function().with_options(gpu=gpu)
+        call = await function.spawn.aio(job_id, spec)
         return str(call.object_id)
 
     async def get(self, call_id: str) -> dict[str, Any]:

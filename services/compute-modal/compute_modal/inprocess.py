@@ -102,14 +102,17 @@ class InProcessModal:
         self._lock = threading.Lock()
         self._calls: dict[str, _Call] = {}
         self.progress = InProcessDict()
+        # The GPU type each job was spawned on, by our job id (what with_options(gpu=) asks of Modal).
+        self.gpus: dict[str, str] = {}
 
     async def check(self) -> None:
         if not self._deployed:
             # What Function.from_name(...).hydrate raises for an app that was never deployed.
             raise modal.exception.NotFoundError("Lookup failed for Function 'run_experiment_job'")
 
-    async def spawn(self, job_id: str, spec: dict[str, Any]) -> str:
+    async def spawn(self, job_id: str, spec: dict[str, Any], gpu: str) -> str:
         await self.check()
+        self.gpus[job_id] = gpu
         call_id = f"fc-{secrets.token_hex(12)}"
         call = _Call(job_id=job_id)
         # Arguments travel serialised, as they do to a container.

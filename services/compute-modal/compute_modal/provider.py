@@ -177,6 +177,8 @@ class ModalProvider:
             parse_payload(payload)
         except (JobInputError, SpecError, ValueError) as exc:
             raise InvalidRequest(f"invalid job input: {exc}") from None
+        # The job runs on the GPU its estimate priced (the operator's MODAL_GPU, when set).
+        gpu = self.estimate(spec_json, "hosted", kind, request_json).gpu
         with self._modal_errors():
             existing = await self._take_spawn(job_id)
             if existing:
@@ -185,9 +187,9 @@ class ModalProvider:
                 payload["artifact_transport"] = {"mode": "presigned", "urls": upload_urls}
             if parent_artifacts:
                 payload["parent_artifacts"] = parent_artifacts
-            call_id = await self._adapter.spawn(job_id, payload)
+            call_id = await self._adapter.spawn(job_id, payload, gpu)
             await self._adapter.write_progress(job_id + _CALL_SUFFIX, call_id)
-        log.info("submitted", extra={"job_id": job_id, "provider_job_id": call_id})
+        log.info("submitted", extra={"job_id": job_id, "provider_job_id": call_id, "gpu": gpu})
         return call_id
 
     async def _take_spawn(self, job_id: str) -> str:

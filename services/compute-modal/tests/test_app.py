@@ -164,3 +164,26 @@ def test_sdk_handles_are_built_once_per_process(monkeypatch: pytest.MonkeyPatch)
     assert adapter._function() is adapter._function()
     assert adapter._dict() is adapter._dict()
     assert built == ["function", "dict"]
+
+
+def test_deploy_names_come_from_the_settings_compute_modal_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make modal-deploy` creates the app, function and Dict that compute-modal looks up: the same
+    variables, the same defaults."""
+    from compute_modal.config import Settings
+
+    for name in ("MODAL_APP_NAME", "MODAL_FUNCTION_NAME", "MODAL_PROGRESS_DICT"):
+        monkeypatch.delenv(name, raising=False)
+    module, seen = load_recording(monkeypatch, "modal_app_default_names")
+    defaults = Settings.load()
+    assert module.app.name == defaults.modal_app_name
+    assert seen["function"]["name"] == defaults.modal_function_name
+    assert module.PROGRESS_DICT == defaults.modal_progress_dict
+
+    monkeypatch.setenv("MODAL_APP_NAME", "influence-staging")
+    monkeypatch.setenv("MODAL_FUNCTION_NAME", "run_staging_job")
+    monkeypatch.setenv("MODAL_PROGRESS_DICT", "influence-staging-progress")
+    module, seen = load_recording(monkeypatch, "modal_app_staging_names")
+    settings = Settings.load()
+    assert module.app.name == settings.modal_app_name == "influence-staging"
+    assert seen["function"]["name"] == settings.modal_function_name == "run_staging_job"
+    assert module.PROGRESS_DICT == settings.modal_progress_dict == "influence-staging-progress"

@@ -273,3 +273,49 @@ def test_token_is_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-supersecretvalue")
     settings = Settings.load()
     assert "supersecret" not in repr(settings) and "supersecret" not in str(settings.model_dump())
+
+
+async def test_each_job_runs_on_the_gpu_its_estimate_priced(harness: Any, make_spec: Spec) -> None:
+    """A small and a large catalog model each land on a GPU that fits them, the one their
+    estimate priced (Modal's with_options(gpu=...) per call), not one fixed GPU for all."""
+    harness.gate.clear()  # queued: the choice of GPU is made at spawn, before any container starts
+    small = make_spec() | {"model_id": "Qwen/Qwen2.5-0.5B"}
+    large = make_spec() | {"model_id": "google/gemma-3-27b", "hyperparams": {"quantization": "4bit"}}
+    placed = {}
+    for job_id, spec in (("job-small", small), ("job-large", large)):
+        estimate = (
+            await harness.stub.Estimate(
+                compute_pb2.EstimateRequest(spec_json=json.dumps(spec).encode(), backend="hosted")
+            )
+        ).estimate
+        call_id = (await harness.stub.Submit(submit_request(job_id, spec))).provider_job_id
+        await harness.stub.Cancel(compute_pb2.CancelRequest(provider_job_id=call_id, job_id=job_id))
+        assert harness.adapter.gpus[job_id] == estimate.gpu
+        assert estimate.gpu_memory_gb >= estimate.required_memory_gb
+        placed[job_id] = estimate
+    assert placed["job-small"].gpu_memory_gb < placed["job-large"].gpu_memory_gb
+    assert placed["job-small"].usd_per_second < placed["job-large"].usd_per_second
+    harness.gate.set()
+
+
+async def test_the_operators_modal_gpu_overrides_and_prices_every_job(
+    harness: Any, make_spec: Spec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODAL_GPU", "T4")
+    harness.gate.clear()
+    spec = make_spec() | {"model_id": "google/gemma-3-27b", "hyperparams": {"quantization": "4bit"}}
+    estimate = (
+        await harness.stub.Estimate(
+            compute_pb2.EstimateRequest(spec_json=json.dumps(spec).encode(), backend="hosted")
+        )
+    ).estimate
+    assert (estimate.gpu, estimate.gpu_memory_gb) == ("T4", 16)
+    assert any("MODAL_GPU" in note and "run out of GPU memory" in note for note in estimate.notes)
+    call_id = (await harness.stub.Submit(submit_request("job-t4", spec))).provider_job_id
+    await harness.stub.Cancel(compute_pb2.CancelRequest(provider_job_id=call_id, job_id="job-t4"))
+    assert harness.adapter.gpus["job-t4"] == "T4"
+    monkeypatch.setenv("MODAL_GPU", "A7")  # not a Modal GPU: named, never a crash
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.stub.Submit(submit_request("job-bad-gpu", make_spec()))
+    assert "MODAL_GPU='A7'" in (caught.value.details() or "")
+    harness.gate.set()

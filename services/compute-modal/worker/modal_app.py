@@ -1,15 +1,18 @@
 """The Modal app that runs experiments on Modal GPUs under the operator's account.
 
-Deploy with ``make modal-deploy`` (``modal deploy services/compute-modal/worker/modal_app.py``);
-it needs no secret. At deploy time ``MODAL_GPU`` picks the GPU (default ``A100-80GB``) and
-``MODAL_HF_SECRET`` names a Modal secret holding ``HF_TOKEN`` for gated Hugging Face models (none
-by default: a secret that does not exist would fail the deploy). compute-modal spawns
-``run_experiment_job`` by name, keeps the returned ``FunctionCall`` id as the provider job id,
-reads progress from the ``influence-progress`` Dict under the job id, and reads the outcome with
-``FunctionCall.get``. The run's files (scores.npy, the adapter, checkpoints) go straight into the
-dashboard's artifact store through the presigned PUT URLs the scheduler minted (in the spec's
-``artifact_transport``); the result carries only their manifest. A follow-up query's payload
-carries ``parent_artifacts``, presigned GETs of the experiment's files, downloaded (size and
+Deploy with ``make modal-deploy`` (``modal deploy services/compute-modal/worker/modal_app.py``); it
+needs no secret. At deploy time ``MODAL_APP_NAME``, ``MODAL_FUNCTION_NAME`` and
+``MODAL_PROGRESS_DICT`` name the app, its function and the progress Dict (the variables
+compute-modal reads, same defaults); ``MODAL_GPU`` is the function's default GPU (default
+``A100-80GB``); ``MODAL_HF_SECRET`` names a Modal secret holding ``HF_TOKEN`` for gated Hugging Face
+models (none by default: a secret that does not exist would fail the deploy). compute-modal spawns
+the function by name on the GPU each job's estimate priced (``Function.with_options(gpu=...)``: the
+tier's GPU, or ``MODAL_GPU`` when the operator sets it for compute-modal too), keeps the returned
+``FunctionCall`` id as the provider job id, reads progress from the Dict under the job id, and reads
+the outcome with ``FunctionCall.get``. The run's files (scores.npy, the adapter, checkpoints) go
+straight into the dashboard's artifact store through the presigned PUT URLs the scheduler minted (in
+the spec's ``artifact_transport``); the result carries only their manifest. A follow-up query's
+payload carries ``parent_artifacts``, presigned GETs of the experiment's files, downloaded (size and
 sha256 checked) into a temporary folder the query reads.
 
 Exactly once on our job id: before any GPU work the body claims the job in the progress Dict
@@ -44,9 +47,11 @@ from typing import Any, Protocol
 import modal
 
 log = logging.getLogger(__name__)
-APP_NAME = "influence-dashboard"
-FUNCTION_NAME = "run_experiment_job"
-PROGRESS_DICT = "influence-progress"
+# The same variables (and defaults) compute-modal reads (compute_modal/config.py): the names the
+# deploy creates are the names the service looks up.
+APP_NAME = os.environ.get("MODAL_APP_NAME", "influence-dashboard")
+FUNCTION_NAME = os.environ.get("MODAL_FUNCTION_NAME", "run_experiment_job")
+PROGRESS_DICT = os.environ.get("MODAL_PROGRESS_DICT", "influence-progress")
 HF_CACHE_VOLUME = "influence-hf-cache"
 HF_CACHE_DIR = "/root/.cache/huggingface"
 DEFAULT_GPU = "A100-80GB"
@@ -228,7 +233,9 @@ def job_events(
     return run_job(parse_payload(payload), artifacts_dir, parent_artifacts_dir=parent_artifacts_dir)
 
 
+# ``gpu`` is the default; compute-modal asks for each job's priced GPU with ``with_options``.
 @app.function(
+    name=FUNCTION_NAME,
     gpu=GPU,
     timeout=TIMEOUT_S,
     volumes={HF_CACHE_DIR: hf_cache},

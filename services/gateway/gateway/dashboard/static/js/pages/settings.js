@@ -22,6 +22,12 @@ function statusStep(id, label, state, detail) {
     el("strong", {}, label), detail ? el("span", { class: "help" }, ` — ${detail}`) : null);
 }
 
+// One RunPod call the dashboard makes with the researcher's key; ``call`` is compute-runpod's name
+// for it (compute_runpod/client.py), which tests/deploy checks this list against.
+function keyUse(call, ...text) {
+  return el("li", { "data-runpod-call": call }, ...text);
+}
+
 export async function renderSettings(view) {
   let info = await api("GET", "/api/settings/runpod-key");
   let refreshTimer = null;
@@ -51,9 +57,25 @@ export async function renderSettings(view) {
       el("strong", {}, "This RunPod is simulated. "),
       "The dashboard talks to devstack's fake RunPod (DEVSTACK_FAKE_RUNPOD=1): no real GPU, no real money; " +
       "jobs run on this machine under RunPod's own worker code. Use the test key that make run printed.") : null,
-    el("p", { id: "key-notice", class: "notice" },
-      el("strong", {}, "Your RunPod API key gives full access to your RunPod account. "),
-      "The dashboard uses it only to create one serverless endpoint on your account and to submit your experiments to it; nothing else. It is stored encrypted and never shown again in full."),
+    el("div", { id: "key-notice", class: "notice" },
+      el("p", {},
+        el("strong", {}, "Your RunPod API key gives full access to your RunPod account. "),
+        "It is stored encrypted and never shown again in full. These are the RunPod calls the dashboard makes with it, and the only ones:"),
+      el("ul", { id: "key-uses" },
+        keyUse("graphql", "reads your account id and balance (GraphQL ", el("code", {}, "myself"), "), when you save the key and before each job"),
+        keyUse("serverless.list", "lists your serverless endpoints, to find the one it created"),
+        keyUse("templates.get", "reads the operator's worker template, to keep your endpoint on the current worker"),
+        keyUse("serverless.create", "creates one serverless endpoint on your account, on first use"),
+        keyUse("serverless.get", "reads that endpoint (its GPU pools and template)"),
+        keyUse("serverless.update", "updates that endpoint's template or GPU pools when a job needs it"),
+        keyUse("serverless.workers", "reads that endpoint's workers, to tell you when a job waits for a GPU"),
+        keyUse("job.run", "submits each experiment you start to that endpoint"),
+        keyUse("job.status", "reads each job's status and result"),
+        keyUse("job.stream", "reads each job's progress"),
+        keyUse("job.cancel", "cancels a job when you cancel or delete it")),
+      el("p", {}, "You can see, rotate or revoke the key on ",
+        el("a", { id: "runpod-key-page", href: "https://console.runpod.io/user/credentials", target: "_blank", rel: "noopener noreferrer" },
+          "RunPod's API keys page"), ".")),
     el("div", { class: "signup" },
       el("h3", {}, "No RunPod account yet?"),
       el("ol", {},
