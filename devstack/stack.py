@@ -78,15 +78,19 @@ def free_port() -> int:
 
 
 def load_or_create_secrets(path: Path) -> dict[str, str]:
-    if path.exists():
-        return json.loads(path.read_text())
-    values = {
-        "RUNPOD_KEY_ENCRYPTION_SECRET": base64.b64encode(secrets.token_bytes(32)).decode(),
-        "GATEWAY_LOCAL_JWT_SECRET": secrets.token_urlsafe(32),
-        "gateway_token": secrets.token_urlsafe(24),
-        "scheduler_token": secrets.token_urlsafe(24),
-        "compute_runpod_token": secrets.token_urlsafe(24),
+    """The stack's secrets, kept across restarts; one a newer stack needs is added to an older file."""
+    stored: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    fresh = {
+        "RUNPOD_KEY_ENCRYPTION_SECRET": lambda: base64.b64encode(secrets.token_bytes(32)).decode(),
+        "GATEWAY_LOCAL_JWT_SECRET": lambda: secrets.token_urlsafe(32),
+        "gateway_token": lambda: secrets.token_urlsafe(24),
+        "scheduler_token": lambda: secrets.token_urlsafe(24),
+        "compute_runpod_token": lambda: secrets.token_urlsafe(24),
+        "compute_modal_token": lambda: secrets.token_urlsafe(24),
     }
+    if set(fresh) <= set(stored):
+        return stored
+    values = {**{name: make() for name, make in fresh.items()}, **stored}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(values))
     path.chmod(0o600)
@@ -177,7 +181,7 @@ class Stack:
             "RUNPOD_KEY_ENCRYPTION_SECRET": s["RUNPOD_KEY_ENCRYPTION_SECRET"],
             "KEYVAULT_CALLER_TOKENS": (
                 f"gateway={s['gateway_token']},scheduler={s['scheduler_token']},"
-                f"compute-runpod={s['compute_runpod_token']}"
+                f"compute-runpod={s['compute_runpod_token']},compute-modal={s['compute_modal_token']}"
             ),
             "AUTH_MODE": "local",
             "GATEWAY_LOCAL_JWT_SECRET": s["GATEWAY_LOCAL_JWT_SECRET"],
@@ -191,6 +195,7 @@ class Stack:
             "gateway": "gateway_token",
             "scheduler": "scheduler_token",
             "compute-runpod": "compute_runpod_token",
+            "compute-modal": "compute_modal_token",
         }
         if spec.name in tokens:
             env["KEYVAULT_TOKEN"] = s[tokens[spec.name]]

@@ -37,10 +37,27 @@ def job_view(job: scheduler_pb2.Job) -> dict[str, Any]:
         "n_eval": job.n_eval,
         "estimated_time_s": job.estimated_time_s,
         "estimated_cost_usd": job.estimated_cost_usd,
+        "estimated_gpu": job.estimated_gpu or None,
+        "estimated_usd_per_second": job.estimated_usd_per_second,
+        "max_cost_usd": job.max_cost_usd or None,
+        # The real cost once the job has ended (None before, or when nothing was measured).
+        "actual": actual_view(job.actual) if job.HasField("actual") else None,
         "last_event_seq": job.last_seq,
         "created_at": timestamp_text(job, "created_at"),
         "updated_at": timestamp_text(job, "updated_at"),
         "finished_at": timestamp_text(job, "finished_at"),
+    }
+
+
+def actual_view(actual: common_pb2.JobCost) -> dict[str, Any]:
+    return {
+        "gpu_seconds": actual.gpu_seconds,
+        "delay_seconds": actual.delay_seconds,
+        "gpu": actual.gpu,
+        "device": actual.device or None,
+        "usd_per_second": actual.usd_per_second,
+        "cost_usd": actual.cost_usd,
+        "source": actual.source,
     }
 
 

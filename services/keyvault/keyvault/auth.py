@@ -2,8 +2,10 @@
 
 KEYVAULT_CALLER_TOKENS lists the allowed callers as ``name=token,name=token``; each caller
 sends its own token (its KEYVAULT_TOKEN) in the ``x-caller-token`` metadata. A missing or
-unknown token is UNAUTHENTICATED; only the caller named ``compute-runpod`` may RevealKey,
-everyone else gets PERMISSION_DENIED. Tokens are compared in constant time, against every
+unknown token is UNAUTHENTICATED. RevealKey answers only the callers that hand a key to its
+provider, and only for those keys (``REVEAL_POLICY``): ``compute-runpod`` the RunPod key and the
+Hugging Face token (it passes the token to the user's RunPod worker), ``compute-modal`` the Hugging
+Face token only; everyone else gets PERMISSION_DENIED. Tokens are compared in constant time, against every
 configured token, so timing reveals neither which token nor how much of it matched.
 """
 
@@ -14,7 +16,11 @@ import re
 from dataclasses import dataclass, field
 
 CALLER_TOKEN_METADATA = "x-caller-token"
-REVEAL_CALLER = "compute-runpod"
+# Which stored keys each caller may reveal (key provider names as stored).
+REVEAL_POLICY: dict[str, frozenset[str]] = {
+    "compute-runpod": frozenset({"runpod", "huggingface"}),
+    "compute-modal": frozenset({"huggingface"}),
+}
 MIN_TOKEN_CHARS = 16
 _CALLER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 
@@ -36,8 +42,8 @@ class CallerTokens:
         return caller
 
 
-def may_reveal(caller: str) -> bool:
-    return caller == REVEAL_CALLER
+def may_reveal(caller: str, provider: str) -> bool:
+    return provider in REVEAL_POLICY.get(caller, frozenset())
 
 
 def parse_caller_tokens(spec: str) -> CallerTokens:

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
 from typing import Any, NoReturn, TypeVar
 
 import asyncpg
@@ -97,6 +98,10 @@ def job_to_proto(job: JobRow) -> scheduler_pb2.Job:
         kind=job.kind,
         parent_job_id=job.parent_job_id,
         request_json=json.dumps(job.request).encode() if job.request is not None else b"",
+        actual=common_pb2.JobCost(**asdict(job.actual)) if job.actual is not None else None,
+        estimated_gpu=job.estimated_gpu,
+        estimated_usd_per_second=job.estimated_usd_per_second,
+        max_cost_usd=job.max_cost_usd,
     )
 
 
@@ -194,6 +199,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             request.kind,
             request.parent_job_id,
             request.request_json,
+            request.max_cost_usd,
         )
         return job_to_proto(job)
 

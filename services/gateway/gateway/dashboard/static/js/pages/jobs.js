@@ -1,6 +1,7 @@
 // The experiments list.
 
 import { api } from "../api.js";
+import { actualCostCell, actualCostTitle } from "../cost.js";
 import { BACKEND_NAMES, dateTime, el, usd } from "../ui.js";
 import { renderUsage } from "./usage.js";
 
@@ -23,11 +24,12 @@ export async function renderJobs(view) {
       el("td", {}, job.model_id),
       el("td", {}, job.influence_method),
       el("td", { class: "num" }, usd(job.estimated_cost_usd)),
+      el("td", { class: "num actual-cost", title: actualCostTitle(job) }, actualCostCell(job)),
       el("td", {}, dateTime(job.created_at)),
     ));
   view.append(el("table", { class: "data", id: "jobs-table" },
     el("caption", { class: "visually-hidden" }, "Your experiments, newest first"),
     el("thead", {}, el("tr", {},
-      ...["Job", "Status", "Backend", "Model", "Method", "Est. cost", "Created"].map((h) => el("th", { scope: "col" }, h)))),
+      ...["Job", "Status", "Backend", "Model", "Method", "Est. cost", "Actual cost", "Created"].map((h) => el("th", { scope: "col" }, h)))),
     el("tbody", {}, rows)));
 }
