@@ -28,7 +28,7 @@ class Settings(ServiceSettings):
     modal_function_name: str = "run_experiment_job"
     modal_progress_dict: str = "influence-progress"
     # Keyvault, for each researcher's own Hugging Face token (passed to the function per job).
-    # Empty KEYVAULT_ADDR: no per-user tokens; gated models then load with the app's HF secret.
+    # Either empty: no per-user tokens; gated models then load with the app's HF secret.
     keyvault_addr: str = ""
     keyvault_token: SecretStr = SecretStr("")
     # "inprocess" runs the Modal app's function body in this process (tests, offline demos).

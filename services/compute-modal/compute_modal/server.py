@@ -154,7 +154,7 @@ class ComputeModalServer:
         self.adapter = adapter or build_adapter(settings)
         self.keys = (
             KeyVaultReader(settings.keyvault_addr, settings.keyvault_token.get_secret_value())
-            if settings.keyvault_addr
+            if settings.keyvault_addr and settings.keyvault_token.get_secret_value()
             else None
         )
         self.provider = ModalProvider(
