@@ -74,6 +74,7 @@ class JobRow:
     n_eval: int = 0
     endpoint_id: str = ""  # the RunPod endpoint the job was submitted on ('' elsewhere)
     submitting: bool = False  # a submit token is stored: the provider may already have the job
+    trace_context: dict[str, str] = field(default_factory=dict)  # the submitting request's
     estimated_gpu: str = ""  # the GPU the estimate priced, and its rate
     estimated_usd_per_second: float = 0.0
     max_cost_usd: float = 0.0  # the researcher's spend cap; 0 = none
@@ -144,7 +145,7 @@ _JOB_COLUMNS = """id::text AS id, user_id, compute_backend, provider,
     latest_metrics, error, estimated_time_s, estimated_cost_usd, provider_cursor, last_seq,
     submit_attempts, created_at, updated_at, finished_at, artifacts, kind,
     coalesce(parent_job_id::text, '') AS parent_job_id, request, model_id, influence_method,
-    n_train, n_eval, endpoint_id, submit_token IS NOT NULL AS submitting, estimated_gpu,
+    n_train, n_eval, endpoint_id, submit_token IS NOT NULL AS submitting, trace_context, estimated_gpu,
     estimated_usd_per_second, max_cost_usd, started_at, actual_gpu_seconds, actual_delay_s,
     actual_gpu, actual_device, actual_usd_per_second, actual_cost_usd, actual_source"""
 _ACTUAL_COLUMNS = {
@@ -288,6 +289,7 @@ class Store:
         parent_job_id: str | None = None,
         request: dict[str, Any] | None = None,
         max_cost_usd: float = 0.0,
+        trace_context: dict[str, str] | None = None,
     ) -> tuple[JobRow, bool]:
         """Store a new queued job (the outbox: a dispatcher submits it), or return the existing
         one with the same (user, idempotency key). The second value says whether this call
@@ -312,8 +314,9 @@ class Store:
                 f"""INSERT INTO jobs (id, user_id, compute_backend, provider, spec, idempotency_key,
                                       estimated_time_s, estimated_cost_usd, kind, parent_job_id,
                                       request, model_id, influence_method, n_train, n_eval,
-                                      max_cost_usd)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+                                      max_cost_usd, trace_context)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                            $17)
                     RETURNING {_JOB_COLUMNS}""",
                 job_id,
                 user_id,
@@ -330,6 +333,7 @@ class Store:
                 _list_length(spec, "training_data"),
                 _list_length(spec, "eval_data"),
                 max_cost_usd,
+                trace_context or {},
             )
             await ledger.record_admission(conn, job_id, user_id, compute_backend, estimate[0])
             return _job(returned_row(row)), True
