@@ -144,6 +144,9 @@ def test_modal_job_uploads_its_files_to_presigned_urls(stack: Stack, s3_server: 
     scores = np.load(io.BytesIO(download(client, job_id, "scores.npy")))
     result = client.results(job_id)
     assert np.allclose(scores, np.array(result["influence"]["scores"], dtype=np.float32))
+    # The function also left its result in the store, which outlives Modal's 7 days.
+    stored = json.loads(store_object(s3_server, f"jobs/{job_id}/_worker/result.json"))
+    assert np.allclose(np.array(stored["influence"]["scores"], dtype=np.float32), scores)
 
 
 @pytest.mark.parametrize("backend", ["runpod", "modal"])

@@ -13,7 +13,7 @@ import time
 import grpc
 import httpx
 import pytest
-from runpod_testkit import Stack, spec_bytes
+from runpod_testkit import Stack, load_worker_handler, spec_bytes
 
 from artifact_store import ArtifactStore, job_key, job_prefix
 from devstack.s3_server import S3TestServer
@@ -202,3 +202,24 @@ async def test_a_job_whose_upload_urls_lapse_in_the_queue_is_dropped_unrun(
     assert await read_worker_claim(s3_store, "job-queued") is None
     assert [info.key for info in await s3_store.list(job_prefix("job-queued"))] == []
     assert stack.fake.accepted_runs == [provider_job_id]
+
+
+async def test_a_worker_that_cannot_reach_the_store_runs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim comes before any GPU work: with the store unreachable the job ends at once with
+    a plain error (its files could not have been stored either), and no model is loaded."""
+    import gpu_core.uploads
+
+    handler = load_worker_handler("runpod_worker_claim_under_test")
+    monkeypatch.setattr(gpu_core.uploads, "_RETRY_BASE_S", 0.0)
+    started: list[object] = []
+    monkeypatch.setattr(handler, "ExperimentThread", lambda *args, **kwargs: started.append(args))
+    transport = {
+        "mode": "presigned",
+        "job_id": "job-nostore",
+        "urls": {CLAIM_NAME: "http://127.0.0.1:9/claim", RESULT_NAME: "http://127.0.0.1:9/result"},
+    }
+    job = {"id": "rp-1", "input": {**json.loads(spec_bytes()), "artifact_transport": transport}}
+    chunks = [chunk async for chunk in handler.handler(job)]
+    assert len(chunks) == 1 and chunks[0]["error"].startswith("The job was not run: the artifact store")
+    assert "could not be reached" in chunks[0]["error"]
+    assert started == []

@@ -208,3 +208,25 @@ async def test_cancel_reaches_a_running_handler_through_the_stop_channel(
                 await asyncio.sleep(0.1)
         assert fake.calls("worker.done") == []  # a stopped job posts nothing
         assert (await http.get(f"{fake.url}/v2/{endpoint}/status/{job}")).json()["status"] == "CANCELLED"
+
+
+async def test_controls_lose_the_answer_of_an_accepted_run(http: httpx.AsyncClient) -> None:
+    """``/_fake/faults`` with ``after_accept``: the job is created (and would run), then the
+    answer is a 5xx or comes after the client gave up; ``/_fake/jobs`` counts what was created."""
+    async with FakeRunPod({KEY: 10.0}) as fake:
+        await http.post(f"{fake.url}/_fake/mode", json={"throttled": True})  # no worker: jobs stay queued
+        endpoint = (await http.post(f"{fake.url}/v2/serverless", json=ENDPOINT_BODY)).json()["id"]
+        await http.post(f"{fake.url}/_fake/faults", json={"after_accept": True, "status": 503})
+        failed = await http.post(f"{fake.url}/v2/{endpoint}/run", json={"input": {"n": 1}})
+        assert failed.status_code == 503
+        await http.post(f"{fake.url}/_fake/faults", json={"after_accept": True, "hang_s": 1.5})
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(f"{fake.url}/v2/{endpoint}/run", json={"input": {"n": 2}}, timeout=0.5)
+        answered = await http.post(f"{fake.url}/v2/{endpoint}/run", json={"input": {"n": 3}})
+        assert answered.status_code == 200
+        jobs = (await http.get(f"{fake.url}/_fake/jobs")).json()
+        assert len(jobs["accepted_runs"]) == 3 and answered.json()["id"] == jobs["accepted_runs"][-1]
+        assert set(jobs["jobs"].values()) == {"IN_QUEUE"}
+        assert [fake.job(job_id).input["n"] for job_id in jobs["accepted_runs"]] == [1, 2, 3]
+        mode = await http.post(f"{fake.url}/_fake/mode", json={"retention_s": 2})
+        assert mode.json()["retention_s"] == 2
