@@ -591,10 +591,22 @@ class RunPodProvider:
     def estimate(
         self, spec_json: bytes, backend: str, kind: str = "", request_json: bytes = b""
     ) -> dict[str, Any]:
+        spec = parse_spec(spec_json)
         try:
-            fields = costs.estimate(parse_spec(spec_json), backend or "runpod", kind, request_json)
+            fields = costs.estimate(spec, backend or "runpod", kind, request_json)
         except JobInputError as exc:
             raise ProviderError(Code.INVALID_ARGUMENT, str(exc)) from None
+        rates = costs.pool_rates(spec.model_id, spec.hyperparams.quantization)
+        if rates and rates[-1][1] > fields["usd_per_second"]:
+            # The endpoint offers RunPod every fitting pool; it bills whichever GPU it assigns.
+            (top, top_rate), time_s = rates[-1], fields["estimated_time_s"]
+            fields["notes"] = [
+                *fields["notes"],
+                f"Billed at the GPU RunPod assigns among the {len(rates)} pools that fit: from "
+                f"${fields['usd_per_second']:.6f}/s ({fields['gpu']}, priced here) to ${top_rate:.6f}/s "
+                f"({top}), so {usd(fields['estimated_cost_usd'])} to {usd(time_s * top_rate)} for this job "
+                "(a faster GPU also takes less time)",
+            ]
         ceiling = self._settings.runpod_execution_timeout_s
         if fields["estimated_time_s"] > ceiling:
             # Shown before submitting: RunPod would stop the job at the endpoint's timeout.

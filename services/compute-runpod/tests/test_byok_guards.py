@@ -11,6 +11,8 @@ import secrets
 import pytest
 from runpod_testkit import GATEWAY_TOKEN, SMALL_SPEC, Stack, spec_bytes
 
+import cost_model
+from compute_runpod.costs import gpu_pools
 from influence.v1 import common_pb2, compute_pb2, keyvault_pb2
 
 HOSTED = common_pb2.Account(user_id="operator-tier-user", hosted=True)
@@ -49,6 +51,23 @@ async def test_an_estimate_over_the_execution_timeout_warns(stack: Stack) -> Non
     assert "RunPod stops any job of this endpoint after 2 h" in warning
     small = await stack.stub.Estimate(compute_pb2.EstimateRequest(spec_json=spec_bytes(), backend="runpod"))
     assert not [note for note in small.estimate.notes if "execution timeout" in note]
+
+
+async def test_the_estimate_shows_the_range_the_job_can_be_billed_at(stack: Stack) -> None:
+    """gemma-3-12b in 4-bit fits from a 24 GB pool up: the endpoint offers them all, and the
+    estimate prices the cheapest, so the note gives the most expensive too."""
+    spec = spec_bytes(model_id="google/gemma-3-12b", hyperparams={"quantization": "4bit"})
+    answer = (
+        await stack.stub.Estimate(compute_pb2.EstimateRequest(spec_json=spec, backend="runpod"))
+    ).estimate
+    pools = gpu_pools(0.0, "4bit", "google/gemma-3-12b")
+    table = cost_model.price_table("runpod")
+    assert pools[0] == answer.gpu and len(pools) > 1
+    top_rate = table.gpus[pools[-1]].usd_per_second
+    assert top_rate > 5 * answer.usd_per_second
+    (note,) = [n for n in answer.notes if n.startswith("Billed at the GPU RunPod assigns")]
+    assert f"among the {len(pools)} pools that fit" in note
+    assert f"({answer.gpu}, priced here) to ${top_rate:.6f}/s ({pools[-1]})" in note
 
 
 async def test_the_researchers_hf_token_reaches_the_worker_only(
