@@ -87,9 +87,11 @@ def load_or_create_secrets(path: Path) -> dict[str, str]:
         "gateway_token": lambda: secrets.token_urlsafe(24),
         "scheduler_token": lambda: secrets.token_urlsafe(24),
         "compute_runpod_token": lambda: secrets.token_urlsafe(24),
-        # The gateway's token to the scheduler, the scheduler's to the compute services.
+        # The gateway's token to the scheduler, the scheduler's to the compute services, and
+        # compute-modal's to keyvault (it reveals researchers' Hugging Face tokens).
         "gateway_scheduler_token": lambda: secrets.token_urlsafe(24),
         "scheduler_compute_token": lambda: secrets.token_urlsafe(24),
+        "compute_modal_token": lambda: secrets.token_urlsafe(24),
     }
     missing = {name: make() for name, make in wanted.items() if name not in values}
     if missing:
@@ -184,7 +186,7 @@ class Stack:
             "RUNPOD_KEY_ENCRYPTION_SECRET": s["RUNPOD_KEY_ENCRYPTION_SECRET"],
             "KEYVAULT_CALLER_TOKENS": (
                 f"gateway={s['gateway_token']},scheduler={s['scheduler_token']},"
-                f"compute-runpod={s['compute_runpod_token']}"
+                f"compute-runpod={s['compute_runpod_token']},compute-modal={s['compute_modal_token']}"
             ),
             # Every gRPC service but the gateway checks its callers (service_runtime.callers).
             "SCHEDULER_CALLER_TOKENS": f"gateway={s['gateway_scheduler_token']}",
@@ -203,6 +205,7 @@ class Stack:
             "gateway": "gateway_token",
             "scheduler": "scheduler_token",
             "compute-runpod": "compute_runpod_token",
+            "compute-modal": "compute_modal_token",
         }
         if spec.name in tokens:
             env["KEYVAULT_TOKEN"] = s[tokens[spec.name]]

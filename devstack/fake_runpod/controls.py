@@ -76,6 +76,14 @@ def add_control_routes(app: FastAPI, fake: FakeRunPod) -> None:
             }
         )
 
+    @app.get("/_fake/jobs/{job_id}/input")
+    async def job_input(job_id: str) -> Response:
+        """The input a job's worker took, as RunPod holds it (tests check what reached the worker)."""
+        job = fake.jobs_by_id.get(job_id)
+        if job is None:
+            return JSONResponse({"detail": f"no job {job_id}"}, status_code=404)
+        return JSONResponse({"input": job.input})
+
     @app.get("/_fake/requests")
     async def requests() -> Response:
         return JSONResponse({"requests": [r.__dict__ for r in fake.requests]})

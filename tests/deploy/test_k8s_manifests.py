@@ -294,7 +294,12 @@ def allowed(policies: list[Resource], labels: dict[str, str], direction: str) ->
 EXPECTED_INGRESS = {
     "gateway": {("namespace:ingress-nginx", GATEWAY_PORT)},
     "scheduler": {("pod:gateway", 50051)},
-    "keyvault": {("pod:gateway", 50052), ("pod:scheduler", 50052), ("pod:compute-runpod", 50052)},
+    "keyvault": {
+        ("pod:gateway", 50052),
+        ("pod:scheduler", 50052),
+        ("pod:compute-runpod", 50052),
+        ("pod:compute-modal", 50052),  # researchers' Hugging Face tokens (issue 24)
+    },
     "compute-local": {("pod:scheduler", 50053)},
     "compute-runpod": {("pod:scheduler", 50054)},
     "compute-modal": {("pod:scheduler", 50055)},
@@ -313,7 +318,7 @@ EXPECTED_EGRESS = {
     "keyvault": {("any", POSTGRES_PORT)},
     "compute-local": set(),
     "compute-runpod": {("pod:keyvault", 50052), ("internet", 443)},
-    "compute-modal": {("internet", 443)},
+    "compute-modal": {("pod:keyvault", 50052), ("internet", 443)},
     "scheduler-migrate": {("any", POSTGRES_PORT)},
 }
 DNS = {("dns", 53)}

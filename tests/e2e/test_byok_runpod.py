@@ -19,6 +19,7 @@ import pytest
 from devstack.client import GatewayClient
 from devstack.stack import FakeRunPodProcess, Stack
 
+from .actual_cost import assert_actual_cost, assert_status_shows_actual
 from .test_stack import small_spec
 
 pytestmark = pytest.mark.e2e
@@ -146,7 +147,13 @@ def test_good_key_first_jobs_create_one_endpoint_and_results_arrive_whole(
         assert finish(client, job["job_id"])["state"] == "completed"
         result = client.results(job["job_id"])
         assert len(result["influence"]["scores"]) == 3
-        assert client.job(job["job_id"])["provider"] == "runpod"
+        view = client.job(job["job_id"])
+        assert view["provider"] == "runpod"
+        # RunPod's executionTime from /status, priced at the pool the estimate chose (the fake's
+        # worker runs on the CPU, so it names no GPU).
+        actual = assert_actual_cost(view, "runpod", view["estimated_gpu"], "RunPod executionTime")
+        assert actual["delay_seconds"] > 0
+    assert_status_shows_actual(client, jobs[0]["job_id"], client.job(jobs[0]["job_id"])["actual"])
     assert len(fake.requests("serverless.create")) - creates_before == 1
     settings = client.request("GET", "/api/settings/runpod-key").json()
     assert settings["endpoint_status"] == "ready" and settings["last4"] == key[-4:]
@@ -252,6 +259,40 @@ def test_a_result_over_runpods_payload_limit_is_a_plain_error(stack: Stack, fake
     assert last["state"] == "failed"
     assert "over RunPod's limit for a job's output" in last["error"]
     assert "artifact store" in last["error"]
+
+
+def test_a_gated_model_needs_the_researchers_hf_token_which_reaches_the_worker(
+    stack: Stack, fake: FakeRunPodProcess
+) -> None:
+    client = _runpod_user(stack, fake, "gina", balance=50.0)
+    gated = {**small_spec(n_train=6, n_eval=2), "model_id": "meta-llama/Llama-3.2-1B"}
+    refused = client.request("POST", "/api/train", json=gated)
+    assert refused.status_code == 422, refused.text
+    (problem,) = refused.json()["detail"]
+    assert problem["field"] == "model_id"
+    assert "gated on Hugging Face" in problem["message"]
+    assert "add your Hugging Face token (HF_TOKEN)" in problem["message"]
+    assert "PUT /api/settings/hf-token" in problem["message"]
+    assert client.request("GET", "/api/settings/hf-token").json()["has_token"] is False
+
+    token = "hf_" + secrets.token_hex(17)
+    USED_KEYS.append(token)  # the sweep below looks for it everywhere
+    saved = client.request("PUT", "/api/settings/hf-token", json={"token": token})
+    assert saved.status_code == 200, saved.text
+    assert saved.json()["has_token"] is True and saved.json()["last4"] == token[-4:]
+    assert client.request("GET", "/api/settings/hf-token").json()["last4"] == token[-4:]
+
+    runs_before = set(fake.control("GET", "jobs")["accepted_runs"])
+    job = client.submit(gated)
+    last = finish(client, job["job_id"])
+    # The worker got the token with the job; the model itself cannot load here (no hub access).
+    assert last["state"] == "failed", last
+    (run,) = set(fake.control("GET", "jobs")["accepted_runs"]) - runs_before
+    assert fake.control("GET", f"jobs/{run}/input")["input"]["hf_token"] == token
+
+    removed = client.request("DELETE", "/api/settings/hf-token")
+    assert removed.json() == {"has_token": False, "deleted": True}
+    assert client.request("POST", "/api/train", json=gated).status_code == 422
 
 
 def test_no_plaintext_key_in_logs_responses_or_tables(stack: Stack) -> None:

@@ -19,6 +19,7 @@ from devstack.stack import REPO_ROOT, Stack
 from influence_client import AsyncClient, Client, InfluenceError, eval_rows, influence_rows
 
 from ..browser.support import sample_spec
+from .actual_cost import assert_actual_cost
 
 pytestmark = pytest.mark.e2e
 
@@ -117,6 +118,11 @@ def test_cli_submit_follow_results_status_and_jobs(
 
     status = influence(cli_env, "status", job_id).stdout
     assert status.startswith(f"{job_id}  completed  100%")
+    # compute-local's host time, at the local table's rate for the host (no GPU charge).
+    actual = assert_actual_cost(
+        client.job(job_id).model_dump(mode="json"), "local", "host", "compute-local host time"
+    )
+    assert f"actual: {actual['gpu_seconds']:.1f} GPU-s on host at $0.000000/s = $0.0000" in status
     assert json.loads(influence(cli_env, "status", job_id, "--json").stdout)["status"] == "completed"
     assert job_id in influence(cli_env, "jobs").stdout
 

@@ -148,7 +148,9 @@ def cmd_login(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        submitted = client.submit(args.spec, idempotency_key=args.idempotency_key)
+        submitted = client.submit(
+            args.spec, idempotency_key=args.idempotency_key, max_cost_usd=args.max_cost_usd
+        )
         print(
             f"submitted job {submitted.job_id} ({submitted.status}; estimated "
             f"{_duration(submitted.estimated_time_s)}, ${submitted.estimated_cost_usd:.4f})",
@@ -179,7 +181,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{job.job_id}  {job.status}  " + "  ".join(detail))
     if job.error:
         print(f"error: {job.error}")
+    print(_cost_line(job))
     return 0
+
+
+def _cost_line(job: models.Job) -> str:
+    """The estimate, and once the job has ended what it really cost, on one line."""
+    gpu = f" on {job.estimated_gpu}" if job.estimated_gpu else ""
+    line = f"estimate: {_duration(job.estimated_time_s)}{gpu}, ${job.estimated_cost_usd:.4f}"
+    actual = job.actual
+    if actual is not None:
+        line += (
+            f"  actual: {actual.gpu_seconds:.1f} GPU-s on {actual.gpu} at ${actual.usd_per_second:.6f}/s"
+            f" = ${actual.cost_usd:.4f} ({actual.source})"
+        )
+    return line
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -355,6 +371,11 @@ def parser() -> argparse.ArgumentParser:
     submit.add_argument("spec", type=Path)
     submit.add_argument("--follow", action="store_true", help="show progress until the job ends")
     submit.add_argument("--idempotency-key", help="resubmitting with the same key answers the same job")
+    submit.add_argument(
+        "--max-cost-usd",
+        type=float,
+        help="spend cap: an estimate over it is refused, and the job is cancelled when it reaches it",
+    )
     submit.set_defaults(run=cmd_submit)
 
     status = commands.add_parser("status", help="a job's status, stage and latest figures")

@@ -148,12 +148,15 @@ class _Calls:
         return _Call("GET", "/api/models", lambda r: models.ModelList.model_validate(r.json()).models)
 
     @staticmethod
-    def submit(spec: dict[str, Any], idempotency_key: str | None) -> _Call[models.SubmittedJob]:
+    def submit(
+        spec: dict[str, Any], idempotency_key: str | None, max_cost_usd: float | None = None
+    ) -> _Call[models.SubmittedJob]:
         return _Call(
             "POST",
             "/api/train",
             _model(models.SubmittedJob),
             json=spec,
+            params={"max_cost_usd": max_cost_usd} if max_cost_usd else None,
             headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex},
         )
 
@@ -413,11 +416,15 @@ class Client(_Base):
         return self._run(_Calls.config())
 
     def submit(
-        self, spec: dict[str, Any] | str | os.PathLike[str], idempotency_key: str | None = None
+        self,
+        spec: dict[str, Any] | str | os.PathLike[str],
+        idempotency_key: str | None = None,
+        max_cost_usd: float | None = None,
     ) -> models.SubmittedJob:
         """Submit an experiment (an object or a JSON file). The same ``idempotency_key`` again
-        answers the job it created the first time; without one each call makes a new job."""
-        return self._run(_Calls.submit(load_spec(spec), idempotency_key))
+        answers the job it created the first time; without one each call makes a new job.
+        ``max_cost_usd``: a spend cap; an estimate over it is refused, a job reaching it cancelled."""
+        return self._run(_Calls.submit(load_spec(spec), idempotency_key, max_cost_usd))
 
     def estimate(self, spec: dict[str, Any] | str | os.PathLike[str]) -> models.EstimateAnswer:
         return self._run(_Calls.estimate(load_spec(spec)))
@@ -621,9 +628,12 @@ class AsyncClient(_Base):
         return await self._run(_Calls.config())
 
     async def submit(
-        self, spec: dict[str, Any] | str | os.PathLike[str], idempotency_key: str | None = None
+        self,
+        spec: dict[str, Any] | str | os.PathLike[str],
+        idempotency_key: str | None = None,
+        max_cost_usd: float | None = None,
     ) -> models.SubmittedJob:
-        return await self._run(_Calls.submit(load_spec(spec), idempotency_key))
+        return await self._run(_Calls.submit(load_spec(spec), idempotency_key, max_cost_usd))
 
     async def estimate(self, spec: dict[str, Any] | str | os.PathLike[str]) -> models.EstimateAnswer:
         return await self._run(_Calls.estimate(load_spec(spec)))

@@ -59,6 +59,20 @@ class AccessToken(ApiModel):
 # ---- jobs ---------------------------------------------------------------------------------
 
 
+class ActualCost(ApiModel):
+    """What a finished job really cost: the GPU-seconds its provider measured (RunPod's
+    executionTime, the Modal function's wall time, compute-local's host time), the price-table GPU
+    it ran on, and that GPU's rate."""
+
+    gpu_seconds: float
+    delay_seconds: float = Field(description="Wait before it ran (RunPod delayTime: queue, cold start)")
+    gpu: str
+    device: str | None = Field(description="The device the worker reported, e.g. NVIDIA L4")
+    usd_per_second: float
+    cost_usd: float
+    source: str = Field(description="How the seconds were measured and which price table priced them")
+
+
 class Job(ApiModel):
     job_id: str
     status: str = Field(description="queued, submitted, running, completed, failed or cancelled")
@@ -77,6 +91,12 @@ class Job(ApiModel):
     n_eval: int
     estimated_time_s: float
     estimated_cost_usd: float
+    estimated_gpu: str | None = Field(default=None, description="The GPU the estimate priced")
+    estimated_usd_per_second: float = 0.0
+    max_cost_usd: float | None = Field(default=None, description="Your spend cap for the job; null = none")
+    actual: ActualCost | None = Field(
+        default=None, description="The real cost once the job has ended; null before, or when unmeasured"
+    )
     last_event_seq: int
     created_at: str | None = Field(description="ISO 8601, UTC")
     updated_at: str | None = Field(description="ISO 8601, UTC")
@@ -367,6 +387,20 @@ class RunpodKeyStatus(ComputeSettings):
 
 class RunpodKeyDeleted(ComputeSettings):
     has_key: bool
+    deleted: bool
+
+
+class HfTokenStatus(ApiModel):
+    """The researcher's own Hugging Face token (for gated models such as Llama and Gemma): only
+    whether one is stored and its last 4 characters."""
+
+    has_token: bool
+    last4: str | None
+    updated_at: str | None
+
+
+class HfTokenDeleted(ApiModel):
+    has_token: bool
     deleted: bool
 
 

@@ -4,6 +4,7 @@ Pure Python (pydantic and gpu_core's schemas). The formulas are in ``memory`` (G
 tier), ``timing`` (time) and ``estimate`` (cost = time x $/s); docs/cost-model.md explains them.
 """
 
+from cost_model.actual import ActualCost, actual_cost, match_device
 from cost_model.estimate import BackendPrice, CostEstimate, ModelInfo, catalog, estimate, estimate_job
 from cost_model.memory import GpuRecommendation, MemoryBreakdown, recommend_gpu
 from cost_model.model_catalog import Architecture, ModelCard, lookup_model, model_cards, sized_model
@@ -12,6 +13,7 @@ from cost_model.workload import Workload
 
 __all__ = [
     "TIERS_GB",
+    "ActualCost",
     "Architecture",
     "BackendPrice",
     "CostEstimate",
@@ -23,11 +25,13 @@ __all__ = [
     "PriceTable",
     "PriceTableError",
     "Workload",
+    "actual_cost",
     "catalog",
     "estimate",
     "estimate_job",
     "job_gpu",
     "lookup_model",
+    "match_device",
     "model_cards",
     "price_table",
     "recommend_gpu",

@@ -85,6 +85,12 @@ class ModelCard(BaseModel):
     # of 0.3B and up); the dashboard fills them in when the model is chosen.
     presets: dict[str, Any] = Field(default_factory=dict)
 
+    @property
+    def gated(self) -> bool:
+        """Hugging Face serves the weights only to accounts that accepted the licence, with a
+        token: the catalog's licence says "needs HF_TOKEN"."""
+        return self.known and "needs HF_TOKEN" in self.licence
+
     @model_validator(mode="after")
     def _presets_are_hyperparams(self) -> ModelCard:
         self.preset_hyperparams()

@@ -94,6 +94,8 @@ class JobStatus:
     error: str
     result_ready: bool
     stage_message: str
+    # Once the job has ended: (host seconds from its start to its end, the device it ran on).
+    usage: tuple[float, str] | None = None
 
 
 class LocalRunner:
@@ -254,6 +256,7 @@ class LocalRunner:
             error=record.error,
             result_ready=record.state is JobState.COMPLETED,
             stage_message=self._stage_message(job),
+            usage=_host_usage(record),
         )
 
     def result(self, provider_job_id: str, job_id: str) -> bytes:
@@ -688,6 +691,13 @@ class LocalRunner:
         while True:
             await asyncio.sleep(interval)
             self.remove_expired(time.time())
+
+
+def _host_usage(record: JobRecord) -> tuple[float, str] | None:
+    """The host time a job that ended held its device; None while it runs or if it never started."""
+    if record.finished_at is None or record.started_at is None:
+        return None
+    return max(record.finished_at - record.started_at, 0.0), record.device or ""
 
 
 def _describe_exit(returncode: int) -> str:

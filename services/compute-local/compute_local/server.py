@@ -105,6 +105,11 @@ class ComputeLocalServicer(compute_pb2_grpc.ComputeProviderServicer):
             error=status.error,
             result_ready=status.result_ready,
             stage_message=status.stage_message,
+            usage=common_pb2.JobUsage(
+                gpu_seconds=status.usage[0], gpu=status.usage[1], source="compute-local host time"
+            )
+            if status.usage is not None
+            else None,
         )
 
     # Same try/abort shape as GetStatus: each RPC maps its own runner errors to its own status codes.

@@ -8,7 +8,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from service_runtime.callers import checked_caller_tokens
-from service_runtime.settings import ServiceSettings
+from service_runtime.settings import ServiceSettings, host_port
 
 
 class Settings(ServiceSettings):
@@ -32,6 +32,10 @@ class Settings(ServiceSettings):
     modal_app_name: str = "influence-dashboard"
     modal_function_name: str = "run_experiment_job"
     modal_progress_dict: str = "influence-progress"
+    # Keyvault, for each researcher's own Hugging Face token (passed to the function per job).
+    # Either empty: no per-user tokens; gated models then load with the app's HF secret.
+    keyvault_addr: str = ""
+    keyvault_token: SecretStr = SecretStr("")
     # "inprocess" runs the Modal app's function body in this process (tests, offline demos).
     compute_modal_backend: Literal["modal", "inprocess"] = "modal"
     # How often readiness re-checks that Modal answers and the app is deployed.
@@ -43,6 +47,11 @@ class Settings(ServiceSettings):
         if not value or "." in value:
             raise ValueError("must be a function name without '.'")
         return value
+
+    @field_validator("keyvault_addr")
+    @classmethod
+    def _keyvault_addr(cls, value: str) -> str:
+        return host_port(value) if value else value
 
     @property
     def address(self) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
@@ -31,6 +31,7 @@ import modal.exception
 
 import cost_model
 from compute_modal.adapter import ModalAdapter, ModalNotConfigured
+from gpu_core.hf_token import HF_TOKEN_FIELD
 from gpu_core.jobs import EXPERIMENT, JobInputError, make_payload, parse_payload
 from gpu_core.schemas import NO_SIZE_LIMITS, ExperimentSpec, SpecError, parse_spec
 
@@ -93,12 +94,31 @@ class ProgressItem:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """The wall time of the function's body (worker/modal_app.py measures it; the container
+    holds its GPU for all of it), in seconds."""
+
+    gpu_seconds: float
+    source: str
+
+
+def _usage(outcome: Any) -> Usage | None:
+    usage = outcome.get("usage") if isinstance(outcome, dict) else None
+    if not isinstance(usage, dict) or not isinstance(usage.get("gpu_seconds"), int | float):
+        return None  # a function deployed before it reported usage, or one that raised
+    return Usage(
+        max(float(usage["gpu_seconds"]), 0.0), str(usage.get("source") or "Modal function wall time")
+    )
+
+
+@dataclass(frozen=True)
 class JobStatus:
     state: State
     events: list[ProgressItem] = field(default_factory=list)
     cursor: int = 0
     error: str = ""
     stage_message: str = ""
+    usage: Usage | None = None  # once the call has returned: the function's own timing
 
     @property
     def result_ready(self) -> bool:
@@ -112,9 +132,18 @@ class Verification:
 
 
 class ModalProvider:
-    def __init__(self, adapter: ModalAdapter, app_name: str, function_name: str, environment: str) -> None:
+    def __init__(
+        self,
+        adapter: ModalAdapter,
+        app_name: str,
+        function_name: str,
+        environment: str,
+        reveal_hf_token: Callable[[str], Awaitable[str]] | None = None,
+    ) -> None:
         self._adapter = adapter
         self._target = f"{app_name}.{function_name} in Modal environment {environment!r}"
+        # The researcher's own Hugging Face token ("" when none); None: keyvault not configured.
+        self._reveal_hf_token = reveal_hf_token
 
     @contextmanager
     def _modal_errors(self) -> Iterator[None]:
@@ -161,12 +190,14 @@ class ModalProvider:
         parent_result_json: bytes = b"",
         upload_urls: dict[str, str] | None = None,
         parent_artifacts: list[dict[str, Any]] | None = None,
+        user_id: str = "",
     ) -> str:
         """``kind``: a later job of the experiment ``spec_json`` (gpu_core.jobs), e.g. a
         counterfactual check; the function receives the gpu_core.jobs payload. ``upload_urls``:
         the scheduler's presigned PUT URL per artifact name of an experiment; the function uploads
         the run's files there (worker/modal_app.py). None: the run keeps no files.
-        ``parent_artifacts``: presigned GETs of the experiment's files a follow-up query reads."""
+        ``parent_artifacts``: presigned GETs of the experiment's files a follow-up query reads.
+        ``user_id``: whose Hugging Face token (if they saved one) the function loads models with."""
         if not job_id:
             raise InvalidRequest("job_id is empty")
         spec = _read_spec(spec_json)
@@ -187,6 +218,10 @@ class ModalProvider:
                 payload["artifact_transport"] = {"mode": "presigned", "urls": upload_urls}
             if parent_artifacts:
                 payload["parent_artifacts"] = parent_artifacts
+            if self._reveal_hf_token is not None and user_id:
+                hf_token = await self._reveal_hf_token(user_id)
+                if hf_token:
+                    payload[HF_TOKEN_FIELD] = hf_token
             call_id = await self._adapter.spawn(job_id, payload, gpu)
             await self._adapter.write_progress(job_id + _CALL_SUFFIX, call_id)
         log.info("submitted", extra={"job_id": job_id, "provider_job_id": call_id, "gpu": gpu})
@@ -221,7 +256,7 @@ class ModalProvider:
         with self._modal_errors():
             cancelled = bool(await self._adapter.read_progress(job_id + _CANCEL_SUFFIX))
             # Poll before reading progress: once the call has ended, the entry read next is complete.
-            state, error = await self._poll(call_id, cancelled)
+            state, error, usage = await self._poll(call_id, cancelled)
             entry = await self._adapter.read_progress(job_id) or {}
         if cancelled and state is not State.COMPLETED:
             state, error = State.CANCELLED, ""
@@ -236,16 +271,16 @@ class ModalProvider:
             state, stage_message = State.SUBMITTED, WAITING_FOR_GPU
         if state in (State.COMPLETED, State.FAILED, State.CANCELLED):
             await self._forget(job_id)
-        return JobStatus(state, items, new_cursor, error, stage_message)
+        return JobStatus(state, items, new_cursor, error, stage_message, usage)
 
-    async def _poll(self, call_id: str, cancelled: bool) -> tuple[State, str]:
+    async def _poll(self, call_id: str, cancelled: bool) -> tuple[State, str, Usage | None]:
         try:
             outcome = await self._adapter.get(call_id)
         except TimeoutError:  # the builtin: still queued or running
-            return State.RUNNING, ""
+            return State.RUNNING, "", None
         except modal.exception.OutputExpiredError:
             if cancelled:  # cancelled before it started: no output and no unfinished input
-                return State.CANCELLED, ""
+                return State.CANCELLED, "", None
             raise ResultGone(_gone(call_id)) from None
         except (
             ModalNotConfigured,
@@ -255,12 +290,12 @@ class ModalProvider:
         ):
             raise
         except modal.exception.RemoteError as exc:
-            return State.FAILED, f"Modal terminated the job: {exc}"
+            return State.FAILED, f"Modal terminated the job: {exc}", None
         except Exception as exc:  # an exception re-raised by Modal
-            return State.FAILED, _failure(exc)
+            return State.FAILED, _failure(exc), None
         if _outcome_error(outcome):
-            return State.FAILED, _outcome_error(outcome)
-        return State.COMPLETED, ""
+            return State.FAILED, _outcome_error(outcome), _usage(outcome)
+        return State.COMPLETED, "", _usage(outcome)
 
     async def _forget(self, job_id: str) -> None:
         with self._modal_errors():

@@ -16,11 +16,12 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from compute_modal.adapter import ModalAdapter, ModalSdkAdapter
 from compute_modal.config import Settings
-from compute_modal.provider import JobStatus, ModalProvider, ProviderError
+from compute_modal.provider import JobStatus, ModalProvider, NotConfigured, ProviderError, Unreachable
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from service_runtime.callers import caller_tokens_of
 from service_runtime.grpc_server import GrpcService, create_grpc_server
 from service_runtime.jobs import event_message, job_state
+from service_runtime.keyvault import HUGGINGFACE, KeyVaultError, KeyVaultReader
 from service_runtime.lifecycle import Readiness, run_service
 from service_runtime.metrics import MetricsServer, start_metrics_server
 
@@ -45,6 +46,9 @@ def _status_to_proto(status: JobStatus) -> compute_pb2.GetStatusResponse:
         error=status.error,
         result_ready=status.result_ready,
         stage_message=status.stage_message,
+        usage=common_pb2.JobUsage(gpu_seconds=status.usage.gpu_seconds, source=status.usage.source)
+        if status.usage is not None
+        else None,
     )
 
 
@@ -91,6 +95,7 @@ class ComputeModalServicer(compute_pb2_grpc.ComputeProviderServicer):
                     {"name": a.name, "url": a.url, "sha256": a.sha256, "bytes": a.bytes}
                     for a in request.parent_artifacts
                 ],
+                user_id=request.account.user_id,
             )
         return compute_pb2.SubmitResponse(provider_job_id=call_id)
 
@@ -148,8 +153,17 @@ class ComputeModalServer:
     ) -> None:
         self.settings = settings
         self.adapter = adapter or build_adapter(settings)
+        self.keys = (
+            KeyVaultReader(settings.keyvault_addr, settings.keyvault_token.get_secret_value())
+            if settings.keyvault_addr and settings.keyvault_token.get_secret_value()
+            else None
+        )
         self.provider = ModalProvider(
-            self.adapter, settings.modal_app_name, settings.modal_function_name, settings.modal_environment
+            self.adapter,
+            settings.modal_app_name,
+            settings.modal_function_name,
+            settings.modal_environment,
+            self._hf_token if self.keys is not None else None,
         )
         self._registry = registry
         self._metrics_server: MetricsServer | None = None
@@ -172,6 +186,18 @@ class ComputeModalServer:
     @property
     def port(self) -> int:
         return self.grpc.port
+
+    async def _hf_token(self, user_id: str) -> str:
+        assert self.keys is not None
+        try:
+            return await self.keys.reveal(user_id, HUGGINGFACE) or ""
+        except KeyVaultError as exc:
+            if exc.refused:
+                raise NotConfigured(
+                    "compute-modal may not read Hugging Face tokens (check its KEYVAULT_TOKEN and "
+                    "keyvault's KEYVAULT_CALLER_TOKENS)"
+                ) from None
+            raise Unreachable(f"the key store is unavailable ({exc.code.name})") from None
 
     async def _modal_ready(self) -> bool:
         """Modal answers and the app is deployed (a ProviderError says why not)."""
@@ -199,6 +225,8 @@ class ComputeModalServer:
             await shutdown()
         if self._metrics_server is not None:
             self._metrics_server.stop()
+        if self.keys is not None:
+            await self.keys.close()
 
 
 async def start_service(

@@ -34,9 +34,9 @@ async def test_concurrent_submits_of_one_job_spawn_one_call(harness: Any, make_s
     spawned: list[str] = []
     spawn = harness.adapter.spawn
 
-    async def counted_spawn(job_id: str, payload: dict[str, Any]) -> str:
+    async def counted_spawn(job_id: str, payload: dict[str, Any], gpu: str) -> str:
         await asyncio.sleep(0.3)  # a slow spawn RPC: the other submits arrive meanwhile
-        call_id = await spawn(job_id, payload)
+        call_id = await spawn(job_id, payload, gpu)
         spawned.append(call_id)
         return call_id
 
@@ -63,7 +63,7 @@ async def test_a_duplicate_call_for_the_same_job_does_no_gpu_work(harness: Any, 
     assert await harness.adapter.wait(first, timeout=100)
     # A second call of the function for the same job id (what a lost spawn answer, resent, does).
     payload = {**make_spec()}
-    second = await harness.adapter.spawn("job-dup", payload)
+    second = await harness.adapter.spawn("job-dup", payload, "T4")
     assert await harness.adapter.wait(second, timeout=30)
     outcome = await harness.adapter.get(second)
     assert outcome["error"].startswith(f"{DUPLICATE_DELIVERY} of job job-dup")
@@ -80,7 +80,7 @@ async def test_a_stale_spawning_mark_adopts_the_call_that_claimed_the_job(
 ) -> None:
     """A submit that died between the mark and recording the call id: the next submit finds
     the call through the worker's claim instead of spawning again."""
-    first = await harness.adapter.spawn("job-orphan", make_spec())
+    first = await harness.adapter.spawn("job-orphan", make_spec(), "T4")
     assert await harness.adapter.wait(first, timeout=100)
     harness.adapter.progress["job-orphan#call"] = f"spawning since {time.time()}"
     again = await harness.stub.Submit(submit_request("job-orphan", make_spec()))

@@ -125,7 +125,9 @@ async def test_remote_failure_then_expired_result(harness: Any, make_spec: Spec)
     assert "QuantizationUnavailableError" in failed.error and "4bit" in failed.error
     # It crossed as plain words: compute-modal has no torch to rebuild a pickled exception with.
     outcome = await harness.adapter.get(call_id)
-    assert set(outcome) == {"error"} and outcome["error"] == failed.error
+    assert set(outcome) == {"error", "usage"} and outcome["error"] == failed.error
+    # The function's own timing of the failed run is the job's usage (priced by the scheduler).
+    assert failed.usage.source == "Modal function wall time" and failed.usage.gpu_seconds > 0
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await harness.stub.GetResult(compute_pb2.GetResultRequest(provider_job_id=call_id))
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION

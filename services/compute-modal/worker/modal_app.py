@@ -162,6 +162,7 @@ def run_job(job_id: str, spec: dict[str, Any], store: ProgressStore, call_id: st
     generator, which stops the work within one batch and frees the GPU, and propagates
     unchanged."""
     # gpu_core imports torch: imported here so deploying needs no torch locally.
+    from gpu_core.hf_token import HF_TOKEN_FIELD, HfTokenForLoad
     from gpu_core.schemas import ExperimentResult
     from gpu_core.uploads import (
         RESULT_NAME,
@@ -177,7 +178,12 @@ def run_job(job_id: str, spec: dict[str, Any], store: ProgressStore, call_id: st
     if not claim_job(store, job_id, call_id):
         # Not the job's progress entry: that belongs to the call that holds the claim.
         return {"error": duplicate_delivery_message(job_id)}
+    # The body's wall time is the job's GPU time as Modal bills it (the container holds the GPU
+    # for the whole body); compute-modal reports it as the job's usage.
+    started = time.monotonic()
     spec, urls = upload_urls(spec)
+    # The researcher's own Hugging Face token, set as HF_TOKEN only while the model loads.
+    hf_token = HfTokenForLoad(spec.pop(HF_TOKEN_FIELD, ""))
     writer = ProgressWriter(store, job_id)
     writer.add(
         {"type": "status", "stage": "loading_model", "progress": 0.0, "message": "GPU container started"}
@@ -193,8 +199,10 @@ def run_job(job_id: str, spec: dict[str, Any], store: ProgressStore, call_id: st
         if downloads and parent_dir is not None:
             writer.add(download_event(downloads))
             download_artifacts(downloads, parent_dir)
+        hf_token.start()
         events = job_events(spec, artifacts, parent_dir)
         for event in events:
+            hf_token.seen(event)
             if event.get("type") == "result":
                 if artifacts is not None:
                     manifest = ExperimentResult.model_validate(event["result"]).artifacts
@@ -205,7 +213,7 @@ def run_job(job_id: str, spec: dict[str, Any], store: ProgressStore, call_id: st
                     except ArtifactUploadError as exc:  # the result still returns through Modal
                         log.warning("the result was not written to the artifact store: %s", exc)
                 writer.finish("completed")
-                return {"result": event["result"]}
+                return {"result": event["result"], "usage": _usage(started)}
             writer.add(event)
         message = "the experiment ended without a result"
     except modal.exception.InputCancellation:
@@ -214,13 +222,18 @@ def run_job(job_id: str, spec: dict[str, Any], store: ProgressStore, call_id: st
     except Exception as exc:  # returned as plain words, not as a pickled exception
         message = f"{type(exc).__name__}: {exc}"
     finally:
+        hf_token.end()
         if events is not None:
             events.close()
         for folder in (artifacts, parent_dir):
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
     writer.finish("failed", message)
-    return {"error": message}
+    return {"error": message, "usage": _usage(started)}
+
+
+def _usage(started: float) -> dict[str, Any]:
+    return {"gpu_seconds": time.monotonic() - started, "source": "Modal function wall time"}
 
 
 def job_events(

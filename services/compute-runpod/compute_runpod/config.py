@@ -35,7 +35,11 @@ class Settings(ServiceSettings):
     runpod_default_gpu_pools: list[str] = Field(default_factory=lambda: ["AMPERE_80"], min_length=1)
     runpod_workers_max: int = Field(default=1, ge=1, le=100)
     runpod_idle_timeout_s: int = Field(default=300, ge=1, le=3600)
+    # The endpoint's execution timeout: the most any one job may run. Each job's own
+    # policy.executionTimeout is its estimate times the headroom, at least the minimum, at most this.
     runpod_execution_timeout_s: int = Field(default=7200, ge=5, le=7 * 24 * 3600)
+    runpod_timeout_headroom: float = Field(default=2.0, ge=1.0, le=20.0)
+    runpod_min_execution_timeout_s: int = Field(default=600, ge=5, le=7 * 24 * 3600)
     # policy.ttl counts from submission, queue time included; expiry mid-run deletes the job.
     runpod_job_ttl_s: int = Field(default=24 * 3600, ge=10, le=7 * 24 * 3600)
     # How long a job may sit IN_QUEUE while RunPod has no GPU for it before we give up.

@@ -32,3 +32,10 @@ def gpu_pools(model_params_b: float, quantization: str, model_id: str = "") -> l
     else:
         return []
     return [pool for pool, _ in cost_model.price_table("runpod").gpus_for_tier(recommendation.tier_gb)]
+
+
+def pool_rates(model_id: str, quantization: str) -> list[tuple[str, float]]:
+    """(pool, $/s) of every pool an endpoint for ``model_id`` offers RunPod, cheapest first: the
+    range a job can be billed at, whichever GPU RunPod assigns."""
+    table = cost_model.price_table("runpod")
+    return [(pool, table.gpus[pool].usd_per_second) for pool in gpu_pools(0.0, quantization, model_id)]

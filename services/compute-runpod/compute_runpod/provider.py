@@ -31,6 +31,7 @@ from compute_runpod.results import (
     is_result_chunk,
 )
 from gpu_core import schemas
+from gpu_core.hf_token import HF_TOKEN_FIELD
 from gpu_core.jobs import EXPERIMENT, JobInputError, make_payload, parse_payload
 from gpu_core.schemas import ExperimentSpec
 from gpu_core.uploads import presigned_expiry
@@ -52,6 +53,10 @@ _REMEMBERED_JOBS = 10_000
 _MIN_JOB_TTL_S = 10
 
 RevealKey = Callable[[str], Awaitable[str]]
+
+
+async def _no_hf_token(_user_id: str) -> str:
+    return ""
 
 
 def usd(amount: float) -> str:
@@ -109,6 +114,27 @@ class StatusReport:
     error: str = ""
     result_ready: bool = False
     stage_message: str = ""
+    usage: Usage | None = None  # once the job has ended: RunPod's own timing of it
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What RunPod measured of a job that ended: ``executionTime`` (what it bills) and
+    ``delayTime`` (queue and cold start), from /status, in seconds."""
+
+    gpu_seconds: float
+    delay_seconds: float
+    source: str = "RunPod executionTime"
+
+
+def _usage(status: dict[str, Any]) -> Usage:
+    def seconds(name: str) -> float:
+        try:
+            return max(float(status.get(name) or 0), 0.0) / 1000
+        except (TypeError, ValueError):
+            return 0.0
+
+    return Usage(seconds("executionTime"), seconds("delayTime"))
 
 
 @dataclass
@@ -123,13 +149,23 @@ class _Followed:
 
 
 class RunPodProvider:
-    def __init__(self, settings: Settings, client: RunPodClient, reveal_key: RevealKey) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: RunPodClient,
+        reveal_key: RevealKey,
+        reveal_hf_token: RevealKey = _no_hf_token,
+    ) -> None:
         self._settings = settings
         self._client = client
         self._reveal_key = reveal_key
+        # The user's own Hugging Face token ("" when none), revealed per submit like the key.
+        self._reveal_hf_token = reveal_hf_token
         self._followed: dict[str, _Followed] = {}
         self._failures: OrderedDict[str, str] = OrderedDict()
         self._submitted: OrderedDict[str, str] = OrderedDict()
+        # Each submitted job's own execution timeout (s), for the message when RunPod stops it.
+        self._timeouts: OrderedDict[str, str] = OrderedDict()
         self._submit_locks = KeyedLocks()
         self._account_locks = KeyedLocks()
 
@@ -314,6 +350,7 @@ class RunPodProvider:
         parent_result_json: bytes = b"",
         upload_urls: dict[str, str] | None = None,
         parent_artifacts: list[dict[str, Any]] | None = None,
+        estimated_time_s: float = 0.0,
     ) -> str:
         """``kind``: a later job of the experiment ``spec_json`` (gpu_core.jobs), e.g. a
         counterfactual check with its request and the experiment's result. ``upload_urls``: the
@@ -335,20 +372,35 @@ class RunPodProvider:
             key = await self._key(account)
             if not account.hosted:
                 await self._check_balance(key, spec, estimated_cost_usd)
-            settings = self._settings
+            hf_token = await self._reveal_hf_token(account.user_id) if account.user_id else ""
+            timeout_s = self.execution_timeout_s(estimated_time_s)
             payload = {
-                "input": job_input,
+                # The token travels in this one call's input only: the worker sets HF_TOKEN from
+                # it while the model loads, and nothing here logs the payload.
+                "input": {**job_input, HF_TOKEN_FIELD: hf_token} if hf_token else job_input,
                 "policy": {
-                    "executionTimeout": settings.runpod_execution_timeout_s * 1000,
+                    "executionTimeout": timeout_s * 1000,
                     "ttl": ttl_s * 1000,
                 },
             }
             accepted = await self._client.run(key, endpoint, payload)
             provider_job_id = str(accepted["id"])
+            _remember(self._timeouts, provider_job_id, str(timeout_s))
             if job_id:
                 _remember(self._submitted, job_id, provider_job_id)
             log.info("runpod job submitted", extra={"job_id": job_id, "runpod_job_id": provider_job_id})
             return provider_job_id
+
+    def execution_timeout_s(self, estimated_time_s: float) -> int:
+        """The job's own policy.executionTimeout: its estimate with headroom (estimates err, a cold
+        worker downloads the model), within [RUNPOD_MIN_EXECUTION_TIMEOUT_S, the endpoint's
+        RUNPOD_EXECUTION_TIMEOUT_S]. No estimate: the endpoint's."""
+        settings = self._settings
+        ceiling = settings.runpod_execution_timeout_s
+        if estimated_time_s <= 0:
+            return ceiling
+        wanted = math.ceil(estimated_time_s * settings.runpod_timeout_headroom)
+        return min(max(wanted, settings.runpod_min_execution_timeout_s), ceiling)
 
     def _job_ttl_s(self, upload_urls: dict[str, str]) -> int:
         """The job's RunPod ttl (queue wait and run together): RUNPOD_JOB_TTL_S, kept within
@@ -457,19 +509,22 @@ class RunPodProvider:
         if state == "COMPLETED":
             if not isinstance(status.get("output"), list):
                 # The worker aggregates every yield: no output means its final upload failed.
-                return StatusReport("FAILED", events, cursor, error=NO_OUTPUT)
+                return StatusReport("FAILED", events, cursor, error=NO_OUTPUT, usage=_usage(status))
             chunks = followed.chunks if followed.base == 0 else []
             try:
                 final_result(chunks)
             except ProviderError as exc:
-                return StatusReport("FAILED", events, cursor, error=exc.message)
-            return StatusReport("COMPLETED", events, cursor, result_ready=True)
+                return StatusReport("FAILED", events, cursor, error=exc.message, usage=_usage(status))
+            return StatusReport("COMPLETED", events, cursor, result_ready=True, usage=_usage(status))
         if state == "FAILED":
-            return StatusReport("FAILED", events, cursor, error=error_text(status.get("error")))
+            error = error_text(status.get("error"))
+            return StatusReport("FAILED", events, cursor, error=error, usage=_usage(status))
         if state == "TIMED_OUT":
-            return StatusReport("FAILED", events, cursor, error=self._timeout_message())
+            return StatusReport(
+                "FAILED", events, cursor, error=self._timeout_message(job), usage=_usage(status)
+            )
         if state == "CANCELLED":
-            return StatusReport("CANCELLED", events, cursor)
+            return StatusReport("CANCELLED", events, cursor, usage=_usage(status))
         return StatusReport("RUNNING", events, cursor)
 
     async def _stuck_reason(self, key: str, endpoint: str) -> str:
@@ -487,10 +542,12 @@ class RunPodProvider:
             return NO_GPU
         return ""
 
-    def _timeout_message(self) -> str:
-        limit = self._settings.runpod_execution_timeout_s
+    def _timeout_message(self, provider_job_id: str) -> str:
+        ceiling = self._settings.runpod_execution_timeout_s
+        limit = int(self._timeouts.get(provider_job_id, ceiling))
+        why = "" if limit == ceiling else f", set from its estimate; the endpoint allows up to {ceiling} s"
         return (
-            f"The job exceeded the execution timeout ({limit} s) and RunPod stopped it "
+            f"The job exceeded its execution timeout ({limit} s{why}) and RunPod stopped it "
             "(or it expired before a worker picked it up); use fewer examples or epochs"
         )
 
@@ -534,10 +591,32 @@ class RunPodProvider:
     def estimate(
         self, spec_json: bytes, backend: str, kind: str = "", request_json: bytes = b""
     ) -> dict[str, Any]:
+        spec = parse_spec(spec_json)
         try:
-            return costs.estimate(parse_spec(spec_json), backend or "runpod", kind, request_json)
+            fields = costs.estimate(spec, backend or "runpod", kind, request_json)
         except JobInputError as exc:
             raise ProviderError(Code.INVALID_ARGUMENT, str(exc)) from None
+        rates = costs.pool_rates(spec.model_id, spec.hyperparams.quantization)
+        if rates and rates[-1][1] > fields["usd_per_second"]:
+            # The endpoint offers RunPod every fitting pool; it bills whichever GPU it assigns.
+            (top, top_rate), time_s = rates[-1], fields["estimated_time_s"]
+            fields["notes"] = [
+                *fields["notes"],
+                f"Billed at the GPU RunPod assigns among the {len(rates)} pools that fit: from "
+                f"${fields['usd_per_second']:.6f}/s ({fields['gpu']}, priced here) to ${top_rate:.6f}/s "
+                f"({top}), so {usd(fields['estimated_cost_usd'])} to {usd(time_s * top_rate)} for this job "
+                "(a faster GPU also takes less time)",
+            ]
+        ceiling = self._settings.runpod_execution_timeout_s
+        if fields["estimated_time_s"] > ceiling:
+            # Shown before submitting: RunPod would stop the job at the endpoint's timeout.
+            fields["notes"] = [
+                *fields["notes"],
+                f"Over the execution timeout: estimated {fields['estimated_time_s'] / 3600:.1f} h, but "
+                f"RunPod stops any job of this endpoint after {ceiling / 3600:g} h and the time run "
+                "until then is billed. Use fewer examples, epochs or a shorter max sequence length.",
+            ]
+        return fields
 
 
 def parse_spec(spec_json: bytes) -> ExperimentSpec:

@@ -95,6 +95,7 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
                     {"name": a.name, "url": a.url, "sha256": a.sha256, "bytes": a.bytes}
                     for a in request.parent_artifacts
                 ],
+                request.estimated_time_s,
             ),
         )
         return compute_pb2.SubmitResponse(provider_job_id=provider_job_id)
@@ -113,6 +114,13 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
             error=report.error,
             result_ready=report.result_ready,
             stage_message=report.stage_message,
+            usage=common_pb2.JobUsage(
+                gpu_seconds=report.usage.gpu_seconds,
+                delay_seconds=report.usage.delay_seconds,
+                source=report.usage.source,
+            )
+            if report.usage is not None
+            else None,
         )
 
     async def GetResult(self, request, context):
@@ -159,7 +167,7 @@ class ComputeRunPodServer:
         self.settings = settings
         self.client = RunPodClient(settings)
         self.keys = KeyVaultKeys(settings.keyvault_addr, settings.keyvault_token.get_secret_value())
-        provider = RunPodProvider(settings, self.client, self.keys.reveal)
+        provider = RunPodProvider(settings, self.client, self.keys.reveal, self.keys.hf_token)
 
         def register(server: grpc.aio.Server) -> list[str]:
             compute_pb2_grpc.add_ComputeProviderServicer_to_server(ComputeRunPodServicer(provider), server)

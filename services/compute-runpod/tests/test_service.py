@@ -380,7 +380,7 @@ async def test_execution_timeout_gives_plain_message(stack: Stack) -> None:
     submitted = await stack.stub.Submit(hosted_submit("job-timeout"))
     final, _, _ = await stack.wait_terminal(submitted.provider_job_id, HOSTED, limit_s=120)
     assert final.state == common_pb2.JOB_STATE_FAILED
-    assert final.error.startswith("The job exceeded the execution timeout (7200 s)")
+    assert final.error.startswith("The job exceeded its execution timeout (7200 s)")
 
 
 async def test_low_balance_is_refused_and_nothing_submitted(stack: Stack) -> None:

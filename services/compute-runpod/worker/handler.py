@@ -52,6 +52,7 @@ from typing import Any
 
 import runpod
 
+from gpu_core.hf_token import HF_TOKEN_FIELD, HfTokenForLoad
 from gpu_core.jobs import JobInput, JobInputError, parse_payload, run_job
 from gpu_core.pipeline import ExperimentCancelled
 from gpu_core.schemas import ArtifactEntry, SpecError
@@ -222,12 +223,14 @@ class ExperimentThread:
         artifacts_dir: Path | None = None,
         parent_artifacts: list[ParentArtifact] | None = None,
         parent_dir: Path | None = None,
+        hf_token: str = "",
     ) -> None:
         self.stop = threading.Event()
         self._job = job
         self._artifacts_dir = artifacts_dir
         self._parent_artifacts = parent_artifacts or []
         self._parent_dir = parent_dir
+        self._hf_token = hf_token
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._thread = threading.Thread(target=self._run, name="experiment", daemon=True)
@@ -241,13 +244,15 @@ class ExperimentThread:
             if self._parent_artifacts and self._parent_dir is not None:
                 self._put(("event", download_event(self._parent_artifacts)))
                 download_artifacts(self._parent_artifacts, self._parent_dir)
-            for event in run_job(
-                self._job,
-                self._artifacts_dir,
-                should_stop=self.stop.is_set,
-                parent_artifacts_dir=self._parent_dir,
-            ):
-                self._put(("event", event))
+            with HfTokenForLoad(self._hf_token) as hf_token:
+                for event in run_job(
+                    self._job,
+                    self._artifacts_dir,
+                    should_stop=self.stop.is_set,
+                    parent_artifacts_dir=self._parent_dir,
+                ):
+                    hf_token.seen(event)
+                    self._put(("event", event))
             self._put(("end", None))
         except ExperimentCancelled:
             self._put(("end", None))
@@ -272,6 +277,8 @@ class ExperimentThread:
 async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     job_input = dict(job.get("input") or {})
     transport = job_input.pop("artifact_transport", None)
+    # The researcher's own Hugging Face token: never yielded, logged or passed on.
+    hf_token = job_input.pop(HF_TOKEN_FIELD, "")
     try:
         # An experiment's spec, or a later job of one by its kind (gpu_core.jobs, e.g. a
         # counterfactual check, or a follow-up query with presigned GETs of the experiment's
@@ -297,6 +304,7 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
             parent_artifacts,
             # A later job reads the experiment's files from here; whatever is missing it recomputes.
             Path(parent_dir) if parsed.kind.needs_parent else None,
+            hf_token,
         )
         output_bytes = 2  # the aggregate's "[]"
         try:

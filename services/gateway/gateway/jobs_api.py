@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
@@ -11,9 +12,10 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from gateway.deps import CurrentUser, Scheduler, State, StreamSlot, read_spec
+from gateway.deps import CurrentUser, KeyVault, Scheduler, SpecInvalid, State, StreamSlot, read_spec
 from gateway.events import job_event_stream
 from gateway.responses import ERRORS, error
+from gateway.settings_api import gated_model_refusal
 from gateway.upstream import ApiError
 from gateway.views import estimate_view, job_view, submitted_view
 from gpu_core.datareport import data_report
@@ -77,7 +79,10 @@ def checked_idempotency_key(key: str | None) -> None:
     response_model=SubmittedJob,
     responses={
         413: error("Body too large"),
-        422: error("Invalid spec (one {field, message} per problem), or over the hosted per-job ceiling"),
+        422: error(
+            "Invalid spec (one {field, message} per problem), a gated model without your Hugging Face "
+            "token, or over the hosted per-job ceiling"
+        ),
         429: error("Over a usage limit; Retry-After says when to try again"),
     },
 )
@@ -87,14 +92,31 @@ async def submit_job(
     user: CurrentUser,
     state: State,
     scheduler: Scheduler,
+    keyvault: KeyVault,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    max_cost_usd: Annotated[
+        float | None,
+        Query(
+            gt=0,
+            le=1_000_000,
+            description="Your spend cap for this job in USD: an estimate over it is refused (422), "
+            "and the job is cancelled when its time so far, at the estimate's GPU rate, reaches it",
+        ),
+    ] = None,
 ) -> dict[str, Any]:
-    """Validates the spec under this deployment's limits and hands it to the scheduler. Sending
+    """Validates the spec under this deployment's limits and hands it to the scheduler. A gated
+    model (Llama, Gemma) on RunPod or Modal needs the caller's Hugging Face token first (422). Sending
     the same ``Idempotency-Key`` again answers the job it created the first time."""
     checked_idempotency_key(idempotency_key)
     spec_json = await read_spec(request, state.spec_limits)
+    refusal = await gated_model_refusal(json.loads(spec_json)["model_id"], user, scheduler, keyvault)
+    if refusal:
+        raise SpecInvalid([{"field": "model_id", "message": refusal}])
     request_message = scheduler_pb2.SubmitJobRequest(
-        user_id=user, spec_json=spec_json, idempotency_key=idempotency_key or ""
+        user_id=user,
+        spec_json=spec_json,
+        idempotency_key=idempotency_key or "",
+        max_cost_usd=max_cost_usd or 0.0,
     )
     job = await scheduler.submit_job(
         request_message, "The scheduler is unavailable; your job was not submitted, try again"

@@ -1,7 +1,9 @@
-"""Compute settings and the user's RunPod API key (bring your own key).
+"""Compute settings, the user's RunPod API key (bring your own key) and their Hugging Face token.
 
 The key is a SecretStr from the moment the body is parsed: it goes to the scheduler (to check
-it with RunPod) and to keyvault (to encrypt it), and nowhere else; answers show its last 4.
+it with RunPod) and to keyvault (to encrypt it), and nowhere else; answers show its last 4. The
+Hugging Face token goes to keyvault only (it cannot be checked offline); compute-runpod and
+compute-modal reveal it per job and pass it to the worker, which loads gated models with it.
 """
 
 from __future__ import annotations
@@ -12,12 +14,21 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from cost_model import lookup_model
 from gateway.deps import CurrentUser, KeyVault, Scheduler, State, require_text
 from gateway.responses import ERRORS, error
-from gateway.upstream import NOT_FOUND, ApiError
+from gateway.upstream import NOT_FOUND, ApiError, KeyVaultClient, SchedulerClient
 from gateway.views import compute_settings_view, key_info_view
 from influence.v1 import common_pb2, keyvault_pb2, scheduler_pb2
-from influence_client.models import ComputeSettings, RunpodKeyDeleted, RunpodKeySaved, RunpodKeyStatus
+from influence_client.models import (
+    ComputeSettings,
+    HfTokenDeleted,
+    HfTokenStatus,
+    RunpodKeyDeleted,
+    RunpodKeySaved,
+    RunpodKeyStatus,
+)
+from service_runtime.keyvault import HUGGINGFACE
 
 log = logging.getLogger(__name__)
 # Routes declared like jobs_api's (see the note there on their shared shape).
@@ -60,6 +71,27 @@ class RunpodKeyRequest(BaseModel):
                 "no spaces, at most 512 characters)"
             )
         return SecretStr(text)
+
+
+class HfTokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token: Annotated[
+        SecretStr, Field(description="Your Hugging Face access token (read scope); only its last 4 are shown")
+    ]
+
+    @field_validator("token")
+    @classmethod
+    def _plausible(cls, value: SecretStr) -> SecretStr:
+        text = require_text(value.get_secret_value()).strip()
+        if not text:
+            raise ValueError("is empty; paste your Hugging Face access token (hf_...)")
+        if len(text) > 512 or any(ch.isspace() for ch in text):
+            raise ValueError("does not look like a Hugging Face token (no spaces, at most 512 characters)")
+        return SecretStr(text)
+
+
+def _hf_token(user: str) -> keyvault_pb2.KeyRef:
+    return keyvault_pb2.KeyRef(user_id=user, provider=HUGGINGFACE)
 
 
 def _runpod_key(user: str) -> keyvault_pb2.KeyRef:
@@ -176,3 +208,53 @@ async def delete_runpod_key(
     )
     log.info("runpod key removed", extra={"user_id": user, "cancelled_jobs": len(active)})
     return {**compute_settings_view(settings), "has_key": False, "deleted": deleted}
+
+
+@router.put("/hf-token", summary="Encrypt and store your Hugging Face token", response_model=HfTokenStatus)
+async def save_hf_token(body: HfTokenRequest, user: CurrentUser, keyvault: KeyVault) -> dict[str, Any]:
+    info = await keyvault.store_key(
+        keyvault_pb2.StoreKeyRequest(
+            user_id=user, provider=HUGGINGFACE, plaintext=body.token.get_secret_value(), verified=False
+        ),
+        "The key vault is unavailable; your token was not saved, try again",
+    )
+    log.info("hugging face token saved", extra={"user_id": user, "last4": info.last4})
+    return _hf_token_view(info)
+
+
+@router.get("/hf-token", summary="Whether a Hugging Face token is stored", response_model=HfTokenStatus)
+async def get_hf_token(user: CurrentUser, keyvault: KeyVault) -> dict[str, Any]:
+    return _hf_token_view(await keyvault.key_info(_hf_token(user)))
+
+
+@router.delete("/hf-token", summary="Remove your Hugging Face token", response_model=HfTokenDeleted)
+async def delete_hf_token(user: CurrentUser, keyvault: KeyVault) -> dict[str, Any]:
+    deleted = await keyvault.delete_key(
+        _hf_token(user), "The key vault is unavailable; your token was not removed, try again"
+    )
+    log.info("hugging face token removed", extra={"user_id": user})
+    return {"has_token": False, "deleted": deleted}
+
+
+def _hf_token_view(info: keyvault_pb2.KeyInfo | None) -> dict[str, Any]:
+    view = key_info_view(info)
+    return {"has_token": view["has_key"], "last4": view["last4"], "updated_at": view["updated_at"]}
+
+
+async def gated_model_refusal(
+    model_id: str, user: str, scheduler: SchedulerClient, keyvault: KeyVaultClient
+) -> str:
+    """Why a job on ``model_id`` cannot run for ``user``: a gated catalog model, on a backend whose
+    workers download it (RunPod, Modal), with no Hugging Face token of theirs stored. "" = it can."""
+    card = lookup_model(model_id)
+    if not card.gated:
+        return ""
+    settings = await scheduler.compute_settings(user)
+    provider = RUNPOD if settings.backend == RUNPOD else settings.hosted_provider
+    if provider not in (RUNPOD, "modal") or await keyvault.key_info(_hf_token(user)) is not None:
+        return ""
+    return (
+        f"{card.id} is gated on Hugging Face ({card.licence}): accept its licence on "
+        "huggingface.co, then add your Hugging Face token (HF_TOKEN) in Settings -> Hugging Face "
+        "token (PUT /api/settings/hf-token) and submit again"
+    )

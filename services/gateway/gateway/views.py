@@ -37,6 +37,11 @@ def job_view(job: scheduler_pb2.Job) -> dict[str, Any]:
         "n_eval": job.n_eval,
         "estimated_time_s": job.estimated_time_s,
         "estimated_cost_usd": job.estimated_cost_usd,
+        "estimated_gpu": job.estimated_gpu or None,
+        "estimated_usd_per_second": job.estimated_usd_per_second,
+        "max_cost_usd": job.max_cost_usd or None,
+        # The real cost once the job has ended (None before, or when nothing was measured).
+        "actual": actual_view(job.actual) if job.HasField("actual") else None,
         "last_event_seq": job.last_seq,
         "created_at": timestamp_text(job, "created_at"),
         "updated_at": timestamp_text(job, "updated_at"),
@@ -57,6 +62,16 @@ def _run_time_s(job: scheduler_pb2.Job) -> float | None:
         return None
     delta = job.finished_at.ToDatetime() - job.started_at.ToDatetime()
     return max(delta.total_seconds(), 0.0)
+def actual_view(actual: common_pb2.JobCost) -> dict[str, Any]:
+    return {
+        "gpu_seconds": actual.gpu_seconds,
+        "delay_seconds": actual.delay_seconds,
+        "gpu": actual.gpu,
+        "device": actual.device or None,
+        "usd_per_second": actual.usd_per_second,
+        "cost_usd": actual.cost_usd,
+        "source": actual.source,
+    }
 
 
 def submitted_view(job: scheduler_pb2.Job, id_field: str = "job_id") -> dict[str, Any]:

@@ -76,13 +76,16 @@ class KeyVaultServicer(keyvault_pb2_grpc.KeyVaultServicer):
         self, request: keyvault_pb2.KeyRef, context: grpc.aio.ServicerContext
     ) -> keyvault_pb2.RevealKeyResponse:
         caller = await self._authenticate(context, "RevealKey")
-        if not may_reveal(caller):
+        if not may_reveal(caller, request.provider):
             metrics.REVEALS_DENIED.labels(caller).inc()
             log.warning(
                 "reveal refused",
                 extra={"caller": caller, "user_id": request.user_id, "provider": request.provider},
             )
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"caller {caller!r} may not reveal keys")
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"caller {caller!r} may not reveal keys of {request.provider!r}",
+            )
         plaintext = await self._call(context, self._vault.reveal_key(request.user_id, request.provider))
         metrics.KEYS_REVEALED.labels(request.provider, caller).inc()
         log.info(

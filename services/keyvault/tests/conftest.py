@@ -16,7 +16,8 @@ from keyvault.server import KeyVaultServer, start_keyvault
 
 GATEWAY_TOKEN = "gateway-token-" + "g" * 24
 RUNPOD_TOKEN = "compute-runpod-token-" + "r" * 24
-CALLER_TOKENS = f"gateway={GATEWAY_TOKEN},compute-runpod={RUNPOD_TOKEN}"
+MODAL_TOKEN = "compute-modal-token-" + "m" * 24
+CALLER_TOKENS = f"gateway={GATEWAY_TOKEN},compute-runpod={RUNPOD_TOKEN},compute-modal={MODAL_TOKEN}"
 
 
 Metadata = tuple[tuple[str, str], ...]
@@ -47,8 +48,14 @@ def gateway() -> Metadata:
 
 @pytest.fixture
 def compute_runpod() -> Metadata:
-    """Call metadata of compute-runpod (the only caller that may reveal)."""
+    """Call metadata of compute-runpod (may reveal RunPod keys and Hugging Face tokens)."""
     return (("x-caller-token", RUNPOD_TOKEN),)
+
+
+@pytest.fixture
+def compute_modal() -> Metadata:
+    """Call metadata of compute-modal (may reveal Hugging Face tokens only)."""
+    return (("x-caller-token", MODAL_TOKEN),)
 
 
 @pytest.fixture

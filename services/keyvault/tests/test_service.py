@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from urllib.parse import urlparse
 
 import asyncpg
@@ -236,6 +237,28 @@ async def test_only_compute_runpod_may_reveal(
     revealed_before = REGISTRY.get_sample_value("keyvault_keys_revealed_total", reveal_labels) or 0.0
     assert (await stub.RevealKey(ref(), metadata=compute_runpod)).plaintext == api_key
     assert REGISTRY.get_sample_value("keyvault_keys_revealed_total", reveal_labels) == revealed_before + 1
+
+
+async def test_each_caller_reveals_only_the_keys_it_hands_on(
+    stub: keyvault_pb2_grpc.KeyVaultStub, gateway: Metadata, compute_runpod: Metadata, compute_modal: Metadata
+) -> None:
+    """compute-runpod: the RunPod key and the Hugging Face token (for the user's RunPod worker);
+    compute-modal: the Hugging Face token only."""
+    hf_token = "hf_" + secrets.token_hex(16)
+    await stub.StoreKey(store("alice", "sk" + secrets.token_hex(20)), metadata=gateway)
+    await stub.StoreKey(
+        keyvault_pb2.StoreKeyRequest(user_id="alice", provider="huggingface", plaintext=hf_token),
+        metadata=gateway,
+    )
+    assert (await stub.RevealKey(ref(provider="huggingface"), metadata=compute_modal)).plaintext == hf_token
+    assert (await stub.RevealKey(ref(provider="huggingface"), metadata=compute_runpod)).plaintext == hf_token
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.RevealKey(ref(provider="runpod"), metadata=compute_modal)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "'compute-modal' may not reveal keys of 'runpod'" in refused.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as other:
+        await stub.RevealKey(ref(provider="openai"), metadata=compute_runpod)
+    assert other.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_same_plaintext_gets_a_fresh_nonce_every_time(

@@ -154,6 +154,15 @@ def check_ceiling(usage: Usage, estimated_time_s: float, estimated_cost_usd: flo
         )
 
 
+def check_spend_cap(max_cost_usd: float, estimated_cost_usd: float) -> None:
+    """Raise JobTooLarge when the job's estimate is over the researcher's own spend cap."""
+    if max_cost_usd > 0 and estimated_cost_usd > max_cost_usd:
+        raise JobTooLarge(
+            f"max_cost_usd: this job is estimated at ${estimated_cost_usd:.4f}, over your spend cap "
+            f"of ${max_cost_usd:.4f}: raise the cap, or use fewer examples or epochs or a smaller model"
+        )
+
+
 def check_quota(usage: Usage, estimated_time_s: float) -> None:
     """Raise AdmissionRefused when one more job of ``estimated_time_s`` is over a quota."""
     now = datetime.now(UTC)

@@ -222,7 +222,23 @@ class Dispatcher:
                 spec_json, route.backend, later.kind if later else "", later.request_json if later else b""
             )
             estimated_time_s, estimated_cost_usd = estimate.estimated_time_s, estimate.estimated_cost_usd
-            await self._store.set_estimate(job.id, self._lease, estimated_time_s, estimated_cost_usd)
+            await self._store.set_estimate(
+                job.id,
+                self._lease,
+                estimated_time_s,
+                estimated_cost_usd,
+                estimate.gpu,
+                estimate.usd_per_second,
+            )
+        if 0 < job.max_cost_usd < estimated_cost_usd:
+            # The provider's estimate (its own GPU and prices) can exceed the admission one.
+            raise ProviderError(
+                job.provider,
+                "FAILED_PRECONDITION",
+                f"Not submitted: the {job.provider} estimate is ${estimated_cost_usd:.4f}, over your "
+                f"spend cap of ${job.max_cost_usd:.4f}",
+                False,
+            )
         endpoint_id = await self._endpoints.ensure(route, job.user_id, spec) if route.needs_endpoint else ""
         uploads: list[compute_pb2.ArtifactUpload] = []
         # Only experiments write files; a later job of one (a counterfactual check) returns JSON.

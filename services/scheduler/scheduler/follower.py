@@ -17,16 +17,19 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 
+import cost_model
 from influence.v1 import common_pb2
 from scheduler.artifacts import ArtifactMover, ArtifactTransferError, parse_manifest
 from scheduler.config import Settings
-from scheduler.providers import ProviderError, Providers, Route
+from scheduler.providers import ProviderClient, ProviderError, Providers, Route
 from scheduler.store import JobRow, JobUpdate, Lease, Store
 from scheduler.uploads import remove_uploads, uploads_directly, verify_uploads
-from service_runtime.jobs import event_dict
+from service_runtime.jobs import TERMINAL_STATES, event_dict
 from service_runtime.tracing import continued_trace
 
 log = logging.getLogger(__name__)
@@ -231,6 +234,10 @@ class Follower:
         elif status.state == common_pb2.JOB_STATE_CANCELLED:
             error = status.error or "cancelled at the provider"
             update.status, update.error, update.stage_message = "cancelled", error, error
+        if update.status in TERMINAL_STATES and status.HasField("usage"):
+            update.actual = actual_cost(job, status.usage, update.result)
+        elif update.status not in TERMINAL_STATES:
+            await self._stop_at_spend_cap(job, client, account, update)
         # Progress (events, a new state) polls again soon; a new waiting message alone (a queue
         # position, an ETA) is stored but lets the interval keep growing.
         progressed = (
@@ -242,6 +249,30 @@ class Follower:
             job.id, update, expected_cursor=job.provider_cursor, lease=self._lease
         )
         return progressed, stored is not None and stored.terminal
+
+    async def _stop_at_spend_cap(
+        self, job: JobRow, client: ProviderClient, account: common_pb2.Account, update: JobUpdate
+    ) -> None:
+        """Cancel a running job whose time so far, at the rate its estimate priced, has reached the
+        researcher's spend cap; ``update`` then ends it, priced at the time the scheduler saw."""
+        if job.max_cost_usd <= 0 or job.started_at is None or job.estimated_usd_per_second <= 0:
+            return
+        run_s = (datetime.now(UTC) - job.started_at).total_seconds()
+        spent = run_s * job.estimated_usd_per_second
+        if spent < job.max_cost_usd:
+            return
+        await client.cancel(job.id, job.provider_job_id, account)
+        message = (
+            f"Cancelled at your spend cap: it had run {run_s:.0f} s on {job.estimated_gpu or 'its GPU'} "
+            f"at ${job.estimated_usd_per_second:.6f}/s, about ${spent:.4f}, reaching your cap of "
+            f"${job.max_cost_usd:.4f}"
+        )
+        log.info("job cancelled at its spend cap", extra={"job_id": job.id, "spent_usd": spent})
+        update.status, update.error, update.stage_message = "cancelled", message, message
+        usage = common_pb2.JobUsage(
+            gpu_seconds=run_s, source="run time as the scheduler saw it (cancelled at the spend cap)"
+        )
+        update.actual = actual_cost(job, usage, None)
 
     async def _collect_result(
         self, job: JobRow, route: Route, account: common_pb2.Account, update: JobUpdate, followed: _Followed
@@ -286,3 +317,23 @@ class Follower:
             return
         update.status, update.result, update.artifacts = "completed", result, manifest
         update.progress, update.stage_message = 1.0, "completed"
+
+
+def actual_cost(job: JobRow, usage: common_pb2.JobUsage, result: Any) -> cost_model.ActualCost | None:
+    """The job's real cost: the provider's measured seconds, priced at the rate of the GPU the
+    worker reported (the result's environment.gpu_name), the provider named, or the estimate
+    priced. None when the price table cannot be read (the job still ends)."""
+    environment = result.get("environment") if isinstance(result, dict) else None
+    device = environment.get("gpu_name") if isinstance(environment, dict) else None
+    try:
+        return cost_model.actual_cost(
+            job.provider,
+            usage.gpu_seconds,
+            usage.delay_seconds,
+            str(device or usage.gpu),
+            job.estimated_gpu,
+            usage.source or f"measured by the {job.provider} provider",
+        )
+    except cost_model.PriceTableError as exc:
+        log.warning("job not priced", extra={"job_id": job.id, "error": str(exc)})
+        return None

@@ -25,7 +25,7 @@ from gpu_core import schemas
 from gpu_core.jobs import EXPERIMENT, JobInputError, job_kind, parse_request, parse_result
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
 from influence.v1 import common_pb2, compute_pb2
-from scheduler.admission import Usage, check_ceiling, check_quota, current_usage
+from scheduler.admission import Usage, check_ceiling, check_quota, check_spend_cap, current_usage
 from scheduler.artifacts import ArtifactMover
 from scheduler.config import Settings
 from scheduler.db import DbConnection
@@ -113,11 +113,16 @@ class JobManager:
         kind: str = "",
         parent_job_id: str = "",
         request_json: bytes = b"",
+        max_cost_usd: float = 0.0,
     ) -> JobRow:
         """Validate, admit and store an experiment (``spec_json``), or a later job of ``kind`` on
         the user's completed experiment ``parent_job_id`` (it runs on that experiment's backend
         with its stored spec). No provider is called: the job is answered queued and a
-        dispatcher submits it."""
+        dispatcher submits it. ``max_cost_usd``: the researcher's spend cap (0 = none); an
+        estimate over it is refused here (JobTooLarge), and the follower cancels a running job
+        that reaches it."""
+        if max_cost_usd < 0:
+            raise SpecError("max_cost_usd: must be 0 (no cap) or more")
         parent, request = None, None
         if job_kind(kind).needs_parent:
             parent, request = await self._later_job(user_id, kind, parent_job_id, request_json)
@@ -142,6 +147,8 @@ class JobManager:
             json.dumps(request).encode() if request is not None else b"",
         )
 
+        check_spend_cap(max_cost_usd, estimate[1])
+
         async def admit(conn: DbConnection) -> None:
             usage = await current_usage(conn, self._settings, user_id, route.backend)
             check_ceiling(usage, *estimate)
@@ -158,6 +165,7 @@ class JobManager:
             kind=job_kind(kind).name,
             parent_job_id=parent.id if parent is not None else None,
             request=request,
+            max_cost_usd=max_cost_usd,
             trace_context=trace_carrier(),
         )
         if created:

@@ -30,11 +30,12 @@ async def record_admission(
 
 
 async def record_settlement(conn: DbConnection, job_id: uuid.UUID) -> None:
-    """The job's ``settled`` entry, from its row as the terminal update left it (once per job)."""
+    """The job's ``settled`` entry, from its row as the terminal update left it (once per job):
+    the GPU-seconds its provider measured, or the time it ran as the scheduler saw it."""
     await conn.execute(
         """INSERT INTO usage_ledger (user_id, job_id, backend, entry, gpu_seconds, period_at)
            SELECT user_id, id, compute_backend, 'settled',
-                  coalesce(extract(epoch FROM finished_at - started_at), 0), created_at
+                  coalesce(actual_gpu_seconds, extract(epoch FROM finished_at - started_at), 0), created_at
            FROM jobs WHERE id = $1
            ON CONFLICT (job_id, entry) DO NOTHING""",
         job_id,

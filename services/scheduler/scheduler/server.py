@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
 from typing import Any, NoReturn, TypeVar
 
 import asyncpg
@@ -106,6 +107,10 @@ def job_to_proto(job: JobRow, facts: JobFacts | None = None) -> scheduler_pb2.Jo
         name=job.name,
         tags=job.tags,
         note=job.note,
+        actual=common_pb2.JobCost(**asdict(job.actual)) if job.actual is not None else None,
+        estimated_gpu=job.estimated_gpu,
+        estimated_usd_per_second=job.estimated_usd_per_second,
+        max_cost_usd=job.max_cost_usd,
     )
     if facts is not None:
         started = timestamp(facts.started_at)
@@ -212,6 +217,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             request.kind,
             request.parent_job_id,
             request.request_json,
+            request.max_cost_usd,
         )
         return job_to_proto(job)
 

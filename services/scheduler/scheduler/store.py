@@ -16,12 +16,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
+from cost_model import ActualCost
 from scheduler import ledger
 from scheduler.db import DbConnection, returned_row
 from service_runtime.jobs import ACTIVE_STATES, TERMINAL_STATES
@@ -78,6 +79,11 @@ class JobRow:
     name: str = ""
     tags: list[str] = field(default_factory=list)
     note: str = ""
+    estimated_gpu: str = ""  # the GPU the estimate priced, and its rate
+    estimated_usd_per_second: float = 0.0
+    max_cost_usd: float = 0.0  # the researcher's spend cap; 0 = none
+    started_at: datetime | None = None
+    actual: ActualCost | None = None  # the real cost, once the job ended with a measurement
 
     @property
     def terminal(self) -> bool:
@@ -116,6 +122,7 @@ class JobUpdate:
     artifacts: list[dict[str, Any]] | None = None
     provider_job_id: str | None = None
     endpoint_id: str | None = None
+    actual: ActualCost | None = None
 
 
 @dataclass(frozen=True)
@@ -143,16 +150,29 @@ _JOB_COLUMNS = """id::text AS id, user_id, compute_backend, provider,
     submit_attempts, created_at, updated_at, finished_at, artifacts, kind,
     coalesce(parent_job_id::text, '') AS parent_job_id, request, model_id, influence_method,
     n_train, n_eval, endpoint_id, submit_token IS NOT NULL AS submitting, trace_context, name, tags,
-    note"""
+    note, estimated_gpu, estimated_usd_per_second, max_cost_usd, started_at, actual_gpu_seconds,
+    actual_delay_s, actual_gpu, actual_device, actual_usd_per_second, actual_cost_usd, actual_source"""
+_ACTUAL_COLUMNS = {
+    "actual_gpu_seconds": "gpu_seconds",
+    "actual_delay_s": "delay_seconds",
+    "actual_gpu": "gpu",
+    "actual_device": "device",
+    "actual_usd_per_second": "usd_per_second",
+    "actual_cost_usd": "cost_usd",
+    "actual_source": "source",
+}
 # The lease fence of a dispatcher or follower write ($1 = owner).
 _HELD = "lease_owner = $1 AND lease_expires_at > now()"
 
 
 def _job(row: asyncpg.Record) -> JobRow:
-    return JobRow(**dict(row))
+    return _job_from(dict(row))
 
 
 def _job_from(fields: dict[str, Any]) -> JobRow:
+    actual = {name: fields.pop(column) for column, name in _ACTUAL_COLUMNS.items()}
+    if actual["gpu_seconds"] is not None:
+        fields["actual"] = ActualCost(**actual)
     return JobRow(**fields)
 
 
@@ -272,6 +292,7 @@ class Store:
         kind: str = "experiment",
         parent_job_id: str | None = None,
         request: dict[str, Any] | None = None,
+        max_cost_usd: float = 0.0,
         trace_context: dict[str, str] | None = None,
     ) -> tuple[JobRow, bool]:
         """Store a new queued job (the outbox: a dispatcher submits it), or return the existing
@@ -297,9 +318,9 @@ class Store:
                 f"""INSERT INTO jobs (id, user_id, compute_backend, provider, spec, idempotency_key,
                                       estimated_time_s, estimated_cost_usd, kind, parent_job_id,
                                       request, model_id, influence_method, n_train, n_eval,
-                                      trace_context, name, tags, note)
+                                      max_cost_usd, trace_context, name, tags, note)
                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                            $17, $18, $19)
+                            $17, $18, $19, $20)
                     RETURNING {_JOB_COLUMNS}""",
                 job_id,
                 user_id,
@@ -315,6 +336,7 @@ class Store:
                 str(spec.get("influence_method", "")),
                 _list_length(spec, "training_data"),
                 _list_length(spec, "eval_data"),
+                max_cost_usd,
                 trace_context or {},
                 str(spec.get("name") or ""),
                 [str(tag) for tag in spec.get("tags") or []],
@@ -474,14 +496,25 @@ class Store:
             "SELECT spec FROM jobs WHERE id = $1 AND ($2::text IS NULL OR user_id = $2)", parsed, user_id
         )
 
-    async def set_estimate(self, job_id: str, lease: Lease, time_s: float, cost_usd: float) -> None:
+    async def set_estimate(
+        self,
+        job_id: str,
+        lease: Lease,
+        time_s: float,
+        cost_usd: float,
+        gpu: str = "",
+        usd_per_second: float = 0.0,
+    ) -> None:
         await self._execute(
-            f"""UPDATE jobs SET estimated_time_s = $3, estimated_cost_usd = $4, updated_at = now()
+            f"""UPDATE jobs SET estimated_time_s = $3, estimated_cost_usd = $4, estimated_gpu = $5,
+                   estimated_usd_per_second = $6, updated_at = now()
                WHERE id = $2 AND {_HELD}""",
             lease.owner,
             uuid.UUID(job_id),
             time_s,
             cost_usd,
+            gpu,
+            usd_per_second,
         )
 
     async def apply(
@@ -549,6 +582,13 @@ class Store:
                        runpod_job_id = CASE WHEN provider = 'runpod' THEN coalesce($13, runpod_job_id)
                                             ELSE runpod_job_id END,
                        endpoint_id = coalesce($14, endpoint_id),
+                       actual_gpu_seconds = coalesce($15, actual_gpu_seconds),
+                       actual_delay_s = coalesce($16, actual_delay_s),
+                       actual_gpu = coalesce($17, actual_gpu),
+                       actual_device = coalesce($18, actual_device),
+                       actual_usd_per_second = coalesce($19, actual_usd_per_second),
+                       actual_cost_usd = coalesce($20, actual_cost_usd),
+                       actual_source = coalesce($21, actual_source),
                        last_seq = $10,
                        finished_at = CASE WHEN $3 = ANY($11::text[]) THEN now() ELSE finished_at END,
                        started_at = CASE WHEN $3 = 'running' AND started_at IS NULL THEN now()
@@ -570,6 +610,7 @@ class Store:
                 update.artifacts,
                 update.provider_job_id,
                 update.endpoint_id,
+                *(astuple(update.actual) if update.actual is not None else (None,) * len(_ACTUAL_COLUMNS)),
             )
             if update.status in TERMINAL_STATES:
                 await ledger.record_settlement(conn, job_uuid)

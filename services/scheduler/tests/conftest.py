@@ -70,6 +70,8 @@ class Plan:
     fetch_breaks: list[int] = field(default_factory=list)
     # Bytes FetchArtifact sends instead of the listed ones (a corrupted transfer).
     corrupt: bool = False
+    # GPU-seconds the provider reports having measured once the job ends (None: no usage).
+    usage_s: float | None = None
 
 
 @dataclass
@@ -98,6 +100,9 @@ class ScriptedProvider(compute_pb2_grpc.ComputeProviderServicer):
         # key -> the refusal VerifyCredentials answers for it (default: invalid)
         self.refusals: dict[str, compute_pb2.VerifyCredentialsResponse] = {}
         self.result_calls = 0
+        # What Estimate answers: time and $/s (the cost is their product).
+        self.estimated_time_s = 12.0
+        self.usd_per_second = {"runpod": 0.5 / 12.0, "hosted": 0.0}
         self.fetch_calls: list[str] = []
         # While set and not yet released, Estimate, PrepareAccount and Submit wait on it (a
         # provider that does not answer).
@@ -188,6 +193,10 @@ class ScriptedProvider(compute_pb2_grpc.ComputeProviderServicer):
                 response.error = plan.error
             else:
                 response.result_ready = True
+            if plan.usage_s is not None:
+                response.usage.CopyFrom(
+                    common_pb2.JobUsage(gpu_seconds=plan.usage_s, gpu="cpu", source="scripted timing")
+                )
         return response
 
     async def GetResult(self, request: Any, context: Any) -> compute_pb2.GetResultResponse:
@@ -234,10 +243,14 @@ class ScriptedProvider(compute_pb2_grpc.ComputeProviderServicer):
     async def Estimate(self, request: Any, context: Any) -> compute_pb2.EstimateResponse:
         await self._maybe_fail("Estimate", context)
         self.estimate_requests.append(request)
-        cost = 0.5 if request.backend == "runpod" else 0.0
+        rate = self.usd_per_second.get(request.backend, 0.0)
         return compute_pb2.EstimateResponse(
             estimate=common_pb2.Estimate(
-                backend=request.backend, gpu="AMPERE_80", estimated_time_s=12.0, estimated_cost_usd=cost
+                backend=request.backend,
+                gpu="AMPERE_80",
+                estimated_time_s=self.estimated_time_s,
+                usd_per_second=rate,
+                estimated_cost_usd=self.estimated_time_s * rate,
             )
         )
 

@@ -25,25 +25,29 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19influence/v1/common.proto\x12\x0cinfluence.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"?\n\x07\x41\x63\x63ount\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65ndpoint_id\x18\x02 \x01(\t\x12\x0e\n\x06hosted\x18\x03 \x01(\x08\"\x9a\x01\n\rProgressEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x10\n\x08progress\x18\x04 \x01(\x01\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x12\n\nevent_json\x18\x06 \x01(\x0c\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf6\x01\n\x08\x45stimate\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0b\n\x03gpu\x18\x03 \x01(\t\x12\x15\n\rgpu_memory_gb\x18\x04 \x01(\x01\x12\x1a\n\x12required_memory_gb\x18\x05 \x01(\x01\x12\x18\n\x10\x65stimated_time_s\x18\x06 \x01(\x01\x12\x16\n\x0eusd_per_second\x18\x07 \x01(\x01\x12\x1a\n\x12\x65stimated_cost_usd\x18\x08 \x01(\x01\x12\x14\n\x0cprices_as_of\x18\t \x01(\t\x12\x14\n\x0cprice_source\x18\n \x01(\t\x12\r\n\x05notes\x18\x0b \x03(\t\"K\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nmedia_type\x18\x04 \x01(\t\"\x1d\n\rArtifactChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c*\xb3\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x17\n\x13JOB_STATE_SUBMITTED\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06*\x98\x01\n\nKeyFailure\x12\x1b\n\x17KEY_FAILURE_UNSPECIFIED\x10\x00\x12\x17\n\x13KEY_FAILURE_INVALID\x10\x01\x12\x18\n\x14KEY_FAILURE_NO_FUNDS\x10\x02\x12\x1d\n\x19KEY_FAILURE_NO_PERMISSION\x10\x03\x12\x1b\n\x17KEY_FAILURE_UNREACHABLE\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19influence/v1/common.proto\x12\x0cinfluence.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"?\n\x07\x41\x63\x63ount\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65ndpoint_id\x18\x02 \x01(\t\x12\x0e\n\x06hosted\x18\x03 \x01(\x08\"\x9a\x01\n\rProgressEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x10\n\x08progress\x18\x04 \x01(\x01\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x12\n\nevent_json\x18\x06 \x01(\x0c\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf6\x01\n\x08\x45stimate\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0b\n\x03gpu\x18\x03 \x01(\t\x12\x15\n\rgpu_memory_gb\x18\x04 \x01(\x01\x12\x1a\n\x12required_memory_gb\x18\x05 \x01(\x01\x12\x18\n\x10\x65stimated_time_s\x18\x06 \x01(\x01\x12\x16\n\x0eusd_per_second\x18\x07 \x01(\x01\x12\x1a\n\x12\x65stimated_cost_usd\x18\x08 \x01(\x01\x12\x14\n\x0cprices_as_of\x18\t \x01(\t\x12\x14\n\x0cprice_source\x18\n \x01(\t\x12\r\n\x05notes\x18\x0b \x03(\t\"S\n\x08JobUsage\x12\x13\n\x0bgpu_seconds\x18\x01 \x01(\x01\x12\x15\n\rdelay_seconds\x18\x02 \x01(\x01\x12\x0b\n\x03gpu\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\"\x8c\x01\n\x07JobCost\x12\x13\n\x0bgpu_seconds\x18\x01 \x01(\x01\x12\x15\n\rdelay_seconds\x18\x02 \x01(\x01\x12\x0b\n\x03gpu\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x16\n\x0eusd_per_second\x18\x05 \x01(\x01\x12\x10\n\x08\x63ost_usd\x18\x06 \x01(\x01\x12\x0e\n\x06source\x18\x07 \x01(\t\"K\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nmedia_type\x18\x04 \x01(\t\"\x1d\n\rArtifactChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c*\xb3\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x17\n\x13JOB_STATE_SUBMITTED\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06*\x98\x01\n\nKeyFailure\x12\x1b\n\x17KEY_FAILURE_UNSPECIFIED\x10\x00\x12\x17\n\x13KEY_FAILURE_INVALID\x10\x01\x12\x18\n\x14KEY_FAILURE_NO_FUNDS\x10\x02\x12\x1d\n\x19KEY_FAILURE_NO_PERMISSION\x10\x03\x12\x1b\n\x17KEY_FAILURE_UNREACHABLE\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'influence.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=656
-  _globals['_JOBSTATE']._serialized_end=835
-  _globals['_KEYFAILURE']._serialized_start=838
-  _globals['_KEYFAILURE']._serialized_end=990
+  _globals['_JOBSTATE']._serialized_start=884
+  _globals['_JOBSTATE']._serialized_end=1063
+  _globals['_KEYFAILURE']._serialized_start=1066
+  _globals['_KEYFAILURE']._serialized_end=1218
   _globals['_ACCOUNT']._serialized_start=76
   _globals['_ACCOUNT']._serialized_end=139
   _globals['_PROGRESSEVENT']._serialized_start=142
   _globals['_PROGRESSEVENT']._serialized_end=296
   _globals['_ESTIMATE']._serialized_start=299
   _globals['_ESTIMATE']._serialized_end=545
-  _globals['_ARTIFACT']._serialized_start=547
-  _globals['_ARTIFACT']._serialized_end=622
-  _globals['_ARTIFACTCHUNK']._serialized_start=624
-  _globals['_ARTIFACTCHUNK']._serialized_end=653
+  _globals['_JOBUSAGE']._serialized_start=547
+  _globals['_JOBUSAGE']._serialized_end=630
+  _globals['_JOBCOST']._serialized_start=633
+  _globals['_JOBCOST']._serialized_end=773
+  _globals['_ARTIFACT']._serialized_start=775
+  _globals['_ARTIFACT']._serialized_end=850
+  _globals['_ARTIFACTCHUNK']._serialized_start=852
+  _globals['_ARTIFACTCHUNK']._serialized_end=881
 # @@protoc_insertion_point(module_scope)

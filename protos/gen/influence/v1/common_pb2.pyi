@@ -94,6 +94,36 @@ class Estimate(_message.Message):
     notes: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, backend: _Optional[str] = ..., provider: _Optional[str] = ..., gpu: _Optional[str] = ..., gpu_memory_gb: _Optional[float] = ..., required_memory_gb: _Optional[float] = ..., estimated_time_s: _Optional[float] = ..., usd_per_second: _Optional[float] = ..., estimated_cost_usd: _Optional[float] = ..., prices_as_of: _Optional[str] = ..., price_source: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class JobUsage(_message.Message):
+    __slots__ = ("gpu_seconds", "delay_seconds", "gpu", "source")
+    GPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DELAY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    gpu_seconds: float
+    delay_seconds: float
+    gpu: str
+    source: str
+    def __init__(self, gpu_seconds: _Optional[float] = ..., delay_seconds: _Optional[float] = ..., gpu: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+
+class JobCost(_message.Message):
+    __slots__ = ("gpu_seconds", "delay_seconds", "gpu", "device", "usd_per_second", "cost_usd", "source")
+    GPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DELAY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    USD_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    COST_USD_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    gpu_seconds: float
+    delay_seconds: float
+    gpu: str
+    device: str
+    usd_per_second: float
+    cost_usd: float
+    source: str
+    def __init__(self, gpu_seconds: _Optional[float] = ..., delay_seconds: _Optional[float] = ..., gpu: _Optional[str] = ..., device: _Optional[str] = ..., usd_per_second: _Optional[float] = ..., cost_usd: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
+
 class Artifact(_message.Message):
     __slots__ = ("name", "bytes", "sha256", "media_type")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -116,20 +116,22 @@ class GetStatusRequest(_message.Message):
     def __init__(self, provider_job_id: _Optional[str] = ..., account: _Optional[_Union[_common_pb2.Account, _Mapping]] = ..., cursor: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("state", "events", "cursor", "error", "result_ready", "stage_message")
+    __slots__ = ("state", "events", "cursor", "error", "result_ready", "stage_message", "usage")
     STATE_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RESULT_READY_FIELD_NUMBER: _ClassVar[int]
     STAGE_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     state: _common_pb2.JobState
     events: _containers.RepeatedCompositeFieldContainer[_common_pb2.ProgressEvent]
     cursor: str
     error: str
     result_ready: bool
     stage_message: str
-    def __init__(self, state: _Optional[_Union[_common_pb2.JobState, str]] = ..., events: _Optional[_Iterable[_Union[_common_pb2.ProgressEvent, _Mapping]]] = ..., cursor: _Optional[str] = ..., error: _Optional[str] = ..., result_ready: bool = ..., stage_message: _Optional[str] = ...) -> None: ...
+    usage: _common_pb2.JobUsage
+    def __init__(self, state: _Optional[_Union[_common_pb2.JobState, str]] = ..., events: _Optional[_Iterable[_Union[_common_pb2.ProgressEvent, _Mapping]]] = ..., cursor: _Optional[str] = ..., error: _Optional[str] = ..., result_ready: bool = ..., stage_message: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.JobUsage, _Mapping]] = ...) -> None: ...
 
 class GetResultRequest(_message.Message):
     __slots__ = ("provider_job_id", "account", "job_id")

@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Job(_message.Message):
-    __slots__ = ("id", "user_id", "compute_backend", "provider", "provider_job_id", "state", "stage", "progress", "stage_message", "latest_metrics_json", "error", "estimated_time_s", "estimated_cost_usd", "model_id", "influence_method", "n_train", "n_eval", "created_at", "updated_at", "finished_at", "last_seq", "kind", "parent_job_id", "request_json", "name", "tags", "note", "started_at", "outcome_json")
+    __slots__ = ("id", "user_id", "compute_backend", "provider", "provider_job_id", "state", "stage", "progress", "stage_message", "latest_metrics_json", "error", "estimated_time_s", "estimated_cost_usd", "model_id", "influence_method", "n_train", "n_eval", "created_at", "updated_at", "finished_at", "last_seq", "kind", "parent_job_id", "request_json", "name", "tags", "note", "started_at", "outcome_json", "actual", "estimated_gpu", "estimated_usd_per_second", "max_cost_usd")
     ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,10 @@ class Job(_message.Message):
     NOTE_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_JSON_FIELD_NUMBER: _ClassVar[int]
+    ACTUAL_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_GPU_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_USD_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    MAX_COST_USD_FIELD_NUMBER: _ClassVar[int]
     id: str
     user_id: str
     compute_backend: str
@@ -70,23 +74,29 @@ class Job(_message.Message):
     note: str
     started_at: _timestamp_pb2.Timestamp
     outcome_json: bytes
-    def __init__(self, id: _Optional[str] = ..., user_id: _Optional[str] = ..., compute_backend: _Optional[str] = ..., provider: _Optional[str] = ..., provider_job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., stage: _Optional[str] = ..., progress: _Optional[float] = ..., stage_message: _Optional[str] = ..., latest_metrics_json: _Optional[bytes] = ..., error: _Optional[str] = ..., estimated_time_s: _Optional[float] = ..., estimated_cost_usd: _Optional[float] = ..., model_id: _Optional[str] = ..., influence_method: _Optional[str] = ..., n_train: _Optional[int] = ..., n_eval: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., kind: _Optional[str] = ..., parent_job_id: _Optional[str] = ..., request_json: _Optional[bytes] = ..., name: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., note: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., outcome_json: _Optional[bytes] = ...) -> None: ...
+    actual: _common_pb2.JobCost
+    estimated_gpu: str
+    estimated_usd_per_second: float
+    max_cost_usd: float
+    def __init__(self, id: _Optional[str] = ..., user_id: _Optional[str] = ..., compute_backend: _Optional[str] = ..., provider: _Optional[str] = ..., provider_job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., stage: _Optional[str] = ..., progress: _Optional[float] = ..., stage_message: _Optional[str] = ..., latest_metrics_json: _Optional[bytes] = ..., error: _Optional[str] = ..., estimated_time_s: _Optional[float] = ..., estimated_cost_usd: _Optional[float] = ..., model_id: _Optional[str] = ..., influence_method: _Optional[str] = ..., n_train: _Optional[int] = ..., n_eval: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., kind: _Optional[str] = ..., parent_job_id: _Optional[str] = ..., request_json: _Optional[bytes] = ..., name: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., note: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., outcome_json: _Optional[bytes] = ..., actual: _Optional[_Union[_common_pb2.JobCost, _Mapping]] = ..., estimated_gpu: _Optional[str] = ..., estimated_usd_per_second: _Optional[float] = ..., max_cost_usd: _Optional[float] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("user_id", "spec_json", "idempotency_key", "kind", "parent_job_id", "request_json")
+    __slots__ = ("user_id", "spec_json", "idempotency_key", "kind", "parent_job_id", "request_json", "max_cost_usd")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     PARENT_JOB_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    MAX_COST_USD_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     spec_json: bytes
     idempotency_key: str
     kind: str
     parent_job_id: str
     request_json: bytes
-    def __init__(self, user_id: _Optional[str] = ..., spec_json: _Optional[bytes] = ..., idempotency_key: _Optional[str] = ..., kind: _Optional[str] = ..., parent_job_id: _Optional[str] = ..., request_json: _Optional[bytes] = ...) -> None: ...
+    max_cost_usd: float
+    def __init__(self, user_id: _Optional[str] = ..., spec_json: _Optional[bytes] = ..., idempotency_key: _Optional[str] = ..., kind: _Optional[str] = ..., parent_job_id: _Optional[str] = ..., request_json: _Optional[bytes] = ..., max_cost_usd: _Optional[float] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("user_id", "job_id")

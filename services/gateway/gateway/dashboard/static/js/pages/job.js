@@ -2,6 +2,7 @@
 // loss curve, ETA, cancel, errors in plain words, and the results once the job completes.
 
 import { api, jobEvents } from "../api.js";
+import { actualCostText } from "../cost.js";
 import { labelsSection } from "../labels.js";
 import { announce, BACKEND_NAMES, dateTime, duration, el, plotLossCurves, usd } from "../ui.js";
 import { renderResults } from "./results.js";
@@ -70,6 +71,7 @@ export async function renderJob(view, jobId) {
   const cancel = el("button", { type: "button", id: "cancel-job", class: "danger" }, "Cancel experiment");
   const chart = el("div", { id: "loss-chart", class: "chart", role: "img", "aria-label": "Training loss by step" });
   const resultsHost = el("div", { id: "results" });
+  const actualCost = el("dd", { id: "job-actual-cost" });
 
   const heading = el("h1", {}, job.name || `Experiment ${jobId.slice(0, 8)}`);
   view.append(
@@ -83,6 +85,7 @@ export async function renderJob(view, jobId) {
         el("dt", {}, "Influence method"), el("dd", {}, job.influence_method),
         el("dt", {}, "Examples"), el("dd", {}, `${job.n_train} training, ${job.n_eval} eval`),
         el("dt", {}, "Estimate"), el("dd", {}, `${duration(job.estimated_time_s)}, ${usd(job.estimated_cost_usd)}`),
+        el("dt", {}, "Actual cost"), actualCost,
         el("dt", {}, "Created"), el("dd", {}, dateTime(job.created_at))),
       el("label", { for: "job-progress" }, "Overall progress"),
       el("div", { class: "progress-row" }, bar, percent),
@@ -120,6 +123,7 @@ export async function renderJob(view, jobId) {
   function show() {
     const terminal = TERMINAL.has(job.status);
     statusBadge.textContent = job.status;
+    actualCost.textContent = actualCostText(job);
     statusBadge.className = `badge status-${job.status}`;
     const value = job.status === "completed" ? 100 : Math.round(Math.max(state.progress, job.progress || 0) * 100);
     bar.value = value;

@@ -2,6 +2,7 @@
 // method and status (kept in the URL: #/jobs?tag=x), and 2-4 ticked experiments to compare.
 
 import { api } from "../api.js";
+import { actualCostCell, actualCostTitle } from "../cost.js";
 import { BACKEND_NAMES, dateTime, duration, el, usd } from "../ui.js";
 import { renderUsage } from "./usage.js";
 
@@ -94,6 +95,7 @@ export async function renderJobs(view, query = new URLSearchParams()) {
       el("td", {}, job.model_id, el("div", { class: "help" }, job.influence_method)),
       el("td", { class: "num" }, job.run_time_s === null ? "—" : duration(job.run_time_s)),
       el("td", {}, BACKEND_NAMES[job.backend] || job.backend, el("div", { class: "help" }, `est. ${usd(job.estimated_cost_usd)}`)),
+      el("td", { class: "num actual-cost", title: actualCostTitle(job) }, actualCostCell(job)),
       el("td", {}, dateTime(job.created_at)),
     );
   });
@@ -103,7 +105,7 @@ export async function renderJobs(view, query = new URLSearchParams()) {
     el("table", { class: "data", id: "jobs-table" },
       el("caption", { class: "visually-hidden" }, "Your experiments, newest first"),
       el("thead", {}, el("tr", {},
-        ...["", "Experiment", "Tags", "Status", "Outcome (fine-tuned)", "Model / method", "Run time", "Backend", "Created"]
+        ...["", "Experiment", "Tags", "Status", "Outcome (fine-tuned)", "Model / method", "Run time", "Backend", "Actual cost", "Created"]
           .map((h) => el("th", { scope: "col" }, h)))),
       el("tbody", {}, rows)));
 }
