@@ -110,7 +110,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     from transformers.utils import logging as transformers_logging
 
-    from gpu_core.models import ModelLoadError
+    from gpu_core.runtime import ModelLoadError
 
     transformers_logging.disable_progress_bar()
     try:
@@ -176,7 +176,7 @@ def counterfactual_command(args: argparse.Namespace) -> int:
     from transformers.utils import logging as transformers_logging
 
     from gpu_core.counterfactual import CounterfactualError, load_scores, run_counterfactual
-    from gpu_core.models import ModelLoadError
+    from gpu_core.runtime import ModelLoadError
 
     transformers_logging.disable_progress_bar()
     bar_format = "{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}"

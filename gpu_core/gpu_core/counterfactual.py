@@ -31,8 +31,14 @@ import torch
 
 from gpu_core.evaluation import evaluate
 from gpu_core.jobs import CounterfactualError, counterfactual_eval_ids
-from gpu_core.models import LoadedModel, load_model
-from gpu_core.pipeline import ExperimentCancelled, experiment_encoder, run_in_worker
+from gpu_core.pipeline import (
+    ExperimentCancelled,
+    ProgressThrottle,
+    expected_memory_gb,
+    experiment_encoder,
+    run_in_worker,
+)
+from gpu_core.runtime import LoadedModel, attach_lora, load_model, stage_memory
 from gpu_core.schemas import (
     CounterfactualOutcome,
     CounterfactualRequest,
@@ -44,7 +50,7 @@ from gpu_core.schemas import (
     LdsReport,
     ProgressEvent,
 )
-from gpu_core.training import TrainingStep, attach_lora, train_lora
+from gpu_core.training import TrainingStep, train_lora
 
 # (stage fraction in 0..1, message); the caller may raise from it to cancel.
 Report = Callable[[float, str], None]
@@ -65,11 +71,20 @@ def retrain_and_evaluate(
         raise CounterfactualError("k: removing these examples leaves no training data")
     encoder = experiment_encoder(spec, loaded.tokenizer)
     torch.manual_seed(hp.seed)
-    model = attach_lora(loaded.model, hp, quantized=hp.quantization != "none")
+    model = attach_lora(loaded, hp)
     try:
         pairs = [encoder.train_pair(example) for example in kept]
-        train_lora(model, pairs, hp, loaded.tokenizer.pad_token_id, loaded.device, on_step)
-        return evaluate(model, encoder, eval_examples, loaded.device, hp.max_new_tokens, hp.batch_size)
+        with stage_memory("counterfactual retraining", loaded.device, lambda: expected_memory_gb(spec)):
+            train_lora(
+                model,
+                pairs,
+                hp,
+                loaded.tokenizer.pad_token_id,
+                loaded.device,
+                on_step,
+                gradient_checkpointing=loaded.config.gradient_checkpointing,
+            )
+            return evaluate(model, encoder, eval_examples, loaded.device, hp.max_new_tokens, hp.batch_size)
     finally:
         # peft injected the LoRA layers into the base model in place: take them out again.
         loaded.model = model.unload()
@@ -222,11 +237,15 @@ def run_counterfactual_job(
     cancellation (closing the generator stops the work at the next training step)."""
 
     def work(handoff: Any, cancel: Any) -> CounterfactualResult:
+        throttle = ProgressThrottle()
+
         def report(fraction: float, message: str) -> None:
             if cancel.is_set() or (should_stop is not None and should_stop()):
                 cancel.set()
                 raise ExperimentCancelled
             fraction = min(max(fraction, 0.0), 1.0)
+            if not throttle.admits("counterfactual", fraction):
+                return
             event = ProgressEvent(
                 stage="counterfactual", progress=fraction, stage_progress=fraction, message=message
             )

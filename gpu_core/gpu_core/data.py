@@ -197,6 +197,8 @@ class Encoder:
                     "goes on, so the assistant's tokens cannot be told apart; use template 'raw'"
                 )
             spans.append((len(before), len(through)))
+        if not has_offsets(self.tokenizer):
+            return self._chat_by_segments(text, spans)
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = encoded["input_ids"]
         labels = [
@@ -204,6 +206,49 @@ class Encoder:
             for token, (begin, _) in zip(ids, encoded["offset_mapping"], strict=True)
         ]
         return ids, labels
+
+    def _chat_by_segments(self, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        """A tokenizer without character offsets (a Python "slow" tokenizer): the rendering is
+        cut at the labelled spans' edges and each piece tokenised on its own, so every token
+        belongs to exactly one piece and a piece inside a span is labelled."""
+        ids: list[int] = []
+        labels: list[int] = []
+        for begin, end, labelled in chat_segments(text, spans):
+            tokens = self._tokens(text[begin:end])
+            ids += tokens
+            labels += tokens if labelled else [IGNORE_INDEX] * len(tokens)
+        return ids, labels
+
+
+def has_offsets(tokenizer: Any) -> bool:
+    """Whether the tokenizer maps tokens to character offsets (the Rust "fast" tokenizers do)."""
+    return bool(getattr(tokenizer, "is_fast", False))
+
+
+def chat_segments(text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int, bool]]:
+    """``(begin, end, inside a span)`` pieces covering ``text`` in order, cut at every span edge."""
+    edges = sorted({0, len(text), *(edge for span in spans for edge in span)})
+    return [
+        (begin, end, any(start <= begin and end <= stop for start, stop in spans))
+        for begin, end in zip(edges, edges[1:], strict=False)
+        if end > begin
+    ]
+
+
+def token_offsets(tokenizer: Any, text: str) -> list[tuple[int, int]]:
+    """Character offsets into ``text`` of each token of ``tokenizer(text)``: the tokenizer's own
+    where it has them, else token by token, from the lengths of the decoded prefixes."""
+    if has_offsets(tokenizer):
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [tuple(offset) for offset in encoded["offset_mapping"]]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    offsets, begin = [], 0
+    for count in range(1, len(ids) + 1):
+        decoded = tokenizer.decode(ids[:count], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        end = min(max(len(decoded), begin), len(text))
+        offsets.append((begin, end))
+        begin = end
+    return offsets
 
 
 def _raw_text(turns: Turns) -> str:

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from gpu_core.data import IGNORE_INDEX, EncodedPair, Encoder, Turns, batches, collate
+from gpu_core.data import EncodedPair, Encoder, Turns, batches, collate
+from gpu_core.runtime import per_example_mean_losses
 from gpu_core.schemas import EvalExample, EvalMetrics, EvalRun, ExampleOutcome
 from gpu_core.tiny import _bytes_to_unicode
 
@@ -65,16 +66,10 @@ def evaluate(
 def target_losses(
     model: Any, pairs: Sequence[EncodedPair], pad_token_id: int, device: torch.device
 ) -> list[float]:
-    """Mean per-token cross-entropy over the labelled (target) tokens of each pair."""
+    """Mean per-token cross-entropy over the labelled (target) tokens of each pair, from the
+    logits of the labelled positions only."""
     batch = {key: value.to(device) for key, value in collate(pairs, pad_token_id).items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    per_token = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    mask = (labels != IGNORE_INDEX).float()
-    per_example = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-    return per_example.tolist()
+    return per_example_mean_losses(model, batch)
 
 
 @torch.no_grad()
@@ -103,6 +98,9 @@ def generate(
         num_beams=1,
         eos_token_id=stop,
         pad_token_id=pad_id,
+        # The loaded model's config turns the cache off for training and scoring; generation
+        # wants it.
+        use_cache=True,
     )
     new_tokens = generated[:, length:].tolist()
     outputs = []

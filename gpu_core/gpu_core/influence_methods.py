@@ -75,15 +75,18 @@ def _projected(run: ScoringRun, method: str) -> Any:
     ids = list(run.train_ids) if run.train_ids is not None else [str(i) for i in range(len(run.train))]
     if len(ids) != len(run.train):
         raise ValueError(f"{len(ids)} train_ids for {len(run.train)} training examples")
+    entry = influence_method(method)
+    dim = entry.index_dim(run.options.projection_dim)
+    assert dim is not None  # only methods that build an index score through it
     return projected_scores(
-        method,
+        entry,
         run.model,
         run.pad_token_id,
         run.train,
         ids,
         run.queries,
         run.checkpoints,
-        run.options.projection_dim,
+        dim,
         run.options.projection_seed,
         run.batch_size,
         Path(run.index_dir or run.work_dir / INDEX_DIR_NAME),

@@ -44,7 +44,13 @@ from gpu_core.evaluation import evaluate
 from gpu_core.influence import AdapterCheckpoint, build_influence_result, compute_influence
 from gpu_core.influence.index import INDEX_DIR_NAME
 from gpu_core.influence.result import as_score_matrix
-from gpu_core.models import free_memory, load_model
+from gpu_core.runtime import (
+    attach_lora,
+    free_memory,
+    load_model,
+    lora_target_pattern,
+    stage_memory,
+)
 from gpu_core.schemas import (
     STAGES,
     DataSummary,
@@ -54,7 +60,7 @@ from gpu_core.schemas import (
     ProgressEvent,
     TrainingSummary,
 )
-from gpu_core.training import TrainingStep, attach_lora, train_lora
+from gpu_core.training import TrainingStep, train_lora
 
 # Share of the overall progress bar per stage (rough relative cost on the tiny model).
 STAGE_WEIGHTS: dict[str, float] = {
@@ -69,6 +75,40 @@ _STAGE_START: dict[str, float] = {
     stage: sum(STAGE_WEIGHTS[s] for s in STAGES[: STAGES.index(stage)]) for stage in STAGES
 }
 WORKER_THREAD_NAME = "gpu_core-experiment"
+# Progress events of one stage at most this often (its first and last always): a long run's
+# events travel in a provider's capped output (RunPod's 10 MB).
+PROGRESS_INTERVAL_S = 1.0
+
+
+class ProgressThrottle:
+    """Which progress reports become events: the first of each stage (a stage change), the
+    stage's last (``stage_progress`` 1), and otherwise at most one per ``interval_s`` of
+    ``clock``."""
+
+    def __init__(
+        self, interval_s: float = PROGRESS_INTERVAL_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval_s = interval_s
+        self.clock = clock
+        self._stage: str | None = None
+        self._last = 0.0
+
+    def admits(self, stage: str, stage_progress: float) -> bool:
+        now = self.clock()
+        if stage != self._stage or stage_progress >= 1.0 or now - self._last >= self.interval_s:
+            self._stage, self._last = stage, now
+            return True
+        return False
+
+
+def expected_memory_gb(spec: ExperimentSpec) -> float | None:
+    """The cost model's GPU memory estimate for ``spec`` (None where the cost model is not
+    installed, e.g. a worker image with gpu_core only)."""
+    try:
+        from cost_model.estimate import expected_memory_gb as estimate
+    except ImportError:
+        return None
+    return estimate(spec)
 
 
 class ExperimentCancelled(Exception):
@@ -80,12 +120,17 @@ StopCheck = Callable[[], bool]
 
 
 def run_experiment(
-    spec: ExperimentSpec, artifacts_dir: Path | None = None, should_stop: StopCheck | None = None
+    spec: ExperimentSpec,
+    artifacts_dir: Path | None = None,
+    should_stop: StopCheck | None = None,
+    throttle: ProgressThrottle | None = None,
 ) -> Generator[dict[str, Any], None, None]:
-    """Run ``spec``; see the module docstring for the events. Raises what the work raised, or
-    :class:`ExperimentCancelled` once ``should_stop()`` returned True and the work has stopped."""
+    """Run ``spec``; see the module docstring for the events (``throttle``: which progress
+    reports become events, by default at most one a second per stage). Raises what the work
+    raised, or :class:`ExperimentCancelled` once ``should_stop()`` returned True and the work
+    has stopped."""
     return run_in_worker(
-        lambda handoff, cancel: _Experiment(spec, artifacts_dir, handoff, cancel, should_stop).run()
+        lambda handoff, cancel: _Experiment(spec, artifacts_dir, handoff, cancel, should_stop, throttle).run()
     )
 
 
@@ -160,8 +205,10 @@ class _Experiment:
         handoff: queue.Queue[tuple[str, Any]],
         cancel: threading.Event,
         should_stop: StopCheck | None = None,
+        throttle: ProgressThrottle | None = None,
     ) -> None:
         self.spec = spec
+        self.throttle = throttle or ProgressThrottle()
         self.artifacts_dir = artifacts_dir
         self.handoff = handoff
         self.cancel = cancel
@@ -178,6 +225,8 @@ class _Experiment:
         self.check_cancelled()
         stage_progress = min(max(stage_progress, 0.0), 1.0)
         self.overall = max(self.overall, _STAGE_START[stage] + STAGE_WEIGHTS[stage] * stage_progress)
+        if not self.throttle.admits(stage, stage_progress):
+            return
         event = ProgressEvent(
             stage=stage,  # type: ignore[arg-type]
             progress=min(self.overall, 1.0),
@@ -204,6 +253,8 @@ class _Experiment:
         self.report("loading_model", 0.0, f"loading {spec.model_id}")
         loaded = load_model(spec.model_id, hp.quantization)
         model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
+        # Before any paid work: the LoRA targets must name layers of the language model.
+        lora_target_pattern(model, hp.target_modules)
         # Every forward pass checks for a stop (the model is this run's own, dropped at its end).
         # A plain function, not a bound method: kronfluence deep-copies the model, hooks included.
         check = self.check_cancelled
@@ -223,16 +274,17 @@ class _Experiment:
         def run_eval(stage: str, eval_model: Any, demonstrations: Any, message: str) -> Any:
             started = time.monotonic()
             self.report(stage, 0.0, message)
-            outcome = evaluate(
-                eval_model,
-                encoder,
-                spec.eval_data,
-                device,
-                hp.max_new_tokens,
-                hp.batch_size,
-                demonstrations=demonstrations,
-                on_progress=self.stage_reporter(stage, message),
-            )
+            with stage_memory(stage, device, lambda: expected_memory_gb(spec)):
+                outcome = evaluate(
+                    eval_model,
+                    encoder,
+                    spec.eval_data,
+                    device,
+                    hp.max_new_tokens,
+                    hp.batch_size,
+                    demonstrations=demonstrations,
+                    on_progress=self.stage_reporter(stage, message),
+                )
             self.timed(stage, started)
             return outcome
 
@@ -248,7 +300,7 @@ class _Experiment:
         started = time.monotonic()
         self.report("training", 0.0, "attaching LoRA adapters")
         torch.manual_seed(hp.seed)
-        model = attach_lora(model, hp, quantized=hp.quantization != "none")
+        model = attach_lora(loaded, hp)
         train_pairs = [encoder.train_pair(example) for example in spec.training_data]
 
         def on_step(step: TrainingStep) -> None:
@@ -265,7 +317,16 @@ class _Experiment:
                 eta_s=step.eta_s,
             )
 
-        training = train_lora(model, train_pairs, hp, tokenizer.pad_token_id, device, on_step)
+        with stage_memory("training", device, lambda: expected_memory_gb(spec)):
+            training = train_lora(
+                model,
+                train_pairs,
+                hp,
+                tokenizer.pad_token_id,
+                device,
+                on_step,
+                gradient_checkpointing=loaded.config.gradient_checkpointing,
+            )
         self.timed("training", started)
 
         finetuned = run_eval("eval_finetuned", model, (), "evaluating the fine-tuned model")
@@ -285,21 +346,23 @@ class _Experiment:
             scores_file = self.artifacts_dir / SCORES_NAME if self.artifacts_dir is not None else None
             if scores_file is not None:
                 scores_file.unlink(missing_ok=True)  # so an existing file is this run's
-            scores = compute_influence(
-                spec.influence_method,
-                model,
-                tokenizer,
-                train_pairs,
-                query_pairs,
-                training.checkpoints,
-                spec.influence,
-                hp.batch_size,
-                Path(work_dir),
-                progress=self.stage_reporter("influence", message),
-                train_ids=[example.assigned_id for example in spec.training_data],
-                index_dir=index_root / INDEX_DIR_NAME,
-                scores_file=scores_file,
-            )
+            # Influence passes halve their batch on their own; this names what still does not fit.
+            with stage_memory("influence", device, lambda: expected_memory_gb(spec)):
+                scores = compute_influence(
+                    spec.influence_method,
+                    model,
+                    tokenizer,
+                    train_pairs,
+                    query_pairs,
+                    training.checkpoints,
+                    spec.influence,
+                    hp.batch_size,
+                    Path(work_dir),
+                    progress=self.stage_reporter("influence", message),
+                    train_ids=[example.assigned_id for example in spec.training_data],
+                    index_dir=index_root / INDEX_DIR_NAME,
+                    scores_file=scores_file,
+                )
         train_ids = [example.assigned_id for example in spec.training_data]
         eval_ids = [example.assigned_id for example in spec.eval_data]
         matrix = as_score_matrix(scores, len(eval_ids), len(train_ids), spec.influence_method)

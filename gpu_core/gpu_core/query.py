@@ -54,20 +54,21 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from gpu_core.data import IGNORE_INDEX, EncodedPair, Encoder
+from gpu_core.data import IGNORE_INDEX, EncodedPair, Encoder, has_offsets, token_offsets
 from gpu_core.evaluation import generate, target_losses
 from gpu_core.influence import AdapterCheckpoint, build_influence_result
 from gpu_core.influence.gradients import (
     load_lora_state,
     lora_layers,
     lora_state,
+    lora_state_restored,
     stacked_gradients,
 )
 from gpu_core.influence.index import INDEX_DIR_NAME, MANIFEST, GradientIndex, fingerprint
 from gpu_core.influence_methods import influence_method
 from gpu_core.jobs import Events, JobInputError, StopCheck
-from gpu_core.models import LoadedModel, free_memory, load_model
-from gpu_core.pipeline import ExperimentCancelled, experiment_encoder, run_in_worker
+from gpu_core.pipeline import ExperimentCancelled, ProgressThrottle, experiment_encoder, run_in_worker
+from gpu_core.runtime import LoadedModel, attach_lora, free_memory, load_adapter, load_model
 from gpu_core.schemas import (
     ExperimentResult,
     ExperimentSpec,
@@ -132,27 +133,23 @@ def load_checkpoints(directory: Path) -> list[AdapterCheckpoint] | None:
 def target_token_offsets(encoder: Encoder, turns: Sequence[tuple[str, str]]) -> list[tuple[int, int] | None]:
     """Character offsets into the last (assistant) turn's text of each labelled token of
     ``encoder.encode(turns, last_only=True)``, in order; None for a token outside that text (the
-    end-of-turn token). Raises JobInputError when the tokenizer gives no offsets."""
+    end-of-turn token). A tokenizer without offsets is read token by token (``data.token_offsets``)."""
     tokenizer, target = encoder.tokenizer, turns[-1][1]
-    try:
-        if encoder.template == "raw":
-            offsets = tokenizer(target, add_special_tokens=False, return_offsets_mapping=True)[
-                "offset_mapping"
-            ]
-            return (
-                [*map(tuple, offsets), None]
-                if tokenizer.eos_token_id is not None
-                else list(map(tuple, offsets))
-            )
-        text = encoder._render(turns, False)  # the rendering Encoder._chat tokenises
-        before = encoder._render(turns[:-1], True)
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError:
-        raise JobInputError(
-            "span: this model's tokenizer gives no character offsets; leave span out"
-        ) from None
+    if encoder.template == "raw":
+        offsets = token_offsets(tokenizer, target)
+        return [*offsets, None] if tokenizer.eos_token_id is not None else list(offsets)
+    text = encoder._render(turns, False)  # the rendering Encoder._chat tokenises
+    before = encoder._render(turns[:-1], True)
+    through = encoder._render(turns, False)
+    if has_offsets(tokenizer):
+        labelled = [(begin, end) for begin, end in token_offsets(tokenizer, text) if begin >= len(before)]
+    else:
+        # Encoder._chat_by_segments tokenises the assistant turn's piece on its own.
+        piece = text[len(before) : len(through)]
+        labelled = [
+            (len(before) + begin, len(before) + end) for begin, end in token_offsets(tokenizer, piece)
+        ]
     start = text.find(target, len(before))
-    labelled = [(begin, end) for begin, end in encoded["offset_mapping"] if begin >= len(before)]
     if start < 0:
         return [None] * len(labelled)
     return [
@@ -271,12 +268,15 @@ class QuerySession:
     ) -> QueryResult:
         started = time.monotonic()
         progress = [0.0]
+        throttle = ProgressThrottle()
 
         def report(fraction: float, message: str) -> None:
             if cancel.is_set() or (should_stop is not None and should_stop()):
                 cancel.set()
                 raise ExperimentCancelled
             progress[0] = max(progress[0], min(max(fraction, 0.0), 1.0))
+            if not throttle.admits("query", progress[0]):
+                return
             event = ProgressEvent(
                 stage="query", progress=progress[0], stage_progress=progress[0], message=message
             )
@@ -328,10 +328,10 @@ class QuerySession:
         needs_checkpoints = needs_stored_checkpoints(influence_method(self.method))
         stored = adapter_dir is not None and (adapter_dir / "adapter_config.json").is_file()
         if stored and (checkpoints or not needs_checkpoints):
-            from peft import PeftModel
-
+            assert adapter_dir is not None
             report(0.1, "loading the experiment's adapter")
-            self._model = PeftModel.from_pretrained(loaded.model, str(adapter_dir))
+            # Prepared as the experiment's base was (k-bit preparation of a quantized base).
+            self._model = load_adapter(loaded, adapter_dir)
             self._checkpoints = checkpoints or []
             self.source = "recomputed"
         else:
@@ -357,12 +357,12 @@ class QuerySession:
         return self._train_pairs
 
     def _retrain(self, progress: Callable[[float], None]) -> None:
-        from gpu_core.training import attach_lora, train_lora
+        from gpu_core.training import train_lora
 
         assert self._loaded is not None
         hp = self.spec.hyperparams
         torch.manual_seed(hp.seed)
-        model = attach_lora(self._loaded.model, hp, quantized=hp.quantization != "none")
+        model = attach_lora(self._loaded, hp)
         outcome = train_lora(
             model,
             self._training_pairs(),
@@ -370,6 +370,7 @@ class QuerySession:
             self._loaded.tokenizer.pad_token_id,
             self._loaded.device,
             lambda step: progress(step.step / step.total_steps),
+            gradient_checkpointing=self._loaded.config.gradient_checkpointing,
         )
         self._model, self._checkpoints = model, outcome.checkpoints
 
@@ -409,7 +410,9 @@ class QuerySession:
         assert self._loaded is not None
         train_pairs = self._training_pairs()
         layers = lora_layers(self._model)
-        plans = plan_checkpoints(self.method, layers, self._checkpoints, self._loaded.device)
+        plans = plan_checkpoints(
+            influence_method(self.method), layers, self._checkpoints, self._loaded.device
+        )
         batch_size = self.spec.hyperparams.batch_size
         total = -(-len(train_pairs) // batch_size) * len(plans)
         self._work_dir = tempfile.TemporaryDirectory(prefix="gpu_core-query-")
@@ -419,7 +422,7 @@ class QuerySession:
             train_pairs,
             self.train_ids,
             plans,
-            self.method,
+            influence_method(self.method),
             self._index_dim(),
             self.spec.influence.projection_seed,
             batch_size,
@@ -515,14 +518,15 @@ class QuerySession:
             from gpu_core.influence.projected import plan_checkpoints, query_rows, score_blocks
 
             layers = lora_layers(self._model)
-            plans = plan_checkpoints(self.method, layers, self._checkpoints, self._loaded.device)
+            entry = influence_method(self.method)
+            plans = plan_checkpoints(entry, layers, self._checkpoints, self._loaded.device)
             total = -(-len(pairs) // hp.batch_size) * len(plans)
             rows = query_rows(
                 self._model,
                 pad,
                 pairs,
                 plans,
-                self.method,
+                entry,
                 self._index,
                 hp.batch_size,
                 lambda done: progress(0.5 * done / total),
@@ -567,16 +571,14 @@ class QuerySession:
         itemsize = layers[0].module.weight.element_size()
         if len(self._checkpoints) * len(train) * width * itemsize > TRAIN_GRADIENT_CACHE_BYTES:
             return False
-        hp, final_state = self.spec.hyperparams, lora_state(layers)
+        hp = self.spec.hyperparams
         cached = []
-        try:
+        with lora_state_restored(layers):
             for index, checkpoint in enumerate(self._checkpoints):
                 load_lora_state(layers, checkpoint.state)
                 pad = self._pad_token_id()
                 cached.append(stacked_gradients(self._model, layers, train, pad, hp.batch_size))
                 progress(0.8 * (index + 1) / len(self._checkpoints))
-        finally:
-            load_lora_state(layers, final_state)
         self._train_gradients = cached
         return True
 
@@ -614,9 +616,8 @@ class QuerySession:
         """TracInCP ``sum_c lr_c <g_c(query), g_c(train)>`` against the cached training side."""
         assert self._train_gradients is not None
         layers = lora_layers(self._model)
-        final_state = lora_state(layers)
         scores = torch.zeros(len(pairs), self._train_gradients[0].shape[0], dtype=torch.float64)
-        try:
+        with lora_state_restored(layers):
             for checkpoint, train_gradients in zip(self._checkpoints, self._train_gradients, strict=True):
                 load_lora_state(layers, checkpoint.state)
                 query_gradients = stacked_gradients(
@@ -624,8 +625,6 @@ class QuerySession:
                 )
                 block = (query_gradients @ train_gradients.T).to(device="cpu", dtype=torch.float64)
                 scores += checkpoint.learning_rate * block
-        finally:
-            load_lora_state(layers, final_state)
         progress(1.0)
         return scores
 

@@ -7,6 +7,7 @@ Limits on sizes are configurable: pass ``context={"limits": SpecLimits(...)}`` t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
@@ -212,6 +213,9 @@ def _list_format(examples: Sequence[_Example], given: DataFormat | None, field: 
     return given
 
 
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 class Hyperparams(_Strict):
     epochs: int = Field(default=3, ge=1, le=100)
     learning_rate: float = Field(default=2e-4, gt=0, le=1)
@@ -224,6 +228,16 @@ class Hyperparams(_Strict):
     quantization: Quantization = "none"
     seed: int = Field(default=0, ge=0)
     max_new_tokens: int = Field(default=32, ge=1, le=1024)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _module_names(cls, names: list[str]) -> list[str]:
+        # Leaf names of linear layers (gpu_core.runtime matches them under the language model
+        # only); a pattern or a comma-joined list would silently match nothing or too much.
+        for name in names:
+            if not _MODULE_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a module name (letters, digits and _, e.g. 'q_proj')")
+        return names
 
 
 class InfluenceOptions(_Strict):

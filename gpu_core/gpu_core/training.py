@@ -1,12 +1,17 @@
 """LoRA fine-tuning: peft adapters, loss on completion tokens only, seeded, one checkpoint per epoch.
 
-Reproducibility: the caller seeds torch before :func:`attach_lora` (LoRA A matrices are random),
+Reproducibility: the caller seeds torch before ``gpu_core.runtime.attach_lora`` (LoRA A matrices
+are random),
 and the data order of epoch ``e`` is a permutation drawn from a generator seeded with
 ``seed + e``, so the same spec and seed give the same losses on the same hardware.
 
 Optimiser: AdamW (no weight decay: the adapters are small and start at zero change), a linear
 warm-up over the first 10% of steps then linear decay towards zero (every step has a non-zero
-rate, so no step is wasted), gradient norm clipped at 1.0.
+rate, so no step is wasted), gradient norm clipped at 1.0. The loss is the mean cross-entropy
+over the batch's labelled tokens, formed at those positions only
+(``gpu_core.runtime.mean_labelled_loss``). A float16 base (a GPU without native bfloat16) trains
+with a scaled loss so small gradients do not underflow; ``gradient_checkpointing`` recomputes
+activations in backward (the runtime turns it on on GPUs).
 
 TracIn checkpoints: the trainable parameters at the end of each epoch, weighted by the **mean
 learning rate over that epoch's steps** (as LESS does), since TracInCP approximates the sum over
@@ -26,6 +31,8 @@ import torch
 
 from gpu_core.data import EncodedPair, collate
 from gpu_core.influence import AdapterCheckpoint
+from gpu_core.runtime import gradient_checkpointing as checkpointing
+from gpu_core.runtime import mean_labelled_loss
 from gpu_core.schemas import Hyperparams, LossPoint
 
 WARMUP_FRACTION = 0.1
@@ -49,27 +56,6 @@ class TrainingStep:
 class TrainingOutcome:
     loss_curve: list[LossPoint]
     checkpoints: list[AdapterCheckpoint]
-
-
-def attach_lora(model: Any, hyperparams: Hyperparams, quantized: bool = False) -> Any:
-    """Wrap ``model`` in a peft LoRA model; only the adapter parameters are trainable."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    config = LoraConfig(
-        r=hyperparams.lora_r,
-        lora_alpha=hyperparams.lora_alpha,  # type: ignore[arg-type]  # peft says int, scales by alpha / r
-        lora_dropout=hyperparams.lora_dropout,
-        target_modules=list(hyperparams.target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    try:
-        return get_peft_model(model, config)
-    except ValueError as exc:
-        # peft names the missing modules; say which field they came from.
-        raise ValueError(f"hyperparams.target_modules {hyperparams.target_modules}: {exc}") from exc
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
@@ -118,6 +104,7 @@ def train_lora(
     pad_token_id: int,
     device: torch.device,
     on_step: Callable[[TrainingStep], None] | None = None,
+    gradient_checkpointing: bool = False,
 ) -> TrainingOutcome:
     """Train the LoRA parameters of ``model`` in place; the model is left in eval mode."""
     if not train_pairs:
@@ -130,55 +117,61 @@ def train_lora(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(total_steps))
     loss_curve: list[LossPoint] = []
     checkpoints: list[AdapterCheckpoint] = []
+    # Loss scaling only where the base runs in float16 (bfloat16 and float32 have float32's range).
+    half = any(p.dtype == torch.float16 for p in model.parameters())
+    scaler = torch.amp.GradScaler(device.type, enabled=half and device.type == "cuda")
     started = time.monotonic()
     step = 0
     model.train()
     try:
-        for epoch in range(1, hyperparams.epochs + 1):
-            order = epoch_order(len(train_pairs), hyperparams.seed, epoch)
-            epoch_lrs: list[float] = []
-            for start in range(0, len(order), batch_size):
-                batch = collate([train_pairs[i] for i in order[start : start + batch_size]], pad_token_id)
-                batch = {key: value.to(device) for key, value in batch.items()}
-                learning_rate = float(scheduler.get_last_lr()[0])
-                loss = model(**batch).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                epoch_lrs.append(learning_rate)
-                loss_value = float(loss.detach())
-                loss_curve.append(
-                    LossPoint(
-                        step=step,
-                        epoch=(epoch - 1) + len(epoch_lrs) / steps_per_epoch,
-                        loss=loss_value,
-                        learning_rate=learning_rate,
-                    )
-                )
-                if on_step is not None:
-                    elapsed = time.monotonic() - started
-                    on_step(
-                        TrainingStep(
-                            epoch=epoch,
-                            total_epochs=hyperparams.epochs,
+        with checkpointing(model, gradient_checkpointing):
+            for epoch in range(1, hyperparams.epochs + 1):
+                order = epoch_order(len(train_pairs), hyperparams.seed, epoch)
+                epoch_lrs: list[float] = []
+                for start in range(0, len(order), batch_size):
+                    batch = collate([train_pairs[i] for i in order[start : start + batch_size]], pad_token_id)
+                    batch = {key: value.to(device) for key, value in batch.items()}
+                    learning_rate = float(scheduler.get_last_lr()[0])
+                    loss = mean_labelled_loss(model, batch)
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    epoch_lrs.append(learning_rate)
+                    loss_value = float(loss.detach())
+                    loss_curve.append(
+                        LossPoint(
                             step=step,
-                            total_steps=total_steps,
+                            epoch=(epoch - 1) + len(epoch_lrs) / steps_per_epoch,
                             loss=loss_value,
                             learning_rate=learning_rate,
-                            eta_s=elapsed / step * (total_steps - step),
                         )
                     )
-            checkpoints.append(
-                AdapterCheckpoint(
-                    state=trainable_state(model),
-                    learning_rate=sum(epoch_lrs) / len(epoch_lrs),
-                    epoch=epoch,
-                    second_moment=adam_second_moments(model, optimizer),
+                    if on_step is not None:
+                        elapsed = time.monotonic() - started
+                        on_step(
+                            TrainingStep(
+                                epoch=epoch,
+                                total_epochs=hyperparams.epochs,
+                                step=step,
+                                total_steps=total_steps,
+                                loss=loss_value,
+                                learning_rate=learning_rate,
+                                eta_s=elapsed / step * (total_steps - step),
+                            )
+                        )
+                checkpoints.append(
+                    AdapterCheckpoint(
+                        state=trainable_state(model),
+                        learning_rate=sum(epoch_lrs) / len(epoch_lrs),
+                        epoch=epoch,
+                        second_moment=adam_second_moments(model, optimizer),
+                    )
                 )
-            )
     finally:
         model.eval()
         optimizer.zero_grad(set_to_none=True)

@@ -14,8 +14,8 @@ import torch
 from gpu_core.data import Encoder, few_shot_demonstrations
 from gpu_core.evaluation import evaluate
 from gpu_core.influence import METHODS
-from gpu_core.models import load_model
 from gpu_core.pipeline import run_experiment_to_result
+from gpu_core.runtime import load_model
 from gpu_core.schemas import parse_spec
 
 pytestmark = pytest.mark.slow

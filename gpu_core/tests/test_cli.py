@@ -85,7 +85,7 @@ def test_run_writes_the_result_and_reusable_artifacts(copy_task: dict[str, Any],
 
     from gpu_core.data import encode_pair
     from gpu_core.evaluation import target_losses
-    from gpu_core.models import load_model
+    from gpu_core.runtime import load_model
 
     loaded = load_model("local/tiny-llama", device=torch.device("cpu"))
     model = PeftModel.from_pretrained(loaded.model, artifacts / "adapter")

@@ -22,8 +22,8 @@ from gpu_core.counterfactual import (
     run_counterfactual,
     spearman,
 )
-from gpu_core.models import load_model
 from gpu_core.pipeline import run_experiment_to_result
+from gpu_core.runtime import load_model
 from gpu_core.schemas import CounterfactualRequest, ExperimentResult, ExperimentSpec, parse_spec
 
 N_TRAIN, N_EVAL = 32, 8

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from gpu_core.models import (
+from gpu_core.runtime import (
     DEVICE_ENV,
     ModelLoadError,
     QuantizationUnavailableError,
@@ -20,13 +20,13 @@ from gpu_core.models import (
 from gpu_core.tiny import tiny_model_dir
 
 
-def test_tiny_model_loads_with_right_padding_and_eager_attention() -> None:
+def test_tiny_model_loads_with_right_padding_and_sdpa_attention() -> None:
     loaded = load_model("local/tiny-llama", device=torch.device("cpu"))
     assert loaded.source == str(tiny_model_dir())
     assert loaded.tokenizer.pad_token_id is not None
     assert loaded.tokenizer.padding_side == "right"
     assert loaded.model.config.pad_token_id == loaded.tokenizer.pad_token_id
-    assert loaded.model.config._attn_implementation == "eager"
+    assert loaded.model.config._attn_implementation == "sdpa"
     assert not loaded.model.training
     assert next(loaded.model.parameters()).device.type == "cpu"
 
@@ -55,7 +55,7 @@ def test_cuda_override_without_cuda_names_the_variable(monkeypatch: pytest.Monke
 def test_unknown_model_id_names_it_without_network() -> None:
     """Offline (as on a worker without hub access) an unknown id fails at once, naming the id."""
     code = (
-        "from gpu_core.models import load_model, ModelLoadError\n"
+        "from gpu_core.runtime import load_model, ModelLoadError\n"
         "try:\n    load_model('nobody-here/no-such-model')\n"
         "except ModelLoadError as exc:\n    print(exc)\n"
     )

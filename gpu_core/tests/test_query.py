@@ -260,8 +260,8 @@ def test_a_parent_of_another_spec_or_a_span_past_the_answer_is_refused(
 @pytest.mark.parametrize("template", ["raw", "chat"])
 def test_span_tokens_are_the_spans_characters_under_either_template(template: str) -> None:
     from gpu_core.data import Encoder
-    from gpu_core.models import load_model
     from gpu_core.query import span_pair
+    from gpu_core.runtime import load_model
 
     tokenizer = load_model("local/tiny-llama", device=torch.device("cpu")).tokenizer
     encoder = Encoder(tokenizer, template, 128)

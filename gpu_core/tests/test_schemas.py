@@ -141,3 +141,11 @@ def test_null_texts_are_validation_errors_not_crashes() -> None:
     )
     with pytest.raises(pydantic.ValidationError):
         ExperimentSpec.model_validate_json(body)
+
+
+@pytest.mark.parametrize("name", ["q_proj,v_proj", ".*proj", "vision_tower.q_proj", ""])
+def test_target_modules_must_be_module_names(name: str) -> None:
+    raw = minimal()
+    raw["hyperparams"] = {"target_modules": ["q_proj", name]}
+    message = rejection(raw)
+    assert "hyperparams.target_modules" in message and "is not a module name" in message

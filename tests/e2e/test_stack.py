@@ -277,7 +277,7 @@ def test_artifacts_download_whole_reload_and_are_owner_only(
 
     from gpu_core.data import encode_pair
     from gpu_core.evaluation import target_losses
-    from gpu_core.models import load_model
+    from gpu_core.runtime import load_model
 
     spec = small_spec(n_train=8, n_eval=3)
     job_id = alice.submit(spec)["job_id"]

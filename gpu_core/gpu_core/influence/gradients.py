@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpu_core.data import IGNORE_INDEX, EncodedPair, collate
+from gpu_core.runtime import MicroBatchSize, length_sorted_batches, summed_labelled_loss
 
 _LORA_MATRICES = ("lora_A", "lora_B")
 
@@ -65,7 +66,9 @@ def layer_slices(layers: Sequence[LoraLayer]) -> list[slice]:
 
 
 def summed_completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over labelled (completion) tokens of the whole batch."""
+    """Summed next-token cross-entropy over labelled (completion) tokens of the whole batch, from
+    full ``[batch, seq, vocab]`` logits (``gpu_core.runtime.summed_labelled_loss`` forms only
+    the labelled positions' logits)."""
     logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
     targets = labels[:, 1:]
     return F.cross_entropy(
@@ -101,6 +104,17 @@ def lora_state(layers: Sequence[LoraLayer]) -> dict[str, torch.Tensor]:
     return {layer.param_name: layer.module.weight.detach().clone() for layer in layers}
 
 
+@contextlib.contextmanager
+def lora_state_restored(layers: Sequence[LoraLayer]) -> Iterator[None]:
+    """The LoRA weights as they are on entering, put back on leaving (a pass that loads
+    checkpoint states in turn leaves the final adapter in place)."""
+    saved = lora_state(layers)
+    try:
+        yield
+    finally:
+        load_lora_state(layers, saved)
+
+
 def load_lora_state(layers: Sequence[LoraLayer], state: Mapping[str, torch.Tensor]) -> None:
     missing = [layer.param_name for layer in layers if layer.param_name not in state]
     if missing:
@@ -116,42 +130,49 @@ def per_example_gradients(
     """``[batch, sum of layer sizes]``: each example's gradient of its summed completion loss
     w.r.t. every LoRA weight matrix, flattened and concatenated in ``layers`` order.
 
+    A forward hook keeps each LoRA layer's input and puts a tensor hook on its output; the
+    tensor hook receives the output's gradient during the backward pass and forms the layer's
+    per-example gradients there (freeing the input). Under gradient checkpointing the forward
+    runs again inside backward: the recomputed input holds the same values, and the gradient
+    still reaches the output once, so the capture stays exact.
+
     Needs ``lora_grad_enabled(layers)`` so the LoRA outputs are part of the autograd graph."""
     inputs: dict[int, torch.Tensor] = {}
-    outputs: dict[int, torch.Tensor] = {}
+    grads: dict[int, torch.Tensor] = {}
+    # Padding carries no loss, so its output gradient is already zero; the mask makes that
+    # independent of the attention implementation.
+    mask = batch["attention_mask"].unsqueeze(-1)
 
     def capture(index: int):
-        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            if index in outputs:
+        def on_output_grad(output_grad: torch.Tensor) -> None:
+            if index in grads:
                 raise RuntimeError(f"{layers[index].module_name} ran twice in one forward pass")
+            layer_input = inputs.pop(index)
+            grads[index] = torch.einsum(
+                "bto,bti->boi", output_grad, layer_input * mask.to(layer_input.dtype)
+            ).flatten(start_dim=1)
+
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if not output.requires_grad:  # a forward without autograd (nothing to capture)
+                return
             inputs[index] = args[0].detach()
-            outputs[index] = output
+            output.register_hook(on_output_grad)
 
         return hook
 
     handles = [layer.module.register_forward_hook(capture(i)) for i, layer in enumerate(layers)]
     try:
         with torch.enable_grad():
-            # No KV cache: nothing is generated, and a cache per batch is garbage in reference
-            # cycles that accumulates until the collector runs.
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-            ).logits
-            loss = summed_completion_loss(logits, batch["labels"])
+            loss = summed_labelled_loss(model, dict(batch))
+            if len(inputs) != len(layers):
+                raise RuntimeError("not every LoRA layer took part in the forward pass")
+            torch.autograd.grad(loss, [layer.module.weight for layer in layers], allow_unused=True)
     finally:
         for handle in handles:
             handle.remove()
-    if len(outputs) != len(layers):
-        raise RuntimeError("not every LoRA layer took part in the forward pass")
-    output_grads = torch.autograd.grad(loss, [outputs[i] for i in range(len(layers))])
-    # Padding carries no loss, so its output gradient is already zero; the mask makes that
-    # independent of the attention implementation.
-    mask = batch["attention_mask"].to(inputs[0].dtype).unsqueeze(-1)
-    grads = [
-        torch.einsum("bto,bti->boi", output_grads[i], inputs[i] * mask).flatten(start_dim=1)
-        for i in range(len(layers))
-    ]
-    return torch.cat(grads, dim=1)
+    if len(grads) != len(layers):
+        raise RuntimeError("not every LoRA layer received a gradient in the backward pass")
+    return torch.cat([grads[i] for i in range(len(layers))], dim=1)
 
 
 def batched_gradients(
@@ -161,11 +182,37 @@ def batched_gradients(
     pad_token_id: int,
     batch_size: int,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yields ``(start index, per-example gradients)`` batch by batch."""
+    """Yields ``(start index, per-example gradients)`` micro-batch by micro-batch, in order; a
+    micro-batch that runs out of GPU memory is halved (for this and later passes on ``model``)
+    and retried."""
     device = model_device(model)
-    for start in range(0, len(pairs), batch_size):
-        batch = collate_to(pairs[start : start + batch_size], pad_token_id, device)
-        yield start, per_example_gradients(model, layers, batch)
+    micro = MicroBatchSize(model, batch_size)
+    yield from micro.run(
+        pairs, lambda chunk: per_example_gradients(model, layers, collate_to(chunk, pad_token_id, device))
+    )
+
+
+def sorted_gradients(
+    model: nn.Module,
+    layers: Sequence[LoraLayer],
+    pairs: Sequence[EncodedPair],
+    pad_token_id: int,
+    batch_size: int,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yields ``(indices into pairs, per-example gradients)`` over batches of similar length
+    (:func:`gpu_core.runtime.length_sorted_batches`, so little padding); callers put each row
+    back at its index. Out-of-memory halving as :func:`batched_gradients`."""
+    device = model_device(model)
+    micro = MicroBatchSize(model, batch_size)
+    for indices in length_sorted_batches([len(pair.input_ids) for pair in pairs], batch_size):
+
+        def work(chunk: Sequence[int]) -> torch.Tensor:
+            return per_example_gradients(
+                model, layers, collate_to([pairs[i] for i in chunk], pad_token_id, device)
+            )
+
+        for offset, grads in micro.run(indices, work):
+            yield indices[offset : offset + grads.shape[0]], grads
 
 
 def stacked_gradients(
@@ -177,15 +224,18 @@ def stacked_gradients(
     progress: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """``[len(pairs), width]``: every example's per-example gradients in one tensor (the
-    model's device and dtype), batch by batch; ``progress`` gets the fraction done."""
+    model's device and dtype), in the order of ``pairs``, computed in length-sorted batches;
+    ``progress`` gets the fraction done."""
     stacked: torch.Tensor | None = None
+    done = 0
     with lora_grad_enabled(layers):
-        for start, grads in batched_gradients(model, layers, pairs, pad_token_id, batch_size):
+        for indices, grads in sorted_gradients(model, layers, pairs, pad_token_id, batch_size):
             if stacked is None:
                 stacked = grads.new_empty(len(pairs), grads.shape[1])
-            stacked[start : start + grads.shape[0]] = grads.detach()
+            stacked[torch.tensor(indices, device=stacked.device)] = grads.detach()
+            done += len(indices)
             if progress is not None:
-                progress((start + grads.shape[0]) / len(pairs))
+                progress(done / len(pairs))
     if stacked is None:
         raise ValueError("no examples to take gradients of")
     return stacked

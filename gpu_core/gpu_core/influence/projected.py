@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -39,14 +39,29 @@ from gpu_core.influence.gradients import (
     lora_grad_enabled,
     lora_layers,
     lora_state,
+    lora_state_restored,
+    sorted_gradients,
 )
 from gpu_core.influence.index import GradientIndex, GradientIndexWriter, fingerprint, open_npy
 from gpu_core.influence.projection import PROJECTION_KIND, CountSketchProjection
-from gpu_core.influence_methods import DEFAULT_TRACKSTAR_DIM, influence_method
 
 ADAM_EPSILON = 1e-8
 # Index rows scored at once: 8,192 x n_eval float64 scores per block.
 SCORE_BLOCK_ROWS = 8192
+
+
+class MethodFlags(Protocol):
+    """What the index needs of a method: ``gpu_core.influence_methods.InfluenceMethodEntry``
+    has these fields (passed in, so this module does not look methods up by name)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def checkpoints(self) -> Literal["every", "final"]: ...
+
+    @property
+    def adam_normalised(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -95,18 +110,17 @@ class _Transform:
 
 
 def plan_checkpoints(
-    method: str, layers: Sequence[LoraLayer], checkpoints: Sequence[Any], device: torch.device
+    method: MethodFlags, layers: Sequence[LoraLayer], checkpoints: Sequence[Any], device: torch.device
 ) -> list[CheckpointPlan]:
     """TracIn: every checkpoint, weighted by its learning rate. TrackStar: the final one, weight 1."""
     if not checkpoints:
-        raise ValueError(f"{method} needs at least one adapter checkpoint")
-    entry = influence_method(method)
-    if entry.checkpoints == "every":
+        raise ValueError(f"{method.name} needs at least one adapter checkpoint")
+    if method.checkpoints == "every":
         return [CheckpointPlan(c.epoch, c.state, c.learning_rate, None) for c in checkpoints]
     final = checkpoints[-1]
     denominators = (
         second_moment_denominators(layers, getattr(final, "second_moment", None), device)
-        if entry.adam_normalised
+        if method.adam_normalised
         else None
     )
     return [CheckpointPlan(final.epoch, final.state, 1.0, denominators)]
@@ -118,7 +132,7 @@ def build_gradient_index(
     train: Sequence[EncodedPair],
     train_ids: Sequence[str],
     plans: Sequence[CheckpointPlan],
-    method: str,
+    method: MethodFlags,
     dim: int,
     seed: int,
     batch_size: int,
@@ -128,12 +142,11 @@ def build_gradient_index(
     """Streams ``train`` once per plan into an index at ``directory``; ``progress(batches)`` after
     every batch. Leaves the model's LoRA state as it found it."""
     layers = lora_layers(model)
-    final_state = lora_state(layers)
     device = next(model.parameters()).device
     projection = CountSketchProjection([layer.numel for layer in layers], dim, seed, device)
     writer = GradientIndexWriter(
         directory,
-        method=method,
+        method=method.name,
         ids=train_ids,
         dim=dim,
         projection={
@@ -144,11 +157,11 @@ def build_gradient_index(
                 {"name": layer.param_name, "shape": list(layer.module.weight.shape)} for layer in layers
             ],
         },
-        model_fingerprint=fingerprint(model, [layer.param_name for layer in layers], final_state),
+        model_fingerprint=fingerprint(model, [layer.param_name for layer in layers], lora_state(layers)),
         extra={
             "preprocessing": (
                 "adam second moment (sqrt(v) + 1e-8), projection, unit norm"
-                if influence_method(method).adam_normalised
+                if method.adam_normalised
                 else "projection"
             ),
             "loss": "summed next-token cross-entropy over completion tokens",
@@ -157,10 +170,10 @@ def build_gradient_index(
     done = 0
     started, started_cpu = time.monotonic(), time.process_time()
     try:
-        with lora_grad_enabled(layers):
+        with lora_state_restored(layers), lora_grad_enabled(layers):
             for plan in plans:
                 load_lora_state(layers, plan.state)
-                transform = _Transform(projection, plan, unit_norm=influence_method(method).adam_normalised)
+                transform = _Transform(projection, plan, unit_norm=method.adam_normalised)
                 writer.begin_checkpoint(plan.epoch, plan.weight)
                 for _, gradients in batched_gradients(model, layers, train, pad_token_id, batch_size):
                     writer.append(transform(gradients))
@@ -174,7 +187,6 @@ def build_gradient_index(
         )
     finally:
         writer.close()
-        load_lora_state(layers, final_state)
 
 
 def query_rows(
@@ -182,31 +194,27 @@ def query_rows(
     pad_token_id: int,
     queries: Sequence[EncodedPair],
     plans: Sequence[CheckpointPlan],
-    method: str,
+    method: MethodFlags,
     index: GradientIndex,
     batch_size: int,
     progress: Callable[[int], None],
 ) -> list[torch.Tensor]:
     """Per plan ``[n_eval, dim]`` float32 eval rows, transformed as the index rows were."""
     layers = lora_layers(model)
-    final_state = lora_state(layers)
     spec = index.manifest["projection"]
     device = next(model.parameters()).device
     projection = CountSketchProjection([layer.numel for layer in layers], index.dim, spec["seed"], device)
     rows, done = [], 0
-    try:
-        with lora_grad_enabled(layers):
-            for plan in plans:
-                load_lora_state(layers, plan.state)
-                transform = _Transform(projection, plan, unit_norm=influence_method(method).adam_normalised)
-                parts = []
-                for _, gradients in batched_gradients(model, layers, queries, pad_token_id, batch_size):
-                    parts.append(transform(gradients).cpu())
-                    done += 1
-                    progress(done)
-                rows.append(torch.cat(parts))
-    finally:
-        load_lora_state(layers, final_state)
+    with lora_state_restored(layers), lora_grad_enabled(layers):
+        for plan in plans:
+            load_lora_state(layers, plan.state)
+            transform = _Transform(projection, plan, unit_norm=method.adam_normalised)
+            plan_rows = torch.empty(len(queries), index.dim, dtype=torch.float32)
+            for indices, gradients in sorted_gradients(model, layers, queries, pad_token_id, batch_size):
+                plan_rows[torch.tensor(indices)] = transform(gradients).cpu()
+                done += 1
+                progress(done)
+            rows.append(plan_rows)
     return rows
 
 
@@ -293,14 +301,14 @@ class ProjectedScores:
 
 
 def projected_scores(
-    method: str,
+    method: MethodFlags,
     model: nn.Module,
     pad_token_id: int,
     train: Sequence[EncodedPair],
     train_ids: Sequence[str],
     queries: Sequence[EncodedPair],
     checkpoints: Sequence[Any],
-    projection_dim: int | None,
+    dim: int,
     seed: int,
     batch_size: int,
     index_dir: Path,
@@ -310,14 +318,13 @@ def projected_scores(
     top_k: int | None = None,
     scores_file: Path | None = None,
 ) -> ProjectedScores:
-    """Builds the index at ``index_dir`` (kept), then scores the eval examples against it block
-    by block into what is asked for: the full ``[n_eval, n_train]`` matrix (``keep_full``), a
-    running exact top-``top_k`` per eval example, a ``scores_file`` (.npy, float32) written
-    block by block. Without the full matrix, memory is flat in ``n_train``."""
+    """Builds the ``dim``-dimensional index at ``index_dir`` (kept), then scores the eval
+    examples against it block by block into what is asked for: the full ``[n_eval, n_train]``
+    matrix (``keep_full``), a running exact top-``top_k`` per eval example, a ``scores_file``
+    (.npy, float32) written block by block. Without the full matrix, memory is flat in ``n_train``."""
     layers = lora_layers(model)
     device = next(model.parameters()).device
     plans = plan_checkpoints(method, layers, checkpoints, device)
-    dim = projection_dim or DEFAULT_TRACKSTAR_DIM
     train_batches = -(-len(train) // batch_size) * len(plans)
     query_batches = -(-len(queries) // batch_size) * len(plans)
     score_steps = -(-len(train) // SCORE_BLOCK_ROWS) + 1

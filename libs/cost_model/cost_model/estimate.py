@@ -161,6 +161,13 @@ def estimate(
     )
 
 
+def expected_memory_gb(spec: ExperimentSpec) -> float:
+    """The GPU memory the cost model expects ``spec`` to need (gpu_core names it when a stage
+    runs out of memory)."""
+    card = lookup_model(spec.model_id)
+    return _recommend(card, Workload.from_spec(spec, card)).required_memory_gb
+
+
 def estimate_job(
     spec: ExperimentSpec, provider: str, backend: str, kind: str = "", request_json: bytes = b""
 ) -> CostEstimate:

@@ -7,9 +7,16 @@ required = overhead + weights + LoRA state + activations + influence extra, wher
   (bitsandbytes leaves them in 16-bit);
 - LoRA state: LoRA params x 16 (fp32 weight, gradient and two Adam moments), with
   LoRA params = layers x sum over target modules of r x (in + out);
-- activations at max_seq_len x batch_size, without gradient checkpointing: per layer
-  34 x tokens x hidden (Korthikanti et al. 2022, 16-bit) + 5 x batch x heads x seq^2 (eager
-  attention scores), plus the logits: 10 x tokens x vocab (16-bit logits, fp32 copy and gradient);
+- activations, as gpu_core.runtime runs the model (``sdpa`` attention, gradient checkpointing in
+  training, the LM head on labelled positions only). Training at max_seq_len x batch_size keeps
+  each layer's 16-bit input (2 x tokens x hidden per layer) and recomputes one layer at a time
+  (34 x tokens x hidden, Korthikanti et al. 2022). Influence passes run without checkpointing
+  but halve their micro-batch until it fits, so one example's pass must fit (34 x seq x hidden
+  per layer). The larger of the two, plus the logits of the labelled positions: 10 x tokens x
+  labelled fraction x vocab (16-bit logits, fp32 copy and gradient; the fraction is the
+  answers' share of the training text, 1 without a spec). Only an architecture that needs
+  eager attention (``Architecture.eager_attention``) adds 5 x batch x heads x seq^2 per layer
+  for the attention scores;
 - influence extra (fp32): TracIn keeps one LoRA checkpoint per epoch and caches every eval
   example's LoRA gradient; DataInf holds the eval gradients and a chunk of DATAINF_CHUNK training
   gradients; Kronfluence holds EK-FAC factors, (in^2 + out^2) for each of a LoRA module's two
@@ -39,6 +46,7 @@ BYTES_PER_PARAM: dict[str, float] = {"none": 2.0, "8bit": 1.06, "4bit": 0.52}
 EMBEDDING_BYTES_PER_PARAM = 2.0
 LORA_STATE_BYTES_PER_PARAM = 16
 ACTIVATION_BYTES_PER_HIDDEN = 34
+CHECKPOINT_BYTES_PER_HIDDEN = 2
 ATTENTION_SCORE_BYTES = 5
 LOGIT_BYTES_PER_ENTRY = 10
 GRADIENT_BYTES_PER_PARAM = 4
@@ -79,6 +87,24 @@ def lora_params(arch: Architecture, lora_r: int, target_modules: tuple[str, ...]
     return arch.num_layers * per_layer
 
 
+def activation_bytes(arch: Architecture, workload: Workload) -> float:
+    """Peak activations of training (checkpointed) or of one influence example, plus logits."""
+    seq, batch, d, layers = workload.max_seq_len, workload.batch_size, arch.hidden_size, arch.num_layers
+    tokens = batch * seq
+
+    def attention_scores(examples: int) -> float:
+        return ATTENTION_SCORE_BYTES * examples * arch.num_heads * seq**2 if arch.eager_attention else 0.0
+
+    training = (
+        layers * CHECKPOINT_BYTES_PER_HIDDEN * tokens * d
+        + ACTIVATION_BYTES_PER_HIDDEN * tokens * d
+        + attention_scores(batch)
+    )
+    one_influence_example = layers * (ACTIVATION_BYTES_PER_HIDDEN * seq * d + attention_scores(1))
+    labelled = tokens * workload.labelled_fraction
+    return max(training, one_influence_example) + LOGIT_BYTES_PER_ENTRY * labelled * arch.vocab_size
+
+
 def memory_breakdown(params_b: float, arch: Architecture, workload: Workload) -> MemoryBreakdown:
     params = params_b * 1e9
     embeddings = min(arch.embedding_params, params)
@@ -86,15 +112,7 @@ def memory_breakdown(params_b: float, arch: Architecture, workload: Workload) ->
     weights += embeddings * EMBEDDING_BYTES_PER_PARAM
     n_lora = lora_params(arch, workload.lora_r, workload.target_modules)
 
-    tokens = workload.batch_size * workload.max_seq_len
-    activations = (
-        arch.num_layers
-        * (
-            ACTIVATION_BYTES_PER_HIDDEN * tokens * arch.hidden_size
-            + ATTENTION_SCORE_BYTES * workload.batch_size * arch.num_heads * workload.max_seq_len**2
-        )
-        + LOGIT_BYTES_PER_ENTRY * tokens * arch.vocab_size
-    )
+    activations = activation_bytes(arch, workload)
 
     gradient = n_lora * GRADIENT_BYTES_PER_PARAM
     eval_gradients = workload.n_eval * gradient

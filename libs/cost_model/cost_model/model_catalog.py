@@ -36,6 +36,9 @@ class Architecture(BaseModel):
     vocab_size: int = Field(gt=0)
     tied_embeddings: bool = True
     head_dim: int | None = Field(default=None, gt=0)
+    # Attention that softcaps its scores (Gemma 2): gpu_core runs it eager, which keeps the
+    # batch x heads x seq^2 scores; every other architecture runs sdpa.
+    eager_attention: bool = False
 
     @property
     def attention_head_dim(self) -> int:

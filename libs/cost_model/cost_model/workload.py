@@ -29,6 +29,9 @@ class Workload:
     train_tokens: int = 100 * _DEFAULTS.max_seq_len // 2  # summed over the training examples
     eval_tokens: int = 20 * _DEFAULTS.max_seq_len // 2  # summed over the eval examples (prompt + expected)
     few_shot_tokens: int = 20 * _DEFAULTS.max_seq_len  # summed over the few-shot prompts
+    # Share of the training tokens that carry a label (the assistant's answers): the LM head
+    # runs on those positions only (gpu_core.runtime), so the logits scale with it.
+    labelled_fraction: float = 1.0
 
     @property
     def method(self) -> InfluenceMethodEntry:
@@ -53,6 +56,9 @@ class Workload:
             return min(math.ceil(len(text) / card.chars_per_token), hp.max_seq_len)
 
         train = [tokens(t.text) for t in spec.training_data]
+        answers = sum(
+            len(content) for t in spec.training_data for role, content in t.turns if role == "assistant"
+        )
         evals = [tokens(e.text) for e in spec.eval_data]
         shots = min(spec.few_shot_k, len(train))
         mean_train = sum(train) / len(train)
@@ -74,4 +80,5 @@ class Workload:
             train_tokens=sum(train),
             eval_tokens=sum(evals),
             few_shot_tokens=sum(few_shot),
+            labelled_fraction=min(1.0, answers / max(sum(len(t.text) for t in spec.training_data), 1)),
         )

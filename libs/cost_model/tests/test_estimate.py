@@ -52,12 +52,38 @@ def test_12b_in_4bit_gets_at_least_24gb_and_fits() -> None:
     assert recommendation.required_memory_gb <= USABLE_FRACTION * recommendation.tier_gb
 
 
-def test_12b_in_16bit_gets_the_80gb_class() -> None:
+def test_12b_in_16bit_gets_the_48gb_class_and_long_sequences_more() -> None:
     recommendation = recommend_gpu(12, "none")
-    assert recommendation.tier_gb == 80
+    assert recommendation.tier_gb == 48
     assert recommendation.fits
     # 16-bit weights alone are 24 GB: the breakdown must show them.
     assert recommendation.breakdown.weights_gb == pytest.approx(24, rel=0.01)
+    # Activations and labelled-position logits grow with the sequence: 2,048 tokens need 80 GB.
+    long = recommend_gpu(12, "none", workload=Workload(max_seq_len=2048))
+    assert long.tier_gb == 80 and long.breakdown.activations_gb > 7 * recommendation.breakdown.activations_gb
+
+
+def test_the_runtime_configuration_is_what_is_priced() -> None:
+    """sdpa unless the architecture needs eager attention; checkpointed training and influence
+    passes that halve their micro-batch, so one example's pass is what must fit."""
+    from cost_model.memory import activation_bytes
+
+    gemma = lookup_model("google/gemma-3-12b").architecture
+    workload = Workload(max_seq_len=2048, batch_size=8)
+    sdpa = activation_bytes(gemma, workload)
+    eager = activation_bytes(gemma.model_copy(update={"eager_attention": True}), workload)
+    layers, d, tokens = gemma.num_layers, gemma.hidden_size, 8 * 2048
+    logits = 10 * tokens * gemma.vocab_size
+    checkpointed_training = layers * 2 * tokens * d + 34 * tokens * d
+    one_influence_example = layers * 34 * 2048 * d
+    assert sdpa - logits == pytest.approx(max(checkpointed_training, one_influence_example), rel=1e-9)
+    # Eager attention keeps batch x heads x seq^2 scores: one layer's in checkpointed training,
+    # every layer's in an influence example's pass.
+    scores = 5 * gemma.num_heads * 2048**2
+    with_scores = max(checkpointed_training + 8 * scores, one_influence_example + layers * scores)
+    assert eager - logits == pytest.approx(with_scores, rel=1e-9) and eager > sdpa
+    # Without checkpointing and micro-batch halving the batch's activations would be 8 x larger.
+    assert sdpa - logits <= layers * 34 * tokens * d / 4
 
 
 def test_quantization_and_influence_method_change_the_memory() -> None:
@@ -93,12 +119,14 @@ def test_cost_is_time_times_price_and_prices_carry_their_date(provider: str, bac
         assert result.estimated_cost_usd == 0
     else:
         assert result.usd_per_second > 0 and result.estimated_cost_usd > 0
-        assert result.gpu_memory_gb >= 24 and result.required_memory_gb <= result.gpu_memory_gb
+        assert result.gpu_memory_gb >= 16 and result.required_memory_gb <= result.gpu_memory_gb
 
 
 def test_same_tier_on_both_backends_mapped_to_each_providers_gpu() -> None:
-    modal = estimate(make_spec(quantization="none"), "modal", "hosted")
-    runpod = estimate(make_spec(quantization="none"), "runpod", "runpod")
+    # Gemma 3 12B in 16-bit at 4,096 tokens: the 80 GB class.
+    long = {"hyperparams": {"quantization": "none", "max_seq_len": 4096}}
+    modal = estimate(make_spec(**long), "modal", "hosted")
+    runpod = estimate(make_spec(**long), "runpod", "runpod")
     assert (modal.gpu, runpod.gpu) == ("A100-80GB", "AMPERE_80")
     assert modal.required_memory_gb == runpod.required_memory_gb
 
@@ -182,13 +210,15 @@ def test_catalog_lists_the_gemma_family_with_recommendations_and_prices() -> Non
 
 
 def test_operator_overrides_prices_with_a_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    gpu = estimate(make_spec(), "modal", "hosted").gpu
     shipped = json.loads(Path(cost_model.prices.price_file("modal")).read_text())
     shipped["as_of"] = "2027-01-01"
-    shipped["gpus"]["L40S"]["usd_per_second"] = 0.001
+    assert shipped["gpus"][gpu]["usd_per_second"] != 0.001
+    shipped["gpus"][gpu]["usd_per_second"] = 0.001
     (tmp_path / "modal.json").write_text(json.dumps(shipped))
     monkeypatch.setenv("COST_MODEL_PRICES_DIR", str(tmp_path))
     result = estimate(make_spec(), "modal", "hosted")
-    assert (result.gpu, result.usd_per_second, result.prices_as_of) == ("L40S", 0.001, "2027-01-01")
+    assert (result.gpu, result.usd_per_second, result.prices_as_of) == (gpu, 0.001, "2027-01-01")
     # runpod.json is absent from the directory: the shipped table stays.
     assert estimate(make_spec(), "runpod", "runpod").prices_as_of == "2026-06-08"
 

@@ -185,14 +185,18 @@ async def test_an_invalid_spec_is_named_without_echoing_its_values(harness: Any,
 
 
 async def test_estimate_uses_modal_prices(harness: Any, make_spec: Spec) -> None:
-    # Default hyperparameters (seq 256, batch 8): a 12B model in 4-bit needs a 24 GB class GPU or more.
+    # Default hyperparameters (seq 256, batch 8): a 12B model in 4-bit fits the 16 GB class (its
+    # required memory within the GPU's, priced as gpu_core.runtime runs it).
     spec = make_spec() | {"model_id": "google/gemma-3-12b", "hyperparams": {"quantization": "4bit"}}
     response = await harness.stub.Estimate(
         compute_pb2.EstimateRequest(spec_json=json.dumps(spec).encode(), backend="hosted")
     )
     estimate = response.estimate
     assert (estimate.provider, estimate.backend) == ("modal", "hosted")
-    assert estimate.gpu_memory_gb >= 24 and estimate.prices_as_of
+    assert estimate.gpu_memory_gb >= 16 and estimate.prices_as_of
+    assert (
+        0.9 * estimate.gpu_memory_gb >= estimate.required_memory_gb > 8
+    )  # 4-bit 12B weights alone are ~8 GB
     assert estimate.estimated_cost_usd == pytest.approx(
         estimate.estimated_time_s * estimate.usd_per_second, abs=1e-6
     )
