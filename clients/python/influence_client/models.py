@@ -211,6 +211,42 @@ class CounterfactualList(ApiModel):
     counterfactual_jobs: list[CounterfactualCheck] = Field(description="Newest first")
 
 
+# ---- training data: ranking and curations ------------------------------------------------
+
+
+class TrainingExampleRow(ApiModel):
+    """One training example of an experiment's training summary (docs/influence.md)."""
+
+    id: str
+    net_influence: float = Field(description="Summed influence over the eval set; positive = helpful")
+    self_influence: float = Field(description="The method's score of the example on itself")
+    train_loss: float = Field(description="Mean loss of its answer under the fine-tuned model")
+    suspect_rank: int = Field(description="1 = most suspect (loss, self-influence and harm combined)")
+    text: str = ""
+
+
+class TrainingExamples(ApiModel):
+    examples: list[TrainingExampleRow]
+    total: int
+
+
+class Curation(Job):
+    """A curation's job status, its request (gpu_core CurationRequest, rule resolved to ids)
+    and, once it completed, its result (gpu_core CurationResult)."""
+
+    curation_job_id: str
+    parent_job_id: str
+    request: dict[str, Any] | None
+    result: dict[str, Any] | None = None
+
+
+class CurationSubmitted(ApiModel):
+    curation_job_id: str
+    status: str
+    estimated_time_s: float
+    estimated_cost_usd: float
+
+
 # ---- follow-up queries --------------------------------------------------------------------
 
 

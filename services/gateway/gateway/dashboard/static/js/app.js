@@ -1,4 +1,5 @@
-// The hash router: #/signin, #/jobs, #/new, #/jobs/<id>, #/settings.
+// The hash router: #/signin, #/jobs, #/new, #/new/<job>/<curation> (a curated training set),
+// #/jobs/<id>, #/settings.
 
 import { setToken, token } from "./api.js";
 import { announce } from "./ui.js";
@@ -44,7 +45,7 @@ async function render() {
   const pages = {
     signin: () => renderSignIn(view),
     jobs: () => (rest[0] ? renderJob(view, rest[0]) : renderJobs(view)),
-    new: () => renderNewExperiment(view),
+    new: () => renderNewExperiment(view, rest),
     settings: () => renderSettings(view),
   };
   const show = pages[page] || (() => renderJobs(view));
