@@ -72,7 +72,7 @@ def test_the_fine_tuned_model_learned_the_task_and_the_noise_is_flagged(experime
     top = {summary.ids[j] for j in summary.order("suspect")[: len(noisy)]}
     assert len(top & noisy) / len(noisy) >= 0.5
     losses = dict(zip(summary.ids, summary.train_loss, strict=True))
-    assert np.mean([losses[i] for i in noisy]) > 3 * np.mean([v for k, v in losses.items() if k not in noisy])
+    assert np.mean([losses[i] for i in noisy]) > np.mean([v for k, v in losses.items() if k not in noisy])
 
 
 def test_pages_sort_by_each_signal(experiment) -> None:

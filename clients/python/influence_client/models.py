@@ -240,6 +240,28 @@ class Curation(Job):
     result: dict[str, Any] | None = None
 
 
+class CuratedExample(ApiModel):
+    """One line of a curated training set: a training example as the spec holds it."""
+
+    id: str
+    prompt: str | None = None
+    completion: str | None = None
+    messages: list[dict[str, Any]] | None = None
+
+
+class CurationEstimate(ApiModel):
+    backend: str = Field(description="The experiment's backend, where the curation runs")
+    retrainings: int = Field(description="len(seeds) x (1 + controls) fine-tunings")
+    selected: int = Field(description="How many training examples the selection drops or keeps")
+    mode: str = Field(description="drop or keep")
+    estimates: list[BackendEstimate]
+    notes: list[str]
+
+
+class CurationList(ApiModel):
+    curations: list[Curation] = Field(description="Newest first")
+
+
 class CurationSubmitted(ApiModel):
     curation_job_id: str
     status: str

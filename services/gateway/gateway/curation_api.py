@@ -30,7 +30,14 @@ from gpu_core.jobs import CURATION
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
 from gpu_core.training_summary import SUMMARY_NAME, TrainingSetSummary, page
 from influence.v1 import scheduler_pb2
-from influence_client.models import Curation, CurationSubmitted, TrainingExamples
+from influence_client.models import (
+    CuratedExample,
+    Curation,
+    CurationEstimate,
+    CurationList,
+    CurationSubmitted,
+    TrainingExamples,
+)
 from service_runtime.jobs import state_name
 
 router = APIRouter(prefix="/api/jobs/{job_id}", tags=["training data"], responses=ERRORS)
@@ -158,6 +165,7 @@ def curation_view(job: scheduler_pb2.Job) -> dict[str, Any]:
 @router.post(
     "/curations/estimate",
     summary="Time and cost of a curation before submitting it",
+    response_model=CurationEstimate,
     responses={404: error("No such experiment"), 409: error("Not completed"), 422: error("A bad field")},
 )
 async def estimate_curation(
@@ -220,6 +228,7 @@ async def submit_curation(
 @router.get(
     "/curations",
     summary="The experiment's curations, newest first",
+    response_model=CurationList,
     responses={404: error("No such experiment")},
 )
 async def list_curations(job_id: str, user: CurrentUser, scheduler: Scheduler) -> dict[str, Any]:
@@ -243,7 +252,15 @@ async def get_curation(
 @router.get(
     "/curations/{curation_id}/training-set.jsonl",
     summary="The curated training set (the examples the curation trained on) as JSONL",
-    responses={200: {"content": {"application/x-ndjson": {}}}, 404: error("No such curation")},
+    response_class=Response,
+    responses={
+        200: {
+            "model": CuratedExample,
+            "content": {"application/x-ndjson": {"schema": {"$ref": "#/components/schemas/CuratedExample"}}},
+            "description": "One training example per line",
+        },
+        404: error("No such curation"),
+    },
 )
 async def curated_training_set(
     job_id: str, curation_id: str, user: CurrentUser, scheduler: Scheduler
