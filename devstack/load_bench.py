@@ -215,7 +215,7 @@ def run(users: int, jobs_per_user: int, follow_s: float, workers: int) -> dict[s
                 reply = clients[user].request("POST", "/api/train", json=tiny_spec(user, n))
                 answers[reply.status_code] += 1
                 if reply.status_code == 202:
-                    accepted.append((user, reply.json()["id"]))
+                    accepted.append((user, reply.json()["job_id"]))
                 else:
                     print(f"submit {index}: {reply.status_code} {reply.text[:200]}", file=sys.stderr)
                 return time.perf_counter() - began

@@ -21,10 +21,10 @@ counterfactual retraining) and every influence method goes through.
 - **Loss at labelled positions only** (:func:`labelled_logits`): the LM head runs on the hidden
   states of the positions that predict a labelled token, so no ``[batch, seq, vocab]`` logits
   (let alone a float32 copy) exist; only ``[labelled tokens, vocab]``.
-- **Batches by token budget** (:func:`length_sorted_batches`): influence passes sort examples by
-  length so a batch pads little, and return results in the original order.
-- **Out of memory**: influence passes halve their micro-batch and go on
-  (:class:`MicroBatchSize`); training and evaluation stop with :class:`OutOfMemory`, a plain
+- **Batches sorted by length** (:func:`length_sorted_batches`): influence passes sort examples
+  by length so a batch pads little, and return results in the original order.
+- **Out of memory**: influence passes halve their micro-batch, as a token budget, and go on
+  (:class:`MicroBatches`); training and evaluation stop with :class:`OutOfMemory`, a plain
   message naming the stage, the GPU, the memory the cost model expected and what to change.
 """
 
@@ -430,59 +430,56 @@ def per_example_mean_losses(model: Any, batch: dict[str, torch.Tensor]) -> list[
 # ---- batching and memory ---------------------------------------------------------------------
 
 
-def length_sorted_batches(
-    lengths: Sequence[int], batch_size: int, token_budget: int | None = None
-) -> list[list[int]]:
-    """Indices grouped into batches of similar length, longest first: a batch holds at most
-    ``batch_size`` examples and, padded to its longest, at most ``token_budget`` tokens (at
-    least one example). Callers put results back at these indices (the original order)."""
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches of at most ``batch_size`` examples of similar length, longest first
+    (little padding); callers put results back at these indices (the original order)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    for index in order:
-        current = batches[-1] if batches else None
-        # Sorted longest first: the batch's padded width is its first example's length.
-        if (
-            current is not None
-            and len(current) < batch_size
-            and (token_budget is None or (len(current) + 1) * lengths[current[0]] <= token_budget)
-        ):
-            current.append(index)
-        else:
-            batches.append([index])
-    return batches
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError)
 
 
-# Where a model remembers the micro-batch its influence passes last fitted (the same GPU).
-_MICRO_BATCH_ATTRIBUTE = "_gpu_core_micro_batch"
+# Where a model remembers the token budget its influence passes fell back to (the same GPU).
+_TOKEN_BUDGET_ATTRIBUTE = "_gpu_core_token_budget"
 
 
-class MicroBatchSize:
-    """The micro-batch of an influence pass over ``model``: the configured batch size, or the
-    smaller one an earlier pass on this model fell back to; halved whenever a micro-batch runs
-    out of GPU memory, and remembered on the model for the passes after it."""
+class MicroBatches:
+    """The micro-batches of an influence pass over ``model``: at most ``batch_size`` examples
+    each; once one runs out of GPU memory, also at most a token budget (examples x the longest
+    one's length), half the tokens of the micro-batch that failed. The budget is remembered on
+    the model for the passes after it, and because it counts tokens, batches of shorter examples
+    stay larger than those of the longest."""
 
     def __init__(self, model: Any, batch_size: int) -> None:
         self.model = model
-        self.size = min(batch_size, getattr(model, _MICRO_BATCH_ATTRIBUTE, batch_size))
+        self.batch_size = batch_size
+        self.token_budget: int | None = getattr(model, _TOKEN_BUDGET_ATTRIBUTE, None)
+
+    def _end(self, lengths: Sequence[int], start: int) -> int:
+        end, longest = start + 1, lengths[start]
+        while end < len(lengths) and end - start < self.batch_size:
+            wider = max(longest, lengths[end])
+            if self.token_budget is not None and (end - start + 1) * wider > self.token_budget:
+                break
+            end, longest = end + 1, wider
+        return end
 
     def run(
-        self, items: Sequence[Any], work: Callable[[Sequence[Any]], torch.Tensor]
+        self, items: Sequence[Any], lengths: Sequence[int], work: Callable[[Sequence[Any]], torch.Tensor]
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(offset into items, work(micro-batch))`` over ``items`` in order, in micro-batches of
-        at most :attr:`size`; an out-of-memory halves :attr:`size` and retries (a single example
-        that does not fit raises :class:`OutOfMemory`)."""
+        """``(offset into items, work(micro-batch))`` over ``items`` in order (``lengths``: each
+        item's tokens); an out-of-memory sets or halves the token budget and retries (a single
+        example that does not fit raises :class:`OutOfMemory`)."""
         start = 0
         while start < len(items):
-            chunk = items[start : start + self.size]
+            end = self._end(lengths, start)
             result: torch.Tensor | None = None
             try:
-                result = work(chunk)
+                result = work(items[start:end])
             except torch.cuda.OutOfMemoryError as exc:
-                if len(chunk) == 1:
+                if end - start == 1:
                     raise OutOfMemory(
                         f"influence: one example does not fit in the memory of {device_description()}; "
                         "lower hyperparams.max_seq_len, use quantization '4bit', or choose a larger GPU"
@@ -490,11 +487,12 @@ class MicroBatchSize:
             if result is None:
                 # Outside the except block, so the failed pass's frames (and tensors) are gone.
                 free_memory()
-                self.size = max(1, len(chunk) // 2)
-                setattr(self.model, _MICRO_BATCH_ATTRIBUTE, self.size)
+                failed_tokens = (end - start) * max(lengths[start:end])
+                self.token_budget = max(1, failed_tokens // 2)
+                setattr(self.model, _TOKEN_BUDGET_ATTRIBUTE, self.token_budget)
                 continue
             yield start, result
-            start += len(chunk)
+            start = end
 
 
 def device_description(device: torch.device | None = None) -> str:

@@ -58,7 +58,9 @@ def test_progress_events(full_run) -> None:
     overall = [event["progress"] for event in events]
     assert overall == sorted(overall) and overall[0] == 0.0 and overall[-1] == pytest.approx(1.0)
     steps = [event for event in events if event["step"] is not None]
-    assert [event["step"] for event in steps] == list(range(1, 65))
+    # Throttled to one event a second per stage: a rising subset of the steps, ending at the last.
+    numbers = [event["step"] for event in steps]
+    assert numbers == sorted(set(numbers)) and numbers[-1] == 64 and 1 <= len(numbers) <= 64
     assert all(event["total_steps"] == 64 and event["total_epochs"] == 8 for event in steps)
     assert all(event["loss"] > 0 and event["learning_rate"] > 0 and event["eta_s"] >= 0 for event in steps)
     assert steps[-1]["epoch"] == 8 and steps[-1]["eta_s"] == 0
@@ -99,7 +101,7 @@ def test_closing_the_generator_stops_training_and_frees_the_model(
     artifacts = tmp_path / "artifacts"
     events = run_experiment(make_spec(epochs=100), artifacts)
     for event in events:
-        if event.get("step") == 2:
+        if event.get("step"):  # a training step is under way (throttled: not every step reports)
             break
     assert _worker_alive()
     events.close()
@@ -119,7 +121,7 @@ def test_an_exception_thrown_in_propagates_unchanged_and_stops_the_work(
     artifacts = tmp_path / "artifacts"
     events = run_experiment(make_spec(epochs=100), artifacts)
     for event in events:
-        if event.get("step") == 1:
+        if event.get("step"):
             break
     with pytest.raises(_Cancelled):
         events.throw(_Cancelled())
@@ -130,7 +132,7 @@ def test_an_exception_thrown_in_propagates_unchanged_and_stops_the_work(
 
 def test_a_failure_in_the_work_reaches_the_consumer(make_spec: Callable[..., Any]) -> None:
     spec = make_spec(n_train=8, n_eval=2, epochs=1, target_modules=["no_such_proj"])
-    with pytest.raises(ValueError, match=r"hyperparams.target_modules \['no_such_proj'\]"):
+    with pytest.raises(ValueError, match=r"hyperparams.target_modules: none of \['no_such_proj'\]"):
         run_experiment_to_result(spec)
     assert not _worker_alive()
     assert _live_models() == 0
@@ -165,5 +167,5 @@ def test_should_stop_mid_training_stops_before_the_next_step(make_spec: Callable
                 steps.append(event["step"])
                 stop.set()
     # The consumer may see one step reported while it set the flag, never more.
-    assert steps[0] == 1 and len(steps) <= 2
+    assert len(steps) <= 2 and steps[-1] <= steps[0] + 1
     assert not _worker_alive()

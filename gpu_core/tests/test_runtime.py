@@ -212,15 +212,15 @@ def toy() -> Any:
 
 
 @contextlib.contextmanager
-def out_of_memory_above(model: Any, examples: int, seen: list[int]) -> Iterator[None]:
-    """A simulated CUDA out-of-memory: every forward of a batch of more than ``examples``
-    raises ``torch.cuda.OutOfMemoryError`` (``seen`` records each batch size tried)."""
+def out_of_memory_above(model: Any, tokens: int, seen: list[tuple[int, int]]) -> Iterator[None]:
+    """A simulated CUDA out-of-memory: every forward of a batch of more than ``tokens`` padded
+    tokens raises ``torch.cuda.OutOfMemoryError`` (``seen``: each batch's (examples, width))."""
 
     def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        rows = (kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).shape[0]
-        seen.append(rows)
-        if rows > examples:
-            raise torch.cuda.OutOfMemoryError(f"simulated: {rows} examples do not fit")
+        input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        seen.append(tuple(input_ids.shape))
+        if input_ids.numel() > tokens:
+            raise torch.cuda.OutOfMemoryError(f"simulated: {input_ids.numel()} tokens do not fit")
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -229,9 +229,9 @@ def out_of_memory_above(model: Any, examples: int, seen: list[int]) -> Iterator[
         handle.remove()
 
 
-@pytest.mark.parametrize("method", ["tracin", "trackstar"])
+@pytest.mark.parametrize(("method", "projection_dim"), [("tracin", None), ("trackstar", 64)])
 def test_an_influence_pass_out_of_memory_halves_its_batch_and_completes(
-    toy: Any, tmp_path: Path, method: str
+    toy: Any, tmp_path: Path, method: str, projection_dim: int | None
 ) -> None:
     def scores(work_dir: Path) -> torch.Tensor:
         return compute_influence(
@@ -241,26 +241,29 @@ def test_an_influence_pass_out_of_memory_halves_its_batch_and_completes(
             toy.train,
             toy.queries,
             toy.checkpoints,
-            InfluenceOptions(projection_dim=64),
+            InfluenceOptions(projection_dim=projection_dim),
             batch_size=8,
             work_dir=work_dir,
         )
 
     expected = scores(tmp_path / "fits")
-    seen: list[int] = []
+    longest = max(len(pair.input_ids) for pair in [*toy.train, *toy.queries])
+    seen: list[tuple[int, int]] = []
     try:
-        with out_of_memory_above(toy.model, 2, seen):
+        with out_of_memory_above(toy.model, 2 * longest, seen):
             halved = scores(tmp_path / "halved")
-        # 8 fails, 4 fails, then every pass (each checkpoint, queries and training) runs at 2.
-        assert seen[:3] == [8, 4, 2] and set(seen[3:]) == {2}
-        # Float64 gradients; the index's float16 rows round batch-size-dependent last bits.
+        assert seen[0][0] * seen[0][1] > 2 * longest  # the first micro-batch ran out of memory
+        failed = [shape for shape in seen if shape[0] * shape[1] > 2 * longest]
+        assert 1 <= len(failed) <= 3  # halved until it fit, then remembered for later passes
+        assert max(rows for rows, _ in seen if rows * _ <= 2 * longest) >= 2
+        # Float64 gradients; the index's float16 rows round batch-dependent last bits.
         assert float((halved - expected).abs().max() / expected.abs().max()) < 1e-6
     finally:
-        del toy.model._gpu_core_micro_batch  # the fixture's model is shared
+        del toy.model._gpu_core_token_budget  # the fixture's model is shared
 
 
 def test_one_example_that_does_not_fit_names_the_stage_and_what_to_change(toy: Any, tmp_path: Path) -> None:
-    with out_of_memory_above(toy.model, 0, []), pytest.raises(OutOfMemory) as caught:
+    with out_of_memory_above(toy.model, 1, []), pytest.raises(OutOfMemory) as caught:
         compute_influence(
             "tracin",
             toy.model,
@@ -272,7 +275,7 @@ def test_one_example_that_does_not_fit_names_the_stage_and_what_to_change(toy: A
             batch_size=4,
             work_dir=tmp_path,
         )
-    del toy.model._gpu_core_micro_batch  # halved down to 1 before giving up; the model is shared
+    del toy.model._gpu_core_token_budget  # halved down before giving up; the model is shared
     message = str(caught.value)
     assert message.startswith("influence: one example does not fit") and "max_seq_len" in message
 
@@ -387,14 +390,12 @@ def test_per_example_gradients_are_exact_under_gradient_checkpointing(toy: Any) 
     assert float((checkpointed - plain).abs().max() / plain.abs().max()) < 1e-12
 
 
-def test_length_sorted_batches_cover_every_example_once_within_the_budget() -> None:
+def test_length_sorted_batches_cover_every_example_once_longest_first() -> None:
     lengths = [5, 40, 12, 40, 7, 33, 1, 20]
-    batches = length_sorted_batches(lengths, batch_size=3, token_budget=90)
+    batches = length_sorted_batches(lengths, batch_size=3)
     assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
-    for batch in batches:
-        assert len(batch) <= 3 and len(batch) * max(lengths[i] for i in batch) <= 90
-    widths = [max(lengths[i] for i in batch) for batch in batches]
-    assert widths == sorted(widths, reverse=True)
+    assert [len(batch) for batch in batches] == [3, 3, 2]
+    assert [[lengths[i] for i in batch] for batch in batches] == [[40, 40, 33], [20, 12, 7], [5, 1]]
 
 
 def test_the_runtime_loads_with_sdpa_without_cache_and_adapts_only_lora(

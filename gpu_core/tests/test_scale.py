@@ -31,6 +31,7 @@ from gpu_core.influence.projected import (
     score_blocks,
 )
 from gpu_core.influence.projection import CountSketchProjection
+from gpu_core.influence_methods import influence_method
 from gpu_core.schemas import InfluenceOptions
 
 torch.set_num_threads(1)
@@ -150,14 +151,14 @@ def test_index_files_manifest_and_rows(toy: ToySetup, tmp_path: Path) -> None:
 
 def test_block_scores_and_running_top_k_match_the_full_matrix(toy: ToySetup, tmp_path: Path) -> None:
     layers = lora_layers(toy.model)
-    plans = plan_checkpoints("tracin", layers, toy.checkpoints, torch.device("cpu"))
+    plans = plan_checkpoints(influence_method("tracin"), layers, toy.checkpoints, torch.device("cpu"))
     index = build_gradient_index(
         toy.model,
         toy.tokenizer.pad_token_id,
         toy.train,
         [str(i) for i in range(96)],
         plans,
-        "tracin",
+        influence_method("tracin"),
         512,
         0,
         32,
@@ -228,7 +229,7 @@ def test_index_build_memory_is_flat_in_n_train(method: str, tmp_path: Path) -> N
     too) by allocator noise."""
     setup = build_toy_setup(2048, 4, steps_per_epoch=1)
     layers = lora_layers(setup.model)
-    plans = plan_checkpoints(method, layers, setup.checkpoints, torch.device("cpu"))
+    plans = plan_checkpoints(influence_method(method), layers, setup.checkpoints, torch.device("cpu"))
 
     def measure(n: int) -> tuple[int, int]:
         gc.collect()
@@ -241,7 +242,7 @@ def test_index_build_memory_is_flat_in_n_train(method: str, tmp_path: Path) -> N
             setup.train[:n],
             [f"t{i}" for i in range(n)],
             plans,
-            method,
+            influence_method(method),
             4096,
             0,
             32,
@@ -325,7 +326,7 @@ def test_streamed_top_k_and_scores_file_without_the_full_matrix(toy: ToySetup, t
     from gpu_core.influence.projected import projected_scores
 
     common = (
-        "trackstar",
+        influence_method("trackstar"),
         toy.model,
         toy.tokenizer.pad_token_id,
         toy.train,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpu_core.data import IGNORE_INDEX, EncodedPair, collate
-from gpu_core.runtime import MicroBatchSize, length_sorted_batches, summed_labelled_loss
+from gpu_core.runtime import MicroBatches, length_sorted_batches, summed_labelled_loss
 
 _LORA_MATRICES = ("lora_A", "lora_B")
 
@@ -183,12 +183,14 @@ def batched_gradients(
     batch_size: int,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yields ``(start index, per-example gradients)`` micro-batch by micro-batch, in order; a
-    micro-batch that runs out of GPU memory is halved (for this and later passes on ``model``)
-    and retried."""
+    micro-batch that runs out of GPU memory is halved, as a token budget, for this and later
+    passes on ``model`` (``gpu_core.runtime.MicroBatches``), and retried."""
     device = model_device(model)
-    micro = MicroBatchSize(model, batch_size)
+    micro = MicroBatches(model, batch_size)
     yield from micro.run(
-        pairs, lambda chunk: per_example_gradients(model, layers, collate_to(chunk, pad_token_id, device))
+        pairs,
+        [len(pair.input_ids) for pair in pairs],
+        lambda chunk: per_example_gradients(model, layers, collate_to(chunk, pad_token_id, device)),
     )
 
 
@@ -203,15 +205,16 @@ def sorted_gradients(
     (:func:`gpu_core.runtime.length_sorted_batches`, so little padding); callers put each row
     back at its index. Out-of-memory halving as :func:`batched_gradients`."""
     device = model_device(model)
-    micro = MicroBatchSize(model, batch_size)
-    for indices in length_sorted_batches([len(pair.input_ids) for pair in pairs], batch_size):
+    micro = MicroBatches(model, batch_size)
+    lengths = [len(pair.input_ids) for pair in pairs]
+    for indices in length_sorted_batches(lengths, batch_size):
 
         def work(chunk: Sequence[int]) -> torch.Tensor:
             return per_example_gradients(
                 model, layers, collate_to([pairs[i] for i in chunk], pad_token_id, device)
             )
 
-        for offset, grads in micro.run(indices, work):
+        for offset, grads in micro.run(indices, [lengths[i] for i in indices], work):
             yield indices[offset : offset + grads.shape[0]], grads
 
 

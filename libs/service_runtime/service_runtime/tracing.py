@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import Token
 from typing import Any, cast
 
@@ -50,6 +52,23 @@ def outgoing_metadata() -> list[tuple[str, str]]:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return [(key, value) for key, value in carrier.items() if key in _TRACE_KEYS]
+
+
+def trace_carrier() -> dict[str, str]:
+    """The current trace context as W3C headers, to store with work that goes on later (a job
+    dispatched after the request that stored it has been answered)."""
+    return dict(outgoing_metadata())
+
+
+@contextmanager
+def continued_trace(carrier: Mapping[str, str]) -> Iterator[None]:
+    """Run a block in the trace context a ``trace_carrier`` stored: its calls and log lines carry
+    the original request's trace id."""
+    token = otel_context.attach(propagate.extract(dict(carrier)))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
 
 
 class TracingServerInterceptor(HandlerWrappingInterceptor):

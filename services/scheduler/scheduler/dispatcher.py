@@ -36,6 +36,7 @@ from scheduler.uploads import (
     reads_parent_artifacts,
     uploads_directly,
 )
+from service_runtime.tracing import continued_trace
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,8 @@ class Dispatcher:
                 extra={"job_id": job.id, "provider": job.provider, "attempt": job.submit_attempts},
             )
         try:
-            provider_job_id, endpoint_id = await self._send(work)
+            with continued_trace(job.trace_context):
+                provider_job_id, endpoint_id = await self._send(work)
         except ProviderNotConfigured as exc:
             return await self._fail(job, str(exc))
         except ProviderError as exc:

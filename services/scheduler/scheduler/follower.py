@@ -27,6 +27,7 @@ from scheduler.providers import ProviderError, Providers, Route
 from scheduler.store import JobRow, JobUpdate, Lease, Store
 from scheduler.uploads import remove_uploads, uploads_directly, verify_uploads
 from service_runtime.jobs import event_dict
+from service_runtime.tracing import continued_trace
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +131,16 @@ class Follower:
         interval = followed.interval
         try:
             async with limit:
-                changed, terminal = await self._follow_step(job, followed)
+                with continued_trace(job.trace_context):
+                    progressed, terminal = await self._follow_step(job, followed)
             followed.refusals = 0
             if terminal:
                 self.drop(job.id)
                 return
             interval = (
-                fast if changed else min(interval * _SLOWDOWN, self._settings.scheduler_poll_max_interval_s)
+                fast
+                if progressed
+                else min(interval * _SLOWDOWN, self._settings.scheduler_poll_max_interval_s)
             )
         except ProviderError as exc:
             interval = min(max(interval, fast) * 2, self._settings.scheduler_retry_max_s)
@@ -177,10 +181,12 @@ class Follower:
             log.warning(
                 "could not fail a refused job; will retry", extra={"job_id": job.id, "error": str(db_exc)}
             )
-            self._jobs[job.id].due = time.monotonic() + self._settings.scheduler_retry_max_s
+            followed = self._jobs.get(job.id)
+            if followed is not None:
+                followed.due = time.monotonic() + self._settings.scheduler_retry_max_s
 
     async def _follow_step(self, job: JobRow, followed: _Followed) -> tuple[bool, bool]:
-        """One poll: (whether anything changed, whether the job is now terminal)."""
+        """One poll: (whether the job progressed, whether it is now terminal)."""
         route = Route(backend=job.compute_backend, provider=job.provider)  # type: ignore[arg-type]
         client = self._providers.client(route.provider)
         account = route.account(job.user_id, job.endpoint_id)
@@ -225,18 +231,17 @@ class Follower:
         elif status.state == common_pb2.JOB_STATE_CANCELLED:
             error = status.error or "cancelled at the provider"
             update.status, update.error, update.stage_message = "cancelled", error, error
-        unchanged = (
-            not events
-            and status.cursor == job.provider_cursor
-            and update.status in (None, job.status)
-            and update.stage_message in (None, job.stage_message)
+        # Progress (events, a new state) polls again soon; a new waiting message alone (a queue
+        # position, an ETA) is stored but lets the interval keep growing.
+        progressed = (
+            bool(events) or status.cursor != job.provider_cursor or update.status not in (None, job.status)
         )
-        if unchanged:
+        if not progressed and update.stage_message in (None, job.stage_message):
             return False, False
         stored = await self._store.apply(
             job.id, update, expected_cursor=job.provider_cursor, lease=self._lease
         )
-        return True, stored is not None and stored.terminal
+        return progressed, stored is not None and stored.terminal
 
     async def _collect_result(
         self, job: JobRow, route: Route, account: common_pb2.Account, update: JobUpdate, followed: _Followed

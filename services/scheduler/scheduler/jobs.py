@@ -34,6 +34,7 @@ from scheduler.follower import DB_ERRORS, Follower
 from scheduler.model_ids import ModelNotAllowed, check_model_id
 from scheduler.providers import ProviderError, ProviderNotConfigured, Providers, Route, route_for
 from scheduler.store import JobRow, JobUpdate, Lease, Store
+from service_runtime.tracing import trace_carrier
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +122,11 @@ class JobManager:
         if job_kind(kind).needs_parent:
             parent, request = await self._later_job(user_id, kind, parent_job_id, request_json)
             spec = await self._spec_of(parent.id, user_id)
+            parsed = parse_job_spec(json.dumps(spec).encode())
             route = Route(backend=parent.compute_backend, provider=parent.provider)  # type: ignore[arg-type]
         else:
-            spec = validate_spec(spec_json)
+            parsed = parse_job_spec(spec_json)  # parsed once: stored as it dumps, estimated as it is
+            spec = parsed.model_dump(mode="json")
             profile = await self._store.get_profile(user_id)
             route = route_for(profile.compute_backend, self._settings)
             try:
@@ -133,7 +136,7 @@ class JobManager:
         # Raises ProviderNotConfigured before anything is stored: nothing could run the job.
         self._providers.client(route.provider)
         estimate = admission_estimate(
-            parse_job_spec(json.dumps(spec).encode()),
+            parsed,
             route,
             kind,
             json.dumps(request).encode() if request is not None else b"",
@@ -155,6 +158,7 @@ class JobManager:
             kind=job_kind(kind).name,
             parent_job_id=parent.id if parent is not None else None,
             request=request,
+            trace_context=trace_carrier(),
         )
         if created:
             log.info("job queued", extra={"job_id": job.id, "provider": route.provider})

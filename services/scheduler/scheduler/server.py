@@ -433,7 +433,7 @@ def usage_to_proto(usage: Usage) -> scheduler_pb2.Usage:
 
 
 class SchedulerServer:
-    """The running scheduler: gRPC server, database pool, listener, job runners, readiness."""
+    """The running scheduler: gRPC server, database pool, listener, dispatcher and pollers, readiness."""
 
     def __init__(self, settings: Settings, store_settings: StoreSettings | None = None) -> None:
         self.settings = settings
@@ -551,7 +551,7 @@ class SchedulerServer:
             return False
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain RPCs, stop the runners and close every connection. Jobs stay in the table."""
+        """Drain RPCs, stop the dispatcher and the pollers, close every connection. Jobs stay."""
         await self.grpc.stop(self.settings.scheduler_shutdown_grace_s if grace_s is None else grace_s)
         for task in self._tasks:
             task.cancel()

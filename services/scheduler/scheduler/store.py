@@ -73,6 +73,7 @@ class JobRow:
     n_eval: int = 0
     endpoint_id: str = ""  # the RunPod endpoint the job was submitted on ('' elsewhere)
     submitting: bool = False  # a submit token is stored: the provider may already have the job
+    trace_context: dict[str, str] = field(default_factory=dict)  # the submitting request's
 
     @property
     def terminal(self) -> bool:
@@ -137,7 +138,7 @@ _JOB_COLUMNS = """id::text AS id, user_id, compute_backend, provider,
     latest_metrics, error, estimated_time_s, estimated_cost_usd, provider_cursor, last_seq,
     submit_attempts, created_at, updated_at, finished_at, artifacts, kind,
     coalesce(parent_job_id::text, '') AS parent_job_id, request, model_id, influence_method,
-    n_train, n_eval, endpoint_id, submit_token IS NOT NULL AS submitting"""
+    n_train, n_eval, endpoint_id, submit_token IS NOT NULL AS submitting, trace_context"""
 # The lease fence of a dispatcher or follower write ($1 = owner).
 _HELD = "lease_owner = $1 AND lease_expires_at > now()"
 
@@ -266,6 +267,7 @@ class Store:
         kind: str = "experiment",
         parent_job_id: str | None = None,
         request: dict[str, Any] | None = None,
+        trace_context: dict[str, str] | None = None,
     ) -> tuple[JobRow, bool]:
         """Store a new queued job (the outbox: a dispatcher submits it), or return the existing
         one with the same (user, idempotency key). The second value says whether this call
@@ -289,8 +291,9 @@ class Store:
             row = await conn.fetchrow(
                 f"""INSERT INTO jobs (id, user_id, compute_backend, provider, spec, idempotency_key,
                                       estimated_time_s, estimated_cost_usd, kind, parent_job_id,
-                                      request, model_id, influence_method, n_train, n_eval)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+                                      request, model_id, influence_method, n_train, n_eval,
+                                      trace_context)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
                     RETURNING {_JOB_COLUMNS}""",
                 job_id,
                 user_id,
@@ -306,6 +309,7 @@ class Store:
                 str(spec.get("influence_method", "")),
                 _list_length(spec, "training_data"),
                 _list_length(spec, "eval_data"),
+                trace_context or {},
             )
             await ledger.record_admission(conn, job_id, user_id, compute_backend, estimate[0])
             return _job(returned_row(row)), True

@@ -10,6 +10,9 @@ ALTER TABLE jobs ADD COLUMN endpoint_id text NOT NULL DEFAULT '';
 UPDATE jobs SET endpoint_id = coalesce(p.runpod_endpoint_id, '')
     FROM profiles p
     WHERE p.user_id = jobs.user_id AND jobs.provider = 'runpod' AND jobs.compute_backend = 'runpod';
+-- The trace context (W3C traceparent) of the request that submitted the job: the dispatcher
+-- and the follower continue that trace, so the provider's log lines carry it.
+ALTER TABLE jobs ADD COLUMN trace_context jsonb NOT NULL DEFAULT '{}'::jsonb;
 -- Hot reads (lists, owned-job RPCs, the follower) never load the spec (up to 20 MiB): what they
 -- show of it is kept in columns.
 ALTER TABLE jobs ADD COLUMN model_id text NOT NULL DEFAULT '';
