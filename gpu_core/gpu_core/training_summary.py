@@ -45,7 +45,7 @@ from gpu_core.influence.gradients import (
 )
 from gpu_core.influence.projected import second_moment_denominators
 from gpu_core.influence_methods import influence_method
-from gpu_core.runtime import MicroBatchSize, length_sorted_batches, per_example_mean_losses
+from gpu_core.runtime import MicroBatches, length_sorted_batches, per_example_mean_losses
 from gpu_core.schemas import InfluenceOptions
 
 SUMMARY_NAME = "training_summary.json"
@@ -172,12 +172,13 @@ def self_influence_and_loss(
 
     was_training = model.training
     model.eval()
-    micro = MicroBatchSize(model, batch_size)
+    micro = MicroBatches(model, batch_size)
+    lengths = [len(pair.input_ids) for pair in train]
     done = 0
     try:
         with lora_grad_enabled(layers):
-            for indices in length_sorted_batches([len(pair.input_ids) for pair in train], batch_size):
-                for offset, rows in micro.run(indices, work):
+            for indices in length_sorted_batches(lengths, batch_size):
+                for offset, rows in micro.run(indices, [lengths[i] for i in indices], work):
                     chunk = indices[offset : offset + rows.shape[0]]
                     features[chunk] = rows.detach().to("cpu", torch.float64).numpy()
                     done += len(chunk)
