@@ -73,7 +73,7 @@ def run_curation(
     started = time.monotonic()
     train_ids = [example.assigned_id for example in spec.training_data]
     mode: Literal["drop", "keep"] = "drop" if request.drop_ids is not None else "keep"
-    selected = list(dict.fromkeys(request.drop_ids if mode == "drop" else request.keep_ids or []))
+    selected = list(dict.fromkeys(request.drop_ids or request.keep_ids or []))
     controls = controls_for(train_ids, len(selected), request.controls, seed=min(request.seeds))
     loaded_model = loaded or load_model(spec.model_id, spec.hyperparams.quantization)
     total = request.retrainings()
@@ -126,9 +126,10 @@ def run_curation(
         )
     if report is not None:
         report(1.0, "done")
+    rule = request.drop or request.keep
     return CurationResult(
         mode=mode,
-        rule=(request.drop or request.keep).model_dump() if (request.drop or request.keep) else None,
+        rule=rule.model_dump() if rule is not None else None,
         selected_ids=selected,
         control_selected_ids=controls,
         kept=len(train_ids) - len(selected) if mode == "drop" else len(selected),
