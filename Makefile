@@ -12,7 +12,7 @@ PROTO_SRC := $(wildcard protos/influence/v1/*.proto)
 PROTO_OUT := protos/gen
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help setup protos protos-check run demo test lint typecheck migrate bench-influence bench-artifacts bench-scale gpu-check bench-fuzz bench-load clean modal-deploy k8s-validate lint-docker images bench-counterfactual bench-cancel bench-query bench-query-stack bench-influence-memory gpu-check-wheels bench-list-memory
+.PHONY: help setup protos protos-check run demo test lint typecheck migrate bench-influence bench-artifacts bench-scale gpu-check bench-fuzz bench-load clean modal-deploy k8s-validate lint-docker images bench-counterfactual bench-cancel bench-query bench-query-stack bench-influence-memory gpu-check-wheels bench-list-memory bench-curate
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -100,6 +100,9 @@ bench-cancel: setup ## cancel latency per stage and method on the tiny model, in
 
 bench-load: setup ## 1,000 jobs from 50 users, two scheduler replicas, compute-local + fake RunPod: latency, CPU, calls
 	$(PY) -m devstack.load_bench
+
+bench-curate: setup ## planted label noise: recall of the suspicion rank vs loss and self-influence; drop the flagged 10% / keep 25% vs random, 3 seeds; the summary's share of wall time
+	$(PY) -m benchmarks.curate
 
 bench-list-memory: setup ## ListJobs of 500 jobs with 10 MiB specs: scheduler RSS growth (target < 50 MB)
 	$(PY) -m benchmarks.list_jobs_memory

@@ -2,7 +2,8 @@
 
 A job is an ``experiment`` (the whole pipeline on a spec) or a later job of an experiment that
 builds on its stored spec and result: ``counterfactual`` (retrain without its top-k examples),
-``query`` (follow-up attribution queries to its fine-tuned model, see gpu_core.query).
+``query`` (follow-up attribution queries to its fine-tuned model, see gpu_core.query),
+``curation`` (retrain on a selection of the training set against random ones, gpu_core.curation).
 Each kind is one :class:`JobKind` in :data:`JOB_KINDS`: how to read its request, how to check
 that request against the parent experiment (so a bad request is refused before anything runs),
 and how to run it as a generator of progress events ending in ``{"type": "result", ...}``.
@@ -27,6 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from gpu_core.curation_schemas import CurationRequest
 from gpu_core.schemas import (
     NO_SIZE_LIMITS,
     CounterfactualRequest,
@@ -40,6 +42,7 @@ from gpu_core.schemas import (
 EXPERIMENT = "experiment"
 COUNTERFACTUAL = "counterfactual"
 QUERY = "query"
+CURATION = "curation"
 
 
 class JobInputError(ValueError):
@@ -124,6 +127,25 @@ def check_query(request: QueryRequest, spec: ExperimentSpec, result: ExperimentR
         )
 
 
+def check_curation(request: CurationRequest, spec: ExperimentSpec, result: ExperimentResult) -> None:
+    """The ids are this experiment's and leave something to train on; raises JobInputError."""
+    if not request.resolved:
+        raise JobInputError("drop: the rule was not turned into ids; submit through the gateway")
+    known = {example.id for example in spec.training_data}
+    ids = request.drop_ids if request.drop_ids is not None else request.keep_ids or []
+    field = "drop_ids" if request.drop_ids is not None else "keep_ids"
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise JobInputError(
+            f"{field}: not training examples of this experiment: {', '.join(map(repr, unknown[:5]))}"
+        )
+    if not ids:
+        raise JobInputError(f"{field}: empty selection")
+    kept = len(known) - len(set(ids)) if request.drop_ids is not None else len(set(ids))
+    if kept < 1:
+        raise JobInputError(f"{field}: the selection leaves no training data")
+
+
 def _run_experiment(
     spec: ExperimentSpec,
     _request: Any,
@@ -165,10 +187,25 @@ def _run_query(
     return run_query_job(spec, parent, request, parent_artifacts_dir, should_stop)
 
 
+def _run_curation(
+    spec: ExperimentSpec,
+    request: Any,
+    parent: ExperimentResult | None,
+    _artifacts_dir: Path | None,
+    should_stop: StopCheck | None,
+    _parent_artifacts_dir: Path | None,
+) -> Events:
+    from gpu_core.curation import run_curation_job
+
+    assert parent is not None  # checked by parse_payload
+    return run_curation_job(spec, parent, request, should_stop)
+
+
 JOB_KINDS: dict[str, JobKind] = {
     EXPERIMENT: JobKind(EXPERIMENT, None, None, _run_experiment),
     COUNTERFACTUAL: JobKind(COUNTERFACTUAL, CounterfactualRequest, check_counterfactual, _run_counterfactual),
     QUERY: JobKind(QUERY, QueryRequest, check_query, _run_query),
+    CURATION: JobKind(CURATION, CurationRequest, check_curation, _run_curation),
 }
 
 
@@ -258,6 +295,7 @@ def run_job(
 
 __all__ = [
     "COUNTERFACTUAL",
+    "CURATION",
     "EXPERIMENT",
     "JOB_KINDS",
     "QUERY",
@@ -267,6 +305,7 @@ __all__ = [
     "JobKind",
     "SpecError",
     "check_counterfactual",
+    "check_curation",
     "check_query",
     "job_kind",
     "make_payload",

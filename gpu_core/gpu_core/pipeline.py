@@ -61,6 +61,7 @@ from gpu_core.schemas import (
     TrainingSummary,
 )
 from gpu_core.training import TrainingStep, train_lora
+from gpu_core.training_summary import self_influence_and_loss, summarize, write_summary
 
 # Share of the overall progress bar per stage (rough relative cost on the tiny model).
 STAGE_WEIGHTS: dict[str, float] = {
@@ -370,8 +371,27 @@ class _Experiment:
         influence = build_influence_result(
             spec.influence_method, matrix, train_ids, eval_ids, spec.influence.top_k
         )
-        self.report("influence", 1.0, "done")
         self.timed("influence", started)
+
+        # One more pass at the final adapter: self-influence and training loss per example.
+        started = time.monotonic()
+        self.report("influence", 1.0 - 1e-6, "summarising the training set")
+        with stage_memory("influence", device, lambda: expected_memory_gb(spec)):
+            self_influence, train_loss = self_influence_and_loss(
+                spec.influence_method,
+                model,
+                tokenizer.pad_token_id,
+                train_pairs,
+                training.checkpoints,
+                spec.influence,
+                hp.batch_size,
+            )
+        summary = summarize(train_ids, matrix, self_influence, train_loss)
+        if self.artifacts_dir is not None:
+            texts = ["\n".join(content for _, content in example.turns) for example in spec.training_data]
+            write_summary(self.artifacts_dir, summary, texts)
+        self.timed("training_summary", started)
+        self.report("influence", 1.0, "done")
 
         artifacts = []
         if self.artifacts_dir is not None:

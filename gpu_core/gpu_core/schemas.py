@@ -41,6 +41,7 @@ Stage = Literal[
     "influence",
     "counterfactual",  # the one stage of a counterfactual check (gpu_core.counterfactual)
     "query",  # the one stage of a follow-up query (gpu_core.query)
+    "curation",  # the one stage of a curation (gpu_core.curation)
 ]
 STAGES: tuple[str, ...] = (
     "loading_model",

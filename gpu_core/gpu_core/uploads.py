@@ -46,6 +46,7 @@ from gpu_core.schemas import ArtifactEntry, ExperimentResult, ExperimentSpec
 # gpu_core.artifacts and gpu_core.influence.index define are repeated here; a test checks they
 # agree.
 SCORES_NAME = "scores.npy"
+SUMMARY_NAME = "training_summary.json"  # gpu_core.training_summary
 INDEX_DIR_NAME, INDEX_MANIFEST, INDEX_IDS_FILE = "gradient_index", "manifest.json", "ids.json"
 INDEX_SHARD_BYTES = 64 << 20
 ADAPTER_FILES = ("adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors")
@@ -100,13 +101,13 @@ def planned_artifact_names(spec: ExperimentSpec) -> list[str]:
     """Every name ``run_experiment(spec, artifacts_dir)`` may write (pipeline.save_artifacts,
     the gradient index, the scores): the adapter, one checkpoint (and its second moments) per
     epoch and their index, the projected gradient index when the method builds one, the score
-    matrix. A run
-    may write fewer; a file not listed here cannot be uploaded, and tests check the two agree."""
+    matrix, the training-set summary. A run may write fewer; a file not listed here cannot be
+    uploaded, and tests check the two agree."""
     epochs = range(1, spec.hyperparams.epochs + 1)
     checkpoints = [
         f"checkpoints/epoch-{epoch}{kind}.safetensors" for epoch in epochs for kind in ("", ".second-moment")
     ]
-    return [*ADAPTER_FILES, CHECKPOINT_INDEX, *checkpoints, *_index_names(spec), SCORES_NAME]
+    return [*ADAPTER_FILES, CHECKPOINT_INDEX, *checkpoints, *_index_names(spec), SCORES_NAME, SUMMARY_NAME]
 
 
 def _index_names(spec: ExperimentSpec) -> list[str]:

@@ -45,7 +45,7 @@ def test_result_shape(full_run) -> None:
     assert len(influence.scores) == 16 and all(len(row) == 64 for row in influence.scores)
     assert set(influence.top_k) == set(influence.eval_ids)
     assert len(influence.top_k["e1"].helpful) == 5
-    assert set(result.timings) == {*STAGES, "total"}
+    assert set(result.timings) == {*STAGES, "training_summary", "total"}
     assert result.artifacts == []  # no artifacts directory, no files
     assert {"torch", "transformers", "peft", "device", "dtype", "gpu_name"} <= set(result.environment)
 

@@ -42,10 +42,11 @@ def test_the_names_repeated_for_the_scheduler_match_gpu_core_and_need_no_numpy()
     import subprocess
     import sys
 
-    from gpu_core import artifacts, uploads
+    from gpu_core import artifacts, training_summary, uploads
     from gpu_core.influence import index, projected
 
     assert uploads.SCORES_NAME == artifacts.SCORES_NAME
+    assert uploads.SUMMARY_NAME == training_summary.SUMMARY_NAME
     assert (uploads.INDEX_DIR_NAME, uploads.INDEX_MANIFEST, uploads.INDEX_IDS_FILE) == (
         index.INDEX_DIR_NAME,
         index.MANIFEST,

@@ -316,6 +316,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_examples(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        page = client.training_examples(args.job, sort=args.sort, limit=args.limit, offset=args.offset)
+    if args.json:
+        print(page.model_dump_json(indent=2))
+        return 0
+    print(f"{page.total} training examples, by {args.sort}")
+    print(f"{'rank':>5} {'id':<16} {'net influence':>14} {'self-influence':>14} {'loss':>8}  text")
+    for row in page.examples:
+        text = row.text.replace("\n", " -> ")[:60]
+        print(
+            f"{row.suspect_rank:>5} {row.id:<16} {row.net_influence:>+14.4e} {row.self_influence:>14.4e} "
+            f"{row.train_loss:>8.4f}  {text}"
+        )
+    return 0
+
+
 def print_answer(answer: models.QueryAnswer) -> None:
     span = f" [{answer.span[0]}:{answer.span[1]}]" if answer.span else ""
     print(f"prompt: {answer.prompt}\nanswer: {answer.output}")
@@ -422,6 +439,18 @@ def parser() -> argparse.ArgumentParser:
     ask.add_argument("--idempotency-key", help="asking again with the same key answers the same query")
     ask.add_argument("--json", action="store_true")
     ask.set_defaults(run=cmd_ask)
+
+    examples = commands.add_parser(
+        "examples", help="a finished experiment's training examples, ranked (harmful, suspect, ...)"
+    )
+    examples.add_argument("job", help="the experiment")
+    examples.add_argument(
+        "--sort", choices=("harmful", "helpful", "self_influence", "loss", "suspect"), default="suspect"
+    )
+    examples.add_argument("--limit", type=int, default=20)
+    examples.add_argument("--offset", type=int, default=0)
+    examples.add_argument("--json", action="store_true")
+    examples.set_defaults(run=cmd_examples)
 
     jobs = commands.add_parser("jobs", help="your experiments, newest first, with name, tags and outcome")
     jobs.add_argument("--limit", type=int, default=20)

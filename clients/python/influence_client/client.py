@@ -272,6 +272,33 @@ class _Calls:
         )
 
     @staticmethod
+    def training_examples(job_id: str, sort: str, limit: int, offset: int) -> _Call[models.TrainingExamples]:
+        return _Call(
+            "GET",
+            _job_path(job_id, "/training-examples"),
+            _model(models.TrainingExamples),
+            params={"sort": sort, "limit": limit, "offset": offset},
+        )
+
+    @staticmethod
+    def submit_curation(
+        job_id: str, request: dict[str, Any], idempotency_key: str | None
+    ) -> _Call[models.CurationSubmitted]:
+        return _Call(
+            "POST",
+            _job_path(job_id, "/curations"),
+            _model(models.CurationSubmitted),
+            json=request,
+            headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex},
+        )
+
+    @staticmethod
+    def curation(job_id: str, curation_id: str) -> _Call[models.Curation]:
+        return _Call(
+            "GET", _job_path(job_id, f"/curations/{quote(curation_id, safe='')}"), _model(models.Curation)
+        )
+
+    @staticmethod
     def compute_settings() -> _Call[models.ComputeSettings]:
         return _Call("GET", "/api/settings/compute", _model(models.ComputeSettings))
 
@@ -560,6 +587,23 @@ class Client(_Base):
 
     def queries(self, job_id: str) -> list[models.QueryJob]:
         return self._run(_Calls.queries(job_id))
+
+    def training_examples(
+        self, job_id: str, sort: str = "suspect", limit: int = 50, offset: int = 0
+    ) -> models.TrainingExamples:
+        """The experiment's training examples ranked by ``sort`` (harmful, helpful,
+        self_influence, loss or suspect), one page."""
+        return self._run(_Calls.training_examples(job_id, sort, limit, offset))
+
+    def submit_curation(
+        self, job_id: str, request: dict[str, Any], idempotency_key: str | None = None
+    ) -> models.CurationSubmitted:
+        """Retrain on a selection (``drop_ids``, or a ``drop``/``keep`` rule) against ``controls``
+        random selections for each of ``seeds``."""
+        return self._run(_Calls.submit_curation(job_id, request, idempotency_key))
+
+    def curation(self, job_id: str, curation_id: str) -> models.Curation:
+        return self._run(_Calls.curation(job_id, curation_id))
 
     def query(self, job_id: str, query_job_id: str) -> models.QueryJob:
         return self._run(_Calls.query(job_id, query_job_id))

@@ -264,6 +264,64 @@ class CounterfactualList(ApiModel):
     counterfactual_jobs: list[CounterfactualCheck] = Field(description="Newest first")
 
 
+# ---- training data: ranking and curations ------------------------------------------------
+
+
+class TrainingExampleRow(ApiModel):
+    """One training example of an experiment's training summary (docs/influence.md)."""
+
+    id: str
+    net_influence: float = Field(description="Summed influence over the eval set; positive = helpful")
+    self_influence: float = Field(description="The method's score of the example on itself")
+    train_loss: float = Field(description="Mean loss of its answer under the fine-tuned model")
+    suspect_rank: int = Field(description="1 = most suspect (loss, self-influence and harm combined)")
+    text: str = ""
+
+
+class TrainingExamples(ApiModel):
+    examples: list[TrainingExampleRow]
+    total: int
+
+
+class Curation(Job):
+    """A curation's job status, its request (gpu_core CurationRequest, rule resolved to ids)
+    and, once it completed, its result (gpu_core CurationResult)."""
+
+    curation_job_id: str
+    parent_job_id: str
+    request: dict[str, Any] | None
+    result: dict[str, Any] | None = None
+
+
+class CuratedExample(ApiModel):
+    """One line of a curated training set: a training example as the spec holds it."""
+
+    id: str
+    prompt: str | None = None
+    completion: str | None = None
+    messages: list[dict[str, Any]] | None = None
+
+
+class CurationEstimate(ApiModel):
+    backend: str = Field(description="The experiment's backend, where the curation runs")
+    retrainings: int = Field(description="len(seeds) x (1 + controls) fine-tunings")
+    selected: int = Field(description="How many training examples the selection drops or keeps")
+    mode: str = Field(description="drop or keep")
+    estimates: list[BackendEstimate]
+    notes: list[str]
+
+
+class CurationList(ApiModel):
+    curations: list[Curation] = Field(description="Newest first")
+
+
+class CurationSubmitted(ApiModel):
+    curation_job_id: str
+    status: str
+    estimated_time_s: float
+    estimated_cost_usd: float
+
+
 # ---- follow-up queries --------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from cost_model.model_catalog import ModelCard, lookup_model, model_cards
 from cost_model.prices import MODAL_GPU_ENV, PROVIDERS, job_gpu, price_table
 from cost_model.timing import COLD_START_RANGE, counterfactual_time_s, estimated_time_s, query_time_s
 from cost_model.workload import Workload
+from gpu_core.curation_schemas import CurationRequest
 from gpu_core.schemas import CounterfactualRequest, ExperimentSpec, QueryRequest
 
 BACKENDS: tuple[str, ...] = ("hosted", "runpod")
@@ -91,10 +92,12 @@ def estimate(
     backend: str,
     counterfactual: CounterfactualRequest | None = None,
     query: QueryRequest | None = None,
+    curation: CurationRequest | None = None,
 ) -> CostEstimate:
     """Time and cost of ``spec`` on ``provider``'s GPU for the recommended memory tier; with
     ``counterfactual``, of that check on the experiment ``spec`` (its retrainings instead); with
-    ``query``, of those follow-up queries to it."""
+    ``query``, of those follow-up queries to it; with ``curation``, of its retrainings (each on
+    the whole training set at most, evaluated on every eval example)."""
     _check_provider(provider, backend)
     card = lookup_model(spec.model_id)
     workload = Workload.from_spec(spec, card)
@@ -120,6 +123,16 @@ def estimate(
         notes.append(
             f"{len(query.queries)} queries scored against {workload.n_train} training examples "
             f"with {spec.influence_method} from {source}; assumes the stored adapter"
+        )
+    elif curation is not None:
+        retrainings = curation.retrainings()
+        n_eval = len(spec.eval_data)
+        seconds = counterfactual_time_s(
+            card, workload, recommendation.breakdown, gpu, provider, retrainings, n_eval
+        )
+        notes.append(
+            f"{retrainings} retrainings ({len(curation.seeds)} seeds x (the selection + "
+            f"{curation.controls} random controls)), each evaluated fine-tuned on {n_eval} eval examples"
         )
     elif counterfactual is None:
         seconds = estimated_time_s(card, workload, recommendation.breakdown, gpu, provider)
@@ -179,12 +192,13 @@ def estimate_job(
 ) -> CostEstimate:
     """What a provider's Estimate answers: an experiment, or a later job of the experiment
     ``spec`` of ``kind`` (gpu_core.jobs) with its request. Raises ValueError naming the field."""
-    from gpu_core.jobs import COUNTERFACTUAL, QUERY, job_kind, parse_request
+    from gpu_core.jobs import COUNTERFACTUAL, CURATION, QUERY, job_kind, parse_request
 
     later = job_kind(kind)
     check = parse_request(later, request_json) if later.name == COUNTERFACTUAL else None
     query = parse_request(later, request_json) if later.name == QUERY else None
-    return estimate(spec, provider, backend, counterfactual=check, query=query)
+    curation = parse_request(later, request_json) if later.name == CURATION else None
+    return estimate(spec, provider, backend, counterfactual=check, query=query, curation=curation)
 
 
 def catalog(hosted_provider: str = "modal") -> list[ModelInfo]:

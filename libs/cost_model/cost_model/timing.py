@@ -57,16 +57,24 @@ COLD_START_RANGE: dict[str, str] = {"local": "none", "modal": "20-60 s", "runpod
 EVAL_RUNS = 3
 
 
+# The training-set summary (gpu_core.training_summary): one gradient pass over the training set
+# at the final adapter plus one forward for the per-example losses, every method alike.
+SUMMARY_PASS_FLOPS_PER_TOKEN = 6 + 2
+SUMMARY_PASSES_PER_BATCH = 3 + 1
+
+
 def influence_flops(params: float, workload: Workload) -> float:
+    """The influence stage, the training-set summary's extra pass included."""
+    summary = SUMMARY_PASS_FLOPS_PER_TOKEN * params * workload.train_tokens
     gradient_pass = 6 * params * (workload.train_tokens + workload.eval_tokens)
     if workload.index_dim is not None:
         scoring = 2 * workload.n_eval * workload.n_train * workload.index_dim
-        return workload.index_checkpoints * (gradient_pass + scoring)
+        return summary + workload.index_checkpoints * (gradient_pass + scoring)
     if workload.influence_method == "tracin":
-        return workload.epochs * gradient_pass
+        return summary + workload.epochs * gradient_pass
     if workload.influence_method == "datainf":
-        return gradient_pass
-    return 2 * 6 * params * workload.train_tokens + gradient_pass
+        return summary + gradient_pass
+    return summary + 2 * 6 * params * workload.train_tokens + gradient_pass
 
 
 def model_passes(workload: Workload) -> int:
@@ -82,7 +90,8 @@ def model_passes(workload: Workload) -> int:
         gradient_batches *= workload.epochs
     elif workload.influence_method != "datainf":
         gradient_batches += 2 * train_batches
-    return evaluation + training + 3 * gradient_batches
+    summary = SUMMARY_PASSES_PER_BATCH * train_batches
+    return evaluation + training + 3 * gradient_batches + summary
 
 
 def estimated_time_s(

@@ -272,11 +272,15 @@ def test_trackstar_and_projection_are_costed() -> None:
     workload = Workload(influence_method="trackstar", n_train=100_000, n_eval=1000)
     scoring = 2 * 1000 * 100_000 * 4096
     datainf_workload = dataclasses.replace(workload, influence_method="datainf")
-    gradient_pass = cost_model.timing.influence_flops(1e9, datainf_workload)
-    assert cost_model.timing.influence_flops(1e9, workload) == pytest.approx(gradient_pass + scoring)
+    # Every method adds the training-set summary's pass once (gradients plus a forward).
+    summary = cost_model.timing.SUMMARY_PASS_FLOPS_PER_TOKEN * 1e9 * workload.train_tokens
+    gradient_pass = cost_model.timing.influence_flops(1e9, datainf_workload) - summary
+    assert cost_model.timing.influence_flops(1e9, workload) == pytest.approx(
+        summary + gradient_pass + scoring
+    )
     projected = dataclasses.replace(workload, influence_method="tracin", projection_dim=1024)
     assert cost_model.timing.influence_flops(1e9, projected) == pytest.approx(
-        workload.epochs * (gradient_pass + 2 * 1000 * 100_000 * 1024)
+        summary + workload.epochs * (gradient_pass + 2 * 1000 * 100_000 * 1024)
     )
 
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway import (
     config_api,
     counterfactual_api,
+    curation_api,
     data_api,
     experiments_api,
     jobs_api,
@@ -116,6 +117,7 @@ def create_app(
     app.include_router(data_api.router)
     app.include_router(counterfactual_api.router)
     app.include_router(queries_api.router)
+    app.include_router(curation_api.router)
     app.include_router(config_api.router)
     app.include_router(usage_api.router)
     _install_dashboard(app, dashboard_dir)

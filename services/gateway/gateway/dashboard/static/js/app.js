@@ -1,5 +1,5 @@
-// The hash router: #/signin, #/jobs (filters after "?"), #/new, #/jobs/<id>, #/compare/<id>,<id>,
-// #/settings.
+// The hash router: #/signin, #/jobs (filters after "?"), #/new, #/new/<job>/<curation> (a curated
+// training set), #/jobs/<id>, #/compare/<id>,<id>, #/settings.
 
 import { setToken, token } from "./api.js";
 import { announce } from "./ui.js";
@@ -47,7 +47,7 @@ async function render() {
     signin: () => renderSignIn(view),
     jobs: () => (rest[0] ? renderJob(view, rest[0]) : renderJobs(view, query)),
     compare: () => renderCompare(view, (rest[0] || "").split(",").filter(Boolean)),
-    new: () => renderNewExperiment(view),
+    new: () => renderNewExperiment(view, rest),
     settings: () => renderSettings(view),
   };
   const show = pages[page] || (() => renderJobs(view));

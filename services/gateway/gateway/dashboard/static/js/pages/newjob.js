@@ -1,7 +1,7 @@
 // New experiment: model picker with per-backend prices, data upload with validation in the page,
 // hyperparameters, influence method, a live cost estimate, submit.
 
-import { api } from "../api.js";
+import { api, apiBlob } from "../api.js";
 import { KINDS, readDataFile, withIds } from "../datafile.js";
 import {
   applyPresets, hyperparamSpecs, sampleButton, schemaNumberField, specNumberSpecs, targetModules,
@@ -170,7 +170,8 @@ function estimateView(answer) {
   ];
 }
 
-export async function renderNewExperiment(view) {
+// `fromJob`, `fromCuration`: start from that experiment's spec with the curation's training set.
+export async function renderNewExperiment(view, [fromJob, fromCuration] = []) {
   const [{ models }, compute, config] = await Promise.all([
     api("GET", "/api/models"), api("GET", "/api/settings/compute"), api("GET", "/api/config")]);
   const schema = config.spec_schema;
@@ -327,6 +328,15 @@ export async function renderNewExperiment(view) {
   });
 
   view.append(el("h1", {}, "New experiment"), form);
+  if (fromJob && fromCuration) {
+    const parent = `/api/jobs/${encodeURIComponent(fromJob)}`;
+    const [parentSpec, curated] = await Promise.all([
+      api("GET", `${parent}/spec`),
+      apiBlob(`${parent}/curations/${encodeURIComponent(fromCuration)}/training-set.jsonl`).then((blob) => blob.text())]);
+    const training = curated.split("\n").filter((line) => line.trim()).map((line) => JSON.parse(line));
+    loadSample({ ...parentSpec, training_data: training });
+    announce(`Loaded the curated training set (${training.length} examples) of experiment ${fromJob.slice(0, 8)}`);
+  }
   return () => {
     clearTimeout(estimateTimer);
     if (estimateAbort) estimateAbort.abort();

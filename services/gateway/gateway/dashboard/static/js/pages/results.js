@@ -12,6 +12,7 @@ import { specTexts } from "../spectexts.js";
 import { announce, bytes, download, el, loadPlotly } from "../ui.js";
 import { askSection } from "./ask.js";
 import { trackSelection, verifySection } from "./verify.js";
+import { trainingSection } from "./training.js";
 
 const RUNS = [["base", "Base model"], ["few_shot", "Few-shot"], ["finetuned", "Fine-tuned"]];
 // The heatmap's largest shape, the same bound the pipeline uses for `influence.heatmap`.
@@ -368,5 +369,6 @@ export async function renderResults(host, jobId, result) {
   host.append(verifySection(jobId, result,
     { describe: (id) => describe(texts, "eval", id), selection: trackSelection(host) }));
   host.append(askSection(jobId));
+  host.append(trainingSection(jobId));
   if (view) await drawHeatmap(heatmap, view, texts);
 }

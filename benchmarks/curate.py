@@ -1,0 +1,213 @@
+"""``make bench-curate``: does the training-set summary find planted label noise, and does
+dropping what it flags give a better model than dropping at random?
+
+The task (built here): two-letter copy, ``"ab>"`` -> ``"ab"`` over ten letters; 10% of the
+training answers are replaced by a different random pair (the planted noise). The eval set asks a
+random sample of the training prompts with the right answers. For each influence method the
+experiment runs once (the whole pipeline, which writes ``training_summary.json``), then:
+
+- recall of the noisy examples within the top 10% of the suspicion rank, next to ranking by loss
+  alone, self-influence alone and -net influence alone;
+- drop the flagged 10% vs a random 10%, 3 seeds (gpu_core.curation): exact match and mean loss,
+  curated minus random with a 95% interval and a paired p-value;
+- keep 25% by net influence toward the eval set (LESS-style) vs a random 25%.
+
+Then the summary's share of an experiment's wall time at ``OVERHEAD_TRAIN x 100`` with TracIn,
+exact and projected. ``CURATE_METHODS`` (comma-separated) and ``CURATE_OVERHEAD_TRAIN`` shrink it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpu_core.curation import CurationRequest, run_curation
+from gpu_core.pipeline import run_experiment_to_result
+from gpu_core.runtime import load_model
+from gpu_core.schemas import ExperimentSpec
+from gpu_core.tiny import TINY_MODEL_ID
+from gpu_core.training_summary import SUMMARY_NAME, TrainingSetSummary, percentile_ranks
+
+LETTERS = "abcdefghij"
+N_TRAIN = 80
+NOISE = 0.10
+SEEDS = [0, 1, 2]
+METHODS = [
+    m for m in os.environ.get("CURATE_METHODS", "tracin,trackstar,datainf,kronfluence").split(",") if m
+]
+# 0 skips the overhead measurement.
+OVERHEAD_TRAIN = int(os.environ.get("CURATE_OVERHEAD_TRAIN", "10000"))
+
+
+def noisy_copy_task(
+    n_train: int, noise: float, seed: int = 0
+) -> tuple[list[dict[str, str]], list[dict[str, str]], set[str]]:
+    """(training examples, eval examples, ids of the training examples with a wrong answer): the
+    copy task ``"c>"`` -> ``"c"`` over :data:`LETTERS`, a ``noise`` share of the answers replaced by
+    another letter; the eval set asks every letter once, with the right answer."""
+    rng = random.Random(seed)
+    prompts = [LETTERS[i % len(LETTERS)] for i in range(n_train)]
+    rng.shuffle(prompts)
+    noisy = set(rng.sample(range(n_train), round(noise * n_train)))
+    train = []
+    for i, letter in enumerate(prompts):
+        answer = rng.choice([c for c in LETTERS if c != letter]) if i in noisy else letter
+        train.append({"id": f"t{i}", "prompt": f"{letter}>", "completion": answer})
+    evals = [{"id": f"e{k}", "prompt": f"{letter}>", "expected": letter} for k, letter in enumerate(LETTERS)]
+    return train, evals, {f"t{i}" for i in noisy}
+
+
+def task_spec(
+    method: str, n_train: int = N_TRAIN, n_eval: int | None = None, **influence: Any
+) -> ExperimentSpec:
+    """The experiment; ``n_eval`` repeats the eval letters up to that many (for timing only)."""
+    train, evals, _ = noisy_copy_task(n_train, NOISE)
+    if n_eval is not None:
+        evals = [{**evals[k % len(evals)], "id": f"e{k}"} for k in range(n_eval)]
+    return ExperimentSpec.model_validate(
+        {
+            "model_id": TINY_MODEL_ID,
+            "training_data": train,
+            "eval_data": evals,
+            "few_shot_k": 0,
+            "influence_method": method,
+            "influence": {"top_k": 5, **influence},
+            "hyperparams": {
+                "epochs": 6,
+                "learning_rate": 0.03,
+                "batch_size": 8,
+                "max_seq_len": 16,
+                "max_new_tokens": 2,
+                "seed": 0,
+            },
+        }
+    )
+
+
+def recall_at(order: np.ndarray, ids: list[str], wanted: set[str], fraction: float) -> float:
+    top = {ids[j] for j in order[: max(1, round(fraction * len(ids)))]}
+    return len(top & wanted) / len(wanted)
+
+
+def ranking_recalls(summary: TrainingSetSummary, noisy: set[str]) -> dict[str, float]:
+    ids = summary.ids
+    combos = {
+        "suspicion": summary.order("suspect"),
+        "loss": summary.order("loss"),
+        "self_influence": summary.order("self_influence"),
+        "harmful": summary.order("harmful"),
+        "loss+self": np.argsort(
+            -(percentile_ranks(summary.train_loss) + percentile_ranks(summary.self_influence)), kind="stable"
+        ),
+        "loss+harmful": np.argsort(
+            -(percentile_ranks(summary.train_loss) + percentile_ranks(-summary.net_influence)), kind="stable"
+        ),
+    }
+    return {name: recall_at(order, ids, noisy, 0.10) for name, order in combos.items()}
+
+
+def fmt(diff: Any) -> str:
+    return f"{diff.mean:+.3f} [{diff.ci_low:+.3f}, {diff.ci_high:+.3f}] p={diff.p_value:.3f}"
+
+
+def bench_method(method: str, loaded: Any) -> dict[str, Any]:
+    spec = task_spec(method)
+    _, _, noisy = noisy_copy_task(N_TRAIN, NOISE)
+    with tempfile.TemporaryDirectory(prefix="bench-curate-") as tmp:
+        started = time.monotonic()
+        result = run_experiment_to_result(spec, Path(tmp))
+        wall = time.monotonic() - started
+        summary = TrainingSetSummary.from_json(json.loads((Path(tmp) / SUMMARY_NAME).read_text()))
+    finetuned = result.eval_results.finetuned.metrics
+    recalls = ranking_recalls(summary, noisy)
+    flagged = [summary.ids[j] for j in summary.order("suspect")[: round(NOISE * N_TRAIN)]]
+    drop = run_curation(
+        spec, result, CurationRequest(drop_ids=flagged, controls=1, seeds=SEEDS), loaded=loaded
+    )
+    keep_ids = [summary.ids[j] for j in summary.order("helpful")[: round(0.25 * N_TRAIN)]]
+    keep = run_curation(
+        spec, result, CurationRequest(keep_ids=keep_ids, controls=1, seeds=SEEDS), loaded=loaded
+    )
+    return {
+        "method": method,
+        "wall_s": wall,
+        "summary_share": result.timings["training_summary"] / result.timings["total"],
+        "finetuned_em": finetuned.exact_match_rate,
+        "finetuned_loss": finetuned.mean_loss,
+        "recalls": recalls,
+        "drop": drop,
+        "keep": keep,
+    }
+
+
+def mean_of(runs: Any, selection: str, field: str) -> float:
+    return float(np.mean([getattr(run, field) for run in runs if run.selection == selection]))
+
+
+def overhead(method: str, n_train: int, **influence: Any) -> tuple[float, float]:
+    """(summary seconds, experiment seconds) at ``n_train`` x 100, one epoch."""
+    spec = task_spec(method, n_train=n_train, n_eval=100, **influence)
+    spec.hyperparams.epochs = 1
+    with tempfile.TemporaryDirectory(prefix="bench-curate-overhead-") as tmp:
+        result = run_experiment_to_result(spec, Path(tmp))
+    return result.timings["training_summary"], result.timings["total"]
+
+
+def main() -> None:
+    loaded = load_model(TINY_MODEL_ID, "none")
+    print(
+        f"planted noise: {N_TRAIN} training pairs, {NOISE:.0%} wrong answers; "
+        f"{len(LETTERS)} eval prompts; seeds {SEEDS}"
+    )
+    rows = [bench_method(method, loaded) for method in METHODS]
+    if rows:
+        report(rows)
+    if OVERHEAD_TRAIN:
+        print(
+            f"\nsummary's share of the wall time at {OVERHEAD_TRAIN:,} x 100, 1 epoch, tiny model, this CPU"
+        )
+        for label, method, options in (
+            ("tracin", "tracin", {}),
+            ("tracin projected", "tracin", {"projection_dim": 256}),
+        ):
+            summary_s, total_s = overhead(method, OVERHEAD_TRAIN, **options)
+            print(f"{label:<18} summary {summary_s:7.1f} s of {total_s:7.1f} s = {summary_s / total_s:.1%}")
+
+
+def report(rows: list[dict[str, Any]]) -> None:
+    print("\nrecall of the wrong answers in the top 10%")
+    names = list(rows[0]["recalls"])
+    print(
+        f"{'method':<12} {'fine-tuned EM':>13} {'summary share':>13} " + " ".join(f"{n:>13}" for n in names)
+    )
+    for row in rows:
+        print(
+            f"{row['method']:<12} {row['finetuned_em']:>13.3f} {row['summary_share']:>13.1%} "
+            + " ".join(f"{row['recalls'][n]:>13.2f}" for n in names)
+        )
+    for what in ("drop", "keep"):
+        title = (
+            "drop the flagged 10% vs a random 10%"
+            if what == "drop"
+            else "keep 25% by helpfulness vs a random 25%"
+        )
+        print(f"\n{title} (3 seeds; curated - random per eval example, 95% interval, paired p)")
+        for row in rows:
+            cur = row[what]
+            print(
+                f"{row['method']:<12} EM {mean_of(cur.runs, 'curated', 'exact_match'):.3f} vs "
+                f"{mean_of(cur.runs, 'control-1', 'exact_match'):.3f}: {fmt(cur.exact_match)}; "
+                f"loss {mean_of(cur.runs, 'curated', 'mean_loss'):.3f} vs "
+                f"{mean_of(cur.runs, 'control-1', 'mean_loss'):.3f}: {fmt(cur.loss)}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""The training-set summary: per training example its net influence over the eval set, its
+self-influence, its loss under the fine-tuned model, and a suspicion rank combining the three.
+
+- **net influence**: the column sum of the score matrix (``sum over eval examples``); positive =
+  helpful overall (up-weighting it lowers the eval set's summed loss), negative = harmful.
+- **self-influence**: the method's own score of an example on itself, at the final adapter:
+  ``sum_c lr_c * |g|^2`` for TracIn (the checkpoints' summed learning rate times the final
+  gradient's squared norm), ``|g / (sqrt(v) + eps)|^2`` for TrackStar (its Adam correction, before
+  the unit normalisation that would make every self-score 1), and DataInf's per-layer inverse
+  Hessian ``g_l^T H_l^-1 g_l`` with only the example's own rank-one term kept (the diagonal of
+  ``sum_l 1/lambda_l (|g_l|^2 - (1/n) sum_i (g_i.g_l)^2 / (lambda_l + |g_i|^2))``) for DataInf and
+  Kronfluence (whose EK-FAC factors live inside its scoring pass; the same damped per-layer metric
+  stands in for them).
+- **train loss**: mean cross-entropy over the example's answer tokens under the fine-tuned model.
+
+All three come from one extra pass over the training set at the final adapter (one forward and
+backward per batch, no [n_eval, n_train] work). The suspicion score is the mean of the three
+signals' percentile ranks, each oriented so that high = suspect (``-net influence``,
+self-influence, loss): mislabelled examples are hard to fit (high loss), pull the model on their
+own (high self-influence) and work against the eval set (negative net influence); a rank average
+needs no common scale across methods. ``suspect_rank`` 1 is the most suspect. The figures that
+chose this combination are in docs/influence.md (``make bench-curate``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpu_core.data import EncodedPair
+from gpu_core.influence.datainf import datainf_lambdas
+from gpu_core.influence.gradients import (
+    collate_to,
+    layer_slices,
+    lora_grad_enabled,
+    lora_layers,
+    model_device,
+    per_example_gradients,
+)
+from gpu_core.influence.projected import second_moment_denominators
+from gpu_core.influence_methods import influence_method
+from gpu_core.runtime import MicroBatches, length_sorted_batches, per_example_mean_losses
+from gpu_core.schemas import InfluenceOptions
+
+SUMMARY_NAME = "training_summary.json"
+# Characters of each example's text kept in the summary (the table shows a preview).
+TEXT_PREVIEW_CHARS = 400
+SORTS = ("harmful", "helpful", "self_influence", "loss", "suspect")
+
+
+@dataclass
+class TrainingSetSummary:
+    ids: list[str]
+    net_influence: np.ndarray  # [n] float64, positive = helpful
+    self_influence: np.ndarray
+    train_loss: np.ndarray
+    suspicion: np.ndarray  # mean percentile rank, 1 = most suspect on every signal
+
+    @property
+    def suspect_rank(self) -> np.ndarray:
+        """1-based rank by suspicion (1 = most suspect), ties broken by position."""
+        order = np.argsort(-self.suspicion, kind="stable")
+        ranks = np.empty(len(order), dtype=np.int64)
+        ranks[order] = np.arange(1, len(order) + 1)
+        return ranks
+
+    def order(self, sort: str) -> np.ndarray:
+        """Indices by ``sort`` (one of :data:`SORTS`), first = most of it."""
+        keys = {
+            "harmful": self.net_influence,
+            "helpful": -self.net_influence,
+            "self_influence": -self.self_influence,
+            "loss": -self.train_loss,
+            "suspect": -self.suspicion,
+        }
+        if sort not in keys:
+            raise ValueError(f"sort: {sort!r} is not one of {', '.join(SORTS)}")
+        return np.argsort(keys[sort], kind="stable")
+
+    def to_json(self, texts: Sequence[str] | None = None) -> dict[str, Any]:
+        ranks = self.suspect_rank
+        examples = []
+        for j, example_id in enumerate(self.ids):
+            row: dict[str, Any] = {
+                "id": example_id,
+                "net_influence": float(self.net_influence[j]),
+                "self_influence": float(self.self_influence[j]),
+                "train_loss": float(self.train_loss[j]),
+                "suspicion": float(self.suspicion[j]),
+                "suspect_rank": int(ranks[j]),
+            }
+            if texts is not None:
+                row["text"] = texts[j][:TEXT_PREVIEW_CHARS]
+            examples.append(row)
+        return {"version": 1, "examples": examples}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainingSetSummary:
+        rows = data["examples"]
+        return cls(
+            ids=[row["id"] for row in rows],
+            net_influence=np.array([row["net_influence"] for row in rows], dtype=np.float64),
+            self_influence=np.array([row["self_influence"] for row in rows], dtype=np.float64),
+            train_loss=np.array([row["train_loss"] for row in rows], dtype=np.float64),
+            suspicion=np.array([row["suspicion"] for row in rows], dtype=np.float64),
+        )
+
+
+def percentile_ranks(values: np.ndarray) -> np.ndarray:
+    """Average ranks scaled to (0, 1]: the largest value gets 1; ties share their mean rank."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.arange(1, len(values) + 1, dtype=np.float64)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    if len(counts) < len(values):  # average the ranks of tied values
+        sums = np.bincount(inverse, weights=ranks)
+        ranks = sums[inverse] / counts[inverse]
+    return ranks / max(len(values), 1)
+
+
+def suspicion_scores(
+    net_influence: np.ndarray, self_influence: np.ndarray, train_loss: np.ndarray
+) -> np.ndarray:
+    """Mean percentile rank of -net influence, self-influence and loss (high = suspect)."""
+    return (
+        percentile_ranks(-np.asarray(net_influence))
+        + percentile_ranks(self_influence)
+        + percentile_ranks(train_loss)
+    ) / 3.0
+
+
+def self_influence_and_loss(
+    method: str,
+    model: Any,
+    pad_token_id: int,
+    train: Sequence[EncodedPair],
+    checkpoints: Sequence[Any],
+    options: InfluenceOptions,
+    batch_size: int,
+    progress: Callable[[float], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Self-influence (see the module docstring) and mean answer loss of every training example,
+    from one pass at ``model``'s current (final) adapter; both float64 ``[len(train)]``."""
+    entry = influence_method(method)
+    layers = lora_layers(model)
+    slices = layer_slices(layers)
+    device = model_device(model)
+    denominators = None
+    if entry.adam_normalised:
+        final = checkpoints[-1] if checkpoints else None
+        denominators = second_moment_denominators(layers, getattr(final, "second_moment", None), device)
+    n_layers = len(layers)
+    # Per example: |g_l|^2 for each layer, then the loss (one row of a small tensor per batch).
+    features = np.zeros((len(train), n_layers + 1), dtype=np.float64)
+
+    def work(chunk: Sequence[int]) -> torch.Tensor:
+        batch = collate_to([train[i] for i in chunk], pad_token_id, device)
+        grads = per_example_gradients(model, layers, batch).to(torch.float32)
+        if denominators is not None:
+            grads = grads / denominators
+        squares = grads.square()
+        norms = torch.stack([squares[:, s].sum(dim=1) for s in slices], dim=1)
+        losses = torch.tensor(per_example_mean_losses(model, batch), device=norms.device)
+        return torch.cat([norms, losses.unsqueeze(1).to(norms)], dim=1)
+
+    was_training = model.training
+    model.eval()
+    micro = MicroBatches(model, batch_size)
+    lengths = [len(pair.input_ids) for pair in train]
+    done = 0
+    try:
+        with lora_grad_enabled(layers):
+            for indices in length_sorted_batches(lengths, batch_size):
+                for offset, rows in micro.run(indices, [lengths[i] for i in indices], work):
+                    chunk = indices[offset : offset + rows.shape[0]]
+                    features[chunk] = rows.detach().to("cpu", torch.float64).numpy()
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(done / len(train))
+    finally:
+        model.train(was_training)
+    squared_norms, losses = features[:, :n_layers], features[:, n_layers]
+    if entry.name == "tracin":
+        learning_rates = sum(float(c.learning_rate) for c in checkpoints) or 1.0
+        return learning_rates * squared_norms.sum(axis=1), losses
+    if entry.name == "trackstar":
+        return squared_norms.sum(axis=1), losses
+    # DataInf's damped per-layer inverse Hessian, own rank-one term only (see the docstring).
+    lambdas = datainf_lambdas(torch.from_numpy(squared_norms), layers, options.damping).numpy()
+    n = len(train)
+    own = squared_norms - squared_norms**2 / (n * (lambdas + squared_norms))
+    return (own / lambdas).sum(axis=1), losses
+
+
+def summarize(
+    train_ids: Sequence[str],
+    scores: np.ndarray,
+    self_influence: np.ndarray,
+    train_loss: np.ndarray,
+) -> TrainingSetSummary:
+    """The summary from the ``[n_eval, n_train]`` score matrix (positive = helpful) and the pass's
+    self-influence and losses."""
+    scores = np.asarray(scores)
+    if scores.shape[1] != len(train_ids):
+        raise ValueError(f"scores: {scores.shape[1]} columns for {len(train_ids)} training examples")
+    # Block-wise column sums: scores may be a memory-mapped n_eval x n_train file.
+    net = np.zeros(len(train_ids), dtype=np.float64)
+    for start in range(0, scores.shape[0], 256):
+        net += np.asarray(scores[start : start + 256], dtype=np.float64).sum(axis=0)
+    self_influence = np.asarray(self_influence, dtype=np.float64)
+    train_loss = np.asarray(train_loss, dtype=np.float64)
+    return TrainingSetSummary(
+        ids=list(train_ids),
+        net_influence=net,
+        self_influence=self_influence,
+        train_loss=train_loss,
+        suspicion=suspicion_scores(net, self_influence, train_loss),
+    )
+
+
+def write_summary(directory: Path, summary: TrainingSetSummary, texts: Sequence[str]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / SUMMARY_NAME
+    path.write_text(json.dumps(summary.to_json(texts), separators=(",", ":")))
+    return path
+
+
+def page(data: dict[str, Any], sort: str, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """One page of the stored summary's examples by ``sort`` (what the API serves)."""
+    summary = TrainingSetSummary.from_json(data)
+    rows = data["examples"]
+    order = summary.order(sort)[offset : offset + limit]
+    keys = ("id", "net_influence", "self_influence", "train_loss", "suspect_rank", "text")
+    return [{key: rows[j].get(key, "") for key in keys} for j in order], len(rows)

@@ -1,0 +1,152 @@
+"""End to end: the training data of a finished experiment through the whole stack (gateway ->
+scheduler -> compute-local -> gpu_core): its ranked training examples, a curation by rule with
+one random control, its result and curated set, and other users' 404s."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.curate import task_spec
+from devstack.client import GatewayClient
+from devstack.stack import Stack
+
+pytestmark = pytest.mark.e2e
+
+N_TRAIN = 20
+CURATION = {"drop": {"by": "suspect", "count": 2}, "controls": 1, "seeds": [0]}
+
+
+def small_spec() -> dict:
+    spec = task_spec("tracin", n_train=N_TRAIN).model_dump(mode="json", exclude_none=True)
+    spec["hyperparams"]["epochs"] = 2
+    return spec
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    with Stack(
+        data_dir=tmp_path_factory.mktemp("stack"),
+        extra_env={"SCHEDULER_POLL_INTERVAL_S": "0.2", "COMPUTE_LOCAL_TORCH_THREADS": "1"},
+        services=("keyvault", "compute-local", "scheduler", "gateway"),
+    ) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def alice(stack: Stack) -> GatewayClient:
+    client = GatewayClient(stack.gateway_url)
+    client.sign_in_locally("alice")
+    return client
+
+
+@pytest.fixture(scope="module")
+def experiment(alice: GatewayClient) -> str:
+    job_id = alice.submit(small_spec())["job_id"]
+    assert list(alice.events(job_id))[-1]["state"] == "completed"
+    return job_id
+
+
+def test_training_examples_rank_the_whole_set(alice: GatewayClient, experiment: str) -> None:
+    base = f"/api/jobs/{experiment}/training-examples"
+    page = alice.request("GET", base, params={"sort": "suspect", "limit": 5}).json()
+    assert page["total"] == N_TRAIN
+    assert [row["suspect_rank"] for row in page["examples"]] == [1, 2, 3, 4, 5]
+    assert set(page["examples"][0]) == {
+        "id",
+        "net_influence",
+        "self_influence",
+        "train_loss",
+        "suspect_rank",
+        "text",
+    }
+    harmful = alice.request("GET", base, params={"sort": "harmful", "limit": N_TRAIN}).json()["examples"]
+    nets = [row["net_influence"] for row in harmful]
+    assert nets == sorted(nets) and len(nets) == N_TRAIN
+    second = alice.request("GET", base, params={"sort": "harmful", "limit": 3, "offset": 3}).json()[
+        "examples"
+    ]
+    assert [row["id"] for row in second] == [row["id"] for row in harmful[3:6]]
+    for params, field in [({"sort": "newest"}, "sort"), ({"limit": 0}, "limit"), ({"offset": -1}, "offset")]:
+        reply = alice.request("GET", base, params=params)
+        assert reply.status_code == 422 and field in reply.text, reply.text
+
+
+def test_a_curation_by_rule_retrains_against_a_control(alice: GatewayClient, experiment: str) -> None:
+    base = f"/api/jobs/{experiment}/curations"
+    suspects = alice.request(
+        "GET", f"/api/jobs/{experiment}/training-examples", params={"sort": "suspect", "limit": 2}
+    ).json()["examples"]
+    estimate = alice.request("POST", f"{base}/estimate", json=CURATION)
+    assert estimate.status_code == 200, estimate.text
+    assert estimate.json()["retrainings"] == 2 and estimate.json()["selected"] == 2
+    assert estimate.json()["estimates"][0]["estimated_time_s"] > 0
+
+    submitted = alice.request("POST", base, json=CURATION, headers={"Idempotency-Key": "cur-1"})
+    assert submitted.status_code == 202, submitted.text
+    curation_id = submitted.json()["curation_job_id"]
+    events = list(alice.events(curation_id))
+    assert {e["stage"] for e in events if e.get("type") == "progress"} == {"curation"}
+    assert events[-1]["state"] == "completed"
+
+    curation = alice.request("GET", f"{base}/{curation_id}").json()
+    result = curation["result"]
+    assert result["mode"] == "drop" and result["selected_ids"] == [row["id"] for row in suspects]
+    assert [run["selection"] for run in result["runs"]] == ["curated", "control-1"]
+    assert len(result["control_selected_ids"][0]) == 2 and result["kept"] == N_TRAIN - 2
+    assert (
+        result["loss"]["n_pairs"] == 10
+        and result["loss"]["ci_low"] <= result["loss"]["mean"] <= result["loss"]["ci_high"]
+    )
+    assert curation["request"]["drop"] == CURATION["drop"]
+    assert [c["curation_job_id"] for c in alice.request("GET", base).json()["curations"]] == [curation_id]
+
+    curated = alice.request("GET", f"{base}/{curation_id}/training-set.jsonl")
+    assert curated.status_code == 200
+    rows = [json.loads(line) for line in curated.text.splitlines()]
+    assert len(rows) == N_TRAIN - 2 and not {row["id"] for row in rows} & set(result["selected_ids"])
+    assert set(rows[0]) == {"id", "prompt", "completion"}
+
+
+def test_bad_curations_name_the_field(alice: GatewayClient, experiment: str) -> None:
+    base = f"/api/jobs/{experiment}/curations"
+    for body, names in [
+        ({"drop": {"by": "suspect", "count": N_TRAIN}}, "drop.count"),
+        ({"drop": {"by": "newest", "count": 1}}, "drop.by"),
+        ({"keep": {"by": "helpful", "fraction": 1.5}}, "keep.fraction"),
+        ({"drop_ids": ["nope"]}, "drop_ids: not training examples of this experiment: 'nope'"),
+        ({"drop_ids": ["t0"], "keep": {"by": "helpful", "fraction": 0.5}}, "exactly one"),
+        ({"drop_ids": ["t0"], "controls": 99}, "controls"),
+    ]:
+        reply = alice.request("POST", base, json=body)
+        assert reply.status_code == 422 and names in reply.text, (body, reply.text)
+
+
+def test_other_users_get_404_and_unfinished_experiments_409(
+    stack: Stack, alice: GatewayClient, experiment: str
+) -> None:
+    bob = GatewayClient(stack.gateway_url)
+    bob.sign_in_locally("bob")
+    base = f"/api/jobs/{experiment}"
+    curation_id = alice.request("GET", f"{base}/curations").json()["curations"][0]["curation_job_id"]
+    for method, path, body in [
+        ("GET", f"{base}/training-examples", None),
+        ("POST", f"{base}/curations/estimate", CURATION),
+        ("POST", f"{base}/curations", CURATION),
+        ("GET", f"{base}/curations", None),
+        ("GET", f"{base}/curations/{curation_id}", None),
+        ("GET", f"{base}/curations/{curation_id}/training-set.jsonl", None),
+        ("POST", f"/api/jobs/{curation_id}/cancel", None),
+    ]:
+        reply = bob.request(method, path, json=body)
+        assert reply.status_code == 404, (path, reply.text)
+    spec = small_spec()
+    spec["hyperparams"]["epochs"] = 30
+    running = alice.submit(spec)["job_id"]
+    for method, path in [("GET", "training-examples"), ("POST", "curations")]:
+        reply = alice.request(
+            method, f"/api/jobs/{running}/{path}", json=CURATION if method == "POST" else None
+        )
+        assert reply.status_code == 409, reply.text
+    alice.request("POST", f"/api/jobs/{running}/cancel")
