@@ -62,6 +62,8 @@ def _run_time_s(job: scheduler_pb2.Job) -> float | None:
         return None
     delta = job.finished_at.ToDatetime() - job.started_at.ToDatetime()
     return max(delta.total_seconds(), 0.0)
+
+
 def actual_view(actual: common_pb2.JobCost) -> dict[str, Any]:
     return {
         "gpu_seconds": actual.gpu_seconds,
