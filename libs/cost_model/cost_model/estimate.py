@@ -93,8 +93,10 @@ def estimate(
     counterfactual: CounterfactualRequest | None = None,
     query: QueryRequest | None = None,
     curation: CurationRequest | None = None,
+    min_tier_gb: int = 0,
 ) -> CostEstimate:
-    """Time and cost of ``spec`` on ``provider``'s GPU for the recommended memory tier; with
+    """Time and cost of ``spec`` on ``provider``'s GPU for the recommended memory tier (at least
+    ``min_tier_gb``: the smallest GPU the provider will actually give the job); with
     ``counterfactual``, of that check on the experiment ``spec`` (its retrainings instead); with
     ``query``, of those follow-up queries to it; with ``curation``, of its retrainings (each on
     the whole training set at most, evaluated on every eval example)."""
@@ -103,7 +105,7 @@ def estimate(
     workload = Workload.from_spec(spec, card)
     recommendation = _recommend(card, workload)
     table = price_table(provider)
-    gpu_name, gpu = job_gpu(provider, recommendation.tier_gb)
+    gpu_name, gpu = job_gpu(provider, max(recommendation.tier_gb, min_tier_gb))
     notes: list[str] = []
     if query is not None:
         hp = spec.hyperparams
@@ -188,7 +190,12 @@ def expected_memory_gb(spec: ExperimentSpec) -> float:
 
 
 def estimate_job(
-    spec: ExperimentSpec, provider: str, backend: str, kind: str = "", request_json: bytes = b""
+    spec: ExperimentSpec,
+    provider: str,
+    backend: str,
+    kind: str = "",
+    request_json: bytes = b"",
+    min_tier_gb: int = 0,
 ) -> CostEstimate:
     """What a provider's Estimate answers: an experiment, or a later job of the experiment
     ``spec`` of ``kind`` (gpu_core.jobs) with its request. Raises ValueError naming the field."""
@@ -198,7 +205,15 @@ def estimate_job(
     check = parse_request(later, request_json) if later.name == COUNTERFACTUAL else None
     query = parse_request(later, request_json) if later.name == QUERY else None
     curation = parse_request(later, request_json) if later.name == CURATION else None
-    return estimate(spec, provider, backend, counterfactual=check, query=query, curation=curation)
+    return estimate(
+        spec,
+        provider,
+        backend,
+        counterfactual=check,
+        query=query,
+        curation=curation,
+        min_tier_gb=min_tier_gb,
+    )
 
 
 def catalog(hosted_provider: str = "modal") -> list[ModelInfo]:

@@ -9,12 +9,25 @@ from gpu_core.schemas import ExperimentSpec, Quantization
 
 
 def estimate(spec: ExperimentSpec, backend: str, kind: str = "", request_json: bytes = b"") -> dict[str, Any]:
-    """The fields of influence.v1.Estimate for ``spec`` (or a later job of ``kind`` on it) on RunPod."""
-    return cost_model.estimate_job(spec, "runpod", backend, kind, request_json).as_dict()
+    """The fields of influence.v1.Estimate for ``spec`` (or a later job of ``kind`` on it) on RunPod,
+    priced at a GPU its endpoint offers: a job that needs less than the model's catalog workload
+    still runs on the endpoint's pools, which start at that workload's tier."""
+    floor = endpoint_tier_gb(spec.model_id, spec.hyperparams.quantization)
+    return cost_model.estimate_job(spec, "runpod", backend, kind, request_json, min_tier_gb=floor).as_dict()
 
 
 def estimated_cost_usd(spec: ExperimentSpec) -> float:
-    return float(cost_model.estimate(spec, provider="runpod", backend="runpod").estimated_cost_usd)
+    floor = endpoint_tier_gb(spec.model_id, spec.hyperparams.quantization)
+    return float(
+        cost_model.estimate(spec, provider="runpod", backend="runpod", min_tier_gb=floor).estimated_cost_usd
+    )
+
+
+def endpoint_tier_gb(model_id: str, quantization: str) -> int:
+    """The memory tier an endpoint's pools for ``model_id`` start at (0 when the model's size is
+    unknown and the default pools apply)."""
+    recommendation = _model_recommendation(0.0, quantization, model_id)
+    return recommendation.tier_gb if recommendation is not None else 0
 
 
 def gpu_pools(model_params_b: float, quantization: str, model_id: str = "") -> list[str]:
@@ -22,16 +35,23 @@ def gpu_pools(model_params_b: float, quantization: str, model_id: str = "") -> l
     endpoint accepts (fewer jobs left waiting for a GPU). A model the catalog knows (or whose id
     names its size) is sized by its card, as the estimate is; else by ``model_params_b``
     billion parameters; none when neither is known (the caller's default pools apply)."""
+    recommendation = _model_recommendation(model_params_b, quantization, model_id)
+    if recommendation is None:
+        return []
+    return [pool for pool, _ in cost_model.price_table("runpod").gpus_for_tier(recommendation.tier_gb)]
+
+
+def _model_recommendation(
+    model_params_b: float, quantization: str, model_id: str
+) -> cost_model.GpuRecommendation | None:
     # the request's text, from the scheduler's validated spec; recommend_gpu refuses any other value
     quantized = cast(Quantization, quantization or "none")
     card = cost_model.sized_model(model_id) if model_id else None
     if card is not None:
-        recommendation = cost_model.recommend_gpu(card.params_b, quantized, architecture=card.architecture)
-    elif model_params_b > 0:
-        recommendation = cost_model.recommend_gpu(model_params_b, quantized)
-    else:
-        return []
-    return [pool for pool, _ in cost_model.price_table("runpod").gpus_for_tier(recommendation.tier_gb)]
+        return cost_model.recommend_gpu(card.params_b, quantized, architecture=card.architecture)
+    if model_params_b > 0:
+        return cost_model.recommend_gpu(model_params_b, quantized)
+    return None
 
 
 def pool_rates(model_id: str, quantization: str) -> list[tuple[str, float]]:
