@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +40,23 @@ def cache_root() -> Path:
 
 def tiny_model_dir() -> Path:
     """Directory of the saved tiny model, building it on first use."""
-    target = cache_root() / f"tiny-llama-{_TINY_VERSION}"
+    return cached_model_dir(f"tiny-llama-{_TINY_VERSION}", _build)
+
+
+def cached_model_dir(name: str, build: Callable[[Path], None]) -> Path:
+    """``cache_root() / name``, made by ``build(staging)`` on first use and renamed into place, so
+    concurrent first uses never see half a model."""
+    target = cache_root() / name
     if (target / "config.json").exists() and (target / "tokenizer.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        _build(staging)
+        build(staging)
         try:
             staging.rename(target)
         except OSError:
-            # Another process finished first; its copy is identical (same seed).
+            # Another process finished first; its copy was built the same way (same seed).
             shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -19,12 +19,10 @@ import hashlib
 import importlib
 import io
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from gpu_core.tiny import _EMBEDDING_STD, build_tokenizer, cache_root, tiny_config
+from gpu_core.tiny import _EMBEDDING_STD, build_tokenizer, cached_model_dir, tiny_config
 
 TINY_CHAT_MODEL_ID = "local/tiny-chat"
 # Bump when the corpus, the schedule or the architecture changes, so old caches are not reused.
@@ -66,22 +64,7 @@ def corpus_text() -> str:
 
 def tiny_chat_model_dir() -> Path:
     """Directory of the pretrained tiny chat model, pretraining it on first use."""
-    target = cache_root() / f"tiny-chat-{_VERSION}"
-    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-chat-", dir=target.parent))
-    try:
-        _build(staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            # Another process finished first; its copy was built the same way.
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    return cached_model_dir(f"tiny-chat-{_VERSION}", _build)
 
 
 def pretrain(model: Any, ids: Any) -> list[float]:
