@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 
 from gpu_core.evaluation import evaluate
 from gpu_core.jobs import CounterfactualError, counterfactual_eval_ids
@@ -236,7 +237,27 @@ def run_counterfactual_job(
     ``{"type": "result", "result": CounterfactualResult}``, with the pipeline's worker thread and
     cancellation (closing the generator stops the work at the next training step)."""
 
-    def work(handoff: Any, cancel: Any) -> CounterfactualResult:
+    return retraining_job(
+        "counterfactual",
+        spec,
+        request.retrainings(),
+        should_stop,
+        lambda report: run_counterfactual(spec, result, request, scores, report),
+    )
+
+
+def retraining_job(
+    stage: str,
+    spec: ExperimentSpec,
+    retrainings: int,
+    should_stop: Callable[[], bool] | None,
+    run: Callable[[Report], BaseModel],
+) -> Generator[dict[str, Any], None, None]:
+    """A later job that retrains ``spec`` ``retrainings`` times: ``run(report)`` in the pipeline's
+    worker thread, its reports as throttled progress events of ``stage``, then the result; a
+    cancel (or ``should_stop``) stops it at the next report."""
+
+    def work(handoff: Any, cancel: Any) -> BaseModel:
         throttle = ProgressThrottle()
 
         def report(fraction: float, message: str) -> None:
@@ -244,15 +265,13 @@ def run_counterfactual_job(
                 cancel.set()
                 raise ExperimentCancelled
             fraction = min(max(fraction, 0.0), 1.0)
-            if not throttle.admits("counterfactual", fraction):
+            if not throttle.admits(stage, fraction):
                 return
-            event = ProgressEvent(
-                stage="counterfactual", progress=fraction, stage_progress=fraction, message=message
-            )
+            event = ProgressEvent(stage=stage, progress=fraction, stage_progress=fraction, message=message)
             handoff.put(("event", event.model_dump()))
 
-        report(0.0, f"loading {spec.model_id}; {request.retrainings()} retrainings to run")
-        return run_counterfactual(spec, result, request, scores, report)
+        report(0.0, f"loading {spec.model_id}; {retrainings} retrainings to run")
+        return run(report)
 
     return run_in_worker(work)
 

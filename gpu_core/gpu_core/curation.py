@@ -24,11 +24,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gpu_core.counterfactual import retrain_and_evaluate
+from gpu_core.counterfactual import retrain_and_evaluate, retraining_job
 from gpu_core.curation_schemas import CurationRequest, CurationResult, PairedDifference, SelectionRun
-from gpu_core.pipeline import ExperimentCancelled, ProgressThrottle, run_in_worker
 from gpu_core.runtime import LoadedModel, load_model
-from gpu_core.schemas import EvalRun, ExperimentResult, ExperimentSpec, ProgressEvent
+from gpu_core.schemas import EvalRun, ExperimentResult, ExperimentSpec
 from gpu_core.training import TrainingStep
 
 PERMUTATIONS = 20_000
@@ -175,22 +174,10 @@ def run_curation_job(
 ) -> Generator[dict[str, Any], None, None]:
     """:func:`run_curation` as a job: progress events (stage ``curation``), then the result."""
 
-    def work(handoff: Any, cancel: Any) -> CurationResult:
-        throttle = ProgressThrottle()
-
-        def report(fraction: float, message: str) -> None:
-            if cancel.is_set() or (should_stop is not None and should_stop()):
-                cancel.set()
-                raise ExperimentCancelled
-            fraction = min(max(fraction, 0.0), 1.0)
-            if not throttle.admits("curation", fraction):
-                return
-            event = ProgressEvent(
-                stage="curation", progress=fraction, stage_progress=fraction, message=message
-            )
-            handoff.put(("event", event.model_dump()))
-
-        report(0.0, f"loading {spec.model_id}; {request.retrainings()} retrainings to run")
-        return run_curation(spec, result, request, report)
-
-    return run_in_worker(work)
+    return retraining_job(
+        "curation",
+        spec,
+        request.retrainings(),
+        should_stop,
+        lambda report: run_curation(spec, result, request, report),
+    )
