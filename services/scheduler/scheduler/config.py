@@ -46,9 +46,11 @@ class Settings(ServiceSettings):
     scheduler_shutdown_grace_s: float = Field(default=10.0, ge=0, le=300)
     # How long a provider may keep failing to hand over a ready result before the job fails.
     scheduler_result_deadline_s: float = Field(default=600.0, gt=0, le=86400)
-    # How long verification may keep finding the artifact store unavailable (each check itself
-    # retries for 5 minutes, scheduler.uploads) before the job fails; its files are never deleted
-    # for it. Counted by the replica following the job.
+    # How long one check of a job's uploaded files retries a store that fails without a definite
+    # answer (scheduler.uploads), and how long such checks may keep failing before the job fails
+    # (the job stays running meanwhile; its files are never deleted for it; counted by the
+    # replica following the job).
+    scheduler_verify_deadline_s: float = Field(default=300.0, gt=0, le=86400)
     scheduler_store_deadline_s: float = Field(default=6 * 3600.0, gt=0, le=7 * 86400)
     # Tries per artifact when moving it into the store, and the deadline of one transfer.
     scheduler_artifact_attempts: int = Field(default=3, ge=1, le=10)

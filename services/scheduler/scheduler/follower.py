@@ -345,7 +345,9 @@ class Follower:
                 )
             if manifest and uploads_directly(route.provider, self._artifacts.store):
                 # The worker put the files into the store itself: check them there.
-                await verify_uploads(self._artifacts.store, job.id, manifest)
+                await verify_uploads(
+                    self._artifacts.store, job.id, manifest, self._settings.scheduler_verify_deadline_s
+                )
             elif manifest:
                 await self._artifacts.collect(job.id, job.provider_job_id, client, account, manifest)
         except StoreUnavailable as exc:

@@ -13,7 +13,7 @@ import asyncpg
 import grpc
 import pytest
 
-from artifact_store import job_key, open_store
+from artifact_store import StoreError, job_key, job_prefix, open_store
 from gpu_core.uploads import CLAIM_NAME, RESULT_NAME, claim_job
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc, scheduler_pb2
 
@@ -350,3 +350,43 @@ async def test_a_forgotten_job_with_no_stored_result_fails_in_plain_words(start,
     events = await h.watch_all(running.stub, "rita", job.id)
     last = json.loads(events[-1].event_json)
     assert last["state"] == "failed" and "runpod provider no longer knows this job" in last["error"]
+
+
+@pytest.mark.parametrize(("outage_s", "store_deadline_s"), [(4.0, 60.0), (8.0, 1.0)])
+async def test_a_store_outage_during_verification_deletes_nothing(
+    start, provider, h, s3_server, outage_s, store_deadline_s
+):
+    store_settings = s3_server.store_settings(prefix=f"t-{os.urandom(4).hex()}")
+    running = await start(
+        store_settings=store_settings,
+        scheduler_verify_deadline_s=0.3,
+        scheduler_store_deadline_s=store_deadline_s,
+    )
+    provider.servicer.plan = h.plan(artifacts={"scores.npy": b"matrix"}, hold_at=1)
+    job = await _runpod_job(running, h)
+    taken = await h.until_submitted(provider.servicer, job.id)
+
+    async def chunks():
+        yield b"matrix"
+
+    store = open_store(store_settings)
+    await store.put(job_key(job.id, "scores.npy"), chunks())  # the worker's upload
+    s3_server.outage(outage_s)
+    taken.plan.release.set()
+    events = await h.watch_all(running.stub, "rita", job.id)
+    last = json.loads(events[-1].event_json)
+    if store_deadline_s > outage_s:
+        # Each check gave up after 0.3 s; the job stayed running and was checked again later.
+        assert last["state"] == "completed"
+    else:
+        assert last["state"] == "failed"
+        assert "the artifact store could not be reached to check the job's files" in last["error"]
+        assert "left in place" in last["error"]
+    async with asyncio.timeout(outage_s + 5):
+        while True:
+            try:
+                keys = {info.key for info in await store.list(job_prefix(job.id))}
+                break
+            except StoreError:  # the outage's 503s, until it ends
+                await asyncio.sleep(0.2)
+    assert job_key(job.id, "scores.npy") in keys
