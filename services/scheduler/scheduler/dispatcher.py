@@ -327,10 +327,16 @@ class Dispatcher:
             await self._store.set_estimate(job.id, self._lease, estimated_time_s, estimated_cost_usd)
         endpoint_id = await self._endpoints.ensure(route, job.user_id, spec) if route.needs_endpoint else ""
         uploads: list[compute_pb2.ArtifactUpload] = []
-        # Only experiments write files; a later job of one (a counterfactual check) returns JSON.
+        # Only experiments write files; a later job of one (a query, a counterfactual check)
+        # returns JSON, but on RunPod its worker still claims the job id and keeps its result in
+        # the store (the records a lost answer and RunPod's retention are reconciled with).
         if later is None and uploads_directly(route.provider, self._artifacts.store):
             uploads = await presigned_uploads(
                 self._artifacts.store, job.id, spec, self._settings.scheduler_upload_url_ttl_s
+            )
+        elif self._claims(route.provider):
+            uploads = await presigned_uploads(
+                self._artifacts.store, job.id, None, self._settings.scheduler_upload_url_ttl_s
             )
         return _Prepared(
             endpoint_id,

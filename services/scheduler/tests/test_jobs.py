@@ -214,6 +214,12 @@ async def test_cancel_stops_the_job_at_the_provider(scheduler, provider, h):
     stub = scheduler.stub
     job = await stub.SubmitJob(scheduler_pb2.SubmitJobRequest(user_id="alice", spec_json=h.spec_json()))
     await h.until_submitted(provider.servicer, job.id)
+    # Until the dispatcher has stored the provider's answer a cancel reaches the provider later
+    # (the dispatcher cancels what it submitted meanwhile); this test is about the direct path.
+    while (await stub.GetJob(scheduler_pb2.GetJobRequest(user_id="alice", job_id=job.id))).state == (
+        common_pb2.JOB_STATE_QUEUED
+    ):
+        await asyncio.sleep(0.02)
     cancelled = await stub.CancelJob(scheduler_pb2.CancelJobRequest(user_id="alice", job_id=job.id))
     assert cancelled.state == common_pb2.JOB_STATE_CANCELLED
     assert provider.servicer.cancel_calls == [job.id]
