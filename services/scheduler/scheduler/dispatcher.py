@@ -138,6 +138,7 @@ class Dispatcher:
         self._follower = follower
         self._endpoints = Endpoints(settings, store, providers)
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._awaiting_claim: set[str] = set()  # RunPod jobs whose submit answer was lost
         self._slots: defaultdict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(settings.scheduler_dispatch_concurrency)
         )
@@ -148,15 +149,21 @@ class Dispatcher:
 
     def free(self) -> int:
         """How many more queued jobs this replica should claim: twice its submit slots, so a
-        replica never hoards the queue while another idles."""
-        return max(0, 2 * self._settings.scheduler_dispatch_concurrency - len(self._tasks))
+        replica never hoards the queue while another idles. A job waiting for its worker's claim
+        (possibly for hours) makes no submit and does not count."""
+        busy = len(self._tasks.keys() - self._awaiting_claim)
+        return max(0, 2 * self._settings.scheduler_dispatch_concurrency - busy)
 
     def dispatch(self, job_id: str, provider: str) -> None:
         if job_id in self._tasks:
             return
         task = asyncio.create_task(self._run(job_id, provider), name=f"dispatch-{job_id}")
         self._tasks[job_id] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(job_id, None))
+        task.add_done_callback(lambda _t: self._forget(job_id))
+
+    def _forget(self, job_id: str) -> None:
+        self._tasks.pop(job_id, None)
+        self._awaiting_claim.discard(job_id)
 
     async def close(self) -> None:
         # A submit cut off here stays "submitting": whoever claims the job next reconciles it.
@@ -267,6 +274,7 @@ class Dispatcher:
                 "without an artifact store that signs URLs the scheduler cannot tell whether it "
                 "runs, so it was not sent again: check your RunPod console before resubmitting",
             )
+        self._awaiting_claim.add(job.id)
         log.warning(
             "runpod submit answer lost; waiting for the worker's claim",
             extra={"job_id": job.id, "code": exc.code, "error": exc.message},
@@ -301,7 +309,9 @@ class Dispatcher:
         if wait_over is None:
             return None  # the earlier attempt died before its provider call
         if not wait_over:
+            self._awaiting_claim.add(job.id)
             return False
+        self._awaiting_claim.discard(job.id)
         # No worker claimed it and none can any more (its claim URL has expired): RunPod dropped
         # it unrun at its ttl (kept within the URLs' life by compute-runpod), so nothing ran or
         # was billed and submitting it again, with fresh URLs, is safe.

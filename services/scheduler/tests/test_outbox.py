@@ -205,6 +205,9 @@ async def test_a_lost_runpod_answer_is_not_sent_again_but_adopted_from_the_worke
     taken = await h.until_submitted(provider.servicer, job.id)
     await asyncio.sleep(1.0)  # many dispatcher turns: none sends it again
     assert provider.servicer.submit_received == 1
+    dispatcher = running.app.require()[0].dispatcher
+    # Waiting for a claim (possibly for hours) takes no claiming room from queued jobs.
+    assert dispatcher.held == {job.id} and dispatcher.free() == 2 * 8
     conn = await asyncpg.connect(database_url)
     try:
         row = await conn.fetchrow(
