@@ -6,8 +6,11 @@ the store and the job completes, with exactly one accepted ``/run`` at the fake.
 
 from __future__ import annotations
 
+import signal
+import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from devstack.client import GatewayClient
@@ -71,3 +74,44 @@ def test_a_run_accepted_then_lost_completes_with_one_runpod_job(
     accepted = fake.control("GET", "jobs")["accepted_runs"]  # type: ignore[index]
     assert len(accepted) - accepted_before == 1
     assert client.job(job["job_id"])["provider"] == "runpod"
+
+
+def test_a_result_runpod_forgot_while_the_scheduler_was_down_is_collected(
+    stack: Stack, client: GatewayClient, fake: FakeRunPodProcess
+) -> None:
+    """The scheduler is killed while the job runs and comes back after RunPod (its retention
+    shortened to 1 s) has forgotten the finished job: the result is collected from the store."""
+    fake.control("POST", "mode", retention_s=1.0)
+    try:
+        job = client.submit(small_spec(n_train=4, n_eval=2))
+        deadline = time.monotonic() + 60
+        # Once the scheduler has stored RunPod's job id, it is killed.
+        while client.job(job["job_id"])["status"] == "queued":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        stack.stop_service("scheduler", signal.SIGKILL)
+        runpod_job = fake.control("GET", "jobs")["accepted_runs"][-1]  # type: ignore[index]
+        while fake.control("GET", "jobs")["jobs"].get(runpod_job) != "COMPLETED":  # type: ignore[index]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(2.0)  # past RunPod's (shortened) retention
+        stack.start_service("scheduler")
+        events = _events_once_reconnected(client, job["job_id"])
+        assert events[-1]["state"] == "completed", events[-1]
+        assert len(client.results(job["job_id"])["influence"]["scores"]) == 2
+        assert "result collected from the artifact store" in stack.log_text("scheduler")
+    finally:
+        fake.control("POST", "mode", retention_s=1800.0)
+
+
+def _events_once_reconnected(client: GatewayClient, job_id: str) -> list[dict]:
+    """The job's events; the gateway answers 503 until its channel to the restarted scheduler
+    is up again (gRPC's reconnect backoff)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return list(client.events(job_id))
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != 503 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
