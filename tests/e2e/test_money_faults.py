@@ -115,3 +115,34 @@ def _events_once_reconnected(client: GatewayClient, job_id: str) -> list[dict]:
             if exc.response.status_code != 503 or time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def test_a_store_outage_during_verification_deletes_nothing(
+    stack: Stack, client: GatewayClient, fake: FakeRunPodProcess, s3_server: S3TestServer
+) -> None:
+    """The store answers 503 for 10 s just as the scheduler checks a finished job's files: it
+    waits the outage out, deletes nothing, and the job completes with every file listed."""
+    job = client.submit(small_spec(n_train=4, n_eval=2))
+    deadline = time.monotonic() + 60
+    while client.job(job["job_id"])["status"] == "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    # Held away while the job runs, so that its files are checked during the outage.
+    stack.stop_service("scheduler", signal.SIGKILL)
+    runpod_job = fake.control("GET", "jobs")["accepted_runs"][-1]  # type: ignore[index]
+    while fake.control("GET", "jobs")["jobs"].get(runpod_job) != "COMPLETED":  # type: ignore[index]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert s3_server.faults is not None
+    refused = s3_server.faults.refused
+    s3_server.outage(10)
+    started = time.monotonic()
+    stack.start_service("scheduler")
+    events = _events_once_reconnected(client, job["job_id"])
+    assert events[-1]["state"] == "completed", events[-1]
+    assert time.monotonic() - started >= 9 and s3_server.faults.refused > refused
+    names = {
+        item["name"]
+        for item in client.request("GET", f"/api/jobs/{job['job_id']}/artifacts").json()["artifacts"]
+    }
+    assert "scores.npy" in names
