@@ -334,6 +334,7 @@ class Follower:
             update.status, update.error, update.stage_message = "failed", message, message
             return True
         followed.result_failing_since = None
+        check_started = time.monotonic()
         try:
             manifest = parse_manifest(result.get("artifacts", []) if isinstance(result, dict) else [])
             if manifest:
@@ -352,9 +353,10 @@ class Follower:
                 await self._artifacts.collect(job.id, job.provider_job_id, client, account, manifest)
         except StoreUnavailable as exc:
             # Nothing was deleted: the files are checked again at the next poll (the job stays
-            # running) until scheduler_store_deadline_s, counted from the first failure.
+            # running) until scheduler_store_deadline_s, counted from the start of the first
+            # check that failed.
             now = time.monotonic()
-            since = followed.store_failing_since = followed.store_failing_since or now
+            since = followed.store_failing_since = followed.store_failing_since or check_started
             if now - since < self._settings.scheduler_store_deadline_s:
                 raise
             message = (
