@@ -354,7 +354,8 @@ class RunPodProvider:
     ) -> str:
         """``kind``: a later job of the experiment ``spec_json`` (gpu_core.jobs), e.g. a
         counterfactual check with its request and the experiment's result. ``upload_urls``: the
-        scheduler's presigned PUT URL per artifact name of an experiment; without them its files
+        scheduler's presigned PUT URL per artifact name of an experiment (for a later job only its
+        worker's two records: claim and result); without them an experiment's files
         come back inline, and a job whose score matrix alone exceeds that ceiling is refused
         here, before anything is paid for. ``parent_artifacts``: presigned GETs of the
         experiment's files a follow-up query reads (the worker downloads them)."""
@@ -364,6 +365,10 @@ class RunPodProvider:
             job_input["parent_artifacts"] = parent_artifacts
         if kind in ("", EXPERIMENT):
             job_input["artifact_transport"] = self._artifact_transport(job_id, spec, upload_urls or {})
+        elif upload_urls:
+            # A later job writes no files, but its worker claims our job id and keeps its result
+            # in the store through the scheduler's URLs for its two records, as an experiment's.
+            job_input["artifact_transport"] = {"mode": "presigned", "urls": upload_urls, "job_id": job_id}
         ttl_s = self._job_ttl_s(upload_urls or {})
         endpoint = self._endpoint(account)
         async with self._submit_locks.hold(job_id) if job_id else contextlib.nullcontext():

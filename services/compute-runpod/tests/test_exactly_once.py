@@ -16,8 +16,9 @@ import pytest
 from runpod_testkit import Stack, load_worker_handler, spec_bytes
 
 from artifact_store import ArtifactStore, job_key, job_prefix
+from benchmarks.planted import stand_in_result
 from devstack.s3_server import S3TestServer
-from gpu_core.schemas import ExperimentResult
+from gpu_core.schemas import ExperimentResult, parse_spec
 from gpu_core.uploads import CLAIM_NAME, DUPLICATE_DELIVERY, RESULT_NAME, presigned_expiry
 from influence.v1 import common_pb2, compute_pb2
 from scheduler.artifacts import WorkerClaim, fetch_stored_result, read_worker_claim
@@ -223,3 +224,27 @@ async def test_a_worker_that_cannot_reach_the_store_runs_nothing(monkeypatch: py
     assert len(chunks) == 1 and chunks[0]["error"].startswith("The job was not run: the artifact store")
     assert "could not be reached" in chunks[0]["error"]
     assert started == []
+
+
+async def test_a_later_job_carries_its_workers_record_urls(stack: Stack, s3_store: ArtifactStore) -> None:
+    """A counterfactual check writes no files, but its worker claims our job id and keeps its
+    result in the store: the records' URLs the scheduler minted reach the worker's input."""
+    stack.fake.set_throttled(True)  # no worker picks it up: only what was sent is looked at
+    spec = parse_spec(spec_bytes()).model_dump(mode="json")  # with the ids a result names
+    uploads = await presigned_uploads(s3_store, "job-check", None, 3600)
+    answer = await stack.stub.Submit(
+        compute_pb2.SubmitRequest(
+            job_id="job-check",
+            account=HOSTED,
+            spec_json=json.dumps(spec).encode(),
+            kind="counterfactual",
+            request_json=json.dumps({"k": 1, "controls": 1}).encode(),
+            parent_result_json=json.dumps(stand_in_result(spec)).encode(),
+            artifact_uploads=uploads,
+        )
+    )
+    sent = stack.fake.job(answer.provider_job_id)
+    assert sent is not None
+    transport = sent.input["artifact_transport"]
+    assert transport["job_id"] == "job-check" and set(transport["urls"]) == {CLAIM_NAME, RESULT_NAME}
+    await stack.stub.Cancel(compute_pb2.CancelRequest(provider_job_id=answer.provider_job_id, account=HOSTED))

@@ -4,14 +4,19 @@ payload that does not fit with the field named."""
 
 from __future__ import annotations
 
+import json
 from types import ModuleType
 
 import pytest
 from runpod_testkit import load_worker_handler
 
+from artifact_store import ArtifactStore
 from benchmarks.planted import planted_duplicate_spec, stand_in_result
 from gpu_core.jobs import COUNTERFACTUAL, make_payload
 from gpu_core.schemas import parse_spec
+from gpu_core.uploads import DUPLICATE_DELIVERY, WORKER_RECORD_NAMES
+from scheduler.artifacts import fetch_stored_result, read_worker_claim
+from scheduler.uploads import presigned_uploads
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +57,23 @@ async def test_a_payload_that_does_not_fit_is_the_jobs_error(
 ) -> None:
     chunks = await handle(worker, {"id": "job-2", "input": payload})
     assert len(chunks) == 1 and chunks[0]["error"].startswith(message), chunks
+
+
+async def test_a_check_with_record_urls_claims_its_job_and_keeps_its_result(
+    worker: ModuleType, s3_store: ArtifactStore
+) -> None:
+    """What compute-runpod sends a later job when the scheduler minted its records' URLs: the
+    worker claims our job id first and leaves the result in the store; a second delivery of the
+    same job runs nothing."""
+    urls = {upload.name: upload.url for upload in await presigned_uploads(s3_store, "job-check", None, 600)}
+    assert set(urls) == set(WORKER_RECORD_NAMES)
+    transport = {"mode": "presigned", "urls": urls, "job_id": "job-check"}
+    payload = {**check_payload({"k": 1, "controls": 1}), "artifact_transport": transport}
+    chunks = await handle(worker, {"id": "rp-first", "input": payload})
+    assert chunks[-1]["type"] == "result"
+    claim = await read_worker_claim(s3_store, "job-check")
+    assert claim is not None and claim.provider_job_id == "rp-first"
+    stored = await fetch_stored_result(s3_store, "job-check")
+    assert stored is not None and json.loads(stored)["removed_ids"] == ["t0", "t3"]
+    again = await handle(worker, {"id": "rp-second", "input": payload})
+    assert len(again) == 1 and again[0]["error"].startswith(DUPLICATE_DELIVERY)

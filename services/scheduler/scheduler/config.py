@@ -57,13 +57,25 @@ class Settings(ServiceSettings):
     scheduler_shutdown_grace_s: float = Field(default=10.0, ge=0, le=300)
     # How long a provider may keep failing to hand over a ready result before the job fails.
     scheduler_result_deadline_s: float = Field(default=600.0, gt=0, le=86400)
+    # How long one check of a job's uploaded files retries a store that fails without a definite
+    # answer (scheduler.uploads), and how long such checks may keep failing before the job fails
+    # (the job stays running meanwhile; its files are never deleted for it; counted by the
+    # replica following the job).
+    scheduler_verify_deadline_s: float = Field(default=300.0, gt=0, le=86400)
+    scheduler_store_deadline_s: float = Field(default=6 * 3600.0, gt=0, le=7 * 86400)
     # Tries per artifact when moving it into the store, and the deadline of one transfer.
     scheduler_artifact_attempts: int = Field(default=3, ge=1, le=10)
     scheduler_artifact_timeout_s: float = Field(default=1800.0, gt=0, le=86400)
     # Lifetime of the presigned PUT URLs a RunPod or Modal worker uploads a job's files with: they
     # are used at the end of the run, so this outlives RunPod's whole ttl (RUNPOD_JOB_TTL_S, 24 h:
     # queue wait and run together; compute-runpod keeps the ttl within it) and Modal's timeout.
-    scheduler_upload_url_ttl_s: int = Field(default=25 * 3600, ge=60, le=7 * 24 * 3600)
+    # (Tests shorten it to seconds.)
+    scheduler_upload_url_ttl_s: int = Field(default=25 * 3600, ge=1, le=7 * 24 * 3600)
+    # A RunPod submit whose answer was lost (compute-runpod's UNKNOWN) is never sent again while
+    # a worker may still claim it: the scheduler waits for the worker's claim until the upload
+    # URLs minted for that call (the claim's among them) have expired plus this margin (a claim
+    # PUT in flight at expiry), and only then, with no claim, submits it again.
+    scheduler_claim_margin_s: float = Field(default=300.0, ge=0, le=86400)
     # Artifacts of jobs finished longer ago are deleted (the job and its small result stay);
     # 0 keeps them forever. The sweep runs every scheduler_retention_sweep_s.
     artifact_retention_days: float = Field(default=30.0, ge=0, le=36500)

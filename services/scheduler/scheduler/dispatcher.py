@@ -6,26 +6,37 @@ per provider. Every step borrows a connection for one short statement and gives 
 any network call: read, release, call, reacquire, write.
 
 Exactly one provider job per job: before the call the submit token is stored under the lease (the
-durable "submitting" state). A job found submitting (this replica's earlier attempt failed
-ambiguously, or another replica died mid-call) is reconciled by sending the same SubmitRequest
-again: its job_id is the idempotency key every provider deduplicates on (compute-runpod by job
-id, the workers by a claim on it), so the provider answers the job it already has. The answer is
-stored only while the lease is still held and the token unchanged.
+durable "submitting" state), and just before the provider call the time it is made
+(submit_sent_at). A job found submitting (this replica's earlier attempt failed ambiguously, or
+another replica died mid-call) is reconciled:
+- RunPod with a store that signs URLs: RunPod cannot look a job up by our id, and compute-runpod
+  answers UNKNOWN when its /run may have been accepted, so the job is never sent again while a
+  worker may still run it. The worker's claim in the store (scheduler.artifacts
+  read_worker_claim) names the RunPod job that runs it: the job adopts that id. With no claim
+  once the call's upload URLs (the claim's among them) have expired plus a margin, no worker can
+  ever run it (RunPod dropped it unrun at its ttl), and it is submitted again.
+- Otherwise the same SubmitRequest is sent again: its job_id is the idempotency key the provider
+  deduplicates on (compute-local by job id, compute-modal by a Dict put-if-absent), so it
+  answers the job it already has.
+The answer is stored only while the lease is still held and the token unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from artifact_store import StoreError
 from gpu_core.jobs import EXPERIMENT
 from influence.v1 import compute_pb2
-from scheduler.artifacts import ArtifactMover
+from scheduler.artifacts import ArtifactMover, read_worker_claim
 from scheduler.config import Settings
 from scheduler.follower import DB_ERRORS, WAITING_STAGE, Follower
 from scheduler.providers import LaterJob, ProviderError, ProviderNotConfigured, Providers, Route
@@ -39,6 +50,16 @@ from scheduler.uploads import (
 from service_runtime.tracing import continued_trace
 
 log = logging.getLogger(__name__)
+
+# Answers to a RunPod Submit after which RunPod may hold the job: compute-runpod's UNKNOWN (its
+# /run was accepted or not, it cannot tell) and our own call's deadline or cancellation.
+_AMBIGUOUS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "CANCELLED"})
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    endpoint_id: str
+    submit: Callable[[], Awaitable[str]]
 
 
 class Endpoints:
@@ -117,6 +138,7 @@ class Dispatcher:
         self._follower = follower
         self._endpoints = Endpoints(settings, store, providers)
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._awaiting_claim: set[str] = set()  # RunPod jobs whose submit answer was lost
         self._slots: defaultdict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(settings.scheduler_dispatch_concurrency)
         )
@@ -127,15 +149,21 @@ class Dispatcher:
 
     def free(self) -> int:
         """How many more queued jobs this replica should claim: twice its submit slots, so a
-        replica never hoards the queue while another idles."""
-        return max(0, 2 * self._settings.scheduler_dispatch_concurrency - len(self._tasks))
+        replica never hoards the queue while another idles. A job waiting for its worker's claim
+        (possibly for hours) makes no submit and does not count."""
+        busy = len(self._tasks.keys() - self._awaiting_claim)
+        return max(0, 2 * self._settings.scheduler_dispatch_concurrency - busy)
 
     def dispatch(self, job_id: str, provider: str) -> None:
         if job_id in self._tasks:
             return
         task = asyncio.create_task(self._run(job_id, provider), name=f"dispatch-{job_id}")
         self._tasks[job_id] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(job_id, None))
+        task.add_done_callback(lambda _t: self._forget(job_id))
+
+    def _forget(self, job_id: str) -> None:
+        self._tasks.pop(job_id, None)
+        self._awaiting_claim.discard(job_id)
 
     async def close(self) -> None:
         # A submit cut off here stays "submitting": whoever claims the job next reconciles it.
@@ -156,6 +184,11 @@ class Dispatcher:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._settings.scheduler_retry_max_s)
 
+    def _claims(self, provider: str) -> bool:
+        """Whether a lost submit answer is reconciled through the worker's claim in the store:
+        RunPod (which cannot look a job up by our id) with a store that mints upload URLs."""
+        return provider == "runpod" and uploads_directly(provider, self._artifacts.store)
+
     async def _attempt(self, job_id: str) -> bool:
         """One submit attempt; False when it should be tried again."""
         try:
@@ -171,12 +204,23 @@ class Dispatcher:
                 "reconciling a submit whose outcome is unknown, under the same job id",
                 extra={"job_id": job.id, "provider": job.provider, "attempt": job.submit_attempts},
             )
+            if self._claims(job.provider):
+                adopted = await self._reconcile_by_claim(work)
+                if adopted is not None:
+                    return adopted
+        sent = False
         try:
             with continued_trace(job.trace_context):
-                provider_job_id, endpoint_id = await self._send(work)
+                prepared = await self._prepare(work)
+                if not await self._store.mark_sent(job.id, self._lease, work.token, prepared.endpoint_id):
+                    return True  # the lease went to another replica, which reconciles it
+                sent = True
+                provider_job_id = await prepared.submit()
         except ProviderNotConfigured as exc:
             return await self._fail(job, str(exc))
         except ProviderError as exc:
+            if sent and exc.code in _AMBIGUOUS and job.provider == "runpod":
+                return await self._after_lost_answer(job, exc)
             if not exc.retryable:
                 return await self._fail(job, exc.message)
             log.warning("submit deferred", extra={"job_id": job.id, "code": exc.code, "error": exc.message})
@@ -185,6 +229,11 @@ class Dispatcher:
         except (StoreError, *DB_ERRORS) as exc:
             log.warning("submit deferred", extra={"job_id": job.id, "error": str(exc)})
             return False
+        return await self._record(work, provider_job_id, prepared.endpoint_id)
+
+    async def _record(self, work: SubmitWork, provider_job_id: str, endpoint_id: str) -> bool:
+        """Store the provider job id (fenced by the lease and the submit token) and follow it."""
+        job = work.job
         try:
             updated = await self._store.apply(
                 job.id,
@@ -209,8 +258,71 @@ class Dispatcher:
         self._follower.follow(job.id, job.provider)
         return True
 
-    async def _send(self, work: SubmitWork) -> tuple[str, str]:
-        """Everything the provider needs, then Submit; no connection is held during any call."""
+    async def _after_lost_answer(self, job: JobRow, exc: ProviderError) -> bool:
+        """RunPod may have accepted the job but its answer was lost. Sending it again could run
+        (and bill) it twice, so the job stays submitting and the next attempts wait for the
+        worker's claim; without a store to hold claims the job fails in plain words instead."""
+        if not self._claims(job.provider):
+            if exc.retryable:
+                # Our own call's deadline: compute-runpod answers the same job id with the job it
+                # already sent (its submit lock), as before claims existed.
+                await self._note(job, f"{exc.message}; the scheduler will retry automatically")
+                return False
+            return await self._fail(
+                job,
+                f"RunPod may have received this job, but its answer was lost ({exc.message}); "
+                "without an artifact store that signs URLs the scheduler cannot tell whether it "
+                "runs, so it was not sent again: check your RunPod console before resubmitting",
+            )
+        self._awaiting_claim.add(job.id)
+        log.warning(
+            "runpod submit answer lost; waiting for the worker's claim",
+            extra={"job_id": job.id, "code": exc.code, "error": exc.message},
+        )
+        await self._note(
+            job,
+            "RunPod may have received this job but its answer was lost; it is not sent again: "
+            "the scheduler waits for RunPod's worker to claim it",
+        )
+        return False
+
+    async def _reconcile_by_claim(self, work: SubmitWork) -> bool | None:
+        """A RunPod job found submitting: adopt the provider job its worker claimed (True); wait
+        (False) while a worker may still claim it; None when sending it is safe: its call was
+        never made, or no claim appeared before the call's upload URLs expired."""
+        job = work.job
+        wait_s = self._settings.scheduler_upload_url_ttl_s + self._settings.scheduler_claim_margin_s
+        try:
+            # The wait is read before the claim: a claim written after this read must have been
+            # written before the URLs expired, so "over and no claim" means never.
+            wait_over = await self._store.claim_wait_over(job.id, wait_s)
+            claim = await read_worker_claim(self._artifacts.store, job.id)
+        except (StoreError, *DB_ERRORS) as exc:
+            log.warning("could not read the worker's claim yet", extra={"job_id": job.id, "error": str(exc)})
+            return False
+        if claim is not None:
+            log.info(
+                "submit reconciled through the worker's claim",
+                extra={"job_id": job.id, "provider_job_id": claim.provider_job_id},
+            )
+            return await self._record(work, claim.provider_job_id, job.endpoint_id)
+        if wait_over is None:
+            return None  # the earlier attempt died before its provider call
+        if not wait_over:
+            self._awaiting_claim.add(job.id)
+            return False
+        self._awaiting_claim.discard(job.id)
+        # No worker claimed it and none can any more (its claim URL has expired): RunPod dropped
+        # it unrun at its ttl (kept within the URLs' life by compute-runpod), so nothing ran or
+        # was billed and submitting it again, with fresh URLs, is safe.
+        log.warning(
+            "no worker claimed a lost submit before its URLs expired; sending it again",
+            extra={"job_id": job.id},
+        )
+        return None
+
+    async def _prepare(self, work: SubmitWork) -> _Prepared:
+        """Everything the provider needs for Submit; no connection is held during any call."""
         job, spec = work.job, work.spec
         route = Route(backend=job.compute_backend, provider=job.provider)  # type: ignore[arg-type]
         client = self._providers.client(route.provider)
@@ -241,21 +353,30 @@ class Dispatcher:
             )
         endpoint_id = await self._endpoints.ensure(route, job.user_id, spec) if route.needs_endpoint else ""
         uploads: list[compute_pb2.ArtifactUpload] = []
-        # Only experiments write files; a later job of one (a counterfactual check) returns JSON.
+        # Only experiments write files; a later job of one (a query, a counterfactual check)
+        # returns JSON, but on RunPod its worker still claims the job id and keeps its result in
+        # the store (the records a lost answer and RunPod's retention are reconciled with).
         if later is None and uploads_directly(route.provider, self._artifacts.store):
             uploads = await presigned_uploads(
                 self._artifacts.store, job.id, spec, self._settings.scheduler_upload_url_ttl_s
             )
-        provider_job_id = await client.submit(
-            job.id,
-            route.account(job.user_id, endpoint_id),
-            spec_json,
-            estimated_cost_usd,
-            estimated_time_s,
-            later,
-            uploads,
+        elif self._claims(route.provider):
+            uploads = await presigned_uploads(
+                self._artifacts.store, job.id, None, self._settings.scheduler_upload_url_ttl_s
+            )
+        return _Prepared(
+            endpoint_id,
+            functools.partial(
+                client.submit,
+                job.id,
+                route.account(job.user_id, endpoint_id),
+                spec_json,
+                estimated_cost_usd,
+                estimated_time_s,
+                later,
+                uploads,
+            ),
         )
-        return provider_job_id, endpoint_id
 
     async def _later_payload(self, job: JobRow) -> LaterJob | None:
         """For a later job, its request and its experiment's result as a provider receives them."""

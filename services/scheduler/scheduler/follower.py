@@ -23,8 +23,17 @@ from typing import Any
 import asyncpg
 
 import cost_model
+from artifact_store import StoreError
+from gpu_core.uploads import DUPLICATE_DELIVERY
 from influence.v1 import common_pb2
-from scheduler.artifacts import ArtifactMover, ArtifactTransferError, parse_manifest
+from scheduler.artifacts import (
+    ArtifactMover,
+    ArtifactTransferError,
+    StoreUnavailable,
+    fetch_stored_result,
+    parse_manifest,
+    read_worker_claim,
+)
 from scheduler.config import Settings
 from scheduler.providers import ProviderClient, ProviderError, Providers, Route
 from scheduler.store import JobRow, JobUpdate, Lease, Store
@@ -51,6 +60,7 @@ class _Followed:
     interval: float
     refusals: int = 0  # non-retryable answers in a row
     result_failing_since: float | None = None
+    store_failing_since: float | None = None  # verification found the store unavailable
 
 
 class Follower:
@@ -156,6 +166,9 @@ class Follower:
                 "provider status failed; will retry",
                 extra={"job_id": job.id, "code": exc.code, "error": exc.message},
             )
+        except (StoreError, StoreUnavailable) as exc:
+            log.warning("artifact store unavailable; will retry", extra={"job_id": job.id, "error": str(exc)})
+            interval = min(max(interval, fast) * 2, self._settings.scheduler_retry_max_s)
         except DB_ERRORS as exc:
             log.warning("database unavailable; will retry", extra={"job_id": job.id, "error": str(exc)})
             interval = min(max(interval, fast) * 2, self._settings.scheduler_retry_max_s)
@@ -198,11 +211,16 @@ class Follower:
         except ProviderError as exc:
             if exc.code != "NOT_FOUND":
                 raise
-            message = f"the {job.provider} provider no longer knows this job: {exc.message}"
-            await self._store.apply(
-                job.id, JobUpdate(status="failed", error=message, stage_message=message), lease=self._lease
+            # RunPod forgets a job after its retention (say the scheduler was down meanwhile):
+            # the worker's copy of the result in the store is collected before giving up.
+            update = JobUpdate(cursor=job.provider_cursor)
+            if not await self._collect_result(job, route, account, update, followed, forgotten=exc):
+                message = f"the {job.provider} provider no longer knows this job: {exc.message}"
+                update.status, update.error, update.stage_message = "failed", message, message
+            stored = await self._store.apply(
+                job.id, update, expected_cursor=job.provider_cursor, lease=self._lease
             )
-            return True, True
+            return True, stored is not None and stored.terminal
         events = [event_dict(e) for e in status.events if e.type != "result"]
         update = JobUpdate(events=events, cursor=status.cursor)
         for event in events:
@@ -226,6 +244,10 @@ class Follower:
                 update.stage_message = status.stage_message
         if status.result_ready or status.state == common_pb2.JOB_STATE_COMPLETED:
             await self._collect_result(job, route, account, update, followed)
+        elif status.state == common_pb2.JOB_STATE_FAILED and await self._switch_to_claimant(
+            job, status.error
+        ):
+            return True, False
         elif status.state == common_pb2.JOB_STATE_FAILED:
             error = status.error or f"the {job.provider} provider reported the job as failed"
             update.status, update.error, update.stage_message = "failed", error, error
@@ -274,29 +296,76 @@ class Follower:
         )
         update.actual = actual_cost(job, usage, None)
 
+    async def _switch_to_claimant(self, job: JobRow, error: str) -> bool:
+        """A second RunPod/Modal job for our job id (a resent /run) ends with "Duplicate
+        delivery" once it finds the first one's claim: that is not our job failing. Follow the
+        claimant instead (True); False when the claim is this provider job's own (a real
+        failure) or there is none. A store that fails raises StoreError: the poll is retried."""
+        if not error.startswith(DUPLICATE_DELIVERY) or not uploads_directly(
+            job.provider, self._artifacts.store
+        ):
+            return False
+        claim = await read_worker_claim(self._artifacts.store, job.id)
+        if claim is None or claim.provider_job_id in ("", job.provider_job_id):
+            return False
+        log.warning(
+            "a duplicate delivery ended; following the job that claimed it",
+            extra={
+                "job_id": job.id,
+                "duplicate": job.provider_job_id,
+                "provider_job_id": claim.provider_job_id,
+            },
+        )
+        await self._store.apply(
+            job.id,
+            JobUpdate(provider_job_id=claim.provider_job_id, cursor=""),
+            expected_cursor=job.provider_cursor,
+            lease=self._lease,
+        )
+        return True
+
     async def _collect_result(
-        self, job: JobRow, route: Route, account: common_pb2.Account, update: JobUpdate, followed: _Followed
-    ) -> None:
+        self,
+        job: JobRow,
+        route: Route,
+        account: common_pb2.Account,
+        update: JobUpdate,
+        followed: _Followed,
+        forgotten: ProviderError | None = None,
+    ) -> bool:
         """Fetch the result, move its artifacts into the store, and put both into ``update`` so
         they are stored with the last events. A provider that keeps failing to hand over a ready
-        result fails the job after scheduler_result_deadline_s."""
+        result fails the job after scheduler_result_deadline_s. A provider that no longer knows
+        the job (``forgotten``, or a result answered NOT_FOUND) hands over nothing: the worker's
+        copy in the store is used; False (``update`` unchanged) when there is none either."""
         client = self._providers.client(route.provider)
         try:
+            if forgotten is not None:
+                raise forgotten
             result_json = await client.get_result(job.id, job.provider_job_id, account)
-            result = json.loads(result_json)
         except ProviderError as exc:
-            now = time.monotonic()
-            since = followed.result_failing_since = followed.result_failing_since or now
-            if exc.retryable and now - since < self._settings.scheduler_result_deadline_s:
-                raise
-            message = f"the result could not be collected from the {job.provider} provider: {exc.message}"
-            update.status, update.error, update.stage_message = "failed", message, message
-            return
+            stored = await self._stored_result(job) if exc.code == "NOT_FOUND" else None
+            if stored is not None:
+                log.info("result collected from the artifact store", extra={"job_id": job.id})
+                result_json = stored
+            elif forgotten is not None:
+                return False
+            else:
+                now = time.monotonic()
+                since = followed.result_failing_since = followed.result_failing_since or now
+                if exc.retryable and now - since < self._settings.scheduler_result_deadline_s:
+                    raise
+                message = f"the result could not be collected from the {job.provider} provider: {exc.message}"
+                update.status, update.error, update.stage_message = "failed", message, message
+                return True
+        try:
+            result = json.loads(result_json)
         except ValueError:
             message = f"the {job.provider} provider returned a result that is not valid JSON"
             update.status, update.error, update.stage_message = "failed", message, message
-            return
+            return True
         followed.result_failing_since = None
+        check_started = time.monotonic()
         try:
             manifest = parse_manifest(result.get("artifacts", []) if isinstance(result, dict) else [])
             if manifest:
@@ -308,15 +377,40 @@ class Follower:
                 )
             if manifest and uploads_directly(route.provider, self._artifacts.store):
                 # The worker put the files into the store itself: check them there.
-                await verify_uploads(self._artifacts.store, job.id, manifest)
+                await verify_uploads(
+                    self._artifacts.store, job.id, manifest, self._settings.scheduler_verify_deadline_s
+                )
             elif manifest:
                 await self._artifacts.collect(job.id, job.provider_job_id, client, account, manifest)
+        except StoreUnavailable as exc:
+            # Nothing was deleted: the files are checked again at the next poll (the job stays
+            # running) until scheduler_store_deadline_s, counted from the start of the first
+            # check that failed.
+            now = time.monotonic()
+            since = followed.store_failing_since = followed.store_failing_since or check_started
+            if now - since < self._settings.scheduler_store_deadline_s:
+                raise
+            message = (
+                f"the artifact store could not be reached to check the job's files for "
+                f"{now - since:.0f} s ({exc}); the files were left in place"
+            )
+            update.status, update.error, update.stage_message = "failed", message, message
+            return True
         except ArtifactTransferError as exc:
             message = f"the job's files could not be stored: {exc}"
             update.status, update.error, update.stage_message = "failed", message, message
-            return
+            return True
+        followed.store_failing_since = None
         update.status, update.result, update.artifacts = "completed", result, manifest
         update.progress, update.stage_message = 1.0, "completed"
+        return True
+
+    async def _stored_result(self, job: JobRow) -> bytes | None:
+        """The result the worker left in the store (RunPod and Modal workers write one), None
+        when it left none. A store that fails raises StoreError: the poll is retried."""
+        if not uploads_directly(job.provider, self._artifacts.store):
+            return None
+        return await fetch_stored_result(self._artifacts.store, job.id)
 
 
 def actual_cost(job: JobRow, usage: common_pb2.JobUsage, result: Any) -> cost_model.ActualCost | None:

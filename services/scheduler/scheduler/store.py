@@ -467,10 +467,39 @@ class Store:
         spec, token, reconciling = fields.pop("spec"), fields.pop("submit_token"), fields.pop("reconciling")
         return SubmitWork(_job_from(fields), spec, token, reconciling)
 
+    async def mark_sent(self, job_id: str, lease: Lease, token: uuid.UUID, endpoint_id: str) -> bool:
+        """Record, just before the provider call, that the current token's call is being made and
+        on which endpoint; False when the lease or the token is gone (then do not call)."""
+        return (
+            await self._fetchval(
+                f"""UPDATE jobs SET submit_sent_at = now(), endpoint_id = $4, updated_at = now()
+                    WHERE id = $2 AND {_HELD} AND submit_token = $3 AND provider_job_id IS NULL
+                    RETURNING true""",
+                lease.owner,
+                uuid.UUID(job_id),
+                token,
+                endpoint_id,
+            )
+            is not None
+        )
+
+    async def claim_wait_over(self, job_id: str, wait_s: float) -> bool | None:
+        """Whether ``wait_s`` has passed (by the database's clock, the one submit_sent_at was
+        written with) since the current token's provider call; None when no call was made."""
+        row = await self._fetchrow(
+            "SELECT submit_sent_at, now() >= submit_sent_at + make_interval(secs => $2) AS over "
+            "FROM jobs WHERE id = $1",
+            uuid.UUID(job_id),
+            wait_s,
+        )
+        if row is None or row["submit_sent_at"] is None:
+            return None
+        return bool(row["over"])
+
     async def clear_submit(self, job_id: str, lease: Lease, token: uuid.UUID) -> None:
         """Forget the submit token after an attempt that certainly never reached the provider."""
         await self._execute(
-            f"""UPDATE jobs SET submit_token = NULL
+            f"""UPDATE jobs SET submit_token = NULL, submit_sent_at = NULL
                 WHERE id = $2 AND {_HELD} AND submit_token = $3 AND provider_job_id IS NULL""",
             lease.owner,
             uuid.UUID(job_id),

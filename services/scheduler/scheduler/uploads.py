@@ -60,11 +60,13 @@ def uploads_directly(provider: str, store: ArtifactStore) -> bool:
 
 
 async def presigned_uploads(
-    store: ArtifactStore, job_id: str, spec: dict[str, Any], expires_s: int
+    store: ArtifactStore, job_id: str, spec: dict[str, Any] | None, expires_s: int
 ) -> list[compute_pb2.ArtifactUpload]:
     """One presigned PUT URL per artifact name the job's run may write, and one for each of
-    the worker's records (its claim on the job, its result JSON: gpu_core.uploads)."""
-    names = [*planned_artifact_names(parse_spec(spec, NO_SIZE_LIMITS)), *WORKER_RECORD_NAMES]
+    the worker's records (its claim on the job, its result JSON: gpu_core.uploads). ``spec``
+    None: a later job (a query, a counterfactual check), which writes only those records."""
+    planned = planned_artifact_names(parse_spec(spec, NO_SIZE_LIMITS)) if spec is not None else []
+    names = [*planned, *WORKER_RECORD_NAMES]
     return [
         compute_pb2.ArtifactUpload(
             name=name, url=await store.presigned_url("PUT", job_key(job_id, name), expires_s)

@@ -107,9 +107,17 @@ class ScriptedProvider(compute_pb2_grpc.ComputeProviderServicer):
         # While set and not yet released, Estimate, PrepareAccount and Submit wait on it (a
         # provider that does not answer).
         self.gate: asyncio.Event | None = None
+        self.gated = ("Estimate", "PrepareAccount", "Submit")  # the calls that wait on it
+        # Submit calls received (past the gate), a repeat of a known job id included.
+        self.submit_received = 0
+        # Submits to take and then answer UNKNOWN, as compute-runpod answers a /run that RunPod
+        # may have accepted.
+        self.lose_answers = 0
+        # Other provider jobs for a job id (a duplicate delivery's claimant), by provider job id.
+        self.other_runs: dict[str, ProviderJob] = {}
 
     async def _maybe_fail(self, method: str, context: grpc.aio.ServicerContext) -> None:
-        if self.gate is not None and method in ("Estimate", "PrepareAccount", "Submit"):
+        if self.gate is not None and method in self.gated:
             await self.gate.wait()
         queue = self.fail_next.get(method)
         if queue:
@@ -145,6 +153,7 @@ class ScriptedProvider(compute_pb2_grpc.ComputeProviderServicer):
 
     async def Submit(self, request: Any, context: Any) -> compute_pb2.SubmitResponse:
         await self._maybe_fail("Submit", context)
+        self.submit_received += 1
         existing = self.jobs.get(request.job_id)
         if existing is not None:
             return compute_pb2.SubmitResponse(provider_job_id=existing.provider_job_id)
@@ -152,12 +161,17 @@ class ScriptedProvider(compute_pb2_grpc.ComputeProviderServicer):
         self.submit_requests.append(request)
         job = ProviderJob(request.job_id, f"p-{request.job_id}", request.account, self.plan)
         self.jobs[request.job_id] = job
+        if self.lose_answers:
+            self.lose_answers -= 1
+            await context.abort(grpc.StatusCode.UNKNOWN, "RunPod may have accepted this job")
         return compute_pb2.SubmitResponse(provider_job_id=job.provider_job_id)
 
     async def GetStatus(self, request: Any, context: Any) -> compute_pb2.GetStatusResponse:
         await self._maybe_fail("GetStatus", context)
         job = self.jobs.get(request.job_id)
-        if job is None or job.provider_job_id != request.provider_job_id:
+        if job is not None and job.provider_job_id != request.provider_job_id:
+            job = self.other_runs.get(request.provider_job_id)
+        if job is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown job")
         if job.cancelled:
             return compute_pb2.GetStatusResponse(state=common_pb2.JOB_STATE_CANCELLED, cursor=request.cursor)
@@ -364,6 +378,7 @@ class Helpers:
     until_submitted: Callable[..., Awaitable[ProviderJob]] = until_submitted
     settings: Callable[..., Settings] = scheduler_settings
     plan: type[Plan] = Plan
+    provider_job: type[ProviderJob] = ProviderJob
 
 
 @pytest.fixture

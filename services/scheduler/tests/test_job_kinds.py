@@ -5,12 +5,14 @@ result, refused (with the field named) until they fit, and listed under their ex
 from __future__ import annotations
 
 import json
+import os
 
 import asyncpg
 import grpc
 import pytest
 
 from benchmarks.planted import stand_in_result
+from gpu_core.uploads import WORKER_RECORD_NAMES
 from influence.v1 import scheduler_pb2
 
 pytestmark = pytest.mark.timeout(60)
@@ -156,3 +158,22 @@ async def test_deleting_an_experiment_cancels_its_running_checks_at_the_provider
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.GetJob(scheduler_pb2.GetJobRequest(user_id="alice", job_id=check.id))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_check_on_runpod_gets_its_workers_record_urls_only(
+    start, provider, h, database_url, s3_server
+):
+    """A later job writes no files, but its RunPod worker claims our job id and keeps its result
+    in the store: it gets the PUT URLs of those two records (and no file's)."""
+    running = await start(store_settings=s3_server.store_settings(prefix=f"t-{os.urandom(4).hex()}"))
+    stub = running.stub
+    await stub.SetComputeBackend(scheduler_pb2.SetComputeBackendRequest(user_id="alice", backend="runpod"))
+    parent, _, _ = await completed_experiment(running, h, database_url)
+    check = await stub.SubmitJob(check_request(parent))
+    await h.until_submitted(provider.servicer, check.id)
+    sent = provider.servicer.submit_requests[-1]
+    assert sent.job_id == check.id and sent.kind == "counterfactual"
+    assert sorted(upload.name for upload in sent.artifact_uploads) == sorted(WORKER_RECORD_NAMES)
+    assert all(f"/jobs/{check.id}/_worker/" in upload.url for upload in sent.artifact_uploads)
+    events = await h.watch_all(stub, "alice", check.id)
+    assert json.loads(events[-1].event_json)["state"] == "completed"

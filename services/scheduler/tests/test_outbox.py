@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 
 import asyncpg
 import grpc
 import pytest
 
+from artifact_store import StoreError, job_key, job_prefix, open_store
+from gpu_core.uploads import CLAIM_NAME, RESULT_NAME, claim_job
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc, scheduler_pb2
 
 pytestmark = pytest.mark.timeout(60)
@@ -170,3 +173,223 @@ async def test_active_jobs_of_a_backend_are_listed(scheduler, provider, h):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.ListActiveJobs(scheduler_pb2.ListActiveJobsRequest(user_id="erin", backend="gpu"))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def _runpod_job(running, h) -> scheduler_pb2.Job:
+    await running.stub.SetComputeBackend(
+        scheduler_pb2.SetComputeBackendRequest(user_id="rita", backend="runpod")
+    )
+    return await running.stub.SubmitJob(
+        scheduler_pb2.SubmitJobRequest(user_id="rita", spec_json=h.spec_json())
+    )
+
+
+def _claim_through_its_url(request: compute_pb2.SubmitRequest, provider_job_id: str) -> bool:
+    """What RunPod's worker does first: claim our job id through the presigned URL it got."""
+    urls = {upload.name: upload.url for upload in request.artifact_uploads}
+    claim = {
+        "job_id": request.job_id,
+        "provider": "runpod",
+        "provider_job_id": provider_job_id,
+        "claimed_at": 1.0,
+    }
+    return claim_job(urls[CLAIM_NAME], claim)
+
+
+async def test_a_lost_runpod_answer_is_not_sent_again_but_adopted_from_the_workers_claim(
+    start, provider, h, s3_server, database_url
+):
+    running = await start(store_settings=s3_server.store_settings(prefix=f"t-{os.urandom(4).hex()}"))
+    provider.servicer.lose_answers = 1
+    job = await _runpod_job(running, h)
+    taken = await h.until_submitted(provider.servicer, job.id)
+    await asyncio.sleep(1.0)  # many dispatcher turns: none sends it again
+    assert provider.servicer.submit_received == 1
+    dispatcher = running.app.require()[0].dispatcher
+    # Waiting for a claim (possibly for hours) takes no claiming room from queued jobs.
+    assert dispatcher.held == {job.id} and dispatcher.free() == 2 * 8
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT status, provider_job_id, stage_message FROM jobs WHERE id = $1::uuid", job.id
+        )
+    finally:
+        await conn.close()
+    assert (row["status"], row["provider_job_id"]) == ("queued", None)
+    assert "RunPod may have received this job" in row["stage_message"]
+    assert await asyncio.to_thread(
+        _claim_through_its_url, provider.servicer.submit_requests[0], taken.provider_job_id
+    )
+    events = await h.watch_all(running.stub, "rita", job.id)
+    assert json.loads(events[-1].event_json)["state"] == "completed"
+    assert provider.servicer.submit_received == 1
+
+
+async def test_a_lost_runpod_answer_with_no_claim_is_sent_again_only_after_its_urls_expired(
+    start, provider, h, s3_server
+):
+    running = await start(
+        store_settings=s3_server.store_settings(prefix=f"t-{os.urandom(4).hex()}"),
+        scheduler_upload_url_ttl_s=2,
+        scheduler_claim_margin_s=0.5,
+    )
+    provider.servicer.lose_answers = 1
+    began = time.monotonic()
+    job = await _runpod_job(running, h)
+    await h.until_submitted(provider.servicer, job.id)
+    events = await h.watch_all(running.stub, "rita", job.id)
+    assert json.loads(events[-1].event_json)["state"] == "completed"
+    # RunPod dropped the first /run unrun (no worker claimed it before its claim URL expired):
+    # one more submit, with fresh URLs, not before the first URLs' life and the margin.
+    assert provider.servicer.submit_received == 2
+    assert time.monotonic() - began >= 2.5
+
+
+@pytest.mark.parametrize("killed", ["before the call", "during the call"])
+async def test_a_runpod_submit_taken_over_adopts_the_claim_or_sends_only_when_none_was_sent(
+    start, provider, h, s3_server, database_url, killed
+):
+    store_settings = s3_server.store_settings(prefix=f"t-{os.urandom(4).hex()}")
+    provider.servicer.gate = asyncio.Event()  # replica-a's submit never gets an answer
+    provider.servicer.gated = ("Submit",)
+    doomed = await start(scheduler_replica_id="replica-a", store_settings=store_settings)
+    job = await _runpod_job(doomed, h)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await _wait_for(conn, "SELECT 1 FROM jobs WHERE id = $1::uuid AND submit_sent_at IS NOT NULL", job.id)
+        await doomed.stop()
+        provider.servicer.gate = None  # the dead replica's call stays stuck at the old gate
+        if killed == "before the call":
+            await conn.execute("UPDATE jobs SET submit_sent_at = NULL WHERE id = $1::uuid", job.id)
+        else:
+            # RunPod took the job and its worker claimed it; the answer died with replica-a.
+            provider_job_id = await _submit_directly(provider, job.id)
+            request = compute_pb2.SubmitRequest(job_id=job.id)
+            request.artifact_uploads.extend(await _fresh_uploads(store_settings, job.id))
+            assert await asyncio.to_thread(_claim_through_its_url, request, provider_job_id)
+        received = provider.servicer.submit_received
+        await _abandon(conn, job.id)
+        survivor = await start(scheduler_replica_id="replica-b", store_settings=store_settings)
+        events = await h.watch_all(survivor.stub, "rita", job.id)
+        assert json.loads(events[-1].event_json)["state"] == "completed"
+    finally:
+        await conn.close()
+    assert provider.servicer.submit_received - received == (1 if killed == "before the call" else 0)
+    assert list(provider.servicer.jobs) == [job.id]
+
+
+async def _fresh_uploads(store_settings, job_id: str) -> list[compute_pb2.ArtifactUpload]:
+    store = open_store(store_settings)
+    return [
+        compute_pb2.ArtifactUpload(
+            name=CLAIM_NAME, url=await store.presigned_url("PUT", job_key(job_id, CLAIM_NAME), 60)
+        )
+    ]
+
+
+async def _put(store_settings, job_id: str, name: str, body: dict) -> None:
+    async def chunks():
+        yield json.dumps(body).encode()
+
+    await open_store(store_settings).put(job_key(job_id, name), chunks())
+
+
+async def test_a_duplicate_delivery_switches_to_the_job_that_claimed_it(
+    start, provider, h, s3_server, database_url
+):
+    store_settings = s3_server.store_settings(prefix=f"t-{os.urandom(4).hex()}")
+    running = await start(store_settings=store_settings)
+    # The RunPod job we know of was a second delivery: it found the claim and ran nothing.
+    provider.servicer.plan = h.plan(
+        outcome="fail", error="Duplicate delivery: job already claimed by p-claimant"
+    )
+    provider.servicer.gate = asyncio.Event()
+    job = await _runpod_job(running, h)
+    claim = {"job_id": job.id, "provider": "runpod", "provider_job_id": "p-claimant", "claimed_at": 1.0}
+    await _put(store_settings, job.id, CLAIM_NAME, claim)
+    provider.servicer.other_runs["p-claimant"] = h.provider_job(
+        job.id, "p-claimant", common_pb2.Account(), h.plan()
+    )
+    provider.servicer.gate.set()
+    events = await h.watch_all(running.stub, "rita", job.id)
+    assert json.loads(events[-1].event_json)["state"] == "completed"
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert (
+            await conn.fetchval("SELECT provider_job_id FROM jobs WHERE id = $1::uuid", job.id)
+            == "p-claimant"
+        )
+    finally:
+        await conn.close()
+    assert provider.servicer.submit_received == 1
+
+
+async def test_a_result_runpod_forgot_is_collected_from_the_store(start, provider, h, s3_server):
+    store_settings = s3_server.store_settings(prefix=f"t-{os.urandom(4).hex()}")
+    running = await start(store_settings=store_settings)
+    provider.servicer.plan = h.plan(waiting_polls=10_000)  # in the queue until RunPod forgets it
+    job = await _runpod_job(running, h)
+    await h.until_submitted(provider.servicer, job.id)
+    # The worker ran it and left its result in the store; RunPod's retention then ended.
+    await _put(
+        store_settings,
+        job.id,
+        RESULT_NAME,
+        {"job_id": job.id, "influence": {"scores": [[0.75]]}, "paid": True},
+    )
+    del provider.servicer.jobs[job.id]
+    events = await h.watch_all(running.stub, "rita", job.id)
+    assert json.loads(events[-1].event_json)["state"] == "completed"
+    result = await running.stub.GetJobResult(scheduler_pb2.GetJobResultRequest(user_id="rita", job_id=job.id))
+    assert json.loads(result.result_json)["paid"] is True
+
+
+async def test_a_forgotten_job_with_no_stored_result_fails_in_plain_words(start, provider, h, s3_server):
+    running = await start(store_settings=s3_server.store_settings(prefix=f"t-{os.urandom(4).hex()}"))
+    provider.servicer.plan = h.plan(waiting_polls=10_000)
+    job = await _runpod_job(running, h)
+    await h.until_submitted(provider.servicer, job.id)
+    del provider.servicer.jobs[job.id]
+    events = await h.watch_all(running.stub, "rita", job.id)
+    last = json.loads(events[-1].event_json)
+    assert last["state"] == "failed" and "runpod provider no longer knows this job" in last["error"]
+
+
+@pytest.mark.parametrize(("outage_s", "store_deadline_s"), [(4.0, 60.0), (8.0, 1.0)])
+async def test_a_store_outage_during_verification_deletes_nothing(
+    start, provider, h, s3_server, outage_s, store_deadline_s
+):
+    store_settings = s3_server.store_settings(prefix=f"t-{os.urandom(4).hex()}")
+    running = await start(
+        store_settings=store_settings,
+        scheduler_verify_deadline_s=0.3,
+        scheduler_store_deadline_s=store_deadline_s,
+    )
+    provider.servicer.plan = h.plan(artifacts={"scores.npy": b"matrix"}, hold_at=1)
+    job = await _runpod_job(running, h)
+    taken = await h.until_submitted(provider.servicer, job.id)
+
+    async def chunks():
+        yield b"matrix"
+
+    store = open_store(store_settings)
+    await store.put(job_key(job.id, "scores.npy"), chunks())  # the worker's upload
+    s3_server.outage(outage_s)
+    taken.plan.release.set()
+    events = await h.watch_all(running.stub, "rita", job.id)
+    last = json.loads(events[-1].event_json)
+    if store_deadline_s > outage_s:
+        # Each check gave up after 0.3 s; the job stayed running and was checked again later.
+        assert last["state"] == "completed"
+    else:
+        assert last["state"] == "failed"
+        assert "the artifact store could not be reached to check the job's files" in last["error"]
+        assert "left in place" in last["error"]
+    async with asyncio.timeout(outage_s + 5):
+        while True:
+            try:
+                keys = {info.key for info in await store.list(job_prefix(job.id))}
+                break
+            except StoreError:  # the outage's 503s, until it ends
+                await asyncio.sleep(0.2)
+    assert job_key(job.id, "scores.npy") in keys
