@@ -50,6 +50,7 @@ from gpu_core.schemas import (
     ExperimentSpec,
     LdsReport,
     ProgressEvent,
+    Stage,
 )
 from gpu_core.training import TrainingStep, train_lora
 
@@ -247,7 +248,7 @@ def run_counterfactual_job(
 
 
 def retraining_job(
-    stage: str,
+    stage: Stage,
     spec: ExperimentSpec,
     retrainings: int,
     should_stop: Callable[[], bool] | None,
