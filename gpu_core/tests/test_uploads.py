@@ -43,7 +43,7 @@ def test_the_names_repeated_for_the_scheduler_match_gpu_core_and_need_no_numpy()
     import sys
 
     from gpu_core import artifacts, training_summary, uploads
-    from gpu_core.influence import index, projected
+    from gpu_core.influence import index
 
     assert uploads.SCORES_NAME == artifacts.SCORES_NAME
     assert uploads.SUMMARY_NAME == training_summary.SUMMARY_NAME
@@ -52,7 +52,6 @@ def test_the_names_repeated_for_the_scheduler_match_gpu_core_and_need_no_numpy()
         index.MANIFEST,
         index.IDS_FILE,
     )
-    assert uploads.DEFAULT_TRACKSTAR_DIM == projected.DEFAULT_TRACKSTAR_DIM
     for dim in (16, 4096, 65_536):
         assert max(1, uploads.INDEX_SHARD_BYTES // (2 * dim)) == index.shard_rows_for(dim)
     # The scheduler's image has gpu_core without extras.
