@@ -167,7 +167,7 @@ export function trainingSection(jobId) {
     el("div", { class: "field" }, el("label", { for: "training-rule" }, "Selection"), rule),
     el("div", { class: "field" }, el("label", { for: "training-count" }, "N (examples to drop)"), count),
     el("div", { class: "field" }, el("label", { for: "training-fraction" }, "Fraction to keep"), fraction),
-    el("div", { class: "field" }, el("label", { for: "training-controls" }, "Random controls"), controls),
+    el("div", { class: "field" }, el("label", { for: "training-controls" }, "Control selections (random, same size)"), controls),
     el("div", { class: "field" }, el("label", { for: "training-seeds" }, "Seeds"), seeds),
     estimateBox,
     el("div", { class: "actions" }, run));
@@ -176,9 +176,12 @@ export function trainingSection(jobId) {
 
   const section = el("section", { class: "card", id: "training-data", "aria-labelledby": "training-heading" },
     el("h2", { id: "training-heading" }, "Training data"),
-    el("p", { class: "help" }, "Each training example's net influence over the eval set (positive = helpful), its self-influence, its loss under the fine-tuned model, and a suspicion rank combining them (likely mislabelled first). Select examples and retrain without them, against random selections of the same size."),
-    el("div", { class: "field" }, el("label", { for: "training-sort" }, "Sort by"), sortSelect),
-    table, pager, form, error, progressBox, outcome);
+    // Folded like the checkpoints: the results page stays a few screens tall until it is opened.
+    el("details", { id: "training-details" },
+      el("summary", {}, "Rank the training set, select examples, retrain and compare"),
+      el("p", { class: "help" }, "Each training example's net influence over the eval set (positive = helpful), its self-influence, its loss under the fine-tuned model, and a suspicion rank combining them (likely mislabelled first). Select examples and retrain without them, against random selections of the same size."),
+      el("div", { class: "field" }, el("label", { for: "training-sort" }, "Sort by"), sortSelect),
+      table, pager, form, error, progressBox, outcome));
   load().then(estimate).catch((err) => {
     table.replaceChildren();
     showError(err.message);
