@@ -108,6 +108,19 @@ def _job_path(job_id: str, tail: str = "") -> str:
     return f"/api/jobs/{quote(job_id, safe='')}{tail}"
 
 
+def _later_job(
+    job_id: str, path: str, model: type[BaseModel], request: dict[str, Any], idempotency_key: str | None
+) -> _Call[Any]:
+    """Submit a later job of an experiment (a check, query or curation): one POST per key."""
+    return _Call(
+        "POST",
+        _job_path(job_id, path),
+        _model(model),
+        json=request,
+        headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex},
+    )
+
+
 def _artifact_path(job_id: str, name: str) -> str:
     return _job_path(job_id, "/artifacts/" + quote(_safe_artifact_name(name), safe="/"))
 
@@ -223,13 +236,7 @@ class _Calls:
     def submit_counterfactual(
         job_id: str, request: dict[str, Any], idempotency_key: str | None
     ) -> _Call[models.CounterfactualSubmitted]:
-        return _Call(
-            "POST",
-            _job_path(job_id, "/counterfactual"),
-            _model(models.CounterfactualSubmitted),
-            json=request,
-            headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex},
-        )
+        return _later_job(job_id, "/counterfactual", models.CounterfactualSubmitted, request, idempotency_key)
 
     @staticmethod
     def counterfactuals(job_id: str) -> _Call[list[models.CounterfactualCheck]]:
@@ -251,13 +258,7 @@ class _Calls:
     def submit_query(
         job_id: str, request: dict[str, Any], idempotency_key: str | None
     ) -> _Call[models.QuerySubmitted]:
-        return _Call(
-            "POST",
-            _job_path(job_id, "/queries"),
-            _model(models.QuerySubmitted),
-            json=request,
-            headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex},
-        )
+        return _later_job(job_id, "/queries", models.QuerySubmitted, request, idempotency_key)
 
     @staticmethod
     def queries(job_id: str) -> _Call[list[models.QueryJob]]:
@@ -284,13 +285,7 @@ class _Calls:
     def submit_curation(
         job_id: str, request: dict[str, Any], idempotency_key: str | None
     ) -> _Call[models.CurationSubmitted]:
-        return _Call(
-            "POST",
-            _job_path(job_id, "/curations"),
-            _model(models.CurationSubmitted),
-            json=request,
-            headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex},
-        )
+        return _later_job(job_id, "/curations", models.CurationSubmitted, request, idempotency_key)
 
     @staticmethod
     def curation(job_id: str, curation_id: str) -> _Call[models.Curation]:
