@@ -12,4 +12,6 @@ bash scripts/k8s_validate.sh
 bash scripts/lint_docker.sh
 # The browser tests drive Debian's chromium; a fresh machine gets it from apt.
 bash scripts/ensure_chromium.sh
-.venv/bin/python -m pytest "$@"
+# Two workers, one test file each at a time (module-scoped stacks stay in one process), in the
+# order of pyproject's testpaths: the slowest directories first, so no long file starts last.
+.venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile --loadscope-no-reorder --durations=30 "$@"

@@ -50,6 +50,8 @@ def test_missing_secret_is_refused_naming_the_variable(env: pytest.MonkeyPatch) 
         ("not*base64*at*all-secret-value", "is not valid base64"),
         ("   ", "is empty"),
     ],
+    # ids without the random values, so every pytest-xdist worker collects the same names
+    ids=["16-bytes", "33-bytes", "not-base64", "blank"],
 )
 def test_bad_secret_is_refused_without_echoing_it(env: pytest.MonkeyPatch, value: str, problem: str) -> None:
     env.setenv("RUNPOD_KEY_ENCRYPTION_SECRET", value)
