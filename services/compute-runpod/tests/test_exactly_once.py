@@ -19,7 +19,7 @@ from artifact_store import ArtifactStore, job_key, job_prefix
 from benchmarks.planted import stand_in_result
 from devstack.s3_server import S3TestServer
 from gpu_core.schemas import ExperimentResult, parse_spec
-from gpu_core.uploads import CLAIM_NAME, DUPLICATE_DELIVERY, RESULT_NAME, presigned_expiry
+from gpu_core.uploads import CLAIM_NAME, CLAIM_READ_NAME, DUPLICATE_DELIVERY, RESULT_NAME, presigned_expiry
 from influence.v1 import common_pb2, compute_pb2
 from scheduler.artifacts import WorkerClaim, fetch_stored_result, read_worker_claim
 from scheduler.uploads import presigned_uploads, verify_uploads
@@ -226,6 +226,27 @@ async def test_a_worker_that_cannot_reach_the_store_runs_nothing(monkeypatch: py
     assert started == []
 
 
+async def test_runpod_delivering_the_same_job_again_reclaims_it_another_job_is_refused(
+    s3_store: ArtifactStore,
+) -> None:
+    """RunPod runs a job again under the same id when its first worker failed (or on /retry):
+    that delivery finds its own claim (through the plan's GET of it) and runs; a second RunPod job
+    of the same job of ours (a resent /run) is still refused before any GPU work."""
+    handler = load_worker_handler("runpod_worker_reclaim_under_test")
+    urls = {upload.name: upload.url for upload in await upload_plan(s3_store, "job-again")}
+    transport = {"mode": "presigned", "urls": urls, "job_id": "job-again"}
+    assert await handler.claim({"id": "rp-1"}, transport) is None  # the first delivery runs
+    assert await handler.claim({"id": "rp-1"}, transport) is None  # RunPod delivers rp-1 again
+    refusal = await handler.claim({"id": "rp-2"}, transport)
+    assert refusal is not None and refusal.startswith(f"{DUPLICATE_DELIVERY} of job job-again")
+    claim = await read_worker_claim(s3_store, "job-again")
+    assert claim is not None and claim.provider_job_id == "rp-1"
+    # A plan without the GET (minted before it existed) keeps the strict rule: any 412 refuses.
+    strict = {**transport, "urls": {name: url for name, url in urls.items() if name != CLAIM_READ_NAME}}
+    refusal = await handler.claim({"id": "rp-1"}, strict)
+    assert refusal is not None and refusal.startswith(DUPLICATE_DELIVERY)
+
+
 async def test_a_later_job_carries_its_workers_record_urls(stack: Stack, s3_store: ArtifactStore) -> None:
     """A counterfactual check writes no files, but its worker claims our job id and keeps its
     result in the store: the records' URLs the scheduler minted reach the worker's input."""
@@ -246,5 +267,9 @@ async def test_a_later_job_carries_its_workers_record_urls(stack: Stack, s3_stor
     sent = stack.fake.job(answer.provider_job_id)
     assert sent is not None
     transport = sent.input["artifact_transport"]
-    assert transport["job_id"] == "job-check" and set(transport["urls"]) == {CLAIM_NAME, RESULT_NAME}
+    assert transport["job_id"] == "job-check" and set(transport["urls"]) == {
+        CLAIM_NAME,
+        RESULT_NAME,
+        CLAIM_READ_NAME,
+    }
     await stack.stub.Cancel(compute_pb2.CancelRequest(provider_job_id=answer.provider_job_id, account=HOSTED))
