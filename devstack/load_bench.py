@@ -9,7 +9,8 @@ time from submit to the job's first stored event, scheduler CPU, PostgreSQL conn
 provider calls per second (RunPod's job-API limits: /run 1000 and /status, /stream 2000 per 10 s).
 
 The money figures (issue 22): 5xx answers (must be 0), submit p99 (must be < 500 ms: submit only
-inserts), accepted /run calls at the fake RunPod against BYOK jobs submitted (exactly one each),
+inserts), accepted /run calls at the fake RunPod per BYOK job (exactly one each: counted per job,
+jobs cancelled while their /run was in flight included),
 database connections per scheduler replica (at most 10), and every accepted job terminal: after
 the follow window the jobs still waiting (no GPU in the fake, one device for compute-local) are
 cancelled through the API, and the bench waits until each one has ended.
