@@ -9,7 +9,8 @@ time from submit to the job's first stored event, scheduler CPU, PostgreSQL conn
 provider calls per second (RunPod's job-API limits: /run 1000 and /status, /stream 2000 per 10 s).
 
 The money figures (issue 22): 5xx answers (must be 0), submit p99 (must be < 500 ms: submit only
-inserts), accepted /run calls at the fake RunPod against BYOK jobs submitted (exactly one each),
+inserts), accepted /run calls at the fake RunPod per BYOK job (exactly one each: counted per job,
+jobs cancelled while their /run was in flight included),
 database connections per scheduler replica (at most 10), and every accepted job terminal: after
 the follow window the jobs still waiting (no GPU in the fake, one device for compute-local) are
 cancelled through the API, and the bench waits until each one has ended.
@@ -127,6 +128,16 @@ def first_event_delays(database_url: str) -> list[float]:
     return asyncio.run(query())
 
 
+def runs_per_bench_job(fake: FakeRunPodProcess) -> Counter[str]:
+    """Accepted /run calls per bench job. The fake's input carries no job id of ours (no store
+    signs URLs here), so each is told apart by its spec's first prompt, unique per (user, n)."""
+    runs: Counter[str] = Counter()
+    for run_id in fake.control("GET", "jobs")["accepted_runs"]:  # type: ignore[index]
+        job_input = fake.control("GET", f"jobs/{run_id}/input")["input"]  # type: ignore[index]
+        runs[job_input["training_data"][0]["prompt"]] += 1  # an experiment's input is its spec
+    return runs
+
+
 def job_outcomes(database_url: str) -> dict[str, int]:
     """Jobs by state, and the BYOK jobs that reached RunPod (with how many distinct RunPod ids)."""
 
@@ -232,6 +243,7 @@ def run(users: int, jobs_per_user: int, follow_s: float, workers: int) -> dict[s
             sampler.join()
             outcomes = job_outcomes(stack.database_url)
             runs_accepted = sum(1 for r in fake.requests("job.run") if r["status"] == 200)
+            runs_per_job = runs_per_bench_job(fake)
             cpu = sum(cpu_seconds(pid) for pid in schedulers) - cpu_before
             delays = first_event_delays(stack.database_url)
             calls = sampler.calls[-1][1] - sampler.calls[0][1]
@@ -262,6 +274,10 @@ def run(users: int, jobs_per_user: int, follow_s: float, workers: int) -> dict[s
         "byok_jobs_submitted_to_runpod": outcomes["byok_submitted"],
         "byok_distinct_runpod_job_ids": outcomes["byok_distinct_runpod_ids"],
         "runpod_run_accepted": runs_accepted,
+        # Every job that reached RunPod, also those cancelled while their /run was in flight
+        # (the dispatcher then cancels them at RunPod: accepted, never recorded on the row).
+        "byok_jobs_with_a_run_accepted": len(runs_per_job),
+        "byok_jobs_with_two_or_more_runs": sum(1 for n in runs_per_job.values() if n > 1),
         "db_connections_max_per_replica": ", ".join(
             f"{name}: {n}" for name, n in sorted(sampler.per_replica.items())
         ),

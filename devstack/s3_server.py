@@ -10,6 +10,7 @@ store that is briefly unavailable does."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -46,6 +47,10 @@ class Outage:
         with self._lock:
             self._until = time.monotonic() + seconds
 
+    def end(self) -> None:
+        with self._lock:
+            self._until = 0.0
+
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         with self._lock:
             down = time.monotonic() < self._until
@@ -65,11 +70,18 @@ class S3TestServer:
     bucket: str
     faults: Outage | None = field(default=None, compare=False)
 
-    def outage(self, seconds: float) -> None:
-        """Answer every request with 503 for the next ``seconds``."""
+    def outage(self, seconds: float = math.inf) -> None:
+        """Answer every request with 503 for the next ``seconds`` (by default until
+        ``end_outage``: a test that ends it after what it waits for has happened is not at the
+        mercy of a loaded machine's timing)."""
         if self.faults is None:
             raise RuntimeError("this S3 test server was started without fault injection")
         self.faults.start(seconds)
+
+    def end_outage(self) -> None:
+        if self.faults is None:
+            raise RuntimeError("this S3 test server was started without fault injection")
+        self.faults.end()
 
     def store_settings(self, prefix: str = "artifacts") -> StoreSettings:
         """Settings of an artifact store under ``prefix`` in this server's bucket."""

@@ -14,7 +14,10 @@ in the same plan (``WORKER_RECORD_NAMES``, never in a manifest):
   create): the first delivery of a job creates it; any later delivery of the same job id (a
   second ``/run`` after an ambiguous answer, a Modal respawn) gets HTTP 412 and exits without GPU
   work (``claim_job``, ``DUPLICATE_DELIVERY``). Its body names the provider job that holds it, so
-  the scheduler can find that job when it never learnt its id.
+  the scheduler can find that job when it never learnt its id, and so that the same provider job
+  delivered again (RunPod re-queues a job whose worker failed, ``/retry`` runs it again under
+  the same id) re-claims it: the plan also carries a presigned GET of the claim
+  (``CLAIM_READ_NAME``), which such a delivery reads after its 412.
 - ``_worker/result.json``, the result JSON written beside the files when the run ends
   (``store_result``), so the scheduler can collect a result after the provider forgot it (RunPod
   keeps one 30 minutes).
@@ -54,6 +57,8 @@ CHECKPOINT_INDEX = "checkpoints/checkpoints.json"
 CLAIM_NAME = "_worker/claim.json"
 RESULT_NAME = "_worker/result.json"
 WORKER_RECORD_NAMES = (CLAIM_NAME, RESULT_NAME)
+# The plan's entry for a presigned GET of the claim (not an object of its own, never uploaded).
+CLAIM_READ_NAME = "_worker/claim.json:read"
 # How a duplicate delivery's error begins (workers write it; providers and tests recognise it).
 DUPLICATE_DELIVERY = "Duplicate delivery"
 UPLOAD_ATTEMPTS = 4
@@ -174,12 +179,14 @@ def _put(path: Path, size: int, url: str) -> tuple[int, str]:
         connection.close()
 
 
-def claim_job(url: str, claim: Mapping[str, Any]) -> bool:
+def claim_job(url: str, claim: Mapping[str, Any], read_url: str | None = None) -> bool:
     """Create the job's claim object at ``url`` only if it does not exist (``If-None-Match: *``).
     True: this delivery holds the claim and may run. False: another delivery created it first
     (HTTP 412). Retries connection failures, 5xx and 409 (S3's answer to two conditional writes
     racing); raises ArtifactUploadError when the store cannot be reached or refuses otherwise.
-    A 412 after an attempt whose answer was lost counts as ours: that attempt created it."""
+    A 412 after an attempt whose answer was lost counts as ours: that attempt created it. So does
+    a 412 on a claim that names this delivery's own ``provider_job_id`` (read at ``read_url``):
+    the provider delivered the same job again after its first worker failed."""
     body = json.dumps(dict(claim), separators=(",", ":")).encode()
     outcome_unknown = False
     problem = ""
@@ -195,11 +202,48 @@ def claim_job(url: str, claim: Mapping[str, Any]) -> bool:
         if 200 <= status < 300:
             return True
         if status == 412:
-            return outcome_unknown
+            return outcome_unknown or _claimed_by(read_url, str(claim.get("provider_job_id") or ""))
         problem = f"the artifact store answered HTTP {status}" + (f": {text}" if text else "")
         if status < 500 and status not in (409, 429):
             break
     raise ArtifactUploadError(f"claiming the job failed: {problem}")
+
+
+def _claimed_by(read_url: str | None, provider_job_id: str) -> bool:
+    """Whether the existing claim (read at ``read_url``) names ``provider_job_id``; raises
+    ArtifactUploadError when it cannot be read."""
+    if read_url is None or not provider_job_id:
+        return False
+    problem = ""
+    for attempt in range(UPLOAD_ATTEMPTS):
+        if attempt:
+            time.sleep(_RETRY_BASE_S * 2 ** (attempt - 1))
+        try:
+            status, text = _get_text(read_url)
+        except OSError as exc:
+            problem = f"the artifact store could not be reached ({type(exc).__name__}: {exc})"
+            continue
+        if status == 200:
+            try:
+                return str(json.loads(text).get("provider_job_id") or "") == provider_job_id
+            except (ValueError, AttributeError):
+                return False  # not a claim this code wrote: someone else's, so not ours
+        problem = f"the artifact store answered HTTP {status}"
+        if status < 500 and status != 429:
+            break
+    raise ArtifactUploadError(f"reading the job's claim failed: {problem}")
+
+
+def _get_text(url: str) -> tuple[int, str]:
+    parts = urlsplit(url)
+    connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = connection_type(parts.netloc, timeout=_TIMEOUT_S)
+    try:
+        connection.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""))
+        response = connection.getresponse()
+        return response.status, response.read(64 * 1024).decode("utf-8", "replace")
+    finally:
+        connection.close()
 
 
 def duplicate_delivery_message(job_id: str) -> str:

@@ -14,7 +14,7 @@ from artifact_store import ArtifactStore
 from benchmarks.planted import planted_duplicate_spec, stand_in_result
 from gpu_core.jobs import COUNTERFACTUAL, make_payload
 from gpu_core.schemas import parse_spec
-from gpu_core.uploads import DUPLICATE_DELIVERY, WORKER_RECORD_NAMES
+from gpu_core.uploads import CLAIM_READ_NAME, DUPLICATE_DELIVERY, WORKER_RECORD_NAMES
 from scheduler.artifacts import fetch_stored_result, read_worker_claim
 from scheduler.uploads import presigned_uploads
 
@@ -66,7 +66,7 @@ async def test_a_check_with_record_urls_claims_its_job_and_keeps_its_result(
     worker claims our job id first and leaves the result in the store; a second delivery of the
     same job runs nothing."""
     urls = {upload.name: upload.url for upload in await presigned_uploads(s3_store, "job-check", None, 600)}
-    assert set(urls) == set(WORKER_RECORD_NAMES)
+    assert set(urls) == {*WORKER_RECORD_NAMES, CLAIM_READ_NAME}
     transport = {"mode": "presigned", "urls": urls, "job_id": "job-check"}
     payload = {**check_payload({"k": 1, "controls": 1}), "artifact_transport": transport}
     chunks = await handle(worker, {"id": "rp-first", "input": payload})

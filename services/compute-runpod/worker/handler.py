@@ -26,7 +26,8 @@ from RunPod) yields each file as base64 ``artifact_part`` chunks, refused in pla
 Exactly once on our job id: with presigned URLs the transport also carries the PUT URLs of the
 worker's records (gpu_core.uploads ``CLAIM_NAME``, ``RESULT_NAME``) and our ``job_id``. Before
 any GPU work the handler creates the claim object conditionally; a second delivery of the same
-job (a resent ``/run``) finds it and ends at once with a plain "Duplicate delivery" error. When
+job (a resent ``/run``) finds it and ends at once with a plain "Duplicate delivery" error, while
+the same RunPod job delivered again (its first worker failed) finds its own claim and runs. When
 the run ends its result JSON is also written to the store, where the scheduler collects it after
 RunPod has forgotten the job (30 minutes after it ends).
 
@@ -58,6 +59,7 @@ from gpu_core.pipeline import ExperimentCancelled
 from gpu_core.schemas import ArtifactEntry, SpecError
 from gpu_core.uploads import (
     CLAIM_NAME,
+    CLAIM_READ_NAME,
     RESULT_NAME,
     ArtifactDownloadError,
     ArtifactUploadError,
@@ -175,7 +177,8 @@ async def deliver_artifacts(result: dict[str, Any], directory: Path, transport: 
 
 
 def record_url(transport: Any, name: str) -> str | None:
-    """The presigned PUT URL of one of the worker's records, when the transport carries one."""
+    """The presigned URL of one of the worker's records (PUT; a GET for ``CLAIM_READ_NAME``),
+    when the transport carries one."""
     urls = transport.get("urls") if isinstance(transport, dict) else None
     url = urls.get(name) if isinstance(urls, dict) else None
     return url if isinstance(url, str) and url else None
@@ -196,7 +199,7 @@ async def claim(job: dict[str, Any], transport: Any) -> str | None:
         "claimed_at": time.time(),
     }
     try:
-        claimed = await asyncio.to_thread(claim_job, url, body)
+        claimed = await asyncio.to_thread(claim_job, url, body, record_url(transport, CLAIM_READ_NAME))
     except ArtifactUploadError as exc:
         return f"The job was not run: the artifact store, where its files go, failed ({exc})"
     return None if claimed else duplicate_delivery_message(job_id)

@@ -76,11 +76,13 @@ class GatewayState:
         return self.settings.spec_limits
 
 
-def gateway_state(request: Request) -> GatewayState:
+# The dependencies are `async def` although none awaits: FastAPI runs a plain `def` dependency
+# in its thread pool, a thread hand-off (and GIL contention) per dependency on every request.
+async def gateway_state(request: Request) -> GatewayState:
     return request.app.state.gateway
 
 
-def upstreams(request: Request) -> Upstreams:
+async def upstreams(request: Request) -> Upstreams:
     state: GatewayState = request.app.state.gateway
     if state.upstreams is None:
         # Only between the app's creation and its lifespan opening the channels (or after close).
@@ -99,7 +101,7 @@ async def current_user(
     request: Request,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)],
 ) -> str:
-    state = gateway_state(request)
+    state: GatewayState = request.app.state.gateway
     try:
         return await state.verifier.subject(request.headers.get("authorization"))
     except AuthError as exc:
@@ -108,7 +110,7 @@ async def current_user(
         raise ApiError(503, str(exc)) from None
 
 
-def trace(request: Request) -> Metadata:
+async def trace(request: Request) -> Metadata:
     return trace_metadata(request.headers)
 
 
@@ -117,11 +119,11 @@ Trace = Annotated[Metadata, Depends(trace)]
 Clients = Annotated[Upstreams, Depends(upstreams)]
 
 
-def scheduler_client(clients: Clients, trace: Trace) -> SchedulerClient:
+async def scheduler_client(clients: Clients, trace: Trace) -> SchedulerClient:
     return clients.scheduler_client(trace)
 
 
-def keyvault_client(clients: Clients, trace: Trace) -> KeyVaultClient:
+async def keyvault_client(clients: Clients, trace: Trace) -> KeyVaultClient:
     return clients.keyvault_client(trace)
 
 

@@ -129,8 +129,10 @@ class Dispatcher:
         artifacts: ArtifactMover,
         lease: Lease,
         follower: Follower,
+        slot_freed: asyncio.Event | None = None,
     ) -> None:
         self._settings = settings
+        self._slot_freed = slot_freed
         self._store = store
         self._providers = providers
         self._artifacts = artifacts
@@ -164,6 +166,8 @@ class Dispatcher:
     def _forget(self, job_id: str) -> None:
         self._tasks.pop(job_id, None)
         self._awaiting_claim.discard(job_id)
+        if self._slot_freed is not None:
+            self._slot_freed.set()
 
     async def close(self) -> None:
         # A submit cut off here stays "submitting": whoever claims the job next reconciles it.

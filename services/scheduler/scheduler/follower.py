@@ -215,6 +215,8 @@ class Follower:
             # the worker's copy of the result in the store is collected before giving up.
             update = JobUpdate(cursor=job.provider_cursor)
             if not await self._collect_result(job, route, account, update, followed, forgotten=exc):
+                if await self._send_again_if_never_ran(job):
+                    return False, False
                 message = f"the {job.provider} provider no longer knows this job: {exc.message}"
                 update.status, update.error, update.stage_message = "failed", message, message
             stored = await self._store.apply(
@@ -295,6 +297,34 @@ class Follower:
             gpu_seconds=run_s, source="run time as the scheduler saw it (cancelled at the spend cap)"
         )
         update.actual = actual_cost(job, usage, None)
+
+    async def _send_again_if_never_ran(self, job: JobRow) -> bool:
+        """A RunPod job that RunPod no longer knows and whose worker never claimed it was dropped
+        from the queue unrun (its ttl, kept within its upload URLs' life, ended first): nothing ran
+        or was billed. Once those URLs (the claim's among them) have expired, so that no late
+        worker can claim it either, it goes back to the queue and is sent again with fresh ones;
+        until then it waits (True). False: it ran, or this is no RunPod job with a store."""
+        if job.provider != "runpod" or not uploads_directly(job.provider, self._artifacts.store):
+            return False
+        wait_s = self._settings.scheduler_upload_url_ttl_s + self._settings.scheduler_claim_margin_s
+        # Read before the claim (as the dispatcher does): a claim written after this read was
+        # written before the URLs expired, so "over and no claim" means it never ran.
+        wait_over = await self._store.claim_wait_over(job.id, wait_s)
+        if await read_worker_claim(self._artifacts.store, job.id) is not None or wait_over is None:
+            return False
+        if not wait_over:
+            waiting = (
+                "RunPod dropped this job from its queue before any worker took it (nothing ran or "
+                "was billed); it is sent again once its first upload URLs expire"
+            )
+            if job.stage_message != waiting:
+                await self._store.apply(job.id, JobUpdate(stage_message=waiting), lease=self._lease)
+            return True
+        message = "RunPod dropped this job from its queue before any worker took it; sent again"
+        if await self._store.requeue_unrun(job.id, self._lease, job.provider_job_id, message):
+            log.warning("a job RunPod dropped unrun goes back to the queue", extra={"job_id": job.id})
+            self.drop(job.id)
+        return True
 
     async def _switch_to_claimant(self, job: JobRow, error: str) -> bool:
         """A second RunPod/Modal job for our job id (a resent /run) ends with "Duplicate

@@ -99,9 +99,12 @@ class JobManager:
         self.artifacts = artifacts
         self._lease = Lease(settings.scheduler_replica_id, settings.scheduler_lease_s)
         self.follower = Follower(settings, store, providers, artifacts, self._lease)
-        self.dispatcher = Dispatcher(settings, store, providers, artifacts, self._lease, self.follower)
+        # Set when a job was stored or a dispatch slot freed: claim queued jobs now, not next turn.
+        self._queued = asyncio.Event()
+        self.dispatcher = Dispatcher(
+            settings, store, providers, artifacts, self._lease, self.follower, slot_freed=self._queued
+        )
         self._lease_task: asyncio.Task[None] | None = None
-        self._queued = asyncio.Event()  # a job was stored: claim it now rather than next turn
 
     # ---- submit -------------------------------------------------------------------------
 
@@ -208,13 +211,17 @@ class JobManager:
             self._lease_task = asyncio.create_task(self._lease_loop(), name="scheduler-leases")
         return claimed
 
-    async def _claim(self) -> int:
+    async def _claim(self, takeovers: bool = True) -> int:
+        """Claim queued jobs for the dispatcher's free slots and, with ``takeovers``, submitted
+        jobs whose replica died (or that were never followed) for the follower."""
         claimed = 0
         free = self.dispatcher.free()
         if free:
             for job in await self._store.claim_jobs(self._lease, free, submitted=False):
                 self.dispatcher.dispatch(job.id, job.provider)
                 claimed += 1
+        if not takeovers:
+            return claimed
         for job in await self._store.claim_jobs(self._lease, _CLAIM_BATCH, submitted=True):
             log.info("job claimed", extra={"job_id": job.id, "replica": self._lease.owner})
             self.follower.follow(job.id, job.provider)
@@ -229,7 +236,11 @@ class JobManager:
                 await asyncio.wait_for(self._queued.wait(), interval)
             self._queued.clear()
             try:
-                if time.monotonic() - renewed_at >= interval:
+                # A wake-up (a job stored here, a dispatch slot freed) claims queued jobs only, and
+                # none while every slot is busy: under a burst of submits the takeover scan and
+                # full-slot claims would otherwise run back to back, one per submit.
+                due = time.monotonic() - renewed_at >= interval
+                if due:
                     held = self.dispatcher.held | self.follower.held
                     kept = await self._store.renew_leases(self._lease, list(held))
                     renewed_at = time.monotonic()
@@ -237,7 +248,7 @@ class JobManager:
                         # Another replica took it over (this one stalled past its lease), or it
                         # ended: stop following; a submit in flight finds its write refused.
                         self.follower.drop(job_id)
-                await self._claim()
+                await self._claim(takeovers=due)
             except DB_ERRORS as exc:
                 log.warning("leases not renewed; database unavailable", extra={"error": str(exc)})
 

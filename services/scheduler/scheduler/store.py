@@ -496,6 +496,34 @@ class Store:
             return None
         return bool(row["over"])
 
+    async def requeue_unrun(self, job_id: str, lease: Lease, provider_job_id: str, message: str) -> bool:
+        """Put a submitted job back in the queue, to be sent again with fresh upload URLs: its
+        provider dropped it before any worker started it (RunPod's ttl ended while it queued).
+        Fenced by the lease and the provider job; the lease is given up so that a dispatcher
+        claims it. False when any of that no longer holds."""
+        job_uuid = uuid.UUID(job_id)
+        async with self.connection() as conn, conn.transaction():
+            seq = await conn.fetchval(
+                f"""UPDATE jobs SET status = 'queued', provider_job_id = NULL, provider_cursor = '',
+                       submit_token = NULL, submit_sent_at = NULL, stage_message = $4,
+                       lease_owner = NULL, lease_expires_at = NULL, last_seq = last_seq + 1,
+                       updated_at = now()
+                    WHERE id = $2 AND {_HELD} AND status = 'submitted' AND provider_job_id = $3
+                    RETURNING last_seq""",
+                lease.owner,
+                job_uuid,
+                provider_job_id,
+                message,
+            )
+            if seq is None:
+                return False
+            event = {"type": "status", "state": "queued", "stage": "", "message": message}
+            await conn.execute(
+                "INSERT INTO job_events (job_id, seq, event) VALUES ($1, $2, $3)", job_uuid, seq, event
+            )
+            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, job_id)
+        return True
+
     async def clear_submit(self, job_id: str, lease: Lease, token: uuid.UUID) -> None:
         """Forget the submit token after an attempt that certainly never reached the provider."""
         await self._execute(

@@ -40,7 +40,13 @@ from typing import Any
 from artifact_store import ArtifactNotFound, ArtifactStore, StoreError, job_key, job_prefix
 from gpu_core.jobs import QUERY, parse_result
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
-from gpu_core.uploads import WORKER_RECORD_NAMES, needed_parent_artifacts, planned_artifact_names
+from gpu_core.uploads import (
+    CLAIM_NAME,
+    CLAIM_READ_NAME,
+    WORKER_RECORD_NAMES,
+    needed_parent_artifacts,
+    planned_artifact_names,
+)
 from influence.v1 import compute_pb2
 from scheduler.artifacts import ArtifactTransferError, StoreUnavailable
 
@@ -63,15 +69,22 @@ async def presigned_uploads(
     store: ArtifactStore, job_id: str, spec: dict[str, Any] | None, expires_s: int
 ) -> list[compute_pb2.ArtifactUpload]:
     """One presigned PUT URL per artifact name the job's run may write, and one for each of
-    the worker's records (its claim on the job, its result JSON: gpu_core.uploads). ``spec``
+    the worker's records (its claim on the job, its result JSON: gpu_core.uploads), and a GET of
+    the claim (``CLAIM_READ_NAME``: a re-delivered provider job finds its own claim). ``spec``
     None: a later job (a query, a counterfactual check), which writes only those records."""
     planned = planned_artifact_names(parse_spec(spec, NO_SIZE_LIMITS)) if spec is not None else []
     names = [*planned, *WORKER_RECORD_NAMES]
     return [
+        *[
+            compute_pb2.ArtifactUpload(
+                name=name, url=await store.presigned_url("PUT", job_key(job_id, name), expires_s)
+            )
+            for name in names
+        ],
         compute_pb2.ArtifactUpload(
-            name=name, url=await store.presigned_url("PUT", job_key(job_id, name), expires_s)
-        )
-        for name in names
+            name=CLAIM_READ_NAME,
+            url=await store.presigned_url("GET", job_key(job_id, CLAIM_NAME), expires_s),
+        ),
     ]
 
 

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from benchmarks.planted import stand_in_result
-from gpu_core.uploads import WORKER_RECORD_NAMES
+from gpu_core.uploads import CLAIM_READ_NAME, WORKER_RECORD_NAMES
 from influence.v1 import scheduler_pb2
 
 pytestmark = pytest.mark.timeout(60)
@@ -173,7 +173,9 @@ async def test_a_check_on_runpod_gets_its_workers_record_urls_only(
     await h.until_submitted(provider.servicer, check.id)
     sent = provider.servicer.submit_requests[-1]
     assert sent.job_id == check.id and sent.kind == "counterfactual"
-    assert sorted(upload.name for upload in sent.artifact_uploads) == sorted(WORKER_RECORD_NAMES)
+    assert sorted(upload.name for upload in sent.artifact_uploads) == sorted(
+        [*WORKER_RECORD_NAMES, CLAIM_READ_NAME]
+    )
     assert all(f"/jobs/{check.id}/_worker/" in upload.url for upload in sent.artifact_uploads)
     events = await h.watch_all(stub, "alice", check.id)
     assert json.loads(events[-1].event_json)["state"] == "completed"

@@ -11,10 +11,11 @@ import time
 
 import asyncpg
 import grpc
+import httpx
 import pytest
 
-from artifact_store import StoreError, job_key, job_prefix, open_store
-from gpu_core.uploads import CLAIM_NAME, RESULT_NAME, claim_job
+from artifact_store import job_key, job_prefix, open_store
+from gpu_core.uploads import CLAIM_NAME, RESULT_NAME, claim_job, presigned_expiry
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc, scheduler_pb2
 
 pytestmark = pytest.mark.timeout(60)
@@ -348,17 +349,28 @@ async def test_a_forgotten_job_with_no_stored_result_fails_in_plain_words(start,
     running = await start(store_settings=s3_server.store_settings(prefix=f"t-{os.urandom(4).hex()}"))
     provider.servicer.plan = h.plan(waiting_polls=10_000)
     job = await _runpod_job(running, h)
-    await h.until_submitted(provider.servicer, job.id)
+    taken = await h.until_submitted(provider.servicer, job.id)
+    # A worker took it (its claim), then RunPod forgot it with no result stored: it ran, so it
+    # is not sent again.
+    assert _claim_through_its_url(provider.servicer.submit_requests[-1], taken.provider_job_id)
     del provider.servicer.jobs[job.id]
     events = await h.watch_all(running.stub, "rita", job.id)
     last = json.loads(events[-1].event_json)
     assert last["state"] == "failed" and "runpod provider no longer knows this job" in last["error"]
+    assert provider.servicer.submit_calls == [job.id]
 
 
-@pytest.mark.parametrize(("outage_s", "store_deadline_s"), [(4.0, 60.0), (8.0, 1.0)])
+# The issue's case: the store answers 503 for 10 s while a finished job's files are verified.
+_STORE_OUTAGE_S = 10.0
+
+
+@pytest.mark.parametrize("store_deadline_s", [60.0, 1.0])
 async def test_a_store_outage_during_verification_deletes_nothing(
-    start, provider, h, s3_server, outage_s, store_deadline_s
+    start, provider, h, s3_server, store_deadline_s
 ):
+    """The outage starts before the job finishes and the test ends it: after 10 s in which the
+    follower's checks were refused (the job completes), or once the job has failed past a
+    store deadline shorter than the outage. No timing of the machine decides which happens."""
     store_settings = s3_server.store_settings(prefix=f"t-{os.urandom(4).hex()}")
     running = await start(
         store_settings=store_settings,
@@ -374,22 +386,61 @@ async def test_a_store_outage_during_verification_deletes_nothing(
 
     store = open_store(store_settings)
     await store.put(job_key(job.id, "scores.npy"), chunks())  # the worker's upload
-    s3_server.outage(outage_s)
+    refused_before = s3_server.faults.refused
+    s3_server.outage()
+    began = time.monotonic()
     taken.plan.release.set()
-    events = await h.watch_all(running.stub, "rita", job.id)
-    last = json.loads(events[-1].event_json)
-    if store_deadline_s > outage_s:
-        # Each check gave up after 0.3 s; the job stayed running and was checked again later.
-        assert last["state"] == "completed"
-    else:
-        assert last["state"] == "failed"
-        assert "the artifact store could not be reached to check the job's files" in last["error"]
-        assert "left in place" in last["error"]
-    async with asyncio.timeout(outage_s + 5):
-        while True:
-            try:
-                keys = {info.key for info in await store.list(job_prefix(job.id))}
-                break
-            except StoreError:  # the outage's 503s, until it ends
-                await asyncio.sleep(0.2)
+    try:
+        if store_deadline_s > _STORE_OUTAGE_S:
+            async with asyncio.timeout(_STORE_OUTAGE_S + 20):
+                refused = lambda: s3_server.faults.refused > refused_before  # noqa: E731
+                while not refused() or time.monotonic() - began < _STORE_OUTAGE_S:
+                    await asyncio.sleep(0.1)
+            waiting = await running.stub.GetJob(scheduler_pb2.GetJobRequest(user_id="rita", job_id=job.id))
+            assert waiting.state == common_pb2.JOB_STATE_RUNNING, waiting  # each check gave up after 0.3 s
+            s3_server.end_outage()
+            last = json.loads((await h.watch_all(running.stub, "rita", job.id))[-1].event_json)
+            assert last["state"] == "completed"
+        else:
+            last = json.loads((await h.watch_all(running.stub, "rita", job.id))[-1].event_json)
+            assert last["state"] == "failed"
+            assert "the artifact store could not be reached to check the job's files" in last["error"]
+            assert "left in place" in last["error"]
+            assert s3_server.faults.refused > refused_before
+    finally:
+        s3_server.end_outage()
+    keys = {info.key for info in await store.list(job_prefix(job.id))}
     assert job_key(job.id, "scores.npy") in keys
+
+
+async def test_a_job_that_queued_past_its_upload_urls_is_sent_again_and_uploads(
+    start, provider, h, s3_server
+):
+    """A BYOK job waits in RunPod's queue longer than its first upload URLs live (shortened to
+    2 s): RunPod drops it unrun at its ttl (kept within the URLs' life), no worker claimed it, so
+    once the URLs have expired it is sent again with fresh ones, and its worker uploads with those."""
+    store_settings = s3_server.store_settings(prefix=f"t-{os.urandom(4).hex()}")
+    running = await start(
+        store_settings=store_settings, scheduler_upload_url_ttl_s=2, scheduler_claim_margin_s=0.5
+    )
+    provider.servicer.plan = h.plan(waiting_polls=10_000)  # no worker takes it
+    job = await _runpod_job(running, h)
+    await h.until_submitted(provider.servicer, job.id)
+    first = {upload.name: upload.url for upload in provider.servicer.submit_requests[-1].artifact_uploads}
+    provider.servicer.plan = h.plan(artifacts={"scores.npy": b"matrix"})  # the next delivery runs
+    del provider.servicer.jobs[job.id]  # RunPod's ttl ended while it queued: dropped, never run
+    async with asyncio.timeout(30):
+        while len(provider.servicer.submit_calls) < 2:
+            await asyncio.sleep(0.05)
+    assert presigned_expiry(first["scores.npy"]) <= time.time()  # sent again only once they lapsed
+    fresh = {upload.name: upload.url for upload in provider.servicer.submit_requests[-1].artifact_uploads}
+    assert set(fresh) == set(first) and presigned_expiry(fresh["scores.npy"]) > time.time()
+    async with httpx.AsyncClient() as http:  # the worker's upload, through the fresh URL
+        (await http.put(fresh["scores.npy"], content=b"matrix")).raise_for_status()
+    events = [json.loads(e.event_json) for e in await h.watch_all(running.stub, "rita", job.id)]
+    assert events[-1]["state"] == "completed"
+    assert any("dropped this job from its queue" in str(e.get("message", "")) for e in events)
+    assert provider.servicer.submit_calls == [job.id, job.id]
+    assert {info.key for info in await open_store(store_settings).list(job_prefix(job.id))} == {
+        job_key(job.id, "scores.npy")
+    }

@@ -11,7 +11,14 @@ import httpx
 import pytest
 
 from artifact_store import ArtifactStore, StoreError, job_key, load_store_settings, open_store
-from gpu_core.uploads import CLAIM_NAME, RESULT_NAME, WORKER_RECORD_NAMES, claim_job, store_result
+from gpu_core.uploads import (
+    CLAIM_NAME,
+    CLAIM_READ_NAME,
+    RESULT_NAME,
+    WORKER_RECORD_NAMES,
+    claim_job,
+    store_result,
+)
 from scheduler.artifacts import (
     ArtifactTransferError,
     StoreUnavailable,
@@ -96,6 +103,10 @@ async def test_the_plan_carries_the_worker_records_and_verification_keeps_them(
     # The conditional create: the first claim wins, a second delivery's gets 412 from the store.
     assert claim_job(uploads[CLAIM_NAME], claim)
     assert not claim_job(uploads[CLAIM_NAME], {**claim, "provider_job_id": "rp-2"})
+    # Read through the plan's GET of the claim: the provider job that holds it, delivered again
+    # (its first worker failed), re-claims it; another provider job of the same job still cannot.
+    assert claim_job(uploads[CLAIM_NAME], {**claim, "claimed_at": 2.0}, uploads[CLAIM_READ_NAME])
+    assert not claim_job(uploads[CLAIM_NAME], {**claim, "provider_job_id": "rp-2"}, uploads[CLAIM_READ_NAME])
     store_result(uploads[RESULT_NAME], {"artifacts": [], "note": "paid for"})
     await s3_store.put(job_key("job-w", "scores.npy"), chunks(b"matrix"))
     await verify_uploads(s3_store, "job-w", [entry("scores.npy", b"matrix")])
