@@ -9,8 +9,10 @@ minute on a loaded one); the job is a completed experiment row as the scheduler 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
+import secrets
 import signal
 import socket
 import struct
@@ -23,13 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import grpc
 import httpx
 import pytest
 
-from influence.v1 import common_pb2, scheduler_pb2
+from influence.v1 import common_pb2, keyvault_pb2, keyvault_pb2_grpc, scheduler_pb2
+from keyvault.config import Settings as KeyVaultSettings
+from keyvault.server import start_keyvault
 
 pytestmark = pytest.mark.slow
 
+GATEWAY_TOKEN = "gateway-token-" + "g" * 24
+SCHEDULER_TOKEN = "scheduler-token-" + "s" * 24
 LOSS = [(step, 2.0 - 0.25 * step, 1e-3) for step in range(1, 7)]
 SPEC: dict[str, Any] = {
     "name": "lr sweep a",
@@ -268,34 +275,75 @@ async def test_an_experiment_is_logged_to_mlflow_and_wandb_once(
     assert len(list((wandb_dir / "wandb").glob("offline-run-*"))) == 1
 
 
-async def test_a_tracker_that_fails_is_retried_then_recorded_and_the_job_stays_completed(
+async def test_a_researchers_trackers_with_a_key_from_keyvault_and_a_failing_tracker(
     start: Any, database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    scheduler = await start(scheduler_tracking_interval_s=0.2, scheduler_tracking_attempts=2)
-    # The researcher's own MLflow (Settings), here a port where nothing listens.
-    dead = f"http://127.0.0.1:{_free_port()}"
-    refused = scheduler.stub.SetTrackingSettings(
-        scheduler_pb2.SetTrackingSettingsRequest(user_id="bob", mlflow_tracking_uri="http://u:p@host")
+    """Bob's own W&B (key in keyvault, revealed by the scheduler only for the export) takes the
+    run; his own MLflow is down: retried a bounded number of times, then recorded as failed,
+    and the job stays completed."""
+    wandb_key = "wk" + secrets.token_hex(20)
+    vault = await start_keyvault(
+        KeyVaultSettings(
+            database_url=database_url,
+            runpod_key_encryption_secret=base64.b64encode(os.urandom(32)).decode(),
+            keyvault_caller_tokens=f"gateway={GATEWAY_TOKEN},scheduler={SCHEDULER_TOKEN}",
+            keyvault_host="127.0.0.1",
+            keyvault_port=0,
+            keyvault_metrics_port=-1,
+        )
     )
-    with pytest.raises(Exception, match="mlflow_tracking_uri: must not contain a user name or password"):
-        await refused
-    chosen = await scheduler.stub.SetTrackingSettings(
-        scheduler_pb2.SetTrackingSettingsRequest(user_id="bob", mlflow_tracking_uri=dead + "/")
-    )
-    assert chosen.mlflow_tracking_uri == dead and not chosen.operator_mlflow
-
-    job_id = await _completed_experiment(database_url, "bob")
-    first = await _tracking(scheduler.stub, "bob", job_id, lambda t: bool(t.get("trackers")))
-    assert first["status"] == "pending", first  # one failure: retried later (30 s), not failed
-    assert "MLflow at " + dead + " could not be reached" in first["trackers"]["mlflow"]["error"]
-    # Bring the retry forward instead of waiting out the backoff.
-    conn = await asyncpg.connect(database_url)
     try:
-        await conn.execute("UPDATE jobs SET tracking_next_at = now() WHERE id = $1", uuid.UUID(job_id))
-        attempts = await conn.fetchval("SELECT tracking_attempts FROM jobs WHERE id = $1", uuid.UUID(job_id))
-        assert attempts == 1
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{vault.port}") as channel:
+            await keyvault_pb2_grpc.KeyVaultStub(channel).StoreKey(
+                keyvault_pb2.StoreKeyRequest(user_id="bob", provider="wandb", plaintext=wandb_key),
+                metadata=(("x-caller-token", GATEWAY_TOKEN),),
+            )
+        wandb_dir = tmp_path / "wandb"
+        scheduler = await start(
+            scheduler_tracking_interval_s=0.2,
+            scheduler_tracking_attempts=2,
+            keyvault_addr=f"127.0.0.1:{vault.port}",
+            keyvault_token=SCHEDULER_TOKEN,
+            wandb_mode="offline",
+            wandb_dir=str(wandb_dir),
+        )
+        dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+        with pytest.raises(grpc.aio.AioRpcError, match="mlflow_tracking_uri: must not contain a user name"):
+            await scheduler.stub.SetTrackingSettings(
+                scheduler_pb2.SetTrackingSettingsRequest(user_id="bob", mlflow_tracking_uri="http://u:p@host")
+            )
+        chosen = await scheduler.stub.SetTrackingSettings(
+            scheduler_pb2.SetTrackingSettingsRequest(
+                user_id="bob", mlflow_tracking_uri=dead + "/", wandb_project="bobs-project"
+            )
+        )
+        assert chosen.mlflow_tracking_uri == dead and chosen.wandb_project == "bobs-project"
+        assert not chosen.operator_mlflow and not chosen.operator_wandb
+
+        job_id = await _completed_experiment(database_url, "bob")
+        first = await _tracking(scheduler.stub, "bob", job_id, lambda t: bool(t.get("trackers")))
+        assert first["status"] == "pending", first  # one failure: retried later (30 s, doubling)
+        assert f"MLflow at {dead} could not be reached" in first["trackers"]["mlflow"]["error"]
+        assert first["trackers"]["wandb"]["status"] == "exported"
+        assert first["trackers"]["wandb"]["source"] == "researcher"
+        [run_dir] = list((wandb_dir / "wandb").glob(f"offline-run-*-{job_id}"))
+        [header] = [
+            r.run
+            for r in _wandb_records(run_dir / f"run-{job_id}.wandb")
+            if r.WhichOneof("record_type") == "run"
+        ]
+        assert header.project == "bobs-project"
+        # Bring the retry forward instead of waiting out the backoff: the last try fails it.
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute("UPDATE jobs SET tracking_next_at = now() WHERE id = $1", uuid.UUID(job_id))
+        finally:
+            await conn.close()
+        final = await _tracking(scheduler.stub, "bob", job_id, lambda t: t.get("status") == "failed")
+        assert final["trackers"]["mlflow"]["status"] == "failed"
+        assert final["trackers"]["wandb"]["status"] == "exported"  # not logged a second time
+        assert len(list((wandb_dir / "wandb").glob("offline-run-*"))) == 1
+        assert any(getattr(r, "component", "") == "mlflow" for r in caplog.records)
+        assert wandb_key not in caplog.text and wandb_key not in json.dumps(final)
     finally:
-        await conn.close()
-    final = await _tracking(scheduler.stub, "bob", job_id, lambda t: t.get("status") == "failed")
-    assert final["trackers"]["mlflow"]["status"] == "failed"
-    assert any(getattr(r, "component", "") == "mlflow" for r in caplog.records)
+        await vault.stop()
