@@ -315,10 +315,15 @@ def wandb_child_env(settings: Settings, target: WandbTarget) -> dict[str, str]:
     """The child's environment: the scheduler's, without any WANDB_*/MLFLOW_* of the operator's
     (a researcher's run must never go out under the operator's key), plus the target's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MLFLOW_"))}
+    folder = os.path.abspath(settings.wandb_dir)
     env.update(
         {
             "WANDB_MODE": settings.wandb_mode,
-            "WANDB_DIR": os.path.abspath(settings.wandb_dir),
+            "WANDB_DIR": folder,
+            # W&B's own settings and caches too (the scheduler's root filesystem is read-only).
+            "WANDB_CONFIG_DIR": os.path.join(folder, "config"),
+            "WANDB_CACHE_DIR": os.path.join(folder, "cache"),
+            "WANDB_DATA_DIR": os.path.join(folder, "data"),
             "WANDB_SILENT": "true",
             "WANDB_CONSOLE": "off",
             "WANDB_DISABLE_GIT": "true",

@@ -1,7 +1,7 @@
 """Log one experiment to W&B with its SDK: the child process scheduler/tracking.py starts.
 
 Reads the run as JSON on stdin; WANDB_MODE, WANDB_DIR, WANDB_API_KEY (and WANDB_BASE_URL) come
-from the environment the parent builds. The run id is our job id and a second export resumes
+from the environment the parent builds. An online run's local folder is removed once W&B has it. The run id is our job id and a second export resumes
 it (``resume="allow"``): W&B keeps one run per experiment. Prints the answer, one JSON line
 after ``WANDB_ANSWER_PREFIX``, last.
 """
@@ -9,6 +9,8 @@ after ``WANDB_ANSWER_PREFIX``, last.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 
 import wandb
@@ -33,7 +35,10 @@ def main() -> None:
         run.log({"train/loss": loss, "train/learning_rate": learning_rate}, step=step)
     run.summary.update(run_spec["metrics"])
     answer = {"run_id": run.id, "url": run.url or "", "dir": run.dir}
+    online = not run.offline
     run.finish()
+    if online:  # the run is on W&B now; its local copy would only fill the scheduler's disk
+        shutil.rmtree(os.path.dirname(run.dir), ignore_errors=True)
     sys.stdout.write(WANDB_ANSWER_PREFIX + json.dumps(answer) + "\n")
     sys.stdout.flush()
 
