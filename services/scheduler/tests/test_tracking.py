@@ -294,10 +294,18 @@ async def test_a_researchers_trackers_with_a_key_from_keyvault_and_a_failing_tra
     )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{vault.port}") as channel:
-            await keyvault_pb2_grpc.KeyVaultStub(channel).StoreKey(
-                keyvault_pb2.StoreKeyRequest(user_id="bob", provider="wandb", plaintext=wandb_key),
-                metadata=(("x-caller-token", GATEWAY_TOKEN),),
-            )
+            vault_stub = keyvault_pb2_grpc.KeyVaultStub(channel)
+            for provider in ("wandb", "runpod"):
+                await vault_stub.StoreKey(
+                    keyvault_pb2.StoreKeyRequest(user_id="bob", provider=provider, plaintext=wandb_key),
+                    metadata=(("x-caller-token", GATEWAY_TOKEN),),
+                )
+            # The scheduler may reveal a researcher's tracker secrets, nothing else.
+            with pytest.raises(grpc.aio.AioRpcError, match="'scheduler' may not reveal keys of 'runpod'"):
+                await vault_stub.RevealKey(
+                    keyvault_pb2.KeyRef(user_id="bob", provider="runpod"),
+                    metadata=(("x-caller-token", SCHEDULER_TOKEN),),
+                )
         wandb_dir = tmp_path / "wandb"
         scheduler = await start(
             scheduler_tracking_interval_s=0.2,

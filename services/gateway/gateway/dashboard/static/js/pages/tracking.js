@@ -10,6 +10,23 @@ function field(id, label, attrs = {}) {
   return [input, el("div", { class: "field" }, el("label", { for: id }, label), input)];
 }
 
+const TRACKER_NAMES = { mlflow: "MLflow", wandb: "W&B" };
+
+// A job page's "Tracked in": each tracker's run (a link where it has a URL) or why it is not there.
+export function trackingFacts(tracking) {
+  const status = tracking && tracking.status;
+  if (!status || status === "none") return document.createTextNode("—");
+  const trackers = Object.entries(tracking.trackers || {});
+  if (!trackers.length) return document.createTextNode(status === "pending" || status === "exporting" ? "being logged…" : status);
+  return el("span", {}, trackers.map(([name, entry], index) => [
+    index ? "; " : "",
+    entry.status === "exported"
+      ? (entry.url ? el("a", { href: entry.url, target: "_blank", rel: "noopener noreferrer" }, TRACKER_NAMES[name] || name)
+        : `${TRACKER_NAMES[name] || name} (${entry.run_id || "logged"})`)
+      : `${TRACKER_NAMES[name] || name}: ${status === "failed" ? "failed" : "will retry"} — ${entry.error || entry.status}`,
+  ]));
+}
+
 export async function trackingCard() {
   let info = await api("GET", "/api/settings/tracking");
   const message = el("div", { id: "tracking-message", "aria-live": "polite" });
