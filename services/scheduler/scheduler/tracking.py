@@ -60,7 +60,12 @@ Source = Literal["operator", "researcher"]
 
 
 class TrackingError(Exception):
-    """A tracker did not take the run; the message names it (and never holds a secret)."""
+    """A tracker did not take the run; the message names it (and never holds a secret).
+    ``component``: what failed when it was not the tracker itself (keyvault, the stored result)."""
+
+    def __init__(self, message: str, component: str = "") -> None:
+        super().__init__(message)
+        self.component = component
 
 
 @dataclass(frozen=True)
@@ -421,6 +426,10 @@ class TrackingExporter:
                 await self.export_due()
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("tracking export could not read its jobs; will retry", extra={"error": str(exc)})
+            except Exception:  # a bug must not end tracking on this replica; the lease retries the job
+                log.exception(
+                    "tracking export failed unexpectedly", extra={"component": "scheduler-tracking"}
+                )
             await asyncio.sleep(self._settings.scheduler_tracking_interval_s)
 
     async def export_due(self) -> int:
@@ -479,7 +488,7 @@ class TrackingExporter:
         try:
             return await self._keyvault.reveal(user_id, provider)
         except KeyVaultError as exc:
-            raise TrackingError(f"keyvault: {exc}") from None
+            raise TrackingError(f"keyvault: {exc}", "keyvault") from None
 
     async def _export(self, job: asyncpg.Record) -> None:
         job_id = str(job["id"])
@@ -494,17 +503,22 @@ class TrackingExporter:
                     stored = await conn.fetchrow("SELECT spec, result FROM jobs WHERE id = $1", job["id"])
                 if stored is None:  # deleted meanwhile
                     return
-                run = tracked_run(
-                    job, stored["spec"], stored["result"] or {}, self._settings.tracking_dashboard_url
-                )
+                try:
+                    run = tracked_run(
+                        job, stored["spec"], stored["result"] or {}, self._settings.tracking_dashboard_url
+                    )
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise TrackingError(
+                        f"the stored result is unreadable: {exc!r}", "scheduler-tracking"
+                    ) from None
                 for name, target in due.items():
                     outcome.trackers[name] = await self._export_one(name, target, run)
         except TrackingError as exc:
             log.warning(
                 "experiment tracking failed",
-                extra={"job_id": job_id, "component": "keyvault", "error": str(exc)},
+                extra={"job_id": job_id, "component": exc.component, "error": str(exc)},
             )
-            outcome.trackers["keyvault"] = {"status": "failed", "error": str(exc)}
+            outcome.trackers[exc.component] = {"status": "failed", "error": str(exc)}
         await self._record(job, outcome)
 
     async def _export_one(

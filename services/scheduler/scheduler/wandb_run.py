@@ -1,9 +1,9 @@
 """Log one experiment to W&B with its SDK: the child process scheduler/tracking.py starts.
 
 Reads the run as JSON on stdin; WANDB_MODE, WANDB_DIR, WANDB_API_KEY (and WANDB_BASE_URL) come
-from the environment the parent builds. An online run's local folder is removed once W&B has it. The run id is our job id and a second export resumes
-it (``resume="allow"``): W&B keeps one run per experiment. Prints the answer, one JSON line
-after ``WANDB_ANSWER_PREFIX``, last.
+from the environment the parent builds. The run id is our job id and a second export resumes
+it (``resume="allow"``): W&B keeps one run per experiment. An online run's local folder is
+removed once W&B has it. Prints the answer, one JSON line after ``WANDB_ANSWER_PREFIX``, last.
 """
 
 from __future__ import annotations
