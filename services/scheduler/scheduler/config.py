@@ -19,7 +19,10 @@ def checked_tracking_url(value: str) -> str:
     URL that is shown and logged); the trailing slash dropped."""
     parts = urlsplit(value.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("expected an http:// or https:// URL")
+        raise ValueError(
+            "expected an http:// or https:// URL (MLflow is reached through its REST API: a file:, "
+            "sqlite: or databricks URI cannot be used)"
+        )
     if parts.username or parts.password:
         raise ValueError("must not contain a user name or password; give the token separately")
     return value.strip().rstrip("/")
@@ -119,8 +122,9 @@ class Settings(ServiceSettings):
     wandb_entity: str = Field(default="", max_length=128)
     wandb_api_key: SecretStr | None = None
     wandb_base_url: str = ""
-    # offline: W&B runs are written under wandb_dir and never sent (tests; `wandb sync` sends them).
-    wandb_mode: Literal["online", "offline"] = "online"
+    # offline: W&B runs are written under wandb_dir and never sent (tests; `wandb sync` sends them);
+    # disabled: no W&B export at all (W&B's own values; dryrun is W&B's old name for offline).
+    wandb_mode: Literal["online", "offline", "disabled", "dryrun"] = "online"
     wandb_dir: str = ".data/wandb"
     # The dashboard's public address: the trackers link each run to its results and files there.
     tracking_dashboard_url: str = "http://127.0.0.1:8080"

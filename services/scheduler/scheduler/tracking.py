@@ -343,7 +343,7 @@ def wandb_child_env(settings: Settings, target: WandbTarget) -> dict[str, str]:
 
 
 async def export_wandb(settings: Settings, target: WandbTarget, run: TrackedRun) -> dict[str, str]:
-    if settings.wandb_mode == "online" and not target.api_key:
+    if settings.wandb_mode == "online" and not target.api_key:  # offline/dryrun need none
         raise TrackingError("W&B: no API key (WANDB_API_KEY, or the researcher's in Settings)")
     os.makedirs(settings.wandb_dir, exist_ok=True)
     payload = {
@@ -469,7 +469,9 @@ class TrackingExporter:
                 token.get_secret_value() if token else None,
                 "operator",
             )
-        if profile is not None and profile["wandb_project"]:
+        if settings.wandb_mode == "disabled":
+            wandb = None
+        elif profile is not None and profile["wandb_project"]:
             key = await self._reveal(user_id, WANDB_KEY)
             wandb = WandbTarget(profile["wandb_project"], profile["wandb_entity"], key, "researcher")
         elif settings.wandb_project:
