@@ -21,6 +21,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,43 +70,56 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@dataclass
+class MlflowServer:
+    uri: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    async def ready(self) -> str:
+        """The URI once the server answers (it boots while the module's first test runs)."""
+        deadline = time.monotonic() + 240
+        async with httpx.AsyncClient(timeout=2) as client:
+            while True:
+                assert self.process.poll() is None, self.log.read_text()[-2000:]
+                try:
+                    if (await client.get(f"{self.uri}/health")).status_code == 200:
+                        return self.uri
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "mlflow server did not start"
+                await asyncio.sleep(0.5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """One real `mlflow server` on a loopback port for the module, started before its first test
+    (whose keyvault and scheduler need no MLflow) and awaited by the test that uses it."""
     folder = tmp_path_factory.mktemp("mlflow")
     port = _free_port()
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("mlflow")),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{folder / 'mlflow.db'}",
-            "--default-artifact-root",
-            str(folder / "artifacts"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=open(folder / "server.log", "wb"),
-        start_new_session=True,  # its workers are one process group, stopped together below
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert server.poll() is None, (folder / "server.log").read_text()[-2000:]
-        try:
-            if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "mlflow server did not start"
-        time.sleep(0.5)
-    yield uri
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(20)
+    with (folder / "server.log").open("wb") as log:
+        process = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("mlflow")),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{folder / 'mlflow.db'}",
+                "--default-artifact-root",
+                str(folder / "artifacts"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,  # its workers are one process group, stopped together below
+        )
+    yield MlflowServer(f"http://127.0.0.1:{port}", process, folder / "server.log")
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(20)
 
 
 async def _completed_experiment(dsn: str, user_id: str) -> str:
@@ -190,91 +204,6 @@ def _wandb_records(run_file: Path) -> list[Any]:
     return records
 
 
-async def test_an_experiment_is_logged_to_mlflow_and_wandb_once(
-    start: Any, database_url: str, mlflow_uri: str, tmp_path: Path
-) -> None:
-    wandb_dir = tmp_path / "wandb"
-    scheduler = await start(
-        mlflow_tracking_uri=mlflow_uri,
-        mlflow_experiment_name="influence-test",
-        wandb_project="influence-test",
-        wandb_mode="offline",
-        wandb_dir=str(wandb_dir),
-        tracking_dashboard_url="https://dash.example",
-        scheduler_tracking_interval_s=0.2,
-    )
-    job_id = await _completed_experiment(database_url, "alice")
-    tracking = await _tracking(scheduler.stub, "alice", job_id, _ended)
-    assert tracking["status"] == "exported", tracking
-    assert tracking["trackers"]["mlflow"]["source"] == "operator"
-
-    # MLflow: one run with the params, the loss at every step, the evaluations and the links.
-    [run] = _mlflow_runs(mlflow_uri, job_id)
-    run_id = run["info"]["run_id"]
-    assert tracking["trackers"]["mlflow"]["run_id"] == run_id
-    assert run["info"]["status"] == "FINISHED" and run["info"]["run_name"] == "lr sweep a"
-    params = {p["key"]: p["value"] for p in run["data"]["params"]}
-    assert params["hyperparams.learning_rate"] == "0.001" and params["model_id"] == "local/tiny-llama"
-    assert params["influence_method"] == "tracin" and params["n_train"] == "1"
-    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
-    assert metrics["eval/finetuned/exact_match_rate"] == 1.0 and metrics["eval/base/mean_loss"] == 3.5
-    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
-    assert tags["influence.link.artifact/adapter"] == (
-        f"https://dash.example/api/jobs/{job_id}/artifacts.zip?prefix=adapter/"
-    )
-    assert tags["influence.link.results"] == f"https://dash.example/#/jobs/{job_id}"
-
-    def loss_history() -> list[tuple[int, float]]:
-        answer = httpx.get(
-            f"{mlflow_uri}/api/2.0/mlflow/metrics/get-history",
-            params={"run_id": run_id, "metric_key": "train/loss"},
-        ).json()
-        return sorted((m["step"], m["value"]) for m in answer["metrics"])
-
-    assert loss_history() == [(step, loss) for step, loss, _ in LOSS]
-
-    # W&B offline: the run directory (run id = job id) holds the same.
-    [run_dir] = list((wandb_dir / "wandb").glob(f"offline-run-*-{job_id}"))
-    records = _wandb_records(run_dir / f"run-{job_id}.wandb")
-    [header] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-    config = {item.key: json.loads(item.value_json) for item in header.config.update}
-    assert header.project == "influence-test" and header.display_name == "lr sweep a"
-    assert config["hyperparams.learning_rate"] == "0.001" and config["links"]["results"].endswith(job_id)
-    history = [
-        {
-            item.nested_key[0] if item.nested_key else item.key: json.loads(item.value_json)
-            for item in r.history.item
-        }
-        for r in records
-        if r.WhichOneof("record_type") == "history"
-    ]
-    assert [(row["_step"], row["train/loss"]) for row in history] == [(s, v) for s, v, _ in LOSS]
-    summary = {
-        item.key or "/".join(item.nested_key): json.loads(item.value_json)
-        for r in records
-        if r.WhichOneof("record_type") == "summary"
-        for item in r.summary.update
-    }
-    assert summary["eval/finetuned/exact_match_rate"] == 1.0 and summary["time/train_s"] == 12.5
-
-    # A replica that died after MLflow took the run but before it recorded so (its lease ran
-    # out, W&B's part already recorded): the takeover finds the MLflow run and logs nothing twice.
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute(
-            """UPDATE jobs SET tracking_status = 'exporting', tracking_lease_until = now() - interval '1 s',
-                   tracking = tracking - 'mlflow' WHERE id = $1""",
-            uuid.UUID(job_id),
-        )
-    finally:
-        await conn.close()
-    tracking = await _tracking(scheduler.stub, "alice", job_id, _ended)
-    assert tracking["status"] == "exported" and tracking["trackers"]["mlflow"]["run_id"] == run_id
-    assert len(_mlflow_runs(mlflow_uri, job_id)) == 1
-    assert loss_history() == [(step, loss) for step, loss, _ in LOSS]
-    assert len(list((wandb_dir / "wandb").glob("offline-run-*"))) == 1
-
-
 async def test_a_researchers_trackers_with_a_key_from_keyvault_and_a_failing_tracker(
     start: Any, database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -355,3 +284,89 @@ async def test_a_researchers_trackers_with_a_key_from_keyvault_and_a_failing_tra
         assert wandb_key not in caplog.text and wandb_key not in json.dumps(final)
     finally:
         await vault.stop()
+
+
+async def test_an_experiment_is_logged_to_mlflow_and_wandb_once(
+    start: Any, database_url: str, mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    mlflow_uri = await mlflow_server.ready()
+    wandb_dir = tmp_path / "wandb"
+    scheduler = await start(
+        mlflow_tracking_uri=mlflow_uri,
+        mlflow_experiment_name="influence-test",
+        wandb_project="influence-test",
+        wandb_mode="offline",
+        wandb_dir=str(wandb_dir),
+        tracking_dashboard_url="https://dash.example",
+        scheduler_tracking_interval_s=0.2,
+    )
+    job_id = await _completed_experiment(database_url, "alice")
+    tracking = await _tracking(scheduler.stub, "alice", job_id, _ended)
+    assert tracking["status"] == "exported", tracking
+    assert tracking["trackers"]["mlflow"]["source"] == "operator"
+
+    # MLflow: one run with the params, the loss at every step, the evaluations and the links.
+    [run] = _mlflow_runs(mlflow_uri, job_id)
+    run_id = run["info"]["run_id"]
+    assert tracking["trackers"]["mlflow"]["run_id"] == run_id
+    assert run["info"]["status"] == "FINISHED" and run["info"]["run_name"] == "lr sweep a"
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["hyperparams.learning_rate"] == "0.001" and params["model_id"] == "local/tiny-llama"
+    assert params["influence_method"] == "tracin" and params["n_train"] == "1"
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert metrics["eval/finetuned/exact_match_rate"] == 1.0 and metrics["eval/base/mean_loss"] == 3.5
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["influence.link.artifact/adapter"] == (
+        f"https://dash.example/api/jobs/{job_id}/artifacts.zip?prefix=adapter/"
+    )
+    assert tags["influence.link.results"] == f"https://dash.example/#/jobs/{job_id}"
+
+    def loss_history() -> list[tuple[int, float]]:
+        answer = httpx.get(
+            f"{mlflow_uri}/api/2.0/mlflow/metrics/get-history",
+            params={"run_id": run_id, "metric_key": "train/loss"},
+        ).json()
+        return sorted((m["step"], m["value"]) for m in answer["metrics"])
+
+    assert loss_history() == [(step, loss) for step, loss, _ in LOSS]
+
+    # W&B offline: the run directory (run id = job id) holds the same.
+    [run_dir] = list((wandb_dir / "wandb").glob(f"offline-run-*-{job_id}"))
+    records = _wandb_records(run_dir / f"run-{job_id}.wandb")
+    [header] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    config = {item.key: json.loads(item.value_json) for item in header.config.update}
+    assert header.project == "influence-test" and header.display_name == "lr sweep a"
+    assert config["hyperparams.learning_rate"] == "0.001" and config["links"]["results"].endswith(job_id)
+    history = [
+        {
+            item.nested_key[0] if item.nested_key else item.key: json.loads(item.value_json)
+            for item in r.history.item
+        }
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
+    assert [(row["_step"], row["train/loss"]) for row in history] == [(s, v) for s, v, _ in LOSS]
+    summary = {
+        item.key or "/".join(item.nested_key): json.loads(item.value_json)
+        for r in records
+        if r.WhichOneof("record_type") == "summary"
+        for item in r.summary.update
+    }
+    assert summary["eval/finetuned/exact_match_rate"] == 1.0 and summary["time/train_s"] == 12.5
+
+    # A replica that died after MLflow took the run but before it recorded so (its lease ran
+    # out, W&B's part already recorded): the takeover finds the MLflow run and logs nothing twice.
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            """UPDATE jobs SET tracking_status = 'exporting', tracking_lease_until = now() - interval '1 s',
+                   tracking = tracking - 'mlflow' WHERE id = $1""",
+            uuid.UUID(job_id),
+        )
+    finally:
+        await conn.close()
+    tracking = await _tracking(scheduler.stub, "alice", job_id, _ended)
+    assert tracking["status"] == "exported" and tracking["trackers"]["mlflow"]["run_id"] == run_id
+    assert len(_mlflow_runs(mlflow_uri, job_id)) == 1
+    assert loss_history() == [(step, loss) for step, loss, _ in LOSS]
+    assert len(list((wandb_dir / "wandb").glob("offline-run-*"))) == 1
