@@ -118,7 +118,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
             start_new_session=True,  # its workers are one process group, stopped together below
         )
     yield MlflowServer(f"http://127.0.0.1:{port}", process, folder / "server.log")
-    os.killpg(process.pid, signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGKILL)  # a throwaway server: nothing to shut down cleanly
     process.wait(20)
 
 
