@@ -44,7 +44,8 @@ _FACTS = """id::text AS id, started_at,
         'base', result #> '{eval_results,base,metrics}',
         'few_shot', result #> '{eval_results,few_shot,metrics}',
         'finetuned', result #> '{eval_results,finetuned,metrics}') END AS outcome,
-    CASE WHEN kind = 'experiment' THEN jsonb_build_object('status', tracking_status, 'trackers', tracking)
+    CASE WHEN kind = 'experiment' AND status = 'completed'
+         THEN jsonb_build_object('status', tracking_status, 'trackers', tracking)
          END AS tracking"""
 
 
