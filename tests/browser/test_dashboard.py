@@ -349,3 +349,30 @@ def test_experiments_page_shows_usage_against_the_limits(page, stack: Stack, sho
     used = limit("gpu_seconds_per_month")
     assert used.startswith("hosted GPU-seconds this month: ") and used.endswith(" of 36,000"), used
     assert client.request("GET", "/api/usage").json()["limits"][2]["used"] > 0
+
+
+def test_experiment_tracking_settings(page, stack: Stack, shots: Screenshots) -> None:
+    """Settings -> Experiment tracking: a W&B project and key (shown by its last 4 only, never
+    in the page), an MLflow URI refused with the reason, then both removed."""
+    wandb_key = "wandbkey-0123456789abcdefghijKEY9"
+    sign_in(page, "tracker")
+    page.get_by_role("link", name="Settings").click()
+    page.get_by_role("heading", name="Experiment tracking").wait_for()
+    assert page.locator("#wandb-saved").inner_text() == "Not set."
+    page.get_by_label("W&B project").fill("lr-sweeps")
+    key_field = page.get_by_label("W&B API key")
+    assert key_field.get_attribute("type") == "password"
+    key_field.fill(wandb_key)
+    page.get_by_role("button", name="Save W&B").click()
+    page.locator("#wandb-saved", has_text="with the key ending in KEY9").wait_for()
+    assert key_field.input_value() == "" and wandb_key not in page.content()
+
+    page.get_by_label("MLflow tracking URI").fill("http://user:secret@mlflow.example")
+    page.get_by_role("button", name="Save MLflow").click()
+    page.locator("#tracking-message .error", has_text="must not contain a user name or password").wait_for()
+    shots.take("settings-tracking")
+
+    page.get_by_role("button", name="Remove W&B").click()
+    page.locator("#wandb-saved", has_text="Not set.").wait_for()
+    client = page_api_client(page, stack.gateway_url)
+    assert client.request("GET", "/api/settings/tracking").json()["wandb"]["has_key"] is False

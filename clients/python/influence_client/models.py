@@ -111,6 +111,11 @@ class Job(ApiModel):
         description="A completed experiment's evaluations: {base, few_shot, finetuned}, each "
         "{exact_match_rate, mean_loss, n}; empty before",
     )
+    tracking: dict[str, Any] = Field(
+        default_factory=dict,
+        description="An experiment's export to MLflow / W&B: {status: none|pending|exporting|exported|"
+        "failed, trackers: {mlflow|wandb: {status, run_id, url, error, source}}}",
+    )
 
 
 class Comparison(ApiModel):
@@ -460,6 +465,30 @@ class HfTokenStatus(ApiModel):
 class HfTokenDeleted(ApiModel):
     has_token: bool
     deleted: bool
+
+
+class MlflowTracking(ApiModel):
+    tracking_uri: str | None
+    experiment_name: str | None
+    has_token: bool
+    token_last4: str | None
+
+
+class WandbTracking(ApiModel):
+    project: str | None
+    entity: str | None
+    has_key: bool
+    key_last4: str | None
+
+
+class TrackingSettings(ApiModel):
+    """Where the researcher's experiments are logged: their own MLflow and W&B (secrets shown by
+    their last 4 only), and whether the operator's trackers apply where they set none."""
+
+    mlflow: MlflowTracking
+    wandb: WandbTracking
+    operator_mlflow: bool = Field(description="The operator logs experiments to MLflow unless you set yours")
+    operator_wandb: bool = Field(description="The operator logs experiments to W&B unless you set yours")
 
 
 # ---- gateway configuration ----------------------------------------------------------------

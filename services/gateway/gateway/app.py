@@ -28,6 +28,7 @@ from gateway import (
     models_api,
     queries_api,
     settings_api,
+    tracking_api,
     usage_api,
 )
 from gateway.auth import USERNAME_PATTERN, LocalTokenIssuer, TokenVerifier, local_secret
@@ -113,6 +114,7 @@ def create_app(
     app.include_router(jobs_api.router)
     app.include_router(experiments_api.router)
     app.include_router(settings_api.router)
+    app.include_router(tracking_api.router)
     app.include_router(models_api.router)
     app.include_router(data_api.router)
     app.include_router(counterfactual_api.router)

@@ -320,6 +320,15 @@ class SchedulerClient:
         request = scheduler_pb2.SetComputeBackendRequest(user_id=user_id, backend=backend)
         return await self._call(self._stub.SetComputeBackend, request, unavailable)
 
+    async def tracking_settings(self, user_id: str) -> scheduler_pb2.TrackingSettings:
+        request = scheduler_pb2.GetTrackingSettingsRequest(user_id=user_id)
+        return await self._call(self._stub.GetTrackingSettings, request)
+
+    async def set_tracking_settings(
+        self, request: scheduler_pb2.SetTrackingSettingsRequest, unavailable: str
+    ) -> scheduler_pb2.TrackingSettings:
+        return await self._call(self._stub.SetTrackingSettings, request, unavailable)
+
     async def verify_provider_key(
         self, request: scheduler_pb2.VerifyProviderKeyRequest, unavailable: str
     ) -> scheduler_pb2.VerifyProviderKeyResponse:

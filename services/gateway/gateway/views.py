@@ -53,6 +53,8 @@ def job_view(job: scheduler_pb2.Job) -> dict[str, Any]:
         "run_time_s": _run_time_s(job),
         # Each evaluation's {exact_match_rate, mean_loss, n} once the experiment has completed.
         "outcome": _json_object(job.outcome_json),
+        # An experiment's export to MLflow / W&B (scheduler/tracking.py); {} for other kinds.
+        "tracking": _json_object(job.tracking_json),
     }
 
 

@@ -50,6 +50,7 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
         self.jobs: dict[str, StoredJob] = {}
         self.idempotency: dict[tuple[str, str], str] = {}
         self.backends: dict[str, str] = {}
+        self.tracking: dict[str, scheduler_pb2.TrackingSettings] = {}
         self.submit_requests: list[scheduler_pb2.SubmitJobRequest] = []
         self.watch_requests: list[scheduler_pb2.WatchJobRequest] = []
         self.estimate_requests: list[scheduler_pb2.EstimateJobRequest] = []
@@ -280,6 +281,24 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown backend {request.backend!r}")
         self.backends[request.user_id] = request.backend
         return self._settings(request.user_id)
+
+    async def GetTrackingSettings(self, request, context):
+        return self.tracking.get(request.user_id, scheduler_pb2.TrackingSettings(operator_wandb=True))
+
+    async def SetTrackingSettings(self, request, context):
+        uri = request.mlflow_tracking_uri
+        if uri and not uri.startswith(("http://", "https://")):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "mlflow_tracking_uri: expected an http:// or https:// URL"
+            )
+        self.tracking[request.user_id] = scheduler_pb2.TrackingSettings(
+            mlflow_tracking_uri=uri.rstrip("/"),
+            mlflow_experiment_name=request.mlflow_experiment_name,
+            wandb_project=request.wandb_project,
+            wandb_entity=request.wandb_entity,
+            operator_wandb=True,
+        )
+        return self.tracking[request.user_id]
 
     async def VerifyProviderKey(self, request, context):
         self.verify_requests.append(request)

@@ -5,8 +5,9 @@ KEYVAULT_CALLER_TOKENS lists the allowed callers as ``name=token,name=token``; e
 sends its own token (its KEYVAULT_TOKEN). A missing or unknown token is UNAUTHENTICATED.
 RevealKey answers only the callers that hand a key to its provider, and only for those keys
 (``REVEAL_POLICY``): ``compute-runpod`` the RunPod key and the Hugging Face token (it passes the
-token to the user's RunPod worker), ``compute-modal`` the Hugging Face token only; everyone else
-gets PERMISSION_DENIED.
+token to the user's RunPod worker), ``compute-modal`` the Hugging Face token only, ``scheduler``
+a researcher's W&B key and MLflow token (its exporter logs their experiments there:
+scheduler/tracking.py); everyone else gets PERMISSION_DENIED.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 REVEAL_POLICY: dict[str, frozenset[str]] = {
     "compute-runpod": frozenset({"runpod", "huggingface"}),
     "compute-modal": frozenset({"huggingface"}),
+    "scheduler": frozenset({"wandb", "mlflow"}),
 }
 
 

@@ -6,11 +6,27 @@ import os
 import posixpath
 import socket
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 
 from service_runtime.callers import checked_caller_tokens
 from service_runtime.settings import ServiceSettings, host_port
+
+
+def checked_tracking_url(value: str) -> str:
+    """An http(s) URL without credentials in it (a token goes in its own secret setting, never in a
+    URL that is shown and logged); the trailing slash dropped."""
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            "expected an http:// or https:// URL (MLflow is reached through its REST API: a file:, "
+            "sqlite: or databricks URI cannot be used)"
+        )
+    if parts.username or parts.password:
+        raise ValueError("must not contain a user name or password; give the token separately")
+    return value.strip().rstrip("/")
+
 
 ProviderName = Literal["local", "modal", "runpod"]
 
@@ -96,8 +112,37 @@ class Settings(ServiceSettings):
     hosted_max_job_cost_usd: float = Field(default=10.0, ge=0)
     # Comma-separated absolute directories under which hosted jobs may name a local model.
     allowed_model_dirs: str = ""
+    # Experiment tracking (scheduler/tracking.py): the operator's MLflow and W&B, which every
+    # experiment is logged to unless its researcher set their own in Settings. The names are the
+    # ones MLflow and W&B read themselves.
+    mlflow_tracking_uri: str = ""
+    mlflow_tracking_token: SecretStr | None = None
+    mlflow_experiment_name: str = Field(default="influence-dashboard", min_length=1, max_length=500)
+    wandb_project: str = Field(default="", max_length=128)
+    wandb_entity: str = Field(default="", max_length=128)
+    wandb_api_key: SecretStr | None = None
+    wandb_base_url: str = ""
+    # offline: W&B runs are written under wandb_dir and never sent (tests; `wandb sync` sends them);
+    # disabled: no W&B export at all (W&B's own values; dryrun is W&B's old name for offline).
+    wandb_mode: Literal["online", "offline", "disabled", "dryrun"] = "online"
+    wandb_dir: str = ".data/wandb"
+    # The dashboard's public address: the trackers link each run to its results and files there.
+    tracking_dashboard_url: str = "http://127.0.0.1:8080"
+    # Tries per experiment (a tracker that is down is retried, backing off from 30 s), the
+    # deadline of one export, and how often a replica looks for experiments to export.
+    scheduler_tracking_attempts: int = Field(default=5, ge=1, le=50)
+    scheduler_tracking_timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    scheduler_tracking_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    # keyvault, for a researcher's own W&B key and MLflow token (it lets "scheduler" reveal only those).
+    keyvault_addr: str = "127.0.0.1:50052"
+    keyvault_token: SecretStr = SecretStr("")
 
-    @field_validator("compute_local_addr", "compute_modal_addr", "compute_runpod_addr")
+    @field_validator("mlflow_tracking_uri", "wandb_base_url", "tracking_dashboard_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        return checked_tracking_url(value) if value.strip() else ""
+
+    @field_validator("compute_local_addr", "compute_modal_addr", "compute_runpod_addr", "keyvault_addr")
     @classmethod
     def _address(cls, value: str) -> str:
         return host_port(value) if value.strip() else ""

@@ -10,7 +10,7 @@ columns ``store`` reads, so the money path's queries stay as they are.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -35,13 +35,18 @@ class JobFacts:
 
     started_at: datetime | None
     outcome: dict[str, Any]
+    # An experiment's export to MLflow / W&B (scheduler/tracking.py): {"status", "trackers"}.
+    tracking: dict[str, Any] = field(default_factory=dict)
 
 
 _FACTS = """id::text AS id, started_at,
     CASE WHEN result IS NULL THEN NULL ELSE jsonb_build_object(
         'base', result #> '{eval_results,base,metrics}',
         'few_shot', result #> '{eval_results,few_shot,metrics}',
-        'finetuned', result #> '{eval_results,finetuned,metrics}') END AS outcome"""
+        'finetuned', result #> '{eval_results,finetuned,metrics}') END AS outcome,
+    CASE WHEN kind = 'experiment' AND status = 'completed'
+         THEN jsonb_build_object('status', tracking_status, 'trackers', tracking)
+         END AS tracking"""
 
 
 class ExperimentCatalog:
@@ -75,7 +80,11 @@ class ExperimentCatalog:
             [uuid.UUID(job_id) for job_id in job_ids],
         )
         return {
-            row["id"]: JobFacts(started_at=row["started_at"], outcome=_complete(row["outcome"]))
+            row["id"]: JobFacts(
+                started_at=row["started_at"],
+                outcome=_complete(row["outcome"]),
+                tracking=row["tracking"] or {},
+            )
             for row in rows
         }
 

@@ -50,9 +50,11 @@ from scheduler.metrics import record_job_counts
 from scheduler.notify import EventHub
 from scheduler.providers import ProviderError, ProviderNotConfigured, Providers
 from scheduler.store import JobRow, Store, StoredEvent
+from scheduler.tracking import TrackingExporter, checked_tracking_settings
 from service_runtime.callers import caller_tokens_of
 from service_runtime.grpc_server import GrpcService, create_grpc_server
 from service_runtime.jobs import event_message, is_terminal_event, job_state, timestamp
+from service_runtime.keyvault import KeyVaultReader
 from service_runtime.lifecycle import Readiness, run_service
 from service_runtime.metrics import MetricsServer, start_metrics_server
 
@@ -118,6 +120,8 @@ def job_to_proto(job: JobRow, facts: JobFacts | None = None) -> scheduler_pb2.Jo
             message.started_at.CopyFrom(started)
         if facts.outcome:
             message.outcome_json = json.dumps(facts.outcome).encode()
+        if facts.tracking:
+            message.tracking_json = json.dumps(facts.tracking).encode()
     return message
 
 
@@ -498,6 +502,46 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         active = await jobs.active_jobs(request.user_id, request.backend)
         return scheduler_pb2.ListJobsResponse(jobs=[job_to_proto(job) for job in active])
 
+    @_rpc
+    async def GetTrackingSettings(
+        self, request: scheduler_pb2.GetTrackingSettingsRequest, context: Any
+    ) -> scheduler_pb2.TrackingSettings:
+        _, store = self._app.require()
+        return await self._tracking_of(store, request.user_id)
+
+    @_rpc
+    async def SetTrackingSettings(
+        self, request: scheduler_pb2.SetTrackingSettingsRequest, context: Any
+    ) -> scheduler_pb2.TrackingSettings:
+        try:
+            chosen = checked_tracking_settings(request)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        _, store = self._app.require()
+        await store.pool.execute(
+            """INSERT INTO profiles
+                   (user_id, mlflow_tracking_uri, mlflow_experiment_name, wandb_project, wandb_entity)
+               VALUES ($1, $2, $3, $4, $5)
+               ON CONFLICT (user_id) DO UPDATE SET mlflow_tracking_uri = $2, mlflow_experiment_name = $3,
+                   wandb_project = $4, wandb_entity = $5, updated_at = now()""",
+            request.user_id,
+            *chosen,
+        )
+        return await self._tracking_of(store, request.user_id)
+
+    async def _tracking_of(self, store: Store, user_id: str) -> scheduler_pb2.TrackingSettings:
+        row = await store.pool.fetchrow(
+            "SELECT mlflow_tracking_uri, mlflow_experiment_name, wandb_project, wandb_entity "
+            "FROM profiles WHERE user_id = $1",
+            user_id,
+        )
+        settings = self._app.settings
+        return scheduler_pb2.TrackingSettings(
+            **(dict(row) if row is not None else {}),
+            operator_mlflow=bool(settings.mlflow_tracking_uri),
+            operator_wandb=bool(settings.wandb_project),
+        )
+
 
 def usage_to_proto(usage: Usage) -> scheduler_pb2.Usage:
     return scheduler_pb2.Usage(
@@ -544,6 +588,10 @@ class SchedulerServer:
         self._store: Store | None = None
         self._jobs: JobManager | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # Reads a researcher's own W&B key / MLflow token for an export (keyvault lets the
+        # caller "scheduler" reveal only those).
+        self._keyvault = KeyVaultReader(settings.keyvault_addr, settings.keyvault_token.get_secret_value())
+        self.tracking: TrackingExporter | None = None
 
     def _register(self, server: grpc.aio.Server) -> list[str]:
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(self), server)
@@ -610,6 +658,8 @@ class SchedulerServer:
         await self.readiness.start()  # checks at once (SERVING), then every db check interval
         self.ready.set()
         self._tasks.append(asyncio.create_task(self._retention_loop(), name="scheduler-retention"))
+        self.tracking = TrackingExporter(self.settings, self._store, self._keyvault)
+        self._tasks.append(asyncio.create_task(self.tracking.run_forever(), name="scheduler-tracking"))
 
     async def _retention_loop(self) -> None:
         while True:
@@ -649,6 +699,9 @@ class SchedulerServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.readiness.stop()
+        if self.tracking is not None:
+            await self.tracking.close()
+        await self._keyvault.close()
         if self._jobs is not None:
             await self._jobs.close()
         await self.hub.close()

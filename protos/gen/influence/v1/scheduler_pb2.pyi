@@ -10,8 +10,44 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class GetTrackingSettingsRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class SetTrackingSettingsRequest(_message.Message):
+    __slots__ = ("user_id", "mlflow_tracking_uri", "mlflow_experiment_name", "wandb_project", "wandb_entity")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    MLFLOW_TRACKING_URI_FIELD_NUMBER: _ClassVar[int]
+    MLFLOW_EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    WANDB_PROJECT_FIELD_NUMBER: _ClassVar[int]
+    WANDB_ENTITY_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    mlflow_tracking_uri: str
+    mlflow_experiment_name: str
+    wandb_project: str
+    wandb_entity: str
+    def __init__(self, user_id: _Optional[str] = ..., mlflow_tracking_uri: _Optional[str] = ..., mlflow_experiment_name: _Optional[str] = ..., wandb_project: _Optional[str] = ..., wandb_entity: _Optional[str] = ...) -> None: ...
+
+class TrackingSettings(_message.Message):
+    __slots__ = ("mlflow_tracking_uri", "mlflow_experiment_name", "wandb_project", "wandb_entity", "operator_mlflow", "operator_wandb")
+    MLFLOW_TRACKING_URI_FIELD_NUMBER: _ClassVar[int]
+    MLFLOW_EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    WANDB_PROJECT_FIELD_NUMBER: _ClassVar[int]
+    WANDB_ENTITY_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_MLFLOW_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_WANDB_FIELD_NUMBER: _ClassVar[int]
+    mlflow_tracking_uri: str
+    mlflow_experiment_name: str
+    wandb_project: str
+    wandb_entity: str
+    operator_mlflow: bool
+    operator_wandb: bool
+    def __init__(self, mlflow_tracking_uri: _Optional[str] = ..., mlflow_experiment_name: _Optional[str] = ..., wandb_project: _Optional[str] = ..., wandb_entity: _Optional[str] = ..., operator_mlflow: bool = ..., operator_wandb: bool = ...) -> None: ...
+
 class Job(_message.Message):
-    __slots__ = ("id", "user_id", "compute_backend", "provider", "provider_job_id", "state", "stage", "progress", "stage_message", "latest_metrics_json", "error", "estimated_time_s", "estimated_cost_usd", "model_id", "influence_method", "n_train", "n_eval", "created_at", "updated_at", "finished_at", "last_seq", "kind", "parent_job_id", "request_json", "name", "tags", "note", "started_at", "outcome_json", "actual", "estimated_gpu", "estimated_usd_per_second", "max_cost_usd")
+    __slots__ = ("id", "user_id", "compute_backend", "provider", "provider_job_id", "state", "stage", "progress", "stage_message", "latest_metrics_json", "error", "estimated_time_s", "estimated_cost_usd", "model_id", "influence_method", "n_train", "n_eval", "created_at", "updated_at", "finished_at", "last_seq", "kind", "parent_job_id", "request_json", "name", "tags", "note", "started_at", "outcome_json", "actual", "estimated_gpu", "estimated_usd_per_second", "max_cost_usd", "tracking_json")
     ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +81,7 @@ class Job(_message.Message):
     ESTIMATED_GPU_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_USD_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     MAX_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    TRACKING_JSON_FIELD_NUMBER: _ClassVar[int]
     id: str
     user_id: str
     compute_backend: str
@@ -78,7 +115,8 @@ class Job(_message.Message):
     estimated_gpu: str
     estimated_usd_per_second: float
     max_cost_usd: float
-    def __init__(self, id: _Optional[str] = ..., user_id: _Optional[str] = ..., compute_backend: _Optional[str] = ..., provider: _Optional[str] = ..., provider_job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., stage: _Optional[str] = ..., progress: _Optional[float] = ..., stage_message: _Optional[str] = ..., latest_metrics_json: _Optional[bytes] = ..., error: _Optional[str] = ..., estimated_time_s: _Optional[float] = ..., estimated_cost_usd: _Optional[float] = ..., model_id: _Optional[str] = ..., influence_method: _Optional[str] = ..., n_train: _Optional[int] = ..., n_eval: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., kind: _Optional[str] = ..., parent_job_id: _Optional[str] = ..., request_json: _Optional[bytes] = ..., name: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., note: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., outcome_json: _Optional[bytes] = ..., actual: _Optional[_Union[_common_pb2.JobCost, _Mapping]] = ..., estimated_gpu: _Optional[str] = ..., estimated_usd_per_second: _Optional[float] = ..., max_cost_usd: _Optional[float] = ...) -> None: ...
+    tracking_json: bytes
+    def __init__(self, id: _Optional[str] = ..., user_id: _Optional[str] = ..., compute_backend: _Optional[str] = ..., provider: _Optional[str] = ..., provider_job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., stage: _Optional[str] = ..., progress: _Optional[float] = ..., stage_message: _Optional[str] = ..., latest_metrics_json: _Optional[bytes] = ..., error: _Optional[str] = ..., estimated_time_s: _Optional[float] = ..., estimated_cost_usd: _Optional[float] = ..., model_id: _Optional[str] = ..., influence_method: _Optional[str] = ..., n_train: _Optional[int] = ..., n_eval: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., kind: _Optional[str] = ..., parent_job_id: _Optional[str] = ..., request_json: _Optional[bytes] = ..., name: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., note: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., outcome_json: _Optional[bytes] = ..., actual: _Optional[_Union[_common_pb2.JobCost, _Mapping]] = ..., estimated_gpu: _Optional[str] = ..., estimated_usd_per_second: _Optional[float] = ..., max_cost_usd: _Optional[float] = ..., tracking_json: _Optional[bytes] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("user_id", "spec_json", "idempotency_key", "kind", "parent_job_id", "request_json", "max_cost_usd")

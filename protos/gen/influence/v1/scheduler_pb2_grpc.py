@@ -125,6 +125,16 @@ class SchedulerStub(object):
                 request_serializer=influence_dot_v1_dot_scheduler__pb2.ListActiveJobsRequest.SerializeToString,
                 response_deserializer=influence_dot_v1_dot_scheduler__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
+        self.GetTrackingSettings = channel.unary_unary(
+                '/influence.v1.Scheduler/GetTrackingSettings',
+                request_serializer=influence_dot_v1_dot_scheduler__pb2.GetTrackingSettingsRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_scheduler__pb2.TrackingSettings.FromString,
+                _registered_method=True)
+        self.SetTrackingSettings = channel.unary_unary(
+                '/influence.v1.Scheduler/SetTrackingSettings',
+                request_serializer=influence_dot_v1_dot_scheduler__pb2.SetTrackingSettingsRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_scheduler__pb2.TrackingSettings.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer(object):
@@ -251,6 +261,21 @@ class SchedulerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTrackingSettings(self, request, context):
+        """Where the caller's experiments are logged (MLflow, W&B; issue 28): the researcher's own
+        trackers (their W&B key and MLflow token are in keyvault) and whether the operator's apply.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTrackingSettings(self, request, context):
+        """Replaces the caller's trackers (an empty URI or project: none of theirs, the operator's applies).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -343,6 +368,16 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.ListActiveJobs,
                     request_deserializer=influence_dot_v1_dot_scheduler__pb2.ListActiveJobsRequest.FromString,
                     response_serializer=influence_dot_v1_dot_scheduler__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'GetTrackingSettings': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrackingSettings,
+                    request_deserializer=influence_dot_v1_dot_scheduler__pb2.GetTrackingSettingsRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_scheduler__pb2.TrackingSettings.SerializeToString,
+            ),
+            'SetTrackingSettings': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTrackingSettings,
+                    request_deserializer=influence_dot_v1_dot_scheduler__pb2.SetTrackingSettingsRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_scheduler__pb2.TrackingSettings.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -831,6 +866,60 @@ class Scheduler(object):
             '/influence.v1.Scheduler/ListActiveJobs',
             influence_dot_v1_dot_scheduler__pb2.ListActiveJobsRequest.SerializeToString,
             influence_dot_v1_dot_scheduler__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrackingSettings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.Scheduler/GetTrackingSettings',
+            influence_dot_v1_dot_scheduler__pb2.GetTrackingSettingsRequest.SerializeToString,
+            influence_dot_v1_dot_scheduler__pb2.TrackingSettings.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTrackingSettings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.Scheduler/SetTrackingSettings',
+            influence_dot_v1_dot_scheduler__pb2.SetTrackingSettingsRequest.SerializeToString,
+            influence_dot_v1_dot_scheduler__pb2.TrackingSettings.FromString,
             options,
             channel_credentials,
             insecure,

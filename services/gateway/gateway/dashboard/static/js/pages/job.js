@@ -4,6 +4,7 @@
 import { api, jobEvents } from "../api.js";
 import { actualCostText } from "../cost.js";
 import { labelsSection } from "../labels.js";
+import { trackingFacts } from "./tracking.js";
 import { announce, BACKEND_NAMES, dateTime, duration, el, plotLossCurves, usd } from "../ui.js";
 import { renderResults } from "./results.js";
 
@@ -72,6 +73,7 @@ export async function renderJob(view, jobId) {
   const chart = el("div", { id: "loss-chart", class: "chart", role: "img", "aria-label": "Training loss by step" });
   const resultsHost = el("div", { id: "results" });
   const actualCost = el("dd", { id: "job-actual-cost" });
+  const tracked = el("dd", { id: "job-tracking" });
 
   const heading = el("h1", {}, job.name || `Experiment ${jobId.slice(0, 8)}`);
   view.append(
@@ -86,6 +88,7 @@ export async function renderJob(view, jobId) {
         el("dt", {}, "Examples"), el("dd", {}, `${job.n_train} training, ${job.n_eval} eval`),
         el("dt", {}, "Estimate"), el("dd", {}, `${duration(job.estimated_time_s)}, ${usd(job.estimated_cost_usd)}`),
         el("dt", {}, "Actual cost"), actualCost,
+        el("dt", {}, "Tracked in"), tracked,
         el("dt", {}, "Created"), el("dd", {}, dateTime(job.created_at))),
       el("label", { for: "job-progress" }, "Overall progress"),
       el("div", { class: "progress-row" }, bar, percent),
@@ -124,6 +127,7 @@ export async function renderJob(view, jobId) {
     const terminal = TERMINAL.has(job.status);
     statusBadge.textContent = job.status;
     actualCost.textContent = actualCostText(job);
+    tracked.replaceChildren(trackingFacts(job.tracking));
     statusBadge.className = `badge status-${job.status}`;
     const value = job.status === "completed" ? 100 : Math.round(Math.max(state.progress, job.progress || 0) * 100);
     bar.value = value;

@@ -3,6 +3,7 @@
 
 import { api, ApiError } from "../api.js";
 import { announce, BACKEND_NAMES, dateTime, duration, el, usd } from "../ui.js";
+import { trackingCard } from "./tracking.js";
 
 const REFRESH_WHILE_CREATING_MS = 3000;
 
@@ -100,7 +101,8 @@ export async function renderSettings(view) {
       runpodPanel),
     el("section", { class: "card", "aria-labelledby": "cost-heading" },
       el("h2", { id: "cost-heading" }, "Estimated cost per experiment"),
-      costs));
+      costs),
+    await trackingCard());
 
   function show() {
     const runpodChosen = runpodRadio.checked;
