@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from devstack.client import GatewayClient
-from devstack.stack import REPO_ROOT, Stack
+from devstack.stack import REPO_ROOT, FakeRunPodProcess, Stack
 
 from .support import (
     BROKE_RUNPOD_KEY,
@@ -199,7 +199,9 @@ def test_upload_errors_name_the_line_and_field(page, tmp_path: Path, shots: Scre
     shots.take("upload-errors")
 
 
-def test_bring_your_own_runpod_key(page, stack: Stack, shots: Screenshots) -> None:
+def test_bring_your_own_runpod_key(
+    page, stack: Stack, fake_runpod: FakeRunPodProcess, shots: Screenshots
+) -> None:
     page.on("dialog", lambda dialog: dialog.accept())
     sign_in(page, "byok")
     page.get_by_role("link", name="Settings").click()
@@ -249,6 +251,33 @@ def test_bring_your_own_runpod_key(page, stack: Stack, shots: Screenshots) -> No
     assert page.locator("#step-endpoint").get_attribute("data-state") == "done"
     assert GOOD_RUNPOD_KEY not in page.content()
     shots.take("settings-ready")
+
+    # The endpoint as RunPod lists it: id, GPU pools, workers, a link to it; then deleted here.
+    endpoint_id = client.request("GET", "/api/settings/runpod-endpoint").json()["endpoint_id"]
+    listed = [e["id"] for e in fake_runpod.control("GET", "endpoints")["endpoints"]]  # type: ignore[index]
+    assert endpoint_id in listed
+    assert page.locator("#endpoint-id").inner_text() == endpoint_id
+    assert page.locator("#endpoint-pools").inner_text()
+    assert "at most 1" in page.locator("#endpoint-workers").inner_text()
+    console = page.get_by_role("link", name="Open it in RunPod's console")
+    assert (
+        console.get_attribute("href") == f"https://console.runpod.io/serverless/user/endpoint/{endpoint_id}"
+    )
+    shots.take("settings-endpoint")
+    page.get_by_role("button", name="Delete endpoint").click()
+    page.locator("#status", has_text="RunPod endpoint deleted").wait_for()
+    assert page.locator("#step-ready").get_attribute("data-state") == "pending"
+    assert page.locator("#step-endpoint").get_attribute("data-state") == "pending"
+    assert page.locator("#endpoint-id").count() == 0
+    listed = [e["id"] for e in fake_runpod.control("GET", "endpoints")["endpoints"]]  # type: ignore[index]
+    assert endpoint_id not in listed
+    assert [r["status"] for r in fake_runpod.requests("serverless.delete")] == [204]
+    shots.take("settings-endpoint-deleted")
+
+    # While on Hosted, the stored key can still be removed.
+    page.get_by_label("Hosted (free tier)").check()
+    page.locator("#runpod-panel").wait_for(state="hidden")
+    assert page.locator("#remove-key").is_visible()
 
     page.get_by_role("button", name="Remove API key").click()
     page.locator("#status", has_text="RunPod key removed").wait_for()

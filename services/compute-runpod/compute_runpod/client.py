@@ -98,6 +98,16 @@ class RunPodClient:
         )
         return _ok(response, "updating the serverless endpoint")
 
+    async def delete_endpoint(self, key: str, endpoint_id: str) -> bool:
+        """DELETE: RunPod also terminates the workers and cancels queued and running jobs.
+        False when RunPod no longer has the endpoint."""
+        response = await self._rest("serverless.delete", f"/serverless/{endpoint_id}", key, method="DELETE")
+        if response.status_code == 404:
+            return False
+        if response.status_code not in (200, 204):
+            raise _unexpected("deleting the serverless endpoint", response)
+        return True
+
     async def get_template(self, key: str, template_id: str) -> dict[str, Any]:
         response = await self._rest("templates.get", f"/templates/{template_id}", key)
         body = _ok(response, f"reading the worker template {template_id}")

@@ -48,6 +48,9 @@ RESULT_EXPIRED = (
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 # In the endpoint's env: the template it was created from or last moved to.
 TEMPLATE_MARKER = "INFLUENCE_TEMPLATE_ID"
+# The endpoint's page in RunPod's console (the key page is console.runpod.io/user/credentials).
+CONSOLE_ENDPOINT_URL = "https://console.runpod.io/serverless/user/endpoint/{endpoint_id}"
+_WORKER_COUNTS = ("running", "idle", "initializing", "throttled", "unhealthy", "total")
 _REMEMBERED_JOBS = 10_000
 # The smallest ttl sent (RUNPOD_JOB_TTL_S's floor): less cannot both wait for a worker and run.
 _MIN_JOB_TTL_S = 10
@@ -104,6 +107,22 @@ class Prepared:
     endpoint_id: str
     created: bool
     status: str
+
+
+@dataclass(frozen=True)
+class EndpointView:
+    """A researcher's endpoint as RunPod reports it now (see common.proto EndpointInfo)."""
+
+    byok_available: bool
+    unavailable_reason: str
+    state: str  # none | live | gone | unknown
+    endpoint_id: str = ""
+    name: str = ""
+    gpu_pools: tuple[str, ...] = ()
+    workers_max: int = 0
+    workers: dict[str, int] = field(default_factory=dict)
+    execution_timeout_s: int = 0
+    console_url: str = ""
 
 
 @dataclass
@@ -197,12 +216,25 @@ class RunPodProvider:
 
     # ---- credentials ---------------------------------------------------------------------
 
+    def _byok_unavailable(self) -> str:
+        """Why researchers' own keys cannot run jobs on this server ("" = they can)."""
+        if self._settings.runpod_template_id:
+            return ""
+        return (
+            "RunPod is not set up on this server for researchers' own keys: its operator has not "
+            "set RUNPOD_TEMPLATE_ID (the worker template endpoints are created from)"
+        )
+
     async def verify(self, account: AccountRef, api_key: str = "") -> Verification:
         """Validity through REST v2 (listing the serverless endpoints: 401 invalid, 403 lacking
         scope), then the balance through GraphQL while RunPod still answers it (it is deprecated
         and retires in 2027; REST v2 has no balance). A valid key whose balance cannot be read
         is accepted with a note saying so: spend stays bounded by the execution timeout. A refused
         key is an answer (its failure says why), not an error; the stored key's absence is one."""
+        unavailable = "" if account.hosted else self._byok_unavailable()
+        if unavailable:
+            # Saving a key that no job could use would only fail the first job.
+            raise ProviderError(Code.FAILED_PRECONDITION, unavailable + "; your key was not saved")
         key = api_key or await self._key(account)
         try:
             await self._client.list_endpoints(key)
@@ -276,11 +308,58 @@ class RunPodProvider:
             return Prepared(endpoint_id=str(created["id"]), created=True, status="ready")
 
     async def _find_own_endpoint(self, key: str) -> dict[str, Any] | None:
-        """An endpoint this dashboard created earlier (e.g. before its id reached the profile)."""
+        """An endpoint this dashboard created earlier (e.g. before its id reached the profile):
+        our name and our marker in its env. An endpoint the researcher made themselves under
+        the same name has no marker and is left alone (RunPod names need not be unique), never
+        adopted and patched."""
         for endpoint in await self._client.list_endpoints(key):
-            if endpoint.get("name") == self._settings.runpod_endpoint_name and endpoint.get("id"):
+            env = endpoint.get("env")
+            ours = isinstance(env, dict) and bool(env.get(TEMPLATE_MARKER))
+            if endpoint.get("name") == self._settings.runpod_endpoint_name and endpoint.get("id") and ours:
                 return endpoint
         return None
+
+    async def describe_endpoint(self, account: AccountRef) -> EndpointView:
+        """The stored endpoint as RunPod lists it now: "gone" when RunPod no longer has it
+        (deleted in its console), so the caller stops calling it ready."""
+        unavailable = self._byok_unavailable()
+        if not account.endpoint_id:
+            return EndpointView(not unavailable, unavailable, "none")
+        key = await self._key(account)
+        endpoint = await self._client.get_endpoint(key, account.endpoint_id)
+        if endpoint is None:
+            return EndpointView(not unavailable, unavailable, "gone", endpoint_id=account.endpoint_id)
+        summary = await self._client.endpoint_workers(key, account.endpoint_id)
+        gpu, workers = (_object(endpoint.get(name)) for name in ("gpu", "workers"))
+        return EndpointView(
+            byok_available=not unavailable,
+            unavailable_reason=unavailable,
+            state="live",
+            endpoint_id=account.endpoint_id,
+            name=str(endpoint.get("name") or ""),
+            gpu_pools=tuple(str(pool) for pool in gpu.get("pools") or []),
+            workers_max=_count(workers.get("max")),
+            workers={name: _count(summary.get(name)) for name in _WORKER_COUNTS},
+            execution_timeout_s=_count(endpoint.get("timeout")) // 1000,
+            console_url=CONSOLE_ENDPOINT_URL.format(endpoint_id=account.endpoint_id),
+        )
+
+    async def delete_endpoint(self, account: AccountRef) -> EndpointView:
+        """Delete the stored endpoint on the researcher's account (RunPod cancels whatever still
+        runs there and stops its workers); one already gone is not an error."""
+        if account.hosted:
+            raise ProviderError(
+                Code.FAILED_PRECONDITION,
+                "The hosted tier's endpoint is the operator's; it cannot be deleted here",
+            )
+        unavailable = self._byok_unavailable()
+        if account.endpoint_id:
+            key = await self._key(account)
+            existed = await self._client.delete_endpoint(key, account.endpoint_id)
+            log.info(
+                "runpod endpoint deleted", extra={"endpoint_id": account.endpoint_id, "existed": existed}
+            )
+        return EndpointView(not unavailable, unavailable, "none")
 
     async def _roll_out_template(
         self, key: str, endpoint: dict[str, Any], model_params_b: float, quantization: str, model_id: str
@@ -665,6 +744,18 @@ def _event(chunk: Any) -> dict[str, Any] | None:
     if not isinstance(chunk, dict) or is_result_chunk(chunk) or is_artifact_chunk(chunk) or "error" in chunk:
         return None
     return chunk
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _count(value: Any) -> int:
+    """A non-negative count from RunPod's JSON (absent or malformed: 0)."""
+    try:
+        return max(int(value or 0), 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _remember(table: OrderedDict[str, str], key: str, value: str) -> None:

@@ -10,6 +10,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RunpodEndpointRequest(_message.Message):
+    __slots__ = ("user_id", "key_stored")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_STORED_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    key_stored: bool
+    def __init__(self, user_id: _Optional[str] = ..., key_stored: bool = ...) -> None: ...
+
 class Job(_message.Message):
     __slots__ = ("id", "user_id", "compute_backend", "provider", "provider_job_id", "state", "stage", "progress", "stage_message", "latest_metrics_json", "error", "estimated_time_s", "estimated_cost_usd", "model_id", "influence_method", "n_train", "n_eval", "created_at", "updated_at", "finished_at", "last_seq", "kind", "parent_job_id", "request_json", "name", "tags", "note", "started_at", "outcome_json", "actual", "estimated_gpu", "estimated_usd_per_second", "max_cost_usd")
     ID_FIELD_NUMBER: _ClassVar[int]
