@@ -157,6 +157,13 @@ class RunPodClient:
             timeout=self._settings.runpod_http_timeout_s + wait_ms / 1000,
         )
 
+    async def health(self, key: str, endpoint_id: str) -> dict[str, Any]:
+        """The endpoint's job counts (``jobs``: inQueue, inProgress, ...) and workers."""
+        body = await self._job_get("job.health", f"{endpoint_id}/health", key)
+        if body is None:
+            raise ProviderError(Code.NOT_FOUND, "RunPod does not know the endpoint")
+        return body
+
     async def cancel(self, key: str, endpoint_id: str, job_id: str) -> dict[str, Any] | None:
         response = await self._request(
             "job.cancel",

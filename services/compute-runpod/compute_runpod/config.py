@@ -33,6 +33,9 @@ class Settings(ServiceSettings):
 
     runpod_endpoint_name: str = "influence-dashboard"
     runpod_default_gpu_pools: list[str] = Field(default_factory=lambda: ["AMPERE_80"], min_length=1)
+    # An endpoint lists the pools that fit its job up to this multiple of the cheapest one's
+    # price: more pools, fewer waits for a GPU; a narrower band, a tighter bill (costs.gpu_pools).
+    runpod_pool_price_band: float = Field(default=3.0, ge=1.0, le=100.0)
     runpod_workers_max: int = Field(default=1, ge=1, le=100)
     runpod_idle_timeout_s: int = Field(default=300, ge=1, le=3600)
     # The endpoint's execution timeout: the most any one job may run. Each job's own

@@ -299,7 +299,7 @@ class RunPodProvider:
             if existing is None:
                 existing = await self._find_own_endpoint(key)
             if existing is not None:
-                await self._roll_out_template(key, existing, model_params_b, quantization, model_id)
+                await self._update_endpoint(key, existing, model_params_b, quantization, model_id)
                 return Prepared(endpoint_id=str(existing["id"]), created=False, status="ready")
             created = await self._client.create_endpoint(
                 key, self._endpoint_body(model_params_b, quantization, model_id)
@@ -361,34 +361,63 @@ class RunPodProvider:
             )
         return EndpointView(not unavailable, unavailable, "none")
 
-    async def _roll_out_template(
+    async def _update_endpoint(
         self, key: str, endpoint: dict[str, Any], model_params_b: float, quantization: str, model_id: str
     ) -> None:
+        """Before each job: the endpoint's GPU pools refitted to this job's model (see
+        _may_change_pools), and the worker template rolled out when RUNPOD_TEMPLATE_ID changed,
+        in one PATCH (same id, so jobs in flight keep their endpoint)."""
+        update = await self._template_update(key, endpoint)
+        wanted = self._pools(model_params_b, quantization, model_id)
+        current = [str(pool) for pool in _object(endpoint.get("gpu")).get("pools") or []]
+        tier_gb = costs.endpoint_tier_gb(model_id, quantization) if model_id else 0
+        if current != wanted and await self._may_change_pools(key, str(endpoint["id"]), current, tier_gb):
+            update["gpu"] = {"pools": wanted, "count": 1}
+        if not update:
+            return
+        await self._client.update_endpoint(key, str(endpoint["id"]), update)
+        log.info(
+            "runpod endpoint updated",
+            extra={"endpoint_id": endpoint["id"], "fields": sorted(update), "pools": update.get("gpu")},
+        )
+
+    async def _may_change_pools(self, key: str, endpoint_id: str, current: list[str], tier_gb: int) -> bool:
+        """One endpoint per researcher, its pools refitted before each job (docs/services.md,
+        "RunPod GPU pools"). Pools that do not fit this job are always replaced: every pool
+        that fits a bigger model also fits the smaller jobs still queued (they may cost more).
+        Pools that fit but were chosen for a bigger model are narrowed only when RunPod holds no
+        job of the endpoint (queued or running), since narrowing could strand a queued big job
+        on a GPU too small for it; until then this job runs on the current pools."""
+        fits = bool(current) and min(costs.pool_memory_gb(pool) for pool in current) >= tier_gb
+        if not fits:
+            return True
+        jobs = _object((await self._client.health(key, endpoint_id)).get("jobs"))
+        return _count(jobs.get("inQueue")) + _count(jobs.get("inProgress")) == 0
+
+    async def _template_update(self, key: str, endpoint: dict[str, Any]) -> dict[str, Any]:
         """RunPod resolves a template only when an endpoint is created, and its Endpoint object
         does not say which one: the endpoint carries our own marker in its env. When
-        RUNPOD_TEMPLATE_ID has changed, the new template's container settings are PATCHed onto
-        the endpoint (same id, so jobs in flight keep their endpoint; RunPod rolls the release
-        out as workers cycle), with the pools of today's cost model."""
+        RUNPOD_TEMPLATE_ID has changed, the fields of the new template's container settings
+        (RunPod rolls the release out as workers cycle); else nothing."""
         template_id = self._settings.runpod_template_id
         env = endpoint.get("env")
         if not isinstance(env, dict):
             env = {}
         if not template_id or env.get(TEMPLATE_MARKER) == template_id:
-            return
+            return {}
         template = await self._client.get_template(key, template_id)
         update: dict[str, Any] = {
             field: template[field] for field in ("image", "args", "disk", "ports") if field in template
         }
         update["env"] = {**(template.get("env") or {}), TEMPLATE_MARKER: template_id}
-        update["gpu"] = {"pools": self._pools(model_params_b, quantization, model_id), "count": 1}
-        await self._client.update_endpoint(key, str(endpoint["id"]), update)
         log.info(
-            "runpod endpoint moved to a new template",
+            "runpod endpoint moves to a new template",
             extra={"endpoint_id": endpoint["id"], "template_id": template_id},
         )
+        return update
 
     def _pools(self, model_params_b: float, quantization: str, model_id: str) -> list[str]:
-        pools = costs.gpu_pools(model_params_b, quantization, model_id)
+        pools = costs.gpu_pools(model_params_b, quantization, model_id, self._settings.runpod_pool_price_band)
         return pools or list(self._settings.runpod_default_gpu_pools)
 
     def _endpoint_body(self, model_params_b: float, quantization: str, model_id: str) -> dict[str, Any]:
@@ -680,16 +709,22 @@ class RunPodProvider:
             fields = costs.estimate(spec, backend or "runpod", kind, request_json)
         except JobInputError as exc:
             raise ProviderError(Code.INVALID_ARGUMENT, str(exc)) from None
-        rates = costs.pool_rates(spec.model_id, spec.hyperparams.quantization)
+        rates = costs.pool_rates(
+            spec.model_id, spec.hyperparams.quantization, self._settings.runpod_pool_price_band
+        )
         if rates and rates[-1][1] > fields["usd_per_second"]:
-            # The endpoint offers RunPod every fitting pool; it bills whichever GPU it assigns.
+            # The endpoint offers RunPod the fitting pools within the band; it bills whichever
+            # GPU it assigns.
             (top, top_rate), time_s = rates[-1], fields["estimated_time_s"]
+            band = self._settings.runpod_pool_price_band
             fields["notes"] = [
                 *fields["notes"],
-                f"Billed at the GPU RunPod assigns among the {len(rates)} pools that fit: from "
-                f"${fields['usd_per_second']:.6f}/s ({fields['gpu']}, priced here) to ${top_rate:.6f}/s "
-                f"({top}), so {usd(fields['estimated_cost_usd'])} to {usd(time_s * top_rate)} for this job "
-                "(a faster GPU also takes less time)",
+                f"Billed at the GPU RunPod assigns among the {len(rates)} pools that fit within "
+                f"{band:g}x the cheapest one's price: from ${fields['usd_per_second']:.6f}/s "
+                f"({fields['gpu']}, priced here) to ${top_rate:.6f}/s ({top}), so "
+                f"{usd(fields['estimated_cost_usd'])} to {usd(time_s * top_rate)} for this job (a faster GPU "
+                "also takes less time). While a bigger model's job is still on your endpoint, this "
+                "one runs on that job's pools.",
             ]
         ceiling = self._settings.runpod_execution_timeout_s
         if fields["estimated_time_s"] > ceiling:
