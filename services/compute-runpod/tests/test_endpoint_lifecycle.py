@@ -14,11 +14,9 @@ import pytest
 from runpod_testkit import Stack, spec_bytes
 
 import cost_model
-
 from compute_runpod.config import Settings
 from compute_runpod.server import start_server
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
-
 
 PRICES = cost_model.price_table("runpod")
 
