@@ -47,6 +47,10 @@ class Settings(ServiceSettings):
     runpod_job_ttl_s: int = Field(default=24 * 3600, ge=10, le=7 * 24 * 3600)
     # How long a job may sit IN_QUEUE while RunPod has no GPU for it before we give up.
     runpod_queue_timeout_s: float = Field(default=600.0, gt=0)
+    # Past this wait (a cold start's length) a queued job's page says when RunPod has no GPU free
+    # in its pools, looking at the endpoint's workers at most once per check interval.
+    runpod_no_gpu_notice_s: float = Field(default=120.0, ge=0)
+    runpod_queue_check_interval_s: float = Field(default=30.0, ge=0)
     # How long one GetStatus call may hold RunPod's /stream long poll (RunPod's minimum is 1 s).
     runpod_stream_wait_ms: int = Field(default=1000, ge=1000, le=300_000)
 

@@ -39,7 +39,9 @@ from gpu_core.uploads import presigned_expiry
 log = logging.getLogger(__name__)
 
 WAITING_FOR_GPU = "waiting for a GPU worker (cold start can take 30-120 s)"
-NO_GPU = "No GPU available right now: wait, or pick another GPU type"
+# A job RunPod keeps queued with no GPU free: what the researcher can do about it (the job page
+# offers to move the job to the hosted backend).
+NO_GPU_ACTIONS = "run it again later, or on the hosted backend (Settings -> Compute)"
 RESULT_EXPIRED = (
     "RunPod no longer has this job: RunPod keeps a result for 30 minutes after a job finishes, "
     "and drops a job still queued when its ttl ends (kept within its upload URLs' life); the "
@@ -165,6 +167,9 @@ class _Followed:
     first_seen: float
     chunks: list[Any] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # While queued: the last look at the endpoint's workers (monotonic time) and what it said.
+    looked_at: float = 0.0
+    queue_note: str = ""
 
 
 class RunPodProvider:
@@ -611,12 +616,13 @@ class RunPodProvider:
         if state == "IN_QUEUE":
             queued_s = max(float(status.get("delayTime") or 0) / 1000, time.monotonic() - followed.first_seen)
             if queued_s > self._settings.runpod_queue_timeout_s:
-                reason = await self._stuck_reason(key, endpoint)
+                reason = await self._stuck_reason(key, endpoint, queued_s)
                 if reason:
                     await self._client.cancel(key, endpoint, job)
                     _remember(self._failures, job, reason)
                     return StatusReport("FAILED", events, cursor, error=reason)
-            return StatusReport("SUBMITTED", events, cursor, stage_message=WAITING_FOR_GPU)
+            note = await self._queue_note(key, endpoint, followed, queued_s)
+            return StatusReport("SUBMITTED", events, cursor, stage_message=note or WAITING_FOR_GPU)
         if state == "IN_PROGRESS":
             return StatusReport("RUNNING", events, cursor)
         if state == "COMPLETED":
@@ -640,19 +646,46 @@ class RunPodProvider:
             return StatusReport("CANCELLED", events, cursor, usage=_usage(status))
         return StatusReport("RUNNING", events, cursor)
 
-    async def _stuck_reason(self, key: str, endpoint: str) -> str:
-        """Why a job stays queued, when RunPod itself will never say so; "" = keep waiting."""
+    async def _worker_counts(self, key: str, endpoint: str) -> dict[str, int]:
         summary = await self._client.endpoint_workers(key, endpoint)
-        counts = {
-            name: int(summary.get(name) or 0)
-            for name in ("running", "idle", "initializing", "throttled", "unhealthy", "total")
-        }
+        return {name: _count(summary.get(name)) for name in _WORKER_COUNTS}
+
+    async def _pools_tried(self, key: str, endpoint: str) -> str:
+        found = await self._client.get_endpoint(key, endpoint)
+        pools = _object(found.get("gpu")).get("pools") if found else None
+        return ", ".join(str(pool) for pool in pools or []) or "unknown"
+
+    async def _queue_note(self, key: str, endpoint: str, followed: _Followed, queued_s: float) -> str:
+        """While a job waits past a cold start: RunPod's workers for it waiting for a GPU (throttled)
+        said plainly, with the pools tried. RunPod is asked at most every
+        RUNPOD_QUEUE_CHECK_INTERVAL_S (its REST API is rate limited); "" = still a cold start."""
+        settings = self._settings
+        if queued_s < settings.runpod_no_gpu_notice_s:
+            return ""
+        now = time.monotonic()
+        if now - followed.looked_at < settings.runpod_queue_check_interval_s:
+            return followed.queue_note
+        followed.looked_at = now
+        counts = await self._worker_counts(key, endpoint)
+        followed.queue_note = ""
+        if counts["throttled"] or counts["total"] == 0:
+            limit_min = settings.runpod_queue_timeout_s / 60
+            followed.queue_note = (
+                f"No GPU free on RunPod in the pools tried ({await self._pools_tried(key, endpoint)}) for "
+                f"{_waited(queued_s)}; RunPod keeps waiting for one (nothing is billed while it waits) and "
+                f"the job is cancelled after {limit_min:g} min. You can {NO_GPU_ACTIONS}"
+            )
+        return followed.queue_note
+
+    async def _stuck_reason(self, key: str, endpoint: str, queued_s: float) -> str:
+        """Why a job stays queued, when RunPod itself will never say so; "" = keep waiting."""
+        counts = await self._worker_counts(key, endpoint)
         if counts["unhealthy"] and not (counts["running"] or counts["idle"]):
             return (
                 "RunPod's workers for this endpoint keep failing to start (unhealthy); the job was cancelled"
             )
         if counts["throttled"] or counts["total"] == 0:
-            return NO_GPU
+            return no_gpu_message(await self._pools_tried(key, endpoint), queued_s)
         return ""
 
     def _timeout_message(self, provider_job_id: str) -> str:
@@ -736,6 +769,18 @@ class RunPodProvider:
                 "until then is billed. Use fewer examples, epochs or a shorter max sequence length.",
             ]
         return fields
+
+
+def no_gpu_message(pools: str, queued_s: float) -> str:
+    """The error of a job cancelled because RunPod had no GPU for it in its pools."""
+    return (
+        f"No GPU available on RunPod: none was free in the pools tried ({pools}) for {_waited(queued_s)}, "
+        f"so the job was cancelled before it ran (nothing was billed). You can {NO_GPU_ACTIONS}."
+    )
+
+
+def _waited(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def parse_spec(spec_json: bytes) -> ExperimentSpec:
