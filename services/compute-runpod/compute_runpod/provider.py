@@ -764,8 +764,8 @@ class RunPodProvider:
             # Shown before submitting: RunPod would stop the job at the endpoint's timeout.
             fields["notes"] = [
                 *fields["notes"],
-                f"Over the execution timeout: estimated {fields['estimated_time_s'] / 3600:.1f} h, but "
-                f"RunPod stops any job of this endpoint after {ceiling / 3600:g} h and the time run "
+                f"Over the execution timeout: estimated {_span(fields['estimated_time_s'])}, but "
+                f"RunPod stops any job of this endpoint after {_span(ceiling)} and the time run "
                 "until then is billed. Use fewer examples, epochs or a shorter max sequence length.",
             ]
         return fields
@@ -777,6 +777,15 @@ def no_gpu_message(pools: str, queued_s: float) -> str:
         f"No GPU available on RunPod: none was free in the pools tried ({pools}) for {_waited(queued_s)}, "
         f"so the job was cancelled before it ran (nothing was billed). You can {NO_GPU_ACTIONS}."
     )
+
+
+def _span(seconds: float) -> str:
+    """A length of time in the unit that reads best: 90 s, 15 min, 2.5 h."""
+    if seconds >= 3600:
+        return f"{round(seconds / 3600, 1):g} h"
+    if seconds >= 120:
+        return f"{round(seconds / 60):g} min"
+    return f"{seconds:.0f} s"
 
 
 def _waited(seconds: float) -> str:

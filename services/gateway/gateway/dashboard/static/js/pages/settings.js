@@ -34,6 +34,7 @@ function keyUse(call, ...text) {
 export async function renderSettings(view) {
   let info = await api("GET", "/api/settings/runpod-key");
   let endpoint = await api("GET", "/api/settings/runpod-endpoint");
+  let hfToken = await api("GET", "/api/settings/hf-token");
   let refreshTimer = null;
 
   const hostedRadio = el("input", { type: "radio", id: "backend-hosted", name: "backend", value: "hosted",
@@ -51,6 +52,17 @@ export async function renderSettings(view) {
   const endpointCard = el("div", { id: "runpod-endpoint", "aria-live": "polite" });
   const byokUnavailable = el("p", { id: "byok-unavailable", class: "notice", role: "note" });
   const costs = el("div", { id: "cost-per-experiment", "aria-live": "polite" }, el("p", { class: "help" }, "Estimating…"));
+  const hfInput = el("input", { id: "hf-token", name: "hf-token", type: "password", autocomplete: "off",
+    spellcheck: "false", autocapitalize: "off", "aria-describedby": "hf-token-help" });
+  const hfSaved = el("p", { id: "hf-token-status" });
+  const hfRemove = el("button", { type: "button", id: "remove-hf-token", class: "danger" }, "Remove token");
+  const hfForm = el("form", { id: "hf-token-form", autocomplete: "off" },
+    el("label", { for: "hf-token" }, "Hugging Face access token"),
+    el("div", { class: "inline" }, hfInput, el("button", { type: "submit", id: "save-hf-token" }, "Save token")),
+    el("p", { id: "hf-token-help", class: "help" },
+      "Gated models (Llama, Gemma) download only with a token of an account that accepted their licence on huggingface.co. " +
+      "Create a read token there and paste it here: it is stored encrypted, only its last 4 characters are shown, " +
+      "and it goes to your own jobs' workers on RunPod and Modal, nowhere else."));
 
   const keyForm = el("form", { id: "runpod-key-form", autocomplete: "off" },
     el("label", { for: "runpod-key" }, "RunPod API key"),
@@ -109,6 +121,8 @@ export async function renderSettings(view) {
       // Outside the RunPod panel: a stored key can be removed whichever backend is chosen.
       savedKey,
       el("div", { class: "actions" }, removeButton)),
+    el("section", { class: "card", "aria-labelledby": "hf-heading" },
+      el("h2", { id: "hf-heading" }, "Hugging Face token"), hfSaved, hfForm, el("div", { class: "actions" }, hfRemove)),
     el("section", { class: "card", "aria-labelledby": "cost-heading" },
       el("h2", { id: "cost-heading" }, "Estimated cost per experiment"),
       costs));
@@ -285,6 +299,39 @@ export async function renderSettings(view) {
     }
   });
 
+  function showHfToken() {
+    hfSaved.textContent = hfToken.has_token
+      ? `Saved token ending in ${hfToken.last4}${hfToken.updated_at ? `, saved ${dateTime(hfToken.updated_at)}` : ""}.`
+      : "No token saved.";
+    hfRemove.hidden = !hfToken.has_token;
+  }
+
+  hfForm.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const token = hfInput.value.trim();
+    hfInput.value = "";  // the full token leaves the page at once, whatever the outcome
+    if (!token) return announce("Paste your Hugging Face token first", "error");
+    try {
+      hfToken = await api("PUT", "/api/settings/hf-token", { body: { token } });
+      showHfToken();
+      announce(`Hugging Face token ending in ${hfToken.last4} saved`);
+    } catch (error) {
+      announce(`Not saved: ${error.message}`, "error");
+    }
+  });
+
+  hfRemove.addEventListener("click", async () => {
+    if (!window.confirm("Remove your Hugging Face token? Jobs on gated models will be refused until you add one.")) return;
+    try {
+      await api("DELETE", "/api/settings/hf-token");
+      hfToken = await api("GET", "/api/settings/hf-token");
+      showHfToken();
+      announce("Hugging Face token removed");
+    } catch (error) {
+      announce(`Not removed: ${error.message}`, "error");
+    }
+  });
+
   async function loadCosts() {
     try {
       const sample = await (await fetch("/static/examples/sample.json")).json();
@@ -308,6 +355,7 @@ export async function renderSettings(view) {
   hostedRadio.checked = info.backend !== "runpod";
   runpodRadio.checked = info.backend === "runpod";
   show();
+  showHfToken();
   loadCosts();
   return () => clearTimeout(refreshTimer);
 }
