@@ -23,7 +23,17 @@ HF_TOKENS = ("hf_FirstTokenOfTheResearcherAbCd", "hf_SecondTokenOfTheResearcherW
 
 @pytest.fixture(scope="module")
 def stack_overrides() -> dict[str, str]:
-    return {"RUNPOD_EXECUTION_TIMEOUT_S": str(EXECUTION_TIMEOUT_S)}
+    # Hosted jobs go to compute-modal running the Modal function in process (the real pipeline).
+    return {
+        "RUNPOD_EXECUTION_TIMEOUT_S": str(EXECUTION_TIMEOUT_S),
+        "HOSTED_PROVIDER": "modal",
+        "COMPUTE_MODAL_BACKEND": "inprocess",
+    }
+
+
+@pytest.fixture(scope="module")
+def stack_services() -> tuple[str, ...]:
+    return ("keyvault", "compute-modal", "compute-runpod", "scheduler", "gateway")
 
 
 def test_the_job_page_shows_what_the_job_really_cost_beside_its_estimate(
@@ -59,6 +69,23 @@ def test_the_job_page_shows_what_the_job_really_cost_beside_its_estimate(
     assert cell.inner_text() != "—"
     assert actual["source"] in (cell.get_attribute("title") or "")
     shots.take("experiments_list")
+
+
+def test_a_hosted_job_on_modal_shows_its_real_cost_too(page, stack: Stack, shots: Screenshots) -> None:
+    sign_in(page, "modal-user")
+    client = page_api_client(page, stack.gateway_url)
+    job_id = client.submit(sample_spec(n_train=4, n_eval=2, epochs=1))["job_id"]
+    assert client.job(job_id)["provider"] == "modal"
+    page.goto(f"/#/jobs/{job_id}")
+    page.locator("#job-status", has_text="completed").wait_for(timeout=JOB_TIMEOUT_MS)
+    cost = page.locator("#job-actual-cost", has_text="GPU-seconds")
+    cost.wait_for()
+    actual = client.job(job_id)["actual"]
+    assert actual is not None and actual["gpu_seconds"] > 0 and actual["cost_usd"] > 0
+    assert cost.inner_text().startswith(
+        f"{actual['gpu_seconds']:.1f} GPU-seconds on {actual['gpu']} at ${actual['usd_per_second']:.6f}/s"
+    )
+    shots.take("job_page")
 
 
 def test_hugging_face_token_spend_cap_and_timeout_warning(page, stack: Stack, shots: Screenshots) -> None:

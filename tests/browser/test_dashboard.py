@@ -90,6 +90,13 @@ def test_experiment_from_upload_to_results_and_csv(page, stack: Stack, shots: Sc
     wait_until_finished(page)
     assert page.locator("#job-status").inner_text() == "completed"
     assert page.locator("#job-epoch").inner_text() == "Epoch 1 / 1."
+    # What it really cost on compute-local (host time), beside the estimate (issue 24, item 4).
+    actual = page_api_client(page, stack.gateway_url).job(job_id)["actual"]
+    assert actual is not None and actual["gpu_seconds"] > 0
+    cost = page.locator("#job-actual-cost", has_text="GPU-seconds")
+    cost.wait_for()
+    assert cost.inner_text().startswith(f"{actual['gpu_seconds']:.1f} GPU-seconds on {actual['gpu']}")
+    cost.screenshot(path=str(shots.path("job-actual-cost-local")))
 
     # Results: three evaluations side by side, the heatmap, the top examples with their text.
     page.locator("#heatmap .main-svg").first.wait_for(timeout=JOB_TIMEOUT_MS)

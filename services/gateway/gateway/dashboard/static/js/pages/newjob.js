@@ -314,7 +314,8 @@ export async function renderNewExperiment(view, [fromJob, fromCuration] = []) {
   modelSelect.addEventListener("change", useModelPresets);
   useModelPresets();
 
-  form.addEventListener("input", (event) => { if (event.target.type !== "file") changed(); });
+  // The spend cap changes no estimate.
+  form.addEventListener("input", (event) => { if (event.target.type !== "file" && event.target !== spendCap) changed(); });
   form.addEventListener("change", (event) => {
     if (event.target.type === "radio" || event.target === modelSelect || event.target.name === "template") changed();
   });
