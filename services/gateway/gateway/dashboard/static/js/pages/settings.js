@@ -31,9 +31,18 @@ function keyUse(call, ...text) {
   return el("li", { "data-runpod-call": call }, ...text);
 }
 
+// The endpoint as RunPod reports it; RunPod (or a service) unreachable must not take the page down.
+async function loadEndpoint() {
+  try {
+    return await api("GET", "/api/settings/runpod-endpoint");
+  } catch (error) {
+    return { state: "unreachable", byok_available: true, message: error.message, gpu_pools: [] };
+  }
+}
+
 export async function renderSettings(view) {
   let info = await api("GET", "/api/settings/runpod-key");
-  let endpoint = await api("GET", "/api/settings/runpod-endpoint");
+  let endpoint = await loadEndpoint();
   let hfToken = await api("GET", "/api/settings/hf-token");
   let refreshTimer = null;
 
@@ -151,6 +160,9 @@ export async function renderSettings(view) {
       return el("p", { class: "help", id: "endpoint-gone" },
         `Your endpoint ${endpoint.endpoint_id} was deleted outside the dashboard; the next experiment on RunPod creates a new one.`);
     }
+    if (endpoint.state === "unreachable") {
+      return el("p", { class: "error", id: "endpoint-unreachable" }, `Your endpoint could not be read: ${endpoint.message}`);
+    }
     if (endpoint.state === "unknown") {
       return el("p", { class: "help", id: "endpoint-unknown" },
         `Endpoint ${endpoint.endpoint_id} may still be on your RunPod account; without a key the dashboard cannot see or delete it. `,
@@ -193,7 +205,7 @@ export async function renderSettings(view) {
 
   async function reload() {
     info = await api("GET", "/api/settings/runpod-key");
-    endpoint = await api("GET", "/api/settings/runpod-endpoint");
+    endpoint = await loadEndpoint();
     hostedRadio.checked = info.backend !== "runpod";
     runpodRadio.checked = info.backend === "runpod" || (runpodRadio.checked && !info.has_key);
     show();
