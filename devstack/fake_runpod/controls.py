@@ -73,6 +73,10 @@ def add_control_routes(app: FastAPI, fake: FakeRunPod) -> None:
             {
                 "accepted_runs": fake.accepted_runs,
                 "jobs": {job_id: job.status for job_id, job in fake.jobs_by_id.items()},
+                # The GPU pool each job a worker took ran on.
+                "gpu_pools": {
+                    job_id: job.gpu_pool for job_id, job in fake.jobs_by_id.items() if job.gpu_pool
+                },
             }
         )
 

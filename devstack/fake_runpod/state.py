@@ -94,6 +94,9 @@ class FakeJob:
     started_at: float | None = None
     finished_at: float | None = None
     worker_id: str = ""
+    # The GPU pool the job ran on: RunPod assigns any pool the endpoint lists that has a free GPU;
+    # here every pool has one, so the first listed (the dashboard lists them cheapest first).
+    gpu_pool: str = ""
     pending: list[Any] = field(default_factory=list)  # chunks not yet drained by /stream
     output: Any = None
     error: str | None = None

@@ -27,6 +27,8 @@ def add_worker_routes(app: FastAPI, fake: FakeRunPod) -> None:
             job = fake.next_job(endpoint) if not fake.throttled else None
             if job is not None:
                 job.status, job.started_at, job.worker_id = "IN_PROGRESS", time.monotonic(), worker.id
+                pools = (endpoint.config.get("gpu") or {}).get("pools") or [""]
+                job.gpu_pool = str(pools[0])
                 worker.took_first_job = True
                 return JSONResponse({"id": job.id, "input": job.input})
             await asyncio.sleep(0.05)

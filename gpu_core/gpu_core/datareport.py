@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import statistics
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,21 @@ class TokenizerUnavailable(Exception):
     """The tokenizer cannot be loaded here; the message says why."""
 
 
-@functools.lru_cache(maxsize=8)
+# One load at a time: lru_cache does not hold concurrent callers of the same id back, and two
+# threads making transformers' first lazy import together can see it half made ("cannot import
+# name 'PreTrainedTokenizerFast'", a 500 from the gateway's two estimates of a freshly filled form).
+_LOADING = threading.Lock()
+
+
 def load_tokenizer(model_id: str) -> Any:
     """The built-in tiny tokenizer (both built-in models share it), or a hub model's tokenizer
     from the local cache only."""
+    with _LOADING:
+        return _load_tokenizer(model_id)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(model_id: str) -> Any:
     if model_id in (TINY_MODEL_ID, TINY_CHAT_MODEL_ID):
         from gpu_core.tiny import build_tokenizer
 

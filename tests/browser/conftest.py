@@ -45,6 +45,12 @@ def stack_overrides() -> dict[str, str]:
     return {}
 
 
+@pytest.fixture(scope="module")
+def stack_services() -> tuple[str, ...]:
+    """The services of one test module's stack (a module overrides this fixture)."""
+    return ("keyvault", "compute-local", "compute-runpod", "scheduler", "gateway")
+
+
 # Module scope: the stack and the browser (whose sync API runs an event loop in this thread) are
 # gone before the next module's asyncio tests start.
 @pytest.fixture(scope="module")
@@ -52,6 +58,7 @@ def stack(
     tmp_path_factory: pytest.TempPathFactory,
     fake_runpod: FakeRunPodProcess,
     stack_overrides: dict[str, str],
+    stack_services: tuple[str, ...],
 ) -> Iterator[Stack]:
     with Stack(
         data_dir=tmp_path_factory.mktemp("browser-stack"),
@@ -62,7 +69,7 @@ def stack(
             "RUNPOD_STREAM_WAIT_MS": "1000",
             **stack_overrides,
         },
-        services=("keyvault", "compute-local", "compute-runpod", "scheduler", "gateway"),
+        services=stack_services,
     ) as running:
         yield running
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from devstack.client import GatewayClient
-from devstack.stack import REPO_ROOT, Stack
+from devstack.stack import REPO_ROOT, FakeRunPodProcess, Stack
 
 from .support import (
     BROKE_RUNPOD_KEY,
@@ -90,6 +90,13 @@ def test_experiment_from_upload_to_results_and_csv(page, stack: Stack, shots: Sc
     wait_until_finished(page)
     assert page.locator("#job-status").inner_text() == "completed"
     assert page.locator("#job-epoch").inner_text() == "Epoch 1 / 1."
+    # What it really cost on compute-local (host time), beside the estimate (issue 24, item 4).
+    actual = page_api_client(page, stack.gateway_url).job(job_id)["actual"]
+    assert actual is not None and actual["gpu_seconds"] > 0
+    cost = page.locator("#job-actual-cost", has_text="GPU-seconds")
+    cost.wait_for()
+    assert cost.inner_text().startswith(f"{actual['gpu_seconds']:.1f} GPU-seconds on {actual['gpu']}")
+    cost.screenshot(path=str(shots.path("job-actual-cost-local")))
 
     # Results: three evaluations side by side, the heatmap, the top examples with their text.
     page.locator("#heatmap .main-svg").first.wait_for(timeout=JOB_TIMEOUT_MS)
@@ -199,7 +206,9 @@ def test_upload_errors_name_the_line_and_field(page, tmp_path: Path, shots: Scre
     shots.take("upload-errors")
 
 
-def test_bring_your_own_runpod_key(page, stack: Stack, shots: Screenshots) -> None:
+def test_bring_your_own_runpod_key(
+    page, stack: Stack, fake_runpod: FakeRunPodProcess, shots: Screenshots
+) -> None:
     page.on("dialog", lambda dialog: dialog.accept())
     sign_in(page, "byok")
     page.get_by_role("link", name="Settings").click()
@@ -249,6 +258,33 @@ def test_bring_your_own_runpod_key(page, stack: Stack, shots: Screenshots) -> No
     assert page.locator("#step-endpoint").get_attribute("data-state") == "done"
     assert GOOD_RUNPOD_KEY not in page.content()
     shots.take("settings-ready")
+
+    # The endpoint as RunPod lists it: id, GPU pools, workers, a link to it; then deleted here.
+    endpoint_id = client.request("GET", "/api/settings/runpod-endpoint").json()["endpoint_id"]
+    listed = [e["id"] for e in fake_runpod.control("GET", "endpoints")["endpoints"]]  # type: ignore[index]
+    assert endpoint_id in listed
+    assert page.locator("#endpoint-id").inner_text() == endpoint_id
+    assert page.locator("#endpoint-pools").inner_text()
+    assert "at most 1" in page.locator("#endpoint-workers").inner_text()
+    console = page.get_by_role("link", name="Open it in RunPod's console")
+    assert (
+        console.get_attribute("href") == f"https://console.runpod.io/serverless/user/endpoint/{endpoint_id}"
+    )
+    shots.take("settings-endpoint")
+    page.get_by_role("button", name="Delete endpoint").click()
+    page.locator("#status", has_text="RunPod endpoint deleted").wait_for()
+    assert page.locator("#step-ready").get_attribute("data-state") == "pending"
+    assert page.locator("#step-endpoint").get_attribute("data-state") == "pending"
+    assert page.locator("#endpoint-id").count() == 0
+    listed = [e["id"] for e in fake_runpod.control("GET", "endpoints")["endpoints"]]  # type: ignore[index]
+    assert endpoint_id not in listed
+    assert [r["status"] for r in fake_runpod.requests("serverless.delete")] == [204]
+    shots.take("settings-endpoint-deleted")
+
+    # While on Hosted, the stored key can still be removed.
+    page.get_by_label("Hosted (free tier)").check()
+    page.locator("#runpod-panel").wait_for(state="hidden")
+    assert page.locator("#remove-key").is_visible()
 
     page.get_by_role("button", name="Remove API key").click()
     page.locator("#status", has_text="RunPod key removed").wait_for()

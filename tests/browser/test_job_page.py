@@ -19,7 +19,7 @@ pytestmark = pytest.mark.browser
 JOB_TIMEOUT_MS = 60_000
 # compute-runpod gives up on a job RunPod keeps queued with no GPU after this long (default 600).
 QUEUE_TIMEOUT_S = 3
-NO_GPU = "No GPU available right now: wait, or pick another GPU type"
+NO_GPU = "No GPU available on RunPod: none was free in the pools tried ("
 FUNDED_BALANCE_USD = 25.0
 # Below the estimate of a small RunPod job ($0.0136) yet above zero, so the key still verifies.
 TOO_LOW_BALANCE_USD = 0.002
@@ -123,8 +123,21 @@ def test_runpod_failures_in_plain_words(
     assert page.locator("#job-status").inner_text() == "failed"
     assert stage.inner_text() == "Failed"
     assert error.locator("h3").inner_text() == "No GPU was available"
-    assert client.job(job_id)["error"] == NO_GPU
+    failure = client.job(job_id)["error"]
+    assert failure.startswith(NO_GPU + "AMPERE_16, AMPERE_24, ADA_24, AMPERE_48)")  # the pools tried
+    assert "nothing was billed" in failure
     shots.take("no-gpu")
+    # Offered: the same experiment on the hosted backend (the backend switches, said beforehand).
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Run it on the hosted backend instead").click()
+    page.wait_for_url(re.compile(r"#/jobs/(?!" + job_id + ")"))
+    moved_id = page.url.rsplit("/", 1)[1]
+    moved = client.job(moved_id)
+    assert (moved["backend"], moved["model_id"], moved["n_train"]) == ("hosted", spec["model_id"], 4)
+    assert client.request("GET", "/api/settings/compute").json()["backend"] == "hosted"
+    shots.take("moved-to-hosted")
+    client.request("POST", f"/api/jobs/{moved_id}/cancel")
+    assert client.request("PUT", "/api/settings/compute", json={"backend": "runpod"}).status_code == 200
 
     # The job runs past RunPod's execution timeout.
     with fake_mode(fake_runpod, execution_timeout_s=0.0):

@@ -205,7 +205,7 @@ def test_no_gpu_says_so_in_plain_words(stack: Stack, fake: FakeRunPodProcess) ->
     finally:
         fake.control("POST", "mode", throttled=False)
     assert last["state"] == "failed"
-    assert "No GPU available right now" in last["error"]
+    assert "No GPU available on RunPod" in last["error"]
 
 
 def test_execution_timeout_says_so(stack: Stack, fake: FakeRunPodProcess) -> None:

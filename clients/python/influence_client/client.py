@@ -317,6 +317,14 @@ class _Calls:
     def delete_runpod_key() -> _Call[models.RunpodKeyDeleted]:
         return _Call("DELETE", "/api/settings/runpod-key", _model(models.RunpodKeyDeleted))
 
+    @staticmethod
+    def runpod_endpoint() -> _Call[models.RunpodEndpoint]:
+        return _Call("GET", "/api/settings/runpod-endpoint", _model(models.RunpodEndpoint))
+
+    @staticmethod
+    def delete_runpod_endpoint() -> _Call[models.RunpodEndpoint]:
+        return _Call("DELETE", "/api/settings/runpod-endpoint", _model(models.RunpodEndpoint))
+
 
 class SseParser:
     """Server-Sent Events, line by line: ``feed`` answers ``(event, data)`` at each blank line
@@ -618,6 +626,12 @@ class Client(_Base):
     def delete_runpod_key(self) -> models.RunpodKeyDeleted:
         return self._run(_Calls.delete_runpod_key())
 
+    def runpod_endpoint(self) -> models.RunpodEndpoint:
+        return self._run(_Calls.runpod_endpoint())
+
+    def delete_runpod_endpoint(self) -> models.RunpodEndpoint:
+        return self._run(_Calls.delete_runpod_endpoint())
+
     # last in the class: below it, ``models`` in an annotation would name this method, not the module
     def models(self) -> list[models.ModelInfo]:
         return self._run(_Calls.model_list())
@@ -817,6 +831,12 @@ class AsyncClient(_Base):
 
     async def delete_runpod_key(self) -> models.RunpodKeyDeleted:
         return await self._run(_Calls.delete_runpod_key())
+
+    async def runpod_endpoint(self) -> models.RunpodEndpoint:
+        return await self._run(_Calls.runpod_endpoint())
+
+    async def delete_runpod_endpoint(self) -> models.RunpodEndpoint:
+        return await self._run(_Calls.delete_runpod_endpoint())
 
     # last in the class: below it, ``models`` in an annotation would name this method, not the module
     async def models(self) -> list[models.ModelInfo]:

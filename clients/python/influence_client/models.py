@@ -451,6 +451,34 @@ class RunpodKeyStatus(ComputeSettings):
 class RunpodKeyDeleted(ComputeSettings):
     has_key: bool
     deleted: bool
+    endpoint_deleted: bool = Field(description="The RunPod endpoint was deleted too (?delete_endpoint=true)")
+
+
+class RunpodEndpointWorkers(ApiModel):
+    running: int
+    idle: int
+    initializing: int
+    throttled: int = Field(description="Waiting for a GPU RunPod does not have free (not billed)")
+    unhealthy: int
+    total: int
+
+
+class RunpodEndpoint(ApiModel):
+    """The caller's own RunPod serverless endpoint as RunPod reports it now."""
+
+    byok_available: bool = Field(description="This server can run jobs on researchers' own RunPod keys")
+    unavailable_reason: str | None = Field(description="What the operator must set, when it cannot")
+    state: str = Field(
+        description='"none" (no endpoint yet), "live", "gone" (deleted outside the dashboard: '
+        'forgotten, the next job creates one) or "unknown" (no key stored to look with)'
+    )
+    endpoint_id: str | None
+    name: str | None
+    gpu_pools: list[str] = Field(description="The RunPod GPU pools the endpoint may run on")
+    workers_max: int
+    workers: RunpodEndpointWorkers | None
+    execution_timeout_s: int
+    console_url: str | None = Field(description="The endpoint's page in RunPod's console")
 
 
 class HfTokenStatus(ApiModel):

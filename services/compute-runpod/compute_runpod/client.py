@@ -98,6 +98,16 @@ class RunPodClient:
         )
         return _ok(response, "updating the serverless endpoint")
 
+    async def delete_endpoint(self, key: str, endpoint_id: str) -> bool:
+        """DELETE: RunPod also terminates the workers and cancels queued and running jobs.
+        False when RunPod no longer has the endpoint."""
+        response = await self._rest("serverless.delete", f"/serverless/{endpoint_id}", key, method="DELETE")
+        if response.status_code == 404:
+            return False
+        if response.status_code not in (200, 204):
+            raise _unexpected("deleting the serverless endpoint", response)
+        return True
+
     async def get_template(self, key: str, template_id: str) -> dict[str, Any]:
         response = await self._rest("templates.get", f"/templates/{template_id}", key)
         body = _ok(response, f"reading the worker template {template_id}")
@@ -146,6 +156,13 @@ class RunPodClient:
             params={"wait": wait_ms},
             timeout=self._settings.runpod_http_timeout_s + wait_ms / 1000,
         )
+
+    async def health(self, key: str, endpoint_id: str) -> dict[str, Any]:
+        """The endpoint's job counts (``jobs``: inQueue, inProgress, ...) and workers."""
+        body = await self._job_get("job.health", f"{endpoint_id}/health", key)
+        if body is None:
+            raise ProviderError(Code.NOT_FOUND, "RunPod does not know the endpoint")
+        return body
 
     async def cancel(self, key: str, endpoint_id: str, job_id: str) -> dict[str, Any] | None:
         response = await self._request(

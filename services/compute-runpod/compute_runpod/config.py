@@ -33,6 +33,9 @@ class Settings(ServiceSettings):
 
     runpod_endpoint_name: str = "influence-dashboard"
     runpod_default_gpu_pools: list[str] = Field(default_factory=lambda: ["AMPERE_80"], min_length=1)
+    # An endpoint lists the pools that fit its job up to this multiple of the cheapest one's
+    # price: more pools, fewer waits for a GPU; a narrower band, a tighter bill (costs.gpu_pools).
+    runpod_pool_price_band: float = Field(default=3.0, ge=1.0, le=100.0)
     runpod_workers_max: int = Field(default=1, ge=1, le=100)
     runpod_idle_timeout_s: int = Field(default=300, ge=1, le=3600)
     # The endpoint's execution timeout: the most any one job may run. Each job's own
@@ -44,6 +47,10 @@ class Settings(ServiceSettings):
     runpod_job_ttl_s: int = Field(default=24 * 3600, ge=10, le=7 * 24 * 3600)
     # How long a job may sit IN_QUEUE while RunPod has no GPU for it before we give up.
     runpod_queue_timeout_s: float = Field(default=600.0, gt=0)
+    # Past this wait (a cold start's length) a queued job's page says when RunPod has no GPU free
+    # in its pools, looking at the endpoint's workers at most once per check interval.
+    runpod_no_gpu_notice_s: float = Field(default=120.0, ge=0)
+    runpod_queue_check_interval_s: float = Field(default=30.0, ge=0)
     # How long one GetStatus call may hold RunPod's /stream long poll (RunPod's minimum is 1 s).
     runpod_stream_wait_ms: int = Field(default=1000, ge=1000, le=300_000)
 

@@ -7,6 +7,10 @@ from typing import Any, cast
 import cost_model
 from gpu_core.schemas import ExperimentSpec, Quantization
 
+# The most an endpoint's dearest pool may cost per second, as a multiple of its cheapest (see
+# gpu_pools; RUNPOD_POOL_PRICE_BAND).
+DEFAULT_PRICE_BAND = 3.0
+
 
 def estimate(spec: ExperimentSpec, backend: str, kind: str = "", request_json: bytes = b"") -> dict[str, Any]:
     """The fields of influence.v1.Estimate for ``spec`` (or a later job of ``kind`` on it) on RunPod,
@@ -30,15 +34,29 @@ def endpoint_tier_gb(model_id: str, quantization: str) -> int:
     return recommendation.tier_gb if recommendation is not None else 0
 
 
-def gpu_pools(model_params_b: float, quantization: str, model_id: str = "") -> list[str]:
-    """Every RunPod pool that fits the model, cheapest first: RunPod asks for every pool the
-    endpoint accepts (fewer jobs left waiting for a GPU). A model the catalog knows (or whose id
-    names its size) is sized by its card, as the estimate is; else by ``model_params_b``
-    billion parameters; none when neither is known (the caller's default pools apply)."""
+def gpu_pools(
+    model_params_b: float, quantization: str, model_id: str = "", price_band: float = DEFAULT_PRICE_BAND
+) -> list[str]:
+    """The RunPod pools that fit the model and cost at most ``price_band`` times the cheapest
+    that fits, cheapest first: RunPod takes a job on any pool the endpoint lists, so each listed
+    pool is one more chance of a free GPU (fewer jobs left waiting) and one more price the job
+    can be billed at; the band bounds that price. A model the catalog knows (or whose id names its
+    size) is sized by its card, as the estimate is; else by ``model_params_b`` billion
+    parameters; none when neither is known (the caller's default pools apply)."""
     recommendation = _model_recommendation(model_params_b, quantization, model_id)
     if recommendation is None:
         return []
-    return [pool for pool, _ in cost_model.price_table("runpod").gpus_for_tier(recommendation.tier_gb)]
+    fitting = cost_model.price_table("runpod").gpus_for_tier(recommendation.tier_gb)
+    if not fitting:
+        return []
+    ceiling = fitting[0][1].usd_per_second * price_band
+    return [pool for pool, offer in fitting if offer.usd_per_second <= ceiling]
+
+
+def pool_memory_gb(pool: str) -> float:
+    """A pool's GPU memory per the price table (0 for a pool it does not list)."""
+    offer = cost_model.price_table("runpod").gpus.get(pool)
+    return offer.memory_gb if offer is not None else 0.0
 
 
 def _model_recommendation(
@@ -54,8 +72,11 @@ def _model_recommendation(
     return None
 
 
-def pool_rates(model_id: str, quantization: str) -> list[tuple[str, float]]:
+def pool_rates(
+    model_id: str, quantization: str, price_band: float = DEFAULT_PRICE_BAND
+) -> list[tuple[str, float]]:
     """(pool, $/s) of every pool an endpoint for ``model_id`` offers RunPod, cheapest first: the
     range a job can be billed at, whichever GPU RunPod assigns."""
     table = cost_model.price_table("runpod")
-    return [(pool, table.gpus[pool].usd_per_second) for pool in gpu_pools(0.0, quantization, model_id)]
+    pools = gpu_pools(0.0, quantization, model_id, price_band)
+    return [(pool, table.gpus[pool].usd_per_second) for pool in pools]

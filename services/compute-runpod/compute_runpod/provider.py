@@ -39,7 +39,9 @@ from gpu_core.uploads import presigned_expiry
 log = logging.getLogger(__name__)
 
 WAITING_FOR_GPU = "waiting for a GPU worker (cold start can take 30-120 s)"
-NO_GPU = "No GPU available right now: wait, or pick another GPU type"
+# A job RunPod keeps queued with no GPU free: what the researcher can do about it (the job page
+# offers to move the job to the hosted backend).
+NO_GPU_ACTIONS = "run it again later, or on the hosted backend (Settings -> Compute)"
 RESULT_EXPIRED = (
     "RunPod no longer has this job: RunPod keeps a result for 30 minutes after a job finishes, "
     "and drops a job still queued when its ttl ends (kept within its upload URLs' life); the "
@@ -48,6 +50,9 @@ RESULT_EXPIRED = (
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 # In the endpoint's env: the template it was created from or last moved to.
 TEMPLATE_MARKER = "INFLUENCE_TEMPLATE_ID"
+# The endpoint's page in RunPod's console (the key page is console.runpod.io/user/credentials).
+CONSOLE_ENDPOINT_URL = "https://console.runpod.io/serverless/user/endpoint/{endpoint_id}"
+_WORKER_COUNTS = ("running", "idle", "initializing", "throttled", "unhealthy", "total")
 _REMEMBERED_JOBS = 10_000
 # The smallest ttl sent (RUNPOD_JOB_TTL_S's floor): less cannot both wait for a worker and run.
 _MIN_JOB_TTL_S = 10
@@ -106,6 +111,22 @@ class Prepared:
     status: str
 
 
+@dataclass(frozen=True)
+class EndpointView:
+    """A researcher's endpoint as RunPod reports it now (see common.proto EndpointInfo)."""
+
+    byok_available: bool
+    unavailable_reason: str
+    state: str  # none | live | gone | unknown
+    endpoint_id: str = ""
+    name: str = ""
+    gpu_pools: tuple[str, ...] = ()
+    workers_max: int = 0
+    workers: dict[str, int] = field(default_factory=dict)
+    execution_timeout_s: int = 0
+    console_url: str = ""
+
+
 @dataclass
 class StatusReport:
     state: str  # a JobState name without the prefix: SUBMITTED, RUNNING, COMPLETED, ...
@@ -146,6 +167,9 @@ class _Followed:
     first_seen: float
     chunks: list[Any] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # While queued: the last look at the endpoint's workers (monotonic time) and what it said.
+    looked_at: float = 0.0
+    queue_note: str = ""
 
 
 class RunPodProvider:
@@ -197,12 +221,25 @@ class RunPodProvider:
 
     # ---- credentials ---------------------------------------------------------------------
 
+    def _byok_unavailable(self) -> str:
+        """Why researchers' own keys cannot run jobs on this server ("" = they can)."""
+        if self._settings.runpod_template_id:
+            return ""
+        return (
+            "RunPod is not set up on this server for researchers' own keys: its operator has not "
+            "set RUNPOD_TEMPLATE_ID (the worker template endpoints are created from)"
+        )
+
     async def verify(self, account: AccountRef, api_key: str = "") -> Verification:
         """Validity through REST v2 (listing the serverless endpoints: 401 invalid, 403 lacking
         scope), then the balance through GraphQL while RunPod still answers it (it is deprecated
         and retires in 2027; REST v2 has no balance). A valid key whose balance cannot be read
         is accepted with a note saying so: spend stays bounded by the execution timeout. A refused
         key is an answer (its failure says why), not an error; the stored key's absence is one."""
+        unavailable = "" if account.hosted else self._byok_unavailable()
+        if unavailable:
+            # Saving a key that no job could use would only fail the first job.
+            raise ProviderError(Code.FAILED_PRECONDITION, unavailable + "; your key was not saved")
         key = api_key or await self._key(account)
         try:
             await self._client.list_endpoints(key)
@@ -267,7 +304,7 @@ class RunPodProvider:
             if existing is None:
                 existing = await self._find_own_endpoint(key)
             if existing is not None:
-                await self._roll_out_template(key, existing, model_params_b, quantization, model_id)
+                await self._update_endpoint(key, existing, model_params_b, quantization, model_id)
                 return Prepared(endpoint_id=str(existing["id"]), created=False, status="ready")
             created = await self._client.create_endpoint(
                 key, self._endpoint_body(model_params_b, quantization, model_id)
@@ -276,40 +313,116 @@ class RunPodProvider:
             return Prepared(endpoint_id=str(created["id"]), created=True, status="ready")
 
     async def _find_own_endpoint(self, key: str) -> dict[str, Any] | None:
-        """An endpoint this dashboard created earlier (e.g. before its id reached the profile)."""
+        """An endpoint this dashboard created earlier (e.g. before its id reached the profile):
+        our name and our marker in its env. An endpoint the researcher made themselves under
+        the same name has no marker and is left alone (RunPod names need not be unique), never
+        adopted and patched."""
         for endpoint in await self._client.list_endpoints(key):
-            if endpoint.get("name") == self._settings.runpod_endpoint_name and endpoint.get("id"):
+            env = endpoint.get("env")
+            ours = isinstance(env, dict) and bool(env.get(TEMPLATE_MARKER))
+            if endpoint.get("name") == self._settings.runpod_endpoint_name and endpoint.get("id") and ours:
                 return endpoint
         return None
 
-    async def _roll_out_template(
+    async def describe_endpoint(self, account: AccountRef) -> EndpointView:
+        """The stored endpoint as RunPod lists it now: "gone" when RunPod no longer has it
+        (deleted in its console), so the caller stops calling it ready."""
+        unavailable = self._byok_unavailable()
+        if not account.endpoint_id:
+            return EndpointView(not unavailable, unavailable, "none")
+        key = await self._key(account)
+        endpoint = await self._client.get_endpoint(key, account.endpoint_id)
+        if endpoint is None:
+            return EndpointView(not unavailable, unavailable, "gone", endpoint_id=account.endpoint_id)
+        summary = await self._client.endpoint_workers(key, account.endpoint_id)
+        gpu, workers = (_object(endpoint.get(name)) for name in ("gpu", "workers"))
+        return EndpointView(
+            byok_available=not unavailable,
+            unavailable_reason=unavailable,
+            state="live",
+            endpoint_id=account.endpoint_id,
+            name=str(endpoint.get("name") or ""),
+            gpu_pools=tuple(str(pool) for pool in gpu.get("pools") or []),
+            workers_max=_count(workers.get("max")),
+            workers={name: _count(summary.get(name)) for name in _WORKER_COUNTS},
+            execution_timeout_s=_count(endpoint.get("timeout")) // 1000,
+            console_url=CONSOLE_ENDPOINT_URL.format(endpoint_id=account.endpoint_id),
+        )
+
+    async def delete_endpoint(self, account: AccountRef) -> EndpointView:
+        """Delete the stored endpoint on the researcher's account (RunPod cancels whatever still
+        runs there and stops its workers); one already gone is not an error."""
+        if account.hosted:
+            raise ProviderError(
+                Code.FAILED_PRECONDITION,
+                "The hosted tier's endpoint is the operator's; it cannot be deleted here",
+            )
+        unavailable = self._byok_unavailable()
+        if account.endpoint_id:
+            key = await self._key(account)
+            existed = await self._client.delete_endpoint(key, account.endpoint_id)
+            log.info(
+                "runpod endpoint deleted", extra={"endpoint_id": account.endpoint_id, "existed": existed}
+            )
+        return EndpointView(not unavailable, unavailable, "none")
+
+    async def _update_endpoint(
         self, key: str, endpoint: dict[str, Any], model_params_b: float, quantization: str, model_id: str
     ) -> None:
+        """Before each job: the endpoint's GPU pools refitted to this job's model (see
+        _may_change_pools), and the worker template rolled out when RUNPOD_TEMPLATE_ID changed,
+        in one PATCH (same id, so jobs in flight keep their endpoint)."""
+        update = await self._template_update(key, endpoint)
+        wanted = self._pools(model_params_b, quantization, model_id)
+        current = [str(pool) for pool in _object(endpoint.get("gpu")).get("pools") or []]
+        tier_gb = costs.endpoint_tier_gb(model_id, quantization) if model_id else 0
+        if current != wanted and await self._may_change_pools(key, str(endpoint["id"]), current, tier_gb):
+            update["gpu"] = {"pools": wanted, "count": 1}
+        if not update:
+            return
+        await self._client.update_endpoint(key, str(endpoint["id"]), update)
+        log.info(
+            "runpod endpoint updated",
+            extra={"endpoint_id": endpoint["id"], "fields": sorted(update), "pools": update.get("gpu")},
+        )
+
+    async def _may_change_pools(self, key: str, endpoint_id: str, current: list[str], tier_gb: int) -> bool:
+        """One endpoint per researcher, its pools refitted before each job (docs/services.md,
+        "RunPod GPU pools"). Pools that do not fit this job are always replaced: every pool
+        that fits a bigger model also fits the smaller jobs still queued (they may cost more).
+        Pools that fit but were chosen for a bigger model are narrowed only when RunPod holds no
+        job of the endpoint (queued or running), since narrowing could strand a queued big job
+        on a GPU too small for it; until then this job runs on the current pools."""
+        fits = bool(current) and min(costs.pool_memory_gb(pool) for pool in current) >= tier_gb
+        if not fits:
+            return True
+        jobs = _object((await self._client.health(key, endpoint_id)).get("jobs"))
+        return _count(jobs.get("inQueue")) + _count(jobs.get("inProgress")) == 0
+
+    async def _template_update(self, key: str, endpoint: dict[str, Any]) -> dict[str, Any]:
         """RunPod resolves a template only when an endpoint is created, and its Endpoint object
         does not say which one: the endpoint carries our own marker in its env. When
-        RUNPOD_TEMPLATE_ID has changed, the new template's container settings are PATCHed onto
-        the endpoint (same id, so jobs in flight keep their endpoint; RunPod rolls the release
-        out as workers cycle), with the pools of today's cost model."""
+        RUNPOD_TEMPLATE_ID has changed, the fields of the new template's container settings
+        (RunPod rolls the release out as workers cycle); else nothing."""
         template_id = self._settings.runpod_template_id
         env = endpoint.get("env")
         if not isinstance(env, dict):
             env = {}
         if not template_id or env.get(TEMPLATE_MARKER) == template_id:
-            return
+            return {}
         template = await self._client.get_template(key, template_id)
         update: dict[str, Any] = {
             field: template[field] for field in ("image", "args", "disk", "ports") if field in template
         }
         update["env"] = {**(template.get("env") or {}), TEMPLATE_MARKER: template_id}
-        update["gpu"] = {"pools": self._pools(model_params_b, quantization, model_id), "count": 1}
-        await self._client.update_endpoint(key, str(endpoint["id"]), update)
         log.info(
-            "runpod endpoint moved to a new template",
+            "runpod endpoint moves to a new template",
             extra={"endpoint_id": endpoint["id"], "template_id": template_id},
         )
+        return update
 
     def _pools(self, model_params_b: float, quantization: str, model_id: str) -> list[str]:
-        pools = costs.gpu_pools(model_params_b, quantization, model_id)
+        pools = costs.gpu_pools(model_params_b, quantization, model_id, self._settings.runpod_pool_price_band)
         return pools or list(self._settings.runpod_default_gpu_pools)
 
     def _endpoint_body(self, model_params_b: float, quantization: str, model_id: str) -> dict[str, Any]:
@@ -503,12 +616,13 @@ class RunPodProvider:
         if state == "IN_QUEUE":
             queued_s = max(float(status.get("delayTime") or 0) / 1000, time.monotonic() - followed.first_seen)
             if queued_s > self._settings.runpod_queue_timeout_s:
-                reason = await self._stuck_reason(key, endpoint)
+                reason = await self._stuck_reason(key, endpoint, queued_s)
                 if reason:
                     await self._client.cancel(key, endpoint, job)
                     _remember(self._failures, job, reason)
                     return StatusReport("FAILED", events, cursor, error=reason)
-            return StatusReport("SUBMITTED", events, cursor, stage_message=WAITING_FOR_GPU)
+            note = await self._queue_note(key, endpoint, followed, queued_s)
+            return StatusReport("SUBMITTED", events, cursor, stage_message=note or WAITING_FOR_GPU)
         if state == "IN_PROGRESS":
             return StatusReport("RUNNING", events, cursor)
         if state == "COMPLETED":
@@ -532,19 +646,46 @@ class RunPodProvider:
             return StatusReport("CANCELLED", events, cursor, usage=_usage(status))
         return StatusReport("RUNNING", events, cursor)
 
-    async def _stuck_reason(self, key: str, endpoint: str) -> str:
-        """Why a job stays queued, when RunPod itself will never say so; "" = keep waiting."""
+    async def _worker_counts(self, key: str, endpoint: str) -> dict[str, int]:
         summary = await self._client.endpoint_workers(key, endpoint)
-        counts = {
-            name: int(summary.get(name) or 0)
-            for name in ("running", "idle", "initializing", "throttled", "unhealthy", "total")
-        }
+        return {name: _count(summary.get(name)) for name in _WORKER_COUNTS}
+
+    async def _pools_tried(self, key: str, endpoint: str) -> str:
+        found = await self._client.get_endpoint(key, endpoint)
+        pools = _object(found.get("gpu")).get("pools") if found else None
+        return ", ".join(str(pool) for pool in pools or []) or "unknown"
+
+    async def _queue_note(self, key: str, endpoint: str, followed: _Followed, queued_s: float) -> str:
+        """While a job waits past a cold start: RunPod's workers for it waiting for a GPU (throttled)
+        said plainly, with the pools tried. RunPod is asked at most every
+        RUNPOD_QUEUE_CHECK_INTERVAL_S (its REST API is rate limited); "" = still a cold start."""
+        settings = self._settings
+        if queued_s < settings.runpod_no_gpu_notice_s:
+            return ""
+        now = time.monotonic()
+        if now - followed.looked_at < settings.runpod_queue_check_interval_s:
+            return followed.queue_note
+        followed.looked_at = now
+        counts = await self._worker_counts(key, endpoint)
+        followed.queue_note = ""
+        if counts["throttled"] or counts["total"] == 0:
+            limit_min = settings.runpod_queue_timeout_s / 60
+            followed.queue_note = (
+                f"No GPU free on RunPod in the pools tried ({await self._pools_tried(key, endpoint)}) for "
+                f"{_waited(queued_s)}; RunPod keeps waiting for one (nothing is billed while it waits) and "
+                f"the job is cancelled after {limit_min:g} min. You can {NO_GPU_ACTIONS}"
+            )
+        return followed.queue_note
+
+    async def _stuck_reason(self, key: str, endpoint: str, queued_s: float) -> str:
+        """Why a job stays queued, when RunPod itself will never say so; "" = keep waiting."""
+        counts = await self._worker_counts(key, endpoint)
         if counts["unhealthy"] and not (counts["running"] or counts["idle"]):
             return (
                 "RunPod's workers for this endpoint keep failing to start (unhealthy); the job was cancelled"
             )
         if counts["throttled"] or counts["total"] == 0:
-            return NO_GPU
+            return no_gpu_message(await self._pools_tried(key, endpoint), queued_s)
         return ""
 
     def _timeout_message(self, provider_job_id: str) -> str:
@@ -601,27 +742,54 @@ class RunPodProvider:
             fields = costs.estimate(spec, backend or "runpod", kind, request_json)
         except JobInputError as exc:
             raise ProviderError(Code.INVALID_ARGUMENT, str(exc)) from None
-        rates = costs.pool_rates(spec.model_id, spec.hyperparams.quantization)
+        rates = costs.pool_rates(
+            spec.model_id, spec.hyperparams.quantization, self._settings.runpod_pool_price_band
+        )
         if rates and rates[-1][1] > fields["usd_per_second"]:
-            # The endpoint offers RunPod every fitting pool; it bills whichever GPU it assigns.
+            # The endpoint offers RunPod the fitting pools within the band; it bills whichever
+            # GPU it assigns.
             (top, top_rate), time_s = rates[-1], fields["estimated_time_s"]
+            band = self._settings.runpod_pool_price_band
             fields["notes"] = [
                 *fields["notes"],
-                f"Billed at the GPU RunPod assigns among the {len(rates)} pools that fit: from "
-                f"${fields['usd_per_second']:.6f}/s ({fields['gpu']}, priced here) to ${top_rate:.6f}/s "
-                f"({top}), so {usd(fields['estimated_cost_usd'])} to {usd(time_s * top_rate)} for this job "
-                "(a faster GPU also takes less time)",
+                f"Billed at the GPU RunPod assigns among the {len(rates)} pools that fit within "
+                f"{band:g}x the cheapest one's price: from ${fields['usd_per_second']:.6f}/s "
+                f"({fields['gpu']}, priced here) to ${top_rate:.6f}/s ({top}), so "
+                f"{usd(fields['estimated_cost_usd'])} to {usd(time_s * top_rate)} for this job (a faster GPU "
+                "also takes less time). While a bigger model's job is still on your endpoint, this "
+                "one runs on that job's pools.",
             ]
         ceiling = self._settings.runpod_execution_timeout_s
         if fields["estimated_time_s"] > ceiling:
             # Shown before submitting: RunPod would stop the job at the endpoint's timeout.
             fields["notes"] = [
                 *fields["notes"],
-                f"Over the execution timeout: estimated {fields['estimated_time_s'] / 3600:.1f} h, but "
-                f"RunPod stops any job of this endpoint after {ceiling / 3600:g} h and the time run "
+                f"Over the execution timeout: estimated {_span(fields['estimated_time_s'])}, but "
+                f"RunPod stops any job of this endpoint after {_span(ceiling)} and the time run "
                 "until then is billed. Use fewer examples, epochs or a shorter max sequence length.",
             ]
         return fields
+
+
+def no_gpu_message(pools: str, queued_s: float) -> str:
+    """The error of a job cancelled because RunPod had no GPU for it in its pools."""
+    return (
+        f"No GPU available on RunPod: none was free in the pools tried ({pools}) for {_waited(queued_s)}, "
+        f"so the job was cancelled before it ran (nothing was billed). You can {NO_GPU_ACTIONS}."
+    )
+
+
+def _span(seconds: float) -> str:
+    """A length of time in the unit that reads best: 90 s, 15 min, 2.5 h."""
+    if seconds >= 3600:
+        return f"{round(seconds / 3600, 1):g} h"
+    if seconds >= 120:
+        return f"{round(seconds / 60):g} min"
+    return f"{seconds:.0f} s"
+
+
+def _waited(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def parse_spec(spec_json: bytes) -> ExperimentSpec:
@@ -665,6 +833,18 @@ def _event(chunk: Any) -> dict[str, Any] | None:
     if not isinstance(chunk, dict) or is_result_chunk(chunk) or is_artifact_chunk(chunk) or "error" in chunk:
         return None
     return chunk
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _count(value: Any) -> int:
+    """A non-negative count from RunPod's JSON (absent or malformed: 0)."""
+    try:
+        return max(int(value or 0), 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _remember(table: OrderedDict[str, str], key: str, value: str) -> None:

@@ -14,7 +14,7 @@ from compute_runpod.config import Settings
 from compute_runpod.errors import ProviderError
 from compute_runpod.keys import KeyVaultKeys
 from compute_runpod.metrics import PROVIDER_ERRORS
-from compute_runpod.provider import AccountRef, RunPodProvider
+from compute_runpod.provider import AccountRef, EndpointView, RunPodProvider
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from service_runtime.callers import caller_tokens_of
 from service_runtime.grpc_server import GrpcService, create_grpc_server
@@ -148,6 +148,14 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
         )
         return compute_pb2.CancelResponse(state=job_state(state))
 
+    async def DescribeEndpoint(self, request, context):
+        view = await self._call(context, lambda: self._provider.describe_endpoint(_account(request.account)))
+        return _endpoint_info(view)
+
+    async def DeleteEndpoint(self, request, context):
+        view = await self._call(context, lambda: self._provider.delete_endpoint(_account(request.account)))
+        return _endpoint_info(view)
+
     async def Estimate(self, request, context):
         async def work() -> dict[str, Any]:
             return self._provider.estimate(
@@ -156,6 +164,21 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
 
         fields = await self._call(context, work)
         return compute_pb2.EstimateResponse(estimate=common_pb2.Estimate(**fields))
+
+
+def _endpoint_info(view: EndpointView) -> common_pb2.EndpointInfo:
+    return common_pb2.EndpointInfo(
+        byok_available=view.byok_available,
+        unavailable_reason=view.unavailable_reason,
+        state=view.state,
+        endpoint_id=view.endpoint_id,
+        name=view.name,
+        gpu_pools=list(view.gpu_pools),
+        workers_max=view.workers_max,
+        workers=common_pb2.EndpointWorkers(**view.workers),
+        execution_timeout_s=view.execution_timeout_s,
+        console_url=view.console_url,
+    )
 
 
 class ComputeRunPodServer:

@@ -18,7 +18,7 @@ from runpod_testkit import SMALL_SPEC, Stack, new_key, spec_bytes
 
 import cost_model
 from compute_runpod.config import Settings
-from compute_runpod.provider import NO_GPU, WAITING_FOR_GPU
+from compute_runpod.provider import WAITING_FOR_GPU
 from compute_runpod.server import start_server
 from gpu_core.schemas import ExperimentResult
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
@@ -370,9 +370,29 @@ async def test_no_gpu_gives_plain_message_and_cancels(stack: Stack) -> None:
     submitted = await stack.stub.Submit(hosted_submit("job-nogpu"))
     final, _, _ = await stack.wait_terminal(submitted.provider_job_id, HOSTED, limit_s=30)
     assert final.state == common_pb2.JOB_STATE_FAILED
-    assert final.error == NO_GPU
+    assert final.error.startswith("No GPU available on RunPod: none was free in the pools tried (AMPERE_80)")
+    assert "nothing was billed" in final.error and "hosted backend" in final.error
     assert stack.fake.calls("serverless.workers")
     assert stack.fake.job(submitted.provider_job_id).status == "CANCELLED"
+
+
+@pytest.mark.parametrize(
+    "service_overrides", [{"runpod_no_gpu_notice_s": 0, "runpod_queue_check_interval_s": 60}], indirect=True
+)
+async def test_a_job_waiting_for_a_gpu_says_so_with_the_pools_tried(stack: Stack) -> None:
+    stack.fake.set_throttled(True)
+    submitted = await stack.stub.Submit(hosted_submit("job-waits"))
+    for _ in range(3):
+        answer = await stack.get_status(submitted.provider_job_id, HOSTED, "")
+        assert answer.state == common_pb2.JOB_STATE_SUBMITTED
+        assert answer.stage_message.startswith("No GPU free on RunPod in the pools tried (AMPERE_80) for ")
+        assert "hosted backend" in answer.stage_message
+    # RunPod's rate-limited REST API is asked once per check interval, not on every poll.
+    assert len(stack.fake.calls("serverless.workers")) == 1
+    stack.fake.set_throttled(False)
+    await stack.stub.Cancel(
+        compute_pb2.CancelRequest(provider_job_id=submitted.provider_job_id, account=HOSTED)
+    )
 
 
 async def test_execution_timeout_gives_plain_message(stack: Stack) -> None:

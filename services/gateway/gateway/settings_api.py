@@ -18,12 +18,13 @@ from cost_model import lookup_model
 from gateway.deps import CurrentUser, KeyVault, Scheduler, State, require_text
 from gateway.responses import ERRORS, error
 from gateway.upstream import NOT_FOUND, ApiError, KeyVaultClient, SchedulerClient
-from gateway.views import compute_settings_view, key_info_view
+from gateway.views import compute_settings_view, endpoint_view, key_info_view
 from influence.v1 import common_pb2, keyvault_pb2, scheduler_pb2
 from influence_client.models import (
     ComputeSettings,
     HfTokenDeleted,
     HfTokenStatus,
+    RunpodEndpoint,
     RunpodKeyDeleted,
     RunpodKeySaved,
     RunpodKeyStatus,
@@ -37,6 +38,7 @@ router = APIRouter(prefix="/api/settings", tags=["settings"], responses=ERRORS)
 RUNPOD = "runpod"
 SETTINGS_NOT_CHANGED = "The scheduler is unavailable; your settings were not changed, try again"
 KEY_NOT_REMOVED = "The scheduler is unavailable; your key was not removed, try again"
+ENDPOINT_NOT_DELETED = "The scheduler is unavailable; your RunPod endpoint was not deleted, try again"
 NO_RUNPOD_KEY = "No RunPod API key is stored: add one (POST /api/settings/runpod-key) before choosing runpod"
 # The one mapping of why RunPod refused a key to an HTTP answer; a refusal without a reason is
 # the key's (400).
@@ -185,29 +187,97 @@ async def delete_runpod_key(
     cancel_jobs: Annotated[
         bool, Query(description="Cancel the jobs still running on RunPod first (with this key)")
     ] = False,
+    delete_endpoint: Annotated[
+        bool,
+        Query(
+            description="Also delete the dashboard's serverless endpoint on your RunPod account "
+            "(else it stays there, idle and unbilled, until you delete it in RunPod's console)"
+        ),
+    ] = False,
 ) -> dict[str, Any]:
-    # Back to hosted first, so no job is routed to runpod in the moment the key is gone.
+    # Back to hosted first, so no job is routed to runpod in the moment the key is gone. Any
+    # backend may remove its key: on hosted this is a no-op.
     settings = await scheduler.set_backend(user, "hosted", SETTINGS_NOT_CHANGED)
     # Without the key no one could follow or cancel a job that RunPod goes on running and billing.
-    active = await scheduler.active_jobs(user, RUNPOD, KEY_NOT_REMOVED)
-    if active and not cancel_jobs:
+    try:
+        await _settle_runpod_jobs(user, scheduler, cancel_jobs, "remove the key", "The key was not removed.")
+    except ApiError:
         await scheduler.set_backend(user, RUNPOD, KEY_NOT_REMOVED)
+        raise
+    endpoint_deleted = False
+    if delete_endpoint and settings.runpod_endpoint_id:
+        # With the key, while it is still stored: afterwards nothing could reach the endpoint.
+        await scheduler.delete_runpod_endpoint(user, ENDPOINT_NOT_DELETED)
+        settings = await scheduler.compute_settings(user)
+        endpoint_deleted = True
+    deleted = await keyvault.delete_key(
+        _runpod_key(user), "The key vault is unavailable; your key was not removed, try again"
+    )
+    log.info("runpod key removed", extra={"user_id": user, "endpoint_deleted": endpoint_deleted})
+    return {
+        **compute_settings_view(settings),
+        "has_key": False,
+        "deleted": deleted,
+        "endpoint_deleted": endpoint_deleted,
+    }
+
+
+async def _settle_runpod_jobs(
+    user: str, scheduler: SchedulerClient, cancel_jobs: bool, action: str, not_done: str
+) -> None:
+    """Refuse (409, naming them) while the user's jobs still run on RunPod, or cancel them
+    first when asked: a job left there could no longer be followed, or RunPod would cancel it
+    unrecorded (deleting an endpoint cancels its jobs)."""
+    unavailable = f"The scheduler is unavailable; nothing was changed, try again ({not_done})"
+    active = await scheduler.active_jobs(user, RUNPOD, unavailable)
+    if active and not cancel_jobs:
         names = ", ".join(job.id for job in active[:10]) + (" and more" if len(active) > 10 else "")
         raise ApiError(
             409,
-            f"{len(active)} job(s) still run on your RunPod account with this key ({names}); wait for "
-            "them to finish or cancel them, or remove the key with ?cancel_jobs=true to cancel them "
-            "first. The key was not removed.",
+            f"{len(active)} job(s) still run on your RunPod account ({names}); wait for them to "
+            f"finish or cancel them, or {action} with ?cancel_jobs=true to cancel them first. {not_done}",
         )
     for job in active:
         await scheduler.cancel_job(
             scheduler_pb2.CancelJobRequest(user_id=user, job_id=job.id), not_found=NOT_FOUND
         )
-    deleted = await keyvault.delete_key(
-        _runpod_key(user), "The key vault is unavailable; your key was not removed, try again"
+    if active:
+        log.info("runpod jobs cancelled", extra={"user_id": user, "cancelled_jobs": len(active)})
+
+
+@router.get(
+    "/runpod-endpoint",
+    summary="Your RunPod endpoint as RunPod reports it now (id, GPU pools, workers, console link)",
+    response_model=RunpodEndpoint,
+)
+async def get_runpod_endpoint(user: CurrentUser, scheduler: Scheduler, keyvault: KeyVault) -> dict[str, Any]:
+    key_stored = await keyvault.key_info(_runpod_key(user)) is not None
+    return endpoint_view(await scheduler.runpod_endpoint(user, key_stored))
+
+
+@router.delete(
+    "/runpod-endpoint",
+    summary="Delete your RunPod endpoint on your account (the next RunPod job creates a new one)",
+    response_model=RunpodEndpoint,
+    responses={
+        409: error("Jobs still run on the endpoint (pass cancel_jobs=true), or no RunPod key is stored")
+    },
+)
+async def delete_runpod_endpoint(
+    user: CurrentUser,
+    scheduler: Scheduler,
+    keyvault: KeyVault,
+    cancel_jobs: Annotated[bool, Query(description="Cancel the jobs still running on RunPod first")] = False,
+) -> dict[str, Any]:
+    if await keyvault.key_info(_runpod_key(user)) is None:
+        raise ApiError(
+            409,
+            "No RunPod API key is stored, so the endpoint cannot be reached; delete it in RunPod's console",
+        )
+    await _settle_runpod_jobs(
+        user, scheduler, cancel_jobs, "delete the endpoint", "The endpoint was not deleted."
     )
-    log.info("runpod key removed", extra={"user_id": user, "cancelled_jobs": len(active)})
-    return {**compute_settings_view(settings), "has_key": False, "deleted": deleted}
+    return endpoint_view(await scheduler.delete_runpod_endpoint(user, ENDPOINT_NOT_DELETED))
 
 
 @router.put("/hf-token", summary="Encrypt and store your Hugging Face token", response_model=HfTokenStatus)

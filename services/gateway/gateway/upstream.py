@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.config import Settings
-from influence.v1 import keyvault_pb2, keyvault_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from influence.v1 import common_pb2, keyvault_pb2, keyvault_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from service_runtime.grpc_server import insecure_channel
 
 log = logging.getLogger(__name__)
@@ -333,6 +333,14 @@ class SchedulerClient:
         self, request: scheduler_pb2.VerifyProviderKeyRequest, unavailable: str
     ) -> scheduler_pb2.VerifyProviderKeyResponse:
         return await self._call(self._stub.VerifyProviderKey, request, unavailable)
+
+    async def runpod_endpoint(self, user_id: str, key_stored: bool) -> common_pb2.EndpointInfo:
+        request = scheduler_pb2.RunpodEndpointRequest(user_id=user_id, key_stored=key_stored)
+        return await self._call(self._stub.GetRunpodEndpoint, request)
+
+    async def delete_runpod_endpoint(self, user_id: str, unavailable: str) -> common_pb2.EndpointInfo:
+        request = scheduler_pb2.RunpodEndpointRequest(user_id=user_id, key_stored=True)
+        return await self._call(self._stub.DeleteRunpodEndpoint, request, unavailable)
 
     async def usage(self, user_id: str) -> scheduler_pb2.Usage:
         return await self._call(self._stub.GetUsage, scheduler_pb2.GetUsageRequest(user_id=user_id))

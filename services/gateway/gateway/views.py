@@ -103,6 +103,27 @@ def compute_settings_view(settings: scheduler_pb2.ComputeSettings) -> dict[str, 
     }
 
 
+def endpoint_view(info: common_pb2.EndpointInfo) -> dict[str, Any]:
+    workers = info.workers
+    return {
+        "byok_available": info.byok_available,
+        "unavailable_reason": info.unavailable_reason or None,
+        "state": info.state or "none",
+        "endpoint_id": info.endpoint_id or None,
+        "name": info.name or None,
+        "gpu_pools": list(info.gpu_pools),
+        "workers_max": info.workers_max,
+        "workers": {
+            name: getattr(workers, name)
+            for name in ("running", "idle", "initializing", "throttled", "unhealthy", "total")
+        }
+        if info.state == "live"
+        else None,
+        "execution_timeout_s": info.execution_timeout_s,
+        "console_url": info.console_url or None,
+    }
+
+
 def key_info_view(info: keyvault_pb2.KeyInfo | None) -> dict[str, Any]:
     if info is None:
         return {"has_key": False, "last4": None, "verified_at": None, "updated_at": None}

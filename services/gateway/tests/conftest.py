@@ -51,6 +51,9 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
         self.idempotency: dict[tuple[str, str], str] = {}
         self.backends: dict[str, str] = {}
         self.tracking: dict[str, scheduler_pb2.TrackingSettings] = {}
+        # user -> their RunPod endpoint id; ``endpoint_deletes`` records each delete in order
+        self.endpoints: dict[str, str] = {}
+        self.endpoint_deletes: list[str] = []
         self.submit_requests: list[scheduler_pb2.SubmitJobRequest] = []
         self.watch_requests: list[scheduler_pb2.WatchJobRequest] = []
         self.estimate_requests: list[scheduler_pb2.EstimateJobRequest] = []
@@ -269,9 +272,30 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
             yield common_pb2.ArtifactChunk(data=data[start : start + 1000])
 
     def _settings(self, user_id: str) -> scheduler_pb2.ComputeSettings:
+        endpoint = self.endpoints.get(user_id, "")
         return scheduler_pb2.ComputeSettings(
-            backend=self.backends.get(user_id, "hosted"), endpoint_status="none", hosted_provider="local"
+            backend=self.backends.get(user_id, "hosted"),
+            runpod_endpoint_id=endpoint,
+            endpoint_status="ready" if endpoint else "none",
+            hosted_provider="local",
         )
+
+    async def GetRunpodEndpoint(self, request, context):
+        endpoint = self.endpoints.get(request.user_id, "")
+        if not endpoint:
+            return common_pb2.EndpointInfo(byok_available=True, state="none")
+        return common_pb2.EndpointInfo(
+            byok_available=True,
+            state="live" if request.key_stored else "unknown",
+            endpoint_id=endpoint,
+            gpu_pools=["AMPERE_80"],
+            workers_max=1,
+            console_url=f"https://console.runpod.io/serverless/user/endpoint/{endpoint}",
+        )
+
+    async def DeleteRunpodEndpoint(self, request, context):
+        self.endpoint_deletes.append(self.endpoints.pop(request.user_id, ""))
+        return common_pb2.EndpointInfo(byok_available=True, state="none")
 
     async def GetComputeSettings(self, request, context):
         return self._settings(request.user_id)

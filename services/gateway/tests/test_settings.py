@@ -220,3 +220,42 @@ async def test_a_key_that_cannot_travel_in_a_header_is_a_422_not_a_502(gateway, 
         assert problem["field"] == "api_key" and "printable ASCII" in problem["message"]
         assert key not in answer.text
     assert upstream.scheduler.verify_requests == []
+
+
+async def test_the_endpoint_is_shown_and_deleted_only_when_no_runpod_job_would_be_cut_off(
+    gateway, upstream
+) -> None:
+    headers = await gateway.sign_in("enid")
+    upstream.scheduler.verify_answer = accept_with_balance(5.0)
+    saved = await gateway.client.post("/api/settings/runpod-key", json={"api_key": API_KEY}, headers=headers)
+    assert saved.status_code == 200, saved.text
+    upstream.scheduler.endpoints["local:enid"] = "ep-1"
+    shown = (await gateway.client.get("/api/settings/runpod-endpoint", headers=headers)).json()
+    assert (shown["state"], shown["endpoint_id"], shown["gpu_pools"]) == ("live", "ep-1", ["AMPERE_80"])
+    assert shown["console_url"].endswith("/ep-1") and shown["workers"]["total"] == 0
+
+    running = upstream.scheduler.add_job("local:enid")
+    upstream.scheduler.jobs[running].job.compute_backend = "runpod"
+    refused = await gateway.client.delete("/api/settings/runpod-endpoint", headers=headers)
+    assert refused.status_code == 409 and running in refused.json()["detail"]
+    assert "The endpoint was not deleted" in refused.json()["detail"]
+    assert upstream.scheduler.endpoint_deletes == []
+    deleted = await gateway.client.delete("/api/settings/runpod-endpoint?cancel_jobs=true", headers=headers)
+    assert deleted.status_code == 200 and deleted.json()["state"] == "none"
+    assert upstream.scheduler.endpoint_deletes == ["ep-1"]
+    assert upstream.scheduler.jobs[running].job.state == common_pb2.JOB_STATE_CANCELLED
+
+    # Removing the key may delete the endpoint too, while the key can still reach it.
+    upstream.scheduler.endpoints["local:enid"] = "ep-2"
+    removed = await gateway.client.delete("/api/settings/runpod-key?delete_endpoint=true", headers=headers)
+    assert removed.status_code == 200, removed.text
+    assert removed.json()["endpoint_deleted"] is True and removed.json()["runpod_endpoint_id"] is None
+    assert upstream.scheduler.endpoint_deletes == ["ep-1", "ep-2"]
+    assert ("local:enid", "runpod") not in upstream.keyvault.keys
+
+    # Without a key there is nothing to delete it with; kept without asking, it is "unknown".
+    upstream.scheduler.endpoints["local:enid"] = "ep-3"
+    no_key = await gateway.client.delete("/api/settings/runpod-endpoint", headers=headers)
+    assert no_key.status_code == 409 and "RunPod's console" in no_key.json()["detail"]
+    unseen = (await gateway.client.get("/api/settings/runpod-endpoint", headers=headers)).json()
+    assert (unseen["state"], unseen["endpoint_id"], unseen["workers"]) == ("unknown", "ep-3", None)

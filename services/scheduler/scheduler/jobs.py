@@ -400,6 +400,37 @@ class JobManager:
         verdict.message = _without(verdict.message, api_key)
         return verdict
 
+    async def runpod_endpoint(self, user_id: str, key_stored: bool) -> common_pb2.EndpointInfo:
+        """The user's own RunPod endpoint as RunPod reports it now. Without a stored key nothing
+        can be looked at: the stored id is reported with state "unknown". One RunPod no longer
+        has (deleted in its console) is forgotten, so that nothing calls it ready and the next
+        job creates a new one."""
+        if not self._providers.configured("runpod"):
+            return common_pb2.EndpointInfo(
+                unavailable_reason="RunPod is not set up on this server (COMPUTE_RUNPOD_ADDR is empty)",
+                state="none",
+            )
+        stored = (await self._store.get_profile(user_id)).runpod_endpoint_id
+        client = self._providers.client("runpod")
+        account = common_pb2.Account(user_id=user_id, endpoint_id=stored if key_stored else "")
+        info = await client.describe_endpoint(account)
+        if stored and not key_stored:
+            info.state, info.endpoint_id = "unknown", stored
+        if info.state == "gone":
+            log.info("runpod endpoint deleted outside the dashboard; forgotten", extra={"user_id": user_id})
+            await self._store.set_endpoint(user_id, "", "none")
+        return info
+
+    async def delete_runpod_endpoint(self, user_id: str) -> common_pb2.EndpointInfo:
+        """Delete the user's RunPod endpoint on their account and forget it (the next job on
+        RunPod creates a new one). The caller has dealt with the jobs still running there."""
+        stored = (await self._store.get_profile(user_id)).runpod_endpoint_id
+        client = self._providers.client("runpod")
+        info = await client.delete_endpoint(common_pb2.Account(user_id=user_id, endpoint_id=stored))
+        await self._store.set_endpoint(user_id, "", "none")
+        log.info("runpod endpoint deleted", extra={"user_id": user_id, "had_endpoint": bool(stored)})
+        return info
+
     async def close(self) -> None:
         if self._lease_task is not None:
             self._lease_task.cancel()

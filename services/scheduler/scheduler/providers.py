@@ -217,6 +217,12 @@ class ProviderClient:
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from None
 
+    async def describe_endpoint(self, account: common_pb2.Account) -> common_pb2.EndpointInfo:
+        return await self._call(self._stub.DescribeEndpoint, compute_pb2.EndpointRequest(account=account))
+
+    async def delete_endpoint(self, account: common_pb2.Account) -> common_pb2.EndpointInfo:
+        return await self._call(self._stub.DeleteEndpoint, compute_pb2.EndpointRequest(account=account))
+
     async def cancel(self, job_id: str, provider_job_id: str, account: common_pb2.Account) -> None:
         await self._call(
             self._stub.Cancel,

@@ -423,6 +423,20 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         except _KNOWN_ERRORS as exc:
             await _abort_for(context, exc)
 
+    @_rpc
+    async def GetRunpodEndpoint(
+        self, request: scheduler_pb2.RunpodEndpointRequest, context: Any
+    ) -> common_pb2.EndpointInfo:
+        jobs, _ = self._app.require()
+        return await jobs.runpod_endpoint(request.user_id, request.key_stored)
+
+    @_rpc
+    async def DeleteRunpodEndpoint(
+        self, request: scheduler_pb2.RunpodEndpointRequest, context: Any
+    ) -> common_pb2.EndpointInfo:
+        jobs, _ = self._app.require()
+        return await jobs.delete_runpod_endpoint(request.user_id)
+
     async def _settings_of(self, user_id: str) -> scheduler_pb2.ComputeSettings:
         _, store = self._app.require()
         profile = await store.get_profile(user_id)

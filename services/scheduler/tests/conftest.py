@@ -151,6 +151,17 @@ class ScriptedProvider(compute_pb2_grpc.ComputeProviderServicer):
         self.endpoints.add(new_id)
         return compute_pb2.PrepareAccountResponse(endpoint_id=new_id, created=True, status="ready")
 
+    async def DescribeEndpoint(self, request: Any, context: Any) -> common_pb2.EndpointInfo:
+        endpoint_id = request.account.endpoint_id
+        if not endpoint_id:
+            return common_pb2.EndpointInfo(byok_available=True, state="none")
+        state = "live" if endpoint_id in self.endpoints else "gone"
+        return common_pb2.EndpointInfo(byok_available=True, state=state, endpoint_id=endpoint_id)
+
+    async def DeleteEndpoint(self, request: Any, context: Any) -> common_pb2.EndpointInfo:
+        self.endpoints.discard(request.account.endpoint_id)
+        return common_pb2.EndpointInfo(byok_available=True, state="none")
+
     async def Submit(self, request: Any, context: Any) -> compute_pb2.SubmitResponse:
         await self._maybe_fail("Submit", context)
         self.submit_received += 1

@@ -279,6 +279,29 @@ async def test_runpod_endpoint_created_once_for_concurrent_first_jobs(scheduler,
     assert provider.servicer.jobs[job.id].account.endpoint_id == "ep-2"
     settings = await stub.GetComputeSettings(scheduler_pb2.GetComputeSettingsRequest(user_id="carol"))
     assert settings.runpod_endpoint_id == "ep-2"
+    await h.watch_all(stub, "carol", job.id)
+
+    # Settings sees the endpoint as RunPod reports it: live; without a key, unknown (not asked).
+    def endpoint_of(key_stored: bool):
+        return stub.GetRunpodEndpoint(
+            scheduler_pb2.RunpodEndpointRequest(user_id="carol", key_stored=key_stored)
+        )
+
+    assert ((await endpoint_of(True)).state, (await endpoint_of(True)).endpoint_id) == ("live", "ep-2")
+    assert ((await endpoint_of(False)).state, (await endpoint_of(False)).endpoint_id) == ("unknown", "ep-2")
+    # Deleted in RunPod's console: reported gone once, then forgotten (nothing calls it ready).
+    provider.servicer.endpoints.clear()
+    assert (await endpoint_of(True)).state == "gone"
+    settings = await stub.GetComputeSettings(scheduler_pb2.GetComputeSettingsRequest(user_id="carol"))
+    assert (settings.runpod_endpoint_id, settings.endpoint_status) == ("", "none")
+    assert (await endpoint_of(True)).state == "none"
+    # Deleted from Settings: RunPod deletes it, the profile forgets it.
+    provider.servicer.endpoints.add("ep-9")
+    await scheduler.app.require()[1].set_endpoint("carol", "ep-9", "ready")
+    await stub.DeleteRunpodEndpoint(scheduler_pb2.RunpodEndpointRequest(user_id="carol", key_stored=True))
+    assert "ep-9" not in provider.servicer.endpoints
+    settings = await stub.GetComputeSettings(scheduler_pb2.GetComputeSettingsRequest(user_id="carol"))
+    assert (settings.runpod_endpoint_id, settings.endpoint_status) == ("", "none")
 
 
 async def test_hosted_tier_on_runpod_uses_the_operators_account(start, provider, h):

@@ -141,3 +141,43 @@ class ArtifactChunk(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class EndpointInfo(_message.Message):
+    __slots__ = ("byok_available", "unavailable_reason", "state", "endpoint_id", "name", "gpu_pools", "workers_max", "workers", "execution_timeout_s", "console_url")
+    BYOK_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_REASON_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    GPU_POOLS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_MAX_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    CONSOLE_URL_FIELD_NUMBER: _ClassVar[int]
+    byok_available: bool
+    unavailable_reason: str
+    state: str
+    endpoint_id: str
+    name: str
+    gpu_pools: _containers.RepeatedScalarFieldContainer[str]
+    workers_max: int
+    workers: EndpointWorkers
+    execution_timeout_s: int
+    console_url: str
+    def __init__(self, byok_available: bool = ..., unavailable_reason: _Optional[str] = ..., state: _Optional[str] = ..., endpoint_id: _Optional[str] = ..., name: _Optional[str] = ..., gpu_pools: _Optional[_Iterable[str]] = ..., workers_max: _Optional[int] = ..., workers: _Optional[_Union[EndpointWorkers, _Mapping]] = ..., execution_timeout_s: _Optional[int] = ..., console_url: _Optional[str] = ...) -> None: ...
+
+class EndpointWorkers(_message.Message):
+    __slots__ = ("running", "idle", "initializing", "throttled", "unhealthy", "total")
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FIELD_NUMBER: _ClassVar[int]
+    INITIALIZING_FIELD_NUMBER: _ClassVar[int]
+    THROTTLED_FIELD_NUMBER: _ClassVar[int]
+    UNHEALTHY_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    running: int
+    idle: int
+    initializing: int
+    throttled: int
+    unhealthy: int
+    total: int
+    def __init__(self, running: _Optional[int] = ..., idle: _Optional[int] = ..., initializing: _Optional[int] = ..., throttled: _Optional[int] = ..., unhealthy: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...

@@ -7,6 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class EndpointRequest(_message.Message):
+    __slots__ = ("account",)
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    account: _common_pb2.Account
+    def __init__(self, account: _Optional[_Union[_common_pb2.Account, _Mapping]] = ...) -> None: ...
+
 class VerifyCredentialsRequest(_message.Message):
     __slots__ = ("account", "api_key")
     ACCOUNT_FIELD_NUMBER: _ClassVar[int]

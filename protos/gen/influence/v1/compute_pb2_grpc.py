@@ -75,6 +75,16 @@ class ComputeProviderStub(object):
                 request_serializer=influence_dot_v1_dot_compute__pb2.FetchArtifactRequest.SerializeToString,
                 response_deserializer=influence_dot_v1_dot_common__pb2.ArtifactChunk.FromString,
                 _registered_method=True)
+        self.DescribeEndpoint = channel.unary_unary(
+                '/influence.v1.ComputeProvider/DescribeEndpoint',
+                request_serializer=influence_dot_v1_dot_compute__pb2.EndpointRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_common__pb2.EndpointInfo.FromString,
+                _registered_method=True)
+        self.DeleteEndpoint = channel.unary_unary(
+                '/influence.v1.ComputeProvider/DeleteEndpoint',
+                request_serializer=influence_dot_v1_dot_compute__pb2.EndpointRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_common__pb2.EndpointInfo.FromString,
+                _registered_method=True)
 
 
 class ComputeProviderServicer(object):
@@ -130,6 +140,23 @@ class ComputeProviderServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeEndpoint(self, request, context):
+        """The account's own endpoint as the provider sees it now (RunPod: the researcher's serverless
+        endpoint), and whether this server can run jobs on researchers' own accounts at all.
+        Providers without per-account endpoints answer UNIMPLEMENTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteEndpoint(self, request, context):
+        """Deletes the account's endpoint (RunPod then cancels its queued and running jobs: the caller
+        asks only when none of its jobs run there). An endpoint already gone is not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ComputeProviderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +199,16 @@ def add_ComputeProviderServicer_to_server(servicer, server):
                     servicer.FetchArtifact,
                     request_deserializer=influence_dot_v1_dot_compute__pb2.FetchArtifactRequest.FromString,
                     response_serializer=influence_dot_v1_dot_common__pb2.ArtifactChunk.SerializeToString,
+            ),
+            'DescribeEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeEndpoint,
+                    request_deserializer=influence_dot_v1_dot_compute__pb2.EndpointRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_common__pb2.EndpointInfo.SerializeToString,
+            ),
+            'DeleteEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteEndpoint,
+                    request_deserializer=influence_dot_v1_dot_compute__pb2.EndpointRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_common__pb2.EndpointInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -390,6 +427,60 @@ class ComputeProvider(object):
             '/influence.v1.ComputeProvider/FetchArtifact',
             influence_dot_v1_dot_compute__pb2.FetchArtifactRequest.SerializeToString,
             influence_dot_v1_dot_common__pb2.ArtifactChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.ComputeProvider/DescribeEndpoint',
+            influence_dot_v1_dot_compute__pb2.EndpointRequest.SerializeToString,
+            influence_dot_v1_dot_common__pb2.EndpointInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.ComputeProvider/DeleteEndpoint',
+            influence_dot_v1_dot_compute__pb2.EndpointRequest.SerializeToString,
+            influence_dot_v1_dot_common__pb2.EndpointInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,14 @@ class TrackingSettings(_message.Message):
     operator_wandb: bool
     def __init__(self, mlflow_tracking_uri: _Optional[str] = ..., mlflow_experiment_name: _Optional[str] = ..., wandb_project: _Optional[str] = ..., wandb_entity: _Optional[str] = ..., operator_mlflow: bool = ..., operator_wandb: bool = ...) -> None: ...
 
+class RunpodEndpointRequest(_message.Message):
+    __slots__ = ("user_id", "key_stored")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_STORED_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    key_stored: bool
+    def __init__(self, user_id: _Optional[str] = ..., key_stored: bool = ...) -> None: ...
+
 class Job(_message.Message):
     __slots__ = ("id", "user_id", "compute_backend", "provider", "provider_job_id", "state", "stage", "progress", "stage_message", "latest_metrics_json", "error", "estimated_time_s", "estimated_cost_usd", "model_id", "influence_method", "n_train", "n_eval", "created_at", "updated_at", "finished_at", "last_seq", "kind", "parent_job_id", "request_json", "name", "tags", "note", "started_at", "outcome_json", "actual", "estimated_gpu", "estimated_usd_per_second", "max_cost_usd", "tracking_json")
     ID_FIELD_NUMBER: _ClassVar[int]

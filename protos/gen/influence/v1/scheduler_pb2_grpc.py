@@ -135,6 +135,16 @@ class SchedulerStub(object):
                 request_serializer=influence_dot_v1_dot_scheduler__pb2.SetTrackingSettingsRequest.SerializeToString,
                 response_deserializer=influence_dot_v1_dot_scheduler__pb2.TrackingSettings.FromString,
                 _registered_method=True)
+        self.GetRunpodEndpoint = channel.unary_unary(
+                '/influence.v1.Scheduler/GetRunpodEndpoint',
+                request_serializer=influence_dot_v1_dot_scheduler__pb2.RunpodEndpointRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_common__pb2.EndpointInfo.FromString,
+                _registered_method=True)
+        self.DeleteRunpodEndpoint = channel.unary_unary(
+                '/influence.v1.Scheduler/DeleteRunpodEndpoint',
+                request_serializer=influence_dot_v1_dot_scheduler__pb2.RunpodEndpointRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_common__pb2.EndpointInfo.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer(object):
@@ -276,6 +286,22 @@ class SchedulerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRunpodEndpoint(self, request, context):
+        """The caller's own RunPod endpoint as RunPod reports it now; one deleted outside the dashboard
+        is forgotten (state "gone") so the next job creates a new one. key_stored=false: no RunPod call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRunpodEndpoint(self, request, context):
+        """Deletes the caller's RunPod endpoint and forgets it. The gateway first refuses (409) or
+        cancels the jobs still running there.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -378,6 +404,16 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.SetTrackingSettings,
                     request_deserializer=influence_dot_v1_dot_scheduler__pb2.SetTrackingSettingsRequest.FromString,
                     response_serializer=influence_dot_v1_dot_scheduler__pb2.TrackingSettings.SerializeToString,
+            ),
+            'GetRunpodEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRunpodEndpoint,
+                    request_deserializer=influence_dot_v1_dot_scheduler__pb2.RunpodEndpointRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_common__pb2.EndpointInfo.SerializeToString,
+            ),
+            'DeleteRunpodEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRunpodEndpoint,
+                    request_deserializer=influence_dot_v1_dot_scheduler__pb2.RunpodEndpointRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_common__pb2.EndpointInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -920,6 +956,60 @@ class Scheduler(object):
             '/influence.v1.Scheduler/SetTrackingSettings',
             influence_dot_v1_dot_scheduler__pb2.SetTrackingSettingsRequest.SerializeToString,
             influence_dot_v1_dot_scheduler__pb2.TrackingSettings.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunpodEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.Scheduler/GetRunpodEndpoint',
+            influence_dot_v1_dot_scheduler__pb2.RunpodEndpointRequest.SerializeToString,
+            influence_dot_v1_dot_common__pb2.EndpointInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRunpodEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.Scheduler/DeleteRunpodEndpoint',
+            influence_dot_v1_dot_scheduler__pb2.RunpodEndpointRequest.SerializeToString,
+            influence_dot_v1_dot_common__pb2.EndpointInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,7 +31,7 @@ const STATUS_STAGES = {
 // RunPod's and the scheduler's messages, sorted into the cases a researcher can act on.
 const ERROR_KINDS = [
   { test: /no gpu|throttled|capacity|unhealthy/i, title: "No GPU was available",
-    hint: "RunPod had no GPU of the requested type for this job. Try again later, or use the hosted backend (Settings → Compute)." },
+    hint: "RunPod had no GPU free in this job's GPU pools. Run it again later, or on the hosted backend." },
   { test: /time ?out|timed out|exceeded|expired/i, title: "The job ran out of time",
     hint: "It ran past the execution limit. Use fewer examples, fewer epochs or a shorter max sequence length." },
   { test: /balance|funds|credit/i, title: "Your RunPod balance is too low",
@@ -70,6 +70,9 @@ export async function renderJob(view, jobId) {
   const eta = el("span", { id: "job-eta" });
   const errorBox = el("div", { id: "job-error", role: "alert" });
   const cancel = el("button", { type: "button", id: "cancel-job", class: "danger" }, "Cancel experiment");
+  // Offered while RunPod has no GPU for the job, or once it gave up for that reason.
+  const moveToHosted = el("button", { type: "button", id: "move-to-hosted", hidden: true },
+    "Run it on the hosted backend instead");
   const chart = el("div", { id: "loss-chart", class: "chart", role: "img", "aria-label": "Training loss by step" });
   const resultsHost = el("div", { id: "results" });
   const actualCost = el("dd", { id: "job-actual-cost" });
@@ -95,7 +98,7 @@ export async function renderJob(view, jobId) {
       stage,
       el("p", { class: "help" }, epoch, " ", eta),
       errorBox,
-      el("div", { class: "actions" }, cancel)),
+      el("div", { class: "actions" }, cancel, moveToHosted)),
     labelsSection(job, (saved) => { heading.textContent = saved.name || `Experiment ${jobId.slice(0, 8)}`; }),
     el("section", { class: "card" }, el("h2", {}, "Training loss"), chart),
     resultsHost);
@@ -141,6 +144,9 @@ export async function renderJob(view, jobId) {
     epoch.textContent = e && total ? `Epoch ${e} / ${total}.` : "";
     eta.textContent = terminal ? "" : etaText();
     cancel.hidden = terminal;
+    const noGpu = job.backend === "runpod"
+      && /^no gpu/i.test(job.status === "failed" ? job.error || "" : job.stage_message || "");
+    moveToHosted.hidden = !noGpu || job.status === "cancelled" || job.status === "completed";
     if (job.status === "failed") {
       const { title, hint } = explainError(job.error);
       errorBox.replaceChildren(el("h3", {}, title), el("p", {}, job.error || "No reason was given."),
@@ -148,6 +154,25 @@ export async function renderJob(view, jobId) {
       errorBox.className = "error-box";
     }
   }
+
+  // The same experiment on the hosted backend: this one cancelled (if it still waits), the
+  // researcher's backend switched to hosted (said in the question), the spec submitted again.
+  moveToHosted.addEventListener("click", async () => {
+    if (!window.confirm("Switch your experiments to the hosted backend and run this one there? " +
+      "You can switch back in Settings → Compute.")) return;
+    moveToHosted.disabled = true;
+    try {
+      if (!TERMINAL.has(job.status)) await api("POST", `/api/jobs/${encodeURIComponent(jobId)}/cancel`);
+      await api("PUT", "/api/settings/compute", { body: { backend: "hosted" } });
+      const spec = await api("GET", `/api/jobs/${encodeURIComponent(jobId)}/spec`);
+      const submitted = await api("POST", "/api/train", { body: spec });
+      announce("Experiment submitted again on the hosted backend");
+      window.location.hash = `#/jobs/${submitted.job_id}`;
+    } catch (error) {
+      announce(`Not moved: ${error.message}`, "error");
+      moveToHosted.disabled = false;
+    }
+  });
 
   function etaText() {
     if (state.stage === "training" && state.etaS !== null && state.etaS !== undefined) {

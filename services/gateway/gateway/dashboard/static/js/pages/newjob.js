@@ -198,6 +198,10 @@ export async function renderNewExperiment(view, [fromJob, fromCuration] = []) {
   const estimate = el("div", { id: "estimate", "aria-live": "polite" },
     el("p", { class: "help" }, "Upload training and eval data to see the time and cost."));
   const submit = el("button", { type: "submit", id: "submit-experiment", disabled: true }, "Start experiment");
+  // Optional: the scheduler cancels the job when its cost so far reaches this (any backend).
+  const spendCap = el("input", { type: "number", id: "max-cost", name: "max_cost_usd", min: 0.01, step: 0.01,
+    inputmode: "decimal", "aria-describedby": "max-cost-help" });
+  let lastEstimate = null;
   const form = el("form", { id: "new-experiment", novalidate: true },
     el("section", { class: "card" }, el("h2", {}, "Model"),
       el("label", { for: "model" }, "Model"), modelSelect, modelTable),
@@ -214,7 +218,10 @@ export async function renderNewExperiment(view, [fromJob, fromCuration] = []) {
       el("div", { class: "grid" }, hyperparamFields.map(schemaNumberField), specNumberSpecs(schema).map(schemaNumberField),
         targetModulesField(schema))),
     el("section", { class: "card" }, el("h2", {}, "Influence"), methods, projectionField()),
-    el("section", { class: "card" }, el("h2", {}, "Cost estimate"), estimate),
+    el("section", { class: "card" }, el("h2", {}, "Cost estimate"), estimate,
+      el("label", { for: "max-cost" }, "Spend cap (USD, optional)"), spendCap,
+      el("p", { class: "help", id: "max-cost-help" },
+        "Refused when its estimate is over the cap; cancelled while it runs once its cost so far reaches it.")),
     el("div", { class: "actions" }, submit));
 
   function number(name) {
@@ -254,6 +261,7 @@ export async function renderNewExperiment(view, [fromJob, fromCuration] = []) {
     estimateAbort = new AbortController();
     try {
       const answer = await api("POST", "/api/estimate", { body: spec(), signal: estimateAbort.signal });
+      lastEstimate = answer;
       estimate.replaceChildren(...estimateView(answer));
       dataReport.replaceChildren(...dataReportView(answer.data_report));
     } catch (error) {
@@ -306,7 +314,8 @@ export async function renderNewExperiment(view, [fromJob, fromCuration] = []) {
   modelSelect.addEventListener("change", useModelPresets);
   useModelPresets();
 
-  form.addEventListener("input", (event) => { if (event.target.type !== "file") changed(); });
+  // The spend cap changes no estimate.
+  form.addEventListener("input", (event) => { if (event.target.type !== "file" && event.target !== spendCap) changed(); });
   form.addEventListener("change", (event) => {
     if (event.target.type === "radio" || event.target === modelSelect || event.target.name === "template") changed();
   });
@@ -314,10 +323,18 @@ export async function renderNewExperiment(view, [fromJob, fromCuration] = []) {
     event.preventDefault();
     const problems = fieldProblems();
     if (problems.length) return announce(problems.join("; "), "error");
+    // RunPod stops a job at the endpoint's execution timeout and bills the time run until then.
+    const overTimeout = (lastEstimate?.estimates || [])
+      .filter((e) => e.backend === lastEstimate.active_backend)
+      .flatMap((e) => e.notes).find((note) => note.startsWith("Over the execution timeout"));
+    if (overTimeout && !window.confirm(`${overTimeout}\n\nStart it anyway?`)) {
+      return announce("Not submitted: the estimate is over the execution timeout", "error");
+    }
     submit.disabled = true;
     const body = spec();
+    const cap = spendCap.value ? `?max_cost_usd=${encodeURIComponent(spendCap.value)}` : "";
     try {
-      const answer = await api("POST", "/api/train", { body, headers: { "Idempotency-Key": idempotencyKey } });
+      const answer = await api("POST", `/api/train${cap}`, { body, headers: { "Idempotency-Key": idempotencyKey } });
       idempotencyKey = crypto.randomUUID();
       announce("Experiment submitted");
       window.location.hash = `#/jobs/${encodeURIComponent(answer.job_id)}`;
