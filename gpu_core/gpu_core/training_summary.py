@@ -14,12 +14,12 @@ self-influence, its loss under the fine-tuned model, and a suspicion rank combin
 - **train loss**: mean cross-entropy over the example's answer tokens under the fine-tuned model.
 
 All three come from one extra pass over the training set at the final adapter (one forward and
-backward per batch, no [n_eval, n_train] work). The suspicion score is the mean of the three
-signals' percentile ranks, each oriented so that high = suspect (``-net influence``,
-self-influence, loss): mislabelled examples are hard to fit (high loss), pull the model on their
-own (high self-influence) and work against the eval set (negative net influence); a rank average
-needs no common scale across methods. ``suspect_rank`` 1 is the most suspect. The figures that
-chose this combination are in docs/influence.md (``make bench-curate``).
+backward per batch, the loss from the same forward as the gradients, no [n_eval, n_train] work).
+The suspicion score is the mean of the three signals' percentile ranks, each oriented so that high
+= suspect (``-net influence``, self-influence, loss): mislabelled examples are hard to fit (high
+loss), pull the model on their own (high self-influence) and work against the eval set (negative
+net influence); a rank average needs no common scale across methods. ``suspect_rank`` 1 is the
+most suspect. The figures that chose this combination are in docs/influence.md (``make bench-curate``).
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ from gpu_core.influence.gradients import (
     lora_grad_enabled,
     lora_layers,
     model_device,
-    per_example_gradients,
+    per_example_gradients_and_losses,
 )
 from gpu_core.influence.projected import second_moment_denominators
 from gpu_core.influence_methods import influence_method
-from gpu_core.runtime import MicroBatches, length_sorted_batches, per_example_mean_losses
+from gpu_core.runtime import MicroBatches, length_sorted_batches
 from gpu_core.schemas import InfluenceOptions
 
 SUMMARY_NAME = "training_summary.json"
@@ -162,12 +162,12 @@ def self_influence_and_loss(
 
     def work(chunk: Sequence[int]) -> torch.Tensor:
         batch = collate_to([train[i] for i in chunk], pad_token_id, device)
-        grads = per_example_gradients(model, layers, batch).to(torch.float32)
+        grads, losses = per_example_gradients_and_losses(model, layers, batch)
+        grads = grads.to(torch.float32)
         if denominators is not None:
             grads = grads / denominators
         squares = grads.square()
         norms = torch.stack([squares[:, s].sum(dim=1) for s in slices], dim=1)
-        losses = torch.tensor(per_example_mean_losses(model, batch), device=norms.device)
         return torch.cat([norms, losses.unsqueeze(1).to(norms)], dim=1)
 
     was_training = model.training

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpu_core.data import IGNORE_INDEX, EncodedPair, collate
-from gpu_core.runtime import MicroBatches, length_sorted_batches, summed_labelled_loss
+from gpu_core.runtime import MicroBatches, labelled_logits, length_sorted_batches
 
 _LORA_MATRICES = ("lora_A", "lora_B")
 
@@ -67,8 +67,8 @@ def layer_slices(layers: Sequence[LoraLayer]) -> list[slice]:
 
 def summed_completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over labelled (completion) tokens of the whole batch, from
-    full ``[batch, seq, vocab]`` logits (``gpu_core.runtime.summed_labelled_loss`` forms only
-    the labelled positions' logits)."""
+    full ``[batch, seq, vocab]`` logits (``gpu_core.runtime.labelled_logits`` forms only the
+    labelled positions' logits)."""
     logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
     targets = labels[:, 1:]
     return F.cross_entropy(
@@ -127,14 +127,22 @@ def load_lora_state(layers: Sequence[LoraLayer], state: Mapping[str, torch.Tenso
 def per_example_gradients(
     model: nn.Module, layers: Sequence[LoraLayer], batch: Mapping[str, torch.Tensor]
 ) -> torch.Tensor:
-    """``[batch, sum of layer sizes]``: each example's gradient of its summed completion loss
+    """``[batch, sum of layer sizes]``: see :func:`per_example_gradients_and_losses`."""
+    return per_example_gradients_and_losses(model, layers, batch)[0]
+
+
+def per_example_gradients_and_losses(
+    model: nn.Module, layers: Sequence[LoraLayer], batch: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``[batch, sum of layer sizes]``, ``[batch]``): each example's gradient of its summed completion loss
     w.r.t. every LoRA weight matrix, flattened and concatenated in ``layers`` order.
 
     A forward hook keeps each LoRA layer's input and puts a tensor hook on its output; the
     tensor hook receives the output's gradient during the backward pass and forms the layer's
     per-example gradients there (freeing the input). Under gradient checkpointing the forward
     runs again inside backward: the recomputed input holds the same values, and the gradient
-    still reaches the output once, so the capture stays exact.
+    still reaches the output once, so the capture stays exact. The second tensor is each
+    example's mean loss over its labelled tokens (float32, 0 for none), from the same forward.
 
     Needs ``lora_grad_enabled(layers)`` so the LoRA outputs are part of the autograd graph."""
     inputs: dict[int, torch.Tensor] = {}
@@ -163,7 +171,9 @@ def per_example_gradients(
     handles = [layer.module.register_forward_hook(capture(i)) for i, layer in enumerate(layers)]
     try:
         with torch.enable_grad():
-            loss = summed_labelled_loss(model, dict(batch))
+            logits, targets, rows = labelled_logits(model, dict(batch))
+            token_losses = F.cross_entropy(logits.float(), targets, reduction="none")
+            loss = token_losses.sum()
             if len(inputs) != len(layers):
                 raise RuntimeError("not every LoRA layer took part in the forward pass")
             torch.autograd.grad(loss, [layer.module.weight for layer in layers], allow_unused=True)
@@ -172,7 +182,11 @@ def per_example_gradients(
             handle.remove()
     if len(grads) != len(layers):
         raise RuntimeError("not every LoRA layer received a gradient in the backward pass")
-    return torch.cat([grads[i] for i in range(len(layers))], dim=1)
+    n = batch["labels"].shape[0]
+    sums = torch.zeros(n, dtype=torch.float32, device=token_losses.device)
+    sums.index_add_(0, rows, token_losses.detach())
+    counts = torch.bincount(rows, minlength=n).clamp(min=1).to(sums)
+    return torch.cat([grads[i] for i in range(len(layers))], dim=1), sums / counts
 
 
 def batched_gradients(
