@@ -14,6 +14,7 @@ import pytest
 from benchmarks.curate import task_spec
 from devstack.client import GatewayClient
 from devstack.stack import Stack
+from influence_client import Client
 
 pytestmark = pytest.mark.e2e
 
@@ -121,10 +122,8 @@ def test_a_curation_by_rule_retrains_against_a_control(alice: GatewayClient, exp
     assert started.status_code == 202, started.text
     new_id = started.json()["job_id"]
     assert started.headers["location"] == f"/api/jobs/{new_id}"
-    again = alice.request(
-        "POST", f"{base}/{curation_id}/experiment", headers={"Idempotency-Key": "from-cur-1"}
-    )
-    assert again.json()["job_id"] == new_id
+    with Client(str(alice.http.base_url), token=alice.token) as client:  # the library, same key
+        assert client.experiment_from_curation(experiment, curation_id, "from-cur-1").job_id == new_id
     new_spec = alice.request("GET", f"/api/jobs/{new_id}/spec").json()
     parent_spec = alice.request("GET", f"/api/jobs/{experiment}/spec").json()
     assert new_spec["training_data"] == rows
