@@ -189,22 +189,47 @@ def per_example_gradients_and_losses(
     return torch.cat([grads[i] for i in range(len(layers))], dim=1), sums / counts
 
 
+# Called with (indices into the training pairs, their per-example gradients, their mean losses)
+# for every micro-batch of a pass: lets the training-set summary reuse a method's gradient pass
+# at the final adapter instead of running its own (gpu_core.training_summary).
+GradientTap = Callable[[Sequence[int], torch.Tensor, torch.Tensor], None]
+
+
+def _tapped_gradients(
+    model: nn.Module,
+    layers: Sequence[LoraLayer],
+    pairs: Sequence[EncodedPair],
+    chunk: Sequence[int],
+    pad_token_id: int,
+    device: torch.device,
+    tap: GradientTap | None,
+) -> torch.Tensor:
+    batch = collate_to([pairs[i] for i in chunk], pad_token_id, device)
+    if tap is None:
+        return per_example_gradients(model, layers, batch)
+    grads, losses = per_example_gradients_and_losses(model, layers, batch)
+    tap(chunk, grads, losses)
+    return grads
+
+
 def batched_gradients(
     model: nn.Module,
     layers: Sequence[LoraLayer],
     pairs: Sequence[EncodedPair],
     pad_token_id: int,
     batch_size: int,
+    tap: GradientTap | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yields ``(start index, per-example gradients)`` micro-batch by micro-batch, in order; a
     micro-batch that runs out of GPU memory is halved, as a token budget, for this and later
-    passes on ``model`` (``gpu_core.runtime.MicroBatches``), and retried."""
+    passes on ``model`` (``gpu_core.runtime.MicroBatches``), and retried. ``tap`` sees every
+    micro-batch once, with its losses."""
     device = model_device(model)
     micro = MicroBatches(model, batch_size)
     yield from micro.run(
-        pairs,
+        list(range(len(pairs))),
         [len(pair.input_ids) for pair in pairs],
-        lambda chunk: per_example_gradients(model, layers, collate_to(chunk, pad_token_id, device)),
+        lambda chunk: _tapped_gradients(model, layers, pairs, chunk, pad_token_id, device, tap),
     )
 
 
@@ -214,19 +239,18 @@ def sorted_gradients(
     pairs: Sequence[EncodedPair],
     pad_token_id: int,
     batch_size: int,
+    tap: GradientTap | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yields ``(indices into pairs, per-example gradients)`` over batches of similar length
     (:func:`gpu_core.runtime.length_sorted_batches`, so little padding); callers put each row
-    back at its index. Out-of-memory halving as :func:`batched_gradients`."""
+    back at its index. Out-of-memory halving and ``tap`` as :func:`batched_gradients`."""
     device = model_device(model)
     micro = MicroBatches(model, batch_size)
     lengths = [len(pair.input_ids) for pair in pairs]
     for indices in length_sorted_batches(lengths, batch_size):
 
         def work(chunk: Sequence[int]) -> torch.Tensor:
-            return per_example_gradients(
-                model, layers, collate_to([pairs[i] for i in chunk], pad_token_id, device)
-            )
+            return _tapped_gradients(model, layers, pairs, chunk, pad_token_id, device, tap)
 
         for offset, grads in micro.run(indices, [lengths[i] for i in indices], work):
             yield indices[offset : offset + grads.shape[0]], grads
