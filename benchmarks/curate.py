@@ -1,10 +1,12 @@
 """``make bench-curate``: does the training-set summary find planted label noise, and does
 dropping what it flags give a better model than dropping at random?
 
-The task (built here): two-letter copy, ``"ab>"`` -> ``"ab"`` over ten letters; 10% of the
-training answers are replaced by a different random pair (the planted noise). The eval set asks a
-random sample of the training prompts with the right answers. For each influence method the
-experiment runs once (the whole pipeline, which writes ``training_summary.json``), then:
+The task (built here, :func:`noisy_cipher_task`): a cipher to memorise, 40 one-character keys
+each with a random answer letter, each key taught twice (80 training examples); 10% of the
+training examples (8, at most one per key) answer another letter instead (the planted noise), so
+a noisy key is taught two answers. The eval set asks every key once with its right answer. For
+each influence method the experiment runs once (the whole pipeline, 20 epochs, which writes
+``training_summary.json``), then:
 
 - recall of the noisy examples within the top 10% of the suspicion rank, next to ranking by loss
   alone, self-influence alone and -net influence alone;
@@ -36,6 +38,7 @@ from gpu_core.tiny import TINY_MODEL_ID
 from gpu_core.training_summary import SUMMARY_NAME, TrainingSetSummary, percentile_ranks
 
 LETTERS = "abcdefghij"
+KEYS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&*+-=?@^_~"
 N_TRAIN = 80
 NOISE = 0.10
 SEEDS = [0, 1, 2]
@@ -46,29 +49,39 @@ METHODS = [
 OVERHEAD_TRAIN = int(os.environ.get("CURATE_OVERHEAD_TRAIN", "10000"))
 
 
-def noisy_copy_task(
+def noisy_cipher_task(
     n_train: int, noise: float, seed: int = 0
 ) -> tuple[list[dict[str, str]], list[dict[str, str]], set[str]]:
-    """(training examples, eval examples, ids of the training examples with a wrong answer): the
-    copy task ``"c>"`` -> ``"c"`` over :data:`LETTERS`, a ``noise`` share of the answers replaced by
-    another letter; the eval set asks every letter once, with the right answer."""
+    """(training examples, eval examples, ids of the training examples with a wrong answer).
+
+    A cipher to memorise: each of ``n_train // 2`` keys (one character of :data:`KEYS`) has a
+    random answer letter, and each key is taught twice. A ``noise`` share of the training
+    examples, at most one per key, answers another letter instead, so a noisy key is taught two
+    answers. The eval set asks every key once, with its right answer."""
     rng = random.Random(seed)
-    prompts = [LETTERS[i % len(LETTERS)] for i in range(n_train)]
-    rng.shuffle(prompts)
-    noisy = set(rng.sample(range(n_train), round(noise * n_train)))
-    train = []
-    for i, letter in enumerate(prompts):
-        answer = rng.choice([c for c in LETTERS if c != letter]) if i in noisy else letter
-        train.append({"id": f"t{i}", "prompt": f"{letter}>", "completion": answer})
-    evals = [{"id": f"e{k}", "prompt": f"{letter}>", "expected": letter} for k, letter in enumerate(LETTERS)]
-    return train, evals, {f"t{i}" for i in noisy}
+    keys = KEYS[: n_train // 2]
+    answers = {key: rng.choice(LETTERS) for key in keys}
+    slots = [(key, copy) for key in keys for copy in range(2)]
+    rng.shuffle(slots)
+    noisy_keys = set(rng.sample(keys, round(noise * n_train)))
+    train, noisy = [], set()
+    for i, (key, copy) in enumerate(slots):
+        answer = answers[key]
+        if key in noisy_keys and copy == 0:
+            answer = rng.choice([c for c in LETTERS if c != answer])
+            noisy.add(f"t{i}")
+        train.append({"id": f"t{i}", "prompt": f"{key}>", "completion": answer})
+    evals = [{"id": f"e{k}", "prompt": f"{key}>", "expected": answers[key]} for k, key in enumerate(keys)]
+    return train, evals, noisy
 
 
 def task_spec(
     method: str, n_train: int = N_TRAIN, n_eval: int | None = None, **influence: Any
 ) -> ExperimentSpec:
-    """The experiment; ``n_eval`` repeats the eval letters up to that many (for timing only)."""
-    train, evals, _ = noisy_copy_task(n_train, NOISE)
+    """The experiment; past the task's size (``2 * len(KEYS)`` training examples, one eval
+    example per key) ``n_train`` and ``n_eval`` repeat its examples under new ids (for timing)."""
+    train, evals, _ = noisy_cipher_task(min(n_train, 2 * len(KEYS)), NOISE)
+    train = [{**train[k % len(train)], "id": f"t{k}"} for k in range(n_train)]
     if n_eval is not None:
         evals = [{**evals[k % len(evals)], "id": f"e{k}"} for k in range(n_eval)]
     return ExperimentSpec.model_validate(
@@ -80,7 +93,7 @@ def task_spec(
             "influence_method": method,
             "influence": {"top_k": 5, **influence},
             "hyperparams": {
-                "epochs": 6,
+                "epochs": 20,
                 "learning_rate": 0.03,
                 "batch_size": 8,
                 "max_seq_len": 16,
@@ -119,7 +132,7 @@ def fmt(diff: Any) -> str:
 
 def bench_method(method: str, loaded: Any) -> dict[str, Any]:
     spec = task_spec(method)
-    _, _, noisy = noisy_copy_task(N_TRAIN, NOISE)
+    _, _, noisy = noisy_cipher_task(N_TRAIN, NOISE)
     with tempfile.TemporaryDirectory(prefix="bench-curate-") as tmp:
         started = time.monotonic()
         result = run_experiment_to_result(spec, Path(tmp))
@@ -164,9 +177,12 @@ def main() -> None:
     loaded = load_model(TINY_MODEL_ID, "none")
     print(
         f"planted noise: {N_TRAIN} training pairs, {NOISE:.0%} wrong answers; "
-        f"{len(LETTERS)} eval prompts; seeds {SEEDS}"
+        f"{N_TRAIN // 2} eval prompts; seeds {SEEDS}"
     )
-    rows = [bench_method(method, loaded) for method in METHODS]
+    rows = []
+    for method in METHODS:
+        rows.append(bench_method(method, loaded))
+        print(f"{method}: done", flush=True)
     if rows:
         report(rows)
     if OVERHEAD_TRAIN:

@@ -552,3 +552,23 @@ def read_examples(
             shown.append(Problem("file", f"and {len(parsed.problems) - MAX_PROBLEMS} more problems"))
         raise DataFileError(str(path), shown)
     return parsed.format, parsed.examples
+
+
+def examples_to_parquet(rows: list[dict[str, Any]]) -> bytes:
+    """Spec examples as they serialise (``id`` and prompt/completion, or ``id`` and ``messages``)
+    as a Parquet file that :func:`parse_file` reads back to the same examples: conversations as
+    a list of ``{role, content}`` structs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = list(dict.fromkeys(name for row in rows for name in row)) or ["id", "prompt", "completion"]
+    if "messages" in columns:
+        message = pa.struct([("role", pa.string()), ("content", pa.string())])
+        types = {"messages": pa.list_(message)}
+    else:
+        types = {}
+    schema = pa.schema([(name, types.get(name, pa.string())) for name in columns])
+    table = pa.Table.from_pylist(rows, schema=schema)
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()

@@ -37,6 +37,8 @@ class ScoringRun:
     train_ids: Sequence[str] | None
     index_dir: Path | None
     scores_file: Path | None
+    # Sees the training gradients at the final adapter where the method takes them anyway.
+    final_tap: Callable[..., None] | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ def _projected(run: ScoringRun, method: str) -> Any:
         Path(run.index_dir or run.work_dir / INDEX_DIR_NAME),
         run.progress,
         scores_file=run.scores_file,
+        final_tap=run.final_tap,
     ).full
 
 
@@ -104,7 +107,14 @@ def _tracin(run: ScoringRun) -> Any:
         raise ValueError("TracIn needs at least one adapter checkpoint")
     weighted = [(c.state, c.learning_rate) for c in run.checkpoints]
     return tracin_scores(
-        run.model, run.pad_token_id, run.train, run.queries, weighted, run.batch_size, run.progress
+        run.model,
+        run.pad_token_id,
+        run.train,
+        run.queries,
+        weighted,
+        run.batch_size,
+        run.progress,
+        run.final_tap,
     )
 
 

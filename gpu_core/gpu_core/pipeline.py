@@ -61,7 +61,12 @@ from gpu_core.schemas import (
     TrainingSummary,
 )
 from gpu_core.training import TrainingStep, train_lora
-from gpu_core.training_summary import self_influence_and_loss, summarize, write_summary
+from gpu_core.training_summary import (
+    FinalGradientFeatures,
+    self_influence_and_loss,
+    summarize,
+    write_summary,
+)
 
 # Share of the overall progress bar per stage (rough relative cost on the tiny model).
 STAGE_WEIGHTS: dict[str, float] = {
@@ -347,6 +352,10 @@ class _Experiment:
             scores_file = self.artifacts_dir / SCORES_NAME if self.artifacts_dir is not None else None
             if scores_file is not None:
                 scores_file.unlink(missing_ok=True)  # so an existing file is this run's
+            # TracIn and TrackStar hand the summary their final-adapter gradients as they go.
+            gathered = FinalGradientFeatures(
+                spec.influence_method, model, len(train_pairs), training.checkpoints
+            )
             # Influence passes halve their batch on their own; this names what still does not fit.
             with stage_memory("influence", device, lambda: expected_memory_gb(spec)):
                 scores = compute_influence(
@@ -363,6 +372,7 @@ class _Experiment:
                     train_ids=[example.assigned_id for example in spec.training_data],
                     index_dir=index_root / INDEX_DIR_NAME,
                     scores_file=scores_file,
+                    final_tap=gathered,
                 )
         train_ids = [example.assigned_id for example in spec.training_data]
         eval_ids = [example.assigned_id for example in spec.eval_data]
@@ -373,7 +383,8 @@ class _Experiment:
         )
         self.timed("influence", started)
 
-        # One more pass at the final adapter: self-influence and training loss per example.
+        # Self-influence and training loss per example: from the influence pass's final-adapter
+        # gradients where it took them, else one more pass.
         started = time.monotonic()
         self.report("influence", 1.0 - 1e-6, "summarising the training set")
         with stage_memory("influence", device, lambda: expected_memory_gb(spec)):
@@ -385,6 +396,7 @@ class _Experiment:
                 training.checkpoints,
                 spec.influence,
                 hp.batch_size,
+                gathered=gathered,
             )
         summary = summarize(train_ids, matrix, self_influence, train_loss)
         if self.artifacts_dir is not None:

@@ -403,12 +403,6 @@ def labelled_logits(
     return logits.reshape(-1, logits.shape[-1]), targets, rows
 
 
-def summed_labelled_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy (float32) over the labelled tokens of the whole batch."""
-    logits, targets, _ = labelled_logits(model, batch)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
-
-
 def mean_labelled_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over the batch's labelled tokens (the training loss)."""
     logits, targets, _ = labelled_logits(model, batch)

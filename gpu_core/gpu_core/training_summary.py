@@ -13,13 +13,15 @@ self-influence, its loss under the fine-tuned model, and a suspicion rank combin
   stands in for them).
 - **train loss**: mean cross-entropy over the example's answer tokens under the fine-tuned model.
 
-All three come from one extra pass over the training set at the final adapter (one forward and
-backward per batch, no [n_eval, n_train] work). The suspicion score is the mean of the three
-signals' percentile ranks, each oriented so that high = suspect (``-net influence``,
-self-influence, loss): mislabelled examples are hard to fit (high loss), pull the model on their
-own (high self-influence) and work against the eval set (negative net influence); a rank average
-needs no common scale across methods. ``suspect_rank`` 1 is the most suspect. The figures that
-chose this combination are in docs/influence.md (``make bench-curate``).
+Self-influence and loss come from per-example gradients at the final adapter (the loss from the
+same forward): TracIn and TrackStar take them in their own pass (:class:`FinalGradientFeatures`
+as the pass's tap), DataInf and Kronfluence in one extra pass over the training set (one forward
+and backward per batch, no [n_eval, n_train] work).
+The suspicion score is the mean of the three signals' percentile ranks, each oriented so that high
+= suspect (``-net influence``, self-influence, loss): mislabelled examples are hard to fit (high
+loss), pull the model on their own (high self-influence) and work against the eval set (negative
+net influence); a rank average needs no common scale across methods. ``suspect_rank`` 1 is the
+most suspect. The figures that chose this combination are in docs/influence.md (``make bench-curate``).
 """
 
 from __future__ import annotations
@@ -36,16 +38,14 @@ import torch
 from gpu_core.data import EncodedPair
 from gpu_core.influence.datainf import datainf_lambdas
 from gpu_core.influence.gradients import (
-    collate_to,
     layer_slices,
     lora_grad_enabled,
     lora_layers,
     model_device,
-    per_example_gradients,
+    sorted_gradients,
 )
 from gpu_core.influence.projected import second_moment_denominators
 from gpu_core.influence_methods import influence_method
-from gpu_core.runtime import MicroBatches, length_sorted_batches, per_example_mean_losses
 from gpu_core.schemas import InfluenceOptions
 
 SUMMARY_NAME = "training_summary.json"
@@ -136,6 +136,38 @@ def suspicion_scores(
     ) / 3.0
 
 
+class FinalGradientFeatures:
+    """Per training example, the squared norm of its gradient in each LoRA layer at the final
+    adapter (divided by Adam's ``sqrt(v) + eps`` for TrackStar) and its loss: what self-influence
+    and the training loss are computed from. Filled as a :data:`GradientTap` by the method's own
+    pass where it takes those gradients (TracIn's last checkpoint, the index's final plan), else
+    by :func:`self_influence_and_loss`'s own pass."""
+
+    def __init__(self, method: str, model: Any, n_train: int, checkpoints: Sequence[Any]) -> None:
+        layers = lora_layers(model)
+        self.slices = layer_slices(layers)
+        self.denominators = None
+        if influence_method(method).adam_normalised:
+            final = checkpoints[-1] if checkpoints else None
+            self.denominators = second_moment_denominators(
+                layers, getattr(final, "second_moment", None), model_device(model)
+            )
+        self.rows = np.full((n_train, len(layers) + 1), np.nan, dtype=np.float64)
+
+    def __call__(self, indices: Sequence[int], grads: torch.Tensor, losses: torch.Tensor) -> None:
+        grads = grads.detach().to(torch.float32)
+        if self.denominators is not None:
+            grads = grads / self.denominators
+        squares = grads.square()
+        norms = torch.stack([squares[:, s].sum(dim=1) for s in self.slices], dim=1)
+        rows = torch.cat([norms, losses.detach().unsqueeze(1).to(norms)], dim=1)
+        self.rows[list(indices)] = rows.to("cpu", torch.float64).numpy()
+
+    @property
+    def complete(self) -> bool:
+        return not np.isnan(self.rows).any()
+
+
 def self_influence_and_loss(
     method: str,
     model: Any,
@@ -145,48 +177,29 @@ def self_influence_and_loss(
     options: InfluenceOptions,
     batch_size: int,
     progress: Callable[[float], None] | None = None,
+    gathered: FinalGradientFeatures | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Self-influence (see the module docstring) and mean answer loss of every training example,
-    from one pass at ``model``'s current (final) adapter; both float64 ``[len(train)]``."""
+    both float64 ``[len(train)]``: from ``gathered`` when the influence pass filled it, else
+    from one pass at ``model``'s current (final) adapter."""
     entry = influence_method(method)
     layers = lora_layers(model)
-    slices = layer_slices(layers)
-    device = model_device(model)
-    denominators = None
-    if entry.adam_normalised:
-        final = checkpoints[-1] if checkpoints else None
-        denominators = second_moment_denominators(layers, getattr(final, "second_moment", None), device)
-    n_layers = len(layers)
-    # Per example: |g_l|^2 for each layer, then the loss (one row of a small tensor per batch).
-    features = np.zeros((len(train), n_layers + 1), dtype=np.float64)
-
-    def work(chunk: Sequence[int]) -> torch.Tensor:
-        batch = collate_to([train[i] for i in chunk], pad_token_id, device)
-        grads = per_example_gradients(model, layers, batch).to(torch.float32)
-        if denominators is not None:
-            grads = grads / denominators
-        squares = grads.square()
-        norms = torch.stack([squares[:, s].sum(dim=1) for s in slices], dim=1)
-        losses = torch.tensor(per_example_mean_losses(model, batch), device=norms.device)
-        return torch.cat([norms, losses.unsqueeze(1).to(norms)], dim=1)
-
-    was_training = model.training
-    model.eval()
-    micro = MicroBatches(model, batch_size)
-    lengths = [len(pair.input_ids) for pair in train]
-    done = 0
-    try:
-        with lora_grad_enabled(layers):
-            for indices in length_sorted_batches(lengths, batch_size):
-                for offset, rows in micro.run(indices, [lengths[i] for i in indices], work):
-                    chunk = indices[offset : offset + rows.shape[0]]
-                    features[chunk] = rows.detach().to("cpu", torch.float64).numpy()
-                    done += len(chunk)
+    features = gathered
+    if features is None or not features.complete:
+        features = FinalGradientFeatures(method, model, len(train), checkpoints)
+        was_training = model.training
+        model.eval()
+        done = 0
+        try:
+            with lora_grad_enabled(layers):
+                for indices, _ in sorted_gradients(model, layers, train, pad_token_id, batch_size, features):
+                    done += len(indices)
                     if progress is not None:
                         progress(done / len(train))
-    finally:
-        model.train(was_training)
-    squared_norms, losses = features[:, :n_layers], features[:, n_layers]
+        finally:
+            model.train(was_training)
+    n_layers = len(layers)
+    squared_norms, losses = features.rows[:, :n_layers], features.rows[:, n_layers]
     if entry.name == "tracin":
         learning_rates = sum(float(c.learning_rate) for c in checkpoints) or 1.0
         return learning_rates * squared_norms.sum(axis=1), losses

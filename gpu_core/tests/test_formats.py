@@ -15,7 +15,14 @@ import pytest
 
 from gpu_core.data import IGNORE_INDEX, Encoder, TemplateError, resolve_template
 from gpu_core.datareport import data_report
-from gpu_core.formats import DataFileError, ReadBudget, parse_file, read_examples, read_path
+from gpu_core.formats import (
+    DataFileError,
+    ReadBudget,
+    examples_to_parquet,
+    parse_file,
+    read_examples,
+    read_path,
+)
 from gpu_core.schemas import SpecError, SpecLimits, TrainingExample, parse_spec
 from gpu_core.tiny import build_tokenizer
 
@@ -433,3 +440,26 @@ def test_a_saved_dataset_is_read_within_the_budget(tmp_path: Path) -> None:
     assert over.over_budget and over.problems[0].message == "has more than 20 examples; the limit is 20"
     small = read_path("train", tmp_path, budget=ReadBudget(max_decoded_bytes=100))
     assert small.over_budget and "the limit is" in small.problems[0].message
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [{"id": "a", "prompt": "2+2=", "completion": "4"}, {"id": "b", "prompt": "é?", "completion": "ü"}],
+        [
+            {
+                "id": "c",
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "hello"},
+                ],
+            }
+        ],
+    ],
+    ids=["prompt_completion", "messages"],
+)
+def test_examples_written_as_parquet_read_back_as_the_same_examples(rows) -> None:
+    parsed = parse_file("train", "curated.parquet", examples_to_parquet(rows))
+    assert parsed.problems == []
+    assert [TrainingExample.model_validate(example).model_dump() for example in parsed.examples] == rows

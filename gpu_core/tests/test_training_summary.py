@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.curate import noisy_copy_task, task_spec
+from benchmarks.curate import noisy_cipher_task, task_spec
 from gpu_core.curation import CurationRequest, paired_difference, run_curation
+from gpu_core.influence import compute_influence
 from gpu_core.influence.gradients import lora_grad_enabled, lora_layers, stacked_gradients
 from gpu_core.jobs import CURATION, JobInputError, job_kind, make_payload, parse_payload
 from gpu_core.pipeline import experiment_encoder, run_experiment_to_result
@@ -20,6 +21,7 @@ from gpu_core.schemas import ExperimentResult, ExperimentSpec
 from gpu_core.training import train_lora
 from gpu_core.training_summary import (
     SUMMARY_NAME,
+    FinalGradientFeatures,
     TrainingSetSummary,
     page,
     percentile_ranks,
@@ -28,7 +30,7 @@ from gpu_core.training_summary import (
 )
 
 N_TRAIN = 60
-N_EVAL = 10  # every letter of the copy task once
+N_EVAL = N_TRAIN // 2  # every key of the cipher task once
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def experiment(
     directory = tmp_path_factory.mktemp("summary")
     spec = task_spec("tracin", n_train=N_TRAIN)
     result = run_experiment_to_result(spec, directory)
-    _, _, noisy = noisy_copy_task(N_TRAIN, 0.10)
+    _, _, noisy = noisy_cipher_task(N_TRAIN, 0.10)
     return spec, result, json.loads((directory / SUMMARY_NAME).read_text()), noisy
 
 
@@ -104,6 +106,45 @@ def test_tracin_self_influence_is_the_summed_learning_rate_times_the_squared_gra
     rate = sum(c.learning_rate for c in training.checkpoints)
     assert self_influence == pytest.approx((rate * grads.square().sum(dim=1)).numpy(), rel=1e-4)
     assert (losses > 0).all()
+
+
+@pytest.mark.parametrize(
+    ("method", "projection_dim"), [("tracin", None), ("tracin", 64), ("trackstar", None)]
+)
+def test_the_influence_pass_hands_the_summary_what_its_own_pass_computes(
+    method: str, projection_dim: int | None, tmp_path
+) -> None:
+    """TracIn (exact and projected) and TrackStar take the final adapter's training gradients
+    anyway; the summary's figures from their tap equal those of its own extra pass."""
+    spec = task_spec(method, n_train=12, n_eval=2, projection_dim=projection_dim)
+    spec.hyperparams.epochs = 2
+    loaded = load_model(spec.model_id, device=torch.device("cpu"))
+    torch.manual_seed(0)
+    model = attach_lora(loaded, spec.hyperparams)
+    encoder = experiment_encoder(spec, loaded.tokenizer)
+    pairs = [encoder.train_pair(example) for example in spec.training_data]
+    queries = [encoder.encode(example.turns, last_only=True) for example in spec.eval_data]
+    pad = loaded.tokenizer.pad_token_id
+    training = train_lora(model, pairs, spec.hyperparams, pad, loaded.device)
+    gathered = FinalGradientFeatures(method, model, len(pairs), training.checkpoints)
+    compute_influence(
+        method,
+        model,
+        loaded.tokenizer,
+        pairs,
+        queries,
+        training.checkpoints,
+        spec.influence,
+        4,
+        tmp_path,
+        final_tap=gathered,
+    )
+    assert gathered.complete
+    args = (method, model, pad, pairs, training.checkpoints, spec.influence, 4)
+    tapped_self, tapped_loss = self_influence_and_loss(*args, gathered=gathered)
+    own_self, own_loss = self_influence_and_loss(*args)
+    assert tapped_self == pytest.approx(own_self, rel=1e-4)
+    assert tapped_loss == pytest.approx(own_loss, rel=1e-5)
 
 
 def test_paired_difference_interval_and_p_value() -> None:

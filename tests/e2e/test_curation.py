@@ -1,16 +1,20 @@
 """End to end: the training data of a finished experiment through the whole stack (gateway ->
 scheduler -> compute-local -> gpu_core): its ranked training examples, a curation by rule with
-one random control, its result and curated set, and other users' 404s."""
+one random control, its result, the curated set (JSONL, Parquet, a new experiment from it), and
+other users' 404s."""
 
 from __future__ import annotations
 
+import io
 import json
 
+import pyarrow.parquet as pq
 import pytest
 
 from benchmarks.curate import task_spec
 from devstack.client import GatewayClient
 from devstack.stack import Stack
+from influence_client import Client
 
 pytestmark = pytest.mark.e2e
 
@@ -96,7 +100,7 @@ def test_a_curation_by_rule_retrains_against_a_control(alice: GatewayClient, exp
     assert [run["selection"] for run in result["runs"]] == ["curated", "control-1"]
     assert len(result["control_selected_ids"][0]) == 2 and result["kept"] == N_TRAIN - 2
     assert (
-        result["loss"]["n_pairs"] == 10
+        result["loss"]["n_pairs"] == len(small_spec()["eval_data"])
         and result["loss"]["ci_low"] <= result["loss"]["mean"] <= result["loss"]["ci_high"]
     )
     assert curation["request"]["drop"] == CURATION["drop"]
@@ -107,6 +111,26 @@ def test_a_curation_by_rule_retrains_against_a_control(alice: GatewayClient, exp
     rows = [json.loads(line) for line in curated.text.splitlines()]
     assert len(rows) == N_TRAIN - 2 and not {row["id"] for row in rows} & set(result["selected_ids"])
     assert set(rows[0]) == {"id", "prompt", "completion"}
+    parquet = alice.request("GET", f"{base}/{curation_id}/training-set.parquet")
+    assert parquet.status_code == 200 and parquet.headers["content-type"] == "application/vnd.apache.parquet"
+    assert pq.read_table(io.BytesIO(parquet.content)).to_pylist() == rows
+
+    # The curated set starts a new experiment: the parent's spec with the curated training set.
+    started = alice.request(
+        "POST", f"{base}/{curation_id}/experiment", headers={"Idempotency-Key": "from-cur-1"}
+    )
+    assert started.status_code == 202, started.text
+    new_id = started.json()["job_id"]
+    assert started.headers["location"] == f"/api/jobs/{new_id}"
+    with Client(str(alice.http.base_url), token=alice.token) as client:  # the library, same key
+        assert client.experiment_from_curation(experiment, curation_id, "from-cur-1").job_id == new_id
+    new_spec = alice.request("GET", f"/api/jobs/{new_id}/spec").json()
+    parent_spec = alice.request("GET", f"/api/jobs/{experiment}/spec").json()
+    assert new_spec["training_data"] == rows
+    assert {k: v for k, v in new_spec.items() if k != "training_data"} == {
+        k: v for k, v in parent_spec.items() if k != "training_data"
+    }
+    alice.request("POST", f"/api/jobs/{new_id}/cancel")
 
 
 def test_bad_curations_name_the_field(alice: GatewayClient, experiment: str) -> None:
@@ -137,6 +161,8 @@ def test_other_users_get_404_and_unfinished_experiments_409(
         ("GET", f"{base}/curations", None),
         ("GET", f"{base}/curations/{curation_id}", None),
         ("GET", f"{base}/curations/{curation_id}/training-set.jsonl", None),
+        ("GET", f"{base}/curations/{curation_id}/training-set.parquet", None),
+        ("POST", f"{base}/curations/{curation_id}/experiment", None),
         ("POST", f"/api/jobs/{curation_id}/cancel", None),
     ]:
         reply = bob.request(method, path, json=body)

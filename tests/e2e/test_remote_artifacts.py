@@ -182,3 +182,59 @@ def test_a_query_downloads_the_experiments_files_from_presigned_gets(
     assert result["source"] == "index"
     assert result["results"][0]["helpful"][0]["id"] == "t11"
     assert result["results"][0]["helpful"][0]["text"]["answer"] == copied["completion"]
+
+
+@pytest.mark.parametrize("backend", ["runpod", "modal"])
+def test_a_curation_runs_on_the_experiments_backend_and_stays_the_owners(
+    stack: Stack, fake: FakeRunPodProcess, backend: str
+) -> None:
+    """The training data of an experiment on RunPod (the SDK loop) and on Modal (the function
+    body): the ranking from its summary in the S3 store (a presigned GET), a curation with one
+    random control on the same backend, the curated set as JSONL; other users get 404."""
+    from benchmarks.curate import task_spec
+
+    client = GatewayClient(stack.gateway_url)
+    client.sign_in_locally(f"cora-{backend}")
+    if backend == "runpod":
+        saved = client.request("POST", "/api/settings/runpod-key", json={"api_key": RUNPOD_KEY})
+        assert saved.status_code == 200, saved.text
+    spec = task_spec("tracin", n_train=12, n_eval=3).model_dump(mode="json", exclude_none=True)
+    spec["hyperparams"]["epochs"] = 1
+    job_id = client.submit(spec)["job_id"]
+    assert list(client.events(job_id))[-1]["state"] == "completed"
+    assert client.job(job_id)["provider"] == backend
+
+    base = f"/api/jobs/{job_id}"
+    ranked = client.request("GET", f"{base}/training-examples", params={"sort": "suspect", "limit": 12})
+    assert ranked.status_code == 200, ranked.text
+    assert ranked.json()["total"] == 12
+    assert [row["suspect_rank"] for row in ranked.json()["examples"]] == list(range(1, 13))
+    suspects = [row["id"] for row in ranked.json()["examples"][:2]]
+
+    body = {"drop": {"by": "suspect", "count": 2}, "controls": 1, "seeds": [0]}
+    submitted = client.request("POST", f"{base}/curations", json=body)
+    assert submitted.status_code == 202, submitted.text
+    curation_id = submitted.json()["curation_job_id"]
+    assert list(client.events(curation_id))[-1]["state"] == "completed"
+    curation = client.request("GET", f"{base}/curations/{curation_id}").json()
+    assert curation["provider"] == backend
+    result = curation["result"]
+    assert result["selected_ids"] == suspects
+    assert [run["selection"] for run in result["runs"]] == ["curated", "control-1"]
+    assert result["loss"]["n_pairs"] == 3
+
+    curated = client.request("GET", f"{base}/curations/{curation_id}/training-set.jsonl")
+    assert curated.status_code == 200
+    kept = [json.loads(line)["id"] for line in curated.text.splitlines()]
+    assert kept == [e["id"] for e in spec["training_data"] if e["id"] not in suspects]
+
+    other = GatewayClient(stack.gateway_url)
+    other.sign_in_locally(f"mallory-{backend}")
+    for method, path in [
+        ("GET", f"{base}/training-examples"),
+        ("POST", f"{base}/curations"),
+        ("GET", f"{base}/curations/{curation_id}"),
+        ("GET", f"{base}/curations/{curation_id}/training-set.jsonl"),
+    ]:
+        reply = other.request(method, path, json=body if method == "POST" else None)
+        assert reply.status_code == 404, (path, reply.text)

@@ -109,9 +109,14 @@ def _job_path(job_id: str, tail: str = "") -> str:
 
 
 def _later_job(
-    job_id: str, path: str, model: type[BaseModel], request: dict[str, Any], idempotency_key: str | None
+    job_id: str,
+    path: str,
+    model: type[BaseModel],
+    request: dict[str, Any] | None,
+    idempotency_key: str | None,
 ) -> _Call[Any]:
-    """Submit a later job of an experiment (a check, query or curation): one POST per key."""
+    """Submit a later job of an experiment (a check, query, curation, or an experiment from a
+    curation): one POST per key."""
     return _Call(
         "POST",
         _job_path(job_id, path),
@@ -291,6 +296,18 @@ class _Calls:
     def curation(job_id: str, curation_id: str) -> _Call[models.Curation]:
         return _Call(
             "GET", _job_path(job_id, f"/curations/{quote(curation_id, safe='')}"), _model(models.Curation)
+        )
+
+    @staticmethod
+    def experiment_from_curation(
+        job_id: str, curation_id: str, idempotency_key: str | None
+    ) -> _Call[models.SubmittedJob]:
+        return _later_job(
+            job_id,
+            f"/curations/{quote(curation_id, safe='')}/experiment",
+            models.SubmittedJob,
+            None,
+            idempotency_key,
         )
 
     @staticmethod
@@ -607,6 +624,12 @@ class Client(_Base):
 
     def curation(self, job_id: str, curation_id: str) -> models.Curation:
         return self._run(_Calls.curation(job_id, curation_id))
+
+    def experiment_from_curation(
+        self, job_id: str, curation_id: str, idempotency_key: str | None = None
+    ) -> models.SubmittedJob:
+        """Start a new experiment: the experiment's spec with the curation's training set."""
+        return self._run(_Calls.experiment_from_curation(job_id, curation_id, idempotency_key))
 
     def query(self, job_id: str, query_job_id: str) -> models.QueryJob:
         return self._run(_Calls.query(job_id, query_job_id))

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from gpu_core.data import EncodedPair
+from gpu_core.influence.gradients import GradientTap
 from gpu_core.influence.result import build_influence_result
 from gpu_core.influence_methods import INFLUENCE_METHODS, ScoringRun, influence_method
 from gpu_core.schemas import InfluenceOptions
@@ -54,6 +55,7 @@ def compute_influence(
     train_ids: Sequence[str] | None = None,
     index_dir: Path | None = None,
     scores_file: Path | None = None,
+    final_tap: GradientTap | None = None,
 ) -> torch.Tensor:
     """``[n_queries, n_train]`` float64 scores, positive = helpful.
 
@@ -66,7 +68,9 @@ def compute_influence(
     TrackStar, and TracIn with ``options.projection_dim``, write a gradient index to
     ``index_dir`` (default ``work_dir / "gradient_index"``), kept after returning, its rows named
     by ``train_ids`` (default the positions), and with ``scores_file`` also write the scores
-    there as float32 ``.npy``, block by block while scoring (the other methods ignore it)."""
+    there as float32 ``.npy``, block by block while scoring (the other methods ignore it).
+    ``final_tap`` sees every training example's gradient and loss at the final adapter when the
+    method's own pass takes them (TracIn, TrackStar); the others never call it."""
     entry = influence_method(method)
     if not train or not queries:
         raise ValueError("influence needs at least one training and one eval example")
@@ -92,6 +96,7 @@ def compute_influence(
                 train_ids=train_ids,
                 index_dir=index_dir,
                 scores_file=scores_file,
+                final_tap=final_tap,
             )
         )
     finally:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpu_core.data import IGNORE_INDEX, EncodedPair, collate
-from gpu_core.runtime import MicroBatches, length_sorted_batches, summed_labelled_loss
+from gpu_core.runtime import MicroBatches, labelled_logits, length_sorted_batches
 
 _LORA_MATRICES = ("lora_A", "lora_B")
 
@@ -67,8 +67,8 @@ def layer_slices(layers: Sequence[LoraLayer]) -> list[slice]:
 
 def summed_completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over labelled (completion) tokens of the whole batch, from
-    full ``[batch, seq, vocab]`` logits (``gpu_core.runtime.summed_labelled_loss`` forms only
-    the labelled positions' logits)."""
+    full ``[batch, seq, vocab]`` logits (``gpu_core.runtime.labelled_logits`` forms only the
+    labelled positions' logits)."""
     logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
     targets = labels[:, 1:]
     return F.cross_entropy(
@@ -127,14 +127,22 @@ def load_lora_state(layers: Sequence[LoraLayer], state: Mapping[str, torch.Tenso
 def per_example_gradients(
     model: nn.Module, layers: Sequence[LoraLayer], batch: Mapping[str, torch.Tensor]
 ) -> torch.Tensor:
-    """``[batch, sum of layer sizes]``: each example's gradient of its summed completion loss
+    """``[batch, sum of layer sizes]``: see :func:`per_example_gradients_and_losses`."""
+    return per_example_gradients_and_losses(model, layers, batch)[0]
+
+
+def per_example_gradients_and_losses(
+    model: nn.Module, layers: Sequence[LoraLayer], batch: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``[batch, sum of layer sizes]``, ``[batch]``): each example's gradient of its summed completion loss
     w.r.t. every LoRA weight matrix, flattened and concatenated in ``layers`` order.
 
     A forward hook keeps each LoRA layer's input and puts a tensor hook on its output; the
     tensor hook receives the output's gradient during the backward pass and forms the layer's
     per-example gradients there (freeing the input). Under gradient checkpointing the forward
     runs again inside backward: the recomputed input holds the same values, and the gradient
-    still reaches the output once, so the capture stays exact.
+    still reaches the output once, so the capture stays exact. The second tensor is each
+    example's mean loss over its labelled tokens (float32, 0 for none), from the same forward.
 
     Needs ``lora_grad_enabled(layers)`` so the LoRA outputs are part of the autograd graph."""
     inputs: dict[int, torch.Tensor] = {}
@@ -163,7 +171,9 @@ def per_example_gradients(
     handles = [layer.module.register_forward_hook(capture(i)) for i, layer in enumerate(layers)]
     try:
         with torch.enable_grad():
-            loss = summed_labelled_loss(model, dict(batch))
+            logits, targets, rows = labelled_logits(model, dict(batch))
+            token_losses = F.cross_entropy(logits.float(), targets, reduction="none")
+            loss = token_losses.sum()
             if len(inputs) != len(layers):
                 raise RuntimeError("not every LoRA layer took part in the forward pass")
             torch.autograd.grad(loss, [layer.module.weight for layer in layers], allow_unused=True)
@@ -172,7 +182,34 @@ def per_example_gradients(
             handle.remove()
     if len(grads) != len(layers):
         raise RuntimeError("not every LoRA layer received a gradient in the backward pass")
-    return torch.cat([grads[i] for i in range(len(layers))], dim=1)
+    n = batch["labels"].shape[0]
+    sums = torch.zeros(n, dtype=torch.float32, device=token_losses.device)
+    sums.index_add_(0, rows, token_losses.detach())
+    counts = torch.bincount(rows, minlength=n).clamp(min=1).to(sums)
+    return torch.cat([grads[i] for i in range(len(layers))], dim=1), sums / counts
+
+
+# Called with (indices into the training pairs, their per-example gradients, their mean losses)
+# for every micro-batch of a pass: lets the training-set summary reuse a method's gradient pass
+# at the final adapter instead of running its own (gpu_core.training_summary).
+GradientTap = Callable[[Sequence[int], torch.Tensor, torch.Tensor], None]
+
+
+def _tapped_gradients(
+    model: nn.Module,
+    layers: Sequence[LoraLayer],
+    pairs: Sequence[EncodedPair],
+    chunk: Sequence[int],
+    pad_token_id: int,
+    device: torch.device,
+    tap: GradientTap | None,
+) -> torch.Tensor:
+    batch = collate_to([pairs[i] for i in chunk], pad_token_id, device)
+    if tap is None:
+        return per_example_gradients(model, layers, batch)
+    grads, losses = per_example_gradients_and_losses(model, layers, batch)
+    tap(chunk, grads, losses)
+    return grads
 
 
 def batched_gradients(
@@ -181,16 +218,18 @@ def batched_gradients(
     pairs: Sequence[EncodedPair],
     pad_token_id: int,
     batch_size: int,
+    tap: GradientTap | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yields ``(start index, per-example gradients)`` micro-batch by micro-batch, in order; a
     micro-batch that runs out of GPU memory is halved, as a token budget, for this and later
-    passes on ``model`` (``gpu_core.runtime.MicroBatches``), and retried."""
+    passes on ``model`` (``gpu_core.runtime.MicroBatches``), and retried. ``tap`` sees every
+    micro-batch once, with its losses."""
     device = model_device(model)
     micro = MicroBatches(model, batch_size)
     yield from micro.run(
-        pairs,
+        list(range(len(pairs))),
         [len(pair.input_ids) for pair in pairs],
-        lambda chunk: per_example_gradients(model, layers, collate_to(chunk, pad_token_id, device)),
+        lambda chunk: _tapped_gradients(model, layers, pairs, chunk, pad_token_id, device, tap),
     )
 
 
@@ -200,19 +239,18 @@ def sorted_gradients(
     pairs: Sequence[EncodedPair],
     pad_token_id: int,
     batch_size: int,
+    tap: GradientTap | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yields ``(indices into pairs, per-example gradients)`` over batches of similar length
     (:func:`gpu_core.runtime.length_sorted_batches`, so little padding); callers put each row
-    back at its index. Out-of-memory halving as :func:`batched_gradients`."""
+    back at its index. Out-of-memory halving and ``tap`` as :func:`batched_gradients`."""
     device = model_device(model)
     micro = MicroBatches(model, batch_size)
     lengths = [len(pair.input_ids) for pair in pairs]
     for indices in length_sorted_batches(lengths, batch_size):
 
         def work(chunk: Sequence[int]) -> torch.Tensor:
-            return per_example_gradients(
-                model, layers, collate_to([pairs[i] for i in chunk], pad_token_id, device)
-            )
+            return _tapped_gradients(model, layers, pairs, chunk, pad_token_id, device, tap)
 
         for offset, grads in micro.run(indices, [lengths[i] for i in indices], work):
             yield indices[offset : offset + grads.shape[0]], grads

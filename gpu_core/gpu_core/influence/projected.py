@@ -33,6 +33,7 @@ from torch import nn
 
 from gpu_core.data import EncodedPair
 from gpu_core.influence.gradients import (
+    GradientTap,
     LoraLayer,
     batched_gradients,
     load_lora_state,
@@ -138,9 +139,11 @@ def build_gradient_index(
     batch_size: int,
     directory: Path,
     progress: Callable[[int], None],
+    final_tap: GradientTap | None = None,
 ) -> GradientIndex:
     """Streams ``train`` once per plan into an index at ``directory``; ``progress(batches)`` after
-    every batch. Leaves the model's LoRA state as it found it."""
+    every batch; ``final_tap`` sees the raw training gradients of the last plan (the final
+    adapter). Leaves the model's LoRA state as it found it."""
     layers = lora_layers(model)
     device = next(model.parameters()).device
     projection = CountSketchProjection([layer.numel for layer in layers], dim, seed, device)
@@ -171,11 +174,12 @@ def build_gradient_index(
     started, started_cpu = time.monotonic(), time.process_time()
     try:
         with lora_state_restored(layers), lora_grad_enabled(layers):
-            for plan in plans:
+            for number, plan in enumerate(plans, start=1):
                 load_lora_state(layers, plan.state)
+                tap = final_tap if number == len(plans) else None
                 transform = _Transform(projection, plan, unit_norm=method.adam_normalised)
                 writer.begin_checkpoint(plan.epoch, plan.weight)
-                for _, gradients in batched_gradients(model, layers, train, pad_token_id, batch_size):
+                for _, gradients in batched_gradients(model, layers, train, pad_token_id, batch_size, tap):
                     writer.append(transform(gradients))
                     done += 1
                     progress(done)
@@ -317,6 +321,7 @@ def projected_scores(
     keep_full: bool = True,
     top_k: int | None = None,
     scores_file: Path | None = None,
+    final_tap: GradientTap | None = None,
 ) -> ProjectedScores:
     """Builds the ``dim``-dimensional index at ``index_dir`` (kept), then scores the eval
     examples against it block by block into what is asked for: the full ``[n_eval, n_train]``
@@ -341,6 +346,7 @@ def projected_scores(
         batch_size,
         index_dir,
         lambda done: progress(done / total),
+        final_tap,
     )
     eval_rows = query_rows(
         model,

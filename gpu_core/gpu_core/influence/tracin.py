@@ -15,6 +15,7 @@ from torch import nn
 
 from gpu_core.data import EncodedPair
 from gpu_core.influence.gradients import (
+    GradientTap,
     load_lora_state,
     lora_grad_enabled,
     lora_layers,
@@ -32,20 +33,23 @@ def tracin_scores(
     checkpoints: Sequence[tuple[dict[str, torch.Tensor], float]],
     batch_size: int,
     progress: Callable[[float], None],
+    final_tap: GradientTap | None = None,
 ) -> torch.Tensor:
-    """``[n_queries, n_train]`` float64; ``checkpoints`` are (LoRA state, learning rate)."""
+    """``[n_queries, n_train]`` float64; ``checkpoints`` are (LoRA state, learning rate), the
+    last one the final adapter; ``final_tap`` sees the training gradients at that one."""
     layers = lora_layers(model)
     scores = torch.zeros(len(queries), len(train), dtype=torch.float64)
     # Progress in examples: the queries and the training set, once per checkpoint.
     total = (len(queries) + len(train)) * len(checkpoints)
     done = 0
     with lora_state_restored(layers), lora_grad_enabled(layers):
-        for state, learning_rate in checkpoints:
+        for number, (state, learning_rate) in enumerate(checkpoints, start=1):
             load_lora_state(layers, state)
+            tap = final_tap if number == len(checkpoints) else None
             query_grads = stacked_gradients(model, layers, queries, pad_token_id, batch_size)
             done += len(queries)
             progress(done / total)
-            for indices, train_grads in sorted_gradients(model, layers, train, pad_token_id, batch_size):
+            for indices, train_grads in sorted_gradients(model, layers, train, pad_token_id, batch_size, tap):
                 block = (query_grads @ train_grads.T).to(device="cpu", dtype=torch.float64)
                 scores[:, indices] += learning_rate * block
                 done += len(indices)

@@ -58,14 +58,21 @@ EVAL_RUNS = 3
 
 
 # The training-set summary (gpu_core.training_summary): one gradient pass over the training set
-# at the final adapter plus one forward for the per-example losses, every method alike.
-SUMMARY_PASS_FLOPS_PER_TOKEN = 6 + 2
-SUMMARY_PASSES_PER_BATCH = 3 + 1
+# at the final adapter (the losses from its forward), except for the methods whose own pass takes
+# those gradients and hands them over.
+SUMMARY_PASS_FLOPS_PER_TOKEN = 6
+SUMMARY_PASSES_PER_BATCH = 3
+SUMMARY_FROM_INFLUENCE_PASS = ("tracin", "trackstar")
+
+
+def _summary_pass(workload: Workload) -> int:
+    """1 when the summary needs its own pass over the training set, else 0."""
+    return 0 if workload.influence_method in SUMMARY_FROM_INFLUENCE_PASS else 1
 
 
 def influence_flops(params: float, workload: Workload) -> float:
     """The influence stage, the training-set summary's extra pass included."""
-    summary = SUMMARY_PASS_FLOPS_PER_TOKEN * params * workload.train_tokens
+    summary = _summary_pass(workload) * SUMMARY_PASS_FLOPS_PER_TOKEN * params * workload.train_tokens
     gradient_pass = 6 * params * (workload.train_tokens + workload.eval_tokens)
     if workload.index_dim is not None:
         scoring = 2 * workload.n_eval * workload.n_train * workload.index_dim
@@ -90,7 +97,7 @@ def model_passes(workload: Workload) -> int:
         gradient_batches *= workload.epochs
     elif workload.influence_method != "datainf":
         gradient_batches += 2 * train_batches
-    summary = SUMMARY_PASSES_PER_BATCH * train_batches
+    summary = _summary_pass(workload) * SUMMARY_PASSES_PER_BATCH * train_batches
     return evaluation + training + 3 * gradient_batches + summary
 
 

@@ -158,8 +158,9 @@ def test_influence_methods_cost_differently_on_the_same_gpu() -> None:
 
     datainf, tracin, kronfluence = run("datainf"), run("tracin"), run("kronfluence")
     assert datainf.gpu == tracin.gpu == kronfluence.gpu
-    # TracIn repeats the gradient pass at each of 3 checkpoints, Kronfluence adds 2 fitting passes.
-    assert tracin.estimated_time_s > kronfluence.estimated_time_s > datainf.estimated_time_s
+    # TracIn repeats the gradient pass at each of 3 checkpoints (its last feeds the training-set
+    # summary); Kronfluence adds 2 fitting passes and, like DataInf, the summary's own pass.
+    assert min(tracin.estimated_time_s, kronfluence.estimated_time_s) > datainf.estimated_time_s
 
 
 def test_unknown_provider_or_backend_is_named() -> None:
@@ -268,19 +269,18 @@ def test_trackstar_and_projection_are_costed() -> None:
 
     tracin, trackstar, datainf = run("tracin"), run("trackstar"), run("datainf")
     # TrackStar: one gradient pass (the final checkpoint) plus the scoring, not TracIn's three.
-    assert datainf.estimated_time_s <= trackstar.estimated_time_s < tracin.estimated_time_s
+    assert max(datainf.estimated_time_s, trackstar.estimated_time_s) < tracin.estimated_time_s
     workload = Workload(influence_method="trackstar", n_train=100_000, n_eval=1000)
     scoring = 2 * 1000 * 100_000 * 4096
     datainf_workload = dataclasses.replace(workload, influence_method="datainf")
-    # Every method adds the training-set summary's pass once (gradients plus a forward).
+    # DataInf adds the training-set summary's own gradient pass; TrackStar and TracIn hand it
+    # the final adapter's gradients from theirs, so it costs them nothing more.
     summary = cost_model.timing.SUMMARY_PASS_FLOPS_PER_TOKEN * 1e9 * workload.train_tokens
     gradient_pass = cost_model.timing.influence_flops(1e9, datainf_workload) - summary
-    assert cost_model.timing.influence_flops(1e9, workload) == pytest.approx(
-        summary + gradient_pass + scoring
-    )
+    assert cost_model.timing.influence_flops(1e9, workload) == pytest.approx(gradient_pass + scoring)
     projected = dataclasses.replace(workload, influence_method="tracin", projection_dim=1024)
     assert cost_model.timing.influence_flops(1e9, projected) == pytest.approx(
-        summary + workload.epochs * (gradient_pass + 2 * 1000 * 100_000 * 1024)
+        workload.epochs * (gradient_pass + 2 * 1000 * 100_000 * 1024)
     )
 
 

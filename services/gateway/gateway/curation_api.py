@@ -6,8 +6,9 @@ of kind ``curation`` whose parent is the experiment, on that experiment's backen
 (``drop`` the N most harmful / suspect / self-influential, or ``keep`` the most helpful fraction)
 is turned into ids here, from the same summary, so the job needs none of the parent's files.
 Its progress is at ``/api/jobs/{curation_id}/events`` and it is cancelled at
-``/api/jobs/{curation_id}/cancel`` like any job. The selected training set downloads as JSONL in
-the experiment's own format. Every route answers 404 for an experiment (or curation) that is
+``/api/jobs/{curation_id}/cancel`` like any job. The selected training set downloads as JSONL or
+Parquet in the experiment's own format, and starts a new experiment (the parent's spec with the
+curated training set). Every route answers 404 for an experiment (or curation) that is
 not the caller's, 409 before the experiment completed.
 """
 
@@ -17,17 +18,25 @@ import json
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Response
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gateway.deps import CurrentUser, Scheduler
-from gateway.jobs_api import ARTIFACT_NOT_FOUND, JOB_NOT_FOUND, _checked_job_id, _get_job
+from gateway.deps import CurrentUser, KeyVault, Scheduler, SpecInvalid, State, validation_problems
+from gateway.jobs_api import (
+    ARTIFACT_NOT_FOUND,
+    JOB_NOT_FOUND,
+    _checked_job_id,
+    _get_job,
+    checked_idempotency_key,
+)
 from gateway.later_jobs import get_later_job, later_job_view, list_later_jobs, submit_later_job
 from gateway.responses import ERRORS, error
+from gateway.settings_api import gated_model_refusal
 from gateway.upstream import ApiError, SchedulerClient
 from gateway.views import estimate_view, submitted_view
 from gpu_core.curation_schemas import MAX_CONTROLS, MAX_SEEDS, CurationRequest, DropRule, KeepRule
+from gpu_core.formats import examples_to_parquet
 from gpu_core.jobs import CURATION
-from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
+from gpu_core.schemas import NO_SIZE_LIMITS, ExperimentSpec, TrainingExample, parse_spec
 from gpu_core.training_summary import SUMMARY_NAME, TrainingSetSummary, page
 from influence.v1 import scheduler_pb2
 from influence_client.models import (
@@ -36,6 +45,7 @@ from influence_client.models import (
     CurationEstimate,
     CurationList,
     CurationSubmitted,
+    SubmittedJob,
     TrainingExamples,
 )
 from service_runtime.jobs import state_name
@@ -249,6 +259,35 @@ async def get_curation(
     return {**curation_view(job), "result": result}
 
 
+async def _curated_examples(
+    scheduler: SchedulerClient, user: str, job_id: str, curation_id: str
+) -> tuple[ExperimentSpec, list[TrainingExample]]:
+    """The experiment's spec and the training examples its curation ``curation_id`` trained on
+    (404 for a curation that is not the caller's, under this experiment)."""
+    job, _ = await get_later_job(scheduler, user, job_id, curation_id, CURATION, CURATION_NOT_FOUND)
+    request = CurationRequest.model_validate_json(job.request_json)
+    spec_json = await scheduler.job_spec(
+        scheduler_pb2.GetJobSpecRequest(user_id=user, job_id=job_id), CURATION_NOT_FOUND
+    )
+    spec = parse_spec(spec_json, NO_SIZE_LIMITS)
+    if request.drop_ids is not None:
+        dropped = set(request.drop_ids)
+        return spec, [example for example in spec.training_data if example.id not in dropped]
+    wanted = set(request.keep_ids or [])
+    return spec, [example for example in spec.training_data if example.id in wanted]
+
+
+def _download(body: bytes, media_type: str, filename: str) -> Response:
+    return Response(
+        body,
+        media_type=media_type,
+        headers={
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "Cache-Control": "private, no-store",
+        },
+    )
+
+
 @router.get(
     "/curations/{curation_id}/training-set.jsonl",
     summary="The curated training set (the examples the curation trained on) as JSONL",
@@ -267,24 +306,77 @@ async def curated_training_set(
 ) -> Response:
     """One example per line in the experiment's own format (prompt/completion or messages), ids
     kept: upload it as the training data of a new experiment."""
-    job, _ = await get_later_job(scheduler, user, job_id, curation_id, CURATION, CURATION_NOT_FOUND)
-    request = CurationRequest.model_validate_json(job.request_json)
-    spec_json = await scheduler.job_spec(
-        scheduler_pb2.GetJobSpecRequest(user_id=user, job_id=job_id), CURATION_NOT_FOUND
-    )
-    training = parse_spec(spec_json, NO_SIZE_LIMITS).training_data
-    if request.drop_ids is not None:
-        dropped = set(request.drop_ids)
-        kept = [example for example in training if example.id not in dropped]
-    else:
-        wanted = set(request.keep_ids or [])
-        kept = [example for example in training if example.id in wanted]
+    _, kept = await _curated_examples(scheduler, user, job_id, curation_id)
     body = "".join(json.dumps(example.model_dump(), ensure_ascii=False) + "\n" for example in kept)
-    return Response(
-        body,
-        media_type="application/x-ndjson",
-        headers={
-            "Content-Disposition": f'attachment; filename="curated-{curation_id}.jsonl"',
-            "Cache-Control": "private, no-store",
+    return _download(body.encode(), "application/x-ndjson", f"curated-{curation_id}.jsonl")
+
+
+@router.get(
+    "/curations/{curation_id}/training-set.parquet",
+    summary="The curated training set as Parquet",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"application/vnd.apache.parquet": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "One row per training example: id and prompt/completion, or id and messages",
         },
+        404: error("No such curation"),
+    },
+)
+async def curated_training_set_parquet(
+    job_id: str, curation_id: str, user: CurrentUser, scheduler: Scheduler
+) -> Response:
+    """The same examples as the JSONL, in the experiment's own format: columns ``id``, ``prompt``,
+    ``completion``, or ``id`` and ``messages`` (a list of role/content structs) for
+    conversations; the upload page and the CLI read it back as they read any Parquet."""
+    _, kept = await _curated_examples(scheduler, user, job_id, curation_id)
+    body = examples_to_parquet([example.model_dump() for example in kept])
+    return _download(body, "application/vnd.apache.parquet", f"curated-{curation_id}.parquet")
+
+
+@router.post(
+    "/curations/{curation_id}/experiment",
+    status_code=202,
+    summary="Start a new experiment from the curated training set",
+    response_model=SubmittedJob,
+    responses={
+        404: error("No such curation"),
+        422: error("The new spec does not fit this deployment's limits, or a gated model needs your token"),
+        429: error("Over a usage limit; Retry-After says when to try again"),
+    },
+)
+async def experiment_from_curation(
+    job_id: str,
+    curation_id: str,
+    response: Response,
+    user: CurrentUser,
+    state: State,
+    scheduler: Scheduler,
+    keyvault: KeyVault,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> dict[str, Any]:
+    """The experiment's own spec (model, eval set, hyperparameters, influence method) with the
+    curation's training set (ids kept), submitted as a new experiment exactly as ``POST
+    /api/train`` would: under this deployment's limits, the gated-model check, usage limits.
+    Sending the same ``Idempotency-Key`` again answers the experiment it created the first time."""
+    checked_idempotency_key(idempotency_key)
+    spec, kept = await _curated_examples(scheduler, user, job_id, curation_id)
+    data = {**spec.model_dump(mode="json"), "training_data": [example.model_dump() for example in kept]}
+    try:
+        curated = ExperimentSpec.model_validate(data, context={"limits": state.spec_limits})
+    except ValidationError as exc:
+        errors = exc.errors(include_input=False, include_url=False)
+        raise SpecInvalid(validation_problems(errors, False)) from None
+    refusal = await gated_model_refusal(curated.model_id, user, scheduler, keyvault)
+    if refusal:
+        raise SpecInvalid([{"field": "model_id", "message": refusal}])
+    job = await scheduler.submit_job(
+        scheduler_pb2.SubmitJobRequest(
+            user_id=user,
+            spec_json=curated.model_dump_json().encode(),
+            idempotency_key=idempotency_key or "",
+        ),
+        "The scheduler is unavailable; the experiment was not submitted, try again",
     )
+    response.headers["Location"] = f"/api/jobs/{job.id}"
+    return submitted_view(job)

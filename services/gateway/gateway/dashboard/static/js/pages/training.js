@@ -1,7 +1,8 @@
 // Training data: the experiment's training examples ranked by its training summary (net influence
 // over the eval set, self-influence, training loss, suspicion), a selection by click or by rule,
 // the estimate, and a curation: retrain on the selection against random ones of the same size,
-// with a result card (before/after, 95% interval, paired p-value) and the curated set as JSONL.
+// with a result card (before/after, 95% interval, paired p-value) and the curated set as JSONL or
+// Parquet.
 
 import { api, apiBlob, followProgress } from "../api.js";
 import { announce, duration, el, usd } from "../ui.js";
@@ -18,6 +19,15 @@ function url(jobId, suffix) {
 
 function fixed(value, digits = 3) {
   return `${value >= 0 ? "+" : ""}${value.toFixed(digits)}`;
+}
+
+function downloadButton(curation, extension, label) {
+  return el("button", { type: "button", id: `curation-download-${extension}`, onclick: async () => {
+    const blob = await apiBlob(url(curation.parent_job_id, `/curations/${encodeURIComponent(curation.curation_job_id)}/training-set.${extension}`));
+    const link = el("a", { href: URL.createObjectURL(blob), download: `curated-${curation.curation_job_id.slice(0, 8)}.${extension}` });
+    link.click();
+    URL.revokeObjectURL(link.href);
+  } }, `Download the curated set (${label})`);
 }
 
 function resultCard(curation) {
@@ -43,12 +53,8 @@ function resultCard(curation) {
         el("td", { class: "num" }, diff ? diff.p_value.toFixed(3) : "—"))))),
     el("p", { class: "help" }, "Differences are paired per eval example (averaged over seeds and controls); the interval is a bootstrap, the p-value a sign-flip permutation test."),
     el("div", { class: "actions" },
-      el("button", { type: "button", id: "curation-download", onclick: async () => {
-        const blob = await apiBlob(url(curation.parent_job_id, `/curations/${encodeURIComponent(curation.curation_job_id)}/training-set.jsonl`));
-        const link = el("a", { href: URL.createObjectURL(blob), download: `curated-${curation.curation_job_id.slice(0, 8)}.jsonl` });
-        link.click();
-        URL.revokeObjectURL(link.href);
-      } }, "Download the curated set (JSONL)"),
+      downloadButton(curation, "jsonl", "JSONL"),
+      downloadButton(curation, "parquet", "Parquet"),
       el("a", { class: "button", id: "curation-new-experiment",
         href: `#/new/${encodeURIComponent(curation.parent_job_id)}/${encodeURIComponent(curation.curation_job_id)}` },
       "New experiment from this selection")));
