@@ -28,6 +28,7 @@ from influence.v1 import common_pb2, compute_pb2
 from scheduler.admission import Usage, check_ceiling, check_quota, check_spend_cap, current_usage
 from scheduler.artifacts import ArtifactMover
 from scheduler.config import Settings
+from scheduler.datasets import DatasetReferenceError, DatasetStore, attach_to_spec
 from scheduler.db import DbConnection
 from scheduler.dispatcher import Dispatcher
 from scheduler.follower import DB_ERRORS, Follower
@@ -102,6 +103,7 @@ class JobManager:
         self.dispatcher = Dispatcher(settings, store, providers, artifacts, self._lease, self.follower)
         self._lease_task: asyncio.Task[None] | None = None
         self._queued = asyncio.Event()  # a job was stored: claim it now rather than next turn
+        self.datasets = DatasetStore(store)
 
     # ---- submit -------------------------------------------------------------------------
 
@@ -130,6 +132,7 @@ class JobManager:
             parsed = parse_job_spec(json.dumps(spec).encode())
             route = Route(backend=parent.compute_backend, provider=parent.provider)  # type: ignore[arg-type]
         else:
+            spec_json = await self._with_datasets(user_id, spec_json)
             parsed = parse_job_spec(spec_json)  # parsed once: stored as it dumps, estimated as it is
             spec = parsed.model_dump(mode="json")
             profile = await self._store.get_profile(user_id)
@@ -172,6 +175,13 @@ class JobManager:
             log.info("job queued", extra={"job_id": job.id, "provider": route.provider})
             self._queued.set()
         return job
+
+    async def _with_datasets(self, user_id: str, spec_json: bytes) -> bytes:
+        """The spec with the records of the stored datasets it names (the user's own only)."""
+        try:
+            return await attach_to_spec(self.datasets, user_id, spec_json)
+        except DatasetReferenceError as exc:
+            raise SpecError(f"invalid experiment spec: {exc}") from None
 
     async def _later_job(
         self, user_id: str, kind: str, parent_job_id: str, request_json: bytes
@@ -328,7 +338,7 @@ class JobManager:
     ) -> Estimates:
         if job_kind(kind).needs_parent:
             return await self._estimate_later(user_id, kind, parent_job_id, request_json)
-        spec = validate_spec(spec_json)
+        spec = validate_spec(await self._with_datasets(user_id, spec_json))
         normalised = json.dumps(spec).encode()
         active = (await self._store.get_profile(user_id)).compute_backend
         estimates: list[common_pb2.Estimate] = []
