@@ -298,7 +298,8 @@ class StoredDataset(_Strict):
     filename: str = Field(pattern=r"^data\.(jsonl|json|csv|parquet)$")
 
 
-_DATASET_KEYS = ("training_dataset_id", "eval_dataset_id", "training_dataset", "eval_dataset")
+def _empty(value: Any) -> bool:
+    return value is None or value == []
 
 
 class ExperimentSpec(_Strict):
@@ -308,13 +309,14 @@ class ExperimentSpec(_Strict):
     note: ExperimentNote | None = None
     model_id: str = Field(default=TINY_MODEL_ID, min_length=1, max_length=256)
     # The examples inline, or a stored dataset by id (read by the worker from the artifact store:
-    # gpu_core.datasets); one of the two for each list.
-    training_data: list[TrainingExample] = Field(default_factory=list)
-    eval_data: list[EvalExample] = Field(default_factory=list)
-    training_dataset_id: DatasetId | None = None
-    eval_dataset_id: DatasetId | None = None
-    training_dataset: StoredDataset | None = None
-    eval_dataset: StoredDataset | None = None
+    # gpu_core.datasets); one of the two for each list. An inline spec serialises as before (no
+    # dataset keys), one naming a dataset without the empty list.
+    training_data: list[TrainingExample] = Field(default_factory=list, exclude_if=_empty)
+    eval_data: list[EvalExample] = Field(default_factory=list, exclude_if=_empty)
+    training_dataset_id: DatasetId | None = Field(default=None, exclude_if=_empty)
+    eval_dataset_id: DatasetId | None = Field(default=None, exclude_if=_empty)
+    training_dataset: StoredDataset | None = Field(default=None, exclude_if=_empty)
+    eval_dataset: StoredDataset | None = Field(default=None, exclude_if=_empty)
     hyperparams: Hyperparams = Field(default_factory=Hyperparams)
     few_shot_k: int = Field(default=3, ge=0, le=32)
     influence_method: InfluenceMethod = "tracin"
@@ -361,18 +363,6 @@ class ExperimentSpec(_Strict):
             eval=self._format_of(self.eval_data, self.eval_dataset, self.data_format.eval, "eval_data"),
         )
         return self
-
-    @model_serializer(mode="wrap")
-    def _drop_unused_sources(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # An inline spec serialises as before (no dataset keys); a stored one without empty lists.
-        dumped: dict[str, Any] = handler(self)
-        for key in _DATASET_KEYS:
-            if dumped.get(key) is None:
-                dumped.pop(key, None)
-        for field in ("training", "eval"):
-            if dumped.get(f"{field}_dataset_id") is not None and not dumped.get(f"{field}_data"):
-                dumped.pop(f"{field}_data", None)
-        return dumped
 
     @staticmethod
     def _format_of(
