@@ -462,5 +462,10 @@ def test_an_experiment_on_a_stored_dataset_runs_and_the_dataset_stays_while_it_d
     assert events[-1]["state"] == "completed", events[-3:]
     assert any("reading the training dataset (12 examples" in e.get("message", "") for e in events)
     assert alice.results(submitted["job_id"])["influence"]["train_ids"] == [r["id"] for r in rows]
+    # Follow-up jobs read the spec's inline examples: refused, naming why, until they read datasets.
+    query = alice.request(
+        "POST", f"/api/jobs/{submitted['job_id']}/queries", json={"queries": [{"prompt": "1 + 1 ="}]}
+    )
+    assert query.status_code == 422 and "on a stored dataset is not supported yet" in query.text
     assert alice.request("DELETE", f"/api/datasets/{dataset['dataset_id']}").status_code == 200
     assert alice.request("GET", f"/api/datasets/{dataset['dataset_id']}").status_code == 404

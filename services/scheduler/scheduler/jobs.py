@@ -202,9 +202,16 @@ class JobManager:
                 f"the experiment is {parent.status}; a {later_kind.name} job needs a completed experiment"
             )
         request = parse_request(later_kind, request_json)
+        spec = await self._spec_of(parent.id, user_id)
+        parent_spec = parse_spec(spec, NO_SIZE_LIMITS)
+        if parent_spec.stored_datasets:
+            # Its workers read the spec's inline examples (gpu_core.query, .counterfactual, .curation).
+            raise JobInputError(
+                f"parent_job_id: a {later_kind.name} job of an experiment on a stored dataset is not "
+                "supported yet"
+            )
         if later_kind.check is not None:
-            spec = await self._spec_of(parent.id, user_id)
-            later_kind.check(request, parse_spec(spec, NO_SIZE_LIMITS), parse_result(found[1]))
+            later_kind.check(request, parent_spec, parse_result(found[1]))
         return parent, request.model_dump(mode="json")
 
     # ---- leases -------------------------------------------------------------------------
