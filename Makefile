@@ -12,7 +12,7 @@ PROTO_SRC := $(wildcard protos/influence/v1/*.proto)
 PROTO_OUT := protos/gen
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help setup protos protos-check run demo test lint typecheck migrate bench-influence bench-artifacts bench-scale gpu-check bench-fuzz bench-load clean modal-deploy k8s-validate lint-docker images bench-counterfactual bench-cancel bench-query bench-query-stack bench-influence-memory gpu-check-wheels bench-list-memory bench-curate
+.PHONY: help setup protos protos-check run demo test lint typecheck migrate bench-influence bench-artifacts bench-scale gpu-check bench-fuzz bench-load clean modal-deploy k8s-validate lint-docker images bench-counterfactual bench-cancel bench-query bench-query-stack bench-influence-memory gpu-check-wheels bench-list-memory bench-curate bench-datasets
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -103,6 +103,9 @@ bench-load: setup ## 1,000 jobs from 50 users, two scheduler replicas, compute-l
 
 bench-curate: setup ## planted label noise: recall of the suspicion rank vs loss and self-influence; drop the flagged 10% / keep 25% vs random, 3 seeds; the summary's share of wall time
 	$(PY) -m benchmarks.curate
+
+bench-datasets: setup ## a 100,000-example JSONL through POST /api/datasets and run through the stack (projected TracIn, 100 eval): gateway and scheduler peak RSS
+	$(PY) -m benchmarks.datasets_memory $(if $(N_TRAIN),--n-train $(N_TRAIN))
 
 bench-list-memory: setup ## ListJobs of 500 jobs with 10 MiB specs: scheduler RSS growth (target < 50 MB)
 	$(PY) -m benchmarks.list_jobs_memory

@@ -114,6 +114,9 @@ def _lengths(encoder: Encoder, model_id: str, examples: list[list[tuple[str, str
 
 
 def _token_report(spec: ExperimentSpec) -> dict[str, Any]:
+    if spec.training_dataset_id or spec.eval_dataset_id:
+        # A stored dataset is read a row at a time by the worker, never tokenized for a report.
+        return {"available": False, "reason": "Token counts are unavailable for a stored dataset."}
     try:
         tokenizer = load_tokenizer(spec.model_id)
     except TokenizerUnavailable as exc:

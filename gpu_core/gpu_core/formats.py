@@ -29,9 +29,11 @@ is refused with one problem naming the limit.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import re
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -572,3 +574,266 @@ def examples_to_parquet(rows: list[dict[str, Any]]) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink)
     return sink.getvalue()
+
+
+# ---- stored datasets: one row at a time ----------------------------------------------------
+
+
+@dataclass
+class FileScan:
+    """What :func:`stream_path` found, filled in as it reads: the format, the examples' count
+    and sizes, and the problems (the first ``MAX_PROBLEMS``; ``more_problems`` counts the rest)."""
+
+    format: DataFormat | None = None
+    count: int = 0
+    text_chars: int = 0  # every turn's text, summed (the cost model's token estimate)
+    answer_chars: int = 0  # the assistant's turns, summed
+    problems: list[Problem] = field(default_factory=list)
+    more_problems: int = 0
+    over_budget: bool = False
+
+    def add(self, problem: Problem) -> None:
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(problem)
+        else:
+            self.more_problems += 1
+
+    @property
+    def shown_problems(self) -> list[Problem]:
+        more = [Problem("file", f"and {self.more_problems} more problems")] if self.more_problems else []
+        return [*self.problems, *more]
+
+
+def stream_path(
+    kind: Kind,
+    path: Path,
+    scan: FileScan,
+    limits: SpecLimits = DEFAULT_LIMITS,
+    budget: ReadBudget = DEFAULT_BUDGET,
+    filename: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The examples of a file on disk, one at a time, each checked as :func:`parse_file` checks
+    it: what a stored dataset of a million rows is read with, at upload (counted) and in the
+    worker. Memory is one row (one small batch for Parquet) plus 12 bytes per example for the
+    duplicate-id check; ``budget`` bounds each row (``max_decoded_bytes`` per row or batch, not
+    per file), ``limits`` the number of examples. ``filename`` (default: the path's) decides
+    CSV / Parquet / JSONL. Problems and sizes land in ``scan``; stop using the examples when it
+    has problems."""
+    name = (filename or path.name).lower()
+    max_rows = _max_rows(kind, limits)
+    ids = _IdTracker()
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4)
+        if name.endswith(".parquet") or head == _PARQUET_MAGIC:
+            rows = _parquet_path_rows(path, scan, budget, max_rows)
+        elif name.endswith(".csv"):
+            rows = _csv_path_rows(path, scan, budget, max_rows)
+        else:
+            rows = _jsonl_path_rows(path, scan, budget, max_rows)
+        first_at = ""
+        for where, row in rows:
+            if not isinstance(row, dict):
+                kind_of = "an array" if isinstance(row, list) else type(row).__name__
+                scan.add(Problem(where, f"must be an object with fields, not {kind_of}"))
+                continue
+            fmt = detect_format(row)
+            if fmt is None:
+                scan.add(
+                    Problem(
+                        where,
+                        f'no "prompt"/"{ANSWER_FIELD[kind]}", "messages" or "instruction"/"output" '
+                        f"fields (found: {', '.join(row) or 'none'})",
+                    )
+                )
+                continue
+            if scan.format is None:
+                scan.format, first_at = fmt, where
+            elif fmt != scan.format:
+                scan.add(
+                    Problem(
+                        where,
+                        f"is {FORMAT_LABELS[fmt]} but {first_at} is {FORMAT_LABELS[scan.format]}; "
+                        "a file holds one format",
+                    )
+                )
+                continue
+            example, row_problems = _example(kind, fmt, row, limits, budget)
+            for problem in row_problems:
+                scan.add(Problem(where, problem.message))
+            if example is None:
+                continue
+            ids.add(example.get("id"), where)
+            scan.count += 1
+            text_chars, answer_chars = _turn_chars(example, kind)
+            scan.text_chars += text_chars
+            scan.answer_chars += answer_chars
+            yield example
+    except _OverBudget as exc:
+        scan.over_budget = not isinstance(exc, _TooDeep)
+        scan.problems = [Problem("file", str(exc))]
+        scan.more_problems = 0
+        return
+    except UnicodeDecodeError as exc:
+        scan.add(Problem("file", f"is not UTF-8 text (byte {exc.start})"))
+        return
+    for problem in ids.repeats():
+        scan.add(problem)
+    if scan.count == 0 and not scan.problems:
+        scan.add(Problem("file", f"has no {'training' if kind == 'train' else 'eval'} examples"))
+
+
+class _IdTracker:
+    """Repeated example ids among up to millions of rows: an 8-byte digest and a line (or row)
+    number per id, compared once at the end (a set of the ids themselves would hold every string)."""
+
+    def __init__(self) -> None:
+        self._digests = array("q")
+        self._numbers = array("q")
+        self._prefix = "line"
+
+    def add(self, value: Any, where: str) -> None:
+        if value is None:
+            return
+        digest = hashlib.blake2b(str(value).encode(), digest_size=8).digest()
+        self._digests.append(int.from_bytes(digest, "little", signed=True))
+        prefix, _, number = where.partition(" ")
+        self._prefix = prefix
+        self._numbers.append(int(number))
+
+    def repeats(self) -> list[Problem]:
+        if len(self._digests) < 2:
+            return []
+        import numpy as np
+
+        digests = np.frombuffer(self._digests, dtype=np.int64)
+        order = np.argsort(digests, kind="stable")
+        ordered = digests[order]
+        same = np.flatnonzero(ordered[1:] == ordered[:-1])
+        return [
+            Problem(
+                f"{self._prefix} {self._numbers[order[i + 1]]}",
+                f'field "id" repeats the id on {self._prefix} {self._numbers[order[i]]}',
+            )
+            for i in same[:MAX_PROBLEMS]
+        ]
+
+
+def _turn_chars(example: dict[str, Any], kind: Kind) -> tuple[int, int]:
+    """(every turn's characters, the assistant's) of a checked example."""
+    if "messages" in example:
+        turns = [(m["role"], m["content"]) for m in example["messages"]]
+    else:
+        turns = [("user", example["prompt"]), ("assistant", example[ANSWER_FIELD[kind]])]
+    return sum(len(c) for _, c in turns), sum(len(c) for role, c in turns if role == "assistant")
+
+
+def _row_lines(path: Path, budget: ReadBudget) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of a text file, refusing a line longer than one row may be."""
+    with path.open("rb") as handle:
+        for number, line in enumerate(iter(lambda: handle.readline(budget.max_decoded_bytes + 1), b""), 1):
+            if len(line) > budget.max_decoded_bytes:
+                limit = _mib(budget.max_decoded_bytes)
+                raise _OverBudget(f"line {number} is longer than {limit}; the limit is {limit} per row")
+            yield number, line
+
+
+def _jsonl_path_rows(
+    path: Path, scan: FileScan, budget: ReadBudget, max_rows: int
+) -> Iterator[tuple[str, Any]]:
+    with path.open("rb") as handle:
+        start = handle.read(64).decode("utf-8-sig", errors="replace").lstrip()
+    if start.startswith("["):
+        # A JSON array is one value: read whole, so only within the one-file budget.
+        if path.stat().st_size > budget.max_decoded_bytes:
+            limit = _mib(budget.max_decoded_bytes)
+            raise _OverBudget(
+                f"is a JSON array over {limit} (the limit for one); give JSONL, one example a line"
+            )
+        problems: list[Problem] = []
+        yield from _jsonl_rows(path.read_bytes().decode("utf-8-sig"), problems, budget, max_rows)
+        for problem in problems:
+            scan.add(problem)
+        return
+    rows = 0
+    for number, raw in _row_lines(path, budget):
+        text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        if not text.strip():
+            continue
+        if rows == max_rows:
+            raise _OverBudget(f"has more than {max_rows:,} examples; the limit is {max_rows:,}")
+        rows += 1
+        try:
+            _check_json(text, budget, f"line {number}")
+            yield f"line {number}", json.loads(text)
+        except _TooDeep as exc:
+            scan.add(Problem(f"line {number}", str(exc)))
+        except json.JSONDecodeError as exc:
+            scan.add(Problem(f"line {number}", f"not valid JSON ({exc.msg})"))
+
+
+def _csv_path_rows(
+    path: Path, scan: FileScan, budget: ReadBudget, max_rows: int
+) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle)
+        try:
+            header = [name.strip() for name in next(reader)]
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            scan.add(Problem("line 1", f"not valid CSV ({exc})"))
+            return
+        if len(header) > budget.max_columns:
+            raise _OverBudget(f"has {len(header):,} columns; the limit is {budget.max_columns}")
+        rows, start = 0, reader.line_num + 1
+        try:
+            for values in reader:
+                where, start = f"line {start}", reader.line_num + 1
+                if not values or (len(values) == 1 and not values[0].strip()):
+                    continue
+                if rows == max_rows:
+                    raise _OverBudget(f"has more than {max_rows:,} examples; the limit is {max_rows:,}")
+                rows += 1
+                if len(values) != len(header):
+                    scan.add(Problem(where, f"has {len(values)} fields; the header has {len(header)}"))
+                    continue
+                yield (
+                    where,
+                    {k: v for k, v in zip(header, values, strict=True) if not (k == "id" and v == "")},
+                )
+        except csv.Error as exc:
+            scan.add(Problem(f"line {start}", f"not valid CSV ({exc})"))
+
+
+def _parquet_path_rows(
+    path: Path, scan: FileScan, budget: ReadBudget, max_rows: int
+) -> Iterator[tuple[str, Any]]:
+    problems: list[Problem] = []
+    if not _pyarrow(problems, "Parquet"):
+        scan.problems += problems
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(str(path))
+        text_columns = [
+            f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+        ]
+        parquet = pq.ParquetFile(str(path), read_dictionary=text_columns)
+        if parquet.metadata.num_rows > max_rows:
+            raise _OverBudget(f"has {parquet.metadata.num_rows:,} rows; the limit is {max_rows:,} examples")
+        _check_columns(parquet.schema_arrow, budget)
+        done = 0
+        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS):
+            # Each batch, not the file, is held at once: the budget bounds one batch.
+            decoded = sum(_decoded_bytes(column) for column in batch.columns)
+            if decoded > budget.max_decoded_bytes:
+                limit = _mib(budget.max_decoded_bytes)
+                raise _OverBudget(f"rows {done + 1}-{done + batch.num_rows} decode to more than {limit}")
+            for i, row in enumerate(batch.to_pylist()):
+                yield f"row {done + i + 1}", row
+            done += batch.num_rows
+    except (pa.ArrowException, OSError) as exc:
+        scan.add(Problem("file", f"not a readable Parquet file ({exc})"))

@@ -278,14 +278,45 @@ class ExperimentLabels(_Strict):
     _tags_once = field_validator("tags")(_distinct_tags)
 
 
+DatasetId = Annotated[str, StringConstraints(pattern=r"^ds_[0-9a-f]{32}$")]
+
+
+class StoredDataset(_Strict):
+    """A stored dataset (``POST /api/datasets``) as the scheduler found it when the job was
+    submitted: written into the spec there (what a researcher sends here is replaced), so the
+    estimate and the artifact plan count its examples without reading it."""
+
+    id: DatasetId
+    format: DataFormat
+    count: int = Field(ge=1)
+    # Summed over the examples: the cost model's token estimate (cost_model.workload).
+    text_chars: int = Field(ge=0)
+    answer_chars: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=1)
+    # The object's name in the store, whose suffix says how to read it.
+    filename: str = Field(pattern=r"^data\.(jsonl|json|csv|parquet)$")
+
+
+def _empty(value: Any) -> bool:
+    return value is None or value == []
+
+
 class ExperimentSpec(_Strict):
     # Labels (see ExperimentLabels): the pipeline ignores them.
     name: ExperimentName | None = None
     tags: list[ExperimentTag] = Field(default_factory=list, max_length=MAX_TAGS)
     note: ExperimentNote | None = None
     model_id: str = Field(default=TINY_MODEL_ID, min_length=1, max_length=256)
-    training_data: list[TrainingExample]
-    eval_data: list[EvalExample]
+    # The examples inline, or a stored dataset by id (read by the worker from the artifact store:
+    # gpu_core.datasets); one of the two for each list. An inline spec serialises as before (no
+    # dataset keys), one naming a dataset without the empty list.
+    training_data: list[TrainingExample] = Field(default_factory=list, exclude_if=_empty)
+    eval_data: list[EvalExample] = Field(default_factory=list, exclude_if=_empty)
+    training_dataset_id: DatasetId | None = Field(default=None, exclude_if=_empty)
+    eval_dataset_id: DatasetId | None = Field(default=None, exclude_if=_empty)
+    training_dataset: StoredDataset | None = Field(default=None, exclude_if=_empty)
+    eval_dataset: StoredDataset | None = Field(default=None, exclude_if=_empty)
     hyperparams: Hyperparams = Field(default_factory=Hyperparams)
     few_shot_k: int = Field(default=3, ge=0, le=32)
     influence_method: InfluenceMethod = "tracin"
@@ -299,8 +330,6 @@ class ExperimentSpec(_Strict):
     @classmethod
     def _train_size(cls, value: list[TrainingExample], info: ValidationInfo) -> list[TrainingExample]:
         limit = _limits(info).max_train_examples
-        if not value:
-            raise ValueError("needs at least one training example")
         if len(value) > limit:
             raise ValueError(f"has {len(value)} examples; the limit is {limit}")
         return value
@@ -309,21 +338,64 @@ class ExperimentSpec(_Strict):
     @classmethod
     def _eval_size(cls, value: list[EvalExample], info: ValidationInfo) -> list[EvalExample]:
         limit = _limits(info).max_eval_examples
-        if not value:
-            raise ValueError("needs at least one eval example")
         if len(value) > limit:
             raise ValueError(f"has {len(value)} examples; the limit is {limit}")
         return value
 
     @model_validator(mode="after")
     def _assign_ids(self) -> ExperimentSpec:
+        for field, label in (("training", "training"), ("eval", "eval")):
+            inline = getattr(self, f"{field}_data")
+            named = getattr(self, f"{field}_dataset_id")
+            if inline and named:
+                raise ValueError(f"give {field}_data or {field}_dataset_id, not both")
+            if not inline and not named:
+                raise ValueError(f"{field}_data: needs at least one {label} example (or {field}_dataset_id)")
+            stored = getattr(self, f"{field}_dataset")
+            if stored is not None and stored.id != named:
+                raise ValueError(f"{field}_dataset: describes {stored.id}, not {field}_dataset_id")
         _fill_ids(self.training_data, "t", "training_data")
         _fill_ids(self.eval_data, "e", "eval_data")
         self.data_format = DataFormats(
-            training=_list_format(self.training_data, self.data_format.training, "training_data"),
-            eval=_list_format(self.eval_data, self.data_format.eval, "eval_data"),
+            training=self._format_of(
+                self.training_data, self.training_dataset, self.data_format.training, "training_data"
+            ),
+            eval=self._format_of(self.eval_data, self.eval_dataset, self.data_format.eval, "eval_data"),
         )
         return self
+
+    @staticmethod
+    def _format_of(
+        examples: Sequence[_Example], stored: StoredDataset | None, given: DataFormat | None, field: str
+    ) -> DataFormat | None:
+        """A stored dataset's format is the one its upload detected; unknown until the scheduler
+        has looked the dataset up."""
+        if examples:
+            return _list_format(examples, given, field)
+        return stored.format if stored is not None else given
+
+    @property
+    def n_train(self) -> int:
+        """Training examples, inline or in the stored dataset (0: a dataset not looked up yet)."""
+        if self.training_dataset_id is not None:
+            return self.training_dataset.count if self.training_dataset is not None else 0
+        return len(self.training_data)
+
+    @property
+    def n_eval(self) -> int:
+        if self.eval_dataset_id is not None:
+            return self.eval_dataset.count if self.eval_dataset is not None else 0
+        return len(self.eval_data)
+
+    @property
+    def stored_datasets(self) -> list[tuple[Literal["train", "eval"], StoredDataset]]:
+        """The datasets a worker must read before it runs the spec (gpu_core.datasets)."""
+        found: list[tuple[Literal["train", "eval"], StoredDataset]] = []
+        if self.training_dataset is not None:
+            found.append(("train", self.training_dataset))
+        if self.eval_dataset is not None:
+            found.append(("eval", self.eval_dataset))
+        return found
 
 
 def _fill_ids(examples: list[Any], prefix: str, field: str) -> None:

@@ -122,7 +122,7 @@ def _index_names(spec: ExperimentSpec) -> list[str]:
     if dim is None:
         return []
     rows = max(1, INDEX_SHARD_BYTES // (2 * dim))
-    shards = -(-len(spec.training_data) // rows)
+    shards = -(-spec.n_train // rows)
     names = [f"{INDEX_DIR_NAME}/{INDEX_MANIFEST}", f"{INDEX_DIR_NAME}/{INDEX_IDS_FILE}"]
     for checkpoint in range(spec.hyperparams.epochs):
         for shard in range(shards):
@@ -370,7 +370,7 @@ def _download_one(entry: ParentArtifact, path: Path) -> bool:
         if attempt:
             time.sleep(_RETRY_BASE_S * 2 ** (attempt - 1))
         try:
-            status, digest, size = _get_to(partial, entry.url)
+            status, digest, size = get_to_file(partial, entry.url)
         except OSError:
             continue
         if status in (404, 403) or (400 <= status < 500 and status != 429):
@@ -389,7 +389,7 @@ def _download_one(entry: ParentArtifact, path: Path) -> bool:
     return False
 
 
-def _get_to(path: Path, url: str) -> tuple[int, str, int]:
+def get_to_file(path: Path, url: str) -> tuple[int, str, int]:
     """(HTTP status, sha256, bytes) of a GET whose body was written to ``path``."""
     parts = urlsplit(url)
     connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection

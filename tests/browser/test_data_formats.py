@@ -14,6 +14,13 @@ pytestmark = pytest.mark.browser
 
 EXAMPLES = REPO_ROOT / "examples"
 JOB_TIMEOUT_MS = 120_000
+# The inline limit of this module's stack: chat_train.jsonl (27) fits, a larger file is stored.
+MAX_TRAIN_EXAMPLES = 30
+
+
+@pytest.fixture(scope="module")
+def stack_overrides() -> dict[str, str]:
+    return {"GATEWAY_MAX_TRAIN_EXAMPLES": str(MAX_TRAIN_EXAMPLES)}
 
 
 def test_chat_upload_shows_format_and_length_report_then_runs(page, stack: Stack, shots: Screenshots) -> None:
@@ -88,3 +95,23 @@ def test_dashboard_chat_examples_match_the_repository_samples() -> None:
     dashboard = REPO_ROOT / "services" / "gateway" / "gateway" / "dashboard" / "static" / "examples"
     for name in ("chat_train.jsonl", "chat_eval.jsonl"):
         assert (dashboard / name).read_text() == (EXAMPLES / name).read_text(), name
+
+
+def test_a_file_over_the_inline_limit_is_stored_as_a_dataset_and_named_by_id(
+    page, stack: Stack, tmp_path, shots: Screenshots
+) -> None:
+    sign_in(page, "big-data")
+    page.goto("/#/new")
+    page.get_by_label("Model", exact=True).wait_for()
+    large = tmp_path / "large.jsonl"
+    large.write_text("".join(f'{{"prompt": "{i} + 1 =", "completion": " {i + 1}"}}\n' for i in range(45)))
+    page.get_by_label("Training data (JSONL or CSV)").set_input_files(str(large))
+    page.get_by_label("Eval data (JSONL or CSV)").set_input_files(str(EXAMPLES / "chat_eval.jsonl"))
+    summary = page.locator("#file-train-summary", has_text="Stored as dataset ds_")
+    summary.wait_for()
+    assert "large.jsonl: 45 training examples, all valid." in summary.inner_text()
+    page.locator("#estimate-table").wait_for()
+    shots.take("dataset-stored")
+    client = page_api_client(page, stack.gateway_url)
+    (dataset,) = client.request("GET", "/api/datasets").json()["datasets"]
+    assert dataset["count"] == 45 and dataset["dataset_id"] in summary.inner_text()

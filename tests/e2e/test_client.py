@@ -228,3 +228,27 @@ def test_async_client_follows_to_the_end(stack: Stack) -> None:
     assert status == "completed"
     assert [stage for stage in STAGES if stage in stages] == list(STAGES)
     assert len(result["influence"]["scores"]) == 2
+
+
+def test_cli_submit_train_file_stores_it_once_as_a_dataset(
+    stack: Stack, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    influence(cli_env, "login", "--username", "dora")
+    spec = small_spec()
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(example) + "\n" for example in spec.pop("training_data")))
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    job_ids = []
+    for already in ("", " (already stored)"):
+        submitted = influence(cli_env, "submit", str(spec_path), "--train", str(train))
+        first = submitted.stdout.splitlines()[0]
+        assert first.startswith("train.jsonl: dataset ds_") and first.endswith(
+            f", 8 examples (prompt / completion){already}"
+        )
+        job_ids.append(submitted.stdout.split("submitted job ", 1)[1].split()[0])
+        influence(cli_env, "cancel", job_ids[-1])
+    client = Client(stack.gateway_url)
+    client.sign_in("dora")
+    (dataset,) = client.datasets()
+    assert {client.spec(job_id)["training_dataset_id"] for job_id in job_ids} == {dataset.dataset_id}

@@ -238,3 +238,63 @@ def test_a_curation_runs_on_the_experiments_backend_and_stays_the_owners(
     ]:
         reply = other.request(method, path, json=body if method == "POST" else None)
         assert reply.status_code == 404, (path, reply.text)
+
+
+def _stored_dataset(client: GatewayClient, rows: list[dict]) -> dict:
+    content = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    reply = client.request(
+        "POST", "/api/datasets", params={"kind": "train", "filename": "t.jsonl"}, content=content
+    )
+    assert reply.status_code == 201, reply.text
+    return reply.json()
+
+
+def _spec_on(dataset: dict) -> dict:
+    spec = small_spec(n_eval=3)
+    del spec["training_data"]
+    spec["training_dataset_id"] = dataset["dataset_id"]
+    return spec
+
+
+@pytest.mark.parametrize("backend", ["runpod", "modal"])
+def test_a_stored_dataset_reaches_a_remote_worker_as_a_presigned_get(
+    stack: Stack, fake: FakeRunPodProcess, s3_server: S3TestServer, backend: str
+) -> None:
+    client = GatewayClient(stack.gateway_url)
+    client.sign_in_locally(f"dana-{backend}")
+    if backend == "runpod":
+        assert (
+            client.request("POST", "/api/settings/runpod-key", json={"api_key": RUNPOD_KEY}).status_code
+            == 200
+        )
+    rows = [{**t, "id": f"d{i}"} for i, t in enumerate(small_spec(n_train=8)["training_data"])]
+    dataset = _stored_dataset(client, rows)
+    key = f"datasets/{dataset['dataset_id']}/data.jsonl"
+    assert hashlib.sha256(store_object(s3_server, key)).hexdigest() == dataset["sha256"]
+    job_id = client.submit(_spec_on(dataset))["job_id"]
+    events = list(client.events(job_id))
+    assert events[-1]["state"] == "completed", events[-3:]
+    assert client.job(job_id)["provider"] == backend
+    assert any("reading the training dataset (8 examples" in str(e.get("message")) for e in events)
+    assert client.results(job_id)["influence"]["train_ids"] == [r["id"] for r in rows]
+    if backend == "runpod":  # the examples travelled by URL, not in RunPod's payload
+        (run,) = [r for r in fake.requests("job.run") if r["status"] == 200][-1:]
+        assert int(run["headers"]["content-length"]) < 20_000
+
+    # The stored object changed behind the dataset's record: the worker refuses it, nothing trains.
+    import boto3
+
+    from devstack.s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
+
+    original = store_object(s3_server, key)
+    boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        region_name=REGION,
+        aws_access_key_id=ACCESS_KEY_ID,
+        aws_secret_access_key=SECRET_ACCESS_KEY,
+    ).put_object(Bucket=s3_server.bucket, Key=f"remote/{key}", Body=original.replace(b"prompt", b"PROMPT", 1))
+    refused = list(client.events(client.submit(_spec_on(dataset))["job_id"]))
+    assert refused[-1]["state"] == "failed", [e.get("message") for e in refused]
+    assert "the stored object was changed; refusing it" in json.dumps(refused[-3:])
+    assert not any(e.get("stage") == "training" for e in refused)

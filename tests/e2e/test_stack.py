@@ -44,6 +44,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
             "SCHEDULER_JOB_GAUGES_INTERVAL_S": "5",
             "COMPUTE_LOCAL_TORCH_THREADS": "1",
             "ALLOWED_MODEL_DIRS": str(data_dir / "models"),
+            # Small, so that a file past the dataset limit is a small file (test_datasets_...).
+            "GATEWAY_MAX_DATASET_TRAIN_EXAMPLES": "50",
         },
         services=("keyvault", "compute-local", "scheduler", "gateway"),
     ) as running:
@@ -389,3 +391,81 @@ def test_flood_is_refused_past_the_cap_and_another_user_starts_next(stack: Stack
     for job_id in accepted:
         flooder.request("POST", f"/api/jobs/{job_id}/cancel")
     assert list(other.events(mine))[-1]["state"] == "completed"
+
+
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def test_datasets_upload_once_count_and_are_owner_only(stack: Stack, alice: GatewayClient) -> None:
+    rows = [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(40)]
+    params = {"kind": "train", "filename": "sums.jsonl"}
+    stored = alice.request("POST", "/api/datasets", params=params, content=_jsonl(rows))
+    assert stored.status_code == 201, stored.text
+    body = stored.json()
+    assert (body["format"], body["count"], body["existing"]) == ("prompt_completion", 40, False)
+    assert body["dataset_id"].startswith("ds_")
+    # Sent again (a retry): the same dataset, not a second copy.
+    again = alice.request("POST", "/api/datasets", params=params, content=_jsonl(rows)).json()
+    assert (again["dataset_id"], again["existing"]) == (body["dataset_id"], True)
+    listed = alice.request("GET", "/api/datasets", params={"sha256": body["sha256"]}).json()["datasets"]
+    assert [d["dataset_id"] for d in listed] == [body["dataset_id"]]
+    assert alice.request("GET", f"/api/datasets/{body['dataset_id']}").json()["count"] == 40
+
+    bob = GatewayClient(stack.gateway_url)
+    bob.sign_in_locally("bob")
+    for method in ("GET", "DELETE"):
+        answer = bob.request(method, f"/api/datasets/{body['dataset_id']}")
+        assert answer.status_code == 404 and answer.json()["detail"] == "Dataset not found"
+    assert bob.request("GET", "/api/datasets").json()["datasets"] == []
+    spec = small_spec(n_train=0)
+    del spec["training_data"]
+    spec["training_dataset_id"] = body["dataset_id"]
+    refused = bob.request("POST", "/api/train", json=spec)
+    assert refused.status_code == 422
+    assert f"training_dataset_id: you have no dataset {body['dataset_id']}" in refused.text
+
+    # Past the operator's dataset limit (50 in this stack): 413 naming it; a bad row: 422 naming it.
+    over = alice.request("POST", "/api/datasets", params=params, content=_jsonl(rows + rows[:11]))
+    assert over.status_code == 413
+    assert over.json()["detail"] == "sums.jsonl has more than 50 examples; the limit is 50"
+    bad = alice.request("POST", "/api/datasets", params=params, content=_jsonl([*rows[:2], {"prompt": "x"}]))
+    assert bad.status_code == 422
+    assert bad.json()["detail"] == [{"field": "line 3", "message": 'field "completion" is missing'}]
+
+
+def test_an_experiment_on_a_stored_dataset_runs_and_the_dataset_stays_while_it_does(
+    stack: Stack, alice: GatewayClient
+) -> None:
+    rows = [
+        {"id": f"s{i}", "prompt": t["prompt"], "completion": t["completion"]}
+        for i, t in enumerate(SAMPLE["training_data"][:12])
+    ]
+    dataset = alice.request(
+        "POST", "/api/datasets", params={"kind": "train", "filename": "sample.jsonl"}, content=_jsonl(rows)
+    ).json()
+    spec = small_spec()
+    del spec["training_data"]
+    spec["training_dataset_id"] = dataset["dataset_id"]
+    estimate = alice.request("POST", "/api/estimate", json=spec)
+    assert estimate.status_code == 200, estimate.text
+    inline = alice.request("POST", "/api/estimate", json=small_spec()).json()
+    # The stored dataset's examples are counted (its figures are mean lengths: close, not equal).
+    assert estimate.json()["estimates"][0]["estimated_time_s"] == pytest.approx(
+        inline["estimates"][0]["estimated_time_s"], rel=0.25
+    )
+    submitted = alice.submit(spec)
+    assert alice.job(submitted["job_id"])["n_train"] == 12
+    busy = alice.request("DELETE", f"/api/datasets/{dataset['dataset_id']}")
+    assert busy.status_code == 409 and submitted["job_id"] in busy.json()["detail"]
+    events = list(alice.events(submitted["job_id"]))
+    assert events[-1]["state"] == "completed", events[-3:]
+    assert any("reading the training dataset (12 examples" in e.get("message", "") for e in events)
+    assert alice.results(submitted["job_id"])["influence"]["train_ids"] == [r["id"] for r in rows]
+    # Follow-up jobs read the spec's inline examples: refused, naming why, until they read datasets.
+    query = alice.request(
+        "POST", f"/api/jobs/{submitted['job_id']}/queries", json={"queries": [{"prompt": "1 + 1 ="}]}
+    )
+    assert query.status_code == 422 and "on a stored dataset is not supported yet" in query.text
+    assert alice.request("DELETE", f"/api/datasets/{dataset['dataset_id']}").status_code == 200
+    assert alice.request("GET", f"/api/datasets/{dataset['dataset_id']}").status_code == 404

@@ -22,7 +22,7 @@ from typing import IO, Any
 import httpx
 
 from influence_client import models
-from influence_client.client import TOKEN_ENV, Client, InfluenceError, default_api
+from influence_client.client import TOKEN_ENV, Client, InfluenceError, default_api, load_spec
 from influence_client.results import EVAL_COLUMNS, INFLUENCE_COLUMNS, eval_rows, influence_rows, write_csv
 
 BAR_WIDTH = 24
@@ -148,9 +148,21 @@ def cmd_login(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        submitted = client.submit(
-            args.spec, idempotency_key=args.idempotency_key, max_cost_usd=args.max_cost_usd
-        )
+        spec = load_spec(args.spec)
+        # A data file is always stored first (POST /api/datasets) and named by id: any size runs
+        # the same way, and a file sent before is not sent again.
+        for path, kind, field in ((args.train, "train", "training"), (args.eval, "eval", "eval")):
+            if path is None:
+                continue
+            dataset = client.upload_dataset(path, kind)
+            spec.pop(f"{field}_data", None)
+            spec[f"{field}_dataset_id"] = dataset.dataset_id
+            print(
+                f"{path.name}: dataset {dataset.dataset_id}, {dataset.count:,} examples "
+                f"({dataset.format_label}){' (already stored)' if dataset.existing else ''}",
+                flush=True,
+            )
+        submitted = client.submit(spec, idempotency_key=args.idempotency_key, max_cost_usd=args.max_cost_usd)
         print(
             f"submitted job {submitted.job_id} ({submitted.status}; estimated "
             f"{_duration(submitted.estimated_time_s)}, ${submitted.estimated_cost_usd:.4f})",
@@ -386,6 +398,12 @@ def parser() -> argparse.ArgumentParser:
 
     submit = commands.add_parser("submit", help="submit an experiment spec (a JSON file)")
     submit.add_argument("spec", type=Path)
+    submit.add_argument(
+        "--train",
+        type=Path,
+        help="a training file (JSONL, JSON, CSV, Parquet) stored as a dataset for the spec",
+    )
+    submit.add_argument("--eval", type=Path, help="an eval file, stored as a dataset the same way")
     submit.add_argument("--follow", action="store_true", help="show progress until the job ends")
     submit.add_argument("--idempotency-key", help="resubmitting with the same key answers the same job")
     submit.add_argument(

@@ -100,8 +100,29 @@ class _Call(Generic[T]):
     read: Callable[[httpx.Response], T]
     json: Any = None
     params: dict[str, Any] | None = None
+    content: Any = None  # a streamed body (a dataset's chunks), instead of ``json``
     headers: dict[str, str] = field(default_factory=dict)
     authenticated: bool = True
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(_CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        while block := handle.read(_CHUNK_BYTES):
+            yield block
+
+
+async def _async_file_chunks(path: Path) -> AsyncIterator[bytes]:
+    with path.open("rb") as handle:
+        while block := await asyncio.to_thread(handle.read, _CHUNK_BYTES):
+            yield block
 
 
 def _job_path(job_id: str, tail: str = "") -> str:
@@ -176,6 +197,25 @@ class _Calls:
             json=spec,
             params={"max_cost_usd": max_cost_usd} if max_cost_usd else None,
             headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex},
+        )
+
+    @staticmethod
+    def datasets(sha256: str | None = None) -> _Call[list[models.Dataset]]:
+        return _Call(
+            "GET",
+            "/api/datasets",
+            lambda r: models.DatasetList.model_validate(r.json()).datasets,
+            params={"sha256": sha256} if sha256 else None,
+        )
+
+    @staticmethod
+    def upload_dataset(kind: str, filename: str, content: Any) -> _Call[models.Dataset]:
+        return _Call(
+            "POST",
+            "/api/datasets",
+            _model(models.Dataset),
+            params={"kind": kind, "filename": filename},
+            content=content,
         )
 
     @staticmethod
@@ -447,6 +487,7 @@ class Client(_Base):
             call.path,
             json=call.json,
             params=call.params,
+            content=call.content,
             headers=self._headers(call.headers, call.authenticated),
         )
         if reply.is_error:
@@ -475,6 +516,21 @@ class Client(_Base):
 
     def estimate(self, spec: dict[str, Any] | str | os.PathLike[str]) -> models.EstimateAnswer:
         return self._run(_Calls.estimate(load_spec(spec)))
+
+    def datasets(self, sha256: str | None = None) -> list[models.Dataset]:
+        """Your stored datasets, newest first (only the one with these bytes, given ``sha256``)."""
+        return self._run(_Calls.datasets(sha256))
+
+    def upload_dataset(self, path: str | os.PathLike[str], kind: str = "train") -> models.Dataset:
+        """Store a training or eval file (streamed from disk) for specs to name by id
+        (``training_dataset_id`` / ``eval_dataset_id``). A file already stored (same bytes and
+        kind) is answered without sending it again, so after a failed upload calling this again
+        is the retry."""
+        path = Path(path)
+        for found in self.datasets(_file_sha256(path)):
+            if found.kind == kind:
+                return found.model_copy(update={"existing": True})
+        return self._run(_Calls.upload_dataset(kind, path.name, _file_chunks(path)))
 
     def jobs(
         self,
@@ -689,6 +745,7 @@ class AsyncClient(_Base):
             call.path,
             json=call.json,
             params=call.params,
+            content=call.content,
             headers=self._headers(call.headers, call.authenticated),
         )
         if reply.is_error:
@@ -713,6 +770,17 @@ class AsyncClient(_Base):
 
     async def estimate(self, spec: dict[str, Any] | str | os.PathLike[str]) -> models.EstimateAnswer:
         return await self._run(_Calls.estimate(load_spec(spec)))
+
+    async def datasets(self, sha256: str | None = None) -> list[models.Dataset]:
+        return await self._run(_Calls.datasets(sha256))
+
+    async def upload_dataset(self, path: str | os.PathLike[str], kind: str = "train") -> models.Dataset:
+        path = Path(path)
+        digest = await asyncio.to_thread(_file_sha256, path)
+        for found in await self.datasets(digest):
+            if found.kind == kind:
+                return found.model_copy(update={"existing": True})
+        return await self._run(_Calls.upload_dataset(kind, path.name, _async_file_chunks(path)))
 
     async def jobs(
         self,

@@ -565,3 +565,25 @@ class Usage(ApiModel):
     limits: list[UsageLimit]
     max_job_time_s: float | None = Field(description="Per-job ceiling on the estimated time (hosted)")
     max_job_cost_usd: float | None = Field(description="Per-job ceiling on the estimated cost (hosted)")
+
+
+class Dataset(ApiModel):
+    """A stored training or eval file (POST /api/datasets), named in a spec by its id
+    (``training_dataset_id`` / ``eval_dataset_id``) instead of inline examples."""
+
+    dataset_id: str = Field(description='"ds_" and 32 hex digits')
+    kind: str = Field(description="train or eval")
+    filename: str
+    format: str = Field(description="prompt_completion, messages or alpaca")
+    format_label: str
+    count: int = Field(description="Examples in the file, every one checked")
+    bytes: int
+    sha256: str
+    created_at: str
+    existing: bool = Field(
+        default=False, description="True when this upload matched one you had stored (same bytes, same kind)"
+    )
+
+
+class DatasetList(ApiModel):
+    datasets: list[Dataset]

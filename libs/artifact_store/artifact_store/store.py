@@ -122,11 +122,23 @@ class ArtifactStore:
     """Async operations on one store. ``kind`` is "local" or "s3"."""
 
     def __init__(
-        self, store: LocalStore | S3Store, kind: Literal["local", "s3"], presign_expiry_s: int
+        self,
+        store: LocalStore | S3Store,
+        kind: Literal["local", "s3"],
+        presign_expiry_s: int,
+        root: Path | None = None,
     ) -> None:
         self._store = store
         self.kind = kind
         self._presign_expiry = timedelta(seconds=presign_expiry_s)
+        self._root = root  # the local store's directory
+
+    def local_path(self, key: str) -> Path:
+        """Where a key's object lies on this host (the local store only): a reader on the same host
+        (compute-local) opens it there, as a presigned GET would serve it."""
+        if self._root is None:
+            raise PresignNotSupported("an S3 store has no local paths; presign a GET instead")
+        return self._root / key
 
     @property
     def supports_presign(self) -> bool:
@@ -261,4 +273,4 @@ def open_store(settings: StoreSettings) -> ArtifactStore:
         return ArtifactStore(store, "s3", settings.presign_expiry_s)
     root = Path(settings.url.removeprefix("file://")).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
-    return ArtifactStore(LocalStore(root), "local", settings.presign_expiry_s)
+    return ArtifactStore(LocalStore(root), "local", settings.presign_expiry_s, root)

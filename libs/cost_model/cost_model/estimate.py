@@ -128,7 +128,7 @@ def estimate(
         )
     elif curation is not None:
         retrainings = curation.retrainings()
-        n_eval = len(spec.eval_data)
+        n_eval = spec.n_eval
         seconds = counterfactual_time_s(
             card, workload, recommendation.breakdown, gpu, provider, retrainings, n_eval
         )
@@ -140,7 +140,7 @@ def estimate(
         seconds = estimated_time_s(card, workload, recommendation.breakdown, gpu, provider)
     else:
         retrainings = counterfactual.retrainings()
-        n_checked = len(counterfactual.eval_ids or spec.eval_data)
+        n_checked = len(counterfactual.eval_ids or []) or spec.n_eval
         seconds = counterfactual_time_s(
             card, workload, recommendation.breakdown, gpu, provider, retrainings, n_checked
         )

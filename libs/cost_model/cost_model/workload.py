@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cost_model.model_catalog import ModelCard
 from gpu_core.influence_methods import InfluenceMethodEntry, influence_method
-from gpu_core.schemas import ExperimentSpec, Hyperparams, InfluenceMethod, Quantization
+from gpu_core.schemas import (
+    EvalExample,
+    ExperimentSpec,
+    Hyperparams,
+    InfluenceMethod,
+    Quantization,
+    StoredDataset,
+    TrainingExample,
+)
 
 _DEFAULTS = Hyperparams()
 
@@ -55,16 +64,16 @@ class Workload:
         def tokens(text: str) -> int:
             return min(math.ceil(len(text) / card.chars_per_token), hp.max_seq_len)
 
-        train = [tokens(t.text) for t in spec.training_data]
-        answers = sum(
-            len(content) for t in spec.training_data for role, content in t.turns if role == "assistant"
+        n_train, train_tokens, answers, text_chars = _sizes(
+            spec.training_data, spec.training_dataset, tokens, hp.max_seq_len, card
         )
-        evals = [tokens(e.text) for e in spec.eval_data]
-        shots = min(spec.few_shot_k, len(train))
-        mean_train = sum(train) / len(train)
+        n_eval, eval_tokens, _, _ = _sizes(spec.eval_data, spec.eval_dataset, tokens, hp.max_seq_len, card)
+        shots = min(spec.few_shot_k, n_train)
+        mean_train = train_tokens / max(n_train, 1)
         # A few-shot prompt carries k training examples before the eval prompt; the model's
-        # context caps it.
-        few_shot = [min(t + math.ceil(shots * mean_train), card.context_length) for t in evals]
+        # context caps it (a stored eval set: its mean prompt).
+        evals = [tokens(e.text) for e in spec.eval_data] or [eval_tokens // max(n_eval, 1)] * n_eval
+        few_shot = sum(min(t + math.ceil(shots * mean_train), card.context_length) for t in evals)
         return cls(
             quantization=hp.quantization,
             max_seq_len=hp.max_seq_len,
@@ -75,10 +84,28 @@ class Workload:
             max_new_tokens=hp.max_new_tokens,
             influence_method=spec.influence_method,
             projection_dim=spec.influence.projection_dim,
-            n_train=len(train),
-            n_eval=len(evals),
-            train_tokens=sum(train),
-            eval_tokens=sum(evals),
-            few_shot_tokens=sum(few_shot),
-            labelled_fraction=min(1.0, answers / max(sum(len(t.text) for t in spec.training_data), 1)),
+            n_train=n_train,
+            n_eval=n_eval,
+            train_tokens=train_tokens,
+            eval_tokens=eval_tokens,
+            few_shot_tokens=few_shot,
+            labelled_fraction=min(1.0, answers / max(text_chars, 1)),
         )
+
+
+def _sizes(
+    inline: Sequence[TrainingExample | EvalExample],
+    stored: StoredDataset | None,
+    tokens: Callable[[str], int],
+    max_seq_len: int,
+    card: ModelCard,
+) -> tuple[int, int, int, int]:
+    """(examples, tokens, answer characters, text characters) of a list of examples. A stored
+    dataset records only its sums (its upload counted them): its examples are taken at their
+    mean length, capped at ``max_seq_len``, which can overestimate a skewed set's tokens."""
+    if stored is None:
+        answers = sum(len(c) for e in inline for role, c in e.turns if role == "assistant")
+        token_sum = sum(tokens(e.text) for e in inline)
+        return len(inline), token_sum, answers, sum(len(e.text) for e in inline)
+    mean = min(math.ceil(stored.text_chars / stored.count / card.chars_per_token), max_seq_len)
+    return stored.count, mean * stored.count, stored.answer_chars, stored.text_chars

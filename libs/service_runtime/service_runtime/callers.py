@@ -141,10 +141,20 @@ class _StreamToken(grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(_with_token(client_call_details, self._token), request)
 
 
+class _ClientStreamToken(grpc.aio.StreamUnaryClientInterceptor):
+    """A client stream (a dataset's chunks to the scheduler)."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return await continuation(_with_token(client_call_details, self._token), request_iterator)
+
+
 def caller_token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
     """Send this caller's token with every call on a channel. One object per kind of call:
     grpc.aio files an interceptor under the first kind it implements only."""
-    return [_UnaryToken(token), _StreamToken(token)]
+    return [_UnaryToken(token), _StreamToken(token), _ClientStreamToken(token)]
 
 
 def checked_caller_tokens(value: SecretStr | None) -> SecretStr | None:

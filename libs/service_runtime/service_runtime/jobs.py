@@ -20,7 +20,7 @@ from typing import Any, cast
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from influence.v1 import common_pb2
+from influence.v1 import common_pb2, compute_pb2
 
 # Every state's name as the scheduler stores it and the REST API shows it, in lifecycle order.
 ACTIVE_STATES = ("queued", "submitted", "running")
@@ -137,3 +137,11 @@ def event_dict(message: common_pb2.ProgressEvent) -> dict[str, Any]:
     if message.message:
         body.setdefault("message", message.message)
     return body
+
+
+def dataset_files_payload(request: compute_pb2.SubmitRequest) -> list[dict[str, Any]]:
+    """A SubmitRequest's stored datasets as a worker's payload carries them (gpu_core.datasets)."""
+    return [
+        {"role": d.role, "url": d.url, "sha256": d.sha256, "bytes": d.bytes, "filename": d.filename}
+        for d in request.datasets
+    ]

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from compute_local.spec import read_spec
+from compute_local.spec import DATASETS_FILE, read_spec
 from service_runtime.logs import configure_logging
 
 log = logging.getLogger("compute_local.child")
@@ -76,11 +76,18 @@ def set_threads(threads: int) -> None:
 
 def run(job_dir: Path, threads: int, events: IO[str]) -> int:
     set_threads(threads)
+    from gpu_core.datasets import parse_dataset_files, read_datasets, reading_event
     from gpu_core.jobs import make_payload, parse_payload, run_job
 
     read_spec((job_dir / "spec.json").read_bytes())
     kind = json.loads((job_dir / "job.json").read_text()).get("kind", "experiment")
     spec = json.loads((job_dir / "spec.json").read_bytes())
+    if (job_dir / DATASETS_FILE).is_file():
+        files = parse_dataset_files(json.loads((job_dir / DATASETS_FILE).read_bytes()))
+        reading = reading_event(spec)
+        if reading is not None:
+            emit(events, reading)
+        spec = read_datasets(spec, files, job_dir / "datasets")
     request = parent = None
     if (job_dir / "request.json").is_file():
         request = json.loads((job_dir / "request.json").read_bytes())

@@ -38,7 +38,7 @@ from typing import Any
 from compute_local.child import EXIT_CANCELLED
 from compute_local.jobs import JobRecord, JobState, JobStore, StoredEvent, new_provider_job_id
 from compute_local.query_worker import PARENT_FILE
-from compute_local.spec import later_job_files, read_spec
+from compute_local.spec import DATASETS_FILE, later_job_files, read_spec
 from compute_local.warm import WarmQueryPool, WarmQueryWorker, WorkerGone
 from gpu_core.jobs import QUERY, job_kind
 
@@ -199,11 +199,13 @@ class LocalRunner:
         user_id: str = "",
         parent_job_id: str = "",
         parent_artifacts: list[dict[str, Any]] | None = None,
+        datasets: list[dict[str, Any]] | None = None,
     ) -> str:
         """Queue a job and return its provider job id; the same job_id again returns the same one.
         ``kind`` (gpu_core.jobs): an experiment, or a later job with its request and the
         experiment's result; a query also names its experiment (``parent_job_id``, whose folder
-        here holds its files) and may carry presigned GETs of those files for when it does not."""
+        here holds its files) and may carry presigned GETs of those files for when it does not.
+        ``datasets``: where the child reads the stored datasets the spec names."""
         if not job_id:
             raise ValueError("job_id is required")
         existing = self._by_job_id.get(job_id)
@@ -213,6 +215,8 @@ class LocalRunner:
             raise NotAccepting("compute-local is not accepting jobs (it is stopping)")
         read_spec(spec_json)
         files = later_job_files(kind, spec_json, request_json, parent_result_json)
+        if datasets:
+            files[DATASETS_FILE] = json.dumps(datasets).encode()
         if job_kind(kind).name == QUERY:
             files[PARENT_FILE] = json.dumps(
                 {"parent_job_id": parent_job_id, "parent_artifacts": parent_artifacts or []}

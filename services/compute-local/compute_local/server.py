@@ -25,7 +25,7 @@ from compute_local.runner import (
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from service_runtime.callers import caller_tokens_of
 from service_runtime.grpc_server import GrpcService, create_grpc_server
-from service_runtime.jobs import event_message, job_state
+from service_runtime.jobs import dataset_files_payload, event_message, job_state
 from service_runtime.lifecycle import run_service
 from service_runtime.metrics import MetricsServer, start_metrics_server
 
@@ -77,6 +77,7 @@ class ComputeLocalServicer(compute_pb2_grpc.ComputeProviderServicer):
                     {"name": a.name, "url": a.url, "sha256": a.sha256, "bytes": a.bytes}
                     for a in request.parent_artifacts
                 ],
+                datasets=dataset_files_payload(request),
             )
         except NotAccepting as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

@@ -7,6 +7,9 @@ import json
 from gpu_core.jobs import job_kind, make_payload, parse_payload
 from gpu_core.schemas import NO_SIZE_LIMITS, ExperimentSpec, SpecError, parse_spec
 
+# Beside spec.json when the spec names stored datasets: where the child reads them (gpu_core.datasets).
+DATASETS_FILE = "datasets.json"
+
 
 class InvalidSpec(ValueError):
     """The spec is not a valid ExperimentSpec; the message names the offending fields."""

@@ -191,13 +191,15 @@ class ModalProvider:
         upload_urls: dict[str, str] | None = None,
         parent_artifacts: list[dict[str, Any]] | None = None,
         user_id: str = "",
+        datasets: list[dict[str, Any]] | None = None,
     ) -> str:
         """``kind``: a later job of the experiment ``spec_json`` (gpu_core.jobs), e.g. a
         counterfactual check; the function receives the gpu_core.jobs payload. ``upload_urls``:
         the scheduler's presigned PUT URL per artifact name of an experiment; the function uploads
         the run's files there (worker/modal_app.py). None: the run keeps no files.
         ``parent_artifacts``: presigned GETs of the experiment's files a follow-up query reads.
-        ``user_id``: whose Hugging Face token (if they saved one) the function loads models with."""
+        ``user_id``: whose Hugging Face token (if they saved one) the function loads models with.
+        ``datasets``: presigned GETs of the stored datasets the spec names (gpu_core.datasets)."""
         if not job_id:
             raise InvalidRequest("job_id is empty")
         spec = _read_spec(spec_json)
@@ -218,6 +220,8 @@ class ModalProvider:
                 payload["artifact_transport"] = {"mode": "presigned", "urls": upload_urls}
             if parent_artifacts:
                 payload["parent_artifacts"] = parent_artifacts
+            if datasets:
+                payload["datasets"] = datasets
             if self._reveal_hf_token is not None and user_id:
                 hf_token = await self._reveal_hf_token(user_id)
                 if hf_token:

@@ -20,7 +20,7 @@ from compute_modal.provider import JobStatus, ModalProvider, NotConfigured, Prov
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from service_runtime.callers import caller_tokens_of
 from service_runtime.grpc_server import GrpcService, create_grpc_server
-from service_runtime.jobs import event_message, job_state
+from service_runtime.jobs import dataset_files_payload, event_message, job_state
 from service_runtime.keyvault import HUGGINGFACE, KeyVaultError, KeyVaultReader
 from service_runtime.lifecycle import Readiness, run_service
 from service_runtime.metrics import MetricsServer, start_metrics_server
@@ -96,6 +96,7 @@ class ComputeModalServicer(compute_pb2_grpc.ComputeProviderServicer):
                     for a in request.parent_artifacts
                 ],
                 user_id=request.account.user_id,
+                datasets=dataset_files_payload(request),
             )
         return compute_pb2.SubmitResponse(provider_job_id=call_id)
 

@@ -162,6 +162,7 @@ def run_job(job_id: str, spec: dict[str, Any], store: ProgressStore, call_id: st
     generator, which stops the work within one batch and frees the GPU, and propagates
     unchanged."""
     # gpu_core imports torch: imported here so deploying needs no torch locally.
+    from gpu_core.datasets import parse_dataset_files, read_payload_datasets, reading_event
     from gpu_core.hf_token import HF_TOKEN_FIELD, HfTokenForLoad
     from gpu_core.schemas import ExperimentResult
     from gpu_core.uploads import (
@@ -192,6 +193,7 @@ def run_job(job_id: str, spec: dict[str, Any], store: ProgressStore, call_id: st
     # A later job (a follow-up query) reads the experiment's files from here; what is missing it
     # recomputes.
     parent_dir = Path(tempfile.mkdtemp(prefix="influence-parent-")) if "kind" in spec else None
+    datasets_dir = Path(tempfile.mkdtemp(prefix="influence-datasets-"))
     events = None
     try:
         # Inside the try: a payload that does not fit is the job's error, not a silent "running".
@@ -199,6 +201,13 @@ def run_job(job_id: str, spec: dict[str, Any], store: ProgressStore, call_id: st
         if downloads and parent_dir is not None:
             writer.add(download_event(downloads))
             download_artifacts(downloads, parent_dir)
+        # The stored datasets the spec names, read into it (size and sha256 checked).
+        dataset_files = parse_dataset_files(spec.pop("datasets", None))
+        if dataset_files:
+            reading = reading_event(spec.get("spec", spec))
+            if reading is not None:
+                writer.add(reading)
+            spec = read_payload_datasets(spec, dataset_files, datasets_dir)
         hf_token.start()
         events = job_events(spec, artifacts, parent_dir)
         for event in events:
@@ -225,7 +234,7 @@ def run_job(job_id: str, spec: dict[str, Any], store: ProgressStore, call_id: st
         hf_token.end()
         if events is not None:
             events.close()
-        for folder in (artifacts, parent_dir):
+        for folder in (artifacts, parent_dir, datasets_dir):
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
     writer.finish("failed", message)

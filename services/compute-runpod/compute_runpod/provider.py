@@ -464,6 +464,7 @@ class RunPodProvider:
         upload_urls: dict[str, str] | None = None,
         parent_artifacts: list[dict[str, Any]] | None = None,
         estimated_time_s: float = 0.0,
+        datasets: list[dict[str, Any]] | None = None,
     ) -> str:
         """``kind``: a later job of the experiment ``spec_json`` (gpu_core.jobs), e.g. a
         counterfactual check with its request and the experiment's result. ``upload_urls``: the
@@ -471,11 +472,14 @@ class RunPodProvider:
         worker's two records: claim and result); without them an experiment's files
         come back inline, and a job whose score matrix alone exceeds that ceiling is refused
         here, before anything is paid for. ``parent_artifacts``: presigned GETs of the
-        experiment's files a follow-up query reads (the worker downloads them)."""
+        experiment's files a follow-up query reads (the worker downloads them). ``datasets``:
+        presigned GETs of the stored datasets the spec names (gpu_core.datasets)."""
         spec = parse_spec(spec_json)
         job_input = worker_input(spec, kind, request_json, parent_result_json)
         if parent_artifacts:
             job_input["parent_artifacts"] = parent_artifacts
+        if datasets:
+            job_input["datasets"] = datasets
         if kind in ("", EXPERIMENT):
             job_input["artifact_transport"] = self._artifact_transport(job_id, spec, upload_urls or {})
         elif upload_urls:
@@ -546,12 +550,12 @@ class RunPodProvider:
         if upload_urls:
             return {"mode": "presigned", "urls": upload_urls, "job_id": job_id}
         ceiling = self._settings.runpod_inline_artifacts_max_bytes
-        matrix_bytes = scores_npy_bytes(len(spec.eval_data), len(spec.training_data))
+        matrix_bytes = scores_npy_bytes(spec.n_eval, spec.n_train)
         if matrix_bytes > ceiling:
             raise ProviderError(
                 Code.FAILED_PRECONDITION,
-                f"This job's score matrix alone ({len(spec.eval_data)} eval x "
-                f"{len(spec.training_data)} training examples, {matrix_bytes / 1e6:.1f} MB) is over "
+                f"This job's score matrix alone ({spec.n_eval} eval x "
+                f"{spec.n_train} training examples, {matrix_bytes / 1e6:.1f} MB) is over "
                 f"the {ceiling / 1e6:.1f} MB that can come back through RunPod's job API, and this "
                 "dashboard's artifact store is not reachable from RunPod (its operator must set "
                 "ARTIFACT_STORE_URL to an S3-compatible bucket). Use fewer examples. Nothing was "

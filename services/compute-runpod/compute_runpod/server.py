@@ -18,7 +18,7 @@ from compute_runpod.provider import AccountRef, EndpointView, RunPodProvider
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 from service_runtime.callers import caller_tokens_of
 from service_runtime.grpc_server import GrpcService, create_grpc_server
-from service_runtime.jobs import event_message, job_state
+from service_runtime.jobs import dataset_files_payload, event_message, job_state
 from service_runtime.lifecycle import run_service
 from service_runtime.logs import redact
 from service_runtime.metrics import MetricsServer, start_metrics_server
@@ -96,6 +96,7 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
                     for a in request.parent_artifacts
                 ],
                 request.estimated_time_s,
+                dataset_files_payload(request),
             ),
         )
         return compute_pb2.SubmitResponse(provider_job_id=provider_job_id)

@@ -53,6 +53,13 @@ from typing import Any
 
 import runpod
 
+from gpu_core.datasets import (
+    DatasetError,
+    DatasetFile,
+    parse_dataset_files,
+    read_payload_datasets,
+    reading_event,
+)
 from gpu_core.hf_token import HF_TOKEN_FIELD, HfTokenForLoad
 from gpu_core.jobs import JobInput, JobInputError, parse_payload, run_job
 from gpu_core.pipeline import ExperimentCancelled
@@ -227,9 +234,12 @@ class ExperimentThread:
         parent_artifacts: list[ParentArtifact] | None = None,
         parent_dir: Path | None = None,
         hf_token: str = "",
+        datasets: tuple[dict[str, Any], list[DatasetFile], Path] | None = None,
     ) -> None:
         self.stop = threading.Event()
         self._job = job
+        # (the payload, its stored datasets, a folder): read in the thread, before the run.
+        self._datasets = datasets
         self._artifacts_dir = artifacts_dir
         self._parent_artifacts = parent_artifacts or []
         self._parent_dir = parent_dir
@@ -247,6 +257,12 @@ class ExperimentThread:
             if self._parent_artifacts and self._parent_dir is not None:
                 self._put(("event", download_event(self._parent_artifacts)))
                 download_artifacts(self._parent_artifacts, self._parent_dir)
+            if self._datasets is not None:
+                payload, files, directory = self._datasets
+                reading = reading_event(payload.get("spec", payload))
+                if reading is not None:
+                    self._put(("event", reading))
+                self._job = parse_payload(read_payload_datasets(payload, files, directory))
             with HfTokenForLoad(self._hf_token) as hf_token:
                 for event in run_job(
                     self._job,
@@ -261,6 +277,9 @@ class ExperimentThread:
             self._put(("end", None))
         except ArtifactDownloadError as exc:
             self._put(("event", {"error": f"The experiment's files could not be downloaded: {exc}"}))
+            self._put(("end", None))
+        except DatasetError as exc:
+            self._put(("event", {"error": f"The stored dataset could not be read: {exc}"}))
             self._put(("end", None))
         except Exception as exc:  # re-raised in the handler, where the SDK reports it
             self._put(("error", exc))
@@ -287,11 +306,12 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         # counterfactual check, or a follow-up query with presigned GETs of the experiment's
         # files). Size limits were enforced by the dashboard's gateway.
         parent_artifacts = parse_parent_artifacts(job_input.pop("parent_artifacts", None))
+        dataset_files = parse_dataset_files(job_input.pop("datasets", None))
         parsed = parse_payload(job_input)
     except SpecError as exc:
         yield {"error": f"Invalid experiment spec: {'; '.join(exc.problems)}"}
         return
-    except (JobInputError, ArtifactDownloadError) as exc:
+    except (JobInputError, ArtifactDownloadError, DatasetError) as exc:
         yield {"error": f"Invalid job input: {exc}"}
         return
     if (refusal := await claim(job, transport)) is not None:
@@ -300,6 +320,7 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     with (
         tempfile.TemporaryDirectory(prefix="influence-artifacts-") as artifacts_dir,
         tempfile.TemporaryDirectory(prefix="influence-parent-") as parent_dir,
+        tempfile.TemporaryDirectory(prefix="influence-datasets-") as datasets_dir,
     ):
         experiment = ExperimentThread(
             parsed,
@@ -308,6 +329,7 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
             # A later job reads the experiment's files from here; whatever is missing it recomputes.
             Path(parent_dir) if parsed.kind.needs_parent else None,
             hf_token,
+            (job_input, dataset_files, Path(datasets_dir)) if dataset_files else None,
         )
         output_bytes = 2  # the aggregate's "[]"
         try:

@@ -23,6 +23,7 @@ from gateway import (
     counterfactual_api,
     curation_api,
     data_api,
+    datasets_api,
     experiments_api,
     jobs_api,
     models_api,
@@ -117,6 +118,7 @@ def create_app(
     app.include_router(tracking_api.router)
     app.include_router(models_api.router)
     app.include_router(data_api.router)
+    app.include_router(datasets_api.router)
     app.include_router(counterfactual_api.router)
     app.include_router(queries_api.router)
     app.include_router(curation_api.router)
@@ -125,7 +127,11 @@ def create_app(
     _install_dashboard(app, dashboard_dir)
     _install_openapi(app)
     # Outermost first: metrics see every answer, the size limit runs before any parsing.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.gateway_max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.gateway_max_body_bytes,
+        larger={datasets_api.UPLOAD_PATH: settings.gateway_max_dataset_bytes},
+    )
     app.add_middleware(RequestMetrics, registry=registry)
     return app
 

@@ -47,6 +47,11 @@ class Settings(ServiceSettings):
     # An uploaded data file's decoded rows (Parquet expands far past its size) and JSON nesting.
     gateway_max_decoded_file_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     gateway_max_json_depth: int = Field(default=64, ge=8)
+    # Stored datasets (POST /api/datasets): the file's size and its examples. The inline limits
+    # above stay for examples carried in a spec.
+    gateway_max_dataset_bytes: int = Field(default=4 * 1024**3, ge=1024)
+    gateway_max_dataset_train_examples: int = Field(default=1_000_000, ge=1)
+    gateway_max_dataset_eval_examples: int = Field(default=100_000, ge=1)
 
     gateway_rpc_timeout_s: float = Field(default=30.0, gt=0)
     gateway_sse_heartbeat_s: float = Field(default=15.0, gt=0)
@@ -109,6 +114,14 @@ class Settings(ServiceSettings):
         return SpecLimits(
             max_train_examples=self.gateway_max_train_examples,
             max_eval_examples=self.gateway_max_eval_examples,
+            max_text_chars=self.gateway_max_text_chars,
+        )
+
+    @property
+    def dataset_limits(self) -> SpecLimits:
+        return SpecLimits(
+            max_train_examples=self.gateway_max_dataset_train_examples,
+            max_eval_examples=self.gateway_max_dataset_eval_examples,
             max_text_chars=self.gateway_max_text_chars,
         )
 

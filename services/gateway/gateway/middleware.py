@@ -44,22 +44,23 @@ async def _send_json(send: Send, status: int, body: dict[str, object]) -> None:
 
 class BodySizeLimit:
     """413 for a body over ``max_bytes``: at once from Content-Length, or while a chunked body
-    streams in, before the application has parsed any of it."""
+    streams in, before the application has parsed any of it. ``larger`` gives paths whose body
+    streams to disk (a dataset upload) their own limit."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, larger: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
-
-    def _message(self) -> dict[str, object]:
-        return {"detail": _too_large(self.max_bytes)}
+        self._larger = larger or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self._larger.get(scope["path"], self.max_bytes)
+        message: dict[str, object] = {"detail": _too_large(max_bytes)}
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await _send_json(send, 413, self._message())
+            if name == b"content-length" and value.isdigit() and int(value) > max_bytes:
+                await _send_json(send, 413, message)
                 return
         received = 0
         response_started = False
@@ -69,8 +70,8 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge(self.max_bytes)
+                if received > max_bytes:
+                    raise _BodyTooLarge(max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -84,7 +85,7 @@ class BodySizeLimit:
         except _BodyTooLarge:
             if response_started:
                 raise
-            await _send_json(send, 413, self._message())
+            await _send_json(send, 413, message)
 
 
 class RequestMetrics:

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
@@ -305,6 +305,31 @@ class SchedulerClient:
     def read_artifact(self, request: scheduler_pb2.JobArtifactRequest) -> grpc.aio.UnaryStreamCall:
         """The artifact's chunks as a gRPC stream call (iterate it; cancel it when done)."""
         return self._stub.ReadJobArtifact(request, metadata=self._trace)
+
+    async def upload_dataset(
+        self, messages: AsyncIterator[scheduler_pb2.UploadDatasetRequest], unavailable: str
+    ) -> scheduler_pb2.Dataset:
+        """One client stream (a header, then the file's chunks); no deadline, as for the other
+        streams: a large file takes as long as it takes."""
+        with scheduler_errors(unavailable):
+            answer: scheduler_pb2.Dataset = await self._stub.UploadDataset(messages, metadata=self._trace)
+            return answer
+
+    async def list_datasets(self, user_id: str) -> list[scheduler_pb2.Dataset]:
+        answer: scheduler_pb2.ListDatasetsResponse = await self._call(
+            self._stub.ListDatasets, scheduler_pb2.ListDatasetsRequest(user_id=user_id)
+        )
+        return list(answer.datasets)
+
+    async def get_dataset(
+        self, request: scheduler_pb2.DatasetRequest, not_found: str
+    ) -> scheduler_pb2.Dataset:
+        return await self._call(self._stub.GetDataset, request, not_found=not_found)
+
+    async def delete_dataset(
+        self, request: scheduler_pb2.DatasetRequest, not_found: str
+    ) -> scheduler_pb2.Dataset:
+        return await self._call(self._stub.DeleteDataset, request, not_found=not_found)
 
     def watch_job(self, request: scheduler_pb2.WatchJobRequest) -> grpc.aio.UnaryStreamCall:
         """The job's events as a gRPC stream call (iterate it; cancel it when done)."""

@@ -35,9 +35,11 @@ from typing import Any
 
 from artifact_store import StoreError
 from gpu_core.jobs import EXPERIMENT
+from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
 from influence.v1 import compute_pb2
 from scheduler.artifacts import ArtifactMover, read_worker_claim
 from scheduler.config import Settings
+from scheduler.datasets import dataset_files
 from scheduler.follower import DB_ERRORS, WAITING_STAGE, Follower
 from scheduler.providers import LaterJob, ProviderError, ProviderNotConfigured, Providers, Route
 from scheduler.store import JobRow, JobUpdate, Lease, Store, SubmitWork
@@ -368,6 +370,11 @@ class Dispatcher:
             uploads = await presigned_uploads(
                 self._artifacts.store, job.id, None, self._settings.scheduler_upload_url_ttl_s
             )
+        # The stored datasets the spec names, for a later job of the experiment too: the worker
+        # reads its examples from them.
+        datasets = await dataset_files(
+            self._artifacts.store, parse_spec(spec, NO_SIZE_LIMITS), self._settings.scheduler_upload_url_ttl_s
+        )
         return _Prepared(
             endpoint_id,
             functools.partial(
@@ -379,6 +386,7 @@ class Dispatcher:
                 estimated_time_s,
                 later,
                 uploads,
+                datasets,
             ),
         )
 

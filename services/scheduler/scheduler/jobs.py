@@ -28,6 +28,7 @@ from influence.v1 import common_pb2, compute_pb2
 from scheduler.admission import Usage, check_ceiling, check_quota, check_spend_cap, current_usage
 from scheduler.artifacts import ArtifactMover
 from scheduler.config import Settings
+from scheduler.datasets import DatasetReferenceError, DatasetStore, attach_to_spec
 from scheduler.db import DbConnection
 from scheduler.dispatcher import Dispatcher
 from scheduler.follower import DB_ERRORS, Follower
@@ -105,6 +106,7 @@ class JobManager:
             settings, store, providers, artifacts, self._lease, self.follower, slot_freed=self._queued
         )
         self._lease_task: asyncio.Task[None] | None = None
+        self.datasets = DatasetStore(store)
 
     # ---- submit -------------------------------------------------------------------------
 
@@ -133,6 +135,7 @@ class JobManager:
             parsed = parse_job_spec(json.dumps(spec).encode())
             route = Route(backend=parent.compute_backend, provider=parent.provider)  # type: ignore[arg-type]
         else:
+            spec_json = await self._with_datasets(user_id, spec_json)
             parsed = parse_job_spec(spec_json)  # parsed once: stored as it dumps, estimated as it is
             spec = parsed.model_dump(mode="json")
             profile = await self._store.get_profile(user_id)
@@ -176,6 +179,13 @@ class JobManager:
             self._queued.set()
         return job
 
+    async def _with_datasets(self, user_id: str, spec_json: bytes) -> bytes:
+        """The spec with the records of the stored datasets it names (the user's own only)."""
+        try:
+            return await attach_to_spec(self.datasets, user_id, spec_json)
+        except DatasetReferenceError as exc:
+            raise SpecError(f"invalid experiment spec: {exc}") from None
+
     async def _later_job(
         self, user_id: str, kind: str, parent_job_id: str, request_json: bytes
     ) -> tuple[JobRow, dict[str, Any]]:
@@ -195,9 +205,16 @@ class JobManager:
                 f"the experiment is {parent.status}; a {later_kind.name} job needs a completed experiment"
             )
         request = parse_request(later_kind, request_json)
+        spec = await self._spec_of(parent.id, user_id)
+        parent_spec = parse_spec(spec, NO_SIZE_LIMITS)
+        if parent_spec.stored_datasets:
+            # Its workers read the spec's inline examples (gpu_core.query, .counterfactual, .curation).
+            raise JobInputError(
+                f"parent_job_id: a {later_kind.name} job of an experiment on a stored dataset is not "
+                "supported yet"
+            )
         if later_kind.check is not None:
-            spec = await self._spec_of(parent.id, user_id)
-            later_kind.check(request, parse_spec(spec, NO_SIZE_LIMITS), parse_result(found[1]))
+            later_kind.check(request, parent_spec, parse_result(found[1]))
         return parent, request.model_dump(mode="json")
 
     # ---- leases -------------------------------------------------------------------------
@@ -339,7 +356,7 @@ class JobManager:
     ) -> Estimates:
         if job_kind(kind).needs_parent:
             return await self._estimate_later(user_id, kind, parent_job_id, request_json)
-        spec = validate_spec(spec_json)
+        spec = validate_spec(await self._with_datasets(user_id, spec_json))
         normalised = json.dumps(spec).encode()
         active = (await self._store.get_profile(user_id)).compute_backend
         estimates: list[common_pb2.Estimate] = []

@@ -167,6 +167,7 @@ class ProviderClient:
         estimated_time_s: float,
         later: LaterJob | None = None,
         artifact_uploads: list[compute_pb2.ArtifactUpload] | None = None,
+        datasets: list[compute_pb2.DatasetFile] | None = None,
     ) -> str:
         response = await self._call(
             self._stub.Submit,
@@ -178,6 +179,7 @@ class ProviderClient:
                 estimated_time_s=estimated_time_s,
                 **(later.fields() if later is not None else {}),
                 artifact_uploads=artifact_uploads or [],
+                datasets=datasets or [],
             ),
         )
         return response.provider_job_id

@@ -34,9 +34,11 @@ from gpu_core.jobs import JobInputError
 from gpu_core.schemas import SpecError as LabelsInvalid
 from gpu_core.schemas import parse_labels
 from influence.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from scheduler import datasets
 from scheduler.admission import AdmissionRefused, JobTooLarge, Usage
 from scheduler.artifacts import ArtifactMover
 from scheduler.config import Settings
+from scheduler.datasets import DatasetInUse, DatasetNotFound, DatasetUploadError
 from scheduler.db import apply_migrations, create_pool
 from scheduler.experiments import ExperimentCatalog, JobFacts, ListFilters
 from scheduler.jobs import (
@@ -141,6 +143,12 @@ async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception) -> NoRet
             exc.message,
             trailing_metadata=((RETRY_AFTER_KEY, str(exc.retry_after_s)),),
         )
+    if isinstance(exc, DatasetNotFound):
+        await context.abort(grpc.StatusCode.NOT_FOUND, "dataset not found")
+    if isinstance(exc, DatasetUploadError):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, DatasetInUse):
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     if isinstance(exc, JobNotFound):
         await context.abort(grpc.StatusCode.NOT_FOUND, "job not found")
     if isinstance(exc, ArtifactMissing):
@@ -185,6 +193,9 @@ def _rpc(
 
 _KNOWN_ERRORS = (
     SpecError,
+    DatasetNotFound,
+    DatasetUploadError,
+    DatasetInUse,
     JobNotFound,
     ArtifactMissing,
     StoreError,
@@ -497,6 +508,44 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.EstimateJobResponse(
             active_backend=result.active_backend, estimates=result.estimates, notes=result.notes
         )
+
+    # ---- stored datasets --------------------------------------------------------------------
+
+    async def UploadDataset(
+        self,
+        request_iterator: AsyncIterator[scheduler_pb2.UploadDatasetRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> scheduler_pb2.Dataset:
+        try:
+            jobs, _ = self._app.require()
+            row = await datasets.upload(self._app.artifact_store, jobs.datasets, request_iterator)
+        except _KNOWN_ERRORS as exc:
+            await _abort_for(context, exc)
+        log.info("dataset stored", extra={"dataset_id": row.id, "count": row.count, "bytes": row.bytes})
+        return row.to_proto()
+
+    @_rpc
+    async def ListDatasets(
+        self, request: scheduler_pb2.ListDatasetsRequest, context: Any
+    ) -> scheduler_pb2.ListDatasetsResponse:
+        jobs, _ = self._app.require()
+        rows = await jobs.datasets.list(request.user_id)
+        return scheduler_pb2.ListDatasetsResponse(datasets=[row.to_proto() for row in rows])
+
+    @_rpc
+    async def GetDataset(self, request: scheduler_pb2.DatasetRequest, context: Any) -> scheduler_pb2.Dataset:
+        jobs, _ = self._app.require()
+        return (await jobs.datasets.get(request.dataset_id, request.user_id)).to_proto()
+
+    @_rpc
+    async def DeleteDataset(
+        self, request: scheduler_pb2.DatasetRequest, context: Any
+    ) -> scheduler_pb2.Dataset:
+        jobs, _ = self._app.require()
+        row = await datasets.delete(
+            self._app.artifact_store, jobs.datasets, request.dataset_id, request.user_id
+        )
+        return row.to_proto()
 
     @_rpc
     async def GetUsage(self, request: scheduler_pb2.GetUsageRequest, context: Any) -> scheduler_pb2.Usage:

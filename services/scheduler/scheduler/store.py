@@ -194,8 +194,12 @@ def parse_job_id(job_id: str) -> uuid.UUID | None:
 
 
 def _list_length(spec: dict[str, Any], name: str) -> int:
+    """Examples inline, or in the stored dataset the spec records (scheduler.datasets)."""
     value = spec.get(name)
-    return len(value) if isinstance(value, list) else 0
+    if isinstance(value, list) and value:
+        return len(value)
+    stored = spec.get(name.replace("_data", "_dataset"))
+    return int(stored.get("count", 0)) if isinstance(stored, dict) else 0
 
 
 class Store:

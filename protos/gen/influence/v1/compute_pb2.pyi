@@ -58,7 +58,7 @@ class PrepareAccountResponse(_message.Message):
     def __init__(self, endpoint_id: _Optional[str] = ..., created: bool = ..., status: _Optional[str] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("job_id", "account", "spec_json", "estimated_cost_usd", "estimated_time_s", "kind", "request_json", "parent_result_json", "artifact_uploads", "parent_job_id", "parent_artifacts")
+    __slots__ = ("job_id", "account", "spec_json", "estimated_cost_usd", "estimated_time_s", "kind", "request_json", "parent_result_json", "artifact_uploads", "parent_job_id", "parent_artifacts", "datasets")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class SubmitRequest(_message.Message):
     ARTIFACT_UPLOADS_FIELD_NUMBER: _ClassVar[int]
     PARENT_JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    DATASETS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     account: _common_pb2.Account
     spec_json: bytes
@@ -81,7 +82,22 @@ class SubmitRequest(_message.Message):
     artifact_uploads: _containers.RepeatedCompositeFieldContainer[ArtifactUpload]
     parent_job_id: str
     parent_artifacts: _containers.RepeatedCompositeFieldContainer[ParentArtifact]
-    def __init__(self, job_id: _Optional[str] = ..., account: _Optional[_Union[_common_pb2.Account, _Mapping]] = ..., spec_json: _Optional[bytes] = ..., estimated_cost_usd: _Optional[float] = ..., estimated_time_s: _Optional[float] = ..., kind: _Optional[str] = ..., request_json: _Optional[bytes] = ..., parent_result_json: _Optional[bytes] = ..., artifact_uploads: _Optional[_Iterable[_Union[ArtifactUpload, _Mapping]]] = ..., parent_job_id: _Optional[str] = ..., parent_artifacts: _Optional[_Iterable[_Union[ParentArtifact, _Mapping]]] = ...) -> None: ...
+    datasets: _containers.RepeatedCompositeFieldContainer[DatasetFile]
+    def __init__(self, job_id: _Optional[str] = ..., account: _Optional[_Union[_common_pb2.Account, _Mapping]] = ..., spec_json: _Optional[bytes] = ..., estimated_cost_usd: _Optional[float] = ..., estimated_time_s: _Optional[float] = ..., kind: _Optional[str] = ..., request_json: _Optional[bytes] = ..., parent_result_json: _Optional[bytes] = ..., artifact_uploads: _Optional[_Iterable[_Union[ArtifactUpload, _Mapping]]] = ..., parent_job_id: _Optional[str] = ..., parent_artifacts: _Optional[_Iterable[_Union[ParentArtifact, _Mapping]]] = ..., datasets: _Optional[_Iterable[_Union[DatasetFile, _Mapping]]] = ...) -> None: ...
+
+class DatasetFile(_message.Message):
+    __slots__ = ("role", "url", "sha256", "bytes", "filename")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    url: str
+    sha256: str
+    bytes: int
+    filename: str
+    def __init__(self, role: _Optional[str] = ..., url: _Optional[str] = ..., sha256: _Optional[str] = ..., bytes: _Optional[int] = ..., filename: _Optional[str] = ...) -> None: ...
 
 class ParentArtifact(_message.Message):
     __slots__ = ("name", "url", "sha256", "bytes")

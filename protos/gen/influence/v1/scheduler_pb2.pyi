@@ -54,6 +54,60 @@ class RunpodEndpointRequest(_message.Message):
     key_stored: bool
     def __init__(self, user_id: _Optional[str] = ..., key_stored: bool = ...) -> None: ...
 
+class Dataset(_message.Message):
+    __slots__ = ("id", "kind", "filename", "format", "count", "text_chars", "answer_chars", "bytes", "sha256", "created_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_CHARS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: str
+    filename: str
+    format: str
+    count: int
+    text_chars: int
+    answer_chars: int
+    bytes: int
+    sha256: str
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., filename: _Optional[str] = ..., format: _Optional[str] = ..., count: _Optional[int] = ..., text_chars: _Optional[int] = ..., answer_chars: _Optional[int] = ..., bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class UploadDatasetRequest(_message.Message):
+    __slots__ = ("header", "user_id", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: Dataset
+    user_id: str
+    data: bytes
+    def __init__(self, header: _Optional[_Union[Dataset, _Mapping]] = ..., user_id: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ListDatasetsRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class ListDatasetsResponse(_message.Message):
+    __slots__ = ("datasets",)
+    DATASETS_FIELD_NUMBER: _ClassVar[int]
+    datasets: _containers.RepeatedCompositeFieldContainer[Dataset]
+    def __init__(self, datasets: _Optional[_Iterable[_Union[Dataset, _Mapping]]] = ...) -> None: ...
+
+class DatasetRequest(_message.Message):
+    __slots__ = ("user_id", "dataset_id")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    dataset_id: str
+    def __init__(self, user_id: _Optional[str] = ..., dataset_id: _Optional[str] = ...) -> None: ...
+
 class Job(_message.Message):
     __slots__ = ("id", "user_id", "compute_backend", "provider", "provider_job_id", "state", "stage", "progress", "stage_message", "latest_metrics_json", "error", "estimated_time_s", "estimated_cost_usd", "model_id", "influence_method", "n_train", "n_eval", "created_at", "updated_at", "finished_at", "last_seq", "kind", "parent_job_id", "request_json", "name", "tags", "note", "started_at", "outcome_json", "actual", "estimated_gpu", "estimated_usd_per_second", "max_cost_usd", "tracking_json")
     ID_FIELD_NUMBER: _ClassVar[int]

@@ -145,6 +145,26 @@ class SchedulerStub(object):
                 request_serializer=influence_dot_v1_dot_scheduler__pb2.RunpodEndpointRequest.SerializeToString,
                 response_deserializer=influence_dot_v1_dot_common__pb2.EndpointInfo.FromString,
                 _registered_method=True)
+        self.UploadDataset = channel.stream_unary(
+                '/influence.v1.Scheduler/UploadDataset',
+                request_serializer=influence_dot_v1_dot_scheduler__pb2.UploadDatasetRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_scheduler__pb2.Dataset.FromString,
+                _registered_method=True)
+        self.ListDatasets = channel.unary_unary(
+                '/influence.v1.Scheduler/ListDatasets',
+                request_serializer=influence_dot_v1_dot_scheduler__pb2.ListDatasetsRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_scheduler__pb2.ListDatasetsResponse.FromString,
+                _registered_method=True)
+        self.GetDataset = channel.unary_unary(
+                '/influence.v1.Scheduler/GetDataset',
+                request_serializer=influence_dot_v1_dot_scheduler__pb2.DatasetRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_scheduler__pb2.Dataset.FromString,
+                _registered_method=True)
+        self.DeleteDataset = channel.unary_unary(
+                '/influence.v1.Scheduler/DeleteDataset',
+                request_serializer=influence_dot_v1_dot_scheduler__pb2.DatasetRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_scheduler__pb2.Dataset.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer(object):
@@ -302,6 +322,34 @@ class SchedulerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadDataset(self, request_iterator, context):
+        """Stored datasets (issue 27): a training or eval file the gateway has read and counted, its
+        bytes streamed here in chunks after one header message, into the artifact store (the sha256
+        and size checked before the object is visible). Owner only: another user's is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDatasets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDataset(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDataset(self, request, context):
+        """FAILED_PRECONDITION while a queued or running job uses it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -414,6 +462,26 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.DeleteRunpodEndpoint,
                     request_deserializer=influence_dot_v1_dot_scheduler__pb2.RunpodEndpointRequest.FromString,
                     response_serializer=influence_dot_v1_dot_common__pb2.EndpointInfo.SerializeToString,
+            ),
+            'UploadDataset': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadDataset,
+                    request_deserializer=influence_dot_v1_dot_scheduler__pb2.UploadDatasetRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_scheduler__pb2.Dataset.SerializeToString,
+            ),
+            'ListDatasets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasets,
+                    request_deserializer=influence_dot_v1_dot_scheduler__pb2.ListDatasetsRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_scheduler__pb2.ListDatasetsResponse.SerializeToString,
+            ),
+            'GetDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDataset,
+                    request_deserializer=influence_dot_v1_dot_scheduler__pb2.DatasetRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_scheduler__pb2.Dataset.SerializeToString,
+            ),
+            'DeleteDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDataset,
+                    request_deserializer=influence_dot_v1_dot_scheduler__pb2.DatasetRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_scheduler__pb2.Dataset.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1010,6 +1078,114 @@ class Scheduler(object):
             '/influence.v1.Scheduler/DeleteRunpodEndpoint',
             influence_dot_v1_dot_scheduler__pb2.RunpodEndpointRequest.SerializeToString,
             influence_dot_v1_dot_common__pb2.EndpointInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadDataset(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/influence.v1.Scheduler/UploadDataset',
+            influence_dot_v1_dot_scheduler__pb2.UploadDatasetRequest.SerializeToString,
+            influence_dot_v1_dot_scheduler__pb2.Dataset.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.Scheduler/ListDatasets',
+            influence_dot_v1_dot_scheduler__pb2.ListDatasetsRequest.SerializeToString,
+            influence_dot_v1_dot_scheduler__pb2.ListDatasetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.Scheduler/GetDataset',
+            influence_dot_v1_dot_scheduler__pb2.DatasetRequest.SerializeToString,
+            influence_dot_v1_dot_scheduler__pb2.Dataset.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.Scheduler/DeleteDataset',
+            influence_dot_v1_dot_scheduler__pb2.DatasetRequest.SerializeToString,
+            influence_dot_v1_dot_scheduler__pb2.Dataset.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,17 +9,30 @@ export const KINDS = {
   eval: { label: "eval", answer: "expected" },
 };
 
-// {examples, format, formatLabel, errors}: errors as "line N: field ..." strings.
+function problemsOf(error) {
+  return error.problems && error.problems.length
+    ? error.problems.map((p) => (p.field ? `${p.field}: ${p.message}` : p.message))
+    : [error.message];
+}
+
+// {examples, format, formatLabel, errors, dataset}: errors as "line N: field ..." strings. A file
+// too large to carry in a spec (the gateway answers 413: over the inline limits) is stored once
+// instead (POST /api/datasets, streamed, counted there) and named by id: `dataset` is
+// {id, count}, `examples` null.
 export async function readDataFile(kind, file) {
-  const path = `/api/data/parse?kind=${kind}&filename=${encodeURIComponent(file.name)}`;
+  const query = `kind=${kind}&filename=${encodeURIComponent(file.name)}`;
   try {
-    const answer = await api("POST", path, { body: file });
-    return { examples: answer.examples, format: answer.format, formatLabel: answer.format_label, errors: [] };
+    const answer = await api("POST", `/api/data/parse?${query}`, { body: file });
+    return { examples: answer.examples, format: answer.format, formatLabel: answer.format_label, errors: [], dataset: null };
   } catch (error) {
-    const errors = error.problems && error.problems.length
-      ? error.problems.map((p) => (p.field ? `${p.field}: ${p.message}` : p.message))
-      : [error.message];
-    return { examples: [], format: null, formatLabel: null, errors };
+    if (error.status !== 413) return { examples: [], format: null, formatLabel: null, errors: problemsOf(error), dataset: null };
+  }
+  try {
+    const stored = await api("POST", `/api/datasets?${query}`, { body: file });
+    return { examples: null, format: stored.format, formatLabel: stored.format_label, errors: [],
+      dataset: { id: stored.dataset_id, count: stored.count } };
+  } catch (error) {
+    return { examples: [], format: null, formatLabel: null, errors: problemsOf(error), dataset: null };
   }
 }
 

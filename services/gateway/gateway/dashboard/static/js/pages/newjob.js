@@ -76,16 +76,19 @@ function fileField(kind, onParsed) {
     const file = input.files[0];
     if (!file) return onParsed(null);
     summary.textContent = `Reading ${file.name}…`;
-    const { examples, format, formatLabel, errors: problems } = await readDataFile(kind, file);
+    const { examples, format, formatLabel, errors: problems, dataset } = await readDataFile(kind, file);
     if (problems.length) {
       summary.textContent = "";
       errors.append(...problems.map((p) => el("li", {}, `${file.name}: ${p}`)));
       onParsed(null);
       return;
     }
-    summary.replaceChildren(`${file.name}: ${examples.length} ${KINDS[kind].label} examples, all valid. `,
+    const count = dataset ? dataset.count : examples.length;
+    const stored = dataset ? ` Stored as dataset ${dataset.id} (too large to send with the experiment).` : "";
+    summary.replaceChildren(`${file.name}: ${count.toLocaleString("en")} ${KINDS[kind].label} examples, all valid.${stored} `,
       el("span", { id: `${id}-format`, "data-format": format }, `Format: ${formatLabel}.`));
-    onParsed(examples, format);
+    // A stored dataset is named by id: {datasetId} in place of the examples.
+    onParsed(dataset ? { datasetId: dataset.id } : examples, format);
   });
   const answer = KINDS[kind].answer;
   return el("div", { class: "field" },
@@ -236,8 +239,8 @@ export async function renderNewExperiment(view, [fromJob, fromCuration] = []) {
     };
     return {
       model_id: modelSelect.value,
-      training_data: withIds(data.train, "t"),
-      eval_data: withIds(data.eval, "e"),
+      ...(data.train.datasetId ? { training_dataset_id: data.train.datasetId } : { training_data: withIds(data.train, "t") }),
+      ...(data.eval.datasetId ? { eval_dataset_id: data.eval.datasetId } : { eval_data: withIds(data.eval, "e") }),
       hyperparams,
       few_shot_k: number("few_shot_k"),
       influence_method: form.elements[methodName].value,
