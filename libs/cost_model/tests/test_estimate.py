@@ -378,9 +378,11 @@ def test_a_merge_prices_the_16_bit_base_and_a_4_bit_12b_merges_through_host_memo
     assert any("merged in host memory" in note for note in merged.notes)
     assert any("in 5 shard(s)" in note for note in merged.notes)
     # A 16-bit experiment's GPU (48 GB class) holds them: no host-memory merge, and faster.
-    sixteen = estimate(make_spec(model_id="google/gemma-3-12b"), "runpod", "runpod", merge=MergeRequest())
+    sixteen = estimate(make_spec(quantization="none"), "runpod", "runpod", merge=MergeRequest())
     assert sixteen.gpu_memory_gb >= 48 and not any("host memory" in note for note in sixteen.notes)
     assert sixteen.estimated_time_s < merged.estimated_time_s
     # Reading, writing, uploading and reading back 24 GB: minutes.
     assert 120 < merged.estimated_time_s < 1800
-    assert merged.estimated_cost_usd == pytest.approx(merged.estimated_time_s * merged.usd_per_second, rel=1e-6)
+    assert merged.estimated_cost_usd == pytest.approx(
+        merged.estimated_time_s * merged.usd_per_second, rel=1e-6
+    )
