@@ -25,6 +25,7 @@ from gateway import (
     data_api,
     experiments_api,
     jobs_api,
+    merges_api,
     models_api,
     queries_api,
     settings_api,
@@ -118,6 +119,7 @@ def create_app(
     app.include_router(counterfactual_api.router)
     app.include_router(queries_api.router)
     app.include_router(curation_api.router)
+    app.include_router(merges_api.router)
     app.include_router(config_api.router)
     app.include_router(usage_api.router)
     _install_dashboard(app, dashboard_dir)
