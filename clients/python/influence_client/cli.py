@@ -395,9 +395,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def print_merge(merge: models.MergeJob) -> None:
     result = merge.result
     assert result is not None
-    print(
-        f"merge {merge.merge_job_id}: {result.base_model} + the adapter, {result.dtype}, on {result.merged_on}"
-    )
+    print(f"merge {merge.merge_job_id}: {result.base_model} + adapter, {result.dtype}, on {result.merged_on}")
     print(f"{result.parameters:,} parameters, {result.weight_bytes / 1e6:.1f} MB in {result.shards} shard(s)")
     check = result.check
     verdict = {True: "passed", False: "FAILED", None: "not expected to match"}[check.passed]
