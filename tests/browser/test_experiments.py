@@ -1,7 +1,8 @@
 """Two runs of the sample at different learning rates, as a researcher keeps and compares them:
 the list with names, tags and outcomes (and a tag filter), the sample's results page with its
 checkpoints folded into one row (under 5,000 pixels tall), the labels edited on the job page, and
-the compare page with both loss curves overlaid."""
+the compare page with both loss curves overlaid, and the merged-weights button (reusing these runs,
+so no test here runs the sample again)."""
 
 from __future__ import annotations
 
@@ -124,3 +125,25 @@ def test_compare_page_of_two_learning_rates(
     assert page.locator("#compare-answers tbody tr").count() == len(SAMPLE["eval_data"])
     assert "vs" in page.locator("#agreement").inner_text()
     shots.take("compare-two-learning-rates")
+
+
+def test_merge_button_writes_merged_weights_and_shows_the_check(
+    page, stack: Stack, sample_runs: dict[str, str], shots: Screenshots
+) -> None:
+    sign_in(page, "rita")
+    job_id = sample_runs["slow"]
+    page.goto(f"/#/jobs/{job_id}")
+    card = page.locator("#merge")
+    card.locator("#merge-estimate", has_text="16-bit weights").wait_for(timeout=60_000)
+    card.get_by_role("button", name="Merge the adapter into the base").click()
+    card.locator("#merge-result").wait_for(timeout=180_000)
+    assert "reproduce the fine-tuned eval losses" in card.locator("#merge-check").inner_text()
+    assert "local/tiny-chat with the adapter merged in" in card.locator("#merge-result").inner_text()
+    card.locator("summary", has_text="files of merged/").click()
+    files = card.locator("#merge-files li").all_inner_texts()
+    assert {"merged/config.json", "merged/model.safetensors", "merged/tokenizer.json"} <= set(files)
+    card.scroll_into_view_if_needed()
+    card.screenshot(path=str(shots.path("merged-weights")))
+    with page.expect_download() as downloading:
+        card.get_by_role("button", name="Download merged weights (zip)").click()
+    assert downloading.value.suggested_filename == f"merged-{job_id[:8]}.zip"

@@ -11,6 +11,7 @@ import { api, apiBlob } from "../api.js";
 import { specTexts } from "../spectexts.js";
 import { announce, bytes, download, el, loadPlotly } from "../ui.js";
 import { askSection } from "./ask.js";
+import { mergeSection } from "./merge.js";
 import { trackSelection, verifySection } from "./verify.js";
 import { trainingSection } from "./training.js";
 
@@ -369,6 +370,7 @@ export async function renderResults(host, jobId, result) {
   host.append(verifySection(jobId, result,
     { describe: (id) => describe(texts, "eval", id), selection: trackSelection(host) }));
   host.append(askSection(jobId));
+  host.append(mergeSection(jobId));
   host.append(trainingSection(jobId));
   if (view) await drawHeatmap(heatmap, view, texts);
 }
