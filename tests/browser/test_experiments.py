@@ -133,8 +133,9 @@ def test_merge_button_writes_merged_weights_and_shows_the_check(
     sign_in(page, "rita")
     job_id = sample_runs["slow"]
     page.goto(f"/#/jobs/{job_id}")
+    page.get_by_role("button", name="Merged weights…").click()
     card = page.locator("#merge")
-    card.locator("#merge-estimate", has_text="16-bit weights").wait_for(timeout=60_000)
+    card.locator("#merge-estimate", has_text="merged weights").wait_for(timeout=60_000)
     card.get_by_role("button", name="Merge the adapter into the base").click()
     card.locator("#merge-result").wait_for(timeout=180_000)
     assert "reproduce the fine-tuned eval losses" in card.locator("#merge-check").inner_text()

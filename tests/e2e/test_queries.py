@@ -179,7 +179,7 @@ def test_influence_merge_writes_weights_that_load_with_from_pretrained_and_repro
     estimate = alice.request("POST", f"/api/jobs/{experiment}/merges/estimate", json={"shard_size_mb": 0.1})
     assert estimate.status_code == 200, estimate.text
     (local,) = estimate.json()["estimates"]
-    assert "16-bit weights" in " ".join(local["notes"]) and local["estimated_time_s"] > 0
+    assert "of merged weights (16-bit)" in " ".join(local["notes"]) and local["estimated_time_s"] > 0
     bad = alice.request("POST", f"/api/jobs/{experiment}/merges", json={"shard_size_mb": 0})
     assert bad.status_code == 422 and "shard_size_mb" in bad.text
 

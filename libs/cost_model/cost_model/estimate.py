@@ -140,11 +140,13 @@ def estimate(
         weights_gb = card.params_b * 2  # 16-bit, whatever the experiment's quantization
         required_gb = weights_gb + OVERHEAD_GB
         fits_gb = USABLE_FRACTION * gpu.memory_gb - OVERHEAD_GB
-        offloaded_gb = max(weights_gb - fits_gb, 0.0)
+        # A host without a GPU (compute-local) merges in its own memory, with nothing to stream.
+        offloaded_gb = max(weights_gb - fits_gb, 0.0) if gpu.memory_gb > 0 else 0.0
         seconds = merge_time_s(card, workload, gpu, provider, offloaded_gb * 1e9)
         shards = max(1, math.ceil(weights_gb * 1000 / merge.shard_size_mb))
+        size = f"{weights_gb:.1f} GB" if weights_gb >= 1 else f"{weights_gb * 1000:.2g} MB"
         notes.append(
-            f"writes {weights_gb:.1f} GB of 16-bit weights in {shards} shard(s) and checks them on "
+            f"writes {size} of merged weights (16-bit) in {shards} shard(s) and checks them on "
             f"{workload.n_eval} eval examples"
         )
         if workload.quantization != "none":

@@ -376,7 +376,7 @@ def test_a_merge_prices_the_16_bit_base_and_a_4_bit_12b_merges_through_host_memo
     assert merged.required_memory_gb == pytest.approx(12.2 * 2 + 1.5, abs=0.5)
     assert any("merged onto the 16-bit base" in note for note in merged.notes)
     assert any("merged in host memory" in note for note in merged.notes)
-    assert any("in 5 shard(s)" in note for note in merged.notes)
+    assert any("writes 24.4 GB of merged weights (16-bit) in 5 shard(s)" in note for note in merged.notes)
     # A 16-bit experiment's GPU (48 GB class) holds them: no host-memory merge, and faster.
     sixteen = estimate(make_spec(quantization="none"), "runpod", "runpod", merge=MergeRequest())
     assert sixteen.gpu_memory_gb >= 48 and not any("host memory" in note for note in sixteen.notes)

@@ -44,8 +44,12 @@ function doneView(merge) {
       el("ul", { id: "merge-files" }, result.files.map((name) => el("li", {}, el("code", {}, `merged/${name}`))))));
 }
 
-// The Merged weights card for a completed experiment.
-export function mergeSection(jobId) {
+// The merged-weights controls of a completed experiment: a button for the Download card's row that
+// opens the panel (estimate, merge, progress, result) placed under it. The panel opens by itself
+// when the experiment already has a merge.
+export function mergeControls(jobId) {
+  const open = el("button", { type: "button", id: "merge-open", "aria-expanded": "false", "aria-controls": "merge" },
+    "Merged weights…");
   const run = el("button", { type: "button", id: "merge-run", disabled: true }, "Merge the adapter into the base");
   const estimateBox = el("p", { id: "merge-estimate", class: "help", "aria-live": "polite" }, "Estimating…");
   const bar = el("progress", { id: "merge-progress", max: 100, value: 0 });
@@ -92,23 +96,38 @@ export function mergeSection(jobId) {
     }
   });
 
-  async function load() {
+  let estimated = false;
+  async function estimate() {
+    if (estimated) return;
+    estimated = true;
     const answer = await api("POST", mergesUrl(jobId, "/estimate"), { body: {} });
     const figures = answer.estimates[0];
+    // The merge's own notes (size, shards, quantization, host memory), not the model card's.
+    const notes = figures ? figures.notes.filter((note) => /weights|merged|host memory/.test(note)) : answer.notes;
     estimateBox.textContent = figures
-      ? `About ${duration(figures.estimated_time_s)}, ${usd(figures.estimated_cost_usd)} on ${figures.gpu}. ${figures.notes.join("; ")}`
-      : answer.notes.join("; ");
+      ? `About ${duration(figures.estimated_time_s)}, ${usd(figures.estimated_cost_usd)} on ${figures.gpu}: ${notes.join("; ")}.`
+      : notes.join("; ");
     run.disabled = false;
-    const { merges } = await api("GET", mergesUrl(jobId));
-    const latest = merges[0];
-    if (latest?.status === "completed") await show(latest.merge_job_id);
-    else if (latest && !["failed", "cancelled"].includes(latest.status)) await follow(latest.merge_job_id);
   }
 
-  const section = el("section", { class: "card", id: "merge", "aria-labelledby": "merge-heading" },
-    el("h2", { id: "merge-heading" }, "Merged weights"),
-    el("p", { class: "help" }, "Merge the LoRA adapter into the base model: one folder of safetensors shards, config and tokenizer that loads with AutoModelForCausalLM.from_pretrained, checked against this experiment's fine-tuned eval losses. A 4-bit experiment merges onto the 16-bit base."),
+  const panel = el("div", { id: "merge", class: "merge-panel", hidden: true, "aria-labelledby": "merge-heading" },
+    el("h3", { id: "merge-heading" }, "Merged weights"),
+    el("p", { class: "help" }, "The LoRA adapter merged into the base model: safetensors shards, config and tokenizer that load with AutoModelForCausalLM.from_pretrained, checked against this experiment's fine-tuned eval losses. A 4-bit experiment merges onto the 16-bit base."),
     el("div", { class: "actions" }, run), estimateBox, error, progressBox, outcome);
-  load().catch((err) => showError(err.message));
-  return section;
+
+  function reveal() {
+    panel.hidden = false;
+    open.setAttribute("aria-expanded", "true");
+    estimate().catch((err) => showError(err.message));
+  }
+  open.addEventListener("click", () => (panel.hidden ? reveal() : (panel.hidden = true, open.setAttribute("aria-expanded", "false"))));
+
+  api("GET", mergesUrl(jobId)).then(async ({ merges }) => {
+    const latest = merges[0];
+    if (!latest || ["failed", "cancelled"].includes(latest.status)) return;
+    reveal();
+    if (latest.status === "completed") await show(latest.merge_job_id);
+    else await follow(latest.merge_job_id);
+  }).catch((err) => showError(err.message));
+  return [open, panel];
 }
