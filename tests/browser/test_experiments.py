@@ -19,6 +19,8 @@ pytestmark = pytest.mark.browser
 
 SAMPLE = json.loads((REPO_ROOT / "examples" / "sample.json").read_text())
 MAX_RESULTS_HEIGHT_PX = 5_000
+# The sample's fine-tuned exact match on local/tiny-llama (the model it ran on before tiny-chat).
+FINETUNED_EM_ON_TINY_LLAMA = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +106,23 @@ def test_sample_results_page_is_short_and_labels_are_editable(
     page.get_by_label("Tags (comma-separated)").fill("two words")
     page.get_by_role("button", name="Save").click()
     page.locator("#label-errors li", has_text="tags").wait_for()
+
+
+def test_the_demo_summary_says_base_answers_read_as_words_and_prints_the_finetuned_exact_match(
+    stack: Stack, sample_runs: dict[str, str]
+) -> None:
+    """What ``make demo`` prints after the sample (devstack.client.summarise_result), on the run
+    made here."""
+    from devstack.client import GatewayClient, summarise_result
+
+    client = GatewayClient(stack.gateway_url)
+    client.sign_in_locally("rita")
+    printed = summarise_result(client.results(sample_runs["sample"]))
+    n_eval = len(SAMPLE["eval_data"])
+    assert f"base answers that read as words: {n_eval} of {n_eval}" in printed
+    exact_match = float(printed.split("fine-tuned exact match: ", 1)[1].split()[0])
+    # local/tiny-llama's sample reached FINETUNED_EM_ON_TINY_LLAMA; tiny-chat must do at least as well.
+    assert exact_match >= FINETUNED_EM_ON_TINY_LLAMA
 
 
 def test_compare_page_of_two_learning_rates(
