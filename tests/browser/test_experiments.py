@@ -19,8 +19,9 @@ pytestmark = pytest.mark.browser
 
 SAMPLE = json.loads((REPO_ROOT / "examples" / "sample.json").read_text())
 MAX_RESULTS_HEIGHT_PX = 5_000
-# The sample's fine-tuned exact match on local/tiny-llama (the model it ran on before tiny-chat).
-FINETUNED_EM_ON_TINY_LLAMA = 0.5
+# The sample's fine-tuned exact match on local/tiny-llama, the model it ran on before tiny-chat
+# (gpu_core run of examples/sample.json with that model_id, 2026-12-07; its base answered "????????").
+FINETUNED_EM_ON_TINY_LLAMA = 0.375
 
 
 @pytest.fixture(scope="module")
