@@ -202,7 +202,8 @@ def merge_adapter(
 
     started = time.monotonic()
     report(0.7, "loading the merged files back and scoring the eval examples")
-    check = check_merged(spec, result, out, dtype, device)
+    # On the GPU whenever there is one: what does not fit it is streamed from host memory.
+    check = check_merged(spec, result, out, dtype, select_device())
     timings["check"] = time.monotonic() - started
 
     peak = {"host": round(host_peak_gb(), 3)}
