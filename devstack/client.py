@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -69,6 +70,16 @@ class GatewayClient:
                     event_name, data = "message", []
 
 
+def reads_as_words(answer: str) -> bool:
+    """An answer a person can read: printable, no undecodable bytes (gpu_core shows them as
+    ``\\xNN``), and mostly letters (not "????????")."""
+    text = answer.strip()
+    letters = sum(len(word) for word in re.findall(r"[A-Za-z]+", text))
+    return (
+        bool(text) and text.isprintable() and "\\x" not in text and letters >= len(text.replace(" ", "")) / 2
+    )
+
+
 def summarise_result(result: dict[str, Any]) -> str:
     lines = ["", "evaluation          exact match   mean loss"]
     for name in ("base", "few_shot", "finetuned"):
@@ -85,6 +96,11 @@ def summarise_result(result: dict[str, Any]) -> str:
             f"{(a['output'] if a else '-')!r:<18}{'*' if a and a['exact_match'] else ' '}" for a in answers
         ]
         lines.append(f"  {eval_id:<12} " + " | ".join(cells))
+    base = list(by_run["base"].values())
+    readable = sum(reads_as_words(example["output"]) for example in base)
+    tuned = result["eval_results"]["finetuned"]["metrics"]["exact_match_rate"]
+    lines.append(f"\nbase answers that read as words: {readable} of {len(base)}")
+    lines.append(f"fine-tuned exact match: {tuned:.3f}")
     influence = result["influence"]
     lines.append(
         f"\ninfluence ({influence['method']}): {len(influence['eval_ids'])} eval x "

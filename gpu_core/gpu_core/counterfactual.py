@@ -253,10 +253,12 @@ def retraining_job(
     retrainings: int,
     should_stop: Callable[[], bool] | None,
     run: Callable[[Report], BaseModel],
+    opening: str | None = None,
 ) -> Generator[dict[str, Any], None, None]:
     """A later job that retrains ``spec`` ``retrainings`` times: ``run(report)`` in the pipeline's
     worker thread, its reports as throttled progress events of ``stage``, then the result; a
-    cancel (or ``should_stop``) stops it at the next report."""
+    cancel (or ``should_stop``) stops it at the next report. ``opening``: the first event's
+    message (by default, the retrainings to run)."""
 
     def work(handoff: Any, cancel: Any) -> BaseModel:
         throttle = ProgressThrottle()
@@ -271,7 +273,7 @@ def retraining_job(
             event = ProgressEvent(stage=stage, progress=fraction, stage_progress=fraction, message=message)
             handoff.put(("event", event.model_dump()))
 
-        report(0.0, f"loading {spec.model_id}; {retrainings} retrainings to run")
+        report(0.0, opening or f"loading {spec.model_id}; {retrainings} retrainings to run")
         return run(report)
 
     return run_in_worker(work)

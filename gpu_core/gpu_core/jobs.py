@@ -3,7 +3,8 @@
 A job is an ``experiment`` (the whole pipeline on a spec) or a later job of an experiment that
 builds on its stored spec and result: ``counterfactual`` (retrain without its top-k examples),
 ``query`` (follow-up attribution queries to its fine-tuned model, see gpu_core.query),
-``curation`` (retrain on a selection of the training set against random ones, gpu_core.curation).
+``curation`` (retrain on a selection of the training set against random ones, gpu_core.curation),
+``merge`` (the adapter merged into the base, written as plain transformers weights, gpu_core.merge).
 Each kind is one :class:`JobKind` in :data:`JOB_KINDS`: how to read its request, how to check
 that request against the parent experiment (so a bad request is refused before anything runs),
 and how to run it as a generator of progress events ending in ``{"type": "result", ...}``.
@@ -12,7 +13,8 @@ Adding a kind is adding an entry here; services pass ``kind`` and the JSON throu
 Payload (RunPod's job input, Modal's argument, compute-local's job folder): an experiment is the
 bare spec object, as before; any other kind is ``{"kind", "spec", "request", "parent_result"}``,
 plus ``"parent_artifacts": [{"name", "url", "sha256", "bytes"}]`` when the worker must download
-the parent's files (a query: :func:`gpu_core.query.needed_parent_artifacts` names them). Workers
+the parent's files (a query or a merge: :func:`gpu_core.uploads.needed_parent_artifacts` names
+them). Workers
 put them under their manifest names in one directory, ``parent_artifacts_dir`` of :func:`run_job`.
 
 This module imports no torch: the scheduler and the providers use it to validate; only
@@ -29,6 +31,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from gpu_core.curation_schemas import CurationRequest
+from gpu_core.merge_schemas import MergeRequest
 from gpu_core.schemas import (
     NO_SIZE_LIMITS,
     CounterfactualRequest,
@@ -43,6 +46,10 @@ EXPERIMENT = "experiment"
 COUNTERFACTUAL = "counterfactual"
 QUERY = "query"
 CURATION = "curation"
+MERGE = "merge"
+# Later kinds that read the experiment's files (workers download them) and write files of their own.
+READS_PARENT_ARTIFACTS = frozenset({QUERY, MERGE})
+WRITES_ARTIFACTS = frozenset({EXPERIMENT, MERGE})
 
 
 class JobInputError(ValueError):
@@ -146,6 +153,12 @@ def check_curation(request: CurationRequest, spec: ExperimentSpec, result: Exper
         raise JobInputError(f"{field}: the selection leaves no training data")
 
 
+def check_merge(_request: MergeRequest, spec: ExperimentSpec, result: ExperimentResult) -> None:
+    """The experiment kept its adapter (an experiment run without an artifacts folder did not)."""
+    if not any(entry.name.startswith("adapter/") for entry in result.artifacts):
+        raise JobInputError("parent_result: the experiment stored no adapter, so there is nothing to merge")
+
+
 def _run_experiment(
     spec: ExperimentSpec,
     _request: Any,
@@ -201,11 +214,26 @@ def _run_curation(
     return run_curation_job(spec, parent, request, should_stop)
 
 
+def _run_merge(
+    spec: ExperimentSpec,
+    request: Any,
+    parent: ExperimentResult | None,
+    artifacts_dir: Path | None,
+    should_stop: StopCheck | None,
+    parent_artifacts_dir: Path | None,
+) -> Events:
+    from gpu_core.merge import run_merge_job
+
+    assert parent is not None  # checked by parse_payload
+    return run_merge_job(spec, parent, request, artifacts_dir, parent_artifacts_dir, should_stop)
+
+
 JOB_KINDS: dict[str, JobKind] = {
     EXPERIMENT: JobKind(EXPERIMENT, None, None, _run_experiment),
     COUNTERFACTUAL: JobKind(COUNTERFACTUAL, CounterfactualRequest, check_counterfactual, _run_counterfactual),
     QUERY: JobKind(QUERY, QueryRequest, check_query, _run_query),
     CURATION: JobKind(CURATION, CurationRequest, check_curation, _run_curation),
+    MERGE: JobKind(MERGE, MergeRequest, check_merge, _run_merge),
 }
 
 
@@ -298,7 +326,10 @@ __all__ = [
     "CURATION",
     "EXPERIMENT",
     "JOB_KINDS",
+    "MERGE",
     "QUERY",
+    "READS_PARENT_ARTIFACTS",
+    "WRITES_ARTIFACTS",
     "CounterfactualError",
     "JobInput",
     "JobInputError",
@@ -306,6 +337,7 @@ __all__ = [
     "SpecError",
     "check_counterfactual",
     "check_curation",
+    "check_merge",
     "check_query",
     "job_kind",
     "make_payload",

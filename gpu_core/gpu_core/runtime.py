@@ -31,6 +31,7 @@ counterfactual retraining) and every influence method goes through.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import re
@@ -200,8 +201,11 @@ def load_model(
     quantization: Quantization = "none",
     device: torch.device | None = None,
     attention: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> LoadedModel:
-    """Tokenizer (right padding, a pad token) and causal LM on ``device``, in eval mode."""
+    """Tokenizer (right padding, a pad token) and causal LM on ``device``, in eval mode.
+    ``dtype``: the weights' dtype instead of the device's compute dtype (a merge keeps the
+    checkpoint's own)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device = device if device is not None else select_device()
@@ -214,6 +218,8 @@ def load_model(
     try:
         model_config = AutoConfig.from_pretrained(source, **common)
         config = runtime_config(model_config, quantization, device, attention)
+        if dtype is not None:
+            config = dataclasses.replace(config, dtype=dtype)
         bnb_config = quantization_config(quantization, device, config.dtype)
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
         model_kwargs: dict[str, Any] = {

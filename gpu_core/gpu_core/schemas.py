@@ -42,6 +42,7 @@ Stage = Literal[
     "counterfactual",  # the one stage of a counterfactual check (gpu_core.counterfactual)
     "query",  # the one stage of a follow-up query (gpu_core.query)
     "curation",  # the one stage of a curation (gpu_core.curation)
+    "merge",  # the one stage of a merged-weights job (gpu_core.merge)
 ]
 STAGES: tuple[str, ...] = (
     "loading_model",

@@ -43,6 +43,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from gpu_core.influence_methods import DEFAULT_TRACKSTAR_DIM as DEFAULT_TRACKSTAR_DIM  # re-exported
 from gpu_core.influence_methods import InfluenceMethodEntry, influence_method
+from gpu_core.merge_schemas import planned_merge_names
 from gpu_core.schemas import ArtifactEntry, ExperimentResult, ExperimentSpec
 
 # The scheduler plans names with gpu_core's base install (no numpy, no torch), so the names that
@@ -88,16 +89,17 @@ def needs_stored_checkpoints(method: InfluenceMethodEntry) -> bool:
     return method.checkpoints == "every" or method.adam_normalised
 
 
-def needed_parent_artifacts(result: ExperimentResult) -> list[str]:
-    """The names in the parent's ``artifacts`` manifest that a follow-up query of it reads
-    (gpu_core.query): the adapter, and the checkpoints and gradient index where its method uses
-    them (never ``scores.npy``). Whatever is missing is recomputed. Here, not in gpu_core.query,
-    because the scheduler mints the download URLs with the base install (no torch)."""
+def needed_parent_artifacts(result: ExperimentResult, kind: str = "query") -> list[str]:
+    """The names in the parent's ``artifacts`` manifest that a later job of ``kind`` reads: a
+    follow-up query (gpu_core.query) the adapter, and the checkpoints and gradient index where
+    its method uses them (never ``scores.npy``; whatever is missing is recomputed); a merge
+    (gpu_core.merge) the adapter only. Here, not in gpu_core.query, because the scheduler mints
+    the download URLs with the base install (no torch)."""
     method = influence_method(result.influence.method)
     prefixes = ["adapter/"]
-    if needs_stored_checkpoints(method):
+    if kind != "merge" and needs_stored_checkpoints(method):
         prefixes.append("checkpoints/")
-    if method.gradient_index != "never":
+    if kind != "merge" and method.gradient_index != "never":
         prefixes.append(f"{INDEX_DIR_NAME}/")
     return [entry.name for entry in result.artifacts if entry.name.startswith(tuple(prefixes))]
 
@@ -113,6 +115,16 @@ def planned_artifact_names(spec: ExperimentSpec) -> list[str]:
         f"checkpoints/epoch-{epoch}{kind}.safetensors" for epoch in epochs for kind in ("", ".second-moment")
     ]
     return [*ADAPTER_FILES, CHECKPOINT_INDEX, *checkpoints, *_index_names(spec), SCORES_NAME, SUMMARY_NAME]
+
+
+def planned_job_artifact_names(kind: str, spec: ExperimentSpec) -> list[str]:
+    """Every name a job of ``kind`` may write: an experiment's (:func:`planned_artifact_names`),
+    a merge's ``merged/`` folder (gpu_core.merge_schemas), none for the other later kinds."""
+    if kind in ("", "experiment"):
+        return planned_artifact_names(spec)
+    if kind == "merge":
+        return planned_merge_names()
+    return []
 
 
 def _index_names(spec: ExperimentSpec) -> list[str]:

@@ -1,9 +1,12 @@
 """End to end: follow-up queries to a planted-duplicate experiment through the whole stack
 (gateway -> scheduler -> compute-local's warm query worker -> gpu_core.query), reading the
 experiment's adapter and gradient index from compute-local's folder of it; span queries, the
-training texts in the answer, idempotency, ownership and errors."""
+training texts in the answer, idempotency, ownership and errors. The same experiment's merged
+weights (gpu_core.merge, compute-local's child) through ``influence merge``."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -145,12 +148,95 @@ def test_bad_requests_name_the_field(alice: GatewayClient, experiment: str, body
     assert names in reply.text
 
 
-def test_a_query_needs_a_completed_experiment(alice: GatewayClient) -> None:
+def test_a_query_or_merge_needs_a_completed_experiment(alice: GatewayClient) -> None:
     running = alice.submit(planted_duplicate_spec("trackstar", 16, 2, 100))["job_id"]
     reply = alice.request("POST", f"/api/jobs/{running}/queries", json={"queries": [{"prompt": "a"}]})
     assert reply.status_code == 409, reply.text
     assert "a query job needs a completed experiment" in reply.json()["detail"]
+    for path in ("merges", "merges/estimate"):
+        reply = alice.request("POST", f"/api/jobs/{running}/{path}", json={})
+        assert reply.status_code == 409, reply.text
+        assert "a merge job needs a completed experiment" in reply.json()["detail"]
     alice.request("POST", f"/api/jobs/{running}/cancel")
+
+
+def test_influence_merge_writes_weights_that_load_with_from_pretrained_and_reproduce_the_losses(
+    stack: Stack,
+    alice: GatewayClient,
+    experiment: str,
+    spec: dict,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gpu_core.data import batches
+    from gpu_core.evaluation import target_losses
+    from gpu_core.pipeline import experiment_encoder
+    from gpu_core.schemas import parse_spec
+
+    estimate = alice.request("POST", f"/api/jobs/{experiment}/merges/estimate", json={"shard_size_mb": 0.1})
+    assert estimate.status_code == 200, estimate.text
+    (local,) = estimate.json()["estimates"]
+    assert "of merged weights (16-bit)" in " ".join(local["notes"]) and local["estimated_time_s"] > 0
+    bad = alice.request("POST", f"/api/jobs/{experiment}/merges", json={"shard_size_mb": 0})
+    assert bad.status_code == 422 and "shard_size_mb" in bad.text
+
+    monkeypatch.setenv("INFLUENCE_TOKEN", alice.token)
+    args = [
+        "--api",
+        stack.gateway_url,
+        "merge",
+        experiment,
+        "--shard-size-mb",
+        "0.1",
+        "--download",
+        str(tmp_path),
+    ]
+    code = cli.main(args)
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "check: eval losses reproduced to" in printed and "(tolerance 0.0001): passed" in printed
+    assert "merged/model.safetensors.index.json" in printed
+
+    (merge,) = alice.request("GET", f"/api/jobs/{experiment}/merges").json()["merges"]
+    assert merge["status"] == "completed" and merge["parent_job_id"] == experiment
+    result = alice.request("GET", f"/api/jobs/{experiment}/merges/{merge['merge_job_id']}").json()["result"]
+    assert result["shards"] >= 3 and result["check"]["passed"] is True
+    # The files came through the scheduler's store and the gateway, checked against their sha256.
+    folder = tmp_path / "merged"
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    parsed = parse_spec(spec)
+    encoder = experiment_encoder(parsed, tokenizer)
+    losses: list[float] = []
+    for chunk in batches(parsed.eval_data, parsed.hyperparams.batch_size):
+        pairs = [encoder.encode(example.turns, last_only=True) for example in chunk]
+        losses += target_losses(model, pairs, tokenizer.pad_token_id, model.device)
+    finetuned = alice.results(experiment)["eval_results"]["finetuned"]["examples"]
+    assert losses == pytest.approx([example["loss"] for example in finetuned], rel=1e-4)
+
+    bob = GatewayClient(stack.gateway_url)
+    bob.sign_in_locally("bob")
+    base = f"/api/jobs/{experiment}/merges"
+    for method, path in [
+        ("POST", base),
+        ("POST", f"{base}/estimate"),
+        ("GET", base),
+        ("GET", f"{base}/{merge['merge_job_id']}"),
+        ("GET", f"/api/jobs/{merge['merge_job_id']}/artifacts"),
+    ]:
+        assert bob.request(method, path, json={}).status_code == 404, path
+
+
+def test_a_merge_can_be_cancelled(alice: GatewayClient, experiment: str) -> None:
+    submitted = alice.request("POST", f"/api/jobs/{experiment}/merges", json={})
+    assert submitted.status_code == 202, submitted.text
+    merge_id = submitted.json()["merge_job_id"]
+    assert alice.request("POST", f"/api/jobs/{merge_id}/cancel").status_code == 200
+    assert list(alice.events(merge_id))[-1]["state"] == "cancelled"
+    assert alice.request("GET", f"/api/jobs/{merge_id}/artifacts").json()["artifacts"] == []
 
 
 def test_influence_ask_prints_the_answer_and_the_training_texts(

@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -149,24 +150,39 @@ def test_modal_job_uploads_its_files_to_presigned_urls(stack: Stack, s3_server: 
     assert np.allclose(np.array(stored["influence"]["scores"], dtype=np.float32), scores)
 
 
+@pytest.fixture(scope="module")
+def planted_experiments(stack: Stack) -> Iterator[Callable[[str], tuple[GatewayClient, dict, str]]]:
+    """A finished planted-duplicate experiment per backend, run once and shared by the later
+    jobs of it (a query, a merge): (its owner's client, its spec, its job id)."""
+    from benchmarks.planted import planted_duplicate_spec
+
+    made: dict[str, tuple[GatewayClient, dict, str]] = {}
+
+    def experiment(backend: str) -> tuple[GatewayClient, dict, str]:
+        if backend not in made:
+            client = GatewayClient(stack.gateway_url)
+            client.sign_in_locally(f"quinn-{backend}")
+            if backend == "runpod":
+                saved = client.request("POST", "/api/settings/runpod-key", json={"api_key": RUNPOD_KEY})
+                assert saved.status_code == 200, saved.text
+            spec = planted_duplicate_spec("trackstar", 16, 2, 60)
+            job_id = client.submit(spec)["job_id"]
+            assert list(client.events(job_id))[-1]["state"] == "completed"
+            assert client.job(job_id)["provider"] == backend
+            made[backend] = (client, spec, job_id)
+        return made[backend]
+
+    yield experiment
+
+
 @pytest.mark.parametrize("backend", ["runpod", "modal"])
 def test_a_query_downloads_the_experiments_files_from_presigned_gets(
-    stack: Stack, fake: FakeRunPodProcess, backend: str
+    planted_experiments: Callable[[str], tuple[GatewayClient, dict, str]], backend: str
 ) -> None:
     """A follow-up query on RunPod (the SDK loop) and on Modal (the function body): the worker
     downloads the experiment's adapter and gradient index from presigned GETs of the S3 store
     (sha256 checked) and answers from that index."""
-    from benchmarks.planted import planted_duplicate_spec
-
-    client = GatewayClient(stack.gateway_url)
-    client.sign_in_locally(f"quinn-{backend}")
-    if backend == "runpod":
-        saved = client.request("POST", "/api/settings/runpod-key", json={"api_key": RUNPOD_KEY})
-        assert saved.status_code == 200, saved.text
-    spec = planted_duplicate_spec("trackstar", 16, 2, 60)
-    job_id = client.submit(spec)["job_id"]
-    assert list(client.events(job_id))[-1]["state"] == "completed"
-    assert client.job(job_id)["provider"] == backend
+    client, spec, job_id = planted_experiments(backend)
     copied = spec["training_data"][11]
     reply = client.request(
         "POST", f"/api/jobs/{job_id}/queries", json={"queries": [{"prompt": copied["prompt"]}], "top_k": 2}
@@ -298,3 +314,56 @@ def test_a_stored_dataset_reaches_a_remote_worker_as_a_presigned_get(
     assert refused[-1]["state"] == "failed", [e.get("message") for e in refused]
     assert "the stored object was changed; refusing it" in json.dumps(refused[-3:])
     assert not any(e.get("stage") == "training" for e in refused)
+
+
+def test_a_runpod_merge_uploads_weights_that_load_with_from_pretrained_and_reproduce_the_losses(
+    planted_experiments: Callable[[str], tuple[GatewayClient, dict, str]],
+    fake: FakeRunPodProcess,
+    s3_server: S3TestServer,
+    tmp_path: Path,
+) -> None:
+    """Merged weights on RunPod (the SDK loop): the worker downloads the adapter from a presigned
+    GET, merges, uploads the shards to presigned PUTs, and the scheduler verifies them in the
+    store; the researcher's download loads with plain from_pretrained."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gpu_core.data import batches
+    from gpu_core.evaluation import target_losses
+    from gpu_core.pipeline import experiment_encoder
+    from gpu_core.schemas import parse_spec
+
+    client, spec, job_id = planted_experiments("runpod")
+    reply = client.request("POST", f"/api/jobs/{job_id}/merges", json={"shard_size_mb": 0.1})
+    assert reply.status_code == 202, reply.text
+    merge_id = reply.json()["merge_job_id"]
+    events = list(client.events(merge_id))
+    assert events[-1]["state"] == "completed", events[-3:]
+    assert any("downloading the experiment's" in str(e.get("message")) for e in events)
+    merge = client.request("GET", f"/api/jobs/{job_id}/merges/{merge_id}").json()
+    assert merge["provider"] == "runpod" and merge["result"]["check"]["passed"] is True
+    listed = client.request("GET", f"/api/jobs/{merge_id}/artifacts").json()["artifacts"]
+    assert {
+        "merged/config.json",
+        "merged/model.safetensors.index.json",
+        "merged/model-00001.safetensors",
+    } <= {a["name"] for a in listed}
+    folder = tmp_path
+    for artifact in listed:
+        data = download(client, merge_id, artifact["name"])
+        assert data == store_object(s3_server, f"jobs/{merge_id}/{artifact['name']}")
+        target = folder / artifact["name"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    model = AutoModelForCausalLM.from_pretrained(folder / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(folder / "merged")
+    parsed = parse_spec(spec)
+    encoder = experiment_encoder(parsed, tokenizer)
+    losses: list[float] = []
+    for chunk in batches(parsed.eval_data, parsed.hyperparams.batch_size):
+        pairs = [encoder.encode(example.turns, last_only=True) for example in chunk]
+        losses += target_losses(model, pairs, tokenizer.pad_token_id, model.device)
+    finetuned = client.results(job_id)["eval_results"]["finetuned"]["examples"]
+    assert losses == pytest.approx([example["loss"] for example in finetuned], rel=1e-4)
+    # The weights went to the store directly: RunPod carried only the manifest.
+    done = [r for r in fake.requests("worker.done") if r["status"] == 200]
+    assert done and int(done[-1]["headers"]["content-length"]) < sum(a["bytes"] for a in listed)

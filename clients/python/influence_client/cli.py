@@ -4,6 +4,7 @@
     influence submit examples/sample.json --follow
     influence results JOB --format csv -o scores.csv
     influence ask JOB "a new prompt" --span 0 5   # which training examples drove the answer
+    influence merge JOB --download ./merged     # the adapter merged into the base, plain weights
 
 ``--api`` or $INFLUENCE_API picks the gateway (default: the local stack on 127.0.0.1:8080).
 """
@@ -382,6 +383,45 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    request = {"shard_size_mb": args.shard_size_mb} if args.shard_size_mb is not None else {}
+    with _client(args) as client:
+        submitted = client.submit_merge(args.job, request, idempotency_key=args.idempotency_key)
+        bar = ProgressBar(sys.stderr, sys.stderr.isatty())
+        job = client.wait(submitted.merge_job_id, on_event=bar.update)
+        bar.finish(job)
+        merge = client.merge(args.job, submitted.merge_job_id)
+        if merge.result is None:
+            return 1
+        if args.json:
+            _print_json(merge)
+        else:
+            print_merge(merge)
+        if args.download:
+            for artifact in client.artifacts(merge.merge_job_id):
+                path = client.download_artifact(merge.merge_job_id, artifact, args.download)
+                print(f"downloaded {path}")
+    return 0 if merge.result.check.passed is not False else 2
+
+
+def print_merge(merge: models.MergeJob) -> None:
+    result = merge.result
+    assert result is not None
+    print(f"merge {merge.merge_job_id}: {result.base_model} + adapter, {result.dtype}, on {result.merged_on}")
+    print(f"{result.parameters:,} parameters, {result.weight_bytes / 1e6:.1f} MB in {result.shards} shard(s)")
+    check = result.check
+    verdict = {True: "passed", False: "FAILED", None: "not expected to match"}[check.passed]
+    tolerance = f" (tolerance {check.tolerance:g})" if check.tolerance is not None else ""
+    print(
+        f"check: eval losses reproduced to {check.max_relative_difference:.2e} relative{tolerance}: {verdict}"
+    )
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"files (download with: influence artifacts {merge.merge_job_id} --download DIR):")
+    for name in result.files:
+        print(f"  merged/{name}")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="influence", description="The Influence Dashboard API from a shell.")
     root.add_argument(
@@ -457,6 +497,17 @@ def parser() -> argparse.ArgumentParser:
     ask.add_argument("--idempotency-key", help="asking again with the same key answers the same query")
     ask.add_argument("--json", action="store_true")
     ask.set_defaults(run=cmd_ask)
+
+    merge = commands.add_parser(
+        "merge",
+        help="merge a finished experiment's adapter into its base: weights that load with from_pretrained",
+    )
+    merge.add_argument("job", help="the experiment")
+    merge.add_argument("--shard-size-mb", type=float, help="largest weight shard (default 5000 MB)")
+    merge.add_argument("--download", metavar="DIR", help="download the merged files into DIR")
+    merge.add_argument("--idempotency-key", help="merging again with the same key answers the same merge")
+    merge.add_argument("--json", action="store_true")
+    merge.set_defaults(run=cmd_merge)
 
     examples = commands.add_parser(
         "examples", help="a finished experiment's training examples, ranked (harmful, suspect, ...)"

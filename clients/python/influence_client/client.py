@@ -284,6 +284,30 @@ class _Calls:
         return _later_job(job_id, "/counterfactual", models.CounterfactualSubmitted, request, idempotency_key)
 
     @staticmethod
+    def merge_estimate(job_id: str, request: dict[str, Any]) -> _Call[models.MergeEstimate]:
+        return _Call(
+            "POST", _job_path(job_id, "/merges/estimate"), _model(models.MergeEstimate), json=request
+        )
+
+    @staticmethod
+    def submit_merge(
+        job_id: str, request: dict[str, Any], idempotency_key: str | None
+    ) -> _Call[models.MergeSubmitted]:
+        return _later_job(job_id, "/merges", models.MergeSubmitted, request, idempotency_key)
+
+    @staticmethod
+    def merges(job_id: str) -> _Call[list[models.MergeJob]]:
+        return _Call(
+            "GET", _job_path(job_id, "/merges"), lambda r: models.MergeList.model_validate(r.json()).merges
+        )
+
+    @staticmethod
+    def merge(job_id: str, merge_job_id: str) -> _Call[models.MergeJob]:
+        return _Call(
+            "GET", _job_path(job_id, f"/merges/{quote(merge_job_id, safe='')}"), _model(models.MergeJob)
+        )
+
+    @staticmethod
     def counterfactuals(job_id: str) -> _Call[list[models.CounterfactualCheck]]:
         return _Call(
             "GET",
@@ -651,6 +675,23 @@ class Client(_Base):
     def counterfactuals(self, job_id: str) -> list[models.CounterfactualCheck]:
         return self._run(_Calls.counterfactuals(job_id))
 
+    def merge_estimate(self, job_id: str, request: dict[str, Any] | None = None) -> models.MergeEstimate:
+        """Time and cost of merging the experiment's adapter into its base (gpu_core MergeRequest)."""
+        return self._run(_Calls.merge_estimate(job_id, request or {}))
+
+    def submit_merge(
+        self, job_id: str, request: dict[str, Any] | None = None, idempotency_key: str | None = None
+    ) -> models.MergeSubmitted:
+        """Merge the adapter into the base; follow it with events(merge job id), read it with
+        merge(), download its files with download_artifacts(merge job id, ...)."""
+        return self._run(_Calls.submit_merge(job_id, request or {}, idempotency_key))
+
+    def merges(self, job_id: str) -> list[models.MergeJob]:
+        return self._run(_Calls.merges(job_id))
+
+    def merge(self, job_id: str, merge_job_id: str) -> models.MergeJob:
+        return self._run(_Calls.merge(job_id, merge_job_id))
+
     def counterfactual(self, job_id: str, check_id: str) -> models.CounterfactualCheck:
         return self._run(_Calls.counterfactual(job_id, check_id))
 
@@ -893,6 +934,22 @@ class AsyncClient(_Base):
 
     async def counterfactuals(self, job_id: str) -> list[models.CounterfactualCheck]:
         return await self._run(_Calls.counterfactuals(job_id))
+
+    async def merge_estimate(
+        self, job_id: str, request: dict[str, Any] | None = None
+    ) -> models.MergeEstimate:
+        return await self._run(_Calls.merge_estimate(job_id, request or {}))
+
+    async def submit_merge(
+        self, job_id: str, request: dict[str, Any] | None = None, idempotency_key: str | None = None
+    ) -> models.MergeSubmitted:
+        return await self._run(_Calls.submit_merge(job_id, request or {}, idempotency_key))
+
+    async def merges(self, job_id: str) -> list[models.MergeJob]:
+        return await self._run(_Calls.merges(job_id))
+
+    async def merge(self, job_id: str, merge_job_id: str) -> models.MergeJob:
+        return await self._run(_Calls.merge(job_id, merge_job_id))
 
     async def counterfactual(self, job_id: str, check_id: str) -> models.CounterfactualCheck:
         return await self._run(_Calls.counterfactual(job_id, check_id))

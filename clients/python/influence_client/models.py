@@ -269,6 +269,64 @@ class CounterfactualList(ApiModel):
     counterfactual_jobs: list[CounterfactualCheck] = Field(description="Newest first")
 
 
+# ---- merged weights ------------------------------------------------------------------------
+
+
+class MergeEstimate(ApiModel):
+    backend: str = Field(description="The experiment's backend, where the merge runs")
+    estimates: list[BackendEstimate]
+    notes: list[str]
+
+
+class MergeSubmitted(ApiModel):
+    merge_job_id: str
+    status: str
+    estimated_time_s: float
+    estimated_cost_usd: float
+
+
+class MergeCheck(ApiModel):
+    """The merged files loaded back with ``from_pretrained`` and scored on the eval examples."""
+
+    eval_ids: list[str]
+    finetuned_losses: list[float] = Field(description="Each eval example's loss in the experiment")
+    merged_losses: list[float] = Field(description="The same examples' losses under the merged model")
+    max_relative_difference: float
+    tolerance: float | None = Field(description="None: no match expected (a quantized experiment)")
+    passed: bool | None
+
+
+class MergeResultView(ApiModel):
+    """gpu_core MergeResult: the ``merged/`` folder's files are the job's artifacts."""
+
+    base_model: str
+    dtype: str = Field(description="The merged weights' dtype: the base checkpoint's own")
+    experiment_quantization: str
+    merged_on: str = Field(description="Where the merge ran: a GPU when the 16-bit base fits, else cpu")
+    parameters: int
+    weight_bytes: int
+    shards: int
+    files: list[str] = Field(description="The files under merged/ (artifact names merged/<file>)")
+    check: MergeCheck
+    notes: list[str]
+    peak_memory_gb: dict[str, float]
+    timings: dict[str, float]
+
+
+class MergeJob(Job):
+    """A merge's job status, its request (gpu_core MergeRequest) and, once it completed, its
+    result; its files are downloaded at /api/jobs/{merge_job_id}/artifacts."""
+
+    merge_job_id: str
+    parent_job_id: str
+    request: dict[str, Any] | None
+    result: MergeResultView | None = None
+
+
+class MergeList(ApiModel):
+    merges: list[MergeJob] = Field(description="Newest first")
+
+
 # ---- training data: ranking and curations ------------------------------------------------
 
 

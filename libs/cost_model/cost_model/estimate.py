@@ -10,12 +10,19 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cost_model.memory import USABLE_FRACTION, GpuRecommendation, recommend_gpu
+from cost_model.memory import OVERHEAD_GB, USABLE_FRACTION, GpuRecommendation, recommend_gpu
 from cost_model.model_catalog import ModelCard, lookup_model, model_cards
 from cost_model.prices import MODAL_GPU_ENV, PROVIDERS, job_gpu, price_table
-from cost_model.timing import COLD_START_RANGE, counterfactual_time_s, estimated_time_s, query_time_s
+from cost_model.timing import (
+    COLD_START_RANGE,
+    counterfactual_time_s,
+    estimated_time_s,
+    merge_time_s,
+    query_time_s,
+)
 from cost_model.workload import Workload
 from gpu_core.curation_schemas import CurationRequest
+from gpu_core.merge_schemas import MergeRequest
 from gpu_core.schemas import CounterfactualRequest, ExperimentSpec, QueryRequest
 
 BACKENDS: tuple[str, ...] = ("hosted", "runpod")
@@ -93,13 +100,16 @@ def estimate(
     counterfactual: CounterfactualRequest | None = None,
     query: QueryRequest | None = None,
     curation: CurationRequest | None = None,
+    merge: MergeRequest | None = None,
     min_tier_gb: int = 0,
 ) -> CostEstimate:
     """Time and cost of ``spec`` on ``provider``'s GPU for the recommended memory tier (at least
     ``min_tier_gb``: the smallest GPU the provider will actually give the job); with
     ``counterfactual``, of that check on the experiment ``spec`` (its retrainings instead); with
     ``query``, of those follow-up queries to it; with ``curation``, of its retrainings (each on
-    the whole training set at most, evaluated on every eval example)."""
+    the whole training set at most, evaluated on every eval example); with ``merge``, of merging
+    its adapter into the 16-bit base (on the experiment's GPU, in host memory where the 16-bit
+    weights do not fit it)."""
     _check_provider(provider, backend)
     card = lookup_model(spec.model_id)
     workload = Workload.from_spec(spec, card)
@@ -126,6 +136,26 @@ def estimate(
             f"{len(query.queries)} queries scored against {workload.n_train} training examples "
             f"with {spec.influence_method} from {source}; assumes the stored adapter"
         )
+    elif merge is not None:
+        weights_gb = card.params_b * 2  # 16-bit, whatever the experiment's quantization
+        required_gb = weights_gb + OVERHEAD_GB
+        fits_gb = USABLE_FRACTION * gpu.memory_gb - OVERHEAD_GB
+        # A host without a GPU (compute-local) merges in its own memory, with nothing to stream.
+        offloaded_gb = max(weights_gb - fits_gb, 0.0) if gpu.memory_gb > 0 else 0.0
+        seconds = merge_time_s(card, workload, gpu, provider, offloaded_gb * 1e9)
+        shards = max(1, math.ceil(weights_gb * 1000 / merge.shard_size_mb))
+        size = f"{weights_gb:.1f} GB" if weights_gb >= 1 else f"{weights_gb * 1000:.2g} MB"
+        notes.append(
+            f"writes {size} of merged weights (16-bit) in {shards} shard(s) and checks them on "
+            f"{workload.n_eval} eval examples"
+        )
+        if workload.quantization != "none":
+            notes.append(f"the experiment trained {workload.quantization}: merged onto the 16-bit base")
+        if offloaded_gb > 0:
+            notes.append(
+                f"the 16-bit weights do not fit {gpu_name} ({gpu.memory_gb:g} GB): merged in host memory "
+                f"(about {weights_gb + 2:.0f} GB of RAM), the check streams {offloaded_gb:.0f} GB per batch"
+            )
     elif curation is not None:
         retrainings = curation.retrainings()
         n_eval = spec.n_eval
@@ -152,6 +182,7 @@ def estimate(
     time_s = round(seconds, 1)
     if card.note:
         notes.append(card.note)
+    required_memory_gb = required_gb if merge is not None else recommendation.required_memory_gb
     needs_gb = recommendation.required_memory_gb / USABLE_FRACTION
     if provider == "modal" and recommendation.fits and gpu.memory_gb < needs_gb:
         notes.append(
@@ -172,7 +203,7 @@ def estimate(
         provider=provider,
         gpu=gpu_name,
         gpu_memory_gb=gpu.memory_gb,
-        required_memory_gb=round(recommendation.required_memory_gb, 2),
+        required_memory_gb=round(required_memory_gb, 2),
         estimated_time_s=time_s,
         usd_per_second=gpu.usd_per_second,
         estimated_cost_usd=round(time_s * gpu.usd_per_second, 6),
@@ -199,12 +230,13 @@ def estimate_job(
 ) -> CostEstimate:
     """What a provider's Estimate answers: an experiment, or a later job of the experiment
     ``spec`` of ``kind`` (gpu_core.jobs) with its request. Raises ValueError naming the field."""
-    from gpu_core.jobs import COUNTERFACTUAL, CURATION, QUERY, job_kind, parse_request
+    from gpu_core.jobs import COUNTERFACTUAL, CURATION, MERGE, QUERY, job_kind, parse_request
 
     later = job_kind(kind)
     check = parse_request(later, request_json) if later.name == COUNTERFACTUAL else None
     query = parse_request(later, request_json) if later.name == QUERY else None
     curation = parse_request(later, request_json) if later.name == CURATION else None
+    merge = parse_request(later, request_json) if later.name == MERGE else None
     return estimate(
         spec,
         provider,
@@ -212,6 +244,7 @@ def estimate_job(
         counterfactual=check,
         query=query,
         curation=curation,
+        merge=merge,
         min_tier_gb=min_tier_gb,
     )
 

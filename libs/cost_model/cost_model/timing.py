@@ -35,6 +35,13 @@ scored checkpoint) and the training side: scoring the stored projected index
 experiment's influence pass over the training set again (TracIn at each epoch's checkpoint,
 DataInf once, Kronfluence's two fitting passes plus one). It assumes the stored adapter is
 there (a missing one is retrained, which adds the experiment's training time).
+
+A merged-weights job (gpu_core.merge) is one cold start, the 16-bit base loaded (whatever the
+experiment's quantization), written back as shards (WRITE_BYTES_PER_S) and, on RunPod or Modal,
+uploaded to the artifact store (UPLOAD_BYTES_PER_S), then loaded again and one loss forward over
+the eval examples (the check). Where the 16-bit weights do not fit the GPU (a 4-bit experiment on
+a 24 GB card), the merge runs in host memory and the check's forward streams the layers that do
+not fit over PCIe (PCIE_BYTES_PER_S) once per batch.
 """
 
 from __future__ import annotations
@@ -55,6 +62,9 @@ PIPELINE_OVERHEAD_S = 10.0
 COLD_START_S: dict[str, float] = {"local": 0.0, "modal": 40.0, "runpod": 75.0}
 COLD_START_RANGE: dict[str, str] = {"local": "none", "modal": "20-60 s", "runpod": "30-120 s"}
 EVAL_RUNS = 3
+WRITE_BYTES_PER_S = 0.5e9
+UPLOAD_BYTES_PER_S = 0.2e9
+PCIE_BYTES_PER_S = 10e9
 
 
 # The training-set summary (gpu_core.training_summary): one gradient pass over the training set
@@ -144,6 +154,27 @@ def counterfactual_time_s(
     per_retraining = (train + 2 * params * checked_tokens) / throughput + decode_s + passes_s
     load_s = params * 2 / LOAD_BYTES_PER_S
     return COLD_START_S[provider] + load_s + retrainings * per_retraining + PIPELINE_OVERHEAD_S
+
+
+def merge_time_s(
+    card: ModelCard, workload: Workload, gpu: GpuOffer, provider: str, offloaded_bytes: float
+) -> float:
+    """Seconds of a merge job; ``offloaded_bytes``: 16-bit weights that do not fit the GPU."""
+    params = card.params_b * 1e9
+    weight_bytes = params * 2
+    throughput = gpu.peak_tflops * 1e12 * MODEL_FLOPS_UTILISATION
+    batches = math.ceil(workload.n_eval / workload.batch_size)
+    upload_s = weight_bytes / UPLOAD_BYTES_PER_S if provider != "local" else 0.0
+    check_s = 2 * params * workload.eval_tokens / throughput + batches * gpu.pass_latency_s
+    check_s += batches * offloaded_bytes / PCIE_BYTES_PER_S
+    return (
+        COLD_START_S[provider]
+        + 2 * weight_bytes / LOAD_BYTES_PER_S
+        + weight_bytes / WRITE_BYTES_PER_S
+        + upload_s
+        + check_s
+        + PIPELINE_OVERHEAD_S
+    )
 
 
 def query_time_s(

@@ -363,3 +363,26 @@ def test_a_query_job_costs_far_less_than_the_experiment_and_grows_with_its_queri
     )
     with pytest.raises(JobInputError, match="^queries: List should have at least 1 item"):
         estimate_job(spec, "runpod", "runpod", "query", b'{"queries": []}')
+
+
+def test_a_merge_prices_the_16_bit_base_and_a_4_bit_12b_merges_through_host_memory() -> None:
+    from gpu_core.merge_schemas import MergeRequest
+
+    four_bit = make_spec(model_id="google/gemma-3-12b", quantization="4bit")
+    experiment = estimate(four_bit, "runpod", "runpod")
+    merged = estimate(four_bit, "runpod", "runpod", merge=MergeRequest())
+    # Same GPU as the experiment (a 16 GB card); the 24 GB of bf16 weights do not fit it.
+    assert merged.gpu == experiment.gpu and merged.gpu_memory_gb < 24
+    assert merged.required_memory_gb == pytest.approx(12.2 * 2 + 1.5, abs=0.5)
+    assert any("merged onto the 16-bit base" in note for note in merged.notes)
+    assert any("merged in host memory" in note for note in merged.notes)
+    assert any("writes 24.4 GB of merged weights (16-bit) in 5 shard(s)" in note for note in merged.notes)
+    # A 16-bit experiment's GPU (48 GB class) holds them: no host-memory merge, and faster.
+    sixteen = estimate(make_spec(quantization="none"), "runpod", "runpod", merge=MergeRequest())
+    assert sixteen.gpu_memory_gb >= 48 and not any("host memory" in note for note in sixteen.notes)
+    assert sixteen.estimated_time_s < merged.estimated_time_s
+    # Reading, writing, uploading and reading back 24 GB: minutes.
+    assert 120 < merged.estimated_time_s < 1800
+    assert merged.estimated_cost_usd == pytest.approx(
+        merged.estimated_time_s * merged.usd_per_second, rel=1e-6
+    )

@@ -1,7 +1,8 @@
 """The child process that runs one experiment: ``python -m compute_local.child --job-dir DIR``.
 
 It reads ``DIR/spec.json`` (and, for a later job such as a counterfactual check, the kind in
-``DIR/job.json`` with ``request.json`` and ``parent_result.json``), iterates
+``DIR/job.json`` with ``request.json`` and ``parent_result.json``; a merge also reads the
+experiment's files from ``--parent-dir`` or downloads them as ``parent.json`` lists), iterates
 ``gpu_core.jobs.run_job`` (an experiment is ``gpu_core.pipeline.run_experiment``) and writes every event
 as one JSON line to its stdout, which the service reads through a pipe. Everything else the
 process prints (logs, library chatter, tracebacks) goes to stderr, so the event stream stays
@@ -31,6 +32,10 @@ from service_runtime.logs import configure_logging
 log = logging.getLogger("compute_local.child")
 
 EXIT_CANCELLED = 128 + signal.SIGTERM
+# A later job's record of its experiment (parent_job_id, presigned GETs of its files), and the
+# folder those files are downloaded into when compute-local's own folder of them is gone.
+PARENT_FILE = "parent.json"
+DOWNLOADS_DIR = "parent_artifacts"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -74,7 +79,27 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run(job_dir: Path, threads: int, events: IO[str]) -> int:
+def parent_files(job_dir: Path, parent_dir: Path | None, events: IO[str]) -> Path | None:
+    """Where a later job reads its experiment's files: ``parent_dir`` (compute-local's folder of
+    the experiment) when given, else the presigned GETs listed in ``parent.json``, downloaded
+    into the job's folder; None for a job without a parent."""
+    if parent_dir is not None:
+        return parent_dir
+    listing = job_dir / PARENT_FILE
+    if not listing.is_file():
+        return None
+    from gpu_core.uploads import download_artifacts, download_event, parse_parent_artifacts
+
+    downloads = job_dir / DOWNLOADS_DIR
+    downloads.mkdir(exist_ok=True)
+    entries = parse_parent_artifacts(json.loads(listing.read_bytes()).get("parent_artifacts"))
+    if entries:
+        emit(events, download_event(entries))
+        download_artifacts(entries, downloads)
+    return downloads
+
+
+def run(job_dir: Path, threads: int, events: IO[str], parent_dir: Path | None = None) -> int:
     set_threads(threads)
     from gpu_core.datasets import parse_dataset_files, read_datasets, reading_event
     from gpu_core.jobs import make_payload, parse_payload, run_job
@@ -94,7 +119,8 @@ def run(job_dir: Path, threads: int, events: IO[str]) -> int:
         parent = json.loads((job_dir / "parent_result.json").read_bytes())
     artifacts = job_dir / "artifacts"
     artifacts.mkdir(exist_ok=True)
-    experiment = run_job(parse_payload(make_payload(kind, spec, request, parent)), artifacts)
+    job = parse_payload(make_payload(kind, spec, request, parent))
+    experiment = run_job(job, artifacts, parent_artifacts_dir=parent_files(job_dir, parent_dir, events))
     try:
         for event in experiment:
             emit(events, event)
@@ -110,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-dir", type=Path, required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--parent-dir", type=Path, default=None)
     args = parser.parse_args(argv)
 
     events = take_stdout()
@@ -117,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         die_with_parent(args.parent_pid)
-        return run(args.job_dir, args.threads, events)
+        return run(args.job_dir, args.threads, events, args.parent_dir)
     except Terminated:
         log.info("terminated; experiment closed")
         return EXIT_CANCELLED

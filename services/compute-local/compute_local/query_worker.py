@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from compute_local.child import (
+    DOWNLOADS_DIR,
     EXIT_CANCELLED,
+    PARENT_FILE,
     Terminated,
     die_with_parent,
     emit,
@@ -44,8 +46,6 @@ from service_runtime.logs import configure_logging
 
 log = logging.getLogger("compute_local.query_worker")
 
-PARENT_FILE = "parent.json"
-DOWNLOADS_DIR = "parent_artifacts"
 DONE = {"type": "done"}
 
 

@@ -35,12 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compute_local.child import EXIT_CANCELLED
+from compute_local.child import EXIT_CANCELLED, PARENT_FILE
 from compute_local.jobs import JobRecord, JobState, JobStore, StoredEvent, new_provider_job_id
-from compute_local.query_worker import PARENT_FILE
 from compute_local.spec import DATASETS_FILE, later_job_files, read_spec
 from compute_local.warm import WarmQueryPool, WarmQueryWorker, WorkerGone
-from gpu_core.jobs import QUERY, job_kind
+from gpu_core.jobs import EXPERIMENT, QUERY, READS_PARENT_ARTIFACTS, job_kind
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +216,7 @@ class LocalRunner:
         files = later_job_files(kind, spec_json, request_json, parent_result_json)
         if datasets:
             files[DATASETS_FILE] = json.dumps(datasets).encode()
-        if job_kind(kind).name == QUERY:
+        if job_kind(kind).name in READS_PARENT_ARTIFACTS:
             files[PARENT_FILE] = json.dumps(
                 {"parent_job_id": parent_job_id, "parent_artifacts": parent_artifacts or []}
             ).encode()
@@ -540,6 +539,13 @@ class LocalRunner:
     async def _run_child(self, job: Job, device: str) -> None:
         pid = job.record.provider_job_id
         job_dir = self._store.job_dir(pid).resolve()
+        # A later job that reads its experiment's files (a merge) reads this service's folder of
+        # them while it is kept, else the presigned GETs in its parent.json.
+        parent_dir = (
+            self._parent_artifacts_dir(job.record.parent_job_id)
+            if job.record.kind in READS_PARENT_ARTIFACTS
+            else None
+        )
         with open(self._store.log_path(pid), "ab") as worker_log:
             job.process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -551,6 +557,7 @@ class LocalRunner:
                 str(os.getpid()),
                 "--threads",
                 str(self._child_threads),
+                *(["--parent-dir", str(parent_dir)] if parent_dir is not None else []),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=worker_log,
@@ -644,7 +651,9 @@ class LocalRunner:
             result_json = json.dumps(event.get("result")).encode()
             await asyncio.to_thread(self._store.write_result, job.record.provider_job_id, result_json)
             self._finish(job, JobState.COMPLETED, "")
-            what = "query answered" if job.record.kind == QUERY else "experiment finished"
+            what = {QUERY: "query answered", EXPERIMENT: "experiment finished"}.get(
+                job.record.kind, "job finished"
+            )
             self._add_event(
                 job,
                 {"type": "result", "stage": "finished", "progress": 1.0, "message": f"{what}; result ready"},

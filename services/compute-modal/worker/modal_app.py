@@ -164,7 +164,7 @@ def run_job(job_id: str, spec: dict[str, Any], store: ProgressStore, call_id: st
     # gpu_core imports torch: imported here so deploying needs no torch locally.
     from gpu_core.datasets import parse_dataset_files, read_payload_datasets, reading_event
     from gpu_core.hf_token import HF_TOKEN_FIELD, HfTokenForLoad
-    from gpu_core.schemas import ExperimentResult
+    from gpu_core.schemas import ArtifactEntry
     from gpu_core.uploads import (
         RESULT_NAME,
         ArtifactUploadError,
@@ -214,7 +214,10 @@ def run_job(job_id: str, spec: dict[str, Any], store: ProgressStore, call_id: st
             hf_token.seen(event)
             if event.get("type") == "result":
                 if artifacts is not None:
-                    manifest = ExperimentResult.model_validate(event["result"]).artifacts
+                    # An experiment's or a merge's files (gpu_core.jobs.WRITES_ARTIFACTS).
+                    manifest = [
+                        ArtifactEntry.model_validate(e) for e in event["result"].get("artifacts") or []
+                    ]
                     upload_artifacts(artifacts, manifest, urls)
                 if RESULT_NAME in urls:
                     try:

@@ -26,6 +26,7 @@ from gateway import (
     datasets_api,
     experiments_api,
     jobs_api,
+    merges_api,
     models_api,
     queries_api,
     settings_api,
@@ -122,6 +123,7 @@ def create_app(
     app.include_router(counterfactual_api.router)
     app.include_router(queries_api.router)
     app.include_router(curation_api.router)
+    app.include_router(merges_api.router)
     app.include_router(config_api.router)
     app.include_router(usage_api.router)
     _install_dashboard(app, dashboard_dir)

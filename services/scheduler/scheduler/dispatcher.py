@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from artifact_store import StoreError
-from gpu_core.jobs import EXPERIMENT
+from gpu_core.jobs import EXPERIMENT, WRITES_ARTIFACTS
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
 from influence.v1 import compute_pb2
 from scheduler.artifacts import ArtifactMover, read_worker_claim
@@ -359,12 +359,12 @@ class Dispatcher:
             )
         endpoint_id = await self._endpoints.ensure(route, job.user_id, spec) if route.needs_endpoint else ""
         uploads: list[compute_pb2.ArtifactUpload] = []
-        # Only experiments write files; a later job of one (a query, a counterfactual check)
-        # returns JSON, but on RunPod its worker still claims the job id and keeps its result in
-        # the store (the records a lost answer and RunPod's retention are reconciled with).
-        if later is None and uploads_directly(route.provider, self._artifacts.store):
+        # Experiments and merges write files; another later job (a query, a counterfactual
+        # check) returns JSON, but on RunPod its worker still claims the job id and keeps its
+        # result in the store (the records a lost answer and RunPod's retention are reconciled with).
+        if job.kind in WRITES_ARTIFACTS and uploads_directly(route.provider, self._artifacts.store):
             uploads = await presigned_uploads(
-                self._artifacts.store, job.id, spec, self._settings.scheduler_upload_url_ttl_s
+                self._artifacts.store, job.id, spec, self._settings.scheduler_upload_url_ttl_s, job.kind
             )
         elif self._claims(route.provider):
             uploads = await presigned_uploads(
@@ -405,6 +405,7 @@ class Dispatcher:
                 parent.artifacts if parent is not None else [],
                 parent_result,
                 self._settings.scheduler_upload_url_ttl_s,
+                job.kind,
             )
         return LaterJob(
             kind=job.kind,

@@ -20,7 +20,8 @@ Where the store cannot mint URLs (the local filesystem, the embedded default) no
 and the files come back through the provider (``ComputeProvider.FetchArtifact``), as for
 compute-local; each provider bounds what it can carry that way.
 
-Downloads go the other way for a later job that reads its experiment's files (a follow-up query):
+Downloads go the other way for a later job that reads its experiment's files (a follow-up query,
+a merge):
 one presigned GET URL per file ``gpu_core.uploads.needed_parent_artifacts`` names, for those the
 experiment's verified manifest still lists (the retention sweep empties it), each with the
 manifest's size and sha256 so the worker can check what it got. Every provider gets them when the
@@ -38,14 +39,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from artifact_store import ArtifactNotFound, ArtifactStore, StoreError, job_key, job_prefix
-from gpu_core.jobs import QUERY, parse_result
+from gpu_core.jobs import EXPERIMENT, QUERY, READS_PARENT_ARTIFACTS, parse_result
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
 from gpu_core.uploads import (
     CLAIM_NAME,
     CLAIM_READ_NAME,
     WORKER_RECORD_NAMES,
     needed_parent_artifacts,
-    planned_artifact_names,
+    planned_job_artifact_names,
 )
 from influence.v1 import compute_pb2
 from scheduler.artifacts import ArtifactTransferError, StoreUnavailable
@@ -66,13 +67,14 @@ def uploads_directly(provider: str, store: ArtifactStore) -> bool:
 
 
 async def presigned_uploads(
-    store: ArtifactStore, job_id: str, spec: dict[str, Any] | None, expires_s: int
+    store: ArtifactStore, job_id: str, spec: dict[str, Any] | None, expires_s: int, kind: str = EXPERIMENT
 ) -> list[compute_pb2.ArtifactUpload]:
-    """One presigned PUT URL per artifact name the job's run may write, and one for each of
-    the worker's records (its claim on the job, its result JSON: gpu_core.uploads), and a GET of
-    the claim (``CLAIM_READ_NAME``: a re-delivered provider job finds its own claim). ``spec``
-    None: a later job (a query, a counterfactual check), which writes only those records."""
-    planned = planned_artifact_names(parse_spec(spec, NO_SIZE_LIMITS)) if spec is not None else []
+    """One presigned PUT URL per artifact name the job's run may write (an experiment's, or a
+    later job's of ``kind``: a merge's ``merged/`` folder), and one for each of the worker's
+    records (its claim on the job, its result JSON: gpu_core.uploads), and a GET of the claim
+    (``CLAIM_READ_NAME``: a re-delivered provider job finds its own claim). ``spec`` None: a job
+    that writes only those records (a query, a counterfactual check)."""
+    planned = planned_job_artifact_names(kind, parse_spec(spec, NO_SIZE_LIMITS)) if spec is not None else []
     names = [*planned, *WORKER_RECORD_NAMES]
     return [
         *[
@@ -89,7 +91,7 @@ async def presigned_uploads(
 
 
 def reads_parent_artifacts(kind: str) -> bool:
-    return kind == QUERY
+    return kind in READS_PARENT_ARTIFACTS
 
 
 async def presigned_parent_downloads(
@@ -98,13 +100,14 @@ async def presigned_parent_downloads(
     stored_manifest: list[dict[str, Any]],
     parent_result: Any,
     expires_s: int,
+    kind: str = QUERY,
 ) -> list[compute_pb2.ParentArtifact]:
     """One presigned GET URL per experiment file the later job needs and the store still holds;
     none where the store cannot sign (the worker then reads compute-local's folder or recomputes)."""
     if not store.supports_presign or not parent_result:
         return []
     stored = {entry["name"]: entry for entry in stored_manifest}
-    needed = [name for name in needed_parent_artifacts(parse_result(parent_result)) if name in stored]
+    needed = [name for name in needed_parent_artifacts(parse_result(parent_result), kind) if name in stored]
     return [
         compute_pb2.ParentArtifact(
             name=name,

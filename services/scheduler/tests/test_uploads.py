@@ -67,6 +67,16 @@ async def test_urls_are_minted_for_the_planned_names_of_that_job_only(s3_store: 
     assert (await s3_store.stat(job_key("job-a", "scores.npy"))).bytes == 6
 
 
+async def test_a_merge_gets_urls_for_its_merged_folder_and_a_query_for_its_records_only(
+    s3_store: ArtifactStore,
+) -> None:
+    merge = [u.name for u in await presigned_uploads(s3_store, "job-m", SPEC, expires_s=600, kind="merge")]
+    assert {"merged/config.json", "merged/model.safetensors", "merged/model-00128.safetensors"} <= set(merge)
+    assert "scores.npy" not in merge and set(WORKER_RECORD_NAMES) <= set(merge)
+    query = [u.name for u in await presigned_uploads(s3_store, "job-q", SPEC, expires_s=600, kind="query")]
+    assert query == list(WORKER_RECORD_NAMES)
+
+
 async def test_verified_uploads_stay_and_unlisted_ones_are_removed(s3_store: ArtifactStore) -> None:
     await s3_store.put(job_key("job-b", "scores.npy"), chunks(b"matrix"))
     await s3_store.put(job_key("job-b", "checkpoints/epoch-1.safetensors"), chunks(b"left over"))
@@ -208,6 +218,9 @@ async def test_a_query_gets_get_urls_for_the_files_it_reads_and_the_worker_check
         s3_store, "parent", stored, parent_result("datainf", stored), expires_s=600
     )
     assert [d.name for d in datainf] == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"]
+    # A merge reads the adapter only, whatever the method stored beside it.
+    merge = await presigned_parent_downloads(s3_store, "parent", listed, result, expires_s=600, kind="merge")
+    assert [d.name for d in merge] == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"]
 
     # The worker's side: streamed to disk under the manifest names, size and sha256 checked.
     entries = [ParentArtifact(d.name, d.url, d.sha256, d.bytes) for d in downloads]

@@ -11,6 +11,7 @@ import { api, apiBlob } from "../api.js";
 import { specTexts } from "../spectexts.js";
 import { announce, bytes, download, el, loadPlotly } from "../ui.js";
 import { askSection } from "./ask.js";
+import { mergeControls } from "./merge.js";
 import { trackSelection, verifySection } from "./verify.js";
 import { trainingSection } from "./training.js";
 
@@ -338,6 +339,7 @@ export async function renderResults(host, jobId, result) {
     "aria-label": `Influence of ${view.subset ? "the most influential " : "each of "}${count(view.train_ids.length)} training examples on ${view.subset ? "the most influenced " : "each of "}${count(view.eval_ids.length)} eval examples` })
     : el("p", { class: "help", id: "heatmap" }, "This result has no influence scores to draw.");
   const short = jobId.slice(0, 8);
+  const [mergeOpen, mergePanel] = mergeControls(jobId);
   const downloads = el("div", { class: "actions" },
     el("button", { type: "button", id: "download-json",
       onclick: () => download(`results-${short}.json`, JSON.stringify({ job_id: jobId, result, examples: texts }, null, 2), "application/json") },
@@ -347,7 +349,8 @@ export async function renderResults(host, jobId, result) {
     "Download CSV (top examples)"),
     influence.scores ? el("button", { type: "button", id: "download-csv",
       onclick: () => download(`influence-${short}.csv`, influenceCsv(result, texts), "text/csv") },
-    "Download CSV (influence scores)") : null);
+    "Download CSV (influence scores)") : null,
+    mergeOpen);
   host.replaceChildren(
     el("section", { class: "card", "aria-labelledby": "eval-heading" },
       el("h2", { id: "eval-heading" }, "Evaluations"),
@@ -365,6 +368,7 @@ export async function renderResults(host, jobId, result) {
     el("section", { class: "card", "aria-labelledby": "download-heading" },
       el("h2", { id: "download-heading" }, "Download"),
       downloads,
+      mergePanel,
       await artifactsTable(jobId, result)));
   host.append(verifySection(jobId, result,
     { describe: (id) => describe(texts, "eval", id), selection: trackSelection(host) }));
