@@ -14,4 +14,4 @@ bash scripts/lint_docker.sh
 bash scripts/ensure_chromium.sh
 # Two workers, one test file each at a time (module-scoped stacks stay in one process), in the
 # order of pyproject's testpaths: the slowest directories first, so no long file starts last.
-.venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile --loadscope-no-reorder --durations=30 "$@"
+.venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder --durations=30 "$@"
