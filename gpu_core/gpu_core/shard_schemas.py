@@ -9,6 +9,7 @@ that yields the experiment's ordinary ``ExperimentResult``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -99,3 +100,35 @@ class IndexShardResult(BaseModel):
     timings: dict[str, float]
     environment: dict[str, Any]
     artifacts: list[ArtifactEntry] = Field(default_factory=list)
+
+
+class ShardMergeRequest(BaseModel):
+    """The merge job: the results of every index shard (their files are the merge's parent
+    artifacts, downloaded into one directory under their names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shards: list[IndexShardResult] = Field(min_length=1, max_length=MAX_SHARDS)
+
+
+class ShardMergeError(ValueError):
+    """The shards do not make one index (a gap, an overlap, another adapter or projection)."""
+
+
+def check_coverage(results: Sequence[IndexShardResult], n_train: int, method: str) -> None:
+    """The shards, by start, cover ``range(n_train)`` once, for ``method``, from one adapter;
+    raises :class:`ShardMergeError` naming the first shard that does not fit."""
+    if not results:
+        raise ShardMergeError("no shards to merge")
+    expected = 0
+    for result in sorted(results, key=lambda result: result.start):
+        if result.start != expected:
+            kind = "a gap" if result.start > expected else "an overlap"
+            raise ShardMergeError(f"shard {result.shard}: starts at {result.start}, {kind} after {expected}")
+        if result.method != method:
+            raise ShardMergeError(f"shard {result.shard}: built for {result.method}, not {method}")
+        expected = result.stop
+    if expected != n_train:
+        raise ShardMergeError(f"the shards cover {expected} of the {n_train} training examples")
+    if len({result.fingerprint for result in results}) != 1:
+        raise ShardMergeError("the shards were built from different adapters (their fingerprints differ)")

@@ -47,8 +47,10 @@ from gpu_core.shard_schemas import (
     SHARD_SELF_INFLUENCE,
     SHARD_TRAIN_LOSS,
     IndexShardResult,
+    ShardMergeError,
     ShardRequest,
     TrainingJobResult,
+    check_coverage,
     shard_name,
     shard_slices,
 )
@@ -57,10 +59,6 @@ StopCheck = Callable[[], bool]
 Events = Generator[dict[str, Any], None, None]
 # Columns of the merged scores written at once (n_eval x this float64 in memory per block).
 MERGE_BLOCK_COLUMNS = 8192
-
-
-class ShardMergeError(ValueError):
-    """The shards do not make one index (a gap, an overlap, another adapter or projection)."""
 
 
 def run_index_shard(
@@ -240,7 +238,7 @@ def merge_shards(
     ordered = sorted(shards, key=lambda pair: pair[0].start)
     train_ids = [example.assigned_id for example in spec.training_data]
     eval_ids = [example.assigned_id for example in spec.eval_data]
-    _check_coverage([result for result, _ in ordered], len(train_ids), spec.influence_method)
+    check_coverage([result for result, _ in ordered], len(train_ids), spec.influence_method)
     artifacts_dir.mkdir(parents=True, exist_ok=True)
 
     # The float64 matrix an unsharded run holds, so top-k and heatmap are computed alike.
@@ -294,24 +292,6 @@ def _as_tensor(block: np.ndarray) -> Any:
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(block))
-
-
-def _check_coverage(results: Sequence[IndexShardResult], n_train: int, method: str) -> None:
-    if not results:
-        raise ShardMergeError("no shards to merge")
-    expected = 0
-    for result in results:
-        if result.start != expected:
-            kind = "a gap" if result.start > expected else "an overlap"
-            raise ShardMergeError(f"shard {result.shard}: starts at {result.start}, {kind} after {expected}")
-        if result.method != method:
-            raise ShardMergeError(f"shard {result.shard}: built for {result.method}, not {method}")
-        expected = result.stop
-    if expected != n_train:
-        raise ShardMergeError(f"the shards cover {expected} of the {n_train} training examples")
-    fingerprints = {result.fingerprint for result in results}
-    if len(fingerprints) != 1:
-        raise ShardMergeError("the shards were built from different adapters (their fingerprints differ)")
 
 
 def _write_index_manifest(

@@ -156,3 +156,62 @@ def test_shard_job_needs_the_training_artifacts(make_spec: Callable[..., Any], t
     request = shard_requests(spec, 2)[0]
     with pytest.raises(FileNotFoundError, match="adapter/ and checkpoints/"):
         _result(run_index_shard(spec, request, tmp_path / "nothing", tmp_path / "out"))
+
+
+def test_the_graph_as_job_payloads_with_a_killed_shard_retried_alone(
+    sharded: ShardedRun, tmp_path: Path
+) -> None:
+    """Each job through the payload every worker receives (``jobs.parse_payload``/``run_job``),
+    its files within its upload plan; shard 1 is stopped mid-run, run again alone in the same
+    directory, and the merge (given only the files it downloads) equals the unsharded run."""
+    from gpu_core.jobs import INDEX_SHARD, SHARD_MERGE, make_payload, parse_payload, run_job
+    from gpu_core.pipeline import ExperimentCancelled
+    from gpu_core.uploads import (
+        needed_shard_inputs,
+        planned_merge_artifact_names,
+        planned_shard_artifact_names,
+        planned_training_artifact_names,
+    )
+
+    spec, raw_spec = sharded.spec, sharded.spec.model_dump(mode="json")
+    training = sharded.training.model_dump(mode="json")
+    assert {a.name for a in sharded.training.artifacts} <= set(planned_training_artifact_names(spec))
+    results = []
+    for request in shard_requests(spec, 2):
+        job = parse_payload(make_payload(INDEX_SHARD, raw_spec, request.model_dump(), training))
+        directory = tmp_path / shard_name(request.shard)
+        if request.shard == 1:
+            checks = iter(range(6))  # a few batches in, the platform stops the worker
+            with pytest.raises(ExperimentCancelled):
+                _result(run_job(job, directory, lambda: next(checks, None) is None, sharded.training_dir))
+            assert not (directory / "shards").exists()  # stopped before its columns were written
+        result = IndexShardResult.model_validate(_result(run_job(job, directory, None, sharded.training_dir)))
+        assert {a.name for a in result.artifacts} <= set(planned_shard_artifact_names(spec, request))
+        results.append(result)
+
+    # The merge's parent artifacts: only what it downloads, every shard's in one directory.
+    downloads = tmp_path / "merge-inputs"
+    for result in results:
+        for name in needed_shard_inputs(SHARD_MERGE, [a.name for a in result.artifacts]):
+            target = downloads / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((tmp_path / shard_name(result.shard) / name).read_bytes())
+    assert not list(downloads.rglob("ckpt-*"))  # no index rows move to the merge
+    request = {"shards": [result.model_dump(mode="json") for result in results]}
+    job = parse_payload(make_payload(SHARD_MERGE, raw_spec, request, training))
+    merged = ExperimentResult.model_validate(_result(run_job(job, tmp_path / "merge", None, downloads)))
+    assert {a.name for a in merged.artifacts} <= set(planned_merge_artifact_names())
+    got = np.load(tmp_path / "merge" / "scores.npy")
+    want = np.load(sharded.root / "unsharded" / "scores.npy")
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+    assert _top_ids(merged) == _top_ids(sharded.reference)
+
+
+def test_merge_job_refuses_shards_that_do_not_cover(sharded: ShardedRun) -> None:
+    from gpu_core.jobs import SHARD_MERGE, JobInputError, make_payload, parse_payload
+
+    one = sharded.shard_results(2)[0][0].model_dump(mode="json")
+    training = sharded.training.model_dump(mode="json")
+    payload = make_payload(SHARD_MERGE, sharded.spec.model_dump(mode="json"), {"shards": [one]}, training)
+    with pytest.raises(JobInputError, match="request.shards: the shards cover 20 of the 40"):
+        parse_payload(payload)
