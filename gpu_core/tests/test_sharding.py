@@ -158,6 +158,12 @@ def test_shard_job_needs_the_training_artifacts(make_spec: Callable[..., Any], t
         _result(run_index_shard(spec, request, tmp_path / "nothing", tmp_path / "out"))
 
 
+def _stop_after(checks: int) -> Callable[[], bool]:
+    """A stop signal that turns true at the ``checks``-th time it is asked."""
+    remaining = iter(range(checks - 1))
+    return lambda: next(remaining, None) is None
+
+
 def test_the_graph_as_job_payloads_with_a_killed_shard_retried_alone(
     sharded: ShardedRun, tmp_path: Path
 ) -> None:
@@ -181,9 +187,8 @@ def test_the_graph_as_job_payloads_with_a_killed_shard_retried_alone(
         job = parse_payload(make_payload(INDEX_SHARD, raw_spec, request.model_dump(), training))
         directory = tmp_path / shard_name(request.shard)
         if request.shard == 1:
-            checks = iter(range(6))  # a few batches in, the platform stops the worker
-            with pytest.raises(ExperimentCancelled):
-                _result(run_job(job, directory, lambda: next(checks, None) is None, sharded.training_dir))
+            with pytest.raises(ExperimentCancelled):  # a few batches in, the platform stops it
+                _result(run_job(job, directory, _stop_after(6), sharded.training_dir))
             assert not (directory / "shards").exists()  # stopped before its columns were written
         result = IndexShardResult.model_validate(_result(run_job(job, directory, None, sharded.training_dir)))
         assert {a.name for a in result.artifacts} <= set(planned_shard_artifact_names(spec, request))
