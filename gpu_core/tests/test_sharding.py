@@ -116,6 +116,41 @@ def test_every_shard_projects_as_the_unsharded_index(sharded: ShardedRun) -> Non
         np.testing.assert_array_equal(got, want)
 
 
+def _union_tree(sharded: ShardedRun, n: int, target: Path) -> Path:
+    """The experiment's artifacts as the scheduler would hold them: every job's files under
+    their names (links; no name is written by two jobs)."""
+    sources = [sharded.training_dir, sharded.merge_dir(n), *(d for _, d in sharded.shard_results(n))]
+    for source in sources:
+        for path in source.rglob("*"):
+            if path.is_file():
+                link = target / path.relative_to(source)
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(path)
+    return target
+
+
+def test_a_follow_up_query_reads_the_sharded_index_as_one(sharded: ShardedRun, tmp_path: Path) -> None:
+    """A query job on the sharded experiment uses its stored (merged) index and scores an eval
+    example asked again as the experiment did."""
+    from gpu_core.jobs import QUERY, make_payload, parse_payload, run_job
+    from gpu_core.schemas import QueryResult
+
+    merged = sharded.merged_result(2)
+    tree = _union_tree(sharded, 2, tmp_path / "experiment")
+    evals = sharded.spec.eval_data[:2]
+    request = {"queries": [{"prompt": e.prompt, "expected": e.expected} for e in evals], "top_k": 40}
+    payload = make_payload(
+        QUERY, sharded.spec.model_dump(mode="json"), request, merged.model_dump(mode="json")
+    )
+    answered = QueryResult.model_validate(_result(run_job(parse_payload(payload), None, None, tree)))
+    assert answered.source == "index"
+    scores = np.load(sharded.merge_dir(2) / "scores.npy")
+    ids = [example.assigned_id for example in sharded.spec.training_data]
+    for row, outcome in zip(scores[: len(evals)], answered.results, strict=True):
+        got = {s.id: s.score for s in [*outcome.helpful, *outcome.harmful]}
+        np.testing.assert_allclose([got.get(i, 0.0) for i in ids], row, rtol=1e-4, atol=1e-6)
+
+
 def test_training_summary_matches(sharded: ShardedRun) -> None:
     sharded.merged_result(2)
     got = json.loads((sharded.merge_dir(2) / SUMMARY_NAME).read_text())["examples"]
