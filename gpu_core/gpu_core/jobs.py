@@ -86,6 +86,8 @@ class JobKind:
     run: Callable[[ExperimentSpec, Any, Any, Path | None, StopCheck | None, Path | None], Events]
     # What the parent's result is (a sharded experiment's jobs hang under its training job).
     parent_model: type[BaseModel] = ExperimentResult
+    # False: only the scheduler creates jobs of this kind (the parts of a sharded experiment).
+    submittable: bool = True
 
     @property
     def needs_parent(self) -> bool:
@@ -293,10 +295,17 @@ JOB_KINDS: dict[str, JobKind] = {
     COUNTERFACTUAL: JobKind(COUNTERFACTUAL, CounterfactualRequest, check_counterfactual, _run_counterfactual),
     QUERY: JobKind(QUERY, QueryRequest, check_query, _run_query),
     CURATION: JobKind(CURATION, CurationRequest, check_curation, _run_curation),
-    TRAINING: JobKind(TRAINING, None, None, _run_training),
-    INDEX_SHARD: JobKind(INDEX_SHARD, ShardRequest, check_index_shard, _run_index_shard, TrainingJobResult),
+    TRAINING: JobKind(TRAINING, None, None, _run_training, submittable=False),
+    INDEX_SHARD: JobKind(
+        INDEX_SHARD, ShardRequest, check_index_shard, _run_index_shard, TrainingJobResult, submittable=False
+    ),
     SHARD_MERGE: JobKind(
-        SHARD_MERGE, ShardMergeRequest, check_shard_merge, _run_shard_merge, TrainingJobResult
+        SHARD_MERGE,
+        ShardMergeRequest,
+        check_shard_merge,
+        _run_shard_merge,
+        TrainingJobResult,
+        submittable=False,
     ),
 }
 
@@ -306,6 +315,18 @@ def job_kind(name: str) -> JobKind:
     kind = JOB_KINDS.get(name or EXPERIMENT)
     if kind is None:
         raise JobInputError(f"kind: unknown job kind {name!r}; expected one of {', '.join(JOB_KINDS)}")
+    return kind
+
+
+def submittable_kind(name: str) -> JobKind:
+    """The kind called ``name`` when a researcher may submit it (not the parts of a sharded
+    experiment, which the scheduler creates); JobInputError otherwise."""
+    kind = job_kind(name)
+    if not kind.submittable:
+        raise JobInputError(
+            f"kind: {kind.name} jobs are parts of a sharded experiment; submit the experiment "
+            "with influence.shards instead"
+        )
     return kind
 
 
@@ -410,4 +431,5 @@ __all__ = [
     "parse_request",
     "parse_result",
     "run_job",
+    "submittable_kind",
 ]
