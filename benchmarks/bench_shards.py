@@ -7,7 +7,7 @@ for each N of ``--shards`` (1, 2, 4) the N index-shard jobs run as child process
 thread each, as compute-local runs a job), at most ``--slots`` at once (compute-local's devices:
 the cores here), then the merge in this process. Printed per N: wall time of the shards + merge
 (the part sharding divides; the training job is the same for every N and printed once),
-speed-up against N = 1, the peak RSS of each shard worker, bytes moved (each shard's download of
+speed-up against N = 1, each shard worker's CPU seconds and peak RSS, bytes moved (each shard's download of
 the adapter and checkpoints and upload of its files; the merge's download of the score columns
 and index manifests and upload of its files), and agreement with N = 1 (max relative error of
 ``scores.npy``, identical top-k). The load average is printed before and after each case.
@@ -83,12 +83,14 @@ def shard_main(args: argparse.Namespace) -> None:
     request = ShardRequest(shard=args.shard, shards=args.shards, start=args.start, stop=args.stop)
     started = time.monotonic()
     result = result_of(run_index_shard(spec, request, Path(args.parent), Path(args.out)))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     print(
         json.dumps(
             {
                 "result": result,
                 "wall_s": time.monotonic() - started,
-                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_rss_mib": usage.ru_maxrss / 1024,
+                "cpu_s": usage.ru_utime + usage.ru_stime,
             }
         )
     )
@@ -166,10 +168,10 @@ def bench_method(method: str, projection_dim: int | None, args: argparse.Namespa
         f"training job {time.monotonic() - started:.1f} s, its artifacts {training_bytes / 2**20:.1f} MiB"
     )
     print(
-        "| N | wall s (shards + merge) | speed-up | merge s | peak RSS per worker MiB | moved MiB "
-        "| max rel err | top-k |"
+        "| N | wall s (shards + merge) | speed-up | merge s | CPU s per shard | peak RSS per worker MiB "
+        "| moved MiB | max rel err | top-k |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     baseline: tuple[float, Any, Any] | None = None
     for n in args.shards:
         root = case / f"n{n}"
@@ -197,9 +199,12 @@ def bench_method(method: str, projection_dim: int | None, args: argparse.Namespa
         base_wall, base_scores, base_top = baseline
         error = float(np.abs(scores - base_scores).max() / np.abs(base_scores).max())
         rss = ", ".join(f"{r['peak_rss_mib']:.0f}" for r in reports)
+        # CPU seconds do not move with the neighbours' load as wall time does.
+        cpu = ", ".join(f"{r['cpu_s']:.1f}" for r in reports)
         print(
             f"| {n} | {wall:.1f} | {base_wall / wall:.2f}x ({wall / base_wall:.2f} of N=1) | {merge_s:.1f} | "
-            f"{rss} | {moved / 2**20:.1f} | {error:.1e} | {'identical' if top == base_top else 'DIFFERENT'} |"
+            f"{cpu} | {rss} | {moved / 2**20:.1f} | {error:.1e} | "
+            f"{'identical' if top == base_top else 'DIFFERENT'} |"
             f"  load {load_before} -> {load()}"
         )
 
