@@ -12,7 +12,7 @@ PROTO_SRC := $(wildcard protos/influence/v1/*.proto)
 PROTO_OUT := protos/gen
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help setup protos protos-check run demo test lint typecheck migrate bench-influence bench-artifacts bench-scale gpu-check bench-fuzz bench-load clean modal-deploy k8s-validate lint-docker images bench-counterfactual bench-cancel bench-query bench-query-stack bench-influence-memory gpu-check-wheels bench-list-memory bench-curate bench-datasets
+.PHONY: help setup protos protos-check run demo test lint typecheck migrate bench-influence bench-artifacts bench-scale gpu-check bench-fuzz bench-load clean modal-deploy k8s-validate lint-docker images bench-counterfactual bench-cancel bench-query bench-query-stack bench-influence-memory gpu-check-wheels bench-list-memory bench-curate bench-datasets bench-shards
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -63,6 +63,9 @@ bench-influence-memory: setup ## peak RSS of Kronfluence on a ~50M-parameter mod
 bench-artifacts: setup ## 10,000 x 1,000 TracIn through the stack: scores.npy download, results size, time moving artifacts, estimate; 1 GiB artifact memory
 	$(PY) -m benchmarks.artifacts
 	$(PY) -m benchmarks.artifact_memory
+
+bench-shards: setup ## 20,000 x 100 TracIn (projected) and TrackStar indexed by N = 1, 2, 4 shard processes: wall, speed-up, peak RSS per worker, bytes moved, agreement with N = 1
+	$(PY) -m benchmarks.bench_shards
 
 bench-scale: setup ## influence at scale: 10k-100k train with a projected index, projected vs exact TracIn, LDS
 	$(PY) benchmarks/bench_scale.py

@@ -10,6 +10,14 @@ that request against the parent experiment (so a bad request is refused before a
 and how to run it as a generator of progress events ending in ``{"type": "result", ...}``.
 Adding a kind is adding an entry here; services pass ``kind`` and the JSON through untouched.
 
+A sharded experiment (``influence.shards``, gpu_core.sharding) is three more kinds: ``training``
+(no request, no parent), ``index_shard`` (a :class:`ShardRequest`; its parent is the training
+job, whose adapter and checkpoints it downloads) and ``shard_merge`` (a
+:class:`ShardMergeRequest` listing every shard's result; its parent is the training job too, and
+its parent artifacts are the shards' files, every shard's under its own ``shard-NNNNN/`` names, so
+one directory holds them all). Their parent results are ``TrainingJobResult``s, not experiment
+results (``JobKind.parent_model``).
+
 Payload (RunPod's job input, Modal's argument, compute-local's job folder): an experiment is the
 bare spec object, as before; any other kind is ``{"kind", "spec", "request", "parent_result"}``,
 plus ``"parent_artifacts": [{"name", "url", "sha256", "bytes"}]`` when the worker must download
@@ -41,6 +49,13 @@ from gpu_core.schemas import (
     SpecError,
     parse_spec,
 )
+from gpu_core.shard_schemas import (
+    ShardMergeError,
+    ShardMergeRequest,
+    ShardRequest,
+    TrainingJobResult,
+    check_coverage,
+)
 
 EXPERIMENT = "experiment"
 COUNTERFACTUAL = "counterfactual"
@@ -50,6 +65,9 @@ MERGE = "merge"
 # Later kinds that read the experiment's files (workers download them) and write files of their own.
 READS_PARENT_ARTIFACTS = frozenset({QUERY, MERGE})
 WRITES_ARTIFACTS = frozenset({EXPERIMENT, MERGE})
+TRAINING = "training"
+INDEX_SHARD = "index_shard"
+SHARD_MERGE = "shard_merge"
 
 
 class JobInputError(ValueError):
@@ -70,11 +88,13 @@ class JobKind:
     name: str
     request_model: type[BaseModel] | None  # None: the kind takes no request (an experiment)
     # Checks the request against the parent's spec and result; raises JobInputError.
-    check: Callable[[Any, ExperimentSpec, ExperimentResult], None] | None
+    check: Callable[[Any, ExperimentSpec, Any], None] | None
     # (spec, request, parent result, artifacts dir, stop check, parent artifacts dir) -> events
-    run: Callable[
-        [ExperimentSpec, Any, ExperimentResult | None, Path | None, StopCheck | None, Path | None], Events
-    ]
+    run: Callable[[ExperimentSpec, Any, Any, Path | None, StopCheck | None, Path | None], Events]
+    # What the parent's result is (a sharded experiment's jobs hang under its training job).
+    parent_model: type[BaseModel] = ExperimentResult
+    # False: only the scheduler creates jobs of this kind (the parts of a sharded experiment).
+    submittable: bool = True
 
     @property
     def needs_parent(self) -> bool:
@@ -228,12 +248,93 @@ def _run_merge(
     return run_merge_job(spec, parent, request, artifacts_dir, parent_artifacts_dir, should_stop)
 
 
+def check_index_shard(request: ShardRequest, spec: ExperimentSpec, _parent: TrainingJobResult) -> None:
+    if request.stop > len(spec.training_data):
+        raise JobInputError(
+            f"request.stop: {request.stop} is past the {len(spec.training_data)} training examples"
+        )
+
+
+def check_shard_merge(request: ShardMergeRequest, spec: ExperimentSpec, _parent: TrainingJobResult) -> None:
+    try:
+        check_coverage(request.shards, len(spec.training_data), spec.influence_method)
+    except ShardMergeError as exc:
+        raise JobInputError(f"request.shards: {exc}") from None
+
+
+def _needs_artifacts_dir(kind: str, directory: Path | None) -> Path:
+    if directory is None:
+        raise JobInputError(f"kind: a {kind} job writes artifacts; the worker gave it no directory")
+    return directory
+
+
+def _run_training(
+    spec: ExperimentSpec,
+    _request: Any,
+    _parent: Any,
+    artifacts_dir: Path | None,
+    should_stop: StopCheck | None,
+    _parent_artifacts_dir: Path | None,
+) -> Events:
+    from gpu_core.pipeline import run_training_job
+
+    return run_training_job(spec, _needs_artifacts_dir(TRAINING, artifacts_dir), should_stop)
+
+
+def _run_index_shard(
+    spec: ExperimentSpec,
+    request: Any,
+    _parent: Any,
+    artifacts_dir: Path | None,
+    should_stop: StopCheck | None,
+    parent_artifacts_dir: Path | None,
+) -> Events:
+    from gpu_core.sharding import run_index_shard
+
+    if parent_artifacts_dir is None:
+        raise JobInputError(
+            "parent_artifacts: an index shard reads the training job's adapter and checkpoints"
+        )
+    directory = _needs_artifacts_dir(INDEX_SHARD, artifacts_dir)
+    return run_index_shard(spec, request, parent_artifacts_dir, directory, should_stop)
+
+
+def _run_shard_merge(
+    spec: ExperimentSpec,
+    request: Any,
+    parent: Any,
+    artifacts_dir: Path | None,
+    _should_stop: StopCheck | None,
+    parent_artifacts_dir: Path | None,
+) -> Events:
+    from gpu_core.pipeline import run_in_worker
+    from gpu_core.sharding import merge_shards
+
+    if parent_artifacts_dir is None:
+        raise JobInputError("parent_artifacts: a merge reads the shards' score columns and index manifests")
+    directory = _needs_artifacts_dir(SHARD_MERGE, artifacts_dir)
+    shards = [(result, parent_artifacts_dir) for result in request.shards]
+    return run_in_worker(lambda _handoff, _cancel: merge_shards(spec, parent, shards, directory))
+
+
 JOB_KINDS: dict[str, JobKind] = {
     EXPERIMENT: JobKind(EXPERIMENT, None, None, _run_experiment),
     COUNTERFACTUAL: JobKind(COUNTERFACTUAL, CounterfactualRequest, check_counterfactual, _run_counterfactual),
     QUERY: JobKind(QUERY, QueryRequest, check_query, _run_query),
     CURATION: JobKind(CURATION, CurationRequest, check_curation, _run_curation),
     MERGE: JobKind(MERGE, MergeRequest, check_merge, _run_merge),
+    TRAINING: JobKind(TRAINING, None, None, _run_training, submittable=False),
+    INDEX_SHARD: JobKind(
+        INDEX_SHARD, ShardRequest, check_index_shard, _run_index_shard, TrainingJobResult, submittable=False
+    ),
+    SHARD_MERGE: JobKind(
+        SHARD_MERGE,
+        ShardMergeRequest,
+        check_shard_merge,
+        _run_shard_merge,
+        TrainingJobResult,
+        submittable=False,
+    ),
 }
 
 
@@ -242,6 +343,18 @@ def job_kind(name: str) -> JobKind:
     kind = JOB_KINDS.get(name or EXPERIMENT)
     if kind is None:
         raise JobInputError(f"kind: unknown job kind {name!r}; expected one of {', '.join(JOB_KINDS)}")
+    return kind
+
+
+def submittable_kind(name: str) -> JobKind:
+    """The kind called ``name`` when a researcher may submit it (not the parts of a sharded
+    experiment, which the scheduler creates); JobInputError otherwise."""
+    kind = job_kind(name)
+    if not kind.submittable:
+        raise JobInputError(
+            f"kind: {kind.name} jobs are parts of a sharded experiment; submit the experiment "
+            "with influence.shards instead"
+        )
     return kind
 
 
@@ -262,14 +375,16 @@ def parse_request(kind: JobKind, raw: str | bytes | dict[str, Any] | None) -> An
         raise JobInputError("; ".join(problems)) from None
 
 
-def parse_result(raw: str | bytes | dict[str, Any]) -> ExperimentResult:
+def parse_result(raw: str | bytes | dict[str, Any], model: type[BaseModel] = ExperimentResult) -> Any:
+    """The parent's result as ``model`` (an experiment's result unless a kind says otherwise)."""
     try:
         if isinstance(raw, (str, bytes)):
-            return ExperimentResult.model_validate_json(raw)
-        return ExperimentResult.model_validate(raw)
+            return model.model_validate_json(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         problems = exc.error_count()
-        raise JobInputError(f"parent_result: not an experiment result ({problems} problems)") from None
+        what = "an experiment result" if model is ExperimentResult else f"a {model.__name__}"
+        raise JobInputError(f"parent_result: not {what} ({problems} problems)") from None
 
 
 @dataclass(frozen=True)
@@ -277,7 +392,7 @@ class JobInput:
     kind: JobKind
     spec: ExperimentSpec
     request: Any
-    parent_result: ExperimentResult | None
+    parent_result: Any  # the kind's parent_model, or None
 
 
 def make_payload(
@@ -300,7 +415,7 @@ def parse_payload(payload: dict[str, Any]) -> JobInput:
     if kind.needs_parent:
         if not payload.get("parent_result"):
             raise JobInputError(f"parent_result: a {kind.name} job needs its experiment's result")
-        parent = parse_result(payload["parent_result"])
+        parent = parse_result(payload["parent_result"], kind.parent_model)
         if kind.check is not None:
             kind.check(request, spec, parent)
     return JobInput(kind, spec, request, parent)
@@ -325,6 +440,9 @@ __all__ = [
     "COUNTERFACTUAL",
     "CURATION",
     "EXPERIMENT",
+    "INDEX_SHARD",
+    "SHARD_MERGE",
+    "TRAINING",
     "JOB_KINDS",
     "MERGE",
     "QUERY",
@@ -345,4 +463,5 @@ __all__ = [
     "parse_request",
     "parse_result",
     "run_job",
+    "submittable_kind",
 ]

@@ -60,6 +60,7 @@ from gpu_core.schemas import (
     ProgressEvent,
     TrainingSummary,
 )
+from gpu_core.shard_schemas import TrainingJobResult
 from gpu_core.training import TrainingStep, train_lora
 from gpu_core.training_summary import (
     FinalGradientFeatures,
@@ -140,6 +141,19 @@ def run_experiment(
     )
 
 
+def run_training_job(
+    spec: ExperimentSpec, artifacts_dir: Path, should_stop: StopCheck | None = None
+) -> Generator[dict[str, Any], None, None]:
+    """A sharded experiment's training job: the stages up to eval_finetuned as
+    :func:`run_experiment` runs them, the adapter and checkpoints saved under ``artifacts_dir``,
+    then ``{"type": "result", "result": TrainingJobResult}`` (the index shards score influence)."""
+    return run_in_worker(
+        lambda handoff, cancel: _Experiment(
+            spec, artifacts_dir, handoff, cancel, should_stop, training_only=True
+        ).run()
+    )
+
+
 # The work of one job: puts ("event", dict) progress into the queue, checks the cancel flag at
 # every report (raising ExperimentCancelled), and returns the job's result.
 Work = Callable[["queue.Queue[tuple[str, Any]]", threading.Event], BaseModel]
@@ -212,8 +226,11 @@ class _Experiment:
         cancel: threading.Event,
         should_stop: StopCheck | None = None,
         throttle: ProgressThrottle | None = None,
+        training_only: bool = False,
     ) -> None:
         self.spec = spec
+        # A sharded experiment's training job: stops after saving the adapter and checkpoints.
+        self.training_only = training_only
         self.throttle = throttle or ProgressThrottle()
         self.artifacts_dir = artifacts_dir
         self.handoff = handoff
@@ -248,7 +265,7 @@ class _Experiment:
     def timed(self, stage: str, started: float) -> None:
         self.timings[stage] = time.monotonic() - started
 
-    def run(self) -> ExperimentResult:
+    def run(self) -> ExperimentResult | TrainingJobResult:
         from transformers import set_seed
 
         spec, hp = self.spec, self.spec.hyperparams
@@ -339,6 +356,18 @@ class _Experiment:
 
         if self.artifacts_dir is not None:
             save_artifacts(self.artifacts_dir, model, training.checkpoints)
+        if self.training_only:
+            if self.artifacts_dir is None:
+                raise ValueError("a training job needs an artifacts directory for its checkpoints")
+            self.timings["total"] = time.monotonic() - run_started
+            return TrainingJobResult(
+                eval_results=EvalResults(base=base, few_shot=few_shot, finetuned=finetuned),
+                training=TrainingSummary(loss_curve=training.loss_curve),
+                timings=self.timings,
+                environment=describe_environment(device, loaded.dtype, hp.quantization),
+                data=data,
+                artifacts=collect_artifacts(self.artifacts_dir),
+            )
 
         started = time.monotonic()
         message = f"scoring training examples with {spec.influence_method}"

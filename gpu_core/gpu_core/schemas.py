@@ -243,6 +243,10 @@ class Hyperparams(_Strict):
         return names
 
 
+# Index-shard jobs one experiment may fan out to (influence.shards).
+MAX_SHARDS = 64
+
+
 class InfluenceOptions(_Strict):
     top_k: int = Field(default=10, ge=1, le=1000)
     damping: float | None = Field(default=None, gt=0)
@@ -250,6 +254,16 @@ class InfluenceOptions(_Strict):
     # index (TracIn; TrackStar always projects, 4,096 when unset). None: exact TracIn.
     projection_dim: int | None = Field(default=None, ge=16, le=65_536)
     projection_seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    # The gradient index built by this many jobs at once, each over a contiguous slice of the
+    # training set (gpu_core.sharding); "auto" picks from the size and the backend's limits.
+    shards: int | Literal["auto"] = 1
+
+    @field_validator("shards")
+    @classmethod
+    def _shard_count(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= MAX_SHARDS:
+            raise ValueError(f"must be between 1 and {MAX_SHARDS}, or 'auto'")
+        return value
 
 
 MAX_TAGS = 16
@@ -342,6 +356,19 @@ class ExperimentSpec(_Strict):
         if len(value) > limit:
             raise ValueError(f"has {len(value)} examples; the limit is {limit}")
         return value
+
+    @model_validator(mode="after")
+    def _shards_need_an_index(self) -> ExperimentSpec:
+        # Here, not at import: influence_methods imports this module.
+        from gpu_core.influence_methods import influence_method
+
+        entry = influence_method(self.influence_method)
+        if self.influence.shards != 1 and not entry.builds_index(self.influence.projection_dim):
+            raise ValueError(
+                f"influence.shards: {self.influence_method} builds no gradient index to shard; "
+                "use trackstar, or tracin with influence.projection_dim"
+            )
+        return self
 
     @model_validator(mode="after")
     def _assign_ids(self) -> ExperimentSpec:

@@ -45,6 +45,16 @@ from gpu_core.influence_methods import DEFAULT_TRACKSTAR_DIM as DEFAULT_TRACKSTA
 from gpu_core.influence_methods import InfluenceMethodEntry, influence_method
 from gpu_core.merge_schemas import planned_merge_names
 from gpu_core.schemas import ArtifactEntry, ExperimentResult, ExperimentSpec
+from gpu_core.shard_schemas import (
+    SHARD_DIR_PREFIX,
+    SHARD_INDEX_DIR,
+    SHARD_PARTS_DIR,
+    SHARD_SCORES,
+    SHARD_SELF_INFLUENCE,
+    SHARD_TRAIN_LOSS,
+    ShardRequest,
+    shard_name,
+)
 
 # The scheduler plans names with gpu_core's base install (no numpy, no torch), so the names that
 # gpu_core.artifacts and gpu_core.influence.index define are repeated here; a test checks they
@@ -127,20 +137,60 @@ def planned_job_artifact_names(kind: str, spec: ExperimentSpec) -> list[str]:
     return []
 
 
-def _index_names(spec: ExperimentSpec) -> list[str]:
-    """The projected gradient index (influence/index.py): TrackStar, or TracIn with a projection;
-    one set of shards per checkpoint (one per epoch)."""
+def _index_names(
+    spec: ExperimentSpec, directory: str = INDEX_DIR_NAME, n_rows: int | None = None
+) -> list[str]:
+    """The projected gradient index (influence/index.py) in ``directory`` over ``n_rows``
+    examples (the training set by default): TrackStar, or TracIn with a projection; one set of
+    shards per checkpoint (one per epoch)."""
     dim = influence_method(spec.influence_method).index_dim(spec.influence.projection_dim)
     if dim is None:
         return []
     rows = max(1, INDEX_SHARD_BYTES // (2 * dim))
-    shards = -(-spec.n_train // rows)
-    names = [f"{INDEX_DIR_NAME}/{INDEX_MANIFEST}", f"{INDEX_DIR_NAME}/{INDEX_IDS_FILE}"]
+    shards = -(-(spec.n_train if n_rows is None else n_rows) // rows)
+    names = [f"{directory}/{INDEX_MANIFEST}", f"{directory}/{INDEX_IDS_FILE}"]
     for checkpoint in range(spec.hyperparams.epochs):
         for shard in range(shards):
-            stem = f"{INDEX_DIR_NAME}/ckpt-{checkpoint}-shard-{shard:05d}"
+            stem = f"{directory}/ckpt-{checkpoint}-shard-{shard:05d}"
             names += [f"{stem}.npy", f"{stem}.norms.npy"]
     return names
+
+
+# A sharded experiment's jobs (gpu_core.sharding): what each may write, and what each downloads
+# of its parent's (the training job's) or siblings' files.
+
+
+def planned_training_artifact_names(spec: ExperimentSpec) -> list[str]:
+    """The training job's files: the adapter and the checkpoints."""
+    return [name for name in planned_artifact_names(spec) if name.startswith(("adapter/", "checkpoints/"))]
+
+
+def planned_shard_artifact_names(spec: ExperimentSpec, request: ShardRequest) -> list[str]:
+    """An index shard's files: its slice's index and its score and summary columns."""
+    name = shard_name(request.shard)
+    parts = SHARD_PARTS_DIR.format(shard=name)
+    index = _index_names(spec, SHARD_INDEX_DIR.format(shard=name), request.stop - request.start)
+    return [*index, *(f"{parts}/{part}" for part in (SHARD_SCORES, SHARD_SELF_INFLUENCE, SHARD_TRAIN_LOSS))]
+
+
+def planned_merge_artifact_names() -> list[str]:
+    """The merge's files: the scores, the summary and the index manifest over every shard."""
+    return [
+        SCORES_NAME,
+        SUMMARY_NAME,
+        f"{INDEX_DIR_NAME}/{INDEX_MANIFEST}",
+        f"{INDEX_DIR_NAME}/{INDEX_IDS_FILE}",
+    ]
+
+
+def needed_shard_inputs(kind: str, names: Iterable[str]) -> list[str]:
+    """Of ``names`` (stored files), those a job of ``kind`` downloads: an index shard the
+    training job's adapter and checkpoints; a merge the shards' columns and index manifests
+    (never their rows)."""
+    if kind == "index_shard":
+        return [name for name in names if name.startswith(("adapter/", "checkpoints/"))]
+    manifests = re.compile(rf"{INDEX_DIR_NAME}/{SHARD_DIR_PREFIX}\d+/{INDEX_MANIFEST}")
+    return [name for name in names if name.startswith("shards/") or manifests.fullmatch(name)]
 
 
 def upload_artifacts(directory: Path, manifest: Sequence[ArtifactEntry], urls: Mapping[str, str]) -> None:

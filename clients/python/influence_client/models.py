@@ -183,6 +183,8 @@ class BackendEstimate(ApiModel):
     estimated_time_s: float
     usd_per_second: float
     estimated_cost_usd: float
+    gpu_seconds: float = Field(default=0.0, description="GPU time billed over every job of the experiment")
+    shards: int = Field(default=1, description="Index-shard jobs (influence.shards resolved)")
     prices_as_of: str
     price_source: str
     notes: list[str]

@@ -234,7 +234,11 @@ def score_blocks(
         start = parts[0][0]
         scores: torch.Tensor | None = None
         for checkpoint, rows, (_, block) in zip(index.checkpoints, eval_rows, parts, strict=True):
-            contribution = (rows @ block.T).to(torch.float64) * checkpoint.weight
+            # Float64 products (exact for float32 inputs), rounded to float32: a score then does
+            # not depend on the block's shape (BLAS kernels sum float32 in shape-dependent
+            # orders), so an index scored in shards ties, and ranks ties, as one scored whole.
+            exact = rows.to(torch.float64) @ block.to(torch.float64).T
+            contribution = exact.to(torch.float32).to(torch.float64) * checkpoint.weight
             scores = contribution if scores is None else scores + contribution
         if scores is None:  # a block exists only where a checkpoint does
             raise ValueError("the gradient index has no checkpoints")

@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cost_model.memory import OVERHEAD_GB, USABLE_FRACTION, GpuRecommendation, recommend_gpu
+from cost_model.memory import OVERHEAD_GB, USABLE_FRACTION, GpuRecommendation, lora_params, recommend_gpu
 from cost_model.model_catalog import ModelCard, lookup_model, model_cards
 from cost_model.prices import MODAL_GPU_ENV, PROVIDERS, job_gpu, price_table
 from cost_model.timing import (
@@ -19,13 +19,19 @@ from cost_model.timing import (
     estimated_time_s,
     merge_time_s,
     query_time_s,
+    sharded_time_s,
 )
 from cost_model.workload import Workload
 from gpu_core.curation_schemas import CurationRequest
 from gpu_core.merge_schemas import MergeRequest
-from gpu_core.schemas import CounterfactualRequest, ExperimentSpec, QueryRequest
+from gpu_core.schemas import MAX_SHARDS, CounterfactualRequest, ExperimentSpec, QueryRequest
+from gpu_core.shard_schemas import shard_count
 
 BACKENDS: tuple[str, ...] = ("hosted", "runpod")
+# Index-shard jobs a provider runs at once when the caller does not say (influence.shards
+# "auto" and the wall time): compute-local one per device, Modal a fan-out, RunPod an endpoint's
+# workers (its workersMax; 3 is RunPod's default for a new endpoint).
+DEFAULT_PARALLEL_JOBS: dict[str, int] = {"local": 1, "modal": MAX_SHARDS, "runpod": 3}
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,9 @@ class CostEstimate:
     prices_as_of: str
     price_source: str
     notes: tuple[str, ...] = ()
+    # GPU time billed, summed over the jobs: estimated_time_s (the wall time) unless sharded.
+    gpu_seconds: float = 0.0
+    shards: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "notes": list(self.notes)}
@@ -102,9 +111,12 @@ def estimate(
     curation: CurationRequest | None = None,
     merge: MergeRequest | None = None,
     min_tier_gb: int = 0,
+    parallel_jobs: int | None = None,
 ) -> CostEstimate:
     """Time and cost of ``spec`` on ``provider``'s GPU for the recommended memory tier (at least
-    ``min_tier_gb``: the smallest GPU the provider will actually give the job); with
+    ``min_tier_gb``: the smallest GPU the provider will actually give the job); a sharded
+    experiment's wall time with ``parallel_jobs`` shard jobs at once (default
+    :data:`DEFAULT_PARALLEL_JOBS`), its cost from the GPU-seconds of all its jobs; with
     ``counterfactual``, of that check on the experiment ``spec`` (its retrainings instead); with
     ``query``, of those follow-up queries to it; with ``curation``, of its retrainings (each on
     the whole training set at most, evaluated on every eval example); with ``merge``, of merging
@@ -117,6 +129,8 @@ def estimate(
     table = price_table(provider)
     gpu_name, gpu = job_gpu(provider, max(recommendation.tier_gb, min_tier_gb))
     notes: list[str] = []
+    gpu_seconds: float | None = None
+    shards = 1
     if query is not None:
         hp = spec.hyperparams
 
@@ -168,6 +182,21 @@ def estimate(
         )
     elif counterfactual is None:
         seconds = estimated_time_s(card, workload, recommendation.breakdown, gpu, provider)
+        parallel = parallel_jobs or DEFAULT_PARALLEL_JOBS[provider]
+        shards = shard_count(spec.influence.shards, workload.n_train, workload.batch_size, parallel)
+        if shards > 1:
+            n_lora = lora_params(card.architecture, workload.lora_r, workload.target_modules)
+            sharded = sharded_time_s(
+                card, workload, recommendation.breakdown, gpu, provider, shards, parallel, n_lora
+            )
+            notes.append(
+                f"{shards} index shards, {min(parallel, shards)} at a time: {sharded.gpu_seconds:.0f} "
+                f"GPU-seconds over {sharded.wall_s:.0f} s (unsharded: {seconds:.0f} s); "
+                f"training job {sharded.training_s:.0f} s, each shard {sharded.shard_s:.0f} s of which "
+                f"{sharded.shard_overhead_s:.0f} s per-job overhead (cold start, model load, checkpoint "
+                f"download), merge {sharded.merge_s:.0f} s"
+            )
+            seconds, gpu_seconds = sharded.wall_s, sharded.gpu_seconds
     else:
         retrainings = counterfactual.retrainings()
         n_checked = len(counterfactual.eval_ids or []) or spec.n_eval
@@ -180,6 +209,7 @@ def estimate(
             "eval examples"
         )
     time_s = round(seconds, 1)
+    billed_s = round(gpu_seconds, 1) if gpu_seconds is not None else time_s
     if card.note:
         notes.append(card.note)
     required_memory_gb = required_gb if merge is not None else recommendation.required_memory_gb
@@ -206,10 +236,12 @@ def estimate(
         required_memory_gb=round(required_memory_gb, 2),
         estimated_time_s=time_s,
         usd_per_second=gpu.usd_per_second,
-        estimated_cost_usd=round(time_s * gpu.usd_per_second, 6),
+        estimated_cost_usd=round(billed_s * gpu.usd_per_second, 6),
         prices_as_of=table.as_of,
         price_source=table.source,
         notes=tuple(notes),
+        gpu_seconds=billed_s,
+        shards=shards,
     )
 
 

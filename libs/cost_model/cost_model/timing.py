@@ -42,12 +42,22 @@ uploaded to the artifact store (UPLOAD_BYTES_PER_S), then loaded again and one l
 the eval examples (the check). Where the 16-bit weights do not fit the GPU (a 4-bit experiment on
 a 24 GB card), the merge runs in host memory and the check's forward streams the layers that do
 not fit over PCIe (PCIE_BYTES_PER_S) once per batch.
+A sharded experiment (``influence.shards`` N, gpu_core.sharding) is a training job (the
+experiment without its influence stage), N index-shard jobs and a merge. Each shard job pays the
+per-job overhead again: a cold start, the model load, the download of the adapter and checkpoints
+(LoRA parameters x 4 bytes x (checkpoints + adapter + Adam second moments) at
+CHECKPOINT_DOWNLOAD_BYTES_PER_S) and the pipeline overhead, then the influence stage of its slice
+(1/N of the training set, all of the eval set: its eval gradients are recomputed per shard). The
+merge downloads the score columns (n_eval x n_train float64) and writes scores.npy, at
+MERGE_BYTES_PER_S, after a fixed MERGE_OVERHEAD_S. GPU-seconds are the sum of every job's; the
+wall time is the training job, ceil(N / parallel) rounds of shards (``parallel``: the jobs the
+backend runs at once) and the merge.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from cost_model.memory import MemoryBreakdown
 from cost_model.model_catalog import ModelCard
@@ -109,6 +119,89 @@ def model_passes(workload: Workload) -> int:
         gradient_batches += 2 * train_batches
     summary = _summary_pass(workload) * SUMMARY_PASSES_PER_BATCH * train_batches
     return evaluation + training + 3 * gradient_batches + summary
+
+
+# Object store to a worker (presigned GET of the training job's files).
+CHECKPOINT_DOWNLOAD_BYTES_PER_S = 0.2e9
+MERGE_BYTES_PER_S = 0.2e9
+MERGE_OVERHEAD_S = 5.0
+# Files a shard downloads per LoRA parameter: fp32 checkpoints, the adapter, the second moments.
+CHECKPOINT_BYTES_PER_PARAM = 4
+
+
+def influence_passes(workload: Workload) -> int:
+    """Model passes of the influence stage (its gradient batches and the summary's pass)."""
+    train_batches = math.ceil(workload.n_train / workload.batch_size)
+    eval_batches = math.ceil(workload.n_eval / workload.batch_size)
+    gradient_batches = train_batches + eval_batches
+    if workload.index_dim is not None:
+        gradient_batches *= workload.index_checkpoints
+    elif workload.influence_method == "tracin":
+        gradient_batches *= workload.epochs
+    elif workload.influence_method != "datainf":
+        gradient_batches += 2 * train_batches
+    return 3 * gradient_batches + SUMMARY_PASSES_PER_BATCH * train_batches
+
+
+def influence_time_s(card: ModelCard, workload: Workload, gpu: GpuOffer) -> float:
+    params = card.params_b * 1e9
+    throughput = gpu.peak_tflops * 1e12 * MODEL_FLOPS_UTILISATION * QUANTIZATION_SPEED[workload.quantization]
+    return influence_flops(params, workload) / throughput + influence_passes(workload) * gpu.pass_latency_s
+
+
+@dataclass(frozen=True)
+class ShardedTime:
+    """Seconds of a sharded experiment's jobs (see the module docstring)."""
+
+    shards: int
+    parallel: int
+    training_s: float
+    shard_s: float  # one shard job, its overhead included
+    shard_overhead_s: float  # of which: cold start, model load, checkpoint download, pipeline
+    merge_s: float
+
+    @property
+    def gpu_seconds(self) -> float:
+        return self.training_s + self.shards * self.shard_s + self.merge_s
+
+    @property
+    def wall_s(self) -> float:
+        return self.training_s + math.ceil(self.shards / self.parallel) * self.shard_s + self.merge_s
+
+
+def sharded_time_s(
+    card: ModelCard,
+    workload: Workload,
+    memory: MemoryBreakdown,
+    gpu: GpuOffer,
+    provider: str,
+    shards: int,
+    parallel: int,
+    lora_params: int,
+) -> ShardedTime:
+    whole = estimated_time_s(card, workload, memory, gpu, provider)
+    training_s = whole - influence_time_s(card, workload, gpu)
+    per_shard = replace(
+        workload,
+        n_train=math.ceil(workload.n_train / shards),
+        train_tokens=math.ceil(workload.train_tokens / shards),
+    )
+    files = lora_params * CHECKPOINT_BYTES_PER_PARAM * (workload.epochs + 2)
+    overhead_s = (
+        COLD_START_S[provider]
+        + card.params_b * 1e9 * 2 / LOAD_BYTES_PER_S
+        + files / CHECKPOINT_DOWNLOAD_BYTES_PER_S
+        + PIPELINE_OVERHEAD_S
+    )
+    merge_s = MERGE_OVERHEAD_S + workload.n_eval * workload.n_train * 8 * 2 / MERGE_BYTES_PER_S
+    return ShardedTime(
+        shards=shards,
+        parallel=max(1, parallel),
+        training_s=training_s,
+        shard_s=overhead_s + influence_time_s(card, per_shard, gpu),
+        shard_overhead_s=overhead_s,
+        merge_s=merge_s,
+    )
 
 
 def estimated_time_s(

@@ -11,7 +11,7 @@ import pytest
 import cost_model
 from cost_model import CostEstimate, PriceTableError, Workload, estimate, lookup_model, recommend_gpu
 from cost_model.memory import USABLE_FRACTION
-from gpu_core.schemas import ExperimentSpec
+from gpu_core.schemas import NO_SIZE_LIMITS, ExperimentSpec
 
 ESTIMATE_FIELDS = [
     "backend",
@@ -25,6 +25,8 @@ ESTIMATE_FIELDS = [
     "prices_as_of",
     "price_source",
     "notes",
+    "gpu_seconds",
+    "shards",
 ]
 
 
@@ -386,3 +388,37 @@ def test_a_merge_prices_the_16_bit_base_and_a_4_bit_12b_merges_through_host_memo
     assert merged.estimated_cost_usd == pytest.approx(
         merged.estimated_time_s * merged.usd_per_second, rel=1e-6
     )
+
+
+def test_sharded_estimate_counts_every_jobs_overhead() -> None:
+    """N shards: shorter wall time while the parallel jobs last, more GPU-seconds (each shard's
+    cold start, model load and checkpoint download), priced by GPU-seconds."""
+    training = [
+        {"prompt": f"Question {i}: what is {i} plus {i}? ", "completion": f"{2 * i}"} for i in range(50_000)
+    ]
+
+    def sharded(shards: object, parallel: int | None = None, n_train: int = 10_000) -> CostEstimate:
+        spec = ExperimentSpec.model_validate(
+            {
+                **make_spec().model_dump(exclude_none=True),
+                "training_data": training[:n_train],
+                "influence_method": "trackstar",
+                "influence": {"shards": shards},
+            },
+            context={"limits": NO_SIZE_LIMITS},
+        )
+        return estimate(spec, "runpod", "runpod", parallel_jobs=parallel)
+
+    one, two, four = sharded(1), sharded(2, 4), sharded(4, 4)
+    assert one.shards == 1 and one.gpu_seconds == one.estimated_time_s
+    assert (two.shards, four.shards) == (2, 4)
+    assert one.estimated_time_s > two.estimated_time_s > four.estimated_time_s
+    assert one.gpu_seconds < two.gpu_seconds < four.gpu_seconds
+    assert four.estimated_cost_usd == pytest.approx(four.gpu_seconds * four.usd_per_second, rel=1e-6)
+    assert any("per-job overhead" in note and "4 index shards" in note for note in four.notes)
+    # Four shards, two workers: two rounds of shards, slower than four at once.
+    assert sharded(4, 2).estimated_time_s > four.estimated_time_s
+    # On 200 examples a shard's overhead outweighs its share: slower, and "auto" does not shard.
+    assert sharded(2, 4, n_train=200).estimated_time_s > sharded(1, n_train=200).estimated_time_s
+    assert sharded("auto", 4, n_train=200).shards == 1
+    assert sharded("auto", 4).shards == 2  # one shard per 5,000 examples at least

@@ -145,6 +145,9 @@ def estimate_view(estimate: common_pb2.Estimate) -> dict[str, Any]:
         "estimated_time_s": estimate.estimated_time_s,
         "usd_per_second": estimate.usd_per_second,
         "estimated_cost_usd": estimate.estimated_cost_usd,
+        # A sharded experiment bills more GPU time than its wall time (every job's overhead).
+        "gpu_seconds": estimate.gpu_seconds or estimate.estimated_time_s,
+        "shards": estimate.shards or 1,
         "prices_as_of": estimate.prices_as_of,
         "price_source": estimate.price_source,
         "notes": list(estimate.notes),

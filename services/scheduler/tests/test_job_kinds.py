@@ -138,6 +138,20 @@ async def test_checks_that_do_not_fit_are_refused_before_anything_is_stored(
     with pytest.raises(grpc.aio.AioRpcError) as bad_kind:
         await stub.SubmitJob(unknown)
     assert "kind: unknown job kind 'retrain'" in bad_kind.value.details()
+    # The parts of a sharded experiment are the scheduler's to create, not a researcher's.
+    shard = scheduler_pb2.SubmitJobRequest(user_id="alice", kind="index_shard", parent_job_id=parent)
+    with pytest.raises(grpc.aio.AioRpcError) as internal:
+        await stub.SubmitJob(shard)
+    assert internal.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "kind: index_shard jobs are parts of a sharded experiment" in internal.value.details()
+    sharded = json.loads(h.spec_json())
+    sharded["influence_method"], sharded["influence"] = "trackstar", {"shards": 2}
+    with pytest.raises(grpc.aio.AioRpcError) as not_yet:
+        await stub.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(user_id="alice", spec_json=json.dumps(sharded).encode())
+        )
+    assert not_yet.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "influence.shards: this scheduler does not run sharded experiments yet" in not_yet.value.details()
     listed = await stub.ListJobs(scheduler_pb2.ListJobsRequest(user_id="alice", parent_job_id=parent))
     assert list(listed.jobs) == []
     assert len(provider.servicer.submit_requests) == 2  # the two experiments only
