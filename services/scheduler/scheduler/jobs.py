@@ -34,6 +34,7 @@ from scheduler.follower import DB_ERRORS, Follower
 from scheduler.model_ids import ModelNotAllowed, check_model_id
 from scheduler.providers import ProviderError, ProviderNotConfigured, Providers, Route, route_for
 from scheduler.store import JobRow, JobUpdate, Lease, Store
+from scheduler.uploads import occupy_upload_names, sweep_orphans, uploads_directly
 from service_runtime.tracing import trace_carrier
 
 log = logging.getLogger(__name__)
@@ -277,6 +278,9 @@ class JobManager:
         if not job.terminal:
             await self.cancel(user_id, job_id)
         removed = await self.artifacts.store.delete_prefix(job_prefix(job.id))
+        if uploads_directly(job.provider, self.artifacts.store):
+            spec = await self._store.get_spec(job.id) if job.kind == EXPERIMENT else None
+            await occupy_upload_names(self.artifacts.store, job.id, spec)
         await self._store.delete_job(job.id)
         self.follower.drop(job.id)
         log.info("job deleted", extra={"job_id": job.id, "artifacts": removed})
@@ -315,6 +319,15 @@ class JobManager:
         if swept:
             log.info("expired artifacts removed", extra={"jobs": swept, "retention_days": days})
         return swept
+
+    async def sweep_orphaned_uploads(self, now: datetime | None = None) -> int:
+        """Remove what no job lists from the store (scheduler.uploads.sweep_orphans)."""
+        return await sweep_orphans(
+            self.artifacts.store,
+            self._store.artifact_owners,
+            self._settings.scheduler_upload_url_ttl_s + self._settings.scheduler_claim_margin_s,
+            now,
+        )
 
     # Same parameters as submit (less idempotency_key): the estimate is asked for the job that
     # submit would receive; each signature is spelled out for its callers and mypy.
