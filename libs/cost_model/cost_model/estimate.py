@@ -94,6 +94,7 @@ def estimate(
     query: QueryRequest | None = None,
     curation: CurationRequest | None = None,
     min_tier_gb: int = 0,
+    card: ModelCard | None = None,
 ) -> CostEstimate:
     """Time and cost of ``spec`` on ``provider``'s GPU for the recommended memory tier (at least
     ``min_tier_gb``: the smallest GPU the provider will actually give the job); with
@@ -101,7 +102,7 @@ def estimate(
     ``query``, of those follow-up queries to it; with ``curation``, of its retrainings (each on
     the whole training set at most, evaluated on every eval example)."""
     _check_provider(provider, backend)
-    card = lookup_model(spec.model_id)
+    card = card or lookup_model(spec.model_id)
     workload = Workload.from_spec(spec, card)
     recommendation = _recommend(card, workload)
     table = price_table(provider)
@@ -196,9 +197,11 @@ def estimate_job(
     kind: str = "",
     request_json: bytes = b"",
     min_tier_gb: int = 0,
+    card: ModelCard | None = None,
 ) -> CostEstimate:
     """What a provider's Estimate answers: an experiment, or a later job of the experiment
-    ``spec`` of ``kind`` (gpu_core.jobs) with its request. Raises ValueError naming the field."""
+    ``spec`` of ``kind`` (gpu_core.jobs) with its request (``card``: the model's, when known
+    better than by its id: ``card_from_config``). Raises ValueError naming the field."""
     from gpu_core.jobs import COUNTERFACTUAL, CURATION, QUERY, job_kind, parse_request
 
     later = job_kind(kind)
@@ -213,6 +216,7 @@ def estimate_job(
         query=query,
         curation=curation,
         min_tier_gb=min_tier_gb,
+        card=card,
     )
 
 

@@ -102,6 +102,10 @@ class Settings(ServiceSettings):
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", min_length=1, max_length=200
     )
     scheduler_lease_s: float = Field(default=15.0, ge=0.3, le=600)
+    # Where a hosted job's model, when not in the catalog, is sized from its config.json
+    # (scheduler.hub_models); the variable the Hugging Face libraries read. A mirror works too.
+    hf_endpoint: str = "https://huggingface.co"
+    scheduler_hub_timeout_s: float = Field(default=5.0, gt=0, le=60)
     # Admission limits per user (0 = no limit); only the active-jobs cap applies to BYOK jobs.
     hosted_max_active_jobs: int = Field(default=3, ge=0)
     byok_max_active_jobs: int = Field(default=10, ge=0)

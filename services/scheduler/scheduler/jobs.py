@@ -31,7 +31,8 @@ from scheduler.config import Settings
 from scheduler.db import DbConnection
 from scheduler.dispatcher import Dispatcher
 from scheduler.follower import DB_ERRORS, Follower
-from scheduler.model_ids import ModelNotAllowed, check_model_id
+from scheduler.hub_models import HubModelSizes, HubModelUnknown
+from scheduler.model_ids import ModelNotAllowed, check_model_id, sized_from_hub
 from scheduler.providers import ProviderError, ProviderNotConfigured, Providers, Route, route_for
 from scheduler.store import JobRow, JobUpdate, Lease, Store
 from scheduler.uploads import occupy_upload_names, sweep_orphans, uploads_directly
@@ -70,13 +71,17 @@ def validate_spec(spec_json: bytes) -> dict[str, Any]:
 
 
 def admission_estimate(
-    spec: schemas.ExperimentSpec, route: Route, kind: str = "", request_json: bytes = b""
+    spec: schemas.ExperimentSpec,
+    route: Route,
+    kind: str = "",
+    request_json: bytes = b"",
+    card: cost_model.ModelCard | None = None,
 ) -> tuple[float, float]:
     """(time s, USD) from the shared cost model, the figures the providers estimate with (a later
     job of ``kind`` as that kind: a query costs far less than its experiment); the provider's own
     estimate replaces it when the job is submitted."""
     try:
-        figures = cost_model.estimate_job(spec, route.provider, route.backend, kind, request_json)
+        figures = cost_model.estimate_job(spec, route.provider, route.backend, kind, request_json, card=card)
     except cost_model.PriceTableError as exc:
         log.warning("no estimate for admission", extra={"provider": route.provider, "error": str(exc)})
         return 0.0, 0.0
@@ -100,6 +105,7 @@ class JobManager:
         self.artifacts = artifacts
         self._lease = Lease(settings.scheduler_replica_id, settings.scheduler_lease_s)
         self.follower = Follower(settings, store, providers, artifacts, self._lease)
+        self._hub_models = HubModelSizes(settings.hf_endpoint, settings.scheduler_hub_timeout_s)
         self.dispatcher = Dispatcher(settings, store, providers, artifacts, self._lease, self.follower)
         self._lease_task: asyncio.Task[None] | None = None
         self._queued = asyncio.Event()  # a job was stored: claim it now rather than next turn
@@ -141,11 +147,18 @@ class JobManager:
                 raise SpecError(str(exc)) from None
         # Raises ProviderNotConfigured before anything is stored: nothing could run the job.
         self._providers.client(route.provider)
+        card = None
+        if route.hosted and sized_from_hub(parsed.model_id):
+            try:
+                card = await self._hub_models.card(parsed.model_id)
+            except HubModelUnknown as exc:
+                raise SpecError(str(exc)) from None
         estimate = admission_estimate(
             parsed,
             route,
             kind,
             json.dumps(request).encode() if request is not None else b"",
+            card,
         )
 
         check_spend_cap(max_cost_usd, estimate[1])
