@@ -195,7 +195,8 @@ def card_from_config(model_id: str, config: Mapping[str, Any]) -> ModelCard:
     """The card of a model not in the catalog, sized from its ``config.json`` (the Hugging Face
     transformers fields; a multimodal config's ``text_config``; experts counted in the MLP).
     Raises ValueError naming what the config lacks."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else config
+    nested = config.get("text_config")
+    text: Mapping[str, Any] = nested if isinstance(nested, Mapping) else config
     try:
         hidden = int(text["hidden_size"])
         layers = int(text["num_hidden_layers"])
