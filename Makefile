@@ -113,8 +113,8 @@ bench-curate: setup ## planted label noise: recall of the suspicion rank vs loss
 bench-list-memory: setup ## ListJobs of 500 jobs with 10 MiB specs: scheduler RSS growth (target < 50 MB)
 	$(PY) -m benchmarks.list_jobs_memory
 
-bench-fuzz: setup ## schema fuzzing of the OpenAPI against a fresh stack (FUZZ_CASES=5000): server errors
-	$(PY) -m devstack.fuzz_api --cases $(or $(FUZZ_CASES),5000)
+bench-fuzz: setup ## schema fuzzing of every route + hostile data files against a fresh stack (FUZZ_CASES=10000): server errors
+	$(PY) -m devstack.fuzz_api --cases $(or $(FUZZ_CASES),10000)
 
 modal-deploy: setup ## deploy the Modal app (needs MODAL_TOKEN_ID/SECRET; reads MODAL_APP_NAME, MODAL_FUNCTION_NAME, MODAL_PROGRESS_DICT, MODAL_GPU, MODAL_HF_SECRET)
 	$(VENV)/bin/modal deploy services/compute-modal/worker/modal_app.py

@@ -2,13 +2,15 @@
 invalid (negative) requests for every operation, signed in as one user, against a running stack.
 A server error (any 5xx: every service is up) or a request without an answer is a finding.
 
-`make bench-fuzz` runs it long against a fresh stack (FUZZ_CASES, default 5,000) and prints the
+`make bench-fuzz` runs it long against a fresh stack (FUZZ_CASES, default 10,000) and prints the
 figures; tests/e2e/test_fuzz.py runs a few hundred cases in `make test`.
 
 The schema says only "binary" for an uploaded data file, so :func:`fuzz_data_files` sends
 ``POST /api/data/parse`` hostile files of its own: Parquet bombs (millions of rows, repeated
-long strings), deeply nested and bracket-heavy JSON, bad encodings, broken CSV quoting and
-garbage behind a Parquet magic number. Any 5xx, or an answer slower than the timeout, is a finding.
+long strings), deeply nested and bracket-heavy JSON, strings of up to 15 MB in JSON and CSV,
+the right fields with values of the wrong type (JSON, JSONL, CSV, typed Parquet columns), bad
+encodings, broken CSV quoting and garbage behind a Parquet magic number. Any 5xx, or an answer
+slower than the timeout, is a finding.
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ class FuzzReport:
     by_status: Counter[int] = field(default_factory=Counter)
     findings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+
+    def progress(self) -> None:
+        """A line on stderr every 1,000 cases, so a long run shows where it is."""
+        if self.cases % 1000 == 0:
+            print(
+                f"  ... {self.cases} cases, {len(self.findings)} server errors", file=sys.stderr, flush=True
+            )
 
     def summary(self) -> str:
         statuses = ", ".join(f"{status}: {count}" for status, count in sorted(self.by_status.items()))
@@ -114,6 +123,7 @@ def _run(
     def call(case: schemathesis.Case) -> None:
         label = f"{operation.label} ({mode.value})"
         report.cases += 1
+        report.progress()
         try:
             response = case.call(
                 base_url=base_url, session=session, headers=headers, timeout=_REQUEST_TIMEOUT_S
@@ -142,12 +152,40 @@ def _parquet(columns: dict[str, list[str]]) -> bytes:
     return buffer.getvalue()
 
 
+def _typed_parquet(column_type: str) -> bytes:
+    """A Parquet file whose prompt/completion columns are not strings."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    values = {
+        "int": pa.array([1, 2, 3]),
+        "list": pa.array([[1], [2, 3], []]),
+        "struct": pa.array([{"a": 1}, {"a": 2}, {"a": None}]),
+        "binary": pa.array([b"\xff\xfe", b"a", b""]),
+    }[column_type]
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"prompt": values, "completion": values}), buffer)
+    return buffer.getvalue()
+
+
 @st.composite
 def hostile_files(draw: st.DrawFn) -> tuple[str, bytes]:
     """(filename, bytes) of a data file built to hurt a parser."""
     kind = draw(
         st.sampled_from(
-            ["rows-bomb", "string-bomb", "deep-json", "brackets", "encoding", "csv", "par1", "jsonl", "bytes"]
+            [
+                "rows-bomb",
+                "string-bomb",
+                "deep-json",
+                "brackets",
+                "encoding",
+                "csv",
+                "par1",
+                "jsonl",
+                "wrong-types",
+                "huge-string",
+                "bytes",
+            ]
         )
     )
     if kind == "rows-bomb":
@@ -178,6 +216,30 @@ def hostile_files(draw: st.DrawFn) -> tuple[str, bytes]:
         return draw(st.sampled_from(["p.parquet", "p.jsonl"])), b"PAR1" + draw(
             st.binary(max_size=2000)
         ) + b"PAR1"
+    if kind == "wrong-types":
+        # The right field names with values of the wrong type, in every format.
+        odd = st.none() | st.booleans() | st.integers() | st.floats() | st.lists(st.integers(), max_size=3)
+        row = {
+            field: draw(odd | st.text(max_size=20))
+            for field in draw(
+                st.sets(st.sampled_from(["prompt", "completion", "expected", "messages", "id"]))
+            )
+        }
+        fmt = draw(st.sampled_from(["json", "jsonl", "csv", "parquet"]))
+        if fmt == "json":
+            return "w.json", json.dumps(draw(st.sampled_from([[row], row, {"rows": [row]}]))).encode()
+        if fmt == "jsonl":
+            return "w.jsonl", (json.dumps(row) + "\n").encode() * draw(st.integers(1, 5))
+        if fmt == "csv":
+            return "w.csv", (",".join(row) + "\n" + ",".join(json.dumps(v) for v in row.values())).encode()
+        return "w.parquet", _typed_parquet(draw(st.sampled_from(["int", "list", "struct", "binary"])))
+    if kind == "huge-string":
+        text = "y" * draw(st.integers(1_000_000, 15_000_000))
+        fmt = draw(st.sampled_from(["jsonl", "json", "csv"]))
+        if fmt == "csv":
+            return "h.csv", f"prompt,completion\n{text},a\n".encode()
+        row = json.dumps({"prompt": text, "completion": "a"})
+        return f"h.{fmt}", (row if fmt == "jsonl" else f"[{row}]").encode()
     if kind == "jsonl":
         value = draw(
             st.recursive(
@@ -209,6 +271,7 @@ def fuzz_data_files(base_url: str, headers: dict[str, str], cases: int, seed: in
     def call(file: tuple[str, bytes], kind: str) -> None:
         name, data = file
         report.cases += 1
+        report.progress()
         label = f"POST /api/data/parse ({name}, {len(data)} bytes)"
         try:
             response = session.post(
@@ -234,7 +297,7 @@ def fuzz_data_files(base_url: str, headers: dict[str, str], cases: int, seed: in
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m devstack.fuzz_api")
-    parser.add_argument("--cases", type=int, default=5000)
+    parser.add_argument("--cases", type=int, default=10_000)
     parser.add_argument("--data-cases", type=int, help="hostile data files (default: a tenth of --cases)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
