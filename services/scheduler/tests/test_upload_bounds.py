@@ -117,3 +117,29 @@ async def test_the_sweep_keeps_running_jobs_and_what_ended_ones_list(s3_store: A
         "done/scores.npy",
         "run/scores.npy",
     ]
+
+
+async def test_deleting_a_byok_job_kills_the_upload_urls_its_worker_holds(
+    start, provider, h, s3_server
+) -> None:
+    from influence.v1 import scheduler_pb2
+
+    provider.servicer.plan = h.plan(hold_at=1)  # the job stays running: its worker holds the URLs
+    running = await start(store_settings=s3_server.store_settings(prefix=f"t-{os.urandom(4).hex()}"))
+    await running.stub.SetComputeBackend(
+        scheduler_pb2.SetComputeBackendRequest(user_id="alice", backend="runpod")
+    )
+    job = await running.stub.SubmitJob(
+        scheduler_pb2.SubmitJobRequest(user_id="alice", spec_json=h.spec_json())
+    )
+    await h.until_submitted(provider.servicer, job.id)
+    (submitted,) = [r for r in provider.servicer.submit_requests if r.job_id == job.id]
+    urls = {upload.name: upload.url for upload in submitted.artifact_uploads}
+    assert "scores.npy" in urls and CLAIM_NAME in urls
+    await running.stub.DeleteJob(scheduler_pb2.DeleteJobRequest(user_id="alice", job_id=job.id))
+    async with httpx.AsyncClient() as http:
+        for name in ("scores.npy", CLAIM_NAME):
+            assert (await http.put(urls[name], content=b"late", headers=CREATE_ONLY)).status_code == 412
+    store = running.app.artifact_store
+    assert {info.bytes for info in await store.list(f"jobs/{job.id}/")} == {0}  # placeholders only
+    provider.servicer.plan.release.set()
