@@ -54,6 +54,11 @@ class FuzzReport:
     findings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
+    def found(self, finding: str) -> None:
+        """Record a finding, and show it at once: a long run's findings are not kept to its end."""
+        self.findings.append(finding)
+        print(f"  finding: {finding}", file=sys.stderr, flush=True)
+
     def progress(self) -> None:
         """A line on stderr every 1,000 cases, so a long run shows where it is."""
         if self.cases % 1000 == 0:
@@ -130,13 +135,11 @@ def _run(
             )
         except requests.RequestException as exc:
             report.by_status[0] += 1
-            report.findings.append(f"{label}: no answer ({type(exc).__name__}): {case.as_curl_command()}")
+            report.found(f"{label}: no answer ({type(exc).__name__}): {case.as_curl_command()}")
             return
         report.by_status[response.status_code] += 1
         if _is_finding(response.status_code):
-            report.findings.append(
-                f"{label}: {response.status_code} {response.text[:200]!r}: {case.as_curl_command()}"
-            )
+            report.found(f"{label}: {response.status_code} {response.text[:200]!r}: {case.as_curl_command()}")
 
     # Each operation's runs get their own seed, so a longer run explores new inputs.
     call._hypothesis_internal_use_seed = seed  # type: ignore[attr-defined]
@@ -283,11 +286,11 @@ def fuzz_data_files(base_url: str, headers: dict[str, str], cases: int, seed: in
             )
         except requests.RequestException as exc:
             report.by_status[0] += 1
-            report.findings.append(f"{label}: no answer ({type(exc).__name__})")
+            report.found(f"{label}: no answer ({type(exc).__name__})")
             return
         report.by_status[response.status_code] += 1
         if _is_finding(response.status_code):
-            report.findings.append(f"{label}: {response.status_code} {response.text[:200]!r}")
+            report.found(f"{label}: {response.status_code} {response.text[:200]!r}")
 
     call._hypothesis_internal_use_seed = seed  # type: ignore[attr-defined]
     call()
