@@ -222,7 +222,7 @@ def hostile_files(draw: st.DrawFn) -> tuple[str, bytes]:
     if kind == "wrong-types":
         # The right field names with values of the wrong type, in every format.
         odd = st.none() | st.booleans() | st.integers() | st.floats() | st.lists(st.integers(), max_size=3)
-        row = {
+        typed = {
             field: draw(odd | st.text(max_size=20))
             for field in draw(
                 st.sets(st.sampled_from(["prompt", "completion", "expected", "messages", "id"]))
@@ -230,11 +230,12 @@ def hostile_files(draw: st.DrawFn) -> tuple[str, bytes]:
         }
         fmt = draw(st.sampled_from(["json", "jsonl", "csv", "parquet"]))
         if fmt == "json":
-            return "w.json", json.dumps(draw(st.sampled_from([[row], row, {"rows": [row]}]))).encode()
+            return "w.json", json.dumps(draw(st.sampled_from([[typed], typed, {"rows": [typed]}]))).encode()
         if fmt == "jsonl":
-            return "w.jsonl", (json.dumps(row) + "\n").encode() * draw(st.integers(1, 5))
+            return "w.jsonl", (json.dumps(typed) + "\n").encode() * draw(st.integers(1, 5))
         if fmt == "csv":
-            return "w.csv", (",".join(row) + "\n" + ",".join(json.dumps(v) for v in row.values())).encode()
+            values = ",".join(json.dumps(value) for value in typed.values())
+            return "w.csv", (",".join(typed) + "\n" + values).encode()
         return "w.parquet", _typed_parquet(draw(st.sampled_from(["int", "list", "struct", "binary"])))
     if kind == "huge-string":
         text = "y" * draw(st.integers(1_000_000, 15_000_000))
