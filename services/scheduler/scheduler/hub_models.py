@@ -6,12 +6,13 @@ Only the hosted tier needs this (its GPUs are the operator's); a BYOK job is pri
 as before. A config that cannot be read (no such repository, a gated one, the Hub down) refuses
 the hosted job with a plain message rather than guessing. Sizes are cached per model id and
 revision for the life of the process: a repository's config at a revision does not change size
-often, and admission must not call the Hub for every submit."""
+often, and admission must not call the Hub for every submit; a refusal for a minute."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 # config.json files are a few KB; anything far larger is not one.
 _MAX_CONFIG_BYTES = 1 << 20
 _CACHE_ENTRIES = 512
+# A refusal is remembered this long, so repeated submits of a model the Hub will not size do not
+# each wait on the Hub.
+_REFUSAL_TTL_S = 60.0
 
 
 class HubModelUnknown(ValueError):
@@ -37,20 +41,26 @@ class HubModelSizes:
         self._endpoint = endpoint.rstrip("/")
         self._timeout_s = timeout_s
         self._cards: OrderedDict[str, ModelCard] = OrderedDict()
+        self._refusals: OrderedDict[str, tuple[float, str]] = OrderedDict()
 
     async def card(self, model_id: str) -> ModelCard:
         cached = self._cards.get(model_id)
         if cached is not None:
             self._cards.move_to_end(model_id)
             return cached
-        config = await self._config(model_id)
+        refused = self._refusals.get(model_id)
+        if refused is not None and time.monotonic() < refused[0]:
+            raise HubModelUnknown(refused[1])
         try:
-            card = card_from_config(model_id, config)
-        except ValueError as exc:
-            raise HubModelUnknown(f"model_id {model_id!r}: {exc}") from None
-        self._cards[model_id] = card
-        if len(self._cards) > _CACHE_ENTRIES:
-            self._cards.popitem(last=False)
+            config = await self._config(model_id)
+            try:
+                card = card_from_config(model_id, config)
+            except ValueError as exc:
+                raise HubModelUnknown(f"model_id {model_id!r}: {exc}") from None
+        except HubModelUnknown as exc:
+            _remember(self._refusals, model_id, (time.monotonic() + _REFUSAL_TTL_S, str(exc)))
+            raise
+        _remember(self._cards, model_id, card)
         return card
 
     async def _config(self, model_id: str) -> dict[str, Any]:
@@ -86,6 +96,13 @@ class HubModelSizes:
         if not isinstance(config, dict):
             raise HubModelUnknown(f"{refused} (it is not a JSON object)")
         return config
+
+
+def _remember(cache: OrderedDict[str, Any], key: str, value: Any) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    if len(cache) > _CACHE_ENTRIES:
+        cache.popitem(last=False)
 
 
 def _why(status: int) -> str:
