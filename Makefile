@@ -10,6 +10,8 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/influence/v1/*.proto)
 PROTO_OUT := protos/gen
+# An S3 server that checks signatures, for the tests of signed upload URLs (devstack/sigv4_s3.py)
+S3RVER_STAMP := devstack/s3rver/node_modules/.installed
 export OMP_NUM_THREADS ?= 1
 
 .PHONY: help setup protos protos-check run demo test lint typecheck migrate bench-influence bench-artifacts bench-scale gpu-check bench-fuzz bench-load clean modal-deploy k8s-validate lint-docker images bench-counterfactual bench-cancel bench-query bench-query-stack bench-influence-memory gpu-check-wheels bench-list-memory bench-curate bench-datasets bench-shards
@@ -17,7 +19,7 @@ export OMP_NUM_THREADS ?= 1
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-setup: $(STAMP) ## create .venv with everything the services and tests need (idempotent)
+setup: $(STAMP) $(S3RVER_STAMP) ## create .venv with everything the services and tests need (idempotent)
 
 $(STAMP): requirements/runtime.txt requirements/dev.txt pyproject.toml gpu_core/pyproject.toml protos/pyproject.toml $(wildcard libs/*/pyproject.toml) $(wildcard clients/*/pyproject.toml) $(wildcard services/*/pyproject.toml)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +28,10 @@ $(STAMP): requirements/runtime.txt requirements/dev.txt pyproject.toml gpu_core/
 	# kronfluence declares torchvision, which it never imports; see requirements/runtime.txt
 	$(PIP) install -q --no-deps kronfluence==1.0.1
 	$(PIP) install -q --no-deps --no-build-isolation $(foreach p,. gpu_core protos $(wildcard libs/*) $(wildcard clients/*) $(wildcard services/*),-e $(p))
+	touch $@
+
+$(S3RVER_STAMP): devstack/s3rver/package.json devstack/s3rver/package-lock.json
+	cd devstack/s3rver && npm ci --no-audit --no-fund --silent
 	touch $@
 
 protos: ## regenerate the Python code for protos/ into protos/gen
@@ -113,8 +119,8 @@ bench-datasets: setup ## a 100,000-example JSONL through POST /api/datasets and 
 bench-list-memory: setup ## ListJobs of 500 jobs with 10 MiB specs: scheduler RSS growth (target < 50 MB)
 	$(PY) -m benchmarks.list_jobs_memory
 
-bench-fuzz: setup ## schema fuzzing of the OpenAPI against a fresh stack (FUZZ_CASES=5000): server errors
-	$(PY) -m devstack.fuzz_api --cases $(or $(FUZZ_CASES),5000)
+bench-fuzz: setup ## schema fuzzing of every route + hostile data files against a fresh stack (FUZZ_CASES=10000): server errors
+	$(PY) -m devstack.fuzz_api --cases $(or $(FUZZ_CASES),10000)
 
 modal-deploy: setup ## deploy the Modal app (needs MODAL_TOKEN_ID/SECRET; reads MODAL_APP_NAME, MODAL_FUNCTION_NAME, MODAL_PROGRESS_DICT, MODAL_GPU, MODAL_HF_SECRET)
 	$(VENV)/bin/modal deploy services/compute-modal/worker/modal_app.py

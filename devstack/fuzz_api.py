@@ -2,13 +2,15 @@
 invalid (negative) requests for every operation, signed in as one user, against a running stack.
 A server error (any 5xx: every service is up) or a request without an answer is a finding.
 
-`make bench-fuzz` runs it long against a fresh stack (FUZZ_CASES, default 5,000) and prints the
+`make bench-fuzz` runs it long against a fresh stack (FUZZ_CASES, default 10,000) and prints the
 figures; tests/e2e/test_fuzz.py runs a few hundred cases in `make test`.
 
 The schema says only "binary" for an uploaded data file, so :func:`fuzz_data_files` sends
 ``POST /api/data/parse`` hostile files of its own: Parquet bombs (millions of rows, repeated
-long strings), deeply nested and bracket-heavy JSON, bad encodings, broken CSV quoting and
-garbage behind a Parquet magic number. Any 5xx, or an answer slower than the timeout, is a finding.
+long strings), deeply nested and bracket-heavy JSON, strings of up to 15 MB in JSON and CSV,
+the right fields with values of the wrong type (JSON, JSONL, CSV, typed Parquet columns), bad
+encodings, broken CSV quoting and garbage behind a Parquet magic number. Any 5xx, or an answer
+slower than the timeout, is a finding.
 """
 
 from __future__ import annotations
@@ -51,6 +53,18 @@ class FuzzReport:
     by_status: Counter[int] = field(default_factory=Counter)
     findings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+
+    def found(self, finding: str) -> None:
+        """Record a finding, and show it at once: a long run's findings are not kept to its end."""
+        self.findings.append(finding)
+        print(f"  finding: {finding}", file=sys.stderr, flush=True)
+
+    def progress(self) -> None:
+        """A line on stderr every 1,000 cases, so a long run shows where it is."""
+        if self.cases % 1000 == 0:
+            print(
+                f"  ... {self.cases} cases, {len(self.findings)} server errors", file=sys.stderr, flush=True
+            )
 
     def summary(self) -> str:
         statuses = ", ".join(f"{status}: {count}" for status, count in sorted(self.by_status.items()))
@@ -114,19 +128,18 @@ def _run(
     def call(case: schemathesis.Case) -> None:
         label = f"{operation.label} ({mode.value})"
         report.cases += 1
+        report.progress()
         try:
             response = case.call(
                 base_url=base_url, session=session, headers=headers, timeout=_REQUEST_TIMEOUT_S
             )
         except requests.RequestException as exc:
             report.by_status[0] += 1
-            report.findings.append(f"{label}: no answer ({type(exc).__name__}): {case.as_curl_command()}")
+            report.found(f"{label}: no answer ({type(exc).__name__}): {case.as_curl_command()}")
             return
         report.by_status[response.status_code] += 1
         if _is_finding(response.status_code):
-            report.findings.append(
-                f"{label}: {response.status_code} {response.text[:200]!r}: {case.as_curl_command()}"
-            )
+            report.found(f"{label}: {response.status_code} {response.text[:200]!r}: {case.as_curl_command()}")
 
     # Each operation's runs get their own seed, so a longer run explores new inputs.
     call._hypothesis_internal_use_seed = seed  # type: ignore[attr-defined]
@@ -142,12 +155,40 @@ def _parquet(columns: dict[str, list[str]]) -> bytes:
     return buffer.getvalue()
 
 
+def _typed_parquet(column_type: str) -> bytes:
+    """A Parquet file whose prompt/completion columns are not strings."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    values = {
+        "int": pa.array([1, 2, 3]),
+        "list": pa.array([[1], [2, 3], []]),
+        "struct": pa.array([{"a": 1}, {"a": 2}, {"a": None}]),
+        "binary": pa.array([b"\xff\xfe", b"a", b""]),
+    }[column_type]
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"prompt": values, "completion": values}), buffer)
+    return buffer.getvalue()
+
+
 @st.composite
 def hostile_files(draw: st.DrawFn) -> tuple[str, bytes]:
     """(filename, bytes) of a data file built to hurt a parser."""
     kind = draw(
         st.sampled_from(
-            ["rows-bomb", "string-bomb", "deep-json", "brackets", "encoding", "csv", "par1", "jsonl", "bytes"]
+            [
+                "rows-bomb",
+                "string-bomb",
+                "deep-json",
+                "brackets",
+                "encoding",
+                "csv",
+                "par1",
+                "jsonl",
+                "wrong-types",
+                "huge-string",
+                "bytes",
+            ]
         )
     )
     if kind == "rows-bomb":
@@ -178,6 +219,31 @@ def hostile_files(draw: st.DrawFn) -> tuple[str, bytes]:
         return draw(st.sampled_from(["p.parquet", "p.jsonl"])), b"PAR1" + draw(
             st.binary(max_size=2000)
         ) + b"PAR1"
+    if kind == "wrong-types":
+        # The right field names with values of the wrong type, in every format.
+        odd = st.none() | st.booleans() | st.integers() | st.floats() | st.lists(st.integers(), max_size=3)
+        typed = {
+            field: draw(odd | st.text(max_size=20))
+            for field in draw(
+                st.sets(st.sampled_from(["prompt", "completion", "expected", "messages", "id"]))
+            )
+        }
+        fmt = draw(st.sampled_from(["json", "jsonl", "csv", "parquet"]))
+        if fmt == "json":
+            return "w.json", json.dumps(draw(st.sampled_from([[typed], typed, {"rows": [typed]}]))).encode()
+        if fmt == "jsonl":
+            return "w.jsonl", (json.dumps(typed) + "\n").encode() * draw(st.integers(1, 5))
+        if fmt == "csv":
+            values = ",".join(json.dumps(value) for value in typed.values())
+            return "w.csv", (",".join(typed) + "\n" + values).encode()
+        return "w.parquet", _typed_parquet(draw(st.sampled_from(["int", "list", "struct", "binary"])))
+    if kind == "huge-string":
+        text = "y" * draw(st.integers(1_000_000, 15_000_000))
+        fmt = draw(st.sampled_from(["jsonl", "json", "csv"]))
+        if fmt == "csv":
+            return "h.csv", f"prompt,completion\n{text},a\n".encode()
+        row = json.dumps({"prompt": text, "completion": "a"})
+        return f"h.{fmt}", (row if fmt == "jsonl" else f"[{row}]").encode()
     if kind == "jsonl":
         value = draw(
             st.recursive(
@@ -209,6 +275,7 @@ def fuzz_data_files(base_url: str, headers: dict[str, str], cases: int, seed: in
     def call(file: tuple[str, bytes], kind: str) -> None:
         name, data = file
         report.cases += 1
+        report.progress()
         label = f"POST /api/data/parse ({name}, {len(data)} bytes)"
         try:
             response = session.post(
@@ -220,11 +287,11 @@ def fuzz_data_files(base_url: str, headers: dict[str, str], cases: int, seed: in
             )
         except requests.RequestException as exc:
             report.by_status[0] += 1
-            report.findings.append(f"{label}: no answer ({type(exc).__name__})")
+            report.found(f"{label}: no answer ({type(exc).__name__})")
             return
         report.by_status[response.status_code] += 1
         if _is_finding(response.status_code):
-            report.findings.append(f"{label}: {response.status_code} {response.text[:200]!r}")
+            report.found(f"{label}: {response.status_code} {response.text[:200]!r}")
 
     call._hypothesis_internal_use_seed = seed  # type: ignore[attr-defined]
     call()
@@ -234,7 +301,7 @@ def fuzz_data_files(base_url: str, headers: dict[str, str], cases: int, seed: in
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m devstack.fuzz_api")
-    parser.add_argument("--cases", type=int, default=5000)
+    parser.add_argument("--cases", type=int, default=10_000)
     parser.add_argument("--data-cases", type=int, help="hostile data files (default: a tenth of --cases)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -70,6 +70,10 @@ RESULT_NAME = "_worker/result.json"
 WORKER_RECORD_NAMES = (CLAIM_NAME, RESULT_NAME)
 # The plan's entry for a presigned GET of the claim (not an object of its own, never uploaded).
 CLAIM_READ_NAME = "_worker/claim.json:read"
+# Sent with every upload: S3's conditional create. The scheduler signs it into each upload URL
+# (scheduler.uploads.CREATE_ONLY), so the store refuses a request without it, and with it refuses
+# to write over an object that exists (HTTP 412): no upload replaces a verified file.
+CREATE_ONLY = {"If-None-Match": "*"}
 # How a duplicate delivery's error begins (workers write it; providers and tests recognise it).
 DUPLICATE_DELIVERY = "Duplicate delivery"
 UPLOAD_ATTEMPTS = 4
@@ -208,20 +212,24 @@ def upload_artifacts(directory: Path, manifest: Sequence[ArtifactEntry], urls: M
 
 def _upload_one(path: Path, entry: ArtifactEntry, url: str) -> None:
     problem = ""
+    outcome_unknown = False
     for attempt in range(UPLOAD_ATTEMPTS):
         if attempt:
             time.sleep(_RETRY_BASE_S * 2 ** (attempt - 1))
         try:
             status, body = _put(path, entry.bytes, url)
         except OSError as exc:
+            outcome_unknown = True
             problem = f"the artifact store could not be reached ({type(exc).__name__}: {exc})"
             continue
-        if 200 <= status < 300:
-            return
+        if 200 <= status < 300 or (status == 412 and outcome_unknown):
+            return  # a 412 after a lost answer: that attempt created it (the scheduler checks it)
         problem = f"the artifact store answered HTTP {status}" + (f": {body}" if body else "")
         if status < 500 and status != 429:
             if status == 403:
                 problem += " (the upload URL may have expired)"
+            if status == 412:
+                problem += " (the object exists already: upload URLs only create, never replace)"
             break
     raise ArtifactUploadError(f"uploading {entry.name} ({entry.bytes} bytes) failed: {problem}")
 
@@ -234,7 +242,9 @@ def _put(path: Path, size: int, url: str) -> tuple[int, str]:
     try:
         with open(path, "rb") as handle:
             # A file body with Content-Length is sent block by block, never read whole.
-            connection.request("PUT", target, body=handle, headers={"Content-Length": str(size)})
+            connection.request(
+                "PUT", target, body=handle, headers={**CREATE_ONLY, "Content-Length": str(size)}
+            )
         response = connection.getresponse()
         return response.status, _error_text(response.read(4000).decode("utf-8", "replace"))
     finally:
@@ -256,7 +266,7 @@ def claim_job(url: str, claim: Mapping[str, Any], read_url: str | None = None) -
         if attempt:
             time.sleep(_RETRY_BASE_S * 2 ** (attempt - 1))
         try:
-            status, text = _put_bytes(url, body, {"If-None-Match": "*", "Content-Type": "application/json"})
+            status, text = _put_bytes(url, body, {**CREATE_ONLY, "Content-Type": "application/json"})
         except OSError as exc:
             outcome_unknown = True
             problem = f"the artifact store could not be reached ({type(exc).__name__}: {exc})"
@@ -318,18 +328,21 @@ def duplicate_delivery_message(job_id: str) -> str:
 
 
 def store_result(url: str, result: Mapping[str, Any]) -> None:
-    """PUT the result JSON to ``url`` (retried like a file); raises ArtifactUploadError."""
+    """PUT the result JSON to ``url`` (retried like a file; create-only, so a 412 after an
+    attempt whose answer was lost counts as stored); raises ArtifactUploadError."""
     body = json.dumps(dict(result), separators=(",", ":")).encode()
     problem = ""
+    outcome_unknown = False
     for attempt in range(UPLOAD_ATTEMPTS):
         if attempt:
             time.sleep(_RETRY_BASE_S * 2 ** (attempt - 1))
         try:
-            status, text = _put_bytes(url, body, {"Content-Type": "application/json"})
+            status, text = _put_bytes(url, body, {**CREATE_ONLY, "Content-Type": "application/json"})
         except OSError as exc:
+            outcome_unknown = True
             problem = f"the artifact store could not be reached ({type(exc).__name__}: {exc})"
             continue
-        if 200 <= status < 300:
+        if 200 <= status < 300 or (status == 412 and outcome_unknown):
             return
         problem = f"the artifact store answered HTTP {status}" + (f": {text}" if text else "")
         if status < 500 and status != 429:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -32,6 +32,7 @@ from obstore.exceptions import BaseError, NotFoundError
 from obstore.store import LocalStore, S3Store
 
 from artifact_store.config import StoreSettings
+from artifact_store.sigv4 import sign_url
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig  # declared in obstore's stubs only
@@ -64,7 +65,17 @@ class ChecksumMismatch(StoreError):
 
 
 class PresignNotSupported(StoreError):
-    """The local filesystem store cannot mint presigned URLs."""
+    """The local filesystem store cannot mint presigned URLs (or, without keys, ones that bind
+    headers)."""
+
+
+@dataclass(frozen=True)
+class SigningKeys:
+    """The store's own keys, for URLs that bind headers (``ArtifactStore.presigned_url``)."""
+
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    region: str
 
 
 @dataclass(frozen=True)
@@ -127,11 +138,13 @@ class ArtifactStore:
         kind: Literal["local", "s3"],
         presign_expiry_s: int,
         root: Path | None = None,
+        signing_keys: SigningKeys | None = None,
     ) -> None:
         self._store = store
         self.kind = kind
         self._presign_expiry = timedelta(seconds=presign_expiry_s)
         self._root = root  # the local store's directory
+        self._signing_keys = signing_keys
 
     def local_path(self, key: str) -> Path:
         """Where a key's object lies on this host (the local store only): a reader on the same host
@@ -143,6 +156,11 @@ class ArtifactStore:
     @property
     def supports_presign(self) -> bool:
         return self.kind == "s3"
+
+    @property
+    def signs_headers(self) -> bool:
+        """Whether ``presigned_url`` can bind headers (an S3 store with its keys in the settings)."""
+        return self.supports_presign and self._signing_keys is not None
 
     async def put(
         self,
@@ -240,16 +258,40 @@ class ArtifactStore:
             raise _failed("delete", what, exc) from None
 
     async def presigned_url(
-        self, method: Literal["GET", "PUT"], key: str, expires_s: int | None = None
+        self,
+        method: Literal["GET", "PUT"],
+        key: str,
+        expires_s: int | None = None,
+        signed_headers: Mapping[str, str] | None = None,
     ) -> str:
-        """A URL that lets its holder GET or PUT exactly ``key`` until it expires."""
+        """A URL that lets its holder GET or PUT exactly ``key`` until it expires. With
+        ``signed_headers`` the request must carry each of them with that value, or the store
+        refuses it (they are signed: ``artifact_store.sigv4``); this needs the store's keys in
+        the settings (a URL signed with instance credentials cannot bind headers here)."""
         if not isinstance(self._store, S3Store):
             raise PresignNotSupported("the local artifact store cannot mint presigned URLs")
         expires = timedelta(seconds=expires_s) if expires_s else self._presign_expiry
         try:
-            return await obstore.sign_async(self._store, method, key, expires)
+            url = await obstore.sign_async(self._store, method, key, expires)
         except _ERRORS as exc:
             raise _failed("sign a URL for", key, exc) from None
+        if not signed_headers:
+            return url
+        if self._signing_keys is None:
+            raise PresignNotSupported(
+                "URLs that bind headers need ARTIFACT_STORE_ACCESS_KEY_ID and "
+                "ARTIFACT_STORE_SECRET_ACCESS_KEY"
+            )
+        return sign_url(
+            url,
+            method,
+            access_key_id=self._signing_keys.access_key_id,
+            secret_access_key=self._signing_keys.secret_access_key,
+            region=self._signing_keys.region,
+            expires_s=int(expires.total_seconds()),
+            headers=signed_headers,
+            now=datetime.now(UTC),
+        )
 
 
 def _info(meta: Any) -> ObjectInfo:
@@ -270,7 +312,16 @@ def open_store(settings: StoreSettings) -> ArtifactStore:
             {"allow_http": True} if settings.endpoint_url.startswith("http://") else None
         )
         store = S3Store.from_url(settings.url, client_options=client_options, **options)
-        return ArtifactStore(store, "s3", settings.presign_expiry_s)
+        keys = (
+            SigningKeys(
+                settings.access_key_id.get_secret_value(),
+                settings.secret_access_key.get_secret_value(),
+                settings.region,
+            )
+            if settings.access_key_id.get_secret_value()
+            else None
+        )
+        return ArtifactStore(store, "s3", settings.presign_expiry_s, signing_keys=keys)
     root = Path(settings.url.removeprefix("file://")).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
-    return ArtifactStore(LocalStore(root), "local", settings.presign_expiry_s, root)
+    return ArtifactStore(LocalStore(root), "local", settings.presign_expiry_s, root=root)

@@ -7,7 +7,14 @@ tier), ``timing`` (time) and ``estimate`` (cost = time x $/s); docs/cost-model.m
 from cost_model.actual import ActualCost, actual_cost, match_device
 from cost_model.estimate import BackendPrice, CostEstimate, ModelInfo, catalog, estimate, estimate_job
 from cost_model.memory import GpuRecommendation, MemoryBreakdown, recommend_gpu
-from cost_model.model_catalog import Architecture, ModelCard, lookup_model, model_cards, sized_model
+from cost_model.model_catalog import (
+    Architecture,
+    ModelCard,
+    card_from_config,
+    lookup_model,
+    model_cards,
+    sized_model,
+)
 from cost_model.prices import TIERS_GB, GpuOffer, PriceTable, PriceTableError, job_gpu, price_table
 from cost_model.workload import Workload
 
@@ -30,6 +37,7 @@ __all__ = [
     "estimate",
     "estimate_job",
     "job_gpu",
+    "card_from_config",
     "lookup_model",
     "match_device",
     "model_cards",

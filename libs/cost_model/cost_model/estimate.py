@@ -112,6 +112,7 @@ def estimate(
     merge: MergeRequest | None = None,
     min_tier_gb: int = 0,
     parallel_jobs: int | None = None,
+    card: ModelCard | None = None,
 ) -> CostEstimate:
     """Time and cost of ``spec`` on ``provider``'s GPU for the recommended memory tier (at least
     ``min_tier_gb``: the smallest GPU the provider will actually give the job); a sharded
@@ -123,7 +124,7 @@ def estimate(
     its adapter into the 16-bit base (on the experiment's GPU, in host memory where the 16-bit
     weights do not fit it)."""
     _check_provider(provider, backend)
-    card = lookup_model(spec.model_id)
+    card = card or lookup_model(spec.model_id)
     workload = Workload.from_spec(spec, card)
     recommendation = _recommend(card, workload)
     table = price_table(provider)
@@ -259,9 +260,11 @@ def estimate_job(
     kind: str = "",
     request_json: bytes = b"",
     min_tier_gb: int = 0,
+    card: ModelCard | None = None,
 ) -> CostEstimate:
     """What a provider's Estimate answers: an experiment, or a later job of the experiment
-    ``spec`` of ``kind`` (gpu_core.jobs) with its request. Raises ValueError naming the field."""
+    ``spec`` of ``kind`` (gpu_core.jobs) with its request (``card``: the model's, when known
+    better than by its id: ``card_from_config``). Raises ValueError naming the field."""
     from gpu_core.jobs import COUNTERFACTUAL, CURATION, MERGE, QUERY, job_kind, parse_request
 
     later = job_kind(kind)
@@ -278,6 +281,7 @@ def estimate_job(
         curation=curation,
         merge=merge,
         min_tier_gb=min_tier_gb,
+        card=card,
     )
 
 

@@ -10,7 +10,9 @@ to have ``UNKNOWN_MODEL_PARAMS_B`` parameters. Either way the card says so in ``
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Mapping
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -185,5 +187,49 @@ def lookup_model(model_id: str) -> ModelCard:
         licence="unknown: check the model card",
         note=note,
         architecture=architecture_for(size),
+        known=False,
+    )
+
+
+def card_from_config(model_id: str, config: Mapping[str, Any]) -> ModelCard:
+    """The card of a model not in the catalog, sized from its ``config.json`` (the Hugging Face
+    transformers fields; a multimodal config's ``text_config``; experts counted in the MLP).
+    Raises ValueError naming what the config lacks."""
+    nested = config.get("text_config")
+    text: Mapping[str, Any] = nested if isinstance(nested, Mapping) else config
+    try:
+        hidden = int(text["hidden_size"])
+        layers = int(text["num_hidden_layers"])
+        heads = int(text["num_attention_heads"])
+        architecture = Architecture(
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=int(text.get("num_key_value_heads") or heads),
+            intermediate_size=int(text.get("intermediate_size") or 4 * hidden),
+            vocab_size=int(text["vocab_size"]),
+            tied_embeddings=bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", True))),
+            head_dim=int(text["head_dim"]) if text.get("head_dim") else None,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        detail = f"no {exc.args[0]!r}" if isinstance(exc, KeyError) else "a field is not a positive number"
+        raise ValueError(f"the config.json of {model_id!r} does not describe a decoder ({detail})") from None
+    experts = int(text.get("num_local_experts") or text.get("num_experts") or 1)
+    attention = sum(
+        math.prod(architecture.module_shape(name)) for name in ("q_proj", "k_proj", "v_proj", "o_proj")
+    )
+    mlp = experts * sum(
+        math.prod(architecture.module_shape(name)) for name in ("gate_proj", "up_proj", "down_proj")
+    )
+    params_b = (architecture.embedding_params + layers * (attention + mlp)) / 1e9
+    return ModelCard(
+        id=model_id,
+        name=model_id,
+        params_b=params_b,
+        default_quantization="4bit" if params_b > _QUANTIZE_ABOVE_B else "none",
+        context_length=int(text.get("max_position_embeddings") or 8192),
+        licence="unknown: check the model card",
+        note=f"{model_id!r} is not in the catalog: {params_b:.2f}B parameters counted from its config.json",
+        architecture=architecture,
         known=False,
     )

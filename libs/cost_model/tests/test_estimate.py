@@ -422,3 +422,33 @@ def test_sharded_estimate_counts_every_jobs_overhead() -> None:
     assert sharded(2, 4, n_train=200).estimated_time_s > sharded(1, n_train=200).estimated_time_s
     assert sharded("auto", 4, n_train=200).shards == 1
     assert sharded("auto", 4).shards == 2  # one shard per 5,000 examples at least
+
+
+def test_a_config_json_sizes_a_model_whatever_its_name_says() -> None:
+    qwen_05b = {
+        "hidden_size": 896,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "intermediate_size": 4864,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+    }
+    # Qwen2.5-0.5B has 494M parameters (its model card), of which 136M are the tied embedding.
+    assert cost_model.card_from_config("me/x-70B", qwen_05b).params_b == pytest.approx(0.494, abs=0.001)
+    # A multimodal config's text model; experts multiply the MLP (Mixtral 8x7B: 46.7B).
+    mixtral = {
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 14336,
+        "vocab_size": 32000,
+        "tie_word_embeddings": False,
+        "num_local_experts": 8,
+    }
+    card = cost_model.card_from_config("me/tiny-1B", {"text_config": mixtral})
+    assert card.params_b == pytest.approx(46.7, abs=0.1) and card.default_quantization == "4bit"
+    assert "counted from its config.json" in card.note
+    with pytest.raises(ValueError, match="does not describe a decoder \\(no 'hidden_size'\\)"):
+        cost_model.card_from_config("me/x", {"model_type": "vit"})

@@ -166,3 +166,21 @@ def checked_caller_tokens(value: SecretStr | None) -> SecretStr | None:
 
 def caller_tokens_of(value: SecretStr | None) -> CallerTokens | None:
     return parse_caller_tokens(value.get_secret_value()) if value is not None else None
+
+
+# Hosts only this machine can reach: a service bound to one of them may serve without tokens.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def require_caller_tokens_off_loopback(
+    tokens_variable: str, tokens: SecretStr | None, host_variable: str, host: str, allow_any_caller: bool
+) -> None:
+    """Refuse (ValueError naming the variables) a service that would serve any caller on an
+    address other machines can reach: unset caller tokens are for loopback (``make run``, tests)
+    or, with ALLOW_ANY_CALLER=true, for a network the operator vouches for."""
+    if tokens is None and host not in LOOPBACK_HOSTS and not allow_any_caller:
+        raise ValueError(
+            f"{tokens_variable} is unset, so every caller would be served, and {host_variable}={host} "
+            f"is reachable from other machines: set {tokens_variable} (name=token,...), bind to "
+            "loopback, or set ALLOW_ANY_CALLER=true for a network that admits only the callers"
+        )

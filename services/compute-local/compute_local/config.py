@@ -7,10 +7,10 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from service_runtime.callers import checked_caller_tokens
+from service_runtime.callers import checked_caller_tokens, require_caller_tokens_off_loopback
 from service_runtime.settings import ServiceSettings
 
 _DEVICE_PATTERN = re.compile(r"cpu|cuda:\d+")
@@ -25,10 +25,25 @@ class Settings(ServiceSettings):
     compute_local_port: int = Field(default=50053, ge=0, le=65535)
     # 0 picks a free port, -1 disables the metrics endpoint.
     compute_local_metrics_port: int = Field(default=9093, ge=-1, le=65535)
-    # Who may call this service (name=token,...: the scheduler's COMPUTE_TOKEN); unset: anyone.
+    # Who may call this service (name=token,...: the scheduler's COMPUTE_TOKEN);
+    # unset: anyone, on loopback only.
     compute_caller_tokens: SecretStr | None = None
 
     _check_callers = field_validator("compute_caller_tokens")(checked_caller_tokens)
+    # Unset caller tokens off loopback refuse to start unless this is true (service_runtime.callers).
+    allow_any_caller: bool = False
+
+    @model_validator(mode="after")
+    def _callers_checked_off_loopback(self) -> Settings:
+        require_caller_tokens_off_loopback(
+            "COMPUTE_CALLER_TOKENS",
+            self.compute_caller_tokens,
+            "COMPUTE_LOCAL_HOST",
+            self.compute_local_host,
+            self.allow_any_caller,
+        )
+        return self
+
     # One slot per device: a job runs alone on its device, later jobs wait in FIFO order.
     compute_local_devices: Annotated[tuple[str, ...], NoDecode] = ("cpu",)
     # Threads a child may use for torch/OpenMP; unset means every core of this host.

@@ -3,12 +3,19 @@ a call without that token is refused before the servicer runs; health checks sta
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from compute_local.config import Settings
 from influence.v1 import compute_pb2, compute_pb2_grpc
 from service_runtime.grpc_server import insecure_channel
+from service_runtime.settings import SettingsError
 
 SCHEDULER_TOKEN = "the-schedulers-compute-token"
 
@@ -53,3 +60,38 @@ async def test_without_caller_tokens_any_caller_is_served(start_compute_local) -
         with pytest.raises(grpc.aio.AioRpcError) as unknown:
             await stub.GetStatus(compute_pb2.GetStatusRequest(provider_job_id="x", job_id="x"))
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _start_process(module: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {
+        k: v for k, v in os.environ.items() if not k.endswith(("_HOST", "CALLER_TOKENS", "ALLOW_ANY_CALLER"))
+    }
+    return subprocess.run(
+        [sys.executable, "-m", module], env={**base, **env}, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize(
+    ("module", "host_variable", "tokens_variable"),
+    [
+        ("compute_local", "COMPUTE_LOCAL_HOST", "COMPUTE_CALLER_TOKENS"),
+        ("scheduler", "SCHEDULER_HOST", "SCHEDULER_CALLER_TOKENS"),
+    ],
+)
+def test_without_caller_tokens_a_service_off_loopback_refuses_to_start(
+    module: str, host_variable: str, tokens_variable: str
+) -> None:
+    done = _start_process(module, **{host_variable: "0.0.0.0", "DATABASE_URL": "postgresql://x@127.0.0.1/x"})
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    record = json.loads(line)
+    assert record["level"].lower() == "error"
+    assert tokens_variable in record["message"] and "ALLOW_ANY_CALLER" in record["message"]
+
+
+def test_caller_tokens_off_loopback_or_the_explicit_flag_let_a_service_start() -> None:
+    assert Settings.load(compute_local_host="0.0.0.0", compute_caller_tokens=f"scheduler={SCHEDULER_TOKEN}")
+    assert Settings.load(compute_local_host="0.0.0.0", allow_any_caller=True).allow_any_caller
+    assert Settings.load(compute_local_host="127.0.0.1").compute_caller_tokens is None
+    with pytest.raises(SettingsError, match="COMPUTE_LOCAL_HOST=0.0.0.0"):
+        Settings.load(compute_local_host="0.0.0.0")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from service_runtime.callers import checked_caller_tokens
+from service_runtime.callers import checked_caller_tokens, require_caller_tokens_off_loopback
 from service_runtime.settings import ServiceSettings, host_port
 
 
@@ -19,10 +19,25 @@ class Settings(ServiceSettings):
     compute_modal_port: int = Field(default=50055, ge=0, le=65535)
     # 0 picks a free port, -1 disables the metrics endpoint.
     compute_modal_metrics_port: int = Field(default=9095, ge=-1, le=65535)
-    # Who may call this service (name=token,...: the scheduler's COMPUTE_TOKEN); unset: anyone.
+    # Who may call this service (name=token,...: the scheduler's COMPUTE_TOKEN);
+    # unset: anyone, on loopback only.
     compute_caller_tokens: SecretStr | None = None
 
     _check_callers = field_validator("compute_caller_tokens")(checked_caller_tokens)
+    # Unset caller tokens off loopback refuse to start unless this is true (service_runtime.callers).
+    allow_any_caller: bool = False
+
+    @model_validator(mode="after")
+    def _callers_checked_off_loopback(self) -> Settings:
+        require_caller_tokens_off_loopback(
+            "COMPUTE_CALLER_TOKENS",
+            self.compute_caller_tokens,
+            "COMPUTE_MODAL_HOST",
+            self.compute_modal_host,
+            self.allow_any_caller,
+        )
+        return self
+
     shutdown_grace_s: float = Field(default=10.0, ge=0)
 
     # The operator's Modal account. Missing tokens are reported by VerifyCredentials and Submit.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from service_runtime.callers import checked_caller_tokens
+from service_runtime.callers import checked_caller_tokens, require_caller_tokens_off_loopback
 from service_runtime.settings import ServiceSettings, host_port
 
 
@@ -14,10 +14,25 @@ class Settings(ServiceSettings):
     compute_runpod_host: str = "127.0.0.1"
     compute_runpod_port: int = Field(default=50054, ge=0, le=65535)
     compute_runpod_metrics_port: int = Field(default=9094, ge=-1, le=65535)
-    # Who may call this service (name=token,...: the scheduler's COMPUTE_TOKEN); unset: anyone.
+    # Who may call this service (name=token,...: the scheduler's COMPUTE_TOKEN);
+    # unset: anyone, on loopback only.
     compute_caller_tokens: SecretStr | None = None
 
     _check_callers = field_validator("compute_caller_tokens")(checked_caller_tokens)
+    # Unset caller tokens off loopback refuse to start unless this is true (service_runtime.callers).
+    allow_any_caller: bool = False
+
+    @model_validator(mode="after")
+    def _callers_checked_off_loopback(self) -> Settings:
+        require_caller_tokens_off_loopback(
+            "COMPUTE_CALLER_TOKENS",
+            self.compute_caller_tokens,
+            "COMPUTE_RUNPOD_HOST",
+            self.compute_runpod_host,
+            self.allow_any_caller,
+        )
+        return self
+
     shutdown_grace_s: float = Field(default=10.0, ge=0)
 
     keyvault_addr: str = "127.0.0.1:50052"

@@ -8,9 +8,9 @@ import socket
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
-from service_runtime.callers import checked_caller_tokens
+from service_runtime.callers import checked_caller_tokens, require_caller_tokens_off_loopback
 from service_runtime.settings import ServiceSettings, host_port
 
 
@@ -37,12 +37,27 @@ class Settings(ServiceSettings):
     scheduler_host: str = "127.0.0.1"
     scheduler_port: int = Field(default=50051, ge=0, le=65535)
     scheduler_metrics_port: int = Field(default=9091, ge=-1, le=65535)
-    # Who may call the scheduler (name=token,...: the gateway's SCHEDULER_TOKEN); unset: anyone.
+    # Who may call the scheduler (name=token,...: the gateway's SCHEDULER_TOKEN);
+    # unset: anyone, on loopback only.
     scheduler_caller_tokens: SecretStr | None = None
     # Sent to the compute services (their COMPUTE_CALLER_TOKENS lists it as "scheduler").
     compute_token: SecretStr | None = None
 
     _check_callers = field_validator("scheduler_caller_tokens")(checked_caller_tokens)
+    # Unset caller tokens off loopback refuse to start unless this is true (service_runtime.callers).
+    allow_any_caller: bool = False
+
+    @model_validator(mode="after")
+    def _callers_checked_off_loopback(self) -> Settings:
+        require_caller_tokens_off_loopback(
+            "SCHEDULER_CALLER_TOKENS",
+            self.scheduler_caller_tokens,
+            "SCHEDULER_HOST",
+            self.scheduler_host,
+            self.allow_any_caller,
+        )
+        return self
+
     database_url: SecretStr
     hosted_provider: ProviderName = "local"
     compute_local_addr: str = "127.0.0.1:50053"
@@ -103,6 +118,10 @@ class Settings(ServiceSettings):
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", min_length=1, max_length=200
     )
     scheduler_lease_s: float = Field(default=15.0, ge=0.3, le=600)
+    # Where a hosted job's model, when not in the catalog, is sized from its config.json
+    # (scheduler.hub_models); the variable the Hugging Face libraries read. A mirror works too.
+    hf_endpoint: str = "https://huggingface.co"
+    scheduler_hub_timeout_s: float = Field(default=5.0, gt=0, le=60)
     # Admission limits per user (0 = no limit); only the active-jobs cap applies to BYOK jobs.
     hosted_max_active_jobs: int = Field(default=3, ge=0)
     byok_max_active_jobs: int = Field(default=10, ge=0)

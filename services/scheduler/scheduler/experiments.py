@@ -55,6 +55,12 @@ class ExperimentCatalog:
 
     async def experiments(self, user_id: str, limit: int, filters: ListFilters) -> list[JobRow]:
         """The user's experiments that match every filter, newest first."""
+        # PostgreSQL text cannot hold NUL, so no stored label matches one (and asking would fail).
+        if any(
+            "\x00" in value
+            for value in (filters.tag, filters.model_id, filters.influence_method, filters.status)
+        ):
+            return []
         rows = await self.pool.fetch(
             f"""SELECT {_JOB_COLUMNS} FROM jobs
                 WHERE user_id = $1 AND parent_job_id IS NULL

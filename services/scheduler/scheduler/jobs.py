@@ -22,7 +22,15 @@ from typing import Any
 import cost_model
 from artifact_store import job_prefix
 from gpu_core import schemas
-from gpu_core.jobs import EXPERIMENT, JobInputError, job_kind, parse_request, parse_result, submittable_kind
+from gpu_core.jobs import (
+    EXPERIMENT,
+    WRITES_ARTIFACTS,
+    JobInputError,
+    job_kind,
+    parse_request,
+    parse_result,
+    submittable_kind,
+)
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
 from influence.v1 import common_pb2, compute_pb2
 from scheduler.admission import Usage, check_ceiling, check_quota, check_spend_cap, current_usage
@@ -32,9 +40,11 @@ from scheduler.datasets import DatasetReferenceError, DatasetStore, attach_to_sp
 from scheduler.db import DbConnection
 from scheduler.dispatcher import Dispatcher
 from scheduler.follower import DB_ERRORS, Follower
-from scheduler.model_ids import ModelNotAllowed, check_model_id
+from scheduler.hub_models import HubModelSizes, HubModelUnknown
+from scheduler.model_ids import ModelNotAllowed, check_model_id, sized_from_hub
 from scheduler.providers import ProviderError, ProviderNotConfigured, Providers, Route, route_for
 from scheduler.store import JobRow, JobUpdate, Lease, Store
+from scheduler.uploads import occupy_upload_names, sweep_orphans, uploads_directly
 from service_runtime.tracing import trace_carrier
 
 log = logging.getLogger(__name__)
@@ -70,13 +80,17 @@ def validate_spec(spec_json: bytes) -> dict[str, Any]:
 
 
 def admission_estimate(
-    spec: schemas.ExperimentSpec, route: Route, kind: str = "", request_json: bytes = b""
+    spec: schemas.ExperimentSpec,
+    route: Route,
+    kind: str = "",
+    request_json: bytes = b"",
+    card: cost_model.ModelCard | None = None,
 ) -> tuple[float, float]:
     """(time s, USD) from the shared cost model, the figures the providers estimate with (a later
     job of ``kind`` as that kind: a query costs far less than its experiment); the provider's own
     estimate replaces it when the job is submitted."""
     try:
-        figures = cost_model.estimate_job(spec, route.provider, route.backend, kind, request_json)
+        figures = cost_model.estimate_job(spec, route.provider, route.backend, kind, request_json, card=card)
     except cost_model.PriceTableError as exc:
         log.warning("no estimate for admission", extra={"provider": route.provider, "error": str(exc)})
         return 0.0, 0.0
@@ -100,6 +114,7 @@ class JobManager:
         self.artifacts = artifacts
         self._lease = Lease(settings.scheduler_replica_id, settings.scheduler_lease_s)
         self.follower = Follower(settings, store, providers, artifacts, self._lease)
+        self._hub_models = HubModelSizes(settings.hf_endpoint, settings.scheduler_hub_timeout_s)
         # Set when a job was stored or a dispatch slot freed: claim queued jobs now, not next turn.
         self._queued = asyncio.Event()
         self.dispatcher = Dispatcher(
@@ -152,11 +167,18 @@ class JobManager:
                 )
         # Raises ProviderNotConfigured before anything is stored: nothing could run the job.
         self._providers.client(route.provider)
+        card = None
+        if route.hosted and sized_from_hub(parsed.model_id):
+            try:
+                card = await self._hub_models.card(parsed.model_id)
+            except HubModelUnknown as exc:
+                raise SpecError(str(exc)) from None
         estimate = admission_estimate(
             parsed,
             route,
             kind,
             json.dumps(request).encode() if request is not None else b"",
+            card,
         )
 
         check_spend_cap(max_cost_usd, estimate[1])
@@ -311,6 +333,9 @@ class JobManager:
         if not job.terminal:
             await self.cancel(user_id, job_id)
         removed = await self.artifacts.store.delete_prefix(job_prefix(job.id))
+        if uploads_directly(job.provider, self.artifacts.store):
+            spec = await self._store.get_spec(job.id) if job.kind in WRITES_ARTIFACTS else None
+            await occupy_upload_names(self.artifacts.store, job.id, spec, job.kind)
         await self._store.delete_job(job.id)
         self.follower.drop(job.id)
         log.info("job deleted", extra={"job_id": job.id, "artifacts": removed})
@@ -349,6 +374,15 @@ class JobManager:
         if swept:
             log.info("expired artifacts removed", extra={"jobs": swept, "retention_days": days})
         return swept
+
+    async def sweep_orphaned_uploads(self, now: datetime | None = None) -> int:
+        """Remove what no job lists from the store (scheduler.uploads.sweep_orphans)."""
+        return await sweep_orphans(
+            self.artifacts.store,
+            self._store.artifact_owners,
+            self._settings.scheduler_upload_url_ttl_s + self._settings.scheduler_claim_margin_s,
+            now,
+        )
 
     # Same parameters as submit (less idempotency_key): the estimate is asked for the job that
     # submit would receive; each signature is spelled out for its callers and mypy.

@@ -84,3 +84,11 @@ def check_model_id(model_id: str, hosted: bool, roots: Sequence[str]) -> None:
     raise ModelNotAllowed(
         f"model_id {model_id!r} is not a model this deployment runs: use {_rule(hosted, roots)}"
     )
+
+
+def sized_from_hub(model_id: str) -> bool:
+    """Whether ``model_id`` names a hub repository the catalog does not know (the hosted tier
+    then sizes it from its config.json: scheduler.hub_models)."""
+    if model_id in BUILTIN_MODEL_IDS or not HUB_ID.match(model_id):
+        return False
+    return model_id.split("@", 1)[0].lower() not in _catalog_ids()

@@ -729,6 +729,7 @@ class SchedulerServer:
             if self._jobs is not None:
                 try:
                     await self._jobs.sweep_expired_artifacts()
+                    await self._jobs.sweep_orphaned_uploads()
                 except (StoreError, *_DB_ERRORS) as exc:
                     log.warning("artifact retention sweep failed; will retry", extra={"error": str(exc)})
             await asyncio.sleep(self.settings.scheduler_retention_sweep_s)

@@ -695,6 +695,21 @@ class Store:
         )
         return [row["id"] for row in rows]
 
+    async def artifact_owners(self, job_ids: list[str]) -> dict[str, tuple[bool, set[str]]]:
+        """For each of ``job_ids`` that is a job: whether it has ended, and the names its
+        verified manifest lists (the artifact sweep's view of who owns what in the store)."""
+        parsed = [found for found in map(parse_job_id, job_ids) if found is not None]
+        rows = await self._fetch(
+            "SELECT id::text AS id, status, artifacts FROM jobs WHERE id = ANY($1::uuid[])", parsed
+        )
+        return {
+            row["id"]: (
+                row["status"] in TERMINAL_STATES,
+                {str(entry.get("name")) for entry in row["artifacts"] or [] if isinstance(entry, dict)},
+            )
+            for row in rows
+        }
+
     async def clear_artifacts(self, job_id: str) -> None:
         await self._execute(
             "UPDATE jobs SET artifacts = '[]'::jsonb, updated_at = now() WHERE id = $1", uuid.UUID(job_id)

@@ -11,6 +11,17 @@ the worker's two records (``_worker/claim.json``, ``_worker/result.json``, see g
 scheduler.artifacts reads them). A store that fails without a definite answer is retried until a
 deadline and never makes a job's files look missing.
 
+Every upload URL is create-only: it signs ``If-None-Match: *`` (gpu_core.uploads.CREATE_ONLY), so
+the store refuses a request without that header (the signature does not match) and, with it,
+refuses to write over an object that exists (412). A verified file cannot be replaced, and a
+deleted job's URLs die with it: ``occupy_upload_names`` puts an empty placeholder at every name
+its URLs may write, and ``sweep_orphans`` removes the placeholders once the URLs have expired,
+with anything else under ``jobs/`` that no job lists (a late upload after a failure, a job whose
+row is gone). S3 cannot bound the size of a presigned PUT whose size is not known when it is
+signed (a POST policy's content-length-range can, but POST uploads cannot be conditional), so
+sizes are checked when the scheduler verifies the files, and the sweep bounds how long an
+oversized upload can stay.
+
 The URLs live ``scheduler_upload_url_ttl_s`` (default 25 h), longer than RunPod keeps a job in
 all (RUNPOD_JOB_TTL_S, 24 h: queue wait and run together), and compute-runpod caps each job's
 ttl to the life its URLs have left: a job that waited in RunPod's queue still uploads, and one
@@ -35,15 +46,17 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from artifact_store import ArtifactNotFound, ArtifactStore, StoreError, job_key, job_prefix
+from artifact_store import ArtifactNotFound, ArtifactStore, ObjectInfo, StoreError, job_key, job_prefix
 from gpu_core.jobs import EXPERIMENT, QUERY, READS_PARENT_ARTIFACTS, parse_result
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
 from gpu_core.uploads import (
     CLAIM_NAME,
     CLAIM_READ_NAME,
+    CREATE_ONLY,
     WORKER_RECORD_NAMES,
     needed_parent_artifacts,
     planned_job_artifact_names,
@@ -63,31 +76,57 @@ DIRECT_UPLOAD_PROVIDERS = frozenset({"runpod", "modal"})
 
 
 def uploads_directly(provider: str, store: ArtifactStore) -> bool:
-    return provider in DIRECT_UPLOAD_PROVIDERS and store.supports_presign
+    """Whether the job's worker puts its files in the store itself: a remote provider, and a
+    store that can mint create-only URLs (its keys set; with a workload identity alone the
+    files come back through the provider)."""
+    return provider in DIRECT_UPLOAD_PROVIDERS and store.signs_headers
 
 
 async def presigned_uploads(
     store: ArtifactStore, job_id: str, spec: dict[str, Any] | None, expires_s: int, kind: str = EXPERIMENT
 ) -> list[compute_pb2.ArtifactUpload]:
-    """One presigned PUT URL per artifact name the job's run may write (an experiment's, or a
-    later job's of ``kind``: a merge's ``merged/`` folder), and one for each of the worker's
-    records (its claim on the job, its result JSON: gpu_core.uploads), and a GET of the claim
-    (``CLAIM_READ_NAME``: a re-delivered provider job finds its own claim). ``spec`` None: a job
-    that writes only those records (a query, a counterfactual check)."""
-    planned = planned_job_artifact_names(kind, parse_spec(spec, NO_SIZE_LIMITS)) if spec is not None else []
-    names = [*planned, *WORKER_RECORD_NAMES]
+    """One presigned create-only PUT URL per artifact name the job's run may write (an
+    experiment's, or a later job's of ``kind``: a merge's ``merged/`` folder), and one for each of
+    the worker's records (its claim on the job, its result JSON: gpu_core.uploads), and a GET of
+    the claim (``CLAIM_READ_NAME``: a re-delivered provider job finds its own claim). ``spec``
+    None: a job that writes only those records (a query, a counterfactual check)."""
     return [
         *[
             compute_pb2.ArtifactUpload(
-                name=name, url=await store.presigned_url("PUT", job_key(job_id, name), expires_s)
+                name=name,
+                url=await store.presigned_url(
+                    "PUT", job_key(job_id, name), expires_s, signed_headers=CREATE_ONLY
+                ),
             )
-            for name in names
+            for name in upload_names(spec, kind)
         ],
         compute_pb2.ArtifactUpload(
             name=CLAIM_READ_NAME,
             url=await store.presigned_url("GET", job_key(job_id, CLAIM_NAME), expires_s),
         ),
     ]
+
+
+def upload_names(spec: dict[str, Any] | None, kind: str = EXPERIMENT) -> list[str]:
+    """Every name a job's upload URLs were minted for (``presigned_uploads``)."""
+    planned = planned_job_artifact_names(kind, parse_spec(spec, NO_SIZE_LIMITS)) if spec is not None else []
+    return [*planned, *WORKER_RECORD_NAMES]
+
+
+async def occupy_upload_names(
+    store: ArtifactStore, job_id: str, spec: dict[str, Any] | None, kind: str = EXPERIMENT
+) -> int:
+    """Put an empty object at every name the job's URLs may write, so that each URL, being
+    create-only, is refused by the store (412) until it expires: a deleted job's URLs die with
+    it. ``sweep_orphans`` removes these once the URLs have expired. Returns how many."""
+    names = upload_names(spec, kind)
+    for name in names:
+        await store.put(job_key(job_id, name), _empty())
+    return len(names)
+
+
+async def _empty() -> AsyncIterator[bytes]:
+    yield b""
 
 
 def reads_parent_artifacts(kind: str) -> bool:
@@ -194,3 +233,50 @@ async def remove_uploads(store: ArtifactStore, job_id: str) -> None:
         await store.delete_prefix(job_prefix(job_id))
     except StoreError as exc:
         log.error("could not remove a job's uploads", extra={"job_id": job_id, "error": str(exc)})
+
+
+# The store's jobs' prefix, and how many job ids the sweep looks up at once.
+_JOBS_PREFIX = "jobs/"
+_SWEEP_BATCH = 500
+
+
+async def sweep_orphans(
+    store: ArtifactStore,
+    owners: Callable[[list[str]], Awaitable[dict[str, tuple[bool, set[str]]]]],
+    upload_url_ttl_s: float,
+    now: datetime | None = None,
+) -> int:
+    """Remove the objects under ``jobs/`` that belong to no listed artifact; returns how many.
+    ``owners`` answers, for a list of job ids, which are jobs, whether each has ended, and the
+    names its verified manifest lists (Store.artifact_owners). A job still running keeps all
+    its objects; an ended one keeps its manifest's files and the worker's records; a job that
+    is gone (deleted) keeps nothing, but only once its objects are older than the upload URLs
+    live, so a deleted job's placeholders (``occupy_upload_names``) outlast its URLs."""
+    now = now or datetime.now(UTC)
+    by_job: dict[str, list[ObjectInfo]] = {}
+    for info in await store.list(_JOBS_PREFIX):
+        job_id = info.key.removeprefix(_JOBS_PREFIX).split("/", 1)[0]
+        by_job.setdefault(job_id, []).append(info)
+    job_ids = sorted(by_job)
+    removed = 0
+    for start in range(0, len(job_ids), _SWEEP_BATCH):
+        batch = job_ids[start : start + _SWEEP_BATCH]
+        known = await owners(batch)
+        for job_id in batch:
+            for info in by_job[job_id]:
+                if _orphaned(info, job_id, known.get(job_id), upload_url_ttl_s, now):
+                    await store.delete(info.key)
+                    removed += 1
+    if removed:
+        log.info("orphaned uploads removed", extra={"objects": removed})
+    return removed
+
+
+def _orphaned(
+    info: ObjectInfo, job_id: str, owner: tuple[bool, set[str]] | None, ttl_s: float, now: datetime
+) -> bool:
+    if owner is None:
+        return info.last_modified < now - timedelta(seconds=ttl_s)
+    ended, listed = owner
+    name = info.key.removeprefix(_JOBS_PREFIX + job_id + "/")
+    return ended and name not in listed and name not in WORKER_RECORD_NAMES

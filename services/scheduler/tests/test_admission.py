@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.server
+import json
+import threading
+from collections.abc import Iterator
 
 import grpc
 import pytest
 
+import cost_model
 from influence.v1 import common_pb2, scheduler_pb2
+from scheduler.jobs import parse_job_spec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -136,3 +143,74 @@ async def test_byok_jobs_only_have_the_active_jobs_cap(start, provider, h) -> No
     assert usage.backend == "runpod" and set(limits(usage)) == {"active_jobs"}
     assert usage.max_job_time_s == 0
     provider.servicer.plan.release.set()
+
+
+# What a 0.5B model's config says (Qwen2.5-0.5B's shape), and what a 70B one's says.
+SMALL_CONFIG = {
+    "hidden_size": 896,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "intermediate_size": 4864,
+    "vocab_size": 151936,
+}
+LARGE_CONFIG = {
+    "hidden_size": 8192,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "intermediate_size": 28672,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
+
+
+@contextlib.contextmanager
+def hub_serving(configs: dict[str, dict]) -> Iterator[str]:
+    """A loopback stand-in for the Hub's file route: /{repo}/resolve/main/config.json."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            repo = self.path.removesuffix("/resolve/main/config.json").lstrip("/")
+            body = json.dumps(configs[repo]).encode() if repo in configs else b"Entry not found"
+            self.send_response(200 if repo in configs else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+async def test_the_ceiling_sizes_a_hub_model_by_its_config_not_its_name(start, h) -> None:
+    spec = json.loads(h.spec_json())
+
+    def estimated_s(card) -> float:
+        parsed = parse_job_spec(json.dumps({**spec, "model_id": "me/x-0.5B"}).encode())
+        return cost_model.estimate_job(parsed, "local", "hosted", card=card).estimated_time_s
+
+    by_name = estimated_s(cost_model.lookup_model("me/x-0.5B"))
+    by_config = estimated_s(cost_model.card_from_config("me/x-0.5B", LARGE_CONFIG))
+    assert by_name * 10 < by_config
+    limit = (by_name * by_config) ** 0.5  # the name's size passes, the config's does not
+    with hub_serving({"me/x-0.5B": LARGE_CONFIG, "me/real-0.5B": SMALL_CONFIG}) as endpoint:
+        scheduler = await start(hosted_max_job_time_s=limit, hf_endpoint=endpoint)
+        error = await refusal(submit(scheduler.stub, "alice", h.spec_json(model_id="me/x-0.5B")))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "HOSTED_MAX_JOB_TIME_S" in error.details()
+        assert (await submit(scheduler.stub, "alice", h.spec_json(model_id="me/real-0.5B"))).id
+        missing = await refusal(submit(scheduler.stub, "alice", h.spec_json(model_id="me/gone-1B")))
+    assert missing.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "config.json on the Hugging Face Hub, which could not be read (HTTP 404" in missing.details()
+    # The Hub down: refused for hosted in plain words, never sized by the name.
+    unreachable = await refusal(submit(scheduler.stub, "alice", h.spec_json(model_id="me/other-0.5B")))
+    assert unreachable.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the Hub did not answer" in unreachable.details()

@@ -74,6 +74,11 @@ async def test_invalid_spec_names_the_field(scheduler, h):
     assert "training_data" in caught.value.details()
     jobs = await scheduler.stub.ListJobs(scheduler_pb2.ListJobsRequest(user_id="alice"))
     assert list(jobs.jobs) == []
+    # A filter with a NUL (which PostgreSQL text cannot hold) matches nothing (the fuzzer's 503).
+    filtered = await scheduler.stub.ListJobs(
+        scheduler_pb2.ListJobsRequest(user_id="alice", tag="a\x00b", model_id="m\x00")
+    )
+    assert list(filtered.jobs) == []
 
 
 async def test_idempotency_key_gives_one_job_also_concurrently(scheduler, provider, h):

@@ -347,3 +347,22 @@ async def test_an_unreachable_cloud_is_named_not_the_scheduler(start, provider, 
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert caught.value.details().startswith("the compute-runpod service could not be reached")
     assert ("x-failed-component", "compute-runpod") in tuple(caught.value.trailing_metadata())
+
+
+async def test_the_health_check_asks_the_database_cheaply_and_counts_jobs_seldom(start):
+    # Checked every 0.1 s here (the conftest's db interval): each check is a SELECT 1; counting
+    # every job row for the gauges happens once per SCHEDULER_JOB_GAUGES_INTERVAL_S.
+    running = await start(scheduler_job_gauges_interval_s=3600)
+    _, store = running.app.require()
+    counted = 0
+    count_by_status = store.count_by_status
+
+    async def counting() -> dict[str, int]:
+        nonlocal counted
+        counted += 1
+        return await count_by_status()
+
+    store.count_by_status = counting  # type: ignore[method-assign]
+    for _ in range(5):
+        assert await running.app.check_health()
+    assert counted == 0

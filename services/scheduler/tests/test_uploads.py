@@ -14,6 +14,7 @@ from artifact_store import ArtifactStore, StoreError, job_key, load_store_settin
 from gpu_core.uploads import (
     CLAIM_NAME,
     CLAIM_READ_NAME,
+    CREATE_ONLY,
     RESULT_NAME,
     WORKER_RECORD_NAMES,
     claim_job,
@@ -63,7 +64,7 @@ async def test_urls_are_minted_for_the_planned_names_of_that_job_only(s3_store: 
     assert all("/jobs/job-a/" in u.url and "X-Amz-Expires=600" in u.url for u in uploads)
     (scores,) = [u for u in uploads if u.name == "scores.npy"]
     async with httpx.AsyncClient() as http:
-        assert (await http.put(scores.url, content=b"matrix")).status_code == 200
+        assert (await http.put(scores.url, content=b"matrix", headers=CREATE_ONLY)).status_code == 200
     assert (await s3_store.stat(job_key("job-a", "scores.npy"))).bytes == 6
 
 
