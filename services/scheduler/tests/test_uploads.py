@@ -75,7 +75,7 @@ async def test_a_merge_gets_urls_for_its_merged_folder_and_a_query_for_its_recor
     assert {"merged/config.json", "merged/model.safetensors", "merged/model-00128.safetensors"} <= set(merge)
     assert "scores.npy" not in merge and set(WORKER_RECORD_NAMES) <= set(merge)
     query = [u.name for u in await presigned_uploads(s3_store, "job-q", SPEC, expires_s=600, kind="query")]
-    assert query == list(WORKER_RECORD_NAMES)
+    assert query == [*WORKER_RECORD_NAMES, CLAIM_READ_NAME]
 
 
 async def test_verified_uploads_stay_and_unlisted_ones_are_removed(s3_store: ArtifactStore) -> None:
