@@ -241,9 +241,8 @@ async def test_a_finished_job_posts_its_status_to_its_webhook_retried_until_a_20
 
     async def receiver(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
-        length = next(
-            int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
-        )
+        lines = head.lower().split(b"\r\n")
+        length = next(int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length"))
         received.append(await reader.readexactly(length))
         status = b"500 Internal Server Error" if len(received) == 1 else b"200 OK"
         writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")

@@ -294,3 +294,28 @@ async def test_the_endpoint_is_shown_and_deleted_only_when_no_runpod_job_would_b
     assert no_key.status_code == 409 and "RunPod's console" in no_key.json()["detail"]
     unseen = (await gateway.client.get("/api/settings/runpod-endpoint", headers=headers)).json()
     assert (unseen["state"], unseen["endpoint_id"], unseen["workers"]) == ("unknown", "ep-3", None)
+
+
+async def test_runpods_webhook_is_forwarded_without_a_session_only_with_the_jobs_secret(
+    gateway, upstream
+) -> None:
+    """RunPod posts without any session: the per-job secret in the URL is the credential, and a
+    wrong one (or an unknown job) is a 404 that says nothing more."""
+    job_id = upstream.scheduler.add_job("local:wren")
+    upstream.scheduler.webhook_secrets[job_id] = "s3cret-of-the-job"
+    body = {"id": "runpod-1", "status": "COMPLETED", "output": [{"forged": True}]}
+
+    woken = await gateway.client.post(f"/api/webhooks/runpod/{job_id}/s3cret-of-the-job", json=body)
+    assert woken.status_code == 200 and upstream.scheduler.woken == [job_id]
+    for path in (
+        f"/api/webhooks/runpod/{job_id}/s3cret-of-the-joB",
+        "/api/webhooks/runpod/job-999/s3cret-of-the-job",
+        f"/api/webhooks/runpod/{job_id}/",
+    ):
+        refused = await gateway.client.post(path, json=body)
+        assert refused.status_code == 404, path
+        assert refused.json() in ({"detail": "Not found"}, {"detail": "Not Found"}), refused.text
+    assert upstream.scheduler.woken == [job_id]
+    assert upstream.scheduler.jobs[job_id].job.state == common_pb2.JOB_STATE_RUNNING
+    schema = (await gateway.client.get("/openapi.json")).json()
+    assert not any(path.startswith("/api/webhooks") for path in schema["paths"])
