@@ -28,7 +28,9 @@ results kept ``retention_s`` after completion then 404, ``policy.ttl`` and
 and route (429), the payload limits (``/run`` input and a job's final output at 10 MB: a larger
 job-done upload is refused with 400 and the job shows ``COMPLETED`` without output, as
 runpod-python #309 reports), no GPU (``throttled``: no worker starts or takes a job, jobs stay
-``IN_QUEUE``, the workers summary says throttled).
+``IN_QUEUE``, the workers summary says throttled), ``/run``'s ``webhook`` (the /status body is
+posted there when the job finishes; anything but a 200 is tried again up to 2 more times,
+``webhook_retry_s`` (10) apart; each post in ``webhook_posts``).
 
 Injectable faults (``fail_next``): any status (401/403/429 with Retry-After/5xx) for the next N
 calls of a route; ``graphql_enabled = False`` (GraphQL retired: 410); ``execution_timeout_s``
@@ -41,7 +43,8 @@ recorded (method, path, query, headers, status) in ``requests``; every job ``/ru
 In-process: ``async with FakeRunPod(keys={"rpa_...": 25.0}) as fake: fake.url``.
 As a process: ``python -m devstack.fake_runpod --key rpa_x=25``; it prints ``FAKE_RUNPOD_URL=...``
 and offers the same controls over HTTP under ``/_fake/`` (keys, faults with ``after_accept``,
-``status`` and ``hang_s``, mode with ``retention_s``, requests, jobs: ``accepted_runs``).
+``status`` and ``hang_s``, mode with ``retention_s`` and ``webhook_retry_s``, requests, jobs:
+``accepted_runs``, ``webhook_posts``).
 """
 
 from devstack.fake_runpod.fake import FakeRunPod

@@ -51,6 +51,8 @@ def add_control_routes(app: FastAPI, fake: FakeRunPod) -> None:
             fake.graphql_enabled = bool(body["graphql"])
         if "max_payload_bytes" in body:
             fake.max_payload_bytes = int(body["max_payload_bytes"])
+        if "webhook_retry_s" in body:
+            fake.webhook_retry_s = float(body["webhook_retry_s"])
         return JSONResponse(
             {
                 "throttled": fake.throttled,
@@ -58,6 +60,7 @@ def add_control_routes(app: FastAPI, fake: FakeRunPod) -> None:
                 "retention_s": fake.retention_s,
                 "graphql": fake.graphql_enabled,
                 "max_payload_bytes": fake.max_payload_bytes,
+                "webhook_retry_s": fake.webhook_retry_s,
             }
         )
 
@@ -77,6 +80,8 @@ def add_control_routes(app: FastAPI, fake: FakeRunPod) -> None:
                 "gpu_pools": {
                     job_id: job.gpu_pool for job_id, job in fake.jobs_by_id.items() if job.gpu_pool
                 },
+                # Every webhook post: [RunPod job id, the HTTP status answered, 0 for no answer].
+                "webhook_posts": fake.webhook_posts,
             }
         )
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -90,6 +91,11 @@ class FakeRunPod:
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
         self._monitor: asyncio.Task[None] | None = None
+        # RunPod retries a webhook that does not answer 200 up to 2 more times, 10 s apart.
+        self.webhook_retry_s = 10.0
+        # Every webhook post made: (job id, HTTP status, 0 when the post itself failed).
+        self.webhook_posts: list[tuple[str, int]] = []
+        self._webhook_tasks: set[asyncio.Task[None]] = set()
         self.port = 0
         self.app = self._build_app()
 
@@ -209,6 +215,8 @@ class FakeRunPod:
             kill_worker(worker)
         if self._monitor is not None:
             self._monitor.cancel()
+        for task in list(self._webhook_tasks):
+            task.cancel()
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
             await self._task
@@ -278,6 +286,28 @@ class FakeRunPod:
     def finish(self, job: FakeJob, status: str, *, error: str | None = None, output: Any = None) -> None:
         job.status, job.finished_at, job.error, job.output = status, time.monotonic(), error, output
         job.progress = None
+        if job.webhook:
+            task = asyncio.get_running_loop().create_task(self._post_webhook(job))
+            self._webhook_tasks.add(task)
+            task.add_done_callback(self._webhook_tasks.discard)
+
+    async def _post_webhook(self, job: FakeJob) -> None:
+        """What RunPod does when a job with a ``webhook`` finishes: POST its /status body there;
+        anything but a 200 is tried again, up to 2 more times, ``webhook_retry_s`` apart."""
+        from devstack.fake_runpod.jobs import status_body  # jobs imports this module
+
+        async with httpx.AsyncClient(timeout=10.0) as http:
+            for attempt in range(3):
+                if attempt:
+                    await asyncio.sleep(self.webhook_retry_s)
+                try:
+                    answer = await http.post(job.webhook, json=status_body(job))
+                    status = answer.status_code
+                except httpx.HTTPError:
+                    status = 0
+                self.webhook_posts.append((job.id, status))
+                if status == 200:
+                    return
 
     def split_output(self, output: Any) -> list[Any]:
         """RunPod caps a stream chunk at 1 MB and splits larger outputs into pieces."""

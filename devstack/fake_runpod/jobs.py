@@ -35,6 +35,9 @@ def add_job_routes(app: FastAPI, fake: FakeRunPod) -> None:
         body = await json_body(request)
         if not isinstance(body, dict) or "input" not in body:
             return JSONResponse({"error": "input is required"}, status_code=400)
+        webhook = body.get("webhook", "")
+        if not isinstance(webhook, str):
+            return JSONResponse({"error": "webhook must be a URL"}, status_code=400)
         policy = body.get("policy") or {}
         timeout_ms = policy.get("executionTimeout") or endpoint.config.get("timeout") or 600000
         ttl_ms = policy.get("ttl") or 24 * 3600 * 1000
@@ -44,6 +47,7 @@ def add_job_routes(app: FastAPI, fake: FakeRunPod) -> None:
             input=body["input"],
             execution_timeout_s=float(timeout_ms) / 1000,
             expires_at=time.monotonic() + float(ttl_ms) / 1000,
+            webhook=webhook,
         )
         fake.jobs_by_id[job.id] = job
         endpoint.queue.append(job.id)

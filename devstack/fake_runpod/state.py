@@ -101,6 +101,7 @@ class FakeJob:
     output: Any = None
     error: str | None = None
     progress: Any = None  # the last progress_update while IN_PROGRESS
+    webhook: str = ""  # /run's "webhook": posted the /status body when the job finishes
 
 
 @dataclass

@@ -295,6 +295,39 @@ def test_a_gated_model_needs_the_researchers_hf_token_which_reaches_the_worker(
     assert client.request("POST", "/api/train", json=gated).status_code == 422
 
 
+def test_replacing_the_key_while_a_job_runs_strands_nothing(stack: Stack, fake: FakeRunPodProcess) -> None:
+    """A job is followed and cancelled with the key it was submitted with: a key of another
+    RunPod account is refused with the job named, or, asked to, cancels the job first on the
+    account it runs on (with the old key) and is then stored."""
+    old_key, other_key = funded_key(fake, 50.0), funded_key(fake, 50.0)  # two accounts
+    client = researcher(stack, "rhea")
+    assert save_key(client, old_key).status_code == 200
+    fake.control("POST", "mode", throttled=True)  # the job waits in RunPod's queue
+    try:
+        job = client.submit(small_spec(n_train=6, n_eval=2))
+        deadline = time.monotonic() + 20
+        while client.job(job["job_id"])["status"] != "submitted":
+            assert time.monotonic() < deadline, client.job(job["job_id"])
+            time.sleep(0.1)
+        refused = save_key(client, other_key)
+        assert refused.status_code == 409
+        assert job["job_id"] in refused.json()["detail"] and "cancel_jobs=true" in refused.json()["detail"]
+        kept = client.request("GET", "/api/settings/runpod-key").json()
+        assert (kept["last4"], kept["backend"]) == (old_key[-4:], "runpod")
+        cancels_before = len(fake.requests("job.cancel"))
+        replaced = client.request(
+            "POST", "/api/settings/runpod-key?cancel_jobs=true", json={"api_key": other_key}
+        )
+        assert replaced.status_code == 200, replaced.text
+        assert (replaced.json()["last4"], replaced.json()["backend"]) == (other_key[-4:], "runpod")
+    finally:
+        fake.control("POST", "mode", throttled=False)
+    cancels = fake.requests("job.cancel")[cancels_before:]
+    assert [old_key in str(c["headers"].get("authorization")) for c in cancels] == [True]  # type: ignore[union-attr]
+    assert client.job(job["job_id"])["status"] == "cancelled"
+    assert finish(client, job["job_id"])["state"] == "cancelled"
+
+
 def test_no_plaintext_key_in_logs_responses_or_tables(stack: Stack) -> None:
     assert USED_KEYS, "the tests above must have used keys"
     logs = "\n".join(stack.log_text(name) for name in stack.running)

@@ -36,7 +36,7 @@ def fake() -> Iterator[FakeRunPodProcess]:
 def stack(
     tmp_path_factory: pytest.TempPathFactory, fake: FakeRunPodProcess, s3_server: S3TestServer
 ) -> Iterator[Stack]:
-    with Stack(
+    stack = Stack(
         data_dir=tmp_path_factory.mktemp("money-faults"),
         extra_env={
             **fake.settings_env(),
@@ -48,7 +48,10 @@ def stack(
             "RUNPOD_RETRY_BASE_S": "0.05",
         },
         services=("keyvault", "compute-runpod", "scheduler", "gateway"),
-    ) as running:
+    )
+    # The fake RunPod reaches this gateway: every job is sent with its webhook.
+    stack.extra_env["SCHEDULER_WEBHOOK_BASE_URL"] = stack.gateway_url
+    with stack as running:
         yield running
 
 
@@ -74,6 +77,15 @@ def test_a_run_accepted_then_lost_completes_with_one_runpod_job(
     accepted = fake.control("GET", "jobs")["accepted_runs"]  # type: ignore[index]
     assert len(accepted) - accepted_before == 1
     assert client.job(job["job_id"])["provider"] == "runpod"
+    # RunPod's webhook went through the gateway to the scheduler (a 200), once; a forged one
+    # (a wrong secret) is a 404 that says nothing more.
+    deadline = time.monotonic() + 10
+    while not (posts := _webhook_posts(fake, accepted[-1])):
+        assert time.monotonic() < deadline, "no webhook was posted"
+        time.sleep(0.1)
+    assert posts == [[accepted[-1], 200]]
+    forged = client.http.post(f"/api/webhooks/runpod/{job['job_id']}/forged-secret", json={})
+    assert (forged.status_code, forged.json()) == (404, {"detail": "Not found"})
 
 
 def test_a_result_runpod_forgot_while_the_scheduler_was_down_is_collected(
@@ -97,6 +109,11 @@ def test_a_result_runpod_forgot_while_the_scheduler_was_down_is_collected(
         assert "result collected from the artifact store" in stack.log_text("scheduler")
     finally:
         fake.control("POST", "mode", retention_s=1800.0)
+
+
+def _webhook_posts(fake: FakeRunPodProcess, runpod_job: str) -> list[list]:
+    posts = fake.control("GET", "jobs")["webhook_posts"]  # type: ignore[index]
+    return [post for post in posts if post[0] == runpod_job]
 
 
 def _events_once_reconnected(client: GatewayClient, job_id: str) -> list[dict]:

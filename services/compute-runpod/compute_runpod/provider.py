@@ -465,6 +465,7 @@ class RunPodProvider:
         parent_artifacts: list[dict[str, Any]] | None = None,
         estimated_time_s: float = 0.0,
         datasets: list[dict[str, Any]] | None = None,
+        webhook_url: str = "",
     ) -> str:
         """``kind``: a later job of the experiment ``spec_json`` (gpu_core.jobs), e.g. a
         counterfactual check with its request and the experiment's result. ``upload_urls``: the
@@ -473,7 +474,8 @@ class RunPodProvider:
         come back inline, and a job whose score matrix alone exceeds that ceiling is refused
         here, before anything is paid for. ``parent_artifacts``: presigned GETs of the
         experiment's files a follow-up query reads (the worker downloads them). ``datasets``:
-        presigned GETs of the stored datasets the spec names (gpu_core.datasets)."""
+        presigned GETs of the stored datasets the spec names (gpu_core.datasets). ``webhook_url``:
+        where RunPod posts when the job finishes (it only wakes the scheduler's poll early)."""
         spec = parse_spec(spec_json)
         job_input = worker_input(spec, kind, request_json, parent_result_json)
         if parent_artifacts:
@@ -496,7 +498,7 @@ class RunPodProvider:
                 await self._check_balance(key, spec, estimated_cost_usd)
             hf_token = await self._reveal_hf_token(account.user_id) if account.user_id else ""
             timeout_s = self.execution_timeout_s(estimated_time_s)
-            payload = {
+            payload: dict[str, Any] = {
                 # The token travels in this one call's input only: the worker sets HF_TOKEN from
                 # it while the model loads, and nothing here logs the payload.
                 "input": {**job_input, HF_TOKEN_FIELD: hf_token} if hf_token else job_input,
@@ -505,6 +507,8 @@ class RunPodProvider:
                     "ttl": ttl_s * 1000,
                 },
             }
+            if webhook_url:
+                payload["webhook"] = webhook_url
             accepted = await self._client.run(key, endpoint, payload)
             provider_job_id = str(accepted["id"])
             _remember(self._timeouts, provider_job_id, str(timeout_s))

@@ -97,6 +97,7 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
                 ],
                 request.estimated_time_s,
                 dataset_files_payload(request),
+                request.webhook_url,
             ),
         )
         return compute_pb2.SubmitResponse(provider_job_id=provider_job_id)

@@ -42,6 +42,21 @@ async def test_each_job_gets_its_estimate_with_headroom_as_execution_timeout(
     assert stack.fake.job(submitted.provider_job_id).execution_timeout_s == timeout_s
 
 
+async def test_the_schedulers_webhook_url_is_sent_as_runs_webhook(stack: Stack) -> None:
+    """SubmitRequest.webhook_url becomes /run's ``webhook`` (RunPod posts there when the job
+    ends); without one, /run has none."""
+    stack.fake.set_throttled(True)
+    hook = "https://dash.example.org/api/webhooks/runpod/job-hook/" + secrets.token_urlsafe(32)
+    with_hook = await stack.stub.Submit(
+        compute_pb2.SubmitRequest(job_id="job-hook", account=HOSTED, spec_json=spec_bytes(), webhook_url=hook)
+    )
+    without = await stack.stub.Submit(
+        compute_pb2.SubmitRequest(job_id="job-no-hook", account=HOSTED, spec_json=spec_bytes())
+    )
+    assert stack.fake.job(with_hook.provider_job_id).webhook == hook
+    assert stack.fake.job(without.provider_job_id).webhook == ""
+
+
 async def test_an_estimate_over_the_execution_timeout_warns(stack: Stack) -> None:
     many = [{"prompt": f"question {i} " * 40, "completion": "answer " * 40} for i in range(3000)]
     big = spec_bytes(model_id="google/gemma-3-27b", training_data=many, hyperparams={"epochs": 30})

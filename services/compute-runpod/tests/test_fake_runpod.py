@@ -230,3 +230,40 @@ async def test_controls_lose_the_answer_of_an_accepted_run(http: httpx.AsyncClie
         assert [fake.job(job_id).input["n"] for job_id in jobs["accepted_runs"]] == [1, 2, 3]
         mode = await http.post(f"{fake.url}/_fake/mode", json={"retention_s": 2})
         assert mode.json()["retention_s"] == 2
+
+
+async def test_a_finished_job_posts_its_status_to_its_webhook_retried_until_a_200(
+    http: httpx.AsyncClient,
+) -> None:
+    """RunPod posts the /status body to /run's ``webhook`` when the job finishes, and tries again
+    (up to 2 more times) while the answer is not a 200."""
+    received: list[bytes] = []
+
+    async def receiver(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.lower().split(b"\r\n")
+        length = next(int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length"))
+        received.append(await reader.readexactly(length))
+        status = b"500 Internal Server Error" if len(received) == 1 else b"200 OK"
+        writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(receiver, "127.0.0.1", 0)
+    hook = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook/secret"
+    async with server, FakeRunPod({KEY: 10.0}) as fake:
+        fake.webhook_retry_s = 0.05
+        await http.post(f"{fake.url}/_fake/mode", json={"throttled": True})  # it stays queued
+        endpoint = (await http.post(f"{fake.url}/v2/serverless", json=ENDPOINT_BODY)).json()["id"]
+        job = (await http.post(f"{fake.url}/v2/{endpoint}/run", json={"input": {}, "webhook": hook})).json()
+        assert not received  # nothing while it waits
+        await http.post(f"{fake.url}/v2/{endpoint}/cancel/{job['id']}")
+        async with asyncio.timeout(10):
+            while len(fake.webhook_posts) < 2:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        assert fake.webhook_posts == [(job["id"], 500), (job["id"], 200)]  # no third post after a 200
+        assert [json.loads(body)["status"] for body in received] == ["CANCELLED", "CANCELLED"]
+        assert json.loads(received[0])["id"] == job["id"]
+        bad = await http.post(f"{fake.url}/v2/{endpoint}/run", json={"input": {}, "webhook": 5})
+        assert bad.status_code == 400

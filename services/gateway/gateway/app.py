@@ -32,6 +32,7 @@ from gateway import (
     settings_api,
     tracking_api,
     usage_api,
+    webhooks_api,
 )
 from gateway.auth import USERNAME_PATTERN, LocalTokenIssuer, TokenVerifier, local_secret
 from gateway.config import LOOPBACK_HOSTS, Settings
@@ -126,6 +127,7 @@ def create_app(
     app.include_router(merges_api.router)
     app.include_router(config_api.router)
     app.include_router(usage_api.router)
+    app.include_router(webhooks_api.router)
     _install_dashboard(app, dashboard_dir)
     _install_openapi(app)
     # Outermost first: metrics see every answer, the size limit runs before any parsing.

@@ -38,6 +38,7 @@ router = APIRouter(prefix="/api/settings", tags=["settings"], responses=ERRORS)
 RUNPOD = "runpod"
 SETTINGS_NOT_CHANGED = "The scheduler is unavailable; your settings were not changed, try again"
 KEY_NOT_REMOVED = "The scheduler is unavailable; your key was not removed, try again"
+KEY_NOT_REPLACED = "The scheduler is unavailable; your key was not replaced, try again"
 ENDPOINT_NOT_DELETED = "The scheduler is unavailable; your RunPod endpoint was not deleted, try again"
 NO_RUNPOD_KEY = "No RunPod API key is stored: add one (POST /api/settings/runpod-key) before choosing runpod"
 # The one mapping of why RunPod refused a key to an HTTP answer; a refusal without a reason is
@@ -127,11 +128,19 @@ async def put_compute(
         400: error("RunPod rejected the key"),
         402: error("The RunPod account has no funds"),
         403: error("The key lacks a needed permission"),
+        409: error("Replacing a key while jobs run on RunPod; name them, or pass cancel_jobs=true"),
         503: error("RunPod (or a service behind the gateway) could not be reached"),
     },
 )
 async def save_runpod_key(
-    body: RunpodKeyRequest, user: CurrentUser, scheduler: Scheduler, keyvault: KeyVault
+    body: RunpodKeyRequest,
+    user: CurrentUser,
+    scheduler: Scheduler,
+    keyvault: KeyVault,
+    cancel_jobs: Annotated[
+        bool,
+        Query(description="Replacing a key: cancel the jobs still running on RunPod first (old key)"),
+    ] = False,
 ) -> dict[str, Any]:
     api_key = body.api_key.get_secret_value()
     verdict = await scheduler.verify_provider_key(
@@ -141,9 +150,12 @@ async def save_runpod_key(
     if not verdict.valid:
         status = _REFUSAL_STATUS.get(verdict.failure, 400)
         raise ApiError(status, verdict.message or "RunPod rejected the key")
+    key_not_saved = "The key vault is unavailable; your key was not saved, try again"
+    if await keyvault.key_info(_runpod_key(user), key_not_saved) is not None:
+        await _settle_before_replacing(user, scheduler, cancel_jobs)
     info = await keyvault.store_key(
         keyvault_pb2.StoreKeyRequest(user_id=user, provider=RUNPOD, plaintext=api_key, verified=True),
-        "The key vault is unavailable; your key was not saved, try again",
+        key_not_saved,
     )
     settings = await scheduler.set_backend(user, RUNPOD, SETTINGS_NOT_CHANGED)
     log.info("runpod key saved", extra={"user_id": user, "last4": info.last4})
@@ -220,6 +232,22 @@ async def delete_runpod_key(
         "deleted": deleted,
         "endpoint_deleted": endpoint_deleted,
     }
+
+
+async def _settle_before_replacing(user: str, scheduler: SchedulerClient, cancel_jobs: bool) -> None:
+    """A job is followed and cancelled with the key it was submitted with, which is the stored
+    one: a new key (perhaps another RunPod account's) would fail its polls while RunPod went on
+    billing the old account. So a replacement is answered like a removal, with the backend on
+    hosted meanwhile so that no job is sent to RunPod between the check and the store."""
+    previous = (await scheduler.compute_settings(user)).backend or RUNPOD
+    await scheduler.set_backend(user, "hosted", KEY_NOT_REPLACED)
+    try:
+        await _settle_runpod_jobs(
+            user, scheduler, cancel_jobs, "replace the key", "The key was not replaced."
+        )
+    except ApiError:
+        await scheduler.set_backend(user, previous, KEY_NOT_REPLACED)
+        raise
 
 
 async def _settle_runpod_jobs(

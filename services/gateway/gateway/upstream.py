@@ -259,6 +259,10 @@ class SchedulerClient:
     ) -> scheduler_pb2.ListJobsResponse:
         return await self._call(self._stub.ListJobs, request, not_found=not_found)
 
+    async def wake_job(self, job_id: str, secret: str) -> None:
+        """A provider's webhook; NOT_FOUND (a 404 without detail) unless the secret is the job's."""
+        await self._call(self._stub.WakeJob, scheduler_pb2.WakeJobRequest(job_id=job_id, secret=secret))
+
     async def active_jobs(self, user_id: str, backend: str, unavailable: str) -> list[scheduler_pb2.Job]:
         answer: scheduler_pb2.ListJobsResponse = await self._call(
             self._stub.ListActiveJobs,

@@ -60,6 +60,9 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
         self.verify_requests: list[scheduler_pb2.VerifyProviderKeyRequest] = []
         self.verify_answer: Callable[[str], Awaitable[scheduler_pb2.VerifyProviderKeyResponse]] | None = None
         self.metadata_seen: list[dict[str, str]] = []
+        # job id -> its webhook secret; ``woken`` records each WakeJob that matched
+        self.webhook_secrets: dict[str, str] = {}
+        self.woken: list[str] = []
         # Set: artifact reads answer UNAVAILABLE with this message (the store is down).
         self.store_failure = ""
         self.active_watchers = 0
@@ -219,6 +222,12 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
             )
 
         return await _answer(context, answer)
+
+    async def WakeJob(self, request, context):
+        if self.webhook_secrets.get(request.job_id) != request.secret:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "not found")
+        self.woken.append(request.job_id)
+        return scheduler_pb2.WakeJobResponse()
 
     async def DeleteJob(self, request, context):
         def answer() -> scheduler_pb2.DeleteJobResponse:

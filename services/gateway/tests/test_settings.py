@@ -104,6 +104,41 @@ async def test_removing_the_key_with_runpod_jobs_active_is_409_or_cancels_them_f
     assert ("local:rita", "runpod") not in upstream.keyvault.keys
 
 
+async def test_replacing_the_key_with_runpod_jobs_active_is_409_or_cancels_them_first(
+    gateway, upstream
+) -> None:
+    """A job is followed and cancelled with the key it was submitted with: a new key (perhaps
+    another account's) is stored only once no job runs on RunPod, else the answer names them."""
+    headers = await gateway.sign_in("rowan")
+    upstream.scheduler.verify_answer = accept_with_balance(5.0)
+    saved = await gateway.client.post("/api/settings/runpod-key", json={"api_key": API_KEY}, headers=headers)
+    assert saved.status_code == 200, saved.text
+    running = upstream.scheduler.add_job("local:rowan")
+    upstream.scheduler.jobs[running].job.compute_backend = "runpod"
+    other_key = "rpa_ZYXWVUTSRQPONMLKJIHGFEDCBA9876543210abcd"
+
+    refused = await gateway.client.post(
+        "/api/settings/runpod-key", json={"api_key": other_key}, headers=headers
+    )
+    assert refused.status_code == 409
+    assert running in refused.json()["detail"] and "cancel_jobs=true" in refused.json()["detail"]
+    assert "not replaced" in refused.json()["detail"]
+    # Nothing changed: the old key is kept, the backend is runpod again, the job runs on.
+    assert upstream.keyvault.keys[("local:rowan", "runpod")] == API_KEY
+    assert upstream.scheduler.backends["local:rowan"] == "runpod"
+    assert upstream.scheduler.jobs[running].job.state == common_pb2.JOB_STATE_RUNNING
+
+    replaced = await gateway.client.post(
+        "/api/settings/runpod-key?cancel_jobs=true", json={"api_key": other_key}, headers=headers
+    )
+    assert replaced.status_code == 200, replaced.text
+    assert replaced.json()["last4"] == "abcd" and replaced.json()["backend"] == "runpod"
+    assert upstream.scheduler.jobs[running].job.state == common_pb2.JOB_STATE_CANCELLED
+    assert upstream.keyvault.keys[("local:rowan", "runpod")] == other_key
+    for response in (saved, refused, replaced):
+        assert API_KEY not in response.text and other_key not in response.text
+
+
 @pytest.mark.parametrize(
     ("scheduler_answer", "status", "message"),
     [
@@ -259,3 +294,28 @@ async def test_the_endpoint_is_shown_and_deleted_only_when_no_runpod_job_would_b
     assert no_key.status_code == 409 and "RunPod's console" in no_key.json()["detail"]
     unseen = (await gateway.client.get("/api/settings/runpod-endpoint", headers=headers)).json()
     assert (unseen["state"], unseen["endpoint_id"], unseen["workers"]) == ("unknown", "ep-3", None)
+
+
+async def test_runpods_webhook_is_forwarded_without_a_session_only_with_the_jobs_secret(
+    gateway, upstream
+) -> None:
+    """RunPod posts without any session: the per-job secret in the URL is the credential, and a
+    wrong one (or an unknown job) is a 404 that says nothing more."""
+    job_id = upstream.scheduler.add_job("local:wren")
+    upstream.scheduler.webhook_secrets[job_id] = "s3cret-of-the-job"
+    body = {"id": "runpod-1", "status": "COMPLETED", "output": [{"forged": True}]}
+
+    woken = await gateway.client.post(f"/api/webhooks/runpod/{job_id}/s3cret-of-the-job", json=body)
+    assert woken.status_code == 200 and upstream.scheduler.woken == [job_id]
+    for path in (
+        f"/api/webhooks/runpod/{job_id}/s3cret-of-the-joB",
+        "/api/webhooks/runpod/job-999/s3cret-of-the-job",
+        f"/api/webhooks/runpod/{job_id}/",
+    ):
+        refused = await gateway.client.post(path, json=body)
+        assert refused.status_code == 404, path
+        assert refused.json() in ({"detail": "Not found"}, {"detail": "Not Found"}), refused.text
+    assert upstream.scheduler.woken == [job_id]
+    assert upstream.scheduler.jobs[job_id].job.state == common_pb2.JOB_STATE_RUNNING
+    schema = (await gateway.client.get("/openapi.json")).json()
+    assert not any(path.startswith("/api/webhooks") for path in schema["paths"])

@@ -58,6 +58,14 @@ class Settings(ServiceSettings):
         )
         return self
 
+    @field_validator("scheduler_webhook_base_url")
+    @classmethod
+    def _webhook_base(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if value and (parts.scheme not in ("http", "https") or not parts.netloc or parts.query):
+            raise ValueError("must be the gateway's public http(s) base URL, e.g. https://dash.example.org")
+        return value.rstrip("/")
+
     database_url: SecretStr
     hosted_provider: ProviderName = "local"
     compute_local_addr: str = "127.0.0.1:50053"
@@ -69,6 +77,10 @@ class Settings(ServiceSettings):
     scheduler_poll_max_interval_s: float = Field(default=10.0, gt=0, le=600)
     # Status calls in flight per provider, and how many refusals in a row (an answer that is
     # not retryable: a removed key, a missing endpoint) fail a job with the provider's words.
+    # The gateway's public base URL as RunPod can reach it (e.g. https://dash.example.org): each
+    # RunPod job is then sent with a webhook there (/api/webhooks/runpod/{job id}/{secret}) that
+    # makes its next poll due at once. Empty: polling only.
+    scheduler_webhook_base_url: str = ""
     scheduler_poll_concurrency: int = Field(default=16, ge=1, le=1000)
     scheduler_poll_max_failures: int = Field(default=5, ge=1, le=1000)
     # Submits in flight per provider on one replica (the dispatcher's bound).

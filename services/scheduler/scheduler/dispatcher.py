@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import logging
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -62,6 +64,7 @@ _AMBIGUOUS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "CANCELLED"})
 class _Prepared:
     endpoint_id: str
     submit: Callable[[], Awaitable[str]]
+    webhook_secret_sha256: bytes | None = None
 
 
 class Endpoints:
@@ -218,7 +221,9 @@ class Dispatcher:
         try:
             with continued_trace(job.trace_context):
                 prepared = await self._prepare(work)
-                if not await self._store.mark_sent(job.id, self._lease, work.token, prepared.endpoint_id):
+                if not await self._store.mark_sent(
+                    job.id, self._lease, work.token, prepared.endpoint_id, prepared.webhook_secret_sha256
+                ):
                     return True  # the lease went to another replica, which reconciles it
                 sent = True
                 provider_job_id = await prepared.submit()
@@ -375,6 +380,7 @@ class Dispatcher:
         datasets = await dataset_files(
             self._artifacts.store, parse_spec(spec, NO_SIZE_LIMITS), self._settings.scheduler_upload_url_ttl_s
         )
+        webhook_url, webhook_secret_sha256 = self._webhook(job.id, route.provider)
         return _Prepared(
             endpoint_id,
             functools.partial(
@@ -387,8 +393,19 @@ class Dispatcher:
                 later,
                 uploads,
                 datasets,
+                webhook_url,
             ),
+            webhook_secret_sha256,
         )
+
+    def _webhook(self, job_id: str, provider: str) -> tuple[str, bytes | None]:
+        """RunPod's webhook URL for this submit, with a fresh per-job secret (only its hash is
+        stored, by mark_sent), where the deployment is reachable; ("", None): polling only."""
+        base = self._settings.scheduler_webhook_base_url
+        if provider != "runpod" or not base:
+            return "", None
+        secret = secrets.token_urlsafe(32)
+        return f"{base}/api/webhooks/runpod/{job_id}/{secret}", hashlib.sha256(secret.encode()).digest()
 
     async def _later_payload(self, job: JobRow) -> LaterJob | None:
         """For a later job, its request and its experiment's result as a provider receives them."""

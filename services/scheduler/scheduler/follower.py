@@ -59,6 +59,7 @@ class _Followed:
     due: float  # monotonic time of the next poll; inf while one is in flight
     interval: float
     refusals: int = 0  # non-retryable answers in a row
+    woken: bool = False  # a webhook came while a poll was in flight: poll again at once after it
     result_failing_since: float | None = None
     store_failing_since: float | None = None  # verification found the store unavailable
 
@@ -93,6 +94,19 @@ class Follower:
                 self._poll_loop(provider), name=f"poller-{provider}"
             )
         self._wake[provider].set()
+
+    def wake(self, job_id: str) -> None:
+        """A provider's webhook for ``job_id`` came: poll it now (if this replica follows it).
+        The poll's answer, not the webhook, decides what happened to the job."""
+        followed = self._jobs.get(job_id)
+        if followed is None:
+            return
+        if followed.due == float("inf"):
+            followed.woken = True  # the poll in flight may have read the provider just before
+            return
+        followed.due = time.monotonic()
+        followed.interval = self._settings.scheduler_poll_interval_s
+        self._wake[followed.provider].set()
 
     def drop(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)
@@ -176,7 +190,8 @@ class Follower:
             log.exception("follow step error; will retry", extra={"job_id": job.id})
             interval = min(max(interval, fast) * 2, self._settings.scheduler_retry_max_s)
         followed.interval = interval
-        followed.due = time.monotonic() + interval
+        followed.due = time.monotonic() + (0.0 if followed.woken else interval)
+        followed.woken = False
         wake = self._wake.get(followed.provider)
         if wake is not None:
             wake.set()

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from scheduler.store import NOTIFY_CHANNEL
+from scheduler.store import NOTIFY_CHANNEL, WEBHOOK_CHANNEL
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,6 +45,9 @@ class EventHub:
         self._lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        # Called with the job id of each provider webhook any replica accepted (the follower's
+        # wake); one lost while the listener reconnects only leaves that job to its next poll.
+        self.on_webhook: Callable[[str], None] | None = None
 
     def subscribe(self, job_id: str) -> asyncio.Event:
         """An event set whenever the job has something new; subscribe before reading."""
@@ -97,6 +100,10 @@ class EventHub:
         # asyncpg hands over the NOTIFY payload as text: the job id
         self.wake(str(payload))
 
+    def _on_webhook(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        if self.on_webhook is not None:
+            self.on_webhook(str(payload))
+
     def _on_terminate(self, _conn: object) -> None:
         self._lost.set()
 
@@ -113,6 +120,7 @@ class EventHub:
                 )
                 conn.add_termination_listener(self._on_terminate)
                 await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+                await conn.add_listener(WEBHOOK_CHANNEL, self._on_webhook)
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("listener cannot connect", extra={"error": str(exc)})
                 await asyncio.sleep(delay)

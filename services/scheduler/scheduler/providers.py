@@ -168,6 +168,7 @@ class ProviderClient:
         later: LaterJob | None = None,
         artifact_uploads: list[compute_pb2.ArtifactUpload] | None = None,
         datasets: list[compute_pb2.DatasetFile] | None = None,
+        webhook_url: str = "",
     ) -> str:
         response = await self._call(
             self._stub.Submit,
@@ -180,6 +181,7 @@ class ProviderClient:
                 **(later.fields() if later is not None else {}),
                 artifact_uploads=artifact_uploads or [],
                 datasets=datasets or [],
+                webhook_url=webhook_url,
             ),
         )
         return response.provider_job_id

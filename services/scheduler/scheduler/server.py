@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -191,6 +193,8 @@ def _rpc(
     return wrapper
 
 
+# Never a secret's hash: what a webhook with no stored secret is compared with.
+_NO_WEBHOOK = bytes(32)
 _KNOWN_ERRORS = (
     SpecError,
     DatasetNotFound,
@@ -566,6 +570,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.ListJobsResponse(jobs=[job_to_proto(job) for job in active])
 
     @_rpc
+    async def WakeJob(
+        self, request: scheduler_pb2.WakeJobRequest, context: Any
+    ) -> scheduler_pb2.WakeJobResponse:
+        """A provider's webhook: it proves only that someone holds the job's URL, so all it does
+        is make the job's next poll due now (on whichever replica follows it)."""
+        _, store = self._app.require()
+        stored = await store.webhook_secret_sha256(request.job_id)
+        offered = hashlib.sha256(request.secret.encode()).digest()
+        # Compared in constant time, against a stand-in when there is nothing to compare with.
+        if not hmac.compare_digest(offered, stored or _NO_WEBHOOK) or stored is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "not found")
+        await store.notify_webhook(request.job_id)
+        return scheduler_pb2.WakeJobResponse()
+
+    @_rpc
     async def GetTrackingSettings(
         self, request: scheduler_pb2.GetTrackingSettingsRequest, context: Any
     ) -> scheduler_pb2.TrackingSettings:
@@ -714,6 +733,7 @@ class SchedulerServer:
             self.settings.scheduler_artifact_timeout_s,
         )
         self._jobs = JobManager(self.settings, self._store, self.providers, mover)
+        self.hub.on_webhook = self._jobs.follower.wake
         resumed = await self._jobs.resume_all()
         log.info(
             "scheduler ready", extra={"resumed_jobs": resumed, "artifact_store": self.artifact_store.kind}

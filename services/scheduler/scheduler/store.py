@@ -28,6 +28,8 @@ from scheduler.db import DbConnection, returned_row
 from service_runtime.jobs import ACTIVE_STATES, TERMINAL_STATES
 
 NOTIFY_CHANNEL = "scheduler_job_events"
+# A provider's webhook for a job came (payload: the job id): its next poll is due now.
+WEBHOOK_CHANNEL = "scheduler_job_webhooks"
 ALL_STATES = ACTIVE_STATES + TERMINAL_STATES
 # An admission check run inside the insert's transaction; it raises to refuse the job.
 Admit = Callable[[DbConnection], Awaitable[None]]
@@ -471,21 +473,48 @@ class Store:
         spec, token, reconciling = fields.pop("spec"), fields.pop("submit_token"), fields.pop("reconciling")
         return SubmitWork(_job_from(fields), spec, token, reconciling)
 
-    async def mark_sent(self, job_id: str, lease: Lease, token: uuid.UUID, endpoint_id: str) -> bool:
-        """Record, just before the provider call, that the current token's call is being made and
-        on which endpoint; False when the lease or the token is gone (then do not call)."""
+    async def mark_sent(
+        self,
+        job_id: str,
+        lease: Lease,
+        token: uuid.UUID,
+        endpoint_id: str,
+        webhook_secret_sha256: bytes | None = None,
+    ) -> bool:
+        """Record, just before the provider call, that the current token's call is being made, on
+        which endpoint and with which webhook secret (its hash); False when the lease or the token
+        is gone (then do not call)."""
         return (
             await self._fetchval(
-                f"""UPDATE jobs SET submit_sent_at = now(), endpoint_id = $4, updated_at = now()
+                f"""UPDATE jobs SET submit_sent_at = now(), endpoint_id = $4,
+                       webhook_secret_sha256 = $5, updated_at = now()
                     WHERE id = $2 AND {_HELD} AND submit_token = $3 AND provider_job_id IS NULL
                     RETURNING true""",
                 lease.owner,
                 uuid.UUID(job_id),
                 token,
                 endpoint_id,
+                webhook_secret_sha256,
             )
             is not None
         )
+
+    async def webhook_secret_sha256(self, job_id: str) -> bytes | None:
+        """The hash of the active job's webhook secret; None for no such job, a finished one, or
+        one sent without a webhook."""
+        parsed = parse_job_id(job_id)
+        if parsed is None:
+            return None
+        found: bytes | None = await self._fetchval(
+            "SELECT webhook_secret_sha256 FROM jobs WHERE id = $1 AND status = ANY($2::text[])",
+            parsed,
+            list(ACTIVE_STATES),
+        )
+        return found
+
+    async def notify_webhook(self, job_id: str) -> None:
+        """Tell every replica (the one following the job among them) that its webhook came."""
+        await self._execute("SELECT pg_notify($1, $2)", WEBHOOK_CHANNEL, job_id)
 
     async def claim_wait_over(self, job_id: str, wait_s: float) -> bool | None:
         """Whether ``wait_s`` has passed (by the database's clock, the one submit_sent_at was

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from influence.v1 import common_pb2 as influence_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ainfluence/v1/compute.proto\x12\x0cinfluence.v1\x1a\x19influence/v1/common.proto\"9\n\x0f\x45ndpointRequest\x12&\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x15.influence.v1.Account\"S\n\x18VerifyCredentialsRequest\x12&\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x15.influence.v1.Account\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"\x8f\x01\n\x19VerifyCredentialsResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0b\x62\x61lance_usd\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\x12)\n\x07\x66\x61ilure\x18\x05 \x01(\x0e\x32\x18.influence.v1.KeyFailure\"\x7f\n\x15PrepareAccountRequest\x12&\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x15.influence.v1.Account\x12\x16\n\x0emodel_params_b\x18\x02 \x01(\x01\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\"N\n\x16PrepareAccountResponse\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x0e\n\x06status\x18\x03 \x01(\t\"\x84\x03\n\rSubmitRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x15.influence.v1.Account\x12\x11\n\tspec_json\x18\x03 \x01(\x0c\x12\x1a\n\x12\x65stimated_cost_usd\x18\x04 \x01(\x01\x12\x18\n\x10\x65stimated_time_s\x18\x05 \x01(\x01\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\x14\n\x0crequest_json\x18\x07 \x01(\x0c\x12\x1a\n\x12parent_result_json\x18\x08 \x01(\x0c\x12\x36\n\x10\x61rtifact_uploads\x18\t \x03(\x0b\x32\x1c.influence.v1.ArtifactUpload\x12\x15\n\rparent_job_id\x18\n \x01(\t\x12\x36\n\x10parent_artifacts\x18\x0b \x03(\x0b\x32\x1c.influence.v1.ParentArtifact\x12+\n\x08\x64\x61tasets\x18\x0c \x03(\x0b\x32\x19.influence.v1.DatasetFile\"Y\n\x0b\x44\x61tasetFile\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\x12\x10\n\x08\x66ilename\x18\x05 \x01(\t\"J\n\x0eParentArtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\"+\n\x0e\x41rtifactUpload\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\")\n\x0eSubmitResponse\x12\x17\n\x0fprovider_job_id\x18\x01 \x01(\t\"s\n\x10GetStatusRequest\x12\x17\n\x0fprovider_job_id\x18\x01 \x01(\t\x12&\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x15.influence.v1.Account\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\x12\x0e\n\x06job_id\x18\x04 \x01(\t\"\xda\x01\n\x11GetStatusResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.influence.v1.JobState\x12+\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1b.influence.v1.ProgressEvent\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x14\n\x0cresult_ready\x18\x05 \x01(\x08\x12\x15\n\rstage_message\x18\x06 \x01(\t\x12%\n\x05usage\x18\x07 \x01(\x0b\x32\x16.influence.v1.JobUsage\"c\n\x10GetResultRequest\x12\x17\n\x0fprovider_job_id\x18\x01 \x01(\t\x12&\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x15.influence.v1.Account\x12\x0e\n\x06job_id\x18\x03 \x01(\t\"(\n\x11GetResultResponse\x12\x13\n\x0bresult_json\x18\x01 \x01(\x0c\"`\n\rCancelRequest\x12\x17\n\x0fprovider_job_id\x18\x01 \x01(\t\x12&\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x15.influence.v1.Account\x12\x0e\n\x06job_id\x18\x03 \x01(\t\"7\n\x0e\x43\x61ncelResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.influence.v1.JobState\"Y\n\x0f\x45stimateRequest\x12\x11\n\tspec_json\x18\x01 \x01(\x0c\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0crequest_json\x18\x04 \x01(\x0c\"<\n\x10\x45stimateResponse\x12(\n\x08\x65stimate\x18\x01 \x01(\x0b\x32\x16.influence.v1.Estimate\"u\n\x14\x46\x65tchArtifactRequest\x12\x17\n\x0fprovider_job_id\x18\x01 \x01(\t\x12&\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x15.influence.v1.Account\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t2\xb5\x06\n\x0f\x43omputeProvider\x12\x64\n\x11VerifyCredentials\x12&.influence.v1.VerifyCredentialsRequest\x1a\'.influence.v1.VerifyCredentialsResponse\x12[\n\x0ePrepareAccount\x12#.influence.v1.PrepareAccountRequest\x1a$.influence.v1.PrepareAccountResponse\x12\x43\n\x06Submit\x12\x1b.influence.v1.SubmitRequest\x1a\x1c.influence.v1.SubmitResponse\x12L\n\tGetStatus\x12\x1e.influence.v1.GetStatusRequest\x1a\x1f.influence.v1.GetStatusResponse\x12L\n\tGetResult\x12\x1e.influence.v1.GetResultRequest\x1a\x1f.influence.v1.GetResultResponse\x12\x43\n\x06\x43\x61ncel\x12\x1b.influence.v1.CancelRequest\x1a\x1c.influence.v1.CancelResponse\x12I\n\x08\x45stimate\x12\x1d.influence.v1.EstimateRequest\x1a\x1e.influence.v1.EstimateResponse\x12R\n\rFetchArtifact\x12\".influence.v1.FetchArtifactRequest\x1a\x1b.influence.v1.ArtifactChunk0\x01\x12M\n\x10\x44\x65scribeEndpoint\x12\x1d.influence.v1.EndpointRequest\x1a\x1a.influence.v1.EndpointInfo\x12K\n\x0e\x44\x65leteEndpoint\x12\x1d.influence.v1.EndpointRequest\x1a\x1a.influence.v1.EndpointInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ainfluence/v1/compute.proto\x12\x0cinfluence.v1\x1a\x19influence/v1/common.proto\"9\n\x0f\x45ndpointRequest\x12&\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x15.influence.v1.Account\"S\n\x18VerifyCredentialsRequest\x12&\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x15.influence.v1.Account\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"\x8f\x01\n\x19VerifyCredentialsResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0b\x62\x61lance_usd\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\x12)\n\x07\x66\x61ilure\x18\x05 \x01(\x0e\x32\x18.influence.v1.KeyFailure\"\x7f\n\x15PrepareAccountRequest\x12&\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x15.influence.v1.Account\x12\x16\n\x0emodel_params_b\x18\x02 \x01(\x01\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\"N\n\x16PrepareAccountResponse\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x0e\n\x06status\x18\x03 \x01(\t\"\x99\x03\n\rSubmitRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x15.influence.v1.Account\x12\x11\n\tspec_json\x18\x03 \x01(\x0c\x12\x1a\n\x12\x65stimated_cost_usd\x18\x04 \x01(\x01\x12\x18\n\x10\x65stimated_time_s\x18\x05 \x01(\x01\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\x14\n\x0crequest_json\x18\x07 \x01(\x0c\x12\x1a\n\x12parent_result_json\x18\x08 \x01(\x0c\x12\x36\n\x10\x61rtifact_uploads\x18\t \x03(\x0b\x32\x1c.influence.v1.ArtifactUpload\x12\x15\n\rparent_job_id\x18\n \x01(\t\x12\x36\n\x10parent_artifacts\x18\x0b \x03(\x0b\x32\x1c.influence.v1.ParentArtifact\x12+\n\x08\x64\x61tasets\x18\x0c \x03(\x0b\x32\x19.influence.v1.DatasetFile\x12\x13\n\x0bwebhook_url\x18\r \x01(\t\"Y\n\x0b\x44\x61tasetFile\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\x12\x10\n\x08\x66ilename\x18\x05 \x01(\t\"J\n\x0eParentArtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\"+\n\x0e\x41rtifactUpload\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\")\n\x0eSubmitResponse\x12\x17\n\x0fprovider_job_id\x18\x01 \x01(\t\"s\n\x10GetStatusRequest\x12\x17\n\x0fprovider_job_id\x18\x01 \x01(\t\x12&\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x15.influence.v1.Account\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\x12\x0e\n\x06job_id\x18\x04 \x01(\t\"\xda\x01\n\x11GetStatusResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.influence.v1.JobState\x12+\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1b.influence.v1.ProgressEvent\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x14\n\x0cresult_ready\x18\x05 \x01(\x08\x12\x15\n\rstage_message\x18\x06 \x01(\t\x12%\n\x05usage\x18\x07 \x01(\x0b\x32\x16.influence.v1.JobUsage\"c\n\x10GetResultRequest\x12\x17\n\x0fprovider_job_id\x18\x01 \x01(\t\x12&\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x15.influence.v1.Account\x12\x0e\n\x06job_id\x18\x03 \x01(\t\"(\n\x11GetResultResponse\x12\x13\n\x0bresult_json\x18\x01 \x01(\x0c\"`\n\rCancelRequest\x12\x17\n\x0fprovider_job_id\x18\x01 \x01(\t\x12&\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x15.influence.v1.Account\x12\x0e\n\x06job_id\x18\x03 \x01(\t\"7\n\x0e\x43\x61ncelResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.influence.v1.JobState\"Y\n\x0f\x45stimateRequest\x12\x11\n\tspec_json\x18\x01 \x01(\x0c\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0crequest_json\x18\x04 \x01(\x0c\"<\n\x10\x45stimateResponse\x12(\n\x08\x65stimate\x18\x01 \x01(\x0b\x32\x16.influence.v1.Estimate\"u\n\x14\x46\x65tchArtifactRequest\x12\x17\n\x0fprovider_job_id\x18\x01 \x01(\t\x12&\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x15.influence.v1.Account\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t2\xb5\x06\n\x0f\x43omputeProvider\x12\x64\n\x11VerifyCredentials\x12&.influence.v1.VerifyCredentialsRequest\x1a\'.influence.v1.VerifyCredentialsResponse\x12[\n\x0ePrepareAccount\x12#.influence.v1.PrepareAccountRequest\x1a$.influence.v1.PrepareAccountResponse\x12\x43\n\x06Submit\x12\x1b.influence.v1.SubmitRequest\x1a\x1c.influence.v1.SubmitResponse\x12L\n\tGetStatus\x12\x1e.influence.v1.GetStatusRequest\x1a\x1f.influence.v1.GetStatusResponse\x12L\n\tGetResult\x12\x1e.influence.v1.GetResultRequest\x1a\x1f.influence.v1.GetResultResponse\x12\x43\n\x06\x43\x61ncel\x12\x1b.influence.v1.CancelRequest\x1a\x1c.influence.v1.CancelResponse\x12I\n\x08\x45stimate\x12\x1d.influence.v1.EstimateRequest\x1a\x1e.influence.v1.EstimateResponse\x12R\n\rFetchArtifact\x12\".influence.v1.FetchArtifactRequest\x1a\x1b.influence.v1.ArtifactChunk0\x01\x12M\n\x10\x44\x65scribeEndpoint\x12\x1d.influence.v1.EndpointRequest\x1a\x1a.influence.v1.EndpointInfo\x12K\n\x0e\x44\x65leteEndpoint\x12\x1d.influence.v1.EndpointRequest\x1a\x1a.influence.v1.EndpointInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,33 +43,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREPAREACCOUNTRESPONSE']._serialized_start=490
   _globals['_PREPAREACCOUNTRESPONSE']._serialized_end=568
   _globals['_SUBMITREQUEST']._serialized_start=571
-  _globals['_SUBMITREQUEST']._serialized_end=959
-  _globals['_DATASETFILE']._serialized_start=961
-  _globals['_DATASETFILE']._serialized_end=1050
-  _globals['_PARENTARTIFACT']._serialized_start=1052
-  _globals['_PARENTARTIFACT']._serialized_end=1126
-  _globals['_ARTIFACTUPLOAD']._serialized_start=1128
-  _globals['_ARTIFACTUPLOAD']._serialized_end=1171
-  _globals['_SUBMITRESPONSE']._serialized_start=1173
-  _globals['_SUBMITRESPONSE']._serialized_end=1214
-  _globals['_GETSTATUSREQUEST']._serialized_start=1216
-  _globals['_GETSTATUSREQUEST']._serialized_end=1331
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1334
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1552
-  _globals['_GETRESULTREQUEST']._serialized_start=1554
-  _globals['_GETRESULTREQUEST']._serialized_end=1653
-  _globals['_GETRESULTRESPONSE']._serialized_start=1655
-  _globals['_GETRESULTRESPONSE']._serialized_end=1695
-  _globals['_CANCELREQUEST']._serialized_start=1697
-  _globals['_CANCELREQUEST']._serialized_end=1793
-  _globals['_CANCELRESPONSE']._serialized_start=1795
-  _globals['_CANCELRESPONSE']._serialized_end=1850
-  _globals['_ESTIMATEREQUEST']._serialized_start=1852
-  _globals['_ESTIMATEREQUEST']._serialized_end=1941
-  _globals['_ESTIMATERESPONSE']._serialized_start=1943
-  _globals['_ESTIMATERESPONSE']._serialized_end=2003
-  _globals['_FETCHARTIFACTREQUEST']._serialized_start=2005
-  _globals['_FETCHARTIFACTREQUEST']._serialized_end=2122
-  _globals['_COMPUTEPROVIDER']._serialized_start=2125
-  _globals['_COMPUTEPROVIDER']._serialized_end=2946
+  _globals['_SUBMITREQUEST']._serialized_end=980
+  _globals['_DATASETFILE']._serialized_start=982
+  _globals['_DATASETFILE']._serialized_end=1071
+  _globals['_PARENTARTIFACT']._serialized_start=1073
+  _globals['_PARENTARTIFACT']._serialized_end=1147
+  _globals['_ARTIFACTUPLOAD']._serialized_start=1149
+  _globals['_ARTIFACTUPLOAD']._serialized_end=1192
+  _globals['_SUBMITRESPONSE']._serialized_start=1194
+  _globals['_SUBMITRESPONSE']._serialized_end=1235
+  _globals['_GETSTATUSREQUEST']._serialized_start=1237
+  _globals['_GETSTATUSREQUEST']._serialized_end=1352
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1355
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1573
+  _globals['_GETRESULTREQUEST']._serialized_start=1575
+  _globals['_GETRESULTREQUEST']._serialized_end=1674
+  _globals['_GETRESULTRESPONSE']._serialized_start=1676
+  _globals['_GETRESULTRESPONSE']._serialized_end=1716
+  _globals['_CANCELREQUEST']._serialized_start=1718
+  _globals['_CANCELREQUEST']._serialized_end=1814
+  _globals['_CANCELRESPONSE']._serialized_start=1816
+  _globals['_CANCELRESPONSE']._serialized_end=1871
+  _globals['_ESTIMATEREQUEST']._serialized_start=1873
+  _globals['_ESTIMATEREQUEST']._serialized_end=1962
+  _globals['_ESTIMATERESPONSE']._serialized_start=1964
+  _globals['_ESTIMATERESPONSE']._serialized_end=2024
+  _globals['_FETCHARTIFACTREQUEST']._serialized_start=2026
+  _globals['_FETCHARTIFACTREQUEST']._serialized_end=2143
+  _globals['_COMPUTEPROVIDER']._serialized_start=2146
+  _globals['_COMPUTEPROVIDER']._serialized_end=2967
 # @@protoc_insertion_point(module_scope)

@@ -58,7 +58,7 @@ class PrepareAccountResponse(_message.Message):
     def __init__(self, endpoint_id: _Optional[str] = ..., created: bool = ..., status: _Optional[str] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("job_id", "account", "spec_json", "estimated_cost_usd", "estimated_time_s", "kind", "request_json", "parent_result_json", "artifact_uploads", "parent_job_id", "parent_artifacts", "datasets")
+    __slots__ = ("job_id", "account", "spec_json", "estimated_cost_usd", "estimated_time_s", "kind", "request_json", "parent_result_json", "artifact_uploads", "parent_job_id", "parent_artifacts", "datasets", "webhook_url")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class SubmitRequest(_message.Message):
     PARENT_JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
     DATASETS_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_URL_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     account: _common_pb2.Account
     spec_json: bytes
@@ -83,7 +84,8 @@ class SubmitRequest(_message.Message):
     parent_job_id: str
     parent_artifacts: _containers.RepeatedCompositeFieldContainer[ParentArtifact]
     datasets: _containers.RepeatedCompositeFieldContainer[DatasetFile]
-    def __init__(self, job_id: _Optional[str] = ..., account: _Optional[_Union[_common_pb2.Account, _Mapping]] = ..., spec_json: _Optional[bytes] = ..., estimated_cost_usd: _Optional[float] = ..., estimated_time_s: _Optional[float] = ..., kind: _Optional[str] = ..., request_json: _Optional[bytes] = ..., parent_result_json: _Optional[bytes] = ..., artifact_uploads: _Optional[_Iterable[_Union[ArtifactUpload, _Mapping]]] = ..., parent_job_id: _Optional[str] = ..., parent_artifacts: _Optional[_Iterable[_Union[ParentArtifact, _Mapping]]] = ..., datasets: _Optional[_Iterable[_Union[DatasetFile, _Mapping]]] = ...) -> None: ...
+    webhook_url: str
+    def __init__(self, job_id: _Optional[str] = ..., account: _Optional[_Union[_common_pb2.Account, _Mapping]] = ..., spec_json: _Optional[bytes] = ..., estimated_cost_usd: _Optional[float] = ..., estimated_time_s: _Optional[float] = ..., kind: _Optional[str] = ..., request_json: _Optional[bytes] = ..., parent_result_json: _Optional[bytes] = ..., artifact_uploads: _Optional[_Iterable[_Union[ArtifactUpload, _Mapping]]] = ..., parent_job_id: _Optional[str] = ..., parent_artifacts: _Optional[_Iterable[_Union[ParentArtifact, _Mapping]]] = ..., datasets: _Optional[_Iterable[_Union[DatasetFile, _Mapping]]] = ..., webhook_url: _Optional[str] = ...) -> None: ...
 
 class DatasetFile(_message.Message):
     __slots__ = ("role", "url", "sha256", "bytes", "filename")

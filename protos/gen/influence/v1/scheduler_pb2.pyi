@@ -10,6 +10,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class WakeJobRequest(_message.Message):
+    __slots__ = ("job_id", "secret")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    secret: str
+    def __init__(self, job_id: _Optional[str] = ..., secret: _Optional[str] = ...) -> None: ...
+
+class WakeJobResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class GetTrackingSettingsRequest(_message.Message):
     __slots__ = ("user_id",)
     USER_ID_FIELD_NUMBER: _ClassVar[int]

@@ -165,6 +165,11 @@ class SchedulerStub(object):
                 request_serializer=influence_dot_v1_dot_scheduler__pb2.DatasetRequest.SerializeToString,
                 response_deserializer=influence_dot_v1_dot_scheduler__pb2.Dataset.FromString,
                 _registered_method=True)
+        self.WakeJob = channel.unary_unary(
+                '/influence.v1.Scheduler/WakeJob',
+                request_serializer=influence_dot_v1_dot_scheduler__pb2.WakeJobRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_scheduler__pb2.WakeJobResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer(object):
@@ -350,6 +355,15 @@ class SchedulerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WakeJob(self, request, context):
+        """A provider's webhook for a job (the gateway forwards RunPod's post): NOT_FOUND, with no
+        detail, unless the secret is the job's. It only makes the job's next poll due now; the
+        status read from the provider stays the truth.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -482,6 +496,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.DeleteDataset,
                     request_deserializer=influence_dot_v1_dot_scheduler__pb2.DatasetRequest.FromString,
                     response_serializer=influence_dot_v1_dot_scheduler__pb2.Dataset.SerializeToString,
+            ),
+            'WakeJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.WakeJob,
+                    request_deserializer=influence_dot_v1_dot_scheduler__pb2.WakeJobRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_scheduler__pb2.WakeJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1186,6 +1205,33 @@ class Scheduler(object):
             '/influence.v1.Scheduler/DeleteDataset',
             influence_dot_v1_dot_scheduler__pb2.DatasetRequest.SerializeToString,
             influence_dot_v1_dot_scheduler__pb2.Dataset.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WakeJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.Scheduler/WakeJob',
+            influence_dot_v1_dot_scheduler__pb2.WakeJobRequest.SerializeToString,
+            influence_dot_v1_dot_scheduler__pb2.WakeJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
