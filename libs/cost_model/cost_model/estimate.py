@@ -11,12 +11,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cost_model.memory import USABLE_FRACTION, GpuRecommendation, recommend_gpu
-from cost_model.model_catalog import ModelCard, lookup_model, model_cards
-from cost_model.prices import MODAL_GPU_ENV, PROVIDERS, job_gpu, price_table
+from cost_model.model_catalog import ModelCard, lookup_model, model_cards, sized_model
+from cost_model.prices import MODAL_GPU_ENV, PROVIDERS, GpuOffer, job_gpu, price_table
 from cost_model.timing import COLD_START_RANGE, counterfactual_time_s, estimated_time_s, query_time_s
 from cost_model.workload import Workload
 from gpu_core.curation_schemas import CurationRequest
-from gpu_core.schemas import CounterfactualRequest, ExperimentSpec, QueryRequest
+from gpu_core.schemas import CounterfactualRequest, ExperimentSpec, Quantization, QueryRequest
 
 BACKENDS: tuple[str, ...] = ("hosted", "runpod")
 
@@ -94,18 +94,25 @@ def estimate(
     query: QueryRequest | None = None,
     curation: CurationRequest | None = None,
     min_tier_gb: int = 0,
+    gpu_name: str = "",
 ) -> CostEstimate:
     """Time and cost of ``spec`` on ``provider``'s GPU for the recommended memory tier (at least
     ``min_tier_gb``: the smallest GPU the provider will actually give the job); with
     ``counterfactual``, of that check on the experiment ``spec`` (its retrainings instead); with
     ``query``, of those follow-up queries to it; with ``curation``, of its retrainings (each on
-    the whole training set at most, evaluated on every eval example)."""
+    the whole training set at most, evaluated on every eval example). ``gpu_name``: a GPU of the
+    provider's price table the researcher chose (RunPod), priced instead of the tier's."""
     _check_provider(provider, backend)
     card = lookup_model(spec.model_id)
     workload = Workload.from_spec(spec, card)
     recommendation = _recommend(card, workload)
     table = price_table(provider)
-    gpu_name, gpu = job_gpu(provider, max(recommendation.tier_gb, min_tier_gb))
+    if gpu_name:
+        if gpu_name not in table.gpus:
+            raise ValueError(f"{gpu_name!r} is not a GPU of the {provider} price table")
+        gpu = table.gpus[gpu_name]
+    else:
+        gpu_name, gpu = job_gpu(provider, max(recommendation.tier_gb, min_tier_gb))
     notes: list[str] = []
     if query is not None:
         hp = spec.hyperparams
@@ -196,6 +203,7 @@ def estimate_job(
     kind: str = "",
     request_json: bytes = b"",
     min_tier_gb: int = 0,
+    gpu_name: str = "",
 ) -> CostEstimate:
     """What a provider's Estimate answers: an experiment, or a later job of the experiment
     ``spec`` of ``kind`` (gpu_core.jobs) with its request. Raises ValueError naming the field."""
@@ -213,7 +221,20 @@ def estimate_job(
         query=query,
         curation=curation,
         min_tier_gb=min_tier_gb,
+        gpu_name=gpu_name,
     )
+
+
+def fitting_gpus(provider: str, model_id: str, quantization: Quantization) -> list[tuple[str, GpuOffer]]:
+    """The GPUs of ``provider``'s price table that hold ``model_id`` at ``quantization`` (sized by
+    its catalog card, or the size its id names, at the catalog workload), cheapest first; every
+    GPU when the model's size is unknown. The choices a RunPod researcher may pin a job to."""
+    table = price_table(provider)
+    card = sized_model(model_id)
+    if card is None:
+        return table.gpus_for_tier(0)
+    tier_gb = recommend_gpu(card.params_b, quantization, architecture=card.architecture).tier_gb
+    return table.gpus_for_tier(tier_gb)
 
 
 def catalog(hosted_provider: str = "modal") -> list[ModelInfo]:
