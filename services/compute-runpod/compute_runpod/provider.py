@@ -40,8 +40,11 @@ log = logging.getLogger(__name__)
 
 WAITING_FOR_GPU = "waiting for a GPU worker (cold start can take 30-120 s)"
 # A job RunPod keeps queued with no GPU free: what the researcher can do about it (the job page
-# offers to move the job to the hosted backend).
-NO_GPU_ACTIONS = "run it again later, or on the hosted backend (Settings -> Compute)"
+# offers to widen the pools and to move the job to the hosted backend).
+NO_GPU_ACTIONS = (
+    "run it again later, on every GPU type that fits the model whatever its price (spec "
+    'runpod_gpu "all-fitting"), or on the hosted backend (Settings -> Compute)'
+)
 RESULT_EXPIRED = (
     "RunPod no longer has this job: RunPod keeps a result for 30 minutes after a job finishes, "
     "and drops a job still queued when its ttl ends (kept within its upload URLs' life); the "
