@@ -313,6 +313,10 @@ class StoredDataset(_Strict):
     filename: str = Field(pattern=r"^data\.(jsonl|json|csv|parquet)$")
 
 
+# ExperimentSpec.runpod_gpu's value for "every RunPod pool that fits, regardless of its price".
+RUNPOD_ALL_FITTING = "all-fitting"
+
+
 def _empty(value: Any) -> bool:
     return value is None or value == []
 
@@ -338,6 +342,13 @@ class ExperimentSpec(_Strict):
     influence: InfluenceOptions = Field(default_factory=InfluenceOptions)
     template: Template = "auto"
     data_format: DataFormats = Field(default_factory=DataFormats)
+    # On the researcher's own RunPod endpoint only (other backends ignore it; the pipeline too):
+    # the GPU pool to run on (a RunPod pool id such as "ADA_24"), or RUNPOD_ALL_FITTING for every
+    # pool that fits the model whatever its price; absent, the fitting pools within the price band.
+    # Whether the pool exists and fits the model is the gateway's check (cost_model.fitting_gpus).
+    runpod_gpu: str | None = Field(
+        default=None, pattern=rf"^({RUNPOD_ALL_FITTING}|[A-Z][A-Z0-9_]{{0,39}})$", exclude_if=_empty
+    )
 
     _tags_once = field_validator("tags")(_distinct_tags)
 

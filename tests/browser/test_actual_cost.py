@@ -7,7 +7,9 @@ Screenshots go to artifacts/screenshots/the_job_page_shows_* and hugging_face_to
 from __future__ import annotations
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
+import cost_model
 from devstack.stack import FakeRunPodProcess, Stack
 
 from .support import GOOD_RUNPOD_KEY, Screenshots, page_api_client, sample_spec, sign_in
@@ -140,3 +142,49 @@ def test_hugging_face_token_spend_cap_and_timeout_warning(page, stack: Stack, sh
     job = client.job(job_id)
     assert (job["backend"], job["max_cost_usd"]) == ("runpod", 0.5)
     client.request("POST", f"/api/jobs/{job_id}/cancel")  # the 100-epoch sample need not run here
+
+
+def test_the_new_job_page_offers_only_the_runpod_gpu_types_that_fit_the_model(
+    page, stack: Stack, shots: Screenshots
+) -> None:
+    """Issue 24 item 7: the RunPod GPU picker lists the pools that hold the chosen model (and
+    follows the model), and the estimate prices the pool picked."""
+    sign_in(page, "gpu-picker")
+    client = page_api_client(page, stack.gateway_url)
+    saved = client.request("POST", "/api/settings/runpod-key", json={"api_key": GOOD_RUNPOD_KEY})
+    assert saved.status_code == 200, saved.text
+    page.goto("/#/new")
+    picker = page.get_by_label("RunPod GPU")
+    picker.wait_for()
+
+    def offered(pools: list[str]) -> None:
+        """Waits until the picker lists exactly Automatic, ``pools`` and any-fitting."""
+        expected = ["", *pools, "all-fitting"]
+        try:
+            page.wait_for_function(
+                "expected => [...document.querySelectorAll('#runpod-gpu option')]"
+                ".map((o) => o.value).join() === expected",
+                arg=",".join(expected),
+                timeout=10_000,
+            )
+        except PlaywrightTimeout:
+            listed = picker.locator("option").evaluate_all("options => options.map((o) => o.value)")
+            raise AssertionError(f"the picker lists {listed}, not {expected}") from None
+
+    def fitting(model_id: str) -> list[str]:
+        # The page sends the model's default quantization (its presets), as its spec will.
+        quantization = cost_model.lookup_model(model_id).default_quantization
+        params = {"model_id": model_id, "quantization": quantization}
+        answer = client.request("GET", "/api/models/runpod-gpus", params=params)
+        return [gpu["pool"] for gpu in answer.json()["gpus"]]
+
+    big = fitting("google/gemma-3-27b")
+    assert "AMPERE_16" not in big and "ADA_24" not in big and big
+    page.get_by_label("Model", exact=True).select_option("google/gemma-3-27b")
+    offered(big)
+    shots.take("runpod_gpu_picker")
+
+    page.get_by_role("button", name="Load the sample experiment").click()  # the tiny model
+    offered(fitting("local/tiny-chat"))
+    picker.select_option("ADA_24")
+    page.locator("#estimate", has_text="ADA_24, the GPU pool you chose").wait_for()

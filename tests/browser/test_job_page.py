@@ -127,6 +127,19 @@ def test_runpod_failures_in_plain_words(
     assert failure.startswith(NO_GPU + "AMPERE_16, AMPERE_24, ADA_24, AMPERE_48)")  # the pools tried
     assert "nothing was billed" in failure
     shots.take("no-gpu")
+    # Offered: the same experiment on every GPU type that fits, its price range confirmed first
+    # (issue 24 item 7); submitted as a new job whose spec says so.
+    asked: list[str] = []
+    page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept()))
+    page.get_by_role("button", name="Try every GPU type that fits").click()
+    page.wait_for_url(re.compile(r"#/jobs/(?!" + job_id + ")"))
+    widened_id = page.url.rsplit("/", 1)[1]
+    client.request("POST", f"/api/jobs/{widened_id}/cancel")
+    (question,) = asked
+    assert "pools that fit at any price: from $" in question and "(BLACKWELL_180)" in question
+    widened = client.request("GET", f"/api/jobs/{widened_id}/spec").json()
+    assert widened["runpod_gpu"] == "all-fitting" and client.job(widened_id)["backend"] == "runpod"
+    page.goto(f"/#/jobs/{job_id}")
     # Offered: the same experiment on the hosted backend (the backend switches, said beforehand).
     page.once("dialog", lambda dialog: dialog.accept())
     page.get_by_role("button", name="Run it on the hosted backend instead").click()

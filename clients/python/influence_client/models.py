@@ -481,6 +481,21 @@ class ModelList(ApiModel):
     models: list[ModelInfo]
 
 
+class RunpodGpu(ApiModel):
+    pool: str = Field(description='A RunPod GPU pool id, the value of the spec\'s runpod_gpu, e.g. "ADA_24"')
+    description: str = Field(description="The GPUs in the pool")
+    memory_gb: float
+    usd_per_second: float
+
+
+class RunpodGpuList(ApiModel):
+    """The RunPod GPU pools that hold a model, cheapest first: what a job may be pinned to."""
+
+    model_id: str
+    quantization: str
+    gpus: list[RunpodGpu]
+
+
 # ---- settings -----------------------------------------------------------------------------
 
 

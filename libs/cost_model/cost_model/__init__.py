@@ -5,7 +5,15 @@ tier), ``timing`` (time) and ``estimate`` (cost = time x $/s); docs/cost-model.m
 """
 
 from cost_model.actual import ActualCost, actual_cost, match_device
-from cost_model.estimate import BackendPrice, CostEstimate, ModelInfo, catalog, estimate, estimate_job
+from cost_model.estimate import (
+    BackendPrice,
+    CostEstimate,
+    ModelInfo,
+    catalog,
+    estimate,
+    estimate_job,
+    fitting_gpus,
+)
 from cost_model.memory import GpuRecommendation, MemoryBreakdown, recommend_gpu
 from cost_model.model_catalog import (
     Architecture,
@@ -36,6 +44,7 @@ __all__ = [
     "catalog",
     "estimate",
     "estimate_job",
+    "fitting_gpus",
     "job_gpu",
     "card_from_config",
     "lookup_model",

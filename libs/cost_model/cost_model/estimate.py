@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cost_model.memory import OVERHEAD_GB, USABLE_FRACTION, GpuRecommendation, lora_params, recommend_gpu
-from cost_model.model_catalog import ModelCard, lookup_model, model_cards
-from cost_model.prices import MODAL_GPU_ENV, PROVIDERS, job_gpu, price_table
+from cost_model.model_catalog import ModelCard, lookup_model, model_cards, sized_model
+from cost_model.prices import MODAL_GPU_ENV, PROVIDERS, GpuOffer, job_gpu, price_table
 from cost_model.timing import (
     COLD_START_RANGE,
     counterfactual_time_s,
@@ -24,7 +24,7 @@ from cost_model.timing import (
 from cost_model.workload import Workload
 from gpu_core.curation_schemas import CurationRequest
 from gpu_core.merge_schemas import MergeRequest
-from gpu_core.schemas import MAX_SHARDS, CounterfactualRequest, ExperimentSpec, QueryRequest
+from gpu_core.schemas import MAX_SHARDS, CounterfactualRequest, ExperimentSpec, Quantization, QueryRequest
 from gpu_core.shard_schemas import shard_count
 
 BACKENDS: tuple[str, ...] = ("hosted", "runpod")
@@ -113,6 +113,7 @@ def estimate(
     min_tier_gb: int = 0,
     parallel_jobs: int | None = None,
     card: ModelCard | None = None,
+    gpu_name: str = "",
 ) -> CostEstimate:
     """Time and cost of ``spec`` on ``provider``'s GPU for the recommended memory tier (at least
     ``min_tier_gb``: the smallest GPU the provider will actually give the job); a sharded
@@ -122,13 +123,19 @@ def estimate(
     ``query``, of those follow-up queries to it; with ``curation``, of its retrainings (each on
     the whole training set at most, evaluated on every eval example); with ``merge``, of merging
     its adapter into the 16-bit base (on the experiment's GPU, in host memory where the 16-bit
-    weights do not fit it)."""
+    weights do not fit it). ``gpu_name``: a GPU of the provider's price table the researcher
+    chose (RunPod), priced instead of the tier's."""
     _check_provider(provider, backend)
     card = card or lookup_model(spec.model_id)
     workload = Workload.from_spec(spec, card)
     recommendation = _recommend(card, workload)
     table = price_table(provider)
-    gpu_name, gpu = job_gpu(provider, max(recommendation.tier_gb, min_tier_gb))
+    if gpu_name:
+        if gpu_name not in table.gpus:
+            raise ValueError(f"{gpu_name!r} is not a GPU of the {provider} price table")
+        gpu = table.gpus[gpu_name]
+    else:
+        gpu_name, gpu = job_gpu(provider, max(recommendation.tier_gb, min_tier_gb))
     notes: list[str] = []
     gpu_seconds: float | None = None
     shards = 1
@@ -261,6 +268,7 @@ def estimate_job(
     request_json: bytes = b"",
     min_tier_gb: int = 0,
     card: ModelCard | None = None,
+    gpu_name: str = "",
 ) -> CostEstimate:
     """What a provider's Estimate answers: an experiment, or a later job of the experiment
     ``spec`` of ``kind`` (gpu_core.jobs) with its request (``card``: the model's, when known
@@ -282,7 +290,20 @@ def estimate_job(
         merge=merge,
         min_tier_gb=min_tier_gb,
         card=card,
+        gpu_name=gpu_name,
     )
+
+
+def fitting_gpus(provider: str, model_id: str, quantization: Quantization) -> list[tuple[str, GpuOffer]]:
+    """The GPUs of ``provider``'s price table that hold ``model_id`` at ``quantization`` (sized by
+    its catalog card, or the size its id names, at the catalog workload), cheapest first; every
+    GPU when the model's size is unknown. The choices a RunPod researcher may pin a job to."""
+    table = price_table(provider)
+    card = sized_model(model_id)
+    if card is None:
+        return table.gpus_for_tier(0)
+    tier_gb = recommend_gpu(card.params_b, quantization, architecture=card.architecture).tier_gb
+    return table.gpus_for_tier(tier_gb)
 
 
 def catalog(hosted_provider: str = "modal") -> list[ModelInfo]:

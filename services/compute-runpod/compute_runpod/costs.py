@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, cast
 
 import cost_model
-from gpu_core.schemas import ExperimentSpec, Quantization
+from gpu_core.jobs import JobInputError
+from gpu_core.schemas import RUNPOD_ALL_FITTING, ExperimentSpec, Quantization
 
 # The most an endpoint's dearest pool may cost per second, as a multiple of its cheapest (see
 # gpu_pools; RUNPOD_POOL_PRICE_BAND).
@@ -17,14 +19,27 @@ def estimate(spec: ExperimentSpec, backend: str, kind: str = "", request_json: b
     priced at a GPU its endpoint offers: a job that needs less than the model's catalog workload
     still runs on the endpoint's pools, which start at that workload's tier."""
     floor = endpoint_tier_gb(spec.model_id, spec.hyperparams.quantization)
-    return cost_model.estimate_job(spec, "runpod", backend, kind, request_json, min_tier_gb=floor).as_dict()
+    return cost_model.estimate_job(
+        spec, "runpod", backend, kind, request_json, min_tier_gb=floor, gpu_name=chosen_pool(spec, backend)
+    ).as_dict()
+
+
+def chosen_pool(spec: ExperimentSpec, backend: str) -> str:
+    """The one pool the researcher pinned the job to on their own endpoint ("" = none: the hosted
+    tier's endpoint is the operator's, so the choice applies on BYOK only)."""
+    if backend != "runpod" or spec.runpod_gpu in (None, RUNPOD_ALL_FITTING):
+        return ""
+    if spec.runpod_gpu not in cost_model.price_table("runpod").gpus:
+        raise JobInputError(f"runpod_gpu: {spec.runpod_gpu} is not a RunPod GPU pool of the price table")
+    return spec.runpod_gpu
 
 
 def estimated_cost_usd(spec: ExperimentSpec) -> float:
     floor = endpoint_tier_gb(spec.model_id, spec.hyperparams.quantization)
-    return float(
-        cost_model.estimate(spec, provider="runpod", backend="runpod", min_tier_gb=floor).estimated_cost_usd
+    estimate = cost_model.estimate(
+        spec, provider="runpod", backend="runpod", min_tier_gb=floor, gpu_name=chosen_pool(spec, "runpod")
     )
+    return float(estimate.estimated_cost_usd)
 
 
 def endpoint_tier_gb(model_id: str, quantization: str) -> int:
@@ -35,14 +50,24 @@ def endpoint_tier_gb(model_id: str, quantization: str) -> int:
 
 
 def gpu_pools(
-    model_params_b: float, quantization: str, model_id: str = "", price_band: float = DEFAULT_PRICE_BAND
+    model_params_b: float,
+    quantization: str,
+    model_id: str = "",
+    price_band: float = DEFAULT_PRICE_BAND,
+    runpod_gpu: str = "",
 ) -> list[str]:
     """The RunPod pools that fit the model and cost at most ``price_band`` times the cheapest
     that fits, cheapest first: RunPod takes a job on any pool the endpoint lists, so each listed
     pool is one more chance of a free GPU (fewer jobs left waiting) and one more price the job
     can be billed at; the band bounds that price. A model the catalog knows (or whose id names its
     size) is sized by its card, as the estimate is; else by ``model_params_b`` billion
-    parameters; none when neither is known (the caller's default pools apply)."""
+    parameters; none when neither is known (the caller's default pools apply). ``runpod_gpu``
+    (the spec's, checked by the gateway): that one pool, or every fitting pool whatever its price
+    (RUNPOD_ALL_FITTING)."""
+    if runpod_gpu and runpod_gpu != RUNPOD_ALL_FITTING:
+        return [runpod_gpu]
+    if runpod_gpu == RUNPOD_ALL_FITTING:
+        price_band = math.inf
     recommendation = _model_recommendation(model_params_b, quantization, model_id)
     if recommendation is None:
         return []
@@ -73,10 +98,10 @@ def _model_recommendation(
 
 
 def pool_rates(
-    model_id: str, quantization: str, price_band: float = DEFAULT_PRICE_BAND
+    model_id: str, quantization: str, price_band: float = DEFAULT_PRICE_BAND, runpod_gpu: str = ""
 ) -> list[tuple[str, float]]:
     """(pool, $/s) of every pool an endpoint for ``model_id`` offers RunPod, cheapest first: the
     range a job can be billed at, whichever GPU RunPod assigns."""
     table = cost_model.price_table("runpod")
-    pools = gpu_pools(0.0, quantization, model_id, price_band)
+    pools = gpu_pools(0.0, quantization, model_id, price_band, runpod_gpu)
     return [(pool, table.gpus[pool].usd_per_second) for pool in pools]

@@ -33,15 +33,18 @@ from compute_runpod.results import (
 from gpu_core import schemas
 from gpu_core.hf_token import HF_TOKEN_FIELD
 from gpu_core.jobs import EXPERIMENT, JobInputError, make_payload, parse_payload
-from gpu_core.schemas import ExperimentSpec
+from gpu_core.schemas import RUNPOD_ALL_FITTING, ExperimentSpec
 from gpu_core.uploads import presigned_expiry
 
 log = logging.getLogger(__name__)
 
 WAITING_FOR_GPU = "waiting for a GPU worker (cold start can take 30-120 s)"
 # A job RunPod keeps queued with no GPU free: what the researcher can do about it (the job page
-# offers to move the job to the hosted backend).
-NO_GPU_ACTIONS = "run it again later, or on the hosted backend (Settings -> Compute)"
+# offers to widen the pools and to move the job to the hosted backend).
+NO_GPU_ACTIONS = (
+    "run it again later, on every GPU type that fits the model whatever its price (spec "
+    'runpod_gpu "all-fitting"), or on the hosted backend (Settings -> Compute)'
+)
 RESULT_EXPIRED = (
     "RunPod no longer has this job: RunPod keeps a result for 30 minutes after a job finishes, "
     "and drops a job still queued when its ttl ends (kept within its upload URLs' life); the "
@@ -285,8 +288,15 @@ class RunPodProvider:
     # ---- endpoint ------------------------------------------------------------------------
 
     async def prepare(
-        self, account: AccountRef, model_params_b: float = 0.0, quantization: str = "", model_id: str = ""
+        self,
+        account: AccountRef,
+        model_params_b: float = 0.0,
+        quantization: str = "",
+        model_id: str = "",
+        runpod_gpu: str = "",
     ) -> Prepared:
+        """The researcher's endpoint, its pools fitted to this job (``runpod_gpu``: the spec's
+        choice, see costs.gpu_pools), created on first need."""
         key = await self._key(account)
         if account.hosted:
             endpoint = self._endpoint(account)
@@ -304,10 +314,10 @@ class RunPodProvider:
             if existing is None:
                 existing = await self._find_own_endpoint(key)
             if existing is not None:
-                await self._update_endpoint(key, existing, model_params_b, quantization, model_id)
+                await self._update_endpoint(key, existing, model_params_b, quantization, model_id, runpod_gpu)
                 return Prepared(endpoint_id=str(existing["id"]), created=False, status="ready")
             created = await self._client.create_endpoint(
-                key, self._endpoint_body(model_params_b, quantization, model_id)
+                key, self._endpoint_body(model_params_b, quantization, model_id, runpod_gpu)
             )
             log.info("runpod endpoint created", extra={"endpoint_id": created["id"]})
             return Prepared(endpoint_id=str(created["id"]), created=True, status="ready")
@@ -367,13 +377,19 @@ class RunPodProvider:
         return EndpointView(not unavailable, unavailable, "none")
 
     async def _update_endpoint(
-        self, key: str, endpoint: dict[str, Any], model_params_b: float, quantization: str, model_id: str
+        self,
+        key: str,
+        endpoint: dict[str, Any],
+        model_params_b: float,
+        quantization: str,
+        model_id: str,
+        runpod_gpu: str = "",
     ) -> None:
         """Before each job: the endpoint's GPU pools refitted to this job's model (see
         _may_change_pools), and the worker template rolled out when RUNPOD_TEMPLATE_ID changed,
         in one PATCH (same id, so jobs in flight keep their endpoint)."""
         update = await self._template_update(key, endpoint)
-        wanted = self._pools(model_params_b, quantization, model_id)
+        wanted = self._pools(model_params_b, quantization, model_id, runpod_gpu)
         current = [str(pool) for pool in _object(endpoint.get("gpu")).get("pools") or []]
         tier_gb = costs.endpoint_tier_gb(model_id, quantization) if model_id else 0
         if current != wanted and await self._may_change_pools(key, str(endpoint["id"]), current, tier_gb):
@@ -421,11 +437,16 @@ class RunPodProvider:
         )
         return update
 
-    def _pools(self, model_params_b: float, quantization: str, model_id: str) -> list[str]:
-        pools = costs.gpu_pools(model_params_b, quantization, model_id, self._settings.runpod_pool_price_band)
+    def _pools(
+        self, model_params_b: float, quantization: str, model_id: str, runpod_gpu: str = ""
+    ) -> list[str]:
+        band = self._settings.runpod_pool_price_band
+        pools = costs.gpu_pools(model_params_b, quantization, model_id, band, runpod_gpu)
         return pools or list(self._settings.runpod_default_gpu_pools)
 
-    def _endpoint_body(self, model_params_b: float, quantization: str, model_id: str) -> dict[str, Any]:
+    def _endpoint_body(
+        self, model_params_b: float, quantization: str, model_id: str, runpod_gpu: str = ""
+    ) -> dict[str, Any]:
         settings = self._settings
         if not settings.runpod_template_id:
             raise ProviderError(
@@ -437,7 +458,7 @@ class RunPodProvider:
             "type": "QUEUE",
             "templateId": settings.runpod_template_id,
             "env": {TEMPLATE_MARKER: settings.runpod_template_id},
-            "gpu": {"pools": self._pools(model_params_b, quantization, model_id), "count": 1},
+            "gpu": {"pools": self._pools(model_params_b, quantization, model_id, runpod_gpu), "count": 1},
             "workers": {
                 "min": 0,
                 "max": settings.runpod_workers_max,
@@ -750,22 +771,34 @@ class RunPodProvider:
             fields = costs.estimate(spec, backend or "runpod", kind, request_json)
         except JobInputError as exc:
             raise ProviderError(Code.INVALID_ARGUMENT, str(exc)) from None
-        rates = costs.pool_rates(
-            spec.model_id, spec.hyperparams.quantization, self._settings.runpod_pool_price_band
-        )
+        band = self._settings.runpod_pool_price_band
+        # The choice is for the researcher's own endpoint; the hosted tier's is the operator's.
+        choice = (spec.runpod_gpu or "") if backend in ("", "runpod") else ""
+        rates = costs.pool_rates(spec.model_id, spec.hyperparams.quantization, band, choice)
         if rates and rates[-1][1] > fields["usd_per_second"]:
-            # The endpoint offers RunPod the fitting pools within the band; it bills whichever
-            # GPU it assigns.
+            # The endpoint offers RunPod the fitting pools within the band (or all of them); it
+            # bills whichever GPU it assigns.
             (top, top_rate), time_s = rates[-1], fields["estimated_time_s"]
-            band = self._settings.runpod_pool_price_band
+            which = (
+                "at any price"
+                if choice == RUNPOD_ALL_FITTING
+                else f"within {band:g}x the cheapest one's price"
+            )
             fields["notes"] = [
                 *fields["notes"],
-                f"Billed at the GPU RunPod assigns among the {len(rates)} pools that fit within "
-                f"{band:g}x the cheapest one's price: from ${fields['usd_per_second']:.6f}/s "
+                f"Billed at the GPU RunPod assigns among the {len(rates)} pools that fit {which}: "
+                f"from ${fields['usd_per_second']:.6f}/s "
                 f"({fields['gpu']}, priced here) to ${top_rate:.6f}/s ({top}), so "
                 f"{usd(fields['estimated_cost_usd'])} to {usd(time_s * top_rate)} for this job (a faster GPU "
                 "also takes less time). While a bigger model's job is still on your endpoint, this "
                 "one runs on that job's pools.",
+            ]
+        elif choice and choice != RUNPOD_ALL_FITTING:
+            fields["notes"] = [
+                *fields["notes"],
+                f"Runs on {choice}, the GPU pool you chose (the endpoint offers RunPod only that "
+                "pool; if it has no GPU free, the job waits). While another of your jobs is still "
+                "on your endpoint on other pools that fit, this one runs on those.",
             ]
         ceiling = self._settings.runpod_execution_timeout_s
         if fields["estimated_time_s"] > ceiling:

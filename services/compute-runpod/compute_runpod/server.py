@@ -71,6 +71,7 @@ class ComputeRunPodServicer(compute_pb2_grpc.ComputeProviderServicer):
                 request.model_params_b,
                 request.quantization,
                 request.model_id,
+                request.runpod_gpu,
             ),
         )
         return compute_pb2.PrepareAccountResponse(

@@ -167,3 +167,58 @@ async def test_no_key_is_accepted_where_the_server_has_no_worker_template(
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "RUNPOD_TEMPLATE_ID" in caught.value.details() and "not saved" in caught.value.details()
     assert not stack.fake.calls("serverless.list")  # RunPod was never asked
+
+
+PINNED = {"runpod_gpu": "ADA_24"}
+
+
+async def estimate(stack: Stack, spec: bytes) -> common_pb2.Estimate:
+    answer = await stack.stub.Estimate(compute_pb2.EstimateRequest(spec_json=spec, backend="runpod"))
+    return answer.estimate
+
+
+async def test_a_job_pinned_to_a_gpu_pool_runs_and_is_priced_there_and_widening_offers_every_fitting_pool(
+    stack: Stack,
+) -> None:
+    """Issue 24 item 7: the spec's runpod_gpu reaches PrepareAccount (the endpoint's pools become
+    that pool), the fake RunPod runs the job there, and the estimate prices that GPU; widening
+    ("all-fitting") offers every pool that fits, past the price band, and the estimate says so."""
+    await stack.store_key("u-pin", stack.user_key)
+    model_id = "local/tiny-llama"
+    auto, pinned = [await estimate(stack, spec_bytes(model_id=model_id, **choice)) for choice in ({}, PINNED)]
+    assert (auto.gpu, pinned.gpu) == ("AMPERE_16", "ADA_24")
+    assert pinned.usd_per_second == PRICES.gpus["ADA_24"].usd_per_second > auto.usd_per_second
+    assert pinned.estimated_cost_usd > auto.estimated_cost_usd
+    assert any("ADA_24, the GPU pool you chose" in note for note in pinned.notes)
+
+    prepared = await stack.stub.PrepareAccount(
+        compute_pb2.PrepareAccountRequest(account=user("u-pin"), model_id=model_id, runpod_gpu="ADA_24")
+    )
+    account = user("u-pin", prepared.endpoint_id)
+    submitted = await stack.stub.Submit(
+        compute_pb2.SubmitRequest(
+            job_id="job-pinned",
+            account=account,
+            spec_json=spec_bytes(model_id=model_id, runpod_gpu="ADA_24"),
+            estimated_cost_usd=pinned.estimated_cost_usd,
+            estimated_time_s=pinned.estimated_time_s,
+        )
+    )
+    assert await gpu_pool_of(stack, submitted.provider_job_id) == "ADA_24"
+    (endpoint,) = [e for e in stack.fake.endpoints() if e["id"] == prepared.endpoint_id]
+    assert endpoint["gpu"]["pools"] == ["ADA_24"]
+    # Its run is not the point here (the test above runs one): cancelled, it leaves the endpoint.
+    await stack.stub.Cancel(
+        compute_pb2.CancelRequest(provider_job_id=submitted.provider_job_id, account=account)
+    )
+
+    # Widened: with nothing on the endpoint, every pool that fits, cheapest first, past the band.
+    await stack.stub.PrepareAccount(
+        compute_pb2.PrepareAccountRequest(account=account, model_id=model_id, runpod_gpu="all-fitting")
+    )
+    (endpoint,) = [e for e in stack.fake.endpoints() if e["id"] == prepared.endpoint_id]
+    assert endpoint["gpu"]["pools"] == [pool for pool, _ in PRICES.gpus_for_tier(16)]
+    assert "BLACKWELL_180" in endpoint["gpu"]["pools"]
+    widened = await estimate(stack, spec_bytes(model_id=model_id, runpod_gpu="all-fitting"))
+    assert widened.gpu == "AMPERE_16"
+    assert any(f"among the {len(PRICES.gpus)} pools that fit at any price" in note for note in widened.notes)

@@ -14,6 +14,7 @@ from starlette.background import BackgroundTask
 
 from gateway.deps import CurrentUser, KeyVault, Scheduler, SpecInvalid, State, StreamSlot, read_spec
 from gateway.events import job_event_stream
+from gateway.models_api import runpod_gpu_refusal
 from gateway.responses import ERRORS, error
 from gateway.settings_api import gated_model_refusal
 from gateway.upstream import ApiError
@@ -66,6 +67,12 @@ def _checked_job_id(job_id: str) -> str:
     return job_id
 
 
+def checked_runpod_gpu(spec: ExperimentSpec) -> None:
+    refusal = runpod_gpu_refusal(spec)
+    if refusal:
+        raise SpecInvalid([{"field": "runpod_gpu", "message": refusal}])
+
+
 def checked_idempotency_key(key: str | None) -> None:
     if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
         raise ApiError(422, "Idempotency-Key must be 1-200 printable ASCII characters without spaces")
@@ -109,6 +116,7 @@ async def submit_job(
     the same ``Idempotency-Key`` again answers the job it created the first time."""
     checked_idempotency_key(idempotency_key)
     spec_json = await read_spec(request, state.spec_limits)
+    checked_runpod_gpu(parse_spec(spec_json, state.spec_limits))
     refusal = await gated_model_refusal(json.loads(spec_json)["model_id"], user, scheduler, keyvault)
     if refusal:
         raise SpecInvalid([{"field": "model_id", "message": refusal}])
@@ -135,7 +143,9 @@ async def estimate_job(
     ``data_report``: token lengths with the model's tokenizer, truncation at max_seq_len,
     duplicates and eval examples that copy a training example (gpu_core.datareport)."""
     spec_json = await read_spec(request, state.spec_limits)
-    report = await asyncio.to_thread(data_report, parse_spec(spec_json, state.spec_limits))
+    spec = parse_spec(spec_json, state.spec_limits)
+    checked_runpod_gpu(spec)
+    report = await asyncio.to_thread(data_report, spec)
     answer = await scheduler.estimate_job(scheduler_pb2.EstimateJobRequest(user_id=user, spec_json=spec_json))
     return {
         "active_backend": answer.active_backend,

@@ -155,3 +155,41 @@ async def test_integer_query_parameters_are_bounded(gateway, upstream) -> None:
     )
     assert superscript.status_code == 422
     assert upstream.scheduler.watch_requests == []
+
+
+async def test_a_runpod_gpu_that_is_unknown_or_too_small_for_the_model_is_422_naming_it(
+    gateway, upstream, make_spec
+) -> None:
+    """Issue 24 item 7: the GPU pool a job is pinned to must exist and hold the model; the picker's
+    list (GET /api/models/runpod-gpus) is exactly the pools that do."""
+    headers = await gateway.sign_in("alice")
+    listed = await gateway.client.get(
+        "/api/models/runpod-gpus",
+        params={"model_id": "google/gemma-3-27b", "quantization": "4bit"},
+        headers=headers,
+    )
+    assert listed.status_code == 200
+    pools = [gpu["pool"] for gpu in listed.json()["gpus"]]
+    assert pools[0] == "AMPERE_48" and "AMPERE_16" not in pools and "ADA_24" not in pools
+
+    cases = {
+        "AMPERE_16": "AMPERE_16 (16 GB) is too small for google/gemma-3-27b at quantization 4bit",
+        "TPU_9000": "TPU_9000 is not a RunPod GPU pool this dashboard knows",
+    }
+    for path in ("/api/train", "/api/estimate"):
+        for pool, message in cases.items():
+            spec = {**make_spec(), "model_id": "google/gemma-3-27b", "runpod_gpu": pool}
+            spec["hyperparams"]["quantization"] = "4bit"
+            response = await gateway.client.post(path, json=spec, headers=headers)
+            assert response.status_code == 422, (path, pool)
+            (problem,) = response.json()["detail"]
+            assert problem["field"] == "runpod_gpu" and problem["message"].startswith(message), problem
+            assert "AMPERE_48" in problem["message"]  # names the pools that fit
+    assert upstream.scheduler.submit_requests == []
+
+    fits = {**make_spec(), "model_id": "google/gemma-3-27b", "runpod_gpu": "AMPERE_80"}
+    fits["hyperparams"]["quantization"] = "4bit"
+    accepted = await gateway.client.post("/api/train", json=fits, headers=headers)
+    assert accepted.status_code == 202
+    (sent,) = upstream.scheduler.submit_requests
+    assert json.loads(sent.spec_json)["runpod_gpu"] == "AMPERE_80"

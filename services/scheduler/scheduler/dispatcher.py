@@ -82,6 +82,8 @@ class Endpoints:
         client = self._providers.client("runpod")
         model_id = str(spec.get("model_id", ""))
         quantization = str(spec.get("hyperparams", {}).get("quantization", "none"))
+        # The job's pools, fixed in its spec at submit: chosen before any submit token exists.
+        runpod_gpu = str(spec.get("runpod_gpu") or "")
         claim_s = 2 * self._settings.scheduler_provider_timeout_s
         deadline = time.monotonic() + claim_s
         async with self._locks[user_id]:
@@ -90,7 +92,7 @@ class Endpoints:
                 if stored:
                     try:
                         prepared = await client.prepare_account(
-                            route.account(user_id, stored), model_id, quantization
+                            route.account(user_id, stored), model_id, quantization, runpod_gpu
                         )
                     except ProviderError as exc:
                         if exc.code != "NOT_FOUND":
@@ -101,7 +103,7 @@ class Endpoints:
                 elif await self._store.claim_endpoint_creation(user_id, claim_s):
                     try:
                         prepared = await client.prepare_account(
-                            route.account(user_id, ""), model_id, quantization
+                            route.account(user_id, ""), model_id, quantization, runpod_gpu
                         )
                     except ProviderError as exc:
                         await self._store.set_endpoint(

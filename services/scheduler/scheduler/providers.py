@@ -135,7 +135,7 @@ class ProviderClient:
         )
 
     async def prepare_account(
-        self, account: common_pb2.Account, model_id: str, quantization: str
+        self, account: common_pb2.Account, model_id: str, quantization: str, runpod_gpu: str = ""
     ) -> compute_pb2.PrepareAccountResponse:
         return await self._call(
             self._stub.PrepareAccount,
@@ -144,6 +144,7 @@ class ProviderClient:
                 model_id=model_id,
                 model_params_b=model_params_b(model_id),
                 quantization=quantization,
+                runpod_gpu=runpod_gpu,
             ),
         )
 

@@ -268,6 +268,7 @@ async def test_runpod_endpoint_created_once_for_concurrent_first_jobs(scheduler,
     prepared = provider.servicer.prepare_requests[-1]
     assert prepared.model_id == TINY_MODEL_ID  # the spec's default
     assert prepared.model_params_b == cost_model.lookup_model(TINY_MODEL_ID).params_b > 0
+    assert prepared.runpod_gpu == ""  # no choice: the fitting pools within the price band
     settings = await stub.GetComputeSettings(scheduler_pb2.GetComputeSettingsRequest(user_id="carol"))
     assert (settings.runpod_endpoint_id, settings.endpoint_status) == ("ep-1", "ready")
     for job in jobs:
@@ -276,11 +277,14 @@ async def test_runpod_endpoint_created_once_for_concurrent_first_jobs(scheduler,
         assert (account.user_id, account.endpoint_id, account.hosted) == ("carol", "ep-1", False)
         await h.watch_all(stub, "carol", job.id)
 
-    # RunPod no longer has the stored endpoint: the scheduler asks for a new one, once.
+    # RunPod no longer has the stored endpoint: the scheduler asks for a new one, once; the job's
+    # GPU pool, chosen in its spec, goes with it (issue 24 item 7).
     provider.servicer.endpoints.clear()
-    job = await stub.SubmitJob(scheduler_pb2.SubmitJobRequest(user_id="carol", spec_json=h.spec_json()))
+    pinned = h.spec_json(runpod_gpu="AMPERE_24")
+    job = await stub.SubmitJob(scheduler_pb2.SubmitJobRequest(user_id="carol", spec_json=pinned))
     await h.until_submitted(provider.servicer, job.id)
     assert provider.servicer.endpoints_created == 2
+    assert provider.servicer.prepare_requests[-1].runpod_gpu == "AMPERE_24"
     assert provider.servicer.jobs[job.id].account.endpoint_id == "ep-2"
     settings = await stub.GetComputeSettings(scheduler_pb2.GetComputeSettingsRequest(user_id="carol"))
     assert settings.runpod_endpoint_id == "ep-2"

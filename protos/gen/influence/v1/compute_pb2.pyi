@@ -36,16 +36,18 @@ class VerifyCredentialsResponse(_message.Message):
     def __init__(self, valid: bool = ..., account_id: _Optional[str] = ..., balance_usd: _Optional[float] = ..., message: _Optional[str] = ..., failure: _Optional[_Union[_common_pb2.KeyFailure, str]] = ...) -> None: ...
 
 class PrepareAccountRequest(_message.Message):
-    __slots__ = ("account", "model_params_b", "quantization", "model_id")
+    __slots__ = ("account", "model_params_b", "quantization", "model_id", "runpod_gpu")
     ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     MODEL_PARAMS_B_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    RUNPOD_GPU_FIELD_NUMBER: _ClassVar[int]
     account: _common_pb2.Account
     model_params_b: float
     quantization: str
     model_id: str
-    def __init__(self, account: _Optional[_Union[_common_pb2.Account, _Mapping]] = ..., model_params_b: _Optional[float] = ..., quantization: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
+    runpod_gpu: str
+    def __init__(self, account: _Optional[_Union[_common_pb2.Account, _Mapping]] = ..., model_params_b: _Optional[float] = ..., quantization: _Optional[str] = ..., model_id: _Optional[str] = ..., runpod_gpu: _Optional[str] = ...) -> None: ...
 
 class PrepareAccountResponse(_message.Message):
     __slots__ = ("endpoint_id", "created", "status")

@@ -31,7 +31,7 @@ const STATUS_STAGES = {
 // RunPod's and the scheduler's messages, sorted into the cases a researcher can act on.
 const ERROR_KINDS = [
   { test: /no gpu|throttled|capacity|unhealthy/i, title: "No GPU was available",
-    hint: "RunPod had no GPU free in this job's GPU pools. Run it again later, or on the hosted backend." },
+    hint: "RunPod had no GPU free in this job's GPU pools. Run it again later, on every GPU type that fits, or on the hosted backend." },
   { test: /time ?out|timed out|exceeded|expired/i, title: "The job ran out of time",
     hint: "It ran past the execution limit. Use fewer examples, fewer epochs or a shorter max sequence length." },
   { test: /balance|funds|credit/i, title: "Your RunPod balance is too low",
@@ -73,6 +73,9 @@ export async function renderJob(view, jobId) {
   // Offered while RunPod has no GPU for the job, or once it gave up for that reason.
   const moveToHosted = el("button", { type: "button", id: "move-to-hosted", hidden: true },
     "Run it on the hosted backend instead");
+  // ... or to offer RunPod every GPU type that fits the model, past the price band.
+  const widenPools = el("button", { type: "button", id: "widen-pools", hidden: true },
+    "Try every GPU type that fits");
   const chart = el("div", { id: "loss-chart", class: "chart", role: "img", "aria-label": "Training loss by step" });
   const resultsHost = el("div", { id: "results" });
   const actualCost = el("dd", { id: "job-actual-cost" });
@@ -98,7 +101,7 @@ export async function renderJob(view, jobId) {
       stage,
       el("p", { class: "help" }, epoch, " ", eta),
       errorBox,
-      el("div", { class: "actions" }, cancel, moveToHosted)),
+      el("div", { class: "actions" }, cancel, widenPools, moveToHosted)),
     labelsSection(job, (saved) => { heading.textContent = saved.name || `Experiment ${jobId.slice(0, 8)}`; }),
     el("section", { class: "card" }, el("h2", {}, "Training loss"), chart),
     resultsHost);
@@ -147,6 +150,7 @@ export async function renderJob(view, jobId) {
     const noGpu = job.backend === "runpod"
       && /^no gpu/i.test(job.status === "failed" ? job.error || "" : job.stage_message || "");
     moveToHosted.hidden = !noGpu || job.status === "cancelled" || job.status === "completed";
+    widenPools.hidden = moveToHosted.hidden;
     if (job.status === "failed") {
       const { title, hint } = explainError(job.error);
       errorBox.replaceChildren(el("h3", {}, title), el("p", {}, job.error || "No reason was given."),
@@ -164,13 +168,38 @@ export async function renderJob(view, jobId) {
     try {
       if (!TERMINAL.has(job.status)) await api("POST", `/api/jobs/${encodeURIComponent(jobId)}/cancel`);
       await api("PUT", "/api/settings/compute", { body: { backend: "hosted" } });
-      const spec = await api("GET", `/api/jobs/${encodeURIComponent(jobId)}/spec`);
+      const { runpod_gpu: _pool, ...spec } = await api("GET", `/api/jobs/${encodeURIComponent(jobId)}/spec`);
       const submitted = await api("POST", "/api/train", { body: spec });
       announce("Experiment submitted again on the hosted backend");
       window.location.hash = `#/jobs/${submitted.job_id}`;
     } catch (error) {
       announce(`Not moved: ${error.message}`, "error");
       moveToHosted.disabled = false;
+    }
+  });
+
+  // The same experiment on every RunPod GPU type that fits (the spec's runpod_gpu "all-fitting"):
+  // its price range shown and confirmed first, then this one cancelled (if it still waits) and
+  // the widened spec submitted as a new job (its pools fixed before its submit, like any job's).
+  widenPools.addEventListener("click", async () => {
+    widenPools.disabled = true;
+    try {
+      const spec = { ...await api("GET", `/api/jobs/${encodeURIComponent(jobId)}/spec`), runpod_gpu: "all-fitting" };
+      const answer = await api("POST", "/api/estimate", { body: spec });
+      const runpod = answer.estimates.find((e) => e.backend === "runpod") || answer.estimates[0];
+      const range = runpod.notes.find((note) => note.startsWith("Billed at the GPU RunPod assigns"))
+        || `Priced at ${runpod.gpu}: ${usd(runpod.estimated_cost_usd)}.`;
+      if (!window.confirm(`Run this experiment again on every RunPod GPU type that fits?\n\n${range}`)) {
+        widenPools.disabled = false;
+        return;
+      }
+      if (!TERMINAL.has(job.status)) await api("POST", `/api/jobs/${encodeURIComponent(jobId)}/cancel`);
+      const submitted = await api("POST", "/api/train", { body: spec });
+      announce("Experiment submitted again on every GPU type that fits");
+      window.location.hash = `#/jobs/${submitted.job_id}`;
+    } catch (error) {
+      announce(`Not widened: ${error.message}`, "error");
+      widenPools.disabled = false;
     }
   });
 

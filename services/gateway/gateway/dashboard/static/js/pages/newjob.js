@@ -205,9 +205,19 @@ export async function renderNewExperiment(view, [fromJob, fromCuration] = []) {
   const spendCap = el("input", { type: "number", id: "max-cost", name: "max_cost_usd", min: 0.01, step: 0.01,
     inputmode: "decimal", "aria-describedby": "max-cost-help" });
   let lastEstimate = null;
+  // On the researcher's own RunPod endpoint: the GPU pools that hold the chosen model (the
+  // spec's runpod_gpu); "" lets the endpoint offer RunPod every fitting pool within the price band.
+  const runpodGpu = el("select", { id: "runpod-gpu", name: "runpod_gpu", "aria-describedby": "runpod-gpu-help" });
+  const runpodGpuField = compute.backend === "runpod"
+    ? el("div", { class: "field" },
+      el("label", { for: "runpod-gpu" }, "RunPod GPU"), runpodGpu,
+      el("p", { class: "help", id: "runpod-gpu-help" },
+        "Only the GPU types that hold this model are listed. Automatic offers RunPod the fitting ones " +
+        "within the price band (more chances of a free GPU); one type bills at its price only."))
+    : null;
   const form = el("form", { id: "new-experiment", novalidate: true },
     el("section", { class: "card" }, el("h2", {}, "Model"),
-      el("label", { for: "model" }, "Model"), modelSelect, modelTable),
+      el("label", { for: "model" }, "Model"), modelSelect, modelTable, runpodGpuField),
     el("section", { class: "card" }, el("h2", {}, "Data"),
       sampleButton(loadSample),
       el("p", {}, "Example files: ",
@@ -250,7 +260,21 @@ export async function renderNewExperiment(view, [fromJob, fromCuration] = []) {
       },
       template: form.elements.template.value,
       data_format: { training: formats.train, eval: formats.eval },
+      ...(runpodGpuField && runpodGpu.value ? { runpod_gpu: runpodGpu.value } : {}),
     };
+  }
+
+  async function listRunpodGpus() {
+    if (!runpodGpuField) return;
+    const query = new URLSearchParams({ model_id: modelSelect.value, quantization: presetExtras.quantization || "none" });
+    const { gpus } = await api("GET", `/api/models/runpod-gpus?${query}`);
+    const kept = runpodGpu.value;
+    runpodGpu.replaceChildren(
+      el("option", { value: "" }, "Automatic (the fitting GPU types within the price band)"),
+      ...gpus.map((gpu) => el("option", { value: gpu.pool },
+        `${gpu.pool} — ${gpu.description}, ${gpu.memory_gb} GB, ${usd(gpu.usd_per_second * 3600)}/h`)),
+      el("option", { value: "all-fitting" }, "Any GPU type that fits, whatever its price"));
+    runpodGpu.value = [...runpodGpu.options].some((o) => o.value === kept) ? kept : "";
   }
 
   function fieldProblems() {
@@ -314,13 +338,14 @@ export async function renderNewExperiment(view, [fromJob, fromCuration] = []) {
     changed();
   }
 
-  modelSelect.addEventListener("change", useModelPresets);
+  modelSelect.addEventListener("change", () => { useModelPresets(); listRunpodGpus().then(changed); });
   useModelPresets();
+  await listRunpodGpus();
 
   // The spend cap changes no estimate.
   form.addEventListener("input", (event) => { if (event.target.type !== "file" && event.target !== spendCap) changed(); });
   form.addEventListener("change", (event) => {
-    if (event.target.type === "radio" || event.target === modelSelect || event.target.name === "template") changed();
+    if (event.target.type === "radio" || event.target === runpodGpu || event.target.name === "template") changed();
   });
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
