@@ -12,7 +12,7 @@ from devstack.stack import Stack
 
 pytestmark = pytest.mark.e2e
 
-CASES = 300
+CASES = 150
 DATA_CASES = 60
 
 
