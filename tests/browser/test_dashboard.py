@@ -60,7 +60,8 @@ def test_experiment_from_upload_to_results_and_csv(page, stack: Stack, shots: Sc
 
     page.get_by_role("link", name="New experiment").first.click()
     page.get_by_label("Model", exact=True).wait_for()
-    assert page.locator("#model-prices tbody tr").count() >= 1
+    # The price table fills in from /api/models after the form renders.
+    page.locator("#model-prices tbody tr").first.wait_for()
     # The active backend's prices, and the other backend's greyed.
     assert "(active)" in page.locator("#model-prices thead").inner_text()
     assert page.locator("#model-prices td.inactive").count() >= 1

@@ -29,7 +29,10 @@ def long_spec() -> dict:
     spec["model_id"] = "local/tiny-llama"  # the figures below are calibrated on it
     spec["training_data"] = spec["training_data"][:26]
     spec["eval_data"] = spec["eval_data"][:8]
-    spec["hyperparams"].update(epochs=3, max_seq_len=48, max_new_tokens=4)
+    # Training must outlast the takeover (lease + a scan) on a quiet machine: at 3 epochs the
+    # whole job ended in about 6 s, before the follower, polling slower while the model loads,
+    # had even reported the training stage.
+    spec["hyperparams"].update(epochs=30, max_seq_len=48, max_new_tokens=4)
     return spec
 
 

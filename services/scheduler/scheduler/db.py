@@ -12,6 +12,7 @@ import logging
 import re
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import asyncpg
 
@@ -91,9 +92,20 @@ async def migrate(dsn: str) -> list[int]:
         await conn.close()
 
 
+# A JSON escape of NUL not preceded by an escaped backslash (``\\u0000`` is the text "\u0000").
+_JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def encode_jsonb(value: Any) -> str:
+    """JSON for a jsonb column. PostgreSQL's text cannot hold NUL, so a NUL in any string (a
+    random model's generated answer can hold one) becomes U+FFFD instead of making the row, and
+    with it a paid result, unstorable."""
+    return _JSON_NUL.sub(r"\1\\ufffd", json.dumps(value))
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # jsonb columns come and go as Python objects.
-    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("jsonb", encoder=encode_jsonb, decoder=json.loads, schema="pg_catalog")
 
 
 async def create_pool(dsn: str, max_size: int = 8, application_name: str = "scheduler") -> asyncpg.Pool:
