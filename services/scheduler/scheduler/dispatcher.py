@@ -342,7 +342,9 @@ class Dispatcher:
         spec_json = json.dumps(spec).encode()
         later = await self._later_payload(job)
         estimated_time_s, estimated_cost_usd = job.estimated_time_s, job.estimated_cost_usd
-        if job.submit_attempts == 1 or estimated_time_s == 0:
+        # Also when an earlier attempt failed before the provider's estimate was stored (its GPU
+        # and price): the actual cost is priced at them.
+        if job.submit_attempts == 1 or estimated_time_s == 0 or job.estimated_usd_per_second <= 0:
             estimate = await client.estimate(
                 spec_json, route.backend, later.kind if later else "", later.request_json if later else b""
             )
