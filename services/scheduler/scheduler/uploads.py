@@ -130,35 +130,33 @@ async def presigned_uploads(
     experiment's, a later job's of ``kind``, e.g. a merge's ``merged/`` folder, and the result
     record), not bounded in size. ``spec`` None: a job that writes only the worker's records (a
     query, a counterfactual check)."""
-    claim = compute_pb2.ArtifactUpload(
-        name=CLAIM_NAME,
-        url=await store.presigned_url(
-            "PUT",
-            job_key(job_id, CLAIM_NAME),
-            expires_s,
-            signed_headers={**CREATE_ONLY, "Content-Length": str(CLAIM_BYTES)},
-        ),
-    )
-    claim_read = compute_pb2.ArtifactUpload(
-        name=CLAIM_READ_NAME, url=await store.presigned_url("GET", job_key(job_id, CLAIM_NAME), expires_s)
-    )
-    if grant_url:
-        return [claim, claim_read, compute_pb2.ArtifactUpload(name=UPLOAD_GRANT_NAME, url=grant_url)]
-    files = [
+    claim_only = {**CREATE_ONLY, "Content-Length": str(CLAIM_BYTES)}
+    names = [CLAIM_NAME] if grant_url else upload_names(spec, kind)
+    plan = [
         compute_pb2.ArtifactUpload(
             name=name,
             url=await store.presigned_url(
-                "PUT", job_key(job_id, name), expires_s, signed_headers=CREATE_ONLY
+                "PUT",
+                job_key(job_id, name),
+                expires_s,
+                signed_headers=claim_only if name == CLAIM_NAME else CREATE_ONLY,
             ),
         )
-        for name in upload_names(spec, kind)
-        if name != CLAIM_NAME
+        for name in names
     ]
-    return [*files, claim, claim_read]
+    plan.append(
+        compute_pb2.ArtifactUpload(
+            name=CLAIM_READ_NAME, url=await store.presigned_url("GET", job_key(job_id, CLAIM_NAME), expires_s)
+        )
+    )
+    if grant_url:
+        plan.append(compute_pb2.ArtifactUpload(name=UPLOAD_GRANT_NAME, url=grant_url))
+    return plan
 
 
 def upload_names(spec: dict[str, Any] | None, kind: str = EXPERIMENT) -> list[str]:
-    """Every name a job's upload URLs were minted for (``presigned_uploads``)."""
+    """Every name a job may upload to: minted at dispatch (``presigned_uploads``), or asked for
+    one at a time (``grant_upload``: never the claim, whose URL is always minted at dispatch)."""
     planned = planned_job_artifact_names(kind, parse_spec(spec, NO_SIZE_LIMITS)) if spec is not None else []
     return [*planned, *WORKER_RECORD_NAMES]
 
