@@ -92,9 +92,9 @@ UPLOAD_GRANT_NAME = "_worker/uploads:grant"
 # How a duplicate delivery's error begins (workers write it; providers and tests recognise it).
 DUPLICATE_DELIVERY = "Duplicate delivery"
 UPLOAD_ATTEMPTS = 4
-# The upload route is retried longer than the store: a scheduler restarting (a deploy) answers
-# 503 for a minute or so, and the run's files are lost if it never answers.
-GRANT_ATTEMPTS = 8
+# The upload route is retried for longer than the store: while the dashboard's scheduler restarts
+# (a deploy, a failover) the route answers 503, and the run's files are lost if it never answers.
+GRANT_PATIENCE_S = 600.0
 _GRANT_MAX_DELAY_S = 30.0
 _RETRY_BASE_S = 1.0
 _TIMEOUT_S = 300.0
@@ -238,13 +238,17 @@ def upload_artifacts(directory: Path, manifest: Sequence[ArtifactEntry], urls: M
 def request_upload(grant_url: str, name: str, size: int, sha256: str) -> tuple[str, dict[str, str]]:
     """The presigned PUT URL for one file of ``size`` bytes, and the headers to send with it, from
     the dashboard's upload route at ``grant_url``. Retries connection failures, 5xx and 429 with
-    backoff (``GRANT_ATTEMPTS``); raises ArtifactUploadError with the route's reason otherwise
-    (a name the job may not write, a size over its limits, a job that has ended)."""
+    backoff for up to ``GRANT_PATIENCE_S``; raises ArtifactUploadError with the route's reason
+    otherwise (a name the job may not write, a size over its limits, a job that has ended)."""
     body = json.dumps({"name": name, "bytes": size, "sha256": sha256}).encode()
     problem = ""
-    for attempt in range(GRANT_ATTEMPTS):
-        if attempt:
-            time.sleep(min(_RETRY_BASE_S * 2 ** (attempt - 1), _GRANT_MAX_DELAY_S))
+    started, delay = time.monotonic(), _RETRY_BASE_S
+    while True:
+        if problem:
+            if time.monotonic() - started + delay > GRANT_PATIENCE_S:
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, _GRANT_MAX_DELAY_S)
         try:
             status, text = _post_json(grant_url, body)
         except OSError as exc:
