@@ -99,7 +99,8 @@ def test_the_worker_asked_for_each_files_url_and_the_route_answers_only_the_runn
     job = client.submit(small_spec(n_train=4, n_eval=2))
     events = list(client.events(job["job_id"]))
     assert events[-1]["state"] == "completed", events[-1]
-    artifacts = {entry["name"] for entry in client.job(job["job_id"])["artifacts"]}
+    listed = client.request("GET", f"/api/jobs/{job['job_id']}/artifacts").json()["artifacts"]
+    artifacts = {entry["name"] for entry in listed}
     assert "scores.npy" in artifacts
     runpod_job = fake.control("GET", "jobs")["accepted_runs"][-1]  # type: ignore[index]
     sent = fake.control("GET", f"jobs/{runpod_job}/input")["input"]["artifact_transport"]  # type: ignore[index]
@@ -169,9 +170,14 @@ def test_a_result_runpod_forgot_while_the_scheduler_was_down_is_collected(
 
 
 def _restart_scheduler(stack: Stack, **env: str) -> None:
+    """Restart the scheduler with ``env``; return once the gateway reaches it again."""
     stack.stop_service("scheduler")
     stack.extra_env.update(env)
     stack.start_service("scheduler")
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{stack.gateway_url}/readyz", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "the gateway did not reach the restarted scheduler"
+        time.sleep(0.2)
 
 
 def _webhook_posts(fake: FakeRunPodProcess, runpod_job: str) -> list[list]:
