@@ -124,6 +124,20 @@ def test_the_worker_asked_for_each_files_url_and_the_route_answers_only_the_runn
     assert gone.status_code == 404
 
 
+def test_a_job_whose_files_exceed_the_operators_limit_fails_naming_it(
+    stack: Stack, client: GatewayClient
+) -> None:
+    _restart_scheduler(stack, SCHEDULER_UPLOAD_MAX_JOB_BYTES="1000")
+    try:
+        job = client.submit(small_spec(n_train=4, n_eval=2))
+        last = list(client.events(job["job_id"]))[-1]
+    finally:
+        _restart_scheduler(stack, SCHEDULER_UPLOAD_MAX_JOB_BYTES="32000000000")
+    assert last["state"] == "failed", last
+    assert "HTTP 413" in last["message"] and "SCHEDULER_UPLOAD_MAX_JOB_BYTES" in last["message"], last
+    assert client.request("GET", f"/api/jobs/{job['job_id']}/artifacts").json()["artifacts"] == []
+
+
 def test_the_worker_waits_for_the_upload_route_while_the_scheduler_restarts(
     stack: Stack, client: GatewayClient, fake: FakeRunPodProcess
 ) -> None:

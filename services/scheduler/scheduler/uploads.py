@@ -79,7 +79,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from artifact_store import ArtifactNotFound, ArtifactStore, ObjectInfo, StoreError, job_key, job_prefix
-from gpu_core.jobs import EXPERIMENT, QUERY, READS_PARENT_ARTIFACTS, parse_result
+from gpu_core.jobs import EXPERIMENT, QUERY, READS_PARENT_ARTIFACTS, WRITES_ARTIFACTS, parse_result
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
 from gpu_core.uploads import (
     CLAIM_BYTES,
@@ -222,7 +222,9 @@ async def grant_upload(
         raise UploadRefused(
             "FAILED_PRECONDITION", f"the job has ended ({job.status}); it takes no more uploads"
         )
-    if name == CLAIM_NAME or name not in upload_names(job.spec, job.kind):
+    # As the dispatcher plans it: a job that writes no files (a query, a check) writes the records.
+    writes_files = job.kind in WRITES_ARTIFACTS
+    if name == CLAIM_NAME or name not in upload_names(job.spec if writes_files else None, job.kind):
         raise UploadRefused(
             "INVALID_ARGUMENT", f"{name[:200]!r} is not a file this job may write (gpu_core.uploads)"
         )
