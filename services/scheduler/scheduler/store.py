@@ -541,11 +541,11 @@ class Store:
             secret_sha256s=tuple(row["upload_secret_sha256s"] or ()),
         )
 
-    async def record_upload_grant(self, job_id: str, name: str, size: int, max_job_bytes: int) -> int | None:
+    async def record_upload_grant(self, job_id: str, name: str, size: int, max_job_bytes: int) -> bool:
         """Record a URL granted for ``name`` of ``size`` bytes, unless the job's grants (each name
         at the largest size it was granted for) would then add up to more than ``max_job_bytes``
-        or the job is no longer active. Returns that sum, or None when nothing was recorded
-        because the job ended meanwhile; raises UploadBudgetExceeded with the sum it would reach."""
+        (raises UploadBudgetExceeded with the sum it would reach) or the job is no longer active
+        (returns False)."""
         parsed = uuid.UUID(job_id)
         async with self.connection() as conn, conn.transaction():
             # The job's row lock serialises the grants of one job (two files asked for at once).
@@ -555,7 +555,7 @@ class Store:
                 list(ACTIVE_STATES),
             )
             if not active:
-                return None
+                return False
             total: int = await conn.fetchval(
                 """SELECT coalesce(sum(CASE WHEN name = $2 THEN greatest(bytes, $3) ELSE bytes END), 0)
                           + CASE WHEN bool_or(name = $2) THEN 0 ELSE $3 END
@@ -574,7 +574,7 @@ class Store:
                 name,
                 size,
             )
-            return total
+            return True
 
     async def webhook_secret_sha256(self, job_id: str) -> bytes | None:
         """The hash of the active job's webhook secret; None for no such job, a finished one, or

@@ -239,14 +239,14 @@ async def grant_upload(
             "(SCHEDULER_UPLOAD_MAX_FILE_BYTES)",
         )
     try:
-        recorded = await db.record_upload_grant(job_id, name, size, limits.max_job_bytes)
+        still_active = await db.record_upload_grant(job_id, name, size, limits.max_job_bytes)
     except UploadBudgetExceeded as exc:
         raise UploadRefused(
             "OUT_OF_RANGE",
             f"with {name} ({size} bytes) the job's uploads would add up to {exc.total} bytes, over "
             f"the {limits.max_job_bytes} bytes one job may upload (SCHEDULER_UPLOAD_MAX_JOB_BYTES)",
         ) from None
-    if recorded is None:
+    if not still_active:
         raise UploadRefused("FAILED_PRECONDITION", "the job has ended; it takes no more uploads")
     headers = {**CREATE_ONLY, "Content-Length": str(size)}
     if limits.sign_checksum:

@@ -293,3 +293,15 @@ async def test_without_a_public_address_urls_are_minted_at_dispatch_with_the_cla
     assert UPLOAD_GRANT_NAME not in plan and "scores.npy" in plan
     assert "X-Amz-SignedHeaders=host%3Bif-none-match&" in plan["scores.npy"]
     assert "X-Amz-SignedHeaders=content-length%3Bhost%3Bif-none-match&" in plan[CLAIM_NAME]
+
+
+async def test_a_scheduler_with_runpod_and_no_public_address_warns_that_uploads_are_unbounded(
+    start, s3_server, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = s3_server.store_settings(prefix=f"t-{os.urandom(4).hex()}")
+    await start(store_settings=settings)
+    warned = [r.getMessage() for r in caplog.records if "not bounded in size" in r.getMessage()]
+    assert warned and "SCHEDULER_WEBHOOK_BASE_URL" in warned[0]
+    caplog.clear()
+    await start(store_settings=settings, scheduler_webhook_base_url=BASE)
+    assert not [r for r in caplog.records if "not bounded in size" in r.getMessage()]
