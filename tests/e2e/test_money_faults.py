@@ -111,7 +111,8 @@ def test_the_worker_asked_for_each_files_url_and_the_route_answers_only_the_runn
     assert route.startswith(prefix)
     secret = route.removeprefix(prefix)
     granted = [line for line in stack.log_text("scheduler").splitlines() if "upload URL granted" in line]
-    assert any(job["job_id"] in line and "scores.npy" in line for line in granted)
+    for name in ("scores.npy", "_worker/result.json"):  # the result record is asked for too
+        assert any(job["job_id"] in line and name in line for line in granted), name
     assert secret not in stack.log_text("scheduler") + stack.log_text("gateway")
     # The ended job's route: a wrong secret is a 403 that does not repeat it; the right one a 409.
     ask = {"name": "scores.npy", "bytes": 10, "sha256": "0" * 64}
