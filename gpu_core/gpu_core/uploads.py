@@ -2,25 +2,35 @@
 Modal), and an experiment's files fetched from presigned GET URLs by a later job of it (a
 follow-up query, ``download_artifacts``).
 
-The scheduler mints one URL per name that ``planned_artifact_names`` says the run may write
-(the store's credentials never leave the scheduler); the worker streams each file of the
-result's manifest to its URL and returns only the manifest, which the scheduler checks against
-the store (sha256) before the job is completed.
+The store's credentials never leave the scheduler; the worker streams each file of the result's
+manifest to a presigned PUT URL and returns only the manifest, which the scheduler checks against
+the store (sha256) before the job is completed. Where the URL comes from:
 
-Two more objects under the job's prefix are the worker's own records, each with its own PUT URL
-in the same plan (``WORKER_RECORD_NAMES``, never in a manifest):
+- Bounded (the plan carries ``UPLOAD_GRANT_NAME``, the dashboard's upload route for this job,
+  with the job's secret in its path): the worker asks for each file's URL when it uploads it,
+  giving its name, size and sha256 (``request_upload``). The scheduler checks the name is one the
+  job may write (``planned_artifact_names``) and the size within the job's limits, and signs
+  that exact ``Content-Length`` (and the sha256, where the operator's store checks it) into the
+  URL: the store refuses a body of any other size.
+- Planned (no such entry: a deployment with no public address, whose workers are the operator's
+  own): one URL per name ``planned_artifact_names`` says the run may write, minted at dispatch,
+  create-only but not bounded in size (the scheduler checks sizes when it verifies the files).
 
-- ``_worker/claim.json``, created before any GPU work with ``If-None-Match: *`` (S3's conditional
-  create): the first delivery of a job creates it; any later delivery of the same job id (a
-  second ``/run`` after an ambiguous answer, a Modal respawn) gets HTTP 412 and exits without GPU
-  work (``claim_job``, ``DUPLICATE_DELIVERY``). Its body names the provider job that holds it, so
-  the scheduler can find that job when it never learnt its id, and so that the same provider job
-  delivered again (RunPod re-queues a job whose worker failed, ``/retry`` runs it again under
-  the same id) re-claims it: the plan also carries a presigned GET of the claim
-  (``CLAIM_READ_NAME``), which such a delivery reads after its 412.
+Two more objects under the job's prefix are the worker's own records (``WORKER_RECORD_NAMES``,
+never in a manifest):
+
+- ``_worker/claim.json``, always minted at dispatch for exactly ``CLAIM_BYTES`` (the claim JSON is
+  padded with spaces to that size, so its URL bounds what it can write too), created before any GPU
+  work with ``If-None-Match: *`` (S3's conditional create): the first delivery of a job creates it;
+  any later delivery of the same job id (a second ``/run`` after an ambiguous answer, a Modal
+  respawn) gets HTTP 412 and exits without GPU work (``claim_job``, ``DUPLICATE_DELIVERY``). Its
+  body names the provider job that holds it, so the scheduler can find that job when it never
+  learnt its id, and so that the same provider job delivered again (RunPod re-queues a job whose
+  worker failed, ``/retry`` runs it again under the same id) re-claims it: the plan also carries a
+  presigned GET of the claim (``CLAIM_READ_NAME``), which such a delivery reads after its 412.
 - ``_worker/result.json``, the result JSON written beside the files when the run ends
-  (``store_result``), so the scheduler can collect a result after the provider forgot it (RunPod
-  keeps one 30 minutes).
+  (``store_result``, its URL from the plan or asked for as a file's), so the scheduler can collect
+  a result after the provider forgot it (RunPod keeps one 30 minutes).
 
 Plain HTTP (the standard library's ``http.client``): no cloud SDK, one block of the file in
 memory at a time.
@@ -74,9 +84,18 @@ CLAIM_READ_NAME = "_worker/claim.json:read"
 # (scheduler.uploads.CREATE_ONLY), so the store refuses a request without it, and with it refuses
 # to write over an object that exists (HTTP 412): no upload replaces a verified file.
 CREATE_ONLY = {"If-None-Match": "*"}
+# Every claim body is this many bytes (JSON padded with spaces): its URL signs that Content-Length.
+CLAIM_BYTES = 1024
+# The plan's entry for the dashboard's upload route (not an object, never uploaded): POST
+# {"name", "bytes", "sha256"} there and the answer is {"url", "headers"} for that one file.
+UPLOAD_GRANT_NAME = "_worker/uploads:grant"
 # How a duplicate delivery's error begins (workers write it; providers and tests recognise it).
 DUPLICATE_DELIVERY = "Duplicate delivery"
 UPLOAD_ATTEMPTS = 4
+# The upload route is retried for longer than the store: while the dashboard's scheduler restarts
+# (a deploy, a failover) the route answers 503, and the run's files are lost if it never answers.
+GRANT_PATIENCE_S = 600.0
+_GRANT_MAX_DELAY_S = 30.0
 _RETRY_BASE_S = 1.0
 _TIMEOUT_S = 300.0
 _BLOCK_BYTES = 1024 * 1024
@@ -198,26 +217,75 @@ def needed_shard_inputs(kind: str, names: Iterable[str]) -> list[str]:
 
 
 def upload_artifacts(directory: Path, manifest: Sequence[ArtifactEntry], urls: Mapping[str, str]) -> None:
-    """PUT every manifest file under ``directory`` to ``urls[name]``, streamed. Retries
+    """PUT every manifest file under ``directory``, streamed: to ``urls[name]``, or, where ``urls``
+    holds the upload route (``UPLOAD_GRANT_NAME``), to a URL asked for that file now. Retries
     connection failures and 5xx answers with backoff; raises ArtifactUploadError otherwise."""
+    bounded = UPLOAD_GRANT_NAME in urls
     missing = [entry.name for entry in manifest if entry.name not in urls]
-    if missing:
+    if missing and not bounded:
         raise ArtifactUploadError(
             f"the run wrote {', '.join(missing)} but the job has no upload URL for "
             f"{'it' if len(missing) == 1 else 'them'} (planned_artifact_names is out of date)"
         )
     for entry in manifest:
-        _upload_one(directory / entry.name, entry, urls[entry.name])
+        if bounded:
+            url, headers = request_upload(urls[UPLOAD_GRANT_NAME], entry.name, entry.bytes, entry.sha256)
+        else:
+            url, headers = urls[entry.name], dict(CREATE_ONLY)
+        _upload_one(directory / entry.name, entry, url, headers)
 
 
-def _upload_one(path: Path, entry: ArtifactEntry, url: str) -> None:
+def request_upload(grant_url: str, name: str, size: int, sha256: str) -> tuple[str, dict[str, str]]:
+    """The presigned PUT URL for one file of ``size`` bytes, and the headers to send with it, from
+    the dashboard's upload route at ``grant_url``. Retries connection failures, 5xx and 429 with
+    backoff for up to ``GRANT_PATIENCE_S``; raises ArtifactUploadError with the route's reason
+    otherwise (a name the job may not write, a size over its limits, a job that has ended)."""
+    body = json.dumps({"name": name, "bytes": size, "sha256": sha256}).encode()
+    problem = ""
+    started, delay = time.monotonic(), _RETRY_BASE_S
+    while True:
+        if problem:
+            if time.monotonic() - started + delay > GRANT_PATIENCE_S:
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, _GRANT_MAX_DELAY_S)
+        try:
+            status, text = _post_json(grant_url, body)
+        except OSError as exc:
+            problem = f"the dashboard's upload route could not be reached ({type(exc).__name__}: {exc})"
+            continue
+        answer = _json_object(text)
+        if status == 200:
+            url, headers = answer.get("url"), answer.get("headers")
+            if isinstance(url, str) and isinstance(headers, dict):
+                return url, {str(key): str(value) for key, value in headers.items()}
+            problem = "the dashboard's upload route answered without a URL"
+            break
+        detail = answer.get("detail")
+        problem = f"the dashboard refused the upload (HTTP {status})" + (
+            f": {detail}" if isinstance(detail, str) and detail else ""
+        )
+        if status < 500 and status != 429:
+            break
+    raise ArtifactUploadError(f"uploading {name} ({size} bytes) failed: {problem}")
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        found = json.loads(text)
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _upload_one(path: Path, entry: ArtifactEntry, url: str, headers: Mapping[str, str]) -> None:
     problem = ""
     outcome_unknown = False
     for attempt in range(UPLOAD_ATTEMPTS):
         if attempt:
             time.sleep(_RETRY_BASE_S * 2 ** (attempt - 1))
         try:
-            status, body = _put(path, entry.bytes, url)
+            status, body = _put(path, entry.bytes, url, headers)
         except OSError as exc:
             outcome_unknown = True
             problem = f"the artifact store could not be reached ({type(exc).__name__}: {exc})"
@@ -234,7 +302,7 @@ def _upload_one(path: Path, entry: ArtifactEntry, url: str) -> None:
     raise ArtifactUploadError(f"uploading {entry.name} ({entry.bytes} bytes) failed: {problem}")
 
 
-def _put(path: Path, size: int, url: str) -> tuple[int, str]:
+def _put(path: Path, size: int, url: str, headers: Mapping[str, str]) -> tuple[int, str]:
     parts = urlsplit(url)
     connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     connection = connection_type(parts.netloc, timeout=_TIMEOUT_S, blocksize=_BLOCK_BYTES)
@@ -242,13 +310,39 @@ def _put(path: Path, size: int, url: str) -> tuple[int, str]:
     try:
         with open(path, "rb") as handle:
             # A file body with Content-Length is sent block by block, never read whole.
-            connection.request(
-                "PUT", target, body=handle, headers={**CREATE_ONLY, "Content-Length": str(size)}
-            )
+            connection.request("PUT", target, body=handle, headers={**headers, "Content-Length": str(size)})
         response = connection.getresponse()
         return response.status, _error_text(response.read(4000).decode("utf-8", "replace"))
     finally:
         connection.close()
+
+
+def _post_json(url: str, body: bytes) -> tuple[int, str]:
+    parts = urlsplit(url)
+    connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = connection_type(parts.netloc, timeout=_TIMEOUT_S)
+    try:
+        connection.request(
+            "POST",
+            parts.path,
+            body=body,
+            headers={"Content-Type": "application/json", "Content-Length": str(len(body))},
+        )
+        response = connection.getresponse()
+        return response.status, response.read(64 * 1024).decode("utf-8", "replace")
+    finally:
+        connection.close()
+
+
+def claim_body(claim: Mapping[str, Any]) -> bytes:
+    """The claim's JSON padded with spaces to exactly ``CLAIM_BYTES`` (the size its URL signs);
+    raises ArtifactUploadError when it does not fit."""
+    body = json.dumps(dict(claim), separators=(",", ":")).encode()
+    if len(body) > CLAIM_BYTES:
+        raise ArtifactUploadError(
+            f"the job's claim is {len(body)} bytes, over the {CLAIM_BYTES} its URL allows"
+        )
+    return body.ljust(CLAIM_BYTES, b" ")
 
 
 def claim_job(url: str, claim: Mapping[str, Any], read_url: str | None = None) -> bool:
@@ -259,7 +353,7 @@ def claim_job(url: str, claim: Mapping[str, Any], read_url: str | None = None) -
     A 412 after an attempt whose answer was lost counts as ours: that attempt created it. So does
     a 412 on a claim that names this delivery's own ``provider_job_id`` (read at ``read_url``):
     the provider delivered the same job again after its first worker failed."""
-    body = json.dumps(dict(claim), separators=(",", ":")).encode()
+    body = claim_body(claim)
     outcome_unknown = False
     problem = ""
     for attempt in range(UPLOAD_ATTEMPTS):
@@ -327,17 +421,28 @@ def duplicate_delivery_message(job_id: str) -> str:
     )
 
 
-def store_result(url: str, result: Mapping[str, Any]) -> None:
-    """PUT the result JSON to ``url`` (retried like a file; create-only, so a 412 after an
-    attempt whose answer was lost counts as stored); raises ArtifactUploadError."""
+def can_store_result(urls: Mapping[str, str]) -> bool:
+    """Whether the plan lets the worker write its result JSON to the store."""
+    return RESULT_NAME in urls or UPLOAD_GRANT_NAME in urls
+
+
+def store_result(urls: Mapping[str, str], result: Mapping[str, Any]) -> None:
+    """PUT the result JSON to the plan's URL for ``RESULT_NAME``, or to one asked for now from
+    the upload route (retried like a file; create-only, so a 412 after an attempt whose answer was
+    lost counts as stored); raises ArtifactUploadError."""
     body = json.dumps(dict(result), separators=(",", ":")).encode()
+    if UPLOAD_GRANT_NAME in urls:
+        sha256 = hashlib.sha256(body).hexdigest()
+        url, headers = request_upload(urls[UPLOAD_GRANT_NAME], RESULT_NAME, len(body), sha256)
+    else:
+        url, headers = urls[RESULT_NAME], dict(CREATE_ONLY)
     problem = ""
     outcome_unknown = False
     for attempt in range(UPLOAD_ATTEMPTS):
         if attempt:
             time.sleep(_RETRY_BASE_S * 2 ** (attempt - 1))
         try:
-            status, text = _put_bytes(url, body, {**CREATE_ONLY, "Content-Type": "application/json"})
+            status, text = _put_bytes(url, body, {**headers, "Content-Type": "application/json"})
         except OSError as exc:
             outcome_unknown = True
             problem = f"the artifact store could not be reached ({type(exc).__name__}: {exc})"

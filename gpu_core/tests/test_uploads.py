@@ -57,3 +57,15 @@ def test_the_names_repeated_for_the_scheduler_match_gpu_core_and_need_no_numpy()
     # The scheduler's image has gpu_core without extras.
     probe = "import sys, gpu_core.uploads; assert not {'numpy', 'torch'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", probe], check=True)
+
+
+def test_a_claim_is_padded_to_the_size_its_url_signs_and_a_larger_one_is_refused() -> None:
+    import json
+
+    from gpu_core.uploads import CLAIM_BYTES, claim_body
+
+    claim = {"job_id": "j" * 36, "provider": "runpod", "provider_job_id": "rp-1", "claimed_at": 1.5}
+    body = claim_body(claim)
+    assert len(body) == CLAIM_BYTES and json.loads(body) == claim
+    with pytest.raises(ArtifactUploadError, match=f"over the {CLAIM_BYTES} its URL allows"):
+        claim_body({**claim, "worker_id": "w" * CLAIM_BYTES})

@@ -4,9 +4,12 @@ artifact store on the S3 test server (moto on loopback):
 - RunPod: the fake RunPod runs the real worker under the runpod SDK's production loop and enforces
   RunPod's payload limits (10 MB for a job's input and output). A TracIn job of 10,000 training x
   1,000 eval examples (the gateway's maximums) writes a 40 MB score matrix that no RunPod answer
-  could carry; the worker uploads it to the scheduler's presigned PUT URL, RunPod carries only the
-  manifest, and the scheduler checks every sha256 in the store before the job is COMPLETED.
+  could carry; the worker uploads it to a presigned PUT URL, RunPod carries only the manifest, and
+  the scheduler checks every sha256 in the store before the job is COMPLETED.
 - Modal: the in-process adapter runs the Modal app's function body, which uploads the same way.
+
+The stack has a public address (SCHEDULER_WEBHOOK_BASE_URL, the gateway): every worker asks the
+gateway's upload route for each file's URL, signed for that file's size (scheduler.uploads).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from benchmarks.specs import tracin_spec
 from devstack.client import GatewayClient
 from devstack.s3_server import S3TestServer
 from devstack.stack import FakeRunPodProcess, Stack
+from gpu_core.uploads import UPLOAD_GRANT_NAME
 
 from .test_stack import small_spec
 
@@ -46,7 +50,7 @@ def fake() -> Iterator[FakeRunPodProcess]:
 def stack(
     tmp_path_factory: pytest.TempPathFactory, fake: FakeRunPodProcess, s3_server: S3TestServer
 ) -> Iterator[Stack]:
-    with Stack(
+    stack = Stack(
         data_dir=tmp_path_factory.mktemp("remote-artifacts"),
         extra_env={
             **fake.settings_env(),
@@ -57,7 +61,10 @@ def stack(
             "RUNPOD_STREAM_WAIT_MS": "1000",
         },
         services=("keyvault", "compute-runpod", "compute-modal", "scheduler", "gateway"),
-    ) as running:
+    )
+    # Workers reach this gateway: each asks its upload route for every file's URL.
+    stack.extra_env["SCHEDULER_WEBHOOK_BASE_URL"] = stack.gateway_url
+    with stack as running:
         yield running
 
 
@@ -124,7 +131,11 @@ def test_runpod_10000_x_1000_job_uploads_its_files_to_presigned_urls(
     adapter = download(client, job_id, "adapter/adapter_config.json")
     assert json.loads(adapter)["r"] > 0
 
-    # RunPod carried the URLs in, and only progress and the small result out (its limit is 10 MB).
+    # The job's input held no URL for its files: the worker asked for each, of its size.
+    runpod_job = fake.control("GET", "jobs")["accepted_runs"][-1]  # type: ignore[index]
+    sent = fake.control("GET", f"jobs/{runpod_job}/input")["input"]["artifact_transport"]  # type: ignore[index]
+    assert "scores.npy" not in sent["urls"] and UPLOAD_GRANT_NAME in sent["urls"]
+    # RunPod carried the plan in, and only progress and the small result out (its limit is 10 MB).
     (run,) = [r for r in fake.requests("job.run") if r["status"] == 200][-1:]
     assert int(run["headers"]["content-length"]) < 10_000_000
     done = [r for r in fake.requests("worker.done") if r["status"] == 200]

@@ -2,9 +2,11 @@
 
 obstore signs a URL for the method and key only, so its holder may send any headers. A direct
 upload must carry ``If-None-Match: *`` (S3's conditional create: the store refuses to write over
-an existing object), and a header is only binding when it is one of the URL's signed headers: S3
-then refuses a request that drops or changes it (SignatureDoesNotMatch). This signs obstore's
-URL again with those headers (AWS Signature Version 4, query parameters, UNSIGNED-PAYLOAD)."""
+an existing object) and, where its size is known when the URL is signed, ``Content-Length`` of
+that size (and ``x-amz-checksum-sha256``); a header is only binding when it is one of the URL's
+signed headers: S3 then refuses a request that drops or changes it (SignatureDoesNotMatch), so a
+body of another size is refused. This signs obstore's URL again with those headers (AWS
+Signature Version 4, query parameters, UNSIGNED-PAYLOAD)."""
 
 from __future__ import annotations
 

@@ -166,8 +166,8 @@ def run_job(job_id: str, spec: dict[str, Any], store: ProgressStore, call_id: st
     from gpu_core.hf_token import HF_TOKEN_FIELD, HfTokenForLoad
     from gpu_core.schemas import ArtifactEntry
     from gpu_core.uploads import (
-        RESULT_NAME,
         ArtifactUploadError,
+        can_store_result,
         download_artifacts,
         download_event,
         duplicate_delivery_message,
@@ -219,9 +219,9 @@ def run_job(job_id: str, spec: dict[str, Any], store: ProgressStore, call_id: st
                         ArtifactEntry.model_validate(e) for e in event["result"].get("artifacts") or []
                     ]
                     upload_artifacts(artifacts, manifest, urls)
-                if RESULT_NAME in urls:
+                if can_store_result(urls):
                     try:
-                        store_result(urls[RESULT_NAME], event["result"])
+                        store_result(urls, event["result"])
                     except ArtifactUploadError as exc:  # the result still returns through Modal
                         log.warning("the result was not written to the artifact store: %s", exc)
                 writer.finish("completed")

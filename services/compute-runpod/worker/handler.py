@@ -20,8 +20,10 @@ at once, and the handler asks gpu_core to stop, which it does within one batch.
 The run's files (scores.npy, the adapter, checkpoints) travel as the job input's
 ``artifact_transport`` says (see ``deliver_artifacts``): ``{"mode": "presigned", "urls": {name:
 url}}`` uploads each file with a streamed PUT before the result is yielded, so the result carries
-only the manifest; ``{"mode": "inline", "max_bytes": N}`` (the dashboard's store is not reachable
-from RunPod) yields each file as base64 ``artifact_part`` chunks, refused in plain words above N.
+only the manifest (where ``urls`` holds the dashboard's upload route instead of one URL per file,
+each file's URL is asked for with its size when it is uploaded, and bounds it: gpu_core.uploads);
+``{"mode": "inline", "max_bytes": N}`` (the dashboard's store is not reachable from RunPod) yields
+each file as base64 ``artifact_part`` chunks, refused in plain words above N.
 
 Exactly once on our job id: with presigned URLs the transport also carries the PUT URLs of the
 worker's records (gpu_core.uploads ``CLAIM_NAME``, ``RESULT_NAME``) and our ``job_id``. Before
@@ -67,10 +69,10 @@ from gpu_core.schemas import ArtifactEntry, SpecError
 from gpu_core.uploads import (
     CLAIM_NAME,
     CLAIM_READ_NAME,
-    RESULT_NAME,
     ArtifactDownloadError,
     ArtifactUploadError,
     ParentArtifact,
+    can_store_result,
     claim_job,
     download_artifacts,
     download_event,
@@ -215,11 +217,11 @@ async def claim(job: dict[str, Any], transport: Any) -> str | None:
 async def keep_result(result: dict[str, Any], transport: Any) -> None:
     """Write the result JSON to the store beside the files (best effort: the result still
     travels through RunPod's output, so a store that is down only loses the second copy)."""
-    url = record_url(transport, RESULT_NAME)
-    if url is None:
+    urls = transport.get("urls") if isinstance(transport, dict) else None
+    if not isinstance(urls, dict) or not can_store_result(urls):
         return
     try:
-        await asyncio.to_thread(store_result, url, result)
+        await asyncio.to_thread(store_result, urls, result)
     except ArtifactUploadError as exc:
         log.warning("the result was not written to the artifact store: %s", exc)
 

@@ -31,6 +31,7 @@ from gateway import (
     queries_api,
     settings_api,
     tracking_api,
+    uploads_api,
     usage_api,
     webhooks_api,
 )
@@ -128,6 +129,7 @@ def create_app(
     app.include_router(config_api.router)
     app.include_router(usage_api.router)
     app.include_router(webhooks_api.router)
+    app.include_router(uploads_api.router)
     _install_dashboard(app, dashboard_dir)
     _install_openapi(app)
     # Outermost first: metrics see every answer, the size limit runs before any parsing.

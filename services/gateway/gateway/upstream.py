@@ -263,6 +263,20 @@ class SchedulerClient:
         """A provider's webhook; NOT_FOUND (a 404 without detail) unless the secret is the job's."""
         await self._call(self._stub.WakeJob, scheduler_pb2.WakeJobRequest(job_id=job_id, secret=secret))
 
+    async def grant_upload(self, request: scheduler_pb2.GrantUploadRequest) -> tuple[str, dict[str, str]]:
+        """One file's upload URL and the headers to send with it. A size over the operator's limits
+        (the scheduler's OUT_OF_RANGE) is a 413; the rest as every scheduler answer."""
+        try:
+            answer: scheduler_pb2.GrantUploadResponse = await self._stub.GrantUpload(
+                request, metadata=self._trace, timeout=self._timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
+                raise ApiError(413, _sentence(exc.details() or "the upload is too large")) from None
+            with scheduler_errors(SCHEDULER_DOWN, "No such job"):
+                raise
+        return answer.url, dict(answer.headers)
+
     async def active_jobs(self, user_id: str, backend: str, unavailable: str) -> list[scheduler_pb2.Job]:
         answer: scheduler_pb2.ListJobsResponse = await self._call(
             self._stub.ListActiveJobs,

@@ -63,6 +63,9 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
         # job id -> its webhook secret; ``woken`` records each WakeJob that matched
         self.webhook_secrets: dict[str, str] = {}
         self.woken: list[str] = []
+        # GrantUpload: each request it got, and the refusal (code, message) it answers, if set
+        self.upload_requests: list[scheduler_pb2.GrantUploadRequest] = []
+        self.upload_refusal: tuple[grpc.StatusCode, str] | None = None
         # Set: artifact reads answer UNAVAILABLE with this message (the store is down).
         self.store_failure = ""
         self.active_watchers = 0
@@ -228,6 +231,15 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, "not found")
         self.woken.append(request.job_id)
         return scheduler_pb2.WakeJobResponse()
+
+    async def GrantUpload(self, request, context):
+        self.upload_requests.append(request)
+        if self.upload_refusal is not None:
+            await context.abort(*self.upload_refusal)
+        return scheduler_pb2.GrantUploadResponse(
+            url=f"https://store.example/jobs/{request.job_id}/{request.name}?X-Amz-Signature=f00",
+            headers={"Content-Length": str(request.bytes), "If-None-Match": "*"},
+        )
 
     async def DeleteJob(self, request, context):
         def answer() -> scheduler_pb2.DeleteJobResponse:

@@ -319,3 +319,47 @@ async def test_runpods_webhook_is_forwarded_without_a_session_only_with_the_jobs
     assert upstream.scheduler.jobs[job_id].job.state == common_pb2.JOB_STATE_RUNNING
     schema = (await gateway.client.get("/openapi.json")).json()
     assert not any(path.startswith("/api/webhooks") for path in schema["paths"])
+
+
+async def test_a_workers_upload_request_is_forwarded_without_a_session_and_refusals_keep_their_meaning(
+    gateway, upstream
+) -> None:
+    """POST /api/uploads/{job}/{secret}: the worker's per-job secret is the credential; each of the
+    scheduler's refusals keeps its meaning (a size over the limits is a 413), and none repeats it."""
+    secret = "upl0ad-s3cret-of-the-job"
+    sha = "ab" * 32
+    body = {"name": "scores.npy", "bytes": 4096, "sha256": sha}
+    granted = await gateway.client.post(f"/api/uploads/job-7/{secret}", json=body)
+    assert granted.status_code == 200, granted.text
+    assert granted.json()["headers"] == {"Content-Length": "4096", "If-None-Match": "*"}
+    assert granted.json()["url"].startswith("https://store.example/jobs/job-7/scores.npy?")
+    (sent,) = upstream.scheduler.upload_requests
+    assert (sent.job_id, sent.secret, sent.name, sent.bytes, sent.sha256) == (
+        "job-7",
+        secret,
+        "scores.npy",
+        4096,
+        sha,
+    )
+    for code, status in (
+        (grpc.StatusCode.PERMISSION_DENIED, 403),
+        (grpc.StatusCode.NOT_FOUND, 404),
+        (grpc.StatusCode.FAILED_PRECONDITION, 409),
+        (grpc.StatusCode.INVALID_ARGUMENT, 422),
+        (grpc.StatusCode.OUT_OF_RANGE, 413),
+    ):
+        upstream.scheduler.upload_refusal = (code, "the scheduler's reason")
+        refused = await gateway.client.post(f"/api/uploads/job-7/{secret}", json=body)
+        assert refused.status_code == status, (code, refused.text)
+        assert secret not in refused.text
+    asked = len(upstream.scheduler.upload_requests)
+    for bad in (
+        {**body, "sha256": "xyz"},
+        {**body, "bytes": -1},
+        {**body, "url": "x"},
+        {"name": "scores.npy"},
+    ):
+        assert (await gateway.client.post(f"/api/uploads/job-7/{secret}", json=bad)).status_code == 422
+    assert len(upstream.scheduler.upload_requests) == asked  # refused before the scheduler
+    schema = (await gateway.client.get("/openapi.json")).json()
+    assert not any(path.startswith("/api/uploads") for path in schema["paths"])

@@ -77,9 +77,12 @@ class Settings(ServiceSettings):
     scheduler_poll_max_interval_s: float = Field(default=10.0, gt=0, le=600)
     # Status calls in flight per provider, and how many refusals in a row (an answer that is
     # not retryable: a removed key, a missing endpoint) fail a job with the provider's words.
-    # The gateway's public base URL as RunPod can reach it (e.g. https://dash.example.org): each
-    # RunPod job is then sent with a webhook there (/api/webhooks/runpod/{job id}/{secret}) that
-    # makes its next poll due at once. Empty: polling only.
+    # The gateway's public base URL as RunPod and Modal workers can reach it (e.g.
+    # https://dash.example.org). Each RunPod job is then sent with a webhook there
+    # (/api/webhooks/runpod/{job id}/{secret}) that makes its next poll due at once, and every
+    # worker that uploads to the store asks there for each file's URL, of that file's exact size
+    # (/api/uploads/{job id}/{secret}; scheduler.uploads). Empty: polling only, and upload URLs
+    # minted at dispatch, not bounded in size (docs/services.md, "Uploads bounded in size").
     scheduler_webhook_base_url: str = ""
     scheduler_poll_concurrency: int = Field(default=16, ge=1, le=1000)
     scheduler_poll_max_failures: int = Field(default=5, ge=1, le=1000)
@@ -114,6 +117,16 @@ class Settings(ServiceSettings):
     # queue wait and run together; compute-runpod keeps the ttl within it) and Modal's timeout.
     # (Tests shorten it to seconds.)
     scheduler_upload_url_ttl_s: int = Field(default=25 * 3600, ge=1, le=7 * 24 * 3600)
+    # Uploads asked for at upload time (scheduler.uploads.grant_upload): the largest file a job may
+    # upload (S3's limit for one PUT is 5 GiB; a merge's default 5 GB weight shards fit), what a
+    # job's files may add up to (a 12B model's merged bf16 weights are about 24 GB; raise it to
+    # 60 GB to offer merges of 27B models), how long each such URL lives, and whether it also
+    # signs the file's sha256 (x-amz-checksum-sha256, which S3, R2 and MinIO check; turn it off
+    # for a store that refuses the header).
+    scheduler_upload_max_file_bytes: int = Field(default=5 * 1024**3, ge=1, le=5 * 1024**3)
+    scheduler_upload_max_job_bytes: int = Field(default=32_000_000_000, ge=1)
+    scheduler_upload_grant_ttl_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    scheduler_upload_checksum: bool = True
     # A RunPod submit whose answer was lost (compute-runpod's UNKNOWN) is never sent again while
     # a worker may still claim it: the scheduler waits for the worker's claim until the upload
     # URLs minted for that call (the claim's among them) have expired plus this margin (a claim

@@ -65,6 +65,7 @@ class _Prepared:
     endpoint_id: str
     submit: Callable[[], Awaitable[str]]
     webhook_secret_sha256: bytes | None = None
+    upload_secret_sha256: bytes | None = None
 
 
 class Endpoints:
@@ -224,7 +225,12 @@ class Dispatcher:
             with continued_trace(job.trace_context):
                 prepared = await self._prepare(work)
                 if not await self._store.mark_sent(
-                    job.id, self._lease, work.token, prepared.endpoint_id, prepared.webhook_secret_sha256
+                    job.id,
+                    self._lease,
+                    work.token,
+                    prepared.endpoint_id,
+                    prepared.webhook_secret_sha256,
+                    prepared.upload_secret_sha256,
                 ):
                     return True  # the lease went to another replica, which reconciles it
                 sent = True
@@ -368,16 +374,22 @@ class Dispatcher:
             )
         endpoint_id = await self._endpoints.ensure(route, job.user_id, spec) if route.needs_endpoint else ""
         uploads: list[compute_pb2.ArtifactUpload] = []
+        upload_secret_sha256: bytes | None = None
         # Experiments and merges write files; another later job (a query, a counterfactual
         # check) returns JSON, but on RunPod its worker still claims the job id and keeps its
         # result in the store (the records a lost answer and RunPod's retention are reconciled with).
-        if job.kind in WRITES_ARTIFACTS and uploads_directly(route.provider, self._artifacts.store):
+        writes_files = job.kind in WRITES_ARTIFACTS and uploads_directly(
+            route.provider, self._artifacts.store
+        )
+        if writes_files or self._claims(route.provider):
+            grant_url, upload_secret_sha256 = self._upload_route(job.id)
             uploads = await presigned_uploads(
-                self._artifacts.store, job.id, spec, self._settings.scheduler_upload_url_ttl_s, job.kind
-            )
-        elif self._claims(route.provider):
-            uploads = await presigned_uploads(
-                self._artifacts.store, job.id, None, self._settings.scheduler_upload_url_ttl_s
+                self._artifacts.store,
+                job.id,
+                spec if writes_files else None,
+                self._settings.scheduler_upload_url_ttl_s,
+                job.kind if writes_files else EXPERIMENT,
+                grant_url,
             )
         # The stored datasets the spec names, for a later job of the experiment too: the worker
         # reads its examples from them.
@@ -400,7 +412,18 @@ class Dispatcher:
                 webhook_url,
             ),
             webhook_secret_sha256,
+            upload_secret_sha256,
         )
+
+    def _upload_route(self, job_id: str) -> tuple[str, bytes | None]:
+        """The job's upload route, where its worker asks for each file's URL of that file's size
+        (scheduler.uploads), with a fresh per-job secret (only its hash is stored, by mark_sent),
+        where the deployment is reachable; ("", None): URLs minted now, not bounded in size."""
+        base = self._settings.scheduler_webhook_base_url
+        if not base:
+            return "", None
+        secret = secrets.token_urlsafe(32)
+        return f"{base}/api/uploads/{job_id}/{secret}", hashlib.sha256(secret.encode()).digest()
 
     def _webhook(self, job_id: str, provider: str) -> tuple[str, bytes | None]:
         """RunPod's webhook URL for this submit, with a fresh per-job secret (only its hash is

@@ -55,6 +55,7 @@ from scheduler.notify import EventHub
 from scheduler.providers import ProviderError, ProviderNotConfigured, Providers
 from scheduler.store import JobRow, Store, StoredEvent
 from scheduler.tracking import TrackingExporter, checked_tracking_settings
+from scheduler.uploads import UploadLimits, UploadRefused, grant_upload
 from service_runtime.callers import caller_tokens_of
 from service_runtime.grpc_server import GrpcService, create_grpc_server
 from service_runtime.jobs import event_message, is_terminal_event, job_state, timestamp
@@ -585,6 +586,34 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.WakeJobResponse()
 
     @_rpc
+    async def GrantUpload(
+        self, request: scheduler_pb2.GrantUploadRequest, context: Any
+    ) -> scheduler_pb2.GrantUploadResponse:
+        """A worker's request for one file's upload URL, of that file's size (scheduler.uploads)."""
+        _, store = self._app.require()
+        settings = self._app.settings
+        limits = UploadLimits(
+            max_file_bytes=settings.scheduler_upload_max_file_bytes,
+            max_job_bytes=settings.scheduler_upload_max_job_bytes,
+            url_ttl_s=settings.scheduler_upload_grant_ttl_s,
+            sign_checksum=settings.scheduler_upload_checksum,
+        )
+        try:
+            url, headers = await grant_upload(
+                store,
+                self._app.artifact_store,
+                limits,
+                request.job_id,
+                request.secret,
+                request.name,
+                request.bytes,
+                request.sha256,
+            )
+        except UploadRefused as exc:
+            await context.abort(grpc.StatusCode[exc.code], exc.message)
+        return scheduler_pb2.GrantUploadResponse(url=url, headers=headers)
+
+    @_rpc
     async def GetTrackingSettings(
         self, request: scheduler_pb2.GetTrackingSettingsRequest, context: Any
     ) -> scheduler_pb2.TrackingSettings:
@@ -697,6 +726,18 @@ class SchedulerServer:
         )
         self._tasks.append(asyncio.create_task(self._bootstrap(), name="scheduler-bootstrap"))
         log.info("scheduler listening", extra={"port": self.port})
+        settings = self.settings
+        if (
+            settings.compute_runpod_addr
+            and self.artifact_store.signs_headers
+            and not settings.scheduler_webhook_base_url
+        ):
+            # scheduler.uploads: without the upload route, URLs minted at dispatch bound no size.
+            log.warning(
+                "RunPod workers upload with URLs not bounded in size: set SCHEDULER_WEBHOOK_BASE_URL "
+                "to the gateway's public address so that each file's URL is signed for its size",
+                extra={"component": "scheduler.uploads"},
+            )
 
     async def wait_serving(self, serving: bool) -> None:
         """Return once readiness is ``serving`` (for supervisors and tests)."""

@@ -146,6 +146,24 @@ class SubmitWork:
     reconciling: bool  # a token was already stored: an earlier attempt's outcome is unknown
 
 
+@dataclass(frozen=True)
+class UploadGrantJob:
+    """A job as the upload route sees it (scheduler.uploads.grant_upload)."""
+
+    status: str
+    kind: str
+    spec: dict[str, Any]
+    secret_sha256s: tuple[bytes, ...]
+
+
+class UploadBudgetExceeded(Exception):
+    """A URL would let the job's uploads add up to ``total`` bytes, over its limit."""
+
+    def __init__(self, total: int) -> None:
+        super().__init__(total)
+        self.total = total
+
+
 _JOB_COLUMNS = """id::text AS id, user_id, compute_backend, provider,
     coalesce(provider_job_id, '') AS provider_job_id, status, stage, progress, stage_message,
     latest_metrics, error, estimated_time_s, estimated_cost_usd, provider_cursor, last_seq,
@@ -480,14 +498,19 @@ class Store:
         token: uuid.UUID,
         endpoint_id: str,
         webhook_secret_sha256: bytes | None = None,
+        upload_secret_sha256: bytes | None = None,
     ) -> bool:
         """Record, just before the provider call, that the current token's call is being made, on
-        which endpoint and with which webhook secret (its hash); False when the lease or the token
-        is gone (then do not call)."""
+        which endpoint, with which webhook secret (its hash) and which upload secret (its hash,
+        added to those of earlier calls: the provider may hand back an earlier call's job); False
+        when the lease or the token is gone (then do not call)."""
         return (
             await self._fetchval(
                 f"""UPDATE jobs SET submit_sent_at = now(), endpoint_id = $4,
-                       webhook_secret_sha256 = $5, updated_at = now()
+                       webhook_secret_sha256 = $5,
+                       upload_secret_sha256s = CASE WHEN $6::bytea IS NULL THEN upload_secret_sha256s
+                           ELSE array_append(upload_secret_sha256s, $6::bytea) END,
+                       updated_at = now()
                     WHERE id = $2 AND {_HELD} AND submit_token = $3 AND provider_job_id IS NULL
                     RETURNING true""",
                 lease.owner,
@@ -495,9 +518,63 @@ class Store:
                 token,
                 endpoint_id,
                 webhook_secret_sha256,
+                upload_secret_sha256,
             )
             is not None
         )
+
+    async def upload_grant_job(self, job_id: str) -> UploadGrantJob | None:
+        """What the upload route checks a request against: the job's status, kind, spec and
+        upload secrets' hashes; None for no such job (or a deleted one)."""
+        parsed = parse_job_id(job_id)
+        if parsed is None:
+            return None
+        row = await self._fetchrow(
+            "SELECT status, kind, spec, upload_secret_sha256s FROM jobs WHERE id = $1", parsed
+        )
+        if row is None:
+            return None
+        return UploadGrantJob(
+            status=row["status"],
+            kind=row["kind"],
+            spec=row["spec"],
+            secret_sha256s=tuple(row["upload_secret_sha256s"] or ()),
+        )
+
+    async def record_upload_grant(self, job_id: str, name: str, size: int, max_job_bytes: int) -> bool:
+        """Record a URL granted for ``name`` of ``size`` bytes, unless the job's grants (each name
+        at the largest size it was granted for) would then add up to more than ``max_job_bytes``
+        (raises UploadBudgetExceeded with the sum it would reach) or the job is no longer active
+        (returns False)."""
+        parsed = uuid.UUID(job_id)
+        async with self.connection() as conn, conn.transaction():
+            # The job's row lock serialises the grants of one job (two files asked for at once).
+            active = await conn.fetchval(
+                "SELECT status = ANY($2::text[]) FROM jobs WHERE id = $1 FOR UPDATE",
+                parsed,
+                list(ACTIVE_STATES),
+            )
+            if not active:
+                return False
+            total: int = await conn.fetchval(
+                """SELECT coalesce(sum(CASE WHEN name = $2 THEN greatest(bytes, $3) ELSE bytes END), 0)
+                          + CASE WHEN bool_or(name = $2) THEN 0 ELSE $3 END
+                   FROM upload_grants WHERE job_id = $1""",
+                parsed,
+                name,
+                size,
+            )
+            if total > max_job_bytes:
+                raise UploadBudgetExceeded(total)
+            await conn.execute(
+                """INSERT INTO upload_grants (job_id, name, bytes) VALUES ($1, $2, $3)
+                   ON CONFLICT (job_id, name) DO UPDATE
+                   SET bytes = greatest(upload_grants.bytes, EXCLUDED.bytes), granted_at = now()""",
+                parsed,
+                name,
+                size,
+            )
+            return True
 
     async def webhook_secret_sha256(self, job_id: str) -> bytes | None:
         """The hash of the active job's webhook secret; None for no such job, a finished one, or

@@ -1,31 +1,55 @@
 """Direct uploads: workers far from us (RunPod, Modal) put a job's files straight into the artifact
 store through presigned PUT URLs that the scheduler mints, and the scheduler checks them there.
 
-The store's credentials stay in the scheduler: a worker only ever holds one PUT URL per artifact
-name its run may write (``gpu_core.uploads.planned_artifact_names``), each for one key under
-``jobs/{job_id}/`` and valid for ``scheduler_upload_url_ttl_s``. Before the job is COMPLETED
-every file of the result's manifest is read back from the store in chunks and its size and
-sha256 compared; anything else found under the job's prefix (an upload whose job then failed,
-a file the manifest does not list) is removed, so the store lists exactly what was verified and
-the worker's two records (``_worker/claim.json``, ``_worker/result.json``, see gpu_core.uploads;
+The store's credentials stay in the scheduler. Before the job is COMPLETED every file of the
+result's manifest is read back from the store in chunks and its size and sha256 compared;
+anything else found under the job's prefix (an upload whose job then failed, a file the manifest
+does not list) is removed, so the store lists exactly what was verified and the worker's two
+records (``_worker/claim.json``, ``_worker/result.json``, see gpu_core.uploads;
 scheduler.artifacts reads them). A store that fails without a definite answer is retried until a
 deadline and never makes a job's files look missing.
+
+Uploads bounded in size by the store. Where the deployment has a public address
+(``scheduler_webhook_base_url``, the gateway as workers reach it), the plan sent with a job holds
+no URL for its files: it holds the job's upload route (gpu_core.uploads ``UPLOAD_GRANT_NAME``,
+``{base}/api/uploads/{job id}/{secret}``, a fresh per-job secret whose sha256 alone is stored,
+with the submit, never logged). When the worker has a file to upload it knows its size and sha256
+and asks there (gateway uploads_api, RPC GrantUpload, ``grant_upload``); the scheduler checks the
+secret (constant time), that the job is still active, that the name is one the job may write
+(``upload_names``: ``gpu_core.uploads.planned_artifact_names`` and the result record), and that
+the size is within ``scheduler_upload_max_file_bytes`` and, with every URL granted before (each
+name counted at the largest size granted for it), ``scheduler_upload_max_job_bytes``. The URL
+it answers signs ``Content-Length`` of that size, ``If-None-Match: *`` and, with
+``scheduler_upload_checksum``, ``x-amz-checksum-sha256``: the store refuses a body of another
+size (the signature does not match) or, where it checks checksums (S3, R2, MinIO), other bytes.
+It lives ``scheduler_upload_grant_ttl_s``. Files go up in one PUT each (never multipart: S3's
+5 GiB for one PUT caps ``scheduler_upload_max_file_bytes``). The claim's URL is minted at dispatch
+for exactly ``gpu_core.uploads.CLAIM_BYTES`` (the worker pads its claim to that size), so it is
+bounded too.
+
+Without a public address (a deployment whose workers cannot reach the gateway) every URL is
+minted at dispatch, one per name the run may write, for ``scheduler_upload_url_ttl_s``: create-only
+but not bounded in size, which S3 cannot do for a PUT whose size is unknown when it is signed (a
+POST policy's content-length-range can, but POST uploads cannot be conditional). Sizes are then
+checked only when the files are verified, and the sweep bounds how long an oversized upload can
+stay. That is safe only where the operator runs the worker image (the hosted Modal app, the
+hosted RunPod endpoint); a BYOK researcher controls their endpoint's image, so a deployment that
+offers RunPod keys should set the public address (INSTRUCTIONS.md, docs/services.md); the
+scheduler warns at start when it does not.
 
 Every upload URL is create-only: it signs ``If-None-Match: *`` (gpu_core.uploads.CREATE_ONLY), so
 the store refuses a request without that header (the signature does not match) and, with it,
 refuses to write over an object that exists (412). A verified file cannot be replaced, and a
 deleted job's URLs die with it: ``occupy_upload_names`` puts an empty placeholder at every name
-its URLs may write, and ``sweep_orphans`` removes the placeholders once the URLs have expired,
-with anything else under ``jobs/`` that no job lists (a late upload after a failure, a job whose
-row is gone). S3 cannot bound the size of a presigned PUT whose size is not known when it is
-signed (a POST policy's content-length-range can, but POST uploads cannot be conditional), so
-sizes are checked when the scheduler verifies the files, and the sweep bounds how long an
-oversized upload can stay.
+its URLs may write (and the upload route answers 404 once the row is gone), and
+``sweep_orphans`` removes the placeholders once the URLs have expired, with anything else under
+``jobs/`` that no job lists (a late upload after a failure, a job whose row is gone).
 
-The URLs live ``scheduler_upload_url_ttl_s`` (default 25 h), longer than RunPod keeps a job in
-all (RUNPOD_JOB_TTL_S, 24 h: queue wait and run together), and compute-runpod caps each job's
-ttl to the life its URLs have left: a job that waited in RunPod's queue still uploads, and one
-that could not is dropped by RunPod unrun rather than run to a 403.
+The URLs minted at dispatch (the claim's among them) live ``scheduler_upload_url_ttl_s`` (default
+25 h), longer than RunPod keeps a job in all (RUNPOD_JOB_TTL_S, 24 h: queue wait and run
+together), and compute-runpod caps each job's ttl to the life its URLs have left: a job that
+waited in RunPod's queue still uploads, and one that could not is dropped by RunPod unrun rather
+than run to a 403.
 
 Where the store cannot mint URLs (the local filesystem, the embedded default) nothing is minted
 and the files come back through the provider (``ComputeProvider.FetchArtifact``), as for
@@ -43,26 +67,34 @@ when that folder has gone. A file with no URL is recomputed by the worker.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import hmac
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from artifact_store import ArtifactNotFound, ArtifactStore, ObjectInfo, StoreError, job_key, job_prefix
-from gpu_core.jobs import EXPERIMENT, QUERY, READS_PARENT_ARTIFACTS, parse_result
+from gpu_core.jobs import EXPERIMENT, QUERY, READS_PARENT_ARTIFACTS, WRITES_ARTIFACTS, parse_result
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
 from gpu_core.uploads import (
+    CLAIM_BYTES,
     CLAIM_NAME,
     CLAIM_READ_NAME,
     CREATE_ONLY,
+    UPLOAD_GRANT_NAME,
     WORKER_RECORD_NAMES,
     needed_parent_artifacts,
     planned_job_artifact_names,
 )
 from influence.v1 import compute_pb2
 from scheduler.artifacts import ArtifactTransferError, StoreUnavailable
+from scheduler.store import Store, UploadBudgetExceeded
+from service_runtime.jobs import ACTIVE_STATES
 
 log = logging.getLogger(__name__)
 
@@ -83,32 +115,48 @@ def uploads_directly(provider: str, store: ArtifactStore) -> bool:
 
 
 async def presigned_uploads(
-    store: ArtifactStore, job_id: str, spec: dict[str, Any] | None, expires_s: int, kind: str = EXPERIMENT
+    store: ArtifactStore,
+    job_id: str,
+    spec: dict[str, Any] | None,
+    expires_s: int,
+    kind: str = EXPERIMENT,
+    grant_url: str = "",
 ) -> list[compute_pb2.ArtifactUpload]:
-    """One presigned create-only PUT URL per artifact name the job's run may write (an
-    experiment's, or a later job's of ``kind``: a merge's ``merged/`` folder), and one for each of
-    the worker's records (its claim on the job, its result JSON: gpu_core.uploads), and a GET of
-    the claim (``CLAIM_READ_NAME``: a re-delivered provider job finds its own claim). ``spec``
-    None: a job that writes only those records (a query, a counterfactual check)."""
-    return [
-        *[
-            compute_pb2.ArtifactUpload(
-                name=name,
-                url=await store.presigned_url(
-                    "PUT", job_key(job_id, name), expires_s, signed_headers=CREATE_ONLY
-                ),
-            )
-            for name in upload_names(spec, kind)
-        ],
+    """The job's upload plan: a create-only PUT of the worker's claim, of exactly
+    ``CLAIM_BYTES``, and a GET of it (``CLAIM_READ_NAME``: a re-delivered provider job finds its
+    own claim); then, with ``grant_url`` (the job's upload route, the secret in its path), that
+    route, where the worker asks for each file's URL of its size (``grant_upload``); without it,
+    one create-only PUT URL per other name the job's run may write (``upload_names``: an
+    experiment's, a later job's of ``kind``, e.g. a merge's ``merged/`` folder, and the result
+    record), not bounded in size. ``spec`` None: a job that writes only the worker's records (a
+    query, a counterfactual check)."""
+    claim_only = {**CREATE_ONLY, "Content-Length": str(CLAIM_BYTES)}
+    names = [CLAIM_NAME] if grant_url else upload_names(spec, kind)
+    plan = [
         compute_pb2.ArtifactUpload(
-            name=CLAIM_READ_NAME,
-            url=await store.presigned_url("GET", job_key(job_id, CLAIM_NAME), expires_s),
-        ),
+            name=name,
+            url=await store.presigned_url(
+                "PUT",
+                job_key(job_id, name),
+                expires_s,
+                signed_headers=claim_only if name == CLAIM_NAME else CREATE_ONLY,
+            ),
+        )
+        for name in names
     ]
+    plan.append(
+        compute_pb2.ArtifactUpload(
+            name=CLAIM_READ_NAME, url=await store.presigned_url("GET", job_key(job_id, CLAIM_NAME), expires_s)
+        )
+    )
+    if grant_url:
+        plan.append(compute_pb2.ArtifactUpload(name=UPLOAD_GRANT_NAME, url=grant_url))
+    return plan
 
 
 def upload_names(spec: dict[str, Any] | None, kind: str = EXPERIMENT) -> list[str]:
-    """Every name a job's upload URLs were minted for (``presigned_uploads``)."""
+    """Every name a job may upload to: minted at dispatch (``presigned_uploads``), or asked for
+    one at a time (``grant_upload``: never the claim, whose URL is always minted at dispatch)."""
     planned = planned_job_artifact_names(kind, parse_spec(spec, NO_SIZE_LIMITS)) if spec is not None else []
     return [*planned, *WORKER_RECORD_NAMES]
 
@@ -123,6 +171,89 @@ async def occupy_upload_names(
     for name in names:
         await store.put(job_key(job_id, name), _empty())
     return len(names)
+
+
+class UploadRefused(Exception):
+    """The upload route's refusal: a gRPC status code's name and a message that never holds the
+    secret."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_file_bytes: int
+    max_job_bytes: int
+    url_ttl_s: int
+    sign_checksum: bool
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# Compared with when a job holds no upload secret, so every refusal takes the same time.
+_NO_SECRET = bytes(32)
+
+
+async def grant_upload(
+    db: Store,
+    store: ArtifactStore,
+    limits: UploadLimits,
+    job_id: str,
+    secret: str,
+    name: str,
+    size: int,
+    sha256: str,
+) -> tuple[str, dict[str, str]]:
+    """A presigned PUT URL for one file of the job, of exactly ``size`` bytes, and the headers
+    its request must carry (each signed); raises UploadRefused: NOT_FOUND for no such job (or a
+    deleted one), PERMISSION_DENIED for a wrong secret, FAILED_PRECONDITION for a job that has
+    ended, INVALID_ARGUMENT for a name it may not write or a malformed request, OUT_OF_RANGE for
+    a size over the limits."""
+    job = await db.upload_grant_job(job_id)
+    if job is None:
+        raise UploadRefused("NOT_FOUND", "no such job (a deleted job's uploads are refused)")
+    offered = hashlib.sha256(secret.encode()).digest()
+    matches = [hmac.compare_digest(offered, stored) for stored in job.secret_sha256s or (_NO_SECRET,)]
+    if not job.secret_sha256s or not any(matches):
+        raise UploadRefused("PERMISSION_DENIED", "the upload secret is not this job's")
+    if job.status not in ACTIVE_STATES:
+        raise UploadRefused(
+            "FAILED_PRECONDITION", f"the job has ended ({job.status}); it takes no more uploads"
+        )
+    # As the dispatcher plans it: a job that writes no files (a query, a check) writes the records.
+    writes_files = job.kind in WRITES_ARTIFACTS
+    if name == CLAIM_NAME or name not in upload_names(job.spec if writes_files else None, job.kind):
+        raise UploadRefused(
+            "INVALID_ARGUMENT", f"{name[:200]!r} is not a file this job may write (gpu_core.uploads)"
+        )
+    if not _SHA256.fullmatch(sha256):
+        raise UploadRefused("INVALID_ARGUMENT", "sha256 must be 64 lower-case hex digits")
+    if size < 0:
+        raise UploadRefused("INVALID_ARGUMENT", "bytes must be 0 or more")
+    if size > limits.max_file_bytes:
+        raise UploadRefused(
+            "OUT_OF_RANGE",
+            f"{name} is {size} bytes, over the {limits.max_file_bytes} bytes one file may have "
+            "(SCHEDULER_UPLOAD_MAX_FILE_BYTES)",
+        )
+    try:
+        still_active = await db.record_upload_grant(job_id, name, size, limits.max_job_bytes)
+    except UploadBudgetExceeded as exc:
+        raise UploadRefused(
+            "OUT_OF_RANGE",
+            f"with {name} ({size} bytes) the job's uploads would add up to {exc.total} bytes, over "
+            f"the {limits.max_job_bytes} bytes one job may upload (SCHEDULER_UPLOAD_MAX_JOB_BYTES)",
+        ) from None
+    if not still_active:
+        raise UploadRefused("FAILED_PRECONDITION", "the job has ended; it takes no more uploads")
+    headers = {**CREATE_ONLY, "Content-Length": str(size)}
+    if limits.sign_checksum:
+        headers["x-amz-checksum-sha256"] = base64.b64encode(bytes.fromhex(sha256)).decode("ascii")
+    url = await store.presigned_url("PUT", job_key(job_id, name), limits.url_ttl_s, signed_headers=headers)
+    log.info("upload URL granted", extra={"job_id": job_id, "artifact": name, "bytes": size})
+    return url, headers
 
 
 async def _empty() -> AsyncIterator[bytes]:

@@ -15,7 +15,6 @@ from gpu_core.uploads import (
     CLAIM_NAME,
     CLAIM_READ_NAME,
     CREATE_ONLY,
-    RESULT_NAME,
     WORKER_RECORD_NAMES,
     claim_job,
     store_result,
@@ -118,7 +117,7 @@ async def test_the_plan_carries_the_worker_records_and_verification_keeps_them(
     # (its first worker failed), re-claims it; another provider job of the same job still cannot.
     assert claim_job(uploads[CLAIM_NAME], {**claim, "claimed_at": 2.0}, uploads[CLAIM_READ_NAME])
     assert not claim_job(uploads[CLAIM_NAME], {**claim, "provider_job_id": "rp-2"}, uploads[CLAIM_READ_NAME])
-    store_result(uploads[RESULT_NAME], {"artifacts": [], "note": "paid for"})
+    store_result(uploads, {"artifacts": [], "note": "paid for"})
     await s3_store.put(job_key("job-w", "scores.npy"), chunks(b"matrix"))
     await verify_uploads(s3_store, "job-w", [entry("scores.npy", b"matrix")])
     found = await read_worker_claim(s3_store, "job-w")

@@ -170,6 +170,11 @@ class SchedulerStub(object):
                 request_serializer=influence_dot_v1_dot_scheduler__pb2.WakeJobRequest.SerializeToString,
                 response_deserializer=influence_dot_v1_dot_scheduler__pb2.WakeJobResponse.FromString,
                 _registered_method=True)
+        self.GrantUpload = channel.unary_unary(
+                '/influence.v1.Scheduler/GrantUpload',
+                request_serializer=influence_dot_v1_dot_scheduler__pb2.GrantUploadRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_scheduler__pb2.GrantUploadResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer(object):
@@ -364,6 +369,16 @@ class SchedulerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GrantUpload(self, request, context):
+        """A worker's request for one file's upload URL (the gateway forwards POST
+        /api/uploads/{job_id}/{secret}): a presigned create-only PUT of exactly `bytes`. NOT_FOUND: no
+        such job; PERMISSION_DENIED: not the job's upload secret; FAILED_PRECONDITION: the job has
+        ended; INVALID_ARGUMENT: a name the job may not write; OUT_OF_RANGE: a size over the limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -501,6 +516,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.WakeJob,
                     request_deserializer=influence_dot_v1_dot_scheduler__pb2.WakeJobRequest.FromString,
                     response_serializer=influence_dot_v1_dot_scheduler__pb2.WakeJobResponse.SerializeToString,
+            ),
+            'GrantUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantUpload,
+                    request_deserializer=influence_dot_v1_dot_scheduler__pb2.GrantUploadRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_scheduler__pb2.GrantUploadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1232,6 +1252,33 @@ class Scheduler(object):
             '/influence.v1.Scheduler/WakeJob',
             influence_dot_v1_dot_scheduler__pb2.WakeJobRequest.SerializeToString,
             influence_dot_v1_dot_scheduler__pb2.WakeJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrantUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.Scheduler/GrantUpload',
+            influence_dot_v1_dot_scheduler__pb2.GrantUploadRequest.SerializeToString,
+            influence_dot_v1_dot_scheduler__pb2.GrantUploadResponse.FromString,
             options,
             channel_credentials,
             insecure,
