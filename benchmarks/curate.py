@@ -1,9 +1,9 @@
 """``make bench-curate``: does the training-set summary find planted label noise, and does
 dropping what it flags give a better model than dropping at random?
 
-The task (built here, :func:`noisy_cipher_task`): a cipher to memorise, 40 one-character keys
-each with a random answer letter, each key taught twice (80 training examples); 10% of the
-training examples (8, at most one per key) answer another letter instead (the planted noise), so
+The task (built here, :func:`noisy_cipher_task`): a cipher to memorise, 80 one-character keys
+each with a random answer letter, each key taught twice (160 training examples); 10% of the
+training examples (16, at most one per key) answer another letter instead (the planted noise), so
 a noisy key is taught two answers. The eval set asks every key once with its right answer. For
 each influence method the experiment (the whole pipeline, 40 epochs, which writes
 ``training_summary.json``) runs on ``DRAWS`` draws of the task (its answers and which examples
@@ -11,7 +11,7 @@ are noisy; draw 0 is the one the curations retrain on), then:
 
 - recall of the noisy examples within the top 10% of the suspicion rank, next to ranking by loss
   alone, self-influence alone and -net influence alone: on draw 0, and the mean and the lowest
-  over the draws (one draw of 8 noisy examples moves in steps of 0.125);
+  over the draws (one draw of 16 noisy examples moves in steps of 0.0625);
 - drop the flagged 10% vs a random 10%, 3 seeds (gpu_core.curation), on draw 0: exact match and
   mean loss, curated minus random with a 95% interval and a paired p-value;
 - keep 25% by net influence toward the eval set (LESS-style) vs a random 25%.
@@ -41,13 +41,16 @@ from gpu_core.tiny import TINY_MODEL_ID
 from gpu_core.training_summary import SUMMARY_NAME, TrainingSetSummary, percentile_ranks
 
 LETTERS = "abcdefghij"
-KEYS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&*+-=?@^_~"
-N_TRAIN = 80
+# 80 one-character keys (the tiny model's tokenizer is byte-level: one token each; never ">").
+KEYS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&*+-=?@^_~klmnopqrstuvwxyz()[]{}|;:,./'`"
+# 80 keys taught twice: 16 noisy examples, so the paired test has up to 16 eval keys that can
+# differ (with 40 keys and 8 noisy ones, a perfect ranking still gave p = 0.26 on exact match).
+N_TRAIN = 160
 NOISE = 0.10
 SEEDS = [0, 1, 2]
-# 40 epochs: at 20 the tiny model had not learned the cipher (the clean keys' fine-tuned exact
-# match was 0.59-0.91 over noise draws), so unlearned clean keys competed with the noise in every
-# ranking; at 40 it is 0.94-1.00 on 8 draws (docs/influence.md).
+# 40 epochs: at 20 the tiny model had not learned the cipher (40 keys: the clean keys' fine-tuned
+# exact match was 0.59-0.91 over noise draws), so unlearned clean keys competed with the noise in
+# every ranking; at 40 it was 0.94-1.00 on 8 draws (docs/influence.md).
 EPOCHS = 40
 DRAWS = int(os.environ.get("CURATE_DRAWS", "5"))
 METHODS = [
