@@ -242,7 +242,12 @@ def final_adapter_signals(
     if entry.net_from_final_gradients and eval_gradients is None:
         raise ValueError(f"{method}: the summary's net influence needs the eval set's summed gradient")
     features = gathered
-    if features is None or not features.complete:
+    # A tap filled without the eval gradients has no net influence to give: take the own pass.
+    if (
+        features is None
+        or not features.complete
+        or (entry.net_from_final_gradients and features.direction is None)
+    ):
         features = FinalGradientFeatures(method, model, len(train), checkpoints, eval_gradients)
         was_training = model.training
         model.eval()

@@ -178,6 +178,12 @@ def test_the_influence_pass_hands_the_summary_what_its_own_pass_computes(
     assert tapped.self_influence == pytest.approx(own.self_influence, rel=1e-4)
     assert tapped.train_loss == pytest.approx(own.train_loss, rel=1e-5)
     assert tapped.net_influence == pytest.approx(own.net_influence, rel=1e-4)
+    # A tap filled without the eval gradients cannot give net influence: the own pass runs.
+    blind = FinalGradientFeatures(method, model, len(pairs), training.checkpoints)
+    blind.rows[:] = 0.0
+    again = final_adapter_signals(*args, gathered=blind, eval_gradients=eval_gradients)
+    assert again.net_influence == pytest.approx(own.net_influence, rel=1e-4)
+    assert again.self_influence == pytest.approx(own.self_influence, rel=1e-4)
 
 
 def test_paired_difference_interval_and_p_value() -> None:
