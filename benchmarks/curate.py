@@ -1,21 +1,24 @@
 """``make bench-curate``: does the training-set summary find planted label noise, and does
 dropping what it flags give a better model than dropping at random?
 
-The task (built here, :func:`noisy_cipher_task`): a cipher to memorise, 40 one-character keys
-each with a random answer letter, each key taught twice (80 training examples); 10% of the
-training examples (8, at most one per key) answer another letter instead (the planted noise), so
+The task (built here, :func:`noisy_cipher_task`): a cipher to memorise, 80 one-character keys
+each with a random answer letter, each key taught twice (160 training examples); 10% of the
+training examples (16, at most one per key) answer another letter instead (the planted noise), so
 a noisy key is taught two answers. The eval set asks every key once with its right answer. For
-each influence method the experiment runs once (the whole pipeline, 20 epochs, which writes
-``training_summary.json``), then:
+each influence method the experiment (the whole pipeline, 40 epochs, which writes
+``training_summary.json``) runs on ``DRAWS`` draws of the task (its answers and which examples
+are noisy; draw 0 is the one the curations retrain on), then:
 
 - recall of the noisy examples within the top 10% of the suspicion rank, next to ranking by loss
-  alone, self-influence alone and -net influence alone;
-- drop the flagged 10% vs a random 10%, 3 seeds (gpu_core.curation): exact match and mean loss,
-  curated minus random with a 95% interval and a paired p-value;
+  alone, self-influence alone and -net influence alone: on draw 0, and the mean and the lowest
+  over the draws (one draw of 16 noisy examples moves in steps of 0.0625);
+- drop the flagged 10% vs a random 10%, 3 seeds (gpu_core.curation), on draw 0: exact match and
+  mean loss, curated minus random with a 95% interval and a paired p-value;
 - keep 25% by net influence toward the eval set (LESS-style) vs a random 25%.
 
 Then the summary's share of an experiment's wall time at ``OVERHEAD_TRAIN x 100`` with TracIn,
-exact and projected. ``CURATE_METHODS`` (comma-separated) and ``CURATE_OVERHEAD_TRAIN`` shrink it.
+exact and projected. ``CURATE_METHODS`` (comma-separated), ``CURATE_DRAWS`` and
+``CURATE_OVERHEAD_TRAIN`` shrink it.
 """
 
 from __future__ import annotations
@@ -38,10 +41,18 @@ from gpu_core.tiny import TINY_MODEL_ID
 from gpu_core.training_summary import SUMMARY_NAME, TrainingSetSummary, percentile_ranks
 
 LETTERS = "abcdefghij"
-KEYS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&*+-=?@^_~"
-N_TRAIN = 80
+# 80 one-character keys (the tiny model's tokenizer is byte-level: one token each; never ">").
+KEYS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&*+-=?@^_~klmnopqrstuvwxyz()[]{}|;:,./'`"
+# 80 keys taught twice: 16 noisy examples, so the paired test has up to 16 eval keys that can
+# differ (with 40 keys and 8 noisy ones, a perfect ranking still gave p = 0.26 on exact match).
+N_TRAIN = 160
 NOISE = 0.10
 SEEDS = [0, 1, 2]
+# 40 epochs: at 20 the tiny model had not learned the cipher (40 keys: the clean keys' fine-tuned
+# exact match was 0.59-0.91 over noise draws), so unlearned clean keys competed with the noise in
+# every ranking; at 40 it was 0.94-1.00 on 8 draws (docs/influence.md).
+EPOCHS = 40
+DRAWS = int(os.environ.get("CURATE_DRAWS", "5"))
 METHODS = [
     m for m in os.environ.get("CURATE_METHODS", "tracin,trackstar,datainf,kronfluence").split(",") if m
 ]
@@ -76,11 +87,12 @@ def noisy_cipher_task(
 
 
 def task_spec(
-    method: str, n_train: int = N_TRAIN, n_eval: int | None = None, **influence: Any
+    method: str, n_train: int = N_TRAIN, n_eval: int | None = None, draw: int = 0, **influence: Any
 ) -> ExperimentSpec:
-    """The experiment; past the task's size (``2 * len(KEYS)`` training examples, one eval
-    example per key) ``n_train`` and ``n_eval`` repeat its examples under new ids (for timing)."""
-    train, evals, _ = noisy_cipher_task(min(n_train, 2 * len(KEYS)), NOISE)
+    """The experiment on the task's ``draw``; past the task's size (``2 * len(KEYS)`` training
+    examples, one eval example per key) ``n_train`` and ``n_eval`` repeat its examples under new
+    ids (for timing)."""
+    train, evals, _ = noisy_cipher_task(min(n_train, 2 * len(KEYS)), NOISE, seed=draw)
     train = [{**train[k % len(train)], "id": f"t{k}"} for k in range(n_train)]
     if n_eval is not None:
         evals = [{**evals[k % len(evals)], "id": f"e{k}"} for k in range(n_eval)]
@@ -93,7 +105,7 @@ def task_spec(
             "influence_method": method,
             "influence": {"top_k": 5, **influence},
             "hyperparams": {
-                "epochs": 20,
+                "epochs": EPOCHS,
                 "learning_rate": 0.03,
                 "batch_size": 8,
                 "max_seq_len": 16,
@@ -130,16 +142,23 @@ def fmt(diff: Any) -> str:
     return f"{diff.mean:+.3f} [{diff.ci_low:+.3f}, {diff.ci_high:+.3f}] p={diff.p_value:.3f}"
 
 
-def bench_method(method: str, loaded: Any) -> dict[str, Any]:
-    spec = task_spec(method)
-    _, _, noisy = noisy_cipher_task(N_TRAIN, NOISE)
+def draw_recalls(method: str, draw: int) -> tuple[dict[str, float], ExperimentSpec, Any, TrainingSetSummary]:
+    """The experiment on one draw of the task: the rankings' recalls, its spec, result and summary."""
+    spec = task_spec(method, draw=draw)
+    _, _, noisy = noisy_cipher_task(N_TRAIN, NOISE, seed=draw)
     with tempfile.TemporaryDirectory(prefix="bench-curate-") as tmp:
-        started = time.monotonic()
         result = run_experiment_to_result(spec, Path(tmp))
-        wall = time.monotonic() - started
         summary = TrainingSetSummary.from_json(json.loads((Path(tmp) / SUMMARY_NAME).read_text()))
+    return ranking_recalls(summary, noisy), spec, result, summary
+
+
+def bench_method(method: str, loaded: Any) -> dict[str, Any]:
+    started = time.monotonic()
+    recalls, spec, result, summary = draw_recalls(method, 0)
+    wall = time.monotonic() - started
+    other_draws = [draw_recalls(method, draw)[0] for draw in range(1, DRAWS)]
+    every_draw = [recalls, *other_draws]
     finetuned = result.eval_results.finetuned.metrics
-    recalls = ranking_recalls(summary, noisy)
     flagged = [summary.ids[j] for j in summary.order("suspect")[: round(NOISE * N_TRAIN)]]
     drop = run_curation(
         spec, result, CurationRequest(drop_ids=flagged, controls=1, seeds=SEEDS), loaded=loaded
@@ -155,6 +174,8 @@ def bench_method(method: str, loaded: Any) -> dict[str, Any]:
         "finetuned_em": finetuned.exact_match_rate,
         "finetuned_loss": finetuned.mean_loss,
         "recalls": recalls,
+        "mean_recalls": {name: float(np.mean([r[name] for r in every_draw])) for name in recalls},
+        "min_recalls": {name: float(np.min([r[name] for r in every_draw])) for name in recalls},
         "drop": drop,
         "keep": keep,
     }
@@ -177,7 +198,7 @@ def main() -> None:
     loaded = load_model(TINY_MODEL_ID, "none")
     print(
         f"planted noise: {N_TRAIN} training pairs, {NOISE:.0%} wrong answers; "
-        f"{N_TRAIN // 2} eval prompts; seeds {SEEDS}"
+        f"{N_TRAIN // 2} eval prompts; {EPOCHS} epochs; seeds {SEEDS}; {DRAWS} draws of the task"
     )
     rows = []
     for method in METHODS:
@@ -198,7 +219,7 @@ def main() -> None:
 
 
 def report(rows: list[dict[str, Any]]) -> None:
-    print("\nrecall of the wrong answers in the top 10%")
+    print("\nrecall of the wrong answers in the top 10%, draw 0")
     names = list(rows[0]["recalls"])
     print(
         f"{'method':<12} {'fine-tuned EM':>13} {'summary share':>13} " + " ".join(f"{n:>13}" for n in names)
@@ -208,6 +229,11 @@ def report(rows: list[dict[str, Any]]) -> None:
             f"{row['method']:<12} {row['finetuned_em']:>13.3f} {row['summary_share']:>13.1%} "
             + " ".join(f"{row['recalls'][n]:>13.2f}" for n in names)
         )
+    print(f"\nrecall of the wrong answers in the top 10%, mean (lowest) over {DRAWS} draws")
+    print(f"{'method':<12} " + " ".join(f"{n:>13}" for n in names))
+    for row in rows:
+        cells = [f"{row['mean_recalls'][n]:.2f} ({row['min_recalls'][n]:.2f})" for n in names]
+        print(f"{row['method']:<12} " + " ".join(f"{cell:>13}" for cell in cells))
     for what in ("drop", "keep"):
         title = (
             "drop the flagged 10% vs a random 10%"

@@ -56,6 +56,9 @@ class InfluenceMethodEntry:
     # Gradients divided by sqrt(Adam's second moment) + eps, then unit-normalised (TrackStar).
     adam_normalised: bool = False
     uses_damping: bool = False  # options.damping applies
+    # The training summary's net influence: from the final adapter's gradients (TracIn, TrackStar:
+    # plain inner products, see gpu_core.training_summary) rather than the score matrix's columns.
+    net_from_final_gradients: bool = False
 
     def index_dim(self, projection_dim: int | None) -> int | None:
         """The gradient index's dimensions, or None when the method builds no index."""
@@ -154,7 +157,9 @@ def _trackstar(run: ScoringRun) -> Any:
 INFLUENCE_METHODS: dict[str, InfluenceMethodEntry] = {
     entry.name: entry
     for entry in (
-        InfluenceMethodEntry("tracin", _tracin, checkpoints="every", gradient_index="projected"),
+        InfluenceMethodEntry(
+            "tracin", _tracin, checkpoints="every", gradient_index="projected", net_from_final_gradients=True
+        ),
         InfluenceMethodEntry(
             "datainf", _datainf, checkpoints="final", gradient_index="never", uses_damping=True
         ),
@@ -168,6 +173,7 @@ INFLUENCE_METHODS: dict[str, InfluenceMethodEntry] = {
             gradient_index="always",
             default_index_dim=DEFAULT_TRACKSTAR_DIM,
             adam_normalised=True,
+            net_from_final_gradients=True,
         ),
     )
 }

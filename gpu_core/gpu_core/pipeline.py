@@ -44,6 +44,7 @@ from gpu_core.evaluation import evaluate
 from gpu_core.influence import AdapterCheckpoint, build_influence_result, compute_influence
 from gpu_core.influence.index import INDEX_DIR_NAME
 from gpu_core.influence.result import as_score_matrix
+from gpu_core.influence_methods import influence_method
 from gpu_core.runtime import (
     attach_lora,
     free_memory,
@@ -64,7 +65,8 @@ from gpu_core.shard_schemas import TrainingJobResult
 from gpu_core.training import TrainingStep, train_lora
 from gpu_core.training_summary import (
     FinalGradientFeatures,
-    self_influence_and_loss,
+    eval_gradient_sum,
+    final_adapter_signals,
     summarize,
     write_summary,
 )
@@ -369,11 +371,19 @@ class _Experiment:
                 artifacts=collect_artifacts(self.artifacts_dir),
             )
 
-        started = time.monotonic()
         message = f"scoring training examples with {spec.influence_method}"
         self.report("influence", 0.0, message)
         # The same masked loss as evaluation: the expected answer given the conversation before it.
         query_pairs = [encoder.encode(example.turns, last_only=True) for example in spec.eval_data]
+        # TracIn's and TrackStar's net influence in the training summary: the training gradients
+        # their pass takes at the final adapter against the eval set's summed final gradient.
+        started = time.monotonic()
+        eval_gradients = None
+        if influence_method(spec.influence_method).net_from_final_gradients:
+            with stage_memory("influence", device, lambda: expected_memory_gb(spec)):
+                eval_gradients = eval_gradient_sum(model, tokenizer.pad_token_id, query_pairs, hp.batch_size)
+        summary_s = time.monotonic() - started
+        started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="gpu_core-influence-") as work_dir:
             # A projected gradient index is a job artifact when there is an artifacts dir.
             index_root = self.artifacts_dir if self.artifacts_dir is not None else Path(work_dir)
@@ -383,7 +393,7 @@ class _Experiment:
                 scores_file.unlink(missing_ok=True)  # so an existing file is this run's
             # TracIn and TrackStar hand the summary their final-adapter gradients as they go.
             gathered = FinalGradientFeatures(
-                spec.influence_method, model, len(train_pairs), training.checkpoints
+                spec.influence_method, model, len(train_pairs), training.checkpoints, eval_gradients
             )
             # Influence passes halve their batch on their own; this names what still does not fit.
             with stage_memory("influence", device, lambda: expected_memory_gb(spec)):
@@ -417,7 +427,7 @@ class _Experiment:
         started = time.monotonic()
         self.report("influence", 1.0 - 1e-6, "summarising the training set")
         with stage_memory("influence", device, lambda: expected_memory_gb(spec)):
-            self_influence, train_loss = self_influence_and_loss(
+            signals = final_adapter_signals(
                 spec.influence_method,
                 model,
                 tokenizer.pad_token_id,
@@ -426,12 +436,16 @@ class _Experiment:
                 spec.influence,
                 hp.batch_size,
                 gathered=gathered,
+                eval_gradients=eval_gradients,
             )
-        summary = summarize(train_ids, matrix, self_influence, train_loss)
+        summary = summarize(
+            train_ids, matrix, signals.self_influence, signals.train_loss, signals.net_influence
+        )
         if self.artifacts_dir is not None:
             texts = ["\n".join(content for _, content in example.turns) for example in spec.training_data]
             write_summary(self.artifacts_dir, summary, texts)
         self.timed("training_summary", started)
+        self.timings["training_summary"] += summary_s  # the eval set's gradient pass, before influence
         self.report("influence", 1.0, "done")
 
         artifacts = []

@@ -28,6 +28,8 @@ SHARD_PARTS_DIR = "shards/{shard}"
 SHARD_SCORES = "scores.f8.npy"  # float64 [n_eval, rows], this slice's columns
 SHARD_SELF_INFLUENCE = "self_influence.npy"  # float64 [rows]
 SHARD_TRAIN_LOSS = "train_loss.npy"  # float64 [rows]
+# The summary's net influence from the final adapter (TracIn, TrackStar; gpu_core.training_summary).
+SHARD_NET_INFLUENCE = "net_influence.npy"  # float64 [rows]
 
 
 def shard_name(shard: int) -> str:

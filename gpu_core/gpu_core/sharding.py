@@ -42,6 +42,7 @@ from gpu_core.influence.result import build_influence_result
 from gpu_core.schemas import ExperimentResult, ExperimentSpec, ProgressEvent
 from gpu_core.shard_schemas import (
     SHARD_INDEX_DIR,
+    SHARD_NET_INFLUENCE,
     SHARD_PARTS_DIR,
     SHARD_SCORES,
     SHARD_SELF_INFLUENCE,
@@ -127,7 +128,7 @@ class _IndexShard:
         from gpu_core.pipeline import experiment_encoder
         from gpu_core.query import ADAPTER_DIR, CHECKPOINTS_DIR, load_checkpoints
         from gpu_core.runtime import load_adapter, load_model
-        from gpu_core.training_summary import self_influence_and_loss
+        from gpu_core.training_summary import eval_gradient_sum, final_adapter_signals
 
         spec, request, hp = self.spec, self.request, self.spec.hyperparams
         if request.stop > len(spec.training_data):
@@ -189,7 +190,10 @@ class _IndexShard:
 
         started = time.monotonic()
         summary_message = f"shard {name}: summarising its training examples"
-        self_influence, train_loss = self_influence_and_loss(
+        eval_gradients = None
+        if entry.net_from_final_gradients:  # every method that builds an index, today
+            eval_gradients = eval_gradient_sum(model, pad, query_pairs, hp.batch_size)
+        signals = final_adapter_signals(
             spec.influence_method,
             model,
             pad,
@@ -198,12 +202,15 @@ class _IndexShard:
             spec.influence,
             hp.batch_size,
             lambda fraction: self.report("influence", 0.9 + 0.1 * fraction, summary_message),
+            eval_gradients=eval_gradients,
         )
         parts = self.artifacts_dir / SHARD_PARTS_DIR.format(shard=name)
         parts.mkdir(parents=True, exist_ok=True)
         np.save(parts / SHARD_SCORES, scored.full.numpy().astype(np.float64, copy=False))
-        np.save(parts / SHARD_SELF_INFLUENCE, np.asarray(self_influence, dtype=np.float64))
-        np.save(parts / SHARD_TRAIN_LOSS, np.asarray(train_loss, dtype=np.float64))
+        np.save(parts / SHARD_SELF_INFLUENCE, np.asarray(signals.self_influence, dtype=np.float64))
+        np.save(parts / SHARD_TRAIN_LOSS, np.asarray(signals.train_loss, dtype=np.float64))
+        if signals.net_influence is not None:
+            np.save(parts / SHARD_NET_INFLUENCE, np.asarray(signals.net_influence, dtype=np.float64))
         timings["training_summary"] = time.monotonic() - started
         self.report("influence", 1.0, f"shard {name}: done")
         timings["total"] = time.monotonic() - run_started
@@ -232,6 +239,7 @@ def merge_shards(
     :class:`ShardMergeError` when the shards do not cover the training set exactly once or were
     built from different adapters or projections."""
     from gpu_core.influence.projected import ScoresFileWriter
+    from gpu_core.influence_methods import influence_method
     from gpu_core.training_summary import summarize, write_summary
 
     started = time.monotonic()
@@ -245,6 +253,10 @@ def merge_shards(
     matrix = np.empty((len(eval_ids), len(train_ids)), dtype=np.float64)
     self_influence = np.empty(len(train_ids), dtype=np.float64)
     train_loss = np.empty(len(train_ids), dtype=np.float64)
+    # TracIn's and TrackStar's net influence from the final adapter (gpu_core.training_summary).
+    net_influence: np.ndarray | None = None
+    if influence_method(spec.influence_method).net_from_final_gradients:
+        net_influence = np.empty(len(train_ids), dtype=np.float64)
     for result, directory in ordered:
         parts = directory / SHARD_PARTS_DIR.format(shard=shard_name(result.shard))
         columns = np.load(parts / SHARD_SCORES, mmap_mode="r")
@@ -256,6 +268,8 @@ def merge_shards(
         matrix[:, result.start : result.stop] = columns
         self_influence[result.start : result.stop] = np.load(parts / SHARD_SELF_INFLUENCE)
         train_loss[result.start : result.stop] = np.load(parts / SHARD_TRAIN_LOSS)
+        if net_influence is not None:
+            net_influence[result.start : result.stop] = np.load(parts / SHARD_NET_INFLUENCE)
         del columns
 
     scores_file = ScoresFileWriter(artifacts_dir / SCORES_NAME, len(eval_ids), len(train_ids))
@@ -270,7 +284,7 @@ def merge_shards(
     influence = build_influence_result(
         spec.influence_method, matrix, train_ids, eval_ids, spec.influence.top_k
     )
-    summary = summarize(train_ids, matrix, self_influence, train_loss)
+    summary = summarize(train_ids, matrix, self_influence, train_loss, net_influence)
     texts = ["\n".join(content for _, content in example.turns) for example in spec.training_data]
     write_summary(artifacts_dir, summary, texts)
     timings = dict(training.timings)

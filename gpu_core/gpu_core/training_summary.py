@@ -1,8 +1,17 @@
 """The training-set summary: per training example its net influence over the eval set, its
 self-influence, its loss under the fine-tuned model, and a suspicion rank combining the three.
 
-- **net influence**: the column sum of the score matrix (``sum over eval examples``); positive =
-  helpful overall (up-weighting it lowers the eval set's summed loss), negative = harmful.
+- **net influence**: ``sum over eval examples`` of the method's score; positive = helpful overall
+  (up-weighting it lowers the eval set's summed loss), negative = harmful. DataInf and
+  Kronfluence: the column sum of their score matrix (already at the final adapter). TracIn and
+  TrackStar (:attr:`InfluenceMethodEntry.net_from_final_gradients`): the same inner product at
+  the final adapter, ``<g_train, sum_e g_eval>``, times the checkpoints' summed learning rate for
+  TracIn and between Adam-corrected gradients without the unit normalisation for TrackStar (as
+  their self-influence), from the training gradients their pass takes anyway and one gradient
+  pass over the eval set. TracIn's early checkpoints, before the model tells the examples apart,
+  and TrackStar's unit normalisation, which makes an example the model has fitted (tiny
+  gradient) count as much as one it is torn over, drowned the signal on planted noise
+  (docs/influence.md, ``make bench-curate``).
 - **self-influence**: the method's own score of an example on itself, at the final adapter:
   ``sum_c lr_c * |g|^2`` for TracIn (the checkpoints' summed learning rate times the final
   gradient's squared norm), ``|g / (sqrt(v) + eps)|^2`` for TrackStar (its Adam correction, before
@@ -13,10 +22,11 @@ self-influence, its loss under the fine-tuned model, and a suspicion rank combin
   stands in for them).
 - **train loss**: mean cross-entropy over the example's answer tokens under the fine-tuned model.
 
-Self-influence and loss come from per-example gradients at the final adapter (the loss from the
-same forward): TracIn and TrackStar take them in their own pass (:class:`FinalGradientFeatures`
-as the pass's tap), DataInf and Kronfluence in one extra pass over the training set (one forward
-and backward per batch, no [n_eval, n_train] work).
+Self-influence and loss (and TracIn's and TrackStar's net influence) come from per-example
+gradients at the final adapter (the loss from the same forward): TracIn and TrackStar take them
+in their own pass (:class:`FinalGradientFeatures` as the pass's tap), DataInf and Kronfluence in
+one extra pass over the training set (one forward and backward per batch, no [n_eval, n_train]
+work).
 The suspicion score is the mean of the three signals' percentile ranks, each oriented so that high
 = suspect (``-net influence``, self-influence, loss): mislabelled examples are hard to fit (high
 loss), pull the model on their own (high self-influence) and work against the eval set (negative
@@ -30,7 +40,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -136,14 +146,41 @@ def suspicion_scores(
     ) / 3.0
 
 
+def eval_gradient_sum(
+    model: Any, pad_token_id: int, queries: Sequence[EncodedPair], batch_size: int
+) -> torch.Tensor:
+    """``sum over eval examples`` of their LoRA gradients at ``model``'s current (final) adapter:
+    ``[d]`` float32 on the model's device, one gradient pass over the eval set."""
+    layers = lora_layers(model)
+    total = torch.zeros(sum(s.stop - s.start for s in layer_slices(layers)), device=model_device(model))
+    was_training = model.training
+    model.eval()
+    try:
+        with lora_grad_enabled(layers):
+            for _, grads in sorted_gradients(model, layers, queries, pad_token_id, batch_size):
+                total += grads.detach().to(torch.float32).sum(dim=0)
+    finally:
+        model.train(was_training)
+    return total
+
+
 class FinalGradientFeatures:
     """Per training example, the squared norm of its gradient in each LoRA layer at the final
-    adapter (divided by Adam's ``sqrt(v) + eps`` for TrackStar) and its loss: what self-influence
-    and the training loss are computed from. Filled as a :data:`GradientTap` by the method's own
-    pass where it takes those gradients (TracIn's last checkpoint, the index's final plan), else
-    by :func:`self_influence_and_loss`'s own pass."""
+    adapter (divided by Adam's ``sqrt(v) + eps`` for TrackStar), its loss and, given the eval
+    set's summed gradient (:func:`eval_gradient_sum`), its inner product with it (both divided
+    the same way): what self-influence, the training loss and TracIn's and TrackStar's net
+    influence are computed from. Filled as a :data:`GradientTap` by the method's own pass where
+    it takes those gradients (TracIn's last checkpoint, the index's final plan), else by
+    :func:`final_adapter_signals`'s own pass."""
 
-    def __init__(self, method: str, model: Any, n_train: int, checkpoints: Sequence[Any]) -> None:
+    def __init__(
+        self,
+        method: str,
+        model: Any,
+        n_train: int,
+        checkpoints: Sequence[Any],
+        eval_gradients: torch.Tensor | None = None,
+    ) -> None:
         layers = lora_layers(model)
         self.slices = layer_slices(layers)
         self.denominators = None
@@ -152,7 +189,12 @@ class FinalGradientFeatures:
             self.denominators = second_moment_denominators(
                 layers, getattr(final, "second_moment", None), model_device(model)
             )
-        self.rows = np.full((n_train, len(layers) + 1), np.nan, dtype=np.float64)
+        self.direction = None
+        if eval_gradients is not None:
+            direction = eval_gradients.detach().to(model_device(model), torch.float32)
+            self.direction = direction / self.denominators if self.denominators is not None else direction
+        # Columns: each layer's squared norm, the loss, the inner product with the eval gradients.
+        self.rows = np.full((n_train, len(layers) + 2), np.nan, dtype=np.float64)
 
     def __call__(self, indices: Sequence[int], grads: torch.Tensor, losses: torch.Tensor) -> None:
         grads = grads.detach().to(torch.float32)
@@ -160,7 +202,8 @@ class FinalGradientFeatures:
             grads = grads / self.denominators
         squares = grads.square()
         norms = torch.stack([squares[:, s].sum(dim=1) for s in self.slices], dim=1)
-        rows = torch.cat([norms, losses.detach().unsqueeze(1).to(norms)], dim=1)
+        net = grads @ self.direction if self.direction is not None else torch.zeros(len(grads)).to(norms)
+        rows = torch.cat([norms, losses.detach().unsqueeze(1).to(norms), net.unsqueeze(1).to(norms)], dim=1)
         self.rows[list(indices)] = rows.to("cpu", torch.float64).numpy()
 
     @property
@@ -168,7 +211,16 @@ class FinalGradientFeatures:
         return not np.isnan(self.rows).any()
 
 
-def self_influence_and_loss(
+class FinalSignals(NamedTuple):
+    """Float64 ``[n_train]`` each; ``net_influence`` only for the methods that take it from the
+    final adapter's gradients (None: the score matrix's column sum)."""
+
+    self_influence: np.ndarray
+    train_loss: np.ndarray
+    net_influence: np.ndarray | None
+
+
+def final_adapter_signals(
     method: str,
     model: Any,
     pad_token_id: int,
@@ -178,15 +230,25 @@ def self_influence_and_loss(
     batch_size: int,
     progress: Callable[[float], None] | None = None,
     gathered: FinalGradientFeatures | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Self-influence (see the module docstring) and mean answer loss of every training example,
-    both float64 ``[len(train)]``: from ``gathered`` when the influence pass filled it, else
-    from one pass at ``model``'s current (final) adapter."""
+    eval_gradients: torch.Tensor | None = None,
+) -> FinalSignals:
+    """Self-influence, mean answer loss and (for methods with
+    :attr:`~gpu_core.influence_methods.InfluenceMethodEntry.net_from_final_gradients`, given
+    ``eval_gradients`` from :func:`eval_gradient_sum`) net influence of every training example
+    (see the module docstring): from ``gathered`` when the influence pass filled it, else from
+    one pass at ``model``'s current (final) adapter."""
     entry = influence_method(method)
     layers = lora_layers(model)
+    if entry.net_from_final_gradients and eval_gradients is None:
+        raise ValueError(f"{method}: the summary's net influence needs the eval set's summed gradient")
     features = gathered
-    if features is None or not features.complete:
-        features = FinalGradientFeatures(method, model, len(train), checkpoints)
+    # A tap filled without the eval gradients has no net influence to give: take the own pass.
+    if (
+        features is None
+        or not features.complete
+        or (entry.net_from_final_gradients and features.direction is None)
+    ):
+        features = FinalGradientFeatures(method, model, len(train), checkpoints, eval_gradients)
         was_training = model.training
         model.eval()
         done = 0
@@ -200,16 +262,17 @@ def self_influence_and_loss(
             model.train(was_training)
     n_layers = len(layers)
     squared_norms, losses = features.rows[:, :n_layers], features.rows[:, n_layers]
+    inner = features.rows[:, n_layers + 1]
     if entry.name == "tracin":
         learning_rates = sum(float(c.learning_rate) for c in checkpoints) or 1.0
-        return learning_rates * squared_norms.sum(axis=1), losses
+        return FinalSignals(learning_rates * squared_norms.sum(axis=1), losses, learning_rates * inner)
     if entry.name == "trackstar":
-        return squared_norms.sum(axis=1), losses
+        return FinalSignals(squared_norms.sum(axis=1), losses, inner)
     # DataInf's damped per-layer inverse Hessian, own rank-one term only (see the docstring).
     lambdas = datainf_lambdas(torch.from_numpy(squared_norms), layers, options.damping).numpy()
     n = len(train)
     own = squared_norms - squared_norms**2 / (n * (lambdas + squared_norms))
-    return (own / lambdas).sum(axis=1), losses
+    return FinalSignals((own / lambdas).sum(axis=1), losses, None)
 
 
 def summarize(
@@ -217,16 +280,21 @@ def summarize(
     scores: np.ndarray,
     self_influence: np.ndarray,
     train_loss: np.ndarray,
+    net_influence: np.ndarray | None = None,
 ) -> TrainingSetSummary:
     """The summary from the ``[n_eval, n_train]`` score matrix (positive = helpful) and the pass's
-    self-influence and losses."""
+    self-influence, losses and, where the method takes it from the final adapter, net influence
+    (else the matrix's column sum)."""
     scores = np.asarray(scores)
     if scores.shape[1] != len(train_ids):
         raise ValueError(f"scores: {scores.shape[1]} columns for {len(train_ids)} training examples")
-    # Block-wise column sums: scores may be a memory-mapped n_eval x n_train file.
-    net = np.zeros(len(train_ids), dtype=np.float64)
-    for start in range(0, scores.shape[0], 256):
-        net += np.asarray(scores[start : start + 256], dtype=np.float64).sum(axis=0)
+    if net_influence is not None:
+        net = np.asarray(net_influence, dtype=np.float64)
+    else:
+        # Block-wise column sums: scores may be a memory-mapped n_eval x n_train file.
+        net = np.zeros(len(train_ids), dtype=np.float64)
+        for start in range(0, scores.shape[0], 256):
+            net += np.asarray(scores[start : start + 256], dtype=np.float64).sum(axis=0)
     self_influence = np.asarray(self_influence, dtype=np.float64)
     train_loss = np.asarray(train_loss, dtype=np.float64)
     return TrainingSetSummary(

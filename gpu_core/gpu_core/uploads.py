@@ -58,6 +58,7 @@ from gpu_core.schemas import ArtifactEntry, ExperimentResult, ExperimentSpec
 from gpu_core.shard_schemas import (
     SHARD_DIR_PREFIX,
     SHARD_INDEX_DIR,
+    SHARD_NET_INFLUENCE,
     SHARD_PARTS_DIR,
     SHARD_SCORES,
     SHARD_SELF_INFLUENCE,
@@ -193,7 +194,10 @@ def planned_shard_artifact_names(spec: ExperimentSpec, request: ShardRequest) ->
     name = shard_name(request.shard)
     parts = SHARD_PARTS_DIR.format(shard=name)
     index = _index_names(spec, SHARD_INDEX_DIR.format(shard=name), request.stop - request.start)
-    return [*index, *(f"{parts}/{part}" for part in (SHARD_SCORES, SHARD_SELF_INFLUENCE, SHARD_TRAIN_LOSS))]
+    columns = [SHARD_SCORES, SHARD_SELF_INFLUENCE, SHARD_TRAIN_LOSS]
+    if influence_method(spec.influence_method).net_from_final_gradients:
+        columns.append(SHARD_NET_INFLUENCE)
+    return [*index, *(f"{parts}/{part}" for part in columns)]
 
 
 def planned_merge_artifact_names() -> list[str]:

@@ -13,7 +13,8 @@ import torch
 from benchmarks.curate import noisy_cipher_task, task_spec
 from gpu_core.curation import CurationRequest, paired_difference, run_curation
 from gpu_core.influence import compute_influence
-from gpu_core.influence.gradients import lora_grad_enabled, lora_layers, stacked_gradients
+from gpu_core.influence.gradients import lora_grad_enabled, lora_layers, model_device, stacked_gradients
+from gpu_core.influence.projected import second_moment_denominators
 from gpu_core.jobs import CURATION, JobInputError, job_kind, make_payload, parse_payload
 from gpu_core.pipeline import experiment_encoder, run_experiment_to_result
 from gpu_core.runtime import attach_lora, load_model
@@ -23,9 +24,11 @@ from gpu_core.training_summary import (
     SUMMARY_NAME,
     FinalGradientFeatures,
     TrainingSetSummary,
+    eval_gradient_sum,
+    final_adapter_signals,
     page,
     percentile_ranks,
-    self_influence_and_loss,
+    summarize,
     suspicion_scores,
 )
 
@@ -60,9 +63,9 @@ def test_every_experiment_writes_its_summary_artifact(experiment) -> None:
     assert [row["id"] for row in rows] == [example.id for example in spec.training_data]
     assert SUMMARY_NAME in {artifact.name for artifact in result.artifacts}
     assert sorted(row["suspect_rank"] for row in rows) == list(range(1, N_TRAIN + 1))
-    # Net influence is the score matrix's column sum (the matrix is inline at this size).
+    # TracIn's net influence is taken at the final adapter (below), not the matrix's column sum.
     scores = np.asarray(result.influence.scores)
-    assert [row["net_influence"] for row in rows] == pytest.approx(scores.sum(axis=0).tolist(), rel=1e-5)
+    assert [row["net_influence"] for row in rows] != pytest.approx(scores.sum(axis=0).tolist(), rel=1e-3)
     assert rows[0]["text"] == f"{spec.training_data[0].prompt}\n{spec.training_data[0].completion}"
     assert "training_summary" in result.timings
 
@@ -89,23 +92,51 @@ def test_pages_sort_by_each_signal(experiment) -> None:
         page(data, "newest", 5, 0)
 
 
-def test_tracin_self_influence_is_the_summed_learning_rate_times_the_squared_gradient() -> None:
-    spec = task_spec("tracin", n_train=12)
+def test_net_influence_is_the_score_matrix_column_sum_unless_given() -> None:
+    scores = np.array([[1.0, -2.0, 0.5], [3.0, 1.0, -0.5]])
+    ones = np.ones(3)
+    assert summarize(["a", "b", "c"], scores, ones, ones).net_influence.tolist() == [4.0, -1.0, 0.0]
+    given = np.array([-1.0, 2.0, 3.0])
+    summary = summarize(["a", "b", "c"], scores, ones, ones, net_influence=given)
+    assert summary.net_influence.tolist() == given.tolist()
+    assert summary.suspect_rank[0] == 1  # the only harmful one, all else tied
+
+
+@pytest.mark.parametrize("method", ["tracin", "trackstar"])
+def test_tracin_and_trackstar_signals_are_final_adapter_inner_products(method: str) -> None:
+    """Self-influence ``|g|^2`` and net influence ``<g, sum_e g_e>`` at the final adapter, times
+    the summed learning rate for TracIn, between Adam-corrected gradients (no unit
+    normalisation) for TrackStar, against gradients taken one example at a time."""
+    spec = task_spec(method, n_train=12, n_eval=4)
+    spec.hyperparams.epochs = 3
     loaded = load_model(spec.model_id, device=torch.device("cpu"))
     torch.manual_seed(0)
     model = attach_lora(loaded, spec.hyperparams)
     encoder = experiment_encoder(spec, loaded.tokenizer)
     pairs = [encoder.train_pair(example) for example in spec.training_data]
-    training = train_lora(model, pairs, spec.hyperparams, loaded.tokenizer.pad_token_id, loaded.device)
-    self_influence, losses = self_influence_and_loss(
-        "tracin", model, loaded.tokenizer.pad_token_id, pairs, training.checkpoints, spec.influence, 4
-    )
+    queries = [encoder.encode(example.turns, last_only=True) for example in spec.eval_data]
+    pad = loaded.tokenizer.pad_token_id
+    training = train_lora(model, pairs, spec.hyperparams, pad, loaded.device)
+    args = (method, model, pad, pairs, training.checkpoints, spec.influence, 4)
+    with pytest.raises(ValueError, match="summed gradient"):
+        final_adapter_signals(*args)
+    signals = final_adapter_signals(*args, eval_gradients=eval_gradient_sum(model, pad, queries, 3))
     layers = lora_layers(model)
     with lora_grad_enabled(layers):
-        grads = stacked_gradients(model, layers, pairs, loaded.tokenizer.pad_token_id, 1).double()
-    rate = sum(c.learning_rate for c in training.checkpoints)
-    assert self_influence == pytest.approx((rate * grads.square().sum(dim=1)).numpy(), rel=1e-4)
-    assert (losses > 0).all()
+        grads = stacked_gradients(model, layers, pairs, pad, 1).double()
+        eval_sum = stacked_gradients(model, layers, queries, pad, 1).double().sum(dim=0)
+    if method == "tracin":
+        scale = sum(c.learning_rate for c in training.checkpoints)
+    else:
+        scale = 1.0
+        moments = training.checkpoints[-1].second_moment
+        denominators = second_moment_denominators(layers, moments, model_device(model)).double()
+        grads, eval_sum = grads / denominators, eval_sum / denominators
+    assert signals.self_influence == pytest.approx((scale * grads.square().sum(dim=1)).numpy(), rel=1e-4)
+    assert signals.net_influence is not None
+    expected = (scale * grads @ eval_sum).numpy()
+    assert signals.net_influence == pytest.approx(expected, rel=1e-3, abs=1e-6 * np.abs(expected).max())
+    assert (signals.train_loss > 0).all()
 
 
 @pytest.mark.parametrize(
@@ -126,7 +157,8 @@ def test_the_influence_pass_hands_the_summary_what_its_own_pass_computes(
     queries = [encoder.encode(example.turns, last_only=True) for example in spec.eval_data]
     pad = loaded.tokenizer.pad_token_id
     training = train_lora(model, pairs, spec.hyperparams, pad, loaded.device)
-    gathered = FinalGradientFeatures(method, model, len(pairs), training.checkpoints)
+    eval_gradients = eval_gradient_sum(model, pad, queries, 4)
+    gathered = FinalGradientFeatures(method, model, len(pairs), training.checkpoints, eval_gradients)
     compute_influence(
         method,
         model,
@@ -141,10 +173,17 @@ def test_the_influence_pass_hands_the_summary_what_its_own_pass_computes(
     )
     assert gathered.complete
     args = (method, model, pad, pairs, training.checkpoints, spec.influence, 4)
-    tapped_self, tapped_loss = self_influence_and_loss(*args, gathered=gathered)
-    own_self, own_loss = self_influence_and_loss(*args)
-    assert tapped_self == pytest.approx(own_self, rel=1e-4)
-    assert tapped_loss == pytest.approx(own_loss, rel=1e-5)
+    tapped = final_adapter_signals(*args, gathered=gathered, eval_gradients=eval_gradients)
+    own = final_adapter_signals(*args, eval_gradients=eval_gradients)
+    assert tapped.self_influence == pytest.approx(own.self_influence, rel=1e-4)
+    assert tapped.train_loss == pytest.approx(own.train_loss, rel=1e-5)
+    assert tapped.net_influence == pytest.approx(own.net_influence, rel=1e-4)
+    # A tap filled without the eval gradients cannot give net influence: the own pass runs.
+    blind = FinalGradientFeatures(method, model, len(pairs), training.checkpoints)
+    blind.rows[:] = 0.0
+    again = final_adapter_signals(*args, gathered=blind, eval_gradients=eval_gradients)
+    assert again.net_influence == pytest.approx(own.net_influence, rel=1e-4)
+    assert again.self_influence == pytest.approx(own.self_influence, rel=1e-4)
 
 
 def test_paired_difference_interval_and_p_value() -> None:

@@ -5,8 +5,10 @@ other users' 404s."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -14,7 +16,7 @@ import pytest
 from benchmarks.curate import task_spec
 from devstack.client import GatewayClient
 from devstack.stack import Stack
-from influence_client import Client
+from influence_client import AsyncClient, Client, InfluenceError
 
 pytestmark = pytest.mark.e2e
 
@@ -131,6 +133,76 @@ def test_a_curation_by_rule_retrains_against_a_control(alice: GatewayClient, exp
         k: v for k, v in parent_spec.items() if k != "training_data"
     }
     alice.request("POST", f"/api/jobs/{new_id}/cancel")
+
+
+def _client_views(client: Client, experiment: str, curation_id: str) -> dict[str, Any]:
+    """What the library answers for the experiment's training data and its curation."""
+    return {
+        "page": client.training_examples(experiment, sort="harmful", limit=3, offset=1).model_dump(),
+        "estimate": client.curation_estimate(experiment, CURATION).model_dump(),
+        # The same Idempotency-Key as the first submit: the same curation, no new job.
+        "resubmitted": client.submit_curation(experiment, CURATION, "cur-1").curation_job_id,
+        "listed": [c.curation_job_id for c in client.curations(experiment)],
+        "curation": client.curation(experiment, curation_id).model_dump(),
+        "curated": [
+            row.model_dump(exclude_none=True) for row in client.curated_training_set(experiment, curation_id)
+        ],
+        "new_experiment": client.experiment_from_curation(experiment, curation_id, "from-cur-1").job_id,
+    }
+
+
+async def _async_client_views(client: AsyncClient, experiment: str, curation_id: str) -> dict[str, Any]:
+    page = await client.training_examples(experiment, sort="harmful", limit=3, offset=1)
+    curated = await client.curated_training_set(experiment, curation_id)
+    return {
+        "page": page.model_dump(),
+        "estimate": (await client.curation_estimate(experiment, CURATION)).model_dump(),
+        "resubmitted": (await client.submit_curation(experiment, CURATION, "cur-1")).curation_job_id,
+        "listed": [c.curation_job_id for c in await client.curations(experiment)],
+        "curation": (await client.curation(experiment, curation_id)).model_dump(),
+        "curated": [row.model_dump(exclude_none=True) for row in curated],
+        "new_experiment": (
+            await client.experiment_from_curation(experiment, curation_id, "from-cur-1")
+        ).job_id,
+    }
+
+
+def test_the_sync_and_async_clients_rank_curate_and_download(
+    stack: Stack, alice: GatewayClient, experiment: str
+) -> None:
+    """Both libraries answer what the HTTP API answers (after the curation test above)."""
+    base = f"/api/jobs/{experiment}"
+    curation_id = alice.request("GET", f"{base}/curations").json()["curations"][0]["curation_job_id"]
+    with Client(str(alice.http.base_url), token=alice.token) as client:
+        sync = _client_views(client, experiment, curation_id)
+
+    async def run_async() -> tuple[dict[str, Any], InfluenceError]:
+        async with AsyncClient(str(alice.http.base_url), token=alice.token) as client:
+            views = await _async_client_views(client, experiment, curation_id)
+        async with AsyncClient(stack.gateway_url) as bob:
+            await bob.sign_in("bob")
+            try:
+                await bob.curation(experiment, curation_id)
+            except InfluenceError as error:
+                return views, error
+        raise AssertionError("another user read alice's curation")
+
+    views, refused = asyncio.run(run_async())
+    assert refused.status == 404
+    page = alice.request(
+        "GET", f"{base}/training-examples", params={"sort": "harmful", "limit": 3, "offset": 1}
+    )
+    assert sync["page"] == views["page"] == page.json()
+    assert sync["estimate"]["retrainings"] == views["estimate"]["retrainings"] == 2
+    assert sync["estimate"]["selected"] == views["estimate"]["selected"] == 2
+    assert sync["resubmitted"] == views["resubmitted"] == curation_id
+    assert sync["listed"] == views["listed"] == [curation_id]
+    assert sync["curation"] == views["curation"]
+    assert views["curation"]["result"]["selected_ids"] == views["curation"]["request"]["drop_ids"]
+    jsonl = alice.request("GET", f"{base}/curations/{curation_id}/training-set.jsonl").text
+    assert sync["curated"] == views["curated"] == [json.loads(line) for line in jsonl.splitlines()]
+    assert len(views["curated"]) == N_TRAIN - 2
+    assert sync["new_experiment"] == views["new_experiment"]
 
 
 def test_bad_curations_name_the_field(alice: GatewayClient, experiment: str) -> None:

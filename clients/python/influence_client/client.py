@@ -351,10 +351,34 @@ class _Calls:
         )
 
     @staticmethod
+    def curation_estimate(job_id: str, request: dict[str, Any]) -> _Call[models.CurationEstimate]:
+        return _Call(
+            "POST", _job_path(job_id, "/curations/estimate"), _model(models.CurationEstimate), json=request
+        )
+
+    @staticmethod
     def submit_curation(
         job_id: str, request: dict[str, Any], idempotency_key: str | None
     ) -> _Call[models.CurationSubmitted]:
         return _later_job(job_id, "/curations", models.CurationSubmitted, request, idempotency_key)
+
+    @staticmethod
+    def curations(job_id: str) -> _Call[list[models.Curation]]:
+        return _Call(
+            "GET",
+            _job_path(job_id, "/curations"),
+            lambda r: models.CurationList.model_validate(r.json()).curations,
+        )
+
+    @staticmethod
+    def curated_training_set(job_id: str, curation_id: str) -> _Call[list[models.CuratedExample]]:
+        return _Call(
+            "GET",
+            _job_path(job_id, f"/curations/{quote(curation_id, safe='')}/training-set.jsonl"),
+            lambda r: [
+                models.CuratedExample.model_validate_json(line) for line in r.text.splitlines() if line
+            ],
+        )
 
     @staticmethod
     def curation(job_id: str, curation_id: str) -> _Call[models.Curation]:
@@ -712,6 +736,10 @@ class Client(_Base):
         self_influence, loss or suspect), one page."""
         return self._run(_Calls.training_examples(job_id, sort, limit, offset))
 
+    def curation_estimate(self, job_id: str, request: dict[str, Any]) -> models.CurationEstimate:
+        """Time and cost of a curation (the body :meth:`submit_curation` takes) before submitting it."""
+        return self._run(_Calls.curation_estimate(job_id, request))
+
     def submit_curation(
         self, job_id: str, request: dict[str, Any], idempotency_key: str | None = None
     ) -> models.CurationSubmitted:
@@ -719,8 +747,16 @@ class Client(_Base):
         random selections for each of ``seeds``."""
         return self._run(_Calls.submit_curation(job_id, request, idempotency_key))
 
+    def curations(self, job_id: str) -> list[models.Curation]:
+        """The experiment's curations, newest first."""
+        return self._run(_Calls.curations(job_id))
+
     def curation(self, job_id: str, curation_id: str) -> models.Curation:
         return self._run(_Calls.curation(job_id, curation_id))
+
+    def curated_training_set(self, job_id: str, curation_id: str) -> list[models.CuratedExample]:
+        """The examples the curation trained on, in the experiment's own format, ids kept."""
+        return self._run(_Calls.curated_training_set(job_id, curation_id))
 
     def experiment_from_curation(
         self, job_id: str, curation_id: str, idempotency_key: str | None = None
@@ -964,6 +1000,35 @@ class AsyncClient(_Base):
 
     async def query(self, job_id: str, query_job_id: str) -> models.QueryJob:
         return await self._run(_Calls.query(job_id, query_job_id))
+
+    async def training_examples(
+        self, job_id: str, sort: str = "suspect", limit: int = 50, offset: int = 0
+    ) -> models.TrainingExamples:
+        """The experiment's training examples ranked by ``sort`` (harmful, helpful,
+        self_influence, loss or suspect), one page."""
+        return await self._run(_Calls.training_examples(job_id, sort, limit, offset))
+
+    async def curation_estimate(self, job_id: str, request: dict[str, Any]) -> models.CurationEstimate:
+        return await self._run(_Calls.curation_estimate(job_id, request))
+
+    async def submit_curation(
+        self, job_id: str, request: dict[str, Any], idempotency_key: str | None = None
+    ) -> models.CurationSubmitted:
+        return await self._run(_Calls.submit_curation(job_id, request, idempotency_key))
+
+    async def curations(self, job_id: str) -> list[models.Curation]:
+        return await self._run(_Calls.curations(job_id))
+
+    async def curation(self, job_id: str, curation_id: str) -> models.Curation:
+        return await self._run(_Calls.curation(job_id, curation_id))
+
+    async def curated_training_set(self, job_id: str, curation_id: str) -> list[models.CuratedExample]:
+        return await self._run(_Calls.curated_training_set(job_id, curation_id))
+
+    async def experiment_from_curation(
+        self, job_id: str, curation_id: str, idempotency_key: str | None = None
+    ) -> models.SubmittedJob:
+        return await self._run(_Calls.experiment_from_curation(job_id, curation_id, idempotency_key))
 
     async def compute_settings(self) -> models.ComputeSettings:
         return await self._run(_Calls.compute_settings())

@@ -79,20 +79,28 @@ PCIE_BYTES_PER_S = 10e9
 
 # The training-set summary (gpu_core.training_summary): one gradient pass over the training set
 # at the final adapter (the losses from its forward), except for the methods whose own pass takes
-# those gradients and hands them over.
+# those gradients and hands them over; those take one over the eval set instead (the summed eval
+# gradient their net influence is taken against).
 SUMMARY_PASS_FLOPS_PER_TOKEN = 6
 SUMMARY_PASSES_PER_BATCH = 3
 SUMMARY_FROM_INFLUENCE_PASS = ("tracin", "trackstar")
 
 
-def _summary_pass(workload: Workload) -> int:
-    """1 when the summary needs its own pass over the training set, else 0."""
-    return 0 if workload.influence_method in SUMMARY_FROM_INFLUENCE_PASS else 1
+def _summary_tokens(workload: Workload) -> int:
+    """The tokens of the summary's own gradient pass: the eval set's or the training set's."""
+    if workload.influence_method in SUMMARY_FROM_INFLUENCE_PASS:
+        return workload.eval_tokens
+    return workload.train_tokens
+
+
+def _summary_batches(workload: Workload) -> int:
+    n = workload.n_eval if workload.influence_method in SUMMARY_FROM_INFLUENCE_PASS else workload.n_train
+    return math.ceil(n / workload.batch_size)
 
 
 def influence_flops(params: float, workload: Workload) -> float:
     """The influence stage, the training-set summary's extra pass included."""
-    summary = _summary_pass(workload) * SUMMARY_PASS_FLOPS_PER_TOKEN * params * workload.train_tokens
+    summary = SUMMARY_PASS_FLOPS_PER_TOKEN * params * _summary_tokens(workload)
     gradient_pass = 6 * params * (workload.train_tokens + workload.eval_tokens)
     if workload.index_dim is not None:
         scoring = 2 * workload.n_eval * workload.n_train * workload.index_dim
@@ -117,7 +125,7 @@ def model_passes(workload: Workload) -> int:
         gradient_batches *= workload.epochs
     elif workload.influence_method != "datainf":
         gradient_batches += 2 * train_batches
-    summary = _summary_pass(workload) * SUMMARY_PASSES_PER_BATCH * train_batches
+    summary = SUMMARY_PASSES_PER_BATCH * _summary_batches(workload)
     return evaluation + training + 3 * gradient_batches + summary
 
 
@@ -140,7 +148,7 @@ def influence_passes(workload: Workload) -> int:
         gradient_batches *= workload.epochs
     elif workload.influence_method != "datainf":
         gradient_batches += 2 * train_batches
-    return 3 * gradient_batches + SUMMARY_PASSES_PER_BATCH * train_batches
+    return 3 * gradient_batches + SUMMARY_PASSES_PER_BATCH * _summary_batches(workload)
 
 
 def influence_time_s(card: ModelCard, workload: Workload, gpu: GpuOffer) -> float:

@@ -276,13 +276,16 @@ def test_trackstar_and_projection_are_costed() -> None:
     scoring = 2 * 1000 * 100_000 * 4096
     datainf_workload = dataclasses.replace(workload, influence_method="datainf")
     # DataInf adds the training-set summary's own gradient pass; TrackStar and TracIn hand it
-    # the final adapter's gradients from theirs, so it costs them nothing more.
+    # the final adapter's gradients from theirs and add one pass over the eval set only.
     summary = cost_model.timing.SUMMARY_PASS_FLOPS_PER_TOKEN * 1e9 * workload.train_tokens
+    eval_summary = cost_model.timing.SUMMARY_PASS_FLOPS_PER_TOKEN * 1e9 * workload.eval_tokens
     gradient_pass = cost_model.timing.influence_flops(1e9, datainf_workload) - summary
-    assert cost_model.timing.influence_flops(1e9, workload) == pytest.approx(gradient_pass + scoring)
+    assert cost_model.timing.influence_flops(1e9, workload) == pytest.approx(
+        gradient_pass + scoring + eval_summary
+    )
     projected = dataclasses.replace(workload, influence_method="tracin", projection_dim=1024)
     assert cost_model.timing.influence_flops(1e9, projected) == pytest.approx(
-        workload.epochs * (gradient_pass + 2 * 1000 * 100_000 * 1024)
+        workload.epochs * (gradient_pass + 2 * 1000 * 100_000 * 1024) + eval_summary
     )
 
 
