@@ -95,7 +95,8 @@ DUPLICATE_DELIVERY = "Duplicate delivery"
 UPLOAD_ATTEMPTS = 4
 # The upload route is retried for longer than the store: while the dashboard's scheduler restarts
 # (a deploy, a failover) the route answers 503, and the run's files are lost if it never answers.
-GRANT_PATIENCE_S = 600.0
+# Half an hour of a waiting GPU costs less than the paid run it would lose.
+GRANT_PATIENCE_S = 1800.0
 _GRANT_MAX_DELAY_S = 30.0
 _RETRY_BASE_S = 1.0
 _TIMEOUT_S = 300.0
