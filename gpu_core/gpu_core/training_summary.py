@@ -31,7 +31,9 @@ The suspicion score is the mean of the three signals' percentile ranks, each ori
 = suspect (``-net influence``, self-influence, loss): mislabelled examples are hard to fit (high
 loss), pull the model on their own (high self-influence) and work against the eval set (negative
 net influence); a rank average needs no common scale across methods. ``suspect_rank`` 1 is the
-most suspect. The figures that chose this combination are in docs/influence.md (``make bench-curate``).
+most suspect. The figures that chose this combination are in docs/influence.md (``make bench-curate``),
+with the alternatives tried and not adopted (RelatIF's relative harm in the mean, products, weights,
+gates): none holds on held-out draws of the task.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.curate import noisy_cipher_task, task_spec
+from benchmarks.curate import noisy_cipher_task, ranking_recalls, relative_harm, task_spec
 from gpu_core.curation import CurationRequest, paired_difference, run_curation
 from gpu_core.influence import compute_influence
 from gpu_core.influence.gradients import lora_grad_enabled, lora_layers, model_device, stacked_gradients
@@ -55,6 +55,28 @@ def test_percentile_ranks_share_ties_and_suspicion_orients_each_signal() -> None
     )
     assert int(np.argmax(suspicion)) == 0
     assert suspicion[0] == pytest.approx(1.0)
+
+
+def test_suspicion_is_the_mean_of_three_percentile_ranks() -> None:
+    """The rule in force: -net influence itself (not relative harm) beside self-influence and loss.
+    A hard clean example with a large gradient (0) has the largest raw harm; a wrong answer (1)
+    pulls mostly against the eval set; 2 is its helpful right copy, 3 and 4 fitted examples."""
+    net = np.array([-10.0, -6.0, 8.0, -0.01, -0.02])
+    self_influence = np.array([10_000.0, 4.0, 16.0, 1e-4, 1e-4])
+    loss = np.array([1.8, 2.0, 1.5, 0.1, 0.2])
+    suspicion = suspicion_scores(net, self_influence, loss)
+    expected = [1.0 + 1.0 + 0.8, 0.8 + 0.6 + 1.0, 0.2 + 0.8 + 0.6, 0.4 + 0.3 + 0.2, 0.6 + 0.3 + 0.4]
+    assert suspicion * 3 == pytest.approx(expected)
+    summary = summarize(list("abcde"), np.zeros((1, 5)), self_influence, loss, net_influence=net)
+    assert summary.suspect_rank.tolist() == [1, 2, 3, 5, 4]
+    # The candidate bench-curate prints beside it (not adopted): RelatIF's relative harm in the
+    # mean ranks the wrong answer first; relative harm is 0 where there is no gradient.
+    assert relative_harm(net, self_influence) == pytest.approx([0.1, 3.0, -2.0, 1.0, 2.0])
+    assert relative_harm(np.array([-1.0]), np.array([0.0])).tolist() == [0.0]
+    recalls = ranking_recalls(summary, {"b"})
+    # The top 10% of five examples is one (at least one).
+    assert recalls["suspicion"] == 0.0 and recalls["RelatIF mean"] == 1.0
+    assert recalls["relative harm"] == 1.0 and recalls["loss"] == 1.0 and recalls["harmful"] == 0.0
 
 
 def test_every_experiment_writes_its_summary_artifact(experiment) -> None:
