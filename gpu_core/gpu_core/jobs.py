@@ -62,12 +62,15 @@ COUNTERFACTUAL = "counterfactual"
 QUERY = "query"
 CURATION = "curation"
 MERGE = "merge"
-# Later kinds that read the experiment's files (workers download them) and write files of their own.
-READS_PARENT_ARTIFACTS = frozenset({QUERY, MERGE})
-WRITES_ARTIFACTS = frozenset({EXPERIMENT, MERGE})
 TRAINING = "training"
 INDEX_SHARD = "index_shard"
 SHARD_MERGE = "shard_merge"
+# Later kinds that read the experiment's files (workers download them) and write files of their own.
+READS_PARENT_ARTIFACTS = frozenset({QUERY, MERGE, INDEX_SHARD, SHARD_MERGE})
+# Of those, the kinds whose files all lie in the parent job's own folder (a shard merge reads
+# every shard's files: only its download list names them all).
+IN_PARENT_FOLDER = frozenset({QUERY, MERGE, INDEX_SHARD})
+WRITES_ARTIFACTS = frozenset({EXPERIMENT, MERGE})
 
 
 class JobInputError(ValueError):
@@ -446,6 +449,7 @@ __all__ = [
     "JOB_KINDS",
     "MERGE",
     "QUERY",
+    "IN_PARENT_FOLDER",
     "READS_PARENT_ARTIFACTS",
     "WRITES_ARTIFACTS",
     "CounterfactualError",

@@ -141,21 +141,37 @@ async def presigned_parent_downloads(
     expires_s: int,
     kind: str = QUERY,
 ) -> list[compute_pb2.ParentArtifact]:
-    """One presigned GET URL per experiment file the later job needs and the store still holds;
-    none where the store cannot sign (the worker then reads compute-local's folder or recomputes)."""
-    if not store.supports_presign or not parent_result:
+    """One GET URL (``download_url``) per experiment file the later job needs and the store
+    still holds (compute-local reads its own folder of the experiment first, when it has one)."""
+    if not parent_result:
         return []
     stored = {entry["name"]: entry for entry in stored_manifest}
     needed = [name for name in needed_parent_artifacts(parse_result(parent_result), kind) if name in stored]
+    return await part_downloads(store, [(parent_job_id, stored[name]) for name in needed], expires_s)
+
+
+async def part_downloads(
+    store: ArtifactStore, files: list[tuple[str, dict[str, Any]]], expires_s: int
+) -> list[compute_pb2.ParentArtifact]:
+    """One GET URL per (job id, verified manifest entry): the files of other jobs a job reads
+    (its experiment's, or a sharded experiment's training job's and shards')."""
     return [
         compute_pb2.ParentArtifact(
-            name=name,
-            url=await store.presigned_url("GET", job_key(parent_job_id, name), expires_s),
-            sha256=stored[name]["sha256"],
-            bytes=stored[name]["bytes"],
+            name=entry["name"],
+            url=await download_url(store, job_key(job_id, entry["name"]), expires_s),
+            sha256=entry["sha256"],
+            bytes=entry["bytes"],
         )
-        for name in needed
+        for job_id, entry in files
     ]
+
+
+async def download_url(store: ArtifactStore, key: str, expires_s: int) -> str:
+    """A GET of ``key``: presigned where the store signs, else a file:// path in the local store
+    (which only compute-local, on this host, can read)."""
+    if store.supports_presign:
+        return await store.presigned_url("GET", key, expires_s)
+    return store.local_path(key).as_uri()
 
 
 async def verify_uploads(
