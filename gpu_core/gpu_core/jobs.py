@@ -70,7 +70,7 @@ READS_PARENT_ARTIFACTS = frozenset({QUERY, MERGE, INDEX_SHARD, SHARD_MERGE})
 # Of those, the kinds whose files all lie in the parent job's own folder (a shard merge reads
 # every shard's files: only its download list names them all).
 IN_PARENT_FOLDER = frozenset({QUERY, MERGE, INDEX_SHARD})
-WRITES_ARTIFACTS = frozenset({EXPERIMENT, MERGE})
+WRITES_ARTIFACTS = frozenset({EXPERIMENT, MERGE, TRAINING, INDEX_SHARD, SHARD_MERGE})
 
 
 class JobInputError(ValueError):

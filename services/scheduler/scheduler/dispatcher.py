@@ -390,12 +390,18 @@ class Dispatcher:
             )
         endpoint_id = await self._endpoints.ensure(route, job.user_id, spec) if route.needs_endpoint else ""
         uploads: list[compute_pb2.ArtifactUpload] = []
-        # Experiments and merges write files; another later job (a query, a counterfactual
-        # check) returns JSON, but on RunPod its worker still claims the job id and keeps its
-        # result in the store (the records a lost answer and RunPod's retention are reconciled with).
+        # Experiments, merges and a sharded experiment's parts write files; another later job (a
+        # query, a counterfactual check) returns JSON, but on RunPod its worker still claims the
+        # job id and keeps its result in the store (the records a lost answer and RunPod's
+        # retention are reconciled with).
         if job.kind in WRITES_ARTIFACTS and uploads_directly(route.provider, self._artifacts.store):
             uploads = await presigned_uploads(
-                self._artifacts.store, job.id, spec, self._settings.scheduler_upload_url_ttl_s, job.kind
+                self._artifacts.store,
+                job.id,
+                spec,
+                self._settings.scheduler_upload_url_ttl_s,
+                job.kind,
+                job.request,
             )
         elif self._claims(route.provider):
             uploads = await presigned_uploads(

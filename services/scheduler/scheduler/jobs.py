@@ -362,12 +362,14 @@ class JobManager:
         if not job.terminal:
             await self.cancel(user_id, job_id)
         removed = await self.artifacts.store.delete_prefix(job_prefix(job.id))
-        for part in await self._store.graph_parts(job.id):
+        parts = [part for part, _ in await self._store.graph_parts(job.id)]
+        for part in parts:
             # A sharded experiment's parts go with it (their rows by the foreign key).
-            removed += await self.artifacts.store.delete_prefix(job_prefix(part[0].id))
+            removed += await self.artifacts.store.delete_prefix(job_prefix(part.id))
         if uploads_directly(job.provider, self.artifacts.store):
             spec = await self._store.get_spec(job.id) if job.kind in WRITES_ARTIFACTS else None
-            await occupy_upload_names(self.artifacts.store, job.id, spec, job.kind)
+            for dead in (job, *parts):
+                await occupy_upload_names(self.artifacts.store, dead.id, spec, dead.kind, dead.request)
         await self._store.delete_job(job.id)
         self.follower.drop(job.id)
         log.info("job deleted", extra={"job_id": job.id, "artifacts": removed})
