@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -390,6 +391,7 @@ class Graph:
     async def _complete(self, experiment: JobRow, plan: _Plan) -> bool:
         """Copy the parts' files into the experiment's prefix and complete it with the merge's
         result and that manifest; then remove the parts' own copies."""
+        started = time.monotonic()
         manifest: list[dict[str, Any]] = []
         sources = [plan.training.latest, *(slot.latest for slot in plan.shards), plan.merge.latest]
         for part in sources:
@@ -400,6 +402,7 @@ class Graph:
                     job_key(part.id, entry["name"]), job_key(experiment.id, entry["name"])
                 )
             manifest.extend(kept)
+        copy_s = time.monotonic() - started
         result = dict(plan.merge.result or {})
         result["artifacts"] = manifest
         stored = await self._store.apply(
@@ -421,7 +424,12 @@ class Graph:
         megabytes = sum(entry["bytes"] for entry in manifest) / 1e6
         log.info(
             "sharded experiment completed",
-            extra={"job_id": experiment.id, "files": len(manifest), "megabytes": round(megabytes, 1)},
+            extra={
+                "job_id": experiment.id,
+                "files": len(manifest),
+                "megabytes": round(megabytes, 1),
+                "copy_s": round(copy_s, 3),
+            },
         )
         for slot in plan.slots:
             for part, _ in slot.attempts:
