@@ -7,13 +7,19 @@ reach every part, and the usage ledger counts the parts' time once."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import json
+import os
 
 import asyncpg
 import grpc
 import pytest
 
+from artifact_store import job_key, open_store
+from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
+from gpu_core.shard_schemas import ShardRequest
+from gpu_core.uploads import planned_shard_artifact_names, planned_training_artifact_names
 from influence.v1 import common_pb2, scheduler_pb2
 
 pytestmark = pytest.mark.timeout(60)
@@ -137,3 +143,49 @@ async def _training_id(database_url: str, job_id: str) -> str:
         return await until(found)
     finally:
         await conn.close()
+
+
+async def test_on_runpod_each_part_uploads_its_own_names_and_a_shard_downloads_the_training_files(
+    start, provider, h, s3_server
+):
+    """Where workers upload directly, the training job gets PUT URLs for its adapter and
+    checkpoints; once it completed (its files verified in the store), each index shard gets
+    presigned GETs of exactly those files and PUT URLs for its own slice's files."""
+    settings = s3_server.store_settings(prefix=f"t-{os.urandom(4).hex()}")
+    running = await start(store_settings=settings)
+    stub, servicer = running.stub, provider.servicer
+    await stub.SetComputeBackend(scheduler_pb2.SetComputeBackendRequest(user_id="alice", backend="runpod"))
+    files = {"adapter/adapter_config.json": b'{"r": 8}', "checkpoints/epoch-1.safetensors": b"state"}
+    servicer.plan = h.plan(hold_at=1, artifacts=files)
+    job = await submit(stub, h)
+    await until(lambda: kinds(servicer) == ["training"])
+    training = servicer.submit_requests[0]
+    spec = parse_spec(json.loads(sharded_spec(h)), NO_SIZE_LIMITS)
+    uploads = {upload.name: upload.url for upload in training.artifact_uploads}
+    assert set(planned_training_artifact_names(spec)) <= set(uploads)
+    assert all(f"/jobs/{training.job_id}/" in url for url in uploads.values())
+    store = open_store(settings)
+    for name, data in files.items():  # what the training job's worker uploads
+        await store.put(job_key(training.job_id, name), _chunks(data))
+    servicer.plan = h.plan(hold_at=1)  # the shards run and wait
+    training_plan = servicer.jobs[training.job_id].plan
+    training_plan.release.set()
+    await until(lambda: kinds(servicer).count("index_shard") == 2)
+    for request in servicer.submit_requests[1:]:
+        shard = json.loads(request.request_json)
+        assert request.parent_job_id == training.job_id
+        downloads = {artifact.name: artifact for artifact in request.parent_artifacts}
+        assert sorted(downloads) == sorted(files)
+        assert all(f"/jobs/{training.job_id}/" in a.url for a in downloads.values())
+        assert all(a.sha256 == hashlib.sha256(files[name]).hexdigest() for name, a in downloads.items())
+        planned = planned_shard_artifact_names(spec, ShardRequest.model_validate(shard))
+        names = {upload.name for upload in request.artifact_uploads}
+        assert set(planned) <= names and any(
+            n.startswith(f"shards/shard-{shard['shard']:05d}/") for n in names
+        )
+    await stub.CancelJob(scheduler_pb2.CancelJobRequest(user_id="alice", job_id=job.id))
+    assert sorted(servicer.cancel_calls) == sorted(r.job_id for r in servicer.submit_requests[1:])
+
+
+async def _chunks(data: bytes):
+    yield data
