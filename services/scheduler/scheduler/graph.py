@@ -7,7 +7,7 @@ each through the same money path as any job (the dispatcher submits it exactly o
 collects and verifies its files, the ledger settles its GPU time):
 
 1. one ``training`` job (gpu_core.pipeline.run_training_job: adapter, checkpoints, evaluations);
-2. once it completes, one ``index_shard`` job per slice of gpu_core.sharding.shard_requests
+2. once it completes, one ``index_shard`` job per slice of gpu_core.shard_schemas.shard_slices
    (parent: the training job), running concurrently as far as the provider allows;
 3. once every shard completes, one ``shard_merge`` job (parent: the training job; it downloads
    every shard's score columns and index manifests).
@@ -48,8 +48,13 @@ from artifact_store import job_key, job_prefix
 from cost_model import ActualCost
 from gpu_core.jobs import INDEX_SHARD, SHARD_MERGE, TRAINING
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
-from gpu_core.shard_schemas import SHARD_DIR_PREFIX, SHARD_PARTS_DIR, ShardMergeRequest
-from gpu_core.sharding import shard_requests
+from gpu_core.shard_schemas import (
+    SHARD_DIR_PREFIX,
+    SHARD_PARTS_DIR,
+    ShardMergeRequest,
+    ShardRequest,
+    shard_slices,
+)
 from scheduler.config import Settings
 from scheduler.store import JobRow, JobUpdate, Lease, Store, SubmitWork
 
@@ -252,7 +257,7 @@ class Graph:
                     extra={"job_id": experiment.id, "shard": slot.shard, "error": slot.latest.error},
                 )
             spec = spec or await self._spec(experiment)
-            request = shard_requests(parse_spec(spec, NO_SIZE_LIMITS), experiment.shards)[slot.shard or 0]
+            request = _shard_request(experiment, spec, slot.shard or 0)
             await self._create(
                 experiment,
                 spec,
@@ -338,13 +343,19 @@ class Graph:
             and status == experiment.status
         ):
             return False, False
-        event = {
+        event: dict[str, Any] = {
             "type": "progress",
             "stage": stage,
             "progress": progress,
             "message": message,
             "parts": parts,
         }
+        training = plan.training.latest
+        # While the training job runs, its latest figures (epoch, step, loss, ETA) are the
+        # experiment's: the job page draws the loss curve from them.
+        metrics = training.latest_metrics if training is not None and training.status == "running" else None
+        if metrics:
+            event.update(metrics)
         stored = await self._store.apply(
             experiment.id,
             JobUpdate(
@@ -353,6 +364,7 @@ class Graph:
                 stage=stage,
                 progress=progress,
                 stage_message=message,
+                latest_metrics=metrics or None,
                 parts=parts,
             ),
             lease=self._lease,
@@ -436,6 +448,15 @@ class Graph:
                 await self._artifacts.delete_prefix(job_prefix(part.id))
                 await self._store.clear_artifacts(part.id)
         return True
+
+
+def _shard_request(experiment: JobRow, spec: dict[str, Any], shard: int) -> ShardRequest:
+    """Shard ``shard``'s slice (gpu_core.sharding.shard_requests' split), counted from the row's
+    training examples: a spec on a stored dataset holds none inline."""
+    batch_size = parse_spec(spec, NO_SIZE_LIMITS).hyperparams.batch_size
+    slices = shard_slices(experiment.n_train, batch_size, experiment.shards)
+    start, stop = slices[shard]
+    return ShardRequest(shard=shard, shards=len(slices), start=start, stop=stop)
 
 
 def _shard_parts_file(name: str) -> bool:
