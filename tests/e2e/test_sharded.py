@@ -161,10 +161,23 @@ def test_a_follow_up_query_on_the_sharded_index_ranks_a_planted_copy_first(
     assert helpful[0][0] == f"t{COPIED}" and helpful[0] == helpful[1]
 
 
-def test_sharded_projected_tracin_equals_unsharded(alice: GatewayClient) -> None:
+def test_sharded_projected_tracin_equals_unsharded_inline_and_on_a_stored_dataset(
+    alice: GatewayClient,
+) -> None:
     unsharded, _ = run(alice, tracin_spec())
     sharded, _ = run(alice, tracin_spec(SHARDS))
     assert_same_result(alice, sharded, unsharded)
+    # The same examples uploaded once (POST /api/datasets) and named by the spec: every part
+    # reads them from the store; the shards' slices come from the dataset's count.
+    spec = tracin_spec(SHARDS)
+    rows = spec.pop("training_data")
+    body = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    params = {"kind": "train", "filename": "planted.jsonl"}
+    stored = alice.request("POST", "/api/datasets", params=params, content=body)
+    assert stored.status_code == 201, stored.text
+    from_dataset, _ = run(alice, {**spec, "training_dataset_id": stored.json()["dataset_id"]})
+    assert alice.job(from_dataset)["n_train"] == N_TRAIN
+    assert_same_result(alice, from_dataset, unsharded)
 
 
 def children(kind: str) -> list[tuple[int, dict[str, Any]]]:

@@ -31,6 +31,7 @@ from gpu_core.jobs import (
     parse_request,
     parse_result,
     submittable_kind,
+    training_count,
 )
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
 from gpu_core.shard_schemas import shard_count
@@ -170,7 +171,7 @@ class JobManager:
             # estimate's, from the size and the provider's concurrent jobs); 1 runs it as one job.
             shards = shard_count(
                 parsed.influence.shards,
-                _training_examples(parsed),
+                training_count(parsed),
                 parsed.hyperparams.batch_size,
                 DEFAULT_PARALLEL_JOBS[route.provider],
             )
@@ -534,12 +535,6 @@ class JobManager:
             await self._store.release_leases(self._lease.owner)
         except DB_ERRORS as exc:
             log.warning("leases not released; they expire instead", extra={"error": str(exc)})
-
-
-def _training_examples(spec: schemas.ExperimentSpec) -> int:
-    """Inline, or as the stored dataset the spec names records them."""
-    stored = spec.training_dataset
-    return stored.count if stored is not None and not spec.training_data else len(spec.training_data)
 
 
 def _without(message: str, secret: str) -> str:
