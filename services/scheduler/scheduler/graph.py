@@ -44,7 +44,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from artifact_store import job_key, job_prefix
+from artifact_store import ArtifactStore, job_key, job_prefix
 from cost_model import ActualCost
 from gpu_core.jobs import INDEX_SHARD, SHARD_MERGE, TRAINING
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
@@ -64,8 +64,6 @@ log = logging.getLogger(__name__)
 GRAPH_PROVIDER_JOB_ID = "graph"
 # What each phase adds to the experiment's progress (the shards' share split evenly among them).
 TRAINING_SHARE, SHARDS_SHARE, MERGE_SHARE = 0.4, 0.55, 0.05
-# A part's progress once it has ended this way.
-_DONE = {"completed": 1.0}
 _FAILED_STATES = ("failed", "cancelled")
 
 # Cancels one part at its provider and stores it cancelled (JobManager.cancel).
@@ -101,7 +99,7 @@ class _Slot:
         latest = self.latest
         if latest is None:
             return 0.0
-        return _DONE.get(latest.status, min(max(latest.progress, 0.0), 1.0))
+        return 1.0 if latest.status == "completed" else min(max(latest.progress, 0.0), 1.0)
 
     def view(self) -> dict[str, Any]:
         latest = self.latest
@@ -148,8 +146,9 @@ def stage_of(plan: _Plan) -> tuple[str, str]:
     training = plan.training.latest
     if training is None or training.status != "completed":
         detail = training.stage_message if training is not None and training.stage_message else "queued"
-        stage = training.stage if training is not None and training.status == "running" else "training"
-        return stage or "training", f"training job: {detail}"
+        # The training job's own stage (waiting for a GPU, loading, fine-tuning, evaluating).
+        stage = training.stage if training is not None and training.stage else "queued"
+        return stage, f"training job: {detail}"
     if plan.merge.latest is not None:
         return "influence", f"influence: merging {len(plan.shards)} shards"
     done = sum(1 for slot in plan.shards if slot.status == "completed")
@@ -163,20 +162,12 @@ def stage_of(plan: _Plan) -> tuple[str, str]:
     return "influence", message
 
 
-def _part_name(slot: _Slot, shards: int) -> str:
-    if slot.kind == TRAINING:
-        return "the training job"
-    if slot.kind == SHARD_MERGE:
-        return "the shard merge"
-    return f"index shard {slot.shard} of {shards}"
-
-
 class Graph:
     def __init__(
         self,
         settings: Settings,
         store: Store,
-        artifacts_store: Any,
+        artifacts_store: ArtifactStore,
         lease: Lease,
         queued: asyncio.Event,
     ) -> None:
