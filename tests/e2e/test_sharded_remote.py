@@ -112,9 +112,11 @@ def test_a_sharded_experiment_on_runpod_runs_one_job_per_part(stack: Stack, fake
 
 
 def test_a_sharded_experiment_on_modal_completes_one_call_per_part(stack: Stack) -> None:
-    """Equality with the unsharded run is not asserted here: through the in-process adapter (every
-    call a thread of compute-modal's process) index shard 1's columns differed from the unsharded
-    run in 2 of 4 runs under load, which is not understood yet (docs/services.md)."""
+    """Equality with the unsharded run is not asserted here: the in-process adapter runs every call
+    as a thread of compute-modal's one process, so the two shards run as threads side by side, and
+    two gpu_core jobs in one process are not isolated from each other (reproduced with gpu_core
+    alone: two index shards as threads under CPU load gave other columns in 1 of 3 runs; docs/
+    services.md). Modal itself runs each call in its own container."""
     client = GatewayClient(stack.gateway_url, timeout_s=120)
     client.sign_in_locally("mona")
     assert_sharded_completes(client)
