@@ -113,8 +113,8 @@ bench-load: setup ## 1,000 jobs from 50 users, two scheduler replicas, compute-l
 bench-curate: setup ## planted label noise: recall of the suspicion rank vs loss and self-influence; drop the flagged 10% / keep 25% vs random, 3 seeds; the summary's share of wall time
 	$(PY) -m benchmarks.curate
 
-bench-datasets: setup ## a 100,000-example JSONL through POST /api/datasets and run through the stack (projected TracIn, 100 eval): gateway and scheduler peak RSS
-	$(PY) -m benchmarks.datasets_memory $(if $(N_TRAIN),--n-train $(N_TRAIN))
+bench-datasets: setup ## a 100,000-example JSONL through POST /api/datasets and run through the stack (projected TracIn, 100 eval; BENCH_SHARDS=2: sharded): gateway and scheduler peak RSS
+	$(PY) -m benchmarks.datasets_memory $(if $(N_TRAIN),--n-train $(N_TRAIN)) $(if $(BENCH_SHARDS),--shards $(BENCH_SHARDS))
 
 bench-list-memory: setup ## ListJobs of 500 jobs with 10 MiB specs: scheduler RSS growth (target < 50 MB)
 	$(PY) -m benchmarks.list_jobs_memory

@@ -7,9 +7,11 @@ compute-local, gateway as separate processes), then run as an experiment that na
 the upload's wall time and the gateway's count; the experiment's wall time; and the resident
 memory of the gateway and the scheduler (``VmRSS`` before, ``VmHWM``, the peak since the
 process started, after the upload and after the run), which stays flat: neither holds the file
-or its examples, only chunks of it.
+or its examples, only chunks of it. ``--shards N`` (``make bench-datasets BENCH_SHARDS=2``) runs
+it as a sharded experiment (the scheduler's graph: a training job, N index shards, a merge) and
+prints each part's attempts and the scheduler's copy of their files into the experiment.
 
-    .venv/bin/python -m benchmarks.datasets_memory [--n-train 100000] [--threads 2]
+    .venv/bin/python -m benchmarks.datasets_memory [--n-train 100000] [--threads 2] [--shards 2]
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n-train", type=int, default=100_000)
     parser.add_argument("--threads", type=int, default=2, help="compute-local's torch threads")
+    parser.add_argument("--shards", type=int, default=1, help="influence.shards of the experiment")
     args = parser.parse_args()
     pairs = cipher_pairs(args.n_train + SCALE_EVAL, seed=args.n_train)
     with tempfile.TemporaryDirectory(prefix="bench-datasets-") as work:
@@ -65,7 +68,7 @@ def main() -> None:
             },
             "few_shot_k": 0,
             "influence_method": "tracin",
-            "influence": {"projection_dim": 4096},
+            "influence": {"projection_dim": 4096, "shards": args.shards},
         }
         with Stack(
             data_dir=Path(work) / "stack",
@@ -114,8 +117,20 @@ def main() -> None:
             print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
             print(
                 f"experiment: {state} in {run_s:.1f} s "
-                f"(n_train {job['n_train']:,}, projected TracIn, {SCALE_EVAL} eval)"
+                f"(n_train {job['n_train']:,}, projected TracIn, {SCALE_EVAL} eval, {job['shards']} shards)"
             )
+            for part in job["parts"]:
+                print(
+                    f"  part {part['kind']} {part['shard'] if part['shard'] is not None else ''}: "
+                    f"{part['status']}, {part['attempts']} attempt(s)"
+                )
+            copies = [
+                line
+                for line in stack.log_text("scheduler").splitlines()
+                if "sharded experiment completed" in line
+            ]
+            if copies:
+                print(f"  {copies[-1]}")
             _memory_table(before, started_hwm, after_upload, after_run)
             if state != "completed":
                 raise SystemExit(f"the experiment ended {state}: {job.get('error')}")

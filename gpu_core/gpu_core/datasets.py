@@ -14,13 +14,11 @@ No cloud SDK: plain HTTP, as in gpu_core.uploads.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
 
 from gpu_core.formats import FileScan, stream_path
 from gpu_core.schemas import NO_SIZE_LIMITS, SpecLimits, StoredDataset, parse_spec
@@ -28,7 +26,6 @@ from gpu_core.uploads import UPLOAD_ATTEMPTS, get_to_file
 
 Role = Literal["train", "eval"]
 _RETRY_BASE_S = 1.0
-_BLOCK_BYTES = 1024 * 1024
 _FIELDS: dict[Role, str] = {"train": "training", "eval": "eval"}
 
 
@@ -92,7 +89,7 @@ def fetch_dataset(entry: DatasetFile, path: Path) -> None:
         if attempt:
             time.sleep(_RETRY_BASE_S * 2 ** (attempt - 1))
         try:
-            status, digest, size = _get(partial, entry.url)
+            status, digest, size = get_to_file(partial, entry.url)
         except OSError:
             continue
         if 400 <= status < 500 and status != 429:
@@ -110,23 +107,6 @@ def fetch_dataset(entry: DatasetFile, path: Path) -> None:
     partial.unlink(missing_ok=True)
     answer = f"HTTP {status}" if status else "no answer"
     raise DatasetError(f"{what} could not be read from the artifact store ({answer})")
-
-
-def _get(path: Path, url: str) -> tuple[int, str, int]:
-    """(status, sha256, bytes) of ``url`` written to ``path``; file:// is a path on this host."""
-    parts = urlsplit(url)
-    if parts.scheme != "file":
-        return get_to_file(path, url)
-    source = Path(unquote(parts.path))
-    if not source.is_file():
-        return 404, "", 0
-    digest, size = hashlib.sha256(), 0
-    with source.open("rb") as reader, path.open("wb") as writer:
-        while block := reader.read(_BLOCK_BYTES):
-            digest.update(block)
-            size += len(block)
-            writer.write(block)
-    return 200, digest.hexdigest(), size
 
 
 def read_datasets(spec: dict[str, Any], files: list[DatasetFile], directory: Path) -> dict[str, Any]:

@@ -62,12 +62,15 @@ COUNTERFACTUAL = "counterfactual"
 QUERY = "query"
 CURATION = "curation"
 MERGE = "merge"
-# Later kinds that read the experiment's files (workers download them) and write files of their own.
-READS_PARENT_ARTIFACTS = frozenset({QUERY, MERGE})
-WRITES_ARTIFACTS = frozenset({EXPERIMENT, MERGE})
 TRAINING = "training"
 INDEX_SHARD = "index_shard"
 SHARD_MERGE = "shard_merge"
+# Later kinds that read the experiment's files (workers download them) and write files of their own.
+READS_PARENT_ARTIFACTS = frozenset({QUERY, MERGE, INDEX_SHARD, SHARD_MERGE})
+# Of those, the kinds whose files all lie in the parent job's own folder (a shard merge reads
+# every shard's files: only its download list names them all).
+IN_PARENT_FOLDER = frozenset({QUERY, MERGE, INDEX_SHARD})
+WRITES_ARTIFACTS = frozenset({EXPERIMENT, MERGE, TRAINING, INDEX_SHARD, SHARD_MERGE})
 
 
 class JobInputError(ValueError):
@@ -248,16 +251,23 @@ def _run_merge(
     return run_merge_job(spec, parent, request, artifacts_dir, parent_artifacts_dir, should_stop)
 
 
+def training_count(spec: ExperimentSpec) -> int:
+    """The spec's training examples: inline, or as its stored dataset records them (a payload is
+    checked before the worker reads the dataset)."""
+    if not spec.training_data and spec.training_dataset is not None:
+        return spec.training_dataset.count
+    return len(spec.training_data)
+
+
 def check_index_shard(request: ShardRequest, spec: ExperimentSpec, _parent: TrainingJobResult) -> None:
-    if request.stop > len(spec.training_data):
-        raise JobInputError(
-            f"request.stop: {request.stop} is past the {len(spec.training_data)} training examples"
-        )
+    n_train = training_count(spec)
+    if request.stop > n_train:
+        raise JobInputError(f"request.stop: {request.stop} is past the {n_train} training examples")
 
 
 def check_shard_merge(request: ShardMergeRequest, spec: ExperimentSpec, _parent: TrainingJobResult) -> None:
     try:
-        check_coverage(request.shards, len(spec.training_data), spec.influence_method)
+        check_coverage(request.shards, training_count(spec), spec.influence_method)
     except ShardMergeError as exc:
         raise JobInputError(f"request.shards: {exc}") from None
 
@@ -446,6 +456,7 @@ __all__ = [
     "JOB_KINDS",
     "MERGE",
     "QUERY",
+    "IN_PARENT_FOLDER",
     "READS_PARENT_ARTIFACTS",
     "WRITES_ARTIFACTS",
     "CounterfactualError",

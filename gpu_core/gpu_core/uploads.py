@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from gpu_core.influence_methods import DEFAULT_TRACKSTAR_DIM as DEFAULT_TRACKSTAR_DIM  # re-exported
 from gpu_core.influence_methods import InfluenceMethodEntry, influence_method
@@ -152,13 +152,22 @@ def planned_artifact_names(spec: ExperimentSpec) -> list[str]:
     return [*ADAPTER_FILES, CHECKPOINT_INDEX, *checkpoints, *_index_names(spec), SCORES_NAME, SUMMARY_NAME]
 
 
-def planned_job_artifact_names(kind: str, spec: ExperimentSpec) -> list[str]:
+def planned_job_artifact_names(
+    kind: str, spec: ExperimentSpec, request: Mapping[str, Any] | None = None
+) -> list[str]:
     """Every name a job of ``kind`` may write: an experiment's (:func:`planned_artifact_names`),
-    a merge's ``merged/`` folder (gpu_core.merge_schemas), none for the other later kinds."""
+    a merge's ``merged/`` folder (gpu_core.merge_schemas), a sharded experiment's parts' (an
+    index shard's for its ``request``), none for the other later kinds."""
     if kind in ("", "experiment"):
         return planned_artifact_names(spec)
     if kind == "merge":
         return planned_merge_names()
+    if kind == "training":
+        return planned_training_artifact_names(spec)
+    if kind == "index_shard":
+        return planned_shard_artifact_names(spec, ShardRequest.model_validate(request or {}))
+    if kind == "shard_merge":
+        return planned_merge_artifact_names()
     return []
 
 
@@ -575,8 +584,11 @@ def _download_one(entry: ParentArtifact, path: Path) -> bool:
 
 
 def get_to_file(path: Path, url: str) -> tuple[int, str, int]:
-    """(HTTP status, sha256, bytes) of a GET whose body was written to ``path``."""
+    """(HTTP status, sha256, bytes) of a GET whose body was written to ``path``; a file:// URL is
+    a path on this host (the local artifact store, read by compute-local), copied."""
     parts = urlsplit(url)
+    if parts.scheme == "file":
+        return _copy_to_file(path, Path(unquote(parts.path)))
     connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     connection = connection_type(parts.netloc, timeout=_TIMEOUT_S)
     target = parts.path + (f"?{parts.query}" if parts.query else "")
@@ -595,3 +607,15 @@ def get_to_file(path: Path, url: str) -> tuple[int, str, int]:
         return response.status, digest.hexdigest(), size
     finally:
         connection.close()
+
+
+def _copy_to_file(path: Path, source: Path) -> tuple[int, str, int]:
+    if not source.is_file():
+        return 404, "", 0
+    digest, size = hashlib.sha256(), 0
+    with source.open("rb") as reader, path.open("wb") as writer:
+        while block := reader.read(_BLOCK_BYTES):
+            digest.update(block)
+            size += len(block)
+            writer.write(block)
+    return 200, digest.hexdigest(), size

@@ -236,6 +236,14 @@ class ArtifactStore:
         found.sort(key=lambda info: info.key)
         return found
 
+    async def copy(self, source: str, target: str) -> None:
+        """Copy the object ``source`` to ``target`` inside the store (S3 CopyObject, a file copy
+        on the local store): no byte passes through this process. ``target`` is replaced."""
+        try:
+            await obstore.copy_async(self._store, source, target, overwrite=True)
+        except _ERRORS as exc:
+            raise _failed("copy", source, exc) from None
+
     async def delete(self, key: str) -> None:
         """Remove ``key``; a missing key is not an error."""
         await self._delete(key, key)

@@ -39,7 +39,7 @@ from compute_local.child import EXIT_CANCELLED, PARENT_FILE
 from compute_local.jobs import JobRecord, JobState, JobStore, StoredEvent, new_provider_job_id
 from compute_local.spec import DATASETS_FILE, later_job_files, read_spec
 from compute_local.warm import WarmQueryPool, WarmQueryWorker, WorkerGone
-from gpu_core.jobs import EXPERIMENT, QUERY, READS_PARENT_ARTIFACTS, job_kind
+from gpu_core.jobs import EXPERIMENT, IN_PARENT_FOLDER, QUERY, READS_PARENT_ARTIFACTS, job_kind
 
 log = logging.getLogger(__name__)
 
@@ -539,11 +539,12 @@ class LocalRunner:
     async def _run_child(self, job: Job, device: str) -> None:
         pid = job.record.provider_job_id
         job_dir = self._store.job_dir(pid).resolve()
-        # A later job that reads its experiment's files (a merge) reads this service's folder of
-        # them while it is kept, else the presigned GETs in its parent.json.
+        # A later job that reads its experiment's files (a merge, an index shard) reads this
+        # service's folder of them while it is kept, else the GETs in its parent.json (a shard
+        # merge always: its files are every shard's).
         parent_dir = (
             self._parent_artifacts_dir(job.record.parent_job_id)
-            if job.record.kind in READS_PARENT_ARTIFACTS
+            if job.record.kind in IN_PARENT_FOLDER
             else None
         )
         with open(self._store.log_path(pid), "ab") as worker_log:

@@ -55,6 +55,22 @@ def job_view(job: scheduler_pb2.Job) -> dict[str, Any]:
         "outcome": _json_object(job.outcome_json),
         # An experiment's export to MLflow / W&B (scheduler/tracking.py); {} for other kinds.
         "tracking": _json_object(job.tracking_json),
+        # A sharded experiment (influence.shards > 1): its index shards and its parts (the
+        # training job, each shard, the merge) as they stand; 1 and [] otherwise.
+        "shards": job.shards or 1,
+        "parts": [part_view(part) for part in job.parts],
+    }
+
+
+def part_view(part: scheduler_pb2.JobPart) -> dict[str, Any]:
+    return {
+        "kind": part.kind,
+        "shard": part.shard if part.shard >= 0 else None,
+        "job_id": part.job_id or None,
+        "status": part.status,
+        "progress": part.progress,
+        "attempts": part.attempts,
+        "error": part.error or None,
     }
 
 

@@ -89,7 +89,7 @@ async def current_usage(conn: DbConnection, settings: Settings, user_id: str, ba
             """SELECT count(*) AS n,
                   min(created_at + make_interval(secs => greatest(estimated_time_s, 0))) AS first_done
            FROM jobs WHERE user_id = $1 AND compute_backend = $2
-                AND status IN ('queued', 'submitted', 'running')""",
+                AND status IN ('queued', 'submitted', 'running') AND graph_job_id IS NULL""",
             user_id,
             backend,
         )

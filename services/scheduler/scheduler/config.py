@@ -86,6 +86,9 @@ class Settings(ServiceSettings):
     scheduler_webhook_base_url: str = ""
     scheduler_poll_concurrency: int = Field(default=16, ge=1, le=1000)
     scheduler_poll_max_failures: int = Field(default=5, ge=1, le=1000)
+    # A sharded experiment's index shard that fails (its worker died, its provider reported a
+    # failure) runs again alone this many times before the experiment fails (scheduler.graph).
+    scheduler_shard_retries: int = Field(default=2, ge=0, le=10)
     # Submits in flight per provider on one replica (the dispatcher's bound).
     scheduler_dispatch_concurrency: int = Field(default=8, ge=1, le=1000)
     # Database connections of one replica's pool (the LISTEN connection is one more), and how

@@ -29,6 +29,7 @@ from artifact_store import ArtifactStore, ChecksumMismatch
 from gpu_core.schemas import ExperimentSpec
 from influence.v1 import compute_pb2, scheduler_pb2
 from scheduler.store import Store
+from scheduler.uploads import download_url
 from service_runtime.jobs import ACTIVE_STATES
 
 _SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -257,11 +258,7 @@ async def dataset_files(
     for role, stored in spec.stored_datasets:
         name = stored.filename
         key = f"datasets/{stored.id}/{name}"
-        url = (
-            await store.presigned_url("GET", key, expires_s)
-            if store.supports_presign
-            else store.local_path(key).as_uri()
-        )
+        url = await download_url(store, key, expires_s)
         files.append(
             compute_pb2.DatasetFile(
                 role=role, url=url, sha256=stored.sha256, bytes=stored.bytes, filename=name

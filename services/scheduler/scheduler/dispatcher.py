@@ -36,16 +36,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from artifact_store import StoreError
-from gpu_core.jobs import EXPERIMENT, WRITES_ARTIFACTS
+from gpu_core.jobs import EXPERIMENT, INDEX_SHARD, SHARD_MERGE, TRAINING, WRITES_ARTIFACTS
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
+from gpu_core.uploads import needed_shard_inputs
 from influence.v1 import compute_pb2
 from scheduler.artifacts import ArtifactMover, read_worker_claim
 from scheduler.config import Settings
 from scheduler.datasets import dataset_files
 from scheduler.follower import DB_ERRORS, WAITING_STAGE, Follower
+from scheduler.graph import Graph
 from scheduler.providers import LaterJob, ProviderError, ProviderNotConfigured, Providers, Route
 from scheduler.store import JobRow, JobUpdate, Lease, Store, SubmitWork
 from scheduler.uploads import (
+    part_downloads,
     presigned_parent_downloads,
     presigned_uploads,
     reads_parent_artifacts,
@@ -137,9 +140,11 @@ class Dispatcher:
         artifacts: ArtifactMover,
         lease: Lease,
         follower: Follower,
+        graph: Graph,
         slot_freed: asyncio.Event | None = None,
     ) -> None:
         self._settings = settings
+        self._graph = graph
         self._slot_freed = slot_freed
         self._store = store
         self._providers = providers
@@ -211,6 +216,8 @@ class Dispatcher:
         if work is None:
             return True  # cancelled, already submitted, or the lease went to another replica
         job = work.job
+        if job.is_graph:
+            return await self._start_graph(work)
         if work.reconciling:
             log.warning(
                 "reconciling a submit whose outcome is unknown, under the same job id",
@@ -249,6 +256,21 @@ class Dispatcher:
             log.warning("submit deferred", extra={"job_id": job.id, "error": str(exc)})
             return False
         return await self._record(work, provider_job_id, prepared.endpoint_id)
+
+    async def _start_graph(self, work: SubmitWork) -> bool:
+        """A sharded experiment goes to no provider: its graph stores its first part (scheduler.graph)
+        and the follower steps it from then on."""
+        try:
+            started = await self._graph.start(work)
+        except (StoreError, *DB_ERRORS) as exc:
+            log.warning(
+                "sharded experiment not started yet", extra={"job_id": work.job.id, "error": str(exc)}
+            )
+            return False
+        if started:
+            log.info("sharded experiment started", extra={"job_id": work.job.id, "shards": work.job.shards})
+            self._follower.follow(work.job.id, work.job.provider)
+        return True
 
     async def _record(self, work: SubmitWork, provider_job_id: str, endpoint_id: str) -> bool:
         """Store the provider job id (fenced by the lease and the submit token) and follow it."""
@@ -375,9 +397,10 @@ class Dispatcher:
         endpoint_id = await self._endpoints.ensure(route, job.user_id, spec) if route.needs_endpoint else ""
         uploads: list[compute_pb2.ArtifactUpload] = []
         upload_secret_sha256: bytes | None = None
-        # Experiments and merges write files; another later job (a query, a counterfactual
-        # check) returns JSON, but on RunPod its worker still claims the job id and keeps its
-        # result in the store (the records a lost answer and RunPod's retention are reconciled with).
+        # Experiments, merges and a sharded experiment's parts write files; another later job (a
+        # query, a counterfactual check) returns JSON, but on RunPod its worker still claims the
+        # job id and keeps its result in the store (the records a lost answer and RunPod's
+        # retention are reconciled with).
         writes_files = job.kind in WRITES_ARTIFACTS and uploads_directly(
             route.provider, self._artifacts.store
         )
@@ -390,6 +413,7 @@ class Dispatcher:
                 self._settings.scheduler_upload_url_ttl_s,
                 job.kind if writes_files else EXPERIMENT,
                 grant_url,
+                job.request if writes_files else None,
             )
         # The stored datasets the spec names, for a later job of the experiment too: the worker
         # reads its examples from them.
@@ -438,6 +462,8 @@ class Dispatcher:
         """For a later job, its request and its experiment's result as a provider receives them."""
         if job.kind == EXPERIMENT:
             return None
+        if job.graph_job_id:
+            return await self._part_payload(job)
         found = await self._store.get_result(job.parent_job_id, job.user_id)
         parent_result = found[1] if found is not None else None
         downloads: list[compute_pb2.ParentArtifact] = []
@@ -455,6 +481,37 @@ class Dispatcher:
             kind=job.kind,
             request_json=json.dumps(job.request or {}).encode(),
             parent_result_json=json.dumps(parent_result).encode(),
+            parent_job_id=job.parent_job_id,
+            parent_artifacts=tuple(downloads),
+        )
+
+    async def _part_payload(self, job: JobRow) -> LaterJob:
+        """A sharded experiment's part: its request, the training job's result (an index shard's and
+        the merge's parent) and GETs of the files it reads: the training job's adapter and
+        checkpoints (an index shard), every shard's columns and index manifests (the merge)."""
+        if job.kind == TRAINING:
+            return LaterJob(kind=job.kind, request_json=b"{}", parent_result_json=b"null")
+        training = await self._store.get_job(job.parent_job_id, job.user_id)
+        found = await self._store.get_result(job.parent_job_id, job.user_id)
+        if training is None or found is None or found[1] is None:
+            raise ProviderError(
+                job.provider, "FAILED_PRECONDITION", "the training job's result is gone", False
+            )
+        sources: list[JobRow] = [training]
+        if job.kind == SHARD_MERGE:
+            parts = await self._store.graph_parts(job.graph_job_id)
+            sources = [row for row, _ in parts if row.kind == INDEX_SHARD and row.status == "completed"]
+        files: list[tuple[str, dict[str, Any]]] = []
+        for source in sources:
+            wanted = set(needed_shard_inputs(job.kind, [entry["name"] for entry in source.artifacts]))
+            files.extend((source.id, entry) for entry in source.artifacts if entry["name"] in wanted)
+        downloads = await part_downloads(
+            self._artifacts.store, files, self._settings.scheduler_upload_url_ttl_s
+        )
+        return LaterJob(
+            kind=job.kind,
+            request_json=json.dumps(job.request or {}).encode(),
+            parent_result_json=json.dumps(found[1]).encode(),
             parent_job_id=job.parent_job_id,
             parent_artifacts=tuple(downloads),
         )

@@ -63,7 +63,7 @@ class ExperimentCatalog:
             return []
         rows = await self.pool.fetch(
             f"""SELECT {_JOB_COLUMNS} FROM jobs
-                WHERE user_id = $1 AND parent_job_id IS NULL
+                WHERE user_id = $1 AND parent_job_id IS NULL AND graph_job_id IS NULL
                   AND ($3 = '' OR $3 = ANY(tags))
                   AND ($4 = '' OR model_id = $4)
                   AND ($5 = '' OR influence_method = $5)
@@ -108,7 +108,7 @@ class ExperimentCatalog:
                         ELSE tags END,
                     note = CASE WHEN $3::jsonb ? 'note' THEN coalesce($3::jsonb ->> 'note', '') ELSE note END,
                     updated_at = now()
-                WHERE id = $1 AND user_id = $2 AND parent_job_id IS NULL
+                WHERE id = $1 AND user_id = $2 AND parent_job_id IS NULL AND graph_job_id IS NULL
                 RETURNING {_JOB_COLUMNS}""",
             parsed,
             user_id,

@@ -35,6 +35,7 @@ from scheduler.artifacts import (
     read_worker_claim,
 )
 from scheduler.config import Settings
+from scheduler.graph import Graph
 from scheduler.providers import ProviderClient, ProviderError, Providers, Route
 from scheduler.store import JobRow, JobUpdate, Lease, Store
 from scheduler.uploads import remove_uploads, uploads_directly, verify_uploads
@@ -66,9 +67,16 @@ class _Followed:
 
 class Follower:
     def __init__(
-        self, settings: Settings, store: Store, providers: Providers, artifacts: ArtifactMover, lease: Lease
+        self,
+        settings: Settings,
+        store: Store,
+        providers: Providers,
+        artifacts: ArtifactMover,
+        lease: Lease,
+        graph: Graph,
     ) -> None:
         self._settings = settings
+        self._graph = graph
         self._store = store
         self._providers = providers
         self._artifacts = artifacts
@@ -217,7 +225,16 @@ class Follower:
                 followed.due = time.monotonic() + self._settings.scheduler_retry_max_s
 
     async def _follow_step(self, job: JobRow, followed: _Followed) -> tuple[bool, bool]:
-        """One poll: (whether the job progressed, whether it is now terminal)."""
+        """One poll: (whether the job progressed, whether it is now terminal). A sharded
+        experiment is stepped by its graph instead; a part's change wakes its experiment."""
+        if job.is_graph:
+            return await self._graph.step(job)
+        progressed, terminal = await self._poll(job, followed)
+        if progressed and job.graph_job_id:
+            self.wake(job.graph_job_id)
+        return progressed, terminal
+
+    async def _poll(self, job: JobRow, followed: _Followed) -> tuple[bool, bool]:
         route = Route(backend=job.compute_backend, provider=job.provider)  # type: ignore[arg-type]
         client = self._providers.client(route.provider)
         account = route.account(job.user_id, job.endpoint_id)

@@ -21,6 +21,7 @@ from typing import Any
 
 import cost_model
 from artifact_store import job_prefix
+from cost_model.estimate import DEFAULT_PARALLEL_JOBS
 from gpu_core import schemas
 from gpu_core.jobs import (
     EXPERIMENT,
@@ -30,8 +31,10 @@ from gpu_core.jobs import (
     parse_request,
     parse_result,
     submittable_kind,
+    training_count,
 )
 from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
+from gpu_core.shard_schemas import shard_count
 from influence.v1 import common_pb2, compute_pb2
 from scheduler.admission import Usage, check_ceiling, check_quota, check_spend_cap, current_usage
 from scheduler.artifacts import ArtifactMover
@@ -40,6 +43,7 @@ from scheduler.datasets import DatasetReferenceError, DatasetStore, attach_to_sp
 from scheduler.db import DbConnection
 from scheduler.dispatcher import Dispatcher
 from scheduler.follower import DB_ERRORS, Follower
+from scheduler.graph import Graph
 from scheduler.hub_models import HubModelSizes, HubModelUnknown
 from scheduler.model_ids import ModelNotAllowed, check_model_id, sized_from_hub
 from scheduler.providers import ProviderError, ProviderNotConfigured, Providers, Route, route_for
@@ -113,12 +117,21 @@ class JobManager:
         self._providers = providers
         self.artifacts = artifacts
         self._lease = Lease(settings.scheduler_replica_id, settings.scheduler_lease_s)
-        self.follower = Follower(settings, store, providers, artifacts, self._lease)
-        self._hub_models = HubModelSizes(settings.hf_endpoint, settings.scheduler_hub_timeout_s)
         # Set when a job was stored or a dispatch slot freed: claim queued jobs now, not next turn.
         self._queued = asyncio.Event()
+        self.graph = Graph(settings, store, artifacts.store, self._lease, self._queued)
+        self.graph.cancel_parts_with(self.cancel)
+        self.follower = Follower(settings, store, providers, artifacts, self._lease, self.graph)
+        self._hub_models = HubModelSizes(settings.hf_endpoint, settings.scheduler_hub_timeout_s)
         self.dispatcher = Dispatcher(
-            settings, store, providers, artifacts, self._lease, self.follower, slot_freed=self._queued
+            settings,
+            store,
+            providers,
+            artifacts,
+            self._lease,
+            self.follower,
+            self.graph,
+            slot_freed=self._queued,
         )
         self._lease_task: asyncio.Task[None] | None = None
         self.datasets = DatasetStore(store)
@@ -143,7 +156,7 @@ class JobManager:
         that reaches it."""
         if max_cost_usd < 0:
             raise SpecError("max_cost_usd: must be 0 (no cap) or more")
-        parent, request = None, None
+        parent, request, shards = None, None, 1
         if submittable_kind(kind).needs_parent:
             parent, request = await self._later_job(user_id, kind, parent_job_id, request_json)
             spec = await self._spec_of(parent.id, user_id)
@@ -152,19 +165,22 @@ class JobManager:
         else:
             spec_json = await self._with_datasets(user_id, spec_json)
             parsed = parse_job_spec(spec_json)  # parsed once: stored as it dumps, estimated as it is
-            spec = parsed.model_dump(mode="json")
             profile = await self._store.get_profile(user_id)
             route = route_for(profile.compute_backend, self._settings)
+            # A sharded experiment (scheduler.graph) stores its resolved shard count ("auto": the
+            # estimate's, from the size and the provider's concurrent jobs); 1 runs it as one job.
+            shards = shard_count(
+                parsed.influence.shards,
+                training_count(parsed),
+                parsed.hyperparams.batch_size,
+                DEFAULT_PARALLEL_JOBS[route.provider],
+            )
+            parsed.influence.shards = shards
+            spec = parsed.model_dump(mode="json")
             try:
                 check_model_id(spec["model_id"], route.hosted, self._settings.model_dir_roots)
             except ModelNotAllowed as exc:
                 raise SpecError(str(exc)) from None
-            if parsed.influence.shards != 1:
-                # gpu_core runs the graph's jobs (gpu_core.sharding); the scheduler does not yet
-                # (issue 27), and a silent unsharded run would not be what was estimated.
-                raise SpecError(
-                    "influence.shards: this scheduler does not run sharded experiments yet; leave it at 1"
-                )
         # Raises ProviderNotConfigured before anything is stored: nothing could run the job.
         self._providers.client(route.provider)
         card = None
@@ -201,6 +217,7 @@ class JobManager:
             request=request,
             max_cost_usd=max_cost_usd,
             trace_context=trace_carrier(),
+            shards=shards,
         )
         if created:
             log.info("job queued", extra={"job_id": job.id, "provider": route.provider})
@@ -307,6 +324,8 @@ class JobManager:
             raise JobNotFound(job_id)
         if job.terminal:
             return job
+        if job.is_graph:
+            return await self._cancel_graph(user_id, job)
         if job.provider_job_id:
             route = Route(backend=job.compute_backend, provider=job.provider)  # type: ignore[arg-type]
             account = route.account(user_id, job.endpoint_id)
@@ -321,6 +340,17 @@ class JobManager:
         self.follower.drop(job.id)
         return updated or await self._reload(job.id)
 
+    async def _cancel_graph(self, user_id: str, job: JobRow) -> JobRow:
+        """A sharded experiment: stored cancelled first (so that no step creates a part any more),
+        then every active part is cancelled at its provider."""
+        updated = await self._store.apply(
+            job.id, JobUpdate(status="cancelled", error="cancelled by the user", stage_message="cancelled")
+        )
+        self.follower.drop(job.id)
+        for part in await self._store.active_jobs(user_id, graph_job_id=job.id):
+            await self.cancel(user_id, part.id)
+        return updated or await self._reload(job.id)
+
     async def delete(self, user_id: str, job_id: str) -> int:
         """Cancel the job (and, for an experiment, its active later jobs) at the provider if it
         is still running, then remove its artifacts and the job itself; returns how many
@@ -333,9 +363,14 @@ class JobManager:
         if not job.terminal:
             await self.cancel(user_id, job_id)
         removed = await self.artifacts.store.delete_prefix(job_prefix(job.id))
+        parts = [part for part, _ in await self._store.graph_parts(job.id)]
+        for part in parts:
+            # A sharded experiment's parts go with it (their rows by the foreign key).
+            removed += await self.artifacts.store.delete_prefix(job_prefix(part.id))
         if uploads_directly(job.provider, self.artifacts.store):
             spec = await self._store.get_spec(job.id) if job.kind in WRITES_ARTIFACTS else None
-            await occupy_upload_names(self.artifacts.store, job.id, spec, job.kind)
+            for dead in (job, *parts):
+                await occupy_upload_names(self.artifacts.store, dead.id, spec, dead.kind, dead.request)
         await self._store.delete_job(job.id)
         self.follower.drop(job.id)
         log.info("job deleted", extra={"job_id": job.id, "artifacts": removed})

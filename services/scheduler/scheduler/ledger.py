@@ -31,11 +31,14 @@ async def record_admission(
 
 async def record_settlement(conn: DbConnection, job_id: uuid.UUID) -> None:
     """The job's ``settled`` entry, from its row as the terminal update left it (once per job):
-    the GPU-seconds its provider measured, or the time it ran as the scheduler saw it."""
+    the GPU-seconds its provider measured, or the time it ran as the scheduler saw it. A sharded
+    experiment settles at 0: each of its parts settles the GPU time it ran."""
     await conn.execute(
         """INSERT INTO usage_ledger (user_id, job_id, backend, entry, gpu_seconds, period_at)
            SELECT user_id, id, compute_backend, 'settled',
-                  coalesce(actual_gpu_seconds, extract(epoch FROM finished_at - started_at), 0), created_at
+                  CASE WHEN kind = 'experiment' AND shards > 1 THEN 0
+                       ELSE coalesce(actual_gpu_seconds, extract(epoch FROM finished_at - started_at), 0)
+                  END, created_at
            FROM jobs WHERE id = $1
            ON CONFLICT (job_id, entry) DO NOTHING""",
         job_id,
@@ -60,7 +63,8 @@ async def submissions_since(
 
 async def gpu_seconds_since(conn: DbConnection, user_id: str, backend: str, since: datetime) -> float:
     """GPU-seconds of the jobs submitted since ``since``: what the settled ones ran (the ledger),
-    plus the jobs not settled yet as their live rows say."""
+    plus the jobs not settled yet as their live rows say (a sharded experiment's estimate stands
+    for its active parts)."""
     settled = await conn.fetchval(
         """SELECT coalesce(sum(gpu_seconds), 0)::float8 FROM usage_ledger
            WHERE user_id = $1 AND backend = $2 AND entry = 'settled' AND period_at >= $3""",
@@ -73,7 +77,7 @@ async def gpu_seconds_since(conn: DbConnection, user_id: str, backend: str, sinc
                                     THEN greatest(estimated_time_s, extract(epoch FROM now() - started_at))
                                     ELSE estimated_time_s END), 0)::float8
            FROM jobs WHERE user_id = $1 AND compute_backend = $2 AND created_at >= $3
-                AND status IN ('queued', 'submitted', 'running')""",
+                AND status IN ('queued', 'submitted', 'running') AND graph_job_id IS NULL""",
         user_id,
         backend,
         since,

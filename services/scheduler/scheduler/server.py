@@ -118,6 +118,8 @@ def job_to_proto(job: JobRow, facts: JobFacts | None = None) -> scheduler_pb2.Jo
         estimated_gpu=job.estimated_gpu,
         estimated_usd_per_second=job.estimated_usd_per_second,
         max_cost_usd=job.max_cost_usd,
+        shards=job.shards,
+        parts=[part_to_proto(part) for part in job.parts],
     )
     if facts is not None:
         started = timestamp(facts.started_at)
@@ -128,6 +130,19 @@ def job_to_proto(job: JobRow, facts: JobFacts | None = None) -> scheduler_pb2.Jo
         if facts.tracking:
             message.tracking_json = json.dumps(facts.tracking).encode()
     return message
+
+
+def part_to_proto(part: dict[str, Any]) -> scheduler_pb2.JobPart:
+    shard = part.get("shard")
+    return scheduler_pb2.JobPart(
+        kind=str(part.get("kind", "")),
+        shard=int(shard) if shard is not None else -1,
+        job_id=str(part.get("job_id", "")),
+        status=str(part.get("status", "")),
+        progress=float(part.get("progress", 0.0)),
+        attempts=int(part.get("attempts", 0)),
+        error=str(part.get("error", "")),
+    )
 
 
 def event_to_proto(stored: StoredEvent) -> common_pb2.ProgressEvent:

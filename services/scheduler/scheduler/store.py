@@ -86,10 +86,21 @@ class JobRow:
     max_cost_usd: float = 0.0  # the researcher's spend cap; 0 = none
     started_at: datetime | None = None
     actual: ActualCost | None = None  # the real cost, once the job ended with a measurement
+    # A sharded experiment's graph (scheduler.graph): a part names its experiment (and an index
+    # shard its number); the experiment holds how many shards it runs and its parts' view.
+    graph_job_id: str = ""
+    shard: int | None = None
+    shards: int = 1
+    parts: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL_STATES
+
+    @property
+    def is_graph(self) -> bool:
+        """A sharded experiment: the scheduler runs its parts, no provider runs it."""
+        return self.kind == "experiment" and self.shards > 1
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,7 @@ class JobUpdate:
     provider_job_id: str | None = None
     endpoint_id: str | None = None
     actual: ActualCost | None = None
+    parts: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +165,7 @@ class UploadGrantJob:
     status: str
     kind: str
     spec: dict[str, Any]
+    request: dict[str, Any] | None  # the kind's request: an index shard's names its slice
     secret_sha256s: tuple[bytes, ...]
 
 
@@ -171,7 +184,8 @@ _JOB_COLUMNS = """id::text AS id, user_id, compute_backend, provider,
     coalesce(parent_job_id::text, '') AS parent_job_id, request, model_id, influence_method,
     n_train, n_eval, endpoint_id, submit_token IS NOT NULL AS submitting, trace_context, name, tags,
     note, estimated_gpu, estimated_usd_per_second, max_cost_usd, started_at, actual_gpu_seconds,
-    actual_delay_s, actual_gpu, actual_device, actual_usd_per_second, actual_cost_usd, actual_source"""
+    actual_delay_s, actual_gpu, actual_device, actual_usd_per_second, actual_cost_usd, actual_source,
+    coalesce(graph_job_id::text, '') AS graph_job_id, shard, shards, parts"""
 _ACTUAL_COLUMNS = {
     "actual_gpu_seconds": "gpu_seconds",
     "actual_delay_s": "delay_seconds",
@@ -318,13 +332,17 @@ class Store:
         request: dict[str, Any] | None = None,
         max_cost_usd: float = 0.0,
         trace_context: dict[str, str] | None = None,
+        shards: int = 1,
+        graph_job_id: str | None = None,
+        shard: int | None = None,
     ) -> tuple[JobRow, bool]:
         """Store a new queued job (the outbox: a dispatcher submits it), or return the existing
         one with the same (user, idempotency key). The second value says whether this call
         created it. ``admit`` runs first, in the same transaction and under a per-user lock (so
         concurrent submissions on any replica are counted one after the other); it raises to
         refuse the job. The job's ``admitted`` usage entry is written in the same transaction.
-        ``estimate`` is (time s, USD)."""
+        ``estimate`` is (time s, USD). A part of a sharded experiment (``graph_job_id``) writes
+        no ``admitted`` entry: its experiment was admitted for the whole graph."""
         async with self.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"admit:{user_id}")
             if idempotency_key is not None:
@@ -342,9 +360,10 @@ class Store:
                 f"""INSERT INTO jobs (id, user_id, compute_backend, provider, spec, idempotency_key,
                                       estimated_time_s, estimated_cost_usd, kind, parent_job_id,
                                       request, model_id, influence_method, n_train, n_eval,
-                                      max_cost_usd, trace_context, name, tags, note)
+                                      max_cost_usd, trace_context, name, tags, note, shards,
+                                      graph_job_id, shard)
                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                            $17, $18, $19, $20)
+                            $17, $18, $19, $20, $21, $22, $23)
                     RETURNING {_JOB_COLUMNS}""",
                 job_id,
                 user_id,
@@ -365,8 +384,12 @@ class Store:
                 str(spec.get("name") or ""),
                 [str(tag) for tag in spec.get("tags") or []],
                 str(spec.get("note") or ""),
+                shards,
+                uuid.UUID(graph_job_id) if graph_job_id else None,
+                shard,
             )
-            await ledger.record_admission(conn, job_id, user_id, compute_backend, estimate[0])
+            if graph_job_id is None:
+                await ledger.record_admission(conn, job_id, user_id, compute_backend, estimate[0])
             return _job(returned_row(row)), True
 
     async def get_job(self, job_id: str, user_id: str | None = None) -> JobRow | None:
@@ -393,13 +416,14 @@ class Store:
         self, user_id: str, limit: int, parent_job_id: str = "", kind: str = ""
     ) -> list[JobRow]:
         """The user's experiments, or with ``parent_job_id`` that experiment's later jobs (of
-        ``kind`` when given), newest first."""
+        ``kind`` when given), newest first; never the parts of a sharded experiment."""
         parent = parse_job_id(parent_job_id) if parent_job_id else None
         if parent_job_id and parent is None:
             return []
         rows = await self._fetch(
             f"""SELECT {_JOB_COLUMNS} FROM jobs WHERE user_id = $1
                   AND parent_job_id IS NOT DISTINCT FROM $3 AND ($4 = '' OR kind = $4)
+                  AND graph_job_id IS NULL
                 ORDER BY created_at DESC, id LIMIT $2""",
             user_id,
             limit,
@@ -408,21 +432,42 @@ class Store:
         )
         return [_job(row) for row in rows]
 
-    async def active_jobs(self, user_id: str, backend: str = "", parent_job_id: str = "") -> list[JobRow]:
-        """The user's non-terminal jobs (on ``backend``, or the later jobs of ``parent_job_id``)."""
+    async def active_jobs(
+        self, user_id: str, backend: str = "", parent_job_id: str = "", graph_job_id: str = ""
+    ) -> list[JobRow]:
+        """The user's non-terminal jobs (on ``backend``, or the later jobs of ``parent_job_id``,
+        or the parts of the sharded experiment ``graph_job_id``)."""
         parent = parse_job_id(parent_job_id) if parent_job_id else None
+        graph = parse_job_id(graph_job_id) if graph_job_id else None
         rows = await self._fetch(
             f"""SELECT {_JOB_COLUMNS} FROM jobs
                 WHERE user_id = $1 AND status = ANY($2::text[])
                   AND ($3 = '' OR compute_backend = $3)
                   AND ($4::uuid IS NULL OR parent_job_id = $4)
+                  AND ($5::uuid IS NULL OR graph_job_id = $5)
                 ORDER BY created_at""",
             user_id,
             list(ACTIVE_STATES),
             backend,
             parent,
+            graph,
         )
         return [_job(row) for row in rows]
+
+    async def graph_parts(self, graph_job_id: str) -> list[tuple[JobRow, Any]]:
+        """Every part of the sharded experiment (each attempt), oldest first, with its result
+        (None until it completed)."""
+        rows = await self._fetch(
+            f"""SELECT {_JOB_COLUMNS}, result FROM jobs WHERE graph_job_id = $1
+                ORDER BY created_at, id""",
+            uuid.UUID(graph_job_id),
+        )
+        parts = []
+        for row in rows:
+            fields = dict(row)
+            result = fields.pop("result")
+            parts.append((_job_from(fields), result))
+        return parts
 
     # ---- leases (several scheduler replicas) ------------------------------------------------
 
@@ -530,7 +575,7 @@ class Store:
         if parsed is None:
             return None
         row = await self._fetchrow(
-            "SELECT status, kind, spec, upload_secret_sha256s FROM jobs WHERE id = $1", parsed
+            "SELECT status, kind, spec, request, upload_secret_sha256s FROM jobs WHERE id = $1", parsed
         )
         if row is None:
             return None
@@ -538,6 +583,7 @@ class Store:
             status=row["status"],
             kind=row["kind"],
             spec=row["spec"],
+            request=row["request"],
             secret_sha256s=tuple(row["upload_secret_sha256s"] or ()),
         )
 
@@ -756,6 +802,7 @@ class Store:
                        actual_usd_per_second = coalesce($19, actual_usd_per_second),
                        actual_cost_usd = coalesce($20, actual_cost_usd),
                        actual_source = coalesce($21, actual_source),
+                       parts = coalesce($22, parts),
                        last_seq = $10,
                        finished_at = CASE WHEN $3 = ANY($11::text[]) THEN now() ELSE finished_at END,
                        started_at = CASE WHEN $3 = 'running' AND started_at IS NULL THEN now()
@@ -778,6 +825,7 @@ class Store:
                 update.provider_job_id,
                 update.endpoint_id,
                 *(astuple(update.actual) if update.actual is not None else (None,) * len(_ACTUAL_COLUMNS)),
+                update.parts,
             )
             if update.status in TERMINAL_STATES:
                 await ledger.record_settlement(conn, job_uuid)

@@ -121,17 +121,18 @@ async def presigned_uploads(
     expires_s: int,
     kind: str = EXPERIMENT,
     grant_url: str = "",
+    request: dict[str, Any] | None = None,
 ) -> list[compute_pb2.ArtifactUpload]:
     """The job's upload plan: a create-only PUT of the worker's claim, of exactly
     ``CLAIM_BYTES``, and a GET of it (``CLAIM_READ_NAME``: a re-delivered provider job finds its
     own claim); then, with ``grant_url`` (the job's upload route, the secret in its path), that
     route, where the worker asks for each file's URL of its size (``grant_upload``); without it,
     one create-only PUT URL per other name the job's run may write (``upload_names``: an
-    experiment's, a later job's of ``kind``, e.g. a merge's ``merged/`` folder, and the result
-    record), not bounded in size. ``spec`` None: a job that writes only the worker's records (a
-    query, a counterfactual check)."""
+    experiment's, a later job's of ``kind``, e.g. a merge's ``merged/`` folder or an index
+    shard's slice named by its ``request``, and the result record), not bounded in size.
+    ``spec`` None: a job that writes only the worker's records (a query, a counterfactual check)."""
     claim_only = {**CREATE_ONLY, "Content-Length": str(CLAIM_BYTES)}
-    names = [CLAIM_NAME] if grant_url else upload_names(spec, kind)
+    names = [CLAIM_NAME] if grant_url else upload_names(spec, kind, request)
     plan = [
         compute_pb2.ArtifactUpload(
             name=name,
@@ -154,20 +155,29 @@ async def presigned_uploads(
     return plan
 
 
-def upload_names(spec: dict[str, Any] | None, kind: str = EXPERIMENT) -> list[str]:
+def upload_names(
+    spec: dict[str, Any] | None, kind: str = EXPERIMENT, request: dict[str, Any] | None = None
+) -> list[str]:
     """Every name a job may upload to: minted at dispatch (``presigned_uploads``), or asked for
-    one at a time (``grant_upload``: never the claim, whose URL is always minted at dispatch)."""
-    planned = planned_job_artifact_names(kind, parse_spec(spec, NO_SIZE_LIMITS)) if spec is not None else []
+    one at a time (``grant_upload``: never the claim, whose URL is always minted at dispatch);
+    ``request``: an index shard's, which names its slice."""
+    planned = (
+        planned_job_artifact_names(kind, parse_spec(spec, NO_SIZE_LIMITS), request) if spec is not None else []
+    )
     return [*planned, *WORKER_RECORD_NAMES]
 
 
 async def occupy_upload_names(
-    store: ArtifactStore, job_id: str, spec: dict[str, Any] | None, kind: str = EXPERIMENT
+    store: ArtifactStore,
+    job_id: str,
+    spec: dict[str, Any] | None,
+    kind: str = EXPERIMENT,
+    request: dict[str, Any] | None = None,
 ) -> int:
     """Put an empty object at every name the job's URLs may write, so that each URL, being
     create-only, is refused by the store (412) until it expires: a deleted job's URLs die with
     it. ``sweep_orphans`` removes these once the URLs have expired. Returns how many."""
-    names = upload_names(spec, kind)
+    names = upload_names(spec, kind, request)
     for name in names:
         await store.put(job_key(job_id, name), _empty())
     return len(names)
@@ -224,7 +234,9 @@ async def grant_upload(
         )
     # As the dispatcher plans it: a job that writes no files (a query, a check) writes the records.
     writes_files = job.kind in WRITES_ARTIFACTS
-    if name == CLAIM_NAME or name not in upload_names(job.spec if writes_files else None, job.kind):
+    if name == CLAIM_NAME or name not in upload_names(
+        job.spec if writes_files else None, job.kind, job.request
+    ):
         raise UploadRefused(
             "INVALID_ARGUMENT", f"{name[:200]!r} is not a file this job may write (gpu_core.uploads)"
         )
@@ -272,21 +284,37 @@ async def presigned_parent_downloads(
     expires_s: int,
     kind: str = QUERY,
 ) -> list[compute_pb2.ParentArtifact]:
-    """One presigned GET URL per experiment file the later job needs and the store still holds;
-    none where the store cannot sign (the worker then reads compute-local's folder or recomputes)."""
-    if not store.supports_presign or not parent_result:
+    """One GET URL (``download_url``) per experiment file the later job needs and the store
+    still holds (compute-local reads its own folder of the experiment first, when it has one)."""
+    if not parent_result:
         return []
     stored = {entry["name"]: entry for entry in stored_manifest}
     needed = [name for name in needed_parent_artifacts(parse_result(parent_result), kind) if name in stored]
+    return await part_downloads(store, [(parent_job_id, stored[name]) for name in needed], expires_s)
+
+
+async def part_downloads(
+    store: ArtifactStore, files: list[tuple[str, dict[str, Any]]], expires_s: int
+) -> list[compute_pb2.ParentArtifact]:
+    """One GET URL per (job id, verified manifest entry): the files of other jobs a job reads
+    (its experiment's, or a sharded experiment's training job's and shards')."""
     return [
         compute_pb2.ParentArtifact(
-            name=name,
-            url=await store.presigned_url("GET", job_key(parent_job_id, name), expires_s),
-            sha256=stored[name]["sha256"],
-            bytes=stored[name]["bytes"],
+            name=entry["name"],
+            url=await download_url(store, job_key(job_id, entry["name"]), expires_s),
+            sha256=entry["sha256"],
+            bytes=entry["bytes"],
         )
-        for name in needed
+        for job_id, entry in files
     ]
+
+
+async def download_url(store: ArtifactStore, key: str, expires_s: int) -> str:
+    """A GET of ``key``: presigned where the store signs, else a file:// path in the local store
+    (which only compute-local, on this host, can read)."""
+    if store.supports_presign:
+        return await store.presigned_url("GET", key, expires_s)
+    return store.local_path(key).as_uri()
 
 
 async def verify_uploads(

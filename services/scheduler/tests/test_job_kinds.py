@@ -4,6 +4,7 @@ result, refused (with the field named) until they fit, and listed under their ex
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
@@ -144,18 +145,22 @@ async def test_checks_that_do_not_fit_are_refused_before_anything_is_stored(
         await stub.SubmitJob(shard)
     assert internal.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "kind: index_shard jobs are parts of a sharded experiment" in internal.value.details()
-    sharded = json.loads(h.spec_json())
-    sharded["influence_method"], sharded["influence"] = "trackstar", {"shards": 2}
-    with pytest.raises(grpc.aio.AioRpcError) as not_yet:
-        await stub.SubmitJob(
-            scheduler_pb2.SubmitJobRequest(user_id="alice", spec_json=json.dumps(sharded).encode())
-        )
-    assert not_yet.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "influence.shards: this scheduler does not run sharded experiments yet" in not_yet.value.details()
     listed = await stub.ListJobs(scheduler_pb2.ListJobsRequest(user_id="alice", parent_job_id=parent))
     assert list(listed.jobs) == []
     assert len(provider.servicer.submit_requests) == 2  # the two experiments only
     assert all(r.kind == "" for r in provider.servicer.submit_requests)
+    # A sharded experiment is accepted (issue 27): the scheduler runs it as a graph of jobs, whose
+    # first part, its training job, is what a provider receives (scheduler/tests/test_graph.py).
+    sharded = json.loads(h.spec_json(hyperparams={"epochs": 1, "batch_size": 1}))
+    sharded["influence_method"], sharded["influence"] = "trackstar", {"shards": 2}
+    graph = await stub.SubmitJob(
+        scheduler_pb2.SubmitJobRequest(user_id="alice", spec_json=json.dumps(sharded).encode())
+    )
+    assert graph.shards == 2
+    while len(provider.servicer.submit_requests) < 3:
+        await asyncio.sleep(0.02)
+    assert provider.servicer.submit_requests[2].kind == "training"
+    await stub.CancelJob(scheduler_pb2.CancelJobRequest(user_id="alice", job_id=graph.id))
 
 
 async def test_deleting_an_experiment_cancels_its_running_checks_at_the_provider_first(

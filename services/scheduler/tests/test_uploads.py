@@ -235,7 +235,16 @@ async def test_a_query_gets_get_urls_for_the_files_it_reads_and_the_worker_check
     assert list((tmp_path / "again").rglob("*.safetensors*")) == []
 
 
-async def test_a_store_that_cannot_sign_mints_no_get_urls(tmp_path) -> None:
-    local = open_store(load_store_settings(url=str(tmp_path)))
+async def test_a_store_that_cannot_sign_names_its_files_on_this_host(tmp_path) -> None:
+    """The local store signs nothing: a job reads the files where they lie (compute-local, on the
+    same host), copied and checked as a download is."""
+    from gpu_core.uploads import ParentArtifact, download_artifacts
+
+    local = open_store(load_store_settings(url=str(tmp_path / "store")))
+    await local.put(job_key("p", "adapter/adapter_config.json"), chunks(b"{}"))
     stored = [entry("adapter/adapter_config.json", b"{}")]
-    assert await presigned_parent_downloads(local, "p", stored, parent_result("tracin", stored), 60) == []
+    entries = await presigned_parent_downloads(local, "p", stored, parent_result("tracin", stored), 60)
+    assert [e.url for e in entries] == [(tmp_path / "store" / "jobs/p/adapter/adapter_config.json").as_uri()]
+    parsed = [ParentArtifact(e.name, e.url, e.sha256, e.bytes) for e in entries]
+    assert download_artifacts(parsed, tmp_path / "copy") == ["adapter/adapter_config.json"]
+    assert (tmp_path / "copy" / "adapter" / "adapter_config.json").read_bytes() == b"{}"

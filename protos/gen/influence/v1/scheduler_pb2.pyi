@@ -150,7 +150,7 @@ class DatasetRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., dataset_id: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "user_id", "compute_backend", "provider", "provider_job_id", "state", "stage", "progress", "stage_message", "latest_metrics_json", "error", "estimated_time_s", "estimated_cost_usd", "model_id", "influence_method", "n_train", "n_eval", "created_at", "updated_at", "finished_at", "last_seq", "kind", "parent_job_id", "request_json", "name", "tags", "note", "started_at", "outcome_json", "actual", "estimated_gpu", "estimated_usd_per_second", "max_cost_usd", "tracking_json")
+    __slots__ = ("id", "user_id", "compute_backend", "provider", "provider_job_id", "state", "stage", "progress", "stage_message", "latest_metrics_json", "error", "estimated_time_s", "estimated_cost_usd", "model_id", "influence_method", "n_train", "n_eval", "created_at", "updated_at", "finished_at", "last_seq", "kind", "parent_job_id", "request_json", "name", "tags", "note", "started_at", "outcome_json", "actual", "estimated_gpu", "estimated_usd_per_second", "max_cost_usd", "tracking_json", "shards", "parts")
     ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +185,8 @@ class Job(_message.Message):
     ESTIMATED_USD_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     MAX_COST_USD_FIELD_NUMBER: _ClassVar[int]
     TRACKING_JSON_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     user_id: str
     compute_backend: str
@@ -219,7 +221,27 @@ class Job(_message.Message):
     estimated_usd_per_second: float
     max_cost_usd: float
     tracking_json: bytes
-    def __init__(self, id: _Optional[str] = ..., user_id: _Optional[str] = ..., compute_backend: _Optional[str] = ..., provider: _Optional[str] = ..., provider_job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., stage: _Optional[str] = ..., progress: _Optional[float] = ..., stage_message: _Optional[str] = ..., latest_metrics_json: _Optional[bytes] = ..., error: _Optional[str] = ..., estimated_time_s: _Optional[float] = ..., estimated_cost_usd: _Optional[float] = ..., model_id: _Optional[str] = ..., influence_method: _Optional[str] = ..., n_train: _Optional[int] = ..., n_eval: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., kind: _Optional[str] = ..., parent_job_id: _Optional[str] = ..., request_json: _Optional[bytes] = ..., name: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., note: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., outcome_json: _Optional[bytes] = ..., actual: _Optional[_Union[_common_pb2.JobCost, _Mapping]] = ..., estimated_gpu: _Optional[str] = ..., estimated_usd_per_second: _Optional[float] = ..., max_cost_usd: _Optional[float] = ..., tracking_json: _Optional[bytes] = ...) -> None: ...
+    shards: int
+    parts: _containers.RepeatedCompositeFieldContainer[JobPart]
+    def __init__(self, id: _Optional[str] = ..., user_id: _Optional[str] = ..., compute_backend: _Optional[str] = ..., provider: _Optional[str] = ..., provider_job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., stage: _Optional[str] = ..., progress: _Optional[float] = ..., stage_message: _Optional[str] = ..., latest_metrics_json: _Optional[bytes] = ..., error: _Optional[str] = ..., estimated_time_s: _Optional[float] = ..., estimated_cost_usd: _Optional[float] = ..., model_id: _Optional[str] = ..., influence_method: _Optional[str] = ..., n_train: _Optional[int] = ..., n_eval: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., kind: _Optional[str] = ..., parent_job_id: _Optional[str] = ..., request_json: _Optional[bytes] = ..., name: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., note: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., outcome_json: _Optional[bytes] = ..., actual: _Optional[_Union[_common_pb2.JobCost, _Mapping]] = ..., estimated_gpu: _Optional[str] = ..., estimated_usd_per_second: _Optional[float] = ..., max_cost_usd: _Optional[float] = ..., tracking_json: _Optional[bytes] = ..., shards: _Optional[int] = ..., parts: _Optional[_Iterable[_Union[JobPart, _Mapping]]] = ...) -> None: ...
+
+class JobPart(_message.Message):
+    __slots__ = ("kind", "shard", "job_id", "status", "progress", "attempts", "error")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    shard: int
+    job_id: str
+    status: str
+    progress: float
+    attempts: int
+    error: str
+    def __init__(self, kind: _Optional[str] = ..., shard: _Optional[int] = ..., job_id: _Optional[str] = ..., status: _Optional[str] = ..., progress: _Optional[float] = ..., attempts: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("user_id", "spec_json", "idempotency_key", "kind", "parent_job_id", "request_json", "max_cost_usd")

@@ -51,7 +51,27 @@ function cacheKey(jobId) {
 
 function emptyProgress() {
   return { lastSeq: 0, progress: 0, stage: "", message: "", epoch: null, totalEpochs: null,
-    etaS: null, startedAt: null, loss: [] };
+    etaS: null, startedAt: null, loss: [], parts: null };
+}
+
+// A sharded experiment's parts (the training job, each index shard, the merge) as rows.
+function partName(part, shards) {
+  if (part.kind === "training") return "Training job";
+  if (part.kind === "shard_merge") return "Merge";
+  return `Index shard ${part.shard + 1} of ${shards}`;
+}
+
+function partsRows(parts, shards) {
+  return parts.map((part) => {
+    const value = Math.round((part.status === "completed" ? 1 : part.progress || 0) * 100);
+    const meter = el("progress", { max: 100, value, "aria-label": `${partName(part, shards)} progress` });
+    return el("tr", { "data-kind": part.kind, "data-shard": part.shard ?? "" },
+      el("th", { scope: "row" }, partName(part, shards)),
+      el("td", { class: `part-status status-${part.status}` }, part.status),
+      el("td", {}, meter, ` ${value}%`),
+      el("td", { class: "num" }, String(part.attempts)),
+      el("td", {}, part.error || ""));
+  });
 }
 
 export async function renderJob(view, jobId) {
@@ -79,6 +99,17 @@ export async function renderJob(view, jobId) {
   const chart = el("div", { id: "loss-chart", class: "chart", role: "img", "aria-label": "Training loss by step" });
   const resultsHost = el("div", { id: "results" });
   const actualCost = el("dd", { id: "job-actual-cost" });
+  const partsBody = el("tbody", {});
+  const partsSection = el("section", { class: "card", id: "job-parts", "aria-labelledby": "parts-heading",
+    hidden: !(job.shards > 1) },
+    el("h2", { id: "parts-heading" }, `Parts (${job.shards} index shards)`),
+    el("p", { class: "help" }, "A sharded experiment runs as a training job, its index shards "
+      + "(at once where the backend allows) and a merge. A shard that fails runs again alone."),
+    el("table", { class: "data" },
+      el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "Part"), el("th", { scope: "col" }, "Status"),
+        el("th", { scope: "col" }, "Progress"), el("th", { scope: "col" }, "Attempts"),
+        el("th", { scope: "col" }, "Error"))),
+      partsBody));
   const tracked = el("dd", { id: "job-tracking" });
 
   const heading = el("h1", {}, job.name || `Experiment ${jobId.slice(0, 8)}`);
@@ -102,6 +133,7 @@ export async function renderJob(view, jobId) {
       el("p", { class: "help" }, epoch, " ", eta),
       errorBox,
       el("div", { class: "actions" }, cancel, widenPools, moveToHosted)),
+    partsSection,
     labelsSection(job, (saved) => { heading.textContent = saved.name || `Experiment ${jobId.slice(0, 8)}`; }),
     el("section", { class: "card" }, el("h2", {}, "Training loss"), chart),
     resultsHost);
@@ -147,6 +179,8 @@ export async function renderJob(view, jobId) {
     epoch.textContent = e && total ? `Epoch ${e} / ${total}.` : "";
     eta.textContent = terminal ? "" : etaText();
     cancel.hidden = terminal;
+    const parts = terminal || !state.parts ? job.parts : state.parts;
+    if (job.shards > 1 && parts && parts.length) partsBody.replaceChildren(...partsRows(parts, job.shards));
     const noGpu = job.backend === "runpod"
       && /^no gpu/i.test(job.status === "failed" ? job.error || "" : job.stage_message || "");
     moveToHosted.hidden = !noGpu || job.status === "cancelled" || job.status === "completed";
@@ -220,6 +254,7 @@ export async function renderJob(view, jobId) {
     if (event.stage) state.stage = event.stage;
     if (event.message) state.message = event.message;
     if (event.type === "progress") {
+      if (Array.isArray(event.parts)) state.parts = event.parts;
       state.progress = Math.max(state.progress, event.progress || 0);
       state.startedAt = state.startedAt || event.time;
       if (event.epoch !== null && event.epoch !== undefined) state.epoch = event.epoch;

@@ -1,0 +1,193 @@
+"""A sharded experiment's graph (scheduler.graph) through the real scheduler, real PostgreSQL and
+the scripted provider: its parts are jobs the provider receives one by one (training, then the
+shards), a failed shard runs again alone until its attempts are spent and then fails the
+experiment naming the shard and the cause, a failed training job fails it, cancel and delete
+reach every part, and the usage ledger counts the parts' time once."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import json
+import os
+
+import asyncpg
+import grpc
+import pytest
+
+from artifact_store import job_key, open_store
+from gpu_core.schemas import NO_SIZE_LIMITS, parse_spec
+from gpu_core.shard_schemas import ShardRequest
+from gpu_core.uploads import planned_shard_artifact_names, planned_training_artifact_names
+from influence.v1 import common_pb2, scheduler_pb2
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def sharded_spec(h, shards: int = 2) -> bytes:
+    spec = json.loads(h.spec_json(hyperparams={"epochs": 1, "batch_size": 1}))
+    spec["influence_method"], spec["influence"] = "trackstar", {"shards": shards}
+    return json.dumps(spec).encode()
+
+
+async def submit(stub, h, key: str = "") -> scheduler_pb2.Job:
+    return await stub.SubmitJob(
+        scheduler_pb2.SubmitJobRequest(user_id="alice", spec_json=sharded_spec(h), idempotency_key=key)
+    )
+
+
+async def until(condition, timeout_s: float = 20.0):
+    """``condition()``'s first true answer (it may be a coroutine function)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        found = condition()
+        if inspect.isawaitable(found):
+            found = await found
+        if found:
+            return found
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def get(stub, job_id: str) -> scheduler_pb2.Job:
+    return await stub.GetJob(scheduler_pb2.GetJobRequest(user_id="alice", job_id=job_id))
+
+
+def kinds(servicer) -> list[str]:
+    return [request.kind for request in servicer.submit_requests]
+
+
+async def test_a_shard_that_keeps_failing_is_retried_alone_then_fails_the_experiment(start, provider, h):
+    running = await start(scheduler_shard_retries=1)
+    stub, servicer = running.stub, provider.servicer
+    job = await submit(stub, h)
+    assert job.shards == 2 and job.state == common_pb2.JOB_STATE_QUEUED
+    # The experiment itself goes to no provider: its training job does, then the shards.
+    await until(lambda: kinds(servicer) == ["training"])
+    servicer.plan = h.plan(outcome="fail", error="the worker process was killed (signal 9)")
+    events = await h.watch_all(stub, "alice", job.id)
+    final = json.loads(events[-1].event_json)
+    assert final["state"] == "failed"
+    failed = await get(stub, job.id)
+    assert failed.error.startswith("index shard ")
+    assert "of 2 (training examples " in failed.error
+    assert "failed after 2 attempts: the worker process was killed (signal 9)" in failed.error
+    # Each shard ran twice at most (one retry), alone: never the training job again.
+    assert kinds(servicer).count("training") == 1
+    assert 2 <= kinds(servicer).count("index_shard") <= 4
+    assert "shard_merge" not in kinds(servicer)
+    parts = {(p.kind, p.shard): p for p in failed.parts}
+    assert parts[("training", -1)].status == "completed" and parts[("training", -1)].attempts == 1
+    assert max(parts[("index_shard", i)].attempts for i in (0, 1)) == 2
+    assert parts[("shard_merge", -1)].status == "pending"
+    # The parts are not experiments.
+    listed = await stub.ListJobs(scheduler_pb2.ListJobsRequest(user_id="alice"))
+    assert [j.id for j in listed.jobs] == [job.id]
+
+
+async def test_a_failed_training_job_fails_the_experiment_with_its_cause(scheduler, provider, h):
+    stub, servicer = scheduler.stub, provider.servicer
+    servicer.plan = h.plan(outcome="fail", error="CUDA out of memory")
+    job = await submit(stub, h)
+    events = await h.watch_all(stub, "alice", job.id)
+    assert json.loads(events[-1].event_json)["state"] == "failed"
+    assert (await get(stub, job.id)).error == "the training job failed: CUDA out of memory"
+    assert kinds(servicer) == ["training"]
+
+
+async def test_cancel_and_delete_reach_every_part_and_the_ledger_counts_parts_once(
+    scheduler, provider, h, database_url
+):
+    stub, servicer = scheduler.stub, provider.servicer
+    servicer.plan = h.plan(hold_at=1, usage_s=7.0)  # the training job runs and waits
+    job = await submit(stub, h, key="graph-1")
+    again = await submit(stub, h, key="graph-1")
+    assert again.id == job.id
+    training = await h.until_submitted(servicer, (await _training_id(database_url, job.id)))
+    cancelled = await stub.CancelJob(scheduler_pb2.CancelJobRequest(user_id="alice", job_id=job.id))
+    assert cancelled.state == common_pb2.JOB_STATE_CANCELLED
+    assert servicer.cancel_calls == [training.job_id] and training.cancelled
+    part = await get(stub, training.job_id)
+    assert part.state == common_pb2.JOB_STATE_CANCELLED and part.kind == "training"
+    conn = await asyncpg.connect(database_url)
+    try:
+        entries = await conn.fetch(
+            "SELECT job_id::text AS job_id, entry, gpu_seconds FROM usage_ledger WHERE user_id = 'alice'"
+        )
+        by_job = {(row["job_id"], row["entry"]): row["gpu_seconds"] for row in entries}
+        # Admitted once, as the experiment; settled by the part that ran, the experiment at 0.
+        assert (job.id, "admitted") in by_job and (training.job_id, "admitted") not in by_job
+        assert by_job[(job.id, "settled")] == 0
+        assert (training.job_id, "settled") in by_job
+        await stub.DeleteJob(scheduler_pb2.DeleteJobRequest(user_id="alice", job_id=job.id))
+        remaining = await conn.fetchval("SELECT count(*) FROM jobs WHERE user_id = 'alice'")
+        assert remaining == 0
+    finally:
+        await conn.close()
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await get(stub, training.job_id)
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def _training_id(database_url: str, job_id: str) -> str:
+    conn = await asyncpg.connect(database_url)
+    try:
+
+        async def found() -> str | None:
+            value = await conn.fetchval(
+                "SELECT id::text FROM jobs WHERE graph_job_id = $1::uuid AND kind = 'training'", job_id
+            )
+            return str(value) if value else None
+
+        return await until(found)
+    finally:
+        await conn.close()
+
+
+async def test_on_runpod_each_part_uploads_its_own_names_and_a_shard_downloads_the_training_files(
+    start, provider, h, s3_server
+):
+    """Where workers upload directly, the training job gets PUT URLs for its adapter and
+    checkpoints; once it completed (its files verified in the store), each index shard gets
+    presigned GETs of exactly those files and PUT URLs for its own slice's files."""
+    settings = s3_server.store_settings(prefix=f"t-{os.urandom(4).hex()}")
+    running = await start(store_settings=settings)
+    stub, servicer = running.stub, provider.servicer
+    await stub.SetComputeBackend(scheduler_pb2.SetComputeBackendRequest(user_id="alice", backend="runpod"))
+    files = {"adapter/adapter_config.json": b'{"r": 8}', "checkpoints/epoch-1.safetensors": b"state"}
+    servicer.plan = h.plan(hold_at=1, artifacts=files)
+    job = await submit(stub, h)
+    await until(lambda: kinds(servicer) == ["training"])
+    training = servicer.submit_requests[0]
+    spec = parse_spec(json.loads(sharded_spec(h)), NO_SIZE_LIMITS)
+    uploads = {upload.name: upload.url for upload in training.artifact_uploads}
+    assert set(planned_training_artifact_names(spec)) <= set(uploads)
+    assert all(f"/jobs/{training.job_id}/" in url for url in uploads.values())
+    store = open_store(settings)
+    for name, data in files.items():  # what the training job's worker uploads
+        await store.put(job_key(training.job_id, name), _chunks(data))
+    servicer.plan = h.plan(hold_at=1)  # the shards run and wait
+    training_plan = servicer.jobs[training.job_id].plan
+    training_plan.release.set()
+    await until(lambda: kinds(servicer).count("index_shard") == 2)
+    for request in servicer.submit_requests[1:]:
+        shard = json.loads(request.request_json)
+        assert request.parent_job_id == training.job_id
+        downloads = {artifact.name: artifact for artifact in request.parent_artifacts}
+        assert sorted(downloads) == sorted(files)
+        assert all(f"/jobs/{training.job_id}/" in a.url for a in downloads.values())
+        assert all(a.sha256 == hashlib.sha256(files[name]).hexdigest() for name, a in downloads.items())
+        planned = planned_shard_artifact_names(spec, ShardRequest.model_validate(shard))
+        names = {upload.name for upload in request.artifact_uploads}
+        assert set(planned) <= names and any(
+            n.startswith(f"shards/shard-{shard['shard']:05d}/") for n in names
+        )
+    await stub.CancelJob(scheduler_pb2.CancelJobRequest(user_id="alice", job_id=job.id))
+    # A shard whose submit answer was still on its way is cancelled once it arrives.
+    shards = sorted(r.job_id for r in servicer.submit_requests[1:])
+    await until(lambda: sorted(servicer.cancel_calls) == shards)
+
+
+async def _chunks(data: bytes):
+    yield data
