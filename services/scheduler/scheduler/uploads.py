@@ -161,9 +161,9 @@ def upload_names(
     """Every name a job may upload to: minted at dispatch (``presigned_uploads``), or asked for
     one at a time (``grant_upload``: never the claim, whose URL is always minted at dispatch);
     ``request``: an index shard's, which names its slice."""
-    planned = (
-        planned_job_artifact_names(kind, parse_spec(spec, NO_SIZE_LIMITS), request) if spec is not None else []
-    )
+    if spec is None:
+        return list(WORKER_RECORD_NAMES)
+    planned = planned_job_artifact_names(kind, parse_spec(spec, NO_SIZE_LIMITS), request)
     return [*planned, *WORKER_RECORD_NAMES]
 
 
