@@ -1,0 +1,236 @@
+"""A sharded experiment (``influence.shards`` = 2, projected TracIn) through the remote providers,
+end to end through the gateway, with the artifact store on the S3 test server (moto on loopback):
+
+- RunPod: the fake RunPod runs the real worker under the runpod SDK's loop, on an endpoint of
+  ``workers.max`` 2 (RUNPOD_WORKERS_MAX); it starts a second worker as RunPod's scaler does.
+- Modal: the in-process adapter runs the Modal app's function body, one spawn per part.
+
+Each part (the training job, two index shards, the merge) is one provider job: the fake counts
+one ``/run`` per part and the Modal adapter one spawn. Every part's files travel through the
+store (presigned PUTs out of the workers, presigned GETs into the shards and the merge), and the
+experiment ends with the files of an unsharded one, whose scores and top-k equal those of the
+same spec run unsharded by gpu_core on this machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import httpx
+import numpy as np
+import pytest
+
+from benchmarks.specs import tracin_spec
+from devstack.client import GatewayClient
+from devstack.s3_server import S3TestServer
+from devstack.stack import FakeRunPodProcess, Stack
+
+pytestmark = pytest.mark.e2e
+
+RUNPOD_KEY = "rpa_SHARDEDPROVIDERS0123456789ABCD"
+N_TRAIN, N_EVAL = 96, 4
+PARTS = ("training", "index_shard", "index_shard", "shard_merge")
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeRunPodProcess]:
+    process = FakeRunPodProcess.start()
+    process.control("POST", "keys", key=RUNPOD_KEY, balance=500.0)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, fake: FakeRunPodProcess, s3_server: S3TestServer
+) -> Iterator[Stack]:
+    with Stack(
+        data_dir=tmp_path_factory.mktemp("sharded-providers"),
+        extra_env={
+            **fake.settings_env(),
+            **s3_server.store_env(prefix="sharded"),
+            "HOSTED_PROVIDER": "modal",
+            "COMPUTE_MODAL_BACKEND": "inprocess",
+            "SCHEDULER_POLL_INTERVAL_S": "0.2",
+            "RUNPOD_STREAM_WAIT_MS": "1000",
+            "RUNPOD_WORKERS_MAX": "2",
+        },
+        services=("keyvault", "compute-runpod", "compute-modal", "scheduler", "gateway"),
+    ) as running:
+        yield running
+
+
+def sharded_spec() -> dict[str, Any]:
+    spec = tracin_spec(N_TRAIN, N_EVAL)
+    spec["hyperparams"].update(epochs=2, batch_size=8)
+    spec["influence"] = {"shards": 2, "projection_dim": 32, "projection_seed": 3, "top_k": 5}
+    return spec
+
+
+@pytest.fixture(scope="module")
+def unsharded(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, dict[str, Any]]:
+    """The same spec run unsharded by gpu_core here: (its score matrix, its result)."""
+    from gpu_core.pipeline import run_experiment_to_result
+    from gpu_core.schemas import parse_spec
+
+    spec = copy.deepcopy(sharded_spec())
+    spec["influence"].pop("shards")
+    directory = tmp_path_factory.mktemp("unsharded")
+    result = run_experiment_to_result(parse_spec(spec), directory)
+    return np.load(directory / "scores.npy"), result.model_dump(mode="json")
+
+
+def store_object(s3_server: S3TestServer, key: str) -> bytes:
+    import boto3
+
+    from devstack.s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        region_name=REGION,
+        aws_access_key_id=ACCESS_KEY_ID,
+        aws_secret_access_key=SECRET_ACCESS_KEY,
+    )
+    return client.get_object(Bucket=s3_server.bucket, Key=f"sharded/{key}")["Body"].read()
+
+
+def download(client: GatewayClient, job_id: str, name: str) -> bytes:
+    """The gateway's artifact route: a 307 to a presigned GET of the S3 store, followed."""
+    reply = client.request("GET", f"/api/jobs/{job_id}/artifacts/{name}")
+    assert reply.status_code == 307, reply.text
+    fetched = httpx.get(reply.headers["location"], timeout=60)
+    assert fetched.status_code == 200
+    return fetched.content
+
+
+def _top_k(result: dict[str, Any]) -> dict[str, tuple[list[str], list[str]]]:
+    return {
+        eval_id: ([s["id"] for s in top["helpful"]], [s["id"] for s in top["harmful"]])
+        for eval_id, top in result["influence"]["top_k"].items()
+    }
+
+
+def parts_of(stack: Stack, job_id: str) -> list[dict[str, Any]]:
+    """Every job the experiment's graph created, oldest first (the jobs table: the experiment's
+    parts are no page of their own)."""
+
+    async def read() -> list[dict[str, Any]]:
+        connection = await asyncpg.connect(stack.database_url)
+        try:
+            rows = await connection.fetch(
+                "SELECT id::text AS id, kind, shard, status, provider_job_id FROM jobs "
+                "WHERE graph_job_id = $1 ORDER BY created_at",
+                job_id,
+            )
+        finally:
+            await connection.close()
+        return [dict(row) for row in rows]
+
+    return asyncio.run(read())
+
+
+def run_sharded(stack: Stack, client: GatewayClient, backend: str) -> tuple[str, list[dict[str, Any]]]:
+    """Submit the sharded spec; wait for it to complete: (its job id, its parts' jobs)."""
+    job_id = client.submit(sharded_spec())["job_id"]
+    events = list(client.events(job_id))
+    assert events[-1]["state"] == "completed", events[-3:]
+    assert client.job(job_id)["provider"] == backend
+    parts = parts_of(stack, job_id)
+    assert sorted(part["kind"] for part in parts) == sorted(PARTS), parts
+    assert {part["status"] for part in parts} == {"completed"}, parts
+    assert sorted(part["shard"] for part in parts if part["kind"] == "index_shard") == [0, 1]
+    return job_id, parts
+
+
+def assert_unsharded_result(
+    client: GatewayClient,
+    s3_server: S3TestServer,
+    job_id: str,
+    unsharded: tuple[np.ndarray, dict[str, Any]],
+) -> None:
+    """The experiment looks unsharded: its files in its own prefix of the store, scores.npy
+    downloadable and equal to the unsharded run's, the same top-k, the training-examples route."""
+    want, reference = unsharded
+    listed = {
+        a["name"]: a for a in client.request("GET", f"/api/jobs/{job_id}/artifacts").json()["artifacts"]
+    }
+    assert {"scores.npy", "adapter/adapter_model.safetensors", "gradient_index/manifest.json"} <= set(listed)
+    assert not any(name.startswith("shards/") for name in listed), sorted(listed)
+    for name, entry in listed.items():
+        data = store_object(s3_server, f"jobs/{job_id}/{name}")
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"], name
+    got = np.load(io.BytesIO(download(client, job_id, "scores.npy")))
+    assert got.shape == want.shape == (N_EVAL, N_TRAIN)
+    relative = float(np.abs(got - want).max() / np.abs(want).max())
+    assert relative < 1e-5, f"max relative error {relative:.2e}"
+    result = client.results(job_id)
+    assert _top_k(result) == _top_k(reference)
+    assert result["influence"]["train_ids"] == reference["influence"]["train_ids"]
+
+    ranked = client.request("GET", f"/api/jobs/{job_id}/training-examples", params={"sort": "suspect"})
+    assert ranked.status_code == 200, ranked.text
+    assert ranked.json()["total"] == N_TRAIN
+
+
+def test_runpod_runs_each_part_once_and_the_shards_on_two_workers(
+    stack: Stack,
+    fake: FakeRunPodProcess,
+    s3_server: S3TestServer,
+    unsharded: tuple[np.ndarray, dict[str, Any]],
+) -> None:
+    client = GatewayClient(stack.gateway_url, timeout_s=120)
+    client.sign_in_locally("shard-rosa")
+    saved = client.request("POST", "/api/settings/runpod-key", json={"api_key": RUNPOD_KEY})
+    assert saved.status_code == 200, saved.text
+    (endpoint,) = fake.control("GET", "endpoints")["endpoints"]  # type: ignore[index]
+    assert endpoint["workers"]["max"] == 2
+
+    job_id, parts = run_sharded(stack, client, "runpod")
+
+    # One /run per part, none twice: the inputs RunPod took name each part's kind and shard.
+    jobs = fake.control("GET", "jobs")
+    accepted: list[str] = jobs["accepted_runs"]  # type: ignore[index]
+    inputs = {rid: fake.control("GET", f"jobs/{rid}/input")["input"] for rid in accepted}  # type: ignore[index]
+    ran = sorted(
+        (i.get("kind", "experiment"), (i.get("request") or {}).get("shard", -1)) for i in inputs.values()
+    )
+    assert ran == [("index_shard", 0), ("index_shard", 1), ("shard_merge", -1), ("training", -1)]
+    assert len(accepted) == len(set(accepted)) == 4
+    assert sorted(accepted) == sorted(part["provider_job_id"] for part in parts)
+    runs: dict[str, dict[str, Any]] = jobs["runs"]  # type: ignore[index]
+    shards = sorted(
+        (runs[rid] for rid, i in inputs.items() if i.get("kind") == "index_shard"),
+        key=lambda run: run["started_at"],
+    )
+    # Two workers ran the two shards at once.
+    assert shards[0]["worker_id"] != shards[1]["worker_id"], shards
+    assert shards[1]["started_at"] < shards[0]["finished_at"], shards
+    # Every file went to the store by URL: RunPod carried only manifests and small results.
+    for taken in inputs.values():
+        assert all("url" in a for a in taken.get("parent_artifacts", [])), taken["kind"]
+        assert len(json.dumps(taken)) < 200_000
+    assert_unsharded_result(client, s3_server, job_id, unsharded)
+
+
+def test_modal_spawns_each_part_once(
+    stack: Stack, s3_server: S3TestServer, unsharded: tuple[np.ndarray, dict[str, Any]]
+) -> None:
+    client = GatewayClient(stack.gateway_url, timeout_s=120)
+    client.sign_in_locally("shard-mona")
+    job_id, parts = run_sharded(stack, client, "modal")
+    spawned = [
+        json.loads(line)
+        for line in stack.log_text("compute-modal").splitlines()
+        if line.startswith("{") and json.loads(line).get("message") == "submitted"
+    ]
+    part_ids = [part["id"] for part in parts]
+    assert sorted(s["job_id"] for s in spawned if s["job_id"] in part_ids) == sorted(part_ids)
+    assert_unsharded_result(client, s3_server, job_id, unsharded)
