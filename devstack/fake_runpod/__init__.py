@@ -14,9 +14,10 @@ loop, iterates the handler, posts each yield, the final output (aggregate or not
 SDK's own shapes, and honours stop signals exactly as on RunPod. A worker stays up for the
 endpoint's next jobs (as a warm worker does) until the endpoint is deleted or the fake stops.
 More workers start, each its own process taking jobs from the endpoint's one queue, up to the
-endpoint's ``workers.max`` and the account's worker quota (5, more with a larger balance), as the
-endpoint's ``scaling`` says: ``QUEUE_DELAY`` adds one while a job has waited ``queueDelay``
-seconds with no free worker, ``REQUEST_COUNT`` keeps ceil((queued + running) / ``requestCount``).
+endpoint's ``workers.max`` and the account's worker quota (5, more with a larger balance):
+``workers.min`` always (active workers), and as the endpoint's ``scaling`` says: ``QUEUE_DELAY``
+adds one while a job has waited ``queueDelay`` seconds with no free worker, ``REQUEST_COUNT``
+keeps ceil((queued + running) / ``requestCount``).
 The ``/run``, ``/stream``, ``/status`` and ``/cancel`` answers are built from what the SDK
 posted.
 

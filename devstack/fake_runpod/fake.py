@@ -268,11 +268,19 @@ class FakeRunPod:
         return any(j.worker_id == worker.id and j.status == "IN_PROGRESS" for j in self.jobs_by_id.values())
 
     def _wants_worker(self, endpoint: EndpointState) -> bool:
-        """RunPod's scaler, for an endpoint with queued jobs: the first worker starts at once (a
-        cold start); more, up to the endpoint's ``workers.max`` and the account's quota (by its
-        balance), by the endpoint's ``scaling``: ``QUEUE_DELAY`` adds one while a job has waited
-        ``queueDelay`` seconds with no free worker for it, ``REQUEST_COUNT`` keeps
-        ceil((queued + running jobs) / ``requestCount``) workers (docs: endpoint-configurations.mdx)."""
+        """RunPod's scaler: ``workers.min`` workers always on (active workers), and for queued
+        jobs more, up to ``workers.max``: the first at once (a cold start), the others by the
+        endpoint's ``scaling``: ``QUEUE_DELAY`` adds one while a job has waited ``queueDelay``
+        seconds with no free worker for it, ``REQUEST_COUNT`` keeps ceil((queued + running jobs)
+        / ``requestCount``) (docs: endpoint-configurations.mdx). Never past the account's worker
+        quota, set by its balance."""
+        workers = endpoint.config.get("workers") or {}
+        if len(endpoint.workers) >= int(workers.get("max", 3)):
+            return False
+        if self._account_workers(endpoint.owner) >= self._worker_quota(endpoint.owner):
+            return False
+        if len(endpoint.workers) < int(workers.get("min", 0)):
+            return True
         now = time.monotonic()
         queued = [
             job
@@ -282,12 +290,7 @@ class FakeRunPod:
         if not queued:
             return False
         if not endpoint.workers:
-            return self._account_workers(endpoint.owner) < self._worker_quota(endpoint.owner)
-        workers = endpoint.config.get("workers") or {}
-        if len(endpoint.workers) >= int(workers.get("max", 3)):
-            return False
-        if self._account_workers(endpoint.owner) >= self._worker_quota(endpoint.owner):
-            return False
+            return True
         scaling = endpoint.config.get("scaling") or {}
         if scaling.get("type") == "REQUEST_COUNT":
             running = sum(self.busy(worker) for worker in endpoint.workers)

@@ -131,13 +131,21 @@ def planned_artifact_names(spec: ExperimentSpec) -> list[str]:
     return [*ADAPTER_FILES, CHECKPOINT_INDEX, *checkpoints, *_index_names(spec), SCORES_NAME, SUMMARY_NAME]
 
 
-def planned_job_artifact_names(kind: str, spec: ExperimentSpec) -> list[str]:
+def planned_job_artifact_names(kind: str, spec: ExperimentSpec, request: Any = None) -> list[str]:
     """Every name a job of ``kind`` may write: an experiment's (:func:`planned_artifact_names`),
-    a merge's ``merged/`` folder (gpu_core.merge_schemas), none for the other later kinds."""
+    a merge's ``merged/`` folder (gpu_core.merge_schemas), a sharded experiment's parts' (an
+    index shard's from its ``request``, a :class:`ShardRequest` as JSON), none for the other
+    later kinds."""
     if kind in ("", "experiment"):
         return planned_artifact_names(spec)
     if kind == "merge":
         return planned_merge_names()
+    if kind == "training":
+        return planned_training_artifact_names(spec)
+    if kind == "index_shard":
+        return planned_shard_artifact_names(spec, ShardRequest.model_validate(request))
+    if kind == "shard_merge":
+        return planned_merge_artifact_names()
     return []
 
 

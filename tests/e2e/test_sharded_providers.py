@@ -19,7 +19,8 @@ import copy
 import hashlib
 import io
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -137,9 +138,14 @@ def parts_of(stack: Stack, job_id: str) -> list[dict[str, Any]]:
     return asyncio.run(read())
 
 
-def run_sharded(stack: Stack, client: GatewayClient, backend: str) -> tuple[str, list[dict[str, Any]]]:
-    """Submit the sharded spec; wait for it to complete: (its job id, its parts' jobs)."""
+def run_sharded(
+    stack: Stack, client: GatewayClient, backend: str, submitted: Callable[[], None] | None = None
+) -> tuple[str, list[dict[str, Any]]]:
+    """Submit the sharded spec (then call ``submitted``); wait for it to complete: (its job id,
+    its parts' jobs)."""
     job_id = client.submit(sharded_spec())["job_id"]
+    if submitted is not None:
+        submitted()
     events = list(client.events(job_id))
     assert events[-1]["state"] == "completed", events[-3:]
     assert client.job(job_id)["provider"] == backend
@@ -190,10 +196,27 @@ def test_runpod_runs_each_part_once_and_the_shards_on_two_workers(
     client.sign_in_locally("shard-rosa")
     saved = client.request("POST", "/api/settings/runpod-key", json={"api_key": RUNPOD_KEY})
     assert saved.status_code == 200, saved.text
-    (endpoint,) = fake.control("GET", "endpoints")["endpoints"]  # type: ignore[index]
-    assert endpoint["workers"]["max"] == 2
 
-    job_id, parts = run_sharded(stack, client, "runpod")
+    def two_active_workers() -> None:
+        """The researcher keeps both workers of their endpoint on once the dashboard has made it
+        (RunPod's console: active workers, ``workers.min``), so that both are warm when the
+        shards queue: these shards last less than a second, less than a cold start and RunPod's
+        4 s queue delay before it adds a worker (the fake's scaler has its own test)."""
+        deadline = time.monotonic() + 60
+        while not (endpoints := fake.control("GET", "endpoints")["endpoints"]):  # type: ignore[index]
+            assert time.monotonic() < deadline, "no endpoint was created"
+            time.sleep(0.1)
+        (endpoint,) = endpoints
+        assert endpoint["workers"]["max"] == 2
+        patched = httpx.patch(
+            f"{fake.url}/v2/serverless/{endpoint['id']}",
+            headers={"Authorization": f"Bearer {RUNPOD_KEY}"},
+            json={"workers": {**endpoint["workers"], "min": 2}},
+            timeout=10,
+        )
+        assert patched.status_code == 200, patched.text
+
+    job_id, parts = run_sharded(stack, client, "runpod", two_active_workers)
 
     # One /run per part, none twice: the inputs RunPod took name each part's kind and shard.
     jobs = fake.control("GET", "jobs")

@@ -32,7 +32,7 @@ import modal.exception
 import cost_model
 from compute_modal.adapter import ModalAdapter, ModalNotConfigured
 from gpu_core.hf_token import HF_TOKEN_FIELD
-from gpu_core.jobs import EXPERIMENT, JobInputError, make_payload, parse_payload
+from gpu_core.jobs import WRITES_ARTIFACTS, JobInputError, make_payload, parse_payload
 from gpu_core.schemas import NO_SIZE_LIMITS, ExperimentSpec, SpecError, parse_spec
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,9 @@ class ModalProvider:
             existing = await self._take_spawn(job_id)
             if existing:
                 return existing
-            if upload_urls and kind in ("", EXPERIMENT):
+            # The kinds that write files (an experiment, a merge, a sharded experiment's parts)
+            # upload them to the scheduler's URLs.
+            if upload_urls and kind in ("", *WRITES_ARTIFACTS):
                 payload["artifact_transport"] = {"mode": "presigned", "urls": upload_urls}
             if parent_artifacts:
                 payload["parent_artifacts"] = parent_artifacts

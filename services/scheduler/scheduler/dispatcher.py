@@ -395,7 +395,12 @@ class Dispatcher:
         # result in the store (the records a lost answer and RunPod's retention are reconciled with).
         if job.kind in WRITES_ARTIFACTS and uploads_directly(route.provider, self._artifacts.store):
             uploads = await presigned_uploads(
-                self._artifacts.store, job.id, spec, self._settings.scheduler_upload_url_ttl_s, job.kind
+                self._artifacts.store,
+                job.id,
+                spec,
+                self._settings.scheduler_upload_url_ttl_s,
+                job.kind,
+                job.request,
             )
         elif self._claims(route.provider):
             uploads = await presigned_uploads(

@@ -362,11 +362,15 @@ class JobManager:
         if not job.terminal:
             await self.cancel(user_id, job_id)
         removed = await self.artifacts.store.delete_prefix(job_prefix(job.id))
-        for part in await self._store.graph_parts(job.id):
-            # A sharded experiment's parts go with it (their rows by the foreign key).
-            removed += await self.artifacts.store.delete_prefix(job_prefix(part[0].id))
-        if uploads_directly(job.provider, self.artifacts.store):
-            spec = await self._store.get_spec(job.id) if job.kind in WRITES_ARTIFACTS else None
+        direct = uploads_directly(job.provider, self.artifacts.store)
+        spec = await self._store.get_spec(job.id) if direct and job.kind in WRITES_ARTIFACTS else None
+        for part, _ in await self._store.graph_parts(job.id):
+            # A sharded experiment's parts go with it (their rows by the foreign key), and so do
+            # their upload URLs.
+            removed += await self.artifacts.store.delete_prefix(job_prefix(part.id))
+            if direct:
+                await occupy_upload_names(self.artifacts.store, part.id, spec, part.kind, part.request)
+        if direct:
             await occupy_upload_names(self.artifacts.store, job.id, spec, job.kind)
         await self._store.delete_job(job.id)
         self.follower.drop(job.id)

@@ -83,10 +83,16 @@ def uploads_directly(provider: str, store: ArtifactStore) -> bool:
 
 
 async def presigned_uploads(
-    store: ArtifactStore, job_id: str, spec: dict[str, Any] | None, expires_s: int, kind: str = EXPERIMENT
+    store: ArtifactStore,
+    job_id: str,
+    spec: dict[str, Any] | None,
+    expires_s: int,
+    kind: str = EXPERIMENT,
+    request: Any = None,
 ) -> list[compute_pb2.ArtifactUpload]:
     """One presigned create-only PUT URL per artifact name the job's run may write (an
-    experiment's, or a later job's of ``kind``: a merge's ``merged/`` folder), and one for each of
+    experiment's, or a later job's of ``kind`` with its ``request``: a merge's ``merged/``
+    folder, a sharded experiment's part's files), and one for each of
     the worker's records (its claim on the job, its result JSON: gpu_core.uploads), and a GET of
     the claim (``CLAIM_READ_NAME``: a re-delivered provider job finds its own claim). ``spec``
     None: a job that writes only those records (a query, a counterfactual check)."""
@@ -98,7 +104,7 @@ async def presigned_uploads(
                     "PUT", job_key(job_id, name), expires_s, signed_headers=CREATE_ONLY
                 ),
             )
-            for name in upload_names(spec, kind)
+            for name in upload_names(spec, kind, request)
         ],
         compute_pb2.ArtifactUpload(
             name=CLAIM_READ_NAME,
@@ -107,19 +113,25 @@ async def presigned_uploads(
     ]
 
 
-def upload_names(spec: dict[str, Any] | None, kind: str = EXPERIMENT) -> list[str]:
+def upload_names(spec: dict[str, Any] | None, kind: str = EXPERIMENT, request: Any = None) -> list[str]:
     """Every name a job's upload URLs were minted for (``presigned_uploads``)."""
-    planned = planned_job_artifact_names(kind, parse_spec(spec, NO_SIZE_LIMITS)) if spec is not None else []
+    if spec is None:
+        return list(WORKER_RECORD_NAMES)
+    planned = planned_job_artifact_names(kind, parse_spec(spec, NO_SIZE_LIMITS), request)
     return [*planned, *WORKER_RECORD_NAMES]
 
 
 async def occupy_upload_names(
-    store: ArtifactStore, job_id: str, spec: dict[str, Any] | None, kind: str = EXPERIMENT
+    store: ArtifactStore,
+    job_id: str,
+    spec: dict[str, Any] | None,
+    kind: str = EXPERIMENT,
+    request: Any = None,
 ) -> int:
     """Put an empty object at every name the job's URLs may write, so that each URL, being
     create-only, is refused by the store (412) until it expires: a deleted job's URLs die with
     it. ``sweep_orphans`` removes these once the URLs have expired. Returns how many."""
-    names = upload_names(spec, kind)
+    names = upload_names(spec, kind, request)
     for name in names:
         await store.put(job_key(job_id, name), _empty())
     return len(names)
