@@ -68,24 +68,37 @@ def stack(
         yield running
 
 
-def sharded_spec() -> dict[str, Any]:
+def sharded_spec(method: str = "tracin") -> dict[str, Any]:
+    """``method`` (TracIn with a projection, or TrackStar) over 2 index shards."""
     spec = tracin_spec(N_TRAIN, N_EVAL)
     spec["hyperparams"].update(epochs=2, batch_size=8)
+    spec["influence_method"] = method
     spec["influence"] = {"shards": 2, "projection_dim": 32, "projection_seed": 3, "top_k": 5}
     return spec
 
 
+Unsharded = tuple[np.ndarray, dict[str, Any]]
+
+
 @pytest.fixture(scope="module")
-def unsharded(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, dict[str, Any]]:
-    """The same spec run unsharded by gpu_core here: (its score matrix, its result)."""
+def unsharded(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Unsharded]:
+    """The same spec run unsharded by gpu_core here, once per method: (its score matrix, its
+    result)."""
     from gpu_core.pipeline import run_experiment_to_result
     from gpu_core.schemas import parse_spec
 
-    spec = copy.deepcopy(sharded_spec())
-    spec["influence"].pop("shards")
-    directory = tmp_path_factory.mktemp("unsharded")
-    result = run_experiment_to_result(parse_spec(spec), directory)
-    return np.load(directory / "scores.npy"), result.model_dump(mode="json")
+    made: dict[str, Unsharded] = {}
+
+    def reference(method: str) -> Unsharded:
+        if method not in made:
+            spec = copy.deepcopy(sharded_spec(method))
+            spec["influence"].pop("shards")
+            directory = tmp_path_factory.mktemp(f"unsharded-{method}")
+            result = run_experiment_to_result(parse_spec(spec), directory)
+            made[method] = (np.load(directory / "scores.npy"), result.model_dump(mode="json"))
+        return made[method]
+
+    return reference
 
 
 def store_object(s3_server: S3TestServer, key: str) -> bytes:
@@ -127,7 +140,9 @@ def parts_of(stack: Stack, job_id: str) -> list[dict[str, Any]]:
         connection = await asyncpg.connect(stack.database_url)
         try:
             rows = await connection.fetch(
-                "SELECT id::text AS id, kind, shard, status, provider_job_id FROM jobs "
+                "SELECT id::text AS id, kind, shard, status, provider_job_id, "
+                "extract(epoch FROM started_at)::float8 AS started_at, "
+                "extract(epoch FROM finished_at)::float8 AS finished_at FROM jobs "
                 "WHERE graph_job_id = $1 ORDER BY created_at",
                 job_id,
             )
@@ -139,15 +154,21 @@ def parts_of(stack: Stack, job_id: str) -> list[dict[str, Any]]:
 
 
 def run_sharded(
-    stack: Stack, client: GatewayClient, backend: str, submitted: Callable[[], None] | None = None
+    stack: Stack,
+    client: GatewayClient,
+    backend: str,
+    method: str = "tracin",
+    submitted: Callable[[], None] | None = None,
 ) -> tuple[str, list[dict[str, Any]]]:
     """Submit the sharded spec (then call ``submitted``); wait for it to complete: (its job id,
     its parts' jobs)."""
-    job_id = client.submit(sharded_spec())["job_id"]
+    started = time.monotonic()
+    job_id = client.submit(sharded_spec(method))["job_id"]
     if submitted is not None:
         submitted()
     events = list(client.events(job_id))
     assert events[-1]["state"] == "completed", events[-3:]
+    print(f"\n{backend} {method}: the sharded experiment took {time.monotonic() - started:.1f} s")
     assert client.job(job_id)["provider"] == backend
     parts = parts_of(stack, job_id)
     assert sorted(part["kind"] for part in parts) == sorted(PARTS), parts
@@ -160,7 +181,7 @@ def assert_unsharded_result(
     client: GatewayClient,
     s3_server: S3TestServer,
     job_id: str,
-    unsharded: tuple[np.ndarray, dict[str, Any]],
+    unsharded: Unsharded,
 ) -> None:
     """The experiment looks unsharded: its files in its own prefix of the store, scores.npy
     downloadable and equal to the unsharded run's, the same top-k, the training-examples route."""
@@ -190,7 +211,7 @@ def test_runpod_runs_each_part_once_and_the_shards_on_two_workers(
     stack: Stack,
     fake: FakeRunPodProcess,
     s3_server: S3TestServer,
-    unsharded: tuple[np.ndarray, dict[str, Any]],
+    unsharded: Callable[[str], Unsharded],
 ) -> None:
     client = GatewayClient(stack.gateway_url, timeout_s=120)
     client.sign_in_locally("shard-rosa")
@@ -216,7 +237,7 @@ def test_runpod_runs_each_part_once_and_the_shards_on_two_workers(
         )
         assert patched.status_code == 200, patched.text
 
-    job_id, parts = run_sharded(stack, client, "runpod", two_active_workers)
+    job_id, parts = run_sharded(stack, client, "runpod", submitted=two_active_workers)
 
     # One /run per part, none twice: the inputs RunPod took name each part's kind and shard.
     jobs = fake.control("GET", "jobs")
@@ -236,19 +257,32 @@ def test_runpod_runs_each_part_once_and_the_shards_on_two_workers(
     # Two workers ran the two shards at once.
     assert shards[0]["worker_id"] != shards[1]["worker_id"], shards
     assert shards[1]["started_at"] < shards[0]["finished_at"], shards
-    # Every file went to the store by URL: RunPod carried only manifests and small results.
+    for rid, taken in sorted(inputs.items(), key=lambda item: runs[item[0]]["started_at"]):
+        run = runs[rid]
+        shard = (taken.get("request") or {}).get("shard", "")
+        took, since = run["finished_at"] - run["started_at"], run["started_at"] - shards[0]["started_at"]
+        print(f"  {taken['kind']} {shard}: worker {run['worker_id']}, {took:.2f} s from {since:+.2f} s")
+    # Every file went through the store: each part had upload URLs for its files (RunPod carried
+    # only manifests and small results), and the shards and the merge read theirs from
+    # presigned GETs of the store (the training job's adapter and checkpoints, the shards' columns).
     for taken in inputs.values():
-        assert all("url" in a for a in taken.get("parent_artifacts", [])), taken["kind"]
+        transport = taken["artifact_transport"]
+        assert transport["mode"] == "presigned", taken["kind"]
+        assert any(not name.startswith("_worker/") for name in transport["urls"]), taken["kind"]
+        downloads = taken.get("parent_artifacts", [])
+        assert bool(downloads) == (taken["kind"] != "training")
+        assert all(a["url"].startswith(s3_server.endpoint_url) for a in downloads), taken["kind"]
         assert len(json.dumps(taken)) < 200_000
-    assert_unsharded_result(client, s3_server, job_id, unsharded)
+    assert_unsharded_result(client, s3_server, job_id, unsharded("tracin"))
 
 
+@pytest.mark.parametrize("method", ["tracin", "trackstar"])
 def test_modal_spawns_each_part_once(
-    stack: Stack, s3_server: S3TestServer, unsharded: tuple[np.ndarray, dict[str, Any]]
+    stack: Stack, s3_server: S3TestServer, unsharded: Callable[[str], Unsharded], method: str
 ) -> None:
     client = GatewayClient(stack.gateway_url, timeout_s=120)
-    client.sign_in_locally("shard-mona")
-    job_id, parts = run_sharded(stack, client, "modal")
+    client.sign_in_locally(f"shard-mona-{method}")
+    job_id, parts = run_sharded(stack, client, "modal", method)
     spawned = [
         json.loads(line)
         for line in stack.log_text("compute-modal").splitlines()
@@ -256,4 +290,11 @@ def test_modal_spawns_each_part_once(
     ]
     part_ids = [part["id"] for part in parts]
     assert sorted(s["job_id"] for s in spawned if s["job_id"] in part_ids) == sorted(part_ids)
-    assert_unsharded_result(client, s3_server, job_id, unsharded)
+    # The two shard calls ran at once (as the scheduler saw them start and end).
+    first, second = sorted((p for p in parts if p["kind"] == "index_shard"), key=lambda p: p["started_at"])
+    assert second["started_at"] < first["finished_at"], parts
+    for part in sorted(parts, key=lambda p: p["started_at"]):
+        shard = "" if part["shard"] is None else part["shard"]
+        took, since = part["finished_at"] - part["started_at"], part["started_at"] - first["started_at"]
+        print(f"  {part['kind']} {shard}: {took:.2f} s from {since:+.2f} s")
+    assert_unsharded_result(client, s3_server, job_id, unsharded(method))
