@@ -275,6 +275,14 @@ def test_runpod_runs_each_part_once_and_the_shards_on_two_workers(
         assert len(json.dumps(taken)) < 200_000
     assert_unsharded_result(client, s3_server, job_id, unsharded("tracin"))
 
+    # Deleting the experiment kills its parts' upload URLs too (a late delivery of a part writes
+    # nothing): the store refuses a PUT to one of them (412, a placeholder holds its name).
+    assert client.request("DELETE", f"/api/jobs/{job_id}").status_code == 200
+    training = next(taken for taken in inputs.values() if taken["kind"] == "training")
+    url = training["artifact_transport"]["urls"]["adapter/adapter_model.safetensors"]
+    late = httpx.put(url, content=b"late", headers={"If-None-Match": "*"}, timeout=30)
+    assert late.status_code == 412, late.text
+
 
 @pytest.mark.parametrize("method", ["tracin", "trackstar"])
 def test_modal_spawns_each_part_once(
