@@ -2,8 +2,10 @@
 end to end through the gateway, with the artifact store on the S3 test server (moto on loopback):
 
 - RunPod: the fake RunPod runs the real worker under the runpod SDK's loop, on an endpoint of
-  ``workers.max`` 2 (RUNPOD_WORKERS_MAX); it starts a second worker as RunPod's scaler does.
-- Modal: the in-process adapter runs the Modal app's function body, one spawn per part.
+  ``workers.max`` 2 (RUNPOD_WORKERS_MAX), both workers kept on (``workers.min``) so that both are
+  warm when the shards queue, and the two shards run at once, one on each.
+- Modal: the in-process adapter runs the Modal app's function body, one spawn per part; the two
+  shard calls run at once (TracIn, and TrackStar).
 
 Each part (the training job, two index shards, the merge) is one provider job: the fake counts
 one ``/run`` per part and the Modal adapter one spawn. Every part's files travel through the
@@ -198,6 +200,7 @@ def assert_unsharded_result(
     assert got.shape == want.shape == (N_EVAL, N_TRAIN)
     relative = float(np.abs(got - want).max() / np.abs(want).max())
     assert relative < 1e-5, f"max relative error {relative:.2e}"
+    print(f"  scores.npy against the unsharded run: max relative error {relative:.1e}")
     result = client.results(job_id)
     assert _top_k(result) == _top_k(reference)
     assert result["influence"]["train_ids"] == reference["influence"]["train_ids"]
