@@ -264,7 +264,8 @@ def test_runpod_runs_each_part_once_and_the_shards_on_two_workers(
         run = runs[rid]
         shard = (taken.get("request") or {}).get("shard", "")
         took, since = run["finished_at"] - run["started_at"], run["started_at"] - shards[0]["started_at"]
-        print(f"  {taken['kind']} {shard}: worker {run['worker_id']}, {took:.2f} s from {since:+.2f} s")
+        where = f"worker {run['worker_id']}, {took:.2f} s from {since:+.2f} s"
+        print(f"  {taken['kind']} {shard}: {where}, input {len(json.dumps(taken))} B")
     # Every file went through the store: each part had upload URLs for its files (RunPod carried
     # only manifests and small results), and the shards and the merge read theirs from
     # presigned GETs of the store (the training job's adapter and checkpoints, the shards' columns).
