@@ -11,8 +11,13 @@ The worker is the real one: the first job of an endpoint starts
 services/compute-runpod/worker/handler.py as a subprocess (a cold start) with the
 ``RUNPOD_WEBHOOK_*`` variables pointing here, so ``runpod.serverless.start`` runs its own job
 loop, iterates the handler, posts each yield, the final output (aggregate or not), errors in the
-SDK's own shapes, and honours stop signals exactly as on RunPod. The worker stays up for the
+SDK's own shapes, and honours stop signals exactly as on RunPod. A worker stays up for the
 endpoint's next jobs (as a warm worker does) until the endpoint is deleted or the fake stops.
+More workers start, each its own process taking jobs from the endpoint's one queue, up to the
+endpoint's ``workers.max`` and the account's worker quota (5, more with a larger balance):
+``workers.min`` always (active workers), and as the endpoint's ``scaling`` says: ``QUEUE_DELAY``
+adds one while a job has waited ``queueDelay`` seconds with no free worker, ``REQUEST_COUNT``
+keeps ceil((queued + running) / ``requestCount``).
 The ``/run``, ``/stream``, ``/status`` and ``/cancel`` answers are built from what the SDK
 posted.
 
@@ -44,7 +49,7 @@ In-process: ``async with FakeRunPod(keys={"rpa_...": 25.0}) as fake: fake.url``.
 As a process: ``python -m devstack.fake_runpod --key rpa_x=25``; it prints ``FAKE_RUNPOD_URL=...``
 and offers the same controls over HTTP under ``/_fake/`` (keys, faults with ``after_accept``,
 ``status`` and ``hang_s``, mode with ``retention_s`` and ``webhook_retry_s``, requests, jobs:
-``accepted_runs``, ``webhook_posts``).
+``accepted_runs``, ``webhook_posts``, ``runs``: which worker ran each job and when).
 """
 
 from devstack.fake_runpod.fake import FakeRunPod

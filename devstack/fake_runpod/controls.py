@@ -82,6 +82,16 @@ def add_control_routes(app: FastAPI, fake: FakeRunPod) -> None:
                 },
                 # Every webhook post: [RunPod job id, the HTTP status answered, 0 for no answer].
                 "webhook_posts": fake.webhook_posts,
+                # Who ran each job a worker took, and when (the fake's monotonic clock, seconds).
+                "runs": {
+                    job_id: {
+                        "worker_id": job.worker_id,
+                        "started_at": job.started_at,
+                        "finished_at": job.finished_at,
+                    }
+                    for job_id, job in fake.jobs_by_id.items()
+                    if job.started_at is not None
+                },
             }
         )
 

@@ -25,11 +25,13 @@ from devstack.fake_runpod.jobs import add_job_routes
 from devstack.fake_runpod.management import add_management_routes
 from devstack.fake_runpod.state import (
     DEFAULT_RETENTION_S,
+    DEFAULT_WORKER_QUOTA,
     JOB_RATE_LIMITS,
     MAX_CHUNK_BYTES,
     MAX_RUN_PAYLOAD_BYTES,
     ROUTES,
     TERMINAL,
+    WORKER_QUOTA_BY_BALANCE,
     AcceptedFault,
     EndpointState,
     FakeAccount,
@@ -175,8 +177,8 @@ class FakeRunPod:
         for job in self.jobs_by_id.values():
             if job.endpoint_id == endpoint_id and job.status not in TERMINAL:
                 self.finish(job, "CANCELLED")
-        if endpoint.worker is not None:
-            kill_worker(endpoint.worker)
+        for worker in endpoint.workers:
+            kill_worker(worker)
 
     def job(self, job_id: str) -> FakeJob | None:
         return self.jobs_by_id.get(job_id)
@@ -241,7 +243,7 @@ class FakeRunPod:
             self.worker_env,
         )
         self.workers_by_id[worker.id] = worker
-        endpoint.worker = worker
+        endpoint.workers.append(worker)
 
     async def _watch(self) -> None:
         """What RunPod does on its own: scale up, time out, notice crashed workers."""
@@ -252,24 +254,63 @@ class FakeRunPod:
                     self.finish(job, "TIMED_OUT")
                     self.stop_on_worker(job)
             for endpoint in self.endpoint_states.values():
-                worker = endpoint.worker
-                if worker is not None and worker.process.poll() is not None:
-                    self._worker_died(endpoint, worker)
-                elif (
-                    worker is not None
-                    and worker.release < endpoint.release
-                    and not any(
-                        j.worker_id == worker.id and j.status == "IN_PROGRESS"
-                        for j in self.jobs_by_id.values()
-                    )
-                ):
-                    kill_worker(worker)  # the new release rolls out as workers cycle
-                if endpoint.worker is None and endpoint.queue and not self.throttled and not endpoint.deleted:
+                for worker in list(endpoint.workers):
+                    if worker.process.poll() is not None:
+                        self._worker_died(endpoint, worker)
+                    elif worker.release < endpoint.release and not self.busy(worker):
+                        kill_worker(worker)  # the new release rolls out as workers cycle
+                if not self.throttled and not endpoint.deleted and self._wants_worker(endpoint):
                     self._start_worker(endpoint)
             await asyncio.sleep(0.1)
 
+    def busy(self, worker: FakeWorker) -> bool:
+        """Whether the worker is running a job now."""
+        return any(j.worker_id == worker.id and j.status == "IN_PROGRESS" for j in self.jobs_by_id.values())
+
+    def _wants_worker(self, endpoint: EndpointState) -> bool:
+        """RunPod's scaler: ``workers.min`` workers always on (active workers), and for queued
+        jobs more, up to ``workers.max``: the first at once (a cold start), the others by the
+        endpoint's ``scaling``: ``QUEUE_DELAY`` adds one while a job has waited ``queueDelay``
+        seconds with no free worker for it, ``REQUEST_COUNT`` keeps ceil((queued + running jobs)
+        / ``requestCount``) (docs: endpoint-configurations.mdx). Never past the account's worker
+        quota, set by its balance."""
+        workers = endpoint.config.get("workers") or {}
+        if len(endpoint.workers) >= int(workers.get("max", 3)):
+            return False
+        if self._account_workers(endpoint.owner) >= self._worker_quota(endpoint.owner):
+            return False
+        if len(endpoint.workers) < int(workers.get("min", 0)):
+            return True
+        now = time.monotonic()
+        queued = [
+            job
+            for job in (self.jobs_by_id.get(job_id) for job_id in endpoint.queue)
+            if job is not None and job.status == "IN_QUEUE" and now <= job.expires_at
+        ]
+        if not queued:
+            return False
+        if not endpoint.workers:
+            return True
+        scaling = endpoint.config.get("scaling") or {}
+        if scaling.get("type") == "REQUEST_COUNT":
+            running = sum(self.busy(worker) for worker in endpoint.workers)
+            per_worker = max(1, int(scaling.get("requestCount", 4)))
+            return len(endpoint.workers) < -(-(len(queued) + running) // per_worker)
+        free = sum(not self.busy(worker) for worker in endpoint.workers)
+        waited = now - min(job.submitted_at for job in queued)
+        return waited >= float(scaling.get("queueDelay", 4)) and free < len(queued)
+
+    def _account_workers(self, key: str) -> int:
+        return sum(len(e.workers) for e in self.endpoint_states.values() if e.owner == key)
+
+    def _worker_quota(self, key: str) -> int:
+        account = self.accounts.get(key)
+        balance = account.balance if account is not None else 0.0
+        quotas = (quota for floor, quota in WORKER_QUOTA_BY_BALANCE if balance >= floor)
+        return next(quotas, DEFAULT_WORKER_QUOTA)
+
     def _worker_died(self, endpoint: EndpointState, worker: FakeWorker) -> None:
-        endpoint.worker = None
+        endpoint.workers.remove(worker)
         for job in self.jobs_by_id.values():
             if job.worker_id == worker.id and job.status == "IN_PROGRESS":
                 self.finish(job, "FAILED", error=f"worker exited with code {worker.process.returncode}")

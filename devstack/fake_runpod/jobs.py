@@ -113,8 +113,8 @@ def add_job_routes(app: FastAPI, fake: FakeRunPod) -> None:
                     "retried": 0,
                 },
                 "workers": {
-                    "idle": int(endpoint.worker is not None and not counts["IN_PROGRESS"]),
-                    "running": min(counts["IN_PROGRESS"], 1),
+                    "idle": sum(not fake.busy(worker) for worker in endpoint.workers),
+                    "running": sum(fake.busy(worker) for worker in endpoint.workers),
                 },
             }
         )

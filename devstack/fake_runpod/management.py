@@ -99,19 +99,16 @@ def add_management_routes(app: FastAPI, fake: FakeRunPod) -> None:
     async def workers(request: Request, endpoint_id: str) -> Response:
         account = fake.gate(request, "serverless.workers", manage=True)
         endpoint = fake.own_endpoint(account, endpoint_id)
-        worker = endpoint.worker
-        running = sum(
-            j.status == "IN_PROGRESS" for j in fake.jobs_by_id.values() if j.endpoint_id == endpoint_id
-        )
+        busy = {worker.id for worker in endpoint.workers if fake.busy(worker)}
         summary = {
-            "running": min(running, 1),
-            "idle": int(worker is not None and worker.took_first_job and not running),
-            "initializing": int(worker is not None and not worker.took_first_job),
+            "running": len(busy),
+            "idle": sum(w.took_first_job and w.id not in busy for w in endpoint.workers),
+            "initializing": sum(not w.took_first_job and w.id not in busy for w in endpoint.workers),
             "throttled": int(fake.throttled and bool(endpoint.queue)),
             "unhealthy": 0,
         }
         summary["total"] = sum(summary.values())
-        listed = [{"id": worker.id, "status": "RUNNING" if running else "IDLE"}] if worker else []
+        listed = [{"id": w.id, "status": "RUNNING" if w.id in busy else "IDLE"} for w in endpoint.workers]
         return JSONResponse({"workers": listed, "summary": summary, "endpointVersion": 1})
 
 

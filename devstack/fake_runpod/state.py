@@ -18,6 +18,10 @@ from fastapi.responses import JSONResponse, Response
 MAX_CHUNK_BYTES = 1024 * 1024  # /stream: one chunk
 MAX_RUN_PAYLOAD_BYTES = 10 * 1000 * 1000  # /run: the input, and the job's final output
 DEFAULT_RETENTION_S = 30 * 60
+# An account's workers across all its endpoints, by balance (docs: serverless/workers/overview.mdx):
+# 5, then this many from each balance up.
+WORKER_QUOTA_BY_BALANCE = ((900.0, 60), (700.0, 50), (500.0, 40), (300.0, 30), (200.0, 20), (100.0, 10))
+DEFAULT_WORKER_QUOTA = 5
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 # Job-API limits per user per endpoint (send-requests.mdx): requests per window of seconds.
 JOB_RATE_LIMITS: dict[str, tuple[int, float]] = {
@@ -124,7 +128,7 @@ class EndpointState:
     config: dict[str, Any]
     owner: str
     queue: deque[str] = field(default_factory=deque)
-    worker: FakeWorker | None = None
+    workers: list[FakeWorker] = field(default_factory=list)  # up to ``workers.max``, oldest first
     release: int = 0  # bumped by a PATCH that changes the container (image, env, args)
     deleted: bool = False
 

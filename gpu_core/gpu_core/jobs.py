@@ -70,6 +70,7 @@ READS_PARENT_ARTIFACTS = frozenset({QUERY, MERGE, INDEX_SHARD, SHARD_MERGE})
 # Of those, the kinds whose files all lie in the parent job's own folder (a shard merge reads
 # every shard's files: only its download list names them all).
 IN_PARENT_FOLDER = frozenset({QUERY, MERGE, INDEX_SHARD})
+# The kinds whose runs write files (gpu_core.uploads.planned_job_artifact_names names them).
 WRITES_ARTIFACTS = frozenset({EXPERIMENT, MERGE, TRAINING, INDEX_SHARD, SHARD_MERGE})
 
 

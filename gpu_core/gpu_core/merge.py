@@ -58,7 +58,14 @@ from gpu_core.merge_schemas import (
     shard_name,
 )
 from gpu_core.pipeline import experiment_encoder
-from gpu_core.runtime import free_memory, load_adapter, load_model, resolve_source, select_device
+from gpu_core.runtime import (
+    MODEL_CREATION_LOCK,
+    free_memory,
+    load_adapter,
+    load_model,
+    resolve_source,
+    select_device,
+)
 from gpu_core.schemas import ExperimentResult, ExperimentSpec
 
 ADAPTER_DIR = "adapter"
@@ -243,7 +250,8 @@ def check_merged(
         }
     else:
         placement = {"device_map": {"": device}}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **placement)
+    with MODEL_CREATION_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **placement)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     encoder = experiment_encoder(spec, tokenizer)

@@ -35,6 +35,7 @@ import dataclasses
 import importlib.util
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,13 @@ def quantization_unsupported_reason(device: torch.device) -> str | None:
     return None
 
 
+# transformers' from_pretrained switches torch's weight initialisers off process-wide while it
+# loads (and accelerate patches parameter registration), so a model created in another thread
+# meanwhile (another load, a LoRA adapter) can keep uninitialised weights: wrong scores, NaN. Jobs
+# run as threads of one process (compute-modal's in-process backend) create models one at a time.
+MODEL_CREATION_LOCK = threading.Lock()
+
+
 def load_model(
     model_id: str,
     quantization: Quantization = "none",
@@ -231,7 +239,8 @@ def load_model(
         }
         if bnb_config is not None:
             model_kwargs["quantization_config"] = bnb_config
-        model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
+        with MODEL_CREATION_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
     except (OSError, ValueError) as exc:
         where = "local directory" if local else "hub id (not a local directory)"
         raise ModelLoadError(f"cannot load model {model_id!r} as a {where}: {exc}") from exc
@@ -343,7 +352,8 @@ def attach_lora(loaded: LoadedModel, hyperparams: Hyperparams) -> Any:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(loaded.model, config)
+    with MODEL_CREATION_LOCK:
+        return get_peft_model(loaded.model, config)
 
 
 def load_adapter(loaded: LoadedModel, adapter_dir: Path) -> Any:
@@ -351,7 +361,8 @@ def load_adapter(loaded: LoadedModel, adapter_dir: Path) -> Any:
     from peft import PeftModel
 
     prepare_for_adapters(loaded)
-    return PeftModel.from_pretrained(loaded.model, str(adapter_dir))
+    with MODEL_CREATION_LOCK:
+        return PeftModel.from_pretrained(loaded.model, str(adapter_dir))
 
 
 @contextlib.contextmanager

@@ -216,6 +216,8 @@ class ModalProvider:
             existing = await self._take_spawn(job_id)
             if existing:
                 return existing
+            # The kinds that write files (an experiment, a merge, a sharded experiment's parts)
+            # upload them to the scheduler's URLs.
             if upload_urls and kind in ("", *WRITES_ARTIFACTS):
                 payload["artifact_transport"] = {"mode": "presigned", "urls": upload_urls}
             if parent_artifacts:

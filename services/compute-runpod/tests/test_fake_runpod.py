@@ -167,6 +167,42 @@ async def test_generator_errors_in_the_sdks_shapes(http: httpx.AsyncClient, tmp_
         assert len(fake.workers()) == 1  # one warm worker took both jobs
 
 
+async def test_an_endpoint_scales_to_its_workers_max_after_the_queue_delay(
+    http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """Three jobs on an endpoint of at most 2 workers (QUEUE_DELAY 0.5 s): the first worker starts
+    at once, a second once a job has waited 0.5 s with no free worker, never a third; the first
+    two jobs run at once on the two, the third on whichever is free first."""
+    handler = sdk_worker(
+        tmp_path, "async def handler(job):\n    await asyncio.sleep(3)\n    yield {'done': 1}\n"
+    )
+    async with FakeRunPod({KEY: 10}, handler_path=handler, worker_poll_s=1.0) as fake:
+        body = {
+            **ENDPOINT_BODY,
+            "workers": {"min": 0, "max": 2},
+            "scaling": {"type": "QUEUE_DELAY", "queueDelay": 0.5},
+        }
+        endpoint = (await http.post(f"{fake.url}/v2/serverless", json=body)).json()["id"]
+        jobs = [
+            (await http.post(f"{fake.url}/v2/{endpoint}/run", json={"input": {"n": n}})).json()["id"]
+            for n in range(3)
+        ]
+        await asyncio.sleep(2.5)
+        summary = (await http.get(f"{fake.url}/v2/serverless/{endpoint}/workers")).json()["summary"]
+        assert summary["total"] == 2
+        for job in jobs:
+            assert (await _finish(http, fake, endpoint, job))["status"] == "COMPLETED"
+        assert len(fake.workers()) == 2
+        ran = sorted((fake.jobs_by_id[job] for job in jobs), key=lambda j: j.started_at or 0)
+        first, second, third = ran
+        assert first.worker_id != second.worker_id
+        assert second.started_at is not None and first.finished_at is not None
+        assert second.started_at < first.finished_at  # the two ran at once
+        assert third.started_at is not None and third.started_at >= min(
+            first.finished_at, second.finished_at or 0
+        )
+
+
 async def test_output_over_the_payload_limit_completes_without_output(
     http: httpx.AsyncClient, tmp_path: Path
 ) -> None:

@@ -476,6 +476,7 @@ class Dispatcher:
                 parent_result,
                 self._settings.scheduler_upload_url_ttl_s,
                 job.kind,
+                local_paths=job.provider == "local",
             )
         return LaterJob(
             kind=job.kind,

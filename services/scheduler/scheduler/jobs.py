@@ -48,7 +48,7 @@ from scheduler.hub_models import HubModelSizes, HubModelUnknown
 from scheduler.model_ids import ModelNotAllowed, check_model_id, sized_from_hub
 from scheduler.providers import ProviderError, ProviderNotConfigured, Providers, Route, route_for
 from scheduler.store import JobRow, JobUpdate, Lease, Store
-from scheduler.uploads import occupy_upload_names, sweep_orphans, uploads_directly
+from scheduler.uploads import DIRECT_UPLOAD_PROVIDERS, occupy_upload_names, sweep_orphans, uploads_directly
 from service_runtime.tracing import trace_carrier
 
 log = logging.getLogger(__name__)
@@ -168,13 +168,21 @@ class JobManager:
             profile = await self._store.get_profile(user_id)
             route = route_for(profile.compute_backend, self._settings)
             # A sharded experiment (scheduler.graph) stores its resolved shard count ("auto": the
-            # estimate's, from the size and the provider's concurrent jobs); 1 runs it as one job.
+            # estimate's, from the size and the provider's concurrent jobs; 1 where its jobs
+            # could not pass files through the store); 1 runs it as one job.
             shards = shard_count(
                 parsed.influence.shards,
                 training_count(parsed),
                 parsed.hyperparams.batch_size,
-                DEFAULT_PARALLEL_JOBS[route.provider],
+                DEFAULT_PARALLEL_JOBS[route.provider] if self._shards_reach_the_store(route) else 1,
             )
+            if shards > 1 and not self._shards_reach_the_store(route):
+                raise SpecError(
+                    f"influence.shards: a sharded experiment on {route.provider} passes its files "
+                    f"between its jobs through the artifact store, which {route.provider}'s workers "
+                    "cannot reach on this dashboard (its operator must set ARTIFACT_STORE_URL to an "
+                    'S3-compatible bucket with its keys); set influence.shards to 1 or "auto"'
+                )
             parsed.influence.shards = shards
             spec = parsed.model_dump(mode="json")
             try:
@@ -375,6 +383,15 @@ class JobManager:
         self.follower.drop(job.id)
         log.info("job deleted", extra={"job_id": job.id, "artifacts": removed})
         return removed
+
+    def _shards_reach_the_store(self, route: Route) -> bool:
+        """Whether a sharded experiment's parts can hand their files to each other (the shards
+        download the training job's, the merge the shards'): compute-local reads the store on
+        this host; RunPod's and Modal's workers only through URLs the scheduler signs
+        (scheduler.uploads.uploads_directly)."""
+        return route.provider not in DIRECT_UPLOAD_PROVIDERS or uploads_directly(
+            route.provider, self.artifacts.store
+        )
 
     async def active_jobs(self, user_id: str, backend: str) -> list[JobRow]:
         """The user's jobs on ``backend`` that have not ended (every kind)."""

@@ -283,10 +283,13 @@ async def presigned_parent_downloads(
     parent_result: Any,
     expires_s: int,
     kind: str = QUERY,
+    local_paths: bool = False,
 ) -> list[compute_pb2.ParentArtifact]:
     """One GET URL (``download_url``) per experiment file the later job needs and the store
-    still holds (compute-local reads its own folder of the experiment first, when it has one)."""
-    if not parent_result:
+    still holds (compute-local reads its own folder of the experiment first, when it has one).
+    A store that cannot sign gives file:// paths only with ``local_paths`` (compute-local, on
+    this host); for a remote worker none (it recomputes what it lacks)."""
+    if not parent_result or not (store.supports_presign or local_paths):
         return []
     stored = {entry["name"]: entry for entry in stored_manifest}
     needed = [name for name in needed_parent_artifacts(parse_result(parent_result), kind) if name in stored]

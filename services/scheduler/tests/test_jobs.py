@@ -324,6 +324,36 @@ async def test_hosted_tier_on_runpod_uses_the_operators_account(start, provider,
     assert provider.servicer.endpoints_created == 0
 
 
+@pytest.mark.parametrize("hosted_provider", ["runpod", "modal"])
+async def test_a_sharded_experiment_on_a_remote_provider_needs_a_store_its_workers_reach(
+    start, provider, h, s3_server, hosted_provider
+):
+    """Its jobs pass their files through the store: with the local directory (which RunPod's and
+    Modal's workers cannot reach) N > 1 is refused before anything is stored; with an S3 store the
+    scheduler signs URLs for, it is accepted."""
+    sharded = json.loads(h.spec_json(hyperparams={"epochs": 1, "batch_size": 1}))
+    sharded["influence_method"], sharded["influence"] = "trackstar", {"shards": 2}
+    request = scheduler_pb2.SubmitJobRequest(user_id="sam", spec_json=json.dumps(sharded).encode())
+    local = await start(hosted_provider=hosted_provider, compute_modal_addr=provider.address)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await local.stub.SubmitJob(request)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"influence.shards: a sharded experiment on {hosted_provider} passes its files" in (
+        refused.value.details()
+    )
+    listed = await local.stub.ListJobs(scheduler_pb2.ListJobsRequest(user_id="sam"))
+    assert list(listed.jobs) == []
+    await local.stop()
+    remote = await start(
+        hosted_provider=hosted_provider,
+        compute_modal_addr=provider.address,
+        store_settings=s3_server.store_settings(prefix=f"shards-{hosted_provider}"),
+    )
+    accepted = await remote.stub.SubmitJob(request)
+    assert accepted.shards == 2
+    await remote.stub.CancelJob(scheduler_pb2.CancelJobRequest(user_id="sam", job_id=accepted.id))
+
+
 async def test_unconfigured_provider_is_failed_precondition(start, h):
     running = await start(hosted_provider="modal")
     with pytest.raises(grpc.aio.AioRpcError) as caught:

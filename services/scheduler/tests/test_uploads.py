@@ -77,6 +77,30 @@ async def test_a_merge_gets_urls_for_its_merged_folder_and_a_query_for_its_recor
     assert query == [*WORKER_RECORD_NAMES, CLAIM_READ_NAME]
 
 
+async def test_a_sharded_experiments_parts_get_urls_for_their_own_files(s3_store: ArtifactStore) -> None:
+    """The training job writes the adapter and checkpoints, an index shard its slice's index and
+    columns (named by its request), the shard merge the scores, summary and index manifest."""
+    spec = {**SPEC, "influence_method": "trackstar", "influence": {"shards": 2}}
+
+    async def names(kind: str, request: dict | None = None) -> set[str]:
+        uploads = await presigned_uploads(s3_store, f"job-{kind}", spec, 600, kind, request)
+        return {u.name for u in uploads} - {*WORKER_RECORD_NAMES, CLAIM_READ_NAME}
+
+    training = await names("training")
+    assert "adapter/adapter_model.safetensors" in training and "checkpoints/epoch-2.safetensors" in training
+    assert not any(name.startswith(("scores", "gradient_index")) for name in training)
+    shard = await names("index_shard", {"shard": 1, "shards": 2, "start": 1, "stop": 2})
+    assert "shards/shard-00001/scores.f8.npy" in shard
+    assert "gradient_index/shard-00001/ckpt-1-shard-00000.npy" in shard
+    assert all(name.startswith(("shards/shard-00001/", "gradient_index/shard-00001/")) for name in shard)
+    assert await names("shard_merge") == {
+        "scores.npy",
+        "training_summary.json",
+        "gradient_index/manifest.json",
+        "gradient_index/ids.json",
+    }
+
+
 async def test_verified_uploads_stay_and_unlisted_ones_are_removed(s3_store: ArtifactStore) -> None:
     await s3_store.put(job_key("job-b", "scores.npy"), chunks(b"matrix"))
     await s3_store.put(job_key("job-b", "checkpoints/epoch-1.safetensors"), chunks(b"left over"))
