@@ -73,6 +73,18 @@ class ActualCost(ApiModel):
     source: str = Field(description="How the seconds were measured and which price table priced them")
 
 
+class JobPart(ApiModel):
+    """One part of a sharded experiment: its training job, an index shard, or the merge."""
+
+    kind: str = Field(description="training, index_shard or shard_merge")
+    shard: int | None = Field(description="The index shard's number (0-based); null for the others")
+    job_id: str | None = Field(description="The part's current attempt; null before it is created")
+    status: str = Field(description="pending, queued, submitted, running, completed, failed or cancelled")
+    progress: float = Field(description="The part's own progress, 0..1")
+    attempts: int = Field(description="Jobs run for this part (a failed shard runs again alone)")
+    error: str | None
+
+
 class Job(ApiModel):
     job_id: str
     status: str = Field(description="queued, submitted, running, completed, failed or cancelled")
@@ -115,6 +127,13 @@ class Job(ApiModel):
         default_factory=dict,
         description="An experiment's export to MLflow / W&B: {status: none|pending|exporting|exported|"
         "failed, trackers: {mlflow|wandb: {status, run_id, url, error, source}}}",
+    )
+    shards: int = Field(
+        default=1, description="Index shards of a sharded experiment (influence.shards); 1 otherwise"
+    )
+    parts: list[JobPart] = Field(
+        default_factory=list,
+        description="A sharded experiment's parts (training job, each shard, merge) as they stand; [] otherwise",
     )
 
 

@@ -83,7 +83,7 @@ async def test_a_sharded_experiments_parts_get_urls_for_their_own_files(s3_store
     spec = {**SPEC, "influence_method": "trackstar", "influence": {"shards": 2}}
 
     async def names(kind: str, request: dict | None = None) -> set[str]:
-        uploads = await presigned_uploads(s3_store, f"job-{kind}", spec, 600, kind, request)
+        uploads = await presigned_uploads(s3_store, f"job-{kind}", spec, 600, kind, request=request)
         return {u.name for u in uploads} - {*WORKER_RECORD_NAMES, CLAIM_READ_NAME}
 
     training = await names("training")
@@ -267,7 +267,9 @@ async def test_a_store_that_cannot_sign_names_its_files_on_this_host(tmp_path) -
     local = open_store(load_store_settings(url=str(tmp_path / "store")))
     await local.put(job_key("p", "adapter/adapter_config.json"), chunks(b"{}"))
     stored = [entry("adapter/adapter_config.json", b"{}")]
-    entries = await presigned_parent_downloads(local, "p", stored, parent_result("tracin", stored), 60)
+    entries = await presigned_parent_downloads(
+        local, "p", stored, parent_result("tracin", stored), 60, local_paths=True
+    )
     assert [e.url for e in entries] == [(tmp_path / "store" / "jobs/p/adapter/adapter_config.json").as_uri()]
     parsed = [ParentArtifact(e.name, e.url, e.sha256, e.bytes) for e in entries]
     assert download_artifacts(parsed, tmp_path / "copy") == ["adapter/adapter_config.json"]
