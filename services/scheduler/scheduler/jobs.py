@@ -25,6 +25,7 @@ from cost_model.estimate import DEFAULT_PARALLEL_JOBS
 from gpu_core import schemas
 from gpu_core.jobs import (
     EXPERIMENT,
+    MERGE,
     WRITES_ARTIFACTS,
     JobInputError,
     job_kind,
@@ -206,6 +207,9 @@ class JobManager:
         )
 
         check_spend_cap(max_cost_usd, estimate[1])
+        if kind == MERGE and request is not None and uploads_directly(route.provider, self.artifacts.store):
+            params_b = (card or cost_model.lookup_model(parsed.model_id)).params_b
+            self._check_merge_uploads(parsed.model_id, params_b, float(request["shard_size_mb"]))
 
         async def admit(conn: DbConnection) -> None:
             usage = await current_usage(conn, self._settings, user_id, route.backend)
@@ -383,6 +387,28 @@ class JobManager:
         self.follower.drop(job.id)
         log.info("job deleted", extra={"job_id": job.id, "artifacts": removed})
         return removed
+
+    def _check_merge_uploads(self, model_id: str, params_b: float, shard_size_mb: float) -> None:
+        """Refuse, before any GPU time, a merge whose files the store would refuse at upload time:
+        a safetensors shard over the largest file (one PUT, at most 5 GiB) or merged weights
+        (16-bit) over the per-job total."""
+        max_file, max_job = (
+            self._settings.scheduler_upload_max_file_bytes,
+            self._settings.scheduler_upload_max_job_bytes,
+        )
+        if shard_size_mb * 1e6 > max_file:
+            raise SpecError(
+                f"request.shard_size_mb: {shard_size_mb:g} MB shards are over the largest file this "
+                f"dashboard takes ({max_file / 1e6:,.0f} MB, SCHEDULER_UPLOAD_MAX_FILE_BYTES); "
+                "ask for smaller shards"
+            )
+        weights_bytes = params_b * 2e9
+        if weights_bytes > max_job:
+            raise SpecError(
+                f"a merge of {model_id} writes about {weights_bytes / 1e9:,.1f} GB of 16-bit weights, over "
+                f"this dashboard's {max_job / 1e9:,.1f} GB of files per job "
+                "(SCHEDULER_UPLOAD_MAX_JOB_BYTES; its operator can raise it)"
+            )
 
     def _shards_reach_the_store(self, route: Route) -> bool:
         """Whether a sharded experiment's parts can hand their files to each other (the shards

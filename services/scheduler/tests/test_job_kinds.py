@@ -198,3 +198,47 @@ async def test_a_check_on_runpod_gets_its_workers_record_urls_only(
     assert all(f"/jobs/{check.id}/_worker/" in upload.url for upload in sent.artifact_uploads)
     events = await h.watch_all(stub, "alice", check.id)
     assert json.loads(events[-1].event_json)["state"] == "completed"
+
+
+async def test_a_merge_whose_files_the_store_would_refuse_is_refused_before_it_runs(
+    start, provider, h, database_url, s3_server
+):
+    """A merge on RunPod uploads its merged weights itself: shards over the largest file the
+    dashboard takes, or weights over its total per job, are refused at submit (422 naming the
+    limit), not after the GPU time was paid for."""
+    running = await start(
+        store_settings=s3_server.store_settings(prefix=f"t-{os.urandom(4).hex()}"),
+        scheduler_upload_max_file_bytes=100_000_000,
+        scheduler_upload_max_job_bytes=1_000,
+    )
+    stub = running.stub
+    await stub.SetComputeBackend(scheduler_pb2.SetComputeBackendRequest(user_id="alice", backend="runpod"))
+    parent, _, result = await completed_experiment(running, h, database_url)
+    result["artifacts"] = [
+        {"name": "adapter/adapter_config.json", "bytes": 2, "sha256": "0" * 64, "media_type": "application/json"}
+    ]
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("UPDATE jobs SET result = $1::jsonb WHERE id = $2::uuid", json.dumps(result), parent)
+    finally:
+        await conn.close()
+
+    def merge(shard_size_mb: float) -> scheduler_pb2.SubmitJobRequest:
+        return scheduler_pb2.SubmitJobRequest(
+            user_id="alice",
+            kind="merge",
+            parent_job_id=parent,
+            request_json=json.dumps({"shard_size_mb": shard_size_mb}).encode(),
+        )
+
+    submitted = len(provider.servicer.submit_requests)
+    with pytest.raises(grpc.aio.AioRpcError) as too_big_shards:
+        await stub.SubmitJob(merge(500))
+    assert too_big_shards.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request.shard_size_mb: 500 MB shards" in too_big_shards.value.details()
+    assert "SCHEDULER_UPLOAD_MAX_FILE_BYTES" in too_big_shards.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as too_big_total:
+        await stub.SubmitJob(merge(50))
+    assert too_big_total.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "SCHEDULER_UPLOAD_MAX_JOB_BYTES" in too_big_total.value.details()
+    assert len(provider.servicer.submit_requests) == submitted  # nothing reached the provider
