@@ -133,7 +133,8 @@ class Job(ApiModel):
     )
     parts: list[JobPart] = Field(
         default_factory=list,
-        description="A sharded experiment's parts (training job, each shard, merge) as they stand; [] otherwise",
+        description="A sharded experiment's parts (training job, each shard, merge) as they stand; "
+        "[] otherwise",
     )
 
 

@@ -215,11 +215,18 @@ async def test_a_merge_whose_files_the_store_would_refuse_is_refused_before_it_r
     await stub.SetComputeBackend(scheduler_pb2.SetComputeBackendRequest(user_id="alice", backend="runpod"))
     parent, _, result = await completed_experiment(running, h, database_url)
     result["artifacts"] = [
-        {"name": "adapter/adapter_config.json", "bytes": 2, "sha256": "0" * 64, "media_type": "application/json"}
+        {
+            "name": "adapter/adapter_config.json",
+            "bytes": 2,
+            "sha256": "0" * 64,
+            "media_type": "application/json",
+        }
     ]
     conn = await asyncpg.connect(database_url)
     try:
-        await conn.execute("UPDATE jobs SET result = $1::jsonb WHERE id = $2::uuid", json.dumps(result), parent)
+        await conn.execute(
+            "UPDATE jobs SET result = $1::jsonb WHERE id = $2::uuid", json.dumps(result), parent
+        )
     finally:
         await conn.close()
 
