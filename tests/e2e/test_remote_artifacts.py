@@ -20,7 +20,6 @@ import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
@@ -30,6 +29,7 @@ from devstack.s3_server import S3TestServer
 from devstack.stack import FakeRunPodProcess, Stack
 from gpu_core.uploads import UPLOAD_GRANT_NAME
 
+from .remote_store import download, store_object
 from .test_stack import small_spec
 
 pytestmark = pytest.mark.e2e
@@ -75,30 +75,6 @@ def large_spec() -> dict:
     return spec
 
 
-def store_object(s3_server: S3TestServer, key: str) -> bytes:
-    import boto3
-
-    from devstack.s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint_url,
-        region_name=REGION,
-        aws_access_key_id=ACCESS_KEY_ID,
-        aws_secret_access_key=SECRET_ACCESS_KEY,
-    )
-    return client.get_object(Bucket=s3_server.bucket, Key=f"remote/{key}")["Body"].read()
-
-
-def download(client: GatewayClient, job_id: str, name: str) -> bytes:
-    """The gateway's artifact route: a 307 to a presigned GET of the S3 store, followed."""
-    reply = client.request("GET", f"/api/jobs/{job_id}/artifacts/{name}")
-    assert reply.status_code == 307, reply.text
-    fetched = httpx.get(reply.headers["location"], timeout=60)
-    assert fetched.status_code == 200
-    return fetched.content
-
-
 def test_runpod_10000_x_1000_job_uploads_its_files_to_presigned_urls(
     stack: Stack, fake: FakeRunPodProcess, s3_server: S3TestServer
 ) -> None:
@@ -121,7 +97,7 @@ def test_runpod_10000_x_1000_job_uploads_its_files_to_presigned_urls(
     # The worker's upload is what the store holds and what the researcher downloads, byte for byte.
     scores = download(client, job_id, "scores.npy")
     assert hashlib.sha256(scores).hexdigest() == listed["scores.npy"]["sha256"]
-    assert scores == store_object(s3_server, f"jobs/{job_id}/scores.npy")
+    assert scores == store_object(s3_server, "remote", f"jobs/{job_id}/scores.npy")
     matrix = np.load(io.BytesIO(scores))
     assert matrix.shape == (N_EVAL, N_TRAIN) and matrix.dtype == np.float32
     heatmap = result["influence"]["heatmap"]
@@ -151,13 +127,13 @@ def test_modal_job_uploads_its_files_to_presigned_urls(stack: Stack, s3_server: 
     listed = client.request("GET", f"/api/jobs/{job_id}/artifacts").json()["artifacts"]
     assert {"scores.npy", "adapter/adapter_model.safetensors"} <= {a["name"] for a in listed}
     for artifact in listed:
-        data = store_object(s3_server, f"jobs/{job_id}/{artifact['name']}")
+        data = store_object(s3_server, "remote", f"jobs/{job_id}/{artifact['name']}")
         assert hashlib.sha256(data).hexdigest() == artifact["sha256"], artifact["name"]
     scores = np.load(io.BytesIO(download(client, job_id, "scores.npy")))
     result = client.results(job_id)
     assert np.allclose(scores, np.array(result["influence"]["scores"], dtype=np.float32))
     # The function also left its result in the store, which outlives Modal's 7 days.
-    stored = json.loads(store_object(s3_server, f"jobs/{job_id}/_worker/result.json"))
+    stored = json.loads(store_object(s3_server, "remote", f"jobs/{job_id}/_worker/result.json"))
     assert np.allclose(np.array(stored["influence"]["scores"], dtype=np.float32), scores)
 
 
@@ -297,7 +273,7 @@ def test_a_stored_dataset_reaches_a_remote_worker_as_a_presigned_get(
     rows = [{**t, "id": f"d{i}"} for i, t in enumerate(small_spec(n_train=8)["training_data"])]
     dataset = _stored_dataset(client, rows)
     key = f"datasets/{dataset['dataset_id']}/data.jsonl"
-    assert hashlib.sha256(store_object(s3_server, key)).hexdigest() == dataset["sha256"]
+    assert hashlib.sha256(store_object(s3_server, "remote", key)).hexdigest() == dataset["sha256"]
     job_id = client.submit(_spec_on(dataset))["job_id"]
     events = list(client.events(job_id))
     assert events[-1]["state"] == "completed", events[-3:]
@@ -313,7 +289,7 @@ def test_a_stored_dataset_reaches_a_remote_worker_as_a_presigned_get(
 
     from devstack.s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
 
-    original = store_object(s3_server, key)
+    original = store_object(s3_server, "remote", key)
     boto3.client(
         "s3",
         endpoint_url=s3_server.endpoint_url,
@@ -361,7 +337,7 @@ def test_a_runpod_merge_uploads_weights_that_load_with_from_pretrained_and_repro
     folder = tmp_path
     for artifact in listed:
         data = download(client, merge_id, artifact["name"])
-        assert data == store_object(s3_server, f"jobs/{merge_id}/{artifact['name']}")
+        assert data == store_object(s3_server, "remote", f"jobs/{merge_id}/{artifact['name']}")
         target = folder / artifact["name"]
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)

@@ -35,6 +35,8 @@ from devstack.client import GatewayClient
 from devstack.s3_server import S3TestServer
 from devstack.stack import FakeRunPodProcess, Stack
 
+from .remote_store import download, store_object
+
 pytestmark = pytest.mark.e2e
 
 RUNPOD_KEY = "rpa_SHARDEDPROVIDERS0123456789ABCD"
@@ -101,30 +103,6 @@ def unsharded(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Unsha
         return made[method]
 
     return reference
-
-
-def store_object(s3_server: S3TestServer, key: str) -> bytes:
-    import boto3
-
-    from devstack.s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint_url,
-        region_name=REGION,
-        aws_access_key_id=ACCESS_KEY_ID,
-        aws_secret_access_key=SECRET_ACCESS_KEY,
-    )
-    return client.get_object(Bucket=s3_server.bucket, Key=f"sharded/{key}")["Body"].read()
-
-
-def download(client: GatewayClient, job_id: str, name: str) -> bytes:
-    """The gateway's artifact route: a 307 to a presigned GET of the S3 store, followed."""
-    reply = client.request("GET", f"/api/jobs/{job_id}/artifacts/{name}")
-    assert reply.status_code == 307, reply.text
-    fetched = httpx.get(reply.headers["location"], timeout=60)
-    assert fetched.status_code == 200
-    return fetched.content
 
 
 def _top_k(result: dict[str, Any]) -> dict[str, tuple[list[str], list[str]]]:
@@ -194,7 +172,7 @@ def assert_unsharded_result(
     assert {"scores.npy", "adapter/adapter_model.safetensors", "gradient_index/manifest.json"} <= set(listed)
     assert not any(name.startswith("shards/") for name in listed), sorted(listed)
     for name, entry in listed.items():
-        data = store_object(s3_server, f"jobs/{job_id}/{name}")
+        data = store_object(s3_server, "sharded", f"jobs/{job_id}/{name}")
         assert hashlib.sha256(data).hexdigest() == entry["sha256"], name
     got = np.load(io.BytesIO(download(client, job_id, "scores.npy")))
     assert got.shape == want.shape == (N_EVAL, N_TRAIN)
