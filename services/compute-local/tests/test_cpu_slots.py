@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
@@ -14,18 +13,13 @@ from compute_local.jobs import JobState, StoredEvent
 from influence.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 
 from .conftest import ServiceFactory
-from .test_service import _alive, follow, has_event, long_spec, tiny_spec, wait_until
+from .test_service import _alive, _child_threads, follow, has_event, long_spec, tiny_spec, wait_until
 
 
-def _child_threads(pid: int) -> tuple[str, str]:
-    """The ``--threads`` argument and ``OMP_NUM_THREADS`` the service gave the child ``pid``."""
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    environ = dict(
-        entry.split(b"=", 1)
-        for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        if b"=" in entry
-    )
-    return argv[argv.index(b"--threads") + 1].decode(), environ[b"OMP_NUM_THREADS"].decode()
+def _longer_spec() -> bytes:
+    """Runs well past the other jobs of the test (minutes), which cancels it."""
+    training = [{"id": f"t{i}", "prompt": f"{i} + {i} =", "completion": f" {2 * i}"} for i in range(200)]
+    return tiny_spec(training_data=training, hyperparams={"epochs": 100, "batch_size": 1})
 
 
 def _running_interval(events: list[StoredEvent]) -> tuple[float, float]:
@@ -52,7 +46,7 @@ async def test_two_cpu_slots_run_two_jobs_at_once_and_queue_the_third(
         return status.stage_message
 
     first = await submit("first", long_spec())
-    second = await submit("second", long_spec())
+    second = await submit("second", _longer_spec())
     third = await submit("third", tiny_spec())
     fourth = await submit("fourth", tiny_spec())
     assert [runner.status(p, "", "").state for p in (first, second, third, fourth)] == [
@@ -77,7 +71,7 @@ async def test_two_cpu_slots_run_two_jobs_at_once_and_queue_the_third(
     # A queued job is still cancelled without a slot: the next one moves up.
     cancelled = await stub.Cancel(compute_pb2.CancelRequest(provider_job_id=fourth))
     assert cancelled.state == common_pb2.JOB_STATE_CANCELLED
-    assert [e.stage for e in runner.status(fourth, "", "").events] == ["queued", "cancelled"]
+    assert [e.event.get("stage") for e in runner.status(fourth, "", "").events] == ["queued", "cancelled"]
     assert (await stage_message(third)).startswith("queued: position 1 of 1")
     assert runner.running_count == 2
 
@@ -88,10 +82,27 @@ async def test_two_cpu_slots_run_two_jobs_at_once_and_queue_the_third(
     assert [e.stage for e in events[:2]] == ["queued", "starting"]
     assert runner.status(second, "", "").state is JobState.RUNNING
     assert pids[1] is not None and _alive(pids[1])
-    result = json.loads(
-        (await stub.GetResult(compute_pb2.GetResultRequest(provider_job_id=third))).result_json
+    result_json = (await stub.GetResult(compute_pb2.GetResultRequest(provider_job_id=third))).result_json
+    assert str(json.loads(result_json)["environment"]["torch_threads"]) == expected_threads
+
+    # A follow-up query takes the free slot beside the second job; its warm worker gets the same
+    # share of the cores and stays warm after answering.
+    query_request = json.dumps({"queries": [{"prompt": "3 + 3 =", "expected": " 6"}], "top_k": 3})
+    query = await stub.Submit(
+        compute_pb2.SubmitRequest(
+            job_id="query",
+            spec_json=tiny_spec(),
+            kind="query",
+            request_json=query_request.encode(),
+            parent_result_json=result_json,
+            parent_job_id="third",
+        )
     )
-    assert str(result["environment"]["torch_threads"]) == expected_threads
+    answered, _ = await follow(service, stub, query.provider_job_id)
+    assert answered.state == common_pb2.JOB_STATE_COMPLETED, answered.error
+    [worker] = runner.warm.workers
+    assert worker.alive and _child_threads(worker.process.pid) == (expected_threads,) * 2
+    assert runner.status(second, "", "").state is JobState.RUNNING
 
     await stub.Cancel(compute_pb2.CancelRequest(provider_job_id=second))
     # The running intervals (from the "starting" event to the end marker) overlap: the second
@@ -100,5 +111,5 @@ async def test_two_cpu_slots_run_two_jobs_at_once_and_queue_the_third(
     for a, b in ((first, second), (third, second)):
         assert intervals[a][0] < intervals[b][1] and intervals[b][0] < intervals[a][1]
     assert intervals[first][1] <= intervals[third][0]
-    assert runner.finished_counts == {JobState.CANCELLED: 3, JobState.COMPLETED: 1}
+    assert runner.finished_counts == {JobState.CANCELLED: 3, JobState.COMPLETED: 2}
     assert (runner.running_count, runner.queue_depth) == (0, 0)
