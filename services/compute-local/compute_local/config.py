@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +15,15 @@ from service_runtime.callers import checked_caller_tokens, require_caller_tokens
 from service_runtime.settings import ServiceSettings
 
 _DEVICE_PATTERN = re.compile(r"cpu|cuda:\d+")
+
+
+@dataclass(frozen=True)
+class DeviceSlots:
+    """A device, how many jobs it runs at once, and the torch threads each of its children gets."""
+
+    device: str
+    slots: int
+    threads: int
 
 
 class Settings(ServiceSettings):
@@ -44,9 +54,13 @@ class Settings(ServiceSettings):
         )
         return self
 
-    # One slot per device: a job runs alone on its device, later jobs wait in FIFO order.
+    # One slot per GPU device and COMPUTE_LOCAL_CPU_SLOTS on "cpu"; later jobs wait in the queue.
     compute_local_devices: Annotated[tuple[str, ...], NoDecode] = ("cpu",)
-    # Threads a child may use for torch/OpenMP; unset means every core of this host.
+    # Jobs "cpu" runs at once, each child with its share of the cores (docs/services.md: 1 by
+    # default, since every running job holds its own model and training state in host memory).
+    compute_local_cpu_slots: int = Field(default=1, ge=1, le=256)
+    # Threads a child may use for torch/OpenMP; unset: every core of this host for a GPU job,
+    # cores // COMPUTE_LOCAL_CPU_SLOTS for a CPU job.
     compute_local_torch_threads: int | None = Field(default=None, ge=1, le=1024)
     compute_local_work_dir: Path = Path(".data/compute-local")
     compute_local_result_retention_s: float = Field(default=7 * 24 * 3600, gt=0)
@@ -81,10 +95,28 @@ class Settings(ServiceSettings):
             raise ValueError(f"lists {', '.join(duplicates)} more than once")
         return value
 
+    @model_validator(mode="after")
+    def _cpu_slots_need_the_cpu(self) -> Settings:
+        if self.compute_local_cpu_slots > 1 and "cpu" not in self.compute_local_devices:
+            raise ValueError(
+                f"COMPUTE_LOCAL_CPU_SLOTS is {self.compute_local_cpu_slots} but COMPUTE_LOCAL_DEVICES "
+                f"({','.join(self.compute_local_devices)}) has no cpu; add cpu or set it to 1"
+            )
+        return self
+
     @property
     def address(self) -> str:
         return f"{self.compute_local_host}:{self.compute_local_port}"
 
     @property
-    def child_threads(self) -> int:
-        return self.compute_local_torch_threads or os.cpu_count() or 1
+    def device_slots(self) -> tuple[DeviceSlots, ...]:
+        """Each device with its slots and its children's threads: a GPU runs one job at a time,
+        "cpu" COMPUTE_LOCAL_CPU_SLOTS, each with an equal share of the cores (at least one)."""
+        cores = os.cpu_count() or 1
+        devices = []
+        for device in self.compute_local_devices:
+            slots = self.compute_local_cpu_slots if device == "cpu" else 1
+            devices.append(
+                DeviceSlots(device, slots, self.compute_local_torch_threads or max(1, cores // slots))
+            )
+        return tuple(devices)

@@ -26,7 +26,9 @@ class RunnerCollector(Collector):
             "compute_local_running_jobs", "Jobs running in a child process", value=runner.running_count
         )
         yield GaugeMetricFamily(
-            "compute_local_slots", "Devices that each run one job at a time", value=runner.slot_count
+            "compute_local_slots",
+            "Jobs that can run at once (one per GPU, the CPU slots)",
+            value=runner.slot_count,
         )
         finished = CounterMetricFamily(
             "compute_local_jobs_finished",

@@ -1,5 +1,7 @@
-"""The job queue and the child processes: one job at a time per device; the queue takes turns
-between users (round robin), so one user's backlog never delays another user's first job.
+"""The job queue and the child processes: one job at a time per GPU device and
+COMPUTE_LOCAL_CPU_SLOTS jobs at once on "cpu" (the free slots are a list holding each device once
+per free slot); the queue takes turns between users (round robin), so one user's backlog never
+delays another user's first job.
 
 A job is SUBMITTED while it waits, RUNNING from the moment a device is assigned, COMPLETED as
 soon as the child's result line has been stored, FAILED with the child's message (or with the way
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from compute_local.child import EXIT_CANCELLED, PARENT_FILE
+from compute_local.config import DeviceSlots
 from compute_local.jobs import JobRecord, JobState, JobStore, StoredEvent, new_provider_job_id
 from compute_local.spec import DATASETS_FILE, later_job_files, read_spec
 from compute_local.warm import WarmQueryPool, WarmQueryWorker, WorkerGone
@@ -101,8 +104,7 @@ class LocalRunner:
     def __init__(
         self,
         store: JobStore,
-        devices: tuple[str, ...],
-        child_threads: int,
+        devices: tuple[DeviceSlots, ...],
         cancel_grace_s: float,
         retention_s: float,
         log_level: str = "INFO",
@@ -111,8 +113,12 @@ class LocalRunner:
     ) -> None:
         self._store = store
         self._devices = devices
-        self._free_devices = list(devices)
-        self._child_threads = child_threads
+        # One entry per free slot: "cpu" appears once for each CPU job that may still start.
+        self._free_devices = [d.device for d in devices for _slot in range(d.slots)]
+        self._threads = {d.device: d.threads for d in devices}
+        self._devices_text = ", ".join(
+            d.device if d.slots == 1 else f"{d.device}: {d.slots} jobs at once" for d in devices
+        )
         self._cancel_grace_s = cancel_grace_s
         self._retention_s = retention_s
         self._log_level = log_level
@@ -130,7 +136,6 @@ class LocalRunner:
         self.warm = WarmQueryPool(
             warm_query_workers,
             warm_query_idle_s,
-            child_threads,
             cancel_grace_s,
             store.query_workers_log_path(),
         )
@@ -156,7 +161,12 @@ class LocalRunner:
         self._retention_task = asyncio.create_task(self._sweep_periodically())
         log.info(
             "compute-local runner started",
-            extra={"devices": list(self._devices), "jobs": len(self._jobs), "queued": len(self._queue)},
+            extra={
+                "slots": {d.device: d.slots for d in self._devices},
+                "threads": self._threads,
+                "jobs": len(self._jobs),
+                "queued": len(self._queue),
+            },
         )
         self._dispatch()
 
@@ -240,7 +250,7 @@ class LocalRunner:
                 "type": "status",
                 "stage": "queued",
                 "progress": 0.0,
-                "message": f"queued for a free device ({', '.join(self._devices)})",
+                "message": f"queued for a free device ({self._devices_text})",
             },
         )
         log.info("job queued", extra={"job_id": job_id, "provider_job_id": record.provider_job_id})
@@ -315,7 +325,8 @@ class LocalRunner:
 
     @property
     def slot_count(self) -> int:
-        return len(self._devices)
+        """Jobs that can run at once: one per GPU device plus the CPU slots."""
+        return sum(d.slots for d in self._devices)
 
     def child_pid(self, provider_job_id: str) -> int | None:
         job = self._jobs.get(provider_job_id)
@@ -372,7 +383,7 @@ class LocalRunner:
             position = self._start_order().index(job) + 1
             return (
                 f"queued: position {position} of {len(self._queue)}, "
-                f"waiting for a free device ({', '.join(self._devices)})"
+                f"waiting for a free device ({self._devices_text})"
             )
         if record.state is JobState.RUNNING:
             last = job.events[-1].event.get("message", "") if job.events else ""
@@ -469,7 +480,7 @@ class LocalRunner:
 
     def _child_environment(self, device: str) -> dict[str, str]:
         env = dict(os.environ)
-        threads = str(self._child_threads)
+        threads = str(self._threads[device])
         env.update(
             OMP_NUM_THREADS=threads,
             MKL_NUM_THREADS=threads,
@@ -557,7 +568,7 @@ class LocalRunner:
                 "--parent-pid",
                 str(os.getpid()),
                 "--threads",
-                str(self._child_threads),
+                str(self._threads[device]),
                 *(["--parent-dir", str(parent_dir)] if parent_dir is not None else []),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
@@ -587,6 +598,7 @@ class LocalRunner:
         worker = await self.warm.get(
             record.parent_job_id,
             device,
+            self._threads[device],
             self._parent_artifacts_dir(record.parent_job_id),
             self._child_environment(device),
         )

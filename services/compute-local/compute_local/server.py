@@ -167,8 +167,7 @@ class ComputeLocalServer:
         self.settings = settings
         self.runner = LocalRunner(
             store=JobStore(Path(settings.compute_local_work_dir)),
-            devices=settings.compute_local_devices,
-            child_threads=settings.child_threads,
+            devices=settings.device_slots,
             cancel_grace_s=settings.compute_local_cancel_grace_s,
             retention_s=settings.compute_local_result_retention_s,
             log_level=settings.log_level,

@@ -3,12 +3,14 @@ one per experiment, each keeping that experiment's QuerySession between queries 
 after ``idle_s`` without one. With ``size`` 0 every query gets a fresh worker that is retired
 as soon as it has answered.
 
-A worker is a tenant of its device: a query takes the device's slot in the queue while it is
-answered, and between queries the worker still holds the model in that device's memory. So an
+A worker is a tenant of its device: a query takes one of the device's slots in the queue while it
+is answered, and between queries the worker still holds the model in that device's memory. So an
 experiment that is given a device first retires the idle workers there (:meth:`evict`), and
 the runner gives an experiment the free device with the fewest of them. A busy worker is never
-evicted: it is answering a query that holds the device's slot, so no experiment can be given
-that device meanwhile.
+evicted: it is answering a query that holds a slot of the device, so on a GPU (one slot) no
+experiment can be given that device meanwhile. "cpu" with several slots (COMPUTE_LOCAL_CPU_SLOTS)
+runs experiments and queries side by side in host memory: a worker that a query started there
+stays warm while an experiment runs in another slot.
 
 Memory (docs/services.md): a worker holds the base model, the experiment's LoRA adapter and its
 gradient index, the same as the experiment held while scoring; the bound and the idle timeout
@@ -108,10 +110,9 @@ class WarmQueryWorker:
 
 
 class WarmQueryPool:
-    def __init__(self, size: int, idle_s: float, child_threads: int, grace_s: float, log_path: Path) -> None:
+    def __init__(self, size: int, idle_s: float, grace_s: float, log_path: Path) -> None:
         self.size = size
         self.idle_s = idle_s
-        self._child_threads = child_threads
         self._grace_s = grace_s
         self._log_path = log_path
         self._workers: dict[str, WarmQueryWorker] = {}
@@ -137,11 +138,12 @@ class WarmQueryPool:
         return worker if worker is not None and worker.alive else None
 
     async def get(
-        self, parent_job_id: str, device: str, parent_dir: Path | None, env: dict[str, str]
+        self, parent_job_id: str, device: str, threads: int, parent_dir: Path | None, env: dict[str, str]
     ) -> WarmQueryWorker:
-        """The experiment's warm worker on ``device``, started when there is none (retiring the
+        """The experiment's warm worker on ``device``, started when there is none (with
+        ``threads`` torch threads, the share of a job on that device; retiring the
         longest-idle other worker when the pool is full). While the experiment's worker is busy
-        (a query of it on another device) or the pool holds only busy workers, the new worker
+        (a query of it in another slot) or the pool holds only busy workers, the new worker
         answers this one query and is retired: the pool never holds more than ``size``."""
         worker = self.find(parent_job_id)
         if worker is not None and not worker.busy:
@@ -151,7 +153,7 @@ class WarmQueryPool:
         idle = sorted((w for w in self._workers.values() if not w.busy), key=lambda w: w.idle_since)
         while idle and len(self._workers) >= self.size:
             await self._retire(idle.pop(0))
-        worker = await self._start(parent_job_id, device, parent_dir, env)
+        worker = await self._start(parent_job_id, device, threads, parent_dir, env)
         if len(self._workers) < self.size and parent_job_id not in self._workers:
             self._workers[parent_job_id] = worker
             if self._reaper is None:
@@ -192,7 +194,7 @@ class WarmQueryPool:
         )
 
     async def _start(
-        self, parent_job_id: str, device: str, parent_dir: Path | None, env: dict[str, str]
+        self, parent_job_id: str, device: str, threads: int, parent_dir: Path | None, env: dict[str, str]
     ) -> WarmQueryWorker:
         command = [
             sys.executable,
@@ -201,7 +203,7 @@ class WarmQueryPool:
             "--parent-pid",
             str(os.getpid()),
             "--threads",
-            str(self._child_threads),
+            str(threads),
         ]
         if parent_dir is not None:
             command += ["--parent-dir", str(parent_dir)]

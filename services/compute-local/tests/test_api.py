@@ -4,6 +4,7 @@ metrics and the errors for bad input; plus settings validation."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from compute_local.config import Settings
+from compute_local.config import DeviceSlots, Settings
 from compute_local.server import SERVICE_NAME, ComputeLocalServer, start_service
 from influence.v1 import compute_pb2, compute_pb2_grpc
 from service_runtime.settings import SettingsError
@@ -33,6 +34,7 @@ async def service(tmp_path: Path) -> AsyncIterator[ComputeLocalServer]:
         compute_local_metrics_port=0,
         compute_local_work_dir=tmp_path / "work",
         compute_local_devices="cpu,cuda:0",
+        compute_local_cpu_slots=3,
         compute_local_torch_threads=1,
     )
     running = await start_service(settings, registry=CollectorRegistry())
@@ -117,7 +119,7 @@ async def test_metrics_endpoint_reports_the_queue(service: ComputeLocalServer) -
         for line in response.text.splitlines()
         if line.startswith("compute_local_")
     }
-    assert samples["compute_local_slots"] == 2
+    assert samples["compute_local_slots"] == 4  # 3 CPU slots and the GPU's one
     assert samples["compute_local_queue_depth"] == 0
     assert samples["compute_local_running_jobs"] == 0
     assert samples['compute_local_jobs_finished_total{state="failed"}'] == 0
@@ -132,6 +134,9 @@ async def test_metrics_endpoint_reports_the_queue(service: ComputeLocalServer) -
         ({"COMPUTE_LOCAL_PORT": "70000"}, "COMPUTE_LOCAL_PORT"),
         ({"COMPUTE_LOCAL_METRICS_PORT": "-2"}, "COMPUTE_LOCAL_METRICS_PORT"),
         ({"COMPUTE_LOCAL_TORCH_THREADS": "0"}, "COMPUTE_LOCAL_TORCH_THREADS"),
+        ({"COMPUTE_LOCAL_CPU_SLOTS": "0"}, "COMPUTE_LOCAL_CPU_SLOTS"),
+        ({"COMPUTE_LOCAL_CPU_SLOTS": "auto"}, "COMPUTE_LOCAL_CPU_SLOTS"),
+        ({"COMPUTE_LOCAL_DEVICES": "cuda:0", "COMPUTE_LOCAL_CPU_SLOTS": "2"}, "COMPUTE_LOCAL_CPU_SLOTS"),
         ({"COMPUTE_LOCAL_RESULT_RETENTION_S": "-1"}, "COMPUTE_LOCAL_RESULT_RETENTION_S"),
         ({"COMPUTE_LOCAL_CANCEL_GRACE_S": "soon"}, "COMPUTE_LOCAL_CANCEL_GRACE_S"),
         ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL"),
@@ -155,10 +160,29 @@ def test_settings_defaults_and_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert defaults.compute_local_work_dir == Path(".data/compute-local")
     assert defaults.compute_local_result_retention_s == 7 * 24 * 3600
-    assert defaults.child_threads >= 1
+    cores = os.cpu_count() or 1
+    # One CPU job at a time, on every core.
+    assert defaults.device_slots == (DeviceSlots("cpu", 1, cores),)
     monkeypatch.setenv("COMPUTE_LOCAL_DEVICES", "cuda:0, cuda:1")
     monkeypatch.setenv("COMPUTE_LOCAL_TORCH_THREADS", "3")
     monkeypatch.setenv("COMPUTE_LOCAL_WORK_DIR", "")  # empty means unset
     parsed = Settings.load()
     assert parsed.compute_local_devices == ("cuda:0", "cuda:1")
-    assert parsed.child_threads == 3 and parsed.compute_local_work_dir == Path(".data/compute-local")
+    assert parsed.device_slots == (DeviceSlots("cuda:0", 1, 3), DeviceSlots("cuda:1", 1, 3))
+    assert parsed.compute_local_work_dir == Path(".data/compute-local")
+
+
+def test_cpu_slots_share_the_cores_and_gpus_keep_one_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    cores = os.cpu_count() or 1
+    monkeypatch.setenv("COMPUTE_LOCAL_DEVICES", "cpu,cuda:0")
+    monkeypatch.setenv("COMPUTE_LOCAL_CPU_SLOTS", "2")
+    assert Settings.load().device_slots == (
+        DeviceSlots("cpu", 2, max(1, cores // 2)),
+        DeviceSlots("cuda:0", 1, cores),
+    )
+    # More slots than cores: one thread each, never none.
+    monkeypatch.setenv("COMPUTE_LOCAL_CPU_SLOTS", str(cores + 1))
+    assert Settings.load().device_slots[0] == DeviceSlots("cpu", cores + 1, 1)
+    # An explicit thread count is every child's, whatever the slots.
+    monkeypatch.setenv("COMPUTE_LOCAL_TORCH_THREADS", "5")
+    assert {d.threads for d in Settings.load().device_slots} == {5}

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -100,6 +101,17 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def _child_threads(pid: int) -> tuple[str, str]:
+    """The ``--threads`` argument and ``OMP_NUM_THREADS`` the service gave the child ``pid``."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    environ = dict(
+        entry.split(b"=", 1)
+        for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if b"=" in entry
+    )
+    return argv[argv.index(b"--threads") + 1].decode(), environ[b"OMP_NUM_THREADS"].decode()
 
 
 def _event_dicts(events: list[common_pb2.ProgressEvent]) -> list[dict[str, Any]]:
@@ -221,7 +233,7 @@ async def test_one_slot_queues_cancels_and_reports_a_failing_model(
 
     first_waiting = await status(failing)
     assert first_waiting.state == common_pb2.JOB_STATE_SUBMITTED
-    assert "position 1 of 2" in first_waiting.stage_message
+    assert first_waiting.stage_message == "queued: position 1 of 2, waiting for a free device (cpu)"
     assert "position 2 of 2" in (await status(queued)).stage_message
     assert service.runner.queue_depth == 2
 
@@ -230,6 +242,8 @@ async def test_one_slot_queues_cancels_and_reports_a_failing_model(
     pid = service.runner.child_pid(running)
     assert pid is not None and _alive(pid)
     assert (await status(running)).state == common_pb2.JOB_STATE_RUNNING
+    assert _child_threads(pid) == ("1", "1")  # COMPUTE_LOCAL_TORCH_THREADS of the fixture
+    assert (service.runner.slot_count, service.runner.running_count) == (1, 1)
 
     cancelled_queued = await stub.Cancel(compute_pb2.CancelRequest(provider_job_id=queued))
     assert cancelled_queued.state == common_pb2.JOB_STATE_CANCELLED

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from compute_local.config import DeviceSlots
 from compute_local.jobs import JobRecord, JobState, JobStore, StoredEvent
 from compute_local.runner import STOPPED_MESSAGE, JobNotFound, LocalRunner, ResultNotReady
 
@@ -33,7 +34,10 @@ def _stored_job(store: JobStore, provider_job_id: str, state: JobState, finished
 
 def _runner(work_dir: Path, retention_s: float) -> LocalRunner:
     return LocalRunner(
-        JobStore(work_dir), devices=("cpu",), child_threads=1, cancel_grace_s=1.0, retention_s=retention_s
+        JobStore(work_dir),
+        devices=(DeviceSlots("cpu", 1, 1),),
+        cancel_grace_s=1.0,
+        retention_s=retention_s,
     )
 
 

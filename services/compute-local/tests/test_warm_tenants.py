@@ -21,11 +21,11 @@ def worker_env() -> dict[str, str]:
 
 
 async def test_evict_retires_the_idle_workers_of_a_device_and_never_a_busy_one(tmp_path: Path) -> None:
-    pool = WarmQueryPool(3, 300.0, 1, 10.0, tmp_path / "query-workers.log")
+    pool = WarmQueryPool(3, 300.0, 10.0, tmp_path / "query-workers.log")
     try:
-        idle = await pool.get("exp-idle", "cpu", None, worker_env())
-        busy = await pool.get("exp-busy", "cpu", None, worker_env())
-        elsewhere = await pool.get("exp-other", "cuda:1", None, worker_env())
+        idle = await pool.get("exp-idle", "cpu", 1, None, worker_env())
+        busy = await pool.get("exp-busy", "cpu", 1, None, worker_env())
+        elsewhere = await pool.get("exp-other", "cuda:1", 1, None, worker_env())
         assert {w.parent_job_id for w in pool.on_device("cpu")} == {"exp-idle", "exp-busy"}
         # Mid-answer: the worker has sent the query's first event (an error: the job folder is
         # empty) and its "done" line is still to be read.
@@ -57,7 +57,7 @@ async def test_an_experiment_retires_the_idle_warm_workers_of_its_device_before_
 ) -> None:
     service = await start_compute_local(compute_local_warm_query_workers=2, compute_local_cancel_grace_s=2.0)
     runner = service.runner
-    worker = await runner.warm.get("exp-old", "cpu", None, worker_env())
+    worker = await runner.warm.get("exp-old", "cpu", 1, None, worker_env())
     stub = connect(service)
     provider_job_id = await submit_experiment(stub, "exp-new")
     await runner.wait_for(lambda: runner.child_pid(provider_job_id) is not None)
@@ -78,7 +78,7 @@ async def test_an_experiment_prefers_a_free_device_without_warm_workers(
         compute_local_devices="cuda:0,cuda:1", compute_local_cancel_grace_s=2.0
     )
     runner = service.runner
-    worker = await runner.warm.get("exp-old", "cuda:0", None, worker_env())
+    worker = await runner.warm.get("exp-old", "cuda:0", 1, None, worker_env())
     stub = connect(service)
     provider_job_id = await submit_experiment(stub, "exp-new")
 
