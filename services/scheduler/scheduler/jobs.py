@@ -21,6 +21,7 @@ from typing import Any
 
 import cost_model
 from artifact_store import job_prefix
+from cost_model import ActualCost
 from cost_model.estimate import DEFAULT_PARALLEL_JOBS
 from gpu_core import schemas
 from gpu_core.jobs import (
@@ -324,9 +325,16 @@ class JobManager:
 
     # ---- other operations ---------------------------------------------------------------
 
-    async def cancel(self, user_id: str, job_id: str) -> JobRow:
+    async def cancel(
+        self,
+        user_id: str,
+        job_id: str,
+        reason: str = "cancelled by the user",
+        actual: ActualCost | None = None,
+    ) -> JobRow:
         """Cancel at the provider first (on the endpoint the job was submitted on), then store
-        it. A job still being submitted is cancelled by its dispatcher once the provider answers."""
+        it with ``reason`` (and ``actual``, the cost the scheduler measured, when it did). A job
+        still being submitted is cancelled by its dispatcher once the provider answers."""
         job = await self._store.get_job(job_id, user_id)
         if job is None:
             raise JobNotFound(job_id)
@@ -343,7 +351,7 @@ class JobManager:
                 if exc.code != "NOT_FOUND":
                     raise
         updated = await self._store.apply(
-            job.id, JobUpdate(status="cancelled", error="cancelled by the user", stage_message="cancelled")
+            job.id, JobUpdate(status="cancelled", error=reason, stage_message="cancelled", actual=actual)
         )
         self.follower.drop(job.id)
         return updated or await self._reload(job.id)

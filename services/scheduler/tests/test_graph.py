@@ -191,3 +191,50 @@ async def test_on_runpod_each_part_uploads_its_own_names_and_a_shard_downloads_t
 
 async def _chunks(data: bytes):
     yield data
+
+
+async def test_the_spend_cap_holds_for_the_whole_graph(scheduler, provider, h):
+    """The training job's settled time and the running shards' time so far are added up: once
+    they reach the cap, every active part is cancelled and the experiment ends naming the cap
+    and the amount, although neither shard alone came near it."""
+    stub, servicer = scheduler.stub, provider.servicer
+    # Each part's estimate: $0.05 at $0.10/s; the cap is $0.30.
+    servicer.estimated_time_s, servicer.usd_per_second["hosted"] = 0.5, 0.1
+    servicer.plan = h.plan(hold_at=1)  # the training job runs until released
+    job = await stub.SubmitJob(
+        scheduler_pb2.SubmitJobRequest(user_id="alice", spec_json=sharded_spec(h), max_cost_usd=0.3)
+    )
+    await until(lambda: kinds(servicer) == ["training"])
+    training = servicer.jobs[servicer.submit_requests[0].job_id]
+    await until(lambda: training.polls >= 2)  # it is running
+    await asyncio.sleep(2.2)  # about $0.22 of the cap
+    assert (await get(stub, job.id)).state != common_pb2.JOB_STATE_CANCELLED
+    servicer.plan = h.plan(hold_at=1)  # the shards run until cancelled
+    training.plan.release.set()
+    ended = await until(lambda: _ended(stub, job.id), timeout_s=30)
+    assert ended.state == common_pb2.JOB_STATE_CANCELLED
+    assert ended.error.startswith("Cancelled at your spend cap: its 3 jobs (training, index shards, merge)")
+    assert "(2 still running, priced at the rates their estimates gave), reaching your cap of $0.3000" in (
+        ended.error
+    )
+    amount = float(ended.error.split("had cost about $")[1].split(" ")[0])
+    assert amount >= 0.3
+    assert ended.actual.cost_usd == pytest.approx(amount, abs=1e-4)
+    shard_ids = sorted(r.job_id for r in servicer.submit_requests if r.kind == "index_shard")
+    assert len(shard_ids) == 2
+    await until(lambda: sorted(servicer.cancel_calls) == shard_ids)
+    shards_cost = 0.0
+    for shard_id in shard_ids:
+        shard = await until(lambda shard_id=shard_id: _ended(stub, shard_id))  # stored after the call
+        assert shard.state == common_pb2.JOB_STATE_CANCELLED and shard.error == ended.error
+        assert shard.actual.source == "run time as the scheduler saw it (cancelled at the spend cap)"
+        shards_cost += shard.actual.cost_usd
+    # The shards alone had not reached the cap: the training job's settled time counted.
+    assert 0 < shards_cost < 0.3
+    assert "shard_merge" not in kinds(servicer)
+
+
+async def _ended(stub, job_id: str) -> scheduler_pb2.Job | None:
+    job = await get(stub, job_id)
+    terminal = (common_pb2.JOB_STATE_COMPLETED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED)
+    return job if job.state in terminal else None
