@@ -238,3 +238,57 @@ async def _ended(stub, job_id: str) -> scheduler_pb2.Job | None:
     job = await get(stub, job_id)
     terminal = (common_pb2.JOB_STATE_COMPLETED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED)
     return job if job.state in terminal else None
+
+
+def auto_spec(h, n_train: int) -> bytes:
+    spec = json.loads(h.spec_json(hyperparams={"epochs": 1, "batch_size": 1}))
+    spec["training_data"] = [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(n_train)]
+    spec["influence_method"], spec["influence"] = "trackstar", {"shards": "auto"}
+    return json.dumps(spec).encode()
+
+
+@pytest.mark.parametrize(("parallel", "expected"), [(1, 1), (2, 2), (0, 1)])
+async def test_auto_counts_the_jobs_the_provider_says_it_runs_at_once(
+    scheduler, provider, h, parallel, expected
+):
+    """10,000 examples make 2 shards' worth; "auto" runs as many as the provider's Estimate says
+    it runs at once (a RunPod endpoint's workers), not a default per provider (0: unsaid, the
+    cost model's default, 1 for compute-local)."""
+    stub, servicer = scheduler.stub, provider.servicer
+    servicer.parallel_jobs = parallel
+    servicer.plan = h.plan(hold_at=1)
+    job = await stub.SubmitJob(
+        scheduler_pb2.SubmitJobRequest(user_id="alice", spec_json=auto_spec(h, 10_000))
+    )
+    assert job.shards == expected
+    asked = json.loads(servicer.estimate_requests[0].spec_json)
+    assert asked["influence"]["shards"] == "auto"
+    stored = await stub.GetJobSpec(scheduler_pb2.GetJobSpecRequest(user_id="alice", job_id=job.id))
+    assert json.loads(stored.spec_json)["influence"]["shards"] == expected
+    await stub.CancelJob(scheduler_pb2.CancelJobRequest(user_id="alice", job_id=job.id))
+
+
+async def test_no_estimate_of_shards_where_the_submit_would_run_one(scheduler, provider, h):
+    """On RunPod with a store its workers cannot reach (a directory here), "auto" is estimated
+    as the one job submit runs, and an explicit N > 1 (which submit refuses) gets no estimate
+    but the refusal's words."""
+    stub, servicer = scheduler.stub, provider.servicer
+    servicer.parallel_jobs = 4
+    await stub.SetComputeBackend(scheduler_pb2.SetComputeBackendRequest(user_id="alice", backend="runpod"))
+    await stub.EstimateJob(scheduler_pb2.EstimateJobRequest(user_id="alice", spec_json=auto_spec(h, 10_000)))
+    by_backend = {r.backend: json.loads(r.spec_json) for r in servicer.estimate_requests}
+    assert by_backend["runpod"]["influence"]["shards"] == 1
+    assert by_backend["hosted"]["influence"]["shards"] == "auto"  # compute-local reads the store
+    servicer.estimate_requests.clear()
+    response = await stub.EstimateJob(
+        scheduler_pb2.EstimateJobRequest(user_id="alice", spec_json=sharded_spec(h, shards=2))
+    )
+    assert [e.backend for e in response.estimates] == ["hosted"]
+    assert [r.backend for r in servicer.estimate_requests] == ["hosted"]
+    assert any(
+        note.startswith("runpod: influence.shards: a sharded experiment on runpod") for note in response.notes
+    )
+    job = await stub.SubmitJob(
+        scheduler_pb2.SubmitJobRequest(user_id="alice", spec_json=auto_spec(h, 10_000))
+    )
+    assert job.shards == 1
