@@ -40,7 +40,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -157,11 +157,15 @@ def stage_of(plan: _Plan) -> tuple[str, str]:
     done = sum(1 for slot in plan.shards if slot.status == "completed")
     running = sum(1 for slot in plan.shards if slot.status == "running")
     retried = sum(1 for slot in plan.shards if len(slot.attempts) > 1 and slot.status != "completed")
+    # A failed shard whose next attempt waits out its backoff.
+    backing_off = sum(1 for slot in plan.shards if slot.status in _FAILED_STATES)
     message = f"influence: {done} of {len(plan.shards)} shards done"
     if running:
         message += f", {running} running"
     if retried:
         message += f", {retried} retried"
+    if backing_off:
+        message += f", {backing_off} failed and waiting to run again"
     return "influence", message
 
 
@@ -237,6 +241,7 @@ class Graph:
         created = False
         spec: dict[str, Any] | None = None
         retries = self._settings.scheduler_shard_retries
+        now = datetime.now(UTC)
         for slot in plan.shards:
             if slot.latest is not None and slot.status not in _FAILED_STATES:
                 continue
@@ -248,6 +253,8 @@ class Graph:
                     f"{len(slot.attempts)} attempts: {slot.latest.error or 'no reason given'}"
                 )
             if slot.latest is not None:
+                if self._retry_due(slot.latest, len(slot.attempts)) > now:
+                    continue  # backing off: a later step retries it
                 log.warning(
                     "index shard failed; running it again",
                     extra={"job_id": experiment.id, "shard": slot.shard, "error": slot.latest.error},
@@ -284,6 +291,12 @@ class Graph:
             )
             return True
         return False
+
+    def _retry_due(self, failed: JobRow, attempts: int) -> datetime:
+        """When a shard whose latest of ``attempts`` attempts ``failed`` may run again: the
+        backoff setting after the failure, doubled for each attempt before it."""
+        backoff_s = self._settings.scheduler_shard_retry_backoff_s * 2 ** (attempts - 1)
+        return (failed.finished_at or failed.updated_at) + timedelta(seconds=backoff_s)
 
     async def _spec(self, experiment: JobRow) -> dict[str, Any]:
         spec = await self._store.get_spec(experiment.id)

@@ -58,8 +58,10 @@ def kinds(servicer) -> list[str]:
     return [request.kind for request in servicer.submit_requests]
 
 
-async def test_a_shard_that_keeps_failing_is_retried_alone_then_fails_the_experiment(start, provider, h):
-    running = await start(scheduler_shard_retries=1)
+async def test_a_shard_that_keeps_failing_is_retried_alone_then_fails_the_experiment(
+    start, provider, h, database_url
+):
+    running = await start(scheduler_shard_retries=1, scheduler_shard_retry_backoff_s=0.5)
     stub, servicer = running.stub, provider.servicer
     job = await submit(stub, h)
     assert job.shards == 2 and job.state == common_pb2.JOB_STATE_QUEUED
@@ -84,6 +86,21 @@ async def test_a_shard_that_keeps_failing_is_retried_alone_then_fails_the_experi
     # The parts are not experiments.
     listed = await stub.ListJobs(scheduler_pb2.ListJobsRequest(user_id="alice"))
     assert [j.id for j in listed.jobs] == [job.id]
+    # Each retry waited out its backoff after the failure, and the experiment said so meanwhile.
+    messages = [json.loads(e.event_json).get("message", "") for e in events]
+    assert any("failed and waiting to run again" in m for m in messages)
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            """SELECT shard, created_at, finished_at FROM jobs
+               WHERE graph_job_id = $1::uuid AND kind = 'index_shard' ORDER BY shard, created_at""",
+            job.id,
+        )
+    finally:
+        await conn.close()
+    retried = [(a, b) for a, b in zip(rows, rows[1:], strict=False) if a["shard"] == b["shard"]]
+    assert retried
+    assert all((b["created_at"] - a["finished_at"]).total_seconds() >= 0.5 for a, b in retried)
 
 
 async def test_a_failed_training_job_fails_the_experiment_with_its_cause(scheduler, provider, h):
