@@ -83,7 +83,7 @@ class _Slot:
 
     kind: str
     shard: int | None
-    attempts: list[tuple[JobRow, Any]]  # (row, result), oldest first
+    attempts: list[tuple[JobRow, Any]]  # (row, result: an index shard's only), oldest first
 
     @property
     def latest(self) -> JobRow | None:
@@ -477,13 +477,12 @@ class Graph:
                 )
             manifest.extend(kept)
         copy_s = time.monotonic() - started
-        result = dict(plan.merge.result or {})
-        result["artifacts"] = manifest
         stored = await self._store.apply(
             experiment.id,
             JobUpdate(
                 status="completed",
-                result=result,
+                # The merge's result with that manifest, copied inside PostgreSQL.
+                result_of=plan.merge.latest.id if plan.merge.latest is not None else None,
                 artifacts=manifest,
                 progress=1.0,
                 stage="influence",
