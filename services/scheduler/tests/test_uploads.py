@@ -83,7 +83,7 @@ async def test_a_sharded_experiments_parts_get_urls_for_their_own_files(s3_store
     spec = {**SPEC, "influence_method": "trackstar", "influence": {"shards": 2}}
 
     async def names(kind: str, request: dict | None = None) -> set[str]:
-        uploads = await presigned_uploads(s3_store, f"job-{kind}", spec, 600, kind, request)
+        uploads = await presigned_uploads(s3_store, f"job-{kind}", spec, 600, kind, request=request)
         return {u.name for u in uploads} - {*WORKER_RECORD_NAMES, CLAIM_READ_NAME}
 
     training = await names("training")
