@@ -30,7 +30,9 @@ from gpu_core.shard_schemas import shard_count
 BACKENDS: tuple[str, ...] = ("hosted", "runpod")
 # Index-shard jobs a provider runs at once when the caller does not say (influence.shards
 # "auto" and the wall time): compute-local one per device, Modal a fan-out, RunPod an endpoint's
-# workers (its workersMax; 3 is RunPod's default for a new endpoint).
+# workers (its workersMax; 3 is RunPod's default for a new endpoint, the operator's hosted one).
+# Each provider's Estimate says its own (Estimate.parallel_jobs): compute-local its
+# COMPUTE_LOCAL_DEVICES, compute-runpod a researcher's endpoint's RUNPOD_WORKERS_MAX.
 DEFAULT_PARALLEL_JOBS: dict[str, int] = {"local": 1, "modal": MAX_SHARDS, "runpod": 3}
 
 
@@ -52,6 +54,8 @@ class CostEstimate:
     # GPU time billed, summed over the jobs: estimated_time_s (the wall time) unless sharded.
     gpu_seconds: float = 0.0
     shards: int = 1
+    # The provider's jobs at once (``parallel_jobs``) the shards and wall time were counted from.
+    parallel_jobs: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "notes": list(self.notes)}
@@ -139,6 +143,7 @@ def estimate(
     notes: list[str] = []
     gpu_seconds: float | None = None
     shards = 1
+    parallel = parallel_jobs or DEFAULT_PARALLEL_JOBS[provider]
     if query is not None:
         hp = spec.hyperparams
 
@@ -190,7 +195,6 @@ def estimate(
         )
     elif counterfactual is None:
         seconds = estimated_time_s(card, workload, recommendation.breakdown, gpu, provider)
-        parallel = parallel_jobs or DEFAULT_PARALLEL_JOBS[provider]
         shards = shard_count(spec.influence.shards, workload.n_train, workload.batch_size, parallel)
         if shards > 1:
             n_lora = lora_params(card.architecture, workload.lora_r, workload.target_modules)
@@ -250,6 +254,7 @@ def estimate(
         notes=tuple(notes),
         gpu_seconds=billed_s,
         shards=shards,
+        parallel_jobs=parallel,
     )
 
 
@@ -269,10 +274,12 @@ def estimate_job(
     min_tier_gb: int = 0,
     card: ModelCard | None = None,
     gpu_name: str = "",
+    parallel_jobs: int | None = None,
 ) -> CostEstimate:
     """What a provider's Estimate answers: an experiment, or a later job of the experiment
     ``spec`` of ``kind`` (gpu_core.jobs) with its request (``card``: the model's, when known
-    better than by its id: ``card_from_config``). Raises ValueError naming the field."""
+    better than by its id: ``card_from_config``; ``parallel_jobs``: the jobs the provider runs at
+    once, default :data:`DEFAULT_PARALLEL_JOBS`). Raises ValueError naming the field."""
     from gpu_core.jobs import COUNTERFACTUAL, CURATION, MERGE, QUERY, job_kind, parse_request
 
     later = job_kind(kind)
@@ -291,6 +298,7 @@ def estimate_job(
         min_tier_gb=min_tier_gb,
         card=card,
         gpu_name=gpu_name,
+        parallel_jobs=parallel_jobs,
     )
 
 

@@ -27,6 +27,7 @@ ESTIMATE_FIELDS = [
     "notes",
     "gpu_seconds",
     "shards",
+    "parallel_jobs",
 ]
 
 
@@ -425,6 +426,8 @@ def test_sharded_estimate_counts_every_jobs_overhead() -> None:
     assert sharded(2, 4, n_train=200).estimated_time_s > sharded(1, n_train=200).estimated_time_s
     assert sharded("auto", 4, n_train=200).shards == 1
     assert sharded("auto", 4).shards == 2  # one shard per 5,000 examples at least
+    # The jobs at once the shards and wall time were counted from travel with the estimate.
+    assert (sharded("auto", 1).shards, sharded("auto", 1).parallel_jobs, four.parallel_jobs) == (1, 1, 4)
 
 
 def test_a_config_json_sizes_a_model_whatever_its_name_says() -> None:

@@ -10,9 +10,12 @@ _ESTIMATE_FIELDS = frozenset(common_pb2.Estimate.DESCRIPTOR.fields_by_name)
 
 
 def estimate(
-    spec_json: bytes, backend: str, kind: str = "", request_json: bytes = b""
+    spec_json: bytes, backend: str, kind: str = "", request_json: bytes = b"", devices: int = 1
 ) -> common_pb2.Estimate:
-    """``kind``: a later job (gpu_core.jobs) on the experiment ``spec_json``, e.g. a check."""
+    """``kind``: a later job (gpu_core.jobs) on the experiment ``spec_json``, e.g. a check;
+    ``devices``: this host's (its jobs at once)."""
     spec = read_spec(spec_json)
-    figures = cost_model.estimate_job(spec, "local", backend, kind, request_json).as_dict()
+    figures = cost_model.estimate_job(
+        spec, "local", backend, kind, request_json, parallel_jobs=devices
+    ).as_dict()
     return common_pb2.Estimate(**{k: v for k, v in figures.items() if k in _ESTIMATE_FIELDS})

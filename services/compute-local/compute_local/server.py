@@ -153,7 +153,11 @@ class ComputeLocalServicer(compute_pb2_grpc.ComputeProviderServicer):
     ) -> compute_pb2.EstimateResponse:
         try:
             figures = estimate(
-                request.spec_json, request.backend or "hosted", request.kind, request.request_json
+                request.spec_json,
+                request.backend or "hosted",
+                request.kind,
+                request.request_json,
+                self._runner.slot_count,
             )
         except ValueError as exc:  # an invalid spec or backend
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

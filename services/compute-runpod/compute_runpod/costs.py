@@ -14,13 +14,27 @@ from gpu_core.schemas import RUNPOD_ALL_FITTING, ExperimentSpec, Quantization
 DEFAULT_PRICE_BAND = 3.0
 
 
-def estimate(spec: ExperimentSpec, backend: str, kind: str = "", request_json: bytes = b"") -> dict[str, Any]:
+def estimate(
+    spec: ExperimentSpec,
+    backend: str,
+    kind: str = "",
+    request_json: bytes = b"",
+    workers: int | None = None,
+) -> dict[str, Any]:
     """The fields of influence.v1.Estimate for ``spec`` (or a later job of ``kind`` on it) on RunPod,
     priced at a GPU its endpoint offers: a job that needs less than the model's catalog workload
-    still runs on the endpoint's pools, which start at that workload's tier."""
+    still runs on the endpoint's pools, which start at that workload's tier. ``workers``: the
+    endpoint's (its jobs at once; a sharded experiment's shards at a time)."""
     floor = endpoint_tier_gb(spec.model_id, spec.hyperparams.quantization)
     return cost_model.estimate_job(
-        spec, "runpod", backend, kind, request_json, min_tier_gb=floor, gpu_name=chosen_pool(spec, backend)
+        spec,
+        "runpod",
+        backend,
+        kind,
+        request_json,
+        min_tier_gb=floor,
+        gpu_name=chosen_pool(spec, backend),
+        parallel_jobs=workers,
     ).as_dict()
 
 

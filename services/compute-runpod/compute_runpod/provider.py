@@ -767,8 +767,11 @@ class RunPodProvider:
         self, spec_json: bytes, backend: str, kind: str = "", request_json: bytes = b""
     ) -> dict[str, Any]:
         spec = parse_spec(spec_json)
+        # A researcher's endpoint has RUNPOD_WORKERS_MAX workers; the hosted tier's endpoint is
+        # the operator's, whose workers this service is not told (the cost model's default).
+        workers = self._settings.runpod_workers_max if backend in ("", "runpod") else None
         try:
-            fields = costs.estimate(spec, backend or "runpod", kind, request_json)
+            fields = costs.estimate(spec, backend or "runpod", kind, request_json, workers)
         except JobInputError as exc:
             raise ProviderError(Code.INVALID_ARGUMENT, str(exc)) from None
         band = self._settings.runpod_pool_price_band

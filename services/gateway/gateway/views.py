@@ -164,6 +164,8 @@ def estimate_view(estimate: common_pb2.Estimate) -> dict[str, Any]:
         # A sharded experiment bills more GPU time than its wall time (every job's overhead).
         "gpu_seconds": estimate.gpu_seconds or estimate.estimated_time_s,
         "shards": estimate.shards or 1,
+        # The provider's jobs at once (shards at a time): a RunPod endpoint's workers.
+        "parallel_jobs": estimate.parallel_jobs or 1,
         "prices_as_of": estimate.prices_as_of,
         "price_source": estimate.price_source,
         "notes": list(estimate.notes),

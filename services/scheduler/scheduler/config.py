@@ -89,6 +89,9 @@ class Settings(ServiceSettings):
     # A sharded experiment's index shard that fails (its worker died, its provider reported a
     # failure) runs again alone this many times before the experiment fails (scheduler.graph).
     scheduler_shard_retries: int = Field(default=2, ge=0, le=10)
+    # A failed shard's next attempt waits this long after the failure, doubling with each
+    # attempt (5 s, 10 s, 20 s, ...), so a provider outage does not spend every attempt at once.
+    scheduler_shard_retry_backoff_s: float = Field(default=5.0, ge=0, le=600)
     # Submits in flight per provider on one replica (the dispatcher's bound).
     scheduler_dispatch_concurrency: int = Field(default=8, ge=1, le=1000)
     # Database connections of one replica's pool (the LISTEN connection is one more), and how

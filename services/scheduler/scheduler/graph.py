@@ -40,6 +40,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -66,8 +67,10 @@ GRAPH_PROVIDER_JOB_ID = "graph"
 TRAINING_SHARE, SHARDS_SHARE, MERGE_SHARE = 0.4, 0.55, 0.05
 _FAILED_STATES = ("failed", "cancelled")
 
-# Cancels one part at its provider and stores it cancelled (JobManager.cancel).
-CancelPart = Callable[[str, str], Awaitable[Any]]
+# Cancels one part at its provider and stores it cancelled (JobManager.cancel): the user, the
+# part, the words it ends with and the cost the scheduler measured (None: none).
+CancelPart = Callable[[str, str, str, ActualCost | None], Awaitable[Any]]
+_CANCELLED_WITH_THE_EXPERIMENT = "cancelled with its sharded experiment"
 
 
 class GraphError(Exception):
@@ -80,7 +83,7 @@ class _Slot:
 
     kind: str
     shard: int | None
-    attempts: list[tuple[JobRow, Any]]  # (row, result), oldest first
+    attempts: list[tuple[JobRow, Any]]  # (row, result: an index shard's only), oldest first
 
     @property
     def latest(self) -> JobRow | None:
@@ -154,11 +157,15 @@ def stage_of(plan: _Plan) -> tuple[str, str]:
     done = sum(1 for slot in plan.shards if slot.status == "completed")
     running = sum(1 for slot in plan.shards if slot.status == "running")
     retried = sum(1 for slot in plan.shards if len(slot.attempts) > 1 and slot.status != "completed")
+    # A failed shard whose next attempt waits out its backoff.
+    backing_off = sum(1 for slot in plan.shards if slot.status in _FAILED_STATES)
     message = f"influence: {done} of {len(plan.shards)} shards done"
     if running:
         message += f", {running} running"
     if retried:
         message += f", {retried} retried"
+    if backing_off:
+        message += f", {backing_off} failed and waiting to run again"
     return "influence", message
 
 
@@ -205,6 +212,8 @@ class Graph:
     async def step(self, experiment: JobRow) -> tuple[bool, bool]:
         """Advance the graph once: (whether the experiment changed, whether it is now terminal)."""
         plan = _plan(experiment, await self._store.graph_parts(experiment.id))
+        if await self._stop_at_spend_cap(experiment, plan):
+            return True, True
         try:
             created = await self._advance(experiment, plan)
         except GraphError as exc:
@@ -232,6 +241,7 @@ class Graph:
         created = False
         spec: dict[str, Any] | None = None
         retries = self._settings.scheduler_shard_retries
+        now = datetime.now(UTC)
         for slot in plan.shards:
             if slot.latest is not None and slot.status not in _FAILED_STATES:
                 continue
@@ -243,6 +253,8 @@ class Graph:
                     f"{len(slot.attempts)} attempts: {slot.latest.error or 'no reason given'}"
                 )
             if slot.latest is not None:
+                if self._retry_due(slot.latest, len(slot.attempts)) > now:
+                    continue  # backing off: a later step retries it
                 log.warning(
                     "index shard failed; running it again",
                     extra={"job_id": experiment.id, "shard": slot.shard, "error": slot.latest.error},
@@ -279,6 +291,12 @@ class Graph:
             )
             return True
         return False
+
+    def _retry_due(self, failed: JobRow, attempts: int) -> datetime:
+        """When a shard whose latest of ``attempts`` attempts ``failed`` may run again: the
+        backoff setting after the failure, doubled for each attempt before it."""
+        backoff_s = self._settings.scheduler_shard_retry_backoff_s * 2 ** (attempts - 1)
+        return (failed.finished_at or failed.updated_at) + timedelta(seconds=backoff_s)
 
     async def _spec(self, experiment: JobRow) -> dict[str, Any]:
         spec = await self._store.get_spec(experiment.id)
@@ -384,12 +402,65 @@ class Graph:
         await self._cancel_active(experiment)
         return True
 
-    async def _cancel_active(self, experiment: JobRow) -> None:
-        """Cancel every part still active (the experiment has ended or been cancelled)."""
+    async def _cancel_active(
+        self,
+        experiment: JobRow,
+        reason: str = _CANCELLED_WITH_THE_EXPERIMENT,
+        costs: dict[str, ActualCost] | None = None,
+    ) -> None:
+        """Cancel every part still active (the experiment has ended or been cancelled), each
+        with ``reason`` and its cost in ``costs`` (by part id) where the scheduler measured one."""
         if self._cancel_part is None:
             return
         for part in await self._store.active_jobs(experiment.user_id, graph_job_id=experiment.id):
-            await self._cancel_part(experiment.user_id, part.id)
+            await self._cancel_part(experiment.user_id, part.id, reason, (costs or {}).get(part.id))
+
+    async def _stop_at_spend_cap(self, experiment: JobRow, plan: _Plan) -> bool:
+        """The researcher's spend cap holds for the whole graph: once its parts' settled costs
+        plus the running ones' time so far (at the rate each one's estimate priced) reach it,
+        the experiment is cancelled, then every active part, in words naming the cap and the
+        amount. True when it stopped the experiment (or found it ended meanwhile)."""
+        cap = experiment.max_cost_usd
+        if cap <= 0:
+            return False
+        now = datetime.now(UTC)
+        costs = {
+            row.id: cost
+            for slot in plan.slots
+            for row, _ in slot.attempts
+            if (cost := _cost_so_far(row, now)) is not None
+        }
+        spent = sum(cost.cost_usd for cost in costs.values())
+        if spent < cap:
+            return False
+        running = sum(1 for row, _ in _rows(plan) if not row.terminal and row.started_at is not None)
+        message = (
+            f"Cancelled at your spend cap: its {len(costs)} jobs (training, index shards, merge) had "
+            f"cost about ${spent:.4f} ({running} still running, priced at the rates their estimates "
+            f"gave), reaching your cap of ${cap:.4f}"
+        )
+        log.info(
+            "sharded experiment cancelled at its spend cap",
+            extra={"job_id": experiment.id, "spent_usd": spent},
+        )
+        # Stored cancelled first, so that no step creates a part any more; then the parts.
+        stored = await self._store.apply(
+            experiment.id,
+            JobUpdate(
+                status="cancelled",
+                error=message,
+                stage_message=message,
+                parts=[slot.view() for slot in plan.slots],
+                actual=_summed_cost(list(costs.values()), "cancelled at the spend cap"),
+            ),
+            lease=self._lease,
+        )
+        if stored is None:
+            current = await self._store.get_job(experiment.id)
+            if current is not None and not current.terminal:
+                return True  # the lease went to another replica, which goes on
+        await self._cancel_active(experiment, message, costs)
+        return True
 
     async def _complete(self, experiment: JobRow, plan: _Plan) -> bool:
         """Copy the parts' files into the experiment's prefix and complete it with the merge's
@@ -406,19 +477,18 @@ class Graph:
                 )
             manifest.extend(kept)
         copy_s = time.monotonic() - started
-        result = dict(plan.merge.result or {})
-        result["artifacts"] = manifest
         stored = await self._store.apply(
             experiment.id,
             JobUpdate(
                 status="completed",
-                result=result,
+                # The merge's result with that manifest, copied inside PostgreSQL.
+                result_of=plan.merge.latest.id if plan.merge.latest is not None else None,
                 artifacts=manifest,
                 progress=1.0,
                 stage="influence",
                 stage_message="completed",
                 parts=[slot.view() for slot in plan.slots],
-                actual=_summed_cost([row for slot in plan.slots for row, _ in slot.attempts]),
+                actual=_summed_cost([row.actual for row, _ in _rows(plan) if row.actual is not None]),
             ),
             lease=self._lease,
         )
@@ -455,9 +525,33 @@ def _shard_parts_file(name: str) -> bool:
     return name.startswith(SHARD_PARTS_DIR.format(shard=SHARD_DIR_PREFIX))
 
 
-def _summed_cost(parts: list[JobRow]) -> ActualCost | None:
-    """The experiment's cost: its parts' measured costs added up (None when none was measured)."""
-    measured = [part.actual for part in parts if part.actual is not None]
+def _rows(plan: _Plan) -> list[tuple[JobRow, Any]]:
+    return [attempt for slot in plan.slots for attempt in slot.attempts]
+
+
+def _cost_so_far(part: JobRow, now: datetime) -> ActualCost | None:
+    """A part's cost: settled (what it measured when it ended), else its run time as the
+    scheduler saw it (until now while it runs) at the rate its estimate priced; None before it
+    started."""
+    if part.actual is not None:
+        return part.actual
+    if part.started_at is None:
+        return None
+    end = part.finished_at if part.terminal and part.finished_at is not None else now
+    run_s = max(0.0, (end - part.started_at).total_seconds())
+    return ActualCost(
+        gpu_seconds=run_s,
+        delay_seconds=0.0,
+        gpu=part.estimated_gpu,
+        device="",
+        usd_per_second=part.estimated_usd_per_second,
+        cost_usd=run_s * part.estimated_usd_per_second,
+        source="run time as the scheduler saw it (cancelled at the spend cap)",
+    )
+
+
+def _summed_cost(measured: list[ActualCost], note: str = "") -> ActualCost | None:
+    """The experiment's cost: its parts' costs added up (None when none was measured)."""
     if not measured:
         return None
     gpu_seconds = sum(cost.gpu_seconds for cost in measured)
@@ -469,5 +563,6 @@ def _summed_cost(parts: list[JobRow]) -> ActualCost | None:
         device=measured[0].device,
         usd_per_second=cost_usd / gpu_seconds if gpu_seconds > 0 else 0.0,
         cost_usd=cost_usd,
-        source=f"the sum of its {len(measured)} jobs (training, index shards, merge)",
+        source=f"the sum of its {len(measured)} jobs (training, index shards, merge)"
+        + (f", {note}" if note else ""),
     )

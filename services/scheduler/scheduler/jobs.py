@@ -21,6 +21,7 @@ from typing import Any
 
 import cost_model
 from artifact_store import job_prefix
+from cost_model import ActualCost
 from cost_model.estimate import DEFAULT_PARALLEL_JOBS
 from gpu_core import schemas
 from gpu_core.jobs import (
@@ -90,12 +91,15 @@ def admission_estimate(
     kind: str = "",
     request_json: bytes = b"",
     card: cost_model.ModelCard | None = None,
+    parallel_jobs: int | None = None,
 ) -> tuple[float, float]:
     """(time s, USD) from the shared cost model, the figures the providers estimate with (a later
     job of ``kind`` as that kind: a query costs far less than its experiment); the provider's own
     estimate replaces it when the job is submitted."""
     try:
-        figures = cost_model.estimate_job(spec, route.provider, route.backend, kind, request_json, card=card)
+        figures = cost_model.estimate_job(
+            spec, route.provider, route.backend, kind, request_json, card=card, parallel_jobs=parallel_jobs
+        )
     except cost_model.PriceTableError as exc:
         log.warning("no estimate for admission", extra={"provider": route.provider, "error": str(exc)})
         return 0.0, 0.0
@@ -157,7 +161,7 @@ class JobManager:
         that reaches it."""
         if max_cost_usd < 0:
             raise SpecError("max_cost_usd: must be 0 (no cap) or more")
-        parent, request, shards = None, None, 1
+        parent, request, shards, parallel = None, None, 1, 1
         if submittable_kind(kind).needs_parent:
             parent, request = await self._later_job(user_id, kind, parent_job_id, request_json)
             spec = await self._spec_of(parent.id, user_id)
@@ -169,21 +173,14 @@ class JobManager:
             profile = await self._store.get_profile(user_id)
             route = route_for(profile.compute_backend, self._settings)
             # A sharded experiment (scheduler.graph) stores its resolved shard count ("auto": the
-            # estimate's, from the size and the provider's concurrent jobs; 1 where its jobs
+            # estimate's, from the size and the jobs the provider runs at once; 1 where its jobs
             # could not pass files through the store); 1 runs it as one job.
+            parallel = await self._parallel_jobs(parsed, route)
             shards = shard_count(
-                parsed.influence.shards,
-                training_count(parsed),
-                parsed.hyperparams.batch_size,
-                DEFAULT_PARALLEL_JOBS[route.provider] if self._shards_reach_the_store(route) else 1,
+                parsed.influence.shards, training_count(parsed), parsed.hyperparams.batch_size, parallel
             )
             if shards > 1 and not self._shards_reach_the_store(route):
-                raise SpecError(
-                    f"influence.shards: a sharded experiment on {route.provider} passes its files "
-                    f"between its jobs through the artifact store, which {route.provider}'s workers "
-                    "cannot reach on this dashboard (its operator must set ARTIFACT_STORE_URL to an "
-                    'S3-compatible bucket with its keys); set influence.shards to 1 or "auto"'
-                )
+                raise SpecError(self._unshardable(route))
             parsed.influence.shards = shards
             spec = parsed.model_dump(mode="json")
             try:
@@ -204,6 +201,7 @@ class JobManager:
             kind,
             json.dumps(request).encode() if request is not None else b"",
             card,
+            parallel,
         )
 
         check_spend_cap(max_cost_usd, estimate[1])
@@ -328,9 +326,16 @@ class JobManager:
 
     # ---- other operations ---------------------------------------------------------------
 
-    async def cancel(self, user_id: str, job_id: str) -> JobRow:
+    async def cancel(
+        self,
+        user_id: str,
+        job_id: str,
+        reason: str = "cancelled by the user",
+        actual: ActualCost | None = None,
+    ) -> JobRow:
         """Cancel at the provider first (on the endpoint the job was submitted on), then store
-        it. A job still being submitted is cancelled by its dispatcher once the provider answers."""
+        it with ``reason`` (and ``actual``, the cost the scheduler measured, when it did). A job
+        still being submitted is cancelled by its dispatcher once the provider answers."""
         job = await self._store.get_job(job_id, user_id)
         if job is None:
             raise JobNotFound(job_id)
@@ -347,7 +352,7 @@ class JobManager:
                 if exc.code != "NOT_FOUND":
                     raise
         updated = await self._store.apply(
-            job.id, JobUpdate(status="cancelled", error="cancelled by the user", stage_message="cancelled")
+            job.id, JobUpdate(status="cancelled", error=reason, stage_message="cancelled", actual=actual)
         )
         self.follower.drop(job.id)
         return updated or await self._reload(job.id)
@@ -409,6 +414,27 @@ class JobManager:
                 f"this dashboard's {max_job / 1e9:,.1f} GB of files per job "
                 "(SCHEDULER_UPLOAD_MAX_JOB_BYTES; its operator can raise it)"
             )
+
+    async def _parallel_jobs(self, spec: schemas.ExperimentSpec, route: Route) -> int:
+        """How many jobs at once an "auto" sharded experiment is counted for: the provider's own
+        figure (its Estimate's parallel_jobs: a RunPod endpoint's workers, compute-local's
+        devices), asked only for "auto"; 1 where the parts could not pass files through the store.
+        A provider that does not answer raises ProviderError (naming it)."""
+        if spec.influence.shards != "auto" or not self._shards_reach_the_store(route):
+            return 1
+        answer = await self._providers.client(route.provider).estimate(
+            json.dumps(spec.model_dump(mode="json")).encode(), route.backend
+        )
+        return answer.parallel_jobs or DEFAULT_PARALLEL_JOBS[route.provider]
+
+    @staticmethod
+    def _unshardable(route: Route) -> str:
+        return (
+            f"influence.shards: a sharded experiment on {route.provider} passes its files "
+            f"between its jobs through the artifact store, which {route.provider}'s workers "
+            "cannot reach on this dashboard (its operator must set ARTIFACT_STORE_URL to an "
+            'S3-compatible bucket with its keys); set influence.shards to 1 or "auto"'
+        )
 
     def _shards_reach_the_store(self, route: Route) -> bool:
         """Whether a sharded experiment's parts can hand their files to each other (the shards
@@ -484,8 +510,16 @@ class JobManager:
             if not self._providers.configured(route.provider):
                 notes.append(f"{backend}: the {route.provider} provider is not configured here")
                 continue
+            asked = normalised
+            shards = (spec.get("influence") or {}).get("shards", 1)
+            if shards != 1 and not self._shards_reach_the_store(route):
+                # Submit runs it as one job ("auto") or refuses it: no estimate of N shards.
+                if shards != "auto":
+                    notes.append(f"{backend}: {self._unshardable(route)}")
+                    continue
+                asked = json.dumps({**spec, "influence": {**spec["influence"], "shards": 1}}).encode()
             try:
-                estimate = await self._providers.client(route.provider).estimate(normalised, backend)
+                estimate = await self._providers.client(route.provider).estimate(asked, backend)
             except ProviderError as exc:
                 notes.append(f"{backend}: no estimate ({exc.message})")
                 continue

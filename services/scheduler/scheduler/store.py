@@ -137,6 +137,10 @@ class JobUpdate:
     endpoint_id: str | None = None
     actual: ActualCost | None = None
     parts: list[dict[str, Any]] | None = None
+    # Instead of ``result``: the result of that job (a sharded experiment's merge), its
+    # "artifacts" replaced by ``artifacts``, copied inside PostgreSQL: a result of 100,000
+    # training ids never passes through this process.
+    result_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -455,10 +459,14 @@ class Store:
         return [_job(row) for row in rows]
 
     async def graph_parts(self, graph_job_id: str) -> list[tuple[JobRow, Any]]:
-        """Every part of the sharded experiment (each attempt), oldest first, with its result
-        (None until it completed)."""
+        """Every part of the sharded experiment (each attempt), oldest first, with an index
+        shard's result (None until it completed: a few hundred bytes, the merge's request). The
+        training job's and the merge's results stay in the database (None here): they grow with
+        the training set (the loss per step, the merge's training ids) and a graph step reads the
+        parts each time a part changes."""
         rows = await self._fetch(
-            f"""SELECT {_JOB_COLUMNS}, result FROM jobs WHERE graph_job_id = $1
+            f"""SELECT {_JOB_COLUMNS}, CASE WHEN kind = 'index_shard' THEN result END AS result
+                FROM jobs WHERE graph_job_id = $1
                 ORDER BY created_at, id""",
             uuid.UUID(graph_job_id),
         )
@@ -788,7 +796,11 @@ class Store:
                        progress = coalesce($5, progress),
                        stage_message = coalesce($6, stage_message),
                        latest_metrics = coalesce($7, latest_metrics),
-                       result = coalesce($8, result),
+                       result = coalesce(
+                           $8,
+                           (SELECT jsonb_set(source.result, '{{artifacts}}', $12)
+                              FROM jobs source WHERE source.id = $23::uuid),
+                           result),
                        error = coalesce($9, error),
                        artifacts = coalesce($12, artifacts),
                        provider_job_id = coalesce($13, provider_job_id),
@@ -826,6 +838,7 @@ class Store:
                 update.endpoint_id,
                 *(astuple(update.actual) if update.actual is not None else (None,) * len(_ACTUAL_COLUMNS)),
                 update.parts,
+                uuid.UUID(update.result_of) if update.result_of is not None else None,
             )
             if update.status in TERMINAL_STATES:
                 await ledger.record_settlement(conn, job_uuid)

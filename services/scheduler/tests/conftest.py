@@ -103,6 +103,7 @@ class ScriptedProvider(compute_pb2_grpc.ComputeProviderServicer):
         # What Estimate answers: time and $/s (the cost is their product).
         self.estimated_time_s = 12.0
         self.usd_per_second = {"runpod": 0.5 / 12.0, "hosted": 0.0}
+        self.parallel_jobs = 0  # what Estimate says of the jobs it runs at once (0: unsaid)
         self.fetch_calls: list[str] = []
         # While set and not yet released, Estimate, PrepareAccount and Submit wait on it (a
         # provider that does not answer).
@@ -276,6 +277,7 @@ class ScriptedProvider(compute_pb2_grpc.ComputeProviderServicer):
                 estimated_time_s=self.estimated_time_s,
                 usd_per_second=rate,
                 estimated_cost_usd=self.estimated_time_s * rate,
+                parallel_jobs=self.parallel_jobs,
             )
         )
 

@@ -58,8 +58,10 @@ def kinds(servicer) -> list[str]:
     return [request.kind for request in servicer.submit_requests]
 
 
-async def test_a_shard_that_keeps_failing_is_retried_alone_then_fails_the_experiment(start, provider, h):
-    running = await start(scheduler_shard_retries=1)
+async def test_a_shard_that_keeps_failing_is_retried_alone_then_fails_the_experiment(
+    start, provider, h, database_url
+):
+    running = await start(scheduler_shard_retries=1, scheduler_shard_retry_backoff_s=0.5)
     stub, servicer = running.stub, provider.servicer
     job = await submit(stub, h)
     assert job.shards == 2 and job.state == common_pb2.JOB_STATE_QUEUED
@@ -84,6 +86,21 @@ async def test_a_shard_that_keeps_failing_is_retried_alone_then_fails_the_experi
     # The parts are not experiments.
     listed = await stub.ListJobs(scheduler_pb2.ListJobsRequest(user_id="alice"))
     assert [j.id for j in listed.jobs] == [job.id]
+    # Each retry waited out its backoff after the failure, and the experiment said so meanwhile.
+    messages = [json.loads(e.event_json).get("message", "") for e in events]
+    assert any("failed and waiting to run again" in m for m in messages)
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            """SELECT shard, created_at, finished_at FROM jobs
+               WHERE graph_job_id = $1::uuid AND kind = 'index_shard' ORDER BY shard, created_at""",
+            job.id,
+        )
+    finally:
+        await conn.close()
+    retried = [(a, b) for a, b in zip(rows, rows[1:], strict=False) if a["shard"] == b["shard"]]
+    assert retried
+    assert all((b["created_at"] - a["finished_at"]).total_seconds() >= 0.5 for a, b in retried)
 
 
 async def test_a_failed_training_job_fails_the_experiment_with_its_cause(scheduler, provider, h):
@@ -185,9 +202,112 @@ async def test_on_runpod_each_part_uploads_its_own_names_and_a_shard_downloads_t
         )
     await stub.CancelJob(scheduler_pb2.CancelJobRequest(user_id="alice", job_id=job.id))
     # A shard whose submit answer was still on its way is cancelled once it arrives.
-    shards = sorted(r.job_id for r in servicer.submit_requests[1:])
-    await until(lambda: sorted(servicer.cancel_calls) == shards)
+    # (The user's cancel and a graph step that finds the experiment cancelled may both reach a
+    # shard: a second cancel of a job is harmless, so each shard is counted once.)
+    shards = {r.job_id for r in servicer.submit_requests[1:]}
+    await until(lambda: set(servicer.cancel_calls) == shards)
 
 
 async def _chunks(data: bytes):
     yield data
+
+
+async def test_the_spend_cap_holds_for_the_whole_graph(scheduler, provider, h):
+    """The training job's settled time and the running shards' time so far are added up: once
+    they reach the cap, every active part is cancelled and the experiment ends naming the cap
+    and the amount, although neither shard alone came near it."""
+    stub, servicer = scheduler.stub, provider.servicer
+    # Each part's estimate: $0.05 at $0.10/s; the cap is $0.30.
+    servicer.estimated_time_s, servicer.usd_per_second["hosted"] = 0.5, 0.1
+    servicer.plan = h.plan(hold_at=1)  # the training job runs until released
+    job = await stub.SubmitJob(
+        scheduler_pb2.SubmitJobRequest(user_id="alice", spec_json=sharded_spec(h), max_cost_usd=0.3)
+    )
+    await until(lambda: kinds(servicer) == ["training"])
+    training = servicer.jobs[servicer.submit_requests[0].job_id]
+    await until(lambda: training.polls >= 2)  # it is running
+    await asyncio.sleep(2.2)  # about $0.22 of the cap
+    assert (await get(stub, job.id)).state != common_pb2.JOB_STATE_CANCELLED
+    servicer.plan = h.plan(hold_at=1)  # the shards run until cancelled
+    training.plan.release.set()
+    ended = await until(lambda: _ended(stub, job.id), timeout_s=30)
+    assert ended.state == common_pb2.JOB_STATE_CANCELLED
+    assert ended.error.startswith("Cancelled at your spend cap: its 3 jobs (training, index shards, merge)")
+    assert "(2 still running, priced at the rates their estimates gave), reaching your cap of $0.3000" in (
+        ended.error
+    )
+    amount = float(ended.error.split("had cost about $")[1].split(" ")[0])
+    assert amount >= 0.3
+    assert ended.actual.cost_usd == pytest.approx(amount, abs=1e-4)
+    shard_ids = sorted(r.job_id for r in servicer.submit_requests if r.kind == "index_shard")
+    assert len(shard_ids) == 2
+    await until(lambda: sorted(servicer.cancel_calls) == shard_ids)
+    shards_cost = 0.0
+    for shard_id in shard_ids:
+        shard = await until(lambda shard_id=shard_id: _ended(stub, shard_id))  # stored after the call
+        assert shard.state == common_pb2.JOB_STATE_CANCELLED and shard.error == ended.error
+        assert shard.actual.source == "run time as the scheduler saw it (cancelled at the spend cap)"
+        shards_cost += shard.actual.cost_usd
+    # The shards alone had not reached the cap: the training job's settled time counted.
+    assert 0 < shards_cost < 0.3
+    assert "shard_merge" not in kinds(servicer)
+
+
+async def _ended(stub, job_id: str) -> scheduler_pb2.Job | None:
+    job = await get(stub, job_id)
+    terminal = (common_pb2.JOB_STATE_COMPLETED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED)
+    return job if job.state in terminal else None
+
+
+def auto_spec(h, n_train: int) -> bytes:
+    spec = json.loads(h.spec_json(hyperparams={"epochs": 1, "batch_size": 1}))
+    spec["training_data"] = [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(n_train)]
+    spec["influence_method"], spec["influence"] = "trackstar", {"shards": "auto"}
+    return json.dumps(spec).encode()
+
+
+@pytest.mark.parametrize(("parallel", "expected"), [(1, 1), (2, 2), (0, 1)])
+async def test_auto_counts_the_jobs_the_provider_says_it_runs_at_once(
+    scheduler, provider, h, parallel, expected
+):
+    """10,000 examples make 2 shards' worth; "auto" runs as many as the provider's Estimate says
+    it runs at once (a RunPod endpoint's workers), not a default per provider (0: unsaid, the
+    cost model's default, 1 for compute-local)."""
+    stub, servicer = scheduler.stub, provider.servicer
+    servicer.parallel_jobs = parallel
+    servicer.plan = h.plan(hold_at=1)
+    job = await stub.SubmitJob(
+        scheduler_pb2.SubmitJobRequest(user_id="alice", spec_json=auto_spec(h, 10_000))
+    )
+    assert job.shards == expected
+    asked = json.loads(servicer.estimate_requests[0].spec_json)
+    assert asked["influence"]["shards"] == "auto"
+    stored = await stub.GetJobSpec(scheduler_pb2.GetJobSpecRequest(user_id="alice", job_id=job.id))
+    assert json.loads(stored.spec_json)["influence"]["shards"] == expected
+    await stub.CancelJob(scheduler_pb2.CancelJobRequest(user_id="alice", job_id=job.id))
+
+
+async def test_no_estimate_of_shards_where_the_submit_would_run_one(scheduler, provider, h):
+    """On RunPod with a store its workers cannot reach (a directory here), "auto" is estimated
+    as the one job submit runs, and an explicit N > 1 (which submit refuses) gets no estimate
+    but the refusal's words."""
+    stub, servicer = scheduler.stub, provider.servicer
+    servicer.parallel_jobs = 4
+    await stub.SetComputeBackend(scheduler_pb2.SetComputeBackendRequest(user_id="alice", backend="runpod"))
+    await stub.EstimateJob(scheduler_pb2.EstimateJobRequest(user_id="alice", spec_json=auto_spec(h, 10_000)))
+    by_backend = {r.backend: json.loads(r.spec_json) for r in servicer.estimate_requests}
+    assert by_backend["runpod"]["influence"]["shards"] == 1
+    assert by_backend["hosted"]["influence"]["shards"] == "auto"  # compute-local reads the store
+    servicer.estimate_requests.clear()
+    response = await stub.EstimateJob(
+        scheduler_pb2.EstimateJobRequest(user_id="alice", spec_json=sharded_spec(h, shards=2))
+    )
+    assert [e.backend for e in response.estimates] == ["hosted"]
+    assert [r.backend for r in servicer.estimate_requests] == ["hosted"]
+    assert any(
+        note.startswith("runpod: influence.shards: a sharded experiment on runpod") for note in response.notes
+    )
+    job = await stub.SubmitJob(
+        scheduler_pb2.SubmitJobRequest(user_id="alice", spec_json=auto_spec(h, 10_000))
+    )
+    assert job.shards == 1

@@ -69,7 +69,7 @@ class ProgressEvent(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., type: _Optional[str] = ..., stage: _Optional[str] = ..., progress: _Optional[float] = ..., message: _Optional[str] = ..., event_json: _Optional[bytes] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Estimate(_message.Message):
-    __slots__ = ("backend", "provider", "gpu", "gpu_memory_gb", "required_memory_gb", "estimated_time_s", "usd_per_second", "estimated_cost_usd", "prices_as_of", "price_source", "notes", "gpu_seconds", "shards")
+    __slots__ = ("backend", "provider", "gpu", "gpu_memory_gb", "required_memory_gb", "estimated_time_s", "usd_per_second", "estimated_cost_usd", "prices_as_of", "price_source", "notes", "gpu_seconds", "shards", "parallel_jobs")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     GPU_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class Estimate(_message.Message):
     NOTES_FIELD_NUMBER: _ClassVar[int]
     GPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_JOBS_FIELD_NUMBER: _ClassVar[int]
     backend: str
     provider: str
     gpu: str
@@ -96,7 +97,8 @@ class Estimate(_message.Message):
     notes: _containers.RepeatedScalarFieldContainer[str]
     gpu_seconds: float
     shards: int
-    def __init__(self, backend: _Optional[str] = ..., provider: _Optional[str] = ..., gpu: _Optional[str] = ..., gpu_memory_gb: _Optional[float] = ..., required_memory_gb: _Optional[float] = ..., estimated_time_s: _Optional[float] = ..., usd_per_second: _Optional[float] = ..., estimated_cost_usd: _Optional[float] = ..., prices_as_of: _Optional[str] = ..., price_source: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., gpu_seconds: _Optional[float] = ..., shards: _Optional[int] = ...) -> None: ...
+    parallel_jobs: int
+    def __init__(self, backend: _Optional[str] = ..., provider: _Optional[str] = ..., gpu: _Optional[str] = ..., gpu_memory_gb: _Optional[float] = ..., required_memory_gb: _Optional[float] = ..., estimated_time_s: _Optional[float] = ..., usd_per_second: _Optional[float] = ..., estimated_cost_usd: _Optional[float] = ..., prices_as_of: _Optional[str] = ..., price_source: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., gpu_seconds: _Optional[float] = ..., shards: _Optional[int] = ..., parallel_jobs: _Optional[int] = ...) -> None: ...
 
 class JobUsage(_message.Message):
     __slots__ = ("gpu_seconds", "delay_seconds", "gpu", "source")
