@@ -205,6 +205,9 @@ class BackendEstimate(ApiModel):
     estimated_cost_usd: float
     gpu_seconds: float = Field(default=0.0, description="GPU time billed over every job of the experiment")
     shards: int = Field(default=1, description="Index-shard jobs (influence.shards resolved)")
+    parallel_jobs: int = Field(
+        default=1, description="Jobs the backend runs at once (how many shards run side by side)"
+    )
     prices_as_of: str
     price_source: str
     notes: list[str]
