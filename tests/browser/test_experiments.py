@@ -93,6 +93,8 @@ def test_sample_results_page_is_short_and_labels_are_editable(
     assert height < MAX_RESULTS_HEIGHT_PX, f"the results page is {height} px tall"
 
     group.locator("summary").click()
+    # The rows are built by the details' toggle event, which fires after the click returns.
+    page.locator("#checkpoint-files tr").nth(len(checkpoints) - 1).wait_for()
     assert page.locator("#checkpoint-files tr").count() == len(checkpoints)
     with page.expect_download() as downloading:
         page.get_by_role("button", name="Download all (zip)").click()
