@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import secrets
 import signal
 import socket
@@ -72,7 +73,35 @@ DEFAULT_METRICS_PORTS = {
 }
 
 
+# What a service's log says when its port was taken (Python sockets and uvicorn; gRPC).
+_PORT_TAKEN = ("address already in use", "failed to bind to address")
+
+
+def _ephemeral_port_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
+    """A loopback port that is free now, chosen outside the kernel's ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` is also what it hands every outgoing connection,
+    so between picking it and the service binding it, a test's client could take it (CI saw
+    "Address already in use"). Ports below the ephemeral range are only ever taken on purpose.
+    """
+    low, high = _ephemeral_port_range()
+    candidates = range(20000, low) if low > 21000 else range(high + 1, 65536)
+    for _ in range(200):
+        port = random.choice(candidates)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -239,7 +268,25 @@ class Stack:
         self.start_database()
         for name in self.services:
             for instance in self.scheduler_names if name == "scheduler" else [name]:
-                self.start_service(instance)
+                self._start_first_time(instance)
+
+    def _start_first_time(self, name: str, attempts: int = 3) -> None:
+        """Starts a service; one that lost a free port to another process gets new ports.
+
+        Safe only on the first start: no service started later has been told the old port yet.
+        """
+        for attempt in range(attempts):
+            try:
+                self.start_service(name)
+                return
+            except RuntimeError as exc:
+                lost_port = any(sign in str(exc).lower() for sign in _PORT_TAKEN)
+                if self.fixed_ports or not lost_port or attempt == attempts - 1:
+                    raise
+                self.running.pop(name, None)
+                self.ports[name] = free_port()
+                if name in self.metrics_ports:
+                    self.metrics_ports[name] = free_port()
 
     def __enter__(self) -> Stack:
         try:

@@ -73,6 +73,8 @@ FAILED_COMPONENT_KEY = "x-failed-component"
 # Trailing metadata of a RESOURCE_EXHAUSTED refusal: seconds until a retry can succeed.
 RETRY_AFTER_KEY = "retry-after-s"
 _DEFAULT_LIST_LIMIT = 50
+# The longest one step of stop may take (SchedulerServer._bounded).
+STOP_STEP_S = 15.0
 _MAX_LIST_LIMIT = 500
 _R = TypeVar("_R")
 
@@ -837,19 +839,34 @@ class SchedulerServer:
         await self.grpc.stop(self.settings.scheduler_shutdown_grace_s if grace_s is None else grace_s)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.readiness.stop()
+        await self._bounded("background tasks", asyncio.gather(*self._tasks, return_exceptions=True))
+        await self._bounded("readiness", self.readiness.stop())
         if self.tracking is not None:
-            await self.tracking.close()
-        await self._keyvault.close()
+            await self._bounded("tracking exporter", self.tracking.close())
+        await self._bounded("keyvault channel", self._keyvault.close())
         if self._jobs is not None:
-            await self._jobs.close()
-        await self.hub.close()
-        await self.providers.close()
+            await self._bounded("dispatcher and follower", self._jobs.close())
+        await self._bounded("event listener", self.hub.close())
+        await self._bounded("provider channels", self.providers.close())
         if self._pool is not None:
-            await self._pool.close()
+            # asyncpg's close waits for every connection to come back; terminate does not.
+            if not await self._bounded("database pool", self._pool.close()):
+                self._pool.terminate()
         if self.metrics_server is not None:
             self.metrics_server.stop()
+
+    async def _bounded(self, what: str, step: Awaitable[Any]) -> bool:
+        """One step of stop, given at most STOP_STEP_S: a stop that never ends outlives the
+        orchestrator's grace period and is killed with nothing logged. False when abandoned."""
+        try:
+            await asyncio.wait_for(step, STOP_STEP_S)
+        except TimeoutError:
+            log.warning(
+                "stop: a step did not finish in time; abandoned",
+                extra={"component": f"scheduler.stop.{what}", "timeout_s": STOP_STEP_S},
+            )
+            return False
+        return True
 
 
 async def start_scheduler(settings: Settings, store_settings: StoreSettings | None = None) -> SchedulerServer:

@@ -124,15 +124,23 @@ async def test_cancel_and_delete_reach_every_part_and_the_ledger_counts_parts_on
     training = await h.until_submitted(servicer, (await _training_id(database_url, job.id)))
     cancelled = await stub.CancelJob(scheduler_pb2.CancelJobRequest(user_id="alice", job_id=job.id))
     assert cancelled.state == common_pb2.JOB_STATE_CANCELLED
+    # The provider has the part, but its answer may not be stored yet: then the part's dispatcher
+    # cancels it once the answer is in (JobManager.cancel), a moment after CancelJob returns.
+    await until(lambda: servicer.cancel_calls)
     assert servicer.cancel_calls == [training.job_id] and training.cancelled
-    part = await get(stub, training.job_id)
-    assert part.state == common_pb2.JOB_STATE_CANCELLED and part.kind == "training"
+    part = await until(lambda: _state_is(stub, training.job_id, common_pb2.JOB_STATE_CANCELLED))
+    assert part.kind == "training"
     conn = await asyncpg.connect(database_url)
     try:
-        entries = await conn.fetch(
-            "SELECT job_id::text AS job_id, entry, gpu_seconds FROM usage_ledger WHERE user_id = 'alice'"
-        )
-        by_job = {(row["job_id"], row["entry"]): row["gpu_seconds"] for row in entries}
+
+        async def settled() -> dict[tuple[str, str], float] | None:
+            entries = await conn.fetch(
+                "SELECT job_id::text AS job_id, entry, gpu_seconds FROM usage_ledger WHERE user_id = 'alice'"
+            )
+            found = {(row["job_id"], row["entry"]): row["gpu_seconds"] for row in entries}
+            return found if (training.job_id, "settled") in found else None
+
+        by_job = await until(settled)
         # Admitted once, as the experiment; settled by the part that ran, the experiment at 0.
         assert (job.id, "admitted") in by_job and (training.job_id, "admitted") not in by_job
         assert by_job[(job.id, "settled")] == 0
@@ -145,6 +153,11 @@ async def test_cancel_and_delete_reach_every_part_and_the_ledger_counts_parts_on
     with pytest.raises(grpc.aio.AioRpcError) as gone:
         await get(stub, training.job_id)
     assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def _state_is(stub, job_id: str, state: int) -> scheduler_pb2.Job | None:
+    job = await get(stub, job_id)
+    return job if job.state == state else None
 
 
 async def _training_id(database_url: str, job_id: str) -> str:

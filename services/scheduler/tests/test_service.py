@@ -366,3 +366,22 @@ async def test_the_health_check_asks_the_database_cheaply_and_counts_jobs_seldom
     for _ in range(5):
         assert await running.app.check_health()
     assert counted == 0
+
+
+async def test_stop_abandons_a_step_that_never_ends_and_names_it(start, monkeypatch, caplog):
+    """asyncpg's pool close waits for every connection to come back: one that never does must
+    not keep the scheduler from stopping (CI once timed out in a scheduler's stop)."""
+    from scheduler import server as server_module
+
+    monkeypatch.setattr(server_module, "STOP_STEP_S", 0.5)
+    running = await start()
+    pool = running.app._pool
+    await pool.acquire()  # a connection never released
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with caplog.at_level("WARNING", logger="scheduler.server"):
+        await running.app.stop(0)
+    assert loop.time() - started < 5
+    abandoned = [getattr(record, "component", "") for record in caplog.records]
+    assert "scheduler.stop.database pool" in abandoned
+    assert pool.is_closing()  # terminated: its connections are closed, not awaited
