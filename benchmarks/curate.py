@@ -10,11 +10,10 @@ each influence method the experiment (the whole pipeline, 40 epochs, which write
 are noisy; draw 0 is the one the curations retrain on), then:
 
 - recall of the noisy examples within the top 10% of the suspicion rank, next to ranking by loss
-  alone, self-influence alone, -net influence alone, and a candidate rule that was not adopted
-  (the rank mean with RelatIF's relative harm in place of -net influence, :func:`relative_harm`):
-  on draw 0, and the mean and the lowest over the draws (one draw of 16 noisy examples moves in
-  steps of 0.0625); then the same on ``HELDOUT`` further draws (``DRAWS`` onwards), the check of a
-  rule chosen on draws 0-4;
+  alone, self-influence alone, -net influence alone, worst harm alone, and the rule before worst
+  harm joined the mean (-net influence, self-influence and loss): on draw 0, and the mean and the
+  lowest over the draws (one draw of 16 noisy examples moves in steps of 0.0625); then the same on
+  ``HELDOUT`` further draws (``DRAWS`` onwards), the check of a rule chosen on draws 0-9;
 - drop the flagged 10% vs a random 10%, 3 seeds (gpu_core.curation), on draw 0: exact match and
   mean loss, curated minus random with a 95% interval and a paired p-value;
 - keep 25% by net influence toward the eval set (LESS-style) vs a random 25%.
@@ -55,9 +54,9 @@ SEEDS = [0, 1, 2]
 # exact match was 0.59-0.91 over noise draws), so unlearned clean keys competed with the noise in
 # every ranking; at 40 it was 0.94-1.00 on 8 draws (docs/influence.md).
 EPOCHS = 40
-DRAWS = int(os.environ.get("CURATE_DRAWS", "5"))
+DRAWS = int(os.environ.get("CURATE_DRAWS", "10"))
 # Draws DRAWS .. DRAWS + HELDOUT - 1: a rule is chosen on draws 0 .. DRAWS - 1 only; these check it.
-HELDOUT = int(os.environ.get("CURATE_HELDOUT_DRAWS", "5"))
+HELDOUT = int(os.environ.get("CURATE_HELDOUT_DRAWS", "20"))
 METHODS = [
     m for m in os.environ.get("CURATE_METHODS", "tracin,trackstar,datainf,kronfluence").split(",") if m
 ]
@@ -121,16 +120,6 @@ def task_spec(
     )
 
 
-def relative_harm(net_influence: np.ndarray, self_influence: np.ndarray) -> np.ndarray:
-    """RelatIF's l-relative influence (Barshan et al. 2020) summed over the eval set, high =
-    harmful: ``-net / sqrt(self)``, 0 where self-influence is 0 (no gradient, no pull). The
-    candidate's argument: ``|net|`` grows with the gradient norm, which self-influence and loss
-    already rank, so only the direction against the eval set should enter the mean beside them."""
-    net = np.asarray(net_influence, dtype=np.float64)
-    norm = np.sqrt(np.clip(np.asarray(self_influence, dtype=np.float64), 0.0, None))
-    return np.divide(-net, norm, out=np.zeros_like(net), where=norm > 0)
-
-
 def recall_at(order: np.ndarray, ids: list[str], wanted: set[str], fraction: float) -> float:
     top = {ids[j] for j in order[: max(1, round(fraction * len(ids)))]}
     return len(top & wanted) / len(wanted)
@@ -139,17 +128,14 @@ def recall_at(order: np.ndarray, ids: list[str], wanted: set[str], fraction: flo
 def ranking_recalls(summary: TrainingSetSummary, noisy: set[str]) -> dict[str, float]:
     loss, self_influence = percentile_ranks(summary.train_loss), percentile_ranks(summary.self_influence)
     net = percentile_ranks(-summary.net_influence)
-    harm = relative_harm(summary.net_influence, summary.self_influence)
     combos = {
         "suspicion": summary.order("suspect"),
-        # Not adopted (docs/influence.md): relative harm in place of -net influence in the mean.
-        "RelatIF mean": np.argsort(-(percentile_ranks(harm) + self_influence + loss), kind="stable"),
+        # The rule before worst harm joined it (docs/influence.md).
+        "without worst": np.argsort(-(net + self_influence + loss), kind="stable"),
         "loss": summary.order("loss"),
         "self_influence": summary.order("self_influence"),
         "harmful": summary.order("harmful"),
-        "relative harm": np.argsort(-harm, kind="stable"),
-        "loss+self": np.argsort(-(loss + self_influence), kind="stable"),
-        "loss+harmful": np.argsort(-(loss + net), kind="stable"),
+        "worst_harm": summary.order("worst_harm"),
     }
     return {name: recall_at(order, summary.ids, noisy, 0.10) for name, order in combos.items()}
 

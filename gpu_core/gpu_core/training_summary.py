@@ -1,5 +1,6 @@
 """The training-set summary: per training example its net influence over the eval set, its
-self-influence, its loss under the fine-tuned model, and a suspicion rank combining the three.
+self-influence, its loss under the fine-tuned model, its worst harm to a single eval example, and
+a suspicion rank combining the four.
 
 - **net influence**: ``sum over eval examples`` of the method's score; positive = helpful overall
   (up-weighting it lowers the eval set's summed loss), negative = harmful. DataInf and
@@ -21,25 +22,34 @@ self-influence, its loss under the fine-tuned model, and a suspicion rank combin
   Kronfluence (whose EK-FAC factors live inside its scoring pass; the same damped per-layer metric
   stands in for them).
 - **train loss**: mean cross-entropy over the example's answer tokens under the fine-tuned model.
+- **worst harm**: from the method's ``[n_eval, n_train]`` score matrix, each eval example's row
+  standardised over the training set, then per training example the lowest value: how many
+  standard deviations below that eval example's typical training example it pulls the eval
+  example it harms most (:func:`worst_harm_scores`). Net influence sums over the eval set, so
+  many small pulls from eval examples about other things (on the planted-noise task: every eval
+  example whose answer is the wrong label's letter) can outweigh the one strong harm to the eval
+  example that asks the mislabelled example's own question; the minimum keeps that harm. No
+  extra pass: the matrix is the method's own result.
 
 Self-influence and loss (and TracIn's and TrackStar's net influence) come from per-example
 gradients at the final adapter (the loss from the same forward): TracIn and TrackStar take them
 in their own pass (:class:`FinalGradientFeatures` as the pass's tap), DataInf and Kronfluence in
 one extra pass over the training set (one forward and backward per batch, no [n_eval, n_train]
 work).
-The suspicion score is the mean of the three signals' percentile ranks, each oriented so that high
-= suspect (``-net influence``, self-influence, loss): mislabelled examples are hard to fit (high
-loss), pull the model on their own (high self-influence) and work against the eval set (negative
-net influence); a rank average needs no common scale across methods. ``suspect_rank`` 1 is the
-most suspect. The figures that chose this combination are in docs/influence.md (``make bench-curate``),
-with the alternatives tried and not adopted (RelatIF's relative harm in the mean, products, weights,
-gates): none holds on held-out draws of the task.
+The suspicion score is the mean of the four signals' percentile ranks, each oriented so that high
+= suspect (``-net influence``, ``-worst harm``, self-influence, loss): mislabelled examples are
+hard to fit (high loss), pull the model on their own (high self-influence), work against the eval
+set (negative net influence) and most of all against the eval example that asks their question
+(negative worst harm); a rank average needs no common scale across methods. ``suspect_rank`` 1 is
+the most suspect. The figures that chose this combination are in docs/influence.md (``make
+bench-curate``), with the alternatives tried and not adopted (RelatIF's relative harm, products,
+maxima, weights, gates, a standardised net influence).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -63,7 +73,9 @@ from gpu_core.schemas import InfluenceOptions
 SUMMARY_NAME = "training_summary.json"
 # Characters of each example's text kept in the summary (the table shows a preview).
 TEXT_PREVIEW_CHARS = 400
-SORTS = ("harmful", "helpful", "self_influence", "loss", "suspect")
+# Values per block when reading the score matrix (float64: 32 MB).
+BLOCK_VALUES = 4_000_000
+SORTS = ("harmful", "helpful", "self_influence", "loss", "worst_harm", "suspect")
 
 
 @dataclass
@@ -72,6 +84,9 @@ class TrainingSetSummary:
     net_influence: np.ndarray  # [n] float64, positive = helpful
     self_influence: np.ndarray
     train_loss: np.ndarray
+    # Its most negative score on any one eval example, in that eval example's standard deviations
+    # over the training set (NaN in summaries stored before it existed).
+    worst_harm: np.ndarray
     suspicion: np.ndarray  # mean percentile rank, 1 = most suspect on every signal
 
     @property
@@ -89,6 +104,7 @@ class TrainingSetSummary:
             "helpful": -self.net_influence,
             "self_influence": -self.self_influence,
             "loss": -self.train_loss,
+            "worst_harm": np.nan_to_num(self.worst_harm, nan=0.0),
             "suspect": -self.suspicion,
         }
         if sort not in keys:
@@ -104,6 +120,7 @@ class TrainingSetSummary:
                 "net_influence": float(self.net_influence[j]),
                 "self_influence": float(self.self_influence[j]),
                 "train_loss": float(self.train_loss[j]),
+                "worst_harm": None if np.isnan(self.worst_harm[j]) else float(self.worst_harm[j]),
                 "suspicion": float(self.suspicion[j]),
                 "suspect_rank": int(ranks[j]),
             }
@@ -120,6 +137,10 @@ class TrainingSetSummary:
             net_influence=np.array([row["net_influence"] for row in rows], dtype=np.float64),
             self_influence=np.array([row["self_influence"] for row in rows], dtype=np.float64),
             train_loss=np.array([row["train_loss"] for row in rows], dtype=np.float64),
+            worst_harm=np.array(
+                [np.nan if row.get("worst_harm") is None else row["worst_harm"] for row in rows],
+                dtype=np.float64,
+            ),
             suspicion=np.array([row["suspicion"] for row in rows], dtype=np.float64),
         )
 
@@ -138,14 +159,45 @@ def percentile_ranks(values: np.ndarray) -> np.ndarray:
 
 
 def suspicion_scores(
-    net_influence: np.ndarray, self_influence: np.ndarray, train_loss: np.ndarray
+    net_influence: np.ndarray, worst_harm: np.ndarray, self_influence: np.ndarray, train_loss: np.ndarray
 ) -> np.ndarray:
-    """Mean percentile rank of -net influence, self-influence and loss (high = suspect)."""
+    """Mean percentile rank of -net influence, -worst harm, self-influence and loss (high =
+    suspect)."""
     return (
         percentile_ranks(-np.asarray(net_influence))
+        + percentile_ranks(-np.asarray(worst_harm))
         + percentile_ranks(self_influence)
         + percentile_ranks(train_loss)
-    ) / 3.0
+    ) / 4.0
+
+
+def _row_blocks(scores: np.ndarray) -> Iterator[np.ndarray]:
+    """``scores`` (possibly memory-mapped) as float64 blocks of whole rows, about
+    :data:`BLOCK_VALUES` values each: a million training examples are 8 MB a row."""
+    rows = max(1, BLOCK_VALUES // max(scores.shape[1], 1))
+    for start in range(0, scores.shape[0], rows):
+        yield np.asarray(scores[start : start + rows], dtype=np.float64)
+
+
+def worst_harm_scores(scores: np.ndarray) -> np.ndarray:
+    """Per training example (column of the ``[n_eval, n_train]`` score matrix, positive =
+    helpful), its lowest score over the eval examples after standardising each eval example's row
+    over the training set: how far below that eval example's typical training example it pulls
+    the eval example it harms most. A sum over the eval set lets many small pulls from unrelated
+    eval examples (cross-talk) outweigh one strong harm; a mislabelled example is the outlier of
+    the one eval example that asks its question. Block-wise: ``scores`` may be memory-mapped."""
+    n_eval, n_train = scores.shape
+    worst = np.full(n_train, np.inf)
+    for block in _row_blocks(scores):
+        spread = block.std(axis=1, keepdims=True)
+        standardised = np.divide(
+            block - block.mean(axis=1, keepdims=True),
+            spread,
+            out=np.zeros_like(block),
+            where=spread > 0,
+        )
+        np.minimum(worst, standardised.min(axis=0), out=worst)
+    return worst if n_eval else np.zeros(n_train)
 
 
 def eval_gradient_sum(
@@ -293,18 +345,19 @@ def summarize(
     if net_influence is not None:
         net = np.asarray(net_influence, dtype=np.float64)
     else:
-        # Block-wise column sums: scores may be a memory-mapped n_eval x n_train file.
         net = np.zeros(len(train_ids), dtype=np.float64)
-        for start in range(0, scores.shape[0], 256):
-            net += np.asarray(scores[start : start + 256], dtype=np.float64).sum(axis=0)
+        for block in _row_blocks(scores):
+            net += block.sum(axis=0)
     self_influence = np.asarray(self_influence, dtype=np.float64)
     train_loss = np.asarray(train_loss, dtype=np.float64)
+    worst_harm = worst_harm_scores(scores)
     return TrainingSetSummary(
         ids=list(train_ids),
         net_influence=net,
         self_influence=self_influence,
         train_loss=train_loss,
-        suspicion=suspicion_scores(net, self_influence, train_loss),
+        worst_harm=worst_harm,
+        suspicion=suspicion_scores(net, worst_harm, self_influence, train_loss),
     )
 
 
@@ -320,5 +373,5 @@ def page(data: dict[str, Any], sort: str, limit: int, offset: int) -> tuple[list
     summary = TrainingSetSummary.from_json(data)
     rows = data["examples"]
     order = summary.order(sort)[offset : offset + limit]
-    keys = ("id", "net_influence", "self_influence", "train_loss", "suspect_rank", "text")
-    return [{key: rows[j].get(key, "") for key in keys} for j in order], len(rows)
+    keys = ("id", "net_influence", "self_influence", "train_loss", "worst_harm", "suspect_rank", "text")
+    return [{key: rows[j].get(key, "" if key == "text" else None) for key in keys} for j in order], len(rows)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.curate import noisy_cipher_task, ranking_recalls, relative_harm, task_spec
+from benchmarks.curate import noisy_cipher_task, ranking_recalls, task_spec
 from gpu_core.curation import CurationRequest, paired_difference, run_curation
 from gpu_core.influence import compute_influence
 from gpu_core.influence.gradients import lora_grad_enabled, lora_layers, model_device, stacked_gradients
@@ -30,6 +30,7 @@ from gpu_core.training_summary import (
     percentile_ranks,
     summarize,
     suspicion_scores,
+    worst_harm_scores,
 )
 
 N_TRAIN = 60
@@ -49,34 +50,69 @@ def experiment(
 
 def test_percentile_ranks_share_ties_and_suspicion_orients_each_signal() -> None:
     assert percentile_ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [0.875, 0.25, 0.875, 0.5]
-    # Example 0 is harmful, hard to fit and self-influential: the most suspect.
+    # Example 0 is harmful overall and to one eval example, hard to fit and self-influential.
     suspicion = suspicion_scores(
-        np.array([-5.0, 1.0, 2.0]), np.array([9.0, 1.0, 2.0]), np.array([3.0, 0.1, 0.2])
+        np.array([-5.0, 1.0, 2.0]),
+        np.array([-3.0, 0.5, -1.0]),
+        np.array([9.0, 1.0, 2.0]),
+        np.array([3.0, 0.1, 0.2]),
     )
     assert int(np.argmax(suspicion)) == 0
     assert suspicion[0] == pytest.approx(1.0)
 
 
-def test_suspicion_is_the_mean_of_three_percentile_ranks() -> None:
-    """The rule in force: -net influence itself (not relative harm) beside self-influence and loss.
-    A hard clean example with a large gradient (0) has the largest raw harm; a wrong answer (1)
-    pulls mostly against the eval set; 2 is its helpful right copy, 3 and 4 fitted examples."""
-    net = np.array([-10.0, -6.0, 8.0, -0.01, -0.02])
+def test_suspicion_is_the_mean_of_four_percentile_ranks() -> None:
+    """The rule in force: -net influence and -worst harm beside self-influence and loss. A hard
+    clean example with a large gradient (0) has the largest raw harm; a wrong answer (1) whose
+    net influence is positive (cross-talk) still harms one eval example most; 2 is its helpful
+    right copy, 3 and 4 fitted examples."""
+    net = np.array([-10.0, 6.0, 8.0, -0.01, -0.02])
+    worst = np.array([-1.0, -4.0, 0.5, -0.2, -0.1])
     self_influence = np.array([10_000.0, 4.0, 16.0, 1e-4, 1e-4])
     loss = np.array([1.8, 2.0, 1.5, 0.1, 0.2])
-    suspicion = suspicion_scores(net, self_influence, loss)
-    expected = [1.0 + 1.0 + 0.8, 0.8 + 0.6 + 1.0, 0.2 + 0.8 + 0.6, 0.4 + 0.3 + 0.2, 0.6 + 0.3 + 0.4]
-    assert suspicion * 3 == pytest.approx(expected)
-    summary = summarize(list("abcde"), np.zeros((1, 5)), self_influence, loss, net_influence=net)
-    assert summary.suspect_rank.tolist() == [1, 2, 3, 5, 4]
-    # The candidate bench-curate prints beside it (not adopted): RelatIF's relative harm in the
-    # mean ranks the wrong answer first; relative harm is 0 where there is no gradient.
-    assert relative_harm(net, self_influence) == pytest.approx([0.1, 3.0, -2.0, 1.0, 2.0])
-    assert relative_harm(np.array([-1.0]), np.array([0.0])).tolist() == [0.0]
+    suspicion = suspicion_scores(net, worst, self_influence, loss)
+    expected = [
+        1.0 + 0.8 + 1.0 + 0.8,
+        0.4 + 1.0 + 0.6 + 1.0,
+        0.2 + 0.2 + 0.8 + 0.6,
+        0.6 + 0.6 + 0.3 + 0.2,
+        0.8 + 0.4 + 0.3 + 0.4,
+    ]
+    assert suspicion * 4 == pytest.approx(expected)
+    summary = TrainingSetSummary(list("abcde"), net, self_influence, loss, worst, suspicion)
+    assert summary.suspect_rank.tolist() == [1, 2, 4, 5, 3]
     recalls = ranking_recalls(summary, {"b"})
-    # The top 10% of five examples is one (at least one).
-    assert recalls["suspicion"] == 0.0 and recalls["RelatIF mean"] == 1.0
-    assert recalls["relative harm"] == 1.0 and recalls["loss"] == 1.0 and recalls["harmful"] == 0.0
+    # The top 10% of five examples is one (at least one): worst harm alone finds it, net does not.
+    assert recalls["worst_harm"] == 1.0 and recalls["harmful"] == 0.0 and recalls["loss"] == 1.0
+    assert recalls["suspicion"] == 0.0 and recalls["without worst"] == 0.0
+
+
+def test_worst_harm_is_the_lowest_standardised_score_read_block_by_block(tmp_path) -> None:
+    """Each eval row standardised over the training set, then the lowest per training example;
+    the same from a memory-mapped matrix read in blocks of rows as from the whole matrix."""
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(7, 50))
+    scores[3, 11] = -40.0  # one strong harm to one eval example
+    scores[:, 12] = -7.0  # some harm to every eval example: the lowest sum, no single outlier
+    expected = ((scores - scores.mean(axis=1, keepdims=True)) / scores.std(axis=1, keepdims=True)).min(axis=0)
+    assert worst_harm_scores(scores) == pytest.approx(expected)
+    assert int(np.argmin(scores.sum(axis=0))) == 12  # net influence's most harmful
+    assert int(np.argmin(worst_harm_scores(scores))) == 11
+    path = tmp_path / "scores.npy"
+    np.save(path, scores.astype(np.float32))
+    mapped = np.load(path, mmap_mode="r")
+    import gpu_core.training_summary as training_summary
+
+    original = training_summary.BLOCK_VALUES
+    training_summary.BLOCK_VALUES = 100  # two rows per block
+    try:
+        assert worst_harm_scores(mapped) == pytest.approx(expected, rel=1e-5)
+    finally:
+        training_summary.BLOCK_VALUES = original
+    # An eval example every training example scores alike adds nothing (no division by zero).
+    flat = np.vstack([scores, np.full((1, 50), 3.0)])
+    assert worst_harm_scores(flat) == pytest.approx(np.minimum(expected, 0.0))
+    assert worst_harm_scores(np.zeros((0, 4))).tolist() == [0.0] * 4
 
 
 def test_every_experiment_writes_its_summary_artifact(experiment) -> None:
@@ -121,7 +157,10 @@ def test_net_influence_is_the_score_matrix_column_sum_unless_given() -> None:
     given = np.array([-1.0, 2.0, 3.0])
     summary = summarize(["a", "b", "c"], scores, ones, ones, net_influence=given)
     assert summary.net_influence.tolist() == given.tolist()
-    assert summary.suspect_rank[0] == 1  # the only harmful one, all else tied
+    # Self-influence and loss tie: a is the only harmful one overall, b the one eval example 0
+    # finds most harmful (1.40 of its standard deviations below its mean), and both count.
+    assert summary.worst_harm == pytest.approx([0.8890, -1.3970, -1.1625], abs=1e-4)
+    assert summary.suspect_rank.tolist() == [2, 1, 3]
 
 
 @pytest.mark.parametrize("method", ["tracin", "trackstar"])

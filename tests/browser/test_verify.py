@@ -103,6 +103,8 @@ def test_training_data_ranks_selects_runs_and_shows_the_result_card(
     page.locator("#training-table caption", has_text="most harmful first").wait_for()
     shown = page.locator("#training-table tbody tr").evaluate_all("rows => rows.map(r => r.dataset.trainId)")
     assert shown == [row["id"] for row in ranked]
+    worst = page.locator("#training-table tbody tr td:nth-child(6)").all_inner_texts()
+    assert worst == [f"{row['worst_harm']:.2f}" for row in ranked]
 
     picked = shown[:2]
     for train_id in picked:

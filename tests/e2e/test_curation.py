@@ -64,12 +64,16 @@ def test_training_examples_rank_the_whole_set(alice: GatewayClient, experiment: 
         "net_influence",
         "self_influence",
         "train_loss",
+        "worst_harm",
         "suspect_rank",
         "text",
     }
     harmful = alice.request("GET", base, params={"sort": "harmful", "limit": N_TRAIN}).json()["examples"]
     nets = [row["net_influence"] for row in harmful]
     assert nets == sorted(nets) and len(nets) == N_TRAIN
+    worst = alice.request("GET", base, params={"sort": "worst_harm", "limit": N_TRAIN}).json()["examples"]
+    harms = [row["worst_harm"] for row in worst]
+    assert harms == sorted(harms) and harms[0] < 0 and len(harms) == N_TRAIN
     second = alice.request("GET", base, params={"sort": "harmful", "limit": 3, "offset": 3}).json()[
         "examples"
     ]

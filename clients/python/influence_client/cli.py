@@ -336,12 +336,16 @@ def cmd_examples(args: argparse.Namespace) -> int:
         print(page.model_dump_json(indent=2))
         return 0
     print(f"{page.total} training examples, by {args.sort}")
-    print(f"{'rank':>5} {'id':<16} {'net influence':>14} {'self-influence':>14} {'loss':>8}  text")
+    print(
+        f"{'rank':>5} {'id':<16} {'net influence':>14} {'self-influence':>14} {'loss':>8} "
+        f"{'worst harm':>10}  text"
+    )
     for row in page.examples:
         text = row.text.replace("\n", " -> ")[:60]
+        worst = "-" if row.worst_harm is None else f"{row.worst_harm:+.2f}"
         print(
             f"{row.suspect_rank:>5} {row.id:<16} {row.net_influence:>+14.4e} {row.self_influence:>14.4e} "
-            f"{row.train_loss:>8.4f}  {text}"
+            f"{row.train_loss:>8.4f} {worst:>10}  {text}"
         )
     return 0
 
@@ -514,7 +518,9 @@ def parser() -> argparse.ArgumentParser:
     )
     examples.add_argument("job", help="the experiment")
     examples.add_argument(
-        "--sort", choices=("harmful", "helpful", "self_influence", "loss", "suspect"), default="suspect"
+        "--sort",
+        choices=("harmful", "helpful", "self_influence", "loss", "worst_harm", "suspect"),
+        default="suspect",
     )
     examples.add_argument("--limit", type=int, default=20)
     examples.add_argument("--offset", type=int, default=0)

@@ -733,7 +733,7 @@ class Client(_Base):
         self, job_id: str, sort: str = "suspect", limit: int = 50, offset: int = 0
     ) -> models.TrainingExamples:
         """The experiment's training examples ranked by ``sort`` (harmful, helpful,
-        self_influence, loss or suspect), one page."""
+        self_influence, loss, worst_harm or suspect), one page."""
         return self._run(_Calls.training_examples(job_id, sort, limit, offset))
 
     def curation_estimate(self, job_id: str, request: dict[str, Any]) -> models.CurationEstimate:
@@ -1005,7 +1005,7 @@ class AsyncClient(_Base):
         self, job_id: str, sort: str = "suspect", limit: int = 50, offset: int = 0
     ) -> models.TrainingExamples:
         """The experiment's training examples ranked by ``sort`` (harmful, helpful,
-        self_influence, loss or suspect), one page."""
+        self_influence, loss, worst_harm or suspect), one page."""
         return await self._run(_Calls.training_examples(job_id, sort, limit, offset))
 
     async def curation_estimate(self, job_id: str, request: dict[str, Any]) -> models.CurationEstimate:

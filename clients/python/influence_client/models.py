@@ -362,7 +362,14 @@ class TrainingExampleRow(ApiModel):
     net_influence: float = Field(description="Summed influence over the eval set; positive = helpful")
     self_influence: float = Field(description="The method's score of the example on itself")
     train_loss: float = Field(description="Mean loss of its answer under the fine-tuned model")
-    suspect_rank: int = Field(description="1 = most suspect (loss, self-influence and harm combined)")
+    worst_harm: float | None = Field(
+        None,
+        description="Its lowest score on any one eval example, in that eval example's standard "
+        "deviations over the training set (negative = harms it); null in summaries from before it",
+    )
+    suspect_rank: int = Field(
+        description="1 = most suspect (net influence, worst harm, self-influence and loss combined)"
+    )
     text: str = ""
 
 

@@ -130,13 +130,16 @@ async def training_examples(
     job_id: str,
     user: CurrentUser,
     scheduler: Scheduler,
-    sort: Annotated[Literal["harmful", "helpful", "self_influence", "loss", "suspect"], Query()] = "suspect",
+    sort: Annotated[
+        Literal["harmful", "helpful", "self_influence", "loss", "worst_harm", "suspect"], Query()
+    ] = "suspect",
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> dict[str, Any]:
     """``net_influence``: summed over the eval set, positive = helpful. ``self_influence``: the
     method's score of the example on itself. ``train_loss``: its answer's mean loss under the
-    fine-tuned model. ``suspect_rank``: 1 = most suspect (see docs/influence.md)."""
+    fine-tuned model. ``worst_harm``: its lowest score on any one eval example, in that eval
+    example's standard deviations. ``suspect_rank``: 1 = most suspect (see docs/influence.md)."""
     await _completed_experiment(scheduler, user, job_id)
     examples, total = page(await _read_summary(scheduler, user, job_id), sort, limit, offset)
     return {"examples": examples, "total": total}

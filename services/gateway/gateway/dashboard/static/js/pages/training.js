@@ -11,6 +11,7 @@ const PAGE = 25;
 const SORTS = {
   suspect: "most suspect", harmful: "most harmful", helpful: "most helpful",
   self_influence: "highest self-influence", loss: "highest training loss",
+  worst_harm: "most harm to one eval example",
 };
 
 function url(jobId, suffix) {
@@ -76,7 +77,7 @@ export function trainingSection(jobId) {
     el("option", { value: "self_influence" }, "drop the N highest self-influence"),
     el("option", { value: "helpful" }, "keep the most helpful fraction"));
   const count = el("input", { id: "training-count", type: "number", min: 1, value: 5 });
-  const fraction = el("input", { id: "training-fraction", type: "number", min: 0.01, max: 0.99, step: 0.05, value: 0.25 });
+  const fraction = el("input", { id: "training-fraction", type: "number", min: 0.01, max: 0.99, step: 0.01, value: 0.25 });
   const controls = el("input", { id: "training-controls", type: "number", min: 0, max: 10, value: 1 });
   const seeds = el("input", { id: "training-seeds", type: "number", min: 1, max: 10, value: 1 });
   const estimateBox = el("div", { id: "training-estimate", class: "help", "aria-live": "polite" });
@@ -125,7 +126,7 @@ export function trainingSection(jobId) {
     total = page.total;
     table.replaceChildren(
       el("caption", {}, `Training examples, ${SORTS[sort]} first`),
-      el("thead", {}, el("tr", {}, ["Select", "Suspect rank", "Id", "Text", "Net influence", "Self-influence", "Training loss"].map((h) => el("th", { scope: "col" }, h)))),
+      el("thead", {}, el("tr", {}, ["Select", "Suspect rank", "Id", "Text", "Net influence", "Worst harm", "Self-influence", "Training loss"].map((h) => el("th", { scope: "col" }, h)))),
       el("tbody", {}, page.examples.map((row) => {
         const box = el("input", { type: "checkbox", "aria-label": `select ${row.id}`, checked: selected.has(row.id),
           onchange: () => {
@@ -139,6 +140,7 @@ export function trainingSection(jobId) {
           el("td", {}, el("code", {}, row.id)),
           el("td", {}, el("q", {}, row.text.replace("\n", " → "))),
           el("td", { class: `num ${row.net_influence < 0 ? "harmful" : "helpful"}` }, row.net_influence.toExponential(2)),
+          el("td", { class: "num" }, row.worst_harm === null ? "–" : row.worst_harm.toFixed(2)),
           el("td", { class: "num" }, row.self_influence.toExponential(2)),
           el("td", { class: "num" }, row.train_loss.toFixed(3)));
       })));
@@ -185,7 +187,7 @@ export function trainingSection(jobId) {
     // Folded like the checkpoints: the results page stays a few screens tall until it is opened.
     el("details", { id: "training-details" },
       el("summary", {}, "Rank the training set, select examples, retrain and compare"),
-      el("p", { class: "help" }, "Each training example's net influence over the eval set (positive = helpful), its self-influence, its loss under the fine-tuned model, and a suspicion rank combining them (likely mislabelled first). Select examples and retrain without them, against random selections of the same size."),
+      el("p", { class: "help" }, "Each training example's net influence over the eval set (positive = helpful), its worst harm to a single eval example (in that example's standard deviations), its self-influence, its loss under the fine-tuned model, and a suspicion rank combining the four (likely mislabelled first). Select examples and retrain without them, against random selections of the same size."),
       el("div", { class: "field" }, el("label", { for: "training-sort" }, "Sort by"), sortSelect),
       table, pager, form, error, progressBox, outcome));
   load().then(estimate).catch((err) => {
