@@ -14,7 +14,7 @@ MAX_CONTROLS = 10
 class DropRule(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    by: Literal["harmful", "suspect", "self_influence", "loss"]
+    by: Literal["harmful", "suspect", "self_influence", "loss", "worst_harm"]
     count: int = Field(ge=1)
 
 

@@ -90,6 +90,11 @@ class TrainingSetSummary:
     suspicion: np.ndarray  # mean percentile rank, 1 = most suspect on every signal
 
     @property
+    def has_worst_harm(self) -> bool:
+        """False for a summary stored before worst harm existed."""
+        return not bool(np.isnan(self.worst_harm).all())
+
+    @property
     def suspect_rank(self) -> np.ndarray:
         """1-based rank by suspicion (1 = most suspect), ties broken by position."""
         order = np.argsort(-self.suspicion, kind="stable")

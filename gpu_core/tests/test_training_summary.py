@@ -87,6 +87,23 @@ def test_suspicion_is_the_mean_of_four_percentile_ranks() -> None:
     assert recalls["suspicion"] == 0.0 and recalls["without worst"] == 0.0
 
 
+def test_a_summary_stored_before_worst_harm_still_pages_and_says_so() -> None:
+    rows = [
+        {"id": f"t{j}", "net_influence": -j, "self_influence": 1.0, "train_loss": 0.5}
+        | {"suspicion": j / 3, "suspect_rank": 3 - j, "text": "x"}
+        for j in range(3)
+    ]
+    data = {"version": 1, "examples": rows}
+    summary = TrainingSetSummary.from_json(data)
+    assert not summary.has_worst_harm and np.isnan(summary.worst_harm).all()
+    examples, total = page(data, "suspect", 3, 0)
+    assert total == 3 and [row["id"] for row in examples] == ["t2", "t1", "t0"]
+    assert all(row["worst_harm"] is None for row in examples)
+    assert summary.to_json()["examples"][0]["worst_harm"] is None
+    fresh = summarize(["a", "b"], np.array([[1.0, -1.0]]), np.ones(2), np.ones(2))
+    assert fresh.has_worst_harm
+
+
 def test_worst_harm_is_the_lowest_standardised_score_read_block_by_block(tmp_path) -> None:
     """Each eval row standardised over the training set, then the lowest per training example;
     the same from a memory-mapped matrix read in blocks of rows as from the whole matrix."""

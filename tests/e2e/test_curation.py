@@ -209,6 +209,20 @@ def test_the_sync_and_async_clients_rank_curate_and_download(
     assert sync["new_experiment"] == views["new_experiment"]
 
 
+def test_a_drop_by_worst_harm_selects_the_lowest_worst_harm(alice: GatewayClient, experiment: str) -> None:
+    worst = alice.request(
+        "GET", f"/api/jobs/{experiment}/training-examples", params={"sort": "worst_harm", "limit": 3}
+    ).json()["examples"]
+    body = {"drop": {"by": "worst_harm", "count": 3}, "controls": 0, "seeds": [0]}
+    submitted = alice.request("POST", f"/api/jobs/{experiment}/curations", json=body)
+    assert submitted.status_code == 202, submitted.text
+    curation_id = submitted.json()["curation_job_id"]
+    curation = alice.request("GET", f"/api/jobs/{experiment}/curations/{curation_id}").json()
+    assert curation["request"]["drop_ids"] == [row["id"] for row in worst]
+    assert curation["request"]["drop"] == body["drop"]
+    alice.request("POST", f"/api/jobs/{curation_id}/cancel")
+
+
 def test_bad_curations_name_the_field(alice: GatewayClient, experiment: str) -> None:
     base = f"/api/jobs/{experiment}/curations"
     for body, names in [

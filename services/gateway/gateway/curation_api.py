@@ -156,13 +156,13 @@ async def _resolved(
     if body.drop is not None:
         if body.drop.count >= n:
             raise ApiError(422, f"drop.count: must be less than the {n} training examples")
-        sort = {
-            "harmful": "harmful",
-            "suspect": "suspect",
-            "self_influence": "self_influence",
-            "loss": "loss",
-        }
-        order = summary.order(sort[body.drop.by])[: body.drop.count]
+        if body.drop.by == "worst_harm" and not summary.has_worst_harm:
+            raise ApiError(
+                422,
+                "drop.by: this experiment's training summary predates worst harm; "
+                "drop by harmful, suspect, self_influence or loss",
+            )
+        order = summary.order(body.drop.by)[: body.drop.count]
         ids = [summary.ids[j] for j in order]
         return CurationRequest(drop_ids=ids, drop=body.drop, controls=body.controls, seeds=body.seeds)
     assert body.keep is not None

@@ -75,6 +75,7 @@ export function trainingSection(jobId) {
     el("option", { value: "suspect" }, "drop the N most suspect"),
     el("option", { value: "harmful" }, "drop the N most harmful"),
     el("option", { value: "self_influence" }, "drop the N highest self-influence"),
+    el("option", { value: "worst_harm" }, "drop the N with the worst harm to one eval example"),
     el("option", { value: "helpful" }, "keep the most helpful fraction"));
   const count = el("input", { id: "training-count", type: "number", min: 1, value: 5 });
   const fraction = el("input", { id: "training-fraction", type: "number", min: 0.01, max: 0.99, step: 0.01, value: 0.25 });
