@@ -332,20 +332,7 @@ def _put(path: Path, size: int, url: str, headers: Mapping[str, str]) -> tuple[i
 
 
 def _post_json(url: str, body: bytes) -> tuple[int, str]:
-    parts = urlsplit(url)
-    connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    connection = connection_type(parts.netloc, timeout=_TIMEOUT_S)
-    try:
-        connection.request(
-            "POST",
-            parts.path,
-            body=body,
-            headers={"Content-Type": "application/json", "Content-Length": str(len(body))},
-        )
-        response = connection.getresponse()
-        return response.status, response.read(64 * 1024).decode("utf-8", "replace")
-    finally:
-        connection.close()
+    return _send_bytes("POST", url, body, {"Content-Type": "application/json"}, 64 * 1024)
 
 
 def claim_body(claim: Mapping[str, Any]) -> bytes:
@@ -481,14 +468,22 @@ def presigned_expiry(url: str) -> float | None:
 
 
 def _put_bytes(url: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, str]:
+    status, text = _send_bytes("PUT", url, body, headers, 4000)
+    return status, _error_text(text)
+
+
+def _send_bytes(
+    method: str, url: str, body: bytes, headers: Mapping[str, str], read_bytes: int
+) -> tuple[int, str]:
+    """One request with a small body in memory: the status and up to ``read_bytes`` of the answer."""
     parts = urlsplit(url)
     connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     connection = connection_type(parts.netloc, timeout=_TIMEOUT_S)
     target = parts.path + (f"?{parts.query}" if parts.query else "")
     try:
-        connection.request("PUT", target, body=body, headers={**headers, "Content-Length": str(len(body))})
+        connection.request(method, target, body=body, headers={**headers, "Content-Length": str(len(body))})
         response = connection.getresponse()
-        return response.status, _error_text(response.read(4000).decode("utf-8", "replace"))
+        return response.status, response.read(read_bytes).decode("utf-8", "replace")
     finally:
         connection.close()
 

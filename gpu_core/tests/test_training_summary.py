@@ -104,7 +104,7 @@ def test_a_summary_stored_before_worst_harm_still_pages_and_says_so() -> None:
     assert fresh.has_worst_harm
 
 
-def test_worst_harm_is_the_lowest_standardised_score_read_block_by_block(tmp_path) -> None:
+def test_worst_harm_is_the_lowest_standardised_score_read_block_by_block(tmp_path, monkeypatch) -> None:
     """Each eval row standardised over the training set, then the lowest per training example;
     the same from a memory-mapped matrix read in blocks of rows as from the whole matrix."""
     rng = np.random.default_rng(0)
@@ -118,14 +118,9 @@ def test_worst_harm_is_the_lowest_standardised_score_read_block_by_block(tmp_pat
     path = tmp_path / "scores.npy"
     np.save(path, scores.astype(np.float32))
     mapped = np.load(path, mmap_mode="r")
-    import gpu_core.training_summary as training_summary
-
-    original = training_summary.BLOCK_VALUES
-    training_summary.BLOCK_VALUES = 100  # two rows per block
-    try:
-        assert worst_harm_scores(mapped) == pytest.approx(expected, rel=1e-5)
-    finally:
-        training_summary.BLOCK_VALUES = original
+    monkeypatch.setattr("gpu_core.training_summary.BLOCK_VALUES", 100)  # two rows per block
+    assert worst_harm_scores(mapped) == pytest.approx(expected, rel=1e-5)
+    monkeypatch.undo()
     # An eval example every training example scores alike adds nothing (no division by zero).
     flat = np.vstack([scores, np.full((1, 50), 3.0)])
     assert worst_harm_scores(flat) == pytest.approx(np.minimum(expected, 0.0))

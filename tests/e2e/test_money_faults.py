@@ -30,14 +30,6 @@ RUNPOD_KEY = "rpa_MONEYFAULTS0123456789ABCDEFGHIJ"
 
 
 @pytest.fixture(scope="module")
-def fake() -> Iterator[FakeRunPodProcess]:
-    process = FakeRunPodProcess.start()
-    process.control("POST", "keys", key=RUNPOD_KEY, balance=500.0)
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
 def stack(
     tmp_path_factory: pytest.TempPathFactory, fake: FakeRunPodProcess, s3_server: S3TestServer
 ) -> Iterator[Stack]:
