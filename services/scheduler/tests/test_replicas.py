@@ -51,23 +51,25 @@ async def test_takeover_in_the_submit_window_submits_once(start, provider, h, da
     first = await start(scheduler_replica_id="replica-a")
     job = await first.stub.SubmitJob(scheduler_pb2.SubmitJobRequest(user_id="alice", spec_json=h.spec_json()))
     await h.until_submitted(provider.servicer, job.id)
-    second = await start(scheduler_replica_id="replica-b")
+    # replica-a dies after the provider took the job but before its id was stored: the submit
+    # token is written, the provider job id is not, the lease has run out. It is stopped first
+    # (a live replica would go on following the row this rewrites) and replica-b starts after.
+    await first.stop()
     conn = await asyncpg.connect(database_url)
     try:
-        # As if replica-a had died after the provider took the job but before its id was
-        # stored: the submit token is written, the provider job id is not, the lease has run out.
         await conn.execute(
             """UPDATE jobs SET provider_job_id = NULL, status = 'queued', submit_token = gen_random_uuid(),
                    lease_owner = 'replica-dead',
                    lease_expires_at = now() WHERE id = $1::uuid""",
             job.id,
         )
+        second = await start(scheduler_replica_id="replica-b")
         deadline = asyncio.get_running_loop().time() + 30  # a loaded machine turns leases slowly
         while True:
             row = await conn.fetchrow(
                 "SELECT lease_owner, provider_job_id FROM jobs WHERE id = $1::uuid", job.id
             )
-            if row["lease_owner"] in ("replica-a", "replica-b") and row["provider_job_id"]:
+            if row["lease_owner"] == "replica-b" and row["provider_job_id"]:
                 break
             assert asyncio.get_running_loop().time() < deadline, dict(row)
             await asyncio.sleep(0.05)
