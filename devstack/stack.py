@@ -8,6 +8,7 @@ tokens, the local sign-in key) are generated once into ``<data_dir>/secrets.json
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import random
@@ -105,6 +106,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def holds_listening_port(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` holds the socket listening on ``port``; None where /proc cannot
+    tell (not Linux). A health probe alone may be answered by another process on that port."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None if not Path("/proc/self/fd").is_dir() else False
+    sockets = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                sockets.add(target[len("socket:[") : -1])
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port and inode in sockets:
+                    return True  # 0A: LISTEN
+    return False
 
 
 def load_or_create_secrets(path: Path) -> dict[str, str]:
@@ -329,13 +353,18 @@ class Stack:
                     f"{service.spec.name} exited with {service.process.returncode}:\n"
                     + self.log_text(service.spec.name)[-4000:]
                 )
-            if self._is_ready(service):
+            # Another test stack's service may answer on a port this one lost to it.
+            if self._is_ready(service) and self._holds_its_port(service):
                 return
             time.sleep(0.2)
         raise TimeoutError(
             f"{service.spec.name} not ready after {timeout_s:.0f} s:\n"
             + self.log_text(service.spec.name)[-4000:]
         )
+
+    @staticmethod
+    def _holds_its_port(service: RunningService) -> bool:
+        return holds_listening_port(service.process.pid, service.port) is not False
 
     @staticmethod
     def _is_ready(service: RunningService) -> bool:

@@ -59,6 +59,10 @@ class InfluenceMethodEntry:
     # The training summary's net influence: from the final adapter's gradients (TracIn, TrackStar:
     # plain inner products, see gpu_core.training_summary) rather than the score matrix's columns.
     net_from_final_gradients: bool = False
+    # The summary's training gradients are Adam's step for the example, g / (sqrt(v) + eps),
+    # against raw eval gradients (TracIn under Adam, as LESS derives it); TrackStar divides both
+    # sides instead (adam_normalised).
+    summary_adam_step: bool = False
 
     def index_dim(self, projection_dim: int | None) -> int | None:
         """The gradient index's dimensions, or None when the method builds no index."""
@@ -158,7 +162,12 @@ INFLUENCE_METHODS: dict[str, InfluenceMethodEntry] = {
     entry.name: entry
     for entry in (
         InfluenceMethodEntry(
-            "tracin", _tracin, checkpoints="every", gradient_index="projected", net_from_final_gradients=True
+            "tracin",
+            _tracin,
+            checkpoints="every",
+            gradient_index="projected",
+            net_from_final_gradients=True,
+            summary_adam_step=True,
         ),
         InfluenceMethodEntry(
             "datainf", _datainf, checkpoints="final", gradient_index="never", uses_damping=True

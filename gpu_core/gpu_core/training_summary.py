@@ -6,16 +6,19 @@ a suspicion rank combining the four.
   (up-weighting it lowers the eval set's summed loss), negative = harmful. DataInf and
   Kronfluence: the column sum of their score matrix (already at the final adapter). TracIn and
   TrackStar (:attr:`InfluenceMethodEntry.net_from_final_gradients`): the same inner product at
-  the final adapter, ``<g_train, sum_e g_eval>``, times the checkpoints' summed learning rate for
-  TracIn and between Adam-corrected gradients without the unit normalisation for TrackStar (as
+  the final adapter, for TracIn ``<g_train / (sqrt(v) + eps), sum_e g_eval>`` times the
+  checkpoints' summed learning rate (the first-order change of the eval loss from an Adam step on
+  the example: TracIn for a model trained with Adam, as LESS derives it, arXiv 2402.04333), for
+  TrackStar between Adam-corrected gradients on both sides without the unit normalisation (as
   their self-influence), from the training gradients their pass takes anyway and one gradient
   pass over the eval set. TracIn's early checkpoints, before the model tells the examples apart,
   and TrackStar's unit normalisation, which makes an example the model has fitted (tiny
   gradient) count as much as one it is torn over, drowned the signal on planted noise
   (docs/influence.md, ``make bench-curate``).
 - **self-influence**: the method's own score of an example on itself, at the final adapter:
-  ``sum_c lr_c * |g|^2`` for TracIn (the checkpoints' summed learning rate times the final
-  gradient's squared norm), ``|g / (sqrt(v) + eps)|^2`` for TrackStar (its Adam correction, before
+  ``sum_c lr_c * <g / (sqrt(v) + eps), g>`` for TracIn (the checkpoints' summed learning rate
+  times the final gradient against its own Adam step; the raw ``|g|^2`` without Adam state),
+  ``|g / (sqrt(v) + eps)|^2`` for TrackStar (its Adam correction, before
   the unit normalisation that would make every self-score 1), and DataInf's per-layer inverse
   Hessian ``g_l^T H_l^-1 g_l`` with only the example's own rank-one term kept (the diagonal of
   ``sum_l 1/lambda_l (|g_l|^2 - (1/n) sum_i (g_i.g_l)^2 / (lambda_l + |g_i|^2))``) for DataInf and
@@ -224,11 +227,12 @@ def eval_gradient_sum(
 
 
 class FinalGradientFeatures:
-    """Per training example, the squared norm of its gradient in each LoRA layer at the final
-    adapter (divided by Adam's ``sqrt(v) + eps`` for TrackStar), its loss and, given the eval
-    set's summed gradient (:func:`eval_gradient_sum`), its inner product with it (both divided
-    the same way): what self-influence, the training loss and TracIn's and TrackStar's net
-    influence are computed from. Filled as a :data:`GradientTap` by the method's own pass where
+    """Per training example at the final adapter, per LoRA layer ``<step, g>`` (its gradient g
+    times its update: ``g`` for DataInf and Kronfluence, Adam's step ``g / (sqrt(v) + eps)`` for
+    TracIn, and for TrackStar both divided), its loss and, given the eval set's summed gradient
+    (:func:`eval_gradient_sum`), the step's inner product with it (divided too for TrackStar):
+    what self-influence, the training loss and TracIn's and TrackStar's net influence are
+    computed from. Filled as a :data:`GradientTap` by the method's own pass where
     it takes those gradients (TracIn's last checkpoint, the index's final plan), else by
     :func:`final_adapter_signals`'s own pass."""
 
@@ -241,27 +245,37 @@ class FinalGradientFeatures:
         eval_gradients: torch.Tensor | None = None,
     ) -> None:
         layers = lora_layers(model)
+        entry = influence_method(method)
         self.slices = layer_slices(layers)
+        final = checkpoints[-1] if checkpoints else None
+        moments = getattr(final, "second_moment", None)
+        # Divides the training gradients (TracIn: Adam's step; without Adam state, SGD's) and,
+        # for TrackStar, the eval gradients too.
         self.denominators = None
-        if influence_method(method).adam_normalised:
-            final = checkpoints[-1] if checkpoints else None
-            self.denominators = second_moment_denominators(
-                layers, getattr(final, "second_moment", None), model_device(model)
-            )
+        if entry.adam_normalised or (entry.summary_adam_step and moments):
+            self.denominators = second_moment_denominators(layers, moments, model_device(model))
         self.direction = None
         if eval_gradients is not None:
             direction = eval_gradients.detach().to(model_device(model), torch.float32)
-            self.direction = direction / self.denominators if self.denominators is not None else direction
+            self.direction = direction / self.denominators if entry.adam_normalised else direction
+        self.both_sides = entry.adam_normalised
         # Columns: each layer's squared norm, the loss, the inner product with the eval gradients.
         self.rows = np.full((n_train, len(layers) + 2), np.nan, dtype=np.float64)
 
     def __call__(self, indices: Sequence[int], grads: torch.Tensor, losses: torch.Tensor) -> None:
-        grads = grads.detach().to(torch.float32)
-        if self.denominators is not None:
-            grads = grads / self.denominators
-        squares = grads.square()
-        norms = torch.stack([squares[:, s].sum(dim=1) for s in self.slices], dim=1)
-        net = grads @ self.direction if self.direction is not None else torch.zeros(len(grads)).to(norms)
+        grads = grads.detach().to(torch.float32)  # the pass's own tensor: never changed in place
+        steps = grads / self.denominators if self.denominators is not None else grads
+        if self.direction is not None:
+            net = steps @ self.direction
+        else:
+            net = torch.zeros(len(grads), device=grads.device)
+        # Self-influence <step, g> (TrackStar divides g as well: |g / (sqrt(v) + eps)|^2), in the
+        # step's own memory where it has one: a 12B model's per-example gradients are large.
+        if steps is grads:
+            products = grads.square()
+        else:
+            products = steps.square_() if self.both_sides else steps.mul_(grads)
+        norms = torch.stack([products[:, s].sum(dim=1) for s in self.slices], dim=1)
         rows = torch.cat([norms, losses.detach().unsqueeze(1).to(norms), net.unsqueeze(1).to(norms)], dim=1)
         self.rows[list(indices)] = rows.to("cpu", torch.float64).numpy()
 
@@ -320,17 +334,18 @@ def final_adapter_signals(
         finally:
             model.train(was_training)
     n_layers = len(layers)
-    squared_norms, losses = features.rows[:, :n_layers], features.rows[:, n_layers]
+    # Per layer <step, g>: for DataInf and Kronfluence the squared gradient norms.
+    per_layer, losses = features.rows[:, :n_layers], features.rows[:, n_layers]
     inner = features.rows[:, n_layers + 1]
     if entry.name == "tracin":
         learning_rates = sum(float(c.learning_rate) for c in checkpoints) or 1.0
-        return FinalSignals(learning_rates * squared_norms.sum(axis=1), losses, learning_rates * inner)
+        return FinalSignals(learning_rates * per_layer.sum(axis=1), losses, learning_rates * inner)
     if entry.name == "trackstar":
-        return FinalSignals(squared_norms.sum(axis=1), losses, inner)
+        return FinalSignals(per_layer.sum(axis=1), losses, inner)
     # DataInf's damped per-layer inverse Hessian, own rank-one term only (see the docstring).
-    lambdas = datainf_lambdas(torch.from_numpy(squared_norms), layers, options.damping).numpy()
+    lambdas = datainf_lambdas(torch.from_numpy(per_layer), layers, options.damping).numpy()
     n = len(train)
-    own = squared_norms - squared_norms**2 / (n * (lambdas + squared_norms))
+    own = per_layer - per_layer**2 / (n * (lambdas + per_layer))
     return FinalSignals((own / lambdas).sum(axis=1), losses, None)
 
 

@@ -177,9 +177,10 @@ def test_net_influence_is_the_score_matrix_column_sum_unless_given() -> None:
 
 @pytest.mark.parametrize("method", ["tracin", "trackstar"])
 def test_tracin_and_trackstar_signals_are_final_adapter_inner_products(method: str) -> None:
-    """Self-influence ``|g|^2`` and net influence ``<g, sum_e g_e>`` at the final adapter, times
-    the summed learning rate for TracIn, between Adam-corrected gradients (no unit
-    normalisation) for TrackStar, against gradients taken one example at a time."""
+    """Self-influence ``<s, g>`` and net influence ``<s, sum_e g_e>`` at the final adapter, where
+    s is the example's Adam step ``g / (sqrt(v) + eps)``, times the summed learning rate for
+    TracIn; between Adam-corrected gradients on both sides (no unit normalisation) for TrackStar;
+    against gradients taken one example at a time."""
     spec = task_spec(method, n_train=12, n_eval=4)
     spec.hyperparams.epochs = 3
     loaded = load_model(spec.model_id, device=torch.device("cpu"))
@@ -198,18 +199,24 @@ def test_tracin_and_trackstar_signals_are_final_adapter_inner_products(method: s
     with lora_grad_enabled(layers):
         grads = stacked_gradients(model, layers, pairs, pad, 1).double()
         eval_sum = stacked_gradients(model, layers, queries, pad, 1).double().sum(dim=0)
+    moments = training.checkpoints[-1].second_moment
+    denominators = second_moment_denominators(layers, moments, model_device(model)).double()
+    steps = grads / denominators
     if method == "tracin":
         scale = sum(c.learning_rate for c in training.checkpoints)
     else:
         scale = 1.0
-        moments = training.checkpoints[-1].second_moment
-        denominators = second_moment_denominators(layers, moments, model_device(model)).double()
-        grads, eval_sum = grads / denominators, eval_sum / denominators
-    assert signals.self_influence == pytest.approx((scale * grads.square().sum(dim=1)).numpy(), rel=1e-4)
+        grads, eval_sum = steps, eval_sum / denominators
+    assert signals.self_influence == pytest.approx((scale * (steps * grads).sum(dim=1)).numpy(), rel=1e-4)
     assert signals.net_influence is not None
-    expected = (scale * grads @ eval_sum).numpy()
+    expected = (scale * steps @ eval_sum).numpy()
     assert signals.net_influence == pytest.approx(expected, rel=1e-3, abs=1e-6 * np.abs(expected).max())
     assert (signals.train_loss > 0).all()
+    if method == "tracin":
+        # Checkpoints without Adam state (an SGD-trained adapter): SGD's step is g itself.
+        training.checkpoints[-1].second_moment = None
+        sgd = final_adapter_signals(*args, eval_gradients=eval_gradient_sum(model, pad, queries, 3))
+        assert sgd.self_influence == pytest.approx((scale * grads.square().sum(dim=1)).numpy(), rel=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -20,13 +20,16 @@ from service_runtime.metrics import MetricsInterceptor
 from service_runtime.tracing import TracingClientInterceptor, TracingServerInterceptor
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-SERVER_OPTIONS = [
+MESSAGE_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+# gRPC sets SO_REUSEPORT by default: a second server on a port in use would bind it too and
+# silently take half its calls. Off, it fails to start instead.
+SERVER_OPTIONS = [*MESSAGE_OPTIONS, ("grpc.so_reuseport", 0)]
 # Reconnect quickly after a peer restarts (the default backoff grows to two minutes).
 CHANNEL_OPTIONS = [
-    *SERVER_OPTIONS,
+    *MESSAGE_OPTIONS,
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),

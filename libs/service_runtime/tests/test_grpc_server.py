@@ -1,4 +1,5 @@
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service_runtime.grpc_server import create_grpc_server
@@ -18,6 +19,17 @@ async def test_health_watch_streams_through_metrics_interceptor():
         assert second.status == health_pb2.HealthCheckResponse.SERVING
         call.cancel()
     await svc.stop(0)
+
+
+async def test_a_second_server_on_a_port_in_use_fails_rather_than_sharing_it():
+    """gRPC's default SO_REUSEPORT would let it bind and take half the first one's calls."""
+    first = create_grpc_server("127.0.0.1:0", lambda server: ["x.Y"], "test")
+    await first.server.start()
+    try:
+        with pytest.raises(RuntimeError, match=f"127.0.0.1:{first.port}"):
+            create_grpc_server(f"127.0.0.1:{first.port}", lambda server: ["x.Y"], "test")
+    finally:
+        await first.stop(0)
 
 
 async def test_reflection_lists_the_business_and_health_services():
