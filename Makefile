@@ -122,7 +122,7 @@ bench-list-memory: setup ## ListJobs of 500 jobs with 10 MiB specs: scheduler RS
 bench-fuzz: setup ## schema fuzzing of every route + hostile data files against a fresh stack (FUZZ_CASES=10000): server errors
 	$(PY) -m devstack.fuzz_api --cases $(or $(FUZZ_CASES),10000)
 
-modal-deploy: setup ## deploy the Modal app (needs MODAL_TOKEN_ID/SECRET; reads MODAL_APP_NAME, MODAL_FUNCTION_NAME, MODAL_PROGRESS_DICT, MODAL_GPU, MODAL_HF_SECRET)
+modal-deploy: setup ## deploy the Modal app (needs MODAL_TOKEN_ID/SECRET; reads MODAL_APP_NAME, MODAL_FUNCTION_NAME, MODAL_PROGRESS_DICT, MODAL_GPU, MODAL_MAX_CONTAINERS, MODAL_HF_SECRET)
 	$(VENV)/bin/modal deploy services/compute-modal/worker/modal_app.py
 
 clean: ## remove the venv, embedded database and caches

@@ -24,16 +24,20 @@ from cost_model.timing import (
 from cost_model.workload import Workload
 from gpu_core.curation_schemas import CurationRequest
 from gpu_core.merge_schemas import MergeRequest
-from gpu_core.schemas import MAX_SHARDS, CounterfactualRequest, ExperimentSpec, Quantization, QueryRequest
+from gpu_core.schemas import CounterfactualRequest, ExperimentSpec, Quantization, QueryRequest
 from gpu_core.shard_schemas import shard_count
 
 BACKENDS: tuple[str, ...] = ("hosted", "runpod")
 # Index-shard jobs a provider runs at once when the caller does not say (influence.shards
-# "auto" and the wall time): compute-local one per device, Modal a fan-out, RunPod an endpoint's
-# workers (its workersMax; 3 is RunPod's default for a new endpoint, the operator's hosted one).
-# Each provider's Estimate says its own (Estimate.parallel_jobs): compute-local its
-# COMPUTE_LOCAL_DEVICES, compute-runpod a researcher's endpoint's RUNPOD_WORKERS_MAX.
-DEFAULT_PARALLEL_JOBS: dict[str, int] = {"local": 1, "modal": MAX_SHARDS, "runpod": 3}
+# "auto" and the wall time): compute-local one per device, Modal its function's max_containers,
+# RunPod an endpoint's workers (its workersMax; 3 is RunPod's default for a new endpoint, the
+# operator's hosted one). Each provider's Estimate says its own (Estimate.parallel_jobs):
+# compute-local its COMPUTE_LOCAL_DEVICES, compute-runpod a researcher's endpoint's
+# RUNPOD_WORKERS_MAX, compute-modal its MODAL_MAX_CONTAINERS.
+# The deployed Modal function's max_containers unless the operator sets MODAL_MAX_CONTAINERS
+# (services/compute-modal/worker/modal_app.py and compute-modal's settings read the same).
+DEFAULT_MODAL_MAX_CONTAINERS = 8
+DEFAULT_PARALLEL_JOBS: dict[str, int] = {"local": 1, "modal": DEFAULT_MODAL_MAX_CONTAINERS, "runpod": 3}
 
 
 @dataclass(frozen=True)

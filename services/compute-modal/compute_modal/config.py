@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from cost_model.estimate import DEFAULT_MODAL_MAX_CONTAINERS
+from gpu_core.schemas import MAX_SHARDS
 from service_runtime.callers import checked_caller_tokens, require_caller_tokens_off_loopback
 from service_runtime.settings import ServiceSettings, host_port
 
@@ -47,6 +49,9 @@ class Settings(ServiceSettings):
     modal_app_name: str = "influence-dashboard"
     modal_function_name: str = "run_experiment_job"
     modal_progress_dict: str = "influence-progress"
+    # The deployed function's max_containers (deploy with the same MODAL_MAX_CONTAINERS): how
+    # many of the operator's GPUs Modal runs at once, which estimates count shard jobs by.
+    modal_max_containers: int = Field(default=DEFAULT_MODAL_MAX_CONTAINERS, ge=1, le=MAX_SHARDS)
     # Keyvault, for each researcher's own Hugging Face token (passed to the function per job).
     # Either empty: no per-user tokens; gated models then load with the app's HF secret.
     keyvault_addr: str = ""

@@ -31,6 +31,7 @@ import modal.exception
 
 import cost_model
 from compute_modal.adapter import ModalAdapter, ModalNotConfigured
+from cost_model.estimate import DEFAULT_MODAL_MAX_CONTAINERS
 from gpu_core.hf_token import HF_TOKEN_FIELD
 from gpu_core.jobs import WRITES_ARTIFACTS, JobInputError, make_payload, parse_payload
 from gpu_core.schemas import NO_SIZE_LIMITS, ExperimentSpec, SpecError, parse_spec
@@ -139,8 +140,10 @@ class ModalProvider:
         function_name: str,
         environment: str,
         reveal_hf_token: Callable[[str], Awaitable[str]] | None = None,
+        max_containers: int = DEFAULT_MODAL_MAX_CONTAINERS,
     ) -> None:
         self._adapter = adapter
+        self._max_containers = max_containers
         self._target = f"{app_name}.{function_name} in Modal environment {environment!r}"
         # The researcher's own Hugging Face token ("" when none); None: keyvault not configured.
         self._reveal_hf_token = reveal_hf_token
@@ -348,7 +351,9 @@ class ModalProvider:
     ) -> cost_model.CostEstimate:
         spec = _read_spec(spec_json)
         try:
-            return cost_model.estimate_job(spec, "modal", backend or "hosted", kind, request_json)
+            return cost_model.estimate_job(
+                spec, "modal", backend or "hosted", kind, request_json, parallel_jobs=self._max_containers
+            )
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
 

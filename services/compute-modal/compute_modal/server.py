@@ -165,6 +165,7 @@ class ComputeModalServer:
             settings.modal_function_name,
             settings.modal_environment,
             self._hf_token if self.keys is not None else None,
+            max_containers=settings.modal_max_containers,
         )
         self._registry = registry
         self._metrics_server: MetricsServer | None = None

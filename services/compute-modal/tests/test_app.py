@@ -8,6 +8,7 @@ from typing import Any
 import modal
 import pytest
 
+from compute_modal.config import Settings
 from compute_modal.inprocess import WORKER_APP
 
 
@@ -52,6 +53,8 @@ def test_app_function_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     volume = options["volumes"][module.HF_CACHE_DIR]
     assert isinstance(volume, modal.Volume) and module.HF_CACHE_DIR.endswith("/.cache/huggingface")
     assert options["secrets"] == []  # deploys on a fresh workspace: no secret to create first
+    # Never an unbounded fan-out of the operator's GPUs; compute-modal estimates with the same cap.
+    assert options["max_containers"] == 8 == Settings.load().modal_max_containers
     # The decorated function carries the same GPU and volume.
     function_spec = module.run_experiment_job._spec_
     assert function_spec.gpus == "A100-80GB"
@@ -60,6 +63,18 @@ def test_app_function_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "torch==2.13.0" in packages and "peft==0.21.2" in packages and "bitsandbytes==0.50.2" in packages
     assert (("kronfluence==1.0.1",), {"extra_options": "--no-deps"}) in seen["pip"]
     assert seen["sources"] == ["gpu_core"]
+
+
+def test_the_container_cap_comes_from_the_deploy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODAL_MAX_CONTAINERS", "3")
+    _, seen = load_recording(monkeypatch, "modal_app_capped")
+    assert seen["function"]["max_containers"] == 3
+    for bad in ("0", "65", "eight"):
+        monkeypatch.setenv("MODAL_MAX_CONTAINERS", bad)
+        with pytest.raises(
+            ValueError, match=f"MODAL_MAX_CONTAINERS must be a whole number from 1 to 64, not '{bad}'"
+        ):
+            load_recording(monkeypatch, "modal_app_bad_cap")
 
 
 def test_app_loads_and_would_deploy_with_no_secrets_defined(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from compute_modal.config import Settings
 from compute_modal.inprocess import RESULT_RETENTION_S, InProcessModal, load_worker_app
-from compute_modal.provider import WAITING_FOR_GPU
+from compute_modal.provider import WAITING_FOR_GPU, ModalProvider
 from compute_modal.server import SERVICE_NAME, start_service
 from gpu_core.schemas import DEFAULT_LIMITS, STAGES, ExperimentResult
 from influence.v1 import common_pb2, compute_pb2
@@ -184,6 +184,31 @@ async def test_an_invalid_spec_is_named_without_echoing_its_values(harness: Any,
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "hyperparams.epochs" in details
         assert "sk-live-do-not-echo" not in details and "input_value" not in details
+
+
+async def test_estimates_count_shards_by_the_functions_max_containers(harness: Any, make_spec: Spec) -> None:
+    """The deployed function runs at most MODAL_MAX_CONTAINERS containers at once: 16 shards on 3
+    take more rounds, so more wall time, than on the default 8; the estimate says which."""
+    spec = make_spec() | {
+        "training_data": [{"prompt": f"{i} plus one is ", "completion": str(i + 1)} for i in range(20_000)],
+        "influence_method": "trackstar",
+        "influence": {"shards": 16},
+    }
+    spec_json = json.dumps(spec).encode()
+    default = (
+        await harness.stub.Estimate(compute_pb2.EstimateRequest(spec_json=spec_json, backend="hosted"))
+    ).estimate
+    capped = ModalProvider(
+        InProcessModal(), "influence-dashboard", "run_experiment_job", "main", max_containers=3
+    ).estimate(spec_json, "hosted")
+    assert (default.parallel_jobs, capped.parallel_jobs) == (8, 3)
+    assert capped.estimated_time_s > default.estimated_time_s
+    assert capped.gpu_seconds == pytest.approx(default.gpu_seconds)
+    for bad in ("0", "65", "many"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MODAL_MAX_CONTAINERS", bad)
+            with pytest.raises(SettingsError, match="MODAL_MAX_CONTAINERS"):
+                Settings.load()
 
 
 async def test_estimate_uses_modal_prices(harness: Any, make_spec: Spec) -> None:

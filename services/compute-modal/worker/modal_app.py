@@ -4,16 +4,18 @@ Deploy with ``make modal-deploy`` (``modal deploy services/compute-modal/worker/
 needs no secret. At deploy time ``MODAL_APP_NAME``, ``MODAL_FUNCTION_NAME`` and
 ``MODAL_PROGRESS_DICT`` name the app, its function and the progress Dict (the variables
 compute-modal reads, same defaults); ``MODAL_GPU`` is the function's default GPU (default
-``A100-80GB``); ``MODAL_HF_SECRET`` names a Modal secret holding ``HF_TOKEN`` for gated Hugging Face
-models (none by default: a secret that does not exist would fail the deploy). compute-modal spawns
-the function by name on the GPU each job's estimate priced (``Function.with_options(gpu=...)``: the
-tier's GPU, or ``MODAL_GPU`` when the operator sets it for compute-modal too), keeps the returned
-``FunctionCall`` id as the provider job id, reads progress from the Dict under the job id, and reads
-the outcome with ``FunctionCall.get``. The run's files (scores.npy, the adapter, checkpoints) go
-straight into the dashboard's artifact store through the presigned PUT URLs the scheduler minted (in
-the spec's ``artifact_transport``); the result carries only their manifest. A follow-up query's
-payload carries ``parent_artifacts``, presigned GETs of the experiment's files, downloaded (size and
-sha256 checked) into a temporary folder the query reads.
+``A100-80GB``); ``MODAL_MAX_CONTAINERS`` caps the containers (GPUs) the function runs at once
+(default 8; set compute-modal's to the same: its estimates count shard jobs by it);
+``MODAL_HF_SECRET`` names a Modal secret holding ``HF_TOKEN`` for gated Hugging Face models (none
+by default: a secret that does not exist would fail the deploy). compute-modal spawns the function
+by name on the GPU each job's estimate priced (``Function.with_options(gpu=...)``: the tier's GPU,
+or ``MODAL_GPU`` when the operator sets it for compute-modal too), keeps the returned
+``FunctionCall`` id as the provider job id, reads progress from the Dict under the job id, and
+reads the outcome with ``FunctionCall.get``. The run's files (scores.npy, the adapter, checkpoints)
+go straight into the dashboard's artifact store through the presigned PUT URLs the scheduler minted
+(in the spec's ``artifact_transport``); the result carries only their manifest. A follow-up query's
+payload carries ``parent_artifacts``, presigned GETs of the experiment's files, downloaded (size
+and sha256 checked) into a temporary folder the query reads.
 
 Exactly once on our job id: before any GPU work the body claims the job in the progress Dict
 (``<job_id>#claim``, ``put(..., skip_if_exists=True)``, Modal's put-if-absent) with its own
@@ -60,6 +62,24 @@ MAX_EVENTS_KEPT = 200
 
 GPU = os.environ.get("MODAL_GPU", DEFAULT_GPU)
 HF_SECRET = os.environ.get("MODAL_HF_SECRET", "")
+# compute-modal's default (cost_model's DEFAULT_MODAL_MAX_CONTAINERS; this module imports only
+# gpu_core); gpu_core.schemas.MAX_SHARDS bounds it.
+DEFAULT_MAX_CONTAINERS = 8
+
+
+def max_containers(value: str) -> int:
+    """``MODAL_MAX_CONTAINERS``: without a cap every queued job and shard would get its own GPU on
+    the operator's account at once."""
+    from gpu_core.schemas import MAX_SHARDS
+
+    if not value.strip():
+        return DEFAULT_MAX_CONTAINERS
+    if not value.strip().isdigit() or not 1 <= int(value) <= MAX_SHARDS:
+        raise ValueError(f"MODAL_MAX_CONTAINERS must be a whole number from 1 to {MAX_SHARDS}, not {value!r}")
+    return int(value)
+
+
+MAX_CONTAINERS = max_containers(os.environ.get("MODAL_MAX_CONTAINERS", ""))
 
 # The pinned GPU stack (the versions the dev venv tests with); PyPI's Linux torch wheel bundles
 # CUDA. kronfluence goes in without its dependencies: it declares torchvision, never imports it.
@@ -263,6 +283,7 @@ def job_events(
     name=FUNCTION_NAME,
     gpu=GPU,
     timeout=TIMEOUT_S,
+    max_containers=MAX_CONTAINERS,
     volumes={HF_CACHE_DIR: hf_cache},
     secrets=[modal.Secret.from_name(HF_SECRET, required_keys=["HF_TOKEN"])] if HF_SECRET else [],
 )
