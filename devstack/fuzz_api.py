@@ -10,7 +10,8 @@ The schema says only "binary" for an uploaded data file, so :func:`fuzz_data_fil
 long strings), deeply nested and bracket-heavy JSON, strings of up to 15 MB in JSON and CSV,
 the right fields with values of the wrong type (JSON, JSONL, CSV, typed Parquet columns), bad
 encodings, broken CSV quoting and garbage behind a Parquet magic number. Any 5xx, or an answer
-slower than the timeout, is a finding.
+slower than the timeout, is a finding. :func:`fuzz_upload_grants` does the same for the workers'
+``POST /api/uploads/{job_id}/{secret}``, which is not in the OpenAPI document.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ import argparse
 import io
 import json
 import math
+import string
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import requests
 import schemathesis
@@ -258,11 +263,15 @@ def hostile_files(draw: st.DrawFn) -> tuple[str, bytes]:
     )
 
 
-def fuzz_data_files(base_url: str, headers: dict[str, str], cases: int, seed: int = 0) -> FuzzReport:
-    """``cases`` hostile files to ``POST /api/data/parse``."""
-    report = FuzzReport()
-    started = time.monotonic()
-    session = requests.Session()
+def _drive(
+    report: FuzzReport,
+    cases: int,
+    seed: int,
+    examples: st.SearchStrategy[Any],
+    request: Callable[[Any], tuple[str, Callable[[], requests.Response]]],
+) -> None:
+    """Sends ``cases`` generated examples (``request`` gives each one's label and call) and counts
+    the answers; a 5xx, or no answer within the timeout, is a finding."""
 
     @settings(
         max_examples=cases,
@@ -271,20 +280,13 @@ def fuzz_data_files(base_url: str, headers: dict[str, str], cases: int, seed: in
         phases=[Phase.generate],
         suppress_health_check=list(HealthCheck),
     )
-    @given(file=hostile_files(), kind=st.sampled_from(["train", "eval"]))
-    def call(file: tuple[str, bytes], kind: str) -> None:
-        name, data = file
+    @given(example=examples)
+    def call(example: Any) -> None:
+        label, send = request(example)
         report.cases += 1
         report.progress()
-        label = f"POST /api/data/parse ({name}, {len(data)} bytes)"
         try:
-            response = session.post(
-                f"{base_url}/api/data/parse",
-                params={"kind": kind, "filename": name},
-                data=data,
-                headers=headers,
-                timeout=_REQUEST_TIMEOUT_S,
-            )
+            response = send()
         except requests.RequestException as exc:
             report.by_status[0] += 1
             report.found(f"{label}: no answer ({type(exc).__name__})")
@@ -295,6 +297,81 @@ def fuzz_data_files(base_url: str, headers: dict[str, str], cases: int, seed: in
 
     call._hypothesis_internal_use_seed = seed  # type: ignore[attr-defined]
     call()
+
+
+def fuzz_data_files(base_url: str, headers: dict[str, str], cases: int, seed: int = 0) -> FuzzReport:
+    """``cases`` hostile files to ``POST /api/data/parse``."""
+    report = FuzzReport()
+    started = time.monotonic()
+    session = requests.Session()
+
+    def request(example: tuple[tuple[str, bytes], str]) -> tuple[str, Callable[[], requests.Response]]:
+        (name, data), kind = example
+        return f"POST /api/data/parse ({name}, {len(data)} bytes)", lambda: session.post(
+            f"{base_url}/api/data/parse",
+            params={"kind": kind, "filename": name},
+            data=data,
+            headers=headers,
+            timeout=_REQUEST_TIMEOUT_S,
+        )
+
+    _drive(report, cases, seed, st.tuples(hostile_files(), st.sampled_from(["train", "eval"])), request)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+_HEX = "0123456789abcdef"
+
+
+@st.composite
+def upload_grant_requests(draw: st.DrawFn) -> tuple[str, str, bytes]:
+    """A worker's ``POST /api/uploads/{job_id}/{secret}`` as anyone could send it: job ids that are
+    UUIDs or not, secrets of any text, bodies of the right shape with wrong values, other JSON and
+    no JSON at all."""
+    job_id = draw(st.one_of(st.uuids().map(str), st.text(min_size=1, max_size=80)))
+    secret = draw(
+        st.one_of(
+            st.text(alphabet=string.ascii_letters + string.digits + "-_", min_size=1, max_size=64),
+            st.text(min_size=1, max_size=300),
+        )
+    )
+    shaped = st.fixed_dictionaries(
+        {
+            "name": st.one_of(
+                st.sampled_from(["scores.npy", "result.json", "adapter/adapter_model.safetensors", "../x"]),
+                st.text(max_size=1200),
+            ),
+            "bytes": st.one_of(st.integers(-5, 2**64), st.floats(), st.text(max_size=10)),
+            "sha256": st.one_of(st.text(alphabet=_HEX, min_size=64, max_size=64), st.text(max_size=80)),
+        }
+    )
+    other = st.dictionaries(st.text(max_size=10), st.one_of(st.integers(), st.text(max_size=20), st.none()))
+    body = draw(
+        st.one_of(
+            st.one_of(shaped, other).map(lambda value: json.dumps(value).encode()), st.binary(max_size=300)
+        )
+    )
+    return job_id, secret, body
+
+
+def fuzz_upload_grants(base_url: str, cases: int, seed: int = 0) -> FuzzReport:
+    """``cases`` generated ``POST /api/uploads/...`` requests: the workers' route, outside the
+    OpenAPI document, which needs no session (its URL's secret is the credential)."""
+    report = FuzzReport()
+    started = time.monotonic()
+    session = requests.Session()
+
+    def request(example: tuple[str, str, bytes]) -> tuple[str, Callable[[], requests.Response]]:
+        job_id, secret, body = example
+        path = f"/api/uploads/{quote(job_id, safe='')}/{quote(secret, safe='')}"
+        return f"POST {path[:200]} ({len(body)} bytes)", lambda: session.post(
+            f"{base_url}{path}",
+            data=body,
+            headers={"Content-Type": "application/json"},
+            timeout=_REQUEST_TIMEOUT_S,
+        )
+
+    _drive(report, cases, seed, upload_grant_requests(), request)
     report.seconds = time.monotonic() - started
     return report
 
@@ -302,7 +379,11 @@ def fuzz_data_files(base_url: str, headers: dict[str, str], cases: int, seed: in
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m devstack.fuzz_api")
     parser.add_argument("--cases", type=int, default=10_000)
-    parser.add_argument("--data-cases", type=int, help="hostile data files (default: a tenth of --cases)")
+    parser.add_argument(
+        "--data-cases",
+        type=int,
+        help="hostile data files and upload grants, each (default: a tenth of --cases)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     with (
@@ -318,11 +399,14 @@ def main() -> int:
         report = fuzz(stack.gateway_url, client.headers, args.cases, args.seed)
         data_cases = args.data_cases if args.data_cases is not None else max(1, args.cases // 10)
         data_report = fuzz_data_files(stack.gateway_url, client.headers, data_cases, args.seed)
+        upload_report = fuzz_upload_grants(stack.gateway_url, data_cases, args.seed)
     print(f"fuzz: {report.summary()}")
     print(f"fuzz data files: {data_report.summary()}")
-    for finding in (report.findings + data_report.findings)[:50]:
+    print(f"fuzz upload grants: {upload_report.summary()}")
+    findings = report.findings + data_report.findings + upload_report.findings
+    for finding in findings[:50]:
         print(f"  {finding}")
-    return 1 if report.findings or data_report.findings else 0
+    return 1 if findings else 0
 
 
 if __name__ == "__main__":
