@@ -257,9 +257,11 @@ class FinalGradientFeatures:
         self.direction = None
         if eval_gradients is not None:
             direction = eval_gradients.detach().to(model_device(model), torch.float32)
-            self.direction = direction / self.denominators if entry.adam_normalised else direction
+            if entry.adam_normalised and self.denominators is not None:
+                direction = direction / self.denominators
+            self.direction = direction
         self.both_sides = entry.adam_normalised
-        # Columns: each layer's squared norm, the loss, the inner product with the eval gradients.
+        # Columns: each layer's <step, g>, the loss, the step's inner product with the eval gradients.
         self.rows = np.full((n_train, len(layers) + 2), np.nan, dtype=np.float64)
 
     def __call__(self, indices: Sequence[int], grads: torch.Tensor, losses: torch.Tensor) -> None:
