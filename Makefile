@@ -119,7 +119,7 @@ bench-datasets: setup ## a 100,000-example JSONL through POST /api/datasets and 
 bench-list-memory: setup ## ListJobs of 500 jobs with 10 MiB specs: scheduler RSS growth (target < 50 MB)
 	$(PY) -m benchmarks.list_jobs_memory
 
-bench-fuzz: setup ## schema fuzzing of every route + hostile data files against a fresh stack (FUZZ_CASES=10000): server errors
+bench-fuzz: setup ## schema fuzzing of every route + hostile data files + upload grants against a fresh stack (FUZZ_CASES=10000): server errors
 	$(PY) -m devstack.fuzz_api --cases $(or $(FUZZ_CASES),10000)
 
 modal-deploy: setup ## deploy the Modal app (needs MODAL_TOKEN_ID/SECRET; reads MODAL_APP_NAME, MODAL_FUNCTION_NAME, MODAL_PROGRESS_DICT, MODAL_GPU, MODAL_MAX_CONTAINERS, MODAL_HF_SECRET)
