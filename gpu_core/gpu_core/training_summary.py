@@ -254,13 +254,13 @@ class FinalGradientFeatures:
         self.denominators = None
         if entry.adam_normalised or (entry.summary_adam_step and moments):
             self.denominators = second_moment_denominators(layers, moments, model_device(model))
+        self.both_sides = entry.adam_normalised
         self.direction = None
         if eval_gradients is not None:
             direction = eval_gradients.detach().to(model_device(model), torch.float32)
-            if entry.adam_normalised and self.denominators is not None:
+            if self.both_sides and self.denominators is not None:
                 direction = direction / self.denominators
             self.direction = direction
-        self.both_sides = entry.adam_normalised
         # Columns: each layer's <step, g>, the loss, the step's inner product with the eval gradients.
         self.rows = np.full((n_train, len(layers) + 2), np.nan, dtype=np.float64)
 

@@ -73,9 +73,9 @@ FAILED_COMPONENT_KEY = "x-failed-component"
 # Trailing metadata of a RESOURCE_EXHAUSTED refusal: seconds until a retry can succeed.
 RETRY_AFTER_KEY = "retry-after-s"
 _DEFAULT_LIST_LIMIT = 50
+_MAX_LIST_LIMIT = 500
 # The longest one step of stop may take (SchedulerServer._bounded).
 STOP_STEP_S = 15.0
-_MAX_LIST_LIMIT = 500
 _R = TypeVar("_R")
 
 
